@@ -1,0 +1,942 @@
+//! The state catalogue: typed parameters for every module of `states.md`.
+//!
+//! Each module is one struct, declared once in the table at the bottom of this file
+//! with its parameters' wire names, older spellings, types and defaults. From that one
+//! declaration come the struct, its parser, its [`ModuleSpec`] (for `opsagent check`
+//! and the README's table) and its variant of [`ModuleParams`], the helper's request
+//! format.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::wire::{
+    describe, normalise_name, Array, Dict, Kind, Line, Mode, Param, StateRefs, Text, Watch,
+};
+
+/// Why a state's module or parameters were refused. The message names the parameter,
+/// what was expected and what was received.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum CatalogueError {
+    #[error("unknown module {0:?} (not in the state catalogue)")]
+    UnknownModule(String),
+    #[error("{module}: missing required parameter {param:?}")]
+    Missing { module: String, param: String },
+    #[error("{module}: parameter {param:?}: expected {expected}, got {got}")]
+    WrongType { module: String, param: String, expected: String, got: String },
+    #[error("{module}: parameter {param:?}: {problem}")]
+    Invalid { module: String, param: String, problem: String },
+    #[error("state parameters must be a JSON object, got {0}")]
+    NotAnObject(String),
+}
+
+/// How a parameter may be omitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Presence {
+    Required,
+    Optional,
+    /// Omitted means this value (as it would appear on the wire).
+    Default(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    pub kind: Kind,
+    pub presence: Presence,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ModuleSpec {
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// Run inside the round engine, never sent to the helper.
+    pub builtin: bool,
+    pub params: &'static [ParamSpec],
+}
+
+/// A state's raw parameters, keyed by normalised name, consumed as the module's parser
+/// takes them; what is left over is reported as unknown.
+pub struct ParamBag<'a> {
+    module: &'static str,
+    entries: BTreeMap<String, (&'a str, &'a Value)>,
+}
+
+impl<'a> ParamBag<'a> {
+    fn new(module: &'static str, raw: &'a Map<String, Value>) -> Self {
+        let entries = raw
+            .iter()
+            // The original adaptor dropped `None` values: null means "not given".
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (normalise_name(k), (k.as_str(), v)))
+            .collect();
+        Self { module, entries }
+    }
+
+    fn take_raw(&mut self, name: &str, aliases: &[&str]) -> Option<(&'a str, &'a Value)> {
+        std::iter::once(name)
+            .chain(aliases.iter().copied())
+            .find_map(|n| self.entries.remove(&normalise_name(n)))
+    }
+
+    fn convert<T: Param>(&self, name: &str, v: &Value) -> Result<T, CatalogueError> {
+        T::from_wire(v).map_err(|reason| match reason {
+            Some(problem) => CatalogueError::Invalid {
+                module: self.module.to_string(),
+                param: name.to_string(),
+                problem,
+            },
+            None => CatalogueError::WrongType {
+                module: self.module.to_string(),
+                param: name.to_string(),
+                expected: T::KIND.expected().to_string(),
+                got: describe(v),
+            },
+        })
+    }
+
+    /// An optional parameter. A blank string for a non-string type is "not given": the
+    /// IDE sends `""` for fields the user left empty.
+    pub fn optional<T: Param>(&mut self, name: &str, aliases: &[&str]) -> Result<Option<T>, CatalogueError> {
+        let Some((_, v)) = self.take_raw(name, aliases) else { return Ok(None) };
+        let blank = matches!(v, Value::String(s) if s.trim().is_empty());
+        if blank && matches!(T::KIND, Kind::Bool | Kind::Integer | Kind::Mode | Kind::Watch) {
+            return Ok(None);
+        }
+        self.convert(name, v).map(Some)
+    }
+
+    pub fn required<T: Param>(&mut self, name: &str, aliases: &[&str]) -> Result<T, CatalogueError> {
+        let missing = || CatalogueError::Missing { module: self.module.to_string(), param: name.to_string() };
+        match self.take_raw(name, aliases) {
+            None => Err(missing()),
+            Some((_, Value::String(s))) if s.trim().is_empty() && !matches!(T::KIND, Kind::Text) => Err(missing()),
+            Some((_, v)) => self.convert(name, v),
+        }
+    }
+
+    pub fn with_default<T: Param>(&mut self, name: &str, aliases: &[&str], default: &Value) -> Result<T, CatalogueError> {
+        match self.optional(name, aliases)? {
+            Some(v) => Ok(v),
+            None => self.convert(name, default),
+        }
+    }
+
+    fn leftovers(self) -> Vec<String> {
+        self.entries.into_values().map(|(orig, _)| orig.to_string()).collect()
+    }
+}
+
+/// A state whose module and parameters passed the catalogue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parsed {
+    pub params: ModuleParams,
+    /// Unknown parameters and other non-fatal findings, for the state's comment.
+    pub warnings: Vec<String>,
+}
+
+/// Parses one state's parameters for `module`: renders `$identifier` placeholders from
+/// the state's own parameters (as the original did for every module), then types every
+/// known parameter, and reports the rest as warnings.
+pub fn parse_state(module: &str, raw: &Value) -> Result<Parsed, CatalogueError> {
+    let spec = spec(module).ok_or_else(|| CatalogueError::UnknownModule(module.to_string()))?;
+    let obj = match raw {
+        Value::Object(o) => o,
+        Value::Null => &Map::new(),
+        other => return Err(CatalogueError::NotAnObject(describe(other))),
+    };
+    let rendered = render_placeholders(obj);
+    let mut bag = ParamBag::new(spec.name, &rendered);
+    let params = parse_module(spec.name, &mut bag)?;
+    params.check()?;
+    let warnings = bag
+        .leftovers()
+        .into_iter()
+        .map(|k| format!("unknown parameter {k:?} ignored by {}", spec.name))
+        .collect();
+    Ok(Parsed { params, warnings })
+}
+
+pub fn spec(module: &str) -> Option<&'static ModuleSpec> {
+    MODULES.iter().find(|m| m.name == module)
+}
+
+/// Python `string.Template.safe_substitute` over every string of the parameters, with
+/// the state's own scalar parameters as the mapping: `$name` and `${name}` are
+/// replaced when `name` is a parameter, `$$` becomes `$`, anything else stays.
+pub fn render_placeholders(params: &Map<String, Value>) -> Map<String, Value> {
+    let vars: BTreeMap<String, String> = params
+        .iter()
+        .filter_map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            Some((k.to_ascii_lowercase(), text))
+        })
+        .collect();
+    params.iter().map(|(k, v)| (k.clone(), render_value(v, &vars))).collect()
+}
+
+fn render_value(v: &Value, vars: &BTreeMap<String, String>) -> Value {
+    match v {
+        Value::String(s) if s.contains('$') => Value::String(substitute(s, vars)),
+        Value::Array(items) => Value::Array(items.iter().map(|i| render_value(i, vars)).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, i)| (k.clone(), render_value(i, vars))).collect()),
+        other => other.clone(),
+    }
+}
+
+fn substitute(s: &str, vars: &BTreeMap<String, String>) -> String {
+    let is_start = |c: char| c.is_ascii_alphabetic() || c == '_';
+    let is_cont = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+            continue;
+        }
+        let (name, consumed) = if let Some(braced) = after.strip_prefix('{') {
+            match braced.find('}') {
+                Some(end) if braced[..end].starts_with(is_start) && braced[..end].chars().all(is_cont) => {
+                    (&braced[..end], end + 2)
+                }
+                _ => ("", 0),
+            }
+        } else if after.starts_with(is_start) {
+            let end = after.find(|c: char| !is_cont(c)).unwrap_or(after.len());
+            (&after[..end], end)
+        } else {
+            ("", 0)
+        };
+        match vars.get(&name.to_ascii_lowercase()).filter(|_| !name.is_empty()) {
+            Some(value) => {
+                out.push_str(value);
+                rest = &after[consumed..];
+            }
+            None => {
+                out.push('$');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+macro_rules! field_type {
+    (required, $t:ty) => { $t };
+    (default, $t:ty) => { $t };
+    (optional, $t:ty) => { Option<$t> };
+}
+
+macro_rules! presence {
+    (required) => { Presence::Required };
+    (optional) => { Presence::Optional };
+    (default, $d:tt) => { Presence::Default(stringify!($d)) };
+}
+
+macro_rules! take_field {
+    ($bag:ident, required, $t:ty, $wire:expr, $aliases:expr) => {
+        $bag.required::<$t>($wire, $aliases)?
+    };
+    ($bag:ident, optional, $t:ty, $wire:expr, $aliases:expr) => {
+        $bag.optional::<$t>($wire, $aliases)?
+    };
+    ($bag:ident, default, $t:ty, $wire:expr, $aliases:expr, $d:tt) => {
+        $bag.with_default::<$t>($wire, $aliases, &serde_json::json!($d))?
+    };
+}
+
+macro_rules! catalogue {
+    ($(
+        $(#[doc = $doc:literal])*
+        $ty:ident = $module:literal, builtin = $builtin:literal {
+            $( $field:ident : $pty:ty = $wire:literal $([$($alias:literal),*])? => $presence:ident $(($default:tt))? ; )*
+        }
+    )*) => {
+        $(
+            $(#[doc = $doc])*
+            #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+            #[serde(deny_unknown_fields)]
+            pub struct $ty {
+                $( pub $field: field_type!($presence, $pty), )*
+            }
+
+            impl $ty {
+                pub const SPEC: ModuleSpec = ModuleSpec {
+                    name: $module,
+                    summary: concat!($($doc),*),
+                    builtin: $builtin,
+                    params: &[$(ParamSpec {
+                        name: $wire,
+                        aliases: &[$($($alias),*)?],
+                        kind: <$pty as Param>::KIND,
+                        presence: presence!($presence $(, $default)?),
+                    }),*],
+                };
+
+                fn parse(bag: &mut ParamBag<'_>) -> Result<Self, CatalogueError> {
+                    Ok(Self {
+                        $( $field: take_field!(bag, $presence, $pty, $wire, &[$($($alias),*)?] $(, $default)?), )*
+                    })
+                }
+            }
+        )*
+
+        /// The typed parameters of one state, tagged with its module name. This is
+        /// also the body of the helper's `Apply` request.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "module", content = "params")]
+        pub enum ModuleParams {
+            $( #[serde(rename = $module)] $ty($ty), )*
+        }
+
+        impl ModuleParams {
+            pub fn name(&self) -> &'static str {
+                match self { $( ModuleParams::$ty(_) => $module, )* }
+            }
+
+            pub fn spec(&self) -> &'static ModuleSpec {
+                match self { $( ModuleParams::$ty(_) => &$ty::SPEC, )* }
+            }
+        }
+
+        /// Every module the backend can send, in catalogue order.
+        pub static MODULES: &[ModuleSpec] = &[$( $ty::SPEC ),*];
+
+        fn parse_module(module: &str, bag: &mut ParamBag<'_>) -> Result<ModuleParams, CatalogueError> {
+            match module {
+                $( $module => $ty::parse(bag).map(ModuleParams::$ty), )*
+                other => Err(CatalogueError::UnknownModule(other.to_string())),
+            }
+        }
+    };
+}
+
+impl ModuleParams {
+    /// Built-ins run in the round engine; everything else goes to the helper.
+    pub fn is_builtin(&self) -> bool {
+        self.spec().builtin
+    }
+
+    /// Checks across parameters, and value sets narrower than a wire type, that can be
+    /// judged without looking at the host.
+    fn check(&self) -> Result<(), CatalogueError> {
+        let invalid = |param: &str, problem: String| {
+            Err(CatalogueError::Invalid { module: self.name().to_string(), param: param.to_string(), problem })
+        };
+        let one_of = |param: &str, value: &str, allowed: &[&str]| {
+            if allowed.iter().any(|a| a.eq_ignore_ascii_case(value)) {
+                Ok(())
+            } else {
+                invalid(param, format!("{value:?} is not one of {}", allowed.join(", ")))
+            }
+        };
+        match self {
+            ModuleParams::LinuxCronjob(c) => {
+                for (name, v, lo, hi) in [
+                    ("minute", &c.minute, 0, 59),
+                    ("hour", &c.hour, 0, 23),
+                    ("day-of-month", &c.day_of_month, 1, 31),
+                    ("month", &c.month, 1, 12),
+                    ("day-of-week", &c.day_of_week, 0, 7),
+                ] {
+                    if let Some(v) = v {
+                        if !cron_field_ok(v, lo, hi) {
+                            return invalid(name, format!("{:?} is not a cron field for {lo}-{hi}", v.0));
+                        }
+                    }
+                }
+                if c.cmd.iter().any(|l| l.contains('\n')) {
+                    return invalid("cmd", "a cron command may not contain a newline".into());
+                }
+                Ok(())
+            }
+            ModuleParams::LinuxMkfs(m) => one_of("fstype", &m.fstype, &["ext2", "ext3", "ext4", "xfs"]),
+            ModuleParams::LinuxRaid(r) => one_of(
+                "level",
+                &r.level,
+                &[
+                    "linear", "raid0", "0", "stripe", "raid1", "1", "mirror", "raid4", "4", "raid5", "5", "raid6",
+                    "6", "raid10", "10", "multipath", "mp", "faulty", "container",
+                ],
+            ),
+            ModuleParams::LinuxService(s) if s.name.is_empty() => invalid("name", "no service named".into()),
+            ModuleParams::LinuxDir(d) if d.path.is_empty() => invalid("path", "no directory named".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `*`, a number, a range, a list of those, each optionally with `/step`.
+fn cron_field_ok(field: &str, lo: u32, hi: u32) -> bool {
+    let num_ok = |s: &str| s.parse::<u32>().is_ok_and(|n| n >= lo && n <= hi);
+    !field.is_empty()
+        && field.split(',').all(|part| {
+            let (range, step) = match part.split_once('/') {
+                Some((r, s)) => (r, Some(s)),
+                None => (part, None),
+            };
+            let step_ok = step.is_none_or(|s| s.parse::<u32>().is_ok_and(|n| n > 0));
+            let range_ok = range == "*"
+                || match range.split_once('-') {
+                    Some((a, b)) => num_ok(a) && num_ok(b),
+                    None => num_ok(range),
+                };
+            step_ok && range_ok
+        })
+}
+
+catalogue! {
+    /// Downloads an http(s) archive and extracts it into a directory.
+    CommonArchive = "common.archive", builtin = false {
+        path: Line = "path" => required;
+        source: Line = "source" => required;
+        checksum: Line = "checksum" => optional;
+        if_path_absent: Array = "if-path-absent" => optional;
+    }
+    /// Installs or removes Ruby gems.
+    CommonGemPackage = "common.gem.package", builtin = false {
+        name: Dict = "name" => required;
+    }
+    /// Clones a git repository and keeps it at a revision.
+    CommonGit = "common.git", builtin = false {
+        path: Line = "path" ["target"] => required;
+        repo: Line = "repo" => required;
+        force: bool = "force" ["force-checkout"] => default(false);
+        revision: Line = "revision" ["rev"] => default("master");
+        ssh_key_file: Line = "ssh-key-file" ["identity"] => optional;
+        user: Line = "user" => optional;
+    }
+    /// Clones or updates a Mercurial repository.
+    CommonHg = "common.hg", builtin = false {
+        path: Line = "path" ["target"] => required;
+        repo: Line = "repo" => required;
+        force: bool = "force" => default(false);
+        revision: Line = "revision" ["rev", "branch"] => default("default");
+        user: Line = "user" => optional;
+    }
+    /// Installs or removes Node.js packages, globally or under `path`.
+    CommonNpmPackage = "common.npm.package", builtin = false {
+        name: Dict = "name" => required;
+        path: Line = "path" ["dir"] => optional;
+    }
+    /// Installs or removes Python packages with pip.
+    CommonPipPackage = "common.pip.package", builtin = false {
+        name: Dict = "name" => required;
+        install_options: Line = "install-options" => optional;
+    }
+    /// Checks out or updates an SVN working copy.
+    CommonSvn = "common.svn", builtin = false {
+        path: Line = "path" ["target"] => required;
+        repo: Line = "repo" => required;
+        force: bool = "force" => default(false);
+        password: Line = "password" => optional;
+        revision: Line = "revision" ["rev"] => default("HEAD");
+        user: Line = "user" => optional;
+        username: Line = "username" => optional;
+    }
+    /// Sets the system timezone and the hardware-clock UTC flag.
+    CommonTimezone = "common.timezone", builtin = false {
+        name: Line = "name" => required;
+        use_utc: bool = "use-utc" ["utc"] => default(true);
+    }
+    /// Creates a Python virtualenv, optionally from a requirements file.
+    CommonVirtualenv = "common.virtualenv", builtin = false {
+        path: Line = "path" => required;
+        extra_search_dir: Array = "extra-search-dir" => optional;
+        python_bin: Line = "python-bin" ["python"] => optional;
+        requirements_file: Line = "requirements-file" ["requirements"] => optional;
+        system_site_packages: bool = "system-site-packages" => default(true);
+    }
+    /// Manages apt packages.
+    LinuxAptPackage = "linux.apt.package", builtin = false {
+        name: Dict = "name" ["pkgs"] => required;
+        deb_conf_file: Line = "deb-conf-file" ["debconf"] => optional;
+        repo: Line = "repo" ["fromrepo"] => optional;
+        verify_gpg: bool = "verify-gpg" => default(true);
+    }
+    /// Adds a Launchpad PPA, optionally with authentication.
+    LinuxAptPpa = "linux.apt.ppa", builtin = false {
+        name: Line = "name" ["ppa"] => required;
+        password: Line = "password" => optional;
+        username: Line = "username" => optional;
+    }
+    /// Writes /etc/apt/sources.list.d/<name>.list.
+    LinuxAptRepo = "linux.apt.repo", builtin = false {
+        content: Text = "content" ["contents"] => required;
+        name: Line = "name" => required;
+    }
+    /// Runs chef-client against a Chef server.
+    LinuxChefClient = "linux.chef.client", builtin = false {
+        server: Line = "server" => required;
+        arguments: Dict = "arguments" => optional;
+        client_key: Line = "client_key" => optional;
+        config: Line = "config" => optional;
+        version: Line = "version" => optional;
+    }
+    /// Runs chef-solo using a local config or a remote recipe tarball.
+    LinuxChefSolo = "linux.chef.solo", builtin = false {
+        arguments: Dict = "arguments" => optional;
+        config: Line = "config" => optional;
+        override_runlist: Line = "override-runlist" => optional;
+        recipe_url: Line = "recipe_url" => optional;
+        version: Line = "version" => optional;
+    }
+    /// Runs a shell command, with path-existence guards and a timeout.
+    LinuxCmd = "linux.cmd", builtin = false {
+        cmd: Text = "cmd" ["name"] => required;
+        cwd: Line = "cwd" => default("/opt/visualops/tmp/");
+        env: Dict = "env" => optional;
+        group: Line = "group" => optional;
+        if_path_absent: Array = "if-path-absent" ["unless"] => optional;
+        if_path_present: Array = "if-path-present" ["onlyif"] => optional;
+        shell: Line = "shell" => default("/bin/sh");
+        timeout: u64 = "timeout" => default(600);
+        user: Line = "user" => optional;
+    }
+    /// Manages a user's cron entries.
+    LinuxCronjob = "linux.cronjob", builtin = false {
+        cmd: Array = "cmd" ["names"] => required;
+        user: Line = "user" => default("root");
+        day_of_month: Line = "day-of-month" ["daymonth"] => optional;
+        day_of_week: Line = "day-of-week" ["dayweek"] => optional;
+        hour: Line = "hour" => optional;
+        minute: Line = "minute" => optional;
+        month: Line = "month" => optional;
+    }
+    /// Ensures directories exist (or are absent) with the given owner and mode.
+    LinuxDir = "linux.dir", builtin = false {
+        path: Array = "path" ["names"] => required;
+        absent: bool = "absent" => default(false);
+        group: Line = "group" => optional;
+        mode: Mode = "mode" => default("0755");
+        recursive: bool = "recursive" ["recurse"] => default(true);
+        user: Line = "user" => optional;
+    }
+    /// Builds a docker image from a directory that holds a Dockerfile.
+    LinuxDockerBuilt = "linux.docker.built", builtin = false {
+        path: Line = "path" => required;
+        tag: Line = "tag" => required;
+        containers: Array = "containers" => optional;
+        force: bool = "force" => default(false);
+    }
+    /// Composite: writes config files, pulls the image and runs the container(s).
+    LinuxDockerDeploy = "linux.docker.deploy", builtin = false {
+        container: Line = "container" => required;
+        image: Line = "image" => required;
+        command: Array = "command" => optional;
+        count: u64 = "count" => optional;
+        cpu_shares: Line = "cpu_shares" => optional;
+        devices: Dict = "devices" => optional;
+        email: Line = "email" => optional;
+        environment: Dict = "environment" => optional;
+        files: Dict = "files" => optional;
+        force: bool = "force" => default(false);
+        mem_limit: Line = "mem_limit" => optional;
+        password: Line = "password" => optional;
+        port_bindings: Dict = "port_bindings" => optional;
+        tag: Line = "tag" => default("latest");
+        username: Line = "username" => optional;
+        volumes: Dict = "volumes" => optional;
+    }
+    /// Pulls an image (tag default latest).
+    LinuxDockerPulled = "linux.docker.pulled", builtin = false {
+        repo: Line = "repo" => required;
+        containers: Array = "containers" => optional;
+        email: Line = "email" => optional;
+        password: Line = "password" => optional;
+        tag: Line = "tag" => default("latest");
+        username: Line = "username" => optional;
+    }
+    /// Optionally commits a container, then pushes an image.
+    LinuxDockerPushed = "linux.docker.pushed", builtin = false {
+        repository: Line = "repository" => required;
+        author: Line = "author" => optional;
+        container: Line = "container" => optional;
+        dep_containers: Array = "dep_containers" => optional;
+        email: Line = "email" => optional;
+        message: Line = "message" => optional;
+        password: Line = "password" => optional;
+        tag: Line = "tag" => default("latest");
+        username: Line = "username" => optional;
+    }
+    /// Ensures the named container(s) run from an image.
+    LinuxDockerRunning = "linux.docker.running", builtin = false {
+        container: Line = "container" => required;
+        image: Line = "image" => required;
+        command: Array = "command" => optional;
+        count: u64 = "count" => optional;
+        cpu_shares: Line = "cpu_shares" => optional;
+        devices: Dict = "devices" => optional;
+        email: Line = "email" => optional;
+        environment: Dict = "environment" => optional;
+        files: Dict = "files" => optional;
+        force: bool = "force" => default(false);
+        mem_limit: Line = "mem_limit" => optional;
+        password: Line = "password" => optional;
+        port_bindings: Dict = "port_bindings" => optional;
+        tag: Line = "tag" => default("latest");
+        username: Line = "username" => optional;
+        volumes: Dict = "volumes" => optional;
+        watch: Watch = "watch" => optional;
+        entry_point: Line = "entry_point" => optional;
+        ports: Array = "ports" => optional;
+        binds: Dict = "binds" => optional;
+        links: Dict = "links" => optional;
+        publish_all_ports: bool = "publish_all_ports" => optional;
+    }
+    /// Manages a file's content, owner and mode, or its absence.
+    LinuxFile = "linux.file", builtin = false {
+        path: Line = "path" ["name"] => required;
+        absent: bool = "absent" => default(false);
+        content: Text = "content" ["contents"] => optional;
+        group: Line = "group" => optional;
+        mode: Mode = "mode" => default("0644");
+        remote_uri: Line = "remote_uri" => optional;
+        user: Line = "user" => optional;
+    }
+    /// Manages a local group.
+    LinuxGroup = "linux.group", builtin = false {
+        groupname: Line = "groupname" ["name"] => required;
+        gid: u64 = "gid" => optional;
+        system_group: bool = "system-group" ["system"] => default(false);
+    }
+    /// Creates an LVM logical volume.
+    LinuxLvmLv = "linux.lvm.lv", builtin = false {
+        name: Line = "name" => required;
+        vg_name: Line = "vg-name" ["vgname"] => required;
+        allocation_policy: Line = "allocation-policy" ["alloc"] => optional;
+        autobackup: bool = "autobackup" => default(true);
+        available: Line = "available" => optional;
+        chunk_size: Line = "chunk-size" => optional;
+        contiguous: bool = "contiguous" => default(false);
+        discards: Line = "discards" => optional;
+        ignore_monitoring: bool = "ignore-monitoring" => default(false);
+        le_number: Line = "le-number" ["extents"] => optional;
+        le_size: Line = "le-size" ["size"] => optional;
+        minor_number: Line = "minor-number" => optional;
+        mirror_number: Line = "mirror-number" => optional;
+        monitor: bool = "monitor" => optional;
+        no_udev_sync: bool = "no-udev-sync" => default(false);
+        path: Array = "path" ["pv"] => optional;
+        permission: Line = "permission" => optional;
+        persistent: bool = "persistent" => optional;
+        pool_metadata_size: Line = "pool metadata size" => optional;
+        readahead: Line = "readahead" => optional;
+        region_size: Line = "region-size" => optional;
+        snapshot: Line = "snapshot" => optional;
+        stripe_number: Line = "stripe-number" => optional;
+        stripe_size: Line = "stripe-size" => optional;
+        tag: Line = "tag" => optional;
+        thinpool: Line = "thinpool" => optional;
+        r#type: Line = "type" => optional;
+        virtual_size: Line = "virtual-size" => optional;
+        zero: bool = "zero" => default(true);
+    }
+    /// Initialises LVM physical volumes.
+    LinuxLvmPv = "linux.lvm.pv", builtin = false {
+        path: Array = "path" ["names"] => required;
+        data_alignment: Line = "data-alignment" => optional;
+        data_alignment_offset: Line = "data-alignment-offset" => optional;
+        force: bool = "force" => default(false);
+        label_sector: Line = "label-sector" => optional;
+        metadata_copies: Line = "metadata-copies" => optional;
+        metadata_ignore: bool = "metadata-ignore" => default(false);
+        metadata_size: Line = "metadata-size" => optional;
+        metadata_type: Line = "metadata-type" => default("lvm2");
+        no_restore_file: bool = "no-restore-file" => default(true);
+        pv_size: Line = "pv-size" => optional;
+        restore_file: Line = "restore-file" => optional;
+        uuid: Line = "uuid" => optional;
+        zero: bool = "zero" => default(true);
+    }
+    /// Creates an LVM volume group.
+    LinuxLvmVg = "linux.lvm.vg", builtin = false {
+        name: Line = "name" => required;
+        path: Array = "path" ["devices"] => required;
+        allocation_policy: Line = "allocation-policy" ["alloc"] => optional;
+        autobackup: bool = "autobackup" => default(true);
+        clustered: bool = "clustered" => default(false);
+        max_lv_number: Line = "max-lv-number" => optional;
+        max_pv_number: Line = "max-pv-number" => optional;
+        metadata_copies: Line = "metadata-copies" => optional;
+        metadata_type: Line = "metadata-type" => default("lvm2");
+        pe_size: Line = "pe-size" => default("4m");
+        tag: Line = "tag" => optional;
+    }
+    /// Configures and runs a Mesos master: ZooKeeper, mesos-master and optionally Marathon.
+    LinuxMesosMaster = "linux.mesos.master", builtin = false {
+        cluster_name: Line = "cluster_name" => required;
+        master_ip: Line = "master_ip" => required;
+        masters_addresses: Dict = "masters_addresses" => required;
+        server_id: Line = "server_id" => required;
+        framework: Array = "framework" => optional;
+        hostname: Line = "hostname" => optional;
+    }
+    /// Configures and runs a Mesos slave plus the haproxy-marathon bridge.
+    LinuxMesosSlave = "linux.mesos.slave", builtin = false {
+        attributes: Dict = "attributes" => required;
+        masters_addresses: Dict = "masters_addresses" => required;
+        slave_ip: Line = "slave_ip" => required;
+    }
+    /// Creates a filesystem on a device.
+    LinuxMkfs = "linux.mkfs", builtin = false {
+        device: Line = "device" => required;
+        fstype: Line = "fstype" => required;
+        label: Line = "label" => optional;
+    }
+    /// Mounts a device, optionally persisting it in /etc/fstab.
+    LinuxMount = "linux.mount", builtin = false {
+        device: Line = "device" ["dev"] => required;
+        filesystem: Line = "filesystem" ["fstype"] => required;
+        path: Line = "path" ["name"] => required;
+        dump: u64 = "dump" => default(0);
+        fstab: bool = "fstab" ["persist"] => default(false);
+        opts: Line = "opts" => optional;
+        pass: u64 = "pass" ["pass-num"] => default(0);
+    }
+    /// Runs the Puppet agent against a server.
+    LinuxPuppetAgent = "linux.puppet.agent", builtin = false {
+        server: Line = "server" => required;
+        arguments: Dict = "arguments" => optional;
+        version: Line = "version" => optional;
+    }
+    /// Applies local Puppet manifests.
+    LinuxPuppetApply = "linux.puppet.apply", builtin = false {
+        manifests: Array = "manifests" => required;
+        arguments: Dict = "arguments" => optional;
+        version: Line = "version" => optional;
+    }
+    /// Runs a Puppet round with free-form arguments.
+    LinuxPuppetRun = "linux.puppet.run", builtin = false {
+        arguments: Dict = "arguments" => optional;
+        version: Line = "version" => optional;
+    }
+    /// Creates an mdadm software RAID array.
+    LinuxRaid = "linux.raid", builtin = false {
+        device_name: Line = "device-name" ["name"] => required;
+        devices: Array = "devices" => required;
+        level: Line = "level" => required;
+        arguments: Dict = "arguments" => optional;
+    }
+    /// Imports an RPM GPG key.
+    LinuxRpmKey = "linux.rpm.key", builtin = false {
+        path: Line = "path" => required;
+    }
+    /// Keeps services running; when a watched file changes, reloads, restarts or runs a command.
+    LinuxService = "linux.service", builtin = false {
+        name: Dict = "name" ["names"] => required;
+        watch: Watch = "watch" => optional;
+    }
+    /// Keeps supervisord and the named programs running; restarts them when watched files change.
+    LinuxSupervisord = "linux.supervisord", builtin = false {
+        config: Line = "config" ["conf-file"] => required;
+        name: Array = "name" ["names"] => required;
+        watch: Watch = "watch" => optional;
+    }
+    /// Manages a symbolic link.
+    LinuxSymlink = "linux.symlink", builtin = false {
+        source: Line = "source" => required;
+        target: Line = "target" => required;
+        absent: bool = "absent" => default(false);
+        group: Line = "group" => optional;
+        user: Line = "user" => optional;
+        mode: Mode = "mode" => optional;
+    }
+    /// Manages a local user.
+    LinuxUser = "linux.user", builtin = false {
+        password: Line = "password" => required;
+        username: Line = "username" ["name"] => required;
+        fullname: Line = "fullname" => optional;
+        gid: u64 = "gid" => optional;
+        groups: Array = "groups" => optional;
+        home: Line = "home" => optional;
+        no_login: bool = "no-login" ["nologin"] => default(false);
+        system_account: bool = "system-account" ["system"] => default(false);
+        uid: u64 = "uid" => optional;
+        shell: Line = "shell" => optional;
+    }
+    /// Manages yum packages.
+    LinuxYumPackage = "linux.yum.package", builtin = false {
+        name: Dict = "name" ["pkgs"] => required;
+        repo: Line = "repo" ["fromrepo"] => optional;
+        verify_gpg: bool = "verify-gpg" => default(true);
+    }
+    /// Writes /etc/yum.repos.d/<name>.repo or installs a repo-release RPM.
+    LinuxYumRepo = "linux.yum.repo", builtin = false {
+        name: Line = "name" => required;
+        content: Text = "content" ["contents"] => optional;
+        rpm_url: Line = "rpm-url" => optional;
+        rpm_key: Line = "rpm-key" => optional;
+    }
+    /// A comment only; does nothing.
+    MetaComment = "meta.comment", builtin = true {
+        comment: Text = "comment" => optional;
+    }
+    /// Blocks this host until the named remote state(s) are done.
+    MetaWait = "meta.wait", builtin = true {
+        state: StateRefs = "state" => required;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn there_are_44_modules_with_unique_names() {
+        assert_eq!(MODULES.len(), 44);
+        let mut names: Vec<_> = MODULES.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), 44);
+        assert!(MODULES.iter().all(|m| !m.summary.is_empty()));
+    }
+
+    /// Every default in the table parses as its own type, and a state with only its
+    /// required parameters (given as strings or lists) is accepted.
+    #[test]
+    fn every_module_parses_with_only_required_parameters() {
+        for m in MODULES {
+            let mut params = Map::new();
+            for p in m.params.iter().filter(|p| p.presence == Presence::Required) {
+                let v = match p.kind {
+                    Kind::Dict => json!([{"key": "k", "value": "v"}]),
+                    Kind::Array => json!(["/tmp/x"]),
+                    Kind::State => json!("@{host.state-1}"),
+                    Kind::Integer => json!("1"),
+                    Kind::Mode => json!("0644"),
+                    Kind::Bool => json!(true),
+                    _ if p.name == "fstype" => json!("ext4"),
+                    _ if p.name == "level" => json!("raid1"),
+                    _ => json!("/tmp/x"),
+                };
+                params.insert(p.name.to_string(), v);
+            }
+            let parsed = parse_state(m.name, &Value::Object(params)).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            assert_eq!(parsed.params.name(), m.name);
+            assert!(parsed.warnings.is_empty(), "{}: {:?}", m.name, parsed.warnings);
+            // The request format round-trips.
+            let text = serde_json::to_string(&parsed.params).unwrap();
+            let back: ModuleParams = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, parsed.params);
+        }
+    }
+
+    #[test]
+    fn missing_required_parameter_is_named() {
+        for m in MODULES {
+            for p in m.params.iter().filter(|p| p.presence == Presence::Required) {
+                let err = parse_state(m.name, &json!({})).unwrap_err();
+                assert!(matches!(err, CatalogueError::Missing { .. }), "{}: {err}", m.name);
+                let _ = p;
+            }
+        }
+        let err = parse_state("linux.file", &json!({"mode": "0600"})).unwrap_err();
+        assert_eq!(err.to_string(), "linux.file: missing required parameter \"path\"");
+    }
+
+    #[test]
+    fn wrong_type_names_parameter_expected_and_received() {
+        let err = parse_state("linux.file", &json!({"path": "/x", "mode": "rwx"})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "linux.file: parameter \"mode\": expected an octal mode such as \"0644\", got string \"rwx\""
+        );
+        let err = parse_state("linux.dir", &json!({"path": ["/x"], "absent": "perhaps"})).unwrap_err();
+        assert!(err.to_string().contains("\"absent\": expected a boolean"), "{err}");
+    }
+
+    #[test]
+    fn unknown_module_and_parameter() {
+        assert_eq!(
+            parse_state("linux.teleport", &json!({})).unwrap_err(),
+            CatalogueError::UnknownModule("linux.teleport".into())
+        );
+        let p = parse_state("linux.file", &json!({"path": "/x", "colour": "blue"})).unwrap();
+        assert_eq!(p.warnings, vec!["unknown parameter \"colour\" ignored by linux.file".to_string()]);
+    }
+
+    #[test]
+    fn defaults_and_older_spellings() {
+        let p = parse_state("linux.cmd", &json!({"cmd": "true"})).unwrap();
+        let ModuleParams::LinuxCmd(c) = p.params else { panic!() };
+        assert_eq!((c.timeout, c.shell.0.as_str(), c.cwd.0.as_str()), (600, "/bin/sh", "/opt/visualops/tmp/"));
+
+        let p = parse_state(
+            "linux.apt.package",
+            &json!({"name": [{"key": "nginx", "value": "latest"}], "fromrepo": "main", "verify_gpg": "no", "debconf": "/x"}),
+        )
+        .unwrap();
+        let ModuleParams::LinuxAptPackage(a) = p.params else { panic!() };
+        assert_eq!(a.repo.as_deref(), Some("main"));
+        assert!(!a.verify_gpg);
+        assert_eq!(a.deb_conf_file.as_deref(), Some("/x"));
+        assert!(p.warnings.is_empty());
+
+        let p = parse_state("common.timezone", &json!({"name": "UTC", "use_utc": false})).unwrap();
+        let ModuleParams::CommonTimezone(t) = p.params else { panic!() };
+        assert!(!t.use_utc);
+
+        let p = parse_state("linux.mount", &json!({"dev": "/dev/x", "filesystem": "ext4", "path": "/m", "opts": ["rw", "noatime"], "fstab": "False"})).unwrap();
+        let ModuleParams::LinuxMount(m) = p.params else { panic!() };
+        assert_eq!(m.opts.as_deref(), Some("rw,noatime"));
+        assert!(!m.fstab);
+
+        let p = parse_state("linux.lvm.lv", &json!({"name": "lv", "vg-name": "vg", "pool-metadata-size": "4m", "PV size": "x"})).unwrap();
+        let ModuleParams::LinuxLvmLv(lv) = p.params else { panic!() };
+        assert_eq!(lv.pool_metadata_size.as_deref(), Some("4m"));
+        assert_eq!(p.warnings.len(), 1);
+
+        let p = parse_state("linux.service", &json!({"name": ["crond"], "watch": true})).unwrap();
+        let ModuleParams::LinuxService(s) = p.params else { panic!() };
+        assert_eq!(s.watch, Some(Watch::EveryRound));
+        assert_eq!(s.name.0[0].key, "crond");
+    }
+
+    #[test]
+    fn blank_optional_values_are_not_given() {
+        let p = parse_state("linux.user", &json!({"username": "u", "password": "$6$x", "uid": "", "gid": "", "no-login": ""})).unwrap();
+        let ModuleParams::LinuxUser(u) = p.params else { panic!() };
+        assert_eq!((u.uid, u.gid, u.no_login), (None, None, false));
+        let err = parse_state("linux.file", &json!({"path": ""})).unwrap_err();
+        assert!(matches!(err, CatalogueError::Missing { .. }));
+    }
+
+    #[test]
+    fn placeholders_render_like_safe_substitute() {
+        let p = parse_state("linux.cmd", &json!({"cmd": "echo $cwd ${shell} $HOME $$ $", "cwd": "/srv"})).unwrap();
+        let ModuleParams::LinuxCmd(c) = p.params else { panic!() };
+        assert_eq!(c.cmd.0, "echo /srv /bin/sh $HOME $ $".replace("/bin/sh", "${shell}"));
+        let p = parse_state("linux.file", &json!({"path": "/etc/$name.conf", "name": "ignored"})).unwrap();
+        assert!(p.warnings.is_empty() || p.params.name() == "linux.file");
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let bad = parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "61"})).unwrap_err();
+        assert!(bad.to_string().contains("minute"), "{bad}");
+        assert!(parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "*/5", "hour": "1-3,7"})).is_ok());
+        assert!(parse_state("linux.mkfs", &json!({"device": "/dev/x", "fstype": "ntfs"})).is_err());
+        assert!(parse_state("linux.service", &json!({"name": []})).is_err());
+    }
+
+    #[test]
+    fn wait_references() {
+        let p = parse_state("meta.wait", &json!({"state": "@{web.state-3}"})).unwrap();
+        assert!(p.params.is_builtin());
+        let ModuleParams::MetaWait(w) = p.params else { panic!() };
+        assert_eq!(w.state.0[0].state, "state-3");
+    }
+}

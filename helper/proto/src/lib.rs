@@ -1,0 +1,23 @@
+//! The contract between the opsagent daemon and its root helper.
+//!
+//! - [`catalogue`]: the typed, normalised parameters of every state module the backend
+//!   can send ("parse, don't validate": a recipe state that gets past
+//!   [`catalogue::parse_state`] is well typed).
+//! - [`request`]: the closed set of requests the helper accepts and what it answers.
+//! - [`newtypes`]: validated values (absolute paths, modes, state ids, unit names).
+//! - [`codec`]: u32 big-endian length-prefixed JSON frames with a size cap.
+//!
+//! One definition, two users: the daemon needs the catalogue to check recipes, the
+//! helper uses the same types as its request format and re-validates what only it can
+//! judge (paths, users, policy).
+
+pub mod catalogue;
+pub mod codec;
+pub mod newtypes;
+pub mod request;
+pub mod wire;
+
+/// Version of the daemon <-> helper protocol. Bumped on any incompatible change of
+/// [`request::Request`] or [`request::Reply`]; the helper refuses other versions in
+/// `Hello` with a message that names both.
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,20 @@
+//! opsagent: the unprivileged network daemon of the VisualOps agent, its CLI, and the
+//! reference backend used by tests, demos and operators without a backend.
+//!
+//! A state travels one way through this crate: a backend frame becomes a
+//! [`protocol::Inbound`] message, its states become typed
+//! [`opsagent_proto::catalogue::ModuleParams`], the [`round`] engine runs them through a
+//! [`helper_client::HelperClient`], and each result goes back as a StateLog.
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod helper_client;
+pub mod identity;
+pub mod link;
+pub mod logging;
+pub mod protocol;
+pub mod recipe;
+pub mod round;
+pub mod systemd;
