@@ -1,1 +1,341 @@
-//! (being written)
+//! The `opsagent` command line: `run` (the daemon), `apply` (one local round through
+//! the helper), `check` (validate recipe files), `status` and `stop`.
+
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitCode};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use opsagent_proto::request::{ApplyRequest, Outcome};
+
+use crate::config::{Config, ConfigError, Overrides};
+use crate::daemon::{self, StatusReport};
+use crate::helper_client::{Cancel, HelperClient, UnixHelperClient};
+use crate::recipe::{Recipe, RecipeState};
+
+/// The recipe `opsagent apply` runs when given no file.
+pub const DEMO_RECIPE: &str = include_str!("../packaging/examples/demo.json");
+
+#[derive(Debug, Parser)]
+#[command(name = "opsagent", version, about = "VisualOps configuration agent (systemd-native)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: connect to the backend and apply its recipe in rounds, forever.
+    Run {
+        /// Configuration file [default: /etc/opsagent.conf if it exists]
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Apply a recipe file once, locally, through the root helper, and print each result.
+    /// Without FILE, applies the built-in demo recipe (under /tmp/opsagent-demo).
+    Apply {
+        file: Option<PathBuf>,
+        /// Use the helper listening here instead of starting a private one (needs root).
+        #[arg(long, value_name = "PATH")]
+        helper_socket: Option<PathBuf>,
+        /// The helper binary to start [default: opsagent-helper next to this binary]
+        #[arg(long, value_name = "PATH", env = "OPSAGENT_HELPER_BIN")]
+        helper_bin: Option<PathBuf>,
+    },
+    /// Check recipe files against the state catalogue; one line per state.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show what the running agent is doing.
+    Status {
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the raw JSON status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the running agent (SIGTERM: after the running state), or with
+    /// --after-round once the current round has finished (SIGUSR1).
+    Stop {
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        after_round: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config, overrides } => cmd_run(config.as_deref(), &overrides),
+        Command::Apply { file, helper_socket, helper_bin } => cmd_apply(file.as_deref(), helper_socket, helper_bin),
+        Command::Check { files } => cmd_check(&files),
+        Command::Status { config, json } => cmd_status(config.as_deref(), json),
+        Command::Stop { config, after_round } => cmd_stop(config.as_deref(), after_round),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let mut msg = format!("opsagent: error: {e}");
+            for cause in e.chain().skip(1) {
+                msg.push_str(&format!("\n  caused by: {cause}"));
+            }
+            eprintln!("{msg}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(ConfigError::EXIT_CODE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // One thread: the daemon's work is sequential and mostly waiting; this keeps its
+    // footprint small.
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn cmd_run(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(path, overrides)?;
+    crate::logging::init(&config.agent.log_level, "opsagent");
+    let rt = runtime()?;
+    rt.block_on(async {
+        if config.require_backend().is_err() {
+            fill_from_metadata(&mut config).await;
+        }
+        daemon::run(config).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Instances installed from userdata may have no config file: read the userdata.
+async fn fill_from_metadata(config: &mut Config) {
+    let client = match crate::identity::MetadataClient::new(&config.userdata.metadata_url, crate::identity::RetryPolicy::default()) {
+        Ok(c) => c,
+        Err(e) => return tracing::warn!(error = %e, "no metadata client"),
+    };
+    match client.userdata().await {
+        Ok(Some(ud)) => {
+            let url = client.userdata_url();
+            match crate::identity::fill_from_userdata(config, &ud, &url) {
+                Ok(filled) => tracing::info!(keys = ?filled, "configuration completed from the instance userdata"),
+                Err(e) => tracing::warn!(error = %e, "instance userdata unusable"),
+            }
+        }
+        Ok(None) => tracing::info!("no instance userdata"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the instance userdata"),
+    }
+}
+
+fn cmd_check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut all_ok = true;
+    let mut out = std::io::stdout().lock();
+    for file in files {
+        match Recipe::load_file(file) {
+            Err(e) => {
+                all_ok = false;
+                writeln!(out, "INVALID {e}")?;
+            }
+            Ok(recipe) => {
+                for s in &recipe.states {
+                    match &s.parsed {
+                        Ok(p) if p.warnings.is_empty() => writeln!(out, "ok      {}  {}  {}", file.display(), s.id, s.module)?,
+                        Ok(p) => writeln!(out, "ok      {}  {}  {}  warning: {}", file.display(), s.id, s.module, p.warnings.join("; "))?,
+                        Err(reason) => {
+                            all_ok = false;
+                            writeln!(out, "INVALID {}  {}  {}  {reason}", file.display(), s.id, s.module)?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// A helper started by `opsagent apply` on a private socket, killed when dropped.
+struct PrivateHelper {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl PrivateHelper {
+    // Synchronous CLI code, before any runtime exists: a plain sleep is right here.
+    #[allow(clippy::disallowed_methods)]
+    fn start(bin: &Path) -> anyhow::Result<(Self, PathBuf)> {
+        let dir = std::env::temp_dir().join(format!("opsagent-apply-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let socket = dir.join("helper.sock");
+        let child = std::process::Command::new(bin)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start the helper {}: {e}", bin.display()))?;
+        let mut me = Self { child, dir };
+        for _ in 0..100 {
+            if socket.exists() {
+                return Ok((me, socket));
+            }
+            if let Some(status) = me.child.try_wait()? {
+                anyhow::bail!("the helper {} exited at start ({status})", bin.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!("the helper {} did not create {} within 5 s", bin.display(), socket.display())
+    }
+}
+
+impl Drop for PrivateHelper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn helper_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let me = std::env::current_exe()?;
+    let bin = me.with_file_name("opsagent-helper");
+    if !bin.exists() {
+        anyhow::bail!(
+            "{} not found; build it (cargo build --workspace) or pass --helper-bin / OPSAGENT_HELPER_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn cmd_apply(file: Option<&Path>, helper_socket: Option<PathBuf>, helper_bin: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    crate::logging::init("warn", "opsagent");
+    let recipe = match file {
+        Some(f) => Recipe::load_file(f)?,
+        None => Recipe::from_document(&serde_json::from_str(DEMO_RECIPE)?)?,
+    };
+    let (_private, socket) = match helper_socket {
+        Some(s) => (None, s),
+        None => {
+            if !nix::unistd::geteuid().is_root() {
+                anyhow::bail!(
+                    "opsagent apply changes the system through the root helper: run it as root \
+                     (it then starts a private helper), or pass --helper-socket PATH of a running helper"
+                );
+            }
+            let (h, s) = PrivateHelper::start(&helper_binary(helper_bin)?)?;
+            (Some(h), s)
+        }
+    };
+    let client = UnixHelperClient::new(&socket, env!("CARGO_PKG_VERSION"));
+    let rt = runtime()?;
+    let all_ok = rt.block_on(apply_round(&client, &recipe))?;
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Runs every state once, in order, stopping at the first failure (as a round would
+/// restart there). One line per state.
+async fn apply_round(client: &UnixHelperClient, recipe: &Recipe) -> anyhow::Result<bool> {
+    let mut out = std::io::stdout().lock();
+    let total = recipe.states.len();
+    for (i, s) in recipe.states.iter().enumerate() {
+        let o = apply_one(client, recipe.version, s).await;
+        let changes: Vec<String> = o.changes.iter().map(ToString::to_string).collect();
+        let tag = if o.result { "ok" } else { "FAILED" };
+        let mut line = format!("{tag:<6} [{}/{total}] {}  {}", i + 1, s.id, s.module);
+        if !o.comment.is_empty() {
+            line.push_str(&format!("  {}", o.comment.replace('\n', " ")));
+        }
+        line.push_str(&if changes.is_empty() { "  (no change)".to_string() } else { format!("  changed: {}", changes.join(", ")) });
+        writeln!(out, "{line}")?;
+        if !o.result {
+            if !o.stdout.is_empty() {
+                writeln!(out, "       output: {}", o.stdout.trim_end().replace('\n', "\n               "))?;
+            }
+            if i + 1 < total {
+                writeln!(out, "       {} later state(s) not run", total - i - 1)?;
+            }
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+async fn apply_one(client: &UnixHelperClient, version: u64, s: &RecipeState) -> Outcome {
+    let parsed = match &s.parsed {
+        Ok(p) => p,
+        Err(reason) => return Outcome::failed(reason.clone()),
+    };
+    if parsed.params.name() == "meta.comment" {
+        return Outcome::ok("comment");
+    }
+    if parsed.params.name() == "meta.wait" {
+        return Outcome::failed("meta.wait needs a backend to report the waited states (use opsagent run)");
+    }
+    let req = ApplyRequest { state_id: s.id.clone(), recipe_version: version, params: parsed.params.clone() };
+    let mut o = client.apply(req, Cancel::never()).await.unwrap_or_else(|e| Outcome::failed(format!("helper: {e}")));
+    for w in &parsed.warnings {
+        o.comment = if o.comment.is_empty() { format!("warning: {w}") } else { format!("{}; warning: {w}", o.comment) };
+    }
+    o
+}
+
+fn read_status(config: Option<&Path>) -> anyhow::Result<StatusReport> {
+    let cfg = Config::load(config, &Overrides::default())?;
+    let candidates = [PathBuf::from("/run/opsagent/status.json"), daemon::status_file(&cfg.agent.state_dir)];
+    let path = candidates
+        .iter()
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow::anyhow!("the agent is not running (no status file at {})", candidates[0].display()))?;
+    let report: StatusReport = serde_json::from_slice(&std::fs::read(path)?)?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(report.pid)?);
+    if nix::sys::signal::kill(pid, None).is_err() {
+        anyhow::bail!("the agent is not running (pid {} in {} is gone)", report.pid, path.display());
+    }
+    Ok(report)
+}
+
+fn cmd_status(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
+    let r = read_status(config)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("opsagent {} (pid {})", r.agent_version, r.pid);
+    println!("  instance   {} of app {}", r.instance_id, r.app_id);
+    println!("  status     {}", r.summary);
+    if let Some(err) = r.link.get("last_error").and_then(|e| e.as_str()) {
+        println!("  last error {err}");
+    }
+    if let Some(last) = r.engine.get("last").and_then(|l| l.as_array()) {
+        if let [id, ok] = last.as_slice() {
+            let verdict = if ok.as_bool() == Some(true) { "succeeded" } else { "FAILED" };
+            println!("  last state {} {verdict}", id.as_str().unwrap_or("?"));
+        }
+    }
+    println!("  rounds     {} completed", r.engine.get("rounds_completed").and_then(|v| v.as_u64()).unwrap_or(0));
+    println!("  spool      {} StateLog(s) waiting, {} dropped", r.spool_depth, r.spool_dropped);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_stop(config: Option<&Path>, after_round: bool) -> anyhow::Result<ExitCode> {
+    use nix::sys::signal::{kill, Signal};
+    let r = read_status(config)?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(r.pid)?);
+    let sig = if after_round { Signal::SIGUSR1 } else { Signal::SIGTERM };
+    kill(pid, sig)?;
+    println!(
+        "asked opsagent (pid {}) to stop {}",
+        r.pid,
+        if after_round { "after the current round" } else { "after the running state" }
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,1 +1,374 @@
-//! (being written)
+//! `opsagent run`: wires configuration, identity, the spool, the helper, the round engine,
+//! the backend link and systemd together, and shuts them down in order.
+//!
+//! Start-up order matters for systemd: READY=1 is sent once the configuration is valid,
+//! the state directory is usable and the helper answers — not when the backend is
+//! reachable, so a network outage never fails the start.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Notify};
+
+use crate::config::Config;
+use crate::helper_client::{HelperClient, UnixHelperClient};
+use crate::identity;
+use crate::link::{Link, LinkConfig, LinkStatus, Outbox};
+use crate::protocol::{Identity, StateLog};
+use crate::recipe::Recipe;
+use crate::round::{Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
+use crate::spool::{Spool, SpoolLimits};
+
+/// How long start-up waits for the helper to answer before giving up (systemd restarts
+/// the unit, and the journal says why).
+const HELPER_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("state directory {path}: {source}")]
+    StateDir { path: String, source: std::io::Error },
+    #[error("spool: {0}")]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("the helper did not answer within {secs} s: {last}")]
+    Helper { secs: u64, last: String },
+    #[error("link: {0}")]
+    Link(#[from] crate::link::LinkError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The spool as the engine writes it and the link drains it.
+pub struct SharedSpool {
+    spool: Mutex<Spool>,
+    added: Arc<Notify>,
+}
+
+impl SharedSpool {
+    pub fn new(spool: Spool) -> Self {
+        Self { spool: Mutex::new(spool), added: Arc::new(Notify::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Spool> {
+        // A panic while holding the lock cannot leave the spool's files inconsistent
+        // (every write is framed and fsynced), so a poisoned lock is still usable.
+        self.spool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn append(&self, log: StateLog) {
+        let r = self.lock().append(log);
+        match r {
+            Ok(_) => self.added.notify_one(),
+            Err(e) => tracing::error!(error = %e, "cannot spool a StateLog; it is lost"),
+        }
+    }
+
+    pub fn depth(&self) -> (usize, u64) {
+        let s = self.lock();
+        (s.depth(), s.dropped())
+    }
+}
+
+impl Outbox for SharedSpool {
+    fn pending_after(&self, seq: u64) -> Vec<StateLog> {
+        self.lock().pending_from(seq.saturating_add(1)).cloned().collect()
+    }
+
+    fn delivered(&self, seq: u64, cumulative: bool) {
+        let mut s = self.lock();
+        let r = if cumulative { s.ack_through(seq).map(|_| ()) } else { s.ack(seq).map(|_| ()) };
+        if let Err(e) = r {
+            tracing::error!(error = %e, seq, "cannot record a delivery; the StateLog may be sent again");
+        }
+    }
+
+    fn added(&self) -> Arc<Notify> {
+        self.added.clone()
+    }
+}
+
+/// The persisted recipe and wait marks (`<state_dir>/recipe.json`).
+#[derive(Debug, Serialize, Deserialize)]
+struct Persisted {
+    version: u64,
+    recipe: Value,
+    done: BTreeSet<String>,
+}
+
+pub fn recipe_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("recipe.json")
+}
+
+pub fn load_snapshot(state_dir: &Path) -> Option<Snapshot> {
+    let path = recipe_file(state_dir);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let parsed = serde_json::from_str::<Persisted>(&text)
+        .map_err(|e| e.to_string())
+        .and_then(|p| Recipe::from_document(&p.recipe).map(|r| (p, r)).map_err(|e| e.to_string()));
+    match parsed {
+        Ok((p, recipe)) => {
+            tracing::info!(version = p.version, states = recipe.states.len(), "resuming the persisted recipe");
+            Some(Snapshot { version: p.version, recipe: Arc::new(recipe), done: p.done })
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "persisted recipe unreadable; waiting for the backend");
+            None
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+struct DaemonEffects {
+    spool: Arc<SharedSpool>,
+    state_dir: PathBuf,
+}
+
+impl Effects for DaemonEffects {
+    async fn report(&mut self, log: StateLog) {
+        self.spool.append(log);
+    }
+
+    async fn persist(&mut self, snapshot: &Snapshot) {
+        let p = Persisted { version: snapshot.version, recipe: snapshot.recipe.to_document(), done: snapshot.done.clone() };
+        let path = recipe_file(&self.state_dir);
+        let r = serde_json::to_vec(&p).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
+        if let Err(e) = r {
+            tracing::error!(path = %path.display(), error = %e, "cannot persist the recipe");
+        }
+    }
+
+    async fn upgrade(&mut self, order: &UpdateOrder) {
+        // The upgrade itself (download, verify, switch, health gate) is carried out by
+        // the upgrade component; the engine guarantees this runs once, between rounds.
+        let path = self.state_dir.join("upgrade-order.json");
+        let r = serde_json::to_vec(order).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
+        match r {
+            Ok(()) => tracing::warn!(
+                version = %order.version, url = %order.url, path = %path.display(),
+                "upgrade ordered; self-upgrade is not available in this build, the order is recorded"
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot record the upgrade order"),
+        }
+    }
+}
+
+/// Where `opsagent status` finds the running daemon's status.
+pub fn status_file(state_dir: &Path) -> PathBuf {
+    match std::env::var_os("RUNTIME_DIRECTORY") {
+        Some(dir) => PathBuf::from(dir).join("status.json"),
+        None => state_dir.join("status.json"),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub pid: u32,
+    pub instance_id: String,
+    pub app_id: String,
+    pub agent_version: String,
+    pub summary: String,
+    pub link: Value,
+    pub engine: Value,
+    pub spool_depth: usize,
+    pub spool_dropped: u64,
+}
+
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let (ws_uri, app_id) = config.require_backend()?;
+    let (ws_uri, app_id) = (ws_uri.to_string(), app_id.to_string());
+    let state_dir = config.agent.state_dir.clone();
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|source| DaemonError::StateDir { path: state_dir.display().to_string(), source })?;
+    let probe = state_dir.join(".writable");
+    write_atomic(&probe, b"ok").map_err(|source| DaemonError::StateDir { path: state_dir.display().to_string(), source })?;
+    let _ = std::fs::remove_file(&probe);
+
+    let mut init_errors = Vec::new();
+    let instance_id = match &config.userdata.instance_id {
+        Some(id) => id.clone(),
+        None => identity::MetadataClient::new(&config.userdata.metadata_url, identity::RetryPolicy::default())?
+            .instance_id()
+            .await?,
+    };
+    let token = match identity::load_or_create_token(&config.agent.token_file, &app_id) {
+        Ok(t) => t,
+        Err(e) => {
+            init_errors.push(format!("instance token: {e}"));
+            String::new()
+        }
+    };
+    let who = Identity {
+        instance_id: instance_id.clone(),
+        app_id: app_id.clone(),
+        instance_token: token,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+
+    let spool = Spool::open(&state_dir.join("spool"), SpoolLimits::default())?;
+    let spool = Arc::new(SharedSpool::new(spool));
+
+    let helper = UnixHelperClient::new(&config.agent.helper_socket, env!("CARGO_PKG_VERSION"));
+    wait_for_helper(&helper).await?;
+
+    let resume = load_snapshot(&state_dir);
+    let engine_cfg = EngineConfig {
+        round_delay: config.agent.round_delay,
+        retry_delay: config.agent.retry_delay,
+        retry_delay_max: config.agent.retry_delay_max,
+        ..EngineConfig::default()
+    };
+    let effects = DaemonEffects { spool: spool.clone(), state_dir: state_dir.clone() };
+    let (engine, handle) = Engine::new(helper, effects, engine_cfg, resume);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let link_cfg = LinkConfig {
+        ws_uri: ws_uri.clone(),
+        ca_file: config.link.ca_file.clone(),
+        tls_insecure: config.link.tls_insecure,
+        ping_interval: config.link.ping_interval,
+        max_frame: config.link.max_frame,
+        backoff_base: config.link.backoff_base,
+        backoff_max: config.link.backoff_max,
+        ..LinkConfig::default()
+    };
+    let init = (!init_errors.is_empty()).then(|| init_errors.join("; "));
+    let (link, link_status, link_live) =
+        Link::new(link_cfg, who.clone(), init, spool.clone(), handle.events.clone(), stop_rx.clone())?;
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
+
+    let engine_task = tokio::spawn(engine.run());
+    let link_task = tokio::spawn(link.run());
+    let supervisor = tokio::spawn(crate::systemd::supervise(
+        vec![("round engine", handle.liveness.clone()), ("link", link_live)],
+        link_status.clone(),
+        handle.status.clone(),
+        stop_rx.clone(),
+    ));
+    let status_task = tokio::spawn(write_status(
+        status_file(&state_dir),
+        who,
+        spool.clone(),
+        link_status,
+        handle.status.clone(),
+        stop_rx,
+    ));
+    crate::systemd::ready();
+    tracing::info!(instance_id = %instance_id, app_id = %app_id, backend = %ws_uri, "opsagent ready");
+
+    let events = handle.events.clone();
+    let mut engine_task = engine_task;
+    let asked = tokio::select! {
+        _ = sigterm.recv() => Some(("SIGTERM", StopMode::AfterState)),
+        _ = sigint.recv() => Some(("SIGINT", StopMode::AfterState)),
+        _ = sigusr1.recv() => Some(("SIGUSR1", StopMode::AfterRound)),
+        _ = &mut engine_task => None,
+    };
+    if let Some((signal_name, mode)) = asked {
+        tracing::info!(signal = signal_name, ?mode, "stop requested");
+        if mode == StopMode::AfterState {
+            crate::systemd::stopping();
+        }
+        let _ = events.send(crate::round::Event::Stop(mode)).await;
+        // A SIGTERM while waiting for the round to end turns it into a prompt stop.
+        loop {
+            tokio::select! {
+                _ = &mut engine_task => break,
+                _ = sigterm.recv() => {
+                    crate::systemd::stopping();
+                    let _ = events.send(crate::round::Event::Stop(StopMode::AfterState)).await;
+                }
+            }
+        }
+    }
+    // The engine is done: let the link deliver what is spooled, then close.
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), link_task).await;
+    supervisor.abort();
+    status_task.abort();
+    tracing::info!("opsagent stopped");
+    Ok(())
+}
+
+async fn wait_for_helper(helper: &UnixHelperClient) -> Result<(), DaemonError> {
+    let deadline = tokio::time::Instant::now() + HELPER_WAIT;
+    let mut logged = false;
+    loop {
+        match helper.status().await {
+            Ok(s) => {
+                tracing::info!(helper_version = %s.helper_version, socket = %helper.path().display(), "helper answers");
+                return Ok(());
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(DaemonError::Helper { secs: HELPER_WAIT.as_secs(), last: e.to_string() })
+            }
+            Err(e) => {
+                if !logged {
+                    tracing::warn!(error = %e, "waiting for the helper");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn write_status(
+    path: PathBuf,
+    who: Identity,
+    spool: Arc<SharedSpool>,
+    link: watch::Receiver<LinkStatus>,
+    engine: watch::Receiver<EngineStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let (depth, dropped) = spool.depth();
+        let report = StatusReport {
+            pid: std::process::id(),
+            instance_id: who.instance_id.clone(),
+            app_id: who.app_id.clone(),
+            agent_version: who.agent_version.clone(),
+            summary: crate::systemd::status_line(&link.borrow(), &engine.borrow()),
+            link: serde_json::to_value(&*link.borrow()).unwrap_or(Value::Null),
+            engine: serde_json::to_value(&*engine.borrow()).unwrap_or(Value::Null),
+            spool_depth: depth,
+            spool_dropped: dropped,
+        };
+        let bytes = serde_json::to_vec_pretty(&report).unwrap_or_default();
+        if bytes != last {
+            if let Err(e) = write_atomic(&path, &bytes) {
+                tracing::debug!(error = %e, path = %path.display(), "cannot write the status file");
+            }
+            last = bytes;
+        }
+    }
+}

@@ -1,1 +1,241 @@
-//! (being written)
+//! The daemon's side of the root helper's socket.
+//!
+//! The round engine talks to a [`HelperClient`]; the real one speaks the length-prefixed
+//! protocol of `opsagent-proto` over a Unix socket, tests substitute a fake. One request
+//! runs at a time; cancelling sends `Cancel` and still waits (bounded) for the helper to
+//! confirm, so a new round never starts while an old command is alive.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use opsagent_proto::codec::{self, CodecError};
+use opsagent_proto::request::{ApplyRequest, HelperError, HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame};
+use opsagent_proto::PROTOCOL_VERSION;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch, Mutex};
+
+/// How long the helper gets to confirm a cancellation before the connection is dropped
+/// (which makes it kill the request's processes too).
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HelperClientError {
+    #[error("cannot connect to the helper at {path}: {source} (is opsagent-helper.socket active?)")]
+    Connect { path: String, source: std::io::Error },
+    #[error("helper at {path}: {source}")]
+    Codec { path: String, source: CodecError },
+    #[error("helper at {path} closed the connection")]
+    Closed { path: String },
+    #[error("helper at {path} refused: {error}")]
+    Refused { path: String, error: HelperError },
+    #[error("helper at {path} answered out of protocol: {what}")]
+    Protocol { path: String, what: String },
+}
+
+/// Asks a running request to stop. Cheap to clone; `never()` for requests that are not
+/// cancellable.
+#[derive(Clone, Debug)]
+pub struct Cancel(watch::Receiver<bool>);
+
+#[derive(Debug)]
+pub struct CancelHandle(watch::Sender<bool>);
+
+pub fn cancel_pair() -> (CancelHandle, Cancel) {
+    let (tx, rx) = watch::channel(false);
+    (CancelHandle(tx), Cancel(rx))
+}
+
+impl CancelHandle {
+    pub fn cancel(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Cancel {
+    pub fn never() -> Self {
+        cancel_pair().1
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once cancelled; pends forever if the handle is gone uncancelled.
+    pub async fn cancelled(&mut self) {
+        if self.0.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What the round engine needs from the helper.
+pub trait HelperClient: Send + Sync {
+    fn apply(&self, req: ApplyRequest, cancel: Cancel) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send;
+    fn status(&self) -> impl Future<Output = Result<HelperStatus, HelperClientError>> + Send;
+}
+
+struct Conn {
+    writer: OwnedWriteHalf,
+    replies: mpsc::Receiver<Result<ReplyFrame, CodecError>>,
+    next_id: u64,
+}
+
+/// The real client: one connection, opened on first use and re-opened after errors.
+pub struct UnixHelperClient {
+    path: PathBuf,
+    agent_version: String,
+    max_frame: usize,
+    conn: Mutex<Option<Conn>>,
+}
+
+impl UnixHelperClient {
+    pub fn new(path: impl Into<PathBuf>, agent_version: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            agent_version: agent_version.into(),
+            max_frame: codec::DEFAULT_MAX_FRAME,
+            conn: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn codec_err(&self, source: CodecError) -> HelperClientError {
+        HelperClientError::Codec { path: self.shown(), source }
+    }
+
+    async fn connect(&self) -> Result<Conn, HelperClientError> {
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| HelperClientError::Connect { path: self.shown(), source })?;
+        let (mut reader, writer) = stream.into_split();
+        let (tx, replies) = mpsc::channel(4);
+        let max = self.max_frame;
+        // A reader task makes receiving cancel-safe: the engine may stop waiting at any
+        // moment without losing half a frame.
+        tokio::spawn(async move {
+            loop {
+                let frame = match codec::read_frame::<_, ReplyFrame>(&mut reader, max).await {
+                    Ok(None) => break,
+                    Ok(Some(f)) => Ok(f),
+                    Err(e) => Err(e),
+                };
+                let fatal = frame.as_ref().is_err_and(CodecError::is_fatal);
+                if tx.send(frame).await.is_err() || fatal {
+                    break;
+                }
+            }
+        });
+        let mut conn = Conn { writer, replies, next_id: 1 };
+        let id = self.send(&mut conn, Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: self.agent_version.clone() }).await?;
+        match self.recv(&mut conn).await? {
+            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, .. } } if rid == id && protocol_version == PROTOCOL_VERSION => Ok(conn),
+            ReplyFrame { reply: Reply::Error(error), .. } => Err(HelperClientError::Refused { path: self.shown(), error }),
+            other => Err(HelperClientError::Protocol { path: self.shown(), what: format!("unexpected answer to Hello: {other:?}") }),
+        }
+    }
+
+    async fn send(&self, conn: &mut Conn, request: Request) -> Result<u64, HelperClientError> {
+        let id = conn.next_id;
+        conn.next_id += 1;
+        let frame = codec::encode(&RequestFrame { id, request }, self.max_frame).map_err(|e| self.codec_err(e))?;
+        conn.writer.write_all(&frame).await.map_err(|e| self.codec_err(CodecError::Io(e)))?;
+        Ok(id)
+    }
+
+    async fn recv(&self, conn: &mut Conn) -> Result<ReplyFrame, HelperClientError> {
+        match conn.replies.recv().await {
+            Some(Ok(frame)) => Ok(frame),
+            Some(Err(e)) => Err(self.codec_err(e)),
+            None => Err(HelperClientError::Closed { path: self.shown() }),
+        }
+    }
+
+    /// Runs one request on the shared connection; on any transport error the
+    /// connection is discarded so the next call starts afresh.
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, HelperClientError>
+    where
+        F: for<'c> FnOnce(&'c Self, &'c mut Conn) -> std::pin::Pin<Box<dyn Future<Output = Result<T, HelperClientError>> + Send + 'c>>,
+    {
+        let mut guard = self.conn.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.connect().await?);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        let result = f(self, conn).await;
+        if matches!(result, Err(HelperClientError::Codec { .. } | HelperClientError::Closed { .. } | HelperClientError::Protocol { .. })) {
+            *guard = None;
+        }
+        result
+    }
+
+    async fn apply_on(&self, conn: &mut Conn, req: ApplyRequest, mut cancel: Cancel) -> Result<Outcome, HelperClientError> {
+        let id = self.send(conn, Request::Apply(req)).await?;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                reply = conn.replies.recv() => {
+                    let frame = match reply {
+                        Some(Ok(f)) => f,
+                        Some(Err(e)) => return Err(self.codec_err(e)),
+                        None => return Err(HelperClientError::Closed { path: self.shown() }),
+                    };
+                    match frame.reply {
+                        Reply::Outcome(o) if frame.id == id => return Ok(o),
+                        Reply::Error(error) if frame.id == id || frame.id == 0 => {
+                            return Err(HelperClientError::Refused { path: self.shown(), error })
+                        }
+                        Reply::Cancelled { .. } => {}
+                        other => {
+                            return Err(HelperClientError::Protocol { path: self.shown(), what: format!("unexpected reply {other:?}") })
+                        }
+                    }
+                }
+                _ = cancel.cancelled(), if deadline.is_none() => {
+                    self.send(conn, Request::Cancel { target: id }).await?;
+                    deadline = Some(tokio::time::Instant::now() + CANCEL_GRACE);
+                }
+                _ = sleep_until_opt(deadline) => {
+                    // The helper kills what the request started when its connection closes.
+                    return Err(HelperClientError::Closed { path: self.shown() });
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl HelperClient for UnixHelperClient {
+    async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
+        self.with_conn(move |me, conn| Box::pin(me.apply_on(conn, req, cancel))).await
+    }
+
+    async fn status(&self) -> Result<HelperStatus, HelperClientError> {
+        self.with_conn(|me, conn| {
+            Box::pin(async move {
+                let id = me.send(conn, Request::Status).await?;
+                match me.recv(conn).await? {
+                    ReplyFrame { id: rid, reply: Reply::Status(s) } if rid == id => Ok(s),
+                    ReplyFrame { reply: Reply::Error(error), .. } => Err(HelperClientError::Refused { path: me.shown(), error }),
+                    other => Err(HelperClientError::Protocol { path: me.shown(), what: format!("unexpected answer to Status: {other:?}") }),
+                }
+            })
+        })
+        .await
+    }
+}

@@ -17,4 +17,5 @@ pub mod logging;
 pub mod protocol;
 pub mod recipe;
 pub mod round;
+pub mod spool;
 pub mod systemd;

@@ -1,1 +1,437 @@
-//! (being written)
+//! The agent ⇄ backend wire protocol, version 1 (`../shared/spec/protocol.md`), plus the
+//! extensions this agent adds. Extensions are used only when both sides announced them
+//! in their `capabilities`, so an original v1 backend sees only v1 traffic.
+//!
+//! Inbound frames are parsed by hand from a JSON value rather than by a serde enum, so
+//! that a malformed known message is reported with its code and the exact problem, and
+//! both spellings of a field (`id`/`stateid`) are accepted.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// Extensions this agent speaks (announced in the Handshake).
+pub mod capability {
+    /// The backend acknowledges StateLogs by sequence number (`StateLogAck`).
+    pub const STATELOG_ACK: &str = "statelog-ack";
+    /// The backend may send `Reconnect {after_s}` before going away.
+    pub const RECONNECT_HINT: &str = "reconnect-hint";
+    /// The agent sends `Heartbeat` messages.
+    pub const HEARTBEAT: &str = "heartbeat";
+    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT];
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame is not JSON: {0}")]
+    NotJson(String),
+    #[error("frame is not a JSON object with a string \"code\"")]
+    NoCode,
+    #[error("{code}: {reason}")]
+    Malformed { code: String, reason: String },
+}
+
+fn malformed(code: &str, reason: impl Into<String>) -> ProtocolError {
+    ProtocolError::Malformed { code: code.to_string(), reason: reason.into() }
+}
+
+/// One state of a recipe, as the backend sent it (typed later, by the catalogue).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireState {
+    pub id: String,
+    pub module: String,
+    pub parameter: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecipeMetadata {
+    pub recipe_version: u64,
+    /// `module.repo`/`module.tag` pointed the original agent at the Salt modules; recorded
+    /// and reported, never used.
+    pub module: Option<Value>,
+    /// `None`: a header-only message ("same recipe, new version number").
+    pub states: Option<Vec<WireState>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waited {
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    pub state_id: String,
+}
+
+/// Backend → agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    RecipeMetadata(RecipeMetadata),
+    /// A waited state is done.
+    State { recipe_version: u64, state_id: String },
+    WaitList { recipe_version: u64, waited: Vec<Waited> },
+    AgentUpdate { version: String, url: String },
+    AppNotReady,
+    Test,
+    TestAns { result: bool, error: Option<String> },
+    /// Extension: the backend's own capability list, answering the Handshake.
+    Capabilities(Vec<String>),
+    /// Extension: StateLogs up to and including `seq` are recorded.
+    StateLogAck { seq: u64 },
+    /// Extension: the backend asks the agent to come back after this many seconds.
+    Reconnect { after_s: u64 },
+    /// A code this agent does not know: logged and ignored.
+    Unknown(String),
+}
+
+fn get_str<'a>(o: &'a Map<String, Value>, code: &str, keys: &[&str]) -> Result<&'a str, ProtocolError> {
+    keys.iter()
+        .find_map(|k| o.get(*k))
+        .ok_or_else(|| malformed(code, format!("missing \"{}\"", keys.join("\"/\""))))?
+        .as_str()
+        .ok_or_else(|| malformed(code, format!("\"{}\" is not a string", keys[0])))
+}
+
+/// A positive integer; the original backend sent numbers, some tools send digit strings.
+fn get_version(o: &Map<String, Value>, code: &str) -> Result<u64, ProtocolError> {
+    let v = o.get("recipe_version").ok_or_else(|| malformed(code, "missing \"recipe_version\""))?;
+    let n = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(malformed(code, format!("\"recipe_version\" must be a positive integer, got {v}"))),
+    }
+}
+
+/// Parses a list of states in any of the shapes recipes come in; `position` helps name
+/// a bad one.
+pub fn parse_states(code: &str, list: &Value) -> Result<Vec<WireState>, ProtocolError> {
+    let items = list.as_array().ok_or_else(|| malformed(code, "\"state\" is not a list"))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let o = item.as_object().ok_or_else(|| malformed(code, format!("state #{} is not an object", i + 1)))?;
+            let id = match o.get("id").or_else(|| o.get("stateid")) {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => return Err(malformed(code, format!("state #{} has no \"id\"", i + 1))),
+            };
+            let module = match o.get("module") {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                _ => return Err(malformed(code, format!("state {id:?} has no \"module\""))),
+            };
+            let parameter = match o.get("parameter") {
+                Some(p @ Value::Object(_)) => p.clone(),
+                Some(other) => {
+                    return Err(malformed(code, format!("state {id:?}: \"parameter\" is not an object but {other}")))
+                }
+                None => return Err(malformed(code, format!("state {id:?} has no \"parameter\""))),
+            };
+            Ok(WireState { id, module, parameter })
+        })
+        .collect()
+}
+
+pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
+    let v: Value = serde_json::from_str(text).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
+    let o = v.as_object().ok_or(ProtocolError::NoCode)?;
+    let code = o.get("code").and_then(Value::as_str).ok_or(ProtocolError::NoCode)?;
+    Ok(match code {
+        "RecipeMetadata" => {
+            let recipe_version = get_version(o, code)?;
+            let states = match o.get("state") {
+                None | Some(Value::Null) => None,
+                Some(list) => Some(parse_states(code, list)?),
+            };
+            Inbound::RecipeMetadata(RecipeMetadata { recipe_version, module: o.get("module").cloned(), states })
+        }
+        "State" => Inbound::State {
+            recipe_version: get_version(o, code)?,
+            state_id: get_str(o, code, &["stateid", "id"])?.to_string(),
+        },
+        "WaitList" => {
+            let waited = match o.get("waited") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(w) => serde_json::from_value(w.clone())
+                    .map_err(|e| malformed(code, format!("\"waited\" is not a list of {{instance_id, state_id}}: {e}")))?,
+            };
+            Inbound::WaitList { recipe_version: get_version(o, code)?, waited }
+        }
+        "AgentUpdate" => Inbound::AgentUpdate {
+            version: get_str(o, code, &["version"])?.to_string(),
+            url: get_str(o, code, &["url"])?.to_string(),
+        },
+        "AppNotReady" => Inbound::AppNotReady,
+        "Test" => Inbound::Test,
+        "TestAns" => Inbound::TestAns {
+            result: o.get("result").and_then(Value::as_bool).ok_or_else(|| malformed(code, "\"result\" is not a boolean"))?,
+            error: o.get("error").and_then(Value::as_str).map(str::to_string),
+        },
+        "Capabilities" => Inbound::Capabilities(string_list(o.get("capabilities"))),
+        "StateLogAck" => Inbound::StateLogAck {
+            seq: o.get("seq").and_then(Value::as_u64).ok_or_else(|| malformed(code, "\"seq\" is not a non-negative integer"))?,
+        },
+        "Reconnect" => Inbound::Reconnect {
+            after_s: o.get("after_s").and_then(Value::as_u64).ok_or_else(|| malformed(code, "\"after_s\" is not a non-negative integer"))?,
+        },
+        other => Inbound::Unknown(other.to_string()),
+    })
+}
+
+fn string_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Who is speaking: the fields every agent message repeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub instance_id: String,
+    pub app_id: String,
+    pub instance_token: String,
+    pub agent_version: String,
+}
+
+/// One executed state's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateLog {
+    pub recipe_version: u64,
+    pub state_id: String,
+    pub result: bool,
+    pub comment: Option<String>,
+    pub stdout: Option<String>,
+    /// Extension: unique per instance for its whole life; lets the backend drop resends.
+    pub seq: Option<u64>,
+    /// Extension: applied while the backend was unreachable (from the persisted recipe).
+    pub offline: bool,
+}
+
+/// Agent → backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    Handshake { init_errors: Option<String>, capabilities: Vec<String> },
+    StateLog(StateLog),
+    WaitQuery { recipe_version: u64 },
+    Test,
+    /// Extension (`heartbeat`).
+    Heartbeat(Value),
+}
+
+impl Outbound {
+    /// The JSON text of this message. StateLog carries both `id` and `stateid`.
+    pub fn to_json(&self, who: &Identity) -> Value {
+        let hello = |code: &str, init_errors: &Option<String>, capabilities: &[String]| {
+            let mut v = json!({
+                "code": code,
+                "instance_id": who.instance_id,
+                "app_id": who.app_id,
+                "protocol_version": PROTOCOL_VERSION,
+                "agent_version": who.agent_version,
+                "instance_token": who.instance_token,
+                "init_errors": init_errors,
+            });
+            if !capabilities.is_empty() {
+                v["capabilities"] = json!(capabilities);
+            }
+            v
+        };
+        match self {
+            Outbound::Handshake { init_errors, capabilities } => hello("Handshake", init_errors, capabilities),
+            Outbound::Test => hello("Test", &None, &[]),
+            Outbound::StateLog(s) => {
+                let mut v = json!({
+                    "code": "StateLog",
+                    "instance_id": who.instance_id,
+                    "app_id": who.app_id,
+                    "recipe_version": s.recipe_version,
+                    "id": s.state_id,
+                    "stateid": s.state_id,
+                    "state_result": s.result,
+                    "state_comment": s.comment,
+                    "state_stdout": s.stdout,
+                });
+                if let Some(seq) = s.seq {
+                    v["seq"] = json!(seq);
+                }
+                if s.offline {
+                    v["offline"] = json!(true);
+                }
+                v
+            }
+            Outbound::WaitQuery { recipe_version } => json!({
+                "code": "WaitQuery",
+                "instance_id": who.instance_id,
+                "app_id": who.app_id,
+                "recipe_version": recipe_version,
+            }),
+            Outbound::Heartbeat(body) => {
+                let mut v = json!({"code": "Heartbeat", "instance_id": who.instance_id, "app_id": who.app_id});
+                if let (Some(dst), Value::Object(src)) = (v.as_object_mut(), body) {
+                    for (k, val) in src {
+                        dst.entry(k.clone()).or_insert_with(|| val.clone());
+                    }
+                }
+                v
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who() -> Identity {
+        Identity {
+            instance_id: "i-0abc".into(),
+            app_id: "app-1".into(),
+            instance_token: "tok".into(),
+            agent_version: "1.2.0".into(),
+        }
+    }
+
+    #[test]
+    fn handshake_matches_the_spec_shape() {
+        let v = Outbound::Handshake { init_errors: None, capabilities: vec![] }.to_json(&who());
+        assert_eq!(
+            v,
+            json!({"code": "Handshake", "instance_id": "i-0abc", "app_id": "app-1",
+                   "protocol_version": 1, "agent_version": "1.2.0", "instance_token": "tok",
+                   "init_errors": null})
+        );
+        let v = Outbound::Handshake { init_errors: Some("a; b".into()), capabilities: vec!["statelog-ack".into()] }
+            .to_json(&who());
+        assert_eq!(v["init_errors"], "a; b");
+        assert_eq!(v["capabilities"], json!(["statelog-ack"]));
+    }
+
+    #[test]
+    fn statelog_carries_both_id_spellings() {
+        let log = StateLog {
+            recipe_version: 7,
+            state_id: "state-7E59".into(),
+            result: true,
+            comment: None,
+            stdout: Some("out".into()),
+            seq: None,
+            offline: false,
+        };
+        let v = Outbound::StateLog(log.clone()).to_json(&who());
+        assert_eq!(
+            v,
+            json!({"code": "StateLog", "instance_id": "i-0abc", "app_id": "app-1", "recipe_version": 7,
+                   "id": "state-7E59", "stateid": "state-7E59", "state_result": true,
+                   "state_comment": null, "state_stdout": "out"})
+        );
+        let v = Outbound::StateLog(StateLog { seq: Some(42), offline: true, ..log }).to_json(&who());
+        assert_eq!((v["seq"].as_u64(), v["offline"].as_bool()), (Some(42), Some(true)));
+    }
+
+    #[test]
+    fn waitquery_and_test() {
+        let v = Outbound::WaitQuery { recipe_version: 7 }.to_json(&who());
+        assert_eq!(v, json!({"code": "WaitQuery", "instance_id": "i-0abc", "app_id": "app-1", "recipe_version": 7}));
+        let v = Outbound::Test.to_json(&who());
+        assert_eq!(v["code"], "Test");
+        assert_eq!(v["instance_token"], "tok");
+    }
+
+    #[test]
+    fn recipe_metadata_from_the_spec() {
+        let text = r#"{"code": "RecipeMetadata", "recipe_version": 7,
+         "module": {"repo": "https://x/salt.git", "tag": "v2015-03-26"},
+         "state": [
+           {"id": "state-1", "module": "linux.apt.package",
+            "parameter": {"name": [{"key": "nginx", "value": "latest"}]}},
+           {"stateid": "state-2", "module": "meta.comment", "parameter": {"comment": "web tier"}}
+         ]}"#;
+        let Inbound::RecipeMetadata(r) = parse_inbound(text).unwrap() else { panic!() };
+        assert_eq!(r.recipe_version, 7);
+        assert_eq!(r.module.unwrap()["tag"], "v2015-03-26");
+        let states = r.states.unwrap();
+        assert_eq!(states[1].id, "state-2");
+        assert_eq!(states[0].module, "linux.apt.package");
+    }
+
+    #[test]
+    fn header_only_recipe_metadata() {
+        let Inbound::RecipeMetadata(r) = parse_inbound(r#"{"code":"RecipeMetadata","recipe_version":8}"#).unwrap() else {
+            panic!()
+        };
+        assert_eq!((r.recipe_version, r.states), (8, None));
+    }
+
+    #[test]
+    fn invalid_recipes_are_rejected_with_the_reason() {
+        for (text, needle) in [
+            (r#"{"code":"RecipeMetadata","recipe_version":0,"state":[]}"#, "positive integer"),
+            (r#"{"code":"RecipeMetadata","recipe_version":"seven","state":[]}"#, "positive integer"),
+            (r#"{"code":"RecipeMetadata","recipe_version":1.5,"state":[]}"#, "positive integer"),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":{}}"#, "not a list"),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"module":"x","parameter":{}}]}"#, "no \"id\""),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","parameter":{}}]}"#, "no \"module\""),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","module":"m"}]}"#, "no \"parameter\""),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","module":"m","parameter":[]}]}"#, "not an object"),
+        ] {
+            let err = parse_inbound(text).unwrap_err();
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn state_push_accepts_both_spellings() {
+        assert_eq!(
+            parse_inbound(r#"{"code": "State", "recipe_version": 7, "stateid": "state-9"}"#).unwrap(),
+            Inbound::State { recipe_version: 7, state_id: "state-9".into() }
+        );
+        assert_eq!(
+            parse_inbound(r#"{"code": "State", "recipe_version": 7, "id": "state-9"}"#).unwrap(),
+            Inbound::State { recipe_version: 7, state_id: "state-9".into() }
+        );
+    }
+
+    #[test]
+    fn the_other_backend_messages() {
+        assert_eq!(
+            parse_inbound(r#"{"code": "WaitList", "recipe_version": 7, "waited": [{"instance_id": "i-0def", "state_id": "state-3"}]}"#)
+                .unwrap(),
+            Inbound::WaitList {
+                recipe_version: 7,
+                waited: vec![Waited { instance_id: Some("i-0def".into()), state_id: "state-3".into() }]
+            }
+        );
+        assert_eq!(
+            parse_inbound(r#"{"code": "AgentUpdate", "version": "1.3.0", "url": "https://x/1.3.0/opsagent.tgz"}"#).unwrap(),
+            Inbound::AgentUpdate { version: "1.3.0".into(), url: "https://x/1.3.0/opsagent.tgz".into() }
+        );
+        assert_eq!(parse_inbound(r#"{"code": "AppNotReady"}"#).unwrap(), Inbound::AppNotReady);
+        assert_eq!(parse_inbound(r#"{"code": "Test"}"#).unwrap(), Inbound::Test);
+        assert_eq!(
+            parse_inbound(r#"{"code": "TestAns", "result": false, "error": "boom"}"#).unwrap(),
+            Inbound::TestAns { result: false, error: Some("boom".into()) }
+        );
+        assert_eq!(
+            parse_inbound(r#"{"code": "TestAns", "result": true, "error": null}"#).unwrap(),
+            Inbound::TestAns { result: true, error: None }
+        );
+        assert_eq!(parse_inbound(r#"{"code": "StateLogAck", "seq": 5}"#).unwrap(), Inbound::StateLogAck { seq: 5 });
+        assert_eq!(parse_inbound(r#"{"code": "Reconnect", "after_s": 30}"#).unwrap(), Inbound::Reconnect { after_s: 30 });
+        assert_eq!(
+            parse_inbound(r#"{"code": "Capabilities", "capabilities": ["statelog-ack"]}"#).unwrap(),
+            Inbound::Capabilities(vec!["statelog-ack".into()])
+        );
+        assert_eq!(parse_inbound(r#"{"code": "Brand-New", "x": 1}"#).unwrap(), Inbound::Unknown("Brand-New".into()));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(matches!(parse_inbound("not json"), Err(ProtocolError::NotJson(_))));
+        assert_eq!(parse_inbound("[1,2]"), Err(ProtocolError::NoCode));
+        assert_eq!(parse_inbound(r#"{"code": 5}"#), Err(ProtocolError::NoCode));
+        assert!(parse_inbound(r#"{"code": "AgentUpdate", "version": 1}"#).is_err());
+        assert!(parse_inbound(r#"{"code": "WaitList", "recipe_version": 1, "waited": "x"}"#).is_err());
+    }
+}

@@ -1,1 +1,637 @@
-//! (being written)
+//! The round engine: applies the recipe's states in order, forever.
+//!
+//! Semantics (what operators were promised):
+//! - A round runs the states in order, one at a time, each through the helper;
+//!   `meta.comment` succeeds without the helper; `meta.wait` blocks until the backend
+//!   reports the waited state done.
+//! - A state that fails restarts the round from the first state. A state that fails a
+//!   second time in the same round makes the round cease; the engine waits the retry
+//!   delay (doubling with consecutive ceased rounds, capped) and starts a fresh round.
+//! - After a complete round the engine waits the round delay and runs again.
+//! - A new recipe (another version) stops the current round at once: the running state
+//!   is cancelled (the helper kills its processes) and the new recipe's first round
+//!   starts. A header-only update adopts the new version number without interrupting.
+//!   The same version again is ignored.
+//! - An upgrade order waits for the end of the round, then runs exactly once.
+//! - Stop: the running state may finish (bounded by the stop timeout, then cancelled);
+//!   "stop after the round" lets the whole round finish first.
+//!
+//! The engine does no I/O of its own: the helper is behind [`HelperClient`], everything
+//! else (reporting, persisting, upgrading) behind [`Effects`], and time is tokio's clock,
+//! so tests run it on a paused clock with fakes.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opsagent_proto::catalogue::ModuleParams;
+use opsagent_proto::request::{ApplyRequest, Outcome};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+
+use crate::helper_client::{cancel_pair, Cancel, HelperClient};
+use crate::protocol::StateLog;
+use crate::recipe::{Recipe, RecipeState};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub round_delay: Duration,
+    pub retry_delay: Duration,
+    pub retry_delay_max: Duration,
+    /// How long a stop waits for the running state before cancelling it.
+    pub stop_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            round_delay: Duration::from_secs(600),
+            retry_delay: Duration::from_secs(5),
+            retry_delay_max: Duration::from_secs(300),
+            stop_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The wait after the `n`-th consecutive ceased round (n ≥ 1).
+    pub fn retry_delay_after(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
+        self.retry_delay.saturating_mul(factor).min(self.retry_delay_max)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateOrder {
+    pub version: String,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// SIGTERM: let the running state finish (bounded), then stop.
+    AfterState,
+    /// Let the current round finish, then stop.
+    AfterRound,
+}
+
+/// What the engine is told from outside.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Recipe(Arc<Recipe>),
+    /// A header-only RecipeMetadata: same states, new version number.
+    VersionOnly(u64),
+    /// The backend reports waited states done (a `State` push or a `WaitList`).
+    WaitDone { recipe_version: u64, state_ids: Vec<String> },
+    AgentUpdate(UpdateOrder),
+    Stop(StopMode),
+    /// The backend link came up or went down.
+    Online(bool),
+}
+
+/// What the engine persists so that a restarted daemon resumes offline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub version: u64,
+    pub recipe: Arc<Recipe>,
+    pub done: BTreeSet<String>,
+}
+
+/// Every side effect of the engine except the helper.
+pub trait Effects: Send {
+    /// Record a result durably (the spool) and hand it to the link.
+    fn report(&mut self, log: StateLog) -> impl Future<Output = ()> + Send;
+    /// Persist the recipe and the wait marks.
+    fn persist(&mut self, snapshot: &Snapshot) -> impl Future<Output = ()> + Send;
+    /// Carry out an upgrade order (may not return if it replaces the process).
+    fn upgrade(&mut self, order: &UpdateOrder) -> impl Future<Output = ()> + Send;
+}
+
+/// Last tick of the engine's loops, for the watchdog: a wedged engine stops ticking.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    origin: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self { origin: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
+    }
+}
+
+impl Liveness {
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last tick.
+    pub fn age(&self) -> Duration {
+        self.origin.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+const TICK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum Phase {
+    #[default]
+    NoRecipe,
+    Applying { index: usize, total: usize, state_id: String, module: String },
+    Waiting { index: usize, total: usize, state_id: String },
+    Idle { next_round_in_s: u64 },
+    RetryWait { next_round_in_s: u64, ceased: u32 },
+    Upgrading { version: String },
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct EngineStatus {
+    pub recipe_version: Option<u64>,
+    pub round: u64,
+    pub phase: Phase,
+    pub online: bool,
+    /// (state id, result) of the last state reported.
+    pub last: Option<(String, bool)>,
+    pub rounds_completed: u64,
+}
+
+enum RoundEnd {
+    Completed,
+    Ceased,
+    Preempted,
+    Stopped,
+}
+
+enum StateEnd {
+    Done(Outcome),
+    /// A new recipe arrived; the state was cancelled with this outcome (if it ran).
+    Preempted(Option<Outcome>),
+    Stopped(Option<Outcome>),
+}
+
+enum Interrupt {
+    None,
+    Preempt,
+    Stop,
+}
+
+/// The engine's mutable state, apart from its collaborators (so that the helper's
+/// future can borrow the helper while events update this).
+struct State {
+    recipe: Option<Arc<Recipe>>,
+    version: u64,
+    next: Option<Arc<Recipe>>,
+    done: BTreeSet<String>,
+    update: Option<UpdateOrder>,
+    stop: Option<StopMode>,
+    online: bool,
+    ceased: u32,
+    status: watch::Sender<EngineStatus>,
+}
+
+impl State {
+    fn snapshot(&self) -> Option<Snapshot> {
+        self.recipe.as_ref().map(|r| Snapshot { version: self.version, recipe: r.clone(), done: self.done.clone() })
+    }
+
+    /// Takes one event into account; says whether the running work must stop. The
+    /// `bool` says whether something worth persisting changed.
+    fn absorb(&mut self, ev: Event) -> (Interrupt, bool) {
+        match ev {
+            Event::Recipe(r) => {
+                let current = match (&self.next, &self.recipe) {
+                    (Some(next), _) => Some(next.version),
+                    (None, Some(_)) => Some(self.version),
+                    (None, None) => None,
+                };
+                if current == Some(r.version) {
+                    tracing::debug!(version = r.version, "recipe version already running; ignored");
+                    return (Interrupt::None, false);
+                }
+                tracing::info!(version = r.version, states = r.states.len(), "new recipe");
+                self.next = Some(r);
+                (Interrupt::Preempt, false)
+            }
+            Event::VersionOnly(v) => {
+                if self.recipe.is_some() && v != self.version {
+                    tracing::info!(from = self.version, to = v, "recipe version adopted without interrupting the round");
+                    self.version = v;
+                    self.status.send_modify(|s| s.recipe_version = Some(v));
+                    return (Interrupt::None, true);
+                }
+                (Interrupt::None, false)
+            }
+            Event::WaitDone { recipe_version, state_ids } => {
+                if recipe_version != self.version {
+                    tracing::debug!(recipe_version, current = self.version, "wait release for another version; ignored");
+                    return (Interrupt::None, false);
+                }
+                let before = self.done.len();
+                self.done.extend(state_ids);
+                (Interrupt::None, self.done.len() != before)
+            }
+            Event::AgentUpdate(order) => {
+                tracing::info!(version = %order.version, "upgrade ordered; it runs when the round ends");
+                self.update = Some(order);
+                (Interrupt::None, false)
+            }
+            Event::Stop(mode) => {
+                let now = mode == StopMode::AfterState || self.stop == Some(StopMode::AfterState);
+                self.stop = Some(if now { StopMode::AfterState } else { StopMode::AfterRound });
+                (if now { Interrupt::Stop } else { Interrupt::None }, false)
+            }
+            Event::Online(up) => {
+                self.online = up;
+                self.status.send_modify(|s| s.online = up);
+                (Interrupt::None, false)
+            }
+        }
+    }
+
+    fn wait_satisfied(&self, state: &RecipeState) -> bool {
+        if self.done.contains(state.id.as_str()) {
+            return true;
+        }
+        match &state.parsed {
+            Ok(p) => match &p.params {
+                ModuleParams::MetaWait(w) => {
+                    !w.state.0.is_empty()
+                        && w.state.0.iter().all(|r| self.done.contains(&r.state) || self.done.contains(&r.raw))
+                }
+                _ => false,
+            },
+            Err(_) => false,
+        }
+    }
+}
+
+pub struct Engine<H, E> {
+    helper: H,
+    effects: E,
+    inbox: mpsc::Receiver<Event>,
+    cfg: EngineConfig,
+    liveness: Liveness,
+    st: State,
+}
+
+/// Everything a caller keeps to drive and watch an engine.
+pub struct EngineHandle {
+    pub events: mpsc::Sender<Event>,
+    pub status: watch::Receiver<EngineStatus>,
+    pub liveness: Liveness,
+}
+
+impl<H: HelperClient, E: Effects> Engine<H, E> {
+    /// `resume`: what a previous run persisted; the engine starts applying it at once.
+    pub fn new(helper: H, effects: E, cfg: EngineConfig, resume: Option<Snapshot>) -> (Self, EngineHandle) {
+        let (tx, inbox) = mpsc::channel(64);
+        let (status_tx, status) = watch::channel(EngineStatus::default());
+        let liveness = Liveness::default();
+        let mut st = State {
+            recipe: None,
+            version: 0,
+            next: None,
+            done: BTreeSet::new(),
+            update: None,
+            stop: None,
+            online: false,
+            ceased: 0,
+            status: status_tx,
+        };
+        if let Some(s) = resume {
+            st.version = s.version;
+            st.done = s.done;
+            st.recipe = Some(s.recipe);
+            st.status.send_modify(|x| x.recipe_version = Some(s.version));
+        }
+        let engine = Self { helper, effects, inbox, cfg, liveness: liveness.clone(), st };
+        (engine, EngineHandle { events: tx, status, liveness })
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.st.status.send_modify(|s| s.phase = phase);
+    }
+
+    async fn persist(&mut self) {
+        if let Some(snap) = self.st.snapshot() {
+            self.effects.persist(&snap).await;
+        }
+    }
+
+    /// Waits for the next event while ticking the liveness; `None` when every sender is
+    /// gone (treated as a stop).
+    async fn next_event(&mut self) -> Option<Event> {
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                ev = self.inbox.recv() => return ev,
+                _ = tick.tick() => self.liveness.touch(),
+            }
+        }
+    }
+
+    async fn absorb(&mut self, ev: Option<Event>) -> Interrupt {
+        let Some(ev) = ev else {
+            self.st.stop = Some(StopMode::AfterState);
+            return Interrupt::Stop;
+        };
+        let (interrupt, changed) = self.st.absorb(ev);
+        if changed {
+            self.persist().await;
+        }
+        interrupt
+    }
+
+    /// Runs until stopped.
+    pub async fn run(mut self) {
+        self.liveness.touch();
+        loop {
+            if self.st.stop.is_some() {
+                break;
+            }
+            if let Some(next) = self.st.next.take() {
+                self.st.version = next.version;
+                self.st.recipe = Some(next);
+                self.st.done.clear();
+                self.st.ceased = 0;
+                let v = self.st.version;
+                self.st.status.send_modify(|s| s.recipe_version = Some(v));
+                self.persist().await;
+            }
+            if self.st.recipe.is_none() {
+                self.set_phase(Phase::NoRecipe);
+                let ev = self.next_event().await;
+                self.absorb(ev).await;
+                continue;
+            }
+            let end = self.run_round().await;
+            let pause = match end {
+                RoundEnd::Preempted => continue,
+                RoundEnd::Stopped => break,
+                RoundEnd::Completed => {
+                    self.st.ceased = 0;
+                    self.st.status.send_modify(|s| s.rounds_completed += 1);
+                    self.cfg.round_delay
+                }
+                RoundEnd::Ceased => {
+                    self.st.ceased += 1;
+                    self.cfg.retry_delay_after(self.st.ceased)
+                }
+            };
+            if self.st.stop == Some(StopMode::AfterRound) {
+                break;
+            }
+            self.run_pending_upgrade().await;
+            self.idle(pause).await;
+        }
+        self.set_phase(Phase::Stopped);
+        tracing::info!("round engine stopped");
+    }
+
+    async fn run_pending_upgrade(&mut self) {
+        if let Some(order) = self.st.update.take() {
+            self.set_phase(Phase::Upgrading { version: order.version.clone() });
+            self.effects.upgrade(&order).await;
+        }
+    }
+
+    /// Waits `pause` between rounds, taking events: a new recipe or a stop ends the
+    /// wait at once, an upgrade order runs at once (no round is running).
+    async fn idle(&mut self, pause: Duration) {
+        let deadline = Instant::now() + pause;
+        let secs = pause.as_secs();
+        self.set_phase(if self.st.ceased > 0 {
+            Phase::RetryWait { next_round_in_s: secs, ceased: self.st.ceased }
+        } else {
+            Phase::Idle { next_round_in_s: secs }
+        });
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = sleep_until(deadline) => return,
+                ev = self.inbox.recv() => {
+                    match self.absorb(ev).await {
+                        Interrupt::None => {}
+                        Interrupt::Preempt | Interrupt::Stop => return,
+                    }
+                    if self.st.stop == Some(StopMode::AfterRound) {
+                        return;
+                    }
+                    self.run_pending_upgrade().await;
+                }
+                _ = tick.tick() => self.liveness.touch(),
+            }
+        }
+    }
+
+    async fn run_round(&mut self) -> RoundEnd {
+        let Some(recipe) = self.st.recipe.clone() else { return RoundEnd::Completed };
+        self.st.status.send_modify(|s| s.round += 1);
+        let round = self.st.status.borrow().round;
+        let total = recipe.states.len();
+        tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
+        let mut failed_once = BTreeSet::new();
+        let mut i = 0;
+        while i < total {
+            let state = &recipe.states[i];
+            let end = self.run_state(state, i, total).await;
+            let outcome = match end {
+                StateEnd::Done(o) => o,
+                StateEnd::Preempted(o) => {
+                    if let Some(o) = o {
+                        self.report(state, o).await;
+                    }
+                    return RoundEnd::Preempted;
+                }
+                StateEnd::Stopped(o) => {
+                    if let Some(o) = o {
+                        self.report(state, o).await;
+                    }
+                    return RoundEnd::Stopped;
+                }
+            };
+            let ok = outcome.result;
+            self.report(state, outcome).await;
+            if self.st.stop == Some(StopMode::AfterState) {
+                return RoundEnd::Stopped;
+            }
+            if ok {
+                i += 1;
+            } else if failed_once.insert(i) {
+                tracing::warn!(state_id = %state.id, round, "state failed; the round restarts from the first state");
+                i = 0;
+            } else {
+                tracing::warn!(state_id = %state.id, round, "state failed again; the round ceases");
+                return RoundEnd::Ceased;
+            }
+        }
+        tracing::info!(recipe_version = self.st.version, round, "round complete");
+        RoundEnd::Completed
+    }
+
+    async fn report(&mut self, state: &RecipeState, outcome: Outcome) {
+        let log = statelog(self.st.version, state, &outcome, !self.st.online);
+        tracing::info!(
+            state_id = %state.id, module = %state.module, result = outcome.result,
+            changes = outcome.changes.len(), "state applied"
+        );
+        self.st.status.send_modify(|s| s.last = Some((state.id.to_string(), outcome.result)));
+        self.effects.report(log).await;
+    }
+
+    async fn run_state(&mut self, state: &RecipeState, index: usize, total: usize) -> StateEnd {
+        self.liveness.touch();
+        let parsed = match &state.parsed {
+            Ok(p) => p,
+            Err(reason) => return StateEnd::Done(Outcome::failed(reason.clone())),
+        };
+        match &parsed.params {
+            ModuleParams::MetaComment(_) => StateEnd::Done(Outcome::ok("comment")),
+            ModuleParams::MetaWait(_) => self.run_wait(state, index, total).await,
+            params => {
+                self.set_phase(Phase::Applying {
+                    index: index + 1,
+                    total,
+                    state_id: state.id.to_string(),
+                    module: state.module.clone(),
+                });
+                let req = ApplyRequest { state_id: state.id.clone(), recipe_version: self.st.version, params: params.clone() };
+                let end = self.run_helper(req).await;
+                match end {
+                    StateEnd::Done(mut o) => {
+                        for w in &parsed.warnings {
+                            o.comment = join_comment(&o.comment, &format!("warning: {w}"));
+                        }
+                        StateEnd::Done(o)
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    async fn run_helper(&mut self, req: ApplyRequest) -> StateEnd {
+        let (handle, cancel): (_, Cancel) = cancel_pair();
+        let fut = self.helper.apply(req, cancel);
+        tokio::pin!(fut);
+        let mut tick = tokio::time::interval(TICK);
+        let mut stop_deadline: Option<Instant> = None;
+        let mut cancel_sent = false;
+        let mut preempted = false;
+        let mut inbox_open = true;
+        loop {
+            tokio::select! {
+                r = &mut fut => {
+                    let o = r.unwrap_or_else(|e| Outcome::failed(format!("helper: {e}")));
+                    return if preempted {
+                        StateEnd::Preempted(Some(cancelled(o, "a new recipe arrived")))
+                    } else if cancel_sent {
+                        StateEnd::Stopped(Some(cancelled(o, "the agent is stopping")))
+                    } else {
+                        StateEnd::Done(o)
+                    };
+                }
+                ev = self.inbox.recv(), if inbox_open && !preempted => {
+                    let interrupt = match ev {
+                        None => {
+                            inbox_open = false;
+                            self.st.stop = Some(StopMode::AfterState);
+                            Interrupt::Stop
+                        }
+                        Some(ev) => {
+                            let (interrupt, changed) = self.st.absorb(ev);
+                            if changed {
+                                if let Some(snap) = self.st.snapshot() {
+                                    self.effects.persist(&snap).await;
+                                }
+                            }
+                            interrupt
+                        }
+                    };
+                    match interrupt {
+                        Interrupt::None => {}
+                        Interrupt::Preempt => {
+                            handle.cancel();
+                            preempted = true;
+                        }
+                        Interrupt::Stop => {
+                            stop_deadline.get_or_insert(Instant::now() + self.cfg.stop_timeout);
+                        }
+                    }
+                }
+                _ = sleep_until_opt(stop_deadline), if !cancel_sent && !preempted => {
+                    tracing::warn!("stop timeout reached; cancelling the running state");
+                    handle.cancel();
+                    cancel_sent = true;
+                }
+                _ = tick.tick() => self.liveness.touch(),
+            }
+        }
+    }
+
+    async fn run_wait(&mut self, state: &RecipeState, index: usize, total: usize) -> StateEnd {
+        self.set_phase(Phase::Waiting { index: index + 1, total, state_id: state.id.to_string() });
+        loop {
+            if self.st.wait_satisfied(state) {
+                return StateEnd::Done(Outcome::ok("waited states are done"));
+            }
+            let ev = self.next_event().await;
+            match self.absorb(ev).await {
+                Interrupt::None => {}
+                Interrupt::Preempt => {
+                    return StateEnd::Preempted(Some(Outcome::failed("wait aborted: a new recipe arrived")))
+                }
+                Interrupt::Stop => return StateEnd::Stopped(Some(Outcome::failed("wait aborted: the agent is stopping"))),
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn cancelled(mut o: Outcome, why: &str) -> Outcome {
+    o.result = false;
+    o.cancelled = true;
+    o.comment = join_comment(&format!("cancelled: {why}"), &o.comment);
+    o
+}
+
+fn join_comment(a: &str, b: &str) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_string(),
+        (_, true) => a.to_string(),
+        _ => format!("{a}; {b}"),
+    }
+}
+
+/// The StateLog of one state: the comment says what changed.
+pub fn statelog(version: u64, state: &RecipeState, o: &Outcome, offline: bool) -> StateLog {
+    let mut comment = o.comment.clone();
+    if !o.changes.is_empty() {
+        let list: Vec<String> = o.changes.iter().map(ToString::to_string).collect();
+        comment = join_comment(&comment, &format!("changed: {}", list.join(", ")));
+    }
+    StateLog {
+        recipe_version: version,
+        state_id: state.id.to_string(),
+        result: o.result,
+        comment: (!comment.is_empty()).then_some(comment),
+        stdout: (!o.stdout.is_empty()).then(|| o.stdout.clone()),
+        seq: None,
+        offline,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,69 @@
-//! (being written)
+#![forbid(unsafe_code)]
+//! The root helper of opsagent.
+//!
+//! The unprivileged daemon decides *what* to do; this process is the only one that runs
+//! as root, so it stays small: it accepts connections from allowed uids only
+//! ([`server`]), takes one typed request at a time, re-validates what only it can judge
+//! (paths, users) and carries out one state ([`states`]). It links no network code.
+
+pub mod cancel;
+pub mod cli;
+pub mod exec;
+pub mod fsutil;
+pub mod identity;
+pub mod logging;
+pub mod server;
+pub mod socket;
+pub mod states;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::cli::Cli;
+use crate::identity::Allowlist;
+
+/// Starts the helper and serves until SIGTERM/SIGINT.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    logging::init();
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "must run as root (effective uid 0), but the effective uid is {}; \
+             it is meant to be started by systemd (opsagent-helper.service)",
+            nix::unistd::geteuid()
+        );
+    }
+    let allow = Allowlist::resolve(&cli.allow_user)?;
+    tracing::info!(allowed = %allow, "allowlist resolved");
+
+    // Bind before any thread exists: binding briefly narrows the process umask.
+    let (listener, bound_path) = match &cli.socket {
+        Some(path) => (socket::bind(path, allow.socket_group())?, Some(path.clone())),
+        None => (socket::from_systemd()?, None),
+    };
+
+    let config = Arc::new(server::Config {
+        allow,
+        max_frame: cli.max_frame,
+        ctx: states::Ctx::new(cli.state_dir.clone()),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let served = runtime.block_on(async move {
+        let listener = tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "cannot notify systemd that the helper is ready");
+        }
+        server::serve(listener, config).await
+    });
+    // Dropping the tasks of running states kills their process groups (see exec); a
+    // blocking file operation gets a moment to finish rather than being torn mid-way.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    if let Some(path) = bound_path {
+        socket::remove_if_socket(&path);
+    }
+    served
+}

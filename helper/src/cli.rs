@@ -1,0 +1,30 @@
+//! The command line. Operators rarely pass anything: the systemd units give the socket
+//! and the default allowlist (the `opsagent` user) fits the packaged set-up.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use opsagent_proto::codec::DEFAULT_MAX_FRAME;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "opsagent-helper", version, about = "The root helper of opsagent: applies states for the agent over a Unix socket")]
+pub struct Cli {
+    /// Bind this socket path instead of taking the socket passed by systemd
+    /// (socket activation through opsagent-helper.socket).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// A user allowed to connect (repeatable). Replaces the default, the user
+    /// `opsagent`; root is always allowed.
+    #[arg(long = "allow-user", value_name = "NAME")]
+    pub allow_user: Vec<String>,
+
+    /// Largest request frame accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FRAME)]
+    pub max_frame: usize,
+
+    /// Where the helper may keep state between requests (used by modules that need
+    /// memory across rounds).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/opsagent-helper")]
+    pub state_dir: PathBuf,
+}

@@ -1,0 +1,291 @@
+//! Running one command for a state: its own process group, a scrubbed environment,
+//! stdin from /dev/null, stdout and stderr merged into one capped buffer, a deadline and
+//! cancellation that end the *whole* group (a shell's background children included).
+//!
+//! The group is the unit of cleanup: `sh -c 'a & b'` leaves `a` running after the shell
+//! is killed unless the signal goes to the group. Escaping the group (`setsid`) is
+//! possible; systemd's control group catches those when the helper stops.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::{Gid, Pid, Uid};
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
+
+use crate::cancel::Cancel;
+
+/// Bytes of output kept: the first and last halves of this, with a marker between.
+pub const OUTPUT_CAP: usize = 64 * 1024;
+/// Between SIGTERM and SIGKILL: time for the group to clean up.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long output is still collected after the command ended: a background child may
+/// hold the pipe open for ever, and the state must not wait for it.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone)]
+pub struct CommandSpec {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub cwd: PathBuf,
+    /// The complete environment: nothing is inherited from the helper.
+    pub env: Vec<(String, String)>,
+    pub uid: Uid,
+    pub gid: Gid,
+    /// `None`: no deadline.
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+    TimedOut(Duration),
+    Cancelled,
+}
+
+#[derive(Debug)]
+pub struct Finished {
+    pub exit: Exit,
+    pub output: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start {program}: {source}")]
+pub struct SpawnError {
+    pub program: String,
+    pub source: io::Error,
+}
+
+/// Runs `spec` to its end, its deadline or `cancel`, whichever comes first.
+pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, SpawnError> {
+    let spawn_err = |source: io::Error| SpawnError { program: spec.program.display().to_string(), source };
+    // One pipe for both streams keeps their lines in the order they were written.
+    // CLOEXEC: commands started concurrently for other requests must not inherit it.
+    let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?;
+    let mut command = tokio::process::Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end.try_clone().map_err(spawn_err)?))
+        .stderr(Stdio::from(write_end))
+        .uid(spec.uid.as_raw())
+        .gid(spec.gid.as_raw())
+        .process_group(0);
+    let spawned = command.spawn();
+    // The command holds our copies of the pipe's write end: without dropping it the
+    // reader would never see the end of the output.
+    drop(command);
+    let mut child = spawned.map_err(spawn_err)?;
+    let pgid = Pid::from_raw(child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0));
+    let mut guard = GroupGuard(Some(pgid));
+
+    let output = Arc::new(Mutex::new(CappedOutput::new(OUTPUT_CAP)));
+    let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end).map_err(spawn_err)?;
+    let mut reader = tokio::spawn(collect(receiver, Arc::clone(&output)));
+
+    let deadline = spec.timeout.map(|t| Instant::now() + t);
+    let timer = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    enum Stop {
+        Exited(io::Result<ExitStatus>),
+        TimedOut,
+        Cancelled,
+    }
+    let stop = tokio::select! {
+        status = child.wait() => Stop::Exited(status),
+        () = timer => Stop::TimedOut,
+        () = cancel.requested() => Stop::Cancelled,
+    };
+    let exit = match stop {
+        Stop::Exited(status) => {
+            // Background children of a finished command may be daemons the recipe
+            // started on purpose: they are left running.
+            guard.disarm();
+            match status {
+                Ok(s) => s.code().map_or_else(|| Exit::Signal(s.signal().unwrap_or(0)), Exit::Code),
+                Err(e) => return Err(spawn_err(e)),
+            }
+        }
+        Stop::TimedOut => {
+            terminate(pgid, &mut child).await;
+            guard.disarm();
+            Exit::TimedOut(spec.timeout.unwrap_or_default())
+        }
+        Stop::Cancelled => {
+            terminate(pgid, &mut child).await;
+            guard.disarm();
+            Exit::Cancelled
+        }
+    };
+    if tokio::time::timeout(OUTPUT_GRACE, &mut reader).await.is_err() {
+        reader.abort();
+    }
+    let output = output.lock().map(|o| o.render()).unwrap_or_default();
+    Ok(Finished { exit, output })
+}
+
+async fn collect(mut pipe: tokio::net::unix::pipe::Receiver, out: Arc<Mutex<CappedOutput>>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if let Ok(mut o) = out.lock() {
+                    o.push(&buf[..n]);
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM to the group, SIGKILL to whatever is left after [`KILL_GRACE`].
+async fn terminate(pgid: Pid, child: &mut tokio::process::Child) {
+    let _ = killpg(pgid, Signal::SIGTERM);
+    let deadline = Instant::now() + KILL_GRACE;
+    loop {
+        // Reap our own child so it does not count as a live member.
+        let _ = child.try_wait();
+        if !group_alive(pgid) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let _ = child.wait().await;
+}
+
+/// Kills the group if the request is dropped while its command runs (the connection's
+/// task aborted, the helper shutting down): no stray processes, whatever the path out.
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Live (non-zombie) processes of a process group, from /proc.
+pub fn group_members(pgid: Pid) -> io::Result<Vec<Pid>> {
+    let mut live = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        // A process may exit while we look: a missing stat file is not an error.
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+        // "pid (comm) state ppid pgrp ...": comm may contain anything, so split after
+        // the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|s| s.parse::<i32>().ok());
+        if pgrp == Some(pgid.as_raw()) && state != Some("Z") && state != Some("X") {
+            live.push(Pid::from_raw(pid));
+        }
+    }
+    Ok(live)
+}
+
+fn group_alive(pgid: Pid) -> bool {
+    match group_members(pgid) {
+        Ok(members) => !members.is_empty(),
+        // No /proc view: ask the kernel (counts zombies, so may wait for SIGKILL).
+        Err(_) => killpg(pgid, None).is_ok(),
+    }
+}
+
+/// The first and the last `cap / 2` bytes of a stream, and how much was cut between.
+#[derive(Debug)]
+pub struct CappedOutput {
+    half: usize,
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+    cut: u64,
+}
+
+impl CappedOutput {
+    pub fn new(cap: usize) -> Self {
+        Self { half: cap / 2, head: Vec::new(), tail: VecDeque::new(), cut: 0 }
+    }
+
+    pub fn push(&mut self, mut data: &[u8]) {
+        let room = self.half.saturating_sub(self.head.len());
+        let (to_head, rest) = data.split_at(room.min(data.len()));
+        self.head.extend_from_slice(to_head);
+        data = rest;
+        if data.len() > self.half {
+            let skip = data.len() - self.half;
+            self.cut += (self.tail.len() + skip) as u64;
+            self.tail.clear();
+            data = &data[skip..];
+        }
+        self.tail.extend(data);
+        if self.tail.len() > self.half {
+            let excess = self.tail.len() - self.half;
+            self.tail.drain(..excess);
+            self.cut += excess as u64;
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut bytes = self.head.clone();
+        if self.cut > 0 {
+            bytes.extend_from_slice(format!("\n[… {} bytes cut …]\n", self.cut).as_bytes());
+        }
+        bytes.extend(self.tail.iter());
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capped_output_keeps_head_and_tail() {
+        let mut o = CappedOutput::new(8);
+        o.push(b"ab");
+        assert_eq!(o.render(), "ab");
+        o.push(b"cdefgh");
+        assert_eq!(o.render(), "abcdefgh");
+        o.push(b"ij");
+        assert_eq!(o.render(), "abcd\n[… 2 bytes cut …]\nghij");
+        o.push(&[b'x'; 100]);
+        assert_eq!(o.render(), "abcd\n[… 102 bytes cut …]\nxxxx");
+    }
+
+    #[test]
+    fn group_members_sees_this_process() {
+        let me = nix::unistd::getpgrp();
+        let members = group_members(me).unwrap();
+        assert!(members.contains(&nix::unistd::getpid()));
+    }
+}

@@ -1,0 +1,19 @@
+//! Logging set-up: structured fields straight into the journal when systemd gave us
+//! one, plain text on stderr otherwise (a terminal, or the tests reading our stderr).
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    // try_init: a second initialisation (tests calling run twice) is not an error.
+    let _ = match journald {
+        Some(layer) => registry.with(layer).try_init(),
+        None => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+            .try_init(),
+    };
+}

@@ -1,0 +1,334 @@
+//! The socket server: who may connect, and the request loop of one connection.
+//!
+//! Every connection's peer uid (SO_PEERCRED, set by the kernel at connect time, so it
+//! cannot be forged) is checked against the allowlist before a byte is read. A
+//! connection then speaks `Hello` first and runs one request at a time. While an
+//! `Apply` runs, a separate task keeps reading frames, so that a `Cancel` (or the
+//! connection closing) reaches the running state at once; a state is never dropped
+//! half-way: it is told to stop and answers for itself.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use opsagent_proto::codec::{self, CodecError, DEFAULT_MAX_FRAME};
+use opsagent_proto::request::{
+    ApplyRequest, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request, RequestFrame,
+};
+use opsagent_proto::PROTOCOL_VERSION;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::cancel::{self, Canceller};
+use crate::identity::Allowlist;
+use crate::states::{self, Ctx};
+
+pub const HELPER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub struct Config {
+    pub allow: Allowlist,
+    /// Largest request frame accepted.
+    pub max_frame: usize,
+    pub ctx: Ctx,
+}
+
+/// State shared by all connections: what runs now, for `Status`.
+struct Shared {
+    config: Arc<Config>,
+    started: Instant,
+    next_key: AtomicU64,
+    running: Mutex<BTreeMap<u64, (String, String)>>,
+}
+
+impl Shared {
+    fn status(&self) -> HelperStatus {
+        HelperStatus {
+            helper_version: HELPER_VERSION.to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            uptime_s: self.started.elapsed().as_secs(),
+            running: self.running.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect(),
+        }
+    }
+}
+
+/// An entry in [`Shared::running`] for as long as it lives.
+struct Running {
+    shared: Arc<Shared>,
+    key: u64,
+}
+
+impl Running {
+    fn register(shared: &Arc<Shared>, state_id: &str, module: &str) -> Self {
+        let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
+        shared
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, (state_id.to_string(), module.to_string()));
+        Self { shared: Arc::clone(shared), key }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shared.running.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+    }
+}
+
+/// Accepts connections until SIGTERM or SIGINT.
+pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared {
+        config,
+        started: Instant::now(),
+        next_key: AtomicU64::new(0),
+        running: Mutex::new(BTreeMap::new()),
+    });
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    info!(version = HELPER_VERSION, protocol_version = PROTOCOL_VERSION, "helper ready");
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => admit(stream, &shared),
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    info!("stopping");
+    Ok(())
+}
+
+fn admit(stream: UnixStream, shared: &Arc<Shared>) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, reason = "cannot read the peer's credentials", "refused connection");
+            return;
+        }
+    };
+    let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
+    if !shared.config.allow.allows(uid) {
+        // Closed without a word: an unknown peer learns nothing about the protocol.
+        warn!(uid, pid, reason = "uid is not in the allowlist", "refused connection");
+        return;
+    }
+    info!(uid, pid, "connection accepted");
+    let conn = Connection::new(stream, Arc::clone(shared));
+    tokio::spawn(async move {
+        conn.run().await;
+        debug!(uid, pid, "connection closed");
+    });
+}
+
+enum Incoming {
+    Frame(Vec<u8>),
+    Closed,
+    Broken(CodecError),
+}
+
+/// Reads frames as they come, whether or not a request is running. The channel is
+/// small: a client flooding requests while one runs is slowed down, not buffered.
+async fn read_frames(mut rd: OwnedReadHalf, tx: mpsc::Sender<Incoming>, max: usize) {
+    loop {
+        let (incoming, last) = match codec::read_raw_frame(&mut rd, max).await {
+            Ok(Some(body)) => (Incoming::Frame(body), false),
+            Ok(None) => (Incoming::Closed, true),
+            Err(e) => (Incoming::Broken(e), true),
+        };
+        if tx.send(incoming).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Incoming>,
+    wr: OwnedWriteHalf,
+    reader: tokio::task::JoinHandle<()>,
+    greeted: bool,
+    /// The peer is gone or the stream is unusable: write nothing more.
+    dead: bool,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, shared: Arc<Shared>) -> Self {
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel(4);
+        let reader = tokio::spawn(read_frames(rd, tx, shared.config.max_frame));
+        Self { shared, rx, wr, reader, greeted: false, dead: false }
+    }
+
+    async fn run(mut self) {
+        while !self.dead {
+            let Some(incoming) = self.rx.recv().await else { break };
+            let body = match incoming {
+                Incoming::Frame(body) => body,
+                Incoming::Closed => break,
+                Incoming::Broken(e) => {
+                    self.broken(&e).await;
+                    break;
+                }
+            };
+            if let Some(RequestFrame { id, request }) = self.decode(&body).await {
+                self.handle(id, request).await;
+            }
+        }
+        self.reader.abort();
+    }
+
+    async fn handle(&mut self, id: u64, request: Request) {
+        match request {
+            Request::Hello { protocol_version, agent_version } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    let message = format!(
+                        "protocol version {protocol_version} is not supported: this helper ({HELPER_VERSION}) speaks version {PROTOCOL_VERSION}"
+                    );
+                    warn!(id, protocol_version, agent_version, "{message}");
+                    self.reply(id, Reply::Error(HelperError::new(ErrorCode::VersionMismatch, message))).await;
+                    self.dead = true;
+                    return;
+                }
+                info!(id, agent_version, "hello");
+                self.greeted = true;
+                let hello = Reply::Hello { protocol_version: PROTOCOL_VERSION, helper_version: HELPER_VERSION.into() };
+                self.reply(id, hello).await;
+            }
+            _ if !self.greeted => {
+                let e = HelperError::new(ErrorCode::Busy, "the first request on a connection must be hello");
+                self.reply(id, Reply::Error(e)).await;
+            }
+            Request::Status => {
+                let status = self.shared.status();
+                self.reply(id, Reply::Status(status)).await;
+            }
+            Request::Cancel { target } => self.reply(id, Reply::Cancelled { target, found: false }).await,
+            Request::Apply(req) => self.apply(id, req).await,
+        }
+    }
+
+    async fn apply(&mut self, id: u64, req: ApplyRequest) {
+        let shared = Arc::clone(&self.shared);
+        let module = req.params.name();
+        let state_id = req.state_id.as_str();
+        info!(id, state_id, module, recipe_version = req.recipe_version, "apply");
+        let _running = Running::register(&shared, state_id, module);
+        let (canceller, cancel) = cancel::pair();
+        let started = Instant::now();
+        let work = states::apply(&req, &shared.config.ctx, cancel);
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                result = &mut work => break result,
+                incoming = self.rx.recv(), if !self.dead => {
+                    self.while_busy(id, incoming, &canceller).await;
+                    if self.dead {
+                        // Nobody is left to read the outcome: stop the work now.
+                        canceller.cancel();
+                    }
+                }
+            }
+        };
+        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match result {
+            Ok(mut outcome) => {
+                outcome.duration_ms = duration_ms;
+                info!(
+                    id, state_id, module,
+                    result = outcome.result,
+                    cancelled = outcome.cancelled,
+                    changes = outcome.changes.len(),
+                    duration_ms,
+                    comment = %outcome.comment,
+                    "outcome"
+                );
+                self.reply(id, Reply::Outcome(outcome)).await;
+            }
+            Err(e) => {
+                warn!(id, state_id, module, code = ?e.code, error = %e.message, duration_ms, "request refused");
+                self.reply(id, Reply::Error(e)).await;
+            }
+        }
+    }
+
+    /// A frame (or the end of the stream) that arrived while request `running` runs.
+    async fn while_busy(&mut self, running: u64, incoming: Option<Incoming>, canceller: &Canceller) {
+        match incoming {
+            Some(Incoming::Frame(body)) => match self.decode(&body).await {
+                Some(RequestFrame { id, request: Request::Cancel { target } }) => {
+                    let found = target == running;
+                    if found {
+                        info!(id, target, "cancel requested");
+                        canceller.cancel();
+                    }
+                    self.reply(id, Reply::Cancelled { target, found }).await;
+                }
+                Some(RequestFrame { id, .. }) => {
+                    let message = format!("request {running} is still running; only cancel is accepted until it ends");
+                    self.reply(id, Reply::Error(HelperError::new(ErrorCode::Busy, message))).await;
+                }
+                None => {}
+            },
+            Some(Incoming::Closed) | None => {
+                info!(id = running, "connection closed while a request runs; cancelling it");
+                self.dead = true;
+            }
+            Some(Incoming::Broken(e)) => {
+                self.broken(&e).await;
+                self.dead = true;
+            }
+        }
+    }
+
+    /// The stream is no longer aligned on frames: say why if we can, then close.
+    async fn broken(&mut self, e: &CodecError) {
+        match e {
+            CodecError::TooLarge { .. } => {
+                warn!(error = %e, "closing the connection");
+                self.reply(0, Reply::Error(HelperError::new(ErrorCode::BadRequest, e.to_string()))).await;
+            }
+            _ => debug!(error = %e, "connection broken"),
+        }
+        self.dead = true;
+    }
+
+    /// A well-framed body that is not a valid request is answered and skipped: the
+    /// next frame starts at a known place, so the connection stays usable.
+    async fn decode(&mut self, body: &[u8]) -> Option<RequestFrame> {
+        match codec::decode::<RequestFrame>(body) {
+            Ok(frame) => Some(frame),
+            Err(e) => {
+                let id = serde_json::from_slice::<serde_json::Value>(body)
+                    .ok()
+                    .and_then(|v| v.get("id")?.as_u64())
+                    .unwrap_or(0);
+                warn!(id, error = %e, "malformed request");
+                let message = format!("malformed request: {e}");
+                self.reply(id, Reply::Error(HelperError::new(ErrorCode::BadRequest, message))).await;
+                None
+            }
+        }
+    }
+
+    async fn reply(&mut self, id: u64, reply: Reply) {
+        if self.dead {
+            return;
+        }
+        // Replies are bounded by the client's default limit, not by our request limit.
+        if let Err(e) = codec::write_frame(&mut self.wr, &ReplyFrame { id, reply }, DEFAULT_MAX_FRAME).await {
+            debug!(id, error = %e, "cannot write the reply; closing the connection");
+            self.dead = true;
+        }
+    }
+}

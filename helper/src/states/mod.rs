@@ -1,0 +1,121 @@
+//! One file per module family; [`apply`] is the one place that maps a module to its
+//! implementation. Adding a module = a new file here and one match arm.
+//!
+//! Every state is idempotent: it looks at the host first and changes only what differs,
+//! and its outcome's `changes` lists exactly what it changed (empty: nothing did).
+
+pub mod cmd;
+pub mod dir;
+pub mod file;
+pub mod symlink;
+
+use std::fmt::Display;
+use std::path::PathBuf;
+
+use opsagent_proto::catalogue::ModuleParams;
+use opsagent_proto::newtypes::AbsPath;
+use opsagent_proto::request::{ApplyRequest, Change, ErrorCode, HelperError, Outcome};
+
+use crate::cancel::Cancel;
+
+/// The working directory of `linux.cmd` when a recipe names none (the catalogue's
+/// default), created on demand.
+pub const DEFAULT_CMD_CWD: &str = "/opt/visualops/tmp";
+
+/// What states need to know about the helper they run in.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub state_dir: PathBuf,
+    /// Created (root, 0755) when a command uses it and it is missing; any other cwd
+    /// must already exist.
+    pub default_cwd: AbsPath,
+}
+
+impl Ctx {
+    pub fn new(state_dir: PathBuf) -> Self {
+        let default_cwd = AbsPath::parse(DEFAULT_CMD_CWD).expect("the default cwd is a valid absolute path");
+        Self { state_dir, default_cwd }
+    }
+}
+
+/// Applies one state. `Err` is for requests this helper will not carry out at all; a
+/// state that was tried and failed is an `Ok` outcome with `result: false`.
+pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Outcome, HelperError> {
+    match &req.params {
+        ModuleParams::LinuxCmd(p) => Ok(cmd::apply(p, ctx, cancel).await),
+        // File operations are short and not interruptible half-way; they run on the
+        // blocking pool so that the connection keeps reading (a Cancel is answered).
+        ModuleParams::LinuxDir(p) => blocking(p.clone(), dir::apply).await,
+        ModuleParams::LinuxFile(p) => blocking(p.clone(), file::apply).await,
+        ModuleParams::LinuxSymlink(p) => blocking(p.clone(), symlink::apply).await,
+        p if p.is_builtin() => Err(HelperError::new(
+            ErrorCode::Unsupported,
+            format!("{} is built-in, runs in the daemon", p.name()),
+        )),
+        p => Err(HelperError::new(
+            ErrorCode::Unsupported,
+            format!("module {} is not implemented by this helper version ({})", p.name(), env!("CARGO_PKG_VERSION")),
+        )),
+    }
+}
+
+async fn blocking<P: Send + 'static>(params: P, f: fn(&P) -> Outcome) -> Result<Outcome, HelperError> {
+    tokio::task::spawn_blocking(move || f(&params))
+        .await
+        .map_err(|e| HelperError::new(ErrorCode::Internal, format!("the state's task failed: {e}")))
+}
+
+/// The outcome of a state from its result and the changes made before it ended (a
+/// failure half-way still reports what it already changed).
+pub fn finish<E: Display>(subject: &str, result: Result<(), E>, changes: Vec<Change>, notes: &[String]) -> Outcome {
+    let mut outcome = match result {
+        Ok(()) if changes.is_empty() => Outcome::ok(format!("{subject}: already as wanted")),
+        Ok(()) => Outcome::ok(changes.iter().map(Change::to_string).collect::<Vec<_>>().join("; ")),
+        Err(e) => Outcome::failed(e.to_string()),
+    };
+    for note in notes {
+        outcome.comment.push_str("; ");
+        outcome.comment.push_str(note);
+    }
+    outcome.changes = changes;
+    outcome
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use opsagent_proto::catalogue::{parse_state, ModuleParams};
+    use serde_json::Value;
+
+    /// Typed parameters through the real catalogue, as the daemon would send them.
+    pub fn params(module: &str, raw: Value) -> ModuleParams {
+        parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opsagent_proto::newtypes::StateId;
+    use serde_json::json;
+
+    fn request(module: &str, raw: serde_json::Value) -> ApplyRequest {
+        ApplyRequest {
+            state_id: StateId::parse("s-1").unwrap(),
+            recipe_version: 1,
+            params: testutil::params(module, raw),
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_and_builtin_modules_are_unsupported() {
+        let ctx = Ctx::new("/nonexistent".into());
+        let raid = request("linux.raid", json!({"name": "/dev/md0", "devices": ["/dev/x"], "level": "raid1"}));
+        let err = apply(&raid, &ctx, Cancel::never()).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unsupported);
+        assert!(err.message.contains("linux.raid is not implemented by this helper version"), "{}", err.message);
+
+        let comment = request("meta.comment", json!({"comment": "hi"}));
+        let err = apply(&comment, &ctx, Cancel::never()).await.unwrap_err();
+        assert_eq!((err.code, err.message.as_str()), (ErrorCode::Unsupported, "meta.comment is built-in, runs in the daemon"));
+    }
+}

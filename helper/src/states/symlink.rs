@@ -1,0 +1,201 @@
+//! `linux.symlink`: a symbolic link at `target` pointing to `source`, or its absence.
+//!
+//! A link pointing elsewhere is replaced atomically (a new link beside it, renamed over
+//! it), so the path never disappears in between. Anything that is not a link at
+//! `target` is left alone and reported: replacing a real file or directory is not
+//! something a link state should do by surprise.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use opsagent_proto::catalogue::LinuxSymlink;
+use opsagent_proto::newtypes::{AbsPath, InvalidValue};
+use opsagent_proto::request::{Change, Outcome};
+
+use crate::fsutil::{self, kind_of, FsError};
+use crate::identity::{IdentityError, Owner};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SymlinkError {
+    #[error("parameter {param}: {source}")]
+    Path { param: &'static str, source: InvalidValue },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("the directory {0} that should hold the link does not exist (linux.symlink does not create it)")]
+    NoParent(AbsPath),
+    #[error("{path} is {found}, not a symbolic link; linux.symlink leaves it alone")]
+    NotALink { path: PathBuf, found: &'static str },
+}
+
+pub fn apply(p: &LinuxSymlink) -> Outcome {
+    let mut changes = Vec::new();
+    let result = run(p, &mut changes);
+    let notes = match p.mode {
+        Some(m) => vec![format!("mode {m} ignored: a symbolic link's mode means nothing on Linux")],
+        None => Vec::new(),
+    };
+    super::finish(&p.target, result, changes, &notes)
+}
+
+fn parse(param: &'static str, raw: &str) -> Result<AbsPath, SymlinkError> {
+    AbsPath::parse(raw).map_err(|source| SymlinkError::Path { param, source })
+}
+
+fn run(p: &LinuxSymlink, changes: &mut Vec<Change>) -> Result<(), SymlinkError> {
+    let link = parse("target", &p.target)?;
+    if p.absent {
+        return remove(&link, changes);
+    }
+    let source = parse("source", &p.source)?;
+    let owner = Owner::resolve(p.user.as_deref(), p.group.as_deref())?;
+    let parent = link.parent();
+    if !fs::metadata(parent.as_path()).is_ok_and(|m| m.is_dir()) {
+        return Err(SymlinkError::NoParent(parent));
+    }
+    match fsutil::lstat(link.as_path())? {
+        None => {
+            let (uid, gid) = owner.for_new();
+            replace(&link, &source, (uid.as_raw(), gid.as_raw()))?;
+            changes.push(Change::new(link.to_string(), format!("link created -> {source}")));
+        }
+        Some(m) if m.file_type().is_symlink() => {
+            let current = fs::read_link(&link).map_err(fsutil::io_err(link.as_path(), "read the link"))?;
+            if points_to(&current, &source) {
+                let (uid, gid) = (m.uid(), m.gid());
+                let want = owner.applied_to(uid, gid);
+                if want != (uid, gid) {
+                    std::os::unix::fs::lchown(&link, Some(want.0), Some(want.1))
+                        .map_err(fsutil::io_err(link.as_path(), "change the owner of"))?;
+                    changes.push(Change::new(link.to_string(), format!("owner {uid}:{gid} -> {}:{}", want.0, want.1)));
+                }
+            } else {
+                // A replaced link keeps its owner unless one is asked for.
+                replace(&link, &source, owner.applied_to(m.uid(), m.gid()))?;
+                changes.push(Change::new(link.to_string(), format!("link retargeted {} -> {source}", current.display())));
+            }
+        }
+        Some(m) => {
+            return Err(SymlinkError::NotALink { path: link.as_path().to_path_buf(), found: kind_of(m.file_type()) })
+        }
+    }
+    Ok(())
+}
+
+/// `current` and `want` name the same path once written the same way (`/a//b` is `/a/b`).
+fn points_to(current: &Path, want: &AbsPath) -> bool {
+    current.to_str().and_then(|s| AbsPath::parse(s).ok()).is_some_and(|c| &c == want)
+}
+
+fn replace(link: &AbsPath, source: &AbsPath, (uid, gid): (u32, u32)) -> Result<(), SymlinkError> {
+    let tmp = fsutil::temp_sibling(link);
+    let made = (|| {
+        std::os::unix::fs::symlink(source, &tmp).map_err(fsutil::io_err(&tmp, "create the link"))?;
+        if (uid, gid) != (0, 0) {
+            std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid)).map_err(fsutil::io_err(&tmp, "change the owner of"))?;
+        }
+        fs::rename(&tmp, link).map_err(fsutil::io_err(link.as_path(), "rename the new link onto"))
+    })();
+    if made.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    made?;
+    Ok(fsutil::fsync_dir(link.parent().as_path())?)
+}
+
+fn remove(link: &AbsPath, changes: &mut Vec<Change>) -> Result<(), SymlinkError> {
+    match fsutil::lstat(link.as_path())? {
+        None => Ok(()),
+        Some(m) if m.file_type().is_symlink() => {
+            fs::remove_file(link).map_err(fsutil::io_err(link.as_path(), "remove"))?;
+            changes.push(Change::new(link.to_string(), "link removed"));
+            Ok(())
+        }
+        Some(m) => Err(SymlinkError::NotALink { path: link.as_path().to_path_buf(), found: kind_of(m.file_type()) }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::states::testutil::params;
+    use opsagent_proto::catalogue::ModuleParams;
+    use serde_json::{json, Value};
+
+    fn symlink(raw: Value) -> LinuxSymlink {
+        match params("linux.symlink", raw) {
+            ModuleParams::LinuxSymlink(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn creates_then_does_nothing_then_retargets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("current");
+        let v1 = tmp.path().join("v1");
+        let v2 = tmp.path().join("v2");
+        let p = symlink(json!({"target": link, "source": v1}));
+        let out = apply(&p);
+        assert!(out.result && out.changes.len() == 1, "{out:?}");
+        assert_eq!(fs::read_link(&link).unwrap(), v1);
+        let again = apply(&p);
+        assert!(again.result && again.changes.is_empty(), "{again:?}");
+
+        let out = apply(&symlink(json!({"target": link, "source": v2, "user": "nobody"})));
+        assert!(out.result, "{}", out.comment);
+        assert!(out.changes[0].what.starts_with("link retargeted"), "{:?}", out.changes);
+        assert_eq!(fs::read_link(&link).unwrap(), v2);
+        assert_eq!(fs::symlink_metadata(&link).unwrap().uid(), 65534);
+        // Only the link remains in the directory: no temporary left behind.
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn owner_is_enforced_with_lchown_and_mode_is_ignored_with_a_note() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("l");
+        let target_file = tmp.path().join("real");
+        fs::write(&target_file, "").unwrap();
+        std::os::unix::fs::symlink(&target_file, &link).unwrap();
+        let out = apply(&symlink(json!({"target": link, "source": target_file, "group": "nogroup", "mode": "0777"})));
+        assert!(out.result, "{}", out.comment);
+        assert_eq!(out.changes.len(), 1, "{:?}", out.changes);
+        assert!(out.comment.contains("mode 0777 ignored"), "{}", out.comment);
+        assert_eq!(fs::symlink_metadata(&link).unwrap().gid(), 65534);
+        // The file the link points to is untouched.
+        assert_eq!(fs::metadata(&target_file).unwrap().gid(), 0);
+    }
+
+    #[test]
+    fn refuses_non_links_and_missing_parents() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("f");
+        fs::write(&file, "data").unwrap();
+        let out = apply(&symlink(json!({"target": file, "source": "/etc"})));
+        assert!(!out.result && out.comment.contains("is a regular file, not a symbolic link"), "{}", out.comment);
+        let out = apply(&symlink(json!({"target": file, "absent": true, "source": "/etc"})));
+        assert!(!out.result, "{}", out.comment);
+        assert_eq!(fs::read_to_string(&file).unwrap(), "data");
+
+        let out = apply(&symlink(json!({"target": tmp.path().join("no/l"), "source": "/etc"})));
+        assert!(!out.result && out.comment.contains("does not exist"), "{}", out.comment);
+        let out = apply(&symlink(json!({"target": tmp.path().join("l"), "source": "../etc"})));
+        assert!(!out.result && out.comment.starts_with("parameter source"), "{}", out.comment);
+    }
+
+    #[test]
+    fn absent_removes_only_the_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("l");
+        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+        let p = symlink(json!({"target": link, "source": "/x", "absent": true}));
+        let out = apply(&p);
+        assert!(out.result && out.changes.len() == 1, "{out:?}");
+        assert!(fs::symlink_metadata(&link).is_err());
+        assert!(tmp.path().is_dir());
+        assert!(apply(&p).changes.is_empty());
+    }
+}

@@ -1,0 +1,209 @@
+//! The reference backend: a real server speaking the agent protocol
+//! (`shared/spec/protocol.md`), for integration tests, demos and operators without a
+//! VisualOps backend. The binary `opsagent-backend` is a thin wrapper around [`Backend`].
+//!
+//! # Files
+//!
+//! The operator drives the backend through one directory (`--recipe-dir`), polled every
+//! `--poll-ms` (and read again for an app on each of its Handshakes):
+//!
+//! - `APP_ID.json`: the app's recipe, in any shape [`crate::recipe::Recipe::load_file`]
+//!   accepts. No file, or an invalid file and no earlier valid one: the app is not ready
+//!   (`AppNotReady` to every Handshake; the connection stays open).
+//! - `APP_ID.update.json`, `{"version": "1.3.0", "url": "https://…/opsagent.tgz"}`: when
+//!   it appears or changes, `AgentUpdate` goes to every connected agent of the app whose
+//!   Handshake `agent_version` differs from `version`; while it exists, such an agent also
+//!   gets it right after the RecipeMetadata answering its Handshake. Removing the file
+//!   withdraws the order.
+//! - `APP_ID.reconnect.json`, `{"after_s": N}`: when it appears, the agents of the app that
+//!   announced `reconnect-hint` get `Reconnect {after_s: N}` and their connections are
+//!   closed with code 1012 ("service restart") and reason `reconnect after N s`. Other
+//!   agents are left alone. The file is deleted once acted on.
+//!
+//! App ids are made of ASCII letters, digits, `.`, `_` and `-` (they name files); an app
+//! id cannot end in `.update` or `.reconnect`.
+//!
+//! The backend writes, next to each other:
+//! - `--statelog FILE`: every StateLog received, one JSON object per line as the agent
+//!   sent it plus `received_at` (RFC 3339, UTC).
+//! - `FILE.versions.json`: per app, the recipe version counter and the last valid recipe.
+//! - `--events FILE` (optional): one JSON line per connection opened or closed
+//!   (`open`/`close`), per agent message other than StateLog (`message`, with the frame,
+//!   its `instance_token` redacted), per unreadable frame (`invalid`, `binary`), and per
+//!   backend decision (`recipe_loaded`, `recipe_rejected`, `recipe_removed`,
+//!   `wait_released`, `agent_update`, `reconnect`, …). Each has `at` and `event`.
+//!
+//! # Recipe versions
+//!
+//! An app's first recipe gets the file's `recipe_version` if it has one, else 1. Files are
+//! compared by the hash of their normalised content (`recipe_version`, `module`, states),
+//! so re-indenting a file is no new recipe. A changed file is validated as the agent will
+//! validate it: invalid, an error naming the file and the reason is logged and the previous
+//! version stays served (no push); valid, it gets `max(previous + 1, its own
+//! recipe_version)` and is pushed as `RecipeMetadata` to every connected agent of the app
+//! that was given a recipe before. The counter and the recipe are persisted, so a restarted
+//! backend never goes backwards and serves unchanged content under the same version (an
+//! agent sees no "new recipe" because the backend restarted); content that came back after
+//! a removal gets its old version back only if it is the last recipe recorded.
+//!
+//! # StateLogs
+//!
+//! Each StateLog is appended to the statelog. When it carries `seq` and its agent announced
+//! `statelog-ack`, the backend records each `(instance_id, seq)` once — a resend is
+//! acknowledged but not appended again — and answers `StateLogAck {seq}`. The set of seen
+//! `(instance_id, seq)` is rebuilt from the statelog at start-up, so de-duplication
+//! survives a restart.
+//!
+//! # Waits
+//!
+//! A `meta.wait` state `W` of an app's recipe lists references `@{HOST.STATE}` (the host is
+//! the text before the first `.`). For an instance `I` of that app, running recipe version
+//! `V` (the app's current version), `W` is released when every reference is satisfied. A
+//! reference is satisfied when some instance `J` with `J == HOST`, or whose app id is
+//! `HOST`, or any instance when `HOST` is `*` or absent, has for state id `STATE` a latest
+//! StateLog that succeeded, reported with the *current* recipe version of `J`'s app (a
+//! failure after a success un-does it, until the next success). A released wait stays
+//! released for `(I, V)`; on release the backend pushes
+//! `State {recipe_version: V, stateid: W}` to `I`'s connections. `WaitQuery` is answered
+//! with `WaitList {recipe_version, waited: [{instance_id, state_id: W}]}`, the waits
+//! released for that instance and version, `instance_id` naming the instance that
+//! satisfied the wait (null when several did). Progress is rebuilt from the statelog at
+//! start-up, so releases are the same after a restart.
+//!
+//! # Other messages
+//!
+//! `Test` is answered with `TestAns {result: true, error: null}`; `Heartbeat` is only
+//! recorded; invalid JSON, unknown codes and binary frames are logged and ignored.
+//! Incoming frames are limited to `max_frame_bytes` (16 MiB by default).
+
+mod conn;
+mod hub;
+mod journal;
+mod recipes;
+mod wire;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+pub use conn::tls_server_config;
+pub use wire::out::CAPABILITIES;
+
+pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{}: {what}: {source}", path.display())]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{}: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl BackendError {
+    pub(crate) fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io { what, path: path.to_path_buf(), source }
+    }
+}
+
+/// PEM files for `wss://`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// One `APP_ID.json` per app, plus the trigger files (see the module documentation).
+    pub recipe_dir: PathBuf,
+    /// StateLogs, one JSON line each; `STATELOG.versions.json` lives next to it.
+    pub statelog: PathBuf,
+    pub events: Option<PathBuf>,
+    pub poll: Duration,
+    pub tls: Option<TlsFiles>,
+    pub max_frame_bytes: usize,
+}
+
+impl BackendOptions {
+    pub fn new(recipe_dir: impl Into<PathBuf>, statelog: impl Into<PathBuf>) -> Self {
+        Self {
+            recipe_dir: recipe_dir.into(),
+            statelog: statelog.into(),
+            events: None,
+            poll: DEFAULT_POLL,
+            tls: None,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// A running backend. Dropping it stops it too (without waiting).
+#[derive(Debug)]
+pub struct Backend {
+    addr: SocketAddr,
+    tls: bool,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    /// Loads the persisted state and the recipe directory, then serves `listener` in the
+    /// background. Errors (unreadable directory, corrupt version file, bad TLS files) are
+    /// reported before anything is served.
+    pub async fn start(listener: TcpListener, opts: BackendOptions) -> Result<Self, BackendError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| BackendError::Config(format!("the listening socket has no address: {e}")))?;
+        let tls = opts.tls.as_ref().map(|t| tls_server_config(&t.cert, &t.key)).transpose()?;
+        let hub = Arc::new(Mutex::new(hub::Hub::open(&opts)?));
+        let ws_config = WebSocketConfig::default()
+            .max_frame_size(Some(opts.max_frame_bytes))
+            .max_message_size(Some(opts.max_frame_bytes));
+        let is_tls = tls.is_some();
+        let listener = conn::Listener { listener, tls: tls.map(tokio_rustls::TlsAcceptor::from), ws_config };
+        let (shutdown, rx) = watch::channel(false);
+        let poll = opts.poll.max(Duration::from_millis(10));
+        let task = tokio::spawn(async move {
+            tokio::join!(conn::accept_loop(listener, hub.clone(), rx.clone()), conn::poll_loop(hub, poll, rx));
+        });
+        tracing::info!("listening on {addr}{}", if is_tls { " (TLS)" } else { "" });
+        Ok(Self { addr, tls: is_tls, shutdown, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `ws://ADDR` or `wss://ADDR`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "wss" } else { "ws" }, self.addr)
+    }
+
+    /// Stops accepting, closes every connection (code 1001) and waits for the tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Serves until the task ends (it does not on its own).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Serves `listener` until the process ends.
+pub async fn serve(listener: TcpListener, opts: BackendOptions) -> Result<(), BackendError> {
+    Backend::start(listener, opts).await?.wait().await;
+    Ok(())
+}

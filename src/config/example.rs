@@ -1,0 +1,69 @@
+//! The documented example configuration. The README quotes it and a test parses it back,
+//! with every `;key = value` line uncommented, and compares the result with the built-in
+//! defaults, so this text cannot drift from the code.
+
+/// `/etc/opsagent.conf` with every key, commented out, showing its default (or an example
+/// value for keys without a default). Documentation lines start with `; `, settable lines
+/// with `;` directly followed by the key.
+pub const EXAMPLE: &str = concat!(
+    r#"; /etc/opsagent.conf: configuration of the opsagent daemon.
+;
+; Every key is optional. Each commented line shows the default, or an example value
+; for keys without a default; remove the leading ';' to set it. An empty value means
+; "not set". Unknown sections and keys are errors. Command-line flags override this file;
+; [userdata] keys set nowhere are read from the instance userdata (KEY=value shell lines).
+
+[userdata]
+; Backend WebSocket URL, ws:// or wss://. Required to connect.
+; Flag --ws-uri; userdata WS_URI.
+;ws_uri = wss://backend.example.com/agent/
+; The VisualOps app this instance belongs to. Required to connect. Changing it resets
+; the instance token. Flag --app-id; userdata APP_ID.
+;app_id = app-1234abcd
+; Agent version the backend expects (informative). Default: this build's version.
+; Userdata VERSION.
+;version = "#,
+    env!("CARGO_PKG_VERSION"),
+    r#"
+; Download base URL of agent releases, http:// or https://. Userdata BASE_REMOTE.
+;base_remote = https://releases.example.com/opsagent
+; Minisign public key (the base64 line of minisign.pub) that releases must be signed
+; with. Userdata UPDATE_KEY.
+;update_key = RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3
+; Fixed instance id; when set, the cloud metadata service is not asked.
+; Flag --instance-id; userdata INSTANCE_ID.
+;instance_id = i-0abc1234def567890
+; Base URL of the cloud metadata service (AWS IMDS or OpenStack).
+;metadata_url = http://169.254.169.254
+
+[agent]
+; Instance token file (secret, mode 0600; a second line records its app id).
+; Flag --token-file.
+;token_file = /var/lib/visualops/opsagent/token
+; State directory. Flag --state-dir.
+;state_dir = /var/lib/visualops/opsagent
+; Unix socket of the root helper. Flag --helper-socket.
+;helper_socket = /run/opsagent-helper/helper.sock
+; Seconds between two rounds of the recipe. Flag --round-delay.
+;round_delay = 600
+; Seconds to wait after a round that ceased on a failure; doubles up to retry_delay_max.
+; Flag --retry-delay.
+;retry_delay = 5
+;retry_delay_max = 300
+; Log level (off, error, warn, info, debug, trace) or a filter such as info,opsagent=debug.
+;log_level = info
+
+[link]
+; Extra PEM bundle of trusted CAs for wss:// (the system roots are always trusted).
+;ca_file = /etc/opsagent/ca.pem
+; Accept any server certificate. For tests only.
+;tls_insecure = false
+; Seconds between WebSocket pings.
+;ping_interval = 30
+; Largest accepted frame, in bytes (16 MiB).
+;max_frame = 16777216
+; Reconnect backoff in seconds: first pause, doubling up to backoff_max.
+;backoff_base = 1
+;backoff_max = 300
+"#
+);

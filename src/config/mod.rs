@@ -1,0 +1,426 @@
+//! The daemon's configuration: `/etc/opsagent.conf` (see [`EXAMPLE`]) plus command-line
+//! [`Overrides`], checked once into a typed [`Config`].
+//!
+//! Precedence, highest first: command-line flag, configuration file, instance userdata
+//! (only for the `[userdata]` keys, filled later by [`crate::identity`]), built-in default.
+//! `ws_uri` and `app_id` may stay unset at load time because some commands (`check`,
+//! `status`) never talk to the backend; [`Config::require_backend`] asks for them.
+
+mod error;
+mod example;
+mod ini;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::{ConfigError, Location, Origin};
+pub use example::EXAMPLE;
+pub(crate) use values::identifier;
+
+/// Read when no `--config` is given, if it exists.
+pub const DEFAULT_PATH: &str = "/etc/opsagent.conf";
+pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/visualops/opsagent";
+pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/visualops/opsagent/token";
+pub const DEFAULT_HELPER_SOCKET: &str = "/run/opsagent-helper/helper.sock";
+
+/// Every section and its keys, in file order. Unknown names are errors (typos would
+/// otherwise be silently ignored), and the example config must list all of these.
+pub const SECTIONS: &[(&str, &[&str])] = &[
+    (
+        "userdata",
+        &["ws_uri", "app_id", "version", "base_remote", "update_key", "instance_id", "metadata_url"],
+    ),
+    (
+        "agent",
+        &["token_file", "state_dir", "helper_socket", "round_delay", "retry_delay", "retry_delay_max", "log_level"],
+    ),
+    ("link", &["ca_file", "tls_insecure", "ping_interval", "max_frame", "backoff_base", "backoff_max"]),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    /// The file that was read, if any.
+    pub source: Option<PathBuf>,
+    pub userdata: UserdataConfig,
+    pub agent: AgentConfig,
+    pub link: LinkConfig,
+}
+
+/// `[userdata]`: who we are and where the backend is. Names kept from the original agent,
+/// whose instance userdata held `WS_URI=…`, `APP_ID=…` and so on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserdataConfig {
+    /// Backend WebSocket URL, `ws://` or `wss://`.
+    pub ws_uri: Option<String>,
+    /// The VisualOps app this instance belongs to (non-empty, no whitespace).
+    pub app_id: Option<String>,
+    /// The agent version the backend expects (informative); see [`UserdataConfig::version`].
+    pub version: Option<String>,
+    /// Download base URL for agent releases, `http(s)://`, without trailing `/`.
+    pub base_remote: Option<String>,
+    /// Minisign public key (base64 key line) that release archives must be signed with.
+    pub update_key: Option<String>,
+    /// Fixed instance id; when set, the metadata service is not asked.
+    pub instance_id: Option<String>,
+    /// Base URL of the cloud metadata service, without trailing `/`.
+    pub metadata_url: String,
+}
+
+impl Default for UserdataConfig {
+    fn default() -> Self {
+        UserdataConfig {
+            ws_uri: None,
+            app_id: None,
+            version: None,
+            base_remote: None,
+            update_key: None,
+            instance_id: None,
+            metadata_url: DEFAULT_METADATA_URL.to_string(),
+        }
+    }
+}
+
+impl UserdataConfig {
+    /// The configured expected version, else the version of this build.
+    pub fn version(&self) -> &str {
+        self.version.as_deref().unwrap_or(env!("CARGO_PKG_VERSION"))
+    }
+}
+
+/// `[agent]`: local paths and round timing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The instance token file (see [`crate::identity::load_or_create_token`]).
+    pub token_file: PathBuf,
+    pub state_dir: PathBuf,
+    /// Unix socket of the root helper.
+    pub helper_socket: PathBuf,
+    /// Pause between two rounds of the recipe (the original agent waited 10 minutes).
+    pub round_delay: Duration,
+    /// First pause after a round that ceased on a failure; doubles up to `retry_delay_max`.
+    pub retry_delay: Duration,
+    pub retry_delay_max: Duration,
+    /// A level (`info`) or a tracing filter directive list (`info,opsagent::link=debug`).
+    pub log_level: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            token_file: PathBuf::from(DEFAULT_TOKEN_FILE),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            helper_socket: PathBuf::from(DEFAULT_HELPER_SOCKET),
+            round_delay: Duration::from_secs(600),
+            retry_delay: Duration::from_secs(5),
+            retry_delay_max: Duration::from_secs(300),
+            log_level: "info".to_string(),
+        }
+    }
+}
+
+/// `[link]`: the WebSocket connection to the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// Extra PEM bundle of trusted CAs (in addition to the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// Accept any server certificate. For tests only.
+    pub tls_insecure: bool,
+    pub ping_interval: Duration,
+    /// Largest accepted frame, in bytes.
+    pub max_frame: usize,
+    /// Reconnect backoff: first pause, doubling up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            ca_file: None,
+            tls_insecure: false,
+            ping_interval: Duration::from_secs(30),
+            max_frame: 16 << 20,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Command-line flags that override the file. The CLI flattens this into its commands
+/// (`#[command(flatten)]`); the config file path is a separate flag.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct Overrides {
+    /// Backend WebSocket URL (ws:// or wss://) [config: userdata.ws_uri]
+    #[arg(long = "ws-uri", value_name = "URL")]
+    pub ws_uri: Option<String>,
+    /// VisualOps app id of this instance [config: userdata.app_id]
+    #[arg(long = "app-id", value_name = "ID")]
+    pub app_id: Option<String>,
+    /// Instance id; skips the cloud metadata service [config: userdata.instance_id]
+    #[arg(long = "instance-id", value_name = "ID")]
+    pub instance_id: Option<String>,
+    /// Instance token file [config: agent.token_file]
+    #[arg(long = "token-file", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// State directory [config: agent.state_dir]
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Unix socket of the root helper [config: agent.helper_socket]
+    #[arg(long = "helper-socket", value_name = "PATH")]
+    pub helper_socket: Option<PathBuf>,
+    /// Seconds between two rounds [config: agent.round_delay]
+    #[arg(long = "round-delay", value_name = "SECONDS")]
+    pub round_delay: Option<u64>,
+    /// Seconds to wait after a failed round [config: agent.retry_delay]
+    #[arg(long = "retry-delay", value_name = "SECONDS")]
+    pub retry_delay: Option<u64>,
+}
+
+impl Config {
+    /// Reads `path`, or [`DEFAULT_PATH`] if `path` is `None` and that file exists (else
+    /// defaults only), then applies `overrides`. An explicit `path` must exist.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_or_default_from(Path::new(DEFAULT_PATH), path, overrides)
+    }
+
+    /// [`Config::load`] with another default path (tests, packaging checks).
+    pub fn load_or_default_from(
+        default: &Path,
+        path: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(path) => Some((path, read(path)?)),
+            None => read_if_present(default)?.map(|text| (default, text)),
+        };
+        Self::build(file.as_ref().map(|(p, t)| (*p, t.as_str())), overrides)
+    }
+
+    /// Parses configuration text; `path` is only used in messages and as [`Config::source`].
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Self::build(Some((path, text)), &Overrides::default())
+    }
+
+    fn build(file: Option<(&Path, &str)>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        if let Some((path, text)) = file {
+            config.apply_file(path, text)?;
+            config.source = Some(path.to_path_buf());
+        }
+        config.apply_overrides(overrides)?;
+        config.check_consistency()?;
+        Ok(config)
+    }
+
+    /// The backend URL and app id, or an error naming the missing key and every way to set it.
+    pub fn require_backend(&self) -> Result<(&str, &str), ConfigError> {
+        let ws_uri = self.userdata.ws_uri.as_deref().ok_or_else(|| self.missing("ws_uri", "ws-uri", "WS_URI"))?;
+        let app_id = self.userdata.app_id.as_deref().ok_or_else(|| self.missing("app_id", "app-id", "APP_ID"))?;
+        Ok((ws_uri, app_id))
+    }
+
+    /// Sets a `[userdata]` key from a lower-precedence source (the instance userdata) unless
+    /// the file or a flag set it already. Returns whether the value was taken.
+    pub fn set_if_unset(&mut self, origin: Origin, section: &str, key: &str, value: &str) -> Result<bool, ConfigError> {
+        let Some((section, key)) = known_key(section, key) else {
+            return Ok(false);
+        };
+        if !self.is_unset(section, key) {
+            return Ok(false);
+        }
+        self.set(section, key, value).map_err(|p| ConfigError::invalid(Location { origin, section, key }, p))?;
+        Ok(true)
+    }
+
+    fn missing(&self, key: &'static str, flag: &'static str, var: &'static str) -> ConfigError {
+        let file = self.source.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+        ConfigError::Missing { file, section: "userdata", key, flag, var }
+    }
+
+    fn is_unset(&self, section: &str, key: &str) -> bool {
+        let u = &self.userdata;
+        match (section, key) {
+            ("userdata", "ws_uri") => u.ws_uri.is_none(),
+            ("userdata", "app_id") => u.app_id.is_none(),
+            ("userdata", "version") => u.version.is_none(),
+            ("userdata", "base_remote") => u.base_remote.is_none(),
+            ("userdata", "update_key") => u.update_key.is_none(),
+            ("userdata", "instance_id") => u.instance_id.is_none(),
+            // Every other key has a default, so it is never "unset".
+            _ => false,
+        }
+    }
+
+    fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let doc = ini::parse(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line: e.line,
+            problem: e.problem,
+        })?;
+        for (section, line) in &doc.sections {
+            if !SECTIONS.iter().any(|(name, _)| name == section) {
+                let (path, line, section) = (path.to_path_buf(), *line, section.clone());
+                return Err(ConfigError::UnknownSection { path, line, section, known: known_sections() });
+            }
+        }
+        let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+        for entry in &doc.entries {
+            let (section, key) = file_key(path, entry)?;
+            if let Some(first_line) = seen.insert((section, key), entry.line) {
+                return Err(ConfigError::Duplicate {
+                    path: path.to_path_buf(),
+                    line: entry.line,
+                    first_line,
+                    section: section.to_string(),
+                    key: key.to_string(),
+                });
+            }
+            // An empty value means "not set": handy for templated files.
+            if entry.value.is_empty() {
+                continue;
+            }
+            let at = Location { origin: Origin::File { path: path.to_path_buf(), line: entry.line }, section, key };
+            self.set(section, key, &entry.value).map_err(|p| ConfigError::invalid(at, p))?;
+        }
+        Ok(())
+    }
+
+    fn apply_overrides(&mut self, o: &Overrides) -> Result<(), ConfigError> {
+        let texts = [
+            ("userdata", "ws_uri", o.ws_uri.clone()),
+            ("userdata", "app_id", o.app_id.clone()),
+            ("userdata", "instance_id", o.instance_id.clone()),
+            ("agent", "round_delay", o.round_delay.map(|n| n.to_string())),
+            ("agent", "retry_delay", o.retry_delay.map(|n| n.to_string())),
+        ];
+        for (section, key, value) in texts {
+            if let Some(value) = value {
+                self.set(section, key, &value).map_err(|p| flag_error(section, key, p))?;
+            }
+        }
+        let paths = [
+            ("token_file", &o.token_file, &mut self.agent.token_file),
+            ("state_dir", &o.state_dir, &mut self.agent.state_dir),
+            ("helper_socket", &o.helper_socket, &mut self.agent.helper_socket),
+        ];
+        for (key, value, field) in paths {
+            if let Some(value) = value {
+                *field = flag_path(value).map_err(|p| flag_error("agent", key, p))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores one value after checking it; `Err` is the problem sentence.
+    fn set(&mut self, section: &str, key: &str, value: &str) -> Result<(), String> {
+        let (u, a, l) = (&mut self.userdata, &mut self.agent, &mut self.link);
+        match (section, key) {
+            ("userdata", "ws_uri") => u.ws_uri = Some(values::ws_url(value)?),
+            ("userdata", "app_id") => u.app_id = Some(values::identifier(value)?),
+            ("userdata", "version") => u.version = Some(values::identifier(value)?),
+            ("userdata", "base_remote") => u.base_remote = Some(values::http_url(value)?),
+            ("userdata", "update_key") => u.update_key = Some(values::base64_key(value)?),
+            ("userdata", "instance_id") => u.instance_id = Some(values::identifier(value)?),
+            ("userdata", "metadata_url") => u.metadata_url = values::http_url(value)?,
+            ("agent", "token_file") => a.token_file = values::absolute_path(value)?,
+            ("agent", "state_dir") => a.state_dir = values::absolute_path(value)?,
+            ("agent", "helper_socket") => a.helper_socket = values::absolute_path(value)?,
+            ("agent", "round_delay") => a.round_delay = values::seconds(value)?,
+            ("agent", "retry_delay") => a.retry_delay = values::seconds(value)?,
+            ("agent", "retry_delay_max") => a.retry_delay_max = values::seconds(value)?,
+            ("agent", "log_level") => a.log_level = values::log_level(value)?,
+            ("link", "ca_file") => l.ca_file = Some(values::absolute_path(value)?),
+            ("link", "tls_insecure") => l.tls_insecure = values::boolean(value)?,
+            ("link", "ping_interval") => l.ping_interval = values::seconds(value)?,
+            ("link", "max_frame") => l.max_frame = values::bytes(value)?,
+            ("link", "backoff_base") => l.backoff_base = values::seconds(value)?,
+            ("link", "backoff_max") => l.backoff_max = values::seconds(value)?,
+            // Callers look keys up in SECTIONS first; a test keeps both lists in step.
+            _ => return Err(format!("[{section}] {key} has no setter")),
+        }
+        Ok(())
+    }
+
+    /// Checks between keys, after every source is applied (a flag may break a file value).
+    fn check_consistency(&self) -> Result<(), ConfigError> {
+        let pairs = [
+            ("[agent] retry_delay", self.agent.retry_delay, "retry_delay_max", self.agent.retry_delay_max),
+            ("[link] backoff_base", self.link.backoff_base, "backoff_max", self.link.backoff_max),
+        ];
+        for (low_name, low, high_name, high) in pairs {
+            if low > high {
+                return Err(ConfigError::Inconsistent {
+                    origin: self.source.as_ref().map_or_else(
+                        || "command line and defaults".to_string(),
+                        |p| p.display().to_string(),
+                    ),
+                    problem: format!(
+                        "{low_name} ({} s) is greater than {high_name} ({} s); raise {high_name} or lower both",
+                        low.as_secs(),
+                        high.as_secs()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The static `(section, key)` names for a file entry, or the error for an unknown one.
+fn file_key(path: &Path, entry: &ini::Entry) -> Result<(&'static str, &'static str), ConfigError> {
+    let Some((section, _)) = &entry.section else {
+        return Err(ConfigError::OutsideSection {
+            path: path.to_path_buf(),
+            line: entry.line,
+            key: entry.key.clone(),
+            known: known_sections(),
+        });
+    };
+    known_key(section, &entry.key).ok_or_else(|| ConfigError::UnknownKey {
+        path: path.to_path_buf(),
+        line: entry.line,
+        section: section.clone(),
+        key: entry.key.clone(),
+        known: SECTIONS.iter().find(|(s, _)| s == section).map(|(_, keys)| keys.join(", ")).unwrap_or_default(),
+    })
+}
+
+fn known_key(section: &str, key: &str) -> Option<(&'static str, &'static str)> {
+    let (section, keys) = SECTIONS.iter().find(|(s, _)| *s == section)?;
+    keys.iter().find(|k| **k == key).map(|k| (*section, *k))
+}
+
+fn known_sections() -> String {
+    SECTIONS.iter().map(|(s, _)| format!("[{s}]")).collect::<Vec<_>>().join(", ")
+}
+
+fn flag_error(section: &'static str, key: &'static str, problem: String) -> ConfigError {
+    ConfigError::invalid(Location { origin: Origin::Flag, section, key }, problem)
+}
+
+/// A path flag may be relative (typed in a shell): it is taken from the current directory.
+fn flag_path(path: &Path) -> Result<PathBuf, String> {
+    if path.as_os_str().is_empty() {
+        return values::checked_path(path);
+    }
+    let absolute = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    values::checked_path(&absolute)
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::read(path, e))
+}
+
+fn read_if_present(path: &Path) -> Result<Option<String>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ConfigError::read(path, e)),
+    }
+}

@@ -1,0 +1,738 @@
+//! The reference backend, served for real on 127.0.0.1:0 (in-process, or the binary) and
+//! driven by WebSocket clients that speak as agents.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use opsagent::backend::{Backend, BackendOptions, TlsFiles};
+use opsagent::protocol::{parse_inbound, Identity, Inbound, Outbound, StateLog};
+use opsagent::recipe::Recipe;
+use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Generous: CI machines can be slow. Nothing waits this long when things work.
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(50);
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("recipes")).unwrap();
+        Self { dir }
+    }
+
+    fn recipes(&self) -> PathBuf {
+        self.dir.path().join("recipes")
+    }
+
+    fn statelog(&self) -> PathBuf {
+        self.dir.path().join("statelog.jsonl")
+    }
+
+    fn events(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
+    fn opts(&self) -> BackendOptions {
+        BackendOptions { events: Some(self.events()), poll: POLL, ..BackendOptions::new(self.recipes(), self.statelog()) }
+    }
+
+    async fn start(&self) -> Backend {
+        self.start_with(self.opts()).await
+    }
+
+    async fn start_with(&self, opts: BackendOptions) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::start(listener, opts).await.unwrap()
+    }
+
+    /// Writes a recipe-directory file whole (temporary file, then rename), so that a poll
+    /// never sees half of it.
+    fn write(&self, name: &str, content: &str) {
+        let tmp = self.recipes().join(format!(".tmp-{name}"));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, self.recipes().join(name)).unwrap();
+    }
+
+    fn write_json(&self, name: &str, v: &Value) {
+        self.write(name, &v.to_string());
+    }
+
+    fn statelog_lines(&self) -> Vec<Value> {
+        json_lines(&self.statelog())
+    }
+
+    fn events_lines(&self) -> Vec<Value> {
+        json_lines(&self.events())
+    }
+
+    /// Waits until an event matching `pick` is recorded.
+    async fn event(&self, pick: impl Fn(&Value) -> bool) -> Value {
+        eventually("an event", || self.events_lines().into_iter().find(|e| pick(e))).await
+    }
+}
+
+fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display())))
+        .collect()
+}
+
+async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let give_up = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn recipe(states: Value) -> Value {
+    json!({"component": {"init": {"state": states}}})
+}
+
+fn comment(id: &str) -> Value {
+    json!({"id": id, "module": "meta.comment", "parameter": {"comment": id}})
+}
+
+fn wait_on(id: &str, refs: Value) -> Value {
+    json!({"id": id, "module": "meta.wait", "parameter": {"state": refs}})
+}
+
+fn who(app: &str, instance: &str, version: &str) -> Identity {
+    Identity {
+        instance_id: instance.into(),
+        app_id: app.into(),
+        instance_token: "secret-token".into(),
+        agent_version: version.into(),
+    }
+}
+
+const ALL_CAPS: &[&str] = &["statelog-ack", "reconnect-hint", "heartbeat"];
+
+/// A client speaking as an agent, with the agent's own message builders.
+struct Agent {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    who: Identity,
+}
+
+impl Agent {
+    async fn connect(url: &str, who: Identity) -> Self {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
+        Self { ws, who }
+    }
+
+    async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    async fn send_out(&mut self, m: Outbound) {
+        let v = m.to_json(&self.who);
+        self.send(v).await;
+    }
+
+    /// The next frame of any kind.
+    async fn next(&mut self) -> Message {
+        tokio::time::timeout(WAIT, self.ws.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("connection ended")
+            .expect("connection failed")
+    }
+
+    /// The next text frame, checked against the agent's own parser.
+    async fn recv(&mut self) -> Value {
+        loop {
+            match self.next().await {
+                Message::Text(t) => {
+                    parse_inbound(t.as_str()).unwrap_or_else(|e| panic!("the agent cannot parse {t}: {e}"));
+                    return serde_json::from_str(t.as_str()).unwrap();
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    async fn expect(&mut self, code: &str) -> Value {
+        let v = self.recv().await;
+        assert_eq!(v["code"], code, "{v}");
+        v
+    }
+
+    async fn handshake(&mut self, caps: &[&str]) {
+        let capabilities = caps.iter().map(|c| c.to_string()).collect();
+        self.send_out(Outbound::Handshake { init_errors: None, capabilities }).await;
+        if !caps.is_empty() {
+            let v = self.expect("Capabilities").await;
+            assert_eq!(v["capabilities"], json!(ALL_CAPS));
+        }
+    }
+
+    /// Handshake answered with a recipe: its (version, states).
+    async fn handshake_for_recipe(&mut self, caps: &[&str]) -> (u64, Vec<Value>) {
+        self.handshake(caps).await;
+        let v = self.expect("RecipeMetadata").await;
+        (v["recipe_version"].as_u64().unwrap(), v["state"].as_array().unwrap().clone())
+    }
+
+    async fn state_log(&mut self, version: u64, state: &str, ok: bool, seq: Option<u64>) {
+        let log = StateLog {
+            recipe_version: version,
+            state_id: state.into(),
+            result: ok,
+            comment: Some("done".into()),
+            stdout: None,
+            seq,
+            offline: false,
+        };
+        self.send_out(Outbound::StateLog(log)).await;
+    }
+
+    /// Proves that nothing was queued for this agent: the answer to a Test is the very
+    /// next frame.
+    async fn quiet(&mut self) {
+        self.send(json!({"code": "Test"})).await;
+        let v = self.recv().await;
+        assert_eq!(v, json!({"code": "TestAns", "result": true, "error": null}), "unexpected frame");
+    }
+
+    async fn wait_list(&mut self, version: u64) -> Value {
+        self.send_out(Outbound::WaitQuery { recipe_version: version }).await;
+        let v = self.expect("WaitList").await;
+        assert_eq!(v["recipe_version"], version);
+        v["waited"].clone()
+    }
+}
+
+fn ids(states: &[Value]) -> Vec<&str> {
+    states.iter().map(|s| s["id"].as_str().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn handshake_is_answered_with_the_recipe_file_states() {
+    let env = Env::new();
+    // The original test suite's recipes, each as an app.
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/recipes/visualops-basic");
+    let mut apps = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&shared) {
+        for e in entries {
+            let path = e.unwrap().path();
+            let app = path.file_stem().unwrap().to_str().unwrap().replace('.', "-");
+            std::fs::copy(&path, env.recipes().join(format!("{app}.json"))).unwrap();
+            apps.push((app, path));
+        }
+    }
+    env.write_json(
+        "app-1.json",
+        &json!({"recipe_version": 3, "module": {"repo": "https://x/salt.git", "tag": "v1"},
+                "state": [comment("s1"), {"id": "s2", "module": "linux.file", "parameter": {"path": "/tmp/x"}}]}),
+    );
+    let backend = env.start().await;
+
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake(ALL_CAPS).await;
+    let v = agent.expect("RecipeMetadata").await;
+    assert_eq!(v["recipe_version"], 3);
+    assert_eq!(v["module"], json!({"repo": "https://x/salt.git", "tag": "v1"}));
+    assert_eq!(v["state"][1], json!({"id": "s2", "module": "linux.file", "parameter": {"path": "/tmp/x"}}));
+    // A second Handshake on the live connection (here from a v1 agent: no capabilities)
+    // is harmless: the recipe again.
+    agent.handshake(&[]).await;
+    let v = agent.expect("RecipeMetadata").await;
+    assert_eq!((v["recipe_version"].as_u64(), ids(v["state"].as_array().unwrap())), (Some(3), vec!["s1", "s2"]));
+    agent.quiet().await;
+
+    for (app, path) in apps {
+        let mut agent = Agent::connect(&backend.url(), who(&app, "i-2", "1.2.0")).await;
+        agent.handshake(&[]).await;
+        let v = agent.recv().await;
+        match Recipe::load_file(&path) {
+            Ok(r) => {
+                assert_eq!(v["code"], "RecipeMetadata", "{}: {v}", path.display());
+                assert_eq!(v["recipe_version"], 1);
+                let expected: Vec<Value> = r
+                    .states
+                    .iter()
+                    .map(|s| json!({"id": s.id.as_str(), "module": s.module, "parameter": s.parameter}))
+                    .collect();
+                assert_eq!(v["state"], json!(expected), "{}", path.display());
+            }
+            Err(e) => assert_eq!(v["code"], "AppNotReady", "{}: {e}", path.display()),
+        }
+    }
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unknown_app_is_not_ready_until_its_file_is_valid() {
+    let env = Env::new();
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-new", "i-1", "1.2.0")).await;
+    agent.handshake(ALL_CAPS).await;
+    agent.expect("AppNotReady").await;
+    // An invalid file is no better.
+    env.write("app-new.json", r#"{"state": [{"module": "meta.comment", "parameter": {}}]}"#);
+    agent.handshake(ALL_CAPS).await;
+    agent.expect("AppNotReady").await;
+    env.event(|e| e["event"] == "recipe_rejected" && e["app_id"] == "app-new").await;
+    // The agent retries on the same connection and gets the recipe once the file is there.
+    env.write_json("app-new.json", &recipe(json!([comment("s1")])));
+    let (version, states) = agent.handshake_for_recipe(ALL_CAPS).await;
+    assert_eq!((version, ids(&states)), (1, vec!["s1"]));
+    agent.quiet().await;
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn statelogs_are_appended_one_line_each() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1"), comment("s2")])));
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(&[]).await;
+    agent.state_log(1, "s1", true, None).await;
+    agent.state_log(1, "s2", false, None).await;
+    // The original documentation's spelling, and a seq from an agent that did not
+    // announce statelog-ack: recorded, not acknowledged.
+    agent
+        .send(json!({"code": "StateLog", "instance_id": "i-1", "app_id": "app-1", "recipe_version": 1,
+                     "stateid": "s2", "state_result": true, "state_comment": null, "state_stdout": null, "seq": 5}))
+        .await;
+    agent.quiet().await;
+    let lines = eventually("three statelog lines", || Some(env.statelog_lines()).filter(|l| l.len() == 3)).await;
+    assert_eq!(lines[0]["id"], "s1");
+    assert_eq!(lines[0]["stateid"], "s1");
+    assert_eq!(lines[0]["state_result"], true);
+    assert_eq!(lines[0]["instance_id"], "i-1");
+    assert_eq!(lines[1]["state_result"], false);
+    assert_eq!(lines[2]["stateid"], "s2");
+    for l in &lines {
+        let at = l["received_at"].as_str().unwrap();
+        assert!(at.len() == 24 && at.ends_with('Z') && at.as_bytes()[10] == b'T', "{at}");
+    }
+    // StateLogs are not events.
+    assert!(env.events_lines().iter().all(|e| e["code"] != "StateLog"));
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn resent_statelogs_are_acknowledged_but_recorded_once_even_across_a_restart() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1"), comment("s2")])));
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(ALL_CAPS).await;
+    for seq in [1, 2, 1] {
+        agent.state_log(1, if seq == 1 { "s1" } else { "s2" }, true, Some(seq)).await;
+        assert_eq!(agent.expect("StateLogAck").await["seq"], seq);
+    }
+    // Sequence numbers are per instance.
+    let mut other = Agent::connect(&backend.url(), who("app-1", "i-2", "1.2.0")).await;
+    other.handshake_for_recipe(ALL_CAPS).await;
+    other.state_log(1, "s1", true, Some(1)).await;
+    other.expect("StateLogAck").await;
+    assert_eq!(env.statelog_lines().len(), 3);
+
+    backend.shutdown().await;
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(ALL_CAPS).await;
+    agent.state_log(1, "s2", true, Some(2)).await;
+    assert_eq!(agent.expect("StateLogAck").await["seq"], 2);
+    agent.state_log(1, "s1", true, Some(3)).await;
+    assert_eq!(agent.expect("StateLogAck").await["seq"], 3);
+    let lines = env.statelog_lines();
+    let seqs: Vec<(&str, u64)> = lines.iter().map(|l| (l["instance_id"].as_str().unwrap(), l["seq"].as_u64().unwrap())).collect();
+    assert_eq!(seqs, vec![("i-1", 1), ("i-1", 2), ("i-2", 1), ("i-1", 3)]);
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_edited_recipe_is_pushed_with_the_next_version() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    assert_eq!(agent.handshake_for_recipe(ALL_CAPS).await.0, 1);
+    let mut other_app = Agent::connect(&backend.url(), who("app-2", "i-9", "1.2.0")).await;
+    other_app.handshake(&[]).await;
+    other_app.expect("AppNotReady").await;
+
+    env.write_json("app-1.json", &recipe(json!([comment("s1"), comment("s2")])));
+    let v = agent.expect("RecipeMetadata").await;
+    assert_eq!((v["recipe_version"].as_u64(), ids(v["state"].as_array().unwrap())), (Some(2), vec!["s1", "s2"]));
+
+    // The same content laid out differently is no new recipe: a Handshake (which re-reads
+    // the file) still gets version 2, and the first agent got no push.
+    env.write("app-1.json", &serde_json::to_string_pretty(&recipe(json!([comment("s1"), comment("s2")]))).unwrap());
+    let mut late = Agent::connect(&backend.url(), who("app-1", "i-2", "1.2.0")).await;
+    assert_eq!(late.handshake_for_recipe(&[]).await.0, 2);
+    agent.quiet().await;
+
+    // A file's own higher recipe_version is taken.
+    env.write_json("app-1.json", &json!({"recipe_version": 10, "state": [comment("s3")]}));
+    let v = agent.expect("RecipeMetadata").await;
+    assert_eq!((v["recipe_version"].as_u64(), ids(v["state"].as_array().unwrap())), (Some(10), vec!["s3"]));
+    assert_eq!(late.expect("RecipeMetadata").await["recipe_version"], 10);
+    other_app.quiet().await;
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_edit_keeps_the_previous_version_and_pushes_nothing() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(ALL_CAPS).await;
+
+    for (n, broken) in [
+        r#"{"component": {"init": {"state": [{"id": "s1", "module": "meta.comment"}]}}}"#,
+        r#"{"component": "#,
+        r#"{"recipe_version": 0, "state": []}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        env.write("app-1.json", broken);
+        let rejected = eventually("the rejection", || {
+            let all: Vec<Value> = env.events_lines().into_iter().filter(|e| e["event"] == "recipe_rejected").collect();
+            all.get(n).cloned()
+        })
+        .await;
+        assert!(rejected["file"].as_str().unwrap().ends_with("app-1.json"), "{rejected}");
+        assert!(!rejected["reason"].as_str().unwrap().is_empty());
+        assert_eq!(rejected["serving"], 1);
+        agent.quiet().await;
+        let mut late = Agent::connect(&backend.url(), who("app-1", "i-2", "1.2.0")).await;
+        let (version, states) = late.handshake_for_recipe(&[]).await;
+        assert_eq!((version, ids(&states)), (1, vec!["s1"]));
+    }
+    // Fixed: the next version.
+    env.write_json("app-1.json", &recipe(json!([comment("s2")])));
+    assert_eq!(agent.expect("RecipeMetadata").await["recipe_version"], 2);
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_serves_unchanged_recipes_under_the_same_version() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let backend = env.start().await;
+    env.write_json("app-1.json", &recipe(json!([comment("s2")])));
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    assert_eq!(agent.handshake_for_recipe(&[]).await.0, 2);
+    backend.shutdown().await;
+
+    // Unchanged: same version.
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    let (version, states) = agent.handshake_for_recipe(&[]).await;
+    assert_eq!((version, ids(&states)), (2, vec!["s2"]));
+    backend.shutdown().await;
+
+    // Changed while the backend was down: the next version, never an earlier one.
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    assert_eq!(agent.handshake_for_recipe(&[]).await.0, 3);
+    backend.shutdown().await;
+
+    // Broken while the backend was down: the last valid recipe, same version.
+    env.write("app-1.json", "{");
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    let (version, states) = agent.handshake_for_recipe(&[]).await;
+    assert_eq!((version, ids(&states)), (3, vec!["s1"]));
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wait_is_released_when_the_remote_state_succeeds() {
+    let env = Env::new();
+    env.write_json("web.json", &recipe(json!([comment("web-1"), comment("web-2")])));
+    env.write_json(
+        "app-b.json",
+        &recipe(json!([
+            comment("b-1"),
+            wait_on("b-wait", json!("@{web.web-1}")),
+            wait_on("b-both", json!(["@{i-a.web-1}", "@{*.web-2}"])),
+        ])),
+    );
+    let backend = env.start().await;
+    let mut b = Agent::connect(&backend.url(), who("app-b", "i-b", "1.2.0")).await;
+    b.handshake_for_recipe(ALL_CAPS).await;
+    assert_eq!(b.wait_list(1).await, json!([]));
+
+    let mut a = Agent::connect(&backend.url(), who("web", "i-a", "1.2.0")).await;
+    a.handshake_for_recipe(&[]).await;
+    // A failure, or a success under another recipe version, releases nothing.
+    a.state_log(1, "web-1", false, None).await;
+    a.state_log(7, "web-1", true, None).await;
+    a.quiet().await;
+    b.quiet().await;
+
+    a.state_log(1, "web-1", true, None).await;
+    let v = b.expect("State").await;
+    assert_eq!((v["recipe_version"].as_u64(), v["stateid"].as_str()), (Some(1), Some("b-wait")));
+    b.quiet().await;
+    assert_eq!(b.wait_list(1).await, json!([{"instance_id": "i-a", "state_id": "b-wait"}]));
+
+    a.state_log(1, "web-2", true, None).await;
+    let v = b.expect("State").await;
+    assert_eq!(v["stateid"], "b-both");
+    assert_eq!(
+        b.wait_list(1).await,
+        json!([{"instance_id": "i-a", "state_id": "b-wait"}, {"instance_id": "i-a", "state_id": "b-both"}])
+    );
+    // Another version of B's recipe has had nothing released.
+    assert_eq!(b.wait_list(2).await, json!([]));
+
+    // A new recipe for web: web-1 must succeed again under the new version for a new
+    // version of B's recipe.
+    env.write_json("web.json", &recipe(json!([comment("web-1"), comment("web-2"), comment("web-3")])));
+    assert_eq!(a.expect("RecipeMetadata").await["recipe_version"], 2);
+    env.write_json("app-b.json", &recipe(json!([wait_on("b-wait", json!("@{web.web-1}"))])));
+    assert_eq!(b.expect("RecipeMetadata").await["recipe_version"], 2);
+    b.quiet().await;
+    a.state_log(2, "web-1", true, None).await;
+    assert_eq!(b.expect("State").await["recipe_version"], 2);
+
+    // Releases are rebuilt from the statelog after a restart.
+    backend.shutdown().await;
+    let backend = env.start().await;
+    let mut b = Agent::connect(&backend.url(), who("app-b", "i-b", "1.2.0")).await;
+    b.handshake_for_recipe(&[]).await;
+    assert_eq!(b.wait_list(2).await, json!([{"instance_id": "i-a", "state_id": "b-wait"}]));
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn agent_updates_are_ordered_by_file_and_on_handshake() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let backend = env.start().await;
+    let mut old = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    old.handshake_for_recipe(ALL_CAPS).await;
+    let mut new = Agent::connect(&backend.url(), who("app-1", "i-2", "1.3.0")).await;
+    new.handshake_for_recipe(&[]).await;
+    let mut elsewhere = Agent::connect(&backend.url(), who("app-2", "i-3", "1.2.0")).await;
+    elsewhere.handshake(&[]).await;
+    elsewhere.expect("AppNotReady").await;
+
+    env.write_json("app-1.update.json", &json!({"version": "1.3.0", "url": "https://dl.example/1.3.0/opsagent.tgz"}));
+    let v = old.expect("AgentUpdate").await;
+    assert_eq!(v, json!({"code": "AgentUpdate", "version": "1.3.0", "url": "https://dl.example/1.3.0/opsagent.tgz"}));
+    new.quiet().await;
+    elsewhere.quiet().await;
+
+    // An agent that was not connected when the order was given gets it on Handshake.
+    let mut stopped = Agent::connect(&backend.url(), who("app-1", "i-4", "1.1.0")).await;
+    stopped.handshake_for_recipe(&[]).await;
+    assert_eq!(stopped.expect("AgentUpdate").await["version"], "1.3.0");
+    stopped.quiet().await;
+    new.handshake_for_recipe(&[]).await;
+    new.quiet().await;
+
+    // A changed order goes to everyone not on that version.
+    env.write_json("app-1.update.json", &json!({"version": "1.4.0", "url": "https://dl.example/1.4.0/opsagent.tgz"}));
+    for agent in [&mut old, &mut new, &mut stopped] {
+        assert_eq!(agent.expect("AgentUpdate").await["version"], "1.4.0");
+    }
+    // Withdrawn: no more orders on Handshake (which re-reads the app's files).
+    std::fs::remove_file(env.recipes().join("app-1.update.json")).unwrap();
+    let mut later = Agent::connect(&backend.url(), who("app-1", "i-5", "1.1.0")).await;
+    later.handshake_for_recipe(&[]).await;
+    later.quiet().await;
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_frames_are_ignored() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let backend = env.start_with(BackendOptions { max_frame_bytes: 64 * 1024, ..env.opts() }).await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    agent.ws.send(Message::text("not json")).await.unwrap();
+    agent.ws.send(Message::text("[1, 2]")).await.unwrap();
+    agent.send(json!({"code": 5})).await;
+    agent.send(json!({"code": "Brand-New", "x": 1})).await;
+    agent.send(json!({"code": "StateLog"})).await;
+    agent.send(json!({"code": "WaitQuery"})).await;
+    agent.send(json!({"code": "Handshake", "app_id": "../../etc/passwd", "instance_id": "i-1"})).await;
+    agent.expect("AppNotReady").await;
+    agent.ws.send(Message::binary(vec![0u8, 159, 146, 150])).await.unwrap();
+    agent.ws.send(Message::Ping(b"hello".to_vec().into())).await.unwrap();
+    match agent.next().await {
+        Message::Pong(p) => assert_eq!(p.as_ref(), b"hello"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    agent.quiet().await;
+    agent.handshake_for_recipe(&[]).await;
+    agent.quiet().await;
+    env.event(|e| e["event"] == "binary" && e["len"] == 4).await;
+    env.event(|e| e["event"] == "invalid" && e["frame"] == "not json").await;
+    env.event(|e| e["event"] == "message" && e["code"] == "Brand-New").await;
+
+    // An oversized frame ends that connection only.
+    let _ = agent.ws.send(Message::text("x".repeat(100 * 1024))).await;
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match agent.ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the oversized frame did not end the connection");
+    let mut again = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    again.handshake_for_recipe(&[]).await;
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn events_record_connections_handshakes_and_heartbeats() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let backend = env.start().await;
+    let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(ALL_CAPS).await;
+    agent.send_out(Outbound::Heartbeat(json!({"state": "idle"}))).await;
+    agent.send_out(Outbound::WaitQuery { recipe_version: 1 }).await;
+    agent.expect("WaitList").await;
+    agent.ws.close(None).await.unwrap();
+    let close = env.event(|e| e["event"] == "close").await;
+    assert_eq!(close["instance_id"], "i-1");
+    let events = env.events_lines();
+    let kinds: Vec<String> = events
+        .iter()
+        .filter(|e| e["event"] != "recipe_loaded")
+        .map(|e| format!("{}{}", e["event"].as_str().unwrap(), e["code"].as_str().map(|c| format!(":{c}")).unwrap_or_default()))
+        .collect();
+    assert_eq!(kinds, ["open", "message:Handshake", "message:Heartbeat", "message:WaitQuery", "close"]);
+    let hs = &events.iter().find(|e| e["code"] == "Handshake").unwrap()["message"];
+    assert_eq!(hs["instance_id"], "i-1");
+    assert_eq!(hs["instance_token"], "<redacted>");
+    assert_eq!(events.iter().find(|e| e["code"] == "Heartbeat").unwrap()["message"]["state"], "idle");
+    assert!(events.iter().all(|e| e["at"].as_str().is_some_and(|t| t.ends_with('Z'))));
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reconnect_order_closes_hinted_agents_with_1012() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let backend = env.start().await;
+    let mut hinted = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
+    hinted.handshake_for_recipe(ALL_CAPS).await;
+    let mut v1 = Agent::connect(&backend.url(), who("app-1", "i-2", "1.2.0")).await;
+    v1.handshake_for_recipe(&[]).await;
+
+    env.write_json("app-1.reconnect.json", &json!({"after_s": 3}));
+    assert_eq!(hinted.expect("Reconnect").await, json!({"code": "Reconnect", "after_s": 3}));
+    match hinted.next().await {
+        Message::Close(Some(f)) => {
+            assert_eq!(f.code, CloseCode::Restart);
+            assert_eq!(f.reason.as_str(), "reconnect after 3 s");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    eventually("the order file removed", || Some(()).filter(|()| !env.recipes().join("app-1.reconnect.json").exists())).await;
+    v1.quiet().await;
+    backend.shutdown().await;
+}
+
+/// Kills the child when the test ends, however it ends.
+struct Child(tokio::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_wss_with_a_self_signed_certificate() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (env.dir.path().join("cert.pem"), env.dir.path().join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    // The library refuses bad files up front.
+    let bad = BackendOptions { tls: Some(TlsFiles { cert: key_pem.clone(), key: key_pem.clone() }), ..env.opts() };
+    assert!(Backend::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), bad).await.is_err());
+
+    let mut child = Child(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_opsagent-backend"))
+            .args(["--listen", "127.0.0.1:0", "--poll-ms", "50"])
+            .arg("--recipe-dir")
+            .arg(env.recipes())
+            .arg("--statelog")
+            .arg(env.statelog())
+            .arg("--events")
+            .arg(env.events())
+            .arg("--tls-cert")
+            .arg(&cert_pem)
+            .arg("--tls-key")
+            .arg(&key_pem)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = tokio::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().expect("no listening line");
+    let addr = line.strip_prefix("opsagent-backend listening on ").unwrap_or_else(|| panic!("{line:?}"));
+    let port = addr.rsplit(':').next().unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_tungstenite::Connector::Rustls(Arc::new(client));
+    let url = format!("wss://127.0.0.1:{port}");
+    let (ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, false, Some(connector)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut agent = Agent { ws, who: who("app-1", "i-1", "1.2.0") };
+    let (version, states) = agent.handshake_for_recipe(ALL_CAPS).await;
+    assert_eq!((version, ids(&states)), (1, vec!["s1"]));
+    agent.state_log(1, "s1", true, Some(1)).await;
+    agent.expect("StateLogAck").await;
+
+    // A client that does not trust the certificate gets nowhere; plain ws neither.
+    let untrusting = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url.as_str())).await.unwrap();
+    assert!(untrusting.is_err());
+    let plain = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}"))).await.unwrap();
+    assert!(plain.is_err());
+    agent.quiet().await;
+
+    child.0.start_kill().unwrap();
+    tokio::time::timeout(WAIT, child.0.wait()).await.unwrap().unwrap();
+}
