@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use opsagent::backend::{Backend, BackendOptions, TlsFiles};
-use opsagent::protocol::{parse_inbound, Identity, Inbound, Outbound, StateLog};
+use opsagent::protocol::{parse_inbound, Identity, Outbound, StateLog};
 use opsagent::recipe::Recipe;
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
@@ -515,11 +515,13 @@ async fn a_wait_is_released_when_the_remote_state_succeeds() {
     a.state_log(2, "web-1", true, None).await;
     assert_eq!(b.expect("State").await["recipe_version"], 2);
 
-    // Releases are rebuilt from the statelog after a restart.
+    // Releases are rebuilt from the statelog after a restart; an instance heard of for
+    // the first time since is told at its Handshake.
     backend.shutdown().await;
     let backend = env.start().await;
     let mut b = Agent::connect(&backend.url(), who("app-b", "i-b", "1.2.0")).await;
     b.handshake_for_recipe(&[]).await;
+    assert_eq!(b.expect("State").await["stateid"], "b-wait");
     assert_eq!(b.wait_list(2).await, json!([{"instance_id": "i-a", "state_id": "b-wait"}]));
     backend.shutdown().await;
 }
@@ -694,6 +696,7 @@ async fn the_binary_serves_wss_with_a_self_signed_certificate() {
             .arg(&cert_pem)
             .arg("--tls-key")
             .arg(&key_pem)
+            .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()

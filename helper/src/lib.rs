@@ -39,8 +39,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
     // Bind before any thread exists: binding briefly narrows the process umask.
     let (listener, bound_path) = match &cli.socket {
-        Some(path) => (socket::bind(path, allow.socket_group())?, Some(path.clone())),
-        None => (socket::from_systemd()?, None),
+        Some(path) => {
+            let listener = socket::bind(path, allow.socket_group())?;
+            tracing::info!(path = %path.display(), group = %allow.socket_group(), "bound the socket");
+            (listener, Some(path.clone()))
+        }
+        None => {
+            let listener = socket::from_systemd()?;
+            tracing::info!("using the socket passed by systemd");
+            (listener, None)
+        }
     };
 
     let config = Arc::new(server::Config {

@@ -210,10 +210,15 @@ impl Connection {
                 self.reply(id, Reply::Error(e)).await;
             }
             Request::Status => {
+                // Debug only: status doubles as a liveness probe and may be frequent.
+                debug!(id, "status");
                 let status = self.shared.status();
                 self.reply(id, Reply::Status(status)).await;
             }
-            Request::Cancel { target } => self.reply(id, Reply::Cancelled { target, found: false }).await,
+            Request::Cancel { target } => {
+                info!(id, target, "cancel requested, but nothing runs");
+                self.reply(id, Reply::Cancelled { target, found: false }).await;
+            }
             Request::Apply(req) => self.apply(id, req).await,
         }
     }

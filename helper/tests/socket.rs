@@ -1,0 +1,443 @@
+//! The real helper binary on a real socket, spoken to with the real codec.
+//!
+//! Each test starts its own helper (`--socket <tmp>/h.sock --allow-user nobody`) and
+//! kills it when done, even on a panic. These tests need root, as the helper does.
+
+#![allow(clippy::unwrap_used)] // test support code outside #[test] fns
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::unistd::Pid;
+use opsagent_helper::exec::group_members;
+use opsagent_proto::catalogue::parse_state;
+use opsagent_proto::codec::{self, DEFAULT_MAX_FRAME};
+use opsagent_proto::newtypes::StateId;
+use opsagent_proto::request::{
+    ApplyRequest, Change, ErrorCode, Outcome, Reply, ReplyFrame, Request, RequestFrame,
+};
+use opsagent_proto::PROTOCOL_VERSION;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::time::{sleep, timeout, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_opsagent-helper");
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A uid that is not allowed but is in the socket's group (nogroup, the primary group
+/// of the allowed user `nobody`): the file mode lets it connect, so a refusal can only
+/// come from the peer-credential check.
+const OUTSIDER_UID: u32 = 65533;
+const NOGROUP: u32 = 65534;
+const PROBE_ENV: &str = "OPSAGENT_HELPER_TEST_PROBE_SOCKET";
+
+struct Helper {
+    child: Child,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Helper {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Other uids must reach the socket (the refusal test); the socket's own mode
+        // is what keeps them out.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = dir.path().join("h.sock");
+        let mut child = Command::new(BIN)
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--allow-user", "nobody", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .env("RUST_LOG", "info")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let helper = Self { child, dir, sock, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&helper.sock).await.is_err() {
+            assert!(Instant::now() < deadline, "helper did not start; log:\n{}", helper.log());
+            sleep(Duration::from_millis(20)).await;
+        }
+        helper
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn wait_for_log(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no log line with {needles:?}; log:\n{log}");
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn client(&self) -> Client {
+        let mut c = Client { stream: UnixStream::connect(&self.sock).await.unwrap(), next_id: 1 };
+        c.hello().await;
+        c
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client {
+    stream: UnixStream,
+    next_id: u64,
+}
+
+impl Client {
+    async fn send(&mut self, request: Request) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        codec::write_frame(&mut self.stream, &RequestFrame { id, request }, DEFAULT_MAX_FRAME).await.unwrap();
+        id
+    }
+
+    /// The next reply, or `None` when the helper closed the connection.
+    async fn recv_or_eof(&mut self) -> Option<ReplyFrame> {
+        match timeout(REPLY_TIMEOUT, codec::read_frame(&mut self.stream, DEFAULT_MAX_FRAME)).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(codec::CodecError::Io(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Ok(Err(e)) => panic!("bad reply: {e}"),
+            Err(_) => panic!("no reply within {REPLY_TIMEOUT:?}"),
+        }
+    }
+
+    async fn recv(&mut self) -> ReplyFrame {
+        self.recv_or_eof().await.expect("the helper closed the connection")
+    }
+
+    async fn call(&mut self, request: Request) -> Reply {
+        let id = self.send(request).await;
+        let frame = self.recv().await;
+        assert_eq!(frame.id, id, "{frame:?}");
+        frame.reply
+    }
+
+    async fn hello(&mut self) {
+        let reply = self.call(Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "test".into() }).await;
+        assert!(matches!(reply, Reply::Hello { protocol_version: PROTOCOL_VERSION, .. }), "{reply:?}");
+    }
+
+    async fn apply(&mut self, module: &str, params: Value) -> Outcome {
+        match self.call(apply_request(module, params)).await {
+            Reply::Outcome(o) => o,
+            other => panic!("{module}: {other:?}"),
+        }
+    }
+}
+
+fn apply_request(module: &str, params: Value) -> Request {
+    let params = parse_state(module, &params).unwrap_or_else(|e| panic!("{module}: {e}")).params;
+    Request::Apply(ApplyRequest { state_id: StateId::parse("state-1").unwrap(), recipe_version: 1, params })
+}
+
+/// Waits (bounded) until `file` holds the pid a command wrote there.
+async fn read_pid(file: &Path) -> Pid {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(pid) = fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok()) {
+            return Pid::from_raw(pid);
+        }
+        assert!(Instant::now() < deadline, "no pid in {}", file.display());
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_group_gone(pgid: Pid) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !group_members(pgid).unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "process group {pgid} survived: {:?}", group_members(pgid));
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A command that records its process group id (the shell's pid) and then blocks, with
+/// a background child in the same group. `$$$$` is `$$` once the catalogue renders it.
+fn blocking_command(pidfile: &Path) -> Value {
+    json!({"cmd": format!("echo $$$$ > {}; sleep 600 & sleep 600", pidfile.display()), "cwd": "/"})
+}
+
+#[tokio::test]
+async fn socket_mode_hello_and_status() {
+    let h = Helper::start().await;
+    let m = fs::metadata(&h.sock).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o660, 0, NOGROUP));
+    let mut c = h.client().await;
+    match c.call(Request::Status).await {
+        Reply::Status(s) => {
+            assert_eq!(s.protocol_version, PROTOCOL_VERSION);
+            assert!(s.running.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    // Cancel with nothing running: answered, not found.
+    let reply = c.call(Request::Cancel { target: 42 }).await;
+    assert_eq!(reply, Reply::Cancelled { target: 42, found: false });
+}
+
+#[tokio::test]
+async fn states_apply_then_report_no_change() {
+    let h = Helper::start().await;
+    let mut c = h.client().await;
+    let file = h.path("etc/app.conf");
+    let dir = h.path("srv/data");
+    let link = h.path("current");
+    let marker = h.path("ran");
+    let states = [
+        ("linux.file", json!({"path": file, "content": "x=1\n", "mode": "0640", "group": "nogroup"})),
+        ("linux.dir", json!({"path": [dir], "user": "nobody", "mode": "0750"})),
+        ("linux.symlink", json!({"target": link, "source": dir})),
+        ("linux.cmd", json!({"cmd": format!("touch {}", marker.display()), "cwd": "/", "if-path-absent": [marker]})),
+    ];
+    for (module, params) in &states {
+        let first = c.apply(module, params.clone()).await;
+        assert!(first.result && first.changed(), "{module}: {first:?}");
+        let second = c.apply(module, params.clone()).await;
+        assert!(second.result && !second.changed(), "{module}: {second:?}");
+    }
+    assert_eq!(fs::read_to_string(&file).unwrap(), "x=1\n");
+    let m = fs::metadata(&file).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.gid()), (0o640, NOGROUP));
+    assert_eq!(fs::metadata(&dir).unwrap().uid(), 65534);
+    assert_eq!(fs::read_link(&link).unwrap(), dir);
+    assert!(marker.exists());
+
+    let out = c.apply("linux.cmd", json!({"cmd": "echo hi; exit 4", "cwd": "/"})).await;
+    assert!(!out.result && out.comment == "command exited with status 4", "{out:?}");
+    assert_eq!((out.stdout.as_str(), out.changes.as_slice()), ("hi\n", [Change::new("cmd", "ran")].as_slice()));
+    let log = h.wait_for_log(&["outcome", "module=\"linux.cmd\"", "result=false", "changes=1"]).await;
+    assert!(log.contains("duration_ms="), "{log}");
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_command_and_its_group() {
+    let h = Helper::start().await;
+    let mut c = h.client().await;
+    let pidfile = h.path("pid");
+    let started = Instant::now();
+    let apply_id = c.send(apply_request("linux.cmd", blocking_command(&pidfile))).await;
+    let pgid = read_pid(&pidfile).await;
+    assert!(!group_members(pgid).unwrap().is_empty());
+
+    // While it runs: other requests are busy, a cancel for another id finds nothing.
+    match c.call(Request::Status).await {
+        Reply::Error(e) => assert_eq!(e.code, ErrorCode::Busy, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.call(Request::Cancel { target: 999 }).await, Reply::Cancelled { target: 999, found: false });
+    assert_eq!(c.call(Request::Cancel { target: apply_id }).await, Reply::Cancelled { target: apply_id, found: true });
+
+    let frame = c.recv().await;
+    assert_eq!(frame.id, apply_id);
+    let Reply::Outcome(out) = frame.reply else { panic!("{frame:?}") };
+    assert!(out.cancelled && !out.result, "{out:?}");
+    assert!(out.comment.contains("cancelled"), "{}", out.comment);
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert_eq!(group_members(pgid).unwrap(), vec![]);
+
+    // The connection is still usable.
+    assert!(matches!(c.call(Request::Status).await, Reply::Status(_)));
+}
+
+#[tokio::test]
+async fn closing_the_connection_kills_the_running_command() {
+    let h = Helper::start().await;
+    let mut c = h.client().await;
+    let pidfile = h.path("pid");
+    c.send(apply_request("linux.cmd", blocking_command(&pidfile))).await;
+    let pgid = read_pid(&pidfile).await;
+    drop(c);
+    wait_group_gone(pgid).await;
+    h.wait_for_log(&["connection closed while a request runs"]).await;
+}
+
+#[tokio::test]
+async fn malformed_json_gets_bad_request_and_the_connection_survives() {
+    let h = Helper::start().await;
+    let mut c = h.client().await;
+    for (body, id) in [(&br#"{"id": 7, "request": {"type": "format-disk"}}"#[..], 7), (&b"{not json"[..], 0)] {
+        c.stream.write_all(&u32::try_from(body.len()).unwrap().to_be_bytes()).await.unwrap();
+        c.stream.write_all(body).await.unwrap();
+        let frame = c.recv().await;
+        assert_eq!(frame.id, id);
+        match frame.reply {
+            Reply::Error(e) => {
+                assert_eq!(e.code, ErrorCode::BadRequest);
+                assert!(e.message.starts_with("malformed request"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(matches!(c.call(Request::Status).await, Reply::Status(_)));
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_the_connection_but_not_the_helper() {
+    let h = Helper::start().await;
+    let mut c = h.client().await;
+    c.stream.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let frame = c.recv().await;
+    match frame.reply {
+        Reply::Error(e) => assert!(e.code == ErrorCode::BadRequest && e.message.contains("over the limit"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(c.recv_or_eof().await.is_none());
+    let mut again = h.client().await;
+    assert!(matches!(again.call(Request::Status).await, Reply::Status(_)));
+}
+
+#[tokio::test]
+async fn wrong_protocol_version_is_refused() {
+    let h = Helper::start().await;
+    let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
+    let reply = c.call(Request::Hello { protocol_version: 99, agent_version: "future".into() }).await;
+    match reply {
+        Reply::Error(e) => {
+            assert_eq!(e.code, ErrorCode::VersionMismatch);
+            assert!(e.message.contains("99") && e.message.contains(&format!("version {PROTOCOL_VERSION}")), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.recv_or_eof().await.is_none());
+}
+
+#[tokio::test]
+async fn requests_before_hello_are_refused() {
+    let h = Helper::start().await;
+    let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
+    match c.call(Request::Status).await {
+        Reply::Error(e) => assert_eq!(e.code, ErrorCode::Busy, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    c.hello().await;
+}
+
+#[tokio::test]
+async fn unsupported_modules_are_named() {
+    let h = Helper::start().await;
+    let mut c = h.client().await;
+    let raid = apply_request("linux.raid", json!({"name": "/dev/md0", "devices": ["/dev/sdx"], "level": "raid1"}));
+    match c.call(raid).await {
+        Reply::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Unsupported);
+            assert!(e.message.contains("linux.raid") && e.message.contains("not implemented by this helper version"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match c.call(apply_request("meta.wait", json!({"state": "@{host.state-2}"}))).await {
+        Reply::Error(e) => assert_eq!((e.code, e.message.as_str()), (ErrorCode::Unsupported, "meta.wait is built-in, runs in the daemon")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_uid_outside_the_allowlist_is_refused() {
+    let h = Helper::start().await;
+    // Re-run this test binary as the outsider; `probe_child` does the connecting.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "probe_child", "--nocapture", "--test-threads=1"])
+        .env(PROBE_ENV, &h.sock)
+        .uid(OUTSIDER_UID)
+        .gid(NOGROUP)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("PROBE: closed"), "probe said:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    h.wait_for_log(&["refused connection", &format!("uid={OUTSIDER_UID}"), "pid="]).await;
+    // The helper still serves allowed users.
+    let mut c = h.client().await;
+    assert!(matches!(c.call(Request::Status).await, Reply::Status(_)));
+}
+
+/// Not a test of its own: the client half of `a_uid_outside_the_allowlist_is_refused`,
+/// run in a child process under another uid. Without the variable it does nothing.
+#[test]
+fn probe_child() {
+    let Some(sock) = std::env::var_os(PROBE_ENV) else { return };
+    let verdict = (|| -> std::io::Result<&'static str> {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let hello = RequestFrame {
+            id: 1,
+            request: Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "probe".into() },
+        };
+        // The helper may close before or after our write: both are fine.
+        let _ = s.write_all(&codec::encode(&hello, DEFAULT_MAX_FRAME).unwrap());
+        let mut buf = [0u8; 1];
+        Ok(match s.read(&mut buf) {
+            Ok(0) => "closed",
+            Ok(_) => "answered",
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "closed",
+            Err(e) => return Err(e),
+        })
+    })();
+    match verdict {
+        Ok(v) => println!("PROBE: {v}"),
+        Err(e) => println!("PROBE: error {e}"),
+    }
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_root() {
+    let out = Command::new(BIN)
+        .args(["--socket", "/nonexistent/h.sock"])
+        .uid(65534)
+        .gid(NOGROUP)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("must run as root"), "{stderr}");
+}
+
+#[tokio::test]
+async fn without_a_socket_it_says_how_to_get_one() {
+    let out = Command::new(BIN)
+        .args(["--allow-user", "nobody"])
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--socket") && stderr.contains(".socket unit"), "{stderr}");
+}

@@ -1,0 +1,163 @@
+//! Spawning the real binaries for integration tests: every child is killed when its
+//! guard drops, even when the test panics.
+#![allow(dead_code, clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: Option<PathBuf>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ----\n{}", self.name, self.log_text());
+        }
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "opsagent" => PathBuf::from(env!("CARGO_BIN_EXE_opsagent")),
+        "opsagent-backend" => PathBuf::from(env!("CARGO_BIN_EXE_opsagent-backend")),
+        other => {
+            // Binaries of other workspace packages sit next to ours; build on demand when
+            // only this package's tests were asked for.
+            let path = PathBuf::from(env!("CARGO_BIN_EXE_opsagent")).with_file_name(other);
+            if !path.exists() {
+                let status = Command::new(env!("CARGO"))
+                    .args(["build", "-p", other, "--bin", other])
+                    .current_dir(env!("CARGO_MANIFEST_DIR"))
+                    .status()
+                    .expect("cargo build");
+                assert!(status.success(), "building {other}");
+            }
+            path
+        }
+    }
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn spawn_logged(name: &str, mut cmd: Command, dir: &Path) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let f = std::fs::File::create(&log).unwrap();
+    cmd.stderr(f.try_clone().unwrap()).stdin(Stdio::null());
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+    Proc { child, name: name.to_string(), log: Some(log) }
+}
+
+/// The reference backend on a free loopback port; returns it and its port.
+pub fn start_backend(dir: &Path, recipes: &Path, statelog: &Path, extra: &[&str]) -> (Proc, u16) {
+    start_backend_on(dir, recipes, statelog, "127.0.0.1:0", extra)
+}
+
+pub fn start_backend_on(dir: &Path, recipes: &Path, statelog: &Path, listen: &str, extra: &[&str]) -> (Proc, u16) {
+    let mut cmd = Command::new(bin("opsagent-backend"));
+    cmd.arg("--listen").arg(listen).arg("--recipe-dir").arg(recipes).arg("--statelog").arg(statelog);
+    cmd.args(extra);
+    cmd.stdout(Stdio::piped());
+    let mut p = spawn_logged("backend", cmd, dir);
+    let stdout = p.child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("backend said {line:?}; log: {}", p.log_text()));
+    (p, port)
+}
+
+pub fn start_helper(dir: &Path, socket: &Path) -> Proc {
+    let mut cmd = Command::new(bin("opsagent-helper"));
+    cmd.arg("--socket").arg(socket);
+    let p = spawn_logged("helper", cmd, dir);
+    assert!(wait_until(Duration::from_secs(10), || socket.exists()), "helper socket never appeared: {}", p.log_text());
+    p
+}
+
+/// `opsagent run` with everything given on the command line.
+pub fn start_agent(dir: &Path, port: u16, app: &str, instance: &str, socket: &Path, extra: &[&str]) -> Proc {
+    // An empty file: defaults plus the flags, never the host's /etc/opsagent.conf.
+    let conf = dir.join("empty.conf");
+    std::fs::write(&conf, "").unwrap();
+    let mut cmd = Command::new(bin("opsagent"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&conf)
+        .arg("--ws-uri")
+        .arg(format!("ws://127.0.0.1:{port}/"))
+        .arg("--app-id")
+        .arg(app)
+        .arg("--instance-id")
+        .arg(instance)
+        .arg("--token-file")
+        .arg(dir.join(format!("{instance}.token")))
+        .arg("--state-dir")
+        .arg(dir.join(format!("{instance}.state")))
+        .arg("--helper-socket")
+        .arg(socket)
+        .args(extra)
+        .env("RUST_LOG", "info");
+    cmd.stdout(Stdio::null());
+    spawn_logged(&format!("agent-{instance}"), cmd, dir)
+}

@@ -1,0 +1,90 @@
+// Integration tests wait on real processes with the wall clock.
+#![allow(clippy::disallowed_methods)]
+
+//! The walking skeleton, end to end with real processes: the reference backend, the
+//! daemon and the root helper on a temp socket, applying a recipe to a temp directory.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn recipe(work: &Path, content: &str) -> Value {
+    let w = work.display();
+    json!({"component": {"init": {"state": [
+        {"id": "s-dir", "module": "linux.dir", "parameter": {"path": [format!("{w}/d")]}},
+        {"id": "s-file", "module": "linux.file", "parameter": {"path": format!("{w}/d/f.conf"), "content": content}},
+        {"id": "s-link", "module": "linux.symlink", "parameter": {"source": format!("{w}/d"), "target": format!("{w}/link")}},
+        {"id": "s-cmd", "module": "linux.cmd", "parameter": {
+            "cmd": format!("echo once > {w}/once.flag"), "if-path-absent": [format!("{w}/once.flag")], "cwd": w.to_string()}}
+    ]}}})
+}
+
+fn logs_of(statelog: &Path, version: u64) -> Vec<Value> {
+    read_jsonl(statelog).into_iter().filter(|l| l["recipe_version"] == version).collect()
+}
+
+#[test]
+fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let work = dir.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let recipes = dir.join("recipes");
+    std::fs::create_dir(&recipes).unwrap();
+    std::fs::write(recipes.join("app-e2e.json"), recipe(&work, "v1\n").to_string()).unwrap();
+    let statelog = dir.join("statelog.jsonl");
+    let socket = dir.join("helper.sock");
+
+    let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
+    let _helper = start_helper(dir, &socket);
+    let agent = start_agent(dir, port, "app-e2e", "i-e2e", &socket, &["--round-delay", "1"]);
+
+    // Two rounds of four states.
+    assert!(
+        wait_until(Duration::from_secs(30), || logs_of(&statelog, 1).len() >= 8),
+        "two rounds expected; statelog: {:?}\nagent: {}",
+        read_jsonl(&statelog),
+        agent.log_text()
+    );
+    let logs = logs_of(&statelog, 1);
+    let ids: Vec<&str> = logs.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(&ids[..8], &["s-dir", "s-file", "s-link", "s-cmd", "s-dir", "s-file", "s-link", "s-cmd"]);
+    for l in &logs {
+        assert_eq!(l["state_result"], true, "{l}");
+        assert_eq!(l["stateid"], l["id"]);
+        assert_eq!(l["instance_id"], "i-e2e");
+        assert_eq!(l["app_id"], "app-e2e");
+    }
+    // The first round changed things, the second changed nothing.
+    for l in &logs[..4] {
+        assert!(l["state_comment"].as_str().unwrap_or("").contains("changed:"), "round 1 changes: {l}");
+    }
+    for l in &logs[4..8] {
+        assert!(!l["state_comment"].as_str().unwrap_or("").contains("changed:"), "round 2 changes nothing: {l}");
+    }
+    assert_eq!(std::fs::read_to_string(work.join("d/f.conf")).unwrap(), "v1\n");
+    assert_eq!(std::fs::read_link(work.join("link")).unwrap(), work.join("d"));
+
+    // Editing the recipe file makes the agent apply the new version.
+    std::fs::write(recipes.join("app-e2e.json"), recipe(&work, "v2\n").to_string()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || logs_of(&statelog, 2).len() >= 4),
+        "new version expected; agent: {}",
+        agent.log_text()
+    );
+    assert_eq!(std::fs::read_to_string(work.join("d/f.conf")).unwrap(), "v2\n");
+    let v2 = logs_of(&statelog, 2);
+    assert!(v2[1]["state_comment"].as_str().unwrap().contains("changed:"), "{}", v2[1]);
+
+    // Each (version, state, sequence number) appears once: nothing doubled.
+    let all = read_jsonl(&statelog);
+    let mut seqs: Vec<u64> = all.iter().filter_map(|l| l["seq"].as_u64()).collect();
+    let n = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "no duplicated sequence numbers");
+    assert_eq!(n, all.len(), "every StateLog carries a sequence number");
+}
