@@ -19,7 +19,11 @@ use crate::recipe::{Recipe, RecipeState};
 pub const DEMO_RECIPE: &str = include_str!("../packaging/examples/demo.json");
 
 #[derive(Debug, Parser)]
-#[command(name = "opsagent", version, about = "VisualOps configuration agent (systemd-native)")]
+#[command(
+    name = "opsagent",
+    version,
+    about = "VisualOps configuration agent (systemd-native)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -73,10 +77,17 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config, overrides } => cmd_run(config.as_deref(), &overrides),
-        Command::Apply { file, helper_socket, helper_bin } => cmd_apply(file.as_deref(), helper_socket, helper_bin),
+        Command::Apply {
+            file,
+            helper_socket,
+            helper_bin,
+        } => cmd_apply(file.as_deref(), helper_socket, helper_bin),
         Command::Check { files } => cmd_check(&files),
         Command::Status { config, json } => cmd_status(config.as_deref(), json),
-        Command::Stop { config, after_round } => cmd_stop(config.as_deref(), after_round),
+        Command::Stop {
+            config,
+            after_round,
+        } => cmd_stop(config.as_deref(), after_round),
     };
     match result {
         Ok(code) => code,
@@ -98,7 +109,9 @@ pub fn main() -> ExitCode {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // One thread: the daemon's work is sequential and mostly waiting; this keeps its
     // footprint small.
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn cmd_run(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<ExitCode> {
@@ -116,7 +129,10 @@ fn cmd_run(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<ExitCod
 
 /// Instances installed from userdata may have no config file: read the userdata.
 async fn fill_from_metadata(config: &mut Config) {
-    let client = match crate::identity::MetadataClient::new(&config.userdata.metadata_url, crate::identity::RetryPolicy::default()) {
+    let client = match crate::identity::MetadataClient::new(
+        &config.userdata.metadata_url,
+        crate::identity::RetryPolicy::default(),
+    ) {
         Ok(c) => c,
         Err(e) => return tracing::warn!(error = %e, "no metadata client"),
     };
@@ -124,7 +140,9 @@ async fn fill_from_metadata(config: &mut Config) {
         Ok(Some(ud)) => {
             let url = client.userdata_url();
             match crate::identity::fill_from_userdata(config, &ud, &url) {
-                Ok(filled) => tracing::info!(keys = ?filled, "configuration completed from the instance userdata"),
+                Ok(filled) => {
+                    tracing::info!(keys = ?filled, "configuration completed from the instance userdata")
+                }
                 Err(e) => tracing::warn!(error = %e, "instance userdata unusable"),
             }
         }
@@ -145,18 +163,37 @@ fn cmd_check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
             Ok(recipe) => {
                 for s in &recipe.states {
                     match &s.parsed {
-                        Ok(p) if p.warnings.is_empty() => writeln!(out, "ok      {}  {}  {}", file.display(), s.id, s.module)?,
-                        Ok(p) => writeln!(out, "ok      {}  {}  {}  warning: {}", file.display(), s.id, s.module, p.warnings.join("; "))?,
+                        Ok(p) if p.warnings.is_empty() => {
+                            writeln!(out, "ok      {}  {}  {}", file.display(), s.id, s.module)?
+                        }
+                        Ok(p) => writeln!(
+                            out,
+                            "ok      {}  {}  {}  warning: {}",
+                            file.display(),
+                            s.id,
+                            s.module,
+                            p.warnings.join("; ")
+                        )?,
                         Err(reason) => {
                             all_ok = false;
-                            writeln!(out, "INVALID {}  {}  {}  {reason}", file.display(), s.id, s.module)?;
+                            writeln!(
+                                out,
+                                "INVALID {}  {}  {}  {reason}",
+                                file.display(),
+                                s.id,
+                                s.module
+                            )?;
                         }
                     }
                 }
             }
         }
     }
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// A helper started by `opsagent apply` on a private socket, killed when dropped.
@@ -173,10 +210,15 @@ impl PrivateHelper {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         let socket = dir.join("helper.sock");
-        let child = std::process::Command::new(bin)
-            .arg("--socket")
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("--socket")
             .arg(&socket)
-            .stdin(std::process::Stdio::null())
+            .stdin(std::process::Stdio::null());
+        // The per-request log lines of a private helper would drown the result lines.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "error");
+        }
+        let child = cmd
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start the helper {}: {e}", bin.display()))?;
         let mut me = Self { child, dir };
@@ -189,7 +231,11 @@ impl PrivateHelper {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        anyhow::bail!("the helper {} did not create {} within 5 s", bin.display(), socket.display())
+        anyhow::bail!(
+            "the helper {} did not create {} within 5 s",
+            bin.display(),
+            socket.display()
+        )
     }
 }
 
@@ -216,7 +262,11 @@ fn helper_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-fn cmd_apply(file: Option<&Path>, helper_socket: Option<PathBuf>, helper_bin: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn cmd_apply(
+    file: Option<&Path>,
+    helper_socket: Option<PathBuf>,
+    helper_bin: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     crate::logging::init("warn", "opsagent");
     let recipe = match file {
         Some(f) => Recipe::load_file(f)?,
@@ -238,7 +288,11 @@ fn cmd_apply(file: Option<&Path>, helper_socket: Option<PathBuf>, helper_bin: Op
     let client = UnixHelperClient::new(&socket, env!("CARGO_PKG_VERSION"));
     let rt = runtime()?;
     let all_ok = rt.block_on(apply_round(&client, &recipe))?;
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Runs every state once, in order, stopping at the first failure (as a round would
@@ -254,11 +308,19 @@ async fn apply_round(client: &UnixHelperClient, recipe: &Recipe) -> anyhow::Resu
         if !o.comment.is_empty() {
             line.push_str(&format!("  {}", o.comment.replace('\n', " ")));
         }
-        line.push_str(&if changes.is_empty() { "  (no change)".to_string() } else { format!("  changed: {}", changes.join(", ")) });
+        line.push_str(&if changes.is_empty() {
+            "  (no change)".to_string()
+        } else {
+            format!("  changed: {}", changes.join(", "))
+        });
         writeln!(out, "{line}")?;
         if !o.result {
             if !o.stdout.is_empty() {
-                writeln!(out, "       output: {}", o.stdout.trim_end().replace('\n', "\n               "))?;
+                writeln!(
+                    out,
+                    "       output: {}",
+                    o.stdout.trim_end().replace('\n', "\n               ")
+                )?;
             }
             if i + 1 < total {
                 writeln!(out, "       {} later state(s) not run", total - i - 1)?;
@@ -278,27 +340,49 @@ async fn apply_one(client: &UnixHelperClient, version: u64, s: &RecipeState) -> 
         return Outcome::ok("comment");
     }
     if parsed.params.name() == "meta.wait" {
-        return Outcome::failed("meta.wait needs a backend to report the waited states (use opsagent run)");
+        return Outcome::failed(
+            "meta.wait needs a backend to report the waited states (use opsagent run)",
+        );
     }
-    let req = ApplyRequest { state_id: s.id.clone(), recipe_version: version, params: parsed.params.clone() };
-    let mut o = client.apply(req, Cancel::never()).await.unwrap_or_else(|e| Outcome::failed(format!("helper: {e}")));
+    let req = ApplyRequest {
+        state_id: s.id.clone(),
+        recipe_version: version,
+        params: parsed.params.clone(),
+    };
+    let mut o = client
+        .apply(req, Cancel::never())
+        .await
+        .unwrap_or_else(|e| Outcome::failed(format!("helper: {e}")));
     for w in &parsed.warnings {
-        o.comment = if o.comment.is_empty() { format!("warning: {w}") } else { format!("{}; warning: {w}", o.comment) };
+        o.comment = if o.comment.is_empty() {
+            format!("warning: {w}")
+        } else {
+            format!("{}; warning: {w}", o.comment)
+        };
     }
     o
 }
 
 fn read_status(config: Option<&Path>) -> anyhow::Result<StatusReport> {
     let cfg = Config::load(config, &Overrides::default())?;
-    let candidates = [PathBuf::from("/run/opsagent/status.json"), daemon::status_file(&cfg.agent.state_dir)];
-    let path = candidates
-        .iter()
-        .find(|p| p.exists())
-        .ok_or_else(|| anyhow::anyhow!("the agent is not running (no status file at {})", candidates[0].display()))?;
+    let candidates = [
+        PathBuf::from("/run/opsagent/status.json"),
+        daemon::status_file(&cfg.agent.state_dir),
+    ];
+    let path = candidates.iter().find(|p| p.exists()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the agent is not running (no status file at {})",
+            candidates[0].display()
+        )
+    })?;
     let report: StatusReport = serde_json::from_slice(&std::fs::read(path)?)?;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(report.pid)?);
     if nix::sys::signal::kill(pid, None).is_err() {
-        anyhow::bail!("the agent is not running (pid {} in {} is gone)", report.pid, path.display());
+        anyhow::bail!(
+            "the agent is not running (pid {} in {} is gone)",
+            report.pid,
+            path.display()
+        );
     }
     Ok(report)
 }
@@ -317,12 +401,25 @@ fn cmd_status(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
     }
     if let Some(last) = r.engine.get("last").and_then(|l| l.as_array()) {
         if let [id, ok] = last.as_slice() {
-            let verdict = if ok.as_bool() == Some(true) { "succeeded" } else { "FAILED" };
+            let verdict = if ok.as_bool() == Some(true) {
+                "succeeded"
+            } else {
+                "FAILED"
+            };
             println!("  last state {} {verdict}", id.as_str().unwrap_or("?"));
         }
     }
-    println!("  rounds     {} completed", r.engine.get("rounds_completed").and_then(|v| v.as_u64()).unwrap_or(0));
-    println!("  spool      {} StateLog(s) waiting, {} dropped", r.spool_depth, r.spool_dropped);
+    println!(
+        "  rounds     {} completed",
+        r.engine
+            .get("rounds_completed")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
+    );
+    println!(
+        "  spool      {} StateLog(s) waiting, {} dropped",
+        r.spool_depth, r.spool_dropped
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -330,12 +427,20 @@ fn cmd_stop(config: Option<&Path>, after_round: bool) -> anyhow::Result<ExitCode
     use nix::sys::signal::{kill, Signal};
     let r = read_status(config)?;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(r.pid)?);
-    let sig = if after_round { Signal::SIGUSR1 } else { Signal::SIGTERM };
+    let sig = if after_round {
+        Signal::SIGUSR1
+    } else {
+        Signal::SIGTERM
+    };
     kill(pid, sig)?;
     println!(
         "asked opsagent (pid {}) to stop {}",
         r.pid,
-        if after_round { "after the current round" } else { "after the running state" }
+        if after_round {
+            "after the current round"
+        } else {
+            "after the running state"
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

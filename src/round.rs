@@ -59,8 +59,12 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// The wait after the `n`-th consecutive ceased round (n ≥ 1).
     pub fn retry_delay_after(&self, n: u32) -> Duration {
-        let factor = 1u32.checked_shl(n.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
-        self.retry_delay.saturating_mul(factor).min(self.retry_delay_max)
+        let factor = 1u32
+            .checked_shl(n.saturating_sub(1).min(20))
+            .unwrap_or(u32::MAX);
+        self.retry_delay
+            .saturating_mul(factor)
+            .min(self.retry_delay_max)
     }
 }
 
@@ -85,7 +89,10 @@ pub enum Event {
     /// A header-only RecipeMetadata: same states, new version number.
     VersionOnly(u64),
     /// The backend reports waited states done (a `State` push or a `WaitList`).
-    WaitDone { recipe_version: u64, state_ids: Vec<String> },
+    WaitDone {
+        recipe_version: u64,
+        state_ids: Vec<String>,
+    },
     AgentUpdate(UpdateOrder),
     Stop(StopMode),
     /// The backend link came up or went down.
@@ -119,7 +126,10 @@ pub struct Liveness {
 
 impl Default for Liveness {
     fn default() -> Self {
-        Self { origin: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
+        Self {
+            origin: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
     }
 }
 
@@ -131,7 +141,9 @@ impl Liveness {
 
     /// Time since the last tick.
     pub fn age(&self) -> Duration {
-        self.origin.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+        self.origin
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
     }
 }
 
@@ -142,11 +154,27 @@ const TICK: Duration = Duration::from_secs(1);
 pub enum Phase {
     #[default]
     NoRecipe,
-    Applying { index: usize, total: usize, state_id: String, module: String },
-    Waiting { index: usize, total: usize, state_id: String },
-    Idle { next_round_in_s: u64 },
-    RetryWait { next_round_in_s: u64, ceased: u32 },
-    Upgrading { version: String },
+    Applying {
+        index: usize,
+        total: usize,
+        state_id: String,
+        module: String,
+    },
+    Waiting {
+        index: usize,
+        total: usize,
+        state_id: String,
+    },
+    Idle {
+        next_round_in_s: u64,
+    },
+    RetryWait {
+        next_round_in_s: u64,
+        ceased: u32,
+    },
+    Upgrading {
+        version: String,
+    },
     Stopped,
 }
 
@@ -197,7 +225,11 @@ struct State {
 
 impl State {
     fn snapshot(&self) -> Option<Snapshot> {
-        self.recipe.as_ref().map(|r| Snapshot { version: self.version, recipe: r.clone(), done: self.done.clone() })
+        self.recipe.as_ref().map(|r| Snapshot {
+            version: self.version,
+            recipe: r.clone(),
+            done: self.done.clone(),
+        })
     }
 
     /// Takes one event into account; says whether the running work must stop. The
@@ -211,7 +243,10 @@ impl State {
                     (None, None) => None,
                 };
                 if current == Some(r.version) {
-                    tracing::debug!(version = r.version, "recipe version already running; ignored");
+                    tracing::debug!(
+                        version = r.version,
+                        "recipe version already running; ignored"
+                    );
                     return (Interrupt::None, false);
                 }
                 tracing::info!(version = r.version, states = r.states.len(), "new recipe");
@@ -220,16 +255,27 @@ impl State {
             }
             Event::VersionOnly(v) => {
                 if self.recipe.is_some() && v != self.version {
-                    tracing::info!(from = self.version, to = v, "recipe version adopted without interrupting the round");
+                    tracing::info!(
+                        from = self.version,
+                        to = v,
+                        "recipe version adopted without interrupting the round"
+                    );
                     self.version = v;
                     self.status.send_modify(|s| s.recipe_version = Some(v));
                     return (Interrupt::None, true);
                 }
                 (Interrupt::None, false)
             }
-            Event::WaitDone { recipe_version, state_ids } => {
+            Event::WaitDone {
+                recipe_version,
+                state_ids,
+            } => {
                 if recipe_version != self.version {
-                    tracing::debug!(recipe_version, current = self.version, "wait release for another version; ignored");
+                    tracing::debug!(
+                        recipe_version,
+                        current = self.version,
+                        "wait release for another version; ignored"
+                    );
                     return (Interrupt::None, false);
                 }
                 let before = self.done.len();
@@ -243,8 +289,19 @@ impl State {
             }
             Event::Stop(mode) => {
                 let now = mode == StopMode::AfterState || self.stop == Some(StopMode::AfterState);
-                self.stop = Some(if now { StopMode::AfterState } else { StopMode::AfterRound });
-                (if now { Interrupt::Stop } else { Interrupt::None }, false)
+                self.stop = Some(if now {
+                    StopMode::AfterState
+                } else {
+                    StopMode::AfterRound
+                });
+                (
+                    if now {
+                        Interrupt::Stop
+                    } else {
+                        Interrupt::None
+                    },
+                    false,
+                )
             }
             Event::Online(up) => {
                 self.online = up;
@@ -262,7 +319,10 @@ impl State {
             Ok(p) => match &p.params {
                 ModuleParams::MetaWait(w) => {
                     !w.state.0.is_empty()
-                        && w.state.0.iter().all(|r| self.done.contains(&r.state) || self.done.contains(&r.raw))
+                        && w.state
+                            .0
+                            .iter()
+                            .all(|r| self.done.contains(&r.state) || self.done.contains(&r.raw))
                 }
                 _ => false,
             },
@@ -289,7 +349,12 @@ pub struct EngineHandle {
 
 impl<H: HelperClient, E: Effects> Engine<H, E> {
     /// `resume`: what a previous run persisted; the engine starts applying it at once.
-    pub fn new(helper: H, effects: E, cfg: EngineConfig, resume: Option<Snapshot>) -> (Self, EngineHandle) {
+    pub fn new(
+        helper: H,
+        effects: E,
+        cfg: EngineConfig,
+        resume: Option<Snapshot>,
+    ) -> (Self, EngineHandle) {
         let (tx, inbox) = mpsc::channel(64);
         let (status_tx, status) = watch::channel(EngineStatus::default());
         let liveness = Liveness::default();
@@ -308,10 +373,25 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             st.version = s.version;
             st.done = s.done;
             st.recipe = Some(s.recipe);
-            st.status.send_modify(|x| x.recipe_version = Some(s.version));
+            st.status
+                .send_modify(|x| x.recipe_version = Some(s.version));
         }
-        let engine = Self { helper, effects, inbox, cfg, liveness: liveness.clone(), st };
-        (engine, EngineHandle { events: tx, status, liveness })
+        let engine = Self {
+            helper,
+            effects,
+            inbox,
+            cfg,
+            liveness: liveness.clone(),
+            st,
+        };
+        (
+            engine,
+            EngineHandle {
+                events: tx,
+                status,
+                liveness,
+            },
+        )
     }
 
     fn set_phase(&self, phase: Phase) {
@@ -396,7 +476,9 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
 
     async fn run_pending_upgrade(&mut self) {
         if let Some(order) = self.st.update.take() {
-            self.set_phase(Phase::Upgrading { version: order.version.clone() });
+            self.set_phase(Phase::Upgrading {
+                version: order.version.clone(),
+            });
             self.effects.upgrade(&order).await;
         }
     }
@@ -407,9 +489,14 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let deadline = Instant::now() + pause;
         let secs = pause.as_secs();
         self.set_phase(if self.st.ceased > 0 {
-            Phase::RetryWait { next_round_in_s: secs, ceased: self.st.ceased }
+            Phase::RetryWait {
+                next_round_in_s: secs,
+                ceased: self.st.ceased,
+            }
         } else {
-            Phase::Idle { next_round_in_s: secs }
+            Phase::Idle {
+                next_round_in_s: secs,
+            }
         });
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -431,11 +518,18 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
     }
 
     async fn run_round(&mut self) -> RoundEnd {
-        let Some(recipe) = self.st.recipe.clone() else { return RoundEnd::Completed };
+        let Some(recipe) = self.st.recipe.clone() else {
+            return RoundEnd::Completed;
+        };
         self.st.status.send_modify(|s| s.round += 1);
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
-        tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
+        tracing::info!(
+            recipe_version = self.st.version,
+            round,
+            states = total,
+            "round starts"
+        );
         let mut failed_once = BTreeSet::new();
         let mut i = 0;
         while i < total {
@@ -481,7 +575,9 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             state_id = %state.id, module = %state.module, result = outcome.result,
             changes = outcome.changes.len(), "state applied"
         );
-        self.st.status.send_modify(|s| s.last = Some((state.id.to_string(), outcome.result)));
+        self.st
+            .status
+            .send_modify(|s| s.last = Some((state.id.to_string(), outcome.result)));
         self.effects.report(log).await;
     }
 
@@ -501,7 +597,11 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                     state_id: state.id.to_string(),
                     module: state.module.clone(),
                 });
-                let req = ApplyRequest { state_id: state.id.clone(), recipe_version: self.st.version, params: params.clone() };
+                let req = ApplyRequest {
+                    state_id: state.id.clone(),
+                    recipe_version: self.st.version,
+                    params: params.clone(),
+                };
                 let end = self.run_helper(req).await;
                 match end {
                     StateEnd::Done(mut o) => {
@@ -576,7 +676,11 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
     }
 
     async fn run_wait(&mut self, state: &RecipeState, index: usize, total: usize) -> StateEnd {
-        self.set_phase(Phase::Waiting { index: index + 1, total, state_id: state.id.to_string() });
+        self.set_phase(Phase::Waiting {
+            index: index + 1,
+            total,
+            state_id: state.id.to_string(),
+        });
         loop {
             if self.st.wait_satisfied(state) {
                 return StateEnd::Done(Outcome::ok("waited states are done"));
@@ -585,9 +689,15 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             match self.absorb(ev).await {
                 Interrupt::None => {}
                 Interrupt::Preempt => {
-                    return StateEnd::Preempted(Some(Outcome::failed("wait aborted: a new recipe arrived")))
+                    return StateEnd::Preempted(Some(Outcome::failed(
+                        "wait aborted: a new recipe arrived",
+                    )))
                 }
-                Interrupt::Stop => return StateEnd::Stopped(Some(Outcome::failed("wait aborted: the agent is stopping"))),
+                Interrupt::Stop => {
+                    return StateEnd::Stopped(Some(Outcome::failed(
+                        "wait aborted: the agent is stopping",
+                    )))
+                }
             }
         }
     }

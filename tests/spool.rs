@@ -29,7 +29,9 @@ fn log(id: String) -> StateLog {
 /// The child's body: runs only when re-executed by `kill9_appends_are_exactly_once`.
 #[test]
 fn kill9_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let run: u64 = std::env::var(RUN_ENV).unwrap().parse().unwrap();
     let mut spool = Spool::open(Path::new(&dir), SpoolLimits::default()).unwrap();
     spool.set_compact_threshold(4096);
@@ -114,9 +116,14 @@ fn kill9_appends_are_exactly_once() {
         for l in &lines {
             let mut w = l.split_whitespace();
             match (w.next(), w.next().and_then(|s| s.parse::<u64>().ok())) {
-                (Some("O"), Some(n)) => assert!(n > last_seq, "run {run}: restarts at {n} after {last_seq}"),
+                (Some("O"), Some(n)) => {
+                    assert!(n > last_seq, "run {run}: restarts at {n} after {last_seq}")
+                }
                 (Some("A"), Some(n)) => {
-                    assert!(n > last_seq, "run {run}: seq {n} after {last_seq} (reused or not increasing)");
+                    assert!(
+                        n > last_seq,
+                        "run {run}: seq {n} after {last_seq} (reused or not increasing)"
+                    );
                     last_seq = n;
                     appended.insert(n, w.next().unwrap().to_string());
                 }
@@ -135,12 +142,21 @@ fn kill9_appends_are_exactly_once() {
         let spool = Spool::open(d.path(), SpoolLimits::default()).unwrap();
         let pending = spool.pending();
         let seqs: Vec<u64> = pending.iter().map(|l| l.seq.unwrap()).collect();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "run {run}: pending not strictly increasing: {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "run {run}: pending not strictly increasing: {seqs:?}"
+        );
         let mut unprinted = 0;
         for l in &pending {
             let seq = l.seq.unwrap();
-            assert!(seq > acked_through, "run {run}: seq {seq} was acked through {acked_through}");
-            assert!(!single_acks.contains(&seq), "run {run}: seq {seq} was acked");
+            assert!(
+                seq > acked_through,
+                "run {run}: seq {seq} was acked through {acked_through}"
+            );
+            assert!(
+                !single_acks.contains(&seq),
+                "run {run}: seq {seq} was acked"
+            );
             match appended.get(&seq) {
                 Some(id) => assert_eq!(id, &l.state_id, "run {run}: seq {seq}"),
                 None => {
@@ -150,7 +166,10 @@ fn kill9_appends_are_exactly_once() {
                 }
             }
         }
-        assert!(unprinted <= run + 1, "run {run}: {unprinted} records nobody appended");
+        assert!(
+            unprinted <= run + 1,
+            "run {run}: {unprinted} records nobody appended"
+        );
         let have: BTreeSet<u64> = seqs.iter().copied().collect();
         for seq in appended.keys() {
             if *seq > through_tries && !single_tries.contains(seq) {
@@ -160,6 +179,12 @@ fn kill9_appends_are_exactly_once() {
         last_seq = last_seq.max(spool.next_seq() - 1);
         drop(spool);
     }
-    eprintln!("kill9: {} appends over {runs} kills, {} pending at the end, acked through {acked_through}", appended.len(), Spool::open(d.path(), SpoolLimits::default()).unwrap().depth());
+    eprintln!(
+        "kill9: {} appends over {runs} kills, {} pending at the end, acked through {acked_through}",
+        appended.len(),
+        Spool::open(d.path(), SpoolLimits::default())
+            .unwrap()
+            .depth()
+    );
     assert!(!appended.is_empty());
 }

@@ -28,10 +28,6 @@ impl Cancel {
         Self(rx)
     }
 
-    pub fn is_requested(&self) -> bool {
-        *self.0.borrow()
-    }
-
     /// Resolves once cancellation is requested; never, if the canceller is gone first.
     pub async fn requested(&mut self) {
         if self.0.wait_for(|c| *c).await.is_err() {

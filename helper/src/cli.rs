@@ -7,7 +7,11 @@ use clap::Parser;
 use opsagent_proto::codec::DEFAULT_MAX_FRAME;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "opsagent-helper", version, about = "The root helper of opsagent: applies states for the agent over a Unix socket")]
+#[command(
+    name = "opsagent-helper",
+    version,
+    about = "The root helper of opsagent: applies states for the agent over a Unix socket"
+)]
 pub struct Cli {
     /// Bind this socket path instead of taking the socket passed by systemd
     /// (socket activation through opsagent-helper.socket).

@@ -61,7 +61,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let served = runtime.block_on(async move {
-        let listener = tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
+        let listener =
+            tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             tracing::warn!(error = %e, "cannot notify systemd that the helper is ready");
         }

@@ -24,9 +24,18 @@ pub enum CatalogueError {
     #[error("{module}: missing required parameter {param:?}")]
     Missing { module: String, param: String },
     #[error("{module}: parameter {param:?}: expected {expected}, got {got}")]
-    WrongType { module: String, param: String, expected: String, got: String },
+    WrongType {
+        module: String,
+        param: String,
+        expected: String,
+        got: String,
+    },
     #[error("{module}: parameter {param:?}: {problem}")]
-    Invalid { module: String, param: String, problem: String },
+    Invalid {
+        module: String,
+        param: String,
+        problem: String,
+    },
     #[error("state parameters must be a JSON object, got {0}")]
     NotAnObject(String),
 }
@@ -100,25 +109,52 @@ impl<'a> ParamBag<'a> {
 
     /// An optional parameter. A blank string for a non-string type is "not given": the
     /// IDE sends `""` for fields the user left empty.
-    pub fn optional<T: Param>(&mut self, name: &str, aliases: &[&str]) -> Result<Option<T>, CatalogueError> {
-        let Some((_, v)) = self.take_raw(name, aliases) else { return Ok(None) };
+    pub fn optional<T: Param>(
+        &mut self,
+        name: &str,
+        aliases: &[&str],
+    ) -> Result<Option<T>, CatalogueError> {
+        let Some((_, v)) = self.take_raw(name, aliases) else {
+            return Ok(None);
+        };
         let blank = matches!(v, Value::String(s) if s.trim().is_empty());
-        if blank && matches!(T::KIND, Kind::Bool | Kind::Integer | Kind::Mode | Kind::Watch) {
+        if blank
+            && matches!(
+                T::KIND,
+                Kind::Bool | Kind::Integer | Kind::Mode | Kind::Watch
+            )
+        {
             return Ok(None);
         }
         self.convert(name, v).map(Some)
     }
 
-    pub fn required<T: Param>(&mut self, name: &str, aliases: &[&str]) -> Result<T, CatalogueError> {
-        let missing = || CatalogueError::Missing { module: self.module.to_string(), param: name.to_string() };
+    pub fn required<T: Param>(
+        &mut self,
+        name: &str,
+        aliases: &[&str],
+    ) -> Result<T, CatalogueError> {
+        let missing = || CatalogueError::Missing {
+            module: self.module.to_string(),
+            param: name.to_string(),
+        };
         match self.take_raw(name, aliases) {
             None => Err(missing()),
-            Some((_, Value::String(s))) if s.trim().is_empty() && !matches!(T::KIND, Kind::Text) => Err(missing()),
+            Some((_, Value::String(s)))
+                if s.trim().is_empty() && !matches!(T::KIND, Kind::Text) =>
+            {
+                Err(missing())
+            }
             Some((_, v)) => self.convert(name, v),
         }
     }
 
-    pub fn with_default<T: Param>(&mut self, name: &str, aliases: &[&str], default: &Value) -> Result<T, CatalogueError> {
+    pub fn with_default<T: Param>(
+        &mut self,
+        name: &str,
+        aliases: &[&str],
+        default: &Value,
+    ) -> Result<T, CatalogueError> {
         match self.optional(name, aliases)? {
             Some(v) => Ok(v),
             None => self.convert(name, default),
@@ -126,7 +162,10 @@ impl<'a> ParamBag<'a> {
     }
 
     fn leftovers(self) -> Vec<String> {
-        self.entries.into_values().map(|(orig, _)| orig.to_string()).collect()
+        self.entries
+            .into_values()
+            .map(|(orig, _)| orig.to_string())
+            .collect()
     }
 }
 
@@ -179,14 +218,21 @@ pub fn render_placeholders(params: &Map<String, Value>) -> Map<String, Value> {
             Some((k.to_ascii_lowercase(), text))
         })
         .collect();
-    params.iter().map(|(k, v)| (k.clone(), render_value(v, &vars))).collect()
+    params
+        .iter()
+        .map(|(k, v)| (k.clone(), render_value(v, &vars)))
+        .collect()
 }
 
 fn render_value(v: &Value, vars: &BTreeMap<String, String>) -> Value {
     match v {
         Value::String(s) if s.contains('$') => Value::String(substitute(s, vars)),
         Value::Array(items) => Value::Array(items.iter().map(|i| render_value(i, vars)).collect()),
-        Value::Object(o) => Value::Object(o.iter().map(|(k, i)| (k.clone(), render_value(i, vars))).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, i)| (k.clone(), render_value(i, vars)))
+                .collect(),
+        ),
         other => other.clone(),
     }
 }
@@ -206,7 +252,10 @@ fn substitute(s: &str, vars: &BTreeMap<String, String>) -> String {
         }
         let (name, consumed) = if let Some(braced) = after.strip_prefix('{') {
             match braced.find('}') {
-                Some(end) if braced[..end].starts_with(is_start) && braced[..end].chars().all(is_cont) => {
+                Some(end)
+                    if braced[..end].starts_with(is_start)
+                        && braced[..end].chars().all(is_cont) =>
+                {
                     (&braced[..end], end + 2)
                 }
                 _ => ("", 0),
@@ -217,7 +266,10 @@ fn substitute(s: &str, vars: &BTreeMap<String, String>) -> String {
         } else {
             ("", 0)
         };
-        match vars.get(&name.to_ascii_lowercase()).filter(|_| !name.is_empty()) {
+        match vars
+            .get(&name.to_ascii_lowercase())
+            .filter(|_| !name.is_empty())
+        {
             Some(value) => {
                 out.push_str(value);
                 rest = &after[consumed..];
@@ -239,9 +291,15 @@ macro_rules! field_type {
 }
 
 macro_rules! presence {
-    (required) => { Presence::Required };
-    (optional) => { Presence::Optional };
-    (default, $d:tt) => { Presence::Default(stringify!($d)) };
+    (required) => {
+        Presence::Required
+    };
+    (optional) => {
+        Presence::Optional
+    };
+    (default, $d:tt) => {
+        Presence::Default(stringify!($d))
+    };
 }
 
 macro_rules! take_field {
@@ -332,13 +390,20 @@ impl ModuleParams {
     /// judged without looking at the host.
     fn check(&self) -> Result<(), CatalogueError> {
         let invalid = |param: &str, problem: String| {
-            Err(CatalogueError::Invalid { module: self.name().to_string(), param: param.to_string(), problem })
+            Err(CatalogueError::Invalid {
+                module: self.name().to_string(),
+                param: param.to_string(),
+                problem,
+            })
         };
         let one_of = |param: &str, value: &str, allowed: &[&str]| {
             if allowed.iter().any(|a| a.eq_ignore_ascii_case(value)) {
                 Ok(())
             } else {
-                invalid(param, format!("{value:?} is not one of {}", allowed.join(", ")))
+                invalid(
+                    param,
+                    format!("{value:?} is not one of {}", allowed.join(", ")),
+                )
             }
         };
         match self {
@@ -352,7 +417,10 @@ impl ModuleParams {
                 ] {
                     if let Some(v) = v {
                         if !cron_field_ok(v, lo, hi) {
-                            return invalid(name, format!("{:?} is not a cron field for {lo}-{hi}", v.0));
+                            return invalid(
+                                name,
+                                format!("{:?} is not a cron field for {lo}-{hi}", v.0),
+                            );
                         }
                     }
                 }
@@ -361,17 +429,40 @@ impl ModuleParams {
                 }
                 Ok(())
             }
-            ModuleParams::LinuxMkfs(m) => one_of("fstype", &m.fstype, &["ext2", "ext3", "ext4", "xfs"]),
+            ModuleParams::LinuxMkfs(m) => {
+                one_of("fstype", &m.fstype, &["ext2", "ext3", "ext4", "xfs"])
+            }
             ModuleParams::LinuxRaid(r) => one_of(
                 "level",
                 &r.level,
                 &[
-                    "linear", "raid0", "0", "stripe", "raid1", "1", "mirror", "raid4", "4", "raid5", "5", "raid6",
-                    "6", "raid10", "10", "multipath", "mp", "faulty", "container",
+                    "linear",
+                    "raid0",
+                    "0",
+                    "stripe",
+                    "raid1",
+                    "1",
+                    "mirror",
+                    "raid4",
+                    "4",
+                    "raid5",
+                    "5",
+                    "raid6",
+                    "6",
+                    "raid10",
+                    "10",
+                    "multipath",
+                    "mp",
+                    "faulty",
+                    "container",
                 ],
             ),
-            ModuleParams::LinuxService(s) if s.name.is_empty() => invalid("name", "no service named".into()),
-            ModuleParams::LinuxDir(d) if d.path.is_empty() => invalid("path", "no directory named".into()),
+            ModuleParams::LinuxService(s) if s.name.is_empty() => {
+                invalid("name", "no service named".into())
+            }
+            ModuleParams::LinuxDir(d) if d.path.is_empty() => {
+                invalid("path", "no directory named".into())
+            }
             _ => Ok(()),
         }
     }
@@ -824,9 +915,15 @@ mod tests {
                 };
                 params.insert(p.name.to_string(), v);
             }
-            let parsed = parse_state(m.name, &Value::Object(params)).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            let parsed = parse_state(m.name, &Value::Object(params))
+                .unwrap_or_else(|e| panic!("{}: {e}", m.name));
             assert_eq!(parsed.params.name(), m.name);
-            assert!(parsed.warnings.is_empty(), "{}: {:?}", m.name, parsed.warnings);
+            assert!(
+                parsed.warnings.is_empty(),
+                "{}: {:?}",
+                m.name,
+                parsed.warnings
+            );
             // The request format round-trips.
             let text = serde_json::to_string(&parsed.params).unwrap();
             let back: ModuleParams = serde_json::from_str(&text).unwrap();
@@ -839,12 +936,19 @@ mod tests {
         for m in MODULES {
             for p in m.params.iter().filter(|p| p.presence == Presence::Required) {
                 let err = parse_state(m.name, &json!({})).unwrap_err();
-                assert!(matches!(err, CatalogueError::Missing { .. }), "{}: {err}", m.name);
+                assert!(
+                    matches!(err, CatalogueError::Missing { .. }),
+                    "{}: {err}",
+                    m.name
+                );
                 let _ = p;
             }
         }
         let err = parse_state("linux.file", &json!({"mode": "0600"})).unwrap_err();
-        assert_eq!(err.to_string(), "linux.file: missing required parameter \"path\"");
+        assert_eq!(
+            err.to_string(),
+            "linux.file: missing required parameter \"path\""
+        );
     }
 
     #[test]
@@ -854,8 +958,12 @@ mod tests {
             err.to_string(),
             "linux.file: parameter \"mode\": expected an octal mode such as \"0644\", got string \"rwx\""
         );
-        let err = parse_state("linux.dir", &json!({"path": ["/x"], "absent": "perhaps"})).unwrap_err();
-        assert!(err.to_string().contains("\"absent\": expected a boolean"), "{err}");
+        let err =
+            parse_state("linux.dir", &json!({"path": ["/x"], "absent": "perhaps"})).unwrap_err();
+        assert!(
+            err.to_string().contains("\"absent\": expected a boolean"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -865,50 +973,78 @@ mod tests {
             CatalogueError::UnknownModule("linux.teleport".into())
         );
         let p = parse_state("linux.file", &json!({"path": "/x", "colour": "blue"})).unwrap();
-        assert_eq!(p.warnings, vec!["unknown parameter \"colour\" ignored by linux.file".to_string()]);
+        assert_eq!(
+            p.warnings,
+            vec!["unknown parameter \"colour\" ignored by linux.file".to_string()]
+        );
     }
 
     #[test]
     fn defaults_and_older_spellings() {
         let p = parse_state("linux.cmd", &json!({"cmd": "true"})).unwrap();
-        let ModuleParams::LinuxCmd(c) = p.params else { panic!() };
-        assert_eq!((c.timeout, c.shell.0.as_str(), c.cwd.0.as_str()), (600, "/bin/sh", "/opt/visualops/tmp/"));
+        let ModuleParams::LinuxCmd(c) = p.params else {
+            panic!()
+        };
+        assert_eq!(
+            (c.timeout, c.shell.0.as_str(), c.cwd.0.as_str()),
+            (600, "/bin/sh", "/opt/visualops/tmp/")
+        );
 
         let p = parse_state(
             "linux.apt.package",
             &json!({"name": [{"key": "nginx", "value": "latest"}], "fromrepo": "main", "verify_gpg": "no", "debconf": "/x"}),
         )
         .unwrap();
-        let ModuleParams::LinuxAptPackage(a) = p.params else { panic!() };
+        let ModuleParams::LinuxAptPackage(a) = p.params else {
+            panic!()
+        };
         assert_eq!(a.repo.as_deref(), Some("main"));
         assert!(!a.verify_gpg);
         assert_eq!(a.deb_conf_file.as_deref(), Some("/x"));
         assert!(p.warnings.is_empty());
 
         let p = parse_state("common.timezone", &json!({"name": "UTC", "use_utc": false})).unwrap();
-        let ModuleParams::CommonTimezone(t) = p.params else { panic!() };
+        let ModuleParams::CommonTimezone(t) = p.params else {
+            panic!()
+        };
         assert!(!t.use_utc);
 
         let p = parse_state("linux.mount", &json!({"dev": "/dev/x", "filesystem": "ext4", "path": "/m", "opts": ["rw", "noatime"], "fstab": "False"})).unwrap();
-        let ModuleParams::LinuxMount(m) = p.params else { panic!() };
+        let ModuleParams::LinuxMount(m) = p.params else {
+            panic!()
+        };
         assert_eq!(m.opts.as_deref(), Some("rw,noatime"));
         assert!(!m.fstab);
 
-        let p = parse_state("linux.lvm.lv", &json!({"name": "lv", "vg-name": "vg", "pool-metadata-size": "4m", "PV size": "x"})).unwrap();
-        let ModuleParams::LinuxLvmLv(lv) = p.params else { panic!() };
+        let p = parse_state(
+            "linux.lvm.lv",
+            &json!({"name": "lv", "vg-name": "vg", "pool-metadata-size": "4m", "PV size": "x"}),
+        )
+        .unwrap();
+        let ModuleParams::LinuxLvmLv(lv) = p.params else {
+            panic!()
+        };
         assert_eq!(lv.pool_metadata_size.as_deref(), Some("4m"));
         assert_eq!(p.warnings.len(), 1);
 
         let p = parse_state("linux.service", &json!({"name": ["crond"], "watch": true})).unwrap();
-        let ModuleParams::LinuxService(s) = p.params else { panic!() };
+        let ModuleParams::LinuxService(s) = p.params else {
+            panic!()
+        };
         assert_eq!(s.watch, Some(Watch::EveryRound));
         assert_eq!(s.name.0[0].key, "crond");
     }
 
     #[test]
     fn blank_optional_values_are_not_given() {
-        let p = parse_state("linux.user", &json!({"username": "u", "password": "$6$x", "uid": "", "gid": "", "no-login": ""})).unwrap();
-        let ModuleParams::LinuxUser(u) = p.params else { panic!() };
+        let p = parse_state(
+            "linux.user",
+            &json!({"username": "u", "password": "$6$x", "uid": "", "gid": "", "no-login": ""}),
+        )
+        .unwrap();
+        let ModuleParams::LinuxUser(u) = p.params else {
+            panic!()
+        };
         assert_eq!((u.uid, u.gid, u.no_login), (None, None, false));
         let err = parse_state("linux.file", &json!({"path": ""})).unwrap_err();
         assert!(matches!(err, CatalogueError::Missing { .. }));
@@ -916,10 +1052,23 @@ mod tests {
 
     #[test]
     fn placeholders_render_like_safe_substitute() {
-        let p = parse_state("linux.cmd", &json!({"cmd": "echo $cwd ${shell} $HOME $$ $", "cwd": "/srv"})).unwrap();
-        let ModuleParams::LinuxCmd(c) = p.params else { panic!() };
-        assert_eq!(c.cmd.0, "echo /srv /bin/sh $HOME $ $".replace("/bin/sh", "${shell}"));
-        let p = parse_state("linux.file", &json!({"path": "/etc/$name.conf", "name": "ignored"})).unwrap();
+        let p = parse_state(
+            "linux.cmd",
+            &json!({"cmd": "echo $cwd ${shell} $HOME $$ $", "cwd": "/srv"}),
+        )
+        .unwrap();
+        let ModuleParams::LinuxCmd(c) = p.params else {
+            panic!()
+        };
+        assert_eq!(
+            c.cmd.0,
+            "echo /srv /bin/sh $HOME $ $".replace("/bin/sh", "${shell}")
+        );
+        let p = parse_state(
+            "linux.file",
+            &json!({"path": "/etc/$name.conf", "name": "ignored"}),
+        )
+        .unwrap();
         assert!(p.warnings.is_empty() || p.params.name() == "linux.file");
     }
 
@@ -927,7 +1076,11 @@ mod tests {
     fn semantic_checks() {
         let bad = parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "61"})).unwrap_err();
         assert!(bad.to_string().contains("minute"), "{bad}");
-        assert!(parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "*/5", "hour": "1-3,7"})).is_ok());
+        assert!(parse_state(
+            "linux.cronjob",
+            &json!({"cmd": ["x"], "minute": "*/5", "hour": "1-3,7"})
+        )
+        .is_ok());
         assert!(parse_state("linux.mkfs", &json!({"device": "/dev/x", "fstype": "ntfs"})).is_err());
         assert!(parse_state("linux.service", &json!({"name": []})).is_err());
     }
@@ -936,7 +1089,9 @@ mod tests {
     fn wait_references() {
         let p = parse_state("meta.wait", &json!({"state": "@{web.state-3}"})).unwrap();
         assert!(p.params.is_builtin());
-        let ModuleParams::MetaWait(w) = p.params else { panic!() };
+        let ModuleParams::MetaWait(w) = p.params else {
+            panic!()
+        };
         assert_eq!(w.state.0[0].state, "state-3");
     }
 }

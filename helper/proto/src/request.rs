@@ -15,11 +15,16 @@ pub struct RequestFrame {
     pub request: Request,
 }
 
+// Requests are built once and serialised at once; boxing `Apply` would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Request {
     /// First request on a connection: both sides name their protocol version.
-    Hello { protocol_version: u32, agent_version: String },
+    Hello {
+        protocol_version: u32,
+        agent_version: String,
+    },
     /// Apply one state.
     Apply(ApplyRequest),
     /// Cancel the running `Apply` whose request id is `target`: its commands' process
@@ -47,10 +52,16 @@ pub struct ReplyFrame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Reply {
-    Hello { protocol_version: u32, helper_version: String },
+    Hello {
+        protocol_version: u32,
+        helper_version: String,
+    },
     Outcome(Outcome),
     /// Answer to `Cancel`: whether a running request with that id was found.
-    Cancelled { target: u64, found: bool },
+    Cancelled {
+        target: u64,
+        found: bool,
+    },
     Status(HelperStatus),
     Error(HelperError),
 }
@@ -77,11 +88,19 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn ok(comment: impl Into<String>) -> Self {
-        Self { result: true, comment: comment.into(), ..Self::default() }
+        Self {
+            result: true,
+            comment: comment.into(),
+            ..Self::default()
+        }
     }
 
     pub fn failed(comment: impl Into<String>) -> Self {
-        Self { result: false, comment: comment.into(), ..Self::default() }
+        Self {
+            result: false,
+            comment: comment.into(),
+            ..Self::default()
+        }
     }
 
     pub fn changed(&self) -> bool {
@@ -98,7 +117,10 @@ pub struct Change {
 
 impl Change {
     pub fn new(subject: impl Into<String>, what: impl Into<String>) -> Self {
-        Self { subject: subject.into(), what: what.into() }
+        Self {
+            subject: subject.into(),
+            what: what.into(),
+        }
     }
 }
 
@@ -127,7 +149,10 @@ pub struct HelperError {
 
 impl HelperError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -157,7 +182,9 @@ mod tests {
 
     #[test]
     fn apply_request_wire_shape_round_trips() {
-        let params = parse_state("linux.file", &json!({"path": "/etc/motd", "content": "hi"})).unwrap().params;
+        let params = parse_state("linux.file", &json!({"path": "/etc/motd", "content": "hi"}))
+            .unwrap()
+            .params;
         let frame = RequestFrame {
             id: 7,
             request: Request::Apply(ApplyRequest {
@@ -176,7 +203,10 @@ mod tests {
 
     #[test]
     fn unknown_request_types_and_bad_ids_are_refused() {
-        assert!(serde_json::from_value::<RequestFrame>(json!({"id": 1, "request": {"type": "format-disk"}})).is_err());
+        assert!(serde_json::from_value::<RequestFrame>(
+            json!({"id": 1, "request": {"type": "format-disk"}})
+        )
+        .is_err());
         assert!(serde_json::from_value::<RequestFrame>(json!({"id": 1, "request": {"type": "apply", "state_id": "", "module": "linux.file", "params": {"path": "/x"}}})).is_err());
     }
 }

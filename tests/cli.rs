@@ -1,0 +1,156 @@
+// Integration tests wait on real processes with the wall clock.
+#![allow(clippy::disallowed_methods)]
+
+//! The `opsagent` command line, run as a real process.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::bin;
+
+fn opsagent(args: &[&str]) -> std::process::Output {
+    Command::new(bin("opsagent")).args(args).output().unwrap()
+}
+
+fn shared_recipes() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/recipes/visualops-basic")
+}
+
+#[test]
+fn check_accepts_every_original_test_recipe() {
+    let dir = shared_recipes();
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 36, "the original basic recipes are there");
+    let args: Vec<&str> = std::iter::once("check")
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let out = opsagent(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        files.len(),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_names_the_bad_state_and_parameter_and_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("bad.json");
+    std::fs::write(
+        &f,
+        r#"{"state": [
+            {"id": "good", "module": "linux.file", "parameter": {"path": "/x"}},
+            {"id": "bad-mode", "module": "linux.file", "parameter": {"path": "/x", "mode": "rwx"}},
+            {"id": "unknown", "module": "linux.nope", "parameter": {}},
+            {"id": "extra", "module": "linux.file", "parameter": {"path": "/x", "colour": "red"}}
+        ]}"#,
+    )
+    .unwrap();
+    let out = opsagent(&["check", f.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert!(lines[0].starts_with("ok "));
+    assert!(
+        lines[1].starts_with("INVALID") && lines[1].contains("\"mode\": expected an octal mode"),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].contains("unknown module \"linux.nope\""),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].starts_with("ok ") && lines[3].contains("unknown parameter \"colour\""),
+        "{}",
+        lines[3]
+    );
+
+    std::fs::write(
+        &f,
+        r#"{"state": [{"module": "linux.file", "parameter": {}}]}"#,
+    )
+    .unwrap();
+    let out = opsagent(&["check", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("has no \"id\""));
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("opsagent.conf");
+    std::fs::write(&f, "[agent]\nround_delay = ten\n").unwrap();
+    let out = opsagent(&["run", "--config", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("opsagent.conf") && err.contains("round_delay"),
+        "{err}"
+    );
+
+    let out = opsagent(&[
+        "run",
+        "--config",
+        f.with_file_name("missing.conf").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn apply_runs_the_demo_recipe_through_a_private_helper_and_is_idempotent() {
+    let _ = std::fs::remove_dir_all("/tmp/opsagent-demo");
+    let helper = bin("opsagent-helper");
+    let run = || {
+        let out = Command::new(bin("opsagent"))
+            .arg("apply")
+            .env("OPSAGENT_HELPER_BIN", &helper)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let first = run();
+    assert_eq!(
+        first.lines().filter(|l| l.starts_with("ok ")).count(),
+        5,
+        "{first}"
+    );
+    assert!(first.contains("changed:"), "{first}");
+    assert_eq!(
+        std::fs::read_to_string("/tmp/opsagent-demo/current/app.conf").unwrap(),
+        "# written by opsagent\nlisten = 8080\nworkers = 4\n"
+    );
+    let second = run();
+    // The directory, file and link are unchanged; only the command runs again.
+    let changed: Vec<&str> = second.lines().filter(|l| l.contains("changed:")).collect();
+    assert_eq!(changed.len(), 1, "{second}");
+    assert!(changed[0].contains("linux.cmd"), "{second}");
+}
+
+#[test]
+fn version_flag() {
+    let out = opsagent(&["--version"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("opsagent "));
+}

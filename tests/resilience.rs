@@ -1,0 +1,212 @@
+// Integration tests wait on real processes with the wall clock.
+#![allow(clippy::disallowed_methods)]
+
+//! Results are never lost or doubled: the backend dies mid-round, the daemon is killed
+//! with SIGKILL mid-round, a new recipe arrives during a long command.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Five commands of ~0.3 s each: a round lasts long enough to be interrupted.
+fn slow_recipe(work: &Path, tag: &str) -> Value {
+    let states: Vec<Value> = (1..=5)
+        .map(|i| {
+            json!({"id": format!("{tag}-{i}"), "module": "linux.cmd",
+                   "parameter": {"cmd": format!("sleep 0.3; echo {tag} {i}"), "cwd": work.display().to_string()}})
+        })
+        .collect();
+    json!({ "state": states })
+}
+
+/// Every sequence number 1..=max exactly once: nothing lost, nothing doubled.
+fn assert_exactly_once(statelog: &Path) -> usize {
+    let logs = read_jsonl(statelog);
+    let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+    for l in &logs {
+        *count.entry(l["seq"].as_u64().expect("seq")).or_default() += 1;
+    }
+    let max = *count.keys().last().unwrap();
+    let doubled: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "doubled: {doubled:?}");
+    let missing: Vec<u64> = (1..=max).filter(|s| !count.contains_key(s)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    logs.len()
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    recipes: std::path::PathBuf,
+    statelog: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    work: std::path::PathBuf,
+}
+
+fn setup(app: &str, recipe: impl Fn(&Path) -> Value) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let work = dir.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let recipes = dir.join("recipes");
+    std::fs::create_dir(&recipes).unwrap();
+    std::fs::write(
+        recipes.join(format!("{app}.json")),
+        recipe(&work).to_string(),
+    )
+    .unwrap();
+    Setup {
+        statelog: dir.join("statelog.jsonl"),
+        socket: dir.join("helper.sock"),
+        recipes,
+        work,
+        dir,
+        _tmp: tmp,
+    }
+}
+
+#[test]
+fn a_backend_killed_mid_round_loses_and_doubles_nothing() {
+    let s = setup("app-r1", |w| slow_recipe(w, "r1"));
+    let (mut backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &[]);
+    let _helper = start_helper(&s.dir, &s.socket);
+    let agent = start_agent(
+        &s.dir,
+        port,
+        "app-r1",
+        "i-r1",
+        &s.socket,
+        &["--round-delay", "1"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len()
+            >= 2),
+        "{}",
+        agent.log_text()
+    );
+    for _ in 0..2 {
+        backend.kill9();
+        std::thread::sleep(Duration::from_millis(900));
+        let before = read_jsonl(&s.statelog).len();
+        let (b, _) = start_backend_on(
+            &s.dir,
+            &s.recipes,
+            &s.statelog,
+            &format!("127.0.0.1:{port}"),
+            &[],
+        );
+        backend = b;
+        assert!(
+            wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len()
+                >= before + 6),
+            "the agent reconnected and delivered what it applied meanwhile: {}",
+            agent.log_text()
+        );
+    }
+    let n = assert_exactly_once(&s.statelog);
+    assert!(n >= 12);
+}
+
+#[test]
+fn a_daemon_killed_with_sigkill_mid_round_resumes_with_its_spool_intact() {
+    let s = setup("app-r2", |w| slow_recipe(w, "r2"));
+    let (_backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &[]);
+    let _helper = start_helper(&s.dir, &s.socket);
+    let args = ["--round-delay", "1"];
+    let mut agent = start_agent(&s.dir, port, "app-r2", "i-r2", &s.socket, &args);
+    for round in 0..3 {
+        let before = read_jsonl(&s.statelog).len();
+        assert!(
+            wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len()
+                >= before + 3),
+            "{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(150 * round));
+        agent.kill9();
+        agent = start_agent(&s.dir, port, "app-r2", "i-r2", &s.socket, &args);
+    }
+    let before = read_jsonl(&s.statelog).len();
+    assert!(
+        wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len()
+            >= before + 5),
+        "{}",
+        agent.log_text()
+    );
+    assert_exactly_once(&s.statelog);
+    // The restarted daemon resumed the persisted recipe rather than waiting for nothing.
+    assert!(
+        agent.log_text().contains("resuming the persisted recipe"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+fn stray(marker: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .arg("-f")
+        .arg(marker)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_new_recipe_during_a_long_command_starts_promptly_and_leaves_no_stray_process() {
+    let marker = format!("sleep 6{}", std::process::id() % 1000 + 1000);
+    let m = marker.clone();
+    let s = setup("app-r3", move |w| {
+        json!({"state": [
+            {"id": "quick", "module": "linux.cmd", "parameter": {"cmd": "true", "cwd": w.display().to_string()}},
+            {"id": "long", "module": "linux.cmd", "parameter": {"cmd": format!("{m}; echo never"), "cwd": w.display().to_string()}}
+        ]})
+    });
+    let (_backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &["--poll-ms", "50"]);
+    let _helper = start_helper(&s.dir, &s.socket);
+    let agent = start_agent(&s.dir, port, "app-r3", "i-r3", &s.socket, &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || stray(&marker)),
+        "the long command runs: {}",
+        agent.log_text()
+    );
+
+    let t0 = Instant::now();
+    std::fs::write(
+        s.recipes.join("app-r3.json"),
+        json!({"state": [{"id": "next", "module": "linux.file",
+                          "parameter": {"path": format!("{}/next", s.work.display()), "content": "x"}}]})
+        .to_string(),
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || read_jsonl(&s.statelog)
+            .iter()
+            .any(|l| l["id"] == "next")),
+        "{}",
+        agent.log_text()
+    );
+    let elapsed = t0.elapsed();
+    assert!(
+        !stray(&marker),
+        "the cancelled command's process group is gone"
+    );
+    let logs = read_jsonl(&s.statelog);
+    let long = logs
+        .iter()
+        .find(|l| l["id"] == "long")
+        .expect("the cancelled state is reported");
+    assert_eq!(long["state_result"], false);
+    assert!(
+        long["state_comment"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled"),
+        "{long}"
+    );
+    eprintln!("new recipe file written → new round's first StateLog: {elapsed:?} (includes the backend's file polling)");
+}
