@@ -19,11 +19,7 @@ use crate::recipe::{Recipe, RecipeState};
 pub const DEMO_RECIPE: &str = include_str!("../packaging/examples/demo.json");
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "opsagent",
-    version,
-    about = "VisualOps configuration agent (systemd-native)"
-)]
+#[command(name = "opsagent", version, about = "VisualOps configuration agent (systemd-native)")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -77,17 +73,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config, overrides } => cmd_run(config.as_deref(), &overrides),
-        Command::Apply {
-            file,
-            helper_socket,
-            helper_bin,
-        } => cmd_apply(file.as_deref(), helper_socket, helper_bin),
+        Command::Apply { file, helper_socket, helper_bin } => cmd_apply(file.as_deref(), helper_socket, helper_bin),
         Command::Check { files } => cmd_check(&files),
         Command::Status { config, json } => cmd_status(config.as_deref(), json),
-        Command::Stop {
-            config,
-            after_round,
-        } => cmd_stop(config.as_deref(), after_round),
+        Command::Stop { config, after_round } => cmd_stop(config.as_deref(), after_round),
     };
     match result {
         Ok(code) => code,
@@ -109,9 +98,7 @@ pub fn main() -> ExitCode {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // One thread: the daemon's work is sequential and mostly waiting; this keeps its
     // footprint small.
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 fn cmd_run(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<ExitCode> {
@@ -176,24 +163,14 @@ fn cmd_check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
                         )?,
                         Err(reason) => {
                             all_ok = false;
-                            writeln!(
-                                out,
-                                "INVALID {}  {}  {}  {reason}",
-                                file.display(),
-                                s.id,
-                                s.module
-                            )?;
+                            writeln!(out, "INVALID {}  {}  {}  {reason}", file.display(), s.id, s.module)?;
                         }
                     }
                 }
             }
         }
     }
-    Ok(if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// A helper started by `opsagent apply` on a private socket, killed when dropped.
@@ -211,16 +188,12 @@ impl PrivateHelper {
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         let socket = dir.join("helper.sock");
         let mut cmd = std::process::Command::new(bin);
-        cmd.arg("--socket")
-            .arg(&socket)
-            .stdin(std::process::Stdio::null());
+        cmd.arg("--socket").arg(&socket).stdin(std::process::Stdio::null());
         // The per-request log lines of a private helper would drown the result lines.
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "error");
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start the helper {}: {e}", bin.display()))?;
+        let child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start the helper {}: {e}", bin.display()))?;
         let mut me = Self { child, dir };
         for _ in 0..100 {
             if socket.exists() {
@@ -231,11 +204,7 @@ impl PrivateHelper {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        anyhow::bail!(
-            "the helper {} did not create {} within 5 s",
-            bin.display(),
-            socket.display()
-        )
+        anyhow::bail!("the helper {} did not create {} within 5 s", bin.display(), socket.display())
     }
 }
 
@@ -288,11 +257,7 @@ fn cmd_apply(
     let client = UnixHelperClient::new(&socket, env!("CARGO_PKG_VERSION"));
     let rt = runtime()?;
     let all_ok = rt.block_on(apply_round(&client, &recipe))?;
-    Ok(if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// Runs every state once, in order, stopping at the first failure (as a round would
@@ -316,11 +281,7 @@ async fn apply_round(client: &UnixHelperClient, recipe: &Recipe) -> anyhow::Resu
         writeln!(out, "{line}")?;
         if !o.result {
             if !o.stdout.is_empty() {
-                writeln!(
-                    out,
-                    "       output: {}",
-                    o.stdout.trim_end().replace('\n', "\n               ")
-                )?;
+                writeln!(out, "       output: {}", o.stdout.trim_end().replace('\n', "\n               "))?;
             }
             if i + 1 < total {
                 writeln!(out, "       {} later state(s) not run", total - i - 1)?;
@@ -340,49 +301,27 @@ async fn apply_one(client: &UnixHelperClient, version: u64, s: &RecipeState) -> 
         return Outcome::ok("comment");
     }
     if parsed.params.name() == "meta.wait" {
-        return Outcome::failed(
-            "meta.wait needs a backend to report the waited states (use opsagent run)",
-        );
+        return Outcome::failed("meta.wait needs a backend to report the waited states (use opsagent run)");
     }
-    let req = ApplyRequest {
-        state_id: s.id.clone(),
-        recipe_version: version,
-        params: parsed.params.clone(),
-    };
-    let mut o = client
-        .apply(req, Cancel::never())
-        .await
-        .unwrap_or_else(|e| Outcome::failed(format!("helper: {e}")));
+    let req = ApplyRequest { state_id: s.id.clone(), recipe_version: version, params: parsed.params.clone() };
+    let mut o = client.apply(req, Cancel::never()).await.unwrap_or_else(|e| Outcome::failed(format!("helper: {e}")));
     for w in &parsed.warnings {
-        o.comment = if o.comment.is_empty() {
-            format!("warning: {w}")
-        } else {
-            format!("{}; warning: {w}", o.comment)
-        };
+        o.comment = if o.comment.is_empty() { format!("warning: {w}") } else { format!("{}; warning: {w}", o.comment) };
     }
     o
 }
 
 fn read_status(config: Option<&Path>) -> anyhow::Result<StatusReport> {
     let cfg = Config::load(config, &Overrides::default())?;
-    let candidates = [
-        PathBuf::from("/run/opsagent/status.json"),
-        daemon::status_file(&cfg.agent.state_dir),
-    ];
-    let path = candidates.iter().find(|p| p.exists()).ok_or_else(|| {
-        anyhow::anyhow!(
-            "the agent is not running (no status file at {})",
-            candidates[0].display()
-        )
-    })?;
+    let candidates = [PathBuf::from("/run/opsagent/status.json"), daemon::status_file(&cfg.agent.state_dir)];
+    let path = candidates
+        .iter()
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow::anyhow!("the agent is not running (no status file at {})", candidates[0].display()))?;
     let report: StatusReport = serde_json::from_slice(&std::fs::read(path)?)?;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(report.pid)?);
     if nix::sys::signal::kill(pid, None).is_err() {
-        anyhow::bail!(
-            "the agent is not running (pid {} in {} is gone)",
-            report.pid,
-            path.display()
-        );
+        anyhow::bail!("the agent is not running (pid {} in {} is gone)", report.pid, path.display());
     }
     Ok(report)
 }
@@ -401,25 +340,12 @@ fn cmd_status(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
     }
     if let Some(last) = r.engine.get("last").and_then(|l| l.as_array()) {
         if let [id, ok] = last.as_slice() {
-            let verdict = if ok.as_bool() == Some(true) {
-                "succeeded"
-            } else {
-                "FAILED"
-            };
+            let verdict = if ok.as_bool() == Some(true) { "succeeded" } else { "FAILED" };
             println!("  last state {} {verdict}", id.as_str().unwrap_or("?"));
         }
     }
-    println!(
-        "  rounds     {} completed",
-        r.engine
-            .get("rounds_completed")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0)
-    );
-    println!(
-        "  spool      {} StateLog(s) waiting, {} dropped",
-        r.spool_depth, r.spool_dropped
-    );
+    println!("  rounds     {} completed", r.engine.get("rounds_completed").and_then(|v| v.as_u64()).unwrap_or(0));
+    println!("  spool      {} StateLog(s) waiting, {} dropped", r.spool_depth, r.spool_dropped);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -427,20 +353,12 @@ fn cmd_stop(config: Option<&Path>, after_round: bool) -> anyhow::Result<ExitCode
     use nix::sys::signal::{kill, Signal};
     let r = read_status(config)?;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(r.pid)?);
-    let sig = if after_round {
-        Signal::SIGUSR1
-    } else {
-        Signal::SIGTERM
-    };
+    let sig = if after_round { Signal::SIGUSR1 } else { Signal::SIGTERM };
     kill(pid, sig)?;
     println!(
         "asked opsagent (pid {}) to stop {}",
         r.pid,
-        if after_round {
-            "after the current round"
-        } else {
-            "after the running state"
-        }
+        if after_round { "after the current round" } else { "after the running state" }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -33,10 +33,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("state directory {path}: {source}")]
-    StateDir {
-        path: String,
-        source: std::io::Error,
-    },
+    StateDir { path: String, source: std::io::Error },
     #[error("spool: {0}")]
     Spool(#[from] crate::spool::SpoolError),
     #[error("identity: {0}")]
@@ -57,18 +54,13 @@ pub struct SharedSpool {
 
 impl SharedSpool {
     pub fn new(spool: Spool) -> Self {
-        Self {
-            spool: Mutex::new(spool),
-            added: Arc::new(Notify::new()),
-        }
+        Self { spool: Mutex::new(spool), added: Arc::new(Notify::new()) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Spool> {
         // A panic while holding the lock cannot leave the spool's files inconsistent
         // (every write is framed and fsynced), so a poisoned lock is still usable.
-        self.spool
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.spool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn append(&self, log: StateLog) {
@@ -87,19 +79,12 @@ impl SharedSpool {
 
 impl Outbox for SharedSpool {
     fn pending_after(&self, seq: u64) -> Vec<StateLog> {
-        self.lock()
-            .pending_from(seq.saturating_add(1))
-            .cloned()
-            .collect()
+        self.lock().pending_from(seq.saturating_add(1)).cloned().collect()
     }
 
     fn delivered(&self, seq: u64, cumulative: bool) {
         let mut s = self.lock();
-        let r = if cumulative {
-            s.ack_through(seq).map(|_| ())
-        } else {
-            s.ack(seq).map(|_| ())
-        };
+        let r = if cumulative { s.ack_through(seq).map(|_| ()) } else { s.ack(seq).map(|_| ()) };
         if let Err(e) = r {
             tracing::error!(error = %e, seq, "cannot record a delivery; the StateLog may be sent again");
         }
@@ -127,23 +112,11 @@ pub fn load_snapshot(state_dir: &Path) -> Option<Snapshot> {
     let text = std::fs::read_to_string(&path).ok()?;
     let parsed = serde_json::from_str::<Persisted>(&text)
         .map_err(|e| e.to_string())
-        .and_then(|p| {
-            Recipe::from_document(&p.recipe)
-                .map(|r| (p, r))
-                .map_err(|e| e.to_string())
-        });
+        .and_then(|p| Recipe::from_document(&p.recipe).map(|r| (p, r)).map_err(|e| e.to_string()));
     match parsed {
         Ok((p, recipe)) => {
-            tracing::info!(
-                version = p.version,
-                states = recipe.states.len(),
-                "resuming the persisted recipe"
-            );
-            Some(Snapshot {
-                version: p.version,
-                recipe: Arc::new(recipe),
-                done: p.done,
-            })
+            tracing::info!(version = p.version, states = recipe.states.len(), "resuming the persisted recipe");
+            Some(Snapshot { version: p.version, recipe: Arc::new(recipe), done: p.done })
         }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "persisted recipe unreadable; waiting for the backend");
@@ -177,15 +150,10 @@ impl Effects for DaemonEffects {
     }
 
     async fn persist(&mut self, snapshot: &Snapshot) {
-        let p = Persisted {
-            version: snapshot.version,
-            recipe: snapshot.recipe.to_document(),
-            done: snapshot.done.clone(),
-        };
+        let p =
+            Persisted { version: snapshot.version, recipe: snapshot.recipe.to_document(), done: snapshot.done.clone() };
         let path = recipe_file(&self.state_dir);
-        let r = serde_json::to_vec(&p)
-            .map_err(std::io::Error::other)
-            .and_then(|b| write_atomic(&path, &b));
+        let r = serde_json::to_vec(&p).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
         if let Err(e) = r {
             tracing::error!(path = %path.display(), error = %e, "cannot persist the recipe");
         }
@@ -195,9 +163,7 @@ impl Effects for DaemonEffects {
         // The upgrade itself (download, verify, switch, health gate) is carried out by
         // the upgrade component; the engine guarantees this runs once, between rounds.
         let path = self.state_dir.join("upgrade-order.json");
-        let r = serde_json::to_vec(order)
-            .map_err(std::io::Error::other)
-            .and_then(|b| write_atomic(&path, &b));
+        let r = serde_json::to_vec(order).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
         match r {
             Ok(()) => tracing::warn!(
                 version = %order.version, url = %order.url, path = %path.display(),
@@ -233,27 +199,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (ws_uri, app_id) = config.require_backend()?;
     let (ws_uri, app_id) = (ws_uri.to_string(), app_id.to_string());
     let state_dir = config.agent.state_dir.clone();
-    std::fs::create_dir_all(&state_dir).map_err(|source| DaemonError::StateDir {
-        path: state_dir.display().to_string(),
-        source,
-    })?;
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|source| DaemonError::StateDir { path: state_dir.display().to_string(), source })?;
     let probe = state_dir.join(".writable");
-    write_atomic(&probe, b"ok").map_err(|source| DaemonError::StateDir {
-        path: state_dir.display().to_string(),
-        source,
-    })?;
+    write_atomic(&probe, b"ok")
+        .map_err(|source| DaemonError::StateDir { path: state_dir.display().to_string(), source })?;
     let _ = std::fs::remove_file(&probe);
 
     let mut init_errors = Vec::new();
     let instance_id = match &config.userdata.instance_id {
         Some(id) => id.clone(),
         None => {
-            identity::MetadataClient::new(
-                &config.userdata.metadata_url,
-                identity::RetryPolicy::default(),
-            )?
-            .instance_id()
-            .await?
+            identity::MetadataClient::new(&config.userdata.metadata_url, identity::RetryPolicy::default())?
+                .instance_id()
+                .await?
         }
     };
     let token = match identity::load_or_create_token(&config.agent.token_file, &app_id) {
@@ -283,10 +242,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         retry_delay_max: config.agent.retry_delay_max,
         ..EngineConfig::default()
     };
-    let effects = DaemonEffects {
-        spool: spool.clone(),
-        state_dir: state_dir.clone(),
-    };
+    let effects = DaemonEffects { spool: spool.clone(), state_dir: state_dir.clone() };
     let (engine, handle) = Engine::new(helper, effects, engine_cfg, resume);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -301,14 +257,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ..LinkConfig::default()
     };
     let init = (!init_errors.is_empty()).then(|| init_errors.join("; "));
-    let (link, link_status, link_live) = Link::new(
-        link_cfg,
-        who.clone(),
-        init,
-        spool.clone(),
-        handle.events.clone(),
-        stop_rx.clone(),
-    )?;
+    let (link, link_status, link_live) =
+        Link::new(link_cfg, who.clone(), init, spool.clone(), handle.events.clone(), stop_rx.clone())?;
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -317,10 +267,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let engine_task = tokio::spawn(engine.run());
     let link_task = tokio::spawn(link.run());
     let supervisor = tokio::spawn(crate::systemd::supervise(
-        vec![
-            ("round engine", handle.liveness.clone()),
-            ("link", link_live),
-        ],
+        vec![("round engine", handle.liveness.clone()), ("link", link_live)],
         link_status.clone(),
         handle.status.clone(),
         stop_rx.clone(),
@@ -380,10 +327,7 @@ async fn wait_for_helper(helper: &UnixHelperClient) -> Result<(), DaemonError> {
                 return Ok(());
             }
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(DaemonError::Helper {
-                    secs: HELPER_WAIT.as_secs(),
-                    last: e.to_string(),
-                })
+                return Err(DaemonError::Helper { secs: HELPER_WAIT.as_secs(), last: e.to_string() })
             }
             Err(e) => {
                 if !logged {

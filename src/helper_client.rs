@@ -25,13 +25,8 @@ const CANCEL_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperClientError {
-    #[error(
-        "cannot connect to the helper at {path}: {source} (is opsagent-helper.socket active?)"
-    )]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot connect to the helper at {path}: {source} (is opsagent-helper.socket active?)")]
+    Connect { path: String, source: std::io::Error },
     #[error("helper at {path}: {source}")]
     Codec { path: String, source: CodecError },
     #[error("helper at {path} closed the connection")]
@@ -121,20 +116,13 @@ impl UnixHelperClient {
     }
 
     fn codec_err(&self, source: CodecError) -> HelperClientError {
-        HelperClientError::Codec {
-            path: self.shown(),
-            source,
-        }
+        HelperClientError::Codec { path: self.shown(), source }
     }
 
     async fn connect(&self) -> Result<Conn, HelperClientError> {
-        let stream =
-            UnixStream::connect(&self.path)
-                .await
-                .map_err(|source| HelperClientError::Connect {
-                    path: self.shown(),
-                    source,
-                })?;
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| HelperClientError::Connect { path: self.shown(), source })?;
         let (mut reader, writer) = stream.into_split();
         let (tx, replies) = mpsc::channel(4);
         let max = self.max_frame;
@@ -153,34 +141,22 @@ impl UnixHelperClient {
                 }
             }
         });
-        let mut conn = Conn {
-            writer,
-            replies,
-            next_id: 1,
-        };
+        let mut conn = Conn { writer, replies, next_id: 1 };
         let id = self
             .send(
                 &mut conn,
-                Request::Hello {
-                    protocol_version: PROTOCOL_VERSION,
-                    agent_version: self.agent_version.clone(),
-                },
+                Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: self.agent_version.clone() },
             )
             .await?;
         match self.recv(&mut conn).await? {
-            ReplyFrame {
-                id: rid,
-                reply: Reply::Hello {
-                    protocol_version, ..
-                },
-            } if rid == id && protocol_version == PROTOCOL_VERSION => Ok(conn),
-            ReplyFrame {
-                reply: Reply::Error(error),
-                ..
-            } => Err(HelperClientError::Refused {
-                path: self.shown(),
-                error,
-            }),
+            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, .. } }
+                if rid == id && protocol_version == PROTOCOL_VERSION =>
+            {
+                Ok(conn)
+            }
+            ReplyFrame { reply: Reply::Error(error), .. } => {
+                Err(HelperClientError::Refused { path: self.shown(), error })
+            }
             other => Err(HelperClientError::Protocol {
                 path: self.shown(),
                 what: format!("unexpected answer to Hello: {other:?}"),
@@ -191,12 +167,8 @@ impl UnixHelperClient {
     async fn send(&self, conn: &mut Conn, request: Request) -> Result<u64, HelperClientError> {
         let id = conn.next_id;
         conn.next_id += 1;
-        let frame = codec::encode(&RequestFrame { id, request }, self.max_frame)
-            .map_err(|e| self.codec_err(e))?;
-        conn.writer
-            .write_all(&frame)
-            .await
-            .map_err(|e| self.codec_err(CodecError::Io(e)))?;
+        let frame = codec::encode(&RequestFrame { id, request }, self.max_frame).map_err(|e| self.codec_err(e))?;
+        conn.writer.write_all(&frame).await.map_err(|e| self.codec_err(CodecError::Io(e)))?;
         Ok(id)
     }
 
@@ -215,9 +187,7 @@ impl UnixHelperClient {
         F: for<'c> FnOnce(
             &'c Self,
             &'c mut Conn,
-        ) -> std::pin::Pin<
-            Box<dyn Future<Output = Result<T, HelperClientError>> + Send + 'c>,
-        >,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<T, HelperClientError>> + Send + 'c>>,
     {
         let mut guard = self.conn.lock().await;
         if guard.is_none() {
@@ -285,8 +255,7 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 
 impl HelperClient for UnixHelperClient {
     async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
-        self.with_conn(move |me, conn| Box::pin(me.apply_on(conn, req, cancel)))
-            .await
+        self.with_conn(move |me, conn| Box::pin(me.apply_on(conn, req, cancel))).await
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
@@ -294,17 +263,10 @@ impl HelperClient for UnixHelperClient {
             Box::pin(async move {
                 let id = me.send(conn, Request::Status).await?;
                 match me.recv(conn).await? {
-                    ReplyFrame {
-                        id: rid,
-                        reply: Reply::Status(s),
-                    } if rid == id => Ok(s),
-                    ReplyFrame {
-                        reply: Reply::Error(error),
-                        ..
-                    } => Err(HelperClientError::Refused {
-                        path: me.shown(),
-                        error,
-                    }),
+                    ReplyFrame { id: rid, reply: Reply::Status(s) } if rid == id => Ok(s),
+                    ReplyFrame { reply: Reply::Error(error), .. } => {
+                        Err(HelperClientError::Refused { path: me.shown(), error })
+                    }
                     other => Err(HelperClientError::Protocol {
                         path: me.shown(),
                         what: format!("unexpected answer to Status: {other:?}"),

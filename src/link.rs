@@ -64,17 +64,11 @@ impl Default for LinkConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("connecting to {url}: {source}")]
-    Connect {
-        url: String,
-        source: Box<tokio_tungstenite::tungstenite::Error>,
-    },
+    Connect { url: String, source: Box<tokio_tungstenite::tungstenite::Error> },
     #[error("TLS set-up: {0}")]
     Tls(String),
     #[error("connection to {url}: {source}")]
-    Transport {
-        url: String,
-        source: Box<tokio_tungstenite::tungstenite::Error>,
-    },
+    Transport { url: String, source: Box<tokio_tungstenite::tungstenite::Error> },
     #[error("no frame from {url} for {silent_s} s (two ping intervals): connection declared dead")]
     Dead { url: String, silent_s: u64 },
     #[error("{url} closed the connection{reason}")]
@@ -134,20 +128,14 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration, seed: u64) -> Self {
-        Self {
-            base,
-            cap,
-            rng: seed | 1,
-        }
+        Self { base, cap, rng: seed | 1 }
     }
 
     pub fn from_entropy(base: Duration, cap: Duration) -> Self {
         let mut b = [0u8; 8];
         // Falling back to the clock only weakens the spread, not correctness.
         if getrandom::fill(&mut b).is_err() {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
             b = (now.as_nanos() as u64).to_le_bytes();
         }
         Self::new(base, cap, u64::from_le_bytes(b))
@@ -164,17 +152,10 @@ impl Backoff {
 
     /// Full jitter: uniform in [0, min(cap, base·2^(attempt-1))].
     pub fn delay(&mut self, attempt: u32) -> Duration {
-        let exp = self.base.saturating_mul(
-            1u32.checked_shl(attempt.saturating_sub(1).min(24))
-                .unwrap_or(u32::MAX),
-        );
+        let exp = self.base.saturating_mul(1u32.checked_shl(attempt.saturating_sub(1).min(24)).unwrap_or(u32::MAX));
         let ceiling = exp.min(self.cap);
         let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-        Duration::from_millis(if ms == 0 {
-            0
-        } else {
-            self.next_u64() % (ms + 1)
-        })
+        Duration::from_millis(if ms == 0 { 0 } else { self.next_u64() % (ms + 1) })
     }
 
     pub fn cap(&self) -> Duration {
@@ -214,26 +195,12 @@ impl<O: Outbox + 'static> Link<O> {
         engine: mpsc::Sender<Event>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, watch::Receiver<LinkStatus>, Liveness), LinkError> {
-        let tls = if cfg.ws_uri.starts_with("wss://") {
-            Some(Arc::new(tls_config(&cfg)?))
-        } else {
-            None
-        };
+        let tls = if cfg.ws_uri.starts_with("wss://") { Some(Arc::new(tls_config(&cfg)?)) } else { None };
         let (status, status_rx) = watch::channel(LinkStatus::default());
         let liveness = Liveness::default();
         let backoff = Backoff::from_entropy(cfg.backoff_base, cfg.backoff_max);
-        let link = Self {
-            cfg,
-            who,
-            init_errors,
-            outbox,
-            engine,
-            status,
-            liveness: liveness.clone(),
-            shutdown,
-            backoff,
-            tls,
-        };
+        let link =
+            Self { cfg, who, init_errors, outbox, engine, status, liveness: liveness.clone(), shutdown, backoff, tls };
         Ok((link, status_rx, liveness))
     }
 
@@ -268,25 +235,20 @@ impl<O: Outbox + 'static> Link<O> {
                         SessionEnd::Hint(d) => hint = Some(d),
                         SessionEnd::Error(e) => {
                             tracing::warn!(error = %e, "backend connection lost");
-                            self.status
-                                .send_modify(|s| s.last_error = Some(e.to_string()));
+                            self.status.send_modify(|s| s.last_error = Some(e.to_string()));
                         }
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "cannot reach the backend");
-                    self.status
-                        .send_modify(|s| s.last_error = Some(e.to_string()));
+                    self.status.send_modify(|s| s.last_error = Some(e.to_string()));
                 }
             }
             let mut delay = self.backoff.delay(attempt);
             if let Some(h) = hint {
                 delay = delay.max(h.min(self.backoff.cap()));
             }
-            self.set_state(LinkState::Reconnecting {
-                in_s: delay.as_secs(),
-                attempt,
-            });
+            self.set_state(LinkState::Reconnecting { in_s: delay.as_secs(), attempt });
             tracing::info!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting");
             if self.pause(delay).await {
                 break;
@@ -315,26 +277,16 @@ impl<O: Outbox + 'static> Link<O> {
             .max_message_size(Some(self.cfg.max_frame))
             .max_frame_size(Some(self.cfg.max_frame));
         let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
-        let (ws, _resp) = tokio_tungstenite::connect_async_tls_with_config(
-            self.cfg.ws_uri.as_str(),
-            Some(ws_cfg),
-            true,
-            connector,
-        )
-        .await
-        .map_err(|e| LinkError::Connect {
-            url: self.cfg.ws_uri.clone(),
-            source: Box::new(e),
-        })?;
+        let (ws, _resp) =
+            tokio_tungstenite::connect_async_tls_with_config(self.cfg.ws_uri.as_str(), Some(ws_cfg), true, connector)
+                .await
+                .map_err(|e| LinkError::Connect { url: self.cfg.ws_uri.clone(), source: Box::new(e) })?;
         Ok(ws)
     }
 
     fn handshake(&self) -> Message {
         let caps = capability::ALL.iter().map(|c| c.to_string()).collect();
-        self.frame(&Outbound::Handshake {
-            init_errors: self.init_errors.clone(),
-            capabilities: caps,
-        })
+        self.frame(&Outbound::Handshake { init_errors: self.init_errors.clone(), capabilities: caps })
     }
 
     fn frame(&self, msg: &Outbound) -> Message {
@@ -343,12 +295,7 @@ impl<O: Outbox + 'static> Link<O> {
 
     async fn session(&mut self, mut ws: Ws) -> SessionEnd {
         let url = self.cfg.ws_uri.clone();
-        let transport = |e| {
-            SessionEnd::Error(LinkError::Transport {
-                url: url.clone(),
-                source: Box::new(e),
-            })
-        };
+        let transport = |e| SessionEnd::Error(LinkError::Transport { url: url.clone(), source: Box::new(e) });
         if let Err(e) = ws.send(self.handshake()).await {
             return transport(e);
         }
@@ -543,15 +490,11 @@ fn tls_config(cfg: &LinkConfig) -> Result<rustls::ClientConfig, LinkError> {
             .map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))?;
         for cert in certs {
             let cert = cert.map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))?;
-            roots
-                .add(cert)
-                .map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))?;
+            roots.add(cert).map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))?;
         }
     }
     if roots.is_empty() {
-        return Err(LinkError::Tls(
-            "no trusted CA certificates (no system roots and no ca_file)".into(),
-        ));
+        return Err(LinkError::Tls("no trusted CA certificates (no system roots and no ca_file)".into()));
     }
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
@@ -579,12 +522,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -593,12 +531,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -614,8 +547,7 @@ mod tests {
     fn backoff_has_full_jitter_and_a_cap() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(300), 42);
         for attempt in 1..=20 {
-            let ceiling =
-                Duration::from_secs(1u64 << (attempt - 1).min(24)).min(Duration::from_secs(300));
+            let ceiling = Duration::from_secs(1u64 << (attempt - 1).min(24)).min(Duration::from_secs(300));
             for _ in 0..200 {
                 let d = b.delay(attempt);
                 assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
@@ -623,17 +555,13 @@ mod tests {
         }
         // Spread: at the cap, 1,000 draws cover the range roughly uniformly.
         let draws: Vec<u64> = (0..1000).map(|_| b.delay(30).as_secs()).collect();
-        let quartiles =
-            [0, 75, 150, 225].map(|lo| draws.iter().filter(|d| **d >= lo && **d < lo + 75).count());
+        let quartiles = [0, 75, 150, 225].map(|lo| draws.iter().filter(|d| **d >= lo && **d < lo + 75).count());
         for q in quartiles {
             assert!((180..=320).contains(&q), "quartile counts {quartiles:?}");
         }
         // Same seed, same sequence.
         let mut a1 = Backoff::new(Duration::from_secs(1), Duration::from_secs(300), 7);
         let mut a2 = Backoff::new(Duration::from_secs(1), Duration::from_secs(300), 7);
-        assert_eq!(
-            (0..10).map(|i| a1.delay(i)).collect::<Vec<_>>(),
-            (0..10).map(|i| a2.delay(i)).collect::<Vec<_>>()
-        );
+        assert_eq!((0..10).map(|i| a1.delay(i)).collect::<Vec<_>>(), (0..10).map(|i| a2.delay(i)).collect::<Vec<_>>());
     }
 }

@@ -28,11 +28,5 @@ pub fn init(level: &str, identifier: &str) {
             Err(e) => eprintln!("{identifier}: journald unavailable ({e}); logging to stderr"),
         }
     }
-    let _ = registry
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(false),
-        )
-        .try_init();
+    let _ = registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false)).try_init();
 }

@@ -33,10 +33,7 @@ pub enum ProtocolError {
 }
 
 fn malformed(code: &str, reason: impl Into<String>) -> ProtocolError {
-    ProtocolError::Malformed {
-        code: code.to_string(),
-        reason: reason.into(),
-    }
+    ProtocolError::Malformed { code: code.to_string(), reason: reason.into() }
 }
 
 /// One state of a recipe, as the backend sent it (typed later, by the catalogue).
@@ -101,11 +98,7 @@ pub enum Inbound {
     Unknown(String),
 }
 
-fn get_str<'a>(
-    o: &'a Map<String, Value>,
-    code: &str,
-    keys: &[&str],
-) -> Result<&'a str, ProtocolError> {
+fn get_str<'a>(o: &'a Map<String, Value>, code: &str, keys: &[&str]) -> Result<&'a str, ProtocolError> {
     keys.iter()
         .find_map(|k| o.get(*k))
         .ok_or_else(|| malformed(code, format!("missing \"{}\"", keys.join("\"/\""))))?
@@ -115,9 +108,7 @@ fn get_str<'a>(
 
 /// A positive integer; the original backend sent numbers, some tools send digit strings.
 fn get_version(o: &Map<String, Value>, code: &str) -> Result<u64, ProtocolError> {
-    let v = o
-        .get("recipe_version")
-        .ok_or_else(|| malformed(code, "missing \"recipe_version\""))?;
+    let v = o.get("recipe_version").ok_or_else(|| malformed(code, "missing \"recipe_version\""))?;
     let n = match v {
         Value::Number(n) => n.as_u64(),
         Value::String(s) => s.trim().parse::<u64>().ok(),
@@ -125,26 +116,19 @@ fn get_version(o: &Map<String, Value>, code: &str) -> Result<u64, ProtocolError>
     };
     match n {
         Some(n) if n > 0 => Ok(n),
-        _ => Err(malformed(
-            code,
-            format!("\"recipe_version\" must be a positive integer, got {v}"),
-        )),
+        _ => Err(malformed(code, format!("\"recipe_version\" must be a positive integer, got {v}"))),
     }
 }
 
 /// Parses a list of states in any of the shapes recipes come in; `position` helps name
 /// a bad one.
 pub fn parse_states(code: &str, list: &Value) -> Result<Vec<WireState>, ProtocolError> {
-    let items = list
-        .as_array()
-        .ok_or_else(|| malformed(code, "\"state\" is not a list"))?;
+    let items = list.as_array().ok_or_else(|| malformed(code, "\"state\" is not a list"))?;
     items
         .iter()
         .enumerate()
         .map(|(i, item)| {
-            let o = item
-                .as_object()
-                .ok_or_else(|| malformed(code, format!("state #{} is not an object", i + 1)))?;
+            let o = item.as_object().ok_or_else(|| malformed(code, format!("state #{} is not an object", i + 1)))?;
             let id = match o.get("id").or_else(|| o.get("stateid")) {
                 Some(Value::String(s)) if !s.is_empty() => s.clone(),
                 Some(Value::Number(n)) => n.to_string(),
@@ -157,23 +141,11 @@ pub fn parse_states(code: &str, list: &Value) -> Result<Vec<WireState>, Protocol
             let parameter = match o.get("parameter") {
                 Some(p @ Value::Object(_)) => p.clone(),
                 Some(other) => {
-                    return Err(malformed(
-                        code,
-                        format!("state {id:?}: \"parameter\" is not an object but {other}"),
-                    ))
+                    return Err(malformed(code, format!("state {id:?}: \"parameter\" is not an object but {other}")))
                 }
-                None => {
-                    return Err(malformed(
-                        code,
-                        format!("state {id:?} has no \"parameter\""),
-                    ))
-                }
+                None => return Err(malformed(code, format!("state {id:?} has no \"parameter\""))),
             };
-            Ok(WireState {
-                id,
-                module,
-                parameter,
-            })
+            Ok(WireState { id, module, parameter })
         })
         .collect()
 }
@@ -181,10 +153,7 @@ pub fn parse_states(code: &str, list: &Value) -> Result<Vec<WireState>, Protocol
 pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
     let v: Value = serde_json::from_str(text).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
     let o = v.as_object().ok_or(ProtocolError::NoCode)?;
-    let code = o
-        .get("code")
-        .and_then(Value::as_str)
-        .ok_or(ProtocolError::NoCode)?;
+    let code = o.get("code").and_then(Value::as_str).ok_or(ProtocolError::NoCode)?;
     Ok(match code {
         "RecipeMetadata" => {
             let recipe_version = get_version(o, code)?;
@@ -192,11 +161,7 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
                 None | Some(Value::Null) => None,
                 Some(list) => Some(parse_states(code, list)?),
             };
-            Inbound::RecipeMetadata(RecipeMetadata {
-                recipe_version,
-                module: o.get("module").cloned(),
-                states,
-            })
+            Inbound::RecipeMetadata(RecipeMetadata { recipe_version, module: o.get("module").cloned(), states })
         }
         "State" => Inbound::State {
             recipe_version: get_version(o, code)?,
@@ -206,16 +171,10 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
             let waited = match o.get("waited") {
                 None | Some(Value::Null) => Vec::new(),
                 Some(w) => serde_json::from_value(w.clone()).map_err(|e| {
-                    malformed(
-                        code,
-                        format!("\"waited\" is not a list of {{instance_id, state_id}}: {e}"),
-                    )
+                    malformed(code, format!("\"waited\" is not a list of {{instance_id, state_id}}: {e}"))
                 })?,
             };
-            Inbound::WaitList {
-                recipe_version: get_version(o, code)?,
-                waited,
-            }
+            Inbound::WaitList { recipe_version: get_version(o, code)?, waited }
         }
         "AgentUpdate" => Inbound::AgentUpdate {
             version: get_str(o, code, &["version"])?.to_string(),
@@ -249,12 +208,7 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
 
 fn string_list(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
         .unwrap_or_default()
 }
 
@@ -316,10 +270,7 @@ impl Outbound {
             v
         };
         match self {
-            Outbound::Handshake {
-                init_errors,
-                capabilities,
-            } => hello("Handshake", init_errors, capabilities),
+            Outbound::Handshake { init_errors, capabilities } => hello("Handshake", init_errors, capabilities),
             Outbound::Test => hello("Test", &None, &[]),
             Outbound::StateLog(s) => {
                 let mut v = json!({
@@ -375,22 +326,15 @@ mod tests {
 
     #[test]
     fn handshake_matches_the_spec_shape() {
-        let v = Outbound::Handshake {
-            init_errors: None,
-            capabilities: vec![],
-        }
-        .to_json(&who());
+        let v = Outbound::Handshake { init_errors: None, capabilities: vec![] }.to_json(&who());
         assert_eq!(
             v,
             json!({"code": "Handshake", "instance_id": "i-0abc", "app_id": "app-1",
                    "protocol_version": 1, "agent_version": "1.2.0", "instance_token": "tok",
                    "init_errors": null})
         );
-        let v = Outbound::Handshake {
-            init_errors: Some("a; b".into()),
-            capabilities: vec!["statelog-ack".into()],
-        }
-        .to_json(&who());
+        let v = Outbound::Handshake { init_errors: Some("a; b".into()), capabilities: vec!["statelog-ack".into()] }
+            .to_json(&who());
         assert_eq!(v["init_errors"], "a; b");
         assert_eq!(v["capabilities"], json!(["statelog-ack"]));
     }
@@ -413,25 +357,14 @@ mod tests {
                    "id": "state-7E59", "stateid": "state-7E59", "state_result": true,
                    "state_comment": null, "state_stdout": "out"})
         );
-        let v = Outbound::StateLog(StateLog {
-            seq: Some(42),
-            offline: true,
-            ..log
-        })
-        .to_json(&who());
-        assert_eq!(
-            (v["seq"].as_u64(), v["offline"].as_bool()),
-            (Some(42), Some(true))
-        );
+        let v = Outbound::StateLog(StateLog { seq: Some(42), offline: true, ..log }).to_json(&who());
+        assert_eq!((v["seq"].as_u64(), v["offline"].as_bool()), (Some(42), Some(true)));
     }
 
     #[test]
     fn waitquery_and_test() {
         let v = Outbound::WaitQuery { recipe_version: 7 }.to_json(&who());
-        assert_eq!(
-            v,
-            json!({"code": "WaitQuery", "instance_id": "i-0abc", "app_id": "app-1", "recipe_version": 7})
-        );
+        assert_eq!(v, json!({"code": "WaitQuery", "instance_id": "i-0abc", "app_id": "app-1", "recipe_version": 7}));
         let v = Outbound::Test.to_json(&who());
         assert_eq!(v["code"], "Test");
         assert_eq!(v["instance_token"], "tok");
@@ -446,9 +379,7 @@ mod tests {
             "parameter": {"name": [{"key": "nginx", "value": "latest"}]}},
            {"stateid": "state-2", "module": "meta.comment", "parameter": {"comment": "web tier"}}
          ]}"#;
-        let Inbound::RecipeMetadata(r) = parse_inbound(text).unwrap() else {
-            panic!()
-        };
+        let Inbound::RecipeMetadata(r) = parse_inbound(text).unwrap() else { panic!() };
         assert_eq!(r.recipe_version, 7);
         assert_eq!(r.module.unwrap()["tag"], "v2015-03-26");
         let states = r.states.unwrap();
@@ -458,8 +389,7 @@ mod tests {
 
     #[test]
     fn header_only_recipe_metadata() {
-        let Inbound::RecipeMetadata(r) =
-            parse_inbound(r#"{"code":"RecipeMetadata","recipe_version":8}"#).unwrap()
+        let Inbound::RecipeMetadata(r) = parse_inbound(r#"{"code":"RecipeMetadata","recipe_version":8}"#).unwrap()
         else {
             panic!()
         };
@@ -469,34 +399,13 @@ mod tests {
     #[test]
     fn invalid_recipes_are_rejected_with_the_reason() {
         for (text, needle) in [
-            (
-                r#"{"code":"RecipeMetadata","recipe_version":0,"state":[]}"#,
-                "positive integer",
-            ),
-            (
-                r#"{"code":"RecipeMetadata","recipe_version":"seven","state":[]}"#,
-                "positive integer",
-            ),
-            (
-                r#"{"code":"RecipeMetadata","recipe_version":1.5,"state":[]}"#,
-                "positive integer",
-            ),
-            (
-                r#"{"code":"RecipeMetadata","recipe_version":1,"state":{}}"#,
-                "not a list",
-            ),
-            (
-                r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"module":"x","parameter":{}}]}"#,
-                "no \"id\"",
-            ),
-            (
-                r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","parameter":{}}]}"#,
-                "no \"module\"",
-            ),
-            (
-                r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","module":"m"}]}"#,
-                "no \"parameter\"",
-            ),
+            (r#"{"code":"RecipeMetadata","recipe_version":0,"state":[]}"#, "positive integer"),
+            (r#"{"code":"RecipeMetadata","recipe_version":"seven","state":[]}"#, "positive integer"),
+            (r#"{"code":"RecipeMetadata","recipe_version":1.5,"state":[]}"#, "positive integer"),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":{}}"#, "not a list"),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"module":"x","parameter":{}}]}"#, "no \"id\""),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","parameter":{}}]}"#, "no \"module\""),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","module":"m"}]}"#, "no \"parameter\""),
             (
                 r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","module":"m","parameter":[]}]}"#,
                 "not an object",
@@ -510,19 +419,12 @@ mod tests {
     #[test]
     fn state_push_accepts_both_spellings() {
         assert_eq!(
-            parse_inbound(r#"{"code": "State", "recipe_version": 7, "stateid": "state-9"}"#)
-                .unwrap(),
-            Inbound::State {
-                recipe_version: 7,
-                state_id: "state-9".into()
-            }
+            parse_inbound(r#"{"code": "State", "recipe_version": 7, "stateid": "state-9"}"#).unwrap(),
+            Inbound::State { recipe_version: 7, state_id: "state-9".into() }
         );
         assert_eq!(
             parse_inbound(r#"{"code": "State", "recipe_version": 7, "id": "state-9"}"#).unwrap(),
-            Inbound::State {
-                recipe_version: 7,
-                state_id: "state-9".into()
-            }
+            Inbound::State { recipe_version: 7, state_id: "state-9".into() }
         );
     }
 
@@ -537,32 +439,21 @@ mod tests {
             }
         );
         assert_eq!(
-            parse_inbound(r#"{"code": "AgentUpdate", "version": "1.3.0", "url": "https://x/1.3.0/opsagent.tgz"}"#).unwrap(),
+            parse_inbound(r#"{"code": "AgentUpdate", "version": "1.3.0", "url": "https://x/1.3.0/opsagent.tgz"}"#)
+                .unwrap(),
             Inbound::AgentUpdate { version: "1.3.0".into(), url: "https://x/1.3.0/opsagent.tgz".into() }
         );
-        assert_eq!(
-            parse_inbound(r#"{"code": "AppNotReady"}"#).unwrap(),
-            Inbound::AppNotReady
-        );
+        assert_eq!(parse_inbound(r#"{"code": "AppNotReady"}"#).unwrap(), Inbound::AppNotReady);
         assert_eq!(parse_inbound(r#"{"code": "Test"}"#).unwrap(), Inbound::Test);
         assert_eq!(
             parse_inbound(r#"{"code": "TestAns", "result": false, "error": "boom"}"#).unwrap(),
-            Inbound::TestAns {
-                result: false,
-                error: Some("boom".into())
-            }
+            Inbound::TestAns { result: false, error: Some("boom".into()) }
         );
         assert_eq!(
             parse_inbound(r#"{"code": "TestAns", "result": true, "error": null}"#).unwrap(),
-            Inbound::TestAns {
-                result: true,
-                error: None
-            }
+            Inbound::TestAns { result: true, error: None }
         );
-        assert_eq!(
-            parse_inbound(r#"{"code": "StateLogAck", "seq": 5}"#).unwrap(),
-            Inbound::StateLogAck { seq: 5 }
-        );
+        assert_eq!(parse_inbound(r#"{"code": "StateLogAck", "seq": 5}"#).unwrap(), Inbound::StateLogAck { seq: 5 });
         assert_eq!(
             parse_inbound(r#"{"code": "Reconnect", "after_s": 30}"#).unwrap(),
             Inbound::Reconnect { after_s: 30 }
@@ -571,23 +462,15 @@ mod tests {
             parse_inbound(r#"{"code": "Capabilities", "capabilities": ["statelog-ack"]}"#).unwrap(),
             Inbound::Capabilities(vec!["statelog-ack".into()])
         );
-        assert_eq!(
-            parse_inbound(r#"{"code": "Brand-New", "x": 1}"#).unwrap(),
-            Inbound::Unknown("Brand-New".into())
-        );
+        assert_eq!(parse_inbound(r#"{"code": "Brand-New", "x": 1}"#).unwrap(), Inbound::Unknown("Brand-New".into()));
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(matches!(
-            parse_inbound("not json"),
-            Err(ProtocolError::NotJson(_))
-        ));
+        assert!(matches!(parse_inbound("not json"), Err(ProtocolError::NotJson(_))));
         assert_eq!(parse_inbound("[1,2]"), Err(ProtocolError::NoCode));
         assert_eq!(parse_inbound(r#"{"code": 5}"#), Err(ProtocolError::NoCode));
         assert!(parse_inbound(r#"{"code": "AgentUpdate", "version": 1}"#).is_err());
-        assert!(
-            parse_inbound(r#"{"code": "WaitList", "recipe_version": 1, "waited": "x"}"#).is_err()
-        );
+        assert!(parse_inbound(r#"{"code": "WaitList", "recipe_version": 1, "waited": "x"}"#).is_err());
     }
 }

@@ -17,22 +17,14 @@ use crate::protocol::{parse_states, ProtocolError, WireState};
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: not JSON: {source}")]
-    Json {
-        path: String,
-        source: serde_json::Error,
-    },
+    Json { path: String, source: serde_json::Error },
     #[error("{path}: {reason}")]
     Shape { path: String, reason: String },
     #[error("invalid recipe: {0}")]
     Protocol(#[from] ProtocolError),
-    #[error(
-        "invalid recipe: state id {0:?} is empty, longer than 512 bytes or has control characters"
-    )]
+    #[error("invalid recipe: state id {0:?} is empty, longer than 512 bytes or has control characters")]
     StateId(String),
 }
 
@@ -60,29 +52,16 @@ pub struct Recipe {
 }
 
 impl Recipe {
-    pub fn from_wire(
-        version: u64,
-        module_info: Option<Value>,
-        states: Vec<WireState>,
-    ) -> Result<Self, RecipeError> {
+    pub fn from_wire(version: u64, module_info: Option<Value>, states: Vec<WireState>) -> Result<Self, RecipeError> {
         let states = states
             .into_iter()
             .map(|w| {
                 let id = StateId::parse(&w.id).map_err(|_| RecipeError::StateId(w.id.clone()))?;
                 let parsed = parse_state(&w.module, &w.parameter).map_err(|e| e.to_string());
-                Ok(RecipeState {
-                    id,
-                    module: w.module,
-                    parameter: w.parameter,
-                    parsed,
-                })
+                Ok(RecipeState { id, module: w.module, parameter: w.parameter, parsed })
             })
             .collect::<Result<_, RecipeError>>()?;
-        Ok(Self {
-            version,
-            module_info,
-            states,
-        })
+        Ok(Self { version, module_info, states })
     }
 
     /// Loads a recipe file in any of the shapes in use: a `RecipeMetadata` message or
@@ -92,37 +71,26 @@ impl Recipe {
     /// given). A file without a version is version 1.
     pub fn load_file(path: &Path) -> Result<Self, RecipeError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let v: Value = serde_json::from_str(&text).map_err(|source| RecipeError::Json {
-            path: shown.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read { path: shown.clone(), source })?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|source| RecipeError::Json { path: shown.clone(), source })?;
         Self::from_document(&v).map_err(|e| match e {
-            RecipeError::Protocol(ProtocolError::Malformed { reason, .. }) => RecipeError::Shape {
-                path: shown,
-                reason,
-            },
+            RecipeError::Protocol(ProtocolError::Malformed { reason, .. }) => {
+                RecipeError::Shape { path: shown, reason }
+            }
             other => other,
         })
     }
 
     pub fn from_document(v: &Value) -> Result<Self, RecipeError> {
         const CODE: &str = "recipe";
-        let shape = |reason: &str| {
-            RecipeError::Protocol(ProtocolError::Malformed {
-                code: CODE.into(),
-                reason: reason.into(),
-            })
-        };
+        let shape =
+            |reason: &str| RecipeError::Protocol(ProtocolError::Malformed { code: CODE.into(), reason: reason.into() });
         let version = match v.get("recipe_version") {
             None => 1,
-            Some(n) => n
-                .as_u64()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| shape("\"recipe_version\" must be a positive integer"))?,
+            Some(n) => {
+                n.as_u64().filter(|n| *n > 0).ok_or_else(|| shape("\"recipe_version\" must be a positive integer"))?
+            }
         };
         let states = if let Value::Array(items) = v {
             let with_ids: Vec<Value> = items
@@ -140,23 +108,17 @@ impl Recipe {
                 .collect();
             parse_states(CODE, &Value::Array(with_ids))?
         } else if let Some(components) = v.get("component") {
-            let components = components
-                .as_object()
-                .ok_or_else(|| shape("\"component\" is not an object"))?;
+            let components = components.as_object().ok_or_else(|| shape("\"component\" is not an object"))?;
             let mut all = Vec::new();
             for (name, c) in components {
-                let list = c
-                    .get("state")
-                    .ok_or_else(|| shape(&format!("component {name:?} has no \"state\" list")))?;
+                let list = c.get("state").ok_or_else(|| shape(&format!("component {name:?} has no \"state\" list")))?;
                 all.extend(parse_states(CODE, list)?);
             }
             all
         } else if let Some(list) = v.get("state") {
             parse_states(CODE, list)?
         } else {
-            return Err(shape(
-                "expected a \"state\" list, a \"component\" object or a list of states",
-            ));
+            return Err(shape("expected a \"state\" list, a \"component\" object or a list of states"));
         };
         Self::from_wire(version, v.get("module").cloned(), states)
     }
@@ -191,44 +153,24 @@ mod tests {
         let r = Recipe::from_document(&doc).unwrap();
         assert_eq!(r.version, 1);
         assert!(r.states[0].parsed.is_ok());
-        assert!(r.states[1]
-            .parsed
-            .as_ref()
-            .unwrap_err()
-            .contains("unknown module"));
-        assert!(r.states[2]
-            .parsed
-            .as_ref()
-            .unwrap_err()
-            .contains("\"path\""));
+        assert!(r.states[1].parsed.as_ref().unwrap_err().contains("unknown module"));
+        assert!(r.states[2].parsed.as_ref().unwrap_err().contains("\"path\""));
     }
 
     #[test]
     fn bare_array_gets_ids_and_metadata_shape_keeps_version() {
-        let r = Recipe::from_document(
-            &json!([{"module": "meta.comment", "parameter": {"comment": "x"}}]),
-        )
-        .unwrap();
+        let r = Recipe::from_document(&json!([{"module": "meta.comment", "parameter": {"comment": "x"}}])).unwrap();
         assert_eq!(r.states[0].id.as_str(), "state-1");
         assert!(r.states[0].is_builtin());
-        let r = Recipe::from_document(
-            &json!({"code": "RecipeMetadata", "recipe_version": 9, "state": []}),
-        )
-        .unwrap();
+        let r = Recipe::from_document(&json!({"code": "RecipeMetadata", "recipe_version": 9, "state": []})).unwrap();
         assert_eq!(r.version, 9);
     }
 
     #[test]
     fn structural_errors_refuse_the_whole_recipe() {
-        assert!(Recipe::from_document(
-            &json!({"state": [{"module": "linux.file", "parameter": {}}]})
-        )
-        .is_err());
+        assert!(Recipe::from_document(&json!({"state": [{"module": "linux.file", "parameter": {}}]})).is_err());
         assert!(Recipe::from_document(&json!({"recipe_version": -1, "state": []})).is_err());
         assert!(Recipe::from_document(&json!({"nothing": 1})).is_err());
-        assert!(Recipe::from_document(
-            &json!({"state": [{"id": "a\u{1}b", "module": "m", "parameter": {}}]})
-        )
-        .is_err());
+        assert!(Recipe::from_document(&json!({"state": [{"id": "a\u{1}b", "module": "m", "parameter": {}}]})).is_err());
     }
 }

@@ -59,12 +59,8 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// The wait after the `n`-th consecutive ceased round (n ≥ 1).
     pub fn retry_delay_after(&self, n: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(n.saturating_sub(1).min(20))
-            .unwrap_or(u32::MAX);
-        self.retry_delay
-            .saturating_mul(factor)
-            .min(self.retry_delay_max)
+        let factor = 1u32.checked_shl(n.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
+        self.retry_delay.saturating_mul(factor).min(self.retry_delay_max)
     }
 }
 
@@ -126,10 +122,7 @@ pub struct Liveness {
 
 impl Default for Liveness {
     fn default() -> Self {
-        Self {
-            origin: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
-        }
+        Self { origin: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
     }
 }
 
@@ -141,9 +134,7 @@ impl Liveness {
 
     /// Time since the last tick.
     pub fn age(&self) -> Duration {
-        self.origin
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+        self.origin.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
     }
 }
 
@@ -225,11 +216,7 @@ struct State {
 
 impl State {
     fn snapshot(&self) -> Option<Snapshot> {
-        self.recipe.as_ref().map(|r| Snapshot {
-            version: self.version,
-            recipe: r.clone(),
-            done: self.done.clone(),
-        })
+        self.recipe.as_ref().map(|r| Snapshot { version: self.version, recipe: r.clone(), done: self.done.clone() })
     }
 
     /// Takes one event into account; says whether the running work must stop. The
@@ -243,10 +230,7 @@ impl State {
                     (None, None) => None,
                 };
                 if current == Some(r.version) {
-                    tracing::debug!(
-                        version = r.version,
-                        "recipe version already running; ignored"
-                    );
+                    tracing::debug!(version = r.version, "recipe version already running; ignored");
                     return (Interrupt::None, false);
                 }
                 tracing::info!(version = r.version, states = r.states.len(), "new recipe");
@@ -266,10 +250,7 @@ impl State {
                 }
                 (Interrupt::None, false)
             }
-            Event::WaitDone {
-                recipe_version,
-                state_ids,
-            } => {
+            Event::WaitDone { recipe_version, state_ids } => {
                 if recipe_version != self.version {
                     tracing::debug!(
                         recipe_version,
@@ -289,19 +270,8 @@ impl State {
             }
             Event::Stop(mode) => {
                 let now = mode == StopMode::AfterState || self.stop == Some(StopMode::AfterState);
-                self.stop = Some(if now {
-                    StopMode::AfterState
-                } else {
-                    StopMode::AfterRound
-                });
-                (
-                    if now {
-                        Interrupt::Stop
-                    } else {
-                        Interrupt::None
-                    },
-                    false,
-                )
+                self.stop = Some(if now { StopMode::AfterState } else { StopMode::AfterRound });
+                (if now { Interrupt::Stop } else { Interrupt::None }, false)
             }
             Event::Online(up) => {
                 self.online = up;
@@ -319,10 +289,7 @@ impl State {
             Ok(p) => match &p.params {
                 ModuleParams::MetaWait(w) => {
                     !w.state.0.is_empty()
-                        && w.state
-                            .0
-                            .iter()
-                            .all(|r| self.done.contains(&r.state) || self.done.contains(&r.raw))
+                        && w.state.0.iter().all(|r| self.done.contains(&r.state) || self.done.contains(&r.raw))
                 }
                 _ => false,
             },
@@ -349,12 +316,7 @@ pub struct EngineHandle {
 
 impl<H: HelperClient, E: Effects> Engine<H, E> {
     /// `resume`: what a previous run persisted; the engine starts applying it at once.
-    pub fn new(
-        helper: H,
-        effects: E,
-        cfg: EngineConfig,
-        resume: Option<Snapshot>,
-    ) -> (Self, EngineHandle) {
+    pub fn new(helper: H, effects: E, cfg: EngineConfig, resume: Option<Snapshot>) -> (Self, EngineHandle) {
         let (tx, inbox) = mpsc::channel(64);
         let (status_tx, status) = watch::channel(EngineStatus::default());
         let liveness = Liveness::default();
@@ -373,25 +335,10 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             st.version = s.version;
             st.done = s.done;
             st.recipe = Some(s.recipe);
-            st.status
-                .send_modify(|x| x.recipe_version = Some(s.version));
+            st.status.send_modify(|x| x.recipe_version = Some(s.version));
         }
-        let engine = Self {
-            helper,
-            effects,
-            inbox,
-            cfg,
-            liveness: liveness.clone(),
-            st,
-        };
-        (
-            engine,
-            EngineHandle {
-                events: tx,
-                status,
-                liveness,
-            },
-        )
+        let engine = Self { helper, effects, inbox, cfg, liveness: liveness.clone(), st };
+        (engine, EngineHandle { events: tx, status, liveness })
     }
 
     fn set_phase(&self, phase: Phase) {
@@ -476,9 +423,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
 
     async fn run_pending_upgrade(&mut self) {
         if let Some(order) = self.st.update.take() {
-            self.set_phase(Phase::Upgrading {
-                version: order.version.clone(),
-            });
+            self.set_phase(Phase::Upgrading { version: order.version.clone() });
             self.effects.upgrade(&order).await;
         }
     }
@@ -489,14 +434,9 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let deadline = Instant::now() + pause;
         let secs = pause.as_secs();
         self.set_phase(if self.st.ceased > 0 {
-            Phase::RetryWait {
-                next_round_in_s: secs,
-                ceased: self.st.ceased,
-            }
+            Phase::RetryWait { next_round_in_s: secs, ceased: self.st.ceased }
         } else {
-            Phase::Idle {
-                next_round_in_s: secs,
-            }
+            Phase::Idle { next_round_in_s: secs }
         });
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -524,12 +464,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         self.st.status.send_modify(|s| s.round += 1);
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
-        tracing::info!(
-            recipe_version = self.st.version,
-            round,
-            states = total,
-            "round starts"
-        );
+        tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
         let mut failed_once = BTreeSet::new();
         let mut i = 0;
         while i < total {
@@ -575,9 +510,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             state_id = %state.id, module = %state.module, result = outcome.result,
             changes = outcome.changes.len(), "state applied"
         );
-        self.st
-            .status
-            .send_modify(|s| s.last = Some((state.id.to_string(), outcome.result)));
+        self.st.status.send_modify(|s| s.last = Some((state.id.to_string(), outcome.result)));
         self.effects.report(log).await;
     }
 
@@ -676,11 +609,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
     }
 
     async fn run_wait(&mut self, state: &RecipeState, index: usize, total: usize) -> StateEnd {
-        self.set_phase(Phase::Waiting {
-            index: index + 1,
-            total,
-            state_id: state.id.to_string(),
-        });
+        self.set_phase(Phase::Waiting { index: index + 1, total, state_id: state.id.to_string() });
         loop {
             if self.st.wait_satisfied(state) {
                 return StateEnd::Done(Outcome::ok("waited states are done"));
@@ -689,14 +618,10 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             match self.absorb(ev).await {
                 Interrupt::None => {}
                 Interrupt::Preempt => {
-                    return StateEnd::Preempted(Some(Outcome::failed(
-                        "wait aborted: a new recipe arrived",
-                    )))
+                    return StateEnd::Preempted(Some(Outcome::failed("wait aborted: a new recipe arrived")))
                 }
                 Interrupt::Stop => {
-                    return StateEnd::Stopped(Some(Outcome::failed(
-                        "wait aborted: the agent is stopping",
-                    )))
+                    return StateEnd::Stopped(Some(Outcome::failed("wait aborted: the agent is stopping")))
                 }
             }
         }

@@ -76,10 +76,7 @@ pub struct SpoolLimits {
 
 impl Default for SpoolLimits {
     fn default() -> Self {
-        SpoolLimits {
-            max_records: 10_000,
-            max_bytes: 64 * 1024 * 1024,
-        }
+        SpoolLimits { max_records: 10_000, max_bytes: 64 * 1024 * 1024 }
     }
 }
 
@@ -94,11 +91,7 @@ pub struct SpoolError {
 }
 
 fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
-    move |source| SpoolError {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| SpoolError { op, path: path.to_path_buf(), source }
 }
 
 /// What [`Spool::open`] found and repaired.
@@ -152,8 +145,8 @@ fn payload(entry: &EntryOut<'_>) -> io::Result<Vec<u8>> {
 /// Appends the frame of `entry` to `buf`.
 fn frame_into(buf: &mut Vec<u8>, entry: &EntryOut<'_>) -> io::Result<()> {
     let p = payload(entry)?;
-    let len = u32::try_from(p.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "spool record over 4 GiB"))?;
+    let len =
+        u32::try_from(p.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "spool record over 4 GiB"))?;
     buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(&check(len, &p).to_le_bytes());
     buf.extend_from_slice(&p);
@@ -293,9 +286,7 @@ fn create_file(path: &Path) -> Result<File, SpoolError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err("fsync directory", dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(err("fsync directory", dir))
 }
 
 fn read_reserve(path: &Path) -> Result<u64, SpoolError> {
@@ -316,11 +307,7 @@ impl Spool {
     /// Opens (creating if needed) the spool in `dir` and recovers it. See the module
     /// documentation.
     pub fn open(dir: &Path, limits: SpoolLimits) -> Result<Spool, SpoolError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(err("create directory", dir))?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err("create directory", dir))?;
         let path = dir.join(LOG_FILE);
         let tmp = dir.join(TMP_FILE);
         match fs::remove_file(&tmp) {
@@ -344,9 +331,7 @@ impl Spool {
         if let Some(mut file) = existing {
             let total = file.metadata().map_err(err("stat", &path))?.len();
             let mut magic = [0u8; 8];
-            let magic_ok = total >= MAGIC.len() as u64
-                && file.read_exact_at(&mut magic, 0).is_ok()
-                && &magic == MAGIC;
+            let magic_ok = total >= MAGIC.len() as u64 && file.read_exact_at(&mut magic, 0).is_ok() && &magic == MAGIC;
             if magic_ok {
                 let r = replay(&mut file, &path, total)?;
                 if r.good_len < total {
@@ -378,14 +363,7 @@ impl Spool {
             None => {
                 let next_seq = reserved.max(1);
                 let mut buf = MAGIC.to_vec();
-                frame_into(
-                    &mut buf,
-                    &EntryOut::Header {
-                        next_seq,
-                        dropped: 0,
-                    },
-                )
-                .map_err(err("encode", &path))?;
+                frame_into(&mut buf, &EntryOut::Header { next_seq, dropped: 0 }).map_err(err("encode", &path))?;
                 let file = create_file(&path)?;
                 file.write_all_at(&buf, 0).map_err(err("write", &path))?;
                 file.sync_all().map_err(err("fsync", &path))?;
@@ -477,8 +455,7 @@ impl Spool {
         let victims = self.victims(&log, len);
         let mut buf = Vec::with_capacity(len as usize + 64);
         if !victims.is_empty() {
-            frame_into(&mut buf, &EntryOut::Drop { seqs: &victims })
-                .map_err(err("encode", &self.path))?;
+            frame_into(&mut buf, &EntryOut::Drop { seqs: &victims }).map_err(err("encode", &self.path))?;
         }
         frame_into(&mut buf, &EntryOut::Log { log: &log }).map_err(err("encode", &self.path))?;
         // The number is spent whether or not the write succeeds.
@@ -496,13 +473,7 @@ impl Spool {
             tracing::warn!(count = victims.len(), recipe_versions = ?versions, total_dropped = self.dropped, "spool: full; dropped the oldest undelivered StateLogs");
         }
         self.live_bytes += len;
-        self.pending.insert(
-            seq,
-            Pending {
-                log: log.clone(),
-                len,
-            },
-        );
+        self.pending.insert(seq, Pending { log: log.clone(), len });
         if !victims.is_empty() {
             self.maybe_compact();
         }
@@ -518,13 +489,7 @@ impl Spool {
         if !over(count, bytes) {
             return Vec::new();
         }
-        let newest = self
-            .pending
-            .values()
-            .map(|p| p.log.recipe_version)
-            .max()
-            .unwrap_or(0)
-            .max(new.recipe_version);
+        let newest = self.pending.values().map(|p| p.log.recipe_version).max().unwrap_or(0).max(new.recipe_version);
         let mut victims = Vec::new();
         for superseded in [true, false] {
             for (seq, p) in &self.pending {
@@ -659,9 +624,7 @@ impl Spool {
     /// Cuts off bytes of a failed write, if any.
     fn repair(&mut self) -> Result<(), SpoolError> {
         if self.needs_repair {
-            self.file
-                .set_len(self.file_len)
-                .map_err(err("truncate", &self.path))?;
+            self.file.set_len(self.file_len).map_err(err("truncate", &self.path))?;
             self.file.sync_all().map_err(err("fsync", &self.path))?;
             self.needs_repair = false;
         }
@@ -672,8 +635,7 @@ impl Spool {
         let tmp = self.dir.join(RESERVE_TMP);
         let path = self.dir.join(RESERVE_FILE);
         let f = create_file(&tmp)?;
-        f.write_all_at(format!("{upto}\n").as_bytes(), 0)
-            .map_err(err("write", &tmp))?;
+        f.write_all_at(format!("{upto}\n").as_bytes(), 0).map_err(err("write", &tmp))?;
         f.sync_all().map_err(err("fsync", &tmp))?;
         drop(f);
         fs::rename(&tmp, &path).map_err(err("rename", &tmp))?;
@@ -704,14 +666,8 @@ impl Spool {
 
     fn compact_into(&mut self, tmp: &Path) -> Result<(), SpoolError> {
         let mut buf = MAGIC.to_vec();
-        frame_into(
-            &mut buf,
-            &EntryOut::Header {
-                next_seq: self.next_seq,
-                dropped: self.dropped,
-            },
-        )
-        .map_err(err("encode", tmp))?;
+        frame_into(&mut buf, &EntryOut::Header { next_seq: self.next_seq, dropped: self.dropped })
+            .map_err(err("encode", tmp))?;
         let file = create_file(tmp)?;
         let mut off = 0u64;
         let mut live = 0u64;
@@ -735,12 +691,7 @@ impl Spool {
         self.file_len = off;
         self.needs_repair = false;
         self.live_bytes = live;
-        tracing::debug!(
-            before = old,
-            after = off,
-            pending = self.pending.len(),
-            "spool: compacted"
-        );
+        tracing::debug!(before = old, after = off, pending = self.pending.len(), "spool: compacted");
         sync_dir(&self.dir)
     }
 }
@@ -945,9 +896,7 @@ mod tests {
 
     fn three_record_log(dir: &Path) -> (Vec<u8>, Vec<StateLog>) {
         let mut s = Spool::open(dir, SpoolLimits::default()).unwrap();
-        let logs: Vec<_> = (0..3)
-            .map(|i| s.append(sl(1, &format!("s{i}"))).unwrap())
-            .collect();
+        let logs: Vec<_> = (0..3).map(|i| s.append(sl(1, &format!("s{i}"))).unwrap()).collect();
         drop(s);
         (fs::read(dir.join(LOG_FILE)).unwrap(), logs)
     }
@@ -1008,10 +957,7 @@ mod tests {
             assert_eq!(fs::read(d.path().join(CORRUPT_FILE)).unwrap(), garbage);
             s.append(sl(1, "a")).unwrap();
             drop(s);
-            assert_eq!(
-                ids(&Spool::open(d.path(), SpoolLimits::default()).unwrap()),
-                vec!["a"]
-            );
+            assert_eq!(ids(&Spool::open(d.path(), SpoolLimits::default()).unwrap()), vec!["a"]);
         }
         // Garbage after a valid magic and records: the records stay, the garbage goes.
         let d = tempfile::tempdir().unwrap();
@@ -1026,10 +972,7 @@ mod tests {
     #[test]
     fn bounds_drop_superseded_versions_first() {
         let d = tempfile::tempdir().unwrap();
-        let limits = SpoolLimits {
-            max_records: 4,
-            max_bytes: 1 << 20,
-        };
+        let limits = SpoolLimits { max_records: 4, max_bytes: 1 << 20 };
         let mut s = Spool::open(d.path(), limits).unwrap();
         s.append(sl(2, "v2-a")).unwrap();
         s.append(sl(1, "v1-a")).unwrap();
@@ -1056,14 +999,8 @@ mod tests {
     #[test]
     fn byte_bound_drops_oldest() {
         let d = tempfile::tempdir().unwrap();
-        let one = record_len(&StateLog {
-            seq: Some(1),
-            ..sl(1, "s0")
-        });
-        let limits = SpoolLimits {
-            max_records: 100,
-            max_bytes: one * 3 + one / 2,
-        };
+        let one = record_len(&StateLog { seq: Some(1), ..sl(1, "s0") });
+        let limits = SpoolLimits { max_records: 100, max_bytes: one * 3 + one / 2 };
         let mut s = Spool::open(d.path(), limits).unwrap();
         for i in 0..5 {
             s.append(sl(1, &format!("s{i}"))).unwrap();
@@ -1076,10 +1013,7 @@ mod tests {
     #[test]
     fn oversize_record_is_truncated() {
         let d = tempfile::tempdir().unwrap();
-        let limits = SpoolLimits {
-            max_records: 10,
-            max_bytes: 4096,
-        };
+        let limits = SpoolLimits { max_records: 10, max_bytes: 4096 };
         let mut s = Spool::open(d.path(), limits).unwrap();
         s.append(sl(1, "small")).unwrap();
         let mut big = sl(1, "big");
@@ -1088,9 +1022,7 @@ mod tests {
         let got = s.append(big).unwrap();
         assert!(record_len(&got) <= 4096, "{}", record_len(&got));
         let out = got.stdout.as_deref().unwrap();
-        assert!(
-            out.starts_with("BEGIN") && out.ends_with("END") && out.contains("bytes truncated")
-        );
+        assert!(out.starts_with("BEGIN") && out.ends_with("END") && out.contains("bytes truncated"));
         assert!(got.comment.as_deref().unwrap().starts_with("why"));
         assert_eq!(ids(&s), vec!["big"]);
         assert_eq!(s.dropped(), 1);
@@ -1106,14 +1038,7 @@ mod tests {
         assert_eq!(l.comment, None);
         // A limit no record can meet: still stored, texts reduced.
         let d = tempfile::tempdir().unwrap();
-        let mut s = Spool::open(
-            d.path(),
-            SpoolLimits {
-                max_records: 10,
-                max_bytes: 10,
-            },
-        )
-        .unwrap();
+        let mut s = Spool::open(d.path(), SpoolLimits { max_records: 10, max_bytes: 10 }).unwrap();
         let got = s.append(l).unwrap();
         assert_eq!(s.depth(), 1);
         assert!(got.stdout.unwrap().len() < 100);
@@ -1132,10 +1057,7 @@ mod tests {
             } else {
                 s.ack(i + 1).unwrap();
             }
-            assert!(
-                s.file_bytes() < 4096 * 2 + s.bytes() * 2 + 1024,
-                "compacts as it goes"
-            );
+            assert!(s.file_bytes() < 4096 * 2 + s.bytes() * 2 + 1024, "compacts as it goes");
         }
         assert_eq!(s.pending(), kept);
         let size = s.file_bytes();
@@ -1149,25 +1071,13 @@ mod tests {
             s.file_bytes(),
             MAGIC.len() as u64 + s.bytes() + {
                 let mut b = Vec::new();
-                frame_into(
-                    &mut b,
-                    &EntryOut::Header {
-                        next_seq: 201,
-                        dropped: 0,
-                    },
-                )
-                .unwrap();
+                frame_into(&mut b, &EntryOut::Header { next_seq: 201, dropped: 0 }).unwrap();
                 b.len() as u64
             }
         );
         assert!(!d.path().join(TMP_FILE).exists());
         drop(s);
-        assert_eq!(
-            Spool::open(d.path(), SpoolLimits::default())
-                .unwrap()
-                .pending(),
-            kept
-        );
+        assert_eq!(Spool::open(d.path(), SpoolLimits::default()).unwrap().pending(), kept);
     }
 
     #[test]
@@ -1188,18 +1098,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("state").join("spool");
         let _s = Spool::open(&dir, SpoolLimits::default()).unwrap();
-        assert_eq!(
-            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
-        assert_eq!(
-            fs::metadata(dir.join(LOG_FILE))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(fs::metadata(dir.join(LOG_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
@@ -1209,19 +1109,13 @@ mod tests {
         fs::write(&file, b"x").unwrap();
         let e = Spool::open(&file.join("spool"), SpoolLimits::default()).unwrap_err();
         let text = e.to_string();
-        assert!(
-            text.contains("create directory") && text.contains("not-a-dir"),
-            "{text}"
-        );
+        assert!(text.contains("create directory") && text.contains("not-a-dir"), "{text}");
     }
 
     #[test]
     fn random_operations_match_a_model() {
         let d = tempfile::tempdir().unwrap();
-        let limits = SpoolLimits {
-            max_records: 20,
-            max_bytes: 1 << 20,
-        };
+        let limits = SpoolLimits { max_records: 20, max_bytes: 1 << 20 };
         let mut s = Spool::open(d.path(), limits).unwrap();
         s.set_compact_threshold(2048);
         let mut model: BTreeMap<u64, String> = BTreeMap::new();

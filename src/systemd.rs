@@ -45,24 +45,12 @@ pub fn status_line(link: &LinkStatus, engine: &EngineStatus) -> String {
         (None, _) | (_, Phase::NoRecipe) => "no recipe yet".to_string(),
         (Some(v), phase) => {
             let what = match phase {
-                Phase::Applying {
-                    index,
-                    total,
-                    module,
-                    ..
-                } => format!("state {index}/{total} {module}"),
-                Phase::Waiting {
-                    index,
-                    total,
-                    state_id,
-                } => format!("state {index}/{total} waiting for {state_id}"),
+                Phase::Applying { index, total, module, .. } => format!("state {index}/{total} {module}"),
+                Phase::Waiting { index, total, state_id } => format!("state {index}/{total} waiting for {state_id}"),
                 Phase::Idle { next_round_in_s } => {
                     format!("idle, next round in {next_round_in_s} s")
                 }
-                Phase::RetryWait {
-                    next_round_in_s,
-                    ceased,
-                } => {
+                Phase::RetryWait { next_round_in_s, ceased } => {
                     format!("round failed ({ceased}x), retrying in {next_round_in_s} s")
                 }
                 Phase::Upgrading { version } => format!("upgrading to {version}"),
@@ -121,38 +109,19 @@ mod tests {
 
     #[test]
     fn status_lines_read_like_sentences() {
-        let link = LinkStatus {
-            state: LinkState::Connected {
-                url: "wss://b".into(),
-                since_unix: 0,
-            },
-            ..Default::default()
-        };
+        let link =
+            LinkStatus { state: LinkState::Connected { url: "wss://b".into(), since_unix: 0 }, ..Default::default() };
         let engine = EngineStatus {
             recipe_version: Some(7),
             round: 12,
-            phase: Phase::Applying {
-                index: 3,
-                total: 8,
-                state_id: "s".into(),
-                module: "linux.apt.package".into(),
-            },
+            phase: Phase::Applying { index: 3, total: 8, state_id: "s".into(), module: "linux.apt.package".into() },
             ..Default::default()
         };
         assert_eq!(
             status_line(&link, &engine),
             "connected to wss://b; recipe 7, round 12, state 3/8 linux.apt.package"
         );
-        let link = LinkStatus {
-            state: LinkState::Reconnecting {
-                in_s: 8,
-                attempt: 3,
-            },
-            ..Default::default()
-        };
-        assert_eq!(
-            status_line(&link, &EngineStatus::default()),
-            "reconnecting in 8 s (attempt 3); no recipe yet"
-        );
+        let link = LinkStatus { state: LinkState::Reconnecting { in_s: 8, attempt: 3 }, ..Default::default() };
+        assert_eq!(status_line(&link, &EngineStatus::default()), "reconnecting in 8 s (attempt 3); no recipe yet");
     }
 }

@@ -84,10 +84,7 @@ impl Env {
 
     /// Waits until an event matching `pick` is recorded.
     async fn event(&self, pick: impl Fn(&Value) -> bool) -> Value {
-        eventually("an event", || {
-            self.events_lines().into_iter().find(|e| pick(e))
-        })
-        .await
+        eventually("an event", || self.events_lines().into_iter().find(|e| pick(e))).await
     }
 }
 
@@ -95,10 +92,7 @@ fn json_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|l| {
-            serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display()))
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display())))
         .collect()
 }
 
@@ -108,10 +102,7 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < give_up, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -147,10 +138,7 @@ struct Agent {
 
 impl Agent {
     async fn connect(url: &str, who: Identity) -> Self {
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-            .await
-            .unwrap()
-            .unwrap();
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
         Self { ws, who }
     }
 
@@ -177,8 +165,7 @@ impl Agent {
         loop {
             match self.next().await {
                 Message::Text(t) => {
-                    parse_inbound(t.as_str())
-                        .unwrap_or_else(|e| panic!("the agent cannot parse {t}: {e}"));
+                    parse_inbound(t.as_str()).unwrap_or_else(|e| panic!("the agent cannot parse {t}: {e}"));
                     return serde_json::from_str(t.as_str()).unwrap();
                 }
                 Message::Ping(_) | Message::Pong(_) => {}
@@ -195,11 +182,7 @@ impl Agent {
 
     async fn handshake(&mut self, caps: &[&str]) {
         let capabilities = caps.iter().map(|c| c.to_string()).collect();
-        self.send_out(Outbound::Handshake {
-            init_errors: None,
-            capabilities,
-        })
-        .await;
+        self.send_out(Outbound::Handshake { init_errors: None, capabilities }).await;
         if !caps.is_empty() {
             let v = self.expect("Capabilities").await;
             assert_eq!(v["capabilities"], json!(ALL_CAPS));
@@ -210,10 +193,7 @@ impl Agent {
     async fn handshake_for_recipe(&mut self, caps: &[&str]) -> (u64, Vec<Value>) {
         self.handshake(caps).await;
         let v = self.expect("RecipeMetadata").await;
-        (
-            v["recipe_version"].as_u64().unwrap(),
-            v["state"].as_array().unwrap().clone(),
-        )
+        (v["recipe_version"].as_u64().unwrap(), v["state"].as_array().unwrap().clone())
     }
 
     async fn state_log(&mut self, version: u64, state: &str, ok: bool, seq: Option<u64>) {
@@ -234,18 +214,11 @@ impl Agent {
     async fn quiet(&mut self) {
         self.send(json!({"code": "Test"})).await;
         let v = self.recv().await;
-        assert_eq!(
-            v,
-            json!({"code": "TestAns", "result": true, "error": null}),
-            "unexpected frame"
-        );
+        assert_eq!(v, json!({"code": "TestAns", "result": true, "error": null}), "unexpected frame");
     }
 
     async fn wait_list(&mut self, version: u64) -> Value {
-        self.send_out(Outbound::WaitQuery {
-            recipe_version: version,
-        })
-        .await;
+        self.send_out(Outbound::WaitQuery { recipe_version: version }).await;
         let v = self.expect("WaitList").await;
         assert_eq!(v["recipe_version"], version);
         v["waited"].clone()
@@ -265,12 +238,7 @@ async fn handshake_is_answered_with_the_recipe_file_states() {
     if let Ok(entries) = std::fs::read_dir(&shared) {
         for e in entries {
             let path = e.unwrap().path();
-            let app = path
-                .file_stem()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .replace('.', "-");
+            let app = path.file_stem().unwrap().to_str().unwrap().replace('.', "-");
             std::fs::copy(&path, env.recipes().join(format!("{app}.json"))).unwrap();
             apps.push((app, path));
         }
@@ -286,25 +254,13 @@ async fn handshake_is_answered_with_the_recipe_file_states() {
     agent.handshake(ALL_CAPS).await;
     let v = agent.expect("RecipeMetadata").await;
     assert_eq!(v["recipe_version"], 3);
-    assert_eq!(
-        v["module"],
-        json!({"repo": "https://x/salt.git", "tag": "v1"})
-    );
-    assert_eq!(
-        v["state"][1],
-        json!({"id": "s2", "module": "linux.file", "parameter": {"path": "/tmp/x"}})
-    );
+    assert_eq!(v["module"], json!({"repo": "https://x/salt.git", "tag": "v1"}));
+    assert_eq!(v["state"][1], json!({"id": "s2", "module": "linux.file", "parameter": {"path": "/tmp/x"}}));
     // A second Handshake on the live connection (here from a v1 agent: no capabilities)
     // is harmless: the recipe again.
     agent.handshake(&[]).await;
     let v = agent.expect("RecipeMetadata").await;
-    assert_eq!(
-        (
-            v["recipe_version"].as_u64(),
-            ids(v["state"].as_array().unwrap())
-        ),
-        (Some(3), vec!["s1", "s2"])
-    );
+    assert_eq!((v["recipe_version"].as_u64(), ids(v["state"].as_array().unwrap())), (Some(3), vec!["s1", "s2"]));
     agent.quiet().await;
 
     for (app, path) in apps {
@@ -336,14 +292,10 @@ async fn an_unknown_app_is_not_ready_until_its_file_is_valid() {
     agent.handshake(ALL_CAPS).await;
     agent.expect("AppNotReady").await;
     // An invalid file is no better.
-    env.write(
-        "app-new.json",
-        r#"{"state": [{"module": "meta.comment", "parameter": {}}]}"#,
-    );
+    env.write("app-new.json", r#"{"state": [{"module": "meta.comment", "parameter": {}}]}"#);
     agent.handshake(ALL_CAPS).await;
     agent.expect("AppNotReady").await;
-    env.event(|e| e["event"] == "recipe_rejected" && e["app_id"] == "app-new")
-        .await;
+    env.event(|e| e["event"] == "recipe_rejected" && e["app_id"] == "app-new").await;
     // The agent retries on the same connection and gets the recipe once the file is there.
     env.write_json("app-new.json", &recipe(json!([comment("s1")])));
     let (version, states) = agent.handshake_for_recipe(ALL_CAPS).await;
@@ -368,10 +320,7 @@ async fn statelogs_are_appended_one_line_each() {
                      "stateid": "s2", "state_result": true, "state_comment": null, "state_stdout": null, "seq": 5}))
         .await;
     agent.quiet().await;
-    let lines = eventually("three statelog lines", || {
-        Some(env.statelog_lines()).filter(|l| l.len() == 3)
-    })
-    .await;
+    let lines = eventually("three statelog lines", || Some(env.statelog_lines()).filter(|l| l.len() == 3)).await;
     assert_eq!(lines[0]["id"], "s1");
     assert_eq!(lines[0]["stateid"], "s1");
     assert_eq!(lines[0]["state_result"], true);
@@ -380,10 +329,7 @@ async fn statelogs_are_appended_one_line_each() {
     assert_eq!(lines[2]["stateid"], "s2");
     for l in &lines {
         let at = l["received_at"].as_str().unwrap();
-        assert!(
-            at.len() == 24 && at.ends_with('Z') && at.as_bytes()[10] == b'T',
-            "{at}"
-        );
+        assert!(at.len() == 24 && at.ends_with('Z') && at.as_bytes()[10] == b'T', "{at}");
     }
     // StateLogs are not events.
     assert!(env.events_lines().iter().all(|e| e["code"] != "StateLog"));
@@ -398,9 +344,7 @@ async fn resent_statelogs_are_acknowledged_but_recorded_once_even_across_a_resta
     let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
     agent.handshake_for_recipe(ALL_CAPS).await;
     for seq in [1, 2, 1] {
-        agent
-            .state_log(1, if seq == 1 { "s1" } else { "s2" }, true, Some(seq))
-            .await;
+        agent.state_log(1, if seq == 1 { "s1" } else { "s2" }, true, Some(seq)).await;
         assert_eq!(agent.expect("StateLogAck").await["seq"], seq);
     }
     // Sequence numbers are per instance.
@@ -419,15 +363,8 @@ async fn resent_statelogs_are_acknowledged_but_recorded_once_even_across_a_resta
     agent.state_log(1, "s1", true, Some(3)).await;
     assert_eq!(agent.expect("StateLogAck").await["seq"], 3);
     let lines = env.statelog_lines();
-    let seqs: Vec<(&str, u64)> = lines
-        .iter()
-        .map(|l| {
-            (
-                l["instance_id"].as_str().unwrap(),
-                l["seq"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let seqs: Vec<(&str, u64)> =
+        lines.iter().map(|l| (l["instance_id"].as_str().unwrap(), l["seq"].as_u64().unwrap())).collect();
     assert_eq!(seqs, vec![("i-1", 1), ("i-1", 2), ("i-2", 1), ("i-1", 3)]);
     backend.shutdown().await;
 }
@@ -445,37 +382,19 @@ async fn an_edited_recipe_is_pushed_with_the_next_version() {
 
     env.write_json("app-1.json", &recipe(json!([comment("s1"), comment("s2")])));
     let v = agent.expect("RecipeMetadata").await;
-    assert_eq!(
-        (
-            v["recipe_version"].as_u64(),
-            ids(v["state"].as_array().unwrap())
-        ),
-        (Some(2), vec!["s1", "s2"])
-    );
+    assert_eq!((v["recipe_version"].as_u64(), ids(v["state"].as_array().unwrap())), (Some(2), vec!["s1", "s2"]));
 
     // The same content laid out differently is no new recipe: a Handshake (which re-reads
     // the file) still gets version 2, and the first agent got no push.
-    env.write(
-        "app-1.json",
-        &serde_json::to_string_pretty(&recipe(json!([comment("s1"), comment("s2")]))).unwrap(),
-    );
+    env.write("app-1.json", &serde_json::to_string_pretty(&recipe(json!([comment("s1"), comment("s2")]))).unwrap());
     let mut late = Agent::connect(&backend.url(), who("app-1", "i-2", "1.2.0")).await;
     assert_eq!(late.handshake_for_recipe(&[]).await.0, 2);
     agent.quiet().await;
 
     // A file's own higher recipe_version is taken.
-    env.write_json(
-        "app-1.json",
-        &json!({"recipe_version": 10, "state": [comment("s3")]}),
-    );
+    env.write_json("app-1.json", &json!({"recipe_version": 10, "state": [comment("s3")]}));
     let v = agent.expect("RecipeMetadata").await;
-    assert_eq!(
-        (
-            v["recipe_version"].as_u64(),
-            ids(v["state"].as_array().unwrap())
-        ),
-        (Some(10), vec!["s3"])
-    );
+    assert_eq!((v["recipe_version"].as_u64(), ids(v["state"].as_array().unwrap())), (Some(10), vec!["s3"]));
     assert_eq!(late.expect("RecipeMetadata").await["recipe_version"], 10);
     other_app.quiet().await;
     backend.shutdown().await;
@@ -499,18 +418,11 @@ async fn an_invalid_edit_keeps_the_previous_version_and_pushes_nothing() {
     {
         env.write("app-1.json", broken);
         let rejected = eventually("the rejection", || {
-            let all: Vec<Value> = env
-                .events_lines()
-                .into_iter()
-                .filter(|e| e["event"] == "recipe_rejected")
-                .collect();
+            let all: Vec<Value> = env.events_lines().into_iter().filter(|e| e["event"] == "recipe_rejected").collect();
             all.get(n).cloned()
         })
         .await;
-        assert!(
-            rejected["file"].as_str().unwrap().ends_with("app-1.json"),
-            "{rejected}"
-        );
+        assert!(rejected["file"].as_str().unwrap().ends_with("app-1.json"), "{rejected}");
         assert!(!rejected["reason"].as_str().unwrap().is_empty());
         assert_eq!(rejected["serving"], 1);
         agent.quiet().await;
@@ -560,10 +472,7 @@ async fn a_restart_serves_unchanged_recipes_under_the_same_version() {
 #[tokio::test]
 async fn a_wait_is_released_when_the_remote_state_succeeds() {
     let env = Env::new();
-    env.write_json(
-        "web.json",
-        &recipe(json!([comment("web-1"), comment("web-2")])),
-    );
+    env.write_json("web.json", &recipe(json!([comment("web-1"), comment("web-2")])));
     env.write_json(
         "app-b.json",
         &recipe(json!([
@@ -587,15 +496,9 @@ async fn a_wait_is_released_when_the_remote_state_succeeds() {
 
     a.state_log(1, "web-1", true, None).await;
     let v = b.expect("State").await;
-    assert_eq!(
-        (v["recipe_version"].as_u64(), v["stateid"].as_str()),
-        (Some(1), Some("b-wait"))
-    );
+    assert_eq!((v["recipe_version"].as_u64(), v["stateid"].as_str()), (Some(1), Some("b-wait")));
     b.quiet().await;
-    assert_eq!(
-        b.wait_list(1).await,
-        json!([{"instance_id": "i-a", "state_id": "b-wait"}])
-    );
+    assert_eq!(b.wait_list(1).await, json!([{"instance_id": "i-a", "state_id": "b-wait"}]));
 
     a.state_log(1, "web-2", true, None).await;
     let v = b.expect("State").await;
@@ -609,19 +512,9 @@ async fn a_wait_is_released_when_the_remote_state_succeeds() {
 
     // A new recipe for web: web-1 must succeed again under the new version for a new
     // version of B's recipe.
-    env.write_json(
-        "web.json",
-        &recipe(json!([
-            comment("web-1"),
-            comment("web-2"),
-            comment("web-3")
-        ])),
-    );
+    env.write_json("web.json", &recipe(json!([comment("web-1"), comment("web-2"), comment("web-3")])));
     assert_eq!(a.expect("RecipeMetadata").await["recipe_version"], 2);
-    env.write_json(
-        "app-b.json",
-        &recipe(json!([wait_on("b-wait", json!("@{web.web-1}"))])),
-    );
+    env.write_json("app-b.json", &recipe(json!([wait_on("b-wait", json!("@{web.web-1}"))])));
     assert_eq!(b.expect("RecipeMetadata").await["recipe_version"], 2);
     b.quiet().await;
     a.state_log(2, "web-1", true, None).await;
@@ -634,10 +527,7 @@ async fn a_wait_is_released_when_the_remote_state_succeeds() {
     let mut b = Agent::connect(&backend.url(), who("app-b", "i-b", "1.2.0")).await;
     b.handshake_for_recipe(&[]).await;
     assert_eq!(b.expect("State").await["stateid"], "b-wait");
-    assert_eq!(
-        b.wait_list(2).await,
-        json!([{"instance_id": "i-a", "state_id": "b-wait"}])
-    );
+    assert_eq!(b.wait_list(2).await, json!([{"instance_id": "i-a", "state_id": "b-wait"}]));
     backend.shutdown().await;
 }
 
@@ -654,15 +544,9 @@ async fn agent_updates_are_ordered_by_file_and_on_handshake() {
     elsewhere.handshake(&[]).await;
     elsewhere.expect("AppNotReady").await;
 
-    env.write_json(
-        "app-1.update.json",
-        &json!({"version": "1.3.0", "url": "https://dl.example/1.3.0/opsagent.tgz"}),
-    );
+    env.write_json("app-1.update.json", &json!({"version": "1.3.0", "url": "https://dl.example/1.3.0/opsagent.tgz"}));
     let v = old.expect("AgentUpdate").await;
-    assert_eq!(
-        v,
-        json!({"code": "AgentUpdate", "version": "1.3.0", "url": "https://dl.example/1.3.0/opsagent.tgz"})
-    );
+    assert_eq!(v, json!({"code": "AgentUpdate", "version": "1.3.0", "url": "https://dl.example/1.3.0/opsagent.tgz"}));
     new.quiet().await;
     elsewhere.quiet().await;
 
@@ -675,10 +559,7 @@ async fn agent_updates_are_ordered_by_file_and_on_handshake() {
     new.quiet().await;
 
     // A changed order goes to everyone not on that version.
-    env.write_json(
-        "app-1.update.json",
-        &json!({"version": "1.4.0", "url": "https://dl.example/1.4.0/opsagent.tgz"}),
-    );
+    env.write_json("app-1.update.json", &json!({"version": "1.4.0", "url": "https://dl.example/1.4.0/opsagent.tgz"}));
     for agent in [&mut old, &mut new, &mut stopped] {
         assert_eq!(agent.expect("AgentUpdate").await["version"], "1.4.0");
     }
@@ -694,12 +575,7 @@ async fn agent_updates_are_ordered_by_file_and_on_handshake() {
 async fn garbage_frames_are_ignored() {
     let env = Env::new();
     env.write_json("app-1.json", &recipe(json!([comment("s1")])));
-    let backend = env
-        .start_with(BackendOptions {
-            max_frame_bytes: 64 * 1024,
-            ..env.opts()
-        })
-        .await;
+    let backend = env.start_with(BackendOptions { max_frame_bytes: 64 * 1024, ..env.opts() }).await;
     let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
     agent.ws.send(Message::text("not json")).await.unwrap();
     agent.ws.send(Message::text("[1, 2]")).await.unwrap();
@@ -707,20 +583,10 @@ async fn garbage_frames_are_ignored() {
     agent.send(json!({"code": "Brand-New", "x": 1})).await;
     agent.send(json!({"code": "StateLog"})).await;
     agent.send(json!({"code": "WaitQuery"})).await;
-    agent
-        .send(json!({"code": "Handshake", "app_id": "../../etc/passwd", "instance_id": "i-1"}))
-        .await;
+    agent.send(json!({"code": "Handshake", "app_id": "../../etc/passwd", "instance_id": "i-1"})).await;
     agent.expect("AppNotReady").await;
-    agent
-        .ws
-        .send(Message::binary(vec![0u8, 159, 146, 150]))
-        .await
-        .unwrap();
-    agent
-        .ws
-        .send(Message::Ping(b"hello".to_vec().into()))
-        .await
-        .unwrap();
+    agent.ws.send(Message::binary(vec![0u8, 159, 146, 150])).await.unwrap();
+    agent.ws.send(Message::Ping(b"hello".to_vec().into())).await.unwrap();
     match agent.next().await {
         Message::Pong(p) => assert_eq!(p.as_ref(), b"hello"),
         other => panic!("expected a pong, got {other:?}"),
@@ -729,10 +595,8 @@ async fn garbage_frames_are_ignored() {
     agent.handshake_for_recipe(&[]).await;
     agent.quiet().await;
     env.event(|e| e["event"] == "binary" && e["len"] == 4).await;
-    env.event(|e| e["event"] == "invalid" && e["frame"] == "not json")
-        .await;
-    env.event(|e| e["event"] == "message" && e["code"] == "Brand-New")
-        .await;
+    env.event(|e| e["event"] == "invalid" && e["frame"] == "not json").await;
+    env.event(|e| e["event"] == "message" && e["code"] == "Brand-New").await;
 
     // An oversized frame ends that connection only.
     let _ = agent.ws.send(Message::text("x".repeat(100 * 1024))).await;
@@ -745,10 +609,7 @@ async fn garbage_frames_are_ignored() {
         }
     })
     .await;
-    assert!(
-        ended.is_ok(),
-        "the oversized frame did not end the connection"
-    );
+    assert!(ended.is_ok(), "the oversized frame did not end the connection");
     let mut again = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
     again.handshake_for_recipe(&[]).await;
     backend.shutdown().await;
@@ -761,12 +622,8 @@ async fn events_record_connections_handshakes_and_heartbeats() {
     let backend = env.start().await;
     let mut agent = Agent::connect(&backend.url(), who("app-1", "i-1", "1.2.0")).await;
     agent.handshake_for_recipe(ALL_CAPS).await;
-    agent
-        .send_out(Outbound::Heartbeat(json!({"state": "idle"})))
-        .await;
-    agent
-        .send_out(Outbound::WaitQuery { recipe_version: 1 })
-        .await;
+    agent.send_out(Outbound::Heartbeat(json!({"state": "idle"}))).await;
+    agent.send_out(Outbound::WaitQuery { recipe_version: 1 }).await;
     agent.expect("WaitList").await;
     agent.ws.close(None).await.unwrap();
     let close = env.event(|e| e["event"] == "close").await;
@@ -779,33 +636,16 @@ async fn events_record_connections_handshakes_and_heartbeats() {
             format!(
                 "{}{}",
                 e["event"].as_str().unwrap(),
-                e["code"]
-                    .as_str()
-                    .map(|c| format!(":{c}"))
-                    .unwrap_or_default()
+                e["code"].as_str().map(|c| format!(":{c}")).unwrap_or_default()
             )
         })
         .collect();
-    assert_eq!(
-        kinds,
-        [
-            "open",
-            "message:Handshake",
-            "message:Heartbeat",
-            "message:WaitQuery",
-            "close"
-        ]
-    );
+    assert_eq!(kinds, ["open", "message:Handshake", "message:Heartbeat", "message:WaitQuery", "close"]);
     let hs = &events.iter().find(|e| e["code"] == "Handshake").unwrap()["message"];
     assert_eq!(hs["instance_id"], "i-1");
     assert_eq!(hs["instance_token"], "<redacted>");
-    assert_eq!(
-        events.iter().find(|e| e["code"] == "Heartbeat").unwrap()["message"]["state"],
-        "idle"
-    );
-    assert!(events
-        .iter()
-        .all(|e| e["at"].as_str().is_some_and(|t| t.ends_with('Z'))));
+    assert_eq!(events.iter().find(|e| e["code"] == "Heartbeat").unwrap()["message"]["state"], "idle");
+    assert!(events.iter().all(|e| e["at"].as_str().is_some_and(|t| t.ends_with('Z'))));
     backend.shutdown().await;
 }
 
@@ -820,10 +660,7 @@ async fn a_reconnect_order_closes_hinted_agents_with_1012() {
     v1.handshake_for_recipe(&[]).await;
 
     env.write_json("app-1.reconnect.json", &json!({"after_s": 3}));
-    assert_eq!(
-        hinted.expect("Reconnect").await,
-        json!({"code": "Reconnect", "after_s": 3})
-    );
+    assert_eq!(hinted.expect("Reconnect").await, json!({"code": "Reconnect", "after_s": 3}));
     match hinted.next().await {
         Message::Close(Some(f)) => {
             assert_eq!(f.code, CloseCode::Restart);
@@ -834,10 +671,8 @@ async fn a_reconnect_order_closes_hinted_agents_with_1012() {
     // The agent's close reply goes out as it reads on; then the connection ends.
     let end = tokio::time::timeout(WAIT, hinted.ws.next()).await.unwrap();
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
-    eventually("the order file removed", || {
-        Some(()).filter(|()| !env.recipes().join("app-1.reconnect.json").exists())
-    })
-    .await;
+    eventually("the order file removed", || Some(()).filter(|()| !env.recipes().join("app-1.reconnect.json").exists()))
+        .await;
     v1.quiet().await;
     backend.shutdown().await;
 }
@@ -855,28 +690,13 @@ impl Drop for Child {
 async fn the_binary_serves_wss_with_a_self_signed_certificate() {
     let env = Env::new();
     env.write_json("app-1.json", &recipe(json!([comment("s1")])));
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    let (cert_pem, key_pem) = (
-        env.dir.path().join("cert.pem"),
-        env.dir.path().join("key.pem"),
-    );
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (env.dir.path().join("cert.pem"), env.dir.path().join("key.pem"));
     std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
     std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
     // The library refuses bad files up front.
-    let bad = BackendOptions {
-        tls: Some(TlsFiles {
-            cert: key_pem.clone(),
-            key: key_pem.clone(),
-        }),
-        ..env.opts()
-    };
-    assert!(
-        Backend::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), bad)
-            .await
-            .is_err()
-    );
+    let bad = BackendOptions { tls: Some(TlsFiles { cert: key_pem.clone(), key: key_pem.clone() }), ..env.opts() };
+    assert!(Backend::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), bad).await.is_err());
 
     let mut child = Child(
         tokio::process::Command::new(env!("CARGO_BIN_EXE_opsagent-backend"))
@@ -898,65 +718,40 @@ async fn the_binary_serves_wss_with_a_self_signed_certificate() {
             .unwrap(),
     );
     let mut lines = tokio::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("no listening line");
-    let addr = line
-        .strip_prefix("opsagent-backend listening on ")
-        .unwrap_or_else(|| panic!("{line:?}"));
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().expect("no listening line");
+    let addr = line.strip_prefix("opsagent-backend listening on ").unwrap_or_else(|| panic!("{line:?}"));
     let port = addr.rsplit(':').next().unwrap();
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.cert.der().clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let connector = tokio_tungstenite::Connector::Rustls(Arc::new(client));
     let url = format!("wss://127.0.0.1:{port}");
     let (ws, _) = tokio::time::timeout(
         WAIT,
-        tokio_tungstenite::connect_async_tls_with_config(
-            url.as_str(),
-            None,
-            false,
-            Some(connector),
-        ),
+        tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, false, Some(connector)),
     )
     .await
     .unwrap()
     .unwrap();
-    let mut agent = Agent {
-        ws,
-        who: who("app-1", "i-1", "1.2.0"),
-    };
+    let mut agent = Agent { ws, who: who("app-1", "i-1", "1.2.0") };
     let (version, states) = agent.handshake_for_recipe(ALL_CAPS).await;
     assert_eq!((version, ids(&states)), (1, vec!["s1"]));
     agent.state_log(1, "s1", true, Some(1)).await;
     agent.expect("StateLogAck").await;
 
     // A client that does not trust the certificate gets nowhere; plain ws neither.
-    let untrusting = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url.as_str()))
-        .await
-        .unwrap();
+    let untrusting = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url.as_str())).await.unwrap();
     assert!(untrusting.is_err());
-    let plain = tokio::time::timeout(
-        WAIT,
-        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}")),
-    )
-    .await
-    .unwrap();
+    let plain =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}"))).await.unwrap();
     assert!(plain.is_err());
     agent.quiet().await;
 
     child.0.start_kill().unwrap();
-    tokio::time::timeout(WAIT, child.0.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, child.0.wait()).await.unwrap().unwrap();
 }

@@ -28,21 +28,11 @@ fn check_accepts_every_original_test_recipe() {
         .collect();
     files.sort();
     assert!(files.len() >= 36, "the original basic recipes are there");
-    let args: Vec<&str> = std::iter::once("check")
-        .chain(files.iter().map(String::as_str))
-        .collect();
+    let args: Vec<&str> = std::iter::once("check").chain(files.iter().map(String::as_str)).collect();
     let out = opsagent(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        files.len(),
-        "{stdout}"
-    );
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), files.len(), "{stdout}");
 }
 
 #[test]
@@ -65,27 +55,11 @@ fn check_names_the_bad_state_and_parameter_and_fails() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 4, "{stdout}");
     assert!(lines[0].starts_with("ok "));
-    assert!(
-        lines[1].starts_with("INVALID") && lines[1].contains("\"mode\": expected an octal mode"),
-        "{}",
-        lines[1]
-    );
-    assert!(
-        lines[2].contains("unknown module \"linux.nope\""),
-        "{}",
-        lines[2]
-    );
-    assert!(
-        lines[3].starts_with("ok ") && lines[3].contains("unknown parameter \"colour\""),
-        "{}",
-        lines[3]
-    );
+    assert!(lines[1].starts_with("INVALID") && lines[1].contains("\"mode\": expected an octal mode"), "{}", lines[1]);
+    assert!(lines[2].contains("unknown module \"linux.nope\""), "{}", lines[2]);
+    assert!(lines[3].starts_with("ok ") && lines[3].contains("unknown parameter \"colour\""), "{}", lines[3]);
 
-    std::fs::write(
-        &f,
-        r#"{"state": [{"module": "linux.file", "parameter": {}}]}"#,
-    )
-    .unwrap();
+    std::fs::write(&f, r#"{"state": [{"module": "linux.file", "parameter": {}}]}"#).unwrap();
     let out = opsagent(&["check", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("has no \"id\""));
@@ -99,16 +73,9 @@ fn invalid_configuration_exits_2_naming_file_and_key() {
     let out = opsagent(&["run", "--config", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("opsagent.conf") && err.contains("round_delay"),
-        "{err}"
-    );
+    assert!(err.contains("opsagent.conf") && err.contains("round_delay"), "{err}");
 
-    let out = opsagent(&[
-        "run",
-        "--config",
-        f.with_file_name("missing.conf").to_str().unwrap(),
-    ]);
+    let out = opsagent(&["run", "--config", f.with_file_name("missing.conf").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -117,25 +84,13 @@ fn apply_runs_the_demo_recipe_through_a_private_helper_and_is_idempotent() {
     let _ = std::fs::remove_dir_all("/tmp/opsagent-demo");
     let helper = bin("opsagent-helper");
     let run = || {
-        let out = Command::new(bin("opsagent"))
-            .arg("apply")
-            .env("OPSAGENT_HELPER_BIN", &helper)
-            .output()
-            .unwrap();
+        let out = Command::new(bin("opsagent")).arg("apply").env("OPSAGENT_HELPER_BIN", &helper).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
         stdout
     };
     let first = run();
-    assert_eq!(
-        first.lines().filter(|l| l.starts_with("ok ")).count(),
-        5,
-        "{first}"
-    );
+    assert_eq!(first.lines().filter(|l| l.starts_with("ok ")).count(), 5, "{first}");
     assert!(first.contains("changed:"), "{first}");
     assert_eq!(
         std::fs::read_to_string("/tmp/opsagent-demo/current/app.conf").unwrap(),

@@ -24,10 +24,7 @@ fn recipe(work: &Path, content: &str) -> Value {
 }
 
 fn logs_of(statelog: &Path, version: u64) -> Vec<Value> {
-    read_jsonl(statelog)
-        .into_iter()
-        .filter(|l| l["recipe_version"] == version)
-        .collect()
+    read_jsonl(statelog).into_iter().filter(|l| l["recipe_version"] == version).collect()
 }
 
 #[test]
@@ -38,24 +35,13 @@ fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
     std::fs::create_dir(&work).unwrap();
     let recipes = dir.join("recipes");
     std::fs::create_dir(&recipes).unwrap();
-    std::fs::write(
-        recipes.join("app-e2e.json"),
-        recipe(&work, "v1\n").to_string(),
-    )
-    .unwrap();
+    std::fs::write(recipes.join("app-e2e.json"), recipe(&work, "v1\n").to_string()).unwrap();
     let statelog = dir.join("statelog.jsonl");
     let socket = dir.join("helper.sock");
 
     let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
     let _helper = start_helper(dir, &socket);
-    let agent = start_agent(
-        dir,
-        port,
-        "app-e2e",
-        "i-e2e",
-        &socket,
-        &["--round-delay", "1"],
-    );
+    let agent = start_agent(dir, port, "app-e2e", "i-e2e", &socket, &["--round-delay", "1"]);
 
     // Two rounds of four states.
     assert!(
@@ -66,10 +52,7 @@ fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
     );
     let logs = logs_of(&statelog, 1);
     let ids: Vec<&str> = logs.iter().map(|l| l["id"].as_str().unwrap()).collect();
-    assert_eq!(
-        &ids[..8],
-        &["s-dir", "s-file", "s-link", "s-cmd", "s-dir", "s-file", "s-link", "s-cmd"]
-    );
+    assert_eq!(&ids[..8], &["s-dir", "s-file", "s-link", "s-cmd", "s-dir", "s-file", "s-link", "s-cmd"]);
     for l in &logs {
         assert_eq!(l["state_result"], true, "{l}");
         assert_eq!(l["stateid"], l["id"]);
@@ -78,56 +61,24 @@ fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
     }
     // The first round changed things, the second changed nothing.
     for l in &logs[..4] {
-        assert!(
-            l["state_comment"]
-                .as_str()
-                .unwrap_or("")
-                .contains("changed:"),
-            "round 1 changes: {l}"
-        );
+        assert!(l["state_comment"].as_str().unwrap_or("").contains("changed:"), "round 1 changes: {l}");
     }
     for l in &logs[4..8] {
-        assert!(
-            !l["state_comment"]
-                .as_str()
-                .unwrap_or("")
-                .contains("changed:"),
-            "round 2 changes nothing: {l}"
-        );
+        assert!(!l["state_comment"].as_str().unwrap_or("").contains("changed:"), "round 2 changes nothing: {l}");
     }
-    assert_eq!(
-        std::fs::read_to_string(work.join("d/f.conf")).unwrap(),
-        "v1\n"
-    );
-    assert_eq!(
-        std::fs::read_link(work.join("link")).unwrap(),
-        work.join("d")
-    );
+    assert_eq!(std::fs::read_to_string(work.join("d/f.conf")).unwrap(), "v1\n");
+    assert_eq!(std::fs::read_link(work.join("link")).unwrap(), work.join("d"));
 
     // Editing the recipe file makes the agent apply the new version.
-    std::fs::write(
-        recipes.join("app-e2e.json"),
-        recipe(&work, "v2\n").to_string(),
-    )
-    .unwrap();
+    std::fs::write(recipes.join("app-e2e.json"), recipe(&work, "v2\n").to_string()).unwrap();
     assert!(
         wait_until(Duration::from_secs(30), || logs_of(&statelog, 2).len() >= 4),
         "new version expected; agent: {}",
         agent.log_text()
     );
-    assert_eq!(
-        std::fs::read_to_string(work.join("d/f.conf")).unwrap(),
-        "v2\n"
-    );
+    assert_eq!(std::fs::read_to_string(work.join("d/f.conf")).unwrap(), "v2\n");
     let v2 = logs_of(&statelog, 2);
-    assert!(
-        v2[1]["state_comment"]
-            .as_str()
-            .unwrap()
-            .contains("changed:"),
-        "{}",
-        v2[1]
-    );
+    assert!(v2[1]["state_comment"].as_str().unwrap().contains("changed:"), "{}", v2[1]);
 
     // Each (version, state, sequence number) appears once: nothing doubled.
     let all = read_jsonl(&statelog);

@@ -18,21 +18,16 @@ use tokio_tungstenite::WebSocketStream;
 type Ws = WebSocketStream<TcpStream>;
 
 async fn accept(listener: &TcpListener) -> Ws {
-    let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-        .await
-        .expect("agent connects")
-        .unwrap();
+    let (tcp, _) =
+        tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.expect("agent connects").unwrap();
     tokio_tungstenite::accept_async(tcp).await.unwrap()
 }
 
 /// The next JSON text frame.
 async fn next_json(ws: &mut Ws) -> Value {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(45), ws.next())
-            .await
-            .expect("a frame")
-            .expect("open")
-            .unwrap();
+        let m =
+            tokio::time::timeout(Duration::from_secs(45), ws.next()).await.expect("a frame").expect("open").unwrap();
         if let Message::Text(t) = m {
             return serde_json::from_str(&t).unwrap();
         }
@@ -71,32 +66,21 @@ async fn bad_frames_and_invalid_recipes_are_logged_and_survived() {
     assert_eq!(hello["instance_id"], "i-l");
     assert_eq!(hello["app_id"], "app-l");
     assert_eq!(hello["instance_token"].as_str().unwrap().len(), 64);
-    assert!(hello["capabilities"]
-        .as_array()
-        .unwrap()
-        .contains(&json!("statelog-ack")));
+    assert!(hello["capabilities"].as_array().unwrap().contains(&json!("statelog-ack")));
     assert!(hello["init_errors"].is_null());
 
     // Garbage of every kind first.
-    ws.send(Message::Text("not json at all".into()))
-        .await
-        .unwrap();
+    ws.send(Message::Text("not json at all".into())).await.unwrap();
     ws.send(Message::Text("[1, 2, 3]".into())).await.unwrap();
-    ws.send(Message::Binary(vec![0u8, 1, 2].into()))
-        .await
-        .unwrap();
+    ws.send(Message::Binary(vec![0u8, 1, 2].into())).await.unwrap();
     send(&mut ws, json!({"code": "SomethingNew", "x": 1})).await;
+    send(&mut ws, json!({"code": "RecipeMetadata", "recipe_version": 0, "state": []})).await;
+    send(&mut ws, json!({"code": "RecipeMetadata", "recipe_version": "seven", "state": []})).await;
     send(
         &mut ws,
-        json!({"code": "RecipeMetadata", "recipe_version": 0, "state": []}),
+        json!({"code": "RecipeMetadata", "recipe_version": 3, "state": [{"module": "linux.file", "parameter": {}}]}),
     )
     .await;
-    send(
-        &mut ws,
-        json!({"code": "RecipeMetadata", "recipe_version": "seven", "state": []}),
-    )
-    .await;
-    send(&mut ws, json!({"code": "RecipeMetadata", "recipe_version": 3, "state": [{"module": "linux.file", "parameter": {}}]})).await;
     send(&mut ws, json!({"code": "AgentUpdate", "version": 5})).await;
 
     // A valid recipe, with a state of an unknown module and one with a bad parameter.
@@ -111,7 +95,11 @@ async fn bad_frames_and_invalid_recipes_are_logged_and_survived() {
     .await;
     // While it runs, an invalid recipe must not disturb the round.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    send(&mut ws, json!({"code": "RecipeMetadata", "recipe_version": 2, "state": [{"id": "x", "module": "linux.file"}]})).await;
+    send(
+        &mut ws,
+        json!({"code": "RecipeMetadata", "recipe_version": 2, "state": [{"id": "x", "module": "linux.file"}]}),
+    )
+    .await;
     let logs = statelogs(&mut ws, 2).await;
     assert_eq!(logs[0]["id"], "slow");
     assert_eq!(logs[0]["state_result"], true, "{}", logs[0]);
@@ -139,14 +127,7 @@ async fn bad_frames_and_invalid_recipes_are_logged_and_survived() {
     .await;
     let logs = statelogs(&mut ws, 1).await;
     assert_eq!(logs[0]["state_result"], false);
-    assert!(
-        logs[0]["state_comment"]
-            .as_str()
-            .unwrap()
-            .contains("unknown module \"linux.teleport\""),
-        "{}",
-        logs[0]
-    );
+    assert!(logs[0]["state_comment"].as_str().unwrap().contains("unknown module \"linux.teleport\""), "{}", logs[0]);
 
     // 1,000 garbage frames: the agent gives up on this connection and comes back.
     for _ in 0..1000 {
@@ -170,10 +151,7 @@ async fn bad_frames_and_invalid_recipes_are_logged_and_survived() {
     )
     .await;
     let logs = statelogs(&mut ws3, 1).await;
-    assert_eq!(
-        (logs[0]["id"].as_str(), logs[0]["state_result"].as_bool()),
-        (Some("c"), Some(true))
-    );
+    assert_eq!((logs[0]["id"].as_str(), logs[0]["state_result"].as_bool()), (Some("c"), Some(true)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,9 +167,7 @@ async fn app_not_ready_is_retried_on_the_same_connection_and_waits_are_queried()
     assert_eq!(next_json(&mut ws).await["code"], "Handshake");
     send(&mut ws, json!({"code": "AppNotReady"})).await;
     // The original agent waited 30 s before repeating the Handshake.
-    let again = tokio::time::timeout(Duration::from_secs(40), next_json(&mut ws))
-        .await
-        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(40), next_json(&mut ws)).await.unwrap();
     assert_eq!(again["code"], "Handshake");
     send(
         &mut ws,
@@ -201,18 +177,14 @@ async fn app_not_ready_is_retried_on_the_same_connection_and_waits_are_queried()
     )
     .await;
     let q = next_json(&mut ws).await;
-    assert_eq!(
-        q,
-        json!({"code": "WaitQuery", "instance_id": "i-w", "app_id": "app-w", "recipe_version": 2})
-    );
+    assert_eq!(q, json!({"code": "WaitQuery", "instance_id": "i-w", "app_id": "app-w", "recipe_version": 2}));
     send(&mut ws, json!({"code": "Test"})).await;
     assert_eq!(next_json(&mut ws).await["code"], "Test");
-    send(&mut ws, json!({"code": "WaitList", "recipe_version": 2, "waited": [{"instance_id": "i-db", "state_id": "w"}]})).await;
+    send(
+        &mut ws,
+        json!({"code": "WaitList", "recipe_version": 2, "waited": [{"instance_id": "i-db", "state_id": "w"}]}),
+    )
+    .await;
     let logs = statelogs(&mut ws, 2).await;
-    assert_eq!(
-        logs.iter()
-            .map(|l| l["id"].as_str().unwrap())
-            .collect::<Vec<_>>(),
-        vec!["w", "after"]
-    );
+    assert_eq!(logs.iter().map(|l| l["id"].as_str().unwrap()).collect::<Vec<_>>(), vec!["w", "after"]);
 }

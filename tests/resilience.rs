@@ -55,19 +55,8 @@ fn setup(app: &str, recipe: impl Fn(&Path) -> Value) -> Setup {
     std::fs::create_dir(&work).unwrap();
     let recipes = dir.join("recipes");
     std::fs::create_dir(&recipes).unwrap();
-    std::fs::write(
-        recipes.join(format!("{app}.json")),
-        recipe(&work).to_string(),
-    )
-    .unwrap();
-    Setup {
-        statelog: dir.join("statelog.jsonl"),
-        socket: dir.join("helper.sock"),
-        recipes,
-        work,
-        dir,
-        _tmp: tmp,
-    }
+    std::fs::write(recipes.join(format!("{app}.json")), recipe(&work).to_string()).unwrap();
+    Setup { statelog: dir.join("statelog.jsonl"), socket: dir.join("helper.sock"), recipes, work, dir, _tmp: tmp }
 }
 
 #[test]
@@ -75,35 +64,16 @@ fn a_backend_killed_mid_round_loses_and_doubles_nothing() {
     let s = setup("app-r1", |w| slow_recipe(w, "r1"));
     let (mut backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &[]);
     let _helper = start_helper(&s.dir, &s.socket);
-    let agent = start_agent(
-        &s.dir,
-        port,
-        "app-r1",
-        "i-r1",
-        &s.socket,
-        &["--round-delay", "1"],
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len()
-            >= 2),
-        "{}",
-        agent.log_text()
-    );
+    let agent = start_agent(&s.dir, port, "app-r1", "i-r1", &s.socket, &["--round-delay", "1"]);
+    assert!(wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len() >= 2), "{}", agent.log_text());
     for _ in 0..2 {
         backend.kill9();
         std::thread::sleep(Duration::from_millis(900));
         let before = read_jsonl(&s.statelog).len();
-        let (b, _) = start_backend_on(
-            &s.dir,
-            &s.recipes,
-            &s.statelog,
-            &format!("127.0.0.1:{port}"),
-            &[],
-        );
+        let (b, _) = start_backend_on(&s.dir, &s.recipes, &s.statelog, &format!("127.0.0.1:{port}"), &[]);
         backend = b;
         assert!(
-            wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len()
-                >= before + 6),
+            wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len() >= before + 6),
             "the agent reconnected and delivered what it applied meanwhile: {}",
             agent.log_text()
         );
@@ -122,8 +92,7 @@ fn a_daemon_killed_with_sigkill_mid_round_resumes_with_its_spool_intact() {
     for round in 0..3 {
         let before = read_jsonl(&s.statelog).len();
         assert!(
-            wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len()
-                >= before + 3),
+            wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len() >= before + 3),
             "{}",
             agent.log_text()
         );
@@ -133,27 +102,17 @@ fn a_daemon_killed_with_sigkill_mid_round_resumes_with_its_spool_intact() {
     }
     let before = read_jsonl(&s.statelog).len();
     assert!(
-        wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len()
-            >= before + 5),
+        wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len() >= before + 5),
         "{}",
         agent.log_text()
     );
     assert_exactly_once(&s.statelog);
     // The restarted daemon resumed the persisted recipe rather than waiting for nothing.
-    assert!(
-        agent.log_text().contains("resuming the persisted recipe"),
-        "{}",
-        agent.log_text()
-    );
+    assert!(agent.log_text().contains("resuming the persisted recipe"), "{}", agent.log_text());
 }
 
 fn stray(marker: &str) -> bool {
-    std::process::Command::new("pgrep")
-        .arg("-f")
-        .arg(marker)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    std::process::Command::new("pgrep").arg("-f").arg(marker).status().map(|s| s.success()).unwrap_or(false)
 }
 
 #[test]
@@ -169,11 +128,7 @@ fn a_new_recipe_during_a_long_command_starts_promptly_and_leaves_no_stray_proces
     let (_backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &["--poll-ms", "50"]);
     let _helper = start_helper(&s.dir, &s.socket);
     let agent = start_agent(&s.dir, port, "app-r3", "i-r3", &s.socket, &[]);
-    assert!(
-        wait_until(Duration::from_secs(30), || stray(&marker)),
-        "the long command runs: {}",
-        agent.log_text()
-    );
+    assert!(wait_until(Duration::from_secs(30), || stray(&marker)), "the long command runs: {}", agent.log_text());
 
     let t0 = Instant::now();
     std::fs::write(
@@ -184,29 +139,17 @@ fn a_new_recipe_during_a_long_command_starts_promptly_and_leaves_no_stray_proces
     )
     .unwrap();
     assert!(
-        wait_until(Duration::from_secs(20), || read_jsonl(&s.statelog)
-            .iter()
-            .any(|l| l["id"] == "next")),
+        wait_until(Duration::from_secs(20), || read_jsonl(&s.statelog).iter().any(|l| l["id"] == "next")),
         "{}",
         agent.log_text()
     );
     let elapsed = t0.elapsed();
-    assert!(
-        !stray(&marker),
-        "the cancelled command's process group is gone"
-    );
+    assert!(!stray(&marker), "the cancelled command's process group is gone");
     let logs = read_jsonl(&s.statelog);
-    let long = logs
-        .iter()
-        .find(|l| l["id"] == "long")
-        .expect("the cancelled state is reported");
+    let long = logs.iter().find(|l| l["id"] == "long").expect("the cancelled state is reported");
     assert_eq!(long["state_result"], false);
-    assert!(
-        long["state_comment"]
-            .as_str()
-            .unwrap()
-            .contains("cancelled"),
-        "{long}"
+    assert!(long["state_comment"].as_str().unwrap().contains("cancelled"), "{long}");
+    eprintln!(
+        "new recipe file written → new round's first StateLog: {elapsed:?} (includes the backend's file polling)"
     );
-    eprintln!("new recipe file written → new round's first StateLog: {elapsed:?} (includes the backend's file polling)");
 }

@@ -120,10 +120,7 @@ fn kill9_appends_are_exactly_once() {
                     assert!(n > last_seq, "run {run}: restarts at {n} after {last_seq}")
                 }
                 (Some("A"), Some(n)) => {
-                    assert!(
-                        n > last_seq,
-                        "run {run}: seq {n} after {last_seq} (reused or not increasing)"
-                    );
+                    assert!(n > last_seq, "run {run}: seq {n} after {last_seq} (reused or not increasing)");
                     last_seq = n;
                     appended.insert(n, w.next().unwrap().to_string());
                 }
@@ -142,21 +139,12 @@ fn kill9_appends_are_exactly_once() {
         let spool = Spool::open(d.path(), SpoolLimits::default()).unwrap();
         let pending = spool.pending();
         let seqs: Vec<u64> = pending.iter().map(|l| l.seq.unwrap()).collect();
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "run {run}: pending not strictly increasing: {seqs:?}"
-        );
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "run {run}: pending not strictly increasing: {seqs:?}");
         let mut unprinted = 0;
         for l in &pending {
             let seq = l.seq.unwrap();
-            assert!(
-                seq > acked_through,
-                "run {run}: seq {seq} was acked through {acked_through}"
-            );
-            assert!(
-                !single_acks.contains(&seq),
-                "run {run}: seq {seq} was acked"
-            );
+            assert!(seq > acked_through, "run {run}: seq {seq} was acked through {acked_through}");
+            assert!(!single_acks.contains(&seq), "run {run}: seq {seq} was acked");
             match appended.get(&seq) {
                 Some(id) => assert_eq!(id, &l.state_id, "run {run}: seq {seq}"),
                 None => {
@@ -166,10 +154,7 @@ fn kill9_appends_are_exactly_once() {
                 }
             }
         }
-        assert!(
-            unprinted <= run + 1,
-            "run {run}: {unprinted} records nobody appended"
-        );
+        assert!(unprinted <= run + 1, "run {run}: {unprinted} records nobody appended");
         let have: BTreeSet<u64> = seqs.iter().copied().collect();
         for seq in appended.keys() {
             if *seq > through_tries && !single_tries.contains(seq) {
@@ -182,9 +167,7 @@ fn kill9_appends_are_exactly_once() {
     eprintln!(
         "kill9: {} appends over {runs} kills, {} pending at the end, acked through {acked_through}",
         appended.len(),
-        Spool::open(d.path(), SpoolLimits::default())
-            .unwrap()
-            .depth()
+        Spool::open(d.path(), SpoolLimits::default()).unwrap().depth()
     );
     assert!(!appended.is_empty());
 }

@@ -69,14 +69,10 @@ pub struct SpawnError {
 
 /// Runs `spec` to its end, its deadline or `cancel`, whichever comes first.
 pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, SpawnError> {
-    let spawn_err = |source: io::Error| SpawnError {
-        program: spec.program.display().to_string(),
-        source,
-    };
+    let spawn_err = |source: io::Error| SpawnError { program: spec.program.display().to_string(), source };
     // One pipe for both streams keeps their lines in the order they were written.
     // CLOEXEC: commands started concurrently for other requests must not inherit it.
-    let (read_end, write_end) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?;
+    let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?;
     let mut command = tokio::process::Command::new(&spec.program);
     command
         .args(&spec.args)
@@ -94,12 +90,7 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
     // reader would never see the end of the output.
     drop(command);
     let mut child = spawned.map_err(spawn_err)?;
-    let pgid = Pid::from_raw(
-        child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .unwrap_or(0),
-    );
+    let pgid = Pid::from_raw(child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0));
     let mut guard = GroupGuard(Some(pgid));
 
     let output = Arc::new(Mutex::new(CappedOutput::new(OUTPUT_CAP)));
@@ -129,9 +120,7 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
             // started on purpose: they are left running.
             guard.disarm();
             match status {
-                Ok(s) => s
-                    .code()
-                    .map_or_else(|| Exit::Signal(s.signal().unwrap_or(0)), Exit::Code),
+                Ok(s) => s.code().map_or_else(|| Exit::Signal(s.signal().unwrap_or(0)), Exit::Code),
                 Err(e) => return Err(spawn_err(e)),
             }
         }
@@ -146,10 +135,7 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
             Exit::Cancelled
         }
     };
-    if tokio::time::timeout(OUTPUT_GRACE, &mut reader)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(OUTPUT_GRACE, &mut reader).await.is_err() {
         reader.abort();
     }
     let output = output.lock().map(|o| o.render()).unwrap_or_default();
@@ -212,11 +198,7 @@ pub fn group_members(pgid: Pid) -> io::Result<Vec<Pid>> {
     let mut live = Vec::new();
     for entry in fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         // A process may exit while we look: a missing stat file is not an error.
@@ -257,12 +239,7 @@ pub struct CappedOutput {
 
 impl CappedOutput {
     pub fn new(cap: usize) -> Self {
-        Self {
-            half: cap / 2,
-            head: Vec::new(),
-            tail: VecDeque::new(),
-            cut: 0,
-        }
+        Self { half: cap / 2, head: Vec::new(), tail: VecDeque::new(), cut: 0 }
     }
 
     pub fn push(&mut self, mut data: &[u8]) {

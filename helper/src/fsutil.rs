@@ -23,11 +23,7 @@ pub const PARENT_DIR_MODE: u32 = 0o755;
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     #[error("{path}: cannot {op}: {source}")]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        source: io::Error,
-    },
+    Io { path: PathBuf, op: &'static str, source: io::Error },
     #[error("{0} is a symbolic link; refusing to act through it")]
     Symlink(PathBuf),
     #[error("{path} exists and is {found}, not a directory")]
@@ -75,17 +71,13 @@ pub fn open_nofollow(path: &Path, directory: bool) -> Result<File, FsError> {
     if directory {
         flags |= OFlag::O_DIRECTORY;
     }
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(flags.bits())
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
-                FsError::Symlink(path.to_path_buf())
-            } else {
-                io_err(path, "open")(e)
-            }
-        })
+    OpenOptions::new().read(true).custom_flags(flags.bits()).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
+            FsError::Symlink(path.to_path_buf())
+        } else {
+            io_err(path, "open")(e)
+        }
+    })
 }
 
 pub fn describe_mode(mode: u32) -> String {
@@ -106,18 +98,13 @@ pub fn enforce_attrs(
     let (want_uid, want_gid) = owner.applied_to(uid, gid);
     let mut current_mode = meta.mode() & 0o7777;
     if (want_uid, want_gid) != (uid, gid) {
-        std::os::unix::fs::fchown(f, Some(want_uid), Some(want_gid))
-            .map_err(io_err(path, "change the owner of"))?;
-        changes.push(Change::new(
-            path.display().to_string(),
-            format!("owner {uid}:{gid} -> {want_uid}:{want_gid}"),
-        ));
+        std::os::unix::fs::fchown(f, Some(want_uid), Some(want_gid)).map_err(io_err(path, "change the owner of"))?;
+        changes.push(Change::new(path.display().to_string(), format!("owner {uid}:{gid} -> {want_uid}:{want_gid}")));
         current_mode = f.metadata().map_err(io_err(path, "stat"))?.mode() & 0o7777;
     }
     if let Some(want) = mode {
         if current_mode != want {
-            f.set_permissions(fs::Permissions::from_mode(want))
-                .map_err(io_err(path, "change the mode of"))?;
+            f.set_permissions(fs::Permissions::from_mode(want)).map_err(io_err(path, "change the mode of"))?;
             // Compare with the mode before chown: a mode that only chown disturbed
             // and we restored is not a change the user asked about twice.
             let before = meta.mode() & 0o7777;
@@ -135,35 +122,21 @@ pub fn enforce_attrs(
 /// Creates the missing directories from the nearest existing ancestor down to `path`
 /// included, each with `mode` and `owner`. An existing ancestor must be a directory
 /// (a link to one is fine: only the final component is treated strictly by callers).
-pub fn create_dirs(
-    path: &AbsPath,
-    mode: u32,
-    owner: (Uid, Gid),
-    changes: &mut Vec<Change>,
-) -> Result<(), FsError> {
+pub fn create_dirs(path: &AbsPath, mode: u32, owner: (Uid, Gid), changes: &mut Vec<Change>) -> Result<(), FsError> {
     let mut missing = Vec::new();
     let mut cur = path.as_path();
     loop {
         match fs::metadata(cur) {
             Ok(m) if m.is_dir() => break,
             Ok(m) => {
-                return Err(FsError::NotADirectory {
-                    path: cur.to_path_buf(),
-                    found: kind_of(m.file_type()),
-                });
+                return Err(FsError::NotADirectory { path: cur.to_path_buf(), found: kind_of(m.file_type()) });
             }
             // ENOTDIR: an ancestor is not a directory; walking up finds and names it.
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(nix::libc::ENOTDIR) =>
-            {
+            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::ENOTDIR) => {
                 // A dangling link is "missing" to metadata() but must not be replaced.
                 if e.kind() == io::ErrorKind::NotFound {
                     if let Some(m) = lstat(cur)? {
-                        return Err(FsError::NotADirectory {
-                            path: cur.to_path_buf(),
-                            found: kind_of(m.file_type()),
-                        });
+                        return Err(FsError::NotADirectory { path: cur.to_path_buf(), found: kind_of(m.file_type()) });
                     }
                 }
                 missing.push(cur);
@@ -177,23 +150,14 @@ pub fn create_dirs(
     }
     for dir in missing.into_iter().rev() {
         // Created private, then opened and set: never visible with looser rights.
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err(dir, "create directory"))?;
+        fs::DirBuilder::new().mode(0o700).create(dir).map_err(io_err(dir, "create directory"))?;
         let f = open_nofollow(dir, true)?;
         std::os::unix::fs::fchown(&f, Some(owner.0.as_raw()), Some(owner.1.as_raw()))
             .map_err(io_err(dir, "change the owner of"))?;
-        f.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io_err(dir, "change the mode of"))?;
+        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(dir, "change the mode of"))?;
         changes.push(Change::new(
             dir.display().to_string(),
-            format!(
-                "directory created ({} {}:{})",
-                describe_mode(mode),
-                owner.0,
-                owner.1
-            ),
+            format!("directory created ({} {}:{})", describe_mode(mode), owner.0, owner.1),
         ));
     }
     Ok(())
@@ -201,43 +165,24 @@ pub fn create_dirs(
 
 /// Makes sure `dir` (a file's parent) exists, creating root-owned 0755 directories.
 pub fn ensure_parent(dir: &AbsPath, changes: &mut Vec<Change>) -> Result<(), FsError> {
-    create_dirs(
-        dir,
-        PARENT_DIR_MODE,
-        (Uid::from_raw(0), Gid::from_raw(0)),
-        changes,
-    )
+    create_dirs(dir, PARENT_DIR_MODE, (Uid::from_raw(0), Gid::from_raw(0)), changes)
 }
 
 /// A name next to `path` for a temporary object, unique within this process.
 pub fn temp_sibling(path: &AbsPath) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = path
-        .as_path()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.parent()
-        .as_path()
-        .join(format!(".{name}.opsagent-tmp.{}.{n}", std::process::id()))
+    let name = path.as_path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.parent().as_path().join(format!(".{name}.opsagent-tmp.{}.{n}", std::process::id()))
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
-    open_nofollow(dir, true)?
-        .sync_all()
-        .map_err(io_err(dir, "fsync"))
+    open_nofollow(dir, true)?.sync_all().map_err(io_err(dir, "fsync"))
 }
 
 /// Replaces (or creates) `path` with `content`, owner and mode, atomically: a reader
 /// sees the old file or the new one, and after a crash one of them is on disk whole.
-pub fn write_atomic(
-    path: &AbsPath,
-    content: &[u8],
-    mode: u32,
-    uid: u32,
-    gid: u32,
-) -> Result<(), FsError> {
+pub fn write_atomic(path: &AbsPath, content: &[u8], mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
     let tmp = temp_sibling(path);
     let written = (|| {
         let mut f = OpenOptions::new()
@@ -248,10 +193,8 @@ pub fn write_atomic(
             .open(&tmp)
             .map_err(io_err(&tmp, "create temporary file"))?;
         f.write_all(content).map_err(io_err(&tmp, "write"))?;
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
-            .map_err(io_err(&tmp, "change the owner of"))?;
-        f.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io_err(&tmp, "change the mode of"))?;
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io_err(&tmp, "change the owner of"))?;
+        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(&tmp, "change the mode of"))?;
         f.sync_all().map_err(io_err(&tmp, "fsync"))?;
         fs::rename(&tmp, path).map_err(io_err(path.as_path(), "rename the temporary file onto"))
     })();
@@ -282,40 +225,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let deep = AbsPath::parse(&format!("{}/a/b/c", dir.path().display())).unwrap();
         let mut changes = Vec::new();
-        create_dirs(
-            &deep,
-            0o750,
-            (Uid::from_raw(65534), Gid::from_raw(65534)),
-            &mut changes,
-        )
-        .unwrap();
+        create_dirs(&deep, 0o750, (Uid::from_raw(65534), Gid::from_raw(65534)), &mut changes).unwrap();
         assert_eq!(changes.len(), 3);
         let m = fs::metadata(deep.as_path()).unwrap();
         assert_eq!((m.mode() & 0o7777, m.uid()), (0o750, 65534));
         changes.clear();
-        create_dirs(
-            &deep,
-            0o750,
-            (Uid::from_raw(0), Gid::from_raw(0)),
-            &mut changes,
-        )
-        .unwrap();
+        create_dirs(&deep, 0o750, (Uid::from_raw(0), Gid::from_raw(0)), &mut changes).unwrap();
         assert!(changes.is_empty());
 
         fs::write(dir.path().join("f"), "").unwrap();
         let under_file = AbsPath::parse(&format!("{}/f/x", dir.path().display())).unwrap();
-        let err = create_dirs(
-            &under_file,
-            0o755,
-            (Uid::from_raw(0), Gid::from_raw(0)),
-            &mut changes,
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("is a regular file, not a directory"),
-            "{err}"
-        );
+        let err = create_dirs(&under_file, 0o755, (Uid::from_raw(0), Gid::from_raw(0)), &mut changes).unwrap_err();
+        assert!(err.to_string().contains("is a regular file, not a directory"), "{err}");
     }
 
     #[test]
@@ -323,9 +244,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let link = dir.path().join("l");
         std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
-        assert!(matches!(
-            open_nofollow(&link, false),
-            Err(FsError::Symlink(_))
-        ));
+        assert!(matches!(open_nofollow(&link, false), Err(FsError::Symlink(_))));
     }
 }

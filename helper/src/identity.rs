@@ -18,30 +18,18 @@ pub enum IdentityError {
     #[error("unknown group {0:?}")]
     UnknownGroup(String),
     #[error("cannot look up {kind} {name:?}: {source}")]
-    Lookup {
-        kind: &'static str,
-        name: String,
-        source: nix::Error,
-    },
+    Lookup { kind: &'static str, name: String, source: nix::Error },
 }
 
 pub fn user(name: &str) -> Result<User, IdentityError> {
     User::from_name(name)
-        .map_err(|source| IdentityError::Lookup {
-            kind: "user",
-            name: name.to_string(),
-            source,
-        })?
+        .map_err(|source| IdentityError::Lookup { kind: "user", name: name.to_string(), source })?
         .ok_or_else(|| IdentityError::UnknownUser(name.to_string()))
 }
 
 pub fn group(name: &str) -> Result<Group, IdentityError> {
     Group::from_name(name)
-        .map_err(|source| IdentityError::Lookup {
-            kind: "group",
-            name: name.to_string(),
-            source,
-        })?
+        .map_err(|source| IdentityError::Lookup { kind: "group", name: name.to_string(), source })?
         .ok_or_else(|| IdentityError::UnknownGroup(name.to_string()))
 }
 
@@ -54,10 +42,7 @@ pub struct Owner {
 }
 
 impl Owner {
-    pub fn resolve(
-        user_name: Option<&str>,
-        group_name: Option<&str>,
-    ) -> Result<Self, IdentityError> {
+    pub fn resolve(user_name: Option<&str>, group_name: Option<&str>) -> Result<Self, IdentityError> {
         Ok(Self {
             uid: user_name.map(user).transpose()?.map(|u| u.uid),
             gid: group_name.map(group).transpose()?.map(|g| g.gid),
@@ -66,18 +51,12 @@ impl Owner {
 
     /// Owner of something this helper creates.
     pub fn for_new(&self) -> (Uid, Gid) {
-        (
-            self.uid.unwrap_or(Uid::from_raw(0)),
-            self.gid.unwrap_or(Gid::from_raw(0)),
-        )
+        (self.uid.unwrap_or(Uid::from_raw(0)), self.gid.unwrap_or(Gid::from_raw(0)))
     }
 
     /// What the owner of an object now owned by `uid:gid` should become.
     pub fn applied_to(&self, uid: u32, gid: u32) -> (u32, u32) {
-        (
-            self.uid.map_or(uid, Uid::as_raw),
-            self.gid.map_or(gid, Gid::as_raw),
-        )
+        (self.uid.map_or(uid, Uid::as_raw), self.gid.map_or(gid, Gid::as_raw))
     }
 }
 
@@ -103,33 +82,18 @@ impl Allowlist {
             return match user(DEFAULT_AGENT_USER) {
                 Ok(u) => Ok(Self::from_users([u])),
                 Err(IdentityError::UnknownUser(_)) => {
-                    tracing::warn!(
-                        user = DEFAULT_AGENT_USER,
-                        "the agent user does not exist; only root may connect"
-                    );
+                    tracing::warn!(user = DEFAULT_AGENT_USER, "the agent user does not exist; only root may connect");
                     Ok(Self::default())
                 }
                 Err(e) => Err(e),
             };
         }
-        let users = names
-            .iter()
-            .map(|n| user(n))
-            .collect::<Result<Vec<_>, _>>()?;
+        let users = names.iter().map(|n| user(n)).collect::<Result<Vec<_>, _>>()?;
         Ok(Self::from_users(users))
     }
 
     pub fn from_users(users: impl IntoIterator<Item = User>) -> Self {
-        Self {
-            users: users
-                .into_iter()
-                .map(|u| AllowedUser {
-                    name: u.name,
-                    uid: u.uid,
-                    gid: u.gid,
-                })
-                .collect(),
-        }
+        Self { users: users.into_iter().map(|u| AllowedUser { name: u.name, uid: u.uid, gid: u.gid }).collect() }
     }
 
     pub fn allows(&self, uid: u32) -> bool {
@@ -166,10 +130,7 @@ mod tests {
         assert_eq!(err.to_string(), "unknown group \"no-such-group-xyz\"");
         let o = Owner::resolve(Some("nobody"), None).unwrap();
         assert_eq!(o.applied_to(0, 5), (65534, 5));
-        assert_eq!(
-            Owner::default().for_new(),
-            (Uid::from_raw(0), Gid::from_raw(0))
-        );
+        assert_eq!(Owner::default().for_new(), (Uid::from_raw(0), Gid::from_raw(0)));
     }
 
     #[test]

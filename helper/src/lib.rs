@@ -51,18 +51,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
-    let config = Arc::new(server::Config {
-        allow,
-        max_frame: cli.max_frame,
-        ctx: states::Ctx::new(cli.state_dir.clone()),
-    });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let config =
+        Arc::new(server::Config { allow, max_frame: cli.max_frame, ctx: states::Ctx::new(cli.state_dir.clone()) });
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     let served = runtime.block_on(async move {
-        let listener =
-            tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
+        let listener = tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             tracing::warn!(error = %e, "cannot notify systemd that the helper is ready");
         }

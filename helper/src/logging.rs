@@ -12,12 +12,8 @@ pub fn init() {
     // try_init: a second initialisation (tests calling run twice) is not an error.
     let _ = match journald {
         Some(layer) => registry.with(layer).try_init(),
-        None => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(false),
-            )
-            .try_init(),
+        None => {
+            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false)).try_init()
+        }
     };
 }

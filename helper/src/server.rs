@@ -51,13 +51,7 @@ impl Shared {
             helper_version: HELPER_VERSION.to_string(),
             protocol_version: PROTOCOL_VERSION,
             uptime_s: self.started.elapsed().as_secs(),
-            running: self
-                .running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .values()
-                .cloned()
-                .collect(),
+            running: self.running.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect(),
         }
     }
 }
@@ -76,20 +70,13 @@ impl Running {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, (state_id.to_string(), module.to_string()));
-        Self {
-            shared: Arc::clone(shared),
-            key,
-        }
+        Self { shared: Arc::clone(shared), key }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.shared
-            .running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.key);
+        self.shared.running.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
     }
 }
 
@@ -103,11 +90,7 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Resul
     });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    info!(
-        version = HELPER_VERSION,
-        protocol_version = PROTOCOL_VERSION,
-        "helper ready"
-    );
+    info!(version = HELPER_VERSION, protocol_version = PROTOCOL_VERSION, "helper ready");
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
@@ -137,12 +120,7 @@ fn admit(stream: UnixStream, shared: &Arc<Shared>) {
     let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
     if !shared.config.allow.allows(uid) {
         // Closed without a word: an unknown peer learns nothing about the protocol.
-        warn!(
-            uid,
-            pid,
-            reason = "uid is not in the allowlist",
-            "refused connection"
-        );
+        warn!(uid, pid, reason = "uid is not in the allowlist", "refused connection");
         return;
     }
     info!(uid, pid, "connection accepted");
@@ -189,14 +167,7 @@ impl Connection {
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::channel(4);
         let reader = tokio::spawn(read_frames(rd, tx, shared.config.max_frame));
-        Self {
-            shared,
-            rx,
-            wr,
-            reader,
-            greeted: false,
-            dead: false,
-        }
+        Self { shared, rx, wr, reader, greeted: false, dead: false }
     }
 
     async fn run(mut self) {
@@ -221,36 +192,23 @@ impl Connection {
 
     async fn handle(&mut self, id: u64, request: Request) {
         match request {
-            Request::Hello {
-                protocol_version,
-                agent_version,
-            } => {
+            Request::Hello { protocol_version, agent_version } => {
                 if protocol_version != PROTOCOL_VERSION {
                     let message = format!(
                         "protocol version {protocol_version} is not supported: this helper ({HELPER_VERSION}) speaks version {PROTOCOL_VERSION}"
                     );
                     warn!(id, protocol_version, agent_version, "{message}");
-                    self.reply(
-                        id,
-                        Reply::Error(HelperError::new(ErrorCode::VersionMismatch, message)),
-                    )
-                    .await;
+                    self.reply(id, Reply::Error(HelperError::new(ErrorCode::VersionMismatch, message))).await;
                     self.dead = true;
                     return;
                 }
                 info!(id, agent_version, "hello");
                 self.greeted = true;
-                let hello = Reply::Hello {
-                    protocol_version: PROTOCOL_VERSION,
-                    helper_version: HELPER_VERSION.into(),
-                };
+                let hello = Reply::Hello { protocol_version: PROTOCOL_VERSION, helper_version: HELPER_VERSION.into() };
                 self.reply(id, hello).await;
             }
             _ if !self.greeted => {
-                let e = HelperError::new(
-                    ErrorCode::Busy,
-                    "the first request on a connection must be hello",
-                );
+                let e = HelperError::new(ErrorCode::Busy, "the first request on a connection must be hello");
                 self.reply(id, Reply::Error(e)).await;
             }
             Request::Status => {
@@ -261,14 +219,7 @@ impl Connection {
             }
             Request::Cancel { target } => {
                 info!(id, target, "cancel requested, but nothing runs");
-                self.reply(
-                    id,
-                    Reply::Cancelled {
-                        target,
-                        found: false,
-                    },
-                )
-                .await;
+                self.reply(id, Reply::Cancelled { target, found: false }).await;
             }
             Request::Apply(req) => self.apply(id, req).await,
         }
@@ -278,13 +229,7 @@ impl Connection {
         let shared = Arc::clone(&self.shared);
         let module = req.params.name();
         let state_id = req.state_id.as_str();
-        info!(
-            id,
-            state_id,
-            module,
-            recipe_version = req.recipe_version,
-            "apply"
-        );
+        info!(id, state_id, module, recipe_version = req.recipe_version, "apply");
         let _running = Running::register(&shared, state_id, module);
         let (canceller, cancel) = cancel::pair();
         let started = Instant::now();
@@ -325,39 +270,25 @@ impl Connection {
     }
 
     /// A frame (or the end of the stream) that arrived while request `running` runs.
-    async fn while_busy(
-        &mut self,
-        running: u64,
-        incoming: Option<Incoming>,
-        canceller: &Canceller,
-    ) {
+    async fn while_busy(&mut self, running: u64, incoming: Option<Incoming>, canceller: &Canceller) {
         match incoming {
-            Some(Incoming::Frame(body)) => {
-                match self.decode(&body).await {
-                    Some(RequestFrame {
-                        id,
-                        request: Request::Cancel { target },
-                    }) => {
-                        let found = target == running;
-                        if found {
-                            info!(id, target, "cancel requested");
-                            canceller.cancel();
-                        }
-                        self.reply(id, Reply::Cancelled { target, found }).await;
+            Some(Incoming::Frame(body)) => match self.decode(&body).await {
+                Some(RequestFrame { id, request: Request::Cancel { target } }) => {
+                    let found = target == running;
+                    if found {
+                        info!(id, target, "cancel requested");
+                        canceller.cancel();
                     }
-                    Some(RequestFrame { id, .. }) => {
-                        let message = format!("request {running} is still running; only cancel is accepted until it ends");
-                        self.reply(id, Reply::Error(HelperError::new(ErrorCode::Busy, message)))
-                            .await;
-                    }
-                    None => {}
+                    self.reply(id, Reply::Cancelled { target, found }).await;
                 }
-            }
+                Some(RequestFrame { id, .. }) => {
+                    let message = format!("request {running} is still running; only cancel is accepted until it ends");
+                    self.reply(id, Reply::Error(HelperError::new(ErrorCode::Busy, message))).await;
+                }
+                None => {}
+            },
             Some(Incoming::Closed) | None => {
-                info!(
-                    id = running,
-                    "connection closed while a request runs; cancelling it"
-                );
+                info!(id = running, "connection closed while a request runs; cancelling it");
                 self.dead = true;
             }
             Some(Incoming::Broken(e)) => {
@@ -372,11 +303,7 @@ impl Connection {
         match e {
             CodecError::TooLarge { .. } => {
                 warn!(error = %e, "closing the connection");
-                self.reply(
-                    0,
-                    Reply::Error(HelperError::new(ErrorCode::BadRequest, e.to_string())),
-                )
-                .await;
+                self.reply(0, Reply::Error(HelperError::new(ErrorCode::BadRequest, e.to_string()))).await;
             }
             _ => debug!(error = %e, "connection broken"),
         }
@@ -395,11 +322,7 @@ impl Connection {
                     .unwrap_or(0);
                 warn!(id, error = %e, "malformed request");
                 let message = format!("malformed request: {e}");
-                self.reply(
-                    id,
-                    Reply::Error(HelperError::new(ErrorCode::BadRequest, message)),
-                )
-                .await;
+                self.reply(id, Reply::Error(HelperError::new(ErrorCode::BadRequest, message))).await;
                 None
             }
         }
@@ -410,9 +333,7 @@ impl Connection {
             return;
         }
         // Replies are bounded by the client's default limit, not by our request limit.
-        if let Err(e) =
-            codec::write_frame(&mut self.wr, &ReplyFrame { id, reply }, DEFAULT_MAX_FRAME).await
-        {
+        if let Err(e) = codec::write_frame(&mut self.wr, &ReplyFrame { id, reply }, DEFAULT_MAX_FRAME).await {
             debug!(id, error = %e, "cannot write the reply; closing the connection");
             self.dead = true;
         }

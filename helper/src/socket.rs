@@ -27,11 +27,7 @@ pub enum SocketError {
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
     #[error("{path}: cannot {op}: {source}")]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        source: io::Error,
-    },
+    Io { path: PathBuf, op: &'static str, source: io::Error },
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SocketError {
@@ -45,9 +41,7 @@ pub fn from_systemd() -> Result<UnixListener, SocketError> {
         .take_unix_listener(0)
         .map_err(SocketError::Activation)?
         .ok_or(SocketError::NotActivated)?;
-    listener
-        .set_nonblocking(true)
-        .map_err(SocketError::Activation)?;
+    listener.set_nonblocking(true).map_err(SocketError::Activation)?;
     Ok(listener)
 }
 
@@ -55,9 +49,7 @@ pub fn from_systemd() -> Result<UnixListener, SocketError> {
 /// removed; anything else at that path is left alone and reported.
 pub fn bind(path: &Path, group: Gid) -> Result<UnixListener, SocketError> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            fs::remove_file(path).map_err(io_err(path, "remove the stale socket"))?
-        }
+        Ok(m) if m.file_type().is_socket() => fs::remove_file(path).map_err(io_err(path, "remove the stale socket"))?,
         Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(path, "inspect")(e)),
@@ -69,11 +61,8 @@ pub fn bind(path: &Path, group: Gid) -> Result<UnixListener, SocketError> {
     umask(old);
     let listener = bound.map_err(io_err(path, "bind"))?;
     std::os::unix::fs::chown(path, Some(0), Some(group.as_raw())).map_err(io_err(path, "chown"))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE))
-        .map_err(io_err(path, "chmod"))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(io_err(path, "set non-blocking"))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE)).map_err(io_err(path, "chmod"))?;
+    listener.set_nonblocking(true).map_err(io_err(path, "set non-blocking"))?;
     Ok(listener)
 }
 
@@ -105,10 +94,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.sock");
         fs::write(&path, "keep me").unwrap();
-        assert!(matches!(
-            bind(&path, Gid::from_raw(0)),
-            Err(SocketError::NotASocket(_))
-        ));
+        assert!(matches!(bind(&path, Gid::from_raw(0)), Err(SocketError::NotASocket(_))));
         assert_eq!(fs::read_to_string(&path).unwrap(), "keep me");
     }
 }

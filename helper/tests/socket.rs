@@ -19,9 +19,7 @@ use opsagent_helper::exec::group_members;
 use opsagent_proto::catalogue::parse_state;
 use opsagent_proto::codec::{self, DEFAULT_MAX_FRAME};
 use opsagent_proto::newtypes::StateId;
-use opsagent_proto::request::{
-    ApplyRequest, Change, ErrorCode, Outcome, Reply, ReplyFrame, Request, RequestFrame,
-};
+use opsagent_proto::request::{ApplyRequest, Change, ErrorCode, Outcome, Reply, ReplyFrame, Request, RequestFrame};
 use opsagent_proto::PROTOCOL_VERSION;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
@@ -75,19 +73,10 @@ impl Helper {
                 l.push('\n');
             }
         });
-        let helper = Self {
-            child,
-            dir,
-            sock,
-            log,
-        };
+        let helper = Self { child, dir, sock, log };
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&helper.sock).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "helper did not start; log:\n{}",
-                helper.log()
-            );
+            assert!(Instant::now() < deadline, "helper did not start; log:\n{}", helper.log());
             sleep(Duration::from_millis(20)).await;
         }
         helper
@@ -104,19 +93,13 @@ impl Helper {
             if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
                 return log;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no log line with {needles:?}; log:\n{log}"
-            );
+            assert!(Instant::now() < deadline, "no log line with {needles:?}; log:\n{log}");
             sleep(Duration::from_millis(20)).await;
         }
     }
 
     async fn client(&self) -> Client {
-        let mut c = Client {
-            stream: UnixStream::connect(&self.sock).await.unwrap(),
-            next_id: 1,
-        };
+        let mut c = Client { stream: UnixStream::connect(&self.sock).await.unwrap(), next_id: 1 };
         c.hello().await;
         c
     }
@@ -142,39 +125,22 @@ impl Client {
     async fn send(&mut self, request: Request) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        codec::write_frame(
-            &mut self.stream,
-            &RequestFrame { id, request },
-            DEFAULT_MAX_FRAME,
-        )
-        .await
-        .unwrap();
+        codec::write_frame(&mut self.stream, &RequestFrame { id, request }, DEFAULT_MAX_FRAME).await.unwrap();
         id
     }
 
     /// The next reply, or `None` when the helper closed the connection.
     async fn recv_or_eof(&mut self) -> Option<ReplyFrame> {
-        match timeout(
-            REPLY_TIMEOUT,
-            codec::read_frame(&mut self.stream, DEFAULT_MAX_FRAME),
-        )
-        .await
-        {
+        match timeout(REPLY_TIMEOUT, codec::read_frame(&mut self.stream, DEFAULT_MAX_FRAME)).await {
             Ok(Ok(frame)) => frame,
-            Ok(Err(codec::CodecError::Io(e)))
-                if e.kind() == std::io::ErrorKind::ConnectionReset =>
-            {
-                None
-            }
+            Ok(Err(codec::CodecError::Io(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
             Ok(Err(e)) => panic!("bad reply: {e}"),
             Err(_) => panic!("no reply within {REPLY_TIMEOUT:?}"),
         }
     }
 
     async fn recv(&mut self) -> ReplyFrame {
-        self.recv_or_eof()
-            .await
-            .expect("the helper closed the connection")
+        self.recv_or_eof().await.expect("the helper closed the connection")
     }
 
     async fn call(&mut self, request: Request) -> Reply {
@@ -185,22 +151,9 @@ impl Client {
     }
 
     async fn hello(&mut self) {
-        let reply = self
-            .call(Request::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: "test".into(),
-            })
-            .await;
-        assert!(
-            matches!(
-                reply,
-                Reply::Hello {
-                    protocol_version: PROTOCOL_VERSION,
-                    ..
-                }
-            ),
-            "{reply:?}"
-        );
+        let reply =
+            self.call(Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "test".into() }).await;
+        assert!(matches!(reply, Reply::Hello { protocol_version: PROTOCOL_VERSION, .. }), "{reply:?}");
     }
 
     async fn apply(&mut self, module: &str, params: Value) -> Outcome {
@@ -212,24 +165,15 @@ impl Client {
 }
 
 fn apply_request(module: &str, params: Value) -> Request {
-    let params = parse_state(module, &params)
-        .unwrap_or_else(|e| panic!("{module}: {e}"))
-        .params;
-    Request::Apply(ApplyRequest {
-        state_id: StateId::parse("state-1").unwrap(),
-        recipe_version: 1,
-        params,
-    })
+    let params = parse_state(module, &params).unwrap_or_else(|e| panic!("{module}: {e}")).params;
+    Request::Apply(ApplyRequest { state_id: StateId::parse("state-1").unwrap(), recipe_version: 1, params })
 }
 
 /// Waits (bounded) until `file` holds the pid a command wrote there.
 async fn read_pid(file: &Path) -> Pid {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(pid) = fs::read_to_string(file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-        {
+        if let Some(pid) = fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok()) {
             return Pid::from_raw(pid);
         }
         assert!(Instant::now() < deadline, "no pid in {}", file.display());
@@ -240,11 +184,7 @@ async fn read_pid(file: &Path) -> Pid {
 async fn wait_group_gone(pgid: Pid) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !group_members(pgid).unwrap().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "process group {pgid} survived: {:?}",
-            group_members(pgid)
-        );
+        assert!(Instant::now() < deadline, "process group {pgid} survived: {:?}", group_members(pgid));
         sleep(Duration::from_millis(20)).await;
     }
 }
@@ -270,13 +210,7 @@ async fn socket_mode_hello_and_status() {
     }
     // Cancel with nothing running: answered, not found.
     let reply = c.call(Request::Cancel { target: 42 }).await;
-    assert_eq!(
-        reply,
-        Reply::Cancelled {
-            target: 42,
-            found: false
-        }
-    );
+    assert_eq!(reply, Reply::Cancelled { target: 42, found: false });
 }
 
 #[tokio::test]
@@ -288,19 +222,10 @@ async fn states_apply_then_report_no_change() {
     let link = h.path("current");
     let marker = h.path("ran");
     let states = [
-        (
-            "linux.file",
-            json!({"path": file, "content": "x=1\n", "mode": "0640", "group": "nogroup"}),
-        ),
-        (
-            "linux.dir",
-            json!({"path": [dir], "user": "nobody", "mode": "0750"}),
-        ),
+        ("linux.file", json!({"path": file, "content": "x=1\n", "mode": "0640", "group": "nogroup"})),
+        ("linux.dir", json!({"path": [dir], "user": "nobody", "mode": "0750"})),
         ("linux.symlink", json!({"target": link, "source": dir})),
-        (
-            "linux.cmd",
-            json!({"cmd": format!("touch {}", marker.display()), "cwd": "/", "if-path-absent": [marker]}),
-        ),
+        ("linux.cmd", json!({"cmd": format!("touch {}", marker.display()), "cwd": "/", "if-path-absent": [marker]})),
     ];
     for (module, params) in &states {
         let first = c.apply(module, params.clone()).await;
@@ -315,25 +240,10 @@ async fn states_apply_then_report_no_change() {
     assert_eq!(fs::read_link(&link).unwrap(), dir);
     assert!(marker.exists());
 
-    let out = c
-        .apply("linux.cmd", json!({"cmd": "echo hi; exit 4", "cwd": "/"}))
-        .await;
-    assert!(
-        !out.result && out.comment == "command exited with status 4",
-        "{out:?}"
-    );
-    assert_eq!(
-        (out.stdout.as_str(), out.changes.as_slice()),
-        ("hi\n", [Change::new("cmd", "ran")].as_slice())
-    );
-    let log = h
-        .wait_for_log(&[
-            "outcome",
-            "module=\"linux.cmd\"",
-            "result=false",
-            "changes=1",
-        ])
-        .await;
+    let out = c.apply("linux.cmd", json!({"cmd": "echo hi; exit 4", "cwd": "/"})).await;
+    assert!(!out.result && out.comment == "command exited with status 4", "{out:?}");
+    assert_eq!((out.stdout.as_str(), out.changes.as_slice()), ("hi\n", [Change::new("cmd", "ran")].as_slice()));
+    let log = h.wait_for_log(&["outcome", "module=\"linux.cmd\"", "result=false", "changes=1"]).await;
     assert!(log.contains("duration_ms="), "{log}");
 }
 
@@ -343,17 +253,12 @@ async fn cancel_stops_a_running_command_and_its_group() {
     let mut c = h.client().await;
     let pidfile = h.path("pid");
     let started = Instant::now();
-    let apply_id = c
-        .send(apply_request("linux.cmd", blocking_command(&pidfile)))
-        .await;
+    let apply_id = c.send(apply_request("linux.cmd", blocking_command(&pidfile))).await;
     let pgid = read_pid(&pidfile).await;
     assert!(!group_members(pgid).unwrap().is_empty());
     // Another connection sees it running.
     match h.client().await.call(Request::Status).await {
-        Reply::Status(s) => assert_eq!(
-            s.running,
-            vec![("state-1".to_string(), "linux.cmd".to_string())]
-        ),
+        Reply::Status(s) => assert_eq!(s.running, vec![("state-1".to_string(), "linux.cmd".to_string())]),
         other => panic!("{other:?}"),
     }
 
@@ -362,33 +267,15 @@ async fn cancel_stops_a_running_command_and_its_group() {
         Reply::Error(e) => assert_eq!(e.code, ErrorCode::Busy, "{e}"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(
-        c.call(Request::Cancel { target: 999 }).await,
-        Reply::Cancelled {
-            target: 999,
-            found: false
-        }
-    );
-    assert_eq!(
-        c.call(Request::Cancel { target: apply_id }).await,
-        Reply::Cancelled {
-            target: apply_id,
-            found: true
-        }
-    );
+    assert_eq!(c.call(Request::Cancel { target: 999 }).await, Reply::Cancelled { target: 999, found: false });
+    assert_eq!(c.call(Request::Cancel { target: apply_id }).await, Reply::Cancelled { target: apply_id, found: true });
 
     let frame = c.recv().await;
     assert_eq!(frame.id, apply_id);
-    let Reply::Outcome(out) = frame.reply else {
-        panic!("{frame:?}")
-    };
+    let Reply::Outcome(out) = frame.reply else { panic!("{frame:?}") };
     assert!(out.cancelled && !out.result, "{out:?}");
     assert!(out.comment.contains("cancelled"), "{}", out.comment);
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
     assert_eq!(group_members(pgid).unwrap(), vec![]);
 
     // The connection is still usable.
@@ -400,27 +287,19 @@ async fn closing_the_connection_kills_the_running_command() {
     let h = Helper::start().await;
     let mut c = h.client().await;
     let pidfile = h.path("pid");
-    c.send(apply_request("linux.cmd", blocking_command(&pidfile)))
-        .await;
+    c.send(apply_request("linux.cmd", blocking_command(&pidfile))).await;
     let pgid = read_pid(&pidfile).await;
     drop(c);
     wait_group_gone(pgid).await;
-    h.wait_for_log(&["connection closed while a request runs"])
-        .await;
+    h.wait_for_log(&["connection closed while a request runs"]).await;
 }
 
 #[tokio::test]
 async fn malformed_json_gets_bad_request_and_the_connection_survives() {
     let h = Helper::start().await;
     let mut c = h.client().await;
-    for (body, id) in [
-        (&br#"{"id": 7, "request": {"type": "format-disk"}}"#[..], 7),
-        (&b"{not json"[..], 0),
-    ] {
-        c.stream
-            .write_all(&u32::try_from(body.len()).unwrap().to_be_bytes())
-            .await
-            .unwrap();
+    for (body, id) in [(&br#"{"id": 7, "request": {"type": "format-disk"}}"#[..], 7), (&b"{not json"[..], 0)] {
+        c.stream.write_all(&u32::try_from(body.len()).unwrap().to_be_bytes()).await.unwrap();
         c.stream.write_all(body).await.unwrap();
         let frame = c.recv().await;
         assert_eq!(frame.id, id);
@@ -442,41 +321,23 @@ async fn oversized_frame_closes_the_connection_but_not_the_helper() {
     c.stream.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     let frame = c.recv().await;
     match frame.reply {
-        Reply::Error(e) => assert!(
-            e.code == ErrorCode::BadRequest && e.message.contains("over the limit"),
-            "{e}"
-        ),
+        Reply::Error(e) => assert!(e.code == ErrorCode::BadRequest && e.message.contains("over the limit"), "{e}"),
         other => panic!("{other:?}"),
     }
     assert!(c.recv_or_eof().await.is_none());
     let mut again = h.client().await;
-    assert!(matches!(
-        again.call(Request::Status).await,
-        Reply::Status(_)
-    ));
+    assert!(matches!(again.call(Request::Status).await, Reply::Status(_)));
 }
 
 #[tokio::test]
 async fn wrong_protocol_version_is_refused() {
     let h = Helper::start().await;
-    let mut c = Client {
-        stream: UnixStream::connect(&h.sock).await.unwrap(),
-        next_id: 1,
-    };
-    let reply = c
-        .call(Request::Hello {
-            protocol_version: 99,
-            agent_version: "future".into(),
-        })
-        .await;
+    let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
+    let reply = c.call(Request::Hello { protocol_version: 99, agent_version: "future".into() }).await;
     match reply {
         Reply::Error(e) => {
             assert_eq!(e.code, ErrorCode::VersionMismatch);
-            assert!(
-                e.message.contains("99")
-                    && e.message.contains(&format!("version {PROTOCOL_VERSION}")),
-                "{e}"
-            );
+            assert!(e.message.contains("99") && e.message.contains(&format!("version {PROTOCOL_VERSION}")), "{e}");
         }
         other => panic!("{other:?}"),
     }
@@ -486,10 +347,7 @@ async fn wrong_protocol_version_is_refused() {
 #[tokio::test]
 async fn requests_before_hello_are_refused() {
     let h = Helper::start().await;
-    let mut c = Client {
-        stream: UnixStream::connect(&h.sock).await.unwrap(),
-        next_id: 1,
-    };
+    let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
     match c.call(Request::Status).await {
         Reply::Error(e) => assert_eq!(e.code, ErrorCode::Busy, "{e}"),
         other => panic!("{other:?}"),
@@ -501,34 +359,21 @@ async fn requests_before_hello_are_refused() {
 async fn unsupported_modules_are_named() {
     let h = Helper::start().await;
     let mut c = h.client().await;
-    let raid = apply_request(
-        "linux.raid",
-        json!({"name": "/dev/md0", "devices": ["/dev/sdx"], "level": "raid1"}),
-    );
+    let raid = apply_request("linux.raid", json!({"name": "/dev/md0", "devices": ["/dev/sdx"], "level": "raid1"}));
     match c.call(raid).await {
         Reply::Error(e) => {
             assert_eq!(e.code, ErrorCode::Unsupported);
             assert!(
-                e.message.contains("linux.raid")
-                    && e.message.contains("not implemented by this helper version"),
+                e.message.contains("linux.raid") && e.message.contains("not implemented by this helper version"),
                 "{e}"
             );
         }
         other => panic!("{other:?}"),
     }
-    match c
-        .call(apply_request(
-            "meta.wait",
-            json!({"state": "@{host.state-2}"}),
-        ))
-        .await
-    {
+    match c.call(apply_request("meta.wait", json!({"state": "@{host.state-2}"}))).await {
         Reply::Error(e) => assert_eq!(
             (e.code, e.message.as_str()),
-            (
-                ErrorCode::Unsupported,
-                "meta.wait is built-in, runs in the daemon"
-            )
+            (ErrorCode::Unsupported, "meta.wait is built-in, runs in the daemon")
         ),
         other => panic!("{other:?}"),
     }
@@ -546,13 +391,8 @@ async fn a_uid_outside_the_allowlist_is_refused() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("PROBE: closed"),
-        "probe said:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    h.wait_for_log(&["refused connection", &format!("uid={OUTSIDER_UID}"), "pid="])
-        .await;
+    assert!(stdout.contains("PROBE: closed"), "probe said:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    h.wait_for_log(&["refused connection", &format!("uid={OUTSIDER_UID}"), "pid="]).await;
     // The helper still serves allowed users.
     let mut c = h.client().await;
     assert!(matches!(c.call(Request::Status).await, Reply::Status(_)));
@@ -570,10 +410,7 @@ fn probe_child() {
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let hello = RequestFrame {
             id: 1,
-            request: Request::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                agent_version: "probe".into(),
-            },
+            request: Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "probe".into() },
         };
         // The helper may close before or after our write: both are fine.
         let _ = s.write_all(&codec::encode(&hello, DEFAULT_MAX_FRAME).unwrap());
@@ -593,12 +430,7 @@ fn probe_child() {
 
 #[tokio::test]
 async fn refuses_to_start_without_root() {
-    let out = Command::new(BIN)
-        .args(["--socket", "/nonexistent/h.sock"])
-        .uid(65534)
-        .gid(NOGROUP)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["--socket", "/nonexistent/h.sock"]).uid(65534).gid(NOGROUP).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("must run as root"), "{stderr}");
@@ -614,8 +446,5 @@ async fn without_a_socket_it_says_how_to_get_one() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--socket") && stderr.contains(".socket unit"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--socket") && stderr.contains(".socket unit"), "{stderr}");
 }

@@ -43,10 +43,7 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// A rustls server configuration (ring provider) from PEM files: the certificate chain,
 /// leaf first, and its private key.
-pub fn tls_server_config(
-    cert: &Path,
-    key: &Path,
-) -> Result<Arc<rustls::ServerConfig>, BackendError> {
+pub fn tls_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, BackendError> {
     let tls = |path: &Path, what: &str, e: &dyn std::fmt::Display| {
         BackendError::Tls(format!("{}: {what}: {e}", path.display()))
     };
@@ -54,28 +51,15 @@ pub fn tls_server_config(
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| tls(cert, "cannot read the certificate chain", &e))?;
     if certs.is_empty() {
-        return Err(tls(
-            cert,
-            "cannot read the certificate chain",
-            &"no CERTIFICATE in the file",
-        ));
+        return Err(tls(cert, "cannot read the certificate chain", &"no CERTIFICATE in the file"));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| tls(key, "cannot read the private key", &e))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| BackendError::Tls(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key_der)
-    .map_err(|e| {
-        tls(
-            cert,
-            "certificate and key do not make a server identity",
-            &e,
-        )
-    })?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| tls(key, "cannot read the private key", &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BackendError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| tls(cert, "certificate and key do not make a server identity", &e))?;
     Ok(Arc::new(config))
 }
 
@@ -109,10 +93,7 @@ pub(crate) async fn accept_loop(l: Listener, hub: Shared, mut shutdown: watch::R
     }
     drop(l);
     // Every connection saw the same signal and is closing itself.
-    let _ = timeout(CLOSE_GRACE + Duration::from_secs(1), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let _ = timeout(CLOSE_GRACE + Duration::from_secs(1), async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
 }
 
@@ -145,12 +126,7 @@ async fn upgrade<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)),
-    )
-    .await
-    {
+    match timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::accept_async_with_config(stream, Some(ws_config))).await {
         Ok(Ok(ws)) => run(ws, peer, id, hub, shutdown).await,
         Ok(Err(e)) => info!(conn = id, "{peer}: WebSocket handshake failed: {e}"),
         Err(_) => info!(conn = id, "{peer}: WebSocket handshake timed out"),
@@ -159,13 +135,8 @@ async fn upgrade<S>(
 
 /// Serves one agent until either side closes: frames from the agent go to the hub; the
 /// hub's frames for this agent come through the queue, in order.
-async fn run<S>(
-    ws: WebSocketStream<S>,
-    peer: SocketAddr,
-    id: u64,
-    hub: Shared,
-    mut shutdown: watch::Receiver<bool>,
-) where
+async fn run<S>(ws: WebSocketStream<S>, peer: SocketAddr, id: u64, hub: Shared, mut shutdown: watch::Receiver<bool>)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (tx, mut rx) = mpsc::unbounded_channel();

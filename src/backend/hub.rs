@@ -14,8 +14,8 @@ use tracing::{debug, error, info, warn};
 
 use super::journal::{rfc3339, Events, JsonLines};
 use super::recipes::{
-    self, parse_recipe, parse_reconnect, parse_update, read_one, valid_app_id, AppRecord, DirFile,
-    FileKind, Scan, Served, UpdateOrder, VersionStore,
+    self, parse_recipe, parse_reconnect, parse_update, read_one, valid_app_id, AppRecord, DirFile, FileKind, Scan,
+    Served, UpdateOrder, VersionStore,
 };
 use super::wire::{self, out, AgentMsg, Hello, StateLogMsg};
 use super::{BackendError, BackendOptions};
@@ -120,19 +120,13 @@ impl Hub {
         let md = std::fs::metadata(&opts.recipe_dir)
             .map_err(|source| BackendError::io("recipe directory", &opts.recipe_dir, source))?;
         if !md.is_dir() {
-            return Err(BackendError::Config(format!(
-                "{}: not a directory",
-                opts.recipe_dir.display()
-            )));
+            return Err(BackendError::Config(format!("{}: not a directory", opts.recipe_dir.display())));
         }
         let versions = VersionStore::load(recipes::versions_path(&opts.statelog))?;
         let history = JsonLines::read_all(&opts.statelog)?;
         let mut skip = vec![opts.statelog.clone(), versions.path().to_path_buf()];
         skip.extend(opts.events.clone());
-        let skip = skip
-            .iter()
-            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-            .collect();
+        let skip = skip.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())).collect();
         let mut hub = Self {
             recipe_dir: opts.recipe_dir.clone(),
             skip,
@@ -161,11 +155,7 @@ impl Hub {
                 ),
             }
         }
-        info!(
-            "statelog {}: {} records",
-            opts.statelog.display(),
-            history.len()
-        );
+        info!("statelog {}: {} records", opts.statelog.display(), history.len());
         let scan = recipes::scan_dir(&hub.recipe_dir, &hub.skip)?;
         hub.apply_scan(scan);
         Ok(hub)
@@ -189,58 +179,30 @@ impl Hub {
 
     /// Ids of the registered connections `pick` selects.
     fn conns_where(&self, pick: impl Fn(&Reg) -> bool) -> Vec<u64> {
-        self.conns
-            .iter()
-            .filter(|(_, c)| c.reg.as_ref().is_some_and(&pick))
-            .map(|(id, _)| *id)
-            .collect()
+        self.conns.iter().filter(|(_, c)| c.reg.as_ref().is_some_and(&pick)).map(|(id, _)| *id).collect()
     }
 
     fn instance_of(&self, conn: u64) -> Option<String> {
-        self.conns
-            .get(&conn)?
-            .reg
-            .as_ref()
-            .map(|r| r.instance_id.clone())
+        self.conns.get(&conn)?.reg.as_ref().map(|r| r.instance_id.clone())
     }
 
     pub fn connect(&mut self, conn: u64, peer: String, tx: UnboundedSender<Out>) {
         info!(conn, "connection from {peer}");
-        self.events
-            .record("open", json!({"conn": conn, "peer": peer}));
-        self.conns.insert(
-            conn,
-            Conn {
-                peer,
-                tx,
-                reg: None,
-            },
-        );
+        self.events.record("open", json!({"conn": conn, "peer": peer}));
+        self.conns.insert(conn, Conn { peer, tx, reg: None });
     }
 
     pub fn disconnect(&mut self, conn: u64) {
         if let Some(c) = self.conns.remove(&conn) {
             let instance = c.reg.as_ref().map(|r| r.instance_id.clone());
-            info!(
-                conn,
-                "connection from {} closed ({})",
-                c.peer,
-                instance.as_deref().unwrap_or("no handshake")
-            );
-            self.events.record(
-                "close",
-                json!({"conn": conn, "peer": c.peer, "instance_id": instance}),
-            );
+            info!(conn, "connection from {} closed ({})", c.peer, instance.as_deref().unwrap_or("no handshake"));
+            self.events.record("close", json!({"conn": conn, "peer": c.peer, "instance_id": instance}));
         }
     }
 
     pub fn on_binary(&mut self, conn: u64, len: usize) {
-        warn!(
-            conn,
-            "binary frame of {len} bytes ignored (the protocol uses text frames)"
-        );
-        self.events
-            .record("binary", json!({"conn": conn, "len": len}));
+        warn!(conn, "binary frame of {len} bytes ignored (the protocol uses text frames)");
+        self.events.record("binary", json!({"conn": conn, "len": len}));
     }
 
     pub fn on_text(&mut self, conn: u64, text: &str) {
@@ -248,29 +210,21 @@ impl Hub {
             Ok(m) => m,
             Err(e) => {
                 warn!(conn, "frame ignored: {e}: {}", short(text));
-                self.events.record(
-                    "invalid",
-                    json!({"conn": conn, "error": e.to_string(), "frame": short(text)}),
-                );
+                self.events.record("invalid", json!({"conn": conn, "error": e.to_string(), "frame": short(text)}));
                 return;
             }
         };
         debug!(conn, "← {}", short(text));
         if !matches!(msg, AgentMsg::StateLog(_)) {
-            self.events.record(
-                "message",
-                json!({"conn": conn, "code": msg.code(), "message": redacted(obj.clone())}),
-            );
+            self.events.record("message", json!({"conn": conn, "code": msg.code(), "message": redacted(obj.clone())}));
         }
         match msg {
             AgentMsg::Handshake(h) => self.on_handshake(conn, h),
             AgentMsg::Test(_) => self.send(conn, &out::test_ans()),
             AgentMsg::StateLog(s) => self.on_statelog(conn, s, obj),
-            AgentMsg::WaitQuery {
-                instance_id,
-                app_id,
-                recipe_version,
-            } => self.on_wait_query(conn, instance_id, app_id, recipe_version),
+            AgentMsg::WaitQuery { instance_id, app_id, recipe_version } => {
+                self.on_wait_query(conn, instance_id, app_id, recipe_version)
+            }
             AgentMsg::Heartbeat => debug!(conn, "heartbeat"),
             AgentMsg::Unknown(code) => warn!(conn, "message with unknown code {code:?} ignored"),
         }
@@ -283,19 +237,13 @@ impl Hub {
             return;
         };
         if !valid_app_id(&app_id) {
-            warn!(
-                conn,
-                "Handshake with unusable app_id {app_id:?}: AppNotReady"
-            );
+            warn!(conn, "Handshake with unusable app_id {app_id:?}: AppNotReady");
             self.send(conn, &out::app_not_ready());
             return;
         }
         // Pick up a file created or edited since the last poll right away.
         self.refresh_app(&app_id);
-        self.instances
-            .entry(instance_id.clone())
-            .or_default()
-            .app_id = app_id.clone();
+        self.instances.entry(instance_id.clone()).or_default().app_id = app_id.clone();
         let app = self.apps.get(&app_id);
         let served = app.and_then(|a| a.served.as_ref());
         let update = app.and_then(|a| a.update.clone());
@@ -313,10 +261,7 @@ impl Hub {
         }
         match served {
             None => {
-                info!(
-                    conn,
-                    "handshake of {instance_id}: app {app_id} has no valid recipe: AppNotReady"
-                );
+                info!(conn, "handshake of {instance_id}: app {app_id} has no valid recipe: AppNotReady");
                 frames.push(out::app_not_ready());
             }
             Some(s) => {
@@ -326,14 +271,8 @@ impl Hub {
                     reg.agent_version.as_deref().unwrap_or("?"),
                     s.version
                 );
-                frames.push(out::recipe_metadata(
-                    s.version,
-                    s.module.as_ref(),
-                    &s.states,
-                ));
-                if let Some(order) =
-                    update.filter(|o| reg.agent_version.as_deref() != Some(o.version.as_str()))
-                {
+                frames.push(out::recipe_metadata(s.version, s.module.as_ref(), &s.states));
+                if let Some(order) = update.filter(|o| reg.agent_version.as_deref() != Some(o.version.as_str())) {
                     info!(conn, "AgentUpdate {} to {instance_id}", order.version);
                     frames.push(out::agent_update(&order.version, &order.url));
                 }
@@ -355,26 +294,18 @@ impl Hub {
             s.instance_id.get_or_insert_with(|| r.instance_id.clone());
             s.app_id.get_or_insert_with(|| r.app_id.clone());
         }
-        let ack = reg
-            .as_ref()
-            .is_some_and(|r| r.has(capability::STATELOG_ACK));
+        let ack = reg.as_ref().is_some_and(|r| r.has(capability::STATELOG_ACK));
         let fresh = match (&s.instance_id, s.seq) {
             (Some(i), Some(seq)) => self.seen.insert((i.clone(), seq)),
             _ => true,
         };
         if let (false, true, Some(seq)) = (fresh, ack, s.seq) {
-            debug!(
-                conn,
-                "StateLog seq {seq} already recorded: acknowledged again, not appended"
-            );
+            debug!(conn, "StateLog seq {seq} already recorded: acknowledged again, not appended");
             self.send(conn, &out::statelog_ack(seq));
             return;
         }
         let mut line = obj;
-        line.insert(
-            "received_at".into(),
-            Value::String(rfc3339(SystemTime::now())),
-        );
+        line.insert("received_at".into(), Value::String(rfc3339(SystemTime::now())));
         self.statelog.append(&Value::Object(line));
         info!(
             conn,
@@ -396,8 +327,7 @@ impl Hub {
     }
 
     fn record_result(&mut self, s: &StateLogMsg) {
-        let (Some(i), Some(v), Some(state), Some(ok)) =
-            (&s.instance_id, s.recipe_version, &s.state_id, s.result)
+        let (Some(i), Some(v), Some(state), Some(ok)) = (&s.instance_id, s.recipe_version, &s.state_id, s.result)
         else {
             return;
         };
@@ -413,35 +343,19 @@ impl Hub {
         }
     }
 
-    fn on_wait_query(
-        &mut self,
-        conn: u64,
-        instance_id: Option<String>,
-        app_id: Option<String>,
-        version: Option<u64>,
-    ) {
+    fn on_wait_query(&mut self, conn: u64, instance_id: Option<String>, app_id: Option<String>, version: Option<u64>) {
         self.evaluate_waits();
         let Some(instance_id) = instance_id.or_else(|| self.instance_of(conn)) else {
-            warn!(
-                conn,
-                "WaitQuery without instance_id before any Handshake: ignored"
-            );
+            warn!(conn, "WaitQuery without instance_id before any Handshake: ignored");
             return;
         };
         let app_id = app_id.or_else(|| self.instances.get(&instance_id).map(|i| i.app_id.clone()));
         let current = app_id.and_then(|a| self.apps.get(&a)?.served.as_ref().map(|s| s.version));
         let Some(version) = version.filter(|v| *v > 0).or(current) else {
-            warn!(
-                conn,
-                "WaitQuery of {instance_id} without a recipe version and no recipe served: ignored"
-            );
+            warn!(conn, "WaitQuery of {instance_id} without a recipe version and no recipe served: ignored");
             return;
         };
-        let list = self
-            .released
-            .get(&(instance_id, version))
-            .cloned()
-            .unwrap_or_default();
+        let list = self.released.get(&(instance_id, version)).cloned().unwrap_or_default();
         self.send(conn, &out::wait_list(version, &list));
     }
 
@@ -454,10 +368,7 @@ impl Hub {
                 return None;
             }
             let current = self.apps.get(&inst.app_id)?.served.as_ref()?.version;
-            inst.done
-                .get(&current)?
-                .contains(&r.state)
-                .then(|| id.clone())
+            inst.done.get(&current)?.contains(&r.state).then(|| id.clone())
         })
     }
 
@@ -471,19 +382,12 @@ impl Hub {
             };
             let released = self.released.get(&(id.clone(), served.version));
             for w in &served.waits {
-                if w.refs.is_empty()
-                    || released.is_some_and(|l| l.iter().any(|(s, _)| *s == w.state_id))
-                {
+                if w.refs.is_empty() || released.is_some_and(|l| l.iter().any(|(s, _)| *s == w.state_id)) {
                     continue;
                 }
-                let by: Option<BTreeSet<String>> =
-                    w.refs.iter().map(|r| self.satisfier(r)).collect();
+                let by: Option<BTreeSet<String>> = w.refs.iter().map(|r| self.satisfier(r)).collect();
                 if let Some(by) = by {
-                    let by = if by.len() == 1 {
-                        by.into_iter().next()
-                    } else {
-                        None
-                    };
+                    let by = if by.len() == 1 { by.into_iter().next() } else { None };
                     newly.push((id.clone(), served.version, w.state_id.clone(), by));
                 }
             }
@@ -500,10 +404,7 @@ impl Hub {
             for conn in self.conns_where(|r| r.instance_id == instance) {
                 self.send(conn, &out::state_done(version, &state));
             }
-            self.released
-                .entry((instance, version))
-                .or_default()
-                .push((state, by));
+            self.released.entry((instance, version)).or_default().push((state, by));
         }
     }
 
@@ -542,11 +443,7 @@ impl Hub {
     fn refresh_app(&mut self, app: &str) {
         for kind in [FileKind::Recipe, FileKind::Update] {
             let path = self.recipe_dir.join(recipes::file_name(app, kind));
-            if self
-                .skip
-                .iter()
-                .any(|s| *s == std::path::absolute(&path).unwrap_or_else(|_| path.clone()))
-            {
+            if self.skip.iter().any(|s| *s == std::path::absolute(&path).unwrap_or_else(|_| path.clone())) {
                 continue;
             }
             match (read_one(&self.recipe_dir, app, kind), kind) {
@@ -583,11 +480,7 @@ impl Hub {
                 return;
             }
         };
-        if state
-            .served
-            .as_ref()
-            .is_some_and(|s| s.hash == candidate.hash)
-        {
+        if state.served.as_ref().is_some_and(|s| s.hash == candidate.hash) {
             debug!("{}: rewritten with the same recipe", f.path.display());
             return;
         }
@@ -595,11 +488,8 @@ impl Hub {
         let version = match record {
             Some(r) if r.hash == candidate.hash => r.version,
             _ => {
-                let previous = record
-                    .map(|r| r.version)
-                    .into_iter()
-                    .chain(state.served.as_ref().map(|s| s.version))
-                    .max();
+                let previous =
+                    record.map(|r| r.version).into_iter().chain(state.served.as_ref().map(|s| s.version)).max();
                 match previous {
                     Some(p) => (p + 1).max(candidate.explicit_version.unwrap_or(0)),
                     None => candidate.explicit_version.unwrap_or(1),
@@ -614,15 +504,8 @@ impl Hub {
             explicit_version: candidate.explicit_version,
         };
         let served = candidate.serve(version);
-        info!(
-            "{}: app {app} recipe version {version} ({} states)",
-            f.path.display(),
-            served.states.len()
-        );
-        self.events.record(
-            "recipe_loaded",
-            json!({"app_id": app, "file": f.path, "recipe_version": version}),
-        );
+        info!("{}: app {app} recipe version {version} ({} states)", f.path.display(), served.states.len());
+        self.events.record("recipe_loaded", json!({"app_id": app, "file": f.path, "recipe_version": version}));
         let frame = out::recipe_metadata(version, served.module.as_ref(), &served.states);
         state.served = Some(served);
         if self.versions.apps.get(app) != Some(&record) {
@@ -644,10 +527,7 @@ impl Hub {
                 recipes::file_name(app, FileKind::Recipe),
                 s.version
             );
-            self.events.record(
-                "recipe_removed",
-                json!({"app_id": app, "recipe_version": s.version}),
-            );
+            self.events.record("recipe_removed", json!({"app_id": app, "recipe_version": s.version}));
         }
     }
 
@@ -661,10 +541,7 @@ impl Hub {
             Ok(o) => o,
             Err(reason) => {
                 error!("{}: update order ignored: {reason}", f.path.display());
-                self.events.record(
-                    "update_rejected",
-                    json!({"app_id": app, "file": f.path, "reason": reason}),
-                );
+                self.events.record("update_rejected", json!({"app_id": app, "file": f.path, "reason": reason}));
                 return;
             }
         };
@@ -672,18 +549,10 @@ impl Hub {
             return;
         }
         state.update = Some(order.clone());
-        let targets = self.conns_where(|r| {
-            r.app_id == app && r.agent_version.as_deref() != Some(order.version.as_str())
-        });
-        let instances: Vec<String> = targets
-            .iter()
-            .filter_map(|c| self.instance_of(*c))
-            .collect();
-        info!(
-            "{}: agents of app {app} are to run {}; told now: {instances:?}",
-            f.path.display(),
-            order.version
-        );
+        let targets =
+            self.conns_where(|r| r.app_id == app && r.agent_version.as_deref() != Some(order.version.as_str()));
+        let instances: Vec<String> = targets.iter().filter_map(|c| self.instance_of(*c)).collect();
+        info!("{}: agents of app {app} are to run {}; told now: {instances:?}", f.path.display(), order.version);
         self.events.record(
             "agent_update",
             json!({"app_id": app, "version": order.version, "url": order.url, "sent_to": instances}),
@@ -712,44 +581,25 @@ impl Hub {
         match parse_reconnect(&f.bytes) {
             Err(reason) => {
                 error!("{}: reconnect order ignored: {reason}", f.path.display());
-                self.events.record(
-                    "reconnect_rejected",
-                    json!({"app_id": app, "file": f.path, "reason": reason}),
-                );
+                self.events.record("reconnect_rejected", json!({"app_id": app, "file": f.path, "reason": reason}));
             }
             Ok(after_s) => {
-                let targets =
-                    self.conns_where(|r| r.app_id == app && r.has(capability::RECONNECT_HINT));
-                let instances: Vec<String> = targets
-                    .iter()
-                    .filter_map(|c| self.instance_of(*c))
-                    .collect();
-                info!(
-                    "{}: agents of app {app} told to reconnect after {after_s} s: {instances:?}",
-                    f.path.display()
-                );
-                self.events.record(
-                    "reconnect",
-                    json!({"app_id": app, "after_s": after_s, "sent_to": instances}),
-                );
+                let targets = self.conns_where(|r| r.app_id == app && r.has(capability::RECONNECT_HINT));
+                let instances: Vec<String> = targets.iter().filter_map(|c| self.instance_of(*c)).collect();
+                info!("{}: agents of app {app} told to reconnect after {after_s} s: {instances:?}", f.path.display());
+                self.events.record("reconnect", json!({"app_id": app, "after_s": after_s, "sent_to": instances}));
                 for conn in targets {
                     self.send(conn, &out::reconnect(after_s));
                     if let Some(c) = self.conns.get(&conn) {
                         let reason = format!("reconnect after {after_s} s");
-                        let _ = c.tx.send(Out::Close {
-                            code: CLOSE_RESTART,
-                            reason,
-                        });
+                        let _ = c.tx.send(Out::Close { code: CLOSE_RESTART, reason });
                     }
                 }
             }
         }
         if let Err(e) = std::fs::remove_file(&f.path) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                error!(
-                    "{}: cannot remove after acting on it: {e}",
-                    f.path.display()
-                );
+                error!("{}: cannot remove after acting on it: {e}", f.path.display());
             }
         }
     }

@@ -21,27 +21,17 @@ impl JsonLines {
     /// ended first, so that the next record starts on a line of its own.
     pub fn open(path: &Path) -> Result<Self, BackendError> {
         let err = |source| BackendError::io("cannot open for appending", path, source);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)
-            .map_err(err)?;
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(path).map_err(err)?;
         let len = file.metadata().map_err(err)?.len();
         if len > 0 {
             use std::io::{Read, Seek, SeekFrom};
             let mut last = [0u8; 1];
-            file.seek(SeekFrom::Start(len - 1))
-                .and_then(|_| file.read_exact(&mut last))
-                .map_err(err)?;
+            file.seek(SeekFrom::Start(len - 1)).and_then(|_| file.read_exact(&mut last)).map_err(err)?;
             if last[0] != b'\n' {
                 file.write_all(b"\n").map_err(err)?;
             }
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-        })
+        Ok(Self { path: path.to_path_buf(), file })
     }
 
     pub fn append(&mut self, v: &Value) {
@@ -49,11 +39,7 @@ impl JsonLines {
         line.push('\n');
         // One write call per line, so a concurrent reader never sees half a line joined
         // to the next one.
-        if let Err(e) = self
-            .file
-            .write_all(line.as_bytes())
-            .and_then(|()| self.file.flush())
-        {
+        if let Err(e) = self.file.write_all(line.as_bytes()).and_then(|()| self.file.flush()) {
             tracing::error!("{}: cannot append: {e}", self.path.display());
         }
     }
@@ -108,13 +94,7 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     let secs = d.as_secs();
     let (y, m, day) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_millis())
 }
 
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
@@ -139,14 +119,8 @@ mod tests {
     #[test]
     fn timestamps() {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_millis(951_782_400_250)),
-            "2000-02-29T00:00:00.250Z"
-        );
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(1_798_761_599)),
-            "2026-12-31T23:59:59.000Z"
-        );
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(951_782_400_250)), "2000-02-29T00:00:00.250Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_798_761_599)), "2026-12-31T23:59:59.000Z");
     }
 
     #[test]
@@ -156,22 +130,13 @@ mod tests {
         let mut log = JsonLines::open(&path).unwrap();
         log.append(&serde_json::json!({"a": 1}));
         log.append(&serde_json::json!({"b": "x\ny"}));
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap()
-            .write_all(b"{\"torn\":")
-            .unwrap();
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"torn\":").unwrap();
         let all = JsonLines::read_all(&path).unwrap();
         assert_eq!(all.len(), 2);
-        JsonLines::open(&path)
-            .unwrap()
-            .append(&serde_json::json!({"c": 3}));
+        JsonLines::open(&path).unwrap().append(&serde_json::json!({"c": 3}));
         let all = JsonLines::read_all(&path).unwrap();
         assert_eq!((all.len(), &all[2]["c"]), (3, &serde_json::json!(3)));
         assert_eq!(all[1]["b"], "x\ny");
-        assert!(JsonLines::read_all(&dir.path().join("none"))
-            .unwrap()
-            .is_empty());
+        assert!(JsonLines::read_all(&dir.path().join("none")).unwrap().is_empty());
     }
 }

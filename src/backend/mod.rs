@@ -102,11 +102,7 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 << 20;
 pub enum BackendError {
     /// The I/O error is part of the message (not a `source`), so the message is whole.
     #[error("{}: {what}: {error}", path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    Io { what: &'static str, path: PathBuf, error: std::io::Error },
     #[error("{}: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },
     #[error("TLS: {0}")]
@@ -117,11 +113,7 @@ pub enum BackendError {
 
 impl BackendError {
     pub(crate) fn io(what: &'static str, path: &Path, error: std::io::Error) -> Self {
-        Self::Io {
-            what,
-            path: path.to_path_buf(),
-            error,
-        }
+        Self::Io { what, path: path.to_path_buf(), error }
     }
 }
 
@@ -171,39 +163,23 @@ impl Backend {
     /// background. Errors (unreadable directory, corrupt version file, bad TLS files) are
     /// reported before anything is served.
     pub async fn start(listener: TcpListener, opts: BackendOptions) -> Result<Self, BackendError> {
-        let addr = listener.local_addr().map_err(|e| {
-            BackendError::Config(format!("the listening socket has no address: {e}"))
-        })?;
-        let tls = opts
-            .tls
-            .as_ref()
-            .map(|t| tls_server_config(&t.cert, &t.key))
-            .transpose()?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| BackendError::Config(format!("the listening socket has no address: {e}")))?;
+        let tls = opts.tls.as_ref().map(|t| tls_server_config(&t.cert, &t.key)).transpose()?;
         let hub = Arc::new(Mutex::new(hub::Hub::open(&opts)?));
         let ws_config = WebSocketConfig::default()
             .max_frame_size(Some(opts.max_frame_bytes))
             .max_message_size(Some(opts.max_frame_bytes));
         let is_tls = tls.is_some();
-        let listener = conn::Listener {
-            listener,
-            tls: tls.map(tokio_rustls::TlsAcceptor::from),
-            ws_config,
-        };
+        let listener = conn::Listener { listener, tls: tls.map(tokio_rustls::TlsAcceptor::from), ws_config };
         let (shutdown, rx) = watch::channel(false);
         let poll = opts.poll.max(Duration::from_millis(10));
         let task = tokio::spawn(async move {
-            tokio::join!(
-                conn::accept_loop(listener, hub.clone(), rx.clone()),
-                conn::poll_loop(hub, poll, rx)
-            );
+            tokio::join!(conn::accept_loop(listener, hub.clone(), rx.clone()), conn::poll_loop(hub, poll, rx));
         });
         tracing::info!("listening on {addr}{}", if is_tls { " (TLS)" } else { "" });
-        Ok(Self {
-            addr,
-            tls: is_tls,
-            shutdown,
-            task,
-        })
+        Ok(Self { addr, tls: is_tls, shutdown, task })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

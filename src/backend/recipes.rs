@@ -35,8 +35,7 @@ pub(crate) fn valid_app_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 200
         && !s.starts_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The app and the meaning of a directory entry, or `None` for a file to ignore.
@@ -85,11 +84,7 @@ pub(crate) struct DirFile {
 impl DirFile {
     fn read(path: PathBuf) -> std::io::Result<Self> {
         let bytes = std::fs::read(&path)?;
-        Ok(Self {
-            raw_hash: sha256_hex(&bytes),
-            path,
-            bytes,
-        })
+        Ok(Self { raw_hash: sha256_hex(&bytes), path, bytes })
     }
 }
 
@@ -106,8 +101,7 @@ pub(crate) struct Scan {
 /// left out of this scan only.
 pub(crate) fn scan_dir(dir: &Path, skip: &[PathBuf]) -> Result<Scan, BackendError> {
     let mut scan = Scan::default();
-    let entries =
-        std::fs::read_dir(dir).map_err(|source| BackendError::io("cannot list", dir, source))?;
+    let entries = std::fs::read_dir(dir).map_err(|source| BackendError::io("cannot list", dir, source))?;
     for entry in entries {
         let entry = entry.map_err(|source| BackendError::io("cannot list", dir, source))?;
         let name = entry.file_name();
@@ -179,11 +173,7 @@ pub(crate) struct Served {
 }
 
 fn content_hash(explicit: Option<u64>, module: Option<&Value>, states: &[WireState]) -> String {
-    sha256_hex(
-        json!({"recipe_version": explicit, "module": module, "state": states})
-            .to_string()
-            .as_bytes(),
-    )
+    sha256_hex(json!({"recipe_version": explicit, "module": module, "state": states}).to_string().as_bytes())
 }
 
 /// Validates a recipe file exactly as the agent will (`Recipe::from_document`).
@@ -204,37 +194,18 @@ pub(crate) fn parse_recipe(bytes: &[u8]) -> Result<Candidate, String> {
                     },
                     Err(_) => Vec::new(),
                 };
-                waits.push(WaitSpec {
-                    state_id: s.id.as_str().to_string(),
-                    refs,
-                });
+                waits.push(WaitSpec { state_id: s.id.as_str().to_string(), refs });
             }
-            WireState {
-                id: s.id.as_str().to_string(),
-                module: s.module,
-                parameter: s.parameter,
-            }
+            WireState { id: s.id.as_str().to_string(), module: s.module, parameter: s.parameter }
         })
         .collect();
     let hash = content_hash(explicit_version, recipe.module_info.as_ref(), &states);
-    Ok(Candidate {
-        explicit_version,
-        module: recipe.module_info,
-        states,
-        waits,
-        hash,
-    })
+    Ok(Candidate { explicit_version, module: recipe.module_info, states, waits, hash })
 }
 
 impl Candidate {
     pub fn serve(self, version: u64) -> Served {
-        Served {
-            version,
-            hash: self.hash,
-            module: self.module,
-            states: self.states,
-            waits: self.waits,
-        }
+        Served { version, hash: self.hash, module: self.module, states: self.states, waits: self.waits }
     }
 }
 
@@ -284,24 +255,14 @@ impl VersionStore {
     pub fn load(path: PathBuf) -> Result<Self, BackendError> {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Self {
-                    path,
-                    apps: BTreeMap::new(),
-                })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self { path, apps: BTreeMap::new() }),
             Err(source) => return Err(BackendError::io("cannot read", &path, source)),
         };
         let file: VersionFile = serde_json::from_str(&text).map_err(|e| BackendError::Corrupt {
             path: path.clone(),
-            reason: format!(
-                "{e} (fix or remove it; removing it restarts every app's version numbering)"
-            ),
+            reason: format!("{e} (fix or remove it; removing it restarts every app's version numbering)"),
         })?;
-        Ok(Self {
-            path,
-            apps: file.apps,
-        })
+        Ok(Self { path, apps: file.apps })
     }
 
     pub fn path(&self) -> &Path {
@@ -311,18 +272,12 @@ impl VersionStore {
     pub fn set(&mut self, app: &str, record: AppRecord) {
         self.apps.insert(app.to_string(), record);
         if let Err(e) = self.save() {
-            tracing::error!(
-                "{}: cannot save the recipe versions: {e}",
-                self.path.display()
-            );
+            tracing::error!("{}: cannot save the recipe versions: {e}", self.path.display());
         }
     }
 
     fn save(&self) -> std::io::Result<()> {
-        let file = VersionFile {
-            format: 1,
-            apps: self.apps.clone(),
-        };
+        let file = VersionFile { format: 1, apps: self.apps.clone() };
         let text = serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?;
         let mut tmp = self.path.as_os_str().to_owned();
         tmp.push(".tmp");
@@ -340,18 +295,13 @@ pub(crate) struct UpdateOrder {
 
 pub(crate) fn parse_update(bytes: &[u8]) -> Result<UpdateOrder, String> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-    let field = |k: &str| {
-        match v.get(k) {
+    let field = |k: &str| match v.get(k) {
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         _ => Err(format!(
             "expected {{\"version\": \"…\", \"url\": \"…\"}}: \"{k}\" is missing or not a non-empty string"
         )),
-    }
     };
-    Ok(UpdateOrder {
-        version: field("version")?,
-        url: field("url")?,
-    })
+    Ok(UpdateOrder { version: field("version")?, url: field("url")? })
 }
 
 /// A reconnect order (`APP_ID.reconnect.json`): `after_s`.
@@ -368,32 +318,17 @@ mod tests {
 
     #[test]
     fn file_names() {
-        assert_eq!(
-            classify("app-1.json"),
-            Some(("app-1".into(), FileKind::Recipe))
-        );
-        assert_eq!(
-            classify("app.v2.json"),
-            Some(("app.v2".into(), FileKind::Recipe))
-        );
-        assert_eq!(
-            classify("app-1.update.json"),
-            Some(("app-1".into(), FileKind::Update))
-        );
-        assert_eq!(
-            classify("app-1.reconnect.json"),
-            Some(("app-1".into(), FileKind::Reconnect))
-        );
+        assert_eq!(classify("app-1.json"), Some(("app-1".into(), FileKind::Recipe)));
+        assert_eq!(classify("app.v2.json"), Some(("app.v2".into(), FileKind::Recipe)));
+        assert_eq!(classify("app-1.update.json"), Some(("app-1".into(), FileKind::Update)));
+        assert_eq!(classify("app-1.reconnect.json"), Some(("app-1".into(), FileKind::Reconnect)));
         assert_eq!(classify("statelog.versions.json"), None);
         assert_eq!(classify(".hidden.json"), None);
         assert_eq!(classify("app 1.json"), None);
         assert_eq!(classify("notes.txt"), None);
         assert!(!valid_app_id("../etc"));
         assert!(!valid_app_id("a/b"));
-        assert_eq!(
-            versions_path(Path::new("/x/state.log")),
-            PathBuf::from("/x/state.log.versions.json")
-        );
+        assert_eq!(versions_path(Path::new("/x/state.log")), PathBuf::from("/x/state.log.versions.json"));
     }
 
     #[test]
@@ -408,8 +343,7 @@ mod tests {
         assert_eq!(c.waits[0].refs[0].host.as_deref(), Some("web"));
         assert_eq!(c.waits[0].refs[1].state, "s8");
         // Same content, other layout: same hash.
-        let reformatted =
-            serde_json::to_vec_pretty(&serde_json::from_slice::<Value>(a).unwrap()).unwrap();
+        let reformatted = serde_json::to_vec_pretty(&serde_json::from_slice::<Value>(a).unwrap()).unwrap();
         assert_eq!(parse_recipe(&reformatted).unwrap().hash, c.hash);
         assert!(parse_recipe(b"{").unwrap_err().contains("not JSON"));
         assert!(parse_recipe(br#"{"state":[{"module":"m","parameter":{}}]}"#).is_err());
@@ -444,10 +378,7 @@ mod tests {
     fn orders() {
         assert_eq!(
             parse_update(br#"{"version":"1.3.0","url":"https://x/a.tgz"}"#).unwrap(),
-            UpdateOrder {
-                version: "1.3.0".into(),
-                url: "https://x/a.tgz".into()
-            }
+            UpdateOrder { version: "1.3.0".into(), url: "https://x/a.tgz".into() }
         );
         assert!(parse_update(br#"{"version":"1.3.0"}"#).is_err());
         assert_eq!(parse_reconnect(br#"{"after_s": 30}"#), Ok(30));

@@ -31,11 +31,7 @@ pub(crate) enum AgentMsg {
     Handshake(Hello),
     Test(Hello),
     StateLog(StateLogMsg),
-    WaitQuery {
-        instance_id: Option<String>,
-        app_id: Option<String>,
-        recipe_version: Option<u64>,
-    },
+    WaitQuery { instance_id: Option<String>, app_id: Option<String>, recipe_version: Option<u64> },
     Heartbeat,
     Unknown(String),
 }
@@ -96,12 +92,10 @@ fn hello(o: &Map<String, Value>) -> Hello {
         instance_id: text(o, &["instance_id"]),
         app_id: text(o, &["app_id"]),
         agent_version: text(o, &["agent_version"]),
-        capabilities: o.get("capabilities").and_then(Value::as_array).map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        }),
+        capabilities: o
+            .get("capabilities")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()),
     }
 }
 
@@ -124,10 +118,7 @@ pub(crate) fn parse_agent(frame: &str) -> Result<(AgentMsg, Map<String, Value>),
     let Value::Object(o) = v else {
         return Err(WireError::NoCode);
     };
-    let code = o
-        .get("code")
-        .and_then(Value::as_str)
-        .ok_or(WireError::NoCode)?;
+    let code = o.get("code").and_then(Value::as_str).ok_or(WireError::NoCode)?;
     let msg = match code {
         "Handshake" => AgentMsg::Handshake(hello(&o)),
         "Test" => AgentMsg::Test(hello(&o)),
@@ -148,11 +139,7 @@ pub(crate) mod out {
     use super::*;
 
     /// The extensions this backend speaks.
-    pub const CAPABILITIES: &[&str] = &[
-        capability::STATELOG_ACK,
-        capability::RECONNECT_HINT,
-        capability::HEARTBEAT,
-    ];
+    pub const CAPABILITIES: &[&str] = &[capability::STATELOG_ACK, capability::RECONNECT_HINT, capability::HEARTBEAT];
 
     pub fn capabilities() -> Value {
         json!({"code": "Capabilities", "capabilities": CAPABILITIES})
@@ -179,10 +166,8 @@ pub(crate) mod out {
     }
 
     pub fn wait_list(version: u64, waited: &[(String, Option<String>)]) -> Value {
-        let waited: Vec<Value> = waited
-            .iter()
-            .map(|(state, by)| json!({"instance_id": by, "state_id": state}))
-            .collect();
+        let waited: Vec<Value> =
+            waited.iter().map(|(state, by)| json!({"instance_id": by, "state_id": state})).collect();
         json!({"code": "WaitList", "recipe_version": version, "waited": waited})
     }
 
@@ -219,11 +204,7 @@ mod tests {
 
     #[test]
     fn reads_what_the_agent_sends() {
-        let hs = Outbound::Handshake {
-            init_errors: None,
-            capabilities: vec!["statelog-ack".into()],
-        }
-        .to_json(&who());
+        let hs = Outbound::Handshake { init_errors: None, capabilities: vec!["statelog-ack".into()] }.to_json(&who());
         let (msg, _) = parse_agent(&hs.to_string()).unwrap();
         assert_eq!(
             msg,
@@ -253,68 +234,41 @@ mod tests {
 
     #[test]
     fn lenient_about_spellings_and_garbage() {
-        let (msg, _) = parse_agent(
-            r#"{"code":"StateLog","stateid":"x","state_result":"false","recipe_version":"4"}"#,
-        )
-        .unwrap();
+        let (msg, _) =
+            parse_agent(r#"{"code":"StateLog","stateid":"x","state_result":"false","recipe_version":"4"}"#).unwrap();
         let AgentMsg::StateLog(s) = msg else { panic!() };
-        assert_eq!(
-            (s.state_id.as_deref(), s.result, s.recipe_version),
-            (Some("x"), Some(false), Some(4))
-        );
+        assert_eq!((s.state_id.as_deref(), s.result, s.recipe_version), (Some("x"), Some(false), Some(4)));
         assert!(matches!(parse_agent("{"), Err(WireError::NotJson(_))));
         assert_eq!(parse_agent("[1]"), Err(WireError::NoCode));
         assert_eq!(parse_agent(r#"{"code":1}"#), Err(WireError::NoCode));
-        assert_eq!(
-            parse_agent(r#"{"code":"Nope"}"#).unwrap().0,
-            AgentMsg::Unknown("Nope".into())
-        );
+        assert_eq!(parse_agent(r#"{"code":"Nope"}"#).unwrap().0, AgentMsg::Unknown("Nope".into()));
         let (hs, _) = parse_agent(r#"{"code":"Handshake"}"#).unwrap();
         assert_eq!(hs, AgentMsg::Handshake(Hello::default()));
     }
 
     #[test]
     fn the_agent_parses_what_the_backend_sends() {
-        let states = vec![WireState {
-            id: "s1".into(),
-            module: "meta.comment".into(),
-            parameter: json!({"comment": "x"}),
-        }];
-        let Inbound::RecipeMetadata(r) =
-            parse_inbound(&out::recipe_metadata(4, None, &states).to_string()).unwrap()
+        let states =
+            vec![WireState { id: "s1".into(), module: "meta.comment".into(), parameter: json!({"comment": "x"}) }];
+        let Inbound::RecipeMetadata(r) = parse_inbound(&out::recipe_metadata(4, None, &states).to_string()).unwrap()
         else {
             panic!()
         };
         assert_eq!((r.recipe_version, r.states), (4, Some(states)));
         assert_eq!(
             parse_inbound(&out::state_done(4, "w").to_string()).unwrap(),
-            Inbound::State {
-                recipe_version: 4,
-                state_id: "w".into()
-            }
+            Inbound::State { recipe_version: 4, state_id: "w".into() }
         );
         assert!(matches!(
             parse_inbound(&out::wait_list(4, &[("w".into(), Some("i-2".into()))]).to_string()).unwrap(),
             Inbound::WaitList { recipe_version: 4, waited } if waited[0].instance_id.as_deref() == Some("i-2")
         ));
-        assert_eq!(
-            parse_inbound(&out::statelog_ack(7).to_string()).unwrap(),
-            Inbound::StateLogAck { seq: 7 }
-        );
-        assert_eq!(
-            parse_inbound(&out::reconnect(3).to_string()).unwrap(),
-            Inbound::Reconnect { after_s: 3 }
-        );
-        assert_eq!(
-            parse_inbound(&out::app_not_ready().to_string()).unwrap(),
-            Inbound::AppNotReady
-        );
+        assert_eq!(parse_inbound(&out::statelog_ack(7).to_string()).unwrap(), Inbound::StateLogAck { seq: 7 });
+        assert_eq!(parse_inbound(&out::reconnect(3).to_string()).unwrap(), Inbound::Reconnect { after_s: 3 });
+        assert_eq!(parse_inbound(&out::app_not_ready().to_string()).unwrap(), Inbound::AppNotReady);
         assert_eq!(
             parse_inbound(&out::test_ans().to_string()).unwrap(),
-            Inbound::TestAns {
-                result: true,
-                error: None
-            }
+            Inbound::TestAns { result: true, error: None }
         );
         assert_eq!(
             parse_inbound(&out::capabilities().to_string()).unwrap(),
@@ -322,10 +276,7 @@ mod tests {
         );
         assert_eq!(
             parse_inbound(&out::agent_update("1.3.0", "https://x/a.tgz").to_string()).unwrap(),
-            Inbound::AgentUpdate {
-                version: "1.3.0".into(),
-                url: "https://x/a.tgz".into()
-            }
+            Inbound::AgentUpdate { version: "1.3.0".into(), url: "https://x/a.tgz".into() }
         );
     }
 }

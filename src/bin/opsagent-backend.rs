@@ -70,10 +70,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let opts = BackendOptions {
         events: args.events,
         poll: Duration::from_millis(args.poll_ms),
-        tls: args
-            .tls_cert
-            .zip(args.tls_key)
-            .map(|(cert, key)| TlsFiles { cert, key }),
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
         max_frame_bytes: args.max_frame_bytes,
         ..BackendOptions::new(args.recipe_dir, args.statelog)
     };
@@ -82,11 +79,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let backend = Backend::start(listener, opts).await?;
     let mut stdout = std::io::stdout();
-    writeln!(
-        stdout,
-        "opsagent-backend listening on {}",
-        backend.local_addr()
-    )?;
+    writeln!(stdout, "opsagent-backend listening on {}", backend.local_addr())?;
     stdout.flush()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -46,51 +46,22 @@ pub enum ConfigError {
     // The I/O error is part of the message (not a `source`) so that printing the error
     // chain does not repeat it.
     #[error("{}: cannot read the configuration file: {error}", .path.display())]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    Read { path: PathBuf, error: std::io::Error },
 
     #[error("{}:{line}: {problem}", .path.display())]
-    Syntax {
-        path: PathBuf,
-        line: usize,
-        problem: String,
-    },
+    Syntax { path: PathBuf, line: usize, problem: String },
 
     #[error("{}:{line}: unknown section [{section}] (known sections: {known})", .path.display())]
-    UnknownSection {
-        path: PathBuf,
-        line: usize,
-        section: String,
-        known: String,
-    },
+    UnknownSection { path: PathBuf, line: usize, section: String, known: String },
 
     #[error("{}:{line}: [{section}] {key}: unknown key (keys of [{section}]: {known})", .path.display())]
-    UnknownKey {
-        path: PathBuf,
-        line: usize,
-        section: String,
-        key: String,
-        known: String,
-    },
+    UnknownKey { path: PathBuf, line: usize, section: String, key: String, known: String },
 
     #[error("{}:{line}: {key}: key outside any section (known sections: {known})", .path.display())]
-    OutsideSection {
-        path: PathBuf,
-        line: usize,
-        key: String,
-        known: String,
-    },
+    OutsideSection { path: PathBuf, line: usize, key: String, known: String },
 
     #[error("{}:{line}: [{section}] {key}: set twice (first on line {first_line})", .path.display())]
-    Duplicate {
-        path: PathBuf,
-        line: usize,
-        first_line: usize,
-        section: String,
-        key: String,
-    },
+    Duplicate { path: PathBuf, line: usize, first_line: usize, section: String, key: String },
 
     /// A value that does not fit its key, e.g.
     /// `/etc/opsagent.conf:7: [agent] round_delay: "ten" is not a whole number of seconds`.
@@ -108,13 +79,7 @@ pub enum ConfigError {
          or put {var}=… in the instance userdata",
         .file.display()
     )]
-    Missing {
-        file: PathBuf,
-        section: &'static str,
-        key: &'static str,
-        flag: &'static str,
-        var: &'static str,
-    },
+    Missing { file: PathBuf, section: &'static str, key: &'static str, flag: &'static str, var: &'static str },
 }
 
 impl ConfigError {
@@ -123,22 +88,14 @@ impl ConfigError {
     pub const EXIT_CODE: u8 = 2;
 
     pub(super) fn invalid(at: Location, problem: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            at,
-            problem: problem.into(),
-        }
+        ConfigError::Invalid { at, problem: problem.into() }
     }
 
     pub(super) fn read(path: &Path, error: std::io::Error) -> Self {
         if error.kind() == std::io::ErrorKind::NotFound {
-            ConfigError::NotFound {
-                path: path.to_path_buf(),
-            }
+            ConfigError::NotFound { path: path.to_path_buf() }
         } else {
-            ConfigError::Read {
-                path: path.to_path_buf(),
-                error,
-            }
+            ConfigError::Read { path: path.to_path_buf(), error }
         }
     }
 }

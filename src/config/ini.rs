@@ -35,10 +35,7 @@ pub(super) struct Document {
 
 pub(super) fn parse(text: &str) -> Result<Document, SyntaxError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut doc = Document {
-        sections: Vec::new(),
-        entries: Vec::new(),
-    };
+    let mut doc = Document { sections: Vec::new(), entries: Vec::new() };
     let mut current: Option<(String, usize)> = None;
     for (index, raw) in text.lines().enumerate() {
         let line = index + 1;
@@ -54,27 +51,14 @@ pub(super) fn parse(text: &str) -> Result<Document, SyntaxError> {
             continue;
         }
         let Some((key, value)) = trimmed.split_once('=') else {
-            return Err(error(format!(
-                "{trimmed:?} is neither `key = value`, a `[section]` nor a comment"
-            )));
+            return Err(error(format!("{trimmed:?} is neither `key = value`, a `[section]` nor a comment")));
         };
         let key = key.trim();
-        if key.is_empty()
-            || !key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(error(format!(
-                "{key:?} is not a key name (letters, digits, `_`)"
-            )));
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(error(format!("{key:?} is not a key name (letters, digits, `_`)")));
         }
         let value = value_text(value.trim()).map_err(error)?;
-        doc.entries.push(Entry {
-            line,
-            section: current.clone(),
-            key: key.to_string(),
-            value,
-        });
+        doc.entries.push(Entry { line, section: current.clone(), key: key.to_string(), value });
     }
     Ok(doc)
 }
@@ -90,9 +74,7 @@ fn section_name(header: &str) -> Result<String, String> {
         return Err("empty section name `[]`".to_string());
     }
     if !rest.is_empty() && !rest.starts_with(';') && !rest.starts_with('#') {
-        return Err(format!(
-            "[{name}]: unexpected text {rest:?} after the section header"
-        ));
+        return Err(format!("[{name}]: unexpected text {rest:?} after the section header"));
     }
     Ok(name.to_string())
 }
@@ -116,8 +98,7 @@ fn value_text(value: &str) -> Result<String, String> {
 
 fn cut_inline_comment(value: &str) -> &str {
     let bytes = value.as_bytes();
-    let cut = (1..bytes.len())
-        .find(|&i| matches!(bytes[i], b';' | b'#') && matches!(bytes[i - 1], b' ' | b'\t'));
+    let cut = (1..bytes.len()).find(|&i| matches!(bytes[i], b';' | b'#') && matches!(bytes[i - 1], b' ' | b'\t'));
     cut.map_or(value, |i| &value[..i])
 }
 
@@ -127,10 +108,7 @@ mod tests {
 
     fn values(text: &str) -> Vec<(Option<String>, String, String)> {
         let doc = parse(text).unwrap();
-        doc.entries
-            .into_iter()
-            .map(|e| (e.section.map(|s| s.0), e.key, e.value))
-            .collect()
+        doc.entries.into_iter().map(|e| (e.section.map(|s| s.0), e.key, e.value)).collect()
     }
 
     #[test]

@@ -32,41 +32,12 @@ pub const DEFAULT_HELPER_SOCKET: &str = "/run/opsagent-helper/helper.sock";
 /// Every section and its keys, in file order. Unknown names are errors (typos would
 /// otherwise be silently ignored), and the example config must list all of these.
 pub const SECTIONS: &[(&str, &[&str])] = &[
-    (
-        "userdata",
-        &[
-            "ws_uri",
-            "app_id",
-            "version",
-            "base_remote",
-            "update_key",
-            "instance_id",
-            "metadata_url",
-        ],
-    ),
+    ("userdata", &["ws_uri", "app_id", "version", "base_remote", "update_key", "instance_id", "metadata_url"]),
     (
         "agent",
-        &[
-            "token_file",
-            "state_dir",
-            "helper_socket",
-            "round_delay",
-            "retry_delay",
-            "retry_delay_max",
-            "log_level",
-        ],
+        &["token_file", "state_dir", "helper_socket", "round_delay", "retry_delay", "retry_delay_max", "log_level"],
     ),
-    (
-        "link",
-        &[
-            "ca_file",
-            "tls_insecure",
-            "ping_interval",
-            "max_frame",
-            "backoff_base",
-            "backoff_max",
-        ],
-    ),
+    ("link", &["ca_file", "tls_insecure", "ping_interval", "max_frame", "backoff_base", "backoff_max"]),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -246,59 +217,27 @@ impl Config {
 
     /// The backend URL and app id, or an error naming the missing key and every way to set it.
     pub fn require_backend(&self) -> Result<(&str, &str), ConfigError> {
-        let ws_uri = self
-            .userdata
-            .ws_uri
-            .as_deref()
-            .ok_or_else(|| self.missing("ws_uri", "ws-uri", "WS_URI"))?;
-        let app_id = self
-            .userdata
-            .app_id
-            .as_deref()
-            .ok_or_else(|| self.missing("app_id", "app-id", "APP_ID"))?;
+        let ws_uri = self.userdata.ws_uri.as_deref().ok_or_else(|| self.missing("ws_uri", "ws-uri", "WS_URI"))?;
+        let app_id = self.userdata.app_id.as_deref().ok_or_else(|| self.missing("app_id", "app-id", "APP_ID"))?;
         Ok((ws_uri, app_id))
     }
 
     /// Sets a `[userdata]` key from a lower-precedence source (the instance userdata) unless
     /// the file or a flag set it already. Returns whether the value was taken.
-    pub fn set_if_unset(
-        &mut self,
-        origin: Origin,
-        section: &str,
-        key: &str,
-        value: &str,
-    ) -> Result<bool, ConfigError> {
+    pub fn set_if_unset(&mut self, origin: Origin, section: &str, key: &str, value: &str) -> Result<bool, ConfigError> {
         let Some((section, key)) = known_key(section, key) else {
             return Ok(false);
         };
         if !self.is_unset(section, key) {
             return Ok(false);
         }
-        self.set(section, key, value).map_err(|p| {
-            ConfigError::invalid(
-                Location {
-                    origin,
-                    section,
-                    key,
-                },
-                p,
-            )
-        })?;
+        self.set(section, key, value).map_err(|p| ConfigError::invalid(Location { origin, section, key }, p))?;
         Ok(true)
     }
 
     fn missing(&self, key: &'static str, flag: &'static str, var: &'static str) -> ConfigError {
-        let file = self
-            .source
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
-        ConfigError::Missing {
-            file,
-            section: "userdata",
-            key,
-            flag,
-            var,
-        }
+        let file = self.source.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+        ConfigError::Missing { file, section: "userdata", key, flag, var }
     }
 
     fn is_unset(&self, section: &str, key: &str) -> bool {
@@ -324,12 +263,7 @@ impl Config {
         for (section, line) in &doc.sections {
             if !SECTIONS.iter().any(|(name, _)| name == section) {
                 let (path, line, section) = (path.to_path_buf(), *line, section.clone());
-                return Err(ConfigError::UnknownSection {
-                    path,
-                    line,
-                    section,
-                    known: known_sections(),
-                });
+                return Err(ConfigError::UnknownSection { path, line, section, known: known_sections() });
             }
         }
         let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
@@ -348,16 +282,8 @@ impl Config {
             if entry.value.is_empty() {
                 continue;
             }
-            let at = Location {
-                origin: Origin::File {
-                    path: path.to_path_buf(),
-                    line: entry.line,
-                },
-                section,
-                key,
-            };
-            self.set(section, key, &entry.value)
-                .map_err(|p| ConfigError::invalid(at, p))?;
+            let at = Location { origin: Origin::File { path: path.to_path_buf(), line: entry.line }, section, key };
+            self.set(section, key, &entry.value).map_err(|p| ConfigError::invalid(at, p))?;
         }
         Ok(())
     }
@@ -372,18 +298,13 @@ impl Config {
         ];
         for (section, key, value) in texts {
             if let Some(value) = value {
-                self.set(section, key, &value)
-                    .map_err(|p| flag_error(section, key, p))?;
+                self.set(section, key, &value).map_err(|p| flag_error(section, key, p))?;
             }
         }
         let paths = [
             ("token_file", &o.token_file, &mut self.agent.token_file),
             ("state_dir", &o.state_dir, &mut self.agent.state_dir),
-            (
-                "helper_socket",
-                &o.helper_socket,
-                &mut self.agent.helper_socket,
-            ),
+            ("helper_socket", &o.helper_socket, &mut self.agent.helper_socket),
         ];
         for (key, value, field) in paths {
             if let Some(value) = value {
@@ -426,26 +347,16 @@ impl Config {
     /// Checks between keys, after every source is applied (a flag may break a file value).
     fn check_consistency(&self) -> Result<(), ConfigError> {
         let pairs = [
-            (
-                "[agent] retry_delay",
-                self.agent.retry_delay,
-                "retry_delay_max",
-                self.agent.retry_delay_max,
-            ),
-            (
-                "[link] backoff_base",
-                self.link.backoff_base,
-                "backoff_max",
-                self.link.backoff_max,
-            ),
+            ("[agent] retry_delay", self.agent.retry_delay, "retry_delay_max", self.agent.retry_delay_max),
+            ("[link] backoff_base", self.link.backoff_base, "backoff_max", self.link.backoff_max),
         ];
         for (low_name, low, high_name, high) in pairs {
             if low > high {
                 return Err(ConfigError::Inconsistent {
-                    origin: self.source.as_ref().map_or_else(
-                        || "command line and defaults".to_string(),
-                        |p| p.display().to_string(),
-                    ),
+                    origin: self
+                        .source
+                        .as_ref()
+                        .map_or_else(|| "command line and defaults".to_string(), |p| p.display().to_string()),
                     problem: format!(
                         "{low_name} ({} s) is greater than {high_name} ({} s); raise {high_name} or lower both",
                         low.as_secs(),
@@ -473,11 +384,7 @@ fn file_key(path: &Path, entry: &ini::Entry) -> Result<(&'static str, &'static s
         line: entry.line,
         section: section.clone(),
         key: entry.key.clone(),
-        known: SECTIONS
-            .iter()
-            .find(|(s, _)| s == section)
-            .map(|(_, keys)| keys.join(", "))
-            .unwrap_or_default(),
+        known: SECTIONS.iter().find(|(s, _)| s == section).map(|(_, keys)| keys.join(", ")).unwrap_or_default(),
     })
 }
 
@@ -487,22 +394,11 @@ fn known_key(section: &str, key: &str) -> Option<(&'static str, &'static str)> {
 }
 
 fn known_sections() -> String {
-    SECTIONS
-        .iter()
-        .map(|(s, _)| format!("[{s}]"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    SECTIONS.iter().map(|(s, _)| format!("[{s}]")).collect::<Vec<_>>().join(", ")
 }
 
 fn flag_error(section: &'static str, key: &'static str, problem: String) -> ConfigError {
-    ConfigError::invalid(
-        Location {
-            origin: Origin::Flag,
-            section,
-            key,
-        },
-        problem,
-    )
+    ConfigError::invalid(Location { origin: Origin::Flag, section, key }, problem)
 }
 
 /// A path flag may be relative (typed in a shell): it is taken from the current directory.

@@ -29,15 +29,9 @@ fn defaults() {
     assert_eq!(c.userdata.app_id, None);
     assert_eq!(c.userdata.version(), env!("CARGO_PKG_VERSION"));
     assert_eq!(c.userdata.metadata_url, "http://169.254.169.254");
-    assert_eq!(
-        c.agent.token_file,
-        Path::new("/var/lib/visualops/opsagent/token")
-    );
+    assert_eq!(c.agent.token_file, Path::new("/var/lib/visualops/opsagent/token"));
     assert_eq!(c.agent.state_dir, Path::new("/var/lib/visualops/opsagent"));
-    assert_eq!(
-        c.agent.helper_socket,
-        Path::new("/run/opsagent-helper/helper.sock")
-    );
+    assert_eq!(c.agent.helper_socket, Path::new("/run/opsagent-helper/helper.sock"));
     assert_eq!(c.agent.round_delay, Duration::from_secs(600));
     assert_eq!(c.agent.retry_delay, Duration::from_secs(5));
     assert_eq!(c.agent.retry_delay_max, Duration::from_secs(300));
@@ -48,13 +42,7 @@ fn defaults() {
     assert_eq!(c.link.max_frame, 16 * 1024 * 1024);
     assert_eq!(c.link.backoff_base, Duration::from_secs(1));
     assert_eq!(c.link.backoff_max, Duration::from_secs(300));
-    assert_eq!(
-        parse("").unwrap(),
-        Config {
-            source: Some("/etc/opsagent.conf".into()),
-            ..c
-        }
-    );
+    assert_eq!(parse("").unwrap(), Config { source: Some("/etc/opsagent.conf".into()), ..c });
 }
 
 #[test]
@@ -73,14 +61,8 @@ fn every_key_parsed() {
     assert_eq!(u.ws_uri.as_deref(), Some("ws://127.0.0.1:8080/agent"));
     assert_eq!(u.app_id.as_deref(), Some("app-9"));
     assert_eq!(u.version(), "2.0.1");
-    assert_eq!(
-        u.base_remote.as_deref(),
-        Some("https://dl.example/opsagent")
-    );
-    assert_eq!(
-        u.update_key.as_deref(),
-        Some("RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3")
-    );
+    assert_eq!(u.base_remote.as_deref(), Some("https://dl.example/opsagent"));
+    assert_eq!(u.update_key.as_deref(), Some("RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3"));
     assert_eq!(u.instance_id.as_deref(), Some("i-0123"));
     assert_eq!(u.metadata_url, "http://127.0.0.1:9");
     let a = &c.agent;
@@ -98,10 +80,7 @@ fn every_key_parsed() {
     assert_eq!(l.max_frame, 65536);
     assert_eq!(l.backoff_base, Duration::from_secs(3));
     assert_eq!(l.backoff_max, Duration::from_secs(30));
-    assert_eq!(
-        c.require_backend().unwrap(),
-        ("ws://127.0.0.1:8080/agent", "app-9")
-    );
+    assert_eq!(c.require_backend().unwrap(), ("ws://127.0.0.1:8080/agent", "app-9"));
 }
 
 #[test]
@@ -115,11 +94,7 @@ fn empty_value_means_default() {
 fn overrides_win() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("opsagent.conf");
-    std::fs::write(
-        &path,
-        "[userdata]\nws_uri = wss://file/\napp_id = file-app\n[agent]\nround_delay = 60\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "[userdata]\nws_uri = wss://file/\napp_id = file-app\n[agent]\nround_delay = 60\n").unwrap();
     let overrides = Overrides {
         ws_uri: Some("wss://flag/".into()),
         app_id: Some("flag-app".into()),
@@ -136,10 +111,7 @@ fn overrides_win() {
     assert_eq!(c.userdata.instance_id.as_deref(), Some("i-flag"));
     assert_eq!(c.agent.token_file, Path::new("/f/token"));
     // A relative flag path is taken from the current directory.
-    assert_eq!(
-        c.agent.state_dir,
-        std::env::current_dir().unwrap().join("relative/state")
-    );
+    assert_eq!(c.agent.state_dir, std::env::current_dir().unwrap().join("relative/state"));
     assert_eq!(c.agent.helper_socket, Path::new("/f/h.sock"));
     assert_eq!(c.agent.round_delay, Duration::from_secs(7));
     assert_eq!(c.agent.retry_delay, Duration::from_secs(3));
@@ -147,32 +119,16 @@ fn overrides_win() {
 
 #[test]
 fn invalid_flags_name_the_flag() {
-    let bad = |o: Overrides| {
-        Config::load_or_default_from(Path::new("/nonexistent"), None, &o)
-            .unwrap_err()
-            .to_string()
-    };
-    let e = bad(Overrides {
-        ws_uri: Some("http://x/".into()),
-        ..Default::default()
-    });
-    assert_eq!(
-        e,
-        r#"command line: --ws-uri: "http://x/" must start with ws:// or wss://"#
+    let bad = |o: Overrides| Config::load_or_default_from(Path::new("/nonexistent"), None, &o).unwrap_err().to_string();
+    let e = bad(Overrides { ws_uri: Some("http://x/".into()), ..Default::default() });
+    assert_eq!(e, r#"command line: --ws-uri: "http://x/" must start with ws:// or wss://"#);
+    let e = bad(Overrides { round_delay: Some(0), ..Default::default() });
+    assert_eq!(e, "command line: --round-delay: 0 is too small: at least 1 second");
+    let e = bad(Overrides { retry_delay: Some(301), ..Default::default() });
+    assert!(
+        e.starts_with("command line and defaults: [agent] retry_delay (301 s) is greater than retry_delay_max (300 s)"),
+        "{e}"
     );
-    let e = bad(Overrides {
-        round_delay: Some(0),
-        ..Default::default()
-    });
-    assert_eq!(
-        e,
-        "command line: --round-delay: 0 is too small: at least 1 second"
-    );
-    let e = bad(Overrides {
-        retry_delay: Some(301),
-        ..Default::default()
-    });
-    assert!(e.starts_with("command line and defaults: [agent] retry_delay (301 s) is greater than retry_delay_max (300 s)"), "{e}");
 }
 
 #[test]
@@ -190,61 +146,22 @@ fn invalid_values_name_file_section_and_key() {
             "[userdata]\nbase_remote = ftp://b/\n",
             r#"[userdata] base_remote: "ftp://b/" must start with http:// or https://"#,
         ),
-        (
-            "[userdata]\nmetadata_url = nope\n",
-            "[userdata] metadata_url: \"nope\" is not a URL",
-        ),
-        (
-            "[userdata]\napp_id = my app\n",
-            r#"[userdata] app_id: "my app" contains ' '"#,
-        ),
-        (
-            "[userdata]\ninstance_id = \"i 1\"\n",
-            "[userdata] instance_id: \"i 1\" contains",
-        ),
-        (
-            "[userdata]\nversion = \"1 2\"\n",
-            "[userdata] version: \"1 2\" contains",
-        ),
-        (
-            "[userdata]\nupdate_key = untrusted comment\n",
-            "[userdata] update_key: \"untrusted comment\" is not base64",
-        ),
-        (
-            "[agent]\nstate_dir = var/lib\n",
-            r#"[agent] state_dir: "var/lib" is not an absolute path"#,
-        ),
-        (
-            "[agent]\nretry_delay_max = 0\n",
-            "[agent] retry_delay_max: 0 is too small",
-        ),
-        (
-            "[agent]\nlog_level = verbose\n",
-            r#"[agent] log_level: "verbose" is not a log level"#,
-        ),
-        (
-            "[link]\ntls_insecure = maybe\n",
-            r#"[link] tls_insecure: "maybe" is not a boolean"#,
-        ),
-        (
-            "[link]\nmax_frame = 16MiB\n",
-            r#"[link] max_frame: "16MiB" is not a whole number of bytes"#,
-        ),
-        (
-            "[link]\nping_interval = 1e3\n",
-            "[link] ping_interval: \"1e3\" is not a whole number of seconds",
-        ),
-        (
-            "[link]\nca_file = ca.pem\n",
-            "[link] ca_file: \"ca.pem\" is not an absolute path",
-        ),
+        ("[userdata]\nmetadata_url = nope\n", "[userdata] metadata_url: \"nope\" is not a URL"),
+        ("[userdata]\napp_id = my app\n", r#"[userdata] app_id: "my app" contains ' '"#),
+        ("[userdata]\ninstance_id = \"i 1\"\n", "[userdata] instance_id: \"i 1\" contains"),
+        ("[userdata]\nversion = \"1 2\"\n", "[userdata] version: \"1 2\" contains"),
+        ("[userdata]\nupdate_key = untrusted comment\n", "[userdata] update_key: \"untrusted comment\" is not base64"),
+        ("[agent]\nstate_dir = var/lib\n", r#"[agent] state_dir: "var/lib" is not an absolute path"#),
+        ("[agent]\nretry_delay_max = 0\n", "[agent] retry_delay_max: 0 is too small"),
+        ("[agent]\nlog_level = verbose\n", r#"[agent] log_level: "verbose" is not a log level"#),
+        ("[link]\ntls_insecure = maybe\n", r#"[link] tls_insecure: "maybe" is not a boolean"#),
+        ("[link]\nmax_frame = 16MiB\n", r#"[link] max_frame: "16MiB" is not a whole number of bytes"#),
+        ("[link]\nping_interval = 1e3\n", "[link] ping_interval: \"1e3\" is not a whole number of seconds"),
+        ("[link]\nca_file = ca.pem\n", "[link] ca_file: \"ca.pem\" is not an absolute path"),
     ];
     for (text, expected) in cases {
         let e = err(text);
-        assert!(
-            e.starts_with("/etc/opsagent.conf:2: ") && e.contains(expected),
-            "{text:?}: {e}"
-        );
+        assert!(e.starts_with("/etc/opsagent.conf:2: ") && e.contains(expected), "{text:?}: {e}");
     }
     let e = err("[link]\nbackoff_base = 10\nbackoff_max = 5\n");
     assert_eq!(
@@ -264,15 +181,12 @@ fn unknown_names_and_structure_errors() {
         err("[agnet]\n"),
         "/etc/opsagent.conf:1: unknown section [agnet] (known sections: [userdata], [agent], [link])"
     );
-    assert!(
-        err("app_id = x\n").starts_with("/etc/opsagent.conf:1: app_id: key outside any section")
-    );
+    assert!(err("app_id = x\n").starts_with("/etc/opsagent.conf:1: app_id: key outside any section"));
     assert_eq!(
         err("[agent]\nround_delay = 5\n[agent]\nround_delay = 6\n"),
         "/etc/opsagent.conf:4: [agent] round_delay: set twice (first on line 2)"
     );
-    assert!(err("[agent]\nround_delay\n")
-        .starts_with("/etc/opsagent.conf:2: \"round_delay\" is neither"));
+    assert!(err("[agent]\nround_delay\n").starts_with("/etc/opsagent.conf:2: \"round_delay\" is neither"));
 }
 
 #[test]
@@ -281,10 +195,7 @@ fn missing_explicit_file_is_an_error_missing_default_is_not() {
     let absent = dir.path().join("absent.conf");
     let e = Config::load(Some(&absent), &Overrides::default()).unwrap_err();
     assert!(matches!(e, ConfigError::NotFound { .. }));
-    assert_eq!(
-        e.to_string(),
-        format!("{}: configuration file not found", absent.display())
-    );
+    assert_eq!(e.to_string(), format!("{}: configuration file not found", absent.display()));
     let c = Config::load_or_default_from(&absent, None, &Overrides::default()).unwrap();
     assert_eq!(c, Config::default());
 }
@@ -302,16 +213,8 @@ fn default_file_is_read_when_present() {
 fn unreadable_file_names_the_path() {
     let dir = tempfile::tempdir().unwrap();
     // A directory cannot be read as a file, even by root.
-    let e = Config::load(Some(dir.path()), &Overrides::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.starts_with(&format!(
-            "{}: cannot read the configuration file: ",
-            dir.path().display()
-        )),
-        "{e}"
-    );
+    let e = Config::load(Some(dir.path()), &Overrides::default()).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}: cannot read the configuration file: ", dir.path().display())), "{e}");
 }
 
 #[test]
@@ -324,67 +227,29 @@ fn require_backend_names_the_missing_key_and_how_to_set_it() {
     );
     let c = parse("[userdata]\nws_uri = wss://b/\n").unwrap();
     let e = c.require_backend().unwrap_err().to_string();
-    assert!(
-        e.starts_with("[userdata] app_id is not set")
-            && e.contains("--app-id")
-            && e.contains("APP_ID="),
-        "{e}"
-    );
+    assert!(e.starts_with("[userdata] app_id is not set") && e.contains("--app-id") && e.contains("APP_ID="), "{e}");
 }
 
 #[test]
 fn set_if_unset_keeps_file_values() {
     let mut c = parse("[userdata]\napp_id = from-file\n").unwrap();
-    let ud = || Origin::Userdata {
-        url: "http://md/latest/user-data".into(),
-        var: "X".into(),
-    };
-    assert!(!c
-        .set_if_unset(ud(), "userdata", "app_id", "from-userdata")
-        .unwrap());
-    assert!(c
-        .set_if_unset(ud(), "userdata", "ws_uri", "wss://ud/")
-        .unwrap());
-    assert!(
-        !c.set_if_unset(ud(), "agent", "round_delay", "5").unwrap(),
-        "defaulted keys are never unset"
-    );
+    let ud = || Origin::Userdata { url: "http://md/latest/user-data".into(), var: "X".into() };
+    assert!(!c.set_if_unset(ud(), "userdata", "app_id", "from-userdata").unwrap());
+    assert!(c.set_if_unset(ud(), "userdata", "ws_uri", "wss://ud/").unwrap());
+    assert!(!c.set_if_unset(ud(), "agent", "round_delay", "5").unwrap(), "defaulted keys are never unset");
     assert_eq!(c.require_backend().unwrap(), ("wss://ud/", "from-file"));
-    let e = c
-        .set_if_unset(ud(), "userdata", "base_remote", "s3://x")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.starts_with("userdata http://md/latest/user-data: X ([userdata] base_remote): "),
-        "{e}"
-    );
+    let e = c.set_if_unset(ud(), "userdata", "base_remote", "s3://x").unwrap_err().to_string();
+    assert!(e.starts_with("userdata http://md/latest/user-data: X ([userdata] base_remote): "), "{e}");
 }
 
 #[test]
 fn example_parses_to_the_defaults() {
-    assert_eq!(
-        parse(EXAMPLE).unwrap(),
-        parse("").unwrap(),
-        "all commented out"
-    );
+    assert_eq!(parse(EXAMPLE).unwrap(), parse("").unwrap(), "all commented out");
     let c = parse(&example_uncommented()).unwrap();
     let d = Config::default();
-    assert_eq!(
-        c.agent, d.agent,
-        "[agent] defaults in EXAMPLE match the code"
-    );
-    assert_eq!(
-        c.link.ca_file.as_deref(),
-        Some(Path::new("/etc/opsagent/ca.pem"))
-    );
-    assert_eq!(
-        LinkConfig {
-            ca_file: None,
-            ..c.link.clone()
-        },
-        d.link,
-        "[link] defaults in EXAMPLE match the code"
-    );
+    assert_eq!(c.agent, d.agent, "[agent] defaults in EXAMPLE match the code");
+    assert_eq!(c.link.ca_file.as_deref(), Some(Path::new("/etc/opsagent/ca.pem")));
+    assert_eq!(LinkConfig { ca_file: None, ..c.link.clone() }, d.link, "[link] defaults in EXAMPLE match the code");
     assert_eq!(c.userdata.metadata_url, d.userdata.metadata_url);
     assert_eq!(c.userdata.version(), d.userdata.version());
     for value in [
@@ -404,12 +269,7 @@ fn example_and_setters_cover_every_key() {
     for (section, keys) in SECTIONS {
         assert!(EXAMPLE.contains(&format!("[{section}]")), "{section}");
         for key in *keys {
-            assert!(
-                uncommented
-                    .lines()
-                    .any(|l| l.starts_with(&format!("{key} = "))),
-                "EXAMPLE lacks {key}"
-            );
+            assert!(uncommented.lines().any(|l| l.starts_with(&format!("{key} = "))), "EXAMPLE lacks {key}");
             let mut c = Config::default();
             let e = c.set(section, key, "\u{1}").unwrap_err();
             assert!(!e.contains("no setter"), "[{section}] {key} has no setter");
@@ -453,9 +313,6 @@ fn overrides_flags_parse_with_clap() {
     assert_eq!(cli.overrides.ws_uri.as_deref(), Some("wss://b/"));
     assert_eq!(cli.overrides.round_delay, Some(9));
     assert_eq!(cli.overrides.retry_delay, Some(4));
-    assert_eq!(
-        cli.overrides.helper_socket.as_deref(),
-        Some(Path::new("/h"))
-    );
+    assert_eq!(cli.overrides.helper_socket.as_deref(), Some(Path::new("/h")));
     assert!(Cli::try_parse_from(["opsagent", "--round-delay", "ten"]).is_err());
 }

@@ -15,30 +15,22 @@ pub(crate) const MAX_ID_LEN: usize = 255;
 const LOG_LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
 
 pub(super) fn seconds(text: &str) -> Result<Duration, String> {
-    let n: u64 = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a whole number of seconds"))?;
+    let n: u64 = text.parse().map_err(|_| format!("{text:?} is not a whole number of seconds"))?;
     seconds_in_range(n)
 }
 
 pub(super) fn seconds_in_range(n: u64) -> Result<Duration, String> {
     match n {
         0 => Err("0 is too small: at least 1 second".to_string()),
-        n if n > MAX_SECONDS => Err(format!(
-            "{n} is too large: at most {MAX_SECONDS} seconds (7 days)"
-        )),
+        n if n > MAX_SECONDS => Err(format!("{n} is too large: at most {MAX_SECONDS} seconds (7 days)")),
         n => Ok(Duration::from_secs(n)),
     }
 }
 
 pub(super) fn bytes(text: &str) -> Result<usize, String> {
-    let n: usize = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a whole number of bytes"))?;
+    let n: usize = text.parse().map_err(|_| format!("{text:?} is not a whole number of bytes"))?;
     if !(MIN_FRAME..=MAX_FRAME).contains(&n) {
-        return Err(format!(
-            "{n} is out of range: between {MIN_FRAME} and {MAX_FRAME} bytes"
-        ));
+        return Err(format!("{n} is out of range: between {MIN_FRAME} and {MAX_FRAME} bytes"));
     }
     Ok(n)
 }
@@ -62,10 +54,7 @@ pub(super) fn checked_path(path: &Path) -> Result<PathBuf, String> {
         return Err("is empty: expected an absolute path".to_string());
     }
     if !path.is_absolute() {
-        return Err(format!(
-            "{:?} is not an absolute path",
-            path.display().to_string()
-        ));
+        return Err(format!("{:?} is not an absolute path", path.display().to_string()));
     }
     Ok(path.to_path_buf())
 }
@@ -81,13 +70,8 @@ pub(super) fn http_url(text: &str) -> Result<String, String> {
 /// Returns the URL as written (minus trailing `/` for http bases, which are joined with paths
 /// later), after checking it parses, has a host and one of `schemes`.
 fn url_with_scheme(text: &str, schemes: &[&str]) -> Result<String, String> {
-    let wanted = schemes
-        .iter()
-        .map(|s| format!("{s}://"))
-        .collect::<Vec<_>>()
-        .join(" or ");
-    let url = reqwest::Url::parse(text)
-        .map_err(|e| format!("{text:?} is not a URL ({e}); expected {wanted}…"))?;
+    let wanted = schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(" or ");
+    let url = reqwest::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e}); expected {wanted}…"))?;
     if !schemes.contains(&url.scheme()) {
         return Err(format!("{text:?} must start with {wanted}"));
     }
@@ -106,15 +90,10 @@ pub(crate) fn identifier(text: &str) -> Result<String, String> {
         return Err("is empty".to_string());
     }
     if text.len() > MAX_ID_LEN {
-        return Err(format!(
-            "is {} characters long: at most {MAX_ID_LEN}",
-            text.len()
-        ));
+        return Err(format!("is {} characters long: at most {MAX_ID_LEN}", text.len()));
     }
     if let Some(c) = text.chars().find(|c| !c.is_ascii_graphic()) {
-        return Err(format!(
-            "{text:?} contains {c:?}: only printable ASCII without spaces is allowed"
-        ));
+        return Err(format!("{text:?} contains {c:?}: only printable ASCII without spaces is allowed"));
     }
     Ok(text.to_string())
 }
@@ -123,9 +102,7 @@ pub(crate) fn identifier(text: &str) -> Result<String, String> {
 /// upgrade code; here only the alphabet is checked, to catch pasting the comment line).
 pub(super) fn base64_key(text: &str) -> Result<String, String> {
     let body = text.trim_end_matches('=');
-    let alphabet_ok = body
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
+    let alphabet_ok = body.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
     if text.is_empty() || !alphabet_ok || text.len() % 4 != 0 || text.len() - body.len() > 2 {
         return Err(format!(
             "{text:?} is not base64 text (expected the key line of a minisign .pub file, e.g. \"RWQ…\")"
@@ -143,10 +120,7 @@ pub(super) fn log_level(text: &str) -> Result<String, String> {
         || lower.chars().any(char::is_whitespace)
         || !(is_directive || LOG_LEVELS.contains(&lower.as_str()))
     {
-        return Err(format!(
-            "{text:?} is not a log level (one of {})",
-            LOG_LEVELS.join(", ")
-        ));
+        return Err(format!("{text:?} is not a log level (one of {})", LOG_LEVELS.join(", ")));
     }
     Ok(lower)
 }
@@ -157,17 +131,9 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            ws_url("wss://b.example/agent/").unwrap(),
-            "wss://b.example/agent/"
-        );
-        assert_eq!(
-            http_url("http://169.254.169.254/").unwrap(),
-            "http://169.254.169.254"
-        );
-        assert!(ws_url("https://b.example")
-            .unwrap_err()
-            .contains("must start with ws:// or wss://"));
+        assert_eq!(ws_url("wss://b.example/agent/").unwrap(), "wss://b.example/agent/");
+        assert_eq!(http_url("http://169.254.169.254/").unwrap(), "http://169.254.169.254");
+        assert!(ws_url("https://b.example").unwrap_err().contains("must start with ws:// or wss://"));
         assert!(ws_url("b.example").unwrap_err().contains("is not a URL"));
         assert!(http_url("http://").unwrap_err().contains("not a URL"));
     }
@@ -186,9 +152,7 @@ mod tests {
     #[test]
     fn identifiers_keys_levels() {
         assert!(identifier("app 1").unwrap_err().contains("' '"));
-        assert!(identifier(&"a".repeat(256))
-            .unwrap_err()
-            .contains("at most 255"));
+        assert!(identifier(&"a".repeat(256)).unwrap_err().contains("at most 255"));
         assert!(base64_key("RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3").is_ok());
         assert!(base64_key("untrusted comment: minisign public key").is_err());
         assert_eq!(log_level("DEBUG").unwrap(), "debug");

@@ -62,9 +62,7 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The pause after failed round `attempt` (1-based).
     pub fn delay_after(&self, attempt: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempt.saturating_sub(1))
-            .unwrap_or(u32::MAX);
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
         self.first_delay.saturating_mul(factor).min(self.max_delay)
     }
 }
@@ -107,15 +105,8 @@ impl MetadataClient {
             // A redirect from a link-local service is not expected; report it as is.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| IdentityError::Client {
-                base: base.to_string(),
-                error: error_chain(&e),
-            })?;
-        Ok(MetadataClient {
-            base: base.trim_end_matches('/').to_string(),
-            http,
-            retry,
-        })
+            .map_err(|e| IdentityError::Client { base: base.to_string(), error: error_chain(&e) })?;
+        Ok(MetadataClient { base: base.trim_end_matches('/').to_string(), http, retry })
     }
 
     pub fn base(&self) -> &str {
@@ -136,18 +127,10 @@ impl MetadataClient {
                 Err(answers) => answers,
             };
             if attempt >= self.retry.attempts || !answers.iter().any(|a| a.transient) {
-                return Err(IdentityError::NoInstanceId {
-                    base: self.base.clone(),
-                    attempts: attempt,
-                    answers,
-                });
+                return Err(IdentityError::NoInstanceId { base: self.base.clone(), attempts: attempt, answers });
             }
             let pause = self.retry.delay_after(attempt);
-            tracing::debug!(
-                attempt,
-                ?pause,
-                "metadata service gave no instance id; retrying"
-            );
+            tracing::debug!(attempt, ?pause, "metadata service gave no instance id; retrying");
             tokio::time::sleep(pause).await;
             attempt += 1;
         }
@@ -164,11 +147,7 @@ impl MetadataClient {
             };
             if attempt >= self.retry.attempts || !answer.transient {
                 let (url, answer) = (self.userdata_url(), answer.answer);
-                return Err(IdentityError::Userdata {
-                    url,
-                    attempts: attempt,
-                    answer,
-                });
+                return Err(IdentityError::Userdata { url, attempts: attempt, answer });
             }
             tokio::time::sleep(self.retry.delay_after(attempt)).await;
             attempt += 1;
@@ -190,15 +169,9 @@ impl MetadataClient {
             }
         };
         // With a token, IMDSv2 is the authority; IMDSv1 is only for services without tokens.
-        let source = if token.is_some() {
-            "aws-imdsv2"
-        } else {
-            "aws-imdsv1"
-        };
+        let source = if token.is_some() { "aws-imdsv2" } else { "aws-imdsv1" };
         let request = self.with_token(self.http.get(self.url(INSTANCE_ID_PATH)), token.as_deref());
-        let text = self
-            .fetch(source, "GET", INSTANCE_ID_PATH, request, SMALL_CAP)
-            .await;
+        let text = self.fetch(source, "GET", INSTANCE_ID_PATH, request, SMALL_CAP).await;
         match text.and_then(|t| checked_id(source, INSTANCE_ID_PATH, &t)) {
             Ok(id) => Ok(id),
             Err(a) => {
@@ -211,40 +184,23 @@ impl MetadataClient {
     async fn openstack_uuid(&self) -> Result<String, SourceAnswer> {
         let source = "openstack";
         let request = self.http.get(self.url(OPENSTACK_PATH));
-        let text = self
-            .fetch(source, "GET", OPENSTACK_PATH, request, SMALL_CAP)
-            .await?;
+        let text = self.fetch(source, "GET", OPENSTACK_PATH, request, SMALL_CAP).await?;
         let uuid = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v.get("uuid").and_then(|u| u.as_str()).map(str::to_string));
         match uuid {
             Some(uuid) => checked_id(source, OPENSTACK_PATH, &uuid),
-            None => Err(invalid(
-                source,
-                "GET",
-                OPENSTACK_PATH,
-                "not a JSON object with a string \"uuid\"",
-            )),
+            None => Err(invalid(source, "GET", OPENSTACK_PATH, "not a JSON object with a string \"uuid\"")),
         }
     }
 
     async fn imds_token(&self) -> Result<String, SourceAnswer> {
-        let request = self
-            .http
-            .put(self.url(TOKEN_PATH))
-            .header(TOKEN_TTL_HEADER, TOKEN_TTL);
-        let token = self
-            .fetch("aws-imdsv2", "PUT", TOKEN_PATH, request, SMALL_CAP)
-            .await?;
+        let request = self.http.put(self.url(TOKEN_PATH)).header(TOKEN_TTL_HEADER, TOKEN_TTL);
+        let token = self.fetch("aws-imdsv2", "PUT", TOKEN_PATH, request, SMALL_CAP).await?;
         let token = token.trim();
         // The token goes back in a header: it must be a plain visible-ASCII string.
         if token.is_empty() || !token.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(invalid(
-                "aws-imdsv2",
-                "PUT",
-                TOKEN_PATH,
-                "the token is empty or not printable ASCII",
-            ));
+            return Err(invalid("aws-imdsv2", "PUT", TOKEN_PATH, "the token is empty or not printable ASCII"));
         }
         Ok(token.to_string())
     }
@@ -253,8 +209,7 @@ impl MetadataClient {
         // IMDSv2-only instances refuse userdata without a token; elsewhere the PUT just fails.
         let token = self.imds_token().await.ok();
         let request = self.with_token(self.http.get(self.url(USERDATA_PATH)), token.as_deref());
-        self.fetch("userdata", "GET", USERDATA_PATH, request, USERDATA_CAP)
-            .await
+        self.fetch("userdata", "GET", USERDATA_PATH, request, USERDATA_CAP).await
     }
 
     fn url(&self, path: &str) -> String {
@@ -285,31 +240,16 @@ impl MetadataClient {
             status,
             transient,
         };
-        let mut response = request
-            .send()
-            .await
-            .map_err(|e| answer(self.describe(&e), None, true))?;
+        let mut response = request.send().await.map_err(|e| answer(self.describe(&e), None, true))?;
         let status = response.status();
         if status != StatusCode::OK {
             let transient = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
-            return Err(answer(
-                format!("HTTP {}", status.as_u16()),
-                Some(status.as_u16()),
-                transient,
-            ));
+            return Err(answer(format!("HTTP {}", status.as_u16()), Some(status.as_u16()), transient));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| answer(self.describe(&e), None, true))?
-        {
+        while let Some(chunk) = response.chunk().await.map_err(|e| answer(self.describe(&e), None, true))? {
             if body.len() + chunk.len() > cap {
-                return Err(answer(
-                    format!("answer larger than {cap} bytes"),
-                    Some(200),
-                    false,
-                ));
+                return Err(answer(format!("answer larger than {cap} bytes"), Some(200), false));
             }
             body.extend_from_slice(&chunk);
         }
@@ -318,10 +258,7 @@ impl MetadataClient {
 
     fn describe(&self, error: &reqwest::Error) -> String {
         if error.is_timeout() {
-            format!(
-                "timed out after {} ms",
-                self.retry.request_timeout.as_millis()
-            )
+            format!("timed out after {} ms", self.retry.request_timeout.as_millis())
         } else {
             error_chain(error)
         }
@@ -329,14 +266,8 @@ impl MetadataClient {
 }
 
 fn checked_id(source: &'static str, path: &str, text: &str) -> Result<String, SourceAnswer> {
-    validate_instance_id(text).map_err(|problem| {
-        invalid(
-            source,
-            "GET",
-            path,
-            &format!("invalid instance id: {problem}"),
-        )
-    })
+    validate_instance_id(text)
+        .map_err(|problem| invalid(source, "GET", path, &format!("invalid instance id: {problem}")))
 }
 
 fn invalid(source: &'static str, method: &str, path: &str, problem: &str) -> SourceAnswer {

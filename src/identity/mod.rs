@@ -50,54 +50,32 @@ pub enum IdentityError {
          (set [userdata] instance_id or --instance-id to skip it); last answers: {}",
         join(.answers)
     )]
-    NoInstanceId {
-        base: String,
-        attempts: u32,
-        answers: Vec<SourceAnswer>,
-    },
+    NoInstanceId { base: String, attempts: u32, answers: Vec<SourceAnswer> },
 
     #[error("cannot read the instance userdata at {url} after {attempts} attempt(s): {answer}")]
-    Userdata {
-        url: String,
-        attempts: u32,
-        answer: String,
-    },
+    Userdata { url: String, attempts: u32, answer: String },
 
     #[error(transparent)]
     Config(#[from] ConfigError),
 
     #[error("{}: cannot read the instance token: {error}", .path.display())]
-    TokenRead {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    TokenRead { path: PathBuf, error: std::io::Error },
 
     #[error("{}: malformed instance token file: {problem}", .path.display())]
     TokenMalformed { path: PathBuf, problem: String },
 
     #[error("{}: cannot write the instance token: {error}", .path.display())]
-    TokenWrite {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    TokenWrite { path: PathBuf, error: std::io::Error },
 
     #[error("{}: app id {app_id:?} cannot be stored in the token file: {problem}", .path.display())]
-    TokenAppId {
-        path: PathBuf,
-        app_id: String,
-        problem: String,
-    },
+    TokenAppId { path: PathBuf, app_id: String, problem: String },
 
     #[error("no randomness available for the instance token: {0}")]
     Random(String),
 }
 
 fn join(answers: &[SourceAnswer]) -> String {
-    answers
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    answers.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 /// Checks an instance id (surrounding blanks, e.g. a final newline, are removed): non-empty,
@@ -110,10 +88,7 @@ impl Identity {
     /// Completes `config` from the instance userdata when `ws_uri` or `app_id` is unset,
     /// then finds the instance id (config override, else the metadata service) and loads or
     /// creates the instance token.
-    pub async fn resolve(
-        config: &mut Config,
-        retry: &RetryPolicy,
-    ) -> Result<Identity, IdentityError> {
+    pub async fn resolve(config: &mut Config, retry: &RetryPolicy) -> Result<Identity, IdentityError> {
         let client = MetadataClient::new(&config.userdata.metadata_url, retry.clone())?;
         if config.require_backend().is_err() {
             complete_from_userdata(config, &client).await?;
@@ -124,35 +99,21 @@ impl Identity {
             None => client.instance_id().await?,
         };
         let instance_token = load_or_create_token(&config.agent.token_file, &app_id)?;
-        Ok(Identity {
-            instance_id,
-            app_id,
-            instance_token,
-        })
+        Ok(Identity { instance_id, app_id, instance_token })
     }
 }
 
 /// The instance id alone: the config override, else the metadata service.
-pub async fn resolve_instance_id(
-    config: &Config,
-    retry: &RetryPolicy,
-) -> Result<String, IdentityError> {
+pub async fn resolve_instance_id(config: &Config, retry: &RetryPolicy) -> Result<String, IdentityError> {
     match &config.userdata.instance_id {
         Some(id) => Ok(id.clone()),
-        None => {
-            MetadataClient::new(&config.userdata.metadata_url, retry.clone())?
-                .instance_id()
-                .await
-        }
+        None => MetadataClient::new(&config.userdata.metadata_url, retry.clone())?.instance_id().await,
     }
 }
 
 /// An unreachable userdata is only logged: the caller's "not set" error, which lists every
 /// way to set the key, is the more useful message.
-async fn complete_from_userdata(
-    config: &mut Config,
-    client: &MetadataClient,
-) -> Result<(), IdentityError> {
+async fn complete_from_userdata(config: &mut Config, client: &MetadataClient) -> Result<(), IdentityError> {
     match client.userdata().await {
         Ok(Some(userdata)) => {
             let filled = fill_from_userdata(config, &userdata, &client.userdata_url())?;

@@ -16,10 +16,7 @@ pub struct Request {
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -38,16 +35,11 @@ impl Server {
 
     /// `(method, path)` of every request, in order.
     pub fn calls(&self) -> Vec<(String, String)> {
-        self.requests()
-            .into_iter()
-            .map(|r| (r.method, r.path))
-            .collect()
+        self.requests().into_iter().map(|r| (r.method, r.path)).collect()
     }
 }
 
-pub async fn serve(
-    handler: impl Fn(&Request) -> Option<(u16, String)> + Send + Sync + 'static,
-) -> Server {
+pub async fn serve(handler: impl Fn(&Request) -> Option<(u16, String)> + Send + Sync + 'static) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -96,15 +88,8 @@ async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
         };
         headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
     }
-    let request = Request {
-        method,
-        path,
-        headers,
-    };
-    let length: usize = request
-        .header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let request = Request { method, path, headers };
+    let length: usize = request.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     reader.read_exact(&mut vec![0; length]).await.ok()?;
     Some(request)
 }

@@ -68,16 +68,9 @@ fn new_token(path: &Path, app_id: &str) -> Result<String, IdentityError> {
 
 /// `None` if the file does not exist.
 fn read_token_file(path: &Path) -> Result<Option<TokenFile>, IdentityError> {
-    let read_error = |error| IdentityError::TokenRead {
-        path: path.to_path_buf(),
-        error,
-    };
+    let read_error = |error| IdentityError::TokenRead { path: path.to_path_buf(), error };
     // O_NOFOLLOW: a symlink planted in the state directory must not redirect the secret.
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
-    {
+    let file = match OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(read_error(e)),
@@ -92,13 +85,9 @@ fn read_token_file(path: &Path) -> Result<Option<TokenFile>, IdentityError> {
         tracing::warn!(path = %path_text, %mode, "token readable by others; chmod 600");
     }
     let mut bytes = Vec::new();
-    file.take(MAX_FILE_LEN + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_error)?;
-    let malformed = |problem: &str| IdentityError::TokenMalformed {
-        path: path.to_path_buf(),
-        problem: problem.to_string(),
-    };
+    file.take(MAX_FILE_LEN + 1).read_to_end(&mut bytes).map_err(read_error)?;
+    let malformed =
+        |problem: &str| IdentityError::TokenMalformed { path: path.to_path_buf(), problem: problem.to_string() };
     if bytes.len() as u64 > MAX_FILE_LEN {
         return Err(malformed("larger than 4096 bytes"));
     }
@@ -114,47 +103,27 @@ fn parse_token_file(text: &str) -> Result<TokenFile, &'static str> {
     }
     let app_id = match lines.next() {
         None => None,
-        Some(line) => Some(
-            line.trim()
-                .strip_prefix(APP_PREFIX)
-                .ok_or("the second line is not `app_id=…`")?,
-        ),
+        Some(line) => Some(line.trim().strip_prefix(APP_PREFIX).ok_or("the second line is not `app_id=…`")?),
     };
     if lines.any(|l| !l.trim().is_empty()) {
         return Err("more than two lines");
     }
-    Ok(TokenFile {
-        token: token.to_string(),
-        app_id: app_id.map(str::to_string),
-    })
+    Ok(TokenFile { token: token.to_string(), app_id: app_id.map(str::to_string) })
 }
 
 fn write_token_file(path: &Path, token: &str, app_id: &str) -> Result<(), IdentityError> {
-    let write_error = |error| IdentityError::TokenWrite {
-        path: path.to_path_buf(),
-        error,
-    };
+    let write_error = |error| IdentityError::TokenWrite { path: path.to_path_buf(), error };
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
     if !dir.exists() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(write_error)?;
+        DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(write_error)?;
     }
-    let name = path
-        .file_name()
-        .ok_or_else(|| write_error(std::io::Error::other("no file name")))?;
+    let name = path.file_name().ok_or_else(|| write_error(std::io::Error::other("no file name")))?;
     let mut suffix = [0u8; 6];
     getrandom::fill(&mut suffix).map_err(|e| IdentityError::Random(e.to_string()))?;
-    let temp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        hex::encode(suffix)
-    ));
+    let temp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), hex::encode(suffix)));
     let result = write_new(&temp, format!("{token}\n{APP_PREFIX}{app_id}\n").as_bytes())
         .and_then(|()| fs::rename(&temp, path))
         .and_then(|()| File::open(dir)?.sync_all());
@@ -166,12 +135,8 @@ fn write_token_file(path: &Path, token: &str, app_id: &str) -> Result<(), Identi
 
 /// Creates `path` (which must not exist) with mode 0600 exactly, whatever the umask.
 fn write_new(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)?;
+    let mut file =
+        OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nix::libc::O_NOFOLLOW).open(path)?;
     file.set_permissions(fs::Permissions::from_mode(0o600))?;
     file.write_all(contents)?;
     file.sync_all()
@@ -194,15 +159,8 @@ mod tests {
         assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);
-        assert_eq!(
-            fs::read_to_string(&path).unwrap(),
-            format!("{token}\napp_id=app-1\n")
-        );
-        assert_eq!(
-            load_or_create_token(&path, "app-1").unwrap(),
-            token,
-            "reused"
-        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("{token}\napp_id=app-1\n"));
+        assert_eq!(load_or_create_token(&path, "app-1").unwrap(), token, "reused");
         let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file left behind");
     }
@@ -214,10 +172,7 @@ mod tests {
         let first = load_or_create_token(&path, "app-1").unwrap();
         let second = load_or_create_token(&path, "app-2").unwrap();
         assert_ne!(first, second);
-        assert_eq!(
-            fs::read_to_string(&path).unwrap(),
-            format!("{second}\napp_id=app-2\n")
-        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("{second}\napp_id=app-2\n"));
         assert_eq!(load_or_create_token(&path, "app-2").unwrap(), second);
         assert_eq!(mode(&path), 0o600);
     }
@@ -229,10 +184,7 @@ mod tests {
         let token = "ab".repeat(32);
         fs::write(&path, format!("{token}\n")).unwrap();
         assert_eq!(load_or_create_token(&path, "app-1").unwrap(), token);
-        assert_eq!(
-            fs::read_to_string(&path).unwrap(),
-            format!("{token}\napp_id=app-1\n")
-        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("{token}\napp_id=app-1\n"));
     }
 
     #[test]
@@ -240,49 +192,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         for (content, problem) in [
-            (
-                "not-a-token\n",
-                "the first line is not 64 hexadecimal digits",
-            ),
-            (
-                &format!("{}\nowner=x\n", "a".repeat(64)),
-                "the second line is not `app_id=…`",
-            ),
-            (
-                &format!("{}\napp_id=x\nmore\n", "a".repeat(64)),
-                "more than two lines",
-            ),
+            ("not-a-token\n", "the first line is not 64 hexadecimal digits"),
+            (&format!("{}\nowner=x\n", "a".repeat(64)), "the second line is not `app_id=…`"),
+            (&format!("{}\napp_id=x\nmore\n", "a".repeat(64)), "more than two lines"),
         ] {
             fs::write(&path, content).unwrap();
-            let e = load_or_create_token(&path, "app-1")
-                .unwrap_err()
-                .to_string();
-            assert_eq!(
-                e,
-                format!(
-                    "{}: malformed instance token file: {problem}",
-                    path.display()
-                )
-            );
+            let e = load_or_create_token(&path, "app-1").unwrap_err().to_string();
+            assert_eq!(e, format!("{}: malformed instance token file: {problem}", path.display()));
         }
         fs::write(&path, "a".repeat(5000)).unwrap();
-        assert!(load_or_create_token(&path, "x")
-            .unwrap_err()
-            .to_string()
-            .contains("larger than 4096 bytes"));
+        assert!(load_or_create_token(&path, "x").unwrap_err().to_string().contains("larger than 4096 bytes"));
 
         let as_dir = dir.path().join("dir");
         fs::create_dir(&as_dir).unwrap();
-        let e = load_or_create_token(&as_dir, "app-1")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            format!(
-                "{}: cannot read the instance token: not a regular file",
-                as_dir.display()
-            )
-        );
+        let e = load_or_create_token(&as_dir, "app-1").unwrap_err().to_string();
+        assert_eq!(e, format!("{}: cannot read the instance token: not a regular file", as_dir.display()));
     }
 
     #[test]
@@ -292,16 +216,8 @@ mod tests {
         fs::write(&target, format!("{}\napp_id=app-1\n", "c".repeat(64))).unwrap();
         let link = dir.path().join("token");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        let e = load_or_create_token(&link, "app-1")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with(&format!(
-                "{}: cannot read the instance token: ",
-                link.display()
-            )),
-            "{e}"
-        );
+        let e = load_or_create_token(&link, "app-1").unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: cannot read the instance token: ", link.display())), "{e}");
     }
 
     #[test]

@@ -111,10 +111,7 @@ pub fn fill_from_userdata(
         let Some(value) = userdata.get(var).filter(|v| !v.is_empty()) else {
             continue;
         };
-        let origin = Origin::Userdata {
-            url: url.to_string(),
-            var: (*var).to_string(),
-        };
+        let origin = Origin::Userdata { url: url.to_string(), var: (*var).to_string() };
         if config.set_if_unset(origin, "userdata", key, value)? {
             filled.push(*key);
         }
@@ -137,9 +134,7 @@ fn assignment(line: &str, vars: &BTreeMap<String, String>) -> Option<(String, St
 
 fn is_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -172,11 +167,7 @@ fn single_quoted(chars: &mut Peekable<Chars<'_>>) -> Option<String> {
     }
 }
 
-fn double_quoted(
-    chars: &mut Peekable<Chars<'_>>,
-    vars: &BTreeMap<String, String>,
-    out: &mut String,
-) -> Option<()> {
+fn double_quoted(chars: &mut Peekable<Chars<'_>>, vars: &BTreeMap<String, String>, out: &mut String) -> Option<()> {
     loop {
         match chars.next()? {
             '"' => return Some(()),
@@ -195,11 +186,7 @@ fn double_quoted(
 }
 
 /// After a `$`: `${NAME}` or `$NAME` of a variable assigned above; a lone `$` stays.
-fn expand(
-    chars: &mut Peekable<Chars<'_>>,
-    vars: &BTreeMap<String, String>,
-    out: &mut String,
-) -> Option<()> {
+fn expand(chars: &mut Peekable<Chars<'_>>, vars: &BTreeMap<String, String>, out: &mut String) -> Option<()> {
     let name = match chars.peek() {
         Some('{') => {
             chars.next();
@@ -229,10 +216,7 @@ fn expand(
 fn heredoc_delimiter(line: &str) -> Option<String> {
     let (_, rest) = line.split_once("<<")?;
     let rest = rest.strip_prefix('-').unwrap_or(rest).trim_start();
-    let word: String = rest
-        .chars()
-        .take_while(|c| !c.is_whitespace() && !matches!(c, ';' | '&' | '|' | '>'))
-        .collect();
+    let word: String = rest.chars().take_while(|c| !c.is_whitespace() && !matches!(c, ';' | '&' | '|' | '>')).collect();
     let word = word.trim_matches(['\'', '"']);
     // `<<<` is a here-string, not a here-document.
     (!word.is_empty() && !word.starts_with('<')).then(|| word.to_string())
@@ -255,19 +239,10 @@ mod tests {
             bash /tmp/userdata.sh \"${APP_ID}\" \"${WS_URI}\"\n";
         let u = parse_userdata(text);
         assert_eq!(u.app_id.as_deref(), Some("app-7e59c1"));
-        assert_eq!(
-            u.ws_uri.as_deref(),
-            Some("wss://api.visualops.io:443/agent/")
-        );
+        assert_eq!(u.ws_uri.as_deref(), Some("wss://api.visualops.io:443/agent/"));
         assert_eq!(u.version.as_deref(), Some("v2015-03-26"));
-        assert_eq!(
-            u.base_remote.as_deref(),
-            Some("https://s3.amazonaws.com/visualops")
-        );
-        assert_eq!(
-            u.gpg_key_uri.as_deref(),
-            Some("https://s3.amazonaws.com/visualops/visualops.gpg")
-        );
+        assert_eq!(u.base_remote.as_deref(), Some("https://s3.amazonaws.com/visualops"));
+        assert_eq!(u.gpg_key_uri.as_deref(), Some("https://s3.amazonaws.com/visualops/visualops.gpg"));
         assert!(u.other.is_empty());
     }
 
@@ -308,13 +283,7 @@ mod tests {
             echo APP_ID=not-an-assignment\n\
             PRICE=5$\n";
         let u = parse_userdata(text);
-        assert_eq!(
-            u,
-            Userdata {
-                other: [("PRICE".to_string(), "5$".to_string())].into(),
-                ..Userdata::default()
-            }
-        );
+        assert_eq!(u, Userdata { other: [("PRICE".to_string(), "5$".to_string())].into(), ..Userdata::default() });
     }
 
     #[test]
@@ -330,42 +299,22 @@ mod tests {
 
     #[test]
     fn not_a_shell_script() {
-        assert_eq!(
-            parse_userdata("#cloud-config\npackages:\n  - nginx\n"),
-            Userdata::default()
-        );
+        assert_eq!(parse_userdata("#cloud-config\npackages:\n  - nginx\n"), Userdata::default());
         assert_eq!(parse_userdata(""), Userdata::default());
     }
 
     #[test]
     fn fill_only_unset_keys_and_report_bad_values() {
         let url = "http://169.254.169.254/latest/user-data";
-        let mut config = Config::parse(
-            "/etc/opsagent.conf".as_ref(),
-            "[userdata]\napp_id = from-file\n",
-        )
-        .unwrap();
-        let u = parse_userdata(
-            "APP_ID=from-userdata\nWS_URI=wss://ud/\nVERSION=\nBASE_REMOTE=https://dl/\n",
-        );
-        assert_eq!(
-            fill_from_userdata(&mut config, &u, url).unwrap(),
-            vec!["ws_uri", "base_remote"]
-        );
-        assert_eq!(
-            config.require_backend().unwrap(),
-            ("wss://ud/", "from-file")
-        );
-        assert_eq!(
-            config.userdata.version, None,
-            "an empty VERSION= is ignored"
-        );
+        let mut config = Config::parse("/etc/opsagent.conf".as_ref(), "[userdata]\napp_id = from-file\n").unwrap();
+        let u = parse_userdata("APP_ID=from-userdata\nWS_URI=wss://ud/\nVERSION=\nBASE_REMOTE=https://dl/\n");
+        assert_eq!(fill_from_userdata(&mut config, &u, url).unwrap(), vec!["ws_uri", "base_remote"]);
+        assert_eq!(config.require_backend().unwrap(), ("wss://ud/", "from-file"));
+        assert_eq!(config.userdata.version, None, "an empty VERSION= is ignored");
 
         let mut config = Config::default();
         let u = parse_userdata("WS_URI=http://not-ws/\n");
-        let e = fill_from_userdata(&mut config, &u, url)
-            .unwrap_err()
-            .to_string();
+        let e = fill_from_userdata(&mut config, &u, url).unwrap_err().to_string();
         assert_eq!(
             e,
             "userdata http://169.254.169.254/latest/user-data: WS_URI ([userdata] ws_uri): \

@@ -30,19 +30,11 @@ struct FakeHelper {
 
 impl FakeHelper {
     fn script(&self, id: &str, acts: &[Act]) {
-        self.script
-            .lock()
-            .unwrap()
-            .insert(id.to_string(), acts.to_vec());
+        self.script.lock().unwrap().insert(id.to_string(), acts.to_vec());
     }
 
     fn calls(&self) -> Vec<String> {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|c| c.0.clone())
-            .collect()
+        self.calls.lock().unwrap().iter().map(|c| c.0.clone()).collect()
     }
 
     fn call_times(&self) -> Vec<(String, Duration)> {
@@ -53,16 +45,9 @@ impl FakeHelper {
 }
 
 impl HelperClient for FakeHelper {
-    async fn apply(
-        &self,
-        req: ApplyRequest,
-        mut cancel: Cancel,
-    ) -> Result<Outcome, HelperClientError> {
+    async fn apply(&self, req: ApplyRequest, mut cancel: Cancel) -> Result<Outcome, HelperClientError> {
         let id = req.state_id.to_string();
-        self.calls
-            .lock()
-            .unwrap()
-            .push((id.clone(), req.recipe_version, Instant::now()));
+        self.calls.lock().unwrap().push((id.clone(), req.recipe_version, Instant::now()));
         let act = {
             let mut script = self.script.lock().unwrap();
             match script.get_mut(&id) {
@@ -73,16 +58,10 @@ impl HelperClient for FakeHelper {
         };
         let cancelled = |me: &Self| {
             me.cancels.lock().unwrap().push(id.clone());
-            Ok(Outcome {
-                cancelled: true,
-                ..Outcome::failed("killed")
-            })
+            Ok(Outcome { cancelled: true, ..Outcome::failed("killed") })
         };
         match act {
-            Act::Ok => Ok(Outcome {
-                changes: vec![Change::new(&id, "applied")],
-                ..Outcome::ok("ok")
-            }),
+            Act::Ok => Ok(Outcome { changes: vec![Change::new(&id, "applied")], ..Outcome::ok("ok") }),
             Act::Fail => Ok(Outcome::failed("boom")),
             Act::Slow(d) => {
                 tokio::select! {
@@ -98,12 +77,7 @@ impl HelperClient for FakeHelper {
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
-        Ok(HelperStatus {
-            helper_version: "fake".into(),
-            protocol_version: 1,
-            uptime_s: 0,
-            running: vec![],
-        })
+        Ok(HelperStatus { helper_version: "fake".into(), protocol_version: 1, uptime_s: 0, running: vec![] })
     }
 }
 
@@ -116,12 +90,7 @@ struct FakeEffects {
 
 impl FakeEffects {
     fn logs(&self) -> Vec<(String, bool, u64)> {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|l| (l.state_id.clone(), l.result, l.recipe_version))
-            .collect()
+        self.logs.lock().unwrap().iter().map(|l| (l.state_id.clone(), l.result, l.recipe_version)).collect()
     }
 }
 
@@ -134,10 +103,7 @@ impl Effects for FakeEffects {
     }
     async fn upgrade(&mut self, order: &UpdateOrder) {
         let n = self.logs.lock().unwrap().len();
-        self.upgrades
-            .lock()
-            .unwrap()
-            .push((order.version.clone(), n));
+        self.upgrades.lock().unwrap().push((order.version.clone(), n));
     }
 }
 
@@ -172,12 +138,7 @@ fn start(resume: Option<Snapshot>) -> Rig {
     let effects = FakeEffects::default();
     let (engine, handle) = Engine::new(helper.clone(), effects.clone(), cfg(), resume);
     let task = tokio::spawn(engine.run());
-    Rig {
-        helper,
-        effects,
-        handle,
-        task,
-    }
+    Rig { helper, effects, handle, task }
 }
 
 impl Rig {
@@ -203,18 +164,10 @@ async fn advance(d: Duration) {
 #[tokio::test(start_paused = true)]
 async fn states_run_in_order_and_rounds_repeat_after_the_round_delay() {
     let rig = start(None);
-    rig.send(Event::Recipe(recipe(7, json!([file("a"), file("b")]))))
-        .await;
-    assert_eq!(
-        rig.effects.logs(),
-        vec![("a".into(), true, 7), ("b".into(), true, 7)]
-    );
+    rig.send(Event::Recipe(recipe(7, json!([file("a"), file("b")])))).await;
+    assert_eq!(rig.effects.logs(), vec![("a".into(), true, 7), ("b".into(), true, 7)]);
     advance(Duration::from_secs(599)).await;
-    assert_eq!(
-        rig.helper.calls().len(),
-        2,
-        "no round before the round delay"
-    );
+    assert_eq!(rig.helper.calls().len(), 2, "no round before the round delay");
     advance(Duration::from_secs(2)).await;
     let times = rig.helper.call_times();
     assert_eq!(times.len(), 4);
@@ -238,22 +191,14 @@ async fn comment_is_skipped_without_the_helper_and_bad_states_fail_with_the_reas
     assert_eq!(logs[0].state_id, "c");
     assert!(logs[0].result);
     assert!(!logs[1].result);
-    assert!(logs[1]
-        .comment
-        .as_deref()
-        .unwrap()
-        .contains("missing required parameter \"path\""));
+    assert!(logs[1].comment.as_deref().unwrap().contains("missing required parameter \"path\""));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_failure_restarts_the_round_and_a_second_failure_ceases_it_with_growing_capped_delays() {
     let rig = start(None);
     rig.helper.script("b", &[Act::Fail]);
-    rig.send(Event::Recipe(recipe(
-        1,
-        json!([file("a"), file("b"), file("c")]),
-    )))
-    .await;
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b"), file("c")])))).await;
     // a, b fails, restart: a, b fails again: ceased.
     assert_eq!(rig.helper.calls(), vec!["a", "b", "a", "b"]);
     // Retry delays: 5, 10, 20, 40, 40 (capped).
@@ -273,23 +218,12 @@ async fn a_failure_restarts_the_round_and_a_second_failure_ceases_it_with_growin
         .map(|(_, c)| c.1)
         .collect();
     assert_eq!(&starts[1..], &expected_starts[..]);
-    assert!(matches!(
-        rig.handle.status.borrow().phase,
-        Phase::RetryWait { ceased: 6, .. }
-    ));
+    assert!(matches!(rig.handle.status.borrow().phase, Phase::RetryWait { ceased: 6, .. }));
     // Once b recovers, the round completes and the next waits the round delay.
     rig.helper.script("b", &[Act::Ok]);
     advance(Duration::from_secs(40)).await;
-    assert_eq!(
-        rig.helper.calls().iter().rev().take(3).collect::<Vec<_>>(),
-        vec!["c", "b", "a"]
-    );
-    assert!(matches!(
-        rig.handle.status.borrow().phase,
-        Phase::Idle {
-            next_round_in_s: 600
-        }
-    ));
+    assert_eq!(rig.helper.calls().iter().rev().take(3).collect::<Vec<_>>(), vec!["c", "b", "a"]);
+    assert!(matches!(rig.handle.status.borrow().phase, Phase::Idle { next_round_in_s: 600 }));
 }
 
 #[tokio::test(start_paused = true)]
@@ -297,8 +231,7 @@ async fn a_different_state_failing_in_the_retry_restarts_again_but_each_state_on
     let rig = start(None);
     rig.helper.script("a", &[Act::Ok, Act::Fail, Act::Ok]);
     rig.helper.script("b", &[Act::Fail, Act::Ok]);
-    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")]))))
-        .await;
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
     // a ok, b fails → restart; a fails → restart; a ok, b ok → complete.
     assert_eq!(rig.helper.calls(), vec!["a", "b", "a", "a", "b"]);
     assert_eq!(rig.handle.status.borrow().rounds_completed, 1);
@@ -313,27 +246,12 @@ async fn meta_wait_blocks_until_the_backend_reports_done_for_this_version() {
     );
     rig.send(Event::Recipe(r)).await;
     assert_eq!(rig.helper.calls(), vec!["a"]);
-    assert!(matches!(
-        rig.handle.status.borrow().phase,
-        Phase::Waiting { index: 2, .. }
-    ));
+    assert!(matches!(rig.handle.status.borrow().phase, Phase::Waiting { index: 2, .. }));
     advance(Duration::from_secs(3600)).await;
     assert_eq!(rig.helper.calls(), vec!["a"], "still waiting");
-    rig.send(Event::WaitDone {
-        recipe_version: 2,
-        state_ids: vec!["w".into()],
-    })
-    .await;
-    assert_eq!(
-        rig.helper.calls(),
-        vec!["a"],
-        "another version's release is ignored"
-    );
-    rig.send(Event::WaitDone {
-        recipe_version: 3,
-        state_ids: vec!["w".into()],
-    })
-    .await;
+    rig.send(Event::WaitDone { recipe_version: 2, state_ids: vec!["w".into()] }).await;
+    assert_eq!(rig.helper.calls(), vec!["a"], "another version's release is ignored");
+    rig.send(Event::WaitDone { recipe_version: 3, state_ids: vec!["w".into()] }).await;
     assert_eq!(rig.helper.calls(), vec!["a", "b"]);
     assert_eq!(rig.effects.logs()[1], ("w".into(), true, 3));
     // The mark was persisted with the recipe.
@@ -349,20 +267,9 @@ async fn meta_wait_also_accepts_the_referenced_state_ids() {
         json!([{"id": "w", "module": "meta.wait", "parameter": {"state": ["@{db.s1}", "@{web.s2}"]}}, file("b")]),
     );
     rig.send(Event::Recipe(r)).await;
-    rig.send(Event::WaitDone {
-        recipe_version: 3,
-        state_ids: vec!["s1".into()],
-    })
-    .await;
-    assert!(
-        rig.helper.calls().is_empty(),
-        "one of two references is not enough"
-    );
-    rig.send(Event::WaitDone {
-        recipe_version: 3,
-        state_ids: vec!["s2".into()],
-    })
-    .await;
+    rig.send(Event::WaitDone { recipe_version: 3, state_ids: vec!["s1".into()] }).await;
+    assert!(rig.helper.calls().is_empty(), "one of two references is not enough");
+    rig.send(Event::WaitDone { recipe_version: 3, state_ids: vec!["s2".into()] }).await;
     assert_eq!(rig.helper.calls(), vec!["b"]);
 }
 
@@ -370,34 +277,15 @@ async fn meta_wait_also_accepts_the_referenced_state_ids() {
 async fn a_new_recipe_cancels_the_running_state_and_starts_at_once() {
     let rig = start(None);
     rig.helper.script("long", &[Act::Hang]);
-    rig.send(Event::Recipe(recipe(
-        1,
-        json!([file("a"), file("long"), file("z")]),
-    )))
-    .await;
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("long"), file("z")])))).await;
     advance(Duration::from_secs(100)).await;
     let before = Instant::now();
-    rig.send(Event::Recipe(recipe(2, json!([file("n1"), file("n2")]))))
-        .await;
-    assert_eq!(
-        Instant::now(),
-        before,
-        "no time passes between the recipe and the new round"
-    );
-    assert_eq!(
-        *rig.helper.cancels.lock().unwrap(),
-        vec!["long".to_string()]
-    );
+    rig.send(Event::Recipe(recipe(2, json!([file("n1"), file("n2")])))).await;
+    assert_eq!(Instant::now(), before, "no time passes between the recipe and the new round");
+    assert_eq!(*rig.helper.cancels.lock().unwrap(), vec!["long".to_string()]);
     let logs = rig.effects.logs.lock().unwrap().clone();
     let long = logs.iter().find(|l| l.state_id == "long").unwrap();
-    assert!(
-        !long.result
-            && long
-                .comment
-                .as_deref()
-                .unwrap()
-                .starts_with("cancelled: a new recipe arrived")
-    );
+    assert!(!long.result && long.comment.as_deref().unwrap().starts_with("cancelled: a new recipe arrived"));
     assert_eq!(long.recipe_version, 1);
     assert_eq!(rig.helper.calls(), vec!["a", "long", "n1", "n2"]);
     assert_eq!(rig.effects.logs().last().unwrap(), &("n2".into(), true, 2));
@@ -406,17 +294,11 @@ async fn a_new_recipe_cancels_the_running_state_and_starts_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_new_recipe_during_a_wait_or_the_round_delay_starts_at_once() {
     let rig = start(None);
-    rig.send(Event::Recipe(recipe(
-        1,
-        json!([{"id": "w", "module": "meta.wait", "parameter": {"state": "@{x.y}"}}]),
-    )))
-    .await;
+    rig.send(Event::Recipe(recipe(1, json!([{"id": "w", "module": "meta.wait", "parameter": {"state": "@{x.y}"}}]))))
+        .await;
     rig.send(Event::Recipe(recipe(2, json!([file("a")])))).await;
     assert_eq!(rig.helper.calls(), vec!["a"]);
-    assert!(
-        !rig.effects.logs.lock().unwrap()[0].result,
-        "the aborted wait is reported as failed"
-    );
+    assert!(!rig.effects.logs.lock().unwrap()[0].result, "the aborted wait is reported as failed");
     advance(Duration::from_secs(10)).await;
     rig.send(Event::Recipe(recipe(3, json!([file("b")])))).await;
     assert_eq!(rig.helper.calls(), vec!["a", "b"]);
@@ -425,18 +307,13 @@ async fn a_new_recipe_during_a_wait_or_the_round_delay_starts_at_once() {
 #[tokio::test(start_paused = true)]
 async fn header_only_update_adopts_the_version_and_the_same_version_is_ignored() {
     let rig = start(None);
-    rig.helper
-        .script("a", &[Act::Slow(Duration::from_secs(10))]);
-    rig.send(Event::Recipe(recipe(5, json!([file("a"), file("b")]))))
-        .await;
+    rig.helper.script("a", &[Act::Slow(Duration::from_secs(10))]);
+    rig.send(Event::Recipe(recipe(5, json!([file("a"), file("b")])))).await;
     rig.send(Event::VersionOnly(6)).await;
     rig.send(Event::Recipe(recipe(6, json!([file("x")])))).await;
     advance(Duration::from_secs(11)).await;
     assert_eq!(rig.helper.calls(), vec!["a", "b"]);
-    assert_eq!(
-        rig.effects.logs(),
-        vec![("a".into(), true, 6), ("b".into(), true, 6)]
-    );
+    assert_eq!(rig.effects.logs(), vec![("a".into(), true, 6), ("b".into(), true, 6)]);
     assert!(rig.helper.cancels.lock().unwrap().is_empty());
     assert_eq!(rig.handle.status.borrow().recipe_version, Some(6));
 }
@@ -444,47 +321,24 @@ async fn header_only_update_adopts_the_version_and_the_same_version_is_ignored()
 #[tokio::test(start_paused = true)]
 async fn an_upgrade_order_runs_exactly_once_when_the_round_ends() {
     let rig = start(None);
-    rig.helper
-        .script("a", &[Act::Slow(Duration::from_secs(10))]);
-    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")]))))
-        .await;
-    rig.send(Event::AgentUpdate(UpdateOrder {
-        version: "2.0".into(),
-        url: "u".into(),
-    }))
-    .await;
-    assert!(
-        rig.effects.upgrades.lock().unwrap().is_empty(),
-        "not mid-round"
-    );
+    rig.helper.script("a", &[Act::Slow(Duration::from_secs(10))]);
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
+    rig.send(Event::AgentUpdate(UpdateOrder { version: "2.0".into(), url: "u".into() })).await;
+    assert!(rig.effects.upgrades.lock().unwrap().is_empty(), "not mid-round");
     advance(Duration::from_secs(11)).await;
-    assert_eq!(
-        *rig.effects.upgrades.lock().unwrap(),
-        vec![("2.0".to_string(), 2)],
-        "after both states"
-    );
+    assert_eq!(*rig.effects.upgrades.lock().unwrap(), vec![("2.0".to_string(), 2)], "after both states");
     advance(Duration::from_secs(1300)).await;
-    assert_eq!(
-        rig.effects.upgrades.lock().unwrap().len(),
-        1,
-        "exactly once"
-    );
+    assert_eq!(rig.effects.upgrades.lock().unwrap().len(), 1, "exactly once");
     // While idle between rounds an order runs at once.
-    rig.send(Event::AgentUpdate(UpdateOrder {
-        version: "3.0".into(),
-        url: "u".into(),
-    }))
-    .await;
+    rig.send(Event::AgentUpdate(UpdateOrder { version: "3.0".into(), url: "u".into() })).await;
     assert_eq!(rig.effects.upgrades.lock().unwrap().len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn stop_lets_the_running_state_finish() {
     let rig = start(None);
-    rig.helper
-        .script("a", &[Act::Slow(Duration::from_secs(10))]);
-    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")]))))
-        .await;
+    rig.helper.script("a", &[Act::Slow(Duration::from_secs(10))]);
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
     rig.send(Event::Stop(StopMode::AfterState)).await;
     advance(Duration::from_secs(11)).await;
     assert!(rig.task.is_finished());
@@ -496,8 +350,7 @@ async fn stop_lets_the_running_state_finish() {
 async fn stop_cancels_a_state_that_outlives_the_stop_timeout() {
     let rig = start(None);
     rig.helper.script("a", &[Act::Hang]);
-    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")]))))
-        .await;
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
     rig.send(Event::Stop(StopMode::AfterState)).await;
     advance(Duration::from_secs(29)).await;
     assert!(!rig.task.is_finished());
@@ -505,20 +358,14 @@ async fn stop_cancels_a_state_that_outlives_the_stop_timeout() {
     assert!(rig.task.is_finished());
     let logs = rig.effects.logs.lock().unwrap().clone();
     assert_eq!(logs.len(), 1);
-    assert!(logs[0]
-        .comment
-        .as_deref()
-        .unwrap()
-        .starts_with("cancelled: the agent is stopping"));
+    assert!(logs[0].comment.as_deref().unwrap().starts_with("cancelled: the agent is stopping"));
 }
 
 #[tokio::test(start_paused = true)]
 async fn stop_after_round_finishes_the_round() {
     let rig = start(None);
-    rig.helper
-        .script("a", &[Act::Slow(Duration::from_secs(10))]);
-    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")]))))
-        .await;
+    rig.helper.script("a", &[Act::Slow(Duration::from_secs(10))]);
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
     rig.send(Event::Stop(StopMode::AfterRound)).await;
     advance(Duration::from_secs(11)).await;
     assert!(rig.task.is_finished());
@@ -527,27 +374,16 @@ async fn stop_after_round_finishes_the_round() {
 
 #[tokio::test(start_paused = true)]
 async fn a_resumed_recipe_runs_at_once_offline_and_keeps_its_wait_marks() {
-    let r = recipe(
-        4,
-        json!([{"id": "w", "module": "meta.wait", "parameter": {"state": "@{x.y}"}}, file("a")]),
-    );
-    let snap = Snapshot {
-        version: 4,
-        recipe: r,
-        done: ["w".to_string()].into_iter().collect(),
-    };
+    let r = recipe(4, json!([{"id": "w", "module": "meta.wait", "parameter": {"state": "@{x.y}"}}, file("a")]));
+    let snap = Snapshot { version: 4, recipe: r, done: ["w".to_string()].into_iter().collect() };
     let rig = start(Some(snap));
     settle().await;
     assert_eq!(rig.helper.calls(), vec!["a"]);
     let logs = rig.effects.logs.lock().unwrap().clone();
-    assert!(
-        logs.iter().all(|l| l.offline),
-        "applied while the backend is unreachable"
-    );
+    assert!(logs.iter().all(|l| l.offline), "applied while the backend is unreachable");
     rig.send(Event::Online(true)).await;
     // The same version from the backend does not restart anything.
-    rig.send(Event::Recipe(recipe(4, json!([file("zzz")]))))
-        .await;
+    rig.send(Event::Recipe(recipe(4, json!([file("zzz")])))).await;
     advance(Duration::from_secs(601)).await;
     assert_eq!(rig.helper.calls(), vec!["a", "a"]);
     assert!(!rig.effects.logs.lock().unwrap().last().unwrap().offline);

@@ -26,10 +26,7 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: i32) {
-        let _ = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
     }
 
     /// Waits for the process to exit on its own.
@@ -45,10 +42,7 @@ impl Proc {
     }
 
     pub fn log_text(&self) -> String {
-        self.log
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
     }
 }
 
@@ -95,25 +89,15 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 fn spawn_logged(name: &str, mut cmd: Command, dir: &Path) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let f = std::fs::File::create(&log).unwrap();
     cmd.stderr(f.try_clone().unwrap()).stdin(Stdio::null());
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-    Proc {
-        child,
-        name: name.to_string(),
-        log: Some(log),
-    }
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+    Proc { child, name: name.to_string(), log: Some(log) }
 }
 
 /// The reference backend on a free loopback port; returns it and its port.
@@ -121,20 +105,9 @@ pub fn start_backend(dir: &Path, recipes: &Path, statelog: &Path, extra: &[&str]
     start_backend_on(dir, recipes, statelog, "127.0.0.1:0", extra)
 }
 
-pub fn start_backend_on(
-    dir: &Path,
-    recipes: &Path,
-    statelog: &Path,
-    listen: &str,
-    extra: &[&str],
-) -> (Proc, u16) {
+pub fn start_backend_on(dir: &Path, recipes: &Path, statelog: &Path, listen: &str, extra: &[&str]) -> (Proc, u16) {
     let mut cmd = Command::new(bin("opsagent-backend"));
-    cmd.arg("--listen")
-        .arg(listen)
-        .arg("--recipe-dir")
-        .arg(recipes)
-        .arg("--statelog")
-        .arg(statelog);
+    cmd.arg("--listen").arg(listen).arg("--recipe-dir").arg(recipes).arg("--statelog").arg(statelog);
     cmd.args(extra);
     cmd.stdout(Stdio::piped());
     let mut p = spawn_logged("backend", cmd, dir);
@@ -154,23 +127,12 @@ pub fn start_helper(dir: &Path, socket: &Path) -> Proc {
     let mut cmd = Command::new(bin("opsagent-helper"));
     cmd.arg("--socket").arg(socket);
     let p = spawn_logged("helper", cmd, dir);
-    assert!(
-        wait_until(Duration::from_secs(10), || socket.exists()),
-        "helper socket never appeared: {}",
-        p.log_text()
-    );
+    assert!(wait_until(Duration::from_secs(10), || socket.exists()), "helper socket never appeared: {}", p.log_text());
     p
 }
 
 /// `opsagent run` with everything given on the command line.
-pub fn start_agent(
-    dir: &Path,
-    port: u16,
-    app: &str,
-    instance: &str,
-    socket: &Path,
-    extra: &[&str],
-) -> Proc {
+pub fn start_agent(dir: &Path, port: u16, app: &str, instance: &str, socket: &Path, extra: &[&str]) -> Proc {
     // An empty file: defaults plus the flags, never the host's /etc/opsagent.conf.
     let conf = dir.join("empty.conf");
     std::fs::write(&conf, "").unwrap();

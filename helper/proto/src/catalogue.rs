@@ -11,9 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::wire::{
-    describe, normalise_name, Array, Dict, Kind, Line, Mode, Param, StateRefs, Text, Watch,
-};
+use crate::wire::{describe, normalise_name, Array, Dict, Kind, Line, Mode, Param, StateRefs, Text, Watch};
 
 /// Why a state's module or parameters were refused. The message names the parameter,
 /// what was expected and what was received.
@@ -24,18 +22,9 @@ pub enum CatalogueError {
     #[error("{module}: missing required parameter {param:?}")]
     Missing { module: String, param: String },
     #[error("{module}: parameter {param:?}: expected {expected}, got {got}")]
-    WrongType {
-        module: String,
-        param: String,
-        expected: String,
-        got: String,
-    },
+    WrongType { module: String, param: String, expected: String, got: String },
     #[error("{module}: parameter {param:?}: {problem}")]
-    Invalid {
-        module: String,
-        param: String,
-        problem: String,
-    },
+    Invalid { module: String, param: String, problem: String },
     #[error("state parameters must be a JSON object, got {0}")]
     NotAnObject(String),
 }
@@ -86,18 +75,14 @@ impl<'a> ParamBag<'a> {
     }
 
     fn take_raw(&mut self, name: &str, aliases: &[&str]) -> Option<(&'a str, &'a Value)> {
-        std::iter::once(name)
-            .chain(aliases.iter().copied())
-            .find_map(|n| self.entries.remove(&normalise_name(n)))
+        std::iter::once(name).chain(aliases.iter().copied()).find_map(|n| self.entries.remove(&normalise_name(n)))
     }
 
     fn convert<T: Param>(&self, name: &str, v: &Value) -> Result<T, CatalogueError> {
         T::from_wire(v).map_err(|reason| match reason {
-            Some(problem) => CatalogueError::Invalid {
-                module: self.module.to_string(),
-                param: name.to_string(),
-                problem,
-            },
+            Some(problem) => {
+                CatalogueError::Invalid { module: self.module.to_string(), param: name.to_string(), problem }
+            }
             None => CatalogueError::WrongType {
                 module: self.module.to_string(),
                 param: name.to_string(),
@@ -109,42 +94,22 @@ impl<'a> ParamBag<'a> {
 
     /// An optional parameter. A blank string for a non-string type is "not given": the
     /// IDE sends `""` for fields the user left empty.
-    pub fn optional<T: Param>(
-        &mut self,
-        name: &str,
-        aliases: &[&str],
-    ) -> Result<Option<T>, CatalogueError> {
+    pub fn optional<T: Param>(&mut self, name: &str, aliases: &[&str]) -> Result<Option<T>, CatalogueError> {
         let Some((_, v)) = self.take_raw(name, aliases) else {
             return Ok(None);
         };
         let blank = matches!(v, Value::String(s) if s.trim().is_empty());
-        if blank
-            && matches!(
-                T::KIND,
-                Kind::Bool | Kind::Integer | Kind::Mode | Kind::Watch
-            )
-        {
+        if blank && matches!(T::KIND, Kind::Bool | Kind::Integer | Kind::Mode | Kind::Watch) {
             return Ok(None);
         }
         self.convert(name, v).map(Some)
     }
 
-    pub fn required<T: Param>(
-        &mut self,
-        name: &str,
-        aliases: &[&str],
-    ) -> Result<T, CatalogueError> {
-        let missing = || CatalogueError::Missing {
-            module: self.module.to_string(),
-            param: name.to_string(),
-        };
+    pub fn required<T: Param>(&mut self, name: &str, aliases: &[&str]) -> Result<T, CatalogueError> {
+        let missing = || CatalogueError::Missing { module: self.module.to_string(), param: name.to_string() };
         match self.take_raw(name, aliases) {
             None => Err(missing()),
-            Some((_, Value::String(s)))
-                if s.trim().is_empty() && !matches!(T::KIND, Kind::Text) =>
-            {
-                Err(missing())
-            }
+            Some((_, Value::String(s))) if s.trim().is_empty() && !matches!(T::KIND, Kind::Text) => Err(missing()),
             Some((_, v)) => self.convert(name, v),
         }
     }
@@ -162,10 +127,7 @@ impl<'a> ParamBag<'a> {
     }
 
     fn leftovers(self) -> Vec<String> {
-        self.entries
-            .into_values()
-            .map(|(orig, _)| orig.to_string())
-            .collect()
+        self.entries.into_values().map(|(orig, _)| orig.to_string()).collect()
     }
 }
 
@@ -191,11 +153,8 @@ pub fn parse_state(module: &str, raw: &Value) -> Result<Parsed, CatalogueError> 
     let mut bag = ParamBag::new(spec.name, &rendered);
     let params = parse_module(spec.name, &mut bag)?;
     params.check()?;
-    let warnings = bag
-        .leftovers()
-        .into_iter()
-        .map(|k| format!("unknown parameter {k:?} ignored by {}", spec.name))
-        .collect();
+    let warnings =
+        bag.leftovers().into_iter().map(|k| format!("unknown parameter {k:?} ignored by {}", spec.name)).collect();
     Ok(Parsed { params, warnings })
 }
 
@@ -218,21 +177,14 @@ pub fn render_placeholders(params: &Map<String, Value>) -> Map<String, Value> {
             Some((k.to_ascii_lowercase(), text))
         })
         .collect();
-    params
-        .iter()
-        .map(|(k, v)| (k.clone(), render_value(v, &vars)))
-        .collect()
+    params.iter().map(|(k, v)| (k.clone(), render_value(v, &vars))).collect()
 }
 
 fn render_value(v: &Value, vars: &BTreeMap<String, String>) -> Value {
     match v {
         Value::String(s) if s.contains('$') => Value::String(substitute(s, vars)),
         Value::Array(items) => Value::Array(items.iter().map(|i| render_value(i, vars)).collect()),
-        Value::Object(o) => Value::Object(
-            o.iter()
-                .map(|(k, i)| (k.clone(), render_value(i, vars)))
-                .collect(),
-        ),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, i)| (k.clone(), render_value(i, vars))).collect()),
         other => other.clone(),
     }
 }
@@ -252,10 +204,7 @@ fn substitute(s: &str, vars: &BTreeMap<String, String>) -> String {
         }
         let (name, consumed) = if let Some(braced) = after.strip_prefix('{') {
             match braced.find('}') {
-                Some(end)
-                    if braced[..end].starts_with(is_start)
-                        && braced[..end].chars().all(is_cont) =>
-                {
+                Some(end) if braced[..end].starts_with(is_start) && braced[..end].chars().all(is_cont) => {
                     (&braced[..end], end + 2)
                 }
                 _ => ("", 0),
@@ -266,10 +215,7 @@ fn substitute(s: &str, vars: &BTreeMap<String, String>) -> String {
         } else {
             ("", 0)
         };
-        match vars
-            .get(&name.to_ascii_lowercase())
-            .filter(|_| !name.is_empty())
-        {
+        match vars.get(&name.to_ascii_lowercase()).filter(|_| !name.is_empty()) {
             Some(value) => {
                 out.push_str(value);
                 rest = &after[consumed..];
@@ -390,20 +336,13 @@ impl ModuleParams {
     /// judged without looking at the host.
     fn check(&self) -> Result<(), CatalogueError> {
         let invalid = |param: &str, problem: String| {
-            Err(CatalogueError::Invalid {
-                module: self.name().to_string(),
-                param: param.to_string(),
-                problem,
-            })
+            Err(CatalogueError::Invalid { module: self.name().to_string(), param: param.to_string(), problem })
         };
         let one_of = |param: &str, value: &str, allowed: &[&str]| {
             if allowed.iter().any(|a| a.eq_ignore_ascii_case(value)) {
                 Ok(())
             } else {
-                invalid(
-                    param,
-                    format!("{value:?} is not one of {}", allowed.join(", ")),
-                )
+                invalid(param, format!("{value:?} is not one of {}", allowed.join(", ")))
             }
         };
         match self {
@@ -417,10 +356,7 @@ impl ModuleParams {
                 ] {
                     if let Some(v) = v {
                         if !cron_field_ok(v, lo, hi) {
-                            return invalid(
-                                name,
-                                format!("{:?} is not a cron field for {lo}-{hi}", v.0),
-                            );
+                            return invalid(name, format!("{:?} is not a cron field for {lo}-{hi}", v.0));
                         }
                     }
                 }
@@ -429,9 +365,7 @@ impl ModuleParams {
                 }
                 Ok(())
             }
-            ModuleParams::LinuxMkfs(m) => {
-                one_of("fstype", &m.fstype, &["ext2", "ext3", "ext4", "xfs"])
-            }
+            ModuleParams::LinuxMkfs(m) => one_of("fstype", &m.fstype, &["ext2", "ext3", "ext4", "xfs"]),
             ModuleParams::LinuxRaid(r) => one_of(
                 "level",
                 &r.level,
@@ -457,12 +391,8 @@ impl ModuleParams {
                     "container",
                 ],
             ),
-            ModuleParams::LinuxService(s) if s.name.is_empty() => {
-                invalid("name", "no service named".into())
-            }
-            ModuleParams::LinuxDir(d) if d.path.is_empty() => {
-                invalid("path", "no directory named".into())
-            }
+            ModuleParams::LinuxService(s) if s.name.is_empty() => invalid("name", "no service named".into()),
+            ModuleParams::LinuxDir(d) if d.path.is_empty() => invalid("path", "no directory named".into()),
             _ => Ok(()),
         }
     }
@@ -915,15 +845,9 @@ mod tests {
                 };
                 params.insert(p.name.to_string(), v);
             }
-            let parsed = parse_state(m.name, &Value::Object(params))
-                .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            let parsed = parse_state(m.name, &Value::Object(params)).unwrap_or_else(|e| panic!("{}: {e}", m.name));
             assert_eq!(parsed.params.name(), m.name);
-            assert!(
-                parsed.warnings.is_empty(),
-                "{}: {:?}",
-                m.name,
-                parsed.warnings
-            );
+            assert!(parsed.warnings.is_empty(), "{}: {:?}", m.name, parsed.warnings);
             // The request format round-trips.
             let text = serde_json::to_string(&parsed.params).unwrap();
             let back: ModuleParams = serde_json::from_str(&text).unwrap();
@@ -936,19 +860,12 @@ mod tests {
         for m in MODULES {
             for p in m.params.iter().filter(|p| p.presence == Presence::Required) {
                 let err = parse_state(m.name, &json!({})).unwrap_err();
-                assert!(
-                    matches!(err, CatalogueError::Missing { .. }),
-                    "{}: {err}",
-                    m.name
-                );
+                assert!(matches!(err, CatalogueError::Missing { .. }), "{}: {err}", m.name);
                 let _ = p;
             }
         }
         let err = parse_state("linux.file", &json!({"mode": "0600"})).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "linux.file: missing required parameter \"path\""
-        );
+        assert_eq!(err.to_string(), "linux.file: missing required parameter \"path\"");
     }
 
     #[test]
@@ -958,12 +875,8 @@ mod tests {
             err.to_string(),
             "linux.file: parameter \"mode\": expected an octal mode such as \"0644\", got string \"rwx\""
         );
-        let err =
-            parse_state("linux.dir", &json!({"path": ["/x"], "absent": "perhaps"})).unwrap_err();
-        assert!(
-            err.to_string().contains("\"absent\": expected a boolean"),
-            "{err}"
-        );
+        let err = parse_state("linux.dir", &json!({"path": ["/x"], "absent": "perhaps"})).unwrap_err();
+        assert!(err.to_string().contains("\"absent\": expected a boolean"), "{err}");
     }
 
     #[test]
@@ -973,46 +886,36 @@ mod tests {
             CatalogueError::UnknownModule("linux.teleport".into())
         );
         let p = parse_state("linux.file", &json!({"path": "/x", "colour": "blue"})).unwrap();
-        assert_eq!(
-            p.warnings,
-            vec!["unknown parameter \"colour\" ignored by linux.file".to_string()]
-        );
+        assert_eq!(p.warnings, vec!["unknown parameter \"colour\" ignored by linux.file".to_string()]);
     }
 
     #[test]
     fn defaults_and_older_spellings() {
         let p = parse_state("linux.cmd", &json!({"cmd": "true"})).unwrap();
-        let ModuleParams::LinuxCmd(c) = p.params else {
-            panic!()
-        };
-        assert_eq!(
-            (c.timeout, c.shell.0.as_str(), c.cwd.0.as_str()),
-            (600, "/bin/sh", "/opt/visualops/tmp/")
-        );
+        let ModuleParams::LinuxCmd(c) = p.params else { panic!() };
+        assert_eq!((c.timeout, c.shell.0.as_str(), c.cwd.0.as_str()), (600, "/bin/sh", "/opt/visualops/tmp/"));
 
         let p = parse_state(
             "linux.apt.package",
             &json!({"name": [{"key": "nginx", "value": "latest"}], "fromrepo": "main", "verify_gpg": "no", "debconf": "/x"}),
         )
         .unwrap();
-        let ModuleParams::LinuxAptPackage(a) = p.params else {
-            panic!()
-        };
+        let ModuleParams::LinuxAptPackage(a) = p.params else { panic!() };
         assert_eq!(a.repo.as_deref(), Some("main"));
         assert!(!a.verify_gpg);
         assert_eq!(a.deb_conf_file.as_deref(), Some("/x"));
         assert!(p.warnings.is_empty());
 
         let p = parse_state("common.timezone", &json!({"name": "UTC", "use_utc": false})).unwrap();
-        let ModuleParams::CommonTimezone(t) = p.params else {
-            panic!()
-        };
+        let ModuleParams::CommonTimezone(t) = p.params else { panic!() };
         assert!(!t.use_utc);
 
-        let p = parse_state("linux.mount", &json!({"dev": "/dev/x", "filesystem": "ext4", "path": "/m", "opts": ["rw", "noatime"], "fstab": "False"})).unwrap();
-        let ModuleParams::LinuxMount(m) = p.params else {
-            panic!()
-        };
+        let p = parse_state(
+            "linux.mount",
+            &json!({"dev": "/dev/x", "filesystem": "ext4", "path": "/m", "opts": ["rw", "noatime"], "fstab": "False"}),
+        )
+        .unwrap();
+        let ModuleParams::LinuxMount(m) = p.params else { panic!() };
         assert_eq!(m.opts.as_deref(), Some("rw,noatime"));
         assert!(!m.fstab);
 
@@ -1021,16 +924,12 @@ mod tests {
             &json!({"name": "lv", "vg-name": "vg", "pool-metadata-size": "4m", "PV size": "x"}),
         )
         .unwrap();
-        let ModuleParams::LinuxLvmLv(lv) = p.params else {
-            panic!()
-        };
+        let ModuleParams::LinuxLvmLv(lv) = p.params else { panic!() };
         assert_eq!(lv.pool_metadata_size.as_deref(), Some("4m"));
         assert_eq!(p.warnings.len(), 1);
 
         let p = parse_state("linux.service", &json!({"name": ["crond"], "watch": true})).unwrap();
-        let ModuleParams::LinuxService(s) = p.params else {
-            panic!()
-        };
+        let ModuleParams::LinuxService(s) = p.params else { panic!() };
         assert_eq!(s.watch, Some(Watch::EveryRound));
         assert_eq!(s.name.0[0].key, "crond");
     }
@@ -1042,9 +941,7 @@ mod tests {
             &json!({"username": "u", "password": "$6$x", "uid": "", "gid": "", "no-login": ""}),
         )
         .unwrap();
-        let ModuleParams::LinuxUser(u) = p.params else {
-            panic!()
-        };
+        let ModuleParams::LinuxUser(u) = p.params else { panic!() };
         assert_eq!((u.uid, u.gid, u.no_login), (None, None, false));
         let err = parse_state("linux.file", &json!({"path": ""})).unwrap_err();
         assert!(matches!(err, CatalogueError::Missing { .. }));
@@ -1052,23 +949,10 @@ mod tests {
 
     #[test]
     fn placeholders_render_like_safe_substitute() {
-        let p = parse_state(
-            "linux.cmd",
-            &json!({"cmd": "echo $cwd ${shell} $HOME $$ $", "cwd": "/srv"}),
-        )
-        .unwrap();
-        let ModuleParams::LinuxCmd(c) = p.params else {
-            panic!()
-        };
-        assert_eq!(
-            c.cmd.0,
-            "echo /srv /bin/sh $HOME $ $".replace("/bin/sh", "${shell}")
-        );
-        let p = parse_state(
-            "linux.file",
-            &json!({"path": "/etc/$name.conf", "name": "ignored"}),
-        )
-        .unwrap();
+        let p = parse_state("linux.cmd", &json!({"cmd": "echo $cwd ${shell} $HOME $$ $", "cwd": "/srv"})).unwrap();
+        let ModuleParams::LinuxCmd(c) = p.params else { panic!() };
+        assert_eq!(c.cmd.0, "echo /srv /bin/sh $HOME $ $".replace("/bin/sh", "${shell}"));
+        let p = parse_state("linux.file", &json!({"path": "/etc/$name.conf", "name": "ignored"})).unwrap();
         assert!(p.warnings.is_empty() || p.params.name() == "linux.file");
     }
 
@@ -1076,11 +960,7 @@ mod tests {
     fn semantic_checks() {
         let bad = parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "61"})).unwrap_err();
         assert!(bad.to_string().contains("minute"), "{bad}");
-        assert!(parse_state(
-            "linux.cronjob",
-            &json!({"cmd": ["x"], "minute": "*/5", "hour": "1-3,7"})
-        )
-        .is_ok());
+        assert!(parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "*/5", "hour": "1-3,7"})).is_ok());
         assert!(parse_state("linux.mkfs", &json!({"device": "/dev/x", "fstype": "ntfs"})).is_err());
         assert!(parse_state("linux.service", &json!({"name": []})).is_err());
     }
@@ -1089,9 +969,7 @@ mod tests {
     fn wait_references() {
         let p = parse_state("meta.wait", &json!({"state": "@{web.state-3}"})).unwrap();
         assert!(p.params.is_builtin());
-        let ModuleParams::MetaWait(w) = p.params else {
-            panic!()
-        };
+        let ModuleParams::MetaWait(w) = p.params else { panic!() };
         assert_eq!(w.state.0[0].state, "state-3");
     }
 }

@@ -33,15 +33,9 @@ impl CodecError {
 pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, CodecError> {
     let body = serde_json::to_vec(msg)?;
     if body.len() > max {
-        return Err(CodecError::TooLarge {
-            len: body.len(),
-            max,
-        });
+        return Err(CodecError::TooLarge { len: body.len(), max });
     }
-    let len = u32::try_from(body.len()).map_err(|_| CodecError::TooLarge {
-        len: body.len(),
-        max,
-    })?;
+    let len = u32::try_from(body.len()).map_err(|_| CodecError::TooLarge { len: body.len(), max })?;
     let mut frame = Vec::with_capacity(body.len() + 4);
     frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(&body);
@@ -60,20 +54,13 @@ where
 }
 
 /// Reads one frame's bytes. `Ok(None)` is a clean end of stream between frames.
-pub async fn read_raw_frame<R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> Result<Option<Vec<u8>>, CodecError> {
+pub async fn read_raw_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Vec<u8>>, CodecError> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < header.len() {
         let n = r.read(&mut header[got..]).await?;
         if n == 0 {
-            return if got == 0 {
-                Ok(None)
-            } else {
-                Err(CodecError::Truncated)
-            };
+            return if got == 0 { Ok(None) } else { Err(CodecError::Truncated) };
         }
         got += n;
     }
@@ -125,18 +112,9 @@ mod tests {
         // Claim 1 GiB; only the header is ever written.
         a.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
         let err = read_raw_frame(&mut b, 1024).await.unwrap_err();
-        assert!(matches!(
-            err,
-            CodecError::TooLarge {
-                len: 1_073_741_824,
-                max: 1024
-            }
-        ));
+        assert!(matches!(err, CodecError::TooLarge { len: 1_073_741_824, max: 1024 }));
         assert!(err.is_fatal());
-        assert!(matches!(
-            encode(&"x".repeat(100), 10),
-            Err(CodecError::TooLarge { .. })
-        ));
+        assert!(matches!(encode(&"x".repeat(100), 10), Err(CodecError::TooLarge { .. })));
     }
 
     #[tokio::test]
@@ -144,10 +122,7 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&[0, 0]).await.unwrap();
         drop(a);
-        assert!(matches!(
-            read_raw_frame(&mut b, 100).await,
-            Err(CodecError::Truncated)
-        ));
+        assert!(matches!(read_raw_frame(&mut b, 100).await, Err(CodecError::Truncated)));
 
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&5u32.to_be_bytes()).await.unwrap();

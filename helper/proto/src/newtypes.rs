@@ -35,10 +35,7 @@ impl AbsPath {
             return Err(InvalidValue::Nul(raw.to_string()));
         }
         if raw.len() > PATH_MAX {
-            return Err(InvalidValue::TooLong(
-                raw.chars().take(64).collect(),
-                PATH_MAX,
-            ));
+            return Err(InvalidValue::TooLong(raw.chars().take(64).collect(), PATH_MAX));
         }
         if !raw.starts_with('/') {
             return Err(InvalidValue::NotAbsolute(raw.to_string()));
@@ -65,11 +62,7 @@ impl AbsPath {
 
     /// The parent directory (the root is its own parent).
     pub fn parent(&self) -> AbsPath {
-        Self(
-            self.0
-                .parent()
-                .map_or_else(|| PathBuf::from("/"), Path::to_path_buf),
-        )
+        Self(self.0.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf))
     }
 
     /// `self` is `prefix` or lies below it.
@@ -163,18 +156,9 @@ const UNIT_SUFFIXES: &[&str] = &[
 
 impl UnitName {
     pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
-        let ok_chars = raw
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c));
-        let has_suffix = UNIT_SUFFIXES
-            .iter()
-            .any(|s| raw.ends_with(s) && raw.len() > s.len());
-        if raw.len() > 255
-            || !ok_chars
-            || !has_suffix
-            || raw.starts_with('.')
-            || raw.starts_with('-')
-        {
+        let ok_chars = raw.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c));
+        let has_suffix = UNIT_SUFFIXES.iter().any(|s| raw.ends_with(s) && raw.len() > s.len());
+        if raw.len() > 255 || !ok_chars || !has_suffix || raw.starts_with('.') || raw.starts_with('-') {
             return Err(InvalidValue::UnitName(raw.to_string()));
         }
         Ok(Self(raw.to_string()))
@@ -219,19 +203,10 @@ mod tests {
 
     #[test]
     fn abs_paths_are_normalised_and_checked() {
-        assert_eq!(
-            AbsPath::parse("/etc//nginx/./x/").unwrap().to_string(),
-            "/etc/nginx/x"
-        );
+        assert_eq!(AbsPath::parse("/etc//nginx/./x/").unwrap().to_string(), "/etc/nginx/x");
         assert!(AbsPath::parse("/").unwrap().is_root());
-        assert_eq!(
-            AbsPath::parse("etc/x"),
-            Err(InvalidValue::NotAbsolute("etc/x".into()))
-        );
-        assert!(matches!(
-            AbsPath::parse("/srv/../etc/shadow"),
-            Err(InvalidValue::DotDot(_))
-        ));
+        assert_eq!(AbsPath::parse("etc/x"), Err(InvalidValue::NotAbsolute("etc/x".into())));
+        assert!(matches!(AbsPath::parse("/srv/../etc/shadow"), Err(InvalidValue::DotDot(_))));
         assert!(matches!(AbsPath::parse("/a\0b"), Err(InvalidValue::Nul(_))));
         assert!(AbsPath::parse(&format!("/{}", "a".repeat(5000))).is_err());
         let p = AbsPath::parse("/srv/app/conf").unwrap();
@@ -248,14 +223,8 @@ mod tests {
         assert!(StateId::parse("state-7E59").is_ok());
         assert!(StateId::parse("").is_err());
         assert!(StateId::parse("a\nb").is_err());
-        assert_eq!(
-            UnitName::service("nginx").unwrap().as_str(),
-            "nginx.service"
-        );
-        assert_eq!(
-            UnitName::service("getty@tty1.service").unwrap().as_str(),
-            "getty@tty1.service"
-        );
+        assert_eq!(UnitName::service("nginx").unwrap().as_str(), "nginx.service");
+        assert_eq!(UnitName::service("getty@tty1.service").unwrap().as_str(), "getty@tty1.service");
         assert!(UnitName::service("bad name").is_err());
         assert!(UnitName::service("../x").is_err());
         assert!(UnitName::parse("x").is_err());

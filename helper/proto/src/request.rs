@@ -21,10 +21,7 @@ pub struct RequestFrame {
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Request {
     /// First request on a connection: both sides name their protocol version.
-    Hello {
-        protocol_version: u32,
-        agent_version: String,
-    },
+    Hello { protocol_version: u32, agent_version: String },
     /// Apply one state.
     Apply(ApplyRequest),
     /// Cancel the running `Apply` whose request id is `target`: its commands' process
@@ -88,19 +85,11 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn ok(comment: impl Into<String>) -> Self {
-        Self {
-            result: true,
-            comment: comment.into(),
-            ..Self::default()
-        }
+        Self { result: true, comment: comment.into(), ..Self::default() }
     }
 
     pub fn failed(comment: impl Into<String>) -> Self {
-        Self {
-            result: false,
-            comment: comment.into(),
-            ..Self::default()
-        }
+        Self { result: false, comment: comment.into(), ..Self::default() }
     }
 
     pub fn changed(&self) -> bool {
@@ -117,10 +106,7 @@ pub struct Change {
 
 impl Change {
     pub fn new(subject: impl Into<String>, what: impl Into<String>) -> Self {
-        Self {
-            subject: subject.into(),
-            what: what.into(),
-        }
+        Self { subject: subject.into(), what: what.into() }
     }
 }
 
@@ -149,10 +135,7 @@ pub struct HelperError {
 
 impl HelperError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
 }
 
@@ -182,9 +165,7 @@ mod tests {
 
     #[test]
     fn apply_request_wire_shape_round_trips() {
-        let params = parse_state("linux.file", &json!({"path": "/etc/motd", "content": "hi"}))
-            .unwrap()
-            .params;
+        let params = parse_state("linux.file", &json!({"path": "/etc/motd", "content": "hi"})).unwrap().params;
         let frame = RequestFrame {
             id: 7,
             request: Request::Apply(ApplyRequest {
@@ -203,10 +184,7 @@ mod tests {
 
     #[test]
     fn unknown_request_types_and_bad_ids_are_refused() {
-        assert!(serde_json::from_value::<RequestFrame>(
-            json!({"id": 1, "request": {"type": "format-disk"}})
-        )
-        .is_err());
+        assert!(serde_json::from_value::<RequestFrame>(json!({"id": 1, "request": {"type": "format-disk"}})).is_err());
         assert!(serde_json::from_value::<RequestFrame>(json!({"id": 1, "request": {"type": "apply", "state_id": "", "module": "linux.file", "params": {"path": "/x"}}})).is_err());
     }
 }

@@ -187,12 +187,7 @@ impl Param for Array {
     fn from_wire(v: &Value) -> Result<Self, Option<String>> {
         match v {
             Value::String(s) if s.trim().is_empty() => Ok(Self(Vec::new())),
-            Value::Array(items) => items
-                .iter()
-                .map(scalar_text)
-                .collect::<Option<Vec<_>>>()
-                .map(Self)
-                .ok_or(None),
+            Value::Array(items) => items.iter().map(scalar_text).collect::<Option<Vec<_>>>().map(Self).ok_or(None),
             other => scalar_text(other).map(|s| Self(vec![s])).ok_or(None),
         }
     }
@@ -249,14 +244,8 @@ fn dict_item(v: &Value) -> Result<Entry, Option<String>> {
         other => {
             let s = scalar_text(other).ok_or(None)?;
             Ok(match s.split_once('=') {
-                Some((k, val)) => Entry {
-                    key: k.trim().to_string(),
-                    value: Some(val.to_string()),
-                },
-                None => Entry {
-                    key: s.trim().to_string(),
-                    value: None,
-                },
+                Some((k, val)) => Entry { key: k.trim().to_string(), value: Some(val.to_string()) },
+                None => Entry { key: s.trim().to_string(), value: None },
             })
         }
     }
@@ -270,21 +259,13 @@ impl Param for Dict {
             Value::Object(o) if is_single_entry(o) => vec![dict_item(v)?],
             Value::Object(o) => o
                 .iter()
-                .map(|(k, val)| {
-                    Ok(Entry {
-                        key: k.clone(),
-                        value: dict_value(val)?,
-                    })
-                })
+                .map(|(k, val)| Ok(Entry { key: k.clone(), value: dict_value(val)? }))
                 .collect::<Result<Vec<_>, Option<String>>>()?,
             Value::String(s) if s.trim().is_empty() => Vec::new(),
             other => vec![dict_item(other)?],
         };
         if let Some(e) = entries.iter().find(|e| e.key.is_empty()) {
-            return Err(Some(format!(
-                "a dict entry has an empty key (value {:?})",
-                e.value
-            )));
+            return Err(Some(format!("a dict entry has an empty key (value {:?})", e.value)));
         }
         Ok(Self(entries))
     }
@@ -309,11 +290,7 @@ pub struct StateRef {
 impl StateRef {
     pub fn parse(raw: &str) -> Option<Self> {
         let t = raw.trim();
-        let inner = t
-            .strip_prefix("@{")
-            .and_then(|s| s.strip_suffix('}'))
-            .unwrap_or(t)
-            .trim();
+        let inner = t.strip_prefix("@{").and_then(|s| s.strip_suffix('}')).unwrap_or(t).trim();
         if inner.is_empty() {
             return None;
         }
@@ -321,11 +298,7 @@ impl StateRef {
             Some((h, s)) if !h.is_empty() && !s.is_empty() => (Some(h.to_string()), s.to_string()),
             _ => (None, inner.to_string()),
         };
-        Some(Self {
-            raw: t.to_string(),
-            host,
-            state,
-        })
+        Some(Self { raw: t.to_string(), host, state })
     }
 }
 
@@ -431,10 +404,7 @@ mod tests {
     #[test]
     fn line_and_text_shapes() {
         assert_eq!(Line::from_wire(&json!(600)).unwrap().0, "600");
-        assert_eq!(
-            Line::from_wire(&json!(["rw", "noatime"])).unwrap().0,
-            "rw,noatime"
-        );
+        assert_eq!(Line::from_wire(&json!(["rw", "noatime"])).unwrap().0, "rw,noatime");
         assert_eq!(Text::from_wire(&json!(["a", "b"])).unwrap().0, "a\nb");
         assert_eq!(Text::from_wire(&json!(["only"])).unwrap().0, "only");
         assert!(Line::from_wire(&json!({"a": 1})).is_err());
@@ -443,24 +413,10 @@ mod tests {
 
     #[test]
     fn bool_spellings() {
-        for t in [
-            json!(true),
-            json!("yes"),
-            json!("Y"),
-            json!("1"),
-            json!("ON"),
-            json!("True"),
-        ] {
+        for t in [json!(true), json!("yes"), json!("Y"), json!("1"), json!("ON"), json!("True")] {
             assert!(bool::from_wire(&t).unwrap(), "{t}");
         }
-        for f in [
-            json!(false),
-            json!("no"),
-            json!("n"),
-            json!("0"),
-            json!("off"),
-            json!("False"),
-        ] {
+        for f in [json!(false), json!("no"), json!("n"), json!("0"), json!("off"), json!("False")] {
             assert!(!bool::from_wire(&f).unwrap(), "{f}");
         }
         assert!(bool::from_wire(&json!("maybe")).is_err());
@@ -469,54 +425,26 @@ mod tests {
     #[test]
     fn array_shapes() {
         assert_eq!(Array::from_wire(&json!("/a")).unwrap().0, vec!["/a"]);
-        assert_eq!(
-            Array::from_wire(&json!(["/a", "/b"])).unwrap().0,
-            vec!["/a", "/b"]
-        );
+        assert_eq!(Array::from_wire(&json!(["/a", "/b"])).unwrap().0, vec!["/a", "/b"]);
         assert!(Array::from_wire(&json!("")).unwrap().0.is_empty());
         assert!(Array::from_wire(&json!([{"x": 1}])).is_err());
     }
 
     #[test]
     fn dict_shapes() {
-        let kv =
-            Dict::from_wire(&json!([{"key": "nginx", "value": "latest"}, {"key": "git"}])).unwrap();
-        assert_eq!(
-            kv.0[0],
-            Entry {
-                key: "nginx".into(),
-                value: Some("latest".into())
-            }
-        );
-        assert_eq!(
-            kv.0[1],
-            Entry {
-                key: "git".into(),
-                value: None
-            }
-        );
+        let kv = Dict::from_wire(&json!([{"key": "nginx", "value": "latest"}, {"key": "git"}])).unwrap();
+        assert_eq!(kv.0[0], Entry { key: "nginx".into(), value: Some("latest".into()) });
+        assert_eq!(kv.0[1], Entry { key: "git".into(), value: None });
         let keys = Dict::from_wire(&json!(["crond", "sshd"])).unwrap();
         assert_eq!(keys.0[1].key, "sshd");
         let obj = Dict::from_wire(&json!({"A": "1", "B": 2})).unwrap();
         assert_eq!(obj.0.len(), 2);
         let one = Dict::from_wire(&json!("WORLD=world")).unwrap();
-        assert_eq!(
-            one.0[0],
-            Entry {
-                key: "WORLD".into(),
-                value: Some("world".into())
-            }
-        );
+        assert_eq!(one.0[0], Entry { key: "WORLD".into(), value: Some("world".into()) });
         let many = Dict::from_wire(&json!(["A=1", "B=x=y"])).unwrap();
         assert_eq!(many.0[1].value.as_deref(), Some("x=y"));
         let single = Dict::from_wire(&json!({"key": "k", "value": "v"})).unwrap();
-        assert_eq!(
-            single.0,
-            vec![Entry {
-                key: "k".into(),
-                value: Some("v".into())
-            }]
-        );
+        assert_eq!(single.0, vec![Entry { key: "k".into(), value: Some("v".into()) }]);
         assert!(Dict::from_wire(&json!([{"value": "v"}])).is_err());
         assert!(Dict::from_wire(&json!(true)).is_err());
     }
@@ -544,10 +472,7 @@ mod tests {
     #[test]
     fn watch_shapes() {
         assert_eq!(Watch::from_wire(&json!(true)).unwrap(), Watch::EveryRound);
-        assert_eq!(
-            Watch::from_wire(&json!(["/etc/x"])).unwrap(),
-            Watch::Files(vec!["/etc/x".into()])
-        );
+        assert_eq!(Watch::from_wire(&json!(["/etc/x"])).unwrap(), Watch::Files(vec!["/etc/x".into()]));
     }
 
     #[test]

@@ -23,10 +23,7 @@ pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
     #[error("parameter {param}: {source}")]
-    Path {
-        param: &'static str,
-        source: InvalidValue,
-    },
+    Path { param: &'static str, source: InvalidValue },
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
@@ -69,13 +66,10 @@ pub async fn apply(p: &LinuxCmd, ctx: &Ctx, mut cancel: Cancel) -> Outcome {
     let mut outcome = match finished.exit {
         Exit::Code(0) => Outcome::ok("command exited with status 0"),
         Exit::Code(n) => Outcome::failed(format!("command exited with status {n}")),
-        Exit::Signal(s) => {
-            Outcome::failed(format!("command was killed by signal {}", signal_name(s)))
+        Exit::Signal(s) => Outcome::failed(format!("command was killed by signal {}", signal_name(s))),
+        Exit::TimedOut(d) => {
+            Outcome::failed(format!("timed out after {} s; the command's process group was killed", d.as_secs()))
         }
-        Exit::TimedOut(d) => Outcome::failed(format!(
-            "timed out after {} s; the command's process group was killed",
-            d.as_secs()
-        )),
         Exit::Cancelled => {
             let mut o = Outcome::failed("cancelled; the command's process group was killed");
             o.cancelled = true;
@@ -88,17 +82,9 @@ pub async fn apply(p: &LinuxCmd, ctx: &Ctx, mut cancel: Cancel) -> Outcome {
 }
 
 fn plan(p: &LinuxCmd, ctx: &Ctx, changes: &mut Vec<Change>) -> Result<Plan, CmdError> {
-    let present = p
-        .if_path_present
-        .iter()
-        .flat_map(|a| a.iter())
-        .map(|s| parse("if-path-present", s));
+    let present = p.if_path_present.iter().flat_map(|a| a.iter()).map(|s| parse("if-path-present", s));
     let present = present.collect::<Result<Vec<_>, _>>()?;
-    let absent = p
-        .if_path_absent
-        .iter()
-        .flat_map(|a| a.iter())
-        .map(|s| parse("if-path-absent", s));
+    let absent = p.if_path_absent.iter().flat_map(|a| a.iter()).map(|s| parse("if-path-absent", s));
     let absent = absent.collect::<Result<Vec<_>, _>>()?;
     let shell = parse("shell", &p.shell)?;
     let cwd = parse("cwd", &p.cwd)?;
@@ -129,9 +115,7 @@ fn plan(p: &LinuxCmd, ctx: &Ctx, changes: &mut Vec<Change>) -> Result<Plan, CmdE
 
     // `[ -e p ]` semantics: a link counts when what it points to exists.
     if let Some(missing) = present.iter().find(|p| !p.as_path().exists()) {
-        return Ok(Plan::Skip(format!(
-            "{missing} does not exist (if-path-present)"
-        )));
+        return Ok(Plan::Skip(format!("{missing} does not exist (if-path-present)")));
     }
     if let Some(found) = absent.iter().find(|p| p.as_path().exists()) {
         return Ok(Plan::Skip(format!("{found} exists (if-path-absent)")));
@@ -139,18 +123,10 @@ fn plan(p: &LinuxCmd, ctx: &Ctx, changes: &mut Vec<Change>) -> Result<Plan, CmdE
 
     match std::fs::metadata(cwd.as_path()) {
         Ok(m) if m.is_dir() => {}
-        Ok(m) => {
-            return Err(CmdError::CwdNotADirectory {
-                path: cwd,
-                found: kind_of(m.file_type()),
-            })
+        Ok(m) => return Err(CmdError::CwdNotADirectory { path: cwd, found: kind_of(m.file_type()) }),
+        Err(_) if cwd == ctx.default_cwd => {
+            fsutil::create_dirs(&cwd, fsutil::PARENT_DIR_MODE, (Uid::from_raw(0), Gid::from_raw(0)), changes)?
         }
-        Err(_) if cwd == ctx.default_cwd => fsutil::create_dirs(
-            &cwd,
-            fsutil::PARENT_DIR_MODE,
-            (Uid::from_raw(0), Gid::from_raw(0)),
-            changes,
-        )?,
         Err(_) => return Err(CmdError::NoCwd(cwd)),
     }
 
@@ -167,8 +143,7 @@ fn plan(p: &LinuxCmd, ctx: &Ctx, changes: &mut Vec<Change>) -> Result<Plan, CmdE
 }
 
 fn signal_name(sig: i32) -> String {
-    nix::sys::signal::Signal::try_from(sig)
-        .map_or_else(|_| sig.to_string(), |s| s.as_str().to_string())
+    nix::sys::signal::Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.as_str().to_string())
 }
 
 #[cfg(test)]
@@ -201,10 +176,7 @@ mod tests {
     /// catalogue renders `$$` to `$`, like the original's `safe_substitute`).
     async fn read_pid(file: &Path) -> Pid {
         for _ in 0..200 {
-            if let Some(pid) = std::fs::read_to_string(file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-            {
+            if let Some(pid) = std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok()) {
                 return Pid::from_raw(pid);
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -226,20 +198,12 @@ mod tests {
         assert!(out.result, "{out:?}");
         assert_eq!(out.changes, vec![Change::new("cmd", "ran")]);
         let vars: Vec<&str> = out.stdout.lines().filter(|l| l.contains('=')).collect();
+        assert!(vars.contains(&format!("PATH={BASE_PATH}").as_str()), "{vars:?}");
         assert!(
-            vars.contains(&format!("PATH={BASE_PATH}").as_str()),
+            vars.contains(&"HOME=/root") && vars.contains(&"USER=root") && vars.contains(&"LOGNAME=root"),
             "{vars:?}"
         );
-        assert!(
-            vars.contains(&"HOME=/root")
-                && vars.contains(&"USER=root")
-                && vars.contains(&"LOGNAME=root"),
-            "{vars:?}"
-        );
-        assert!(
-            vars.contains(&"EXTRA=1") && vars.contains(&"LANG=en_US.UTF-8"),
-            "{vars:?}"
-        );
+        assert!(vars.contains(&"EXTRA=1") && vars.contains(&"LANG=en_US.UTF-8"), "{vars:?}");
         assert!(!out.stdout.contains("CARGO_MANIFEST_DIR"), "{}", out.stdout);
         assert!(out.stdout.contains(&tmp.path().display().to_string()));
     }
@@ -248,11 +212,7 @@ mod tests {
     async fn failures_report_the_status_and_merge_stderr() {
         let tmp = tempfile::tempdir().unwrap();
         let ctx = ctx(tmp.path());
-        let out = run(
-            json!({"cmd": "echo out; echo err >&2; exit 3", "cwd": tmp.path()}),
-            &ctx,
-        )
-        .await;
+        let out = run(json!({"cmd": "echo out; echo err >&2; exit 3", "cwd": tmp.path()}), &ctx).await;
         assert!(!out.result);
         assert_eq!(out.comment, "command exited with status 3");
         assert_eq!(out.stdout, "out\nerr\n");
@@ -263,22 +223,11 @@ mod tests {
     #[tokio::test]
     async fn runs_as_another_user() {
         let tmp = tempfile::tempdir().unwrap();
-        let out = run(
-            json!({"cmd": "id -u; id -g; echo $HOME", "user": "nobody", "cwd": "/"}),
-            &ctx(tmp.path()),
-        )
-        .await;
+        let out = run(json!({"cmd": "id -u; id -g; echo $HOME", "user": "nobody", "cwd": "/"}), &ctx(tmp.path())).await;
         assert!(out.result, "{out:?}");
         assert_eq!(out.stdout, "65534\n65534\n/nonexistent\n");
-        let out = run(
-            json!({"cmd": "id -u", "user": "no-such-user-xyz", "cwd": "/"}),
-            &ctx(tmp.path()),
-        )
-        .await;
-        assert!(
-            !out.result && out.comment == "unknown user \"no-such-user-xyz\"",
-            "{out:?}"
-        );
+        let out = run(json!({"cmd": "id -u", "user": "no-such-user-xyz", "cwd": "/"}), &ctx(tmp.path())).await;
+        assert!(!out.result && out.comment == "unknown user \"no-such-user-xyz\"", "{out:?}");
     }
 
     #[tokio::test]
@@ -289,27 +238,11 @@ mod tests {
         let there = tmp.path().display().to_string();
         let missing = tmp.path().join("missing");
         let script = format!("touch {}", marker.display());
-        let out = run(
-            json!({"cmd": script, "cwd": tmp.path(), "if-path-present": [there, missing]}),
-            &ctx,
-        )
-        .await;
+        let out = run(json!({"cmd": script, "cwd": tmp.path(), "if-path-present": [there, missing]}), &ctx).await;
         assert!(out.result && out.changes.is_empty(), "{out:?}");
-        assert!(
-            out.comment
-                .contains("missing does not exist (if-path-present)"),
-            "{}",
-            out.comment
-        );
-        let out = run(
-            json!({"cmd": script, "cwd": tmp.path(), "if-path-absent": [missing, there]}),
-            &ctx,
-        )
-        .await;
-        assert!(
-            out.result && out.changes.is_empty() && out.comment.contains("exists (if-path-absent)"),
-            "{out:?}"
-        );
+        assert!(out.comment.contains("missing does not exist (if-path-present)"), "{}", out.comment);
+        let out = run(json!({"cmd": script, "cwd": tmp.path(), "if-path-absent": [missing, there]}), &ctx).await;
+        assert!(out.result && out.changes.is_empty() && out.comment.contains("exists (if-path-absent)"), "{out:?}");
         assert!(!marker.exists());
 
         // Guard-style idempotency: the second run is blocked by what the first created.
@@ -322,25 +255,15 @@ mod tests {
     async fn cwd_default_is_created_and_an_explicit_missing_cwd_fails() {
         let tmp = tempfile::tempdir().unwrap();
         let ctx = ctx(tmp.path());
-        let out = run(
-            json!({"cmd": "pwd", "cwd": ctx.default_cwd.to_string()}),
-            &ctx,
-        )
-        .await;
+        let out = run(json!({"cmd": "pwd", "cwd": ctx.default_cwd.to_string()}), &ctx).await;
         assert!(out.result, "{out:?}");
         assert_eq!(out.stdout.trim(), ctx.default_cwd.to_string());
         // Two directories created, then the command.
         assert_eq!(out.changes.len(), 3, "{:?}", out.changes);
         let out = run(json!({"cmd": "pwd", "cwd": tmp.path().join("nope")}), &ctx).await;
-        assert!(
-            !out.result && out.comment.contains("does not exist"),
-            "{out:?}"
-        );
+        assert!(!out.result && out.comment.contains("does not exist"), "{out:?}");
         let out = run(json!({"cmd": "pwd", "cwd": "rel"}), &ctx).await;
-        assert!(
-            !out.result && out.comment.starts_with("parameter cwd"),
-            "{out:?}"
-        );
+        assert!(!out.result && out.comment.starts_with("parameter cwd"), "{out:?}");
     }
 
     #[tokio::test]
@@ -348,27 +271,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let ctx = ctx(tmp.path());
         let pidfile = tmp.path().join("pid");
-        let script = format!(
-            "echo $$$$ > {}; sleep 600 & sleep 600 & wait",
-            pidfile.display()
-        );
-        let out = run(
-            json!({"cmd": script, "cwd": tmp.path(), "timeout": 1}),
-            &ctx,
-        )
-        .await;
+        let script = format!("echo $$$$ > {}; sleep 600 & sleep 600 & wait", pidfile.display());
+        let out = run(json!({"cmd": script, "cwd": tmp.path(), "timeout": 1}), &ctx).await;
         assert!(!out.result && !out.cancelled, "{out:?}");
-        assert!(
-            out.comment.starts_with("timed out after 1 s"),
-            "{}",
-            out.comment
-        );
+        assert!(out.comment.starts_with("timed out after 1 s"), "{}", out.comment);
         let pgid = read_pid(&pidfile).await;
-        assert_eq!(
-            exec::group_members(pgid).unwrap(),
-            vec![],
-            "processes of group {pgid} survived"
-        );
+        assert_eq!(exec::group_members(pgid).unwrap(), vec![], "processes of group {pgid} survived");
     }
 
     #[tokio::test]
@@ -383,10 +291,7 @@ mod tests {
         let pgid = read_pid(&pidfile).await;
         assert!(!exec::group_members(pgid).unwrap().is_empty());
         canceller.cancel();
-        let out = tokio::time::timeout(Duration::from_secs(20), task)
-            .await
-            .unwrap()
-            .unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
         assert!(out.cancelled && !out.result, "{out:?}");
         assert!(out.comment.starts_with("cancelled"), "{}", out.comment);
         assert_eq!(exec::group_members(pgid).unwrap(), vec![]);
@@ -395,33 +300,25 @@ mod tests {
     #[tokio::test]
     async fn output_is_capped_with_a_marker() {
         let tmp = tempfile::tempdir().unwrap();
-        let out = run(json!({"cmd": "head -c 200000 /dev/zero | tr '\\0' a; echo; echo END", "cwd": tmp.path()}), &ctx(tmp.path())).await;
+        let out = run(
+            json!({"cmd": "head -c 200000 /dev/zero | tr '\\0' a; echo; echo END", "cwd": tmp.path()}),
+            &ctx(tmp.path()),
+        )
+        .await;
         assert!(out.result, "{}", out.comment);
-        assert!(
-            out.stdout.len() < exec::OUTPUT_CAP + 100,
-            "{}",
-            out.stdout.len()
-        );
+        assert!(out.stdout.len() < exec::OUTPUT_CAP + 100, "{}", out.stdout.len());
         assert!(out.stdout.starts_with("aaaa"));
         assert!(out.stdout.ends_with("END\n"));
         let cut = 200_000 + 5 - exec::OUTPUT_CAP;
-        assert!(
-            out.stdout.contains(&format!("[… {cut} bytes cut …]")),
-            "no marker"
-        );
+        assert!(out.stdout.contains(&format!("[… {cut} bytes cut …]")), "no marker");
     }
 
     #[tokio::test]
     async fn bad_env_names_fail_before_running() {
         let tmp = tempfile::tempdir().unwrap();
-        let out = run(
-            json!({"cmd": "true", "cwd": tmp.path(), "env": [{"key": "A=B", "value": "x"}]}),
-            &ctx(tmp.path()),
-        )
-        .await;
-        assert!(
-            !out.result && out.changes.is_empty() && out.comment.contains("\"A=B\""),
-            "{out:?}"
-        );
+        let out =
+            run(json!({"cmd": "true", "cwd": tmp.path(), "env": [{"key": "A=B", "value": "x"}]}), &ctx(tmp.path()))
+                .await;
+        assert!(!out.result && out.changes.is_empty() && out.comment.contains("\"A=B\""), "{out:?}");
     }
 }

@@ -40,11 +40,7 @@ pub fn apply(p: &LinuxDir) -> Outcome {
 
 fn run(p: &LinuxDir, changes: &mut Vec<Change>) -> Result<(), DirError> {
     // All paths are checked before anything is touched.
-    let paths = p
-        .path
-        .iter()
-        .map(|s| AbsPath::parse(s))
-        .collect::<Result<Vec<_>, _>>()?;
+    let paths = p.path.iter().map(|s| AbsPath::parse(s)).collect::<Result<Vec<_>, _>>()?;
     if p.absent {
         if let Some(shallow) = paths.iter().find(|d| depth(d) < MIN_COMPONENTS_TO_REMOVE) {
             return Err(DirError::TooShallow(shallow.clone()));
@@ -75,27 +71,17 @@ fn run(p: &LinuxDir, changes: &mut Vec<Change>) -> Result<(), DirError> {
 }
 
 fn depth(p: &AbsPath) -> usize {
-    p.as_path()
-        .components()
-        .filter(|c| matches!(c, std::path::Component::Normal(_)))
-        .count()
+    p.as_path().components().filter(|c| matches!(c, std::path::Component::Normal(_))).count()
 }
 
 /// Walks the tree below `top` without following links (an explicit stack: depth is
 /// bounded by memory, not by the thread's stack).
-fn enforce_below(
-    top: &Path,
-    mode: u32,
-    owner: &Owner,
-    changes: &mut Vec<Change>,
-) -> Result<(), DirError> {
+fn enforce_below(top: &Path, mode: u32, owner: &Owner, changes: &mut Vec<Change>) -> Result<(), DirError> {
     let mut pending = vec![top.to_path_buf()];
     while let Some(dir) = pending.pop() {
         for entry in fs::read_dir(&dir).map_err(fsutil::io_err(&dir, "list"))? {
             let entry = entry.map_err(fsutil::io_err(&dir, "list"))?;
-            let ft = entry
-                .file_type()
-                .map_err(fsutil::io_err(&entry.path(), "inspect"))?;
+            let ft = entry.file_type().map_err(fsutil::io_err(&entry.path(), "inspect"))?;
             if ft.is_dir() {
                 let sub = entry.path();
                 let f = fsutil::open_nofollow(&sub, true)?;
@@ -115,10 +101,7 @@ fn remove(dir: &AbsPath, changes: &mut Vec<Change>) -> Result<(), DirError> {
             changes.push(Change::new(dir.to_string(), "removed"));
             Ok(())
         }
-        Some(m) => Err(DirError::NotADirectory {
-            path: dir.as_path().to_path_buf(),
-            found: kind_of(m.file_type()),
-        }),
+        Some(m) => Err(DirError::NotADirectory { path: dir.as_path().to_path_buf(), found: kind_of(m.file_type()) }),
     }
 }
 
@@ -195,11 +178,7 @@ mod tests {
 
         for shallow in ["/", "/etc"] {
             let out = apply(&dir(json!({"path": [top, shallow], "absent": true})));
-            assert!(
-                !out.result && out.comment.contains("refusing to remove"),
-                "{}",
-                out.comment
-            );
+            assert!(!out.result && out.comment.contains("refusing to remove"), "{}", out.comment);
         }
         assert!(Path::new("/etc").is_dir());
     }
@@ -210,24 +189,12 @@ mod tests {
         let f = tmp.path().join("f");
         fs::write(&f, "").unwrap();
         let out = apply(&dir(json!({"path": f})));
-        assert!(
-            !out.result && out.comment.contains("is a regular file, not a directory"),
-            "{}",
-            out.comment
-        );
+        assert!(!out.result && out.comment.contains("is a regular file, not a directory"), "{}", out.comment);
         let l = tmp.path().join("l");
         std::os::unix::fs::symlink(tmp.path(), &l).unwrap();
         let out = apply(&dir(json!({"path": l})));
-        assert!(
-            !out.result && out.comment.contains("is a symbolic link"),
-            "{}",
-            out.comment
-        );
+        assert!(!out.result && out.comment.contains("is a symbolic link"), "{}", out.comment);
         let out = apply(&dir(json!({"path": ["relative/x"]})));
-        assert!(
-            !out.result && out.comment.contains("not absolute"),
-            "{}",
-            out.comment
-        );
+        assert!(!out.result && out.comment.contains("not absolute"), "{}", out.comment);
     }
 }

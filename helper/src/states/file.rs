@@ -59,17 +59,9 @@ fn run(p: &LinuxFile, changes: &mut Vec<Change>) -> Result<(), FileError> {
 
     let Some(meta) = fsutil::lstat(path.as_path())? else {
         let (uid, gid) = owner.for_new();
-        fsutil::write_atomic(
-            &path,
-            content.unwrap_or_default(),
-            mode,
-            uid.as_raw(),
-            gid.as_raw(),
-        )?;
-        changes.push(Change::new(
-            path.to_string(),
-            format!("file created ({} {uid}:{gid})", fsutil::describe_mode(mode)),
-        ));
+        fsutil::write_atomic(&path, content.unwrap_or_default(), mode, uid.as_raw(), gid.as_raw())?;
+        changes
+            .push(Change::new(path.to_string(), format!("file created ({} {uid}:{gid})", fsutil::describe_mode(mode))));
         return Ok(());
     };
     check_is_file(&path, meta.file_type())?;
@@ -79,9 +71,7 @@ fn run(p: &LinuxFile, changes: &mut Vec<Change>) -> Result<(), FileError> {
         e => e.into(),
     })?;
     // Type again through the descriptor: the path may have been swapped since lstat.
-    let meta = f
-        .metadata()
-        .map_err(fsutil::io_err(path.as_path(), "stat"))?;
+    let meta = f.metadata().map_err(fsutil::io_err(path.as_path(), "stat"))?;
     check_is_file(&path, meta.file_type())?;
     match content {
         Some(want) if fsutil::content_differs(&mut f, path.as_path(), want)? => {
@@ -90,20 +80,14 @@ fn run(p: &LinuxFile, changes: &mut Vec<Change>) -> Result<(), FileError> {
             fsutil::write_atomic(&path, want, mode, uid, gid)?;
             changes.push(Change::new(path.to_string(), "content updated"));
             if (uid, gid) != (meta.uid(), meta.gid()) {
-                changes.push(Change::new(
-                    path.to_string(),
-                    format!("owner {}:{} -> {uid}:{gid}", meta.uid(), meta.gid()),
-                ));
+                changes
+                    .push(Change::new(path.to_string(), format!("owner {}:{} -> {uid}:{gid}", meta.uid(), meta.gid())));
             }
             let before = meta.mode() & 0o7777;
             if before != mode {
                 changes.push(Change::new(
                     path.to_string(),
-                    format!(
-                        "mode {} -> {}",
-                        fsutil::describe_mode(before),
-                        fsutil::describe_mode(mode)
-                    ),
+                    format!("mode {} -> {}", fsutil::describe_mode(before), fsutil::describe_mode(mode)),
                 ));
             }
         }
@@ -117,10 +101,7 @@ fn check_is_file(path: &AbsPath, ft: std::fs::FileType) -> Result<(), FileError>
         return Err(FileError::Symlink(path.as_path().to_path_buf()));
     }
     if !ft.is_file() {
-        return Err(FileError::NotAFile {
-            path: path.as_path().to_path_buf(),
-            found: kind_of(ft),
-        });
+        return Err(FileError::NotAFile { path: path.as_path().to_path_buf(), found: kind_of(ft) });
     }
     Ok(())
 }
@@ -132,10 +113,7 @@ fn remove(path: &AbsPath, changes: &mut Vec<Change>) -> Result<(), FileError> {
         return Ok(());
     };
     if meta.is_dir() {
-        return Err(FileError::NotAFile {
-            path: path.as_path().to_path_buf(),
-            found: "a directory",
-        });
+        return Err(FileError::NotAFile { path: path.as_path().to_path_buf(), found: "a directory" });
     }
     std::fs::remove_file(path).map_err(fsutil::io_err(path.as_path(), "remove"))?;
     changes.push(Change::new(path.to_string(), "removed"));
@@ -170,10 +148,7 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap(), "hello\n");
         let m = fs::metadata(&path).unwrap();
         assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o644, 0, 0));
-        assert_eq!(
-            fs::metadata(dir.path().join("a")).unwrap().mode() & 0o7777,
-            0o755
-        );
+        assert_eq!(fs::metadata(dir.path().join("a")).unwrap().mode() & 0o7777, 0o755);
 
         let second = apply(&p);
         assert!(second.result && second.changes.is_empty(), "{second:?}");
@@ -189,9 +164,7 @@ mod tests {
         fs::write(&path, "old").unwrap();
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
-        let out = apply(&file(
-            json!({"path": path, "content": "new", "mode": "0600"}),
-        ));
+        let out = apply(&file(json!({"path": path, "content": "new", "mode": "0600"})));
         assert!(out.result, "{}", out.comment);
         assert_eq!(fs::read_to_string(&path).unwrap(), "new");
         let m = fs::metadata(&path).unwrap();
@@ -228,11 +201,7 @@ mod tests {
         assert!(out.result && out.changes.is_empty(), "{out:?}");
 
         let out = apply(&file(json!({"path": dir.path(), "absent": true})));
-        assert!(
-            !out.result && out.comment.contains("is a directory"),
-            "{}",
-            out.comment
-        );
+        assert!(!out.result && out.comment.contains("is a directory"), "{}", out.comment);
         assert!(dir.path().exists());
     }
 
@@ -245,52 +214,26 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &link).unwrap();
         let out = apply(&file(json!({"path": link, "content": "pwned"})));
         assert!(!out.result && out.changes.is_empty(), "{out:?}");
-        assert!(
-            out.comment.contains("is a symbolic link"),
-            "{}",
-            out.comment
-        );
+        assert!(out.comment.contains("is a symbolic link"), "{}", out.comment);
         assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
 
         let out = apply(&file(json!({"path": dir.path(), "content": "x"})));
-        assert!(
-            !out.result && out.comment.contains("is a directory, not a regular file"),
-            "{}",
-            out.comment
-        );
+        assert!(!out.result && out.comment.contains("is a directory, not a regular file"), "{}", out.comment);
     }
 
     #[test]
     fn bad_paths_unknown_users_and_remote_uri_fail_without_action() {
         let out = apply(&file(json!({"path": "etc/x", "content": "x"})));
-        assert!(
-            !out.result && out.comment.contains("not absolute"),
-            "{}",
-            out.comment
-        );
+        assert!(!out.result && out.comment.contains("not absolute"), "{}", out.comment);
         let out = apply(&file(json!({"path": "/tmp/../etc/x", "content": "x"})));
-        assert!(
-            !out.result && out.comment.contains("\"..\""),
-            "{}",
-            out.comment
-        );
+        assert!(!out.result && out.comment.contains("\"..\""), "{}", out.comment);
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x");
         let out = apply(&file(json!({"path": path, "user": "no-such-user-xyz"})));
-        assert!(
-            !out.result && out.comment.contains("unknown user \"no-such-user-xyz\""),
-            "{}",
-            out.comment
-        );
-        let out = apply(&file(
-            json!({"path": path, "remote_uri": "https://example.com/x"}),
-        ));
-        assert!(
-            !out.result && out.comment.contains("downloaded by the daemon"),
-            "{}",
-            out.comment
-        );
+        assert!(!out.result && out.comment.contains("unknown user \"no-such-user-xyz\""), "{}", out.comment);
+        let out = apply(&file(json!({"path": path, "remote_uri": "https://example.com/x"})));
+        assert!(!out.result && out.comment.contains("downloaded by the daemon"), "{}", out.comment);
         assert!(!path.exists());
     }
 
@@ -303,9 +246,6 @@ mod tests {
         fs::write(&path, "written by someone else").unwrap();
         let out = apply(&p);
         assert!(out.result && out.changes.is_empty(), "{out:?}");
-        assert_eq!(
-            fs::read_to_string(&path).unwrap(),
-            "written by someone else"
-        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), "written by someone else");
     }
 }

@@ -33,12 +33,8 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(state_dir: PathBuf) -> Self {
-        let default_cwd =
-            AbsPath::parse(DEFAULT_CMD_CWD).expect("the default cwd is a valid absolute path");
-        Self {
-            state_dir,
-            default_cwd,
-        }
+        let default_cwd = AbsPath::parse(DEFAULT_CMD_CWD).expect("the default cwd is a valid absolute path");
+        Self { state_dir, default_cwd }
     }
 }
 
@@ -52,25 +48,17 @@ pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Outc
         ModuleParams::LinuxDir(p) => blocking(p.clone(), dir::apply).await,
         ModuleParams::LinuxFile(p) => blocking(p.clone(), file::apply).await,
         ModuleParams::LinuxSymlink(p) => blocking(p.clone(), symlink::apply).await,
-        p if p.is_builtin() => Err(HelperError::new(
-            ErrorCode::Unsupported,
-            format!("{} is built-in, runs in the daemon", p.name()),
-        )),
+        p if p.is_builtin() => {
+            Err(HelperError::new(ErrorCode::Unsupported, format!("{} is built-in, runs in the daemon", p.name())))
+        }
         p => Err(HelperError::new(
             ErrorCode::Unsupported,
-            format!(
-                "module {} is not implemented by this helper version ({})",
-                p.name(),
-                env!("CARGO_PKG_VERSION")
-            ),
+            format!("module {} is not implemented by this helper version ({})", p.name(), env!("CARGO_PKG_VERSION")),
         )),
     }
 }
 
-async fn blocking<P: Send + 'static>(
-    params: P,
-    f: fn(&P) -> Outcome,
-) -> Result<Outcome, HelperError> {
+async fn blocking<P: Send + 'static>(params: P, f: fn(&P) -> Outcome) -> Result<Outcome, HelperError> {
     tokio::task::spawn_blocking(move || f(&params))
         .await
         .map_err(|e| HelperError::new(ErrorCode::Internal, format!("the state's task failed: {e}")))
@@ -78,21 +66,10 @@ async fn blocking<P: Send + 'static>(
 
 /// The outcome of a state from its result and the changes made before it ended (a
 /// failure half-way still reports what it already changed).
-pub fn finish<E: Display>(
-    subject: &str,
-    result: Result<(), E>,
-    changes: Vec<Change>,
-    notes: &[String],
-) -> Outcome {
+pub fn finish<E: Display>(subject: &str, result: Result<(), E>, changes: Vec<Change>, notes: &[String]) -> Outcome {
     let mut outcome = match result {
         Ok(()) if changes.is_empty() => Outcome::ok(format!("{subject}: already as wanted")),
-        Ok(()) => Outcome::ok(
-            changes
-                .iter()
-                .map(Change::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
+        Ok(()) => Outcome::ok(changes.iter().map(Change::to_string).collect::<Vec<_>>().join("; ")),
         Err(e) => Outcome::failed(e.to_string()),
     };
     for note in notes {
@@ -110,9 +87,7 @@ pub(crate) mod testutil {
 
     /// Typed parameters through the real catalogue, as the daemon would send them.
     pub fn params(module: &str, raw: Value) -> ModuleParams {
-        parse_state(module, &raw)
-            .unwrap_or_else(|e| panic!("{module}: {e}"))
-            .params
+        parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params
     }
 }
 
@@ -133,27 +108,16 @@ mod tests {
     #[tokio::test]
     async fn unknown_and_builtin_modules_are_unsupported() {
         let ctx = Ctx::new("/nonexistent".into());
-        let raid = request(
-            "linux.raid",
-            json!({"name": "/dev/md0", "devices": ["/dev/x"], "level": "raid1"}),
-        );
+        let raid = request("linux.raid", json!({"name": "/dev/md0", "devices": ["/dev/x"], "level": "raid1"}));
         let err = apply(&raid, &ctx, Cancel::never()).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Unsupported);
-        assert!(
-            err.message
-                .contains("linux.raid is not implemented by this helper version"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("linux.raid is not implemented by this helper version"), "{}", err.message);
 
         let comment = request("meta.comment", json!({"comment": "hi"}));
         let err = apply(&comment, &ctx, Cancel::never()).await.unwrap_err();
         assert_eq!(
             (err.code, err.message.as_str()),
-            (
-                ErrorCode::Unsupported,
-                "meta.comment is built-in, runs in the daemon"
-            )
+            (ErrorCode::Unsupported, "meta.comment is built-in, runs in the daemon")
         );
     }
 }

@@ -19,10 +19,7 @@ use crate::identity::{IdentityError, Owner};
 #[derive(Debug, thiserror::Error)]
 pub enum SymlinkError {
     #[error("parameter {param}: {source}")]
-    Path {
-        param: &'static str,
-        source: InvalidValue,
-    },
+    Path { param: &'static str, source: InvalidValue },
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
@@ -37,9 +34,7 @@ pub fn apply(p: &LinuxSymlink) -> Outcome {
     let mut changes = Vec::new();
     let result = run(p, &mut changes);
     let notes = match p.mode {
-        Some(m) => vec![format!(
-            "mode {m} ignored: a symbolic link's mode means nothing on Linux"
-        )],
+        Some(m) => vec![format!("mode {m} ignored: a symbolic link's mode means nothing on Linux")],
         None => Vec::new(),
     };
     super::finish(&p.target, result, changes, &notes)
@@ -64,39 +59,27 @@ fn run(p: &LinuxSymlink, changes: &mut Vec<Change>) -> Result<(), SymlinkError> 
         None => {
             let (uid, gid) = owner.for_new();
             replace(&link, &source, (uid.as_raw(), gid.as_raw()))?;
-            changes.push(Change::new(
-                link.to_string(),
-                format!("link created -> {source}"),
-            ));
+            changes.push(Change::new(link.to_string(), format!("link created -> {source}")));
         }
         Some(m) if m.file_type().is_symlink() => {
-            let current =
-                fs::read_link(&link).map_err(fsutil::io_err(link.as_path(), "read the link"))?;
+            let current = fs::read_link(&link).map_err(fsutil::io_err(link.as_path(), "read the link"))?;
             if points_to(&current, &source) {
                 let (uid, gid) = (m.uid(), m.gid());
                 let want = owner.applied_to(uid, gid);
                 if want != (uid, gid) {
                     std::os::unix::fs::lchown(&link, Some(want.0), Some(want.1))
                         .map_err(fsutil::io_err(link.as_path(), "change the owner of"))?;
-                    changes.push(Change::new(
-                        link.to_string(),
-                        format!("owner {uid}:{gid} -> {}:{}", want.0, want.1),
-                    ));
+                    changes.push(Change::new(link.to_string(), format!("owner {uid}:{gid} -> {}:{}", want.0, want.1)));
                 }
             } else {
                 // A replaced link keeps its owner unless one is asked for.
                 replace(&link, &source, owner.applied_to(m.uid(), m.gid()))?;
-                changes.push(Change::new(
-                    link.to_string(),
-                    format!("link retargeted {} -> {source}", current.display()),
-                ));
+                changes
+                    .push(Change::new(link.to_string(), format!("link retargeted {} -> {source}", current.display())));
             }
         }
         Some(m) => {
-            return Err(SymlinkError::NotALink {
-                path: link.as_path().to_path_buf(),
-                found: kind_of(m.file_type()),
-            })
+            return Err(SymlinkError::NotALink { path: link.as_path().to_path_buf(), found: kind_of(m.file_type()) })
         }
     }
     Ok(())
@@ -104,17 +87,13 @@ fn run(p: &LinuxSymlink, changes: &mut Vec<Change>) -> Result<(), SymlinkError> 
 
 /// `current` and `want` name the same path once written the same way (`/a//b` is `/a/b`).
 fn points_to(current: &Path, want: &AbsPath) -> bool {
-    current
-        .to_str()
-        .and_then(|s| AbsPath::parse(s).ok())
-        .is_some_and(|c| &c == want)
+    current.to_str().and_then(|s| AbsPath::parse(s).ok()).is_some_and(|c| &c == want)
 }
 
 fn replace(link: &AbsPath, source: &AbsPath, (uid, gid): (u32, u32)) -> Result<(), SymlinkError> {
     let tmp = fsutil::temp_sibling(link);
     let made = (|| {
-        std::os::unix::fs::symlink(source, &tmp)
-            .map_err(fsutil::io_err(&tmp, "create the link"))?;
+        std::os::unix::fs::symlink(source, &tmp).map_err(fsutil::io_err(&tmp, "create the link"))?;
         if (uid, gid) != (0, 0) {
             std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid))
                 .map_err(fsutil::io_err(&tmp, "change the owner of"))?;
@@ -136,10 +115,7 @@ fn remove(link: &AbsPath, changes: &mut Vec<Change>) -> Result<(), SymlinkError>
             changes.push(Change::new(link.to_string(), "link removed"));
             Ok(())
         }
-        Some(m) => Err(SymlinkError::NotALink {
-            path: link.as_path().to_path_buf(),
-            found: kind_of(m.file_type()),
-        }),
+        Some(m) => Err(SymlinkError::NotALink { path: link.as_path().to_path_buf(), found: kind_of(m.file_type()) }),
     }
 }
 
@@ -170,15 +146,9 @@ mod tests {
         let again = apply(&p);
         assert!(again.result && again.changes.is_empty(), "{again:?}");
 
-        let out = apply(&symlink(
-            json!({"target": link, "source": v2, "user": "nobody"}),
-        ));
+        let out = apply(&symlink(json!({"target": link, "source": v2, "user": "nobody"})));
         assert!(out.result, "{}", out.comment);
-        assert!(
-            out.changes[0].what.starts_with("link retargeted"),
-            "{:?}",
-            out.changes
-        );
+        assert!(out.changes[0].what.starts_with("link retargeted"), "{:?}", out.changes);
         assert_eq!(fs::read_link(&link).unwrap(), v2);
         assert_eq!(fs::symlink_metadata(&link).unwrap().uid(), 65534);
         // Only the link remains in the directory: no temporary left behind.
@@ -192,9 +162,7 @@ mod tests {
         let target_file = tmp.path().join("real");
         fs::write(&target_file, "").unwrap();
         std::os::unix::fs::symlink(&target_file, &link).unwrap();
-        let out = apply(&symlink(
-            json!({"target": link, "source": target_file, "group": "nogroup", "mode": "0777"}),
-        ));
+        let out = apply(&symlink(json!({"target": link, "source": target_file, "group": "nogroup", "mode": "0777"})));
         assert!(out.result, "{}", out.comment);
         assert_eq!(out.changes.len(), 1, "{:?}", out.changes);
         assert!(out.comment.contains("mode 0777 ignored"), "{}", out.comment);
@@ -209,36 +177,15 @@ mod tests {
         let file = tmp.path().join("f");
         fs::write(&file, "data").unwrap();
         let out = apply(&symlink(json!({"target": file, "source": "/etc"})));
-        assert!(
-            !out.result
-                && out
-                    .comment
-                    .contains("is a regular file, not a symbolic link"),
-            "{}",
-            out.comment
-        );
-        let out = apply(&symlink(
-            json!({"target": file, "absent": true, "source": "/etc"}),
-        ));
+        assert!(!out.result && out.comment.contains("is a regular file, not a symbolic link"), "{}", out.comment);
+        let out = apply(&symlink(json!({"target": file, "absent": true, "source": "/etc"})));
         assert!(!out.result, "{}", out.comment);
         assert_eq!(fs::read_to_string(&file).unwrap(), "data");
 
-        let out = apply(&symlink(
-            json!({"target": tmp.path().join("no/l"), "source": "/etc"}),
-        ));
-        assert!(
-            !out.result && out.comment.contains("does not exist"),
-            "{}",
-            out.comment
-        );
-        let out = apply(&symlink(
-            json!({"target": tmp.path().join("l"), "source": "../etc"}),
-        ));
-        assert!(
-            !out.result && out.comment.starts_with("parameter source"),
-            "{}",
-            out.comment
-        );
+        let out = apply(&symlink(json!({"target": tmp.path().join("no/l"), "source": "/etc"})));
+        assert!(!out.result && out.comment.contains("does not exist"), "{}", out.comment);
+        let out = apply(&symlink(json!({"target": tmp.path().join("l"), "source": "../etc"})));
+        assert!(!out.result && out.comment.starts_with("parameter source"), "{}", out.comment);
     }
 
     #[test]
