@@ -59,6 +59,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a fully commented /etc/opsagent.conf with every key and its default.
+    ConfigExample,
     /// Stop the running agent (SIGTERM: after the running state), or with
     /// --after-round once the current round has finished (SIGUSR1).
     Stop {
@@ -77,6 +79,10 @@ pub fn main() -> ExitCode {
         Command::Check { files } => cmd_check(&files),
         Command::Status { config, json } => cmd_status(config.as_deref(), json),
         Command::Stop { config, after_round } => cmd_stop(config.as_deref(), after_round),
+        Command::ConfigExample => {
+            print!("{}", crate::config::EXAMPLE);
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

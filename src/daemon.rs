@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::helper_client::{HelperClient, UnixHelperClient};
 use crate::identity;
-use crate::link::{Link, LinkConfig, LinkStatus, Outbox};
+use crate::link::{Link, LinkConfig, LinkStatus, Outbox, ProxySettings};
 use crate::protocol::{Identity, StateLog};
 use crate::recipe::Recipe;
 use crate::round::{Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
@@ -92,6 +92,10 @@ impl Outbox for SharedSpool {
 
     fn added(&self) -> Arc<Notify> {
         self.added.clone()
+    }
+
+    fn depth(&self) -> Option<u64> {
+        Some(self.depth().0 as u64)
     }
 }
 
@@ -250,15 +254,25 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ws_uri: ws_uri.clone(),
         ca_file: config.link.ca_file.clone(),
         tls_insecure: config.link.tls_insecure,
+        proxy: ProxySettings::from_env(config.link.proxy.as_deref(), config.link.no_proxy.as_deref()),
         ping_interval: config.link.ping_interval,
+        heartbeat_interval: config.link.heartbeat_interval,
         max_frame: config.link.max_frame,
+        max_bad_frames: config.link.max_bad_frames,
         backoff_base: config.link.backoff_base,
         backoff_max: config.link.backoff_max,
         ..LinkConfig::default()
     };
     let init = (!init_errors.is_empty()).then(|| init_errors.join("; "));
-    let (link, link_status, link_live) =
-        Link::new(link_cfg, who.clone(), init, spool.clone(), handle.events.clone(), stop_rx.clone())?;
+    let (link, link_status, link_live) = Link::new(
+        link_cfg,
+        who.clone(),
+        init,
+        spool.clone(),
+        handle.events.clone(),
+        handle.status.clone(),
+        stop_rx.clone(),
+    )?;
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;

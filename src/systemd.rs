@@ -7,7 +7,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::sync::watch;
 
-use crate::link::{LinkState, LinkStatus};
+use crate::link::LinkStatus;
 use crate::round::{EngineStatus, Liveness, Phase};
 
 pub fn ready() {
@@ -29,18 +29,9 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 /// The one-line summary for `systemctl status`, e.g.
-/// "connected to wss://x; recipe 7, round 12, state 3/8 linux.apt.package".
+/// "connected to wss://x since 2026-11-21 23:35:08 UTC; recipe 7, round 12, state 3/8 linux.apt.package".
 pub fn status_line(link: &LinkStatus, engine: &EngineStatus) -> String {
-    let conn = match &link.state {
-        LinkState::Starting => "starting".to_string(),
-        LinkState::Connecting { attempt } => format!("connecting (attempt {attempt})"),
-        LinkState::Connected { url, .. } => format!("connected to {url}"),
-        LinkState::AppNotReady { url } => format!("{url}: app not ready, retrying"),
-        LinkState::Reconnecting { in_s, attempt } => {
-            format!("reconnecting in {in_s} s (attempt {attempt})")
-        }
-        LinkState::Stopped => "link stopped".to_string(),
-    };
+    let conn = link.describe();
     let work = match (&engine.recipe_version, &engine.phase) {
         (None, _) | (_, Phase::NoRecipe) => "no recipe yet".to_string(),
         (Some(v), phase) => {
@@ -106,11 +97,13 @@ pub async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::LinkState;
 
     #[test]
     fn status_lines_read_like_sentences() {
         let link =
             LinkStatus { state: LinkState::Connected { url: "wss://b".into(), since_unix: 0 }, ..Default::default() };
+        let since = "since 1970-01-01 00:00:00 UTC";
         let engine = EngineStatus {
             recipe_version: Some(7),
             round: 12,
@@ -119,9 +112,16 @@ mod tests {
         };
         assert_eq!(
             status_line(&link, &engine),
-            "connected to wss://b; recipe 7, round 12, state 3/8 linux.apt.package"
+            format!("connected to wss://b {since}; recipe 7, round 12, state 3/8 linux.apt.package")
         );
-        let link = LinkStatus { state: LinkState::Reconnecting { in_s: 8, attempt: 3 }, ..Default::default() };
-        assert_eq!(status_line(&link, &EngineStatus::default()), "reconnecting in 8 s (attempt 3); no recipe yet");
+        let until_unix = crate::link::now_unix() + 8;
+        let link = LinkStatus { state: LinkState::Reconnecting { in_s: 8, until_unix, attempt: 3 }, ..Default::default() };
+        let line = status_line(&link, &EngineStatus::default());
+        // The countdown may have ticked once while the test ran.
+        assert!(
+            ["reconnecting in 8 s (attempt 3); no recipe yet", "reconnecting in 7 s (attempt 3); no recipe yet"]
+                .contains(&line.as_str()),
+            "{line}"
+        );
     }
 }

@@ -44,6 +44,67 @@ pub struct CommandSpec {
     pub gid: Gid,
     /// `None`: no deadline.
     pub timeout: Option<Duration>,
+    /// Written to the command's standard input, which is then closed; `None`: /dev/null.
+    /// How secrets reach a tool (a password hash for `chpasswd -e`) without showing up
+    /// in its argument list, which every local user can read in /proc.
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// The environment of the tools the helper runs for its own states (package managers,
+/// shadow utilities, crontab…): nothing of the helper's own environment, a fixed
+/// `PATH`, and the C locale so that their output parses the same everywhere.
+pub const TOOL_ENV: &[(&str, &str)] = &[("PATH", BASE_PATH), ("LC_ALL", "C"), ("LANG", "C"), ("HOME", "/root")];
+/// Search path of commands run by states; the only one they get.
+pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Deadline of a tool run by a state unless that state says otherwise.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl CommandSpec {
+    /// A tool run as root in `/`, with [`TOOL_ENV`] and [`TOOL_TIMEOUT`].
+    pub fn tool<S: Into<OsString>>(program: &str, args: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            program: PathBuf::from(program),
+            args: args.into_iter().map(Into::into).collect(),
+            cwd: PathBuf::from("/"),
+            env: TOOL_ENV.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect(),
+            uid: Uid::from_raw(0),
+            gid: Gid::from_raw(0),
+            timeout: Some(TOOL_TIMEOUT),
+            stdin: None,
+        }
+    }
+
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    pub fn with_stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(data.into());
+        self
+    }
+
+    /// The command line, for messages (arguments with blanks are quoted).
+    pub fn display(&self) -> String {
+        std::iter::once(self.program.as_os_str())
+            .chain(self.args.iter().map(OsString::as_os_str))
+            .map(|a| {
+                let a = a.to_string_lossy();
+                if a.is_empty() || a.contains(char::is_whitespace) {
+                    format!("{a:?}")
+                } else {
+                    a.into_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +140,7 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd)
-        .stdin(Stdio::null())
+        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::from(write_end.try_clone().map_err(spawn_err)?))
         .stderr(Stdio::from(write_end))
         .uid(spec.uid.as_raw())
@@ -90,6 +151,13 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
     // reader would never see the end of the output.
     drop(command);
     let mut child = spawned.map_err(spawn_err)?;
+    if let (Some(data), Some(mut pipe)) = (spec.stdin.clone(), child.stdin.take()) {
+        // A writer of its own: a command that does not read its input must not block us.
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = pipe.write_all(&data).await;
+        });
+    }
     let pgid = Pid::from_raw(child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0));
     let mut guard = GroupGuard(Some(pgid));
 
@@ -140,6 +208,67 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
     }
     let output = output.lock().map(|o| o.render()).unwrap_or_default();
     Ok(Finished { exit, output })
+}
+
+/// Why a tool run by a state did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("`{command}` {how}{}", tail_suffix(.output))]
+    Failed { command: String, how: String, output: String },
+    #[error("cancelled while `{0}` ran; its process group was killed")]
+    Cancelled(String),
+}
+
+impl ToolError {
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, ToolError::Cancelled(_))
+    }
+}
+
+/// Lines of a failed tool's output kept in messages: package managers print their
+/// reason last.
+pub const TAIL_LINES: usize = 6;
+
+fn tail_suffix(output: &str) -> String {
+    let tail = last_lines(output, TAIL_LINES);
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(": {tail}")
+    }
+}
+
+/// The last `n` non-blank lines of `output`, joined with " | ".
+pub fn last_lines(output: &str, n: usize) -> String {
+    let lines: Vec<&str> = output.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+pub fn describe_exit(exit: &Exit) -> String {
+    match exit {
+        Exit::Code(n) => format!("exited with status {n}"),
+        Exit::Signal(s) => format!(
+            "was killed by signal {}",
+            Signal::try_from(*s).map_or_else(|_| s.to_string(), |s| s.as_str().to_string())
+        ),
+        Exit::TimedOut(d) => format!("timed out after {} s", d.as_secs()),
+        Exit::Cancelled => "was cancelled".to_string(),
+    }
+}
+
+/// Runs `spec`; its output when it exits with one of `ok_codes`, an error naming the
+/// command, how it ended and the last lines it printed otherwise.
+pub async fn checked(spec: &CommandSpec, ok_codes: &[i32], cancel: &mut Cancel) -> Result<Finished, ToolError> {
+    let finished = run(spec, cancel).await?;
+    match finished.exit {
+        Exit::Code(c) if ok_codes.contains(&c) => Ok(finished),
+        Exit::Cancelled => Err(ToolError::Cancelled(spec.display())),
+        ref other => {
+            Err(ToolError::Failed { command: spec.display(), how: describe_exit(other), output: finished.output })
+        }
+    }
 }
 
 async fn collect(mut pipe: tokio::net::unix::pipe::Receiver, out: Arc<Mutex<CappedOutput>>) {

@@ -56,13 +56,25 @@ pub const EXAMPLE: &str = concat!(
 [link]
 ; Extra PEM bundle of trusted CAs for wss:// (the system roots are always trusted).
 ;ca_file = /etc/opsagent/ca.pem
-; Accept any server certificate. For tests only.
+; Accept any server certificate. For tests only: a warning is logged at every connect.
 ;tls_insecure = false
-; Seconds between WebSocket pings.
+; HTTP proxy for the backend connection (CONNECT) and downloads, http://[user:password@]host:port.
+; Overrides the https_proxy / HTTPS_PROXY / http_proxy / all_proxy environment variables.
+;proxy = http://proxy.example.com:3128
+; Hosts reached without the proxy: names, .domains, IP addresses, CIDR blocks, each with an
+; optional :port, separated by commas; * for all. Overrides no_proxy / NO_PROXY.
+;no_proxy = localhost,127.0.0.0/8,.internal.example.com
+; Seconds between WebSocket pings; a connection silent for two intervals is replaced.
 ;ping_interval = 30
+; Seconds between Heartbeat messages (host vitals and agent state), sent only to a
+; backend that announced the heartbeat extension.
+;heartbeat_interval = 60
 ; Largest accepted frame, in bytes (16 MiB).
 ;max_frame = 16777216
-; Reconnect backoff in seconds: first pause, doubling up to backoff_max.
+; Consecutive invalid frames tolerated before the connection is replaced.
+;max_bad_frames = 100
+; Reconnect backoff in seconds: attempt k waits a random time between 0 and
+; backoff_base * 2^(k-1), at most backoff_max (full jitter).
 ;backoff_base = 1
 ;backoff_max = 300
 "#

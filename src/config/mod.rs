@@ -37,7 +37,21 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
         "agent",
         &["token_file", "state_dir", "helper_socket", "round_delay", "retry_delay", "retry_delay_max", "log_level"],
     ),
-    ("link", &["ca_file", "tls_insecure", "ping_interval", "max_frame", "backoff_base", "backoff_max"]),
+    (
+        "link",
+        &[
+            "ca_file",
+            "tls_insecure",
+            "proxy",
+            "no_proxy",
+            "ping_interval",
+            "heartbeat_interval",
+            "max_frame",
+            "max_bad_frames",
+            "backoff_base",
+            "backoff_max",
+        ],
+    ),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -128,9 +142,17 @@ pub struct LinkConfig {
     pub ca_file: Option<PathBuf>,
     /// Accept any server certificate. For tests only.
     pub tls_insecure: bool,
+    /// HTTP proxy for the backend link and downloads (overrides `https_proxy` & co.).
+    pub proxy: Option<String>,
+    /// Hosts reached without the proxy (overrides `no_proxy`/`NO_PROXY`).
+    pub no_proxy: Option<String>,
     pub ping_interval: Duration,
+    /// Between two Heartbeats (sent only to a backend that supports them).
+    pub heartbeat_interval: Duration,
     /// Largest accepted frame, in bytes.
     pub max_frame: usize,
+    /// Consecutive bad frames tolerated before the connection is replaced.
+    pub max_bad_frames: u32,
     /// Reconnect backoff: first pause, doubling up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -141,8 +163,12 @@ impl Default for LinkConfig {
         LinkConfig {
             ca_file: None,
             tls_insecure: false,
+            proxy: None,
+            no_proxy: None,
             ping_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(60),
             max_frame: 16 << 20,
+            max_bad_frames: 100,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
         }
@@ -334,8 +360,12 @@ impl Config {
             ("agent", "log_level") => a.log_level = values::log_level(value)?,
             ("link", "ca_file") => l.ca_file = Some(values::absolute_path(value)?),
             ("link", "tls_insecure") => l.tls_insecure = values::boolean(value)?,
+            ("link", "proxy") => l.proxy = Some(values::proxy_url(value)?),
+            ("link", "no_proxy") => l.no_proxy = Some(values::host_list(value)?),
             ("link", "ping_interval") => l.ping_interval = values::seconds(value)?,
+            ("link", "heartbeat_interval") => l.heartbeat_interval = values::seconds(value)?,
             ("link", "max_frame") => l.max_frame = values::bytes(value)?,
+            ("link", "max_bad_frames") => l.max_bad_frames = values::count(value, 1, 1_000_000)?,
             ("link", "backoff_base") => l.backoff_base = values::seconds(value)?,
             ("link", "backoff_max") => l.backoff_max = values::seconds(value)?,
             // Callers look keys up in SECTIONS first; a test keeps both lists in step.

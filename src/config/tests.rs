@@ -38,8 +38,12 @@ fn defaults() {
     assert_eq!(c.agent.log_level, "info");
     assert_eq!(c.link.ca_file, None);
     assert!(!c.link.tls_insecure);
+    assert_eq!(c.link.proxy, None);
+    assert_eq!(c.link.no_proxy, None);
     assert_eq!(c.link.ping_interval, Duration::from_secs(30));
+    assert_eq!(c.link.heartbeat_interval, Duration::from_secs(60));
     assert_eq!(c.link.max_frame, 16 * 1024 * 1024);
+    assert_eq!(c.link.max_bad_frames, 100);
     assert_eq!(c.link.backoff_base, Duration::from_secs(1));
     assert_eq!(c.link.backoff_max, Duration::from_secs(300));
     assert_eq!(parse("").unwrap(), Config { source: Some("/etc/opsagent.conf".into()), ..c });
@@ -54,7 +58,8 @@ fn every_key_parsed() {
          [agent]\ntoken_file = /t/token\nstate_dir = /t\nhelper_socket = /t/h.sock\nround_delay = 60\n\
          retry_delay = 2\nretry_delay_max = 20\nlog_level = info,opsagent=debug\n\
          [link]\nca_file = /t/ca.pem\ntls_insecure = yes\nping_interval = 15\nmax_frame = 65536\n\
-         backoff_base = 3\nbackoff_max = 30\n",
+         backoff_base = 3\nbackoff_max = 30\nproxy = http://u:p@proxy:3128\nno_proxy = localhost, .corp\n\
+         heartbeat_interval = 20\nmax_bad_frames = 7\n",
     )
     .unwrap();
     let u = &c.userdata;
@@ -80,6 +85,10 @@ fn every_key_parsed() {
     assert_eq!(l.max_frame, 65536);
     assert_eq!(l.backoff_base, Duration::from_secs(3));
     assert_eq!(l.backoff_max, Duration::from_secs(30));
+    assert_eq!(l.proxy.as_deref(), Some("http://u:p@proxy:3128"));
+    assert_eq!(l.no_proxy.as_deref(), Some("localhost, .corp"));
+    assert_eq!(l.heartbeat_interval, Duration::from_secs(20));
+    assert_eq!(l.max_bad_frames, 7);
     assert_eq!(c.require_backend().unwrap(), ("ws://127.0.0.1:8080/agent", "app-9"));
 }
 
@@ -158,6 +167,9 @@ fn invalid_values_name_file_section_and_key() {
         ("[link]\nmax_frame = 16MiB\n", r#"[link] max_frame: "16MiB" is not a whole number of bytes"#),
         ("[link]\nping_interval = 1e3\n", "[link] ping_interval: \"1e3\" is not a whole number of seconds"),
         ("[link]\nca_file = ca.pem\n", "[link] ca_file: \"ca.pem\" is not an absolute path"),
+        ("[link]\nproxy = socks5://p:1080\n", "[link] proxy: \"socks5://p:1080\": proxy scheme socks5:// is not supported"),
+        ("[link]\nmax_bad_frames = 0\n", "[link] max_bad_frames: 0 is out of range"),
+        ("[link]\nheartbeat_interval = 0\n", "[link] heartbeat_interval: 0 is too small"),
     ];
     for (text, expected) in cases {
         let e = err(text);
@@ -249,7 +261,13 @@ fn example_parses_to_the_defaults() {
     let d = Config::default();
     assert_eq!(c.agent, d.agent, "[agent] defaults in EXAMPLE match the code");
     assert_eq!(c.link.ca_file.as_deref(), Some(Path::new("/etc/opsagent/ca.pem")));
-    assert_eq!(LinkConfig { ca_file: None, ..c.link.clone() }, d.link, "[link] defaults in EXAMPLE match the code");
+    assert_eq!(c.link.proxy.as_deref(), Some("http://proxy.example.com:3128"));
+    assert!(c.link.no_proxy.is_some());
+    assert_eq!(
+        LinkConfig { ca_file: None, proxy: None, no_proxy: None, ..c.link.clone() },
+        d.link,
+        "[link] defaults in EXAMPLE match the code"
+    );
     assert_eq!(c.userdata.metadata_url, d.userdata.metadata_url);
     assert_eq!(c.userdata.version(), d.userdata.version());
     for value in [

@@ -35,6 +35,30 @@ pub(super) fn bytes(text: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// A whole number in `min..=max`.
+pub(super) fn count(text: &str, min: u32, max: u32) -> Result<u32, String> {
+    let n: u32 = text.parse().map_err(|_| format!("{text:?} is not a whole number"))?;
+    if !(min..=max).contains(&n) {
+        return Err(format!("{n} is out of range: between {min} and {max}"));
+    }
+    Ok(n)
+}
+
+/// An HTTP proxy URL, `http://[user:password@]host[:port]`; the link parses it the same way.
+pub(super) fn proxy_url(text: &str) -> Result<String, String> {
+    crate::link::ProxyUrl::parse(text)?;
+    Ok(text.trim().to_string())
+}
+
+/// A `no_proxy` list: host names, domains, IP addresses or CIDR blocks, optionally with
+/// `:port`, separated by commas or spaces; `*` for every host.
+pub(super) fn host_list(text: &str) -> Result<String, String> {
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(format!("{text:?} contains {c:?}"));
+    }
+    Ok(text.trim().to_string())
+}
+
 pub(super) fn boolean(text: &str) -> Result<bool, String> {
     match text.to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),

@@ -18,7 +18,7 @@ use crate::fsutil::{self, kind_of, FsError};
 use crate::identity::{self, IdentityError};
 use crate::states::Ctx;
 
-pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use crate::exec::BASE_PATH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
@@ -139,6 +139,7 @@ fn plan(p: &LinuxCmd, ctx: &Ctx, changes: &mut Vec<Change>) -> Result<Plan, CmdE
         gid,
         // 0 means no limit.
         timeout: (p.timeout > 0).then(|| Duration::from_secs(p.timeout)),
+        stdin: None,
     }))
 }
 

@@ -1,0 +1,453 @@
+//! The operator's policy: an optional root-owned file that narrows what the helper will
+//! do for the agent, whatever the backend sends.
+//!
+//! Default path `/etc/opsagent/helper.policy` (`--policy PATH` to use another). No file:
+//! no restriction beyond the helper's own checks. The file is read once, at start-up;
+//! restart the helper to apply a change. It is opened without following a link, and
+//! the *opened* file must be a regular file owned by root and not writable by group or
+//! others; its directory must be owned by root and not writable by group or others.
+//! Anything else, and any line that does not parse, stops the helper with the file and
+//! line in the message: a policy that is not what the operator meant is not applied
+//! half-way.
+//!
+//! Format: one `key = value…` per line, values separated by blanks; `#` starts a
+//! comment; a key given twice adds to its list. Every key is optional; a key that is
+//! absent allows everything of its kind, a key that is present allows only what it
+//! lists (`modules =` with nothing after it allows no module at all).
+//!
+//! ```text
+//! # Only these modules (catalogue names).
+//! modules = linux.file linux.dir linux.service linux.apt.package
+//! # Paths that file-writing states may write under (each path and what is below it).
+//! write_prefixes = /etc/nginx /srv /var/www
+//! # Units linux.service may start, reload or restart (`nginx` means nginx.service).
+//! units = nginx php8.2-fpm.service
+//! ```
+//!
+//! What `write_prefixes` covers: `linux.file` `path`, `linux.dir` `path`s,
+//! `linux.symlink` `target` (the link), `linux.cmd` `cwd`, and the files that
+//! `linux.apt.repo`, `linux.apt.ppa` and `linux.yum.repo` write. A command can still
+//! write anywhere its user may: to keep recipes from running commands, leave
+//! `linux.cmd` out of `modules` (which also forbids `linux.service` actions that are
+//! commands). Users, groups, crontabs, the timezone and packages are not paths in this
+//! sense; allow or forbid them with `modules`.
+//!
+//! Prefix checks are made on the normalised path and again on the path with its
+//! existing directories resolved (so a link inside an allowed tree cannot point a write
+//! outside it). They assume that the allowed trees are not writable by untrusted users:
+//! such a user could swap a directory for a link between the check and the write.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use opsagent_proto::catalogue::{self, ModuleParams};
+use opsagent_proto::newtypes::{AbsPath, UnitName};
+use opsagent_proto::request::{ErrorCode, HelperError};
+use opsagent_proto::wire::Entry;
+
+pub const DEFAULT_POLICY_PATH: &str = "/etc/opsagent/helper.policy";
+/// A policy file is a few lines; anything much larger is not one.
+const MAX_POLICY_BYTES: u64 = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy file {path}: cannot {op}: {source}")]
+    Io { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("policy file {0} is a symbolic link; give the real path")]
+    Symlink(PathBuf),
+    #[error("policy file {path}: {problem}; it must be a regular file owned by root and writable by root only")]
+    Unsafe { path: PathBuf, problem: String },
+    #[error("{path}:{line}: {problem}")]
+    Syntax { path: PathBuf, line: usize, problem: String },
+}
+
+/// What the operator allows. `None` in a field: no restriction of that kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Where it was read from, for messages; `None`: the built-in "allow all".
+    pub source: Option<PathBuf>,
+    pub modules: Option<BTreeSet<String>>,
+    pub write_prefixes: Option<Vec<AbsPath>>,
+    pub units: Option<BTreeSet<UnitName>>,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(source) = &self.source else {
+            return f.write_str("no policy file: every module, path and unit allowed");
+        };
+        let list = |items: Option<Vec<String>>| items.map_or_else(|| "any".to_string(), |v| format!("[{}]", v.join(" ")));
+        write!(
+            f,
+            "{}: modules {}, write prefixes {}, units {}",
+            source.display(),
+            list(self.modules.as_ref().map(|m| m.iter().cloned().collect())),
+            list(self.write_prefixes.as_ref().map(|p| p.iter().map(ToString::to_string).collect())),
+            list(self.units.as_ref().map(|u| u.iter().map(ToString::to_string).collect())),
+        )
+    }
+}
+
+impl Policy {
+    /// Reads the policy at `path`. A missing file is no policy when `required` is
+    /// false (the default path), an error when the operator named the file.
+    pub fn load(path: &Path, required: bool) -> Result<Self, PolicyError> {
+        let io_err = |op: &'static str| {
+            let path = path.to_path_buf();
+            move |source| PolicyError::Io { path, op, source }
+        };
+        let file = match secure_open(path) {
+            Ok(f) => f,
+            Err(PolicyError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound && !required => {
+                return Ok(Self::default());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut text = String::new();
+        file.take(MAX_POLICY_BYTES + 1).read_to_string(&mut text).map_err(io_err("read"))?;
+        if text.len() as u64 > MAX_POLICY_BYTES {
+            return Err(PolicyError::Unsafe { path: path.to_path_buf(), problem: "larger than 1 MiB".into() });
+        }
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, PolicyError> {
+        let mut policy = Self { source: Some(path.to_path_buf()), ..Self::default() };
+        for (i, raw) in text.lines().enumerate() {
+            let syntax = |problem: String| PolicyError::Syntax { path: path.to_path_buf(), line: i + 1, problem };
+            let line = raw.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (key, values) =
+                line.split_once('=').ok_or_else(|| syntax(format!("expected `key = values`, got {line:?}")))?;
+            let values = values.split_whitespace();
+            match key.trim().replace('-', "_").as_str() {
+                "modules" => {
+                    let set = policy.modules.get_or_insert_with(BTreeSet::new);
+                    for m in values {
+                        match catalogue::spec(m) {
+                            Some(spec) if spec.builtin => {
+                                return Err(syntax(format!("{m} is built into the daemon; the helper never runs it")))
+                            }
+                            Some(_) => set.insert(m.to_string()),
+                            None => return Err(syntax(format!("unknown module {m:?}"))),
+                        };
+                    }
+                }
+                "write_prefixes" => {
+                    let list = policy.write_prefixes.get_or_insert_with(Vec::new);
+                    for p in values {
+                        list.push(AbsPath::parse(p).map_err(|e| syntax(e.to_string()))?);
+                    }
+                }
+                "units" => {
+                    let set = policy.units.get_or_insert_with(BTreeSet::new);
+                    for u in values {
+                        set.insert(UnitName::service(u).map_err(|e| syntax(e.to_string()))?);
+                    }
+                }
+                other => {
+                    return Err(syntax(format!("unknown key {other:?} (known: modules, write_prefixes, units)")))
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    /// Whether the policy lets `params` run; `Err` is a [`ErrorCode::Denied`] naming
+    /// the rule.
+    pub fn check(&self, params: &ModuleParams) -> Result<(), HelperError> {
+        let Some(source) = &self.source else {
+            return Ok(());
+        };
+        let deny = |why: String| Err(HelperError::new(ErrorCode::Denied, format!("{why} (policy {})", source.display())));
+        let module = params.name();
+        if !self.module_allowed(module) {
+            return deny(format!("module {module} is not in the policy's `modules`"));
+        }
+        if let ModuleParams::LinuxService(s) = params {
+            // An action that is not a keyword is a shell command, so it needs what
+            // linux.cmd needs.
+            if let Some(e) = s.name.iter().find(|e| is_command_action(e)) {
+                if !self.module_allowed("linux.cmd") {
+                    return deny(format!(
+                        "the action of service {} is a command, and linux.cmd is not in the policy's `modules`",
+                        e.key
+                    ));
+                }
+            }
+            if let Some(units) = &self.units {
+                for e in s.name.iter() {
+                    // A name that is not a unit name fails in the module itself.
+                    if let Ok(unit) = UnitName::service(e.key.trim()) {
+                        if !units.contains(&unit) {
+                            return deny(format!("unit {unit} is not in the policy's `units`"));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(prefixes) = &self.write_prefixes {
+            for raw in written_paths(params) {
+                // A path that does not parse fails in the module, with its own message.
+                let Ok(path) = AbsPath::parse(&raw) else { continue };
+                if !under_prefixes(&path, prefixes) {
+                    return deny(format!("{module} would write {path}, which is not under the policy's `write_prefixes`"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn module_allowed(&self, module: &str) -> bool {
+        self.modules.as_ref().is_none_or(|m| m.contains(module))
+    }
+}
+
+/// A `linux.service` action that is neither empty nor one of the keywords.
+pub fn is_command_action(e: &Entry) -> bool {
+    !matches!(e.value_or_empty().trim(), "" | "reload" | "restart")
+}
+
+/// The paths a state would create or change, as the recipe gives them.
+pub fn written_paths(params: &ModuleParams) -> Vec<String> {
+    match params {
+        ModuleParams::LinuxFile(p) => vec![p.path.to_string()],
+        ModuleParams::LinuxDir(p) => p.path.to_vec(),
+        ModuleParams::LinuxSymlink(p) => vec![p.target.to_string()],
+        ModuleParams::LinuxCmd(p) => vec![p.cwd.to_string()],
+        ModuleParams::LinuxAptRepo(p) => crate::states::repo::apt_list_path(&p.name).into_iter().collect(),
+        ModuleParams::LinuxAptPpa(p) => crate::states::repo::ppa_paths(&p.name),
+        ModuleParams::LinuxYumRepo(p) => crate::states::repo::yum_repo_path(&p.name).into_iter().collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn under_prefixes(path: &AbsPath, prefixes: &[AbsPath]) -> bool {
+    if !prefixes.iter().any(|p| path.starts_with(p)) {
+        return false;
+    }
+    // The same with links resolved: the deepest existing ancestor (the path itself
+    // excluded: a link there is not followed by the file states) resolved, plus the
+    // rest, must be under a prefix resolved the same way.
+    let resolved = resolve_existing(&path.parent()).map(|parent| match path.as_path().file_name() {
+        Some(name) => parent.join(name),
+        None => parent,
+    });
+    let Some(resolved) = resolved else {
+        return false;
+    };
+    prefixes.iter().any(|p| {
+        let prefix = resolve_existing(p).unwrap_or_else(|| p.as_path().to_path_buf());
+        resolved.starts_with(prefix)
+    })
+}
+
+/// `path` with its deepest existing ancestor canonicalised and the missing rest added.
+fn resolve_existing(path: &AbsPath) -> Option<PathBuf> {
+    let mut missing = Vec::new();
+    let mut cur = path.as_path();
+    loop {
+        match std::fs::canonicalize(cur) {
+            Ok(real) => {
+                let mut out = real;
+                for part in missing.iter().rev() {
+                    out.push(part);
+                }
+                return Some(out);
+            }
+            Err(_) => {
+                missing.push(cur.file_name()?.to_os_string());
+                cur = cur.parent()?;
+            }
+        }
+    }
+}
+
+/// Opens `path` for reading the way a root process must open a file that decides what
+/// it allows: no link followed, and ownership and mode checked on the opened file and
+/// its directory (after the open, so the file checked is the file read).
+fn secure_open(path: &Path) -> Result<File, PolicyError> {
+    let flags = OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let file = OpenOptions::new().read(true).custom_flags(flags.bits()).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(nix::libc::ELOOP) {
+            PolicyError::Symlink(path.to_path_buf())
+        } else {
+            PolicyError::Io { path: path.to_path_buf(), op: "open", source: e }
+        }
+    })?;
+    let unsafe_ = |problem: String| PolicyError::Unsafe { path: path.to_path_buf(), problem };
+    let meta = file.metadata().map_err(|source| PolicyError::Io { path: path.to_path_buf(), op: "stat", source })?;
+    if !meta.is_file() {
+        return Err(unsafe_("not a regular file".into()));
+    }
+    check_owner_mode(meta.uid(), meta.mode()).map_err(|p| unsafe_(p.to_string()))?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dmeta = std::fs::metadata(dir)
+        .map_err(|source| PolicyError::Io { path: dir.to_path_buf(), op: "stat the directory of", source })?;
+    check_owner_mode(dmeta.uid(), dmeta.mode())
+        .map_err(|p| unsafe_(format!("its directory {}: {p}", dir.display())))?;
+    Ok(file)
+}
+
+fn check_owner_mode(uid: u32, mode: u32) -> Result<(), &'static str> {
+    if uid != 0 {
+        return Err("not owned by root");
+    }
+    if mode & 0o022 != 0 {
+        return Err("writable by group or others");
+    }
+    Ok(())
+}
+
+/// Wraps any policy error in the words a refusal to start needs.
+pub fn startup_error(e: PolicyError) -> anyhow::Error {
+    anyhow::anyhow!("refusing to start: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::states::testutil::params;
+    use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write(dir: &Path, text: &str, mode: u32) -> PathBuf {
+        let p = dir.join("helper.policy");
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    fn private_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    }
+
+    #[test]
+    fn parses_lists_comments_repeats_and_short_unit_names() {
+        let dir = private_dir();
+        let p = write(
+            dir.path(),
+            "# the operator's rules\nmodules = linux.file linux.dir  # trailing comment\nmodules = linux.service\n\n\
+             write-prefixes = /srv /etc/nginx/\nunits = nginx php-fpm.service\n",
+            0o644,
+        );
+        let policy = Policy::load(&p, true).unwrap();
+        let modules: Vec<&str> = policy.modules.as_ref().unwrap().iter().map(String::as_str).collect();
+        assert_eq!(modules, ["linux.dir", "linux.file", "linux.service"]);
+        let prefixes: Vec<String> = policy.write_prefixes.as_ref().unwrap().iter().map(ToString::to_string).collect();
+        assert_eq!(prefixes, ["/srv", "/etc/nginx"]);
+        let units: Vec<&str> = policy.units.as_ref().unwrap().iter().map(UnitName::as_str).collect();
+        assert_eq!(units, ["nginx.service", "php-fpm.service"]);
+        assert!(policy.to_string().contains("modules [linux.dir linux.file linux.service]"), "{policy}");
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let path = Path::new("/etc/opsagent/helper.policy");
+        for (text, line, needle) in [
+            ("modules = linux.file\nmodules linux.dir\n", 2, "expected `key = values`"),
+            ("\n\nmodules = linux.teleport\n", 3, "unknown module \"linux.teleport\""),
+            ("modules = meta.wait\n", 1, "built into the daemon"),
+            ("write_prefixes = srv\n", 1, "not absolute"),
+            ("write_prefixes = /srv/../etc\n", 1, "\"..\""),
+            ("units = bad/unit\n", 1, "not a valid systemd unit name"),
+            ("# ok\ncolour = blue\n", 2, "unknown key \"colour\""),
+        ] {
+            let err = Policy::parse(path, text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("/etc/opsagent/helper.policy:{line}: ")), "{err}");
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn unsafe_files_are_refused_and_a_missing_default_is_no_policy() {
+        let dir = private_dir();
+        let p = write(dir.path(), "modules = linux.file\n", 0o664);
+        let err = Policy::load(&p, true).unwrap_err().to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+        assert!(Policy::load(&p, true).unwrap_err().to_string().contains("not owned by root"));
+        std::os::unix::fs::chown(&p, Some(0), None).unwrap();
+        assert!(Policy::load(&p, true).is_ok());
+
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Policy::load(&p, true).unwrap_err().to_string();
+        assert!(err.contains("its directory") && err.contains("writable by group or others"), "{err}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let link = dir.path().join("link.policy");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(matches!(Policy::load(&link, true), Err(PolicyError::Symlink(_))));
+
+        let missing = dir.path().join("missing.policy");
+        assert_eq!(Policy::load(&missing, false).unwrap(), Policy::default());
+        assert!(Policy::load(&missing, true).unwrap_err().to_string().contains("cannot open"));
+        assert!(Policy::load(dir.path(), true).is_err());
+    }
+
+    #[test]
+    fn modules_units_and_commands_are_checked() {
+        let policy = Policy::parse(
+            Path::new("/p"),
+            "modules = linux.file linux.service\nunits = nginx\n",
+        )
+        .unwrap();
+        assert!(policy.check(&params("linux.file", json!({"path": "/etc/x"}))).is_ok());
+        let err = policy.check(&params("linux.cmd", json!({"cmd": "true"}))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Denied);
+        assert_eq!(err.message, "module linux.cmd is not in the policy's `modules` (policy /p)");
+
+        assert!(policy.check(&params("linux.service", json!({"name": [{"key": "nginx", "value": "reload"}]}))).is_ok());
+        let err = policy.check(&params("linux.service", json!({"name": ["nginx", "sshd"]}))).unwrap_err();
+        assert!(err.message.contains("unit sshd.service is not in the policy's `units`"), "{}", err.message);
+        let err =
+            policy.check(&params("linux.service", json!({"name": [{"key": "nginx", "value": "rm -rf /"}]}))).unwrap_err();
+        assert!(err.message.contains("is a command, and linux.cmd is not"), "{}", err.message);
+
+        // No policy file: everything.
+        assert!(Policy::default().check(&params("linux.cmd", json!({"cmd": "true"}))).is_ok());
+    }
+
+    #[test]
+    fn write_prefixes_cover_file_states_and_resolve_links() {
+        let dir = private_dir();
+        let root = dir.path().canonicalize().unwrap();
+        let allowed = root.join("allowed");
+        std::fs::create_dir(&allowed).unwrap();
+        std::fs::create_dir(root.join("outside")).unwrap();
+        std::os::unix::fs::symlink(root.join("outside"), allowed.join("escape")).unwrap();
+        let policy = Policy::parse(Path::new("/p"), &format!("write_prefixes = {}\n", allowed.display())).unwrap();
+        let file = |p: PathBuf| params("linux.file", json!({"path": p}));
+
+        assert!(policy.check(&file(allowed.join("new/deep/file"))).is_ok());
+        assert!(policy.check(&file(allowed.clone())).is_ok());
+        let err = policy.check(&file(root.join("outside/x"))).unwrap_err();
+        assert!(err.message.contains("not under the policy's `write_prefixes`"), "{}", err.message);
+        // Lexically inside, but through a link to the outside.
+        assert!(policy.check(&file(allowed.join("escape/x"))).is_err());
+        // A link as the final component is the file states' business (they refuse it).
+        assert!(policy.check(&file(allowed.join("escape"))).is_ok());
+
+        let dirs = params("linux.dir", json!({"path": [allowed.join("a"), "/etc/b"]}));
+        assert!(policy.check(&dirs).unwrap_err().message.contains("/etc/b"));
+        let link = params("linux.symlink", json!({"target": "/etc/l", "source": allowed}));
+        assert!(policy.check(&link).is_err());
+        let cmd = params("linux.cmd", json!({"cmd": "true", "cwd": "/"}));
+        assert!(policy.check(&cmd).unwrap_err().message.contains("linux.cmd would write /"));
+        let repo = params("linux.apt.repo", json!({"name": "x", "content": "deb file:/srv ./"}));
+        assert!(policy.check(&repo).unwrap_err().message.contains("/etc/apt/sources.list.d/x.list"));
+        // Modules that write no path are not concerned.
+        assert!(policy.check(&params("linux.group", json!({"groupname": "g"}))).is_ok());
+    }
+}

@@ -1,0 +1,141 @@
+//! What the link tells the rest of the daemon (`STATUS=` lines, `opsagent status`).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum LinkState {
+    #[default]
+    Starting,
+    Connecting {
+        url: String,
+        /// 1 for the first attempt after start or after a healthy connection.
+        attempt: u32,
+    },
+    Connected {
+        url: String,
+        since_unix: u64,
+    },
+    /// Connected, but the backend answered `AppNotReady`; the Handshake is repeated.
+    AppNotReady {
+        url: String,
+        attempt: u32,
+        until_unix: u64,
+    },
+    Reconnecting {
+        /// The whole pause, as decided.
+        in_s: u64,
+        /// When the next attempt starts.
+        until_unix: u64,
+        /// The number of the next attempt.
+        attempt: u32,
+    },
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LinkStatus {
+    pub state: LinkState,
+    pub last_error: Option<String>,
+    pub last_error_unix: Option<u64>,
+    /// The backend's `capabilities` (empty for an original v1 backend).
+    pub backend_capabilities: Vec<String>,
+    /// The proxy of the current or last attempt (password masked), if any.
+    pub proxy: Option<String>,
+    /// The address the current or last session is connected to.
+    pub peer: Option<String>,
+    /// WebSocket sessions opened since start.
+    pub connects: u64,
+    /// Invalid JSON, no code, malformed known messages, binary and oversized frames.
+    pub bad_frames: u64,
+    /// Frames with a code this agent does not know (logged and ignored, per protocol).
+    pub unknown_frames: u64,
+    pub binary_frames: u64,
+    pub oversized_frames: u64,
+    /// StateLogs written to the backend.
+    pub sent: u64,
+    pub heartbeats: u64,
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+impl LinkStatus {
+    /// "connected to X since T", "reconnecting in N s (attempt K, last error: …)", …
+    pub fn describe(&self) -> String {
+        self.describe_at(now_unix())
+    }
+
+    pub fn describe_at(&self, now: u64) -> String {
+        let err = || self.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default();
+        match &self.state {
+            LinkState::Starting => "starting".to_string(),
+            LinkState::Connecting { url, attempt } if *attempt > 1 => {
+                format!("connecting to {url} (attempt {attempt}{})", err())
+            }
+            LinkState::Connecting { url, attempt } => format!("connecting to {url} (attempt {attempt})"),
+            LinkState::Connected { url, since_unix } => format!("connected to {url} since {}", utc(*since_unix)),
+            LinkState::AppNotReady { url, attempt, until_unix } => format!(
+                "{url}: app not ready, Handshake again in {} s (attempt {attempt})",
+                until_unix.saturating_sub(now)
+            ),
+            LinkState::Reconnecting { until_unix, attempt, .. } => {
+                format!("reconnecting in {} s (attempt {attempt}{})", until_unix.saturating_sub(now), err())
+            }
+            LinkState::Stopped => "link stopped".to_string(),
+        }
+    }
+}
+
+/// `2026-11-21 23:35:08 UTC`.
+pub fn utc(unix: u64) -> String {
+    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
+    let rem = unix % 86_400;
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 → (year, month, day) (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        let mut s = LinkStatus {
+            state: LinkState::Connected { url: "wss://b/".into(), since_unix: 1_798_761_599 },
+            ..Default::default()
+        };
+        assert_eq!(s.describe_at(0), "connected to wss://b/ since 2026-12-31 23:59:59 UTC");
+        s.state = LinkState::Reconnecting { in_s: 10, until_unix: 110, attempt: 4 };
+        s.last_error = Some("connecting to b:443: connection refused".into());
+        assert_eq!(
+            s.describe_at(102),
+            "reconnecting in 8 s (attempt 4, last error: connecting to b:443: connection refused)"
+        );
+        s.state = LinkState::Connecting { url: "wss://b/".into(), attempt: 1 };
+        assert_eq!(s.describe_at(0), "connecting to wss://b/ (attempt 1)");
+        s.state = LinkState::AppNotReady { url: "wss://b/".into(), attempt: 2, until_unix: 30 };
+        assert_eq!(s.describe_at(10), "wss://b/: app not ready, Handshake again in 20 s (attempt 2)");
+        // The JSON form `opsagent status` reads back.
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["state"]["state"], "app-not-ready");
+        assert_eq!(serde_json::from_value::<LinkStatus>(v).unwrap(), s);
+    }
+}

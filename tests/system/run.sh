@@ -1,0 +1,485 @@
+#!/usr/bin/env bash
+# System tests of the opsagent deployment on real systemd (Debian bookworm containers
+# booted with systemd-nspawn). Run as root:   bash tests/system/run.sh [TEST...]
+#
+# Builds the release once (packaging/build-release, signed with a throw-away minisign
+# key), serves it over HTTP on 127.0.0.1, runs the reference backend on the host, and
+# installs the agent in fresh containers (they share the host network) with
+# packaging/userdata.sh, as an instance would. Tests (select with arguments, e.g. "a e"):
+#   a  install from userdata; Handshake + StateLogs; re-run changes nothing
+#   b  watchdog: a SIGSTOPped agent is restarted by systemd
+#   c  helper socket activation; other users refused (file mode, then SO_PEERCRED)
+#   d  journal fields (OPSAGENT_STATE_ID=...) and the STATUS= line
+#   e  polkit rule: exactly restart opsagent.service / start opsagent-upgrade.service
+#   f  systemd-analyze verify + security scores (opsagent.service must be <= 2.0)
+#   g  cron fallback without systemd: started, and restarted after kill -9
+#   h  userdata.sh refuses releases that are unsigned, re-labelled or tampered with
+#   i  the .deb: installs, does not start without a config, starts with one, removes
+#
+# Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
+# OPSAGENT_SYSTEST_KEEP=1 keeps the work directory (logs) even when all tests pass.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/system/lib.sh
+source "$HERE/lib.sh"
+
+[ "$(id -u)" = 0 ] || { echo "tests/system/run.sh must run as root" >&2; exit 2; }
+
+ALL_TESTS="a b c d e f g h i"
+SELECTED=${*:-$ALL_TESTS}
+SUITE_START=$(date +%s)
+WORK=$(mktemp -d /tmp/opsagent-systest.XXXXXX)
+export WORK
+: >"$WORK/containers"
+BG_PIDS=()
+HOST_PIDS=()
+
+on_exit() {
+    local rc=$? p
+    set +e
+    for p in "${BG_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+    cleanup_all
+    for p in "${HOST_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+    for p in "${HOST_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+    if [ "$rc" -eq 0 ] && [ "${OPSAGENT_SYSTEST_KEEP:-0}" != 1 ]; then
+        rm -rf "$WORK"
+    else
+        echo "logs kept in $WORK" >&2
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- prerequisites
+need=()
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v minisign >/dev/null || need+=(minisign)
+command -v curl >/dev/null || need+=(curl)
+command -v python3 >/dev/null || need+=(python3)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
+command -v ps >/dev/null || need+=(procps)
+if [ "${#need[@]}" -gt 0 ]; then
+    say "installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+ensure_rootfs
+
+# ---------------------------------------------------------------- release, backend, HTTP
+say "building the release (cargo build --release --workspace --locked)"
+minisign -G -W -p "$WORK/update.pub" -s "$WORK/update.key" >/dev/null </dev/null
+UPDATE_KEY=$(sed -n 2p "$WORK/update.pub")
+minisign -G -W -p "$WORK/other.pub" -s "$WORK/other.key" >/dev/null </dev/null
+OTHER_KEY=$(sed -n 2p "$WORK/other.pub")
+built=0
+for attempt in 1 2 3; do
+    # Others change the sources concurrently: a momentarily broken build is retried.
+    if SIGNING_KEY=$WORK/update.key "$REPO/packaging/build-release" "$WORK/releases" >"$WORK/build.log" 2>&1; then
+        built=1
+        break
+    fi
+    say "build attempt $attempt failed (tail of $WORK/build.log):"
+    tail -n 15 "$WORK/build.log" >&2
+    [ "$attempt" = 3 ] || sleep 60
+done
+[ "$built" = 1 ] || { say "cannot build the release"; exit 1; }
+VERSION=$(ls "$WORK/releases")
+say "release $VERSION: $(ls "$WORK/releases/$VERSION" | tr '\n' ' ')"
+OPSAGENT_SKIP_BUILD=1 "$REPO/packaging/build-deb" "$WORK/deb" >>"$WORK/build.log" 2>&1 ||
+    { say "build-deb failed"; tail -n 15 "$WORK/build.log" >&2; exit 1; }
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+
+# Refused releases for test h: a validly signed archive re-labelled as another version,
+# a tampered archive, and one signed by a key that is not UPDATE_KEY.
+mkdir -p "$WORK/releases/9.9.1" "$WORK/releases/9.9.2" "$WORK/releases/9.9.3"
+cp "$WORK/releases/$VERSION/opsagent.tgz" "$WORK/releases/$VERSION/opsagent.tgz.minisig" "$WORK/releases/9.9.1/"
+cp "$WORK/releases/$VERSION/opsagent.tgz" "$WORK/releases/9.9.2/"
+printf 'tampered' >>"$WORK/releases/9.9.2/opsagent.tgz"
+minisign -S -s "$WORK/update.key" -m "$WORK/releases/$VERSION/opsagent.tgz" -x "$WORK/releases/9.9.2/opsagent.tgz.minisig" \
+    -t "opsagent release 9.9.2" >/dev/null </dev/null
+cp "$WORK/releases/$VERSION/opsagent.tgz" "$WORK/releases/9.9.3/"
+minisign -S -s "$WORK/other.key" -m "$WORK/releases/9.9.3/opsagent.tgz" -x "$WORK/releases/9.9.3/opsagent.tgz.minisig" \
+    -t "opsagent release 9.9.3" >/dev/null </dev/null
+
+python3 -u -m http.server --bind 127.0.0.1 --directory "$WORK/releases" 0 >"$WORK/http.out" 2>"$WORK/http.err" &
+HOST_PIDS+=($!)
+wait_until 15 "HTTP server" grep -q 'port [0-9]' "$WORK/http.out"
+HTTP_PORT=$(sed -n 's/.* port \([0-9]*\).*/\1/p' "$WORK/http.out" | head -n 1)
+BASE_REMOTE=http://127.0.0.1:$HTTP_PORT
+
+mkdir -p "$WORK/recipes"
+APP_ID=app-sys
+cp "$HERE/recipe-app-sys.json" "$WORK/recipes/$APP_ID.json"
+"$TARGET_DIR/release/opsagent-backend" --listen 127.0.0.1:0 --recipe-dir "$WORK/recipes" \
+    --statelog "$WORK/statelog.jsonl" --events "$WORK/events.jsonl" >"$WORK/backend.out" 2>"$WORK/backend.err" &
+HOST_PIDS+=($!)
+wait_until 15 "reference backend" grep -q 'listening on' "$WORK/backend.out"
+BACKEND=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$WORK/backend.out" | head -n 1)
+WS_URI=ws://$BACKEND/
+say "backend $WS_URI, releases $BASE_REMOTE, work $WORK"
+
+# ---------------------------------------------------------------- shared steps
+# userdata NAME INSTANCE_ID [VAR=value...]: runs packaging/userdata.sh in the container
+# as an instance's userdata would (root, variables in the environment).
+userdata() {
+    local name=$1 iid=$2
+    shift 2
+    cp "$REPO/packaging/userdata.sh" "$(croot "$name")/root/userdata.sh"
+    cexec "$name" env WS_URI="$WS_URI" APP_ID="$APP_ID" VERSION="$VERSION" BASE_REMOTE="$BASE_REMOTE" \
+        UPDATE_KEY="$UPDATE_KEY" INSTANCE_ID="$iid" "$@" sh /root/userdata.sh
+}
+
+# install_agent NAME INSTANCE_ID: boot a fresh container and install the agent in it.
+install_agent() {
+    boot "$1"
+    userdata "$1" "$2" || fail "userdata.sh failed in $1"
+    csh "$1" 'systemctl is-active --quiet opsagent.service' || fail "opsagent.service is not active after userdata.sh"
+}
+
+statelogs_of() { # INSTANCE_ID STATE_ID: StateLogs of that state with state_result true
+    grep -F "\"instance_id\":\"$1\"" "$WORK/statelog.jsonl" 2>/dev/null |
+        grep -F "\"id\":\"$2\"" | grep -c '"state_result":true'
+}
+has_statelog() { [ "$(statelogs_of "$1" "$2")" -gt 0 ]; }
+has_handshake() {
+    grep -F '"code":"Handshake"' "$WORK/events.jsonl" 2>/dev/null | grep -qF "\"instance_id\":\"$1\""
+}
+unit_prop() { csh "$1" "systemctl show -p $3 --value $2"; }
+journal_has() { csh "$1" "journalctl --no-pager $2 | grep -q -- \"$3\""; }
+
+# ---------------------------------------------------------------- a. install
+test_a() {
+    local c=a-install iid=i-sys pid1 inv1 hpid1 pid2 inv2 hpid2 out
+    boot $c
+    # The cached root has minisign; remove it so that userdata.sh installs it (apt).
+    csh $c 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq minisign >/dev/null && ! command -v minisign' ||
+        fail "cannot remove minisign from the container"
+    userdata $c $iid >"$WORK/a-userdata1.log" 2>&1 || { cat "$WORK/a-userdata1.log" >&2; fail "userdata.sh failed"; }
+    cat "$WORK/a-userdata1.log" >&2
+    grep -q 'installing minisign' "$WORK/a-userdata1.log" || fail "userdata.sh did not install minisign"
+    grep -q 'signature verified' "$WORK/a-userdata1.log" || fail "no signature verification in the userdata.sh output"
+    [ "$(unit_prop $c opsagent.service ActiveState)" = active ] || fail "opsagent.service is not active"
+    csh $c 'systemctl is-enabled --quiet opsagent.service && systemctl is-enabled --quiet opsagent-helper.socket' ||
+        fail "opsagent.service / opsagent-helper.socket are not enabled"
+    [ "$(csh $c 'readlink /opt/visualops/current')" = "releases/$VERSION" ] || fail "/opt/visualops/current is not releases/$VERSION"
+    [ "$(csh $c 'stat -c "%U:%G %a" /etc/opsagent.conf')" = "root:opsagent 640" ] || fail "/etc/opsagent.conf is not root:opsagent 0640"
+    [ "$(csh $c 'stat -c "%U:%G %a" /var/lib/visualops/opsagent/token')" = "opsagent:opsagent 600" ] ||
+        fail "the token file is not opsagent:opsagent 0600"
+    csh $c 'head -n 1 /var/lib/visualops/opsagent/token | grep -Eq "^[0-9a-f]{64}$"' || fail "the token is not 64 hex digits"
+    csh $c 'getent passwd opsagent | grep -q nologin' || fail "the opsagent user has a login shell"
+    wait_until 30 "Handshake from $iid" has_handshake $iid || fail "the backend saw no Handshake from $iid"
+    wait_until 60 "StateLogs of sys-file and sys-cmd from $iid" \
+        sh -c "grep -F '\"instance_id\":\"$iid\"' '$WORK/statelog.jsonl' | grep -F '\"id\":\"sys-cmd\"' | grep -q '\"state_result\":true'" ||
+        fail "no successful StateLog of sys-cmd from $iid"
+    has_statelog $iid sys-file || fail "no successful StateLog of sys-file from $iid"
+    out=$(csh $c 'cat /tmp/opsagent-systest/cmd.out') || fail "the command's output file is missing"
+    [ "$out" = "$(printf 'root\nhello from opsagent')" ] || fail "unexpected command output: $out"
+
+    pid1=$(unit_prop $c opsagent.service MainPID)
+    inv1=$(unit_prop $c opsagent.service InvocationID)
+    hpid1=$(unit_prop $c opsagent-helper.service MainPID)
+    userdata $c $iid >"$WORK/a-userdata2.log" 2>&1 || { cat "$WORK/a-userdata2.log" >&2; fail "the second userdata.sh run failed"; }
+    cat "$WORK/a-userdata2.log" >&2
+    grep -q 'already installed' "$WORK/a-userdata2.log" || fail "the second run did not find the release installed"
+    grep -q 'not restarted' "$WORK/a-userdata2.log" || fail "the second run did not leave the agent alone"
+    if grep -q -E 'downloading|wrote /etc|created' "$WORK/a-userdata2.log"; then fail "the second run changed something"; fi
+    pid2=$(unit_prop $c opsagent.service MainPID)
+    inv2=$(unit_prop $c opsagent.service InvocationID)
+    hpid2=$(unit_prop $c opsagent-helper.service MainPID)
+    say "  MainPID $pid1 -> $pid2, InvocationID $inv1 -> $inv2, helper $hpid1 -> $hpid2"
+    [ "$pid1" = "$pid2" ] && [ "$inv1" = "$inv2" ] || fail "the second userdata.sh run restarted opsagent.service"
+    [ "$hpid1" = "$hpid2" ] || fail "the second userdata.sh run restarted the helper"
+    [ "$(csh $c 'journalctl -u opsagent.service --no-pager | grep -c "Started opsagent.service"')" = 1 ] ||
+        fail "the journal shows more than one start of opsagent.service"
+}
+
+# ---------------------------------------------------------------- b. watchdog
+test_b() {
+    local c=b-watchdog pid1 pid2
+    install_agent $c i-wd
+    pid1=$(unit_prop $c opsagent.service MainPID)
+    csh $c 'systemctl kill -s SIGSTOP opsagent.service' || fail "cannot SIGSTOP the agent"
+    say "  SIGSTOPped pid $pid1; WatchdogSec=$(unit_prop $c opsagent.service WatchdogUSec)"
+    wait_until 60 "journal: Watchdog timeout" journal_has $c "-u opsagent.service" "opsagent.service: Watchdog timeout" ||
+        fail "no 'Watchdog timeout' in the journal within WatchdogSec + 30 s"
+    wait_until 30 "opsagent.service active again with a new MainPID" \
+        csh $c "[ \"\$(systemctl show -p MainPID --value opsagent.service)\" != $pid1 ] && systemctl is-active --quiet opsagent.service" ||
+        fail "opsagent.service did not come back after the watchdog timeout"
+    pid2=$(unit_prop $c opsagent.service MainPID)
+    csh $c 'journalctl -u opsagent.service --no-pager | grep -E "Watchdog timeout|Failed with result|Scheduled restart|Started opsagent"' >&2 || true
+    journal_has $c "-u opsagent.service" "Failed with result 'watchdog'" || fail "the journal does not say the unit failed by the watchdog"
+    [ "$(unit_prop $c opsagent.service NRestarts)" -ge 1 ] || fail "NRestarts did not grow"
+    say "  MainPID $pid1 -> $pid2"
+}
+
+# ---------------------------------------------------------------- c. socket activation
+test_c() {
+    local c=c-socket out rc uid
+    install_agent $c i-sock
+    csh $c 'systemctl stop opsagent.service && systemctl stop opsagent-helper.service' || fail "cannot stop the agent and helper"
+    [ "$(unit_prop $c opsagent-helper.service ActiveState)" = inactive ] || fail "the helper did not stop"
+    [ "$(unit_prop $c opsagent-helper.socket ActiveState)" = active ] || fail "the helper socket is not listening"
+    out=$(csh $c 'stat -c "%U:%G %a %F" /run/opsagent-helper/helper.sock') || fail "no socket file"
+    [ "$out" = "root:opsagent 660 socket" ] || fail "socket file is '$out', expected root:opsagent 660 socket"
+
+    # nobody: not in the group, the file mode refuses the connect (EACCES), and a
+    # refused connect does not even activate the helper.
+    rc=0
+    out=$(csh $c 'setpriv --reuid=nobody --regid=nogroup --clear-groups curl -sS --max-time 5 --unix-socket /run/opsagent-helper/helper.sock http://helper/ 2>&1') || rc=$?
+    say "  nobody: curl exit $rc: $out"
+    [ "$rc" = 7 ] || fail "nobody's connect was not refused at connect time (curl exit $rc)"
+    [ "$(unit_prop $c opsagent-helper.service ActiveState)" = inactive ] || fail "a refused connect activated the helper"
+
+    # The daemon's first connection activates the helper.
+    csh $c 'systemctl start opsagent.service' || fail "cannot start opsagent.service"
+    [ "$(unit_prop $c opsagent-helper.service ActiveState)" = active ] || fail "the helper was not activated by the daemon"
+    journal_has $c "-u opsagent.service" "helper answers" || fail "the daemon did not log that the helper answers"
+
+    # A member of the group passes the file mode; the helper refuses it by SO_PEERCRED.
+    csh $c 'useradd --system --no-create-home -G opsagent intruder' || fail "cannot create the test user"
+    uid=$(csh $c 'id -u intruder')
+    rc=0
+    out=$(csh $c 'setpriv --reuid=intruder --regid=intruder --init-groups curl -sS --max-time 5 --unix-socket /run/opsagent-helper/helper.sock http://helper/ 2>&1') || rc=$?
+    say "  intruder (uid $uid, group opsagent): curl exit $rc: $out"
+    [ "$rc" = 52 ] || [ "$rc" = 56 ] || fail "the group member's connection was not closed by the helper (curl exit $rc)"
+    wait_until 10 "helper journal: refused connection of uid $uid" \
+        csh $c "journalctl -u opsagent-helper.service -o verbose --no-pager | grep -A30 'MESSAGE=refused connection' | grep -Eq '^ *[A-Z_]*UID=$uid\$'" ||
+        fail "the helper did not log the refusal of uid $uid"
+    csh $c 'journalctl -u opsagent-helper.service --no-pager | grep "refused connection"' >&2 || true
+    csh $c 'systemctl is-active --quiet opsagent.service' || fail "the agent is not running after the refusals"
+}
+
+# ---------------------------------------------------------------- d. journal and STATUS=
+test_d() {
+    local c=d-journal out
+    install_agent $c i-jrnl
+    wait_until 60 "StateLog of sys-cmd from i-jrnl" has_statelog i-jrnl sys-cmd || fail "no StateLog from i-jrnl"
+    out=$(csh $c 'journalctl -u opsagent OPSAGENT_STATE_ID=sys-file --no-pager -o verbose') || fail "journalctl failed"
+    printf '%s\n' "$out" | grep -q 'OPSAGENT_STATE_ID=sys-file' || fail "journalctl -u opsagent OPSAGENT_STATE_ID=sys-file returned nothing"
+    printf '%s\n' "$out" | grep -q 'OPSAGENT_MODULE=linux.file' || fail "the entries of sys-file lack OPSAGENT_MODULE=linux.file"
+    printf '%s\n' "$out" | grep -q 'OPSAGENT_RESULT=true' || fail "the entries of sys-file lack OPSAGENT_RESULT=true"
+    say "  $(printf '%s\n' "$out" | grep -c '^    MESSAGE=') journal entries for OPSAGENT_STATE_ID=sys-file"
+    [ -z "$(csh $c 'journalctl -u opsagent OPSAGENT_STATE_ID=no-such-state --no-pager -q -o cat')" ] ||
+        fail "a query for an unknown state id returned entries"
+    wait_until 20 "systemctl status shows the STATUS= line with the recipe" \
+        csh $c 'systemctl status opsagent.service --no-pager | grep -E "^ *Status: \".*connected to ws://.*recipe [0-9]+"' ||
+        fail "systemctl status opsagent does not show the STATUS= line with the recipe"
+    csh $c 'systemctl status opsagent.service --no-pager | grep "Status:"' >&2
+    out=$(csh $c '/opt/visualops/current/bin/opsagent status') || fail "opsagent status failed"
+    printf '%s\n' "$out" | sed 's/^/  /' >&2
+    printf '%s\n' "$out" | grep -q 'recipe' || fail "opsagent status does not show the recipe"
+}
+
+# ---------------------------------------------------------------- e. polkit
+test_e() {
+    local c=e-polkit pid1 pid2 rc
+    install_agent $c i-pk
+    as_agent() { csh $c "setpriv --reuid=opsagent --regid=opsagent --init-groups $1"; }
+    pk() { # USER UNIT VERB: pkcheck exit code for that user's own shell
+        local r=0
+        csh $c "setpriv --reuid=$1 --regid=$1 --init-groups sh -c 'pkcheck --action-id org.freedesktop.systemd1.manage-units --process \$\$ --detail unit $2 --detail verb $3' >/dev/null 2>&1" || r=$?
+        echo "$r"
+    }
+    pid1=$(unit_prop $c opsagent.service MainPID)
+    as_agent 'systemctl --no-ask-password restart opsagent.service' || fail "opsagent may not restart opsagent.service"
+    pid2=$(unit_prop $c opsagent.service MainPID)
+    [ "$pid1" != "$pid2" ] || fail "the restart by opsagent did not restart the service"
+    say "  opsagent: systemctl restart opsagent.service allowed (MainPID $pid1 -> $pid2)"
+    rc=0
+    as_agent 'systemctl --no-ask-password stop opsagent.service' 2>/dev/null || rc=$?
+    [ "$rc" != 0 ] || fail "opsagent may stop opsagent.service"
+    csh $c 'systemctl is-active --quiet opsagent.service' || fail "opsagent.service was stopped by the agent user"
+    rc=0
+    as_agent 'systemctl --no-ask-password restart cron.service' 2>/dev/null || rc=$?
+    [ "$rc" != 0 ] || fail "opsagent may restart cron.service"
+    say "  opsagent: systemctl stop opsagent.service / restart cron.service denied"
+
+    local want unit verb user got
+    while read -r want user unit verb; do
+        got=$(pk "$user" "$unit" "$verb")
+        say "  pkcheck $user $unit $verb -> $got (want $want)"
+        case $want in
+            yes) [ "$got" = 0 ] || fail "pkcheck: $user $verb $unit should be allowed (exit $got)" ;;
+            no) [ "$got" = 1 ] || [ "$got" = 2 ] || fail "pkcheck: $user $verb $unit should be denied (exit $got)" ;;
+        esac
+    done <<'EOF'
+yes opsagent opsagent.service restart
+yes opsagent opsagent-upgrade.service start
+no opsagent opsagent.service stop
+no opsagent opsagent.service start
+no opsagent opsagent.service set-property
+no opsagent opsagent-upgrade.service restart
+no opsagent opsagent-upgrade.service stop
+no opsagent cron.service restart
+no opsagent opsagent.service.d restart
+no opsagent opsagent-helper.service restart
+no opsagent run-u1.service start
+no nobody opsagent.service restart
+EOF
+}
+
+# ---------------------------------------------------------------- f. systemd-analyze
+test_f() {
+    local c=f-analyze out score hscore
+    install_agent $c i-an
+    out=$(csh $c 'cd /etc/systemd/system && systemd-analyze verify opsagent.service opsagent-helper.service opsagent-helper.socket 2>&1') ||
+        { say "$out"; fail "systemd-analyze verify failed"; }
+    [ -z "$out" ] || { say "$out"; fail "systemd-analyze verify printed warnings"; }
+    say "  systemd-analyze verify: clean"
+    out=$(csh $c 'systemd-analyze security --no-pager opsagent.service') || fail "systemd-analyze security opsagent.service failed"
+    score=$(printf '%s\n' "$out" | sed -n 's/.*Overall exposure level for opsagent.service: \([0-9.]*\).*/\1/p')
+    out=$(csh $c 'systemd-analyze security --no-pager opsagent-helper.service') || fail "systemd-analyze security opsagent-helper.service failed"
+    hscore=$(printf '%s\n' "$out" | sed -n 's/.*Overall exposure level for opsagent-helper.service: \([0-9.]*\).*/\1/p')
+    say "  SCORE systemd-analyze security: opsagent.service $score, opsagent-helper.service $hscore"
+    echo "opsagent.service $score; opsagent-helper.service $hscore" >"$WORK/scores"
+    [ -n "$score" ] && [ -n "$hscore" ] || fail "cannot read the exposure scores"
+    awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }' || fail "opsagent.service exposure $score > 2.0"
+}
+
+# ---------------------------------------------------------------- g. cron fallback
+test_g() {
+    local c=g-cron iid=i-cron hpid dpid hpid2 dpid2
+    # No systemd: nspawn's stub init is PID 1 and cron runs in the foreground as PID 2.
+    start_plain $c /usr/sbin/cron -f
+    [ ! -d "$(croot $c)/run/systemd/system" ] || fail "the container looks booted with systemd"
+    userdata $c $iid >"$WORK/g-userdata.log" 2>&1 || { cat "$WORK/g-userdata.log" >&2; fail "userdata.sh failed without systemd"; }
+    cat "$WORK/g-userdata.log" >&2
+    csh $c 'grep -q "opsagent-supervise" /etc/cron.d/opsagent' || fail "/etc/cron.d/opsagent is missing"
+    running() { csh $c "[ -f /run/opsagent-supervise/$1.pid ] && p=\$(cat /run/opsagent-supervise/$1.pid) && [ \"\$(basename \"\$(readlink /proc/\$p/exe)\")\" = $1 ]"; }
+    wait_until 120 "helper and daemon running" sh -c "$(declare -f csh cexec cpid _cdir); $(declare -f running); c=$c; running opsagent-helper && running opsagent" ||
+        fail "the helper and the daemon are not running within two minutes"
+    hpid=$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')
+    dpid=$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')
+    [ "$(csh $c "stat -c %U /proc/$dpid")" = opsagent ] || fail "the daemon does not run as opsagent"
+    [ "$(csh $c "stat -c %U /proc/$hpid")" = root ] || fail "the helper does not run as root"
+    [ "$(csh $c 'stat -c "%U:%G %a" /run/opsagent-helper/helper.sock')" = "root:opsagent 660" ] ||
+        fail "the helper socket is not root:opsagent 0660"
+    wait_until 60 "StateLog of sys-cmd from $iid" has_statelog $iid sys-cmd || fail "no StateLog from the cron-supervised agent"
+    csh $c 'ps -eo pid,user,args' >&2
+    say "  killing helper $hpid and daemon $dpid with SIGKILL"
+    csh $c "kill -9 $hpid $dpid" || fail "cannot kill the processes"
+    wait_until 130 "cron restarts both" sh -c "$(declare -f csh cexec cpid _cdir); $(declare -f running); c=$c; running opsagent-helper && running opsagent && [ \"\$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')\" != $dpid ] && [ \"\$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')\" != $hpid ]" ||
+        { csh $c 'cat /var/log/visualops/supervise.log' >&2 || true; fail "cron did not restart the helper and the daemon within two minutes"; }
+    hpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')
+    dpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')
+    say "  helper $hpid -> $hpid2, daemon $dpid -> $dpid2"
+    csh $c 'cat /var/log/visualops/supervise.log' >&2
+    wait_until 30 "the restarted daemon reconnects (second Handshake from $iid)" \
+        sh -c "[ \$(grep -F '\"code\":\"Handshake\"' '$WORK/events.jsonl' | grep -cF '\"instance_id\":\"$iid\"') -ge 2 ]" ||
+        fail "the restarted daemon did not reconnect"
+}
+
+# ---------------------------------------------------------------- h. refused releases
+test_h() {
+    local c=h-verify v log
+    boot $c
+    for v in 9.9.1:"signed comment names another version" 9.9.2:"tampered archive" 9.9.3:"signed with another key"; do
+        log=$WORK/h-${v%%:*}.log
+        if userdata $c i-bad VERSION="${v%%:*}" >"$log" 2>&1; then
+            cat "$log" >&2
+            fail "userdata.sh installed release ${v%%:*} (${v#*:})"
+        fi
+        say "  ${v%%:*} (${v#*:}) refused: $(grep ERROR "$log" | head -n 1)"
+        grep -q 'ERROR' "$log" || fail "no error message for ${v%%:*}"
+    done
+    log=$WORK/h-key.log
+    if userdata $c i-bad UPDATE_KEY="$OTHER_KEY" >"$log" 2>&1; then fail "userdata.sh accepted a release with the wrong UPDATE_KEY"; fi
+    say "  $VERSION with a different UPDATE_KEY refused: $(grep ERROR "$log" | head -n 1)"
+    csh $c '[ ! -e /opt/visualops/current ] && [ -z "$(ls -A /opt/visualops/releases 2>/dev/null)" ]' ||
+        fail "a refused release left files in /opt/visualops"
+    csh $c '! getent passwd opsagent >/dev/null && [ ! -e /etc/opsagent.conf ]' || fail "a refused install went on to create the user or config"
+}
+
+# ---------------------------------------------------------------- i. the .deb
+test_i() {
+    local c=i-deb deb
+    boot $c
+    deb=$(ls "$WORK/deb"/*.deb)
+    cp "$deb" "$(croot $c)/root/opsagent.deb"
+    csh $c 'dpkg -i /root/opsagent.deb' >&2 || fail "dpkg -i failed"
+    csh $c 'getent passwd opsagent >/dev/null' || fail "the package did not create the user"
+    [ "$(csh $c 'stat -c "%U %a" /var/lib/visualops/opsagent')" = "opsagent 700" ] || fail "the state directory is not opsagent 0700"
+    [ "$(csh $c 'readlink /opt/visualops/current')" = "releases/$VERSION" ] || fail "no current symlink"
+    [ "$(unit_prop $c opsagent.service ActiveState)" = inactive ] || fail "the agent started without a configuration"
+    [ "$(csh $c 'systemctl is-enabled opsagent.service || true')" = disabled ] || fail "the agent was enabled without a configuration"
+    csh $c "printf '[userdata]\nws_uri = $WS_URI\napp_id = $APP_ID\ninstance_id = i-deb\n' >/etc/opsagent.conf && chgrp opsagent /etc/opsagent.conf && chmod 0640 /etc/opsagent.conf" ||
+        fail "cannot write the configuration"
+    csh $c 'systemctl enable --now opsagent-helper.socket opsagent.service' >&2 || fail "cannot start the packaged agent"
+    wait_until 60 "StateLog of sys-cmd from i-deb" has_statelog i-deb sys-cmd || fail "no StateLog from the packaged agent"
+    csh $c 'dpkg -r opsagent' >&2 || fail "dpkg -r failed"
+    [ "$(unit_prop $c opsagent.service ActiveState)" = inactive ] || fail "the agent still runs after dpkg -r"
+    csh $c '[ ! -e /lib/systemd/system/opsagent.service ] && [ ! -e /opt/visualops/current ]' || fail "dpkg -r left files"
+}
+
+# ---------------------------------------------------------------- runner
+PASSED=0
+FAILED=0
+declare -A NAMES=([a]=a-install [b]=b-watchdog [c]=c-socket [d]=d-journal [e]=e-polkit [f]=f-analyze
+    [g]=g-cron [h]=h-verify [i]=i-deb)
+
+# run_one LETTER: runs test_LETTER in a subshell (set -e: the first failed step ends
+# it), its output in $WORK/NAME.log; writes NAME.rc and NAME.reason.
+run_one() {
+    local t=$1 name=${NAMES[$1]} rc start
+    start=$(date +%s)
+    set +e
+    (
+        set -eE
+        TEST_REASON_FILE=$WORK/$name.reason
+        trap '[ -s "$TEST_REASON_FILE" ] || echo "unexpected failure (exit $?) of: $BASH_COMMAND" >"$TEST_REASON_FILE"' ERR
+        "test_$t"
+    ) >"$WORK/$name.log" 2>&1
+    rc=$?
+    set -e
+    stop_containers "$t-"
+    echo "$rc $(($(date +%s) - start))" >"$WORK/$name.rc"
+}
+
+report() { # LETTER
+    local name=${NAMES[$1]} rc secs
+    read -r rc secs <"$WORK/$name.rc"
+    if [ "$rc" = 0 ]; then
+        PASSED=$((PASSED + 1))
+        echo "PASS $name (${secs}s)"
+        grep -h '  SCORE' "$WORK/$name.log" 2>/dev/null | sed 's/^ *SCORE/     /' || true
+    else
+        FAILED=$((FAILED + 1))
+        echo "FAIL $name (${secs}s): $(cat "$WORK/$name.reason" 2>/dev/null || echo "exit $rc")"
+        echo "---- last lines of $WORK/$name.log"
+        tail -n 40 "$WORK/$name.log" | sed 's/^/    /'
+        echo "----"
+    fi
+}
+
+# The cron test mostly waits for cron's minute ticks: it runs in the background.
+BG_TEST=""
+case " $SELECTED " in *" g "*)
+    BG_TEST=g
+    say "== ${NAMES[g]} (in the background)"
+    run_one g &
+    BG_PIDS+=($!)
+    ;;
+esac
+for t in $SELECTED; do
+    [ "$t" != "$BG_TEST" ] || continue
+    [ -n "${NAMES[$t]:-}" ] || { echo "unknown test: $t (tests: $ALL_TESTS)" >&2; exit 2; }
+    say "== ${NAMES[$t]}"
+    run_one "$t"
+    report "$t"
+done
+if [ -n "$BG_TEST" ]; then
+    wait "${BG_PIDS[0]}" || true
+    BG_PIDS=()
+    report "$BG_TEST"
+fi
+
+echo "suite time: $(($(date +%s) - SUITE_START))s"
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]
