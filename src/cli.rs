@@ -55,6 +55,9 @@ pub enum Command {
     Status {
         #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// The daemon's state directory, when it was started with --state-dir.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         /// Print the raw JSON status.
         #[arg(long)]
         json: bool,
@@ -66,6 +69,9 @@ pub enum Command {
     Stop {
         #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// The daemon's state directory, when it was started with --state-dir.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         #[arg(long)]
         after_round: bool,
     },
@@ -77,8 +83,8 @@ pub fn main() -> ExitCode {
         Command::Run { config, overrides } => cmd_run(config.as_deref(), &overrides),
         Command::Apply { file, helper_socket, helper_bin } => cmd_apply(file.as_deref(), helper_socket, helper_bin),
         Command::Check { files } => cmd_check(&files),
-        Command::Status { config, json } => cmd_status(config.as_deref(), json),
-        Command::Stop { config, after_round } => cmd_stop(config.as_deref(), after_round),
+        Command::Status { config, state_dir, json } => cmd_status(config.as_deref(), state_dir, json),
+        Command::Stop { config, state_dir, after_round } => cmd_stop(config.as_deref(), state_dir, after_round),
         Command::ConfigExample => {
             print!("{}", crate::config::EXAMPLE);
             Ok(ExitCode::SUCCESS)
@@ -317,8 +323,8 @@ async fn apply_one(client: &UnixHelperClient, version: u64, s: &RecipeState) -> 
     o
 }
 
-fn read_status(config: Option<&Path>) -> anyhow::Result<StatusReport> {
-    let cfg = Config::load(config, &Overrides::default())?;
+fn read_status(config: Option<&Path>, state_dir: Option<PathBuf>) -> anyhow::Result<StatusReport> {
+    let cfg = Config::load(config, &Overrides { state_dir, ..Overrides::default() })?;
     let candidates = [PathBuf::from("/run/opsagent/status.json"), daemon::status_file(&cfg.agent.state_dir)];
     let path = candidates
         .iter()
@@ -332,8 +338,8 @@ fn read_status(config: Option<&Path>) -> anyhow::Result<StatusReport> {
     Ok(report)
 }
 
-fn cmd_status(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
-    let r = read_status(config)?;
+fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let r = read_status(config, state_dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
@@ -355,9 +361,9 @@ fn cmd_status(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_stop(config: Option<&Path>, after_round: bool) -> anyhow::Result<ExitCode> {
+fn cmd_stop(config: Option<&Path>, state_dir: Option<PathBuf>, after_round: bool) -> anyhow::Result<ExitCode> {
     use nix::sys::signal::{kill, Signal};
-    let r = read_status(config)?;
+    let r = read_status(config, state_dir)?;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(r.pid)?);
     let sig = if after_round { Signal::SIGUSR1 } else { Signal::SIGTERM };
     kill(pid, sig)?;

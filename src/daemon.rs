@@ -200,6 +200,13 @@ pub struct StatusReport {
 }
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    // Identity self-check: the network daemon is meant to hold no privilege at all.
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        tracing::warn!("running as root: install opsagent.service to run the daemon as the unprivileged opsagent user");
+    } else {
+        tracing::info!(uid = uid.as_raw(), "running unprivileged");
+    }
     let (ws_uri, app_id) = config.require_backend()?;
     let (ws_uri, app_id) = (ws_uri.to_string(), app_id.to_string());
     let state_dir = config.agent.state_dir.clone();
@@ -327,6 +334,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = tokio::time::timeout(Duration::from_secs(5), link_task).await;
     supervisor.abort();
     status_task.abort();
+    // A status file left behind would describe a daemon that is gone.
+    let _ = std::fs::remove_file(status_file(&state_dir));
     tracing::info!("opsagent stopped");
     Ok(())
 }

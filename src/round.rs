@@ -465,6 +465,13 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
         tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
+        if !self.st.online {
+            tracing::warn!(
+                recipe_version = self.st.version,
+                round,
+                "backend unreachable: applying the last known recipe offline; results are spooled"
+            );
+        }
         let mut failed_once = BTreeSet::new();
         let mut i = 0;
         while i < total {
@@ -506,10 +513,18 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
 
     async fn report(&mut self, state: &RecipeState, outcome: Outcome) {
         let log = statelog(self.st.version, state, &outcome, !self.st.online);
-        tracing::info!(
-            state_id = %state.id, module = %state.module, result = outcome.result,
-            changes = outcome.changes.len(), "state applied"
-        );
+        let round = self.st.status.borrow().round;
+        if outcome.result {
+            tracing::info!(
+                recipe_version = self.st.version, round, state_id = %state.id, module = %state.module,
+                result = outcome.result, changes = outcome.changes.len(), "state applied"
+            );
+        } else {
+            tracing::warn!(
+                recipe_version = self.st.version, round, state_id = %state.id, module = %state.module,
+                result = outcome.result, comment = %outcome.comment, "state failed"
+            );
+        }
         self.st.status.send_modify(|s| s.last = Some((state.id.to_string(), outcome.result)));
         self.effects.report(log).await;
     }

@@ -115,7 +115,8 @@ mod tests {
             format!("connected to wss://b {since}; recipe 7, round 12, state 3/8 linux.apt.package")
         );
         let until_unix = crate::link::now_unix() + 8;
-        let link = LinkStatus { state: LinkState::Reconnecting { in_s: 8, until_unix, attempt: 3 }, ..Default::default() };
+        let link =
+            LinkStatus { state: LinkState::Reconnecting { in_s: 8, until_unix, attempt: 3 }, ..Default::default() };
         let line = status_line(&link, &EngineStatus::default());
         // The countdown may have ticked once while the test ran.
         assert!(

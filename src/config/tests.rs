@@ -167,7 +167,10 @@ fn invalid_values_name_file_section_and_key() {
         ("[link]\nmax_frame = 16MiB\n", r#"[link] max_frame: "16MiB" is not a whole number of bytes"#),
         ("[link]\nping_interval = 1e3\n", "[link] ping_interval: \"1e3\" is not a whole number of seconds"),
         ("[link]\nca_file = ca.pem\n", "[link] ca_file: \"ca.pem\" is not an absolute path"),
-        ("[link]\nproxy = socks5://p:1080\n", "[link] proxy: \"socks5://p:1080\": proxy scheme socks5:// is not supported"),
+        (
+            "[link]\nproxy = socks5://p:1080\n",
+            "[link] proxy: \"socks5://p:1080\": proxy scheme socks5:// is not supported",
+        ),
         ("[link]\nmax_bad_frames = 0\n", "[link] max_bad_frames: 0 is out of range"),
         ("[link]\nheartbeat_interval = 0\n", "[link] heartbeat_interval: 0 is too small"),
     ];

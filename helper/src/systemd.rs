@@ -1,0 +1,269 @@
+//! Services: systemd over D-Bus, or the `service` command where systemd is not PID 1.
+//!
+//! The D-Bus surface is hand-written and minimal (the members used below, nothing
+//! else), so that an auditor reads all of it here. A job is started the way the
+//! systemd documentation asks: subscribe to `JobRemoved` *before* calling
+//! `StartUnit`/`ReloadUnit`/`RestartUnit` (a fast job could otherwise end before we
+//! listen), wait for the signal of *our* job, treat any result but `done` as a
+//! failure, then read `ActiveState` again without the proxy's property cache.
+//!
+//! Authorization: systemd lets uid 0 manage units without asking polkit (checked on
+//! systemd 252 with CAP_SYS_ADMIN dropped, as the helper runs), so the helper needs no
+//! capability for this.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util_lite::next;
+use opsagent_proto::newtypes::UnitName;
+use zbus::proxy::CacheProperties;
+use zbus::zvariant::OwnedObjectPath;
+
+use crate::cancel::Cancel;
+use crate::exec::{self, CommandSpec, Exit, ToolError};
+
+/// How long a start, reload or restart job may take before the state gives up on it
+/// (systemd's own default start timeout is 90 s; units may set more).
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(600);
+/// Where systemd says it is the running init (`sd_booted()`).
+pub const SYSTEMD_RUNTIME_DIR: &str = "/run/systemd/system";
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1",
+    gen_blocking = false
+)]
+pub trait Manager {
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reload_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    #[zbus(signal)]
+    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(interface = "org.freedesktop.systemd1.Unit", default_service = "org.freedesktop.systemd1", gen_blocking = false)]
+pub trait Unit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn load_state(&self) -> zbus::Result<String>;
+}
+
+/// What a state asks of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    Start,
+    Reload,
+    Restart,
+}
+
+impl Job {
+    pub fn verb(self) -> &'static str {
+        match self {
+            Job::Start => "start",
+            Job::Reload => "reload",
+            Job::Restart => "restart",
+        }
+    }
+
+    pub fn done(self) -> &'static str {
+        match self {
+            Job::Start => "started",
+            Job::Reload => "reloaded",
+            Job::Restart => "restarted",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cannot connect to systemd over D-Bus: {0}")]
+    Connect(zbus::Error),
+    #[error("{unit}: cannot {op}: {source}")]
+    Bus { unit: UnitName, op: &'static str, source: zbus::Error },
+    #[error("{0}: no such unit (not found by systemd)")]
+    NotFound(UnitName),
+    #[error("{unit}: the {} job ended with result \"{result}\"", .job.verb())]
+    JobFailed { unit: UnitName, job: Job, result: String },
+    #[error("{unit}: the {} job did not end within {} s", .job.verb(), .timeout.as_secs())]
+    JobTimeout { unit: UnitName, job: Job, timeout: Duration },
+    #[error("{unit}: cancelled while waiting for the {} job", .job.verb())]
+    Cancelled { unit: UnitName, job: Job },
+    #[error("{unit}: {source}")]
+    Tool { unit: UnitName, source: ToolError },
+}
+
+impl ServiceError {
+    pub fn is_cancelled(&self) -> bool {
+        match self {
+            ServiceError::Cancelled { .. } => true,
+            ServiceError::Tool { source, .. } => source.is_cancelled(),
+            _ => false,
+        }
+    }
+}
+
+/// A unit's state as the manager reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceState {
+    /// `ActiveState` (`active`, `inactive`, `failed`, …), or what `service status` said.
+    pub active_state: String,
+}
+
+impl ServiceState {
+    /// Running, for the purpose of "keep it running": `reloading` is a running service.
+    pub fn running(&self) -> bool {
+        matches!(self.active_state.as_str(), "active" | "reloading" | "refreshing")
+    }
+}
+
+/// The operations `linux.service` needs, behind a trait so that its logic is tested
+/// against a fake systemd (and later shared with the SysV fallback).
+#[allow(async_fn_in_trait)] // used with concrete types only; no Send bound needed
+pub trait ServiceManager {
+    /// The unit's current state, read afresh.
+    async fn state(&self, unit: &UnitName) -> Result<ServiceState, ServiceError>;
+    /// Runs a job to its end; `Ok` only for the result `done`.
+    async fn run(&self, unit: &UnitName, job: Job, cancel: &mut Cancel) -> Result<(), ServiceError>;
+}
+
+/// systemd's manager on a D-Bus connection (the system bus, or a test's peer).
+pub struct Systemd {
+    conn: zbus::Connection,
+    job_timeout: Duration,
+}
+
+impl Systemd {
+    pub async fn system() -> Result<Self, ServiceError> {
+        let conn = zbus::Connection::system().await.map_err(ServiceError::Connect)?;
+        Ok(Self::with_connection(conn))
+    }
+
+    pub fn with_connection(conn: zbus::Connection) -> Self {
+        Self { conn, job_timeout: JOB_TIMEOUT }
+    }
+
+    pub fn with_job_timeout(mut self, timeout: Duration) -> Self {
+        self.job_timeout = timeout;
+        self
+    }
+
+    async fn manager(&self, unit: &UnitName) -> Result<ManagerProxy<'_>, ServiceError> {
+        ManagerProxy::new(&self.conn).await.map_err(|source| ServiceError::Bus { unit: unit.clone(), op: "reach the manager", source })
+    }
+}
+
+impl ServiceManager for Systemd {
+    async fn state(&self, unit: &UnitName) -> Result<ServiceState, ServiceError> {
+        let bus = |op: &'static str| move |source| ServiceError::Bus { unit: unit.clone(), op, source };
+        let manager = self.manager(unit).await?;
+        // Paths come from LoadUnit: they are escaped forms of the name, never built here.
+        let path = manager.load_unit(unit.as_str()).await.map_err(bus("load the unit"))?;
+        let proxy = UnitProxy::builder(&self.conn)
+            .path(path)
+            .map_err(bus("address the unit"))?
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(bus("address the unit"))?;
+        if proxy.load_state().await.map_err(bus("read LoadState"))? == "not-found" {
+            return Err(ServiceError::NotFound(unit.clone()));
+        }
+        let active_state = proxy.active_state().await.map_err(bus("read ActiveState"))?;
+        Ok(ServiceState { active_state })
+    }
+
+    async fn run(&self, unit: &UnitName, job: Job, cancel: &mut Cancel) -> Result<(), ServiceError> {
+        let bus = |op: &'static str| move |source| ServiceError::Bus { unit: unit.clone(), op, source };
+        let manager = self.manager(unit).await?;
+        // Listen first: the job may end before the call below returns.
+        let mut removed = manager.receive_job_removed().await.map_err(bus("subscribe to JobRemoved"))?;
+        let call = match job {
+            Job::Start => manager.start_unit(unit.as_str(), "replace").await,
+            Job::Reload => manager.reload_unit(unit.as_str(), "replace").await,
+            Job::Restart => manager.restart_unit(unit.as_str(), "replace").await,
+        };
+        let job_path = call.map_err(bus(job.verb()))?;
+        let wait = async {
+            while let Some(signal) = next(&mut removed).await {
+                let Ok(args) = signal.args() else { continue };
+                if args.job == job_path {
+                    return Some(args.result);
+                }
+            }
+            None
+        };
+        let result = tokio::select! {
+            r = tokio::time::timeout(self.job_timeout, wait) => r,
+            () = cancel.requested() => return Err(ServiceError::Cancelled { unit: unit.clone(), job }),
+        };
+        match result {
+            Ok(Some(r)) if r == "done" => Ok(()),
+            Ok(Some(result)) => Err(ServiceError::JobFailed { unit: unit.clone(), job, result }),
+            Ok(None) => Err(bus("wait for the job")(zbus::Error::InputOutput(
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the D-Bus connection closed").into(),
+            ))),
+            Err(_) => Err(ServiceError::JobTimeout { unit: unit.clone(), job, timeout: self.job_timeout }),
+        }
+    }
+}
+
+/// Hosts without systemd as PID 1 (the cron-fallback hosts): the `service` command.
+pub struct SysV {
+    pub program: PathBuf,
+}
+
+impl Default for SysV {
+    fn default() -> Self {
+        Self { program: PathBuf::from("service") }
+    }
+}
+
+impl SysV {
+    fn command(&self, unit: &UnitName, verb: &str) -> CommandSpec {
+        let name = unit.as_str().strip_suffix(".service").unwrap_or(unit.as_str());
+        let mut spec = CommandSpec::tool("service", [name, verb]);
+        spec.program.clone_from(&self.program);
+        spec
+    }
+}
+
+impl ServiceManager for SysV {
+    async fn state(&self, unit: &UnitName) -> Result<ServiceState, ServiceError> {
+        let spec = self.command(unit, "status");
+        let finished = exec::run(&spec, &mut Cancel::never())
+            .await
+            .map_err(|e| ServiceError::Tool { unit: unit.clone(), source: e.into() })?;
+        // LSB: 0 running, 1-3 not running (dead with pid file, dead with lock, stopped).
+        let active_state = match finished.exit {
+            Exit::Code(0) => "active",
+            Exit::Code(1..=3) => "inactive",
+            _ => "unknown",
+        };
+        Ok(ServiceState { active_state: active_state.to_string() })
+    }
+
+    async fn run(&self, unit: &UnitName, job: Job, cancel: &mut Cancel) -> Result<(), ServiceError> {
+        let spec = self.command(unit, job.verb());
+        exec::checked(&spec, &[0], cancel).await.map(drop).map_err(|source| ServiceError::Tool { unit: unit.clone(), source })
+    }
+}
+
+/// Whether systemd is the running init (the test `sd_booted()` makes).
+pub fn booted() -> bool {
+    std::path::Path::new(SYSTEMD_RUNTIME_DIR).is_dir()
+}
+
+/// The one stream combinator needed here, without a futures dependency.
+mod futures_util_lite {
+    use std::future::poll_fn;
+    use std::pin::Pin;
+
+    use zbus::export::futures_core::Stream;
+
+    pub async fn next<S: Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+        poll_fn(|cx| Pin::new(&mut *s).poll_next(cx)).await
+    }
+}
