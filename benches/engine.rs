@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use opsagent::helper_client::{Cancel, HelperClient, HelperClientError};
@@ -72,7 +72,7 @@ fn rounds(c: &mut Criterion) {
                         let cfg = EngineConfig { round_delay: Duration::from_secs(3600), ..EngineConfig::default() };
                         let (engine, handle) = Engine::new(InstantHelper, effects, cfg, None);
                         let task = tokio::spawn(engine.run());
-                        let start = Instant::now();
+                        let start = tokio::time::Instant::now();
                         handle.events.send(Event::Recipe(r.clone())).await.expect("engine runs");
                         done.notified().await;
                         let spent = start.elapsed();

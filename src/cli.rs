@@ -348,8 +348,10 @@ fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> 
     println!("  instance   {} of app {}", r.instance_id, r.app_id);
     println!("  status     {}", r.summary);
     if let Some(err) = r.link.get("last_error").and_then(|e| e.as_str()) {
-        println!("  last error {err}");
+        let at = r.link.get("last_error_unix").and_then(|t| t.as_u64()).map(crate::link::utc);
+        println!("  last error {err}{}", at.map(|t| format!(" (at {t})")).unwrap_or_default());
     }
+    print_link_details(&r.link);
     if let Some(last) = r.engine.get("last").and_then(|l| l.as_array()) {
         if let [id, ok] = last.as_slice() {
             let verdict = if ok.as_bool() == Some(true) { "succeeded" } else { "FAILED" };
@@ -359,6 +361,35 @@ fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> 
     println!("  rounds     {} completed", r.engine.get("rounds_completed").and_then(|v| v.as_u64()).unwrap_or(0));
     println!("  spool      {} StateLog(s) waiting, {} dropped", r.spool_depth, r.spool_dropped);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The link's counters, proxy and the backend's extensions, when there is anything to say.
+fn print_link_details(link: &serde_json::Value) {
+    let n = |k: &str| link.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let mut via = Vec::new();
+    if let Some(peer) = link.get("peer").and_then(|v| v.as_str()) {
+        via.push(format!("peer {peer}"));
+    }
+    if let Some(proxy) = link.get("proxy").and_then(|v| v.as_str()) {
+        via.push(format!("proxy {proxy}"));
+    }
+    let caps: Vec<&str> = link
+        .get("backend_capabilities")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+        .unwrap_or_default();
+    via.push(if caps.is_empty() { "backend extensions: none".to_string() } else { format!("backend extensions: {}", caps.join(", ")) });
+    println!("  link       {} connection(s) opened; {}", n("connects"), via.join("; "));
+    let refused = n("bad_frames") + n("unknown_frames");
+    if refused > 0 {
+        println!(
+            "  frames     {} refused ({} binary, {} oversized), {} with unknown codes ignored",
+            n("bad_frames"),
+            n("binary_frames"),
+            n("oversized_frames"),
+            n("unknown_frames")
+        );
+    }
 }
 
 fn cmd_stop(config: Option<&Path>, state_dir: Option<PathBuf>, after_round: bool) -> anyhow::Result<ExitCode> {

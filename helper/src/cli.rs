@@ -31,4 +31,19 @@ pub struct Cli {
     /// memory across rounds).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/opsagent-helper")]
     pub state_dir: PathBuf,
+
+    /// The operator's policy file (root-owned, not writable by others). Without this
+    /// option /etc/opsagent/helper.policy is read if it exists; a file named here must
+    /// exist. See the `policy` module documentation (helper/README.md) for its format.
+    #[arg(long, value_name = "PATH")]
+    pub policy: Option<PathBuf>,
+
+    /// Connections one uid may hold open at once; more are refused.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub max_connections_per_uid: usize,
+
+    /// Seconds a connection may stay idle (no request running, nothing received)
+    /// before it is closed; 0 never closes it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 900)]
+    pub idle_timeout: u64,
 }

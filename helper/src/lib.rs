@@ -10,11 +10,15 @@ pub mod cancel;
 pub mod cli;
 pub mod exec;
 pub mod fsutil;
+pub mod harden;
 pub mod identity;
 pub mod logging;
+pub mod policy;
 pub mod server;
 pub mod socket;
 pub mod states;
+pub mod systemd;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +27,7 @@ use anyhow::Context;
 
 use crate::cli::Cli;
 use crate::identity::Allowlist;
+use crate::policy::Policy;
 
 /// Starts the helper and serves until SIGTERM/SIGINT.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -34,6 +39,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             nix::unistd::geteuid()
         );
     }
+    // While this is the only thread: capability sets are per thread.
+    let kept = harden::apply().context("refusing to start: cannot harden the process")?;
+    tracing::info!(
+        kept = %kept.bounding.join(" "),
+        dropped = kept.dropped,
+        "core dumps disabled; capability bounding set reduced"
+    );
+    let policy = match &cli.policy {
+        Some(path) => Policy::load(path, true),
+        None => Policy::load(std::path::Path::new(policy::DEFAULT_POLICY_PATH), false),
+    }
+    .map_err(policy::startup_error)?;
+    tracing::info!(policy = %policy, "policy loaded");
     let allow = Allowlist::resolve(&cli.allow_user)?;
     tracing::info!(allowed = %allow, "allowlist resolved");
 
@@ -51,8 +69,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
-    let config =
-        Arc::new(server::Config { allow, max_frame: cli.max_frame, ctx: states::Ctx::new(cli.state_dir.clone()) });
+    let config = Arc::new(server::Config {
+        allow,
+        max_frame: cli.max_frame,
+        max_connections_per_uid: cli.max_connections_per_uid,
+        idle_timeout: (cli.idle_timeout > 0).then(|| Duration::from_secs(cli.idle_timeout)),
+        ctx: states::Ctx::new(cli.state_dir.clone()).with_policy(policy),
+    });
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     let served = runtime.block_on(async move {

@@ -1,5 +1,8 @@
 //! Logging set-up: structured fields straight into the journal when systemd gave us
 //! one, plain text on stderr otherwise (a terminal, or the tests reading our stderr).
+//!
+//! Journal fields carry the daemon's prefix: `state_id` becomes `OPSAGENT_STATE_ID`,
+//! `module` `OPSAGENT_MODULE`, and so on (`journalctl OPSAGENT_MODULE=linux.service`).
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -8,7 +11,9 @@ use tracing_subscriber::EnvFilter;
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
-    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .and_then(|_| tracing_journald::layer().ok())
+        .map(|l| l.with_field_prefix(Some("OPSAGENT".to_string())));
     // try_init: a second initialisation (tests calling run twice) is not an error.
     let _ = match journald {
         Some(layer) => registry.with(layer).try_init(),

@@ -81,7 +81,8 @@ impl fmt::Display for Policy {
         let Some(source) = &self.source else {
             return f.write_str("no policy file: every module, path and unit allowed");
         };
-        let list = |items: Option<Vec<String>>| items.map_or_else(|| "any".to_string(), |v| format!("[{}]", v.join(" ")));
+        let list =
+            |items: Option<Vec<String>>| items.map_or_else(|| "any".to_string(), |v| format!("[{}]", v.join(" ")));
         write!(
             f,
             "{}: modules {}, write prefixes {}, units {}",
@@ -152,9 +153,7 @@ impl Policy {
                         set.insert(UnitName::service(u).map_err(|e| syntax(e.to_string()))?);
                     }
                 }
-                other => {
-                    return Err(syntax(format!("unknown key {other:?} (known: modules, write_prefixes, units)")))
-                }
+                other => return Err(syntax(format!("unknown key {other:?} (known: modules, write_prefixes, units)"))),
             }
         }
         Ok(policy)
@@ -166,7 +165,8 @@ impl Policy {
         let Some(source) = &self.source else {
             return Ok(());
         };
-        let deny = |why: String| Err(HelperError::new(ErrorCode::Denied, format!("{why} (policy {})", source.display())));
+        let deny =
+            |why: String| Err(HelperError::new(ErrorCode::Denied, format!("{why} (policy {})", source.display())));
         let module = params.name();
         if !self.module_allowed(module) {
             return deny(format!("module {module} is not in the policy's `modules`"));
@@ -198,7 +198,9 @@ impl Policy {
                 // A path that does not parse fails in the module, with its own message.
                 let Ok(path) = AbsPath::parse(&raw) else { continue };
                 if !under_prefixes(&path, prefixes) {
-                    return deny(format!("{module} would write {path}, which is not under the policy's `write_prefixes`"));
+                    return deny(format!(
+                        "{module} would write {path}, which is not under the policy's `write_prefixes`"
+                    ));
                 }
             }
         }
@@ -289,8 +291,11 @@ fn secure_open(path: &Path) -> Result<File, PolicyError> {
     }
     check_owner_mode(meta.uid(), meta.mode()).map_err(|p| unsafe_(p.to_string()))?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let dmeta = std::fs::metadata(dir)
-        .map_err(|source| PolicyError::Io { path: dir.to_path_buf(), op: "stat the directory of", source })?;
+    let dmeta = std::fs::metadata(dir).map_err(|source| PolicyError::Io {
+        path: dir.to_path_buf(),
+        op: "stat the directory of",
+        source,
+    })?;
     check_owner_mode(dmeta.uid(), dmeta.mode())
         .map_err(|p| unsafe_(format!("its directory {}: {p}", dir.display())))?;
     Ok(file)
@@ -398,11 +403,7 @@ mod tests {
 
     #[test]
     fn modules_units_and_commands_are_checked() {
-        let policy = Policy::parse(
-            Path::new("/p"),
-            "modules = linux.file linux.service\nunits = nginx\n",
-        )
-        .unwrap();
+        let policy = Policy::parse(Path::new("/p"), "modules = linux.file linux.service\nunits = nginx\n").unwrap();
         assert!(policy.check(&params("linux.file", json!({"path": "/etc/x"}))).is_ok());
         let err = policy.check(&params("linux.cmd", json!({"cmd": "true"}))).unwrap_err();
         assert_eq!(err.code, ErrorCode::Denied);
@@ -411,8 +412,9 @@ mod tests {
         assert!(policy.check(&params("linux.service", json!({"name": [{"key": "nginx", "value": "reload"}]}))).is_ok());
         let err = policy.check(&params("linux.service", json!({"name": ["nginx", "sshd"]}))).unwrap_err();
         assert!(err.message.contains("unit sshd.service is not in the policy's `units`"), "{}", err.message);
-        let err =
-            policy.check(&params("linux.service", json!({"name": [{"key": "nginx", "value": "rm -rf /"}]}))).unwrap_err();
+        let err = policy
+            .check(&params("linux.service", json!({"name": [{"key": "nginx", "value": "rm -rf /"}]})))
+            .unwrap_err();
         assert!(err.message.contains("is a command, and linux.cmd is not"), "{}", err.message);
 
         // No policy file: everything.

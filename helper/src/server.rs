@@ -34,6 +34,10 @@ pub struct Config {
     pub allow: Allowlist,
     /// Largest request frame accepted.
     pub max_frame: usize,
+    /// Connections one uid may hold at once.
+    pub max_connections_per_uid: usize,
+    /// A connection with nothing running and nothing received for this long is closed.
+    pub idle_timeout: Option<Duration>,
     pub ctx: Ctx,
 }
 
@@ -43,6 +47,39 @@ struct Shared {
     started: Instant,
     next_key: AtomicU64,
     running: Mutex<BTreeMap<u64, (String, String)>>,
+    /// Open connections per peer uid.
+    connections: Mutex<BTreeMap<u32, usize>>,
+}
+
+/// A connection's place in [`Shared::connections`], given back when it closes.
+struct Slot {
+    shared: Arc<Shared>,
+    uid: u32,
+}
+
+impl Slot {
+    /// `None` when `uid` already holds as many connections as allowed.
+    fn take(shared: &Arc<Shared>, uid: u32) -> Option<Self> {
+        let mut conns = shared.connections.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = conns.entry(uid).or_default();
+        if *n >= shared.config.max_connections_per_uid {
+            return None;
+        }
+        *n += 1;
+        Some(Self { shared: Arc::clone(shared), uid })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut conns = self.shared.connections.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = conns.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                conns.remove(&self.uid);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -87,6 +124,7 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Resul
         started: Instant::now(),
         next_key: AtomicU64::new(0),
         running: Mutex::new(BTreeMap::new()),
+        connections: Mutex::new(BTreeMap::new()),
     });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -123,10 +161,16 @@ fn admit(stream: UnixStream, shared: &Arc<Shared>) {
         warn!(uid, pid, reason = "uid is not in the allowlist", "refused connection");
         return;
     }
+    let Some(slot) = Slot::take(shared, uid) else {
+        let limit = shared.config.max_connections_per_uid;
+        warn!(uid, pid, limit, reason = "too many connections from this uid", "refused connection");
+        return;
+    };
     info!(uid, pid, "connection accepted");
     let conn = Connection::new(stream, Arc::clone(shared));
     tokio::spawn(async move {
         conn.run().await;
+        drop(slot);
         debug!(uid, pid, "connection closed");
     });
 }
@@ -172,7 +216,17 @@ impl Connection {
 
     async fn run(mut self) {
         while !self.dead {
-            let Some(incoming) = self.rx.recv().await else {
+            let next = match self.shared.config.idle_timeout {
+                Some(idle) => match tokio::time::timeout(idle, self.rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        info!(idle_s = idle.as_secs(), "closing an idle connection");
+                        break;
+                    }
+                },
+                None => self.rx.recv().await,
+            };
+            let Some(incoming) = next else {
                 break;
             };
             let body = match incoming {
@@ -251,11 +305,13 @@ impl Connection {
         match result {
             Ok(mut outcome) => {
                 outcome.duration_ms = duration_ms;
+                let changed = outcome.changes.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
                 info!(
                     id, state_id, module,
                     result = outcome.result,
                     cancelled = outcome.cancelled,
                     changes = outcome.changes.len(),
+                    changed = %changed,
                     duration_ms,
                     comment = %outcome.comment,
                     "outcome"
@@ -263,7 +319,8 @@ impl Connection {
                 self.reply(id, Reply::Outcome(outcome)).await;
             }
             Err(e) => {
-                warn!(id, state_id, module, code = ?e.code, error = %e.message, duration_ms, "request refused");
+                let result = if e.code == ErrorCode::Denied { "denied" } else { "refused" };
+                warn!(id, state_id, module, result, code = ?e.code, error = %e.message, duration_ms, "request refused");
                 self.reply(id, Reply::Error(e)).await;
             }
         }

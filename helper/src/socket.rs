@@ -46,22 +46,37 @@ pub fn from_systemd() -> Result<UnixListener, SocketError> {
 }
 
 /// Binds `path` as root:`group`, mode 0660. A stale socket from an earlier run is
-/// removed; anything else at that path is left alone and reported.
+/// replaced; anything else at that path is left alone and reported.
+///
+/// The socket is bound and listening under a temporary name next to `path`, owner and
+/// mode set, and only then renamed onto `path`: a client that sees the file can connect
+/// (binding in place leaves a moment where the file exists but nobody listens, and a
+/// client polling for the file gets "connection refused").
 pub fn bind(path: &Path, group: Gid) -> Result<UnixListener, SocketError> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => fs::remove_file(path).map_err(io_err(path, "remove the stale socket"))?,
+        Ok(m) if m.file_type().is_socket() => {}
         Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(path, "inspect")(e)),
     }
-    // Nobody but root can connect between bind and chown/chmod. umask is process-wide,
-    // which is why this runs before the runtime starts any thread.
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+    remove_if_socket(&tmp);
+    // Nobody but root can connect before chown/chmod. umask is process-wide, which is
+    // why this runs before the runtime starts any thread.
     let old = umask(Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&tmp);
     umask(old);
-    let listener = bound.map_err(io_err(path, "bind"))?;
-    std::os::unix::fs::chown(path, Some(0), Some(group.as_raw())).map_err(io_err(path, "chown"))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE)).map_err(io_err(path, "chmod"))?;
+    let listener = bound.map_err(io_err(&tmp, "bind"))?;
+    let placed = (|| {
+        std::os::unix::fs::chown(&tmp, Some(0), Some(group.as_raw())).map_err(io_err(&tmp, "chown"))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(SOCKET_MODE)).map_err(io_err(&tmp, "chmod"))?;
+        fs::rename(&tmp, path).map_err(io_err(path, "move the bound socket to"))
+    })();
+    if let Err(e) = placed {
+        remove_if_socket(&tmp);
+        return Err(e);
+    }
     listener.set_nonblocking(true).map_err(io_err(path, "set non-blocking"))?;
     Ok(listener)
 }
@@ -87,6 +102,9 @@ mod tests {
         let _l = bind(&path, Gid::from_raw(65534)).unwrap();
         let m = fs::metadata(&path).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 65534, 0o660));
+        // Listening as soon as the file is there, and no temporary name left behind.
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -43,7 +43,11 @@ pub trait Manager {
     fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
 }
 
-#[zbus::proxy(interface = "org.freedesktop.systemd1.Unit", default_service = "org.freedesktop.systemd1", gen_blocking = false)]
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1",
+    gen_blocking = false
+)]
 pub trait Unit {
     #[zbus(property)]
     fn active_state(&self) -> zbus::Result<String>;
@@ -151,7 +155,11 @@ impl Systemd {
     }
 
     async fn manager(&self, unit: &UnitName) -> Result<ManagerProxy<'_>, ServiceError> {
-        ManagerProxy::new(&self.conn).await.map_err(|source| ServiceError::Bus { unit: unit.clone(), op: "reach the manager", source })
+        ManagerProxy::new(&self.conn).await.map_err(|source| ServiceError::Bus {
+            unit: unit.clone(),
+            op: "reach the manager",
+            source,
+        })
     }
 }
 
@@ -247,7 +255,10 @@ impl ServiceManager for SysV {
 
     async fn run(&self, unit: &UnitName, job: Job, cancel: &mut Cancel) -> Result<(), ServiceError> {
         let spec = self.command(unit, job.verb());
-        exec::checked(&spec, &[0], cancel).await.map(drop).map_err(|source| ServiceError::Tool { unit: unit.clone(), source })
+        exec::checked(&spec, &[0], cancel)
+            .await
+            .map(drop)
+            .map_err(|source| ServiceError::Tool { unit: unit.clone(), source })
     }
 }
 

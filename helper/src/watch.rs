@@ -79,7 +79,12 @@ impl WatchStore {
     }
 
     /// Compares the current content of `files` with what was stored for `state`.
-    pub fn check(&self, state: &StateId, files: &[AbsPath], first_sight_counts: bool) -> Result<WatchCheck, WatchError> {
+    pub fn check(
+        &self,
+        state: &StateId,
+        files: &[AbsPath],
+        first_sight_counts: bool,
+    ) -> Result<WatchCheck, WatchError> {
         let mut out = WatchCheck::default();
         for file in files {
             let current = checksum(file.as_path())?;
@@ -132,15 +137,12 @@ pub fn checksum(path: &Path) -> Result<String, WatchError> {
         let path = path.to_path_buf();
         move |source| WatchError::Read { path, op, source }
     };
-    let mut f = match OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).bits())
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ABSENT.to_string()),
-        Err(e) => return Err(err("open")(e)),
-    };
+    let mut f =
+        match OpenOptions::new().read(true).custom_flags((OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).bits()).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ABSENT.to_string()),
+            Err(e) => return Err(err("open")(e)),
+        };
     if !f.metadata().map_err(err("stat"))?.is_file() {
         return Err(WatchError::NotAFile(path.to_path_buf()));
     }

@@ -44,6 +44,10 @@ struct Helper {
 
 impl Helper {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Other uids must reach the socket (the refusal test); the socket's own mode
         // is what keeps them out.
@@ -54,6 +58,7 @@ impl Helper {
             .arg(&sock)
             .args(["--allow-user", "nobody", "--state-dir"])
             .arg(dir.path().join("state"))
+            .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
@@ -359,12 +364,12 @@ async fn requests_before_hello_are_refused() {
 async fn unsupported_modules_are_named() {
     let h = Helper::start().await;
     let mut c = h.client().await;
-    let raid = apply_request("linux.raid", json!({"name": "/dev/md0", "devices": ["/dev/sdx"], "level": "raid1"}));
-    match c.call(raid).await {
+    let svn = apply_request("common.svn", json!({"path": "/srv/x", "repo": "svn://example.com/x"}));
+    match c.call(svn).await {
         Reply::Error(e) => {
             assert_eq!(e.code, ErrorCode::Unsupported);
             assert!(
-                e.message.contains("linux.raid") && e.message.contains("not implemented by this helper version"),
+                e.message.contains("common.svn") && e.message.contains("not implemented by this helper version"),
                 "{e}"
             );
         }
@@ -447,4 +452,144 @@ async fn without_a_socket_it_says_how_to_get_one() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--socket") && stderr.contains(".socket unit"), "{stderr}");
+}
+
+/// Bits of a `Cap*:` line of /proc/PID/status.
+fn cap_mask(status: &str, field: &str) -> u64 {
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+}
+
+#[tokio::test]
+async fn the_helper_drops_capabilities_and_core_dumps() {
+    let h = Helper::start().await;
+    let pid = h.child.id();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let want: u64 = opsagent_helper::harden::KEEP.iter().map(|c| 1u64 << c.index()).sum();
+    assert_eq!(cap_mask(&status, "CapBnd:") & !want, 0, "bounding set not reduced:\n{status}");
+    assert_eq!(cap_mask(&status, "CapEff:") & !want, 0, "{status}");
+    assert_eq!(cap_mask(&status, "CapInh:"), 0);
+    assert_eq!(cap_mask(&status, "CapAmb:"), 0);
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    assert!(core.split_whitespace().skip(4).take(2).all(|v| v == "0"), "{core}");
+    let log = h.wait_for_log(&["capability bounding set reduced", "kept=", "CAP_CHOWN"]).await;
+    assert!(!log.lines().any(|l| l.contains("kept=") && l.contains("CAP_SYS_ADMIN")), "{log}");
+    // Commands inherit the bounding set: nothing they run can regain the rest.
+    let mut c = h.client().await;
+    let out = c.apply("linux.cmd", json!({"cmd": "grep CapBnd /proc/self/status", "cwd": "/"})).await;
+    assert_eq!(cap_mask(&out.stdout, "CapBnd:") & !want, 0, "{}", out.stdout);
+}
+
+/// A root-owned policy file in a private directory of the test.
+fn policy_file(h: &Helper, text: &str) -> PathBuf {
+    let dir = h.path("etc");
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("helper.policy");
+    fs::write(&path, text).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
+
+async fn denied(c: &mut Client, module: &str, params: Value) -> String {
+    match c.call(apply_request(module, params)).await {
+        Reply::Error(e) if e.code == ErrorCode::Denied => e.message,
+        other => panic!("{module}: not denied: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_policy_file_restricts_modules_paths_and_units() {
+    let probe = Helper::start().await;
+    let allowed = probe.path("allowed");
+    let policy = policy_file(
+        &probe,
+        &format!(
+            "# test policy\nmodules = linux.file linux.service\nwrite_prefixes = {}\nunits = web\n",
+            allowed.display()
+        ),
+    );
+    let h = Helper::start_with(&["--policy", policy.to_str().unwrap()]).await;
+    h.wait_for_log(&["policy loaded", "modules [linux.file linux.service]"]).await;
+    let mut c = h.client().await;
+    let msg = denied(&mut c, "linux.cmd", json!({"cmd": "true", "cwd": "/"})).await;
+    assert!(
+        msg.starts_with("module linux.cmd is not in the policy's `modules`") && msg.contains("helper.policy"),
+        "{msg}"
+    );
+    let msg = denied(&mut c, "linux.file", json!({"path": h.path("elsewhere"), "content": "x"})).await;
+    assert!(msg.contains("not under the policy's `write_prefixes`"), "{msg}");
+    let msg = denied(&mut c, "linux.service", json!({"name": ["sshd"]})).await;
+    assert!(msg.contains("unit sshd.service is not in the policy's `units`"), "{msg}");
+    let ok = c.apply("linux.file", json!({"path": allowed.join("x.conf"), "content": "x"})).await;
+    assert!(ok.result && ok.changed(), "{ok:?}");
+    assert!(!h.path("elsewhere").exists());
+    h.wait_for_log(&["request refused", "result=\"denied\"", "module=\"linux.cmd\""]).await;
+}
+
+#[tokio::test]
+async fn an_invalid_or_unsafe_policy_stops_the_start() {
+    let probe = Helper::start().await;
+    let policy = policy_file(&probe, "modules = linux.file\nmodules linux.dir\n");
+    let run = |policy: &Path| {
+        Command::new(BIN)
+            .args(["--socket"])
+            .arg(probe.path("other.sock"))
+            .args(["--allow-user", "nobody", "--policy"])
+            .arg(policy)
+            .env_remove("LISTEN_FDS")
+            .output()
+            .unwrap()
+    };
+    let out = run(&policy);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("refusing to start: {}:2: expected `key = values`", policy.display())),
+        "{stderr}"
+    );
+
+    fs::write(&policy, "modules = linux.file\n").unwrap();
+    fs::set_permissions(&policy, fs::Permissions::from_mode(0o666)).unwrap();
+    let stderr = String::from_utf8_lossy(&run(&policy).stderr).into_owned();
+    assert!(stderr.contains("writable by group or others"), "{stderr}");
+    let stderr = String::from_utf8_lossy(&run(&probe.path("missing.policy")).stderr).into_owned();
+    assert!(stderr.contains("cannot open"), "{stderr}");
+}
+
+#[tokio::test]
+async fn connections_per_uid_are_capped() {
+    let h = Helper::start_with(&["--max-connections-per-uid", "2"]).await;
+    let a = h.client().await;
+    let _b = h.client().await;
+    let mut third = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
+    let _ = third.send(Request::Status).await;
+    assert!(third.recv_or_eof().await.is_none(), "a third connection was served");
+    h.wait_for_log(&["refused connection", "too many connections from this uid", "uid=0", "pid="]).await;
+    drop(a);
+    // The slot comes back once the helper has seen the close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
+        let id = c.send(Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "t".into() }).await;
+        if let Some(frame) = c.recv_or_eof().await {
+            assert_eq!(frame.id, id);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot freed");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let h = Helper::start_with(&["--idle-timeout", "1"]).await;
+    let mut c = h.client().await;
+    assert!(matches!(c.call(Request::Status).await, Reply::Status(_)));
+    assert!(c.recv_or_eof().await.is_none());
+    h.wait_for_log(&["closing an idle connection"]).await;
+    // A request that runs longer than the idle timeout is not cut.
+    let mut c = h.client().await;
+    let out = c.apply("linux.cmd", json!({"cmd": "sleep 2; echo done", "cwd": "/"})).await;
+    assert!(out.result && out.stdout == "done\n", "{out:?}");
 }

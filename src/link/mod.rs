@@ -422,7 +422,7 @@ impl<O: Outbox + 'static> Link<O> {
     fn bad_frame(&self, bad_run: &mut u32, what: &str, reason: &str) -> Option<LinkError> {
         *bad_run += 1;
         self.status.send_modify(|s| s.bad_frames += 1);
-        tracing::warn!(consecutive = *bad_run, reason, "{what} from the backend refused");
+        tracing::warn!(consecutive = *bad_run, reason = %reason, "{what}");
         (*bad_run >= self.cfg.max_bad_frames)
             .then(|| LinkError::TooManyBadFrames { url: self.url().to_string(), count: *bad_run })
     }
@@ -480,7 +480,7 @@ impl<O: Outbox + 'static> Link<O> {
                         Message::Binary(b) => {
                             self.status.send_modify(|s| s.binary_frames += 1);
                             let reason = format!("{} bytes; the protocol uses text frames", b.len());
-                            if let Some(e) = self.bad_frame(&mut bad_run, "binary frame", &reason) {
+                            if let Some(e) = self.bad_frame(&mut bad_run, "binary frame from the backend refused", &reason) {
                                 return end(EndKind::Error(e), answered, healthy_after);
                             }
                             continue;
@@ -498,7 +498,7 @@ impl<O: Outbox + 'static> Link<O> {
                     let inbound = match parse_inbound(&text) {
                         Ok(m) => m,
                         Err(e) => {
-                            if let Some(e) = self.bad_frame(&mut bad_run, "bad frame", &e.to_string()) {
+                            if let Some(e) = self.bad_frame(&mut bad_run, "bad frame from the backend ignored", &e.to_string()) {
                                 return end(EndKind::Error(e), answered, healthy_after);
                             }
                             continue;

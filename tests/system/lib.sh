@@ -100,14 +100,42 @@ _prepare_root() { # NAME: a fresh copy of the cached root (overlay, else a full 
     fi
 }
 
+# With --keep-unit and --register=no, nspawn runs the container in nspawn's own cgroup
+# (its "payload" child). Without a cgroup of its own per container, all containers
+# would share one tree, and each container's systemd would manage (and kill) the
+# others' units. So each nspawn starts inside a fresh child of our cgroup, in the
+# cgroup2 hierarchy and, on hybrid hosts, in the name=systemd v1 hierarchy.
+_cgroup_dirs() { # NAME: the per-container cgroup directories (created here)
+    local name=$1 mnt rel
+    if [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = cgroup2fs ]; then
+        rel=$(sed -n 's/^0::\(.*\)/\1/p' /proc/self/cgroup)
+        echo "/sys/fs/cgroup${rel%/}/opsagent-systest-$$-$name"
+    else
+        for mnt in unified systemd; do
+            [ -d "/sys/fs/cgroup/$mnt" ] || continue
+            if [ "$mnt" = unified ]; then
+                rel=$(sed -n 's/^0::\(.*\)/\1/p' /proc/self/cgroup)
+            else
+                rel=$(sed -n 's/^[0-9]*:name=systemd:\(.*\)/\1/p' /proc/self/cgroup)
+            fi
+            echo "/sys/fs/cgroup/$mnt${rel%/}/opsagent-systest-$$-$name"
+        done
+    fi
+}
+
 # _start NAME NSPAWN-ARGS...: starts systemd-nspawn in the background and records the
 # pid of the container's PID 1 (nspawn's child).
 _start() {
-    local name=$1 d npid i init=""
+    local name=$1 d npid i init="" cg
     shift
     d=$(_cdir "$name")
-    systemd-nspawn --quiet --register=no --keep-unit --console=passive \
-        -M "systest-$name" -D "$d/root" "$@" >"$d/console.log" 2>&1 </dev/null &
+    _cgroup_dirs "$name" >"$d/cgroups"
+    while read -r cg; do mkdir -p "$cg"; done <"$d/cgroups"
+    (
+        while read -r cg; do echo "$BASHPID" >"$cg/cgroup.procs"; done <"$d/cgroups"
+        exec systemd-nspawn --quiet --register=no --keep-unit --console=passive \
+            -M "systest-$name" -D "$d/root" "$@"
+    ) >"$d/console.log" 2>&1 </dev/null &
     npid=$!
     echo "$npid" >"$d/nspawn.pid"
     for i in $(seq 1 100); do
@@ -159,7 +187,7 @@ cexec() {
 csh() { cexec "$1" sh -c "$2"; }
 
 stop_container() { # NAME: orderly shutdown, then SIGKILL; unmount and remove
-    local name=$1 d npid init i
+    local name=$1 d npid init i cg
     d=$(_cdir "$name")
     [ -d "$d" ] || return 0
     [ ! -e "$d/stopped" ] || return 0
@@ -184,6 +212,11 @@ stop_container() { # NAME: orderly shutdown, then SIGKILL; unmount and remove
     fi
     if ! mountpoint -q "$d/root"; then
         rm -rf "$d/upper" "$d/work" "$d/root"
+    fi
+    if [ -f "$d/cgroups" ]; then
+        while read -r cg; do
+            [ ! -d "$cg" ] || find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null || true
+        done <"$d/cgroups"
     fi
     touch "$d/stopped"
 }

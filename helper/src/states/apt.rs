@@ -190,15 +190,25 @@ pub fn index_stale(newest: Option<SystemTime>, now: SystemTime) -> bool {
     newest.is_none_or(|t| now.duration_since(t).is_ok_and(|age| age > INDEX_MAX_AGE))
 }
 
-fn newest_index(dir: &Path) -> Option<SystemTime> {
-    std::fs::read_dir(dir)
-        .ok()?
+/// When the indexes were last refreshed: the newest file in apt's lists, or the stamp
+/// the helper leaves after its own `apt-get update` (sources on `file:` URIs are read
+/// in place, so their refresh leaves no file in the lists).
+fn newest_index(lists: &Path, stamp: &Path) -> Option<SystemTime> {
+    let listed = std::fs::read_dir(lists)
+        .ok()
+        .into_iter()
+        .flatten()
         .filter_map(Result::ok)
         .filter(|e| e.file_name() != "lock")
         .filter_map(|e| e.metadata().ok())
         .filter(std::fs::Metadata::is_file)
-        .filter_map(|m| m.modified().ok())
-        .max()
+        .filter_map(|m| m.modified().ok());
+    listed.chain(std::fs::metadata(stamp).and_then(|m| m.modified()).ok()).max()
+}
+
+/// The stamp file of the helper's last successful `apt-get update`.
+pub fn update_stamp(state_dir: &Path) -> PathBuf {
+    state_dir.join("apt-update.stamp")
 }
 
 /// The calls to make, after looking at the host.
@@ -243,7 +253,11 @@ pub fn needs_index(items: &[Item], dpkg: &BTreeMap<String, Pkg>) -> Vec<String> 
 }
 
 /// Decides the apt-get calls. `policy` must cover [`needs_index`]'s names.
-pub fn plan(items: &[Item], dpkg: &BTreeMap<String, Pkg>, policy: &BTreeMap<String, Candidates>) -> Result<Plan, PkgError> {
+pub fn plan(
+    items: &[Item],
+    dpkg: &BTreeMap<String, Pkg>,
+    policy: &BTreeMap<String, Candidates>,
+) -> Result<Plan, PkgError> {
     let mut plan = Plan::default();
     for i in items {
         let pkg = dpkg.get(&i.name);
@@ -326,8 +340,8 @@ pub fn describe_changes(items: &[Item], before: &BTreeMap<String, Pkg>, after: &
         let what = match (b.filter(|p| p.installed()), a.filter(|p| p.installed())) {
             (None, Some(a)) => format!("installed {}", a.version),
             (Some(b), Some(a)) if b.version != a.version => format!("{} -> {}", b.version, a.version),
-            (Some(_), None) if a.is_some_and(Pkg::on_system) => "removed".to_string(),
-            (Some(_), None) => "purged".to_string(),
+            (Some(_), None) if i.want == Want::Purged => "purged".to_string(),
+            (Some(_), None) => "removed".to_string(),
             (None, None) if b.is_some_and(Pkg::on_system) && !a.is_some_and(Pkg::on_system) => "purged".to_string(),
             _ => continue,
         };
@@ -345,7 +359,9 @@ pub fn verify(items: &[Item], after: &BTreeMap<String, Pkg>) -> Result<(), PkgEr
         let installed = pkg.filter(|p| p.installed());
         match &i.want {
             Want::Present | Want::Latest if installed.is_none() => return Err(err("installed")),
-            Want::Version(v) if installed.is_none_or(|p| p.version != *v) => return Err(err(&format!("installed {v}"))),
+            Want::Version(v) if installed.is_none_or(|p| p.version != *v) => {
+                return Err(err(&format!("installed {v}")))
+            }
             Want::File(_) if installed.is_none_or(|p| Some(&p.version) != i.file_version.as_ref()) => {
                 return Err(err(&format!("installed {}", i.file_version.as_deref().unwrap_or("?"))))
             }
@@ -366,6 +382,7 @@ pub fn parse_control_fields(out: &str) -> Option<(String, String)> {
 struct Run {
     cancel: Cancel,
     output: String,
+    stamp: PathBuf,
 }
 
 impl Run {
@@ -400,12 +417,18 @@ impl Run {
     }
 
     async fn update(&mut self) -> Result<(), ToolError> {
-        self.logged(&apt_get(vec!["-q".into(), "update".into()], exec::TOOL_TIMEOUT)).await
+        self.logged(&apt_get(vec!["-q".into(), "update".into()], exec::TOOL_TIMEOUT)).await?;
+        // Best effort: without the stamp the next state refreshes once more.
+        if let Some(dir) = self.stamp.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(&self.stamp, b"");
+        Ok(())
     }
 }
 
-pub async fn apply(p: &LinuxAptPackage, cancel: Cancel) -> Outcome {
-    let mut run = Run { cancel, output: String::new() };
+pub async fn apply(p: &LinuxAptPackage, state_dir: &Path, cancel: Cancel) -> Outcome {
+    let mut run = Run { cancel, output: String::new(), stamp: update_stamp(state_dir) };
     let mut changes = Vec::new();
     let mut notes = Vec::new();
     let result = run_state(p, &mut run, &mut changes, &mut notes).await;
@@ -449,7 +472,7 @@ async fn run_state(
     let mut policy = BTreeMap::new();
     if !indexed.is_empty() {
         let mut refreshed = false;
-        if index_stale(newest_index(Path::new(LISTS_DIR)), SystemTime::now()) {
+        if index_stale(newest_index(Path::new(LISTS_DIR), &run.stamp), SystemTime::now()) {
             run.update().await?;
             notes.push("package indexes refreshed (older than 1 h)".into());
             refreshed = true;
@@ -551,7 +574,11 @@ ghost:
         let m = parse_apt_cache_policy(out);
         assert_eq!(
             m["hello"],
-            Candidates { installed: Some("1.0".into()), candidate: Some("2.0".into()), versions: vec!["2.0".into(), "1.0".into()] }
+            Candidates {
+                installed: Some("1.0".into()),
+                candidate: Some("2.0".into()),
+                versions: vec!["2.0".into(), "1.0".into()]
+            }
         );
         assert_eq!(m["ghost"], Candidates::default());
         assert!(!m.contains_key("N"));
@@ -588,7 +615,10 @@ ghost:
         assert_eq!(needs_index(&items, &dpkg), ["a", "b", "n", "d"]);
         let p = plan(&items, &dpkg, &policy).unwrap();
         assert_eq!(p.install, ["a", "n", "d=2.0", "/srv/f_1.deb"]);
-        assert_eq!((p.remove.as_slice(), p.purge.as_slice()), (["b".to_string()].as_slice(), ["c".to_string()].as_slice()));
+        assert_eq!(
+            (p.remove.as_slice(), p.purge.as_slice()),
+            (["b".to_string()].as_slice(), ["c".to_string()].as_slice())
+        );
 
         // Second run, with everything as wanted: nothing to do.
         let done = BTreeMap::from([
@@ -597,7 +627,7 @@ ghost:
             ("d".to_string(), pkg("installed", "2.0")),
             ("f".to_string(), pkg("installed", "1")),
         ]);
-        let settled = [&items[..3], &items[3..5], &items[6..]].concat();
+        let settled = [items[0].clone(), items[2].clone(), items[3].clone(), items[4].clone(), items[6].clone()];
         assert!(plan(&settled, &done, &policy).unwrap().is_empty());
         assert!(verify(&settled, &done).is_ok());
 
@@ -625,7 +655,8 @@ ghost:
 
     #[test]
     fn changes_and_index_age() {
-        let items = [item("a", Want::Latest), item("b", Want::Removed), item("c", Want::Purged), item("d", Want::Present)];
+        let items =
+            [item("a", Want::Latest), item("b", Want::Removed), item("c", Want::Purged), item("d", Want::Present)];
         let before = BTreeMap::from([
             ("a".to_string(), pkg("installed", "1")),
             ("b".to_string(), pkg("installed", "1")),

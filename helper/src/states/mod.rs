@@ -4,19 +4,35 @@
 //! Every state is idempotent: it looks at the host first and changes only what differs,
 //! and its outcome's `changes` lists exactly what it changed (empty: nothing did).
 
+pub mod apt;
+pub mod chef;
 pub mod cmd;
+pub mod cronjob;
 pub mod dir;
+pub mod docker;
 pub mod file;
+pub mod group;
+pub mod mesos;
+pub mod puppet;
+pub mod repo;
+pub mod service;
+pub mod storage;
 pub mod symlink;
+pub mod timezone;
+pub mod user;
+pub mod yum;
 
 use std::fmt::Display;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{ApplyRequest, Change, ErrorCode, HelperError, Outcome};
 
 use crate::cancel::Cancel;
+use crate::policy::Policy;
+use crate::watch::WatchStore;
 
 /// The working directory of `linux.cmd` when a recipe names none (the catalogue's
 /// default), created on demand.
@@ -29,33 +45,86 @@ pub struct Ctx {
     /// Created (root, 0755) when a command uses it and it is missing; any other cwd
     /// must already exist.
     pub default_cwd: AbsPath,
+    /// The operator's restrictions, checked before any state runs.
+    pub policy: Arc<Policy>,
 }
 
 impl Ctx {
     pub fn new(state_dir: PathBuf) -> Self {
         let default_cwd = AbsPath::parse(DEFAULT_CMD_CWD).expect("the default cwd is a valid absolute path");
-        Self { state_dir, default_cwd }
+        Self { state_dir, default_cwd, policy: Arc::new(Policy::default()) }
+    }
+
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = Arc::new(policy);
+        self
     }
 }
 
 /// Applies one state. `Err` is for requests this helper will not carry out at all; a
 /// state that was tried and failed is an `Ok` outcome with `result: false`.
 pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Outcome, HelperError> {
-    match &req.params {
-        ModuleParams::LinuxCmd(p) => Ok(cmd::apply(p, ctx, cancel).await),
+    if !req.params.is_builtin() {
+        ctx.policy.check(&req.params)?;
+    }
+    let id = &req.state_id;
+    Ok(match &req.params {
+        ModuleParams::LinuxCmd(p) => cmd::apply(p, ctx, cancel).await,
         // File operations are short and not interruptible half-way; they run on the
         // blocking pool so that the connection keeps reading (a Cancel is answered).
-        ModuleParams::LinuxDir(p) => blocking(p.clone(), dir::apply).await,
-        ModuleParams::LinuxFile(p) => blocking(p.clone(), file::apply).await,
-        ModuleParams::LinuxSymlink(p) => blocking(p.clone(), symlink::apply).await,
-        p if p.is_builtin() => {
-            Err(HelperError::new(ErrorCode::Unsupported, format!("{} is built-in, runs in the daemon", p.name())))
+        ModuleParams::LinuxDir(p) => blocking(p.clone(), dir::apply).await?,
+        ModuleParams::LinuxFile(p) => blocking(p.clone(), file::apply).await?,
+        ModuleParams::LinuxSymlink(p) => blocking(p.clone(), symlink::apply).await?,
+        ModuleParams::LinuxAptRepo(p) => blocking(p.clone(), repo::apt_repo).await?,
+        ModuleParams::LinuxAptPpa(p) => blocking(p.clone(), repo::apt_ppa).await?,
+        ModuleParams::LinuxService(p) => service::apply(p, id, &WatchStore::new(&ctx.state_dir), cancel).await,
+        ModuleParams::LinuxAptPackage(p) => apt::apply(p, &ctx.state_dir, cancel).await,
+        ModuleParams::LinuxYumPackage(p) => yum::apply(p, cancel).await,
+        ModuleParams::LinuxYumRepo(p) => repo::yum_repo(p, cancel).await,
+        ModuleParams::LinuxRpmKey(p) => repo::rpm_key(p, cancel).await,
+        ModuleParams::LinuxUser(p) => user::apply(p, cancel).await,
+        ModuleParams::LinuxGroup(p) => group::apply(p, cancel).await,
+        ModuleParams::LinuxCronjob(p) => cronjob::apply(p, id, cancel).await,
+        ModuleParams::CommonTimezone(p) => timezone::apply(p, cancel).await,
+        ModuleParams::LinuxMkfs(p) => storage::mkfs::apply(p, cancel).await,
+        ModuleParams::LinuxMount(p) => storage::mount::apply(p, cancel).await,
+        ModuleParams::LinuxLvmPv(p) => storage::lvm::apply_pv(p, cancel).await,
+        ModuleParams::LinuxLvmVg(p) => storage::lvm::apply_vg(p, cancel).await,
+        ModuleParams::LinuxLvmLv(p) => storage::lvm::apply_lv(p, cancel).await,
+        ModuleParams::LinuxRaid(p) => storage::raid::apply(p, cancel).await,
+        ModuleParams::LinuxDockerPulled(p) => docker::image::pulled(&docker::Engine::system(), p, ctx, cancel).await,
+        ModuleParams::LinuxDockerBuilt(p) => docker::image::built(&docker::Engine::system(), p, id, ctx, cancel).await,
+        ModuleParams::LinuxDockerPushed(p) => {
+            docker::image::pushed(&docker::Engine::system(), p, id, ctx, cancel).await
         }
-        p => Err(HelperError::new(
-            ErrorCode::Unsupported,
-            format!("module {} is not implemented by this helper version ({})", p.name(), env!("CARGO_PKG_VERSION")),
-        )),
-    }
+        ModuleParams::LinuxDockerRunning(p) => {
+            docker::run::running(&docker::Engine::system(), p, id, ctx, cancel).await
+        }
+        ModuleParams::LinuxDockerDeploy(p) => docker::run::deploy(&docker::Engine::system(), p, id, ctx, cancel).await,
+        ModuleParams::LinuxPuppetAgent(p) => puppet::agent(p, cancel).await,
+        ModuleParams::LinuxPuppetApply(p) => puppet::apply(p, cancel).await,
+        ModuleParams::LinuxPuppetRun(p) => puppet::run(p, cancel).await,
+        ModuleParams::LinuxChefClient(p) => chef::client(p, cancel).await,
+        ModuleParams::LinuxChefSolo(p) => chef::solo(p, cancel).await,
+        ModuleParams::LinuxMesosMaster(p) => mesos::master(p),
+        ModuleParams::LinuxMesosSlave(p) => mesos::slave(p),
+        p if p.is_builtin() => {
+            return Err(HelperError::new(
+                ErrorCode::Unsupported,
+                format!("{} is built-in, runs in the daemon", p.name()),
+            ))
+        }
+        p => {
+            return Err(HelperError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "module {} is not implemented by this helper version ({})",
+                    p.name(),
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ))
+        }
+    })
 }
 
 async fn blocking<P: Send + 'static>(params: P, f: fn(&P) -> Outcome) -> Result<Outcome, HelperError> {
@@ -108,10 +177,10 @@ mod tests {
     #[tokio::test]
     async fn unknown_and_builtin_modules_are_unsupported() {
         let ctx = Ctx::new("/nonexistent".into());
-        let raid = request("linux.raid", json!({"name": "/dev/md0", "devices": ["/dev/x"], "level": "raid1"}));
-        let err = apply(&raid, &ctx, Cancel::never()).await.unwrap_err();
+        let svn = request("common.svn", json!({"path": "/srv/x", "repo": "svn://example.com/x"}));
+        let err = apply(&svn, &ctx, Cancel::never()).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Unsupported);
-        assert!(err.message.contains("linux.raid is not implemented by this helper version"), "{}", err.message);
+        assert!(err.message.contains("common.svn is not implemented by this helper version"), "{}", err.message);
 
         let comment = request("meta.comment", json!({"comment": "hi"}));
         let err = apply(&comment, &ctx, Cancel::never()).await.unwrap_err();

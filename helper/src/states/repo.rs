@@ -153,7 +153,7 @@ pub fn apt_ppa(p: &LinuxAptPpa) -> Outcome {
 
 pub fn apt_ppa_with(p: &LinuxAptPpa, os_release: &Path) -> Outcome {
     let mut changes = Vec::new();
-    let result = (|| {
+    let result = (|| -> Result<(), RepoError> {
         let (user, archive) = ppa_parts(&p.name)?;
         let text = std::fs::read_to_string(os_release).unwrap_or_default();
         let codename = codename(&text).ok_or(RepoError::Codename)?;
@@ -221,7 +221,8 @@ async fn install_rpm(path: &Path, changes: &mut Vec<Change>, cancel: &mut Cancel
     let file = path.display().to_string();
     let query = CommandSpec::tool("rpm", ["-qp", "--qf", "%{NAME}\\t%{VERSION}-%{RELEASE}\\n", file.as_str()]);
     let out = exec::checked(&query, &[0], cancel).await?.output;
-    let (name, evr) = out.lines().find_map(|l| l.split_once('\t')).map(|(n, v)| (n.trim(), v.trim())).unwrap_or_default();
+    let (name, evr) =
+        out.lines().find_map(|l| l.split_once('\t')).map(|(n, v)| (n.trim(), v.trim())).unwrap_or_default();
     if !name.is_empty() {
         let installed = CommandSpec::tool("rpm", ["-q", "--qf", "%{VERSION}-%{RELEASE}\\n", name]);
         let have = exec::checked(&installed, &[0, 1], cancel).await?.output;
@@ -242,7 +243,7 @@ async fn import_key(path: &Path, changes: &mut Vec<Change>, cancel: &mut Cancel)
     if let Some(ours) = armor_body(&text) {
         let list = CommandSpec::tool("rpm", ["-q", "gpg-pubkey", "--qf", "%{DESCRIPTION}\\n"]);
         let imported = exec::checked(&list, &[0, 1], cancel).await?.output;
-        if armor_bodies(&imported).iter().any(|b| *b == ours) {
+        if armor_bodies(&imported).contains(&ours) {
             return Ok(());
         }
     }
@@ -303,7 +304,10 @@ mod tests {
             ppa_paths("ondrej/php"),
             ["/etc/apt/sources.list.d/ondrej-ubuntu-php.list", "/etc/apt/auth.conf.d/ondrej-ubuntu-php.conf"]
         );
-        assert_eq!(ppa_source("ondrej", "php", "jammy", false), "deb http://ppa.launchpad.net/ondrej/php/ubuntu jammy main\n");
+        assert_eq!(
+            ppa_source("ondrej", "php", "jammy", false),
+            "deb http://ppa.launchpad.net/ondrej/php/ubuntu jammy main\n"
+        );
         assert!(ppa_source("u", "a", "jammy", true).starts_with("deb https://private-ppa.launchpad.net/u/a/ubuntu"));
         assert_eq!(
             ppa_auth("u", "a", "me", "s3cret"),

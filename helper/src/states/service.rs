@@ -23,7 +23,7 @@ use opsagent_proto::wire::Watch;
 
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, ToolError};
-use crate::systemd::{self, Job, ServiceError, ServiceManager, Systemd, SysV};
+use crate::systemd::{self, Job, ServiceError, ServiceManager, SysV, Systemd};
 use crate::watch::{WatchCheck, WatchError, WatchStore};
 
 /// Deadline of a command action.
@@ -58,11 +58,17 @@ enum Error {
     #[error(transparent)]
     Watch(#[from] WatchError),
     #[error(transparent)]
-    Service(#[from] ServiceError),
+    Service(Box<ServiceError>),
     #[error("{unit}: the action command {source}")]
     Command { unit: UnitName, source: ToolError },
     #[error("{unit} is not running after {what} (ActiveState {state})")]
     NotRunning { unit: UnitName, what: &'static str, state: String },
+}
+
+impl From<ServiceError> for Error {
+    fn from(e: ServiceError) -> Self {
+        Error::Service(Box::new(e))
+    }
 }
 
 impl Error {
@@ -116,7 +122,10 @@ pub async fn run<M: ServiceManager>(
             let why = if check.changed.is_empty() {
                 "watch: true, acting every round".to_string()
             } else {
-                format!("watched {} changed", check.changed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+                format!(
+                    "watched {} changed",
+                    check.changed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                )
             };
             notes.push(why);
         }
@@ -148,33 +157,37 @@ async fn one<M: ServiceManager>(
     output: &mut String,
     cancel: &mut Cancel,
 ) -> Result<(), Error> {
-    let before = manager.state(unit).await?;
-    let mut what = "checking";
+    let mut state = manager.state(unit).await?;
+    let mut what = None;
     if triggered {
         if let Action::Command(cmd) = action {
             let spec = CommandSpec::tool("/bin/sh", ["-c", cmd.as_str()]).with_timeout(ACTION_TIMEOUT);
-            let finished = exec::checked(&spec, &[0], cancel).await;
-            match finished {
+            match exec::checked(&spec, &[0], cancel).await {
                 Ok(f) => output.push_str(&f.output),
                 Err(source) => return Err(Error::Command { unit: unit.clone(), source }),
             }
             changes.push(Change::new(unit.as_str(), "action command ran"));
-            what = "its action command";
-        } else if before.running() {
-            what = reload_or_restart(manager, unit, action, changes, cancel).await?;
+            what = Some("its action command");
+        } else if state.running() {
+            what = Some(reload_or_restart(manager, unit, action, changes, cancel).await?);
+        }
+        if what.is_some() {
+            state = manager.state(unit).await?;
         }
     }
-    // Not running (and not just acted upon by a keyword action): start it.
-    if !manager.state(unit).await?.running() {
+    // Not running (and not brought back by the action): start it.
+    if !state.running() {
         manager.run(unit, Job::Start, cancel).await?;
         changes.push(Change::new(unit.as_str(), "started"));
-        what = "its start job";
+        what = Some("its start job");
+        state = manager.state(unit).await?;
     }
-    let after = manager.state(unit).await?;
-    if !after.running() {
-        return Err(Error::NotRunning { unit: unit.clone(), what, state: after.active_state });
+    match what {
+        Some(what) if !state.running() => {
+            Err(Error::NotRunning { unit: unit.clone(), what, state: state.active_state })
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 async fn reload_or_restart<M: ServiceManager>(

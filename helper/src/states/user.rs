@@ -5,9 +5,9 @@
 //! is stored as-is when /etc/shadow holds another one. Anything else is a plaintext
 //! password, as real recipes send: it is hashed only when the current hash does not
 //! already verify against it (MD5-, SHA-256-, SHA-512-crypt and yescrypt are verified
-//! here, in pure Rust), with the host's `ENCRYPT_METHOD` from /etc/login.defs when that
-//! is yescrypt, SHA-512-crypt otherwise, and a random salt; a second run changes
-//! nothing. The outcome then warns that a plaintext password in a recipe is a risk. No
+//! here, in pure Rust), with yescrypt when the host's own tools use it (PAM's
+//! `pam_unix` option or `ENCRYPT_METHOD` in /etc/login.defs), SHA-512-crypt otherwise,
+//! and a random salt; a second run changes nothing. The outcome then warns that a plaintext password in a recipe is a risk. No
 //! password or hash is ever put on a command line (other local users can read those) or
 //! in a message: the hash reaches `chpasswd -e` on its standard input.
 //!
@@ -30,8 +30,8 @@ use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, ToolError};
 use crate::fsutil::{self, FsError};
 
-pub const PLAINTEXT_WARNING: &str = "warning: the recipe holds this password in plaintext (it was stored hashed); \
-     plaintext passwords in recipes are a risk: give a crypt hash instead (e.g. from `mkpasswd -m yescrypt`)";
+pub const PLAINTEXT_WARNING: &str = "warning: the recipe holds this password in plaintext (the system keeps only \
+     its hash); plaintext passwords in recipes are a risk: give a crypt hash instead (e.g. from `mkpasswd -m yescrypt`)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
@@ -82,8 +82,21 @@ pub enum HashMethod {
     Yescrypt,
 }
 
-/// `ENCRYPT_METHOD` of /etc/login.defs: yescrypt when the host uses it (Debian 11+,
-/// Ubuntu 22.04+, Fedora 35+), SHA-512-crypt otherwise (understood everywhere).
+/// The scheme the host's own tools use: yescrypt when PAM's `pam_unix` is set to it
+/// (Debian 11+, Ubuntu 22.04+: /etc/pam.d/common-password) or `ENCRYPT_METHOD` of
+/// /etc/login.defs says so (Fedora 35+), SHA-512-crypt otherwise (understood everywhere).
+pub fn host_method(login_defs: &str, pam_password: &str) -> HashMethod {
+    let pam_yescrypt = pam_password.lines().any(|l| {
+        !l.trim_start().starts_with('#') && l.contains("pam_unix.so") && l.split_whitespace().any(|w| w == "yescrypt")
+    });
+    if pam_yescrypt {
+        HashMethod::Yescrypt
+    } else {
+        method_from_login_defs(login_defs)
+    }
+}
+
+/// `ENCRYPT_METHOD` of /etc/login.defs.
 pub fn method_from_login_defs(text: &str) -> HashMethod {
     let method = text.lines().find_map(|l| {
         let mut w = l.split_whitespace();
@@ -99,8 +112,8 @@ pub fn method_from_login_defs(text: &str) -> HashMethod {
 /// Whether `plain` is the password of `hash`; `None` for schemes not verified here.
 pub fn verify(plain: &str, hash: &str) -> Option<bool> {
     let pw = plain.as_bytes();
-    if hash.starts_with("$1$") {
-        let salt = hash[3..].split('$').next().unwrap_or_default();
+    if let Some(rest) = hash.strip_prefix("$1$") {
+        let salt = rest.split('$').next().unwrap_or_default();
         return Some(md5_crypt(pw, salt.as_bytes()) == hash);
     }
     if hash.starts_with("$5$") || hash.starts_with("$6$") {
@@ -168,14 +181,22 @@ pub fn md5_crypt(pw: &[u8], salt: &[u8]) -> String {
     let mut fin = ctx.finalize();
     for round in 0..1000 {
         let mut c = Md5::new();
-        if round & 1 == 1 { c.update(pw) } else { c.update(fin) }
+        if round & 1 == 1 {
+            c.update(pw)
+        } else {
+            c.update(fin)
+        }
         if round % 3 != 0 {
             c.update(salt);
         }
         if round % 7 != 0 {
             c.update(pw);
         }
-        if round & 1 == 1 { c.update(fin) } else { c.update(pw) }
+        if round & 1 == 1 {
+            c.update(fin)
+        } else {
+            c.update(pw)
+        }
         fin = c.finalize();
     }
     let mut out = format!("$1${}$", String::from_utf8_lossy(salt));
@@ -219,7 +240,8 @@ fn account(name: &str) -> Result<Option<Account>, UserError> {
         return Ok(None);
     };
     let cname = CString::new(name).map_err(|_| UserError::Name { param: "username", value: name.into() })?;
-    let gids = nix::unistd::getgrouplist(&cname, u.gid).map_err(|e| UserError::Lookup(format!("the groups of {name}"), e))?;
+    let gids =
+        nix::unistd::getgrouplist(&cname, u.gid).map_err(|e| UserError::Lookup(format!("the groups of {name}"), e))?;
     let groups = gids
         .into_iter()
         .filter(|g| *g != u.gid)
@@ -267,7 +289,8 @@ pub fn wanted(p: &LinuxUser, nologin: &str) -> Result<Wanted, UserError> {
         }
         groups = Some(set);
     }
-    let home = p.home.as_deref().map(|h| AbsPath::parse(h).map(|h| h.to_string()).map_err(UserError::Home)).transpose()?;
+    let home =
+        p.home.as_deref().map(|h| AbsPath::parse(h).map(|h| h.to_string()).map_err(UserError::Home)).transpose()?;
     let shell = if p.no_login {
         Some(nologin.to_string())
     } else {
@@ -393,7 +416,8 @@ async fn run(p: &LinuxUser, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
         fsutil::create_dirs(&home, 0o700, (Uid::from_raw(acc.uid), Gid::from_raw(acc.gid)), changes)?;
     }
     let shadow = std::fs::read_to_string("/etc/shadow").map_err(UserError::Shadow)?;
-    let method = method_from_login_defs(&std::fs::read_to_string("/etc/login.defs").unwrap_or_default());
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let method = host_method(&read("/etc/login.defs"), &read("/etc/pam.d/common-password"));
     if let PasswordPlan::Set(hash) = password_plan(&p.password, shadow_hash(&shadow, name), method)? {
         let spec = CommandSpec::tool("chpasswd", ["-e"]).with_stdin(format!("{name}:{hash}\n"));
         exec::checked(&spec, &[0], cancel).await?;
@@ -408,7 +432,9 @@ mod tests {
 
     #[test]
     fn hashes_are_told_from_plaintext() {
-        for h in ["$1$abcd$ofJb3YcbYuAu5VuIH736J1", "$6$salt$abc", "$y$j9T$F5Jx$Em", "$2b$10$abc", "!", "*", "!$6$s$h", ""] {
+        for h in
+            ["$1$abcd$ofJb3YcbYuAu5VuIH736J1", "$6$salt$abc", "$y$j9T$F5Jx$Em", "$2b$10$abc", "!", "*", "!$6$s$h", ""]
+        {
             assert!(is_crypt_hash(h), "{h}");
         }
         for p in ["hunter2", "correct horse", "$notahash", "$6$has space$x"] {
@@ -445,6 +471,9 @@ mod tests {
         assert_eq!(method_from_login_defs("# x\nENCRYPT_METHOD YESCRYPT\n"), HashMethod::Yescrypt);
         assert_eq!(method_from_login_defs("ENCRYPT_METHOD SHA512\n"), HashMethod::Sha512);
         assert_eq!(method_from_login_defs(""), HashMethod::Sha512);
+        let debian = "password\t[success=1 default=ignore]\tpam_unix.so obscure yescrypt\n";
+        assert_eq!(host_method("ENCRYPT_METHOD SHA512\n", debian), HashMethod::Yescrypt);
+        assert_eq!(host_method("ENCRYPT_METHOD SHA512\n", "# pam_unix.so yescrypt\n"), HashMethod::Sha512);
     }
 
     #[test]
@@ -495,7 +524,10 @@ mod tests {
         let (args, changes) = usermod_args("app", &have, &w2);
         assert_eq!(args.join(" "), "-u 1501 -G  -c Other,,, app");
         let shown: Vec<String> = changes.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["app: uid 1500 -> 1501", "app: groups [adm, www-data] -> []", "app: full name \"App User\" -> \"Other\""]);
+        assert_eq!(
+            shown,
+            ["app: uid 1500 -> 1501", "app: groups [adm, www-data] -> []", "app: full name \"App User\" -> \"Other\""]
+        );
         assert!(valid_account_name("www-data") && valid_account_name("host$"));
         assert!(!valid_account_name("-o") && !valid_account_name("a b") && !valid_account_name(""));
     }

@@ -132,7 +132,8 @@ async fn run_state(
                 let file = path.display().to_string();
                 let spec = CommandSpec::tool("rpm", ["-qp", "--qf", RPM_QUERY_FORMAT, file.as_str()]);
                 let out = exec::checked(&spec, &[0], cancel).await?.output;
-                let (n, v) = out.lines().find_map(|l| l.split_once('\t')).ok_or_else(|| PkgError::Unreadable(path.clone()))?;
+                let (n, v) =
+                    out.lines().find_map(|l| l.split_once('\t')).ok_or_else(|| PkgError::Unreadable(path.clone()))?;
                 (n.trim().to_string(), Some(v.trim().to_string()))
             }
             _ => (key.to_string(), None),
@@ -146,8 +147,11 @@ async fn run_state(
     let before = rpm_q(&names, cancel).await?;
     let pm = manager();
     let opts = Opts { repo: p.repo.as_deref().map(str::to_string), verify_gpg: p.verify_gpg };
-    let latest: Vec<String> =
-        items.iter().filter(|i| i.want == Want::Latest && before.contains_key(&i.name)).map(|i| i.name.clone()).collect();
+    let latest: Vec<String> = items
+        .iter()
+        .filter(|i| i.want == Want::Latest && before.contains_key(&i.name))
+        .map(|i| i.name.clone())
+        .collect();
     let mut upgradable = BTreeSet::new();
     if !latest.is_empty() {
         // check-update exits 100 when it lists upgrades, 0 when there are none.

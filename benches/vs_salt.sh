@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# opsagent vs Salt on the same work: N files with the same path, content and mode,
+# applied by `opsagent apply` (linux.file states, release build, private root helper)
+# and by `salt-call --local state.apply` (file.managed states, masterless minion in a
+# temp dir), first run (creating every file) and second run (nothing to change).
+#
+# Prints, for every N and run kind: median wall time and median peak RSS over RUNS runs,
+# and Salt/opsagent ratios. Also the scaling of opsagent (time per state as N grows).
+#
+#   sudo bash benches/vs_salt.sh                 # N = 100 1000 10000, 3 runs each
+#   SIZES="100 1000" RUNS=5 sudo bash benches/vs_salt.sh
+#
+# Environment:
+#   SIZES           numbers of states                    [100 1000 10000]
+#   RUNS            runs per measurement (median taken)  [3]
+#   SALT_RUNS_BIG   runs for Salt at N >= 10000          [RUNS]
+#   SALT_VERSION    Salt release installed from PyPI     [3008.3]
+#   SALT_VENV       virtualenv for Salt                  [/var/tmp/opsagent-bench/salt-venv]
+#   OPSAGENT_BIN    opsagent binary (opsagent-helper next to it) [target/release/opsagent]
+#   BENCH_TSV       also append raw rows here (tool kind N run wall_s rss_kib)
+#
+# Wall time is taken with `date +%s%N` around GNU time (ms resolution, GNU time's own %e
+# has only 10 ms); peak RSS is GNU time's %M: the largest single process of the run
+# (ru_maxrss of the child and its waited-for descendants), in KiB.
+# Salt gets its best case: the SLS uses the `#!json` renderer (no Jinja, no YAML), the
+# grains/fileserver caches are warm (one untimed warm-up call), and output is the terse
+# one-line-per-state format (opsagent prints one line per state too); both outputs go to
+# a file, not a terminal.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SIZES=${SIZES:-"100 1000 10000"}
+RUNS=${RUNS:-3}
+SALT_RUNS_BIG=${SALT_RUNS_BIG:-$RUNS}
+SALT_VERSION=${SALT_VERSION:-3008.3}
+SALT_VENV=${SALT_VENV:-/var/tmp/opsagent-bench/salt-venv}
+OPSAGENT_BIN=${OPSAGENT_BIN:-$ROOT/target/release/opsagent}
+BENCH_TSV=${BENCH_TSV:-}
+
+say() { printf '%s\n' "$*" >&2; }
+die() { say "vs_salt: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "needs root (opsagent apply starts a private root helper; Salt writes as root too)"
+[ -x "$OPSAGENT_BIN" ] || die "$OPSAGENT_BIN not built: cargo build --release --workspace"
+[ -x "$(dirname "$OPSAGENT_BIN")/opsagent-helper" ] || die "opsagent-helper not next to $OPSAGENT_BIN"
+
+apt_install() {
+	say "installing $* with apt-get"
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# --- prerequisites: GNU time, a venv with Salt ------------------------------------------
+[ -x /usr/bin/time ] || apt_install time
+/usr/bin/time -f %M true >/dev/null 2>&1 || die "/usr/bin/time is not GNU time"
+
+if [ ! -x "$SALT_VENV/bin/salt-call" ] || ! "$SALT_VENV/bin/salt-call" --version 2>/dev/null | grep -q "$SALT_VERSION"; then
+	rm -rf "$SALT_VENV"
+	mkdir -p "$(dirname "$SALT_VENV")"
+	if ! python3 -m venv "$SALT_VENV" >/dev/null 2>&1; then
+		rm -rf "$SALT_VENV"
+		apt_install python3-venv
+		python3 -m venv "$SALT_VENV"
+	fi
+	say "installing salt==$SALT_VERSION from PyPI into $SALT_VENV"
+	"$SALT_VENV/bin/pip" install --quiet --disable-pip-version-check "salt==$SALT_VERSION" ||
+		die "pip install salt==$SALT_VERSION failed (try another SALT_VERSION)"
+fi
+SALT_CALL="$SALT_VENV/bin/salt-call"
+SALT_REPORTED=$("$SALT_CALL" --version 2>/dev/null | head -1)
+
+WORK=$(mktemp -d /var/tmp/opsagent-vs-salt.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+
+# --- masterless minion ---------------------------------------------------------------------
+mkdir -p "$WORK/salt/conf" "$WORK/salt/roots" "$WORK/salt/cache" "$WORK/salt/pki" "$WORK/salt/run"
+cat >"$WORK/salt/conf/minion" <<EOF
+id: bench
+file_client: local
+file_roots:
+  base:
+    - $WORK/salt/roots
+root_dir: $WORK/salt
+cachedir: $WORK/salt/cache
+pki_dir: $WORK/salt/pki
+sock_dir: $WORK/salt/run
+pidfile: $WORK/salt/run/minion.pid
+log_file: $WORK/salt/minion.log
+log_level_logfile: warning
+grains_cache: True
+EOF
+SALT=("$SALT_CALL" --local -c "$WORK/salt/conf" --retcode-passthrough --state-output=terse)
+
+# --- the same N files for both tools -----------------------------------------------------
+gen() { # N
+	python3 - "$1" "$WORK" <<'EOF'
+import json, sys
+n, work = int(sys.argv[1]), sys.argv[2]
+content, mode = "x = 1\n", "0644"
+states = [{"id": f"file-{i}", "module": "linux.file",
+           "parameter": {"path": f"{work}/out/opsagent-{n}/f-{i}", "content": content, "mode": mode}}
+          for i in range(n)]
+with open(f"{work}/recipe-{n}.json", "w") as f:
+    json.dump({"recipe_version": 1, "state": states}, f)
+sls = {f"{work}/out/salt-{n}/f-{i}": {"file.managed": [{"contents": content}, {"mode": mode}]}
+       for i in range(n)}
+with open(f"{work}/salt/roots/bench{n}.sls", "w") as f:
+    f.write("#!json\n")
+    json.dump(sls, f)
+EOF
+}
+
+# measure LABEL CMD...: one timed run; prints "wall_s rss_kib"; exits on failure
+measure() {
+	local label=$1
+	shift
+	local tf="$WORK/time.out" log="$WORK/last.log" t0 t1
+	t0=$(date +%s%N)
+	if ! /usr/bin/time -f "%M" -o "$tf" "$@" >"$log" 2>&1; then
+		say "vs_salt: $label failed:"
+		tail -20 "$log" >&2
+		exit 1
+	fi
+	t1=$(date +%s%N)
+	printf '%s %s\n' "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')" "$(tail -1 "$tf")"
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+declare -A WALL RSS NRUNS
+# series TOOL KIND N RUNS: runs one measurement RUNS times, keeps medians
+series() {
+	local tool=$1 kind=$2 n=$3 runs=$4 dir i walls="" rsss="" out
+	dir="$WORK/out/$tool-$n"
+	for ((i = 1; i <= runs; i++)); do
+		if [ "$kind" = first ]; then
+			rm -rf "$dir"
+			mkdir -p "$dir"
+			sync
+		fi
+		case $tool in
+		opsagent) out=$(measure "opsagent apply N=$n $kind" "$OPSAGENT_BIN" apply "$WORK/recipe-$n.json") ;;
+		salt) out=$(measure "salt-call N=$n $kind" "${SALT[@]}" state.apply "bench$n") ;;
+		esac
+		[ -z "$BENCH_TSV" ] || printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$kind" "$n" "$i" "${out// /$'\t'}" >>"$BENCH_TSV"
+		say "  $tool $kind N=$n run $i/$runs: ${out% *} s, ${out#* } KiB"
+		walls+="${out% *}"$'\n'
+		rsss+="${out#* }"$'\n'
+	done
+	WALL[$tool.$kind.$n]=$(printf '%s' "$walls" | median)
+	RSS[$tool.$kind.$n]=$(printf '%s' "$rsss" | median)
+	NRUNS[$tool.$kind.$n]=$runs
+	# The files must really be there, with the content and mode asked for.
+	local count
+	count=$(find "$dir" -type f -perm 0644 | wc -l)
+	[ "$count" = "$n" ] || die "$tool N=$n: $count files of mode 0644 in $dir, expected $n"
+	cmp -s "$dir/f-0" <(printf 'x = 1\n') || die "$tool N=$n: unexpected content in $dir/f-0"
+}
+
+say "vs_salt: opsagent $("$OPSAGENT_BIN" --version | awk '{print $2}'), $SALT_REPORTED, sizes: $SIZES, runs: $RUNS"
+say "warming Salt's caches (untimed)"
+gen 1
+mkdir -p "$WORK/out/salt-1"
+"${SALT[@]}" state.apply bench1 >/dev/null 2>&1 || die "salt-call does not work: see $WORK/salt/minion.log"
+
+for n in $SIZES; do
+	say "N=$n: generating the recipe and the SLS"
+	gen "$n"
+	salt_runs=$RUNS
+	[ "$n" -lt 10000 ] || salt_runs=$SALT_RUNS_BIG
+	series opsagent first "$n" "$RUNS"
+	series opsagent second "$n" "$RUNS"
+	series salt first "$n" "$salt_runs"
+	series salt second "$n" "$salt_runs"
+	rm -rf "$WORK/out"
+done
+
+# --- report ------------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", a / b; else print "inf" }'; }
+echo
+echo "== opsagent apply vs salt-call --local state.apply (median of runs; wall s, peak RSS MiB) =="
+printf '%-7s %-7s %5s %10s %9s %5s %10s %9s %11s %9s\n' \
+	N run runs opsagent_s RSS_MiB runs salt_s RSS_MiB time_ratio RSS_ratio
+for n in $SIZES; do
+	for kind in first second; do
+		o=opsagent.$kind.$n s=salt.$kind.$n
+		printf '%-7s %-7s %5s %10.3f %9.1f %5s %10.3f %9.1f %10sx %8sx\n' "$n" "$kind" \
+			"${NRUNS[$o]}" "${WALL[$o]}" "$(awk -v k="${RSS[$o]}" 'BEGIN { print k / 1024 }')" \
+			"${NRUNS[$s]}" "${WALL[$s]}" "$(awk -v k="${RSS[$s]}" 'BEGIN { print k / 1024 }')" \
+			"$(ratio "${WALL[$s]}" "${WALL[$o]}")" "$(ratio "${RSS[$s]}" "${RSS[$o]}")"
+	done
+done
+echo
+echo "== scaling: wall time per state (whole process, median) =="
+printf '%-7s %-7s %14s %14s\n' N run opsagent_us salt_us
+for n in $SIZES; do
+	for kind in first second; do
+		printf '%-7s %-7s %14.1f %14.1f\n' "$n" "$kind" \
+			"$(awk -v t="${WALL[opsagent.$kind.$n]}" -v n="$n" 'BEGIN { print t * 1e6 / n }')" \
+			"$(awk -v t="${WALL[salt.$kind.$n]}" -v n="$n" 'BEGIN { print t * 1e6 / n }')"
+	done
+done
+set -- $SIZES
+if [ $# -ge 2 ]; then
+	first=$1
+	last=${!#}
+	echo "marginal cost per state between N=$first and N=$last (fixed start-up cost removed):"
+	for kind in first second; do
+		for tool in opsagent salt; do
+			printf '  %-8s %-6s %10.1f us/state\n' "$tool" "$kind" "$(awk -v a="${WALL[$tool.$kind.$first]}" \
+				-v b="${WALL[$tool.$kind.$last]}" -v na="$first" -v nb="$last" 'BEGIN { print (b - a) * 1e6 / (nb - na) }')"
+		done
+	done
+fi
+for n in $SIZES; do
+	if [ "$n" = 1000 ]; then
+		r=$(ratio "${WALL[salt.second.1000]}" "${WALL[opsagent.second.1000]}")
+		verdict=$(awk -v r="$r" 'BEGIN { print (r >= 50) ? "met" : "MISSED" }')
+		echo
+		echo "target: opsagent >= 50x faster than Salt on the second run at N=1000: ${r}x ($verdict)"
+	fi
+done

@@ -1,0 +1,83 @@
+//! What the helper does to itself before serving, while it is still one thread
+//! (capability sets are per thread; threads made later inherit the reduced sets):
+//!
+//! - no core dumps (`RLIMIT_CORE` 0, and not dumpable: a crash must not write root's
+//!   memory, with whatever secrets a request carried, to disk, and other processes
+//!   of the same uid cannot ptrace it);
+//! - every capability that no state action needs is dropped from the bounding set, so
+//!   neither the helper nor anything it runs can ever hold it again; the effective and
+//!   permitted sets are cut to [`KEEP`], the inheritable and ambient sets emptied.
+//!
+//! [`KEEP`] matches `CapabilityBoundingSet=` of `units/opsagent-helper.service` (where
+//! each one is explained). Under that unit there is nothing left to drop; run by hand
+//! (`opsagent apply` starts a private helper as root) this gives the same process.
+//!
+//! `PR_SET_NO_NEW_PRIVS` is deliberately not set (see the unit file: recipes run
+//! setuid programs as other users). The environment is not scrubbed here but for
+//! every command (see [`crate::exec`]): commands get a fixed environment, never the
+//! helper's own.
+
+use caps::{CapSet, Capability, CapsHashSet};
+use nix::sys::resource::{setrlimit, Resource};
+
+/// The capabilities the helper keeps.
+pub const KEEP: &[Capability] = &[
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_DAC_READ_SEARCH,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_SETUID,
+    Capability::CAP_SETGID,
+    Capability::CAP_KILL,
+    Capability::CAP_SETFCAP,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum HardenError {
+    #[error("cannot disable core dumps: {0}")]
+    Core(nix::Error),
+    #[error("cannot read the capability sets: {0}")]
+    Read(caps::errors::CapsError),
+    #[error("cannot drop {cap} from the bounding set (is CAP_SETPCAP missing?): {source}")]
+    Bounding { cap: Capability, source: caps::errors::CapsError },
+    #[error("cannot reduce the {set} capability set: {source}")]
+    Set { set: &'static str, source: caps::errors::CapsError },
+}
+
+/// What is left after [`apply`], for the start-up log line.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub bounding: Vec<String>,
+    pub dropped: usize,
+}
+
+fn names(set: &CapsHashSet) -> Vec<String> {
+    let mut v: Vec<String> = set.iter().map(ToString::to_string).collect();
+    v.sort();
+    v
+}
+
+/// Applies everything above to the calling (only) thread.
+pub fn apply() -> Result<Kept, HardenError> {
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(HardenError::Core)?;
+    nix::sys::prctl::set_dumpable(false).map_err(HardenError::Core)?;
+
+    let keep: CapsHashSet = KEEP.iter().copied().collect();
+    let bounding = caps::read(None, CapSet::Bounding).map_err(HardenError::Read)?;
+    let mut dropped = 0;
+    // Bounding first: dropping from it needs CAP_SETPCAP in the effective set, which
+    // goes away with the effective set below.
+    for cap in bounding.difference(&keep) {
+        caps::drop(None, CapSet::Bounding, *cap).map_err(|source| HardenError::Bounding { cap: *cap, source })?;
+        dropped += 1;
+    }
+    let permitted = caps::read(None, CapSet::Permitted).map_err(HardenError::Read)?;
+    let kept: CapsHashSet = permitted.intersection(&keep).copied().collect();
+    caps::set(None, CapSet::Effective, &kept).map_err(|source| HardenError::Set { set: "effective", source })?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(|source| HardenError::Set { set: "permitted", source })?;
+    caps::clear(None, CapSet::Inheritable).map_err(|source| HardenError::Set { set: "inheritable", source })?;
+    caps::clear(None, CapSet::Ambient).map_err(|source| HardenError::Set { set: "ambient", source })?;
+    let bounding = caps::read(None, CapSet::Bounding).map_err(HardenError::Read)?;
+    Ok(Kept { bounding: names(&bounding), dropped })
+}

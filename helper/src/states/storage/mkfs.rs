@@ -1,0 +1,149 @@
+//! `linux.mkfs`: a filesystem on a device.
+//!
+//! The device is probed first (`blkid -p`): when it already holds a filesystem of the
+//! wanted type nothing is done (as in the original, which skipped when `blkid` showed
+//! that TYPE); when it holds anything else (another filesystem, an LVM or RAID
+//! signature, a partition table) the state fails and names what it found, never
+//! overwriting it. Only a blank device is formatted: `mke2fs -F -t ext2|ext3|ext4` or
+//! `mkfs.xfs -f`, with `-L label` when given. The device is probed again afterwards.
+//!
+//! A `label` that differs on an existing filesystem is reported in the comment, not
+//! changed (relabelling is not what the original did, and xfs cannot do it mounted).
+
+use opsagent_proto::catalogue::LinuxMkfs;
+use opsagent_proto::request::{Change, Outcome};
+
+use super::{probe, require_tool, tool, BlockDevice, DeviceError, StorageToolError};
+use crate::cancel::Cancel;
+use crate::exec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MkfsError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Tool(#[from] StorageToolError),
+    #[error("parameter fstype: {0:?} is not one of ext2, ext3, ext4, xfs")]
+    FsType(String),
+    #[error("parameter label: {label:?} is longer than the {max} bytes {fstype} allows")]
+    Label { label: String, fstype: String, max: usize },
+    #[error(
+        "refusing to create {fstype} on {device}: it holds {found}; linux.mkfs never overwrites \
+         existing data (wipe the device first, e.g. `wipefs -a {device}`, if its content may be lost)"
+    )]
+    Occupied { device: String, fstype: String, found: String },
+    #[error("{tool} ran, but {device} still shows {found}")]
+    NotCreated { tool: String, device: String, found: String },
+}
+
+impl From<exec::ToolError> for MkfsError {
+    fn from(e: exec::ToolError) -> Self {
+        MkfsError::Tool(e.into())
+    }
+}
+
+impl MkfsError {
+    fn is_cancelled(&self) -> bool {
+        matches!(self, MkfsError::Tool(e) if e.is_cancelled())
+    }
+}
+
+/// The command that creates `fstype` on `device`: program name, package, arguments.
+pub fn command(
+    fstype: &str,
+    device: &str,
+    label: Option<&str>,
+) -> Result<(&'static str, &'static str, Vec<String>), MkfsError> {
+    let label_args = |flag: &str| label.map(|l| vec![flag.to_string(), l.to_string()]).unwrap_or_default();
+    let check_label = |max: usize| match label {
+        Some(l) if l.len() > max => Err(MkfsError::Label { label: l.to_string(), fstype: fstype.to_string(), max }),
+        _ => Ok(()),
+    };
+    match fstype {
+        "ext2" | "ext3" | "ext4" => {
+            check_label(16)?;
+            let mut args = vec!["-F".to_string(), "-t".into(), fstype.into()];
+            args.extend(label_args("-L"));
+            args.push(device.to_string());
+            Ok(("mke2fs", "e2fsprogs", args))
+        }
+        "xfs" => {
+            check_label(12)?;
+            let mut args = vec!["-f".to_string()];
+            args.extend(label_args("-L"));
+            args.push(device.to_string());
+            Ok(("mkfs.xfs", "xfsprogs", args))
+        }
+        other => Err(MkfsError::FsType(other.to_string())),
+    }
+}
+
+pub async fn apply(p: &LinuxMkfs, mut cancel: Cancel) -> Outcome {
+    let mut changes = Vec::new();
+    let mut notes = Vec::new();
+    let result = run(p, &mut changes, &mut notes, &mut cancel).await;
+    let cancelled = matches!(&result, Err(e) if e.is_cancelled());
+    let mut outcome = crate::states::finish(p.device.trim(), result, changes, &notes);
+    outcome.cancelled = cancelled;
+    outcome
+}
+
+async fn run(
+    p: &LinuxMkfs,
+    changes: &mut Vec<Change>,
+    notes: &mut Vec<String>,
+    cancel: &mut Cancel,
+) -> Result<(), MkfsError> {
+    let fstype = p.fstype.trim().to_ascii_lowercase();
+    let label = p.label.as_deref().map(str::trim).filter(|l| !l.is_empty());
+    let device = BlockDevice::open("device", &p.device)?;
+    let (program, package, args) = command(&fstype, &device.as_str(), label)?;
+    let found = probe(device.path.as_path(), cancel).await?;
+    if found.fstype.as_deref() == Some(fstype.as_str()) && !found.ambivalent {
+        if let Some(want) = label {
+            if found.label.as_deref() != Some(want) {
+                notes.push(format!(
+                    "its label is {:?}, not {want:?}; existing filesystems are not relabelled",
+                    found.label.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        return Ok(());
+    }
+    if !found.is_blank() {
+        return Err(MkfsError::Occupied { device: device.as_str(), fstype, found: found.describe() });
+    }
+    let program_path = require_tool(program, package).map_err(StorageToolError::from)?;
+    exec::checked(&tool(&program_path, args), &[0], cancel).await?;
+    let after = probe(device.path.as_path(), cancel).await?;
+    if after.fstype.as_deref() != Some(fstype.as_str()) {
+        return Err(MkfsError::NotCreated {
+            tool: program.to_string(),
+            device: device.as_str(),
+            found: after.describe(),
+        });
+    }
+    let what = match label {
+        Some(l) => format!("{fstype} filesystem created (label {l})"),
+        None => format!("{fstype} filesystem created"),
+    };
+    changes.push(Change::new(device.as_str(), what));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_render_per_filesystem() {
+        let (prog, pkg, args) = command("ext4", "/dev/xvdf", Some("data")).unwrap();
+        assert_eq!((prog, pkg), ("mke2fs", "e2fsprogs"));
+        assert_eq!(args, ["-F", "-t", "ext4", "-L", "data", "/dev/xvdf"]);
+        let (prog, _, args) = command("xfs", "/dev/xvdf", None).unwrap();
+        assert_eq!((prog, args.as_slice()), ("mkfs.xfs", ["-f".to_string(), "/dev/xvdf".into()].as_slice()));
+        let err = command("xfs", "/dev/x", Some("thirteen-char")).unwrap_err();
+        assert_eq!(err.to_string(), "parameter label: \"thirteen-char\" is longer than the 12 bytes xfs allows");
+        assert!(matches!(command("ntfs", "/dev/x", None), Err(MkfsError::FsType(_))));
+    }
+}

@@ -1,0 +1,145 @@
+//! Capabilities: extensions only when both sides announced them. An original v1 backend
+//! (it never sends Capabilities) sees v1 traffic only; a backend that announced them
+//! gets acknowledged StateLogs and heartbeats, which the reference backend records.
+#![allow(clippy::disallowed_methods)]
+
+mod link_support;
+
+use std::time::Duration;
+
+use link_support::*;
+use opsagent::round::{EngineStatus, Phase};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+    k.sort();
+    k
+}
+
+async fn texts_for(ws: &mut Ws, d: Duration) -> Vec<Value> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + d;
+    while let Ok(Some(v)) = tokio::time::timeout_at(deadline, next_json(ws, 60)).await {
+        out.push(v);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_v1_backend_sees_only_v1_traffic() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cfg = quick(&format!("ws://127.0.0.1:{port}/"));
+    cfg.heartbeat_interval = Duration::from_secs(1);
+    let spawn = Spawn::new(cfg);
+    spawn.outbox.push(statelog(5));
+    let link = spawn.start();
+    let mut ws = accept(&listener, 10).await;
+    let hello = next_json(&mut ws, 10).await.unwrap();
+    assert_eq!(hello["code"], "Handshake");
+    // The only extension text a v1 backend ever sees: the announcement, in a field it
+    // ignores (unknown fields are ignored by protocol v1).
+    assert!(hello["capabilities"].is_array());
+    send(&mut ws, recipe(1)).await;
+    let log = next_json(&mut ws, 10).await.unwrap();
+    assert_eq!(
+        keys(&log),
+        [
+            "app_id",
+            "code",
+            "id",
+            "instance_id",
+            "recipe_version",
+            "state_comment",
+            "state_result",
+            "state_stdout",
+            "stateid"
+        ],
+        "a v1 StateLog, no seq/offline: {log}"
+    );
+    // No acks to wait for: delivered once written.
+    assert_eq!(link.outbox.delivered(), vec![(5, false)]);
+    // Extension messages from such a backend are not acted upon.
+    send(&mut ws, json!({"code": "StateLogAck", "seq": 99})).await;
+    send(&mut ws, json!({"code": "Reconnect", "after_s": 30})).await;
+    // Heartbeats are due every second with the extension; none come.
+    let later = texts_for(&mut ws, Duration::from_millis(3500)).await;
+    assert!(later.is_empty(), "v1 backend got {later:?}");
+    let st = link.now();
+    assert!(is_connected(&st) && st.connects == 1 && st.heartbeats == 0, "{st:?}");
+    assert_eq!(link.outbox.delivered(), vec![(5, false)]);
+    link.stop().await;
+}
+
+#[tokio::test]
+async fn a_backend_with_the_extensions_gets_acks_and_heartbeats() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cfg = quick(&format!("ws://127.0.0.1:{port}/"));
+    cfg.heartbeat_interval = Duration::from_secs(1);
+    let spawn = Spawn::new(cfg);
+    spawn.outbox.push(statelog(5));
+    let link = spawn.start();
+    link.engine_status.send_replace(EngineStatus {
+        recipe_version: Some(7),
+        round: 3,
+        phase: Phase::Idle { next_round_in_s: 100 },
+        ..Default::default()
+    });
+    let mut ws = accept(&listener, 10).await;
+    assert_eq!(next_json(&mut ws, 10).await.unwrap()["code"], "Handshake");
+    send(&mut ws, json!({"code": "Capabilities", "capabilities": ["statelog-ack", "heartbeat"]})).await;
+    send(&mut ws, recipe(1)).await;
+    let frames = texts_for(&mut ws, Duration::from_millis(2600)).await;
+    let log = frames.iter().find(|f| f["code"] == "StateLog").expect("the StateLog");
+    assert_eq!((log["seq"].as_u64(), log["offline"].as_bool()), (Some(5), Some(true)), "{log}");
+    // Not delivered until acknowledged.
+    assert!(link.outbox.delivered().is_empty());
+    let beats: Vec<&Value> = frames.iter().filter(|f| f["code"] == "Heartbeat").collect();
+    assert!((2..=4).contains(&beats.len()), "one at once, then one a second: {frames:?}");
+    let hb = beats[0];
+    assert_eq!((hb["instance_id"].as_str(), hb["app_id"].as_str()), (Some("i-test"), Some("app-test")));
+    assert_eq!((hb["recipe_version"].as_u64(), hb["round"].as_u64()), (Some(7), Some(3)));
+    assert_eq!(hb["phase"], json!({"phase": "idle", "next_round_in_s": 100}));
+    assert_eq!(hb["host"]["load"].as_array().map(Vec::len), Some(3), "{hb}");
+    for ptr in [
+        "/host/memory/total_bytes",
+        "/host/memory/available_bytes",
+        "/host/disk/total_bytes",
+        "/host/disk/used_bytes",
+        "/host/uptime_s",
+        "/agent/rss_bytes",
+        "/agent/open_fds",
+        "/agent/uptime_s",
+        "/agent/spool_depth",
+    ] {
+        assert!(hb.pointer(ptr).and_then(Value::as_u64).is_some(), "{ptr} in {hb}");
+    }
+    assert_eq!(hb["host"]["disk"]["path"], "/");
+    send(&mut ws, json!({"code": "StateLogAck", "seq": 5})).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(link.outbox.delivered(), vec![(5, true)]);
+    link.stop().await;
+}
+
+#[tokio::test]
+async fn the_reference_backend_announces_and_records_heartbeats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = RefBackend::start(tmp.path(), "app-test", None).await;
+    let mut cfg = quick(&format!("ws://{}/", backend.addr));
+    cfg.heartbeat_interval = Duration::from_secs(1);
+    let mut link = Spawn::new(cfg).start();
+    let st = link.connected(10).await;
+    assert!(st.backend_capabilities.iter().any(|c| c == "heartbeat"), "{st:?}");
+    link.wait_for(10, "two heartbeats", |s| s.heartbeats >= 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let recorded = backend.messages("Heartbeat");
+    assert!(recorded.len() >= 2, "{:?}", backend.events());
+    let m = &recorded[0]["message"];
+    assert_eq!(m["instance_id"], "i-test");
+    assert!(m["host"]["memory"]["total_bytes"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["agent"]["rss_bytes"].as_u64().unwrap() > 0, "{m}");
+    link.stop().await;
+}

@@ -1,0 +1,330 @@
+#!/usr/bin/env bash
+# System tests of the root helper's states on a real host: a Debian bookworm container
+# booted with systemd-nspawn (systemd, D-Bus, apt, dpkg, cron, shadow utilities), the
+# freshly built `opsagent` and `opsagent-helper` copied in, and recipes applied with
+# `opsagent apply FILE` (which starts a private helper as root). Run as root:
+#
+#   bash tests/system/helper_states.sh
+#
+# Checks: a real unit started, reloaded when its watched file changes and left alone
+# when it does not (and restarted with the `restart` keyword); a .deb built here with
+# dpkg-deb in two versions, served from a local `file:` apt source written by
+# linux.apt.repo, installed, pinned, upgraded with `latest` (after the index ages),
+# installed from a file and removed; a group, a user (plaintext password hashed once,
+# verified by libxcrypt; a yescrypt hash from chpasswd recognised), a cron entry and the
+# timezone, each re-applied with no change; a uid outside the allowlist refused; a
+# policy file that forbids linux.cmd honoured; journal fields of outcomes.
+#
+# Ends with "N passed, M failed"; exits non-zero on any failure. The container is
+# stopped and removed on exit (by pid, see lib.sh). OPSAGENT_SYSTEST_KEEP=1 keeps logs.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/system/lib.sh
+source "$HERE/lib.sh"
+
+[ "$(id -u)" = 0 ] || { echo "tests/system/helper_states.sh must run as root" >&2; exit 2; }
+
+# lib.sh's _start records the first child of systemd-nspawn as the container's PID 1;
+# under load that can be nspawn's short-lived intermediate child. Booted containers
+# only here: wait for the child that is systemd itself.
+_start() {
+    local name=$1 d npid i init=""
+    shift
+    d=$(_cdir "$name")
+    systemd-nspawn --quiet --register=no --keep-unit --console=passive \
+        -M "systest-$name" -D "$d/root" "$@" >"$d/console.log" 2>&1 </dev/null &
+    npid=$!
+    echo "$npid" >"$d/nspawn.pid"
+    for i in $(seq 1 200); do
+        init=$(ps -o pid=,comm= --ppid "$npid" 2>/dev/null | awk '$2 == "systemd" {print $1; exit}')
+        [ -n "$init" ] && break
+        kill -0 "$npid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ -z "$init" ]; then
+        say "  container $name did not start:"
+        cat "$d/console.log" >&2
+        return 1
+    fi
+    echo "$init" >"$d/init.pid"
+}
+
+WORK=$(mktemp -d /tmp/opsagent-helper-systest.XXXXXX)
+export WORK
+: >"$WORK/containers"
+PASSED=0
+FAILED=0
+FAILURES=()
+
+SUMMARY_PRINTED=0
+on_exit() {
+    local rc=$?
+    set +e
+    if [ "$SUMMARY_PRINTED" = 0 ]; then
+        # Stopped before the end (a setup step failed): that is a failure too.
+        echo "aborted after: $PASSED passed, $FAILED failed" >&2
+        echo "$PASSED passed, $((FAILED + 1)) failed"
+        [ "$rc" -ne 0 ] || rc=1
+    fi
+    cleanup_all
+    if [ "$rc" -eq 0 ] && [ "$FAILED" -eq 0 ] && [ "${OPSAGENT_SYSTEST_KEEP:-0}" != 1 ]; then
+        rm -rf "$WORK"
+    else
+        echo "logs kept in $WORK" >&2
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+need=()
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
+command -v ps >/dev/null || need+=(procps)
+if [ "${#need[@]}" -gt 0 ]; then
+    say "installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+ensure_rootfs
+
+say "building opsagent and opsagent-helper"
+(cd "$REPO" && cargo build --locked -q -p opsagent --bin opsagent -p opsagent-helper --bin opsagent-helper) \
+    >"$WORK/build.log" 2>&1 || { tail -n 30 "$WORK/build.log" >&2; exit 1; }
+BIN_DIR=${CARGO_TARGET_DIR:-$REPO/target}/debug
+
+C=hs
+boot $C
+ROOT=$(croot $C)
+install -m 0755 "$BIN_DIR/opsagent" "$BIN_DIR/opsagent-helper" "$ROOT/usr/local/bin/"
+# Offline: apt sees only the local repository the tests build.
+csh $C 'mv /etc/apt/sources.list /etc/apt/sources.list.off 2>/dev/null; rm -f /etc/apt/sources.list.d/*.list; rm -rf /var/lib/apt/lists/*_*'
+
+# ---------------------------------------------------------------- helpers
+# check NAME CMD...: one named check; counts, never stops the script.
+check() {
+    local name=$1
+    shift
+    if "$@" >>"$WORK/checks.log" 2>&1; then
+        PASSED=$((PASSED + 1))
+        say "  pass: $name"
+    else
+        FAILED=$((FAILED + 1))
+        FAILURES+=("$name")
+        say "  FAIL: $name"
+    fi
+}
+
+# apply NAME JSON-STATES: applies a recipe of those states; its output goes to
+# $WORK/NAME.out (and the log); returns opsagent's exit status.
+N=0
+apply() {
+    local name=$1 states=$2 rc=0
+    N=$((N + 1))
+    printf '{"recipe_version": 1, "state": [%s]}\n' "$states" >"$ROOT/root/$name.json"
+    cexec $C opsagent apply "/root/$name.json" >"$WORK/$name.out" 2>&1 || rc=$?
+    { echo "== $name (exit $rc)"; cat "$WORK/$name.out"; } | tee -a "$WORK/apply.log" >&2
+    return "$rc"
+}
+out_has() { grep -qF -- "$2" "$WORK/$1.out"; }
+# setup SCRIPT: a preparation step inside the container; a failure counts as a failed
+# check (named after the script) but does not stop the run.
+setup() {
+    if ! csh $C "$1" >>"$WORK/checks.log" 2>&1; then
+        FAILED=$((FAILED + 1))
+        FAILURES+=("setup: $1")
+        say "  FAIL: setup: $1"
+    fi
+}
+no_change() { # NAME: every state line says (no change)
+    grep -q '^ok ' "$WORK/$1.out" && ! grep -E '^(ok|FAILED)' "$WORK/$1.out" | grep -qv '(no change)'
+}
+in_c() { csh $C "$1"; }
+
+# ---------------------------------------------------------------- linux.service + watch
+say "== linux.service with a watched file"
+cat >"$ROOT/etc/systemd/system/opsh-demo.service" <<'EOF'
+[Unit]
+Description=opsagent helper system test service
+[Service]
+Type=simple
+ExecStart=/bin/sh -c 'echo start >> /run/opsh-demo.log; trap "echo reload >> /run/opsh-demo.log" HUP; while :; do sleep 1 & wait $!; done'
+ExecReload=/bin/kill -HUP $MAINPID
+EOF
+setup 'systemctl daemon-reload && echo v=1 > /etc/opsh-demo.conf'
+SVC='{"id": "svc", "module": "linux.service", "parameter": {"name": ["opsh-demo"], "watch": ["/etc/opsh-demo.conf"]}}'
+count() { in_c "grep -c '^$1\$' /run/opsh-demo.log || true"; }
+check "service: stopped unit is started (first sight of the watched file)" apply svc1 "$SVC"
+check "service: reported as started" out_has svc1 "opsh-demo.service: started"
+check "service: unit is active" in_c 'systemctl is-active --quiet opsh-demo.service'
+PID1=$(in_c 'systemctl show -p MainPID --value opsh-demo.service')
+check "service: second run changes nothing" apply svc2 "$SVC"
+check "service: second run reports no change" no_change svc2
+check "service: no reload without a change" test "$(count reload)" = 0
+setup 'echo v=2 > /etc/opsh-demo.conf'
+check "service: changed watched file" apply svc3 "$SVC"
+check "service: reported as reloaded" out_has svc3 "opsh-demo.service: reloaded"
+one_reload() { [ "$(count reload)" = 1 ]; }
+wait_until 10 "reload seen by the service" one_reload || true
+check "service: the unit got SIGHUP (ExecReload)" test "$(count reload)" = 1
+check "service: reload kept the process" test "$(in_c 'systemctl show -p MainPID --value opsh-demo.service')" = "$PID1"
+check "service: unchanged file again: no change" apply svc4 "$SVC"
+check "service: ... reported as no change" no_change svc4
+check "service: still exactly one reload" test "$(count reload)" = 1
+RESTART='{"id": "svc-restart", "module": "linux.service", "parameter": {"name": [{"key": "opsh-demo", "value": "restart"}], "watch": ["/etc/opsh-demo.conf"]}}'
+check "service: restart keyword (first sight for this state)" apply svc5 "$RESTART"
+check "service: reported as restarted" out_has svc5 "opsh-demo.service: restarted"
+check "service: restart gave a new process" test "$(in_c 'systemctl show -p MainPID --value opsh-demo.service')" != "$PID1"
+check "service: restart state again: no change" apply svc6 "$RESTART"
+check "service: ... no change" no_change svc6
+check "service: checksums kept in the helper's state dir" \
+    in_c 'test -s /var/lib/opsagent-helper/watch/svc--etc-opsh-demo.conf.cksum'
+
+# ---------------------------------------------------------------- apt
+say "== linux.apt.repo + linux.apt.package with a local file: repository"
+mkdeb() { # VERSION
+    local d=$WORK/deb-$1
+    mkdir -p "$d/DEBIAN" "$d/usr/share/opsh-hello"
+    printf 'Package: opsh-hello\nVersion: %s\nArchitecture: all\nMaintainer: opsagent tests <t@example.invalid>\nDescription: opsagent helper system test package\n' "$1" >"$d/DEBIAN/control"
+    echo "$1" >"$d/usr/share/opsh-hello/version"
+    dpkg-deb --root-owner-group -b "$d" "$WORK/opsh-hello_$1_all.deb" >/dev/null
+}
+publish() { # VERSIONS...: the flat repository /srv/repo holds exactly these
+    local v f
+    rm -rf "$ROOT/srv/repo"
+    mkdir -p "$ROOT/srv/repo"
+    for v in "$@"; do
+        f=opsh-hello_${v}_all.deb
+        cp "$WORK/$f" "$ROOT/srv/repo/"
+        dpkg-deb -f "$WORK/$f"
+        printf 'Filename: ./%s\nSize: %s\nSHA256: %s\n\n' "$f" "$(stat -c %s "$WORK/$f")" "$(sha256sum "$WORK/$f" | cut -d' ' -f1)"
+    done >"$ROOT/srv/repo/Packages"
+}
+mkdeb 1.0
+mkdeb 2.0
+mkdir -p "$ROOT/srv/debs"
+cp "$WORK/opsh-hello_2.0_all.deb" "$ROOT/srv/debs/"
+publish 1.0
+REPO_STATE='{"id": "repo", "module": "linux.apt.repo", "parameter": {"name": "opsh-local", "content": "deb [trusted=yes] file:/srv/repo ./"}}'
+pkg() { printf '{"id": "pkg", "module": "linux.apt.package", "parameter": {"name": [{"key": "opsh-hello", "value": "%s"}]}}' "$1"; }
+version() { in_c 'dpkg-query -W -f "\${Version}" opsh-hello 2>/dev/null || true'; }
+check "apt: repo written and package installed" apply apt1 "$REPO_STATE, $(pkg '')"
+check "apt: sources file" in_c 'grep -q "file:/srv/repo" /etc/apt/sources.list.d/opsh-local.list'
+check "apt: installed 1.0" test "$(version)" = 1.0
+check "apt: reported installed 1.0" out_has apt1 "opsh-hello: installed 1.0"
+check "apt: indexes refreshed (package unknown before)" out_has apt1 "package indexes refreshed"
+check "apt: second run" apply apt2 "$REPO_STATE, $(pkg '')"
+check "apt: second run: no change" no_change apt2
+publish 1.0 2.0
+check "apt: pin 1.0 while 2.0 exists: no change" apply apt3 "$(pkg 1.0)"
+check "apt: ... no change" no_change apt3
+# file: sources are read in place: the new version is visible without a refresh.
+check "apt: latest upgrades to the newer candidate" apply apt4 "$(pkg latest)"
+check "apt: reported 1.0 -> 2.0" out_has apt4 "opsh-hello: 1.0 -> 2.0"
+check "apt: fresh indexes were not refreshed" sh -c "! grep -q 'refreshed' '$WORK/apt4.out'"
+check "apt: installed 2.0" test "$(version)" = 2.0
+setup 'touch -d "2 hours ago" /var/lib/opsagent-helper/apt-update.stamp'
+check "apt: latest with aged indexes" apply apt5 "$(pkg latest)"
+check "apt: ... refreshes them first, then nothing to do" \
+    sh -c "grep -q 'package indexes refreshed (older than 1 h)' '$WORK/apt5.out' && grep -q '(no change)' '$WORK/apt5.out'"
+check "apt: latest again: no change" apply apt6 "$(pkg latest)"
+check "apt: ... no change, no refresh" sh -c "! grep -q 'refreshed' '$WORK/apt6.out' && grep -q '(no change)' '$WORK/apt6.out'"
+check "apt: pin back to 1.0 (downgrade)" apply apt7 "$(pkg 1.0)"
+check "apt: installed 1.0 again" test "$(version)" = 1.0
+check "apt: pinned again: no change" apply apt8 "$(pkg 1.0)"
+check "apt: ... no change" no_change apt8
+check "apt: .deb from a file:// URI" apply apt9 "$(pkg file:///srv/debs/opsh-hello_2.0_all.deb)"
+check "apt: ... installed 2.0" test "$(version)" = 2.0
+check "apt: same .deb again: no change" apply apt10 "$(pkg file:///srv/debs/opsh-hello_2.0_all.deb)"
+check "apt: ... no change" no_change apt10
+apply apt11 "$(pkg https://example.invalid/opsh-hello_3.0_all.deb)" || true
+check "apt: remote .deb: must be downloaded by the daemon" out_has apt11 "must be downloaded by the daemon"
+check "apt: removed" apply apt12 "$(pkg removed)"
+check "apt: ... reported removed" out_has apt12 "opsh-hello: removed"
+check "apt: ... not installed" test -z "$(version)"
+check "apt: removed again: no change" apply apt13 "$(pkg removed)"
+check "apt: ... no change" no_change apt13
+apply apt14 "$(pkg no-such-version-9)" || true
+check "apt: unknown version named with the versions apt knows" out_has apt14 "version no-such-version-9 is not available (apt knows: 2.0, 1.0)"
+
+# ---------------------------------------------------------------- users, groups, cron, timezone
+say "== linux.group, linux.user, linux.cronjob, common.timezone"
+GROUP='{"id": "grp", "module": "linux.group", "parameter": {"groupname": "opshgrp", "gid": "2345"}}'
+USER_STATE='{"id": "usr", "module": "linux.user", "parameter": {"username": "opshuser", "password": "s3cret pass", "groups": ["opshgrp"], "fullname": "Ops Helper", "shell": "/bin/bash"}}'
+CRON='{"id": "cron", "module": "linux.cronjob", "parameter": {"user": "opshuser", "cmd": ["/usr/bin/true opsh-cron"], "minute": "*/5"}}'
+TZ_STATE='{"id": "tz", "module": "common.timezone", "parameter": {"name": "Europe/Paris", "use-utc": false}}'
+check "accounts: first run" apply acc1 "$GROUP, $USER_STATE, $CRON, $TZ_STATE"
+check "group: created with gid 2345" in_c 'getent group opshgrp | grep -q ":2345:"'
+check "user: created, in opshgrp, GECOS and shell" in_c 'id -nG opshuser | grep -qw opshgrp && getent passwd opshuser | grep -q ":Ops Helper:/home/opshuser:/bin/bash$" && test -d /home/opshuser'
+check "user: the stored hash verifies with libxcrypt" \
+    in_c 'perl -e "my \$h = (getpwnam(q(opshuser)))[1]; exit(crypt(q(s3cret pass), \$h) eq \$h ? 0 : 1)"'
+check "user: plaintext warning in the comment" out_has acc1 "plaintext passwords in recipes are a risk"
+check "cron: entry in the user's crontab" in_c 'crontab -u opshuser -l | grep -qx "\*/5 \* \* \* \* /usr/bin/true opsh-cron"'
+check "timezone: /etc/localtime" in_c 'readlink /etc/localtime | grep -q "zoneinfo/Europe/Paris$"'
+check "timezone: hardware clock local" in_c 'sed -n 3p /etc/adjtime | grep -qx LOCAL'
+HASH1=$(in_c 'getent shadow opshuser | cut -d: -f2')
+setup 'crontab -u opshuser -l > /tmp/ct && echo "0 4 * * * /usr/bin/true users-own-line" >> /tmp/ct && crontab -u opshuser /tmp/ct'
+check "accounts: second run" apply acc2 "$GROUP, $USER_STATE, $CRON, $TZ_STATE"
+check "accounts: second run: no change" no_change acc2
+check "user: password hash unchanged" test "$(in_c 'getent shadow opshuser | cut -d: -f2')" = "$HASH1"
+check "cron: the user's own line kept" in_c 'crontab -u opshuser -l | grep -q users-own-line'
+check "cron: our block once" test "$(in_c 'crontab -u opshuser -l | grep -c opsh-cron')" = 1
+setup 'useradd -m opshy && echo "opshy:pw with yescrypt" | chpasswd && getent shadow opshy | grep -qF ":\$y\$"'
+check "user: a yescrypt hash made by chpasswd verifies: no change" \
+    apply acc3 '{"id": "usr-y", "module": "linux.user", "parameter": {"username": "opshy", "password": "pw with yescrypt"}}'
+check "user: ... no change" no_change acc3
+check "user: a different plaintext password is changed" \
+    apply acc4 '{"id": "usr-y", "module": "linux.user", "parameter": {"username": "opshy", "password": "another"}}'
+check "user: ... reported" out_has acc4 "opshy: password set"
+
+# ---------------------------------------------------------------- policy
+say "== policy file forbidding linux.cmd"
+setup 'mkdir -p /etc/opsagent && chmod 0755 /etc/opsagent && printf "modules = linux.file\n" > /etc/opsagent/helper.policy && chmod 0644 /etc/opsagent/helper.policy'
+FILE_STATE='{"id": "f", "module": "linux.file", "parameter": {"path": "/tmp/opsh-policy.txt", "content": "ok\n"}}'
+CMD_STATE='{"id": "c", "module": "linux.cmd", "parameter": {"cmd": "touch /tmp/opsh-policy-cmd-ran", "cwd": "/"}}'
+check "policy: linux.file allowed" apply pol1 "$FILE_STATE"
+if apply pol2 "$CMD_STATE"; then check "policy: linux.cmd refused" false; else check "policy: linux.cmd refused" true; fi
+check "policy: the refusal names the rule" out_has pol2 "module linux.cmd is not in the policy's \`modules\`"
+check "policy: the command did not run" in_c '! test -e /tmp/opsh-policy-cmd-ran'
+setup 'printf "modules = linux.file\nbogus line\n" > /etc/opsagent/helper.policy'
+check "policy: an invalid policy stops the helper (file:line)" \
+    in_c 'timeout 10 opsagent-helper --socket /run/x.sock 2>&1 | grep -q "refusing to start: /etc/opsagent/helper.policy:2:"'
+in_c 'rm -f /etc/opsagent/helper.policy'
+
+# ---------------------------------------------------------------- allowlist + journal
+say "== a helper for opshuser only: another uid is refused; journal fields"
+setup 'useradd -M -N -g opshuser opshother && mkdir -p /run/opsh && chmod 0755 /run/opsh'
+setup 'systemd-run --unit opsh-helper --collect /usr/local/bin/opsagent-helper --socket /run/opsh/h.sock --allow-user opshuser --state-dir /var/lib/opsh-helper'
+wait_until 20 "private helper socket" nsenter -t "$(cpid $C)" -a -- test -S /run/opsh/h.sock || true
+printf '{"recipe_version": 1, "state": [%s]}\n' '{"id": "jf", "module": "linux.file", "parameter": {"path": "/tmp/opsh-journal.txt", "content": "j\n"}}' >"$ROOT/srv/j.json"
+chmod 0644 "$ROOT/srv/j.json"
+OTHER_UID=$(in_c 'id -u opshother')
+check "allowlist: opshuser (allowed) is served" \
+    in_c 'setpriv --reuid=opshuser --regid=opshuser --init-groups opsagent apply --helper-socket /run/opsh/h.sock /srv/j.json'
+if in_c 'setpriv --reuid=opshother --regid=opshuser --clear-groups opsagent apply --helper-socket /run/opsh/h.sock /srv/j.json' >"$WORK/refused.out" 2>&1; then
+    check "allowlist: another uid in the socket's group is refused" false
+else
+    check "allowlist: another uid in the socket's group is refused" true
+fi
+check "allowlist: the refusal is logged with uid and pid" \
+    in_c "journalctl -u opsh-helper --no-pager -o verbose OPSAGENT_UID=$OTHER_UID | grep -q 'MESSAGE=refused connection' &&
+          journalctl -u opsh-helper --no-pager -o verbose OPSAGENT_UID=$OTHER_UID | grep -q 'OPSAGENT_PID=[1-9]'"
+check "journal: outcomes carry structured fields" \
+    in_c 'journalctl -u opsh-helper -o verbose --no-pager | grep -q "^ *OPSAGENT_MODULE=linux.file" && journalctl -u opsh-helper -o verbose --no-pager | grep -q "^ *OPSAGENT_STATE_ID=jf"'
+check "journal: the kept capability set is logged" \
+    in_c 'journalctl -u opsh-helper --no-pager | grep -q "capability bounding set reduced"'
+in_c 'systemctl stop opsh-helper' || true
+
+say ""
+if [ "$FAILED" -gt 0 ]; then
+    say "failed checks: ${FAILURES[*]}"
+fi
+echo "$PASSED passed, $FAILED failed"
+SUMMARY_PRINTED=1
+[ "$FAILED" -eq 0 ]
