@@ -188,9 +188,19 @@ fn histogram(title: &str, times: &[f64], origin: f64, bucket: f64) {
         }
     }
     let max = *counts.iter().max().unwrap_or(&1);
-    for (i, c) in counts.iter().enumerate() {
+    let mut i = 0;
+    while i < n {
+        let c = counts[i];
+        if c == 0 {
+            // A run of empty buckets is one line.
+            let end = (i..n).find(|j| counts[*j] != 0).unwrap_or(n);
+            println!("  {:>6.1}-{:<6.1} s     0", i as f64 * bucket, end as f64 * bucket);
+            i = end;
+            continue;
+        }
         let bar = "#".repeat((c * 50).div_ceil(max.max(1)));
         println!("  {:>6.1}-{:<6.1} s {:>5}  {bar}", i as f64 * bucket, (i + 1) as f64 * bucket, c);
+        i += 1;
     }
 }
 

@@ -33,6 +33,8 @@ pub enum HelperClientError {
     Closed { path: String },
     #[error("helper at {path} refused: {error}")]
     Refused { path: String, error: HelperError },
+    #[error("helper at {path} did not confirm a cancellation in time; connection dropped")]
+    Abandoned { path: String },
     #[error("helper at {path} answered out of protocol: {what}")]
     Protocol { path: String, what: String },
 }
@@ -184,26 +186,34 @@ impl UnixHelperClient {
     /// connection is discarded so the next call starts afresh.
     async fn with_conn<T, F>(&self, f: F) -> Result<T, HelperClientError>
     where
-        F: for<'c> FnOnce(
+        F: for<'c> Fn(
             &'c Self,
             &'c mut Conn,
         ) -> std::pin::Pin<Box<dyn Future<Output = Result<T, HelperClientError>> + Send + 'c>>,
     {
         let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.connect().await?);
+        let mut retried = false;
+        loop {
+            let reused = guard.is_some();
+            if guard.is_none() {
+                *guard = Some(self.connect().await?);
+            }
+            let conn = guard.as_mut().expect("connected above");
+            let result = f(self, conn).await;
+            let lost = matches!(result, Err(HelperClientError::Codec { .. } | HelperClientError::Closed { .. }));
+            if lost || matches!(result, Err(HelperClientError::Protocol { .. } | HelperClientError::Abandoned { .. })) {
+                *guard = None;
+            }
+            // A kept connection may have been closed by the helper meanwhile (idle
+            // timeout, helper restart): try once more on a fresh one. States are
+            // idempotent, so a request the helper did see is safe to repeat.
+            if lost && reused && !retried {
+                retried = true;
+                tracing::debug!(socket = %self.shown(), "helper connection was closed; reconnecting");
+                continue;
+            }
+            return result;
         }
-        let conn = guard.as_mut().expect("connected above");
-        let result = f(self, conn).await;
-        if matches!(
-            result,
-            Err(HelperClientError::Codec { .. }
-                | HelperClientError::Closed { .. }
-                | HelperClientError::Protocol { .. })
-        ) {
-            *guard = None;
-        }
-        result
     }
 
     async fn apply_on(
@@ -239,7 +249,7 @@ impl UnixHelperClient {
                 }
                 _ = sleep_until_opt(deadline) => {
                     // The helper kills what the request started when its connection closes.
-                    return Err(HelperClientError::Closed { path: self.shown() });
+                    return Err(HelperClientError::Abandoned { path: self.shown() });
                 }
             }
         }
@@ -255,7 +265,7 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 
 impl HelperClient for UnixHelperClient {
     async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
-        self.with_conn(move |me, conn| Box::pin(me.apply_on(conn, req, cancel))).await
+        self.with_conn(move |me, conn| Box::pin(me.apply_on(conn, req.clone(), cancel.clone()))).await
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {

@@ -1,7 +1,7 @@
 //! Capabilities: extensions only when both sides announced them. An original v1 backend
 //! (it never sends Capabilities) sees v1 traffic only; a backend that announced them
 //! gets acknowledged StateLogs and heartbeats, which the reference backend records.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 mod link_support;
 

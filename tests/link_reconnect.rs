@@ -2,7 +2,7 @@
 //! hints (message, close reason, HTTP Retry-After) honoured within the cap, AppNotReady
 //! retried with the backoff on the same connection, and the backoff schedule itself:
 //! exact under a paused clock, reset after a healthy connection.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 mod link_support;
 
@@ -154,7 +154,7 @@ async fn the_backoff_schedule_is_exact_under_a_paused_clock() {
     for (i, gap) in gaps.iter().enumerate() {
         let attempt = i as u32 + 1;
         let want = expected.delay(attempt);
-        let diff = if *gap > want { *gap - want } else { want - *gap };
+        let diff = gap.abs_diff(want);
         assert!(diff <= Duration::from_millis(2), "attempt {attempt}: waited {gap:?}, expected {want:?}; all {gaps:?}");
         let ceiling = Duration::from_secs(1u64 << (attempt - 1)).min(Duration::from_secs(16));
         assert!(*gap <= ceiling + Duration::from_millis(2), "attempt {attempt}: {gap:?} over {ceiling:?}");

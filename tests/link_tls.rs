@@ -1,7 +1,7 @@
 //! TLS: verification on by default, a private CA through `ca_file`, wrong CA and wrong
 //! host name refused with a clear error, `tls_insecure` warned about at every connect.
 //! The reference backend runs in-process with a certificate from a CA made here.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 mod link_support;
 

@@ -25,6 +25,8 @@ use crate::exec::{self, CommandSpec, Exit, ToolError};
 /// How long a start, reload or restart job may take before the state gives up on it
 /// (systemd's own default start timeout is 90 s; units may set more).
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long one D-Bus call (not the job it starts) may take.
+pub const METHOD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where systemd says it is the running init (`sd_booted()`).
 pub const SYSTEMD_RUNTIME_DIR: &str = "/run/systemd/system";
 
@@ -141,7 +143,12 @@ pub struct Systemd {
 
 impl Systemd {
     pub async fn system() -> Result<Self, ServiceError> {
-        let conn = zbus::Connection::system().await.map_err(ServiceError::Connect)?;
+        let conn = zbus::connection::Builder::system()
+            .map_err(ServiceError::Connect)?
+            .method_timeout(METHOD_TIMEOUT)
+            .build()
+            .await
+            .map_err(ServiceError::Connect)?;
         Ok(Self::with_connection(conn))
     }
 

@@ -557,28 +557,39 @@ async fn an_invalid_or_unsafe_policy_stops_the_start() {
     assert!(stderr.contains("cannot open"), "{stderr}");
 }
 
+/// A client that got past the connection cap (hello answered), or `None`.
+async fn try_client(h: &Helper) -> Option<Client> {
+    let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
+    let id = c.send(Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "t".into() }).await;
+    let frame = c.recv_or_eof().await?;
+    assert_eq!(frame.id, id);
+    Some(c)
+}
+
+/// Retries for a while: a slot is given back only once the helper has seen the close
+/// of an earlier connection (the start-up probe's, a dropped client's).
+async fn client_when_free(h: &Helper) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(c) = try_client(h).await {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no connection slot freed");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn connections_per_uid_are_capped() {
     let h = Helper::start_with(&["--max-connections-per-uid", "2"]).await;
-    let a = h.client().await;
-    let _b = h.client().await;
-    let mut third = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
-    let _ = third.send(Request::Status).await;
-    assert!(third.recv_or_eof().await.is_none(), "a third connection was served");
+    let a = client_when_free(&h).await;
+    let _b = client_when_free(&h).await;
+    // Both slots are held by a and b now: a third is refused, whatever the timing.
+    assert!(try_client(&h).await.is_none(), "a third connection was served");
     h.wait_for_log(&["refused connection", "too many connections from this uid", "uid=0", "pid="]).await;
     drop(a);
-    // The slot comes back once the helper has seen the close.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
-        let id = c.send(Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "t".into() }).await;
-        if let Some(frame) = c.recv_or_eof().await {
-            assert_eq!(frame.id, id);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no slot freed");
-        sleep(Duration::from_millis(50)).await;
-    }
+    let mut c = client_when_free(&h).await;
+    assert!(matches!(c.call(Request::Status).await, Reply::Status(_)));
 }
 
 #[tokio::test]

@@ -85,10 +85,10 @@ pub fn memory() -> Value {
 pub fn disk(path: &str) -> Value {
     match nix::sys::statvfs::statvfs(path) {
         Ok(s) => {
-            let frag = s.fragment_size() as u64;
-            let total = s.blocks() as u64 * frag;
-            let free = s.blocks_free() as u64 * frag;
-            let avail = s.blocks_available() as u64 * frag;
+            let frag = wide(s.fragment_size());
+            let total = wide(s.blocks()) * frag;
+            let free = wide(s.blocks_free()) * frag;
+            let avail = wide(s.blocks_available()) * frag;
             let used = total.saturating_sub(free);
             // As df computes it: used / (used + available to unprivileged users).
             let pct =
@@ -97,6 +97,11 @@ pub fn disk(path: &str) -> Value {
         }
         Err(e) => json!({"path": path, "error": e.to_string()}),
     }
+}
+
+/// statvfs fields are 32 or 64 bits depending on the platform.
+fn wide<T: Into<u64>>(v: T) -> u64 {
+    v.into()
 }
 
 pub fn own_rss_bytes() -> Option<u64> {

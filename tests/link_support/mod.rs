@@ -1,7 +1,7 @@
 //! In-process fixtures for the link tests: a fake outbox, a link runner, a test resolver,
 //! a test CA, the reference backend in-process, a scripted WebSocket backend, a TCP relay
 //! that can go silent, a counting CONNECT proxy, and log capture.
-#![allow(dead_code, clippy::disallowed_methods)]
+#![allow(dead_code, clippy::disallowed_methods, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::io;

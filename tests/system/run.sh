@@ -198,6 +198,15 @@ test_a() {
     [ "$hpid1" = "$hpid2" ] || fail "the second userdata.sh run restarted the helper"
     [ "$(csh $c 'journalctl -u opsagent.service --no-pager | grep -c "Started opsagent.service"')" = 1 ] ||
         fail "the journal shows more than one start of opsagent.service"
+
+    # A changed setting is written and the agent restarted to take it.
+    userdata $c $iid METADATA_URL=http://127.0.0.1:9/ >"$WORK/a-userdata3.log" 2>&1 ||
+        { cat "$WORK/a-userdata3.log" >&2; fail "the third userdata.sh run failed"; }
+    cat "$WORK/a-userdata3.log" >&2
+    grep -q 'restarting opsagent.service' "$WORK/a-userdata3.log" || fail "a changed configuration did not restart the agent"
+    csh $c 'grep -q "^metadata_url = \"http://127.0.0.1:9/\"" /etc/opsagent.conf' || fail "metadata_url was not written"
+    [ "$(unit_prop $c opsagent.service InvocationID)" != "$inv1" ] || fail "the agent was not restarted"
+    [ "$(unit_prop $c opsagent.service ActiveState)" = active ] || fail "the agent is not active after the restart"
 }
 
 # ---------------------------------------------------------------- b. watchdog
@@ -282,9 +291,14 @@ test_e() {
     local c=e-polkit pid1 pid2 rc
     install_agent $c i-pk
     as_agent() { csh $c "setpriv --reuid=opsagent --regid=opsagent --init-groups $1"; }
-    pk() { # USER UNIT VERB: pkcheck exit code for that user's own shell
+    # polkit >= 121 lets only root pass details to CheckAuthorization, so pkcheck runs
+    # as root about a subject process owned by the user in question.
+    local -A subject
+    subject[opsagent]=$(csh $c 'setpriv --reuid=opsagent --regid=opsagent --init-groups sleep 600 </dev/null >/dev/null 2>&1 & echo $!')
+    subject[nobody]=$(csh $c 'setpriv --reuid=nobody --regid=nogroup --clear-groups sleep 600 </dev/null >/dev/null 2>&1 & echo $!')
+    pk() { # USER UNIT VERB: pkcheck's exit code for a process of USER
         local r=0
-        csh $c "setpriv --reuid=$1 --regid=$1 --init-groups sh -c 'pkcheck --action-id org.freedesktop.systemd1.manage-units --process \$\$ --detail unit $2 --detail verb $3' >/dev/null 2>&1" || r=$?
+        csh $c "pkcheck --action-id org.freedesktop.systemd1.manage-units --process ${subject[$1]} --detail unit $2 --detail verb $3 >/dev/null 2>&1" || r=$?
         echo "$r"
     }
     pid1=$(unit_prop $c opsagent.service MainPID)
@@ -323,6 +337,7 @@ no opsagent opsagent-helper.service restart
 no opsagent run-u1.service start
 no nobody opsagent.service restart
 EOF
+    csh $c "kill ${subject[opsagent]} ${subject[nobody]}" || true
 }
 
 # ---------------------------------------------------------------- f. systemd-analyze

@@ -320,12 +320,8 @@ mod tests {
     }
 
     #[test]
-    fn ppa_files_are_written_once() {
+    fn a_ppa_needs_the_codename_from_os_release() {
         let tmp = tempfile::tempdir().unwrap();
-        let os = tmp.path().join("os-release");
-        std::fs::write(&os, "ID=ubuntu\nVERSION_CODENAME=noble\n").unwrap();
-        // Only the pure parts are checked against the real /etc here; writing goes
-        // through linux.file, tested on its own, and the system test.
         let missing = tmp.path().join("none");
         let p = LinuxAptPpa { name: Line("u/a".into()), password: None, username: None };
         let out = apt_ppa_with(&p, &missing);
