@@ -288,7 +288,8 @@ async fn scenario(args: &Args, hint: Option<u64>) {
     let t_stop = Instant::now();
     let wall_stop = unix_now();
     if let Some(after_s) = hint {
-        std::fs::write(dir.join(format!("recipes/{app}.reconnect.json")), format!("{{\"after_s\": {after_s}}}")).unwrap();
+        std::fs::write(dir.join(format!("recipes/{app}.reconnect.json")), format!("{{\"after_s\": {after_s}}}"))
+            .unwrap();
         // Wait until the backend has told everyone (it closes their connections).
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline

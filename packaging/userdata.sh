@@ -286,7 +286,11 @@ if [ "$HAVE_SYSTEMD" = 1 ]; then
         fi
     done
     # A cron supervisor from an earlier systemd-less install must not compete.
-    rm -f /etc/cron.d/opsagent
+    if [ -f /etc/cron.d/opsagent ]; then
+        rm -f /etc/cron.d/opsagent
+        "$CUR/packaging/opsagent-supervise" stop || true
+        log "removed the cron supervision of an earlier install"
+    fi
 
     if [ "$CHANGED_UNITS" = 1 ] || [ "$(systemctl show -p NeedDaemonReload --value opsagent.service)" = yes ]; then
         systemctl daemon-reload

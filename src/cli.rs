@@ -348,7 +348,7 @@ fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> 
     println!("  instance   {} of app {}", r.instance_id, r.app_id);
     println!("  status     {}", r.summary);
     if let Some(err) = r.link.get("last_error").and_then(|e| e.as_str()) {
-        let at = r.link.get("last_error_unix").and_then(|t| t.as_u64()).map(crate::link::utc);
+        let at = r.link.get("last_error_unix").and_then(|t| t.as_u64()).map(crate::timefmt::utc);
         println!("  last error {err}{}", at.map(|t| format!(" (at {t})")).unwrap_or_default());
     }
     print_link_details(&r.link);
@@ -378,7 +378,11 @@ fn print_link_details(link: &serde_json::Value) {
         .and_then(|v| v.as_array())
         .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
         .unwrap_or_default();
-    via.push(if caps.is_empty() { "backend extensions: none".to_string() } else { format!("backend extensions: {}", caps.join(", ")) });
+    via.push(if caps.is_empty() {
+        "backend extensions: none".to_string()
+    } else {
+        format!("backend extensions: {}", caps.join(", "))
+    });
     println!("  link       {} connection(s) opened; {}", n("connects"), via.join("; "));
     let refused = n("bad_frames") + n("unknown_frames");
     if refused > 0 {

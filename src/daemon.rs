@@ -95,7 +95,7 @@ impl Outbox for SharedSpool {
     }
 
     fn depth(&self) -> Option<u64> {
-        Some(self.depth().0 as u64)
+        Some(SharedSpool::depth(self).0 as u64)
     }
 }
 

@@ -19,3 +19,4 @@ pub mod recipe;
 pub mod round;
 pub mod spool;
 pub mod systemd;
+pub mod timefmt;

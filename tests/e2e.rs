@@ -1,5 +1,5 @@
 // Integration tests wait on real processes with the wall clock.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 //! The walking skeleton, end to end with real processes: the reference backend, the
 //! daemon and the root helper on a temp socket, applying a recipe to a temp directory.

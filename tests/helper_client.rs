@@ -1,5 +1,5 @@
 // Integration tests wait on real processes with the wall clock.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 //! The daemon's helper client against the real helper binary.
 

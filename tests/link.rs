@@ -1,5 +1,5 @@
 // Integration tests wait on real processes with the wall clock.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 //! The agent against a scripted backend written here: bad input of every kind gets a
 //! clear log line and breaks nothing.

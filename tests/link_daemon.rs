@@ -41,7 +41,9 @@ async fn daemon_over_wss_through_a_proxy_with_heartbeats_and_status() {
     let ev = events.display().to_string();
     let extra = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str(), "--events", ev.as_str()];
     let (mut backend, port) = start_backend_on(dir, &recipes, &statelog, "127.0.0.1:0", &extra);
-    let proxy = Proxy::start(Some("ops:pa55"), HashMap::from([("localhost".to_string(), "127.0.0.1:0".parse().unwrap())])).await;
+    let proxy =
+        Proxy::start(Some("ops:pa55"), HashMap::from([("localhost".to_string(), "127.0.0.1:0".parse().unwrap())]))
+            .await;
     let socket = dir.join("helper.sock");
     let _helper = start_helper(dir, &socket);
 
@@ -61,7 +63,12 @@ async fn daemon_over_wss_through_a_proxy_with_heartbeats_and_status() {
     .unwrap();
     let log = dir.join("agent.log");
     let mut cmd = Command::new(bin("opsagent"));
-    cmd.arg("run").arg("--config").arg(&conf).env("RUST_LOG", "info").env_remove("https_proxy").env_remove("HTTPS_PROXY");
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&conf)
+        .env("RUST_LOG", "info")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY");
     cmd.stdout(Stdio::null()).stdin(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
     let agent = Proc { child: cmd.spawn().unwrap(), name: "agent".into(), log: Some(log) };
 

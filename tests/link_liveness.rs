@@ -152,7 +152,9 @@ async fn too_many_consecutive_bad_frames_replace_the_connection() {
     let st = link.wait_for(5, "the error", |s| s.last_error.is_some()).await;
     assert!(st.last_error.unwrap().contains("10 consecutive bad frames"));
     assert_eq!(st.bad_frames, 19);
-    assert!(matches!(st.state, LinkState::Connecting { .. } | LinkState::Reconnecting { .. } | LinkState::Connected { .. }));
+    assert!(matches!(
+        st.state,
+        LinkState::Connecting { .. } | LinkState::Reconnecting { .. } | LinkState::Connected { .. }
+    ));
     link.stop().await;
 }
-

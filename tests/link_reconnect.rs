@@ -200,7 +200,10 @@ async fn the_backoff_resets_after_a_healthy_connection() {
     let mut b = Backoff::new(base, cap, seed);
     let expected = [b.delay(1), b.delay(2), b.delay(1)];
     for (gap, want) in gaps.iter().zip(expected) {
-        assert!(*gap + Duration::from_millis(20) >= want && *gap <= want + Duration::from_millis(250), "{gaps:?} vs {expected:?}");
+        assert!(
+            *gap + Duration::from_millis(20) >= want && *gap <= want + Duration::from_millis(250),
+            "{gaps:?} vs {expected:?}"
+        );
     }
     // Without the reset the third pause would have been over 1.3 s.
     assert!(gaps[2] < Duration::from_millis(400), "{gaps:?}");

@@ -57,7 +57,8 @@ async fn refused_with(cfg: opsagent::link::LinkConfig, s: &Setup, needle: &str) 
     let err = st.last_error.clone().unwrap();
     assert!(err.contains(needle), "error {err:?} lacks {needle:?}");
     // It keeps trying, and never gets through.
-    let st = link.wait_for(20, "a second attempt", |st| matches!(st.state, LinkState::Connecting { attempt: 3, .. })).await;
+    let st =
+        link.wait_for(20, "a second attempt", |st| matches!(st.state, LinkState::Connecting { attempt: 3, .. })).await;
     assert_eq!(st.connects, 0, "{st:?}");
     assert!(s.backend.messages("Handshake").is_empty());
     link.stop().await;

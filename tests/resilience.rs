@@ -1,5 +1,5 @@
 // Integration tests wait on real processes with the wall clock.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 //! Results are never lost or doubled: the backend dies mid-round, the daemon is killed
 //! with SIGKILL mid-round, a new recipe arrives during a long command.

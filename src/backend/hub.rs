@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
-use super::journal::{rfc3339, Events, JsonLines};
+use super::journal::{Events, JsonLines};
 use super::recipes::{
     self, parse_recipe, parse_reconnect, parse_update, read_one, valid_app_id, AppRecord, DirFile, FileKind, Scan,
     Served, UpdateOrder, VersionStore,
@@ -20,6 +20,7 @@ use super::recipes::{
 use super::wire::{self, out, AgentMsg, Hello, StateLogMsg};
 use super::{BackendError, BackendOptions};
 use crate::protocol::capability;
+use crate::timefmt::rfc3339;
 
 /// What a connection task is asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]

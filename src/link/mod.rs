@@ -70,7 +70,7 @@ use tokio_tungstenite::tungstenite::Message;
 pub use backoff::Backoff;
 pub use connect::{Resolver, SystemResolver, Target, Ws};
 pub use proxy::{http_client_builder, NoProxy, ProxySettings, ProxyUrl};
-pub use status::{now_unix, utc, LinkState, LinkStatus};
+pub use status::{now_unix, LinkState, LinkStatus};
 
 use crate::protocol::{capability, parse_inbound, Identity, Inbound, Outbound, StateLog};
 use crate::round::{EngineStatus, Event, Liveness, UpdateOrder};

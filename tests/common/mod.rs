@@ -1,6 +1,6 @@
 //! Spawning the real binaries for integration tests: every child is killed when its
 //! guard drops, even when the test panics.
-#![allow(dead_code, clippy::disallowed_methods)]
+#![allow(dead_code, clippy::disallowed_methods, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

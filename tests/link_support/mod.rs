@@ -260,7 +260,9 @@ impl Resolver for MapResolver {
         let found = self.map.lock().unwrap().get(host).copied();
         let host = host.to_string();
         Box::pin(async move {
-            found.map(|a| vec![a]).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host}: no such test host")))
+            found
+                .map(|a| vec![a])
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host}: no such test host")))
         })
     }
 }
@@ -375,10 +377,8 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
 pub type Ws = WebSocketStream<TcpStream>;
 
 pub async fn accept(listener: &TcpListener, secs: u64) -> Ws {
-    let (tcp, _) = tokio::time::timeout(Duration::from_secs(secs), listener.accept())
-        .await
-        .expect("the agent connects")
-        .unwrap();
+    let (tcp, _) =
+        tokio::time::timeout(Duration::from_secs(secs), listener.accept()).await.expect("the agent connects").unwrap();
     tokio_tungstenite::accept_async(tcp).await.unwrap()
 }
 
@@ -501,7 +501,8 @@ impl Proxy {
                     let auth_ok = match &expected {
                         None => true,
                         Some(want) => lines.any(|l| {
-                            l.to_ascii_lowercase().strip_prefix("proxy-authorization:").map(str::trim) == Some(want.as_str())
+                            l.to_ascii_lowercase().strip_prefix("proxy-authorization:").map(str::trim)
+                                == Some(want.as_str())
                         }),
                     };
                     if first.first() != Some(&"CONNECT") {

@@ -126,7 +126,7 @@ _cgroup_dirs() { # NAME: the per-container cgroup directories (created here)
 # _start NAME NSPAWN-ARGS...: starts systemd-nspawn in the background and records the
 # pid of the container's PID 1 (nspawn's child).
 _start() {
-    local name=$1 d npid i init="" cg
+    local name=$1 d npid init="" cg
     shift
     d=$(_cdir "$name")
     _cgroup_dirs "$name" >"$d/cgroups"
@@ -138,7 +138,7 @@ _start() {
     ) >"$d/console.log" 2>&1 </dev/null &
     npid=$!
     echo "$npid" >"$d/nspawn.pid"
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         init=$(ps -o pid= --ppid "$npid" 2>/dev/null | head -n 1 | tr -d ' ')
         [ -n "$init" ] && break
         kill -0 "$npid" 2>/dev/null || break
@@ -187,7 +187,7 @@ cexec() {
 csh() { cexec "$1" sh -c "$2"; }
 
 stop_container() { # NAME: orderly shutdown, then SIGKILL; unmount and remove
-    local name=$1 d npid init i cg
+    local name=$1 d npid init cg
     d=$(_cdir "$name")
     [ -d "$d" ] || return 0
     [ ! -e "$d/stopped" ] || return 0
@@ -196,7 +196,7 @@ stop_container() { # NAME: orderly shutdown, then SIGKILL; unmount and remove
     # Only our own nspawn process (a recycled pid must never be signalled).
     if [ -n "$npid" ] && [ "$(cat "/proc/$npid/comm" 2>/dev/null)" = systemd-nspawn ]; then
         kill -TERM "$npid" 2>/dev/null || true
-        for i in $(seq 1 150); do
+        for _ in $(seq 1 150); do
             kill -0 "$npid" 2>/dev/null || break
             sleep 0.1
         done
