@@ -19,6 +19,9 @@
 #   OPSAGENT_BIN    opsagent binary (opsagent-helper next to it) [target/release/opsagent]
 #   BENCH_TSV       also append raw rows here (tool kind N run wall_s rss_kib)
 #
+# opsagent runs twice per measurement set: as `opsagent apply FILE` (starts and stops a
+# private helper every run: the headline figures) and, second run only, as
+# `opsagent apply --helper-socket` against a helper started once (as deployed).
 # Wall time is taken with `date +%s%N` around GNU time (ms resolution, GNU time's own %e
 # has only 10 ms); peak RSS is GNU time's %M: the largest single process of the run
 # (ru_maxrss of the child and its waited-for descendants), in KiB.
@@ -70,7 +73,25 @@ SALT_CALL="$SALT_VENV/bin/salt-call"
 SALT_REPORTED=$("$SALT_CALL" --version 2>/dev/null | head -1)
 
 WORK=$(mktemp -d /var/tmp/opsagent-vs-salt.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+HELPER_PID=
+cleanup() {
+	if [ -n "$HELPER_PID" ]; then
+		kill "$HELPER_PID" 2>/dev/null || true
+		wait "$HELPER_PID" 2>/dev/null || true
+	fi
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# A helper started once and left running, as the packaged agent has it (socket-activated,
+# long-lived): `opsagent apply --helper-socket` against it shows the cost per run without
+# starting a private helper each time.
+mkdir -p "$WORK/helper-state"
+"$(dirname "$OPSAGENT_BIN")/opsagent-helper" --socket "$WORK/helper.sock" --state-dir "$WORK/helper-state" \
+	2>"$WORK/helper.log" &
+HELPER_PID=$!
+for _ in $(seq 100); do [ -S "$WORK/helper.sock" ] && break; sleep 0.05; done
+[ -S "$WORK/helper.sock" ] || die "the helper did not create its socket: $(tail -5 "$WORK/helper.log")"
 
 # --- masterless minion ---------------------------------------------------------------------
 mkdir -p "$WORK/salt/conf" "$WORK/salt/roots" "$WORK/salt/cache" "$WORK/salt/pki" "$WORK/salt/run"
@@ -131,7 +152,7 @@ declare -A WALL RSS NRUNS
 # series TOOL KIND N RUNS: runs one measurement RUNS times, keeps medians
 series() {
 	local tool=$1 kind=$2 n=$3 runs=$4 dir i walls="" rsss="" out
-	dir="$WORK/out/$tool-$n"
+	dir="$WORK/out/${tool%-running}-$n"
 	for ((i = 1; i <= runs; i++)); do
 		if [ "$kind" = first ]; then
 			rm -rf "$dir"
@@ -140,6 +161,8 @@ series() {
 		fi
 		case $tool in
 		opsagent) out=$(measure "opsagent apply N=$n $kind" "$OPSAGENT_BIN" apply "$WORK/recipe-$n.json") ;;
+		opsagent-running) out=$(measure "opsagent apply --helper-socket N=$n $kind" "$OPSAGENT_BIN" apply \
+			--helper-socket "$WORK/helper.sock" "$WORK/recipe-$n.json") ;;
 		salt) out=$(measure "salt-call N=$n $kind" "${SALT[@]}" state.apply "bench$n") ;;
 		esac
 		[ -z "$BENCH_TSV" ] || printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$kind" "$n" "$i" "${out// /$'\t'}" >>"$BENCH_TSV"
@@ -170,6 +193,7 @@ for n in $SIZES; do
 	[ "$n" -lt 10000 ] || salt_runs=$SALT_RUNS_BIG
 	series opsagent first "$n" "$RUNS"
 	series opsagent second "$n" "$RUNS"
+	series opsagent-running second "$n" "$RUNS"
 	series salt first "$n" "$salt_runs"
 	series salt second "$n" "$salt_runs"
 	rm -rf "$WORK/out"
@@ -190,6 +214,15 @@ for n in $SIZES; do
 			"$(ratio "${WALL[$s]}" "${WALL[$o]}")" "$(ratio "${RSS[$s]}" "${RSS[$o]}")"
 	done
 done
+echo
+echo "== opsagent apply --helper-socket: helper already running (as deployed), second run =="
+printf '%-7s %5s %10s %9s %11s\n' N runs opsagent_s RSS_MiB vs_salt
+for n in $SIZES; do
+	o=opsagent-running.second.$n
+	printf '%-7s %5s %10.3f %9.1f %10sx\n' "$n" "${NRUNS[$o]}" "${WALL[$o]}" \
+		"$(awk -v k="${RSS[$o]}" 'BEGIN { print k / 1024 }')" "$(ratio "${WALL[salt.second.$n]}" "${WALL[$o]}")"
+done
+echo "(RSS here is the CLI process alone; the running helper is not its child)"
 echo
 echo "== scaling: wall time per state (whole process, median) =="
 printf '%-7s %-7s %14s %14s\n' N run opsagent_us salt_us
@@ -217,6 +250,7 @@ for n in $SIZES; do
 		r=$(ratio "${WALL[salt.second.1000]}" "${WALL[opsagent.second.1000]}")
 		verdict=$(awk -v r="$r" 'BEGIN { print (r >= 50) ? "met" : "MISSED" }')
 		echo
-		echo "target: opsagent >= 50x faster than Salt on the second run at N=1000: ${r}x ($verdict)"
+		echo "target: opsagent >= 50x faster than Salt on the second run at N=1000: ${r}x ($verdict);" \
+			"with the helper already running: $(ratio "${WALL[salt.second.1000]}" "${WALL[opsagent-running.second.1000]}")x"
 	fi
 done

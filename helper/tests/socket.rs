@@ -559,8 +559,14 @@ async fn an_invalid_or_unsafe_policy_stops_the_start() {
 
 /// A client that got past the connection cap (hello answered), or `None`.
 async fn try_client(h: &Helper) -> Option<Client> {
-    let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 1 };
-    let id = c.send(Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "t".into() }).await;
+    let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 2 };
+    // A refused connection may already be closed when the Hello is written.
+    let hello = RequestFrame {
+        id: 1,
+        request: Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "t".into() },
+    };
+    codec::write_frame(&mut c.stream, &hello, DEFAULT_MAX_FRAME).await.ok()?;
+    let id = 1;
     let frame = c.recv_or_eof().await?;
     assert_eq!(frame.id, id);
     Some(c)

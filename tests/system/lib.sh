@@ -138,11 +138,20 @@ _start() {
     ) >"$d/console.log" 2>&1 </dev/null &
     npid=$!
     echo "$npid" >"$d/nspawn.pid"
+    # The container's PID 1 is the child of nspawn that lives in another pid namespace
+    # (nspawn's short-lived "outer child" shares nspawn's and must not be taken).
+    local child own
+    own=$(readlink "/proc/$npid/ns/pid" 2>/dev/null || true)
     for _ in $(seq 1 100); do
-        init=$(ps -o pid= --ppid "$npid" 2>/dev/null | head -n 1 | tr -d ' ')
-        [ -n "$init" ] && break
+        for child in $(ps -o pid= --ppid "$npid" 2>/dev/null); do
+            if [ -n "$own" ] && [ "$(readlink "/proc/$child/ns/pid" 2>/dev/null || echo "$own")" != "$own" ]; then
+                init=$child
+                break 2
+            fi
+        done
         kill -0 "$npid" 2>/dev/null || break
         sleep 0.1
+        [ -n "$own" ] || own=$(readlink "/proc/$npid/ns/pid" 2>/dev/null || true)
     done
     if [ -z "$init" ]; then
         say "  container $name did not start:"
@@ -160,7 +169,8 @@ boot() {
     wait_until 90 "container $name: systemd up" csh "$name" \
         'state=$(systemctl is-system-running 2>/dev/null); [ "$state" = running ] || [ "$state" = degraded ]' ||
         {
-            csh "$name" 'systemctl is-system-running; systemctl --failed --no-pager' >&2 || true
+            csh "$name" 'systemctl is-system-running; systemctl list-jobs --no-pager; systemctl --failed --no-pager;
+                journalctl -b --no-pager | tail -n 40' >&2 || true
             return 1
         }
 }
