@@ -11,7 +11,9 @@
 #   sudo bash benches/footprint.sh
 #
 # Environment: SIZES [1000 10000], SETTLE (seconds before an idle reading) [3],
-# BIN_DIR [target/release].
+# BIN_DIR [target/release], DAEMON_WRAPPER (e.g. "valgrind --tool=massif
+# --massif-out-file=/tmp/massif.out" to see where the daemon's memory goes; the RSS
+# figures are then the wrapper's, not the daemon's).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -86,7 +88,8 @@ for _ in $(seq 100); do grep -q listening "$WORK/backend.out" 2>/dev/null && bre
 PORT=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$WORK/backend.out")
 [ -n "$PORT" ] || die "the backend did not start: $(tail -5 "$WORK/backend.log")"
 
-RUST_LOG=info "$BIN_DIR/opsagent" run --config "$WORK/empty.conf" --ws-uri "ws://127.0.0.1:$PORT/" \
+# shellcheck disable=SC2086 # DAEMON_WRAPPER is a command line
+RUST_LOG=info ${DAEMON_WRAPPER:-} "$BIN_DIR/opsagent" run --config "$WORK/empty.conf" --ws-uri "ws://127.0.0.1:$PORT/" \
 	--app-id bench --instance-id i-footprint --token-file "$WORK/token" --state-dir "$WORK/state" \
 	--helper-socket "$WORK/helper.sock" --round-delay 600 2>"$WORK/daemon.log" &
 DPID=$!

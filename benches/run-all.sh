@@ -36,7 +36,7 @@ if [ -n "${QUICK:-}" ]; then
 	export SIZES=${SIZES:-"100 1000"} RUNS=${RUNS:-3} PUSHES=${PUSHES:-100}
 	FP_SIZES=${FP_SIZES:-"1000"}
 else
-	export RUNS=${RUNS:-3} SALT_RUNS_BIG=${SALT_RUNS_BIG:-3} PUSHES=${PUSHES:-200}
+	export RUNS=${RUNS:-5} RUNS_BIG=${RUNS_BIG:-3} PUSHES=${PUSHES:-200}
 	FP_SIZES=${FP_SIZES:-"1000 10000"}
 fi
 
@@ -47,7 +47,7 @@ step "build: cargo build --release --workspace; cargo bench --no-run"
 cargo build --release --workspace 2>&1 | tail -2 >&2
 cargo bench --bench push_latency --bench engine --no-run 2>&1 | tail -2 >&2
 
-step "1. vs Salt: benches/vs_salt.sh (SIZES=${SIZES:-100 1000 10000} RUNS=$RUNS)"
+step "1. vs Salt: benches/vs_salt.sh (SIZES=${SIZES:-100 1000 10000} RUNS=$RUNS RUNS_BIG=${RUNS_BIG:-3})"
 BENCH_TSV="$OUT/vs_salt.tsv" bash benches/vs_salt.sh 2>"$OUT/vs_salt.log" | tee "$OUT/vs_salt.txt" >&2
 
 step "2. push-to-apply latency: cargo bench --bench push_latency (PUSHES=$PUSHES)"

@@ -7,13 +7,13 @@
 # Prints, for every N and run kind: median wall time and median peak RSS over RUNS runs,
 # and Salt/opsagent ratios. Also the scaling of opsagent (time per state as N grows).
 #
-#   sudo bash benches/vs_salt.sh                 # N = 100 1000 10000, 3 runs each
+#   sudo bash benches/vs_salt.sh                 # N = 100 1000 10000, 5 runs (3 at 10000)
 #   SIZES="100 1000" RUNS=5 sudo bash benches/vs_salt.sh
 #
 # Environment:
 #   SIZES           numbers of states                    [100 1000 10000]
-#   RUNS            runs per measurement (median taken)  [3]
-#   SALT_RUNS_BIG   runs for Salt at N >= 10000          [RUNS]
+#   RUNS            runs per measurement (median taken)  [5]
+#   RUNS_BIG        runs at N >= 10000 (Salt takes ~1 min a run there) [3]
 #   SALT_VERSION    Salt release installed from PyPI     [3008.3]
 #   SALT_VENV       virtualenv for Salt                  [/var/tmp/opsagent-bench/salt-venv]
 #   OPSAGENT_BIN    opsagent binary (opsagent-helper next to it) [target/release/opsagent]
@@ -33,8 +33,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SIZES=${SIZES:-"100 1000 10000"}
-RUNS=${RUNS:-3}
-SALT_RUNS_BIG=${SALT_RUNS_BIG:-$RUNS}
+RUNS=${RUNS:-5}
+RUNS_BIG=${RUNS_BIG:-3}
 SALT_VERSION=${SALT_VERSION:-3008.3}
 SALT_VENV=${SALT_VENV:-/var/tmp/opsagent-bench/salt-venv}
 OPSAGENT_BIN=${OPSAGENT_BIN:-$ROOT/target/release/opsagent}
@@ -148,31 +148,27 @@ measure() {
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-declare -A WALL RSS NRUNS
-# series TOOL KIND N RUNS: runs one measurement RUNS times, keeps medians
-series() {
-	local tool=$1 kind=$2 n=$3 runs=$4 dir i walls="" rsss="" out
+declare -A WALLS RSSS WALL RSS NRUNS
+# once TOOL KIND N I RUNS: one timed run, its figures kept for the medians
+once() {
+	local tool=$1 kind=$2 n=$3 i=$4 runs=$5 dir out
 	dir="$WORK/out/${tool%-running}-$n"
-	for ((i = 1; i <= runs; i++)); do
-		if [ "$kind" = first ]; then
-			rm -rf "$dir"
-			mkdir -p "$dir"
-			sync
-		fi
-		case $tool in
-		opsagent) out=$(measure "opsagent apply N=$n $kind" "$OPSAGENT_BIN" apply "$WORK/recipe-$n.json") ;;
-		opsagent-running) out=$(measure "opsagent apply --helper-socket N=$n $kind" "$OPSAGENT_BIN" apply \
-			--helper-socket "$WORK/helper.sock" "$WORK/recipe-$n.json") ;;
-		salt) out=$(measure "salt-call N=$n $kind" "${SALT[@]}" state.apply "bench$n") ;;
-		esac
-		[ -z "$BENCH_TSV" ] || printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$kind" "$n" "$i" "${out// /$'\t'}" >>"$BENCH_TSV"
-		say "  $tool $kind N=$n run $i/$runs: ${out% *} s, ${out#* } KiB"
-		walls+="${out% *}"$'\n'
-		rsss+="${out#* }"$'\n'
-	done
-	WALL[$tool.$kind.$n]=$(printf '%s' "$walls" | median)
-	RSS[$tool.$kind.$n]=$(printf '%s' "$rsss" | median)
-	NRUNS[$tool.$kind.$n]=$runs
+	if [ "$kind" = first ]; then
+		rm -rf "$dir"
+		mkdir -p "$dir"
+		sync
+	fi
+	case $tool in
+	opsagent) out=$(measure "opsagent apply N=$n $kind" "$OPSAGENT_BIN" apply "$WORK/recipe-$n.json") ;;
+	opsagent-running) out=$(measure "opsagent apply --helper-socket N=$n $kind" "$OPSAGENT_BIN" apply \
+		--helper-socket "$WORK/helper.sock" "$WORK/recipe-$n.json") ;;
+	salt) out=$(measure "salt-call N=$n $kind" "${SALT[@]}" state.apply "bench$n") ;;
+	esac
+	[ -z "$BENCH_TSV" ] || printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$kind" "$n" "$i" "${out// /$'\t'}" >>"$BENCH_TSV"
+	say "  $tool $kind N=$n run $i/$runs: ${out% *} s, ${out#* } KiB (load $(cut -d' ' -f1 /proc/loadavg))"
+	WALLS[$tool.$kind.$n]+="${out% *}"$'\n'
+	RSSS[$tool.$kind.$n]+="${out#* }"$'\n'
+	NRUNS[$tool.$kind.$n]=$i
 	# The files must really be there, with the content and mode asked for.
 	local count
 	count=$(find "$dir" -type f -perm 0644 | wc -l)
@@ -180,7 +176,7 @@ series() {
 	cmp -s "$dir/f-0" <(printf 'x = 1\n') || die "$tool N=$n: unexpected content in $dir/f-0"
 }
 
-say "vs_salt: opsagent $("$OPSAGENT_BIN" --version | awk '{print $2}'), $SALT_REPORTED, sizes: $SIZES, runs: $RUNS"
+say "vs_salt: opsagent $("$OPSAGENT_BIN" --version | awk '{print $2}'), $SALT_REPORTED, sizes: $SIZES, runs: $RUNS ($RUNS_BIG at N >= 10000)"
 say "warming Salt's caches (untimed)"
 gen 1
 mkdir -p "$WORK/out/salt-1"
@@ -189,13 +185,20 @@ mkdir -p "$WORK/out/salt-1"
 for n in $SIZES; do
 	say "N=$n: generating the recipe and the SLS"
 	gen "$n"
-	salt_runs=$RUNS
-	[ "$n" -lt 10000 ] || salt_runs=$SALT_RUNS_BIG
-	series opsagent first "$n" "$RUNS"
-	series opsagent second "$n" "$RUNS"
-	series opsagent-running second "$n" "$RUNS"
-	series salt first "$n" "$salt_runs"
-	series salt second "$n" "$salt_runs"
+	runs=$RUNS
+	[ "$n" -lt 10000 ] || runs=$RUNS_BIG
+	# Interleaved, run by run, so that both tools see the same phases of a noisy machine.
+	for ((i = 1; i <= runs; i++)); do
+		once opsagent first "$n" "$i" "$runs"
+		once opsagent second "$n" "$i" "$runs"
+		once opsagent-running second "$n" "$i" "$runs"
+		once salt first "$n" "$i" "$runs"
+		once salt second "$n" "$i" "$runs"
+	done
+	for key in opsagent.first opsagent.second opsagent-running.second salt.first salt.second; do
+		WALL[$key.$n]=$(printf '%s' "${WALLS[$key.$n]}" | median)
+		RSS[$key.$n]=$(printf '%s' "${RSSS[$key.$n]}" | median)
+	done
 	rm -rf "$WORK/out"
 done
 

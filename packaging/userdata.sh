@@ -12,6 +12,9 @@
 #   UPDATE_KEY   minisign public key (the base64 line of minisign.pub)    required
 #   INSTANCE_ID  fixed instance id (else the daemon asks the metadata service)
 #   METADATA_URL base URL of the cloud metadata service
+#   HELPER_NETWORK yes (default): the root helper's commands and package managers may use
+#                the network (units/opsagent-helper-network.conf lifts PrivateNetwork=);
+#                no: keep the unit's PrivateNetwork=yes (hosts with local mirrors only)
 #
 # What it does: downloads opsagent.tgz and its minisign signature, refuses anything not
 # signed by UPDATE_KEY for exactly this VERSION, checks the MANIFEST, installs into
@@ -44,6 +47,7 @@ BASE_REMOTE=${BASE_REMOTE:-}
 UPDATE_KEY=${UPDATE_KEY:-}
 INSTANCE_ID=${INSTANCE_ID:-}
 METADATA_URL=${METADATA_URL:-}
+HELPER_NETWORK=${HELPER_NETWORK:-yes}
 
 need_match() { # NAME VALUE REGEX WHAT
     if [ -z "$2" ]; then die "$1 is not set ($4)"; fi
@@ -62,6 +66,7 @@ fi
 if [ -n "$METADATA_URL" ]; then
     need_match METADATA_URL "$METADATA_URL" '^https?://[^"[:space:]]+$' "an http:// or https:// URL"
 fi
+case $HELPER_NETWORK in yes|no) ;; *) die "HELPER_NETWORK=$HELPER_NETWORK is not yes or no" ;; esac
 BASE_REMOTE=${BASE_REMOTE%/}
 
 # One run at a time (cloud-init and an operator re-running it by hand).
@@ -77,6 +82,7 @@ if [ -d /run/systemd/system ]; then HAVE_SYSTEMD=1; else HAVE_SYSTEMD=0; fi
 CHANGED_RELEASE=0
 CHANGED_CONFIG=0
 CHANGED_UNITS=0
+CHANGED_DROPIN=0
 
 # ---------------------------------------------------------------- tools
 pkg_install() { # PACKAGE...
@@ -279,6 +285,18 @@ if [ "$HAVE_SYSTEMD" = 1 ]; then
     for u in opsagent.service opsagent-helper.service opsagent-helper.socket; do
         if install_file "$CUR/units/$u" "/etc/systemd/system/$u" 0644; then CHANGED_UNITS=1; fi
     done
+    DROPIN=/etc/systemd/system/opsagent-helper.service.d/50-network.conf
+    if [ "$HELPER_NETWORK" = yes ]; then
+        mkdir -p "${DROPIN%/*}"
+        if install_file "$CUR/units/opsagent-helper-network.conf" "$DROPIN" 0644; then
+            CHANGED_DROPIN=1
+            log "the helper gets network access ($DROPIN)"
+        fi
+    elif [ -f "$DROPIN" ]; then
+        rm -f "$DROPIN"
+        CHANGED_DROPIN=1
+        log "removed the helper's network access ($DROPIN)"
+    fi
     for d in /etc/polkit-1/rules.d /usr/share/polkit-1/rules.d; do
         if [ -d "$d" ]; then
             install_file "$CUR/polkit/50-opsagent.rules" "$d/50-opsagent.rules" 0644 || true
@@ -292,26 +310,41 @@ if [ "$HAVE_SYSTEMD" = 1 ]; then
         log "removed the cron supervision of an earlier install"
     fi
 
-    if [ "$CHANGED_UNITS" = 1 ] || [ "$(systemctl show -p NeedDaemonReload --value opsagent.service)" = yes ]; then
+    if [ "$CHANGED_UNITS" = 1 ] || [ "$CHANGED_DROPIN" = 1 ] ||
+        [ "$(systemctl show -p NeedDaemonReload --value opsagent.service)" = yes ]; then
         systemctl daemon-reload
     fi
     systemctl enable --quiet opsagent-helper.socket opsagent.service
-    systemctl start opsagent-helper.socket
     if [ "$CHANGED_RELEASE" = 1 ] || [ "$CHANGED_UNITS" = 1 ]; then
-        # The next connection activates the new helper binary.
-        systemctl try-restart opsagent-helper.service
-    fi
-    if systemctl is-active --quiet opsagent.service; then
-        if [ "$CHANGED_RELEASE" = 1 ] || [ "$CHANGED_CONFIG" = 1 ] || [ "$CHANGED_UNITS" = 1 ]; then
-            log "restarting opsagent.service (release, configuration or units changed)"
-            systemctl restart opsagent.service
-        else
-            log "opsagent.service is running and up to date; not restarted"
-        fi
-    else
+        # New binaries or units: a full cycle, socket included (a socket's settings only
+        # apply when it is re-created, and it cannot be while its service runs).
+        was=$(systemctl is-active opsagent.service || true)
+        systemctl stop opsagent.service opsagent-helper.service opsagent-helper.socket
         systemctl reset-failed opsagent.service 2>/dev/null || true
-        log "starting opsagent.service"
-        systemctl start opsagent.service
+        if [ "$was" = active ]; then
+            log "restarting opsagent (release or units changed)"
+        else
+            log "starting opsagent.service"
+        fi
+        systemctl start opsagent-helper.socket opsagent.service
+    else
+        systemctl start opsagent-helper.socket
+        if [ "$CHANGED_DROPIN" = 1 ]; then
+            # The next connection activates the helper with its new settings.
+            systemctl try-restart opsagent-helper.service
+        fi
+        if systemctl is-active --quiet opsagent.service; then
+            if [ "$CHANGED_CONFIG" = 1 ]; then
+                log "restarting opsagent.service (configuration changed)"
+                systemctl restart opsagent.service
+            else
+                log "opsagent.service is running and up to date; not restarted"
+            fi
+        else
+            systemctl reset-failed opsagent.service 2>/dev/null || true
+            log "starting opsagent.service"
+            systemctl start opsagent.service
+        fi
     fi
     systemctl is-active --quiet opsagent.service || die "opsagent.service did not start; see journalctl -u opsagent"
     log "done: opsagent.service is $(systemctl is-active opsagent.service)"

@@ -143,7 +143,7 @@ _start() {
     local child own
     own=$(readlink "/proc/$npid/ns/pid" 2>/dev/null || true)
     for _ in $(seq 1 100); do
-        for child in $(ps -o pid= --ppid "$npid" 2>/dev/null); do
+        for child in $(ps -o pid= --ppid "$npid" 2>/dev/null || true); do
             if [ -n "$own" ] && [ "$(readlink "/proc/$child/ns/pid" 2>/dev/null || echo "$own")" != "$own" ]; then
                 init=$child
                 break 2
