@@ -69,6 +69,9 @@ fi
 	sed -n '/^N  *run  *runs/,/^$/p' "$OUT/vs_salt.txt" | sed '/^$/d'
 	grep '^target:' "$OUT/vs_salt.txt" || true
 	echo
+	echo "opsagent apply --helper-socket (helper already running, as deployed), second run:"
+	sed -n '/^== opsagent apply --helper-socket/,/^$/p' "$OUT/vs_salt.txt" | grep -v '^==' | sed '/^$/d'
+	echo
 	echo "opsagent apply, time per state:"
 	sed -n '/^== scaling/,$p' "$OUT/vs_salt.txt" | grep -v '^==' | grep -v '^target:' | sed '/^$/d'
 	echo

@@ -207,14 +207,16 @@ impl PrivateHelper {
         }
         let child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start the helper {}: {e}", bin.display()))?;
         let mut me = Self { child, dir };
-        for _ in 0..100 {
+        // The helper renames its socket into place once it listens, so existence means
+        // ready; it takes a few milliseconds, so poll finely.
+        for _ in 0..2500 {
             if socket.exists() {
                 return Ok((me, socket));
             }
             if let Some(status) = me.child.try_wait()? {
                 anyhow::bail!("the helper {} exited at start ({status})", bin.display());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(2));
         }
         anyhow::bail!("the helper {} did not create {} within 5 s", bin.display(), socket.display())
     }

@@ -146,6 +146,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 struct DaemonEffects {
     spool: Arc<SharedSpool>,
     state_dir: PathBuf,
+    /// The latest snapshot to persist; [`persist_snapshots`] writes it in the background.
+    persist: watch::Sender<Option<Snapshot>>,
+}
+
+/// Writes persisted snapshots off the engine's path: a new recipe's first state must not
+/// wait for an fsync. Only the latest snapshot matters, so a burst is written once; the
+/// last one is still written after the engine has stopped (the sender is dropped).
+async fn persist_snapshots(state_dir: PathBuf, mut rx: watch::Receiver<Option<Snapshot>>) {
+    while rx.changed().await.is_ok() {
+        let Some(snapshot) = rx.borrow_and_update().clone() else { continue };
+        let path = recipe_file(&state_dir);
+        let r = tokio::task::spawn_blocking(move || {
+            let p = Persisted {
+                version: snapshot.version,
+                recipe: snapshot.recipe.to_document(),
+                done: snapshot.done.clone(),
+            };
+            serde_json::to_vec(&p).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b))
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(dir = %state_dir.display(), error = %e, "cannot persist the recipe"),
+            Err(e) => tracing::error!(error = %e, "the recipe writer failed"),
+        }
+    }
 }
 
 impl Effects for DaemonEffects {
@@ -154,13 +180,7 @@ impl Effects for DaemonEffects {
     }
 
     async fn persist(&mut self, snapshot: &Snapshot) {
-        let p =
-            Persisted { version: snapshot.version, recipe: snapshot.recipe.to_document(), done: snapshot.done.clone() };
-        let path = recipe_file(&self.state_dir);
-        let r = serde_json::to_vec(&p).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
-        if let Err(e) = r {
-            tracing::error!(path = %path.display(), error = %e, "cannot persist the recipe");
-        }
+        self.persist.send_replace(Some(snapshot.clone()));
     }
 
     async fn upgrade(&mut self, order: &UpdateOrder) {
@@ -253,7 +273,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         retry_delay_max: config.agent.retry_delay_max,
         ..EngineConfig::default()
     };
-    let effects = DaemonEffects { spool: spool.clone(), state_dir: state_dir.clone() };
+    let (persist_tx, persist_rx) = watch::channel(None);
+    let persister = tokio::spawn(persist_snapshots(state_dir.clone(), persist_rx));
+    let effects = DaemonEffects { spool: spool.clone(), state_dir: state_dir.clone(), persist: persist_tx };
     let (engine, handle) = Engine::new(helper, effects, engine_cfg, resume);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -329,6 +351,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
+    // The engine (and with it the snapshot sender) is gone: the last snapshot is written.
+    let _ = tokio::time::timeout(Duration::from_secs(10), persister).await;
     // The engine is done: let the link deliver what is spooled, then close.
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), link_task).await;

@@ -76,8 +76,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         idle_timeout: (cli.idle_timeout > 0).then(|| Duration::from_secs(cli.idle_timeout)),
         ctx: states::Ctx::new(cli.state_dir.clone()).with_policy(policy),
     });
+    // One thread: the helper serves one agent, one request at a time per connection;
+    // a multi-thread scheduler only added cross-thread hand-offs to every request (and
+    // memory). Blocking file work still runs on the blocking pool.
     let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
     let served = runtime.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {

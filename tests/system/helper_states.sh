@@ -26,31 +26,6 @@ source "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "tests/system/helper_states.sh must run as root" >&2; exit 2; }
 
-# lib.sh's _start records the first child of systemd-nspawn as the container's PID 1;
-# under load that can be nspawn's short-lived intermediate child. Booted containers
-# only here: wait for the child that is systemd itself.
-_start() {
-    local name=$1 d npid i init=""
-    shift
-    d=$(_cdir "$name")
-    systemd-nspawn --quiet --register=no --keep-unit --console=passive \
-        -M "systest-$name" -D "$d/root" "$@" >"$d/console.log" 2>&1 </dev/null &
-    npid=$!
-    echo "$npid" >"$d/nspawn.pid"
-    for i in $(seq 1 200); do
-        init=$(ps -o pid=,comm= --ppid "$npid" 2>/dev/null | awk '$2 == "systemd" {print $1; exit}')
-        [ -n "$init" ] && break
-        kill -0 "$npid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if [ -z "$init" ]; then
-        say "  container $name did not start:"
-        cat "$d/console.log" >&2
-        return 1
-    fi
-    echo "$init" >"$d/init.pid"
-}
-
 WORK=$(mktemp -d /tmp/opsagent-helper-systest.XXXXXX)
 export WORK
 : >"$WORK/containers"
