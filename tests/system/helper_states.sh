@@ -54,18 +54,8 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
-need=()
-command -v systemd-nspawn >/dev/null || need+=(systemd-container)
-command -v debootstrap >/dev/null || need+=(debootstrap)
-command -v nsenter >/dev/null || need+=(util-linux)
-command -v dpkg-deb >/dev/null || need+=(dpkg)
-command -v ps >/dev/null || need+=(procps)
-if [ "${#need[@]}" -gt 0 ]; then
-    say "installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_host_tools systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux \
+    dpkg-deb:dpkg ps:procps
 
 ensure_rootfs
 

@@ -247,3 +247,18 @@ cleanup_all() {
         stop_container "$name"
     done < <(sort -u "$WORK/containers")
 }
+
+# install_host_tools CMD:PACKAGE...: apt-get install the packages whose command is missing
+# on the host (a fresh CI machine has only the Rust toolchain).
+install_host_tools() {
+    local pair need=()
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+    done
+    if [ "${#need[@]}" -gt 0 ]; then
+        say "installing ${need[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+}

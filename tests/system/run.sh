@@ -56,21 +56,8 @@ trap on_exit EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- prerequisites
-need=()
-command -v systemd-nspawn >/dev/null || need+=(systemd-container)
-command -v debootstrap >/dev/null || need+=(debootstrap)
-command -v minisign >/dev/null || need+=(minisign)
-command -v curl >/dev/null || need+=(curl)
-command -v python3 >/dev/null || need+=(python3)
-command -v nsenter >/dev/null || need+=(util-linux)
-command -v dpkg-deb >/dev/null || need+=(dpkg)
-command -v ps >/dev/null || need+=(procps)
-if [ "${#need[@]}" -gt 0 ]; then
-    say "installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_host_tools systemd-nspawn:systemd-container debootstrap:debootstrap minisign:minisign curl:curl \
+    python3:python3 nsenter:util-linux dpkg-deb:dpkg ps:procps
 
 ensure_rootfs
 
