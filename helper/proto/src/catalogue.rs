@@ -314,6 +314,19 @@ macro_rules! catalogue {
             }
         }
 
+        $(
+            impl TryFrom<ModuleParams> for $ty {
+                type Error = ModuleParams;
+                /// This module's parameters, or the other module's back.
+                fn try_from(p: ModuleParams) -> Result<Self, ModuleParams> {
+                    match p {
+                        ModuleParams::$ty(x) => Ok(x),
+                        other => Err(other),
+                    }
+                }
+            }
+        )*
+
         /// Every module the backend can send, in catalogue order.
         pub static MODULES: &[ModuleSpec] = &[$( $ty::SPEC ),*];
 

@@ -150,17 +150,14 @@ fn signal_name(sig: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::states::testutil::params;
+
     use nix::unistd::Pid;
-    use opsagent_proto::catalogue::ModuleParams;
+
     use serde_json::{json, Value};
     use std::path::Path;
 
     fn cmd(raw: Value) -> LinuxCmd {
-        match params("linux.cmd", raw) {
-            ModuleParams::LinuxCmd(p) => p,
-            other => panic!("{other:?}"),
-        }
+        crate::states::testutil::typed("linux.cmd", raw)
     }
 
     fn ctx(tmp: &Path) -> Ctx {

@@ -128,14 +128,11 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opsagent_proto::catalogue::ModuleParams;
+
     use serde_json::json;
 
     fn job(raw: serde_json::Value) -> LinuxCronjob {
-        match crate::states::testutil::params("linux.cronjob", raw) {
-            ModuleParams::LinuxCronjob(c) => c,
-            other => panic!("{other:?}"),
-        }
+        crate::states::testutil::typed("linux.cronjob", raw)
     }
 
     #[test]

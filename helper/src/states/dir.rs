@@ -108,16 +108,12 @@ fn remove(dir: &AbsPath, changes: &mut Vec<Change>) -> Result<(), DirError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::states::testutil::params;
-    use opsagent_proto::catalogue::ModuleParams;
+
     use serde_json::{json, Value};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn dir(raw: Value) -> LinuxDir {
-        match params("linux.dir", raw) {
-            ModuleParams::LinuxDir(p) => p,
-            other => panic!("{other:?}"),
-        }
+        crate::states::testutil::typed("linux.dir", raw)
     }
 
     fn attrs(p: &Path) -> (u32, u32, u32) {

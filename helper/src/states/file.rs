@@ -123,17 +123,13 @@ fn remove(path: &AbsPath, changes: &mut Vec<Change>) -> Result<(), FileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::states::testutil::params;
-    use opsagent_proto::catalogue::ModuleParams;
+
     use serde_json::{json, Value};
     use std::fs;
     use std::os::unix::fs::MetadataExt;
 
     fn file(raw: Value) -> LinuxFile {
-        match params("linux.file", raw) {
-            ModuleParams::LinuxFile(p) => p,
-            other => panic!("{other:?}"),
-        }
+        crate::states::testutil::typed("linux.file", raw)
     }
 
     #[test]

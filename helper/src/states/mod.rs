@@ -159,6 +159,11 @@ pub(crate) mod testutil {
     pub fn params(module: &str, raw: Value) -> ModuleParams {
         parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params
     }
+
+    /// One module's typed parameters (`typed::<LinuxFile>("linux.file", raw)`).
+    pub fn typed<T: TryFrom<ModuleParams, Error = ModuleParams>>(module: &str, raw: Value) -> T {
+        T::try_from(params(module, raw)).unwrap_or_else(|other| panic!("{module}: got {}", other.name()))
+    }
 }
 
 #[cfg(test)]

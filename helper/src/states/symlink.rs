@@ -122,15 +122,11 @@ fn remove(link: &AbsPath, changes: &mut Vec<Change>) -> Result<(), SymlinkError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::states::testutil::params;
-    use opsagent_proto::catalogue::ModuleParams;
+
     use serde_json::{json, Value};
 
     fn symlink(raw: Value) -> LinuxSymlink {
-        match params("linux.symlink", raw) {
-            ModuleParams::LinuxSymlink(p) => p,
-            other => panic!("{other:?}"),
-        }
+        crate::states::testutil::typed("linux.symlink", raw)
     }
 
     #[test]

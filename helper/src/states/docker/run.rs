@@ -593,10 +593,7 @@ mod tests {
     use serde_json::json;
 
     fn running_params(raw: serde_json::Value) -> LinuxDockerRunning {
-        match params("linux.docker.running", raw) {
-            ModuleParams::LinuxDockerRunning(p) => p,
-            other => panic!("{other:?}"),
-        }
+        crate::states::testutil::typed("linux.docker.running", raw)
     }
 
     #[test]

@@ -119,15 +119,11 @@ async fn run(p: &LinuxRaid, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::states::testutil::params;
-    use opsagent_proto::catalogue::ModuleParams;
+
     use serde_json::json;
 
     fn raid(raw: serde_json::Value) -> LinuxRaid {
-        match params("linux.raid", raw) {
-            ModuleParams::LinuxRaid(r) => r,
-            other => panic!("{other:?}"),
-        }
+        crate::states::testutil::typed("linux.raid", raw)
     }
 
     #[test]
