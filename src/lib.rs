@@ -20,3 +20,5 @@ pub mod round;
 pub mod spool;
 pub mod systemd;
 pub mod timefmt;
+pub mod upgrade;
+pub mod version;

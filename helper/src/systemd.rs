@@ -41,6 +41,7 @@ pub trait Manager {
     fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reload_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     #[zbus(signal)]
     fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
 }
@@ -63,6 +64,9 @@ pub enum Job {
     Start,
     Reload,
     Restart,
+    /// Only the upgrade installer stops a unit (the old helper, so that its socket
+    /// starts the new one); no state can ask for it.
+    Stop,
 }
 
 impl Job {
@@ -71,6 +75,7 @@ impl Job {
             Job::Start => "start",
             Job::Reload => "reload",
             Job::Restart => "restart",
+            Job::Stop => "stop",
         }
     }
 
@@ -79,6 +84,7 @@ impl Job {
             Job::Start => "started",
             Job::Reload => "reloaded",
             Job::Restart => "restarted",
+            Job::Stop => "stopped",
         }
     }
 }
@@ -199,6 +205,7 @@ impl ServiceManager for Systemd {
             Job::Start => manager.start_unit(unit.as_str(), "replace").await,
             Job::Reload => manager.reload_unit(unit.as_str(), "replace").await,
             Job::Restart => manager.restart_unit(unit.as_str(), "replace").await,
+            Job::Stop => manager.stop_unit(unit.as_str(), "replace").await,
         };
         let job_path = call.map_err(bus(job.verb()))?;
         let wait = async {

@@ -77,5 +77,18 @@ pub const EXAMPLE: &str = concat!(
 ; backoff_base * 2^(k-1), at most backoff_max (full jitter).
 ;backoff_base = 1
 ;backoff_max = 300
+
+[upgrade]
+; Self-upgrade on the backend's AgentUpdate: the daemon downloads the release and its
+; signature; the root installer (opsagent-upgrade) checks them against update_key above,
+; as written in this root-owned file (never the instance userdata), switches and restarts.
+; Seconds a new release has to reach READY and complete a Handshake; otherwise the
+; previous release is switched back and restarted. Read by the installer too. 5..3600.
+;health_timeout = 60
+; Seconds before a version that failed (rejected or reverted) is tried again; another
+; version is tried at once.
+;holdoff = 21600
+; Largest release archive downloaded, in bytes (256 MiB).
+;max_bytes = 268435456
 "#
 );

@@ -8,7 +8,7 @@
 
 mod error;
 mod example;
-mod ini;
+use opsagent_proto::ini;
 mod values;
 
 #[cfg(test)]
@@ -52,6 +52,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "backoff_max",
         ],
     ),
+    ("upgrade", &["health_timeout", "holdoff", "max_bytes"]),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -61,6 +62,7 @@ pub struct Config {
     pub userdata: UserdataConfig,
     pub agent: AgentConfig,
     pub link: LinkConfig,
+    pub upgrade: UpgradeConfig,
 }
 
 /// `[userdata]`: who we are and where the backend is. Names kept from the original agent,
@@ -171,6 +173,30 @@ impl Default for LinkConfig {
             max_bad_frames: 100,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[upgrade]`: self-upgrade. `health_timeout` is read by the root installer too (from
+/// this file only), which is why its range is the installer's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeConfig {
+    /// How long a new release has to reach READY and complete a Handshake before the
+    /// installer switches back to the previous one.
+    pub health_timeout: Duration,
+    /// A version that failed (rejected, or reverted after its health gate) is not tried
+    /// again before this much time has passed, unless another version is ordered.
+    pub holdoff: Duration,
+    /// Largest release archive downloaded, in bytes.
+    pub max_bytes: usize,
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        UpgradeConfig {
+            health_timeout: Duration::from_secs(60),
+            holdoff: Duration::from_secs(6 * 3600),
+            max_bytes: 256 << 20,
         }
     }
 }
@@ -342,7 +368,7 @@ impl Config {
 
     /// Stores one value after checking it; `Err` is the problem sentence.
     fn set(&mut self, section: &str, key: &str, value: &str) -> Result<(), String> {
-        let (u, a, l) = (&mut self.userdata, &mut self.agent, &mut self.link);
+        let (u, a, l, up) = (&mut self.userdata, &mut self.agent, &mut self.link, &mut self.upgrade);
         match (section, key) {
             ("userdata", "ws_uri") => u.ws_uri = Some(values::ws_url(value)?),
             ("userdata", "app_id") => u.app_id = Some(values::identifier(value)?),
@@ -368,6 +394,9 @@ impl Config {
             ("link", "max_bad_frames") => l.max_bad_frames = values::count(value, 1, 1_000_000)?,
             ("link", "backoff_base") => l.backoff_base = values::seconds(value)?,
             ("link", "backoff_max") => l.backoff_max = values::seconds(value)?,
+            ("upgrade", "health_timeout") => up.health_timeout = values::seconds_between(value, 5, 3600)?,
+            ("upgrade", "holdoff") => up.holdoff = values::seconds(value)?,
+            ("upgrade", "max_bytes") => up.max_bytes = values::bytes(value)?,
             // Callers look keys up in SECTIONS first; a test keeps both lists in step.
             _ => return Err(format!("[{section}] {key} has no setter")),
         }

@@ -27,6 +27,15 @@ pub(super) fn seconds_in_range(n: u64) -> Result<Duration, String> {
     }
 }
 
+/// Seconds in `min..=max`.
+pub(super) fn seconds_between(text: &str, min: u64, max: u64) -> Result<Duration, String> {
+    let n: u64 = text.parse().map_err(|_| format!("{text:?} is not a whole number of seconds"))?;
+    if !(min..=max).contains(&n) {
+        return Err(format!("{n} is out of range: between {min} and {max} seconds"));
+    }
+    Ok(Duration::from_secs(n))
+}
+
 pub(super) fn bytes(text: &str) -> Result<usize, String> {
     let n: usize = text.parse().map_err(|_| format!("{text:?} is not a whole number of bytes"))?;
     if !(MIN_FRAME..=MAX_FRAME).contains(&n) {

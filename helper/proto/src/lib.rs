@@ -6,6 +6,10 @@
 //! - [`request`]: the closed set of requests the helper accepts and what it answers.
 //! - [`newtypes`]: validated values (absolute paths, modes, state ids, unit names).
 //! - [`codec`]: u32 big-endian length-prefixed JSON frames with a size cap.
+//! - [`ini`]: the INI dialect of `/etc/opsagent.conf`, read by the daemon and by the
+//!   root upgrade installer (which trusts only that root-owned file for the signing key).
+//! - [`upgrade`]: the files through which the daemon hands a downloaded release to the
+//!   root installer and learns how the upgrade went.
 //!
 //! One definition, two users: the daemon needs the catalogue to check recipes, the
 //! helper uses the same types as its request format and re-validates what only it can
@@ -13,8 +17,10 @@
 
 pub mod catalogue;
 pub mod codec;
+pub mod ini;
 pub mod newtypes;
 pub mod request;
+pub mod upgrade;
 pub mod wire;
 
 /// Version of the daemon <-> helper protocol. Bumped on any incompatible change of

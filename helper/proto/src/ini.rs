@@ -10,7 +10,7 @@
 
 /// One `key = value` line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Entry {
+pub struct Entry {
     pub line: usize,
     /// `None` for a key that appears before the first `[section]`.
     pub section: Option<(String, usize)>,
@@ -20,7 +20,7 @@ pub(super) struct Entry {
 
 /// A line that is not valid INI; `line` counts from 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct SyntaxError {
+pub struct SyntaxError {
     pub line: usize,
     pub problem: String,
 }
@@ -28,12 +28,12 @@ pub(super) struct SyntaxError {
 /// A `[section]` header, with its line, even when the section holds no key (so that an
 /// unknown empty section is still reported).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Document {
+pub struct Document {
     pub sections: Vec<(String, usize)>,
     pub entries: Vec<Entry>,
 }
 
-pub(super) fn parse(text: &str) -> Result<Document, SyntaxError> {
+pub fn parse(text: &str) -> Result<Document, SyntaxError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut doc = Document { sections: Vec::new(), entries: Vec::new() };
     let mut current: Option<(String, usize)> = None;

@@ -1,0 +1,234 @@
+//! `opsagent-upgrade`: the root installer of a release the daemon downloaded.
+//!
+//! Started by `opsagent-upgrade.service` (which the polkit rule lets the daemon start),
+//! by the cron supervisor on hosts without systemd, or by `opsagent upgrade` run by an
+//! operator. One run, in this order, each step only after the previous one succeeded:
+//! 1. copy the staged order, archive and signature out of the daemon's directory and
+//!    consume the order (a broken order is never retried in a loop);
+//! 2. verify the signature with the key of root-owned `/etc/opsagent.conf` and its
+//!    trusted comment (`opsagent release VERSION`) — before anything is unpacked;
+//! 3. unpack safely ([`crate::unpack`]) and check the MANIFEST;
+//! 4. install to `releases/VERSION`, switch `current`, restart the agent;
+//! 5. health gate: the new daemon must reach READY and complete a Handshake (it writes
+//!    `health.json`) within `[upgrade] health_timeout`; otherwise switch back, restart
+//!    the previous release and record `reverted`;
+//! 6. on success keep the previous release (for a manual roll-back) and prune the rest.
+//!
+//! Every run leaves a [`Record`] for the daemon in `<state_dir>/upgrade/result.json`.
+
+pub mod conf;
+pub mod control;
+pub mod release;
+pub mod releases;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opsagent_proto::upgrade::{self as hand, Health, Outcome, Record};
+
+use self::conf::InstallerConfig;
+use self::control::AgentControl;
+use self::release::PinnedDir;
+use self::releases::Releases;
+
+/// How often the health file is read during the gate.
+const POLL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("{path}: {problem}")]
+    Config { path: PathBuf, problem: String },
+    #[error("nothing staged: {0}")]
+    NothingStaged(String),
+    #[error("staged files: {0}")]
+    Staged(String),
+    #[error("{0}")]
+    Rejected(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("another upgrade is running (lock {0} is held)")]
+    Busy(PathBuf),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub struct Installer<C> {
+    pub config: InstallerConfig,
+    pub releases: Releases,
+    pub control: C,
+}
+
+impl<C: AgentControl> Installer<C> {
+    /// Carries out the staged order; `Err` only when there was nothing to act on or
+    /// the result could not even be recorded. The record is also written for the daemon.
+    pub async fn run(&self) -> Result<Record, UpgradeError> {
+        let state = PinnedDir::open(&self.config.state_dir)?;
+        let owner = {
+            let m = fs::metadata(state.entry(".")).map_err(|e| UpgradeError::Staged(e.to_string()))?;
+            (m.uid(), m.gid())
+        };
+        let upgrade_dir = state.entry("upgrade");
+        let staged = match PinnedDir::open(&upgrade_dir.join("staged")) {
+            Ok(d) if d.read(hand::ORDER, 1 << 16).is_ok() => d,
+            _ => return Err(UpgradeError::NothingStaged(format!("no order in {}", self.staged_shown().display()))),
+        };
+        let from = self.releases.current().unwrap_or_else(|| "none".into());
+        let work = self.releases.work_dir()?;
+        let record = self.carry_out(&staged, &state, &work, &from, owner).await;
+        let _ = fs::remove_dir_all(&work);
+        let record = match record {
+            Ok(r) => r,
+            Err((version, e)) => {
+                let r = record_of(version, &from, Outcome::Rejected, e.to_string());
+                write_record(&state, owner, &r)?;
+                r
+            }
+        };
+        tracing::info!(
+            version = %record.version, from = %record.from, outcome = ?record.outcome, reason = %record.reason,
+            "upgrade finished"
+        );
+        Ok(record)
+    }
+
+    fn staged_shown(&self) -> PathBuf {
+        hand::staged_dir(&self.config.state_dir)
+    }
+
+    async fn carry_out(
+        &self,
+        staged: &PinnedDir,
+        state: &PinnedDir,
+        work: &std::path::Path,
+        from: &str,
+        owner: (u32, u32),
+    ) -> Result<Record, (String, UpgradeError)> {
+        let taken = release::take(staged, work);
+        // Consumed whatever happens: a bad order must not be retried by every cron run.
+        for name in [hand::ORDER, hand::ARCHIVE, hand::SIGNATURE] {
+            staged.remove(name);
+        }
+        let taken = taken.map_err(|e| ("unknown".to_string(), e))?;
+        let version = taken.order.version.clone();
+        let fail = |e| (version.clone(), e);
+        tracing::info!(version = %version, from = %from, url = %taken.order.url, "installing a staged release");
+        if version == from {
+            let r = record_of(version.clone(), from, Outcome::Confirmed, format!("{version} is already the current release"));
+            write_record(state, owner, &r).map_err(fail)?;
+            return Ok(r);
+        }
+        release::verify_signature(&self.config.update_key, &taken.archive, &taken.signature, &version).map_err(fail)?;
+        let tree = release::unpack_and_check(&taken.archive, work, &version).map_err(fail)?;
+        self.releases.install(&tree, &version).map_err(fail)?;
+        self.releases.switch(&version).map_err(fail)?;
+        let switched_at = now_unix();
+        let switched = record_of(version.clone(), from, Outcome::Switched, "switched; waiting for the health gate".into());
+        write_record(state, owner, &switched).map_err(fail)?;
+        tracing::info!(version = %version, from = %from, "switched; restarting the agent");
+
+        let verdict = match self.control.restart().await {
+            Err(e) => Err(format!("the new daemon did not start: {e}")),
+            Ok(()) => self.wait_healthy(state, &version, switched_at).await,
+        };
+        let record = match verdict {
+            Ok(()) => {
+                let kept: Vec<&str> = [version.as_str(), from].into_iter().filter(|v| *v != "none").collect();
+                let pruned = self.releases.prune(&kept).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot prune old releases");
+                    Vec::new()
+                });
+                let note = if pruned.is_empty() { String::new() } else { format!("; pruned {}", pruned.join(", ")) };
+                let r = record_of(
+                    version.clone(),
+                    from,
+                    Outcome::Confirmed,
+                    format!("{version} is healthy; {from} kept for a manual roll-back{note}"),
+                );
+                write_record(state, owner, &r).map_err(fail)?;
+                r
+            }
+            Err(why) if from != "none" && self.releases.path(from).is_dir() => {
+                tracing::error!(version = %version, from = %from, reason = %why, "new release unhealthy; reverting");
+                let r = record_of(version.clone(), from, Outcome::Reverted, format!("{why}; reverted to {from}"));
+                self.releases.switch(from).map_err(fail)?;
+                // Before the restart: the revived daemon reads it at start-up.
+                write_record(state, owner, &r).map_err(fail)?;
+                if let Err(e) = self.control.restart().await {
+                    tracing::error!(error = %e, "the previous release did not restart either");
+                }
+                if let Err(e) = self.releases.remove(&version) {
+                    tracing::warn!(error = %e, "cannot remove the failed release");
+                }
+                r
+            }
+            Err(why) => {
+                let r = record_of(version.clone(), from, Outcome::Failed, format!("{why}; no previous release to revert to"));
+                write_record(state, owner, &r).map_err(fail)?;
+                r
+            }
+        };
+        Ok(record)
+    }
+
+    /// Waits for `health.json` naming `version`, written at or after the switch.
+    async fn wait_healthy(&self, state: &PinnedDir, version: &str, since: u64) -> Result<(), String> {
+        let timeout = self.config.health_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(bytes) = state.read("health.json", 1 << 16) {
+                if let Ok(h) = serde_json::from_slice::<Health>(&bytes) {
+                    if h.version == version && h.handshake_at + 1 >= since {
+                        tracing::info!(version, pid = h.pid, "the new daemon completed a Handshake");
+                        return Ok(());
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("{version} did not complete a Handshake within {} s", timeout.as_secs()));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+fn record_of(version: String, from: &str, outcome: Outcome, reason: String) -> Record {
+    Record { version, from: from.to_string(), outcome, reason, at: now_unix(), reported: false }
+}
+
+/// Writes `result.json` under the daemon's `upgrade/` directory without following any
+/// symlink the daemon may have planted, owned by the daemon (it marks it reported).
+pub fn write_record(state: &PinnedDir, owner: (u32, u32), record: &Record) -> Result<(), UpgradeError> {
+    let up_path = state.entry("upgrade");
+    match fs::create_dir(&up_path) {
+        Ok(()) => {
+            let _ = std::os::unix::fs::chown(&up_path, Some(owner.0), Some(owner.1));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(UpgradeError::Io { path: state.shown("upgrade"), source: e }),
+    }
+    let up = PinnedDir::open(&up_path)?;
+    let tmp = up.entry(".result.json.tmp");
+    let _ = fs::remove_file(&tmp);
+    let io = |source| UpgradeError::Io { path: up.shown("result.json"), source };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    let bytes = serde_json::to_vec_pretty(record).map_err(|e| UpgradeError::Other(e.to_string()))?;
+    f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io)?;
+    let _ = std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1));
+    fs::rename(&tmp, up.entry("result.json")).map_err(io)
+}
+
+#[cfg(test)]
+mod tests;

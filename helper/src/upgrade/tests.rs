@@ -1,0 +1,291 @@
+//! The installer's decisions with real files, real signatures and a fake agent that
+//! plays a healthy, a silent or a crashing release.
+
+use std::cell::RefCell;
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+
+use flate2::write::GzEncoder;
+use opsagent_proto::upgrade::{self as hand, Health, Order, Outcome, Record};
+use sha2::{Digest, Sha256};
+
+use super::conf::InstallerConfig;
+use super::control::AgentControl;
+use super::releases::Releases;
+use super::*;
+
+struct Keys {
+    pk: minisign::PublicKey,
+    sk: minisign::SecretKey,
+}
+
+fn keys() -> Keys {
+    let minisign::KeyPair { pk, sk } = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    Keys { pk, sk }
+}
+
+fn sign(keys: &Keys, data: &[u8], trusted: &str) -> String {
+    minisign::sign(Some(&keys.pk), &keys.sk, Cursor::new(data), Some(trusted), Some("test release")).unwrap().to_string()
+}
+
+/// A release archive: `opsagent-VERSION/` with the three programs and a MANIFEST;
+/// `extra` entries are appended raw (name bytes written as given, no checks).
+fn release_tgz(version: &str, tamper_manifest: bool, extra: &[(&str, &[u8])]) -> Vec<u8> {
+    let top = format!("opsagent-{version}");
+    let files: Vec<(String, Vec<u8>)> = super::release::REQUIRED_PROGRAMS
+        .iter()
+        .map(|p| (p.to_string(), format!("#!/bin/sh\necho {p} {version}\n").into_bytes()))
+        .collect();
+    let mut manifest = format!("version {version}\n");
+    for (name, body) in &files {
+        let body = if tamper_manifest { b"other".to_vec() } else { body.clone() };
+        manifest.push_str(&format!("{}  {name}\n", hex::encode(Sha256::digest(&body))));
+    }
+    let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut add = |name: &str, body: &[u8], mode: u32, kind: tar::EntryType| {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(body.len() as u64);
+        h.set_mode(mode);
+        h.set_entry_type(kind);
+        h.set_cksum();
+        tar.append(&h, body).unwrap();
+    };
+    add(&format!("{top}/"), b"", 0o755, tar::EntryType::Directory);
+    add(&format!("{top}/bin/"), b"", 0o755, tar::EntryType::Directory);
+    for (name, body) in &files {
+        add(&format!("{top}/{name}"), body, 0o755, tar::EntryType::Regular);
+    }
+    add(&format!("{top}/MANIFEST"), manifest.as_bytes(), 0o644, tar::EntryType::Regular);
+    for (name, body) in extra {
+        add(name, body, 0o644, tar::EntryType::Regular);
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+struct Host {
+    _tmp: tempfile::TempDir,
+    prefix: PathBuf,
+    state: PathBuf,
+    keys: Keys,
+}
+
+impl Host {
+    /// A host running release 1.0 (installed through the installer itself).
+    async fn with_release_a() -> Host {
+        let tmp = tempfile::tempdir().unwrap();
+        let prefix = tmp.path().join("opt");
+        let state = tmp.path().join("state");
+        std::fs::create_dir_all(&prefix).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        let host = Host { prefix, state, keys: keys(), _tmp: tmp };
+        let tgz = release_tgz("1.0", false, &[]);
+        host.stage("1.0", &tgz, &sign(&host.keys, &tgz, "opsagent release 1.0"));
+        let r = host.install(FakeAgent::healthy(&["1.0"])).await;
+        assert_eq!(r.outcome, Outcome::Confirmed, "{r:?}");
+        host
+    }
+
+    fn stage(&self, version: &str, tgz: &[u8], sig: &str) {
+        let dir = hand::staged_dir(&self.state);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(hand::ARCHIVE), tgz).unwrap();
+        std::fs::write(dir.join(hand::SIGNATURE), sig).unwrap();
+        let order = Order { version: version.into(), url: format!("http://x/{version}/opsagent.tgz"), from: "?".into(), ordered_at: 1 };
+        std::fs::write(dir.join(hand::ORDER), serde_json::to_vec(&order).unwrap()).unwrap();
+    }
+
+    fn stage_signed(&self, version: &str, tgz: &[u8]) {
+        self.stage(version, tgz, &sign(&self.keys, tgz, &format!("opsagent release {version}")));
+    }
+
+    fn installer(&self, agent: FakeAgent) -> Installer<FakeAgent> {
+        let config = InstallerConfig {
+            update_key: self.keys.pk.to_base64(),
+            state_dir: self.state.clone(),
+            health_timeout: Duration::from_secs(60),
+        };
+        Installer { config, releases: Releases::new(&self.prefix), control: agent.at(&self.prefix, &self.state) }
+    }
+
+    async fn install(&self, agent: FakeAgent) -> Record {
+        self.installer(agent).run().await.unwrap()
+    }
+
+    fn current(&self) -> Option<String> {
+        Releases::new(&self.prefix).current()
+    }
+
+    fn result(&self) -> Record {
+        serde_json::from_slice(&std::fs::read(hand::result_file(&self.state)).unwrap()).unwrap()
+    }
+}
+
+/// Plays the agent: a restart "starts" whatever `current` points at; a healthy version
+/// writes its health file, a crashing one fails its start job, others stay silent.
+#[derive(Default)]
+struct FakeAgent {
+    healthy: Vec<String>,
+    crashing: Vec<String>,
+    prefix: PathBuf,
+    state: PathBuf,
+    started: RefCell<Vec<String>>,
+}
+
+impl FakeAgent {
+    fn healthy(versions: &[&str]) -> Self {
+        Self { healthy: versions.iter().map(|v| v.to_string()).collect(), ..Self::default() }
+    }
+
+    fn crashing(mut self, versions: &[&str]) -> Self {
+        self.crashing = versions.iter().map(|v| v.to_string()).collect();
+        self
+    }
+
+    fn at(mut self, prefix: &Path, state: &Path) -> Self {
+        self.prefix = prefix.to_path_buf();
+        self.state = state.to_path_buf();
+        self
+    }
+}
+
+impl AgentControl for FakeAgent {
+    async fn restart(&self) -> Result<(), String> {
+        let version = Releases::new(&self.prefix).current().ok_or("no current release")?;
+        self.started.borrow_mut().push(version.clone());
+        if self.crashing.contains(&version) {
+            return Err(format!("opsagent.service: the restart job ended with result \"failed\" ({version})"));
+        }
+        if self.healthy.contains(&version) {
+            let h = Health { version, pid: 42, handshake_at: now_unix() };
+            std::fs::write(hand::health_file(&self.state), serde_json::to_vec(&h).unwrap()).unwrap();
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_release_is_confirmed_and_the_previous_one_kept() {
+    let host = Host::with_release_a().await;
+    let tgz = release_tgz("1.1", false, &[]);
+    host.stage_signed("1.1", &tgz);
+    let r = host.install(FakeAgent::healthy(&["1.0", "1.1"])).await;
+    assert_eq!((r.outcome, r.version.as_str(), r.from.as_str()), (Outcome::Confirmed, "1.1", "1.0"), "{r:?}");
+    assert_eq!(host.current().as_deref(), Some("1.1"));
+    assert_eq!(host.result(), r);
+    let releases = Releases::new(&host.prefix);
+    assert!(releases.path("1.0").is_dir(), "the previous release is kept for a roll-back");
+    // The staged order is consumed.
+    assert!(!hand::staged_dir(&host.state).join(hand::ORDER).exists());
+
+    // A third release prunes the first.
+    let tgz = release_tgz("1.2", false, &[]);
+    host.stage_signed("1.2", &tgz);
+    let r = host.install(FakeAgent::healthy(&["1.2"])).await;
+    assert_eq!(r.outcome, Outcome::Confirmed);
+    assert!(r.reason.contains("pruned 1.0"), "{}", r.reason);
+    assert!(!releases.path("1.0").exists() && releases.path("1.1").is_dir());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_that_never_confirms_is_reverted_after_the_gate() {
+    let host = Host::with_release_a().await;
+    host.stage_signed("1.1", &release_tgz("1.1", false, &[]));
+    let installer = host.installer(FakeAgent::healthy(&["1.0"]));
+    let started = tokio::time::Instant::now();
+    let r = installer.run().await.unwrap();
+    assert_eq!(r.outcome, Outcome::Reverted, "{r:?}");
+    assert!(r.reason.contains("did not complete a Handshake within 60 s") && r.reason.contains("reverted to 1.0"));
+    assert!(started.elapsed() >= Duration::from_secs(60) && started.elapsed() < Duration::from_secs(62));
+    assert_eq!(host.current().as_deref(), Some("1.0"));
+    assert_eq!(*installer.control.started.borrow(), ["1.1", "1.0"], "the previous release is restarted");
+    assert!(!Releases::new(&host.prefix).path("1.1").exists(), "the failed release is removed");
+    assert_eq!(host.result(), r);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_that_crashes_at_start_is_reverted_at_once() {
+    let host = Host::with_release_a().await;
+    host.stage_signed("1.1", &release_tgz("1.1", false, &[]));
+    let started = tokio::time::Instant::now();
+    let r = host.install(FakeAgent::healthy(&["1.0"]).crashing(&["1.1"])).await;
+    assert_eq!(r.outcome, Outcome::Reverted);
+    assert!(r.reason.contains("did not start") && r.reason.contains("\"failed\""), "{}", r.reason);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(host.current().as_deref(), Some("1.0"));
+}
+
+async fn assert_rejected(host: &Host, want: &str) {
+    let r = host.install(FakeAgent::healthy(&["1.0", "1.1"])).await;
+    assert_eq!(r.outcome, Outcome::Rejected, "{r:?}");
+    assert!(r.reason.contains(want), "{:?} does not mention {want:?}", r.reason);
+    assert_eq!(host.current().as_deref(), Some("1.0"), "the running version is unchanged");
+    assert!(!Releases::new(&host.prefix).path("1.1").exists());
+    assert!(!hand::staged_dir(&host.state).join(hand::ORDER).exists(), "a rejected order is consumed");
+    assert_eq!(host.result(), r);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tampered_wrongly_signed_mislabelled_and_unsafe_releases_are_rejected() {
+    let host = Host::with_release_a().await;
+
+    let mut tgz = release_tgz("1.1", false, &[]);
+    let sig = sign(&host.keys, &tgz, "opsagent release 1.1");
+    let n = tgz.len() / 2;
+    tgz[n] ^= 0x55;
+    host.stage("1.1", &tgz, &sig);
+    assert_rejected(&host, "does not verify with the configured update_key").await;
+
+    let tgz = release_tgz("1.1", false, &[]);
+    host.stage("1.1", &tgz, &sign(&keys(), &tgz, "opsagent release 1.1"));
+    assert_rejected(&host, "does not verify").await;
+
+    host.stage("1.1", &tgz, &sign(&host.keys, &tgz, "opsagent release 1.0"));
+    assert_rejected(&host, "signs another release").await;
+
+    host.stage("1.1", &tgz, "not a signature");
+    assert_rejected(&host, "not a minisign signature").await;
+
+    host.stage_signed("1.1", &release_tgz("1.1", false, &[("opsagent-1.1/../../escaped", b"x")]));
+    assert_rejected(&host, "unsafe or broken archive").await;
+    assert!(!host.prefix.join("escaped").exists() && !host.prefix.join("releases/escaped").exists());
+
+    host.stage_signed("1.1", &release_tgz("1.1", true, &[]));
+    assert_rejected(&host, "does not match its sha256").await;
+
+    host.stage_signed("1.1", &release_tgz("1.1", false, &[("opsagent-1.1/extra", b"x")]));
+    assert_rejected(&host, "extra is in the archive but not listed").await;
+
+    host.stage_signed("1.1", &release_tgz("1.2", false, &[]));
+    assert_rejected(&host, "exactly one directory opsagent-1.1/").await;
+}
+
+#[tokio::test]
+async fn nothing_staged_is_an_error_and_changes_nothing() {
+    let host = Host::with_release_a().await;
+    let e = host.installer(FakeAgent::default()).run().await.unwrap_err();
+    assert!(matches!(e, UpgradeError::NothingStaged(_)), "{e}");
+    assert_eq!(host.current().as_deref(), Some("1.0"));
+}
+
+#[tokio::test]
+async fn a_planted_symlink_in_the_daemons_directory_is_not_followed() {
+    let host = Host::with_release_a().await;
+    let elsewhere = host.prefix.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::remove_dir_all(host.state.join("upgrade")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, host.state.join("upgrade")).unwrap();
+    let e = host.installer(FakeAgent::default()).run().await.unwrap_err();
+    assert!(matches!(e, UpgradeError::NothingStaged(_)), "{e}");
+    let r = Record {
+        version: "x".into(),
+        from: "y".into(),
+        outcome: Outcome::Rejected,
+        reason: String::new(),
+        at: 0,
+        reported: false,
+    };
+    let state = PinnedDir::open(&host.state).unwrap();
+    assert!(write_record(&state, (0, 0), &r).is_err());
+    assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none(), "nothing written through the link");
+}

@@ -1,0 +1,92 @@
+#![forbid(unsafe_code)]
+//! `opsagent-upgrade`: installs the release the daemon staged (see the `upgrade` module
+//! of the helper library). Run as root by `opsagent-upgrade.service`, by the cron
+//! supervisor, or through `opsagent upgrade`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use opsagent_helper::upgrade::conf::{InstallerConfig, DEFAULT_CONFIG};
+use opsagent_helper::upgrade::control::{CommandControl, SystemdControl};
+use opsagent_helper::upgrade::releases::{Releases, DEFAULT_PREFIX};
+use opsagent_helper::upgrade::{Installer, UpgradeError};
+
+#[derive(Debug, Parser)]
+#[command(name = "opsagent-upgrade", version, about = "Installs the opsagent release staged by the daemon")]
+struct Cli {
+    /// The root-owned configuration holding `[userdata] update_key`.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Where releases/ and the current symlink live.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PREFIX)]
+    prefix: PathBuf,
+    /// Hosts without systemd: the command that restarts the agent from `current`
+    /// (whitespace-separated words), e.g. "/usr/local/sbin/opsagent-supervise restart".
+    #[arg(long, value_name = "COMMAND")]
+    restart_command: Option<String>,
+    /// Overrides `[upgrade] health_timeout` (seconds).
+    #[arg(long, value_name = "SECONDS")]
+    health_timeout: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    opsagent_helper::logging::init();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("opsagent-upgrade: must run as root");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("opsagent-upgrade: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(record) => {
+            println!("{} -> {}: {:?}: {}", record.from, record.version, record.outcome, record.reason);
+            if record.outcome.is_failure() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e @ UpgradeError::NothingStaged(_)) => {
+            eprintln!("opsagent-upgrade: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("opsagent-upgrade: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<opsagent_proto::upgrade::Record, UpgradeError> {
+    let mut config = InstallerConfig::load(&cli.config, 0)?;
+    if let Some(s) = cli.health_timeout {
+        config.health_timeout = Duration::from_secs(s.clamp(5, 3600));
+    }
+    let lock_path = PathBuf::from("/run/opsagent-upgrade.lock");
+    let lock = std::fs::File::create(&lock_path).map_err(|e| UpgradeError::Io { path: lock_path.clone(), source: e })?;
+    if lock.try_lock().is_err() {
+        return Err(UpgradeError::Busy(lock_path));
+    }
+    let releases = Releases::new(&cli.prefix);
+    // Both restarts (the new release, and on a revert the old one) fit in the gate.
+    let job_timeout = config.health_timeout;
+    match cli.restart_command {
+        Some(cmd) => {
+            let argv = cmd.split_whitespace().map(str::to_string).collect();
+            let control = CommandControl { argv, timeout: job_timeout + Duration::from_secs(60) };
+            Installer { config, releases, control }.run().await
+        }
+        None => {
+            let control = SystemdControl::connect(job_timeout).await.map_err(UpgradeError::Other)?;
+            Installer { config, releases, control }.run().await
+        }
+    }
+}

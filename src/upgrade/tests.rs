@@ -1,0 +1,203 @@
+//! The daemon's part of an upgrade against a fake downloader and a fake installer.
+
+use std::cell::RefCell;
+
+use opsagent_proto::upgrade::Outcome;
+
+use super::*;
+
+struct FakeFetch {
+    fail_on: Option<&'static str>,
+    fetched: RefCell<Vec<String>>,
+}
+
+impl FakeFetch {
+    fn ok() -> Self {
+        Self { fail_on: None, fetched: RefCell::new(Vec::new()) }
+    }
+}
+
+impl Fetch for FakeFetch {
+    async fn fetch(&self, url: &str, dest: &Path, _max: u64) -> Result<(), String> {
+        self.fetched.borrow_mut().push(url.to_string());
+        if self.fail_on.is_some_and(|s| url.ends_with(s)) {
+            return Err("HTTP 404 Not Found".into());
+        }
+        std::fs::write(dest, url).map_err(|e| e.to_string())
+    }
+}
+
+/// Plays the installer: answers the start with the record it would write.
+struct FakeInstaller {
+    state_dir: PathBuf,
+    answer: Option<(Outcome, &'static str)>,
+    started: RefCell<u32>,
+}
+
+impl StartInstaller for FakeInstaller {
+    async fn start(&self) -> Result<(), String> {
+        *self.started.borrow_mut() += 1;
+        let staged = hand::staged_dir(&self.state_dir);
+        let order: Order = serde_json::from_slice(&std::fs::read(staged.join(hand::ORDER)).unwrap()).unwrap();
+        assert!(staged.join(hand::ARCHIVE).is_file() && staged.join(hand::SIGNATURE).is_file());
+        match self.answer {
+            None => Err("Access denied".into()),
+            Some((outcome, reason)) => {
+                let r = Record {
+                    version: order.version,
+                    from: order.from,
+                    outcome,
+                    reason: reason.into(),
+                    at: now_unix(),
+                    reported: false,
+                };
+                std::fs::create_dir_all(hand::result_file(&self.state_dir).parent().unwrap()).unwrap();
+                std::fs::write(hand::result_file(&self.state_dir), serde_json::to_vec(&r).unwrap()).unwrap();
+                Ok(())
+            }
+        }
+    }
+}
+
+fn settings(dir: &Path, trigger: Trigger) -> UpgradeSettings {
+    UpgradeSettings {
+        state_dir: dir.to_path_buf(),
+        running: "1.0".into(),
+        holdoff: Duration::from_secs(3600),
+        max_bytes: 1 << 20,
+        verdict_wait: Duration::from_secs(120),
+        trigger,
+    }
+}
+
+fn order(version: &str) -> UpdateOrder {
+    UpdateOrder { version: version.into(), url: format!("https://releases.example/{version}/opsagent.tgz") }
+}
+
+fn installer(dir: &Path, answer: Option<(Outcome, &'static str)>) -> FakeInstaller {
+    FakeInstaller { state_dir: dir.to_path_buf(), answer, started: RefCell::new(0) }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_order_is_downloaded_staged_and_handed_to_the_installer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), Trigger::Systemd);
+    let fetch = FakeFetch::ok();
+    let inst = installer(dir.path(), Some((Outcome::Switched, "switched")));
+    let v = carry_out(&s, &order("1.1"), &fetch, &inst).await;
+    assert!(matches!(&v, Verdict::Installed(r) if r.outcome == Outcome::Switched && r.from == "1.0"), "{v:?}");
+    assert_eq!(
+        *fetch.fetched.borrow(),
+        ["https://releases.example/1.1/opsagent.tgz", "https://releases.example/1.1/opsagent.tgz.minisig"]
+    );
+    assert_eq!(*inst.started.borrow(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_happens_for_the_running_version_or_a_bad_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), Trigger::Systemd);
+    let (fetch, inst) = (FakeFetch::ok(), installer(dir.path(), None));
+    assert_eq!(carry_out(&s, &order("1.0"), &fetch, &inst).await, Verdict::AlreadyRunning);
+    let v = carry_out(&s, &order("../1.1"), &fetch, &inst).await;
+    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not a release version")), "{v:?}");
+    let bad_url = UpdateOrder { version: "1.1".into(), url: "file:///etc/passwd".into() };
+    let v = carry_out(&s, &bad_url, &fetch, &inst).await;
+    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not http(s)")), "{v:?}");
+    assert!(fetch.fetched.borrow().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_download_is_reported_and_leaves_no_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), Trigger::Systemd);
+    let fetch = FakeFetch { fail_on: Some(".minisig"), ..FakeFetch::ok() };
+    let inst = installer(dir.path(), Some((Outcome::Switched, "")));
+    let v = carry_out(&s, &order("1.1"), &fetch, &inst).await;
+    assert!(
+        matches!(&v, Verdict::Failed { reason, record: None } if reason.contains("opsagent.tgz.minisig failed: HTTP 404")),
+        "{v:?}"
+    );
+    assert!(!hand::staged_dir(dir.path()).join(hand::ORDER).exists());
+    assert_eq!(*inst.started.borrow(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_installers_refusal_comes_back_and_holds_that_version_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), Trigger::Systemd);
+    let fetch = FakeFetch::ok();
+    let inst = installer(dir.path(), Some((Outcome::Rejected, "the archive's signature does not verify")));
+    let v = carry_out(&s, &order("1.1"), &fetch, &inst).await;
+    let Verdict::Failed { reason, record: Some(r) } = v else { panic!("{v:?}") };
+    assert!(reason.contains("does not verify") && r.outcome == Outcome::Rejected);
+
+    // The same version again: held off, nothing downloaded.
+    let before = fetch.fetched.borrow().len();
+    let v = carry_out(&s, &order("1.1"), &fetch, &inst).await;
+    assert!(matches!(&v, Verdict::HeldOff { until, .. } if *until >= now_unix() + 3500), "{v:?}");
+    assert_eq!(fetch.fetched.borrow().len(), before);
+
+    // Another version is tried at once.
+    let inst2 = installer(dir.path(), Some((Outcome::Switched, "")));
+    assert!(matches!(carry_out(&s, &order("1.2"), &fetch, &inst2).await, Verdict::Installed(_)));
+
+    // After the hold-off the failed version is tried again.
+    let mut old = last_record(dir.path()).unwrap();
+    old.version = "1.1".into();
+    old.outcome = Outcome::Reverted;
+    old.at = now_unix() - 3601;
+    std::fs::write(hand::result_file(dir.path()), serde_json::to_vec(&old).unwrap()).unwrap();
+    assert!(matches!(carry_out(&s, &order("1.1"), &fetch, &inst2).await, Verdict::Installed(_)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_denied_unit_start_is_a_failure_and_the_order_is_withdrawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), Trigger::Systemd);
+    let v = carry_out(&s, &order("1.1"), &FakeFetch::ok(), &installer(dir.path(), None)).await;
+    assert!(
+        matches!(&v, Verdict::Failed { reason, .. } if reason.contains("cannot start opsagent-upgrade.service: Access denied")),
+        "{v:?}"
+    );
+    assert!(!hand::staged_dir(dir.path()).join(hand::ORDER).exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_a_cron_host_the_order_waits_for_the_supervisor() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), Trigger::Supervisor);
+    let inst = installer(dir.path(), None);
+    let started = tokio::time::Instant::now();
+    assert_eq!(carry_out(&s, &order("1.1"), &FakeFetch::ok(), &inst).await, Verdict::Pending);
+    assert!(started.elapsed() >= Duration::from_secs(120));
+    assert_eq!(*inst.started.borrow(), 0, "no unit is started without systemd");
+    assert!(hand::staged_dir(dir.path()).join(hand::ORDER).is_file(), "the order stays for the supervisor");
+}
+
+#[test]
+fn failures_are_reported_once_as_a_failing_statelog() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(unreported_failure(dir.path()), None);
+    let r = Record {
+        version: "1.1".into(),
+        from: "1.0".into(),
+        outcome: Outcome::Reverted,
+        reason: "1.1 did not complete a Handshake within 60 s; reverted to 1.0".into(),
+        at: 7,
+        reported: false,
+    };
+    std::fs::create_dir_all(dir.path().join("upgrade")).unwrap();
+    std::fs::write(hand::result_file(dir.path()), serde_json::to_vec(&r).unwrap()).unwrap();
+    let found = unreported_failure(dir.path()).unwrap();
+    let log = failure_log(Some((7, "state-9".into())), &found.version, "1.0", &found.reason);
+    assert_eq!((log.recipe_version, log.state_id.as_str(), log.result), (7, "state-9", false));
+    assert_eq!(
+        log.comment.as_deref(),
+        Some("agent upgrade to 1.1 failed: 1.1 did not complete a Handshake within 60 s; reverted to 1.0; 1.0 keeps running")
+    );
+    mark_reported(dir.path(), &found).unwrap();
+    assert_eq!(unreported_failure(dir.path()), None);
+    assert!(last_record(dir.path()).unwrap().reported);
+    assert_eq!(failure_log(None, "1.1", "1.0", "x").state_id, REPORT_STATE_ID);
+}
