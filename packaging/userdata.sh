@@ -282,7 +282,7 @@ fi
 
 # ---------------------------------------------------------------- supervision
 if [ "$HAVE_SYSTEMD" = 1 ]; then
-    for u in opsagent.service opsagent-helper.service opsagent-helper.socket; do
+    for u in opsagent.service opsagent-helper.service opsagent-helper.socket opsagent-upgrade.service; do
         if install_file "$CUR/units/$u" "/etc/systemd/system/$u" 0644; then CHANGED_UNITS=1; fi
     done
     DROPIN=/etc/systemd/system/opsagent-helper.service.d/50-network.conf

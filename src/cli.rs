@@ -1,5 +1,5 @@
 //! The `opsagent` command line: `run` (the daemon), `apply` (one local round through
-//! the helper), `check` (validate recipe files), `status` and `stop`.
+//! the helper), `check` (validate recipe files), `status`, `stop` and `upgrade`.
 
 use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
@@ -64,6 +64,23 @@ pub enum Command {
     },
     /// Print a fully commented /etc/opsagent.conf with every key and its default.
     ConfigExample,
+    /// Upgrade this host's agent by hand (root): download the release and its
+    /// signature, then run the same installer as a backend-ordered upgrade (signature
+    /// check, switch, restart, health gate, automatic revert).
+    Upgrade {
+        /// The release archive, e.g. https://releases.example.com/1.3.0/opsagent.tgz;
+        /// its signature is URL.minisig.
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The release version [default: the URL's parent directory name]
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Download and stage only; `systemctl start opsagent-upgrade` installs it.
+        #[arg(long)]
+        stage_only: bool,
+    },
     /// Stop the running agent (SIGTERM: after the running state), or with
     /// --after-round once the current round has finished (SIGUSR1).
     Stop {
@@ -85,6 +102,9 @@ pub fn main() -> ExitCode {
         Command::Check { files } => cmd_check(&files),
         Command::Status { config, state_dir, json } => cmd_status(config.as_deref(), state_dir, json),
         Command::Stop { config, state_dir, after_round } => cmd_stop(config.as_deref(), state_dir, after_round),
+        Command::Upgrade { url, version, config, stage_only } => {
+            crate::upgrade::cli::cmd_upgrade(&url, version, config.as_deref(), stage_only)
+        }
         Command::ConfigExample => {
             print!("{}", crate::config::EXAMPLE);
             Ok(ExitCode::SUCCESS)

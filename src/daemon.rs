@@ -23,6 +23,8 @@ use crate::protocol::{Identity, StateLog};
 use crate::recipe::Recipe;
 use crate::round::{Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
 use crate::spool::{Spool, SpoolLimits};
+use crate::upgrade::{self, Fetch, SystemdStarter, Trigger, UpgradeSettings, Verdict};
+use opsagent_proto::upgrade::{Health, Record};
 
 /// How long start-up waits for the helper to answer before giving up (systemd restarts
 /// the unit, and the journal says why).
@@ -42,6 +44,8 @@ pub enum DaemonError {
     Helper { secs: u64, last: String },
     #[error("link: {0}")]
     Link(#[from] crate::link::LinkError),
+    #[error("downloads: {0}")]
+    Download(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -143,11 +147,45 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-struct DaemonEffects {
+struct DaemonEffects<F> {
     spool: Arc<SharedSpool>,
-    state_dir: PathBuf,
     /// The latest snapshot to persist; [`persist_snapshots`] writes it in the background.
     persist: watch::Sender<Option<Snapshot>>,
+    /// Version and last state id of the current recipe: where an upgrade failure is
+    /// reported (see [`crate::upgrade::failure_log`]).
+    recipe: Option<(u64, String)>,
+    upgrade: UpgradeSettings,
+    fetch: F,
+}
+
+fn last_state(snapshot: &Snapshot) -> Option<(u64, String)> {
+    snapshot.recipe.states.last().map(|s| (snapshot.version, s.id.to_string()))
+}
+
+impl<F> DaemonEffects<F> {
+    fn report_upgrade_failure(&self, version: &str, reason: &str, record: Option<&Record>) {
+        tracing::error!(version, reason, "agent upgrade failed; reported to the backend");
+        self.spool.append(upgrade::failure_log(self.recipe.clone(), version, &self.upgrade.running, reason));
+        if let Some(r) = record {
+            if let Err(e) = upgrade::mark_reported(&self.upgrade.state_dir, r) {
+                tracing::warn!(error = %e, "cannot mark the upgrade record reported; it may be reported again");
+            }
+        }
+    }
+
+    /// At start-up: the installer's last record. A failure the backend has not heard of
+    /// (this is the previous release, revived after a revert) is reported now; it is
+    /// delivered once the link is up.
+    fn report_last_upgrade(&self) {
+        let Some(r) = upgrade::last_record(&self.upgrade.state_dir).filter(|r| !r.reported) else { return };
+        if r.outcome.is_failure() {
+            let reason = format!("{:?}: {}", r.outcome, r.reason).to_lowercase();
+            self.report_upgrade_failure(&r.version, &reason, Some(&r));
+        } else if r.version == self.upgrade.running {
+            tracing::info!(from = %r.from, version = %r.version, outcome = ?r.outcome, "running after an upgrade");
+            let _ = upgrade::mark_reported(&self.upgrade.state_dir, &r);
+        }
+    }
 }
 
 /// Writes persisted snapshots off the engine's path: a new recipe's first state must not
@@ -174,26 +212,34 @@ async fn persist_snapshots(state_dir: PathBuf, mut rx: watch::Receiver<Option<Sn
     }
 }
 
-impl Effects for DaemonEffects {
+impl<F: Fetch + Send + Sync> Effects for DaemonEffects<F> {
     async fn report(&mut self, log: StateLog) {
         self.spool.append(log);
     }
 
     async fn persist(&mut self, snapshot: &Snapshot) {
+        self.recipe = last_state(snapshot);
         self.persist.send_replace(Some(snapshot.clone()));
     }
 
     async fn upgrade(&mut self, order: &UpdateOrder) {
-        // The upgrade itself (download, verify, switch, health gate) is carried out by
-        // the upgrade component; the engine guarantees this runs once, between rounds.
-        let path = self.state_dir.join("upgrade-order.json");
-        let r = serde_json::to_vec(order).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
-        match r {
-            Ok(()) => tracing::warn!(
-                version = %order.version, url = %order.url, path = %path.display(),
-                "upgrade ordered; self-upgrade is not available in this build, the order is recorded"
+        // The engine runs this once, between rounds; the privileged part is the
+        // installer's (see crate::upgrade).
+        tracing::info!(version = %order.version, url = %order.url, running = %self.upgrade.running, "upgrade ordered");
+        match upgrade::carry_out(&self.upgrade, order, &self.fetch, &SystemdStarter).await {
+            Verdict::AlreadyRunning => tracing::info!(version = %order.version, "already running the ordered version"),
+            Verdict::HeldOff { until, reason } => tracing::warn!(
+                version = %order.version, until = %crate::timefmt::utc(until), reason = %reason,
+                "this version failed recently; not tried again before the hold-off ends ([upgrade] holdoff)"
             ),
-            Err(e) => tracing::error!(error = %e, "cannot record the upgrade order"),
+            Verdict::Failed { reason, record } => self.report_upgrade_failure(&order.version, &reason, record.as_ref()),
+            Verdict::Installed(r) => {
+                tracing::info!(version = %r.version, outcome = ?r.outcome, reason = %r.reason, "the installer took over")
+            }
+            Verdict::Pending => tracing::warn!(
+                version = %order.version,
+                "release staged; no verdict from the installer yet (without systemd the cron supervisor installs it)"
+            ),
         }
     }
 }
@@ -257,13 +303,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         instance_id: instance_id.clone(),
         app_id: app_id.clone(),
         instance_token: token,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_version: crate::version::running().to_string(),
     };
 
     let spool = Spool::open(&state_dir.join("spool"), SpoolLimits::default())?;
     let spool = Arc::new(SharedSpool::new(spool));
 
-    let helper = UnixHelperClient::new(&config.agent.helper_socket, env!("CARGO_PKG_VERSION"));
+    let helper = UnixHelperClient::new(&config.agent.helper_socket, crate::version::running());
     wait_for_helper(&helper).await?;
 
     let resume = load_snapshot(&state_dir);
@@ -275,7 +321,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let (persist_tx, persist_rx) = watch::channel(None);
     let persister = tokio::spawn(persist_snapshots(state_dir.clone(), persist_rx));
-    let effects = DaemonEffects { spool: spool.clone(), state_dir: state_dir.clone(), persist: persist_tx };
+    let proxy = ProxySettings::from_env(config.link.proxy.as_deref(), config.link.no_proxy.as_deref());
+    let upgrade_settings = UpgradeSettings {
+        state_dir: state_dir.clone(),
+        running: crate::version::running().to_string(),
+        holdoff: config.upgrade.holdoff,
+        max_bytes: config.upgrade.max_bytes as u64,
+        verdict_wait: Duration::from_secs(180),
+        trigger: Trigger::detect(),
+    };
+    let effects = DaemonEffects {
+        spool: spool.clone(),
+        persist: persist_tx,
+        recipe: resume.as_ref().and_then(last_state),
+        upgrade: upgrade_settings,
+        fetch: crate::download::Downloader::new(crate::download::DownloadSettings {
+            proxy: proxy.clone(),
+            extra_roots: config.link.ca_file.iter().cloned().collect(),
+            ..crate::download::DownloadSettings::default()
+        })
+        .map_err(|e| DaemonError::Download(e.to_string()))?,
+    };
+    effects.report_last_upgrade();
     let (engine, handle) = Engine::new(helper, effects, engine_cfg, resume);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -283,7 +350,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ws_uri: ws_uri.clone(),
         ca_file: config.link.ca_file.clone(),
         tls_insecure: config.link.tls_insecure,
-        proxy: ProxySettings::from_env(config.link.proxy.as_deref(), config.link.no_proxy.as_deref()),
+        proxy,
         ping_interval: config.link.ping_interval,
         heartbeat_interval: config.link.heartbeat_interval,
         max_frame: config.link.max_frame,
@@ -315,6 +382,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         handle.status.clone(),
         stop_rx.clone(),
     ));
+    let health_task = tokio::spawn(confirm_health(state_dir.clone(), link_status.clone()));
     let status_task = tokio::spawn(write_status(
         status_file(&state_dir),
         who,
@@ -358,10 +426,35 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = tokio::time::timeout(Duration::from_secs(5), link_task).await;
     supervisor.abort();
     status_task.abort();
+    health_task.abort();
     // A status file left behind would describe a daemon that is gone.
     let _ = std::fs::remove_file(status_file(&state_dir));
     tracing::info!("opsagent stopped");
     Ok(())
+}
+
+/// Writes `health.json` once the backend has accepted this daemon's Handshake (it sent
+/// a recipe): the upgrade installer's health gate waits for it. READY=1 was sent before.
+async fn confirm_health(state_dir: PathBuf, mut link: watch::Receiver<LinkStatus>) {
+    loop {
+        if matches!(link.borrow_and_update().state, crate::link::LinkState::Connected { .. }) {
+            let health = Health {
+                version: crate::version::running().to_string(),
+                pid: std::process::id(),
+                handshake_at: upgrade::now_unix(),
+            };
+            let path = opsagent_proto::upgrade::health_file(&state_dir);
+            let r = serde_json::to_vec(&health).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
+            match r {
+                Ok(()) => tracing::info!(version = %health.version, "handshake completed; health confirmed"),
+                Err(e) => tracing::error!(error = %e, path = %path.display(), "cannot confirm health"),
+            }
+            return;
+        }
+        if link.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn wait_for_helper(helper: &UnixHelperClient) -> Result<(), DaemonError> {

@@ -10,6 +10,7 @@
 //! [`failure_log`]) — by this process when the installer refused the release, or by the
 //! revived previous release after a revert.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ use opsagent_proto::upgrade::{self as hand, Order, Record};
 
 use crate::protocol::StateLog;
 use crate::round::UpdateOrder;
+
+pub mod cli;
 
 /// The pseudo state id of an upgrade report when no recipe is known yet.
 pub const REPORT_STATE_ID: &str = "opsagent-upgrade";
@@ -54,15 +57,13 @@ impl Trigger {
 }
 
 /// Downloads one URL to a file (the daemon's downloader; a fake in tests).
-#[allow(async_fn_in_trait)]
-pub trait Fetch {
-    async fn fetch(&self, url: &str, dest: &Path, max_bytes: u64) -> Result<(), String>;
+pub trait Fetch: Sync {
+    fn fetch(&self, url: &str, dest: &Path, max_bytes: u64) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// Starts the installer unit.
-#[allow(async_fn_in_trait)]
-pub trait StartInstaller {
-    async fn start(&self) -> Result<(), String>;
+pub trait StartInstaller: Sync {
+    fn start(&self) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// What became of an order.
@@ -218,6 +219,14 @@ impl StartInstaller for SystemdStarter {
         let conn = zbus::Connection::system().await.map_err(|e| format!("system bus: {e}"))?;
         let manager = ManagerProxy::new(&conn).await.map_err(|e| e.to_string())?;
         manager.start_unit(hand::UNIT, "replace").await.map(drop).map_err(|e| e.to_string())
+    }
+}
+
+
+impl Fetch for crate::download::Downloader {
+    async fn fetch(&self, url: &str, dest: &Path, max_bytes: u64) -> Result<(), String> {
+        // The inherent method (retries, size cap, proxy rules of the link).
+        crate::download::Downloader::fetch(self, url, dest, max_bytes).await.map(drop).map_err(|e| e.to_string())
     }
 }
 

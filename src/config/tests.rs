@@ -194,7 +194,7 @@ fn unknown_names_and_structure_errors() {
     );
     assert_eq!(
         err("[agnet]\n"),
-        "/etc/opsagent.conf:1: unknown section [agnet] (known sections: [userdata], [agent], [link])"
+        "/etc/opsagent.conf:1: unknown section [agnet] (known sections: [userdata], [agent], [link], [upgrade])"
     );
     assert!(err("app_id = x\n").starts_with("/etc/opsagent.conf:1: app_id: key outside any section"));
     assert_eq!(

@@ -1,6 +1,6 @@
 //! The daemon's part of an upgrade against a fake downloader and a fake installer.
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 use opsagent_proto::upgrade::Outcome;
 
@@ -8,18 +8,18 @@ use super::*;
 
 struct FakeFetch {
     fail_on: Option<&'static str>,
-    fetched: RefCell<Vec<String>>,
+    fetched: Mutex<Vec<String>>,
 }
 
 impl FakeFetch {
     fn ok() -> Self {
-        Self { fail_on: None, fetched: RefCell::new(Vec::new()) }
+        Self { fail_on: None, fetched: Mutex::new(Vec::new()) }
     }
 }
 
 impl Fetch for FakeFetch {
     async fn fetch(&self, url: &str, dest: &Path, _max: u64) -> Result<(), String> {
-        self.fetched.borrow_mut().push(url.to_string());
+        self.fetched.lock().unwrap().push(url.to_string());
         if self.fail_on.is_some_and(|s| url.ends_with(s)) {
             return Err("HTTP 404 Not Found".into());
         }
@@ -31,12 +31,12 @@ impl Fetch for FakeFetch {
 struct FakeInstaller {
     state_dir: PathBuf,
     answer: Option<(Outcome, &'static str)>,
-    started: RefCell<u32>,
+    started: Mutex<u32>,
 }
 
 impl StartInstaller for FakeInstaller {
     async fn start(&self) -> Result<(), String> {
-        *self.started.borrow_mut() += 1;
+        *self.started.lock().unwrap() += 1;
         let staged = hand::staged_dir(&self.state_dir);
         let order: Order = serde_json::from_slice(&std::fs::read(staged.join(hand::ORDER)).unwrap()).unwrap();
         assert!(staged.join(hand::ARCHIVE).is_file() && staged.join(hand::SIGNATURE).is_file());
@@ -75,7 +75,7 @@ fn order(version: &str) -> UpdateOrder {
 }
 
 fn installer(dir: &Path, answer: Option<(Outcome, &'static str)>) -> FakeInstaller {
-    FakeInstaller { state_dir: dir.to_path_buf(), answer, started: RefCell::new(0) }
+    FakeInstaller { state_dir: dir.to_path_buf(), answer, started: Mutex::new(0) }
 }
 
 #[tokio::test(start_paused = true)]
@@ -87,10 +87,10 @@ async fn an_order_is_downloaded_staged_and_handed_to_the_installer() {
     let v = carry_out(&s, &order("1.1"), &fetch, &inst).await;
     assert!(matches!(&v, Verdict::Installed(r) if r.outcome == Outcome::Switched && r.from == "1.0"), "{v:?}");
     assert_eq!(
-        *fetch.fetched.borrow(),
+        *fetch.fetched.lock().unwrap(),
         ["https://releases.example/1.1/opsagent.tgz", "https://releases.example/1.1/opsagent.tgz.minisig"]
     );
-    assert_eq!(*inst.started.borrow(), 1);
+    assert_eq!(*inst.started.lock().unwrap(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -104,7 +104,7 @@ async fn nothing_happens_for_the_running_version_or_a_bad_order() {
     let bad_url = UpdateOrder { version: "1.1".into(), url: "file:///etc/passwd".into() };
     let v = carry_out(&s, &bad_url, &fetch, &inst).await;
     assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not http(s)")), "{v:?}");
-    assert!(fetch.fetched.borrow().is_empty());
+    assert!(fetch.fetched.lock().unwrap().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -119,7 +119,7 @@ async fn a_failed_download_is_reported_and_leaves_no_order() {
         "{v:?}"
     );
     assert!(!hand::staged_dir(dir.path()).join(hand::ORDER).exists());
-    assert_eq!(*inst.started.borrow(), 0);
+    assert_eq!(*inst.started.lock().unwrap(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -133,10 +133,10 @@ async fn the_installers_refusal_comes_back_and_holds_that_version_off() {
     assert!(reason.contains("does not verify") && r.outcome == Outcome::Rejected);
 
     // The same version again: held off, nothing downloaded.
-    let before = fetch.fetched.borrow().len();
+    let before = fetch.fetched.lock().unwrap().len();
     let v = carry_out(&s, &order("1.1"), &fetch, &inst).await;
     assert!(matches!(&v, Verdict::HeldOff { until, .. } if *until >= now_unix() + 3500), "{v:?}");
-    assert_eq!(fetch.fetched.borrow().len(), before);
+    assert_eq!(fetch.fetched.lock().unwrap().len(), before);
 
     // Another version is tried at once.
     let inst2 = installer(dir.path(), Some((Outcome::Switched, "")));
@@ -171,7 +171,7 @@ async fn on_a_cron_host_the_order_waits_for_the_supervisor() {
     let started = tokio::time::Instant::now();
     assert_eq!(carry_out(&s, &order("1.1"), &FakeFetch::ok(), &inst).await, Verdict::Pending);
     assert!(started.elapsed() >= Duration::from_secs(120));
-    assert_eq!(*inst.started.borrow(), 0, "no unit is started without systemd");
+    assert_eq!(*inst.started.lock().unwrap(), 0, "no unit is started without systemd");
     assert!(hand::staged_dir(dir.path()).join(hand::ORDER).is_file(), "the order stays for the supervisor");
 }
 

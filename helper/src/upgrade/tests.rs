@@ -2,7 +2,7 @@
 //! plays a healthy, a silent or a crashing release.
 
 use std::cell::RefCell;
-use std::io::{Cursor, Write};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use flate2::write::GzEncoder;
