@@ -42,6 +42,7 @@ pub trait Manager {
     fn reload_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     #[zbus(signal)]
     fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
 }
@@ -171,6 +172,19 @@ impl Systemd {
         ManagerProxy::new(&self.conn).await.map_err(|source| ServiceError::Bus {
             unit: unit.clone(),
             op: "reach the manager",
+            source,
+        })
+    }
+}
+
+impl Systemd {
+    /// Clears a unit's failed state and start-rate counter (the upgrade installer, before
+    /// restarting a release after a broken one used up restarts).
+    pub async fn reset_failed(&self, unit: &UnitName) -> Result<(), ServiceError> {
+        let manager = self.manager(unit).await?;
+        manager.reset_failed_unit(unit.as_str()).await.map_err(|source| ServiceError::Bus {
+            unit: unit.clone(),
+            op: "reset-failed",
             source,
         })
     }

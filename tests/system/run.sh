@@ -17,6 +17,10 @@
 #   i  the .deb: installs, does not start without a config, starts with one, removes
 #   j  the helper's sandbox: chown/chmod, a command as another user, a service restart
 #      over D-Bus work; no network unless HELPER_NETWORK=yes (drop-in)
+#   k  self-upgrade ordered by the backend: tampered, wrongly signed and path-traversal
+#      releases refused (reason reported, version unchanged); A -> B after the round;
+#      a B that exits at start is reverted within the health gate and held off
+#   (g also upgrades the cron-supervised agent)
 #
 # Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
 # OPSAGENT_SYSTEST_KEEP=1 keeps the work directory (logs) even when all tests pass.
@@ -29,7 +33,7 @@ source "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "tests/system/run.sh must run as root" >&2; exit 2; }
 
-ALL_TESTS="a b c d e f g h i j"
+ALL_TESTS="a b c d e f g h i j k"
 SELECTED=${*:-$ALL_TESTS}
 SUITE_START=$(date +%s)
 WORK=$(mktemp -d /tmp/opsagent-systest.XXXXXX)
@@ -97,6 +101,46 @@ cp "$WORK/releases/$VERSION/opsagent.tgz" "$WORK/releases/9.9.3/"
 minisign -S -s "$WORK/other.key" -m "$WORK/releases/9.9.3/opsagent.tgz" -x "$WORK/releases/9.9.3/opsagent.tgz.minisig" \
     -t "opsagent release 9.9.3" >/dev/null </dev/null
 
+# Releases for the self-upgrade tests (k, g): the built release re-packaged and signed
+# under other versions. KIND broken: bin/opsagent exits at start; traversal: one entry
+# climbs out of the tree (signed, so only the unpacker can refuse it).
+make_release() { # VERSION [KIND]
+    local v=$1 kind=${2:-} d
+    d=$(mktemp -d)
+    tar -xzf "$WORK/releases/$VERSION/opsagent.tgz" -C "$d"
+    mv "$d/opsagent-$VERSION" "$d/opsagent-$v"
+    if [ "$kind" = broken ]; then
+        printf '#!/bin/sh\necho "this release is broken" >&2\nexit 1\n' >"$d/opsagent-$v/bin/opsagent"
+    fi
+    (
+        cd "$d/opsagent-$v"
+        echo "version $v"
+        find . -type f ! -path ./MANIFEST | sed 's|^\./||' | LC_ALL=C sort | while IFS= read -r f; do sha256sum "$f"; done
+    ) >"$d/MANIFEST"
+    mv "$d/MANIFEST" "$d/opsagent-$v/MANIFEST"
+    mkdir -p "$WORK/releases/$v"
+    if [ "$kind" = traversal ]; then
+        python3 - "$d" "$v" "$WORK/releases/$v/opsagent.tgz" <<'PY'
+import io, sys, tarfile
+d, v, out = sys.argv[1:]
+with tarfile.open(out, "w:gz") as t:
+    t.add(f"{d}/opsagent-{v}", arcname=f"opsagent-{v}")
+    data = b"escaped\n"
+    info = tarfile.TarInfo(f"opsagent-{v}/../../../../../tmp/opsagent-escaped")
+    info.size = len(data)
+    t.addfile(info, io.BytesIO(data))
+PY
+    else
+        tar --owner=0 --group=0 --numeric-owner -C "$d" -czf "$WORK/releases/$v/opsagent.tgz" "opsagent-$v"
+    fi
+    minisign -S -s "$WORK/update.key" -m "$WORK/releases/$v/opsagent.tgz" -x "$WORK/releases/$v/opsagent.tgz.minisig" \
+        -t "opsagent release $v" >/dev/null </dev/null
+    rm -rf "$d"
+}
+make_release 9.10.0
+make_release 9.11.0 broken
+make_release 9.12.0 traversal
+
 python3 -u -m http.server --bind 127.0.0.1 --directory "$WORK/releases" 0 >"$WORK/http.out" 2>"$WORK/http.err" &
 HOST_PIDS+=($!)
 wait_until 15 "HTTP server" grep -q 'port [0-9]' "$WORK/http.out"
@@ -106,6 +150,9 @@ BASE_REMOTE=http://127.0.0.1:$HTTP_PORT
 mkdir -p "$WORK/recipes"
 APP_ID=app-sys
 cp "$HERE/recipe-app-sys.json" "$WORK/recipes/$APP_ID.json"
+# Apps of their own for the tests that order upgrades (an order goes to a whole app).
+cp "$HERE/recipe-app-sys.json" "$WORK/recipes/app-cron.json"
+cp "$HERE/recipe-app-upg.json" "$WORK/recipes/app-upg.json"
 "$TARGET_DIR/release/opsagent-backend" --listen 127.0.0.1:0 --recipe-dir "$WORK/recipes" \
     --statelog "$WORK/statelog.jsonl" --events "$WORK/events.jsonl" >"$WORK/backend.out" 2>"$WORK/backend.err" &
 HOST_PIDS+=($!)
@@ -138,6 +185,18 @@ statelogs_of() { # INSTANCE_ID STATE_ID: StateLogs of that state with state_resu
         grep -F "\"id\":\"$2\"" | grep -c '"state_result":true'
 }
 has_statelog() { [ "$(statelogs_of "$1" "$2")" -gt 0 ]; }
+failed_log_with() { # INSTANCE_ID TEXT: a failing StateLog whose comment holds TEXT
+    grep -F "\"instance_id\":\"$1\"" "$WORK/statelog.jsonl" 2>/dev/null | grep -F '"state_result":false' | grep -qF -- "$2"
+}
+handshake_version() { # INSTANCE_ID: the agent_version of its last Handshake
+    grep -F '"code":"Handshake"' "$WORK/events.jsonl" 2>/dev/null | grep -F "\"instance_id\":\"$1\"" | tail -n 1 |
+        sed -n 's/.*"agent_version":"\([^"]*\)".*/\1/p'
+}
+runs_version() { [ "$(handshake_version "$1")" = "$2" ]; }
+order_upgrade() { # APP VERSION: the backend orders the app's agents to VERSION
+    printf '{"version": "%s", "url": "%s/%s/opsagent.tgz"}\n' "$2" "$BASE_REMOTE" "$2" >"$WORK/recipes/$1.update.json.tmp"
+    mv "$WORK/recipes/$1.update.json.tmp" "$WORK/recipes/$1.update.json"
+}
 has_handshake() {
     grep -F '"code":"Handshake"' "$WORK/events.jsonl" 2>/dev/null | grep -qF "\"instance_id\":\"$1\""
 }
@@ -382,7 +441,7 @@ test_g() {
     # No systemd: nspawn's stub init is PID 1 and cron runs in the foreground as PID 2.
     start_plain $c /usr/sbin/cron -f
     csh $c '[ ! -d /run/systemd/system ]' || fail "the container looks booted with systemd"
-    userdata $c $iid >"$WORK/g-userdata.log" 2>&1 || { cat "$WORK/g-userdata.log" >&2; fail "userdata.sh failed without systemd"; }
+    userdata $c $iid APP_ID=app-cron >"$WORK/g-userdata.log" 2>&1 || { cat "$WORK/g-userdata.log" >&2; fail "userdata.sh failed without systemd"; }
     cat "$WORK/g-userdata.log" >&2
     csh $c 'grep -q "opsagent-supervise" /etc/cron.d/opsagent' || fail "/etc/cron.d/opsagent is missing"
     running() { # NAME: the pid file names a live process of /opt/visualops/*/bin/NAME
@@ -417,6 +476,19 @@ test_g() {
     csh $c 'cat /var/log/visualops/supervise.log' >&2
     wait_until 30 "the restarted daemon reconnects (second Handshake from $iid)" two_handshakes ||
         fail "the restarted daemon did not reconnect"
+
+    # Self-upgrade without systemd: the daemon stages the release, the next cron pass of
+    # the supervisor runs the installer, which restarts both through the supervisor.
+    runs_version $iid "$VERSION" || fail "the cron agent does not report $VERSION"
+    order_upgrade app-cron 9.10.0
+    wait_until 200 "the cron agent reconnects as 9.10.0" runs_version $iid 9.10.0 ||
+        { csh $c 'cat /var/log/visualops/supervise.log /var/log/visualops/upgrade.log' >&2 || true; fail "the cron-supervised agent was not upgraded"; }
+    csh $c '[ "$(readlink /opt/visualops/current)" = releases/9.10.0 ]' || fail "current does not point at 9.10.0"
+    wait_until 60 "the upgrade confirmed" csh $c 'grep -q "\"outcome\": \"confirmed\"" /var/lib/visualops/opsagent/upgrade/result.json' ||
+        fail "the installer did not confirm 9.10.0"
+    csh $c "[ -d /opt/visualops/releases/$VERSION ]" || fail "the previous release was not kept"
+    csh $c 'tail -n 3 /var/log/visualops/upgrade.log; grep -i upgrade /var/log/visualops/supervise.log' >&2
+    wait_until 30 "helper and daemon running after the upgrade" both_running || fail "the agent is not running after the upgrade"
 }
 
 # ---------------------------------------------------------------- h. refused releases
@@ -511,11 +583,86 @@ EOF
     say "$out"
 }
 
+# ---------------------------------------------------------------- k. self-upgrade
+test_k() {
+    local c=k-upgrade iid=i-upg pid_a ver
+    install_agent $c $iid APP_ID=app-upg
+    # A short health gate keeps the revert case quick (the installer reads it from
+    # this root-owned file, like update_key).
+    csh $c 'printf "\n[upgrade]\nhealth_timeout = 25\n" >>/etc/opsagent.conf' || fail "cannot set health_timeout"
+    wait_until 60 "the first round of $iid" has_statelog $iid upg-last || fail "no round from $iid"
+    runs_version $iid "$VERSION" || fail "the Handshake does not report $VERSION (got '$(handshake_version $iid)')"
+    pid_a=$(unit_prop $c opsagent.service MainPID)
+
+    # Refused releases: the reason reaches the backend, nothing changes on the host.
+    for ver in "9.9.2:does not verify" "9.9.3:does not verify" "9.12.0:unsafe or broken archive"; do
+        order_upgrade app-upg "${ver%%:*}"
+        wait_until 60 "the refusal of ${ver%%:*} reported" failed_log_with $iid "agent upgrade to ${ver%%:*} failed" ||
+            { csh $c 'journalctl --no-pager -u opsagent-upgrade -u opsagent | tail -n 30' >&2; fail "no failure report for ${ver%%:*}"; }
+        failed_log_with $iid "${ver#*:}" || fail "the report of ${ver%%:*} does not say '${ver#*:}'"
+        say "  ${ver%%:*} refused: $(grep -F "agent upgrade to ${ver%%:*}" "$WORK/statelog.jsonl" | head -n 1 | sed -n 's/.*"state_comment":"\([^"]*\)".*/\1/p')"
+        csh $c "[ \"\$(readlink /opt/visualops/current)\" = releases/$VERSION ] && [ ! -e /opt/visualops/releases/${ver%%:*} ]" ||
+            fail "a refused release (${ver%%:*}) was installed"
+    done
+    csh $c '[ ! -e /tmp/opsagent-escaped ] && [ ! -e /opt/opsagent-escaped ]' || fail "the traversal entry was written"
+    [ "$(unit_prop $c opsagent.service MainPID)" = "$pid_a" ] || fail "a refused upgrade restarted the agent"
+
+    # A -> B, ordered while a round runs: the round ends first.
+    cp "$HERE/recipe-app-upg.json" "$WORK/recipes/app-upg.json.tmp"
+    sed -i 's/"recipe_version": 1/"recipe_version": 2/' "$WORK/recipes/app-upg.json.tmp"
+    mv "$WORK/recipes/app-upg.json.tmp" "$WORK/recipes/app-upg.json"
+    wait_until 20 "round 2 started" csh $c '[ "$(wc -l </tmp/upg-rounds)" -ge 1 ] && pgrep -f "sleep 4" >/dev/null' || true
+    order_upgrade app-upg 9.10.0
+    wait_until 120 "$iid reconnects as 9.10.0" runs_version $iid 9.10.0 ||
+        { csh $c 'journalctl --no-pager -u opsagent-upgrade -u opsagent | tail -n 40' >&2; fail "not upgraded to 9.10.0"; }
+    python3 - "$WORK/events.jsonl" "$iid" <<'PY' || fail "the upgrade did not wait for the round's last state"
+import json, sys
+events, iid = sys.argv[1], sys.argv[2]
+last_state_v2 = first_b = None
+for n, line in enumerate(open(events)):
+    e = json.loads(line)
+    m = e.get("message") or {}
+    if m.get("instance_id") != iid:
+        continue
+    if m.get("code") == "StateLog" and m.get("id") == "upg-last" and m.get("recipe_version") == 2 and last_state_v2 is None:
+        last_state_v2 = n
+    if m.get("code") == "Handshake" and m.get("agent_version") == "9.10.0" and first_b is None:
+        first_b = n
+print(f"  round 2 last StateLog at event {last_state_v2}, first 9.10.0 Handshake at event {first_b}", file=sys.stderr)
+sys.exit(0 if last_state_v2 is not None and first_b is not None and last_state_v2 < first_b else 1)
+PY
+    csh $c '[ "$(readlink /opt/visualops/current)" = releases/9.10.0 ]' || fail "current does not point at 9.10.0"
+    wait_until 60 "the upgrade confirmed" csh $c 'grep -q "\"outcome\": \"confirmed\"" /var/lib/visualops/opsagent/upgrade/result.json' ||
+        fail "the installer did not confirm 9.10.0"
+    csh $c "[ -d /opt/visualops/releases/$VERSION ]" || fail "release A was not kept"
+    csh $c 'systemctl is-active --quiet opsagent.service' || fail "opsagent.service is not active on 9.10.0"
+    say "  $VERSION -> 9.10.0: $(csh $c 'journalctl --no-pager -u opsagent-upgrade -o cat | grep -i "upgrade finished\|->" | tail -n 1')"
+
+    # B -> C where C exits at start: reverted to B within the gate, reported, held off.
+    local t0 t1
+    t0=$(date +%s)
+    order_upgrade app-upg 9.11.0
+    wait_until 120 "the revert of 9.11.0 reported" failed_log_with $iid "agent upgrade to 9.11.0 failed" ||
+        { csh $c 'journalctl --no-pager -u opsagent-upgrade -u opsagent | tail -n 60' >&2; fail "no report of the failed 9.11.0"; }
+    t1=$(date +%s)
+    failed_log_with $iid "reverted to 9.10.0" || fail "the report does not say it was reverted"
+    say "  9.11.0 reverted and reported after $((t1 - t0)) s: $(grep -F 'agent upgrade to 9.11.0' "$WORK/statelog.jsonl" | head -n 1 | sed -n 's/.*"state_comment":"\([^"]*\)".*/\1/p')"
+    [ $((t1 - t0)) -le $((25 + 60)) ] || fail "the revert took longer than the health gate plus a margin"
+    csh $c '[ "$(readlink /opt/visualops/current)" = releases/9.10.0 ] && [ ! -e /opt/visualops/releases/9.11.0 ]' ||
+        fail "current is not back on 9.10.0"
+    wait_until 60 "$iid runs 9.10.0 again" runs_version $iid 9.10.0 || fail "9.10.0 did not reconnect"
+    csh $c 'systemctl is-active --quiet opsagent.service' || fail "opsagent.service is not active after the revert"
+    # The backend keeps ordering 9.11.0 at every Handshake: it is not tried again.
+    wait_until 30 "the hold-off logged" journal_has $c "-u opsagent" "not tried again" || fail "the failed version is not held off"
+    [ "$(csh $c 'journalctl --no-pager -u opsagent-upgrade OPSAGENT_VERSION=9.11.0 -o cat | grep -c "installing a staged release"')" = 1 ] ||
+        fail "the installer ran 9.11.0 more than once"
+}
+
 # ---------------------------------------------------------------- runner
 PASSED=0
 FAILED=0
 declare -A NAMES=([a]=a-install [b]=b-watchdog [c]=c-socket [d]=d-journal [e]=e-polkit [f]=f-analyze
-    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox)
+    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade)
 
 # run_one LETTER: runs test_LETTER in a subshell (set -e: the first failed step ends
 # it), its output in $WORK/NAME.log; writes NAME.rc and NAME.reason.

@@ -44,7 +44,13 @@ impl AgentControl for SystemdControl {
         if let Err(e) = self.systemd.run(&unit(HELPER_UNIT)?, Job::Stop, &mut never).await {
             tracing::warn!(error = %e, "cannot stop the helper; it keeps running the previous release");
         }
-        self.systemd.run(&unit(AGENT_UNIT)?, Job::Restart, &mut never).await.map_err(|e| e.to_string())
+        let agent = unit(AGENT_UNIT)?;
+        // A broken release may have used up the unit's start limit; the release that
+        // replaces it must still start.
+        if let Err(e) = self.systemd.reset_failed(&agent).await {
+            tracing::debug!(error = %e, "reset-failed");
+        }
+        self.systemd.run(&agent, Job::Restart, &mut never).await.map_err(|e| e.to_string())
     }
 }
 
