@@ -611,32 +611,27 @@ test_k() {
     cp "$HERE/recipe-app-upg.json" "$WORK/recipes/app-upg.json.tmp"
     sed -i 's/"recipe_version": 1/"recipe_version": 2/' "$WORK/recipes/app-upg.json.tmp"
     mv "$WORK/recipes/app-upg.json.tmp" "$WORK/recipes/app-upg.json"
-    wait_until 20 "round 2 started" csh $c '[ "$(wc -l </tmp/upg-rounds)" -ge 1 ] && pgrep -f "sleep 4" >/dev/null' || true
+    wait_until 20 "round 2 runs its slow state" csh $c 'pgrep -x sleep >/dev/null' || fail "round 2 did not start"
     order_upgrade app-upg 9.10.0
     wait_until 120 "$iid reconnects as 9.10.0" runs_version $iid 9.10.0 ||
         { csh $c 'journalctl --no-pager -u opsagent-upgrade -u opsagent | tail -n 40' >&2; fail "not upgraded to 9.10.0"; }
-    python3 - "$WORK/events.jsonl" "$iid" <<'PY' || fail "the upgrade did not wait for the round's last state"
+    python3 - "$WORK/statelog.jsonl" "$WORK/events.jsonl" "$iid" <<'PY' || fail "the upgrade did not wait for the round's last state"
 import json, sys
-events, iid = sys.argv[1], sys.argv[2]
-last_state_v2 = first_b = None
-for n, line in enumerate(open(events)):
-    e = json.loads(line)
-    m = e.get("message") or {}
-    if m.get("instance_id") != iid:
-        continue
-    if m.get("code") == "StateLog" and m.get("id") == "upg-last" and m.get("recipe_version") == 2 and last_state_v2 is None:
-        last_state_v2 = n
-    if m.get("code") == "Handshake" and m.get("agent_version") == "9.10.0" and first_b is None:
-        first_b = n
-print(f"  round 2 last StateLog at event {last_state_v2}, first 9.10.0 Handshake at event {first_b}", file=sys.stderr)
-sys.exit(0 if last_state_v2 is not None and first_b is not None and last_state_v2 < first_b else 1)
+statelog, events, iid = sys.argv[1:]
+done = [json.loads(l)["received_at"] for l in open(statelog)
+        if f'"instance_id":"{iid}"' in l and '"id":"upg-last"' in l and '"recipe_version":2' in l]
+hello_b = [e["at"] for e in map(json.loads, open(events))
+           if (e.get("message") or {}).get("code") == "Handshake"
+           and e["message"].get("instance_id") == iid and e["message"].get("agent_version") == "9.10.0"]
+print(f"  round 2 ended (last StateLog) at {done[:1]}, first 9.10.0 Handshake at {hello_b[:1]}", file=sys.stderr)
+sys.exit(0 if done and hello_b and done[0] < hello_b[0] else 1)
 PY
     csh $c '[ "$(readlink /opt/visualops/current)" = releases/9.10.0 ]' || fail "current does not point at 9.10.0"
     wait_until 60 "the upgrade confirmed" csh $c 'grep -q "\"outcome\": \"confirmed\"" /var/lib/visualops/opsagent/upgrade/result.json' ||
         fail "the installer did not confirm 9.10.0"
     csh $c "[ -d /opt/visualops/releases/$VERSION ]" || fail "release A was not kept"
     csh $c 'systemctl is-active --quiet opsagent.service' || fail "opsagent.service is not active on 9.10.0"
-    say "  $VERSION -> 9.10.0: $(csh $c 'journalctl --no-pager -u opsagent-upgrade -o cat | grep -i "upgrade finished\|->" | tail -n 1')"
+    say "  installer: $(csh $c 'journalctl --no-pager -u opsagent-upgrade -o cat | grep -i "upgrade finished\|->" | tail -n 1')"
 
     # B -> C where C exits at start: reverted to B within the gate, reported, held off.
     local t0 t1
