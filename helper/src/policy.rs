@@ -25,8 +25,9 @@
 //! ```
 //!
 //! What `write_prefixes` covers: `linux.file` `path`, `linux.dir` `path`s,
-//! `linux.symlink` `target` (the link), `linux.cmd` `cwd`, and the files that
-//! `linux.apt.repo`, `linux.apt.ppa` and `linux.yum.repo` write. A command can still
+//! `linux.symlink` `target` (the link), `linux.cmd` `cwd`, the files that
+//! `linux.apt.repo`, `linux.apt.ppa` and `linux.yum.repo` write, and the checkout
+//! `path` of `common.git`, `common.hg` and `common.svn`. A command can still
 //! write anywhere its user may: to keep recipes from running commands, leave
 //! `linux.cmd` out of `modules` (which also forbids `linux.service` actions that are
 //! commands). Users, groups, crontabs, the timezone and packages are not paths in this
@@ -203,6 +204,16 @@ impl Policy {
                     ));
                 }
             }
+            // Checkouts follow a link at their path (they often live behind one), so
+            // where it leads must be allowed too.
+            for raw in followed_paths(params) {
+                let Ok(path) = AbsPath::parse(raw.trim()) else { continue };
+                if !resolve_existing(&path).is_some_and(|real| resolved_under(&real, prefixes)) {
+                    return deny(format!(
+                        "{module} would write {path}, which leads outside the policy's `write_prefixes`"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -227,8 +238,28 @@ pub fn written_paths(params: &ModuleParams) -> Vec<String> {
         ModuleParams::LinuxAptRepo(p) => crate::states::repo::apt_list_path(&p.name).into_iter().collect(),
         ModuleParams::LinuxAptPpa(p) => crate::states::repo::ppa_paths(&p.name),
         ModuleParams::LinuxYumRepo(p) => crate::states::repo::yum_repo_path(&p.name).into_iter().collect(),
+        ModuleParams::CommonGit(p) => vec![p.path.to_string()],
+        ModuleParams::CommonHg(p) => vec![p.path.to_string()],
+        ModuleParams::CommonSvn(p) => vec![p.path.to_string()],
         _ => Vec::new(),
     }
+}
+
+/// Written paths through which a link at the final component is followed.
+fn followed_paths(params: &ModuleParams) -> Vec<String> {
+    match params {
+        ModuleParams::CommonGit(p) => vec![p.path.to_string()],
+        ModuleParams::CommonHg(p) => vec![p.path.to_string()],
+        ModuleParams::CommonSvn(p) => vec![p.path.to_string()],
+        _ => Vec::new(),
+    }
+}
+
+fn resolved_under(resolved: &Path, prefixes: &[AbsPath]) -> bool {
+    prefixes.iter().any(|p| {
+        let prefix = resolve_existing(p).unwrap_or_else(|| p.as_path().to_path_buf());
+        resolved.starts_with(prefix)
+    })
 }
 
 fn under_prefixes(path: &AbsPath, prefixes: &[AbsPath]) -> bool {
@@ -242,13 +273,7 @@ fn under_prefixes(path: &AbsPath, prefixes: &[AbsPath]) -> bool {
         Some(name) => parent.join(name),
         None => parent,
     });
-    let Some(resolved) = resolved else {
-        return false;
-    };
-    prefixes.iter().any(|p| {
-        let prefix = resolve_existing(p).unwrap_or_else(|| p.as_path().to_path_buf());
-        resolved.starts_with(prefix)
-    })
+    resolved.is_some_and(|r| resolved_under(&r, prefixes))
 }
 
 /// `path` with its deepest existing ancestor canonicalised and the missing rest added.
@@ -449,6 +474,13 @@ mod tests {
         assert!(policy.check(&cmd).unwrap_err().message.contains("linux.cmd would write /"));
         let repo = params("linux.apt.repo", json!({"name": "x", "content": "deb file:/srv ./"}));
         assert!(policy.check(&repo).unwrap_err().message.contains("/etc/apt/sources.list.d/x.list"));
+        // A checkout follows a link at its path: where it leads must be allowed.
+        let git = |p: PathBuf| params("common.git", json!({"path": p, "repo": "/srv/r.git"}));
+        assert!(policy.check(&git(allowed.join("app"))).is_ok());
+        let err = policy.check(&git(allowed.join("escape"))).unwrap_err();
+        assert!(err.message.contains("leads outside the policy's `write_prefixes`"), "{}", err.message);
+        let svn = params("common.svn", json!({"path": "/srv/wc", "repo": "svn://h/r"}));
+        assert!(policy.check(&svn).unwrap_err().message.contains("common.svn would write /srv/wc"));
         // Modules that write no path are not concerned.
         assert!(policy.check(&params("linux.group", json!({"groupname": "g"}))).is_ok());
     }

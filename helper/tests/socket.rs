@@ -364,12 +364,12 @@ async fn requests_before_hello_are_refused() {
 async fn unsupported_modules_are_named() {
     let h = Helper::start().await;
     let mut c = h.client().await;
-    let svn = apply_request("common.svn", json!({"path": "/srv/x", "repo": "svn://example.com/x"}));
-    match c.call(svn).await {
+    let sup = apply_request("linux.supervisord", json!({"name": ["web"], "config": "/etc/supervisord.conf"}));
+    match c.call(sup).await {
         Reply::Error(e) => {
             assert_eq!(e.code, ErrorCode::Unsupported);
             assert!(
-                e.message.contains("common.svn") && e.message.contains("not implemented by this helper version"),
+                e.message.contains("linux.supervisord") && e.message.contains("not implemented by this helper version"),
                 "{e}"
             );
         }

@@ -20,6 +20,7 @@ pub mod storage;
 pub mod symlink;
 pub mod timezone;
 pub mod user;
+pub mod vcs;
 pub mod yum;
 
 use std::fmt::Display;
@@ -109,6 +110,9 @@ pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Outc
         ModuleParams::LinuxChefSolo(p) => chef::solo(p, cancel).await,
         ModuleParams::LinuxMesosMaster(p) => mesos::master(p),
         ModuleParams::LinuxMesosSlave(p) => mesos::slave(p),
+        ModuleParams::CommonGit(p) => vcs::git::apply(p, cancel).await,
+        ModuleParams::CommonHg(p) => vcs::hg::apply(p, cancel).await,
+        ModuleParams::CommonSvn(p) => vcs::svn::apply(p, cancel).await,
         p if p.is_builtin() => {
             return Err(HelperError::new(
                 ErrorCode::Unsupported,
@@ -183,10 +187,10 @@ mod tests {
     #[tokio::test]
     async fn unknown_and_builtin_modules_are_unsupported() {
         let ctx = Ctx::new("/nonexistent".into());
-        let svn = request("common.svn", json!({"path": "/srv/x", "repo": "svn://example.com/x"}));
-        let err = apply(&svn, &ctx, Cancel::never()).await.unwrap_err();
+        let sup = request("linux.supervisord", json!({"name": ["web"], "config": "/etc/supervisord.conf"}));
+        let err = apply(&sup, &ctx, Cancel::never()).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Unsupported);
-        assert!(err.message.contains("common.svn is not implemented by this helper version"), "{}", err.message);
+        assert!(err.message.contains("linux.supervisord is not implemented by this helper version"), "{}", err.message);
 
         let comment = request("meta.comment", json!({"comment": "hi"}));
         let err = apply(&comment, &ctx, Cancel::never()).await.unwrap_err();

@@ -1,0 +1,442 @@
+//! `common.git`: a clone at `path` kept at `revision`.
+//!
+//! Every round fetches from `repo` (`git fetch --prune --tags --force origin
+//! +refs/heads/*:refs/remotes/origin/*`: deleted branches disappear, moved tags follow)
+//! and then resolves `revision`, in this order:
+//! 1. a branch of the remote: the checkout is on a local branch of that name, reset to
+//!    the remote's branch each round (a fast-forward; local commits on it are a
+//!    conflict, see below), with the remote branch as its upstream;
+//! 2. a tag: HEAD detached at the tagged commit;
+//! 3. a commit id (4 to 64 hex digits, abbreviated or full): HEAD detached there.
+//!
+//! `HEAD` stands for the remote's default branch (what its HEAD names now).
+//!
+//! A tag or commit therefore stays where it is while the remote moves on; a branch
+//! follows it. The remote is `origin`; if its URL differs from `repo`, it is changed
+//! (and reported).
+//!
+//! The default revision is `master` (states.md). A remote without a `master` branch
+//! (nor a tag or commit of that name) is followed at its default branch instead (what
+//! its HEAD names, `main` on most new repositories), with a note saying so in the
+//! state's comment: the default stands for "the main line", which is what an operator
+//! who left `revision` empty expects. A `master` given explicitly cannot be told apart
+//! from the default; the note makes the substitution visible.
+//!
+//! Conflicts, refused without `force` and resolved with it: local changes to tracked
+//! files (`git reset --hard`), local commits on the tracked branch that the remote does
+//! not have (the branch is reset to the remote's), and a non-empty directory that is
+//! not a clone (emptied, then cloned into).
+//!
+//! git never prompts: `GIT_TERMINAL_PROMPT=0`, and `GIT_SSH_COMMAND` is ssh in batch
+//! mode (see [`super::ssh_command`]) with, given `ssh-key-file`, `-i KEY -o
+//! IdentitiesOnly=yes`. A local repository path must be readable by `user`, and git
+//! itself refuses to read a repository that another user owns (its `safe.directory`
+//! rule) unless that user's git configuration allows it.
+
+use std::fs;
+use std::path::Path;
+
+use opsagent_proto::catalogue::CommonGit;
+use opsagent_proto::newtypes::AbsPath;
+use opsagent_proto::request::{Change, Outcome};
+
+use super::{
+    checkout_path, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, short, ssh_command,
+    url_secret, Runner, VcsError, TRANSFER_TIMEOUT,
+};
+use crate::cancel::Cancel;
+use crate::exec::Exit;
+
+/// states.md's default `revision`.
+pub const DEFAULT_REVISION: &str = "master";
+/// Branches named in the message of a revision that was not found.
+const BRANCHES_SHOWN: usize = 10;
+
+/// What `revision` resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Branch { name: String, id: String },
+    Tag { name: String, id: String },
+    Commit { id: String },
+}
+
+impl Target {
+    pub fn id(&self) -> &str {
+        match self {
+            Target::Branch { id, .. } | Target::Tag { id, .. } | Target::Commit { id } => id,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Branch { name, .. } => format!("branch {name}"),
+            Target::Tag { name, .. } => format!("tag {name}"),
+            Target::Commit { .. } => "commit".to_string(),
+        }
+    }
+}
+
+pub async fn apply(p: &CommonGit, mut cancel: Cancel) -> Outcome {
+    let mut changes = Vec::new();
+    let mut notes = Vec::new();
+    let result = sync(p, &mut changes, &mut notes, &mut cancel).await;
+    let secrets: Vec<&str> = url_secret(p.repo.trim()).into_iter().collect();
+    super::outcome(&p.path, result, changes, &notes, &secrets)
+}
+
+/// The `ssh-key-file` parameter: an absolute path to an existing regular file.
+fn key_file(raw: Option<&str>) -> Result<Option<AbsPath>, VcsError> {
+    let Some(raw) = raw.map(str::trim).filter(|k| !k.is_empty()) else {
+        return Ok(None);
+    };
+    let key = AbsPath::parse(raw).map_err(|source| VcsError::Path { param: "ssh-key-file", source })?;
+    match fs::metadata(key.as_path()) {
+        Ok(m) if m.is_file() => Ok(Some(key)),
+        Ok(_) => Err(VcsError::Param { param: "ssh-key-file", problem: format!("{key} is not a regular file") }),
+        Err(e) => Err(VcsError::Param { param: "ssh-key-file", problem: format!("{key}: {e}") }),
+    }
+}
+
+async fn sync(
+    p: &CommonGit,
+    changes: &mut Vec<Change>,
+    notes: &mut Vec<String>,
+    cancel: &mut Cancel,
+) -> Result<(), VcsError> {
+    let path = checkout_path(&p.path)?;
+    let repo = repo_param(&p.repo)?;
+    let wanted = revision_param(&p.revision, DEFAULT_REVISION)?;
+    let key = key_file(p.ssh_key_file.as_deref())?;
+    let runner = Runner::new("git", "git", p.user.as_deref())?
+        .with_env("GIT_TERMINAL_PROMPT", "0")
+        .with_env("GIT_SSH_COMMAND", ssh_command(key.as_ref()));
+    let existing = inspect(&path, ".git", &runner)?;
+    let fresh = prepare(&path, &existing, p.force, &runner, changes)?;
+    let git = Git { runner, path, repo, cancel };
+    if fresh {
+        git.clone_at(&wanted, changes, notes).await
+    } else {
+        git.update(&wanted, p.force, changes, notes).await
+    }
+}
+
+struct Git<'a> {
+    runner: Runner,
+    path: AbsPath,
+    repo: String,
+    cancel: &'a mut Cancel,
+}
+
+impl Git<'_> {
+    /// A git command in the checkout; its output, trimmed.
+    async fn local(&mut self, args: &[&str]) -> Result<String, VcsError> {
+        Ok(self.local_raw(args).await?.trim().to_string())
+    }
+
+    /// Its output as printed (`git status` lines start with a blank column).
+    async fn local_raw(&mut self, args: &[&str]) -> Result<String, VcsError> {
+        let spec = self.runner.local(args, self.path.as_path());
+        Ok(run(&spec, &[0], self.cancel).await?.output)
+    }
+
+    /// A git command that talks to the remote.
+    async fn remote(&mut self, args: &[&str], cwd: &Path) -> Result<String, VcsError> {
+        let spec = self.runner.spec(args, cwd, TRANSFER_TIMEOUT);
+        Ok(run(&spec, &[0], self.cancel).await?.output.trim().to_string())
+    }
+
+    /// The object id `name` stands for, if it names a commit.
+    async fn rev_parse(&mut self, name: &str) -> Result<Option<String>, VcsError> {
+        // No `--end-of-options` (git 2.24+): names never start with '-' here.
+        let args = ["rev-parse", "--verify", "--quiet", name];
+        let spec = self.runner.local(args, self.path.as_path());
+        // 1: no such object; 128: not a valid name at all (`a..b`). Both are "not this".
+        let finished = run(&spec, &[0, 1, 128], self.cancel).await?;
+        if finished.exit != Exit::Code(0) {
+            return Ok(None);
+        }
+        let id = finished.output.lines().last().unwrap_or("").trim().to_string();
+        if !is_object_id(&id) {
+            return Err(VcsError::Unexpected { command: spec.display(), output: finished.output });
+        }
+        Ok(Some(id))
+    }
+
+    /// `ancestor` is `descendant` or one of its ancestors.
+    async fn is_ancestor(&mut self, ancestor: &str, descendant: &str) -> Result<bool, VcsError> {
+        let spec = self.runner.local(["merge-base", "--is-ancestor", ancestor, descendant], self.path.as_path());
+        Ok(run(&spec, &[0, 1], self.cancel).await?.exit == Exit::Code(0))
+    }
+
+    async fn clone_at(
+        mut self,
+        wanted: &str,
+        changes: &mut Vec<Change>,
+        notes: &mut Vec<String>,
+    ) -> Result<(), VcsError> {
+        let path = self.path.to_string();
+        let repo = self.repo.clone();
+        // Without a checkout: the revision is resolved like on every later round, then
+        // checked out (forced: there is nothing local to lose yet).
+        self.remote(&["clone", "--quiet", "--no-checkout", "--origin", "origin", "--", &repo, &path], Path::new("/"))
+            .await?;
+        let target = match self.resolve(wanted, notes).await {
+            Ok(t) => t,
+            Err(e) => {
+                changes.push(Change::new(&path, format!("cloned from {}; nothing checked out", mask_url(&repo))));
+                return Err(e);
+            }
+        };
+        self.checkout(&target, true).await?;
+        changes.push(Change::new(&path, format!("cloned at {} ({})", short(target.id()), target.describe())));
+        Ok(())
+    }
+
+    async fn update(
+        mut self,
+        wanted: &str,
+        force: bool,
+        changes: &mut Vec<Change>,
+        notes: &mut Vec<String>,
+    ) -> Result<(), VcsError> {
+        let path = self.path.to_string();
+        let repo = self.repo.clone();
+        let spec = self.runner.local(["config", "--get", "remote.origin.url"], self.path.as_path());
+        let origin = run(&spec, &[0, 1], self.cancel).await?;
+        match origin.exit {
+            Exit::Code(0) if origin.output.trim() == repo => {}
+            Exit::Code(0) => {
+                self.local(&["remote", "set-url", "origin", &repo]).await?;
+                let was = mask_url(origin.output.trim());
+                changes.push(Change::new(&path, format!("remote origin {was} -> {}", mask_url(&repo))));
+            }
+            _ => {
+                self.local(&["remote", "add", "origin", &repo]).await?;
+                changes.push(Change::new(&path, format!("remote origin {} added", mask_url(&repo))));
+            }
+        }
+        self.remote(
+            &["fetch", "--quiet", "--prune", "--tags", "--force", "origin", "+refs/heads/*:refs/remotes/origin/*"],
+            self.path.clone().as_path(),
+        )
+        .await?;
+        let target = self.resolve(wanted, notes).await?;
+
+        // A clone whose first checkout failed (say, an unknown revision) has no index:
+        // every file would look deleted, but there is nothing local to protect.
+        let git_dir = self.path.as_path().join(".git");
+        if git_dir.is_dir() && !git_dir.join("index").exists() {
+            self.checkout(&target, true).await?;
+            changes.push(Change::new(&path, format!("checked out at {} ({})", short(target.id()), target.describe())));
+            return Ok(());
+        }
+        let head = self.rev_parse("HEAD^{commit}").await?;
+        let spec = self.runner.local(["symbolic-ref", "--quiet", "--short", "HEAD"], self.path.as_path());
+        let symbolic = run(&spec, &[0, 1], self.cancel).await?;
+        let on_branch = (symbolic.exit == Exit::Code(0)).then(|| symbolic.output.trim().to_string());
+        let status = self.local_raw(&["status", "--porcelain", "--untracked-files=no"]).await?;
+        let dirty = changed_files(&status);
+
+        if !dirty.is_empty() && !force {
+            return Err(VcsError::LocalChanges { path: self.path.clone(), files: describe_files(&dirty) });
+        }
+        let mut dropped_commits = false;
+        if let Target::Branch { name, id } = &target {
+            // Local commits on the branch would be lost by the reset to the remote's.
+            if let Some(local) = self.rev_parse(&format!("refs/heads/{name}^{{commit}}")).await? {
+                if local != *id && !self.is_ancestor(&local, id).await? {
+                    if !force {
+                        return Err(VcsError::Diverged { path: self.path.clone(), branch: name.clone() });
+                    }
+                    dropped_commits = true;
+                }
+            }
+        }
+        if !dirty.is_empty() {
+            self.local(&["reset", "--quiet", "--hard"]).await?;
+            changes.push(Change::new(
+                &path,
+                format!("local changes discarded ({}; force is set)", describe_files(&dirty)),
+            ));
+        }
+        let at_target = head.as_deref() == Some(target.id())
+            && match &target {
+                Target::Branch { name, .. } => on_branch.as_deref() == Some(name.as_str()) && !dropped_commits,
+                _ => true,
+            };
+        if at_target {
+            return Ok(());
+        }
+        self.checkout(&target, force).await?;
+        let mut what = match head.as_deref() {
+            Some(h) if h == target.id() => format!("{} checked out at {}", target.describe(), short(h)),
+            Some(h) => format!("revision {} -> {} ({})", short(h), short(target.id()), target.describe()),
+            None => format!("checked out at {} ({})", short(target.id()), target.describe()),
+        };
+        if dropped_commits {
+            what.push_str("; local commits on the branch dropped, force is set");
+        }
+        changes.push(Change::new(&path, what));
+        Ok(())
+    }
+
+    async fn checkout(&mut self, target: &Target, force: bool) -> Result<(), VcsError> {
+        let mut args = vec!["-c", "advice.detachedHead=false", "checkout", "--quiet"];
+        if force {
+            args.push("--force");
+        }
+        let upstream;
+        match target {
+            Target::Branch { name, .. } => {
+                upstream = format!("refs/remotes/origin/{name}");
+                args.extend(["--track", "-B", name.as_str(), upstream.as_str()]);
+            }
+            Target::Tag { id, .. } | Target::Commit { id } => args.extend(["--detach", id.as_str()]),
+        }
+        self.local(&args).await.map(drop)
+    }
+
+    /// `wanted` as a branch, a tag or a commit, after a fetch.
+    async fn resolve(&mut self, wanted: &str, notes: &mut Vec<String>) -> Result<Target, VcsError> {
+        // `HEAD` is the remote's default branch, followed like any branch (the clone's
+        // `origin/HEAD` is only what it was at clone time).
+        if wanted == "HEAD" {
+            if let Some(branch) = self.default_branch().await? {
+                if let Some(id) = self.rev_parse(&format!("refs/remotes/origin/{branch}^{{commit}}")).await? {
+                    return Ok(Target::Branch { name: branch, id });
+                }
+            }
+        }
+        let branch = match wanted {
+            "HEAD" => None,
+            _ => self.rev_parse(&format!("refs/remotes/origin/{wanted}^{{commit}}")).await?,
+        };
+        if let Some(id) = branch {
+            return Ok(Target::Branch { name: wanted.to_string(), id });
+        }
+        if let Some(id) = self.rev_parse(&format!("refs/tags/{wanted}^{{commit}}")).await? {
+            return Ok(Target::Tag { name: wanted.to_string(), id });
+        }
+        if looks_like_commit(wanted) {
+            if let Some(id) = self.rev_parse(&format!("{wanted}^{{commit}}")).await? {
+                return Ok(Target::Commit { id });
+            }
+        }
+        if wanted == DEFAULT_REVISION {
+            if let Some(branch) = self.default_branch().await? {
+                if let Some(id) = self.rev_parse(&format!("refs/remotes/origin/{branch}^{{commit}}")).await? {
+                    notes.push(format!(
+                        "the remote has no branch {DEFAULT_REVISION} (the default revision); following its default branch {branch}"
+                    ));
+                    return Ok(Target::Branch { name: branch, id });
+                }
+            }
+        }
+        let branches = self.local(&["for-each-ref", "--format=%(refname:lstrip=3)", "refs/remotes/origin"]).await?;
+        let branches: Vec<&str> = branches.lines().map(str::trim).filter(|b| !b.is_empty() && *b != "HEAD").collect();
+        let known = if branches.is_empty() {
+            " (it has no branches)".to_string()
+        } else {
+            let mut list = branches.iter().take(BRANCHES_SHOWN).copied().collect::<Vec<_>>().join(", ");
+            if branches.len() > BRANCHES_SHOWN {
+                list.push_str(", …");
+            }
+            format!(" (branches: {list})")
+        };
+        Err(VcsError::NoRevision {
+            revision: wanted.to_string(),
+            expected: "a branch, tag or commit",
+            repo: mask_url(&self.repo),
+            known,
+        })
+    }
+
+    /// The branch the remote's HEAD names, if it names one.
+    async fn default_branch(&mut self) -> Result<Option<String>, VcsError> {
+        let out = self.remote(&["ls-remote", "--symref", "origin", "HEAD"], self.path.clone().as_path()).await?;
+        Ok(parse_symref(&out))
+    }
+}
+
+/// `ref: refs/heads/main<TAB>HEAD` in `git ls-remote --symref` output.
+pub fn parse_symref(out: &str) -> Option<String> {
+    out.lines().find_map(|l| {
+        let (target, name) = l.strip_prefix("ref: ")?.split_once('\t')?;
+        (name.trim() == "HEAD").then_some(target.strip_prefix("refs/heads/")?.to_string())
+    })
+}
+
+/// Paths of `git status --porcelain` (format v1) lines (`XY path`, `XY from -> to`).
+pub fn changed_files(status: &str) -> Vec<String> {
+    status
+        .lines()
+        .filter_map(|l| l.get(3..))
+        .map(|p| p.rsplit_once(" -> ").map_or(p, |(_, to)| to).to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+fn is_object_id(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Could be an abbreviated or full SHA-1/SHA-256 commit id.
+pub fn looks_like_commit(s: &str) -> bool {
+    (4..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::states::testutil::typed;
+    use serde_json::json;
+
+    #[test]
+    fn output_parsers() {
+        assert_eq!(parse_symref("ref: refs/heads/main\tHEAD\n1234abcd\tHEAD\n").as_deref(), Some("main"));
+        assert_eq!(parse_symref("1234abcd\tHEAD\n"), None);
+        assert_eq!(changed_files(" M src/a.rs\nA  b\nR  old -> new\n"), ["src/a.rs", "b", "new"]);
+        assert!(changed_files("").is_empty());
+        assert!(looks_like_commit("deadbeef") && !looks_like_commit("abc") && !looks_like_commit("v1.0"));
+        assert!(is_object_id(&"a".repeat(40)) && !is_object_id("abcd"));
+    }
+
+    #[test]
+    fn targets_describe_themselves() {
+        let b = Target::Branch { name: "main".into(), id: "a".repeat(40) };
+        assert_eq!((b.describe(), b.id().len()), ("branch main".to_string(), 40));
+        assert_eq!(Target::Tag { name: "v1".into(), id: "b".into() }.describe(), "tag v1");
+        assert_eq!(Target::Commit { id: "c".into() }.describe(), "commit");
+    }
+
+    #[tokio::test]
+    async fn bad_parameters_fail_before_anything_runs() {
+        let out = apply(&typed("common.git", json!({"path": "srv/app", "repo": "/srv/r.git"})), Cancel::never()).await;
+        assert!(
+            !out.result && out.comment.contains("parameter path") && out.comment.contains("not absolute"),
+            "{out:?}"
+        );
+        assert!(out.changes.is_empty());
+        let out = apply(
+            &typed("common.git", json!({"path": "/srv/app", "repo": "/srv/r.git", "ssh-key-file": "/nonexistent/key"})),
+            Cancel::never(),
+        )
+        .await;
+        assert!(!out.result && out.comment.starts_with("parameter ssh-key-file: /nonexistent/key"), "{out:?}");
+        let out = apply(
+            &typed("common.git", json!({"path": "/srv/app", "repo": "/srv/r.git", "user": "no-such-user-xyz"})),
+            Cancel::never(),
+        )
+        .await;
+        assert_eq!(out.comment, "unknown user \"no-such-user-xyz\"");
+        let out =
+            apply(&typed("common.git", json!({"path": "/srv/app", "repo": "-oProxyCommand=x"})), Cancel::never()).await;
+        assert!(out.comment.contains("cannot start with '-'"), "{out:?}");
+        let out = apply(
+            &typed("common.git", json!({"path": "/srv/app", "repo": "https://u:tok3n@h/x", "revision": "--x"})),
+            Cancel::never(),
+        )
+        .await;
+        assert!(out.comment.contains("parameter revision"), "{out:?}");
+    }
+}

@@ -1,0 +1,926 @@
+//! `common.git`, `common.hg` and `common.svn` against the real tools: upstream
+//! repositories created in temporary directories and served on loopback (`git daemon`,
+//! `hg serve`, `svnserve` with a password file), plus plain paths.
+//!
+//! Needs git, mercurial and subversion (`.ci/run` installs them); the tests that run a
+//! tool as another user (`nobody`) or check ownership need root and say SKIPPED
+//! without it. Every server runs in its own process group, killed when the test drops
+//! it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support code outside #[test] fns
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use opsagent_helper::cancel::{self, Cancel};
+use opsagent_helper::states::storage::find_tool;
+use opsagent_helper::states::vcs::{git, hg, svn};
+use opsagent_proto::catalogue::{parse_state, CommonGit, CommonHg, CommonSvn, ModuleParams};
+use opsagent_proto::request::{Change, Outcome};
+use serde_json::{json, Value};
+
+const NOBODY_UID: u32 = 65534;
+
+fn need(tool: &str, package: &str) {
+    assert!(
+        find_tool(tool, &[]).is_some(),
+        "{tool} is needed by these tests: apt-get install -y {package} (.ci/run installs it)"
+    );
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn params(module: &str, raw: Value) -> ModuleParams {
+    parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params
+}
+
+async fn git_state(raw: Value) -> Outcome {
+    let p = CommonGit::try_from(params("common.git", raw)).unwrap();
+    git::apply(&p, Cancel::never()).await
+}
+
+async fn hg_state(raw: Value) -> Outcome {
+    let p = CommonHg::try_from(params("common.hg", raw)).unwrap();
+    hg::apply(&p, Cancel::never()).await
+}
+
+async fn svn_state(raw: Value) -> Outcome {
+    let p = CommonSvn::try_from(params("common.svn", raw)).unwrap();
+    svn::apply(&p, Cancel::never()).await
+}
+
+#[track_caller]
+fn assert_ok(out: &Outcome) {
+    assert!(out.result, "state failed: {out:?}");
+}
+
+#[track_caller]
+fn assert_unchanged(out: &Outcome) {
+    assert!(out.result && out.changes.is_empty(), "expected no change: {out:?}");
+    assert!(out.comment.contains("already as wanted"), "{out:?}");
+}
+
+/// The change reported for `path`, which must be the only one.
+#[track_caller]
+fn only_change(out: &Outcome, path: &Path) -> String {
+    assert_ok(out);
+    assert_eq!(out.changes.len(), 1, "{out:?}");
+    assert_eq!(out.changes[0].subject, path.display().to_string(), "{out:?}");
+    out.changes[0].what.clone()
+}
+
+/// The change of a first checkout into a new directory: the directories created on
+/// the way (the checkout's own included) come first, then the clone.
+#[track_caller]
+fn clone_change(out: &Outcome, path: &Path) -> String {
+    assert_ok(out);
+    let (last, created) = out.changes.split_last().unwrap_or_else(|| panic!("no change: {out:?}"));
+    assert_eq!(last.subject, path.display().to_string(), "{out:?}");
+    assert!(created.iter().all(|c| path.starts_with(&c.subject) && c.what.starts_with("directory created")), "{out:?}");
+    assert_eq!(created.last().map(|c| c.subject.clone()), Some(path.display().to_string()), "{out:?}");
+    last.what.clone()
+}
+
+/// Runs a command, which must succeed; its stdout, trimmed.
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn git_cmd(dir: &Path) -> Command {
+    let mut c = Command::new("git");
+    c.current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com");
+    c
+}
+
+fn git_in(dir: &Path, args: &[&str]) -> String {
+    sh(git_cmd(dir).args(args))
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A temporary directory that other users may traverse (the `user` tests).
+fn open_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A server in its own process group; the group is killed on drop.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    async fn start(cmd: &mut Command, port: u16) -> Self {
+        cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let server = Self { child };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{cmd:?} does not listen on port {port}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------- git
+
+/// A bare repository with one commit on `branch`, a work clone to make more, and
+/// optionally `git daemon` serving it.
+struct GitUpstream {
+    dir: tempfile::TempDir,
+    branch: String,
+}
+
+impl GitUpstream {
+    fn new(branch: &str) -> Self {
+        need("git", "git");
+        let dir = open_tempdir();
+        let d = dir.path();
+        git_in(d, &["init", "--quiet", "--bare", "-b", branch, "up.git"]);
+        git_in(d, &["clone", "--quiet", "up.git", "work"]);
+        git_in(&d.join("work"), &["checkout", "--quiet", "-b", branch]);
+        let up = Self { dir, branch: branch.to_string() };
+        up.commit("README", "one\n");
+        up
+    }
+
+    fn bare(&self) -> PathBuf {
+        self.dir.path().join("up.git")
+    }
+
+    fn work(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    fn path_url(&self) -> String {
+        self.bare().display().to_string()
+    }
+
+    /// Commits `content` to `file` and pushes; the new commit's id.
+    fn commit(&self, file: &str, content: &str) -> String {
+        let w = self.work();
+        std::fs::write(w.join(file), content).unwrap();
+        git_in(&w, &["add", file]);
+        git_in(&w, &["commit", "--quiet", "-m", &format!("{file}: {content}")]);
+        git_in(&w, &["push", "--quiet", "origin", &format!("HEAD:refs/heads/{}", self.branch)]);
+        git_in(&w, &["rev-parse", "HEAD"])
+    }
+
+    fn tag(&self, name: &str) {
+        let w = self.work();
+        git_in(&w, &["tag", "-a", "-m", name, name]);
+        git_in(&w, &["push", "--quiet", "origin", name]);
+    }
+
+    async fn serve(&self) -> (Server, String) {
+        let port = free_port();
+        let base = self.dir.path().display().to_string();
+        let server = Server::start(
+            Command::new("git").args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                "--listen=127.0.0.1",
+                &format!("--port={port}"),
+                &format!("--base-path={base}"),
+                &base,
+            ]),
+            port,
+        )
+        .await;
+        (server, format!("git://127.0.0.1:{port}/up.git"))
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..12]
+}
+
+fn head_of(dir: &Path) -> String {
+    git_in(dir, &["rev-parse", "HEAD"])
+}
+
+#[tokio::test]
+async fn git_clones_follows_a_branch_and_changes_nothing_on_the_second_run() {
+    // `master` is the documented default revision: not given here.
+    let up = GitUpstream::new("master");
+    let (_daemon, url) = up.serve().await;
+    let first = head_of(&up.bare());
+    let dest = tempfile::tempdir().unwrap();
+    let checkouts: Vec<(String, PathBuf)> =
+        vec![(up.path_url(), dest.path().join("by-path/app")), (url, dest.path().join("by-daemon/app"))];
+
+    for (repo, path) in &checkouts {
+        let out = git_state(json!({"path": path, "repo": repo})).await;
+        assert_ok(&out);
+        // The missing parent is created too, and reported.
+        let parent = path.parent().unwrap().display().to_string();
+        assert!(out.changes.iter().any(|c| c.subject == parent && c.what.starts_with("directory created")), "{out:?}");
+        let cloned = out.changes.last().unwrap();
+        assert_eq!(
+            *cloned,
+            Change::new(path.display().to_string(), format!("cloned at {} (branch master)", short(&first)))
+        );
+        assert_eq!(read(&path.join("README")), "one\n");
+        assert_eq!(git_in(path, &["symbolic-ref", "--short", "HEAD"]), "master");
+        assert_eq!(git_in(path, &["rev-parse", "--abbrev-ref", "@{upstream}"]), "origin/master");
+        assert_unchanged(&git_state(json!({"path": path, "repo": repo})).await);
+    }
+
+    let second = up.commit("README", "two\n");
+    for (repo, path) in &checkouts {
+        let out = git_state(json!({"path": path, "repo": repo, "revision": "master"})).await;
+        let what = only_change(&out, path);
+        assert_eq!(what, format!("revision {} -> {} (branch master)", short(&first), short(&second)));
+        assert_eq!(read(&path.join("README")), "two\n");
+        assert_eq!(head_of(path), second);
+        assert_unchanged(&git_state(json!({"path": path, "repo": repo})).await);
+    }
+
+    // A new URL for the same repository: origin is changed, nothing else.
+    let (repo, path) = &checkouts[0];
+    let file_url = format!("file://{repo}");
+    let out = git_state(json!({"path": path, "repo": file_url})).await;
+    assert_eq!(only_change(&out, path), format!("remote origin {repo} -> {file_url}"));
+    assert_unchanged(&git_state(json!({"path": path, "repo": file_url})).await);
+}
+
+#[tokio::test]
+async fn git_without_master_follows_the_remote_default_branch() {
+    let up = GitUpstream::new("main");
+    let first = head_of(&up.bare());
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("app");
+    let state = json!({"path": path, "repo": up.path_url()});
+    let out = git_state(state.clone()).await;
+    assert_eq!(clone_change(&out, &path), format!("cloned at {} (branch main)", short(&first)));
+    assert!(
+        out.comment
+            .contains("the remote has no branch master (the default revision); following its default branch main"),
+        "{out:?}"
+    );
+    let again = git_state(state.clone()).await;
+    assert!(again.changes.is_empty() && again.comment.contains("following its default branch main"), "{again:?}");
+    let second = up.commit("README", "two\n");
+    let out = git_state(state).await;
+    assert_eq!(only_change(&out, &path), format!("revision {} -> {} (branch main)", short(&first), short(&second)));
+
+    // `HEAD` is the default branch as well, without a note.
+    let out = git_state(json!({"path": path, "repo": up.path_url(), "revision": "HEAD"})).await;
+    assert_unchanged(&out);
+    assert!(!out.comment.contains("following"), "{out:?}");
+
+    // Any other unknown revision is an error that lists the branches.
+    let out = git_state(json!({"path": path, "repo": up.path_url(), "revision": "release"})).await;
+    assert!(!out.result, "{out:?}");
+    assert_eq!(
+        out.comment,
+        format!("revision \"release\" is not a branch, tag or commit of {} (branches: main)", up.path_url())
+    );
+    assert_eq!(head_of(&path), second, "a failed state moves nothing");
+}
+
+#[tokio::test]
+async fn git_tags_and_commit_ids_stay_pinned() {
+    let up = GitUpstream::new("main");
+    let c1 = head_of(&up.bare());
+    up.tag("v1");
+    let c2 = up.commit("README", "two\n");
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("app");
+    let repo = up.path_url();
+    let with = |rev: &str| json!({"path": path, "repo": repo, "revision": rev});
+
+    let out = git_state(with("v1")).await;
+    assert_eq!(clone_change(&out, &path), format!("cloned at {} (tag v1)", short(&c1)));
+    assert_eq!(read(&path.join("README")), "one\n");
+    let c3 = up.commit("README", "three\n");
+    assert_unchanged(&git_state(with("v1")).await);
+    assert_eq!(head_of(&path), c1);
+
+    // A full commit id, then new upstream commits: it stays.
+    let out = git_state(with(&c2)).await;
+    assert_eq!(only_change(&out, &path), format!("revision {} -> {} (commit)", short(&c1), short(&c2)));
+    up.commit("other", "x\n");
+    assert_unchanged(&git_state(with(&c2)).await);
+    assert_eq!(head_of(&path), c2);
+
+    // An abbreviated id.
+    let out = git_state(with(&c3[..8])).await;
+    assert_eq!(only_change(&out, &path), format!("revision {} -> {} (commit)", short(&c2), short(&c3)));
+    assert_unchanged(&git_state(with(&c3[..8])).await);
+
+    // Back to the branch: it goes to the newest commit and follows from there.
+    let out = git_state(with("main")).await;
+    let tip = head_of(&up.bare());
+    assert_eq!(only_change(&out, &path), format!("revision {} -> {} (branch main)", short(&c3), short(&tip)));
+    assert_eq!(git_in(&path, &["symbolic-ref", "--short", "HEAD"]), "main");
+    assert_unchanged(&git_state(with("main")).await);
+}
+
+#[tokio::test]
+async fn git_force_decides_over_local_changes_and_commits() {
+    let up = GitUpstream::new("main");
+    let c1 = head_of(&up.bare());
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("app");
+    let repo = up.path_url();
+    let state = |force: bool| json!({"path": path, "repo": repo, "revision": "main", "force": force});
+    assert_ok(&git_state(state(false)).await);
+
+    // A changed tracked file: refused without force, even when nothing moved upstream.
+    std::fs::write(path.join("README"), "edited\n").unwrap();
+    std::fs::write(path.join("local.conf"), "untracked\n").unwrap();
+    let out = git_state(state(false)).await;
+    assert!(!out.result && out.changes.is_empty(), "{out:?}");
+    assert_eq!(out.comment, format!("{} has local changes (README); set force to discard them", path.display()));
+    let c2 = up.commit("README", "two\n");
+    let out = git_state(state(false)).await;
+    assert!(!out.result && out.comment.contains("set force to discard them"), "{out:?}");
+    assert_eq!(read(&path.join("README")), "edited\n", "the local change is kept without force");
+    assert_eq!(head_of(&path), c1);
+
+    let out = git_state(state(true)).await;
+    assert_ok(&out);
+    let p = path.display().to_string();
+    assert_eq!(
+        out.changes,
+        [
+            Change::new(&p, "local changes discarded (README; force is set)"),
+            Change::new(&p, format!("revision {} -> {} (branch main)", short(&c1), short(&c2))),
+        ]
+    );
+    assert_eq!(read(&path.join("README")), "two\n");
+    assert_eq!(read(&path.join("local.conf")), "untracked\n", "untracked files are never touched");
+    assert_unchanged(&git_state(state(true)).await);
+
+    // A local commit on the followed branch: the remote does not have it.
+    std::fs::write(path.join("README"), "local commit\n").unwrap();
+    git_in(&path, &["commit", "--quiet", "-am", "local"]);
+    let local = head_of(&path);
+    let out = git_state(state(false)).await;
+    assert!(!out.result, "{out:?}");
+    assert_eq!(
+        out.comment,
+        format!(
+            "{}: local branch main has commits that are not on the remote's main; set force to reset it",
+            path.display()
+        )
+    );
+    assert_eq!(head_of(&path), local);
+    let out = git_state(state(true)).await;
+    assert_eq!(
+        only_change(&out, &path),
+        format!(
+            "revision {} -> {} (branch main); local commits on the branch dropped, force is set",
+            short(&local),
+            short(&c2)
+        )
+    );
+    assert_eq!(head_of(&path), c2);
+    assert_unchanged(&git_state(state(true)).await);
+}
+
+#[tokio::test]
+async fn git_existing_paths_that_are_not_clones() {
+    let up = GitUpstream::new("main");
+    let dest = tempfile::tempdir().unwrap();
+    let repo = up.path_url();
+
+    // A directory with other content: refused, then replaced with force.
+    let path = dest.path().join("site");
+    std::fs::create_dir_all(path.join("old/deep")).unwrap();
+    std::fs::write(path.join("index.html"), "old\n").unwrap();
+    let out = git_state(json!({"path": path, "repo": repo, "revision": "main"})).await;
+    assert!(!out.result && out.changes.is_empty(), "{out:?}");
+    assert_eq!(
+        out.comment,
+        format!(
+            "{} exists, is not empty (2 entries) and is not a git checkout; set force to replace its content",
+            path.display()
+        )
+    );
+    assert!(path.join("index.html").exists());
+    let out = git_state(json!({"path": path, "repo": repo, "revision": "main", "force": true})).await;
+    assert_ok(&out);
+    let p = path.display().to_string();
+    assert_eq!(out.changes[0], Change::new(&p, "content removed (2 entries; not a git checkout, force is set)"));
+    assert!(out.changes[1].what.starts_with("cloned at "), "{out:?}");
+    assert!(!path.join("index.html").exists() && path.join("README").exists());
+
+    // An empty directory is simply cloned into.
+    let empty = dest.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = git_state(json!({"path": empty, "repo": repo, "revision": "main"})).await;
+    assert!(only_change(&out, &empty).starts_with("cloned at "));
+
+    // A file is never replaced, force or not.
+    let file = dest.path().join("file");
+    std::fs::write(&file, "data\n").unwrap();
+    let out = git_state(json!({"path": file, "repo": repo, "force": true})).await;
+    assert!(!out.result, "{out:?}");
+    assert_eq!(
+        out.comment,
+        format!(
+            "{} exists and is a regular file, not a directory; a checkout cannot go there (force does not replace it)",
+            file.display()
+        )
+    );
+    assert_eq!(read(&file), "data\n");
+}
+
+#[tokio::test]
+async fn git_bad_parameters_fail_clearly() {
+    let up = GitUpstream::new("main");
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("app");
+
+    let out = git_state(json!({"path": "srv/app", "repo": up.path_url()})).await;
+    assert_eq!((out.result, out.comment.as_str()), (false, "parameter path: path \"srv/app\" is not absolute"));
+    let err = parse_state("common.git", &json!({"path": "/srv/app"})).unwrap_err();
+    assert_eq!(err.to_string(), "common.git: missing required parameter \"repo\"");
+
+    // A repository that does not exist: git's own reason, and nothing cloned.
+    let missing = dest.path().join("no-such-repo.git");
+    let out = git_state(json!({"path": path, "repo": missing})).await;
+    assert!(!out.result, "{out:?}");
+    assert!(out.comment.contains("`/usr") && out.comment.contains(" clone "), "{out:?}");
+    assert!(out.comment.contains("does not exist"), "{out:?}");
+
+    // An unknown revision: the clone is made (and reported), nothing checked out, and
+    // the next round with a good revision checks out without needing force.
+    let out = git_state(json!({"path": path, "repo": up.path_url(), "revision": "nope"})).await;
+    assert!(!out.result, "{out:?}");
+    assert!(out.comment.starts_with("revision \"nope\" is not a branch, tag or commit of"), "{out:?}");
+    assert_eq!(out.changes.last().unwrap().what, format!("cloned from {}; nothing checked out", up.path_url()));
+    let out = git_state(json!({"path": path, "repo": up.path_url(), "revision": "main"})).await;
+    assert!(only_change(&out, &path).starts_with("checked out at "), "{out:?}");
+    assert_eq!(read(&path.join("README")), "one\n");
+
+    // ssh in batch mode with the key: a refused connection fails at once, no prompt.
+    let key = dest.path().join("id_test");
+    std::fs::write(&key, "not a key\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = git_state(json!({
+        "path": dest.path().join("ssh"),
+        "repo": format!("ssh://git@127.0.0.1:{}/x.git", free_port()),
+        "ssh-key-file": key,
+    }))
+    .await;
+    assert!(!out.result && out.comment.contains("Connection refused"), "{out:?}");
+
+    // A token in the URL stays out of the messages.
+    let out = git_state(json!({"path": dest.path().join("tok"), "repo": format!("https://tok3n-s3cret@127.0.0.1:{}/x.git", free_port())})).await;
+    assert!(!out.result, "{out:?}");
+    assert!(!format!("{out:?}").contains("tok3n-s3cret"), "{out:?}");
+}
+
+#[tokio::test]
+async fn git_runs_as_the_given_user() {
+    if !is_root() {
+        eprintln!("git_runs_as_the_given_user: SKIPPED, needs root to run git as nobody");
+        return;
+    }
+    let up = GitUpstream::new("main");
+    // A repository owned by root: nobody reads it through the daemon (git refuses
+    // other users' repositories on a path).
+    let (_daemon, url) = up.serve().await;
+    let dest = open_tempdir();
+    let path = dest.path().join("apps/app");
+    let state = json!({"path": path, "repo": url, "revision": "main", "user": "nobody"});
+    let out = git_state(state.clone()).await;
+    assert_ok(&out);
+    for p in [path.clone(), path.join("README"), path.join(".git"), path.join(".git/HEAD")] {
+        assert_eq!(std::fs::metadata(&p).unwrap().uid(), NOBODY_UID, "{}", p.display());
+    }
+    // The parent made on the way is root's.
+    assert_eq!(std::fs::metadata(dest.path().join("apps")).unwrap().uid(), 0);
+    assert_unchanged(&git_state(state.clone()).await);
+    up.commit("NEW", "new\n");
+    let out = git_state(state).await;
+    assert!(only_change(&out, &path).starts_with("revision "));
+    assert_eq!(std::fs::metadata(path.join("NEW")).unwrap().uid(), NOBODY_UID);
+
+    // A directory of another user is refused before git runs.
+    let root_owned = dest.path().join("root-owned");
+    std::fs::create_dir(&root_owned).unwrap();
+    let out = git_state(json!({"path": root_owned, "repo": url, "user": "nobody"})).await;
+    assert!(!out.result, "{out:?}");
+    assert_eq!(
+        out.comment,
+        format!(
+            "{} belongs to uid 0, but git runs as nobody (uid {NOBODY_UID}): give the directory to nobody or set `user` to its owner",
+            root_owned.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn git_cancel_kills_the_clone() {
+    need("git", "git");
+    // A "server" that accepts and never answers: git waits for ever.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let _ = accepted_tx.send(());
+        let mut buf = [0u8; 1024];
+        // Returns at end of stream: the client process is gone.
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut conn, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    let dest = tempfile::tempdir().unwrap();
+    let p = CommonGit::try_from(params(
+        "common.git",
+        json!({"path": dest.path().join("app"), "repo": format!("git://127.0.0.1:{port}/x.git")}),
+    ))
+    .unwrap();
+    let (canceller, cancel) = cancel::pair();
+    let state = tokio::spawn(async move { git::apply(&p, cancel).await });
+    tokio::time::timeout(Duration::from_secs(20), accepted_rx).await.unwrap().unwrap();
+    canceller.cancel();
+    let out = tokio::time::timeout(Duration::from_secs(20), state).await.unwrap().unwrap();
+    assert!(!out.result && out.cancelled, "{out:?}");
+    assert!(out.comment.contains("cancelled while"), "{out:?}");
+    tokio::time::timeout(Duration::from_secs(10), server).await.expect("git still connected after cancel").unwrap();
+}
+
+// ----------------------------------------------------------------------------- hg
+
+struct HgUpstream {
+    dir: tempfile::TempDir,
+}
+
+impl HgUpstream {
+    fn new() -> Self {
+        need("hg", "mercurial");
+        let dir = open_tempdir();
+        sh(Command::new("hg").args(["init", "up"]).current_dir(dir.path()));
+        let up = Self { dir };
+        up.commit("README", "one\n");
+        up
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.dir.path().join("up")
+    }
+
+    fn hg(&self, args: &[&str]) -> String {
+        sh(Command::new("hg")
+            .args(args)
+            .current_dir(self.repo())
+            .env("HGPLAIN", "1")
+            .env("HGUSER", "Test <t@example.com>"))
+    }
+
+    fn commit(&self, file: &str, content: &str) -> String {
+        std::fs::write(self.repo().join(file), content).unwrap();
+        self.hg(&["add", "-q", file]);
+        self.hg(&["commit", "-q", "-m", &format!("{file}: {content}")]);
+        self.tip()
+    }
+
+    fn tip(&self) -> String {
+        self.hg(&["log", "-r", "tip", "-T", "{node}"])
+    }
+
+    async fn serve(&self) -> (Server, String) {
+        let port = free_port();
+        let repo = self.repo().display().to_string();
+        let server = Server::start(
+            Command::new("hg").args(["serve", "-R", &repo, "-a", "127.0.0.1", "-p", &port.to_string()]),
+            port,
+        )
+        .await;
+        (server, format!("http://127.0.0.1:{port}/"))
+    }
+}
+
+fn hg_parent(dir: &Path) -> String {
+    sh(Command::new("hg").args(["log", "-r", ".", "-T", "{node}"]).current_dir(dir).env("HGPLAIN", "1"))
+}
+
+#[tokio::test]
+async fn hg_clones_follows_pins_and_forces() {
+    let up = HgUpstream::new();
+    let (_server, url) = up.serve().await;
+    let n1 = up.tip();
+    let dest = tempfile::tempdir().unwrap();
+    let served = dest.path().join("served");
+    let local = dest.path().join("local");
+
+    // The default revision `default`, over http and from a path.
+    for (repo, path) in [(url.clone(), &served), (up.repo().display().to_string(), &local)] {
+        let out = hg_state(json!({"path": path, "repo": repo})).await;
+        assert_eq!(clone_change(&out, path), format!("cloned at {} (default)", short(&n1)));
+        assert_eq!(read(&path.join("README")), "one\n");
+        assert_unchanged(&hg_state(json!({"path": path, "repo": repo})).await);
+    }
+    let n2 = up.commit("README", "two\n");
+    let out = hg_state(json!({"path": served, "repo": url})).await;
+    assert_eq!(only_change(&out, &served), format!("revision {} -> {} (default)", short(&n1), short(&n2)));
+    assert_eq!(read(&served.join("README")), "two\n");
+    assert_unchanged(&hg_state(json!({"path": served, "repo": url})).await);
+
+    // A tag stays where it is; so does a node id (the older spelling `branch` works).
+    up.hg(&["tag", "-r", &n1, "v1"]);
+    let out = hg_state(json!({"path": served, "repo": url, "revision": "v1"})).await;
+    assert_eq!(only_change(&out, &served), format!("revision {} -> {} (v1)", short(&n2), short(&n1)));
+    up.commit("README", "three\n");
+    assert_unchanged(&hg_state(json!({"path": served, "repo": url, "revision": "v1"})).await);
+    let out = hg_state(json!({"path": served, "repo": url, "branch": &n2[..10]})).await;
+    assert_eq!(only_change(&out, &served), format!("revision {} -> {} ({})", short(&n1), short(&n2), &n2[..10]));
+    up.commit("other", "x\n");
+    assert_unchanged(&hg_state(json!({"path": served, "repo": url, "branch": &n2[..10]})).await);
+    assert_eq!(hg_parent(&served), n2);
+
+    // Local changes: refused without force, discarded with it.
+    std::fs::write(served.join("README"), "edited\n").unwrap();
+    let out = hg_state(json!({"path": served, "repo": url})).await;
+    assert!(!out.result, "{out:?}");
+    assert_eq!(out.comment, format!("{} has local changes (README); set force to discard them", served.display()));
+    assert_eq!(read(&served.join("README")), "edited\n");
+    let out = hg_state(json!({"path": served, "repo": url, "force": true})).await;
+    assert_ok(&out);
+    let tip = up.tip();
+    let p = served.display().to_string();
+    assert_eq!(
+        out.changes,
+        [
+            Change::new(&p, "local changes discarded (README; force is set)"),
+            Change::new(&p, format!("revision {} -> {} (default)", short(&n2), short(&tip))),
+        ]
+    );
+    assert_eq!(read(&served.join("README")), "three\n");
+    assert_unchanged(&hg_state(json!({"path": served, "repo": url, "force": true})).await);
+
+    let out = hg_state(json!({"path": served, "repo": url, "revision": "no-such-branch"})).await;
+    assert!(!out.result, "{out:?}");
+    assert_eq!(
+        out.comment,
+        format!("revision \"no-such-branch\" is not a branch, bookmark, tag or changeset of {url} (branches: default)")
+    );
+}
+
+#[tokio::test]
+async fn hg_runs_as_the_given_user() {
+    if !is_root() {
+        eprintln!("hg_runs_as_the_given_user: SKIPPED, needs root to run hg as nobody");
+        return;
+    }
+    let up = HgUpstream::new();
+    let (_server, url) = up.serve().await;
+    let dest = open_tempdir();
+    let path = dest.path().join("app");
+    let state = json!({"path": path, "repo": url, "user": "nobody"});
+    let out = hg_state(state.clone()).await;
+    assert!(clone_change(&out, &path).starts_with("cloned at "));
+    for p in [path.clone(), path.join("README"), path.join(".hg")] {
+        assert_eq!(std::fs::metadata(&p).unwrap().uid(), NOBODY_UID, "{}", p.display());
+    }
+    assert_unchanged(&hg_state(state).await);
+}
+
+// ---------------------------------------------------------------------------- svn
+
+const SVN_USER: &str = "alice";
+const SVN_PASSWORD: &str = "Pa55-w0rd-xyz";
+
+/// A repository with `trunk/README` (r1) and `other/` (r2), served by svnserve with a
+/// password file and no anonymous access; a file:// working copy makes commits.
+struct SvnUpstream {
+    dir: tempfile::TempDir,
+    _server: Server,
+    port: u16,
+}
+
+impl SvnUpstream {
+    async fn new() -> Self {
+        need("svn", "subversion");
+        need("svnserve", "subversion");
+        let dir = open_tempdir();
+        let d = dir.path();
+        sh(Command::new("svnadmin").args(["create", "repo"]).current_dir(d));
+        std::fs::write(
+            d.join("repo/conf/svnserve.conf"),
+            "[general]\nanon-access = none\nauth-access = write\npassword-db = passwd\nrealm = test\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("repo/conf/passwd"), format!("[users]\n{SVN_USER} = {SVN_PASSWORD}\n")).unwrap();
+        let port = free_port();
+        let root = d.display().to_string();
+        let server = Server::start(
+            Command::new("svnserve").args([
+                "-d",
+                "--foreground",
+                "--listen-host",
+                "127.0.0.1",
+                "--listen-port",
+                &port.to_string(),
+                "-r",
+                &root,
+            ]),
+            port,
+        )
+        .await;
+        let d = d.to_path_buf();
+        let up = Self { dir, _server: server, port };
+        up.svn(&["checkout", "-q", &format!("file://{root}/repo"), &d.join("work").display().to_string()]);
+        std::fs::create_dir_all(d.join("work/trunk")).unwrap();
+        std::fs::create_dir_all(d.join("work/other")).unwrap();
+        std::fs::write(d.join("work/trunk/README"), "one\n").unwrap();
+        up.svn_work(&["add", "-q", "trunk"]);
+        up.svn_work(&["commit", "-q", "-m", "r1"]);
+        up.svn_work(&["add", "-q", "other"]);
+        up.svn_work(&["commit", "-q", "-m", "r2"]);
+        up
+    }
+
+    fn svn(&self, args: &[&str]) -> String {
+        sh(Command::new("svn").args(["--non-interactive"]).args(args).current_dir(self.dir.path()))
+    }
+
+    fn svn_work(&self, args: &[&str]) -> String {
+        sh(Command::new("svn").args(["--non-interactive"]).args(args).current_dir(self.dir.path().join("work")))
+    }
+
+    /// Commits `content` to `file` (relative to the repository root); the new revision.
+    fn commit(&self, file: &str, content: &str) -> u64 {
+        let path = self.dir.path().join("work").join(file);
+        let new = !path.exists();
+        std::fs::write(&path, content).unwrap();
+        if new {
+            self.svn_work(&["add", "-q", file]);
+        }
+        self.svn_work(&["commit", "-q", "-m", &format!("commit {file}")]);
+        self.svn_work(&["update", "-q"]);
+        self.svn_work(&["info", "--show-item", "revision"]).parse().unwrap()
+    }
+
+    fn trunk(&self) -> String {
+        format!("svn://127.0.0.1:{}/repo/trunk", self.port)
+    }
+}
+
+fn assert_no_password(out: &Outcome, password: &str) {
+    let text = format!("{} {} {:?}", out.comment, out.stdout, out.changes);
+    assert!(!text.contains(password), "the password leaked: {out:?}");
+}
+
+/// `--no-auth-cache`: nothing under root's `~/.subversion/auth` holds the password.
+fn assert_password_not_cached() {
+    fn walk(dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p);
+            } else {
+                let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap_or_default()).into_owned();
+                assert!(!text.contains(SVN_PASSWORD), "{} holds the password", p.display());
+            }
+        }
+    }
+    let home = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().unwrap().dir;
+    walk(&home.join(".subversion/auth"));
+}
+
+#[tokio::test]
+async fn svn_checks_out_with_credentials_and_follows_head() {
+    let up = SvnUpstream::new().await;
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("wc");
+    let state = |rev: &str, force: bool| json!({"path": path, "repo": up.trunk(), "username": SVN_USER, "password": SVN_PASSWORD, "revision": rev, "force": force});
+
+    // Without credentials, or with a wrong password: a failure, never a prompt.
+    let out = svn_state(json!({"path": path, "repo": up.trunk()})).await;
+    assert!(!out.result, "{out:?}");
+    let wrong = "Wr0ng-pa55word";
+    let out = svn_state(json!({"path": path, "repo": up.trunk(), "username": SVN_USER, "password": wrong})).await;
+    assert!(!out.result && out.comment.contains("svn"), "{out:?}");
+    assert_no_password(&out, wrong);
+
+    // HEAD (the default) is the last change of trunk: r1, although the repository is at r2.
+    let out = svn_state(state("", false)).await;
+    assert_eq!(only_change(&out, &path), "checked out at r1");
+    assert_no_password(&out, SVN_PASSWORD);
+    assert_eq!(read(&path.join("README")), "one\n");
+    assert_password_not_cached();
+    assert_unchanged(&svn_state(state("HEAD", false)).await);
+    // A commit elsewhere in the repository moves nothing.
+    up.commit("other/file", "x\n");
+    assert_unchanged(&svn_state(state("HEAD", false)).await);
+    let r4 = up.commit("trunk/README", "two\n");
+    let out = svn_state(state("head", false)).await;
+    assert_eq!(only_change(&out, &path), format!("revision r1 -> r{r4}"));
+    assert_no_password(&out, SVN_PASSWORD);
+    assert_eq!(read(&path.join("README")), "two\n");
+    assert_unchanged(&svn_state(state("HEAD", false)).await);
+
+    // A number stays; BASE keeps what is there; PREV is one change behind HEAD.
+    let out = svn_state(state("r1", false)).await;
+    assert_eq!(only_change(&out, &path), format!("revision r{r4} -> r1"));
+    let r5 = up.commit("trunk/README", "three\n");
+    assert_unchanged(&svn_state(state("1", false)).await);
+    assert_unchanged(&svn_state(state("BASE", false)).await);
+    assert_unchanged(&svn_state(state("COMMITED", false)).await);
+    let out = svn_state(state("PREV", false)).await;
+    assert_eq!(only_change(&out, &path), format!("revision r1 -> r{}", r5 - 1));
+    assert_eq!(read(&path.join("README")), "two\n");
+    assert_unchanged(&svn_state(state("PREV", false)).await);
+
+    // Local changes: refused without force, reverted with it.
+    std::fs::write(path.join("README"), "edited\n").unwrap();
+    let out = svn_state(state("HEAD", false)).await;
+    assert!(!out.result, "{out:?}");
+    assert_eq!(out.comment, format!("{} has local changes (README); set force to discard them", path.display()));
+    let out = svn_state(state("HEAD", true)).await;
+    assert_ok(&out);
+    let p = path.display().to_string();
+    assert_eq!(
+        out.changes,
+        [
+            Change::new(&p, "local changes discarded (README; force is set)"),
+            Change::new(&p, format!("revision r{} -> r{r5}", r5 - 1)),
+        ]
+    );
+    assert_eq!(read(&path.join("README")), "three\n");
+    assert_no_password(&out, SVN_PASSWORD);
+    assert_unchanged(&svn_state(state("HEAD", true)).await);
+
+    // Another URL of the same repository: switched.
+    let other = format!("svn://127.0.0.1:{}/repo/other", up.port);
+    let out = svn_state(json!({"path": path, "repo": other, "username": SVN_USER, "password": SVN_PASSWORD})).await;
+    assert_ok(&out);
+    assert_eq!(out.changes[0], Change::new(&p, format!("url {} -> {other}", up.trunk())));
+    assert!(path.join("file").exists() && !path.join("README").exists());
+
+    // An `@` in the path is not taken for a peg revision.
+    let at = dest.path().join("wc@2");
+    let at_state = json!({"path": at, "repo": up.trunk(), "username": SVN_USER, "password": SVN_PASSWORD});
+    assert_eq!(clone_change(&svn_state(at_state.clone()).await, &at), format!("checked out at r{r5}"));
+    assert_unchanged(&svn_state(at_state).await);
+
+    let out = svn_state(state("trunk", false)).await;
+    assert!(out.comment.starts_with("parameter revision: \"trunk\": expected HEAD, BASE, COMMITTED, PREV"), "{out:?}");
+}
+
+#[tokio::test]
+async fn svn_runs_as_the_given_user() {
+    if !is_root() {
+        eprintln!("svn_runs_as_the_given_user: SKIPPED, needs root to run svn as nobody");
+        return;
+    }
+    let up = SvnUpstream::new().await;
+    let dest = open_tempdir();
+    let path = dest.path().join("wc");
+    let state =
+        json!({"path": path, "repo": up.trunk(), "username": SVN_USER, "password": SVN_PASSWORD, "user": "nobody"});
+    let out = svn_state(state.clone()).await;
+    assert_eq!(clone_change(&out, &path), "checked out at r1");
+    for p in [path.clone(), path.join("README"), path.join(".svn")] {
+        assert_eq!(std::fs::metadata(&p).unwrap().uid(), NOBODY_UID, "{}", p.display());
+    }
+    assert_unchanged(&svn_state(state).await);
+}
