@@ -222,7 +222,6 @@ impl StartInstaller for SystemdStarter {
     }
 }
 
-
 impl Fetch for crate::download::Downloader {
     async fn fetch(&self, url: &str, dest: &Path, max_bytes: u64) -> Result<(), String> {
         // The inherent method (retries, size cap, proxy rules of the link).

@@ -71,7 +71,8 @@ async fn run(cli: Cli) -> Result<opsagent_proto::upgrade::Record, UpgradeError> 
         config.health_timeout = Duration::from_secs(s.clamp(5, 3600));
     }
     let lock_path = PathBuf::from("/run/opsagent-upgrade.lock");
-    let lock = std::fs::File::create(&lock_path).map_err(|e| UpgradeError::Io { path: lock_path.clone(), source: e })?;
+    let lock =
+        std::fs::File::create(&lock_path).map_err(|e| UpgradeError::Io { path: lock_path.clone(), source: e })?;
     if lock.try_lock().is_err() {
         return Err(UpgradeError::Busy(lock_path));
     }

@@ -136,7 +136,7 @@ pub(crate) fn identifier(text: &str) -> Result<String, String> {
 pub(super) fn base64_key(text: &str) -> Result<String, String> {
     let body = text.trim_end_matches('=');
     let alphabet_ok = body.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
-    if text.is_empty() || !alphabet_ok || text.len() % 4 != 0 || text.len() - body.len() > 2 {
+    if text.is_empty() || !alphabet_ok || !text.len().is_multiple_of(4) || text.len() - body.len() > 2 {
         return Err(format!(
             "{text:?} is not base64 text (expected the key line of a minisign .pub file, e.g. \"RWQ…\")"
         ));

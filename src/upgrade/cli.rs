@@ -35,7 +35,12 @@ impl StartInstaller for Later {
     }
 }
 
-pub fn cmd_upgrade(url: &str, version: Option<String>, config: Option<&Path>, stage_only: bool) -> anyhow::Result<ExitCode> {
+pub fn cmd_upgrade(
+    url: &str,
+    version: Option<String>,
+    config: Option<&Path>,
+    stage_only: bool,
+) -> anyhow::Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         bail!("must run as root: the installer switches /opt/visualops/current and restarts the agent");
     }
@@ -45,7 +50,10 @@ pub fn cmd_upgrade(url: &str, version: Option<String>, config: Option<&Path>, st
     };
     let state_dir = config.agent.state_dir.clone();
     let meta = std::fs::metadata(&state_dir).with_context(|| format!("state directory {}", state_dir.display()))?;
-    let owner = (nix::unistd::Uid::from_raw(std::os::unix::fs::MetadataExt::uid(&meta)), nix::unistd::Gid::from_raw(std::os::unix::fs::MetadataExt::gid(&meta)));
+    let owner = (
+        nix::unistd::Uid::from_raw(std::os::unix::fs::MetadataExt::uid(&meta)),
+        nix::unistd::Gid::from_raw(std::os::unix::fs::MetadataExt::gid(&meta)),
+    );
     let settings = UpgradeSettings {
         state_dir: state_dir.clone(),
         running: crate::version::running().to_string(),

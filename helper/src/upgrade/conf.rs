@@ -40,7 +40,10 @@ impl InstallerConfig {
             return Err(bad("not a regular file".into()));
         }
         if meta.uid() != trusted_owner {
-            return Err(bad(format!("owned by uid {}, not uid {trusted_owner}: its update_key cannot be trusted", meta.uid())));
+            return Err(bad(format!(
+                "owned by uid {}, not uid {trusted_owner}: its update_key cannot be trusted",
+                meta.uid()
+            )));
         }
         if meta.mode() & 0o022 != 0 {
             return Err(bad(format!(
@@ -114,8 +117,8 @@ mod tests {
         assert!(e.contains("update_key is not set"), "{e}");
         let e = InstallerConfig::parse(&format!("[userdata]\nupdate_key={KEY}\n[agent]\nstate_dir=rel\n")).unwrap_err();
         assert!(e.contains("line 4") && e.contains("absolute"), "{e}");
-        let e =
-            InstallerConfig::parse(&format!("[userdata]\nupdate_key={KEY}\n[upgrade]\nhealth_timeout=1\n")).unwrap_err();
+        let e = InstallerConfig::parse(&format!("[userdata]\nupdate_key={KEY}\n[upgrade]\nhealth_timeout=1\n"))
+            .unwrap_err();
         assert!(e.contains("health_timeout"), "{e}");
     }
 

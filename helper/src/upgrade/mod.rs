@@ -120,7 +120,12 @@ impl<C: AgentControl> Installer<C> {
         let fail = |e| (version.clone(), e);
         tracing::info!(version = %version, from = %from, url = %taken.order.url, "installing a staged release");
         if version == from {
-            let r = record_of(version.clone(), from, Outcome::Confirmed, format!("{version} is already the current release"));
+            let r = record_of(
+                version.clone(),
+                from,
+                Outcome::Confirmed,
+                format!("{version} is already the current release"),
+            );
             write_record(state, owner, &r).map_err(fail)?;
             return Ok(r);
         }
@@ -129,7 +134,8 @@ impl<C: AgentControl> Installer<C> {
         self.releases.install(&tree, &version).map_err(fail)?;
         self.releases.switch(&version).map_err(fail)?;
         let switched_at = now_unix();
-        let switched = record_of(version.clone(), from, Outcome::Switched, "switched; waiting for the health gate".into());
+        let switched =
+            record_of(version.clone(), from, Outcome::Switched, "switched; waiting for the health gate".into());
         write_record(state, owner, &switched).map_err(fail)?;
         tracing::info!(version = %version, from = %from, "switched; restarting the agent");
 
@@ -169,7 +175,12 @@ impl<C: AgentControl> Installer<C> {
                 r
             }
             Err(why) => {
-                let r = record_of(version.clone(), from, Outcome::Failed, format!("{why}; no previous release to revert to"));
+                let r = record_of(
+                    version.clone(),
+                    from,
+                    Outcome::Failed,
+                    format!("{why}; no previous release to revert to"),
+                );
                 write_record(state, owner, &r).map_err(fail)?;
                 r
             }

@@ -114,7 +114,8 @@ pub fn take(staged: &PinnedDir, work: &Path) -> Result<Staged, UpgradeError> {
 pub fn verify_signature(update_key: &str, archive: &Path, signature: &Path, version: &str) -> Result<(), UpgradeError> {
     let key = PublicKey::from_base64(update_key.trim())
         .map_err(|e| UpgradeError::Rejected(format!("the configured update_key is not a minisign public key: {e}")))?;
-    let text = fs::read_to_string(signature).map_err(|e| UpgradeError::Io { path: signature.to_path_buf(), source: e })?;
+    let text =
+        fs::read_to_string(signature).map_err(|e| UpgradeError::Io { path: signature.to_path_buf(), source: e })?;
     let sig = Signature::decode(&text)
         .map_err(|e| UpgradeError::Rejected(format!("the signature file is not a minisign signature: {e}")))?;
     let bytes = fs::read(archive).map_err(|e| UpgradeError::Io { path: archive.to_path_buf(), source: e })?;
@@ -136,7 +137,8 @@ pub fn verify_signature(update_key: &str, archive: &Path, signature: &Path, vers
 pub fn unpack_and_check(archive: &Path, work: &Path, version: &str) -> Result<PathBuf, UpgradeError> {
     let tree = work.join("tree");
     fs::create_dir(&tree).map_err(|e| UpgradeError::Io { path: tree.clone(), source: e })?;
-    let limits = Limits { max_entries: 10_000, max_entry_bytes: MAX_ARCHIVE_BYTES, max_total_bytes: 4 * MAX_ARCHIVE_BYTES };
+    let limits =
+        Limits { max_entries: 10_000, max_entry_bytes: MAX_ARCHIVE_BYTES, max_total_bytes: 4 * MAX_ARCHIVE_BYTES };
     unpack::unpack(archive, ArchiveFormat::TarGz, &tree, &limits, None)
         .map_err(|e| UpgradeError::Rejected(format!("unsafe or broken archive: {e}")))?;
     let top = format!("opsagent-{version}");

@@ -25,7 +25,9 @@ fn keys() -> Keys {
 }
 
 fn sign(keys: &Keys, data: &[u8], trusted: &str) -> String {
-    minisign::sign(Some(&keys.pk), &keys.sk, Cursor::new(data), Some(trusted), Some("test release")).unwrap().to_string()
+    minisign::sign(Some(&keys.pk), &keys.sk, Cursor::new(data), Some(trusted), Some("test release"))
+        .unwrap()
+        .to_string()
 }
 
 /// A release archive: `opsagent-VERSION/` with the three programs and a MANIFEST;
@@ -91,7 +93,12 @@ impl Host {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(hand::ARCHIVE), tgz).unwrap();
         std::fs::write(dir.join(hand::SIGNATURE), sig).unwrap();
-        let order = Order { version: version.into(), url: format!("http://x/{version}/opsagent.tgz"), from: "?".into(), ordered_at: 1 };
+        let order = Order {
+            version: version.into(),
+            url: format!("http://x/{version}/opsagent.tgz"),
+            from: "?".into(),
+            ordered_at: 1,
+        };
         std::fs::write(dir.join(hand::ORDER), serde_json::to_vec(&order).unwrap()).unwrap();
     }
 
