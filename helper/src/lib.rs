@@ -18,6 +18,7 @@ pub mod server;
 pub mod socket;
 pub mod states;
 pub mod systemd;
+pub mod unpack;
 pub mod watch;
 
 use std::sync::Arc;

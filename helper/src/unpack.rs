@@ -1,0 +1,618 @@
+//! Safe extraction of tar, tar.gz, tar.bz2 and zip archives.
+//!
+//! Archives come from the network, so every entry is treated as hostile: nothing may be
+//! created outside `dest`, nothing is written through a symbolic link, no device or FIFO
+//! is created, set-id and sticky bits are dropped, and sizes are capped (declared sizes
+//! and the bytes actually written, since a header can lie and a compressed stream can
+//! expand enormously).
+//!
+//! Threat model: the *archive* is untrusted, the destination is not shared. Callers
+//! unpack into a fresh private temporary directory (root-owned, 0700) and move the
+//! result into place; paths inside `dest` are then only ever changed by this code, so
+//! walking them component by component with `lstat` (never following a link) is enough.
+//! A failed unpack may leave a partial `dest` behind: callers remove the temporary
+//! directory on error and never rename a partial tree into place.
+//!
+//! Symbolic links inside the archive are allowed when their target is relative and
+//! provably stays inside `dest`: the target must be a run of `..` that climbs no higher
+//! than the link's own directory depth, followed by plain names only. A `..` after a
+//! name (`a/../b`) is refused, because `a` may itself be a link, and resolving it
+//! textually would then be wrong (the classic `d/up -> ..`, `x -> d/up/../..`). By
+//! induction every link then resolves inside `dest`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::fcntl::OFlag;
+
+/// Mode of a file whose archive entry carries none (zip written on Windows).
+const DEFAULT_FILE_MODE: u32 = 0o644;
+const DEFAULT_DIR_MODE: u32 = 0o755;
+/// Longest symbolic link target read from a zip entry (its target is its content).
+const MAX_LINK_TARGET: u64 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveFormat {
+    Tar,
+    TarGz,
+    TarBz2,
+    Zip,
+}
+
+impl ArchiveFormat {
+    /// The format named by a file name's (or URL path's) suffix, case-insensitive: `tar`,
+    /// `tgz`, `tar.gz`, `gz`, `bz`, `bz2`, `tbz`, `tbz2`, `tar.bz2`, `zip`. A query
+    /// string or fragment is ignored.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let name = name.split(['?', '#']).next().unwrap_or(name).to_ascii_lowercase();
+        const SUFFIXES: &[(&str, ArchiveFormat)] = &[
+            (".tar.gz", ArchiveFormat::TarGz),
+            (".tgz", ArchiveFormat::TarGz),
+            // The original adaptor accepted a plain `.gz` as a gzipped tar too.
+            (".gz", ArchiveFormat::TarGz),
+            (".tar.bz2", ArchiveFormat::TarBz2),
+            (".tbz2", ArchiveFormat::TarBz2),
+            (".tbz", ArchiveFormat::TarBz2),
+            (".bz2", ArchiveFormat::TarBz2),
+            (".bz", ArchiveFormat::TarBz2),
+            (".tar", ArchiveFormat::Tar),
+            (".zip", ArchiveFormat::Zip),
+        ];
+        SUFFIXES.iter().find(|(suffix, _)| name.ends_with(suffix)).map(|(_, f)| *f)
+    }
+
+    /// The format of the file at `path`, by its first bytes.
+    pub fn sniff(path: &Path) -> Result<Self, UnpackError> {
+        let mut f = File::open(path).map_err(io_err(path, "open"))?;
+        let mut head = Vec::with_capacity(512);
+        (&mut f).take(512).read_to_end(&mut head).map_err(io_err(path, "read"))?;
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Ok(Self::TarGz)
+        } else if head.starts_with(b"BZh") {
+            Ok(Self::TarBz2)
+        } else if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+            Ok(Self::Zip)
+        } else if head.len() == 512 && (&head[257..262] == b"ustar" || tar_checksum_ok(&head)) {
+            Ok(Self::Tar)
+        } else {
+            Err(UnpackError::UnknownFormat { path: path.to_path_buf() })
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tar => "tar",
+            Self::TarGz => "tar.gz",
+            Self::TarBz2 => "tar.bz2",
+            Self::Zip => "zip",
+        }
+    }
+}
+
+impl std::fmt::Display for ArchiveFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A pre-POSIX tar header has no magic; its checksum field still identifies it.
+fn tar_checksum_ok(head: &[u8]) -> bool {
+    let field = String::from_utf8_lossy(&head[148..156]);
+    let Ok(stored) = u32::from_str_radix(field.trim_matches(|c: char| c == '\0' || c == ' '), 8) else {
+        return false;
+    };
+    let sum: u32 = head.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { u32::from(*b) }).sum();
+    head.iter().any(|b| *b != 0) && sum == stored
+}
+
+/// Caps on what one archive may unpack to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Entries of any kind (files, directories, links).
+    pub max_entries: u64,
+    /// Bytes of one file.
+    pub max_entry_bytes: u64,
+    /// Bytes of all files together.
+    pub max_total_bytes: u64,
+}
+
+impl Default for Limits {
+    /// Generous for software distributions, small enough that a decompression bomb
+    /// cannot fill a typical root file system.
+    fn default() -> Self {
+        Self { max_entries: 200_000, max_entry_bytes: 4 << 30, max_total_bytes: 8 << 30 }
+    }
+}
+
+/// What an unpack created: entries of any kind, and file bytes written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Unpacked {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("{path}: cannot {op}: {source}")]
+    Io { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("{path}: not a tar, tar.gz, tar.bz2 or zip archive")]
+    UnknownFormat { path: PathBuf },
+    #[error("{archive}: corrupt or unreadable {format} archive: {reason}")]
+    Corrupt { archive: PathBuf, format: ArchiveFormat, reason: String },
+    #[error("entry {entry:?}: absolute paths are refused")]
+    Absolute { entry: String },
+    #[error("entry {entry:?}: \"..\" components are refused")]
+    ParentComponent { entry: String },
+    #[error("entry {entry:?}: the name is not usable ({reason})")]
+    BadName { entry: String, reason: &'static str },
+    #[error("entry {entry:?}: symbolic link to {target:?} refused: {reason}")]
+    SymlinkEscapes { entry: String, target: String, reason: &'static str },
+    #[error("entry {entry:?}: hard link to {target:?} refused: {reason}")]
+    HardLink { entry: String, target: String, reason: String },
+    #[error("entry {entry:?}: {kind} entries are refused")]
+    Special { entry: String, kind: String },
+    #[error("entry {entry:?}: {link} is a symbolic link; nothing is written through a link")]
+    ThroughSymlink { entry: String, link: String },
+    #[error("entry {entry:?}: {path} is {found}, not a directory")]
+    NotADirectory { entry: String, path: String, found: &'static str },
+    #[error("entry {entry:?}: cannot replace the directory {path} with a non-directory")]
+    ReplacesDirectory { entry: String, path: String },
+    #[error("entry {entry:?}: {size} bytes exceeds the limit of {limit} bytes per file")]
+    EntryTooLarge { entry: String, size: u64, limit: u64 },
+    #[error("entry {entry:?}: the archive unpacks to more than the limit of {limit} bytes in total")]
+    TotalTooLarge { entry: String, limit: u64 },
+    #[error("the archive has more than the limit of {limit} entries")]
+    TooManyEntries { limit: u64 },
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> UnpackError {
+    let path = path.to_path_buf();
+    move |source| UnpackError::Io { path, op, source }
+}
+
+/// Unpacks `archive` (of `format`) into the existing directory `dest`. Every created
+/// object is owned by `owner` (`None`: root). See the module documentation for what is
+/// refused; on error `dest` may hold part of the archive.
+pub fn unpack(
+    archive: &Path,
+    format: ArchiveFormat,
+    dest: &Path,
+    limits: &Limits,
+    owner: Option<(u32, u32)>,
+) -> Result<Unpacked, UnpackError> {
+    let meta = fs::symlink_metadata(dest).map_err(io_err(dest, "inspect"))?;
+    if !meta.is_dir() {
+        return Err(UnpackError::NotADirectory {
+            entry: String::new(),
+            path: dest.display().to_string(),
+            found: kind_of(meta.file_type()),
+        });
+    }
+    let file = File::open(archive).map_err(io_err(archive, "open"))?;
+    let mut x = Extractor {
+        dest: dest.to_path_buf(),
+        limits: *limits,
+        owner: owner.unwrap_or((0, 0)),
+        done: Unpacked::default(),
+        dir_modes: Vec::new(),
+    };
+    let corrupt = |e: io::Error| UnpackError::Corrupt { archive: archive.to_path_buf(), format, reason: e.to_string() };
+    match format {
+        ArchiveFormat::Tar => x.tar(io::BufReader::new(file), &corrupt)?,
+        ArchiveFormat::TarGz => x.tar(flate2::read::MultiGzDecoder::new(io::BufReader::new(file)), &corrupt)?,
+        ArchiveFormat::TarBz2 => x.tar(bzip2::read::MultiBzDecoder::new(io::BufReader::new(file)), &corrupt)?,
+        ArchiveFormat::Zip => x.zip(file, archive)?,
+    }
+    x.finish_dirs()?;
+    Ok(x.done)
+}
+
+/// What one entry asks to create.
+enum Kind {
+    File { mode: u32, declared: u64 },
+    Dir { mode: u32 },
+    Symlink { target: Vec<u8> },
+    HardLink { target: Vec<u8> },
+}
+
+struct Extractor {
+    dest: PathBuf,
+    limits: Limits,
+    owner: (u32, u32),
+    done: Unpacked,
+    /// Directories get their archive mode at the end: a read-only directory created
+    /// early would refuse its own children.
+    dir_modes: Vec<(PathBuf, u32)>,
+}
+
+impl Extractor {
+    fn tar<R: Read>(&mut self, reader: R, corrupt: &dyn Fn(io::Error) -> UnpackError) -> Result<(), UnpackError> {
+        use tar::EntryType as T;
+        let mut archive = tar::Archive::new(reader);
+        for entry in archive.entries().map_err(corrupt)? {
+            let mut entry = entry.map_err(corrupt)?;
+            let name = entry.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&name).into_owned();
+            let header = entry.header();
+            let mode = header.mode().unwrap_or(DEFAULT_FILE_MODE);
+            let kind = match header.entry_type() {
+                T::Regular | T::Continuous | T::GNUSparse => Kind::File { mode, declared: entry.size() },
+                T::Directory => Kind::Dir { mode },
+                T::Symlink => Kind::Symlink { target: link_name(&entry, &shown, corrupt)? },
+                T::Link => Kind::HardLink { target: link_name(&entry, &shown, corrupt)? },
+                T::Char => return Err(special(&shown, "character device")),
+                T::Block => return Err(special(&shown, "block device")),
+                T::Fifo => return Err(special(&shown, "FIFO")),
+                // Metadata the tar crate did not fold into the next entry: nothing to create.
+                T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => continue,
+                other => return Err(special(&shown, &format!("tar type {:?}", other.as_byte() as char))),
+            };
+            self.entry(&name, &shown, kind, &mut entry).map_err(|e| match e {
+                // A read error in the middle of a file is the archive's fault.
+                UnpackError::Io { op: "read", source, .. } => corrupt(source),
+                e => e,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn zip(&mut self, file: File, archive: &Path) -> Result<(), UnpackError> {
+        let corrupt = |reason: String| UnpackError::Corrupt {
+            archive: archive.to_path_buf(),
+            format: ArchiveFormat::Zip,
+            reason,
+        };
+        let mut zip = zip::ZipArchive::new(io::BufReader::new(file)).map_err(|e| corrupt(e.to_string()))?;
+        if zip.len() as u64 > self.limits.max_entries {
+            return Err(UnpackError::TooManyEntries { limit: self.limits.max_entries });
+        }
+        for i in 0..zip.len() {
+            let mut entry = zip.by_index(i).map_err(|e| corrupt(e.to_string()))?;
+            let name = entry.name().as_bytes().to_vec();
+            let shown = entry.name().to_string();
+            if entry.encrypted() {
+                return Err(special(&shown, "encrypted"));
+            }
+            let unix = entry.unix_mode();
+            const S_IFMT: u32 = 0o170000;
+            let kind = match unix.map(|m| m & S_IFMT) {
+                _ if entry.is_dir() => Kind::Dir { mode: unix.map_or(DEFAULT_DIR_MODE, |m| m & 0o7777) },
+                None | Some(0o100000) | Some(0) => {
+                    Kind::File { mode: unix.map_or(DEFAULT_FILE_MODE, |m| m & 0o7777), declared: entry.size() }
+                }
+                Some(0o040000) => Kind::Dir { mode: unix.map_or(DEFAULT_DIR_MODE, |m| m & 0o7777) },
+                Some(0o120000) => {
+                    let mut target = Vec::new();
+                    (&mut entry)
+                        .take(MAX_LINK_TARGET + 1)
+                        .read_to_end(&mut target)
+                        .map_err(|e| corrupt(format!("entry {shown:?}: {e}")))?;
+                    if target.len() as u64 > MAX_LINK_TARGET {
+                        return Err(UnpackError::SymlinkEscapes {
+                            entry: shown,
+                            target: String::from_utf8_lossy(&target[..64]).into_owned() + "...",
+                            reason: "the target is too long",
+                        });
+                    }
+                    Kind::Symlink { target }
+                }
+                Some(0o020000) => return Err(special(&shown, "character device")),
+                Some(0o060000) => return Err(special(&shown, "block device")),
+                Some(0o010000) => return Err(special(&shown, "FIFO")),
+                Some(0o140000) => return Err(special(&shown, "socket")),
+                Some(other) => return Err(special(&shown, &format!("file type {other:o}"))),
+            };
+            self.entry(&name, &shown, kind, &mut entry).map_err(|e| match e {
+                UnpackError::Io { op: "read", source, .. } => corrupt(format!("entry {shown:?}: {source}")),
+                e => e,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, name: &[u8], shown: &str, kind: Kind, data: &mut dyn Read) -> Result<(), UnpackError> {
+        if self.done.entries >= self.limits.max_entries {
+            return Err(UnpackError::TooManyEntries { limit: self.limits.max_entries });
+        }
+        let parts = entry_components(name, shown)?;
+        // `./` (or an empty name): the destination itself, which already exists.
+        let Some((last, parents)) = parts.split_last() else {
+            return Ok(());
+        };
+        let parent = self.ensure_parents(parents, shown)?;
+        let path = parent.join(last);
+        match kind {
+            Kind::Dir { mode } => self.dir(&path, shown, mode)?,
+            Kind::File { mode, declared } => {
+                self.check_size(shown, declared)?;
+                self.clear(&path, shown)?;
+                self.file(&path, shown, mode, data)?;
+            }
+            Kind::Symlink { target } => {
+                let target_shown = String::from_utf8_lossy(&target).into_owned();
+                check_symlink_target(&target, parents.len(), shown, &target_shown)?;
+                self.clear(&path, shown)?;
+                std::os::unix::fs::symlink(Path::new(&bytes_to_os(&target)), &path)
+                    .map_err(io_err(&path, "create the symbolic link"))?;
+                std::os::unix::fs::lchown(&path, Some(self.owner.0), Some(self.owner.1))
+                    .map_err(io_err(&path, "change the owner of"))?;
+            }
+            Kind::HardLink { target } => {
+                let source = self.hard_link_source(&target, shown)?;
+                self.clear(&path, shown)?;
+                fs::hard_link(&source, &path).map_err(io_err(&path, "create the hard link"))?;
+            }
+        }
+        self.done.entries += 1;
+        Ok(())
+    }
+
+    fn check_size(&self, entry: &str, size: u64) -> Result<(), UnpackError> {
+        if size > self.limits.max_entry_bytes {
+            return Err(UnpackError::EntryTooLarge { entry: entry.into(), size, limit: self.limits.max_entry_bytes });
+        }
+        if self.done.bytes.saturating_add(size) > self.limits.max_total_bytes {
+            return Err(UnpackError::TotalTooLarge { entry: entry.into(), limit: self.limits.max_total_bytes });
+        }
+        Ok(())
+    }
+
+    /// Walks (and creates) the directories leading to an entry, one component at a
+    /// time, refusing any link or non-directory on the way.
+    fn ensure_parents(&mut self, parents: &[PathBuf], entry: &str) -> Result<PathBuf, UnpackError> {
+        let mut cur = self.dest.clone();
+        for part in parents {
+            cur.push(part);
+            match lstat(&cur)? {
+                Some(m) if m.file_type().is_symlink() => {
+                    return Err(UnpackError::ThroughSymlink { entry: entry.into(), link: self.shown(&cur) });
+                }
+                Some(m) if m.is_dir() => {}
+                Some(m) => {
+                    return Err(UnpackError::NotADirectory {
+                        entry: entry.into(),
+                        path: self.shown(&cur),
+                        found: kind_of(m.file_type()),
+                    })
+                }
+                None => self.make_dir(&cur, DEFAULT_DIR_MODE)?,
+            }
+        }
+        Ok(cur)
+    }
+
+    fn make_dir(&mut self, path: &Path, mode: u32) -> Result<(), UnpackError> {
+        fs::DirBuilder::new().mode(0o700).create(path).map_err(io_err(path, "create the directory"))?;
+        let f = open_nofollow(path, true)?;
+        std::os::unix::fs::fchown(&f, Some(self.owner.0), Some(self.owner.1))
+            .map_err(io_err(path, "change the owner of"))?;
+        self.dir_modes.push((path.to_path_buf(), mode));
+        Ok(())
+    }
+
+    fn dir(&mut self, path: &Path, entry: &str, mode: u32) -> Result<(), UnpackError> {
+        match lstat(path)? {
+            Some(m) if m.is_dir() => {
+                self.dir_modes.push((path.to_path_buf(), mode));
+                Ok(())
+            }
+            Some(m) if m.file_type().is_symlink() => {
+                Err(UnpackError::ThroughSymlink { entry: entry.into(), link: self.shown(path) })
+            }
+            Some(m) => Err(UnpackError::NotADirectory {
+                entry: entry.into(),
+                path: self.shown(path),
+                found: kind_of(m.file_type()),
+            }),
+            None => self.make_dir(path, mode),
+        }
+    }
+
+    /// Makes room for a non-directory at `path`: a later entry replaces an earlier one
+    /// (as tar does), and a link there is removed, never followed.
+    fn clear(&self, path: &Path, entry: &str) -> Result<(), UnpackError> {
+        match lstat(path)? {
+            None => Ok(()),
+            Some(m) if m.is_dir() => {
+                Err(UnpackError::ReplacesDirectory { entry: entry.into(), path: self.shown(path) })
+            }
+            Some(_) => fs::remove_file(path).map_err(io_err(path, "replace")),
+        }
+    }
+
+    fn file(&mut self, path: &Path, entry: &str, mode: u32, data: &mut dyn Read) -> Result<(), UnpackError> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+            .open(path)
+            .map_err(io_err(path, "create"))?;
+        // The declared size was checked; the bytes that really come out are checked as
+        // they are written (a header may lie, a compressed stream may not end).
+        let left_total = self.limits.max_total_bytes.saturating_sub(self.done.bytes);
+        let cap = self.limits.max_entry_bytes.min(left_total);
+        let mut written = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match data.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(path, "read")(e)),
+            };
+            written += n as u64;
+            if written > cap {
+                drop(f);
+                let _ = fs::remove_file(path);
+                return Err(if written > self.limits.max_entry_bytes {
+                    UnpackError::EntryTooLarge {
+                        entry: entry.into(),
+                        size: written,
+                        limit: self.limits.max_entry_bytes,
+                    }
+                } else {
+                    UnpackError::TotalTooLarge { entry: entry.into(), limit: self.limits.max_total_bytes }
+                });
+            }
+            f.write_all(&buf[..n]).map_err(io_err(path, "write"))?;
+        }
+        std::os::unix::fs::fchown(&f, Some(self.owner.0), Some(self.owner.1))
+            .map_err(io_err(path, "change the owner of"))?;
+        // Only the rwx bits: set-id and sticky bits from a downloaded archive are refused
+        // silently (root would otherwise install set-uid programs on a stranger's say).
+        f.set_permissions(fs::Permissions::from_mode(mode & 0o777)).map_err(io_err(path, "change the mode of"))?;
+        self.done.bytes += written;
+        Ok(())
+    }
+
+    /// The existing regular file inside `dest` that a hard link entry names.
+    fn hard_link_source(&mut self, target: &[u8], entry: &str) -> Result<PathBuf, UnpackError> {
+        let target_shown = String::from_utf8_lossy(target).into_owned();
+        let refuse =
+            |reason: String| UnpackError::HardLink { entry: entry.to_string(), target: target_shown.clone(), reason };
+        let parts = entry_components(target, &target_shown).map_err(|e| refuse(e.to_string()))?;
+        if parts.is_empty() {
+            return Err(refuse("it names the destination directory".into()));
+        }
+        let mut cur = self.dest.clone();
+        for (i, part) in parts.iter().enumerate() {
+            cur.push(part);
+            let last = i + 1 == parts.len();
+            match lstat(&cur)? {
+                None => return Err(refuse("the target is not in the archive (links must follow their target)".into())),
+                Some(m) if m.file_type().is_symlink() => {
+                    return Err(refuse(format!("{} is a symbolic link", self.shown(&cur))))
+                }
+                Some(m) if last && !m.is_file() => {
+                    return Err(refuse(format!("the target is {}, not a regular file", kind_of(m.file_type()))))
+                }
+                Some(m) if !last && !m.is_dir() => {
+                    return Err(refuse(format!("{} is {}", self.shown(&cur), kind_of(m.file_type()))))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(cur)
+    }
+
+    fn finish_dirs(&mut self) -> Result<(), UnpackError> {
+        for (path, mode) in self.dir_modes.drain(..).rev() {
+            let f = open_nofollow(&path, true)?;
+            f.set_permissions(fs::Permissions::from_mode(mode & 0o777)).map_err(io_err(&path, "change the mode of"))?;
+        }
+        Ok(())
+    }
+
+    /// A path inside `dest`, as the archive names it (for messages).
+    fn shown(&self, path: &Path) -> String {
+        path.strip_prefix(&self.dest).unwrap_or(path).display().to_string()
+    }
+}
+
+fn special(entry: &str, kind: &str) -> UnpackError {
+    UnpackError::Special { entry: entry.to_string(), kind: kind.to_string() }
+}
+
+fn link_name<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    shown: &str,
+    corrupt: &dyn Fn(io::Error) -> UnpackError,
+) -> Result<Vec<u8>, UnpackError> {
+    match entry.link_name_bytes() {
+        Some(t) if !t.is_empty() => Ok(t.into_owned()),
+        _ => Err(corrupt(io::Error::other(format!("entry {shown:?}: a link without a target")))),
+    }
+}
+
+fn bytes_to_os(b: &[u8]) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    std::ffi::OsString::from_vec(b.to_vec())
+}
+
+/// The plain components of an entry name: refuses absolute names, `..` anywhere and NUL
+/// bytes; drops `.` and empty components (`a//b`, `./a`, `a/`).
+fn entry_components(name: &[u8], shown: &str) -> Result<Vec<PathBuf>, UnpackError> {
+    if name.contains(&0) {
+        return Err(UnpackError::BadName { entry: shown.into(), reason: "it contains a NUL byte" });
+    }
+    // Archives written on Windows may use backslashes; on unpack they must not smuggle
+    // in a `..` that only another tool would see as a separator.
+    let os = bytes_to_os(name);
+    let path = Path::new(&os);
+    if name.starts_with(b"/") {
+        return Err(UnpackError::Absolute { entry: shown.into() });
+    }
+    let mut out = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(part) => {
+                if part.as_encoded_bytes().split(|b| *b == b'\\').any(|p| p == b"..") {
+                    return Err(UnpackError::ParentComponent { entry: shown.into() });
+                }
+                out.push(PathBuf::from(part));
+            }
+            Component::CurDir => {}
+            Component::ParentDir => return Err(UnpackError::ParentComponent { entry: shown.into() }),
+            Component::RootDir | Component::Prefix(_) => return Err(UnpackError::Absolute { entry: shown.into() }),
+        }
+    }
+    Ok(out)
+}
+
+/// See the module documentation: `(..)* name*`, climbing no higher than `depth` (the
+/// number of directories between `dest` and the link).
+fn check_symlink_target(target: &[u8], depth: usize, entry: &str, shown: &str) -> Result<(), UnpackError> {
+    let refuse = |reason| UnpackError::SymlinkEscapes { entry: entry.into(), target: shown.into(), reason };
+    if target.contains(&0) {
+        return Err(refuse("the target contains a NUL byte"));
+    }
+    if target.starts_with(b"/") {
+        return Err(refuse("absolute targets point outside the destination"));
+    }
+    let os = bytes_to_os(target);
+    let mut ups = 0usize;
+    let mut descended = false;
+    for c in Path::new(&os).components() {
+        match c {
+            Component::ParentDir if descended => {
+                return Err(refuse("\"..\" after a name is refused: that name may itself be a link"))
+            }
+            Component::ParentDir => ups += 1,
+            Component::Normal(_) => descended = true,
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(refuse("absolute targets point outside the destination"))
+            }
+        }
+    }
+    if ups > depth {
+        return Err(refuse("it resolves outside the destination"));
+    }
+    Ok(())
+}
+
+fn lstat(path: &Path) -> Result<Option<fs::Metadata>, UnpackError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path, "inspect")(e)),
+    }
+}
+
+fn open_nofollow(path: &Path, directory: bool) -> Result<File, UnpackError> {
+    let mut flags = OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    if directory {
+        flags |= OFlag::O_DIRECTORY;
+    }
+    OpenOptions::new().read(true).custom_flags(flags.bits()).open(path).map_err(io_err(path, "open"))
+}
+
+fn kind_of(ft: fs::FileType) -> &'static str {
+    crate::fsutil::kind_of(ft)
+}
+
+#[cfg(test)]
+mod tests;
