@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod download;
 pub mod helper_client;
 pub mod identity;
 pub mod link;
