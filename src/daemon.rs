@@ -16,7 +16,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
-use crate::helper_client::{HelperClient, UnixHelperClient};
+use crate::download::{DownloadSettings, Downloader};
+use crate::helper_client::{Fetcher, HelperClient, UnixHelperClient};
 use crate::identity;
 use crate::link::{Link, LinkConfig, LinkStatus, Outbox, ProxySettings};
 use crate::protocol::{Identity, StateLog};
@@ -42,6 +43,8 @@ pub enum DaemonError {
     Helper { secs: u64, last: String },
     #[error("link: {0}")]
     Link(#[from] crate::link::LinkError),
+    #[error("downloads: {0}")]
+    Download(#[from] crate::download::DownloadError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -105,6 +108,11 @@ struct Persisted {
     version: u64,
     recipe: Value,
     done: BTreeSet<String>,
+}
+
+/// Where downloads for the helper wait until their state has run (emptied at start).
+pub fn fetch_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("fetch")
 }
 
 pub fn recipe_file(state_dir: &Path) -> PathBuf {
@@ -263,7 +271,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let spool = Spool::open(&state_dir.join("spool"), SpoolLimits::default())?;
     let spool = Arc::new(SharedSpool::new(spool));
 
-    let helper = UnixHelperClient::new(&config.agent.helper_socket, env!("CARGO_PKG_VERSION"));
+    // Downloads follow the link's proxy rules and trust its extra CA bundle.
+    let proxy = ProxySettings::from_env(config.link.proxy.as_deref(), config.link.no_proxy.as_deref());
+    let downloader = Downloader::new(DownloadSettings {
+        proxy: proxy.clone(),
+        timeout: config.agent.download_timeout,
+        extra_roots: config.link.ca_file.iter().cloned().collect(),
+        ..DownloadSettings::default()
+    })?;
+    let fetch_dir = fetch_dir(&state_dir);
+    let fetcher = Fetcher::new(downloader, fetch_dir.clone(), config.agent.download_max_bytes)
+        .map_err(|source| DaemonError::StateDir { path: fetch_dir.display().to_string(), source })?;
+    let helper = UnixHelperClient::new(&config.agent.helper_socket, env!("CARGO_PKG_VERSION")).with_fetcher(fetcher);
     wait_for_helper(&helper).await?;
 
     let resume = load_snapshot(&state_dir);
@@ -283,7 +302,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ws_uri: ws_uri.clone(),
         ca_file: config.link.ca_file.clone(),
         tls_insecure: config.link.tls_insecure,
-        proxy: ProxySettings::from_env(config.link.proxy.as_deref(), config.link.no_proxy.as_deref()),
+        proxy,
         ping_interval: config.link.ping_interval,
         heartbeat_interval: config.link.heartbeat_interval,
         max_frame: config.link.max_frame,
