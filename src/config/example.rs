@@ -59,7 +59,8 @@ pub const EXAMPLE: &str = concat!(
 ;download_timeout = 600
 
 [link]
-; Extra PEM bundle of trusted CAs for wss:// (the system roots are always trusted).
+; Extra PEM bundle of trusted CAs for wss:// and https:// downloads (the system roots are
+; always trusted).
 ;ca_file = /etc/opsagent/ca.pem
 ; Accept any server certificate. For tests only: a warning is logged at every connect.
 ;tls_insecure = false
