@@ -337,7 +337,7 @@ async fn apply_one(client: &UnixHelperClient, version: u64, s: &RecipeState) -> 
     if parsed.params.name() == "meta.wait" {
         return Outcome::failed("meta.wait needs a backend to report the waited states (use opsagent run)");
     }
-    let req = ApplyRequest { state_id: s.id.clone(), recipe_version: version, params: parsed.params.clone() };
+    let req = ApplyRequest::new(s.id.clone(), version, parsed.params.clone());
     let mut o = client.apply(req, Cancel::never()).await.unwrap_or_else(|e| Outcome::failed(format!("helper: {e}")));
     for w in &parsed.warnings {
         o.comment = if o.comment.is_empty() { format!("warning: {w}") } else { format!("{}; warning: {w}", o.comment) };

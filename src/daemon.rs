@@ -16,7 +16,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
-use crate::helper_client::{HelperClient, UnixHelperClient};
+use crate::download::{DownloadSettings, Downloader};
+use crate::helper_client::{Fetcher, HelperClient, UnixHelperClient};
 use crate::identity;
 use crate::link::{Link, LinkConfig, LinkStatus, Outbox, ProxySettings};
 use crate::protocol::{Identity, StateLog};
@@ -45,7 +46,7 @@ pub enum DaemonError {
     #[error("link: {0}")]
     Link(#[from] crate::link::LinkError),
     #[error("downloads: {0}")]
-    Download(String),
+    Download(#[from] crate::download::DownloadError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -109,6 +110,11 @@ struct Persisted {
     version: u64,
     recipe: Value,
     done: BTreeSet<String>,
+}
+
+/// Where downloads for the helper wait until their state has run (emptied at start).
+pub fn fetch_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("fetch")
 }
 
 pub fn recipe_file(state_dir: &Path) -> PathBuf {
@@ -309,7 +315,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let spool = Spool::open(&state_dir.join("spool"), SpoolLimits::default())?;
     let spool = Arc::new(SharedSpool::new(spool));
 
-    let helper = UnixHelperClient::new(&config.agent.helper_socket, crate::version::running());
+    // Downloads follow the link's proxy rules and trust its extra CA bundle.
+    let proxy = ProxySettings::from_env(config.link.proxy.as_deref(), config.link.no_proxy.as_deref());
+    let downloader = Downloader::new(DownloadSettings {
+        proxy: proxy.clone(),
+        timeout: config.agent.download_timeout,
+        extra_roots: config.link.ca_file.iter().cloned().collect(),
+        ..DownloadSettings::default()
+    })?;
+    let fetch_dir = fetch_dir(&state_dir);
+    let fetcher = Fetcher::new(downloader, fetch_dir.clone(), config.agent.download_max_bytes)
+        .map_err(|source| DaemonError::StateDir { path: fetch_dir.display().to_string(), source })?;
+    let helper = UnixHelperClient::new(&config.agent.helper_socket, crate::version::running()).with_fetcher(fetcher);
     wait_for_helper(&helper).await?;
 
     let resume = load_snapshot(&state_dir);
@@ -321,7 +338,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let (persist_tx, persist_rx) = watch::channel(None);
     let persister = tokio::spawn(persist_snapshots(state_dir.clone(), persist_rx));
-    let proxy = ProxySettings::from_env(config.link.proxy.as_deref(), config.link.no_proxy.as_deref());
     let upgrade_settings = UpgradeSettings {
         state_dir: state_dir.clone(),
         running: crate::version::running().to_string(),
@@ -335,12 +351,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         persist: persist_tx,
         recipe: resume.as_ref().and_then(last_state),
         upgrade: upgrade_settings,
-        fetch: crate::download::Downloader::new(crate::download::DownloadSettings {
+        fetch: Downloader::new(DownloadSettings {
             proxy: proxy.clone(),
+            timeout: config.agent.download_timeout,
             extra_roots: config.link.ca_file.iter().cloned().collect(),
-            ..crate::download::DownloadSettings::default()
-        })
-        .map_err(|e| DaemonError::Download(e.to_string()))?,
+            ..DownloadSettings::default()
+        })?,
     };
     effects.report_last_upgrade();
     let (engine, handle) = Engine::new(helper, effects, engine_cfg, resume);

@@ -288,6 +288,14 @@ pub fn redact(url: &Url) -> String {
     shown.to_string()
 }
 
+/// [`redact`] for any text: parsed when it is a URL, else masked by hand.
+pub fn redact_str(url: &str) -> String {
+    match Url::parse(url.trim()) {
+        Ok(u) => redact(&u),
+        Err(_) => redact_text(url),
+    }
+}
+
 /// [`redact`] for text that did not parse: everything between `://` and the last `@`
 /// of the authority may be credentials.
 fn redact_text(url: &str) -> String {

@@ -4,20 +4,30 @@
 //! protocol of `opsagent-proto` over a Unix socket, tests substitute a fake. One request
 //! runs at a time; cancelling sends `Cancel` and still waits (bounded) for the helper to
 //! confirm, so a new round never starts while an old command is alive.
+//!
+//! Downloads are this client's business, not the round engine's: when the helper
+//! answers an `Apply` with `NeedFetch`, the client downloads the URLs with its
+//! [`Fetcher`] and sends the same `Apply` again with the files — once; a second
+//! `NeedFetch` is a failed state. A failed download is a failed state naming the URL.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use opsagent_proto::codec::{self, CodecError};
+use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{
-    ApplyRequest, HelperError, HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame,
+    ApplyRequest, FetchedFile, HelperError, HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame,
 };
 use opsagent_proto::PROTOCOL_VERSION;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Mutex};
+
+use crate::download::Downloader;
 
 /// How long the helper gets to confirm a cancellation before the connection is dropped
 /// (which makes it kill the request's processes too).
@@ -91,12 +101,103 @@ struct Conn {
     next_id: u64,
 }
 
+/// Downloads for the helper: into a private directory of the daemon, one uniquely named
+/// file per URL, removed once the `Apply` they were for has returned.
+pub struct Fetcher {
+    downloader: Arc<Downloader>,
+    dir: PathBuf,
+    max_bytes: u64,
+    next: AtomicU64,
+}
+
+/// Why [`Fetcher::fetch_all`] gave up.
+enum FetchEnd {
+    Failed(String),
+    Cancelled(String),
+}
+
+/// Removes the downloaded files when dropped.
+struct FetchedFiles(Vec<PathBuf>);
+
+impl Drop for FetchedFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Fetcher {
+    /// Uses `dir` (created 0700 if missing) and removes whatever an earlier run left in
+    /// it. `dir` must be absolute: the helper takes the paths as they are.
+    pub fn new(downloader: Downloader, dir: PathBuf, max_bytes: u64) -> std::io::Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.is_absolute() {
+            return Err(std::io::Error::other(format!("{}: the fetch directory must be absolute", dir.display())));
+        }
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let fetcher = Self { downloader: Arc::new(downloader), dir, max_bytes, next: AtomicU64::new(0) };
+        fetcher.sweep();
+        Ok(fetcher)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Removes leftovers (a crash between a download and the end of its `Apply`).
+    fn sweep(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::debug!(path = %path.display(), "removed a leftover download"),
+                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover download"),
+                }
+            }
+        }
+    }
+
+    async fn fetch_all(
+        &self,
+        urls: &[String],
+        mut cancel: Cancel,
+    ) -> Result<(FetchedFiles, Vec<FetchedFile>), FetchEnd> {
+        let mut guard = FetchedFiles(Vec::new());
+        let mut files = Vec::new();
+        for url in urls {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let dest = self.dir.join(format!("fetch-{}-{n}", std::process::id()));
+            guard.0.push(dest.clone());
+            tracing::info!(url = %url, dest = %dest.display(), "downloading for the helper");
+            let fetched = tokio::select! {
+                r = self.downloader.fetch(url, &dest, self.max_bytes) => r,
+                _ = cancel.cancelled() => return Err(FetchEnd::Cancelled(url.clone())),
+            };
+            let f = fetched.map_err(|e| FetchEnd::Failed(e.to_string()))?;
+            let path = AbsPath::parse(&f.path.display().to_string())
+                .map_err(|e| FetchEnd::Failed(format!("{}: {e}", f.path.display())))?;
+            files.push(FetchedFile { url: url.clone(), path, size: f.size, sha256: f.sha256 });
+        }
+        Ok((guard, files))
+    }
+}
+
+/// What one `Apply` exchange came to.
+enum Applied {
+    Outcome(Outcome),
+    NeedFetch(Vec<String>),
+}
+
 /// The real client: one connection, opened on first use and re-opened after errors.
 pub struct UnixHelperClient {
     path: PathBuf,
     agent_version: String,
     max_frame: usize,
     conn: Mutex<Option<Conn>>,
+    fetcher: Option<Fetcher>,
 }
 
 impl UnixHelperClient {
@@ -106,7 +207,15 @@ impl UnixHelperClient {
             agent_version: agent_version.into(),
             max_frame: codec::DEFAULT_MAX_FRAME,
             conn: Mutex::new(None),
+            fetcher: None,
         }
+    }
+
+    /// Downloads what the helper asks for with `fetcher`; without one, a state that
+    /// needs remote content fails.
+    pub fn with_fetcher(mut self, fetcher: Fetcher) -> Self {
+        self.fetcher = Some(fetcher);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -221,7 +330,7 @@ impl UnixHelperClient {
         conn: &mut Conn,
         req: ApplyRequest,
         mut cancel: Cancel,
-    ) -> Result<Outcome, HelperClientError> {
+    ) -> Result<Applied, HelperClientError> {
         let id = self.send(conn, Request::Apply(req)).await?;
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -233,7 +342,8 @@ impl UnixHelperClient {
                         None => return Err(HelperClientError::Closed { path: self.shown() }),
                     };
                     match frame.reply {
-                        Reply::Outcome(o) if frame.id == id => return Ok(o),
+                        Reply::Outcome(o) if frame.id == id => return Ok(Applied::Outcome(o)),
+                        Reply::NeedFetch { urls } if frame.id == id => return Ok(Applied::NeedFetch(urls)),
                         Reply::Error(error) if frame.id == id || frame.id == 0 => {
                             return Err(HelperClientError::Refused { path: self.shown(), error })
                         }
@@ -263,9 +373,43 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-impl HelperClient for UnixHelperClient {
-    async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
+impl UnixHelperClient {
+    async fn apply_once(&self, req: ApplyRequest, cancel: Cancel) -> Result<Applied, HelperClientError> {
         self.with_conn(move |me, conn| Box::pin(me.apply_on(conn, req.clone(), cancel.clone()))).await
+    }
+}
+
+impl HelperClient for UnixHelperClient {
+    async fn apply(&self, mut req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
+        let urls = match self.apply_once(req.clone(), cancel.clone()).await? {
+            Applied::Outcome(o) => return Ok(o),
+            Applied::NeedFetch(urls) => urls,
+        };
+        let Some(fetcher) = &self.fetcher else {
+            return Ok(Outcome::failed(format!(
+                "the state needs {} downloaded, and this agent was started without downloads",
+                urls.join(", ")
+            )));
+        };
+        // The files live until the helper has answered, then go.
+        let (_files, fetched) = match fetcher.fetch_all(&urls, cancel.clone()).await {
+            Ok(f) => f,
+            Err(FetchEnd::Failed(reason)) => return Ok(Outcome::failed(format!("download failed: {reason}"))),
+            Err(FetchEnd::Cancelled(url)) => {
+                return Ok(Outcome {
+                    cancelled: true,
+                    ..Outcome::failed(format!("cancelled while downloading {}", crate::download::redact_str(&url)))
+                })
+            }
+        };
+        req.fetched = fetched;
+        match self.apply_once(req, cancel).await? {
+            Applied::Outcome(o) => Ok(o),
+            Applied::NeedFetch(again) => Ok(Outcome::failed(format!(
+                "the helper asked again for {} after it was downloaded; giving up",
+                again.join(", ")
+            ))),
+        }
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {

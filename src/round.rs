@@ -545,11 +545,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                     state_id: state.id.to_string(),
                     module: state.module.clone(),
                 });
-                let req = ApplyRequest {
-                    state_id: state.id.clone(),
-                    recipe_version: self.st.version,
-                    params: params.clone(),
-                };
+                let req = ApplyRequest::new(state.id.clone(), self.st.version, params.clone());
                 let end = self.run_helper(req).await;
                 match end {
                     StateEnd::Done(mut o) => {

@@ -9,18 +9,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use opsagent::helper_client::{cancel_pair, Cancel, HelperClient, UnixHelperClient};
+use opsagent::download::{DownloadSettings, Downloader};
+use opsagent::helper_client::{cancel_pair, Cancel, Fetcher, HelperClient, UnixHelperClient};
 use opsagent_proto::catalogue::parse_state;
-use opsagent_proto::newtypes::StateId;
-use opsagent_proto::request::ApplyRequest;
+use opsagent_proto::newtypes::{AbsPath, StateId};
+use opsagent_proto::request::{ApplyRequest, FetchedFile};
 use serde_json::json;
 
 fn req(id: &str, module: &str, params: serde_json::Value) -> ApplyRequest {
-    ApplyRequest {
-        state_id: StateId::parse(id).unwrap(),
-        recipe_version: 1,
-        params: parse_state(module, &params).unwrap().params,
-    }
+    ApplyRequest::new(StateId::parse(id).unwrap(), 1, parse_state(module, &params).unwrap().params)
 }
 
 #[tokio::test]
@@ -59,4 +56,93 @@ async fn cancelling_a_running_command_returns_a_cancelled_outcome_promptly() {
     let o = tokio::time::timeout(Duration::from_secs(15), run).await.expect("prompt").unwrap().unwrap();
     assert!(o.cancelled && !o.result, "{o:?}");
     assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+fn fetched_file(url: &str, path: &std::path::Path, content: &[u8]) -> FetchedFile {
+    use sha2::Digest;
+    FetchedFile {
+        url: url.to_string(),
+        path: AbsPath::parse(&path.display().to_string()).unwrap(),
+        size: content.len() as u64,
+        sha256: hex::encode(sha2::Sha256::digest(content)),
+    }
+}
+
+/// The helper takes no path from the daemon on trust: a "download" that the connected
+/// peer (root here) does not own is refused, so the daemon cannot have root copy a file
+/// it could not read itself.
+#[tokio::test]
+async fn fetched_files_not_owned_by_the_peer_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("h.sock");
+    let _helper =
+        start_helper_with(tmp.path(), &socket, &["--state-dir", &tmp.path().join("hs").display().to_string()]);
+    let client = UnixHelperClient::new(&socket, "test");
+    let target = tmp.path().join("out.conf");
+    let url = "http://127.0.0.1:9/remote.conf";
+    let params = json!({"path": target.display().to_string(), "remote_uri": url});
+
+    // Without a fetcher the client cannot satisfy the helper's NeedFetch.
+    let o = client.apply(req("r", "linux.file", params.clone()), Cancel::never()).await.unwrap();
+    assert!(!o.result && o.comment.contains(&format!("needs {url} downloaded")), "{o:?}");
+
+    let dl = tmp.path().join("download");
+    std::fs::write(&dl, "secret of uid 65534").unwrap();
+    std::os::unix::fs::chown(&dl, Some(65534), Some(65534)).unwrap();
+    let mut r = req("r", "linux.file", params);
+    r.fetched = vec![fetched_file(url, &dl, b"secret of uid 65534")];
+    let o = client.apply(r.clone(), Cancel::never()).await.unwrap();
+    assert!(!o.result, "{o:?}");
+    assert!(o.comment.contains("is owned by uid 65534, not by the requesting agent (uid 0)"), "{}", o.comment);
+    assert!(!target.exists());
+
+    // A link to a file the peer owns is refused too (O_NOFOLLOW).
+    std::os::unix::fs::chown(&dl, Some(0), Some(0)).unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&dl, &link).unwrap();
+    r.fetched = vec![fetched_file(url, &link, b"secret of uid 65534")];
+    let o = client.apply(r.clone(), Cancel::never()).await.unwrap();
+    assert!(!o.result && o.comment.ends_with("is a symbolic link"), "{o:?}");
+
+    // Owned by the peer, announced correctly: used.
+    r.fetched = vec![fetched_file(url, &dl, b"secret of uid 65534")];
+    let o = client.apply(r, Cancel::never()).await.unwrap();
+    assert!(o.result && o.changed(), "{o:?}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "secret of uid 65534");
+}
+
+/// The client answers NeedFetch by downloading into its fetch directory, sends the
+/// request again, and removes the download afterwards.
+#[tokio::test]
+async fn the_client_downloads_what_the_helper_asks_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("h.sock");
+    let _helper =
+        start_helper_with(tmp.path(), &socket, &["--state-dir", &tmp.path().join("hs").display().to_string()]);
+    let files = Files::start();
+    let url = files.put("motd", b"hello from afar\n".to_vec());
+    let fetch_dir = tmp.path().join("fetch");
+    std::fs::create_dir(&fetch_dir).unwrap();
+    std::fs::write(fetch_dir.join("fetch-1-0"), "left by a crash").unwrap();
+    let downloader = Downloader::new(DownloadSettings { attempts: 1, ..DownloadSettings::default() }).unwrap();
+    let fetcher = Fetcher::new(downloader, fetch_dir.clone(), 1 << 20).unwrap();
+    assert_eq!(std::fs::read_dir(&fetch_dir).unwrap().count(), 0, "leftovers are swept at start");
+    let client = UnixHelperClient::new(&socket, "test").with_fetcher(fetcher);
+    let target = tmp.path().join("motd");
+    let r = req("m", "linux.file", json!({"path": target.display().to_string(), "remote_uri": url}));
+    let o = client.apply(r.clone(), Cancel::never()).await.unwrap();
+    assert!(o.result && o.changed(), "{o:?}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "hello from afar\n");
+    let o = client.apply(r, Cancel::never()).await.unwrap();
+    assert!(o.result && !o.changed(), "{o:?}");
+    assert_eq!(files.hits("motd"), 2);
+    assert_eq!(std::fs::read_dir(&fetch_dir).unwrap().count(), 0, "downloads are removed after use");
+
+    let missing = req(
+        "x",
+        "linux.file",
+        json!({"path": target.display().to_string(), "remote_uri": format!("{}/nope", files.base)}),
+    );
+    let o = client.apply(missing, Cancel::never()).await.unwrap();
+    assert!(!o.result && o.comment == format!("download failed: {}/nope: HTTP 404", files.base), "{o:?}");
 }

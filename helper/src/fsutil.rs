@@ -205,6 +205,51 @@ pub fn write_atomic(path: &AbsPath, content: &[u8], mode: u32, uid: u32, gid: u3
     fsync_dir(path.parent().as_path())
 }
 
+/// Puts the finished temporary file `tmp` (next to `path`, already fsynced) in place
+/// of `path` with owner and mode, atomically.
+pub fn install_file(tmp: &Path, path: &AbsPath, mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
+    let f = open_nofollow(tmp, false)?;
+    std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io_err(tmp, "change the owner of"))?;
+    f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(tmp, "change the mode of"))?;
+    fs::rename(tmp, path).map_err(io_err(path.as_path(), "rename the temporary file onto"))?;
+    fsync_dir(path.parent().as_path())
+}
+
+/// Whether the open regular file's content differs from the file at `other`, compared
+/// in chunks (either may be large).
+pub fn files_differ(f: &mut File, path: &Path, other: &Path) -> Result<bool, FsError> {
+    let mut o = open_nofollow(other, false)?;
+    let len = f.metadata().map_err(io_err(path, "stat"))?.len();
+    if len != o.metadata().map_err(io_err(other, "stat"))?.len() {
+        return Ok(true);
+    }
+    let (mut a, mut b) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = read_full(f, &mut a).map_err(io_err(path, "read"))?;
+        let m = read_full(&mut o, &mut b[..n.max(1)]).map_err(io_err(other, "read"))?;
+        if n != m || a[..n] != b[..m] {
+            return Ok(true);
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 /// Whether the open regular file's content differs from `want`.
 pub fn content_differs(f: &mut File, path: &Path, want: &[u8]) -> Result<bool, FsError> {
     let len = f.metadata().map_err(io_err(path, "stat"))?.len();

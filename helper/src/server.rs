@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::cancel::{self, Canceller};
 use crate::identity::Allowlist;
-use crate::states::{self, Ctx};
+use crate::states::{self, Ctx, Step};
 
 pub const HELPER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -167,7 +167,7 @@ fn admit(stream: UnixStream, shared: &Arc<Shared>) {
         return;
     };
     info!(uid, pid, "connection accepted");
-    let conn = Connection::new(stream, Arc::clone(shared));
+    let conn = Connection::new(stream, Arc::clone(shared), uid);
     tokio::spawn(async move {
         conn.run().await;
         drop(slot);
@@ -201,17 +201,19 @@ struct Connection {
     rx: mpsc::Receiver<Incoming>,
     wr: OwnedWriteHalf,
     reader: tokio::task::JoinHandle<()>,
+    /// The peer's uid (SO_PEERCRED), for the states' checks of fetched files.
+    peer_uid: u32,
     greeted: bool,
     /// The peer is gone or the stream is unusable: write nothing more.
     dead: bool,
 }
 
 impl Connection {
-    fn new(stream: UnixStream, shared: Arc<Shared>) -> Self {
+    fn new(stream: UnixStream, shared: Arc<Shared>, peer_uid: u32) -> Self {
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::channel(4);
         let reader = tokio::spawn(read_frames(rd, tx, shared.config.max_frame));
-        Self { shared, rx, wr, reader, greeted: false, dead: false }
+        Self { shared, rx, wr, reader, peer_uid, greeted: false, dead: false }
     }
 
     async fn run(mut self) {
@@ -287,7 +289,8 @@ impl Connection {
         let _running = Running::register(&shared, state_id, module);
         let (canceller, cancel) = cancel::pair();
         let started = Instant::now();
-        let work = states::apply(&req, &shared.config.ctx, cancel);
+        let ctx = shared.config.ctx.for_peer(self.peer_uid);
+        let work = states::apply(&req, &ctx, cancel);
         tokio::pin!(work);
         let result = loop {
             tokio::select! {
@@ -303,7 +306,11 @@ impl Connection {
         };
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match result {
-            Ok(mut outcome) => {
+            Ok(Step::NeedFetch(urls)) => {
+                info!(id, state_id, module, urls = %urls.join(" "), duration_ms, "needs downloads");
+                self.reply(id, Reply::NeedFetch { urls }).await;
+            }
+            Ok(Step::Done(mut outcome)) => {
                 outcome.duration_ms = duration_ms;
                 let changed = outcome.changes.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
                 info!(

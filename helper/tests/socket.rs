@@ -171,7 +171,7 @@ impl Client {
 
 fn apply_request(module: &str, params: Value) -> Request {
     let params = parse_state(module, &params).unwrap_or_else(|e| panic!("{module}: {e}")).params;
-    Request::Apply(ApplyRequest { state_id: StateId::parse("state-1").unwrap(), recipe_version: 1, params })
+    Request::Apply(ApplyRequest::new(StateId::parse("state-1").unwrap(), 1, params))
 }
 
 /// Waits (bounded) until `file` holds the pid a command wrote there.

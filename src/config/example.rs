@@ -52,9 +52,15 @@ pub const EXAMPLE: &str = concat!(
 ;retry_delay_max = 300
 ; Log level (off, error, warn, info, debug, trace) or a filter such as info,opsagent=debug.
 ;log_level = info
+; Largest download accepted for a state (common.archive, linux.file remote_uri), in
+; bytes (1 GiB). Larger bodies are refused, by their Content-Length or while streaming.
+;download_max_bytes = 1073741824
+; Seconds one download attempt may take, body included; failed attempts are retried.
+;download_timeout = 600
 
 [link]
-; Extra PEM bundle of trusted CAs for wss:// (the system roots are always trusted).
+; Extra PEM bundle of trusted CAs for wss:// and https:// downloads (the system roots are
+; always trusted).
 ;ca_file = /etc/opsagent/ca.pem
 ; Accept any server certificate. For tests only: a warning is logged at every connect.
 ;tls_insecure = false

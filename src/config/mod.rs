@@ -28,6 +28,8 @@ pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/visualops/opsagent";
 pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/visualops/opsagent/token";
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/opsagent-helper/helper.sock";
+/// 1 GiB.
+pub const DEFAULT_DOWNLOAD_MAX_BYTES: u64 = 1 << 30;
 
 /// Every section and its keys, in file order. Unknown names are errors (typos would
 /// otherwise be silently ignored), and the example config must list all of these.
@@ -35,7 +37,17 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
     ("userdata", &["ws_uri", "app_id", "version", "base_remote", "update_key", "instance_id", "metadata_url"]),
     (
         "agent",
-        &["token_file", "state_dir", "helper_socket", "round_delay", "retry_delay", "retry_delay_max", "log_level"],
+        &[
+            "token_file",
+            "state_dir",
+            "helper_socket",
+            "round_delay",
+            "retry_delay",
+            "retry_delay_max",
+            "log_level",
+            "download_max_bytes",
+            "download_timeout",
+        ],
     ),
     (
         "link",
@@ -121,6 +133,10 @@ pub struct AgentConfig {
     pub retry_delay_max: Duration,
     /// A level (`info`) or a tracing filter directive list (`info,opsagent::link=debug`).
     pub log_level: String,
+    /// Largest download (archives, remote files) accepted, in bytes.
+    pub download_max_bytes: u64,
+    /// Longest one download attempt may take, body included.
+    pub download_timeout: Duration,
 }
 
 impl Default for AgentConfig {
@@ -133,6 +149,8 @@ impl Default for AgentConfig {
             retry_delay: Duration::from_secs(5),
             retry_delay_max: Duration::from_secs(300),
             log_level: "info".to_string(),
+            download_max_bytes: DEFAULT_DOWNLOAD_MAX_BYTES,
+            download_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -384,6 +402,8 @@ impl Config {
             ("agent", "retry_delay") => a.retry_delay = values::seconds(value)?,
             ("agent", "retry_delay_max") => a.retry_delay_max = values::seconds(value)?,
             ("agent", "log_level") => a.log_level = values::log_level(value)?,
+            ("agent", "download_max_bytes") => a.download_max_bytes = values::download_bytes(value)?,
+            ("agent", "download_timeout") => a.download_timeout = values::seconds(value)?,
             ("link", "ca_file") => l.ca_file = Some(values::absolute_path(value)?),
             ("link", "tls_insecure") => l.tls_insecure = values::boolean(value)?,
             ("link", "proxy") => l.proxy = Some(values::proxy_url(value)?),

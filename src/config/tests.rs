@@ -36,6 +36,8 @@ fn defaults() {
     assert_eq!(c.agent.retry_delay, Duration::from_secs(5));
     assert_eq!(c.agent.retry_delay_max, Duration::from_secs(300));
     assert_eq!(c.agent.log_level, "info");
+    assert_eq!(c.agent.download_max_bytes, 1 << 30);
+    assert_eq!(c.agent.download_timeout, Duration::from_secs(600));
     assert_eq!(c.link.ca_file, None);
     assert!(!c.link.tls_insecure);
     assert_eq!(c.link.proxy, None);
@@ -57,6 +59,7 @@ fn every_key_parsed() {
          instance_id = i-0123\nmetadata_url = http://127.0.0.1:9/\n\
          [agent]\ntoken_file = /t/token\nstate_dir = /t\nhelper_socket = /t/h.sock\nround_delay = 60\n\
          retry_delay = 2\nretry_delay_max = 20\nlog_level = info,opsagent=debug\n\
+         download_max_bytes = 2048\ndownload_timeout = 30\n\
          [link]\nca_file = /t/ca.pem\ntls_insecure = yes\nping_interval = 15\nmax_frame = 65536\n\
          backoff_base = 3\nbackoff_max = 30\nproxy = http://u:p@proxy:3128\nno_proxy = localhost, .corp\n\
          heartbeat_interval = 20\nmax_bad_frames = 7\n",
@@ -78,6 +81,8 @@ fn every_key_parsed() {
     assert_eq!(a.retry_delay, Duration::from_secs(2));
     assert_eq!(a.retry_delay_max, Duration::from_secs(20));
     assert_eq!(a.log_level, "info,opsagent=debug");
+    assert_eq!(a.download_max_bytes, 2048);
+    assert_eq!(a.download_timeout, Duration::from_secs(30));
     let l = &c.link;
     assert_eq!(l.ca_file.as_deref(), Some(Path::new("/t/ca.pem")));
     assert!(l.tls_insecure);
@@ -163,6 +168,9 @@ fn invalid_values_name_file_section_and_key() {
         ("[agent]\nstate_dir = var/lib\n", r#"[agent] state_dir: "var/lib" is not an absolute path"#),
         ("[agent]\nretry_delay_max = 0\n", "[agent] retry_delay_max: 0 is too small"),
         ("[agent]\nlog_level = verbose\n", r#"[agent] log_level: "verbose" is not a log level"#),
+        ("[agent]\ndownload_max_bytes = 1GiB\n", r#"[agent] download_max_bytes: "1GiB" is not a whole number"#),
+        ("[agent]\ndownload_max_bytes = 10\n", "[agent] download_max_bytes: 10 is out of range"),
+        ("[agent]\ndownload_timeout = 0\n", "[agent] download_timeout: 0 is too small"),
         ("[link]\ntls_insecure = maybe\n", r#"[link] tls_insecure: "maybe" is not a boolean"#),
         ("[link]\nmax_frame = 16MiB\n", r#"[link] max_frame: "16MiB" is not a whole number of bytes"#),
         ("[link]\nping_interval = 1e3\n", "[link] ping_interval: \"1e3\" is not a whole number of seconds"),
@@ -190,7 +198,7 @@ fn unknown_names_and_structure_errors() {
     assert_eq!(
         err("[agent]\nround_dealy = 5\n"),
         "/etc/opsagent.conf:2: [agent] round_dealy: unknown key (keys of [agent]: token_file, state_dir, \
-         helper_socket, round_delay, retry_delay, retry_delay_max, log_level)"
+         helper_socket, round_delay, retry_delay, retry_delay_max, log_level, download_max_bytes, download_timeout)"
     );
     assert_eq!(
         err("[agnet]\n"),

@@ -44,6 +44,18 @@ pub(super) fn bytes(text: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// Bounds of `[agent] download_max_bytes`: 1 KiB .. 1 TiB.
+pub(super) const MIN_DOWNLOAD: u64 = 1024;
+pub(super) const MAX_DOWNLOAD: u64 = 1 << 40;
+
+pub(super) fn download_bytes(text: &str) -> Result<u64, String> {
+    let n: u64 = text.parse().map_err(|_| format!("{text:?} is not a whole number of bytes"))?;
+    if !(MIN_DOWNLOAD..=MAX_DOWNLOAD).contains(&n) {
+        return Err(format!("{n} is out of range: between {MIN_DOWNLOAD} and {MAX_DOWNLOAD} bytes"));
+    }
+    Ok(n)
+}
+
 /// A whole number in `min..=max`.
 pub(super) fn count(text: &str, min: u32, max: u32) -> Result<u32, String> {
     let n: u32 = text.parse().map_err(|_| format!("{text:?} is not a whole number"))?;

@@ -2,9 +2,12 @@
 //! guard drops, even when the test panics.
 #![allow(dead_code, clippy::disallowed_methods, clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -124,8 +127,13 @@ pub fn start_backend_on(dir: &Path, recipes: &Path, statelog: &Path, listen: &st
 }
 
 pub fn start_helper(dir: &Path, socket: &Path) -> Proc {
+    start_helper_with(dir, socket, &[])
+}
+
+/// The helper with extra arguments (`--state-dir`, `--allow-user`, ...).
+pub fn start_helper_with(dir: &Path, socket: &Path, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("opsagent-helper"));
-    cmd.arg("--socket").arg(socket);
+    cmd.arg("--socket").arg(socket).args(extra);
     let p = spawn_logged("helper", cmd, dir);
     assert!(wait_until(Duration::from_secs(10), || socket.exists()), "helper socket never appeared: {}", p.log_text());
     p
@@ -156,4 +164,61 @@ pub fn start_agent(dir: &Path, port: u16, app: &str, instance: &str, socket: &Pa
         .env("RUST_LOG", "info");
     cmd.stdout(Stdio::null());
     spawn_logged(&format!("agent-{instance}"), cmd, dir)
+}
+
+/// A loopback HTTP/1.1 server of in-memory files, logging every path asked for.
+pub struct Files {
+    pub base: String,
+    files: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    hits: Arc<Mutex<Vec<String>>>,
+}
+
+impl Files {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let files: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+        let hits: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (f, h) = (files.clone(), hits.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let (f, h) = (f.clone(), h.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                            break;
+                        }
+                    }
+                    h.lock().unwrap().push(path.clone());
+                    let body = f.lock().unwrap().get(&path).cloned();
+                    let (status, body) = match body {
+                        Some(b) => ("200 OK", b),
+                        None => ("404 Not Found", Vec::new()),
+                    };
+                    let head =
+                        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = stream.write_all(head.as_bytes());
+                    let _ = stream.write_all(&body);
+                });
+            }
+        });
+        Files { base, files, hits }
+    }
+
+    pub fn put(&self, name: &str, body: Vec<u8>) -> String {
+        self.files.lock().unwrap().insert(format!("/{name}"), body);
+        format!("{}/{name}", self.base)
+    }
+
+    pub fn hits(&self, name: &str) -> usize {
+        self.hits.lock().unwrap().iter().filter(|p| *p == &format!("/{name}")).count()
+    }
 }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::catalogue::ModuleParams;
-use crate::newtypes::StateId;
+use crate::newtypes::{AbsPath, StateId};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestFrame {
@@ -38,6 +38,30 @@ pub struct ApplyRequest {
     pub recipe_version: u64,
     #[serde(flatten)]
     pub params: ModuleParams,
+    /// Remote content the daemon downloaded for this state, after the helper answered
+    /// [`Reply::NeedFetch`]. The helper trusts none of it blindly: see [`FetchedFile`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fetched: Vec<FetchedFile>,
+}
+
+impl ApplyRequest {
+    pub fn new(state_id: StateId, recipe_version: u64, params: ModuleParams) -> Self {
+        Self { state_id, recipe_version, params, fetched: Vec::new() }
+    }
+}
+
+/// One downloaded file, as the daemon describes it. The helper opens `path` without
+/// following links, requires a regular file owned by the connected peer's uid (so the
+/// daemon cannot point it at a file only root may read), and checks `size` and `sha256`
+/// against what it reads itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchedFile {
+    /// The URL exactly as the helper asked for it.
+    pub url: String,
+    pub path: AbsPath,
+    pub size: u64,
+    /// Lowercase hex.
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +78,12 @@ pub enum Reply {
         helper_version: String,
     },
     Outcome(Outcome),
+    /// Answer to `Apply` when the state needs remote content it was not given: the
+    /// daemon downloads `urls` (as written) and sends the same `Apply` again with
+    /// `fetched` filled in. Nothing has been changed on the host.
+    NeedFetch {
+        urls: Vec<String>,
+    },
     /// Answer to `Cancel`: whether a running request with that id was found.
     Cancelled {
         target: u64,
@@ -168,18 +198,45 @@ mod tests {
         let params = parse_state("linux.file", &json!({"path": "/etc/motd", "content": "hi"})).unwrap().params;
         let frame = RequestFrame {
             id: 7,
-            request: Request::Apply(ApplyRequest {
-                state_id: StateId::parse("state-1").unwrap(),
-                recipe_version: 3,
-                params,
-            }),
+            request: Request::Apply(ApplyRequest::new(StateId::parse("state-1").unwrap(), 3, params)),
         };
         let text = serde_json::to_value(&frame).unwrap();
         assert_eq!(text["request"]["type"], "apply");
         assert_eq!(text["request"]["module"], "linux.file");
         assert_eq!(text["request"]["params"]["path"], "/etc/motd");
+        assert!(text["request"].get("fetched").is_none(), "empty fetched is not sent: {text}");
         let back: RequestFrame = serde_json::from_value(text).unwrap();
         assert_eq!(back, frame);
+    }
+
+    #[test]
+    fn fetched_files_and_need_fetch_round_trip() {
+        let params =
+            parse_state("linux.file", &json!({"path": "/etc/motd", "remote_uri": "http://h/m"})).unwrap().params;
+        let mut req = ApplyRequest::new(StateId::parse("s").unwrap(), 1, params);
+        req.fetched.push(FetchedFile {
+            url: "http://h/m".into(),
+            path: AbsPath::parse("/var/lib/opsagent/fetch/1").unwrap(),
+            size: 3,
+            sha256: "ab".repeat(32),
+        });
+        let text = serde_json::to_value(Request::Apply(req.clone())).unwrap();
+        assert_eq!(text["fetched"][0]["path"], "/var/lib/opsagent/fetch/1");
+        assert_eq!(serde_json::from_value::<Request>(text).unwrap(), Request::Apply(req));
+        // A relative path is refused at the protocol level.
+        let mut bad = serde_json::to_value(Request::Apply(ApplyRequest::new(
+            StateId::parse("s").unwrap(),
+            1,
+            parse_state("linux.file", &json!({"path": "/x"})).unwrap().params,
+        )))
+        .unwrap();
+        bad["fetched"] = json!([{"url": "u", "path": "rel", "size": 1, "sha256": ""}]);
+        assert!(serde_json::from_value::<Request>(bad).is_err());
+
+        let reply = Reply::NeedFetch { urls: vec!["http://h/a.tgz".into()] };
+        let text = serde_json::to_value(&reply).unwrap();
+        assert_eq!(text, json!({"type": "need-fetch", "urls": ["http://h/a.tgz"]}));
+        assert_eq!(serde_json::from_value::<Reply>(text).unwrap(), reply);
     }
 
     #[test]

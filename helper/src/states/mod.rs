@@ -5,6 +5,7 @@
 //! and its outcome's `changes` lists exactly what it changed (empty: nothing did).
 
 pub mod apt;
+pub mod archive;
 pub mod chef;
 pub mod cmd;
 pub mod cronjob;
@@ -32,6 +33,7 @@ use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{ApplyRequest, Change, ErrorCode, HelperError, Outcome};
 
 use crate::cancel::Cancel;
+use crate::fetched::Fetched;
 use crate::policy::Policy;
 use crate::watch::WatchStore;
 
@@ -48,12 +50,20 @@ pub struct Ctx {
     pub default_cwd: AbsPath,
     /// The operator's restrictions, checked before any state runs.
     pub policy: Arc<Policy>,
+    /// The uid of the connected client (SO_PEERCRED): files it downloaded for a state
+    /// must be owned by it. Root for in-process callers.
+    pub peer_uid: u32,
 }
 
 impl Ctx {
     pub fn new(state_dir: PathBuf) -> Self {
         let default_cwd = AbsPath::parse(DEFAULT_CMD_CWD).expect("the default cwd is a valid absolute path");
-        Self { state_dir, default_cwd, policy: Arc::new(Policy::default()) }
+        Self { state_dir, default_cwd, policy: Arc::new(Policy::default()), peer_uid: 0 }
+    }
+
+    /// This context for a request from `uid`.
+    pub fn for_peer(&self, uid: u32) -> Self {
+        Self { peer_uid: uid, ..self.clone() }
     }
 
     pub fn with_policy(mut self, policy: Policy) -> Self {
@@ -62,20 +72,36 @@ impl Ctx {
     }
 }
 
+/// What applying a state came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Done(Outcome),
+    /// The state needs these URLs downloaded (by the daemon) before it can run; nothing
+    /// was changed.
+    NeedFetch(Vec<String>),
+}
+
 /// Applies one state. `Err` is for requests this helper will not carry out at all; a
 /// state that was tried and failed is an `Ok` outcome with `result: false`.
-pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Outcome, HelperError> {
+pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step, HelperError> {
     if !req.params.is_builtin() {
         ctx.policy.check(&req.params)?;
     }
     let id = &req.state_id;
-    Ok(match &req.params {
+    let fetched = Fetched::new(&req.fetched, ctx.peer_uid);
+    Ok(Step::Done(match &req.params {
         ModuleParams::LinuxCmd(p) => cmd::apply(p, ctx, cancel).await,
         // The three file states are a few local system calls, not interruptible half-way:
         // they run inline. A hop to the blocking pool per state cost ~4x the work itself
         // (thread wake-ups), which dominated an idempotent round.
         ModuleParams::LinuxDir(p) => dir::apply(p),
-        ModuleParams::LinuxFile(p) => file::apply(p),
+        // Remote content may be large: copying and comparing it runs off the runtime's
+        // one thread, so that a Cancel is still read meanwhile.
+        ModuleParams::LinuxFile(p) if p.remote_uri.is_some() && !p.absent => {
+            return blocking_step(p, req, ctx, file::apply).await;
+        }
+        ModuleParams::LinuxFile(p) => return Ok(file::apply(p, ctx, &fetched)),
+        ModuleParams::CommonArchive(p) => return blocking_step(p, req, ctx, archive::apply).await,
         ModuleParams::LinuxSymlink(p) => symlink::apply(p),
         ModuleParams::LinuxAptRepo(p) => blocking(p.clone(), repo::apt_repo).await?,
         ModuleParams::LinuxAptPpa(p) => blocking(p.clone(), repo::apt_ppa).await?,
@@ -129,7 +155,20 @@ pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Outc
                 ),
             ))
         }
-    })
+    }))
+}
+
+/// Runs a state that may use fetched files on the blocking pool.
+async fn blocking_step<P: Clone + Send + 'static>(
+    params: &P,
+    req: &ApplyRequest,
+    ctx: &Ctx,
+    f: fn(&P, &Ctx, &Fetched<'_>) -> Step,
+) -> Result<Step, HelperError> {
+    let (params, files, ctx) = (params.clone(), req.fetched.clone(), ctx.clone());
+    tokio::task::spawn_blocking(move || f(&params, &ctx, &Fetched::new(&files, ctx.peer_uid)))
+        .await
+        .map_err(|e| HelperError::new(ErrorCode::Internal, format!("the state's task failed: {e}")))
 }
 
 async fn blocking<P: Send + 'static>(params: P, f: fn(&P) -> Outcome) -> Result<Outcome, HelperError> {
@@ -177,11 +216,7 @@ mod tests {
     use serde_json::json;
 
     fn request(module: &str, raw: serde_json::Value) -> ApplyRequest {
-        ApplyRequest {
-            state_id: StateId::parse("s-1").unwrap(),
-            recipe_version: 1,
-            params: testutil::params(module, raw),
-        }
+        ApplyRequest::new(StateId::parse("s-1").unwrap(), 1, testutil::params(module, raw))
     }
 
     #[tokio::test]

@@ -132,7 +132,7 @@ fn managed_file(path: &str, content: &str, mode: u32, changes: &mut Vec<Change>)
         remote_uri: None,
         user: None,
     };
-    let out = super::file::apply(&p);
+    let out = super::file::apply_inline(&p);
     changes.extend(out.changes);
     if out.result {
         Ok(())

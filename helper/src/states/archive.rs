@@ -1,0 +1,450 @@
+//! `common.archive`: an http(s) archive (tar, tar.gz, tar.bz2, zip) extracted into a
+//! directory.
+//!
+//! When to fetch follows the documented rules (states.md, 2c), not the original code:
+//! - with `if-path-absent`: fetch while none of those paths exists; once one exists,
+//!   fetch again only when `checksum` is set and its value changed;
+//! - without it: no `checksum` means fetch every round; with one, fetch when it changed.
+//!
+//! "Changed" is measured against a record of the last extraction into `path` from
+//! `source`, kept in the helper's state directory, so a second round with the same
+//! checksum neither changes anything nor asks the daemon to download. A checksum given
+//! as a URL counts as changed when the URL does (reading the file it names would need a
+//! download every round). A round that does fetch but finds the very archive it last
+//! extracted, with its top-level entries still in place, changes nothing either.
+//!
+//! Checksums: `md5:<hex>` (the original's form; `md5=<hex>` too), `sha256:<hex>`, or the
+//! URL of a checksum file holding `<hex>` or `<hex>  <name>` lines (md5 or sha256, told
+//! apart by length; the line naming the archive wins when there are several).
+//!
+//! Extraction goes through [`crate::unpack`] into a private directory next to `path`
+//! (same file system), and its top-level entries are then moved into `path`: existing
+//! directories are merged, existing files and links replaced, a directory is never
+//! replaced by a file. The moves go through directory descriptors opened without
+//! following links, so a link planted in `path` cannot redirect them. Everything
+//! extracted is owned by root (the module has no user/group parameters).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::dir::Dir;
+use nix::fcntl::{renameat, AtFlags, OFlag};
+use nix::sys::stat::{fstatat, Mode, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+use opsagent_proto::catalogue::CommonArchive;
+use opsagent_proto::newtypes::{AbsPath, InvalidValue};
+use opsagent_proto::request::Change;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{Ctx, Step};
+use crate::fetched::{FetchError, Fetched};
+use crate::fsutil::{self, kind_of, FsError};
+use crate::unpack::{self, ArchiveFormat, Limits, UnpackError};
+
+/// Largest checksum file read.
+const CHECKSUM_FILE_MAX: u64 = 64 * 1024;
+const SUPPORTED: &str = "tar, tgz, tar.gz, bz, bz2, tbz, tbz2, tar.bz2 or zip";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("parameter path: {0}")]
+    Path(InvalidValue),
+    #[error("parameter path: \"/\" cannot be replaced by an archive")]
+    Root,
+    #[error("parameter source {0:?}: only http:// and https:// URLs can be downloaded")]
+    SourceScheme(String),
+    #[error("parameter source {0:?}: the name must end in {SUPPORTED}")]
+    SourceFormat(String),
+    #[error("parameter checksum {0:?}: expected md5:<hex>, sha256:<hex> or the http(s) URL of a checksum file")]
+    Checksum(String),
+    #[error("parameter if-path-absent {0:?}: {1}")]
+    IfPathAbsent(String, InvalidValue),
+    #[error("checksum file {url}: {reason}")]
+    ChecksumFile { url: String, reason: String },
+    #[error("checksum mismatch for {url}: its {algo} is {got}, expected {want}; nothing was extracted")]
+    Mismatch { url: String, algo: &'static str, got: String, want: String },
+    #[error("{0} was not downloaded by the daemon")]
+    NotFetched(String),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("{url}: {error}")]
+    Unpack { url: String, error: UnpackError },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("{path}: {what}")]
+    Target { path: String, what: String },
+    #[error("{path}: cannot {op}: {errno}")]
+    Sys { path: String, op: &'static str, errno: nix::Error },
+    #[error("the record of the extraction {path}: {reason}")]
+    Record { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Checksum {
+    Md5(String),
+    Sha256(String),
+    Url(String),
+}
+
+impl Checksum {
+    fn parse(raw: &str) -> Result<Self, ArchiveError> {
+        let v = raw.trim();
+        let bad = || ArchiveError::Checksum(raw.to_string());
+        if super::file::remote_scheme_ok(v) {
+            return Ok(Self::Url(v.to_string()));
+        }
+        let (algo, hex) = v.split_once([':', '=']).ok_or_else(bad)?;
+        let hex = hex.trim().to_ascii_lowercase();
+        let is_hex = |n: usize| hex.len() == n && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        match algo.trim().to_ascii_lowercase().as_str() {
+            "md5" if is_hex(32) => Ok(Self::Md5(hex)),
+            "sha256" if is_hex(64) => Ok(Self::Sha256(hex)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The value compared between rounds.
+    fn key(&self) -> String {
+        match self {
+            Self::Md5(h) => format!("md5:{h}"),
+            Self::Sha256(h) => format!("sha256:{h}"),
+            Self::Url(u) => u.clone(),
+        }
+    }
+}
+
+/// What was last extracted into a path from a source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    path: String,
+    source: String,
+    checksum: Option<String>,
+    sha256: String,
+    /// Top-level names moved into `path`.
+    entries: Vec<String>,
+}
+
+struct Checked {
+    path: AbsPath,
+    source: String,
+    format: ArchiveFormat,
+    checksum: Option<Checksum>,
+    if_absent: Vec<AbsPath>,
+}
+
+fn check(p: &CommonArchive) -> Result<Checked, ArchiveError> {
+    let path = AbsPath::parse(&p.path).map_err(ArchiveError::Path)?;
+    if path.is_root() {
+        return Err(ArchiveError::Root);
+    }
+    let source = p.source.trim().to_string();
+    if !super::file::remote_scheme_ok(&source) {
+        return Err(ArchiveError::SourceScheme(source));
+    }
+    let format = ArchiveFormat::from_name(&source).ok_or_else(|| ArchiveError::SourceFormat(source.clone()))?;
+    let checksum = p.checksum.as_deref().filter(|c| !c.trim().is_empty()).map(Checksum::parse).transpose()?;
+    let if_absent = p
+        .if_path_absent
+        .iter()
+        .flat_map(|a| a.iter())
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| AbsPath::parse(s.trim()).map_err(|e| ArchiveError::IfPathAbsent(s.clone(), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Checked { path, source, format, checksum, if_absent })
+}
+
+pub fn apply(p: &CommonArchive, ctx: &Ctx, fetched: &Fetched<'_>) -> Step {
+    let subject = p.path.to_string();
+    let mut changes = Vec::new();
+    let mut notes = Vec::new();
+    let result = (|| -> Result<Option<Vec<String>>, ArchiveError> {
+        let c = check(p)?;
+        let record_path = record_file(&ctx.state_dir, &c);
+        let record = read_record(&record_path)?;
+        if let Some(why) = skip_reason(&c, record.as_ref()) {
+            notes.push(why);
+            return Ok(None);
+        }
+        let mut urls = vec![c.source.as_str()];
+        if let Some(Checksum::Url(u)) = &c.checksum {
+            urls.push(u);
+        }
+        let missing = fetched.missing(&urls);
+        if !missing.is_empty() {
+            return Ok(Some(missing));
+        }
+        extract(&c, record.as_ref(), &record_path, fetched, &mut changes, &mut notes)?;
+        Ok(None)
+    })();
+    match result {
+        Ok(Some(urls)) => Step::NeedFetch(urls),
+        Ok(None) => Step::Done(super::finish(&subject, Ok::<(), ArchiveError>(()), changes, &notes)),
+        Err(e) => Step::Done(super::finish(&subject, Err(e), changes, &notes)),
+    }
+}
+
+/// Why this round needs no download, per the documented rules; `None`: fetch.
+fn skip_reason(c: &Checked, record: Option<&Record>) -> Option<String> {
+    let changed = |cs: &Checksum| record.and_then(|r| r.checksum.as_deref()) != Some(cs.key().as_str());
+    if !c.if_absent.is_empty() {
+        let present = c.if_absent.iter().find(|p| fs::symlink_metadata(p.as_path()).is_ok())?;
+        return match &c.checksum {
+            Some(cs) if changed(cs) => None,
+            Some(_) => Some(format!("{present} exists and the checksum is unchanged")),
+            None => Some(format!("{present} exists (if-path-absent)")),
+        };
+    }
+    let cs = c.checksum.as_ref()?;
+    let in_place = fs::symlink_metadata(c.path.as_path()).is_ok_and(|m| m.is_dir());
+    (!changed(cs) && in_place).then(|| "checksum unchanged since the last extraction".to_string())
+}
+
+fn extract(
+    c: &Checked,
+    record: Option<&Record>,
+    record_path: &Path,
+    fetched: &Fetched<'_>,
+    changes: &mut Vec<Change>,
+    notes: &mut Vec<String>,
+) -> Result<(), ArchiveError> {
+    fsutil::ensure_parent(&c.path.parent(), changes)?;
+    let work = WorkDir::create(&c.path)?;
+    let copy = work.path.join("archive");
+    let got = fetched.copy_to(&c.source, &copy)?.ok_or_else(|| ArchiveError::NotFetched(c.source.clone()))?;
+    verify_checksum(c, fetched, &got.md5, &got.sha256)?;
+
+    let target_in_place = target_dir(&c.path)?.is_some();
+    if let Some(r) = record {
+        let entries_there = r.entries.iter().all(|e| fs::symlink_metadata(c.path.as_path().join(e)).is_ok());
+        if r.sha256 == got.sha256 && target_in_place && entries_there {
+            notes.push("the archive is unchanged since the last extraction".to_string());
+            return write_record(record_path, c, &got.sha256, r.entries.clone());
+        }
+    }
+
+    // The name chose the format at check time; the content has the last word (a
+    // `.tar` that is really gzipped still unpacks).
+    let format = ArchiveFormat::sniff(&copy).unwrap_or(c.format);
+    let tree = work.path.join("tree");
+    fs::create_dir(&tree).map_err(fsutil::io_err(&tree, "create directory"))?;
+    let done = unpack::unpack(&copy, format, &tree, &Limits::default(), None)
+        .map_err(|error| ArchiveError::Unpack { url: c.source.clone(), error })?;
+
+    if !target_in_place {
+        let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
+        fsutil::create_dirs(&c.path, fsutil::PARENT_DIR_MODE, root, changes)?;
+    }
+    let target = target_dir(&c.path)?.ok_or_else(|| ArchiveError::Target {
+        path: c.path.to_string(),
+        what: "disappeared while extracting".into(),
+    })?;
+    let mut entries = BTreeSet::new();
+    for entry in fs::read_dir(&tree).map_err(fsutil::io_err(&tree, "list"))? {
+        let entry = entry.map_err(fsutil::io_err(&tree, "list"))?;
+        entries.insert(entry.file_name().to_string_lossy().into_owned());
+        move_into(&entry.path(), &target, c.path.as_path(), &entry.file_name())?;
+    }
+    fsutil::fsync_dir(c.path.as_path())?;
+    changes.push(Change::new(
+        c.path.to_string(),
+        format!("extracted {} ({format}, {} entries, {} bytes)", c.source, done.entries, done.bytes),
+    ));
+    write_record(record_path, c, &got.sha256, entries.into_iter().collect())
+}
+
+fn verify_checksum(c: &Checked, fetched: &Fetched<'_>, md5: &str, sha256: &str) -> Result<(), ArchiveError> {
+    let want = match &c.checksum {
+        None => return Ok(()),
+        Some(Checksum::Url(url)) => {
+            let text =
+                fetched.read_small(url, CHECKSUM_FILE_MAX)?.ok_or_else(|| ArchiveError::NotFetched(url.clone()))?;
+            checksum_from_file(&String::from_utf8_lossy(&text), &c.source)
+                .map_err(|reason| ArchiveError::ChecksumFile { url: url.clone(), reason })?
+        }
+        Some(other) => other.clone(),
+    };
+    let (algo, got, want) = match want {
+        Checksum::Md5(w) => ("md5", md5, w),
+        Checksum::Sha256(w) => ("sha256", sha256, w),
+        Checksum::Url(u) => {
+            return Err(ArchiveError::Checksum(format!("{u} (a checksum file cannot name another checksum file)")))
+        }
+    };
+    if got != want {
+        return Err(ArchiveError::Mismatch { url: c.source.clone(), algo, got: got.to_string(), want });
+    }
+    Ok(())
+}
+
+/// The digest in a checksum file: `<hex>` alone, or `<hex>  <name>` lines, where the
+/// line naming the archive (by its last path segment) wins.
+fn checksum_from_file(text: &str, source: &str) -> Result<Checksum, String> {
+    let name = source.split(['?', '#']).next().unwrap_or(source).rsplit('/').next().unwrap_or("");
+    let mut candidates = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let mut parts = line.splitn(2, char::is_whitespace);
+        let hex = parts.next().unwrap_or("").to_ascii_lowercase();
+        let file = parts.next().map(|f| f.trim().trim_start_matches('*'));
+        let digest = match hex.len() {
+            32 if hex.bytes().all(|b| b.is_ascii_hexdigit()) => Checksum::Md5(hex),
+            64 if hex.bytes().all(|b| b.is_ascii_hexdigit()) => Checksum::Sha256(hex),
+            _ => continue,
+        };
+        if file.is_some_and(|f| f == name || f.rsplit('/').next() == Some(name)) {
+            return Ok(digest);
+        }
+        candidates.push(digest);
+    }
+    match candidates.len() {
+        1 => Ok(candidates.remove(0)),
+        0 => Err("no md5 or sha256 digest in it".to_string()),
+        n => Err(format!("{n} digests and none names {name:?}")),
+    }
+}
+
+/// A private directory next to `path` (same file system, so the moves are renames),
+/// removed with what is left in it when dropped.
+struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    fn create(target: &AbsPath) -> Result<Self, ArchiveError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = fsutil::temp_sibling(target);
+        fs::DirBuilder::new().mode(0o700).create(&path).map_err(fsutil::io_err(&path, "create directory"))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// `path` opened as a directory without following a link, or `None` if missing.
+fn target_dir(path: &AbsPath) -> Result<Option<Dir>, ArchiveError> {
+    let Some(meta) = fsutil::lstat(path.as_path())? else {
+        return Ok(None);
+    };
+    let shown = path.to_string();
+    if meta.file_type().is_symlink() {
+        return Err(ArchiveError::Target {
+            path: shown,
+            what: "is a symbolic link; archives are never extracted through a link".into(),
+        });
+    }
+    if !meta.is_dir() {
+        return Err(ArchiveError::Target {
+            path: shown,
+            what: format!("is {}, not a directory", kind_of(meta.file_type())),
+        });
+    }
+    open_dir(None, path.as_path(), &shown).map(Some)
+}
+
+fn open_dir(at: Option<&Dir>, name: &Path, shown: &str) -> Result<Dir, ArchiveError> {
+    Dir::openat(
+        at.map(AsRawFd::as_raw_fd),
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|errno| ArchiveError::Sys { path: shown.to_string(), op: "open the directory", errno })
+}
+
+/// Moves `src` (in the private tree) to `name` inside the directory `dst`, merging
+/// directories. `shown` is `dst`'s path, for messages.
+fn move_into(src: &Path, dst: &Dir, shown: &Path, name: &std::ffi::OsStr) -> Result<(), ArchiveError> {
+    let here = shown.join(name);
+    let sys = |op: &'static str| {
+        let path = here.display().to_string();
+        move |errno| ArchiveError::Sys { path, op, errno }
+    };
+    let src_meta = fs::symlink_metadata(src).map_err(fsutil::io_err(src, "inspect"))?;
+    let existing = match fstatat(Some(dst.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Some(SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT),
+        Err(nix::errno::Errno::ENOENT) => None,
+        Err(errno) => return Err(sys("inspect")(errno)),
+    };
+    match existing {
+        Some(kind) if kind == SFlag::S_IFDIR => {
+            if !src_meta.is_dir() {
+                return Err(ArchiveError::Target {
+                    path: here.display().to_string(),
+                    what: "is a directory; the archive has a file there and a directory is never replaced by one"
+                        .into(),
+                });
+            }
+            let sub = open_dir(Some(dst), Path::new(name), &here.display().to_string())?;
+            for entry in fs::read_dir(src).map_err(fsutil::io_err(src, "list"))? {
+                let entry = entry.map_err(fsutil::io_err(src, "list"))?;
+                move_into(&entry.path(), &sub, &here, &entry.file_name())?;
+            }
+            // The archive's mode for a directory that was already there (as tar does).
+            use std::os::unix::fs::PermissionsExt;
+            let mode = Mode::from_bits_truncate(src_meta.permissions().mode() & 0o777);
+            nix::sys::stat::fchmod(sub.as_raw_fd(), mode).map_err(sys("change the mode of"))?;
+            Ok(())
+        }
+        Some(_) if src_meta.is_dir() => {
+            // A file or a link where the archive has a directory: the link is replaced,
+            // never followed.
+            unlinkat(Some(dst.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir).map_err(sys("replace"))?;
+            renameat(None, src, Some(dst.as_raw_fd()), name).map_err(sys("move into place"))
+        }
+        // rename(2) replaces a file or a link atomically.
+        _ => renameat(None, src, Some(dst.as_raw_fd()), name).map_err(sys("move into place")),
+    }
+}
+
+/// `<state_dir>/archive/<sha256 of path and source>.json`.
+fn record_file(state_dir: &Path, c: &Checked) -> PathBuf {
+    let mut h = Sha256::new();
+    h.update(c.path.to_string().as_bytes());
+    h.update([0]);
+    h.update(c.source.as_bytes());
+    state_dir.join("archive").join(format!("{}.json", hex::encode(h.finalize())))
+}
+
+fn read_record(path: &Path) -> Result<Option<Record>, ArchiveError> {
+    match fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(r) => Ok(Some(r)),
+            // A damaged record only costs a download: treat it as absent.
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable archive record; ignoring it");
+                Ok(None)
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ArchiveError::Record { path: path.to_path_buf(), reason: e.to_string() }),
+    }
+}
+
+fn write_record(path: &Path, c: &Checked, sha256: &str, entries: Vec<String>) -> Result<(), ArchiveError> {
+    let record = Record {
+        path: c.path.to_string(),
+        source: c.source.clone(),
+        checksum: c.checksum.as_ref().map(Checksum::key),
+        sha256: sha256.to_string(),
+        entries,
+    };
+    let err = |reason: String| ArchiveError::Record { path: path.to_path_buf(), reason };
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let bytes = serde_json::to_vec_pretty(&record).map_err(|e| err(e.to_string()))?;
+    let abs = AbsPath::parse(&path.display().to_string()).map_err(|e| err(e.to_string()))?;
+    fsutil::write_atomic(&abs, &bytes, 0o600, 0, 0).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests;
