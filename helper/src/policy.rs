@@ -25,8 +25,9 @@
 //! ```
 //!
 //! What `write_prefixes` covers: `linux.file` `path`, `linux.dir` `path`s,
-//! `linux.symlink` `target` (the link), `linux.cmd` `cwd`, and the files that
-//! `linux.apt.repo`, `linux.apt.ppa` and `linux.yum.repo` write. A command can still
+//! `linux.symlink` `target` (the link), `linux.cmd` `cwd`, the files that
+//! `linux.apt.repo`, `linux.apt.ppa` and `linux.yum.repo` write, `common.virtualenv`
+//! `path` and `common.npm.package` `path` (a global npm install is a package, below). A command can still
 //! write anywhere its user may: to keep recipes from running commands, leave
 //! `linux.cmd` out of `modules` (which also forbids `linux.service` actions that are
 //! commands). Users, groups, crontabs, the timezone and packages are not paths in this
@@ -227,6 +228,8 @@ pub fn written_paths(params: &ModuleParams) -> Vec<String> {
         ModuleParams::LinuxAptRepo(p) => crate::states::repo::apt_list_path(&p.name).into_iter().collect(),
         ModuleParams::LinuxAptPpa(p) => crate::states::repo::ppa_paths(&p.name),
         ModuleParams::LinuxYumRepo(p) => crate::states::repo::yum_repo_path(&p.name).into_iter().collect(),
+        ModuleParams::CommonVirtualenv(p) => vec![p.path.to_string()],
+        ModuleParams::CommonNpmPackage(p) => p.path.iter().map(ToString::to_string).collect(),
         _ => Vec::new(),
     }
 }
@@ -449,7 +452,13 @@ mod tests {
         assert!(policy.check(&cmd).unwrap_err().message.contains("linux.cmd would write /"));
         let repo = params("linux.apt.repo", json!({"name": "x", "content": "deb file:/srv ./"}));
         assert!(policy.check(&repo).unwrap_err().message.contains("/etc/apt/sources.list.d/x.list"));
-        // Modules that write no path are not concerned.
+        let venv = params("common.virtualenv", json!({"path": "/opt/venv"}));
+        assert!(policy.check(&venv).unwrap_err().message.contains("common.virtualenv would write /opt/venv"));
+        assert!(policy.check(&params("common.virtualenv", json!({"path": allowed.join("venv")}))).is_ok());
+        let npm = params("common.npm.package", json!({"name": "x", "path": "/srv/app"}));
+        assert!(policy.check(&npm).unwrap_err().message.contains("/srv/app"));
+        // Modules that write no path are not concerned (a global npm install is a package).
         assert!(policy.check(&params("linux.group", json!({"groupname": "g"}))).is_ok());
+        assert!(policy.check(&params("common.npm.package", json!({"name": "x"}))).is_ok());
     }
 }
