@@ -18,6 +18,7 @@ pub mod puppet;
 pub mod repo;
 pub mod service;
 pub mod storage;
+pub mod supervisord;
 pub mod symlink;
 pub mod timezone;
 pub mod user;
@@ -112,6 +113,7 @@ pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Outc
         ModuleParams::CommonNpmPackage(p) => lang::npm::apply(p, cancel).await,
         ModuleParams::CommonGemPackage(p) => lang::gem::apply(p, cancel).await,
         ModuleParams::CommonVirtualenv(p) => lang::virtualenv::apply(p, id, &ctx.state_dir, cancel).await,
+        ModuleParams::LinuxSupervisord(p) => supervisord::apply(p, id, &WatchStore::new(&ctx.state_dir), cancel).await,
         ModuleParams::LinuxMesosMaster(p) => mesos::master(p),
         ModuleParams::LinuxMesosSlave(p) => mesos::slave(p),
         p if p.is_builtin() => {
