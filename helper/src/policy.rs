@@ -26,8 +26,9 @@
 //!
 //! What `write_prefixes` covers: `linux.file` `path`, `linux.dir` `path`s,
 //! `linux.symlink` `target` (the link), `linux.cmd` `cwd`, the files that
-//! `linux.apt.repo`, `linux.apt.ppa` and `linux.yum.repo` write, and the checkout
-//! `path` of `common.git`, `common.hg` and `common.svn`. A command can still
+//! `linux.apt.repo`, `linux.apt.ppa` and `linux.yum.repo` write, the checkout `path` of
+//! `common.git`, `common.hg` and `common.svn`, and `common.virtualenv` `path` and
+//! `common.npm.package` `path` (a global npm install is a package, below). A command can still
 //! write anywhere its user may: to keep recipes from running commands, leave
 //! `linux.cmd` out of `modules` (which also forbids `linux.service` actions that are
 //! commands). Users, groups, crontabs, the timezone and packages are not paths in this
@@ -241,6 +242,8 @@ pub fn written_paths(params: &ModuleParams) -> Vec<String> {
         ModuleParams::CommonGit(p) => vec![p.path.to_string()],
         ModuleParams::CommonHg(p) => vec![p.path.to_string()],
         ModuleParams::CommonSvn(p) => vec![p.path.to_string()],
+        ModuleParams::CommonVirtualenv(p) => vec![p.path.to_string()],
+        ModuleParams::CommonNpmPackage(p) => p.path.iter().map(ToString::to_string).collect(),
         _ => Vec::new(),
     }
 }
@@ -481,7 +484,13 @@ mod tests {
         assert!(err.message.contains("leads outside the policy's `write_prefixes`"), "{}", err.message);
         let svn = params("common.svn", json!({"path": "/srv/wc", "repo": "svn://h/r"}));
         assert!(policy.check(&svn).unwrap_err().message.contains("common.svn would write /srv/wc"));
-        // Modules that write no path are not concerned.
+        let venv = params("common.virtualenv", json!({"path": "/opt/venv"}));
+        assert!(policy.check(&venv).unwrap_err().message.contains("common.virtualenv would write /opt/venv"));
+        assert!(policy.check(&params("common.virtualenv", json!({"path": allowed.join("venv")}))).is_ok());
+        let npm = params("common.npm.package", json!({"name": "x", "path": "/srv/app"}));
+        assert!(policy.check(&npm).unwrap_err().message.contains("/srv/app"));
+        // Modules that write no path are not concerned (a global npm install is a package).
         assert!(policy.check(&params("linux.group", json!({"groupname": "g"}))).is_ok());
+        assert!(policy.check(&params("common.npm.package", json!({"name": "x"}))).is_ok());
     }
 }

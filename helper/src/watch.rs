@@ -1,5 +1,6 @@
 //! The `watch` mechanism, shared by the modules that react to changed files
-//! (`linux.service` now; `linux.supervisord` and `linux.docker.*` later).
+//! (`linux.service`, `linux.supervisord`, `linux.docker.*`; `common.virtualenv` keeps
+//! the checksum of its requirements file the same way, in a directory of its own).
 //!
 //! As in the original agent (`states.md` 2d): a watched file counts as changed when the
 //! MD5 of its content differs from the checksum stored at the last *successful* run of
@@ -66,6 +67,11 @@ impl WatchCheck {
 impl WatchStore {
     pub fn new(state_dir: &Path) -> Self {
         Self { dir: state_dir.join("watch") }
+    }
+
+    /// A store of its own, for checksums that are not the `watch` parameter's.
+    pub fn in_dir(dir: PathBuf) -> Self {
+        Self { dir }
     }
 
     /// Where the checksum of `file` for `state` is kept.

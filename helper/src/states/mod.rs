@@ -13,11 +13,13 @@ pub mod dir;
 pub mod docker;
 pub mod file;
 pub mod group;
+pub mod lang;
 pub mod mesos;
 pub mod puppet;
 pub mod repo;
 pub mod service;
 pub mod storage;
+pub mod supervisord;
 pub mod symlink;
 pub mod timezone;
 pub mod user;
@@ -134,6 +136,11 @@ pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step
         ModuleParams::LinuxPuppetRun(p) => puppet::run(p, cancel).await,
         ModuleParams::LinuxChefClient(p) => chef::client(p, cancel).await,
         ModuleParams::LinuxChefSolo(p) => chef::solo(p, cancel).await,
+        ModuleParams::CommonPipPackage(p) => lang::pip::apply(p, cancel).await,
+        ModuleParams::CommonNpmPackage(p) => lang::npm::apply(p, cancel).await,
+        ModuleParams::CommonGemPackage(p) => lang::gem::apply(p, cancel).await,
+        ModuleParams::CommonVirtualenv(p) => lang::virtualenv::apply(p, id, &ctx.state_dir, cancel).await,
+        ModuleParams::LinuxSupervisord(p) => supervisord::apply(p, id, &WatchStore::new(&ctx.state_dir), cancel).await,
         ModuleParams::LinuxMesosMaster(p) => mesos::master(p),
         ModuleParams::LinuxMesosSlave(p) => mesos::slave(p),
         ModuleParams::CommonGit(p) => vcs::git::apply(p, cancel).await,

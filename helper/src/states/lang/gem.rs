@@ -1,0 +1,202 @@
+//! `common.gem.package`: Ruby gems through `gem`.
+//!
+//! What is installed: `gem list --local` (every version of every gem, default gems of
+//! the Ruby installation included). The newest version, for `latest`: `gem list
+//! --remote --exact NAME…`, from the sources `gem` is configured with (`/etc/gemrc`,
+//! `/root/.gemrc`, or `GEMRC`; rubygems.org by default). Installs: `gem install
+//! --no-document NAME…` for unpinned gems, and one `gem install --no-document NAME
+//! --version VERSION` per pinned gem (a `--version` applies to every name of its
+//! command); removals: `gem uninstall --all --executables NAME…`, which refuses (and the
+//! state fails) when another installed gem depends on the one to remove.
+//!
+//! Gems are installed side by side: a pinned version (or a `latest` upgrade) is
+//! installed next to the versions already there, which are left alone, as the
+//! original did; `removed` removes every version. A gem counts as "at version V" when V
+//! is one of its installed versions.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use opsagent_proto::catalogue::CommonGemPackage;
+use opsagent_proto::request::Outcome;
+
+use super::{plan, verify, Installed, LangError, Listing, Rules, Run, Tool};
+use crate::cancel::Cancel;
+use crate::states::storage::{find_tool, MissingTool};
+
+pub const RULES: Rules = Rules {
+    manager: "gem",
+    valid_name,
+    valid_version,
+    version_expected:
+        "a version (such as 1.2.0; requirements such as \"~> 1.2\" are not accepted, use latest or a version)",
+    key: str::to_string,
+    same_version: |a, b| a == b,
+};
+
+pub fn valid_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// A `Gem::Version`: digits first, then alphanumerics separated by `.` or `-`.
+pub fn valid_version(v: &str) -> bool {
+    v.starts_with(|c: char| c.is_ascii_digit()) && v.chars().all(|c| c.is_ascii_alphanumeric() || ".-".contains(c))
+}
+
+pub fn gem_tool(program: PathBuf) -> Tool {
+    Tool::new(program)
+}
+
+/// `gem list` output: `name (1.2.0, 1.1.0)`, `json (default: 2.6.1)`, `nokogiri
+/// (1.13.8 x86_64-linux)`; headers and blank lines skipped.
+pub fn parse_list(out: &str) -> Listing {
+    let mut listing = Listing::new();
+    for line in out.lines() {
+        let Some((name, rest)) = line.trim().split_once(" (") else { continue };
+        let Some(inner) = rest.strip_suffix(')') else { continue };
+        if !valid_name(name) {
+            continue;
+        }
+        let versions: Vec<String> = inner
+            .split(", ")
+            .filter_map(|v| v.trim().trim_start_matches("default:").split_whitespace().next())
+            .filter(|v| valid_version(v))
+            .map(str::to_string)
+            .collect();
+        if !versions.is_empty() {
+            listing.insert(name.to_string(), Installed { name: name.to_string(), versions });
+        }
+    }
+    listing
+}
+
+/// The `gem install` commands for a plan: the unpinned gems in one, each pinned one on
+/// its own.
+pub fn install_commands(install: &[(String, Option<String>)]) -> Vec<Vec<String>> {
+    let base = || vec!["install".to_string(), "--no-document".into()];
+    let mut commands = Vec::new();
+    let unpinned: Vec<String> = install.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| n.clone()).collect();
+    if !unpinned.is_empty() {
+        commands.push(base().into_iter().chain(unpinned).collect());
+    }
+    for (name, version) in install {
+        if let Some(v) = version {
+            commands.push(base().into_iter().chain([name.clone(), "--version".into(), v.clone()]).collect());
+        }
+    }
+    commands
+}
+
+pub fn uninstall_args(remove: &[String]) -> Vec<String> {
+    ["uninstall", "--all", "--executables"].into_iter().map(String::from).chain(remove.iter().cloned()).collect()
+}
+
+pub async fn apply(p: &CommonGemPackage, cancel: Cancel) -> Outcome {
+    apply_using(find_tool("gem", &[]).map(gem_tool), p, cancel).await
+}
+
+/// The state with a given `gem` (`None`: none is installed).
+pub async fn apply_using(gem: Option<Tool>, p: &CommonGemPackage, cancel: Cancel) -> Outcome {
+    let mut run = Run::new(cancel);
+    let result = match gem {
+        Some(gem) => run_state(&gem, p, &mut run).await,
+        None => {
+            Err(MissingTool { tool: "gem".into(), hint: "Debian/Ubuntu package ruby, RHEL rubygems".into() }.into())
+        }
+    };
+    run.finish(&super::subject(&p.name), result)
+}
+
+async fn list(gem: &Tool, run: &mut Run) -> Result<Listing, LangError> {
+    let out = run.query(&gem.command(["list", "--local"], super::QUERY_TIMEOUT), &[0]).await?;
+    Ok(parse_list(&out))
+}
+
+async fn run_state(gem: &Tool, p: &CommonGemPackage, run: &mut Run) -> Result<(), LangError> {
+    let items = super::parse_items(&p.name, &RULES)?;
+    let before = list(gem, run).await?;
+    let mut latest = BTreeMap::new();
+    let ask: Vec<String> = super::needs_latest(&items, &before).iter().map(|i| i.name.clone()).collect();
+    if !ask.is_empty() {
+        let args = ["list", "--remote", "--exact"].into_iter().map(String::from).chain(ask.iter().cloned());
+        let remote = parse_list(&run.query(&gem.command(args, super::QUERY_TIMEOUT), &[0]).await?);
+        for name in ask {
+            // Without --all, the remote listing holds the newest version only.
+            let newest = remote.get(&name).and_then(|i| i.versions.first().cloned());
+            let newest = newest.ok_or_else(|| LangError::NotInIndex { name: name.clone() })?;
+            latest.insert(name, newest);
+        }
+    }
+    let todo = plan(&items, &before, &latest, &RULES);
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let acted = async {
+        for args in install_commands(&todo.install) {
+            run.act(&gem.command(args, super::INSTALL_TIMEOUT)).await?;
+        }
+        if !todo.remove.is_empty() {
+            run.act(&gem.command(uninstall_args(&todo.remove), super::INSTALL_TIMEOUT)).await?;
+        }
+        Ok::<(), LangError>(())
+    }
+    .await;
+    let after = list(gem, run).await?;
+    run.changes.extend(super::describe_changes(&before, &after));
+    acted?;
+    verify(&items, &after, &latest, &RULES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::states::testutil::typed;
+    use serde_json::json;
+
+    #[test]
+    fn gem_list_output() {
+        let out = "\n*** LOCAL GEMS ***\n\nabbrev (default: 0.1.0)\nhello (1.1.0, 1.0.0)\nnokogiri (1.13.8 x86_64-linux, 1.12.0)\nbundler (default: 2.3.7, 2.4.0)\nnonsense line\n";
+        let l = parse_list(out);
+        assert_eq!(l["abbrev"].versions, ["0.1.0"]);
+        assert_eq!(l["hello"].versions, ["1.1.0", "1.0.0"]);
+        assert_eq!(l["nokogiri"].versions, ["1.13.8", "1.12.0"]);
+        assert_eq!(l["bundler"].versions, ["2.3.7", "2.4.0"]);
+        assert_eq!(l.len(), 4);
+    }
+
+    #[test]
+    fn command_lines() {
+        let install = [
+            ("a".to_string(), None),
+            ("b".to_string(), Some("1.0.0".to_string())),
+            ("c".to_string(), None),
+            ("d".to_string(), Some("2.0".to_string())),
+        ];
+        let cmds: Vec<String> = install_commands(&install).iter().map(|c| c.join(" ")).collect();
+        assert_eq!(
+            cmds,
+            [
+                "install --no-document a c",
+                "install --no-document b --version 1.0.0",
+                "install --no-document d --version 2.0"
+            ]
+        );
+        assert_eq!(uninstall_args(&["a".into()]).join(" "), "uninstall --all --executables a");
+        assert!(valid_version("1.0.0.pre") && valid_version("2.0-rc1"));
+        assert!(!valid_version("~> 1.2") && !valid_version(">= 1") && !valid_version("latest!"));
+        assert!(valid_name("activesupport") && valid_name("net-http") && !valid_name("--source=x"));
+    }
+
+    #[tokio::test]
+    async fn bad_parameters_and_a_missing_gem() {
+        let p: CommonGemPackage = typed("common.gem.package", json!({"name": [{"key": "rake", "value": "~> 13.0"}]}));
+        let out = apply_using(Some(gem_tool("/nonexistent/gem".into())), &p, Cancel::never()).await;
+        assert!(out.comment.starts_with("parameter name: rake: \"~> 13.0\" is not a version"), "{}", out.comment);
+        let out = apply_using(None, &p, Cancel::never()).await;
+        assert_eq!(
+            out.comment,
+            "gem is not installed; install it with a package state first (Debian/Ubuntu package ruby, RHEL rubygems)"
+        );
+    }
+}
