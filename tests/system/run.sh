@@ -476,13 +476,21 @@ test_g() {
     csh $c 'cat /var/log/visualops/supervise.log' >&2
     wait_until 30 "the restarted daemon reconnects (second Handshake from $iid)" two_handshakes ||
         fail "the restarted daemon did not reconnect"
+    # The daemon alone: the helper living on must not keep the supervisor from acting.
+    dpid=$dpid2
+    hpid=$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')
+    daemon_restarted() { running opsagent && [ "$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')" != "$dpid" ]; }
+    csh $c "kill -9 $dpid" || fail "cannot kill the daemon"
+    wait_until 130 "cron restarts the daemon alone" daemon_restarted ||
+        { csh $c 'cat /var/log/visualops/supervise.log' >&2 || true; fail "cron did not restart the killed daemon while the helper ran"; }
+    [ "$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')" = "$hpid" ] || fail "the running helper was restarted too"
 
     # Self-upgrade without systemd: the daemon stages the release, the next cron pass of
     # the supervisor runs the installer, which restarts both through the supervisor.
     runs_version $iid "$VERSION" || fail "the cron agent does not report $VERSION"
     order_upgrade app-cron 9.10.0
     wait_until 200 "the cron agent reconnects as 9.10.0" runs_version $iid 9.10.0 ||
-        { csh $c 'cat /var/log/visualops/supervise.log /var/log/visualops/upgrade.log' >&2 || true; fail "the cron-supervised agent was not upgraded"; }
+        { csh $c 'tail -n 30 /var/log/visualops/opsagent.log; cat /var/log/visualops/supervise.log /var/log/visualops/upgrade.log; ls -lR /var/lib/visualops/opsagent/upgrade' >&2 || true; fail "the cron-supervised agent was not upgraded"; }
     csh $c '[ "$(readlink /opt/visualops/current)" = releases/9.10.0 ]' || fail "current does not point at 9.10.0"
     wait_until 60 "the upgrade confirmed" csh $c 'grep -q "\"outcome\": \"confirmed\"" /var/lib/visualops/opsagent/upgrade/result.json' ||
         fail "the installer did not confirm 9.10.0"
