@@ -15,6 +15,11 @@
 #   HELPER_NETWORK yes (default): the root helper's commands and package managers may use
 #                the network (units/opsagent-helper-network.conf lifts PrivateNetwork=);
 #                no: keep the unit's PrivateNetwork=yes (hosts with local mirrors only)
+#   STORAGE      no (default): the root helper sees no block device (PrivateDevices=yes),
+#                so linux.mkfs, linux.lvm.*, linux.raid and linux.mount of a device fail;
+#                yes: install units/opsagent-helper-storage.conf, which gives the helper
+#                the block devices, /dev/mapper/control and /dev/loop-control, and
+#                CAP_SYS_ADMIN for lvm2 and mdadm (mounts are made by systemd either way)
 #
 # What it does: downloads opsagent.tgz and its minisign signature, refuses anything not
 # signed by UPDATE_KEY for exactly this VERSION, checks the MANIFEST, installs into
@@ -48,6 +53,7 @@ UPDATE_KEY=${UPDATE_KEY:-}
 INSTANCE_ID=${INSTANCE_ID:-}
 METADATA_URL=${METADATA_URL:-}
 HELPER_NETWORK=${HELPER_NETWORK:-yes}
+STORAGE=${STORAGE:-no}
 
 need_match() { # NAME VALUE REGEX WHAT
     if [ -z "$2" ]; then die "$1 is not set ($4)"; fi
@@ -67,6 +73,7 @@ if [ -n "$METADATA_URL" ]; then
     need_match METADATA_URL "$METADATA_URL" '^https?://[^"[:space:]]+$' "an http:// or https:// URL"
 fi
 case $HELPER_NETWORK in yes|no) ;; *) die "HELPER_NETWORK=$HELPER_NETWORK is not yes or no" ;; esac
+case $STORAGE in yes|no) ;; *) die "STORAGE=$STORAGE is not yes or no" ;; esac
 BASE_REMOTE=${BASE_REMOTE%/}
 
 # One run at a time (cloud-init and an operator re-running it by hand).
@@ -296,6 +303,18 @@ if [ "$HAVE_SYSTEMD" = 1 ]; then
         rm -f "$DROPIN"
         CHANGED_DROPIN=1
         log "removed the helper's network access ($DROPIN)"
+    fi
+    DROPIN=/etc/systemd/system/opsagent-helper.service.d/60-storage.conf
+    if [ "$STORAGE" = yes ]; then
+        mkdir -p "${DROPIN%/*}"
+        if install_file "$CUR/units/opsagent-helper-storage.conf" "$DROPIN" 0644; then
+            CHANGED_DROPIN=1
+            log "the helper gets the block devices for the storage states ($DROPIN)"
+        fi
+    elif [ -f "$DROPIN" ]; then
+        rm -f "$DROPIN"
+        CHANGED_DROPIN=1
+        log "removed the helper's access to block devices ($DROPIN)"
     fi
     for d in /etc/polkit-1/rules.d /usr/share/polkit-1/rules.d; do
         if [ -d "$d" ]; then

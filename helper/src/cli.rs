@@ -42,8 +42,30 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub max_connections_per_uid: usize,
 
+    /// Keep CAP_SYS_ADMIN and CAP_MKNOD, which linux.lvm.* and linux.raid need for the
+    /// device-mapper and md ioctls and device nodes (the opt-in storage drop-in sets
+    /// OPSAGENT_HELPER_STORAGE=yes and adds them to the unit's bounding set).
+    #[arg(long, env = "OPSAGENT_HELPER_STORAGE", value_parser = clap::builder::FalseyValueParser::new())]
+    pub storage: bool,
+
     /// Seconds a connection may stay idle (no request running, nothing received)
     /// before it is closed; 0 never closes it.
     #[arg(long, value_name = "SECONDS", default_value_t = 900)]
     pub idle_timeout: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_is_off_unless_asked_for() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["opsagent-helper"], args].concat()).unwrap();
+        // The test's own environment might carry the variable; only the flag is checked.
+        if std::env::var_os("OPSAGENT_HELPER_STORAGE").is_none() {
+            assert!(!parse(&[]).storage);
+        }
+        assert!(parse(&["--storage"]).storage);
+        assert!(Cli::try_parse_from(["opsagent-helper", "--storage=maybe"]).is_err(), "a flag takes no value");
+    }
 }

@@ -11,6 +11,8 @@
 //! [`KEEP`] matches `CapabilityBoundingSet=` of `units/opsagent-helper.service` (where
 //! each one is explained). Under that unit there is nothing left to drop; run by hand
 //! (`opsagent apply` starts a private helper as root) this gives the same process.
+//! With `--storage` (set by the opt-in drop-in `units/opsagent-helper-storage.conf`,
+//! which adds them to the unit's bounding set too) [`STORAGE`] is kept as well.
 //!
 //! `PR_SET_NO_NEW_PRIVS` is deliberately not set (see the unit file: recipes run
 //! setuid programs as other users). The environment is not scrubbed here but for
@@ -32,6 +34,13 @@ pub const KEEP: &[Capability] = &[
     Capability::CAP_KILL,
     Capability::CAP_SETFCAP,
 ];
+
+/// Kept in addition with `--storage`: what lvm2 and mdadm need beyond access to the
+/// device nodes. CAP_SYS_ADMIN: the device-mapper ioctls (`/dev/mapper/control`,
+/// lvcreate), the md ioctls (mdadm --create/--assemble), re-reading partition tables
+/// (BLKRRPART). CAP_MKNOD: libdevmapper and mdadm make their device nodes themselves
+/// where udev does not (containers, early boot). Mounting needs neither: systemd mounts.
+pub const STORAGE: &[Capability] = &[Capability::CAP_SYS_ADMIN, Capability::CAP_MKNOD];
 
 #[derive(Debug, thiserror::Error)]
 pub enum HardenError {
@@ -58,12 +67,12 @@ fn names(set: &CapsHashSet) -> Vec<String> {
     v
 }
 
-/// Applies everything above to the calling (only) thread.
-pub fn apply() -> Result<Kept, HardenError> {
+/// Applies everything above to the calling (only) thread; `storage`: keep [`STORAGE`].
+pub fn apply(storage: bool) -> Result<Kept, HardenError> {
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(HardenError::Core)?;
     nix::sys::prctl::set_dumpable(false).map_err(HardenError::Core)?;
 
-    let keep: CapsHashSet = KEEP.iter().copied().collect();
+    let keep = kept_set(storage);
     let bounding = caps::read(None, CapSet::Bounding).map_err(HardenError::Read)?;
     let mut dropped = 0;
     // Bounding first: dropping from it needs CAP_SETPCAP in the effective set, which
@@ -80,4 +89,10 @@ pub fn apply() -> Result<Kept, HardenError> {
     caps::clear(None, CapSet::Ambient).map_err(|source| HardenError::Set { set: "ambient", source })?;
     let bounding = caps::read(None, CapSet::Bounding).map_err(HardenError::Read)?;
     Ok(Kept { bounding: names(&bounding), dropped })
+}
+
+/// [`KEEP`], and [`STORAGE`] when asked for.
+pub fn kept_set(storage: bool) -> CapsHashSet {
+    let extra: &[Capability] = if storage { STORAGE } else { &[] };
+    KEEP.iter().chain(extra).copied().collect()
 }

@@ -43,10 +43,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     // While this is the only thread: capability sets are per thread.
-    let kept = harden::apply().context("refusing to start: cannot harden the process")?;
+    let kept = harden::apply(cli.storage).context("refusing to start: cannot harden the process")?;
     tracing::info!(
         kept = %kept.bounding.join(" "),
         dropped = kept.dropped,
+        storage = cli.storage,
         "core dumps disabled; capability bounding set reduced"
     );
     let policy = match &cli.policy {

@@ -27,8 +27,10 @@
 //! What `write_prefixes` covers: `linux.file` `path`, `linux.dir` `path`s,
 //! `linux.symlink` `target` (the link), `linux.cmd` `cwd`, the files that
 //! `linux.apt.repo`, `linux.apt.ppa` and `linux.yum.repo` write, the checkout `path` of
-//! `common.git`, `common.hg` and `common.svn`, and `common.virtualenv` `path` and
-//! `common.npm.package` `path` (a global npm install is a package, below). A command can still
+//! `common.git`, `common.hg` and `common.svn`, `common.virtualenv` `path` and
+//! `common.npm.package` `path` (a global npm install is a package, below), and the mount
+//! point `path` of `linux.mount` (a mount replaces what is visible there; the directory is
+//! created when missing) with `/etc/fstab` when it has `fstab: true`. A command can still
 //! write anywhere its user may: to keep recipes from running commands, leave
 //! `linux.cmd` out of `modules` (which also forbids `linux.service` actions that are
 //! commands). Users, groups, crontabs, the timezone and packages are not paths in this
@@ -244,9 +246,19 @@ pub fn written_paths(params: &ModuleParams) -> Vec<String> {
         ModuleParams::CommonSvn(p) => vec![p.path.to_string()],
         ModuleParams::CommonVirtualenv(p) => vec![p.path.to_string()],
         ModuleParams::CommonNpmPackage(p) => p.path.iter().map(ToString::to_string).collect(),
+        ModuleParams::LinuxMount(p) => {
+            let mut paths = vec![p.path.trim().to_string()];
+            if p.fstab {
+                paths.push(FSTAB.to_string());
+            }
+            paths
+        }
         _ => Vec::new(),
     }
 }
+
+/// What `linux.mount` writes with `fstab: true`.
+const FSTAB: &str = "/etc/fstab";
 
 /// Written paths through which a link at the final component is followed.
 fn followed_paths(params: &ModuleParams) -> Vec<String> {
@@ -254,6 +266,8 @@ fn followed_paths(params: &ModuleParams) -> Vec<String> {
         ModuleParams::CommonGit(p) => vec![p.path.to_string()],
         ModuleParams::CommonHg(p) => vec![p.path.to_string()],
         ModuleParams::CommonSvn(p) => vec![p.path.to_string()],
+        // The mount is made on the resolved mount point.
+        ModuleParams::LinuxMount(p) => vec![p.path.trim().to_string()],
         _ => Vec::new(),
     }
 }
@@ -492,5 +506,41 @@ mod tests {
         // Modules that write no path are not concerned (a global npm install is a package).
         assert!(policy.check(&params("linux.group", json!({"groupname": "g"}))).is_ok());
         assert!(policy.check(&params("common.npm.package", json!({"name": "x"}))).is_ok());
+    }
+
+    #[test]
+    fn write_prefixes_cover_mount_points_and_fstab() {
+        let dir = private_dir();
+        let root = dir.path().canonicalize().unwrap();
+        let allowed = root.join("mnt");
+        std::fs::create_dir(&allowed).unwrap();
+        std::fs::create_dir(root.join("outside")).unwrap();
+        std::os::unix::fs::symlink(root.join("outside"), allowed.join("escape")).unwrap();
+        let mount = |path: PathBuf, fstab: bool| {
+            params("linux.mount", json!({"device": "/dev/xvdf", "filesystem": "ext4", "path": path, "fstab": fstab}))
+        };
+        let only_mnt = Policy::parse(Path::new("/p"), &format!("write_prefixes = {}\n", allowed.display())).unwrap();
+        assert!(only_mnt.check(&mount(allowed.join("data"), false)).is_ok());
+        let err = only_mnt.check(&mount(root.join("outside/data"), false)).unwrap_err();
+        assert!(
+            err.message.contains("linux.mount would write") && err.message.contains("not under"),
+            "{}",
+            err.message
+        );
+        // With fstab: true, /etc/fstab must be allowed as well.
+        let err = only_mnt.check(&mount(allowed.join("data"), true)).unwrap_err();
+        assert_eq!(
+            err.message,
+            "linux.mount would write /etc/fstab, which is not under the policy's `write_prefixes` (policy /p)"
+        );
+        let with_fstab =
+            Policy::parse(Path::new("/p"), &format!("write_prefixes = {} /etc/fstab\n", allowed.display())).unwrap();
+        assert!(with_fstab.check(&mount(allowed.join("data"), true)).is_ok());
+        // A link at the mount point is followed by the mount: where it leads counts.
+        let err = with_fstab.check(&mount(allowed.join("escape"), false)).unwrap_err();
+        assert!(err.message.contains("leads outside the policy's `write_prefixes`"), "{}", err.message);
+        // `/etc` covers fstab too.
+        let etc = Policy::parse(Path::new("/p"), &format!("write_prefixes = {} /etc\n", allowed.display())).unwrap();
+        assert!(etc.check(&mount(allowed.join("data"), true)).is_ok());
     }
 }

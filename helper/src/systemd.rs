@@ -7,6 +7,11 @@
 //! listen), wait for the signal of *our* job, treat any result but `done` as a
 //! failure, then read `ActiveState` again without the proxy's property cache.
 //!
+//! The same holds for `StartTransientUnit` (a transient unit made and started in one
+//! job), which `linux.mount` uses so that systemd, in the host's mount namespace,
+//! mounts for the sandboxed helper; `Reload` (daemon-reload) is a plain call that
+//! returns once the manager has reloaded.
+//!
 //! Authorization: systemd lets uid 0 manage units without asking polkit (checked on
 //! systemd 252 with CAP_SYS_ADMIN dropped, as the helper runs), so the helper needs no
 //! capability for this.
@@ -15,9 +20,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util_lite::next;
-use opsagent_proto::newtypes::UnitName;
+use opsagent_proto::newtypes::{InvalidValue, UnitName};
 use zbus::proxy::CacheProperties;
-use zbus::zvariant::OwnedObjectPath;
+use zbus::zvariant::{OwnedObjectPath, Value};
 
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, Exit, ToolError};
@@ -43,6 +48,16 @@ pub trait Manager {
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    /// `properties` are the unit's settings (`a(sv)`); `aux` (further transient units
+    /// started with it) is always empty here.
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, Value<'_>)],
+        aux: &[(&str, Vec<(&str, Value<'_>)>)],
+    ) -> zbus::Result<OwnedObjectPath>;
+    fn reload(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
 }
@@ -106,6 +121,8 @@ pub enum ServiceError {
     Cancelled { unit: UnitName, job: Job },
     #[error("{unit}: {source}")]
     Tool { unit: UnitName, source: ToolError },
+    #[error("cannot make systemd reload its configuration (daemon-reload): {0}")]
+    Reload(zbus::Error),
 }
 
 impl ServiceError {
@@ -114,6 +131,15 @@ impl ServiceError {
             ServiceError::Cancelled { .. } => true,
             ServiceError::Tool { source, .. } => source.is_cancelled(),
             _ => false,
+        }
+    }
+
+    /// The D-Bus error name of a call the manager refused
+    /// (`org.freedesktop.systemd1.NoSuchUnit`, `…UnitExists`).
+    pub fn dbus_error(&self) -> Option<&str> {
+        match self {
+            ServiceError::Bus { source: zbus::Error::MethodError(name, _, _), .. } => Some(name.as_str()),
+            _ => None,
         }
     }
 }
@@ -211,15 +237,54 @@ impl ServiceManager for Systemd {
     }
 
     async fn run(&self, unit: &UnitName, job: Job, cancel: &mut Cancel) -> Result<(), ServiceError> {
+        self.job(unit, Call::Unit(job), cancel).await
+    }
+}
+
+/// What a job is started with.
+enum Call<'a> {
+    Unit(Job),
+    /// `StartTransientUnit` with these properties (a start job).
+    Transient(&'a [(&'a str, Value<'a>)]),
+}
+
+impl Systemd {
+    /// Makes a transient unit from `properties` and starts it, to the end of its job
+    /// (`Ok` only for the result `done`). systemd refuses a name that is already loaded
+    /// (`UnitExists`, see [`ServiceError::dbus_error`]).
+    pub async fn start_transient(
+        &self,
+        unit: &UnitName,
+        properties: &[(&str, Value<'_>)],
+        cancel: &mut Cancel,
+    ) -> Result<(), ServiceError> {
+        self.job(unit, Call::Transient(properties), cancel).await
+    }
+
+    /// daemon-reload: the manager reads unit files again and re-runs the generators
+    /// (`/etc/fstab` becomes mount units that way). The reply comes once it is done.
+    pub async fn daemon_reload(&self) -> Result<(), ServiceError> {
+        let manager = ManagerProxy::new(&self.conn).await.map_err(ServiceError::Reload)?;
+        manager.reload().await.map_err(ServiceError::Reload)
+    }
+
+    async fn job(&self, unit: &UnitName, call: Call<'_>, cancel: &mut Cancel) -> Result<(), ServiceError> {
         let bus = |op: &'static str| move |source| ServiceError::Bus { unit: unit.clone(), op, source };
+        let job = match call {
+            Call::Unit(job) => job,
+            Call::Transient(_) => Job::Start,
+        };
         let manager = self.manager(unit).await?;
         // Listen first: the job may end before the call below returns.
         let mut removed = manager.receive_job_removed().await.map_err(bus("subscribe to JobRemoved"))?;
-        let call = match job {
-            Job::Start => manager.start_unit(unit.as_str(), "replace").await,
-            Job::Reload => manager.reload_unit(unit.as_str(), "replace").await,
-            Job::Restart => manager.restart_unit(unit.as_str(), "replace").await,
-            Job::Stop => manager.stop_unit(unit.as_str(), "replace").await,
+        let call = match call {
+            Call::Unit(Job::Start) => manager.start_unit(unit.as_str(), "replace").await,
+            Call::Unit(Job::Reload) => manager.reload_unit(unit.as_str(), "replace").await,
+            Call::Unit(Job::Restart) => manager.restart_unit(unit.as_str(), "replace").await,
+            Call::Unit(Job::Stop) => manager.stop_unit(unit.as_str(), "replace").await,
+            Call::Transient(properties) => {
+                manager.start_transient_unit(unit.as_str(), "replace", properties, &[]).await
+            }
         };
         let job_path = call.map_err(bus(job.verb()))?;
         let wait = async {
@@ -290,6 +355,39 @@ impl ServiceManager for SysV {
     }
 }
 
+/// The unit systemd names after `path` (`systemd-escape --path --suffix=SUFFIX`):
+/// `/srv/my-data` → `srv-my\x2ddata.mount`. The path is simplified first (repeated
+/// and trailing slashes dropped), each `/` between components becomes `-`, a leading
+/// `.` and every byte that is not an ASCII letter, digit, `:`, `_` or `.` is written
+/// `\xNN` (lowercase hex), `-` and `\` included. `Err` when the result is not a unit
+/// name [`UnitName`] accepts: longer than 255 bytes, or `/` itself (`-.mount`, the
+/// root mount, which no state manages).
+pub fn unit_name_from_path(path: &std::path::Path, suffix: &str) -> Result<UnitName, InvalidValue> {
+    use std::os::unix::ffi::OsStrExt;
+    let parts: Vec<&[u8]> =
+        path.as_os_str().as_bytes().split(|b| *b == b'/').filter(|c| !c.is_empty() && *c != b".").collect();
+    let mut out = String::new();
+    if parts.is_empty() {
+        out.push('-');
+    }
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        for (j, &b) in part.iter().enumerate() {
+            let plain = b.is_ascii_alphanumeric() || b == b':' || b == b'_' || (b == b'.' && (i, j) != (0, 0));
+            if plain {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+    }
+    out.push('.');
+    out.push_str(suffix);
+    UnitName::parse(&out)
+}
+
 /// Whether systemd is the running init (the test `sd_booted()` makes).
 pub fn booted() -> bool {
     std::path::Path::new(SYSTEMD_RUNTIME_DIR).is_dir()
@@ -304,5 +402,35 @@ mod futures_util_lite {
 
     pub async fn next<S: Stream + Unpin>(s: &mut S) -> Option<S::Item> {
         poll_fn(|cx| Pin::new(&mut *s).poll_next(cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn unit_names_are_escaped_as_systemd_escape_path_does() {
+        // Expected values from `systemd-escape --path --suffix=mount` (systemd 252).
+        for (path, want) in [
+            ("/data", "data.mount"),
+            ("/srv/my-data", "srv-my\\x2ddata.mount"),
+            ("//srv///x/", "srv-x.mount"),
+            ("/srv/./x", "srv-x.mount"),
+            ("/mnt/my data", "mnt-my\\x20data.mount"),
+            ("/.hidden/a.b", "\\x2ehidden-a.b.mount"),
+            ("/a/.b", "a-.b.mount"),
+            ("/back\\slash", "back\\x5cslash.mount"),
+            ("/x:y_z@1", "x:y_z\\x401.mount"),
+            ("/caf\u{e9}", "caf\\xc3\\xa9.mount"),
+        ] {
+            assert_eq!(unit_name_from_path(Path::new(path), "mount").unwrap().as_str(), want, "{path}");
+        }
+        assert_eq!(unit_name_from_path(Path::new("/srv/app"), "automount").unwrap().as_str(), "srv-app.automount");
+        // `/` is `-.mount` to systemd; no state manages the root mount, so it is refused.
+        assert!(unit_name_from_path(Path::new("/"), "mount").is_err());
+        let long = format!("/{}", "a".repeat(250));
+        assert!(unit_name_from_path(Path::new(&long), "mount").is_err());
     }
 }

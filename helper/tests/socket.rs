@@ -63,6 +63,7 @@ impl Helper {
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("JOURNAL_STREAM")
+            .env_remove("OPSAGENT_HELPER_STORAGE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -479,6 +480,21 @@ async fn the_helper_drops_capabilities_and_core_dumps() {
     let mut c = h.client().await;
     let out = c.apply("linux.cmd", json!({"cmd": "grep CapBnd /proc/self/status", "cwd": "/"})).await;
     assert_eq!(cap_mask(&out.stdout, "CapBnd:") & !want, 0, "{}", out.stdout);
+}
+
+#[tokio::test]
+async fn with_storage_the_helper_keeps_what_lvm_and_mdadm_need() {
+    let h = Helper::start_with(&["--storage"]).await;
+    let status = fs::read_to_string(format!("/proc/{}/status", h.child.id())).unwrap();
+    let keep: u64 = opsagent_helper::harden::KEEP.iter().map(|c| 1u64 << c.index()).sum();
+    let storage: u64 = opsagent_helper::harden::STORAGE.iter().map(|c| 1u64 << c.index()).sum();
+    // What the test itself may hold is the most the helper can keep.
+    let own = cap_mask(&fs::read_to_string("/proc/self/status").unwrap(), "CapBnd:");
+    assert_ne!(own & storage, 0, "the test runs without CAP_SYS_ADMIN and CAP_MKNOD; it needs full root");
+    assert_eq!(cap_mask(&status, "CapBnd:"), (keep | storage) & own, "{status}");
+    assert_eq!(cap_mask(&status, "CapEff:"), (keep | storage) & own, "{status}");
+    let log = h.wait_for_log(&["capability bounding set reduced", "storage=true"]).await;
+    assert!(log.lines().any(|l| l.contains("kept=") && l.contains("CAP_SYS_ADMIN")), "{log}");
 }
 
 /// A root-owned policy file in a private directory of the test.

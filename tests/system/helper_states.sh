@@ -13,7 +13,11 @@
 # installed from a file and removed; a group, a user (plaintext password hashed once,
 # verified by libxcrypt; a yescrypt hash from chpasswd recognised), a cron entry and the
 # timezone, each re-applied with no change; a uid outside the allowlist refused; a
-# policy file that forbids linux.cmd honoured; journal fields of outcomes.
+# policy file that forbids linux.cmd honoured; journal fields of outcomes; the storage
+# states through the real, sandboxed opsagent-helper.service (socket activation): a
+# tmpfs mounted by systemd without the storage drop-in, block devices refused without
+# it with a message naming it, then with units/opsagent-helper-storage.conf linux.mkfs
+# and linux.mount (transient unit; /etc/fstab) on loop devices made on the host.
 #
 # Ends with "N passed, M failed"; exits non-zero on any failure. The container is
 # stopped and removed on exit (by pid, see lib.sh). OPSAGENT_SYSTEST_KEEP=1 keeps logs.
@@ -44,6 +48,11 @@ on_exit() {
         [ "$rc" -ne 0 ] || rc=1
     fi
     cleanup_all
+    # Loop devices made on the host for the storage checks (after the container, whose
+    # mounts held them, is gone).
+    if [ -f "$WORK/loops" ]; then
+        while read -r dev; do losetup -d "$dev" 2>/dev/null || true; done <"$WORK/loops"
+    fi
     if [ "$rc" -eq 0 ] && [ "$FAILED" -eq 0 ] && [ "${OPSAGENT_SYSTEST_KEEP:-0}" != 1 ]; then
         rm -rf "$WORK"
     else
@@ -55,7 +64,7 @@ trap on_exit EXIT
 trap 'exit 130' INT TERM
 
 install_host_tools systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux \
-    dpkg-deb:dpkg ps:procps
+    dpkg-deb:dpkg ps:procps losetup:mount blkid:util-linux
 
 ensure_rootfs
 
@@ -285,6 +294,108 @@ check "journal: outcomes carry structured fields" \
 check "journal: the kept capability set is logged" \
     in_c 'journalctl -u opsh-helper --no-pager | grep -q "capability bounding set reduced"'
 in_c 'systemctl stop opsh-helper' || true
+
+# ---------------------------------------------------------------- storage through the helper unit
+say "== storage states through the real opsagent-helper.service (sandboxed; storage drop-in)"
+# The shipped units, with the binary where ExecStart expects it. Root may always connect.
+HSOCK=/run/opsagent-helper/helper.sock
+install -d -m 0755 "$ROOT/opt/visualops/current/bin" "$ROOT/etc/sysusers.d"
+install -m 0755 "$BIN_DIR/opsagent-helper" "$ROOT/opt/visualops/current/bin/"
+install -m 0644 "$REPO/units/opsagent-helper.service" "$REPO/units/opsagent-helper.socket" "$ROOT/etc/systemd/system/"
+install -m 0644 "$REPO/units/opsagent.sysusers" "$ROOT/etc/sysusers.d/opsagent.conf"
+setup 'systemd-sysusers && systemctl daemon-reload && systemctl start opsagent-helper.socket'
+# apply_unit NAME JSON-STATES: like apply, through the socket of the helper unit.
+apply_unit() {
+    local name=$1 states=$2 rc=0
+    printf '{"recipe_version": 1, "state": [%s]}\n' "$states" >"$ROOT/root/$name.json"
+    cexec $C opsagent apply --helper-socket "$HSOCK" "/root/$name.json" >"$WORK/$name.out" 2>&1 || rc=$?
+    { echo "== $name (exit $rc, helper unit)"; cat "$WORK/$name.out"; } | tee -a "$WORK/apply.log" >&2
+    return "$rc"
+}
+# Two loop devices made on the host over sparse files, and their nodes made in the
+# container's /dev (nspawn gives it none; its device cgroup is not restricted here).
+mkloop() { # NAME: prints the loop device
+    local dev
+    truncate -s 64M "$WORK/$1.img"
+    dev=$(losetup --find --show "$WORK/$1.img") || return 1
+    echo "$dev" >>"$WORK/loops"
+    csh $C "mknod -m 0660 $dev b $((16#$(stat -c %t "$dev"))) $((16#$(stat -c %T "$dev")))" || return 1
+    echo "$dev"
+}
+if ! { LOOP1=$(mkloop disk1) && LOOP2=$(mkloop disk2); }; then
+    FAILED=$((FAILED + 1))
+    FAILURES+=("setup: loop devices")
+fi
+say "  loop devices: ${LOOP1:-none} ${LOOP2:-none}"
+MKFS="{\"id\": \"mkfs\", \"module\": \"linux.mkfs\", \"parameter\": {\"device\": \"$LOOP1\", \"fstype\": \"ext4\", \"label\": \"opshdata\"}}"
+MNT_T="{\"id\": \"mnt-t\", \"module\": \"linux.mount\", \"parameter\": {\"device\": \"$LOOP1\", \"filesystem\": \"ext4\", \"path\": \"/mnt/opsh-data\", \"opts\": \"noatime\"}}"
+MKFS2="{\"id\": \"mkfs2\", \"module\": \"linux.mkfs\", \"parameter\": {\"device\": \"$LOOP2\", \"fstype\": \"ext4\"}}"
+MNT_F="{\"id\": \"mnt-f\", \"module\": \"linux.mount\", \"parameter\": {\"device\": \"$LOOP2\", \"filesystem\": \"ext4\", \"path\": \"/srv/opsh-fstab\", \"fstab\": true, \"pass\": \"2\"}}"
+TMPFS="{\"id\": \"tmpfs\", \"module\": \"linux.mount\", \"parameter\": {\"device\": \"tmpfs\", \"filesystem\": \"tmpfs\", \"path\": \"/srv/opsh-tmp\", \"fstab\": true, \"opts\": \"size=8m\"}}"
+UNIT_T='mnt-opsh\x2ddata.mount'
+UNIT_F='srv-opsh\x2dfstab.mount'
+UNIT_TMP='srv-opsh\x2dtmp.mount'
+# The container's own mount table (its PID 1), read from the host: the mount must be
+# there, not only in the helper's private mount namespace.
+host_mounted() { # PATH FSTYPE
+    grep -q " $1 [^ ]* .* - $2 " "/proc/$(cpid $C)/mountinfo"
+}
+unit_active() { in_c "systemctl is-active --quiet '$1'"; }
+
+# Without the drop-in: a tmpfs needs no device, so systemd mounts it for the sandbox;
+# its fstab line becomes a unit of systemd's fstab generator, which is started.
+check "storage: tmpfs with fstab through the sandboxed helper (no drop-in)" apply_unit st1 "$TMPFS"
+check "storage: ... mounted by the unit generated from /etc/fstab" out_has st1 "by systemd unit $UNIT_TMP, from /etc/fstab"
+check "storage: ... the unit comes from the fstab generator" \
+    in_c "systemctl show -p FragmentPath --value '$UNIT_TMP' | grep -q '^/run/systemd/generator/'"
+check "storage: ... in the container's mountinfo" host_mounted /srv/opsh-tmp tmpfs
+check "storage: ... unit active" unit_active "$UNIT_TMP"
+check "storage: tmpfs again: no change" apply_unit st2 "$TMPFS"
+check "storage: ... no change" no_change st2
+if apply_unit st3 "$MKFS"; then check "storage: mkfs refused without the drop-in" false; else check "storage: mkfs refused without the drop-in" true; fi
+check "storage: ... the refusal names the drop-in" \
+    out_has st3 "device $LOOP1 is not visible: block devices are hidden from the helper (PrivateDevices=yes); install the storage drop-in units/opsagent-helper-storage.conf (STORAGE=yes in the userdata)"
+if apply_unit st4 "$MNT_T"; then check "storage: mount of a device refused without the drop-in" false; else check "storage: mount of a device refused without the drop-in" true; fi
+check "storage: ... names the drop-in" out_has st4 "install the storage drop-in units/opsagent-helper-storage.conf"
+check "storage: ... nothing was formatted" sh -c "! blkid -p '$LOOP1' >/dev/null"
+
+# With the drop-in (the next connection activates the helper with it).
+install -d -m 0755 "$ROOT/etc/systemd/system/opsagent-helper.service.d"
+install -m 0644 "$REPO/units/opsagent-helper-storage.conf" "$ROOT/etc/systemd/system/opsagent-helper.service.d/60-storage.conf"
+setup 'systemctl daemon-reload && systemctl stop opsagent-helper.service'
+check "storage: systemd-analyze verify of the unit with the drop-in is clean" \
+    in_c 'out=$(systemd-analyze verify opsagent-helper.service 2>&1); echo "$out"; [ -z "$out" ]'
+unit_prop() { in_c "systemctl show -p $1 --value opsagent-helper.service"; }
+check "storage: the drop-in is in effect" \
+    sh -c "[ '$(unit_prop PrivateDevices)' = no ] && [ '$(unit_prop DevicePolicy)' = closed ] && echo '$(unit_prop DropInPaths)' | grep -q 60-storage.conf"
+in_c 'systemd-analyze security --no-pager opsagent-helper.service' >"$WORK/security.txt" 2>&1 || true
+say "  $(grep 'Overall exposure level' "$WORK/security.txt" || echo 'systemd-analyze security gave no score')"
+check "storage: mkfs with the drop-in" apply_unit st5 "$MKFS"
+check "storage: ... reported" out_has st5 "ext4 filesystem created (label opshdata)"
+check "storage: ... ext4 on the device (seen from the host)" test "$(blkid -p -o value -s TYPE "$LOOP1")" = ext4
+check "storage: mkfs again: no change" apply_unit st6 "$MKFS"
+check "storage: ... no change" no_change st6
+# CAP_SYS_ADMIN is capability 21.
+check "storage: the helper keeps CAP_SYS_ADMIN with the drop-in (lvm2, mdadm)" \
+    in_c 'm=$(awk "/^CapBnd:/ {print \$2}" /proc/$(systemctl show -p MainPID --value opsagent-helper.service)/status) && [ $(((0x$m >> 21) & 1)) = 1 ]'
+check "storage: mount without fstab (transient unit)" apply_unit st7 "$MNT_T"
+check "storage: ... by the transient unit" out_has st7 "$LOOP1 mounted (ext4) by transient systemd unit $UNIT_T"
+check "storage: ... in the container's mountinfo" host_mounted /mnt/opsh-data ext4
+check "storage: ... systemctl status of the unit" in_c "systemctl status --no-pager '$UNIT_T' | grep -q 'Active: active (mounted)'"
+check "storage: ... with the options" in_c "findmnt -n -o OPTIONS /mnt/opsh-data | grep -qw noatime"
+check "storage: mount again: no change" apply_unit st8 "$MNT_T"
+check "storage: ... no change" no_change st8
+check "storage: mkfs + mount with fstab" apply_unit st9 "$MKFS2, $MNT_F"
+check "storage: ... the fstab line" in_c "grep -qx '$LOOP2 /srv/opsh-fstab ext4 defaults 0 2' /etc/fstab"
+# In a container systemd's fstab generator ignores device lines, so a transient unit
+# mounts it (on a host, the generated unit is started, as for the tmpfs above).
+check "storage: ... mounted (transient: no generated unit for a device in a container)" \
+    out_has st9 "$LOOP2 mounted (ext4) by transient systemd unit $UNIT_F (systemd made no unit from the /etc/fstab line"
+check "storage: ... in the container's mountinfo" host_mounted /srv/opsh-fstab ext4
+check "storage: ... unit active" unit_active "$UNIT_F"
+check "storage: mount with fstab again: no change" apply_unit st10 "$MKFS2, $MNT_F"
+check "storage: ... no change" no_change st10
+in_c "systemctl stop '$UNIT_T' '$UNIT_F' '$UNIT_TMP'" || true
 
 say ""
 if [ "$FAILED" -gt 0 ]; then

@@ -10,6 +10,10 @@
 //!
 //! Tools are looked up on the helper's fixed search path first, so that a missing one
 //! fails with the package to install rather than with "No such file or directory".
+//!
+//! Under the shipped unit (`PrivateDevices=yes`) the helper sees no block device at
+//! all; a device that is missing then fails with [`HIDDEN_HINT`], which names the
+//! storage drop-in, rather than with "does not exist".
 
 pub mod lvm;
 pub mod mkfs;
@@ -64,12 +68,31 @@ pub fn tool(program: &Path, args: Vec<String>) -> CommandSpec {
     CommandSpec::tool(&program.to_string_lossy(), args).with_env("LVM_SUPPRESS_FD_WARNINGS", "1")
 }
 
+/// Why a device the state names is not there, when the helper cannot see any.
+pub const HIDDEN_HINT: &str = "block devices are hidden from the helper (PrivateDevices=yes); install the storage \
+                               drop-in units/opsagent-helper-storage.conf (STORAGE=yes in the userdata)";
+
+/// Whether `dev` holds no block device node at all: on any real host `/dev` has a disk
+/// or a loop device, so none means a private `/dev` (the unit's `PrivateDevices=yes`).
+/// A directory that cannot be read is not taken as proof.
+pub fn no_block_devices(dev: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dev) else { return false };
+    !entries.flatten().any(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+}
+
+/// [`no_block_devices`] of the helper's own `/dev`.
+pub fn block_devices_hidden() -> bool {
+    no_block_devices(Path::new("/dev"))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("parameter {param}: {source}")]
     Path { param: &'static str, source: InvalidValue },
     #[error("device {0} does not exist")]
     Missing(String),
+    #[error("device {0} is not visible: {HIDDEN_HINT}")]
+    Hidden(String),
     #[error("device {path} is {found}, not a block device")]
     NotBlock { path: String, found: &'static str },
     #[error("cannot inspect device {path}: {source}")]
@@ -89,6 +112,9 @@ impl BlockDevice {
         let path = AbsPath::parse(raw.trim()).map_err(|source| DeviceError::Path { param, source })?;
         let meta = match fs::metadata(path.as_path()) {
             Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && block_devices_hidden() => {
+                return Err(DeviceError::Hidden(path.to_string()))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(DeviceError::Missing(path.to_string())),
             Err(source) => return Err(DeviceError::Io { path: path.to_string(), source }),
         };
@@ -269,6 +295,32 @@ mod tests {
         let err = BlockDevice::open("device", "/dev/null").unwrap_err();
         assert_eq!(err.to_string(), "device /dev/null is a device, not a block device");
         assert!(matches!(BlockDevice::open("device", "xvdf"), Err(DeviceError::Path { .. })));
+    }
+
+    #[test]
+    fn a_dev_without_block_devices_is_a_private_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(no_block_devices(dir.path()));
+        std::fs::write(dir.path().join("null"), "").unwrap();
+        std::fs::create_dir(dir.path().join("pts")).unwrap();
+        assert!(no_block_devices(dir.path()));
+        assert!(!no_block_devices(&dir.path().join("missing")), "an unreadable /dev proves nothing");
+        // A block device node (root may make one anywhere that is not mounted nodev).
+        let node = dir.path().join("loop0");
+        if nix::sys::stat::mknod(
+            &node,
+            nix::sys::stat::SFlag::S_IFBLK,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(7, 0),
+        )
+        .is_ok()
+        {
+            assert!(!no_block_devices(dir.path()));
+        } else {
+            eprintln!("cannot mknod here (not root?): the positive case is not checked");
+        }
+        let err = DeviceError::Hidden("/dev/xvdf".into()).to_string();
+        assert!(err.starts_with("device /dev/xvdf is not visible: block devices are hidden from the helper (PrivateDevices=yes); install the storage drop-in units/opsagent-helper-storage.conf"), "{err}");
     }
 
     #[test]

@@ -9,14 +9,31 @@
 //! 2. The mount point is created when missing (root-owned, 0755, parents included).
 //! 3. `/proc/self/mountinfo` says what is mounted there (the topmost mount). The same
 //!    device (same device number, same source path, or for an image file the loop device
-//!    backed by it): nothing to do. Nothing: `mount -t FS [-o OPTS] DEVICE PATH`.
-//!    Something else: the state fails; it never unmounts what it did not mount.
+//!    backed by it): nothing to do. Nothing: it is mounted (see below), and mountinfo
+//!    must show it afterwards. Something else: the state fails; it never unmounts what
+//!    it did not mount.
 //! 4. With `fstab: true`, `/etc/fstab` holds exactly one line for the mount point:
 //!    `DEVICE PATH FS OPTS DUMP PASS` (`OPTS` default `defaults`). The file is rewritten
 //!    (atomically, keeping its owner and mode) only when that line is missing or
 //!    differs; a differing line for the same mount point is replaced in place, further
 //!    lines for it are dropped, every other line is kept byte for byte. `fstab: false`
 //!    leaves the file alone (it does not remove a line written earlier).
+//!
+//! Who mounts ([`Mounter`]). Under its unit the helper has neither the mount system
+//! calls nor CAP_SYS_ADMIN, and a mount made in its private mount namespace would not
+//! reach the host. So where systemd is PID 1, systemd mounts ([`SystemdMount`], over
+//! D-Bus), in the host's namespace, from where the mount propagates into the helper's:
+//! - `fstab: false`: a transient unit `<escaped path>.mount` (`What=`, `Where=`,
+//!   `Type=`, `Options=`), gone once unmounted and at reboot, like a mount(8) mount;
+//! - `fstab: true`: the line is written first; systemd reloads (daemon-reload) when the
+//!   file changed, and before mounting (the unit it generated may predate a hand edit
+//!   or a reload that failed in an earlier round); then the unit its fstab generator
+//!   made from the line is started. Where there is no such unit (in a container the
+//!   generator ignores device entries), a transient unit with the same settings mounts
+//!   it, and the outcome says so.
+//!
+//! Elsewhere (the cron-fallback hosts) `mount -t FS [-o OPTS] DEVICE PATH` mounts
+//! ([`MountCommand`]), and the fstab line is written after it.
 //!
 //! Mount options of an existing mount are not compared (no remount), as a mount that
 //! is in use cannot always take new options; `opts` applies when this state mounts.
@@ -28,13 +45,21 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::LinuxMount;
-use opsagent_proto::newtypes::{AbsPath, InvalidValue};
+use opsagent_proto::newtypes::{AbsPath, InvalidValue, UnitName};
 use opsagent_proto::request::{Change, Outcome};
+use tokio::sync::OnceCell;
+use zbus::zvariant::Value;
 
-use super::{probe, require_tool, tool, StorageToolError};
+use super::{block_devices_hidden, probe, require_tool, tool, StorageToolError, HIDDEN_HINT};
 use crate::cancel::Cancel;
 use crate::exec::{self, ToolError};
 use crate::fsutil::{self, FsError};
+use crate::systemd::{self, Job, ServiceError, ServiceManager, Systemd};
+
+/// systemd's answer to `StartUnit` of a unit it has no file for.
+const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
+/// systemd's answer to `StartTransientUnit` of a name already loaded.
+const UNIT_EXISTS: &str = "org.freedesktop.systemd1.UnitExists";
 
 /// Where the host's tables are; tests point them elsewhere.
 #[derive(Debug, Clone)]
@@ -58,6 +83,8 @@ pub enum MountError {
     Path(InvalidValue),
     #[error("parameter path: refusing to mount over /")]
     Root,
+    #[error("parameter path: {0} is too long to be named by a systemd mount unit")]
+    UnitName(String),
     #[error("parameter device: it is empty")]
     NoDevice,
     #[error("parameter filesystem: {0:?} is not a filesystem type name")]
@@ -68,14 +95,25 @@ pub enum MountError {
     NotFound(String),
     #[error("device {0} does not exist")]
     Missing(String),
+    #[error("device {0} is not visible: {HIDDEN_HINT}")]
+    Hidden(String),
     #[error("refusing to mount {device} as {want}: it holds {found}")]
     WrongFs { device: String, want: String, found: String },
     #[error("refusing to mount {device}: it holds no filesystem (create one with linux.mkfs first)")]
     NoFs { device: String },
     #[error("{path} already has {other} mounted on it (not {device}); unmount it first")]
     Occupied { path: String, other: String, device: String },
-    #[error("mount ran, but {path} still does not show {device} in {mountinfo}")]
-    NotMounted { path: String, device: String, mountinfo: String },
+    #[error("{by} reported success, but {path} still does not show {device} in {mountinfo}")]
+    NotMounted { by: String, path: String, device: String, mountinfo: String },
+    #[error(
+        "{unit} already exists (a unit file, or an /etc/fstab line, for {path}) but is not mounted; \
+         set fstab: true to mount from /etc/fstab, or remove that unit"
+    )]
+    UnitExists { unit: UnitName, path: String },
+    #[error("systemd could not mount it: {source} (journalctl -u {unit} says why)")]
+    Job { unit: UnitName, source: Box<ServiceError> },
+    #[error(transparent)]
+    Systemd(Box<ServiceError>),
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: io::Error },
     #[error(transparent)]
@@ -90,19 +128,177 @@ impl From<ToolError> for MountError {
     }
 }
 
-impl MountError {
-    fn is_cancelled(&self) -> bool {
-        matches!(self, MountError::Tool(e) if e.is_cancelled())
+impl From<ServiceError> for MountError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::JobFailed { ref unit, .. } | ServiceError::JobTimeout { ref unit, .. } => {
+                MountError::Job { unit: unit.clone(), source: Box::new(e) }
+            }
+            e => MountError::Systemd(Box::new(e)),
+        }
     }
 }
 
-pub async fn apply(p: &LinuxMount, cancel: Cancel) -> Outcome {
-    apply_on(p, &Host::system(), cancel).await
+impl MountError {
+    fn is_cancelled(&self) -> bool {
+        match self {
+            MountError::Tool(e) => e.is_cancelled(),
+            MountError::Systemd(e) => e.is_cancelled(),
+            _ => false,
+        }
+    }
 }
 
-pub async fn apply_on(p: &LinuxMount, host: &Host, mut cancel: Cancel) -> Outcome {
+/// A mount this state makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountRequest {
+    /// As the recipe gives it (`/dev/xvdf`, `UUID=…`, an image file, `tmpfs`).
+    pub device: String,
+    /// The mount point, links resolved.
+    pub path: PathBuf,
+    pub fstype: String,
+    pub opts: Option<String>,
+    /// `/etc/fstab` holds the line for this mount: mount from it.
+    pub from_fstab: bool,
+}
+
+/// Who makes the mount: systemd where it is PID 1, mount(8) elsewhere.
+#[allow(async_fn_in_trait)] // used with concrete types only; no Send bound needed
+pub trait Mounter {
+    /// Whether a wanted fstab line is written before mounting, and the mount made from
+    /// it; otherwise the mount is made first and the line written afterwards.
+    fn mounts_from_fstab(&self) -> bool;
+    /// `/etc/fstab` changed, or a mount is about to be made from it: whoever turns it
+    /// into mounts reads it again.
+    async fn reload_fstab(&self) -> Result<(), MountError>;
+    /// Makes the mount; `Some` says how, for the outcome (`by systemd unit …`).
+    async fn mount(&self, req: &MountRequest, cancel: &mut Cancel) -> Result<Option<String>, MountError>;
+}
+
+/// mount(8), run by the helper itself (hosts where systemd is not PID 1).
+#[derive(Debug, Clone, Default)]
+pub struct MountCommand {
+    /// `None`: `mount` from the helper's search path.
+    pub program: Option<PathBuf>,
+}
+
+impl Mounter for MountCommand {
+    fn mounts_from_fstab(&self) -> bool {
+        false
+    }
+
+    async fn reload_fstab(&self) -> Result<(), MountError> {
+        // mount(8) reads fstab only when asked to mount from it, which this never does.
+        Ok(())
+    }
+
+    async fn mount(&self, req: &MountRequest, cancel: &mut Cancel) -> Result<Option<String>, MountError> {
+        let program = match &self.program {
+            Some(p) => p.clone(),
+            None => require_tool("mount", "util-linux (mount)").map_err(StorageToolError::from)?,
+        };
+        let mut args = vec!["-t".to_string(), req.fstype.clone()];
+        if let Some(o) = &req.opts {
+            args.extend(["-o".to_string(), o.clone()]);
+        }
+        args.extend([req.device.clone(), req.path.display().to_string()]);
+        exec::checked(&tool(&program, args), &[0], cancel).await?;
+        Ok(None)
+    }
+}
+
+/// systemd (PID 1, the host's mount namespace) mounts, asked over D-Bus. The bus is
+/// reached only when there is something to do.
+pub struct SystemdMount {
+    systemd: OnceCell<Systemd>,
+}
+
+impl SystemdMount {
+    /// The system bus, connected on first use.
+    pub fn system() -> Self {
+        Self { systemd: OnceCell::new() }
+    }
+
+    /// A given connection (a test's peer).
+    pub fn with(systemd: Systemd) -> Self {
+        Self { systemd: OnceCell::new_with(Some(systemd)) }
+    }
+
+    async fn systemd(&self) -> Result<&Systemd, MountError> {
+        self.systemd.get_or_try_init(Systemd::system).await.map_err(MountError::from)
+    }
+}
+
+/// The settings of a transient mount unit for `req`.
+fn transient_properties(req: &MountRequest) -> Vec<(&'static str, Value<'static>)> {
+    let mut props = vec![
+        ("Description", Value::from(format!("{} mounted by opsagent (linux.mount)", req.device))),
+        ("What", Value::from(req.device.clone())),
+        ("Where", Value::from(req.path.to_string_lossy().into_owned())),
+        ("Type", Value::from(req.fstype.clone())),
+        // A failed attempt must not stay loaded: the next round could not make the unit
+        // again (UnitExists). journalctl -u keeps its messages.
+        ("CollectMode", Value::from("inactive-or-failed")),
+    ];
+    if let Some(o) = &req.opts {
+        props.push(("Options", Value::from(o.clone())));
+    }
+    props
+}
+
+impl Mounter for SystemdMount {
+    fn mounts_from_fstab(&self) -> bool {
+        true
+    }
+
+    async fn reload_fstab(&self) -> Result<(), MountError> {
+        Ok(self.systemd().await?.daemon_reload().await?)
+    }
+
+    async fn mount(&self, req: &MountRequest, cancel: &mut Cancel) -> Result<Option<String>, MountError> {
+        let systemd = self.systemd().await?;
+        let unit = systemd::unit_name_from_path(&req.path, "mount")
+            .map_err(|_| MountError::UnitName(req.path.display().to_string()))?;
+        let mut how = format!("by transient systemd unit {unit}");
+        if req.from_fstab {
+            match systemd.run(&unit, Job::Start, cancel).await {
+                Ok(()) => return Ok(Some(format!("by systemd unit {unit}, from /etc/fstab"))),
+                Err(e) if e.dbus_error() == Some(NO_SUCH_UNIT) => {
+                    how.push_str(
+                        " (systemd made no unit from the /etc/fstab line: its fstab generator ignores device \
+                         entries in containers)",
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match systemd.start_transient(&unit, &transient_properties(req), cancel).await {
+            Ok(()) => Ok(Some(how)),
+            Err(e) if e.dbus_error() == Some(UNIT_EXISTS) => {
+                Err(MountError::UnitExists { unit, path: req.path.display().to_string() })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The state on this host: through systemd where it is PID 1, else with mount(8).
+pub async fn apply(p: &LinuxMount, cancel: Cancel) -> Outcome {
+    if systemd::booted() {
+        apply_with(p, &Host::system(), &SystemdMount::system(), cancel).await
+    } else {
+        apply_with(p, &Host::system(), &MountCommand::default(), cancel).await
+    }
+}
+
+/// With mount(8) and the given tables (the loop-device tests).
+pub async fn apply_on(p: &LinuxMount, host: &Host, cancel: Cancel) -> Outcome {
+    apply_with(p, host, &MountCommand::default(), cancel).await
+}
+
+pub async fn apply_with<M: Mounter>(p: &LinuxMount, host: &Host, mounter: &M, mut cancel: Cancel) -> Outcome {
     let mut changes = Vec::new();
-    let result = run(p, host, &mut changes, &mut cancel).await;
+    let result = run(p, host, mounter, &mut changes, &mut cancel).await;
     let cancelled = matches!(&result, Err(e) if e.is_cancelled());
     let mut outcome = crate::states::finish(p.path.trim(), result, changes, &[]);
     outcome.cancelled = cancelled;
@@ -120,7 +316,13 @@ enum Source {
     Other(String),
 }
 
-async fn run(p: &LinuxMount, host: &Host, changes: &mut Vec<Change>, cancel: &mut Cancel) -> Result<(), MountError> {
+async fn run<M: Mounter>(
+    p: &LinuxMount,
+    host: &Host,
+    mounter: &M,
+    changes: &mut Vec<Change>,
+    cancel: &mut Cancel,
+) -> Result<(), MountError> {
     let path = AbsPath::parse(p.path.trim()).map_err(MountError::Path)?;
     if path.is_root() {
         return Err(MountError::Root);
@@ -160,44 +362,63 @@ async fn run(p: &LinuxMount, host: &Host, changes: &mut Vec<Change>, cancel: &mu
     fsutil::create_dirs(&path, fsutil::PARENT_DIR_MODE, (Uid::from_raw(0), Gid::from_raw(0)), changes)?;
     let real =
         fs::canonicalize(path.as_path()).map_err(|source| MountError::Read { path: path.to_string(), source })?;
-    match mounted_at(&host.mountinfo, &real)? {
-        Some(top) if matches_source(&top, &source) => {}
+    let mounted = match mounted_at(&host.mountinfo, &real)? {
+        Some(top) if matches_source(&top, &source) => true,
         Some(top) => {
             return Err(MountError::Occupied { path: path.to_string(), other: top.source, device: device.to_string() })
         }
-        None => {
-            let mount = require_tool("mount", "util-linux (mount)").map_err(StorageToolError::from)?;
-            let mut args = vec!["-t".to_string(), fstype.clone()];
-            if let Some(o) = opts {
-                args.extend(["-o".to_string(), o.to_string()]);
-            }
-            args.extend([device.to_string(), real.display().to_string()]);
-            exec::checked(&tool(&mount, args), &[0], cancel).await?;
-            if !mounted_at(&host.mountinfo, &real)?.is_some_and(|top| matches_source(&top, &source)) {
-                return Err(MountError::NotMounted {
-                    path: path.to_string(),
-                    device: device.to_string(),
-                    mountinfo: host.mountinfo.display().to_string(),
-                });
-            }
-            changes.push(Change::new(path.to_string(), format!("{device} mounted ({fstype})")));
+        None => false,
+    };
+    let line = p.fstab.then(|| FstabLine {
+        device: device.to_string(),
+        path: path.to_string(),
+        fstype: fstype.clone(),
+        opts: opts.unwrap_or("defaults").to_string(),
+        dump: p.dump,
+        pass: p.pass,
+    });
+    let from_fstab = line.is_some() && mounter.mounts_from_fstab();
+    if let Some(line) = line.as_ref().filter(|_| from_fstab) {
+        if write_fstab_line(host, line, changes)? || !mounted {
+            mounter.reload_fstab().await?;
         }
     }
-
-    if p.fstab {
-        let line = FstabLine {
+    if !mounted {
+        let req = MountRequest {
             device: device.to_string(),
-            path: path.to_string(),
-            fstype,
-            opts: opts.unwrap_or("defaults").to_string(),
-            dump: p.dump,
-            pass: p.pass,
+            path: real.clone(),
+            fstype: fstype.clone(),
+            opts: opts.map(str::to_string),
+            from_fstab,
         };
-        if update_fstab(&host.fstab, &line)? {
-            changes.push(Change::new(host.fstab.to_string(), format!("line for {path} written: {}", line.render())));
+        let how = mounter.mount(&req, cancel).await?;
+        if !mounted_at(&host.mountinfo, &real)?.is_some_and(|top| matches_source(&top, &source)) {
+            return Err(MountError::NotMounted {
+                by: if how.is_some() { "systemd" } else { "mount" }.to_string(),
+                path: path.to_string(),
+                device: device.to_string(),
+                mountinfo: host.mountinfo.display().to_string(),
+            });
         }
+        let what = match how {
+            Some(how) => format!("{device} mounted ({fstype}) {how}"),
+            None => format!("{device} mounted ({fstype})"),
+        };
+        changes.push(Change::new(path.to_string(), what));
+    }
+    if let Some(line) = line.as_ref().filter(|_| !from_fstab) {
+        write_fstab_line(host, line, changes)?;
     }
     Ok(())
+}
+
+/// [`update_fstab`], noting the change; whether the file was rewritten.
+fn write_fstab_line(host: &Host, line: &FstabLine, changes: &mut Vec<Change>) -> Result<bool, MountError> {
+    let rewritten = update_fstab(&host.fstab, line)?;
+    if rewritten {
+        changes.push(Change::new(host.fstab.to_string(), format!("line for {} written: {}", line.path, line.render())));
+    }
+    Ok(rewritten)
 }
 
 async fn resolve(device: &str, cancel: &mut Cancel) -> Result<Source, MountError> {
@@ -208,6 +429,7 @@ async fn resolve(device: &str, cancel: &mut Cancel) -> Result<Source, MountError
         let done = exec::checked(&spec, &[0, 2], cancel).await?;
         match done.output.lines().map(str::trim).find(|l| l.starts_with('/')) {
             Some(p) if done.exit == exec::Exit::Code(0) => PathBuf::from(p),
+            _ if block_devices_hidden() => return Err(MountError::Hidden(device.to_string())),
             _ => return Err(MountError::NotFound(device.to_string())),
         }
     } else if device.starts_with('/') {
@@ -222,6 +444,9 @@ async fn resolve(device: &str, cancel: &mut Cancel) -> Result<Source, MountError
         )),
         // A directory (a bind mount) or something else: compared as text.
         Ok(_) => Ok(Source::Other(device.to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && device.starts_with("/dev/") && block_devices_hidden() => {
+            Err(MountError::Hidden(device.to_string()))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(MountError::Missing(device.to_string())),
         Err(source) => Err(MountError::Read { path: device.to_string(), source }),
     }
@@ -429,6 +654,9 @@ pub fn update_fstab(fstab: &AbsPath, line: &FstabLine) -> Result<bool, MountErro
     fsutil::write_atomic(fstab, merged.as_bytes(), mode, uid, gid)?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests_systemd;
 
 #[cfg(test)]
 mod tests {
