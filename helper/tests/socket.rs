@@ -362,20 +362,9 @@ async fn requests_before_hello_are_refused() {
 }
 
 #[tokio::test]
-async fn unsupported_modules_are_named() {
+async fn builtin_modules_are_refused_by_name() {
     let h = Helper::start().await;
     let mut c = h.client().await;
-    let sup = apply_request("linux.supervisord", json!({"name": ["web"], "config": "/etc/supervisord.conf"}));
-    match c.call(sup).await {
-        Reply::Error(e) => {
-            assert_eq!(e.code, ErrorCode::Unsupported);
-            assert!(
-                e.message.contains("linux.supervisord") && e.message.contains("not implemented by this helper version"),
-                "{e}"
-            );
-        }
-        other => panic!("{other:?}"),
-    }
     match c.call(apply_request("meta.wait", json!({"state": "@{host.state-2}"}))).await {
         Reply::Error(e) => assert_eq!(
             (e.code, e.message.as_str()),

@@ -146,20 +146,12 @@ pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step
         ModuleParams::CommonGit(p) => vcs::git::apply(p, cancel).await,
         ModuleParams::CommonHg(p) => vcs::hg::apply(p, cancel).await,
         ModuleParams::CommonSvn(p) => vcs::svn::apply(p, cancel).await,
-        p if p.is_builtin() => {
+        // Every other module is handled above: a module added to the catalogue does not
+        // compile until it gets its arm here.
+        p @ (ModuleParams::MetaComment(_) | ModuleParams::MetaWait(_)) => {
             return Err(HelperError::new(
                 ErrorCode::Unsupported,
                 format!("{} is built-in, runs in the daemon", p.name()),
-            ))
-        }
-        p => {
-            return Err(HelperError::new(
-                ErrorCode::Unsupported,
-                format!(
-                    "module {} is not implemented by this helper version ({})",
-                    p.name(),
-                    env!("CARGO_PKG_VERSION")
-                ),
             ))
         }
     }))
@@ -227,13 +219,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_and_builtin_modules_are_unsupported() {
+    async fn builtin_modules_are_unsupported() {
         let ctx = Ctx::new("/nonexistent".into());
-        let sup = request("linux.supervisord", json!({"name": ["web"], "config": "/etc/supervisord.conf"}));
-        let err = apply(&sup, &ctx, Cancel::never()).await.unwrap_err();
-        assert_eq!(err.code, ErrorCode::Unsupported);
-        assert!(err.message.contains("linux.supervisord is not implemented by this helper version"), "{}", err.message);
-
         let comment = request("meta.comment", json!({"comment": "hi"}));
         let err = apply(&comment, &ctx, Cancel::never()).await.unwrap_err();
         assert_eq!(
