@@ -288,10 +288,30 @@ fn cmd_apply(
             (Some(h), s)
         }
     };
-    let client = UnixHelperClient::new(&socket, env!("CARGO_PKG_VERSION"));
+    let mut client = UnixHelperClient::new(&socket, env!("CARGO_PKG_VERSION"));
+    // Downloads (common.archive, linux.file remote_uri) as the daemon makes them; the
+    // HTTP client is built only for recipes that need it (it costs a few milliseconds).
+    let fetch_dir = std::env::temp_dir().join(format!("opsagent-apply-fetch-{}", std::process::id()));
+    if recipe.states.iter().any(needs_download) {
+        let downloader = crate::download::Downloader::new(crate::download::DownloadSettings {
+            proxy: crate::link::ProxySettings::from_env(None, None),
+            ..crate::download::DownloadSettings::default()
+        })?;
+        client = client.with_fetcher(crate::helper_client::Fetcher::new(downloader, fetch_dir.clone(), 1 << 30)?);
+    }
     let rt = runtime()?;
-    let all_ok = rt.block_on(apply_round(&client, &recipe))?;
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let all_ok = rt.block_on(apply_round(&client, &recipe));
+    let _ = std::fs::remove_dir_all(&fetch_dir);
+    Ok(if all_ok? { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn needs_download(state: &RecipeState) -> bool {
+    use opsagent_proto::catalogue::ModuleParams;
+    match state.parsed.as_ref().map(|p| &p.params) {
+        Ok(ModuleParams::CommonArchive(_)) => true,
+        Ok(ModuleParams::LinuxFile(f)) => f.remote_uri.is_some(),
+        _ => false,
+    }
 }
 
 /// Runs every state once, in order, stopping at the first failure (as a round would

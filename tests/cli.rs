@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::bin;
+use common::{bin, Files};
 
 fn opsagent(args: &[&str]) -> std::process::Output {
     Command::new(bin("opsagent")).args(args).output().unwrap()
@@ -101,6 +101,36 @@ fn apply_runs_the_demo_recipe_through_a_private_helper_and_is_idempotent() {
     let changed: Vec<&str> = second.lines().filter(|l| l.contains("changed:")).collect();
     assert_eq!(changed.len(), 1, "{second}");
     assert!(changed[0].contains("linux.cmd"), "{second}");
+}
+
+#[test]
+fn apply_downloads_remote_content_like_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = Files::start();
+    let url = files.put("motd", b"served over http\n".to_vec());
+    let target = dir.path().join("motd");
+    let recipe = dir.path().join("remote.json");
+    let doc = serde_json::json!({"recipe_version": 1, "state": [
+        {"id": "remote", "module": "linux.file", "parameter": {"path": target, "remote_uri": url, "mode": "0644"}}
+    ]});
+    std::fs::write(&recipe, doc.to_string()).unwrap();
+    let run = || {
+        let out = Command::new(bin("opsagent"))
+            .arg("apply")
+            .arg(&recipe)
+            .env("OPSAGENT_HELPER_BIN", bin("opsagent-helper"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    let first = run();
+    assert!(first.contains("changed:"), "{first}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "served over http\n");
+    let second = run();
+    assert!(!second.contains("changed:"), "{second}");
+    assert_eq!(files.hits("motd"), 2, "remote content is fetched every round");
 }
 
 #[test]
