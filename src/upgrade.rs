@@ -93,12 +93,43 @@ pub fn last_record(state_dir: &Path) -> Option<Record> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Marks the record reported, so that the next start does not report it again.
+/// Marks the record reported, so that the next start does not report it again; a
+/// failure is also remembered by version (`upgrade/failures.json`) for the hold-off, since
+/// the next upgrade (say, an operator's manual roll-back) replaces `result.json`.
 pub fn mark_reported(state_dir: &Path, record: &Record) -> std::io::Result<()> {
     let mut r = record.clone();
     r.reported = true;
+    if r.outcome.is_failure() {
+        let mut failures = past_failures(state_dir);
+        // Old entries cannot hold anything off any more.
+        failures.retain(|_, f| f.at.saturating_add(FAILURE_MEMORY.as_secs()) > now_unix());
+        failures.insert(r.version.clone(), r.clone());
+        let bytes = serde_json::to_vec_pretty(&failures).map_err(std::io::Error::other)?;
+        crate::daemon::write_atomic(&failures_file(state_dir), &bytes)?;
+    }
     let bytes = serde_json::to_vec_pretty(&r).map_err(std::io::Error::other)?;
     crate::daemon::write_atomic(&hand::result_file(state_dir), &bytes)
+}
+
+/// How long a failed version is remembered (longer than any sensible hold-off).
+const FAILURE_MEMORY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn failures_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("upgrade").join("failures.json")
+}
+
+fn past_failures(state_dir: &Path) -> std::collections::BTreeMap<String, Record> {
+    std::fs::read(failures_file(state_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// The last failure of `version`, from the last record or the remembered ones.
+fn last_failure(state_dir: &Path, version: &str) -> Option<Record> {
+    let last = last_record(state_dir).filter(|r| r.version == version && r.outcome.is_failure());
+    let remembered = past_failures(state_dir).remove(version);
+    match (last, remembered) {
+        (Some(a), Some(b)) => Some(if a.at >= b.at { a } else { b }),
+        (a, b) => a.or(b),
+    }
 }
 
 /// A failed upgrade the backend has not heard of (checked at start-up: the previous
@@ -140,9 +171,9 @@ pub async fn carry_out<F: Fetch, S: StartInstaller>(
     if !(order.url.starts_with("https://") || order.url.starts_with("http://")) {
         return failed(format!("the release URL {:?} is not http(s)", order.url));
     }
-    if let Some(r) = last_record(&s.state_dir) {
+    if let Some(r) = last_failure(&s.state_dir, &order.version) {
         let until = r.at.saturating_add(s.holdoff.as_secs());
-        if r.version == order.version && r.outcome.is_failure() && now_unix() < until {
+        if now_unix() < until {
             return Verdict::HeldOff { until, reason: r.reason };
         }
     }

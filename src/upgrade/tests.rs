@@ -199,5 +199,10 @@ fn failures_are_reported_once_as_a_failing_statelog() {
     mark_reported(dir.path(), &found).unwrap();
     assert_eq!(unreported_failure(dir.path()), None);
     assert!(last_record(dir.path()).unwrap().reported);
+    // Remembered past the next record: a later upgrade does not lift the hold-off.
+    let later = Record { version: "1.0".into(), outcome: Outcome::Confirmed, at: now_unix(), ..found.clone() };
+    std::fs::write(hand::result_file(dir.path()), serde_json::to_vec(&later).unwrap()).unwrap();
+    assert_eq!(last_failure(dir.path(), "1.1").map(|r| r.outcome), Some(Outcome::Reverted));
+    assert_eq!(last_failure(dir.path(), "1.2"), None);
     assert_eq!(failure_log(None, "1.1", "1.0", "x").state_id, REPORT_STATE_ID);
 }

@@ -659,6 +659,18 @@ PY
     wait_until 30 "the hold-off logged" journal_has $c "-u opsagent" "not tried again" || fail "the failed version is not held off"
     [ "$(csh $c 'journalctl --no-pager -u opsagent-upgrade OPSAGENT_VERSION=9.11.0 -o cat | grep -c "installing a staged release"')" = 1 ] ||
         fail "the installer ran 9.11.0 more than once"
+
+    # By hand, as an operator: back to A with `opsagent upgrade --url` (same installer).
+    local out
+    out=$(csh $c "/opt/visualops/current/bin/opsagent upgrade --url $BASE_REMOTE/$VERSION/opsagent.tgz 2>&1") ||
+        { say "$out"; fail "opsagent upgrade --url failed"; }
+    say "  opsagent upgrade --url …/$VERSION/opsagent.tgz: $(printf '%s\n' "$out" | tail -n 1)"
+    wait_until 60 "$iid runs $VERSION again" runs_version $iid "$VERSION" || fail "the manual roll-back did not reconnect as $VERSION"
+    csh $c "[ \"\$(readlink /opt/visualops/current)\" = releases/$VERSION ]" || fail "current is not $VERSION after the manual upgrade"
+    # The backend still orders 9.11.0: the failure is remembered past the manual upgrade.
+    sleep 5
+    [ "$(csh $c 'journalctl --no-pager -u opsagent-upgrade OPSAGENT_VERSION=9.11.0 -o cat | grep -c "installing a staged release"')" = 1 ] ||
+        fail "9.11.0 was tried again after the manual upgrade"
 }
 
 # ---------------------------------------------------------------- runner
