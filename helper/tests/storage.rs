@@ -6,7 +6,12 @@
 //! loop devices (some sandboxes), each test says so on stderr and returns. Creating a
 //! logical volume needs the kernel's device-mapper and a RAID array the md driver: where
 //! the kernel lacks them, the test checks instead that the state fails with the tool's
-//! own reason and changes nothing.
+//! own reason and changes nothing, and says so on stderr.
+//!
+//! `tests/vm/run.sh` runs this binary in a Debian VM whose kernel has both, with
+//! `OPSAGENT_TEST_KERNEL_STORAGE=required`: there a missing loop device, device-mapper or
+//! md driver fails the test instead of skipping, and each real creation prints a
+//! `storage-vmtest: created ...` line that the harness looks for.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support code outside #[test] fns
 
@@ -75,10 +80,22 @@ impl Drop for Unmount {
     }
 }
 
+/// Whether the kernel's storage drivers (loop, device-mapper, md) must be there: set by the
+/// VM harness, whose guest kernel has them, so that a skip there is a failure.
+fn kernel_storage_required() -> bool {
+    std::env::var("OPSAGENT_TEST_KERNEL_STORAGE").is_ok_and(|v| v == "required")
+}
+
+/// Says on stderr that a part of a test cannot run here; fails instead where it must run.
+fn skip(what: &str) {
+    assert!(!kernel_storage_required(), "{what}, but OPSAGENT_TEST_KERNEL_STORAGE=required");
+    eprintln!("{what}");
+}
+
 /// Whether this machine can run the tests at all; says why not on stderr.
 fn usable(test: &str) -> bool {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("{test}: SKIPPED, needs root (loop devices, mkfs, mount)");
+        skip(&format!("{test}: SKIPPED, needs root (loop devices, mkfs, mount)"));
         return false;
     }
     let missing: Vec<&str> = [
@@ -101,7 +118,7 @@ fn usable(test: &str) -> bool {
     let _guard = LOSETUP.lock().unwrap_or_else(|e| e.into_inner());
     let (ok, text) = sh("losetup", &["--find", "--show", &file.to_string_lossy()]);
     if !ok {
-        eprintln!("{test}: SKIPPED, loop devices cannot be created here: {}", text.trim());
+        skip(&format!("{test}: SKIPPED, loop devices cannot be created here: {}", text.trim()));
         return false;
     }
     let _ = sh("losetup", &["-d", text.trim()]);
@@ -312,10 +329,32 @@ async fn lvm_objects_are_created_once_and_filesystems_are_refused() {
     let dm = std::fs::read_to_string("/proc/misc").unwrap_or_default().contains("device-mapper");
     if dm {
         assert_ok(&out);
-        assert_eq!(out.changes[0].subject, format!("/dev/{vg}/data"));
+        let node = format!("/dev/{vg}/data");
+        assert_eq!(out.changes.len(), 1, "{out:?}");
+        assert_eq!(
+            (out.changes[0].subject.as_str(), out.changes[0].what.as_str()),
+            (node.as_str(), "logical volume created")
+        );
+        let lvs = must(
+            "lvs",
+            &["--noheadings", "--units", "m", "--nosuffix", "-o", "lv_name,vg_name,lv_size,lv_active", &vg],
+        );
+        let row: Vec<&str> = lvs.split_whitespace().collect();
+        assert_eq!(row.len(), 4, "{lvs}");
+        assert_eq!((row[0], row[1], row[3]), ("data", vg.as_str(), "active"), "{lvs}");
+        assert_eq!(row[2].parse::<f64>().unwrap_or_default(), 8.0, "{lvs}");
         assert_unchanged(&lvm::apply_lv(&lv, Cancel::never()).await);
+        // The volume is a usable block device: a filesystem goes on it, and once it holds one,
+        // the same LV asked for again is still left alone.
+        let ModuleParams::LinuxMkfs(fs) = params("linux.mkfs", json!({"device": node, "fstype": "ext4"})) else {
+            panic!()
+        };
+        assert_ok(&mkfs::apply(&fs, Cancel::never()).await);
+        assert_eq!(fstype(&node), "ext4");
+        assert_unchanged(&lvm::apply_lv(&lv, Cancel::never()).await);
+        eprintln!("storage-vmtest: created linux.lvm.lv {node} (8 MiB, active, ext4 made on it)");
     } else {
-        eprintln!("lvm: this kernel has no device-mapper; checking that lvcreate's failure is reported");
+        skip("lvm: this kernel has no device-mapper; checking that lvcreate's failure is reported");
         assert!(!out.result && out.changes.is_empty(), "{out:?}");
         assert!(out.comment.contains("lvcreate") && out.comment.contains("exited with status"), "{}", out.comment);
     }
@@ -379,10 +418,31 @@ async fn raid_refuses_members_with_data_and_creates_arrays_once() {
     let out = raid::apply(&p, Cancel::never()).await;
     if Path::new("/proc/mdstat").exists() {
         assert_ok(&out);
+        assert_eq!(out.changes.len(), 1, "{out:?}");
         assert_eq!(out.changes[0].what, format!("raid1 array created on {}, {}", a.dev, b.dev));
+        let detail = must("mdadm", &["--detail", &array]);
+        assert!(detail.contains("Raid Level : raid1") && detail.contains("Raid Devices : 2"), "{detail}");
+        for m in [&a.dev, &b.dev] {
+            assert_eq!(fstype(m), "linux_raid_member");
+            assert!(detail.lines().any(|l| l.trim_end().ends_with(m.as_str())), "{m} not in the array: {detail}");
+        }
+        let md = array.trim_start_matches("/dev/");
+        let mdstat = std::fs::read_to_string("/proc/mdstat").unwrap();
+        assert!(mdstat.lines().any(|l| l.starts_with(&format!("{md} : active")) && l.contains("raid1")), "{mdstat}");
         assert_unchanged(&raid::apply(&p, Cancel::never()).await);
+        // A stopped array whose members all carry its superblock is assembled, not created anew.
+        must("mdadm", &["--stop", &array]);
+        let again = raid::apply(&p, Cancel::never()).await;
+        assert_ok(&again);
+        assert_eq!(again.changes.len(), 1, "{again:?}");
+        assert_eq!(again.changes[0].what, format!("array assembled from {}, {}", a.dev, b.dev));
+        assert_unchanged(&raid::apply(&p, Cancel::never()).await);
+        eprintln!(
+            "storage-vmtest: created linux.raid {array} (raid1 on {}, {}; stopped and assembled again)",
+            a.dev, b.dev
+        );
     } else {
-        eprintln!("raid: this kernel has no md driver; checking that mdadm's failure is reported");
+        skip("raid: this kernel has no md driver; checking that mdadm's failure is reported");
         assert!(!out.result && out.changes.is_empty(), "{out:?}");
         assert!(
             out.comment.contains("mdadm --create") && out.comment.contains("exited with status"),

@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# The storage tests (helper/tests/storage.rs) in a Debian 12 VM booted with Debian's own
+# kernel, whose device-mapper and md drivers let linux.lvm.lv and linux.raid create a
+# logical volume and a RAID1 array for real (the CI kernel has neither, so there the
+# tests only see the refusals). Root and /dev/kvm needed.
+#
+# The guest: a cached debootstrap root (kernel, lvm2, mdadm, ...) as a raw ext4 image
+# (mkfs.ext4 -d, no partition table: root=/dev/vda), booted with its kernel and initrd,
+# init= a small script of the image that mounts a second disk (the payload: this run's
+# test binary and tests/vm/guest.sh) and runs it. The root is opened with -snapshot, so
+# the cached image is never written. The guest prints a PASS/FAIL marker on its serial
+# console and powers off; this script reads the console log.
+#
+# Exit 0 only when the guest reported PASS and the LV and RAID creations ran (not skipped).
+#   OPSAGENT_VMTEST_CACHE    cache directory (default /var/cache/opsagent-vmtest)
+#   OPSAGENT_VMTEST_TIMEOUT  seconds the VM may run (default 300)
+#   OPSAGENT_VMTEST_MIRROR   Debian mirror (default http://deb.debian.org/debian)
+#   OPSAGENT_VMTEST_ACCEL    kvm, tcg or auto (default: KVM, falling back to emulation
+#                            where the guest does not boot under this host's KVM)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+CACHE_DIR=${OPSAGENT_VMTEST_CACHE:-/var/cache/opsagent-vmtest}
+# Bump when the package list or the image's init changes: a new image is built.
+IMAGE_VERSION=bookworm-v1
+IMAGE_DIR=$CACHE_DIR/$IMAGE_VERSION
+INCLUDE=linux-image-amd64,initramfs-tools,lvm2,mdadm,e2fsprogs,xfsprogs,util-linux,udev,kmod
+MIRROR=${OPSAGENT_VMTEST_MIRROR:-http://deb.debian.org/debian}
+TIMEOUT=${OPSAGENT_VMTEST_TIMEOUT:-300}
+
+say() { printf '%s\n' "$*" >&2; }
+die() {
+    say "vm test: $*"
+    exit 1
+}
+
+[ "$(id -u)" = 0 ] || die "needs root (debootstrap, mkfs.ext4 -d of a root-owned tree)"
+[ -e /dev/kvm ] || die "/dev/kvm is absent: no VM can run here"
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+if [ "${#need[@]}" -gt 0 ]; then
+    say "installing ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
+        die "cannot install ${need[*]}"
+fi
+
+WORK=$(mktemp -d /tmp/opsagent-vmtest.XXXXXX)
+QEMU_PID=
+cleanup() {
+    if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
+        kill "$QEMU_PID" 2>/dev/null || true
+        wait "$QEMU_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- cached image
+# The image's init: everything else comes from the payload disk, so that changing the
+# tests or guest.sh does not rebuild the image.
+write_init() {
+    cat >"$1" <<'INIT'
+#!/bin/sh
+# opsagent VM test: runs /payload/guest.sh from the second disk, then powers off.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sysfs /sys
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+mkdir -p /payload
+if mount -o ro /dev/vdb /payload && [ -x /payload/guest.sh ]; then
+    /payload/guest.sh
+else
+    echo "OPSAGENT-VMTEST: FAIL (no payload disk with guest.sh on /dev/vdb)"
+fi
+sync
+echo o >/proc/sysrq-trigger
+sleep 30
+INIT
+    chmod 755 "$1"
+}
+
+ensure_image() {
+    mkdir -p "$CACHE_DIR"
+    exec 8>"$CACHE_DIR/.lock"
+    flock -w 1200 8 || die "cannot lock $CACHE_DIR/.lock"
+    if [ -f "$IMAGE_DIR/complete" ]; then
+        say "cached VM image: $IMAGE_DIR"
+        flock -u 8
+        return 0
+    fi
+    local tmp=$IMAGE_DIR.tmp root
+    root=$tmp/root
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    say "building the VM image in $IMAGE_DIR (debootstrap with Debian's kernel, a few minutes)"
+    debootstrap --variant=minbase --include="$INCLUDE" bookworm "$root" "$MIRROR" >"$tmp/debootstrap.log" 2>&1 || {
+        tail -n 20 "$tmp/debootstrap.log" >&2
+        die "debootstrap failed; see $tmp/debootstrap.log"
+    }
+    local kernel initrd
+    kernel=$(find "$root/boot" -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -n 1)
+    initrd=$root/boot/initrd.img-${kernel##*/vmlinuz-}
+    if [ -z "$kernel" ] || [ ! -f "$initrd" ]; then
+        die "no kernel/initrd in $root/boot: $(ls "$root/boot")"
+    fi
+    cp "$kernel" "$tmp/vmlinuz"
+    cp "$initrd" "$tmp/initrd.img"
+    mkdir -p "$root/opsagent-vmtest"
+    write_init "$root/opsagent-vmtest/init"
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    # Size: the tree plus room for the tests' sparse files and LVM/md metadata.
+    local mib
+    mib=$(($(du -sm "$root" | cut -f1) + 768))
+    mkfs.ext4 -q -F -L opsvmroot -d "$root" "$tmp/root.img" "${mib}M" || die "mkfs.ext4 -d failed"
+    rm -rf "$root"
+    echo "${kernel##*/}" >"$tmp/complete"
+    rm -rf "$IMAGE_DIR"
+    mv "$tmp" "$IMAGE_DIR"
+    flock -u 8
+    say "VM image ready: $IMAGE_DIR ($(cat "$IMAGE_DIR/complete"))"
+}
+
+# ---------------------------------------------------------------- this run
+build_tests() {
+    say "building the storage test binary"
+    cargo test -p opsagent-helper --test storage --no-run --locked --message-format=json >"$WORK/cargo.json" ||
+        die "cargo test --no-run failed"
+    python3 - "$WORK/cargo.json" <<'PY'
+import json, sys
+exe = None
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "storage" and m.get("executable"):
+        exe = m["executable"]
+if not exe:
+    sys.exit("no storage test executable in cargo's output")
+print(exe)
+PY
+}
+
+ensure_image
+exe=$(build_tests) || die "cannot find the storage test binary"
+mkdir -p "$WORK/payload"
+cp "$exe" "$WORK/payload/storage"
+cp tests/vm/guest.sh "$WORK/payload/guest.sh"
+chmod 755 "$WORK/payload/guest.sh" "$WORK/payload/storage"
+mkfs.ext4 -q -F -L opspayload -d "$WORK/payload" "$WORK/payload.img" "$(($(du -sm "$WORK/payload" | cut -f1) + 16))M" ||
+    die "cannot make the payload disk"
+
+console=$WORK/console.log
+# boot ACCEL CMDLINE-EXTRA: starts qemu in the background (QEMU_PID), console in $console.
+boot() {
+    local how=(-enable-kvm -cpu host)
+    if [ "$1" = tcg ]; then how=(-accel "tcg,thread=multi" -cpu max); fi
+    : >"$console"
+    qemu-system-x86_64 "${how[@]}" -smp 2 -m 1024 -display none -monitor none -no-reboot \
+        -serial "file:$console" -snapshot \
+        -kernel "$IMAGE_DIR/vmlinuz" -initrd "$IMAGE_DIR/initrd.img" \
+        -append "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/opsagent-vmtest/init panic=-1 quiet loglevel=3" \
+        -drive "file=$IMAGE_DIR/root.img,format=raw,if=virtio" \
+        -drive "file=$WORK/payload.img,format=raw,if=virtio,readonly=on" \
+        </dev/null >"$WORK/qemu.log" 2>&1 &
+    QEMU_PID=$!
+}
+# wait_vm SECONDS [MARKER]: waits until qemu exits (0), or MARKER shows on the console (0),
+# or SECONDS pass (1, qemu killed).
+wait_vm() {
+    local limit=$1 marker=${2:-} t0
+    t0=$(date +%s)
+    while kill -0 "$QEMU_PID" 2>/dev/null; do
+        [ -n "$marker" ] && grep -aq "$marker" "$console" && return 0
+        if [ $(($(date +%s) - t0)) -ge "$limit" ]; then
+            kill "$QEMU_PID" 2>/dev/null || true
+            wait "$QEMU_PID" 2>/dev/null || true
+            QEMU_PID=
+            return 1
+        fi
+        sleep 1
+    done
+    wait "$QEMU_PID" 2>/dev/null || true
+    QEMU_PID=
+}
+
+# Some hosts expose a /dev/kvm on which Debian's kernel hangs right after its decompressor
+# (nested KVM under a Firecracker-style VM does). There the guest is emulated (TCG), which
+# is slower but runs the same kernel. What was found is remembered per host kernel and qemu.
+accel=${OPSAGENT_VMTEST_ACCEL:-auto}
+verdict=$CACHE_DIR/kvm-hangs-$(uname -r)-$(qemu-system-x86_64 --version | sed -n '1s/[^0-9.]*\([0-9.]*\).*/\1/p')
+if [ "$accel" = auto ] && [ -f "$verdict" ]; then
+    say "######## KVM is known to hang Debian's kernel on this host ($verdict): emulating the guest (TCG)"
+    accel=tcg
+fi
+start=$(date +%s)
+timed_out=no
+if [ "$accel" = auto ] || [ "$accel" = kvm ]; then
+    say "booting the VM with KVM ($(cat "$IMAGE_DIR/complete"), timeout ${TIMEOUT}s)"
+    boot kvm
+    if ! wait_vm 45 '^OPSAGENT-VMTEST: start'; then
+        if [ "$accel" = kvm ]; then
+            tail -n 20 "$console" >&2
+            die "the guest did not start its tests within 45s under KVM"
+        fi
+        say "######## the guest did not boot within 45s under KVM: emulating it instead (TCG), and"
+        say "######## remembering that in $verdict"
+        : >"$verdict"
+        accel=tcg
+    elif ! wait_vm $((TIMEOUT - ($(date +%s) - start))); then
+        timed_out=yes
+    fi
+fi
+if [ "$accel" = tcg ]; then
+    say "booting the VM emulated (TCG) ($(cat "$IMAGE_DIR/complete"), timeout ${TIMEOUT}s)"
+    start=$(date +%s)
+    boot tcg
+    wait_vm "$TIMEOUT" || timed_out=yes
+fi
+say "VM ran $(($(date +%s) - start))s"
+
+# The guest's console, without the firmware's and kernel's escape sequences.
+tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$WORK/console.txt" || true
+sed -n '/^OPSAGENT-VMTEST: start/,$p' "$WORK/console.txt" >&2
+[ "$timed_out" = no ] || {
+    tail -n 40 "$WORK/console.txt" >&2
+    die "timed out after ${TIMEOUT}s; qemu killed"
+}
+[ -s "$WORK/qemu.log" ] && cat "$WORK/qemu.log" >&2
+if ! grep -q '^OPSAGENT-VMTEST: start' "$WORK/console.txt"; then
+    tail -n 40 "$WORK/console.txt" >&2
+    die "the guest never started the tests"
+fi
+grep -q '^OPSAGENT-VMTEST: PASS$' "$WORK/console.txt" || die "the guest did not report PASS"
+for what in linux.lvm.lv linux.raid; do
+    grep -q "storage-vmtest: created $what /dev/" "$WORK/console.txt" || die "$what was not created in the guest (skipped?)"
+done
+if grep -q 'SKIPPED' "$WORK/console.txt"; then
+    die "a storage test was skipped in the guest"
+fi
+say "vm test: PASS (logical volume and RAID1 array created for real in the guest)"
