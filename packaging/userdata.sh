@@ -287,35 +287,30 @@ if [ ! -e "$TOKEN_FILE" ]; then
     log "created the instance token $TOKEN_FILE"
 fi
 
+# helper_dropin WANT SOURCE NAME WHAT: installs units/SOURCE as the helper unit's drop-in
+# NAME when WANT is yes, removes it otherwise; records a change for the restart below.
+helper_dropin() {
+    dropin=/etc/systemd/system/opsagent-helper.service.d/$3
+    if [ "$1" = yes ]; then
+        mkdir -p "${dropin%/*}"
+        if install_file "$CUR/units/$2" "$dropin" 0644; then
+            CHANGED_DROPIN=1
+            log "the helper gets $4 ($dropin)"
+        fi
+    elif [ -f "$dropin" ]; then
+        rm -f "$dropin"
+        CHANGED_DROPIN=1
+        log "removed the helper's $4 ($dropin)"
+    fi
+}
+
 # ---------------------------------------------------------------- supervision
 if [ "$HAVE_SYSTEMD" = 1 ]; then
     for u in opsagent.service opsagent-helper.service opsagent-helper.socket opsagent-upgrade.service; do
         if install_file "$CUR/units/$u" "/etc/systemd/system/$u" 0644; then CHANGED_UNITS=1; fi
     done
-    DROPIN=/etc/systemd/system/opsagent-helper.service.d/50-network.conf
-    if [ "$HELPER_NETWORK" = yes ]; then
-        mkdir -p "${DROPIN%/*}"
-        if install_file "$CUR/units/opsagent-helper-network.conf" "$DROPIN" 0644; then
-            CHANGED_DROPIN=1
-            log "the helper gets network access ($DROPIN)"
-        fi
-    elif [ -f "$DROPIN" ]; then
-        rm -f "$DROPIN"
-        CHANGED_DROPIN=1
-        log "removed the helper's network access ($DROPIN)"
-    fi
-    DROPIN=/etc/systemd/system/opsagent-helper.service.d/60-storage.conf
-    if [ "$STORAGE" = yes ]; then
-        mkdir -p "${DROPIN%/*}"
-        if install_file "$CUR/units/opsagent-helper-storage.conf" "$DROPIN" 0644; then
-            CHANGED_DROPIN=1
-            log "the helper gets the block devices for the storage states ($DROPIN)"
-        fi
-    elif [ -f "$DROPIN" ]; then
-        rm -f "$DROPIN"
-        CHANGED_DROPIN=1
-        log "removed the helper's access to block devices ($DROPIN)"
-    fi
+    helper_dropin "$HELPER_NETWORK" opsagent-helper-network.conf 50-network.conf "network access"
+    helper_dropin "$STORAGE" opsagent-helper-storage.conf 60-storage.conf "access to the block devices"
     for d in /etc/polkit-1/rules.d /usr/share/polkit-1/rules.d; do
         if [ -d "$d" ]; then
             install_file "$CUR/polkit/50-opsagent.rules" "$d/50-opsagent.rules" 0644 || true
