@@ -13,7 +13,15 @@
 # Environment: SIZES [1000 10000], SETTLE (seconds before an idle reading) [3],
 # BIN_DIR [target/release], DAEMON_WRAPPER (e.g. "valgrind --tool=massif
 # --massif-out-file=/tmp/massif.out" to see where the daemon's memory goes; the RSS
-# figures are then the wrapper's, not the daemon's).
+# figures are then the wrapper's, not the daemon's), HELPER_ALLOW_USER (see below).
+#
+# The helper's allowlist: on a packaged host the agent user `opsagent` exists (sysusers
+# or useradd put it in /etc/passwd) and glibc's built-in files source answers the
+# lookup alone. A host without it (a bench machine) makes the helper's default
+# allowlist ask every NSS source for the missing name, which maps libnss_systemd and
+# with it libm and libcap: ~0.7 MiB a packaged helper does not carry. So unless the
+# agent user exists, the helper is told to allow `root` (always allowed anyway), a
+# name /etc/passwd answers. HELPER_ALLOW_USER overrides; empty means the default.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -72,7 +80,12 @@ wait_logged() { # COUNT TIMEOUT_S
 }
 
 # --- start the three processes ---------------------------------------------------------------
-"$BIN_DIR/opsagent-helper" --socket "$WORK/helper.sock" --state-dir "$WORK/helper-state" \
+if [ -z "${HELPER_ALLOW_USER+set}" ]; then
+	if getent passwd opsagent >/dev/null; then HELPER_ALLOW_USER=; else HELPER_ALLOW_USER=root; fi
+fi
+ALLOW=()
+[ -z "$HELPER_ALLOW_USER" ] || ALLOW=(--allow-user "$HELPER_ALLOW_USER")
+"$BIN_DIR/opsagent-helper" --socket "$WORK/helper.sock" --state-dir "$WORK/helper-state" "${ALLOW[@]}" \
 	2>"$WORK/helper.log" &
 HPID=$!
 PIDS+=("$HPID")
@@ -172,4 +185,5 @@ for n in $SIZES; do
 done
 verdict() { awk -v v="$1" -v l="$2" 'BEGIN { print (v < l * 1024) ? "met" : "MISSED" }'; }
 echo "targets: daemon idle < 8 MiB: $(mib "${R[idle.d.rss]}") MiB ($(verdict "${R[idle.d.rss]}" 8)); helper idle < 4 MiB: $(mib "${R[idle.h.rss]}") MiB ($(verdict "${R[idle.h.rss]}" 4))"
+echo "helper allowlist: ${HELPER_ALLOW_USER:-default (the opsagent user)}; helper libraries mapped: $(awk '$6 ~ /\.so/ { sub(".*/", "", $6); print $6 }' "/proc/$HPID/maps" | sort -u | tr '\n' ' ')"
 echo "binaries: $(for b in opsagent opsagent-helper; do printf '%s %s MiB  ' "$b" "$(mib $(($(stat -c %s "$BIN_DIR/$b") / 1024)))"; done)"

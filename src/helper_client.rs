@@ -21,9 +21,8 @@ use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{
     ApplyRequest, FetchedFile, HelperError, HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame,
 };
+use opsagent_proto::stream::{self, FrameWriter};
 use opsagent_proto::PROTOCOL_VERSION;
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Mutex};
 
@@ -96,7 +95,7 @@ pub trait HelperClient: Send + Sync {
 }
 
 struct Conn {
-    writer: OwnedWriteHalf,
+    writer: FrameWriter,
     replies: mpsc::Receiver<Result<ReplyFrame, CodecError>>,
     next_id: u64,
 }
@@ -234,14 +233,15 @@ impl UnixHelperClient {
         let stream = UnixStream::connect(&self.path)
             .await
             .map_err(|source| HelperClientError::Connect { path: self.shown(), source })?;
-        let (mut reader, writer) = stream.into_split();
+        let (mut reader, writer) =
+            stream::split_tokio(stream).map_err(|source| HelperClientError::Connect { path: self.shown(), source })?;
         let (tx, replies) = mpsc::channel(4);
         let max = self.max_frame;
         // A reader task makes receiving cancel-safe: the engine may stop waiting at any
         // moment without losing half a frame.
         tokio::spawn(async move {
             loop {
-                let frame = match codec::read_frame::<_, ReplyFrame>(&mut reader, max).await {
+                let frame = match reader.read::<ReplyFrame>(max).await {
                     Ok(None) => break,
                     Ok(Some(f)) => Ok(f),
                     Err(e) => Err(e),

@@ -134,6 +134,43 @@ fn apply_downloads_remote_content_like_the_daemon() {
 }
 
 #[test]
+fn apply_fails_cleanly_when_the_private_helper_cannot_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    // Inherits the listening socket and exits at once: the client must not wait for
+    // it forever (the CLI keeps no copy of the listening socket).
+    let fake = tmp.path().join("broken-helper");
+    std::fs::write(&fake, "#!/bin/sh\necho 'broken helper: cannot start' >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let recipe = tmp.path().join("r.json");
+    let target = tmp.path().join("never-written");
+    let doc = serde_json::json!({"state": [
+        {"id": "s1", "module": "linux.file", "parameter": {"path": target, "content": "x"}},
+        {"id": "s2", "module": "linux.file", "parameter": {"path": target, "content": "y"}}
+    ]});
+    std::fs::write(&recipe, doc.to_string()).unwrap();
+    let child = Command::new(bin("opsagent"))
+        .arg("apply")
+        .arg(&recipe)
+        .env("OPSAGENT_HELPER_BIN", &fake)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.starts_with("FAILED [1/2] s1  linux.file  helper: "), "{stdout}");
+    assert!(stdout.contains("1 later state(s) not run"), "{stdout}");
+    assert!(stderr.contains("broken helper: cannot start"), "{stderr}");
+    assert!(!target.exists());
+    // The private socket's directory went with the helper.
+    assert!(!std::env::temp_dir().join(format!("opsagent-apply-{pid}")).exists());
+}
+
+#[test]
 fn version_flag() {
     let out = opsagent(&["--version"]);
     assert!(out.status.success());

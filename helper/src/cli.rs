@@ -1,71 +1,306 @@
 //! The command line. Operators rarely pass anything: the systemd units give the socket
 //! and the default allowlist (the `opsagent` user) fits the packaged set-up.
+//!
+//! Parsed by hand rather than with clap: the helper has a handful of options, and
+//! clap's parser is a sizeable part of the code every helper start runs and keeps
+//! mapped (the helper's idle memory is budgeted; see benches/RESULTS.md). Both
+//! `--option VALUE` and `--option=VALUE` are accepted, as clap does.
 
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
-use clap::Parser;
 use opsagent_proto::codec::DEFAULT_MAX_FRAME;
 
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "opsagent-helper",
-    version,
-    about = "The root helper of opsagent: applies states for the agent over a Unix socket"
-)]
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/opsagent-helper";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cli {
     /// Bind this socket path instead of taking the socket passed by systemd
     /// (socket activation through opsagent-helper.socket).
-    #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-
-    /// A user allowed to connect (repeatable). Replaces the default, the user
+    /// Users allowed to connect (repeatable). Replaces the default, the user
     /// `opsagent`; root is always allowed.
-    #[arg(long = "allow-user", value_name = "NAME")]
     pub allow_user: Vec<String>,
-
     /// Largest request frame accepted, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FRAME)]
     pub max_frame: usize,
-
-    /// Where the helper may keep state between requests (used by modules that need
-    /// memory across rounds).
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/opsagent-helper")]
+    /// Where the helper may keep state between requests.
     pub state_dir: PathBuf,
-
-    /// The operator's policy file (root-owned, not writable by others). Without this
-    /// option /etc/opsagent/helper.policy is read if it exists; a file named here must
-    /// exist. See the `policy` module documentation (helper/README.md) for its format.
-    #[arg(long, value_name = "PATH")]
+    /// The operator's policy file; without it /etc/opsagent/helper.policy is read if it
+    /// exists.
     pub policy: Option<PathBuf>,
-
     /// Connections one uid may hold open at once; more are refused.
-    #[arg(long, value_name = "N", default_value_t = 8)]
     pub max_connections_per_uid: usize,
-
+    /// Seconds a connection may stay idle before it is closed; 0 never closes it.
+    pub idle_timeout: u64,
     /// Keep CAP_SYS_ADMIN and CAP_MKNOD, which linux.lvm.* and linux.raid need for the
     /// device-mapper and md ioctls and device nodes (the opt-in storage drop-in sets
     /// OPSAGENT_HELPER_STORAGE=yes and adds them to the unit's bounding set).
-    #[arg(long, env = "OPSAGENT_HELPER_STORAGE", value_parser = clap::builder::FalseyValueParser::new())]
     pub storage: bool,
+}
 
-    /// Seconds a connection may stay idle (no request running, nothing received)
-    /// before it is closed; 0 never closes it.
-    #[arg(long, value_name = "SECONDS", default_value_t = 900)]
-    pub idle_timeout: u64,
+impl Default for Cli {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            allow_user: Vec::new(),
+            max_frame: DEFAULT_MAX_FRAME,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            policy: None,
+            max_connections_per_uid: 8,
+            idle_timeout: 900,
+            storage: false,
+        }
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invocation {
+    Run(Cli),
+    Help,
+    Version,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CliError {
+    #[error("unexpected argument {0:?}")]
+    Unexpected(String),
+    #[error("a value is required for '{0}'")]
+    MissingValue(&'static str),
+    #[error("'{0}' cannot be used multiple times")]
+    Repeated(&'static str),
+    #[error("invalid value {value:?} for '{option}': {reason}")]
+    Invalid { option: &'static str, value: String, reason: String },
+}
+
+pub const USAGE: &str = "Usage: opsagent-helper [OPTIONS]";
+
+pub fn help() -> String {
+    format!(
+        "The root helper of opsagent: applies states for the agent over a Unix socket
+
+{USAGE}
+
+Options:
+      --socket <PATH>
+          Bind this socket path instead of taking the socket passed by systemd (socket
+          activation through opsagent-helper.socket)
+      --allow-user <NAME>
+          A user allowed to connect (repeatable). Replaces the default, the user
+          `opsagent`; root is always allowed
+      --max-frame <BYTES>
+          Largest request frame accepted, in bytes [default: {DEFAULT_MAX_FRAME}]
+      --state-dir <DIR>
+          Where the helper may keep state between requests (used by modules that need
+          memory across rounds) [default: {DEFAULT_STATE_DIR}]
+      --policy <PATH>
+          The operator's policy file (root-owned, not writable by others). Without this
+          option /etc/opsagent/helper.policy is read if it exists; a file named here must
+          exist. See the `policy` module documentation (helper/README.md) for its format
+      --max-connections-per-uid <N>
+          Connections one uid may hold open at once; more are refused [default: 8]
+      --idle-timeout <SECONDS>
+          Seconds a connection may stay idle (no request running, nothing received)
+          before it is closed; 0 never closes it [default: 900]
+      --storage
+          Keep CAP_SYS_ADMIN and CAP_MKNOD for linux.lvm.* and linux.raid (the opt-in
+          storage drop-in sets it) [env: {STORAGE_ENV}=]
+  -h, --help
+          Print help
+  -V, --version
+          Print version
+"
+    )
+}
+
+/// Turns `--storage` on when set to anything but an empty or false-like value (what
+/// clap's falsey parser accepted, so existing drop-ins keep their meaning).
+pub const STORAGE_ENV: &str = "OPSAGENT_HELPER_STORAGE";
+
+fn truthy(value: &OsStr) -> bool {
+    let text = value.to_string_lossy().to_ascii_lowercase();
+    !matches!(text.as_str(), "" | "0" | "n" | "no" | "f" | "false" | "off")
+}
+
+/// The options that take a value, as help names them.
+const SOCKET: &str = "--socket <PATH>";
+const ALLOW_USER: &str = "--allow-user <NAME>";
+const MAX_FRAME: &str = "--max-frame <BYTES>";
+const STATE_DIR: &str = "--state-dir <DIR>";
+const POLICY: &str = "--policy <PATH>";
+const MAX_CONNECTIONS: &str = "--max-connections-per-uid <N>";
+const IDLE_TIMEOUT: &str = "--idle-timeout <SECONDS>";
+
+fn number<T: std::str::FromStr>(option: &'static str, value: &OsStr) -> Result<T, CliError>
+where
+    T::Err: fmt::Display,
+{
+    let text = value.to_str().ok_or_else(|| CliError::Invalid {
+        option,
+        value: value.to_string_lossy().into_owned(),
+        reason: "not UTF-8".into(),
+    })?;
+    text.parse().map_err(|e: T::Err| CliError::Invalid { option, value: text.to_string(), reason: e.to_string() })
+}
+
+fn once<T>(slot: &mut Option<T>, option: &'static str, value: T) -> Result<(), CliError> {
+    if slot.replace(value).is_some() {
+        return Err(CliError::Repeated(option));
+    }
+    Ok(())
+}
+
+impl Cli {
+    /// Parses the arguments after the program name; `storage_env` is the value of
+    /// [`STORAGE_ENV`], if set.
+    pub fn parse_args(
+        args: impl IntoIterator<Item = OsString>,
+        storage_env: Option<&OsStr>,
+    ) -> Result<Invocation, CliError> {
+        let mut args = args.into_iter();
+        let (mut socket, mut max_frame, mut state_dir, mut policy, mut max_conns, mut idle) =
+            (None, None, None, None, None, None);
+        let mut cli = Cli { storage: storage_env.is_some_and(truthy), ..Cli::default() };
+        while let Some(arg) = args.next() {
+            let text = arg.to_string_lossy();
+            match text.as_ref() {
+                "-h" | "--help" => return Ok(Invocation::Help),
+                "-V" | "--version" => return Ok(Invocation::Version),
+                "--storage" => {
+                    cli.storage = true;
+                    continue;
+                }
+                _ => {}
+            }
+            // `--name=value` or `--name value`; the value may be any bytes (paths).
+            let bytes = arg.as_bytes();
+            let (name, inline) = match bytes.iter().position(|b| *b == b'=') {
+                Some(eq) if bytes.starts_with(b"--") => (
+                    String::from_utf8_lossy(&bytes[..eq]).into_owned(),
+                    Some(OsString::from_vec(bytes[eq + 1..].to_vec())),
+                ),
+                _ => (text.into_owned(), None),
+            };
+            let option = match name.as_str() {
+                "--socket" => SOCKET,
+                "--allow-user" => ALLOW_USER,
+                "--max-frame" => MAX_FRAME,
+                "--state-dir" => STATE_DIR,
+                "--policy" => POLICY,
+                "--max-connections-per-uid" => MAX_CONNECTIONS,
+                "--idle-timeout" => IDLE_TIMEOUT,
+                _ => return Err(CliError::Unexpected(name)),
+            };
+            let value = match inline {
+                Some(v) => v,
+                None => args.next().ok_or(CliError::MissingValue(option))?,
+            };
+            match option {
+                SOCKET => once(&mut socket, option, PathBuf::from(value))?,
+                ALLOW_USER => cli.allow_user.push(value.into_string().map_err(|v| CliError::Invalid {
+                    option,
+                    value: v.to_string_lossy().into_owned(),
+                    reason: "not UTF-8".into(),
+                })?),
+                MAX_FRAME => once(&mut max_frame, option, number(option, &value)?)?,
+                STATE_DIR => once(&mut state_dir, option, PathBuf::from(value))?,
+                POLICY => once(&mut policy, option, PathBuf::from(value))?,
+                MAX_CONNECTIONS => once(&mut max_conns, option, number(option, &value)?)?,
+                _ => once(&mut idle, option, number(option, &value)?)?,
+            }
+        }
+        cli.socket = socket;
+        cli.policy = policy;
+        if let Some(v) = max_frame {
+            cli.max_frame = v;
+        }
+        if let Some(v) = state_dir {
+            cli.state_dir = v;
+        }
+        if let Some(v) = max_conns {
+            cli.max_connections_per_uid = v;
+        }
+        if let Some(v) = idle {
+            cli.idle_timeout = v;
+        }
+        Ok(Invocation::Run(cli))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(args: &[&str]) -> Result<Invocation, CliError> {
+        Cli::parse_args(args.iter().map(OsString::from), None)
+    }
+
+    fn run(args: &[&str]) -> Cli {
+        match parse(args) {
+            Ok(Invocation::Run(cli)) => cli,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_every_option_in_both_spellings() {
+        assert_eq!(run(&[]), Cli::default());
+        let cli = run(&[
+            "--socket",
+            "/run/h.sock",
+            "--allow-user=alice",
+            "--allow-user",
+            "bob",
+            "--max-frame=1024",
+            "--state-dir",
+            "/tmp/st",
+            "--policy=/etc/p",
+            "--max-connections-per-uid",
+            "2",
+            "--idle-timeout=0",
+        ]);
+        assert_eq!(
+            cli,
+            Cli {
+                socket: Some("/run/h.sock".into()),
+                allow_user: vec!["alice".into(), "bob".into()],
+                max_frame: 1024,
+                state_dir: "/tmp/st".into(),
+                policy: Some("/etc/p".into()),
+                max_connections_per_uid: 2,
+                idle_timeout: 0,
+                storage: false,
+            }
+        );
+        // A value may itself contain '='.
+        assert_eq!(run(&["--socket=/tmp/a=b"]).socket, Some("/tmp/a=b".into()));
+        assert_eq!(parse(&["-V"]), Ok(Invocation::Version));
+        assert_eq!(parse(&["--socket", "x", "--help"]), Ok(Invocation::Help));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        assert_eq!(parse(&["--sockett", "x"]), Err(CliError::Unexpected("--sockett".into())));
+        assert_eq!(parse(&["extra"]), Err(CliError::Unexpected("extra".into())));
+        assert_eq!(parse(&["--socket"]), Err(CliError::MissingValue(SOCKET)));
+        assert_eq!(parse(&["--socket=a", "--socket", "b"]), Err(CliError::Repeated(SOCKET)));
+        let err = parse(&["--max-frame", "big"]).unwrap_err();
+        assert_eq!(err.to_string(), "invalid value \"big\" for '--max-frame <BYTES>': invalid digit found in string");
+        assert!(help().contains("--max-connections-per-uid <N>"));
+        assert_eq!(parse(&["--storage=maybe"]), Err(CliError::Unexpected("--storage".into())), "a flag takes no value");
+    }
+
     #[test]
     fn storage_is_off_unless_asked_for() {
-        let parse = |args: &[&str]| Cli::try_parse_from([&["opsagent-helper"], args].concat()).unwrap();
-        // The test's own environment might carry the variable; only the flag is checked.
-        if std::env::var_os("OPSAGENT_HELPER_STORAGE").is_none() {
-            assert!(!parse(&[]).storage);
-        }
-        assert!(parse(&["--storage"]).storage);
-        assert!(Cli::try_parse_from(["opsagent-helper", "--storage=maybe"]).is_err(), "a flag takes no value");
+        assert!(!run(&[]).storage);
+        assert!(run(&["--storage"]).storage);
+        let with_env = |v: &str| match Cli::parse_args(std::iter::empty(), Some(OsStr::new(v))) {
+            Ok(Invocation::Run(cli)) => cli.storage,
+            other => panic!("{v:?}: {other:?}"),
+        };
+        assert!(with_env("yes") && with_env("1") && with_env("true"));
+        assert!(!with_env("") && !with_env("no") && !with_env("0") && !with_env("False") && !with_env("off"));
     }
 }

@@ -94,6 +94,19 @@ pub fn enforce_attrs(
     changes: &mut Vec<Change>,
 ) -> Result<(), FsError> {
     let meta = f.metadata().map_err(io_err(path, "stat"))?;
+    enforce_attrs_known(f, &meta, path, mode, owner, changes)
+}
+
+/// [`enforce_attrs`] for a caller that has just read `meta` through `f` (one `fstat`
+/// less on the path every idempotent file state takes).
+pub fn enforce_attrs_known(
+    f: &File,
+    meta: &fs::Metadata,
+    path: &Path,
+    mode: Option<u32>,
+    owner: &Owner,
+    changes: &mut Vec<Change>,
+) -> Result<(), FsError> {
     let (uid, gid) = (meta.uid(), meta.gid());
     let (want_uid, want_gid) = owner.applied_to(uid, gid);
     let mut current_mode = meta.mode() & 0o7777;
@@ -250,15 +263,17 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
-/// Whether the open regular file's content differs from `want`.
-pub fn content_differs(f: &mut File, path: &Path, want: &[u8]) -> Result<bool, FsError> {
-    let len = f.metadata().map_err(io_err(path, "stat"))?.len();
+/// Whether the open regular file, `len` bytes long by its `fstat`, differs from `want`.
+/// Reads exactly `len` bytes: no size probe and no read to see the end (`read_to_end`
+/// costs an `fstat`, an `lseek` and an extra `read` per file); a file that shrinks
+/// meanwhile reads short and differs, one that grows is caught by the next round.
+pub fn content_differs(f: &mut File, path: &Path, len: u64, want: &[u8]) -> Result<bool, FsError> {
     if len != want.len() as u64 {
         return Ok(true);
     }
-    let mut have = Vec::with_capacity(want.len());
-    f.read_to_end(&mut have).map_err(io_err(path, "read"))?;
-    Ok(have != want)
+    let mut have = vec![0; want.len()];
+    let n = read_full(f, &mut have).map_err(io_err(path, "read"))?;
+    Ok(n != want.len() || have != want)
 }
 
 #[cfg(test)]

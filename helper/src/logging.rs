@@ -3,13 +3,22 @@
 //!
 //! Journal fields carry the daemon's prefix: `state_id` becomes `OPSAGENT_STATE_ID`,
 //! `module` `OPSAGENT_MODULE`, and so on (`journalctl OPSAGENT_MODULE=linux.service`).
+//!
+//! `RUST_LOG` takes a level or a list of `target=level` (`info,opsagent_helper::exec=debug`);
+//! unset or unreadable, the level is `info`. The helper filters with `Targets`, not
+//! `EnvFilter`: it has no use for span and field filters, and `EnvFilter` is the larger
+//! part of the logging code a helper would map at start, for nothing.
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
 
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     let registry = tracing_subscriber::registry().with(filter);
     let journald = std::env::var_os("JOURNAL_STREAM")
         .and_then(|_| tracing_journald::layer().ok())

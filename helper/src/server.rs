@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use opsagent_proto::codec::{self, CodecError, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{
-    ApplyRequest, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request, RequestFrame,
+    ApplyRequest, Change, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request, RequestFrame,
 };
+use opsagent_proto::stream::{self, FrameReader, FrameWriter};
 use opsagent_proto::PROTOCOL_VERSION;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -117,6 +117,23 @@ impl Drop for Running {
     }
 }
 
+/// The changes of an outcome as one log field, `; `-separated. Formatted only when
+/// the event is logged: a helper logging at warn (as `opsagent apply` runs its private
+/// one) does not build the string for every state.
+struct Joined<'a>(&'a [Change]);
+
+impl std::fmt::Display for Joined<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, c) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{c}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Accepts connections until SIGTERM or SIGINT.
 pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
@@ -166,8 +183,15 @@ fn admit(stream: UnixStream, shared: &Arc<Shared>) {
         warn!(uid, pid, limit, reason = "too many connections from this uid", "refused connection");
         return;
     };
+    let (rd, wr) = match stream::split_tokio(stream) {
+        Ok(halves) => halves,
+        Err(e) => {
+            warn!(uid, pid, error = %e, reason = "cannot set up the connection", "refused connection");
+            return;
+        }
+    };
     info!(uid, pid, "connection accepted");
-    let conn = Connection::new(stream, Arc::clone(shared), uid);
+    let conn = Connection::new(rd, wr, Arc::clone(shared), uid);
     tokio::spawn(async move {
         conn.run().await;
         drop(slot);
@@ -183,9 +207,9 @@ enum Incoming {
 
 /// Reads frames as they come, whether or not a request is running. The channel is
 /// small: a client flooding requests while one runs is slowed down, not buffered.
-async fn read_frames(mut rd: OwnedReadHalf, tx: mpsc::Sender<Incoming>, max: usize) {
+async fn read_frames(mut rd: FrameReader, tx: mpsc::Sender<Incoming>, max: usize) {
     loop {
-        let (incoming, last) = match codec::read_raw_frame(&mut rd, max).await {
+        let (incoming, last) = match rd.read_raw(max).await {
             Ok(Some(body)) => (Incoming::Frame(body), false),
             Ok(None) => (Incoming::Closed, true),
             Err(e) => (Incoming::Broken(e), true),
@@ -199,7 +223,7 @@ async fn read_frames(mut rd: OwnedReadHalf, tx: mpsc::Sender<Incoming>, max: usi
 struct Connection {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Incoming>,
-    wr: OwnedWriteHalf,
+    wr: FrameWriter,
     reader: tokio::task::JoinHandle<()>,
     /// The peer's uid (SO_PEERCRED), for the states' checks of fetched files.
     peer_uid: u32,
@@ -209,8 +233,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(stream: UnixStream, shared: Arc<Shared>, peer_uid: u32) -> Self {
-        let (rd, wr) = stream.into_split();
+    fn new(rd: FrameReader, wr: FrameWriter, shared: Arc<Shared>, peer_uid: u32) -> Self {
         let (tx, rx) = mpsc::channel(4);
         let reader = tokio::spawn(read_frames(rd, tx, shared.config.max_frame));
         Self { shared, rx, wr, reader, peer_uid, greeted: false, dead: false }
@@ -312,13 +335,12 @@ impl Connection {
             }
             Ok(Step::Done(mut outcome)) => {
                 outcome.duration_ms = duration_ms;
-                let changed = outcome.changes.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
                 info!(
                     id, state_id, module,
                     result = outcome.result,
                     cancelled = outcome.cancelled,
                     changes = outcome.changes.len(),
-                    changed = %changed,
+                    changed = %Joined(&outcome.changes),
                     duration_ms,
                     comment = %outcome.comment,
                     "outcome"
@@ -397,7 +419,7 @@ impl Connection {
             return;
         }
         // Replies are bounded by the client's default limit, not by our request limit.
-        if let Err(e) = codec::write_frame(&mut self.wr, &ReplyFrame { id, reply }, DEFAULT_MAX_FRAME).await {
+        if let Err(e) = self.wr.write(&ReplyFrame { id, reply }, DEFAULT_MAX_FRAME).await {
             debug!(id, error = %e, "cannot write the reply; closing the connection");
             self.dead = true;
         }

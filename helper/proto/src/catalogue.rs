@@ -149,8 +149,16 @@ pub fn parse_state(module: &str, raw: &Value) -> Result<Parsed, CatalogueError> 
         Value::Null => &Map::new(),
         other => return Err(CatalogueError::NotAnObject(describe(other))),
     };
-    let rendered = render_placeholders(obj);
-    let mut bag = ParamBag::new(spec.name, &rendered);
+    // Most states have no placeholder at all: their parameters are read as they are,
+    // not copied first (a recipe of thousands of states is parsed on every push).
+    let rendered;
+    let obj = if obj.values().any(has_placeholder) {
+        rendered = render_placeholders(obj);
+        &rendered
+    } else {
+        obj
+    };
+    let mut bag = ParamBag::new(spec.name, obj);
     let params = parse_module(spec.name, &mut bag)?;
     params.check()?;
     let warnings =
@@ -178,6 +186,16 @@ pub fn render_placeholders(params: &Map<String, Value>) -> Map<String, Value> {
         })
         .collect();
     params.iter().map(|(k, v)| (k.clone(), render_value(v, &vars))).collect()
+}
+
+/// Whether [`render_value`] could change `v`: a `$` in any string of it.
+fn has_placeholder(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('$'),
+        Value::Array(items) => items.iter().any(has_placeholder),
+        Value::Object(o) => o.values().any(has_placeholder),
+        _ => false,
+    }
 }
 
 fn render_value(v: &Value, vars: &BTreeMap<String, String>) -> Value {

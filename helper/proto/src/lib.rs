@@ -6,6 +6,7 @@
 //! - [`request`]: the closed set of requests the helper accepts and what it answers.
 //! - [`newtypes`]: validated values (absolute paths, modes, state ids, unit names).
 //! - [`codec`]: u32 big-endian length-prefixed JSON frames with a size cap.
+//! - [`stream`]: the socket both ends use, split into a frame reader and writer.
 //! - [`ini`]: the INI dialect of `/etc/opsagent.conf`, read by the daemon and by the
 //!   root upgrade installer (which trusts only that root-owned file for the signing key).
 //! - [`upgrade`]: the files through which the daemon hands a downloaded release to the
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod ini;
 pub mod newtypes;
 pub mod request;
+pub mod stream;
 pub mod upgrade;
 pub mod wire;
 

@@ -98,7 +98,12 @@ fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Resul
     let owner = Owner::resolve(p.user.as_deref(), p.group.as_deref())?;
     let mode = p.mode.bits();
     let content = p.content.as_deref().map(str::as_bytes);
-    fsutil::ensure_parent(&path.parent(), changes)?;
+    // An existing file has its directories: only a missing one (or an error, which
+    // the parent check names better) needs them checked and created.
+    let existing = fsutil::lstat(path.as_path()).ok().flatten();
+    if existing.is_none() {
+        fsutil::ensure_parent(&path.parent(), changes)?;
+    }
     let staged = match p.remote_uri.as_deref() {
         Some(uri) if !remote_scheme_ok(uri) => return Err(FileError::RemoteScheme(uri.to_string())),
         Some(uri) => {
@@ -115,7 +120,11 @@ fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Resul
         }
     };
 
-    let Some(meta) = fsutil::lstat(path.as_path())? else {
+    let existing = match existing {
+        Some(meta) => Some(meta),
+        None => fsutil::lstat(path.as_path())?,
+    };
+    let Some(meta) = existing else {
         let (uid, gid) = owner.for_new();
         write(uid.as_raw(), gid.as_raw())?;
         changes
@@ -133,7 +142,7 @@ fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Resul
     check_is_file(&path, meta.file_type())?;
     let differs = match (&staged, content) {
         (Some(s), _) => fsutil::files_differ(&mut f, path.as_path(), &s.path)?,
-        (None, Some(want)) => fsutil::content_differs(&mut f, path.as_path(), want)?,
+        (None, Some(want)) => fsutil::content_differs(&mut f, path.as_path(), meta.len(), want)?,
         (None, None) => false,
     };
     if differs {
@@ -152,7 +161,7 @@ fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Resul
             ));
         }
     } else {
-        fsutil::enforce_attrs(&f, path.as_path(), Some(mode), &owner, changes)?;
+        fsutil::enforce_attrs_known(&f, &meta, path.as_path(), Some(mode), &owner, changes)?;
     }
     Ok(())
 }
