@@ -11,6 +11,8 @@
 # 3. footprint benches/footprint.sh: RSS of the real daemon and helper, idle and 1k/10k rounds
 # 4. engine    cargo bench --bench engine: round-engine overhead per state, parse+validate
 #              of a 10,000-state recipe
+# 5. activation benches/activation.sh: the first request after the helper exited when
+#              idle (socket activation) vs one served by a running helper
 # Raw output goes to $OUT (default target/bench-results/DATE), the table to stdout and
 # $OUT/summary.txt. `bash benches/run-all.sh --summary DIR` prints the table of an earlier
 # run again.
@@ -58,6 +60,9 @@ SIZES=$FP_SIZES bash benches/footprint.sh 2>"$OUT/footprint.log" | tee "$OUT/foo
 
 step "4. engine: cargo bench --bench engine"
 cargo bench --bench engine 2>"$OUT/engine.log" | tee "$OUT/engine.txt" >&2
+
+step "5. helper started on demand: benches/activation.sh"
+bash benches/activation.sh 2>"$OUT/activation.log" | tee "$OUT/activation.txt" >&2
 fi
 
 # --- the short table -----------------------------------------------------------------------
@@ -80,6 +85,9 @@ fi
 	echo
 	echo "footprint:"
 	sed -n '/^== footprint/,$p' "$OUT/footprint.txt" | grep -v '^==' | sed '/^$/d'
+	echo
+	echo "helper started on demand (exit when idle, socket activation):"
+	sed -n '/^== helper started on demand/,$p' "$OUT/activation.txt" 2>/dev/null | grep -v '^==' | sed '/^$/d'
 	echo
 	echo "engine (criterion, instant fake helper):"
 	grep -E -A1 '^engine_round/|^parse_and_validate' "$OUT/engine.txt" | grep -E 'time:|thrpt:|^engine|^parse' |

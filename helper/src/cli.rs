@@ -38,6 +38,9 @@ pub struct Cli {
     /// device-mapper and md ioctls and device nodes (the opt-in storage drop-in sets
     /// OPSAGENT_HELPER_STORAGE=yes and adds them to the unit's bounding set).
     pub storage: bool,
+    /// Under socket activation: exit after this many seconds without a request (the
+    /// socket starts the helper again on the next connection); 0 stays up.
+    pub exit_idle: u64,
 }
 
 impl Default for Cli {
@@ -51,6 +54,7 @@ impl Default for Cli {
             max_connections_per_uid: 8,
             idle_timeout: 900,
             storage: false,
+            exit_idle: 0,
         }
     }
 }
@@ -104,6 +108,10 @@ Options:
       --idle-timeout <SECONDS>
           Seconds a connection may stay idle (no request running, nothing received)
           before it is closed; 0 never closes it [default: 900]
+      --exit-idle <SECONDS>
+          Exit after this many seconds without a request; the listening socket stays
+          with systemd, which starts the helper again on the next connection. Needs
+          socket activation; 0 stays up [default: 0]
       --storage
           Keep CAP_SYS_ADMIN and CAP_MKNOD for linux.lvm.* and linux.raid (the opt-in
           storage drop-in sets it) [env: {STORAGE_ENV}=]
@@ -132,6 +140,7 @@ const STATE_DIR: &str = "--state-dir <DIR>";
 const POLICY: &str = "--policy <PATH>";
 const MAX_CONNECTIONS: &str = "--max-connections-per-uid <N>";
 const IDLE_TIMEOUT: &str = "--idle-timeout <SECONDS>";
+const EXIT_IDLE: &str = "--exit-idle <SECONDS>";
 
 fn number<T: std::str::FromStr>(option: &'static str, value: &OsStr) -> Result<T, CliError>
 where
@@ -162,6 +171,7 @@ impl Cli {
         let mut args = args.into_iter();
         let (mut socket, mut max_frame, mut state_dir, mut policy, mut max_conns, mut idle) =
             (None, None, None, None, None, None);
+        let mut exit_idle = None;
         let mut cli = Cli { storage: storage_env.is_some_and(truthy), ..Cli::default() };
         while let Some(arg) = args.next() {
             let text = arg.to_string_lossy();
@@ -191,6 +201,7 @@ impl Cli {
                 "--policy" => POLICY,
                 "--max-connections-per-uid" => MAX_CONNECTIONS,
                 "--idle-timeout" => IDLE_TIMEOUT,
+                "--exit-idle" => EXIT_IDLE,
                 _ => return Err(CliError::Unexpected(name)),
             };
             let value = match inline {
@@ -208,7 +219,8 @@ impl Cli {
                 STATE_DIR => once(&mut state_dir, option, PathBuf::from(value))?,
                 POLICY => once(&mut policy, option, PathBuf::from(value))?,
                 MAX_CONNECTIONS => once(&mut max_conns, option, number(option, &value)?)?,
-                _ => once(&mut idle, option, number(option, &value)?)?,
+                IDLE_TIMEOUT => once(&mut idle, option, number(option, &value)?)?,
+                _ => once(&mut exit_idle, option, number(option, &value)?)?,
             }
         }
         cli.socket = socket;
@@ -224,6 +236,17 @@ impl Cli {
         }
         if let Some(v) = idle {
             cli.idle_timeout = v;
+        }
+        if let Some(v) = exit_idle {
+            cli.exit_idle = v;
+        }
+        if cli.exit_idle > 0 && cli.socket.is_some() {
+            // Nothing would start the helper again: the socket file goes with it.
+            return Err(CliError::Invalid {
+                option: EXIT_IDLE,
+                value: cli.exit_idle.to_string(),
+                reason: "needs socket activation (systemd passes the socket); not with --socket".into(),
+            });
         }
         Ok(Invocation::Run(cli))
     }
@@ -248,8 +271,6 @@ mod tests {
     fn defaults_and_every_option_in_both_spellings() {
         assert_eq!(run(&[]), Cli::default());
         let cli = run(&[
-            "--socket",
-            "/run/h.sock",
             "--allow-user=alice",
             "--allow-user",
             "bob",
@@ -260,11 +281,13 @@ mod tests {
             "--max-connections-per-uid",
             "2",
             "--idle-timeout=0",
+            "--exit-idle",
+            "120",
         ]);
         assert_eq!(
             cli,
             Cli {
-                socket: Some("/run/h.sock".into()),
+                socket: None,
                 allow_user: vec!["alice".into(), "bob".into()],
                 max_frame: 1024,
                 state_dir: "/tmp/st".into(),
@@ -272,6 +295,7 @@ mod tests {
                 max_connections_per_uid: 2,
                 idle_timeout: 0,
                 storage: false,
+                exit_idle: 120,
             }
         );
         // A value may itself contain '='.
@@ -289,6 +313,9 @@ mod tests {
         let err = parse(&["--max-frame", "big"]).unwrap_err();
         assert_eq!(err.to_string(), "invalid value \"big\" for '--max-frame <BYTES>': invalid digit found in string");
         assert!(help().contains("--max-connections-per-uid <N>"));
+        let err = parse(&["--socket", "/run/h.sock", "--exit-idle", "5"]).unwrap_err();
+        assert!(err.to_string().contains("needs socket activation"), "{err}");
+        assert_eq!(run(&["--socket", "/run/h.sock", "--exit-idle", "0"]).socket, Some("/run/h.sock".into()));
         assert_eq!(parse(&["--storage=maybe"]), Err(CliError::Unexpected("--storage".into())), "a flag takes no value");
     }
 

@@ -69,7 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let listener = socket::from_systemd()?;
-            tracing::info!("using the socket passed by systemd");
+            tracing::info!(exit_idle_s = cli.exit_idle, "using the socket passed by systemd");
             (listener, None)
         }
     };
@@ -79,6 +79,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         max_frame: cli.max_frame,
         max_connections_per_uid: cli.max_connections_per_uid,
         idle_timeout: (cli.idle_timeout > 0).then(|| Duration::from_secs(cli.idle_timeout)),
+        exit_idle: (cli.exit_idle > 0).then(|| Duration::from_secs(cli.exit_idle)),
         ctx: states::Ctx::new(cli.state_dir.clone()).with_policy(policy),
     });
     // One thread: the helper serves one agent, one request at a time per connection;
@@ -91,7 +92,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             tracing::warn!(error = %e, "cannot notify systemd that the helper is ready");
         }
-        server::serve(listener, config).await
+        let served = server::serve(listener, config).await;
+        // Deliberate (signal or idle exit): systemd shows "deactivating", not a crash.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        served
     });
     // Dropping the tasks of running states kills their process groups (see exec); a
     // blocking file operation gets a moment to finish rather than being torn mid-way.

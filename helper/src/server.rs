@@ -38,6 +38,9 @@ pub struct Config {
     pub max_connections_per_uid: usize,
     /// A connection with nothing running and nothing received for this long is closed.
     pub idle_timeout: Option<Duration>,
+    /// The helper exits once no request has run or arrived for this long (socket
+    /// activation starts it again).
+    pub exit_idle: Option<Duration>,
     pub ctx: Ctx,
 }
 
@@ -49,6 +52,9 @@ struct Shared {
     running: Mutex<BTreeMap<u64, (String, String)>>,
     /// Open connections per peer uid.
     connections: Mutex<BTreeMap<u32, usize>>,
+    /// When a connection was last accepted, a frame last arrived or a request last
+    /// ended: the start of the idle time that `exit_idle` measures.
+    last_active: Mutex<Instant>,
 }
 
 /// A connection's place in [`Shared::connections`], given back when it closes.
@@ -83,6 +89,18 @@ impl Drop for Slot {
 }
 
 impl Shared {
+    fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    /// When the helper may exit if nothing happens meanwhile; `None` while a request runs.
+    fn exit_at(&self, exit_idle: Duration) -> Option<Instant> {
+        if !self.running.lock().unwrap_or_else(PoisonError::into_inner).is_empty() {
+            return None;
+        }
+        Some(*self.last_active.lock().unwrap_or_else(PoisonError::into_inner) + exit_idle)
+    }
+
     fn status(&self) -> HelperStatus {
         HelperStatus {
             helper_version: HELPER_VERSION.to_string(),
@@ -134,22 +152,38 @@ impl std::fmt::Display for Joined<'_> {
     }
 }
 
-/// Accepts connections until SIGTERM or SIGINT.
+/// Accepts connections until SIGTERM or SIGINT, or until idle for `exit_idle`.
 pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Result<()> {
+    let exit_idle = config.exit_idle;
     let shared = Arc::new(Shared {
         config,
         started: Instant::now(),
         next_key: AtomicU64::new(0),
         running: Mutex::new(BTreeMap::new()),
         connections: Mutex::new(BTreeMap::new()),
+        last_active: Mutex::new(Instant::now()),
     });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     info!(version = HELPER_VERSION, protocol_version = PROTOCOL_VERSION, "helper ready");
     loop {
+        // While a request runs there is no deadline yet: look again a little later (a
+        // request's end moves the deadline but does not wake this loop).
+        let deadline = exit_idle
+            .map(|idle| shared.exit_at(idle).unwrap_or_else(|| Instant::now() + idle.min(Duration::from_secs(5))));
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            () = sleep_until_opt(deadline) => {
+                if let Some(idle) = exit_idle {
+                    if shared.exit_at(idle).is_some_and(|at| at <= Instant::now()) {
+                        // The listening socket stays with systemd: a connection queued
+                        // from now on starts a new helper, which accepts it.
+                        info!(idle_s = idle.as_secs(), "no request for a while; exiting until the next connection");
+                        return Ok(());
+                    }
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => admit(stream, &shared),
                 Err(e) => {
@@ -164,7 +198,15 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Resul
     Ok(())
 }
 
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn admit(stream: UnixStream, shared: &Arc<Shared>) {
+    shared.touch();
     let cred = match stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
@@ -255,7 +297,10 @@ impl Connection {
                 break;
             };
             let body = match incoming {
-                Incoming::Frame(body) => body,
+                Incoming::Frame(body) => {
+                    self.shared.touch();
+                    body
+                }
                 Incoming::Closed => break,
                 Incoming::Broken(e) => {
                     self.broken(&e).await;
@@ -264,6 +309,7 @@ impl Connection {
             };
             if let Some(RequestFrame { id, request }) = self.decode(&body).await {
                 self.handle(id, request).await;
+                self.shared.touch();
             }
         }
         self.reader.abort();

@@ -37,7 +37,7 @@ const PROBE_ENV: &str = "OPSAGENT_HELPER_TEST_PROBE_SOCKET";
 
 struct Helper {
     child: Child,
-    dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
     sock: PathBuf,
     log: Arc<Mutex<String>>,
 }
@@ -47,17 +47,18 @@ impl Helper {
         Self::start_with(&[]).await
     }
 
-    async fn start_with(extra: &[&str]) -> Self {
+    fn temp_dir() -> Arc<tempfile::TempDir> {
         let dir = tempfile::tempdir().unwrap();
         // Other uids must reach the socket (the refusal test); the socket's own mode
         // is what keeps them out.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let sock = dir.path().join("h.sock");
-        let mut child = Command::new(BIN)
-            .arg("--socket")
-            .arg(&sock)
-            .args(["--allow-user", "nobody", "--state-dir"])
-            .arg(dir.path().join("state"))
+        Arc::new(dir)
+    }
+
+    fn command(dir: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--allow-user", "nobody", "--state-dir"])
+            .arg(dir.join("state"))
             .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("LISTEN_FDS")
@@ -66,9 +67,42 @@ impl Helper {
             .env_remove("OPSAGENT_HELPER_STORAGE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    async fn start_with(extra: &[&str]) -> Self {
+        let dir = Self::temp_dir();
+        let sock = dir.path().join("h.sock");
+        let mut cmd = Self::command(dir.path(), extra);
+        let helper = Self::spawn(cmd.arg("--socket").arg(&sock), dir, sock);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&helper.sock).await.is_err() {
+            assert!(Instant::now() < deadline, "helper did not start; log:\n{}", helper.log());
+            sleep(Duration::from_millis(20)).await;
+        }
+        helper
+    }
+
+    /// Starts the helper as systemd's socket activation does: `listener`, bound at
+    /// `dir/h.sock` by the caller (who keeps it, as systemd does), is passed on.
+    fn start_activated(
+        dir: &Arc<tempfile::TempDir>,
+        listener: &std::os::unix::net::UnixListener,
+        extra: &[&str],
+    ) -> Self {
+        use std::os::fd::AsRawFd;
+        let inherited = listener.try_clone().unwrap();
+        nix::fcntl::fcntl(inherited.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+        let mut cmd = Self::command(dir.path(), extra);
+        cmd.env("LISTEN_FDS", "1").env("LISTEN_FDS_FIRST_FD", inherited.as_raw_fd().to_string());
+        let helper = Self::spawn(&mut cmd, Arc::clone(dir), dir.path().join("h.sock"));
+        drop(inherited);
+        helper
+    }
+
+    fn spawn(cmd: &mut Command, dir: Arc<tempfile::TempDir>, sock: PathBuf) -> Self {
+        let mut child = cmd.spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = Arc::clone(&log);
@@ -79,13 +113,19 @@ impl Helper {
                 l.push('\n');
             }
         });
-        let helper = Self { child, dir, sock, log };
+        Self { child, dir, sock, log }
+    }
+
+    /// Waits (bounded) for the helper to end by itself.
+    async fn exited(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&helper.sock).await.is_err() {
-            assert!(Instant::now() < deadline, "helper did not start; log:\n{}", helper.log());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the helper is still running; log:\n{}", self.log());
             sleep(Duration::from_millis(20)).await;
         }
-        helper
     }
 
     fn log(&self) -> String {
@@ -601,6 +641,32 @@ async fn connections_per_uid_are_capped() {
     drop(a);
     let mut c = client_when_free(&h).await;
     assert!(matches!(c.call(Request::Status).await, Reply::Status(_)));
+}
+
+#[tokio::test]
+async fn under_socket_activation_an_idle_helper_exits_and_the_next_one_takes_over() {
+    let dir = Helper::temp_dir();
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("h.sock")).unwrap();
+    let mut first = Helper::start_activated(&dir, &listener, &["--exit-idle", "1"]);
+    let mut c = first.client().await;
+    // A request that runs longer than the idle time is not cut, and the helper stays.
+    let out = c.apply("linux.cmd", json!({"cmd": "sleep 2; echo done", "cwd": "/"})).await;
+    assert!(out.result && out.stdout == "done\n", "{out:?}");
+    assert!(matches!(c.call(Request::Status).await, Reply::Status(_)));
+    // Then, idle, it exits cleanly and closes the kept connection.
+    assert!(c.recv_or_eof().await.is_none());
+    let status = first.exited().await;
+    assert!(status.success(), "{status:?}; log:\n{}", first.log());
+    first.wait_for_log(&["exiting until the next connection", "idle_s=1"]).await;
+    // With no helper running, a client still connects (the socket is systemd's, here
+    // the test's) and its request waits in the socket for the next helper.
+    let mut queued = Client { stream: UnixStream::connect(&first.sock).await.unwrap(), next_id: 1 };
+    let hello = queued.send(Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "test".into() }).await;
+    let second = Helper::start_activated(&dir, &listener, &["--exit-idle", "1"]);
+    let frame = queued.recv().await;
+    assert_eq!(frame.id, hello);
+    assert!(matches!(frame.reply, Reply::Hello { .. }), "{frame:?}; log:\n{}", second.log());
+    assert!(matches!(queued.call(Request::Status).await, Reply::Status(_)));
 }
 
 #[tokio::test]

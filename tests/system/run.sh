@@ -8,7 +8,8 @@
 # packaging/userdata.sh, as an instance would. Tests (select with arguments, e.g. "a e"):
 #   a  install from userdata; Handshake + StateLogs; re-run changes nothing
 #   b  watchdog: a SIGSTOPped agent is restarted by systemd
-#   c  helper socket activation; other users refused (file mode, then SO_PEERCRED)
+#   c  helper socket activation; other users refused (file mode, then SO_PEERCRED);
+#      the helper exits when idle and each round starts it again
 #   d  journal fields (OPSAGENT_STATE_ID=...) and the STATUS= line
 #   e  polkit rule: exactly restart opsagent.service / start opsagent-upgrade.service
 #   f  systemd-analyze verify + security scores (opsagent.service must be <= 2.0)
@@ -337,6 +338,34 @@ test_c() {
     ! refused_uid "$nobody_uid" || fail "nobody's connect reached the helper"
     csh $c 'journalctl -u opsagent-helper.service --no-pager | grep "refused connection"' >&2 || true
     csh $c 'systemctl is-active --quiet opsagent.service' || fail "the agent is not running after the refusals"
+
+    # Between rounds the helper exits (--exit-idle in the shipped unit; 2 s here, and a
+    # round every 6 s): no root process idles, and each round's first connection starts
+    # it again through the socket. Rounds keep succeeding, and systemd records clean
+    # exits, not failures.
+    csh $c 'grep -q -- "^ExecStart=.*opsagent-helper --exit-idle [1-9]" /etc/systemd/system/opsagent-helper.service' ||
+        fail "the shipped helper unit does not exit when idle"
+    local exits0 logs0
+    idle_exits() { csh $c 'journalctl -u opsagent-helper.service --no-pager | grep -c "exiting until the next connection"' || true; }
+    idle_exits_reach() { [ "$(idle_exits)" -ge "$1" ]; }
+    cmd_logs_reach() { [ "$(statelogs_of i-sock sys-cmd)" -ge "$1" ]; }
+    exits0=$(idle_exits)
+    csh $c 'mkdir -p /etc/systemd/system/opsagent-helper.service.d /etc/systemd/system/opsagent.service.d &&
+        printf "[Service]\nExecStart=\nExecStart=/opt/visualops/current/bin/opsagent-helper --exit-idle 2\n" \
+            >/etc/systemd/system/opsagent-helper.service.d/90-test.conf &&
+        printf "[Service]\nExecStart=\nExecStart=/opt/visualops/current/bin/opsagent run --round-delay 6\n" \
+            >/etc/systemd/system/opsagent.service.d/90-test.conf &&
+        systemctl daemon-reload && systemctl stop opsagent.service opsagent-helper.service &&
+        systemctl reset-failed opsagent-helper.service; systemctl start opsagent.service' ||
+        fail "cannot set the short idle exit and round delay"
+    logs0=$(statelogs_of i-sock sys-cmd)
+    wait_until 60 "three idle exits of the helper" idle_exits_reach $((exits0 + 3)) || fail "the helper did not exit when idle"
+    wait_until 30 "a round after the third idle exit" cmd_logs_reach $((logs0 + 4)) ||
+        fail "rounds did not keep succeeding with the helper started on demand"
+    say "  helper idle exits: $exits0 -> $(idle_exits); sys-cmd StateLogs: $logs0 -> $(statelogs_of i-sock sys-cmd)"
+    [ "$(unit_prop $c opsagent-helper.service NRestarts)" = 0 ] || fail "systemd restarted the helper (it counted a failure)"
+    [ "$(unit_prop $c opsagent-helper.service Result)" = success ] || fail "the helper's last run did not end in success"
+    ! journal_has $c "-u opsagent.service" "the round ceases" || fail "a round failed while the helper came and went"
 }
 
 # ---------------------------------------------------------------- d. journal and STATUS=
