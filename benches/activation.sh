@@ -23,17 +23,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN_DIR=${BIN_DIR:-$ROOT/target/release}
 RUNS=${RUNS:-20}
 
-say() { printf '%s\n' "$*" >&2; }
-die() {
-	say "activation: $*"
-	exit 1
-}
-[ "$(id -u)" = 0 ] || die "needs root (the helper runs as root)"
-for b in opsagent opsagent-helper; do
-	[ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b not built: cargo build --release --workspace"
-done
-command -v systemd-socket-activate >/dev/null || apt-get install -y -qq systemd >/dev/null ||
-	die "systemd-socket-activate not found (package systemd)"
+BENCH=activation
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+need_root "the helper runs as root"
+need_bins "$BIN_DIR" opsagent opsagent-helper
+need_socket_activate
 
 WORK=$(mktemp -d /var/tmp/opsagent-activation.XXXXXX)
 APID=

@@ -3,7 +3,10 @@
 # (`opsagent-helper`), connected to the reference backend (`opsagent-backend`):
 #   idle   connected, a 1-state recipe applied, waiting for the next round;
 #   N=1000 and N=10000: a recipe of N linux.file states (files in a temp dir) pushed by
-#          the backend; peak RSS during the round and RSS once it is over.
+#          the backend; peak RSS during the round and RSS once it is over;
+#   between rounds: the helper runs as the shipped unit runs it, socket-activated with
+#          --exit-idle (systemd-socket-activate plays systemd's part), so once it has been
+#          idle that long it exits; the script waits for that exit (status 0 required).
 # RSS is VmRSS, peak is VmHWM (reset before each stage through /proc/PID/clear_refs, so
 # each stage's peak is its own), both from /proc/PID/status, plus the highest VmRSS a
 # 20 ms sampler saw. Figures in KiB.
@@ -11,6 +14,7 @@
 #   sudo bash benches/footprint.sh
 #
 # Environment: SIZES [1000 10000], SETTLE (seconds before an idle reading) [3],
+# EXIT_IDLE (the helper's --exit-idle; longer than any pause between stages) [20],
 # BIN_DIR [target/release], DAEMON_WRAPPER (e.g. "valgrind --tool=massif
 # --massif-out-file=/tmp/massif.out" to see where the daemon's memory goes; the RSS
 # figures are then the wrapper's, not the daemon's), HELPER_ALLOW_USER (see below).
@@ -28,16 +32,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN_DIR=${BIN_DIR:-$ROOT/target/release}
 SIZES=${SIZES:-"1000 10000"}
 SETTLE=${SETTLE:-3}
+EXIT_IDLE=${EXIT_IDLE:-20}
 
-say() { printf '%s\n' "$*" >&2; }
-die() {
-	say "footprint: $*"
-	exit 1
-}
-[ "$(id -u)" = 0 ] || die "needs root (the helper runs as root; clear_refs)"
-for b in opsagent opsagent-helper opsagent-backend; do
-	[ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b not built: cargo build --release --workspace"
-done
+BENCH=footprint
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+need_root "the helper runs as root; clear_refs"
+need_socket_activate
+need_bins "$BIN_DIR" opsagent opsagent-helper opsagent-backend
 
 WORK=$(mktemp -d /var/tmp/opsagent-footprint.XXXXXX)
 PIDS=()
@@ -85,12 +87,15 @@ if [ -z "${HELPER_ALLOW_USER+set}" ]; then
 fi
 ALLOW=()
 [ -z "$HELPER_ALLOW_USER" ] || ALLOW=(--allow-user "$HELPER_ALLOW_USER")
-"$BIN_DIR/opsagent-helper" --socket "$WORK/helper.sock" --state-dir "$WORK/helper-state" "${ALLOW[@]}" \
-	2>"$WORK/helper.log" &
+# systemd-socket-activate listens and, at the first connection (the daemon's), execs
+# the helper in its place with the socket passed as systemd passes it: HPID is then the
+# helper's pid.
+systemd-socket-activate -l "$WORK/helper.sock" "$BIN_DIR/opsagent-helper" --exit-idle "$EXIT_IDLE" \
+	--state-dir "$WORK/helper-state" "${ALLOW[@]}" 2>"$WORK/helper.log" &
 HPID=$!
 PIDS+=("$HPID")
 for _ in $(seq 100); do [ -S "$WORK/helper.sock" ] && break; sleep 0.05; done
-[ -S "$WORK/helper.sock" ] || die "the helper did not create its socket: $(tail -5 "$WORK/helper.log")"
+[ -S "$WORK/helper.sock" ] || die "systemd-socket-activate did not listen: $(tail -5 "$WORK/helper.log")"
 
 push 1 idle
 "$BIN_DIR/opsagent-backend" --listen 127.0.0.1:0 --recipe-dir "$WORK/recipes" \
@@ -110,6 +115,8 @@ PIDS+=("$DPID")
 
 wait_logged 1 60
 sleep "$SETTLE"
+grep -q '^opsagent-helpe' "/proc/$HPID/comm" || die "pid $HPID is not the helper: $(cat "/proc/$HPID/comm")"
+LIBS=$(awk '$6 ~ /\.so/ { sub(".*/", "", $6); print $6 }' "/proc/$HPID/maps" | sort -u | tr '\n' ' ')
 
 declare -A R
 R[idle.d.rss]=$(field "$DPID" VmRSS)
@@ -159,6 +166,20 @@ for n in $SIZES; do
 	say "N=$n: round (push to last StateLog recorded) ${R[$n.secs]} s; daemon peak ${R[$n.d.hwm]} KiB, after ${R[$n.d.rss]}; helper peak ${R[$n.h.hwm]} KiB, after ${R[$n.h.rss]}"
 done
 
+# Between rounds: the idle helper leaves; the daemon stays connected to the backend.
+t0=$(date +%s)
+while kill -0 "$HPID" 2>/dev/null; do
+	[ $(($(date +%s) - t0)) -le $((EXIT_IDLE + 60)) ] || die "the helper did not exit after $EXIT_IDLE s idle"
+	sleep 0.2
+done
+rc=0
+wait "$HPID" || rc=$?
+[ "$rc" = 0 ] || die "the helper exited with status $rc when idle: $(tail -5 "$WORK/helper.log")"
+R[gone.secs]=$(($(date +%s) - t0))
+kill -0 "$DPID" 2>/dev/null || die "the daemon exited when the helper did: $(tail -5 "$WORK/daemon.log")"
+R[gone.d.rss]=$(field "$DPID" VmRSS)
+say "the helper exited (status 0) ${R[gone.secs]} s after the last reading; daemon VmRSS ${R[gone.d.rss]} KiB"
+
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 echo
 echo "== footprint (MiB; VmRSS / VmHWM from /proc/PID/status) =="
@@ -170,6 +191,7 @@ for n in $SIZES; do
 	printf '%-26s %10s %10s\n' "N=$n after round (VmRSS)" "$(mib "${R[$n.d.rss]}")" "$(mib "${R[$n.h.rss]}")"
 	printf '%-26s %10s %10s\n' "N=$n sampled max VmRSS" "$(mib "${R[$n.d.smax]}")" "$(mib "${R[$n.h.smax]}")"
 done
+printf '%-26s %10s %10s\n' "between rounds (VmRSS)" "$(mib "${R[gone.d.rss]}")" "none"
 echo
 echo "idle daemon:  ${R[idle.d.parts]}"
 echo "idle helper:  ${R[idle.h.parts]}"
@@ -184,6 +206,7 @@ for n in $SIZES; do
 		"$((R[$n.d.hwm] - R[idle.d.rss]))" "$(((R[$n.d.hwm] - R[idle.d.rss]) * 1024 / n))" "$((R[$n.h.hwm] - R[idle.h.rss]))"
 done
 verdict() { awk -v v="$1" -v l="$2" 'BEGIN { print (v < l * 1024) ? "met" : "MISSED" }'; }
-echo "targets: daemon idle < 8 MiB: $(mib "${R[idle.d.rss]}") MiB ($(verdict "${R[idle.d.rss]}" 8)); helper idle < 4 MiB: $(mib "${R[idle.h.rss]}") MiB ($(verdict "${R[idle.h.rss]}" 4))"
-echo "helper allowlist: ${HELPER_ALLOW_USER:-default (the opsagent user)}; helper libraries mapped: $(awk '$6 ~ /\.so/ { sub(".*/", "", $6); print $6 }' "/proc/$HPID/maps" | sort -u | tr '\n' ' ')"
+echo "(\"none\": the helper exited after --exit-idle $EXIT_IDLE s without a request, as the shipped unit's does after 120 s; the next round's connection starts it again)"
+echo "targets: daemon idle < 8 MiB: $(mib "${R[idle.d.rss]}") MiB ($(verdict "${R[idle.d.rss]}" 8)); helper idle < 4 MiB: between rounds no helper process (met); while it serves $(mib "${R[idle.h.rss]}") MiB ($(verdict "${R[idle.h.rss]}" 4))"
+echo "helper allowlist: ${HELPER_ALLOW_USER:-default (the opsagent user)}; helper libraries mapped: $LIBS"
 echo "binaries: $(for b in opsagent opsagent-helper; do printf '%s %s MiB  ' "$b" "$(mib $(($(stat -c %s "$BIN_DIR/$b") / 1024)))"; done)"

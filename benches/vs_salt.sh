@@ -40,12 +40,11 @@ SALT_VENV=${SALT_VENV:-/var/tmp/opsagent-bench/salt-venv}
 OPSAGENT_BIN=${OPSAGENT_BIN:-$ROOT/target/release/opsagent}
 BENCH_TSV=${BENCH_TSV:-}
 
-say() { printf '%s\n' "$*" >&2; }
-die() { say "vs_salt: $*"; exit 1; }
-
-[ "$(id -u)" = 0 ] || die "needs root (opsagent apply starts a private root helper; Salt writes as root too)"
-[ -x "$OPSAGENT_BIN" ] || die "$OPSAGENT_BIN not built: cargo build --release --workspace"
-[ -x "$(dirname "$OPSAGENT_BIN")/opsagent-helper" ] || die "opsagent-helper not next to $OPSAGENT_BIN"
+BENCH=vs_salt
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+need_root "opsagent apply starts a private root helper; Salt writes as root too"
+need_bins "$(dirname "$OPSAGENT_BIN")" "$(basename "$OPSAGENT_BIN")" opsagent-helper
 
 apt_install() {
 	say "installing $* with apt-get"

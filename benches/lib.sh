@@ -1,0 +1,21 @@
+# Shared by the benchmark scripts: messages and the checks each makes before it runs.
+# Source it after setting BENCH (the script's name, for messages).
+
+say() { printf '%s\n' "$*" >&2; }
+die() {
+	say "${BENCH:-bench}: $*"
+	exit 1
+}
+need_root() { [ "$(id -u)" = 0 ] || die "needs root ($*)"; }
+need_bins() { # DIR NAME...: release binaries the script runs
+	local dir=$1 b
+	shift
+	for b in "$@"; do
+		[ -x "$dir/$b" ] || die "$dir/$b not built: cargo build --release --workspace"
+	done
+}
+# systemd-socket-activate plays systemd's part for a socket-activated helper.
+need_socket_activate() {
+	command -v systemd-socket-activate >/dev/null || apt-get install -y -qq systemd >/dev/null ||
+		die "systemd-socket-activate not found (package systemd)"
+}
