@@ -8,6 +8,8 @@
 #              N = 100 / 1,000 / 10,000 files, first and second run (also the scaling of
 #              opsagent apply per state)
 # 2. latency   cargo bench --bench push_latency: backend push -> helper Apply, real daemon
+#              (in-process backend and stand-in helper: the daemon's own share), and
+#              benches/push_e2e.py: the same through the real backend, daemon and helper
 # 3. footprint benches/footprint.sh: RSS of the real daemon and helper, idle and 1k/10k rounds
 # 4. engine    cargo bench --bench engine: round-engine overhead per state, parse+validate
 #              of a 10,000-state recipe
@@ -54,6 +56,7 @@ BENCH_TSV="$OUT/vs_salt.tsv" bash benches/vs_salt.sh 2>"$OUT/vs_salt.log" | tee 
 
 step "2. push-to-apply latency: cargo bench --bench push_latency (PUSHES=$PUSHES)"
 cargo bench --bench push_latency 2>"$OUT/push_latency.log" | tee "$OUT/push_latency.txt" >&2
+PUSHES=$PUSHES python3 benches/push_e2e.py 2>"$OUT/push_e2e.log" | tee "$OUT/push_e2e.txt" >&2
 
 step "3. footprint: benches/footprint.sh (SIZES=$FP_SIZES)"
 SIZES=$FP_SIZES bash benches/footprint.sh 2>"$OUT/footprint.log" | tee "$OUT/footprint.txt" >&2
@@ -82,6 +85,8 @@ fi
 	echo
 	echo "push -> first Apply (real daemon; in-process backend and stand-in helper):"
 	grep -E '^state dir on|push -> Apply' "$OUT/push_latency.txt" | sed 's/^  */  /'
+	echo "push -> helper through the real backend, daemon and helper (benches/push_e2e.py):"
+	sed -n '/^== push -> helper/,$p' "$OUT/push_e2e.txt" 2>/dev/null | grep -v '^==' | sed '/^$/d'
 	echo
 	echo "footprint:"
 	sed -n '/^== footprint/,$p' "$OUT/footprint.txt" | grep -v '^==' | sed '/^$/d'
