@@ -16,7 +16,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
 
 use super::*;
-use crate::states::testutil::typed;
+use crate::states::testutil::{fake_systemd, typed};
 
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.freedesktop.systemd1")]
@@ -172,17 +172,7 @@ impl Fake {
             mountinfo: host.mountinfo.clone(),
             ..World::default()
         }));
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let server = zbus::connection::Builder::unix_stream(a)
-            .server(zbus::Guid::generate())
-            .unwrap()
-            .p2p()
-            .serve_at("/org/freedesktop/systemd1", Manager(Arc::clone(&world)))
-            .unwrap()
-            .build();
-        let client = zbus::connection::Builder::unix_stream(b).p2p().build();
-        let (server, client) = tokio::try_join!(server, client).unwrap();
-        let systemd = Systemd::with_connection(client).with_job_timeout(std::time::Duration::from_secs(10));
+        let (systemd, server) = fake_systemd(Manager(Arc::clone(&world))).await;
         Self { world, mounter: SystemdMount::with(systemd), host, dir, _server: server }
     }
 
