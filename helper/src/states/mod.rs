@@ -247,6 +247,24 @@ pub(crate) mod testutil {
             crate::systemd::Systemd::with_connection(client).with_job_timeout(std::time::Duration::from_secs(10));
         (systemd, server)
     }
+
+    /// Ends job `id` of `unit` as systemd announces it (`JobRemoved` on the Manager), after
+    /// another job's end, so that a client must wait for its own; the job's path. Fakes
+    /// call it before their method returns: only a client that subscribed before calling,
+    /// as it must, sees the signal.
+    pub async fn end_job(
+        e: &zbus::object_server::SignalEmitter<'_>,
+        id: u32,
+        unit: &str,
+        result: &str,
+    ) -> zbus::Result<zbus::zvariant::OwnedObjectPath> {
+        const MANAGER: &str = "org.freedesktop.systemd1.Manager";
+        let job = zbus::zvariant::OwnedObjectPath::try_from(format!("/org/freedesktop/systemd1/job/{id}"))?;
+        let other = zbus::zvariant::ObjectPath::try_from("/org/freedesktop/systemd1/job/9999")?;
+        e.emit(MANAGER, "JobRemoved", &(9999u32, other, "other.service", "failed")).await?;
+        e.emit(MANAGER, "JobRemoved", &(id, job.as_ref(), unit, result)).await?;
+        Ok(job)
+    }
 }
 
 #[cfg(test)]
