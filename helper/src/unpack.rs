@@ -616,3 +616,5 @@ fn kind_of(ft: fs::FileType) -> &'static str {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod testutil;

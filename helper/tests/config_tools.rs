@@ -6,17 +6,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support code outside #[test] fns
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use common::params;
 use opsagent_helper::cancel::Cancel;
 use opsagent_helper::states::{chef, puppet};
-use opsagent_proto::catalogue::{parse_state, ModuleParams};
-use serde_json::{json, Value};
-
-fn params(module: &str, raw: Value) -> ModuleParams {
-    parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params
-}
+use opsagent_proto::catalogue::ModuleParams;
+use serde_json::json;
 
 /// A recorded exchange: a script that appends its arguments (one per line, then `--`)
 /// to `argv.log` and answers with `output` and `status`.

@@ -14,27 +14,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support code outside #[test] fns
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::params;
 use opsagent_helper::cancel::Cancel;
 use opsagent_helper::states::docker::{image, run, Engine};
 use opsagent_helper::states::storage::find_tool;
 use opsagent_helper::states::Ctx;
-use opsagent_proto::catalogue::{parse_state, ModuleParams};
+use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::newtypes::StateId;
 use opsagent_proto::request::Outcome;
-use serde_json::{json, Value};
+use serde_json::json;
 
 static ENGINE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const USER: &str = "alice";
 const PASSWORD: &str = "s3cret-Pa55";
-
-fn params(module: &str, raw: Value) -> ModuleParams {
-    parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params
-}
 
 fn id(s: &str) -> StateId {
     StateId::parse(s).unwrap()

@@ -13,21 +13,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support code outside #[test] fns
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::{run_ok, typed};
 use opsagent_helper::cancel::Cancel;
 use opsagent_helper::states::lang::{gem, npm, pip, virtualenv};
 use opsagent_helper::states::storage::find_tool;
-use opsagent_proto::catalogue::{parse_state, ModuleParams};
 use opsagent_proto::newtypes::StateId;
 use opsagent_proto::request::Outcome;
 use serde_json::{json, Value};
-
-fn typed<T: TryFrom<ModuleParams, Error = ModuleParams>>(module: &str, raw: Value) -> T {
-    let params = parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params;
-    T::try_from(params).unwrap_or_else(|other| panic!("{module}: got {}", other.name()))
-}
 
 fn need(tool: &str, package: &str) -> PathBuf {
     find_tool(tool, &[]).unwrap_or_else(|| panic!("{tool} is missing: apt-get install -y {package}"))
@@ -40,17 +37,6 @@ fn changes(out: &Outcome) -> Vec<String> {
 
 fn unchanged(out: &Outcome) {
     assert_eq!(changes(out), Vec::<String>::new(), "second run changed something: {}", out.comment);
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A virtualenv of the system's python3, made the way an operator would.

@@ -15,23 +15,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support code outside #[test] fns
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use common::params;
 use opsagent_helper::cancel::Cancel;
 use opsagent_helper::states::storage::{lvm, mkfs, mount, raid};
-use opsagent_proto::catalogue::{parse_state, ModuleParams};
+use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::Outcome;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// `losetup -f` picks the first free device; two tests racing for it would collide.
 static LOSETUP: Mutex<()> = Mutex::new(());
-
-fn params(module: &str, raw: Value) -> ModuleParams {
-    parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params
-}
 
 fn sh(program: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));

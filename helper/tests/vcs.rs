@@ -9,18 +9,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support code outside #[test] fns
 
+mod common;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::{params, run_ok};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use opsagent_helper::cancel::{self, Cancel};
 use opsagent_helper::states::storage::find_tool;
 use opsagent_helper::states::vcs::{git, hg, svn};
-use opsagent_proto::catalogue::{parse_state, CommonGit, CommonHg, CommonSvn, ModuleParams};
+use opsagent_proto::catalogue::{parse_state, CommonGit, CommonHg, CommonSvn};
 use opsagent_proto::request::{Change, Outcome};
 use serde_json::{json, Value};
 
@@ -35,10 +38,6 @@ fn need(tool: &str, package: &str) {
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-fn params(module: &str, raw: Value) -> ModuleParams {
-    parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params
 }
 
 async fn git_state(raw: Value) -> Outcome {
@@ -90,14 +89,7 @@ fn clone_change(out: &Outcome, path: &Path) -> String {
 
 /// Runs a command, which must succeed; its stdout, trimmed.
 fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    run_ok(cmd).trim().to_string()
 }
 
 fn git_cmd(dir: &Path) -> Command {

@@ -224,6 +224,47 @@ pub(crate) mod testutil {
     pub fn typed<T: TryFrom<ModuleParams, Error = ModuleParams>>(module: &str, raw: Value) -> T {
         T::try_from(params(module, raw)).unwrap_or_else(|other| panic!("{module}: got {}", other.name()))
     }
+
+    /// The real [`Systemd`](crate::systemd::Systemd) client on one end of a socket pair
+    /// (zbus peer-to-peer), `manager` served at systemd's object path on the other: tests
+    /// run the client's D-Bus code against a fake of their own. Keep the returned server
+    /// connection alive for as long as the client is used.
+    pub async fn fake_systemd<M: zbus::object_server::Interface>(
+        manager: M,
+    ) -> (crate::systemd::Systemd, zbus::Connection) {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let server = zbus::connection::Builder::unix_stream(a)
+            .server(zbus::Guid::generate())
+            .unwrap()
+            .p2p()
+            .serve_at("/org/freedesktop/systemd1", manager)
+            .unwrap()
+            .build();
+        let client = zbus::connection::Builder::unix_stream(b).p2p().build();
+        let (server, client) = tokio::try_join!(server, client).unwrap();
+        // Short enough that a fake that never ends a job fails the test rather than hangs it.
+        let systemd =
+            crate::systemd::Systemd::with_connection(client).with_job_timeout(std::time::Duration::from_secs(10));
+        (systemd, server)
+    }
+
+    /// Ends job `id` of `unit` as systemd announces it (`JobRemoved` on the Manager), after
+    /// another job's end, so that a client must wait for its own; the job's path. Fakes
+    /// call it before their method returns: only a client that subscribed before calling,
+    /// as it must, sees the signal.
+    pub async fn end_job(
+        e: &zbus::object_server::SignalEmitter<'_>,
+        id: u32,
+        unit: &str,
+        result: &str,
+    ) -> zbus::Result<zbus::zvariant::OwnedObjectPath> {
+        const MANAGER: &str = "org.freedesktop.systemd1.Manager";
+        let job = zbus::zvariant::OwnedObjectPath::try_from(format!("/org/freedesktop/systemd1/job/{id}"))?;
+        let other = zbus::zvariant::ObjectPath::try_from("/org/freedesktop/systemd1/job/9999")?;
+        e.emit(MANAGER, "JobRemoved", &(9999u32, other, "other.service", "failed")).await?;
+        e.emit(MANAGER, "JobRemoved", &(id, job.as_ref(), unit, result)).await?;
+        Ok(job)
+    }
 }
 
 #[cfg(test)]

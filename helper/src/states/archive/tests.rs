@@ -1,9 +1,9 @@
 use super::*;
 
-use std::io::Write;
-
 use opsagent_proto::request::{FetchedFile, Outcome};
 use serde_json::{json, Value};
+
+use crate::unpack::testutil::{add_file, add_raw, gz, tar_bytes};
 
 const URL: &str = "https://example.com/dist/app.tgz";
 
@@ -13,16 +13,10 @@ fn params(raw: Value) -> CommonArchive {
 
 /// A tar.gz with `app/VERSION` = `version` and `app/bin/run`.
 fn tgz(version: &str) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, data, mode) in [("app/VERSION", version.as_bytes(), 0o644), ("app/bin/run", b"#!/bin/sh\n", 0o755)] {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(mode);
-        b.append_data(&mut h, path, data).unwrap();
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&b.into_inner().unwrap()).unwrap();
-    gz.finish().unwrap()
+    gz(&tar_bytes(|b| {
+        add_file(b, "app/VERSION", version.as_bytes(), 0o644);
+        add_file(b, "app/bin/run", b"#!/bin/sh\n", 0o755);
+    }))
 }
 
 struct Env {
@@ -227,16 +221,10 @@ fn p_for(e: &Env) -> CommonArchive {
 #[test]
 fn a_hostile_archive_is_refused_and_nothing_lands() {
     let e = env();
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_old();
-    h.as_old_mut().name[..9].copy_from_slice(b"../escape");
-    h.set_size(1);
-    h.set_mode(0o644);
-    h.set_cksum();
-    b.append(&h, &b"x"[..]).unwrap();
+    let evil = tar_bytes(|b| add_raw(b, b"../escape", tar::EntryType::Regular, b"x", None));
     let url = "https://example.com/evil.tar";
     let p = params(json!({"path": e.target, "source": url}));
-    let out = e.done(&p, &[e.download(url, &b.into_inner().unwrap())]);
+    let out = e.done(&p, &[e.download(url, &evil)]);
     assert!(!out.result);
     assert_eq!(out.comment, format!("{url}: entry \"../escape\": \"..\" components are refused"));
     assert!(!e.target.exists() && !e.target.parent().unwrap().join("escape").exists());

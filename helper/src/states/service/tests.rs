@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use opsagent_proto::catalogue::ModuleParams;
 use serde_json::{json, Value};
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{ObjectPath, OwnedObjectPath};
+use zbus::zvariant::OwnedObjectPath;
 
 use super::*;
-use crate::states::testutil::params;
+use crate::states::testutil::{end_job, fake_systemd, params};
 
 #[derive(Debug, Clone)]
 struct FakeUnit {
@@ -50,8 +50,7 @@ fn unit_path(name: &str) -> OwnedObjectPath {
 }
 
 impl Manager {
-    /// Runs a job on the fake and announces its end *before* the method returns: the
-    /// client only sees it if it subscribed before calling, as it must.
+    /// Runs a job on the fake and announces its end (see [`end_job`]).
     async fn job(&self, emitter: &SignalEmitter<'_>, verb: &str, name: &str) -> zbus::fdo::Result<OwnedObjectPath> {
         let (id, result) = {
             let mut w = self.0.lock().unwrap();
@@ -72,18 +71,7 @@ impl Manager {
             }
             (id, result)
         };
-        let job = OwnedObjectPath::try_from(format!("/org/freedesktop/systemd1/job/{id}")).unwrap();
-        // Another job's end first: the client must wait for its own.
-        Manager::job_removed(
-            emitter,
-            id + 1000,
-            ObjectPath::try_from("/org/freedesktop/systemd1/job/9999").unwrap(),
-            "other.service",
-            "failed",
-        )
-        .await?;
-        Manager::job_removed(emitter, id, job.as_ref(), name, &result).await?;
-        Ok(job)
+        Ok(end_job(emitter, id, name, &result).await?)
     }
 }
 
@@ -126,15 +114,6 @@ impl Manager {
     ) -> zbus::fdo::Result<OwnedObjectPath> {
         self.job(&e, "RestartUnit", name).await
     }
-
-    #[zbus(signal)]
-    async fn job_removed(
-        e: &SignalEmitter<'_>,
-        id: u32,
-        job: ObjectPath<'_>,
-        unit: &str,
-        result: &str,
-    ) -> zbus::Result<()>;
 }
 
 struct Unit {
@@ -168,17 +147,7 @@ impl Fake {
             units: units.iter().map(|(n, u)| (n.to_string(), u.clone())).collect(),
             ..World::default()
         }));
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let server = zbus::connection::Builder::unix_stream(a)
-            .server(zbus::Guid::generate())
-            .unwrap()
-            .p2p()
-            .serve_at("/org/freedesktop/systemd1", Manager(Arc::clone(&world)))
-            .unwrap()
-            .build();
-        let client = zbus::connection::Builder::unix_stream(b).p2p().build();
-        let (server, client) = tokio::try_join!(server, client).unwrap();
-        let systemd = Systemd::with_connection(client).with_job_timeout(std::time::Duration::from_secs(10));
+        let (systemd, server) = fake_systemd(Manager(Arc::clone(&world))).await;
         Self { world, systemd, _server: server, tmp: tempfile::tempdir().unwrap() }
     }
 

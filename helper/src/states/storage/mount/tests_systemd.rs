@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use opsagent_proto::catalogue::LinuxMount;
 use serde_json::{json, Value as Json};
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
+use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 
 use super::*;
-use crate::states::testutil::typed;
+use crate::states::testutil::{end_job, fake_systemd, typed};
 
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.freedesktop.systemd1")]
@@ -49,8 +49,7 @@ type Shared = Arc<Mutex<World>>;
 struct Manager(Shared);
 
 impl Manager {
-    /// Ends the job on the fake (its signal sent before the reply: the client must
-    /// have subscribed first).
+    /// Ends the job on the fake (see [`end_job`]).
     async fn job(&self, e: &SignalEmitter<'_>, name: &str) -> Result<OwnedObjectPath, SystemdError> {
         let (id, result) = {
             let mut w = self.0.lock().unwrap();
@@ -71,11 +70,7 @@ impl Manager {
             }
             (id, result)
         };
-        let job = OwnedObjectPath::try_from(format!("/org/freedesktop/systemd1/job/{id}")).unwrap();
-        let other = ObjectPath::try_from("/org/freedesktop/systemd1/job/9999").unwrap();
-        Manager::job_removed(e, 9999, other, "other.service", "failed").await?;
-        Manager::job_removed(e, id, job.as_ref(), name, &result).await?;
-        Ok(job)
+        Ok(end_job(e, id, name, &result).await?)
     }
 }
 
@@ -137,15 +132,6 @@ impl Manager {
         }
         Ok(())
     }
-
-    #[zbus(signal)]
-    async fn job_removed(
-        e: &SignalEmitter<'_>,
-        id: u32,
-        job: ObjectPath<'_>,
-        unit: &str,
-        result: &str,
-    ) -> zbus::Result<()>;
 }
 
 struct Fake {
@@ -172,17 +158,7 @@ impl Fake {
             mountinfo: host.mountinfo.clone(),
             ..World::default()
         }));
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let server = zbus::connection::Builder::unix_stream(a)
-            .server(zbus::Guid::generate())
-            .unwrap()
-            .p2p()
-            .serve_at("/org/freedesktop/systemd1", Manager(Arc::clone(&world)))
-            .unwrap()
-            .build();
-        let client = zbus::connection::Builder::unix_stream(b).p2p().build();
-        let (server, client) = tokio::try_join!(server, client).unwrap();
-        let systemd = Systemd::with_connection(client).with_job_timeout(std::time::Duration::from_secs(10));
+        let (systemd, server) = fake_systemd(Manager(Arc::clone(&world))).await;
         Self { world, mounter: SystemdMount::with(systemd), host, dir, _server: server }
     }
 
