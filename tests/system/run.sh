@@ -717,7 +717,7 @@ PY
     units_are $c 9.10.0
     [ "$(unit_prop $c opsagent-helper.socket ActiveEnterTimestampMonotonic)" != "$sock_a" ] ||
         fail "the helper socket was not re-created with its new unit"
-    say "  units: $(csh $c 'journalctl --no-pager -u opsagent-upgrade OPSAGENT_VERSION=9.10.0 -o cat | grep "replaced the installed units" | tail -n 1')"
+    say "  units replaced: $(csh $c 'journalctl --no-pager -u opsagent-upgrade OPSAGENT_VERSION=9.10.0 -o verbose | sed -n "s/^ *OPSAGENT_UNITS=//p" | head -n 1')"
 
     # B -> C where C exits at start: reverted to B within the gate, reported, held off.
     local t0 t1
