@@ -259,6 +259,8 @@ impl<C: AgentControl> Installer<C> {
             return Ok(r);
         }
         self.releases.switch(from)?;
+        // The socket was not re-created yet (that comes with the start), so the running
+        // one already has the previous settings, whatever its file says.
         let note = match self.bring_units(from).await {
             Ok(_) => String::new(),
             Err(e) => {
