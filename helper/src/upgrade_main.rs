@@ -11,6 +11,7 @@ use clap::Parser;
 use opsagent_helper::upgrade::conf::{InstallerConfig, DEFAULT_CONFIG};
 use opsagent_helper::upgrade::control::{CommandControl, SystemdControl};
 use opsagent_helper::upgrade::releases::{Releases, DEFAULT_PREFIX};
+use opsagent_helper::upgrade::units::{InstalledUnits, DEFAULT_UNIT_DIR};
 use opsagent_helper::upgrade::{Installer, UpgradeError};
 
 #[derive(Debug, Parser)]
@@ -29,6 +30,13 @@ struct Cli {
     /// Overrides `[upgrade] health_timeout` (seconds).
     #[arg(long, value_name = "SECONDS")]
     health_timeout: Option<u64>,
+    /// systemd hosts: where the userdata script installed the units; those installed there
+    /// are brought to the new release's (ignored with --restart-command).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_UNIT_DIR)]
+    unit_dir: PathBuf,
+    /// The polkit rules directories, in userdata.sh's order (repeat; tests).
+    #[arg(long, value_name = "DIR", hide = true)]
+    polkit_dir: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +75,14 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<opsagent_proto::upgrade::Record, UpgradeError> {
     let mut config = InstallerConfig::load(&cli.config, 0)?;
+    for dir in std::iter::once(&cli.unit_dir).chain(&cli.polkit_dir) {
+        if !dir.is_absolute() {
+            return Err(UpgradeError::Other(format!(
+                "{}: the unit and polkit directories must be absolute",
+                dir.display()
+            )));
+        }
+    }
     if let Some(s) = cli.health_timeout {
         config.health_timeout = Duration::from_secs(s.clamp(5, 3600));
     }
@@ -83,11 +99,16 @@ async fn run(cli: Cli) -> Result<opsagent_proto::upgrade::Record, UpgradeError> 
         Some(cmd) => {
             let argv = cmd.split_whitespace().map(str::to_string).collect();
             let control = CommandControl { argv, timeout: job_timeout + Duration::from_secs(60) };
-            Installer { config, releases, control }.run().await
+            // The cron supervisor has no unit files.
+            Installer { config, releases, control, units: None }.run().await
         }
         None => {
             let control = SystemdControl::connect(job_timeout).await.map_err(UpgradeError::Other)?;
-            Installer { config, releases, control }.run().await
+            let mut units = InstalledUnits { unit_dir: cli.unit_dir, ..InstalledUnits::default() };
+            if !cli.polkit_dir.is_empty() {
+                units.polkit_dirs = cli.polkit_dir;
+            }
+            Installer { config, releases, control, units: Some(units) }.run().await
         }
     }
 }

@@ -20,7 +20,9 @@
 #      over D-Bus work; no network unless HELPER_NETWORK=yes (drop-in)
 #   k  self-upgrade ordered by the backend: tampered, wrongly signed and path-traversal
 #      releases refused (reason reported, version unchanged); A -> B after the round;
-#      a B that exits at start is reverted within the health gate and held off
+#      a B that exits at start is reverted within the health gate and held off; the
+#      units userdata installed follow each switch (B's, back to B's, A's), loaded by
+#      systemd, the helper socket re-created
 #   (g also upgrades the cron-supervised agent)
 #
 # Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
@@ -105,14 +107,26 @@ minisign -S -s "$WORK/other.key" -m "$WORK/releases/9.9.3/opsagent.tgz" -x "$WOR
 # Releases for the self-upgrade tests (k, g): the built release re-packaged and signed
 # under other versions. KIND broken: bin/opsagent exits at start; traversal: one entry
 # climbs out of the tree (signed, so only the unpacker can refuse it).
+# Every one changes its units so that test k sees the installer carry them over: the
+# mark "opsagent release VERSION" at the end of the units, drop-ins and polkit rule,
+# an Environment= of opsagent.service and the Description= of the helper socket (both
+# visible in `systemctl show` once systemd loaded them).
 make_release() { # VERSION [KIND]
-    local v=$1 kind=${2:-} d
+    local v=$1 kind=${2:-} d u
     d=$(mktemp -d)
     tar -xzf "$WORK/releases/$VERSION/opsagent.tgz" -C "$d"
     mv "$d/opsagent-$VERSION" "$d/opsagent-$v"
     if [ "$kind" = broken ]; then
         printf '#!/bin/sh\necho "this release is broken" >&2\nexit 1\n' >"$d/opsagent-$v/bin/opsagent"
     fi
+    u=$d/opsagent-$v/units
+    for f in opsagent.service opsagent-helper.socket opsagent-upgrade.service opsagent-helper-network.conf \
+        opsagent-helper-storage.conf; do
+        printf '# opsagent release %s\n' "$v" >>"$u/$f"
+    done
+    printf '// opsagent release %s\n' "$v" >>"$d/opsagent-$v/polkit/50-opsagent.rules"
+    sed -i "/^\[Service\]/a Environment=OPSAGENT_RELEASE_MARK=$v" "$u/opsagent.service"
+    sed -i "s/^Description=.*/& (release $v)/" "$u/opsagent-helper.socket"
     (
         cd "$d/opsagent-$v"
         echo "version $v"
@@ -621,6 +635,33 @@ EOF
 }
 
 # ---------------------------------------------------------------- k. self-upgrade
+# units_are NAME VERSION: the units userdata.sh installed in NAME are those of VERSION
+# (made by make_release; "" for the built release, which carries no mark), systemd has
+# loaded them (nothing changed on disk since, the daemon runs with the release's
+# Environment=, the socket's Description= is the release's), and the storage drop-in,
+# which the userdata did not ask for, was not created.
+units_are() {
+    local c=$1 v=$2 f got want=${2:+opsagent release $2}
+    for f in /etc/systemd/system/opsagent.service /etc/systemd/system/opsagent-helper.socket \
+        /etc/systemd/system/opsagent-upgrade.service /etc/systemd/system/opsagent-helper.service.d/50-network.conf \
+        /etc/polkit-1/rules.d/50-opsagent.rules; do
+        got=$(csh $c "grep -o 'opsagent release .*' $f || true")
+        [ "$got" = "$want" ] || fail "$f carries '$got', not '$want'"
+    done
+    csh $c '[ ! -e /etc/systemd/system/opsagent-helper.service.d/60-storage.conf ]' || fail "the storage drop-in was created"
+    for f in opsagent.service opsagent-helper.socket opsagent-helper.service opsagent-upgrade.service; do
+        [ "$(unit_prop $c $f NeedDaemonReload)" = no ] || fail "$f: changed on disk, systemd did not reload it"
+        ! csh $c "systemctl cat $f 2>&1 | grep -qi 'changed on disk'" || fail "systemctl cat $f warns of a change on disk"
+    done
+    got=$(unit_prop $c opsagent.service Environment)
+    [ "$got" = "${v:+OPSAGENT_RELEASE_MARK=$v}" ] || fail "opsagent.service has Environment='$got' loaded"
+    got=$(csh $c 'tr "\0" "\n" </proc/$(systemctl show -p MainPID --value opsagent.service)/environ | grep "^OPSAGENT_RELEASE_MARK=" || true')
+    [ "$got" = "${v:+OPSAGENT_RELEASE_MARK=$v}" ] || fail "the running daemon has '$got', not the release's Environment="
+    got=$(unit_prop $c opsagent-helper.socket Description)
+    case $got in *"(release $v)") [ -n "$v" ] ;; *"(release "*) false ;; *) [ -z "$v" ] ;; esac ||
+        fail "opsagent-helper.socket has Description='$got' loaded"
+}
+
 test_k() {
     local c=k-upgrade iid=i-upg pid_a ver
     install_agent $c $iid APP_ID=app-upg
@@ -630,6 +671,9 @@ test_k() {
     wait_until 60 "the first round of $iid" has_statelog $iid upg-last || fail "no round from $iid"
     runs_version $iid "$VERSION" || fail "the Handshake does not report $VERSION (got '$(handshake_version $iid)')"
     pid_a=$(unit_prop $c opsagent.service MainPID)
+    units_are $c ""
+    local sock_a
+    sock_a=$(unit_prop $c opsagent-helper.socket ActiveEnterTimestampMonotonic)
 
     # Refused releases: the reason reaches the backend, nothing changes on the host.
     for ver in "9.9.2:does not verify" "9.9.3:does not verify" "9.12.0:unsafe or broken archive"; do
@@ -669,6 +713,11 @@ PY
     csh $c "[ -d /opt/visualops/releases/$VERSION ]" || fail "release A was not kept"
     csh $c 'systemctl is-active --quiet opsagent.service' || fail "opsagent.service is not active on 9.10.0"
     say "  installer: $(csh $c 'journalctl --no-pager -u opsagent-upgrade -o cat | grep -i "upgrade finished\|->" | tail -n 1')"
+    # Its units came along, systemd reloaded them, and the socket was re-created.
+    units_are $c 9.10.0
+    [ "$(unit_prop $c opsagent-helper.socket ActiveEnterTimestampMonotonic)" != "$sock_a" ] ||
+        fail "the helper socket was not re-created with its new unit"
+    say "  units replaced: $(csh $c 'journalctl --no-pager -u opsagent-upgrade OPSAGENT_VERSION=9.10.0 -o verbose | sed -n "s/^ *OPSAGENT_UNITS=//p" | head -n 1')"
 
     # B -> C where C exits at start: reverted to B within the gate, reported, held off.
     local t0 t1
@@ -684,6 +733,10 @@ PY
         fail "current is not back on 9.10.0"
     wait_until 60 "$iid runs 9.10.0 again" runs_version $iid 9.10.0 || fail "9.10.0 did not reconnect"
     csh $c 'systemctl is-active --quiet opsagent.service' || fail "opsagent.service is not active after the revert"
+    # 9.11.0's units were installed for its start, and 9.10.0's put back for the revert.
+    journal_has $c "-u opsagent-upgrade OPSAGENT_VERSION=9.11.0 -o cat" "replaced the installed units" ||
+        fail "the units of 9.11.0 were not installed"
+    units_are $c 9.10.0
     # The backend keeps ordering 9.11.0 at every Handshake: it is not tried again.
     wait_until 30 "the hold-off logged" journal_has $c "-u opsagent" "not tried again" || fail "the failed version is not held off"
     [ "$(csh $c 'journalctl --no-pager -u opsagent-upgrade OPSAGENT_VERSION=9.11.0 -o cat | grep -c "installing a staged release"')" = 1 ] ||
@@ -696,6 +749,7 @@ PY
     say "  opsagent upgrade --url …/$VERSION/opsagent.tgz: $(printf '%s\n' "$out" | tail -n 1)"
     wait_until 60 "$iid runs $VERSION again" runs_version $iid "$VERSION" || fail "the manual roll-back did not reconnect as $VERSION"
     csh $c "[ \"\$(readlink /opt/visualops/current)\" = releases/$VERSION ]" || fail "current is not $VERSION after the manual upgrade"
+    units_are $c ""
     # The backend still orders 9.11.0: the failure is remembered past the manual upgrade.
     sleep 5
     [ "$(csh $c 'journalctl --no-pager -u opsagent-upgrade OPSAGENT_VERSION=9.11.0 -o cat | grep -c "installing a staged release"')" = 1 ] ||

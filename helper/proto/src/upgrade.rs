@@ -72,7 +72,8 @@ pub enum Outcome {
     Confirmed,
     /// Refused before anything was installed (signature, manifest, unsafe archive, …).
     Rejected,
-    /// Installed and started, but not healthy in time: the previous release runs again.
+    /// Installed and started, but not healthy in time (or installed, but its units could
+    /// not be, so it was never started): the previous release runs again.
     Reverted,
     /// Something failed after the switch and the previous release could not be restored.
     Failed,

@@ -8,10 +8,14 @@
 //! 2. verify the signature with the key of root-owned `/etc/opsagent.conf` and its
 //!    trusted comment (`opsagent release VERSION`) — before anything is unpacked;
 //! 3. unpack safely ([`crate::unpack`]) and check the MANIFEST;
-//! 4. install to `releases/VERSION`, switch `current`, restart the agent;
+//! 4. install to `releases/VERSION`, switch `current`; on systemd hosts bring the unit
+//!    files userdata.sh installed to the release's ([`units`]) and make systemd reload
+//!    them (re-creating the helper socket if it changed); a unit that cannot be written
+//!    aborts here, before anything was restarted: `current` and the units go back;
+//!    restart the agent;
 //! 5. health gate: the new daemon must reach READY and complete a Handshake (it writes
-//!    `health.json`) within `[upgrade] health_timeout`; otherwise switch back, restart
-//!    the previous release and record `reverted`;
+//!    `health.json`) within `[upgrade] health_timeout`; otherwise switch back, put the
+//!    previous release's units back, restart the previous release and record `reverted`;
 //! 6. on success keep the previous release (for a manual roll-back) and prune the rest.
 //!
 //! Every run leaves a [`Record`] for the daemon in `<state_dir>/upgrade/result.json`.
@@ -20,6 +24,7 @@ pub mod conf;
 pub mod control;
 pub mod release;
 pub mod releases;
+pub mod units;
 
 use std::fs;
 use std::io::Write;
@@ -33,6 +38,7 @@ use self::conf::InstallerConfig;
 use self::control::AgentControl;
 use self::release::PinnedDir;
 use self::releases::Releases;
+use self::units::InstalledUnits;
 
 /// How often the health file is read during the gate.
 const POLL: Duration = Duration::from_millis(250);
@@ -49,6 +55,10 @@ pub enum UpgradeError {
     Rejected(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: cannot bring this unit file to the release's: {source}")]
+    Unit { path: PathBuf, source: crate::fsutil::FsError },
+    #[error("systemd did not reload its configuration after the units were replaced: {0}")]
+    Reload(String),
     #[error("another upgrade is running (lock {0} is held)")]
     Busy(PathBuf),
     #[error("{0}")]
@@ -63,6 +73,9 @@ pub struct Installer<C> {
     pub config: InstallerConfig,
     pub releases: Releases,
     pub control: C,
+    /// Where userdata.sh installed the units (systemd hosts); `None` on hosts without
+    /// systemd, whose supervisor has no unit files.
+    pub units: Option<InstalledUnits>,
 }
 
 impl<C: AgentControl> Installer<C> {
@@ -137,9 +150,13 @@ impl<C: AgentControl> Installer<C> {
         let switched =
             record_of(version.clone(), from, Outcome::Switched, "switched; waiting for the health gate".into());
         write_record(state, owner, &switched).map_err(fail)?;
+        let socket = match self.bring_units(&version).await {
+            Ok(socket) => socket,
+            Err(e) => return self.abort_switched(state, owner, &version, from, &e).await.map_err(fail),
+        };
         tracing::info!(version = %version, from = %from, "switched; restarting the agent");
 
-        let verdict = match self.control.restart().await {
+        let verdict = match self.start(socket).await {
             Err(e) => Err(format!("the new daemon did not start: {e}")),
             Ok(()) => self.wait_healthy(state, &version, switched_at).await,
         };
@@ -162,11 +179,18 @@ impl<C: AgentControl> Installer<C> {
             }
             Err(why) if from != "none" && self.releases.path(from).is_dir() => {
                 tracing::error!(version = %version, from = %from, reason = %why, "new release unhealthy; reverting");
-                let r = record_of(version.clone(), from, Outcome::Reverted, format!("{why}; reverted to {from}"));
                 self.releases.switch(from).map_err(fail)?;
+                let (socket, note) = match self.bring_units(from).await {
+                    Ok(socket) => (socket, String::new()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot put the previous release's units back");
+                        (false, format!(" (its units could not be put back: {e})"))
+                    }
+                };
+                let r = record_of(version.clone(), from, Outcome::Reverted, format!("{why}; reverted to {from}{note}"));
                 // Before the restart: the revived daemon reads it at start-up.
                 write_record(state, owner, &r).map_err(fail)?;
-                if let Err(e) = self.control.restart().await {
+                if let Err(e) = self.start(socket).await {
                     tracing::error!(error = %e, "the previous release did not restart either");
                 }
                 if let Err(e) = self.releases.remove(&version) {
@@ -186,6 +210,75 @@ impl<C: AgentControl> Installer<C> {
             }
         };
         Ok(record)
+    }
+
+    /// Brings the installed units to `version`'s and makes systemd reload them if any
+    /// changed; `Ok(true)` when the helper's socket changed (it must be re-created).
+    /// Nothing to do without systemd.
+    async fn bring_units(&self, version: &str) -> Result<bool, UpgradeError> {
+        let Some(units) = &self.units else { return Ok(false) };
+        let replaced = units.bring_to(&self.releases.path(version))?;
+        if replaced.is_empty() {
+            tracing::info!(version, "the installed units are already this release's");
+            return Ok(false);
+        }
+        tracing::info!(version, units = %replaced.list(), "replaced the installed units with this release's");
+        if replaced.needs_reload() {
+            self.control.reload_units().await.map_err(UpgradeError::Reload)?;
+            tracing::info!(version, "systemd reloaded its configuration");
+        }
+        Ok(replaced.socket())
+    }
+
+    /// Starts the release `current` points at; the helper's socket first, when its unit
+    /// changed (its settings apply only to a re-created socket).
+    async fn start(&self, socket: bool) -> Result<(), String> {
+        if socket {
+            self.control.restart_socket().await.map_err(|e| format!("cannot re-create the helper's socket: {e}"))?;
+            tracing::info!("re-created the helper's socket with its new unit");
+        }
+        self.control.restart().await
+    }
+
+    /// The units of `version` could not be installed: nothing was restarted yet, so the
+    /// previous release is still running; `current` and the units go back to it.
+    async fn abort_switched(
+        &self,
+        state: &PinnedDir,
+        owner: (u32, u32),
+        version: &str,
+        from: &str,
+        error: &UpgradeError,
+    ) -> Result<Record, UpgradeError> {
+        tracing::error!(version, from, error = %error, "cannot install the release's units; not restarting");
+        let why = format!("cannot install the units of {version}: {error}");
+        if from == "none" || !self.releases.path(from).is_dir() {
+            let r =
+                record_of(version.into(), from, Outcome::Failed, format!("{why}; no previous release to revert to"));
+            write_record(state, owner, &r)?;
+            return Ok(r);
+        }
+        self.releases.switch(from)?;
+        // The socket was not re-created yet (that comes with the start), so the running
+        // one already has the previous settings, whatever its file says.
+        let note = match self.bring_units(from).await {
+            Ok(_) => String::new(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot put the previous release's units back");
+                format!(" (its units could not be put back: {e})")
+            }
+        };
+        if let Err(e) = self.releases.remove(version) {
+            tracing::warn!(error = %e, "cannot remove the release whose units failed");
+        }
+        let r = record_of(
+            version.into(),
+            from,
+            Outcome::Reverted,
+            format!("{why}; reverted to {from}, which kept running{note}"),
+        );
+        write_record(state, owner, &r)?;
+        Ok(r)
     }
 
     /// Waits for `health.json` naming `version`, written at or after the switch.

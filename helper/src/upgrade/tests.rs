@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use super::conf::InstallerConfig;
 use super::control::AgentControl;
 use super::releases::Releases;
+use super::units::InstalledUnits;
 use super::*;
 
 struct Keys {
@@ -33,11 +34,22 @@ fn sign(keys: &Keys, data: &[u8], trusted: &str) -> String {
 /// A release archive: `opsagent-VERSION/` with the three programs and a MANIFEST;
 /// `extra` entries are appended raw (name bytes written as given, no checks).
 fn release_tgz(version: &str, tamper_manifest: bool, extra: &[(&str, &[u8])]) -> Vec<u8> {
+    release_tgz_with(version, tamper_manifest, Vec::new(), extra)
+}
+
+/// The same with more files (listed in the MANIFEST), e.g. `units/opsagent.service`.
+fn release_tgz_with(
+    version: &str,
+    tamper_manifest: bool,
+    listed: Vec<(String, Vec<u8>)>,
+    extra: &[(&str, &[u8])],
+) -> Vec<u8> {
     let top = format!("opsagent-{version}");
-    let files: Vec<(String, Vec<u8>)> = super::release::REQUIRED_PROGRAMS
+    let mut files: Vec<(String, Vec<u8>)> = super::release::REQUIRED_PROGRAMS
         .iter()
         .map(|p| (p.to_string(), format!("#!/bin/sh\necho {p} {version}\n").into_bytes()))
         .collect();
+    files.extend(listed);
     let mut manifest = format!("version {version}\n");
     for (name, body) in &files {
         let body = if tamper_manifest { b"other".to_vec() } else { body.clone() };
@@ -54,7 +66,11 @@ fn release_tgz(version: &str, tamper_manifest: bool, extra: &[(&str, &[u8])]) ->
         tar.append(&h, body).unwrap();
     };
     add(&format!("{top}/"), b"", 0o755, tar::EntryType::Directory);
-    add(&format!("{top}/bin/"), b"", 0o755, tar::EntryType::Directory);
+    let dirs: std::collections::BTreeSet<&str> =
+        files.iter().filter_map(|(n, _)| n.split_once('/')).map(|d| d.0).collect();
+    for dir in dirs {
+        add(&format!("{top}/{dir}/"), b"", 0o755, tar::EntryType::Directory);
+    }
     for (name, body) in &files {
         add(&format!("{top}/{name}"), body, 0o755, tar::EntryType::Regular);
     }
@@ -65,23 +81,55 @@ fn release_tgz(version: &str, tamper_manifest: bool, extra: &[(&str, &[u8])]) ->
     tar.into_inner().unwrap().finish().unwrap()
 }
 
+/// The release's units and where userdata.sh installs them (relative to the unit
+/// directory; the polkit rule to the polkit directory).
+const UNIT_FILES: &[(&str, &str)] = &[
+    ("units/opsagent.service", "opsagent.service"),
+    ("units/opsagent-helper.service", "opsagent-helper.service"),
+    ("units/opsagent-helper.socket", "opsagent-helper.socket"),
+    ("units/opsagent-upgrade.service", "opsagent-upgrade.service"),
+    ("units/opsagent-helper-network.conf", "opsagent-helper.service.d/50-network.conf"),
+    ("units/opsagent-helper-storage.conf", "opsagent-helper.service.d/60-storage.conf"),
+    ("polkit/50-opsagent.rules", "50-opsagent.rules"),
+];
+
+/// A unit's text: the same in every release unless `marks` gives it a mark.
+fn unit_text(rel: &str, marks: &[(&str, &str)]) -> String {
+    let mark = marks.iter().find(|(r, _)| *r == rel).map(|(_, m)| format!("# release {m}\n")).unwrap_or_default();
+    format!("# {rel}\n[Unit]\n{mark}")
+}
+
+/// A signed-ready release `version` whose units carry `marks` (file, mark).
+fn release_with_units(version: &str, marks: &[(&str, &str)]) -> Vec<u8> {
+    let listed = UNIT_FILES.iter().map(|(rel, _)| (rel.to_string(), unit_text(rel, marks).into_bytes())).collect();
+    release_tgz_with(version, false, listed, &[])
+}
+
 struct Host {
     _tmp: tempfile::TempDir,
     prefix: PathBuf,
     state: PathBuf,
     keys: Keys,
+    units: InstalledUnits,
+    /// `installer()` leaves `units` out (a host without systemd).
+    cron: bool,
 }
 
 impl Host {
-    /// A host running release 1.0 (installed through the installer itself).
+    /// A host running release 1.0 (installed through the installer itself), whose units
+    /// carry no mark.
     async fn with_release_a() -> Host {
         let tmp = tempfile::tempdir().unwrap();
         let prefix = tmp.path().join("opt");
         let state = tmp.path().join("state");
         std::fs::create_dir_all(&prefix).unwrap();
         std::fs::create_dir_all(&state).unwrap();
-        let host = Host { prefix, state, keys: keys(), _tmp: tmp };
-        let tgz = release_tgz("1.0", false, &[]);
+        let units = InstalledUnits {
+            unit_dir: tmp.path().join("etc/systemd/system"),
+            polkit_dirs: vec![tmp.path().join("etc/polkit-1/rules.d"), tmp.path().join("usr/polkit-1/rules.d")],
+        };
+        let host = Host { prefix, state, keys: keys(), units, cron: false, _tmp: tmp };
+        let tgz = release_with_units("1.0", &[]);
         host.stage("1.0", &tgz, &sign(&host.keys, &tgz, "opsagent release 1.0"));
         let r = host.install(FakeAgent::healthy(&["1.0"])).await;
         assert_eq!(r.outcome, Outcome::Confirmed, "{r:?}");
@@ -112,7 +160,32 @@ impl Host {
             state_dir: self.state.clone(),
             health_timeout: Duration::from_secs(60),
         };
-        Installer { config, releases: Releases::new(&self.prefix), control: agent.at(&self.prefix, &self.state) }
+        let control = FakeAgent { unit_dir: self.units.unit_dir.clone(), ..agent.at(&self.prefix, &self.state) };
+        let units = (!self.cron).then(|| self.units.clone());
+        Installer { config, releases: Releases::new(&self.prefix), control, units }
+    }
+
+    /// What userdata.sh installs from a release without marks: the four units, the
+    /// network drop-in (not the storage one) and the polkit rule into the second polkit
+    /// directory (the first does not exist).
+    fn install_units(&self) {
+        let dropins = self.units.unit_dir.join("opsagent-helper.service.d");
+        std::fs::create_dir_all(&dropins).unwrap();
+        std::fs::create_dir_all(&self.units.polkit_dirs[1]).unwrap();
+        for (rel, to) in UNIT_FILES {
+            if rel.ends_with("storage.conf") {
+                continue;
+            }
+            let dir = if rel.starts_with("polkit/") { &self.units.polkit_dirs[1] } else { &self.units.unit_dir };
+            std::fs::write(dir.join(to), unit_text(rel, &[])).unwrap();
+        }
+    }
+
+    /// The installed copy of the release file `rel`.
+    fn installed(&self, rel: &str) -> Option<String> {
+        let (_, to) = UNIT_FILES.iter().find(|(r, _)| *r == rel).unwrap();
+        let dir = if rel.starts_with("polkit/") { &self.units.polkit_dirs[1] } else { &self.units.unit_dir };
+        std::fs::read_to_string(dir.join(to)).ok()
     }
 
     async fn install(&self, agent: FakeAgent) -> Record {
@@ -137,6 +210,12 @@ struct FakeAgent {
     prefix: PathBuf,
     state: PathBuf,
     started: RefCell<Vec<String>>,
+    /// Fail every reload_units.
+    reload_fails: bool,
+    /// Where the fake reads the installed opsagent.service at a reload.
+    unit_dir: PathBuf,
+    /// Every call in order: `reload (TEXT OF opsagent.service)`, `socket`, `restart VERSION`.
+    calls: RefCell<Vec<String>>,
 }
 
 impl FakeAgent {
@@ -160,6 +239,7 @@ impl AgentControl for FakeAgent {
     async fn restart(&self) -> Result<(), String> {
         let version = Releases::new(&self.prefix).current().ok_or("no current release")?;
         self.started.borrow_mut().push(version.clone());
+        self.calls.borrow_mut().push(format!("restart {version}"));
         if self.crashing.contains(&version) {
             return Err(format!("opsagent.service: the restart job ended with result \"failed\" ({version})"));
         }
@@ -167,6 +247,21 @@ impl AgentControl for FakeAgent {
             let h = Health { version, pid: 42, handshake_at: now_unix() };
             std::fs::write(hand::health_file(&self.state), serde_json::to_vec(&h).unwrap()).unwrap();
         }
+        Ok(())
+    }
+
+    async fn reload_units(&self) -> Result<(), String> {
+        // What systemd would read now: proves the files were written before the reload.
+        let service = std::fs::read_to_string(self.unit_dir.join("opsagent.service")).unwrap_or_default();
+        self.calls.borrow_mut().push(format!("reload ({})", service.lines().last().unwrap_or_default()));
+        if self.reload_fails {
+            return Err("Access denied".into());
+        }
+        Ok(())
+    }
+
+    async fn restart_socket(&self) -> Result<(), String> {
+        self.calls.borrow_mut().push("socket".into());
         Ok(())
     }
 }
@@ -295,4 +390,115 @@ async fn a_planted_symlink_in_the_daemons_directory_is_not_followed() {
     let state = PinnedDir::open(&host.state).unwrap();
     assert!(write_record(&state, (0, 0), &r).is_err());
     assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none(), "nothing written through the link");
+}
+
+const SERVICE: &str = "units/opsagent.service";
+const SOCKET: &str = "units/opsagent-helper.socket";
+const STORAGE: &str = "units/opsagent-helper-storage.conf";
+const POLKIT: &str = "polkit/50-opsagent.rules";
+
+#[tokio::test(start_paused = true)]
+async fn installed_units_follow_the_release_with_a_reload_only_when_they_changed() {
+    let host = Host::with_release_a().await;
+    host.install_units();
+
+    // The service and the storage drop-in change; the drop-in is not installed.
+    host.stage_signed("1.1", &release_with_units("1.1", &[(SERVICE, "1.1"), (STORAGE, "1.1")]));
+    let installer = host.installer(FakeAgent::healthy(&["1.1"]));
+    let r = installer.run().await.unwrap();
+    assert_eq!(r.outcome, Outcome::Confirmed, "{r:?}");
+    assert_eq!(host.installed(SERVICE), Some(unit_text(SERVICE, &[(SERVICE, "1.1")])));
+    assert_eq!(host.installed(STORAGE), None, "a drop-in userdata did not install is not created");
+    assert_eq!(host.installed(SOCKET), Some(unit_text(SOCKET, &[])));
+    assert_eq!(*installer.control.calls.borrow(), ["reload (# release 1.1)", "restart 1.1"], "no socket cycle");
+
+    // The socket and the polkit rule change too: the socket is re-created before the start.
+    let marks = [(SERVICE, "1.2"), (SOCKET, "1.2"), (POLKIT, "1.2")];
+    host.stage_signed("1.2", &release_with_units("1.2", &marks));
+    let installer = host.installer(FakeAgent::healthy(&["1.2"]));
+    assert_eq!(installer.run().await.unwrap().outcome, Outcome::Confirmed);
+    for rel in [SERVICE, SOCKET, POLKIT] {
+        assert_eq!(host.installed(rel), Some(unit_text(rel, &marks)), "{rel}");
+    }
+    assert_eq!(*installer.control.calls.borrow(), ["reload (# release 1.2)", "socket", "restart 1.2"]);
+
+    // Units equal to the installed ones: no reload, no socket.
+    host.stage_signed("1.3", &release_with_units("1.3", &marks));
+    let installer = host.installer(FakeAgent::healthy(&["1.3"]));
+    assert_eq!(installer.run().await.unwrap().outcome, Outcome::Confirmed);
+    assert_eq!(*installer.control.calls.borrow(), ["restart 1.3"]);
+
+    // Only the polkit rule differs: polkitd reloads by itself, systemd need not.
+    host.stage_signed("1.4", &release_with_units("1.4", &[(SERVICE, "1.2"), (SOCKET, "1.2"), (POLKIT, "1.4")]));
+    let installer = host.installer(FakeAgent::healthy(&["1.4"]));
+    assert_eq!(installer.run().await.unwrap().outcome, Outcome::Confirmed);
+    assert_eq!(host.installed(POLKIT), Some(unit_text(POLKIT, &[(POLKIT, "1.4")])));
+    assert_eq!(*installer.control.calls.borrow(), ["restart 1.4"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reverted_release_puts_the_previous_units_back_before_the_previous_release_starts() {
+    let host = Host::with_release_a().await;
+    host.install_units();
+    host.stage_signed("1.1", &release_with_units("1.1", &[(SERVICE, "1.1"), (SOCKET, "1.1")]));
+    let installer = host.installer(FakeAgent::healthy(&["1.0"]).crashing(&["1.1"]));
+    let r = installer.run().await.unwrap();
+    assert_eq!(r.outcome, Outcome::Reverted, "{r:?}");
+    assert!(r.reason.ends_with("reverted to 1.0"), "{}", r.reason);
+    assert_eq!(
+        *installer.control.calls.borrow(),
+        ["reload (# release 1.1)", "socket", "restart 1.1", "reload ([Unit])", "socket", "restart 1.0"]
+    );
+    for rel in [SERVICE, SOCKET] {
+        assert_eq!(host.installed(rel), Some(unit_text(rel, &[])), "{rel} is 1.0's again");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_unit_that_cannot_be_written_or_reloaded_aborts_before_any_restart() {
+    let host = Host::with_release_a().await;
+    host.install_units();
+    let releases = Releases::new(&host.prefix);
+    // The service is written first, then the socket fails: a non-empty directory where its
+    // temporary file goes (root cannot write there either).
+    let in_the_way = host.units.unit_dir.join(".opsagent-helper.socket.opsagent-upgrade");
+    std::fs::create_dir_all(in_the_way.join("x")).unwrap();
+    host.stage_signed("1.1", &release_with_units("1.1", &[(SERVICE, "1.1"), (SOCKET, "1.1")]));
+    let installer = host.installer(FakeAgent::healthy(&["1.0", "1.1"]));
+    let r = installer.run().await.unwrap();
+    assert_eq!(r.outcome, Outcome::Reverted, "{r:?}");
+    let socket = host.units.unit_dir.join("opsagent-helper.socket");
+    assert!(r.reason.starts_with(&format!("cannot install the units of 1.1: {}: ", socket.display())), "{}", r.reason);
+    assert!(r.reason.ends_with("reverted to 1.0, which kept running"), "{}", r.reason);
+    assert_eq!(host.result(), r);
+    assert!(installer.control.started.borrow().is_empty(), "nothing was restarted");
+    // The service written before the failure is put back (and systemd told so).
+    assert_eq!(*installer.control.calls.borrow(), ["reload ([Unit])"]);
+    assert_eq!(host.installed(SERVICE), Some(unit_text(SERVICE, &[])));
+    assert_eq!(host.current().as_deref(), Some("1.0"));
+    assert!(!releases.path("1.1").exists());
+
+    // systemd refusing the reload aborts the same way.
+    std::fs::remove_dir_all(&in_the_way).unwrap();
+    host.stage_signed("1.1", &release_with_units("1.1", &[(SERVICE, "1.1")]));
+    let installer = host.installer(FakeAgent { reload_fails: true, ..FakeAgent::healthy(&["1.0", "1.1"]) });
+    let r = installer.run().await.unwrap();
+    assert_eq!(r.outcome, Outcome::Reverted, "{r:?}");
+    assert!(r.reason.contains("systemd did not reload its configuration") && r.reason.contains("Access denied"));
+    assert!(installer.control.started.borrow().is_empty(), "nothing was restarted");
+    assert_eq!(*installer.control.calls.borrow(), ["reload (# release 1.1)", "reload ([Unit])"]);
+    assert_eq!(host.installed(SERVICE), Some(unit_text(SERVICE, &[])));
+    assert_eq!(host.current().as_deref(), Some("1.0"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hosts_without_systemd_keep_their_files() {
+    let mut host = Host::with_release_a().await;
+    host.install_units();
+    host.cron = true;
+    host.stage_signed("1.1", &release_with_units("1.1", &[(SERVICE, "1.1"), (SOCKET, "1.1")]));
+    let installer = host.installer(FakeAgent::healthy(&["1.1"]));
+    assert_eq!(installer.run().await.unwrap().outcome, Outcome::Confirmed);
+    assert_eq!(*installer.control.calls.borrow(), ["restart 1.1"]);
+    assert_eq!(host.installed(SERVICE), Some(unit_text(SERVICE, &[])));
 }
