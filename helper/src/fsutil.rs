@@ -196,26 +196,32 @@ pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
 /// Replaces (or creates) `path` with `content`, owner and mode, atomically: a reader
 /// sees the old file or the new one, and after a crash one of them is on disk whole.
 pub fn write_atomic(path: &AbsPath, content: &[u8], mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
-    let tmp = temp_sibling(path);
+    write_atomic_via(&temp_sibling(path), path.as_path(), content, mode, uid, gid)
+}
+
+/// [`write_atomic`] through the temporary file `tmp`, which must not exist and must be
+/// in `path`'s directory (for callers that need a name of their own choosing).
+pub fn write_atomic_via(tmp: &Path, path: &Path, content: &[u8], mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
     let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-            .open(&tmp)
-            .map_err(io_err(&tmp, "create temporary file"))?;
-        f.write_all(content).map_err(io_err(&tmp, "write"))?;
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io_err(&tmp, "change the owner of"))?;
-        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(&tmp, "change the mode of"))?;
-        f.sync_all().map_err(io_err(&tmp, "fsync"))?;
-        fs::rename(&tmp, path).map_err(io_err(path.as_path(), "rename the temporary file onto"))
+            .open(tmp)
+            .map_err(io_err(tmp, "create temporary file"))?;
+        f.write_all(content).map_err(io_err(tmp, "write"))?;
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io_err(tmp, "change the owner of"))?;
+        // Set on the descriptor: the umask must not decide the mode.
+        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(tmp, "change the mode of"))?;
+        f.sync_all().map_err(io_err(tmp, "fsync"))?;
+        fs::rename(tmp, path).map_err(io_err(path, "rename the temporary file onto"))
     })();
     if written.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
     }
     written?;
-    fsync_dir(path.parent().as_path())
+    fsync_dir(path.parent().unwrap_or(Path::new("/")))
 }
 
 /// Puts the finished temporary file `tmp` (next to `path`, already fsynced) in place

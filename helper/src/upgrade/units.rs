@@ -12,13 +12,11 @@
 //! sysusers.d and tmpfiles.d files are not units and stay the userdata script's: applying
 //! them means running `systemd-sysusers`/`systemd-tmpfiles`, which a re-run does.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
 use nix::unistd::AccessFlags;
 
 use super::UpgradeError;
@@ -215,31 +213,12 @@ fn replace(path: &Path, content: &[u8]) -> Result<(), fsutil::FsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(fsutil::io_err(&tmp, "remove the leftover temporary file")(e)),
     }
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-            .open(&tmp)
-            .map_err(fsutil::io_err(&tmp, "create"))?;
-        f.write_all(content).map_err(fsutil::io_err(&tmp, "write"))?;
-        std::os::unix::fs::fchown(&f, Some(0), Some(0)).map_err(fsutil::io_err(&tmp, "change the owner of"))?;
-        // Set on the descriptor: the umask must not decide a unit file's mode.
-        f.set_permissions(fs::Permissions::from_mode(0o644)).map_err(fsutil::io_err(&tmp, "change the mode of"))?;
-        f.sync_all().map_err(fsutil::io_err(&tmp, "fsync"))?;
-        fs::rename(&tmp, path).map_err(fsutil::io_err(path, "rename the temporary file onto"))
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written?;
-    fsutil::fsync_dir(dir)
+    fsutil::write_atomic_via(&tmp, path, content, 0o644, 0, 0)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     use super::*;
 
