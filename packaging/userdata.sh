@@ -19,7 +19,9 @@
 #                so linux.mkfs, linux.lvm.*, linux.raid and linux.mount of a device fail;
 #                yes: install units/opsagent-helper-storage.conf, which gives the helper
 #                the block devices, /dev/mapper/control and /dev/loop-control, and
-#                CAP_SYS_ADMIN for lvm2 and mdadm (mounts are made by systemd either way)
+#                CAP_SYS_ADMIN for lvm2 and mdadm (mounts are made by systemd either way);
+#                without systemd: /etc/opsagent/helper.env, and the supervisor starts the
+#                helper with --storage
 #
 # What it does: downloads opsagent.tgz and its minisign signature, refuses anything not
 # signed by UPDATE_KEY for exactly this VERSION, checks the MANIFEST, installs into
@@ -375,9 +377,27 @@ else
     mkdir -p /etc/cron.d
     install_file "$NEWCRON" /etc/cron.d/opsagent 0644 root:root || true
     rm -f "$NEWCRON"
+    # STORAGE=yes: what the storage drop-in gives the helper under systemd, the
+    # supervisor gives it with --storage (the helper is not sandboxed here, so the
+    # block devices are visible anyway).
+    CHANGED_HELPER_ENV=0
+    if [ "$STORAGE" = yes ]; then
+        mkdir -p /etc/opsagent
+        NEWENV=$(mktemp /etc/opsagent/.helper.env.XXXXXX)
+        echo "OPSAGENT_HELPER_STORAGE=yes" >"$NEWENV"
+        if install_file "$NEWENV" /etc/opsagent/helper.env 0644 root:root; then
+            CHANGED_HELPER_ENV=1
+            log "the helper keeps the capabilities of the storage states (/etc/opsagent/helper.env)"
+        fi
+        rm -f "$NEWENV"
+    elif [ -f /etc/opsagent/helper.env ]; then
+        rm -f /etc/opsagent/helper.env
+        CHANGED_HELPER_ENV=1
+        log "removed /etc/opsagent/helper.env (STORAGE=no)"
+    fi
     command -v cron >/dev/null 2>&1 || command -v crond >/dev/null 2>&1 ||
         log "WARNING: no cron daemon found; install cron, or the agent is not restarted when it dies"
-    if [ "$CHANGED_RELEASE" = 1 ] || [ "$CHANGED_CONFIG" = 1 ]; then
+    if [ "$CHANGED_RELEASE" = 1 ] || [ "$CHANGED_CONFIG" = 1 ] || [ "$CHANGED_HELPER_ENV" = 1 ]; then
         "$CUR/packaging/opsagent-supervise" restart
     else
         "$CUR/packaging/opsagent-supervise"

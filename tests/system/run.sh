@@ -484,13 +484,19 @@ test_g() {
     # No systemd: nspawn's stub init is PID 1 and cron runs in the foreground as PID 2.
     start_plain $c /usr/sbin/cron -f
     csh $c '[ ! -d /run/systemd/system ]' || fail "the container looks booted with systemd"
-    userdata $c $iid APP_ID=app-cron >"$WORK/g-userdata.log" 2>&1 || { cat "$WORK/g-userdata.log" >&2; fail "userdata.sh failed without systemd"; }
+    userdata $c $iid APP_ID=app-cron STORAGE=yes >"$WORK/g-userdata.log" 2>&1 || { cat "$WORK/g-userdata.log" >&2; fail "userdata.sh failed without systemd"; }
     cat "$WORK/g-userdata.log" >&2
     csh $c 'grep -q "opsagent-supervise" /etc/cron.d/opsagent' || fail "/etc/cron.d/opsagent is missing"
     running() { # NAME: the pid file names a live process of /opt/visualops/*/bin/NAME
         csh $c "p=\$(cat /run/opsagent-supervise/$1.pid 2>/dev/null) && [ -n \"\$p\" ] && [ \"\$(basename \"\$(readlink /proc/\$p/exe)\")\" = $1 ]"
     }
     both_running() { running opsagent-helper && running opsagent; }
+    # STORAGE=yes: the supervisor starts the helper with --storage, which keeps
+    # CAP_SYS_ADMIN (bit 21) in its bounding set; every start must, a self-upgrade's too.
+    helper_keeps_storage() {
+        csh $c 'm=$(awk "/^CapBnd:/ {print \$2}" /proc/$(cat /run/opsagent-supervise/opsagent-helper.pid)/status) &&
+            [ $(((0x$m >> 21) & 1)) = 1 ]'
+    }
     both_restarted() {
         both_running &&
             [ "$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')" != "$dpid" ] &&
@@ -505,6 +511,8 @@ test_g() {
     dpid=$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')
     [ "$(csh $c "stat -c %U /proc/$dpid")" = opsagent ] || fail "the daemon does not run as opsagent"
     [ "$(csh $c "stat -c %U /proc/$hpid")" = root ] || fail "the helper does not run as root"
+    csh $c 'grep -qx OPSAGENT_HELPER_STORAGE=yes /etc/opsagent/helper.env' || fail "STORAGE=yes did not write /etc/opsagent/helper.env"
+    helper_keeps_storage || fail "the helper was not started with --storage"
     [ "$(csh $c 'stat -c "%U:%G %a" /run/opsagent-helper/helper.sock')" = "root:opsagent 660" ] ||
         fail "the helper socket is not root:opsagent 0660"
     wait_until 60 "StateLog of sys-cmd from $iid" has_statelog $iid sys-cmd || fail "no StateLog from the cron-supervised agent"
@@ -516,6 +524,7 @@ test_g() {
     hpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')
     dpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')
     say "  helper $hpid -> $hpid2, daemon $dpid -> $dpid2"
+    helper_keeps_storage || fail "the restarted helper lost --storage"
     csh $c 'cat /var/log/visualops/supervise.log' >&2
     wait_until 30 "the restarted daemon reconnects (second Handshake from $iid)" two_handshakes ||
         fail "the restarted daemon did not reconnect"
@@ -540,6 +549,7 @@ test_g() {
     csh $c "[ -d /opt/visualops/releases/$VERSION ]" || fail "the previous release was not kept"
     csh $c 'tail -n 3 /var/log/visualops/upgrade.log; grep -i upgrade /var/log/visualops/supervise.log' >&2
     wait_until 30 "helper and daemon running after the upgrade" both_running || fail "the agent is not running after the upgrade"
+    helper_keeps_storage || fail "the helper restarted by the upgrade lost --storage"
 }
 
 # ---------------------------------------------------------------- h. refused releases
