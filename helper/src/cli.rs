@@ -123,10 +123,11 @@ Options:
     )
 }
 
-/// Turns `--storage` on when set to anything but an empty or false-like value (what
-/// clap's falsey parser accepted, so existing drop-ins keep their meaning).
+/// The environment variable that turns `--storage` on (the storage drop-in sets it).
 pub const STORAGE_ENV: &str = "OPSAGENT_HELPER_STORAGE";
 
+/// Anything but an empty or false-like value is true: what clap's falsey parser
+/// accepted, so existing drop-ins keep their meaning.
 fn truthy(value: &OsStr) -> bool {
     let text = value.to_string_lossy().to_ascii_lowercase();
     !matches!(text.as_str(), "" | "0" | "n" | "no" | "f" | "false" | "off")
@@ -142,23 +143,20 @@ const MAX_CONNECTIONS: &str = "--max-connections-per-uid <N>";
 const IDLE_TIMEOUT: &str = "--idle-timeout <SECONDS>";
 const EXIT_IDLE: &str = "--exit-idle <SECONDS>";
 
+fn utf8<'a>(option: &'static str, value: &'a OsStr) -> Result<&'a str, CliError> {
+    value.to_str().ok_or_else(|| CliError::Invalid {
+        option,
+        value: value.to_string_lossy().into_owned(),
+        reason: "not UTF-8".into(),
+    })
+}
+
 fn number<T: std::str::FromStr>(option: &'static str, value: &OsStr) -> Result<T, CliError>
 where
     T::Err: fmt::Display,
 {
-    let text = value.to_str().ok_or_else(|| CliError::Invalid {
-        option,
-        value: value.to_string_lossy().into_owned(),
-        reason: "not UTF-8".into(),
-    })?;
+    let text = utf8(option, value)?;
     text.parse().map_err(|e: T::Err| CliError::Invalid { option, value: text.to_string(), reason: e.to_string() })
-}
-
-fn once<T>(slot: &mut Option<T>, option: &'static str, value: T) -> Result<(), CliError> {
-    if slot.replace(value).is_some() {
-        return Err(CliError::Repeated(option));
-    }
-    Ok(())
 }
 
 impl Cli {
@@ -169,9 +167,8 @@ impl Cli {
         storage_env: Option<&OsStr>,
     ) -> Result<Invocation, CliError> {
         let mut args = args.into_iter();
-        let (mut socket, mut max_frame, mut state_dir, mut policy, mut max_conns, mut idle) =
-            (None, None, None, None, None, None);
-        let mut exit_idle = None;
+        // The options given so far: each but --allow-user may be given once.
+        let mut seen = Vec::new();
         let mut cli = Cli { storage: storage_env.is_some_and(truthy), ..Cli::default() };
         while let Some(arg) = args.next() {
             let text = arg.to_string_lossy();
@@ -208,37 +205,22 @@ impl Cli {
                 Some(v) => v,
                 None => args.next().ok_or(CliError::MissingValue(option))?,
             };
+            // The value is checked before the repetition: a bad value is named even when
+            // its option is also repeated.
             match option {
-                SOCKET => once(&mut socket, option, PathBuf::from(value))?,
-                ALLOW_USER => cli.allow_user.push(value.into_string().map_err(|v| CliError::Invalid {
-                    option,
-                    value: v.to_string_lossy().into_owned(),
-                    reason: "not UTF-8".into(),
-                })?),
-                MAX_FRAME => once(&mut max_frame, option, number(option, &value)?)?,
-                STATE_DIR => once(&mut state_dir, option, PathBuf::from(value))?,
-                POLICY => once(&mut policy, option, PathBuf::from(value))?,
-                MAX_CONNECTIONS => once(&mut max_conns, option, number(option, &value)?)?,
-                IDLE_TIMEOUT => once(&mut idle, option, number(option, &value)?)?,
-                _ => once(&mut exit_idle, option, number(option, &value)?)?,
+                SOCKET => cli.socket = Some(PathBuf::from(value)),
+                ALLOW_USER => cli.allow_user.push(utf8(option, &value)?.to_string()),
+                MAX_FRAME => cli.max_frame = number(option, &value)?,
+                STATE_DIR => cli.state_dir = PathBuf::from(value),
+                POLICY => cli.policy = Some(PathBuf::from(value)),
+                MAX_CONNECTIONS => cli.max_connections_per_uid = number(option, &value)?,
+                IDLE_TIMEOUT => cli.idle_timeout = number(option, &value)?,
+                _ => cli.exit_idle = number(option, &value)?,
             }
-        }
-        cli.socket = socket;
-        cli.policy = policy;
-        if let Some(v) = max_frame {
-            cli.max_frame = v;
-        }
-        if let Some(v) = state_dir {
-            cli.state_dir = v;
-        }
-        if let Some(v) = max_conns {
-            cli.max_connections_per_uid = v;
-        }
-        if let Some(v) = idle {
-            cli.idle_timeout = v;
-        }
-        if let Some(v) = exit_idle {
-            cli.exit_idle = v;
+            if option != ALLOW_USER && seen.contains(&option) {
+                return Err(CliError::Repeated(option));
+            }
+            seen.push(option);
         }
         if cli.exit_idle > 0 && cli.socket.is_some() {
             // Nothing would start the helper again: the socket file goes with it.
