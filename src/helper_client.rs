@@ -22,6 +22,7 @@ use opsagent_proto::request::{
     ApplyRequest, FetchedFile, HelperError, HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameWriter};
+use opsagent_proto::timer::sleep_until_opt;
 use opsagent_proto::PROTOCOL_VERSION;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Mutex};
@@ -363,13 +364,6 @@ impl UnixHelperClient {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::request::{ApplyRequest, Outcome};
+use opsagent_proto::timer::sleep_until_opt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
@@ -636,13 +637,6 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -20,6 +20,7 @@ use nix::fcntl::OFlag;
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{Gid, Pid, Uid};
+use opsagent_proto::timer::sleep_until_opt;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
@@ -207,12 +208,7 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
     let mut reader = tokio::spawn(collect(receiver, Arc::clone(&output)));
 
     let deadline = spec.timeout.map(|t| Instant::now() + t);
-    let timer = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
+    let timer = sleep_until_opt(deadline);
     enum Stop {
         Exited(io::Result<ExitStatus>),
         TimedOut,

@@ -17,6 +17,7 @@ use opsagent_proto::request::{
     ApplyRequest, Change, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameReader, FrameWriter};
+use opsagent_proto::timer::sleep_until_opt;
 use opsagent_proto::PROTOCOL_VERSION;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -196,13 +197,6 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Resul
     }
     info!("stopping");
     Ok(())
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 fn admit(stream: UnixStream, shared: &Arc<Shared>) {

@@ -61,6 +61,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use opsagent_proto::timer::sleep_until_opt;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -688,13 +689,6 @@ impl<O: Outbox + 'static> Link<O> {
             }
         }
         Ok(())
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

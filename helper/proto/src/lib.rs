@@ -7,6 +7,7 @@
 //! - [`newtypes`]: validated values (absolute paths, modes, state ids, unit names).
 //! - [`codec`]: u32 big-endian length-prefixed JSON frames with a size cap.
 //! - [`stream`]: the socket both ends use, split into a frame reader and writer.
+//! - [`timer`]: optional deadlines for `select!` loops.
 //! - [`ini`]: the INI dialect of `/etc/opsagent.conf`, read by the daemon and by the
 //!   root upgrade installer (which trusts only that root-owned file for the signing key).
 //! - [`upgrade`]: the files through which the daemon hands a downloaded release to the
@@ -22,6 +23,7 @@ pub mod ini;
 pub mod newtypes;
 pub mod request;
 pub mod stream;
+pub mod timer;
 pub mod upgrade;
 pub mod wire;
 
