@@ -177,16 +177,10 @@ impl<C: AgentControl> Installer<C> {
                 write_record(state, owner, &r).map_err(fail)?;
                 r
             }
-            Err(why) if from != "none" && self.releases.path(from).is_dir() => {
+            Err(why) if self.can_revert_to(from) => {
                 tracing::error!(version = %version, from = %from, reason = %why, "new release unhealthy; reverting");
                 self.releases.switch(from).map_err(fail)?;
-                let (socket, note) = match self.bring_units(from).await {
-                    Ok(socket) => (socket, String::new()),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot put the previous release's units back");
-                        (false, format!(" (its units could not be put back: {e})"))
-                    }
-                };
+                let (socket, note) = self.units_back(from).await;
                 let r = record_of(version.clone(), from, Outcome::Reverted, format!("{why}; reverted to {from}{note}"));
                 // Before the restart: the revived daemon reads it at start-up.
                 write_record(state, owner, &r).map_err(fail)?;
@@ -230,6 +224,24 @@ impl<C: AgentControl> Installer<C> {
         Ok(replaced.socket())
     }
 
+    /// Whether there is a previous release to go back to.
+    fn can_revert_to(&self, from: &str) -> bool {
+        from != "none" && self.releases.path(from).is_dir()
+    }
+
+    /// Puts the units of the release `from` back after `current` was switched back to
+    /// it: whether its socket must be re-created, and a note for the record when they
+    /// could not be put back (the revert goes on: the previous release runs either way).
+    async fn units_back(&self, from: &str) -> (bool, String) {
+        match self.bring_units(from).await {
+            Ok(socket) => (socket, String::new()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot put the previous release's units back");
+                (false, format!(" (its units could not be put back: {e})"))
+            }
+        }
+    }
+
     /// Starts the release `current` points at; the helper's socket first, when its unit
     /// changed (its settings apply only to a re-created socket).
     async fn start(&self, socket: bool) -> Result<(), String> {
@@ -252,7 +264,7 @@ impl<C: AgentControl> Installer<C> {
     ) -> Result<Record, UpgradeError> {
         tracing::error!(version, from, error = %error, "cannot install the release's units; not restarting");
         let why = format!("cannot install the units of {version}: {error}");
-        if from == "none" || !self.releases.path(from).is_dir() {
+        if !self.can_revert_to(from) {
             let r =
                 record_of(version.into(), from, Outcome::Failed, format!("{why}; no previous release to revert to"));
             write_record(state, owner, &r)?;
@@ -261,13 +273,7 @@ impl<C: AgentControl> Installer<C> {
         self.releases.switch(from)?;
         // The socket was not re-created yet (that comes with the start), so the running
         // one already has the previous settings, whatever its file says.
-        let note = match self.bring_units(from).await {
-            Ok(_) => String::new(),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot put the previous release's units back");
-                format!(" (its units could not be put back: {e})")
-            }
-        };
+        let (_, note) = self.units_back(from).await;
         if let Err(e) = self.releases.remove(version) {
             tracing::warn!(error = %e, "cannot remove the release whose units failed");
         }
