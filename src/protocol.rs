@@ -1,4 +1,4 @@
-//! The agent ⇄ backend wire protocol, version 1 (`../shared/spec/protocol.md`), plus the
+//! The agent ⇄ backend wire protocol, version 1 (`docs/spec/protocol.md`), plus the
 //! extensions this agent adds. Extensions are used only when both sides announced them
 //! in their `capabilities`, so an original v1 backend sees only v1 traffic.
 //!

@@ -233,16 +233,15 @@ fn ids(states: &[Value]) -> Vec<&str> {
 async fn handshake_is_answered_with_the_recipe_file_states() {
     let env = Env::new();
     // The original test suite's recipes, each as an app.
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/recipes/visualops-basic");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/visualops-basic");
     let mut apps = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(&shared) {
-        for e in entries {
-            let path = e.unwrap().path();
-            let app = path.file_stem().unwrap().to_str().unwrap().replace('.', "-");
-            std::fs::copy(&path, env.recipes().join(format!("{app}.json"))).unwrap();
-            apps.push((app, path));
-        }
+    for e in std::fs::read_dir(&fixtures).unwrap_or_else(|e| panic!("{}: {e}", fixtures.display())) {
+        let path = e.unwrap().path();
+        let app = path.file_stem().unwrap().to_str().unwrap().replace('.', "-");
+        std::fs::copy(&path, env.recipes().join(format!("{app}.json"))).unwrap();
+        apps.push((app, path));
     }
+    assert!(apps.len() >= 36, "the original basic recipes are in {}", fixtures.display());
     env.write_json(
         "app-1.json",
         &json!({"recipe_version": 3, "module": {"repo": "https://x/salt.git", "tag": "v1"},

@@ -14,13 +14,13 @@ fn opsagent(args: &[&str]) -> std::process::Output {
     Command::new(bin("opsagent")).args(args).output().unwrap()
 }
 
-fn shared_recipes() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/recipes/visualops-basic")
+fn original_recipes() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/visualops-basic")
 }
 
 #[test]
 fn check_accepts_every_original_test_recipe() {
-    let dir = shared_recipes();
+    let dir = original_recipes();
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path().display().to_string())

@@ -1,5 +1,5 @@
 //! The reference backend: a real server speaking the agent protocol
-//! (`shared/spec/protocol.md`), for integration tests, demos and operators without a
+//! (`docs/spec/protocol.md`), for integration tests, demos and operators without a
 //! VisualOps backend. The binary `opsagent-backend` is a thin wrapper around [`Backend`].
 //!
 //! # Files

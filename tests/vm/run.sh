@@ -17,7 +17,11 @@
 #   OPSAGENT_VMTEST_TIMEOUT  seconds the VM may run (default 300)
 #   OPSAGENT_VMTEST_MIRROR   Debian mirror (default http://deb.debian.org/debian)
 #   OPSAGENT_VMTEST_ACCEL    kvm, tcg or auto (default: KVM, falling back to emulation
-#                            where the guest does not boot under this host's KVM)
+#                            where the guest does not start under this host's KVM: qemu
+#                            ends before the guest's start marker, or it does not show
+#                            within OPSAGENT_VMTEST_KVM_BOOT seconds, default 45)
+#   OPSAGENT_VMTEST_QEMU     the qemu-system-x86_64 to run (tests/vm/fallback.sh uses a
+#                            stand-in to force the fallback)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -28,6 +32,7 @@ IMAGE_DIR=$CACHE_DIR/$IMAGE_VERSION
 INCLUDE=linux-image-amd64,initramfs-tools,lvm2,mdadm,e2fsprogs,xfsprogs,util-linux,udev,kmod
 MIRROR=${OPSAGENT_VMTEST_MIRROR:-http://deb.debian.org/debian}
 TIMEOUT=${OPSAGENT_VMTEST_TIMEOUT:-300}
+KVM_BOOT=${OPSAGENT_VMTEST_KVM_BOOT:-45}
 
 say() { printf '%s\n' "$*" >&2; }
 die() {
@@ -37,6 +42,7 @@ die() {
 
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, mkfs.ext4 -d of a root-owned tree)"
 need=()
+QEMU=${OPSAGENT_VMTEST_QEMU:-qemu-system-x86_64}
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
@@ -158,7 +164,7 @@ boot() {
     local how=(-enable-kvm -cpu host)
     if [ "$1" = tcg ]; then how=(-accel "tcg,thread=multi" -cpu max); fi
     : >"$console"
-    qemu-system-x86_64 "${how[@]}" -smp 2 -m 1024 -display none -monitor none -no-reboot \
+    "$QEMU" "${how[@]}" -smp 2 -m 1024 -display none -monitor none -no-reboot \
         -serial "file:$console" -snapshot \
         -kernel "$IMAGE_DIR/vmlinuz" -initrd "$IMAGE_DIR/initrd.img" \
         -append "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/opsagent-vmtest/init panic=-1 quiet loglevel=3" \
@@ -167,8 +173,9 @@ boot() {
         </dev/null >"$WORK/qemu.log" 2>&1 &
     QEMU_PID=$!
 }
-# wait_vm SECONDS [MARKER]: waits until qemu exits (0), or MARKER shows on the console (0),
-# or SECONDS pass (1, qemu killed).
+# wait_vm SECONDS [MARKER]: waits until MARKER shows on the console (0), qemu exits
+# (0 without a MARKER, 2 with one: it ended before the marker), or SECONDS pass (1,
+# qemu killed).
 wait_vm() {
     local limit=$1 marker=${2:-} t0
     t0=$(date +%s)
@@ -184,19 +191,26 @@ wait_vm() {
     done
     wait "$QEMU_PID" 2>/dev/null || true
     QEMU_PID=
+    # It may have printed the marker and powered off between two looks.
+    [ -z "$marker" ] && return 0
+    grep -aq "$marker" "$console" && return 0
+    return 2
 }
 
-# Some hosts expose a /dev/kvm on which Debian's kernel hangs right after its decompressor
-# (nested KVM under a Firecracker-style VM does). There the guest is emulated (TCG), which
-# is slower but runs the same kernel. What was found is remembered per host kernel and qemu.
+# Some hosts expose a /dev/kvm on which the guest cannot run: Debian's kernel hangs right
+# after its decompressor (nested KVM under a Firecracker-style VM), or qemu aborts at once
+# ("failed to set MSR 0x10a", "kvm_buf_set_msrs: Assertion ... failed"). Either way the
+# guest is emulated (TCG), which is slower but runs the same kernel. What was found is
+# remembered per host kernel and qemu version, so later runs go straight to TCG.
 accel=${OPSAGENT_VMTEST_ACCEL:-auto}
+case $accel in auto | kvm | tcg) ;; *) die "OPSAGENT_VMTEST_ACCEL must be auto, kvm or tcg, not '$accel'" ;; esac
 if [ "$accel" = auto ] && [ ! -e /dev/kvm ]; then
     say "######## /dev/kvm is absent: emulating the guest (TCG)"
     accel=tcg
 fi
-verdict=$CACHE_DIR/kvm-hangs-$(uname -r)-$(qemu-system-x86_64 --version | sed -n '1s/[^0-9.]*\([0-9.]*\).*/\1/p')
+verdict=$CACHE_DIR/kvm-fails-$(uname -r)-$("$QEMU" --version | sed -n '1s/[^0-9.]*\([0-9.]*\).*/\1/p')
 if [ "$accel" = auto ] && [ -f "$verdict" ]; then
-    say "######## KVM is known to hang Debian's kernel on this host ($verdict): emulating the guest (TCG)"
+    say "######## KVM is known to fail for this guest on this host ($verdict: $(head -c 200 "$verdict")): emulating the guest (TCG)"
     accel=tcg
 fi
 start=$(date +%s)
@@ -204,14 +218,22 @@ timed_out=no
 if [ "$accel" = auto ] || [ "$accel" = kvm ]; then
     say "booting the VM with KVM ($(cat "$IMAGE_DIR/complete"), timeout ${TIMEOUT}s)"
     boot kvm
-    if ! wait_vm 45 '^OPSAGENT-VMTEST: start'; then
+    rc=0
+    wait_vm "$KVM_BOOT" '^OPSAGENT-VMTEST: start' || rc=$?
+    if [ "$rc" != 0 ]; then
+        if [ "$rc" = 1 ]; then
+            why="the guest did not start its tests within ${KVM_BOOT}s under KVM"
+        else
+            why="qemu ended before the guest started its tests under KVM: $(tail -n 3 "$WORK/qemu.log" | tr '\n' ' ')"
+        fi
         if [ "$accel" = kvm ]; then
             tail -n 20 "$console" >&2
-            die "the guest did not start its tests within 45s under KVM"
+            cat "$WORK/qemu.log" >&2
+            die "$why (OPSAGENT_VMTEST_ACCEL=kvm: no fallback)"
         fi
-        say "######## the guest did not boot within 45s under KVM: emulating it instead (TCG), and"
-        say "######## remembering that in $verdict"
-        : >"$verdict"
+        say "######## $why"
+        say "######## emulating the guest instead (TCG), and remembering that in $verdict"
+        printf '%s\n' "$why" >"$verdict"
         accel=tcg
     elif ! wait_vm $((TIMEOUT - ($(date +%s) - start))); then
         timed_out=yes
