@@ -16,6 +16,11 @@ use crate::recipe::{Recipe, RecipeState};
 
 /// The recipe `opsagent apply` runs when given no file.
 pub const DEMO_RECIPE: &str = include_str!("../packaging/examples/demo.json");
+/// Said before the demo runs, on a terminal.
+pub const DEMO_NOTICE: &str = "opsagent apply: no FILE given, so applying the built-in demo recipe: \
+a directory /tmp/opsagent-demo/conf, a file app.conf in it, a link /tmp/opsagent-demo/current to it \
+and a command that counts the file's settings. Nothing outside /tmp/opsagent-demo changes. Give a \
+recipe FILE to apply your own (`opsagent apply --help`).";
 
 #[derive(Debug, Parser)]
 #[command(name = "opsagent", version, about = "VisualOps configuration agent (systemd-native)")]
@@ -235,6 +240,11 @@ impl PrivateHelper {
         let inherited = listener.try_clone()?;
         fcntl(inherited.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
         let mut cmd = std::process::Command::new(bin);
+        // Root asked for this apply and is the only one who can reach this helper (its
+        // socket is in a 0700 root directory), so it keeps root's storage capabilities:
+        // without systemd as PID 1, mount(8), lvm2 and mdadm need CAP_SYS_ADMIN and
+        // CAP_MKNOD, which the system helper keeps only with its opt-in drop-in.
+        cmd.arg("--storage");
         cmd.stdin(std::process::Stdio::null())
             .env("LISTEN_FDS", "1")
             .env("LISTEN_FDS_FIRST_FD", inherited.as_raw_fd().to_string())
@@ -333,7 +343,13 @@ fn cmd_apply(
     };
     let recipe = match file {
         Some(f) => Recipe::load_file(f)?,
-        None => Recipe::from_document(&serde_json::from_str(DEMO_RECIPE)?)?,
+        None => {
+            // Someone at a terminal who typed no FILE may not know what is about to change.
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                eprintln!("{DEMO_NOTICE}");
+            }
+            Recipe::from_document(&serde_json::from_str(DEMO_RECIPE)?)?
+        }
     };
     let mut client = UnixHelperClient::new(&socket, env!("CARGO_PKG_VERSION"));
     // Downloads (common.archive, linux.file remote_uri) as the daemon makes them; the
@@ -410,17 +426,15 @@ async fn apply_states<W: Write>(
                 }
             }
         };
-        let changes: Vec<String> = o.changes.iter().map(ToString::to_string).collect();
         let tag = if o.result { "ok" } else { "FAILED" };
         let mut line = format!("{tag:<6} [{}/{total}] {}  {}", i + 1, s.id, s.module);
-        if !o.comment.is_empty() {
-            line.push_str(&format!("  {}", o.comment.replace('\n', " ")));
+        let described = crate::round::describe(&o);
+        if !described.is_empty() {
+            line.push_str(&format!("  {}", described.replace('\n', " ")));
         }
-        line.push_str(&if changes.is_empty() {
-            "  (no change)".to_string()
-        } else {
-            format!("  changed: {}", changes.join(", "))
-        });
+        if o.changes.is_empty() {
+            line.push_str("  (no change)");
+        }
         writeln!(out, "{line}")?;
         if !o.result {
             if !o.stdout.is_empty() {

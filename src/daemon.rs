@@ -49,6 +49,8 @@ pub enum DaemonError {
     Download(#[from] crate::download::DownloadError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Lock(#[from] crate::state_lock::LockError),
 }
 
 /// The spool as the engine writes it and the link drains it.
@@ -284,6 +286,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let state_dir = config.agent.state_dir.clone();
     std::fs::create_dir_all(&state_dir)
         .map_err(|source| DaemonError::StateDir { path: state_dir.display().to_string(), source })?;
+    // Held until run() returns: a second daemon on this directory refuses to start.
+    let _state_dir_lock = crate::state_lock::StateDirLock::acquire(&state_dir)?;
     let probe = state_dir.join(".writable");
     write_atomic(&probe, b"ok")
         .map_err(|source| DaemonError::StateDir { path: state_dir.display().to_string(), source })?;

@@ -19,6 +19,7 @@ pub mod protocol;
 pub mod recipe;
 pub mod round;
 pub mod spool;
+pub mod state_lock;
 pub mod systemd;
 pub mod timefmt;
 pub mod upgrade;

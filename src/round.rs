@@ -655,13 +655,24 @@ fn join_comment(a: &str, b: &str) -> String {
     }
 }
 
+/// What a state did, for a person: the helper's comment, then `changed: …` listing each
+/// change once. Modules often say a change in their comment too; a comment part that only
+/// repeats a change is dropped, so that each change is said once.
+pub fn describe(o: &Outcome) -> String {
+    let list: Vec<String> = o.changes.iter().map(ToString::to_string).collect();
+    let repeats = |part: &str| o.changes.iter().zip(&list).any(|(c, full)| part == c.what || part == full);
+    let said: Vec<&str> = o.comment.split("; ").filter(|part| !part.is_empty() && !repeats(part)).collect();
+    let comment = said.join("; ");
+    if list.is_empty() {
+        comment
+    } else {
+        join_comment(&comment, &format!("changed: {}", list.join(", ")))
+    }
+}
+
 /// The StateLog of one state: the comment says what changed.
 pub fn statelog(version: u64, state: &RecipeState, o: &Outcome, offline: bool) -> StateLog {
-    let mut comment = o.comment.clone();
-    if !o.changes.is_empty() {
-        let list: Vec<String> = o.changes.iter().map(ToString::to_string).collect();
-        comment = join_comment(&comment, &format!("changed: {}", list.join(", ")));
-    }
+    let comment = describe(o);
     StateLog {
         recipe_version: version,
         state_id: state.id.to_string(),

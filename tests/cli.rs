@@ -10,6 +10,9 @@ use std::process::Command;
 
 use common::{bin, Files};
 
+/// The demo's tests share /tmp/opsagent-demo: one at a time.
+static DEMO: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn opsagent(args: &[&str]) -> std::process::Output {
     Command::new(bin("opsagent")).args(args).output().unwrap()
 }
@@ -81,6 +84,7 @@ fn invalid_configuration_exits_2_naming_file_and_key() {
 
 #[test]
 fn apply_runs_the_demo_recipe_through_a_private_helper_and_is_idempotent() {
+    let _demo = DEMO.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let _ = std::fs::remove_dir_all("/tmp/opsagent-demo");
     let helper = bin("opsagent-helper");
     let run = || {
@@ -92,6 +96,13 @@ fn apply_runs_the_demo_recipe_through_a_private_helper_and_is_idempotent() {
     let first = run();
     assert_eq!(first.lines().filter(|l| l.starts_with("ok ")).count(), 5, "{first}");
     assert!(first.contains("changed:"), "{first}");
+    // Each change is said once per line, not in the comment and again after `changed:`.
+    for line in first.lines().filter(|l| l.contains("changed:")) {
+        let (said, changes) = line.split_once("changed:").unwrap();
+        for change in changes.split(", ").map(str::trim).filter(|c| !c.is_empty()) {
+            assert!(!said.contains(change), "{change:?} said twice: {line}");
+        }
+    }
     assert_eq!(
         std::fs::read_to_string("/tmp/opsagent-demo/current/app.conf").unwrap(),
         "# written by opsagent\nlisten = 8080\nworkers = 4\n"
@@ -175,4 +186,58 @@ fn version_flag() {
     let out = opsagent(&["--version"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("opsagent "));
+}
+
+/// Root's local apply gets a helper that can do root's storage jobs: on a host without
+/// systemd as PID 1 (CI's), `linux.mount` runs mount(8), which needs CAP_SYS_ADMIN.
+#[test]
+fn apply_makes_and_mounts_a_filesystem_on_a_loop_device() {
+    let run = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(32 << 20).unwrap();
+    let (ok, dev) = run("losetup", &["--find", "--show", &image.to_string_lossy()]);
+    assert!(ok, "a loop device is needed (root, /dev/loop-control): {dev}");
+    let dev = dev.trim().to_string();
+    let mnt = dir.path().join("mnt");
+    let recipe = dir.path().join("storage.json");
+    let doc = serde_json::json!({"recipe_version": 1, "state": [
+        {"id": "fs", "module": "linux.mkfs", "parameter": {"device": dev, "fstype": "ext4"}},
+        {"id": "mnt", "module": "linux.mount", "parameter": {"path": mnt, "device": dev, "filesystem": "ext4"}}
+    ]});
+    std::fs::write(&recipe, doc.to_string()).unwrap();
+    let out = Command::new(bin("opsagent"))
+        .arg("apply")
+        .arg(&recipe)
+        .env("OPSAGENT_HELPER_BIN", bin("opsagent-helper"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(&format!(" {} ", mnt.display()));
+    let _ = run("umount", &[&mnt.to_string_lossy()]);
+    let _ = run("losetup", &["-d", &dev]);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(mounted, "{} is not mounted: {stdout}", mnt.display());
+}
+
+/// On a terminal, the demo says what it will change before changing it; in a pipe (as in
+/// the test above) it does not, so scripts see only the result lines.
+#[test]
+fn apply_without_a_file_on_a_terminal_says_what_the_demo_does_first() {
+    let _demo = DEMO.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let cmd = format!("OPSAGENT_HELPER_BIN={} {} apply", bin("opsagent-helper").display(), bin("opsagent").display());
+    // script(1) gives the command a pseudo-terminal.
+    let out = Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(out.status.success(), "{text}");
+    let notice = text.find("no FILE given, so applying the built-in demo recipe").unwrap_or_else(|| panic!("{text}"));
+    let first_result = text.find("[1/5]").unwrap_or_else(|| panic!("{text}"));
+    assert!(notice < first_result, "the notice comes first: {text}");
+    assert!(text.contains("Nothing outside /tmp/opsagent-demo changes"), "{text}");
 }

@@ -88,3 +88,68 @@ fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
     assert_eq!(seqs.len(), n, "no duplicated sequence numbers");
     assert_eq!(n, all.len(), "every StateLog carries a sequence number");
 }
+
+#[test]
+fn a_second_daemon_on_the_same_state_directory_refuses_to_start_naming_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let work = dir.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let recipes = dir.join("recipes");
+    std::fs::create_dir(&recipes).unwrap();
+    std::fs::write(recipes.join("app-lock.json"), recipe(&work, "v1\n").to_string()).unwrap();
+    let statelog = dir.join("statelog.jsonl");
+    let socket = dir.join("helper.sock");
+    let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
+    let _helper = start_helper(dir, &socket);
+    let first = start_agent(dir, port, "app-lock", "i-lock", &socket, &["--round-delay", "1"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || logs_of(&statelog, 1).len() >= 4),
+        "the first daemon runs a round; agent: {}",
+        first.log_text()
+    );
+
+    // The same state directory and token, its own log file.
+    let second_dir = dir.join("second");
+    std::fs::create_dir(&second_dir).unwrap();
+    let mut out = std::process::Command::new(bin("opsagent"))
+        .arg("run")
+        .arg("--config")
+        .arg(dir.join("empty.conf"))
+        .arg("--ws-uri")
+        .arg(format!("ws://127.0.0.1:{port}/"))
+        .args(["--app-id", "app-lock", "--instance-id", "i-lock"])
+        .arg("--token-file")
+        .arg(dir.join("i-lock.token"))
+        .arg("--state-dir")
+        .arg(dir.join("i-lock.state"))
+        .arg("--helper-socket")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(second_dir.join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    let ended = wait_until(Duration::from_secs(15), || {
+        status = out.try_wait().unwrap();
+        status.is_some()
+    });
+    if !ended {
+        out.kill().unwrap();
+        out.wait().unwrap();
+    }
+    let stderr = std::fs::read_to_string(second_dir.join("agent.log")).unwrap();
+    assert!(ended, "the second daemon must not run beside the first: {stderr}");
+    assert!(!status.unwrap().success(), "the second daemon must fail: {stderr}");
+    assert!(
+        stderr.contains(&format!("in use by another opsagent daemon (pid {})", first.pid())),
+        "the refusal names the first daemon's pid: {stderr}"
+    );
+    // The first one goes on: another round is reported after the refusal.
+    let before = logs_of(&statelog, 1).len();
+    assert!(
+        wait_until(Duration::from_secs(30), || logs_of(&statelog, 1).len() >= before + 4),
+        "the first daemon keeps running its rounds; agent: {}",
+        first.log_text()
+    );
+}

@@ -405,3 +405,18 @@ fn retry_delay_doubles_and_caps() {
     assert_eq!(d, vec![5, 10, 20, 40, 40, 40]);
     assert_eq!(c.retry_delay_after(1000).as_secs(), 40);
 }
+
+#[test]
+fn describe_says_each_change_once_and_keeps_the_rest_of_the_comment() {
+    let change = |what: &str| Change::new("/srv/d", what);
+    let mut o = Outcome::ok("directory created (0755 0:0); owner kept");
+    o.changes = vec![change("directory created (0755 0:0)")];
+    let text = describe(&o);
+    assert_eq!(text.matches("directory created").count(), 1, "{text}");
+    assert_eq!(text, format!("owner kept; changed: {}", o.changes[0]));
+    // No change: the comment as it is; no comment: the changes alone.
+    assert_eq!(describe(&Outcome::ok("already there")), "already there");
+    let mut bare = Outcome::ok("");
+    bare.changes = vec![change("x")];
+    assert_eq!(describe(&bare), format!("changed: {}", bare.changes[0]));
+}
