@@ -169,11 +169,11 @@ async fn chef_command_lines_against_a_recorded_exchange() {
 #[tokio::test]
 async fn real_puppet_apply_when_puppet_is_installed() {
     let Some(program) = opsagent_helper::states::storage::find_tool("puppet", &["/opt/puppetlabs/bin"]) else {
-        eprintln!("puppet: SKIPPED the real run, puppet is not installed (apt-get install -y puppet)");
+        common::skip("puppet: SKIPPED the real run, puppet is not installed (apt-get install -y puppet)");
         return;
     };
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("puppet: SKIPPED the real run, needs root");
+        common::skip("puppet: SKIPPED the real run, needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

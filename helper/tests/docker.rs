@@ -62,7 +62,7 @@ struct Harness {
 impl Harness {
     async fn start() -> Option<Self> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("docker: SKIPPED, needs root to run a container engine");
+            common::skip("docker: SKIPPED, needs root to run a container engine");
             return None;
         }
         let missing: Vec<&str> = [

@@ -88,7 +88,7 @@ fn kernel_storage_required() -> bool {
 /// Says on stderr that a part of a test cannot run here; fails instead where it must run.
 fn skip(what: &str) {
     assert!(!kernel_storage_required(), "{what}, but OPSAGENT_TEST_KERNEL_STORAGE=required");
-    eprintln!("{what}");
+    common::skip(what);
 }
 
 /// Whether this machine can run the tests at all; says why not on stderr.

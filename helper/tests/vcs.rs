@@ -506,7 +506,7 @@ async fn git_bad_parameters_fail_clearly() {
 #[tokio::test]
 async fn git_runs_as_the_given_user() {
     if !is_root() {
-        eprintln!("git_runs_as_the_given_user: SKIPPED, needs root to run git as nobody");
+        common::skip("git_runs_as_the_given_user: SKIPPED, needs root to run git as nobody");
         return;
     }
     let up = GitUpstream::new("main");
@@ -698,7 +698,7 @@ async fn hg_clones_follows_pins_and_forces() {
 #[tokio::test]
 async fn hg_runs_as_the_given_user() {
     if !is_root() {
-        eprintln!("hg_runs_as_the_given_user: SKIPPED, needs root to run hg as nobody");
+        common::skip("hg_runs_as_the_given_user: SKIPPED, needs root to run hg as nobody");
         return;
     }
     let up = HgUpstream::new();
@@ -901,7 +901,7 @@ async fn svn_checks_out_with_credentials_and_follows_head() {
 #[tokio::test]
 async fn svn_runs_as_the_given_user() {
     if !is_root() {
-        eprintln!("svn_runs_as_the_given_user: SKIPPED, needs root to run svn as nobody");
+        common::skip("svn_runs_as_the_given_user: SKIPPED, needs root to run svn as nobody");
         return;
     }
     let up = SvnUpstream::new().await;
