@@ -469,8 +469,14 @@ async fn apply_one(client: &UnixHelperClient, version: u64, s: &RecipeState) -> 
 }
 
 fn read_status(config: Option<&Path>, state_dir: Option<PathBuf>) -> anyhow::Result<StatusReport> {
+    // A state directory named on the command line is the only place to look: the
+    // system daemon's /run file must not answer for another daemon.
+    let named = state_dir.is_some();
     let cfg = Config::load(config, &Overrides { state_dir, ..Overrides::default() })?;
-    let candidates = [PathBuf::from("/run/opsagent/status.json"), daemon::status_file(&cfg.agent.state_dir)];
+    let mut candidates = vec![PathBuf::from("/run/opsagent/status.json"), daemon::status_file(&cfg.agent.state_dir)];
+    if named {
+        candidates.remove(0);
+    }
     let path = candidates
         .iter()
         .find(|p| p.exists())

@@ -153,3 +153,87 @@ fn a_second_daemon_on_the_same_state_directory_refuses_to_start_naming_the_first
         first.log_text()
     );
 }
+
+/// `opsagent status --json` read and checked, then `opsagent stop --after-round` and
+/// `opsagent stop` against a running daemon: the first lets the round finish, the
+/// second only the running state.
+#[test]
+fn status_and_stop_against_a_running_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let work = dir.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let recipes = dir.join("recipes");
+    std::fs::create_dir(&recipes).unwrap();
+    let w = work.display().to_string();
+    let doc = json!({"recipe_version": 1, "state": [
+        {"id": "s-slow", "module": "linux.cmd", "parameter": {"cmd": "echo >> started; sleep 2", "cwd": w}},
+        {"id": "s-file", "module": "linux.file", "parameter": {"path": format!("{w}/f"), "content": "x"}}
+    ]});
+    std::fs::write(recipes.join("app-stop.json"), doc.to_string()).unwrap();
+    let statelog = dir.join("statelog.jsonl");
+    let socket = dir.join("helper.sock");
+    let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
+    let _helper = start_helper(dir, &socket);
+    let state_dir = dir.join("i-stop.state");
+    let opsagent = |args: &[&str]| {
+        let out = std::process::Command::new(bin("opsagent"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--config")
+            .arg(dir.join("empty.conf"))
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let count = |id: &str| logs_of(&statelog, 1).iter().filter(|l| l["id"] == id).count();
+    // How many times the slow state has started; more than reported: it runs now.
+    let started = || std::fs::read_to_string(work.join("started")).unwrap_or_default().lines().count();
+    let slow_runs_now = || started() > count("s-slow");
+
+    let mut agent = start_agent(dir, port, "app-stop", "i-stop", &socket, &["--round-delay", "1"]);
+    assert!(wait_until(Duration::from_secs(30), || count("s-file") >= 1), "a round: {}", agent.log_text());
+    // The status file follows the daemon within moments: read until it shows the round.
+    let status_json = || {
+        let (ok, text) = opsagent(&["status", "--json"]);
+        assert!(ok, "{text}");
+        serde_json::from_str::<Value>(&text).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {text}"))
+    };
+    let mut status = status_json();
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            status = status_json();
+            status["engine"]["rounds_completed"].as_u64().is_some_and(|n| n >= 1)
+        }),
+        "{status:#}"
+    );
+    assert_eq!(status["pid"], agent.pid(), "{status:#}");
+    assert_eq!(status["instance_id"], "i-stop", "{status:#}");
+    assert_eq!(status["app_id"], "app-stop", "{status:#}");
+    assert!(status["spool_depth"].is_u64(), "{status:#}");
+    assert!(status["summary"].as_str().is_some_and(|s| !s.is_empty()), "{status:#}");
+
+    // --after-round while the slow state of a round runs: that round still ends with
+    // s-file, then the daemon exits.
+    assert!(wait_until(Duration::from_secs(30), slow_runs_now), "{}", agent.log_text());
+    let (ok, text) = opsagent(&["stop", "--after-round"]);
+    assert!(ok && text.contains("after the current round"), "{text}");
+    let exit =
+        agent.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("still running: {}", agent.log_text()));
+    assert!(exit.success(), "{exit:?}: {}", agent.log_text());
+    assert_eq!(count("s-slow"), started(), "{:?}", logs_of(&statelog, 1));
+    assert_eq!(count("s-file"), started(), "the round ran to its end: {:?}", logs_of(&statelog, 1));
+
+    // A plain stop while the slow state runs: that state ends and is reported, the next
+    // one does not run.
+    let mut agent = start_agent(dir, port, "app-stop", "i-stop", &socket, &["--round-delay", "1"]);
+    assert!(wait_until(Duration::from_secs(30), slow_runs_now), "{}", agent.log_text());
+    let (ok, text) = opsagent(&["stop"]);
+    assert!(ok && text.contains("after the running state"), "{text}");
+    let exit =
+        agent.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("still running: {}", agent.log_text()));
+    assert!(exit.success(), "{exit:?}: {}", agent.log_text());
+    assert_eq!(count("s-slow"), started(), "the running state was reported: {:?}", logs_of(&statelog, 1));
+    assert_eq!(count("s-file"), started() - 1, "the next state did not run: {:?}", logs_of(&statelog, 1));
+}

@@ -25,15 +25,27 @@ async fn a_connection_closed_by_the_helper_while_idle_is_reopened_transparently(
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("h.sock");
     let mut cmd = Command::new(bin("opsagent-helper"));
-    cmd.arg("--socket").arg(&socket).arg("--idle-timeout").arg("1").stderr(std::process::Stdio::null());
+    let log = tmp.path().join("helper.log");
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--idle-timeout")
+        .arg("1")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
     let mut child = cmd.spawn().unwrap();
     assert!(wait_until(Duration::from_secs(10), || socket.exists()));
     let client = UnixHelperClient::new(&socket, "test");
     let file = tmp.path().join("f");
     let r = req("s1", "linux.file", json!({"path": file.display().to_string(), "content": "1"}));
     assert!(client.apply(r.clone(), Cancel::never()).await.unwrap().result);
-    // The helper closes idle connections after 1 s; the next request still succeeds.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The helper closes idle connections after 1 s (seen in its log, so that the
+    // reconnection below really runs); the next request still succeeds.
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(10), || read_log().contains("closing an idle connection")),
+        "the helper never closed the idle connection: {}",
+        read_log()
+    );
     let o = client.apply(r, Cancel::never()).await.unwrap();
     assert!(o.result && o.changes.is_empty(), "{o:?}");
     assert!(client.status().await.is_ok());
