@@ -271,6 +271,9 @@ pub struct StatusReport {
     pub engine: Value,
     pub spool_depth: usize,
     pub spool_dropped: u64,
+    /// The round's figures, as in the metrics file.
+    #[serde(default)]
+    pub metrics: crate::metrics::Figures,
 }
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
@@ -405,6 +408,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let health_task = tokio::spawn(confirm_health(state_dir.clone(), link_status.clone()));
     let status_task = tokio::spawn(write_status(
         status_file(&state_dir),
+        config.agent.metrics_file.clone(),
         who,
         spool.clone(),
         link_status,
@@ -500,22 +504,67 @@ async fn wait_for_helper(helper: &UnixHelperClient) -> Result<(), DaemonError> {
     }
 }
 
+/// Keeps the status file (and the metrics file, when configured) current: every second,
+/// and at once when a round ends. Round starts and ends are stamped with the wall clock
+/// as they are seen ([`crate::metrics::RoundClock`]); the files are written only when
+/// their content changed.
 async fn write_status(
     path: PathBuf,
+    metrics_path: Option<PathBuf>,
     who: Identity,
     spool: Arc<SharedSpool>,
     link: watch::Receiver<LinkStatus>,
-    engine: watch::Receiver<EngineStatus>,
+    mut engine: watch::Receiver<EngineStatus>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = Vec::new();
+    let mut last_metrics = String::new();
+    let mut metrics_error: Option<String> = None;
+    let mut clock = crate::metrics::RoundClock::default();
+    let now_unix =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            changed = engine.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Most engine changes (each state's phase) wait for the next tick.
+                if !clock.observe(&engine.borrow_and_update(), now_unix()) {
+                    continue;
+                }
+            }
             _ = stop.changed() => return,
         }
+        clock.observe(&engine.borrow(), now_unix());
         let (depth, dropped) = spool.depth();
+        let metrics = crate::metrics::Figures::new(&engine.borrow(), &link.borrow(), &clock, (depth, dropped));
+        if let Some(metrics_path) = &metrics_path {
+            let labels = crate::metrics::Labels {
+                version: &who.agent_version,
+                instance_id: &who.instance_id,
+                app_id: &who.app_id,
+            };
+            let text = crate::metrics::render(&metrics, &labels);
+            if text != last_metrics {
+                match write_atomic(metrics_path, text.as_bytes()) {
+                    Ok(()) => {
+                        if metrics_error.take().is_some() {
+                            tracing::info!(path = %metrics_path.display(), "the metrics file is written again");
+                        }
+                        last_metrics = text;
+                    }
+                    // Once per condition, not every second.
+                    Err(e) if metrics_error.as_deref() != Some(&e.to_string()) => {
+                        tracing::warn!(error = %e, path = %metrics_path.display(), "cannot write the metrics file");
+                        metrics_error = Some(e.to_string());
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
         let report = StatusReport {
             pid: std::process::id(),
             instance_id: who.instance_id.clone(),
@@ -526,6 +575,7 @@ async fn write_status(
             engine: serde_json::to_value(&*engine.borrow()).unwrap_or(Value::Null),
             spool_depth: depth,
             spool_dropped: dropped,
+            metrics,
         };
         let bytes = serde_json::to_vec_pretty(&report).unwrap_or_default();
         if bytes != last {

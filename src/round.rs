@@ -179,6 +179,30 @@ pub struct EngineStatus {
     /// (state id, result) of the last state reported.
     pub last: Option<(String, bool)>,
     pub rounds_completed: u64,
+    /// Rounds that ceased on a failing state.
+    pub rounds_ceased: u64,
+    /// The states reported so far in the running (or last) round.
+    pub current: RoundCounts,
+    /// The last round that ended (completed or ceased; a preempted or stopped round is
+    /// not a result).
+    pub last_round: Option<LastRound>,
+}
+
+/// States reported in one round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct RoundCounts {
+    pub ok: u64,
+    pub failed: u64,
+    /// States that changed something (ok or not).
+    pub changed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LastRound {
+    pub round: u64,
+    pub completed: bool,
+    pub states: RoundCounts,
+    pub duration_ms: u64,
 }
 
 enum RoundEnd {
@@ -398,13 +422,14 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 self.absorb(ev).await;
                 continue;
             }
+            let started = Instant::now();
             let end = self.run_round().await;
+            let completed = matches!(end, RoundEnd::Completed);
             let pause = match end {
                 RoundEnd::Preempted => continue,
                 RoundEnd::Stopped => break,
                 RoundEnd::Completed => {
                     self.st.ceased = 0;
-                    self.st.status.send_modify(|s| s.rounds_completed += 1);
                     self.cfg.round_delay
                 }
                 RoundEnd::Ceased => {
@@ -412,6 +437,15 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                     self.cfg.retry_delay_after(self.st.ceased)
                 }
             };
+            let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.st.status.send_modify(|s| {
+                if completed {
+                    s.rounds_completed += 1;
+                } else {
+                    s.rounds_ceased += 1;
+                }
+                s.last_round = Some(LastRound { round: s.round, completed, states: s.current, duration_ms });
+            });
             if self.st.stop == Some(StopMode::AfterRound) {
                 break;
             }
@@ -462,7 +496,10 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let Some(recipe) = self.st.recipe.clone() else {
             return RoundEnd::Completed;
         };
-        self.st.status.send_modify(|s| s.round += 1);
+        self.st.status.send_modify(|s| {
+            s.round += 1;
+            s.current = RoundCounts::default();
+        });
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
         tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
@@ -526,7 +563,16 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 result = outcome.result, comment = %outcome.comment, "state failed"
             );
         }
-        self.st.status.send_modify(|s| s.last = Some((state.id.to_string(), outcome.result)));
+        let changed = !outcome.changes.is_empty();
+        self.st.status.send_modify(|s| {
+            s.last = Some((state.id.to_string(), outcome.result));
+            if outcome.result {
+                s.current.ok += 1;
+            } else {
+                s.current.failed += 1;
+            }
+            s.current.changed += u64::from(changed);
+        });
         self.effects.report(log).await;
     }
 

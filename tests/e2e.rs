@@ -237,3 +237,105 @@ fn status_and_stop_against_a_running_daemon() {
     assert_eq!(count("s-slow"), started(), "the running state was reported: {:?}", logs_of(&statelog, 1));
     assert_eq!(count("s-file"), started() - 1, "the next state did not run: {:?}", logs_of(&statelog, 1));
 }
+
+/// The metrics file (`--metrics-file`) scraped with Prometheus' own Python parser
+/// (Debian's python3-prometheus-client), after a round that completed and one that
+/// ceased; `status --json` carries the same figures.
+#[test]
+fn metrics_file_holds_the_round_figures_in_prometheus_text_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let work = dir.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let recipes = dir.join("recipes");
+    std::fs::create_dir(&recipes).unwrap();
+    let w = work.display().to_string();
+    let write_recipe = |version: u64, guard: &str| {
+        let doc = json!({"recipe_version": version, "state": [
+            {"id": "s-file", "module": "linux.file", "parameter": {"path": format!("{w}/f"), "content": format!("v{version}")}},
+            {"id": "s-check", "module": "linux.cmd", "parameter": {"cmd": guard, "cwd": w}}
+        ]});
+        std::fs::write(recipes.join("app-metrics.json"), doc.to_string()).unwrap();
+    };
+    write_recipe(1, "true");
+    let statelog = dir.join("statelog.jsonl");
+    let socket = dir.join("helper.sock");
+    let metrics = dir.join("textfile/opsagent.prom");
+    std::fs::create_dir(metrics.parent().unwrap()).unwrap();
+    let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
+    let _helper = start_helper(dir, &socket);
+    let agent = start_agent(
+        dir,
+        port,
+        "app-metrics",
+        "i-metrics",
+        &socket,
+        &["--round-delay", "1", "--retry-delay", "1", "--metrics-file", &metrics.display().to_string()],
+    );
+    // Parsed by the real parser; returns {sample name + labels: value}.
+    let scrape = || -> Value {
+        let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(open(sys.argv[1]).read()):
+    for s in fam.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        out[s.name + ("{" + labels + "}" if labels else "")] = s.value
+    out["type:" + fam.name] = fam.type
+print(json.dumps(out))
+"#;
+        let out = std::process::Command::new("/usr/bin/python3").arg("-c").arg(script).arg(&metrics).output().unwrap();
+        assert!(out.status.success(), "the parser refused the file: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let completed = "opsagent_rounds_total{result=completed}";
+    assert!(
+        wait_until(Duration::from_secs(30), || metrics.exists() && scrape()[completed].as_f64() >= Some(1.0)),
+        "a completed round in the metrics: {:?}; agent: {}",
+        std::fs::read_to_string(&metrics),
+        agent.log_text()
+    );
+    let m = scrape();
+    assert_eq!(m["opsagent_connected"], 1.0, "{m:#}");
+    assert_eq!(m["opsagent_recipe_version"], 1.0, "{m:#}");
+    assert_eq!(m["opsagent_last_round_success"], 1.0, "{m:#}");
+    assert_eq!(m["opsagent_last_round_states{result=ok}"], 2.0, "{m:#}");
+    assert_eq!(m["opsagent_last_round_states{result=failed}"], 0.0, "{m:#}");
+    assert_eq!(m["opsagent_info{app_id=app-metrics,instance_id=i-metrics,version=0.1.0}"], 1.0, "{m:#}");
+    assert_eq!(m["type:opsagent_rounds"], "counter", "{m:#}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let (start, end) = (
+        m["opsagent_last_round_start_timestamp_seconds"].as_f64().unwrap(),
+        m["opsagent_last_round_end_timestamp_seconds"].as_f64().unwrap(),
+    );
+    assert!(start <= end && end <= now + 1.0 && now - end < 60.0, "{m:#}");
+    assert_eq!(m["opsagent_last_successful_round_timestamp_seconds"].as_f64(), Some(end), "{m:#}");
+
+    // A failing recipe: its rounds cease; the last success stays where it was.
+    let success = end;
+    write_recipe(2, "false");
+    let ceased = "opsagent_rounds_total{result=ceased}";
+    assert!(
+        wait_until(Duration::from_secs(30), || scrape()[ceased].as_f64() >= Some(1.0)),
+        "a ceased round in the metrics: {:?}",
+        std::fs::read_to_string(&metrics)
+    );
+    let m = scrape();
+    assert_eq!(m["opsagent_recipe_version"], 2.0, "{m:#}");
+    assert_eq!(m["opsagent_last_round_success"], 0.0, "{m:#}");
+    assert_eq!(m["opsagent_last_round_states{result=failed}"], 2.0, "failed twice: restarted, then ceased: {m:#}");
+    assert_eq!(m["opsagent_last_successful_round_timestamp_seconds"].as_f64(), Some(success), "{m:#}");
+
+    // The same figures in status --json.
+    let out = std::process::Command::new(bin("opsagent"))
+        .args(["status", "--json", "--config"])
+        .arg(dir.join("empty.conf"))
+        .arg("--state-dir")
+        .arg(dir.join("i-metrics.state"))
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["metrics"]["rounds_ceased"].as_u64() >= Some(1), "{status:#}");
+    assert_eq!(status["metrics"]["last_successful_round_unix"].as_f64(), Some(success), "{status:#}");
+}

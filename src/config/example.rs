@@ -57,6 +57,12 @@ pub const EXAMPLE: &str = concat!(
 ;download_max_bytes = 1073741824
 ; Seconds one download attempt may take, body included; failed attempts are retried.
 ;download_timeout = 600
+; Prometheus text file of the round's figures (start, end, duration, states ok/failed/
+; changed, spool depth, connected, last successful round, recipe version), rewritten
+; atomically at every round's end and every few seconds, for node_exporter's textfile
+; collector (--collector.textfile.directory): name a *.prom file in a directory the
+; opsagent user may write. Off when unset. Flag --metrics-file.
+;metrics_file = /var/lib/prometheus/node-exporter/opsagent.prom
 
 [link]
 ; Extra PEM bundle of trusted CAs for wss:// and https:// downloads (the system roots are

@@ -47,6 +47,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "log_level",
             "download_max_bytes",
             "download_timeout",
+            "metrics_file",
         ],
     ),
     (
@@ -137,6 +138,9 @@ pub struct AgentConfig {
     pub download_max_bytes: u64,
     /// Longest one download attempt may take, body included.
     pub download_timeout: Duration,
+    /// Where to keep the round's figures as a Prometheus text file (node_exporter's
+    /// textfile collector); `None`: not written.
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -151,6 +155,7 @@ impl Default for AgentConfig {
             log_level: "info".to_string(),
             download_max_bytes: DEFAULT_DOWNLOAD_MAX_BYTES,
             download_timeout: Duration::from_secs(600),
+            metrics_file: None,
         }
     }
 }
@@ -247,6 +252,9 @@ pub struct Overrides {
     /// Seconds to wait after a failed round [config: agent.retry_delay]
     #[arg(long = "retry-delay", value_name = "SECONDS")]
     pub retry_delay: Option<u64>,
+    /// Prometheus text file of the round's figures [config: agent.metrics_file]
+    #[arg(long = "metrics-file", value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -381,6 +389,9 @@ impl Config {
                 *field = flag_path(value).map_err(|p| flag_error("agent", key, p))?;
             }
         }
+        if let Some(value) = &o.metrics_file {
+            self.agent.metrics_file = Some(flag_path(value).map_err(|p| flag_error("agent", "metrics_file", p))?);
+        }
         Ok(())
     }
 
@@ -398,6 +409,7 @@ impl Config {
             ("agent", "token_file") => a.token_file = values::absolute_path(value)?,
             ("agent", "state_dir") => a.state_dir = values::absolute_path(value)?,
             ("agent", "helper_socket") => a.helper_socket = values::absolute_path(value)?,
+            ("agent", "metrics_file") => a.metrics_file = Some(values::absolute_path(value)?),
             ("agent", "round_delay") => a.round_delay = values::seconds(value)?,
             ("agent", "retry_delay") => a.retry_delay = values::seconds(value)?,
             ("agent", "retry_delay_max") => a.retry_delay_max = values::seconds(value)?,

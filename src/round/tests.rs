@@ -420,3 +420,29 @@ fn describe_says_each_change_once_and_keeps_the_rest_of_the_comment() {
     bare.changes = vec![change("x")];
     assert_eq!(describe(&bare), format!("changed: {}", bare.changes[0]));
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_ended_round_leaves_its_figures_for_status_and_metrics() {
+    let rig = start(None);
+    rig.helper.script("a", &[Act::Slow(Duration::from_secs(3))]);
+    rig.helper.script("b", &[Act::Fail]);
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
+    advance(Duration::from_secs(4)).await;
+    advance(Duration::from_secs(4)).await;
+    // a (3 s), b fails, restart: a (3 s), b fails again: ceased after 6 s.
+    let st = rig.handle.status.borrow().clone();
+    assert_eq!((st.rounds_completed, st.rounds_ceased), (0, 1), "{st:?}");
+    let last = st.last_round.clone().unwrap();
+    assert_eq!(last.round, 1);
+    assert!(!last.completed);
+    assert_eq!((last.states.ok, last.states.failed), (2, 2), "{last:?}");
+    assert_eq!(last.duration_ms, 6_000);
+    // The next round succeeds; its figures replace the last one's.
+    rig.helper.script("a", &[Act::Ok]);
+    rig.helper.script("b", &[Act::Ok]);
+    advance(Duration::from_secs(6)).await;
+    let st = rig.handle.status.borrow().clone();
+    assert_eq!((st.rounds_completed, st.rounds_ceased), (1, 1), "{st:?}");
+    let last = st.last_round.unwrap();
+    assert_eq!((last.round, last.completed, last.states.ok, last.states.failed, last.duration_ms), (2, true, 2, 0, 0));
+}
