@@ -118,6 +118,7 @@ fn overrides_win() {
         helper_socket: Some("/f/h.sock".into()),
         round_delay: Some(7),
         retry_delay: Some(3),
+        metrics_file: Some("/f/opsagent.prom".into()),
     };
     let c = Config::load(Some(&path), &overrides).unwrap();
     assert_eq!(c.source.as_deref(), Some(path.as_path()));
@@ -129,6 +130,21 @@ fn overrides_win() {
     assert_eq!(c.agent.helper_socket, Path::new("/f/h.sock"));
     assert_eq!(c.agent.round_delay, Duration::from_secs(7));
     assert_eq!(c.agent.retry_delay, Duration::from_secs(3));
+    assert_eq!(c.agent.metrics_file.as_deref(), Some(Path::new("/f/opsagent.prom")));
+}
+
+#[test]
+fn metrics_file_is_off_by_default_and_must_be_absolute() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opsagent.conf");
+    std::fs::write(&path, "").unwrap();
+    assert_eq!(Config::load(Some(&path), &Overrides::default()).unwrap().agent.metrics_file, None);
+    std::fs::write(&path, "[agent]\nmetrics_file = /var/lib/node-exporter/opsagent.prom\n").unwrap();
+    let c = Config::load(Some(&path), &Overrides::default()).unwrap();
+    assert_eq!(c.agent.metrics_file.as_deref(), Some(Path::new("/var/lib/node-exporter/opsagent.prom")));
+    std::fs::write(&path, "[agent]\nmetrics_file = opsagent.prom\n").unwrap();
+    let e = Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+    assert!(e.contains("metrics_file"), "{e}");
 }
 
 #[test]
@@ -198,7 +214,7 @@ fn unknown_names_and_structure_errors() {
     assert_eq!(
         err("[agent]\nround_dealy = 5\n"),
         "/etc/opsagent.conf:2: [agent] round_dealy: unknown key (keys of [agent]: token_file, state_dir, \
-         helper_socket, round_delay, retry_delay, retry_delay_max, log_level, download_max_bytes, download_timeout)"
+         helper_socket, round_delay, retry_delay, retry_delay_max, log_level, download_max_bytes, download_timeout, metrics_file)"
     );
     assert_eq!(
         err("[agnet]\n"),
@@ -270,7 +286,13 @@ fn example_parses_to_the_defaults() {
     assert_eq!(parse(EXAMPLE).unwrap(), parse("").unwrap(), "all commented out");
     let c = parse(&example_uncommented()).unwrap();
     let d = Config::default();
-    assert_eq!(c.agent, d.agent, "[agent] defaults in EXAMPLE match the code");
+    // The example names a metrics file to show the key; the default is none.
+    assert_eq!(c.agent.metrics_file.as_deref(), Some(Path::new("/var/lib/prometheus/node-exporter/opsagent.prom")));
+    assert_eq!(
+        AgentConfig { metrics_file: None, ..c.agent.clone() },
+        d.agent,
+        "[agent] defaults in EXAMPLE match the code"
+    );
     assert_eq!(c.link.ca_file.as_deref(), Some(Path::new("/etc/opsagent/ca.pem")));
     assert_eq!(c.link.proxy.as_deref(), Some("http://proxy.example.com:3128"));
     assert!(c.link.no_proxy.is_some());
