@@ -153,3 +153,44 @@ fn a_new_recipe_during_a_long_command_starts_promptly_and_leaves_no_stray_proces
         "new recipe file written → new round's first StateLog: {elapsed:?} (includes the backend's file polling)"
     );
 }
+
+/// The README's offline promise, with real processes: a daemon restarted while the
+/// backend is unreachable applies its persisted recipe anyway, and the StateLogs of those
+/// rounds reach the backend once it is back, marked `"offline": true`, each once.
+#[test]
+fn a_daemon_restarted_while_the_backend_is_down_applies_offline_and_reports_later() {
+    let s = setup("app-r4", |w| {
+        json!({"state": [{"id": "r4-count", "module": "linux.cmd",
+            "parameter": {"cmd": "echo run >> runs", "cwd": w.display().to_string()}}]})
+    });
+    let runs = || std::fs::read_to_string(s.work.join("runs")).unwrap_or_default().lines().count();
+    let (mut backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &[]);
+    let _helper = start_helper(&s.dir, &s.socket);
+    let args = ["--round-delay", "1"];
+    let mut agent = start_agent(&s.dir, port, "app-r4", "i-r4", &s.socket, &args);
+    assert!(wait_until(Duration::from_secs(30), || !read_jsonl(&s.statelog).is_empty()), "{}", agent.log_text());
+    assert!(read_jsonl(&s.statelog).iter().all(|l| l.get("offline").is_none_or(|o| o == false)));
+
+    backend.kill9();
+    agent.kill9();
+    let online_runs = runs();
+    let agent = start_agent(&s.dir, port, "app-r4", "i-r4", &s.socket, &args);
+    assert!(
+        wait_until(Duration::from_secs(30), || runs() >= online_runs + 2),
+        "the restarted daemon applies the persisted recipe without a backend: {}",
+        agent.log_text()
+    );
+    assert!(agent.log_text().contains("resuming the persisted recipe"), "{}", agent.log_text());
+    let offline_runs = runs() - online_runs;
+
+    let (_backend, _) = start_backend_on(&s.dir, &s.recipes, &s.statelog, &format!("127.0.0.1:{port}"), &[]);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            read_jsonl(&s.statelog).iter().filter(|l| l["offline"] == true).count() >= offline_runs
+        }),
+        "the offline rounds are reported once the backend is back: {:?}\n{}",
+        read_jsonl(&s.statelog),
+        agent.log_text()
+    );
+    assert_exactly_once(&s.statelog);
+}
