@@ -39,7 +39,9 @@ pub enum HelperClientError {
     Connect { path: String, source: std::io::Error },
     #[error("helper at {path}: {source}")]
     Codec { path: String, source: CodecError },
-    #[error("helper at {path} closed the connection")]
+    #[error(
+        "helper at {path} closed the connection before answering (it exited or was killed while serving the request)"
+    )]
     Closed { path: String },
     #[error("helper at {path} refused: {error}")]
     Refused { path: String, error: HelperError },
@@ -293,8 +295,11 @@ impl UnixHelperClient {
     }
 
     /// Runs one request on the shared connection; on any transport error the
-    /// connection is discarded so the next call starts afresh.
-    async fn with_conn<T, F>(&self, f: F) -> Result<T, HelperClientError>
+    /// connection is discarded so the next call starts afresh. `retry`: whether a
+    /// request whose connection was lost may be sent once more on a fresh one — only
+    /// for requests without effects (status): a state whose helper died under it is
+    /// reported as failed, not run again behind the round's back.
+    async fn with_conn<T, F>(&self, retry: bool, f: F) -> Result<T, HelperClientError>
     where
         F: for<'c> Fn(
             &'c Self,
@@ -304,6 +309,13 @@ impl UnixHelperClient {
         let mut guard = self.conn.lock().await;
         let mut retried = false;
         loop {
+            // A kept connection that the helper closed meanwhile (idle timeout, exit
+            // when idle, restart) has a finished reader task: replace it before use, so
+            // that a lost connection below means the helper went away during this call.
+            if guard.as_ref().is_some_and(|c| c.replies.is_closed() && c.replies.is_empty()) {
+                tracing::debug!(socket = %self.shown(), "the helper closed the kept connection; reconnecting");
+                *guard = None;
+            }
             let reused = guard.is_some();
             if guard.is_none() {
                 *guard = Some(self.connect().await?);
@@ -314,10 +326,10 @@ impl UnixHelperClient {
             if lost || matches!(result, Err(HelperClientError::Protocol { .. } | HelperClientError::Abandoned { .. })) {
                 *guard = None;
             }
-            // A kept connection may have been closed by the helper meanwhile (idle
-            // timeout, helper restart): try once more on a fresh one. States are
-            // idempotent, so a request the helper did see is safe to repeat.
-            if lost && reused && !retried {
+            // A kept connection closed by the helper just as it was used (the close
+            // raced the request): try once more on a fresh one, for requests without
+            // effects only.
+            if lost && reused && retry && !retried {
                 retried = true;
                 tracing::debug!(socket = %self.shown(), "helper connection was closed; reconnecting");
                 continue;
@@ -369,7 +381,7 @@ impl UnixHelperClient {
 
 impl UnixHelperClient {
     async fn apply_once(&self, req: ApplyRequest, cancel: Cancel) -> Result<Applied, HelperClientError> {
-        self.with_conn(move |me, conn| Box::pin(me.apply_on(conn, req.clone(), cancel.clone()))).await
+        self.with_conn(false, move |me, conn| Box::pin(me.apply_on(conn, req.clone(), cancel.clone()))).await
     }
 }
 
@@ -407,7 +419,7 @@ impl HelperClient for UnixHelperClient {
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
-        self.with_conn(|me, conn| {
+        self.with_conn(true, |me, conn| {
             Box::pin(async move {
                 let id = me.send(conn, Request::Status).await?;
                 match me.recv(conn).await? {

@@ -95,7 +95,7 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
-fn spawn_logged(name: &str, mut cmd: Command, dir: &Path) -> Proc {
+pub fn spawn_logged(name: &str, mut cmd: Command, dir: &Path) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let f = std::fs::File::create(&log).unwrap();
     cmd.stderr(f.try_clone().unwrap()).stdin(Stdio::null());

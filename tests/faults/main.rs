@@ -1,0 +1,16 @@
+// Integration tests wait on real processes with the wall clock.
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
+
+//! Faults an unattended agent meets, survived with real processes: nothing lost, nothing
+//! doubled, the host not left half-configured. Each test prints one row of the table in
+//! the README ("Faults survived"): `cargo test --test faults -- --nocapture 2>&1 | grep '^| '`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod helper_killed;
+
+/// One row of the README's table: fault, what the agent did, what was lost, time to recover.
+pub fn row(fault: &str, did: &str, lost: &str, recovered: std::time::Duration) {
+    eprintln!("| {fault} | {did} | {lost} | {:.1} s |", recovered.as_secs_f64());
+}
