@@ -206,6 +206,30 @@ mod tests {
     }
 
     #[test]
+    fn a_link_planted_on_the_way_where_another_user_writes_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let www = tmp.path().join("www");
+        fs::create_dir(&www).unwrap();
+        std::os::unix::fs::chown(&www, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::symlink(&victim, www.join("conf")).unwrap();
+        let out = apply(&symlink(json!({"target": www.join("conf/current"), "source": "/srv/v2"})));
+        assert_eq!(
+            out.comment,
+            format!(
+                "{}: a symbolic link in a directory writable by uid 65534; refusing to follow it",
+                www.join("conf").display()
+            )
+        );
+        assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);
+        // The link itself, in the user's directory, is managed without being followed.
+        let out = apply(&symlink(json!({"target": www.join("conf"), "source": "/srv/v2"})));
+        assert!(out.result, "{}", out.comment);
+        assert_eq!(fs::read_link(www.join("conf")).unwrap(), Path::new("/srv/v2"));
+    }
+
+    #[test]
     fn absent_removes_only_the_link() {
         let tmp = tempfile::tempdir().unwrap();
         let link = tmp.path().join("l");
