@@ -1,20 +1,21 @@
 //! Filesystem steps shared by the file-like states.
 //!
 //! Root acting on paths that other users may control must not be tricked into following
-//! a symbolic link at the final component: objects are opened with `O_NOFOLLOW` and
-//! their owner and mode changed through that descriptor, never by path.
+//! a symbolic link: every path is opened component by component through [`crate::dirfd`]
+//! (links on the way followed only where only root could have placed them), and owners,
+//! modes, creations and replacements go through the opened descriptors, never by path.
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use nix::fcntl::OFlag;
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::Change;
 
+use crate::dirfd::{self, Dir, Last, NewDirs, WalkError};
 use crate::identity::Owner;
 
 /// Mode and owner of directories created on the way to what a state manages.
@@ -28,6 +29,19 @@ pub enum FsError {
     Symlink(PathBuf),
     #[error("{path} exists and is {found}, not a directory")]
     NotADirectory { path: PathBuf, found: &'static str },
+    #[error(transparent)]
+    Walk(WalkError),
+}
+
+impl From<WalkError> for FsError {
+    fn from(e: WalkError) -> Self {
+        match e {
+            WalkError::Symlink(p) => Self::Symlink(p),
+            WalkError::NotADirectory { path, found } => Self::NotADirectory { path, found },
+            WalkError::Io { path, op, source } => Self::Io { path, op, source },
+            e => Self::Walk(e),
+        }
+    }
 }
 
 pub fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> FsError {
@@ -55,7 +69,8 @@ pub fn kind_of(ft: fs::FileType) -> &'static str {
     }
 }
 
-/// `lstat`, with "missing" as `None`.
+/// `lstat`, with "missing" as `None`. For looking only: nothing may be changed on the
+/// strength of it (the path can change meanwhile).
 pub fn lstat(path: &Path) -> Result<Option<fs::Metadata>, FsError> {
     match fs::symlink_metadata(path) {
         Ok(m) => Ok(Some(m)),
@@ -64,20 +79,20 @@ pub fn lstat(path: &Path) -> Result<Option<fs::Metadata>, FsError> {
     }
 }
 
-/// Opens an existing object without following a link at its last component.
-/// `O_NONBLOCK` keeps a FIFO swapped in behind our back from hanging the open.
+/// Opens an existing object without following a link at its last component (links on
+/// the way: under the rule of [`crate::dirfd`]). `O_NONBLOCK` keeps a FIFO swapped in
+/// behind our back from hanging the open.
 pub fn open_nofollow(path: &Path, directory: bool) -> Result<File, FsError> {
-    let mut flags = OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let r = dirfd::resolve(path, Last::NoFollow, None, &mut |_, _| {})?;
+    let missing = || io_err(path, "open")(io::ErrorKind::NotFound.into());
+    let Some(name) = r.name else {
+        return Ok(r.parent.into_file());
+    };
     if directory {
-        flags |= OFlag::O_DIRECTORY;
+        Ok(r.parent.subdir(&name)?.ok_or_else(missing)?.into_file())
+    } else {
+        r.parent.open_file(&name)?.ok_or_else(missing)
     }
-    OpenOptions::new().read(true).custom_flags(flags.bits()).open(path).map_err(|e| {
-        if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
-            FsError::Symlink(path.to_path_buf())
-        } else {
-            io_err(path, "open")(e)
-        }
-    })
 }
 
 pub fn describe_mode(mode: u32) -> String {
@@ -85,95 +100,52 @@ pub fn describe_mode(mode: u32) -> String {
 }
 
 /// Brings owner and mode of the open object `f` (at `path`) to what is wanted,
-/// recording each change. Owner first: chown clears set-id bits the mode may want.
+/// recording each change. `mode` `None` keeps the mode. Owner first: chown clears
+/// set-id bits the mode may want.
 pub fn enforce_attrs(
-    f: &File,
+    f: impl AsFd,
     path: &Path,
     mode: Option<u32>,
     owner: &Owner,
     changes: &mut Vec<Change>,
 ) -> Result<(), FsError> {
-    let meta = f.metadata().map_err(io_err(path, "stat"))?;
-    enforce_attrs_known(f, &meta, path, mode, owner, changes)
-}
-
-/// [`enforce_attrs`] for a caller that has just read `meta` through `f` (one `fstat`
-/// less on the path every idempotent file state takes).
-pub fn enforce_attrs_known(
-    f: &File,
-    meta: &fs::Metadata,
-    path: &Path,
-    mode: Option<u32>,
-    owner: &Owner,
-    changes: &mut Vec<Change>,
-) -> Result<(), FsError> {
-    let (uid, gid) = (meta.uid(), meta.gid());
+    let fd = f.as_fd();
+    let before = rustix::fs::fstat(fd).map_err(|e| io_err(path, "stat")(e.into()))?;
+    let (uid, gid) = (before.st_uid, before.st_gid);
+    let before_mode = before.st_mode & 0o7777;
     let (want_uid, want_gid) = owner.applied_to(uid, gid);
-    let mut current_mode = meta.mode() & 0o7777;
+    dirfd::set_attrs(fd, path, want_uid, want_gid, mode)?;
     if (want_uid, want_gid) != (uid, gid) {
-        std::os::unix::fs::fchown(f, Some(want_uid), Some(want_gid)).map_err(io_err(path, "change the owner of"))?;
         changes.push(Change::new(path.display().to_string(), format!("owner {uid}:{gid} -> {want_uid}:{want_gid}")));
-        current_mode = f.metadata().map_err(io_err(path, "stat"))?.mode() & 0o7777;
     }
-    if let Some(want) = mode {
-        if current_mode != want {
-            f.set_permissions(fs::Permissions::from_mode(want)).map_err(io_err(path, "change the mode of"))?;
-            // Compare with the mode before chown: a mode that only chown disturbed
-            // and we restored is not a change the user asked about twice.
-            let before = meta.mode() & 0o7777;
-            if before != want {
-                changes.push(Change::new(
-                    path.display().to_string(),
-                    format!("mode {} -> {}", describe_mode(before), describe_mode(want)),
-                ));
-            }
-        }
+    // Compared with the mode before chown: a mode that only chown disturbed and we
+    // restored is not a change the user asked about twice.
+    if let Some(want) = mode.filter(|m| *m != before_mode) {
+        changes.push(Change::new(
+            path.display().to_string(),
+            format!("mode {} -> {}", describe_mode(before_mode), describe_mode(want)),
+        ));
     }
     Ok(())
 }
 
 /// Creates the missing directories from the nearest existing ancestor down to `path`
-/// included, each with `mode` and `owner`. An existing ancestor must be a directory
-/// (a link to one is fine: only the final component is treated strictly by callers).
+/// included, each with `mode` and `owner`, through directory descriptors. Links on the
+/// way are followed only under the rule of [`crate::dirfd`].
 pub fn create_dirs(path: &AbsPath, mode: u32, owner: (Uid, Gid), changes: &mut Vec<Change>) -> Result<(), FsError> {
-    let mut missing = Vec::new();
-    let mut cur = path.as_path();
-    loop {
-        match fs::metadata(cur) {
-            Ok(m) if m.is_dir() => break,
-            Ok(m) => {
-                return Err(FsError::NotADirectory { path: cur.to_path_buf(), found: kind_of(m.file_type()) });
-            }
-            // ENOTDIR: an ancestor is not a directory; walking up finds and names it.
-            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::ENOTDIR) => {
-                // A dangling link is "missing" to metadata() but must not be replaced.
-                if e.kind() == io::ErrorKind::NotFound {
-                    if let Some(m) = lstat(cur)? {
-                        return Err(FsError::NotADirectory { path: cur.to_path_buf(), found: kind_of(m.file_type()) });
-                    }
-                }
-                missing.push(cur);
-                match cur.parent() {
-                    Some(p) => cur = p,
-                    None => break,
-                }
-            }
-            Err(e) => return Err(io_err(cur, "inspect")(e)),
-        }
-    }
-    for dir in missing.into_iter().rev() {
-        // Created private, then opened and set: never visible with looser rights.
-        fs::DirBuilder::new().mode(0o700).create(dir).map_err(io_err(dir, "create directory"))?;
-        let f = open_nofollow(dir, true)?;
-        std::os::unix::fs::fchown(&f, Some(owner.0.as_raw()), Some(owner.1.as_raw()))
-            .map_err(io_err(dir, "change the owner of"))?;
-        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(dir, "change the mode of"))?;
+    create_dir_all(path.as_path(), mode, owner, changes).map(drop)
+}
+
+/// [`create_dirs`], returning the opened directory `path`.
+pub fn create_dir_all(path: &Path, mode: u32, owner: (Uid, Gid), changes: &mut Vec<Change>) -> Result<Dir, FsError> {
+    let new = NewDirs { mode, uid: owner.0.as_raw(), gid: owner.1.as_raw() };
+    let mut record = |dir: &Path, new: NewDirs| {
         changes.push(Change::new(
             dir.display().to_string(),
-            format!("directory created ({} {}:{})", describe_mode(mode), owner.0, owner.1),
-        ));
-    }
-    Ok(())
+            format!("directory created ({} {}:{})", describe_mode(new.mode), new.uid, new.gid),
+        ))
+    };
+    Ok(dirfd::create_dir_all(path, new, &mut record)?)
 }
 
 /// Makes sure `dir` (a file's parent) exists, creating root-owned 0755 directories.
@@ -181,63 +153,73 @@ pub fn ensure_parent(dir: &AbsPath, changes: &mut Vec<Change>) -> Result<(), FsE
     create_dirs(dir, PARENT_DIR_MODE, (Uid::from_raw(0), Gid::from_raw(0)), changes)
 }
 
-/// A name next to `path` for a temporary object, unique within this process.
-pub fn temp_sibling(path: &AbsPath) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = path.as_path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.parent().as_path().join(format!(".{name}.opsagent-tmp.{}.{n}", std::process::id()))
-}
-
 pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
-    open_nofollow(dir, true)?.sync_all().map_err(io_err(dir, "fsync"))
+    Ok(Dir::open(dir)?.fsync()?)
 }
 
 /// Replaces (or creates) `path` with `content`, owner and mode, atomically: a reader
 /// sees the old file or the new one, and after a crash one of them is on disk whole.
+/// A link at `path` is replaced, never written through.
 pub fn write_atomic(path: &AbsPath, content: &[u8], mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
-    write_atomic_via(&temp_sibling(path), path.as_path(), content, mode, uid, gid)
+    let r = dirfd::resolve(path.as_path(), Last::NoFollow, None, &mut |_, _| {})?;
+    let name = r.name.ok_or_else(|| FsError::NotADirectory { path: "/".into(), found: "the root" })?;
+    write_in(&r.parent, &name, content, mode, uid, gid)
+}
+
+/// [`write_atomic`] of the entry `name` of the opened directory `dir`: a temporary file
+/// created in `dir`, written, owned, fsynced and renamed onto `name`.
+pub fn write_in(dir: &Dir, name: &OsStr, content: &[u8], mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
+    let (tmp, mut f) = dir.create_temp(name)?;
+    let shown = dir.join(&tmp);
+    let written = (|| {
+        f.write_all(content).map_err(io_err(&shown, "write"))?;
+        install_in(dir, &tmp, &f, name, mode, uid, gid)
+    })();
+    if written.is_err() {
+        let _ = dir.unlink(&tmp);
+    }
+    written
+}
+
+/// Puts the finished temporary file `tmp` (an entry of `dir`, open as `f`) in place of
+/// `name` with owner and mode, atomically, and makes it durable.
+pub fn install_in(
+    dir: &Dir,
+    tmp: &OsStr,
+    f: &File,
+    name: &OsStr,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> Result<(), FsError> {
+    let shown = dir.join(tmp);
+    // Set on the descriptor: the umask must not decide the mode.
+    dirfd::set_attrs(f.as_fd(), &shown, uid, gid, Some(mode))?;
+    f.sync_all().map_err(io_err(&shown, "fsync"))?;
+    dir.rename(tmp, name)?;
+    Ok(dir.fsync()?)
 }
 
 /// [`write_atomic`] through the temporary file `tmp`, which must not exist and must be
 /// in `path`'s directory (for callers that need a name of their own choosing).
 pub fn write_atomic_via(tmp: &Path, path: &Path, content: &[u8], mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
+    let r = dirfd::resolve(path, Last::NoFollow, None, &mut |_, _| {})?;
+    let name = r.name.ok_or_else(|| FsError::NotADirectory { path: "/".into(), found: "the root" })?;
+    let tmp_name = tmp.file_name().ok_or_else(|| FsError::NotADirectory { path: tmp.into(), found: "no name" })?;
+    let mut f = r.parent.create_named(tmp_name)?;
     let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-            .open(tmp)
-            .map_err(io_err(tmp, "create temporary file"))?;
         f.write_all(content).map_err(io_err(tmp, "write"))?;
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io_err(tmp, "change the owner of"))?;
-        // Set on the descriptor: the umask must not decide the mode.
-        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(tmp, "change the mode of"))?;
-        f.sync_all().map_err(io_err(tmp, "fsync"))?;
-        fs::rename(tmp, path).map_err(io_err(path, "rename the temporary file onto"))
+        install_in(&r.parent, tmp_name, &f, &name, mode, uid, gid)
     })();
     if written.is_err() {
-        let _ = fs::remove_file(tmp);
+        let _ = r.parent.unlink(tmp_name);
     }
-    written?;
-    fsync_dir(path.parent().unwrap_or(Path::new("/")))
+    written
 }
 
-/// Puts the finished temporary file `tmp` (next to `path`, already fsynced) in place
-/// of `path` with owner and mode, atomically.
-pub fn install_file(tmp: &Path, path: &AbsPath, mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
-    let f = open_nofollow(tmp, false)?;
-    std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io_err(tmp, "change the owner of"))?;
-    f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(tmp, "change the mode of"))?;
-    fs::rename(tmp, path).map_err(io_err(path.as_path(), "rename the temporary file onto"))?;
-    fsync_dir(path.parent().as_path())
-}
-
-/// Whether the open regular file's content differs from the file at `other`, compared
-/// in chunks (either may be large).
-pub fn files_differ(f: &mut File, path: &Path, other: &Path) -> Result<bool, FsError> {
-    let mut o = open_nofollow(other, false)?;
+/// Whether the open regular file's content differs from the open file `o` (at
+/// `other`), compared in chunks (either may be large).
+pub fn files_differ(f: &mut File, path: &Path, o: &mut File, other: &Path) -> Result<bool, FsError> {
     let len = f.metadata().map_err(io_err(path, "stat"))?.len();
     if len != o.metadata().map_err(io_err(other, "stat"))?.len() {
         return Ok(true);
@@ -245,7 +227,7 @@ pub fn files_differ(f: &mut File, path: &Path, other: &Path) -> Result<bool, FsE
     let (mut a, mut b) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
     loop {
         let n = read_full(f, &mut a).map_err(io_err(path, "read"))?;
-        let m = read_full(&mut o, &mut b[..n.max(1)]).map_err(io_err(other, "read"))?;
+        let m = read_full(o, &mut b[..n.max(1)]).map_err(io_err(other, "read"))?;
         if n != m || a[..n] != b[..m] {
             return Ok(true);
         }
@@ -285,6 +267,7 @@ pub fn content_differs(f: &mut File, path: &Path, len: u64, want: &[u8]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn create_dirs_creates_each_missing_level_and_refuses_files_on_the_way() {
@@ -303,6 +286,36 @@ mod tests {
         let under_file = AbsPath::parse(&format!("{}/f/x", dir.path().display())).unwrap();
         let err = create_dirs(&under_file, 0o755, (Uid::from_raw(0), Gid::from_raw(0)), &mut changes).unwrap_err();
         assert!(err.to_string().contains("is a regular file, not a directory"), "{err}");
+    }
+
+    #[test]
+    fn create_dirs_and_write_atomic_refuse_a_link_planted_where_another_user_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let home = dir.path().join("home");
+        fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::symlink(&victim, home.join("cache")).unwrap();
+        let mut changes = Vec::new();
+        let deep = AbsPath::parse(&format!("{}/cache/a/b", home.display())).unwrap();
+        let err = create_dirs(&deep, 0o755, (Uid::from_raw(0), Gid::from_raw(0)), &mut changes).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}/cache: a symbolic link in a directory writable by uid 65534; refusing to follow it",
+                home.display()
+            )
+        );
+        let file = AbsPath::parse(&format!("{}/cache/conf", home.display())).unwrap();
+        let err = write_atomic(&file, b"x", 0o644, 0, 0).unwrap_err();
+        assert!(err.to_string().contains("refusing to follow it"), "{err}");
+        assert_eq!(fs::read_dir(&victim).unwrap().count(), 0, "nothing written outside");
+        assert!(changes.is_empty());
+        // In the user's own directory, by descriptor, creating is fine.
+        let own = AbsPath::parse(&format!("{}/a/b", home.display())).unwrap();
+        create_dirs(&own, 0o700, (Uid::from_raw(65534), Gid::from_raw(65534)), &mut changes).unwrap();
+        assert_eq!(changes.len(), 2);
     }
 
     #[test]

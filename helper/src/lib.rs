@@ -8,6 +8,7 @@
 
 pub mod cancel;
 pub mod cli;
+pub mod dirfd;
 pub mod exec;
 pub mod fetched;
 pub mod fsutil;

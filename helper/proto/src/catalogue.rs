@@ -571,8 +571,8 @@ catalogue! {
         path: Array = "path" ["names"] => required;
         absent: bool = "absent" => default(false);
         group: Line = "group" => optional;
-        mode: Mode = "mode" => default("0755");
-        recursive: bool = "recursive" ["recurse"] => default(true);
+        mode: Mode = "mode" => optional;
+        recursive: bool = "recursive" ["recurse"] => default(false);
         user: Line = "user" => optional;
     }
     /// Builds a docker image from a directory that holds a Dockerfile.
@@ -653,7 +653,7 @@ catalogue! {
         absent: bool = "absent" => default(false);
         content: Text = "content" ["contents"] => optional;
         group: Line = "group" => optional;
-        mode: Mode = "mode" => default("0644");
+        mode: Mode = "mode" => optional;
         remote_uri: Line = "remote_uri" => optional;
         user: Line = "user" => optional;
     }

@@ -20,20 +20,20 @@
 //! Extraction goes through [`crate::unpack`] into a private directory next to `path`
 //! (same file system), and its top-level entries are then moved into `path`: existing
 //! directories are merged, existing files and links replaced, a directory is never
-//! replaced by a file. The moves go through directory descriptors opened without
-//! following links, so a link planted in `path` cannot redirect them. Everything
+//! replaced by a file. Everything goes through directory descriptors
+//! ([`crate::dirfd`]): `path` and its parents are opened (or created) component by
+//! component, a link on the way followed only where only root could have placed it; the
+//! private directory is made in the opened parent and the unpacker reaches it through
+//! its descriptor (`/proc/self/fd/N`), so renaming it or planting links beside it
+//! redirects nothing; the moves are `renameat` between opened directories. Everything
 //! extracted is owned by root (the module has no user/group parameters).
 
 use std::collections::BTreeSet;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use nix::dir::Dir;
-use nix::fcntl::{renameat, AtFlags, OFlag};
-use nix::sys::stat::{fstatat, Mode, SFlag};
-use nix::unistd::{unlinkat, UnlinkatFlags};
 use opsagent_proto::catalogue::CommonArchive;
 use opsagent_proto::newtypes::{AbsPath, InvalidValue};
 use opsagent_proto::request::Change;
@@ -41,8 +41,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{Ctx, Step};
+use crate::dirfd::{self, Dir, Last, NewDirs, WalkError};
 use crate::fetched::{FetchError, Fetched};
-use crate::fsutil::{self, kind_of, FsError};
+use crate::fsutil::{self, FsError};
 use crate::unpack::{self, ArchiveFormat, Limits, UnpackError};
 
 /// Largest checksum file read.
@@ -75,10 +76,10 @@ pub enum ArchiveError {
     Unpack { url: String, error: UnpackError },
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Walk(#[from] WalkError),
     #[error("{path}: {what}")]
     Target { path: String, what: String },
-    #[error("{path}: cannot {op}: {errno}")]
-    Sys { path: String, op: &'static str, errno: nix::Error },
     #[error("the record of the extraction {path}: {reason}")]
     Record { path: PathBuf, reason: String },
 }
@@ -211,16 +212,24 @@ fn extract(
     changes: &mut Vec<Change>,
     notes: &mut Vec<String>,
 ) -> Result<(), ArchiveError> {
-    fsutil::ensure_parent(&c.path.parent(), changes)?;
-    let work = WorkDir::create(&c.path)?;
-    let copy = work.path.join("archive");
+    // The directory that holds `path`, opened (created: root, 0755) by descriptor.
+    let root = NewDirs { mode: fsutil::PARENT_DIR_MODE, uid: 0, gid: 0 };
+    let mut created = |dir: &Path, new: NewDirs| {
+        changes.push(Change::new(
+            dir.display().to_string(),
+            format!("directory created ({} {}:{})", fsutil::describe_mode(new.mode), new.uid, new.gid),
+        ))
+    };
+    let r = dirfd::resolve(c.path.as_path(), Last::Follow, Some(root), &mut created)?;
+    let (parent, name) = (&r.parent, r.name.clone().ok_or(ArchiveError::Root)?);
+    let work = WorkDir::create(parent, &name)?;
+    let copy = work.dir.fd_path(OsStr::new("archive"));
     let got = fetched.copy_to(&c.source, &copy)?.ok_or_else(|| ArchiveError::NotFetched(c.source.clone()))?;
     verify_checksum(c, fetched, &got.md5, &got.sha256)?;
 
-    let target_in_place = target_dir(&c.path)?.is_some();
-    if let Some(r) = record {
-        let entries_there = r.entries.iter().all(|e| fs::symlink_metadata(c.path.as_path().join(e)).is_ok());
-        if r.sha256 == got.sha256 && target_in_place && entries_there {
+    if let (Some(r), Some(target)) = (record, target_dir(parent, &name)?) {
+        let entries_there = r.entries.iter().map(|e| target.stat(OsStr::new(e))).collect::<Result<Vec<_>, _>>()?;
+        if r.sha256 == got.sha256 && entries_there.iter().all(Option::is_some) {
             notes.push("the archive is unchanged since the last extraction".to_string());
             return write_record(record_path, c, &got.sha256, r.entries.clone());
         }
@@ -229,26 +238,24 @@ fn extract(
     // The name chose the format at check time; the content has the last word (a
     // `.tar` that is really gzipped still unpacks).
     let format = ArchiveFormat::sniff(&copy).unwrap_or(c.format);
-    let tree = work.path.join("tree");
-    fs::create_dir(&tree).map_err(fsutil::io_err(&tree, "create directory"))?;
-    let done = unpack::unpack(&copy, format, &tree, &Limits::default(), None)
+    let tree = work.dir.mkdir(OsStr::new("tree"), NewDirs { mode: 0o700, uid: 0, gid: 0 })?;
+    let done = unpack::unpack(&copy, format, &work.dir.fd_path(OsStr::new("tree")), &Limits::default(), None)
         .map_err(|error| ArchiveError::Unpack { url: c.source.clone(), error })?;
 
-    if !target_in_place {
-        let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
-        fsutil::create_dirs(&c.path, fsutil::PARENT_DIR_MODE, root, changes)?;
-    }
-    let target = target_dir(&c.path)?.ok_or_else(|| ArchiveError::Target {
-        path: c.path.to_string(),
-        what: "disappeared while extracting".into(),
-    })?;
+    let target = match target_dir(parent, &name)? {
+        Some(t) => t,
+        None => {
+            let made = parent.mkdir(&name, root)?;
+            changes.push(Change::new(c.path.to_string(), "directory created (0755 0:0)"));
+            made
+        }
+    };
     let mut entries = BTreeSet::new();
-    for entry in fs::read_dir(&tree).map_err(fsutil::io_err(&tree, "list"))? {
-        let entry = entry.map_err(fsutil::io_err(&tree, "list"))?;
-        entries.insert(entry.file_name().to_string_lossy().into_owned());
-        move_into(&entry.path(), &target, c.path.as_path(), &entry.file_name())?;
+    for (entry, _) in tree.entries()? {
+        entries.insert(entry.to_string_lossy().into_owned());
+        move_into(&tree, &entry, &target)?;
     }
-    fsutil::fsync_dir(c.path.as_path())?;
+    target.fsync()?;
     changes.push(Change::new(
         c.path.to_string(),
         format!("extracted {} ({format}, {} entries, {} bytes)", c.source, done.entries, done.bytes),
@@ -306,74 +313,51 @@ fn checksum_from_file(text: &str, source: &str) -> Result<Checksum, String> {
     }
 }
 
-/// A private directory next to `path` (same file system, so the moves are renames),
-/// removed with what is left in it when dropped.
-struct WorkDir {
-    path: PathBuf,
+/// A private (root, 0700) directory in the opened parent of `path` (same file system,
+/// so the moves are renames), removed with what is left in it when dropped.
+struct WorkDir<'a> {
+    parent: &'a Dir,
+    name: OsString,
+    dir: Dir,
 }
 
-impl WorkDir {
-    fn create(target: &AbsPath) -> Result<Self, ArchiveError> {
-        use std::os::unix::fs::DirBuilderExt;
-        let path = fsutil::temp_sibling(target);
-        fs::DirBuilder::new().mode(0o700).create(&path).map_err(fsutil::io_err(&path, "create directory"))?;
-        Ok(Self { path })
+impl<'a> WorkDir<'a> {
+    fn create(parent: &'a Dir, target: &OsStr) -> Result<Self, ArchiveError> {
+        let name = parent.temp_name(target);
+        let dir = parent.mkdir(&name, NewDirs { mode: 0o700, uid: 0, gid: 0 })?;
+        Ok(Self { parent, name, dir })
     }
 }
 
-impl Drop for WorkDir {
+impl Drop for WorkDir<'_> {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
+        let _ = self.parent.remove_tree(&self.name);
     }
 }
 
-/// `path` opened as a directory without following a link, or `None` if missing.
-fn target_dir(path: &AbsPath) -> Result<Option<Dir>, ArchiveError> {
-    let Some(meta) = fsutil::lstat(path.as_path())? else {
-        return Ok(None);
-    };
-    let shown = path.to_string();
-    if meta.file_type().is_symlink() {
-        return Err(ArchiveError::Target {
+/// The entry `name` of `parent` opened as a directory, or `None` if missing.
+fn target_dir(parent: &Dir, name: &OsStr) -> Result<Option<Dir>, ArchiveError> {
+    let shown = parent.join(name).display().to_string();
+    match parent.stat(name)? {
+        None => Ok(None),
+        Some(m) if m.kind == rustix::fs::FileType::Symlink => Err(ArchiveError::Target {
             path: shown,
-            what: "is a symbolic link; archives are never extracted through a link".into(),
-        });
+            what: "is a symbolic link that appeared while extracting; archives are never extracted through it".into(),
+        }),
+        Some(m) if !m.is_dir() => {
+            Err(ArchiveError::Target { path: shown, what: format!("is {}, not a directory", dirfd::kind_of(m.kind)) })
+        }
+        Some(_) => Ok(parent.subdir(name)?),
     }
-    if !meta.is_dir() {
-        return Err(ArchiveError::Target {
-            path: shown,
-            what: format!("is {}, not a directory", kind_of(meta.file_type())),
-        });
-    }
-    open_dir(None, path.as_path(), &shown).map(Some)
 }
 
-fn open_dir(at: Option<&Dir>, name: &Path, shown: &str) -> Result<Dir, ArchiveError> {
-    Dir::openat(
-        at.map(AsRawFd::as_raw_fd),
-        name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|errno| ArchiveError::Sys { path: shown.to_string(), op: "open the directory", errno })
-}
-
-/// Moves `src` (in the private tree) to `name` inside the directory `dst`, merging
-/// directories. `shown` is `dst`'s path, for messages.
-fn move_into(src: &Path, dst: &Dir, shown: &Path, name: &std::ffi::OsStr) -> Result<(), ArchiveError> {
-    let here = shown.join(name);
-    let sys = |op: &'static str| {
-        let path = here.display().to_string();
-        move |errno| ArchiveError::Sys { path, op, errno }
-    };
-    let src_meta = fs::symlink_metadata(src).map_err(fsutil::io_err(src, "inspect"))?;
-    let existing = match fstatat(Some(dst.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => Some(SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT),
-        Err(nix::errno::Errno::ENOENT) => None,
-        Err(errno) => return Err(sys("inspect")(errno)),
-    };
-    match existing {
-        Some(kind) if kind == SFlag::S_IFDIR => {
+/// Moves the entry `name` of `src` (in the private tree) into the directory `dst`,
+/// merging directories.
+fn move_into(src: &Dir, name: &OsStr, dst: &Dir) -> Result<(), ArchiveError> {
+    let here = dst.join(name);
+    let src_meta = src.stat(name)?.ok_or_else(|| WalkError::Changed(src.join(name)))?;
+    match dst.stat(name)? {
+        Some(existing) if existing.is_dir() => {
             if !src_meta.is_dir() {
                 return Err(ArchiveError::Target {
                     path: here.display().to_string(),
@@ -381,25 +365,24 @@ fn move_into(src: &Path, dst: &Dir, shown: &Path, name: &std::ffi::OsStr) -> Res
                         .into(),
                 });
             }
-            let sub = open_dir(Some(dst), Path::new(name), &here.display().to_string())?;
-            for entry in fs::read_dir(src).map_err(fsutil::io_err(src, "list"))? {
-                let entry = entry.map_err(fsutil::io_err(src, "list"))?;
-                move_into(&entry.path(), &sub, &here, &entry.file_name())?;
+            let sub = dst.subdir(name)?.ok_or_else(|| WalkError::Changed(here.clone()))?;
+            let from = src.subdir(name)?.ok_or_else(|| WalkError::Changed(src.join(name)))?;
+            for (entry, _) in from.entries()? {
+                move_into(&from, &entry, &sub)?;
             }
             // The archive's mode for a directory that was already there (as tar does).
-            use std::os::unix::fs::PermissionsExt;
-            let mode = Mode::from_bits_truncate(src_meta.permissions().mode() & 0o777);
-            nix::sys::stat::fchmod(sub.as_raw_fd(), mode).map_err(sys("change the mode of"))?;
+            let m = sub.meta()?;
+            sub.set_attrs(m.uid, m.gid, Some(src_meta.mode & 0o777))?;
             Ok(())
         }
         Some(_) if src_meta.is_dir() => {
             // A file or a link where the archive has a directory: the link is replaced,
             // never followed.
-            unlinkat(Some(dst.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir).map_err(sys("replace"))?;
-            renameat(None, src, Some(dst.as_raw_fd()), name).map_err(sys("move into place"))
+            dst.unlink(name)?;
+            Ok(dst.rename_from(src, name, name)?)
         }
         // rename(2) replaces a file or a link atomically.
-        _ => renameat(None, src, Some(dst.as_raw_fd()), name).map_err(sys("move into place")),
+        _ => Ok(dst.rename_from(src, name, name)?),
     }
 }
 

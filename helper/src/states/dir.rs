@@ -1,22 +1,38 @@
 //! `linux.dir`: directories with an owner and mode, or their absence.
 //!
-//! Directories this state creates, parents included, get its owner and mode (as Salt's
-//! `makedirs` did). With `recursive` (the default) owner and mode also go to every
-//! sub-directory; files inside are left alone. Links are never followed: a link where a
-//! directory is wanted is an error, and the recursive walk does not descend into one.
+//! Defaults are the original adaptor's (Salt `file.directory` with `makedirs`):
+//! `user`/`group` default to root and are enforced; without `mode` an existing
+//! directory keeps its mode and a new one gets 0755. Directories this state creates,
+//! parents included, get its owner and mode. `recursive` (default false) also applies
+//! the owner, and the mode when one is given, to everything below: sub-directories and
+//! regular files alike (Salt's `file_mode` defaulted to `dir_mode`).
+//!
+//! Everything goes through directory descriptors ([`crate::dirfd`]): the path is opened
+//! component by component (a link on the way, or at the path itself, is followed only
+//! where only root could have placed it), and the recursive walk lists an opened
+//! directory and opens each entry relative to it, never following a link. The owner of
+//! the tree may swap a sub-directory for a link to `/etc` during the walk: the walk
+//! still only ever changes what it opened below the tree. Links, devices, FIFOs and
+//! sockets below are left alone, and so is a file with several hard links whose owner
+//! or mode would change (its other name may be anywhere on the file system).
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::rc::Rc;
 
 use opsagent_proto::catalogue::LinuxDir;
 use opsagent_proto::newtypes::{AbsPath, InvalidValue};
 use opsagent_proto::request::{Change, Outcome};
+use rustix::fs::FileType;
 
-use crate::fsutil::{self, kind_of, FsError};
+use crate::dirfd::{self, Dir, Last, WalkError};
+use crate::fsutil::{self, FsError};
 use crate::identity::{IdentityError, Owner};
 
 /// Removing a directory this close to the root is never what a recipe means.
 const MIN_COMPONENTS_TO_REMOVE: usize = 2;
+/// Mode of a directory created without `mode`.
+const NEW_DIR_MODE: u32 = 0o755;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
@@ -28,8 +44,14 @@ pub enum DirError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Walk(#[from] WalkError),
     #[error("{path} is {found}, not a directory; linux.dir leaves it alone")]
     NotADirectory { path: PathBuf, found: &'static str },
+    #[error(
+        "{0} has several hard links; linux.dir does not change the owner or mode of a file that may also be elsewhere"
+    )]
+    HardLinked(PathBuf),
 }
 
 pub fn apply(p: &LinuxDir) -> Outcome {
@@ -47,24 +69,20 @@ fn run(p: &LinuxDir, changes: &mut Vec<Change>) -> Result<(), DirError> {
         }
         return paths.iter().try_for_each(|d| remove(d, changes));
     }
-    let owner = Owner::resolve(p.user.as_deref(), p.group.as_deref())?;
-    let mode = p.mode.bits();
-    for dir in &paths {
-        match fsutil::lstat(dir.as_path())? {
-            None => fsutil::create_dirs(dir, mode, owner.for_new(), changes)?,
-            Some(m) if m.is_dir() => {
-                let f = fsutil::open_nofollow(dir.as_path(), true)?;
-                fsutil::enforce_attrs(&f, dir.as_path(), Some(mode), &owner, changes)?;
-            }
-            Some(m) => {
-                return Err(DirError::NotADirectory {
-                    path: dir.as_path().to_path_buf(),
-                    found: kind_of(m.file_type()),
-                })
-            }
-        }
+    let owner = super::file::owner_or_root(p.user.as_deref(), p.group.as_deref())?;
+    let mode = p.mode.map(|m| m.bits());
+    for path in &paths {
+        let (uid, gid) = owner.for_new();
+        let dir =
+            fsutil::create_dir_all(path.as_path(), mode.unwrap_or(NEW_DIR_MODE), (uid, gid), changes).map_err(|e| {
+                match e {
+                    FsError::NotADirectory { path, found } => DirError::NotADirectory { path, found },
+                    e => e.into(),
+                }
+            })?;
+        fsutil::enforce_attrs(&dir, dir.path(), mode, &owner, changes)?;
         if p.recursive {
-            enforce_below(dir.as_path(), mode, &owner, changes)?;
+            enforce_below(dir, mode, &owner, changes)?;
         }
     }
     Ok(())
@@ -74,34 +92,76 @@ fn depth(p: &AbsPath) -> usize {
     p.as_path().components().filter(|c| matches!(c, std::path::Component::Normal(_))).count()
 }
 
-/// Walks the tree below `top` without following links (an explicit stack: depth is
-/// bounded by memory, not by the thread's stack).
-fn enforce_below(top: &Path, mode: u32, owner: &Owner, changes: &mut Vec<Change>) -> Result<(), DirError> {
-    let mut pending = vec![top.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in fs::read_dir(&dir).map_err(fsutil::io_err(&dir, "list"))? {
-            let entry = entry.map_err(fsutil::io_err(&dir, "list"))?;
-            let ft = entry.file_type().map_err(fsutil::io_err(&entry.path(), "inspect"))?;
-            if ft.is_dir() {
-                let sub = entry.path();
-                let f = fsutil::open_nofollow(&sub, true)?;
-                fsutil::enforce_attrs(&f, &sub, Some(mode), owner, changes)?;
-                pending.push(sub);
+/// Walks the tree below `top` by descriptor (an explicit stack: depth is bounded by
+/// memory, not by the thread's stack; open descriptors by the depth of the tree).
+/// An entry that is swapped between listing and opening is skipped: only the tree's
+/// owner can do that, and what they get is a walk that missed their own entry.
+fn enforce_below(top: Dir, mode: Option<u32>, owner: &Owner, changes: &mut Vec<Change>) -> Result<(), DirError> {
+    let mut pending: Vec<(Rc<Dir>, OsString)> = Vec::new();
+    let top = Rc::new(top);
+    push_entries(&top, &mut pending)?;
+    while let Some((parent, name)) = pending.pop() {
+        let Some(meta) = parent.stat(&name)? else { continue };
+        match meta.kind {
+            FileType::Directory => {
+                let sub = match parent.subdir(&name) {
+                    Ok(Some(sub)) => sub,
+                    Ok(None) | Err(WalkError::Symlink(_) | WalkError::NotADirectory { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                fsutil::enforce_attrs(&sub, sub.path(), mode, owner, changes)?;
+                let sub = Rc::new(sub);
+                push_entries(&sub, &mut pending)?;
             }
+            FileType::RegularFile => {
+                let path = parent.join(&name);
+                let f = match parent.open_file(&name) {
+                    Ok(Some(f)) => f,
+                    Ok(None) | Err(WalkError::Symlink(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                // The type and link count on the descriptor: the name may have changed.
+                let now = dirfd::Meta::of_file(&f, &path)?;
+                if now.kind != FileType::RegularFile {
+                    continue;
+                }
+                let (uid, gid) = owner.applied_to(now.uid, now.gid);
+                if now.several_links && ((uid, gid) != (now.uid, now.gid) || mode.is_some_and(|m| m != now.mode)) {
+                    return Err(DirError::HardLinked(path));
+                }
+                fsutil::enforce_attrs(&f, &path, mode, owner, changes)?;
+            }
+            _ => {}
         }
     }
     Ok(())
 }
 
+fn push_entries(dir: &Rc<Dir>, pending: &mut Vec<(Rc<Dir>, OsString)>) -> Result<(), DirError> {
+    for (name, _) in dir.entries()? {
+        pending.push((Rc::clone(dir), name));
+    }
+    Ok(())
+}
+
 fn remove(dir: &AbsPath, changes: &mut Vec<Change>) -> Result<(), DirError> {
-    match fsutil::lstat(dir.as_path())? {
+    let r = match dirfd::resolve(dir.as_path(), Last::NoFollow, None, &mut |_, _| {}) {
+        Ok(r) => r,
+        // A missing directory on the way: nothing to remove.
+        Err(WalkError::Missing(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(name) = r.name else {
+        return Err(DirError::TooShallow(dir.clone()));
+    };
+    match r.parent.stat(&name)? {
         None => Ok(()),
         Some(m) if m.is_dir() => {
-            fs::remove_dir_all(dir).map_err(fsutil::io_err(dir.as_path(), "remove"))?;
+            r.parent.remove_tree(&name)?;
             changes.push(Change::new(dir.to_string(), "removed"));
             Ok(())
         }
-        Some(m) => Err(DirError::NotADirectory { path: dir.as_path().to_path_buf(), found: kind_of(m.file_type()) }),
+        Some(m) => Err(DirError::NotADirectory { path: dir.as_path().to_path_buf(), found: dirfd::kind_of(m.kind) }),
     }
 }
 
@@ -110,7 +170,9 @@ mod tests {
     use super::*;
 
     use serde_json::{json, Value};
+    use std::fs;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::Path;
 
     fn dir(raw: Value) -> LinuxDir {
         crate::states::testutil::typed("linux.dir", raw)
@@ -137,28 +199,65 @@ mod tests {
     }
 
     #[test]
-    fn enforces_on_existing_directories_and_recursively_on_subdirectories_only() {
+    fn without_mode_an_existing_directory_keeps_its_mode_and_a_new_one_gets_0755() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = tmp.path().join("old");
+        fs::create_dir(&old).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o2770)).unwrap();
+        std::os::unix::fs::chown(&old, Some(65534), Some(65534)).unwrap();
+        let new = tmp.path().join("new");
+        let out = apply(&dir(json!({"path": [old, new]})));
+        assert!(out.result, "{}", out.comment);
+        // user and group default to root and are enforced, as the adaptor did; chown
+        // clears set-gid, which the kept mode puts back.
+        assert_eq!(attrs(&old), (0o2770, 0, 0));
+        assert_eq!(attrs(&new), (0o755, 0, 0));
+        let what: Vec<_> = out.changes.iter().map(|c| c.what.as_str()).collect();
+        assert_eq!(what, ["owner 65534:65534 -> 0:0", "directory created (0755 0:0)"]);
+    }
+
+    #[test]
+    fn recursive_defaults_to_false_and_applies_owner_and_mode_to_files_too() {
         let tmp = tempfile::tempdir().unwrap();
         let top = tmp.path().join("app");
         fs::create_dir_all(top.join("sub/deeper")).unwrap();
         fs::write(top.join("sub/file"), "").unwrap();
         fs::set_permissions(top.join("sub/file"), fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink("/etc", top.join("sub/link")).unwrap();
-        let p = dir(json!({"path": top, "mode": "0711", "group": "nogroup"}));
+
+        let flat = apply(&dir(json!({"path": top, "mode": "0711", "group": "nogroup"})));
+        assert_eq!(flat.changes.len(), 2, "{:?}", flat.changes);
+        assert_eq!(attrs(&top.join("sub")).0, 0o755, "recursive is off by default");
+
+        let p = dir(json!({"path": top, "mode": "0711", "group": "nogroup", "recursive": true}));
         let out = apply(&p);
         assert!(out.result, "{}", out.comment);
-        for d in [&top, &top.join("sub"), &top.join("sub/deeper")] {
+        for d in [&top, &top.join("sub"), &top.join("sub/deeper"), &top.join("sub/file")] {
             assert_eq!(attrs(d), (0o711, 0, 65534), "{}", d.display());
         }
-        // Files and links below are not touched, and the link is not followed.
-        assert_eq!(attrs(&top.join("sub/file")), (0o600, 0, 0));
+        // Links below are not touched, nor followed.
+        assert_eq!(attrs(&top.join("sub/link")).2, 0);
         assert_ne!(attrs(Path::new("/etc")).2, 65534);
         assert!(apply(&p).changes.is_empty());
 
-        let flat = dir(json!({"path": top, "mode": "0755", "recursive": false}));
-        let out = apply(&flat);
-        assert_eq!(out.changes.len(), 1, "{:?}", out.changes);
-        assert_eq!(attrs(&top.join("sub")).0, 0o711);
+        // Without mode, recursive brings the owner only.
+        let p = dir(json!({"path": top, "user": "nobody", "recursive": true}));
+        assert!(apply(&p).result);
+        assert_eq!(attrs(&top.join("sub/file")), (0o711, 65534, 0));
+    }
+
+    #[test]
+    fn recursive_leaves_a_hard_linked_file_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = tmp.path().join("app");
+        fs::create_dir(&top).unwrap();
+        let precious = tmp.path().join("shadow");
+        fs::write(&precious, "").unwrap();
+        fs::set_permissions(&precious, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::hard_link(&precious, top.join("h")).unwrap();
+        let out = apply(&dir(json!({"path": top, "user": "nobody", "recursive": true})));
+        assert!(!out.result && out.comment.contains("has several hard links"), "{}", out.comment);
+        assert_eq!(attrs(&precious), (0o600, 0, 0));
     }
 
     #[test]
@@ -180,16 +279,27 @@ mod tests {
     }
 
     #[test]
-    fn a_file_or_link_where_a_directory_is_wanted_fails() {
+    fn a_file_or_an_untrusted_link_where_a_directory_is_wanted_fails() {
         let tmp = tempfile::tempdir().unwrap();
         let f = tmp.path().join("f");
         fs::write(&f, "").unwrap();
         let out = apply(&dir(json!({"path": f})));
         assert!(!out.result && out.comment.contains("is a regular file, not a directory"), "{}", out.comment);
-        let l = tmp.path().join("l");
-        std::os::unix::fs::symlink(tmp.path(), &l).unwrap();
-        let out = apply(&dir(json!({"path": l})));
-        assert!(!out.result && out.comment.contains("is a symbolic link"), "{}", out.comment);
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let www = tmp.path().join("www");
+        fs::create_dir(&www).unwrap();
+        std::os::unix::fs::chown(&www, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::symlink(&victim, www.join("l")).unwrap();
+        let out = apply(&dir(json!({"path": www.join("l"), "user": "nobody"})));
+        assert_eq!(
+            out.comment,
+            format!(
+                "{}: a symbolic link in a directory writable by uid 65534; refusing to follow it",
+                www.join("l").display()
+            )
+        );
+        assert_eq!(attrs(&victim).1, 0);
         let out = apply(&dir(json!({"path": ["relative/x"]})));
         assert!(!out.result && out.comment.contains("not absolute"), "{}", out.comment);
     }

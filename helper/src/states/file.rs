@@ -1,24 +1,36 @@
 //! `linux.file`: a regular file's content, owner and mode, or its absence.
 //!
 //! Content is rewritten only when it differs, atomically (temporary file in the same
-//! directory, fsync, rename, fsync of the directory). Owner and mode are enforced on an
-//! existing file too. A link or a directory at the path is an error: writing through a
-//! link would let whoever controls the link choose which file root overwrites.
+//! directory, fsync, rename, fsync of the directory), all through the opened directory
+//! ([`crate::dirfd`]). Defaults are the original adaptor's (Salt `file.managed`): without
+//! `mode` an existing file keeps its mode (a managed executable script stays
+//! executable) and a new one gets 0644; `user`/`group` default to root and are enforced
+//! on an existing file too. A link on the way or at the path (`/etc/resolv.conf`) is
+//! followed only where only root could have placed it; any other link is refused,
+//! naming it: writing through it would let whoever controls it choose which file root
+//! overwrites. A directory at the path is an error.
 //!
 //! With `remote_uri` (which overrides `content`) the helper first answers `NeedFetch`:
 //! the daemon downloads the URL every round, and the file is then compared with the
 //! download like `content` would be — rewritten only when it differs.
 
-use std::path::PathBuf;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::LinuxFile;
 use opsagent_proto::newtypes::{AbsPath, InvalidValue};
 use opsagent_proto::request::{Change, Outcome};
+use rustix::fs::FileType;
 
 use super::{Ctx, Step};
+use crate::dirfd::{self, Dir, Last, Meta, NewDirs, WalkError};
 use crate::fetched::{FetchError, Fetched};
-use crate::fsutil::{self, kind_of, FsError};
+use crate::fsutil::{self, FsError};
 use crate::identity::{IdentityError, Owner};
+
+/// Mode of a file created without `mode`.
+const NEW_FILE_MODE: u32 = 0o644;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -36,7 +48,9 @@ pub enum FileError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Fs(#[from] FsError),
-    #[error("{0} is a symbolic link; linux.file never writes through a link")]
+    #[error(transparent)]
+    Walk(#[from] WalkError),
+    #[error("{0} is a symbolic link; linux.file never writes through a link it cannot trust")]
     Symlink(PathBuf),
     #[error("{path} is {found}, not a regular file; linux.file manages regular files only")]
     NotAFile { path: PathBuf, found: &'static str },
@@ -63,6 +77,12 @@ fn outcome(p: &LinuxFile, fetched: &Fetched<'_>) -> Outcome {
     super::finish(&p.path, result, changes, &[])
 }
 
+/// The owner the file-like states enforce: `user` and `group` default to root, as the
+/// original adaptor set them (so an existing file's owner is brought back to root).
+pub(crate) fn owner_or_root(user: Option<&str>, group: Option<&str>) -> Result<Owner, IdentityError> {
+    Owner::resolve(Some(user.unwrap_or("root")), Some(group.unwrap_or("root")))
+}
+
 /// The URL to download first, when the state is otherwise valid (a bad path fails at
 /// once, without a download).
 fn wanted_download(p: &LinuxFile) -> Option<&str> {
@@ -76,14 +96,17 @@ pub(crate) fn remote_scheme_ok(uri: &str) -> bool {
     lower.starts_with("http://") || lower.starts_with("https://")
 }
 
-/// A download copied next to the file, removed unless it was renamed into place.
-struct Staged {
-    path: PathBuf,
+/// A download copied into the file's directory, removed unless it was renamed into
+/// place.
+struct Staged<'a> {
+    dir: &'a Dir,
+    name: OsString,
+    file: File,
 }
 
-impl Drop for Staged {
+impl Drop for Staged<'_> {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = self.dir.unlink(&self.name);
     }
 }
 
@@ -95,97 +118,113 @@ fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Resul
     if p.absent {
         return remove(&path, changes);
     }
-    let owner = Owner::resolve(p.user.as_deref(), p.group.as_deref())?;
-    let mode = p.mode.bits();
+    let owner = owner_or_root(p.user.as_deref(), p.group.as_deref())?;
+    let mode = p.mode.map(|m| m.bits());
     let content = p.content.as_deref().map(str::as_bytes);
-    // An existing file has its directories: only a missing one (or an error, which
-    // the parent check names better) needs them checked and created.
-    let existing = fsutil::lstat(path.as_path()).ok().flatten();
-    if existing.is_none() {
-        fsutil::ensure_parent(&path.parent(), changes)?;
+    if let Some(uri) = p.remote_uri.as_deref().filter(|u| !remote_scheme_ok(u)) {
+        return Err(FileError::RemoteScheme(uri.to_string()));
     }
-    let staged = match p.remote_uri.as_deref() {
-        Some(uri) if !remote_scheme_ok(uri) => return Err(FileError::RemoteScheme(uri.to_string())),
-        Some(uri) => {
-            let staged = Staged { path: fsutil::temp_sibling(&path) };
-            fetched.copy_to(uri, &staged.path)?.ok_or_else(|| FileError::NotFetched(uri.to_string()))?;
-            Some(staged)
-        }
+    // Missing parents are created (root, 0755); a link on the way, or at the path
+    // itself, is followed only where only root could have placed it.
+    let parents = NewDirs { mode: fsutil::PARENT_DIR_MODE, uid: 0, gid: 0 };
+    let mut created = |dir: &Path, new: NewDirs| {
+        changes.push(Change::new(
+            dir.display().to_string(),
+            format!("directory created ({} {}:{})", fsutil::describe_mode(new.mode), new.uid, new.gid),
+        ))
+    };
+    let r = dirfd::resolve(path.as_path(), Last::Follow, Some(parents), &mut created)?;
+    let shown = r.path();
+    let (dir, name) = (&r.parent, r.name.as_deref().ok_or(FileError::Root)?);
+
+    let mut staged = match p.remote_uri.as_deref() {
+        Some(uri) => Some(stage(dir, name, uri, fetched)?),
         None => None,
     };
-    let write = |uid: u32, gid: u32| -> Result<(), FsError> {
-        match &staged {
-            Some(s) => fsutil::install_file(&s.path, &path, mode, uid, gid),
-            None => fsutil::write_atomic(&path, content.unwrap_or_default(), mode, uid, gid),
+    let write = |staged: &Option<Staged<'_>>, uid: u32, gid: u32, mode: u32| -> Result<(), FsError> {
+        match staged {
+            Some(s) => fsutil::install_in(dir, &s.name, &s.file, name, mode, uid, gid),
+            None => fsutil::write_in(dir, name, content.unwrap_or_default(), mode, uid, gid),
         }
     };
 
-    let existing = match existing {
-        Some(meta) => Some(meta),
-        None => fsutil::lstat(path.as_path())?,
-    };
-    let Some(meta) = existing else {
+    let Some(found) = dir.stat(name)? else {
         let (uid, gid) = owner.for_new();
-        write(uid.as_raw(), gid.as_raw())?;
-        changes
-            .push(Change::new(path.to_string(), format!("file created ({} {uid}:{gid})", fsutil::describe_mode(mode))));
+        let mode = mode.unwrap_or(NEW_FILE_MODE);
+        write(&staged, uid.as_raw(), gid.as_raw(), mode)?;
+        changes.push(Change::new(
+            shown.display().to_string(),
+            format!("file created ({} {uid}:{gid})", fsutil::describe_mode(mode)),
+        ));
         return Ok(());
     };
-    check_is_file(&path, meta.file_type())?;
-
-    let mut f = fsutil::open_nofollow(path.as_path(), false).map_err(|e| match e {
-        FsError::Symlink(p) => FileError::Symlink(p),
-        e => e.into(),
-    })?;
-    // Type again through the descriptor: the path may have been swapped since lstat.
-    let meta = f.metadata().map_err(fsutil::io_err(path.as_path(), "stat"))?;
-    check_is_file(&path, meta.file_type())?;
-    let differs = match (&staged, content) {
-        (Some(s), _) => fsutil::files_differ(&mut f, path.as_path(), &s.path)?,
-        (None, Some(want)) => fsutil::content_differs(&mut f, path.as_path(), meta.len(), want)?,
+    check_is_file(&shown, found.kind)?;
+    let mut f = dir.open_file(name)?.ok_or_else(|| WalkError::Changed(shown.clone()))?;
+    // Type again through the descriptor: the name may have been swapped since the stat.
+    let meta = Meta::of_file(&f, &shown)?;
+    check_is_file(&shown, meta.kind)?;
+    let differs = match (&mut staged, content) {
+        (Some(s), _) => fsutil::files_differ(&mut f, &shown, &mut s.file, &dir.join(&s.name))?,
+        (None, Some(want)) => fsutil::content_differs(&mut f, &shown, meta.size, want)?,
         (None, None) => false,
     };
     if differs {
-        use std::os::unix::fs::MetadataExt;
-        let (uid, gid) = owner.applied_to(meta.uid(), meta.gid());
-        write(uid, gid)?;
-        changes.push(Change::new(path.to_string(), "content updated"));
-        if (uid, gid) != (meta.uid(), meta.gid()) {
-            changes.push(Change::new(path.to_string(), format!("owner {}:{} -> {uid}:{gid}", meta.uid(), meta.gid())));
+        let (uid, gid) = owner.applied_to(meta.uid, meta.gid);
+        // Without `mode` the file keeps its own (an executable script stays one).
+        let new_mode = mode.unwrap_or(meta.mode);
+        write(&staged, uid, gid, new_mode)?;
+        let subject = shown.display().to_string();
+        changes.push(Change::new(subject.clone(), "content updated"));
+        if (uid, gid) != (meta.uid, meta.gid) {
+            changes.push(Change::new(subject.clone(), format!("owner {}:{} -> {uid}:{gid}", meta.uid, meta.gid)));
         }
-        let before = meta.mode() & 0o7777;
-        if before != mode {
+        if meta.mode != new_mode {
             changes.push(Change::new(
-                path.to_string(),
-                format!("mode {} -> {}", fsutil::describe_mode(before), fsutil::describe_mode(mode)),
+                subject,
+                format!("mode {} -> {}", fsutil::describe_mode(meta.mode), fsutil::describe_mode(new_mode)),
             ));
         }
     } else {
-        fsutil::enforce_attrs_known(&f, &meta, path.as_path(), Some(mode), &owner, changes)?;
+        fsutil::enforce_attrs(&f, &shown, mode, &owner, changes)?;
     }
     Ok(())
 }
 
-fn check_is_file(path: &AbsPath, ft: std::fs::FileType) -> Result<(), FileError> {
-    if ft.is_symlink() {
-        return Err(FileError::Symlink(path.as_path().to_path_buf()));
+/// Copies the download for `uri` into a new private file in `dir`, beside `name`.
+fn stage<'a>(dir: &'a Dir, name: &OsStr, uri: &str, fetched: &Fetched<'_>) -> Result<Staged<'a>, FileError> {
+    let tmp = dir.temp_name(name);
+    // Through the descriptor's /proc path: the copy lands in the directory opened,
+    // whatever happens to its name (the copy itself refuses a link at `tmp`).
+    let copied = fetched.copy_to(uri, &dir.fd_path(&tmp))?;
+    copied.ok_or_else(|| FileError::NotFetched(uri.to_string()))?;
+    let file = dir.open_file(&tmp)?.ok_or_else(|| WalkError::Changed(dir.join(&tmp)))?;
+    Ok(Staged { dir, name: tmp, file })
+}
+
+fn check_is_file(path: &Path, kind: FileType) -> Result<(), FileError> {
+    match kind {
+        FileType::RegularFile => Ok(()),
+        FileType::Symlink => Err(FileError::Symlink(path.to_path_buf())),
+        other => Err(FileError::NotAFile { path: path.to_path_buf(), found: dirfd::kind_of(other) }),
     }
-    if !ft.is_file() {
-        return Err(FileError::NotAFile { path: path.as_path().to_path_buf(), found: kind_of(ft) });
-    }
-    Ok(())
 }
 
 /// Removes a file (or a link: removing the link itself writes through nothing). A
 /// directory is refused: that is `linux.dir`'s job, with its own safety checks.
 fn remove(path: &AbsPath, changes: &mut Vec<Change>) -> Result<(), FileError> {
-    let Some(meta) = fsutil::lstat(path.as_path())? else {
+    let r = match dirfd::resolve(path.as_path(), Last::NoFollow, None, &mut |_, _| {}) {
+        Ok(r) => r,
+        Err(WalkError::Missing(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let name = r.name.as_deref().ok_or(FileError::Root)?;
+    let Some(meta) = r.parent.stat(name)? else {
         return Ok(());
     };
     if meta.is_dir() {
         return Err(FileError::NotAFile { path: path.as_path().to_path_buf(), found: "a directory" });
     }
-    std::fs::remove_file(path).map_err(fsutil::io_err(path.as_path(), "remove"))?;
+    r.parent.unlink(name)?;
     changes.push(Change::new(path.to_string(), "removed"));
     Ok(())
 }
@@ -249,7 +288,7 @@ mod tests {
     }
 
     #[test]
-    fn content_change_rewrites_and_keeps_the_owner() {
+    fn content_change_rewrites_and_brings_the_owner_to_root_by_default() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("conf");
         fs::write(&path, "old").unwrap();
@@ -259,9 +298,39 @@ mod tests {
         assert!(out.result, "{}", out.comment);
         assert_eq!(fs::read_to_string(&path).unwrap(), "new");
         let m = fs::metadata(&path).unwrap();
-        assert_eq!((m.mode() & 0o7777, m.uid()), (0o600, 65534));
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o600, 0, 0));
         let what: Vec<_> = out.changes.iter().map(|c| c.what.as_str()).collect();
-        assert_eq!(what, ["content updated", "mode 0644 -> 0600"]);
+        assert_eq!(what, ["content updated", "owner 65534:65534 -> 0:0", "mode 0644 -> 0600"]);
+
+        // A named user is kept on a rewrite.
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let out = apply(&file(
+            json!({"path": path, "content": "newer", "mode": "0600", "user": "nobody", "group": "nogroup"}),
+        ));
+        assert_eq!(out.changes.len(), 1, "{:?}", out.changes);
+        assert_eq!(fs::metadata(&path).unwrap().uid(), 65534);
+    }
+
+    #[test]
+    fn without_mode_an_executable_script_managed_by_content_keeps_0755() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("deploy.sh");
+        fs::write(&script, "#!/bin/sh\necho v1\n").unwrap();
+        fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let out = apply(&file(json!({"path": script, "content": "#!/bin/sh\necho v2\n"})));
+        assert!(out.result, "{}", out.comment);
+        let what: Vec<_> = out.changes.iter().map(|c| c.what.as_str()).collect();
+        assert_eq!(what, ["content updated"]);
+        assert_eq!(fs::metadata(&script).unwrap().mode() & 0o7777, 0o755);
+        // Unchanged content, still no mode: nothing to do, mode kept.
+        fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+        let out = apply(&file(json!({"path": script, "content": "#!/bin/sh\necho v2\n"})));
+        assert!(out.result && out.changes.is_empty(), "{out:?}");
+        assert_eq!(fs::metadata(&script).unwrap().mode() & 0o7777, 0o750);
+        // A new file without mode: 0644.
+        let new = dir.path().join("new");
+        assert!(apply(&file(json!({"path": new, "content": "x"}))).result);
+        assert_eq!(fs::metadata(&new).unwrap().mode() & 0o7777, 0o644);
     }
 
     #[test]
@@ -297,16 +366,43 @@ mod tests {
     }
 
     #[test]
-    fn never_writes_through_a_link_or_onto_a_directory() {
+    fn follows_a_link_only_where_only_root_could_have_placed_it() {
         let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        // As /etc/resolv.conf -> ../run/...: root-owned link in a root-only directory.
+        fs::create_dir(dir.path().join("run")).unwrap();
+        fs::create_dir(dir.path().join("etc")).unwrap();
+        let real = dir.path().join("run/resolv.conf");
+        fs::write(&real, "old").unwrap();
+        std::os::unix::fs::symlink("../run/resolv.conf", dir.path().join("etc/resolv.conf")).unwrap();
+        let out = apply(&file(json!({"path": dir.path().join("etc/resolv.conf"), "content": "nameserver 10.0.0.2\n"})));
+        assert!(out.result, "{}", out.comment);
+        assert_eq!(fs::read_to_string(&real).unwrap(), "nameserver 10.0.0.2\n");
+        assert!(fs::symlink_metadata(dir.path().join("etc/resolv.conf")).unwrap().file_type().is_symlink());
+
+        // A link planted in a directory another user can write: refused, nothing written.
         let victim = dir.path().join("victim");
         fs::write(&victim, "precious").unwrap();
-        let link = dir.path().join("link");
+        let www = dir.path().join("www");
+        fs::create_dir(&www).unwrap();
+        std::os::unix::fs::chown(&www, Some(65534), Some(65534)).unwrap();
+        let link = www.join("index.html");
         std::os::unix::fs::symlink(&victim, &link).unwrap();
-        let out = apply(&file(json!({"path": link, "content": "pwned"})));
+        let out = apply(&file(json!({"path": link, "content": "pwned", "mode": "0666"})));
         assert!(!out.result && out.changes.is_empty(), "{out:?}");
-        assert!(out.comment.contains("is a symbolic link"), "{}", out.comment);
+        assert_eq!(
+            out.comment,
+            format!("{}: a symbolic link in a directory writable by uid 65534; refusing to follow it", link.display())
+        );
         assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o777, 0o644);
+
+        // The same with the link on the way to the file (a parent directory).
+        std::os::unix::fs::symlink(dir.path().join("run"), www.join("sub")).unwrap();
+        let out = apply(&file(json!({"path": www.join("sub/new"), "content": "pwned"})));
+        assert!(!out.result && out.comment.contains("refusing to follow it"), "{}", out.comment);
+        assert!(!dir.path().join("run/new").exists());
+        assert_eq!(fs::read_dir(dir.path().join("run")).unwrap().count(), 1);
 
         let out = apply(&file(json!({"path": dir.path(), "content": "x"})));
         assert!(!out.result && out.comment.contains("is a directory, not a regular file"), "{}", out.comment);

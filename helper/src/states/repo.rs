@@ -128,7 +128,7 @@ fn managed_file(path: &str, content: &str, mode: u32, changes: &mut Vec<Change>)
         absent: false,
         content: Some(Text(text)),
         group: None,
-        mode: Mode(mode),
+        mode: Some(Mode(mode)),
         remote_uri: None,
         user: None,
     };

@@ -5,15 +5,16 @@
 //! `target` is left alone and reported: replacing a real file or directory is not
 //! something a link state should do by surprise.
 
-use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::LinuxSymlink;
 use opsagent_proto::newtypes::{AbsPath, InvalidValue};
 use opsagent_proto::request::{Change, Outcome};
+use rustix::fs::FileType;
 
-use crate::fsutil::{self, kind_of, FsError};
+use crate::dirfd::{self, Dir, Last, Resolved, WalkError};
+use crate::fsutil::FsError;
 use crate::identity::{IdentityError, Owner};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,8 @@ pub enum SymlinkError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Walk(#[from] WalkError),
     #[error("the directory {0} that should hold the link does not exist (linux.symlink does not create it)")]
     NoParent(AbsPath),
     #[error("{path} is {found}, not a symbolic link; linux.symlink leaves it alone")]
@@ -44,6 +47,17 @@ fn parse(param: &'static str, raw: &str) -> Result<AbsPath, SymlinkError> {
     AbsPath::parse(raw).map_err(|source| SymlinkError::Path { param, source })
 }
 
+/// The directory that holds the link (opened through descriptors, links on the way
+/// followed only under the rule of [`crate::dirfd`]) and the link's name.
+fn open_parent(link: &AbsPath) -> Result<Option<Resolved>, SymlinkError> {
+    match dirfd::resolve(link.as_path(), Last::NoFollow, None, &mut |_, _| {}) {
+        Ok(r) if r.name.is_some() => Ok(Some(r)),
+        Ok(_) => Err(SymlinkError::NotALink { path: "/".into(), found: "a directory" }),
+        Err(WalkError::Missing(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn run(p: &LinuxSymlink, changes: &mut Vec<Change>) -> Result<(), SymlinkError> {
     let link = parse("target", &p.target)?;
     if p.absent {
@@ -51,35 +65,36 @@ fn run(p: &LinuxSymlink, changes: &mut Vec<Change>) -> Result<(), SymlinkError> 
     }
     let source = parse("source", &p.source)?;
     let owner = Owner::resolve(p.user.as_deref(), p.group.as_deref())?;
-    let parent = link.parent();
-    if !fs::metadata(parent.as_path()).is_ok_and(|m| m.is_dir()) {
-        return Err(SymlinkError::NoParent(parent));
-    }
-    match fsutil::lstat(link.as_path())? {
+    let Some(r) = open_parent(&link)? else {
+        return Err(SymlinkError::NoParent(link.parent()));
+    };
+    let (dir, name) = (&r.parent, r.name.as_deref().unwrap_or_default());
+    match dir.stat(name)? {
         None => {
             let (uid, gid) = owner.for_new();
-            replace(&link, &source, (uid.as_raw(), gid.as_raw()))?;
+            replace(dir, name, &source, (uid.as_raw(), gid.as_raw()))?;
             changes.push(Change::new(link.to_string(), format!("link created -> {source}")));
         }
-        Some(m) if m.file_type().is_symlink() => {
-            let current = fs::read_link(&link).map_err(fsutil::io_err(link.as_path(), "read the link"))?;
+        Some(m) if m.kind == FileType::Symlink => {
+            let current = dir.read_link(name)?;
             if points_to(&current, &source) {
-                let (uid, gid) = (m.uid(), m.gid());
-                let want = owner.applied_to(uid, gid);
-                if want != (uid, gid) {
-                    std::os::unix::fs::lchown(&link, Some(want.0), Some(want.1))
-                        .map_err(fsutil::io_err(link.as_path(), "change the owner of"))?;
-                    changes.push(Change::new(link.to_string(), format!("owner {uid}:{gid} -> {}:{}", want.0, want.1)));
+                let want = owner.applied_to(m.uid, m.gid);
+                if want != (m.uid, m.gid) {
+                    dir.chown_entry(name, want.0, want.1)?;
+                    changes.push(Change::new(
+                        link.to_string(),
+                        format!("owner {}:{} -> {}:{}", m.uid, m.gid, want.0, want.1),
+                    ));
                 }
             } else {
                 // A replaced link keeps its owner unless one is asked for.
-                replace(&link, &source, owner.applied_to(m.uid(), m.gid()))?;
+                replace(dir, name, &source, owner.applied_to(m.uid, m.gid))?;
                 changes
                     .push(Change::new(link.to_string(), format!("link retargeted {} -> {source}", current.display())));
             }
         }
         Some(m) => {
-            return Err(SymlinkError::NotALink { path: link.as_path().to_path_buf(), found: kind_of(m.file_type()) })
+            return Err(SymlinkError::NotALink { path: link.as_path().to_path_buf(), found: dirfd::kind_of(m.kind) })
         }
     }
     Ok(())
@@ -90,32 +105,36 @@ fn points_to(current: &Path, want: &AbsPath) -> bool {
     current.to_str().and_then(|s| AbsPath::parse(s).ok()).is_some_and(|c| &c == want)
 }
 
-fn replace(link: &AbsPath, source: &AbsPath, (uid, gid): (u32, u32)) -> Result<(), SymlinkError> {
-    let tmp = fsutil::temp_sibling(link);
+/// A new link beside `name`, owned with `fchownat(AT_SYMLINK_NOFOLLOW)`, renamed over it.
+fn replace(dir: &Dir, name: &OsStr, source: &AbsPath, (uid, gid): (u32, u32)) -> Result<(), SymlinkError> {
+    let tmp = dir.temp_name(name);
     let made = (|| {
-        std::os::unix::fs::symlink(source, &tmp).map_err(fsutil::io_err(&tmp, "create the link"))?;
+        dir.symlink(source.as_path(), &tmp)?;
         if (uid, gid) != (0, 0) {
-            std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid))
-                .map_err(fsutil::io_err(&tmp, "change the owner of"))?;
+            dir.chown_entry(&tmp, uid, gid)?;
         }
-        fs::rename(&tmp, link).map_err(fsutil::io_err(link.as_path(), "rename the new link onto"))
+        dir.rename(&tmp, name)
     })();
     if made.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = dir.unlink(&tmp);
     }
     made?;
-    Ok(fsutil::fsync_dir(link.parent().as_path())?)
+    Ok(dir.fsync()?)
 }
 
 fn remove(link: &AbsPath, changes: &mut Vec<Change>) -> Result<(), SymlinkError> {
-    match fsutil::lstat(link.as_path())? {
+    let Some(r) = open_parent(link)? else {
+        return Ok(());
+    };
+    let (dir, name) = (&r.parent, r.name.as_deref().unwrap_or_default());
+    match dir.stat(name)? {
         None => Ok(()),
-        Some(m) if m.file_type().is_symlink() => {
-            fs::remove_file(link).map_err(fsutil::io_err(link.as_path(), "remove"))?;
+        Some(m) if m.kind == FileType::Symlink => {
+            dir.unlink(name)?;
             changes.push(Change::new(link.to_string(), "link removed"));
             Ok(())
         }
-        Some(m) => Err(SymlinkError::NotALink { path: link.as_path().to_path_buf(), found: kind_of(m.file_type()) }),
+        Some(m) => Err(SymlinkError::NotALink { path: link.as_path().to_path_buf(), found: dirfd::kind_of(m.kind) }),
     }
 }
 
@@ -124,6 +143,8 @@ mod tests {
     use super::*;
 
     use serde_json::{json, Value};
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
 
     fn symlink(raw: Value) -> LinuxSymlink {
         crate::states::testutil::typed("linux.symlink", raw)
@@ -182,6 +203,30 @@ mod tests {
         assert!(!out.result && out.comment.contains("does not exist"), "{}", out.comment);
         let out = apply(&symlink(json!({"target": tmp.path().join("l"), "source": "../etc"})));
         assert!(!out.result && out.comment.starts_with("parameter source"), "{}", out.comment);
+    }
+
+    #[test]
+    fn a_link_planted_on_the_way_where_another_user_writes_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let www = tmp.path().join("www");
+        fs::create_dir(&www).unwrap();
+        std::os::unix::fs::chown(&www, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::symlink(&victim, www.join("conf")).unwrap();
+        let out = apply(&symlink(json!({"target": www.join("conf/current"), "source": "/srv/v2"})));
+        assert_eq!(
+            out.comment,
+            format!(
+                "{}: a symbolic link in a directory writable by uid 65534; refusing to follow it",
+                www.join("conf").display()
+            )
+        );
+        assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);
+        // The link itself, in the user's directory, is managed without being followed.
+        let out = apply(&symlink(json!({"target": www.join("conf"), "source": "/srv/v2"})));
+        assert!(out.result, "{}", out.comment);
+        assert_eq!(fs::read_link(www.join("conf")).unwrap(), Path::new("/srv/v2"));
     }
 
     #[test]

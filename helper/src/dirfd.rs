@@ -1,0 +1,571 @@
+//! Walking and changing the file system through directory descriptors.
+//!
+//! Root must never act through a path that another user can change under it. A path
+//! string is resolved by the kernel afresh at every system call, so a walk that builds
+//! `top/sub/x` and hands it to `open`/`chown` follows whatever link the owner of `top`
+//! swapped in meanwhile (`O_NOFOLLOW` guards only the last component). Here a path is
+//! opened once, component by component from `/`, each directory with
+//! `openat(O_NOFOLLOW | O_DIRECTORY)` relative to the one before; every change is then
+//! made relative to an opened directory ([`Dir`]): `mkdirat`, `openat(O_NOFOLLOW)` and
+//! `fchown`/`fchmod` on the descriptor, `fchownat(AT_SYMLINK_NOFOLLOW)`, `renameat`,
+//! `unlinkat`, `symlinkat`, and recursive walks that list a descriptor and open each
+//! entry relative to it. A directory that is renamed or replaced after it was opened is
+//! still the one opened: nothing done through it lands anywhere else.
+//!
+//! The rule for links on the way: a recipe may name a path through a link
+//! (`/etc/resolv.conf` -> `/run/...`). Such a link is followed only when nobody but root
+//! can have put it there: the link is owned by root, and every directory on the way to
+//! it, its own included, is owned by root and writable by no one else (a sticky
+//! directory such as `/tmp` counts as safe for an entry that root owns, since only its
+//! owner may rename or remove it). Anything else is refused with [`WalkError::UnsafeLink`],
+//! which names the link and who could have planted it. Directories owned by other users
+//! are walked (by descriptor, which is safe); what never happens is following a link
+//! found in or below one of them.
+//!
+//! An `openat` chain rather than `openat2(RESOLVE_NO_SYMLINKS)`: links must be inspected
+//! (to follow the safe ones), which `openat2` cannot do, and one code path is easier to
+//! audit than two.
+
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use rustix::io::Errno;
+
+/// Links followed on one resolution before giving up (the kernel's own limit).
+const MAX_LINKS: u32 = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    #[error("{path}: cannot {op}: {source}")]
+    Io { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("{path}: a symbolic link in a directory writable by {writer}; refusing to follow it")]
+    UnsafeLink { path: PathBuf, writer: String },
+    #[error("{path}: a symbolic link owned by uid {uid}; refusing to follow it")]
+    LinkOwner { path: PathBuf, uid: u32 },
+    #[error("{path}: a symbolic link below {below}, which {writer} can change; refusing to follow it")]
+    LinkBelowUnsafe { path: PathBuf, below: PathBuf, writer: String },
+    #[error("{0}: more than {MAX_LINKS} symbolic links on the way")]
+    TooManyLinks(PathBuf),
+    #[error("{path} exists and is {found}, not a directory")]
+    NotADirectory { path: PathBuf, found: &'static str },
+    #[error("{0} does not exist")]
+    Missing(PathBuf),
+    #[error("{0} is a symbolic link; refusing to act through it")]
+    Symlink(PathBuf),
+    #[error("{0} changed while it was being opened; refusing to act on it")]
+    Changed(PathBuf),
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(Errno) -> WalkError {
+    let path = path.to_path_buf();
+    move |e| WalkError::Io { path, op, source: e.into() }
+}
+
+/// What kind of object a file type is, for messages.
+pub fn kind_of(ft: FileType) -> &'static str {
+    match ft {
+        FileType::Symlink => "a symbolic link",
+        FileType::Directory => "a directory",
+        FileType::RegularFile => "a regular file",
+        FileType::Socket => "a socket",
+        FileType::Fifo => "a FIFO",
+        FileType::BlockDevice | FileType::CharacterDevice => "a device",
+        FileType::Unknown => "a special file",
+    }
+}
+
+/// Owner, mode and type of an object, from `fstat`/`fstatat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: FileType,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits with set-id and sticky (`& 0o7777`).
+    pub mode: u32,
+    pub size: u64,
+    pub several_links: bool,
+}
+
+impl Meta {
+    fn of(st: &Stat) -> Self {
+        Self {
+            kind: FileType::from_raw_mode(st.st_mode),
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode & 0o7777,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            several_links: st.st_nlink > 1,
+        }
+    }
+
+    /// `fstat` of an open file.
+    pub fn of_file(f: &File, path: &Path) -> Result<Self, WalkError> {
+        Ok(Self::of(&rustix::fs::fstat(f).map_err(io_err(path, "inspect"))?))
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind == FileType::Directory
+    }
+
+    /// Who other than root could rename or replace an entry owned by `entry_uid` in
+    /// this directory; `None`: nobody.
+    fn writer_besides_root(&self, entry_uid: u32) -> Option<String> {
+        if self.uid != 0 {
+            return Some(format!("uid {}", self.uid));
+        }
+        let sticky_protects = self.mode & 0o1000 != 0 && entry_uid == 0;
+        if self.mode & 0o002 != 0 && !sticky_protects {
+            return Some("every user".to_string());
+        }
+        if self.mode & 0o020 != 0 && !sticky_protects {
+            return Some(format!("group {}", self.gid));
+        }
+        None
+    }
+}
+
+/// How to treat the last component of a path being resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Last {
+    /// A link there is followed under the rule (a file or directory a recipe names).
+    Follow,
+    /// The last component is the object itself, link or not (removal, a link state).
+    NoFollow,
+}
+
+/// Owner and mode of directories created on the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewDirs {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// An opened directory, and the path it was reached by (for messages only: nothing is
+/// ever resolved through it again).
+#[derive(Debug)]
+pub struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
+    /// No one but root could have replaced any directory on the way to this one, and
+    /// root owns each: links found here may be followed if this directory is not
+    /// writable by others either (checked when one is met). The error names where trust
+    /// was lost and who could have changed things there.
+    trusted: Result<(), (PathBuf, String)>,
+}
+
+impl AsFd for Dir {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The result of resolving a path: the directory that holds its last component, and
+/// that component's name (`None` for `/`).
+#[derive(Debug)]
+pub struct Resolved {
+    pub parent: Dir,
+    pub name: Option<OsString>,
+}
+
+impl Resolved {
+    /// The path of the object, as reached (for messages).
+    pub fn path(&self) -> PathBuf {
+        match &self.name {
+            Some(n) => self.parent.path.join(n),
+            None => self.parent.path.clone(),
+        }
+    }
+}
+
+const DIR_FLAGS: OFlags =
+    OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC).union(OFlags::NOCTTY);
+
+impl Dir {
+    /// `/`, the start of every walk.
+    pub fn root() -> Result<Self, WalkError> {
+        let fd = rustix::fs::open("/", DIR_FLAGS, Mode::empty()).map_err(io_err(Path::new("/"), "open"))?;
+        let meta = Meta::of(&rustix::fs::fstat(&fd).map_err(io_err(Path::new("/"), "inspect"))?);
+        let trusted = match meta.writer_besides_root(0) {
+            None => Ok(()),
+            Some(w) => Err((PathBuf::from("/"), w)),
+        };
+        Ok(Self { fd, path: PathBuf::from("/"), trusted })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &OsStr) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Opens the directory at `path` (its last component followed under the rule).
+    pub fn open(path: &Path) -> Result<Self, WalkError> {
+        let r = resolve(path, Last::Follow, None, &mut |_, _| {})?;
+        match r.name {
+            None => Ok(r.parent),
+            Some(name) => r.parent.subdir(&name)?.ok_or_else(|| WalkError::Missing(r.parent.join(&name))),
+        }
+    }
+
+    pub fn meta(&self) -> Result<Meta, WalkError> {
+        Ok(Meta::of(&rustix::fs::fstat(&self.fd).map_err(io_err(&self.path, "inspect"))?))
+    }
+
+    /// `fstatat(AT_SYMLINK_NOFOLLOW)` of an entry; `None` if missing.
+    pub fn stat(&self, name: &OsStr) -> Result<Option<Meta>, WalkError> {
+        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(Meta::of(&st))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(io_err(&self.join(name), "inspect")(e)),
+        }
+    }
+
+    /// The sub-directory `name`, never through a link; `None` if missing. A link or a
+    /// non-directory there is an error naming it.
+    pub fn subdir(&self, name: &OsStr) -> Result<Option<Dir>, WalkError> {
+        let path = self.join(name);
+        match rustix::fs::openat(&self.fd, name, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => {
+                let meta = Meta::of(&rustix::fs::fstat(&fd).map_err(io_err(&path, "inspect"))?);
+                let trusted = self.child_trust(&path, meta.uid)?;
+                Ok(Some(Dir { fd, path, trusted }))
+            }
+            Err(Errno::NOENT) => Ok(None),
+            Err(Errno::LOOP) => Err(WalkError::Symlink(path)),
+            // O_DIRECTORY meets a link before O_NOFOLLOW does: ENOTDIR for both.
+            Err(Errno::NOTDIR) => match self.stat(name)?.map(|m| m.kind) {
+                Some(FileType::Symlink) => Err(WalkError::Symlink(path)),
+                found => Err(WalkError::NotADirectory { path, found: found.map_or("gone", kind_of) }),
+            },
+            Err(e) => Err(io_err(&path, "open")(e)),
+        }
+    }
+
+    /// Opens an existing non-directory `name` for reading without following a link and
+    /// without blocking on a FIFO; the caller checks the type on the descriptor.
+    pub fn open_file(&self, name: &OsStr) -> Result<Option<File>, WalkError> {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+        match rustix::fs::openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(Errno::LOOP) => Err(WalkError::Symlink(self.join(name))),
+            Err(e) => Err(io_err(&self.join(name), "open")(e)),
+        }
+    }
+
+    /// The descriptor as a `File` (for `fsync`, `fchown` and the like by callers).
+    pub fn into_file(self) -> File {
+        File::from(self.fd)
+    }
+
+    /// A path that reaches the entry `name` of this opened directory through
+    /// `/proc/self/fd`, whatever happens to the directory's own name meanwhile: for code
+    /// that only takes paths (the unpacker, the copy of a download) and works inside a
+    /// directory nobody else can write.
+    pub fn fd_path(&self, name: &OsStr) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).join(name)
+    }
+
+    /// Creates the new private (0600) file `name`; fails if anything is there.
+    pub fn create_named(&self, name: &OsStr) -> Result<File, WalkError> {
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        rustix::fs::openat(&self.fd, name, flags, Mode::from_raw_mode(0o600))
+            .map(File::from)
+            .map_err(io_err(&self.join(name), "create"))
+    }
+
+    /// A fresh name beginning with `.{prefix}` for a temporary object in this directory
+    /// (not created: the creation must refuse an existing one).
+    pub fn temp_name(&self, prefix: &OsStr) -> OsString {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut name = OsString::from(".");
+        name.push(prefix);
+        name.push(format!(".opsagent-tmp.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+        name
+    }
+
+    /// Creates a new private (0600) file with a fresh unique name beginning with
+    /// `.{prefix}`; its name and the open file.
+    pub fn create_temp(&self, prefix: &OsStr) -> Result<(OsString, File), WalkError> {
+        loop {
+            let name = self.temp_name(prefix);
+            let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            match rustix::fs::openat(&self.fd, &name, flags, Mode::from_raw_mode(0o600)) {
+                Ok(fd) => return Ok((name, File::from(fd))),
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(io_err(&self.join(&name), "create temporary file")(e)),
+            }
+        }
+    }
+
+    /// Creates the private (0700, root) directory `name`, then gives it `mode` and owner
+    /// through its descriptor: it is never visible with looser rights.
+    pub fn mkdir(&self, name: &OsStr, new: NewDirs) -> Result<Dir, WalkError> {
+        let path = self.join(name);
+        rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o700)).map_err(io_err(&path, "create directory"))?;
+        let mut dir = self.subdir(name)?.ok_or_else(|| WalkError::Changed(path.clone()))?;
+        let (uid, gid) = (rustix::fs::Uid::from_raw(new.uid), rustix::fs::Gid::from_raw(new.gid));
+        rustix::fs::fchown(&dir.fd, Some(uid), Some(gid)).map_err(io_err(&path, "change the owner of"))?;
+        rustix::fs::fchmod(&dir.fd, Mode::from_raw_mode(new.mode)).map_err(io_err(&path, "change the mode of"))?;
+        // Trusted as a directory of that owner and mode is.
+        dir.trusted = self.child_trust(&path, new.uid)?;
+        Ok(dir)
+    }
+
+    /// `renameat` within this directory (atomic replacement of `to`).
+    pub fn rename(&self, from: &OsStr, to: &OsStr) -> Result<(), WalkError> {
+        rustix::fs::renameat(&self.fd, from, &self.fd, to).map_err(io_err(&self.join(to), "rename onto"))
+    }
+
+    /// Moves `from` (an entry of `src`) to `to` in this directory.
+    pub fn rename_from(&self, src: &Dir, from: &OsStr, to: &OsStr) -> Result<(), WalkError> {
+        rustix::fs::renameat(&src.fd, from, &self.fd, to).map_err(io_err(&self.join(to), "move into place"))
+    }
+
+    /// Removes the non-directory `name` (a link itself, never its target).
+    pub fn unlink(&self, name: &OsStr) -> Result<(), WalkError> {
+        rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()).map_err(io_err(&self.join(name), "remove"))
+    }
+
+    /// Removes `name` and, for a directory, everything below it, by descriptor: a link
+    /// inside is removed, never followed.
+    pub fn remove_tree(&self, name: &OsStr) -> Result<(), WalkError> {
+        let Some(meta) = self.stat(name)? else {
+            return Ok(());
+        };
+        if !meta.is_dir() {
+            return self.unlink(name);
+        }
+        if let Some(sub) = self.subdir(name)? {
+            for (entry, _) in sub.entries()? {
+                sub.remove_tree(&entry)?;
+            }
+        }
+        match rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(io_err(&self.join(name), "remove")(e)),
+        }
+    }
+
+    /// Creates the link `name` -> `target`.
+    pub fn symlink(&self, target: &Path, name: &OsStr) -> Result<(), WalkError> {
+        rustix::fs::symlinkat(target, &self.fd, name).map_err(io_err(&self.join(name), "create the link"))
+    }
+
+    pub fn read_link(&self, name: &OsStr) -> Result<PathBuf, WalkError> {
+        let target =
+            rustix::fs::readlinkat(&self.fd, name, Vec::new()).map_err(io_err(&self.join(name), "read the link"))?;
+        Ok(PathBuf::from(OsString::from_vec(target.into_bytes())))
+    }
+
+    /// `fchownat(AT_SYMLINK_NOFOLLOW)`: the owner of `name` itself, link or not.
+    pub fn chown_entry(&self, name: &OsStr, uid: u32, gid: u32) -> Result<(), WalkError> {
+        let (u, g) = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
+        rustix::fs::chownat(&self.fd, name, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(io_err(&self.join(name), "change the owner of"))
+    }
+
+    /// The entries (without `.` and `..`) and their types as the directory lists them.
+    pub fn entries(&self) -> Result<Vec<(OsString, FileType)>, WalkError> {
+        let list = io_err(&self.path, "list");
+        let mut out = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&self.fd).map_err(list)? {
+            let entry = entry.map_err(io_err(&self.path, "list"))?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                out.push((OsStr::from_bytes(name).to_os_string(), entry.file_type()));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn fsync(&self) -> Result<(), WalkError> {
+        rustix::fs::fsync(&self.fd).map_err(io_err(&self.path, "fsync"))
+    }
+
+    /// Owner then mode, on the descriptor (chown clears set-id bits a mode may want).
+    pub fn set_attrs(&self, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), WalkError> {
+        set_attrs(self.fd.as_fd(), &self.path, uid, gid, mode)
+    }
+
+    /// Whether a child directory owned by `uid` keeps the chain trusted: this chain is,
+    /// nobody but root can replace the entry, and root owns the child.
+    fn child_trust(&self, path: &Path, uid: u32) -> Result<Result<(), (PathBuf, String)>, WalkError> {
+        if self.trusted.is_err() {
+            return Ok(self.trusted.clone());
+        }
+        Ok(match self.meta()?.writer_besides_root(uid) {
+            Some(w) => Err((self.path.clone(), w)),
+            None if uid != 0 => Err((path.to_path_buf(), format!("uid {uid}"))),
+            None => Ok(()),
+        })
+    }
+
+    /// Why a link found in this directory may not be followed; `None`: it may.
+    fn link_refusal(&self, link: &Path, link_uid: u32) -> Result<Option<WalkError>, WalkError> {
+        if let Err((below, writer)) = &self.trusted {
+            if below != &self.path {
+                return Ok(Some(WalkError::LinkBelowUnsafe {
+                    path: link.to_path_buf(),
+                    below: below.clone(),
+                    writer: writer.clone(),
+                }));
+            }
+        }
+        if let Some(writer) = self.meta()?.writer_besides_root(link_uid) {
+            return Ok(Some(WalkError::UnsafeLink { path: link.to_path_buf(), writer }));
+        }
+        if link_uid != 0 {
+            return Ok(Some(WalkError::LinkOwner { path: link.to_path_buf(), uid: link_uid }));
+        }
+        Ok(None)
+    }
+}
+
+/// `fchown` then `fchmod` on an open descriptor, each only when it changes something.
+pub fn set_attrs(fd: BorrowedFd<'_>, path: &Path, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), WalkError> {
+    let st = Meta::of(&rustix::fs::fstat(fd).map_err(io_err(path, "inspect"))?);
+    if (st.uid, st.gid) != (uid, gid) {
+        let (u, g) = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
+        rustix::fs::fchown(fd, Some(u), Some(g)).map_err(io_err(path, "change the owner of"))?;
+    }
+    if let Some(mode) = mode {
+        // Read again: chown may have cleared set-id bits.
+        let now = Meta::of(&rustix::fs::fstat(fd).map_err(io_err(path, "inspect"))?);
+        if now.mode != mode {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(io_err(path, "change the mode of"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The components of an absolute or relative path, `.` dropped, `..` kept.
+fn components(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Resolves `path` (absolute) from `/`, one component at a time: directories are opened
+/// relative to the one before, links are followed only under the module's rule, and with
+/// `create` missing directories on the way are created (`on_create` is told each one).
+/// Returns the directory holding the last component and its name; the last component
+/// itself is neither opened nor required to exist.
+pub fn resolve(
+    path: &Path,
+    last: Last,
+    create: Option<NewDirs>,
+    on_create: &mut dyn FnMut(&Path, NewDirs),
+) -> Result<Resolved, WalkError> {
+    let mut stack = vec![Dir::root()?];
+    let mut pending = components(path);
+    let mut links = 0;
+    loop {
+        let Some(name) = pending.pop_front() else {
+            let parent = stack.pop().ok_or_else(|| WalkError::Changed(path.to_path_buf()))?;
+            return Ok(Resolved { parent, name: None });
+        };
+        if name == ".." {
+            // Only reached through a link's target, which was found where only root
+            // writes, so `..` means what its author meant.
+            if stack.len() > 1 {
+                stack.pop();
+            }
+            continue;
+        }
+        let at_last = pending.is_empty();
+        let top = stack.last().ok_or_else(|| WalkError::Changed(path.to_path_buf()))?;
+        if at_last && last == Last::NoFollow {
+            return Ok(Resolved {
+                parent: stack.pop().ok_or(WalkError::Changed(path.to_path_buf()))?,
+                name: Some(name),
+            });
+        }
+        let here = top.join(&name);
+        match top.stat(&name)? {
+            Some(m) if m.kind == FileType::Symlink => {
+                if let Some(refusal) = top.link_refusal(&here, m.uid)? {
+                    return Err(refusal);
+                }
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(WalkError::TooManyLinks(here));
+                }
+                let target = top.read_link(&name)?;
+                if target.is_absolute() {
+                    stack.truncate(1);
+                }
+                for c in components(&target).into_iter().rev() {
+                    pending.push_front(c);
+                }
+            }
+            None | Some(_) if at_last => {
+                return Ok(Resolved {
+                    parent: stack.pop().ok_or(WalkError::Changed(path.to_path_buf()))?,
+                    name: Some(name),
+                })
+            }
+            Some(m) if m.is_dir() => match top.subdir(&name) {
+                Ok(Some(d)) => stack.push(d),
+                // Replaced between the stat and the open: only someone who may write
+                // here can do that, and it fails their own state.
+                Ok(None) | Err(WalkError::Symlink(_)) => return Err(WalkError::Changed(here)),
+                Err(e) => return Err(e),
+            },
+            Some(m) => return Err(WalkError::NotADirectory { path: here, found: kind_of(m.kind) }),
+            None => match create {
+                None => return Err(WalkError::Missing(here)),
+                Some(new) => match top.mkdir(&name, new) {
+                    Ok(d) => {
+                        on_create(&here, new);
+                        stack.push(d);
+                    }
+                    Err(WalkError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+                        pending.push_front(name)
+                    }
+                    Err(e) => return Err(e),
+                },
+            },
+        }
+    }
+}
+
+/// Opens (creating what is missing, with `new`) the directory `path`, its last
+/// component included; links on the way and at the end are followed under the rule.
+pub fn create_dir_all(path: &Path, new: NewDirs, on_create: &mut dyn FnMut(&Path, NewDirs)) -> Result<Dir, WalkError> {
+    let r = resolve(path, Last::Follow, Some(new), on_create)?;
+    let Some(name) = r.name else {
+        return Ok(r.parent);
+    };
+    loop {
+        if let Some(d) = r.parent.subdir(&name)? {
+            return Ok(d);
+        }
+        match r.parent.mkdir(&name, new) {
+            Ok(d) => {
+                on_create(&r.parent.join(&name), new);
+                return Ok(d);
+            }
+            Err(WalkError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,118 @@
+use super::*;
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+
+/// A root-owned 0755 directory under the test's temporary directory (itself root-owned
+/// in the sticky `/tmp`, so the chain to it is one only root can change).
+fn root_dir(base: &Path, name: &str) -> PathBuf {
+    let p = base.join(name);
+    fs::create_dir_all(&p).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn base() -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    t
+}
+
+#[test]
+fn a_link_where_only_root_writes_is_followed() {
+    let t = base();
+    let real = root_dir(t.path(), "real");
+    let conf = root_dir(t.path(), "conf");
+    symlink(&real, conf.join("link")).unwrap();
+    // Relative, with `..`, as /etc/resolv.conf -> ../run/... is.
+    symlink("../real", conf.join("rel")).unwrap();
+    fs::write(real.join("f"), "x").unwrap();
+    for via in ["link", "rel"] {
+        let d = Dir::open(&conf.join(via)).unwrap();
+        assert_eq!(d.stat(OsStr::new("f")).unwrap().map(|m| m.kind), Some(FileType::RegularFile), "{via}");
+        let r = resolve(&conf.join(via).join("f"), Last::Follow, None, &mut |_, _| {}).unwrap();
+        assert_eq!(r.path(), real.join("f"), "{via}");
+    }
+}
+
+#[test]
+fn a_link_in_a_directory_another_user_can_write_is_refused_naming_it() {
+    let t = base();
+    let real = root_dir(t.path(), "real");
+    let www = root_dir(t.path(), "www");
+    std::os::unix::fs::chown(&www, Some(33), Some(33)).unwrap();
+    symlink(&real, www.join("site")).unwrap();
+    let err = Dir::open(&www.join("site")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: a symbolic link in a directory writable by uid 33; refusing to follow it",
+            www.join("site").display()
+        )
+    );
+    // Below it, even in a root-owned directory: the user could have swapped that one in.
+    let inner = root_dir(&www, "inner");
+    symlink(&real, inner.join("l")).unwrap();
+    let err = Dir::open(&inner.join("l")).unwrap_err();
+    assert!(matches!(err, WalkError::LinkBelowUnsafe { .. }), "{err}");
+    assert!(err.to_string().contains("which uid 33 can change; refusing to follow it"), "{err}");
+    // Group- or world-writable directories owned by root are the same.
+    let shared = root_dir(t.path(), "shared");
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o775)).unwrap();
+    symlink(&real, shared.join("l")).unwrap();
+    let err = Dir::open(&shared.join("l")).unwrap_err();
+    assert!(err.to_string().contains("writable by group 0; refusing"), "{err}");
+    // A link owned by another user, even where only root writes.
+    let etc = root_dir(t.path(), "etc");
+    symlink(&real, etc.join("l")).unwrap();
+    std::os::unix::fs::lchown(etc.join("l"), Some(33), Some(33)).unwrap();
+    let err = Dir::open(&etc.join("l")).unwrap_err();
+    assert!(err.to_string().contains("a symbolic link owned by uid 33"), "{err}");
+}
+
+#[test]
+fn directories_of_other_users_are_walked_and_created_in_by_descriptor() {
+    let t = base();
+    let www = root_dir(t.path(), "www");
+    std::os::unix::fs::chown(&www, Some(33), Some(33)).unwrap();
+    let mut made = Vec::new();
+    let d = create_dir_all(&www.join("a/b"), NewDirs { mode: 0o750, uid: 33, gid: 33 }, &mut |p, _| {
+        made.push(p.to_path_buf())
+    })
+    .unwrap();
+    assert_eq!(made, [www.join("a"), www.join("a/b")]);
+    let m = d.meta().unwrap();
+    assert_eq!((m.uid, m.mode), (33, 0o750));
+    // The last component is never a link when not followed.
+    symlink("/etc", www.join("a/l")).unwrap();
+    let r = resolve(&www.join("a/l"), Last::NoFollow, None, &mut |_, _| {}).unwrap();
+    assert_eq!(r.parent.stat(OsStr::new("l")).unwrap().map(|m| m.kind), Some(FileType::Symlink));
+    assert!(matches!(r.parent.subdir(OsStr::new("l")), Err(WalkError::Symlink(_))));
+}
+
+#[test]
+fn remove_tree_removes_links_without_following_them() {
+    let t = base();
+    let victim = root_dir(t.path(), "victim");
+    fs::write(victim.join("keep"), "x").unwrap();
+    let gone = root_dir(t.path(), "gone");
+    fs::create_dir_all(gone.join("a/b")).unwrap();
+    symlink(&victim, gone.join("a/l")).unwrap();
+    let top = Dir::open(t.path()).unwrap();
+    top.remove_tree(OsStr::new("gone")).unwrap();
+    assert!(!gone.exists());
+    assert!(victim.join("keep").exists());
+}
+
+#[test]
+fn missing_components_and_files_on_the_way_are_named() {
+    let t = base();
+    fs::write(t.path().join("f"), "").unwrap();
+    let err = Dir::open(&t.path().join("f/x")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{} exists and is a regular file, not a directory", t.path().join("f").display())
+    );
+    let err = Dir::open(&t.path().join("none/x")).unwrap_err();
+    assert_eq!(err.to_string(), format!("{} does not exist", t.path().join("none").display()));
+}
