@@ -10,6 +10,7 @@ pub mod cancel;
 pub mod cli;
 pub mod exec;
 pub mod fetched;
+pub mod footprint;
 pub mod fsutil;
 pub mod harden;
 pub mod identity;
