@@ -198,10 +198,10 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             if p.username.trim() == "root" {
                 privileged.push(Privilege::Root("the root account".into()));
             }
-            if p.uid == Some(0) {
+            if p.uid.is_some_and(is_id_zero) {
                 privileged.push(Privilege::Root("uid 0".into()));
             }
-            if p.gid == Some(0) {
+            if p.gid.is_some_and(is_id_zero) {
                 privileged.push(Privilege::Root("gid 0".into()));
             }
             for g in p
@@ -225,7 +225,7 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             f.system_files.push("the account databases");
             let name = p.groupname.trim();
             let mut privileged = Vec::new();
-            if p.gid == Some(0) {
+            if p.gid.is_some_and(is_id_zero) {
                 privileged.push(Privilege::Root("gid 0".into()));
             }
             if PRIVILEGED_GROUPS.contains(&name) {
@@ -330,6 +330,12 @@ impl Footprint {
     pub fn command_equivalent(&self) -> bool {
         !self.runs.is_empty()
     }
+}
+
+/// An id that is 0 as the kernel's 32-bit `uid_t`/`gid_t` would take it (a wire value
+/// of 2^32 is root once truncated).
+fn is_id_zero(id: u64) -> bool {
+    id.is_multiple_of(1 << 32)
 }
 
 /// What `linux.mount` writes with `fstab: true`.
