@@ -12,6 +12,8 @@ use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::newtypes::{AbsPath, UnitName};
 use opsagent_proto::wire::{Dict, Entry};
 
+use nix::unistd::{Group, User};
+
 /// Everything one state may touch. Paths are as the recipe gives them, trimmed;
 /// whether they parse is the policy's question (one that does not is refused).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -216,6 +218,13 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
                     privileged.push(Privilege::Group(g.to_string()));
                 }
             }
+            if let Some(name) = p.gid.and_then(privileged_group_by_gid) {
+                privileged.push(Privilege::Group(name));
+            }
+            // The password, shell or home of an account that already is privileged
+            // (a distribution's default sudoer, an existing uid-0 account) is as much
+            // root as making one.
+            privileged.extend(existing_privilege(p.username.trim()));
             f.accounts.push(Account { name: format!("user {}", p.username.trim()), privileged });
             if let Some(home) = &p.home {
                 f.writes.push(trim(home));
@@ -230,6 +239,9 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             }
             if PRIVILEGED_GROUPS.contains(&name) {
                 privileged.push(Privilege::Group(name.to_string()));
+            }
+            if let Some(other) = p.gid.and_then(privileged_group_by_gid).filter(|g| g != name) {
+                privileged.push(Privilege::Group(other));
             }
             f.accounts.push(Account { name: format!("group {name}"), privileged });
         }
@@ -316,6 +328,12 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             let path = trim(&p.path);
             f.writes.push(path.clone());
             f.follows.push(path);
+            // A local repository is read by root and its files end up in the
+            // working copy.
+            let repo = p.repo.trim();
+            if repo.starts_with("file://") || repo.starts_with('/') {
+                f.reads.push(local(repo));
+            }
         }
         // Retired: both states fail without changing anything (see states::mesos).
         ModuleParams::LinuxMesosMaster(_) | ModuleParams::LinuxMesosSlave(_) => {}
@@ -330,6 +348,38 @@ impl Footprint {
     pub fn command_equivalent(&self) -> bool {
         !self.runs.is_empty()
     }
+}
+
+/// The privileged group that has `gid` on this host, if one does.
+fn privileged_group_by_gid(gid: u64) -> Option<String> {
+    let gid = u32::try_from(gid).ok()?;
+    PRIVILEGED_GROUPS
+        .iter()
+        .find(|g| Group::from_name(g).ok().flatten().is_some_and(|grp| grp.gid.as_raw() == gid))
+        .map(|g| (*g).to_string())
+}
+
+/// What makes the existing account `name` privileged on this host: uid 0, gid 0, a
+/// privileged primary or supplementary group.
+fn existing_privilege(name: &str) -> Vec<Privilege> {
+    let mut out = Vec::new();
+    if let Ok(Some(user)) = User::from_name(name) {
+        if user.uid.is_root() {
+            out.push(Privilege::Root("uid 0 (it has it already)".into()));
+        }
+        if user.gid.as_raw() == 0 {
+            out.push(Privilege::Root("gid 0 (it has it already)".into()));
+        }
+        if let Some(g) = privileged_group_by_gid(u64::from(user.gid.as_raw())) {
+            out.push(Privilege::Group(g));
+        }
+    }
+    for g in PRIVILEGED_GROUPS {
+        if Group::from_name(g).ok().flatten().is_some_and(|grp| grp.mem.iter().any(|m| m == name)) {
+            out.push(Privilege::Group((*g).to_string()));
+        }
+    }
+    out
 }
 
 /// An id that is 0 as the kernel's 32-bit `uid_t`/`gid_t` would take it (a wire value
@@ -494,6 +544,7 @@ mod tests {
             ("common.npm.package", json!({"name": d("x", ""), "path": "/srv/n"})),
             ("common.pip.package", json!({"name": d("x", "")})),
             ("common.svn", json!({"path": "/srv/s", "repo": "svn://h/r"})),
+            ("common.svn", json!({"path": "/srv/s", "repo": "file:///srv/repo"})),
             ("common.timezone", json!({"name": "UTC"})),
             (
                 "common.virtualenv",
@@ -656,6 +707,25 @@ mod tests {
         assert_eq!(mount_kind("host:/export", "nfs", ""), MountKind::Virtual);
         assert_eq!(mount_kind("//server/share", "cifs", ""), MountKind::Virtual);
         assert_eq!(mount_kind("images/disk.img", "ext4", ""), MountKind::Loop);
+    }
+
+    #[test]
+    fn existing_accounts_and_gids_of_privileged_groups_count() {
+        // root exists everywhere: changing its shell is changing root.
+        let f = footprint(&params("linux.user", json!({"username": "root", "password": "x", "shell": "/bin/sh"})));
+        assert!(f.accounts[0].privileged.contains(&Privilege::Root("uid 0 (it has it already)".into())), "{f:?}");
+        // A group given the gid of a privileged group that exists here.
+        let Some((name, gid)) = PRIVILEGED_GROUPS
+            .iter()
+            .filter(|g| **g != "root")
+            .find_map(|g| Group::from_name(g).ok().flatten().map(|grp| ((*g).to_string(), grp.gid.as_raw())))
+        else {
+            panic!("no privileged group but root on this host: the test needs one (adm, sudo…)");
+        };
+        let f = footprint(&params("linux.group", json!({"groupname": "plain", "gid": gid.to_string()})));
+        assert_eq!(f.accounts[0].privileged, vec![Privilege::Group(name.clone())]);
+        let f = footprint(&params("linux.user", json!({"username": "u-new", "password": "x", "gid": gid.to_string()})));
+        assert_eq!(f.accounts[0].privileged, vec![Privilege::Group(name)]);
     }
 
     #[test]

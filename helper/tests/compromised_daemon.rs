@@ -256,6 +256,27 @@ fn attempts(dir: &Path) -> Vec<Attempt> {
     deny("common.svn", "a working copy in /etc", json!({"path": "/etc/svn", "repo": "svn://h/r"}));
     deny("common.svn", "a working copy outside", json!({"path": format!("{o}/wc"), "repo": "svn://h/r"}));
     deny("common.svn", "a working copy through a link", json!({"path": format!("{a}/escape"), "repo": "svn://h/r"}));
+    deny(
+        "common.svn",
+        "check out root's local repository",
+        json!({"path": format!("{a}/wc"), "repo": "file:///root/repo"}),
+    );
+    deny(
+        "linux.user",
+        "root's shell to a file in the tree",
+        json!({"username": "root", "password": "x", "shell": format!("{a}/evil")}),
+    );
+    // A group moved onto the gid of a privileged group of this host (adm is 4 on
+    // Debian and RHEL alike; the footprint looks the gid up).
+    let adm_gid = nix::unistd::Group::from_name("adm").unwrap().map_or(4, |g| g.gid.as_raw());
+    list.push((
+        "linux.group",
+        "a group given adm's gid",
+        json!({"groupname": "plain", "gid": adm_gid.to_string()}),
+        vec![],
+        Expect::Refused,
+    ));
+    let mut deny = |m: &'static str, what: &'static str, raw: Value| list.push((m, what, raw, vec![], Expect::Refused));
     // Retired and built-in modules
     deny(
         "linux.mesos.master",
