@@ -340,7 +340,77 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         // Never sent to the helper; they touch nothing on the host.
         ModuleParams::MetaComment(_) | ModuleParams::MetaWait(_) => {}
     }
+    // Whatever the module, a write where root looks for code or for who may be root is
+    // running code as root (a cron.d file, a unit, a sudoers drop-in, a binary in PATH),
+    // and so is a write above such a place (a recursive chown of /etc).
+    let code_writes: Vec<&'static str> = f.writes.iter().filter_map(|w| root_code_location(w)).collect();
+    for loc in code_writes {
+        f.runs.push(Run { what: format!("files in {loc} (root runs or trusts what is there)"), as_user: root() });
+    }
     f
+}
+
+/// Where root finds code to run, or who may become root. A write at, under or above
+/// one of these is command-equivalent.
+pub const ROOT_CODE_LOCATIONS: &[&str] = &[
+    "/etc/cron.d",
+    "/etc/cron.hourly",
+    "/etc/cron.daily",
+    "/etc/cron.weekly",
+    "/etc/cron.monthly",
+    "/etc/crontab",
+    "/var/spool/cron",
+    "/etc/systemd",
+    "/run/systemd",
+    "/lib/systemd",
+    "/usr/lib/systemd",
+    "/etc/init.d",
+    "/etc/rc.local",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+    "/etc/ld.so.preload",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/profile",
+    "/etc/profile.d",
+    "/etc/bash.bashrc",
+    "/etc/environment",
+    "/etc/pam.d",
+    "/etc/security",
+    "/etc/passwd",
+    "/etc/shadow",
+    "/etc/group",
+    "/etc/gshadow",
+    "/etc/ssh",
+    "/etc/modprobe.d",
+    "/etc/udev",
+    "/etc/apt/apt.conf.d",
+    "/etc/logrotate.d",
+    "/etc/update-motd.d",
+    "/etc/opsagent",
+    "/root",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/libexec",
+    "/usr/local/bin",
+    "/usr/local/sbin",
+    "/usr/local/lib",
+];
+
+/// The root-code location `path` is at, under or above (lexically; the policy's
+/// prefix checks resolve links).
+fn root_code_location(path: &str) -> Option<&'static str> {
+    let path = AbsPath::parse(path).ok()?;
+    ROOT_CODE_LOCATIONS
+        .iter()
+        .copied()
+        .find(|loc| AbsPath::parse(loc).is_ok_and(|loc| path.starts_with(&loc) || loc.starts_with(&path)))
 }
 
 impl Footprint {

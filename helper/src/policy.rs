@@ -772,4 +772,28 @@ mod tests {
         let archive = params("common.archive", json!({"path": "/etc", "source": "https://h/a.tgz"}));
         assert!(policy.check(&archive).unwrap_err().message.contains("common.archive would write /etc,"));
     }
+
+    #[test]
+    fn writes_where_root_finds_code_are_command_equivalent() {
+        let policy = Policy::parse(
+            Path::new("/p"),
+            "modules = linux.file linux.dir linux.symlink\nwrite_prefixes = /etc /usr\n",
+        )
+        .unwrap();
+        assert!(policy.check(&params("linux.file", json!({"path": "/etc/nginx/nginx.conf"}))).is_ok());
+        for (module, raw) in [
+            ("linux.file", json!({"path": "/etc/cron.d/job", "content": "* * * * * root id\n"})),
+            ("linux.file", json!({"path": "/etc/sudoers.d/agent"})),
+            ("linux.file", json!({"path": "/etc/systemd/system/evil.service"})),
+            ("linux.symlink", json!({"target": "/usr/local/bin/sudo", "source": "/etc/nginx"})),
+            // Above such a place: a recursive chown of /etc.
+            ("linux.dir", json!({"path": ["/etc"], "user": "nobody"})),
+        ] {
+            let err = policy.check(&params(module, raw.clone())).unwrap_err();
+            assert!(err.message.contains("root runs or trusts what is there"), "{module} {raw}: {}", err.message);
+        }
+        // With commands granted, the prefixes alone decide.
+        let with_cmd = Policy::parse(Path::new("/p"), "write_prefixes = /etc\n").unwrap();
+        assert!(with_cmd.check(&params("linux.file", json!({"path": "/etc/cron.d/job"}))).is_ok());
+    }
 }

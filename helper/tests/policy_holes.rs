@@ -57,8 +57,11 @@ async fn archive_outside_the_prefixes_is_denied() {
     let (h, mut c) = helper().await;
     let raw = json!({"path": h.path("outside/app"), "source": "https://example.com/app.tgz"});
     assert_denied(&h, &mut c, "common.archive", raw, &[], "not under the policy's `write_prefixes`").await;
+    let raw = json!({"path": "/var/www", "source": "https://example.com/www.tgz"});
+    assert_denied(&h, &mut c, "common.archive", raw, &[], "would write /var/www,").await;
+    // Where root finds code, the write is command-equivalent before it is a path.
     let raw = json!({"path": "/etc", "source": "https://example.com/etc.tgz"});
-    assert_denied(&h, &mut c, "common.archive", raw, &[], "would write /etc,").await;
+    assert_denied(&h, &mut c, "common.archive", raw, &[], "files in /etc/cron.d (root runs").await;
 }
 
 #[tokio::test]
@@ -175,8 +178,8 @@ async fn accounts_with_uid_0_root_or_privileged_groups_need_a_grant() {
     .await;
     assert_denied(&h, &mut c, "linux.group", json!({"groupname": "g", "gid": "0"}), &[], "gid 0").await;
     // Home directories are paths the state writes.
-    let raw = json!({"username": "u", "password": "x", "home": "/etc"});
-    assert_denied(&h, &mut c, "linux.user", raw, &[], "would write /etc,").await;
+    let raw = json!({"username": "u", "password": "x", "home": "/var/lib/u"});
+    assert_denied(&h, &mut c, "linux.user", raw, &[], "would write /var/lib/u,").await;
 }
 
 #[tokio::test]
