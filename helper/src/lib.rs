@@ -11,6 +11,7 @@ pub mod cli;
 pub mod dirfd;
 pub mod exec;
 pub mod fetched;
+pub mod footprint;
 pub mod fsutil;
 pub mod harden;
 pub mod identity;

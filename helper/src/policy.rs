@@ -11,35 +11,55 @@
 //! half-way.
 //!
 //! Format: one `key = value…` per line, values separated by blanks; `#` starts a
-//! comment; a key given twice adds to its list. Every key is optional; a key that is
-//! absent allows everything of its kind, a key that is present allows only what it
-//! lists (`modules =` with nothing after it allows no module at all).
+//! comment; a key given twice adds to its list.
+//!
+//! The policy decides from each state's [footprint](crate::footprint) alone. Two kinds
+//! of keys:
+//! - *narrowing* keys, from the first version of the format: absent, they allow
+//!   everything of their kind; present, only what they list (`modules =` with nothing
+//!   after it allows no module at all);
+//! - *grant* keys, for what is root-equivalent: under any policy file, absent means
+//!   nothing of their kind is allowed.
 //!
 //! ```text
+//! # Narrowing keys.
 //! # Only these modules (catalogue names).
 //! modules = linux.file linux.dir linux.service linux.apt.package
-//! # Paths that file-writing states may write under (each path and what is below it).
+//! # Paths states may write under (each path and what is below it), and the only
+//! # places root reads a file from on a recipe's behalf.
 //! write_prefixes = /etc/nginx /srv /var/www
 //! # Units linux.service may start, reload or restart (`nginx` means nginx.service).
 //! units = nginx php8.2-fpm.service
+//! # Packages the package modules may install or remove from the configured sources.
+//! packages = nginx php8.2-fpm
+//! # Block devices (and what is below them) storage states may write or mount.
+//! devices = /dev/xvdf /dev/nvme1n1
+//!
+//! # Grant keys (nothing unless listed).
+//! # Where linux.file may set a set-user-id or set-group-id mode.
+//! setid_paths = /opt/app/bin/ping-helper
+//! # Mounts other than a block device under /dev or a virtual/network filesystem.
+//! mount_kinds = bind loop
+//! # Programs common.virtualenv may run as `python-bin`.
+//! interpreters = /usr/bin/python3.11
+//! # Accounts that may be root or get uid 0 / gid 0 (`root` for root's password).
+//! root_accounts = root
+//! # Privileged groups (see footprint::PRIVILEGED_GROUPS) accounts may be put in.
+//! privileged_groups = adm
 //! ```
 //!
-//! What `write_prefixes` covers: `linux.file` `path`, `linux.dir` `path`s,
-//! `linux.symlink` `target` (the link), `linux.cmd` `cwd`, the files that
-//! `linux.apt.repo`, `linux.apt.ppa` and `linux.yum.repo` write, the checkout `path` of
-//! `common.git`, `common.hg` and `common.svn`, `common.virtualenv` `path` and
-//! `common.npm.package` `path` (a global npm install is a package, below), and the mount
-//! point `path` of `linux.mount` (a mount replaces what is visible there; the directory is
-//! created when missing) with `/etc/fstab` when it has `fstab: true`. A command can still
-//! write anywhere its user may: to keep recipes from running commands, leave
-//! `linux.cmd` out of `modules` (which also forbids `linux.service` actions that are
-//! commands). Users, groups, crontabs, the timezone and packages are not paths in this
-//! sense; allow or forbid them with `modules`.
+//! Command-equivalent states (a footprint that runs code no operator reviewed:
+//! `linux.cmd`, command actions of `linux.service`, cron jobs, supervisord programs,
+//! puppet, chef, containers, pip/npm/gem, virtualenv requirements, git/hg working
+//! copies, package sources and keys, local or unsigned package files) need what
+//! `linux.cmd` needs: `linux.cmd` in `modules` (or no `modules` key). A command can
+//! still write anywhere its user may.
 //!
 //! Prefix checks are made on the normalised path and again on the path with its
 //! existing directories resolved (so a link inside an allowed tree cannot point a write
 //! outside it). They assume that the allowed trees are not writable by untrusted users:
-//! such a user could swap a directory for a link between the check and the write.
+//! such a user could swap a directory for a link between the check and the write. A
+//! path of a footprint that does not parse as an absolute path is refused.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -52,7 +72,8 @@ use nix::fcntl::OFlag;
 use opsagent_proto::catalogue::{self, ModuleParams};
 use opsagent_proto::newtypes::{AbsPath, UnitName};
 use opsagent_proto::request::{ErrorCode, HelperError};
-use opsagent_proto::wire::Entry;
+
+use crate::footprint::{self, footprint, Footprint, MountKind, Privilege, PRIVILEGED_GROUPS};
 
 pub const DEFAULT_POLICY_PATH: &str = "/etc/opsagent/helper.policy";
 /// A policy file is a few lines; anything much larger is not one.
@@ -70,7 +91,8 @@ pub enum PolicyError {
     Syntax { path: PathBuf, line: usize, problem: String },
 }
 
-/// What the operator allows. `None` in a field: no restriction of that kind.
+/// What the operator allows. `None` in a narrowing field: no restriction of that
+/// kind; an empty grant field: nothing of that kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     /// Where it was read from, for messages; `None`: the built-in "allow all".
@@ -78,7 +100,17 @@ pub struct Policy {
     pub modules: Option<BTreeSet<String>>,
     pub write_prefixes: Option<Vec<AbsPath>>,
     pub units: Option<BTreeSet<UnitName>>,
+    pub packages: Option<BTreeSet<String>>,
+    pub devices: Option<Vec<AbsPath>>,
+    pub setid_paths: Vec<AbsPath>,
+    pub mount_kinds: BTreeSet<MountKind>,
+    pub interpreters: Vec<AbsPath>,
+    pub root_accounts: BTreeSet<String>,
+    pub privileged_groups: BTreeSet<String>,
 }
+
+const KEYS: &str = "modules, write_prefixes, units, packages, devices, setid_paths, mount_kinds, interpreters, \
+                    root_accounts, privileged_groups";
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -87,13 +119,23 @@ impl fmt::Display for Policy {
         };
         let list =
             |items: Option<Vec<String>>| items.map_or_else(|| "any".to_string(), |v| format!("[{}]", v.join(" ")));
+        let strings = |s: &BTreeSet<String>| Some(s.iter().cloned().collect::<Vec<_>>());
+        let paths = |p: &[AbsPath]| Some(p.iter().map(ToString::to_string).collect::<Vec<_>>());
         write!(
             f,
-            "{}: modules {}, write prefixes {}, units {}",
+            "{}: modules {}, write prefixes {}, units {}, packages {}, devices {}; grants: set-id {}, mounts {}, \
+             interpreters {}, root accounts {}, privileged groups {}",
             source.display(),
-            list(self.modules.as_ref().map(|m| m.iter().cloned().collect())),
-            list(self.write_prefixes.as_ref().map(|p| p.iter().map(ToString::to_string).collect())),
+            list(self.modules.as_ref().and_then(strings)),
+            list(self.write_prefixes.as_deref().and_then(paths)),
             list(self.units.as_ref().map(|u| u.iter().map(ToString::to_string).collect())),
+            list(self.packages.as_ref().and_then(strings)),
+            list(self.devices.as_deref().and_then(paths)),
+            list(paths(&self.setid_paths)),
+            list(Some(self.mount_kinds.iter().map(|k| k.key().to_string()).collect())),
+            list(paths(&self.interpreters)),
+            list(strings(&self.root_accounts)),
+            list(strings(&self.privileged_groups)),
         )
     }
 }
@@ -132,6 +174,14 @@ impl Policy {
             let (key, values) =
                 line.split_once('=').ok_or_else(|| syntax(format!("expected `key = values`, got {line:?}")))?;
             let values = values.split_whitespace();
+            let abs = |p: &str| AbsPath::parse(p).map_err(|e| syntax(e.to_string()));
+            let name = |n: &str, what: &str| {
+                if valid_name(n) {
+                    Ok(n.to_string())
+                } else {
+                    Err(syntax(format!("{n:?} is not a valid {what} name")))
+                }
+            };
             match key.trim().replace('-', "_").as_str() {
                 "modules" => {
                     let set = policy.modules.get_or_insert_with(BTreeSet::new);
@@ -148,7 +198,7 @@ impl Policy {
                 "write_prefixes" => {
                     let list = policy.write_prefixes.get_or_insert_with(Vec::new);
                     for p in values {
-                        list.push(AbsPath::parse(p).map_err(|e| syntax(e.to_string()))?);
+                        list.push(abs(p)?);
                     }
                 }
                 "units" => {
@@ -157,64 +207,184 @@ impl Policy {
                         set.insert(UnitName::service(u).map_err(|e| syntax(e.to_string()))?);
                     }
                 }
-                other => return Err(syntax(format!("unknown key {other:?} (known: modules, write_prefixes, units)"))),
+                "packages" => {
+                    let set = policy.packages.get_or_insert_with(BTreeSet::new);
+                    for p in values {
+                        set.insert(name(p, "package")?);
+                    }
+                }
+                "devices" => {
+                    let list = policy.devices.get_or_insert_with(Vec::new);
+                    for p in values {
+                        list.push(abs(p)?);
+                    }
+                }
+                "setid_paths" => {
+                    for p in values {
+                        policy.setid_paths.push(abs(p)?);
+                    }
+                }
+                "interpreters" => {
+                    for p in values {
+                        policy.interpreters.push(abs(p)?);
+                    }
+                }
+                "mount_kinds" => {
+                    for k in values {
+                        policy.mount_kinds.insert(match k {
+                            "bind" => MountKind::Bind,
+                            "loop" => MountKind::Loop,
+                            other => {
+                                return Err(syntax(format!(
+                                    "mount kind {other:?} is not one of bind, loop (block devices and virtual \
+                                     filesystems need no grant)"
+                                )))
+                            }
+                        });
+                    }
+                }
+                "root_accounts" => {
+                    for a in values {
+                        policy.root_accounts.insert(name(a, "user")?);
+                    }
+                }
+                "privileged_groups" => {
+                    for g in values {
+                        if !PRIVILEGED_GROUPS.contains(&g) && g != "0" {
+                            return Err(syntax(format!(
+                                "{g:?} is not a privileged group (those are: {}); other groups need no grant",
+                                PRIVILEGED_GROUPS.join(" ")
+                            )));
+                        }
+                        policy.privileged_groups.insert(g.to_string());
+                    }
+                }
+                other => return Err(syntax(format!("unknown key {other:?} (known: {KEYS})"))),
             }
         }
         Ok(policy)
     }
 
-    /// Whether the policy lets `params` run; `Err` is a [`ErrorCode::Denied`] naming
-    /// the rule.
+    /// Whether the policy lets `params` run, judged from its footprint alone; `Err` is
+    /// a [`ErrorCode::Denied`] naming the rule.
     pub fn check(&self, params: &ModuleParams) -> Result<(), HelperError> {
         let Some(source) = &self.source else {
             return Ok(());
         };
-        let deny =
-            |why: String| Err(HelperError::new(ErrorCode::Denied, format!("{why} (policy {})", source.display())));
-        let module = params.name();
+        self.check_footprint(params.name(), &footprint(params))
+            .map_err(|why| HelperError::new(ErrorCode::Denied, format!("{why} (policy {})", source.display())))
+    }
+
+    /// The first thing in `f` the policy does not grant, in words.
+    pub fn check_footprint(&self, module: &str, f: &Footprint) -> Result<(), String> {
         if !self.module_allowed(module) {
-            return deny(format!("module {module} is not in the policy's `modules`"));
+            return Err(format!("module {module} is not in the policy's `modules`"));
         }
-        if let ModuleParams::LinuxService(s) = params {
-            // An action that is not a keyword is a shell command, so it needs what
-            // linux.cmd needs.
-            if let Some(e) = s.name.iter().find(|e| is_command_action(e)) {
-                if !self.module_allowed("linux.cmd") {
-                    return deny(format!(
-                        "the action of service {} is a command, and linux.cmd is not in the policy's `modules`",
-                        e.key
+        if let Some(run) = f.runs.first() {
+            if !self.module_allowed("linux.cmd") {
+                return Err(format!(
+                    "{module} would run {} as {}, which is a command, and linux.cmd is not in the policy's `modules` \
+                     (command-equivalent)",
+                    run.what, run.as_user
+                ));
+            }
+        }
+        if let Some(prefixes) = &self.write_prefixes {
+            for raw in &f.writes {
+                match AbsPath::parse(raw) {
+                    Ok(path) if under_prefixes(&path, prefixes) => {}
+                    Ok(path) => {
+                        return Err(format!(
+                            "{module} would write {path}, which is not under the policy's `write_prefixes`"
+                        ))
+                    }
+                    Err(e) => return Err(format!("{module} would write {raw:?}, which is not a path: {e}")),
+                }
+            }
+            for raw in &f.follows {
+                let path = AbsPath::parse(raw).map_err(|e| format!("{module}: {raw:?} is not a path: {e}"))?;
+                if !resolve_existing(&path).is_some_and(|real| resolved_under(&real, prefixes)) {
+                    return Err(format!(
+                        "{module} would write {path}, which leads outside the policy's `write_prefixes`"
                     ));
                 }
             }
-            if let Some(units) = &self.units {
-                for e in s.name.iter() {
-                    // A name that is not a unit name fails in the module itself.
-                    if let Ok(unit) = UnitName::service(e.key.trim()) {
-                        if !units.contains(&unit) {
-                            return deny(format!("unit {unit} is not in the policy's `units`"));
-                        }
+            for raw in &f.reads {
+                match AbsPath::parse(raw) {
+                    Ok(path) if under_prefixes(&path, prefixes) => {}
+                    _ => {
+                        return Err(format!(
+                            "{module} would have root read {raw}, which is not under the policy's `write_prefixes`"
+                        ))
                     }
                 }
             }
         }
-        if let Some(prefixes) = &self.write_prefixes {
-            for raw in written_paths(params) {
-                // A path that does not parse fails in the module, with its own message.
-                let Ok(path) = AbsPath::parse(&raw) else { continue };
-                if !under_prefixes(&path, prefixes) {
-                    return deny(format!(
-                        "{module} would write {path}, which is not under the policy's `write_prefixes`"
-                    ));
+        if let Some(units) = &self.units {
+            for u in &f.units {
+                // A name that is not a unit name fails in the module itself; under a
+                // `units` list it is simply not listed.
+                match footprint::unit(u) {
+                    Some(unit) if units.contains(&unit) => {}
+                    Some(unit) => return Err(format!("unit {unit} is not in the policy's `units`")),
+                    None => return Err(format!("unit {u:?} is not in the policy's `units`")),
                 }
             }
-            // Checkouts follow a link at their path (they often live behind one), so
-            // where it leads must be allowed too.
-            for raw in followed_paths(params) {
-                let Ok(path) = AbsPath::parse(raw.trim()) else { continue };
-                if !resolve_existing(&path).is_some_and(|real| resolved_under(&real, prefixes)) {
-                    return deny(format!(
-                        "{module} would write {path}, which leads outside the policy's `write_prefixes`"
-                    ));
+        }
+        if let Some(packages) = &self.packages {
+            if let Some(p) = f.packages.iter().find(|p| !packages.contains(&p.name)) {
+                return Err(format!("{} package {} is not in the policy's `packages`", p.manager, p.name));
+            }
+        }
+        if let Some(devices) = &self.devices {
+            for raw in &f.devices {
+                if !AbsPath::parse(raw).is_ok_and(|d| devices.iter().any(|g| d.starts_with(g))) {
+                    return Err(format!("{module} would write device {raw}, which is not in the policy's `devices`"));
+                }
+            }
+        }
+        for raw in &f.set_id {
+            if !AbsPath::parse(raw).is_ok_and(|p| self.setid_paths.iter().any(|g| p.starts_with(g))) {
+                return Err(format!(
+                    "{module} would give {raw} a set-user-id or set-group-id mode, which the policy's `setid_paths` \
+                     does not grant"
+                ));
+            }
+        }
+        for m in &f.mounts {
+            if matches!(m.kind, MountKind::Bind | MountKind::Loop) && !self.mount_kinds.contains(&m.kind) {
+                return Err(format!(
+                    "{module} would make a {} mount of {} at {}, which the policy's `mount_kinds` does not grant",
+                    m.kind.key(),
+                    m.device,
+                    m.path
+                ));
+            }
+        }
+        for raw in &f.interpreters {
+            if !AbsPath::parse(raw).is_ok_and(|p| self.interpreters.contains(&p)) {
+                return Err(format!("{module} would run {raw} as root, which is not in the policy's `interpreters`"));
+            }
+        }
+        for a in &f.accounts {
+            // `user NAME` or `group NAME`: the grant names the account.
+            let account = a.name.split_once(' ').map(|(_, n)| n);
+            for p in &a.privileged {
+                match p {
+                    Privilege::Root(why) if !account.is_some_and(|u| self.root_accounts.contains(u)) => {
+                        return Err(format!(
+                            "{module} would give {} {why}, which the policy's `root_accounts` does not grant",
+                            a.name
+                        ))
+                    }
+                    Privilege::Group(g) if !self.privileged_groups.contains(g) => {
+                        return Err(format!(
+                            "{module} would change {} through privileged group {g}, which the policy's \
+                             `privileged_groups` does not grant",
+                            a.name
+                        ))
+                    }
+                    _ => {}
                 }
             }
         }
@@ -226,50 +396,9 @@ impl Policy {
     }
 }
 
-/// A `linux.service` action that is neither empty nor one of the keywords.
-pub fn is_command_action(e: &Entry) -> bool {
-    !matches!(e.value_or_empty().trim(), "" | "reload" | "restart")
-}
-
-/// The paths a state would create or change, as the recipe gives them.
-pub fn written_paths(params: &ModuleParams) -> Vec<String> {
-    match params {
-        ModuleParams::LinuxFile(p) => vec![p.path.to_string()],
-        ModuleParams::LinuxDir(p) => p.path.to_vec(),
-        ModuleParams::LinuxSymlink(p) => vec![p.target.to_string()],
-        ModuleParams::LinuxCmd(p) => vec![p.cwd.to_string()],
-        ModuleParams::LinuxAptRepo(p) => crate::states::repo::apt_list_path(&p.name).into_iter().collect(),
-        ModuleParams::LinuxAptPpa(p) => crate::states::repo::ppa_paths(&p.name),
-        ModuleParams::LinuxYumRepo(p) => crate::states::repo::yum_repo_path(&p.name).into_iter().collect(),
-        ModuleParams::CommonGit(p) => vec![p.path.to_string()],
-        ModuleParams::CommonHg(p) => vec![p.path.to_string()],
-        ModuleParams::CommonSvn(p) => vec![p.path.to_string()],
-        ModuleParams::CommonVirtualenv(p) => vec![p.path.to_string()],
-        ModuleParams::CommonNpmPackage(p) => p.path.iter().map(ToString::to_string).collect(),
-        ModuleParams::LinuxMount(p) => {
-            let mut paths = vec![p.path.trim().to_string()];
-            if p.fstab {
-                paths.push(FSTAB.to_string());
-            }
-            paths
-        }
-        _ => Vec::new(),
-    }
-}
-
-/// What `linux.mount` writes with `fstab: true`.
-const FSTAB: &str = "/etc/fstab";
-
-/// Written paths through which a link at the final component is followed.
-fn followed_paths(params: &ModuleParams) -> Vec<String> {
-    match params {
-        ModuleParams::CommonGit(p) => vec![p.path.to_string()],
-        ModuleParams::CommonHg(p) => vec![p.path.to_string()],
-        ModuleParams::CommonSvn(p) => vec![p.path.to_string()],
-        // The mount is made on the resolved mount point.
-        ModuleParams::LinuxMount(p) => vec![p.path.trim().to_string()],
-        _ => Vec::new(),
-    }
+/// A package, user or group name: no blank, no option, no path.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty() && !n.starts_with('-') && n.chars().all(|c| c.is_ascii_alphanumeric() || "._+-:@".contains(c))
 }
 
 fn resolved_under(resolved: &Path, prefixes: &[AbsPath]) -> bool {
@@ -542,5 +671,129 @@ mod tests {
         // `/etc` covers fstab too.
         let etc = Policy::parse(Path::new("/p"), &format!("write_prefixes = {} /etc\n", allowed.display())).unwrap();
         assert!(etc.check(&mount(allowed.join("data"), true)).is_ok());
+    }
+
+    #[test]
+    fn grant_keys_parse_and_bad_values_name_file_and_line() {
+        let policy = Policy::parse(
+            Path::new("/p"),
+            "setid_paths = /opt/bin\nmount-kinds = bind loop\ninterpreters = /usr/bin/python3\n\
+             root_accounts = toor\nprivileged_groups = adm docker\npackages = nginx\ndevices = /dev/xvdf\n",
+        )
+        .unwrap();
+        assert_eq!(policy.mount_kinds, BTreeSet::from([MountKind::Bind, MountKind::Loop]));
+        assert!(policy.to_string().contains("mounts [bind loop]"), "{policy}");
+        let path = Path::new("/etc/opsagent/helper.policy");
+        for (text, line, needle) in [
+            ("# x\nsetid_paths = bin\n", 2, "not absolute"),
+            ("mount_kinds = bind tmpfs\n", 1, "mount kind \"tmpfs\" is not one of bind, loop"),
+            ("interpreters = python3\n", 1, "not absolute"),
+            ("\n\nroot_accounts = a;b\n", 3, "\"a;b\" is not a valid user name"),
+            ("privileged_groups = users\n", 1, "\"users\" is not a privileged group"),
+            ("packages = -oDpkg::x\n", 1, "not a valid package name"),
+            ("devices = /dev/../etc\n", 1, "\"..\""),
+        ] {
+            let err = Policy::parse(path, text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("/etc/opsagent/helper.policy:{line}: ")), "{err}");
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn root_equivalent_footprints_need_their_grant_even_with_linux_cmd() {
+        // No `modules` key: linux.cmd is allowed, yet the grant keys still apply.
+        let none = Policy::parse(Path::new("/p"), "units = web\n").unwrap();
+        let granted = Policy::parse(
+            Path::new("/p"),
+            "setid_paths = /opt/bin\nmount_kinds = bind\ninterpreters = /usr/bin/python3\nroot_accounts = toor\n\
+             privileged_groups = docker\n",
+        )
+        .unwrap();
+        for (module, raw, needle) in [
+            ("linux.file", json!({"path": "/opt/bin/x", "mode": "04755"}), "setid_paths"),
+            (
+                "linux.mount",
+                json!({"device": "/etc", "filesystem": "none", "opts": "bind", "path": "/mnt/e"}),
+                "mount_kinds",
+            ),
+            ("common.virtualenv", json!({"path": "/srv/v", "python-bin": "/usr/bin/python3"}), "interpreters"),
+            ("linux.user", json!({"username": "toor", "password": "x", "uid": "0"}), "root_accounts"),
+            ("linux.user", json!({"username": "u", "password": "x", "groups": ["docker"]}), "privileged_groups"),
+        ] {
+            let p = params(module, raw);
+            let err = none.check(&p).unwrap_err();
+            assert_eq!(err.code, ErrorCode::Denied);
+            assert!(err.message.contains(needle), "{module}: {}", err.message);
+            assert!(granted.check(&p).is_ok(), "{module}: {:?}", granted.check(&p));
+        }
+        // A grant is exact: another set-id path, another interpreter, another account.
+        assert!(granted.check(&params("linux.file", json!({"path": "/srv/x", "mode": "02755"}))).is_err());
+        assert!(granted
+            .check(&params("common.virtualenv", json!({"path": "/v", "python-bin": "/usr/bin/python3.1"})))
+            .is_err());
+        assert!(granted.check(&params("linux.user", json!({"username": "root", "password": "x"}))).is_err());
+        assert!(granted
+            .check(&params("linux.user", json!({"username": "u", "password": "x", "groups": ["sudo"]})))
+            .is_err());
+        // Sticky bits and plain modes need nothing.
+        assert!(none.check(&params("linux.file", json!({"path": "/tmp/x", "mode": "01777"}))).is_ok());
+    }
+
+    #[test]
+    fn packages_and_devices_narrow_and_command_equivalents_need_linux_cmd() {
+        let policy = Policy::parse(
+            Path::new("/p"),
+            "modules = linux.apt.package linux.mkfs linux.cronjob common.git\npackages = nginx\ndevices = /dev/xvdf\n",
+        )
+        .unwrap();
+        assert!(policy.check(&params("linux.apt.package", json!({"name": ["nginx"]}))).is_ok());
+        let err = policy.check(&params("linux.apt.package", json!({"name": ["nginx", "sudo"]}))).unwrap_err();
+        assert!(err.message.contains("apt package sudo is not in the policy's `packages`"), "{}", err.message);
+        assert!(policy.check(&params("linux.mkfs", json!({"device": "/dev/xvdf", "fstype": "ext4"}))).is_ok());
+        let err = policy.check(&params("linux.mkfs", json!({"device": "/dev/sda", "fstype": "ext4"}))).unwrap_err();
+        assert!(err.message.contains("device /dev/sda, which is not in the policy's `devices`"), "{}", err.message);
+        for (module, raw) in [
+            ("linux.cronjob", json!({"cmd": ["true"], "user": "nobody"})),
+            ("common.git", json!({"path": "/srv/app", "repo": "https://h/r", "user": "www-data"})),
+        ] {
+            let err = policy.check(&params(module, raw)).unwrap_err();
+            assert!(err.message.contains("which is a command, and linux.cmd is not"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn reads_and_unparsable_paths_are_denied_under_write_prefixes() {
+        let policy = Policy::parse(Path::new("/p"), "write_prefixes = /srv\n").unwrap();
+        let debconf = params("linux.apt.package", json!({"name": ["x"], "deb-conf-file": "/etc/shadow"}));
+        let err = policy.check(&debconf).unwrap_err();
+        assert!(err.message.contains("would have root read /etc/shadow"), "{}", err.message);
+        let err = policy.check(&params("linux.file", json!({"path": "srv/x"}))).unwrap_err();
+        assert!(err.message.contains("which is not a path"), "{}", err.message);
+        let archive = params("common.archive", json!({"path": "/etc", "source": "https://h/a.tgz"}));
+        assert!(policy.check(&archive).unwrap_err().message.contains("common.archive would write /etc,"));
+    }
+
+    #[test]
+    fn writes_where_root_finds_code_are_command_equivalent() {
+        let policy = Policy::parse(
+            Path::new("/p"),
+            "modules = linux.file linux.dir linux.symlink\nwrite_prefixes = /etc /usr\n",
+        )
+        .unwrap();
+        assert!(policy.check(&params("linux.file", json!({"path": "/etc/nginx/nginx.conf"}))).is_ok());
+        for (module, raw) in [
+            ("linux.file", json!({"path": "/etc/cron.d/job", "content": "* * * * * root id\n"})),
+            ("linux.file", json!({"path": "/etc/sudoers.d/agent"})),
+            ("linux.file", json!({"path": "/etc/systemd/system/evil.service"})),
+            ("linux.symlink", json!({"target": "/usr/local/bin/sudo", "source": "/etc/nginx"})),
+            // Above such a place: a recursive chown of /etc.
+            ("linux.dir", json!({"path": ["/etc"], "user": "nobody"})),
+        ] {
+            let err = policy.check(&params(module, raw.clone())).unwrap_err();
+            assert!(err.message.contains("root runs or trusts what is there"), "{module} {raw}: {}", err.message);
+        }
+        // With commands granted, the prefixes alone decide.
+        let with_cmd = Policy::parse(Path::new("/p"), "write_prefixes = /etc\n").unwrap();
+        assert!(with_cmd.check(&params("linux.file", json!({"path": "/etc/cron.d/job"}))).is_ok());
     }
 }

@@ -1,0 +1,162 @@
+//! A real helper started with a restrictive policy, and a client that sends raw
+//! request frames (as a compromised daemon can: nothing forces it through the
+//! catalogue). Shared by `policy_holes.rs` and `compromised_daemon.rs`.
+
+#![allow(clippy::unwrap_used, dead_code)] // test support code outside #[test] fns
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opsagent_proto::catalogue::parse_state;
+use opsagent_proto::codec::{self, DEFAULT_MAX_FRAME};
+use opsagent_proto::request::{Reply, ReplyFrame, Request};
+use opsagent_proto::PROTOCOL_VERSION;
+use serde_json::{json, Value};
+use tokio::net::UnixStream;
+use tokio::time::{sleep, timeout, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_opsagent-helper");
+pub const AGENT_UID: u32 = 65534;
+pub const AGENT_GID: u32 = 65534;
+
+pub struct Helper {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub sock: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Helper {
+    /// A helper whose policy is `policy(dir)`, `dir` being the test's directory
+    /// (mode 0755, so the agent uid can reach the socket in it).
+    pub async fn start(policy: impl FnOnce(&Path) -> String) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let etc = dir.path().join("etc");
+        fs::create_dir(&etc).unwrap();
+        let policy_path = etc.join("helper.policy");
+        fs::write(&policy_path, policy(dir.path())).unwrap();
+        fs::set_permissions(&policy_path, fs::Permissions::from_mode(0o644)).unwrap();
+        let sock = dir.path().join("h.sock");
+        let mut child = Command::new(BIN)
+            .args(["--allow-user", "nobody", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--policy")
+            .arg(&policy_path)
+            .env("RUST_LOG", "info")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("OPSAGENT_HELPER_STORAGE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let helper = Self { child, dir, sock, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&helper.sock).await.is_err() {
+            assert!(Instant::now() < deadline, "helper did not start; log:\n{}", helper.log());
+            sleep(Duration::from_millis(20)).await;
+        }
+        helper
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) for a log line holding every needle.
+    pub async fn wait_for_log(&self, needles: &[&str]) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(log);
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Client {
+    stream: UnixStream,
+    next_id: u64,
+}
+
+impl Client {
+    pub async fn connect(sock: &Path) -> Self {
+        let mut c = Self { stream: UnixStream::connect(sock).await.unwrap(), next_id: 1 };
+        let hello = Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "attacker".into() };
+        let reply = c.call_raw(serde_json::to_value(hello).unwrap()).await;
+        assert!(matches!(reply, Some(Reply::Hello { .. })), "{reply:?}");
+        c
+    }
+
+    /// Sends `request` (the JSON of a request, not checked here) and reads the reply;
+    /// `None` when the helper closed the connection.
+    pub async fn call_raw(&mut self, request: Value) -> Option<Reply> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = json!({"id": id, "request": request});
+        codec::write_frame(&mut self.stream, &frame, DEFAULT_MAX_FRAME).await.ok()?;
+        let reply: ReplyFrame =
+            match timeout(Duration::from_secs(60), codec::read_frame(&mut self.stream, DEFAULT_MAX_FRAME)).await {
+                Ok(Ok(Some(frame))) => frame,
+                Ok(_) => return None,
+                Err(_) => panic!("no reply within 60 s"),
+            };
+        assert_eq!(reply.id, id);
+        Some(reply.reply)
+    }
+
+    /// An `Apply` of `module` with `raw` parameters (through the catalogue for its
+    /// defaults) and then `patch` written over the typed JSON: values the catalogue
+    /// itself would refuse still reach the helper, as a compromised daemon sends them.
+    pub async fn apply(&mut self, state_id: &str, module: &str, raw: Value, patch: &[(&str, Value)]) -> Option<Reply> {
+        self.call_raw(apply_json(state_id, module, raw, patch)).await
+    }
+}
+
+/// The JSON of an `Apply` request (see [`Client::apply`]).
+pub fn apply_json(state_id: &str, module: &str, raw: Value, patch: &[(&str, Value)]) -> Value {
+    let mut params = match parse_state(module, &raw) {
+        Ok(parsed) => serde_json::to_value(parsed.params).unwrap()["params"].take(),
+        Err(e) => panic!("{module}: the attempt's base parameters must parse: {e}"),
+    };
+    for (k, v) in patch {
+        params[*k] = v.clone();
+    }
+    json!({"type": "apply", "state_id": state_id, "recipe_version": 1, "module": module, "params": params})
+}
