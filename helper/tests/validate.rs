@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opsagent_proto::catalogue::parse_state;
 use opsagent_proto::codec::{self, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{ErrorCode, Reply, ReplyFrame};
 use serde_json::{json, Value};
@@ -88,63 +89,171 @@ fn temp_dir() -> tempfile::TempDir {
     dir
 }
 
-/// One hostile request: module, parameters, the parameter the refusal must name, and
-/// a path that exists only if the module ran.
+/// One hostile request: a benign state as the daemon serialises it, with one field
+/// (`field`, its serialised name) replaced by a hostile value; the parameter the
+/// refusal must name; a path that exists only if the module ran.
 struct Attack {
     module: &'static str,
-    params: Value,
+    benign: Value,
+    field: &'static str,
+    hostile: Value,
     param: &'static str,
     witness: Option<PathBuf>,
 }
 
-/// Every value here is one `opsagent check` refuses.
+impl Attack {
+    /// The `params` of the request: exactly the daemon's serialisation of `benign`, so
+    /// that only the hostile value differs from what a helper must accept.
+    fn params(&self) -> Value {
+        let parsed = parse_state(self.module, &self.benign).unwrap_or_else(|e| panic!("{}: {e}", self.module));
+        let mut params = serde_json::to_value(parsed.params).unwrap()["params"].clone();
+        params[self.field] = self.hostile.clone();
+        params
+    }
+}
+
+/// Every hostile value here is one `opsagent check` refuses.
 fn attacks(dir: &Path) -> Vec<Attack> {
     let p = |name: &str| dir.join(name);
     let s = |name: &str| p(name).display().to_string();
-    let a = |module, params, param| Attack { module, params, param, witness: None };
-    let w = |module, params, param, witness: PathBuf| Attack { module, params, param, witness: Some(witness) };
+    let at = |module, benign: Value, field, hostile: Value, param, witness: Option<PathBuf>| Attack {
+        module,
+        benign,
+        field,
+        hostile,
+        param,
+        witness,
+    };
+    let cron = || json!({"cmd": ["true"], "user": "nobody"});
+    let file = |name: &str| json!({"path": s(name), "content": "x"});
+    let cmd = |name: &str| json!({"cmd": format!("touch {}", s(name)), "cwd": "/"});
     vec![
         // Cron: a newline in a time field, the user or the command adds a root job.
-        a("linux.cronjob", json!({"cmd": ["true"], "user": "nobody", "minute": "* * * * * echo injected > /tmp/x\n0"}), "minute"),
-        a("linux.cronjob", json!({"cmd": ["true"], "user": "nobody", "hour": "1\n* * * * * id"}), "hour"),
-        a("linux.cronjob", json!({"cmd": ["true"], "user": "nobody", "day-of-week": "8"}), "day-of-week"),
-        a("linux.cronjob", json!({"cmd": ["true"], "user": "nobody\n* * * * * root id"}), "user"),
-        a("linux.cronjob", json!({"cmd": ["true\n* * * * * id"], "user": "nobody"}), "cmd"),
+        at("linux.cronjob", cron(), "minute", json!("* * * * * echo injected > /tmp/x\n0"), "minute", None),
+        at("linux.cronjob", cron(), "hour", json!("1\n* * * * * id"), "hour", None),
+        at("linux.cronjob", cron(), "day_of_week", json!("8"), "day-of-week", None),
+        at("linux.cronjob", cron(), "user", json!("nobody\n* * * * * root id"), "user", None),
+        at("linux.cronjob", cron(), "cmd", json!(["true\n* * * * * id"]), "cmd", None),
         // Paths: relative, climbing, NUL, newline.
-        w("linux.file", json!({"path": "relative/x", "content": "x"}), "path", p("relative")),
-        w("linux.file", json!({"path": format!("{}/../escaped", s("sub")), "content": "x"}), "path", p("escaped")),
-        w("linux.file", json!({"path": format!("{}\u{0}b", s("nul")), "content": "x"}), "path", p("nul")),
-        w("linux.file", json!({"path": format!("{}\nb", s("nl")), "content": "x"}), "path", p("nl\nb")),
+        at("linux.file", file("f"), "path", json!("relative/x"), "path", None),
+        at("linux.file", file("f"), "path", json!(format!("{}/../escaped", s("sub"))), "path", Some(p("escaped"))),
+        at("linux.file", file("f"), "path", json!(format!("{}\u{0}b", s("nul"))), "path", Some(p("nul"))),
+        at("linux.file", file("f"), "path", json!(format!("{}\nb", s("nl"))), "path", Some(p("nl\nb"))),
         // Modes beyond 07777, as digits and as a JSON number.
-        w("linux.file", json!({"path": s("mode-a"), "content": "x", "mode": "77777"}), "mode", p("mode-a")),
-        w("linux.file", json!({"path": s("mode-b"), "content": "x", "mode": 32767}), "mode", p("mode-b")),
+        at("linux.file", file("mode-a"), "mode", json!("77777"), "mode", Some(p("mode-a"))),
+        at("linux.file", file("mode-b"), "mode", json!(32767), "mode", Some(p("mode-b"))),
         // Accounts with a colon or a newline (passwd/group line injection).
-        w("linux.file", json!({"path": s("own-a"), "content": "x", "user": "root:0"}), "user", p("own-a")),
-        w("linux.file", json!({"path": s("own-b"), "content": "x", "group": "root\nx"}), "group", p("own-b")),
-        a("linux.user", json!({"username": "evil:x:0:0::/root:/bin/sh", "password": "x"}), "username"),
-        a("linux.user", json!({"username": "bob", "password": "x", "groups": ["sudo\nroot"]}), "groups"),
-        a("linux.group", json!({"groupname": "-o"}), "groupname"),
-        w("linux.dir", json!({"path": [s("dir-ok"), "rel/dir"]}), "path", p("dir-ok")),
-        w("linux.symlink", json!({"source": s("link"), "target": "../../etc/shadow"}), "target", p("link")),
+        at("linux.file", file("own-a"), "user", json!("root:0"), "user", Some(p("own-a"))),
+        at("linux.file", file("own-b"), "group", json!("root\nx"), "group", Some(p("own-b"))),
+        at(
+            "linux.user",
+            json!({"username": "bob", "password": "x"}),
+            "username",
+            json!("evil:x:0:0::/root:/bin/sh"),
+            "username",
+            None,
+        ),
+        at("linux.user", json!({"username": "bob", "password": "x"}), "groups", json!(["sudo\nroot"]), "groups", None),
+        at("linux.group", json!({"groupname": "g"}), "groupname", json!("-o"), "groupname", None),
+        at(
+            "linux.dir",
+            json!({"path": [s("dir-ok")]}),
+            "path",
+            json!([s("dir-ok"), "rel/dir"]),
+            "path",
+            Some(p("dir-ok")),
+        ),
+        at(
+            "linux.symlink",
+            json!({"source": s("link"), "target": "/etc"}),
+            "target",
+            json!("../../etc/shadow"),
+            "target",
+            Some(p("link")),
+        ),
         // Units with a slash.
-        a("linux.service", json!({"name": [{"key": "../../etc/x"}]}), "name"),
-        a("linux.service", json!({"name": ["a/b.service"]}), "name"),
+        at("linux.service", json!({"name": ["x"]}), "name", json!([{"key": "../../etc/x"}]), "name", None),
+        at("linux.service", json!({"name": ["x"]}), "name", json!([{"key": "a/b.service"}]), "name", None),
         // Commands: relative cwd, a user with a newline, a bad variable name.
-        w("linux.cmd", json!({"cmd": format!("touch {}", s("cmd-a")), "cwd": "tmp"}), "cwd", p("cmd-a")),
-        w("linux.cmd", json!({"cmd": format!("touch {}", s("cmd-b")), "cwd": "/", "user": "root\n"}), "user", p("cmd-b")),
-        w("linux.cmd", json!({"cmd": format!("touch {}", s("cmd-c")), "cwd": "/", "env": {"A B": "1"}}), "env", p("cmd-c")),
+        at("linux.cmd", cmd("cmd-a"), "cwd", json!("tmp"), "cwd", Some(p("cmd-a"))),
+        at("linux.cmd", cmd("cmd-b"), "user", json!("root\n"), "user", Some(p("cmd-b"))),
+        at("linux.cmd", cmd("cmd-c"), "env", json!([{"key": "A B", "value": "1"}]), "env", Some(p("cmd-c"))),
+        at("linux.cmd", cmd("cmd-d"), "shell", json!("sh"), "shell", Some(p("cmd-d"))),
         // Option injection and relative checkouts.
-        w("common.git", json!({"path": s("repo"), "repo": format!("--upload-pack=touch {}", s("git-x"))}), "repo", p("git-x")),
-        a("common.git", json!({"path": "srv/app", "repo": "https://example.invalid/r.git"}), "path"),
-        a("linux.apt.package", json!({"name": [{"key": "-oAPT::Update::Pre-Invoke::=id"}]}), "name"),
-        a("linux.apt.package", json!({"name": ["hello"], "deb-conf-file": "etc/shadow"}), "deb-conf-file"),
-        a("linux.apt.repo", json!({"name": "../../cron.d/x", "content": "deb x y z"}), "name"),
-        a("linux.yum.repo", json!({"name": "a/b", "content": "[x]"}), "name"),
-        a("linux.mount", json!({"device": "/dev/null", "filesystem": "ext4", "path": "mnt"}), "path"),
-        a("common.timezone", json!({"name": "../../../etc/shadow"}), "name"),
-        a("linux.docker.running", json!({"container": "c", "image": "i", "port_bindings": {"99999": "80"}}), "port_bindings"),
-        a("linux.supervisord", json!({"config": "supervisord.conf", "name": ["app"]}), "config"),
-        a("common.virtualenv", json!({"path": "/srv/venv", "requirements-file": "req.txt"}), "requirements-file"),
+        at(
+            "common.git",
+            json!({"path": s("repo"), "repo": "https://example.invalid/r.git"}),
+            "repo",
+            json!(format!("--upload-pack=touch {}", s("git-x"))),
+            "repo",
+            Some(p("git-x")),
+        ),
+        at(
+            "common.git",
+            json!({"path": s("repo"), "repo": "https://example.invalid/r.git"}),
+            "path",
+            json!("srv/app"),
+            "path",
+            None,
+        ),
+        at(
+            "linux.apt.package",
+            json!({"name": ["hello"]}),
+            "name",
+            json!([{"key": "-oAPT::Update::Pre-Invoke::=id"}]),
+            "name",
+            None,
+        ),
+        at(
+            "linux.apt.package",
+            json!({"name": ["hello"]}),
+            "deb_conf_file",
+            json!("etc/shadow"),
+            "deb-conf-file",
+            None,
+        ),
+        at(
+            "linux.apt.repo",
+            json!({"name": "x", "content": "deb x y z"}),
+            "name",
+            json!("../../cron.d/x"),
+            "name",
+            None,
+        ),
+        at("linux.yum.repo", json!({"name": "x", "content": "[x]"}), "name", json!("a/b"), "name", None),
+        at(
+            "linux.mount",
+            json!({"device": "/dev/null", "filesystem": "ext4", "path": s("mnt")}),
+            "path",
+            json!("mnt"),
+            "path",
+            None,
+        ),
+        at("common.timezone", json!({"name": "UTC"}), "name", json!("../../../etc/shadow"), "name", None),
+        at(
+            "linux.docker.running",
+            json!({"container": "c", "image": "i"}),
+            "port_bindings",
+            json!([{"key": "99999", "value": "80"}]),
+            "port_bindings",
+            None,
+        ),
+        at(
+            "linux.supervisord",
+            json!({"config": "/etc/supervisord.conf", "name": ["app"]}),
+            "config",
+            json!("supervisord.conf"),
+            "config",
+            None,
+        ),
+        at(
+            "common.virtualenv",
+            json!({"path": "/srv/venv"}),
+            "requirements_file",
+            json!("req.txt"),
+            "requirements-file",
+            None,
+        ),
     ]
 }
 
@@ -169,13 +278,14 @@ fn attacker_child() {
         std::io::Read::read_exact(&mut s, &mut body).unwrap();
         serde_json::from_slice(&body).unwrap()
     };
-    let hello = call(0, json!({"type": "hello", "protocol_version": opsagent_proto::PROTOCOL_VERSION, "agent_version": "x"}));
+    let hello =
+        call(0, json!({"type": "hello", "protocol_version": opsagent_proto::PROTOCOL_VERSION, "agent_version": "x"}));
     assert!(matches!(hello.reply, Reply::Hello { .. }), "{hello:?}");
     for (i, attack) in attacks(&dir).into_iter().enumerate() {
         let id = i as u64 + 1;
         let request = json!({
             "type": "apply", "state_id": format!("attack-{id}"), "recipe_version": 1,
-            "module": attack.module, "params": attack.params,
+            "module": attack.module, "params": attack.params(),
         });
         let reply = call(id, request);
         println!("REPLY {}", serde_json::to_string(&reply).unwrap());
@@ -216,16 +326,23 @@ fn hostile_parameters_are_refused_by_the_helper_itself() {
         let ok = matches!(&frame.reply, Reply::Error(e) if e.code == ErrorCode::InvalidParameter
             && e.message.contains(attack.module) && e.message.contains(&named));
         if !ok {
-            failures.push(format!("{} {}: {:?}", attack.module, attack.params, frame.reply));
+            failures.push(format!("{} {}={}: {:?}", attack.module, attack.field, attack.hostile, frame.reply));
         }
         if let Some(w) = &attack.witness {
             if w.exists() {
-                failures.push(format!("{} {}: {} exists: the module ran", attack.module, attack.params, w.display()));
+                failures.push(format!(
+                    "{} {}={}: {} exists: the module ran",
+                    attack.module,
+                    attack.field,
+                    attack.hostile,
+                    w.display()
+                ));
             }
         }
     }
     // Every refusal is logged (the log is read by another thread: wait for it).
-    let count = |log: &str| log.lines().filter(|l| l.contains("request refused") && l.contains("InvalidParameter")).count();
+    let count =
+        |log: &str| log.lines().filter(|l| l.contains("request refused") && l.contains("InvalidParameter")).count();
     let deadline = Instant::now() + Duration::from_secs(10);
     while count(&helper.log()) < attacks.len() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -235,7 +352,13 @@ fn hostile_parameters_are_refused_by_the_helper_itself() {
     for line in log.lines().filter(|l| l.contains("attack-")) {
         failures.push(format!("a module was started: {line}"));
     }
-    assert!(failures.is_empty(), "{} of {} attacks got through:\n{}", failures.len(), attacks.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} attacks got through:\n{}",
+        failures.len(),
+        attacks.len(),
+        failures.join("\n")
+    );
     assert_eq!(count(&log), attacks.len(), "log:\n{log}");
     // With its reason, control characters escaped.
     assert!(log.contains(r#"parameter \"minute\""#) || log.contains("parameter \"minute\""), "{log}");

@@ -156,8 +156,7 @@ pub fn parse_state(module: &str, raw: &Value) -> Result<Parsed, CatalogueError> 
         obj
     };
     let (params, leftovers) = parse_object(spec, obj)?;
-    let warnings =
-        leftovers.into_iter().map(|k| format!("unknown parameter {k:?} ignored by {}", spec.name)).collect();
+    let warnings = leftovers.into_iter().map(|k| format!("unknown parameter {k:?} ignored by {}", spec.name)).collect();
     Ok(Parsed { params, warnings })
 }
 
@@ -189,7 +188,10 @@ fn params_object(raw: &Value) -> Result<&Map<String, Value>, CatalogueError> {
 }
 
 /// The typed, checked parameters and the names of those the module does not know.
-fn parse_object(spec: &'static ModuleSpec, obj: &Map<String, Value>) -> Result<(ModuleParams, Vec<String>), CatalogueError> {
+fn parse_object(
+    spec: &'static ModuleSpec,
+    obj: &Map<String, Value>,
+) -> Result<(ModuleParams, Vec<String>), CatalogueError> {
     let mut bag = ParamBag::new(spec.name, obj);
     let params = parse_module(spec.name, &mut bag)?;
     params.check()?;

@@ -296,7 +296,8 @@ impl Checker {
     /// A value passed to a tool as one argument: it must not read as an option.
     fn argument(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
         if raw.trim_start().starts_with('-') {
-            return self.invalid(param, format!("{:?} starts with \"-\" (it would be read as an option)", shorten(raw)));
+            return self
+                .invalid(param, format!("{:?} starts with \"-\" (it would be read as an option)", shorten(raw)));
         }
         Ok(())
     }
@@ -320,7 +321,8 @@ impl Checker {
     fn file_name(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
         let name = raw.trim();
         if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\t') {
-            return self.invalid(param, format!("{:?} is not a plain name (no \"/\", not \".\" or \"..\")", shorten(raw)));
+            return self
+                .invalid(param, format!("{:?} is not a plain name (no \"/\", not \".\" or \"..\")", shorten(raw)));
         }
         self.argument(param, name)
     }
@@ -367,7 +369,11 @@ impl Checker {
             if !port(container) || !proto_ok || !host_ok {
                 return self.invalid(
                     param,
-                    format!("{:?}: {:?} is not PORT[/tcp|udp|sctp] (1-65535) to [IP:]PORT", shorten(&e.key), shorten(host)),
+                    format!(
+                        "{:?}: {:?} is not PORT[/tcp|udp|sctp] (1-65535) to [IP:]PORT",
+                        shorten(&e.key),
+                        shorten(host)
+                    ),
                 );
             }
         }

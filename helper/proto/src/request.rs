@@ -208,7 +208,8 @@ pub fn decode_request(body: &[u8]) -> Result<RequestFrame, DecodeError> {
     };
     let v = serde_json::from_slice::<Value>(body).ok();
     let id = v.as_ref().and_then(|v| v.get("id")?.as_u64()).unwrap_or(0);
-    let apply = v.as_ref().and_then(|v| v.get("request")).filter(|r| r.get("type").and_then(Value::as_str) == Some("apply"));
+    let apply =
+        v.as_ref().and_then(|v| v.get("request")).filter(|r| r.get("type").and_then(Value::as_str) == Some("apply"));
     if let Some((r, module)) = apply.and_then(|r| Some((r, r.get("module")?.as_str()?))) {
         if let Err(error) = parse_params(module, r.get("params").unwrap_or(&Value::Null)) {
             return Err(DecodeError::Invalid { id, module: module.to_string(), error });
