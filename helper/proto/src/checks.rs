@@ -60,7 +60,7 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
         }
         ModuleParams::LinuxAptPackage(p) => {
             c.names("name", &p.name)?;
-            c.opt_path("deb-conf-file", p.deb_conf_file.as_ref())?;
+            c.opt_local("deb-conf-file", p.deb_conf_file.as_ref())?;
             c.opt_argument("repo", p.repo.as_ref())
         }
         ModuleParams::LinuxAptPpa(p) => {
@@ -166,10 +166,7 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             c.path("device-name", &p.device_name)?;
             c.paths("devices", Some(&p.devices))
         }
-        ModuleParams::LinuxRpmKey(p) => match p.path.trim().strip_prefix("file://") {
-            Some(local) => c.path("path", local),
-            None => c.path("path", &p.path),
-        },
+        ModuleParams::LinuxRpmKey(p) => c.local("path", &p.path),
         ModuleParams::LinuxService(p) => {
             for e in p.name.iter() {
                 if let Err(e) = UnitName::service(e.key.trim()) {
@@ -241,6 +238,19 @@ impl Checker {
     fn opt_path(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
         match raw.map(|r| r.trim()).filter(|r| !r.is_empty()) {
             Some(r) => self.path(param, r),
+            None => Ok(()),
+        }
+    }
+
+    /// A local file, as a path or a `file://` URI.
+    fn local(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
+        let t = raw.trim();
+        self.path(param, t.strip_prefix("file://").unwrap_or(t))
+    }
+
+    fn opt_local(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
+        match raw.map(|r| r.trim()).filter(|r| !r.is_empty()) {
+            Some(r) => self.local(param, r),
             None => Ok(()),
         }
     }
