@@ -364,3 +364,70 @@ fn hostile_parameters_are_refused_by_the_helper_itself() {
     assert!(log.contains(r#"parameter \"minute\""#) || log.contains("parameter \"minute\""), "{log}");
     assert!(!log.contains("echo injected > /tmp/x\n0"), "raw newline in the log:\n{log}");
 }
+
+/// A peer that sends requests and never reads the replies: once the socket's buffers
+/// are full the helper's write would wait forever, holding the request (and with it
+/// the helper's idle exit). With `--reply-timeout` the connection is dropped and
+/// logged, and the request no longer counts as running.
+#[test]
+fn a_peer_that_never_reads_is_dropped_after_the_reply_timeout() {
+    use opsagent_proto::newtypes::StateId;
+    use opsagent_proto::request::{ApplyRequest, Request, RequestFrame};
+    use std::io::{Read, Write};
+
+    let dir = temp_dir();
+    let helper = Helper::start(dir.path(), &["--reply-timeout", "1"]);
+    let sock = dir.path().join("h.sock");
+    let frame = |id: u64, request: Request| codec::encode(&RequestFrame { id, request }, DEFAULT_MAX_FRAME).unwrap();
+    let mut silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let hello = Request::Hello { protocol_version: opsagent_proto::PROTOCOL_VERSION, agent_version: "t".into() };
+    silent.write_all(&frame(1, hello.clone())).unwrap();
+    // Each outcome carries 64 KiB of output; a few of them fill the socket's buffers.
+    // One request at a time (the helper answers "busy" to a request sent while one
+    // runs): the next is sent once the helper logged the previous outcome.
+    let noisy = parse_state("linux.cmd", &json!({"cmd": "head -c 65536 /dev/zero | tr '\\0' x", "cwd": "/"})).unwrap();
+    let timed_out = || helper.log().contains("reply not written in time; closing the connection");
+    for id in 2..40u64 {
+        let apply = ApplyRequest::new(StateId::parse("noisy").unwrap(), 1, noisy.params.clone());
+        if silent.write_all(&frame(id, Request::Apply(apply))).is_err() {
+            break;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !helper.log().contains(&format!("outcome id={id} ")) && !timed_out() {
+            assert!(Instant::now() < deadline, "no outcome for {id}; log:\n{}", helper.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if timed_out() {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !timed_out() {
+        assert!(Instant::now() < deadline, "no timeout logged; log:\n{}", helper.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(helper.log().contains("the peer does not read its replies"), "{}", helper.log());
+    // Nothing runs any more, and other peers are served.
+    let mut other = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    other.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let read_reply = |s: &mut std::os::unix::net::UnixStream| -> ReplyFrame {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    };
+    other.write_all(&frame(1, hello)).unwrap();
+    assert!(matches!(read_reply(&mut other).reply, Reply::Hello { .. }));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        other.write_all(&frame(2, Request::Status)).unwrap();
+        match read_reply(&mut other).reply {
+            Reply::Status(s) if s.running.is_empty() => break,
+            Reply::Status(s) => assert!(Instant::now() < deadline, "still running: {:?}", s.running),
+            other => panic!("{other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(silent);
+}
