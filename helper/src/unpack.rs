@@ -195,6 +195,7 @@ pub fn unpack(
     // What unprivileged users may still write there: root's reserve stays untouched, so
     // an archive cannot fill the file system the host needs to keep running.
     let vfs = nix::sys::statvfs::statvfs(dest).map_err(|e| io_err(dest, "measure the free space of")(e.into()))?;
+    #[allow(clippy::useless_conversion)] // fsblkcnt_t and c_ulong are narrower on 32-bit targets
     let room = u64::from(vfs.blocks_available()).saturating_mul(u64::from(vfs.fragment_size()));
     let file = File::open(archive).map_err(io_err(archive, "open"))?;
     let mut x = Extractor {

@@ -8,6 +8,9 @@
 //! It needs root, as the helper does.
 
 #![allow(clippy::unwrap_used)] // test support code outside #[test] fns
+// Plain threads and blocking sockets, as an attacker's client would be: no runtime to
+// block, no clock to pause.
+#![allow(clippy::disallowed_methods)]
 
 use std::fs;
 use std::io::{BufRead, BufReader};

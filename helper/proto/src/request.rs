@@ -193,7 +193,7 @@ pub enum ErrorCode {
 #[derive(Debug)]
 pub enum DecodeError {
     /// An `Apply` whose parameters the catalogue refuses: the error names the parameter.
-    Invalid { id: u64, module: String, error: CatalogueError },
+    Invalid { id: u64, module: String, error: Box<CatalogueError> },
     /// Not a request at all.
     Malformed { id: u64, message: String },
 }
@@ -212,7 +212,7 @@ pub fn decode_request(body: &[u8]) -> Result<RequestFrame, DecodeError> {
         v.as_ref().and_then(|v| v.get("request")).filter(|r| r.get("type").and_then(Value::as_str) == Some("apply"));
     if let Some((r, module)) = apply.and_then(|r| Some((r, r.get("module")?.as_str()?))) {
         if let Err(error) = parse_params(module, r.get("params").unwrap_or(&Value::Null)) {
-            return Err(DecodeError::Invalid { id, module: module.to_string(), error });
+            return Err(DecodeError::Invalid { id, module: module.to_string(), error: Box::new(error) });
         }
     }
     Err(DecodeError::Malformed { id, message: err.to_string() })
