@@ -7,7 +7,8 @@
 //! a compromised daemon would (the typed client API cannot even build these requests).
 //! It needs root, as the helper does.
 
-#![allow(clippy::unwrap_used)] // test support code outside #[test] fns
+#![allow(clippy::unwrap_used)]
+// test support code outside #[test] fns
 // Plain threads and blocking sockets, as an attacker's client would be: no runtime to
 // block, no clock to pause.
 #![allow(clippy::disallowed_methods)]
