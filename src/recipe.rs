@@ -12,7 +12,7 @@ use opsagent_proto::catalogue::{parse_state, Parsed};
 use opsagent_proto::newtypes::StateId;
 use serde_json::Value;
 
-use crate::protocol::{parse_states, ProtocolError, WireState};
+use crate::protocol::{parse_states, too_many_states, ProtocolError, WireState, MAX_STATES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
@@ -53,6 +53,10 @@ pub struct Recipe {
 
 impl Recipe {
     pub fn from_wire(version: u64, module_info: Option<Value>, states: Vec<WireState>) -> Result<Self, RecipeError> {
+        // Each list was capped by `parse_states`; components add up.
+        if states.len() > MAX_STATES {
+            return Err(too_many_states("RecipeMetadata", states.len()).into());
+        }
         let states = states
             .into_iter()
             .map(|w| {
@@ -172,5 +176,23 @@ mod tests {
         assert!(Recipe::from_document(&json!({"recipe_version": -1, "state": []})).is_err());
         assert!(Recipe::from_document(&json!({"nothing": 1})).is_err());
         assert!(Recipe::from_document(&json!({"state": [{"id": "a\u{1}b", "module": "m", "parameter": {}}]})).is_err());
+    }
+
+    /// A recipe of more than `MAX_STATES` states is refused whole before its states
+    /// are typed (the daemon keeps the recipe it has), whether it comes as one list
+    /// from the backend or as components adding up; `MAX_STATES` itself is accepted.
+    #[test]
+    fn recipes_over_the_state_cap_are_refused() {
+        let state = |i: usize| json!({"id": format!("s{i}"), "module": "meta.comment", "parameter": {}});
+        let list = |n: usize| Value::Array((0..n).map(state).collect());
+        let ok = Recipe::from_document(&json!({"recipe_version": 2, "state": list(MAX_STATES)})).unwrap();
+        assert_eq!(ok.states.len(), MAX_STATES);
+        let text = json!({"code": "RecipeMetadata", "recipe_version": 3, "state": list(MAX_STATES + 1)}).to_string();
+        let err = crate::protocol::parse_inbound(&text).unwrap_err().to_string();
+        assert!(err.contains("10001 states are more than the 10000"), "{err}");
+        let half = MAX_STATES / 2 + 1;
+        let doc = json!({"component": {"a": {"state": list(half)}, "b": {"state": list(half)}}});
+        let err = Recipe::from_document(&doc).unwrap_err().to_string();
+        assert!(err.contains("more than the 10000 a recipe may hold"), "{err}");
     }
 }

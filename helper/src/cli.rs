@@ -34,6 +34,8 @@ pub struct Cli {
     pub max_connections_per_uid: usize,
     /// Seconds a connection may stay idle before it is closed; 0 never closes it.
     pub idle_timeout: u64,
+    /// Seconds a reply may take to be written; a peer that does not read is dropped.
+    pub reply_timeout: u64,
     /// Keep CAP_SYS_ADMIN and CAP_MKNOD, which linux.lvm.* and linux.raid need for the
     /// device-mapper and md ioctls and device nodes (the opt-in storage drop-in sets
     /// OPSAGENT_HELPER_STORAGE=yes and adds them to the unit's bounding set).
@@ -53,6 +55,7 @@ impl Default for Cli {
             policy: None,
             max_connections_per_uid: 8,
             idle_timeout: 900,
+            reply_timeout: 30,
             storage: false,
             exit_idle: 0,
         }
@@ -108,6 +111,9 @@ Options:
       --idle-timeout <SECONDS>
           Seconds a connection may stay idle (no request running, nothing received)
           before it is closed; 0 never closes it [default: 900]
+      --reply-timeout <SECONDS>
+          Seconds a reply may take to be written; a peer that does not read its
+          replies is disconnected (and the request's end is logged) [default: 30]
       --exit-idle <SECONDS>
           Exit after this many seconds without a request; the listening socket stays
           with systemd, which starts the helper again on the next connection. Needs
@@ -142,6 +148,7 @@ const POLICY: &str = "--policy <PATH>";
 const MAX_CONNECTIONS: &str = "--max-connections-per-uid <N>";
 const IDLE_TIMEOUT: &str = "--idle-timeout <SECONDS>";
 const EXIT_IDLE: &str = "--exit-idle <SECONDS>";
+const REPLY_TIMEOUT: &str = "--reply-timeout <SECONDS>";
 
 fn utf8<'a>(option: &'static str, value: &'a OsStr) -> Result<&'a str, CliError> {
     value.to_str().ok_or_else(|| CliError::Invalid {
@@ -199,6 +206,7 @@ impl Cli {
                 "--max-connections-per-uid" => MAX_CONNECTIONS,
                 "--idle-timeout" => IDLE_TIMEOUT,
                 "--exit-idle" => EXIT_IDLE,
+                "--reply-timeout" => REPLY_TIMEOUT,
                 _ => return Err(CliError::Unexpected(name)),
             };
             let value = match inline {
@@ -215,6 +223,7 @@ impl Cli {
                 POLICY => cli.policy = Some(PathBuf::from(value)),
                 MAX_CONNECTIONS => cli.max_connections_per_uid = number(option, &value)?,
                 IDLE_TIMEOUT => cli.idle_timeout = number(option, &value)?,
+                REPLY_TIMEOUT => cli.reply_timeout = number(option, &value)?,
                 _ => cli.exit_idle = number(option, &value)?,
             }
             if option != ALLOW_USER && seen.contains(&option) {
@@ -276,6 +285,7 @@ mod tests {
                 policy: Some("/etc/p".into()),
                 max_connections_per_uid: 2,
                 idle_timeout: 0,
+                reply_timeout: 30,
                 storage: false,
                 exit_idle: 120,
             }

@@ -82,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         max_connections_per_uid: cli.max_connections_per_uid,
         idle_timeout: (cli.idle_timeout > 0).then(|| Duration::from_secs(cli.idle_timeout)),
         exit_idle: (cli.exit_idle > 0).then(|| Duration::from_secs(cli.exit_idle)),
+        reply_timeout: Duration::from_secs(cli.reply_timeout.max(1)),
         ctx: states::Ctx::new(cli.state_dir.clone()).with_policy(policy),
     });
     // One thread: the helper serves one agent, one request at a time per connection;

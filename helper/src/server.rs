@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use opsagent_proto::codec::{self, CodecError, DEFAULT_MAX_FRAME};
+use opsagent_proto::codec::{CodecError, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{
-    ApplyRequest, Change, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request, RequestFrame,
+    self, ApplyRequest, Change, DecodeError, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request,
+    RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameReader, FrameWriter};
 use opsagent_proto::timer::sleep_until_opt;
@@ -42,6 +43,9 @@ pub struct Config {
     /// The helper exits once no request has run or arrived for this long (socket
     /// activation starts it again).
     pub exit_idle: Option<Duration>,
+    /// A reply not written within this long drops the connection: a peer that never
+    /// reads would otherwise hold the request (and the helper's idle exit) forever.
+    pub reply_timeout: Duration,
     pub ctx: Ctx,
 }
 
@@ -438,16 +442,20 @@ impl Connection {
 
     /// A well-framed body that is not a valid request is answered and skipped: the
     /// next frame starts at a known place, so the connection stays usable.
+    /// A parameter the catalogue refuses (the checks `opsagent check` runs) is answered
+    /// `invalid-parameter`, naming it; nothing runs.
     async fn decode(&mut self, body: &[u8]) -> Option<RequestFrame> {
-        match codec::decode::<RequestFrame>(body) {
+        match request::decode_request(body) {
             Ok(frame) => Some(frame),
-            Err(e) => {
-                let id = serde_json::from_slice::<serde_json::Value>(body)
-                    .ok()
-                    .and_then(|v| v.get("id")?.as_u64())
-                    .unwrap_or(0);
-                warn!(id, error = %e, "malformed request");
-                let message = format!("malformed request: {e}");
+            Err(DecodeError::Invalid { id, module, error }) => {
+                warn!(id, module = ?module, result = "refused", code = ?ErrorCode::InvalidParameter, error = %error, "request refused");
+                let e = HelperError::new(ErrorCode::InvalidParameter, error.to_string());
+                self.reply(id, Reply::Error(e)).await;
+                None
+            }
+            Err(DecodeError::Malformed { id, message }) => {
+                warn!(id, error = %message, "malformed request");
+                let message = format!("malformed request: {message}");
                 self.reply(id, Reply::Error(HelperError::new(ErrorCode::BadRequest, message))).await;
                 None
             }
@@ -459,9 +467,23 @@ impl Connection {
             return;
         }
         // Replies are bounded by the client's default limit, not by our request limit.
-        if let Err(e) = self.wr.write(&ReplyFrame { id, reply }, DEFAULT_MAX_FRAME).await {
-            debug!(id, error = %e, "cannot write the reply; closing the connection");
-            self.dead = true;
+        let limit = self.shared.config.reply_timeout;
+        match tokio::time::timeout(limit, self.wr.write(&ReplyFrame { id, reply }, DEFAULT_MAX_FRAME)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(id, error = %e, "cannot write the reply; closing the connection");
+                self.dead = true;
+            }
+            Err(_) => {
+                warn!(
+                    id,
+                    uid = self.peer_uid,
+                    timeout_s = limit.as_secs(),
+                    reason = "the peer does not read its replies",
+                    "reply not written in time; closing the connection"
+                );
+                self.dead = true;
+            }
         }
     }
 }

@@ -122,7 +122,7 @@ impl Default for Limits {
     /// Generous for software distributions, small enough that a decompression bomb
     /// cannot fill a typical root file system.
     fn default() -> Self {
-        Self { max_entries: 200_000, max_entry_bytes: 4 << 30, max_total_bytes: 8 << 30 }
+        Self { max_entries: 200_000, max_entry_bytes: 1 << 30, max_total_bytes: 2 << 30 }
     }
 }
 
@@ -165,6 +165,8 @@ pub enum UnpackError {
     TotalTooLarge { entry: String, limit: u64 },
     #[error("the archive has more than the limit of {limit} entries")]
     TooManyEntries { limit: u64 },
+    #[error("entry {entry:?}: the archive unpacks to more than the {free} bytes free for unprivileged use on the target file system")]
+    NoRoom { entry: String, free: u64 },
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> UnpackError {
@@ -190,10 +192,16 @@ pub fn unpack(
             found: kind_of(meta.file_type()),
         });
     }
+    // What unprivileged users may still write there: root's reserve stays untouched, so
+    // an archive cannot fill the file system the host needs to keep running.
+    let vfs = nix::sys::statvfs::statvfs(dest).map_err(|e| io_err(dest, "measure the free space of")(e.into()))?;
+    #[allow(clippy::useless_conversion)] // fsblkcnt_t and c_ulong are narrower on 32-bit targets
+    let room = u64::from(vfs.blocks_available()).saturating_mul(u64::from(vfs.fragment_size()));
     let file = File::open(archive).map_err(io_err(archive, "open"))?;
     let mut x = Extractor {
         dest: dest.to_path_buf(),
         limits: *limits,
+        room,
         owner: owner.unwrap_or((0, 0)),
         done: Unpacked::default(),
         dir_modes: Vec::new(),
@@ -220,6 +228,8 @@ enum Kind {
 struct Extractor {
     dest: PathBuf,
     limits: Limits,
+    /// Bytes free for unprivileged use on `dest`'s file system when the unpack began.
+    room: u64,
     owner: (u32, u32),
     done: Unpacked,
     /// Directories get their archive mode at the end: a read-only directory created
@@ -349,12 +359,25 @@ impl Extractor {
         Ok(())
     }
 
+    /// All files together: the cap, or the free space if that is less.
+    fn total_limit(&self) -> u64 {
+        self.limits.max_total_bytes.min(self.room)
+    }
+
+    fn total_error(&self, entry: &str) -> UnpackError {
+        if self.room < self.limits.max_total_bytes {
+            UnpackError::NoRoom { entry: entry.into(), free: self.room }
+        } else {
+            UnpackError::TotalTooLarge { entry: entry.into(), limit: self.limits.max_total_bytes }
+        }
+    }
+
     fn check_size(&self, entry: &str, size: u64) -> Result<(), UnpackError> {
         if size > self.limits.max_entry_bytes {
             return Err(UnpackError::EntryTooLarge { entry: entry.into(), size, limit: self.limits.max_entry_bytes });
         }
-        if self.done.bytes.saturating_add(size) > self.limits.max_total_bytes {
-            return Err(UnpackError::TotalTooLarge { entry: entry.into(), limit: self.limits.max_total_bytes });
+        if self.done.bytes.saturating_add(size) > self.total_limit() {
+            return Err(self.total_error(entry));
         }
         Ok(())
     }
@@ -432,7 +455,7 @@ impl Extractor {
             .map_err(io_err(path, "create"))?;
         // The declared size was checked; the bytes that really come out are checked as
         // they are written (a header may lie, a compressed stream may not end).
-        let left_total = self.limits.max_total_bytes.saturating_sub(self.done.bytes);
+        let left_total = self.total_limit().saturating_sub(self.done.bytes);
         let cap = self.limits.max_entry_bytes.min(left_total);
         let mut written = 0u64;
         let mut buf = vec![0u8; 64 * 1024];
@@ -454,7 +477,7 @@ impl Extractor {
                         limit: self.limits.max_entry_bytes,
                     }
                 } else {
-                    UnpackError::TotalTooLarge { entry: entry.into(), limit: self.limits.max_total_bytes }
+                    self.total_error(entry)
                 });
             }
             f.write_all(&buf[..n]).map_err(io_err(path, "write"))?;

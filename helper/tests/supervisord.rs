@@ -203,7 +203,8 @@ async fn failures_name_the_program_and_bad_configurations_are_refused() {
     assert!(!out.result);
     assert!(out.comment.starts_with(&format!("{} sets nodaemon=true", fg.display())), "{}", out.comment);
 
-    let out = h.apply(json!({"config": "relative.conf", "name": ["x"]})).await;
-    assert_eq!(out.comment, "parameter config: path \"relative.conf\" is not absolute");
+    // Refused by the catalogue, before the module (and by the helper's decoding).
+    let err = parse_state("linux.supervisord", &json!({"config": "relative.conf", "name": ["x"]})).unwrap_err();
+    assert_eq!(err.to_string(), "linux.supervisord: parameter \"config\": path \"relative.conf\" is not absolute");
     assert!(Path::new(c).is_file());
 }

@@ -141,14 +141,11 @@ pub struct Parsed {
 
 /// Parses one state's parameters for `module`: renders `$identifier` placeholders from
 /// the state's own parameters (as the original did for every module), then types every
-/// known parameter, and reports the rest as warnings.
+/// known parameter, and reports the rest as warnings. This is the daemon's reading of a
+/// recipe.
 pub fn parse_state(module: &str, raw: &Value) -> Result<Parsed, CatalogueError> {
     let spec = spec(module).ok_or_else(|| CatalogueError::UnknownModule(module.to_string()))?;
-    let obj = match raw {
-        Value::Object(o) => o,
-        Value::Null => &Map::new(),
-        other => return Err(CatalogueError::NotAnObject(describe(other))),
-    };
+    let obj = params_object(raw)?;
     // Most states have no placeholder at all: their parameters are read as they are,
     // not copied first (a recipe of thousands of states is parsed on every push).
     let rendered;
@@ -158,12 +155,62 @@ pub fn parse_state(module: &str, raw: &Value) -> Result<Parsed, CatalogueError> 
     } else {
         obj
     };
+    let (params, leftovers) = parse_object(spec, obj)?;
+    let warnings = leftovers.into_iter().map(|k| format!("unknown parameter {k:?} ignored by {}", spec.name)).collect();
+    Ok(Parsed { params, warnings })
+}
+
+/// Reads typed parameters back from their serialised form (the body of the helper's
+/// `Apply`): the same parsers and checks as [`parse_state`], without rendering
+/// placeholders (the daemon did; a `$` left in a value is meant literally), and an
+/// unknown parameter is an error (the daemon never sends one). This is the only way
+/// [`ModuleParams`] is deserialised.
+pub fn parse_params(module: &str, raw: &Value) -> Result<ModuleParams, CatalogueError> {
+    let spec = spec(module).ok_or_else(|| CatalogueError::UnknownModule(module.to_string()))?;
+    let (params, leftovers) = parse_object(spec, params_object(raw)?)?;
+    match leftovers.into_iter().next() {
+        Some(param) => Err(CatalogueError::Invalid {
+            module: spec.name.to_string(),
+            param,
+            problem: "not a parameter of this module".into(),
+        }),
+        None => Ok(params),
+    }
+}
+
+fn params_object(raw: &Value) -> Result<&Map<String, Value>, CatalogueError> {
+    static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+    match raw {
+        Value::Object(o) => Ok(o),
+        Value::Null => Ok(EMPTY.get_or_init(Map::new)),
+        other => Err(CatalogueError::NotAnObject(describe(other))),
+    }
+}
+
+/// The typed, checked parameters and the names of those the module does not know.
+fn parse_object(
+    spec: &'static ModuleSpec,
+    obj: &Map<String, Value>,
+) -> Result<(ModuleParams, Vec<String>), CatalogueError> {
     let mut bag = ParamBag::new(spec.name, obj);
     let params = parse_module(spec.name, &mut bag)?;
     params.check()?;
-    let warnings =
-        bag.leftovers().into_iter().map(|k| format!("unknown parameter {k:?} ignored by {}", spec.name)).collect();
-    Ok(Parsed { params, warnings })
+    Ok((params, bag.leftovers()))
+}
+
+/// How [`ModuleParams`] arrive on the wire: the module's name and its parameters.
+#[derive(Deserialize)]
+pub struct WireParams {
+    module: String,
+    #[serde(default)]
+    params: Value,
+}
+
+impl TryFrom<WireParams> for ModuleParams {
+    type Error = CatalogueError;
+    fn try_from(w: WireParams) -> Result<Self, CatalogueError> {
+        parse_params(&w.module, &w.params)
+    }
 }
 
 pub fn spec(module: &str) -> Option<&'static ModuleSpec> {
@@ -287,8 +334,9 @@ macro_rules! catalogue {
     )*) => {
         $(
             $(#[doc = $doc])*
-            #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-            #[serde(deny_unknown_fields)]
+            // Serialize only: parameters are read through the catalogue, never by serde
+            // on their own (see `ModuleParams`).
+            #[derive(Debug, Clone, PartialEq, Serialize)]
             pub struct $ty {
                 $( pub $field: field_type!($presence, $pty), )*
             }
@@ -315,9 +363,11 @@ macro_rules! catalogue {
         )*
 
         /// The typed parameters of one state, tagged with its module name. This is
-        /// also the body of the helper's `Apply` request.
+        /// also the body of the helper's `Apply` request. Deserialising goes through
+        /// [`parse_params`], so the helper runs every check `opsagent check` runs: no
+        /// value reaches a module unchecked.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-        #[serde(tag = "module", content = "params")]
+        #[serde(tag = "module", content = "params", try_from = "WireParams")]
         pub enum ModuleParams {
             $( #[serde(rename = $module)] $ty($ty), )*
         }
@@ -364,8 +414,14 @@ impl ModuleParams {
     }
 
     /// Checks across parameters, and value sets narrower than a wire type, that can be
-    /// judged without looking at the host.
+    /// judged without looking at the host; then what each value names
+    /// ([`crate::checks`]).
     fn check(&self) -> Result<(), CatalogueError> {
+        self.check_sets()?;
+        crate::checks::check_fields(self)
+    }
+
+    fn check_sets(&self) -> Result<(), CatalogueError> {
         let invalid = |param: &str, problem: String| {
             Err(CatalogueError::Invalid { module: self.name().to_string(), param: param.to_string(), problem })
         };
@@ -865,6 +921,7 @@ mod tests {
             for p in m.params.iter().filter(|p| p.presence == Presence::Required) {
                 let v = match p.kind {
                     Kind::Dict => json!([{"key": "k", "value": "v"}]),
+                    Kind::Array if m.name == "linux.supervisord" => json!(["app"]),
                     Kind::Array => json!(["/tmp/x"]),
                     Kind::State => json!("@{host.state-1}"),
                     Kind::Integer => json!("1"),
@@ -872,6 +929,9 @@ mod tests {
                     Kind::Bool => json!(true),
                     _ if p.name == "fstype" => json!("ext4"),
                     _ if p.name == "level" => json!("raid1"),
+                    _ if ["username", "groupname"].contains(&p.name) => json!("alice"),
+                    _ if m.name == "common.timezone" => json!("Europe/Paris"),
+                    _ if m.name == "linux.apt.repo" || m.name == "linux.yum.repo" => json!("local"),
                     _ => json!("/tmp/x"),
                 };
                 params.insert(p.name.to_string(), v);
@@ -994,6 +1054,49 @@ mod tests {
         assert!(parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "*/5", "hour": "1-3,7"})).is_ok());
         assert!(parse_state("linux.mkfs", &json!({"device": "/dev/x", "fstype": "ntfs"})).is_err());
         assert!(parse_state("linux.service", &json!({"name": []})).is_err());
+    }
+
+    /// The helper's decoding of an `Apply` body runs the catalogue: what `opsagent
+    /// check` refuses cannot be deserialised either, and the message names the parameter.
+    #[test]
+    fn deserialising_params_runs_every_check() {
+        let decode = |module: &str, params: Value| {
+            serde_json::from_value::<ModuleParams>(json!({"module": module, "params": params}))
+                .map_err(|e| e.to_string())
+        };
+        let hostile = [
+            ("linux.cronjob", json!({"cmd": ["true"], "user": "root", "minute": "* * * * * echo x\n0"}), "minute"),
+            ("linux.cronjob", json!({"cmd": ["true"], "user": "root\nx"}), "user"),
+            ("linux.file", json!({"path": "/tmp/x", "mode": "77777"}), "mode"),
+            ("linux.file", json!({"path": "/tmp/x", "mode": 32767}), "mode"),
+            ("linux.file", json!({"path": "tmp/x"}), "path"),
+            ("linux.service", json!({"name": [{"key": "../../x"}]}), "name"),
+            ("linux.user", json!({"username": "a:0:0", "password": "x"}), "username"),
+            ("linux.file", json!({"path": "/tmp/x", "colour": "blue"}), "colour"),
+        ];
+        for (module, params, param) in hostile {
+            let err = decode(module, params.clone()).expect_err(&format!("{module} {params}"));
+            assert!(err.contains(&format!("parameter \"{param}\"")), "{module} {params}: {err}");
+        }
+        // What the daemon serialises reads back the same, a literal `$` included.
+        let parsed = parse_state("linux.cmd", &json!({"cmd": "echo $$cwd", "cwd": "/srv"})).unwrap().params;
+        let back = decode("linux.cmd", serde_json::to_value(&parsed).unwrap()["params"].clone()).unwrap();
+        assert_eq!(back, parsed);
+        let ModuleParams::LinuxCmd(c) = back else { panic!() };
+        assert_eq!(c.cmd.0, "echo $cwd");
+    }
+
+    #[test]
+    fn values_have_size_caps() {
+        let big = "x".repeat(crate::wire::MAX_LINE_BYTES + 1);
+        let err = parse_state("linux.cronjob", &json!({"cmd": ["true"], "hour": big})).unwrap_err();
+        assert!(err.to_string().contains("\"hour\"") && err.to_string().contains("longer than"), "{err}");
+        let content = "x".repeat(crate::wire::MAX_TEXT_BYTES + 1);
+        let err = parse_state("linux.file", &json!({"path": "/x", "content": content})).unwrap_err();
+        assert!(err.to_string().contains("\"content\"") && err.to_string().contains("longer than"), "{err}");
+        let many: Vec<String> = (0..=crate::wire::MAX_ITEMS).map(|i| format!("/d{i}")).collect();
+        let err = parse_state("linux.dir", &json!({"path": many})).unwrap_err();
+        assert!(err.to_string().contains("\"path\""), "{err}");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalogue::ModuleParams;
+use serde_json::Value;
+
+use crate::catalogue::{parse_params, CatalogueError, ModuleParams};
 use crate::newtypes::{AbsPath, StateId};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +187,35 @@ pub enum ErrorCode {
     /// A parameter the catalogue accepted is not acceptable here (a relative path…).
     InvalidParameter,
     Internal,
+}
+
+/// Why a frame is not a request the helper will carry out.
+#[derive(Debug)]
+pub enum DecodeError {
+    /// An `Apply` whose parameters the catalogue refuses: the error names the parameter.
+    Invalid { id: u64, module: String, error: Box<CatalogueError> },
+    /// Not a request at all.
+    Malformed { id: u64, message: String },
+}
+
+/// Decodes a request frame. Its `Apply` parameters go through the catalogue (see
+/// [`ModuleParams`]); when they are what failed, the error says so, with the
+/// catalogue's message, instead of a bare JSON error.
+pub fn decode_request(body: &[u8]) -> Result<RequestFrame, DecodeError> {
+    let err = match serde_json::from_slice::<RequestFrame>(body) {
+        Ok(frame) => return Ok(frame),
+        Err(e) => e,
+    };
+    let v = serde_json::from_slice::<Value>(body).ok();
+    let id = v.as_ref().and_then(|v| v.get("id")?.as_u64()).unwrap_or(0);
+    let apply =
+        v.as_ref().and_then(|v| v.get("request")).filter(|r| r.get("type").and_then(Value::as_str) == Some("apply"));
+    if let Some((r, module)) = apply.and_then(|r| Some((r, r.get("module")?.as_str()?))) {
+        if let Err(error) = parse_params(module, r.get("params").unwrap_or(&Value::Null)) {
+            return Err(DecodeError::Invalid { id, module: module.to_string(), error: Box::new(error) });
+        }
+    }
+    Err(DecodeError::Malformed { id, message: err.to_string() })
 }
 
 #[cfg(test)]

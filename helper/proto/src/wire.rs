@@ -11,6 +11,8 @@ use std::ops::Deref;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::newtypes::AbsPath;
+
 /// The wire types of `states.md`, plus the few that real parameters need beyond them
 /// (integers, modes, the watch list).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -25,6 +27,7 @@ pub enum Kind {
     Integer,
     Mode,
     Watch,
+    Path,
 }
 
 impl Kind {
@@ -40,6 +43,7 @@ impl Kind {
             Kind::Integer => "a non-negative integer",
             Kind::Mode => "an octal mode such as \"0644\"",
             Kind::Watch => "a list of file paths, or true",
+            Kind::Path => "an absolute path",
         }
     }
 }
@@ -75,6 +79,38 @@ pub fn describe(v: &Value) -> String {
     }
 }
 
+/// Largest one-line value (a name, a path, an option list), in bytes.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Largest multi-line value (a file's content, a command) or dict value, in bytes.
+/// Both ends apply it when they decode: the daemon refuses the state, the helper the
+/// request, before anything is copied around.
+pub const MAX_TEXT_BYTES: usize = 8 * 1024 * 1024;
+/// Most items in one list or dict parameter.
+pub const MAX_ITEMS: usize = 10_000;
+
+fn too_long(what: &str, len: usize, max: usize) -> Option<String> {
+    Some(format!("{what} of {len} bytes is longer than the {max} bytes allowed"))
+}
+
+/// The first control character of `s` that `allowed` does not accept, as an error.
+fn control_char(s: &str, allowed: fn(char) -> bool) -> Result<(), Option<String>> {
+    match s.chars().find(|&c| c.is_control() && !allowed(c)) {
+        Some(c) => Err(Some(format!("{:?} contains the control character {c:?}", shorten(s)))),
+        None => Ok(()),
+    }
+}
+
+/// At most 60 characters of `s`, for an error message.
+pub fn shorten(s: &str) -> String {
+    const MAX: usize = 60;
+    if s.chars().count() > MAX {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut}…")
+    } else {
+        s.to_string()
+    }
+}
+
 /// A parameter type: how it is read from any of its wire shapes.
 pub trait Param: Sized {
     const KIND: Kind;
@@ -105,7 +141,7 @@ fn joined(v: &Value, sep: &str) -> Result<String, Option<String>> {
 }
 
 macro_rules! string_newtype {
-    ($(#[$doc:meta])* $name:ident, $kind:expr, $sep:expr) => {
+    ($(#[$doc:meta])* $name:ident, $kind:expr, $sep:expr, $max:expr, $allowed:expr) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
         #[serde(transparent)]
@@ -133,7 +169,12 @@ macro_rules! string_newtype {
         impl Param for $name {
             const KIND: Kind = $kind;
             fn from_wire(v: &Value) -> Result<Self, Option<String>> {
-                joined(v, $sep).map(Self)
+                let s = joined(v, $sep)?;
+                if s.len() > $max {
+                    return Err(too_long("a value", s.len(), $max));
+                }
+                control_char(&s, $allowed)?;
+                Ok(Self(s))
             }
         }
     };
@@ -141,16 +182,21 @@ macro_rules! string_newtype {
 
 string_newtype!(
     /// A one-line string. A number is its decimal text; a list is joined with `,`
-    /// (option lists such as mount `opts`).
+    /// (option lists such as mount `opts`). No control character but tab: a newline
+    /// in a name, a cron field or a unit would start a new line wherever it is written.
     Line,
     Kind::Line,
-    ","
+    ",",
+    MAX_LINE_BYTES,
+    |c| c == '\t'
 );
 string_newtype!(
     /// A multi-line string (file content, commands). A list is joined with newlines.
     Text,
     Kind::Text,
-    "\n"
+    "\n",
+    MAX_TEXT_BYTES,
+    |c| c != '\0'
 );
 
 impl Param for bool {
@@ -184,12 +230,23 @@ impl Deref for Array {
 
 impl Param for Array {
     const KIND: Kind = Kind::Array;
+    /// Items are arguments, paths and cron lines: one line each (tab allowed).
     fn from_wire(v: &Value) -> Result<Self, Option<String>> {
-        match v {
-            Value::String(s) if s.trim().is_empty() => Ok(Self(Vec::new())),
-            Value::Array(items) => items.iter().map(scalar_text).collect::<Option<Vec<_>>>().map(Self).ok_or(None),
-            other => scalar_text(other).map(|s| Self(vec![s])).ok_or(None),
+        let items = match v {
+            Value::String(s) if s.trim().is_empty() => Vec::new(),
+            Value::Array(items) if items.len() > MAX_ITEMS => {
+                return Err(Some(format!("a list of {} items is longer than the {MAX_ITEMS} allowed", items.len())))
+            }
+            Value::Array(items) => items.iter().map(scalar_text).collect::<Option<Vec<_>>>().ok_or(None)?,
+            other => vec![scalar_text(other).ok_or(None)?],
+        };
+        for item in &items {
+            if item.len() > MAX_LINE_BYTES {
+                return Err(too_long("an item", item.len(), MAX_LINE_BYTES));
+            }
+            control_char(item, |c| c == '\t')?;
         }
+        Ok(Self(items))
     }
 }
 
@@ -267,6 +324,21 @@ impl Param for Dict {
         if let Some(e) = entries.iter().find(|e| e.key.is_empty()) {
             return Err(Some(format!("a dict entry has an empty key (value {:?})", e.value)));
         }
+        if entries.len() > MAX_ITEMS {
+            return Err(Some(format!("{} entries are more than the {MAX_ITEMS} allowed", entries.len())));
+        }
+        // Keys are names (packages, variables, units, paths): one line. Values may be
+        // file contents (docker `files`), so only their size is bounded.
+        for e in &entries {
+            if e.key.len() > MAX_LINE_BYTES {
+                return Err(too_long("a key", e.key.len(), MAX_LINE_BYTES));
+            }
+            control_char(&e.key, |_| false)?;
+            let value = e.value_or_empty();
+            if value.len() > MAX_TEXT_BYTES {
+                return Err(too_long("a value", value.len(), MAX_TEXT_BYTES));
+            }
+        }
         Ok(Self(entries))
     }
 }
@@ -302,10 +374,24 @@ impl StateRef {
     }
 }
 
-/// One or more remote state references (`meta.wait` `state`).
+/// One or more remote state references (`meta.wait` `state`). On the wire as the
+/// references were written, so that the catalogue reads back what it wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(transparent)]
+#[serde(into = "Vec<String>", try_from = "Value")]
 pub struct StateRefs(pub Vec<StateRef>);
+
+impl From<StateRefs> for Vec<String> {
+    fn from(r: StateRefs) -> Self {
+        r.0.into_iter().map(|r| r.raw).collect()
+    }
+}
+
+impl TryFrom<Value> for StateRefs {
+    type Error = String;
+    fn try_from(v: Value) -> Result<Self, String> {
+        Self::from_wire(&v).map_err(|e| e.unwrap_or_else(|| Kind::State.expected().to_string()))
+    }
+}
 
 impl Param for StateRefs {
     const KIND: Kind = Kind::State;
@@ -335,10 +421,24 @@ impl Param for u64 {
     }
 }
 
-/// A permission mode, `0` to `07777`, read from its octal digits.
+/// A permission mode, `0` to `07777`, read from its octal digits. On the wire as its
+/// octal text (`"0644"`), which is what the catalogue reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(into = "String", try_from = "Value")]
 pub struct Mode(pub u32);
+
+impl From<Mode> for String {
+    fn from(m: Mode) -> String {
+        m.to_string()
+    }
+}
+
+impl TryFrom<Value> for Mode {
+    type Error = String;
+    fn try_from(v: Value) -> Result<Self, String> {
+        Self::from_wire(&v).map_err(|e| e.unwrap_or_else(|| Kind::Mode.expected().to_string()))
+    }
+}
 
 impl Mode {
     pub fn bits(self) -> u32 {
@@ -370,12 +470,41 @@ impl Param for Mode {
     }
 }
 
-/// What `watch` asks for: these files, or (older recipes' `true`) every round.
+/// An absolute, normalised path (see [`AbsPath`]), surrounding blanks ignored as the
+/// original did, and without control characters: a path is written into logs, unit
+/// files and command lines.
+impl Param for AbsPath {
+    const KIND: Kind = Kind::Path;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let raw = scalar_text(v).ok_or(None)?;
+        control_char(&raw, |_| false)?;
+        AbsPath::parse(raw.trim()).map_err(|e| Some(e.to_string()))
+    }
+}
+
+/// What `watch` asks for: these files, or (older recipes' `true`) every round. On
+/// the wire as recipes write it (a list, or `true`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(into = "Value", try_from = "Value")]
 pub enum Watch {
     Files(Vec<String>),
     EveryRound,
+}
+
+impl From<Watch> for Value {
+    fn from(w: Watch) -> Value {
+        match w {
+            Watch::Files(files) => Value::from(files),
+            Watch::EveryRound => Value::Bool(true),
+        }
+    }
+}
+
+impl TryFrom<Value> for Watch {
+    type Error = String;
+    fn try_from(v: Value) -> Result<Self, String> {
+        Self::from_wire(&v).map_err(|e| e.unwrap_or_else(|| Kind::Watch.expected().to_string()))
+    }
 }
 
 impl Param for Watch {

@@ -20,7 +20,10 @@ use std::time::{Duration, SystemTime};
 use opsagent_proto::catalogue::LinuxAptPackage;
 use opsagent_proto::request::{Change, Outcome};
 
+use opsagent_proto::newtypes::AbsPath;
+
 use super::repo::{local_file, RepoError};
+use super::root_read::{self, RootReadError};
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, ToolError};
 
@@ -61,6 +64,12 @@ pub enum PkgError {
     NotAsWanted { name: String, found: String, wanted: String },
     #[error("parameter deb-conf-file: {0}")]
     Debconf(RepoError),
+    #[error(transparent)]
+    RootRead(#[from] RootReadError),
+    /// What debconf-set-selections printed is withheld: it may quote the file, which
+    /// the daemon may not read.
+    #[error("debconf-set-selections refused the deb-conf-file {path} ({how}; its output is not returned, as it may quote the file)")]
+    Selections { path: String, how: String },
     #[error(transparent)]
     Tool(#[from] ToolError),
 }
@@ -391,6 +400,24 @@ impl Run {
         Ok(f.output)
     }
 
+    /// Preseeds debconf from `deb-conf-file`: read as [`root_read`] allows, given on
+    /// stdin, and nothing of what the tool prints returned.
+    async fn selections(&mut self, conf: &str) -> Result<(), PkgError> {
+        let path = local_file("deb-conf-file", conf).map_err(PkgError::Debconf)?;
+        let path = AbsPath::parse(&path.to_string_lossy())
+            .map_err(|e| PkgError::Debconf(RepoError::NotLocal(format!("{conf}: {e}"), "deb-conf-file")))?;
+        let content = root_read::read("deb-conf-file", &path)?;
+        let spec = CommandSpec::tool("debconf-set-selections", std::iter::empty::<&str>()).with_stdin(content);
+        match exec::checked(&spec, &[0], &mut self.cancel).await {
+            Ok(_) => {
+                self.output.push_str(&format!("$ debconf-set-selections < {path}\n(output not returned)\n"));
+                Ok(())
+            }
+            Err(ToolError::Failed { how, .. }) => Err(PkgError::Selections { path: path.to_string(), how }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn logged(&mut self, spec: &CommandSpec) -> Result<(), ToolError> {
         let out = self.tool(spec, &[0]).await?;
         self.output.push_str(&format!("$ {}\n{out}", spec.display()));
@@ -493,9 +520,7 @@ async fn run_state(
     let result = async {
         if !todo.install.is_empty() {
             if let Some(conf) = p.deb_conf_file.as_deref() {
-                let path = local_file("deb-conf-file", conf).map_err(PkgError::Debconf)?;
-                let spec = CommandSpec::tool("debconf-set-selections", [path.as_os_str()]);
-                run.logged(&spec).await?;
+                run.selections(conf).await?;
             }
             run.logged(&apt_get(apt_get_args("install", &opts, &todo.install), APT_TIMEOUT)).await?;
         }

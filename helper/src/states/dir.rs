@@ -300,7 +300,6 @@ mod tests {
             )
         );
         assert_eq!(attrs(&victim).1, 0);
-        let out = apply(&dir(json!({"path": ["relative/x"]})));
-        assert!(!out.result && out.comment.contains("not absolute"), "{}", out.comment);
+        crate::states::testutil::refused("linux.dir", json!({"path": ["relative/x"]}), "not absolute");
     }
 }

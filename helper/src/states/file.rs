@@ -410,10 +410,8 @@ mod tests {
 
     #[test]
     fn bad_paths_unknown_users_and_remote_uri_fail_without_action() {
-        let out = apply(&file(json!({"path": "etc/x", "content": "x"})));
-        assert!(!out.result && out.comment.contains("not absolute"), "{}", out.comment);
-        let out = apply(&file(json!({"path": "/tmp/../etc/x", "content": "x"})));
-        assert!(!out.result && out.comment.contains("\"..\""), "{}", out.comment);
+        crate::states::testutil::refused("linux.file", json!({"path": "etc/x", "content": "x"}), "not absolute");
+        crate::states::testutil::refused("linux.file", json!({"path": "/tmp/../etc/x", "content": "x"}), "\"..\"");
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x");

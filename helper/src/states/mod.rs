@@ -17,6 +17,7 @@ pub mod lang;
 pub mod mesos;
 pub mod puppet;
 pub mod repo;
+pub mod root_read;
 pub mod service;
 pub mod storage;
 pub mod supervisord;
@@ -218,6 +219,13 @@ pub(crate) mod testutil {
     /// Typed parameters through the real catalogue, as the daemon would send them.
     pub fn params(module: &str, raw: Value) -> ModuleParams {
         parse_state(module, &raw).unwrap_or_else(|e| panic!("{module}: {e}")).params
+    }
+
+    /// The catalogue's refusal of `raw` (as `opsagent check` and the helper's decoding
+    /// give it); the message must contain `needle`. Such values never reach a module.
+    pub fn refused(module: &str, raw: Value, needle: &str) {
+        let err = parse_state(module, &raw).map(|_| ()).map_err(|e| e.to_string());
+        assert!(err.as_ref().is_err_and(|e| e.contains(needle)), "{module} {raw}: {err:?} (wanted {needle:?})");
     }
 
     /// One module's typed parameters (`typed::<LinuxFile>("linux.file", raw)`).

@@ -585,14 +585,15 @@ mod tests {
         );
         let conf = dir.path().join("s.conf");
         std::fs::write(&conf, "[supervisord]\n").unwrap();
-        let p: LinuxSupervisord =
-            typed("linux.supervisord", json!({"config": conf.to_str().unwrap(), "name": ["-c/etc/x"]}));
-        let out = run(&p, &id, &store, &sup, Cancel::never()).await;
-        assert_eq!(out.comment, "parameter name: \"-c/etc/x\" is not a supervisord program or group name");
-        let p: LinuxSupervisord =
-            typed("linux.supervisord", json!({"config": conf.to_str().unwrap(), "name": ["web"], "watch": ["rel/x"]}));
-        let out = run(&p, &id, &store, &sup, Cancel::never()).await;
-        assert_eq!(out.comment, "parameter watch: path \"rel/x\" is not absolute");
-        assert!(out.changes.is_empty());
+        crate::states::testutil::refused(
+            "linux.supervisord",
+            json!({"config": conf.to_str().unwrap(), "name": ["-c/etc/x"]}),
+            "parameter \"name\"",
+        );
+        crate::states::testutil::refused(
+            "linux.supervisord",
+            json!({"config": conf.to_str().unwrap(), "name": ["web"], "watch": ["rel/x"]}),
+            "parameter \"watch\": path \"rel/x\" is not absolute",
+        );
     }
 }

@@ -274,6 +274,40 @@ fn set_id_and_sticky_bits_are_dropped() {
     assert_eq!((meta.uid(), meta.gid()), (0, 0), "no owner given: root");
 }
 
+/// The archive is measured against the free space of the target file system (a 1 MiB
+/// tmpfs here), not only against the cap; nothing is left of the refused entry.
+#[test]
+fn archives_larger_than_the_free_space_are_refused() {
+    assert!(nix::unistd::geteuid().is_root(), "this test mounts a tmpfs: run it as root");
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("small");
+    fs::create_dir(&dest).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&dest)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "cannot mount a tmpfs");
+    let archive = tmp.path().join("big.tar");
+    fs::write(
+        &archive,
+        tar_bytes(|b| {
+            add_file(b, "a", &[b'a'; 600 * 1024], 0o644);
+            add_file(b, "b", &[b'b'; 600 * 1024], 0o644);
+        }),
+    )
+    .unwrap();
+    let result = unpack(&archive, ArchiveFormat::Tar, &dest, &Limits::default(), None);
+    let b_exists = dest.join("b").exists();
+    let _ = std::process::Command::new("umount").arg(&dest).status();
+    let msg = result.unwrap_err().to_string();
+    assert!(
+        msg.starts_with("entry \"b\": the archive unpacks to more than the ") && msg.contains("bytes free"),
+        "{msg}"
+    );
+    assert!(!b_exists);
+}
+
 #[test]
 fn size_and_count_limits_are_enforced() {
     let bytes = tar_bytes(|b| {
@@ -325,6 +359,7 @@ fn bytes_written_are_checked_not_only_the_declared_size() {
     let mut x = Extractor {
         dest: tmp.path().to_path_buf(),
         limits,
+        room: u64::MAX,
         owner: (0, 0),
         done: Unpacked::default(),
         dir_modes: Vec::new(),

@@ -275,9 +275,11 @@ mod tests {
             "{}",
             out.comment
         );
-        let p: CommonNpmPackage = typed("common.npm.package", json!({"name": "is-number", "path": "srv/app"}));
-        let out = apply_using(fake(), &p, Cancel::never()).await;
-        assert_eq!((out.result, out.comment.as_str()), (false, "parameter path: path \"srv/app\" is not absolute"));
+        crate::states::testutil::refused(
+            "common.npm.package",
+            json!({"name": "is-number", "path": "srv/app"}),
+            "path \"srv/app\" is not absolute",
+        );
         let out = apply_using(None, &p, Cancel::never()).await;
         assert!(
             out.comment.starts_with("npm is not installed; install it with a package state first"),

@@ -282,9 +282,11 @@ mod tests {
         let out = apply_using(Some(pip_tool("/nonexistent/pip".into())), &p, Cancel::never()).await;
         assert!(!out.result);
         assert!(out.comment.starts_with("parameter name: six: \">=1.0\" is not a version"), "{}", out.comment);
-        let p: CommonPipPackage = typed("common.pip.package", json!({"name": [{"key": "-e/tmp/x"}]}));
-        let out = apply_using(Some(pip_tool("/nonexistent/pip".into())), &p, Cancel::never()).await;
-        assert_eq!(out.comment, "parameter name: \"-e/tmp/x\" is not a pip package name");
+        crate::states::testutil::refused(
+            "common.pip.package",
+            json!({"name": [{"key": "-e/tmp/x"}]}),
+            "\"-e/tmp/x\" starts with \"-\"",
+        );
         let p: CommonPipPackage = typed("common.pip.package", json!({"name": "six"}));
         let out = apply_using(None, &p, Cancel::never()).await;
         assert_eq!(

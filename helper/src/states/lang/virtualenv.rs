@@ -305,9 +305,7 @@ mod tests {
     async fn bad_parameters() {
         let dir = tempfile::tempdir().unwrap();
         let id = StateId::parse("s-1").unwrap();
-        let p: CommonVirtualenv = typed("common.virtualenv", json!({"path": "venv"}));
-        let out = apply(&p, &id, dir.path(), Cancel::never()).await;
-        assert_eq!((out.result, out.comment.as_str()), (false, "parameter path: path \"venv\" is not absolute"));
+        crate::states::testutil::refused("common.virtualenv", json!({"path": "venv"}), "path \"venv\" is not absolute");
         let target = dir.path().join("v");
         let p: CommonVirtualenv = typed(
             "common.virtualenv",

@@ -283,10 +283,12 @@ async fn unknown_units_and_bad_names_fail_clearly() {
     let f = Fake::new(&[]).await;
     let out = f.apply(json!({"name": ["ghost"]})).await;
     assert_eq!(out.comment, "ghost.service: no such unit (not found by systemd)");
-    let out = f.apply(json!({"name": ["bad name"]})).await;
-    assert!(!out.result && out.comment.starts_with("parameter name:"), "{out:?}");
-    let out = f.apply(json!({"name": ["x"], "watch": ["relative/path"]})).await;
-    assert!(!out.result && out.comment.starts_with("parameter watch:"), "{out:?}");
+    crate::states::testutil::refused("linux.service", json!({"name": ["bad name"]}), "parameter \"name\"");
+    crate::states::testutil::refused(
+        "linux.service",
+        json!({"name": ["x"], "watch": ["relative/path"]}),
+        "parameter \"watch\"",
+    );
 }
 
 /// The fallback for hosts without systemd: the `service` command (here a script).

@@ -153,9 +153,11 @@ mod tests {
 
     #[tokio::test]
     async fn bad_names_fail_before_any_tool() {
-        let out =
-            apply(&raid(json!({"device-name": "md0", "devices": ["/dev/a"], "level": "raid1"})), Cancel::never()).await;
-        assert!(!out.result && out.comment.contains("not absolute"), "{}", out.comment);
+        crate::states::testutil::refused(
+            "linux.raid",
+            json!({"device-name": "md0", "devices": ["/dev/a"], "level": "raid1"}),
+            "not absolute",
+        );
         let out =
             apply(&raid(json!({"device-name": "/dev", "devices": ["/dev/a"], "level": "raid1"})), Cancel::never())
                 .await;

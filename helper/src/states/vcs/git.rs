@@ -411,11 +411,13 @@ mod tests {
 
     #[tokio::test]
     async fn bad_parameters_fail_before_anything_runs() {
-        let out = apply(&typed("common.git", json!({"path": "srv/app", "repo": "/srv/r.git"})), Cancel::never()).await;
-        assert!(
-            !out.result && out.comment.contains("parameter path") && out.comment.contains("not absolute"),
-            "{out:?}"
+        crate::states::testutil::refused(
+            "common.git",
+            json!({"path": "srv/app", "repo": "/srv/r.git"}),
+            "not absolute",
         );
+        let out = apply(&typed("common.git", json!({"path": "/", "repo": "/srv/r.git"})), Cancel::never()).await;
+        assert!(!out.result && out.comment.contains("parameter path"), "{out:?}");
         assert!(out.changes.is_empty());
         let out = apply(
             &typed("common.git", json!({"path": "/srv/app", "repo": "/srv/r.git", "ssh-key-file": "/nonexistent/key"})),
@@ -429,14 +431,15 @@ mod tests {
         )
         .await;
         assert_eq!(out.comment, "unknown user \"no-such-user-xyz\"");
-        let out =
-            apply(&typed("common.git", json!({"path": "/srv/app", "repo": "-oProxyCommand=x"})), Cancel::never()).await;
-        assert!(out.comment.contains("cannot start with '-'"), "{out:?}");
-        let out = apply(
-            &typed("common.git", json!({"path": "/srv/app", "repo": "https://u:tok3n@h/x", "revision": "--x"})),
-            Cancel::never(),
-        )
-        .await;
-        assert!(out.comment.contains("parameter revision"), "{out:?}");
+        crate::states::testutil::refused(
+            "common.git",
+            json!({"path": "/srv/app", "repo": "-oProxyCommand=x"}),
+            "parameter \"repo\"",
+        );
+        crate::states::testutil::refused(
+            "common.git",
+            json!({"path": "/srv/app", "repo": "https://u:tok3n@h/x", "revision": "--x"}),
+            "parameter \"revision\"",
+        );
     }
 }

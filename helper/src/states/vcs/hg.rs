@@ -169,7 +169,6 @@ impl Hg<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::states::testutil::typed;
     use serde_json::json;
 
     #[test]
@@ -181,9 +180,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_parameters_fail_clearly() {
-        let out = apply(&typed("common.hg", json!({"path": "rel", "repo": "/srv/r"})), Cancel::never()).await;
-        assert!(!out.result && out.comment.contains("parameter path"), "{out:?}");
-        let out = apply(&typed("common.hg", json!({"path": "/srv/x", "repo": "-r"})), Cancel::never()).await;
-        assert!(!out.result && out.comment.contains("parameter repo"), "{out:?}");
+        crate::states::testutil::refused("common.hg", json!({"path": "rel", "repo": "/srv/r"}), "parameter \"path\"");
+        crate::states::testutil::refused("common.hg", json!({"path": "/srv/x", "repo": "-r"}), "parameter \"repo\"");
     }
 }

@@ -1,0 +1,392 @@
+//! What each parameter names on the host, checked where it is parsed: paths are
+//! absolute and normalised, accounts are account names, units are unit names, ports
+//! are ports, and nothing a tool reads as an argument starts with `-`.
+//!
+//! The wire types already refuse control characters in one-line values, list items and
+//! dict keys ([`crate::wire`]); these checks narrow values to what the parameter means.
+//! They run in [`crate::catalogue::parse_state`] (the daemon, `opsagent check`) and in
+//! [`crate::catalogue::parse_params`] (the helper's decoding of every `Apply`), so a
+//! module in the helper only ever sees values that passed them.
+
+use crate::catalogue::{CatalogueError, ModuleParams};
+use crate::newtypes::{AbsPath, UnitName};
+use crate::wire::{shorten, Array, Dict, Line, Watch};
+
+/// Checks one state's parameters; the error names the first bad one.
+pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> {
+    let c = Checker { module: params.name() };
+    match params {
+        ModuleParams::CommonArchive(p) => {
+            c.path("path", &p.path)?;
+            c.paths("if-path-absent", p.if_path_absent.as_ref())?;
+            c.url("source", &p.source)
+        }
+        ModuleParams::CommonGemPackage(p) => c.names("name", &p.name),
+        ModuleParams::CommonGit(p) => {
+            c.path("path", &p.path)?;
+            c.url("repo", &p.repo)?;
+            c.argument("revision", &p.revision)?;
+            c.opt_path("ssh-key-file", p.ssh_key_file.as_ref())?;
+            c.opt_account("user", p.user.as_ref())
+        }
+        ModuleParams::CommonHg(p) => {
+            c.path("path", &p.path)?;
+            c.url("repo", &p.repo)?;
+            c.argument("revision", &p.revision)?;
+            c.opt_account("user", p.user.as_ref())
+        }
+        ModuleParams::CommonNpmPackage(p) => {
+            c.names("name", &p.name)?;
+            c.opt_path("path", p.path.as_ref())
+        }
+        ModuleParams::CommonPipPackage(p) => c.names("name", &p.name),
+        ModuleParams::CommonSvn(p) => {
+            c.path("path", &p.path)?;
+            c.url("repo", &p.repo)?;
+            c.argument("revision", &p.revision)?;
+            c.opt_account("user", p.user.as_ref())?;
+            c.opt_argument("username", p.username.as_ref())
+        }
+        ModuleParams::CommonTimezone(p) => c.timezone("name", &p.name),
+        ModuleParams::CommonVirtualenv(p) => {
+            c.path("path", &p.path)?;
+            c.opt_path("requirements-file", p.requirements_file.as_ref())?;
+            c.paths("extra-search-dir", p.extra_search_dir.as_ref())?;
+            match p.python_bin.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
+                Some(bin) if bin.contains('/') => c.path("python-bin", bin),
+                Some(bin) => c.file_name("python-bin", bin),
+                None => Ok(()),
+            }
+        }
+        ModuleParams::LinuxAptPackage(p) => {
+            c.names("name", &p.name)?;
+            c.opt_local("deb-conf-file", p.deb_conf_file.as_ref())?;
+            c.opt_argument("repo", p.repo.as_ref())
+        }
+        ModuleParams::LinuxAptPpa(p) => {
+            c.argument("name", &p.name)?;
+            c.opt_argument("username", p.username.as_ref())
+        }
+        ModuleParams::LinuxAptRepo(p) => c.file_name("name", &p.name),
+        ModuleParams::LinuxChefClient(p) => {
+            c.url("server", &p.server)?;
+            c.opt_path("client_key", p.client_key.as_ref())?;
+            c.opt_path("config", p.config.as_ref())
+        }
+        ModuleParams::LinuxChefSolo(p) => {
+            c.opt_path("config", p.config.as_ref())?;
+            c.opt_url("recipe_url", p.recipe_url.as_ref())
+        }
+        ModuleParams::LinuxCmd(p) => {
+            c.path("cwd", &p.cwd)?;
+            c.path("shell", &p.shell)?;
+            c.opt_account("user", p.user.as_ref())?;
+            c.opt_account("group", p.group.as_ref())?;
+            c.paths("if-path-absent", p.if_path_absent.as_ref())?;
+            c.paths("if-path-present", p.if_path_present.as_ref())?;
+            for e in p.env.iter().flat_map(|d| d.iter()) {
+                let ok = e.key.starts_with(|ch: char| ch.is_ascii_alphabetic() || ch == '_')
+                    && e.key.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+                if !ok {
+                    return c.invalid("env", format!("{:?} is not an environment variable name", shorten(&e.key)));
+                }
+            }
+            Ok(())
+        }
+        ModuleParams::LinuxCronjob(p) => {
+            c.account("user", &p.user)?;
+            if p.cmd.iter().all(|l| l.trim().is_empty()) {
+                return c.invalid("cmd", "no command given".into());
+            }
+            Ok(())
+        }
+        ModuleParams::LinuxDir(p) => {
+            c.paths("path", Some(&p.path))?;
+            c.opt_account("user", p.user.as_ref())?;
+            c.opt_account("group", p.group.as_ref())
+        }
+        ModuleParams::LinuxDockerBuilt(p) => {
+            c.path("path", &p.path)?;
+            c.argument("tag", &p.tag)
+        }
+        ModuleParams::LinuxDockerDeploy(p) => {
+            c.argument("container", &p.container)?;
+            c.argument("image", &p.image)?;
+            c.argument("tag", &p.tag)?;
+            c.ports("port_bindings", p.port_bindings.as_ref())?;
+            c.dict_paths("files", p.files.as_ref())
+        }
+        ModuleParams::LinuxDockerPulled(p) => {
+            c.argument("repo", &p.repo)?;
+            c.argument("tag", &p.tag)
+        }
+        ModuleParams::LinuxDockerPushed(p) => {
+            c.argument("repository", &p.repository)?;
+            c.argument("tag", &p.tag)?;
+            c.opt_argument("container", p.container.as_ref())
+        }
+        ModuleParams::LinuxDockerRunning(p) => {
+            c.argument("container", &p.container)?;
+            c.argument("image", &p.image)?;
+            c.argument("tag", &p.tag)?;
+            c.ports("port_bindings", p.port_bindings.as_ref())?;
+            c.dict_paths("files", p.files.as_ref())?;
+            c.watch("watch", p.watch.as_ref())
+        }
+        ModuleParams::LinuxFile(p) => {
+            c.path("path", &p.path)?;
+            c.opt_account("user", p.user.as_ref())?;
+            c.opt_account("group", p.group.as_ref())?;
+            c.opt_url("remote_uri", p.remote_uri.as_ref())
+        }
+        ModuleParams::LinuxGroup(p) => c.account("groupname", &p.groupname),
+        ModuleParams::LinuxLvmLv(p) => {
+            c.argument("name", &p.name)?;
+            c.argument("vg-name", &p.vg_name)?;
+            c.paths("path", p.path.as_ref())
+        }
+        ModuleParams::LinuxLvmPv(p) => c.paths("path", Some(&p.path)),
+        ModuleParams::LinuxLvmVg(p) => {
+            c.argument("name", &p.name)?;
+            c.paths("path", Some(&p.path))
+        }
+        ModuleParams::LinuxMkfs(p) => {
+            c.path("device", &p.device)?;
+            c.opt_argument("label", p.label.as_ref())
+        }
+        ModuleParams::LinuxMount(p) => {
+            c.path("path", &p.path)?;
+            c.argument("device", &p.device)?;
+            c.argument("filesystem", &p.filesystem)?;
+            c.opt_argument("opts", p.opts.as_ref())
+        }
+        ModuleParams::LinuxPuppetAgent(p) => c.argument("server", &p.server),
+        ModuleParams::LinuxPuppetApply(p) => c.paths("manifests", Some(&p.manifests)),
+        ModuleParams::LinuxRaid(p) => {
+            c.path("device-name", &p.device_name)?;
+            c.paths("devices", Some(&p.devices))
+        }
+        ModuleParams::LinuxRpmKey(p) => c.local("path", &p.path),
+        ModuleParams::LinuxService(p) => {
+            for e in p.name.iter() {
+                if let Err(e) = UnitName::service(e.key.trim()) {
+                    return c.invalid("name", e.to_string());
+                }
+            }
+            c.watch("watch", p.watch.as_ref())
+        }
+        ModuleParams::LinuxSupervisord(p) => {
+            c.path("config", &p.config)?;
+            for n in p.name.iter().filter(|n| !n.trim().is_empty()) {
+                c.file_name("name", n)?;
+            }
+            c.watch("watch", p.watch.as_ref())
+        }
+        ModuleParams::LinuxSymlink(p) => {
+            c.path("source", &p.source)?;
+            c.path("target", &p.target)?;
+            c.opt_account("user", p.user.as_ref())?;
+            c.opt_account("group", p.group.as_ref())
+        }
+        ModuleParams::LinuxUser(p) => {
+            c.account("username", &p.username)?;
+            for g in p.groups.iter().flat_map(|a| a.iter()).filter(|g| !g.trim().is_empty()) {
+                c.account("groups", g)?;
+            }
+            c.opt_path("home", p.home.as_ref())?;
+            c.opt_path("shell", p.shell.as_ref())?;
+            c.opt_argument("fullname", p.fullname.as_ref())
+        }
+        ModuleParams::LinuxYumPackage(p) => {
+            c.names("name", &p.name)?;
+            c.opt_argument("repo", p.repo.as_ref())
+        }
+        ModuleParams::LinuxYumRepo(p) => {
+            c.file_name("name", &p.name)?;
+            c.opt_url("rpm-url", p.rpm_url.as_ref())?;
+            c.opt_url("rpm-key", p.rpm_key.as_ref())
+        }
+        ModuleParams::LinuxMesosMaster(_)
+        | ModuleParams::LinuxMesosSlave(_)
+        | ModuleParams::LinuxPuppetRun(_)
+        | ModuleParams::MetaComment(_)
+        | ModuleParams::MetaWait(_) => Ok(()),
+    }
+}
+
+struct Checker {
+    module: &'static str,
+}
+
+impl Checker {
+    fn invalid(&self, param: &str, problem: String) -> Result<(), CatalogueError> {
+        Err(CatalogueError::Invalid { module: self.module.to_string(), param: param.to_string(), problem })
+    }
+
+    /// An absolute, normalised path without control characters (not even a tab).
+    fn path(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
+        if raw.contains('\t') {
+            return self.invalid(param, format!("{:?} contains a tab", shorten(raw)));
+        }
+        match AbsPath::parse(raw.trim()) {
+            Ok(_) => Ok(()),
+            Err(e) => self.invalid(param, e.to_string()),
+        }
+    }
+
+    /// An optional path; blank is "not given".
+    fn opt_path(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
+        match raw.map(|r| r.trim()).filter(|r| !r.is_empty()) {
+            Some(r) => self.path(param, r),
+            None => Ok(()),
+        }
+    }
+
+    /// A local file, as a path or a `file://` URI.
+    fn local(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
+        let t = raw.trim();
+        self.path(param, t.strip_prefix("file://").unwrap_or(t))
+    }
+
+    fn opt_local(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
+        match raw.map(|r| r.trim()).filter(|r| !r.is_empty()) {
+            Some(r) => self.local(param, r),
+            None => Ok(()),
+        }
+    }
+
+    /// Every non-blank item is a path.
+    fn paths(&self, param: &str, items: Option<&Array>) -> Result<(), CatalogueError> {
+        for item in items.iter().flat_map(|a| a.iter()).filter(|i| !i.trim().is_empty()) {
+            self.path(param, item)?;
+        }
+        Ok(())
+    }
+
+    /// Every key of a dict is a path (docker `files`).
+    fn dict_paths(&self, param: &str, d: Option<&Dict>) -> Result<(), CatalogueError> {
+        for e in d.iter().flat_map(|d| d.iter()) {
+            self.path(param, &e.key)?;
+        }
+        Ok(())
+    }
+
+    fn watch(&self, param: &str, w: Option<&Watch>) -> Result<(), CatalogueError> {
+        if let Some(Watch::Files(files)) = w {
+            for f in files.iter().filter(|f| !f.trim().is_empty()) {
+                self.path(param, f)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A user or group: a name as `useradd` accepts it (letters, digits, `_`, `.`,
+    /// `-`, not first, an optional trailing `$`, at most 32 bytes) or a numeric id.
+    fn account(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
+        let name = raw.trim();
+        let body = name.strip_suffix('$').unwrap_or(name);
+        let ok = !body.is_empty()
+            && name.len() <= 32
+            && !body.starts_with('-')
+            && body.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if ok {
+            Ok(())
+        } else {
+            self.invalid(param, format!("{:?} is not a user or group name", shorten(raw)))
+        }
+    }
+
+    fn opt_account(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
+        match raw.map(|r| r.trim()).filter(|r| !r.is_empty()) {
+            Some(r) => self.account(param, r),
+            None => Ok(()),
+        }
+    }
+
+    /// A value passed to a tool as one argument: it must not read as an option.
+    fn argument(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
+        if raw.trim_start().starts_with('-') {
+            return self
+                .invalid(param, format!("{:?} starts with \"-\" (it would be read as an option)", shorten(raw)));
+        }
+        Ok(())
+    }
+
+    fn opt_argument(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
+        raw.map_or(Ok(()), |r| self.argument(param, r))
+    }
+
+    /// Package names and the like: dict keys that become arguments.
+    fn names(&self, param: &str, d: &Dict) -> Result<(), CatalogueError> {
+        for e in d.iter() {
+            self.argument(param, &e.key)?;
+            if e.value.as_deref().is_some_and(|v| v.trim_start().starts_with('-')) {
+                return self.argument(param, e.value_or_empty());
+            }
+        }
+        Ok(())
+    }
+
+    /// One file name: no `/`, not `.` or `..`, not an option.
+    fn file_name(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
+        let name = raw.trim();
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\t') {
+            return self
+                .invalid(param, format!("{:?} is not a plain name (no \"/\", not \".\" or \"..\")", shorten(raw)));
+        }
+        self.argument(param, name)
+    }
+
+    /// A URL or local path handed to a tool: one word, not an option.
+    fn url(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
+        let u = raw.trim();
+        if u.is_empty() || u.contains(char::is_whitespace) {
+            return self.invalid(param, format!("{:?} is not a URL (empty or with blanks)", shorten(raw)));
+        }
+        self.argument(param, u)
+    }
+
+    fn opt_url(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
+        match raw.map(|r| r.trim()).filter(|r| !r.is_empty()) {
+            Some(r) => self.url(param, r),
+            None => Ok(()),
+        }
+    }
+
+    /// An IANA zone name such as `Europe/Paris`: no `..`, not absolute.
+    fn timezone(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
+        let name = raw.trim();
+        let ok = !name.is_empty()
+            && !name.starts_with(['/', '-'])
+            && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c));
+        if ok {
+            Ok(())
+        } else {
+            self.invalid(param, format!("{:?} is not a time zone name such as \"Europe/Paris\"", shorten(raw)))
+        }
+    }
+
+    /// Docker port bindings: `PORT[/tcp|udp]` to `[IP:]PORT`, ports 1-65535.
+    fn ports(&self, param: &str, d: Option<&Dict>) -> Result<(), CatalogueError> {
+        let port = |s: &str| s.trim().parse::<u16>().is_ok_and(|p| p > 0);
+        for e in d.iter().flat_map(|d| d.iter()) {
+            let (container, proto) = e.key.split_once('/').unwrap_or((&e.key, "tcp"));
+            let proto_ok = ["tcp", "udp", "sctp"].contains(&proto.trim().to_ascii_lowercase().as_str());
+            let host = e.value_or_empty().trim();
+            let host_port = host.rsplit_once(':').map_or(host, |(_, p)| p);
+            let host_ok = host.is_empty() || host_port.trim().parse::<u16>().is_ok();
+            if !port(container) || !proto_ok || !host_ok {
+                return self.invalid(
+                    param,
+                    format!(
+                        "{:?}: {:?} is not PORT[/tcp|udp|sctp] (1-65535) to [IP:]PORT",
+                        shorten(&e.key),
+                        shorten(host)
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
