@@ -137,7 +137,8 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
     match params {
         ModuleParams::LinuxFile(p) => {
             f.writes.push(trim(&p.path));
-            if p.mode.bits() & 0o6000 != 0 && !p.absent {
+            // Without `mode` set-id bits are dropped from new content (file.rs).
+            if p.mode.is_some_and(|m| m.bits() & 0o6000 != 0) && !p.absent {
                 f.set_id.push(trim(&p.path));
             }
         }

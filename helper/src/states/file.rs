@@ -170,8 +170,12 @@ fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Resul
     };
     if differs {
         let (uid, gid) = owner.applied_to(meta.uid, meta.gid);
-        // Without `mode` the file keeps its own (an executable script stays one).
-        let new_mode = mode.unwrap_or(meta.mode);
+        // Without `mode` the file keeps its own (an executable script stays one), less
+        // the set-user-id and set-group-id bits, as the kernel drops them when anyone
+        // but root writes a file: new content in a set-id program is code running as
+        // its owner, which only an explicit `mode` (a grant of its own under a policy,
+        // see footprint.rs) may ask for.
+        let new_mode = mode.unwrap_or(meta.mode & !0o6000);
         write(&staged, uid, gid, new_mode)?;
         let subject = shown.display().to_string();
         changes.push(Change::new(subject.clone(), "content updated"));
@@ -327,6 +331,14 @@ mod tests {
         let out = apply(&file(json!({"path": script, "content": "#!/bin/sh\necho v2\n"})));
         assert!(out.result && out.changes.is_empty(), "{out:?}");
         assert_eq!(fs::metadata(&script).unwrap().mode() & 0o7777, 0o750);
+        // New content in a set-id file without mode: the set-id bits go.
+        let setuid = dir.path().join("su");
+        fs::write(&setuid, "old").unwrap();
+        fs::set_permissions(&setuid, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+        let out = apply(&file(json!({"path": setuid, "content": "new"})));
+        assert!(out.result, "{}", out.comment);
+        assert_eq!(fs::metadata(&setuid).unwrap().mode() & 0o7777, 0o755);
+        assert!(out.changes.iter().any(|c| c.what == "mode 4755 -> 0755" || c.what.contains("-> 0755")), "{:?}", out.changes);
         // A new file without mode: 0644.
         let new = dir.path().join("new");
         assert!(apply(&file(json!({"path": new, "content": "x"}))).result);
