@@ -168,8 +168,10 @@ pub async fn carry_out<F: Fetch, S: StartInstaller>(
     if !hand::valid_version(&order.version) {
         return failed(format!("{:?} is not a release version", order.version));
     }
-    if !(order.url.starts_with("https://") || order.url.starts_with("http://")) {
-        return failed(format!("the release URL {:?} is not http(s)", order.url));
+    if !(order.url.starts_with("https://") || order.url.starts_with("http://"))
+        || order.url.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return failed(format!("the release URL {:?} is not an http(s) URL", order.url));
     }
     if let Some(r) = last_failure(&s.state_dir, &order.version) {
         let until = r.at.saturating_add(s.holdoff.as_secs());

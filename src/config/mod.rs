@@ -47,6 +47,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "log_level",
             "download_max_bytes",
             "download_timeout",
+            "allow_insecure_transport",
         ],
     ),
     (
@@ -64,7 +65,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "backoff_max",
         ],
     ),
-    ("upgrade", &["health_timeout", "holdoff", "max_bytes"]),
+    ("upgrade", &["health_timeout", "holdoff", "max_bytes", "allow_downgrade"]),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -137,6 +138,10 @@ pub struct AgentConfig {
     pub download_max_bytes: u64,
     /// Longest one download attempt may take, body included.
     pub download_timeout: Duration,
+    /// Plaintext `ws://`, or `tls_insecure`, to a backend off this host: refused unless
+    /// this is set in a root-owned file (a man in the middle would push recipes, which
+    /// the helper applies as root).
+    pub allow_insecure_transport: bool,
 }
 
 impl Default for AgentConfig {
@@ -151,6 +156,7 @@ impl Default for AgentConfig {
             log_level: "info".to_string(),
             download_max_bytes: DEFAULT_DOWNLOAD_MAX_BYTES,
             download_timeout: Duration::from_secs(600),
+            allow_insecure_transport: false,
         }
     }
 }
@@ -207,6 +213,9 @@ pub struct UpgradeConfig {
     pub holdoff: Duration,
     /// Largest release archive downloaded, in bytes.
     pub max_bytes: usize,
+    /// Whether the installer may install a release older than the running one (read by
+    /// the installer from the root-owned file; the daemon only checks the value).
+    pub allow_downgrade: bool,
 }
 
 impl Default for UpgradeConfig {
@@ -215,6 +224,7 @@ impl Default for UpgradeConfig {
             health_timeout: Duration::from_secs(60),
             holdoff: Duration::from_secs(6 * 3600),
             max_bytes: 256 << 20,
+            allow_downgrade: false,
         }
     }
 }
@@ -262,22 +272,36 @@ impl Config {
         path: Option<&Path>,
         overrides: &Overrides,
     ) -> Result<Config, ConfigError> {
+        Self::load_trusting(default, path, overrides, 0)
+    }
+
+    /// [`Config::load_or_default_from`]; keys that weaken the boundary are honoured only
+    /// from a file owned by `trusted_owner` (root in production) and not writable by
+    /// group or others.
+    pub fn load_trusting(
+        default: &Path,
+        path: Option<&Path>,
+        overrides: &Overrides,
+        trusted_owner: u32,
+    ) -> Result<Config, ConfigError> {
         let file = match path {
             Some(path) => Some((path, read(path)?)),
             None => read_if_present(default)?.map(|text| (default, text)),
         };
-        Self::build(file.as_ref().map(|(p, t)| (*p, t.as_str())), overrides)
+        let trusted = file.as_ref().is_some_and(|(p, _)| owned_by(p, trusted_owner));
+        Self::build(file.as_ref().map(|(p, t)| (*p, t.as_str(), trusted)), overrides)
     }
 
     /// Parses configuration text; `path` is only used in messages and as [`Config::source`].
+    /// The text is not a root-owned file: keys that need one are refused.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        Self::build(Some((path, text)), &Overrides::default())
+        Self::build(Some((path, text, false)), &Overrides::default())
     }
 
-    fn build(file: Option<(&Path, &str)>, overrides: &Overrides) -> Result<Config, ConfigError> {
+    fn build(file: Option<(&Path, &str, bool)>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut config = Config::default();
-        if let Some((path, text)) = file {
-            config.apply_file(path, text)?;
+        if let Some((path, text, trusted)) = file {
+            config.apply_file(path, text, trusted)?;
             config.source = Some(path.to_path_buf());
         }
         config.apply_overrides(overrides)?;
@@ -324,7 +348,8 @@ impl Config {
         }
     }
 
-    fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+    /// `trusted`: the file is root's alone (see [`ROOT_ONLY_KEYS`]).
+    fn apply_file(&mut self, path: &Path, text: &str, trusted: bool) -> Result<(), ConfigError> {
         let doc = ini::parse(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
             line: e.line,
@@ -353,6 +378,12 @@ impl Config {
                 continue;
             }
             let at = Location { origin: Origin::File { path: path.to_path_buf(), line: entry.line }, section, key };
+            if !trusted && ROOT_ONLY_KEYS.contains(&(section, key)) && values::boolean(&entry.value) == Ok(true) {
+                return Err(ConfigError::invalid(
+                    at,
+                    "honoured only from a file owned by root and not writable by group or others",
+                ));
+            }
             self.set(section, key, &entry.value).map_err(|p| ConfigError::invalid(at, p))?;
         }
         Ok(())
@@ -404,6 +435,7 @@ impl Config {
             ("agent", "log_level") => a.log_level = values::log_level(value)?,
             ("agent", "download_max_bytes") => a.download_max_bytes = values::download_bytes(value)?,
             ("agent", "download_timeout") => a.download_timeout = values::seconds(value)?,
+            ("agent", "allow_insecure_transport") => a.allow_insecure_transport = values::boolean(value)?,
             ("link", "ca_file") => l.ca_file = Some(values::absolute_path(value)?),
             ("link", "tls_insecure") => l.tls_insecure = values::boolean(value)?,
             ("link", "proxy") => l.proxy = Some(values::proxy_url(value)?),
@@ -417,6 +449,7 @@ impl Config {
             ("upgrade", "health_timeout") => up.health_timeout = values::seconds_between(value, 5, 3600)?,
             ("upgrade", "holdoff") => up.holdoff = values::seconds(value)?,
             ("upgrade", "max_bytes") => up.max_bytes = values::bytes(value)?,
+            ("upgrade", "allow_downgrade") => up.allow_downgrade = values::boolean(value)?,
             // Callers look keys up in SECTIONS first; a test keeps both lists in step.
             _ => return Err(format!("[{section}] {key} has no setter")),
         }
@@ -446,6 +479,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Keys that lower a defence: `true` is honoured only from a root-owned file that
+/// nobody else can write (the daemon's user must not be able to set them).
+pub const ROOT_ONLY_KEYS: &[(&str, &str)] = &[("agent", "allow_insecure_transport"), ("upgrade", "allow_downgrade")];
+
+/// `path` (not followed if a symlink) is owned by `uid` and not writable by group or others.
+fn owned_by(path: &Path, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.uid() == uid && m.mode() & 0o022 == 0)
 }
 
 /// The static `(section, key)` names for a file entry, or the error for an unknown one.
