@@ -11,7 +11,8 @@ use crate::escape;
 
 /// Formats an event's (and span's) fields as `message name=value …`, every value
 /// through [`escape`]: one event is one line, whatever its values hold. Values are
-/// shown as they display (`%`) or debug-print (`?`); strings without quotes.
+/// shown as they display (`%`) or debug-print (`?`), string fields quoted, as tracing's
+/// default formatter shows them (whose `%` values and message are written raw).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EscapedFields;
 
@@ -47,7 +48,12 @@ impl TextVisitor<'_, '_> {
 
 impl Visit for TextVisitor<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.put(field, value);
+        // As tracing's default formatter: string fields quoted, the message as it is.
+        if field.name() == "message" {
+            self.put(field, value);
+        } else {
+            self.put(field, &format!("{value:?}"));
+        }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
@@ -97,6 +103,6 @@ mod tests {
         assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
         assert!(text.contains("installing\\n7 url=http://x/a.tgz\\n2026-01-01T00:00:00Z root: /lib/evil.so"), "{text}");
         assert!(text.contains("reason=\"bad \\u{1b}[2Jclear\""), "{text}");
-        assert!(text.contains("plain=ok"), "{text}");
+        assert!(text.contains("plain=\"ok\""), "{text}");
     }
 }
