@@ -103,7 +103,10 @@ async fn nothing_happens_for_the_running_version_or_a_bad_order() {
     assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not a release version")), "{v:?}");
     let bad_url = UpdateOrder { version: "1.1".into(), url: "file:///etc/passwd".into() };
     let v = carry_out(&s, &bad_url, &fetch, &inst).await;
-    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not http(s)")), "{v:?}");
+    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not an http(s) URL")), "{v:?}");
+    let forged = UpdateOrder { version: "1.1".into(), url: "https://r.example/1.1/a.tgz\nFORGED".into() };
+    let v = carry_out(&s, &forged, &fetch, &inst).await;
+    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not an http(s) URL")), "{v:?}");
     assert!(fetch.fetched.lock().unwrap().is_empty());
 }
 
