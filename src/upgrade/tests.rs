@@ -209,3 +209,26 @@ fn failures_are_reported_once_as_a_failing_statelog() {
     assert_eq!(last_failure(dir.path(), "1.2"), None);
     assert_eq!(failure_log(None, "1.1", "1.0", "x").state_id, REPORT_STATE_ID);
 }
+
+#[tokio::test(start_paused = true)]
+async fn without_a_wait_an_earlier_record_of_the_same_version_is_not_this_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = UpgradeSettings {
+        verdict_wait: Duration::ZERO,
+        holdoff: Duration::ZERO,
+        ..settings(dir.path(), Trigger::Supervisor)
+    };
+    let refused = Record {
+        version: "0.9".into(),
+        from: "1.0".into(),
+        outcome: Outcome::Rejected,
+        reason: "0.9 is older than the running 1.0".into(),
+        at: now_unix(),
+        reported: false,
+    };
+    std::fs::create_dir_all(hand::result_file(dir.path()).parent().unwrap()).unwrap();
+    std::fs::write(hand::result_file(dir.path()), serde_json::to_vec(&refused).unwrap()).unwrap();
+    let v = carry_out(&s, &order("0.9"), &FakeFetch::ok(), &installer(dir.path(), None)).await;
+    assert_eq!(v, Verdict::Pending);
+    assert!(hand::staged_dir(dir.path()).join(hand::ORDER).is_file(), "staged for the installer run that follows");
+}

@@ -820,7 +820,8 @@ test_l() {
     [ "$after" = "$before" ] || fail "the root-owned file was changed through the links: '$before' -> '$after'"
     csh $c 'grep -q "which no URL holds" /var/lib/visualops/opsagent/upgrade/result.json' ||
         { csh $c 'cat /var/lib/visualops/opsagent/upgrade/result.json' >&2 || true; fail "the order was not refused for its url"; }
-    csh $c 'grep -q "FORGED-LINE" /var/log/opsagent-root/upgrade.log' || fail "the refusal is not in root's upgrade.log"
+    # (in upgrade.log or, rotated by the forced pass, upgrade.log.1)
+    csh $c 'cat /var/log/opsagent-root/upgrade.log* | grep -q "FORGED-LINE"' || fail "the refusal is not in root's upgrade.log"
     if csh $c 'grep -rn "^FORGED-LINE" /var/log/opsagent-root /var/log/visualops /var/lib/visualops/opsagent/upgrade'; then
         fail "a log line starts with the forged text"
     fi
@@ -828,7 +829,7 @@ test_l() {
     [ "$(csh $c 'stat -c "%U %a" /var/lib/visualops/opsagent/token')" = "opsagent 600" ] ||
         fail "the re-created token is not opsagent's, 0600"
     csh $c 'head -n 1 /var/lib/visualops/opsagent/token | grep -Eqx "[0-9a-f]{64}"' || fail "the re-created token is not 64 hex digits"
-    csh $c 'tail -n 4 /var/log/opsagent-root/supervise.log; tail -n 2 /var/log/opsagent-root/upgrade.log' >&2
+    csh $c 'tail -n 4 /var/log/opsagent-root/supervise.log*; grep -h FORGED /var/log/opsagent-root/upgrade.log*' >&2
 }
 
 # ---------------------------------------------------------------- runner
