@@ -90,7 +90,7 @@ impl<C: AgentControl> Installer<C> {
             (m.uid(), m.gid())
         };
         let upgrade_dir = state.entry("upgrade");
-        let staged = match PinnedDir::open(&upgrade_dir.join("staged")) {
+        let staged = match PinnedDir::open_shown(&upgrade_dir.join("staged"), self.staged_shown()) {
             Ok(d) if d.read(hand::ORDER, 1 << 16).is_ok() => d,
             _ => return Err(UpgradeError::NothingStaged(format!("no order in {}", self.staged_shown().display()))),
         };
@@ -326,7 +326,7 @@ pub fn write_record(state: &PinnedDir, owner: (u32, u32), record: &Record) -> Re
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(UpgradeError::Io { path: state.shown("upgrade"), source: e }),
     }
-    let up = PinnedDir::open(&up_path)?;
+    let up = PinnedDir::open_shown(&up_path, state.shown("upgrade"))?;
     let tmp = up.entry(".result.json.tmp");
     let _ = fs::remove_file(&tmp);
     let io = |source| UpgradeError::Io { path: up.shown("result.json"), source };

@@ -45,8 +45,14 @@ pub struct PinnedDir {
 
 impl PinnedDir {
     pub fn open(path: &Path) -> Result<Self, UpgradeError> {
+        Self::open_shown(path, path.to_path_buf())
+    }
+
+    /// Opens `path` (an [`entry`](Self::entry) of another pinned directory), named
+    /// `shown` in messages rather than by its `/proc/self/fd` path.
+    pub fn open_shown(path: &Path, shown: PathBuf) -> Result<Self, UpgradeError> {
         let dir = fsutil::open_nofollow(path, true).map_err(|e| UpgradeError::Staged(e.to_string()))?;
-        Ok(Self { dir, shown: path.to_path_buf() })
+        Ok(Self { dir, shown })
     }
 
     /// A path to `name` inside the pinned directory (one component, no symlink follow

@@ -374,6 +374,9 @@ async fn an_order_whose_url_holds_a_newline_is_refused_before_anything_is_used()
     host.stage_order("1.1", "http://x/1.1/opsagent.tgz\n2026-01-01T00:00:00Z /tmp/evil.so", &tgz, &sig);
     assert_rejected(&host, "which no URL holds").await;
     assert!(!host.result().reason.contains('\n'), "{:?}", host.result().reason);
+    // The order is named by its path, not the installer's /proc/self/fd handle.
+    let staged = hand::staged_dir(&host.state).join(hand::ORDER);
+    assert!(host.result().reason.contains(&staged.display().to_string()), "{}", host.result().reason);
     host.stage_order("1.1", "file:///etc/shadow", &tgz, &sig);
     assert_rejected(&host, "is not http(s)").await;
 }
