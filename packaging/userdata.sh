@@ -226,6 +226,22 @@ install_file() {
     return 0
 }
 
+# as_agent CMD...: runs CMD as the agent user (what root creates for that user in the
+# user's own directories, that user writes itself), with whichever tool the host has.
+as_agent() {
+    if command -v setpriv >/dev/null 2>&1; then
+        setpriv --reuid="$AGENT_USER" --regid="$AGENT_USER" --init-groups --inh-caps=-all -- "$@"
+    elif command -v runuser >/dev/null 2>&1; then
+        runuser -u "$AGENT_USER" -- "$@"
+    else
+        cmdline=""
+        for word in "$@"; do
+            cmdline="$cmdline '$(printf '%s' "$word" | sed "s/'/'\\\\''/g")'"
+        done
+        su -s /bin/sh "$AGENT_USER" -c "$cmdline"
+    fi
+}
+
 # ---------------------------------------------------------------- user and directories
 if ! getent passwd "$AGENT_USER" >/dev/null 2>&1; then
     if command -v systemd-sysusers >/dev/null 2>&1; then
@@ -281,11 +297,12 @@ rm -f "$NEWCONF"
 if [ ! -e "$TOKEN_FILE" ]; then
     token=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
     [ ${#token} -eq 64 ] || die "cannot read 32 random bytes"
-    tmp="$STATE_DIR/.token.new.$$"
-    (umask 077 && printf '%s\napp_id=%s\n' "$token" "$APP_ID" >"$tmp")
-    chown "$AGENT_USER:$AGENT_USER" "$tmp"
-    chmod 0600 "$tmp"
-    mv -f "$tmp" "$TOKEN_FILE"
+    # Written by the agent user itself: its directory is its own, so any name root would
+    # open, chown or rename there may be a link it planted to a file of root's.
+    # shellcheck disable=SC2016 # expanded by the inner sh
+    printf '%s\napp_id=%s\n' "$token" "$APP_ID" | as_agent sh -c \
+        'umask 077 && t=$(mktemp "$1/.token.XXXXXX") && cat >"$t" && mv -f "$t" "$1/token"' sh "$STATE_DIR" ||
+        die "cannot write the instance token $TOKEN_FILE as $AGENT_USER"
     log "created the instance token $TOKEN_FILE"
 fi
 

@@ -498,6 +498,9 @@ fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> 
     println!("opsagent {} (pid {})", r.agent_version, r.pid);
     println!("  instance   {} of app {}", r.instance_id, r.app_id);
     println!("  status     {}", r.summary);
+    if let Some(warning) = r.link.get("insecure_transport").and_then(|w| w.as_str()) {
+        println!("  WARNING    {warning}");
+    }
     if let Some(err) = r.link.get("last_error").and_then(|e| e.as_str()) {
         let at = r.link.get("last_error_unix").and_then(|t| t.as_u64()).map(crate::timefmt::utc);
         println!("  last error {err}{}", at.map(|t| format!(" (at {t})")).unwrap_or_default());

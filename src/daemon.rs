@@ -373,6 +373,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ws_uri: ws_uri.clone(),
         ca_file: config.link.ca_file.clone(),
         tls_insecure: config.link.tls_insecure,
+        allow_insecure_transport: config.agent.allow_insecure_transport,
         proxy,
         ping_interval: config.link.ping_interval,
         heartbeat_interval: config.link.heartbeat_interval,

@@ -1,5 +1,6 @@
 //! Logging set-up: structured journald fields under systemd, plain text on stderr
-//! otherwise.
+//! otherwise, both through `opsagent_logline`, which escapes every field value (a
+//! backend's or a recipe's text never forges a log line).
 //!
 //! Under systemd (stderr connected to the journal, `JOURNAL_STREAM` set), every tracing
 //! field becomes a journal field prefixed `OPSAGENT_`: `state_id` → `OPSAGENT_STATE_ID`,
@@ -15,18 +16,6 @@ pub fn init(level: &str, identifier: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        match tracing_journald::layer() {
-            Ok(layer) => {
-                let layer = layer
-                    .with_field_prefix(Some("OPSAGENT".to_string()))
-                    .with_syslog_identifier(identifier.to_string());
-                let _ = registry.with(layer).try_init();
-                return;
-            }
-            Err(e) => eprintln!("{identifier}: journald unavailable ({e}); logging to stderr"),
-        }
-    }
-    let _ = registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false)).try_init();
+    let _ =
+        tracing_subscriber::registry().with(filter).with(opsagent_logline::output(Some(identifier), false)).try_init();
 }

@@ -168,8 +168,10 @@ pub async fn carry_out<F: Fetch, S: StartInstaller>(
     if !hand::valid_version(&order.version) {
         return failed(format!("{:?} is not a release version", order.version));
     }
-    if !(order.url.starts_with("https://") || order.url.starts_with("http://")) {
-        return failed(format!("the release URL {:?} is not http(s)", order.url));
+    if !(order.url.starts_with("https://") || order.url.starts_with("http://"))
+        || order.url.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return failed(format!("the release URL {:?} is not an http(s) URL", order.url));
     }
     if let Some(r) = last_failure(&s.state_dir, &order.version) {
         let until = r.at.saturating_add(s.holdoff.as_secs());
@@ -215,6 +217,12 @@ fn prepare_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 async fn wait_for_verdict(s: &UpgradeSettings, version: &str, since: u64) -> Verdict {
+    // No wait: the caller (`opsagent upgrade`) runs the installer itself afterwards. A
+    // record of the same version from an earlier run in the same second (a refused
+    // downgrade, retried once allowed) must not pass for this order's.
+    if s.verdict_wait.is_zero() {
+        return Verdict::Pending;
+    }
     let deadline = tokio::time::Instant::now() + s.verdict_wait;
     loop {
         if let Some(r) = last_record(&s.state_dir).filter(|r| r.version == version && r.at >= since) {

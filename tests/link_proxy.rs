@@ -81,6 +81,8 @@ async fn the_environment_chooses_the_proxy_by_scheme_and_no_proxy_bypasses_it() 
     // ws:// follows http_proxy (https_proxy is for wss://).
     let mut cfg = quick(&url);
     cfg.proxy = settings(None, None, &[("http_proxy", &proxy.url(None)), ("https_proxy", "http://nowhere.invalid:1")]);
+    // Plaintext through a proxy leaves the host: only the root-owned setting allows it.
+    cfg.allow_insecure_transport = true;
     let mut link = Spawn::new(cfg).start();
     link.connected(20).await;
     assert_eq!(proxy.tunnels(), vec![backend.addr.to_string()]);

@@ -24,7 +24,10 @@ async fn a_backend_that_moved_is_found_because_names_are_resolved_on_every_attem
     let resolver = MapResolver::new();
     resolver.set("backend.test", a.addr);
     // The port in the URL is the old one: the test resolver decides where the name goes.
-    let mut link = Spawn::new(quick("ws://backend.test:1/agent")).resolver(resolver.clone()).start();
+    let mut cfg = quick("ws://backend.test:1/agent");
+    // Plaintext to a name: only the root-owned setting allows it (loopback needs none).
+    cfg.allow_insecure_transport = true;
+    let mut link = Spawn::new(cfg).resolver(resolver.clone()).start();
     let st = link.connected(20).await;
     assert_eq!(st.peer, Some(a.addr.to_string()));
 
@@ -144,6 +147,7 @@ async fn the_backoff_schedule_is_exact_under_a_paused_clock() {
     // backoff delays themselves.
     let resolver = MapResolver::new();
     let mut cfg = quick("ws://nowhere.test/");
+    cfg.allow_insecure_transport = true;
     cfg.backoff_base = Duration::from_secs(1);
     cfg.backoff_max = Duration::from_secs(16);
     let mut link = Spawn::new(cfg).resolver(resolver.clone()).seed(42).start();

@@ -1,5 +1,8 @@
 //! Logging set-up: structured fields straight into the journal when systemd gave us
-//! one, plain text on stderr otherwise (a terminal, or the tests reading our stderr).
+//! one, plain text on stderr otherwise (a terminal, the cron supervisor's log file, or
+//! the tests reading our stderr). Both through `opsagent_logline`, which escapes every
+//! field value: what the daemon sent (an order's URL, a recipe's path) never forges a
+//! log line that root or an operator reads.
 //!
 //! Journal fields carry the daemon's prefix: `state_id` becomes `OPSAGENT_STATE_ID`,
 //! `module` `OPSAGENT_MODULE`, and so on (`journalctl OPSAGENT_MODULE=linux.service`).
@@ -19,15 +22,6 @@ pub fn init() {
         .filter(|v| !v.trim().is_empty())
         .and_then(|v| v.parse::<Targets>().ok())
         .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
-    let registry = tracing_subscriber::registry().with(filter);
-    let journald = std::env::var_os("JOURNAL_STREAM")
-        .and_then(|_| tracing_journald::layer().ok())
-        .map(|l| l.with_field_prefix(Some("OPSAGENT".to_string())));
     // try_init: a second initialisation (tests calling run twice) is not an error.
-    let _ = match journald {
-        Some(layer) => registry.with(layer).try_init(),
-        None => {
-            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false)).try_init()
-        }
-    };
+    let _ = tracing_subscriber::registry().with(filter).with(opsagent_logline::output(None, true)).try_init();
 }

@@ -55,7 +55,9 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(record) => {
-            println!("{} -> {}: {:?}: {}", record.from, record.version, record.outcome, record.reason);
+            // The reason may quote what the daemon staged: one escaped line, like the log.
+            let line = format!("{} -> {}: {:?}: {}", record.from, record.version, record.outcome, record.reason);
+            println!("{}", opsagent_logline::escape(&line));
             if record.outcome.is_failure() {
                 ExitCode::FAILURE
             } else {
@@ -63,11 +65,11 @@ fn main() -> ExitCode {
             }
         }
         Err(e @ UpgradeError::NothingStaged(_)) => {
-            eprintln!("opsagent-upgrade: {e}");
+            eprintln!("opsagent-upgrade: {}", opsagent_logline::escape(&e.to_string()));
             ExitCode::from(3)
         }
         Err(e) => {
-            eprintln!("opsagent-upgrade: {e}");
+            eprintln!("opsagent-upgrade: {}", opsagent_logline::escape(&e.to_string()));
             ExitCode::from(2)
         }
     }

@@ -63,12 +63,18 @@ pub const EXAMPLE: &str = concat!(
 ; collector (--collector.textfile.directory): name a *.prom file in a directory the
 ; opsagent user may write. Off when unset. Flag --metrics-file.
 ;metrics_file = /var/lib/prometheus/node-exporter/opsagent.prom
+; Plaintext ws:// (or [link] tls_insecure) to a backend that is not on this host
+; (loopback is always allowed). Whoever can impersonate the backend pushes recipes that
+; run as root, so it is refused unless set here, in a root-owned file; warned at start and
+; in `opsagent status`.
+;allow_insecure_transport = false
 
 [link]
 ; Extra PEM bundle of trusted CAs for wss:// and https:// downloads (the system roots are
 ; always trusted).
 ;ca_file = /etc/opsagent/ca.pem
-; Accept any server certificate. For tests only: a warning is logged at every connect.
+; Accept any server certificate. For tests only; off this host it also needs
+; [agent] allow_insecure_transport, and a warning is logged at every connect.
 ;tls_insecure = false
 ; HTTP proxy for the backend connection (CONNECT) and downloads, http://[user:password@]host:port.
 ; Overrides the https_proxy / HTTPS_PROXY / http_proxy / all_proxy environment variables.
@@ -102,5 +108,8 @@ pub const EXAMPLE: &str = concat!(
 ;holdoff = 21600
 ; Largest release archive downloaded, in bytes (256 MiB).
 ;max_bytes = 268435456
+; Whether the installer may install a release older than the running one (an operator's
+; roll-back); without it a signed old release is refused. Honoured from a root-owned file.
+;allow_downgrade = false
 "#
 );

@@ -48,6 +48,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "download_max_bytes",
             "download_timeout",
             "metrics_file",
+            "allow_insecure_transport",
         ],
     ),
     (
@@ -65,7 +66,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "backoff_max",
         ],
     ),
-    ("upgrade", &["health_timeout", "holdoff", "max_bytes"]),
+    ("upgrade", &["health_timeout", "holdoff", "max_bytes", "allow_downgrade"]),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -141,6 +142,10 @@ pub struct AgentConfig {
     /// Where to keep the round's figures as a Prometheus text file (node_exporter's
     /// textfile collector); `None`: not written.
     pub metrics_file: Option<PathBuf>,
+    /// Plaintext `ws://`, or `tls_insecure`, to a backend off this host: refused unless
+    /// this is set in a root-owned file (a man in the middle would push recipes, which
+    /// the helper applies as root).
+    pub allow_insecure_transport: bool,
 }
 
 impl Default for AgentConfig {
@@ -156,6 +161,7 @@ impl Default for AgentConfig {
             download_max_bytes: DEFAULT_DOWNLOAD_MAX_BYTES,
             download_timeout: Duration::from_secs(600),
             metrics_file: None,
+            allow_insecure_transport: false,
         }
     }
 }
@@ -212,6 +218,9 @@ pub struct UpgradeConfig {
     pub holdoff: Duration,
     /// Largest release archive downloaded, in bytes.
     pub max_bytes: usize,
+    /// Whether the installer may install a release older than the running one (read by
+    /// the installer from the root-owned file; the daemon only checks the value).
+    pub allow_downgrade: bool,
 }
 
 impl Default for UpgradeConfig {
@@ -220,6 +229,7 @@ impl Default for UpgradeConfig {
             health_timeout: Duration::from_secs(60),
             holdoff: Duration::from_secs(6 * 3600),
             max_bytes: 256 << 20,
+            allow_downgrade: false,
         }
     }
 }
@@ -270,22 +280,36 @@ impl Config {
         path: Option<&Path>,
         overrides: &Overrides,
     ) -> Result<Config, ConfigError> {
+        Self::load_trusting(default, path, overrides, 0)
+    }
+
+    /// [`Config::load_or_default_from`]; keys that weaken the boundary are honoured only
+    /// from a file owned by `trusted_owner` (root in production) and not writable by
+    /// group or others.
+    pub fn load_trusting(
+        default: &Path,
+        path: Option<&Path>,
+        overrides: &Overrides,
+        trusted_owner: u32,
+    ) -> Result<Config, ConfigError> {
         let file = match path {
             Some(path) => Some((path, read(path)?)),
             None => read_if_present(default)?.map(|text| (default, text)),
         };
-        Self::build(file.as_ref().map(|(p, t)| (*p, t.as_str())), overrides)
+        let trusted = file.as_ref().is_some_and(|(p, _)| owned_by(p, trusted_owner));
+        Self::build(file.as_ref().map(|(p, t)| (*p, t.as_str(), trusted)), overrides)
     }
 
     /// Parses configuration text; `path` is only used in messages and as [`Config::source`].
+    /// The text is not a root-owned file: keys that need one are refused.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        Self::build(Some((path, text)), &Overrides::default())
+        Self::build(Some((path, text, false)), &Overrides::default())
     }
 
-    fn build(file: Option<(&Path, &str)>, overrides: &Overrides) -> Result<Config, ConfigError> {
+    fn build(file: Option<(&Path, &str, bool)>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut config = Config::default();
-        if let Some((path, text)) = file {
-            config.apply_file(path, text)?;
+        if let Some((path, text, trusted)) = file {
+            config.apply_file(path, text, trusted)?;
             config.source = Some(path.to_path_buf());
         }
         config.apply_overrides(overrides)?;
@@ -332,7 +356,8 @@ impl Config {
         }
     }
 
-    fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+    /// `trusted`: the file is root's alone (see [`ROOT_ONLY_KEYS`]).
+    fn apply_file(&mut self, path: &Path, text: &str, trusted: bool) -> Result<(), ConfigError> {
         let doc = ini::parse(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
             line: e.line,
@@ -361,6 +386,12 @@ impl Config {
                 continue;
             }
             let at = Location { origin: Origin::File { path: path.to_path_buf(), line: entry.line }, section, key };
+            if !trusted && ROOT_ONLY_KEYS.contains(&(section, key)) && values::boolean(&entry.value) == Ok(true) {
+                return Err(ConfigError::invalid(
+                    at,
+                    "honoured only from a file owned by root and not writable by group or others",
+                ));
+            }
             self.set(section, key, &entry.value).map_err(|p| ConfigError::invalid(at, p))?;
         }
         Ok(())
@@ -416,6 +447,7 @@ impl Config {
             ("agent", "log_level") => a.log_level = values::log_level(value)?,
             ("agent", "download_max_bytes") => a.download_max_bytes = values::download_bytes(value)?,
             ("agent", "download_timeout") => a.download_timeout = values::seconds(value)?,
+            ("agent", "allow_insecure_transport") => a.allow_insecure_transport = values::boolean(value)?,
             ("link", "ca_file") => l.ca_file = Some(values::absolute_path(value)?),
             ("link", "tls_insecure") => l.tls_insecure = values::boolean(value)?,
             ("link", "proxy") => l.proxy = Some(values::proxy_url(value)?),
@@ -429,6 +461,7 @@ impl Config {
             ("upgrade", "health_timeout") => up.health_timeout = values::seconds_between(value, 5, 3600)?,
             ("upgrade", "holdoff") => up.holdoff = values::seconds(value)?,
             ("upgrade", "max_bytes") => up.max_bytes = values::bytes(value)?,
+            ("upgrade", "allow_downgrade") => up.allow_downgrade = values::boolean(value)?,
             // Callers look keys up in SECTIONS first; a test keeps both lists in step.
             _ => return Err(format!("[{section}] {key} has no setter")),
         }
@@ -458,6 +491,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Keys that lower a defence: `true` is honoured only from a root-owned file that
+/// nobody else can write (the daemon's user must not be able to set them).
+pub const ROOT_ONLY_KEYS: &[(&str, &str)] = &[("agent", "allow_insecure_transport"), ("upgrade", "allow_downgrade")];
+
+/// `path` (not followed if a symlink) is owned by `uid` and not writable by group or others.
+fn owned_by(path: &Path, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.uid() == uid && m.mode() & 0o022 == 0)
 }
 
 /// The static `(section, key)` names for a file entry, or the error for an unknown one.

@@ -214,7 +214,8 @@ fn unknown_names_and_structure_errors() {
     assert_eq!(
         err("[agent]\nround_dealy = 5\n"),
         "/etc/opsagent.conf:2: [agent] round_dealy: unknown key (keys of [agent]: token_file, state_dir, \
-         helper_socket, round_delay, retry_delay, retry_delay_max, log_level, download_max_bytes, download_timeout, metrics_file)"
+         helper_socket, round_delay, retry_delay, retry_delay_max, log_level, download_max_bytes, download_timeout, metrics_file, \
+         allow_insecure_transport)"
     );
     assert_eq!(
         err("[agnet]\n"),
@@ -366,4 +367,28 @@ fn overrides_flags_parse_with_clap() {
     assert_eq!(cli.overrides.retry_delay, Some(4));
     assert_eq!(cli.overrides.helper_socket.as_deref(), Some(Path::new("/h")));
     assert!(Cli::try_parse_from(["opsagent", "--round-delay", "ten"]).is_err());
+}
+
+#[test]
+fn keys_that_lower_a_defence_need_a_root_owned_file() {
+    use std::os::unix::fs::PermissionsExt;
+    // Text that is not a trusted file: `true` is refused, naming the line; `false` is fine.
+    for key in ["[agent]\nallow_insecure_transport = true\n", "[upgrade]\nallow_downgrade = yes\n"] {
+        let e = parse(key).unwrap_err().to_string();
+        assert!(e.contains(":2:") && e.contains("owned by root"), "{e}");
+    }
+    assert!(!parse("[agent]\nallow_insecure_transport = false\n").unwrap().agent.allow_insecure_transport);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opsagent.conf");
+    std::fs::write(&path, "[agent]\nallow_insecure_transport = true\n[upgrade]\nallow_downgrade = true\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let me = nix::unistd::geteuid().as_raw();
+    let load = |owner| Config::load_trusting(Path::new("/nonexistent"), Some(&path), &Overrides::default(), owner);
+    let c = load(me).unwrap();
+    assert!(c.agent.allow_insecure_transport && c.upgrade.allow_downgrade);
+    let e = load(me + 1).unwrap_err().to_string();
+    assert!(e.contains("allow_insecure_transport") && e.contains("owned by root"), "{e}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).unwrap();
+    assert!(load(me).is_err(), "a group-writable file is not root's alone");
 }

@@ -71,6 +71,8 @@ pub struct Connector {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub resolver: Arc<dyn Resolver>,
     pub ws_config: WebSocketConfig,
+    /// Why the link is not authenticated, when the configuration allows that.
+    pub insecure: Option<String>,
 }
 
 /// What was reached, for logs and status.
@@ -83,6 +85,8 @@ pub struct Opened {
 impl Connector {
     pub fn new(cfg: &LinkConfig, resolver: Arc<dyn Resolver>) -> Result<Self, LinkError> {
         let target = Target::parse(&cfg.ws_uri)?;
+        let via_proxy = cfg.proxy.proxy_for(&target.scheme, &target.host, target.port).is_some();
+        let insecure = super::transport::check(&target, cfg.tls_insecure, via_proxy, cfg.allow_insecure_transport)?;
         let tls = if target.tls() {
             tls::server_name(&target.host)?;
             Some(Arc::new(tls::client_config(cfg.ca_file.as_deref(), cfg.tls_insecure)?))
@@ -91,7 +95,7 @@ impl Connector {
         };
         let ws_config =
             WebSocketConfig::default().max_message_size(Some(cfg.max_frame)).max_frame_size(Some(cfg.max_frame));
-        Ok(Self { target, tls, resolver, ws_config })
+        Ok(Self { target, tls, resolver, ws_config, insecure })
     }
 
     /// One attempt: resolve, connect, tunnel, TLS, upgrade. Every stage is bounded by

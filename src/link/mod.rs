@@ -55,6 +55,7 @@ pub mod heartbeat;
 pub mod proxy;
 mod status;
 mod tls;
+pub mod transport;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -81,6 +82,9 @@ pub struct LinkConfig {
     pub ws_uri: String,
     pub ca_file: Option<PathBuf>,
     pub tls_insecure: bool,
+    /// `[agent] allow_insecure_transport`: plaintext or unverified TLS to a backend that
+    /// is not on this host (see [`transport`]).
+    pub allow_insecure_transport: bool,
     pub proxy: ProxySettings,
     pub ping_interval: Duration,
     /// Between two Heartbeats (only to a backend that announced `heartbeat`).
@@ -106,6 +110,7 @@ impl Default for LinkConfig {
             ws_uri: String::new(),
             ca_file: None,
             tls_insecure: false,
+            allow_insecure_transport: false,
             proxy: ProxySettings::default(),
             ping_interval: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(60),
@@ -125,6 +130,8 @@ impl Default for LinkConfig {
 pub enum LinkError {
     #[error("backend URL {0}")]
     Url(String),
+    #[error("insecure backend link: {0}")]
+    Insecure(String),
     #[error("TLS set-up: {0}")]
     TlsSetup(String),
     #[error("resolving {host}: {reason}")]
@@ -250,7 +257,9 @@ impl<O: Outbox + 'static> Link<O> {
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, watch::Receiver<LinkStatus>, Liveness), LinkError> {
         let connector = connect::Connector::new(&cfg, Arc::new(SystemResolver))?;
-        let (status, status_rx) = watch::channel(LinkStatus::default());
+        // Said in the status from the start, and logged at every connect (the first at start).
+        let (status, status_rx) =
+            watch::channel(LinkStatus { insecure_transport: connector.insecure.clone(), ..LinkStatus::default() });
         let liveness = Liveness::default();
         let backoff = Backoff::from_entropy(cfg.backoff_base, cfg.backoff_max);
         let link = Self {
@@ -323,8 +332,8 @@ impl<O: Outbox + 'static> Link<O> {
             self.set_state(LinkState::Connecting { url: self.url().to_string(), attempt });
             self.liveness.touch();
             let mut hint = None;
-            if self.cfg.tls_insecure && self.connector.target.tls() {
-                tracing::warn!(url = %self.url(), "TLS certificate verification is OFF (tls_insecure = true): anyone on the path can impersonate the backend");
+            if let Some(warning) = &self.connector.insecure {
+                tracing::warn!(url = %self.url(), warning = %warning, "the backend link is not authenticated");
             }
             let opened = tokio::select! {
                 r = self.connector.open(&self.cfg, self.cfg.connect_timeout) => Some(r),

@@ -59,6 +59,10 @@ pub struct LinkStatus {
     /// StateLogs written to the backend.
     pub sent: u64,
     pub heartbeats: u64,
+    /// Set when the link is plaintext or unverified TLS off this host, which only the
+    /// root-owned `[agent] allow_insecure_transport` permits: said at every status.
+    #[serde(default)]
+    pub insecure_transport: Option<String>,
 }
 
 pub fn now_unix() -> u64 {

@@ -103,7 +103,10 @@ async fn nothing_happens_for_the_running_version_or_a_bad_order() {
     assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not a release version")), "{v:?}");
     let bad_url = UpdateOrder { version: "1.1".into(), url: "file:///etc/passwd".into() };
     let v = carry_out(&s, &bad_url, &fetch, &inst).await;
-    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not http(s)")), "{v:?}");
+    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not an http(s) URL")), "{v:?}");
+    let forged = UpdateOrder { version: "1.1".into(), url: "https://r.example/1.1/a.tgz\nFORGED".into() };
+    let v = carry_out(&s, &forged, &fetch, &inst).await;
+    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not an http(s) URL")), "{v:?}");
     assert!(fetch.fetched.lock().unwrap().is_empty());
 }
 
@@ -205,4 +208,27 @@ fn failures_are_reported_once_as_a_failing_statelog() {
     assert_eq!(last_failure(dir.path(), "1.1").map(|r| r.outcome), Some(Outcome::Reverted));
     assert_eq!(last_failure(dir.path(), "1.2"), None);
     assert_eq!(failure_log(None, "1.1", "1.0", "x").state_id, REPORT_STATE_ID);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_wait_an_earlier_record_of_the_same_version_is_not_this_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = UpgradeSettings {
+        verdict_wait: Duration::ZERO,
+        holdoff: Duration::ZERO,
+        ..settings(dir.path(), Trigger::Supervisor)
+    };
+    let refused = Record {
+        version: "0.9".into(),
+        from: "1.0".into(),
+        outcome: Outcome::Rejected,
+        reason: "0.9 is older than the running 1.0".into(),
+        at: now_unix(),
+        reported: false,
+    };
+    std::fs::create_dir_all(hand::result_file(dir.path()).parent().unwrap()).unwrap();
+    std::fs::write(hand::result_file(dir.path()), serde_json::to_vec(&refused).unwrap()).unwrap();
+    let v = carry_out(&s, &order("0.9"), &FakeFetch::ok(), &installer(dir.path(), None)).await;
+    assert_eq!(v, Verdict::Pending);
+    assert!(hand::staged_dir(dir.path()).join(hand::ORDER).is_file(), "staged for the installer run that follows");
 }

@@ -23,6 +23,10 @@
 #      a B that exits at start is reverted within the health gate and held off; the
 #      units userdata installed follow each switch (B's, back to B's, A's), loaded by
 #      systemd, the helper socket re-created
+#   l  cron host: links the agent user plants in its log and state directories (to a
+#      root-owned file) and a staged order whose url forges a log line: after a
+#      supervisor pass (rotation forced) and a userdata re-run the file is unchanged, no
+#      log line holds the forged line, the order is refused
 #   (g also upgrades the cron-supervised agent)
 #
 # Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
@@ -36,7 +40,7 @@ source "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "tests/system/run.sh must run as root" >&2; exit 2; }
 
-ALL_TESTS="a b c d e f g h i j k"
+ALL_TESTS="a b c d e f g h i j k l"
 SELECTED=${*:-$ALL_TESTS}
 SUITE_START=$(date +%s)
 WORK=$(mktemp -d /tmp/opsagent-systest.XXXXXX)
@@ -520,12 +524,12 @@ test_g() {
     say "  killing helper $hpid and daemon $dpid with SIGKILL"
     csh $c "kill -9 $hpid $dpid" || fail "cannot kill the processes"
     wait_until 130 "cron restarts both" both_restarted ||
-        { csh $c 'cat /var/log/visualops/supervise.log' >&2 || true; fail "cron did not restart the helper and the daemon within two minutes"; }
+        { csh $c 'cat /var/log/opsagent-root/supervise.log' >&2 || true; fail "cron did not restart the helper and the daemon within two minutes"; }
     hpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')
     dpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')
     say "  helper $hpid -> $hpid2, daemon $dpid -> $dpid2"
     helper_keeps_storage || fail "the restarted helper lost --storage"
-    csh $c 'cat /var/log/visualops/supervise.log' >&2
+    csh $c 'cat /var/log/opsagent-root/supervise.log' >&2
     wait_until 30 "the restarted daemon reconnects (second Handshake from $iid)" two_handshakes ||
         fail "the restarted daemon did not reconnect"
     # The daemon alone: the helper living on must not keep the supervisor from acting.
@@ -534,7 +538,7 @@ test_g() {
     daemon_restarted() { running opsagent && [ "$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')" != "$dpid" ]; }
     csh $c "kill -9 $dpid" || fail "cannot kill the daemon"
     wait_until 130 "cron restarts the daemon alone" daemon_restarted ||
-        { csh $c 'cat /var/log/visualops/supervise.log' >&2 || true; fail "cron did not restart the killed daemon while the helper ran"; }
+        { csh $c 'cat /var/log/opsagent-root/supervise.log' >&2 || true; fail "cron did not restart the killed daemon while the helper ran"; }
     [ "$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')" = "$hpid" ] || fail "the running helper was restarted too"
 
     # Self-upgrade without systemd: the daemon stages the release, the next cron pass of
@@ -542,12 +546,12 @@ test_g() {
     runs_version $iid "$VERSION" || fail "the cron agent does not report $VERSION"
     order_upgrade app-cron 9.10.0
     wait_until 200 "the cron agent reconnects as 9.10.0" runs_version $iid 9.10.0 ||
-        { csh $c 'tail -n 30 /var/log/visualops/opsagent.log; cat /var/log/visualops/supervise.log /var/log/visualops/upgrade.log; ls -lR /var/lib/visualops/opsagent/upgrade' >&2 || true; fail "the cron-supervised agent was not upgraded"; }
+        { csh $c 'tail -n 30 /var/log/visualops/opsagent.log; cat /var/log/opsagent-root/supervise.log /var/log/opsagent-root/upgrade.log; ls -lR /var/lib/visualops/opsagent/upgrade' >&2 || true; fail "the cron-supervised agent was not upgraded"; }
     csh $c '[ "$(readlink /opt/visualops/current)" = releases/9.10.0 ]' || fail "current does not point at 9.10.0"
     wait_until 60 "the upgrade confirmed" csh $c 'grep -q "\"outcome\": \"confirmed\"" /var/lib/visualops/opsagent/upgrade/result.json' ||
         fail "the installer did not confirm 9.10.0"
     csh $c "[ -d /opt/visualops/releases/$VERSION ]" || fail "the previous release was not kept"
-    csh $c 'tail -n 3 /var/log/visualops/upgrade.log; grep -i upgrade /var/log/visualops/supervise.log' >&2
+    csh $c 'tail -n 3 /var/log/opsagent-root/upgrade.log; grep -i upgrade /var/log/opsagent-root/supervise.log' >&2
     wait_until 30 "helper and daemon running after the upgrade" both_running || fail "the agent is not running after the upgrade"
     helper_keeps_storage || fail "the helper restarted by the upgrade lost --storage"
 }
@@ -753,7 +757,17 @@ PY
         fail "the installer ran 9.11.0 more than once"
 
     # By hand, as an operator: back to A with `opsagent upgrade --url` (same installer).
+    # A is older than 9.10.0: refused until the root-owned configuration allows it.
     local out
+    if out=$(csh $c "/opt/visualops/current/bin/opsagent upgrade --url $BASE_REMOTE/$VERSION/opsagent.tgz 2>&1"); then
+        say "$out"
+        fail "the downgrade to $VERSION was not refused"
+    fi
+    printf '%s\n' "$out" | grep -q "$VERSION is older than the running 9.10.0" ||
+        { say "$out"; fail "the refusal does not say that $VERSION is older"; }
+    csh $c '[ "$(readlink /opt/visualops/current)" = releases/9.10.0 ]' || fail "the refused downgrade switched current"
+    say "  downgrade refused: $(printf '%s\n' "$out" | grep -m 1 'older than')"
+    csh $c 'printf "allow_downgrade = true\n" >>/etc/opsagent.conf' || fail "cannot allow downgrades"
     out=$(csh $c "/opt/visualops/current/bin/opsagent upgrade --url $BASE_REMOTE/$VERSION/opsagent.tgz 2>&1") ||
         { say "$out"; fail "opsagent upgrade --url failed"; }
     say "  opsagent upgrade --url …/$VERSION/opsagent.tgz: $(printf '%s\n' "$out" | tail -n 1)"
@@ -766,11 +780,63 @@ PY
         fail "9.11.0 was tried again after the manual upgrade"
 }
 
+# ---------------------------------------------------------------- l. links planted by the agent user
+# What a compromised daemon (user opsagent) can do on a cron host: plant links, in the
+# directories it owns, at every name root used to open there, pointing at a root-owned
+# file, and stage an order whose url carries a newline and a forged log line. Then root
+# does what it does by itself: a supervisor pass (with rotation forced) and, as an
+# administrator would, a userdata re-run (which creates a missing token).
+test_l() {
+    local c=l-links victim=/etc/opsagent-victim before after staged=/var/lib/visualops/opsagent/upgrade/staged
+    start_plain $c /usr/sbin/cron -f
+    userdata $c i-links APP_ID=app-cron >"$WORK/l-userdata.log" 2>&1 ||
+        { cat "$WORK/l-userdata.log" >&2; fail "userdata.sh failed without systemd"; }
+    csh $c "printf 'root-owned victim\n' >$victim && chmod 0644 $victim" || fail "cannot make the victim"
+    before=$(csh $c "stat -c '%U:%G %a %s' $victim && sha256sum <$victim")
+    agent() { cexec $c setpriv --reuid=opsagent --regid=opsagent --init-groups sh -c "$1"; }
+    agent "cd /var/log/visualops && for f in supervise upgrade opsagent-helper opsagent; do
+            rm -f \$f.log \$f.log.*; for n in '' .1 .2 .3; do ln -s $victim \$f.log\$n; done; done" ||
+        fail "cannot plant the log links"
+    # The order: valid JSON whose url holds a newline (\n in the JSON text).
+    printf '%s' '{"version":"9.10.0","url":"http://127.0.0.1/a.tgz\nFORGED-LINE root wrote this","from":"'"$VERSION"'","ordered_at":1}' \
+        >"$WORK/l-order.json"
+    agent "mkdir -p $staged && printf x >$staged/opsagent.tgz && printf x >$staged/opsagent.tgz.minisig && cat >$staged/order.json" \
+        <"$WORK/l-order.json" || fail "cannot stage the order"
+    # The token: removed by its owner, and the temporary names userdata.sh used (its pid)
+    # taken by links to the victim.
+    agent "rm -f /var/lib/visualops/opsagent/token &&
+        perl -e 'symlink(\"$victim\", \"/var/lib/visualops/opsagent/.token.new.\$_\") for 1..50000'" ||
+        fail "cannot plant the token links"
+
+    # Root: a supervisor pass with every log over the rotation size (as cron runs it; a
+    # pass cron started at the same time may take the order first, which is as good).
+    cexec $c env OPSAGENT_LOG_MAX_BYTES=1 /opt/visualops/current/packaging/opsagent-supervise || true
+    wait_until 90 "the staged order consumed" csh $c "[ ! -e $staged/order.json ]" || fail "the order was not picked up"
+    cexec $c env OPSAGENT_LOG_MAX_BYTES=1 /opt/visualops/current/packaging/opsagent-supervise || true
+    userdata $c i-links APP_ID=app-cron >>"$WORK/l-userdata.log" 2>&1 ||
+        { tail -n 20 "$WORK/l-userdata.log" >&2; fail "the userdata re-run failed"; }
+
+    after=$(csh $c "stat -c '%U:%G %a %s' $victim && sha256sum <$victim")
+    [ "$after" = "$before" ] || fail "the root-owned file was changed through the links: '$before' -> '$after'"
+    csh $c 'grep -q "which no URL holds" /var/lib/visualops/opsagent/upgrade/result.json' ||
+        { csh $c 'cat /var/lib/visualops/opsagent/upgrade/result.json' >&2 || true; fail "the order was not refused for its url"; }
+    # (in upgrade.log or, rotated by the forced pass, upgrade.log.1)
+    csh $c 'cat /var/log/opsagent-root/upgrade.log* | grep -q "FORGED-LINE"' || fail "the refusal is not in root's upgrade.log"
+    if csh $c 'grep -rn "^FORGED-LINE" /var/log/opsagent-root /var/log/visualops /var/lib/visualops/opsagent/upgrade'; then
+        fail "a log line starts with the forged text"
+    fi
+    [ "$(csh $c 'stat -c "%U:%G %a" /var/log/opsagent-root')" = "root:root 750" ] || fail "root's log directory is not root's alone"
+    [ "$(csh $c 'stat -c "%U %a" /var/lib/visualops/opsagent/token')" = "opsagent 600" ] ||
+        fail "the re-created token is not opsagent's, 0600"
+    csh $c 'head -n 1 /var/lib/visualops/opsagent/token | grep -Eqx "[0-9a-f]{64}"' || fail "the re-created token is not 64 hex digits"
+    csh $c 'tail -n 4 /var/log/opsagent-root/supervise.log*; grep -h FORGED /var/log/opsagent-root/upgrade.log*' >&2
+}
+
 # ---------------------------------------------------------------- runner
 PASSED=0
 FAILED=0
 declare -A NAMES=([a]=a-install [b]=b-watchdog [c]=c-socket [d]=d-journal [e]=e-polkit [f]=f-analyze
-    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade)
+    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links)
 
 # run_one LETTER: runs test_LETTER in a subshell (set -e: the first failed step ends
 # it), its output in $WORK/NAME.log; writes NAME.rc and NAME.reason.

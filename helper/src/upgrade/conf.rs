@@ -28,6 +28,9 @@ pub struct InstallerConfig {
     pub state_dir: PathBuf,
     /// How long a new version has to reach READY and complete a Handshake.
     pub health_timeout: Duration,
+    /// `[upgrade] allow_downgrade`: whether a release older than the running one may be
+    /// installed (default no: the daemon must not be able to bring back an old release).
+    pub allow_downgrade: bool,
 }
 
 impl InstallerConfig {
@@ -86,7 +89,15 @@ impl InstallerConfig {
             },
             None => DEFAULT_HEALTH_TIMEOUT,
         };
-        Ok(Self { update_key, state_dir, health_timeout })
+        let allow_downgrade = match get("upgrade", "allow_downgrade") {
+            Some((line, v)) => match v.trim_matches('"') {
+                "true" | "yes" | "1" => true,
+                "false" | "no" | "0" => false,
+                _ => return Err(format!("line {line}: [upgrade] allow_downgrade must be true or false, not {v:?}")),
+            },
+            None => false,
+        };
+        Ok(Self { update_key, state_dir, health_timeout, allow_downgrade })
     }
 }
 
@@ -109,6 +120,13 @@ mod tests {
         ))
         .unwrap();
         assert_eq!((c.state_dir, c.health_timeout), (PathBuf::from("/srv/st"), Duration::from_secs(90)));
+        assert!(!c.allow_downgrade);
+        let c = InstallerConfig::parse(&format!("[userdata]\nupdate_key={KEY}\n[upgrade]\nallow_downgrade = true\n"))
+            .unwrap();
+        assert!(c.allow_downgrade);
+        let e = InstallerConfig::parse(&format!("[userdata]\nupdate_key={KEY}\n[upgrade]\nallow_downgrade = maybe\n"))
+            .unwrap_err();
+        assert!(e.contains("line 4") && e.contains("allow_downgrade"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! operator. One run, in this order, each step only after the previous one succeeded:
 //! 1. copy the staged order, archive and signature out of the daemon's directory and
 //!    consume the order (a broken order is never retried in a loop);
-//! 2. verify the signature with the key of root-owned `/etc/opsagent.conf` and its
+//! 2. refuse a release older than the running one unless `[upgrade] allow_downgrade`
+//!    says otherwise ([`order`]); verify the signature with the key of root-owned `/etc/opsagent.conf` and its
 //!    trusted comment (`opsagent release VERSION`) — before anything is unpacked;
 //! 3. unpack safely ([`crate::unpack`]) and check the MANIFEST;
 //! 4. install to `releases/VERSION`, switch `current`; on systemd hosts bring the unit
@@ -22,6 +23,7 @@
 
 pub mod conf;
 pub mod control;
+pub mod order;
 pub mod release;
 pub mod releases;
 pub mod units;
@@ -88,7 +90,7 @@ impl<C: AgentControl> Installer<C> {
             (m.uid(), m.gid())
         };
         let upgrade_dir = state.entry("upgrade");
-        let staged = match PinnedDir::open(&upgrade_dir.join("staged")) {
+        let staged = match PinnedDir::open_shown(&upgrade_dir.join("staged"), self.staged_shown()) {
             Ok(d) if d.read(hand::ORDER, 1 << 16).is_ok() => d,
             _ => return Err(UpgradeError::NothingStaged(format!("no order in {}", self.staged_shown().display()))),
         };
@@ -129,9 +131,9 @@ impl<C: AgentControl> Installer<C> {
             staged.remove(name);
         }
         let taken = taken.map_err(|e| ("unknown".to_string(), e))?;
-        let version = taken.order.version.clone();
+        let version = taken.order.version().to_string();
         let fail = |e| (version.clone(), e);
-        tracing::info!(version = %version, from = %from, url = %taken.order.url, "installing a staged release");
+        tracing::info!(version = %version, from = %from, url = %taken.order.url(), "installing a staged release");
         if version == from {
             let r = record_of(
                 version.clone(),
@@ -142,6 +144,7 @@ impl<C: AgentControl> Installer<C> {
             write_record(state, owner, &r).map_err(fail)?;
             return Ok(r);
         }
+        order::check_not_older(&version, from, self.config.allow_downgrade).map_err(fail)?;
         release::verify_signature(&self.config.update_key, &taken.archive, &taken.signature, &version).map_err(fail)?;
         let tree = release::unpack_and_check(&taken.archive, work, &version).map_err(fail)?;
         self.releases.install(&tree, &version).map_err(fail)?;
@@ -323,7 +326,7 @@ pub fn write_record(state: &PinnedDir, owner: (u32, u32), record: &Record) -> Re
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(UpgradeError::Io { path: state.shown("upgrade"), source: e }),
     }
-    let up = PinnedDir::open(&up_path)?;
+    let up = PinnedDir::open_shown(&up_path, state.shown("upgrade"))?;
     let tmp = up.entry(".result.json.tmp");
     let _ = fs::remove_file(&tmp);
     let io = |source| UpgradeError::Io { path: up.shown("result.json"), source };

@@ -12,9 +12,10 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use minisign_verify::{PublicKey, Signature};
-use opsagent_proto::upgrade::{self as hand, Order};
+use opsagent_proto::upgrade as hand;
 use sha2::{Digest, Sha256};
 
+use super::order::StagedOrder;
 use super::UpgradeError;
 use crate::fsutil;
 use crate::unpack::{self, ArchiveFormat, Limits};
@@ -30,7 +31,7 @@ pub const REQUIRED_PROGRAMS: &[&str] = &["bin/opsagent", "bin/opsagent-helper", 
 /// The installer's own copies of the staged files.
 #[derive(Debug)]
 pub struct Staged {
-    pub order: Order,
+    pub order: StagedOrder,
     pub archive: PathBuf,
     pub signature: PathBuf,
 }
@@ -44,8 +45,14 @@ pub struct PinnedDir {
 
 impl PinnedDir {
     pub fn open(path: &Path) -> Result<Self, UpgradeError> {
+        Self::open_shown(path, path.to_path_buf())
+    }
+
+    /// Opens `path` (an [`entry`](Self::entry) of another pinned directory), named
+    /// `shown` in messages rather than by its `/proc/self/fd` path.
+    pub fn open_shown(path: &Path, shown: PathBuf) -> Result<Self, UpgradeError> {
         let dir = fsutil::open_nofollow(path, true).map_err(|e| UpgradeError::Staged(e.to_string()))?;
-        Ok(Self { dir, shown: path.to_path_buf() })
+        Ok(Self { dir, shown })
     }
 
     /// A path to `name` inside the pinned directory (one component, no symlink follow
@@ -87,11 +94,8 @@ impl PinnedDir {
 /// Copies the staged order, archive and signature into `work` (root's, 0700).
 pub fn take(staged: &PinnedDir, work: &Path) -> Result<Staged, UpgradeError> {
     let order_bytes = staged.read(hand::ORDER, MAX_ORDER_BYTES)?;
-    let order: Order = serde_json::from_slice(&order_bytes)
+    let order = StagedOrder::parse(&order_bytes, super::now_unix())
         .map_err(|e| UpgradeError::Staged(format!("{}: {e}", staged.shown(hand::ORDER).display())))?;
-    if !hand::valid_version(&order.version) {
-        return Err(UpgradeError::Staged(format!("the ordered version {:?} is not a release version", order.version)));
-    }
     let copy = |name: &str, max: u64| -> Result<PathBuf, UpgradeError> {
         let bytes = staged.read(name, max)?;
         let to = work.join(name);

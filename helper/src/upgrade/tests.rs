@@ -113,6 +113,8 @@ struct Host {
     units: InstalledUnits,
     /// `installer()` leaves `units` out (a host without systemd).
     cron: bool,
+    /// `[upgrade] allow_downgrade` of the installer's configuration.
+    allow_downgrade: bool,
 }
 
 impl Host {
@@ -128,7 +130,7 @@ impl Host {
             unit_dir: tmp.path().join("etc/systemd/system"),
             polkit_dirs: vec![tmp.path().join("etc/polkit-1/rules.d"), tmp.path().join("usr/polkit-1/rules.d")],
         };
-        let host = Host { prefix, state, keys: keys(), units, cron: false, _tmp: tmp };
+        let host = Host { prefix, state, keys: keys(), units, cron: false, allow_downgrade: false, _tmp: tmp };
         let tgz = release_with_units("1.0", &[]);
         host.stage("1.0", &tgz, &sign(&host.keys, &tgz, "opsagent release 1.0"));
         let r = host.install(FakeAgent::healthy(&["1.0"])).await;
@@ -137,16 +139,15 @@ impl Host {
     }
 
     fn stage(&self, version: &str, tgz: &[u8], sig: &str) {
+        self.stage_order(version, &format!("http://x/{version}/opsagent.tgz"), tgz, sig);
+    }
+
+    fn stage_order(&self, version: &str, url: &str, tgz: &[u8], sig: &str) {
         let dir = hand::staged_dir(&self.state);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(hand::ARCHIVE), tgz).unwrap();
         std::fs::write(dir.join(hand::SIGNATURE), sig).unwrap();
-        let order = Order {
-            version: version.into(),
-            url: format!("http://x/{version}/opsagent.tgz"),
-            from: "?".into(),
-            ordered_at: 1,
-        };
+        let order = Order { version: version.into(), url: url.into(), from: "1.0".into(), ordered_at: 1 };
         std::fs::write(dir.join(hand::ORDER), serde_json::to_vec(&order).unwrap()).unwrap();
     }
 
@@ -159,6 +160,7 @@ impl Host {
             update_key: self.keys.pk.to_base64(),
             state_dir: self.state.clone(),
             health_timeout: Duration::from_secs(60),
+            allow_downgrade: self.allow_downgrade,
         };
         let control = FakeAgent { unit_dir: self.units.unit_dir.clone(), ..agent.at(&self.prefix, &self.state) };
         let units = (!self.cron).then(|| self.units.clone());
@@ -360,6 +362,42 @@ async fn tampered_wrongly_signed_mislabelled_and_unsafe_releases_are_rejected() 
 
     host.stage_signed("1.1", &release_tgz("1.2", false, &[]));
     assert_rejected(&host, "exactly one directory opsagent-1.1/").await;
+}
+
+/// The cron-host escalation: a URL holding a newline, logged by the installer into a
+/// file root later read line by line. Every field of the order is checked before use.
+#[tokio::test(start_paused = true)]
+async fn an_order_whose_url_holds_a_newline_is_refused_before_anything_is_used() {
+    let host = Host::with_release_a().await;
+    let tgz = release_tgz("1.1", false, &[]);
+    let sig = sign(&host.keys, &tgz, "opsagent release 1.1");
+    host.stage_order("1.1", "http://x/1.1/opsagent.tgz\n2026-01-01T00:00:00Z /tmp/evil.so", &tgz, &sig);
+    assert_rejected(&host, "which no URL holds").await;
+    assert!(!host.result().reason.contains('\n'), "{:?}", host.result().reason);
+    // The order is named by its path, not the installer's /proc/self/fd handle.
+    let staged = hand::staged_dir(&host.state).join(hand::ORDER);
+    assert!(host.result().reason.contains(&staged.display().to_string()), "{}", host.result().reason);
+    host.stage_order("1.1", "file:///etc/shadow", &tgz, &sig);
+    assert_rejected(&host, "is not http(s)").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_older_release_is_refused_unless_the_configuration_allows_downgrades() {
+    let mut host = Host::with_release_a().await;
+    let tgz = release_tgz("0.9", false, &[]);
+    host.stage_signed("0.9", &tgz);
+    let r = host.install(FakeAgent::healthy(&["1.0", "0.9"])).await;
+    assert_eq!(r.outcome, Outcome::Rejected, "{r:?}");
+    assert!(r.reason.contains("0.9 is older than the running 1.0"), "{}", r.reason);
+    assert!(r.reason.contains("allow_downgrade = true"), "{}", r.reason);
+    assert_eq!(host.current().as_deref(), Some("1.0"));
+    assert!(!Releases::new(&host.prefix).path("0.9").exists());
+
+    host.allow_downgrade = true;
+    host.stage_signed("0.9", &tgz);
+    let r = host.install(FakeAgent::healthy(&["1.0", "0.9"])).await;
+    assert_eq!(r.outcome, Outcome::Confirmed, "{r:?}");
+    assert_eq!(host.current().as_deref(), Some("0.9"));
 }
 
 #[tokio::test]
