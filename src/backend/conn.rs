@@ -231,6 +231,8 @@ async fn upgrade<S>(
     }
     // The refusal is the answer to the WebSocket upgrade: the client reads the status
     // and the reason, and no WebSocket exists.
+    // The signature is tungstenite's (`Callback`): its error type is not ours to shrink.
+    #[allow(clippy::result_large_err)]
     let callback = move |_: &Request, response: Response| -> Result<Response, ErrorResponse> {
         match refusal {
             None => Ok(response),

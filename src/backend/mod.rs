@@ -33,6 +33,27 @@
 //!   backend decision (`recipe_loaded`, `recipe_rejected`, `recipe_removed`,
 //!   `wait_released`, `agent_update`, `reconnect`, …). Each has `at` and `event`.
 //!
+//! - `STATELOG.pins/` (or `--pins-dir`): one file per pinned instance (see [`pins`]).
+//!
+//! # Who may say what
+//!
+//! A Handshake must carry the instance's `instance_token`. The first one of an (app,
+//! instance), for an app that has a recipe, pins the token (its sha256, with the time and
+//! the peer address); later Handshakes with another token are closed with 1008 and a
+//! `handshake_refused` event, and get nothing. An app named in `require_pin` gets no pin
+//! on first use: its instances are registered by the operator (`opsagent-backend
+//! instances pin`) or refused. A connection whose Handshake was accepted speaks for that
+//! instance only: StateLog, WaitQuery and Heartbeat frames naming another instance or
+//! app, or sent before such a Handshake, are refused (`refused` event, no answer). A
+//! StateLog counts towards waits only for the recipe version the backend last sent to
+//! its instance (others are recorded with `"wait_progress": false`).
+//!
+//! A backend without TLS refuses to start on an address other than loopback unless
+//! `insecure_plaintext` is set (then it warns at start and every hour). Connections are
+//! capped per IP address and in all (answered HTTP 429/503 with the reason), must
+//! Handshake within a timeout, and are read at a bounded frame rate; the statelog and the
+//! event log are rotated by size (see [`Limits`], [`Rotation`]).
+//!
 //! # Recipe versions
 //!
 //! An app's first recipe gets the file's `recipe_version` if it has one, else 1. Files are
@@ -51,8 +72,8 @@
 //! Each StateLog is appended to the statelog. When it carries `seq` and its agent announced
 //! `statelog-ack`, the backend records each `(instance_id, seq)` once — a resend is
 //! acknowledged but not appended again — and answers `StateLogAck {seq}`. The set of seen
-//! `(instance_id, seq)` is rebuilt from the statelog at start-up, so de-duplication
-//! survives a restart.
+//! `(instance_id, seq)` is rebuilt from the statelog (and the rotated files kept) at
+//! start-up, so de-duplication survives a restart.
 //!
 //! # Waits
 //!

@@ -4,7 +4,7 @@
 //! One file per pin in the pins directory, named by the sha256 of `APP\0INSTANCE` (the
 //! instance id comes from the network and must never shape a path), holding the
 //! token's sha256, never the token. Files are written whole (temporary file, fsync, then
-//! link or rename, fsync of the directory), so a crash leaves the old pin or the new one.
+//! link or rename), so a crash leaves the old pin or the new one, never half of one.
 //! There is no cache: every Handshake reads its pin file, so `opsagent-backend instances
 //! pin|forget` act on a running backend at once, without a signal.
 
@@ -180,10 +180,10 @@ impl PinStore {
         let linked = std::fs::hard_link(&tmp, &target);
         let _ = std::fs::remove_file(&tmp);
         match linked {
-            Ok(()) => {
-                self.sync_dir()?;
-                Ok(Verdict::Pinned)
-            }
+            // The directory is not synced here (an operator's change is): a first-use pin
+            // lost to a power cut is made again by the same agent's next Handshake, and
+            // 10,000 agents pinning at once must not wait for 20,000 syncs.
+            Ok(()) => Ok(Verdict::Pinned),
             // Someone else pinned it meanwhile: their pin decides.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 self.check(app, instance, token, peer, false, now)
