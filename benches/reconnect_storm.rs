@@ -15,7 +15,7 @@
 //!
 //! ```text
 //! cargo bench --bench reconnect_storm -- [--agents 300] [--down 5] [--hint 20] [--kill9] [--no-hint]
-//! ulimit -n 65536 && cargo bench --bench reconnect_storm -- --agents 10000
+//! ulimit -n 20000 && cargo bench --bench reconnect_storm -- --agents 10000 --handshake-timeout 300 --connect-limit 900
 //! ```
 
 #![allow(clippy::disallowed_methods, clippy::unwrap_used)]
@@ -42,10 +42,25 @@ struct Args {
     kill9: bool,
     /// Only the first scenario (no reconnect hint).
     no_hint: bool,
+    /// The backend's `--handshake-timeout-s` (default: its own). Thousands of first
+    /// Handshakes at once on a small machine can take longer than the default 30 s to be
+    /// served: each is closed and retried after backoff, which is what the timeout is
+    /// for, but then the bench measures the retries.
+    handshake_timeout_s: Option<u64>,
+    /// How long the initial connect of the whole fleet may take.
+    connect_limit: Duration,
 }
 
 fn args() -> Args {
-    let mut a = Args { agents: 300, down: Duration::from_secs(5), hint: 20, kill9: false, no_hint: false };
+    let mut a = Args {
+        agents: 300,
+        down: Duration::from_secs(5),
+        hint: 20,
+        kill9: false,
+        no_hint: false,
+        handshake_timeout_s: None,
+        connect_limit: Duration::from_secs(120),
+    };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < v.len() {
@@ -54,6 +69,8 @@ fn args() -> Args {
             "--agents" => a.agents = next.parse().expect("--agents N"),
             "--down" => a.down = Duration::from_secs_f64(next.parse().expect("--down SECONDS")),
             "--hint" => a.hint = next.parse().expect("--hint SECONDS"),
+            "--handshake-timeout" => a.handshake_timeout_s = Some(next.parse().expect("--handshake-timeout SECONDS")),
+            "--connect-limit" => a.connect_limit = Duration::from_secs(next.parse().expect("--connect-limit SECONDS")),
             "--kill9" => {
                 a.kill9 = true;
                 i += 1;
@@ -123,7 +140,8 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn start_backend(dir: &Path, listen: &str, agents: usize) -> BackendProc {
+fn start_backend(dir: &Path, listen: &str, args: &Args) -> BackendProc {
+    let agents = args.agents;
     // Every agent comes from 127.0.0.1: the per-address cap must let the fleet in.
     let cap = (agents + 64).to_string();
     for _ in 0..50 {
@@ -139,6 +157,7 @@ fn start_backend(dir: &Path, listen: &str, agents: usize) -> BackendProc {
             .arg("--poll-ms")
             .arg("100")
             .args(["--max-conns-per-addr", &cap, "--max-conns", &cap])
+            .args(args.handshake_timeout_s.map(|s| format!("--handshake-timeout-s={s}")))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("backend.log")).unwrap());
@@ -298,13 +317,13 @@ async fn scenario(args: &Args, hint: Option<u64>) {
     std::fs::create_dir_all(dir.join("recipes")).unwrap();
     let recipe = r#"{"recipe_version": 1, "state": [{"id": "c", "module": "meta.comment", "parameter": {}}]}"#;
     std::fs::write(dir.join(format!("recipes/{app}.json")), recipe).unwrap();
-    let mut backend = start_backend(dir, "127.0.0.1:0", args.agents);
+    let mut backend = start_backend(dir, "127.0.0.1:0", args);
     let url = format!("ws://127.0.0.1:{}/", backend.port);
     let attempts = Arc::new(Mutex::new(Vec::new()));
 
     let t_start = Instant::now();
     let fleet = start_fleet(args.agents, &url, app, attempts.clone());
-    let first = all_connected(&fleet, 1, Duration::from_secs(120)).await;
+    let first = all_connected(&fleet, 1, args.connect_limit).await;
     let up = first.iter().filter(|t| t.is_some()).count();
     println!(
         "\n=== {} ===\n{} agents against one reference backend (pid {}); default link settings: backoff base 1 s, cap 300 s, full jitter",
@@ -344,7 +363,7 @@ async fn scenario(args: &Args, hint: Option<u64>) {
     tokio::time::sleep(args.down).await;
     let t_back = Instant::now();
     let wall_back = unix_now();
-    let backend2 = start_backend(dir, &format!("127.0.0.1:{}", backend.port), args.agents);
+    let backend2 = start_backend(dir, &format!("127.0.0.1:{}", backend.port), args);
     let down_attempts = attempts.lock().unwrap()[before..].iter().filter(|t| **t < t_back).count();
     println!(
         "backend {} at t=0, started again at t={:.2} s (same port)",

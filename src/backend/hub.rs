@@ -588,6 +588,11 @@ impl Hub {
             let Some(served) = self.apps.get(&inst.app_id).and_then(|a| a.served.as_ref()) else {
                 continue;
             };
+            // Most apps wait for nothing: with 10,000 instances, each Handshake must not
+            // cost 10,000 key copies.
+            if served.waits.is_empty() {
+                continue;
+            }
             let released = self.released.get(&(id.clone(), served.version));
             for w in &served.waits {
                 if w.refs.is_empty() || released.is_some_and(|l| l.iter().any(|(s, _)| *s == w.state_id)) {
