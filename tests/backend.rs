@@ -639,7 +639,7 @@ async fn events_record_connections_handshakes_and_heartbeats() {
             )
         })
         .collect();
-    assert_eq!(kinds, ["open", "message:Handshake", "message:Heartbeat", "message:WaitQuery", "close"]);
+    assert_eq!(kinds, ["open", "message:Handshake", "pinned", "message:Heartbeat", "message:WaitQuery", "close"]);
     let hs = &events.iter().find(|e| e["code"] == "Handshake").unwrap()["message"];
     assert_eq!(hs["instance_id"], "i-1");
     assert_eq!(hs["instance_token"], "<redacted>");
@@ -753,4 +753,339 @@ async fn the_binary_serves_wss_with_a_self_signed_certificate() {
 
     child.0.start_kill().unwrap();
     tokio::time::timeout(WAIT, child.0.wait()).await.unwrap().unwrap();
+}
+
+// ---------------------------------------------------------------- who may say what
+
+/// The binary with `extra` arguments on 127.0.0.1:0 (unless `extra` says `--listen`);
+/// returns it and its `ws://` URL.
+async fn spawn_binary(env: &Env, extra: &[&str]) -> (Child, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_opsagent-backend"));
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args(["--poll-ms", "50"])
+        .arg("--recipe-dir")
+        .arg(env.recipes())
+        .arg("--statelog")
+        .arg(env.statelog())
+        .arg("--events")
+        .arg(env.events())
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = Child(cmd.spawn().unwrap());
+    let mut lines = tokio::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().expect("no listening line");
+    let addr = line.strip_prefix("opsagent-backend listening on ").unwrap_or_else(|| panic!("{line:?}")).to_string();
+    (child, format!("ws://{addr}"))
+}
+
+/// `opsagent-backend instances ARGS… --statelog STATELOG`: its stdout.
+fn instances(env: &Env, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_opsagent-backend"))
+        .arg("instances")
+        .args(args)
+        .arg("--statelog")
+        .arg(env.statelog())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "instances {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn with_token(mut who: Identity, token: &str) -> Identity {
+    who.instance_token = token.into();
+    who
+}
+
+impl Agent {
+    /// The connection is closed by the backend with `code` and a reason, and sent no
+    /// text frame before.
+    async fn refused(&mut self, code: CloseCode) -> String {
+        loop {
+            match self.next().await {
+                Message::Close(Some(f)) => {
+                    assert_eq!(f.code, code, "{f:?}");
+                    return f.reason.to_string();
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("expected the connection refused, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_second_client_with_another_token_gets_no_recipe_and_is_logged() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("secret-state")])));
+    let (_backend, url) = spawn_binary(&env, &[]).await;
+    let mut owner = Agent::connect(&url, who("app-1", "i-1", "1.2.0")).await;
+    owner.handshake_for_recipe(ALL_CAPS).await;
+    env.event(|e| e["event"] == "pinned" && e["instance_id"] == "i-1").await;
+
+    // Same app, same instance, another token: closed, never a recipe.
+    let mut thief = Agent::connect(&url, with_token(who("app-1", "i-1", "1.2.0"), "guessed")).await;
+    thief.send_out(Outbound::Handshake { init_errors: None, capabilities: vec![] }).await;
+    let reason = thief.refused(CloseCode::Policy).await;
+    assert_eq!(reason, "instance_token does not match the pinned one");
+    let refused = env.event(|e| e["event"] == "handshake_refused").await;
+    assert_eq!((&refused["app_id"], &refused["instance_id"]), (&json!("app-1"), &json!("i-1")));
+    assert!(refused["reason"].as_str().unwrap().contains("pinned to another instance_token"), "{refused}");
+    assert!(refused["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{refused}");
+    // No token at all is no better.
+    let mut bare = Agent::connect(&url, who("app-1", "i-1", "1.2.0")).await;
+    bare.send(json!({"code": "Handshake", "app_id": "app-1", "instance_id": "i-1"})).await;
+    assert_eq!(bare.refused(CloseCode::Policy).await, "no instance_token");
+
+    // Without a Handshake, a StateLog in i-1's name is not recorded.
+    let mut forger = Agent::connect(&url, with_token(who("app-1", "i-1", "1.2.0"), "guessed")).await;
+    forger.state_log(1, "secret-state", true, Some(1)).await;
+    forger.quiet().await;
+    env.event(|e| e["event"] == "refused" && e["code"] == "StateLog").await;
+    assert!(env.statelog_lines().is_empty());
+
+    // The owner reconnects with its token as before.
+    let mut again = Agent::connect(&url, who("app-1", "i-1", "1.2.0")).await;
+    again.handshake_for_recipe(ALL_CAPS).await;
+    again.state_log(1, "secret-state", true, Some(1)).await;
+    again.expect("StateLogAck").await;
+
+    // The operator sees the pin (hash only) and can reset it: then the next token pins.
+    let list = instances(&env, &["list", "--json"]);
+    let pin: Value = serde_json::from_str(list.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (&pin["app_id"], &pin["instance_id"], &pin["source"]),
+        (&json!("app-1"), &json!("i-1"), &json!("first-use"))
+    );
+    assert!(!list.contains("secret-token"));
+    assert!(instances(&env, &["forget", "--app", "app-1", "--instance", "i-1"]).contains("forgot"));
+    let mut successor = Agent::connect(&url, with_token(who("app-1", "i-1", "1.2.0"), "new-token")).await;
+    successor.handshake_for_recipe(&[]).await;
+    let mut old = Agent::connect(&url, who("app-1", "i-1", "1.2.0")).await;
+    old.send_out(Outbound::Handshake { init_errors: None, capabilities: vec![] }).await;
+    old.refused(CloseCode::Policy).await;
+}
+
+#[tokio::test]
+async fn an_app_that_requires_pre_registration_serves_registered_instances_only() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    env.write_json("app-2.json", &recipe(json!([comment("s1")])));
+    let (_backend, url) = spawn_binary(&env, &["--require-pin", "app-1"]).await;
+    let mut stranger = Agent::connect(&url, who("app-1", "i-1", "1.2.0")).await;
+    stranger.send_out(Outbound::Handshake { init_errors: None, capabilities: vec![] }).await;
+    assert_eq!(stranger.refused(CloseCode::Policy).await, "instance not registered");
+    env.event(|e| e["event"] == "handshake_refused" && e["reason"].as_str().unwrap().contains("not registered")).await;
+    assert!(instances(&env, &["list"]).is_empty(), "a refused Handshake pins nothing");
+    // Other apps still trust on first use.
+    Agent::connect(&url, who("app-2", "i-2", "1.2.0")).await.handshake_for_recipe(&[]).await;
+
+    // Registered from the agent's token file: served, and no other token is.
+    let token = env.dir.path().join("i-1.token");
+    std::fs::write(&token, "secret-token\napp-1\n").unwrap();
+    let out = instances(&env, &["pin", "--app", "app-1", "--instance", "i-1", "--token-file", token.to_str().unwrap()]);
+    assert!(out.contains("pinned i-1"), "{out}");
+    let mut agent = Agent::connect(&url, who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(&[]).await;
+    let mut other = Agent::connect(&url, with_token(who("app-1", "i-1", "1.2.0"), "x")).await;
+    other.send_out(Outbound::Handshake { init_errors: None, capabilities: vec![] }).await;
+    other.refused(CloseCode::Policy).await;
+    let list = instances(&env, &["list"]);
+    assert!(list.contains("app-1\ti-1\t") && list.contains("\toperator\t-\t"), "{list}");
+}
+
+#[tokio::test]
+async fn a_client_cannot_release_another_instances_wait() {
+    let env = Env::new();
+    env.write_json("web.json", &recipe(json!([comment("web-1")])));
+    env.write_json("evil.json", &recipe(json!([comment("web-1")])));
+    env.write_json("app-b.json", &recipe(json!([wait_on("b-wait", json!("@{web.web-1}"))])));
+    let (_backend, url) = spawn_binary(&env, &[]).await;
+    let mut a = Agent::connect(&url, who("web", "i-a", "1.2.0")).await;
+    a.handshake_for_recipe(ALL_CAPS).await;
+    let mut b = Agent::connect(&url, who("app-b", "i-b", "1.2.0")).await;
+    b.handshake_for_recipe(ALL_CAPS).await;
+
+    // An attacker with an instance of its own (trusted on first use) …
+    let mut x = Agent::connect(&url, with_token(who("evil", "i-x", "1.2.0"), "attacker")).await;
+    x.handshake_for_recipe(ALL_CAPS).await;
+    // … reports web-1 as i-a, as an instance of web, and as itself; asks for i-b's waits.
+    x.send(json!({"code": "StateLog", "instance_id": "i-a", "app_id": "web", "recipe_version": 1,
+                  "id": "web-1", "state_result": true, "seq": 1}))
+        .await;
+    x.send(json!({"code": "StateLog", "app_id": "web", "recipe_version": 1, "id": "web-1", "state_result": true}))
+        .await;
+    x.send_out(Outbound::WaitQuery { recipe_version: 1 }).await;
+    x.expect("WaitList").await;
+    x.send(json!({"code": "WaitQuery", "instance_id": "i-b", "app_id": "app-b", "recipe_version": 1})).await;
+    x.send(json!({"code": "Heartbeat", "instance_id": "i-a", "app_id": "web"})).await;
+    x.state_log(1, "web-1", true, None).await;
+    x.quiet().await;
+    // The owner of web-1 reporting it under a version it was not sent: no release either.
+    a.state_log(2, "web-1", true, None).await;
+    a.quiet().await;
+    b.quiet().await;
+    assert_eq!(b.wait_list(1).await, json!([]));
+    let refused: Vec<Value> = env.events_lines().into_iter().filter(|e| e["event"] == "refused").collect();
+    let codes: Vec<&str> = refused.iter().map(|e| e["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["StateLog", "StateLog", "WaitQuery", "Heartbeat"], "{refused:?}");
+    assert!(refused.iter().all(|e| e["instance_id"] == "i-x"));
+    // Only x's own StateLog and a's were recorded, each under its pinned identity.
+    let lines = env.statelog_lines();
+    let who_said: Vec<(&str, &str)> =
+        lines.iter().map(|l| (l["instance_id"].as_str().unwrap(), l["app_id"].as_str().unwrap())).collect();
+    assert_eq!(who_said, [("i-x", "evil"), ("i-a", "web")]);
+    assert_eq!(lines[1]["wait_progress"], false);
+
+    // The owner, for the version it runs: released.
+    a.state_log(1, "web-1", true, None).await;
+    assert_eq!(b.expect("State").await["stateid"], "b-wait");
+    assert_eq!(b.wait_list(1).await, json!([{"instance_id": "i-a", "state_id": "b-wait"}]));
+}
+
+#[tokio::test]
+async fn plaintext_on_a_non_loopback_address_refuses_to_start_without_the_flag() {
+    let env = Env::new();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_opsagent-backend"))
+        .args(["--listen", "0.0.0.0:0", "--recipe-dir"])
+        .arg(env.recipes())
+        .arg("--statelog")
+        .arg(env.statelog())
+        .output();
+    let out = tokio::time::timeout(WAIT, out).await.unwrap().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a loopback address") && err.contains("--insecure-plaintext"), "{err}");
+    assert!(out.stdout.is_empty(), "it never said it listens");
+    // The library refuses it too.
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    assert!(matches!(Backend::start(listener, env.opts()).await, Err(opsagent::backend::BackendError::Config(_))));
+
+    // With the flag it serves, and says why that is dangerous.
+    let (mut backend, url) = spawn_binary(&env, &["--listen", "0.0.0.0:0", "--insecure-plaintext"]).await;
+    let port = url.rsplit(':').next().unwrap();
+    let mut agent = Agent::connect(&format!("ws://127.0.0.1:{port}"), who("app-1", "i-1", "1.2.0")).await;
+    agent.quiet().await;
+    backend.0.start_kill().unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut backend.0.stderr.take().unwrap(), &mut stderr).await.unwrap();
+    assert!(stderr.contains("serving plain ws://") && stderr.contains("--insecure-plaintext"), "{stderr}");
+}
+
+/// The HTTP answer to a refused WebSocket upgrade: (status, body).
+async fn refused_upgrade(url: &str) -> (u16, String) {
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap() {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            (r.status().as_u16(), String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned())
+        }
+        Ok(_) => panic!("the connection was accepted"),
+        Err(e) => panic!("refused without an answer: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn caps_are_each_refused_with_a_reason() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let (_backend, url) = spawn_binary(
+        &env,
+        &[
+            "--max-conns-per-addr",
+            "2",
+            "--handshake-timeout-s",
+            "1",
+            "--max-frame-bytes",
+            "4096",
+            "--frames-per-s",
+            "20",
+            "--frame-burst",
+            "10",
+        ],
+    )
+    .await;
+    // Connections per address.
+    let mut first = Agent::connect(&url, who("app-1", "i-1", "1.2.0")).await;
+    first.handshake_for_recipe(ALL_CAPS).await;
+    let mut idle = Agent::connect(&url, who("app-1", "i-2", "1.2.0")).await;
+    let (status, body) = refused_upgrade(&url).await;
+    assert_eq!((status, body.as_str()), (429, "too many connections from 127.0.0.1 (at most 2)"));
+    env.event(|e| e["event"] == "connection_refused" && e["status"] == 429).await;
+
+    // No Handshake within the timeout: closed, and the place is free again.
+    assert_eq!(idle.refused(CloseCode::Policy).await, "no Handshake within 1 s");
+    env.event(|e| e["event"] == "handshake_timeout").await;
+    drop(idle);
+    let mut second = eventually_connect(&url, who("app-1", "i-2", "1.2.0")).await;
+    second.handshake_for_recipe(&[]).await;
+
+    // Frame size.
+    let _ = second.ws.send(Message::text("x".repeat(5000))).await;
+    assert_eq!(second.refused(CloseCode::Size).await, "frame larger than 4096 bytes");
+    env.event(|e| e["event"] == "frame_too_big").await;
+    drop(second);
+
+    // Frame rate: 50 frames past a burst of 10 at 20/s take about 2 s to be read, and
+    // every one is answered.
+    let started = tokio::time::Instant::now();
+    for _ in 0..60 {
+        first.send(json!({"code": "Test"})).await;
+    }
+    for _ in 0..60 {
+        first.expect("TestAns").await;
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1800), "60 frames read in {took:?}");
+    env.event(|e| e["event"] == "throttled" && e["instance_id"] == "i-1").await;
+}
+
+#[tokio::test]
+async fn logs_are_rotated_by_size_and_replayed_across_a_restart() {
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let flags = ["--rotate-bytes", "600", "--rotate-keep", "3"];
+    let (backend, url) = spawn_binary(&env, &flags).await;
+    let mut agent = Agent::connect(&url, who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(ALL_CAPS).await;
+    for seq in 1..=12 {
+        agent.state_log(1, "s1", true, Some(seq)).await;
+        assert_eq!(agent.expect("StateLogAck").await["seq"], seq);
+    }
+    let file = |name: &str| env.dir.path().join(name);
+    for name in ["statelog.jsonl", "statelog.jsonl.1", "statelog.jsonl.2", "events.jsonl", "events.jsonl.1"] {
+        let len = std::fs::metadata(file(name)).unwrap_or_else(|e| panic!("{name}: {e}")).len();
+        assert!(len <= 600, "{name}: {len} bytes");
+    }
+    assert!(!file("statelog.jsonl.4").exists());
+    drop(agent);
+    drop(backend);
+
+    // A resend of a StateLog now in a rotated file is acknowledged, not appended again.
+    let (_backend, url) = spawn_binary(&env, &flags).await;
+    let mut agent = Agent::connect(&url, who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(ALL_CAPS).await;
+    let before = std::fs::read_to_string(file("statelog.jsonl")).unwrap();
+    let oldest_kept = json_lines(&file("statelog.jsonl.3"))
+        .first()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .unwrap_or_else(|| json_lines(&file("statelog.jsonl.2"))[0]["seq"].as_u64().unwrap());
+    agent.state_log(1, "s1", true, Some(oldest_kept)).await;
+    assert_eq!(agent.expect("StateLogAck").await["seq"], oldest_kept);
+    agent.quiet().await;
+    assert_eq!(std::fs::read_to_string(file("statelog.jsonl")).unwrap(), before);
+}
+
+/// Connects, retrying while a closing connection still holds a place.
+async fn eventually_connect(url: &str, who: Identity) -> Agent {
+    let give_up = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => return Agent { ws, who },
+            Err(e) => assert!(tokio::time::Instant::now() < give_up, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -2,6 +2,12 @@
 //! served per app, the statelog, wait releases and the operator's orders. Every method
 //! runs under one lock and never awaits: frames to agents go into each connection's
 //! queue, in order.
+//!
+//! Who a connection is comes from its Handshake only, once its `instance_token` matched
+//! the instance's pin (see [`super::pins`]). What the connection says afterwards is taken
+//! for that instance only: a StateLog, WaitQuery or Heartbeat naming another instance or
+//! app, or sent before such a Handshake, is refused (logged, recorded as a `refused`
+//! event, not answered).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -13,6 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
 use super::journal::{Events, JsonLines};
+use super::pins::{valid_instance_id, PinStore, Verdict};
 use super::recipes::{
     self, parse_recipe, parse_reconnect, parse_update, read_one, valid_app_id, AppRecord, DirFile, FileKind, Scan,
     Served, UpdateOrder, VersionStore,
@@ -31,6 +38,10 @@ pub(crate) enum Out {
 
 /// WebSocket close code 1012, "service restart".
 pub(crate) const CLOSE_RESTART: u16 = 1012;
+/// WebSocket close code 1008, "policy violation": a Handshake refused.
+pub(crate) const CLOSE_POLICY: u16 = 1008;
+/// WebSocket close code 1011, "internal error".
+pub(crate) const CLOSE_INTERNAL: u16 = 1011;
 
 /// Who a connection is, from its last Handshake.
 #[derive(Debug, Clone)]
@@ -39,6 +50,9 @@ struct Reg {
     instance_id: String,
     agent_version: Option<String>,
     capabilities: Vec<String>,
+    /// Its token matched the instance's pin (or pinned it). A connection of an app with
+    /// no recipe yet whose instance has no pin is not: nothing was pinned for it.
+    authenticated: bool,
     /// It was sent a recipe (not `AppNotReady`): recipe updates are pushed to it.
     ready: bool,
 }
@@ -54,6 +68,10 @@ struct Conn {
     peer: String,
     tx: UnboundedSender<Out>,
     reg: Option<Reg>,
+    /// A Handshake was accepted (answered with a recipe or `AppNotReady`).
+    handshaken: bool,
+    /// Refused: it is being closed and nothing more it says is read.
+    closing: bool,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +88,9 @@ struct AppState {
 #[derive(Debug, Default)]
 struct Instance {
     app_id: String,
+    /// The recipe version last sent to it: its StateLogs for another version are
+    /// recorded but release no wait.
+    runs: Option<u64>,
     /// Per recipe version, the states whose latest StateLog was a success.
     done: BTreeMap<u64, BTreeSet<String>>,
 }
@@ -86,6 +107,9 @@ pub(crate) struct Hub {
     statelog: JsonLines,
     events: Events,
     versions: VersionStore,
+    pins: PinStore,
+    /// Apps with no trust on first use (`*`: all).
+    require_pin: Vec<String>,
     apps: BTreeMap<String, AppState>,
     conns: BTreeMap<u64, Conn>,
     instances: BTreeMap<String, Instance>,
@@ -94,6 +118,10 @@ pub(crate) struct Hub {
     /// `(instance_id, recipe_version)` → waits released for it, in release order.
     released: BTreeMap<(String, u64), Vec<Release>>,
 }
+
+/// Marks a statelog line that released nothing (another recipe version than the one the
+/// instance was sent), so that a restart does not count it either.
+const NO_WAIT_PROGRESS: &str = "wait_progress";
 
 fn redacted(mut o: Map<String, Value>) -> Value {
     if let Some(t) = o.get_mut("instance_token") {
@@ -124,16 +152,18 @@ impl Hub {
             return Err(BackendError::Config(format!("{}: not a directory", opts.recipe_dir.display())));
         }
         let versions = VersionStore::load(recipes::versions_path(&opts.statelog))?;
-        let history = JsonLines::read_all(&opts.statelog)?;
+        let history = JsonLines::read_all_rotated(&opts.statelog, opts.rotation)?;
         let mut skip = vec![opts.statelog.clone(), versions.path().to_path_buf()];
         skip.extend(opts.events.clone());
         let skip = skip.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())).collect();
         let mut hub = Self {
             recipe_dir: opts.recipe_dir.clone(),
             skip,
-            statelog: JsonLines::open(&opts.statelog)?,
-            events: Events::open(opts.events.as_deref())?,
+            statelog: JsonLines::open(&opts.statelog, opts.rotation)?,
+            events: Events::open(opts.events.as_deref(), opts.rotation)?,
             versions,
+            pins: PinStore::open(&opts.pins_dir())?,
+            require_pin: opts.require_pin.clone(),
             apps: BTreeMap::new(),
             conns: BTreeMap::new(),
             instances: BTreeMap::new(),
@@ -145,7 +175,9 @@ impl Hub {
             if let (Some(i), Some(seq)) = (&s.instance_id, s.seq) {
                 hub.seen.insert((i.clone(), seq));
             }
-            hub.record_result(&s);
+            if line.get(NO_WAIT_PROGRESS) != Some(&Value::Bool(false)) {
+                hub.record_result(&s);
+            }
         }
         for (app, rec) in &hub.versions.apps {
             match rec.served() {
@@ -187,10 +219,60 @@ impl Hub {
         self.conns.get(&conn)?.reg.as_ref().map(|r| r.instance_id.clone())
     }
 
+    /// Who the connection proved to be, if it did.
+    fn authenticated(&self, conn: u64) -> Option<Reg> {
+        self.conns.get(&conn)?.reg.as_ref().filter(|r| r.authenticated).cloned()
+    }
+
     pub fn connect(&mut self, conn: u64, peer: String, tx: UnboundedSender<Out>) {
         info!(conn, "connection from {peer}");
         self.events.record("open", json!({"conn": conn, "peer": peer}));
-        self.conns.insert(conn, Conn { peer, tx, reg: None });
+        self.conns.insert(conn, Conn { peer, tx, reg: None, handshaken: false, closing: false });
+    }
+
+    /// Whether the connection has had a Handshake accepted (for the Handshake timeout).
+    pub fn handshaken(&self, conn: u64) -> bool {
+        self.conns.get(&conn).is_some_and(|c| c.handshaken)
+    }
+
+    /// Records why a connection is refused (before or at its Handshake) and closes it
+    /// with `code` and `reason` (a close reason must fit in 123 bytes: the details are in
+    /// the event).
+    fn refuse_handshake(&mut self, conn: u64, app: &str, instance: &str, code: u16, reason: &str, detail: String) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        warn!(conn, "Handshake from {} refused: {detail}", c.peer);
+        self.events.record(
+            "handshake_refused",
+            json!({"conn": conn, "peer": c.peer, "app_id": app, "instance_id": instance, "reason": detail}),
+        );
+        c.reg = None;
+        c.closing = true;
+        let _ = c.tx.send(Out::Close { code, reason: reason.into() });
+    }
+
+    /// Records a message refused for what it claims; the connection stays.
+    fn refuse_message(&mut self, conn: u64, code: &str, reason: String) {
+        let instance = self.instance_of(conn);
+        warn!(conn, "{code} refused: {reason}");
+        self.events.record("refused", json!({"conn": conn, "code": code, "instance_id": instance, "reason": reason}));
+    }
+
+    /// The authenticated identity of `conn` if the message's own `instance_id` and
+    /// `app_id` (when it has them) are that identity; else the message is refused.
+    fn speaker(&mut self, conn: u64, code: &str, instance: Option<&str>, app: Option<&str>) -> Option<Reg> {
+        let Some(reg) = self.authenticated(conn) else {
+            self.refuse_message(conn, code, "no accepted Handshake on this connection".into());
+            return None;
+        };
+        if let Some(i) = instance.filter(|i| *i != reg.instance_id) {
+            self.refuse_message(conn, code, format!("names instance {i:?}, the connection is {:?}", reg.instance_id));
+            return None;
+        }
+        if let Some(a) = app.filter(|a| *a != reg.app_id) {
+            self.refuse_message(conn, code, format!("names app {a:?}, the connection is of app {:?}", reg.app_id));
+            return None;
+        }
+        Some(reg)
     }
 
     pub fn disconnect(&mut self, conn: u64) {
@@ -201,12 +283,45 @@ impl Hub {
         }
     }
 
+    /// A connection over a cap, answered with `status` and `reason` instead of a
+    /// WebSocket.
+    pub fn record_refused_connection(&mut self, conn: u64, peer: std::net::SocketAddr, status: u16, reason: &str) {
+        self.events.record(
+            "connection_refused",
+            json!({"conn": conn, "peer": peer.to_string(), "status": status, "reason": reason}),
+        );
+    }
+
+    /// The first time a connection is read slower than it sends.
+    pub fn record_throttled(&mut self, conn: u64, per_s: u32) {
+        let instance = self.instance_of(conn);
+        info!(conn, "more than {per_s} frames per second: reading slower");
+        self.events.record("throttled", json!({"conn": conn, "instance_id": instance, "frames_per_s": per_s}));
+    }
+
+    pub fn record_too_big(&mut self, conn: u64, reason: &str) {
+        let instance = self.instance_of(conn);
+        self.events.record("frame_too_big", json!({"conn": conn, "instance_id": instance, "reason": reason}));
+    }
+
+    pub fn record_handshake_timeout(&mut self, conn: u64, reason: &str) {
+        let peer = self.conns.get(&conn).map(|c| c.peer.clone());
+        warn!(conn, "{}: {reason}: closed", peer.as_deref().unwrap_or("?"));
+        self.events.record("handshake_timeout", json!({"conn": conn, "peer": peer, "reason": reason}));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.closing = true;
+        }
+    }
+
     pub fn on_binary(&mut self, conn: u64, len: usize) {
         warn!(conn, "binary frame of {len} bytes ignored (the protocol uses text frames)");
         self.events.record("binary", json!({"conn": conn, "len": len}));
     }
 
     pub fn on_text(&mut self, conn: u64, text: &str) {
+        if self.conns.get(&conn).is_none_or(|c| c.closing) {
+            return;
+        }
         let (msg, obj) = match wire::parse_agent(text) {
             Ok(m) => m,
             Err(e) => {
@@ -226,7 +341,11 @@ impl Hub {
             AgentMsg::WaitQuery { instance_id, app_id, recipe_version } => {
                 self.on_wait_query(conn, instance_id, app_id, recipe_version)
             }
-            AgentMsg::Heartbeat => debug!(conn, "heartbeat"),
+            AgentMsg::Heartbeat { instance_id, app_id } => {
+                if self.speaker(conn, "Heartbeat", instance_id.as_deref(), app_id.as_deref()).is_some() {
+                    debug!(conn, "heartbeat");
+                }
+            }
             AgentMsg::Unknown(code) => warn!(conn, "message with unknown code {code:?} ignored"),
         }
     }
@@ -242,11 +361,76 @@ impl Hub {
             self.send(conn, &out::app_not_ready());
             return;
         }
+        if !valid_instance_id(&instance_id) {
+            let detail = format!("unusable instance_id {:?}", short(&instance_id));
+            return self.refuse_handshake(conn, &app_id, "", CLOSE_POLICY, "unusable instance_id", detail);
+        }
+        let Some(token) = h.instance_token else {
+            let detail = format!("Handshake of {instance_id} (app {app_id}) without instance_token");
+            return self.refuse_handshake(conn, &app_id, &instance_id, CLOSE_POLICY, "no instance_token", detail);
+        };
         // Pick up a file created or edited since the last poll right away.
         self.refresh_app(&app_id);
-        self.instances.entry(instance_id.clone()).or_default().app_id = app_id.clone();
+        let has_recipe = self.apps.get(&app_id).is_some_and(|a| a.served.is_some());
+        let required = self.require_pin.iter().any(|a| a == "*" || *a == app_id);
+        let peer = self.conns.get(&conn).map(|c| c.peer.clone()).unwrap_or_default();
+        // Only an app the operator serves gets pins on first use: a client naming
+        // made-up apps must not fill the pins directory.
+        let may_pin = has_recipe && !required;
+        let authenticated = match self.pins.check(&app_id, &instance_id, &token, &peer, may_pin, SystemTime::now()) {
+            Ok(Verdict::Known) => true,
+            Ok(Verdict::Pinned) => {
+                info!(conn, "instance {instance_id} of app {app_id} pinned to the token it showed from {peer}");
+                self.events.record(
+                    "pinned",
+                    json!({"conn": conn, "peer": peer, "app_id": app_id, "instance_id": instance_id}),
+                );
+                true
+            }
+            Ok(Verdict::Mismatch) => {
+                let detail = format!(
+                    "instance {instance_id} of app {app_id} is pinned to another instance_token; \
+                     `opsagent-backend instances forget` resets it"
+                );
+                return self.refuse_handshake(
+                    conn,
+                    &app_id,
+                    &instance_id,
+                    CLOSE_POLICY,
+                    "instance_token does not match the pinned one",
+                    detail,
+                );
+            }
+            Ok(Verdict::Unpinned) if required => {
+                let detail = format!(
+                    "instance {instance_id} of app {app_id} is not registered and the app requires it \
+                     (`opsagent-backend instances pin`)"
+                );
+                return self.refuse_handshake(
+                    conn,
+                    &app_id,
+                    &instance_id,
+                    CLOSE_POLICY,
+                    "instance not registered",
+                    detail,
+                );
+            }
+            Ok(Verdict::Unpinned) => false,
+            Err(e) => {
+                error!(conn, "{e}");
+                let detail = format!("cannot check the pin of {instance_id} (app {app_id}): {e}");
+                return self.refuse_handshake(
+                    conn,
+                    &app_id,
+                    &instance_id,
+                    CLOSE_INTERNAL,
+                    "the backend cannot check the pin",
+                    detail,
+                );
+            }
+        };
         let app = self.apps.get(&app_id);
-        let served = app.and_then(|a| a.served.as_ref());
+        let served = app.and_then(|a| a.served.as_ref()).filter(|_| authenticated);
         let update = app.and_then(|a| a.update.clone());
         let announced = h.capabilities.is_some();
         let reg = Reg {
@@ -254,8 +438,10 @@ impl Hub {
             instance_id: instance_id.clone(),
             agent_version: h.agent_version,
             capabilities: h.capabilities.unwrap_or_default(),
+            authenticated,
             ready: served.is_some(),
         };
+        let served_version = served.map(|s| s.version);
         let mut frames = Vec::new();
         if announced {
             frames.push(out::capabilities());
@@ -283,6 +469,14 @@ impl Hub {
             return;
         };
         c.reg = Some(reg);
+        c.handshaken = true;
+        if authenticated {
+            let inst = self.instances.entry(instance_id).or_default();
+            inst.app_id = app_id;
+            if served_version.is_some() {
+                inst.runs = served_version;
+            }
+        }
         for f in &frames {
             self.send(conn, f);
         }
@@ -290,12 +484,12 @@ impl Hub {
     }
 
     fn on_statelog(&mut self, conn: u64, mut s: StateLogMsg, obj: Map<String, Value>) {
-        let reg = self.conns.get(&conn).and_then(|c| c.reg.clone());
-        if let Some(r) = &reg {
-            s.instance_id.get_or_insert_with(|| r.instance_id.clone());
-            s.app_id.get_or_insert_with(|| r.app_id.clone());
-        }
-        let ack = reg.as_ref().is_some_and(|r| r.has(capability::STATELOG_ACK));
+        let Some(reg) = self.speaker(conn, "StateLog", s.instance_id.as_deref(), s.app_id.as_deref()) else {
+            return;
+        };
+        s.instance_id = Some(reg.instance_id.clone());
+        s.app_id = Some(reg.app_id.clone());
+        let ack = reg.has(capability::STATELOG_ACK);
         let fresh = match (&s.instance_id, s.seq) {
             (Some(i), Some(seq)) => self.seen.insert((i.clone(), seq)),
             _ => true,
@@ -306,7 +500,14 @@ impl Hub {
             return;
         }
         let mut line = obj;
+        line.insert("instance_id".into(), Value::String(reg.instance_id.clone()));
+        line.insert("app_id".into(), Value::String(reg.app_id.clone()));
         line.insert("received_at".into(), Value::String(rfc3339(SystemTime::now())));
+        let runs = self.instances.get(&reg.instance_id).and_then(|i| i.runs);
+        let counts = s.recipe_version.is_some() && s.recipe_version == runs;
+        if !counts {
+            line.insert(NO_WAIT_PROGRESS.into(), Value::Bool(false));
+        }
         self.statelog.append(&Value::Object(line));
         info!(
             conn,
@@ -320,7 +521,14 @@ impl Hub {
                 None => "(no result)",
             }
         );
-        self.record_result(&s);
+        if counts {
+            self.record_result(&s);
+        } else {
+            debug!(
+                conn,
+                "StateLog for recipe version {:?}, the instance runs {runs:?}: no wait progress", s.recipe_version
+            );
+        }
         if let (true, Some(seq)) = (ack, s.seq) {
             self.send(conn, &out::statelog_ack(seq));
         }
@@ -345,13 +553,12 @@ impl Hub {
     }
 
     fn on_wait_query(&mut self, conn: u64, instance_id: Option<String>, app_id: Option<String>, version: Option<u64>) {
-        self.evaluate_waits();
-        let Some(instance_id) = instance_id.or_else(|| self.instance_of(conn)) else {
-            warn!(conn, "WaitQuery without instance_id before any Handshake: ignored");
+        let Some(reg) = self.speaker(conn, "WaitQuery", instance_id.as_deref(), app_id.as_deref()) else {
             return;
         };
-        let app_id = app_id.or_else(|| self.instances.get(&instance_id).map(|i| i.app_id.clone()));
-        let current = app_id.and_then(|a| self.apps.get(&a)?.served.as_ref().map(|s| s.version));
+        self.evaluate_waits();
+        let instance_id = reg.instance_id;
+        let current = self.apps.get(&reg.app_id).and_then(|a| a.served.as_ref().map(|s| s.version));
         let Some(version) = version.filter(|v| *v > 0).or(current) else {
             warn!(conn, "WaitQuery of {instance_id} without a recipe version and no recipe served: ignored");
             return;
@@ -381,6 +588,11 @@ impl Hub {
             let Some(served) = self.apps.get(&inst.app_id).and_then(|a| a.served.as_ref()) else {
                 continue;
             };
+            // Most apps wait for nothing: with 10,000 instances, each Handshake must not
+            // cost 10,000 key copies.
+            if served.waits.is_empty() {
+                continue;
+            }
             let released = self.released.get(&(id.clone(), served.version));
             for w in &served.waits {
                 if w.refs.is_empty() || released.is_some_and(|l| l.iter().any(|(s, _)| *s == w.state_id)) {
@@ -514,6 +726,9 @@ impl Hub {
         }
         for conn in self.conns_where(|r| r.app_id == app && r.ready) {
             self.send(conn, &frame);
+            if let Some(i) = self.instance_of(conn).and_then(|i| self.instances.get_mut(&i)) {
+                i.runs = Some(version);
+            }
         }
     }
 

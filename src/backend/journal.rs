@@ -1,4 +1,5 @@
-//! Append-only JSON-lines files (the statelog and the event log) and their timestamps.
+//! Append-only JSON-lines files (the statelog and the event log), rotated by size, and
+//! their timestamps.
 
 use crate::timefmt::rfc3339;
 use std::fs::{File, OpenOptions};
@@ -10,39 +11,99 @@ use serde_json::{Map, Value};
 
 use super::BackendError;
 
+/// When a journal is rotated: once appending a line would take it past `max_bytes`, `FILE`
+/// becomes `FILE.1` (`FILE.1` becomes `FILE.2`, …, up to `FILE.KEEP`; the oldest is
+/// dropped) and a new `FILE` is started. A line is never split across files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self { max_bytes: 64 << 20, keep: 4 }
+    }
+}
+
+/// `FILE.N`.
+pub(crate) fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{n}"));
+    PathBuf::from(p)
+}
+
 /// One JSON object per line, each line written whole and flushed.
 #[derive(Debug)]
 pub(crate) struct JsonLines {
     path: PathBuf,
     file: File,
+    len: u64,
+    rotation: Rotation,
 }
 
 impl JsonLines {
     /// Opens `path` for appending, creating it. A torn last line (a crash mid-write) is
     /// ended first, so that the next record starts on a line of its own.
-    pub fn open(path: &Path) -> Result<Self, BackendError> {
+    pub fn open(path: &Path, rotation: Rotation) -> Result<Self, BackendError> {
         let err = |source| BackendError::io("cannot open for appending", path, source);
         let mut file = OpenOptions::new().create(true).read(true).append(true).open(path).map_err(err)?;
-        let len = file.metadata().map_err(err)?.len();
+        let mut len = file.metadata().map_err(err)?.len();
         if len > 0 {
             use std::io::{Read, Seek, SeekFrom};
             let mut last = [0u8; 1];
             file.seek(SeekFrom::Start(len - 1)).and_then(|_| file.read_exact(&mut last)).map_err(err)?;
             if last[0] != b'\n' {
                 file.write_all(b"\n").map_err(err)?;
+                len += 1;
             }
         }
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self { path: path.to_path_buf(), file, len, rotation })
     }
 
     pub fn append(&mut self, v: &Value) {
         let mut line = v.to_string();
         line.push('\n');
+        if self.len > 0 && self.len + line.len() as u64 > self.rotation.max_bytes {
+            if let Err(e) = self.rotate() {
+                // Better a journal over its size than a lost record.
+                tracing::error!("{}: cannot rotate: {e}", self.path.display());
+            }
+        }
         // One write call per line, so a concurrent reader never sees half a line joined
         // to the next one.
-        if let Err(e) = self.file.write_all(line.as_bytes()).and_then(|()| self.file.flush()) {
-            tracing::error!("{}: cannot append: {e}", self.path.display());
+        match self.file.write_all(line.as_bytes()).and_then(|()| self.file.flush()) {
+            Ok(()) => self.len += line.len() as u64,
+            Err(e) => tracing::error!("{}: cannot append: {e}", self.path.display()),
         }
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let keep = self.rotation.keep;
+        if keep == 0 {
+            self.file.set_len(0)?;
+        } else {
+            for n in (1..keep).rev() {
+                match std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            std::fs::rename(&self.path, rotated(&self.path, 1))?;
+            self.file = OpenOptions::new().create(true).read(true).append(true).open(&self.path)?;
+        }
+        self.len = 0;
+        Ok(())
+    }
+
+    /// The lines of the rotated files, oldest first, then those of `path`.
+    pub fn read_all_rotated(path: &Path, rotation: Rotation) -> Result<Vec<Map<String, Value>>, BackendError> {
+        let mut out = Vec::new();
+        for n in (1..=rotation.keep).rev() {
+            out.extend(Self::read_all(&rotated(path, n))?);
+        }
+        out.extend(Self::read_all(path)?);
+        Ok(out)
     }
 
     /// Every object line of `path` (a missing file has none). Unreadable lines are
@@ -73,8 +134,8 @@ impl JsonLines {
 pub(crate) struct Events(Option<JsonLines>);
 
 impl Events {
-    pub fn open(path: Option<&Path>) -> Result<Self, BackendError> {
-        Ok(Self(path.map(JsonLines::open).transpose()?))
+    pub fn open(path: Option<&Path>, rotation: Rotation) -> Result<Self, BackendError> {
+        Ok(Self(path.map(|p| JsonLines::open(p, rotation)).transpose()?))
     }
 
     pub fn record(&mut self, event: &str, fields: Value) {
@@ -97,16 +158,46 @@ mod tests {
     fn lines_round_trip_and_torn_lines_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let mut log = JsonLines::open(&path).unwrap();
+        let mut log = JsonLines::open(&path, Rotation::default()).unwrap();
         log.append(&serde_json::json!({"a": 1}));
         log.append(&serde_json::json!({"b": "x\ny"}));
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"torn\":").unwrap();
         let all = JsonLines::read_all(&path).unwrap();
         assert_eq!(all.len(), 2);
-        JsonLines::open(&path).unwrap().append(&serde_json::json!({"c": 3}));
+        JsonLines::open(&path, Rotation::default()).unwrap().append(&serde_json::json!({"c": 3}));
         let all = JsonLines::read_all(&path).unwrap();
         assert_eq!((all.len(), &all[2]["c"]), (3, &serde_json::json!(3)));
         assert_eq!(all[1]["b"], "x\ny");
         assert!(JsonLines::read_all(&dir.path().join("none")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rotated_by_size_keeping_whole_lines_and_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let rotation = Rotation { max_bytes: 40, keep: 2 };
+        let mut log = JsonLines::open(&path, rotation).unwrap();
+        for n in 0..10 {
+            // Each line is 11 bytes: three per file, the first three dropped.
+            log.append(&serde_json::json!({"n": 1000 + n}));
+        }
+        for p in [path.clone(), rotated(&path, 1), rotated(&path, 2)] {
+            let len = std::fs::metadata(&p).unwrap().len();
+            assert!(len <= 40, "{}: {len}", p.display());
+        }
+        assert!(!rotated(&path, 3).exists());
+        let ns: Vec<u64> = JsonLines::read_all_rotated(&path, rotation)
+            .unwrap()
+            .iter()
+            .map(|o| o["n"].as_u64().unwrap() - 1000)
+            .collect();
+        assert_eq!(ns, vec![3, 4, 5, 6, 7, 8, 9]);
+        // Reopened, it knows its size: two more lines fit, the third rotates.
+        let mut log = JsonLines::open(&path, rotation).unwrap();
+        for n in 10..13 {
+            log.append(&serde_json::json!({"n": 1000 + n}));
+        }
+        assert_eq!(JsonLines::read_all(&path).unwrap().len(), 1);
+        assert_eq!(JsonLines::read_all(&rotated(&path, 1)).unwrap().len(), 3);
     }
 }

@@ -33,6 +33,27 @@
 //!   backend decision (`recipe_loaded`, `recipe_rejected`, `recipe_removed`,
 //!   `wait_released`, `agent_update`, `reconnect`, …). Each has `at` and `event`.
 //!
+//! - `STATELOG.pins/` (or `--pins-dir`): one file per pinned instance (see [`pins`]).
+//!
+//! # Who may say what
+//!
+//! A Handshake must carry the instance's `instance_token`. The first one of an (app,
+//! instance), for an app that has a recipe, pins the token (its sha256, with the time and
+//! the peer address); later Handshakes with another token are closed with 1008 and a
+//! `handshake_refused` event, and get nothing. An app named in `require_pin` gets no pin
+//! on first use: its instances are registered by the operator (`opsagent-backend
+//! instances pin`) or refused. A connection whose Handshake was accepted speaks for that
+//! instance only: StateLog, WaitQuery and Heartbeat frames naming another instance or
+//! app, or sent before such a Handshake, are refused (`refused` event, no answer). A
+//! StateLog counts towards waits only for the recipe version the backend last sent to
+//! its instance (others are recorded with `"wait_progress": false`).
+//!
+//! A backend without TLS refuses to start on an address other than loopback unless
+//! `insecure_plaintext` is set (then it warns at start and every hour). Connections are
+//! capped per IP address and in all (answered HTTP 429/503 with the reason), must
+//! Handshake within a timeout, and are read at a bounded frame rate; the statelog and the
+//! event log are rotated by size (see [`Limits`], [`Rotation`]).
+//!
 //! # Recipe versions
 //!
 //! An app's first recipe gets the file's `recipe_version` if it has one, else 1. Files are
@@ -51,8 +72,8 @@
 //! Each StateLog is appended to the statelog. When it carries `seq` and its agent announced
 //! `statelog-ack`, the backend records each `(instance_id, seq)` once — a resend is
 //! acknowledged but not appended again — and answers `StateLogAck {seq}`. The set of seen
-//! `(instance_id, seq)` is rebuilt from the statelog at start-up, so de-duplication
-//! survives a restart.
+//! `(instance_id, seq)` is rebuilt from the statelog (and the rotated files kept) at
+//! start-up, so de-duplication survives a restart.
 //!
 //! # Waits
 //!
@@ -79,6 +100,7 @@
 mod conn;
 mod hub;
 mod journal;
+pub mod pins;
 mod recipes;
 mod wire;
 
@@ -93,10 +115,13 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use conn::tls_server_config;
+pub use journal::Rotation;
 pub use wire::out::CAPABILITIES;
 
 pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 << 20;
+/// How often `--insecure-plaintext` on a non-loopback address is logged again.
+pub const PLAINTEXT_WARNING_EVERY: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -124,6 +149,33 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// What one peer, or all of them, may take of the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections from one IP address; more are refused (HTTP 429).
+    pub max_conns_per_addr: usize,
+    /// Open connections in all; more are refused (HTTP 503).
+    pub max_conns: usize,
+    /// From the TCP accept to the first Handshake; then the connection is closed (1008).
+    pub handshake_timeout: Duration,
+    /// Frames read per second and connection, sustained; past the burst the backend
+    /// stops reading that connection until it may (TCP pushes back on the agent).
+    pub frames_per_s: u32,
+    pub frame_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_conns_per_addr: 64,
+            max_conns: 20_000,
+            handshake_timeout: Duration::from_secs(30),
+            frames_per_s: 200,
+            frame_burst: 2_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendOptions {
     /// One `APP_ID.json` per app, plus the trigger files (see the module documentation).
@@ -134,6 +186,17 @@ pub struct BackendOptions {
     pub poll: Duration,
     pub tls: Option<TlsFiles>,
     pub max_frame_bytes: usize,
+    /// The instance pins (`None`: `STATELOG.pins/`).
+    pub pins_dir: Option<PathBuf>,
+    /// Apps whose instances must be pinned by the operator before their first Handshake
+    /// (no trust on first use); `*` names every app.
+    pub require_pin: Vec<String>,
+    /// Serve `ws://` on an address other than loopback. Without it, such a backend
+    /// refuses to start unless it has `tls`.
+    pub insecure_plaintext: bool,
+    pub limits: Limits,
+    /// Of the statelog and the event log.
+    pub rotation: Rotation,
 }
 
 impl BackendOptions {
@@ -145,7 +208,16 @@ impl BackendOptions {
             poll: DEFAULT_POLL,
             tls: None,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            pins_dir: None,
+            require_pin: Vec::new(),
+            insecure_plaintext: false,
+            limits: Limits::default(),
+            rotation: Rotation::default(),
         }
+    }
+
+    pub fn pins_dir(&self) -> PathBuf {
+        self.pins_dir.clone().unwrap_or_else(|| pins::PinStore::default_dir(&self.statelog))
     }
 }
 
@@ -166,17 +238,40 @@ impl Backend {
         let addr = listener
             .local_addr()
             .map_err(|e| BackendError::Config(format!("the listening socket has no address: {e}")))?;
+        let plaintext_exposed = opts.tls.is_none() && !addr.ip().is_loopback();
+        if plaintext_exposed && !opts.insecure_plaintext {
+            return Err(BackendError::Config(format!(
+                "{addr} is not a loopback address: serving it without TLS would send recipes (passwords, keys) \
+                 and instance tokens in clear; give --tls-cert and --tls-key, or --insecure-plaintext"
+            )));
+        }
         let tls = opts.tls.as_ref().map(|t| tls_server_config(&t.cert, &t.key)).transpose()?;
         let hub = Arc::new(Mutex::new(hub::Hub::open(&opts)?));
-        let ws_config = WebSocketConfig::default()
+        // Small buffers: 10,000 idle agents must not cost 128 KiB each; they grow for a
+        // large frame, up to max_frame_bytes.
+        let mut ws_config = WebSocketConfig::default()
             .max_frame_size(Some(opts.max_frame_bytes))
             .max_message_size(Some(opts.max_frame_bytes));
+        ws_config.read_buffer_size = 4096;
+        ws_config.write_buffer_size = 0;
+        ws_config.max_write_buffer_size = opts.max_frame_bytes.saturating_mul(2).max(1 << 20);
         let is_tls = tls.is_some();
-        let listener = conn::Listener { listener, tls: tls.map(tokio_rustls::TlsAcceptor::from), ws_config };
+        let listener = conn::Listener {
+            listener,
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            ws_config,
+            limits: opts.limits,
+            max_frame_bytes: opts.max_frame_bytes,
+        };
         let (shutdown, rx) = watch::channel(false);
         let poll = opts.poll.max(Duration::from_millis(10));
+        let warn_rx = rx.clone();
         let task = tokio::spawn(async move {
-            tokio::join!(conn::accept_loop(listener, hub.clone(), rx.clone()), conn::poll_loop(hub, poll, rx));
+            tokio::join!(
+                conn::accept_loop(listener, hub.clone(), rx.clone()),
+                conn::poll_loop(hub, poll, rx),
+                plaintext_warnings(addr, plaintext_exposed, warn_rx),
+            );
         });
         tracing::info!("listening on {addr}{}", if is_tls { " (TLS)" } else { "" });
         Ok(Self { addr, tls: is_tls, shutdown, task })
@@ -200,6 +295,24 @@ impl Backend {
     /// Serves until the task ends (it does not on its own).
     pub async fn wait(mut self) {
         let _ = (&mut self.task).await;
+    }
+}
+
+/// `--insecure-plaintext` on a reachable address is said at start and every hour, so that
+/// it is not forgotten in a log read once.
+async fn plaintext_warnings(addr: SocketAddr, exposed: bool, mut shutdown: watch::Receiver<bool>) {
+    if !exposed {
+        return;
+    }
+    let mut tick = tokio::time::interval(PLAINTEXT_WARNING_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => tracing::warn!(
+                "serving plain ws:// on {addr}, which is not loopback (--insecure-plaintext): recipes and \
+                 instance tokens cross the network in clear"
+            ),
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub(crate) struct Hello {
     pub instance_id: Option<String>,
     pub app_id: Option<String>,
     pub agent_version: Option<String>,
+    pub instance_token: Option<String>,
     /// `None`: the agent announced no capabilities at all (an original v1 agent).
     pub capabilities: Option<Vec<String>>,
 }
@@ -32,7 +33,7 @@ pub(crate) enum AgentMsg {
     Test(Hello),
     StateLog(StateLogMsg),
     WaitQuery { instance_id: Option<String>, app_id: Option<String>, recipe_version: Option<u64> },
-    Heartbeat,
+    Heartbeat { instance_id: Option<String>, app_id: Option<String> },
     Unknown(String),
 }
 
@@ -43,7 +44,7 @@ impl AgentMsg {
             AgentMsg::Test(_) => "Test",
             AgentMsg::StateLog(_) => "StateLog",
             AgentMsg::WaitQuery { .. } => "WaitQuery",
-            AgentMsg::Heartbeat => "Heartbeat",
+            AgentMsg::Heartbeat { .. } => "Heartbeat",
             AgentMsg::Unknown(code) => code,
         }
     }
@@ -92,6 +93,7 @@ fn hello(o: &Map<String, Value>) -> Hello {
         instance_id: text(o, &["instance_id"]),
         app_id: text(o, &["app_id"]),
         agent_version: text(o, &["agent_version"]),
+        instance_token: text(o, &["instance_token"]),
         capabilities: o
             .get("capabilities")
             .and_then(Value::as_array)
@@ -128,7 +130,7 @@ pub(crate) fn parse_agent(frame: &str) -> Result<(AgentMsg, Map<String, Value>),
             app_id: text(&o, &["app_id"]),
             recipe_version: number(&o, "recipe_version"),
         },
-        "Heartbeat" => AgentMsg::Heartbeat,
+        "Heartbeat" => AgentMsg::Heartbeat { instance_id: text(&o, &["instance_id"]), app_id: text(&o, &["app_id"]) },
         other => AgentMsg::Unknown(other.to_string()),
     };
     Ok((msg, o))
@@ -212,6 +214,7 @@ mod tests {
                 instance_id: Some("i-1".into()),
                 app_id: Some("app-1".into()),
                 agent_version: Some("1.2.0".into()),
+                instance_token: Some("t".into()),
                 capabilities: Some(vec!["statelog-ack".into()]),
             })
         );

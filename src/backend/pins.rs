@@ -1,0 +1,302 @@
+//! Instance pins: which `instance_token` an (app, instance) proved at its first
+//! Handshake, or was registered with by the operator.
+//!
+//! One file per pin in the pins directory, named by the sha256 of `APP\0INSTANCE` (the
+//! instance id comes from the network and must never shape a path), holding the
+//! token's sha256, never the token. Files are written whole (temporary file, fsync, then
+//! link or rename), so a crash leaves the old pin or the new one, never half of one.
+//! There is no cache: every Handshake reads its pin file, so `opsagent-backend instances
+//! pin|forget` act on a running backend at once, without a signal.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::recipes::{sha256_hex, valid_app_id};
+use super::BackendError;
+use crate::timefmt::rfc3339;
+
+/// Instance ids longer than this are refused: they are only names.
+pub const MAX_INSTANCE_ID: usize = 256;
+
+/// Who made a pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PinSource {
+    /// The instance's first Handshake (trust on first use).
+    FirstUse,
+    /// `opsagent-backend instances pin`.
+    Operator,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    pub app_id: String,
+    pub instance_id: String,
+    /// Lowercase hex sha256 of the token.
+    pub token_sha256: String,
+    pub pinned_at: String,
+    /// The peer address of the first Handshake; `null` for an operator's pin.
+    pub peer: Option<String>,
+    pub source: PinSource,
+}
+
+/// The outcome of a Handshake's token check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The token matches the pin.
+    Known,
+    /// No pin existed; this Handshake made it.
+    Pinned,
+    /// No pin, and none may be made now (the caller decides why).
+    Unpinned,
+    /// Pinned to another token.
+    Mismatch,
+}
+
+/// The hash stored for a token.
+pub fn token_hash(token: &str) -> String {
+    sha256_hex(token.as_bytes())
+}
+
+/// Checks an instance id read from a Handshake or the command line.
+pub fn valid_instance_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_INSTANCE_ID && !s.chars().any(char::is_control)
+}
+
+#[derive(Debug, Clone)]
+pub struct PinStore {
+    dir: PathBuf,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BackendError + 'a {
+    move |e| BackendError::io(what, path, e)
+}
+
+impl PinStore {
+    /// Where the pins live when not given: `STATELOG.pins/`, next to the statelog.
+    pub fn default_dir(statelog: &Path) -> PathBuf {
+        let mut p = statelog.as_os_str().to_owned();
+        p.push(".pins");
+        PathBuf::from(p)
+    }
+
+    /// Opens the directory, creating it (mode 0700) if needed.
+    pub fn open(dir: &Path) -> Result<Self, BackendError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io("cannot create the pins directory", dir))?;
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, app: &str, instance: &str) -> PathBuf {
+        let mut key = Vec::with_capacity(app.len() + instance.len() + 1);
+        key.extend_from_slice(app.as_bytes());
+        key.push(0);
+        key.extend_from_slice(instance.as_bytes());
+        self.dir.join(format!("{}.json", sha256_hex(&key)))
+    }
+
+    pub fn get(&self, app: &str, instance: &str) -> Result<Option<Pin>, BackendError> {
+        let path = self.path(app, instance);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BackendError::io("cannot read the pin", &path, e)),
+        };
+        let pin: Pin = serde_json::from_slice(&bytes)
+            .map_err(|e| BackendError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        if pin.app_id != app || pin.instance_id != instance {
+            return Err(BackendError::Corrupt {
+                path,
+                reason: format!("holds the pin of {}/{}", pin.app_id, pin.instance_id),
+            });
+        }
+        Ok(Some(pin))
+    }
+
+    /// Writes `pin` to a temporary file of the directory, synced; returns its path.
+    fn stage(&self, pin: &Pin) -> Result<PathBuf, BackendError> {
+        let mut rand = [0u8; 8];
+        getrandom::fill(&mut rand).map_err(|e| BackendError::Config(format!("no randomness: {e}")))?;
+        let tmp = self.dir.join(format!(".tmp-{}", hex::encode(rand)));
+        let mut text = serde_json::to_vec_pretty(pin).map_err(|e| BackendError::Config(e.to_string()))?;
+        text.push(b'\n');
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("cannot create", &tmp))?;
+        if let Err(e) = f.write_all(&text).and_then(|()| f.sync_all()) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(BackendError::io("cannot write", &tmp, e));
+        }
+        Ok(tmp)
+    }
+
+    fn sync_dir(&self) -> Result<(), BackendError> {
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("cannot sync", &self.dir))
+    }
+
+    /// A Handshake's check: the token against the pin; with no pin, pins it when
+    /// `may_pin`. Creating is exclusive (a hard link fails if the name exists), so two
+    /// first Handshakes racing (or an operator's pin racing one) cannot both win.
+    pub fn check(
+        &self,
+        app: &str,
+        instance: &str,
+        token: &str,
+        peer: &str,
+        may_pin: bool,
+        now: SystemTime,
+    ) -> Result<Verdict, BackendError> {
+        let hash = token_hash(token);
+        if let Some(pin) = self.get(app, instance)? {
+            return Ok(if pin.token_sha256 == hash { Verdict::Known } else { Verdict::Mismatch });
+        }
+        if !may_pin {
+            return Ok(Verdict::Unpinned);
+        }
+        let pin = Pin {
+            app_id: app.into(),
+            instance_id: instance.into(),
+            token_sha256: hash,
+            pinned_at: rfc3339(now),
+            peer: Some(peer.into()),
+            source: PinSource::FirstUse,
+        };
+        let tmp = self.stage(&pin)?;
+        let target = self.path(app, instance);
+        let linked = std::fs::hard_link(&tmp, &target);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            // The directory is not synced here (an operator's change is): a first-use pin
+            // lost to a power cut is made again by the same agent's next Handshake, and
+            // 10,000 agents pinning at once must not wait for 20,000 syncs.
+            Ok(()) => Ok(Verdict::Pinned),
+            // Someone else pinned it meanwhile: their pin decides.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                self.check(app, instance, token, peer, false, now)
+            }
+            Err(e) => Err(BackendError::io("cannot create the pin", &target, e)),
+        }
+    }
+
+    /// The operator's pin (replacing any earlier one); returns the pin replaced.
+    pub fn pin(
+        &self,
+        app: &str,
+        instance: &str,
+        token_sha256: &str,
+        now: SystemTime,
+    ) -> Result<Option<Pin>, BackendError> {
+        check_ids(app, instance)?;
+        if token_sha256.len() != 64 || !token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BackendError::Config(format!("{token_sha256:?} is not a sha256 in hex (64 characters)")));
+        }
+        let old = self.get(app, instance).ok().flatten();
+        let pin = Pin {
+            app_id: app.into(),
+            instance_id: instance.into(),
+            token_sha256: token_sha256.to_ascii_lowercase(),
+            pinned_at: rfc3339(now),
+            peer: None,
+            source: PinSource::Operator,
+        };
+        let tmp = self.stage(&pin)?;
+        let target = self.path(app, instance);
+        if let Err(e) = std::fs::rename(&tmp, &target) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(BackendError::io("cannot write the pin", &target, e));
+        }
+        self.sync_dir()?;
+        Ok(old)
+    }
+
+    /// Removes a pin; returns it (`None`: there was none).
+    pub fn forget(&self, app: &str, instance: &str) -> Result<Option<Pin>, BackendError> {
+        check_ids(app, instance)?;
+        let old = self.get(app, instance)?;
+        let path = self.path(app, instance);
+        match std::fs::remove_file(&path) {
+            Ok(()) => self.sync_dir()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BackendError::io("cannot remove the pin", &path, e)),
+        }
+        Ok(old)
+    }
+
+    /// Every pin, sorted by app then instance.
+    pub fn list(&self) -> Result<Vec<Pin>, BackendError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io("cannot list", &self.dir))? {
+            let path = entry.map_err(io("cannot list", &self.dir))?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(io("cannot read the pin", &path))?;
+            let pin: Pin = serde_json::from_slice(&bytes)
+                .map_err(|e| BackendError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+            out.push(pin);
+        }
+        out.sort_by(|a, b| (&a.app_id, &a.instance_id).cmp(&(&b.app_id, &b.instance_id)));
+        Ok(out)
+    }
+}
+
+fn check_ids(app: &str, instance: &str) -> Result<(), BackendError> {
+    if !valid_app_id(app) {
+        return Err(BackendError::Config(format!("{app:?} is not a valid app id")));
+    }
+    if !valid_instance_id(instance) {
+        return Err(BackendError::Config(format!("{instance:?} is not a valid instance id")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_use_pins_then_only_that_token_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PinStore::open(&dir.path().join("pins")).unwrap();
+        let now = SystemTime::now();
+        assert_eq!(store.check("a", "i-1", "t1", "1.2.3.4:5", false, now).unwrap(), Verdict::Unpinned);
+        assert_eq!(store.check("a", "i-1", "t1", "1.2.3.4:5", true, now).unwrap(), Verdict::Pinned);
+        assert_eq!(store.check("a", "i-1", "t1", "9.9.9.9:5", true, now).unwrap(), Verdict::Known);
+        assert_eq!(store.check("a", "i-1", "t2", "9.9.9.9:5", true, now).unwrap(), Verdict::Mismatch);
+        // Same instance id in another app: another pin.
+        assert_eq!(store.check("b", "i-1", "t2", "9.9.9.9:5", true, now).unwrap(), Verdict::Pinned);
+        let text = std::fs::read_to_string(store.path("a", "i-1")).unwrap();
+        assert!(!text.contains("\"t1\""), "the token itself is never stored: {text}");
+        let list = store.list().unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!((list[0].source, list[0].peer.as_deref()), (PinSource::FirstUse, Some("1.2.3.4:5")));
+
+        let replaced = store.pin("a", "i-1", &token_hash("t2"), now).unwrap().unwrap();
+        assert_eq!(replaced.token_sha256, token_hash("t1"));
+        assert_eq!(store.check("a", "i-1", "t2", "x", true, now).unwrap(), Verdict::Known);
+        assert!(store.forget("a", "i-1").unwrap().is_some());
+        assert!(store.forget("a", "i-1").unwrap().is_none());
+        assert!(store.pin("a", "i-1", "nothex", now).is_err());
+        assert!(store.pin("../a", "i-1", &token_hash("x"), now).is_err());
+        let leftovers: Vec<_> = std::fs::read_dir(store.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}
