@@ -466,7 +466,7 @@ EOF
 
 # ---------------------------------------------------------------- f. systemd-analyze
 test_f() {
-    local c=f-analyze out score hscore
+    local c=f-analyze out score hscore uscore
     install_agent $c i-an
     out=$(csh $c 'cd /etc/systemd/system && systemd-analyze verify opsagent.service opsagent-helper.service opsagent-helper.socket 2>&1') ||
         { say "$out"; fail "systemd-analyze verify failed"; }
@@ -476,10 +476,16 @@ test_f() {
     score=$(printf '%s\n' "$out" | sed -n 's/.*Overall exposure level for opsagent.service: \([0-9.]*\).*/\1/p')
     out=$(csh $c 'systemd-analyze security --no-pager opsagent-helper.service') || fail "systemd-analyze security opsagent-helper.service failed"
     hscore=$(printf '%s\n' "$out" | sed -n 's/.*Overall exposure level for opsagent-helper.service: \([0-9.]*\).*/\1/p')
-    say "  SCORE systemd-analyze security: opsagent.service $score, opsagent-helper.service $hscore"
-    echo "opsagent.service $score; opsagent-helper.service $hscore" >"$WORK/scores"
-    [ -n "$score" ] && [ -n "$hscore" ] || fail "cannot read the exposure scores"
-    awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }' || fail "opsagent.service exposure $score > 2.0"
+    out=$(csh $c 'systemd-analyze security --no-pager opsagent-upgrade.service') || fail "systemd-analyze security opsagent-upgrade.service failed"
+    uscore=$(printf '%s\n' "$out" | sed -n 's/.*Overall exposure level for opsagent-upgrade.service: \([0-9.]*\).*/\1/p')
+    say "  SCORE systemd-analyze security: opsagent.service $score, opsagent-helper.service $hscore, opsagent-upgrade.service $uscore"
+    echo "opsagent.service $score; opsagent-helper.service $hscore; opsagent-upgrade.service $uscore" >"$WORK/scores"
+    [ -n "$score" ] && [ -n "$hscore" ] && [ -n "$uscore" ] || fail "cannot read the exposure scores"
+    # No unit may get more exposed than it was when the trust-boundary work began
+    # (daemon 1.2, helper 2.9, installer 1.4).
+    awk -v s="$score" 'BEGIN { exit !(s <= 1.2) }' || fail "opsagent.service exposure $score > 1.2"
+    awk -v s="$hscore" 'BEGIN { exit !(s <= 2.9) }' || fail "opsagent-helper.service exposure $hscore > 2.9"
+    awk -v s="$uscore" 'BEGIN { exit !(s <= 1.4) }' || fail "opsagent-upgrade.service exposure $uscore > 1.4"
 }
 
 # ---------------------------------------------------------------- g. cron fallback
