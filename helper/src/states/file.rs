@@ -338,7 +338,11 @@ mod tests {
         let out = apply(&file(json!({"path": setuid, "content": "new"})));
         assert!(out.result, "{}", out.comment);
         assert_eq!(fs::metadata(&setuid).unwrap().mode() & 0o7777, 0o755);
-        assert!(out.changes.iter().any(|c| c.what == "mode 4755 -> 0755" || c.what.contains("-> 0755")), "{:?}", out.changes);
+        assert!(
+            out.changes.iter().any(|c| c.what == "mode 4755 -> 0755" || c.what.contains("-> 0755")),
+            "{:?}",
+            out.changes
+        );
         // A new file without mode: 0644.
         let new = dir.path().join("new");
         assert!(apply(&file(json!({"path": new, "content": "x"}))).result);
