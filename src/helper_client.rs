@@ -39,6 +39,10 @@ pub enum HelperClientError {
     Connect { path: String, source: std::io::Error },
     #[error("helper at {path}: {source}")]
     Codec { path: String, source: CodecError },
+    /// Writing the request failed: the helper had closed the connection, so it never
+    /// saw the request (a Unix socket refuses the write at once).
+    #[error("helper at {path}: the request could not be sent: {source}")]
+    Unsent { path: String, source: CodecError },
     #[error(
         "helper at {path} closed the connection before answering (it exited or was killed while serving the request)"
     )]
@@ -322,14 +326,16 @@ impl UnixHelperClient {
             }
             let conn = guard.as_mut().expect("connected above");
             let result = f(self, conn).await;
-            let lost = matches!(result, Err(HelperClientError::Codec { .. } | HelperClientError::Closed { .. }));
+            let unsent = matches!(result, Err(HelperClientError::Unsent { .. }));
+            let lost =
+                unsent || matches!(result, Err(HelperClientError::Codec { .. } | HelperClientError::Closed { .. }));
             if lost || matches!(result, Err(HelperClientError::Protocol { .. } | HelperClientError::Abandoned { .. })) {
                 *guard = None;
             }
             // A kept connection closed by the helper just as it was used (the close
-            // raced the request): try once more on a fresh one, for requests without
-            // effects only.
-            if lost && reused && retry && !retried {
+            // raced the request): try once more on a fresh one — always when the
+            // request was not even sent, otherwise for requests without effects only.
+            if lost && reused && (retry || unsent) && !retried {
                 retried = true;
                 tracing::debug!(socket = %self.shown(), "helper connection was closed; reconnecting");
                 continue;
@@ -344,7 +350,12 @@ impl UnixHelperClient {
         req: ApplyRequest,
         mut cancel: Cancel,
     ) -> Result<Applied, HelperClientError> {
-        let id = self.send(conn, Request::Apply(req)).await?;
+        let id = match self.send(conn, Request::Apply(req)).await {
+            Err(HelperClientError::Codec { path, source: source @ CodecError::Io(_) }) => {
+                return Err(HelperClientError::Unsent { path, source })
+            }
+            sent => sent?,
+        };
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
