@@ -447,8 +447,9 @@ impl Connection {
     async fn decode(&mut self, body: &[u8]) -> Option<RequestFrame> {
         match request::decode_request(body) {
             Ok(frame) => Some(frame),
-            Err(DecodeError::Invalid { id, module, error }) => {
-                warn!(id, module = ?module, result = "refused", code = ?ErrorCode::InvalidParameter, error = %error, "request refused");
+            Err(DecodeError::Invalid { id, state_id, module, error }) => {
+                let state_id = state_id.as_ref().map_or("", |s| s.as_str());
+                warn!(id, state_id, module = ?module, result = "refused", code = ?ErrorCode::InvalidParameter, error = %error, "request refused");
                 let e = HelperError::new(ErrorCode::InvalidParameter, error.to_string());
                 self.reply(id, Reply::Error(e)).await;
                 None

@@ -353,7 +353,7 @@ fn hostile_parameters_are_refused_by_the_helper_itself() {
     }
     // Nothing reached a module: the helper logs "apply" before it runs one.
     let log = helper.log();
-    for line in log.lines().filter(|l| l.contains("attack-")) {
+    for line in log.lines().filter(|l| l.contains("attack-") && !l.contains("request refused")) {
         failures.push(format!("a module was started: {line}"));
     }
     assert!(

@@ -193,7 +193,8 @@ pub enum ErrorCode {
 #[derive(Debug)]
 pub enum DecodeError {
     /// An `Apply` whose parameters the catalogue refuses: the error names the parameter.
-    Invalid { id: u64, module: String, error: Box<CatalogueError> },
+    /// `state_id` is the request's, when it is a valid one (for the log).
+    Invalid { id: u64, state_id: Option<StateId>, module: String, error: Box<CatalogueError> },
     /// Not a request at all.
     Malformed { id: u64, message: String },
 }
@@ -212,7 +213,8 @@ pub fn decode_request(body: &[u8]) -> Result<RequestFrame, DecodeError> {
         v.as_ref().and_then(|v| v.get("request")).filter(|r| r.get("type").and_then(Value::as_str) == Some("apply"));
     if let Some((r, module)) = apply.and_then(|r| Some((r, r.get("module")?.as_str()?))) {
         if let Err(error) = parse_params(module, r.get("params").unwrap_or(&Value::Null)) {
-            return Err(DecodeError::Invalid { id, module: module.to_string(), error: Box::new(error) });
+            let state_id = r.get("state_id").and_then(Value::as_str).and_then(|s| StateId::parse(s).ok());
+            return Err(DecodeError::Invalid { id, state_id, module: module.to_string(), error: Box::new(error) });
         }
     }
     Err(DecodeError::Malformed { id, message: err.to_string() })

@@ -151,9 +151,12 @@ impl Client {
 
 /// The JSON of an `Apply` request (see [`Client::apply`]).
 pub fn apply_json(state_id: &str, module: &str, raw: Value, patch: &[(&str, Value)]) -> Value {
+    // Parameters the catalogue accepts go in the daemon's own serialisation; the others
+    // (which a compromised daemon may send all the same) go as they are, in the shape
+    // recipes use, which the helper's decoder reads too — and refuses.
     let mut params = match parse_state(module, &raw) {
         Ok(parsed) => serde_json::to_value(parsed.params).unwrap()["params"].take(),
-        Err(e) => panic!("{module}: the attempt's base parameters must parse: {e}"),
+        Err(_) => raw,
     };
     for (k, v) in patch {
         params[*k] = v.clone();
