@@ -29,28 +29,21 @@ fn logs_of(statelog: &Path, version: u64) -> Vec<Value> {
 
 #[test]
 fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let work = dir.join("work");
-    std::fs::create_dir(&work).unwrap();
-    let recipes = dir.join("recipes");
-    std::fs::create_dir(&recipes).unwrap();
-    std::fs::write(recipes.join("app-e2e.json"), recipe(&work, "v1\n").to_string()).unwrap();
-    let statelog = dir.join("statelog.jsonl");
-    let socket = dir.join("helper.sock");
+    let s = setup("app-e2e", |w| recipe(w, "v1\n"));
+    let (dir, work, recipes, statelog, socket) = (s.dir.as_path(), &s.work, &s.recipes, &s.statelog, &s.socket);
 
-    let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
-    let _helper = start_helper(dir, &socket);
-    let agent = start_agent(dir, port, "app-e2e", "i-e2e", &socket, &["--round-delay", "1"]);
+    let (_backend, port) = start_backend(dir, recipes, statelog, &["--poll-ms", "100"]);
+    let _helper = start_helper(dir, socket);
+    let agent = start_agent(dir, port, "app-e2e", "i-e2e", socket, &["--round-delay", "1"]);
 
     // Two rounds of four states.
     assert!(
-        wait_until(Duration::from_secs(30), || logs_of(&statelog, 1).len() >= 8),
+        wait_until(Duration::from_secs(30), || logs_of(statelog, 1).len() >= 8),
         "two rounds expected; statelog: {:?}\nagent: {}",
-        read_jsonl(&statelog),
+        read_jsonl(statelog),
         agent.log_text()
     );
-    let logs = logs_of(&statelog, 1);
+    let logs = logs_of(statelog, 1);
     let ids: Vec<&str> = logs.iter().map(|l| l["id"].as_str().unwrap()).collect();
     assert_eq!(&ids[..8], &["s-dir", "s-file", "s-link", "s-cmd", "s-dir", "s-file", "s-link", "s-cmd"]);
     for l in &logs {
@@ -70,18 +63,18 @@ fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
     assert_eq!(std::fs::read_link(work.join("link")).unwrap(), work.join("d"));
 
     // Editing the recipe file makes the agent apply the new version.
-    std::fs::write(recipes.join("app-e2e.json"), recipe(&work, "v2\n").to_string()).unwrap();
+    std::fs::write(recipes.join("app-e2e.json"), recipe(work, "v2\n").to_string()).unwrap();
     assert!(
-        wait_until(Duration::from_secs(30), || logs_of(&statelog, 2).len() >= 4),
+        wait_until(Duration::from_secs(30), || logs_of(statelog, 2).len() >= 4),
         "new version expected; agent: {}",
         agent.log_text()
     );
     assert_eq!(std::fs::read_to_string(work.join("d/f.conf")).unwrap(), "v2\n");
-    let v2 = logs_of(&statelog, 2);
+    let v2 = logs_of(statelog, 2);
     assert!(v2[1]["state_comment"].as_str().unwrap().contains("changed:"), "{}", v2[1]);
 
     // Each (version, state, sequence number) appears once: nothing doubled.
-    let all = read_jsonl(&statelog);
+    let all = read_jsonl(statelog);
     let mut seqs: Vec<u64> = all.iter().filter_map(|l| l["seq"].as_u64()).collect();
     let n = seqs.len();
     seqs.dedup();
@@ -91,20 +84,13 @@ fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
 
 #[test]
 fn a_second_daemon_on_the_same_state_directory_refuses_to_start_naming_the_first() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let work = dir.join("work");
-    std::fs::create_dir(&work).unwrap();
-    let recipes = dir.join("recipes");
-    std::fs::create_dir(&recipes).unwrap();
-    std::fs::write(recipes.join("app-lock.json"), recipe(&work, "v1\n").to_string()).unwrap();
-    let statelog = dir.join("statelog.jsonl");
-    let socket = dir.join("helper.sock");
-    let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
-    let _helper = start_helper(dir, &socket);
-    let first = start_agent(dir, port, "app-lock", "i-lock", &socket, &["--round-delay", "1"]);
+    let s = setup("app-lock", |w| recipe(w, "v1\n"));
+    let (dir, recipes, statelog, socket) = (s.dir.as_path(), &s.recipes, &s.statelog, &s.socket);
+    let (_backend, port) = start_backend(dir, recipes, statelog, &["--poll-ms", "100"]);
+    let _helper = start_helper(dir, socket);
+    let first = start_agent(dir, port, "app-lock", "i-lock", socket, &["--round-delay", "1"]);
     assert!(
-        wait_until(Duration::from_secs(30), || logs_of(&statelog, 1).len() >= 4),
+        wait_until(Duration::from_secs(30), || logs_of(statelog, 1).len() >= 4),
         "the first daemon runs a round; agent: {}",
         first.log_text()
     );
@@ -124,7 +110,7 @@ fn a_second_daemon_on_the_same_state_directory_refuses_to_start_naming_the_first
         .arg("--state-dir")
         .arg(dir.join("i-lock.state"))
         .arg("--helper-socket")
-        .arg(&socket)
+        .arg(socket)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(second_dir.join("agent.log")).unwrap())
         .spawn()
@@ -146,9 +132,9 @@ fn a_second_daemon_on_the_same_state_directory_refuses_to_start_naming_the_first
         "the refusal names the first daemon's pid: {stderr}"
     );
     // The first one goes on: another round is reported after the refusal.
-    let before = logs_of(&statelog, 1).len();
+    let before = logs_of(statelog, 1).len();
     assert!(
-        wait_until(Duration::from_secs(30), || logs_of(&statelog, 1).len() >= before + 4),
+        wait_until(Duration::from_secs(30), || logs_of(statelog, 1).len() >= before + 4),
         "the first daemon keeps running its rounds; agent: {}",
         first.log_text()
     );

@@ -39,26 +39,6 @@ fn assert_exactly_once(statelog: &Path) -> usize {
     logs.len()
 }
 
-struct Setup {
-    _tmp: tempfile::TempDir,
-    dir: std::path::PathBuf,
-    recipes: std::path::PathBuf,
-    statelog: std::path::PathBuf,
-    socket: std::path::PathBuf,
-    work: std::path::PathBuf,
-}
-
-fn setup(app: &str, recipe: impl Fn(&Path) -> Value) -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    let work = dir.join("work");
-    std::fs::create_dir(&work).unwrap();
-    let recipes = dir.join("recipes");
-    std::fs::create_dir(&recipes).unwrap();
-    std::fs::write(recipes.join(format!("{app}.json")), recipe(&work).to_string()).unwrap();
-    Setup { statelog: dir.join("statelog.jsonl"), socket: dir.join("helper.sock"), recipes, work, dir, _tmp: tmp }
-}
-
 #[test]
 fn a_backend_killed_mid_round_loses_and_doubles_nothing() {
     let s = setup("app-r1", |w| slow_recipe(w, "r1"));

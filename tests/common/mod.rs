@@ -222,3 +222,26 @@ impl Files {
         self.hits.lock().unwrap().iter().filter(|p| *p == &format!("/{name}")).count()
     }
 }
+
+/// A temporary directory laid out for a backend, a helper and agents: `work/` for what
+/// the recipe manages, `recipes/APP.json` holding `recipe(work)`, the backend's statelog
+/// and the helper's socket path.
+pub struct Setup {
+    _tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub recipes: PathBuf,
+    pub statelog: PathBuf,
+    pub socket: PathBuf,
+    pub work: PathBuf,
+}
+
+pub fn setup(app: &str, recipe: impl Fn(&Path) -> Value) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let work = dir.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let recipes = dir.join("recipes");
+    std::fs::create_dir(&recipes).unwrap();
+    std::fs::write(recipes.join(format!("{app}.json")), recipe(&work).to_string()).unwrap();
+    Setup { statelog: dir.join("statelog.jsonl"), socket: dir.join("helper.sock"), recipes, work, dir, _tmp: tmp }
+}
