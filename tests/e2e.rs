@@ -145,22 +145,16 @@ fn a_second_daemon_on_the_same_state_directory_refuses_to_start_naming_the_first
 /// second only the running state.
 #[test]
 fn status_and_stop_against_a_running_daemon() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let work = dir.join("work");
-    std::fs::create_dir(&work).unwrap();
-    let recipes = dir.join("recipes");
-    std::fs::create_dir(&recipes).unwrap();
-    let w = work.display().to_string();
-    let doc = json!({"recipe_version": 1, "state": [
-        {"id": "s-slow", "module": "linux.cmd", "parameter": {"cmd": "echo >> started; sleep 2", "cwd": w}},
-        {"id": "s-file", "module": "linux.file", "parameter": {"path": format!("{w}/f"), "content": "x"}}
-    ]});
-    std::fs::write(recipes.join("app-stop.json"), doc.to_string()).unwrap();
-    let statelog = dir.join("statelog.jsonl");
-    let socket = dir.join("helper.sock");
-    let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
-    let _helper = start_helper(dir, &socket);
+    let s = setup("app-stop", |work| {
+        let w = work.display().to_string();
+        json!({"recipe_version": 1, "state": [
+            {"id": "s-slow", "module": "linux.cmd", "parameter": {"cmd": "echo >> started; sleep 2", "cwd": w}},
+            {"id": "s-file", "module": "linux.file", "parameter": {"path": format!("{w}/f"), "content": "x"}}
+        ]})
+    });
+    let (dir, work, statelog, socket) = (s.dir.as_path(), &s.work, &s.statelog, &s.socket);
+    let (_backend, port) = start_backend(dir, &s.recipes, statelog, &["--poll-ms", "100"]);
+    let _helper = start_helper(dir, socket);
     let state_dir = dir.join("i-stop.state");
     let opsagent = |args: &[&str]| {
         let out = std::process::Command::new(bin("opsagent"))
@@ -173,12 +167,12 @@ fn status_and_stop_against_a_running_daemon() {
             .unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
     };
-    let count = |id: &str| logs_of(&statelog, 1).iter().filter(|l| l["id"] == id).count();
+    let count = |id: &str| logs_of(statelog, 1).iter().filter(|l| l["id"] == id).count();
     // How many times the slow state has started; more than reported: it runs now.
     let started = || std::fs::read_to_string(work.join("started")).unwrap_or_default().lines().count();
     let slow_runs_now = || started() > count("s-slow");
 
-    let mut agent = start_agent(dir, port, "app-stop", "i-stop", &socket, &["--round-delay", "1"]);
+    let mut agent = start_agent(dir, port, "app-stop", "i-stop", socket, &["--round-delay", "1"]);
     assert!(wait_until(Duration::from_secs(30), || count("s-file") >= 1), "a round: {}", agent.log_text());
     // The status file follows the daemon within moments: read until it shows the round.
     let status_json = || {
@@ -208,20 +202,20 @@ fn status_and_stop_against_a_running_daemon() {
     let exit =
         agent.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("still running: {}", agent.log_text()));
     assert!(exit.success(), "{exit:?}: {}", agent.log_text());
-    assert_eq!(count("s-slow"), started(), "{:?}", logs_of(&statelog, 1));
-    assert_eq!(count("s-file"), started(), "the round ran to its end: {:?}", logs_of(&statelog, 1));
+    assert_eq!(count("s-slow"), started(), "{:?}", logs_of(statelog, 1));
+    assert_eq!(count("s-file"), started(), "the round ran to its end: {:?}", logs_of(statelog, 1));
 
     // A plain stop while the slow state runs: that state ends and is reported, the next
     // one does not run.
-    let mut agent = start_agent(dir, port, "app-stop", "i-stop", &socket, &["--round-delay", "1"]);
+    let mut agent = start_agent(dir, port, "app-stop", "i-stop", socket, &["--round-delay", "1"]);
     assert!(wait_until(Duration::from_secs(30), slow_runs_now), "{}", agent.log_text());
     let (ok, text) = opsagent(&["stop"]);
     assert!(ok && text.contains("after the running state"), "{text}");
     let exit =
         agent.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("still running: {}", agent.log_text()));
     assert!(exit.success(), "{exit:?}: {}", agent.log_text());
-    assert_eq!(count("s-slow"), started(), "the running state was reported: {:?}", logs_of(&statelog, 1));
-    assert_eq!(count("s-file"), started() - 1, "the next state did not run: {:?}", logs_of(&statelog, 1));
+    assert_eq!(count("s-slow"), started(), "the running state was reported: {:?}", logs_of(statelog, 1));
+    assert_eq!(count("s-file"), started() - 1, "the next state did not run: {:?}", logs_of(statelog, 1));
 }
 
 /// The metrics file (`--metrics-file`) scraped with Prometheus' own Python parser
@@ -229,33 +223,28 @@ fn status_and_stop_against_a_running_daemon() {
 /// ceased; `status --json` carries the same figures.
 #[test]
 fn metrics_file_holds_the_round_figures_in_prometheus_text_format() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let work = dir.join("work");
-    std::fs::create_dir(&work).unwrap();
-    let recipes = dir.join("recipes");
-    std::fs::create_dir(&recipes).unwrap();
-    let w = work.display().to_string();
-    let write_recipe = |version: u64, guard: &str| {
-        let doc = json!({"recipe_version": version, "state": [
+    let doc = |work: &Path, version: u64, guard: &str| {
+        let w = work.display().to_string();
+        json!({"recipe_version": version, "state": [
             {"id": "s-file", "module": "linux.file", "parameter": {"path": format!("{w}/f"), "content": format!("v{version}")}},
             {"id": "s-check", "module": "linux.cmd", "parameter": {"cmd": guard, "cwd": w}}
-        ]});
-        std::fs::write(recipes.join("app-metrics.json"), doc.to_string()).unwrap();
+        ]})
     };
-    write_recipe(1, "true");
-    let statelog = dir.join("statelog.jsonl");
-    let socket = dir.join("helper.sock");
+    let s = setup("app-metrics", |work| doc(work, 1, "true"));
+    let (dir, statelog, socket) = (s.dir.as_path(), &s.statelog, &s.socket);
+    let write_recipe = |version: u64, guard: &str| {
+        std::fs::write(s.recipes.join("app-metrics.json"), doc(&s.work, version, guard).to_string()).unwrap();
+    };
     let metrics = dir.join("textfile/opsagent.prom");
     std::fs::create_dir(metrics.parent().unwrap()).unwrap();
-    let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
-    let _helper = start_helper(dir, &socket);
+    let (_backend, port) = start_backend(dir, &s.recipes, statelog, &["--poll-ms", "100"]);
+    let _helper = start_helper(dir, socket);
     let agent = start_agent(
         dir,
         port,
         "app-metrics",
         "i-metrics",
-        &socket,
+        socket,
         &["--round-delay", "1", "--retry-delay", "1", "--metrics-file", &metrics.display().to_string()],
     );
     // Parsed by the real parser; returns {sample name + labels: value}.

@@ -39,33 +39,27 @@ impl Activator {
 
 #[test]
 fn a_helper_killed_during_a_state_fails_that_state_and_the_next_helper_finishes_the_round() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let work = dir.join("work");
-    std::fs::create_dir(&work).unwrap();
-    let recipes = dir.join("recipes");
-    std::fs::create_dir(&recipes).unwrap();
-    let w = work.display().to_string();
     // The first run of s-long takes long (the helper is killed under it); later runs are quick.
     let long = "if [ -e started ]; then echo again >> started; else echo first >> started; sleep 600; fi";
-    let doc = json!({"recipe_version": 1, "state": [
-        {"id": "s-long", "module": "linux.cmd", "parameter": {"cmd": long, "cwd": w}},
-        {"id": "s-file", "module": "linux.file", "parameter": {"path": format!("{w}/after"), "content": "done"}}
-    ]});
-    std::fs::write(recipes.join("app-hk.json"), doc.to_string()).unwrap();
-    let statelog = dir.join("statelog.jsonl");
-    let socket = dir.join("helper.sock");
-    let activator = Activator::bind(&socket);
+    let s = setup("app-hk", |work| {
+        let w = work.display().to_string();
+        json!({"recipe_version": 1, "state": [
+            {"id": "s-long", "module": "linux.cmd", "parameter": {"cmd": long, "cwd": w}},
+            {"id": "s-file", "module": "linux.file", "parameter": {"path": format!("{w}/after"), "content": "done"}}
+        ]})
+    });
+    let (dir, work, statelog, socket) = (s.dir.as_path(), &s.work, &s.statelog, &s.socket);
+    let activator = Activator::bind(socket);
     let mut first = activator.start(dir, 1);
-    let (_backend, port) = start_backend(dir, &recipes, &statelog, &["--poll-ms", "100"]);
-    let agent = start_agent(dir, port, "app-hk", "i-hk", &socket, &["--round-delay", "60", "--retry-delay", "1"]);
+    let (_backend, port) = start_backend(dir, &s.recipes, statelog, &["--poll-ms", "100"]);
+    let agent = start_agent(dir, port, "app-hk", "i-hk", socket, &["--round-delay", "60", "--retry-delay", "1"]);
     let started = || std::fs::read_to_string(work.join("started")).unwrap_or_default();
     assert!(wait_until(Duration::from_secs(30), || started().contains("first")), "{}", agent.log_text());
 
     first.kill9();
     let killed_at = Instant::now();
     let _second = activator.start(dir, 2);
-    let logs = || read_jsonl(&statelog);
+    let logs = || read_jsonl(statelog);
     assert!(
         wait_until(Duration::from_secs(60), || logs().iter().any(|l| l["id"] == "s-file" && l["state_result"] == true)),
         "the round goes on with the next helper: {:?}\n{}",
