@@ -222,6 +222,13 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             if let Some(name) = p.gid.and_then(privileged_group_by_gid) {
                 privileged.push(Privilege::Group(name));
             }
+            // Without gid, a new account whose name is that of an existing group gets
+            // that group as its primary one (the adaptor's `app`/`app` pattern): a user
+            // named like a privileged group joins it.
+            let name = p.username.trim();
+            if p.gid.is_none() && PRIVILEGED_GROUPS.contains(&name) && name != "root" {
+                privileged.push(Privilege::Group(name.to_string()));
+            }
             // The password, shell or home of an account that already is privileged
             // (a distribution's default sudoer, an existing uid-0 account) is as much
             // root as making one.
@@ -796,7 +803,10 @@ mod tests {
         let f = footprint(&params("linux.group", json!({"groupname": "plain", "gid": gid.to_string()})));
         assert_eq!(f.accounts[0].privileged, vec![Privilege::Group(name.clone())]);
         let f = footprint(&params("linux.user", json!({"username": "u-new", "password": "x", "gid": gid.to_string()})));
-        assert_eq!(f.accounts[0].privileged, vec![Privilege::Group(name)]);
+        assert_eq!(f.accounts[0].privileged, vec![Privilege::Group(name.clone())]);
+        // A new user named like a privileged group gets it as its primary group.
+        let f = footprint(&params("linux.user", json!({"username": name.clone()})));
+        assert!(f.accounts[0].privileged.contains(&Privilege::Group(name)), "{f:?}");
     }
 
     #[test]

@@ -434,18 +434,17 @@ impl ModuleParams {
         };
         match self {
             ModuleParams::LinuxCronjob(c) => {
-                for (name, v, lo, hi) in [
-                    ("minute", &c.minute, 0, 59),
-                    ("hour", &c.hour, 0, 23),
-                    ("day-of-month", &c.day_of_month, 1, 31),
-                    ("month", &c.month, 1, 12),
-                    ("day-of-week", &c.day_of_week, 0, 7),
-                ] {
+                for (field, v) in c.fields() {
                     if let Some(v) = v {
-                        if !cron_field_ok(v, lo, hi) {
-                            return invalid(name, format!("{:?} is not a cron field for {lo}-{hi}", v.0));
+                        if let Err(problem) = field.normalise(v) {
+                            return invalid(field.param(), problem);
                         }
                     }
+                }
+                if c.cmd.is_empty() || c.cmd.iter().any(|l| l.trim().is_empty()) {
+                    // The original suite expects `cmd: [""]` to fail: an entry that runs
+                    // nothing is a mistake in the recipe.
+                    return invalid("cmd", "an empty command".into());
                 }
                 if c.cmd.iter().any(|l| l.contains('\n')) {
                     return invalid("cmd", "a cron command may not contain a newline".into());
@@ -485,23 +484,118 @@ impl ModuleParams {
     }
 }
 
-/// `*`, a number, a range, a list of those, each optionally with `/step`.
-fn cron_field_ok(field: &str, lo: u32, hi: u32) -> bool {
-    let num_ok = |s: &str| s.parse::<u32>().is_ok_and(|n| n >= lo && n <= hi);
-    !field.is_empty()
-        && field.split(',').all(|part| {
+/// A time field of `linux.cronjob`, with its range and names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CronField {
+    Minute,
+    Hour,
+    DayOfMonth,
+    Month,
+    DayOfWeek,
+}
+
+const MONTH_NAMES: &[&str] = &["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+const DAY_NAMES: &[&str] = &["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+
+impl CronField {
+    pub const ALL: [CronField; 5] =
+        [CronField::Minute, CronField::Hour, CronField::DayOfMonth, CronField::Month, CronField::DayOfWeek];
+
+    pub fn param(self) -> &'static str {
+        match self {
+            CronField::Minute => "minute",
+            CronField::Hour => "hour",
+            CronField::DayOfMonth => "day-of-month",
+            CronField::Month => "month",
+            CronField::DayOfWeek => "day-of-week",
+        }
+    }
+
+    /// The values the field takes (day of week: 0 and 7 are both Sunday).
+    pub fn range(self) -> (u32, u32) {
+        match self {
+            CronField::Minute => (0, 59),
+            CronField::Hour => (0, 23),
+            CronField::DayOfMonth => (1, 31),
+            CronField::Month => (1, 12),
+            CronField::DayOfWeek => (0, 7),
+        }
+    }
+
+    fn names(self) -> (&'static [&'static str], u32) {
+        match self {
+            CronField::Month => (MONTH_NAMES, 1),
+            CronField::DayOfWeek => (DAY_NAMES, 0),
+            _ => (&[], 0),
+        }
+    }
+
+    /// Salt's `cron.present` field syntax, written with numbers only: `*`, numbers,
+    /// month and day names (`jan`, `Mon`; in ranges and lists too, which not every
+    /// cron accepts, hence the numbers), ranges, lists, `/step` after a range or `*`;
+    /// or `random` (kept as it is: the helper picks the value). Empty means `*`.
+    pub fn normalise(self, raw: &str) -> Result<String, String> {
+        let field = raw.trim();
+        let (lo, hi) = self.range();
+        if field.is_empty() {
+            return Ok("*".into());
+        }
+        if field.eq_ignore_ascii_case("random") {
+            return Ok("random".into());
+        }
+        let bad = |why: &str| Err(format!("{field:?} is not a cron {} field ({lo}-{hi}{why})", self.param()));
+        let (names, base) = self.names();
+        let value = |s: &str| -> Option<u32> {
+            if let Some(i) = names.iter().position(|n| n.eq_ignore_ascii_case(s)) {
+                return u32::try_from(i).ok().map(|i| i + base);
+            }
+            s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse::<u32>().ok()).flatten().filter(|n| (lo..=hi).contains(n))
+        };
+        let mut out = Vec::new();
+        for part in field.split(',') {
             let (range, step) = match part.split_once('/') {
                 Some((r, s)) => (r, Some(s)),
                 None => (part, None),
             };
-            let step_ok = step.is_none_or(|s| s.parse::<u32>().is_ok_and(|n| n > 0));
-            let range_ok = range == "*"
-                || match range.split_once('-') {
-                    Some((a, b)) => num_ok(a) && num_ok(b),
-                    None => num_ok(range),
-                };
-            step_ok && range_ok
-        })
+            let range_text = if range == "*" {
+                "*".to_string()
+            } else if let Some((a, b)) = range.split_once('-') {
+                match (value(a), value(b)) {
+                    (Some(a), Some(b)) if a <= b => format!("{a}-{b}"),
+                    (Some(_), Some(_)) => return bad(", a range goes upwards"),
+                    _ => return bad(""),
+                }
+            } else if step.is_some() {
+                return bad(", a step follows a range or *");
+            } else {
+                match value(range) {
+                    Some(n) => n.to_string(),
+                    None => return bad(""),
+                }
+            };
+            match step {
+                None => out.push(range_text),
+                Some(s) => match s.parse::<u32>() {
+                    Ok(n) if n > 0 && s.bytes().all(|b| b.is_ascii_digit()) => out.push(format!("{range_text}/{n}")),
+                    _ => return bad(", a step is a positive number"),
+                },
+            }
+        }
+        Ok(out.join(","))
+    }
+}
+
+impl LinuxCronjob {
+    /// Each time field and its value in the recipe.
+    pub fn fields(&self) -> [(CronField, Option<&str>); 5] {
+        [
+            (CronField::Minute, self.minute.as_deref()),
+            (CronField::Hour, self.hour.as_deref()),
+            (CronField::DayOfMonth, self.day_of_month.as_deref()),
+            (CronField::Month, self.month.as_deref()),
+            (CronField::DayOfWeek, self.day_of_week.as_deref()),
+        ]
+    }
 }
 
 catalogue! {
@@ -863,8 +957,8 @@ catalogue! {
     }
     /// Manages a local user.
     LinuxUser = "linux.user", builtin = false {
-        password: Line = "password" => required;
         username: Line = "username" ["name"] => required;
+        password: Line = "password" => optional;
         fullname: Line = "fullname" => optional;
         gid: u64 = "gid" => optional;
         groups: Array = "groups" => optional;
@@ -1052,6 +1146,8 @@ mod tests {
         let bad = parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "61"})).unwrap_err();
         assert!(bad.to_string().contains("minute"), "{bad}");
         assert!(parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "*/5", "hour": "1-3,7"})).is_ok());
+        assert!(parse_state("linux.cronjob", &json!({"cmd": [""]})).unwrap_err().to_string().contains("empty command"));
+        assert!(parse_state("linux.cronjob", &json!({"cmd": ["  "]})).is_err());
         assert!(parse_state("linux.mkfs", &json!({"device": "/dev/x", "fstype": "ntfs"})).is_err());
         assert!(parse_state("linux.service", &json!({"name": []})).is_err());
     }

@@ -4,8 +4,14 @@
 //! per `cmd`, with the time fields (default `*`). The crontab is read with
 //! `crontab -u USER -l` and written back with `crontab -u USER -` only when the block
 //! differs; every line outside the block is kept as it was.
+//!
+//! Time fields take Salt's `cron.present` syntax (names such as `mon-fri` or `jan`,
+//! ranges, lists, steps), written with numbers. `random` picks one value in the
+//! field's range, as Salt did, but a stable one: derived from the machine id, the
+//! state id and the field, so every run writes the same entry (Salt kept the value
+//! it found in the crontab) and hosts of one recipe spread over the range.
 
-use opsagent_proto::catalogue::LinuxCronjob;
+use opsagent_proto::catalogue::{CronField, LinuxCronjob};
 use opsagent_proto::newtypes::StateId;
 use opsagent_proto::request::{Change, Outcome};
 
@@ -21,16 +27,40 @@ pub fn end_marker(state: &StateId) -> String {
     format!("# END opsagent state {state}")
 }
 
-/// The block's lines for the state's parameters.
-pub fn block(state: &StateId, p: &LinuxCronjob) -> Vec<String> {
-    let f = |v: &Option<opsagent_proto::wire::Line>| {
-        v.as_deref().map(str::trim).filter(|v| !v.is_empty()).unwrap_or("*").to_string()
-    };
-    let time = [f(&p.minute), f(&p.hour), f(&p.day_of_month), f(&p.month), f(&p.day_of_week)].join(" ");
+/// The value `random` stands for: FNV-1a of the seed (the machine id), the state id
+/// and the field, reduced to the field's range (Sunday as 0).
+pub fn random_value(field: CronField, seed: &str, state: &StateId) -> u32 {
+    let (lo, hi) = field.range();
+    let hi = if field == CronField::DayOfWeek { 6 } else { hi };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes().chain([0]).chain(state.as_str().bytes()).chain([0]).chain(field.param().bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    lo + u32::try_from(h % u64::from(hi - lo + 1)).unwrap_or(0)
+}
+
+/// The crontab text of one time field (the catalogue checked it already; should a
+/// value still be refused, the state fails rather than writing `*`).
+pub fn time_field(field: CronField, raw: Option<&str>, seed: &str, state: &StateId) -> Result<String, UserError> {
+    let text = field
+        .normalise(raw.unwrap_or(""))
+        .map_err(|problem| UserError::Field { param: field.param(), problem })?;
+    Ok(if text == "random" { random_value(field, seed, state).to_string() } else { text })
+}
+
+/// The block's lines for the state's parameters; `seed` makes `random` stable.
+pub fn block(state: &StateId, p: &LinuxCronjob, seed: &str) -> Result<Vec<String>, UserError> {
+    let time = p
+        .fields()
+        .into_iter()
+        .map(|(field, raw)| time_field(field, raw, seed, state))
+        .collect::<Result<Vec<_>, _>>()?
+        .join(" ");
     let mut lines = vec![begin_marker(state)];
     lines.extend(p.cmd.iter().map(|c| format!("{time} {}", c.trim())));
     lines.push(end_marker(state));
-    lines
+    Ok(lines)
 }
 
 /// Drops the header some crontab versions print ahead of `-l` output (and would add
@@ -115,7 +145,9 @@ async fn run(
         }
         _ => strip_header(&list.output),
     };
-    let merged = merge(&current, state, &block(state, p));
+    // The machine id: stable across runs, different between hosts.
+    let seed = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let merged = merge(&current, state, &block(state, p, seed.trim())?);
     if merged == current {
         return Ok(());
     }
@@ -138,17 +170,63 @@ mod tests {
     #[test]
     fn blocks_render_time_fields_with_defaults() {
         let id = StateId::parse("s-9").unwrap();
-        let b = block(&id, &job(json!({"cmd": ["/usr/bin/backup", "echo hi"], "minute": "*/5", "hour": "3"})));
+        let b = block(&id, &job(json!({"cmd": ["/usr/bin/backup", "echo hi"], "minute": "*/5", "hour": "3"})), "m")
+            .unwrap();
         assert_eq!(b[1..3], ["*/5 3 * * * /usr/bin/backup".to_string(), "*/5 3 * * * echo hi".to_string()]);
         assert!(b[0].starts_with("# BEGIN opsagent state s-9 ") && b[3] == "# END opsagent state s-9");
+    }
+
+    /// Salt's field syntax, as the original's recipes write it, comes out as numbers.
+    #[test]
+    fn salt_field_syntax_names_ranges_lists_steps() {
+        let id = StateId::parse("s-1").unwrap();
+        let line = |raw: serde_json::Value| block(&id, &job(raw), "m").unwrap()[1].clone();
+        assert_eq!(
+            line(json!({"cmd": ["x"], "minute": "0,30", "hour": "9-17/2", "day-of-week": "mon-fri", "month": "jan"})),
+            "0,30 9-17/2 * 1 1-5 x"
+        );
+        assert_eq!(line(json!({"cmd": ["x"], "day-of-week": "Sun,SAT", "month": "jun-aug/2"})), "* * * 6-8/2 0,6 x");
+        assert_eq!(line(json!({"cmd": ["x"], "day-of-week": "7", "day-of-month": "1-15"})), "* * 1-15 * 7 x");
+        assert_eq!(line(json!({"cmd": ["x"], "minute": ["5", "35"]})), "5,35 * * * * x");
+        for (field, value) in [
+            ("minute", "60"),
+            ("hour", "9-5"),
+            ("day-of-week", "monday"),
+            ("month", "mon"),
+            ("minute", "5/10"),
+            ("minute", "*/0"),
+            ("minute", "1 2"),
+            ("day-of-month", "0"),
+        ] {
+            let err = opsagent_proto::catalogue::parse_state("linux.cronjob", &json!({"cmd": ["x"], field: value}))
+                .expect_err(&format!("{field} {value}"));
+            assert!(err.to_string().contains(&format!("parameter \"{field}\"")), "{err}");
+        }
+    }
+
+    /// `random` is one value in the field's range, the same at every run on one host
+    /// and spread between hosts.
+    #[test]
+    fn random_is_in_range_and_stable() {
+        let id = StateId::parse("s-1").unwrap();
+        let p = job(json!({"cmd": ["x"], "minute": "random", "hour": "random", "day-of-week": "random"}));
+        let first = block(&id, &p, "host-a").unwrap();
+        assert_eq!(first, block(&id, &p, "host-a").unwrap());
+        let fields: Vec<u32> = first[1].split(' ').take(5).filter_map(|f| f.parse().ok()).collect();
+        assert_eq!(fields.len(), 3, "{}", first[1]);
+        assert!(fields[0] <= 59 && fields[1] <= 23 && fields[2] <= 6, "{}", first[1]);
+        let minutes: std::collections::BTreeSet<String> = (0..20)
+            .map(|i| block(&id, &p, &format!("host-{i}")).unwrap()[1].split(' ').next().unwrap().to_string())
+            .collect();
+        assert!(minutes.len() > 5, "{minutes:?}");
     }
 
     #[test]
     fn merging_replaces_only_the_state_block_and_is_stable() {
         let id = StateId::parse("s-1").unwrap();
         let other = StateId::parse("s-10").unwrap();
-        let mine = block(&id, &job(json!({"cmd": ["a"]})));
-        let theirs = block(&other, &job(json!({"cmd": ["b"]})));
+        let mine = block(&id, &job(json!({"cmd": ["a"]})), "m").unwrap();
+        let theirs = block(&other, &job(json!({"cmd": ["b"]})), "m").unwrap();
         let start = "MAILTO=ops\n0 1 * * * user-line\n";
         let once = merge(start, &id, &mine);
         assert_eq!(once, format!("{start}{}\n", mine.join("\n")));
@@ -156,7 +234,7 @@ mod tests {
         assert_eq!(merge(&once, &id, &mine), once);
         // Another state's block and the user's lines are kept; ours is replaced in place.
         let both = merge(&once, &other, &theirs);
-        let changed = block(&id, &job(json!({"cmd": ["a2"], "hour": "4"})));
+        let changed = block(&id, &job(json!({"cmd": ["a2"], "hour": "4"})), "m").unwrap();
         let replaced = merge(&both, &id, &changed);
         assert_eq!(replaced, format!("{start}{}\n{}\n", changed.join("\n"), theirs.join("\n")));
         assert_eq!(merge("", &id, &mine), format!("{}\n", mine.join("\n")));

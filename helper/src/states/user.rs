@@ -37,6 +37,8 @@ pub const PLAINTEXT_WARNING: &str = "warning: the recipe holds this password in 
 pub enum UserError {
     #[error("parameter {param}: {value:?} is not a valid user or group name")]
     Name { param: &'static str, value: String },
+    #[error("parameter {param}: {problem}")]
+    Field { param: &'static str, problem: String },
     #[error("parameter home: {0}")]
     Home(InvalidValue),
     #[error("parameter shell: {0}")]
@@ -379,9 +381,17 @@ pub fn usermod_args(name: &str, have: &Account, w: &Wanted) -> (Vec<String>, Vec
     (a, changes)
 }
 
+/// The recipe's password, when it manages one: absent or blank means "not managed"
+/// (the adaptor hashed and passed it only when non-empty; a new account then gets
+/// useradd's locked password, an existing one keeps its own). A blank value is never
+/// taken as an empty hash, which would allow a login without password.
+pub fn managed_password(p: &LinuxUser) -> Option<&str> {
+    p.password.as_deref().filter(|pw| !pw.is_empty())
+}
+
 pub async fn apply(p: &LinuxUser, mut cancel: Cancel) -> Outcome {
     let mut changes = Vec::new();
-    let plaintext = !is_crypt_hash(&p.password);
+    let plaintext = managed_password(p).is_some_and(|pw| !is_crypt_hash(pw));
     let result = run(p, &mut changes, &mut cancel).await;
     let notes = if plaintext { vec![PLAINTEXT_WARNING.to_string()] } else { Vec::new() };
     let cancelled = matches!(&result, Err(UserError::Tool(e)) if e.is_cancelled());
@@ -395,9 +405,17 @@ async fn run(p: &LinuxUser, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
     if !valid_account_name(name) {
         return Err(UserError::Name { param: "username", value: name.to_string() });
     }
-    let w = wanted(p, nologin())?;
+    let mut w = wanted(p, nologin())?;
     match account(name)? {
         None => {
+            // A group already named like the user (the common `app`/`app` pattern, often
+            // made by a linux.group state just before) becomes its primary group:
+            // useradd would otherwise refuse with "group app exists".
+            if w.gid.is_none() {
+                if let Some(g) = Group::from_name(name).map_err(|e| UserError::Lookup(format!("group {name}"), e))? {
+                    w.gid = Some(u64::from(g.gid.as_raw()));
+                }
+            }
             exec::checked(&CommandSpec::tool("useradd", useradd_args(name, &w)), &[0], cancel).await?;
             let uid = account(name)?.map_or_else(|| "?".to_string(), |a| a.uid.to_string());
             changes.push(Change::new(name, format!("user created (uid {uid})")));
@@ -415,10 +433,13 @@ async fn run(p: &LinuxUser, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
         let home = AbsPath::parse(home).map_err(UserError::Home)?;
         fsutil::create_dirs(&home, 0o700, (Uid::from_raw(acc.uid), Gid::from_raw(acc.gid)), changes)?;
     }
+    let Some(password) = managed_password(p) else {
+        return Ok(());
+    };
     let shadow = std::fs::read_to_string("/etc/shadow").map_err(UserError::Shadow)?;
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let method = host_method(&read("/etc/login.defs"), &read("/etc/pam.d/common-password"));
-    if let PasswordPlan::Set(hash) = password_plan(&p.password, shadow_hash(&shadow, name), method)? {
+    if let PasswordPlan::Set(hash) = password_plan(password, shadow_hash(&shadow, name), method)? {
         let spec = CommandSpec::tool("chpasswd", ["-e"]).with_stdin(format!("{name}:{hash}\n"));
         exec::checked(&spec, &[0], cancel).await?;
         changes.push(Change::new(name, "password set"));
@@ -492,6 +513,19 @@ mod tests {
         assert!(matches!(password_plan("pw", None, m).unwrap(), PasswordPlan::Set(_)));
         assert_eq!(shadow_hash("root:*:1::\nbob:$6$x$y:19000:0:99999:7:::\n", "bob"), Some("$6$x$y"));
         assert_eq!(shadow_hash("root:*:1::\n", "bob"), None);
+    }
+
+    /// The original's recipes (and its puppet requirement, `password: ""`) omit the
+    /// password: nothing is set, and a blank one is never an empty hash.
+    #[test]
+    fn password_is_optional_and_blank_is_not_managed() {
+        let user = |raw: serde_json::Value| -> LinuxUser { crate::states::testutil::typed("linux.user", raw) };
+        assert_eq!(managed_password(&user(serde_json::json!({"username": "app"}))), None);
+        assert_eq!(managed_password(&user(serde_json::json!({"username": "app", "password": ""}))), None);
+        assert_eq!(managed_password(&user(serde_json::json!({"username": "app", "password": "pw"}))), Some("pw"));
+        // A gid found for the app/app pattern goes to useradd as -g.
+        let w = Wanted { gid: Some(1234), ..Wanted::default() };
+        assert_eq!(useradd_args("app", &w).join(" "), "-g 1234 -d /home/app -m app");
     }
 
     #[test]
