@@ -289,10 +289,22 @@ async fn virtualenv_is_created_and_follows_its_requirements_file() {
     let cfg = std::fs::read_to_string(venv.join("pyvenv.cfg")).unwrap();
     assert!(cfg.contains("include-system-site-packages = true"), "{cfg}");
     unchanged(&apply(true).await);
+    // Omitted (the adaptor passed nothing): an existing environment keeps its setting.
+    let omitted: opsagent_proto::catalogue::CommonVirtualenv =
+        typed("common.virtualenv", json!({"path": venv.to_str().unwrap(), "python-bin": "python3"}));
+    unchanged(&virtualenv::apply(&omitted, &id, &state_dir, Cancel::never()).await);
+    assert!(std::fs::read_to_string(venv.join("pyvenv.cfg")).unwrap().contains("include-system-site-packages = true"));
 
     // Removed behind the state's back: made again, and its requirements installed again
     // (without the system's site-packages, whose own six would count as installed).
     std::fs::remove_dir_all(&venv).unwrap();
+    // Omitted on a new environment: Salt's default, without the system's site-packages.
+    let other = dir.path().join("venv-default");
+    let made: opsagent_proto::catalogue::CommonVirtualenv =
+        typed("common.virtualenv", json!({"path": other.to_str().unwrap(), "python-bin": "python3"}));
+    let out = virtualenv::apply(&made, &id, &state_dir, Cancel::never()).await;
+    assert!(changes(&out)[0].ends_with("system-site-packages false)"), "{out:?}");
+    assert!(std::fs::read_to_string(other.join("pyvenv.cfg")).unwrap().contains("include-system-site-packages = false"));
     let again = changes(&apply(false).await);
     assert_eq!(again.len(), 2, "{again:?}");
     assert!(again[0].contains("virtualenv created") && again[1] == "six: installed 1.15.0", "{again:?}");

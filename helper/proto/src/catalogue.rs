@@ -658,7 +658,7 @@ catalogue! {
         extra_search_dir: Array = "extra-search-dir" => optional;
         python_bin: Line = "python-bin" ["python"] => optional;
         requirements_file: Line = "requirements-file" ["requirements"] => optional;
-        system_site_packages: bool = "system-site-packages" => default(true);
+        system_site_packages: bool = "system-site-packages" => optional;
     }
     /// Manages apt packages.
     LinuxAptPackage = "linux.apt.package", builtin = false {

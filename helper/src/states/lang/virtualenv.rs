@@ -9,9 +9,12 @@
 //!   `virtualenv --python PYTHON [--system-site-packages] --extra-search-dir DIR… PATH`;
 //!   without that tool the state fails and says so. An existing environment is not
 //!   rebuilt for another `python-bin`.
-//! - `system-site-packages` (default true, as in module.json) is kept in line with the
-//!   environment's `pyvenv.cfg` (`include-system-site-packages`), which is all that
-//!   `--system-site-packages` ever sets.
+//! - `system-site-packages`: when given, kept in line with the environment's
+//!   `pyvenv.cfg` (`include-system-site-packages`), which is all that
+//!   `--system-site-packages` ever sets. When omitted, what the original adaptor
+//!   applied: Salt's `virtualenv.managed` default, false, for a new environment, and an
+//!   existing one is left as it is (module.json's `true` was only the IDE form's
+//!   pre-filled value, sent in the recipe when kept).
 //! - `requirements-file`: installed with the environment's pip (`PATH/bin/python -m pip
 //!   install -r FILE`, in the file's directory, so relative paths in it work) when the
 //!   environment was just created, or when the file's MD5 differs from the one stored
@@ -163,7 +166,9 @@ async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, ru
         .collect::<Result<Vec<_>, _>>()?;
 
     let created = if complete(path.as_path()) {
-        sync_site_packages(&path, p.system_site_packages, &mut run.changes)?;
+        if let Some(want) = p.system_site_packages {
+            sync_site_packages(&path, want, &mut run.changes)?;
+        }
         false
     } else {
         if let Some(m) = fsutil::lstat(path.as_path())? {
@@ -189,13 +194,14 @@ async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, ru
             Creator::Virtualenv { program, python: python.clone(), extra_search_dirs: extra }
         };
         let repaired = path.as_path().join("pyvenv.cfg").exists();
-        let (program, args) = creator.args(&path, p.system_site_packages);
+        let site = p.system_site_packages.unwrap_or(false);
+        let (program, args) = creator.args(&path, site);
         run.act(&Tool::new(program).command(args, super::INSTALL_TIMEOUT)).await?;
         let what =
             if repaired { "virtualenv rebuilt (bin/python or bin/pip was missing)" } else { "virtualenv created" };
         run.changes.push(Change::new(
             path.to_string(),
-            format!("{what} ({}, system-site-packages {})", python.display(), p.system_site_packages),
+            format!("{what} ({}, system-site-packages {site})", python.display()),
         ));
         true
     };
