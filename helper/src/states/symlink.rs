@@ -4,6 +4,9 @@
 //! it), so the path never disappears in between. Anything that is not a link at
 //! `target` is left alone and reported: replacing a real file or directory is not
 //! something a link state should do by surprise.
+//!
+//! The link's own owner (`lchown`) is enforced, `user` and `group` defaulting to root
+//! as the original adaptor set them for `file.symlink`.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -15,7 +18,7 @@ use rustix::fs::FileType;
 
 use crate::dirfd::{self, Dir, Last, Resolved, WalkError};
 use crate::fsutil::FsError;
-use crate::identity::{IdentityError, Owner};
+use crate::identity::IdentityError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SymlinkError {
@@ -64,7 +67,7 @@ fn run(p: &LinuxSymlink, changes: &mut Vec<Change>) -> Result<(), SymlinkError> 
         return remove(&link, changes);
     }
     let source = parse("source", &p.source)?;
-    let owner = Owner::resolve(p.user.as_deref(), p.group.as_deref())?;
+    let owner = super::file::owner_or_root(p.user.as_deref(), p.group.as_deref())?;
     let Some(r) = open_parent(&link)? else {
         return Err(SymlinkError::NoParent(link.parent()));
     };
@@ -87,7 +90,6 @@ fn run(p: &LinuxSymlink, changes: &mut Vec<Change>) -> Result<(), SymlinkError> 
                     ));
                 }
             } else {
-                // A replaced link keeps its owner unless one is asked for.
                 replace(dir, name, &source, owner.applied_to(m.uid, m.gid))?;
                 changes
                     .push(Change::new(link.to_string(), format!("link retargeted {} -> {source}", current.display())));
@@ -170,6 +172,11 @@ mod tests {
         assert_eq!(fs::symlink_metadata(&link).unwrap().uid(), 65534);
         // Only the link remains in the directory: no temporary left behind.
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+        // Without user and group the owner goes back to root, as the adaptor set it.
+        let out = apply(&symlink(json!({"target": link, "source": v2})));
+        assert_eq!(out.changes.len(), 1, "{:?}", out.changes);
+        assert_eq!(out.changes[0].what, "owner 65534:0 -> 0:0");
+        assert_eq!(fs::symlink_metadata(&link).unwrap().uid(), 0);
     }
 
     #[test]
