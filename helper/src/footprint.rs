@@ -253,6 +253,20 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             }
             f.accounts.push(Account { name: format!("group {name}"), privileged });
         }
+        ModuleParams::CommonSshAuth(p) => {
+            // An authorized key is a login: code run as that user by whoever holds it.
+            f.system_files.push("the user's authorized_keys");
+            ssh_file(&mut f, &p.filename);
+            if !p.absent {
+                f.runs.push(Run { what: "a login with an authorized key".into(), as_user: as_user(Some(&p.username)) });
+            }
+        }
+        ModuleParams::CommonSshKnownHost(p) => {
+            f.system_files.push("the user's known_hosts");
+            ssh_file(&mut f, &p.filename);
+        }
+        ModuleParams::LinuxSelinux(_) => f.system_files.push(crate::states::selinux::CONFIG),
+        ModuleParams::CommonGemSource(_) => f.runs.push(source_run("a gem source")),
         ModuleParams::CommonTimezone(_) => {
             f.system_files.extend(["/etc/localtime", "/etc/timezone", "/etc/adjtime"]);
         }
@@ -492,6 +506,15 @@ fn local(uri: &str) -> String {
     uri.strip_prefix("file://").unwrap_or(uri).to_string()
 }
 
+/// A key file named by absolute path is a write the policy's prefixes judge; one in
+/// the user's home is the module's own system file.
+fn ssh_file(f: &mut Footprint, filename: &str) {
+    let t = filename.trim();
+    if t.starts_with('/') {
+        f.writes.push(t.to_string());
+    }
+}
+
 fn install_scripts(tool: &str) -> Run {
     Run { what: format!("{tool} install scripts"), as_user: root() }
 }
@@ -617,6 +640,9 @@ mod tests {
         vec![
             ("common.archive", json!({"path": "/srv/a", "source": "https://h/a.tgz"})),
             ("common.gem.package", json!({"name": d("rails", "")})),
+            ("common.gem.source", json!({"url": "https://gems.example.org"})),
+            ("common.ssh.auth", json!({"username": "deploy", "content": "AAAAC3NzaC1lZDI1NTE5AAAAIHy3"})),
+            ("common.ssh.known_host", json!({"hostname": "git.example.org", "filename": "/srv/known_hosts"})),
             ("common.git", json!({"path": "/srv/g", "repo": "https://h/r", "ssh-key-file": "/srv/k"})),
             ("common.hg", json!({"path": "/srv/h", "repo": "https://h/r"})),
             ("common.npm.package", json!({"name": d("x", ""), "path": "/srv/n"})),
@@ -672,6 +698,7 @@ mod tests {
             ("linux.puppet.run", json!({})),
             ("linux.raid", json!({"device-name": "/dev/md0", "devices": ["/dev/x"], "level": "raid1"})),
             ("linux.rpm.key", json!({"path": "/srv/k"})),
+            ("linux.selinux", json!({"mode": "permissive", "boolean": d("httpd_can_network_connect", "on")})),
             ("linux.service", json!({"name": [{"key": "web", "value": "reload"}, {"key": "db", "value": "x"}]})),
             ("linux.supervisord", json!({"config": "/srv/s.conf", "name": ["p"]})),
             ("linux.symlink", json!({"source": "/srv/a", "target": "/srv/l"})),

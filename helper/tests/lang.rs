@@ -239,6 +239,31 @@ async fn gem_installs_upgrades_and_removes_from_a_local_source() {
     assert!(out.changes.is_empty());
 }
 
+/// `common.gem.source` (the adaptor's `gem source --add`): a second local source is
+/// added to the gem configuration of a private HOME once; the next run changes nothing.
+#[tokio::test]
+async fn gem_source_is_added_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let built = build_gems(dir.path(), "opsagent-test-src", &["1.0.0"]);
+    let (first, second) = (dir.path().join("repo1"), dir.path().join("repo2"));
+    publish(&first, &built);
+    publish(&second, &built);
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::write(home.join(".gemrc"), format!("---\n:sources:\n- file://{}/\n", first.display())).unwrap();
+    let tool = gem::gem_tool(need("gem", "ruby")).with_env("HOME", &home.to_string_lossy());
+    let url = format!("file://{}/", second.display());
+    let apply = || {
+        let p = typed("common.gem.source", json!({"url": url}));
+        let tool = tool.clone();
+        async move { gem::source_using(Some(tool), &p, Cancel::never()).await }
+    };
+    assert_eq!(changes(&apply().await), [format!("{url}: gem source added")]);
+    let rc = std::fs::read_to_string(home.join(".gemrc")).unwrap();
+    assert!(rc.contains(&url) && rc.contains(&format!("file://{}/", first.display())), "{rc}");
+    unchanged(&apply().await);
+}
+
 #[tokio::test]
 async fn virtualenv_is_created_and_follows_its_requirements_file() {
     need("python3", "python3 python3-venv");
@@ -304,7 +329,9 @@ async fn virtualenv_is_created_and_follows_its_requirements_file() {
         typed("common.virtualenv", json!({"path": other.to_str().unwrap(), "python-bin": "python3"}));
     let out = virtualenv::apply(&made, &id, &state_dir, Cancel::never()).await;
     assert!(changes(&out)[0].ends_with("system-site-packages false)"), "{out:?}");
-    assert!(std::fs::read_to_string(other.join("pyvenv.cfg")).unwrap().contains("include-system-site-packages = false"));
+    assert!(std::fs::read_to_string(other.join("pyvenv.cfg"))
+        .unwrap()
+        .contains("include-system-site-packages = false"));
     let again = changes(&apply(false).await);
     assert_eq!(again.len(), 2, "{again:?}");
     assert!(again[0].contains("virtualenv created") && again[1] == "six: installed 1.15.0", "{again:?}");

@@ -478,6 +478,30 @@ impl ModuleParams {
                 ],
             ),
             ModuleParams::LinuxService(s) if s.name.is_empty() => invalid("name", "no service named".into()),
+            ModuleParams::LinuxSelinux(x) => {
+                if let Some(m) = x.mode.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+                    one_of("mode", m, &["enforcing", "permissive", "disabled"])?;
+                } else if x.boolean.as_ref().is_none_or(|b| b.is_empty()) {
+                    return invalid("mode", "neither a mode nor a boolean given: nothing to do".into());
+                }
+                for e in x.boolean.iter().flat_map(|b| b.iter()) {
+                    let name = e.key.trim();
+                    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        return invalid("boolean", format!("{name:?} is not an SELinux boolean name"));
+                    }
+                    one_of("boolean", e.value_or_empty().trim(), &["on", "off", "true", "false", "1", "0"])?;
+                }
+                Ok(())
+            }
+            ModuleParams::CommonSshAuth(a) => {
+                let given = a.authname.as_deref().is_some_and(|n| !n.trim().is_empty())
+                    || a.content.as_deref().is_some_and(|c| !c.trim().is_empty());
+                if given {
+                    Ok(())
+                } else {
+                    invalid("content", "no key given (authname or content)".into())
+                }
+            }
             ModuleParams::LinuxDir(d) if d.path.is_empty() => invalid("path", "no directory named".into()),
             _ => Ok(()),
         }
@@ -549,7 +573,11 @@ impl CronField {
             if let Some(i) = names.iter().position(|n| n.eq_ignore_ascii_case(s)) {
                 return u32::try_from(i).ok().map(|i| i + base);
             }
-            s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse::<u32>().ok()).flatten().filter(|n| (lo..=hi).contains(n))
+            s.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| s.parse::<u32>().ok())
+                .flatten()
+                .filter(|n| (lo..=hi).contains(n))
         };
         let mut out = Vec::new();
         for part in field.split(',') {
@@ -606,6 +634,10 @@ catalogue! {
         checksum: Line = "checksum" => optional;
         if_path_absent: Array = "if-path-absent" => optional;
     }
+    /// Adds a RubyGems source (`gem sources --add URL`), once.
+    CommonGemSource = "common.gem.source", builtin = false {
+        url: Line = "url" ["name"] => required;
+    }
     /// Installs or removes Ruby gems.
     CommonGemPackage = "common.gem.package", builtin = false {
         name: Dict = "name" => required;
@@ -646,6 +678,25 @@ catalogue! {
         revision: Line = "revision" ["rev"] => default("HEAD");
         user: Line = "user" => optional;
         username: Line = "username" => optional;
+    }
+    /// Keeps public keys in (or out of) a user's authorized_keys.
+    CommonSshAuth = "common.ssh.auth", builtin = false {
+        username: Line = "username" ["user"] => required;
+        absent: bool = "absent" => default(false);
+        authname: Line = "authname" ["name"] => optional;
+        content: Text = "content" => optional;
+        encrypt_algorithm: Line = "encrypt_algorithm" ["enc"] => default("ssh-rsa");
+        filename: Line = "filename" ["config"] => default(".ssh/authorized_keys");
+    }
+    /// Keeps a host's key in (or out of) a known_hosts file, checked against a fingerprint.
+    CommonSshKnownHost = "common.ssh.known_host", builtin = false {
+        hostname: Line = "hostname" ["name"] => required;
+        absent: bool = "absent" => default(false);
+        encrypt_algorithm: Line = "encrypt_algorithm" ["enc"] => optional;
+        filename: Line = "filename" ["config"] => default(".ssh/known_hosts");
+        fingerprint: Line = "fingerprint" => optional;
+        port: u64 = "port" => optional;
+        username: Line = "username" ["user"] => optional;
     }
     /// Sets the system timezone and the hardware-clock UTC flag.
     CommonTimezone = "common.timezone", builtin = false {
@@ -924,6 +975,12 @@ catalogue! {
         arguments: Dict = "arguments" => optional;
         version: Line = "version" => optional;
     }
+    /// Sets SELinux booleans and the SELinux mode.
+    LinuxSelinux = "linux.selinux", builtin = false {
+        boolean: Dict = "boolean" => optional;
+        mode: Line = "mode" => optional;
+        persist: bool = "persist" => default(true);
+    }
     /// Creates an mdadm software RAID array.
     LinuxRaid = "linux.raid", builtin = false {
         device_name: Line = "device-name" ["name"] => required;
@@ -997,12 +1054,12 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn there_are_44_modules_with_unique_names() {
-        assert_eq!(MODULES.len(), 44);
+    fn there_are_48_modules_with_unique_names() {
+        assert_eq!(MODULES.len(), 48);
         let mut names: Vec<_> = MODULES.iter().map(|m| m.name).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 44);
+        assert_eq!(names.len(), 48);
         assert!(MODULES.iter().all(|m| !m.summary.is_empty()));
     }
 
@@ -1025,10 +1082,18 @@ mod tests {
                     _ if p.name == "level" => json!("raid1"),
                     _ if ["username", "groupname"].contains(&p.name) => json!("alice"),
                     _ if m.name == "common.timezone" => json!("Europe/Paris"),
+                    _ if p.name == "hostname" || p.name == "url" => json!("example.org"),
                     _ if m.name == "linux.apt.repo" || m.name == "linux.yum.repo" => json!("local"),
                     _ => json!("/tmp/x"),
                 };
                 params.insert(p.name.to_string(), v);
+            }
+            // Modules whose parameters are all optional, one of which is needed.
+            match m.name {
+                "common.ssh.auth" => drop(params.insert("content".into(), json!("ssh-ed25519 AAAAC3Nz k"))),
+                "linux.selinux" => drop(params.insert("mode".into(), json!("permissive"))),
+                "common.ssh.known_host" => drop(params.insert("username".into(), json!("alice"))),
+                _ => {}
             }
             let parsed = parse_state(m.name, &Value::Object(params)).unwrap_or_else(|e| panic!("{}: {e}", m.name));
             assert_eq!(parsed.params.name(), m.name);

@@ -22,6 +22,26 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             c.url("source", &p.source)
         }
         ModuleParams::CommonGemPackage(p) => c.names("name", &p.name),
+        ModuleParams::CommonGemSource(p) => c.url("url", &p.url),
+        ModuleParams::CommonSshAuth(p) => {
+            c.account("username", &p.username)?;
+            c.home_file("filename", &p.filename)?;
+            c.url("encrypt_algorithm", &p.encrypt_algorithm)
+        }
+        ModuleParams::CommonSshKnownHost(p) => {
+            c.url("hostname", &p.hostname)?;
+            c.opt_account("username", p.username.as_ref())?;
+            c.home_file("filename", &p.filename)?;
+            if p.username.as_deref().is_none_or(|u| u.trim().is_empty()) && !p.filename.trim().starts_with('/') {
+                return c.invalid("filename", "without username the file must be an absolute path".into());
+            }
+            if p.port.is_some_and(|port| port == 0 || port > 65535) {
+                return c.invalid("port", "a port is 1-65535".into());
+            }
+            c.opt_url("encrypt_algorithm", p.encrypt_algorithm.as_ref())?;
+            c.opt_url("fingerprint", p.fingerprint.as_ref())
+        }
+        ModuleParams::LinuxSelinux(_) => Ok(()),
         ModuleParams::CommonGit(p) => {
             c.path("path", &p.path)?;
             c.url("repo", &p.repo)?;
@@ -231,6 +251,22 @@ impl Checker {
         match AbsPath::parse(raw.trim()) {
             Ok(_) => Ok(()),
             Err(e) => self.invalid(param, e.to_string()),
+        }
+    }
+
+    /// A file of a user's: absolute, or relative to the home directory without `..`.
+    fn home_file(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
+        let t = raw.trim();
+        if t.starts_with('/') {
+            return self.path(param, t);
+        }
+        let ok = !t.is_empty()
+            && !t.contains('\t')
+            && t.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+        if ok {
+            Ok(())
+        } else {
+            self.invalid(param, format!("{:?} is not a path in the home directory (no \"..\")", shorten(raw)))
         }
     }
 

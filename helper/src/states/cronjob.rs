@@ -43,9 +43,8 @@ pub fn random_value(field: CronField, seed: &str, state: &StateId) -> u32 {
 /// The crontab text of one time field (the catalogue checked it already; should a
 /// value still be refused, the state fails rather than writing `*`).
 pub fn time_field(field: CronField, raw: Option<&str>, seed: &str, state: &StateId) -> Result<String, UserError> {
-    let text = field
-        .normalise(raw.unwrap_or(""))
-        .map_err(|problem| UserError::Field { param: field.param(), problem })?;
+    let text =
+        field.normalise(raw.unwrap_or("")).map_err(|problem| UserError::Field { param: field.param(), problem })?;
     Ok(if text == "random" { random_value(field, seed, state).to_string() } else { text })
 }
 

@@ -18,7 +18,9 @@ pub mod mesos;
 pub mod puppet;
 pub mod repo;
 pub mod root_read;
+pub mod selinux;
 pub mod service;
+pub mod ssh;
 pub mod storage;
 pub mod supervisord;
 pub mod symlink;
@@ -156,6 +158,11 @@ pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step
         ModuleParams::CommonPipPackage(p) => boxed(lang::pip::apply(p, cancel)).await,
         ModuleParams::CommonNpmPackage(p) => boxed(lang::npm::apply(p, cancel)).await,
         ModuleParams::CommonGemPackage(p) => boxed(lang::gem::apply(p, cancel)).await,
+        ModuleParams::CommonGemSource(p) => boxed(lang::gem::source(p, cancel)).await,
+        // A few small reads and one atomic write in the user's directory.
+        ModuleParams::CommonSshAuth(p) => boxed(blocking(p.clone(), ssh::auth)).await?,
+        ModuleParams::CommonSshKnownHost(p) => boxed(ssh::known_host(p, cancel)).await,
+        ModuleParams::LinuxSelinux(p) => boxed(selinux::apply(p, cancel)).await,
         ModuleParams::CommonVirtualenv(p) => boxed(lang::virtualenv::apply(p, id, &ctx.state_dir, cancel)).await,
         ModuleParams::LinuxSupervisord(p) => {
             boxed(supervisord::apply(p, id, &WatchStore::new(&ctx.state_dir), cancel)).await

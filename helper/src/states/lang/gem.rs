@@ -17,7 +17,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use opsagent_proto::catalogue::CommonGemPackage;
+use opsagent_proto::catalogue::{CommonGemPackage, CommonGemSource};
+use opsagent_proto::request::Change;
 use opsagent_proto::request::Outcome;
 
 use super::{plan, verify, Installed, LangError, Listing, Rules, Run, Tool};
@@ -148,11 +149,58 @@ async fn run_state(gem: &Tool, p: &CommonGemPackage, run: &mut Run) -> Result<()
     verify(&items, &after, &latest, &RULES)
 }
 
+/// The sources `gem sources --list` prints (after its `*** CURRENT SOURCES ***`
+/// header), compared without a trailing `/`.
+pub fn parse_sources(out: &str) -> Vec<String> {
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("***"))
+        .map(|l| l.trim_end_matches('/').to_string())
+        .collect()
+}
+
+/// `common.gem.source`: `gem sources --add URL` as root (the adaptor's `gem source
+/// --add`), only when `gem sources --list` does not show it yet, so a second run
+/// changes nothing and gem does not fetch the source's index every round.
+pub async fn source(p: &CommonGemSource, cancel: Cancel) -> Outcome {
+    source_using(find_tool("gem", &[]).map(gem_tool), p, cancel).await
+}
+
+pub async fn source_using(gem: Option<Tool>, p: &CommonGemSource, cancel: Cancel) -> Outcome {
+    let mut run = Run::new(cancel);
+    let url = p.url.trim().to_string();
+    let result = match gem {
+        Some(gem) => {
+            async {
+                let listed =
+                    parse_sources(&run.query(&gem.command(["sources", "--list"], super::QUERY_TIMEOUT), &[0]).await?);
+                if listed.iter().any(|s| s == url.trim_end_matches('/')) {
+                    return Ok(());
+                }
+                run.act(&gem.command(["sources", "--add", url.as_str()], super::INSTALL_TIMEOUT)).await?;
+                run.changes.push(Change::new(url.as_str(), "gem source added"));
+                Ok::<(), LangError>(())
+            }
+            .await
+        }
+        None => {
+            Err(MissingTool { tool: "gem".into(), hint: "Debian/Ubuntu package ruby, RHEL rubygems".into() }.into())
+        }
+    };
+    run.finish(&format!("gem source {url}"), result)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::states::testutil::typed;
     use serde_json::json;
+
+    #[test]
+    fn gem_sources_output() {
+        let out = "*** CURRENT SOURCES ***\n\nhttps://rubygems.org/\nhttp://gems.example.org\n";
+        assert_eq!(parse_sources(out), ["https://rubygems.org", "http://gems.example.org"]);
+    }
 
     #[test]
     fn gem_list_output() {

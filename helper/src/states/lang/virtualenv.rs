@@ -199,10 +199,8 @@ async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, ru
         run.act(&Tool::new(program).command(args, super::INSTALL_TIMEOUT)).await?;
         let what =
             if repaired { "virtualenv rebuilt (bin/python or bin/pip was missing)" } else { "virtualenv created" };
-        run.changes.push(Change::new(
-            path.to_string(),
-            format!("{what} ({}, system-site-packages {site})", python.display()),
-        ));
+        run.changes
+            .push(Change::new(path.to_string(), format!("{what} ({}, system-site-packages {site})", python.display())));
         true
     };
 
