@@ -303,7 +303,7 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         }
         ModuleParams::LinuxDockerDeploy(p) => {
             f.system_files.push("the helper's docker-config directory");
-            docker_container(&mut f, p.volumes.as_ref(), None, None, p.devices.as_ref());
+            docker_container(&mut f, p.volumes.as_ref(), p.binds.as_ref(), None, p.devices.as_ref());
         }
         ModuleParams::LinuxPuppetAgent(_) => f.runs.push(Run { what: "a puppet catalogue".into(), as_user: root() }),
         ModuleParams::LinuxPuppetApply(p) => {
@@ -667,7 +667,8 @@ mod tests {
             ("linux.docker.built", json!({"path": "/srv/ctx", "tag": "t"})),
             (
                 "linux.docker.deploy",
-                json!({"container": "c", "image": "i", "volumes": d("/srv/v", "/v"), "devices": d("/dev/x", "")}),
+                json!({"container": "c", "image": "i", "volumes": d("/srv/v", "/v"), "devices": d("/dev/x", ""),
+                       "binds": d("/srv/b", "/b")}),
             ),
             ("linux.docker.pulled", json!({"repo": "i"})),
             ("linux.docker.pushed", json!({"repository": "i"})),

@@ -451,7 +451,15 @@ impl ModuleParams {
                 }
                 Ok(())
             }
-            ModuleParams::LinuxMkfs(m) => one_of("fstype", &m.fstype, &["ext2", "ext3", "ext4", "xfs"]),
+            // Any type a `mkfs.TYPE` exists for (the helper looks for the tool).
+            ModuleParams::LinuxMkfs(m) => {
+                let t = m.fstype.trim();
+                if !t.is_empty() && t.len() <= 16 && t.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    Ok(())
+                } else {
+                    invalid("fstype", format!("{t:?} is not a filesystem type (letters and digits, as in mkfs.TYPE)"))
+                }
+            }
             ModuleParams::LinuxRaid(r) => one_of(
                 "level",
                 &r.level,
@@ -801,6 +809,11 @@ catalogue! {
         tag: Line = "tag" => default("latest");
         username: Line = "username" => optional;
         volumes: Dict = "volumes" => optional;
+        watch: Watch = "watch" => optional;
+        ports: Array = "ports" => optional;
+        binds: Dict = "binds" => optional;
+        links: Dict = "links" => optional;
+        publish_all_ports: bool = "publish_all_ports" => optional;
     }
     /// Pulls an image (tag default latest).
     LinuxDockerPulled = "linux.docker.pulled", builtin = false {
@@ -1213,7 +1226,8 @@ mod tests {
         assert!(parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "*/5", "hour": "1-3,7"})).is_ok());
         assert!(parse_state("linux.cronjob", &json!({"cmd": [""]})).unwrap_err().to_string().contains("empty command"));
         assert!(parse_state("linux.cronjob", &json!({"cmd": ["  "]})).is_err());
-        assert!(parse_state("linux.mkfs", &json!({"device": "/dev/x", "fstype": "ntfs"})).is_err());
+        assert!(parse_state("linux.mkfs", &json!({"device": "/dev/x", "fstype": "btrfs"})).is_ok());
+        assert!(parse_state("linux.mkfs", &json!({"device": "/dev/x", "fstype": "ext4 -x"})).is_err());
         assert!(parse_state("linux.service", &json!({"name": []})).is_err());
     }
 

@@ -134,7 +134,8 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             c.argument("image", &p.image)?;
             c.argument("tag", &p.tag)?;
             c.ports("port_bindings", p.port_bindings.as_ref())?;
-            c.dict_paths("files", p.files.as_ref())
+            c.dict_paths("files", p.files.as_ref())?;
+            c.watch("watch", p.watch.as_ref())
         }
         ModuleParams::LinuxDockerPulled(p) => {
             c.argument("repo", &p.repo)?;

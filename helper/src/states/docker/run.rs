@@ -34,10 +34,12 @@
 //! As the original's split into files, a pull and a run: each `files` entry (container
 //! path → content) is written to `<state dir>/docker-config/<container>/<container path
 //! with / replaced by ->` (rewritten only when different; the directories are 0700,
-//! the files 0644 so that an unprivileged process in the container can read them);
+//! the files 0644 so that an unprivileged process in the container can read them;
+//! mounted read-write, as the adaptor did);
 //! then the image is pulled as `linux.docker.pulled` does (with `containers:
 //! [container]`, so a new image recreates the containers); then the containers are
-//! ensured as above, with those files bind-mounted. The written files are watched
+//! ensured as above (`ports`, `links`, `binds`, `publish_all_ports` as for running),
+//! with those files bind-mounted. The written files, and those of `watch`, are watched
 //! (after writing them, so a change made by this round counts; a file never seen before
 //! does not): a change restarts the containers.
 
@@ -262,7 +264,16 @@ impl RunSpec {
     /// The deploy's run part; `files` are (host file, container path).
     pub fn from_deploy(p: &LinuxDockerDeploy, files: &[(PathBuf, String)]) -> Result<Self, DockerError> {
         let mut mounts = parse_volumes("volumes", p.volumes.as_ref())?;
-        mounts.extend(files.iter().map(|(host, cpath)| format!("{}:{cpath}:ro", host.display())));
+        mounts.extend(parse_volumes("binds", p.binds.as_ref())?);
+        // Read-write, as the adaptor mounted them (a volume without `:ro`): a program
+        // that rewrites its own configuration keeps working. A change it makes is
+        // replaced by the recipe's content, and the containers restarted, next round.
+        mounts.extend(files.iter().map(|(host, cpath)| format!("{}:{cpath}", host.display())));
+        let expose: Vec<String> =
+            p.ports.iter().flat_map(|a| a.iter()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        for e in &expose {
+            no_option("ports", e)?;
+        }
         let spec = Self {
             container: p.container.trim().to_string(),
             image: image_ref(&p.image, &p.tag),
@@ -271,6 +282,9 @@ impl RunSpec {
             env: env_of(p.environment.as_ref())?,
             mounts,
             ports: parse_ports(p.port_bindings.as_ref())?,
+            expose,
+            publish_all: p.publish_all_ports.unwrap_or(false),
+            links: simple_pairs("links", p.links.as_ref(), ":")?,
             devices: simple_pairs("devices", p.devices.as_ref(), ":")?,
             memory: check_memory(p.mem_limit.as_deref())?,
             cpu: cpu_args(p.cpu_shares.as_deref())?,
@@ -573,10 +587,22 @@ pub async fn deploy(engine: &Engine, p: &LinuxDockerDeploy, state: &StateId, ctx
             }
             watched.push(host);
         }
+        // `watch` as for linux.docker.running: more files whose change restarts the
+        // containers, or `true` for a restart every round.
+        let every_round = matches!(p.watch, Some(Watch::EveryRound));
+        if let Some(Watch::Files(extra)) = &p.watch {
+            for f in extra.iter().map(|f| f.trim()).filter(|f| !f.is_empty()) {
+                watched.push(AbsPath::parse(f).map_err(|source| DockerError::Path { param: "watch", source })?);
+            }
+        }
         let store = WatchStore::new(&ctx.state_dir);
         let check = store.check(state, &watched, false)?;
         pull(&docker, &reference, &[container.to_string()], &mut report, &mut cancel).await?;
-        let restart = check.triggered().then(|| describe_watch(&check));
+        let restart = if every_round {
+            Some("watch: true".to_string())
+        } else {
+            check.triggered().then(|| describe_watch(&check))
+        };
         ensure(&Site { docker: &docker, state, ctx }, &spec, restart.as_deref(), &mut report, &mut cancel).await?;
         store.commit(&check)?;
         Ok(())
@@ -689,7 +715,9 @@ mod tests {
             "linux.docker.deploy",
             json!({"container": "test", "image": "dockerfile/elasticsearch",
                    "command": ["/elasticsearch/bin/elasticsearch", "-Des.config=/my-data/elasticsearch.yaml"],
-                   "port_bindings": [{"key": "9200", "value": "9200"}], "volumes": [{"key": "/opt/data", "value": "/my-data/"}]}),
+                   "port_bindings": [{"key": "9200", "value": "9200"}], "volumes": [{"key": "/opt/data", "value": "/my-data/"}],
+                   "ports": ["9300"], "links": [{"key": "db", "value": "database"}], "publish_all_ports": true,
+                   "binds": [{"key": "/srv/logs", "value": "/logs:ro"}], "watch": ["/etc/app/secret"]}),
         ) else {
             panic!()
         };
@@ -697,10 +725,15 @@ mod tests {
         let spec = RunSpec::from_deploy(&p, &[(host, "/my-data/elasticsearch.yaml".into())]).unwrap();
         let opts = spec.options(0);
         assert!(opts.contains(&"--volume=/opt/data:/my-data/".to_string()), "{opts:?}");
+        // The deploy's files read-write, as the adaptor mounted them.
         assert!(opts.contains(
-            &"--volume=/var/lib/opsagent-helper/docker-config/test/-my-data-elasticsearch.yaml:/my-data/elasticsearch.yaml:ro"
+            &"--volume=/var/lib/opsagent-helper/docker-config/test/-my-data-elasticsearch.yaml:/my-data/elasticsearch.yaml"
                 .to_string()
         ));
+        // ports, links, binds and publish_all_ports are honoured, as for running.
+        for want in ["--volume=/srv/logs:/logs:ro", "--expose=9300", "--link=db:database", "--publish-all"] {
+            assert!(opts.contains(&want.to_string()), "{want}: {opts:?}");
+        }
         assert!(opts.ends_with(&[
             "dockerfile/elasticsearch:latest".to_string(),
             "/elasticsearch/bin/elasticsearch".into(),
