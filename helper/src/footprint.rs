@@ -186,13 +186,15 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         }
         ModuleParams::LinuxYumRepo(p) => {
             f.writes.extend(crate::states::repo::yum_repo_path(&p.name));
-            if let Some(rpm) = &p.rpm_url {
+            if let Some(rpm) = p.rpm_url.as_deref().filter(|u| !opsagent_proto::checks::is_remote(u)) {
                 f.reads.push(local(rpm));
             }
             f.runs.push(source_run("a yum repository"));
         }
         ModuleParams::LinuxRpmKey(p) => {
-            f.reads.push(local(&p.path));
+            if !opsagent_proto::checks::is_remote(&p.path) {
+                f.reads.push(local(&p.path));
+            }
             f.runs.push(source_run("a package signing key"));
         }
         ModuleParams::LinuxUser(p) => {
@@ -531,7 +533,10 @@ fn packages(f: &mut Footprint, manager: &'static str, names: &Dict, ext: &str, v
     for e in names.iter() {
         let value = e.value_or_empty().trim();
         if value.ends_with(ext) || value.contains("://") || e.key.trim().ends_with(ext) {
-            f.reads.push(local(value));
+            // A download is no file of the host's: only a local one is a read.
+            if !opsagent_proto::checks::is_remote(value) {
+                f.reads.push(local(value));
+            }
             f.runs.push(Run { what: "the maintainer scripts of a package file".into(), as_user: root() });
         } else {
             f.packages.push(Package { manager, name: e.key.trim().to_string() });

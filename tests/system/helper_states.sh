@@ -218,12 +218,39 @@ check "apt: ... installed 2.0" test "$(version)" = 2.0
 check "apt: same .deb again: no change" apply apt10 "$(pkg file:///srv/debs/opsh-hello_2.0_all.deb)"
 check "apt: ... no change" no_change apt10
 apply apt11 "$(pkg https://example.invalid/opsh-hello_3.0_all.deb)" || true
-check "apt: remote .deb: must be downloaded by the daemon" out_has apt11 "must be downloaded by the daemon"
+check "apt: remote .deb: the daemon's failed download names the URL" out_has apt11 "https://example.invalid/opsh-hello_3.0_all.deb"
 check "apt: removed" apply apt12 "$(pkg removed)"
 check "apt: ... reported removed" out_has apt12 "opsh-hello: removed"
 check "apt: ... not installed" test -z "$(version)"
 check "apt: removed again: no change" apply apt13 "$(pkg removed)"
 check "apt: ... no change" no_change apt13
+# A .deb given as an http URL (the original's `sources`): downloaded by the daemon,
+# installed by the helper from its root-only copy. Served on the container's loopback.
+cat >"$ROOT/root/serve.pl" <<'PERL'
+use IO::Socket::INET;
+my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 8808, Listen => 5, ReuseAddr => 1) or die "$!";
+while (my $c = $s->accept) {
+    my $req = <$c>;
+    while (my $l = <$c>) { last if $l =~ /^\r?\n$/ }
+    my ($path) = $req =~ m{^GET /([\w.+~-]+) };
+    my $f = defined $path ? "/srv/debs/$path" : "";
+    if ($f ne "" && -f $f) {
+        open my $fh, '<:raw', $f or die; local $/; my $d = <$fh>;
+        print $c "HTTP/1.1 200 OK\r\nContent-Length: " . length($d) . "\r\nConnection: close\r\n\r\n$d";
+    } else {
+        print $c "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    }
+    close $c;
+}
+PERL
+setup 'systemd-run --unit opsh-http --collect perl /root/serve.pl'
+wait_until 10 "loopback http server" in_c 'perl -MIO::Socket::INET -e "exit(IO::Socket::INET->new(q(127.0.0.1:8808)) ? 0 : 1)"' || true
+check "apt: .deb from an http URL (downloaded by the daemon)" apply apt13b "$(pkg http://127.0.0.1:8808/opsh-hello_2.0_all.deb)"
+check "apt: ... installed 2.0" test "$(version)" = 2.0
+check "apt: ... the helper's copy is gone" in_c 'test -z "$(ls -A /var/lib/opsagent-helper/staged 2>/dev/null)"'
+check "apt: same URL again: no change" apply apt13c "$(pkg http://127.0.0.1:8808/opsh-hello_2.0_all.deb)"
+check "apt: ... no change" no_change apt13c
+in_c 'systemctl stop opsh-http' || true
 apply apt14 "$(pkg no-such-version-9)" || true
 check "apt: unknown version named with the versions apt knows" out_has apt14 "version no-such-version-9 is not available (apt knows: 2.0, 1.0)"
 
@@ -256,6 +283,26 @@ check "user: ... no change" no_change acc3
 check "user: a different plaintext password is changed" \
     apply acc4 '{"id": "usr-y", "module": "linux.user", "parameter": {"username": "opshy", "password": "another"}}'
 check "user: ... reported" out_has acc4 "opshy: password set"
+# The original's shapes: a group and a user of the same name (app/app), the user without
+# a password; Salt's cron syntax; an empty cron command refused.
+APPGRP='{"id": "appgrp", "module": "linux.group", "parameter": {"groupname": "opshapp"}}'
+APPUSR='{"id": "appusr", "module": "linux.user", "parameter": {"username": "opshapp"}}'
+check "user: name of an existing group, no password" apply acc5 "$APPGRP, $APPUSR"
+check "user: ... that group is its primary group" in_c 'test "$(id -gn opshapp)" = opshapp'
+check "user: ... no usable password (locked)" in_c 'getent shadow opshapp | cut -d: -f2 | grep -q "^!"'
+check "user: ... again: no change" apply acc6 "$APPGRP, $APPUSR"
+check "user: ... no change" no_change acc6
+SALTCRON='{"id": "cron-salt", "module": "linux.cronjob", "parameter": {"user": "opshuser", "cmd": ["/usr/bin/true opsh-salt"], "minute": "random", "hour": "9-17/2", "day-of-week": "mon-fri", "month": "jan,jul"}}'
+check "cron: Salt field syntax" apply acc7 "$SALTCRON"
+check "cron: ... written with numbers, random in range" \
+    in_c 'crontab -u opshuser -l | grep -E "^([0-9]|[1-5][0-9]) 9-17/2 \* 1,7 1-5 /usr/bin/true opsh-salt$"'
+check "cron: ... random is stable: no change" apply acc8 "$SALTCRON"
+check "cron: ... no change" no_change acc8
+if apply acc9 '{"id": "cron-empty", "module": "linux.cronjob", "parameter": {"user": "opshuser", "cmd": [""]}}'; then
+    check "cron: an empty command fails" false
+else
+    check "cron: an empty command fails" out_has acc9 "an empty command"
+fi
 
 # ---------------------------------------------------------------- policy
 say "== policy file forbidding linux.cmd"

@@ -12,6 +12,12 @@ use crate::catalogue::{CatalogueError, ModuleParams};
 use crate::newtypes::{AbsPath, UnitName};
 use crate::wire::{shorten, Array, Dict, Line, Watch};
 
+/// An `http://` or `https://` URL: content the daemon downloads for the helper.
+pub fn is_remote(value: &str) -> bool {
+    let v = value.trim().to_ascii_lowercase();
+    v.starts_with("http://") || v.starts_with("https://")
+}
+
 /// Checks one state's parameters; the error names the first bad one.
 pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> {
     let c = Checker { module: params.name() };
@@ -187,6 +193,9 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             c.path("device-name", &p.device_name)?;
             c.paths("devices", Some(&p.devices))
         }
+        // A URL (downloaded by the daemon, as the adaptor's `rpm --import URL` did) or a
+        // local file.
+        ModuleParams::LinuxRpmKey(p) if crate::checks::is_remote(&p.path) => c.url("path", &p.path),
         ModuleParams::LinuxRpmKey(p) => c.local("path", &p.path),
         ModuleParams::LinuxService(p) => {
             for e in p.name.iter() {

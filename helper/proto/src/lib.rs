@@ -18,7 +18,7 @@
 //! judge (paths, users, policy).
 
 pub mod catalogue;
-mod checks;
+pub mod checks;
 pub mod codec;
 pub mod ini;
 pub mod newtypes;

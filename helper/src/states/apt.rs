@@ -50,7 +50,7 @@ pub enum PkgError {
     Name(String),
     #[error("parameter name: {name}: {value:?} is not a version")]
     Version { name: String, value: String },
-    #[error("parameter name: {name}: remote packages ({uri}) must be downloaded by the daemon, which this version does not do; give a local path or file:// URI")]
+    #[error("parameter name: {name}: remote packages ({uri}) must be downloaded by the daemon first (the helper answers NeedFetch)")]
     Remote { name: String, uri: String },
     #[error("parameter name: {name}: {source}")]
     File { name: String, source: RepoError },

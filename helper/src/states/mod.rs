@@ -16,6 +16,7 @@ pub mod group;
 pub mod lang;
 pub mod mesos;
 pub mod puppet;
+pub mod remote;
 pub mod repo;
 pub mod root_read;
 pub mod selinux;
@@ -104,7 +105,33 @@ pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step
     }
     let id = &req.state_id;
     let fetched = Fetched::new(&req.fetched, ctx.peer_uid);
-    Ok(Step::Done(match &req.params {
+    // Package files and keys given as URLs: downloaded by the daemon first, then
+    // installed from root-only copies, removed when the state ends.
+    let urls = remote::remote_urls(&req.params);
+    let _staged;
+    let localised;
+    let params = if urls.is_empty() {
+        &req.params
+    } else {
+        let wanted: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let missing = fetched.missing(&wanted);
+        if !missing.is_empty() {
+            return Ok(Step::NeedFetch(missing));
+        }
+        match boxed(blocking((urls, req.fetched.clone(), ctx.clone()), |(urls, files, ctx)| {
+            remote::stage(urls, &Fetched::new(files, ctx.peer_uid), &ctx.state_dir)
+        }))
+        .await?
+        {
+            Ok(staged) => {
+                localised = staged.localise(&req.params);
+                _staged = staged;
+                &localised
+            }
+            Err(e) => return Ok(Step::Done(Outcome::failed(e.to_string()))),
+        }
+    };
+    Ok(Step::Done(match params {
         ModuleParams::LinuxCmd(p) => boxed(cmd::apply(p, ctx, cancel)).await,
         // The three file states are a few local system calls, not interruptible half-way:
         // they run inline. A hop to the blocking pool per state cost ~4x the work itself
@@ -196,7 +223,7 @@ async fn blocking_step<P: Clone + Send + 'static>(
         .map_err(|e| HelperError::new(ErrorCode::Internal, format!("the state's task failed: {e}")))
 }
 
-async fn blocking<P: Send + 'static>(params: P, f: fn(&P) -> Outcome) -> Result<Outcome, HelperError> {
+async fn blocking<P: Send + 'static, T: Send + 'static>(params: P, f: fn(&P) -> T) -> Result<T, HelperError> {
     tokio::task::spawn_blocking(move || f(&params))
         .await
         .map_err(|e| HelperError::new(ErrorCode::Internal, format!("the state's task failed: {e}")))
