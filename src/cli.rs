@@ -387,8 +387,18 @@ fn needs_download(state: &RecipeState) -> bool {
     match state.parsed.as_ref().map(|p| &p.params) {
         Ok(ModuleParams::CommonArchive(_)) => true,
         Ok(ModuleParams::LinuxFile(f)) => f.remote_uri.is_some(),
+        // Package files, keys and repository RPMs given as http(s) URLs.
+        Ok(ModuleParams::LinuxAptPackage(_) | ModuleParams::LinuxYumPackage(_)) => state_has_url(state),
+        Ok(ModuleParams::LinuxRpmKey(_) | ModuleParams::LinuxYumRepo(_)) => state_has_url(state),
         _ => false,
     }
+}
+
+fn state_has_url(state: &RecipeState) -> bool {
+    state.parsed.as_ref().ok().and_then(|p| serde_json::to_string(&p.params).ok()).is_some_and(|t| {
+        let t = t.to_ascii_lowercase();
+        t.contains("http://") || t.contains("https://")
+    })
 }
 
 /// How long a state may run before the lines of the states before it are written out.
