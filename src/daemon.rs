@@ -335,6 +335,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .map_err(|source| DaemonError::StateDir { path: fetch_dir.display().to_string(), source })?;
     let helper = UnixHelperClient::new(&config.agent.helper_socket, crate::version::running()).with_fetcher(fetcher);
     wait_for_helper(&helper).await?;
+    // Missing tools of a state installed first, as the original's `require` entries did.
+    let helper = crate::prereq::Prerequisites::new(helper, config.agent.install_prerequisites);
 
     let resume = load_snapshot(&state_dir);
     let engine_cfg = EngineConfig {

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod link;
 pub mod logging;
 pub mod metrics;
+pub mod prereq;
 pub mod protocol;
 pub mod recipe;
 pub mod round;

@@ -158,3 +158,46 @@ async fn the_client_downloads_what_the_helper_asks_for() {
     let o = client.apply(missing, Cancel::never()).await.unwrap();
     assert!(!o.result && o.comment == format!("download failed: {}/nope: HTTP 404", files.base), "{o:?}");
 }
+
+/// Prerequisites (the adaptor's `require` entries) through the real helper: the install
+/// is a package state the helper's policy judges; refused, the state fails naming the
+/// package, and nothing was installed. Off, the state goes to the helper as it is and
+/// fails naming the package to install.
+#[tokio::test]
+async fn missing_prerequisites_are_installed_through_the_helpers_policy_or_named() {
+    use opsagent::prereq::Prerequisites;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    // A policy that allows one package only (root-owned, in a root-only directory).
+    let policy_dir = tmp.path().join("policy");
+    std::fs::create_dir(&policy_dir).unwrap();
+    std::fs::set_permissions(&policy_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let policy = policy_dir.join("helper.policy");
+    std::fs::write(&policy, "packages = nginx\n").unwrap();
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let socket = tmp.path().join("h.sock");
+    let _helper = start_helper_with(tmp.path(), &socket, &["--policy", policy.to_str().unwrap()]);
+    // The host as the daemon sees it: apt, and no selinux tools.
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::write(root.join("usr/bin/apt-get"), "").unwrap();
+    let state = || req("se-1", "linux.selinux", json!({"mode": "permissive"}));
+
+    let on = Prerequisites::new(UnixHelperClient::new(&socket, "test"), true).with_root(&root);
+    let out = on.apply(state(), Cancel::never()).await.unwrap();
+    assert!(!out.result, "{out:?}");
+    assert!(
+        out.comment.starts_with(
+            "prerequisite setsebool (package selinux-utils policycoreutils) could not be installed with apt: "
+        ) && out.comment.contains("packages"),
+        "{}",
+        out.comment
+    );
+    assert!(out.changes.is_empty());
+
+    // Off: no install asked; the helper's own message names the package.
+    let off = Prerequisites::new(UnixHelperClient::new(&socket, "test"), false).with_root(&root);
+    let out = off.apply(state(), Cancel::never()).await.unwrap();
+    assert!(!out.result && !out.comment.contains("prerequisite"), "{}", out.comment);
+    assert!(out.comment.contains("is not installed") && out.comment.contains("selinux-utils"), "{}", out.comment);
+}

@@ -68,6 +68,12 @@ pub const EXAMPLE: &str = concat!(
 ; run as root, so it is refused unless set here, in a root-owned file; warned at start and
 ; in `opsagent status`.
 ;allow_insecure_transport = false
+; Before a state whose tool is missing (git, subversion, mercurial, ruby, npm, pip,
+; virtualenv, supervisor, lvm2, xfsprogs, docker, puppet…), install its package with
+; the host's package manager (apt or yum) as the original agent did; the state's comment
+; says so, and the helper's policy judges that install like any package state. Off: the
+; state fails naming the package to install.
+;install_prerequisites = true
 
 [link]
 ; Extra PEM bundle of trusted CAs for wss:// and https:// downloads (the system roots are

@@ -49,6 +49,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "download_timeout",
             "metrics_file",
             "allow_insecure_transport",
+            "install_prerequisites",
         ],
     ),
     (
@@ -146,6 +147,9 @@ pub struct AgentConfig {
     /// this is set in a root-owned file (a man in the middle would push recipes, which
     /// the helper applies as root).
     pub allow_insecure_transport: bool,
+    /// Install a state's missing tool (git, lvm2, supervisor…) with the host's package
+    /// manager before it runs, as the original agent did ([`crate::prereq`]).
+    pub install_prerequisites: bool,
 }
 
 impl Default for AgentConfig {
@@ -162,6 +166,7 @@ impl Default for AgentConfig {
             download_timeout: Duration::from_secs(600),
             metrics_file: None,
             allow_insecure_transport: false,
+            install_prerequisites: true,
         }
     }
 }
@@ -448,6 +453,7 @@ impl Config {
             ("agent", "download_max_bytes") => a.download_max_bytes = values::download_bytes(value)?,
             ("agent", "download_timeout") => a.download_timeout = values::seconds(value)?,
             ("agent", "allow_insecure_transport") => a.allow_insecure_transport = values::boolean(value)?,
+            ("agent", "install_prerequisites") => a.install_prerequisites = values::boolean(value)?,
             ("link", "ca_file") => l.ca_file = Some(values::absolute_path(value)?),
             ("link", "tls_insecure") => l.tls_insecure = values::boolean(value)?,
             ("link", "proxy") => l.proxy = Some(values::proxy_url(value)?),

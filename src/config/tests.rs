@@ -215,7 +215,7 @@ fn unknown_names_and_structure_errors() {
         err("[agent]\nround_dealy = 5\n"),
         "/etc/opsagent.conf:2: [agent] round_dealy: unknown key (keys of [agent]: token_file, state_dir, \
          helper_socket, round_delay, retry_delay, retry_delay_max, log_level, download_max_bytes, download_timeout, metrics_file, \
-         allow_insecure_transport)"
+         allow_insecure_transport, install_prerequisites)"
     );
     assert_eq!(
         err("[agnet]\n"),
@@ -378,6 +378,8 @@ fn keys_that_lower_a_defence_need_a_root_owned_file() {
         assert!(e.contains(":2:") && e.contains("owned by root"), "{e}");
     }
     assert!(!parse("[agent]\nallow_insecure_transport = false\n").unwrap().agent.allow_insecure_transport);
+    assert!(parse("").unwrap().agent.install_prerequisites, "on by default, as the original");
+    assert!(!parse("[agent]\ninstall_prerequisites = false\n").unwrap().agent.install_prerequisites);
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("opsagent.conf");

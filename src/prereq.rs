@@ -1,0 +1,262 @@
+//! Prerequisites installed on demand, as the original adaptor's `require` entries did:
+//! before a state whose tool is missing on this host (git for `common.git`, lvm2 for
+//! the LVM states, supervisor, docker, puppet…), the tool's package is installed with
+//! the host's package manager, and the state's comment says so.
+//!
+//! The install is an ordinary `linux.apt.package` / `linux.yum.package` state sent to
+//! the helper, so the helper's policy (its `modules` and `packages` keys, see the
+//! footprint table) decides about it like about any other package. With `[agent]
+//! install_prerequisites = false` nothing is installed: the state runs as it is and
+//! fails with the helper's message, which names the package to install.
+//!
+//! Whether a tool is there is judged from the daemon's view of the usual binary
+//! directories; the helper looks again and is the one that decides. `linux.cmd`'s
+//! default working directory (/opt/visualops/tmp) is created by the helper itself.
+//! Chef has no distribution package: the original installed it with Chef's own
+//! installer script, which this agent does not run; chef states fail naming the tool.
+
+use std::path::Path;
+
+use opsagent_proto::catalogue::{parse_state, ModuleParams};
+use opsagent_proto::request::{ApplyRequest, Change, Outcome};
+use serde_json::json;
+
+use crate::helper_client::{Cancel, HelperClient, HelperClientError};
+use opsagent_proto::request::HelperStatus;
+
+/// Where tools are looked for (the helper's search path).
+const BIN_DIRS: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"];
+
+/// The host's package manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Manager {
+    Apt,
+    Yum,
+}
+
+impl Manager {
+    /// apt when `apt-get` is there, yum when `yum` or `dnf` is, under `root`.
+    pub fn detect(root: &Path) -> Option<Manager> {
+        let has = |tool: &str| BIN_DIRS.iter().any(|d| root.join(d.trim_start_matches('/')).join(tool).is_file());
+        if has("apt-get") {
+            Some(Manager::Apt)
+        } else if has("yum") || has("dnf") {
+            Some(Manager::Yum)
+        } else {
+            None
+        }
+    }
+
+    fn module(self) -> &'static str {
+        match self {
+            Manager::Apt => "linux.apt.package",
+            Manager::Yum => "linux.yum.package",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Manager::Apt => "apt",
+            Manager::Yum => "yum",
+        }
+    }
+}
+
+/// A tool a module needs and the packages that provide it (apt, yum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prerequisite {
+    pub tool: &'static str,
+    pub apt: &'static [&'static str],
+    pub yum: &'static [&'static str],
+}
+
+const fn pre(tool: &'static str, apt: &'static [&'static str], yum: &'static [&'static str]) -> Prerequisite {
+    Prerequisite { tool, apt, yum }
+}
+
+/// What a state needs installed, from its parameters: the adaptor's `require` list,
+/// with today's package names.
+pub fn prerequisites(params: &ModuleParams) -> Vec<Prerequisite> {
+    use ModuleParams as M;
+    let lvm = pre("lvcreate", &["lvm2"], &["lvm2"]);
+    let docker = pre("docker", &["docker.io"], &["docker"]);
+    let puppet = pre("puppet", &["puppet"], &["puppet"]);
+    match params {
+        M::CommonGit(_) => vec![pre("git", &["git"], &["git"])],
+        M::CommonSvn(_) => vec![pre("svn", &["subversion"], &["subversion"])],
+        M::CommonHg(_) => vec![pre("hg", &["mercurial"], &["mercurial"])],
+        M::CommonGemPackage(_) | M::CommonGemSource(_) => vec![pre("gem", &["ruby"], &["rubygems"])],
+        M::CommonNpmPackage(_) => vec![pre("npm", &["npm"], &["npm"])],
+        M::CommonPipPackage(_) => vec![pre("pip3", &["python3-pip"], &["python3-pip"])],
+        M::CommonVirtualenv(p) if p.extra_search_dir.as_ref().is_some_and(|d| !d.is_empty()) => {
+            vec![pre("virtualenv", &["python3-virtualenv"], &["python3-virtualenv"])]
+        }
+        M::CommonVirtualenv(_) => vec![pre("python3", &["python3-venv"], &["python3"])],
+        M::LinuxSupervisord(_) => vec![pre("supervisord", &["supervisor"], &["supervisor"])],
+        M::LinuxLvmPv(_) | M::LinuxLvmVg(_) | M::LinuxLvmLv(_) => vec![lvm],
+        M::LinuxMkfs(p) => match p.fstype.trim().to_ascii_lowercase().as_str() {
+            "xfs" => vec![pre("mkfs.xfs", &["xfsprogs"], &["xfsprogs"])],
+            "ext2" | "ext3" | "ext4" => vec![pre("mke2fs", &["e2fsprogs"], &["e2fsprogs"])],
+            "btrfs" => vec![pre("mkfs.btrfs", &["btrfs-progs"], &["btrfs-progs"])],
+            "vfat" | "fat" | "msdos" => vec![pre("mkfs.vfat", &["dosfstools"], &["dosfstools"])],
+            _ => Vec::new(),
+        },
+        M::LinuxRaid(_) => vec![pre("mdadm", &["mdadm"], &["mdadm"])],
+        M::LinuxDockerPulled(_)
+        | M::LinuxDockerBuilt(_)
+        | M::LinuxDockerPushed(_)
+        | M::LinuxDockerRunning(_)
+        | M::LinuxDockerDeploy(_) => vec![docker],
+        M::LinuxPuppetApply(_) | M::LinuxPuppetAgent(_) | M::LinuxPuppetRun(_) => vec![puppet],
+        M::LinuxSelinux(_) => {
+            vec![pre("setsebool", &["selinux-utils", "policycoreutils"], &["libselinux-utils", "policycoreutils"])]
+        }
+        M::CommonSshKnownHost(_) => vec![pre("ssh-keyscan", &["openssh-client"], &["openssh-clients"])],
+        M::LinuxCronjob(_) => vec![pre("crontab", &["cron"], &["cronie"])],
+        _ => Vec::new(),
+    }
+}
+
+/// Whether `tool` is an executable file in one of the usual directories under `root`.
+pub fn tool_present(root: &Path, tool: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    BIN_DIRS.iter().any(|d| {
+        std::fs::metadata(root.join(d.trim_start_matches('/')).join(tool))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// The package state that installs `packages`.
+pub fn install_state(manager: Manager, packages: &[&str]) -> ModuleParams {
+    let names: Vec<_> = packages.iter().map(|p| json!({"key": p})).collect();
+    parse_state(manager.module(), &json!({"name": names}))
+        .expect("package names of the prerequisite table are valid")
+        .params
+}
+
+/// A [`HelperClient`] that installs the missing prerequisites of a state before it.
+pub struct Prerequisites<C> {
+    inner: C,
+    enabled: bool,
+    root: std::path::PathBuf,
+}
+
+impl<C: HelperClient> Prerequisites<C> {
+    pub fn new(inner: C, enabled: bool) -> Self {
+        Self { inner, enabled, root: "/".into() }
+    }
+
+    /// Tools and the package manager are looked for under `root` (tests).
+    pub fn with_root(mut self, root: impl Into<std::path::PathBuf>) -> Self {
+        self.root = root.into();
+        self
+    }
+
+    pub fn inner(&self) -> &C {
+        &self.inner
+    }
+}
+
+impl<C: HelperClient> HelperClient for Prerequisites<C> {
+    async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
+        let missing: Vec<Prerequisite> = if self.enabled {
+            prerequisites(&req.params).into_iter().filter(|p| !tool_present(&self.root, p.tool)).collect()
+        } else {
+            Vec::new()
+        };
+        let manager = Manager::detect(&self.root);
+        let mut notes = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
+        for p in &missing {
+            let Some(manager) = manager else {
+                notes.push(format!("{} is missing and no package manager (apt, yum) was found", p.tool));
+                continue;
+            };
+            let packages = match manager {
+                Manager::Apt => p.apt,
+                Manager::Yum => p.yum,
+            };
+            let install = ApplyRequest::new(req.state_id.clone(), req.recipe_version, install_state(manager, packages));
+            let list = packages.join(" ");
+            // A refusal (the helper's policy) fails this state, naming the package.
+            let out = match self.inner.apply(install, cancel.clone()).await {
+                Ok(out) => out,
+                Err(HelperClientError::Refused { error, .. }) => Outcome::failed(error.message),
+                Err(e) => return Err(e),
+            };
+            if !out.result || out.cancelled {
+                return Ok(Outcome {
+                    cancelled: out.cancelled,
+                    changes: out.changes,
+                    stdout: out.stdout,
+                    ..Outcome::failed(format!(
+                        "prerequisite {} (package {list}) could not be installed with {}: {}",
+                        p.tool,
+                        manager.name(),
+                        out.comment
+                    ))
+                });
+            }
+            notes.push(format!("prerequisite {} installed with {} (package {list})", p.tool, manager.name()));
+            changes.extend(out.changes);
+        }
+        let mut out = self.inner.apply(req, cancel).await?;
+        if !notes.is_empty() {
+            out.comment = format!("{}; {}", notes.join("; "), out.comment);
+            changes.append(&mut out.changes);
+            out.changes = changes;
+        }
+        Ok(out)
+    }
+
+    async fn status(&self) -> Result<HelperStatus, HelperClientError> {
+        self.inner.status().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn managers_and_tools_are_found_under_a_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(Manager::detect(tmp.path()), None);
+        let bin = tmp.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("dnf"), "").unwrap();
+        assert_eq!(Manager::detect(tmp.path()), Some(Manager::Yum));
+        std::fs::write(bin.join("apt-get"), "").unwrap();
+        assert_eq!(Manager::detect(tmp.path()), Some(Manager::Apt));
+        std::fs::write(bin.join("git"), "").unwrap();
+        assert!(!tool_present(tmp.path(), "git"), "not executable");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(tool_present(tmp.path(), "git"));
+    }
+
+    /// The adaptor's `require` entries, module by module.
+    #[test]
+    fn the_adaptor_requirements() {
+        let of = |module: &str, raw: serde_json::Value| -> Vec<(&'static str, &'static [&'static str])> {
+            prerequisites(&parse_state(module, &raw).unwrap().params).iter().map(|p| (p.tool, p.apt)).collect()
+        };
+        assert_eq!(of("common.git", json!({"path": "/srv/g", "repo": "https://h/r"})), [("git", &["git"][..])]);
+        assert_eq!(of("common.svn", json!({"path": "/s", "repo": "svn://h/r"})), [("svn", &["subversion"][..])]);
+        assert_eq!(of("common.hg", json!({"path": "/h", "repo": "https://h/r"})), [("hg", &["mercurial"][..])]);
+        assert_eq!(of("linux.lvm.pv", json!({"path": ["/dev/x"]})), [("lvcreate", &["lvm2"][..])]);
+        assert_eq!(of("linux.mkfs", json!({"device": "/dev/x", "fstype": "xfs"})), [("mkfs.xfs", &["xfsprogs"][..])]);
+        assert_eq!(
+            of("linux.supervisord", json!({"config": "/c", "name": ["p"]})),
+            [("supervisord", &["supervisor"][..])]
+        );
+        assert_eq!(of("linux.docker.pulled", json!({"repo": "i"})), [("docker", &["docker.io"][..])]);
+        assert_eq!(of("linux.puppet.run", json!({})), [("puppet", &["puppet"][..])]);
+        assert_eq!(of("common.gem.package", json!({"name": [{"key": "rake"}]})), [("gem", &["ruby"][..])]);
+        assert_eq!(of("common.npm.package", json!({"name": [{"key": "x"}]})), [("npm", &["npm"][..])]);
+        assert_eq!(of("common.pip.package", json!({"name": [{"key": "x"}]})), [("pip3", &["python3-pip"][..])]);
+        assert!(of("linux.file", json!({"path": "/x"})).is_empty());
+        let install = install_state(Manager::Yum, &["lvm2"]);
+        assert_eq!(install.name(), "linux.yum.package");
+    }
+}
