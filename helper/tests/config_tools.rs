@@ -176,7 +176,8 @@ async fn real_puppet_apply_when_puppet_is_installed() {
         common::skip("puppet: SKIPPED the real run, needs root");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    // Under /, root's: puppet (as root) reads only manifests root controls.
+    let dir = tempfile::Builder::new().prefix(".opsagent-test-puppet").tempdir_in("/").unwrap();
     let target = dir.path().join("motd");
     let manifest = dir.path().join("site.pp");
     std::fs::write(&manifest, format!("file {{ '{}': content => \"managed by puppet\\n\" }}\n", target.display()))

@@ -267,7 +267,8 @@ async fn gem_source_is_added_once() {
 #[tokio::test]
 async fn virtualenv_is_created_and_follows_its_requirements_file() {
     need("python3", "python3 python3-venv");
-    let dir = tempfile::tempdir().unwrap();
+    // Under /, root's: pip (as root) reads only a requirements file root controls.
+    let dir = tempfile::Builder::new().prefix(".opsagent-test-venv").tempdir_in("/").unwrap();
     let state_dir = dir.path().join("state");
     let id = StateId::parse("state-venv-1").unwrap();
     let venv = dir.path().join("venv");

@@ -41,7 +41,8 @@ impl Harness {
         let supervisord = find_tool("supervisord", &[]).expect("supervisord is missing: apt-get install -y supervisor");
         let supervisorctl =
             find_tool("supervisorctl", &[]).expect("supervisorctl is missing: apt-get install -y supervisor");
-        let dir = tempfile::tempdir().unwrap();
+        // Under /, root's: supervisord (as root) reads only a configuration root controls.
+        let dir = tempfile::Builder::new().prefix(".opsagent-test-supervisord").tempdir_in("/").unwrap();
         let d = dir.path().display();
         std::fs::create_dir(dir.path().join("conf.d")).unwrap();
         std::fs::write(

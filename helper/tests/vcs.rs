@@ -487,7 +487,9 @@ async fn git_bad_parameters_fail_clearly() {
     assert_eq!(read(&path.join("README")), "one\n");
 
     // ssh in batch mode with the key: a refused connection fails at once, no prompt.
-    let key = dest.path().join("id_test");
+    // (In a directory only root controls: ssh run as root reads no key anyone else chose.)
+    let keys = tempfile::Builder::new().prefix(".opsagent-test-keys").tempdir_in("/").unwrap();
+    let key = keys.path().join("id_test");
     std::fs::write(&key, "not a key\n").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = git_state(json!({

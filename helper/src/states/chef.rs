@@ -96,6 +96,11 @@ pub async fn client_using(program: Option<PathBuf>, p: &LinuxChefClient, cancel:
     if p.server.trim().is_empty() || p.server.trim().starts_with('-') {
         return Outcome::failed(format!("parameter server: {:?} is not a server URL", p.server.trim()));
     }
+    for (param, v) in [("client_key", &p.client_key), ("config", &p.config)] {
+        if let Err(e) = root_controlled(param, v) {
+            return Outcome::failed(e);
+        }
+    }
     run(&program, client_args(p), "chef-client", cancel).await
 }
 
@@ -108,7 +113,19 @@ pub async fn solo_using(program: Option<PathBuf>, p: &LinuxChefSolo, cancel: Can
     let Some(program) = program else {
         return Outcome::failed(not_installed("chef-solo"));
     };
+    if let Err(e) = root_controlled("config", &p.config) {
+        return Outcome::failed(e);
+    }
     run(&program, solo_args(p), "chef-solo", cancel).await
+}
+
+/// Chef runs as root and reads its configuration and client key by path: only files
+/// root controls ([`crate::states::root_read`]).
+fn root_controlled(param: &'static str, v: &Option<opsagent_proto::wire::Line>) -> Result<(), String> {
+    match given(v) {
+        Some(raw) => crate::states::root_read::check_value(param, raw).map(drop).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
 }
 
 async fn run(program: &Path, args: Vec<String>, label: &str, mut cancel: Cancel) -> Outcome {

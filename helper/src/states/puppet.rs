@@ -211,6 +211,12 @@ pub async fn apply_using(program: Option<PathBuf>, p: &LinuxPuppetApply, mut can
     if let Some(bad) = manifests.iter().find(|m| m.starts_with('-')) {
         return Outcome::failed(format!("parameter manifests: {bad:?} is not a file name"));
     }
+    // puppet reads them as root: only manifests root controls (root_read).
+    for m in &manifests {
+        if let Err(e) = crate::states::root_read::check_value("manifests", m) {
+            return Outcome::failed(e.to_string());
+        }
+    }
     let mut acc = Outcome::ok("");
     for m in manifests {
         if !run_one(&program, apply_args(p, m), true, &format!("puppet apply {m}"), &mut acc, &mut cancel).await {

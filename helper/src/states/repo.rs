@@ -40,6 +40,8 @@ pub enum RepoError {
     File(String),
     #[error(transparent)]
     Tool(#[from] ToolError),
+    #[error(transparent)]
+    RootRead(#[from] super::root_read::RootReadError),
 }
 
 /// A file name apt (and yum) will read: `[A-Za-z0-9_.-]+`, not starting with a dot.
@@ -198,7 +200,9 @@ pub async fn yum_repo(p: &LinuxYumRepo, mut cancel: Cancel) -> Outcome {
             install_rpm(&path, &mut changes, &mut cancel).await?;
         }
         if let Some(key) = p.rpm_key.as_deref() {
-            import_key(&local_file("rpm-key", key)?, &mut changes, &mut cancel).await?;
+            let key = local_file("rpm-key", key)?;
+            root_checked("rpm-key", &key)?;
+            import_key(&key, &mut changes, &mut cancel).await?;
         }
         Ok::<(), RepoError>(())
     }
@@ -210,10 +214,18 @@ pub async fn rpm_key(p: &LinuxRpmKey, mut cancel: Cancel) -> Outcome {
     let mut changes = Vec::new();
     let result = async {
         let path = local_file("path", &p.path)?;
+        root_checked("path", &path)?;
         import_key(&path, &mut changes, &mut cancel).await
     }
     .await;
     super::finish("linux.rpm.key", result, changes, &[])
+}
+
+/// A key root imports must be a file only root controls ([`super::root_read`]).
+fn root_checked(param: &'static str, path: &Path) -> Result<(), RepoError> {
+    let abs = opsagent_proto::newtypes::AbsPath::parse(&path.to_string_lossy())
+        .map_err(|_| RepoError::NotLocal(path.display().to_string(), param))?;
+    Ok(super::root_read::check(param, &abs)?)
 }
 
 /// `rpm -U --force` of a local repo-release package, unless that version is installed.

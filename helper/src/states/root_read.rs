@@ -1,4 +1,8 @@
-//! Files root reads on a recipe's behalf (`linux.apt.package` `deb-conf-file`).
+//! Files root reads on a recipe's behalf (`linux.apt.package` `deb-conf-file`), or
+//! hands by path to a tool that runs as root ([`check`]: `linux.rpm.key` `path`,
+//! `common.virtualenv` `requirements-file`, `common.git` `ssh-key-file` when git runs
+//! as root, `linux.chef.*` `config`/`client_key`, `linux.supervisord` `config`,
+//! `linux.puppet.apply` `manifests`).
 //!
 //! The recipe, and so a compromised daemon, names the path; root can read anything. A
 //! file is read only when nobody but root can have chosen its content: every directory
@@ -27,17 +31,58 @@ pub enum RootReadError {
     Unsafe { param: &'static str, path: String, problem: String },
     #[error("parameter {param}: {path}: {source}")]
     Io { param: &'static str, path: String, source: std::io::Error },
+    /// Internal to [`check`]: the file or a directory on the way does not exist, and
+    /// the directories above it that do are root's.
+    #[error("the file does not exist")]
+    Missing,
 }
 
 /// Group- or other-writable.
 const WRITABLE_BY_OTHERS: u32 = 0o022;
 
+/// Whether `path` is a file only root can have chosen, for a tool run as root that
+/// opens it by path: the same checks as [`read`], without reading it. The tool opens
+/// the same file: every component on the way is root's, so nobody else can swap it.
+///
+/// A file that does not exist passes when the nearest existing directory above it is
+/// root's: only root can create it there, and the tool reports it missing itself.
+pub fn check(param: &'static str, path: &AbsPath) -> Result<(), RootReadError> {
+    match open_checked(param, path, false) {
+        Ok(_) => Ok(()),
+        Err(RootReadError::Missing) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`check`] of a recipe value that should be a path (`file://` allowed).
+pub fn check_value(param: &'static str, raw: &str) -> Result<AbsPath, RootReadError> {
+    let t = raw.trim();
+    let t = t.strip_prefix("file://").unwrap_or(t);
+    let path =
+        AbsPath::parse(t).map_err(|e| RootReadError::Unsafe { param, path: t.to_string(), problem: e.to_string() })?;
+    check(param, &path)?;
+    Ok(path)
+}
+
 /// The content of `path`, read as described in the module documentation.
 pub fn read(param: &'static str, path: &AbsPath) -> Result<Vec<u8>, RootReadError> {
+    let (mut file, at) = open_checked(param, path, true)?;
+    read_capped(&mut file).map_err(|source| RootReadError::Io { param, path: at, source })
+}
+
+fn open_checked(param: &'static str, path: &AbsPath, capped: bool) -> Result<(File, String), RootReadError> {
     let unsafe_ = |at: &Path, problem: String| RootReadError::Unsafe { param, path: at.display().to_string(), problem };
     let io = |at: &Path, source| RootReadError::Io { param, path: at.display().to_string(), source };
+    let mut missing = false;
     for dir in path.as_path().ancestors().skip(1) {
-        let m = fs::symlink_metadata(dir).map_err(|e| io(dir, e))?;
+        let m = match fs::symlink_metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !capped => {
+                missing = true;
+                continue;
+            }
+            Err(e) => return Err(io(dir, e)),
+        };
         if !m.file_type().is_dir() {
             return Err(unsafe_(dir, "is not a directory (a link on the way is not followed)".into()));
         }
@@ -53,7 +98,10 @@ pub fn read(param: &'static str, path: &AbsPath) -> Result<Vec<u8>, RootReadErro
         }
     }
     let at = path.as_path();
-    let mut file = fs::OpenOptions::new()
+    if missing {
+        return Err(RootReadError::Missing);
+    }
+    let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).bits())
         .open(at)
@@ -61,6 +109,7 @@ pub fn read(param: &'static str, path: &AbsPath) -> Result<Vec<u8>, RootReadErro
             Some(code) if code == nix::errno::Errno::ELOOP as i32 => {
                 unsafe_(at, "is a symbolic link, which is not followed".into())
             }
+            _ if e.kind() == std::io::ErrorKind::NotFound && !capped => RootReadError::Missing,
             _ => io(at, e),
         })?;
     let m = file.metadata().map_err(|e| io(at, e))?;
@@ -73,10 +122,10 @@ pub fn read(param: &'static str, path: &AbsPath) -> Result<Vec<u8>, RootReadErro
             format!("owned by uid {} with mode {:04o}: only a file root controls is read", m.uid(), m.mode() & 0o7777),
         ));
     }
-    if m.len() > MAX_READ {
+    if capped && m.len() > MAX_READ {
         return Err(unsafe_(at, format!("{} bytes, more than the {MAX_READ} read", m.len())));
     }
-    read_capped(&mut file).map_err(|e| io(at, e))
+    Ok((file, at.display().to_string()))
 }
 
 fn read_capped(file: &mut File) -> std::io::Result<Vec<u8>> {
@@ -147,5 +196,14 @@ mod tests {
 
         // Not a regular file.
         assert!(read("deb-conf-file", &abs(d.path())).unwrap_err().to_string().contains("regular"));
+
+        // `check`, for files handed to a root tool by path: the same rules without the
+        // read; a missing file under root's directories passes (only root can make it).
+        assert!(check("requirements-file", &abs(&good)).is_ok());
+        assert!(check("config", &abs(&d.path().join("no/such/file"))).is_ok());
+        let err = check("ssh-key-file", &abs(&theirs)).unwrap_err().to_string();
+        assert!(err.starts_with("parameter ssh-key-file:") && err.contains("uid 65534"), "{err}");
+        assert!(check("path", &abs(&link)).unwrap_err().to_string().contains("symbolic link"));
+        assert!(check("config", &abs(&open_dir.join("missing"))).unwrap_err().to_string().contains("only root"));
     }
 }

@@ -112,6 +112,8 @@ pub enum SupervisorError {
     Name(String),
     #[error("parameter {param}: {source}")]
     Path { param: &'static str, source: InvalidValue },
+    #[error(transparent)]
+    RootRead(#[from] crate::states::root_read::RootReadError),
     #[error("parameter config: {0} does not exist or is not a regular file")]
     NoConfig(AbsPath),
     #[error(
@@ -287,6 +289,9 @@ async fn steps(
     if !config.as_path().is_file() {
         return Err(SupervisorError::NoConfig(config));
     }
+    // supervisord reads it as root and runs the programs it names: only a file root
+    // controls ([`crate::states::root_read`]).
+    crate::states::root_read::check("config", &config)?;
     let names: Vec<&str> = p.name.iter().map(|n| n.trim()).filter(|n| !n.is_empty()).collect();
     if names.is_empty() {
         return Err(SupervisorError::NoPrograms);

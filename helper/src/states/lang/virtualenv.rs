@@ -155,6 +155,9 @@ async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, ru
                 problem: format!("{req} does not exist or is not a regular file"),
             });
         }
+        // pip reads it as root and installs what it names: only a file root controls.
+        crate::states::root_read::check("requirements-file", req)
+            .map_err(|e| LangError::Param { param: "requirements-file", problem: e.to_string() })?;
     }
     let extra = p
         .extra_search_dir

@@ -107,6 +107,13 @@ async fn sync(
     let repo = repo_param(&p.repo)?;
     let wanted = revision_param(&p.revision, DEFAULT_REVISION)?;
     let key = key_file(p.ssh_key_file.as_deref())?;
+    // Run as root, ssh reads the key as root: only a key root controls is used (an
+    // agent-owned or planted one would choose root's identity, or leak a root-only
+    // file into ssh's messages). Run as `user`, ssh reads it with that user's rights.
+    if let (Some(k), None) = (&key, p.user.as_deref().map(str::trim).filter(|u| !u.is_empty())) {
+        crate::states::root_read::check("ssh-key-file", k)
+            .map_err(|e| VcsError::Param { param: "ssh-key-file", problem: e.to_string() })?;
+    }
     let runner = Runner::new("git", "git", p.user.as_deref())?
         .with_env("GIT_TERMINAL_PROMPT", "0")
         .with_env("GIT_SSH_COMMAND", ssh_command(key.as_ref()));
