@@ -31,8 +31,14 @@ const CHILD_ENV: &str = "OPSAGENT_HELPER_TEST_COMPROMISED_DIR";
 
 /// Modules the policy does not grant at all; every other helper module is granted,
 /// so that most attempts reach the footprint rules rather than the module list.
-const NOT_GRANTED: &[&str] =
-    &["linux.cmd", "linux.docker.pulled", "linux.docker.pushed", "linux.mesos.master", "common.timezone"];
+const NOT_GRANTED: &[&str] = &[
+    "linux.cmd",
+    "linux.docker.pulled",
+    "linux.docker.pushed",
+    "linux.mesos.master",
+    "common.timezone",
+    "linux.selinux",
+];
 
 fn policy(dir: &Path) -> String {
     let modules: Vec<&str> =
@@ -227,6 +233,19 @@ fn attempts(dir: &Path) -> Vec<Attempt> {
     deny("common.npm.package", "a global package's scripts", json!({"name": ["evil"]}));
     deny("common.npm.package", "install into /etc", json!({"name": ["evil"], "path": "/etc"}));
     deny("common.gem.package", "a gem's extensions", json!({"name": ["evil"]}));
+    deny("common.gem.source", "a gem source of its choosing", json!({"url": "https://gems.evil.example/"}));
+    // ssh: an authorized key is a login (command-equivalent); key files outside the tree.
+    deny(
+        "common.ssh.auth",
+        "an authorized key for root",
+        json!({"username": "root", "content": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHy3 evil"}),
+    );
+    deny(
+        "common.ssh.known_host",
+        "the system's known_hosts",
+        json!({"hostname": "git.example.org", "filename": "/etc/ssh/ssh_known_hosts"}),
+    );
+    deny("linux.selinux", "not granted: SELinux permissive", json!({"mode": "permissive"}));
     deny(
         "common.virtualenv",
         "python-bin in the tree",
