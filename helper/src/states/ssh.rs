@@ -337,9 +337,12 @@ pub fn target(username: Option<&str>, filename: &str) -> Result<Target, SshError
     Ok(Target { path, uid, gid, in_home })
 }
 
+/// An existing file's mode, uid and gid.
+type Attrs = (u32, u32, u32);
+
 /// The opened directory that holds the file (created when missing), and the file's
 /// current text, mode and owner (`None`: no file yet).
-fn open(t: &Target, changes: &mut Vec<Change>) -> Result<(Dir, String, Option<(u32, u32, u32)>), SshError> {
+fn open(t: &Target, changes: &mut Vec<Change>) -> Result<(Dir, String, Option<Attrs>), SshError> {
     let parent = t.path.parent();
     let dir = if t.in_home {
         fsutil::create_dir_all(parent.as_path(), 0o700, (Uid::from_raw(t.uid), Gid::from_raw(t.gid)), changes)?
@@ -391,7 +394,7 @@ fn write_if_changed(
     t: &Target,
     dir: &Dir,
     current: &str,
-    existing: Option<(u32, u32, u32)>,
+    existing: Option<Attrs>,
     text: &str,
     what: String,
     changes: &mut Vec<Change>,
