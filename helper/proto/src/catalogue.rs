@@ -790,6 +790,7 @@ catalogue! {
         tag: Line = "tag" => required;
         containers: Array = "containers" => optional;
         force: bool = "force" => default(false);
+        watch: Watch = "watch" => optional;
     }
     /// Composite: writes config files, pulls the image and runs the container(s).
     LinuxDockerDeploy = "linux.docker.deploy", builtin = false {

@@ -133,7 +133,8 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
         }
         ModuleParams::LinuxDockerBuilt(p) => {
             c.path("path", &p.path)?;
-            c.argument("tag", &p.tag)
+            c.argument("tag", &p.tag)?;
+            c.watch("watch", p.watch.as_ref())
         }
         ModuleParams::LinuxDockerDeploy(p) => {
             c.argument("container", &p.container)?;

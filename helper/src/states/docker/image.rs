@@ -7,7 +7,9 @@
 //!   replaced image is removed when nothing else uses it. The same id: no change.
 //! - built: `docker build -t TAG PATH` when the image is missing, `force` is set, or
 //!   `PATH/Dockerfile` changed since the last successful run of the state (its MD5,
-//!   kept by the shared watch store; first sight counts, as the original's `tfirst`).
+//!   kept by the shared watch store; first sight counts, as the original's `tfirst`),
+//!   or a file of `watch` did; `watch: true` rebuilds every round, as the adaptor made
+//!   it `force`.
 //!   A new image id removes `containers` as above.
 //! - pushed: with `container`, `docker commit [--author] [--message] CONTAINER
 //!   REPOSITORY:TAG` first (a commit makes a new image every time, so every round
@@ -22,6 +24,7 @@ use std::io;
 use opsagent_proto::catalogue::{LinuxDockerBuilt, LinuxDockerPulled, LinuxDockerPushed};
 use opsagent_proto::newtypes::{AbsPath, StateId};
 use opsagent_proto::request::Outcome;
+use opsagent_proto::wire::Watch;
 
 use super::{
     check_container_name, check_reference, image_ref, short_id, state_file, Auth, Docker, DockerError, Engine, Report,
@@ -113,16 +116,27 @@ async fn build(
     if !fs::metadata(dockerfile.as_path()).is_ok_and(|m| m.is_file()) {
         return Err(DockerError::param("path", format!("{dir} holds no Dockerfile")));
     }
+    // `watch` as the adaptor read it: a list adds files whose change rebuilds, like the
+    // Dockerfile's; `true` was its force.
+    let mut watched = vec![dockerfile];
+    if let Some(Watch::Files(files)) = &p.watch {
+        for f in files.iter().map(|f| f.trim()).filter(|f| !f.is_empty()) {
+            watched.push(AbsPath::parse(f).map_err(|source| DockerError::Path { param: "watch", source })?);
+        }
+    }
+    let force = p.force || matches!(p.watch, Some(Watch::EveryRound));
     let docker = Docker::new(engine)?;
     let store = WatchStore::new(&ctx.state_dir);
-    let check = store.check(state, std::slice::from_ref(&dockerfile), true)?;
+    let check = store.check(state, &watched, true)?;
     let before = docker.image_id(tag, cancel).await?;
-    let reason = if p.force {
+    let reason = if force {
         "force"
     } else if before.is_none() {
         "image missing"
-    } else if check.triggered() {
+    } else if check.triggered() && watched.len() == 1 {
         "Dockerfile changed"
+    } else if check.triggered() {
+        "the Dockerfile or a watched file changed"
     } else {
         store.commit(&check)?;
         return Ok(());
