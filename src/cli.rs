@@ -49,6 +49,10 @@ pub enum Command {
         /// The helper binary to start [default: opsagent-helper next to this binary]
         #[arg(long, value_name = "PATH", env = "OPSAGENT_HELPER_BIN")]
         helper_bin: Option<PathBuf>,
+        /// Do not install a state's missing tool first (`[agent] install_prerequisites =
+        /// false` of the daemon): the state fails naming the package.
+        #[arg(long)]
+        no_prerequisites: bool,
     },
     /// Check recipe files against the state catalogue; one line per state.
     Check {
@@ -102,7 +106,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config, overrides } => cmd_run(config.as_deref(), &overrides),
-        Command::Apply { file, helper_socket, helper_bin } => cmd_apply(file.as_deref(), helper_socket, helper_bin),
+        Command::Apply { file, helper_socket, helper_bin, no_prerequisites } => {
+            cmd_apply(file.as_deref(), helper_socket, helper_bin, !no_prerequisites)
+        }
         Command::Check { files } => cmd_check(&files),
         Command::Status { config, state_dir, json } => cmd_status(config.as_deref(), state_dir, json),
         Command::Stop { config, state_dir, after_round } => cmd_stop(config.as_deref(), state_dir, after_round),
@@ -325,6 +331,7 @@ fn cmd_apply(
     file: Option<&Path>,
     helper_socket: Option<PathBuf>,
     helper_bin: Option<PathBuf>,
+    prerequisites: bool,
 ) -> anyhow::Result<ExitCode> {
     crate::logging::init("warn", "opsagent");
     // The private helper starts first: it gets ready while the recipe is parsed.
@@ -362,6 +369,8 @@ fn cmd_apply(
         })?;
         client = client.with_fetcher(crate::helper_client::Fetcher::new(downloader, fetch_dir.clone(), 1 << 30)?);
     }
+    // Missing tools installed first, as the daemon does ([agent] install_prerequisites).
+    let client = crate::prereq::Prerequisites::new(client, prerequisites);
     let rt = runtime()?;
     let all_ok = rt.block_on(async {
         if let Some(helper) = &private {
@@ -408,7 +417,7 @@ const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Runs every state once, in order, stopping at the first failure (as a round would
 /// restart there). One line per state.
-async fn apply_round(client: &UnixHelperClient, recipe: &Recipe) -> anyhow::Result<bool> {
+async fn apply_round(client: &impl HelperClient, recipe: &Recipe) -> anyhow::Result<bool> {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let all_ok = apply_states(client, recipe, &mut out).await;
     out.flush()?;
@@ -416,7 +425,7 @@ async fn apply_round(client: &UnixHelperClient, recipe: &Recipe) -> anyhow::Resu
 }
 
 async fn apply_states<W: Write>(
-    client: &UnixHelperClient,
+    client: &impl HelperClient,
     recipe: &Recipe,
     out: &mut std::io::BufWriter<W>,
 ) -> anyhow::Result<bool> {
@@ -459,7 +468,7 @@ async fn apply_states<W: Write>(
     Ok(true)
 }
 
-async fn apply_one(client: &UnixHelperClient, version: u64, s: &RecipeState) -> Outcome {
+async fn apply_one(client: &impl HelperClient, version: u64, s: &RecipeState) -> Outcome {
     let parsed = match &s.parsed {
         Ok(p) => p,
         Err(reason) => return Outcome::failed(reason.clone()),

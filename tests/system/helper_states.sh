@@ -10,8 +10,11 @@
 # when it does not (and restarted with the `restart` keyword); a .deb built here with
 # dpkg-deb in two versions, served from a local `file:` apt source written by
 # linux.apt.repo, installed, pinned, upgraded with `latest` (after the index ages),
-# installed from a file and removed; a group, a user (plaintext password hashed once,
-# verified by libxcrypt; a yescrypt hash from chpasswd recognised), a cron entry and the
+# installed from a file and from an http URL (downloaded by the daemon) and removed; a
+# missing tool's package installed first (a stand-in mercurial), or named when
+# --no-prerequisites; a group, a user (plaintext password hashed once,
+# verified by libxcrypt; a yescrypt hash from chpasswd recognised; a user named like a
+# group, without password), cron entries (Salt's syntax, random, empty command) and the
 # timezone, each re-applied with no change; a uid outside the allowlist refused; a
 # policy file that forbids linux.cmd honoured; journal fields of outcomes; the storage
 # states through the real, sandboxed opsagent-helper.service (socket activation): a
@@ -253,6 +256,35 @@ check "apt: ... no change" no_change apt13c
 in_c 'systemctl stop opsh-http' || true
 apply apt14 "$(pkg no-such-version-9)" || true
 check "apt: unknown version named with the versions apt knows" out_has apt14 "version no-such-version-9 is not available (apt knows: 2.0, 1.0)"
+
+# ---------------------------------------------------------------- prerequisites
+say "== prerequisites: a state's missing tool installed first (a stand-in mercurial package)"
+d=$WORK/deb-hg
+mkdir -p "$d/DEBIAN" "$d/usr/bin"
+printf 'Package: mercurial\nVersion: 99.0-opsh\nArchitecture: all\nMaintainer: opsagent tests <t@example.invalid>\nDescription: stand-in hg for the prerequisite test\n' >"$d/DEBIAN/control"
+printf '#!/bin/sh\necho "stand-in hg $*" >&2\nexit 1\n' >"$d/usr/bin/hg"
+chmod 0755 "$d/usr/bin/hg"
+dpkg-deb --root-owner-group -b "$d" "$WORK/mercurial_99.0-opsh_all.deb" >/dev/null
+mkdir -p "$ROOT/srv/repo-hg"
+cp "$WORK/mercurial_99.0-opsh_all.deb" "$ROOT/srv/repo-hg/"
+{
+    dpkg-deb -f "$WORK/mercurial_99.0-opsh_all.deb"
+    f=$WORK/mercurial_99.0-opsh_all.deb
+    printf 'Filename: ./mercurial_99.0-opsh_all.deb\nSize: %s\nSHA256: %s\n\n' "$(stat -c %s "$f")" "$(sha256sum "$f" | cut -d' ' -f1)"
+} >"$ROOT/srv/repo-hg/Packages"
+setup 'echo "deb [trusted=yes] file:/srv/repo-hg ./" > /etc/apt/sources.list.d/opsh-hg.list && ! command -v hg'
+HG_STATE='{"id": "hg", "module": "common.hg", "parameter": {"path": "/srv/hg-co", "repo": "file:///srv/no-such-repo"}}'
+printf '{"recipe_version": 1, "state": [%s]}\n' "$HG_STATE" >"$ROOT/root/pre1.json"
+cexec $C opsagent apply --no-prerequisites /root/pre1.json >"$WORK/pre1.out" 2>&1 || true
+cat "$WORK/pre1.out" >>"$WORK/apply.log"
+check "prerequisites off: the state fails naming the package" out_has pre1 "mercurial"
+check "prerequisites off: nothing installed" in_c '! dpkg-query -W mercurial >/dev/null 2>&1'
+apply pre2 "$HG_STATE" || true
+check "prerequisites on: installed first and said so" out_has pre2 "prerequisite hg installed with apt (package mercurial)"
+check "prerequisites on: the package is installed" in_c 'dpkg-query -W -f "\${Version}" mercurial | grep -qx 99.0-opsh'
+check "prerequisites on: then the state ran with the tool" out_has pre2 "stand-in hg"
+apply pre3 "$HG_STATE" || true
+check "prerequisites: present now, not installed again" sh -c "! grep -q 'prerequisite hg' '$WORK/pre3.out'"
 
 # ---------------------------------------------------------------- users, groups, cron, timezone
 say "== linux.group, linux.user, linux.cronjob, common.timezone"
