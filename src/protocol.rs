@@ -133,30 +133,42 @@ pub const MAX_STATES: usize = 10_000;
 
 /// Parses a list of states in any of the shapes recipes come in; `position` helps name
 /// a bad one. More than [`MAX_STATES`] refuses the list before any state is copied.
+///
+/// Only what the original agent refused refuses the list (manager.py `__act_recipe`): a
+/// state that is not an object or lacks one of the keys `id`, `module`, `parameter`.
+/// Everything else is one state's problem, found when the recipe is typed
+/// ([`crate::recipe::Recipe::from_wire`]): that state fails with a StateLog naming it
+/// and the others run. A non-string `id` or `module` is taken as its JSON text (the
+/// original treated both as opaque values); a `parameter` of `null`, `[]` or `""` is
+/// `{}` (the IDE sends those for a module without parameters).
 pub fn parse_states(code: &str, list: &Value) -> Result<Vec<WireState>, ProtocolError> {
     let items = list.as_array().ok_or_else(|| malformed(code, "\"state\" is not a list"))?;
     if items.len() > MAX_STATES {
         return Err(too_many_states(code, items.len()));
     }
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
     items
         .iter()
         .enumerate()
         .map(|(i, item)| {
             let o = item.as_object().ok_or_else(|| malformed(code, format!("state #{} is not an object", i + 1)))?;
             let id = match o.get("id").or_else(|| o.get("stateid")) {
-                Some(Value::String(s)) if !s.is_empty() => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => return Err(malformed(code, format!("state #{} has no \"id\"", i + 1))),
+                Some(v) => text(v),
+                None => return Err(malformed(code, format!("state #{} has no \"id\"", i + 1))),
             };
             let module = match o.get("module") {
-                Some(Value::String(s)) if !s.is_empty() => s.clone(),
-                _ => return Err(malformed(code, format!("state {id:?} has no \"module\""))),
+                Some(v) => text(v),
+                None => return Err(malformed(code, format!("state {id:?} has no \"module\""))),
             };
             let parameter = match o.get("parameter") {
-                Some(p @ Value::Object(_)) => p.clone(),
-                Some(other) => {
-                    return Err(malformed(code, format!("state {id:?}: \"parameter\" is not an object but {other}")))
-                }
+                Some(Value::Null) => Value::Object(Map::new()),
+                Some(Value::Array(a)) if a.is_empty() => Value::Object(Map::new()),
+                Some(Value::String(s)) if s.is_empty() => Value::Object(Map::new()),
+                Some(p) => p.clone(),
                 None => return Err(malformed(code, format!("state {id:?} has no \"parameter\""))),
             };
             Ok(WireState { id, module, parameter })
@@ -420,10 +432,7 @@ mod tests {
             (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"module":"x","parameter":{}}]}"#, "no \"id\""),
             (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","parameter":{}}]}"#, "no \"module\""),
             (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","module":"m"}]}"#, "no \"parameter\""),
-            (
-                r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","module":"m","parameter":[]}]}"#,
-                "not an object",
-            ),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[5]}"#, "not an object"),
         ] {
             let err = parse_inbound(text).unwrap_err();
             assert!(err.to_string().contains(needle), "{text}: {err}");

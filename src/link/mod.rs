@@ -538,7 +538,9 @@ impl<O: Outbox + 'static> Link<O> {
                             }
                             let version = r.recipe_version;
                             match r.states {
+                                // worker.py `load`: no states, or an empty list, is "no change in states".
                                 None => { let _ = self.engine.send(Event::VersionOnly(version)).await; }
+                                Some(states) if states.is_empty() => { let _ = self.engine.send(Event::VersionOnly(version)).await; }
                                 Some(states) => match crate::recipe::Recipe::from_wire(version, r.module, states) {
                                     Ok(recipe) => {
                                         let waits = recipe.has_waits();
