@@ -19,7 +19,10 @@ pub mod capability {
     pub const RECONNECT_HINT: &str = "reconnect-hint";
     /// The agent sends `Heartbeat` messages.
     pub const HEARTBEAT: &str = "heartbeat";
-    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT];
+    /// The agent reports a failed self-upgrade once with `UpgradeReport` (a v1 backend
+    /// never hears of it: a failing StateLog would name a state it never sent).
+    pub const UPGRADE_REPORT: &str = "upgrade-report";
+    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +112,16 @@ fn get_str<'a>(o: &'a Map<String, Value>, code: &str, keys: &[&str]) -> Result<&
         .ok_or_else(|| malformed(code, format!("missing \"{}\"", keys.join("\"/\""))))?
         .as_str()
         .ok_or_else(|| malformed(code, format!("\"{}\" is not a string", keys[0])))
+}
+
+/// A present field as text: a string as it is, any other value as its JSON text (the
+/// original converted with `str()`; the value is checked where it is used).
+fn get_text(o: &Map<String, Value>, code: &str, key: &str) -> Result<String, ProtocolError> {
+    match o.get(key) {
+        None | Some(Value::Null) => Err(malformed(code, format!("missing \"{key}\""))),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Ok(other.to_string()),
+    }
 }
 
 /// A positive integer; the original backend sent numbers, some tools send digit strings.
@@ -202,10 +215,10 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
             };
             Inbound::WaitList { recipe_version: get_version(o, code)?, waited }
         }
-        "AgentUpdate" => Inbound::AgentUpdate {
-            version: get_str(o, code, &["version"])?.to_string(),
-            url: get_str(o, code, &["url"])?.to_string(),
-        },
+        // manager.py `__act_update` took `str()` of both: a number is a version too.
+        "AgentUpdate" => {
+            Inbound::AgentUpdate { version: get_text(o, code, "version")?, url: get_text(o, code, "url")? }
+        }
         "AppNotReady" => Inbound::AppNotReady,
         "Test" => Inbound::Test,
         "TestAns" => Inbound::TestAns {
@@ -272,7 +285,17 @@ pub enum Outbound {
     WaitQuery {
         recipe_version: u64,
     },
-    Test,
+    /// The answer to the backend's `Test`: the Handshake's fields, `init_errors` included
+    /// (manager.py `__act_test` sent both with the same errors).
+    Test {
+        init_errors: Option<String>,
+    },
+    /// Extension (`upgrade-report`): an ordered self-upgrade failed.
+    UpgradeReport {
+        version: String,
+        running: String,
+        reason: String,
+    },
     /// Extension (`heartbeat`).
     Heartbeat(Value),
 }
@@ -297,7 +320,16 @@ impl Outbound {
         };
         match self {
             Outbound::Handshake { init_errors, capabilities } => hello("Handshake", init_errors, capabilities),
-            Outbound::Test => hello("Test", &None, &[]),
+            Outbound::Test { init_errors } => hello("Test", init_errors, &[]),
+            Outbound::UpgradeReport { version, running, reason } => json!({
+                "code": "UpgradeReport",
+                "instance_id": who.instance_id,
+                "app_id": who.app_id,
+                "version": version,
+                "running": running,
+                "result": false,
+                "reason": reason,
+            }),
             Outbound::StateLog(s) => {
                 let mut v = json!({
                     "code": "StateLog",
@@ -391,9 +423,12 @@ mod tests {
     fn waitquery_and_test() {
         let v = Outbound::WaitQuery { recipe_version: 7 }.to_json(&who());
         assert_eq!(v, json!({"code": "WaitQuery", "instance_id": "i-0abc", "app_id": "app-1", "recipe_version": 7}));
-        let v = Outbound::Test.to_json(&who());
+        let v = Outbound::Test { init_errors: None }.to_json(&who());
         assert_eq!(v["code"], "Test");
         assert_eq!(v["instance_token"], "tok");
+        // Issue #18 item 5: the Test answer carries init_errors as the Handshake does.
+        let v = Outbound::Test { init_errors: Some("'/srv/salt' directory not writable".into()) }.to_json(&who());
+        assert_eq!(v["init_errors"], "'/srv/salt' directory not writable");
     }
 
     #[test]
@@ -466,6 +501,17 @@ mod tests {
                 .unwrap(),
             Inbound::AgentUpdate { version: "1.3.0".into(), url: "https://x/1.3.0/opsagent.tgz".into() }
         );
+        // Issue #18 item 1: the original's backend sent the WebSocket URI as `url`, and
+        // `str()` made a number a version: both are taken, not a malformed frame.
+        assert_eq!(
+            parse_inbound(r#"{"code": "AgentUpdate", "version": 2015.1, "url": "wss://api.visualops.io:443/agent/"}"#)
+                .unwrap(),
+            Inbound::AgentUpdate { version: "2015.1".into(), url: "wss://api.visualops.io:443/agent/".into() }
+        );
+        assert_eq!(
+            parse_inbound(r#"{"code": "AgentUpdate", "version": 3, "url": 5}"#).unwrap(),
+            Inbound::AgentUpdate { version: "3".into(), url: "5".into() }
+        );
         assert_eq!(parse_inbound(r#"{"code": "AppNotReady"}"#).unwrap(), Inbound::AppNotReady);
         assert_eq!(parse_inbound(r#"{"code": "Test"}"#).unwrap(), Inbound::Test);
         assert_eq!(
@@ -494,6 +540,7 @@ mod tests {
         assert_eq!(parse_inbound("[1,2]"), Err(ProtocolError::NoCode));
         assert_eq!(parse_inbound(r#"{"code": 5}"#), Err(ProtocolError::NoCode));
         assert!(parse_inbound(r#"{"code": "AgentUpdate", "version": 1}"#).is_err());
+        assert!(parse_inbound(r#"{"code": "AgentUpdate", "version": null, "url": "wss://x/"}"#).is_err());
         assert!(parse_inbound(r#"{"code": "WaitList", "recipe_version": 1, "waited": "x"}"#).is_err());
     }
 }
