@@ -289,6 +289,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     } else {
         tracing::info!(uid = uid.as_raw(), "running unprivileged");
     }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let (ws_uri, app_id) = config.require_backend()?;
     let (mut ws_uri, app_id) = (ws_uri.to_string(), app_id.to_string());
     let state_dir = config.agent.state_dir.clone();
@@ -407,7 +410,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         handle.status.clone(),
         stop_rx.clone(),
     )?;
-    let link = link.with_upgrade_reports(reports.clone());
+    let mut link = link.with_upgrade_reports(reports.clone());
+    if !config.app_id_pinned {
+        link = link.with_identity_refresh(userdata_refresh(&config)?);
+    }
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -472,6 +478,49 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(status_file(&state_dir));
     tracing::info!("opsagent stopped");
     Ok(())
+}
+
+/// The original re-read the instance userdata at every connection (manager.py
+/// `__update_ud`) and reset the token when `APP_ID` changed (`token_reset`): so do we.
+/// One quick attempt (the metadata service is local); no answer keeps the identity.
+fn userdata_refresh(config: &Config) -> Result<crate::link::IdentityRefresh, DaemonError> {
+    let policy = identity::RetryPolicy { attempts: 1, request_timeout: Duration::from_secs(2), ..Default::default() };
+    let client = Arc::new(identity::MetadataClient::new(&config.userdata.metadata_url, policy)?);
+    let token_file = config.agent.token_file.clone();
+    Ok(Arc::new(move |who: Identity| {
+        let (client, token_file) = (client.clone(), token_file.clone());
+        Box::pin(async move {
+            let ud = match client.userdata().await {
+                Ok(Some(ud)) => ud,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "instance userdata not re-read");
+                    return None;
+                }
+            };
+            let app = ud.app_id.as_deref().map(str::trim).filter(|a| !a.is_empty())?;
+            if app == who.app_id {
+                return None;
+            }
+            let app = match crate::config::identifier(app) {
+                Ok(a) => a,
+                Err(problem) => {
+                    tracing::warn!(%problem, "APP_ID of the instance userdata unusable; identity kept");
+                    return None;
+                }
+            };
+            // A token belongs to one app: another app resets it.
+            let token = match identity::load_or_create_token(&token_file, &app) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reset the instance token for the new app; identity kept");
+                    return None;
+                }
+            };
+            tracing::info!(from = %who.app_id, to = %app, "APP_ID changed in the instance userdata: token reset");
+            Some(Identity { app_id: app, instance_token: token, ..who })
+        }) as futures_util::future::BoxFuture<'static, Option<Identity>>
+    }))
 }
 
 /// Writes `health.json` once the backend has accepted this daemon's Handshake (it sent

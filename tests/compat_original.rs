@@ -209,3 +209,86 @@ async fn a_failed_upgrade_is_reported_once_and_never_as_a_statelog() {
     assert!(rest.iter().all(|f| f["code"] != "UpgradeReport" && f["state_result"] != false), "{rest:?}");
     assert!(agent.log_text().contains("did not announce upgrade-report"));
 }
+
+/// Item 8: an `/etc/opsagent.conf` as the original's scripts/init.sh wrote it starts the
+/// agent (`[salt] delay` minutes become the round delay, the rest warned about once);
+/// the instance userdata is re-read at every connection and a changed `APP_ID` resets
+/// the token (manager.py `__update_ud`, config.py `token_reset`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_config_starts_the_agent_and_a_changed_app_id_resets_the_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let socket = dir.join("helper.sock");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let metadata = Files::start();
+    let userdata =
+        |app: &str| format!("#!/bin/bash\nexport WS_URI=ws://127.0.0.1:{port}/agent/\nexport APP_ID={app}\n");
+    metadata.put("latest/user-data", userdata("app-a").into_bytes());
+    let conf = dir.join("opsagent.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\nplatform=APT\nenvroot=/opt/visualops/env\nconf_path={state}\nlog_path=/var/log/visualops\n\
+             token=/etc/opsagent.token\nuser=root\nwatch=/var/lib/visualops/opsagent/watch\n\
+             [userdata]\nws_uri=ws://127.0.0.1:{port}/agent/\napp_id=app-a\nversion=2015-03-31\n\
+             base_remote=https://s3.amazonaws.com/visualops\ngpg_key_uri=https://s3.amazonaws.com/k.gpg\n\
+             [module]\nroot=/opt/visualops/bootstrap\nname=salt\nmod_repo=\nmod_tag=\n\
+             [network]\ninstance_id={base}/latest/meta-data/instance-id\n[salt]\ndelay=1\n",
+            state = dir.join("state").display(),
+            base = metadata.base,
+        ),
+    )
+    .unwrap();
+    let _helper = start_helper(dir, &socket);
+    let token_file = dir.join("token");
+    let mut cmd = std::process::Command::new(bin("opsagent"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&conf)
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--helper-socket")
+        .arg(&socket)
+        .arg("--instance-id")
+        .arg("i-conf")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null());
+    let agent = spawn_logged("agent-i-conf", cmd, dir);
+
+    let mut ws = accept(&listener).await;
+    let hello = next_json(&mut ws).await;
+    assert_eq!((hello["code"].as_str(), hello["app_id"].as_str()), (Some("Handshake"), Some("app-a")), "{hello}");
+    let first_token = hello["instance_token"].as_str().unwrap().to_string();
+    send(
+        &mut ws,
+        json!({"code": "RecipeMetadata", "recipe_version": 1,
+               "state": [{"id": "c", "module": "meta.comment", "parameter": {"comment": "x"}}]}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["code"], "StateLog");
+    let status = dir.join("state/status.json");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::fs::read(&status)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|v| v["engine"]["phase"]["next_round_in_s"] == 60)
+        }),
+        "[salt] delay=1 is a 60 s round delay: {}",
+        std::fs::read_to_string(&status).unwrap_or_default()
+    );
+
+    // The userdata now names another app; the next connection says so, with a new token.
+    metadata.put("latest/user-data", userdata("app-b").into_bytes());
+    drop(ws);
+    let mut ws = accept(&listener).await;
+    let hello = next_json(&mut ws).await;
+    assert_eq!(hello["app_id"], "app-b", "{hello}");
+    let second_token = hello["instance_token"].as_str().unwrap();
+    assert_ne!(second_token, first_token, "APP_ID changed: token reset");
+    assert!(std::fs::read_to_string(&token_file).unwrap().ends_with("app_id=app-b\n"));
+    let log = agent.log_text();
+    assert_eq!(log.matches("[module] root has no meaning for this agent").count(), 1, "warned once:\n{log}");
+    assert!(log.contains("[userdata] gpg_key_uri has no meaning"), "{log}");
+}

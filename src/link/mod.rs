@@ -172,6 +172,11 @@ impl LinkError {
     }
 }
 
+/// Asked before every connection, as the original built a new manager (and re-read the
+/// instance userdata) for each: a new identity when the userdata changed it.
+pub type IdentityRefresh =
+    Arc<dyn Fn(Identity) -> futures_util::future::BoxFuture<'static, Option<Identity>> + Send + Sync>;
+
 /// Where StateLogs wait for delivery (the spool, or a fake in tests).
 pub trait Outbox: Send + Sync {
     /// Pending StateLogs with a sequence number above `seq`, in order.
@@ -249,6 +254,7 @@ pub struct Link<O: Outbox> {
     connector: connect::Connector,
     started: Instant,
     upgrades: Option<Arc<crate::upgrade::UpgradeReports>>,
+    refresh: Option<IdentityRefresh>,
 }
 
 impl<O: Outbox + 'static> Link<O> {
@@ -282,6 +288,7 @@ impl<O: Outbox + 'static> Link<O> {
             connector,
             started: Instant::now(),
             upgrades: None,
+            refresh: None,
         };
         Ok((link, status_rx, liveness))
     }
@@ -289,6 +296,12 @@ impl<O: Outbox + 'static> Link<O> {
     /// Resolves host names with `resolver` (tests point a name at another port).
     pub fn with_resolver(mut self, resolver: Arc<dyn Resolver>) -> Self {
         self.connector.resolver = resolver;
+        self
+    }
+
+    /// Re-reads who this instance is before every connection.
+    pub fn with_identity_refresh(mut self, refresh: IdentityRefresh) -> Self {
+        self.refresh = Some(refresh);
         self
     }
 
@@ -360,6 +373,18 @@ impl<O: Outbox + 'static> Link<O> {
             self.set_state(LinkState::Connecting { url: self.url().to_string(), attempt });
             self.liveness.touch();
             let mut hint = None;
+            if let Some(refresh) = self.refresh.clone() {
+                let current = self.who.clone();
+                let refreshed = tokio::select! {
+                    who = refresh(current) => who,
+                    _ = self.liveness_ticks() => None,
+                    _ = wait_true(self.shutdown.clone()) => break,
+                };
+                if let Some(who) = refreshed {
+                    tracing::info!(from = %self.who.app_id, to = %who.app_id, "the instance userdata names another app: new identity");
+                    self.who = who;
+                }
+            }
             if let Some(warning) = &self.connector.insecure {
                 tracing::warn!(url = %self.url(), warning = %warning, "the backend link is not authenticated");
             }
