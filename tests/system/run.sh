@@ -27,6 +27,10 @@
 #      root-owned file) and a staged order whose url forges a log line: after a
 #      supervisor pass (rotation forced) and a userdata re-run the file is unchanged, no
 #      log line holds the forged line, the order is refused
+#   m  the original VisualOps userdata template (tests/fixtures/original/userdata.sh,
+#      its placeholders filled, run as it is) installs the agent from the published
+#      BASE_REMOTE/VERSION/ud_init.sh without any UPDATE_KEY; the original's ssh-keygen
+#      token in /etc/opsagent.token is kept and sent
 #   (g also upgrades the cron-supervised agent)
 #
 # Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
@@ -40,7 +44,7 @@ source "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "tests/system/run.sh must run as root" >&2; exit 2; }
 
-ALL_TESTS="a b c d e f g h i j k l"
+ALL_TESTS="a b c d e f g h i j k l m"
 SELECTED=${*:-$ALL_TESTS}
 SUITE_START=$(date +%s)
 WORK=$(mktemp -d /tmp/opsagent-systest.XXXXXX)
@@ -851,8 +855,44 @@ test_l() {
 # ---------------------------------------------------------------- runner
 PASSED=0
 FAILED=0
+test_m() {
+    local c=m-original iid=i-orig-ud r ud=$WORK/releases/$VERSION/ud_init.sh
+    [ -s "$ud" ] || fail "build-release published no $VERSION/ud_init.sh"
+    grep -q "^UPDATE_KEY='$UPDATE_KEY'" "$ud" || fail "ud_init.sh does not carry the release's public key"
+    boot $c
+    r=$(croot $c)
+    # The template's bootstrap is a Python 2 heredoc and the container has no Python: the
+    # host's Python 3 (the same Debian release) as `python`, and `urllib2` as the one-line
+    # module that is Python 3's urlopen. The template's lines themselves are unchanged.
+    cp -a /usr/lib/python3.11 "$r/usr/lib/"
+    cp -a /usr/bin/python3.11 "$r/usr/bin/"
+    ln -sf /usr/bin/python3.11 "$r/usr/local/bin/python"
+    printf 'from urllib.request import urlopen\n' >"$r/usr/lib/python3.11/urllib2.py"
+    # Filled as the original backend filled it (its @{...} placeholders).
+    sed -e "s|@{ws_uri}|$WS_URI|" -e "s|@{app_id}|$APP_ID|" -e "s|@{version}|$VERSION|" \
+        -e "s|@{remote}|$BASE_REMOTE|" -e "s|@{gpg_key_uri}|$BASE_REMOTE/madeira.gpg.public.key|" \
+        "$REPO/tests/fixtures/original/userdata.sh" >"$r/root/original-userdata.sh"
+    if grep -q '@{' "$r/root/original-userdata.sh"; then fail "a placeholder of the template is left"; fi
+    diff <(grep -v '^export' "$REPO/tests/fixtures/original/userdata.sh") <(grep -v '^export' "$r/root/original-userdata.sh") >/dev/null ||
+        fail "the template changed beyond its placeholders"
+    # An instance the original agent set up: its ssh-keygen token, root's alone.
+    csh $c 'printf -- "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEAoriginal+token\n-----END RSA PRIVATE KEY-----\n" >/etc/opsagent.token && chmod 400 /etc/opsagent.token'
+    # No metadata service in the container: the instance id is in the environment the
+    # template runs in (it exports only WS_URI, APP_ID, VERSION, BASE_REMOTE, GPG_KEY_URI).
+    cexec $c env INSTANCE_ID=$iid bash /root/original-userdata.sh >"$WORK/m-userdata.log" 2>&1 ||
+        { cat "$WORK/m-userdata.log" >&2; fail "the original template failed"; }
+    wait_until 300 "Handshake from $iid" has_handshake $iid || { cat "$WORK/m-userdata.log" >&2; fail "no Handshake from $iid"; }
+    cat "$WORK/m-userdata.log" >&2
+    grep -q 'signature verified' "$WORK/m-userdata.log" || fail "no signature verification in the installer's output"
+    csh $c 'systemctl is-active --quiet opsagent.service' || fail "opsagent.service is not active"
+    [ "$(csh $c 'readlink /opt/visualops/current')" = "releases/$VERSION" ] || fail "/opt/visualops/current is not releases/$VERSION"
+    csh $c 'cmp -s /etc/opsagent.token /var/lib/visualops/opsagent/token' || fail "the original token was not kept as it is"
+    wait_until 60 "StateLog of sys-cmd from $iid" has_statelog $iid sys-cmd || fail "no successful StateLog of sys-cmd from $iid"
+    say "  installed by the original template from $BASE_REMOTE/$VERSION/ud_init.sh; the original token kept"
+}
+
 declare -A NAMES=([a]=a-install [b]=b-watchdog [c]=c-socket [d]=d-journal [e]=e-polkit [f]=f-analyze
-    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links)
+    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links [m]=m-original)
 
 # run_one LETTER: runs test_LETTER in a subshell (set -e: the first failed step ends
 # it), its output in $WORK/NAME.log; writes NAME.rc and NAME.reason.
