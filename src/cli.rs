@@ -514,6 +514,15 @@ fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> 
     }
     println!("  rounds     {} completed", r.engine.get("rounds_completed").and_then(|v| v.as_u64()).unwrap_or(0));
     println!("  spool      {} StateLog(s) waiting, {} dropped", r.spool_depth, r.spool_dropped);
+    if let Some(f) = &r.upgrade_failure {
+        println!(
+            "  upgrade    to {} FAILED (at {}): {}; {} keeps running",
+            f.version,
+            crate::timefmt::utc(f.at_unix),
+            f.reason,
+            f.running
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -574,6 +574,7 @@ async fn wait_for_helper(helper: &UnixHelperClient) -> Result<(), DaemonError> {
 /// and at once when a round ends. Round starts and ends are stamped with the wall clock
 /// as they are seen ([`crate::metrics::RoundClock`]); the files are written only when
 /// their content changed.
+#[allow(clippy::too_many_arguments)] // each is one independent source of the report
 async fn write_status(
     path: PathBuf,
     metrics_path: Option<PathBuf>,

@@ -205,6 +205,13 @@ async fn a_failed_upgrade_is_reported_once_and_never_as_a_statelog() {
         "status shows the failure: {}",
         agent.log_text()
     );
+    let out = std::process::Command::new(bin("opsagent"))
+        .args(["status", "--state-dir"])
+        .arg(dir.join("i-u.state"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("upgrade    to 8 FAILED") && text.contains("base_remote"), "{text}");
     let rest = frames_for(&mut v1, Duration::from_secs(3)).await;
     assert!(rest.iter().all(|f| f["code"] != "UpgradeReport" && f["state_result"] != false), "{rest:?}");
     assert!(agent.log_text().contains("did not announce upgrade-report"));
