@@ -294,6 +294,16 @@ rm -f "$NEWCONF"
 
 # The instance token: 32 random bytes as hex, then the app it belongs to (the daemon's
 # format; it makes a new token by itself if the app id changes).
+# An instance the original agent set up keeps its token (an ssh-keygen RSA key in
+# /etc/opsagent.token, root's alone): the backend knows the instance by it, and the
+# daemon sends such a token exactly as it is. Root reads it; the agent user writes it.
+ORIGINAL_TOKEN=/etc/opsagent.token
+if [ ! -e "$TOKEN_FILE" ] && [ -f "$ORIGINAL_TOKEN" ] && [ ! -L "$ORIGINAL_TOKEN" ] && [ -s "$ORIGINAL_TOKEN" ]; then
+    # shellcheck disable=SC2016 # expanded by the inner sh
+    as_agent sh -c 'umask 077 && t=$(mktemp "$1/.token.XXXXXX") && cat >"$t" && mv -f "$t" "$1/token"' \
+        sh "$STATE_DIR" <"$ORIGINAL_TOKEN" || die "cannot copy $ORIGINAL_TOKEN to $TOKEN_FILE as $AGENT_USER"
+    log "kept the original agent's instance token $ORIGINAL_TOKEN as $TOKEN_FILE"
+fi
 if [ ! -e "$TOKEN_FILE" ]; then
     token=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
     [ ${#token} -eq 64 ] || die "cannot read 32 random bytes"

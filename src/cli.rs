@@ -469,9 +469,9 @@ async fn apply_states<W: Write>(
 }
 
 async fn apply_one(client: &impl HelperClient, version: u64, s: &RecipeState) -> Outcome {
-    let parsed = match &s.parsed {
-        Ok(p) => p,
-        Err(reason) => return Outcome::failed(reason.clone()),
+    let (id, parsed) = match s.runnable() {
+        Ok(ok) => ok,
+        Err(reason) => return Outcome::failed(reason),
     };
     if parsed.params.name() == "meta.comment" {
         return Outcome::ok("comment");
@@ -479,7 +479,7 @@ async fn apply_one(client: &impl HelperClient, version: u64, s: &RecipeState) ->
     if parsed.params.name() == "meta.wait" {
         return Outcome::failed("meta.wait needs a backend to report the waited states (use opsagent run)");
     }
-    let req = ApplyRequest::new(s.id.clone(), version, parsed.params.clone());
+    let req = ApplyRequest::new(id, version, parsed.params.clone());
     let mut o = client.apply(req, Cancel::never()).await.unwrap_or_else(|e| Outcome::failed(format!("helper: {e}")));
     for w in &parsed.warnings {
         o.comment = if o.comment.is_empty() { format!("warning: {w}") } else { format!("{}; warning: {w}", o.comment) };
@@ -533,6 +533,15 @@ fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> 
     }
     println!("  rounds     {} completed", r.engine.get("rounds_completed").and_then(|v| v.as_u64()).unwrap_or(0));
     println!("  spool      {} StateLog(s) waiting, {} dropped", r.spool_depth, r.spool_dropped);
+    if let Some(f) = &r.upgrade_failure {
+        println!(
+            "  upgrade    to {} FAILED (at {}): {}; {} keeps running",
+            f.version,
+            crate::timefmt::utc(f.at_unix),
+            f.reason,
+            f.running
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

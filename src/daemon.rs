@@ -24,7 +24,7 @@ use crate::protocol::{Identity, StateLog};
 use crate::recipe::Recipe;
 use crate::round::{Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
 use crate::spool::{Spool, SpoolLimits};
-use crate::upgrade::{self, Fetch, SystemdStarter, Trigger, UpgradeSettings, Verdict};
+use crate::upgrade::{self, Fetch, SystemdStarter, Trigger, UpgradeFailure, UpgradeReports, UpgradeSettings, Verdict};
 use opsagent_proto::upgrade::{Health, Record};
 
 /// How long start-up waits for the helper to answer before giving up (systemd restarts
@@ -159,21 +159,24 @@ struct DaemonEffects<F> {
     spool: Arc<SharedSpool>,
     /// The latest snapshot to persist; [`persist_snapshots`] writes it in the background.
     persist: watch::Sender<Option<Snapshot>>,
-    /// Version and last state id of the current recipe: where an upgrade failure is
-    /// reported (see [`crate::upgrade::failure_log`]).
-    recipe: Option<(u64, String)>,
+    /// Failed upgrades for the link (extension) and the status file.
+    reports: Arc<UpgradeReports>,
     upgrade: UpgradeSettings,
     fetch: F,
 }
 
-fn last_state(snapshot: &Snapshot) -> Option<(u64, String)> {
-    snapshot.recipe.states.last().map(|s| (snapshot.version, s.id.to_string()))
-}
-
 impl<F> DaemonEffects<F> {
+    /// Said once: in the log now, in `opsagent status`, and to a backend that announced
+    /// `upgrade-report` at its next session. Never as a StateLog: a failing StateLog for
+    /// a recipe state would be a state failure the backend never caused.
     fn report_upgrade_failure(&self, version: &str, reason: &str, record: Option<&Record>) {
-        tracing::error!(version, reason, "agent upgrade failed; reported to the backend");
-        self.spool.append(upgrade::failure_log(self.recipe.clone(), version, &self.upgrade.running, reason));
+        tracing::error!(version, reason, running = %self.upgrade.running, "agent upgrade failed");
+        self.reports.push(UpgradeFailure {
+            version: version.to_string(),
+            running: self.upgrade.running.clone(),
+            reason: reason.to_string(),
+            at_unix: upgrade::now_unix(),
+        });
         if let Some(r) = record {
             if let Err(e) = upgrade::mark_reported(&self.upgrade.state_dir, r) {
                 tracing::warn!(error = %e, "cannot mark the upgrade record reported; it may be reported again");
@@ -226,7 +229,6 @@ impl<F: Fetch + Send + Sync> Effects for DaemonEffects<F> {
     }
 
     async fn persist(&mut self, snapshot: &Snapshot) {
-        self.recipe = last_state(snapshot);
         self.persist.send_replace(Some(snapshot.clone()));
     }
 
@@ -274,6 +276,9 @@ pub struct StatusReport {
     /// The round's figures, as in the metrics file.
     #[serde(default)]
     pub metrics: crate::metrics::Figures,
+    /// The last failed self-upgrade of this daemon's life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_failure: Option<UpgradeFailure>,
 }
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
@@ -284,13 +289,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     } else {
         tracing::info!(uid = uid.as_raw(), "running unprivileged");
     }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let (ws_uri, app_id) = config.require_backend()?;
-    let (ws_uri, app_id) = (ws_uri.to_string(), app_id.to_string());
+    let (mut ws_uri, app_id) = (ws_uri.to_string(), app_id.to_string());
     let state_dir = config.agent.state_dir.clone();
     std::fs::create_dir_all(&state_dir)
         .map_err(|source| DaemonError::StateDir { path: state_dir.display().to_string(), source })?;
     // Held until run() returns: a second daemon on this directory refuses to start.
     let _state_dir_lock = crate::state_lock::StateDirLock::acquire(&state_dir)?;
+    // A backend URI named by an AgentUpdate replaces the configured one.
+    if let Some(ordered) = upgrade::backend_override(&state_dir, crate::version::running()) {
+        if ordered != ws_uri {
+            tracing::info!(configured = %ws_uri, backend = %ordered, "using the backend URI named by the last upgrade order");
+            ws_uri = ordered;
+        }
+    }
     let probe = state_dir.join(".writable");
     write_atomic(&probe, b"ok")
         .map_err(|source| DaemonError::StateDir { path: state_dir.display().to_string(), source })?;
@@ -346,9 +361,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ..EngineConfig::default()
     };
     let (persist_tx, persist_rx) = watch::channel(None);
+    let reports = Arc::new(UpgradeReports::default());
     let persister = tokio::spawn(persist_snapshots(state_dir.clone(), persist_rx));
     let upgrade_settings = UpgradeSettings {
         state_dir: state_dir.clone(),
+        base_remote: config.userdata.base_remote.clone(),
         running: crate::version::running().to_string(),
         holdoff: config.upgrade.holdoff,
         max_bytes: config.upgrade.max_bytes as u64,
@@ -358,7 +375,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let effects = DaemonEffects {
         spool: spool.clone(),
         persist: persist_tx,
-        recipe: resume.as_ref().and_then(last_state),
+        reports: reports.clone(),
         upgrade: upgrade_settings,
         fetch: Downloader::new(DownloadSettings {
             proxy: proxy.clone(),
@@ -395,6 +412,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         handle.status.clone(),
         stop_rx.clone(),
     )?;
+    let mut link = link.with_upgrade_reports(reports.clone());
+    if !config.app_id_pinned {
+        link = link.with_identity_refresh(userdata_refresh(&config)?);
+    }
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -414,6 +435,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config.agent.metrics_file.clone(),
         who,
         spool.clone(),
+        reports,
         link_status,
         handle.status.clone(),
         stop_rx,
@@ -458,6 +480,49 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(status_file(&state_dir));
     tracing::info!("opsagent stopped");
     Ok(())
+}
+
+/// The original re-read the instance userdata at every connection (manager.py
+/// `__update_ud`) and reset the token when `APP_ID` changed (`token_reset`): so do we.
+/// One quick attempt (the metadata service is local); no answer keeps the identity.
+fn userdata_refresh(config: &Config) -> Result<crate::link::IdentityRefresh, DaemonError> {
+    let policy = identity::RetryPolicy { attempts: 1, request_timeout: Duration::from_secs(2), ..Default::default() };
+    let client = Arc::new(identity::MetadataClient::new(&config.userdata.metadata_url, policy)?);
+    let token_file = config.agent.token_file.clone();
+    Ok(Arc::new(move |who: Identity| {
+        let (client, token_file) = (client.clone(), token_file.clone());
+        Box::pin(async move {
+            let ud = match client.userdata().await {
+                Ok(Some(ud)) => ud,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "instance userdata not re-read");
+                    return None;
+                }
+            };
+            let app = ud.app_id.as_deref().map(str::trim).filter(|a| !a.is_empty())?;
+            if app == who.app_id {
+                return None;
+            }
+            let app = match crate::config::identifier(app) {
+                Ok(a) => a,
+                Err(problem) => {
+                    tracing::warn!(%problem, "APP_ID of the instance userdata unusable; identity kept");
+                    return None;
+                }
+            };
+            // A token belongs to one app: another app resets it.
+            let token = match identity::load_or_create_token(&token_file, &app) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reset the instance token for the new app; identity kept");
+                    return None;
+                }
+            };
+            tracing::info!(from = %who.app_id, to = %app, "APP_ID changed in the instance userdata: token reset");
+            Some(Identity { app_id: app, instance_token: token, ..who })
+        }) as futures_util::future::BoxFuture<'static, Option<Identity>>
+    }))
 }
 
 /// Writes `health.json` once the backend has accepted this daemon's Handshake (it sent
@@ -511,11 +576,13 @@ async fn wait_for_helper(helper: &UnixHelperClient) -> Result<(), DaemonError> {
 /// and at once when a round ends. Round starts and ends are stamped with the wall clock
 /// as they are seen ([`crate::metrics::RoundClock`]); the files are written only when
 /// their content changed.
+#[allow(clippy::too_many_arguments)] // each is one independent source of the report
 async fn write_status(
     path: PathBuf,
     metrics_path: Option<PathBuf>,
     who: Identity,
     spool: Arc<SharedSpool>,
+    reports: Arc<UpgradeReports>,
     link: watch::Receiver<LinkStatus>,
     mut engine: watch::Receiver<EngineStatus>,
     mut stop: watch::Receiver<bool>,
@@ -579,6 +646,7 @@ async fn write_status(
             spool_depth: depth,
             spool_dropped: dropped,
             metrics,
+            upgrade_failure: reports.last(),
         };
         let bytes = serde_json::to_vec_pretty(&report).unwrap_or_default();
         if bytes != last {

@@ -19,7 +19,10 @@ pub mod capability {
     pub const RECONNECT_HINT: &str = "reconnect-hint";
     /// The agent sends `Heartbeat` messages.
     pub const HEARTBEAT: &str = "heartbeat";
-    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT];
+    /// The agent reports a failed self-upgrade once with `UpgradeReport` (a v1 backend
+    /// never hears of it: a failing StateLog would name a state it never sent).
+    pub const UPGRADE_REPORT: &str = "upgrade-report";
+    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +114,16 @@ fn get_str<'a>(o: &'a Map<String, Value>, code: &str, keys: &[&str]) -> Result<&
         .ok_or_else(|| malformed(code, format!("\"{}\" is not a string", keys[0])))
 }
 
+/// A present field as text: a string as it is, any other value as its JSON text (the
+/// original converted with `str()`; the value is checked where it is used).
+fn get_text(o: &Map<String, Value>, code: &str, key: &str) -> Result<String, ProtocolError> {
+    match o.get(key) {
+        None | Some(Value::Null) => Err(malformed(code, format!("missing \"{key}\""))),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Ok(other.to_string()),
+    }
+}
+
 /// A positive integer; the original backend sent numbers, some tools send digit strings.
 fn get_version(o: &Map<String, Value>, code: &str) -> Result<u64, ProtocolError> {
     let v = o.get("recipe_version").ok_or_else(|| malformed(code, "missing \"recipe_version\""))?;
@@ -133,30 +146,42 @@ pub const MAX_STATES: usize = 10_000;
 
 /// Parses a list of states in any of the shapes recipes come in; `position` helps name
 /// a bad one. More than [`MAX_STATES`] refuses the list before any state is copied.
+///
+/// Only what the original agent refused refuses the list (manager.py `__act_recipe`): a
+/// state that is not an object or lacks one of the keys `id`, `module`, `parameter`.
+/// Everything else is one state's problem, found when the recipe is typed
+/// ([`crate::recipe::Recipe::from_wire`]): that state fails with a StateLog naming it
+/// and the others run. A non-string `id` or `module` is taken as its JSON text (the
+/// original treated both as opaque values); a `parameter` of `null`, `[]` or `""` is
+/// `{}` (the IDE sends those for a module without parameters).
 pub fn parse_states(code: &str, list: &Value) -> Result<Vec<WireState>, ProtocolError> {
     let items = list.as_array().ok_or_else(|| malformed(code, "\"state\" is not a list"))?;
     if items.len() > MAX_STATES {
         return Err(too_many_states(code, items.len()));
     }
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
     items
         .iter()
         .enumerate()
         .map(|(i, item)| {
             let o = item.as_object().ok_or_else(|| malformed(code, format!("state #{} is not an object", i + 1)))?;
             let id = match o.get("id").or_else(|| o.get("stateid")) {
-                Some(Value::String(s)) if !s.is_empty() => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => return Err(malformed(code, format!("state #{} has no \"id\"", i + 1))),
+                Some(v) => text(v),
+                None => return Err(malformed(code, format!("state #{} has no \"id\"", i + 1))),
             };
             let module = match o.get("module") {
-                Some(Value::String(s)) if !s.is_empty() => s.clone(),
-                _ => return Err(malformed(code, format!("state {id:?} has no \"module\""))),
+                Some(v) => text(v),
+                None => return Err(malformed(code, format!("state {id:?} has no \"module\""))),
             };
             let parameter = match o.get("parameter") {
-                Some(p @ Value::Object(_)) => p.clone(),
-                Some(other) => {
-                    return Err(malformed(code, format!("state {id:?}: \"parameter\" is not an object but {other}")))
-                }
+                Some(Value::Null) => Value::Object(Map::new()),
+                Some(Value::Array(a)) if a.is_empty() => Value::Object(Map::new()),
+                Some(Value::String(s)) if s.is_empty() => Value::Object(Map::new()),
+                Some(p) => p.clone(),
                 None => return Err(malformed(code, format!("state {id:?} has no \"parameter\""))),
             };
             Ok(WireState { id, module, parameter })
@@ -190,10 +215,10 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
             };
             Inbound::WaitList { recipe_version: get_version(o, code)?, waited }
         }
-        "AgentUpdate" => Inbound::AgentUpdate {
-            version: get_str(o, code, &["version"])?.to_string(),
-            url: get_str(o, code, &["url"])?.to_string(),
-        },
+        // manager.py `__act_update` took `str()` of both: a number is a version too.
+        "AgentUpdate" => {
+            Inbound::AgentUpdate { version: get_text(o, code, "version")?, url: get_text(o, code, "url")? }
+        }
         "AppNotReady" => Inbound::AppNotReady,
         "Test" => Inbound::Test,
         "TestAns" => Inbound::TestAns {
@@ -260,7 +285,17 @@ pub enum Outbound {
     WaitQuery {
         recipe_version: u64,
     },
-    Test,
+    /// The answer to the backend's `Test`: the Handshake's fields, `init_errors` included
+    /// (manager.py `__act_test` sent both with the same errors).
+    Test {
+        init_errors: Option<String>,
+    },
+    /// Extension (`upgrade-report`): an ordered self-upgrade failed.
+    UpgradeReport {
+        version: String,
+        running: String,
+        reason: String,
+    },
     /// Extension (`heartbeat`).
     Heartbeat(Value),
 }
@@ -285,7 +320,16 @@ impl Outbound {
         };
         match self {
             Outbound::Handshake { init_errors, capabilities } => hello("Handshake", init_errors, capabilities),
-            Outbound::Test => hello("Test", &None, &[]),
+            Outbound::Test { init_errors } => hello("Test", init_errors, &[]),
+            Outbound::UpgradeReport { version, running, reason } => json!({
+                "code": "UpgradeReport",
+                "instance_id": who.instance_id,
+                "app_id": who.app_id,
+                "version": version,
+                "running": running,
+                "result": false,
+                "reason": reason,
+            }),
             Outbound::StateLog(s) => {
                 let mut v = json!({
                     "code": "StateLog",
@@ -379,9 +423,12 @@ mod tests {
     fn waitquery_and_test() {
         let v = Outbound::WaitQuery { recipe_version: 7 }.to_json(&who());
         assert_eq!(v, json!({"code": "WaitQuery", "instance_id": "i-0abc", "app_id": "app-1", "recipe_version": 7}));
-        let v = Outbound::Test.to_json(&who());
+        let v = Outbound::Test { init_errors: None }.to_json(&who());
         assert_eq!(v["code"], "Test");
         assert_eq!(v["instance_token"], "tok");
+        // Issue #18 item 5: the Test answer carries init_errors as the Handshake does.
+        let v = Outbound::Test { init_errors: Some("'/srv/salt' directory not writable".into()) }.to_json(&who());
+        assert_eq!(v["init_errors"], "'/srv/salt' directory not writable");
     }
 
     #[test]
@@ -420,10 +467,7 @@ mod tests {
             (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"module":"x","parameter":{}}]}"#, "no \"id\""),
             (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","parameter":{}}]}"#, "no \"module\""),
             (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","module":"m"}]}"#, "no \"parameter\""),
-            (
-                r#"{"code":"RecipeMetadata","recipe_version":1,"state":[{"id":"s","module":"m","parameter":[]}]}"#,
-                "not an object",
-            ),
+            (r#"{"code":"RecipeMetadata","recipe_version":1,"state":[5]}"#, "not an object"),
         ] {
             let err = parse_inbound(text).unwrap_err();
             assert!(err.to_string().contains(needle), "{text}: {err}");
@@ -457,6 +501,17 @@ mod tests {
                 .unwrap(),
             Inbound::AgentUpdate { version: "1.3.0".into(), url: "https://x/1.3.0/opsagent.tgz".into() }
         );
+        // Issue #18 item 1: the original's backend sent the WebSocket URI as `url`, and
+        // `str()` made a number a version: both are taken, not a malformed frame.
+        assert_eq!(
+            parse_inbound(r#"{"code": "AgentUpdate", "version": 2015.1, "url": "wss://api.visualops.io:443/agent/"}"#)
+                .unwrap(),
+            Inbound::AgentUpdate { version: "2015.1".into(), url: "wss://api.visualops.io:443/agent/".into() }
+        );
+        assert_eq!(
+            parse_inbound(r#"{"code": "AgentUpdate", "version": 3, "url": 5}"#).unwrap(),
+            Inbound::AgentUpdate { version: "3".into(), url: "5".into() }
+        );
         assert_eq!(parse_inbound(r#"{"code": "AppNotReady"}"#).unwrap(), Inbound::AppNotReady);
         assert_eq!(parse_inbound(r#"{"code": "Test"}"#).unwrap(), Inbound::Test);
         assert_eq!(
@@ -485,6 +540,7 @@ mod tests {
         assert_eq!(parse_inbound("[1,2]"), Err(ProtocolError::NoCode));
         assert_eq!(parse_inbound(r#"{"code": 5}"#), Err(ProtocolError::NoCode));
         assert!(parse_inbound(r#"{"code": "AgentUpdate", "version": 1}"#).is_err());
+        assert!(parse_inbound(r#"{"code": "AgentUpdate", "version": null, "url": "wss://x/"}"#).is_err());
         assert!(parse_inbound(r#"{"code": "WaitList", "recipe_version": 1, "waited": "x"}"#).is_err());
     }
 }

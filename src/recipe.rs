@@ -1,10 +1,11 @@
 //! A recipe: the ordered states of one recipe version, each already typed by the
 //! catalogue or carrying the reason it cannot run.
 //!
-//! A structurally broken recipe (no id, no module, parameter not an object) is refused
-//! whole, as the protocol requires. A state whose module is unknown or whose parameters
-//! are wrong does not refuse the recipe: it fails when its turn comes, with a message
-//! naming the parameter, so the backend sees exactly which state is wrong.
+//! Only what the original agent refused refuses a recipe (a state that is not an object
+//! or lacks the `id`, `module` or `parameter` key). One bad state never does: a state
+//! whose id is unusable, whose parameter is not an object, whose module is unknown or
+//! whose parameters are wrong fails when its turn comes, with a StateLog naming the
+//! problem, and the others run.
 
 use std::path::Path;
 
@@ -24,13 +25,13 @@ pub enum RecipeError {
     Shape { path: String, reason: String },
     #[error("invalid recipe: {0}")]
     Protocol(#[from] ProtocolError),
-    #[error("invalid recipe: state id {0:?} is empty, longer than 512 bytes or has control characters")]
-    StateId(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecipeState {
-    pub id: StateId,
+    /// The id exactly as the backend sent it: StateLogs carry it back unchanged, even
+    /// when it is not a valid [`StateId`] (then `parsed` says so and the state fails).
+    pub id: String,
     pub module: String,
     pub parameter: Value,
     /// The typed parameters, or why this state cannot run.
@@ -41,6 +42,18 @@ impl RecipeState {
     pub fn is_builtin(&self) -> bool {
         matches!(&self.parsed, Ok(p) if p.params.is_builtin())
     }
+
+    /// The id and typed parameters of a state that can run, or why it cannot.
+    pub fn runnable(&self) -> Result<(StateId, &Parsed), String> {
+        let parsed = self.parsed.as_ref().map_err(Clone::clone)?;
+        let id = StateId::parse(&self.id).map_err(|_| bad_id(&self.id))?;
+        Ok((id, parsed))
+    }
+}
+
+fn bad_id(id: &str) -> String {
+    let shown: String = id.chars().take(64).collect();
+    format!("state id {shown:?} is empty, longer than {} bytes or has control characters", StateId::MAX_LEN)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -60,11 +73,13 @@ impl Recipe {
         let states = states
             .into_iter()
             .map(|w| {
-                let id = StateId::parse(&w.id).map_err(|_| RecipeError::StateId(w.id.clone()))?;
-                let parsed = parse_state(&w.module, &w.parameter).map_err(|e| e.to_string());
-                Ok(RecipeState { id, module: w.module, parameter: w.parameter, parsed })
+                let parsed = match StateId::parse(&w.id) {
+                    Err(_) => Err(bad_id(&w.id)),
+                    Ok(_) => parse_state(&w.module, &w.parameter).map_err(|e| e.to_string()),
+                };
+                RecipeState { id: w.id, module: w.module, parameter: w.parameter, parsed }
             })
-            .collect::<Result<_, RecipeError>>()?;
+            .collect();
         Ok(Self { version, module_info, states })
     }
 
@@ -132,7 +147,7 @@ impl Recipe {
         let states: Vec<Value> = self
             .states
             .iter()
-            .map(|s| serde_json::json!({"id": s.id.as_str(), "module": s.module, "parameter": s.parameter}))
+            .map(|s| serde_json::json!({"id": s.id, "module": s.module, "parameter": s.parameter}))
             .collect();
         serde_json::json!({"recipe_version": self.version, "module": self.module_info, "state": states})
     }
@@ -164,7 +179,7 @@ mod tests {
     #[test]
     fn bare_array_gets_ids_and_metadata_shape_keeps_version() {
         let r = Recipe::from_document(&json!([{"module": "meta.comment", "parameter": {"comment": "x"}}])).unwrap();
-        assert_eq!(r.states[0].id.as_str(), "state-1");
+        assert_eq!(r.states[0].id, "state-1");
         assert!(r.states[0].is_builtin());
         let r = Recipe::from_document(&json!({"code": "RecipeMetadata", "recipe_version": 9, "state": []})).unwrap();
         assert_eq!(r.version, 9);
@@ -175,7 +190,50 @@ mod tests {
         assert!(Recipe::from_document(&json!({"state": [{"module": "linux.file", "parameter": {}}]})).is_err());
         assert!(Recipe::from_document(&json!({"recipe_version": -1, "state": []})).is_err());
         assert!(Recipe::from_document(&json!({"nothing": 1})).is_err());
-        assert!(Recipe::from_document(&json!({"state": [{"id": "a\u{1}b", "module": "m", "parameter": {}}]})).is_err());
+        assert!(Recipe::from_document(&json!({"state": [{"id": "s", "module": "meta.comment"}]})).is_err());
+        assert!(Recipe::from_document(&json!({"state": ["s"]})).is_err());
+    }
+
+    /// Issue #18 item 3, from the original's shapes (manager.py `__act_recipe` refused
+    /// only a state without `id`/`module`/`parameter`): every other problem is one
+    /// state's, named in its failure, and the states around it stay runnable.
+    #[test]
+    fn one_bad_state_never_rejects_the_recipe() {
+        let long = "x".repeat(StateId::MAX_LEN + 1);
+        let doc = json!({"recipe_version": 3, "state": [
+            {"id": "ok-1", "module": "meta.comment", "parameter": {"comment": "first"}},
+            {"id": "", "module": "meta.comment", "parameter": {}},
+            {"id": "a\u{1}b", "module": "meta.comment", "parameter": {}},
+            {"id": long, "module": "meta.comment", "parameter": {}},
+            {"id": "not-object", "module": "linux.file", "parameter": 7},
+            {"id": "unknown", "module": "linux.nope", "parameter": {}},
+            {"id": "wrong", "module": "linux.file", "parameter": {"path": "/tmp/x", "mode": "rwx"}},
+            {"id": "null-param", "module": "meta.comment", "parameter": null},
+            {"id": "list-param", "module": "meta.comment", "parameter": []},
+            {"id": "blank-param", "module": "meta.comment", "parameter": ""},
+            {"id": 17, "module": "meta.comment", "parameter": {}},
+            {"id": "module-number", "module": 5, "parameter": {}},
+            {"id": "wait-own-id", "module": "meta.wait", "parameter": {}}
+        ]});
+        let r = Recipe::from_document(&doc).unwrap();
+        let why = |id: &str| {
+            let s = r.states.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("{id} missing"));
+            s.runnable().err()
+        };
+        assert_eq!(r.states.len(), 13);
+        for ok in ["ok-1", "null-param", "list-param", "blank-param", "17", "wait-own-id"] {
+            assert_eq!(why(ok), None, "{ok}");
+        }
+        assert!(why("").unwrap().contains("state id \"\" is empty"));
+        assert!(why("a\u{1}b").unwrap().contains("control characters"));
+        assert!(why(&long).unwrap().contains("longer than 512 bytes"));
+        assert!(why("not-object").unwrap().contains("must be a JSON object, got"));
+        assert!(why("unknown").unwrap().contains("unknown module \"linux.nope\""));
+        assert!(why("wrong").unwrap().contains("\"mode\""));
+        assert!(why("module-number").unwrap().contains("unknown module \"5\""));
+        // Persisted and read back: the same states, the same verdicts.
+        let again = Recipe::from_document(&r.to_document()).unwrap();
+        assert_eq!((again.version, &again.states), (r.version, &r.states));
     }
 
     /// A recipe of more than `MAX_STATES` states is refused whole before its states

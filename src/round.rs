@@ -10,8 +10,11 @@
 //! - After a complete round the engine waits the round delay and runs again.
 //! - A new recipe (another version) stops the current round at once: the running state
 //!   is cancelled (the helper kills its processes) and the new recipe's first round
-//!   starts. A header-only update adopts the new version number without interrupting.
-//!   The same version again is ignored.
+//!   starts. A header-only update (or `"state": []`) with a new version re-runs the
+//!   current states at once under that version, as the original's worker did (kill
+//!   with wait, load without states): the running state finishes and is reported, a
+//!   running wait is aborted, the wait marks are cleared, the round pause is cancelled
+//!   and a new round starts from the first state. The same version again is ignored.
 //! - An upgrade order waits for the end of the round, then runs exactly once.
 //! - Stop: the running state may finish (bounded by the stop timeout, then cancelled);
 //!   "stop after the round" lets the whole round finish first.
@@ -222,6 +225,8 @@ enum StateEnd {
 enum Interrupt {
     None,
     Preempt,
+    /// The same states under a new version: a running state finishes, then a new round.
+    Rerun,
     Stop,
 }
 
@@ -263,17 +268,21 @@ impl State {
                 (Interrupt::Preempt, false)
             }
             Event::VersionOnly(v) => {
-                if self.recipe.is_some() && v != self.version {
-                    tracing::info!(
-                        from = self.version,
-                        to = v,
-                        "recipe version adopted without interrupting the round"
-                    );
-                    self.version = v;
-                    self.status.send_modify(|s| s.recipe_version = Some(v));
-                    return (Interrupt::None, true);
+                // The states to re-run: those of a recipe still queued, else the current.
+                let Some(base) = self.next.clone().or_else(|| self.recipe.clone()) else {
+                    tracing::debug!(version = v, "header-only recipe without a recipe to re-run; ignored");
+                    return (Interrupt::None, false);
+                };
+                let current = if self.next.is_some() { base.version } else { self.version };
+                if v == current {
+                    tracing::debug!(version = v, "recipe version already running; ignored");
+                    return (Interrupt::None, false);
                 }
-                (Interrupt::None, false)
+                tracing::info!(from = current, to = v, "header-only recipe: the current states re-run from the first");
+                let mut again = (*base).clone();
+                again.version = v;
+                self.next = Some(Arc::new(again));
+                (Interrupt::Rerun, false)
             }
             Event::WaitDone { recipe_version, state_ids } => {
                 if recipe_version != self.version {
@@ -307,15 +316,17 @@ impl State {
     }
 
     fn wait_satisfied(&self, state: &RecipeState) -> bool {
-        if self.done.contains(state.id.as_str()) {
+        if self.done.contains(&state.id) {
             return true;
         }
+        // Without `state`, only a push of the wait's own id (checked above) releases it,
+        // as in the original (worker.py `__exec_wait`).
         match &state.parsed {
             Ok(p) => match &p.params {
-                ModuleParams::MetaWait(w) => {
-                    !w.state.0.is_empty()
-                        && w.state.0.iter().all(|r| self.done.contains(&r.state) || self.done.contains(&r.raw))
-                }
+                ModuleParams::MetaWait(w) => w.state.as_ref().is_some_and(|refs| {
+                    !refs.0.is_empty()
+                        && refs.0.iter().all(|r| self.done.contains(&r.state) || self.done.contains(&r.raw))
+                }),
                 _ => false,
             },
             Err(_) => false,
@@ -480,7 +491,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 ev = self.inbox.recv() => {
                     match self.absorb(ev).await {
                         Interrupt::None => {}
-                        Interrupt::Preempt | Interrupt::Stop => return,
+                        Interrupt::Preempt | Interrupt::Rerun | Interrupt::Stop => return,
                     }
                     if self.st.stop == Some(StopMode::AfterRound) {
                         return;
@@ -578,9 +589,9 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
 
     async fn run_state(&mut self, state: &RecipeState, index: usize, total: usize) -> StateEnd {
         self.liveness.touch();
-        let parsed = match &state.parsed {
-            Ok(p) => p,
-            Err(reason) => return StateEnd::Done(Outcome::failed(reason.clone())),
+        let (id, parsed) = match state.runnable() {
+            Ok(ok) => ok,
+            Err(reason) => return StateEnd::Done(Outcome::failed(reason)),
         };
         match &parsed.params {
             ModuleParams::MetaComment(_) => StateEnd::Done(Outcome::ok("comment")),
@@ -592,7 +603,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                     state_id: state.id.to_string(),
                     module: state.module.clone(),
                 });
-                let req = ApplyRequest::new(state.id.clone(), self.st.version, params.clone());
+                let req = ApplyRequest::new(id, self.st.version, params.clone());
                 let end = self.run_helper(req).await;
                 match end {
                     StateEnd::Done(mut o) => {
@@ -615,6 +626,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let mut stop_deadline: Option<Instant> = None;
         let mut cancel_sent = false;
         let mut preempted = false;
+        let mut rerun = false;
         let mut inbox_open = true;
         loop {
             tokio::select! {
@@ -624,6 +636,9 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                         StateEnd::Preempted(Some(cancelled(o, "a new recipe arrived")))
                     } else if cancel_sent {
                         StateEnd::Stopped(Some(cancelled(o, "the agent is stopping")))
+                    } else if rerun {
+                        // Finished, reported as it is; the round then starts again.
+                        StateEnd::Preempted(Some(o))
                     } else {
                         StateEnd::Done(o)
                     };
@@ -651,6 +666,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                             handle.cancel();
                             preempted = true;
                         }
+                        Interrupt::Rerun => rerun = true,
                         Interrupt::Stop => {
                             stop_deadline.get_or_insert(Instant::now() + self.cfg.stop_timeout);
                         }
@@ -677,6 +693,11 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 Interrupt::None => {}
                 Interrupt::Preempt => {
                     return StateEnd::Preempted(Some(Outcome::failed("wait aborted: a new recipe arrived")))
+                }
+                Interrupt::Rerun => {
+                    return StateEnd::Preempted(Some(Outcome::failed(
+                        "wait aborted: a new recipe version re-runs the recipe from the first state",
+                    )))
                 }
                 Interrupt::Stop => {
                     return StateEnd::Stopped(Some(Outcome::failed("wait aborted: the agent is stopping")))

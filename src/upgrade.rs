@@ -6,9 +6,16 @@
 //! under systemd by starting `opsagent-upgrade.service` over D-Bus (the polkit rule
 //! allows exactly that), on cron-fallback hosts by leaving the order for the supervisor,
 //! which runs the installer at its next pass. The installer's [`Record`] says how it
-//! went; a failure is reported to the backend as a failing StateLog (see
-//! [`failure_log`]) — by this process when the installer refused the release, or by the
-//! revived previous release after a revert.
+//! went; a failure is reported once (see [`UpgradeReports`]) — by this process when the
+//! installer refused the release, or by the revived previous release after a revert.
+//!
+//! # The order's `url`
+//! The original backend sent its own WebSocket URI as `url` (manager.py `__act_update`
+//! passed it to `update.sh` as the new `WS_URI`; the release came from
+//! `BASE_REMOTE/VERSION/`). So a `ws://`/`wss://` url is the backend to use from the new
+//! release on (persisted in the state directory, see [`backend_override`]) and the release
+//! is `[userdata] base_remote/VERSION/opsagent.tgz`; an `http(s)` url ending in `.tgz` is
+//! the release archive itself.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -16,17 +23,15 @@ use std::time::Duration;
 
 use opsagent_proto::upgrade::{self as hand, Order, Record};
 
-use crate::protocol::StateLog;
 use crate::round::UpdateOrder;
 
 pub mod cli;
 
-/// The pseudo state id of an upgrade report when no recipe is known yet.
-pub const REPORT_STATE_ID: &str = "opsagent-upgrade";
-
 #[derive(Debug, Clone)]
 pub struct UpgradeSettings {
     pub state_dir: PathBuf,
+    /// `[userdata] base_remote`: where releases are when the order names a backend.
+    pub base_remote: Option<String>,
     /// The running release.
     pub running: String,
     pub holdoff: Duration,
@@ -138,19 +143,135 @@ pub fn unreported_failure(state_dir: &Path) -> Option<Record> {
     last_record(state_dir).filter(|r| r.outcome.is_failure() && !r.reported)
 }
 
-/// The failing StateLog that tells a backend of any protocol version about a failed
-/// upgrade: for the last state of the current recipe (whose next round reports its real
-/// result again), or for [`REPORT_STATE_ID`] when there is no recipe.
-pub fn failure_log(recipe: Option<(u64, String)>, version: &str, running: &str, reason: &str) -> StateLog {
-    let (recipe_version, state_id) = recipe.unwrap_or((0, REPORT_STATE_ID.to_string()));
-    StateLog {
-        recipe_version,
-        state_id,
-        result: false,
-        comment: Some(format!("agent upgrade to {version} failed: {reason}; {running} keeps running")),
-        stdout: None,
-        seq: None,
-        offline: false,
+/// What an order asks for, once its `url` is understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The release archive (its signature is this URL + `.minisig`).
+    pub release_url: String,
+    /// The backend to use from the new release on (a `ws(s)://` url).
+    pub backend: Option<String>,
+}
+
+fn plain_url(url: &str) -> bool {
+    !url.is_empty() && !url.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+/// Reads an order's `url` (see the module documentation).
+pub fn resolve(order: &UpdateOrder, base_remote: Option<&str>) -> Result<Resolved, String> {
+    let url = order.url.as_str();
+    if !plain_url(url) {
+        return Err(format!("the order's url {url:?} is not a URL"));
+    }
+    if url.starts_with("ws://") || url.starts_with("wss://") {
+        let Some(base) = base_remote else {
+            return Err(format!(
+                "the order names the backend {url} and the release comes from [userdata] base_remote, which is not set"
+            ));
+        };
+        let release_url = format!("{}/{}/opsagent.tgz", base.trim_end_matches('/'), order.version);
+        return Ok(Resolved { release_url, backend: Some(url.to_string()) });
+    }
+    if (url.starts_with("https://") || url.starts_with("http://")) && url.ends_with(".tgz") {
+        return Ok(Resolved { release_url: url.to_string(), backend: None });
+    }
+    Err(format!("the release URL {url:?} is not an http(s) URL of a .tgz, nor a ws(s):// backend URI"))
+}
+
+/// The backend URI an order named, kept for the release it installs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackendOverride {
+    pub ws_uri: String,
+    /// The release that uses it; `None` once adopted by a running release.
+    pub version: Option<String>,
+}
+
+/// `<state_dir>/backend.json`: the backend URI in force (adopted).
+pub fn backend_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("backend.json")
+}
+
+/// `<state_dir>/upgrade/backend.json`: the URI waiting for its release to start.
+fn pending_backend_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("upgrade").join("backend.json")
+}
+
+fn read_override(path: &Path) -> Option<BackendOverride> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn write_override(path: &Path, o: &BackendOverride) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let bytes = serde_json::to_vec_pretty(o).map_err(std::io::Error::other)?;
+    crate::daemon::write_atomic(path, &bytes)
+}
+
+/// At start-up: the backend URI an AgentUpdate named, which replaces the configured one
+/// (as the original's `update.sh` rewrote `WS_URI` in its config). A pending URI is
+/// adopted when `running` is the release it was ordered with; one whose release never
+/// came up (refused, reverted) is dropped.
+pub fn backend_override(state_dir: &Path, running: &str) -> Option<String> {
+    let pending = pending_backend_file(state_dir);
+    if let Some(p) = read_override(&pending) {
+        if p.version.as_deref() == Some(running) {
+            let adopted = BackendOverride { ws_uri: p.ws_uri, version: None };
+            match write_override(&backend_file(state_dir), &adopted) {
+                Ok(()) => {
+                    tracing::info!(backend = %adopted.ws_uri, version = running, "backend URI of the upgrade order adopted");
+                    let _ = std::fs::remove_file(&pending);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot adopt the backend URI of the upgrade order"),
+            }
+        } else if last_record(state_dir)
+            .is_some_and(|r| Some(&r.version) == p.version.as_ref() && r.outcome.is_failure())
+        {
+            tracing::warn!(backend = %p.ws_uri, "the upgrade that named this backend failed; its URI is not used");
+            let _ = std::fs::remove_file(&pending);
+        }
+    }
+    read_override(&backend_file(state_dir)).map(|o| o.ws_uri)
+}
+
+/// A failed upgrade, as `opsagent status` shows it and the `upgrade-report` extension
+/// sends it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpgradeFailure {
+    pub version: String,
+    pub running: String,
+    pub reason: String,
+    pub at_unix: u64,
+}
+
+/// Failed upgrades waiting for the backend link. The backend hears of each once: through
+/// `UpgradeReport` when it announced `upgrade-report`, and otherwise not at all (a
+/// failing StateLog would name a state it never sent): then the log and `opsagent
+/// status` are where it is said.
+#[derive(Debug, Default)]
+pub struct UpgradeReports {
+    inner: std::sync::Mutex<(Option<UpgradeFailure>, Option<UpgradeFailure>)>,
+}
+
+impl UpgradeReports {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<UpgradeFailure>, Option<UpgradeFailure>)> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A new failure: the last one shown, and pending for the next session.
+    pub fn push(&self, f: UpgradeFailure) {
+        let mut g = self.lock();
+        g.0 = Some(f.clone());
+        g.1 = Some(f);
+    }
+
+    /// The pending report, taken: the link sends it (extension) or drops it (v1).
+    pub fn take_pending(&self) -> Option<UpgradeFailure> {
+        self.lock().1.take()
+    }
+
+    /// The last failure of this process's life, for `opsagent status`.
+    pub fn last(&self) -> Option<UpgradeFailure> {
+        self.lock().0.clone()
     }
 }
 
@@ -163,16 +284,22 @@ pub async fn carry_out<F: Fetch, S: StartInstaller>(
 ) -> Verdict {
     let failed = |reason: String| Verdict::Failed { reason, record: None };
     if order.version == s.running {
+        // The release is there already; a backend it names is used from the next start.
+        if let Ok(Resolved { backend: Some(ws_uri), .. }) = resolve(order, s.base_remote.as_deref()) {
+            match write_override(&backend_file(&s.state_dir), &BackendOverride { ws_uri, version: None }) {
+                Ok(()) => tracing::info!("the ordered backend URI is used from the next start"),
+                Err(e) => tracing::error!(error = %e, "cannot keep the ordered backend URI"),
+            }
+        }
         return Verdict::AlreadyRunning;
     }
     if !hand::valid_version(&order.version) {
         return failed(format!("{:?} is not a release version", order.version));
     }
-    if !(order.url.starts_with("https://") || order.url.starts_with("http://"))
-        || order.url.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
-        return failed(format!("the release URL {:?} is not an http(s) URL", order.url));
-    }
+    let resolved = match resolve(order, s.base_remote.as_deref()) {
+        Ok(r) => r,
+        Err(reason) => return failed(reason),
+    };
     if let Some(r) = last_failure(&s.state_dir, &order.version) {
         let until = r.at.saturating_add(s.holdoff.as_secs());
         if now_unix() < until {
@@ -183,15 +310,27 @@ pub async fn carry_out<F: Fetch, S: StartInstaller>(
     if let Err(e) = prepare_dir(&staged) {
         return failed(format!("cannot prepare {}: {e}", staged.display()));
     }
-    let signature_url = format!("{}.minisig", order.url);
-    for (url, name) in [(order.url.as_str(), hand::ARCHIVE), (signature_url.as_str(), hand::SIGNATURE)] {
+    let signature_url = format!("{}.minisig", resolved.release_url);
+    for (url, name) in [(resolved.release_url.as_str(), hand::ARCHIVE), (signature_url.as_str(), hand::SIGNATURE)] {
         if let Err(e) = fetch.fetch(url, &staged.join(name), s.max_bytes).await {
             return failed(format!("download of {url} failed: {e}"));
         }
     }
     let ordered_at = now_unix();
-    let staged_order =
-        Order { version: order.version.clone(), url: order.url.clone(), from: s.running.clone(), ordered_at };
+    let staged_order = Order {
+        version: order.version.clone(),
+        url: resolved.release_url.clone(),
+        from: s.running.clone(),
+        ordered_at,
+    };
+    let pending = pending_backend_file(&s.state_dir);
+    let _ = std::fs::remove_file(&pending);
+    if let Some(ws_uri) = &resolved.backend {
+        let o = BackendOverride { ws_uri: ws_uri.clone(), version: Some(order.version.clone()) };
+        if let Err(e) = write_override(&pending, &o) {
+            return failed(format!("cannot keep the ordered backend URI in {}: {e}", pending.display()));
+        }
+    }
     let written = serde_json::to_vec_pretty(&staged_order)
         .map_err(std::io::Error::other)
         .and_then(|b| crate::daemon::write_atomic(&staged.join(hand::ORDER), &b));
@@ -202,6 +341,7 @@ pub async fn carry_out<F: Fetch, S: StartInstaller>(
     if s.trigger == Trigger::Systemd {
         if let Err(e) = starter.start().await {
             let _ = std::fs::remove_file(staged.join(hand::ORDER));
+            let _ = std::fs::remove_file(&pending);
             return failed(format!("cannot start {}: {e}", hand::UNIT));
         }
     }

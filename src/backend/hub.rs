@@ -346,6 +346,13 @@ impl Hub {
                     debug!(conn, "heartbeat");
                 }
             }
+            AgentMsg::UpgradeReport { instance_id, version, reason } => warn!(
+                conn,
+                "agent {} reports that its upgrade to {} failed: {}",
+                instance_id.as_deref().unwrap_or("?"),
+                version.as_deref().unwrap_or("?"),
+                reason.as_deref().unwrap_or("")
+            ),
             AgentMsg::Unknown(code) => warn!(conn, "message with unknown code {code:?} ignored"),
         }
     }

@@ -189,7 +189,7 @@ pub(crate) fn parse_recipe(bytes: &[u8]) -> Result<Candidate, String> {
             if s.module == "meta.wait" {
                 let refs = match &s.parsed {
                     Ok(p) => match &p.params {
-                        ModuleParams::MetaWait(w) => w.state.0.clone(),
+                        ModuleParams::MetaWait(w) => w.state.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
                         _ => Vec::new(),
                     },
                     Err(_) => Vec::new(),

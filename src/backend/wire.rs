@@ -32,8 +32,21 @@ pub(crate) enum AgentMsg {
     Handshake(Hello),
     Test(Hello),
     StateLog(StateLogMsg),
-    WaitQuery { instance_id: Option<String>, app_id: Option<String>, recipe_version: Option<u64> },
-    Heartbeat { instance_id: Option<String>, app_id: Option<String> },
+    WaitQuery {
+        instance_id: Option<String>,
+        app_id: Option<String>,
+        recipe_version: Option<u64>,
+    },
+    Heartbeat {
+        instance_id: Option<String>,
+        app_id: Option<String>,
+    },
+    /// Extension `upgrade-report`: an ordered upgrade failed (journalled with the frame).
+    UpgradeReport {
+        instance_id: Option<String>,
+        version: Option<String>,
+        reason: Option<String>,
+    },
     Unknown(String),
 }
 
@@ -45,6 +58,7 @@ impl AgentMsg {
             AgentMsg::StateLog(_) => "StateLog",
             AgentMsg::WaitQuery { .. } => "WaitQuery",
             AgentMsg::Heartbeat { .. } => "Heartbeat",
+            AgentMsg::UpgradeReport { .. } => "UpgradeReport",
             AgentMsg::Unknown(code) => code,
         }
     }
@@ -131,6 +145,11 @@ pub(crate) fn parse_agent(frame: &str) -> Result<(AgentMsg, Map<String, Value>),
             recipe_version: number(&o, "recipe_version"),
         },
         "Heartbeat" => AgentMsg::Heartbeat { instance_id: text(&o, &["instance_id"]), app_id: text(&o, &["app_id"]) },
+        "UpgradeReport" => AgentMsg::UpgradeReport {
+            instance_id: text(&o, &["instance_id"]),
+            version: text(&o, &["version"]),
+            reason: text(&o, &["reason"]),
+        },
         other => AgentMsg::Unknown(other.to_string()),
     };
     Ok((msg, o))
@@ -141,7 +160,8 @@ pub(crate) mod out {
     use super::*;
 
     /// The extensions this backend speaks.
-    pub const CAPABILITIES: &[&str] = &[capability::STATELOG_ACK, capability::RECONNECT_HINT, capability::HEARTBEAT];
+    pub const CAPABILITIES: &[&str] =
+        &[capability::STATELOG_ACK, capability::RECONNECT_HINT, capability::HEARTBEAT, capability::UPGRADE_REPORT];
 
     pub fn capabilities() -> Value {
         json!({"code": "Capabilities", "capabilities": CAPABILITIES})

@@ -74,6 +74,12 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
 pub struct Config {
     /// The file that was read, if any.
     pub source: Option<PathBuf>,
+    /// The file was the original agent's (`[global]`, `[module]`, `[network]`, `[salt]`).
+    pub original_format: bool,
+    /// What was ignored in an original-format file, to be logged once at start.
+    pub warnings: Vec<String>,
+    /// `--app-id` was given: the instance userdata never replaces it.
+    pub app_id_pinned: bool,
     pub userdata: UserdataConfig,
     pub agent: AgentConfig,
     pub link: LinkConfig,
@@ -368,6 +374,11 @@ impl Config {
             line: e.line,
             problem: e.problem,
         })?;
+        if doc.sections.iter().any(|(s, _)| ORIGINAL_ONLY_SECTIONS.contains(&s.as_str())) {
+            self.original_format = true;
+            self.apply_original(path, &doc);
+            return Ok(());
+        }
         for (section, line) in &doc.sections {
             if !SECTIONS.iter().any(|(name, _)| name == section) {
                 let (path, line, section) = (path.to_path_buf(), *line, section.clone());
@@ -402,7 +413,53 @@ impl Config {
         Ok(())
     }
 
+    /// The original agent's `/etc/opsagent.conf` (written by its `scripts/init.sh`, read
+    /// by its `config.py`): the keys that mean something here are mapped, everything else
+    /// (and any value that does not check) becomes a warning; nothing in it refuses the
+    /// start, as nothing in it did for the original beyond its required keys.
+    fn apply_original(&mut self, path: &Path, doc: &ini::Document) {
+        let shown = path.display().to_string();
+        for entry in &doc.entries {
+            let Some((section, _)) = &entry.section else {
+                self.warnings.push(format!("{shown}:{}: {:?} outside any section ignored", entry.line, entry.key));
+                continue;
+            };
+            let (key, value) = (entry.key.to_ascii_lowercase(), entry.value.trim());
+            if value.is_empty() {
+                continue;
+            }
+            let mapped: Option<(&str, &str, String)> = match (section.as_str(), key.as_str()) {
+                ("userdata", k @ ("ws_uri" | "app_id" | "version" | "base_remote" | "update_key" | "instance_id")) => {
+                    Some(("userdata", k, value.to_string()))
+                }
+                ("global", "conf_path") => Some(("agent", "state_dir", value.to_string())),
+                ("global", "loglvl") => Some(("agent", "log_level", value.to_ascii_lowercase())),
+                // Minutes between two rounds (worker.py `__recipe_delay`).
+                ("salt", "delay") => match value.parse::<u64>() {
+                    Ok(minutes) => Some(("agent", "round_delay", minutes.saturating_mul(60).to_string())),
+                    Err(_) => Some(("agent", "round_delay", format!("{value} minutes"))),
+                },
+                // The original's full URL of the instance id; ours is the service's base.
+                ("network", "instance_id") => match value.strip_suffix("/latest/meta-data/instance-id") {
+                    Some(base) => Some(("userdata", "metadata_url", base.to_string())),
+                    None => None,
+                },
+                _ => None,
+            };
+            let at = format!("{shown}:{}: [{section}] {}", entry.line, entry.key);
+            match mapped {
+                Some((s, k, v)) => {
+                    if let Err(problem) = self.set(s, k, &v) {
+                        self.warnings.push(format!("{at} ignored: {problem}"));
+                    }
+                }
+                None => self.warnings.push(format!("{at} has no meaning for this agent; ignored")),
+            }
+        }
+    }
+
     fn apply_overrides(&mut self, o: &Overrides) -> Result<(), ConfigError> {
+        self.app_id_pinned = o.app_id.is_some();
         let texts = [
             ("userdata", "ws_uri", o.ws_uri.clone()),
             ("userdata", "app_id", o.app_id.clone()),
@@ -498,6 +555,10 @@ impl Config {
         Ok(())
     }
 }
+
+/// Sections only the original agent's configuration has: one of them makes a file the
+/// original's (see [`Config::apply_original`]).
+pub const ORIGINAL_ONLY_SECTIONS: &[&str] = &["global", "module", "network", "salt"];
 
 /// Keys that lower a defence: `true` is honoured only from a root-owned file that
 /// nobody else can write (the daemon's user must not be able to set them).

@@ -394,3 +394,50 @@ fn keys_that_lower_a_defence_need_a_root_owned_file() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).unwrap();
     assert!(load(me).is_err(), "a group-writable file is not root's alone");
 }
+
+/// Issue #18 item 8: the original's own test configuration (copied unchanged into
+/// tests/fixtures/original/) is read: its `[userdata]` taken, the rest warned about,
+/// no refusal.
+#[test]
+fn the_original_test_configuration_is_read() {
+    let text = include_str!("../../tests/fixtures/original/opsagent.conf");
+    let c = parse(text).unwrap();
+    assert!(c.original_format);
+    assert_eq!(c.userdata.ws_uri.as_deref(), Some("ws://127.0.0.1:9000/agent/"));
+    assert_eq!(c.userdata.app_id.as_deref(), Some("app-id"));
+    assert_eq!(c.userdata.version.as_deref(), Some("1.0"));
+    assert_eq!(c.userdata.base_remote.as_deref(), Some("https://s3.amazonaws.com/opsagent"));
+    assert_eq!(c.agent.state_dir, Path::new("/var/lib/visualops/opsagent"), "[global] conf_path");
+    let warned = c.warnings.join("\n");
+    for key in
+        ["[global] platform", "[global] token", "[userdata] gpg_key_uri", "[module] mod_tag", "[network] get_retry"]
+    {
+        assert!(warned.contains(key), "{key} not warned about:\n{warned}");
+    }
+    assert!(!warned.contains("ws_uri") && !warned.contains("conf_path"), "{warned}");
+}
+
+/// The shape scripts/init.sh writes, with the sections config.py gave defaults for:
+/// `[salt] delay` (minutes) is the round delay, `[network] instance_id` the metadata
+/// service; a value that does not check is a warning, never a refusal.
+#[test]
+fn the_original_init_sh_shape_maps_known_keys_and_warns_once_about_the_rest() {
+    let text = "[global]\nplatform=APT\nenvroot=/opt/visualops/env\nconf_path=/var/lib/visualops/opsagent\n\
+                loglvl=DEBUG\ntoken=/etc/opsagent.token\n[userdata]\nws_uri=wss://api.visualops.io:443/agent/\n\
+                app_id=app-1a2b3c\nversion=2015-03-31\nbase_remote=https://s3.amazonaws.com/visualops\n\
+                gpg_key_uri=https://s3.amazonaws.com/visualops/madeira.gpg.public.key\n[module]\n\
+                root=/opt/visualops/bootstrap\nname=salt\nmod_repo=\nmod_tag=\n[network]\n\
+                instance_id=http://10.1.2.3/latest/meta-data/instance-id\n[salt]\ndelay=5\ntimeout=30\n";
+    let c = parse(text).unwrap();
+    assert_eq!(c.agent.round_delay, Duration::from_secs(300));
+    assert_eq!(c.agent.log_level, "debug");
+    assert_eq!(c.userdata.metadata_url, "http://10.1.2.3");
+    assert_eq!(c.userdata.app_id.as_deref(), Some("app-1a2b3c"));
+    assert_eq!(c.warnings.iter().filter(|w| w.contains("[salt] timeout")).count(), 1);
+    assert!(c.warnings.iter().all(|w| !w.contains("mod_repo")), "empty values are not set: {:?}", c.warnings);
+    let c = parse("[salt]\ndelay=soon\n[mystery]\nx=1\n").unwrap();
+    assert!(c.warnings.iter().any(|w| w.contains("[salt] delay ignored") && w.contains("soon")), "{:?}", c.warnings);
+    assert!(c.warnings.iter().any(|w| w.contains("[mystery] x")), "{:?}", c.warnings);
+    // Our own format stays strict.
+    assert!(err("[mystery]\nx=1\n").contains("mystery"));
+}

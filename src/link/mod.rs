@@ -172,6 +172,11 @@ impl LinkError {
     }
 }
 
+/// Asked before every connection, as the original built a new manager (and re-read the
+/// instance userdata) for each: a new identity when the userdata changed it.
+pub type IdentityRefresh =
+    Arc<dyn Fn(Identity) -> futures_util::future::BoxFuture<'static, Option<Identity>> + Send + Sync>;
+
 /// Where StateLogs wait for delivery (the spool, or a fake in tests).
 pub trait Outbox: Send + Sync {
     /// Pending StateLogs with a sequence number above `seq`, in order.
@@ -203,6 +208,7 @@ struct Caps {
     acks: bool,
     heartbeat: bool,
     hints: bool,
+    upgrade_report: bool,
 }
 
 impl Caps {
@@ -213,6 +219,7 @@ impl Caps {
             acks: has(capability::STATELOG_ACK),
             heartbeat: has(capability::HEARTBEAT),
             hints: has(capability::RECONNECT_HINT),
+            upgrade_report: has(capability::UPGRADE_REPORT),
         }
     }
 }
@@ -221,6 +228,9 @@ enum EndKind {
     Error(LinkError),
     /// The backend asked to be left alone for a while.
     Hint(Duration),
+    /// The backend answered our Test (`TestAns`): the session is over, as in the
+    /// original (manager.py `__act_test_ans` stopped the manager and it reconnected).
+    TestDone,
     Shutdown,
 }
 
@@ -243,6 +253,8 @@ pub struct Link<O: Outbox> {
     backoff: Backoff,
     connector: connect::Connector,
     started: Instant,
+    upgrades: Option<Arc<crate::upgrade::UpgradeReports>>,
+    refresh: Option<IdentityRefresh>,
 }
 
 impl<O: Outbox + 'static> Link<O> {
@@ -275,6 +287,8 @@ impl<O: Outbox + 'static> Link<O> {
             backoff,
             connector,
             started: Instant::now(),
+            upgrades: None,
+            refresh: None,
         };
         Ok((link, status_rx, liveness))
     }
@@ -283,6 +297,33 @@ impl<O: Outbox + 'static> Link<O> {
     pub fn with_resolver(mut self, resolver: Arc<dyn Resolver>) -> Self {
         self.connector.resolver = resolver;
         self
+    }
+
+    /// Re-reads who this instance is before every connection.
+    pub fn with_identity_refresh(mut self, refresh: IdentityRefresh) -> Self {
+        self.refresh = Some(refresh);
+        self
+    }
+
+    /// Failed upgrades to report (once, to a backend that announced `upgrade-report`).
+    pub fn with_upgrade_reports(mut self, reports: Arc<crate::upgrade::UpgradeReports>) -> Self {
+        self.upgrades = Some(reports);
+        self
+    }
+
+    /// Once the session is established: the pending upgrade failure goes to a backend
+    /// that announced `upgrade-report`; a backend that did not never hears of it (it was
+    /// logged and is in `opsagent status`).
+    async fn deliver_upgrade_report(&self, ws: &mut Ws, caps: Caps) -> Result<(), LinkError> {
+        let Some(f) = self.upgrades.as_ref().and_then(|u| u.take_pending()) else { return Ok(()) };
+        if !caps.upgrade_report {
+            tracing::info!(version = %f.version, "the backend did not announce upgrade-report: the failed upgrade stays in the log and `opsagent status`");
+            return Ok(());
+        }
+        let msg = Outbound::UpgradeReport { version: f.version.clone(), running: f.running, reason: f.reason };
+        self.send(ws, self.frame(&msg)).await?;
+        tracing::info!(version = %f.version, "failed upgrade reported to the backend");
+        Ok(())
     }
 
     /// A fixed backoff seed (deterministic tests and benches).
@@ -332,6 +373,18 @@ impl<O: Outbox + 'static> Link<O> {
             self.set_state(LinkState::Connecting { url: self.url().to_string(), attempt });
             self.liveness.touch();
             let mut hint = None;
+            if let Some(refresh) = self.refresh.clone() {
+                let current = self.who.clone();
+                let refreshed = tokio::select! {
+                    who = refresh(current) => who,
+                    _ = self.liveness_ticks() => None,
+                    _ = wait_true(self.shutdown.clone()) => break,
+                };
+                if let Some(who) = refreshed {
+                    tracing::info!(from = %self.who.app_id, to = %who.app_id, "the instance userdata names another app: new identity");
+                    self.who = who;
+                }
+            }
             if let Some(warning) = &self.connector.insecure {
                 tracing::warn!(url = %self.url(), warning = %warning, "the backend link is not authenticated");
             }
@@ -362,6 +415,7 @@ impl<O: Outbox + 'static> Link<O> {
                             tracing::info!(url = %self.url(), after_s = d.as_secs(), "the backend asked to reconnect later");
                             hint = Some(d);
                         }
+                        EndKind::TestDone => tracing::info!(url = %self.url(), "test answered; connecting again"),
                         EndKind::Error(e) => {
                             tracing::warn!(error = %e, "backend connection lost");
                             self.record_error(&e);
@@ -535,10 +589,13 @@ impl<O: Outbox + 'static> Link<O> {
                                     next_heartbeat = Some(Instant::now());
                                 }
                                 let _ = self.engine.send(Event::Online(true)).await;
+                                if let Err(e) = self.deliver_upgrade_report(&mut ws, caps).await { return end(EndKind::Error(e), answered, healthy_after); }
                             }
                             let version = r.recipe_version;
                             match r.states {
+                                // worker.py `load`: no states, or an empty list, is "no change in states".
                                 None => { let _ = self.engine.send(Event::VersionOnly(version)).await; }
+                                Some(states) if states.is_empty() => { let _ = self.engine.send(Event::VersionOnly(version)).await; }
                                 Some(states) => match crate::recipe::Recipe::from_wire(version, r.module, states) {
                                     Ok(recipe) => {
                                         let waits = recipe.has_waits();
@@ -577,9 +634,18 @@ impl<O: Outbox + 'static> Link<O> {
                             }
                         }
                         Inbound::Test => {
-                            if let Err(e) = self.send(&mut ws, self.frame(&Outbound::Test)).await { return end(EndKind::Error(e), answered, healthy_after); }
+                            let test = Outbound::Test { init_errors: self.init_errors.clone() };
+                            if let Err(e) = self.send(&mut ws, self.frame(&test)).await { return end(EndKind::Error(e), answered, healthy_after); }
                         }
-                        Inbound::TestAns { result, error } => tracing::info!(result, error = ?error, "backend test answer"),
+                        Inbound::TestAns { result, error } => {
+                            if result {
+                                tracing::info!("backend test answer: success");
+                            } else {
+                                tracing::warn!(error = error.as_deref().unwrap_or(""), "backend test answer: failure");
+                            }
+                            let _ = timeout(Duration::from_secs(1), ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "test answered".into() }))).await;
+                            return end(EndKind::TestDone, answered, healthy_after);
+                        }
                         Inbound::Capabilities(list) => {
                             caps = Caps::from_backend(&list);
                             tracing::info!(capabilities = ?list, "backend capabilities");
@@ -629,7 +695,13 @@ impl<O: Outbox + 'static> Link<O> {
                     if let Err(e) = self.send(&mut ws, msg).await { return end(EndKind::Error(e), answered, healthy_after); }
                     self.status.send_modify(|s| s.heartbeats += 1);
                 }
-                _ = tick.tick() => self.liveness.touch(),
+                _ = tick.tick() => {
+                    self.liveness.touch();
+                    // A failure of an upgrade run while connected goes out within a second.
+                    if established.is_some() {
+                        if let Err(e) = self.deliver_upgrade_report(&mut ws, caps).await { return end(EndKind::Error(e), answered, healthy_after); }
+                    }
+                }
                 r = self.shutdown.changed() => {
                     if r.is_err() || *self.shutdown.borrow() {
                         if established.is_some() {

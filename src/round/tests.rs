@@ -194,6 +194,29 @@ async fn comment_is_skipped_without_the_helper_and_bad_states_fail_with_the_reas
     assert!(logs[1].comment.as_deref().unwrap().contains("missing required parameter \"path\""));
 }
 
+/// Issue #18 item 3: a recipe with a bad state is taken; the states before it run, the
+/// bad one fails with a StateLog carrying its id as sent and naming the problem, and
+/// the usual retry rule follows (restart, then cease) as for any failing state.
+#[tokio::test(start_paused = true)]
+async fn a_bad_state_fails_with_its_own_statelog_and_the_recipe_runs() {
+    let rig = start(None);
+    rig.send(Event::Recipe(recipe(
+        4,
+        json!([
+            file("a"),
+            {"id": "", "module": "linux.file", "parameter": {"path": "/tmp/x"}},
+            file("c"),
+        ]),
+    )))
+    .await;
+    assert_eq!(rig.helper.calls(), vec!["a", "a"], "the bad state never reaches the helper");
+    let logs = rig.effects.logs.lock().unwrap().clone();
+    assert_eq!(logs.len(), 4);
+    assert_eq!((logs[1].state_id.as_str(), logs[1].result), ("", false));
+    assert!(logs[1].comment.as_deref().unwrap().contains("state id \"\" is empty"), "{:?}", logs[1].comment);
+    assert!(matches!(rig.handle.status.borrow().phase, Phase::RetryWait { ceased: 1, .. }));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failure_restarts_the_round_and_a_second_failure_ceases_it_with_growing_capped_delays() {
     let rig = start(None);
@@ -304,18 +327,50 @@ async fn a_new_recipe_during_a_wait_or_the_round_delay_starts_at_once() {
     assert_eq!(rig.helper.calls(), vec!["a", "b"]);
 }
 
+/// Issue #18 item 2, worker.py: a header-only RecipeMetadata with a new version kills
+/// the execution with `wait=True` (the running state finishes) and loads no states, so
+/// the same states run again from the first, at once. The same version is ignored.
 #[tokio::test(start_paused = true)]
-async fn header_only_update_adopts_the_version_and_the_same_version_is_ignored() {
+async fn header_only_update_reruns_the_recipe_at_once_after_the_running_state() {
     let rig = start(None);
-    rig.helper.script("a", &[Act::Slow(Duration::from_secs(10))]);
+    rig.helper.script("a", &[Act::Slow(Duration::from_secs(10)), Act::Ok]);
     rig.send(Event::Recipe(recipe(5, json!([file("a"), file("b")])))).await;
     rig.send(Event::VersionOnly(6)).await;
     rig.send(Event::Recipe(recipe(6, json!([file("x")])))).await;
-    advance(Duration::from_secs(11)).await;
-    assert_eq!(rig.helper.calls(), vec!["a", "b"]);
-    assert_eq!(rig.effects.logs(), vec![("a".into(), true, 6), ("b".into(), true, 6)]);
-    assert!(rig.helper.cancels.lock().unwrap().is_empty());
+    rig.send(Event::VersionOnly(6)).await;
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(rig.helper.calls(), vec!["a", "a", "b"], "a finished, then a new round from the first state");
+    assert_eq!(rig.effects.logs(), vec![("a".into(), true, 5), ("a".into(), true, 6), ("b".into(), true, 6)]);
+    assert!(rig.helper.cancels.lock().unwrap().is_empty(), "the running state was not cut");
     assert_eq!(rig.handle.status.borrow().recipe_version, Some(6));
+    assert_eq!(rig.handle.status.borrow().round, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn header_only_update_cancels_the_pause_and_clears_wait_marks() {
+    let rig = start(None);
+    let wait = json!({"id": "w", "module": "meta.wait", "parameter": {}});
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), wait])))).await;
+    rig.send(Event::WaitDone { recipe_version: 1, state_ids: vec!["w".into()] }).await;
+    assert_eq!(rig.effects.logs(), vec![("a".into(), true, 1), ("w".into(), true, 1)]);
+    assert!(matches!(rig.handle.status.borrow().phase, Phase::Idle { .. }));
+    advance(Duration::from_secs(60)).await;
+    let before = Instant::now();
+    rig.send(Event::VersionOnly(2)).await;
+    assert_eq!(Instant::now(), before, "the round pause is cancelled");
+    assert_eq!(rig.helper.calls(), vec!["a", "a"]);
+    assert!(matches!(rig.handle.status.borrow().phase, Phase::Waiting { index: 2, .. }), "the mark was cleared");
+    // The wait runs again under version 2: a push of its own id releases it; a rerun
+    // meanwhile aborts it and starts over (marks cleared again).
+    rig.send(Event::VersionOnly(3)).await;
+    let logs = rig.effects.logs.lock().unwrap().clone();
+    let aborted = &logs[3];
+    assert_eq!((aborted.state_id.as_str(), aborted.result, aborted.recipe_version), ("w", false, 2));
+    assert!(aborted.comment.as_deref().unwrap().contains("re-runs the recipe"));
+    rig.send(Event::WaitDone { recipe_version: 3, state_ids: vec!["w".into()] }).await;
+    assert_eq!(rig.effects.logs().last().unwrap(), &("w".into(), true, 3));
+    let snaps = rig.effects.snapshots.lock().unwrap();
+    assert_eq!(snaps.last().unwrap().version, 3);
 }
 
 #[tokio::test(start_paused = true)]

@@ -56,6 +56,7 @@ pub fn cmd_upgrade(
     );
     let settings = UpgradeSettings {
         state_dir: state_dir.clone(),
+        base_remote: config.userdata.base_remote.clone(),
         running: crate::version::running().to_string(),
         // An operator asking by hand overrides the hold-off.
         holdoff: Duration::ZERO,

@@ -62,6 +62,7 @@ impl StartInstaller for FakeInstaller {
 fn settings(dir: &Path, trigger: Trigger) -> UpgradeSettings {
     UpgradeSettings {
         state_dir: dir.to_path_buf(),
+        base_remote: Some("https://releases.example/".into()),
         running: "1.0".into(),
         holdoff: Duration::from_secs(3600),
         max_bytes: 1 << 20,
@@ -106,7 +107,7 @@ async fn nothing_happens_for_the_running_version_or_a_bad_order() {
     assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not an http(s) URL")), "{v:?}");
     let forged = UpdateOrder { version: "1.1".into(), url: "https://r.example/1.1/a.tgz\nFORGED".into() };
     let v = carry_out(&s, &forged, &fetch, &inst).await;
-    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("not an http(s) URL")), "{v:?}");
+    assert!(matches!(&v, Verdict::Failed { reason, .. } if reason.contains("is not a URL")), "{v:?}");
     assert!(fetch.fetched.lock().unwrap().is_empty());
 }
 
@@ -179,7 +180,7 @@ async fn on_a_cron_host_the_order_waits_for_the_supervisor() {
 }
 
 #[test]
-fn failures_are_reported_once_as_a_failing_statelog() {
+fn failures_are_marked_reported_and_remembered() {
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(unreported_failure(dir.path()), None);
     let r = Record {
@@ -193,12 +194,6 @@ fn failures_are_reported_once_as_a_failing_statelog() {
     std::fs::create_dir_all(dir.path().join("upgrade")).unwrap();
     std::fs::write(hand::result_file(dir.path()), serde_json::to_vec(&r).unwrap()).unwrap();
     let found = unreported_failure(dir.path()).unwrap();
-    let log = failure_log(Some((7, "state-9".into())), &found.version, "1.0", &found.reason);
-    assert_eq!((log.recipe_version, log.state_id.as_str(), log.result), (7, "state-9", false));
-    assert_eq!(
-        log.comment.as_deref(),
-        Some("agent upgrade to 1.1 failed: 1.1 did not complete a Handshake within 60 s; reverted to 1.0; 1.0 keeps running")
-    );
     mark_reported(dir.path(), &found).unwrap();
     assert_eq!(unreported_failure(dir.path()), None);
     assert!(last_record(dir.path()).unwrap().reported);
@@ -207,7 +202,80 @@ fn failures_are_reported_once_as_a_failing_statelog() {
     std::fs::write(hand::result_file(dir.path()), serde_json::to_vec(&later).unwrap()).unwrap();
     assert_eq!(last_failure(dir.path(), "1.1").map(|r| r.outcome), Some(Outcome::Reverted));
     assert_eq!(last_failure(dir.path(), "1.2"), None);
-    assert_eq!(failure_log(None, "1.1", "1.0", "x").state_id, REPORT_STATE_ID);
+}
+
+#[test]
+fn a_report_is_pending_once_and_the_last_stays_for_status() {
+    let reports = UpgradeReports::default();
+    let f = UpgradeFailure { version: "1.1".into(), running: "1.0".into(), reason: "x".into(), at_unix: 1 };
+    reports.push(f.clone());
+    assert_eq!(reports.take_pending(), Some(f.clone()));
+    assert_eq!(reports.take_pending(), None, "once");
+    assert_eq!(reports.last(), Some(f));
+}
+
+/// Issue #18 item 1, from manager.py `__act_update` + update.sh: `url` is the backend's
+/// WebSocket URI and the release is `BASE_REMOTE/VERSION/`.
+#[test]
+fn the_orders_url_is_a_backend_uri_or_a_release_archive() {
+    let o = |url: &str| UpdateOrder { version: "1.1".into(), url: url.into() };
+    let base = Some("https://s3.amazonaws.com/visualops/");
+    assert_eq!(
+        resolve(&o("wss://api.visualops.io:443/agent/"), base).unwrap(),
+        Resolved {
+            release_url: "https://s3.amazonaws.com/visualops/1.1/opsagent.tgz".into(),
+            backend: Some("wss://api.visualops.io:443/agent/".into())
+        }
+    );
+    assert_eq!(
+        resolve(&o("ws://10.0.0.1:9000/agent/"), base).unwrap().backend.as_deref(),
+        Some("ws://10.0.0.1:9000/agent/")
+    );
+    assert_eq!(
+        resolve(&o("https://dl.example/1.1/opsagent.tgz"), base).unwrap(),
+        Resolved { release_url: "https://dl.example/1.1/opsagent.tgz".into(), backend: None }
+    );
+    let err = resolve(&o("wss://api.visualops.io/agent/"), None).unwrap_err();
+    assert!(err.contains("base_remote, which is not set"), "{err}");
+    assert!(resolve(&o("https://dl.example/1.1/"), base).unwrap_err().contains("not an http(s) URL of a .tgz"));
+    assert!(resolve(&o("5"), base).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_uri_order_fetches_from_base_remote_and_the_new_release_adopts_the_uri() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), Trigger::Systemd);
+    let fetch = FakeFetch::ok();
+    let inst = installer(dir.path(), Some((Outcome::Switched, "switched")));
+    let order = UpdateOrder { version: "1.1".into(), url: "wss://new-backend.example/agent/".into() };
+    assert!(matches!(carry_out(&s, &order, &fetch, &inst).await, Verdict::Installed(_)));
+    assert_eq!(
+        *fetch.fetched.lock().unwrap(),
+        ["https://releases.example/1.1/opsagent.tgz", "https://releases.example/1.1/opsagent.tgz.minisig"]
+    );
+    let staged: Order =
+        serde_json::from_slice(&std::fs::read(hand::staged_dir(dir.path()).join(hand::ORDER)).unwrap()).unwrap();
+    assert_eq!(staged.url, "https://releases.example/1.1/opsagent.tgz");
+    // The old release (restarted by nobody yet) does not take the URI; 1.1 does.
+    assert_eq!(backend_override(dir.path(), "1.0"), None);
+    assert_eq!(backend_override(dir.path(), "1.1").as_deref(), Some("wss://new-backend.example/agent/"));
+    assert_eq!(backend_override(dir.path(), "1.1").as_deref(), Some("wss://new-backend.example/agent/"), "kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_upgrade_never_switches_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), Trigger::Systemd);
+    let inst = installer(dir.path(), Some((Outcome::Reverted, "1.1 did not complete a Handshake")));
+    let order = UpdateOrder { version: "1.1".into(), url: "wss://new-backend.example/agent/".into() };
+    assert!(matches!(carry_out(&s, &order, &FakeFetch::ok(), &inst).await, Verdict::Failed { .. }));
+    assert_eq!(backend_override(dir.path(), "1.0"), None, "the revived 1.0 keeps its backend");
+    assert_eq!(backend_override(dir.path(), "1.1"), None, "and the pending URI is gone");
+    // A denied installer start withdraws it at once.
+    let denied = installer(dir.path(), None);
+    let order = UpdateOrder { version: "1.2".into(), url: "wss://other.example/agent/".into() };
+    assert!(matches!(carry_out(&s, &order, &FakeFetch::ok(), &denied).await, Verdict::Failed { .. }));
+    assert_eq!(backend_override(dir.path(), "1.2"), None);
 }
 
 #[tokio::test(start_paused = true)]

@@ -19,7 +19,8 @@
 #   j  the helper's sandbox: chown/chmod, a command as another user, a service restart
 #      over D-Bus work; no network unless HELPER_NETWORK=yes (drop-in)
 #   k  self-upgrade ordered by the backend: tampered, wrongly signed and path-traversal
-#      releases refused (reason reported, version unchanged); A -> B after the round;
+#      releases refused (reason reported once as UpgradeReport, never as a StateLog,
+#      version unchanged); A -> B after the round, ordered with the backend's URI as url;
 #      a B that exits at start is reverted within the health gate and held off; the
 #      units userdata installed follow each switch (B's, back to B's, A's), loaded by
 #      systemd, the helper socket re-created
@@ -27,6 +28,10 @@
 #      root-owned file) and a staged order whose url forges a log line: after a
 #      supervisor pass (rotation forced) and a userdata re-run the file is unchanged, no
 #      log line holds the forged line, the order is refused
+#   m  the original VisualOps userdata template (tests/fixtures/original/userdata.sh,
+#      its placeholders filled, run as it is) installs the agent from the published
+#      BASE_REMOTE/VERSION/ud_init.sh without any UPDATE_KEY; the original's ssh-keygen
+#      token in /etc/opsagent.token is kept and sent
 #   (g also upgrades the cron-supervised agent)
 #
 # Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
@@ -40,7 +45,7 @@ source "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "tests/system/run.sh must run as root" >&2; exit 2; }
 
-ALL_TESTS="a b c d e f g h i j k l"
+ALL_TESTS="a b c d e f g h i j k l m"
 SELECTED=${*:-$ALL_TESTS}
 SUITE_START=$(date +%s)
 WORK=$(mktemp -d /tmp/opsagent-systest.XXXXXX)
@@ -204,16 +209,23 @@ statelogs_of() { # INSTANCE_ID STATE_ID: StateLogs of that state with state_resu
         grep -F "\"id\":\"$2\"" | grep -c '"state_result":true'
 }
 has_statelog() { [ "$(statelogs_of "$1" "$2")" -gt 0 ]; }
-failed_log_with() { # INSTANCE_ID TEXT: a failing StateLog whose comment holds TEXT
-    grep -F "\"instance_id\":\"$1\"" "$WORK/statelog.jsonl" 2>/dev/null | grep -F '"state_result":false' | grep -qF -- "$2"
+upgrade_report_with() { # INSTANCE_ID VERSION TEXT: an UpgradeReport of VERSION whose reason holds TEXT
+    grep -F '"code":"UpgradeReport"' "$WORK/events.jsonl" 2>/dev/null | grep -F "\"instance_id\":\"$1\"" |
+        grep -F "\"version\":\"$2\"" | grep -qF -- "$3"
+}
+upgrade_reason() { # INSTANCE_ID VERSION: the reason of its first UpgradeReport
+    grep -F '"code":"UpgradeReport"' "$WORK/events.jsonl" | grep -F "\"instance_id\":\"$1\"" |
+        grep -F "\"version\":\"$2\"" | head -n 1 | sed -n 's/.*"reason":"\([^"]*\)".*/\1/p'
 }
 handshake_version() { # INSTANCE_ID: the agent_version of its last Handshake
     grep -F '"code":"Handshake"' "$WORK/events.jsonl" 2>/dev/null | grep -F "\"instance_id\":\"$1\"" | tail -n 1 |
         sed -n 's/.*"agent_version":"\([^"]*\)".*/\1/p'
 }
 runs_version() { [ "$(handshake_version "$1")" = "$2" ]; }
-order_upgrade() { # APP VERSION: the backend orders the app's agents to VERSION
-    printf '{"version": "%s", "url": "%s/%s/opsagent.tgz"}\n' "$2" "$BASE_REMOTE" "$2" >"$WORK/recipes/$1.update.json.tmp"
+order_upgrade() { # APP VERSION [URL]: the backend orders the app's agents to VERSION
+    # URL: the release archive (default), or, as the original backend sent it, the
+    # backend's WebSocket URI (the release then comes from [userdata] base_remote).
+    printf '{"version": "%s", "url": "%s"}\n' "$2" "${3:-$BASE_REMOTE/$2/opsagent.tgz}" >"$WORK/recipes/$1.update.json.tmp"
     mv "$WORK/recipes/$1.update.json.tmp" "$WORK/recipes/$1.update.json"
 }
 has_handshake() {
@@ -708,10 +720,10 @@ test_k() {
     # Refused releases: the reason reaches the backend, nothing changes on the host.
     for ver in "9.9.2:does not verify" "9.9.3:does not verify" "9.12.0:unsafe or broken archive"; do
         order_upgrade app-upg "${ver%%:*}"
-        wait_until 60 "the refusal of ${ver%%:*} reported" failed_log_with $iid "agent upgrade to ${ver%%:*} failed" ||
+        wait_until 60 "the refusal of ${ver%%:*} reported" upgrade_report_with $iid "${ver%%:*}" "" ||
             { csh $c 'journalctl --no-pager -u opsagent-upgrade -u opsagent | tail -n 30' >&2; fail "no failure report for ${ver%%:*}"; }
-        failed_log_with $iid "${ver#*:}" || fail "the report of ${ver%%:*} does not say '${ver#*:}'"
-        say "  ${ver%%:*} refused: $(grep -F "agent upgrade to ${ver%%:*}" "$WORK/statelog.jsonl" | head -n 1 | sed -n 's/.*"state_comment":"\([^"]*\)".*/\1/p')"
+        upgrade_report_with $iid "${ver%%:*}" "${ver#*:}" || fail "the report of ${ver%%:*} does not say '${ver#*:}'"
+        say "  ${ver%%:*} refused: $(upgrade_reason $iid "${ver%%:*}")"
         csh $c "[ \"\$(readlink /opt/visualops/current)\" = releases/$VERSION ] && [ ! -e /opt/visualops/releases/${ver%%:*} ]" ||
             fail "a refused release (${ver%%:*}) was installed"
     done
@@ -723,7 +735,8 @@ test_k() {
     sed -i 's/"recipe_version": 1/"recipe_version": 2/' "$WORK/recipes/app-upg.json.tmp"
     mv "$WORK/recipes/app-upg.json.tmp" "$WORK/recipes/app-upg.json"
     wait_until 20 "round 2 runs its slow state" csh $c 'pgrep -x sleep >/dev/null' || fail "round 2 did not start"
-    order_upgrade app-upg 9.10.0
+    # Ordered the original's way: the url is the backend's WebSocket URI.
+    order_upgrade app-upg 9.10.0 "$WS_URI"
     wait_until 120 "$iid reconnects as 9.10.0" runs_version $iid 9.10.0 ||
         { csh $c 'journalctl --no-pager -u opsagent-upgrade -u opsagent | tail -n 40' >&2; fail "not upgraded to 9.10.0"; }
     python3 - "$WORK/statelog.jsonl" "$WORK/events.jsonl" "$iid" <<'PY' || fail "the upgrade did not wait for the round's last state"
@@ -753,11 +766,14 @@ PY
     local t0 t1
     t0=$(date +%s)
     order_upgrade app-upg 9.11.0
-    wait_until 120 "the revert of 9.11.0 reported" failed_log_with $iid "agent upgrade to 9.11.0 failed" ||
+    wait_until 120 "the revert of 9.11.0 reported" upgrade_report_with $iid 9.11.0 "" ||
         { csh $c 'journalctl --no-pager -u opsagent-upgrade -u opsagent | tail -n 60' >&2; fail "no report of the failed 9.11.0"; }
     t1=$(date +%s)
-    failed_log_with $iid "reverted to 9.10.0" || fail "the report does not say it was reverted"
-    say "  9.11.0 reverted and reported after $((t1 - t0)) s: $(grep -F 'agent upgrade to 9.11.0' "$WORK/statelog.jsonl" | head -n 1 | sed -n 's/.*"state_comment":"\([^"]*\)".*/\1/p')"
+    upgrade_report_with $iid 9.11.0 "reverted to 9.10.0" || fail "the report does not say it was reverted"
+    say "  9.11.0 reverted and reported after $((t1 - t0)) s: $(upgrade_reason $iid 9.11.0)"
+    if grep -F "\"instance_id\":\"$iid\"" "$WORK/statelog.jsonl" | grep -qF 'agent upgrade'; then
+        fail "an upgrade failure was reported as a StateLog"
+    fi
     [ $((t1 - t0)) -le $((25 + 60)) ] || fail "the revert took longer than the health gate plus a margin"
     csh $c '[ "$(readlink /opt/visualops/current)" = releases/9.10.0 ] && [ ! -e /opt/visualops/releases/9.11.0 ]' ||
         fail "current is not back on 9.10.0"
@@ -851,8 +867,44 @@ test_l() {
 # ---------------------------------------------------------------- runner
 PASSED=0
 FAILED=0
+test_m() {
+    local c=m-original iid=i-orig-ud r ud=$WORK/releases/$VERSION/ud_init.sh
+    [ -s "$ud" ] || fail "build-release published no $VERSION/ud_init.sh"
+    grep -q "^UPDATE_KEY='$UPDATE_KEY'" "$ud" || fail "ud_init.sh does not carry the release's public key"
+    boot $c
+    r=$(croot $c)
+    # The template's bootstrap is a Python 2 heredoc and the container has no Python: the
+    # host's Python 3 (the same Debian release) as `python`, and `urllib2` as the one-line
+    # module that is Python 3's urlopen. The template's lines themselves are unchanged.
+    cp -a /usr/lib/python3.11 "$r/usr/lib/"
+    cp -a /usr/bin/python3.11 "$r/usr/bin/"
+    ln -sf /usr/bin/python3.11 "$r/usr/local/bin/python"
+    printf 'from urllib.request import urlopen\n' >"$r/usr/lib/python3.11/urllib2.py"
+    # Filled as the original backend filled it (its @{...} placeholders).
+    sed -e "s|@{ws_uri}|$WS_URI|" -e "s|@{app_id}|$APP_ID|" -e "s|@{version}|$VERSION|" \
+        -e "s|@{remote}|$BASE_REMOTE|" -e "s|@{gpg_key_uri}|$BASE_REMOTE/madeira.gpg.public.key|" \
+        "$REPO/tests/fixtures/original/userdata.sh" >"$r/root/original-userdata.sh"
+    if grep -q '@{' "$r/root/original-userdata.sh"; then fail "a placeholder of the template is left"; fi
+    diff <(grep -v '^export' "$REPO/tests/fixtures/original/userdata.sh") <(grep -v '^export' "$r/root/original-userdata.sh") >/dev/null ||
+        fail "the template changed beyond its placeholders"
+    # An instance the original agent set up: its ssh-keygen token, root's alone.
+    csh $c 'printf -- "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEAoriginal+token\n-----END RSA PRIVATE KEY-----\n" >/etc/opsagent.token && chmod 400 /etc/opsagent.token'
+    # No metadata service in the container: the instance id is in the environment the
+    # template runs in (it exports only WS_URI, APP_ID, VERSION, BASE_REMOTE, GPG_KEY_URI).
+    cexec $c env INSTANCE_ID=$iid bash /root/original-userdata.sh >"$WORK/m-userdata.log" 2>&1 ||
+        { cat "$WORK/m-userdata.log" >&2; fail "the original template failed"; }
+    wait_until 300 "Handshake from $iid" has_handshake $iid || { cat "$WORK/m-userdata.log" >&2; fail "no Handshake from $iid"; }
+    cat "$WORK/m-userdata.log" >&2
+    grep -q 'signature verified' "$WORK/m-userdata.log" || fail "no signature verification in the installer's output"
+    csh $c 'systemctl is-active --quiet opsagent.service' || fail "opsagent.service is not active"
+    [ "$(csh $c 'readlink /opt/visualops/current')" = "releases/$VERSION" ] || fail "/opt/visualops/current is not releases/$VERSION"
+    csh $c 'cmp -s /etc/opsagent.token /var/lib/visualops/opsagent/token' || fail "the original token was not kept as it is"
+    wait_until 60 "StateLog of sys-cmd from $iid" has_statelog $iid sys-cmd || fail "no successful StateLog of sys-cmd from $iid"
+    say "  installed by the original template from $BASE_REMOTE/$VERSION/ud_init.sh; the original token kept"
+}
+
 declare -A NAMES=([a]=a-install [b]=b-watchdog [c]=c-socket [d]=d-journal [e]=e-polkit [f]=f-analyze
-    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links)
+    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links [m]=m-original)
 
 # run_one LETTER: runs test_LETTER in a subshell (set -e: the first failed step ends
 # it), its output in $WORK/NAME.log; writes NAME.rc and NAME.reason.

@@ -99,7 +99,7 @@ impl<'a> ParamBag<'a> {
             return Ok(None);
         };
         let blank = matches!(v, Value::String(s) if s.trim().is_empty());
-        if blank && matches!(T::KIND, Kind::Bool | Kind::Integer | Kind::Mode | Kind::Watch) {
+        if blank && matches!(T::KIND, Kind::Bool | Kind::Integer | Kind::Mode | Kind::Watch | Kind::State) {
             return Ok(None);
         }
         self.convert(name, v).map(Some)
@@ -1056,9 +1056,11 @@ catalogue! {
     MetaComment = "meta.comment", builtin = true {
         comment: Text = "comment" => optional;
     }
-    /// Blocks this host until the named remote state(s) are done.
+    /// Blocks this host until the named remote state(s) are done; without `state`,
+    /// until the backend pushes a `State` carrying this state's own id (the original's
+    /// only rule).
     MetaWait = "meta.wait", builtin = true {
-        state: StateRefs = "state" => required;
+        state: StateRefs = "state" => optional;
     }
 }
 
@@ -1280,6 +1282,12 @@ mod tests {
         let p = parse_state("meta.wait", &json!({"state": "@{web.state-3}"})).unwrap();
         assert!(p.params.is_builtin());
         let ModuleParams::MetaWait(w) = p.params else { panic!() };
-        assert_eq!(w.state.0[0].state, "state-3");
+        assert_eq!(w.state.unwrap().0[0].state, "state-3");
+        // The original waited for a State push carrying the wait's own id and never
+        // read `state`: without it (or blank) the wait is still valid.
+        for params in [json!({}), json!({"state": ""}), json!(null)] {
+            let ModuleParams::MetaWait(w) = parse_state("meta.wait", &params).unwrap().params else { panic!() };
+            assert!(w.state.is_none(), "{params}");
+        }
     }
 }
