@@ -74,13 +74,15 @@ async fn stand_in_helper(listener: UnixListener, arrivals: mpsc::UnboundedSender
                         Reply::Outcome(Outcome::ok("bench stand-in: nothing done"))
                     }
                     Request::Hello { .. } => {
-                        Reply::Hello { protocol_version: PROTOCOL_VERSION, helper_version: "bench-stand-in".into() }
+                        Reply::Hello { protocol_version: PROTOCOL_VERSION, helper_version: "bench-stand-in".into(), signed_recipes: false }
                     }
                     Request::Status => Reply::Status(HelperStatus {
                         helper_version: "bench-stand-in".into(),
                         protocol_version: PROTOCOL_VERSION,
                         uptime_s: started.elapsed().as_secs(),
                         running: vec![],
+                        recipes_verified: false,
+                        verified_version: None,
                     }),
                     Request::Cancel { target } => Reply::Cancelled { target, found: false },
                 };

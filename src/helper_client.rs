@@ -19,7 +19,8 @@ use std::time::Duration;
 use opsagent_proto::codec::{self, CodecError};
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{
-    ApplyRequest, FetchedFile, HelperError, HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame,
+    ApplyRequest, ApplySignedRequest, FetchedFile, HelperError, HelperStatus, Outcome, RecipeUpload, Reply, ReplyFrame,
+    Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameWriter};
 use opsagent_proto::timer::sleep_until_opt;
@@ -91,6 +92,16 @@ impl Cancel {
     }
 }
 
+/// A state of a recipe the backend signed: the signed bytes (or why they could not be
+/// formed), and where the state sits in them.
+#[derive(Clone, Debug)]
+pub struct SignedState {
+    pub upload: Result<Arc<RecipeUpload>, String>,
+    /// The version the signature covers.
+    pub version: u64,
+    pub index: u32,
+}
+
 /// What the round engine needs from the helper.
 pub trait HelperClient: Send + Sync {
     fn apply(
@@ -98,6 +109,19 @@ pub trait HelperClient: Send + Sync {
         req: ApplyRequest,
         cancel: Cancel,
     ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send;
+    /// A state of a signed recipe. A helper with a `recipe_key` gets the signed recipe
+    /// (once per connection and version) and is asked for the state by index; a helper
+    /// without one gets `req` as [`HelperClient::apply`] would send it. Clients that do
+    /// not speak signed recipes send `req`.
+    fn apply_signed(
+        &self,
+        req: ApplyRequest,
+        signed: SignedState,
+        cancel: Cancel,
+    ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send {
+        let _ = signed;
+        self.apply(req, cancel)
+    }
     fn status(&self) -> impl Future<Output = Result<HelperStatus, HelperClientError>> + Send;
 }
 
@@ -105,6 +129,10 @@ struct Conn {
     writer: FrameWriter,
     replies: mpsc::Receiver<Result<ReplyFrame, CodecError>>,
     next_id: u64,
+    /// The helper said (in `Hello`) that it has a `recipe_key`.
+    signed_mode: bool,
+    /// The signed recipe this connection's helper has verified.
+    sent: Option<Arc<RecipeUpload>>,
 }
 
 /// Downloads for the helper: into a private directory of the daemon, one uniquely named
@@ -259,7 +287,7 @@ impl UnixHelperClient {
                 }
             }
         });
-        let mut conn = Conn { writer, replies, next_id: 1 };
+        let mut conn = Conn { writer, replies, next_id: 1, signed_mode: false, sent: None };
         let id = self
             .send(
                 &mut conn,
@@ -267,9 +295,10 @@ impl UnixHelperClient {
             )
             .await?;
         match self.recv(&mut conn).await? {
-            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, .. } }
+            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, signed_recipes, .. } }
                 if rid == id && protocol_version == PROTOCOL_VERSION =>
             {
+                conn.signed_mode = signed_recipes;
                 Ok(conn)
             }
             ReplyFrame { reply: Reply::Error(error), .. } => {
@@ -344,13 +373,58 @@ impl UnixHelperClient {
         }
     }
 
-    async fn apply_on(
+    /// Hands the helper a signed recipe. `Ok(Some(reason))`: the helper refused it.
+    async fn send_recipe(&self, conn: &mut Conn, upload: &RecipeUpload) -> Result<Option<String>, HelperClientError> {
+        let id = self.send(conn, Request::Recipe(upload.clone())).await?;
+        match self.recv(conn).await? {
+            ReplyFrame { id: rid, reply: Reply::RecipeVerified { .. } } if rid == id => Ok(None),
+            ReplyFrame { id: rid, reply: Reply::Error(e) } if rid == id || rid == 0 => {
+                Ok(Some(format!("the helper refused the signed recipe: {}", e.message)))
+            }
+            other => Err(HelperClientError::Protocol {
+                path: self.shown(),
+                what: format!("unexpected answer to Recipe: {other:?}"),
+            }),
+        }
+    }
+
+    /// One round trip for a state: by index when the helper verifies recipes and the
+    /// recipe is signed, with its parameters otherwise.
+    async fn step_on(
         &self,
         conn: &mut Conn,
-        req: ApplyRequest,
-        mut cancel: Cancel,
+        mut req: ApplyRequest,
+        signed: Option<SignedState>,
+        fetched: Vec<FetchedFile>,
+        cancel: Cancel,
     ) -> Result<Applied, HelperClientError> {
-        let id = match self.send(conn, Request::Apply(req)).await {
+        let request = match signed {
+            Some(s) if conn.signed_mode => {
+                let upload = match s.upload {
+                    Ok(u) => u,
+                    Err(e) => {
+                        let why = format!("the helper verifies recipes, and this recipe's signed bytes cannot be formed: {e}");
+                        return Ok(Applied::Outcome(Outcome::failed(why)));
+                    }
+                };
+                if !conn.sent.as_ref().is_some_and(|sent| Arc::ptr_eq(sent, &upload)) {
+                    if let Some(refusal) = self.send_recipe(conn, &upload).await? {
+                        return Ok(Applied::Outcome(Outcome::failed(refusal)));
+                    }
+                    conn.sent = Some(upload);
+                }
+                Request::ApplySigned(ApplySignedRequest { recipe_version: s.version, index: s.index, fetched })
+            }
+            _ => {
+                req.fetched = fetched;
+                Request::Apply(req)
+            }
+        };
+        self.apply_on(conn, request, cancel).await
+    }
+
+    async fn apply_on(&self, conn: &mut Conn, request: Request, mut cancel: Cancel) -> Result<Applied, HelperClientError> {
+        let id = match self.send(conn, request).await {
             Err(HelperClientError::Codec { path, source: source @ CodecError::Io(_) }) => {
                 return Err(HelperClientError::Unsent { path, source })
             }
@@ -391,14 +465,27 @@ impl UnixHelperClient {
 }
 
 impl UnixHelperClient {
-    async fn apply_once(&self, req: ApplyRequest, cancel: Cancel) -> Result<Applied, HelperClientError> {
-        self.with_conn(false, move |me, conn| Box::pin(me.apply_on(conn, req.clone(), cancel.clone()))).await
+    async fn step(
+        &self,
+        req: &ApplyRequest,
+        signed: Option<&SignedState>,
+        fetched: &[FetchedFile],
+        cancel: &Cancel,
+    ) -> Result<Applied, HelperClientError> {
+        self.with_conn(false, move |me, conn| {
+            Box::pin(me.step_on(conn, req.clone(), signed.cloned(), fetched.to_vec(), cancel.clone()))
+        })
+        .await
     }
-}
 
-impl HelperClient for UnixHelperClient {
-    async fn apply(&self, mut req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
-        let urls = match self.apply_once(req.clone(), cancel.clone()).await? {
+    /// A state, with one round of downloads if the helper asks for them.
+    async fn apply_state(
+        &self,
+        req: ApplyRequest,
+        signed: Option<SignedState>,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        let urls = match self.step(&req, signed.as_ref(), &[], &cancel).await? {
             Applied::Outcome(o) => return Ok(o),
             Applied::NeedFetch(urls) => urls,
         };
@@ -419,14 +506,28 @@ impl HelperClient for UnixHelperClient {
                 })
             }
         };
-        req.fetched = fetched;
-        match self.apply_once(req, cancel).await? {
+        match self.step(&req, signed.as_ref(), &fetched, &cancel).await? {
             Applied::Outcome(o) => Ok(o),
             Applied::NeedFetch(again) => Ok(Outcome::failed(format!(
                 "the helper asked again for {} after it was downloaded; giving up",
                 again.join(", ")
             ))),
         }
+    }
+}
+
+impl HelperClient for UnixHelperClient {
+    async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
+        self.apply_state(req, None, cancel).await
+    }
+
+    async fn apply_signed(
+        &self,
+        req: ApplyRequest,
+        signed: SignedState,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        self.apply_state(req, Some(signed), cancel).await
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {

@@ -7,9 +7,12 @@
 //! naming the parameter, so the backend sees exactly which state is wrong.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use opsagent_proto::catalogue::{parse_state, Parsed};
 use opsagent_proto::newtypes::StateId;
+use opsagent_proto::request::RecipeUpload;
+use opsagent_proto::signed::{self, SignState};
 use serde_json::Value;
 
 use crate::protocol::{parse_states, too_many_states, ProtocolError, WireState, MAX_STATES};
@@ -35,6 +38,9 @@ pub struct RecipeState {
     pub parameter: Value,
     /// The typed parameters, or why this state cannot run.
     pub parsed: Result<Parsed, String>,
+    /// Extension (signed recipes): the signer's sha256 pins of downloads, kept so that
+    /// the canonical bytes can be rebuilt (and the reference backend passes them on).
+    pub fetch_sha256: Option<Value>,
 }
 
 impl RecipeState {
@@ -49,9 +55,29 @@ pub struct Recipe {
     /// `module.repo`/`module.tag` of the original protocol: recorded, never used.
     pub module_info: Option<Value>,
     pub states: Vec<RecipeState>,
+    /// Extension (signed recipes): the signed bytes and signature handed to the root
+    /// helper, or why they could not be formed. `None`: the backend did not sign.
+    pub signed: Option<Result<Arc<RecipeUpload>, String>>,
 }
 
 impl Recipe {
+    /// Attaches the backend's `signature`: the canonical bytes are rebuilt from this
+    /// recipe's states (`docs/spec/protocol.md`, "Signed recipes"); only the helper
+    /// verifies them.
+    pub fn attach_signature(&mut self, signature: String) {
+        let states = self.states.iter().map(|s| SignState {
+            id: s.id.as_str(),
+            module: &s.module,
+            parameter: &s.parameter,
+            pins: s.fetch_sha256.as_ref(),
+        });
+        self.signed = Some(
+            signed::canonical_bytes(self.version, states)
+                .map(|bytes| Arc::new(RecipeUpload { bytes, signature }))
+                .map_err(|e| e.to_string()),
+        );
+    }
+
     pub fn from_wire(version: u64, module_info: Option<Value>, states: Vec<WireState>) -> Result<Self, RecipeError> {
         // Each list was capped by `parse_states`; components add up.
         if states.len() > MAX_STATES {
@@ -62,10 +88,10 @@ impl Recipe {
             .map(|w| {
                 let id = StateId::parse(&w.id).map_err(|_| RecipeError::StateId(w.id.clone()))?;
                 let parsed = parse_state(&w.module, &w.parameter).map_err(|e| e.to_string());
-                Ok(RecipeState { id, module: w.module, parameter: w.parameter, parsed })
+                Ok(RecipeState { id, module: w.module, parameter: w.parameter, parsed, fetch_sha256: w.fetch_sha256 })
             })
             .collect::<Result<_, RecipeError>>()?;
-        Ok(Self { version, module_info, states })
+        Ok(Self { version, module_info, states, signed: None })
     }
 
     /// Loads a recipe file in any of the shapes in use: a `RecipeMetadata` message or
@@ -124,7 +150,11 @@ impl Recipe {
         } else {
             return Err(shape("expected a \"state\" list, a \"component\" object or a list of states"));
         };
-        Self::from_wire(version, v.get("module").cloned(), states)
+        let mut recipe = Self::from_wire(version, v.get("module").cloned(), states)?;
+        if let Some(sig) = v.get("signature").and_then(Value::as_str) {
+            recipe.attach_signature(sig.to_string());
+        }
+        Ok(recipe)
     }
 
     /// The recipe as a document [`Recipe::from_document`] reads back (for persisting).
@@ -132,9 +162,19 @@ impl Recipe {
         let states: Vec<Value> = self
             .states
             .iter()
-            .map(|s| serde_json::json!({"id": s.id.as_str(), "module": s.module, "parameter": s.parameter}))
+            .map(|s| {
+                let mut v = serde_json::json!({"id": s.id.as_str(), "module": s.module, "parameter": s.parameter});
+                if let Some(pins) = &s.fetch_sha256 {
+                    v[signed::FETCH_PINS] = pins.clone();
+                }
+                v
+            })
             .collect();
-        serde_json::json!({"recipe_version": self.version, "module": self.module_info, "state": states})
+        let mut doc = serde_json::json!({"recipe_version": self.version, "module": self.module_info, "state": states});
+        if let Some(Ok(upload)) = &self.signed {
+            doc["signature"] = Value::String(upload.signature.clone());
+        }
+        doc
     }
 
     pub fn has_waits(&self) -> bool {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use opsagent_proto::codec::{CodecError, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{
-    self, ApplyRequest, Change, DecodeError, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request,
+    self, ApplyRequest, ApplySignedRequest, Change, DecodeError, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request,
     RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameReader, FrameWriter};
@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::cancel::{self, Canceller};
 use crate::identity::Allowlist;
+use crate::signed::{self as signed_mode, SignedApply, SignedStore};
 use crate::states::{self, Ctx, Step};
 
 pub const HELPER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -47,6 +48,9 @@ pub struct Config {
     /// reads would otherwise hold the request (and the helper's idle exit) forever.
     pub reply_timeout: Duration,
     pub ctx: Ctx,
+    /// Signed mode: the `recipe_key` and the verified recipe. `None`: no key is
+    /// configured and recipes are not verified (the daemon sends parameters).
+    pub signed: Option<Arc<SignedStore>>,
 }
 
 /// State shared by all connections: what runs now, for `Status`.
@@ -112,6 +116,8 @@ impl Shared {
             protocol_version: PROTOCOL_VERSION,
             uptime_s: self.started.elapsed().as_secs(),
             running: self.running.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect(),
+            recipes_verified: self.config.signed.is_some(),
+            verified_version: self.config.signed.as_ref().and_then(|s| s.version()),
         }
     }
 }
@@ -327,7 +333,11 @@ impl Connection {
                 }
                 info!(id, agent_version, "hello");
                 self.greeted = true;
-                let hello = Reply::Hello { protocol_version: PROTOCOL_VERSION, helper_version: HELPER_VERSION.into() };
+                let hello = Reply::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    helper_version: HELPER_VERSION.into(),
+                    signed_recipes: self.shared.config.signed.is_some(),
+                };
                 self.reply(id, hello).await;
             }
             _ if !self.greeted => {
@@ -344,11 +354,66 @@ impl Connection {
                 info!(id, target, "cancel requested, but nothing runs");
                 self.reply(id, Reply::Cancelled { target, found: false }).await;
             }
-            Request::Apply(req) => self.apply(id, req).await,
+            Request::Apply(req) => {
+                if self.shared.config.signed.is_some() {
+                    let message = format!(
+                        "a recipe_key is configured: only states of a signed recipe run, and state {} came with its parameters from the daemon",
+                        req.state_id.as_str()
+                    );
+                    let (state_id, module) = (req.state_id.as_str(), req.params.name());
+                    warn!(id, state_id, module, result = "refused", code = ?ErrorCode::Unverified, error = %message, "request refused");
+                    self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unverified, message))).await;
+                    return;
+                }
+                self.apply(id, req, None).await;
+            }
+            Request::Recipe(upload) => {
+                let Some(store) = self.shared.config.signed.clone() else {
+                    let message = "no recipe_key is configured: recipes are not verified; send apply requests";
+                    self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unsupported, message))).await;
+                    return;
+                };
+                // Verification and the write of the kept copy are short but blocking.
+                let accepted = match tokio::task::spawn_blocking(move || store.accept(&upload)).await {
+                    Ok(r) => r,
+                    Err(e) => Err(HelperError::new(ErrorCode::Internal, format!("verification failed: {e}"))),
+                };
+                match accepted {
+                    Ok(a) => {
+                        info!(id, app_id = a.app_id, recipe_version = a.version, states = a.states, "signed recipe verified");
+                        let states = u32::try_from(a.states).unwrap_or(u32::MAX);
+                        let reply = Reply::RecipeVerified { app_id: a.app_id, recipe_version: a.version, states };
+                        self.reply(id, reply).await;
+                    }
+                    Err(e) => {
+                        warn!(id, result = "refused", code = ?e.code, error = %e.message, "signed recipe refused");
+                        self.reply(id, Reply::Error(e)).await;
+                    }
+                }
+            }
+            Request::ApplySigned(req) => self.apply_signed(id, &req).await,
         }
     }
 
-    async fn apply(&mut self, id: u64, req: ApplyRequest) {
+    async fn apply_signed(&mut self, id: u64, req: &ApplySignedRequest) {
+        let Some(store) = self.shared.config.signed.clone() else {
+            let message = "no recipe_key is configured: recipes are not verified; send apply requests";
+            self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unsupported, message))).await;
+            return;
+        };
+        match store.request(req) {
+            Ok(signed) => self.apply(id, signed.apply.clone(), Some(&signed)).await,
+            Err(e) => {
+                let (version, index) = (req.recipe_version, req.index);
+                warn!(id, recipe_version = version, index, result = "refused", code = ?e.code, error = %e.message, "request refused");
+                self.reply(id, Reply::Error(e)).await;
+            }
+        }
+    }
+
+    /// Runs one state. `signed`: it is a state of the verified recipe, whose downloads
+    /// must be pinned.
+    async fn apply(&mut self, id: u64, req: ApplyRequest, signed: Option<&SignedApply>) {
         let shared = Arc::clone(&self.shared);
         let module = req.params.name();
         let state_id = req.state_id.as_str();
@@ -373,6 +438,13 @@ impl Connection {
         };
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match result {
+            Ok(Step::NeedFetch(urls)) if signed.and_then(|s| s.unpinned(&urls)).is_some() => {
+                let url = signed.and_then(|s| s.unpinned(&urls)).unwrap_or_default();
+                let mut outcome = request::Outcome::failed(signed_mode::unpinned(url));
+                outcome.duration_ms = duration_ms;
+                warn!(id, state_id, module, result = false, url, duration_ms, comment = %outcome.comment, "outcome");
+                self.reply(id, Reply::Outcome(outcome)).await;
+            }
             Ok(Step::NeedFetch(urls)) => {
                 info!(id, state_id, module, urls = %urls.join(" "), duration_ms, "needs downloads");
                 self.reply(id, Reply::NeedFetch { urls }).await;
