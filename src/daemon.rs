@@ -274,6 +274,10 @@ pub struct StatusReport {
     /// The round's figures, as in the metrics file.
     #[serde(default)]
     pub metrics: crate::metrics::Figures,
+    /// The helper has a `recipe_key` and runs only recipes the backend signed (as it
+    /// said when the daemon started).
+    #[serde(default)]
+    pub recipes_verified: bool,
 }
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
@@ -334,7 +338,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let fetcher = Fetcher::new(downloader, fetch_dir.clone(), config.agent.download_max_bytes)
         .map_err(|source| DaemonError::StateDir { path: fetch_dir.display().to_string(), source })?;
     let helper = UnixHelperClient::new(&config.agent.helper_socket, crate::version::running()).with_fetcher(fetcher);
-    wait_for_helper(&helper).await?;
+    let recipes_verified = wait_for_helper(&helper).await?.recipes_verified;
+    if recipes_verified {
+        tracing::info!("the helper verifies recipes: only recipes signed by its recipe_key run");
+    } else {
+        tracing::warn!(
+            "recipes are not verified: the helper has no recipe_key, so whoever controls this daemon or its backend link controls root (see \"Signed recipes\" in the README)"
+        );
+    }
 
     let resume = load_snapshot(&state_dir);
     let engine_cfg = EngineConfig {
@@ -415,6 +426,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         link_status,
         handle.status.clone(),
         stop_rx,
+        recipes_verified,
     ));
     crate::systemd::ready();
     tracing::info!(instance_id = %instance_id, app_id = %app_id, backend = %ws_uri, "opsagent ready");
@@ -482,14 +494,14 @@ async fn confirm_health(state_dir: PathBuf, mut link: watch::Receiver<LinkStatus
     }
 }
 
-async fn wait_for_helper(helper: &UnixHelperClient) -> Result<(), DaemonError> {
+async fn wait_for_helper(helper: &UnixHelperClient) -> Result<opsagent_proto::request::HelperStatus, DaemonError> {
     let deadline = tokio::time::Instant::now() + HELPER_WAIT;
     let mut logged = false;
     loop {
         match helper.status().await {
             Ok(s) => {
                 tracing::info!(helper_version = %s.helper_version, socket = %helper.path().display(), "helper answers");
-                return Ok(());
+                return Ok(s);
             }
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(DaemonError::Helper { secs: HELPER_WAIT.as_secs(), last: e.to_string() })
@@ -517,6 +529,7 @@ async fn write_status(
     link: watch::Receiver<LinkStatus>,
     mut engine: watch::Receiver<EngineStatus>,
     mut stop: watch::Receiver<bool>,
+    recipes_verified: bool,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = Vec::new();
@@ -577,6 +590,7 @@ async fn write_status(
             spool_depth: depth,
             spool_dropped: dropped,
             metrics,
+            recipes_verified,
         };
         let bytes = serde_json::to_vec_pretty(&report).unwrap_or_default();
         if bytes != last {
