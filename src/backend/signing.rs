@@ -19,6 +19,37 @@ use crate::protocol::WireState;
 /// The environment variable holding the password of an encrypted signing key.
 pub const PASSWORD_ENV: &str = "OPSAGENT_SIGNING_KEY_PASSWORD";
 
+/// sig_alg, kdf_alg, chk_alg (2 each), kdf salt (32), opslimit, memlimit (8 each),
+/// key id (8), secret key (64), checksum (32).
+const SECRET_KEY_BYTES: usize = 158;
+
+/// Standard base64 with padding, as minisign writes it.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let body = text.trim_end_matches('=');
+    if !text.len().is_multiple_of(4) || text.len() - body.len() > 2 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in body.bytes() {
+        acc = (acc << 6) | u32::from(value(c)?);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff).ok()?);
+        }
+    }
+    Some(out)
+}
+
 pub(crate) struct RecipeSigner {
     sk: minisign::SecretKey,
     pk: minisign::PublicKey,
@@ -36,12 +67,29 @@ impl RecipeSigner {
     pub fn load(path: &Path) -> Result<Self, BackendError> {
         let bad = |what: String| BackendError::Config(format!("signing key {}: {what}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let password = std::env::var(PASSWORD_ENV).unwrap_or_default();
-        let sk_box = minisign::SecretKeyBox::from_string(&text).map_err(|e| bad(e.to_string()))?;
-        let sk = sk_box
-            .into_secret_key(Some(password))
-            .map_err(|e| bad(format!("{e} (an encrypted key needs its password in {PASSWORD_ENV})")))?;
+        let raw = text
+            .lines()
+            .nth(1)
+            .and_then(|line| base64_decode(line.trim()))
+            .filter(|raw| raw.len() == SECRET_KEY_BYTES)
+            .ok_or_else(|| bad("not a minisign secret key file (minisign -G)".into()))?;
+        let sk = if raw[2..4] == [0, 0] {
+            // `minisign -G -W`: not encrypted, and minisign leaves its checksum empty,
+            // which the crate's box reader takes for a wrong password. Read the bytes;
+            // the test signature below shows the key is whole.
+            minisign::SecretKey::from_bytes(&raw).map_err(|e| bad(e.to_string()))?
+        } else {
+            let password = std::env::var(PASSWORD_ENV).unwrap_or_default();
+            let sk_box = minisign::SecretKeyBox::from_string(&text).map_err(|e| bad(e.to_string()))?;
+            sk_box
+                .into_secret_key(Some(password))
+                .map_err(|e| bad(format!("{e} (an encrypted key needs its password in {PASSWORD_ENV})")))?
+        };
         let pk = minisign::PublicKey::from_secret_key(&sk).map_err(|e| bad(e.to_string()))?;
+        // Sign once and verify with the derived public key: a damaged key fails here,
+        // at start-up, not at the first push.
+        minisign::sign(Some(&pk), &sk, Cursor::new(b"opsagent-backend key check"), None, None)
+            .map_err(|e| bad(format!("the key does not sign: {e}")))?;
         Ok(Self { sk, pk, made: BTreeMap::new() })
     }
 
@@ -74,5 +122,19 @@ impl RecipeSigner {
             .into_string();
         self.made.insert(app.to_string(), (version, hash.to_string(), sig.clone()));
         Ok(sig)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_of_minisign_lines() {
+        assert_eq!(base64_decode("RWQ=").unwrap(), b"Ed");
+        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
+        assert_eq!(base64_decode("aGVsbG8h").unwrap(), b"hello!");
+        assert!(base64_decode("a$==").is_none());
+        assert!(base64_decode("abc").is_none());
     }
 }
