@@ -402,3 +402,48 @@ fn pin_for(pins: &BTreeMap<String, String>, params: &ModuleParams, url: &str) ->
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const KEY: &str = "RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3";
+    const KEY2: &str = "RWRSmEbiqTy9W5OvpMzH4pXDwrEHk5YMszVped45CrvatYgJ5KFvdyht";
+
+    #[test]
+    fn recipe_key_is_one_or_more_keys_and_needs_the_app_id() {
+        assert!(RecipeTrust::parse("[userdata]\napp_id = a\n").unwrap().is_none());
+        assert!(RecipeTrust::parse("[userdata]\napp_id = a\nrecipe_key =\n").unwrap().is_none());
+        let t = RecipeTrust::parse(&format!("[userdata]\napp_id = a\nrecipe_key = \"{KEY}, {KEY2}\"\n")).unwrap().unwrap();
+        assert_eq!((t.key_count(), t.app_id()), (2, "a"));
+        let e = RecipeTrust::parse(&format!("[userdata]\nrecipe_key = {KEY}\n")).unwrap_err();
+        assert!(e.contains("app_id is not"), "{e}");
+        let e = RecipeTrust::parse("[userdata]\napp_id = a\nrecipe_key = RWQnot-a-key\n").unwrap_err();
+        assert!(e.contains("line 3") && e.contains("not a minisign public key"), "{e}");
+        // A key elsewhere than [userdata] is not the trust anchor.
+        assert!(RecipeTrust::parse(&format!("[agent]\nrecipe_key = {KEY}\n")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_key_in_a_file_others_could_write_stops_the_helper() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("opsagent.conf");
+        assert!(RecipeTrust::load(&path, 0).unwrap().is_none(), "no file: no key");
+        let me = nix::unistd::geteuid().as_raw();
+        std::fs::write(&path, "[userdata]\napp_id = a\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(RecipeTrust::load(&path, me).unwrap().is_none(), "no key: nothing to trust");
+        std::fs::write(&path, format!("[userdata]\napp_id = a\nrecipe_key = {KEY}\n")).unwrap();
+        let e = RecipeTrust::load(&path, me).unwrap_err().to_string();
+        assert!(e.contains("0666") && e.contains("cannot be trusted"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(RecipeTrust::load(&path, me).unwrap().is_some());
+        let e = RecipeTrust::load(&path, me + 1).unwrap_err().to_string();
+        assert!(e.contains("owned by uid"), "{e}");
+        let link = dir.path().join("link.conf");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(RecipeTrust::load(&link, me).is_err(), "a link is not followed");
+    }
+}
