@@ -421,12 +421,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let status_task = tokio::spawn(write_status(
         status_file(&state_dir),
         config.agent.metrics_file.clone(),
-        who,
+        Fixed { who, recipes_verified },
         spool.clone(),
         link_status,
         handle.status.clone(),
         stop_rx,
-        recipes_verified,
     ));
     crate::systemd::ready();
     tracing::info!(instance_id = %instance_id, app_id = %app_id, backend = %ws_uri, "opsagent ready");
@@ -521,15 +520,21 @@ async fn wait_for_helper(helper: &UnixHelperClient) -> Result<opsagent_proto::re
 /// and at once when a round ends. Round starts and ends are stamped with the wall clock
 /// as they are seen ([`crate::metrics::RoundClock`]); the files are written only when
 /// their content changed.
+/// What the status file says that does not change while the daemon runs.
+struct Fixed {
+    who: Identity,
+    /// The helper said at start that it verifies recipes.
+    recipes_verified: bool,
+}
+
 async fn write_status(
     path: PathBuf,
     metrics_path: Option<PathBuf>,
-    who: Identity,
+    Fixed { who, recipes_verified }: Fixed,
     spool: Arc<SharedSpool>,
     link: watch::Receiver<LinkStatus>,
     mut engine: watch::Receiver<EngineStatus>,
     mut stop: watch::Receiver<bool>,
-    recipes_verified: bool,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = Vec::new();

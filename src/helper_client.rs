@@ -403,7 +403,9 @@ impl UnixHelperClient {
                 let upload = match s.upload {
                     Ok(u) => u,
                     Err(e) => {
-                        let why = format!("the helper verifies recipes, and this recipe's signed bytes cannot be formed: {e}");
+                        let why = format!(
+                            "the helper verifies recipes, and this recipe's signed bytes cannot be formed: {e}"
+                        );
                         return Ok(Applied::Outcome(Outcome::failed(why)));
                     }
                 };
@@ -423,7 +425,12 @@ impl UnixHelperClient {
         self.apply_on(conn, request, cancel).await
     }
 
-    async fn apply_on(&self, conn: &mut Conn, request: Request, mut cancel: Cancel) -> Result<Applied, HelperClientError> {
+    async fn apply_on(
+        &self,
+        conn: &mut Conn,
+        request: Request,
+        mut cancel: Cancel,
+    ) -> Result<Applied, HelperClientError> {
         let id = match self.send(conn, request).await {
             Err(HelperClientError::Codec { path, source: source @ CodecError::Io(_) }) => {
                 return Err(HelperClientError::Unsent { path, source })

@@ -187,7 +187,12 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
                 Some(list) => Some(parse_states(code, list)?),
             };
             let signature = o.get("signature").and_then(Value::as_str).map(str::to_string);
-            Inbound::RecipeMetadata(RecipeMetadata { recipe_version, module: o.get("module").cloned(), states, signature })
+            Inbound::RecipeMetadata(RecipeMetadata {
+                recipe_version,
+                module: o.get("module").cloned(),
+                states,
+                signature,
+            })
         }
         "State" => Inbound::State {
             recipe_version: get_version(o, code)?,

@@ -30,7 +30,10 @@ fn recipe(work: &Path, version: u64, content: &str) -> Value {
 }
 
 fn logs_of(statelog: &Path, instance: &str, version: u64) -> Vec<Value> {
-    read_jsonl(statelog).into_iter().filter(|l| l["instance_id"] == instance && l["recipe_version"] == version).collect()
+    read_jsonl(statelog)
+        .into_iter()
+        .filter(|l| l["instance_id"] == instance && l["recipe_version"] == version)
+        .collect()
 }
 
 /// A TCP relay to `port` that rewrites `from` into `to` (same length, so WebSocket

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use opsagent_proto::codec::{CodecError, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{
-    self, ApplyRequest, ApplySignedRequest, Change, DecodeError, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request,
-    RequestFrame,
+    self, ApplyRequest, ApplySignedRequest, Change, DecodeError, ErrorCode, HelperError, HelperStatus, Reply,
+    ReplyFrame, Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameReader, FrameWriter};
 use opsagent_proto::timer::sleep_until_opt;
@@ -380,7 +380,13 @@ impl Connection {
                 };
                 match accepted {
                     Ok(a) => {
-                        info!(id, app_id = a.app_id, recipe_version = a.version, states = a.states, "signed recipe verified");
+                        info!(
+                            id,
+                            app_id = a.app_id,
+                            recipe_version = a.version,
+                            states = a.states,
+                            "signed recipe verified"
+                        );
                         let states = u32::try_from(a.states).unwrap_or(u32::MAX);
                         let reply = Reply::RecipeVerified { app_id: a.app_id, recipe_version: a.version, states };
                         self.reply(id, reply).await;

@@ -156,7 +156,10 @@ impl RecipeTrust {
         }
         let (app, version) = signed::parse_trusted_comment(sig.trusted_comment()).map_err(|e| e.to_string())?;
         if app != self.app_id {
-            return Err(format!("the recipe is signed for app {app:?}, and this instance belongs to {:?}", self.app_id));
+            return Err(format!(
+                "the recipe is signed for app {app:?}, and this instance belongs to {:?}",
+                self.app_id
+            ));
         }
         let recipe = signed::decode(&upload.bytes).map_err(|e| e.to_string())?;
         if recipe.version != version {
@@ -254,7 +257,9 @@ impl SignedStore {
             return Ok(None);
         };
         let mut text = Vec::new();
-        f.take(MAX_STORED_BYTES).read_to_end(&mut text).map_err(|e| format!("{}: {e}", dir.join(OsStr::new(&name)).display()))?;
+        f.take(MAX_STORED_BYTES)
+            .read_to_end(&mut text)
+            .map_err(|e| format!("{}: {e}", dir.join(OsStr::new(&name)).display()))?;
         let kept: Stored = serde_json::from_slice(&text).map_err(|e| format!("{name}: {e}"))?;
         if kept.app_id != self.trust.app_id {
             return Err(format!("{name} holds app {:?}", kept.app_id));
@@ -416,7 +421,8 @@ mod tests {
     fn recipe_key_is_one_or_more_keys_and_needs_the_app_id() {
         assert!(RecipeTrust::parse("[userdata]\napp_id = a\n").unwrap().is_none());
         assert!(RecipeTrust::parse("[userdata]\napp_id = a\nrecipe_key =\n").unwrap().is_none());
-        let t = RecipeTrust::parse(&format!("[userdata]\napp_id = a\nrecipe_key = \"{KEY}, {KEY2}\"\n")).unwrap().unwrap();
+        let t =
+            RecipeTrust::parse(&format!("[userdata]\napp_id = a\nrecipe_key = \"{KEY}, {KEY2}\"\n")).unwrap().unwrap();
         assert_eq!((t.key_count(), t.app_id()), (2, "a"));
         let e = RecipeTrust::parse(&format!("[userdata]\nrecipe_key = {KEY}\n")).unwrap_err();
         assert!(e.contains("app_id is not"), "{e}");

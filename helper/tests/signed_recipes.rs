@@ -33,7 +33,12 @@ const APP: &str = "app-signed";
 const MARKER: &str = "/tmp/opsagent-signed-recipes-unsigned-ran";
 const PINNED: &str = "pinned content\n";
 
-fn sign(kp: &minisign::KeyPair, app: &str, version: u64, states: &[(String, &str, Value, Option<Value>)]) -> RecipeUpload {
+fn sign(
+    kp: &minisign::KeyPair,
+    app: &str,
+    version: u64,
+    states: &[(String, &str, Value, Option<Value>)],
+) -> RecipeUpload {
     let bytes = canonical_bytes(
         version,
         states.iter().map(|(id, module, parameter, pins)| SignState { id, module, parameter, pins: pins.as_ref() }),
@@ -49,9 +54,24 @@ fn states(dir: &Path, v: u64) -> Vec<(String, &'static str, Value, Option<Value>
     let a = dir.join("allowed");
     let pin = json!({"http://h/pinned": hex::encode(Sha256::digest(PINNED.as_bytes()))});
     vec![
-        ("s-file".into(), "linux.file", json!({"path": a.join("signed.txt"), "content": format!("signed v{v}\n")}), None),
-        ("s-unpinned".into(), "linux.file", json!({"path": a.join("unpinned.txt"), "remote_uri": "http://h/unpinned"}), None),
-        ("s-pinned".into(), "linux.file", json!({"path": a.join("pinned.txt"), "remote_uri": "http://h/pinned"}), Some(pin)),
+        (
+            "s-file".into(),
+            "linux.file",
+            json!({"path": a.join("signed.txt"), "content": format!("signed v{v}\n")}),
+            None,
+        ),
+        (
+            "s-unpinned".into(),
+            "linux.file",
+            json!({"path": a.join("unpinned.txt"), "remote_uri": "http://h/unpinned"}),
+            None,
+        ),
+        (
+            "s-pinned".into(),
+            "linux.file",
+            json!({"path": a.join("pinned.txt"), "remote_uri": "http://h/pinned"}),
+            Some(pin),
+        ),
         ("s-cmd".into(), "linux.cmd", json!({"cmd": format!("echo v{v} > {}", a.join("cmd-ran").display())}), None),
     ]
 }
@@ -210,8 +230,16 @@ async fn attacker_child() {
     pinned["fetched"] = fetched("p", PINNED, "http://h/pinned");
 
     let attempts: Vec<(&str, Value, Expect)> = vec![
-        ("arbitrary linux.cmd", apply_json("x1", "linux.cmd", json!({"cmd": format!("touch {MARKER}")}), &[]), Expect::Refused),
-        ("a signed state's parameters as an apply", apply_json("x2", "linux.file", signed_state_params, &[]), Expect::Refused),
+        (
+            "arbitrary linux.cmd",
+            apply_json("x1", "linux.cmd", json!({"cmd": format!("touch {MARKER}")}), &[]),
+            Expect::Refused,
+        ),
+        (
+            "a signed state's parameters as an apply",
+            apply_json("x2", "linux.file", signed_state_params, &[]),
+            Expect::Refused,
+        ),
         ("a state before any recipe", signed(2, 0), Expect::Refused),
         ("altered recipe", recipe(&inputs.v2_altered), Expect::Refused),
         ("recipe signed by a key not configured", recipe(&inputs.v3_foreign_key), Expect::Refused),
@@ -221,7 +249,11 @@ async fn attacker_child() {
         ("older version replayed", recipe(&inputs.v1_old_key), Expect::Refused),
         ("a state of the older version", signed(1, 0), Expect::Refused),
         ("index past the end", signed(2, 99), Expect::Refused),
-        ("arbitrary linux.cmd after the recipe", apply_json("x3", "linux.cmd", json!({"cmd": format!("touch {MARKER}")}), &[]), Expect::Refused),
+        (
+            "arbitrary linux.cmd after the recipe",
+            apply_json("x3", "linux.cmd", json!({"cmd": format!("touch {MARKER}")}), &[]),
+            Expect::Refused,
+        ),
         ("signed state 0", signed(2, 0), Expect::Runs),
         ("signed state 0 with parameters in the frame", with_params, Expect::Runs),
         ("unpinned download asked for", signed(2, 1), Expect::FailedOutcome),

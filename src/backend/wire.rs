@@ -256,13 +256,12 @@ mod tests {
 
     #[test]
     fn the_agent_parses_what_the_backend_sends() {
-        let states =
-            vec![WireState {
-                id: "s1".into(),
-                module: "meta.comment".into(),
-                parameter: json!({"comment": "x"}),
-                fetch_sha256: None,
-            }];
+        let states = vec![WireState {
+            id: "s1".into(),
+            module: "meta.comment".into(),
+            parameter: json!({"comment": "x"}),
+            fetch_sha256: None,
+        }];
         let Inbound::RecipeMetadata(r) = parse_inbound(&out::recipe_metadata(4, None, &states).to_string()).unwrap()
         else {
             panic!()

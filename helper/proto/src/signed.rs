@@ -257,7 +257,10 @@ mod tests {
             SignState { id: "s2", module: "linux.file", parameter: &p2, pins: Some(&pins) },
         ];
         let bytes = canonical_bytes(7, states).unwrap();
-        assert!(bytes.starts_with("{\"recipe_version\":7,\"state\":[{\"id\":\"s1\",\"module\":\"linux.file\""), "{bytes}");
+        assert!(
+            bytes.starts_with("{\"recipe_version\":7,\"state\":[{\"id\":\"s1\",\"module\":\"linux.file\""),
+            "{bytes}"
+        );
         // The whole text is canonical JSON of itself.
         let mut again = String::new();
         write_canonical(&serde_json::from_str(&bytes).unwrap(), &mut again).unwrap();
