@@ -235,4 +235,34 @@ mod tests {
         let err = Recipe::from_document(&doc).unwrap_err().to_string();
         assert!(err.contains("more than the 10000 a recipe may hold"), "{err}");
     }
+
+    /// The signed bytes are rebuilt from the states as received (`stateid` or a numeric
+    /// id, `fetch_sha256` pins) and survive persisting the recipe; a fraction refuses them.
+    #[test]
+    fn a_signature_is_attached_to_the_canonical_bytes_and_persisted() {
+        let text = json!({"code": "RecipeMetadata", "recipe_version": 4, "signature": "SIG", "state": [
+            {"stateid": 7, "module": "linux.file", "parameter": {"path": "/etc/motd", "content": "hi"},
+             "fetch_sha256": {"http://h/x": "ab"}}
+        ]})
+        .to_string();
+        let crate::protocol::Inbound::RecipeMetadata(m) = crate::protocol::parse_inbound(&text).unwrap() else {
+            panic!("not a RecipeMetadata")
+        };
+        assert_eq!(m.signature.as_deref(), Some("SIG"));
+        let mut r = Recipe::from_wire(4, None, m.states.unwrap()).unwrap();
+        assert!(r.signed.is_none(), "no signature until one is attached");
+        r.attach_signature(m.signature.unwrap());
+        let upload = r.signed.clone().unwrap().unwrap();
+        assert_eq!(
+            upload.bytes,
+            r#"{"recipe_version":4,"state":[{"fetch_sha256":{"http://h/x":"ab"},"id":"7","module":"linux.file","parameter":{"content":"hi","path":"/etc/motd"}}]}"#
+        );
+        let back = Recipe::from_document(&r.to_document()).unwrap();
+        assert_eq!(back.signed.unwrap().unwrap(), upload);
+        let mut float = Recipe::from_document(&json!({"recipe_version": 2, "state": [
+            {"id": "s", "module": "linux.file", "parameter": {"path": "/x", "mode": 1.5}}]}))
+        .unwrap();
+        float.attach_signature("SIG".into());
+        assert!(float.signed.unwrap().unwrap_err().contains("non-integer"));
+    }
 }
