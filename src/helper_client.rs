@@ -492,7 +492,9 @@ impl UnixHelperClient {
         signed: Option<SignedState>,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
-        let urls = match self.step(&req, signed.as_ref(), &[], &cancel).await? {
+        // Files the caller already has (a retried request) go with the first attempt.
+        let given = req.fetched.clone();
+        let urls = match self.step(&req, signed.as_ref(), &given, &cancel).await? {
             Applied::Outcome(o) => return Ok(o),
             Applied::NeedFetch(urls) => urls,
         };
