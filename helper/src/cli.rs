@@ -335,6 +335,15 @@ mod tests {
     }
 
     #[test]
+    fn the_recipe_key_file_and_its_opt_out() {
+        assert_eq!(run(&[]).config, PathBuf::from("/etc/opsagent.conf"));
+        assert!(!run(&[]).no_recipe_key);
+        let cli = run(&["--config=/srv/o.conf", "--no-recipe-key"]);
+        assert_eq!((cli.config, cli.no_recipe_key), (PathBuf::from("/srv/o.conf"), true));
+        assert_eq!(parse(&["--config", "a", "--config", "b"]), Err(CliError::Repeated(CONFIG)));
+    }
+
+    #[test]
     fn storage_is_off_unless_asked_for() {
         assert!(!run(&[]).storage);
         assert!(run(&["--storage"]).storage);
