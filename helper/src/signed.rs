@@ -191,6 +191,9 @@ pub struct SignedStore {
     trust: RecipeTrust,
     dir: PathBuf,
     current: Mutex<Option<Current>>,
+    /// The version (and bytes) of a kept recipe that no longer verifies (after a key
+    /// rotation): not run, but older versions stay refused.
+    floor: Option<(u64, String)>,
 }
 
 /// What [`SignedStore::accept`] did.
@@ -205,9 +208,9 @@ impl SignedStore {
     /// Opens the store and reads back what an earlier run verified (verified again: a
     /// kept copy that no longer verifies, after a key rotation say, is not used).
     pub fn open(trust: RecipeTrust, state_dir: &Path) -> Self {
-        let store = Self { trust, dir: state_dir.join("recipes"), current: Mutex::new(None) };
+        let mut store = Self { trust, dir: state_dir.join("recipes"), current: Mutex::new(None), floor: None };
         match store.read_kept() {
-            Ok(Some(kept)) => match store.trust.verify(&kept) {
+            Ok(Some((kept, kept_version))) => match store.trust.verify(&kept) {
                 Ok(recipe) => {
                     tracing::info!(
                         app_id = store.trust.app_id,
@@ -217,7 +220,14 @@ impl SignedStore {
                     );
                     *store.lock() = Some(Current { upload: kept, recipe: Arc::new(recipe) });
                 }
-                Err(e) => tracing::warn!(error = %e, "the kept recipe no longer verifies; waiting for a new one"),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        recipe_version = kept_version,
+                        "the kept recipe no longer verifies; waiting for a new one (older versions stay refused)"
+                    );
+                    store.floor = Some((kept_version, kept.bytes));
+                }
             },
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cannot read the kept recipe; waiting for a new one"),
@@ -243,7 +253,7 @@ impl SignedStore {
         format!("app-{}.json", hex::encode(&Sha256::digest(self.trust.app_id.as_bytes())[..16]))
     }
 
-    fn read_kept(&self) -> Result<Option<RecipeUpload>, String> {
+    fn read_kept(&self) -> Result<Option<(RecipeUpload, u64)>, String> {
         let dir = match crate::dirfd::Dir::open(&self.dir) {
             Ok(d) => d,
             Err(crate::dirfd::WalkError::Missing(_)) => return Ok(None),
@@ -264,7 +274,7 @@ impl SignedStore {
         if kept.app_id != self.trust.app_id {
             return Err(format!("{name} holds app {:?}", kept.app_id));
         }
-        Ok(Some(RecipeUpload { bytes: kept.bytes, signature: kept.signature }))
+        Ok(Some((RecipeUpload { bytes: kept.bytes, signature: kept.signature }, kept.recipe_version)))
     }
 
     fn keep(&self, upload: &RecipeUpload, version: u64) -> Result<(), String> {
@@ -289,14 +299,25 @@ impl SignedStore {
         let accepted =
             Accepted { app_id: self.trust.app_id.clone(), version: recipe.version, states: recipe.states.len() };
         let mut current = self.lock();
-        if let Some(c) = current.as_ref() {
-            if c.upload.bytes == upload.bytes {
+        let highest = match current.as_ref() {
+            Some(c) => Some((c.recipe.version, c.upload.bytes.as_str())),
+            None => self.floor.as_ref().map(|(v, b)| (*v, b.as_str())),
+        };
+        if let Some((version, bytes)) = highest {
+            if bytes == upload.bytes {
+                if current.is_none() {
+                    // The kept recipe, signed again (after a key rotation).
+                    self.keep(upload, recipe.version).map_err(|e| {
+                        HelperError::new(ErrorCode::Internal, format!("cannot keep the verified recipe: {e}"))
+                    })?;
+                    *current = Some(Current { upload: upload.clone(), recipe: Arc::new(recipe) });
+                }
                 return Ok(accepted);
             }
-            if recipe.version <= c.recipe.version {
+            if recipe.version <= version {
                 return Err(unverified(format!(
-                    "recipe version {} is not newer than version {} already verified for app {:?}: a replayed or rolled-back recipe is refused (a backend that rolls back signs a new, higher version)",
-                    recipe.version, c.recipe.version, self.trust.app_id
+                    "recipe version {} is not newer than version {version} already verified for app {:?}: a replayed or rolled-back recipe is refused (a backend that rolls back signs a new, higher version)",
+                    recipe.version, self.trust.app_id
                 )));
             }
         }
@@ -451,5 +472,53 @@ mod tests {
         let link = dir.path().join("link.conf");
         std::os::unix::fs::symlink(&path, &link).unwrap();
         assert!(RecipeTrust::load(&link, me).is_err(), "a link is not followed");
+    }
+
+    fn signed(kp: &minisign::KeyPair, app: &str, version: u64, content: &str) -> RecipeUpload {
+        let p = serde_json::json!({"path": "/srv/x", "content": content});
+        let bytes = signed::canonical_bytes(
+            version,
+            [signed::SignState { id: "s", module: "linux.file", parameter: &p, pins: None }],
+        )
+        .unwrap();
+        let comment = signed::trusted_comment(app, version);
+        let sig =
+            minisign::sign(Some(&kp.pk), &kp.sk, std::io::Cursor::new(bytes.as_bytes()), Some(&comment), None).unwrap();
+        RecipeUpload { bytes, signature: sig.into_string() }
+    }
+
+    fn trust(keys: &[&minisign::KeyPair]) -> RecipeTrust {
+        let keys: Vec<String> = keys.iter().map(|k| k.pk.to_base64()).collect();
+        RecipeTrust::parse(&format!("[userdata]\napp_id = a\nrecipe_key = {}\n", keys.join(" "))).unwrap().unwrap()
+    }
+
+    /// After a rotation the kept recipe no longer verifies and is not run, but the
+    /// version it had still bounds what is accepted: the old key's successor cannot be
+    /// used to replay an older version.
+    #[test]
+    fn the_highest_version_outlives_a_key_rotation() {
+        let (old, new) = (
+            minisign::KeyPair::generate_unencrypted_keypair().unwrap(),
+            minisign::KeyPair::generate_unencrypted_keypair().unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = SignedStore::open(trust(&[&old]), dir.path());
+        assert_eq!(store.accept(&signed(&old, "a", 5, "v5")).unwrap().version, 5);
+        let e = store.accept(&signed(&old, "a", 4, "v4")).unwrap_err();
+        assert!(e.message.contains("not newer than version 5"), "{e}");
+        drop(store);
+
+        let store = SignedStore::open(trust(&[&old]), dir.path());
+        assert_eq!(store.version(), Some(5), "read back and verified again");
+        drop(store);
+
+        let store = SignedStore::open(trust(&[&new]), dir.path());
+        assert_eq!(store.version(), None, "signed by a key no longer configured: not run");
+        let e = store.accept(&signed(&new, "a", 3, "v3")).unwrap_err();
+        assert!(e.message.contains("not newer than version 5"), "{e}");
+        // The same recipe signed again with the new key is taken up.
+        assert_eq!(store.accept(&signed(&new, "a", 5, "v5")).unwrap().version, 5);
+        assert_eq!(store.version(), Some(5));
+        assert_eq!(store.accept(&signed(&new, "a", 6, "v6")).unwrap().version, 6);
     }
 }
