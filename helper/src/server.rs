@@ -374,7 +374,8 @@ impl Connection {
                     return;
                 };
                 // Verification and the write of the kept copy are short but blocking.
-                let accepted = match tokio::task::spawn_blocking(move || store.accept(&upload)).await {
+                let verifier = Arc::clone(&store);
+                let accepted = match tokio::task::spawn_blocking(move || verifier.accept(&upload)).await {
                     Ok(r) => r,
                     Err(e) => Err(HelperError::new(ErrorCode::Internal, format!("verification failed: {e}"))),
                 };
@@ -390,6 +391,12 @@ impl Connection {
                         let states = u32::try_from(a.states).unwrap_or(u32::MAX);
                         let reply = Reply::RecipeVerified { app_id: a.app_id, recipe_version: a.version, states };
                         self.reply(id, reply).await;
+                        // Durable against a power loss too, once the first state is on its way.
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = store.sync() {
+                                warn!(error = %e, "cannot flush the kept recipe to disk");
+                            }
+                        });
                     }
                     Err(e) => {
                         warn!(id, result = "refused", code = ?e.code, error = %e.message, "signed recipe refused");

@@ -277,7 +277,14 @@ impl SignedStore {
         Ok(Some((RecipeUpload { bytes: kept.bytes, signature: kept.signature }, kept.recipe_version)))
     }
 
+    /// Writes the kept copy in place (temporary file, owner and mode, rename): a helper
+    /// killed from now on reads it back. Made durable against a power loss by
+    /// [`SignedStore::sync`], which the server runs after answering, off the path from a
+    /// push to its first state (the daemon keeps its own durable copy and hands it over
+    /// again if this one was lost).
     fn keep(&self, upload: &RecipeUpload, version: u64) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::fd::AsFd;
         let root = (Uid::from_raw(0), Gid::from_raw(0));
         let dir = fsutil::create_dir_all(&self.dir, 0o700, root, &mut Vec::new()).map_err(|e| e.to_string())?;
         let stored = Stored {
@@ -287,7 +294,27 @@ impl SignedStore {
             signature: upload.signature.clone(),
         };
         let text = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
-        fsutil::write_in(&dir, OsStr::new(&self.file_name()), &text, 0o600, 0, 0).map_err(|e| e.to_string())
+        let name = self.file_name();
+        let (tmp, mut f) = dir.create_temp(OsStr::new(&name)).map_err(|e| e.to_string())?;
+        let shown = dir.join(&tmp);
+        let written = (|| {
+            f.write_all(&text).map_err(|e| format!("{}: cannot write: {e}", shown.display()))?;
+            crate::dirfd::set_attrs(f.as_fd(), &shown, 0, 0, Some(0o600)).map_err(|e| e.to_string())?;
+            dir.rename(&tmp, OsStr::new(&name)).map_err(|e| e.to_string())
+        })();
+        if written.is_err() {
+            let _ = dir.unlink(&tmp);
+        }
+        written
+    }
+
+    /// Flushes the kept copy and its directory to disk.
+    pub fn sync(&self) -> Result<(), String> {
+        let dir = crate::dirfd::Dir::open(&self.dir).map_err(|e| e.to_string())?;
+        if let Some(f) = dir.open_file(OsStr::new(&self.file_name())).map_err(|e| e.to_string())? {
+            f.sync_all().map_err(|e| format!("{}: cannot fsync: {e}", self.dir.display()))?;
+        }
+        dir.fsync().map_err(|e| e.to_string())
     }
 
     /// Verifies and keeps a recipe. The same recipe again is accepted (a reconnected
