@@ -28,8 +28,7 @@ use minisign_verify::{PublicKey, Signature};
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::ini;
-use opsagent_proto::newtypes::StateId;
-use opsagent_proto::request::{ApplyRequest, ApplySignedRequest, ErrorCode, FetchedFile, HelperError, RecipeUpload};
+use opsagent_proto::request::{ApplyRequest, ApplySignedRequest, ErrorCode, HelperError, RecipeUpload};
 use opsagent_proto::signed::{self, SignedRecipe};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -418,18 +417,10 @@ pub struct SignedApply {
 }
 
 impl SignedApply {
-    pub fn state_id(&self) -> &StateId {
-        &self.apply.state_id
-    }
-
     /// The first of `urls` that the signed state does not pin, if any: the state then
     /// fails instead of asking the daemon for content nobody signed.
     pub fn unpinned<'u>(&self, urls: &'u [String]) -> Option<&'u str> {
         urls.iter().find(|u| pin_for(&self.pins, &self.apply.params, u).is_none()).map(String::as_str)
-    }
-
-    pub fn fetched(&self) -> &[FetchedFile] {
-        &self.apply.fetched
     }
 }
 
