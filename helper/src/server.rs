@@ -373,7 +373,7 @@ impl Connection {
                     self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unsupported, message))).await;
                     return;
                 };
-                // Verification and the write of the kept copy are short but blocking.
+                // Verification is short but blocking.
                 let verifier = Arc::clone(&store);
                 let accepted = match tokio::task::spawn_blocking(move || verifier.accept(&upload)).await {
                     Ok(r) => r,
@@ -391,10 +391,10 @@ impl Connection {
                         let states = u32::try_from(a.states).unwrap_or(u32::MAX);
                         let reply = Reply::RecipeVerified { app_id: a.app_id, recipe_version: a.version, states };
                         self.reply(id, reply).await;
-                        // Durable against a power loss too, once the first state is on its way.
+                        // Kept on disk once the first state is on its way (see `persist`).
                         tokio::task::spawn_blocking(move || {
-                            if let Err(e) = store.sync() {
-                                warn!(error = %e, "cannot flush the kept recipe to disk");
+                            if let Err(e) = store.persist() {
+                                warn!(error = %e, "cannot keep the verified recipe in the state directory");
                             }
                         });
                     }

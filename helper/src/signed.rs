@@ -193,6 +193,8 @@ pub struct SignedStore {
     /// The version (and bytes) of a kept recipe that no longer verifies (after a key
     /// rotation): not run, but older versions stay refused.
     floor: Option<(u64, String)>,
+    /// Held while the kept copy is written, so that writes land in order.
+    writing: Mutex<()>,
 }
 
 /// What [`SignedStore::accept`] did.
@@ -207,7 +209,13 @@ impl SignedStore {
     /// Opens the store and reads back what an earlier run verified (verified again: a
     /// kept copy that no longer verifies, after a key rotation say, is not used).
     pub fn open(trust: RecipeTrust, state_dir: &Path) -> Self {
-        let mut store = Self { trust, dir: state_dir.join("recipes"), current: Mutex::new(None), floor: None };
+        let mut store = Self {
+            trust,
+            dir: state_dir.join("recipes"),
+            current: Mutex::new(None),
+            floor: None,
+            writing: Mutex::new(()),
+        };
         match store.read_kept() {
             Ok(Some((kept, kept_version))) => match store.trust.verify(&kept) {
                 Ok(recipe) => {
@@ -276,11 +284,7 @@ impl SignedStore {
         Ok(Some((RecipeUpload { bytes: kept.bytes, signature: kept.signature }, kept.recipe_version)))
     }
 
-    /// Writes the kept copy in place (temporary file, owner and mode, rename): a helper
-    /// killed from now on reads it back. Made durable against a power loss by
-    /// [`SignedStore::sync`], which the server runs after answering, off the path from a
-    /// push to its first state (the daemon keeps its own durable copy and hands it over
-    /// again if this one was lost).
+    /// Writes the kept copy (temporary file, owner and mode, rename).
     fn keep(&self, upload: &RecipeUpload, version: u64) -> Result<(), String> {
         use std::io::Write;
         use std::os::fd::AsFd;
@@ -307,8 +311,18 @@ impl SignedStore {
         written
     }
 
-    /// Flushes the kept copy and its directory to disk.
-    pub fn sync(&self) -> Result<(), String> {
+    /// Writes the verified recipe to the state directory and flushes it to disk. The
+    /// server runs it after answering [`SignedStore::accept`], off the path from a push to
+    /// its first state: a file write there cost milliseconds (the daemon's own fsync of
+    /// the recipe commits the same journal at that moment). Until it is done, a helper
+    /// that dies reads back the previous recipe, and the daemon, which keeps its own
+    /// durable copy, hands the current one over again.
+    pub fn persist(&self) -> Result<(), String> {
+        let _order = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((upload, version)) = self.lock().as_ref().map(|c| (c.upload.clone(), c.recipe.version)) else {
+            return Ok(());
+        };
+        self.keep(&upload, version)?;
         let dir = crate::dirfd::Dir::open(&self.dir).map_err(|e| e.to_string())?;
         if let Some(f) = dir.open_file(OsStr::new(&self.file_name())).map_err(|e| e.to_string())? {
             f.sync_all().map_err(|e| format!("{}: cannot fsync: {e}", self.dir.display()))?;
@@ -316,9 +330,9 @@ impl SignedStore {
         dir.fsync().map_err(|e| e.to_string())
     }
 
-    /// Verifies and keeps a recipe. The same recipe again is accepted (a reconnected
-    /// daemon sends it again); an older version, or the same version with other bytes,
-    /// is refused.
+    /// Verifies a recipe and makes it the one states are taken from ([`SignedStore::persist`]
+    /// keeps it on disk). The same recipe again is accepted (a reconnected daemon sends it
+    /// again); an older version, or the same version with other bytes, is refused.
     pub fn accept(&self, upload: &RecipeUpload) -> Result<Accepted, HelperError> {
         let unverified = |m: String| HelperError::new(ErrorCode::Unverified, m);
         let recipe = self.trust.verify(upload).map_err(unverified)?;
@@ -333,9 +347,6 @@ impl SignedStore {
             if bytes == upload.bytes {
                 if current.is_none() {
                     // The kept recipe, signed again (after a key rotation).
-                    self.keep(upload, recipe.version).map_err(|e| {
-                        HelperError::new(ErrorCode::Internal, format!("cannot keep the verified recipe: {e}"))
-                    })?;
                     *current = Some(Current { upload: upload.clone(), recipe: Arc::new(recipe) });
                 }
                 return Ok(accepted);
@@ -347,8 +358,6 @@ impl SignedStore {
                 )));
             }
         }
-        self.keep(upload, recipe.version)
-            .map_err(|e| HelperError::new(ErrorCode::Internal, format!("cannot keep the verified recipe: {e}")))?;
         *current = Some(Current { upload: upload.clone(), recipe: Arc::new(recipe) });
         Ok(accepted)
     }
@@ -524,6 +533,7 @@ mod tests {
         assert_eq!(store.accept(&signed(&old, "a", 5, "v5")).unwrap().version, 5);
         let e = store.accept(&signed(&old, "a", 4, "v4")).unwrap_err();
         assert!(e.message.contains("not newer than version 5"), "{e}");
+        store.persist().unwrap();
         drop(store);
 
         let store = SignedStore::open(trust(&[&old]), dir.path());
@@ -538,5 +548,8 @@ mod tests {
         assert_eq!(store.accept(&signed(&new, "a", 5, "v5")).unwrap().version, 5);
         assert_eq!(store.version(), Some(5));
         assert_eq!(store.accept(&signed(&new, "a", 6, "v6")).unwrap().version, 6);
+        store.persist().unwrap();
+        drop(store);
+        assert_eq!(SignedStore::open(trust(&[&new]), dir.path()).version(), Some(6));
     }
 }
