@@ -33,6 +33,10 @@ use crate::states::{self, Ctx, Step};
 
 pub const HELPER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Signed recipes up to this size are verified on the request loop (well under a
+/// millisecond); larger ones on the blocking pool.
+const INLINE_VERIFY_BYTES: usize = 64 * 1024;
+
 pub struct Config {
     pub allow: Allowlist,
     /// Largest request frame accepted.
@@ -373,11 +377,18 @@ impl Connection {
                     self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unsupported, message))).await;
                     return;
                 };
-                // Verification is short but blocking.
-                let verifier = Arc::clone(&store);
-                let accepted = match tokio::task::spawn_blocking(move || verifier.accept(&upload)).await {
-                    Ok(r) => r,
-                    Err(e) => Err(HelperError::new(ErrorCode::Internal, format!("verification failed: {e}"))),
+                // A small recipe is verified here (a hop to the blocking pool cost as much
+                // as the work, on the path from a push to its first state); a large one,
+                // which takes milliseconds, on the blocking pool, so that cancellations on
+                // other connections are not held up.
+                let accepted = if upload.bytes.len() <= INLINE_VERIFY_BYTES {
+                    store.accept(&upload)
+                } else {
+                    let verifier = Arc::clone(&store);
+                    match tokio::task::spawn_blocking(move || verifier.accept(&upload)).await {
+                        Ok(r) => r,
+                        Err(e) => Err(HelperError::new(ErrorCode::Internal, format!("verification failed: {e}"))),
+                    }
                 };
                 match accepted {
                     Ok(a) => {
