@@ -373,21 +373,6 @@ impl UnixHelperClient {
         }
     }
 
-    /// Hands the helper a signed recipe. `Ok(Some(reason))`: the helper refused it.
-    async fn send_recipe(&self, conn: &mut Conn, upload: &RecipeUpload) -> Result<Option<String>, HelperClientError> {
-        let id = self.send(conn, Request::Recipe(upload.clone())).await?;
-        match self.recv(conn).await? {
-            ReplyFrame { id: rid, reply: Reply::RecipeVerified { .. } } if rid == id => Ok(None),
-            ReplyFrame { id: rid, reply: Reply::Error(e) } if rid == id || rid == 0 => {
-                Ok(Some(format!("the helper refused the signed recipe: {}", e.message)))
-            }
-            other => Err(HelperClientError::Protocol {
-                path: self.shown(),
-                what: format!("unexpected answer to Recipe: {other:?}"),
-            }),
-        }
-    }
-
     /// One round trip for a state: by index when the helper verifies recipes and the
     /// recipe is signed, with its parameters otherwise.
     async fn step_on(
@@ -409,28 +394,68 @@ impl UnixHelperClient {
                         return Ok(Applied::Outcome(Outcome::failed(why)));
                     }
                 };
-                if !conn.sent.as_ref().is_some_and(|sent| Arc::ptr_eq(sent, &upload)) {
-                    if let Some(refusal) = self.send_recipe(conn, &upload).await? {
-                        return Ok(Applied::Outcome(Outcome::failed(refusal)));
-                    }
-                    conn.sent = Some(upload);
-                }
-                Request::ApplySigned(ApplySignedRequest { recipe_version: s.version, index: s.index, fetched })
+                // The recipe and the state go back to back, without waiting for the
+                // verification: the helper takes a connection's requests in order, and
+                // refuses the state if it refused the recipe.
+                let recipe = if conn.sent.as_ref().is_some_and(|sent| Arc::ptr_eq(sent, &upload)) {
+                    None
+                } else {
+                    let id = self.send(conn, Request::Recipe((*upload).clone())).await.map_err(|e| match e {
+                        HelperClientError::Codec { path, source: source @ CodecError::Io(_) } => {
+                            HelperClientError::Unsent { path, source }
+                        }
+                        other => other,
+                    })?;
+                    Some((id, upload))
+                };
+                let apply =
+                    Request::ApplySigned(ApplySignedRequest { recipe_version: s.version, index: s.index, fetched });
+                return self.apply_after_recipe(conn, recipe, apply, cancel).await;
             }
             _ => {
                 req.fetched = fetched;
                 Request::Apply(req)
             }
         };
-        self.apply_on(conn, request, cancel).await
+        self.apply_on(conn, request, cancel, None).await.map(|(applied, _)| applied)
     }
 
+    /// `apply` after the signed recipe `recipe` (its request id), if one was just sent:
+    /// the recipe's refusal is the state's outcome.
+    async fn apply_after_recipe(
+        &self,
+        conn: &mut Conn,
+        recipe: Option<(u64, Arc<RecipeUpload>)>,
+        apply: Request,
+        cancel: Cancel,
+    ) -> Result<Applied, HelperClientError> {
+        let (applied, verdict) = self.apply_on(conn, apply, cancel, recipe.as_ref().map(|(id, _)| *id)).await?;
+        match (recipe, verdict) {
+            (Some(_), Some(Err(refusal))) => {
+                Ok(Applied::Outcome(Outcome::failed(format!("the helper refused the signed recipe: {refusal}"))))
+            }
+            (Some((_, upload)), Some(Ok(()))) => {
+                conn.sent = Some(upload);
+                Ok(applied)
+            }
+            (Some(_), None) => Err(HelperClientError::Protocol {
+                path: self.shown(),
+                what: "no answer to the signed recipe before the state's".into(),
+            }),
+            (None, _) => Ok(applied),
+        }
+    }
+
+    /// Sends `request` and waits for its answer. `recipe`: the id of a `Recipe` request
+    /// sent just before, whose answer comes first: `Ok` verified, `Err` the refusal.
     async fn apply_on(
         &self,
         conn: &mut Conn,
         request: Request,
         mut cancel: Cancel,
-    ) -> Result<Applied, HelperClientError> {
+        recipe: Option<u64>,
+    ) -> Result<(Applied, Option<Result<(), String>>), HelperClientError> {
+        let mut verdict = None;
         let id = match self.send(conn, request).await {
             Err(HelperClientError::Codec { path, source: source @ CodecError::Io(_) }) => {
                 return Err(HelperClientError::Unsent { path, source })
@@ -447,8 +472,14 @@ impl UnixHelperClient {
                         None => return Err(HelperClientError::Closed { path: self.shown() }),
                     };
                     match frame.reply {
-                        Reply::Outcome(o) if frame.id == id => return Ok(Applied::Outcome(o)),
-                        Reply::NeedFetch { urls } if frame.id == id => return Ok(Applied::NeedFetch(urls)),
+                        Reply::RecipeVerified { .. } if Some(frame.id) == recipe => verdict = Some(Ok(())),
+                        Reply::Error(error) if Some(frame.id) == recipe => verdict = Some(Err(error.message)),
+                        Reply::Outcome(o) if frame.id == id => return Ok((Applied::Outcome(o), verdict)),
+                        Reply::NeedFetch { urls } if frame.id == id => return Ok((Applied::NeedFetch(urls), verdict)),
+                        // The state refused after its recipe was: the recipe's reason says it.
+                        Reply::Error(_) if frame.id == id && matches!(verdict, Some(Err(_))) => {
+                            return Ok((Applied::Outcome(Outcome::failed(String::new())), verdict))
+                        }
                         Reply::Error(error) if frame.id == id || frame.id == 0 => {
                             return Err(HelperClientError::Refused { path: self.shown(), error })
                         }

@@ -278,6 +278,10 @@ struct Connection {
     /// The peer's uid (SO_PEERCRED), for the states' checks of fetched files.
     peer_uid: u32,
     greeted: bool,
+    /// Why the last `recipe` on this connection was refused: the `apply-signed` a client
+    /// sent right behind it (without waiting for the answer) is refused too, so that a
+    /// state of the recipe verified before does not run in place of the one it asked for.
+    refused_recipe: Option<String>,
     /// The peer is gone or the stream is unusable: write nothing more.
     dead: bool,
 }
@@ -286,7 +290,7 @@ impl Connection {
     fn new(rd: FrameReader, wr: FrameWriter, shared: Arc<Shared>, peer_uid: u32) -> Self {
         let (tx, rx) = mpsc::channel(4);
         let reader = tokio::spawn(read_frames(rd, tx, shared.config.max_frame));
-        Self { shared, rx, wr, reader, peer_uid, greeted: false, dead: false }
+        Self { shared, rx, wr, reader, peer_uid, greeted: false, refused_recipe: None, dead: false }
     }
 
     async fn run(mut self) {
@@ -399,6 +403,7 @@ impl Connection {
                             states = a.states,
                             "signed recipe verified"
                         );
+                        self.refused_recipe = None;
                         let states = u32::try_from(a.states).unwrap_or(u32::MAX);
                         let reply = Reply::RecipeVerified { app_id: a.app_id, recipe_version: a.version, states };
                         self.reply(id, reply).await;
@@ -411,6 +416,7 @@ impl Connection {
                     }
                     Err(e) => {
                         warn!(id, result = "refused", code = ?e.code, error = %e.message, "signed recipe refused");
+                        self.refused_recipe = Some(e.message.clone());
                         self.reply(id, Reply::Error(e)).await;
                     }
                 }
@@ -425,7 +431,14 @@ impl Connection {
             self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unsupported, message))).await;
             return;
         };
-        match store.request(req) {
+        let checked = match self.refused_recipe.take() {
+            Some(why) => Err(HelperError::new(
+                ErrorCode::Unverified,
+                format!("the recipe sent before on this connection was refused: {why}"),
+            )),
+            None => store.request(req),
+        };
+        match checked {
             Ok(signed) => self.apply(id, signed.apply.clone(), Some(&signed)).await,
             Err(e) => {
                 let (version, index) = (req.recipe_version, req.index);

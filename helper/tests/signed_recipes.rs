@@ -175,6 +175,8 @@ async fn an_agent_uid_cannot_run_anything_the_backend_did_not_sign() {
     assert!(reason("other app").contains("app-other"), "{}", reason("other app"));
     assert!(reason("older version replayed").contains("not newer"), "{}", reason("older version replayed"));
     assert!(reason("index past the end").contains("no state at index 99"), "{}", reason("index past the end"));
+    let behind = reason("a state right behind a refused recipe");
+    assert!(behind.contains("sent before on this connection was refused"), "{behind}");
     assert!(reason("unpinned download").contains("not pinned"), "{}", reason("unpinned download"));
 
     // What ran is what was signed, whatever the frames said.
@@ -245,6 +247,8 @@ async fn attacker_child() {
         ("recipe signed by a key not configured", recipe(&inputs.v3_foreign_key), Expect::Refused),
         ("other app", recipe(&inputs.other_app), Expect::Refused),
         ("the signed recipe", recipe(&inputs.v2), Expect::Runs),
+        ("altered recipe after the signed one", recipe(&inputs.v2_altered), Expect::Refused),
+        ("a state right behind a refused recipe", signed(2, 0), Expect::Refused),
         ("the signed recipe again", recipe(&inputs.v2), Expect::Runs),
         ("older version replayed", recipe(&inputs.v1_old_key), Expect::Refused),
         ("a state of the older version", signed(1, 0), Expect::Refused),
