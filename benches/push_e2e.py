@@ -29,9 +29,10 @@ the work directory (logs of the three processes).
 SIGNED=1 runs the same with signed recipes (README "Signed recipes"): a key made with
 `minisign -G -W`, the backend started with `--signing-key`, the helper with a `--config`
 holding it as `recipe_key`. The daemon then hands the helper the signed recipe (the bytes
-holding `push-N`), the helper verifies and keeps it and answers, and the daemon asks for
-state 0 by index: `apply` is then the moment that `apply-signed` request reaches the
-helper, so push->apply includes the whole verification.
+holding `push-N`) and, right behind it, asks for state 0 by index (`apply-signed`); the
+helper verifies the recipe, answers, and starts the state: `apply` is then the later of
+the `apply-signed` reaching the helper and the helper's answer to the recipe, so
+push->apply includes the whole verification.
 """
 
 import json
@@ -112,7 +113,7 @@ class Clock:
         self.push = self.apply = self.outcome = None
         # Signed mode: when the recipe holding the token went up, and when the helper
         # answered it (the next request up is then the state's apply-signed).
-        self.recipe = self.verified = None
+        self.recipe = self.verified = self.sent = None
         self.tail_ws = b""
         self.tail_helper = b""
 
@@ -120,7 +121,7 @@ class Clock:
         with self.lock:
             self.token = token.encode()
             self.push = self.apply = self.outcome = None
-            self.recipe = self.verified = None
+            self.recipe = self.verified = self.sent = None
 
     def from_backend(self, direction, chunk, now):
         if direction != "down":
@@ -134,17 +135,23 @@ class Clock:
     def on_helper_link(self, direction, chunk, now):
         with self.lock:
             if SIGNED:
+                # The daemon sends the recipe and the state's apply-signed back to back;
+                # the helper starts the state once it has verified the recipe: "apply"
+                # is the later of the apply-signed arriving and the verification answer.
                 if direction == "up":
                     data = self.tail_helper + chunk
                     self.tail_helper = chunk[-64:]
                     if self.token and self.push is not None and self.recipe is None and self.token in data:
                         self.recipe = now
-                    elif self.verified is not None and self.apply is None:
-                        self.apply = now
-                elif self.recipe is not None and self.verified is None:
-                    self.verified = now
-                elif self.apply is not None and self.outcome is None:
-                    self.outcome = now
+                    if self.recipe is not None and self.sent is None and b"apply-signed" in data:
+                        self.sent = now
+                elif self.recipe is not None:
+                    if self.verified is None and b"recipe-verified" in chunk:
+                        self.verified = now
+                    if self.verified is not None and self.outcome is None and b'"outcome"' in chunk:
+                        self.outcome = now
+                if self.apply is None and self.sent is not None and self.verified is not None:
+                    self.apply = max(self.sent, self.verified)
                 return
             if direction == "up":
                 data = self.tail_helper + chunk
