@@ -25,7 +25,14 @@ impl HelperClient for InstantHelper {
         Ok(Outcome { changes: vec![Change::new(req.state_id.as_str(), "checked")], ..Outcome::ok("already as wanted") })
     }
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
-        Ok(HelperStatus { helper_version: "bench".into(), protocol_version: 1, uptime_s: 0, running: vec![] })
+        Ok(HelperStatus {
+            helper_version: "bench".into(),
+            protocol_version: 1,
+            uptime_s: 0,
+            running: vec![],
+            recipes_verified: false,
+            verified_version: None,
+        })
     }
 }
 

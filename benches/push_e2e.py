@@ -25,6 +25,14 @@ both. The next push waits for the backend to record the StateLog, plus IDLE_MS.
 
 Environment: PUSHES [200], WARMUP [10], IDLE_MS [20], BIN_DIR [target/release], KEEP=1 keeps
 the work directory (logs of the three processes).
+
+SIGNED=1 runs the same with signed recipes (README "Signed recipes"): a key made with
+`minisign -G -W`, the backend started with `--signing-key`, the helper with a `--config`
+holding it as `recipe_key`. The daemon then hands the helper the signed recipe (the bytes
+holding `push-N`) and, right behind it, asks for state 0 by index (`apply-signed`); the
+helper verifies the recipe, answers, and starts the state: `apply` is then the later of
+the `apply-signed` reaching the helper and the helper's answer to the recipe, so
+push->apply includes the whole verification.
 """
 
 import json
@@ -44,6 +52,7 @@ BIN = os.environ.get("BIN_DIR", os.path.join(ROOT, "target", "release"))
 PUSHES = int(os.environ.get("PUSHES", "200"))
 WARMUP = int(os.environ.get("WARMUP", "10"))
 IDLE_MS = int(os.environ.get("IDLE_MS", "20"))
+SIGNED = os.environ.get("SIGNED") == "1"
 
 
 def die(msg):
@@ -102,6 +111,9 @@ class Clock:
         self.lock = threading.Lock()
         self.token = None
         self.push = self.apply = self.outcome = None
+        # Signed mode: when the recipe holding the token went up, and when the helper
+        # answered it (the next request up is then the state's apply-signed).
+        self.recipe = self.verified = self.sent = None
         self.tail_ws = b""
         self.tail_helper = b""
 
@@ -109,6 +121,7 @@ class Clock:
         with self.lock:
             self.token = token.encode()
             self.push = self.apply = self.outcome = None
+            self.recipe = self.verified = self.sent = None
 
     def from_backend(self, direction, chunk, now):
         if direction != "down":
@@ -121,6 +134,25 @@ class Clock:
 
     def on_helper_link(self, direction, chunk, now):
         with self.lock:
+            if SIGNED:
+                # The daemon sends the recipe and the state's apply-signed back to back;
+                # the helper starts the state once it has verified the recipe: "apply"
+                # is the later of the apply-signed arriving and the verification answer.
+                if direction == "up":
+                    data = self.tail_helper + chunk
+                    self.tail_helper = chunk[-64:]
+                    if self.token and self.push is not None and self.recipe is None and self.token in data:
+                        self.recipe = now
+                    if self.recipe is not None and self.sent is None and b"apply-signed" in data:
+                        self.sent = now
+                elif self.recipe is not None:
+                    if self.verified is None and b"recipe-verified" in chunk:
+                        self.verified = now
+                    if self.verified is not None and self.outcome is None and b'"outcome"' in chunk:
+                        self.outcome = now
+                if self.apply is None and self.sent is not None and self.verified is not None:
+                    self.apply = max(self.sent, self.verified)
+                return
             if direction == "up":
                 data = self.tail_helper + chunk
                 self.tail_helper = chunk[-64:]
@@ -190,6 +222,15 @@ def run(work, procs):
     helper_sock = os.path.join(work, "helper.sock")
     allow = [] if subprocess.run(["getent", "passwd", "opsagent"], capture_output=True).returncode == 0 \
         else ["--allow-user", "root"]
+    signing = []
+    if SIGNED:
+        key, pub, conf = (os.path.join(work, n) for n in ("recipes.key", "recipes.pub", "helper.conf"))
+        subprocess.run(["minisign", "-G", "-W", "-f", "-p", pub, "-s", key], check=True, capture_output=True)
+        with open(conf, "w") as f:
+            f.write(f"[userdata]\napp_id = bench\nrecipe_key = {open(pub).read().splitlines()[1]}\n")
+        os.chmod(conf, 0o640)
+        allow += ["--config", conf]
+        signing = ["--signing-key", key]
     procs.append(subprocess.Popen([os.path.join(BIN, "opsagent-helper"), "--socket", helper_sock,
                                    "--state-dir", os.path.join(work, "helper-state")] + allow,
                                   stdout=subprocess.DEVNULL, stderr=log("helper.log")))
@@ -199,7 +240,7 @@ def run(work, procs):
     statelog = os.path.join(work, "statelog.jsonl")
     procs.append(subprocess.Popen([os.path.join(BIN, "opsagent-backend"), "--listen", "127.0.0.1:0",
                                    "--recipe-dir", os.path.join(work, "recipes"), "--statelog", statelog,
-                                   "--poll-ms", "5"], stdout=log("backend.out"), stderr=log("backend.log")))
+                                   "--poll-ms", "5"] + signing, stdout=log("backend.out"), stderr=log("backend.log")))
     out = os.path.join(work, "backend.out")
     wait_for(lambda: "listening on" in open(out).read(), "the backend")
     backend_port = int(open(out).read().split("listening on")[1].split()[0].rsplit(":", 1)[1])
@@ -249,7 +290,8 @@ def run(work, procs):
         time.sleep(IDLE_MS / 1000)
 
     print()
-    print(f"== push -> helper, real backend + daemon + helper (release builds), {PUSHES} pushes after {WARMUP} ==")
+    mode = "signed recipes" if SIGNED else "recipes not signed"
+    print(f"== push -> helper, real backend + daemon + helper (release builds, {mode}), {PUSHES} pushes after {WARMUP} ==")
     print(f"{'':38} {'p50_ms':>8} {'p90_ms':>8} {'p99_ms':>8} {'max_ms':>8}")
     for name, xs in (("push -> Apply reaches the helper", applies), ("push -> helper's Outcome (state done)", outcomes)):
         print(f"{name:38} " + " ".join(f"{pct(xs, p) / 1e3:8.3f}" for p in (50, 90, 99, 100)))

@@ -31,7 +31,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use opsagent_proto::codec::{self, DEFAULT_MAX_FRAME};
-use opsagent_proto::request::{HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame};
+use opsagent_proto::request::{
+    ErrorCode, HelperError, HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame,
+};
 use opsagent_proto::PROTOCOL_VERSION;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, UnixListener};
@@ -73,16 +75,26 @@ async fn stand_in_helper(listener: UnixListener, arrivals: mpsc::UnboundedSender
                         let _ = arrivals.send(Arrival { at: Instant::now(), recipe_version: req.recipe_version });
                         Reply::Outcome(Outcome::ok("bench stand-in: nothing done"))
                     }
-                    Request::Hello { .. } => {
-                        Reply::Hello { protocol_version: PROTOCOL_VERSION, helper_version: "bench-stand-in".into() }
-                    }
+                    Request::Hello { .. } => Reply::Hello {
+                        protocol_version: PROTOCOL_VERSION,
+                        helper_version: "bench-stand-in".into(),
+                        signed_recipes: false,
+                    },
                     Request::Status => Reply::Status(HelperStatus {
                         helper_version: "bench-stand-in".into(),
                         protocol_version: PROTOCOL_VERSION,
                         uptime_s: started.elapsed().as_secs(),
                         running: vec![],
+                        recipes_verified: false,
+                        verified_version: None,
                     }),
                     Request::Cancel { target } => Reply::Cancelled { target, found: false },
+                    // Signed recipes are measured through the real helper (push_e2e.py
+                    // SIGNED=1); this stand-in says it has no recipe_key.
+                    Request::Recipe(_) | Request::ApplySigned(_) => Reply::Error(HelperError::new(
+                        ErrorCode::Unsupported,
+                        "bench stand-in: no recipe_key configured",
+                    )),
                 };
                 if codec::write_frame(&mut w, &ReplyFrame { id: frame.id, reply }, DEFAULT_MAX_FRAME).await.is_err() {
                     return;

@@ -10,6 +10,9 @@
 #   VERSION      agent release to install, e.g. 1.2.0                     required
 #   BASE_REMOTE  release base URL; BASE_REMOTE/VERSION/opsagent.tgz        required
 #   UPDATE_KEY   minisign public key (the base64 line of minisign.pub)    required
+#   RECIPE_KEY   minisign public key(s) the backend signs recipes with (base64 lines,
+#                blank-separated while rotating): the root helper then runs only states
+#                of recipes they signed (README "Signed recipes"); unset: not verified
 #   INSTANCE_ID  fixed instance id (else the daemon asks the metadata service)
 #   METADATA_URL base URL of the cloud metadata service
 #   HELPER_NETWORK yes (default): the root helper's commands and package managers may use
@@ -52,6 +55,7 @@ APP_ID=${APP_ID:-}
 VERSION=${VERSION:-}
 BASE_REMOTE=${BASE_REMOTE:-}
 UPDATE_KEY=${UPDATE_KEY:-}
+RECIPE_KEY=${RECIPE_KEY:-}
 INSTANCE_ID=${INSTANCE_ID:-}
 METADATA_URL=${METADATA_URL:-}
 HELPER_NETWORK=${HELPER_NETWORK:-yes}
@@ -68,6 +72,10 @@ need_match APP_ID "$APP_ID" '^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$' "an app id (let
 need_match VERSION "$VERSION" '^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$' "a release version (e.g. 1.2.0)"
 need_match BASE_REMOTE "$BASE_REMOTE" '^https?://[^"[:space:]]+$' "an http:// or https:// URL"
 need_match UPDATE_KEY "$UPDATE_KEY" '^[A-Za-z0-9+/]{40,100}={0,2}$' "a minisign public key (base64 line)"
+if [ -n "$RECIPE_KEY" ]; then
+    need_match RECIPE_KEY "$RECIPE_KEY" '^[A-Za-z0-9+/]{40,100}={0,2}( [A-Za-z0-9+/]{40,100}={0,2})*$' \
+        "one or more minisign public keys (base64 lines, separated by one space)"
+fi
 if [ -n "$INSTANCE_ID" ]; then
     need_match INSTANCE_ID "$INSTANCE_ID" '^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$' "an instance id"
 fi
@@ -283,6 +291,7 @@ NEWCONF=$(mktemp /etc/.opsagent.conf.XXXXXX)
     echo "version = \"$VERSION\""
     echo "base_remote = \"$BASE_REMOTE\""
     echo "update_key = \"$UPDATE_KEY\""
+    [ -z "$RECIPE_KEY" ] || echo "recipe_key = \"$RECIPE_KEY\""
     [ -z "$INSTANCE_ID" ] || echo "instance_id = \"$INSTANCE_ID\""
     [ -z "$METADATA_URL" ] || echo "metadata_url = \"$METADATA_URL\""
 } >"$NEWCONF"
@@ -372,8 +381,9 @@ if [ "$HAVE_SYSTEMD" = 1 ]; then
         systemctl start opsagent-helper.socket opsagent.service
     else
         systemctl start opsagent-helper.socket
-        if [ "$CHANGED_DROPIN" = 1 ]; then
-            # The next connection activates the helper with its new settings.
+        if [ "$CHANGED_DROPIN" = 1 ] || [ "$CHANGED_CONFIG" = 1 ]; then
+            # The next connection activates the helper with its new settings (it reads
+            # recipe_key from the configuration at start).
             systemctl try-restart opsagent-helper.service
         fi
         if systemctl is-active --quiet opsagent.service; then

@@ -251,6 +251,10 @@ impl PrivateHelper {
         // without systemd as PID 1, mount(8), lvm2 and mdadm need CAP_SYS_ADMIN and
         // CAP_MKNOD, which the system helper keeps only with its opt-in drop-in.
         cmd.arg("--storage");
+        // Local use by root needs no signature (root is already root): the private
+        // helper ignores a recipe_key in /etc/opsagent.conf. `--helper-socket` against
+        // the system helper follows that helper's rule instead.
+        cmd.arg("--no-recipe-key");
         cmd.stdin(std::process::Stdio::null())
             .env("LISTEN_FDS", "1")
             .env("LISTEN_FDS_FIRST_FD", inherited.as_raw_fd().to_string())
@@ -525,6 +529,11 @@ fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> 
         println!("  last error {err}{}", at.map(|t| format!(" (at {t})")).unwrap_or_default());
     }
     print_link_details(&r.link);
+    if r.recipes_verified {
+        println!("  recipes    verified: the helper runs only recipes signed by its recipe_key");
+    } else {
+        println!("  recipes    NOT verified: the helper has no recipe_key (see \"Signed recipes\" in the README)");
+    }
     if let Some(last) = r.engine.get("last").and_then(|l| l.as_array()) {
         if let [id, ok] = last.as_slice() {
             let verdict = if ok.as_bool() == Some(true) { "succeeded" } else { "FAILED" };

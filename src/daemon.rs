@@ -279,6 +279,10 @@ pub struct StatusReport {
     /// The last failed self-upgrade of this daemon's life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_failure: Option<UpgradeFailure>,
+    /// The helper has a `recipe_key` and runs only recipes the backend signed (as it
+    /// said when the daemon started).
+    #[serde(default)]
+    pub recipes_verified: bool,
 }
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
@@ -349,7 +353,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let fetcher = Fetcher::new(downloader, fetch_dir.clone(), config.agent.download_max_bytes)
         .map_err(|source| DaemonError::StateDir { path: fetch_dir.display().to_string(), source })?;
     let helper = UnixHelperClient::new(&config.agent.helper_socket, crate::version::running()).with_fetcher(fetcher);
-    wait_for_helper(&helper).await?;
+    let recipes_verified = wait_for_helper(&helper).await?.recipes_verified;
+    if recipes_verified {
+        tracing::info!("the helper verifies recipes: only recipes signed by its recipe_key run");
+    } else {
+        tracing::warn!(
+            "recipes are not verified: the helper has no recipe_key, so whoever controls this daemon or its backend link controls root (see \"Signed recipes\" in the README)"
+        );
+    }
     // Missing tools of a state installed first, as the original's `require` entries did.
     let helper = crate::prereq::Prerequisites::new(helper, config.agent.install_prerequisites);
 
@@ -433,7 +444,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let status_task = tokio::spawn(write_status(
         status_file(&state_dir),
         config.agent.metrics_file.clone(),
-        who,
+        Fixed { who, recipes_verified },
         spool.clone(),
         reports,
         link_status,
@@ -549,14 +560,14 @@ async fn confirm_health(state_dir: PathBuf, mut link: watch::Receiver<LinkStatus
     }
 }
 
-async fn wait_for_helper(helper: &UnixHelperClient) -> Result<(), DaemonError> {
+async fn wait_for_helper(helper: &UnixHelperClient) -> Result<opsagent_proto::request::HelperStatus, DaemonError> {
     let deadline = tokio::time::Instant::now() + HELPER_WAIT;
     let mut logged = false;
     loop {
         match helper.status().await {
             Ok(s) => {
                 tracing::info!(helper_version = %s.helper_version, socket = %helper.path().display(), "helper answers");
-                return Ok(());
+                return Ok(s);
             }
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(DaemonError::Helper { secs: HELPER_WAIT.as_secs(), last: e.to_string() })
@@ -576,11 +587,18 @@ async fn wait_for_helper(helper: &UnixHelperClient) -> Result<(), DaemonError> {
 /// and at once when a round ends. Round starts and ends are stamped with the wall clock
 /// as they are seen ([`crate::metrics::RoundClock`]); the files are written only when
 /// their content changed.
+/// What the status file says that does not change while the daemon runs.
+struct Fixed {
+    who: Identity,
+    /// The helper said at start that it verifies recipes.
+    recipes_verified: bool,
+}
+
 #[allow(clippy::too_many_arguments)] // each is one independent source of the report
 async fn write_status(
     path: PathBuf,
     metrics_path: Option<PathBuf>,
-    who: Identity,
+    Fixed { who, recipes_verified }: Fixed,
     spool: Arc<SharedSpool>,
     reports: Arc<UpgradeReports>,
     link: watch::Receiver<LinkStatus>,
@@ -647,6 +665,7 @@ async fn write_status(
             spool_dropped: dropped,
             metrics,
             upgrade_failure: reports.last(),
+            recipes_verified,
         };
         let bytes = serde_json::to_vec_pretty(&report).unwrap_or_default();
         if bytes != last {

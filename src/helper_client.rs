@@ -19,7 +19,8 @@ use std::time::Duration;
 use opsagent_proto::codec::{self, CodecError};
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{
-    ApplyRequest, FetchedFile, HelperError, HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame,
+    ApplyRequest, ApplySignedRequest, FetchedFile, HelperError, HelperStatus, Outcome, RecipeUpload, Reply, ReplyFrame,
+    Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameWriter};
 use opsagent_proto::timer::sleep_until_opt;
@@ -91,6 +92,16 @@ impl Cancel {
     }
 }
 
+/// A state of a recipe the backend signed: the signed bytes (or why they could not be
+/// formed), and where the state sits in them.
+#[derive(Clone, Debug)]
+pub struct SignedState {
+    pub upload: Result<Arc<RecipeUpload>, String>,
+    /// The version the signature covers.
+    pub version: u64,
+    pub index: u32,
+}
+
 /// What the round engine needs from the helper.
 pub trait HelperClient: Send + Sync {
     fn apply(
@@ -98,6 +109,19 @@ pub trait HelperClient: Send + Sync {
         req: ApplyRequest,
         cancel: Cancel,
     ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send;
+    /// A state of a signed recipe. A helper with a `recipe_key` gets the signed recipe
+    /// (once per connection and version) and is asked for the state by index; a helper
+    /// without one gets `req` as [`HelperClient::apply`] would send it. Clients that do
+    /// not speak signed recipes send `req`.
+    fn apply_signed(
+        &self,
+        req: ApplyRequest,
+        signed: SignedState,
+        cancel: Cancel,
+    ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send {
+        let _ = signed;
+        self.apply(req, cancel)
+    }
     fn status(&self) -> impl Future<Output = Result<HelperStatus, HelperClientError>> + Send;
 }
 
@@ -105,6 +129,10 @@ struct Conn {
     writer: FrameWriter,
     replies: mpsc::Receiver<Result<ReplyFrame, CodecError>>,
     next_id: u64,
+    /// The helper said (in `Hello`) that it has a `recipe_key`.
+    signed_mode: bool,
+    /// The signed recipe this connection's helper has verified.
+    sent: Option<Arc<RecipeUpload>>,
 }
 
 /// Downloads for the helper: into a private directory of the daemon, one uniquely named
@@ -259,7 +287,7 @@ impl UnixHelperClient {
                 }
             }
         });
-        let mut conn = Conn { writer, replies, next_id: 1 };
+        let mut conn = Conn { writer, replies, next_id: 1, signed_mode: false, sent: None };
         let id = self
             .send(
                 &mut conn,
@@ -267,9 +295,10 @@ impl UnixHelperClient {
             )
             .await?;
         match self.recv(&mut conn).await? {
-            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, .. } }
+            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, signed_recipes, .. } }
                 if rid == id && protocol_version == PROTOCOL_VERSION =>
             {
+                conn.signed_mode = signed_recipes;
                 Ok(conn)
             }
             ReplyFrame { reply: Reply::Error(error), .. } => {
@@ -344,13 +373,90 @@ impl UnixHelperClient {
         }
     }
 
+    /// One round trip for a state: by index when the helper verifies recipes and the
+    /// recipe is signed, with its parameters otherwise.
+    async fn step_on(
+        &self,
+        conn: &mut Conn,
+        mut req: ApplyRequest,
+        signed: Option<SignedState>,
+        fetched: Vec<FetchedFile>,
+        cancel: Cancel,
+    ) -> Result<Applied, HelperClientError> {
+        let request = match signed {
+            Some(s) if conn.signed_mode => {
+                let upload = match s.upload {
+                    Ok(u) => u,
+                    Err(e) => {
+                        let why = format!(
+                            "the helper verifies recipes, and this recipe's signed bytes cannot be formed: {e}"
+                        );
+                        return Ok(Applied::Outcome(Outcome::failed(why)));
+                    }
+                };
+                // The recipe and the state go back to back, without waiting for the
+                // verification: the helper takes a connection's requests in order, and
+                // refuses the state if it refused the recipe.
+                let recipe = if conn.sent.as_ref().is_some_and(|sent| Arc::ptr_eq(sent, &upload)) {
+                    None
+                } else {
+                    let id = self.send(conn, Request::Recipe((*upload).clone())).await.map_err(|e| match e {
+                        HelperClientError::Codec { path, source: source @ CodecError::Io(_) } => {
+                            HelperClientError::Unsent { path, source }
+                        }
+                        other => other,
+                    })?;
+                    Some((id, upload))
+                };
+                let apply =
+                    Request::ApplySigned(ApplySignedRequest { recipe_version: s.version, index: s.index, fetched });
+                return self.apply_after_recipe(conn, recipe, apply, cancel).await;
+            }
+            _ => {
+                req.fetched = fetched;
+                Request::Apply(req)
+            }
+        };
+        self.apply_on(conn, request, cancel, None).await.map(|(applied, _)| applied)
+    }
+
+    /// `apply` after the signed recipe `recipe` (its request id), if one was just sent:
+    /// the recipe's refusal is the state's outcome.
+    async fn apply_after_recipe(
+        &self,
+        conn: &mut Conn,
+        recipe: Option<(u64, Arc<RecipeUpload>)>,
+        apply: Request,
+        cancel: Cancel,
+    ) -> Result<Applied, HelperClientError> {
+        let (applied, verdict) = self.apply_on(conn, apply, cancel, recipe.as_ref().map(|(id, _)| *id)).await?;
+        match (recipe, verdict) {
+            (Some(_), Some(Err(refusal))) => {
+                Ok(Applied::Outcome(Outcome::failed(format!("the helper refused the signed recipe: {refusal}"))))
+            }
+            (Some((_, upload)), Some(Ok(()))) => {
+                conn.sent = Some(upload);
+                Ok(applied)
+            }
+            (Some(_), None) => Err(HelperClientError::Protocol {
+                path: self.shown(),
+                what: "no answer to the signed recipe before the state's".into(),
+            }),
+            (None, _) => Ok(applied),
+        }
+    }
+
+    /// Sends `request` and waits for its answer. `recipe`: the id of a `Recipe` request
+    /// sent just before, whose answer comes first: `Ok` verified, `Err` the refusal.
     async fn apply_on(
         &self,
         conn: &mut Conn,
-        req: ApplyRequest,
+        request: Request,
         mut cancel: Cancel,
-    ) -> Result<Applied, HelperClientError> {
-        let id = match self.send(conn, Request::Apply(req)).await {
+        recipe: Option<u64>,
+    ) -> Result<(Applied, Option<Result<(), String>>), HelperClientError> {
+        let mut verdict = None;
+        let id = match self.send(conn, request).await {
             Err(HelperClientError::Codec { path, source: source @ CodecError::Io(_) }) => {
                 return Err(HelperClientError::Unsent { path, source })
             }
@@ -366,8 +472,14 @@ impl UnixHelperClient {
                         None => return Err(HelperClientError::Closed { path: self.shown() }),
                     };
                     match frame.reply {
-                        Reply::Outcome(o) if frame.id == id => return Ok(Applied::Outcome(o)),
-                        Reply::NeedFetch { urls } if frame.id == id => return Ok(Applied::NeedFetch(urls)),
+                        Reply::RecipeVerified { .. } if Some(frame.id) == recipe => verdict = Some(Ok(())),
+                        Reply::Error(error) if Some(frame.id) == recipe => verdict = Some(Err(error.message)),
+                        Reply::Outcome(o) if frame.id == id => return Ok((Applied::Outcome(o), verdict)),
+                        Reply::NeedFetch { urls } if frame.id == id => return Ok((Applied::NeedFetch(urls), verdict)),
+                        // The state refused after its recipe was: the recipe's reason says it.
+                        Reply::Error(_) if frame.id == id && matches!(verdict, Some(Err(_))) => {
+                            return Ok((Applied::Outcome(Outcome::failed(String::new())), verdict))
+                        }
                         Reply::Error(error) if frame.id == id || frame.id == 0 => {
                             return Err(HelperClientError::Refused { path: self.shown(), error })
                         }
@@ -391,14 +503,29 @@ impl UnixHelperClient {
 }
 
 impl UnixHelperClient {
-    async fn apply_once(&self, req: ApplyRequest, cancel: Cancel) -> Result<Applied, HelperClientError> {
-        self.with_conn(false, move |me, conn| Box::pin(me.apply_on(conn, req.clone(), cancel.clone()))).await
+    async fn step(
+        &self,
+        req: &ApplyRequest,
+        signed: Option<&SignedState>,
+        fetched: &[FetchedFile],
+        cancel: &Cancel,
+    ) -> Result<Applied, HelperClientError> {
+        self.with_conn(false, move |me, conn| {
+            Box::pin(me.step_on(conn, req.clone(), signed.cloned(), fetched.to_vec(), cancel.clone()))
+        })
+        .await
     }
-}
 
-impl HelperClient for UnixHelperClient {
-    async fn apply(&self, mut req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
-        let urls = match self.apply_once(req.clone(), cancel.clone()).await? {
+    /// A state, with one round of downloads if the helper asks for them.
+    async fn apply_state(
+        &self,
+        req: ApplyRequest,
+        signed: Option<SignedState>,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        // Files the caller already has (a retried request) go with the first attempt.
+        let given = req.fetched.clone();
+        let urls = match self.step(&req, signed.as_ref(), &given, &cancel).await? {
             Applied::Outcome(o) => return Ok(o),
             Applied::NeedFetch(urls) => urls,
         };
@@ -419,14 +546,28 @@ impl HelperClient for UnixHelperClient {
                 })
             }
         };
-        req.fetched = fetched;
-        match self.apply_once(req, cancel).await? {
+        match self.step(&req, signed.as_ref(), &fetched, &cancel).await? {
             Applied::Outcome(o) => Ok(o),
             Applied::NeedFetch(again) => Ok(Outcome::failed(format!(
                 "the helper asked again for {} after it was downloaded; giving up",
                 again.join(", ")
             ))),
         }
+    }
+}
+
+impl HelperClient for UnixHelperClient {
+    async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
+        self.apply_state(req, None, cancel).await
+    }
+
+    async fn apply_signed(
+        &self,
+        req: ApplyRequest,
+        signed: SignedState,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        self.apply_state(req, Some(signed), cancel).await
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {

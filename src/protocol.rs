@@ -22,7 +22,10 @@ pub mod capability {
     /// The agent reports a failed self-upgrade once with `UpgradeReport` (a v1 backend
     /// never hears of it: a failing StateLog would name a state it never sent).
     pub const UPGRADE_REPORT: &str = "upgrade-report";
-    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT];
+    /// `RecipeMetadata` may carry a `signature` (and states a `fetch_sha256`) that the
+    /// root helper verifies (`docs/spec/protocol.md`, "Signed recipes").
+    pub const SIGNED_RECIPES: &str = "signed-recipes";
+    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT, SIGNED_RECIPES];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +53,10 @@ pub struct WireState {
     pub id: String,
     pub module: String,
     pub parameter: Value,
+    /// Extension (signed recipes): URL → sha256 of content the state downloads, set by
+    /// the signer; part of the signed bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_sha256: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +67,9 @@ pub struct RecipeMetadata {
     pub module: Option<Value>,
     /// `None`: a header-only message ("same recipe, new version number").
     pub states: Option<Vec<WireState>>,
+    /// Extension (signed recipes): the minisign signature of the recipe's canonical
+    /// bytes, as the text of a `.minisig` file.
+    pub signature: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,7 +194,8 @@ pub fn parse_states(code: &str, list: &Value) -> Result<Vec<WireState>, Protocol
                 Some(p) => p.clone(),
                 None => return Err(malformed(code, format!("state {id:?} has no \"parameter\""))),
             };
-            Ok(WireState { id, module, parameter })
+            let fetch_sha256 = o.get(opsagent_proto::signed::FETCH_PINS).cloned();
+            Ok(WireState { id, module, parameter, fetch_sha256 })
         })
         .collect()
 }
@@ -200,7 +211,13 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
                 None | Some(Value::Null) => None,
                 Some(list) => Some(parse_states(code, list)?),
             };
-            Inbound::RecipeMetadata(RecipeMetadata { recipe_version, module: o.get("module").cloned(), states })
+            let signature = o.get("signature").and_then(Value::as_str).map(str::to_string);
+            Inbound::RecipeMetadata(RecipeMetadata {
+                recipe_version,
+                module: o.get("module").cloned(),
+                states,
+                signature,
+            })
         }
         "State" => Inbound::State {
             recipe_version: get_version(o, code)?,

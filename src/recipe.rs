@@ -8,9 +8,12 @@
 //! problem, and the others run.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use opsagent_proto::catalogue::{parse_state, Parsed};
 use opsagent_proto::newtypes::StateId;
+use opsagent_proto::request::RecipeUpload;
+use opsagent_proto::signed::{self, SignState};
 use serde_json::Value;
 
 use crate::protocol::{parse_states, too_many_states, ProtocolError, WireState, MAX_STATES};
@@ -36,6 +39,9 @@ pub struct RecipeState {
     pub parameter: Value,
     /// The typed parameters, or why this state cannot run.
     pub parsed: Result<Parsed, String>,
+    /// Extension (signed recipes): the signer's sha256 pins of downloads, kept so that
+    /// the canonical bytes can be rebuilt (and the reference backend passes them on).
+    pub fetch_sha256: Option<Value>,
 }
 
 impl RecipeState {
@@ -62,9 +68,29 @@ pub struct Recipe {
     /// `module.repo`/`module.tag` of the original protocol: recorded, never used.
     pub module_info: Option<Value>,
     pub states: Vec<RecipeState>,
+    /// Extension (signed recipes): the signed bytes and signature handed to the root
+    /// helper, or why they could not be formed. `None`: the backend did not sign.
+    pub signed: Option<Result<Arc<RecipeUpload>, String>>,
 }
 
 impl Recipe {
+    /// Attaches the backend's `signature`: the canonical bytes are rebuilt from this
+    /// recipe's states (`docs/spec/protocol.md`, "Signed recipes"); only the helper
+    /// verifies them.
+    pub fn attach_signature(&mut self, signature: String) {
+        let states = self.states.iter().map(|s| SignState {
+            id: s.id.as_str(),
+            module: &s.module,
+            parameter: &s.parameter,
+            pins: s.fetch_sha256.as_ref(),
+        });
+        self.signed = Some(
+            signed::canonical_bytes(self.version, states)
+                .map(|bytes| Arc::new(RecipeUpload { bytes, signature }))
+                .map_err(|e| e.to_string()),
+        );
+    }
+
     pub fn from_wire(version: u64, module_info: Option<Value>, states: Vec<WireState>) -> Result<Self, RecipeError> {
         // Each list was capped by `parse_states`; components add up.
         if states.len() > MAX_STATES {
@@ -77,10 +103,10 @@ impl Recipe {
                     Err(_) => Err(bad_id(&w.id)),
                     Ok(_) => parse_state(&w.module, &w.parameter).map_err(|e| e.to_string()),
                 };
-                RecipeState { id: w.id, module: w.module, parameter: w.parameter, parsed }
+                RecipeState { id: w.id, module: w.module, parameter: w.parameter, parsed, fetch_sha256: w.fetch_sha256 }
             })
             .collect();
-        Ok(Self { version, module_info, states })
+        Ok(Self { version, module_info, states, signed: None })
     }
 
     /// Loads a recipe file in any of the shapes in use: a `RecipeMetadata` message or
@@ -139,7 +165,11 @@ impl Recipe {
         } else {
             return Err(shape("expected a \"state\" list, a \"component\" object or a list of states"));
         };
-        Self::from_wire(version, v.get("module").cloned(), states)
+        let mut recipe = Self::from_wire(version, v.get("module").cloned(), states)?;
+        if let Some(sig) = v.get("signature").and_then(Value::as_str) {
+            recipe.attach_signature(sig.to_string());
+        }
+        Ok(recipe)
     }
 
     /// The recipe as a document [`Recipe::from_document`] reads back (for persisting).
@@ -147,9 +177,19 @@ impl Recipe {
         let states: Vec<Value> = self
             .states
             .iter()
-            .map(|s| serde_json::json!({"id": s.id, "module": s.module, "parameter": s.parameter}))
+            .map(|s| {
+                let mut v = serde_json::json!({"id": s.id, "module": s.module, "parameter": s.parameter});
+                if let Some(pins) = &s.fetch_sha256 {
+                    v[signed::FETCH_PINS] = pins.clone();
+                }
+                v
+            })
             .collect();
-        serde_json::json!({"recipe_version": self.version, "module": self.module_info, "state": states})
+        let mut doc = serde_json::json!({"recipe_version": self.version, "module": self.module_info, "state": states});
+        if let Some(Ok(upload)) = &self.signed {
+            doc["signature"] = Value::String(upload.signature.clone());
+        }
+        doc
     }
 
     pub fn has_waits(&self) -> bool {
@@ -252,5 +292,35 @@ mod tests {
         let doc = json!({"component": {"a": {"state": list(half)}, "b": {"state": list(half)}}});
         let err = Recipe::from_document(&doc).unwrap_err().to_string();
         assert!(err.contains("more than the 10000 a recipe may hold"), "{err}");
+    }
+
+    /// The signed bytes are rebuilt from the states as received (`stateid` or a numeric
+    /// id, `fetch_sha256` pins) and survive persisting the recipe; a fraction refuses them.
+    #[test]
+    fn a_signature_is_attached_to_the_canonical_bytes_and_persisted() {
+        let text = json!({"code": "RecipeMetadata", "recipe_version": 4, "signature": "SIG", "state": [
+            {"stateid": 7, "module": "linux.file", "parameter": {"path": "/etc/motd", "content": "hi"},
+             "fetch_sha256": {"http://h/x": "ab"}}
+        ]})
+        .to_string();
+        let crate::protocol::Inbound::RecipeMetadata(m) = crate::protocol::parse_inbound(&text).unwrap() else {
+            panic!("not a RecipeMetadata")
+        };
+        assert_eq!(m.signature.as_deref(), Some("SIG"));
+        let mut r = Recipe::from_wire(4, None, m.states.unwrap()).unwrap();
+        assert!(r.signed.is_none(), "no signature until one is attached");
+        r.attach_signature(m.signature.unwrap());
+        let upload = r.signed.clone().unwrap().unwrap();
+        assert_eq!(
+            upload.bytes,
+            r#"{"recipe_version":4,"state":[{"fetch_sha256":{"http://h/x":"ab"},"id":"7","module":"linux.file","parameter":{"content":"hi","path":"/etc/motd"}}]}"#
+        );
+        let back = Recipe::from_document(&r.to_document()).unwrap();
+        assert_eq!(back.signed.unwrap().unwrap(), upload);
+        let mut float = Recipe::from_document(&json!({"recipe_version": 2, "state": [
+            {"id": "s", "module": "linux.file", "parameter": {"path": "/x", "mode": 1.5}}]}))
+        .unwrap();
+        float.attach_signature("SIG".into());
+        assert!(float.signed.unwrap().unwrap_err().contains("non-integer"));
     }
 }

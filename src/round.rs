@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
-use crate::helper_client::{cancel_pair, Cancel, HelperClient};
+use crate::helper_client::{cancel_pair, Cancel, HelperClient, SignedState};
 use crate::protocol::StateLog;
 use crate::recipe::{Recipe, RecipeState};
 
@@ -604,7 +604,12 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                     module: state.module.clone(),
                 });
                 let req = ApplyRequest::new(id, self.st.version, params.clone());
-                let end = self.run_helper(req).await;
+                // A signed recipe: the helper may run its own verified copy of this state.
+                let signed = self.st.recipe.as_ref().and_then(|r| {
+                    let upload = r.signed.clone()?;
+                    Some(SignedState { upload, version: r.version, index: u32::try_from(index).ok()? })
+                });
+                let end = self.run_helper(req, signed).await;
                 match end {
                     StateEnd::Done(mut o) => {
                         for w in &parsed.warnings {
@@ -618,9 +623,15 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         }
     }
 
-    async fn run_helper(&mut self, req: ApplyRequest) -> StateEnd {
+    async fn run_helper(&mut self, req: ApplyRequest, signed: Option<SignedState>) -> StateEnd {
         let (handle, cancel): (_, Cancel) = cancel_pair();
-        let fut = self.helper.apply(req, cancel);
+        let helper = &self.helper;
+        let fut = async move {
+            match signed {
+                Some(signed) => helper.apply_signed(req, signed, cancel).await,
+                None => helper.apply(req, cancel).await,
+            }
+        };
         tokio::pin!(fut);
         let mut tick = tokio::time::interval(TICK);
         let mut stop_deadline: Option<Instant> = None;

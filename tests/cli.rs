@@ -241,3 +241,37 @@ fn apply_without_a_file_on_a_terminal_says_what_the_demo_does_first() {
     assert!(notice < first_result, "the notice comes first: {text}");
     assert!(text.contains("Nothing outside /tmp/opsagent-demo changes"), "{text}");
 }
+
+/// `opsagent apply --helper-socket` against a helper with a `recipe_key` follows that
+/// helper's rule: the states, which nobody signed, are refused and nothing is written.
+#[test]
+fn apply_against_a_helper_that_verifies_recipes_runs_nothing_unsigned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("opsagent.conf");
+    // Any valid minisign public key: nothing here is signed with it.
+    std::fs::write(
+        &conf,
+        "[userdata]\napp_id = app-1\nrecipe_key = RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    let socket = tmp.path().join("h.sock");
+    let state = tmp.path().join("hs");
+    let helper = common::start_helper_with(
+        tmp.path(),
+        &socket,
+        &["--config", conf.to_str().unwrap(), "--state-dir", state.to_str().unwrap()],
+    );
+    let target = tmp.path().join("written");
+    let recipe = tmp.path().join("r.json");
+    let doc = serde_json::json!([{"module": "linux.file", "parameter": {"path": target, "content": "x"}}]);
+    std::fs::write(&recipe, doc.to_string()).unwrap();
+    let out = Command::new(bin("opsagent"))
+        .args(["apply", "--helper-socket", socket.to_str().unwrap(), recipe.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("a recipe_key is configured"), "{text}\nhelper: {}", helper.log_text());
+    assert!(!target.exists());
+}

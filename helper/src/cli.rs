@@ -43,6 +43,12 @@ pub struct Cli {
     /// Under socket activation: exit after this many seconds without a request (the
     /// socket starts the helper again on the next connection); 0 stays up.
     pub exit_idle: u64,
+    /// The root-owned file whose `[userdata] recipe_key` (and `app_id`) put the helper
+    /// in signed mode.
+    pub config: PathBuf,
+    /// Ignore `recipe_key`: the private helper of `opsagent apply`, run by root for
+    /// root, verifies nothing (root is already root).
+    pub no_recipe_key: bool,
 }
 
 impl Default for Cli {
@@ -58,6 +64,8 @@ impl Default for Cli {
             reply_timeout: 30,
             storage: false,
             exit_idle: 0,
+            config: PathBuf::from(crate::signed::DEFAULT_CONFIG),
+            no_recipe_key: false,
         }
     }
 }
@@ -118,6 +126,13 @@ Options:
           Exit after this many seconds without a request; the listening socket stays
           with systemd, which starts the helper again on the next connection. Needs
           socket activation; 0 stays up [default: 0]
+      --config <PATH>
+          The configuration file whose [userdata] recipe_key (one or more minisign
+          public keys) and app_id make the helper run only recipes signed by the
+          backend; it must be owned by root and not writable by group or others
+          [default: /etc/opsagent.conf]
+      --no-recipe-key
+          Ignore recipe_key (the private helper of `opsagent apply`, run by root)
       --storage
           Keep CAP_SYS_ADMIN and CAP_MKNOD for linux.lvm.* and linux.raid (the opt-in
           storage drop-in sets it) [env: {STORAGE_ENV}=]
@@ -149,6 +164,7 @@ const MAX_CONNECTIONS: &str = "--max-connections-per-uid <N>";
 const IDLE_TIMEOUT: &str = "--idle-timeout <SECONDS>";
 const EXIT_IDLE: &str = "--exit-idle <SECONDS>";
 const REPLY_TIMEOUT: &str = "--reply-timeout <SECONDS>";
+const CONFIG: &str = "--config <PATH>";
 
 fn utf8<'a>(option: &'static str, value: &'a OsStr) -> Result<&'a str, CliError> {
     value.to_str().ok_or_else(|| CliError::Invalid {
@@ -186,6 +202,10 @@ impl Cli {
                     cli.storage = true;
                     continue;
                 }
+                "--no-recipe-key" => {
+                    cli.no_recipe_key = true;
+                    continue;
+                }
                 _ => {}
             }
             // `--name=value` or `--name value`; the value may be any bytes (paths).
@@ -207,6 +227,7 @@ impl Cli {
                 "--idle-timeout" => IDLE_TIMEOUT,
                 "--exit-idle" => EXIT_IDLE,
                 "--reply-timeout" => REPLY_TIMEOUT,
+                "--config" => CONFIG,
                 _ => return Err(CliError::Unexpected(name)),
             };
             let value = match inline {
@@ -224,6 +245,7 @@ impl Cli {
                 MAX_CONNECTIONS => cli.max_connections_per_uid = number(option, &value)?,
                 IDLE_TIMEOUT => cli.idle_timeout = number(option, &value)?,
                 REPLY_TIMEOUT => cli.reply_timeout = number(option, &value)?,
+                CONFIG => cli.config = PathBuf::from(value),
                 _ => cli.exit_idle = number(option, &value)?,
             }
             if option != ALLOW_USER && seen.contains(&option) {
@@ -288,6 +310,7 @@ mod tests {
                 reply_timeout: 30,
                 storage: false,
                 exit_idle: 120,
+                ..Cli::default()
             }
         );
         // A value may itself contain '='.
@@ -309,6 +332,15 @@ mod tests {
         assert!(err.to_string().contains("needs socket activation"), "{err}");
         assert_eq!(run(&["--socket", "/run/h.sock", "--exit-idle", "0"]).socket, Some("/run/h.sock".into()));
         assert_eq!(parse(&["--storage=maybe"]), Err(CliError::Unexpected("--storage".into())), "a flag takes no value");
+    }
+
+    #[test]
+    fn the_recipe_key_file_and_its_opt_out() {
+        assert_eq!(run(&[]).config, PathBuf::from("/etc/opsagent.conf"));
+        assert!(!run(&[]).no_recipe_key);
+        let cli = run(&["--config=/srv/o.conf", "--no-recipe-key"]);
+        assert_eq!((cli.config, cli.no_recipe_key), (PathBuf::from("/srv/o.conf"), true));
+        assert_eq!(parse(&["--config", "a", "--config", "b"]), Err(CliError::Repeated(CONFIG)));
     }
 
     #[test]

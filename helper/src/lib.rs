@@ -18,6 +18,7 @@ pub mod identity;
 pub mod logging;
 pub mod policy;
 pub mod server;
+pub mod signed;
 pub mod socket;
 pub mod states;
 pub mod systemd;
@@ -59,6 +60,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
     .map_err(policy::startup_error)?;
     tracing::info!(policy = %policy, "policy loaded");
+    let trust = if cli.no_recipe_key {
+        None
+    } else {
+        signed::RecipeTrust::load(&cli.config, 0).context("refusing to start: cannot read the recipe signing key")?
+    };
+    let signed = match trust {
+        Some(trust) => {
+            tracing::info!(
+                config = %cli.config.display(),
+                keys = trust.key_count(),
+                app_id = trust.app_id(),
+                "recipe_key configured: only recipes it signed run"
+            );
+            Some(Arc::new(signed::SignedStore::open(trust, &cli.state_dir)))
+        }
+        None => {
+            tracing::warn!(
+                config = %cli.config.display(),
+                "no recipe_key configured: recipes are not verified; the agent's requests run as they come"
+            );
+            None
+        }
+    };
     let allow = Allowlist::resolve(&cli.allow_user)?;
     tracing::info!(allowed = %allow, "allowlist resolved");
 
@@ -84,6 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         exit_idle: (cli.exit_idle > 0).then(|| Duration::from_secs(cli.exit_idle)),
         reply_timeout: Duration::from_secs(cli.reply_timeout.max(1)),
         ctx: states::Ctx::new(cli.state_dir.clone()).with_policy(policy),
+        signed,
     });
     // One thread: the helper serves one agent, one request at a time per connection;
     // a multi-thread scheduler only added cross-thread hand-offs to every request (and

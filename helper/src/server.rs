@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use opsagent_proto::codec::{CodecError, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{
-    self, ApplyRequest, Change, DecodeError, ErrorCode, HelperError, HelperStatus, Reply, ReplyFrame, Request,
-    RequestFrame,
+    self, ApplyRequest, ApplySignedRequest, Change, DecodeError, ErrorCode, HelperError, HelperStatus, Reply,
+    ReplyFrame, Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameReader, FrameWriter};
 use opsagent_proto::timer::sleep_until_opt;
@@ -28,9 +28,14 @@ use tracing::{debug, info, warn};
 
 use crate::cancel::{self, Canceller};
 use crate::identity::Allowlist;
+use crate::signed::{self as signed_mode, SignedApply, SignedStore};
 use crate::states::{self, Ctx, Step};
 
 pub const HELPER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Signed recipes up to this size are verified on the request loop (well under a
+/// millisecond); larger ones on the blocking pool.
+const INLINE_VERIFY_BYTES: usize = 64 * 1024;
 
 pub struct Config {
     pub allow: Allowlist,
@@ -47,6 +52,9 @@ pub struct Config {
     /// reads would otherwise hold the request (and the helper's idle exit) forever.
     pub reply_timeout: Duration,
     pub ctx: Ctx,
+    /// Signed mode: the `recipe_key` and the verified recipe. `None`: no key is
+    /// configured and recipes are not verified (the daemon sends parameters).
+    pub signed: Option<Arc<SignedStore>>,
 }
 
 /// State shared by all connections: what runs now, for `Status`.
@@ -112,6 +120,8 @@ impl Shared {
             protocol_version: PROTOCOL_VERSION,
             uptime_s: self.started.elapsed().as_secs(),
             running: self.running.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect(),
+            recipes_verified: self.config.signed.is_some(),
+            verified_version: self.config.signed.as_ref().and_then(|s| s.version()),
         }
     }
 }
@@ -268,6 +278,10 @@ struct Connection {
     /// The peer's uid (SO_PEERCRED), for the states' checks of fetched files.
     peer_uid: u32,
     greeted: bool,
+    /// Why the last `recipe` on this connection was refused: the `apply-signed` a client
+    /// sent right behind it (without waiting for the answer) is refused too, so that a
+    /// state of the recipe verified before does not run in place of the one it asked for.
+    refused_recipe: Option<String>,
     /// The peer is gone or the stream is unusable: write nothing more.
     dead: bool,
 }
@@ -276,7 +290,7 @@ impl Connection {
     fn new(rd: FrameReader, wr: FrameWriter, shared: Arc<Shared>, peer_uid: u32) -> Self {
         let (tx, rx) = mpsc::channel(4);
         let reader = tokio::spawn(read_frames(rd, tx, shared.config.max_frame));
-        Self { shared, rx, wr, reader, peer_uid, greeted: false, dead: false }
+        Self { shared, rx, wr, reader, peer_uid, greeted: false, refused_recipe: None, dead: false }
     }
 
     async fn run(mut self) {
@@ -327,7 +341,11 @@ impl Connection {
                 }
                 info!(id, agent_version, "hello");
                 self.greeted = true;
-                let hello = Reply::Hello { protocol_version: PROTOCOL_VERSION, helper_version: HELPER_VERSION.into() };
+                let hello = Reply::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    helper_version: HELPER_VERSION.into(),
+                    signed_recipes: self.shared.config.signed.is_some(),
+                };
                 self.reply(id, hello).await;
             }
             _ if !self.greeted => {
@@ -344,11 +362,95 @@ impl Connection {
                 info!(id, target, "cancel requested, but nothing runs");
                 self.reply(id, Reply::Cancelled { target, found: false }).await;
             }
-            Request::Apply(req) => self.apply(id, req).await,
+            Request::Apply(req) => {
+                if self.shared.config.signed.is_some() {
+                    let message = format!(
+                        "a recipe_key is configured: only states of a signed recipe run, and state {} came with its parameters from the daemon",
+                        req.state_id.as_str()
+                    );
+                    let (state_id, module) = (req.state_id.as_str(), req.params.name());
+                    warn!(id, state_id, module, result = "refused", code = ?ErrorCode::Unverified, error = %message, "request refused");
+                    self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unverified, message))).await;
+                    return;
+                }
+                self.apply(id, req, None).await;
+            }
+            Request::Recipe(upload) => {
+                let Some(store) = self.shared.config.signed.clone() else {
+                    let message = "no recipe_key is configured: recipes are not verified; send apply requests";
+                    self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unsupported, message))).await;
+                    return;
+                };
+                // A small recipe is verified here (a hop to the blocking pool cost as much
+                // as the work, on the path from a push to its first state); a large one,
+                // which takes milliseconds, on the blocking pool, so that cancellations on
+                // other connections are not held up.
+                let accepted = if upload.bytes.len() <= INLINE_VERIFY_BYTES {
+                    store.accept(&upload)
+                } else {
+                    let verifier = Arc::clone(&store);
+                    match tokio::task::spawn_blocking(move || verifier.accept(&upload)).await {
+                        Ok(r) => r,
+                        Err(e) => Err(HelperError::new(ErrorCode::Internal, format!("verification failed: {e}"))),
+                    }
+                };
+                match accepted {
+                    Ok(a) => {
+                        info!(
+                            id,
+                            app_id = a.app_id,
+                            recipe_version = a.version,
+                            states = a.states,
+                            "signed recipe verified"
+                        );
+                        self.refused_recipe = None;
+                        let states = u32::try_from(a.states).unwrap_or(u32::MAX);
+                        let reply = Reply::RecipeVerified { app_id: a.app_id, recipe_version: a.version, states };
+                        self.reply(id, reply).await;
+                        // Kept on disk once the first state is on its way (see `persist`).
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = store.persist() {
+                                warn!(error = %e, "cannot keep the verified recipe in the state directory");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        warn!(id, result = "refused", code = ?e.code, error = %e.message, "signed recipe refused");
+                        self.refused_recipe = Some(e.message.clone());
+                        self.reply(id, Reply::Error(e)).await;
+                    }
+                }
+            }
+            Request::ApplySigned(req) => self.apply_signed(id, &req).await,
         }
     }
 
-    async fn apply(&mut self, id: u64, req: ApplyRequest) {
+    async fn apply_signed(&mut self, id: u64, req: &ApplySignedRequest) {
+        let Some(store) = self.shared.config.signed.clone() else {
+            let message = "no recipe_key is configured: recipes are not verified; send apply requests";
+            self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unsupported, message))).await;
+            return;
+        };
+        let checked = match self.refused_recipe.take() {
+            Some(why) => Err(HelperError::new(
+                ErrorCode::Unverified,
+                format!("the recipe sent before on this connection was refused: {why}"),
+            )),
+            None => store.request(req),
+        };
+        match checked {
+            Ok(signed) => self.apply(id, signed.apply.clone(), Some(&signed)).await,
+            Err(e) => {
+                let (version, index) = (req.recipe_version, req.index);
+                warn!(id, recipe_version = version, index, result = "refused", code = ?e.code, error = %e.message, "request refused");
+                self.reply(id, Reply::Error(e)).await;
+            }
+        }
+    }
+
+    /// Runs one state. `signed`: it is a state of the verified recipe, whose downloads
+    /// must be pinned.
+    async fn apply(&mut self, id: u64, req: ApplyRequest, signed: Option<&SignedApply>) {
         let shared = Arc::clone(&self.shared);
         let module = req.params.name();
         let state_id = req.state_id.as_str();
@@ -373,6 +475,13 @@ impl Connection {
         };
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match result {
+            Ok(Step::NeedFetch(urls)) if signed.and_then(|s| s.unpinned(&urls)).is_some() => {
+                let url = signed.and_then(|s| s.unpinned(&urls)).unwrap_or_default();
+                let mut outcome = request::Outcome::failed(signed_mode::unpinned(url));
+                outcome.duration_ms = duration_ms;
+                warn!(id, state_id, module, result = false, url, duration_ms, comment = %outcome.comment, "outcome");
+                self.reply(id, Reply::Outcome(outcome)).await;
+            }
             Ok(Step::NeedFetch(urls)) => {
                 info!(id, state_id, module, urls = %urls.join(" "), duration_ms, "needs downloads");
                 self.reply(id, Reply::NeedFetch { urls }).await;

@@ -24,6 +24,7 @@ use super::recipes::{
     self, parse_recipe, parse_reconnect, parse_update, read_one, valid_app_id, AppRecord, DirFile, FileKind, Scan,
     Served, UpdateOrder, VersionStore,
 };
+use super::signing::RecipeSigner;
 use super::wire::{self, out, AgentMsg, Hello, StateLogMsg};
 use super::{BackendError, BackendOptions};
 use crate::protocol::capability;
@@ -117,6 +118,23 @@ pub(crate) struct Hub {
     seen: HashSet<(String, u64)>,
     /// `(instance_id, recipe_version)` → waits released for it, in release order.
     released: BTreeMap<(String, u64), Vec<Release>>,
+    /// `--signing-key`: every pushed recipe is signed.
+    signer: Option<RecipeSigner>,
+}
+
+/// The `RecipeMetadata` of `s`, signed when the backend has a signing key.
+fn recipe_frame(signer: &mut Option<RecipeSigner>, app: &str, s: &Served) -> Value {
+    let mut frame = out::recipe_metadata(s.version, s.module.as_ref(), &s.states);
+    if let Some(signer) = signer.as_mut() {
+        match signer.sign(app, s.version, &s.hash, &s.states) {
+            Ok(sig) => frame["signature"] = Value::String(sig),
+            Err(e) => error!(
+                "app {app} recipe version {}: cannot sign it: {e}; pushed unsigned (agents that verify recipes will not run it)",
+                s.version
+            ),
+        }
+    }
+    frame
 }
 
 /// Marks a statelog line that released nothing (another recipe version than the one the
@@ -169,7 +187,11 @@ impl Hub {
             instances: BTreeMap::new(),
             seen: HashSet::new(),
             released: BTreeMap::new(),
+            signer: opts.signing_key.as_deref().map(RecipeSigner::load).transpose()?,
         };
+        if let Some(signer) = &hub.signer {
+            info!("signing every recipe; agents verify them with recipe_key = {}", signer.public_key());
+        }
         for line in &history {
             let s = wire::statelog_fields(line);
             if let (Some(i), Some(seq)) = (&s.instance_id, s.seq) {
@@ -451,7 +473,7 @@ impl Hub {
         let served_version = served.map(|s| s.version);
         let mut frames = Vec::new();
         if announced {
-            frames.push(out::capabilities());
+            frames.push(out::capabilities(self.signer.is_some()));
         }
         match served {
             None => {
@@ -465,7 +487,7 @@ impl Hub {
                     reg.agent_version.as_deref().unwrap_or("?"),
                     s.version
                 );
-                frames.push(out::recipe_metadata(s.version, s.module.as_ref(), &s.states));
+                frames.push(recipe_frame(&mut self.signer, &app_id, s));
                 if let Some(order) = update.filter(|o| reg.agent_version.as_deref() != Some(o.version.as_str())) {
                     info!(conn, "AgentUpdate {} to {instance_id}", order.version);
                     frames.push(out::agent_update(&order.version, &order.url));
@@ -726,7 +748,7 @@ impl Hub {
         let served = candidate.serve(version);
         info!("{}: app {app} recipe version {version} ({} states)", f.path.display(), served.states.len());
         self.events.record("recipe_loaded", json!({"app_id": app, "file": f.path, "recipe_version": version}));
-        let frame = out::recipe_metadata(version, served.module.as_ref(), &served.states);
+        let frame = recipe_frame(&mut self.signer, app, &served);
         state.served = Some(served);
         if self.versions.apps.get(app) != Some(&record) {
             self.versions.set(app, record);

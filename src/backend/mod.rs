@@ -102,6 +102,7 @@ mod hub;
 mod journal;
 pub mod pins;
 mod recipes;
+mod signing;
 mod wire;
 
 use std::net::SocketAddr;
@@ -116,6 +117,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use conn::tls_server_config;
 pub use journal::Rotation;
+pub use signing::PASSWORD_ENV as SIGNING_KEY_PASSWORD_ENV;
 pub use wire::out::CAPABILITIES;
 
 pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
@@ -197,6 +199,8 @@ pub struct BackendOptions {
     pub limits: Limits,
     /// Of the statelog and the event log.
     pub rotation: Rotation,
+    /// A minisign secret key: every recipe pushed is signed with it (see `signing`).
+    pub signing_key: Option<PathBuf>,
 }
 
 impl BackendOptions {
@@ -213,6 +217,7 @@ impl BackendOptions {
             insecure_plaintext: false,
             limits: Limits::default(),
             rotation: Rotation::default(),
+            signing_key: None,
         }
     }
 

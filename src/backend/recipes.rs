@@ -196,7 +196,12 @@ pub(crate) fn parse_recipe(bytes: &[u8]) -> Result<Candidate, String> {
                 };
                 waits.push(WaitSpec { state_id: s.id.as_str().to_string(), refs });
             }
-            WireState { id: s.id.as_str().to_string(), module: s.module, parameter: s.parameter }
+            WireState {
+                id: s.id.as_str().to_string(),
+                module: s.module,
+                parameter: s.parameter,
+                fetch_sha256: s.fetch_sha256,
+            }
         })
         .collect();
     let hash = content_hash(explicit_version, recipe.module_info.as_ref(), &states);

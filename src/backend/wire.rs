@@ -163,8 +163,13 @@ pub(crate) mod out {
     pub const CAPABILITIES: &[&str] =
         &[capability::STATELOG_ACK, capability::RECONNECT_HINT, capability::HEARTBEAT, capability::UPGRADE_REPORT];
 
-    pub fn capabilities() -> Value {
-        json!({"code": "Capabilities", "capabilities": CAPABILITIES})
+    /// `signing`: the backend signs its recipes (`signed-recipes`).
+    pub fn capabilities(signing: bool) -> Value {
+        let mut caps = CAPABILITIES.to_vec();
+        if signing {
+            caps.push(capability::SIGNED_RECIPES);
+        }
+        json!({"code": "Capabilities", "capabilities": caps})
     }
 
     pub fn app_not_ready() -> Value {
@@ -271,8 +276,12 @@ mod tests {
 
     #[test]
     fn the_agent_parses_what_the_backend_sends() {
-        let states =
-            vec![WireState { id: "s1".into(), module: "meta.comment".into(), parameter: json!({"comment": "x"}) }];
+        let states = vec![WireState {
+            id: "s1".into(),
+            module: "meta.comment".into(),
+            parameter: json!({"comment": "x"}),
+            fetch_sha256: None,
+        }];
         let Inbound::RecipeMetadata(r) = parse_inbound(&out::recipe_metadata(4, None, &states).to_string()).unwrap()
         else {
             panic!()
@@ -294,7 +303,7 @@ mod tests {
             Inbound::TestAns { result: true, error: None }
         );
         assert_eq!(
-            parse_inbound(&out::capabilities().to_string()).unwrap(),
+            parse_inbound(&out::capabilities(false).to_string()).unwrap(),
             Inbound::Capabilities(out::CAPABILITIES.iter().map(|s| s.to_string()).collect())
         );
         assert_eq!(

@@ -82,6 +82,11 @@ struct Serve {
     /// Rotated files kept of each log.
     #[arg(long, default_value_t = Rotation::default().keep)]
     rotate_keep: u32,
+    /// Sign every recipe pushed with this minisign secret key (`minisign -G`; an
+    /// encrypted key reads its password from OPSAGENT_SIGNING_KEY_PASSWORD). Agents
+    /// whose /etc/opsagent.conf has the public key as recipe_key run only signed recipes.
+    #[arg(long, value_name = "FILE")]
+    signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,6 +253,7 @@ async fn run(args: Serve) -> anyhow::Result<()> {
             frame_burst: args.frame_burst,
         },
         rotation: Rotation { max_bytes: args.rotate_bytes, keep: args.rotate_keep },
+        signing_key: args.signing_key,
         ..BackendOptions::new(recipe_dir, statelog)
     };
     let listener =

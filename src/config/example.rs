@@ -30,6 +30,11 @@ pub const EXAMPLE: &str = concat!(
 ; Minisign public key (the base64 line of minisign.pub) that releases must be signed
 ; with. Userdata UPDATE_KEY.
 ;update_key = RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3
+; Minisign public key(s) the backend signs recipes with (two, blank-separated, while
+; rotating). Set: the root helper runs only states of recipes they signed; unset:
+; recipes are not verified. Read by the helper from this root-owned file only.
+; Userdata RECIPE_KEY.
+;recipe_key = RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3
 ; Fixed instance id; when set, the cloud metadata service is not asked.
 ; Flag --instance-id; userdata INSTANCE_ID.
 ;instance_id = i-0abc1234def567890

@@ -34,7 +34,10 @@ pub const DEFAULT_DOWNLOAD_MAX_BYTES: u64 = 1 << 30;
 /// Every section and its keys, in file order. Unknown names are errors (typos would
 /// otherwise be silently ignored), and the example config must list all of these.
 pub const SECTIONS: &[(&str, &[&str])] = &[
-    ("userdata", &["ws_uri", "app_id", "version", "base_remote", "update_key", "instance_id", "metadata_url"]),
+    (
+        "userdata",
+        &["ws_uri", "app_id", "version", "base_remote", "update_key", "recipe_key", "instance_id", "metadata_url"],
+    ),
     (
         "agent",
         &[
@@ -100,6 +103,10 @@ pub struct UserdataConfig {
     pub base_remote: Option<String>,
     /// Minisign public key (base64 key line) that release archives must be signed with.
     pub update_key: Option<String>,
+    /// Minisign public keys (base64 key lines, blank- or comma-separated) recipes must be
+    /// signed with. Read and enforced by the root helper from the root-owned file; the
+    /// daemon only checks its form.
+    pub recipe_key: Option<String>,
     /// Fixed instance id; when set, the metadata service is not asked.
     pub instance_id: Option<String>,
     /// Base URL of the cloud metadata service, without trailing `/`.
@@ -114,6 +121,7 @@ impl Default for UserdataConfig {
             version: None,
             base_remote: None,
             update_key: None,
+            recipe_key: None,
             instance_id: None,
             metadata_url: DEFAULT_METADATA_URL.to_string(),
         }
@@ -361,6 +369,7 @@ impl Config {
             ("userdata", "version") => u.version.is_none(),
             ("userdata", "base_remote") => u.base_remote.is_none(),
             ("userdata", "update_key") => u.update_key.is_none(),
+            ("userdata", "recipe_key") => u.recipe_key.is_none(),
             ("userdata", "instance_id") => u.instance_id.is_none(),
             // Every other key has a default, so it is never "unset".
             _ => false,
@@ -497,6 +506,7 @@ impl Config {
             ("userdata", "version") => u.version = Some(values::identifier(value)?),
             ("userdata", "base_remote") => u.base_remote = Some(values::http_url(value)?),
             ("userdata", "update_key") => u.update_key = Some(values::base64_key(value)?),
+            ("userdata", "recipe_key") => u.recipe_key = Some(values::base64_keys(value)?),
             ("userdata", "instance_id") => u.instance_id = Some(values::identifier(value)?),
             ("userdata", "metadata_url") => u.metadata_url = values::http_url(value)?,
             ("agent", "token_file") => a.token_file = values::absolute_path(value)?,

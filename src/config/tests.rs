@@ -309,6 +309,7 @@ fn example_parses_to_the_defaults() {
         &c.userdata.app_id,
         &c.userdata.base_remote,
         &c.userdata.update_key,
+        &c.userdata.recipe_key,
         &c.userdata.instance_id,
     ] {
         assert!(value.is_some(), "every [userdata] key has an example value");

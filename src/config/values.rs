@@ -156,6 +156,18 @@ pub(super) fn base64_key(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
+/// One or more minisign public keys separated by blanks or commas (`recipe_key`).
+pub(super) fn base64_keys(text: &str) -> Result<String, String> {
+    let keys: Vec<&str> = text.split(|c: char| c.is_whitespace() || c == ',').filter(|k| !k.is_empty()).collect();
+    if keys.is_empty() {
+        return Err("no key given (expected one or more key lines of minisign .pub files)".into());
+    }
+    for k in &keys {
+        base64_key(k)?;
+    }
+    Ok(keys.join(" "))
+}
+
 /// A tracing filter: one of the levels, or an `EnvFilter` directive list (`info,opsagent=debug`)
 /// which the logging set-up checks in full.
 pub(super) fn log_level(text: &str) -> Result<String, String> {

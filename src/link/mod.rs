@@ -597,7 +597,10 @@ impl<O: Outbox + 'static> Link<O> {
                                 None => { let _ = self.engine.send(Event::VersionOnly(version)).await; }
                                 Some(states) if states.is_empty() => { let _ = self.engine.send(Event::VersionOnly(version)).await; }
                                 Some(states) => match crate::recipe::Recipe::from_wire(version, r.module, states) {
-                                    Ok(recipe) => {
+                                    Ok(mut recipe) => {
+                                        if let Some(sig) = r.signature {
+                                            recipe.attach_signature(sig);
+                                        }
                                         let waits = recipe.has_waits();
                                         let _ = self.engine.send(Event::Recipe(Arc::new(recipe))).await;
                                         if waits {

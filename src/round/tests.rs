@@ -77,7 +77,14 @@ impl HelperClient for FakeHelper {
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
-        Ok(HelperStatus { helper_version: "fake".into(), protocol_version: 1, uptime_s: 0, running: vec![] })
+        Ok(HelperStatus {
+            helper_version: "fake".into(),
+            protocol_version: 1,
+            uptime_s: 0,
+            running: vec![],
+            recipes_verified: false,
+            verified_version: None,
+        })
     }
 }
 

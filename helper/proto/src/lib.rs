@@ -10,6 +10,8 @@
 //! - [`timer`]: optional deadlines for `select!` loops.
 //! - [`ini`]: the INI dialect of `/etc/opsagent.conf`, read by the daemon and by the
 //!   root upgrade installer (which trusts only that root-owned file for the signing key).
+//! - [`signed`]: the canonical bytes of a signed recipe, its trusted comment, and the
+//!   decoder the helper reads a verified recipe with.
 //! - [`upgrade`]: the files through which the daemon hands a downloaded release to the
 //!   root installer and learns how the upgrade went.
 //!
@@ -23,6 +25,7 @@ pub mod codec;
 pub mod ini;
 pub mod newtypes;
 pub mod request;
+pub mod signed;
 pub mod stream;
 pub mod timer;
 pub mod upgrade;

@@ -24,8 +24,23 @@ pub struct RequestFrame {
 pub enum Request {
     /// First request on a connection: both sides name their protocol version.
     Hello { protocol_version: u32, agent_version: String },
-    /// Apply one state.
+    /// Apply one state whose parameters the daemon sends. Refused (`unverified`) by a
+    /// helper with a `recipe_key`: then only [`Request::ApplySigned`] runs states.
     Apply(ApplyRequest),
+    /// Hand the helper a signed recipe, once per recipe version (again after a
+    /// reconnect is harmless). The helper verifies the signature against its own
+    /// `recipe_key`, checks the app id and that the version is not older than the
+    /// highest it verified, types every state with the catalogue and keeps the copy in
+    /// its state directory. Answered [`Reply::RecipeVerified`] or an error.
+    Recipe(RecipeUpload),
+    /// Apply state `index` (from 0) of the verified recipe `recipe_version`, with the
+    /// helper's own copy of its parameters.
+    ///
+    /// Why by index: the request is a few bytes whatever the state, so the daemon can
+    /// send the next one as soon as the previous outcome arrives (or, with a later
+    /// streaming request over the same stored recipe, send a whole round at once) and a
+    /// `Cancel` naming the running request's id still reaches it at once.
+    ApplySigned(ApplySignedRequest),
     /// Cancel the running `Apply` whose request id is `target`: its commands' process
     /// groups are killed and it answers with an outcome marked cancelled.
     Cancel { target: u64 },
@@ -42,6 +57,25 @@ pub struct ApplyRequest {
     pub params: ModuleParams,
     /// Remote content the daemon downloaded for this state, after the helper answered
     /// [`Reply::NeedFetch`]. The helper trusts none of it blindly: see [`FetchedFile`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fetched: Vec<FetchedFile>,
+}
+
+/// A signed recipe as the daemon passes it on (see [`crate::signed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipeUpload {
+    /// The canonical bytes, exactly as signed.
+    pub bytes: String,
+    /// The minisign signature file's text (four lines).
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplySignedRequest {
+    pub recipe_version: u64,
+    pub index: u32,
+    /// As in [`ApplyRequest::fetched`]; in signed mode each file must also match the
+    /// sha256 the signed state pins for its URL.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fetched: Vec<FetchedFile>,
 }
@@ -78,6 +112,16 @@ pub enum Reply {
     Hello {
         protocol_version: u32,
         helper_version: String,
+        /// The helper has a `recipe_key`: it runs only states of recipes it verified
+        /// ([`Request::Recipe`], [`Request::ApplySigned`]). Absent from older helpers.
+        #[serde(default)]
+        signed_recipes: bool,
+    },
+    /// Answer to [`Request::Recipe`]: the recipe is verified and kept.
+    RecipeVerified {
+        app_id: String,
+        recipe_version: u64,
+        states: u32,
     },
     Outcome(Outcome),
     /// Answer to `Apply` when the state needs remote content it was not given: the
@@ -155,6 +199,12 @@ pub struct HelperStatus {
     pub uptime_s: u64,
     /// Requests running now on any connection: (state id, module).
     pub running: Vec<(String, String)>,
+    /// A `recipe_key` is configured: only signed recipes run.
+    #[serde(default)]
+    pub recipes_verified: bool,
+    /// The newest recipe version the helper verified for this instance's app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_version: Option<u64>,
 }
 
 /// A request the helper would not or could not carry out. Stable code, human message.
@@ -186,6 +236,9 @@ pub enum ErrorCode {
     Unsupported,
     /// A parameter the catalogue accepted is not acceptable here (a relative path…).
     InvalidParameter,
+    /// Signed mode: the recipe's signature, app or version is not acceptable, or the
+    /// request names no state of a verified recipe.
+    Unverified,
     Internal,
 }
 

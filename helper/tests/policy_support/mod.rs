@@ -29,6 +29,8 @@ pub struct Helper {
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
     log: Arc<Mutex<String>>,
+    /// The options given on top of the common ones (for a restart).
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Helper {
@@ -42,14 +44,47 @@ impl Helper {
         let policy_path = etc.join("helper.policy");
         fs::write(&policy_path, policy(dir.path())).unwrap();
         fs::set_permissions(&policy_path, fs::Permissions::from_mode(0o644)).unwrap();
+        let args = vec!["--policy".into(), policy_path.into_os_string()];
+        Self::spawn(dir, &args).await
+    }
+
+    /// A helper in signed mode: `conf(dir)` is its `--config` file (root's, 0640), and
+    /// it has no policy at all (`/etc/opsagent/helper.policy` must not exist here).
+    pub async fn start_signed(conf: impl FnOnce(&Path) -> String) -> Self {
+        assert!(
+            !Path::new("/etc/opsagent/helper.policy").exists(),
+            "this test runs a helper without a policy: /etc/opsagent/helper.policy must not exist"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let etc = dir.path().join("etc");
+        fs::create_dir(&etc).unwrap();
+        let conf_path = etc.join("opsagent.conf");
+        fs::write(&conf_path, conf(dir.path())).unwrap();
+        fs::set_permissions(&conf_path, fs::Permissions::from_mode(0o640)).unwrap();
+        let args = vec!["--config".into(), conf_path.into_os_string()];
+        Self::spawn(dir, &args).await
+    }
+
+    /// The same helper (state directory, socket, options) started again after `self`
+    /// was stopped.
+    pub async fn restart(mut self) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let _ = fs::remove_file(dir.path().join("h.sock"));
+        let args = std::mem::take(&mut self.args);
+        Self::spawn(dir, &args).await
+    }
+
+    async fn spawn(dir: tempfile::TempDir, extra: &[std::ffi::OsString]) -> Self {
         let sock = dir.path().join("h.sock");
         let mut child = Command::new(BIN)
             .args(["--allow-user", "nobody", "--state-dir"])
             .arg(dir.path().join("state"))
             .arg("--socket")
             .arg(&sock)
-            .arg("--policy")
-            .arg(&policy_path)
+            .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
@@ -70,9 +105,12 @@ impl Helper {
                 l.push('\n');
             }
         });
-        let helper = Self { child, dir, sock, log };
+        let mut helper = Self { child, dir, sock, log, args: extra.to_vec() };
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&helper.sock).await.is_err() {
+            if let Ok(Some(status)) = helper.child.try_wait() {
+                panic!("helper exited ({status}); log:\n{}", helper.log());
+            }
             assert!(Instant::now() < deadline, "helper did not start; log:\n{}", helper.log());
             sleep(Duration::from_millis(20)).await;
         }
