@@ -466,4 +466,53 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
+
+    /// A batch is committed together: every new pin is made, a second request for the
+    /// same instance in the batch is decided by the first (same token: `Known`; another:
+    /// `Mismatch`), an existing pin decides its own, and no temporary file is left.
+    #[test]
+    fn a_batch_is_committed_at_once_and_the_first_pin_of_an_instance_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PinStore::open(&dir.path().join("pins")).unwrap();
+        let now = SystemTime::now();
+        assert_eq!(store.check("a", "old", "t", "p", true, now).unwrap(), Verdict::Pinned);
+        let mut requests: Vec<PinRequest> =
+            (0..50).map(|i| PinRequest::new("a", &format!("i-{i}"), &format!("t{i}"), "p", now)).collect();
+        requests.push(PinRequest::new("a", "i-0", "t0", "p", now));
+        requests.push(PinRequest::new("a", "i-1", "intruder", "p", now));
+        requests.push(PinRequest::new("a", "old", "t", "p", now));
+        requests.push(PinRequest::new("a", "old", "intruder", "p", now));
+        let verdicts: Vec<Verdict> = store.commit(&requests).into_iter().map(Result::unwrap).collect();
+        assert!(verdicts[..50].iter().all(|v| *v == Verdict::Pinned), "{verdicts:?}");
+        assert_eq!(verdicts[50..], [Verdict::Known, Verdict::Mismatch, Verdict::Known, Verdict::Mismatch]);
+        assert_eq!(store.list().unwrap().len(), 51);
+        for i in 0..50 {
+            assert_eq!(store.verdict("a", &format!("i-{i}"), &format!("t{i}")).unwrap(), Verdict::Known);
+        }
+        let leftovers = std::fs::read_dir(store.dir()).unwrap().filter(|e| {
+            e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp")
+        });
+        assert_eq!(leftovers.count(), 0);
+    }
+
+    /// The writer thread answers every request, from any number of callers, once the pin
+    /// is made; requests that arrive while it syncs are committed together.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_answers_every_request_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PinStore::open(&dir.path().join("pins")).unwrap();
+        let writer = PinWriter::start(store.clone()).unwrap();
+        let now = SystemTime::now();
+        let replies: Vec<PinReply> =
+            (0..300).map(|i| writer.submit(PinRequest::new("a", &format!("i-{i}"), "t", "p", now))).collect();
+        for reply in replies {
+            assert_eq!(reply.await.unwrap().unwrap(), Verdict::Pinned);
+        }
+        assert_eq!(store.list().unwrap().len(), 300);
+        let (requests, batches) =
+            (writer.stats().requests.load(Ordering::Relaxed), writer.stats().batches.load(Ordering::Relaxed));
+        assert_eq!(requests, 300);
+        // The first request may be taken alone; the rest queued while it was synced.
+        assert!(batches < requests, "{batches} batches for {requests} pins: nothing was grouped");
+    }
 }
