@@ -1152,18 +1152,19 @@ async fn a_first_use_pin_is_on_disk_before_the_handshake_is_answered() {
 
     let text = std::fs::read_to_string(&trace).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let find = |from: usize, what: &dyn Fn(&str) -> bool| lines.iter().skip(from).position(|l| what(l)).map(|i| i + from);
+    let find =
+        |from: usize, what: &dyn Fn(&str) -> bool| lines.iter().skip(from).position(|l| what(l)).map(|i| i + from);
     let link = find(0, &|l| l.contains("link") && l.contains(".pins/") && l.contains(".json\""))
         .unwrap_or_else(|| panic!("no link of the pin in the trace:\n{text}"));
     let syncfs = find(0, &|l| l.contains("syncfs(")).unwrap_or_else(|| panic!("no syncfs in the trace:\n{text}"));
     assert!(syncfs < link, "the pin's content is synced before its name exists:\n{text}");
     // The directory's fsync, finished (a call cut by another thread's line ends in a
     // `resumed` line).
-    let dir_sync = find(link, &|l| {
-        (l.contains("fsync(") && !l.contains("unfinished")) || l.contains("<... fsync resumed>")
-    })
-    .unwrap_or_else(|| panic!("no fsync after the link:\n{text}"));
-    let answer = find(0, &|l| l.contains("RecipeMetadata")).unwrap_or_else(|| panic!("no RecipeMetadata written:\n{text}"));
+    let dir_sync =
+        find(link, &|l| (l.contains("fsync(") && !l.contains("unfinished")) || l.contains("<... fsync resumed>"))
+            .unwrap_or_else(|| panic!("no fsync after the link:\n{text}"));
+    let answer =
+        find(0, &|l| l.contains("RecipeMetadata")).unwrap_or_else(|| panic!("no RecipeMetadata written:\n{text}"));
     assert!(dir_sync < answer, "the Handshake is answered only once the pin is durable:\n{text}");
 }
 
@@ -1230,11 +1231,9 @@ async fn an_agent_that_does_not_read_is_cut_off_and_one_that_reads_is_not() {
     assert_eq!(cut["instance_id"], "i-slow");
     assert!(cut["queued_bytes"].as_u64().unwrap() <= max as u64, "never more queued than the bound: {cut}");
     // Its connection ends (the frames the network held, then the end).
-    tokio::time::timeout(WAIT, async {
-        while let Some(Ok(_)) = slow.ws.next().await {}
-    })
-    .await
-    .expect("the slow reader's connection is closed");
+    tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = slow.ws.next().await {} })
+        .await
+        .expect("the slow reader's connection is closed");
 
     // The reader got every push it was sent and is still served.
     let loaded = env.events_lines().iter().filter(|e| e["event"] == "recipe_loaded").count() as u64;

@@ -489,9 +489,9 @@ mod tests {
         for i in 0..50 {
             assert_eq!(store.verdict("a", &format!("i-{i}"), &format!("t{i}")).unwrap(), Verdict::Known);
         }
-        let leftovers = std::fs::read_dir(store.dir()).unwrap().filter(|e| {
-            e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp")
-        });
+        let leftovers = std::fs::read_dir(store.dir())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp"));
         assert_eq!(leftovers.count(), 0);
     }
 
