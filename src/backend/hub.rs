@@ -631,6 +631,14 @@ impl Hub {
             (Some(i), Some(seq)) => self.seen.insert((i.clone(), seq)),
             _ => true,
         };
+        if let (false, Some(seq)) = (fresh, s.seq) {
+            // Counted where a test (or an operator) can see what the agent really sent:
+            // the statelog itself holds each record once.
+            self.events.record(
+                "statelog_repeated",
+                json!({"conn": conn, "instance_id": reg.instance_id, "seq": seq, "acknowledged": ack}),
+            );
+        }
         if let (false, true, Some(seq)) = (fresh, ack, s.seq) {
             debug!(conn, "StateLog seq {seq} already recorded: acknowledged again, not appended");
             self.send(conn, &out::statelog_ack(seq));

@@ -31,7 +31,9 @@
 //!   (`open`/`close`), per agent message other than StateLog (`message`, with the frame,
 //!   its `instance_token` redacted), per unreadable frame (`invalid`, `binary`), and per
 //!   backend decision (`recipe_loaded`, `recipe_rejected`, `recipe_removed`,
-//!   `wait_released`, `agent_update`, `reconnect`, …). Each has `at` and `event`.
+//!   `wait_released`, `agent_update`, `reconnect`, `statelog_repeated` — a StateLog whose
+//!   `(instance_id, seq)` was recorded before, which the statelog does not show, …). Each
+//!   has `at` and `event`.
 //!
 //! - `STATELOG.pins/` (or `--pins-dir`): one file per pinned instance (see [`pins`]).
 //!
