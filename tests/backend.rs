@@ -1219,14 +1219,17 @@ async fn an_agent_that_does_not_read_is_cut_off_and_one_that_reads_is_not() {
 
     // New recipes until the backend gives up on the slow one (its socket buffers fill
     // first, then its queue).
+    let give_up = tokio::time::Instant::now() + WAIT;
     let mut n = 0;
-    let cut = eventually("the slow reader cut off", || {
+    let cut = loop {
+        if let Some(e) = env.events_lines().into_iter().find(|e| e["event"] == "slow_reader") {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "timed out waiting for the slow reader cut off");
         n += 1;
         env.write_json("app-1.json", &big_recipe(n, 256));
-        std::thread::sleep(Duration::from_millis(60));
-        env.events_lines().into_iter().find(|e| e["event"] == "slow_reader")
-    })
-    .await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    };
     assert_eq!(cut["conn"], slow_conn, "{cut}");
     assert_eq!(cut["instance_id"], "i-slow");
     assert!(cut["queued_bytes"].as_u64().unwrap() <= max as u64, "never more queued than the bound: {cut}");

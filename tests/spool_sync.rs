@@ -56,24 +56,31 @@ fn a_statelog_is_synced_in_the_spool_before_it_is_sent() {
     std::fs::write(&conf, "").unwrap();
     let trace = dir.join("agent.strace");
     let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-s", "300", "-e", "trace=openat,connect,pwrite64,write,writev,sendto,sendmsg,fdatasync,fsync"])
-        .arg("-o")
-        .arg(&trace)
-        .arg(bin("opsagent"))
-        .arg("run")
-        .arg("--config")
-        .arg(&conf)
-        .arg("--ws-uri")
-        .arg(format!("ws://127.0.0.1:{port}/"))
-        .args(["--app-id", "app-sync", "--instance-id", "i-sync"])
-        .arg("--token-file")
-        .arg(dir.join("i-sync.token"))
-        .arg("--state-dir")
-        .arg(dir.join("i-sync.state"))
-        .arg("--helper-socket")
-        .arg(socket)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null());
+    cmd.args([
+        "-f",
+        "-qq",
+        "-s",
+        "300",
+        "-e",
+        "trace=openat,connect,pwrite64,write,writev,sendto,sendmsg,fdatasync,fsync",
+    ])
+    .arg("-o")
+    .arg(&trace)
+    .arg(bin("opsagent"))
+    .arg("run")
+    .arg("--config")
+    .arg(&conf)
+    .arg("--ws-uri")
+    .arg(format!("ws://127.0.0.1:{port}/"))
+    .args(["--app-id", "app-sync", "--instance-id", "i-sync"])
+    .arg("--token-file")
+    .arg(dir.join("i-sync.token"))
+    .arg("--state-dir")
+    .arg(dir.join("i-sync.state"))
+    .arg("--helper-socket")
+    .arg(socket)
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null());
     let mut agent = spawn_logged("agent-i-sync", cmd, dir);
     let received = wait_until(Duration::from_secs(60), || {
         read_jsonl(statelog).iter().any(|l| l["id"] == "s-sync" && l["state_result"] == true)
@@ -107,7 +114,10 @@ fn a_statelog_is_synced_in_the_spool_before_it_is_sent() {
         .iter()
         .enumerate()
         .find_map(|(i, l)| {
-            spool_fds.iter().find(|fd| call_on(l, &["pwrite64", "write"], **fd) && l.contains("s-sync")).map(|fd| (i, *fd))
+            spool_fds
+                .iter()
+                .find(|fd| call_on(l, &["pwrite64", "write"], **fd) && l.contains("s-sync"))
+                .map(|fd| (i, *fd))
         })
         .unwrap_or_else(|| panic!("the StateLog of s-sync was never written to the spool:\n{text}"));
     // …synced (the call finished: a call cut by another thread's line ends in a
