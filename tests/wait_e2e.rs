@@ -41,7 +41,8 @@ impl Relay {
                 }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", backend_port)) else { continue };
                 o.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         while let Ok(n) = from.read(&mut buf) {
@@ -105,8 +106,12 @@ fn waits_are_released_by_a_state_push_and_by_waitlist_after_a_reconnect() {
     )
     .unwrap();
     let events_file = s.dir.join("events.jsonl");
-    let (_backend, port) =
-        start_backend(&s.dir, &s.recipes, &s.statelog, &["--poll-ms", "100", "--events", events_file.to_str().unwrap()]);
+    let (_backend, port) = start_backend(
+        &s.dir,
+        &s.recipes,
+        &s.statelog,
+        &["--poll-ms", "100", "--events", events_file.to_str().unwrap()],
+    );
     let _helper = start_helper(&s.dir, &s.socket);
     let relay = Relay::start(port);
     // The waiting agent reaches the backend through the relay only.

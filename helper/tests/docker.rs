@@ -171,7 +171,9 @@ impl Harness {
             },
             _ => {
                 if !force_podman {
-                    common::skip("docker: no Docker CLI (OPSAGENT_TEST_DOCKER or docker on PATH); Podman's own client used");
+                    common::skip(
+                        "docker: no Docker CLI (OPSAGENT_TEST_DOCKER or docker on PATH); Podman's own client used",
+                    );
                 }
                 podman.clone()
             }
