@@ -16,7 +16,10 @@
 //! ```text
 //! cargo bench --bench reconnect_storm -- [--agents 300] [--down 5] [--hint 20] [--kill9] [--no-hint]
 //! ulimit -n 20000 && cargo bench --bench reconnect_storm -- --agents 10000 --handshake-timeout 300 --connect-limit 900
+//! cargo bench --bench reconnect_storm -- --pins 10000 --pins-serial 300
 //! ```
+//!
+//! `--pins N` measures the backend's pins writer alone (group commit of first-use pins).
 
 #![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
@@ -49,6 +52,10 @@ struct Args {
     handshake_timeout_s: Option<u64>,
     /// How long the initial connect of the whole fleet may take.
     connect_limit: Duration,
+    /// Only the pins writer: N first-use pins submitted at once, committed in batches
+    /// (`--pins N`), and the same with one synced file per pin as before (`--pins-serial M`).
+    pins: Option<usize>,
+    pins_serial: Option<usize>,
 }
 
 fn args() -> Args {
@@ -60,6 +67,8 @@ fn args() -> Args {
         no_hint: false,
         handshake_timeout_s: None,
         connect_limit: Duration::from_secs(120),
+        pins: None,
+        pins_serial: None,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -70,6 +79,8 @@ fn args() -> Args {
             "--down" => a.down = Duration::from_secs_f64(next.parse().expect("--down SECONDS")),
             "--hint" => a.hint = next.parse().expect("--hint SECONDS"),
             "--handshake-timeout" => a.handshake_timeout_s = Some(next.parse().expect("--handshake-timeout SECONDS")),
+            "--pins" => a.pins = Some(next.parse().expect("--pins N")),
+            "--pins-serial" => a.pins_serial = Some(next.parse().expect("--pins-serial N")),
             "--connect-limit" => a.connect_limit = Duration::from_secs(next.parse().expect("--connect-limit SECONDS")),
             "--kill9" => {
                 a.kill9 = true;
@@ -335,6 +346,12 @@ async fn scenario(args: &Args, hint: Option<u64>) {
         backend.child.id()
     );
     println!("initial connect: {up}/{} connected in {:.2} s", args.agents, t_start.elapsed().as_secs_f64());
+    // Each agent's first Handshake pinned its instance (one file each, synced before the
+    // Handshake was answered).
+    let pins = std::fs::read_dir(dir.join("statelog.jsonl.pins"))
+        .map(|d| d.filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json"))).count())
+        .unwrap_or(0);
+    println!("instances pinned: {pins}");
     let (rss, hwm) = memory_kib(backend.child.id());
     println!(
         "backend memory with {up} agents connected: VmRSS {:.1} MiB ({:.1} KiB per agent), peak VmHWM {:.1} MiB",
@@ -426,9 +443,45 @@ async fn scenario(args: &Args, hint: Option<u64>) {
     stop_backend(&mut b2, false);
 }
 
+/// The pins writer alone, on this machine's disk: N pins asked for at once (as N first
+/// Handshakes would), each answered once durable.
+async fn pins_only(n: usize, serial: Option<usize>) {
+    use opsagent::backend::pins::{PinRequest, PinStore, PinWriter};
+    let tmp = tempfile::tempdir_in(std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into())).unwrap();
+    let store = PinStore::open(&tmp.path().join("pins")).unwrap();
+    let writer = PinWriter::start(store.clone()).unwrap();
+    let now = SystemTime::now();
+    let t = Instant::now();
+    let replies: Vec<_> = (0..n)
+        .map(|i| writer.submit(PinRequest::new("storm", &format!("i-{i:05}"), "storm", "127.0.0.1:1", now)))
+        .collect();
+    for r in replies {
+        r.await.unwrap().unwrap();
+    }
+    let took = t.elapsed().as_secs_f64();
+    let batches = writer.stats().batches.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "pins writer: {n} first-use pins durable in {took:.2} s ({:.0} per second), {batches} batches (one syncfs + one directory fsync each), in {}",
+        n as f64 / took,
+        tmp.path().display()
+    );
+    if let Some(m) = serial {
+        // The previous way: each pin's file synced on its own, one after the other.
+        let t = Instant::now();
+        for i in 0..m {
+            store.check("serial", &format!("i-{i:05}"), "storm", "127.0.0.1:1", true, now).unwrap();
+        }
+        let took = t.elapsed().as_secs_f64();
+        println!("one batch per pin, serially: {m} pins in {took:.2} s ({:.0} per second)", m as f64 / took);
+    }
+}
+
 fn main() {
     let args = args();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    if let Some(n) = args.pins {
+        return rt.block_on(pins_only(n, args.pins_serial));
+    }
     rt.block_on(async {
         scenario(&args, None).await;
         if !args.no_hint {

@@ -1089,3 +1089,169 @@ async fn eventually_connect(url: &str, who: Identity) -> Agent {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+// ---------------------------------------------------------------- bounded and durable
+
+/// A tool a test needs: absent, the test is skipped with a word on stderr, except where
+/// `OPSAGENT_TEST_NO_SKIP` is set (CI): there it fails.
+fn have_tool(tool: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("OPSAGENT_TEST_NO_SKIP").is_none_or(|v| v.is_empty() || v == "0"),
+            "{tool} is not installed, but OPSAGENT_TEST_NO_SKIP is set: this machine must run the test"
+        );
+        eprintln!("SKIPPED: {tool} is not installed");
+    }
+    found
+}
+
+/// The crash-after-ack property, seen from the system calls: the pin's file content is
+/// synced before its name is linked into place, the directory is synced after, and only
+/// then does the RecipeMetadata answering the Handshake leave the backend. A backend
+/// killed right after answering has the pin.
+#[tokio::test]
+async fn a_first_use_pin_is_on_disk_before_the_handshake_is_answered() {
+    if !have_tool("strace") {
+        return;
+    }
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let trace = env.dir.path().join("strace.txt");
+    let mut cmd = tokio::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-s", "4000", "-e", "trace=syncfs,fsync,fdatasync,link,linkat,write,writev,sendto,sendmsg"])
+        .arg("-o")
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_opsagent-backend"))
+        .args(["--listen", "127.0.0.1:0", "--poll-ms", "50"])
+        .arg("--recipe-dir")
+        .arg(env.recipes())
+        .arg("--statelog")
+        .arg(env.statelog())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = Child(cmd.spawn().unwrap());
+    let mut lines = tokio::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().expect("no listening line");
+    let addr = line.strip_prefix("opsagent-backend listening on ").unwrap_or_else(|| panic!("{line:?}"));
+    let mut agent = Agent::connect(&format!("ws://{addr}"), who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(ALL_CAPS).await;
+    // The backend (strace's child) killed at once: no chance to write anything more.
+    // Killing strace alone would leave it running, detached.
+    let strace = child.0.id().unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap();
+    let pid: i32 = children.split_whitespace().next().expect("strace runs the backend").parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    tokio::time::timeout(WAIT, child.0.wait()).await.unwrap().unwrap();
+    let listed = instances(&env, &["list"]);
+    assert!(listed.contains("i-1"), "the pin of an answered Handshake is there after a kill: {listed}");
+
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let find =
+        |from: usize, what: &dyn Fn(&str) -> bool| lines.iter().skip(from).position(|l| what(l)).map(|i| i + from);
+    let link = find(0, &|l| l.contains("link") && l.contains(".pins/") && l.contains(".json\""))
+        .unwrap_or_else(|| panic!("no link of the pin in the trace:\n{text}"));
+    let syncfs = find(0, &|l| l.contains("syncfs(")).unwrap_or_else(|| panic!("no syncfs in the trace:\n{text}"));
+    assert!(syncfs < link, "the pin's content is synced before its name exists:\n{text}");
+    // The directory's fsync, finished (a call cut by another thread's line ends in a
+    // `resumed` line).
+    let dir_sync =
+        find(link, &|l| (l.contains("fsync(") && !l.contains("unfinished")) || l.contains("<... fsync resumed>"))
+            .unwrap_or_else(|| panic!("no fsync after the link:\n{text}"));
+    let answer =
+        find(0, &|l| l.contains("RecipeMetadata")).unwrap_or_else(|| panic!("no RecipeMetadata written:\n{text}"));
+    assert!(dir_sync < answer, "the Handshake is answered only once the pin is durable:\n{text}");
+}
+
+/// A recipe of about `kib` KiB, different for each `n`.
+fn big_recipe(n: usize, kib: usize) -> Value {
+    let pad = "x".repeat(500);
+    recipe(Value::Array(
+        (0..kib * 2)
+            .map(|i| json!({"id": format!("s{i}"), "module": "meta.comment", "parameter": {"comment": format!("{n} {pad}")}}))
+            .collect(),
+    ))
+}
+
+/// The outgoing queue is bounded: an agent that stops reading while recipes keep being
+/// pushed to it is cut off (`slow_reader`), with no more queued for it than the bound;
+/// an agent of the same app that reads is served every push and stays.
+#[tokio::test]
+async fn an_agent_that_does_not_read_is_cut_off_and_one_that_reads_is_not() {
+    let env = Env::new();
+    env.write_json("app-1.json", &big_recipe(0, 256));
+    // Room for a few pushes: a reading agent is never that far behind.
+    let max = 1 << 20;
+    let opts = BackendOptions {
+        poll: Duration::from_millis(20),
+        limits: opsagent::backend::Limits { max_queued_bytes: max, ..Default::default() },
+        ..env.opts()
+    };
+    let backend = env.start_with(opts).await;
+    let url = backend.url();
+
+    // The slow one reads its Handshake's answer, then nothing more.
+    let mut slow = Agent::connect(&url, who("app-1", "i-slow", "1.2.0")).await;
+    slow.handshake_for_recipe(ALL_CAPS).await;
+    let slow_conn = env.event(|e| e["event"] == "pinned" && e["instance_id"] == "i-slow").await["conn"].clone();
+    let mut fast = Agent::connect(&url, with_token(who("app-1", "i-fast", "1.2.0"), "other")).await;
+    fast.handshake_for_recipe(ALL_CAPS).await;
+    let fast_conn = env.event(|e| e["event"] == "pinned" && e["instance_id"] == "i-fast").await["conn"].clone();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        let mut pushes = 0u64;
+        loop {
+            tokio::select! {
+                m = fast.ws.next() => match m {
+                    Some(Ok(Message::Text(t))) if t.as_str().contains("RecipeMetadata") => pushes += 1,
+                    Some(Ok(_)) => {}
+                    other => panic!("the reading agent lost its connection: {other:?}"),
+                },
+                _ = &mut stop_rx => return (fast, pushes),
+            }
+        }
+    });
+
+    // New recipes until the backend gives up on the slow one (its socket buffers fill
+    // first, then its queue).
+    let give_up = tokio::time::Instant::now() + WAIT;
+    let mut n = 0;
+    let cut = loop {
+        if let Some(e) = env.events_lines().into_iter().find(|e| e["event"] == "slow_reader") {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "timed out waiting for the slow reader cut off");
+        n += 1;
+        env.write_json("app-1.json", &big_recipe(n, 256));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    };
+    assert_eq!(cut["conn"], slow_conn, "{cut}");
+    assert_eq!(cut["instance_id"], "i-slow");
+    assert!(cut["queued_bytes"].as_u64().unwrap() <= max as u64, "never more queued than the bound: {cut}");
+    // Its connection ends (the frames the network held, then the end).
+    tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = slow.ws.next().await {} })
+        .await
+        .expect("the slow reader's connection is closed");
+
+    // The reader got every push it was sent and is still served.
+    let loaded = env.events_lines().iter().filter(|e| e["event"] == "recipe_loaded").count() as u64;
+    stop_tx.send(()).unwrap();
+    let (mut fast, mut pushes) = reader.await.unwrap();
+    fast.send(json!({"code": "Test"})).await;
+    loop {
+        let v = fast.recv().await;
+        match v["code"].as_str() {
+            Some("RecipeMetadata") => pushes += 1,
+            Some("TestAns") => break,
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    assert_eq!(pushes, loaded - 1, "every recipe after its Handshake's reached the reading agent");
+    assert!(!env.events_lines().iter().any(|e| e["event"] == "slow_reader" && e["conn"] == fast_conn));
+    backend.shutdown().await;
+}

@@ -32,7 +32,9 @@ fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
     let s = setup("app-e2e", |w| recipe(w, "v1\n"));
     let (dir, work, recipes, statelog, socket) = (s.dir.as_path(), &s.work, &s.recipes, &s.statelog, &s.socket);
 
-    let (_backend, port) = start_backend(dir, recipes, statelog, &["--poll-ms", "100"]);
+    let events = dir.join("events.jsonl");
+    let (_backend, port) =
+        start_backend(dir, recipes, statelog, &["--poll-ms", "100", "--events", events.to_str().unwrap()]);
     let _helper = start_helper(dir, socket);
     let agent = start_agent(dir, port, "app-e2e", "i-e2e", socket, &["--round-delay", "1"]);
 
@@ -77,9 +79,15 @@ fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
     let all = read_jsonl(statelog);
     let mut seqs: Vec<u64> = all.iter().filter_map(|l| l["seq"].as_u64()).collect();
     let n = seqs.len();
+    seqs.sort_unstable();
     seqs.dedup();
     assert_eq!(seqs.len(), n, "no duplicated sequence numbers");
     assert_eq!(n, all.len(), "every StateLog carries a sequence number");
+    // The statelog holds each record once whatever the agent sent: the backend's event
+    // log counts what arrived again. With one connection, nothing was ever resent.
+    let repeated: Vec<Value> =
+        read_jsonl(&dir.join("events.jsonl")).into_iter().filter(|e| e["event"] == "statelog_repeated").collect();
+    assert!(repeated.is_empty(), "the agent sent StateLogs again: {repeated:?}");
 }
 
 #[test]

@@ -6,9 +6,10 @@
 //! a static busybox, so nothing is fetched from outside.
 //!
 //! Needs root and: podman, runc, docker-registry, apache2-utils (htpasswd),
-//! busybox-static, and a `docker` client (the machine's, or Debian's `docker.io`
-//! client; without one, or with `OPSAGENT_TEST_CLIENT=podman`, Podman's own CLI is
-//! used as the client, as `podman-docker` would). The engine runs with
+//! busybox-static, and a `docker` client (the machine's, or `OPSAGENT_TEST_DOCKER`
+//! naming one, e.g. Debian's `docker.io` client extracted by `.ci/run`; with
+//! `OPSAGENT_TEST_CLIENT=podman`, or without one where skipping is allowed, Podman's own
+//! CLI is used as the client, as `podman-docker` would). The engine runs with
 //! cgroupfs and low rlimits so that it works inside a sandboxed VM. The tests share one
 //! lock: they run one at a time.
 
@@ -154,13 +155,28 @@ impl Harness {
         };
         // The client: Docker's CLI on the API socket, or Podman's own CLI.
         // OPSAGENT_TEST_CLIENT=podman forces Podman's client (as with podman-docker).
+        // OPSAGENT_TEST_DOCKER names a Docker CLI outside PATH (`.ci/run` extracts
+        // Debian's, without its daemon). Where skips fail (CI), a run without a real
+        // Docker client fails too, unless Podman's client was asked for: the README says
+        // these states are tested against Docker's CLI on Podman's Docker API.
         let force_podman = std::env::var("OPSAGENT_TEST_CLIENT").is_ok_and(|v| v == "podman");
-        let engine = match find_tool("docker", &[]) {
-            Some(docker) if !force_podman && !is_podman_wrapper(&docker) => Engine {
+        let docker = std::env::var_os("OPSAGENT_TEST_DOCKER")
+            .map(PathBuf::from)
+            .or_else(|| find_tool("docker", &[]))
+            .filter(|d| !is_podman_wrapper(d));
+        let engine = match docker {
+            Some(docker) if !force_podman => Engine {
                 program: docker.to_string_lossy().into_owned(),
                 env: vec![("DOCKER_HOST".into(), format!("unix://{}", socket.display()))],
             },
-            _ => podman.clone(),
+            _ => {
+                if !force_podman {
+                    common::skip(
+                        "docker: no Docker CLI (OPSAGENT_TEST_DOCKER or docker on PATH); Podman's own client used",
+                    );
+                }
+                podman.clone()
+            }
         };
         let h = Self { dir, engine, podman, registry, children };
         for _ in 0..100 {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout, Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
@@ -26,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
-use super::hub::{Hub, Out, CLOSE_POLICY};
+use super::hub::{Hub, Out, Queue};
 use super::recipes::scan_dir;
 use super::{BackendError, Limits};
 
@@ -277,14 +278,19 @@ impl Bucket {
 /// Serves one agent until either side closes: frames from the agent go to the hub; the
 /// hub's frames for this agent come through the queue, in order. A connection that has
 /// no Handshake accepted within the timeout is closed; one that sends frames faster than
-/// its rate is read no faster (TCP holds the rest back in the agent).
+/// its rate is read no faster (TCP holds the rest back in the agent); one that reads
+/// slower than its queue fills is dropped when the hub says so (`cut`). A Handshake that
+/// makes a pin is waited on here, outside the hub's lock, and nothing more is read from
+/// the agent until it is answered.
 async fn run<S>(ws: WebSocketStream<S>, peer: SocketAddr, id: u64, ctx: Ctx)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let Ctx { hub, limits, max_frame_bytes, mut shutdown, .. } = ctx;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    lock(&hub).connect(id, peer.to_string(), tx.clone());
+    let queue = Queue { tx, bytes: Arc::new(AtomicUsize::new(0)), cut: Arc::new(Notify::new()) };
+    let (queued, cut) = (queue.bytes.clone(), queue.cut.clone());
+    lock(&hub).connect(id, peer.to_string(), queue);
     let (mut sink, mut stream) = ws.split();
     let mut closing: Option<Pin<Box<Sleep>>> = None;
     if *shutdown.borrow() {
@@ -296,17 +302,30 @@ where
     let mut throttled_once = false;
     loop {
         tokio::select! {
-            queued = rx.recv() => match queued {
-                Some(Out::Text(text)) => {
-                    if let Err(e) = sink.send(Message::text(text)).await {
-                        debug!(conn = id, "{peer}: send failed: {e}");
-                        break;
+            () = cut.notified() => break,
+            next = rx.recv() => match next {
+                Some(out) => {
+                    let cost = out.cost();
+                    let message = match out {
+                        Out::Text(text) => Message::text(text.to_string()),
+                        Out::Close { code, reason } => {
+                            closing.get_or_insert_with(|| Box::pin(sleep(CLOSE_GRACE)));
+                            Message::Close(Some(CloseFrame { code: code.into(), reason: reason.into() }))
+                        }
+                    };
+                    let is_close = matches!(message, Message::Close(_));
+                    // A peer that does not read blocks this write: the hub's cut ends it.
+                    let sent = tokio::select! {
+                        sent = sink.send(message) => sent,
+                        () = cut.notified() => break,
+                    };
+                    queued.fetch_sub(cost, Ordering::AcqRel);
+                    if let Err(e) = sent {
+                        if !is_close {
+                            debug!(conn = id, "{peer}: send failed: {e}");
+                            break;
+                        }
                     }
-                }
-                Some(Out::Close { code, reason }) => {
-                    let frame = CloseFrame { code: code.into(), reason: reason.into() };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    closing.get_or_insert_with(|| Box::pin(sleep(CLOSE_GRACE)));
                 }
                 None => break,
             },
@@ -340,7 +359,22 @@ where
                         }
                         break;
                     }
-                    Some(Ok(Message::Text(text))) => lock(&hub).on_text(id, text.as_str()),
+                    Some(Ok(Message::Text(text))) => {
+                        let pending = lock(&hub).on_text(id, text.as_str());
+                        if let Some(mut pending) = pending {
+                            // The pin writer answers within a batch's sync; a stuck disk
+                            // must not hold the connection past its Handshake timeout.
+                            let verdict = match timeout(limits.handshake_timeout, pending.verdict()).await {
+                                Ok(Some(v)) => v,
+                                Ok(None) => Err(BackendError::Config("the pin writer has stopped".into())),
+                                Err(_) => Err(BackendError::Config(format!(
+                                    "the pin was not on disk within {} s",
+                                    limits.handshake_timeout.as_secs()
+                                ))),
+                            };
+                            lock(&hub).finish_handshake(pending, verdict);
+                        }
+                    }
                     Some(Ok(Message::Binary(data))) => lock(&hub).on_binary(id, data.len()),
                     // Pings are answered by tungstenite; a Close is answered by it too and
                     // then ends the stream.
@@ -355,8 +389,7 @@ where
                 handshake_deadline = None;
                 if !lock(&hub).handshaken(id) {
                     let reason = format!("no Handshake within {} s", limits.handshake_timeout.as_secs());
-                    lock(&hub).record_handshake_timeout(id, &reason);
-                    let _ = tx.send(Out::Close { code: CLOSE_POLICY, reason });
+                    lock(&hub).handshake_timed_out(id, &reason);
                 }
             },
             () = async { if let Some(t) = closing.as_mut() { t.await } }, if closing.is_some() => break,

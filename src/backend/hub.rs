@@ -11,15 +11,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use opsagent_proto::wire::StateRef;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use super::journal::{Events, JsonLines};
-use super::pins::{valid_instance_id, PinStore, Verdict};
+use super::pins::{valid_instance_id, PinReply, PinRequest, PinStore, PinWriter, Verdict};
 use super::recipes::{
     self, parse_recipe, parse_reconnect, parse_update, read_one, valid_app_id, AppRecord, DirFile, FileKind, Scan,
     Served, UpdateOrder, VersionStore,
@@ -30,11 +33,60 @@ use super::{BackendError, BackendOptions};
 use crate::protocol::capability;
 use crate::timefmt::rfc3339;
 
-/// What a connection task is asked to do.
+/// What a connection task is asked to do. A frame pushed to many agents is serialised
+/// once and shared by their queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Out {
-    Text(String),
+    Text(Arc<str>),
     Close { code: u16, reason: String },
+}
+
+impl Out {
+    /// What the frame counts against its queue's bound.
+    pub fn cost(&self) -> usize {
+        match self {
+            Out::Text(t) => t.len(),
+            Out::Close { reason, .. } => reason.len() + 2,
+        }
+    }
+}
+
+/// A connection's outgoing queue. It is bounded in bytes ([`super::Limits`]
+/// `max_queued_bytes`): an agent that reads slower than the backend writes to it is cut
+/// off rather than let the backend buffer without end (see [`Hub::queue`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Queue {
+    pub tx: UnboundedSender<Out>,
+    /// Bytes queued and not yet written to the socket: the connection task takes off
+    /// what it wrote.
+    pub bytes: Arc<AtomicUsize>,
+    /// Told when the queue overflowed: the connection task drops the connection at
+    /// once, even in the middle of a write its peer does not read.
+    pub cut: Arc<Notify>,
+}
+
+/// A Handshake waiting for its first-use pin to be durable (see [`Hub::on_text`]).
+#[derive(Debug)]
+pub(crate) struct PendingHandshake {
+    conn: u64,
+    app_id: String,
+    instance_id: String,
+    agent_version: Option<String>,
+    capabilities: Option<Vec<String>>,
+    required: bool,
+    peer: String,
+    /// The pin writer's verdict, to wait on.
+    reply: Option<PinReply>,
+}
+
+impl PendingHandshake {
+    /// The verdict (`None`: the pin writer is gone).
+    pub async fn verdict(&mut self) -> Option<Result<Verdict, BackendError>> {
+        match self.reply.as_mut() {
+            Some(rx) => rx.await.ok(),
+            None => None,
+        }
+    }
 }
 
 /// WebSocket close code 1012, "service restart".
@@ -67,7 +119,7 @@ impl Reg {
 #[derive(Debug)]
 struct Conn {
     peer: String,
-    tx: UnboundedSender<Out>,
+    queue: Queue,
     reg: Option<Reg>,
     /// A Handshake was accepted (answered with a recipe or `AppNotReady`).
     handshaken: bool,
@@ -109,6 +161,10 @@ pub(crate) struct Hub {
     events: Events,
     versions: VersionStore,
     pins: PinStore,
+    /// Makes first-use pins durable, in batches, off this lock.
+    pin_writer: PinWriter,
+    /// Frames queued per connection at most (see [`Out`]).
+    max_queued: usize,
     /// Apps with no trust on first use (`*`: all).
     require_pin: Vec<String>,
     apps: BTreeMap<String, AppState>,
@@ -170,6 +226,7 @@ impl Hub {
             return Err(BackendError::Config(format!("{}: not a directory", opts.recipe_dir.display())));
         }
         let versions = VersionStore::load(recipes::versions_path(&opts.statelog))?;
+        let pins = PinStore::open(&opts.pins_dir())?;
         let history = JsonLines::read_all_rotated(&opts.statelog, opts.rotation)?;
         let mut skip = vec![opts.statelog.clone(), versions.path().to_path_buf()];
         skip.extend(opts.events.clone());
@@ -180,7 +237,9 @@ impl Hub {
             statelog: JsonLines::open(&opts.statelog, opts.rotation)?,
             events: Events::open(opts.events.as_deref(), opts.rotation)?,
             versions,
-            pins: PinStore::open(&opts.pins_dir())?,
+            pins: pins.clone(),
+            pin_writer: PinWriter::start(pins)?,
+            max_queued: opts.limits.max_queued_bytes,
             require_pin: opts.require_pin.clone(),
             apps: BTreeMap::new(),
             conns: BTreeMap::new(),
@@ -224,12 +283,49 @@ impl Hub {
         &self.skip
     }
 
-    fn send(&self, conn: u64, v: &Value) {
-        if let Some(c) = self.conns.get(&conn) {
-            debug!(conn, "→ {}", short(&v.to_string()));
-            // A closed queue means the connection is going away: nothing to do.
-            let _ = c.tx.send(Out::Text(v.to_string()));
+    fn send(&mut self, conn: u64, v: &Value) {
+        let text: Arc<str> = v.to_string().into();
+        debug!(conn, "→ {}", short(&text));
+        self.queue(conn, Out::Text(text));
+    }
+
+    /// One frame to several connections, serialised once.
+    fn send_all(&mut self, conns: &[u64], v: &Value) {
+        let text: Arc<str> = v.to_string().into();
+        for conn in conns {
+            debug!(conn, "→ {}", short(&text));
+            self.queue(*conn, Out::Text(text.clone()));
         }
+    }
+
+    /// Queues `out` for `conn`, unless that would take its queue past the bound while
+    /// it already holds something (a single frame always fits an empty queue): then the
+    /// agent is not reading what it is sent, and the connection is cut — no close frame
+    /// (it would queue behind the rest), a `slow_reader` event and a warning. The agent
+    /// reconnects and gets the current state again from its Handshake, which is all
+    /// the frames it missed would have told it.
+    fn queue(&mut self, conn: u64, out: Out) {
+        let max = self.max_queued;
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let cost = out.cost();
+        let queued = c.queue.bytes.load(Ordering::Acquire);
+        if queued > 0 && queued.saturating_add(cost) > max {
+            if c.closing {
+                return;
+            }
+            c.closing = true;
+            c.queue.cut.notify_one();
+            let (peer, instance) = (c.peer.clone(), c.reg.as_ref().map(|r| r.instance_id.clone()));
+            warn!(conn, "{peer}: {queued} bytes queued and not read (at most {max}): connection cut");
+            self.events.record(
+                "slow_reader",
+                json!({"conn": conn, "peer": peer, "instance_id": instance, "queued_bytes": queued, "max_queued_bytes": max}),
+            );
+            return;
+        }
+        c.queue.bytes.fetch_add(cost, Ordering::AcqRel);
+        // A closed queue means the connection is going away: nothing to do.
+        let _ = c.queue.tx.send(out);
     }
 
     /// Ids of the registered connections `pick` selects.
@@ -246,10 +342,10 @@ impl Hub {
         self.conns.get(&conn)?.reg.as_ref().filter(|r| r.authenticated).cloned()
     }
 
-    pub fn connect(&mut self, conn: u64, peer: String, tx: UnboundedSender<Out>) {
+    pub fn connect(&mut self, conn: u64, peer: String, queue: Queue) {
         info!(conn, "connection from {peer}");
         self.events.record("open", json!({"conn": conn, "peer": peer}));
-        self.conns.insert(conn, Conn { peer, tx, reg: None, handshaken: false, closing: false });
+        self.conns.insert(conn, Conn { peer, queue, reg: None, handshaken: false, closing: false });
     }
 
     /// Whether the connection has had a Handshake accepted (for the Handshake timeout).
@@ -268,8 +364,10 @@ impl Hub {
             json!({"conn": conn, "peer": c.peer, "app_id": app, "instance_id": instance, "reason": detail}),
         );
         c.reg = None;
-        c.closing = true;
-        let _ = c.tx.send(Out::Close { code, reason: reason.into() });
+        self.queue(conn, Out::Close { code, reason: reason.into() });
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.closing = true;
+        }
     }
 
     /// Records a message refused for what it claims; the connection stays.
@@ -326,10 +424,12 @@ impl Hub {
         self.events.record("frame_too_big", json!({"conn": conn, "instance_id": instance, "reason": reason}));
     }
 
-    pub fn record_handshake_timeout(&mut self, conn: u64, reason: &str) {
+    /// Records the timeout and closes the connection (1008).
+    pub fn handshake_timed_out(&mut self, conn: u64, reason: &str) {
         let peer = self.conns.get(&conn).map(|c| c.peer.clone());
         warn!(conn, "{}: {reason}: closed", peer.as_deref().unwrap_or("?"));
         self.events.record("handshake_timeout", json!({"conn": conn, "peer": peer, "reason": reason}));
+        self.queue(conn, Out::Close { code: CLOSE_POLICY, reason: reason.into() });
         if let Some(c) = self.conns.get_mut(&conn) {
             c.closing = true;
         }
@@ -340,16 +440,20 @@ impl Hub {
         self.events.record("binary", json!({"conn": conn, "len": len}));
     }
 
-    pub fn on_text(&mut self, conn: u64, text: &str) {
+    /// Acts on a text frame. A Handshake that makes a first-use pin is answered only once
+    /// the pin is durable: its [`PendingHandshake`] is returned, for the connection to
+    /// wait on (reading nothing else meanwhile, so that the order of its frames holds)
+    /// and hand back to [`Hub::finish_handshake`].
+    pub fn on_text(&mut self, conn: u64, text: &str) -> Option<PendingHandshake> {
         if self.conns.get(&conn).is_none_or(|c| c.closing) {
-            return;
+            return None;
         }
         let (msg, obj) = match wire::parse_agent(text) {
             Ok(m) => m,
             Err(e) => {
                 warn!(conn, "frame ignored: {e}: {}", short(text));
                 self.events.record("invalid", json!({"conn": conn, "error": e.to_string(), "frame": short(text)}));
-                return;
+                return None;
             }
         };
         debug!(conn, "← {}", short(text));
@@ -357,7 +461,7 @@ impl Hub {
             self.events.record("message", json!({"conn": conn, "code": msg.code(), "message": redacted(obj.clone())}));
         }
         match msg {
-            AgentMsg::Handshake(h) => self.on_handshake(conn, h),
+            AgentMsg::Handshake(h) => return self.on_handshake(conn, h),
             AgentMsg::Test(_) => self.send(conn, &out::test_ans()),
             AgentMsg::StateLog(s) => self.on_statelog(conn, s, obj),
             AgentMsg::WaitQuery { instance_id, app_id, recipe_version } => {
@@ -377,36 +481,69 @@ impl Hub {
             ),
             AgentMsg::Unknown(code) => warn!(conn, "message with unknown code {code:?} ignored"),
         }
+        None
     }
 
-    fn on_handshake(&mut self, conn: u64, h: Hello) {
+    fn on_handshake(&mut self, conn: u64, h: Hello) -> Option<PendingHandshake> {
         let (Some(app_id), Some(instance_id)) = (h.app_id, h.instance_id) else {
             warn!(conn, "Handshake without app_id or instance_id: AppNotReady");
             self.send(conn, &out::app_not_ready());
-            return;
+            return None;
         };
         if !valid_app_id(&app_id) {
             warn!(conn, "Handshake with unusable app_id {app_id:?}: AppNotReady");
             self.send(conn, &out::app_not_ready());
-            return;
+            return None;
         }
         if !valid_instance_id(&instance_id) {
             let detail = format!("unusable instance_id {:?}", short(&instance_id));
-            return self.refuse_handshake(conn, &app_id, "", CLOSE_POLICY, "unusable instance_id", detail);
+            self.refuse_handshake(conn, &app_id, "", CLOSE_POLICY, "unusable instance_id", detail);
+            return None;
         }
         let Some(token) = h.instance_token else {
             let detail = format!("Handshake of {instance_id} (app {app_id}) without instance_token");
-            return self.refuse_handshake(conn, &app_id, &instance_id, CLOSE_POLICY, "no instance_token", detail);
+            self.refuse_handshake(conn, &app_id, &instance_id, CLOSE_POLICY, "no instance_token", detail);
+            return None;
         };
         // Pick up a file created or edited since the last poll right away.
         self.refresh_app(&app_id);
         let has_recipe = self.apps.get(&app_id).is_some_and(|a| a.served.is_some());
         let required = self.require_pin.iter().any(|a| a == "*" || *a == app_id);
         let peer = self.conns.get(&conn).map(|c| c.peer.clone()).unwrap_or_default();
+        let pending = PendingHandshake {
+            conn,
+            app_id,
+            instance_id,
+            agent_version: h.agent_version,
+            capabilities: h.capabilities,
+            required,
+            peer,
+            reply: None,
+        };
         // Only an app the operator serves gets pins on first use: a client naming
         // made-up apps must not fill the pins directory.
         let may_pin = has_recipe && !required;
-        let authenticated = match self.pins.check(&app_id, &instance_id, &token, &peer, may_pin, SystemTime::now()) {
+        match self.pins.verdict(&pending.app_id, &pending.instance_id, &token) {
+            Ok(Verdict::Unpinned) if may_pin => {
+                let request =
+                    PinRequest::new(&pending.app_id, &pending.instance_id, &token, &pending.peer, SystemTime::now());
+                let reply = self.pin_writer.submit(request);
+                Some(PendingHandshake { reply: Some(reply), ..pending })
+            }
+            verdict => {
+                self.finish_handshake(pending, verdict);
+                None
+            }
+        }
+    }
+
+    /// Answers a Handshake once its pin verdict is known (see [`Hub::on_text`]).
+    pub fn finish_handshake(&mut self, p: PendingHandshake, verdict: Result<Verdict, BackendError>) {
+        let PendingHandshake { conn, app_id, instance_id, agent_version, capabilities, required, peer, reply: _ } = p;
+        if self.conns.get(&conn).is_none_or(|c| c.closing) {
+            return;
+        }
+        let authenticated = match verdict {
             Ok(Verdict::Known) => true,
             Ok(Verdict::Pinned) => {
                 info!(conn, "instance {instance_id} of app {app_id} pinned to the token it showed from {peer}");
@@ -461,12 +598,12 @@ impl Hub {
         let app = self.apps.get(&app_id);
         let served = app.and_then(|a| a.served.as_ref()).filter(|_| authenticated);
         let update = app.and_then(|a| a.update.clone());
-        let announced = h.capabilities.is_some();
+        let announced = capabilities.is_some();
         let reg = Reg {
             app_id: app_id.clone(),
             instance_id: instance_id.clone(),
-            agent_version: h.agent_version,
-            capabilities: h.capabilities.unwrap_or_default(),
+            agent_version,
+            capabilities: capabilities.unwrap_or_default(),
             authenticated,
             ready: served.is_some(),
         };
@@ -523,6 +660,14 @@ impl Hub {
             (Some(i), Some(seq)) => self.seen.insert((i.clone(), seq)),
             _ => true,
         };
+        if let (false, Some(seq)) = (fresh, s.seq) {
+            // Counted where a test (or an operator) can see what the agent really sent:
+            // the statelog itself holds each record once.
+            self.events.record(
+                "statelog_repeated",
+                json!({"conn": conn, "instance_id": reg.instance_id, "seq": seq, "acknowledged": ack}),
+            );
+        }
         if let (false, true, Some(seq)) = (fresh, ack, s.seq) {
             debug!(conn, "StateLog seq {seq} already recorded: acknowledged again, not appended");
             self.send(conn, &out::statelog_ack(seq));
@@ -753,8 +898,9 @@ impl Hub {
         if self.versions.apps.get(app) != Some(&record) {
             self.versions.set(app, record);
         }
-        for conn in self.conns_where(|r| r.app_id == app && r.ready) {
-            self.send(conn, &frame);
+        let targets = self.conns_where(|r| r.app_id == app && r.ready);
+        self.send_all(&targets, &frame);
+        for conn in targets {
             if let Some(i) = self.instance_of(conn).and_then(|i| self.instances.get_mut(&i)) {
                 i.runs = Some(version);
             }
@@ -802,9 +948,7 @@ impl Hub {
             "agent_update",
             json!({"app_id": app, "version": order.version, "url": order.url, "sent_to": instances}),
         );
-        for conn in targets {
-            self.send(conn, &out::agent_update(&order.version, &order.url));
-        }
+        self.send_all(&targets, &out::agent_update(&order.version, &order.url));
     }
 
     fn update_file_gone(&mut self, app: &str) {
@@ -835,10 +979,8 @@ impl Hub {
                 self.events.record("reconnect", json!({"app_id": app, "after_s": after_s, "sent_to": instances}));
                 for conn in targets {
                     self.send(conn, &out::reconnect(after_s));
-                    if let Some(c) = self.conns.get(&conn) {
-                        let reason = format!("reconnect after {after_s} s");
-                        let _ = c.tx.send(Out::Close { code: CLOSE_RESTART, reason });
-                    }
+                    let reason = format!("reconnect after {after_s} s");
+                    self.queue(conn, Out::Close { code: CLOSE_RESTART, reason });
                 }
             }
         }

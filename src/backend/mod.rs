@@ -31,7 +31,9 @@
 //!   (`open`/`close`), per agent message other than StateLog (`message`, with the frame,
 //!   its `instance_token` redacted), per unreadable frame (`invalid`, `binary`), and per
 //!   backend decision (`recipe_loaded`, `recipe_rejected`, `recipe_removed`,
-//!   `wait_released`, `agent_update`, `reconnect`, …). Each has `at` and `event`.
+//!   `wait_released`, `agent_update`, `reconnect`, `statelog_repeated` — a StateLog whose
+//!   `(instance_id, seq)` was recorded before, which the statelog does not show, …). Each
+//!   has `at` and `event`.
 //!
 //! - `STATELOG.pins/` (or `--pins-dir`): one file per pinned instance (see [`pins`]).
 //!
@@ -164,6 +166,11 @@ pub struct Limits {
     /// stops reading that connection until it may (TCP pushes back on the agent).
     pub frames_per_s: u32,
     pub frame_burst: u32,
+    /// Bytes queued for one connection and not yet written to it. An agent that does
+    /// not read what it is sent (its socket full) is cut off once more would be queued:
+    /// the connection is dropped, with a `slow_reader` event. One frame larger than this
+    /// still goes to an agent whose queue is empty.
+    pub max_queued_bytes: usize,
 }
 
 impl Default for Limits {
@@ -174,6 +181,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(30),
             frames_per_s: 200,
             frame_burst: 2_000,
+            max_queued_bytes: 4 << 20,
         }
     }
 }

@@ -76,6 +76,10 @@ struct Serve {
     /// Frames a connection may send at once before --frames-per-s applies.
     #[arg(long, default_value_t = Limits::default().frame_burst)]
     frame_burst: u32,
+    /// Bytes queued for one connection and not yet read by its agent; past it the
+    /// connection is dropped (`slow_reader` event) and the agent reconnects.
+    #[arg(long, default_value_t = Limits::default().max_queued_bytes)]
+    max_queued_bytes: usize,
     /// The statelog and the event log are rotated (FILE.1, FILE.2, …) past this size.
     #[arg(long, default_value_t = Rotation::default().max_bytes)]
     rotate_bytes: u64,
@@ -251,6 +255,7 @@ async fn run(args: Serve) -> anyhow::Result<()> {
             handshake_timeout: Duration::from_secs(args.handshake_timeout_s),
             frames_per_s: args.frames_per_s,
             frame_burst: args.frame_burst,
+            max_queued_bytes: args.max_queued_bytes,
         },
         rotation: Rotation { max_bytes: args.rotate_bytes, keep: args.rotate_keep },
         signing_key: args.signing_key,

@@ -14,7 +14,8 @@
 #   e  polkit rule: exactly restart opsagent.service / start opsagent-upgrade.service
 #   f  systemd-analyze verify + security scores (opsagent.service must be <= 2.0)
 #   g  cron fallback without systemd: started, and restarted after kill -9
-#   h  userdata.sh refuses releases that are unsigned, re-labelled or tampered with
+#   h  userdata.sh refuses releases that are unsigned, re-labelled, tampered with or signed
+#      with another key, each for its own reason
 #   i  the .deb: installs, does not start without a config, starts with one, removes
 #   j  the helper's sandbox: chown/chmod, a command as another user, a service restart
 #      over D-Bus work; no network unless HELPER_NETWORK=yes (drop-in)
@@ -103,7 +104,9 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 
 # Refused releases for test h: a validly signed archive re-labelled as another version,
 # a tampered archive, and one signed by a key that is not UPDATE_KEY.
-mkdir -p "$WORK/releases/9.9.1" "$WORK/releases/9.9.2" "$WORK/releases/9.9.3"
+mkdir -p "$WORK/releases/9.9.1" "$WORK/releases/9.9.2" "$WORK/releases/9.9.3" "$WORK/releases/9.9.4"
+# 9.9.4: the archive without its signature.
+cp "$WORK/releases/$VERSION/opsagent.tgz" "$WORK/releases/9.9.4/"
 cp "$WORK/releases/$VERSION/opsagent.tgz" "$WORK/releases/$VERSION/opsagent.tgz.minisig" "$WORK/releases/9.9.1/"
 cp "$WORK/releases/$VERSION/opsagent.tgz" "$WORK/releases/9.9.2/"
 printf 'tampered' >>"$WORK/releases/9.9.2/opsagent.tgz"
@@ -586,20 +589,29 @@ test_g() {
 
 # ---------------------------------------------------------------- h. refused releases
 test_h() {
-    local c=h-verify v log
+    local c=h-verify v log reason want
     boot $c
-    for v in 9.9.1:"signed comment names another version" 9.9.2:"tampered archive" 9.9.3:"signed with another key"; do
-        log=$WORK/h-${v%%:*}.log
-        if userdata $c i-bad VERSION="${v%%:*}" >"$log" 2>&1; then
+    # Each refusal for its own reason: a release refused for another one (say, the
+    # signed comment check gone and the archive refused later) fails the test.
+    for v in \
+        "9.9.1|signed comment names another version|the signed comment is \"opsagent release $VERSION\", expected \"opsagent release 9.9.1\"; refusing" \
+        "9.9.2|tampered archive|signature check of opsagent.tgz failed: Signature verification failed" \
+        "9.9.3|signed with another key|signature check of opsagent.tgz failed: Signature key id in" \
+        "9.9.4|unsigned|cannot download $BASE_REMOTE/9.9.4/opsagent.tgz.minisig"; do
+        IFS='|' read -r ver reason want <<<"$v"
+        log=$WORK/h-$ver.log
+        if userdata $c i-bad VERSION="$ver" >"$log" 2>&1; then
             cat "$log" >&2
-            fail "userdata.sh installed release ${v%%:*} (${v#*:})"
+            fail "userdata.sh installed release $ver ($reason)"
         fi
-        say "  ${v%%:*} (${v#*:}) refused: $(grep ERROR "$log" | head -n 1)"
-        grep -q 'ERROR' "$log" || fail "no error message for ${v%%:*}"
+        say "  $ver ($reason) refused: $(grep ERROR "$log" | head -n 1)"
+        grep -qF "ERROR: $want" "$log" || { cat "$log" >&2; fail "release $ver ($reason) not refused with \"$want\""; }
     done
     log=$WORK/h-key.log
     if userdata $c i-bad UPDATE_KEY="$OTHER_KEY" >"$log" 2>&1; then fail "userdata.sh accepted a release with the wrong UPDATE_KEY"; fi
     say "  $VERSION with a different UPDATE_KEY refused: $(grep ERROR "$log" | head -n 1)"
+    grep -qF "ERROR: signature check of opsagent.tgz failed: Signature key id in" "$log" ||
+        { cat "$log" >&2; fail "the wrong UPDATE_KEY was not refused for its key id"; }
     csh $c '[ ! -e /opt/visualops/current ] && [ -z "$(ls -A /opt/visualops/releases 2>/dev/null)" ]' ||
         fail "a refused release left files in /opt/visualops"
     csh $c '! getent passwd opsagent >/dev/null && [ ! -e /etc/opsagent.conf ]' || fail "a refused install went on to create the user or config"
