@@ -1,19 +1,37 @@
-//! Running one command for a state: its own process group, a scrubbed environment,
-//! stdin from /dev/null, stdout and stderr merged into one capped buffer, a deadline and
-//! cancellation that end the *whole* group (a shell's background children included).
+//! Running one command for a state: a scrubbed environment, stdin from /dev/null (or
+//! given bytes), stdout and stderr merged into one capped buffer, a deadline, and
+//! cancellation that ends everything the command started.
 //!
-//! The group is the unit of cleanup: `sh -c 'a & b'` leaves `a` running after the shell
-//! is killed unless the signal goes to the group. Escaping the group (`setsid`) is
-//! possible; systemd's control group catches those when the helper stops.
+//! Every program a state runs goes through [`run`] (or [`checked`]), and this is the
+//! only file of the helper allowed to start a process (`clippy.toml`,
+//! `disallowed-methods`). Behind it, one [`Runner`] trait with the two real ways to run
+//! a command, chosen once at start-up by [`select_host_runner`]:
+//! - [`crate::transient::Transient`], where systemd is PID 1: the command runs as a
+//!   transient service unit of its own, `opsagent-state-….service`, with the full
+//!   capability of root whatever the helper's own sandbox is (the policy may give a
+//!   module's units sandbox properties); its control group is the unit of cleanup, so
+//!   even double-forked daemons are caught by a cancellation or a timeout;
+//! - [`Direct`], without systemd (cron-fallback hosts, `opsagent apply` where systemd is
+//!   not PID 1): a child of the helper in its own process group, the group being the
+//!   unit of cleanup (`sh -c 'a & b'` leaves `a` running after the shell is killed
+//!   unless the signal goes to the group; a `setsid` escapes it).
+//!
+//! Tests give a request another runner (a fake) through its [`Scope`].
+//!
+//! Preemption (a new recipe while a state runs) cancels the running command, except a
+//! program that must not be cut in half ([`must_finish`]: package managers, mkfs, LVM
+//! and RAID tools, version control): it runs to its end, bounded by its own timeout.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs;
+use std::future::Future;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use nix::fcntl::OFlag;
@@ -158,6 +176,132 @@ pub enum Exit {
 pub struct Finished {
     pub exit: Exit,
     pub output: String,
+    /// What the command used, where the runner can tell (a transient unit's cgroup).
+    pub usage: Option<Usage>,
+}
+
+/// Resources used by commands, from their control group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time, user and system.
+    pub cpu: Duration,
+    /// The highest memory use seen, where systemd reports it (`MemoryPeak`, systemd 255
+    /// and later); for several commands, the highest of them.
+    pub peak_memory: Option<u64>,
+}
+
+impl Usage {
+    fn add(&mut self, other: Usage) {
+        self.cpu += other.cpu;
+        self.peak_memory = match (self.peak_memory, other.peak_memory) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cpu {:.3} s", self.cpu.as_secs_f64())?;
+        if let Some(peak) = self.peak_memory {
+            write!(f, ", peak memory {:.1} MiB", peak as f64 / (1024.0 * 1024.0))?;
+        }
+        Ok(())
+    }
+}
+
+/// What the commands of one request are run for: names their transient units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label {
+    pub recipe_version: u64,
+    pub state_id: String,
+    pub module: String,
+}
+
+/// One request's context for the commands it runs, carried by its [`Cancel`] token.
+#[derive(Default)]
+pub struct Scope {
+    pub label: Option<Label>,
+    /// Runs this request's commands instead of the host's runner (tests).
+    pub runner: Option<Arc<dyn Runner>>,
+    usage: Mutex<Option<Usage>>,
+}
+
+impl Scope {
+    pub fn new(label: Label) -> Self {
+        Self { label: Some(label), ..Self::default() }
+    }
+
+    pub fn with_runner(runner: Arc<dyn Runner>) -> Self {
+        Self { runner: Some(runner), ..Self::default() }
+    }
+
+    /// What the commands run so far used, added up; `None` when no runner could tell.
+    pub fn usage(&self) -> Option<Usage> {
+        *self.usage.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, usage: Usage) {
+        let mut total = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        total.get_or_insert_with(Usage::default).add(usage);
+    }
+}
+
+pub type RunFuture<'a> = Pin<Box<dyn Future<Output = Result<Finished, SpawnError>> + Send + 'a>>;
+
+/// One way of running a command to its end, its deadline or its cancellation, whichever
+/// comes first. On cancellation or timeout, everything the command started is ended
+/// (SIGTERM, [`KILL_GRACE`], SIGKILL) before the future resolves.
+pub trait Runner: Send + Sync {
+    /// For logs: `transient-unit`, `direct`.
+    fn name(&self) -> &'static str;
+    fn run<'a>(&'a self, spec: &'a CommandSpec, label: Option<&'a Label>, cancel: &'a mut Cancel) -> RunFuture<'a>;
+}
+
+/// The runner of this host, chosen once by [`select_host_runner`].
+static HOST_RUNNER: OnceLock<Arc<dyn Runner>> = OnceLock::new();
+
+/// The one place that decides how commands run on this host: as transient units where
+/// systemd is PID 1 and the helper runs as root, directly otherwise. Returns the
+/// runner's name. Without a call (tests of the library), commands run directly.
+pub fn select_host_runner() -> &'static str {
+    let runner = HOST_RUNNER.get_or_init(|| {
+        if crate::systemd::booted() && nix::unistd::geteuid().is_root() {
+            Arc::new(crate::transient::Transient::system())
+        } else {
+            Arc::new(Direct)
+        }
+    });
+    runner.name()
+}
+
+fn runner_for(cancel: &Cancel) -> Arc<dyn Runner> {
+    if let Some(runner) = cancel.scope().and_then(|s| s.runner.clone()) {
+        return runner;
+    }
+    HOST_RUNNER.get().cloned().unwrap_or_else(|| Arc::new(Direct))
+}
+
+/// Programs that must not be cut in half by a preemption: an interrupted package
+/// manager leaves dpkg/rpm databases half-configured (`dpkg --audit` complains, the
+/// next install fails), an interrupted mkfs/lvcreate/mdadm a device in an unknown
+/// state, an interrupted VCS update a working copy with a lock. Matched on the
+/// program's file name; `mkfs.*` included.
+pub const MUST_FINISH: &[&str] = &[
+    "apt", "apt-get", "aptitude", "dpkg", "yum", "dnf", "rpm", "pip", "pip2", "pip3", "npm", "gem", "mkfs", "mke2fs",
+    "mkswap", "pvcreate", "vgcreate", "vgextend", "lvcreate", "lvextend", "lvresize", "mdadm", "git", "svn", "hg",
+];
+
+/// Whether a preemption lets `spec` run to its end (or its timeout) instead of
+/// stopping it; see [`MUST_FINISH`].
+pub fn must_finish(spec: &CommandSpec) -> bool {
+    let Some(name) = spec.program.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let base = name.split_once('.').map_or(name, |(b, _)| b);
+    // pip3.11 and the like.
+    let base = if base.starts_with("pip") && base[3..].chars().all(|c| c.is_ascii_digit()) { "pip" } else { base };
+    MUST_FINISH.contains(&base)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,8 +311,42 @@ pub struct SpawnError {
     pub source: io::Error,
 }
 
-/// Runs `spec` to its end, its deadline or `cancel`, whichever comes first.
+/// Runs `spec` to its end, its deadline or `cancel`, whichever comes first; a program
+/// that [`must_finish`] ignores `cancel` and is bounded by its deadline only.
 pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, SpawnError> {
+    let runner = runner_for(cancel);
+    let label = cancel.scope().and_then(|s| s.label.clone());
+    let mut uncancellable = Cancel::never();
+    let token = if must_finish(spec) {
+        if cancel.is_requested() {
+            tracing::info!(command = %spec.display(), "preempted, but a package manager, storage or VCS tool runs to its end");
+        }
+        &mut uncancellable
+    } else {
+        &mut *cancel
+    };
+    let finished = runner.run(spec, label.as_ref(), token).await?;
+    if let (Some(usage), Some(scope)) = (finished.usage, cancel.scope()) {
+        scope.record(usage);
+    }
+    Ok(finished)
+}
+
+/// Runs commands as children of the helper, each in its own process group.
+pub struct Direct;
+
+impl Runner for Direct {
+    fn name(&self) -> &'static str {
+        "direct"
+    }
+
+    fn run<'a>(&'a self, spec: &'a CommandSpec, _label: Option<&'a Label>, cancel: &'a mut Cancel) -> RunFuture<'a> {
+        Box::pin(run_direct(spec, cancel))
+    }
+}
+
+#[allow(clippy::disallowed_methods)] // the one place a process is spawned
+async fn run_direct(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, SpawnError> {
     let spawn_err = |source: io::Error| SpawnError { program: spec.program.display().to_string(), source };
     // One pipe for both streams keeps their lines in the order they were written.
     // CLOEXEC: commands started concurrently for other requests must not inherit it.
@@ -244,7 +422,7 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
         reader.abort();
     }
     let output = output.lock().map(|o| o.render()).unwrap_or_default();
-    Ok(Finished { exit, output })
+    Ok(Finished { exit, output, usage: None })
 }
 
 /// Why a tool run by a state did not succeed.
@@ -308,7 +486,7 @@ pub async fn checked(spec: &CommandSpec, ok_codes: &[i32], cancel: &mut Cancel) 
     }
 }
 
-async fn collect(mut pipe: tokio::net::unix::pipe::Receiver, out: Arc<Mutex<CappedOutput>>) {
+pub(crate) async fn collect(mut pipe: tokio::net::unix::pipe::Receiver, out: Arc<Mutex<CappedOutput>>) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match pipe.read(&mut buf).await {

@@ -21,6 +21,7 @@ pub mod server;
 pub mod socket;
 pub mod states;
 pub mod systemd;
+pub mod transient;
 pub mod unpack;
 pub mod upgrade;
 pub mod watch;
@@ -45,8 +46,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             nix::unistd::geteuid()
         );
     }
+    // The one decision of how commands run; it also decides what the helper keeps.
+    let runner = exec::select_host_runner();
     // While this is the only thread: capability sets are per thread.
-    let kept = harden::apply(cli.storage).context("refusing to start: cannot harden the process")?;
+    let kept = if runner == "transient-unit" {
+        harden::apply_set(&harden::KEEP_WITH_UNITS.iter().copied().collect())
+    } else {
+        harden::apply(cli.storage)
+    }
+    .context("refusing to start: cannot harden the process")?;
     tracing::info!(
         kept = %kept.bounding.join(" "),
         dropped = kept.dropped,
@@ -59,6 +67,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
     .map_err(policy::startup_error)?;
     tracing::info!(policy = %policy, "policy loaded");
+    tracing::info!(runner, "commands of states run this way");
     let allow = Allowlist::resolve(&cli.allow_user)?;
     tracing::info!(allowed = %allow, "allowlist resolved");
 

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::cancel::{self, Canceller};
+use crate::exec;
 use crate::identity::Allowlist;
 use crate::states::{self, Ctx, Step};
 
@@ -355,6 +356,14 @@ impl Connection {
         info!(id, state_id, module, recipe_version = req.recipe_version, "apply");
         let _running = Running::register(&shared, state_id, module);
         let (canceller, cancel) = cancel::pair();
+        // The request's commands are named after it (their transient units) and their
+        // resource use is added up for its outcome.
+        let scope = Arc::new(exec::Scope::new(exec::Label {
+            recipe_version: req.recipe_version,
+            state_id: state_id.to_string(),
+            module: module.to_string(),
+        }));
+        let cancel = cancel.with_scope(Arc::clone(&scope));
         let started = Instant::now();
         let ctx = shared.config.ctx.for_peer(self.peer_uid);
         let work = states::apply(&req, &ctx, cancel);
@@ -379,6 +388,14 @@ impl Connection {
             }
             Ok(Step::Done(mut outcome)) => {
                 outcome.duration_ms = duration_ms;
+                if let Some(usage) = scope.usage() {
+                    // The commands' own figures, from their units' control groups.
+                    outcome.comment = if outcome.comment.is_empty() {
+                        format!("commands used {usage}")
+                    } else {
+                        format!("{} (commands used {usage})", outcome.comment)
+                    };
+                }
                 info!(
                     id, state_id, module,
                     result = outcome.result,

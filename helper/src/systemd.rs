@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use futures_util_lite::next;
+pub(crate) use futures_util_lite::next;
 use opsagent_proto::newtypes::{InvalidValue, UnitName};
 use zbus::proxy::CacheProperties;
 use zbus::zvariant::{OwnedObjectPath, Value};
@@ -48,6 +48,11 @@ pub trait Manager {
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Signals `signal` to the unit's processes; `who`: `main`, `control` or `all`.
+    fn kill_unit(&self, name: &str, who: &str, signal: i32) -> zbus::Result<()>;
+    /// Asks the manager to send unit and job signals to this connection.
+    fn subscribe(&self) -> zbus::Result<()>;
     /// `properties` are the unit's settings (`a(sv)`); `aux` (further transient units
     /// started with it) is always empty here.
     fn start_transient_unit(
@@ -72,6 +77,8 @@ pub trait Unit {
     fn active_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    /// Drops the reference `AddRef` took at StartTransientUnit.
+    fn unref(&self) -> zbus::Result<()>;
 }
 
 /// What a state asks of a service.
