@@ -27,6 +27,11 @@
 #      root-owned file) and a staged order whose url forges a log line: after a
 #      supervisor pass (rotation forced) and a userdata re-run the file is unchanged, no
 #      log line holds the forged line, the order is refused
+#   m  commands as transient units: hostname, a tmpfs mount, a namespaced sysctl -w, mkfs +
+#      mount of a loop device from a recipe with no drop-in, while the helper holds no
+#      CAP_SYS_ADMIN; a timed-out and a preempted command that double-forked a sleep
+#      leave no process; journalctl -u shows a command's output; no opsagent-state-*
+#      unit is left loaded after the round; CPU time in the outcome
 #   (g also upgrades the cron-supervised agent)
 #
 # Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
@@ -40,7 +45,7 @@ source "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "tests/system/run.sh must run as root" >&2; exit 2; }
 
-ALL_TESTS="a b c d e f g h i j k l"
+ALL_TESTS="a b c d e f g h i j k l m"
 SELECTED=${*:-$ALL_TESTS}
 SUITE_START=$(date +%s)
 WORK=$(mktemp -d /tmp/opsagent-systest.XXXXXX)
@@ -54,6 +59,10 @@ on_exit() {
     set +e
     for p in "${BG_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
     cleanup_all
+    # Loop devices tests attached on the host (test m), once their containers are gone.
+    if [ -f "$WORK/loops" ]; then
+        while read -r p; do losetup -d "$p" 2>/dev/null; done <"$WORK/loops"
+    fi
     for p in "${HOST_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
     for p in "${HOST_PIDS[@]}"; do wait "$p" 2>/dev/null; done
     if [ "$rc" -eq 0 ] && [ "${OPSAGENT_SYSTEST_KEEP:-0}" != 1 ]; then
@@ -483,11 +492,12 @@ test_f() {
     [ -n "$score" ] && [ -n "$hscore" ] && [ -n "$uscore" ] || fail "cannot read the exposure scores"
     awk -v s="$score" 'BEGIN { exit !(s <= 1.2) }' || fail "opsagent.service exposure $score > 1.2"
     # No shipped unit may get more exposed than it was when the trust-boundary work began
-    # (daemon 1.2, helper 2.9, installer 1.4), measured on the unit files as shipped:
+    # (daemon 1.2, helper 2.9 then, 2.6 since its commands run in units of their own,
+    # installer 1.4), measured on the unit files as shipped:
     # installed, the helper carries the network drop-in the userdata script adds by
     # default (HELPER_NETWORK=yes), which is the operator's choice (3.7 with it).
     local unit limit shipped
-    for unit in opsagent:1.2 opsagent-helper:2.9 opsagent-upgrade:1.4; do
+    for unit in opsagent:1.2 opsagent-helper:2.6 opsagent-upgrade:1.4; do
         limit=${unit#*:}
         unit=${unit%%:*}
         shipped=$(systemd-analyze security --offline=true --no-pager "$REPO/units/$unit.service" 2>/dev/null |
@@ -796,6 +806,80 @@ PY
         fail "9.11.0 was tried again after the manual upgrade"
 }
 
+# ---------------------------------------------------------------- m. transient units
+test_m() {
+    local c=m-units out hpid caps loop major minor apply left
+    install_agent $c i-units HELPER_NETWORK=no
+    apply="/opt/visualops/current/bin/opsagent apply --helper-socket /run/opsagent-helper/helper.sock"
+    # A loop device made on the host over a sparse file, its node made in the container
+    # (nspawn gives it none); detached by the suite's cleanup.
+    truncate -s 64M "$WORK/m-disk.img"
+    loop=$(losetup --find --show "$WORK/m-disk.img") || fail "no loop device on the host"
+    echo "$loop" >>"$WORK/loops"
+    major=$((16#$(stat -c %t "$loop")))
+    minor=$((16#$(stat -c %T "$loop")))
+    csh $c "mknod -m 0660 $loop b $major $minor" || fail "cannot make $loop in the container"
+    cat >"$(croot $c)/root/admin.json" <<EOF
+{"recipe_version": 1, "state": [
+  {"id": "m-hostname", "module": "linux.cmd", "parameter": {"cmd": "hostname m-renamed && hostname"}},
+  {"id": "m-tmpfs", "module": "linux.cmd", "parameter": {"cmd": "mkdir -p /mnt/m-tmp && mount -t tmpfs tmpfs /mnt/m-tmp && echo tmpfs-mounted"}},
+  {"id": "m-sysctl", "module": "linux.cmd", "parameter": {"cmd": "sysctl -w kernel.domainname=m-domain"}},
+  {"id": "m-mkfs", "module": "linux.mkfs", "parameter": {"device": "$loop", "fstype": "ext4", "label": "mdata"}},
+  {"id": "m-mount", "module": "linux.mount", "parameter": {"device": "$loop", "filesystem": "ext4", "path": "/mnt/m-data"}},
+  {"id": "m-echo", "module": "linux.cmd", "parameter": {"cmd": "echo output-for-the-journal-m42"}}
+]}
+EOF
+    csh $c '[ ! -e /etc/systemd/system/opsagent-helper.service.d/60-storage.conf ]' || fail "a storage drop-in is installed"
+    out=$(csh $c "$apply /root/admin.json 2>&1") || { say "$out"; fail "the admin commands failed under the helper unit"; }
+    say "$out"
+    [ "$(csh $c hostname)" = m-renamed ] || fail "hostname was not changed"
+    grep -q " /mnt/m-tmp [^ ]* .* - tmpfs " "/proc/$(cpid $c)/mountinfo" || fail "the tmpfs is not mounted in the container"
+    [ "$(csh $c 'cat /proc/sys/kernel/domainname')" = m-domain ] || fail "sysctl -w kernel.domainname did not apply"
+    grep -q " /mnt/m-data [^ ]* .* - ext4 " "/proc/$(cpid $c)/mountinfo" || fail "the loop device is not mounted"
+    printf '%s\n' "$out" | grep -q 'cpu [0-9.]* s' || fail "no CPU time in the outcome"
+    say "  hostname, tmpfs, sysctl, mkfs + mount: done by a recipe without any drop-in"
+    hpid=$(unit_prop $c opsagent-helper.service MainPID)
+    [ "$hpid" != 0 ] || fail "the helper is not running"
+    caps=$(csh $c "sed -n 's/^CapBnd:[[:space:]]*//p' /proc/$hpid/status")
+    # CAP_SYS_ADMIN is bit 21.
+    [ $(((16#$caps >> 21) & 1)) = 0 ] || fail "the helper holds CAP_SYS_ADMIN (CapBnd $caps)"
+    say "  SCORE helper CapBnd $caps (no CAP_SYS_ADMIN)"
+    csh $c "journalctl --no-pager -u 'opsagent-state-1-m-echo-*' | grep -q output-for-the-journal-m42" ||
+        fail "journalctl -u opsagent-state-1-m-echo-* does not show the output"
+    left=$(csh $c "systemctl list-units --all --no-legend 'opsagent-state-*'")
+    [ -z "$left" ] || { say "$left"; fail "opsagent-state units left after the round"; }
+
+    # Timeout: a command that double-forks a sleep, over its 2 s timeout.
+    cat >"$(croot $c)/root/timeout.json" <<'EOF'
+{"recipe_version": 2, "state": [
+  {"id": "m-timeout", "module": "linux.cmd", "parameter": {"cmd": "( setsid sh -c 'sleep 3111 &' & ); sleep 3222", "timeout": 2}}
+]}
+EOF
+    if out=$(csh $c "$apply /root/timeout.json 2>&1"); then
+        say "$out"
+        fail "the timed-out command succeeded"
+    fi
+    say "$out"
+    ! csh $c 'pgrep -f "sleep 3[12][12][12]"' || fail "processes of the timed-out command are left"
+    say "  timeout: no process left (the double-forked sleep included)"
+
+    # Preemption: the apply that runs it is killed (its connection closes, as when the
+    # daemon gives the state up); the unit's whole control group goes.
+    cat >"$(croot $c)/root/preempt.json" <<'EOF'
+{"recipe_version": 3, "state": [
+  {"id": "m-preempt", "module": "linux.cmd", "parameter": {"cmd": "( setsid sh -c 'sleep 3333 &' & ); sleep 3444"}}
+]}
+EOF
+    csh $c "$apply /root/preempt.json >/root/preempt.out 2>&1 & echo \$! >/root/preempt.pid"
+    wait_until 30 "the preempted command runs" csh $c 'pgrep -f "sleep 3333" && pgrep -f "sleep 3444"'
+    csh $c "systemctl list-units --no-legend 'opsagent-state-3-m-preempt-*' | grep -q running" ||
+        fail "the command does not run as an opsagent-state unit"
+    csh $c 'kill -9 $(cat /root/preempt.pid)'
+    wait_until 30 "the preempted command's processes are gone" csh $c '! pgrep -f "sleep 3[34][34][34]"'
+    wait_until 30 "no opsagent-state unit left" csh $c '[ -z "$(systemctl list-units --all --no-legend "opsagent-state-*")" ]'
+    say "  preemption: no process left (the double-forked sleep included), no unit left"
+}
+
 # ---------------------------------------------------------------- l. links planted by the agent user
 # What a compromised daemon (user opsagent) can do on a cron host: plant links, in the
 # directories it owns, at every name root used to open there, pointing at a root-owned
@@ -852,7 +936,7 @@ test_l() {
 PASSED=0
 FAILED=0
 declare -A NAMES=([a]=a-install [b]=b-watchdog [c]=c-socket [d]=d-journal [e]=e-polkit [f]=f-analyze
-    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links)
+    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links [m]=m-units)
 
 # run_one LETTER: runs test_LETTER in a subshell (set -e: the first failed step ends
 # it), its output in $WORK/NAME.log; writes NAME.rc and NAME.reason.
