@@ -332,6 +332,54 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
     Ok(finished)
 }
 
+/// A runner for unit tests: runs nothing, records every command and answers with the
+/// exit, output and usage it was given (or, for a program it names, another exit).
+#[derive(Default)]
+pub struct Fake {
+    pub calls: Mutex<Vec<(CommandSpec, Option<Label>)>>,
+    pub answers: Mutex<Vec<(String, Exit, String)>>,
+    pub usage: Option<Usage>,
+}
+
+impl Fake {
+    /// Commands whose program's file name is `program` end with `exit` and `output`;
+    /// anything else exits 0 without output.
+    pub fn answer(self, program: &str, exit: Exit, output: &str) -> Self {
+        self.answers.lock().unwrap_or_else(PoisonError::into_inner).push((
+            program.to_string(),
+            exit,
+            output.to_string(),
+        ));
+        self
+    }
+
+    pub fn calls(&self) -> Vec<(CommandSpec, Option<Label>)> {
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+impl Runner for Fake {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    fn run<'a>(&'a self, spec: &'a CommandSpec, label: Option<&'a Label>, cancel: &'a mut Cancel) -> RunFuture<'a> {
+        Box::pin(async move {
+            self.calls.lock().unwrap_or_else(PoisonError::into_inner).push((spec.clone(), label.cloned()));
+            if cancel.is_requested() {
+                return Ok(Finished { exit: Exit::Cancelled, output: String::new(), usage: self.usage });
+            }
+            let name = spec.program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+            let (exit, output) = answers
+                .iter()
+                .find(|(p, _, _)| *p == name)
+                .map_or((Exit::Code(0), String::new()), |(_, e, o)| (e.clone(), o.clone()));
+            Ok(Finished { exit, output, usage: self.usage })
+        })
+    }
+}
+
 /// Runs commands as children of the helper, each in its own process group.
 pub struct Direct;
 
@@ -660,6 +708,84 @@ mod tests {
         assert_eq!(expanded, want, "{}", finished.output);
         // The spawning thread itself stays where it was put.
         assert_eq!(inherited, one);
+    }
+
+    fn spec(program: &str) -> CommandSpec {
+        CommandSpec::tool(program, ["x"])
+    }
+
+    #[test]
+    fn package_managers_storage_and_vcs_tools_must_finish() {
+        for p in [
+            "apt-get",
+            "/usr/bin/dpkg",
+            "mkfs.ext4",
+            "mkfs",
+            "pip3",
+            "pip3.11",
+            "/srv/venv/bin/pip",
+            "git",
+            "lvcreate",
+            "mdadm",
+            "yum",
+            "rpm",
+            "npm",
+            "gem",
+        ] {
+            assert!(must_finish(&spec(p)), "{p}");
+        }
+        for p in ["/bin/sh", "bash", "sleep", "pipx", "gitk", "systemctl", "apt-cache-x"] {
+            assert!(!must_finish(&spec(p)), "{p}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scope_gives_its_runner_the_label_and_adds_up_the_usage() {
+        let fake = Arc::new(
+            Fake { usage: Some(Usage { cpu: Duration::from_millis(30), peak_memory: Some(10) }), ..Fake::default() }
+                .answer("false", Exit::Code(1), "no\n"),
+        );
+        let label = Label { recipe_version: 7, state_id: "s-1".into(), module: "linux.cmd".into() };
+        let scope = Arc::new(Scope { label: Some(label.clone()), ..Scope::with_runner(fake.clone()) });
+        let mut cancel = Cancel::never().with_scope(Arc::clone(&scope));
+        let ok = checked(&spec("true"), &[0], &mut cancel).await.unwrap();
+        assert_eq!(ok.exit, Exit::Code(0));
+        let err = checked(&spec("/bin/false"), &[0], &mut cancel).await.unwrap_err();
+        assert_eq!(err.to_string(), "`/bin/false x` exited with status 1: no");
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].0.program, PathBuf::from("/bin/false"));
+        assert_eq!(calls[1].1.as_ref(), Some(&label));
+        assert_eq!(scope.usage(), Some(Usage { cpu: Duration::from_millis(60), peak_memory: Some(10) }));
+        assert_eq!(scope.usage().unwrap().to_string(), "cpu 0.060 s, peak memory 0.0 MiB");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_request_stops_a_command_but_not_a_package_manager() {
+        let fake = Arc::new(Fake::default());
+        let (canceller, cancel) = crate::cancel::pair();
+        let mut cancel = cancel.with_scope(Arc::new(Scope::with_runner(fake.clone())));
+        canceller.cancel();
+        assert_eq!(run(&spec("/bin/sh"), &mut cancel).await.unwrap().exit, Exit::Cancelled);
+        assert_eq!(run(&spec("apt-get"), &mut cancel).await.unwrap().exit, Exit::Code(0));
+        assert_eq!(fake.calls().len(), 2);
+    }
+
+    /// The real direct runner: a program named like a package manager runs to its end
+    /// although cancellation was asked before it started; any other is stopped.
+    #[tokio::test]
+    async fn direct_runs_a_package_manager_to_its_end_when_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let dpkg = dir.path().join("dpkg");
+        std::os::unix::fs::symlink("/bin/sh", &dpkg).unwrap();
+        let (canceller, mut cancel) = crate::cancel::pair();
+        canceller.cancel();
+        let mut finishing = CommandSpec::tool(dpkg.to_str().unwrap(), ["-c", "sleep 0.2; echo finished"]);
+        finishing.timeout = Some(Duration::from_secs(60));
+        let done = run(&finishing, &mut cancel).await.unwrap();
+        assert_eq!((done.exit, done.output.trim()), (Exit::Code(0), "finished"));
+        let stopped = run(&CommandSpec::tool("/bin/sh", ["-c", "sleep 30"]), &mut cancel).await.unwrap();
+        assert_eq!(stopped.exit, Exit::Cancelled);
     }
 
     #[test]

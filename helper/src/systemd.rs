@@ -344,13 +344,7 @@ impl ServiceManager for SysV {
         let finished = exec::run(&spec, &mut Cancel::never())
             .await
             .map_err(|e| ServiceError::Tool { unit: unit.clone(), source: e.into() })?;
-        // LSB: 0 running, 1-3 not running (dead with pid file, dead with lock, stopped).
-        let active_state = match finished.exit {
-            Exit::Code(0) => "active",
-            Exit::Code(1..=3) => "inactive",
-            _ => "unknown",
-        };
-        Ok(ServiceState { active_state: active_state.to_string() })
+        Ok(sysv_state(&finished.exit))
     }
 
     async fn run(&self, unit: &UnitName, job: Job, cancel: &mut Cancel) -> Result<(), ServiceError> {
@@ -360,6 +354,16 @@ impl ServiceManager for SysV {
             .map(drop)
             .map_err(|source| ServiceError::Tool { unit: unit.clone(), source })
     }
+}
+
+/// LSB: 0 running, 1-3 not running (dead with pid file, dead with lock, stopped).
+fn sysv_state(exit: &Exit) -> ServiceState {
+    let active_state = match exit {
+        Exit::Code(0) => "active",
+        Exit::Code(1..=3) => "inactive",
+        _ => "unknown",
+    };
+    ServiceState { active_state: active_state.to_string() }
 }
 
 /// The unit systemd names after `path` (`systemd-escape --path --suffix=SUFFIX`):
@@ -416,6 +420,26 @@ mod futures_util_lite {
 mod tests {
     use super::*;
     use std::path::Path;
+    use std::sync::Arc;
+
+    /// The SysV fallback's reading of `service NAME status`, against the fake runner.
+    #[tokio::test]
+    async fn sysv_reads_the_lsb_status_codes() {
+        let unit = UnitName::parse("nginx.service").unwrap();
+        for (code, want) in [(0, "active"), (3, "inactive"), (4, "unknown")] {
+            let fake = Arc::new(exec::Fake::default().answer("service", Exit::Code(code), ""));
+            let scope = Arc::new(exec::Scope::with_runner(fake.clone()));
+            let sysv = SysV::default();
+            let mut cancel = Cancel::never().with_scope(scope);
+            // SysV::state runs with a token of its own; the scope goes through run().
+            let spec = sysv.command(&unit, "status");
+            let finished = exec::run(&spec, &mut cancel).await.unwrap();
+            assert_eq!(finished.exit, Exit::Code(code));
+            assert_eq!(sysv_state(&finished.exit).active_state, want);
+            let calls = fake.calls();
+            assert_eq!(calls[0].0.display(), "service nginx status");
+        }
+    }
 
     #[test]
     fn unit_names_are_escaped_as_systemd_escape_path_does() {

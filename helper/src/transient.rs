@@ -126,7 +126,7 @@ impl Runner for Transient {
 
 /// The unit's name: `opsagent-state-<recipe version>-<state id>-<module>-<random>.service`,
 /// the state id cut to 64 characters and anything but letters, digits, `_` and `-`
-/// written `_`; the random part keeps two runs of one state apart (a unit that kept a
+/// written `_` (the module's dots kept); the random part keeps two runs of one state apart (a unit that kept a
 /// daemon may still be loaded).
 pub fn unit_name(label: Option<&Label>) -> String {
     let mut random = [0u8; 4];
@@ -137,15 +137,19 @@ pub fn unit_name(label: Option<&Label>) -> String {
                 .to_be_bytes();
     }
     let suffix = hex::encode(random);
-    let clean = |s: &str, max: usize| -> String {
-        s.chars().take(max).map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect()
+    let clean = |s: &str, max: usize, extra: char| -> String {
+        s.chars()
+            .take(max)
+            .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == extra { c } else { '_' })
+            .collect()
     };
     match label {
         Some(l) => format!(
             "{UNIT_PREFIX}{}-{}-{}-{suffix}.service",
             l.recipe_version,
-            clean(&l.state_id, 64),
-            clean(&l.module, 40).replace('_', "-")
+            clean(&l.state_id, 64, '-'),
+            // Catalogue names (`linux.apt.package`) keep their dots.
+            clean(&l.module, 40, '.')
         ),
         None => format!("{UNIT_PREFIX}helper-{suffix}.service"),
     }
@@ -439,5 +443,80 @@ fn journal_output(unit: &str, spec: &CommandSpec, output: &str) {
         }
         // Nowhere to report a lost line to; the output is in the StateLog anyway.
         let _ = socket.send(&buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::unistd::{Gid, Uid};
+
+    fn label() -> Label {
+        Label { recipe_version: 12, state_id: "web/setup nginx".into(), module: "linux.cmd".into() }
+    }
+
+    #[test]
+    fn unit_names_say_what_runs_and_are_valid_unit_names() {
+        let name = unit_name(Some(&label()));
+        assert!(name.starts_with("opsagent-state-12-web_setup_nginx-linux.cmd-"), "{name}");
+        assert!(name.ends_with(".service"));
+        opsagent_proto::newtypes::UnitName::parse(&name).unwrap();
+        assert_ne!(unit_name(Some(&label())), name, "two runs of one state get two units");
+        let long = Label { state_id: "x".repeat(500), ..label() };
+        opsagent_proto::newtypes::UnitName::parse(&unit_name(Some(&long))).unwrap();
+        assert!(unit_name(None).starts_with("opsagent-state-helper-"));
+    }
+
+    fn find<'a>(props: &'a [(String, Value<'a>)], key: &str) -> Option<&'a Value<'a>> {
+        props.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn properties_run_the_command_as_its_user_with_the_policy_sandbox_last() {
+        let (_r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        let mut spec = CommandSpec::tool("/bin/sh", ["-c", "id"]).with_timeout(Duration::from_secs(30));
+        spec.uid = Uid::from_raw(1000);
+        spec.gid = Gid::from_raw(1001);
+        let sandbox = vec![
+            ("ProtectSystem".to_string(), SandboxValue::Str("strict".into())),
+            ("ExecStart".to_string(), SandboxValue::Str("/bin/evil".into())),
+            ("ProtectHome".to_string(), SandboxValue::Bool(true)),
+        ];
+        let props = properties(&spec, Some(&label()), None, &w, sandbox).unwrap();
+        assert_eq!(find(&props, "User"), Some(&Value::from("1000")));
+        assert_eq!(find(&props, "Group"), Some(&Value::from("1001")));
+        assert_eq!(find(&props, "Type"), Some(&Value::from("exec")));
+        assert_eq!(find(&props, "KillMode"), Some(&Value::from("process")));
+        assert_eq!(find(&props, "CollectMode"), Some(&Value::from("inactive-or-failed")));
+        // The timeout plus twice the grace, as a backstop.
+        assert_eq!(find(&props, "RuntimeMaxUSec"), Some(&Value::from(40_000_000u64)));
+        assert_eq!(
+            find(&props, "ExecStart"),
+            Some(&Value::from(vec![(
+                "/bin/sh".to_string(),
+                vec!["/bin/sh".to_string(), "-c".into(), "id".into()],
+                false
+            )]))
+        );
+        assert_eq!(find(&props, "ProtectSystem"), Some(&Value::from("strict")));
+        assert_eq!(find(&props, "ProtectHome"), Some(&Value::from(true)));
+        assert_eq!(props.iter().filter(|(k, _)| k == "ExecStart").count(), 1, "the sandbox cannot replace ExecStart");
+        assert!(find(&props, "StandardInputFileDescriptor").is_none());
+
+        // Root: no User=/Group= (systemd's default), and no deadline without a timeout.
+        let mut root = CommandSpec::tool("/bin/true", Vec::<String>::new());
+        root.timeout = None;
+        let props = properties(&root, None, None, &w, Vec::new()).unwrap();
+        assert!(find(&props, "User").is_none() && find(&props, "Group").is_none());
+        assert!(find(&props, "RuntimeMaxUSec").is_none());
+    }
+
+    #[test]
+    fn arguments_that_d_bus_cannot_carry_are_refused() {
+        use std::os::unix::ffi::OsStringExt;
+        let (_r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        let spec = CommandSpec::tool("/bin/echo", [std::ffi::OsString::from_vec(vec![0xff, 0xfe])]);
+        let err = properties(&spec, None, None, &w, Vec::new()).unwrap_err();
+        assert_eq!(err, "an argument is not valid UTF-8, which D-Bus requires");
     }
 }
