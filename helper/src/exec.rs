@@ -216,6 +216,8 @@ pub struct Label {
     pub recipe_version: u64,
     pub state_id: String,
     pub module: String,
+    /// The policy's sandbox properties for the module's commands (transient units).
+    pub sandbox: Vec<(String, crate::policy::SandboxValue)>,
 }
 
 /// One request's context for the commands it runs, carried by its [`Cancel`] token.
@@ -745,7 +747,8 @@ mod tests {
             Fake { usage: Some(Usage { cpu: Duration::from_millis(30), peak_memory: Some(10) }), ..Fake::default() }
                 .answer("false", Exit::Code(1), "no\n"),
         );
-        let label = Label { recipe_version: 7, state_id: "s-1".into(), module: "linux.cmd".into() };
+        let label =
+            Label { recipe_version: 7, state_id: "s-1".into(), module: "linux.cmd".into(), sandbox: Vec::new() };
         let scope = Arc::new(Scope { label: Some(label.clone()), ..Scope::with_runner(fake.clone()) });
         let mut cancel = Cancel::never().with_scope(Arc::clone(&scope));
         let ok = checked(&spec("true"), &[0], &mut cancel).await.unwrap();

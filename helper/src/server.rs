@@ -358,14 +358,15 @@ impl Connection {
         let (canceller, cancel) = cancel::pair();
         // The request's commands are named after it (their transient units) and their
         // resource use is added up for its outcome.
+        let ctx = shared.config.ctx.for_peer(self.peer_uid);
         let scope = Arc::new(exec::Scope::new(exec::Label {
             recipe_version: req.recipe_version,
             state_id: state_id.to_string(),
             module: module.to_string(),
+            sandbox: ctx.policy.sandbox_for(module),
         }));
         let cancel = cancel.with_scope(Arc::clone(&scope));
         let started = Instant::now();
-        let ctx = shared.config.ctx.for_peer(self.peer_uid);
         let work = states::apply(&req, &ctx, cancel);
         tokio::pin!(work);
         let result = loop {

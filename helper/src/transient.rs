@@ -46,6 +46,7 @@ use crate::exec::{
     collect, CappedOutput, CommandSpec, Exit, Finished, Label, RunFuture, Runner, SpawnError, Usage, KILL_GRACE,
     OUTPUT_CAP,
 };
+use crate::policy::SandboxValue;
 use crate::systemd::{ManagerProxy, UnitProxy, METHOD_TIMEOUT};
 
 /// How often a running unit's state is read again when no change signal came.
@@ -77,32 +78,15 @@ trait Service {
     fn memory_current(&self) -> zbus::Result<u64>;
 }
 
-/// Extra unit properties per module, from the policy (`sandbox MODULE = Key=value …`).
-pub type SandboxFor = dyn Fn(&str) -> Vec<(String, SandboxValue)> + Send + Sync;
-
-/// A sandbox property's value, as the policy gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SandboxValue {
-    Bool(bool),
-    Str(String),
-    Strs(Vec<String>),
-}
-
 /// Runs commands as transient units of the system manager.
 pub struct Transient {
     conn: OnceCell<zbus::Connection>,
-    sandbox: Mutex<Option<Arc<SandboxFor>>>,
 }
 
 impl Transient {
     /// On the system bus, connected at the first command.
     pub fn system() -> Self {
-        Self { conn: OnceCell::new(), sandbox: Mutex::new(None) }
-    }
-
-    /// Gives each module's units the properties `f` returns (the policy's `sandbox`).
-    pub fn set_sandbox(&self, f: Arc<SandboxFor>) {
-        *self.sandbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+        Self { conn: OnceCell::new() }
     }
 
     async fn conn(&self) -> zbus::Result<&zbus::Connection> {
@@ -256,12 +240,7 @@ impl Transient {
             }
             None => None,
         };
-        let sandbox = label
-            .and_then(|l| {
-                let f = self.sandbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-                f.map(|f| f(&l.module))
-            })
-            .unwrap_or_default();
+        let sandbox = label.map(|l| l.sandbox.clone()).unwrap_or_default();
         let props =
             properties(spec, label, stdin.as_ref(), &write_end, sandbox).map_err(|m| err(std::io::Error::other(m)))?;
         let props_ref: Vec<(&str, Value<'_>)> = props
@@ -452,7 +431,12 @@ mod tests {
     use nix::unistd::{Gid, Uid};
 
     fn label() -> Label {
-        Label { recipe_version: 12, state_id: "web/setup nginx".into(), module: "linux.cmd".into() }
+        Label {
+            recipe_version: 12,
+            state_id: "web/setup nginx".into(),
+            module: "linux.cmd".into(),
+            sandbox: Vec::new(),
+        }
     }
 
     #[test]
