@@ -36,9 +36,9 @@ pub struct Cli {
     pub idle_timeout: u64,
     /// Seconds a reply may take to be written; a peer that does not read is dropped.
     pub reply_timeout: u64,
-    /// Keep CAP_SYS_ADMIN and CAP_MKNOD, which linux.lvm.* and linux.raid need for the
-    /// device-mapper and md ioctls and device nodes (the opt-in storage drop-in sets
-    /// OPSAGENT_HELPER_STORAGE=yes and adds them to the unit's bounding set).
+    /// `--storage` (or OPSAGENT_HELPER_STORAGE=yes) was given: accepted from the storage
+    /// drop-in and cron supervisors of older releases, and without effect (the helper
+    /// logs it): storage states need no switch any more (see crate::harden).
     pub storage: bool,
     /// Under socket activation: exit after this many seconds without a request (the
     /// socket starts the helper again on the next connection); 0 stays up.
@@ -119,8 +119,8 @@ Options:
           with systemd, which starts the helper again on the next connection. Needs
           socket activation; 0 stays up [default: 0]
       --storage
-          Keep CAP_SYS_ADMIN and CAP_MKNOD for linux.lvm.* and linux.raid (the opt-in
-          storage drop-in sets it) [env: {STORAGE_ENV}=]
+          No effect; accepted from older releases' storage drop-in and cron
+          supervisor (storage states need no switch any more) [env: {STORAGE_ENV}=]
   -h, --help
           Print help
   -V, --version
@@ -129,7 +129,7 @@ Options:
     )
 }
 
-/// The environment variable that turns `--storage` on (the storage drop-in sets it).
+/// The environment variable of `--storage` (set by older releases' storage drop-in).
 pub const STORAGE_ENV: &str = "OPSAGENT_HELPER_STORAGE";
 
 /// Anything but an empty or false-like value is true: what clap's falsey parser

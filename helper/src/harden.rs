@@ -8,11 +8,12 @@
 //!   neither the helper nor anything it runs can ever hold it again; the effective and
 //!   permitted sets are cut to [`KEEP`], the inheritable and ambient sets emptied.
 //!
-//! [`KEEP`] matches `CapabilityBoundingSet=` of `units/opsagent-helper.service` (where
-//! each one is explained). Under that unit there is nothing left to drop; run by hand
-//! (`opsagent apply` starts a private helper as root) this gives the same process.
-//! With `--storage` (set by the opt-in drop-in `units/opsagent-helper-storage.conf`,
-//! which adds them to the unit's bounding set too) [`STORAGE`] is kept as well.
+//! Which set: where commands run as transient units (systemd is PID 1),
+//! [`KEEP_WITH_UNITS`], which matches `CapabilityBoundingSet=` of
+//! `units/opsagent-helper.service` (where each one is explained); under that unit there
+//! is nothing left to drop. Where commands are the helper's children (no systemd: cron
+//! hosts, `opsagent apply` there) they inherit its bounding set, so it keeps [`KEEP`]
+//! and [`STORAGE`] (what the storage, hostname and mount commands need).
 //!
 //! `PR_SET_NO_NEW_PRIVS` is deliberately not set (see the unit file: recipes run
 //! setuid programs as other users). The environment is not scrubbed here but for
@@ -48,8 +49,8 @@ pub const KEEP_WITH_UNITS: &[Capability] = &[
     Capability::CAP_FSETID,
 ];
 
-/// Kept in addition with `--storage`: what lvm2 and mdadm need beyond access to the
-/// device nodes. CAP_SYS_ADMIN: the device-mapper ioctls (`/dev/mapper/control`,
+/// Kept in addition where commands are the helper's children: what lvm2 and mdadm
+/// need beyond access to the device nodes (and hostname, mount, sysctl). CAP_SYS_ADMIN: the device-mapper ioctls (`/dev/mapper/control`,
 /// lvcreate), the md ioctls (mdadm --create/--assemble), re-reading partition tables
 /// (BLKRRPART). CAP_MKNOD: libdevmapper and mdadm make their device nodes themselves
 /// where udev does not (containers, early boot). Mounting needs neither: systemd mounts.

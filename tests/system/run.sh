@@ -133,8 +133,7 @@ make_release() { # VERSION [KIND]
         printf '#!/bin/sh\necho "this release is broken" >&2\nexit 1\n' >"$d/opsagent-$v/bin/opsagent"
     fi
     u=$d/opsagent-$v/units
-    for f in opsagent.service opsagent-helper.socket opsagent-upgrade.service opsagent-helper-network.conf \
-        opsagent-helper-storage.conf; do
+    for f in opsagent.service opsagent-helper.socket opsagent-upgrade.service opsagent-helper-network.conf; do
         printf '# opsagent release %s\n' "$v" >>"$u/$f"
     done
     printf '// opsagent release %s\n' "$v" >>"$d/opsagent-$v/polkit/50-opsagent.rules"
