@@ -89,10 +89,18 @@ impl Transient {
         Self { conn: OnceCell::new() }
     }
 
+    /// The bus connection, made and subscribed to the manager's signals once (unit
+    /// PropertiesChanged and JobRemoved are only sent to subscribers).
     async fn conn(&self) -> zbus::Result<&zbus::Connection> {
         self.conn
             .get_or_try_init(|| async {
-                zbus::connection::Builder::system()?.method_timeout(METHOD_TIMEOUT).build().await
+                let conn = zbus::connection::Builder::system()?.method_timeout(METHOD_TIMEOUT).build().await?;
+                match ManagerProxy::new(&conn).await?.subscribe().await {
+                    Ok(()) => {}
+                    Err(zbus::Error::MethodError(name, _, _)) if name.as_str().ends_with(".AlreadySubscribed") => {}
+                    Err(e) => return Err(e),
+                }
+                Ok(conn)
             })
             .await
     }
@@ -251,8 +259,6 @@ impl Transient {
 
         let conn = self.conn().await.map_err(|e| bus("cannot connect to systemd over D-Bus", e))?;
         let manager = ManagerProxy::new(conn).await.map_err(|e| bus("cannot reach systemd", e))?;
-        // Unit PropertiesChanged and JobRemoved signals are only sent to subscribers.
-        manager.subscribe().await.map_err(|e| bus("Subscribe", e))?;
         let mut removed = manager.receive_job_removed().await.map_err(|e| bus("subscribe to JobRemoved", e))?;
         let job = manager
             .start_transient_unit(&name, "fail", &props_ref, &[])

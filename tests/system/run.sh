@@ -27,7 +27,8 @@
 #      root-owned file) and a staged order whose url forges a log line: after a
 #      supervisor pass (rotation forced) and a userdata re-run the file is unchanged, no
 #      log line holds the forged line, the order is refused
-#   m  commands as transient units: hostname, a tmpfs mount, a namespaced sysctl -w, mkfs +
+#   m  commands as transient units: hostname, a tmpfs mount, the namespaced sysctl
+#      kernel.domainname (by setdomainname: nspawn mounts /proc/sys read-only), mkfs +
 #      mount of a loop device from a recipe with no drop-in, while the helper holds no
 #      CAP_SYS_ADMIN; a timed-out and a preempted command that double-forked a sleep
 #      leave no process; journalctl -u shows a command's output; no opsagent-state-*
@@ -822,7 +823,7 @@ test_m() {
 {"recipe_version": 1, "state": [
   {"id": "m-hostname", "module": "linux.cmd", "parameter": {"cmd": "hostname m-renamed && hostname"}},
   {"id": "m-tmpfs", "module": "linux.cmd", "parameter": {"cmd": "mkdir -p /mnt/m-tmp && mount -t tmpfs tmpfs /mnt/m-tmp && echo tmpfs-mounted"}},
-  {"id": "m-sysctl", "module": "linux.cmd", "parameter": {"cmd": "sysctl -w kernel.domainname=m-domain"}},
+  {"id": "m-domain", "module": "linux.cmd", "parameter": {"cmd": "domainname m-domain && sysctl kernel.domainname"}},
   {"id": "m-mkfs", "module": "linux.mkfs", "parameter": {"device": "$loop", "fstype": "ext4", "label": "mdata"}},
   {"id": "m-mount", "module": "linux.mount", "parameter": {"device": "$loop", "filesystem": "ext4", "path": "/mnt/m-data"}},
   {"id": "m-echo", "module": "linux.cmd", "parameter": {"cmd": "echo output-for-the-journal-m42"}}
@@ -833,10 +834,10 @@ EOF
     say "$out"
     [ "$(csh $c hostname)" = m-renamed ] || fail "hostname was not changed"
     grep -q " /mnt/m-tmp [^ ]* .* - tmpfs " "/proc/$(cpid $c)/mountinfo" || fail "the tmpfs is not mounted in the container"
-    [ "$(csh $c 'cat /proc/sys/kernel/domainname')" = m-domain ] || fail "sysctl -w kernel.domainname did not apply"
+    [ "$(csh $c 'cat /proc/sys/kernel/domainname')" = m-domain ] || fail "the kernel.domainname sysctl was not set"
     grep -q " /mnt/m-data [^ ]* .* - ext4 " "/proc/$(cpid $c)/mountinfo" || fail "the loop device is not mounted"
     printf '%s\n' "$out" | grep -q 'cpu [0-9.]* s' || fail "no CPU time in the outcome"
-    say "  hostname, tmpfs, sysctl, mkfs + mount: done by a recipe without any drop-in"
+    say "  hostname, tmpfs, kernel.domainname, mkfs + mount: done by a recipe without any drop-in"
     hpid=$(unit_prop $c opsagent-helper.service MainPID)
     [ "$hpid" != 0 ] || fail "the helper is not running"
     caps=$(csh $c "sed -n 's/^CapBnd:[[:space:]]*//p' /proc/$hpid/status")
@@ -859,7 +860,8 @@ EOF
         fail "the timed-out command succeeded"
     fi
     say "$out"
-    ! csh $c 'pgrep -f "sleep 3[12][12][12]"' || fail "processes of the timed-out command are left"
+    # (slee[p]: the pattern must not match the shell that runs pgrep.)
+    ! csh $c 'pgrep -f "slee[p] 3[12][12][12]"' || fail "processes of the timed-out command are left"
     say "  timeout: no process left (the double-forked sleep included)"
 
     # Preemption: the apply that runs it is killed (its connection closes, as when the
@@ -870,11 +872,11 @@ EOF
 ]}
 EOF
     csh $c "$apply /root/preempt.json >/root/preempt.out 2>&1 & echo \$! >/root/preempt.pid"
-    wait_until 30 "the preempted command runs" csh $c 'pgrep -f "sleep 3333" && pgrep -f "sleep 3444"'
+    wait_until 30 "the preempted command runs" csh $c 'pgrep -f "slee[p] 3333" && pgrep -f "slee[p] 3444"'
     csh $c "systemctl list-units --no-legend 'opsagent-state-3-m-preempt-*' | grep -q running" ||
         fail "the command does not run as an opsagent-state unit"
     csh $c 'kill -9 $(cat /root/preempt.pid)'
-    wait_until 30 "the preempted command's processes are gone" csh $c '! pgrep -f "sleep 3[34][34][34]"'
+    wait_until 30 "the preempted command's processes are gone" csh $c '! pgrep -f "slee[p] 3[34][34][34]"'
     wait_until 30 "no opsagent-state unit left" csh $c '[ -z "$(systemctl list-units --all --no-legend "opsagent-state-*")" ]'
     say "  preemption: no process left (the double-forked sleep included), no unit left"
 }
