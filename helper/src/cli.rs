@@ -40,6 +40,9 @@ pub struct Cli {
     /// drop-in and cron supervisors of older releases, and without effect (the helper
     /// logs it): storage states need no switch any more (see crate::harden).
     pub storage: bool,
+    /// `--direct-exec`: commands run as children of the helper even where systemd is
+    /// PID 1 (benchmarks; hosts whose systemd refuses transient units).
+    pub direct_exec: bool,
     /// Under socket activation: exit after this many seconds without a request (the
     /// socket starts the helper again on the next connection); 0 stays up.
     pub exit_idle: u64,
@@ -57,6 +60,7 @@ impl Default for Cli {
             idle_timeout: 900,
             reply_timeout: 30,
             storage: false,
+            direct_exec: false,
             exit_idle: 0,
         }
     }
@@ -118,6 +122,9 @@ Options:
           Exit after this many seconds without a request; the listening socket stays
           with systemd, which starts the helper again on the next connection. Needs
           socket activation; 0 stays up [default: 0]
+      --direct-exec
+          Run the commands of states as children of the helper (own process group)
+          even where systemd is PID 1, instead of as transient units
       --storage
           No effect; accepted from older releases' storage drop-in and cron
           supervisor (storage states need no switch any more) [env: {STORAGE_ENV}=]
@@ -184,6 +191,10 @@ impl Cli {
                 "-V" | "--version" => return Ok(Invocation::Version),
                 "--storage" => {
                     cli.storage = true;
+                    continue;
+                }
+                "--direct-exec" => {
+                    cli.direct_exec = true;
                     continue;
                 }
                 _ => {}
@@ -287,9 +298,12 @@ mod tests {
                 idle_timeout: 0,
                 reply_timeout: 30,
                 storage: false,
+                direct_exec: false,
                 exit_idle: 120,
             }
         );
+        assert!(run(&["--direct-exec"]).direct_exec);
+        assert!(!run(&[]).direct_exec);
         // A value may itself contain '='.
         assert_eq!(run(&["--socket=/tmp/a=b"]).socket, Some("/tmp/a=b".into()));
         assert_eq!(parse(&["-V"]), Ok(Invocation::Version));

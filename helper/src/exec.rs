@@ -264,11 +264,12 @@ pub trait Runner: Send + Sync {
 static HOST_RUNNER: OnceLock<Arc<dyn Runner>> = OnceLock::new();
 
 /// The one place that decides how commands run on this host: as transient units where
-/// systemd is PID 1 and the helper runs as root, directly otherwise. Returns the
-/// runner's name. Without a call (tests of the library), commands run directly.
-pub fn select_host_runner() -> &'static str {
+/// systemd is PID 1 and the helper runs as root (unless `direct` is asked for),
+/// directly otherwise. Returns the runner's name. Without a call (tests of the
+/// library), commands run directly.
+pub fn select_host_runner(direct: bool) -> &'static str {
     let runner = HOST_RUNNER.get_or_init(|| {
-        if crate::systemd::booted() && nix::unistd::geteuid().is_root() {
+        if !direct && crate::systemd::booted() && nix::unistd::geteuid().is_root() {
             Arc::new(crate::transient::Transient::system())
         } else {
             Arc::new(Direct)

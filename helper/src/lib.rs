@@ -47,7 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     // The one decision of how commands run; it also decides what the helper keeps.
-    let runner = exec::select_host_runner();
+    let runner = exec::select_host_runner(cli.direct_exec);
     // While this is the only thread: capability sets are per thread.
     // Commands in units of their own: the helper keeps only what file states need.
     // Commands as its children: they inherit its bounding set, so it keeps what the

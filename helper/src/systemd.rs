@@ -77,6 +77,8 @@ pub trait Unit {
     fn active_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
     /// Drops the reference `AddRef` took at StartTransientUnit.
     fn unref(&self) -> zbus::Result<()>;
 }

@@ -19,6 +19,9 @@
 //!   original agent; they stay in the (then inactive) unit, where `systemctl status`
 //!   shows them. A cancellation or a timeout kills the *whole* control group
 //!   (`KillUnit` with `who=all`: SIGTERM, [`KILL_GRACE`], SIGKILL);
+//! - `RemainAfterExit=yes` and every exit status and signal a "success": the unit stays
+//!   "active (exited)" with its control group until the helper read the exit status
+//!   and the group's CPU and memory figures; the helper then stops it;
 //! - `RuntimeMaxSec` = the command's timeout plus twice the grace: a backstop for a
 //!   helper that died meanwhile (the helper itself stops the unit at the timeout);
 //! - `IgnoreSIGPIPE=no`, as in a shell; CPU and memory accounting on (the state's
@@ -178,6 +181,10 @@ pub fn properties<'a>(
         ("StandardOutputFileDescriptor".into(), Value::Fd(Fd::from(output))),
         ("StandardErrorFileDescriptor".into(), Value::Fd(Fd::from(output))),
         ("KillMode".into(), Value::from("process")),
+        // Kept "active (exited)" whatever the exit, until the helper read the exit
+        // status and the figures of the control group; it then stops the unit.
+        ("RemainAfterExit".into(), Value::from(true)),
+        ("SuccessExitStatus".into(), Value::from(((1..=255).collect::<Vec<i32>>(), (1..=31).collect::<Vec<i32>>()))),
         ("IgnoreSIGPIPE".into(), Value::from(false)),
         ("CollectMode".into(), Value::from("inactive-or-failed")),
         ("AddRef".into(), Value::from(true)),
@@ -330,7 +337,24 @@ impl Transient {
             Stop::TimedOut => Exit::TimedOut(spec.timeout.unwrap_or_default()),
             Stop::Cancelled => Exit::Cancelled,
         };
-        let usage = usage(&service).await;
+        // The unit stays "active (exited)" (RemainAfterExit, every exit a success), so
+        // its control group, with the command's CPU and memory figures, is still there.
+        let usage = usage(&service, &control_group).await;
+        // Now it goes: stopped (KillMode=process: daemons a successful command left
+        // stay in the group), let go, and collected by systemd once inactive.
+        match manager.stop_unit(&name, "replace").await {
+            Ok(stop_job) => {
+                let stopped = async {
+                    while let Some(signal) = crate::systemd::next(&mut removed).await {
+                        if signal.args().is_ok_and(|a| a.job == stop_job) {
+                            return;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(KILL_GRACE, stopped).await;
+            }
+            Err(e) => tracing::warn!(unit = %name, error = %e, "cannot stop the unit"),
+        }
         let _ = unit.unref().await;
         if unit.active_state().await.is_ok_and(|s| s == "failed") {
             let _ = manager.reset_failed_unit(&name).await;
@@ -351,11 +375,12 @@ where
     zbus::proxy::Builder::<P>::new(conn).path(path.clone())?.cache_properties(CacheProperties::No).build().await
 }
 
-/// The main process is gone: the unit is no longer active (or still active with only
-/// a `ExecStop` left, which transient units do not have).
+/// The main process is gone: the unit is "active (exited)" (see `RemainAfterExit` in
+/// [`properties`]), or no longer active at all.
 async fn ended(unit: &UnitProxy<'_>) -> bool {
     match unit.active_state().await {
-        Ok(s) => matches!(s.as_str(), "inactive" | "failed"),
+        Ok(s) if matches!(s.as_str(), "inactive" | "failed") => true,
+        Ok(_) => unit.sub_state().await.is_ok_and(|s| s == "exited"),
         // The unit is gone: it ended (AddRef normally keeps it).
         Err(_) => true,
     }
@@ -396,11 +421,20 @@ fn group_empty(control_group: &str) -> bool {
     }
 }
 
-async fn usage(service: &ServiceProxy<'_>) -> Option<Usage> {
-    // systemd keeps the last CPU figure after the control group is gone; u64::MAX
-    // means "not known".
+/// The unit's CPU time (systemd's `CPUUsageNSec`, `u64::MAX`: not known) and peak
+/// memory (`MemoryPeak` from systemd 255; before, the group's `memory.peak`, kernel
+/// 5.19 and later), read while its control group still exists.
+async fn usage(service: &ServiceProxy<'_>, control_group: &str) -> Option<Usage> {
     let cpu = service.cpu_usage_nsec().await.ok().filter(|n| *n != u64::MAX)?;
-    let peak_memory = service.memory_peak().await.ok().filter(|n| *n != u64::MAX);
+    let peak_memory = match service.memory_peak().await.ok().filter(|n| *n != u64::MAX) {
+        Some(peak) => Some(peak),
+        None if !control_group.is_empty() => {
+            std::fs::read_to_string(format!("/sys/fs/cgroup{control_group}/memory.peak"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        }
+        None => None,
+    };
     Some(Usage { cpu: Duration::from_nanos(cpu), peak_memory })
 }
 
@@ -478,6 +512,7 @@ mod tests {
         assert_eq!(find(&props, "Type"), Some(&Value::from("exec")));
         assert_eq!(find(&props, "KillMode"), Some(&Value::from("process")));
         assert_eq!(find(&props, "CollectMode"), Some(&Value::from("inactive-or-failed")));
+        assert_eq!(find(&props, "RemainAfterExit"), Some(&Value::from(true)));
         // The timeout plus twice the grace, as a backstop.
         assert_eq!(find(&props, "RuntimeMaxUSec"), Some(&Value::from(40_000_000u64)));
         assert_eq!(
