@@ -32,7 +32,8 @@
 #      mount of a loop device from a recipe with no drop-in, while the helper holds no
 #      CAP_SYS_ADMIN; a timed-out and a preempted command that double-forked a sleep
 #      leave no process; journalctl -u shows a command's output; no opsagent-state-*
-#      unit is left loaded after the round; CPU time in the outcome
+#      unit is left loaded after the round; CPU time in the outcome; an apt install
+#      whose request is cancelled while its postinst runs finishes, dpkg --audit clean
 #   (g also upgrades the cron-supervised agent)
 #
 # Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
@@ -879,6 +880,37 @@ EOF
     wait_until 30 "the preempted command's processes are gone" csh $c '! pgrep -f "slee[p] 3[34][34][34]"'
     wait_until 30 "no opsagent-state unit left" csh $c '[ -z "$(systemctl list-units --all --no-legend "opsagent-state-*")" ]'
     say "  preemption: no process left (the double-forked sleep included), no unit left"
+
+    # A package manager is not cut in half: an apt install whose postinst runs for 6 s,
+    # its request cancelled (the apply killed: the connection closes, as when the
+    # daemon gives a state up for a new recipe) while the postinst runs, finishes; dpkg
+    # is left consistent.
+    local d=$WORK/m-slow
+    mkdir -p "$d/DEBIAN"
+    printf 'Package: m-slow\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.invalid>\nDescription: slow postinst\n' \
+        >"$d/DEBIAN/control"
+    printf '#!/bin/sh\nset -e\ntouch /run/m-slow-started\nsleep 6\ntouch /run/m-slow-done\n' >"$d/DEBIAN/postinst"
+    chmod 0755 "$d/DEBIAN/postinst"
+    dpkg-deb --root-owner-group -b "$d" "$WORK/m-slow_1.0_all.deb" >/dev/null
+    mkdir -p "$(croot $c)/srv/debs"
+    cp "$WORK/m-slow_1.0_all.deb" "$(croot $c)/srv/debs/"
+    # Offline: apt sees no remote source.
+    csh $c 'mv /etc/apt/sources.list /etc/apt/sources.list.off 2>/dev/null; rm -f /etc/apt/sources.list.d/*.list; rm -rf /var/lib/apt/lists/*_*'
+    cat >"$(croot $c)/root/apt.json" <<'EOF'
+{"recipe_version": 4, "state": [
+  {"id": "m-apt", "module": "linux.apt.package", "parameter": {"name": [{"key": "m-slow", "value": "file:///srv/debs/m-slow_1.0_all.deb"}]}}
+]}
+EOF
+    csh $c "$apply /root/apt.json >/root/apt.out 2>&1 & echo \$! >/root/apt.pid"
+    wait_until 120 "the postinst runs" csh $c '[ -e /run/m-slow-started ]'
+    csh $c 'kill -9 $(cat /root/apt.pid)'
+    [ ! -e "$(croot $c)/run/m-slow-done" ] || fail "the postinst had ended before the cancellation"
+    wait_until 60 "the postinst finished although its request was cancelled" csh $c '[ -e /run/m-slow-done ]'
+    wait_until 30 "apt's unit is gone" csh $c '[ -z "$(systemctl list-units --all --no-legend "opsagent-state-*")" ]'
+    out=$(csh $c 'dpkg --audit 2>&1')
+    [ -z "$out" ] || { say "$out"; fail "dpkg --audit is not clean after a cancelled install"; }
+    [ "$(csh $c "dpkg-query -W -f='\${Status}' m-slow")" = "install ok installed" ] || fail "m-slow is not installed"
+    say "  cancelled apt install: finished, dpkg --audit clean"
 }
 
 # ---------------------------------------------------------------- l. links planted by the agent user
