@@ -27,7 +27,7 @@
 #      root-owned file) and a staged order whose url forges a log line: after a
 #      supervisor pass (rotation forced) and a userdata re-run the file is unchanged, no
 #      log line holds the forged line, the order is refused
-#   m  commands as transient units: hostname, a tmpfs mount, the namespaced sysctl
+#   n  commands as transient units: hostname, a tmpfs mount, the namespaced sysctl
 #      kernel.domainname (by setdomainname: nspawn mounts /proc/sys read-only), mkfs +
 #      mount of a loop device from a recipe with no drop-in, while the helper holds no
 #      CAP_SYS_ADMIN; a timed-out and a preempted command that double-forked a sleep
@@ -47,7 +47,7 @@ source "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "tests/system/run.sh must run as root" >&2; exit 2; }
 
-ALL_TESTS="a b c d e f g h i j k l m"
+ALL_TESTS="a b c d e f g h i j k l n"
 SELECTED=${*:-$ALL_TESTS}
 SUITE_START=$(date +%s)
 WORK=$(mktemp -d /tmp/opsagent-systest.XXXXXX)
@@ -807,9 +807,9 @@ PY
         fail "9.11.0 was tried again after the manual upgrade"
 }
 
-# ---------------------------------------------------------------- m. transient units
-test_m() {
-    local c=m-units out hpid caps loop major minor apply left
+# ---------------------------------------------------------------- n. transient units
+test_n() {
+    local c=n-units out hpid caps loop major minor apply left
     install_agent $c i-units HELPER_NETWORK=no
     apply="/opt/visualops/current/bin/opsagent apply --helper-socket /run/opsagent-helper/helper.sock"
     # A loop device made on the host over a sparse file, its node made in the container
@@ -969,7 +969,7 @@ test_l() {
 PASSED=0
 FAILED=0
 declare -A NAMES=([a]=a-install [b]=b-watchdog [c]=c-socket [d]=d-journal [e]=e-polkit [f]=f-analyze
-    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links [m]=m-units)
+    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links [n]=n-units)
 
 # run_one LETTER: runs test_LETTER in a subshell (set -e: the first failed step ends
 # it), its output in $WORK/NAME.log; writes NAME.rc and NAME.reason.
