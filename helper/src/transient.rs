@@ -53,7 +53,7 @@ use crate::policy::SandboxValue;
 use crate::systemd::{ManagerProxy, UnitProxy, METHOD_TIMEOUT};
 
 /// How often a running unit's state is read again when no change signal came.
-const POLL: Duration = Duration::from_millis(200);
+const POLL: Duration = Duration::from_secs(1);
 /// Prefix of every unit name made here.
 pub const UNIT_PREFIX: &str = "opsagent-state-";
 /// How long output is still collected after the unit ended (see exec's OUTPUT_GRACE).
@@ -284,6 +284,17 @@ impl Transient {
         let unit = uncached::<UnitProxy<'_>>(conn, &path).await.map_err(|e| bus(&name, e))?;
         let service = uncached::<ServiceProxy<'_>>(conn, &path).await.map_err(|e| bus(&name, e))?;
         let control_group = service.control_group().await.unwrap_or_default();
+        // Woken by the unit's PropertiesChanged signals (ActiveState, SubState), listened
+        // to before the state is first read; POLL is only the fallback.
+        let properties = zbus::fdo::PropertiesProxy::builder(conn)
+            .destination("org.freedesktop.systemd1")
+            .and_then(|b| b.path(path.clone()))
+            .map_err(|e| bus(&name, e))?
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| bus(&name, e))?;
+        let mut changes = properties.receive_properties_changed().await.map_err(|e| bus(&name, e))?;
 
         // The start job: `done` once the program was executed (Type=exec).
         let started = async {
@@ -310,11 +321,13 @@ impl Transient {
         }
 
         let deadline = spec.timeout.map(|t| Instant::now() + t);
+        let mut signals = true;
         let stop = loop {
             if ended(&unit).await {
                 break Stop::Ended;
             }
             tokio::select! {
+                change = crate::systemd::next(&mut changes), if signals => signals = change.is_some(),
                 () = tokio::time::sleep(POLL) => {}
                 () = opsagent_proto::timer::sleep_until_opt(deadline) => break Stop::TimedOut,
                 () = cancel.requested() => break Stop::Cancelled,
