@@ -430,7 +430,8 @@ async fn run_direct(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished,
         });
     }
     let pgid = Pid::from_raw(child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0));
-    let mut guard = GroupGuard(Some(pgid));
+    // A package manager half-way is not killed even when the helper itself goes.
+    let mut guard = GroupGuard((!must_finish(spec)).then_some(pgid));
 
     let output = Arc::new(Mutex::new(CappedOutput::new(OUTPUT_CAP)));
     let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end).map_err(spawn_err)?;
