@@ -20,8 +20,8 @@
 //!   shows them. A cancellation or a timeout kills the *whole* control group
 //!   (`KillUnit` with `who=all`: SIGTERM, [`KILL_GRACE`], SIGKILL);
 //! - `RemainAfterExit=yes` and every exit status and signal a "success": the unit stays
-//!   "active (exited)" with its control group until the helper read the exit status
-//!   and the group's CPU and memory figures; the helper then stops it;
+//!   "active (exited)" until the helper read the exit status and systemd's CPU and
+//!   memory figures (cached when it removed the group); the helper then stops it;
 //! - `RuntimeMaxSec` = the command's timeout plus twice the grace: a backstop for a
 //!   helper that died meanwhile (the helper itself stops the unit at the timeout);
 //! - `IgnoreSIGPIPE=no`, as in a shell; CPU and memory accounting on (the state's
@@ -350,8 +350,8 @@ impl Transient {
             Stop::TimedOut => Exit::TimedOut(spec.timeout.unwrap_or_default()),
             Stop::Cancelled => Exit::Cancelled,
         };
-        // The unit stays "active (exited)" (RemainAfterExit, every exit a success), so
-        // its control group, with the command's CPU and memory figures, is still there.
+        // The unit stays "active (exited)" (RemainAfterExit, every exit a success) with
+        // systemd's figures of its (removed) control group.
         let usage = usage(&service, &control_group).await;
         // Now it goes: stopped (KillMode=process: daemons a successful command left
         // stay in the group), let go, and collected by systemd once inactive.
@@ -421,22 +421,25 @@ async fn kill_all(manager: &ManagerProxy<'_>, unit: &UnitProxy<'_>, name: &str, 
     tracing::warn!(unit = name, "processes of the unit survived SIGKILL");
 }
 
-/// Whether the unit's control group (cgroup v2) holds no process; a group that is gone
-/// or cannot be read counts as empty (the unit state decides then).
+/// Whether the unit's control group holds no process; a group that is gone or cannot be
+/// read counts as empty (the unit state decides then).
 fn group_empty(control_group: &str) -> bool {
     if control_group.is_empty() {
         return true;
     }
-    let path = format!("/sys/fs/cgroup{control_group}/cgroup.procs");
-    match std::fs::read_to_string(path) {
-        Ok(procs) => procs.trim().is_empty(),
-        Err(_) => true,
+    // cgroup v2, then the name=systemd hierarchy of a v1 (legacy or hybrid) host.
+    for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/systemd"] {
+        if let Ok(procs) = std::fs::read_to_string(format!("{root}{control_group}/cgroup.procs")) {
+            return procs.trim().is_empty();
+        }
     }
+    true
 }
 
-/// The unit's CPU time (systemd's `CPUUsageNSec`, `u64::MAX`: not known) and peak
-/// memory (`MemoryPeak` from systemd 255; before, the group's `memory.peak`, kernel
-/// 5.19 and later), read while its control group still exists.
+/// The unit's CPU time (systemd's `CPUUsageNSec`, which systemd caches when it removes
+/// the group; `u64::MAX`: not known, as on cgroup v1 hosts where the container or host
+/// has no cpuacct accounting) and peak memory (`MemoryPeak` from systemd 255; before,
+/// the group's `memory.peak` where it still exists).
 async fn usage(service: &ServiceProxy<'_>, control_group: &str) -> Option<Usage> {
     let cpu = service.cpu_usage_nsec().await.ok().filter(|n| *n != u64::MAX)?;
     let peak_memory = match service.memory_peak().await.ok().filter(|n| *n != u64::MAX) {
