@@ -175,7 +175,10 @@ pub fn properties<'a>(
     let mut p: Vec<(String, Value<'a>)> = vec![
         ("Description".into(), Value::from(description)),
         ("Type".into(), Value::from("exec")),
-        ("ExecStart".into(), Value::from(vec![(program, argv, false)])),
+        // ExecStartEx with `no-env-expand` (systemd 243+): systemd would otherwise
+        // expand `$VAR` and `${VAR}` in the arguments itself, before `sh -c` sees them
+        // (and dpkg-query's `${Package}` format).
+        ("ExecStartEx".into(), Value::from(vec![(program, argv, vec!["no-env-expand".to_string()])])),
         ("WorkingDirectory".into(), Value::from(cwd)),
         ("Environment".into(), Value::from(env)),
         ("StandardOutputFileDescriptor".into(), Value::Fd(Fd::from(output))),
@@ -519,7 +522,7 @@ mod tests {
         spec.gid = Gid::from_raw(1001);
         let sandbox = vec![
             ("ProtectSystem".to_string(), SandboxValue::Str("strict".into())),
-            ("ExecStart".to_string(), SandboxValue::Str("/bin/evil".into())),
+            ("ExecStartEx".to_string(), SandboxValue::Str("/bin/evil".into())),
             ("ProtectHome".to_string(), SandboxValue::Bool(true)),
         ];
         let props = properties(&spec, Some(&label()), None, &w, sandbox).unwrap();
@@ -532,16 +535,20 @@ mod tests {
         // The timeout plus twice the grace, as a backstop.
         assert_eq!(find(&props, "RuntimeMaxUSec"), Some(&Value::from(40_000_000u64)));
         assert_eq!(
-            find(&props, "ExecStart"),
+            find(&props, "ExecStartEx"),
             Some(&Value::from(vec![(
                 "/bin/sh".to_string(),
                 vec!["/bin/sh".to_string(), "-c".into(), "id".into()],
-                false
+                vec!["no-env-expand".to_string()]
             )]))
         );
         assert_eq!(find(&props, "ProtectSystem"), Some(&Value::from("strict")));
         assert_eq!(find(&props, "ProtectHome"), Some(&Value::from(true)));
-        assert_eq!(props.iter().filter(|(k, _)| k == "ExecStart").count(), 1, "the sandbox cannot replace ExecStart");
+        assert_eq!(
+            props.iter().filter(|(k, _)| k == "ExecStartEx").count(),
+            1,
+            "the sandbox cannot replace ExecStartEx"
+        );
         assert!(find(&props, "StandardInputFileDescriptor").is_none());
 
         // Root: no User=/Group= (systemd's default), and no deadline without a timeout.

@@ -827,7 +827,7 @@ test_n() {
   {"id": "m-domain", "module": "linux.cmd", "parameter": {"cmd": "domainname m-domain && sysctl kernel.domainname"}},
   {"id": "m-mkfs", "module": "linux.mkfs", "parameter": {"device": "$loop", "fstype": "ext4", "label": "mdata"}},
   {"id": "m-mount", "module": "linux.mount", "parameter": {"device": "$loop", "filesystem": "ext4", "path": "/mnt/m-data"}},
-  {"id": "m-echo", "module": "linux.cmd", "parameter": {"cmd": "echo output-for-the-journal-m42"}}
+  {"id": "m-echo", "module": "linux.cmd", "parameter": {"cmd": "x=m42; echo output-for-the-journal-\${x}"}}
 ]}
 EOF
     csh $c '[ ! -e /etc/systemd/system/opsagent-helper.service.d/60-storage.conf ]' || fail "a storage drop-in is installed"
