@@ -515,6 +515,8 @@ test_g() {
     # No systemd: nspawn's stub init is PID 1 and cron runs in the foreground as PID 2.
     start_plain $c /usr/sbin/cron -f
     csh $c '[ ! -d /run/systemd/system ]' || fail "the container looks booted with systemd"
+    # An old helper.env (STORAGE=yes of earlier releases) is removed; STORAGE= is ignored.
+    csh $c 'mkdir -p /etc/opsagent && echo OPSAGENT_HELPER_STORAGE=yes >/etc/opsagent/helper.env'
     userdata $c $iid APP_ID=app-cron STORAGE=yes >"$WORK/g-userdata.log" 2>&1 || { cat "$WORK/g-userdata.log" >&2; fail "userdata.sh failed without systemd"; }
     cat "$WORK/g-userdata.log" >&2
     csh $c 'grep -q "opsagent-supervise" /etc/cron.d/opsagent' || fail "/etc/cron.d/opsagent is missing"
@@ -522,8 +524,9 @@ test_g() {
         csh $c "p=\$(cat /run/opsagent-supervise/$1.pid 2>/dev/null) && [ -n \"\$p\" ] && [ \"\$(basename \"\$(readlink /proc/\$p/exe)\")\" = $1 ]"
     }
     both_running() { running opsagent-helper && running opsagent; }
-    # STORAGE=yes: the supervisor starts the helper with --storage, which keeps
-    # CAP_SYS_ADMIN (bit 21) in its bounding set; every start must, a self-upgrade's too.
+    # Without systemd commands are the helper's children: it keeps CAP_SYS_ADMIN (bit 21)
+    # in its bounding set for the storage states, with no switch; every start must, a
+    # self-upgrade's too.
     helper_keeps_storage() {
         csh $c 'm=$(awk "/^CapBnd:/ {print \$2}" /proc/$(cat /run/opsagent-supervise/opsagent-helper.pid)/status) &&
             [ $(((0x$m >> 21) & 1)) = 1 ]'
@@ -542,8 +545,9 @@ test_g() {
     dpid=$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')
     [ "$(csh $c "stat -c %U /proc/$dpid")" = opsagent ] || fail "the daemon does not run as opsagent"
     [ "$(csh $c "stat -c %U /proc/$hpid")" = root ] || fail "the helper does not run as root"
-    csh $c 'grep -qx OPSAGENT_HELPER_STORAGE=yes /etc/opsagent/helper.env' || fail "STORAGE=yes did not write /etc/opsagent/helper.env"
-    helper_keeps_storage || fail "the helper was not started with --storage"
+    csh $c '[ ! -e /etc/opsagent/helper.env ]' || fail "the old /etc/opsagent/helper.env was not removed"
+    grep -q 'STORAGE=yes is ignored' "$WORK/g-userdata.log" || fail "userdata.sh did not say that STORAGE= is ignored"
+    helper_keeps_storage || fail "the helper does not keep the storage capabilities"
     [ "$(csh $c 'stat -c "%U:%G %a" /run/opsagent-helper/helper.sock')" = "root:opsagent 660" ] ||
         fail "the helper socket is not root:opsagent 0660"
     wait_until 60 "StateLog of sys-cmd from $iid" has_statelog $iid sys-cmd || fail "no StateLog from the cron-supervised agent"
@@ -555,7 +559,7 @@ test_g() {
     hpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')
     dpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')
     say "  helper $hpid -> $hpid2, daemon $dpid -> $dpid2"
-    helper_keeps_storage || fail "the restarted helper lost --storage"
+    helper_keeps_storage || fail "the restarted helper lost the storage capabilities"
     csh $c 'cat /var/log/opsagent-root/supervise.log' >&2
     wait_until 30 "the restarted daemon reconnects (second Handshake from $iid)" two_handshakes ||
         fail "the restarted daemon did not reconnect"
