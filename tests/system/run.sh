@@ -584,7 +584,7 @@ test_g() {
     csh $c "[ -d /opt/visualops/releases/$VERSION ]" || fail "the previous release was not kept"
     csh $c 'tail -n 3 /var/log/opsagent-root/upgrade.log; grep -i upgrade /var/log/opsagent-root/supervise.log' >&2
     wait_until 30 "helper and daemon running after the upgrade" both_running || fail "the agent is not running after the upgrade"
-    helper_keeps_storage || fail "the helper restarted by the upgrade lost --storage"
+    helper_keeps_storage || fail "the helper restarted by the upgrade lost the storage capabilities"
 }
 
 # ---------------------------------------------------------------- h. refused releases
