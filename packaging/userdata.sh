@@ -15,16 +15,13 @@
 #                of recipes they signed (README "Signed recipes"); unset: not verified
 #   INSTANCE_ID  fixed instance id (else the daemon asks the metadata service)
 #   METADATA_URL base URL of the cloud metadata service
-#   HELPER_NETWORK yes (default): the root helper's commands and package managers may use
-#                the network (units/opsagent-helper-network.conf lifts PrivateNetwork=);
-#                no: keep the unit's PrivateNetwork=yes (hosts with local mirrors only)
-#   STORAGE      no (default): the root helper sees no block device (PrivateDevices=yes),
-#                so linux.mkfs, linux.lvm.*, linux.raid and linux.mount of a device fail;
-#                yes: install units/opsagent-helper-storage.conf, which gives the helper
-#                the block devices, /dev/mapper/control and /dev/loop-control, and
-#                CAP_SYS_ADMIN for lvm2 and mdadm (mounts are made by systemd either way);
-#                without systemd: /etc/opsagent/helper.env, and the supervisor starts the
-#                helper with --storage
+#   HELPER_NETWORK yes (default): units/opsagent-helper-network.conf lifts the helper's
+#                PrivateNetwork=; it only matters for commands run as the helper's children
+#                (under systemd they run as transient units of their own, with the host's
+#                network either way); no: keep the unit's PrivateNetwork=yes
+#   STORAGE      no longer used: the storage states need no switch (their commands run in
+#                units of their own); a storage drop-in or /etc/opsagent/helper.env left by
+#                an earlier release is removed
 #
 # What it does: downloads opsagent.tgz and its minisign signature, refuses anything not
 # signed by UPDATE_KEY for exactly this VERSION, checks the MANIFEST, installs into
@@ -59,7 +56,7 @@ RECIPE_KEY=${RECIPE_KEY:-}
 INSTANCE_ID=${INSTANCE_ID:-}
 METADATA_URL=${METADATA_URL:-}
 HELPER_NETWORK=${HELPER_NETWORK:-yes}
-STORAGE=${STORAGE:-no}
+STORAGE=${STORAGE:-}
 
 need_match() { # NAME VALUE REGEX WHAT
     if [ -z "$2" ]; then die "$1 is not set ($4)"; fi
@@ -83,7 +80,7 @@ if [ -n "$METADATA_URL" ]; then
     need_match METADATA_URL "$METADATA_URL" '^https?://[^"[:space:]]+$' "an http:// or https:// URL"
 fi
 case $HELPER_NETWORK in yes|no) ;; *) die "HELPER_NETWORK=$HELPER_NETWORK is not yes or no" ;; esac
-case $STORAGE in yes|no) ;; *) die "STORAGE=$STORAGE is not yes or no" ;; esac
+[ -z "$STORAGE" ] || log "STORAGE=$STORAGE is ignored: storage states need no switch any more"
 BASE_REMOTE=${BASE_REMOTE%/}
 
 # One run at a time (cloud-init and an operator re-running it by hand).
@@ -348,7 +345,8 @@ if [ "$HAVE_SYSTEMD" = 1 ]; then
         if install_file "$CUR/units/$u" "/etc/systemd/system/$u" 0644; then CHANGED_UNITS=1; fi
     done
     helper_dropin "$HELPER_NETWORK" opsagent-helper-network.conf 50-network.conf "network access"
-    helper_dropin "$STORAGE" opsagent-helper-storage.conf 60-storage.conf "access to the block devices"
+    # Migration: the storage drop-in of earlier releases widened the whole helper.
+    helper_dropin no opsagent-helper-storage.conf 60-storage.conf "access to the block devices"
     for d in /etc/polkit-1/rules.d /usr/share/polkit-1/rules.d; do
         if [ -d "$d" ]; then
             install_file "$CUR/polkit/50-opsagent.rules" "$d/50-opsagent.rules" 0644 || true
@@ -414,23 +412,12 @@ else
     mkdir -p /etc/cron.d
     install_file "$NEWCRON" /etc/cron.d/opsagent 0644 root:root || true
     rm -f "$NEWCRON"
-    # STORAGE=yes: what the storage drop-in gives the helper under systemd, the
-    # supervisor gives it with --storage (the helper is not sandboxed here, so the
-    # block devices are visible anyway).
+    # Migration: earlier releases' STORAGE=yes switch (the helper needs none now).
     CHANGED_HELPER_ENV=0
-    if [ "$STORAGE" = yes ]; then
-        mkdir -p /etc/opsagent
-        NEWENV=$(mktemp /etc/opsagent/.helper.env.XXXXXX)
-        echo "OPSAGENT_HELPER_STORAGE=yes" >"$NEWENV"
-        if install_file "$NEWENV" /etc/opsagent/helper.env 0644 root:root; then
-            CHANGED_HELPER_ENV=1
-            log "the helper keeps the capabilities of the storage states (/etc/opsagent/helper.env)"
-        fi
-        rm -f "$NEWENV"
-    elif [ -f /etc/opsagent/helper.env ]; then
+    if [ -f /etc/opsagent/helper.env ]; then
         rm -f /etc/opsagent/helper.env
         CHANGED_HELPER_ENV=1
-        log "removed /etc/opsagent/helper.env (STORAGE=no)"
+        log "removed /etc/opsagent/helper.env (the storage switch is gone)"
     fi
     command -v cron >/dev/null 2>&1 || command -v crond >/dev/null 2>&1 ||
         log "WARNING: no cron daemon found; install cron, or the agent is not restarted when it dies"

@@ -30,9 +30,13 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::download::Downloader;
 
-/// How long the helper gets to confirm a cancellation before the connection is dropped
-/// (which makes it kill the request's processes too).
-const CANCEL_GRACE: Duration = Duration::from_secs(10);
+/// How long the helper gets to answer a cancelled request before the connection is
+/// dropped (which makes it stop the request's commands too). Long on purpose: the
+/// helper stops an ordinary command at once (SIGTERM, 5 s, SIGKILL), but lets a
+/// package manager, mkfs/LVM/RAID tool or VCS update finish, bounded by its own timeout
+/// (an hour at most: apt, yum, transfers), so that a new round never starts while dpkg
+/// is half-way; giving up earlier would start the next round beside it.
+const CANCEL_GRACE: Duration = Duration::from_secs(3700);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperClientError {

@@ -36,10 +36,13 @@ pub struct Cli {
     pub idle_timeout: u64,
     /// Seconds a reply may take to be written; a peer that does not read is dropped.
     pub reply_timeout: u64,
-    /// Keep CAP_SYS_ADMIN and CAP_MKNOD, which linux.lvm.* and linux.raid need for the
-    /// device-mapper and md ioctls and device nodes (the opt-in storage drop-in sets
-    /// OPSAGENT_HELPER_STORAGE=yes and adds them to the unit's bounding set).
+    /// `--storage` (or OPSAGENT_HELPER_STORAGE=yes) was given: accepted from the storage
+    /// drop-in and cron supervisors of older releases, and without effect (the helper
+    /// logs it): storage states need no switch any more (see crate::harden).
     pub storage: bool,
+    /// `--direct-exec`: commands run as children of the helper even where systemd is
+    /// PID 1 (benchmarks; hosts whose systemd refuses transient units).
+    pub direct_exec: bool,
     /// Under socket activation: exit after this many seconds without a request (the
     /// socket starts the helper again on the next connection); 0 stays up.
     pub exit_idle: u64,
@@ -63,6 +66,7 @@ impl Default for Cli {
             idle_timeout: 900,
             reply_timeout: 30,
             storage: false,
+            direct_exec: false,
             exit_idle: 0,
             config: PathBuf::from(crate::signed::DEFAULT_CONFIG),
             no_recipe_key: false,
@@ -133,9 +137,12 @@ Options:
           [default: /etc/opsagent.conf]
       --no-recipe-key
           Ignore recipe_key (the private helper of `opsagent apply`, run by root)
+      --direct-exec
+          Run the commands of states as children of the helper (own process group)
+          even where systemd is PID 1, instead of as transient units
       --storage
-          Keep CAP_SYS_ADMIN and CAP_MKNOD for linux.lvm.* and linux.raid (the opt-in
-          storage drop-in sets it) [env: {STORAGE_ENV}=]
+          No effect; accepted from older releases' storage drop-in and cron
+          supervisor (storage states need no switch any more) [env: {STORAGE_ENV}=]
   -h, --help
           Print help
   -V, --version
@@ -144,7 +151,7 @@ Options:
     )
 }
 
-/// The environment variable that turns `--storage` on (the storage drop-in sets it).
+/// The environment variable of `--storage` (set by older releases' storage drop-in).
 pub const STORAGE_ENV: &str = "OPSAGENT_HELPER_STORAGE";
 
 /// Anything but an empty or false-like value is true: what clap's falsey parser
@@ -204,6 +211,10 @@ impl Cli {
                 }
                 "--no-recipe-key" => {
                     cli.no_recipe_key = true;
+                    continue;
+                }
+                "--direct-exec" => {
+                    cli.direct_exec = true;
                     continue;
                 }
                 _ => {}
@@ -309,10 +320,13 @@ mod tests {
                 idle_timeout: 0,
                 reply_timeout: 30,
                 storage: false,
+                direct_exec: false,
                 exit_idle: 120,
                 ..Cli::default()
             }
         );
+        assert!(run(&["--direct-exec"]).direct_exec);
+        assert!(!run(&[]).direct_exec);
         // A value may itself contain '='.
         assert_eq!(run(&["--socket=/tmp/a=b"]).socket, Some("/tmp/a=b".into()));
         assert_eq!(parse(&["-V"]), Ok(Invocation::Version));

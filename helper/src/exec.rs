@@ -1,19 +1,37 @@
-//! Running one command for a state: its own process group, a scrubbed environment,
-//! stdin from /dev/null, stdout and stderr merged into one capped buffer, a deadline and
-//! cancellation that end the *whole* group (a shell's background children included).
+//! Running one command for a state: a scrubbed environment, stdin from /dev/null (or
+//! given bytes), stdout and stderr merged into one capped buffer, a deadline, and
+//! cancellation that ends everything the command started.
 //!
-//! The group is the unit of cleanup: `sh -c 'a & b'` leaves `a` running after the shell
-//! is killed unless the signal goes to the group. Escaping the group (`setsid`) is
-//! possible; systemd's control group catches those when the helper stops.
+//! Every program a state runs goes through [`run`] (or [`checked`]), and this is the
+//! only file of the helper allowed to start a process (`clippy.toml`,
+//! `disallowed-methods`). Behind it, one [`Runner`] trait with the two real ways to run
+//! a command, chosen once at start-up by [`select_host_runner`]:
+//! - [`crate::transient::Transient`], where systemd is PID 1: the command runs as a
+//!   transient service unit of its own, `opsagent-state-….service`, with the full
+//!   capability of root whatever the helper's own sandbox is (the policy may give a
+//!   module's units sandbox properties); its control group is the unit of cleanup, so
+//!   even double-forked daemons are caught by a cancellation or a timeout;
+//! - [`Direct`], without systemd (cron-fallback hosts, `opsagent apply` where systemd is
+//!   not PID 1): a child of the helper in its own process group, the group being the
+//!   unit of cleanup (`sh -c 'a & b'` leaves `a` running after the shell is killed
+//!   unless the signal goes to the group; a `setsid` escapes it).
+//!
+//! Tests give a request another runner (a fake) through its [`Scope`].
+//!
+//! Preemption (a new recipe while a state runs) cancels the running command, except a
+//! program that must not be cut in half ([`must_finish`]: package managers, mkfs, LVM
+//! and RAID tools, version control): it runs to its end, bounded by its own timeout.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs;
+use std::future::Future;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use nix::fcntl::OFlag;
@@ -158,6 +176,135 @@ pub enum Exit {
 pub struct Finished {
     pub exit: Exit,
     pub output: String,
+    /// What the command used, where the runner can tell (a transient unit's cgroup).
+    pub usage: Option<Usage>,
+}
+
+/// Resources used by commands, from their control group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time, user and system.
+    pub cpu: Duration,
+    /// The highest memory use seen, where systemd reports it (`MemoryPeak`, systemd 255
+    /// and later); for several commands, the highest of them.
+    pub peak_memory: Option<u64>,
+}
+
+impl Usage {
+    fn add(&mut self, other: Usage) {
+        self.cpu += other.cpu;
+        self.peak_memory = match (self.peak_memory, other.peak_memory) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cpu {:.3} s", self.cpu.as_secs_f64())?;
+        if let Some(peak) = self.peak_memory {
+            write!(f, ", peak memory {:.1} MiB", peak as f64 / (1024.0 * 1024.0))?;
+        }
+        Ok(())
+    }
+}
+
+/// What the commands of one request are run for: names their transient units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label {
+    pub recipe_version: u64,
+    pub state_id: String,
+    pub module: String,
+    /// The policy's sandbox properties for the module's commands (transient units).
+    pub sandbox: Vec<(String, crate::policy::SandboxValue)>,
+}
+
+/// One request's context for the commands it runs, carried by its [`Cancel`] token.
+#[derive(Default)]
+pub struct Scope {
+    pub label: Option<Label>,
+    /// Runs this request's commands instead of the host's runner (tests).
+    pub runner: Option<Arc<dyn Runner>>,
+    usage: Mutex<Option<Usage>>,
+}
+
+impl Scope {
+    pub fn new(label: Label) -> Self {
+        Self { label: Some(label), ..Self::default() }
+    }
+
+    pub fn with_runner(runner: Arc<dyn Runner>) -> Self {
+        Self { runner: Some(runner), ..Self::default() }
+    }
+
+    /// What the commands run so far used, added up; `None` when no runner could tell.
+    pub fn usage(&self) -> Option<Usage> {
+        *self.usage.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, usage: Usage) {
+        let mut total = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        total.get_or_insert_with(Usage::default).add(usage);
+    }
+}
+
+pub type RunFuture<'a> = Pin<Box<dyn Future<Output = Result<Finished, SpawnError>> + Send + 'a>>;
+
+/// One way of running a command to its end, its deadline or its cancellation, whichever
+/// comes first. On cancellation or timeout, everything the command started is ended
+/// (SIGTERM, [`KILL_GRACE`], SIGKILL) before the future resolves.
+pub trait Runner: Send + Sync {
+    /// For logs: `transient-unit`, `direct`.
+    fn name(&self) -> &'static str;
+    fn run<'a>(&'a self, spec: &'a CommandSpec, label: Option<&'a Label>, cancel: &'a mut Cancel) -> RunFuture<'a>;
+}
+
+/// The runner of this host, chosen once by [`select_host_runner`].
+static HOST_RUNNER: OnceLock<Arc<dyn Runner>> = OnceLock::new();
+
+/// The one place that decides how commands run on this host: as transient units where
+/// systemd is PID 1 and the helper runs as root (unless `direct` is asked for),
+/// directly otherwise. Returns the runner's name. Without a call (tests of the
+/// library), commands run directly.
+pub fn select_host_runner(direct: bool) -> &'static str {
+    let runner = HOST_RUNNER.get_or_init(|| {
+        if !direct && crate::systemd::booted() && nix::unistd::geteuid().is_root() {
+            Arc::new(crate::transient::Transient::system())
+        } else {
+            Arc::new(Direct)
+        }
+    });
+    runner.name()
+}
+
+fn runner_for(cancel: &Cancel) -> Arc<dyn Runner> {
+    if let Some(runner) = cancel.scope().and_then(|s| s.runner.clone()) {
+        return runner;
+    }
+    HOST_RUNNER.get().cloned().unwrap_or_else(|| Arc::new(Direct))
+}
+
+/// Programs that must not be cut in half by a preemption: an interrupted package
+/// manager leaves dpkg/rpm databases half-configured (`dpkg --audit` complains, the
+/// next install fails), an interrupted mkfs/lvcreate/mdadm a device in an unknown
+/// state, an interrupted VCS update a working copy with a lock. Matched on the
+/// program's file name; `mkfs.*` included.
+pub const MUST_FINISH: &[&str] = &[
+    "apt", "apt-get", "aptitude", "dpkg", "yum", "dnf", "rpm", "pip", "pip2", "pip3", "npm", "gem", "mkfs", "mke2fs",
+    "mkswap", "pvcreate", "vgcreate", "vgextend", "lvcreate", "lvextend", "lvresize", "mdadm", "git", "svn", "hg",
+];
+
+/// Whether a preemption lets `spec` run to its end (or its timeout) instead of
+/// stopping it; see [`MUST_FINISH`].
+pub fn must_finish(spec: &CommandSpec) -> bool {
+    let Some(name) = spec.program.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let base = name.split_once('.').map_or(name, |(b, _)| b);
+    // pip3.11 and the like.
+    let base = if base.starts_with("pip") && base[3..].chars().all(|c| c.is_ascii_digit()) { "pip" } else { base };
+    MUST_FINISH.contains(&base)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,8 +314,90 @@ pub struct SpawnError {
     pub source: io::Error,
 }
 
-/// Runs `spec` to its end, its deadline or `cancel`, whichever comes first.
+/// Runs `spec` to its end, its deadline or `cancel`, whichever comes first; a program
+/// that [`must_finish`] ignores `cancel` and is bounded by its deadline only.
 pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, SpawnError> {
+    let runner = runner_for(cancel);
+    let label = cancel.scope().and_then(|s| s.label.clone());
+    let mut uncancellable = Cancel::never();
+    let token = if must_finish(spec) {
+        if cancel.is_requested() {
+            tracing::info!(command = %spec.display(), "preempted, but a package manager, storage or VCS tool runs to its end");
+        }
+        &mut uncancellable
+    } else {
+        &mut *cancel
+    };
+    let finished = runner.run(spec, label.as_ref(), token).await?;
+    if let (Some(usage), Some(scope)) = (finished.usage, cancel.scope()) {
+        scope.record(usage);
+    }
+    Ok(finished)
+}
+
+/// A runner for unit tests: runs nothing, records every command and answers with the
+/// exit, output and usage it was given (or, for a program it names, another exit).
+#[derive(Default)]
+pub struct Fake {
+    pub calls: Mutex<Vec<(CommandSpec, Option<Label>)>>,
+    pub answers: Mutex<Vec<(String, Exit, String)>>,
+    pub usage: Option<Usage>,
+}
+
+impl Fake {
+    /// Commands whose program's file name is `program` end with `exit` and `output`;
+    /// anything else exits 0 without output.
+    pub fn answer(self, program: &str, exit: Exit, output: &str) -> Self {
+        self.answers.lock().unwrap_or_else(PoisonError::into_inner).push((
+            program.to_string(),
+            exit,
+            output.to_string(),
+        ));
+        self
+    }
+
+    pub fn calls(&self) -> Vec<(CommandSpec, Option<Label>)> {
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+impl Runner for Fake {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    fn run<'a>(&'a self, spec: &'a CommandSpec, label: Option<&'a Label>, cancel: &'a mut Cancel) -> RunFuture<'a> {
+        Box::pin(async move {
+            self.calls.lock().unwrap_or_else(PoisonError::into_inner).push((spec.clone(), label.cloned()));
+            if cancel.is_requested() {
+                return Ok(Finished { exit: Exit::Cancelled, output: String::new(), usage: self.usage });
+            }
+            let name = spec.program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+            let (exit, output) = answers
+                .iter()
+                .find(|(p, _, _)| *p == name)
+                .map_or((Exit::Code(0), String::new()), |(_, e, o)| (e.clone(), o.clone()));
+            Ok(Finished { exit, output, usage: self.usage })
+        })
+    }
+}
+
+/// Runs commands as children of the helper, each in its own process group.
+pub struct Direct;
+
+impl Runner for Direct {
+    fn name(&self) -> &'static str {
+        "direct"
+    }
+
+    fn run<'a>(&'a self, spec: &'a CommandSpec, _label: Option<&'a Label>, cancel: &'a mut Cancel) -> RunFuture<'a> {
+        Box::pin(run_direct(spec, cancel))
+    }
+}
+
+#[allow(clippy::disallowed_methods)] // the one place a process is spawned
+async fn run_direct(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, SpawnError> {
     let spawn_err = |source: io::Error| SpawnError { program: spec.program.display().to_string(), source };
     // One pipe for both streams keeps their lines in the order they were written.
     // CLOEXEC: commands started concurrently for other requests must not inherit it.
@@ -201,7 +430,8 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
         });
     }
     let pgid = Pid::from_raw(child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0));
-    let mut guard = GroupGuard(Some(pgid));
+    // A package manager half-way is not killed even when the helper itself goes.
+    let mut guard = GroupGuard((!must_finish(spec)).then_some(pgid));
 
     let output = Arc::new(Mutex::new(CappedOutput::new(OUTPUT_CAP)));
     let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end).map_err(spawn_err)?;
@@ -244,7 +474,7 @@ pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, Sp
         reader.abort();
     }
     let output = output.lock().map(|o| o.render()).unwrap_or_default();
-    Ok(Finished { exit, output })
+    Ok(Finished { exit, output, usage: None })
 }
 
 /// Why a tool run by a state did not succeed.
@@ -308,7 +538,7 @@ pub async fn checked(spec: &CommandSpec, ok_codes: &[i32], cancel: &mut Cancel) 
     }
 }
 
-async fn collect(mut pipe: tokio::net::unix::pipe::Receiver, out: Arc<Mutex<CappedOutput>>) {
+pub(crate) async fn collect(mut pipe: tokio::net::unix::pipe::Receiver, out: Arc<Mutex<CappedOutput>>) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match pipe.read(&mut buf).await {
@@ -482,6 +712,85 @@ mod tests {
         assert_eq!(expanded, want, "{}", finished.output);
         // The spawning thread itself stays where it was put.
         assert_eq!(inherited, one);
+    }
+
+    fn spec(program: &str) -> CommandSpec {
+        CommandSpec::tool(program, ["x"])
+    }
+
+    #[test]
+    fn package_managers_storage_and_vcs_tools_must_finish() {
+        for p in [
+            "apt-get",
+            "/usr/bin/dpkg",
+            "mkfs.ext4",
+            "mkfs",
+            "pip3",
+            "pip3.11",
+            "/srv/venv/bin/pip",
+            "git",
+            "lvcreate",
+            "mdadm",
+            "yum",
+            "rpm",
+            "npm",
+            "gem",
+        ] {
+            assert!(must_finish(&spec(p)), "{p}");
+        }
+        for p in ["/bin/sh", "bash", "sleep", "pipx", "gitk", "systemctl", "apt-cache-x"] {
+            assert!(!must_finish(&spec(p)), "{p}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scope_gives_its_runner_the_label_and_adds_up_the_usage() {
+        let fake = Arc::new(
+            Fake { usage: Some(Usage { cpu: Duration::from_millis(30), peak_memory: Some(10) }), ..Fake::default() }
+                .answer("false", Exit::Code(1), "no\n"),
+        );
+        let label =
+            Label { recipe_version: 7, state_id: "s-1".into(), module: "linux.cmd".into(), sandbox: Vec::new() };
+        let scope = Arc::new(Scope { label: Some(label.clone()), ..Scope::with_runner(fake.clone()) });
+        let mut cancel = Cancel::never().with_scope(Arc::clone(&scope));
+        let ok = checked(&spec("true"), &[0], &mut cancel).await.unwrap();
+        assert_eq!(ok.exit, Exit::Code(0));
+        let err = checked(&spec("/bin/false"), &[0], &mut cancel).await.unwrap_err();
+        assert_eq!(err.to_string(), "`/bin/false x` exited with status 1: no");
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].0.program, PathBuf::from("/bin/false"));
+        assert_eq!(calls[1].1.as_ref(), Some(&label));
+        assert_eq!(scope.usage(), Some(Usage { cpu: Duration::from_millis(60), peak_memory: Some(10) }));
+        assert_eq!(scope.usage().unwrap().to_string(), "cpu 0.060 s, peak memory 0.0 MiB");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_request_stops_a_command_but_not_a_package_manager() {
+        let fake = Arc::new(Fake::default());
+        let (canceller, cancel) = crate::cancel::pair();
+        let mut cancel = cancel.with_scope(Arc::new(Scope::with_runner(fake.clone())));
+        canceller.cancel();
+        assert_eq!(run(&spec("/bin/sh"), &mut cancel).await.unwrap().exit, Exit::Cancelled);
+        assert_eq!(run(&spec("apt-get"), &mut cancel).await.unwrap().exit, Exit::Code(0));
+        assert_eq!(fake.calls().len(), 2);
+    }
+
+    /// The real direct runner: a program named like a package manager runs to its end
+    /// although cancellation was asked before it started; any other is stopped.
+    #[tokio::test]
+    async fn direct_runs_a_package_manager_to_its_end_when_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let dpkg = dir.path().join("dpkg");
+        std::os::unix::fs::symlink("/bin/sh", &dpkg).unwrap();
+        let (canceller, mut cancel) = crate::cancel::pair();
+        canceller.cancel();
+        let mut finishing = CommandSpec::tool(dpkg.to_str().unwrap(), ["-c", "sleep 0.2; echo finished"]);
+        finishing.timeout = Some(Duration::from_secs(60));
+        let done = run(&finishing, &mut cancel).await.unwrap();
+        assert_eq!((done.exit, done.output.trim()), (Exit::Code(0), "finished"));
+        let stopped = run(&CommandSpec::tool("/bin/sh", ["-c", "sleep 30"]), &mut cancel).await.unwrap();
+        assert_eq!(stopped.exit, Exit::Cancelled);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod signed;
 pub mod socket;
 pub mod states;
 pub mod systemd;
+pub mod transient;
 pub mod unpack;
 pub mod upgrade;
 pub mod watch;
@@ -46,14 +47,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             nix::unistd::geteuid()
         );
     }
+    // The one decision of how commands run; it also decides what the helper keeps.
+    let runner = exec::select_host_runner(cli.direct_exec);
     // While this is the only thread: capability sets are per thread.
-    let kept = harden::apply(cli.storage).context("refusing to start: cannot harden the process")?;
+    // Commands in units of their own: the helper keeps only what file states need.
+    // Commands as its children: they inherit its bounding set, so it keeps what the
+    // storage states need too (there is no opt-in switch any more).
+    let keep = if runner == "transient-unit" {
+        harden::KEEP_WITH_UNITS.iter().copied().collect()
+    } else {
+        harden::kept_set(true)
+    };
+    let kept = harden::apply_set(&keep).context("refusing to start: cannot harden the process")?;
     tracing::info!(
         kept = %kept.bounding.join(" "),
         dropped = kept.dropped,
-        storage = cli.storage,
         "core dumps disabled; capability bounding set reduced"
     );
+    if cli.storage {
+        tracing::warn!(
+            "--storage (OPSAGENT_HELPER_STORAGE) has no effect any more: storage states need no switch; \
+             remove /etc/systemd/system/opsagent-helper.service.d/60-storage.conf (userdata.sh does)"
+        );
+    }
     let policy = match &cli.policy {
         Some(path) => Policy::load(path, true),
         None => Policy::load(std::path::Path::new(policy::DEFAULT_POLICY_PATH), false),
@@ -83,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             None
         }
     };
+    tracing::info!(runner, "commands of states run this way");
     let allow = Allowlist::resolve(&cli.allow_user)?;
     tracing::info!(allowed = %allow, "allowlist resolved");
 

@@ -46,7 +46,24 @@
 //! root_accounts = root
 //! # Privileged groups (see footprint::PRIVILEGED_GROUPS) accounts may be put in.
 //! privileged_groups = adm
+//!
+//! # Sandbox of the commands a module runs (systemd hosts; see crate::transient).
+//! # By default a command has the full capability of root; these properties of its
+//! # transient unit take some away. `sandbox.MODULE = Property=value ...`:
+//! sandbox.common.pip.package = ProtectSystem=strict ReadWritePaths=/opt/venvs /root/.cache PrivateTmp=yes
+//! sandbox.common.npm.package = ProtectHome=read-only ProtectKernelTunables=yes
 //! ```
+//!
+//! Sandbox properties understood (anything else stops the helper at start): the
+//! booleans PrivateTmp, PrivateDevices, PrivateNetwork, PrivateUsers, ProtectKernelTunables,
+//! ProtectKernelModules, ProtectKernelLogs, ProtectControlGroups, ProtectClock,
+//! ProtectHostname, NoNewPrivileges, RestrictRealtime, RestrictSUIDSGID,
+//! LockPersonality, MemoryDenyWriteExecute (`yes`/`no`); ProtectSystem
+//! (`yes`/`full`/`strict`/`no`), ProtectHome (`yes`/`read-only`/`tmpfs`/`no`);
+//! ReadWritePaths, ReadOnlyPaths, InaccessiblePaths (absolute paths: a value names one,
+//! and the blank-separated words after it without `=` add to it). They never replace
+//! what the unit runs, as whom, or how it is stopped. Where commands run directly (no
+//! systemd as PID 1) the key is accepted and has no effect.
 //!
 //! Command-equivalent states (a footprint that runs code no operator reviewed:
 //! `linux.cmd`, command actions of `linux.service`, cron jobs, supervisord programs,
@@ -61,7 +78,7 @@
 //! such a user could swap a directory for a link between the check and the write. A
 //! path of a footprint that does not parse as an absolute path is refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -107,10 +124,81 @@ pub struct Policy {
     pub interpreters: Vec<AbsPath>,
     pub root_accounts: BTreeSet<String>,
     pub privileged_groups: BTreeSet<String>,
+    /// Transient unit properties of the commands each module runs.
+    pub sandbox: BTreeMap<String, Vec<(String, SandboxValue)>>,
+}
+
+/// A sandbox property's value, typed as systemd's D-Bus API wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxValue {
+    Bool(bool),
+    Str(String),
+    Strs(Vec<String>),
+}
+
+const SANDBOX_BOOLS: &[&str] = &[
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateNetwork",
+    "PrivateUsers",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectClock",
+    "ProtectHostname",
+    "NoNewPrivileges",
+    "RestrictRealtime",
+    "RestrictSUIDSGID",
+    "LockPersonality",
+    "MemoryDenyWriteExecute",
+];
+const SANDBOX_CHOICES: &[(&str, &[&str])] =
+    &[("ProtectSystem", &["yes", "full", "strict", "no"]), ("ProtectHome", &["yes", "read-only", "tmpfs", "no"])];
+const SANDBOX_PATHS: &[&str] = &["ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths"];
+
+/// `Property=value ...` of a `sandbox.MODULE` line.
+fn parse_sandbox(values: &[&str]) -> Result<Vec<(String, SandboxValue)>, String> {
+    let mut out: Vec<(String, SandboxValue)> = Vec::new();
+    for word in values {
+        let Some((key, value)) = word.split_once('=') else {
+            // Another path of the list before it.
+            match out.last_mut() {
+                Some((_, SandboxValue::Strs(list))) => {
+                    list.push(AbsPath::parse(word).map_err(|e| e.to_string())?.to_string());
+                    continue;
+                }
+                _ => return Err(format!("expected Property=value, got {word:?}")),
+            }
+        };
+        let v = if SANDBOX_BOOLS.contains(&key) {
+            SandboxValue::Bool(match value {
+                "yes" | "true" | "1" | "on" => true,
+                "no" | "false" | "0" | "off" => false,
+                other => return Err(format!("{key}: {other:?} is not yes or no")),
+            })
+        } else if let Some((_, choices)) = SANDBOX_CHOICES.iter().find(|(k, _)| *k == key) {
+            if !choices.contains(&value) {
+                return Err(format!("{key}: {value:?} is not one of {}", choices.join(", ")));
+            }
+            SandboxValue::Str(value.to_string())
+        } else if SANDBOX_PATHS.contains(&key) {
+            SandboxValue::Strs(vec![AbsPath::parse(value).map_err(|e| e.to_string())?.to_string()])
+        } else {
+            return Err(format!(
+                "{key:?} is not a sandbox property the helper sets (known: {}, {}, {})",
+                SANDBOX_BOOLS.join(" "),
+                SANDBOX_CHOICES.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(" "),
+                SANDBOX_PATHS.join(" ")
+            ));
+        };
+        out.push((key.to_string(), v));
+    }
+    Ok(out)
 }
 
 const KEYS: &str = "modules, write_prefixes, units, packages, devices, setid_paths, mount_kinds, interpreters, \
-                    root_accounts, privileged_groups";
+                    root_accounts, privileged_groups, sandbox.MODULE";
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -136,11 +224,21 @@ impl fmt::Display for Policy {
             list(paths(&self.interpreters)),
             list(strings(&self.root_accounts)),
             list(strings(&self.privileged_groups)),
-        )
+        )?;
+        for (module, props) in &self.sandbox {
+            write!(f, "; sandbox of {module}: {}", props.len())?;
+        }
+        Ok(())
     }
 }
 
 impl Policy {
+    /// The unit properties the policy sets for the commands of `module` (none: the full
+    /// capability of root).
+    pub fn sandbox_for(&self, module: &str) -> Vec<(String, SandboxValue)> {
+        self.sandbox.get(module).cloned().unwrap_or_default()
+    }
+
     /// Reads the policy at `path`. A missing file is no policy when `required` is
     /// false (the default path), an error when the operator named the file.
     pub fn load(path: &Path, required: bool) -> Result<Self, PolicyError> {
@@ -182,6 +280,15 @@ impl Policy {
                     Err(syntax(format!("{n:?} is not a valid {what} name")))
                 }
             };
+            if let Some(module) = key.trim().strip_prefix("sandbox.") {
+                if catalogue::spec(module).is_none() {
+                    return Err(syntax(format!("unknown module {module:?}")));
+                }
+                let values: Vec<&str> = values.collect();
+                let props = parse_sandbox(&values).map_err(syntax)?;
+                policy.sandbox.entry(module.to_string()).or_default().extend(props);
+                continue;
+            }
             match key.trim().replace('-', "_").as_str() {
                 "modules" => {
                     let set = policy.modules.get_or_insert_with(BTreeSet::new);
@@ -493,6 +600,37 @@ mod tests {
     use crate::states::testutil::params;
     use serde_json::json;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn sandbox_lines_give_a_module_typed_unit_properties() {
+        let p = Policy::parse(
+            Path::new("/p"),
+            "sandbox.common.pip.package = ProtectSystem=strict ReadWritePaths=/opt/venvs /root/.cache PrivateTmp=yes\n\
+             sandbox.common.pip.package = NoNewPrivileges=no\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.sandbox_for("common.pip.package"),
+            vec![
+                ("ProtectSystem".to_string(), SandboxValue::Str("strict".into())),
+                ("ReadWritePaths".to_string(), SandboxValue::Strs(vec!["/opt/venvs".into(), "/root/.cache".into()])),
+                ("PrivateTmp".to_string(), SandboxValue::Bool(true)),
+                ("NoNewPrivileges".to_string(), SandboxValue::Bool(false)),
+            ]
+        );
+        assert!(p.sandbox_for("linux.cmd").is_empty());
+        for (bad, why) in [
+            ("sandbox.linux.nope = PrivateTmp=yes", "unknown module \"linux.nope\""),
+            ("sandbox.linux.cmd = ExecStart=/bin/evil", "\"ExecStart\" is not a sandbox property"),
+            ("sandbox.linux.cmd = ProtectSystem=maybe", "ProtectSystem: \"maybe\" is not one of yes, full, strict, no"),
+            ("sandbox.linux.cmd = PrivateTmp=perhaps", "PrivateTmp: \"perhaps\" is not yes or no"),
+            ("sandbox.linux.cmd = ReadOnlyPaths=relative", "absolute"),
+            ("sandbox.linux.cmd = /opt", "expected Property=value"),
+        ] {
+            let e = Policy::parse(Path::new("/p"), bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     fn write(dir: &Path, text: &str, mode: u32) -> PathBuf {
         let p = dir.join("helper.policy");

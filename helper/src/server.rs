@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::cancel::{self, Canceller};
+use crate::exec;
 use crate::identity::Allowlist;
 use crate::signed::{self as signed_mode, SignedApply, SignedStore};
 use crate::states::{self, Ctx, Step};
@@ -457,8 +458,17 @@ impl Connection {
         info!(id, state_id, module, recipe_version = req.recipe_version, "apply");
         let _running = Running::register(&shared, state_id, module);
         let (canceller, cancel) = cancel::pair();
-        let started = Instant::now();
+        // The request's commands are named after it (their transient units) and their
+        // resource use is added up for its outcome.
         let ctx = shared.config.ctx.for_peer(self.peer_uid);
+        let scope = Arc::new(exec::Scope::new(exec::Label {
+            recipe_version: req.recipe_version,
+            state_id: state_id.to_string(),
+            module: module.to_string(),
+            sandbox: ctx.policy.sandbox_for(module),
+        }));
+        let cancel = cancel.with_scope(Arc::clone(&scope));
+        let started = Instant::now();
         let work = states::apply(&req, &ctx, cancel);
         tokio::pin!(work);
         let result = loop {
@@ -488,6 +498,14 @@ impl Connection {
             }
             Ok(Step::Done(mut outcome)) => {
                 outcome.duration_ms = duration_ms;
+                if let Some(usage) = scope.usage() {
+                    // The commands' own figures, from their units' control groups.
+                    outcome.comment = if outcome.comment.is_empty() {
+                        format!("commands used {usage}")
+                    } else {
+                        format!("{} (commands used {usage})", outcome.comment)
+                    };
+                }
                 info!(
                     id, state_id, module,
                     result = outcome.result,

@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use futures_util_lite::next;
+pub(crate) use futures_util_lite::next;
 use opsagent_proto::newtypes::{InvalidValue, UnitName};
 use zbus::proxy::CacheProperties;
 use zbus::zvariant::{OwnedObjectPath, Value};
@@ -48,6 +48,11 @@ pub trait Manager {
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Signals `signal` to the unit's processes; `who`: `main`, `control` or `all`.
+    fn kill_unit(&self, name: &str, who: &str, signal: i32) -> zbus::Result<()>;
+    /// Asks the manager to send unit and job signals to this connection.
+    fn subscribe(&self) -> zbus::Result<()>;
     /// `properties` are the unit's settings (`a(sv)`); `aux` (further transient units
     /// started with it) is always empty here.
     fn start_transient_unit(
@@ -72,6 +77,10 @@ pub trait Unit {
     fn active_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+    /// Drops the reference `AddRef` took at StartTransientUnit.
+    fn unref(&self) -> zbus::Result<()>;
 }
 
 /// What a state asks of a service.
@@ -337,13 +346,7 @@ impl ServiceManager for SysV {
         let finished = exec::run(&spec, &mut Cancel::never())
             .await
             .map_err(|e| ServiceError::Tool { unit: unit.clone(), source: e.into() })?;
-        // LSB: 0 running, 1-3 not running (dead with pid file, dead with lock, stopped).
-        let active_state = match finished.exit {
-            Exit::Code(0) => "active",
-            Exit::Code(1..=3) => "inactive",
-            _ => "unknown",
-        };
-        Ok(ServiceState { active_state: active_state.to_string() })
+        Ok(sysv_state(&finished.exit))
     }
 
     async fn run(&self, unit: &UnitName, job: Job, cancel: &mut Cancel) -> Result<(), ServiceError> {
@@ -353,6 +356,16 @@ impl ServiceManager for SysV {
             .map(drop)
             .map_err(|source| ServiceError::Tool { unit: unit.clone(), source })
     }
+}
+
+/// LSB: 0 running, 1-3 not running (dead with pid file, dead with lock, stopped).
+fn sysv_state(exit: &Exit) -> ServiceState {
+    let active_state = match exit {
+        Exit::Code(0) => "active",
+        Exit::Code(1..=3) => "inactive",
+        _ => "unknown",
+    };
+    ServiceState { active_state: active_state.to_string() }
 }
 
 /// The unit systemd names after `path` (`systemd-escape --path --suffix=SUFFIX`):
@@ -409,6 +422,26 @@ mod futures_util_lite {
 mod tests {
     use super::*;
     use std::path::Path;
+    use std::sync::Arc;
+
+    /// The SysV fallback's reading of `service NAME status`, against the fake runner.
+    #[tokio::test]
+    async fn sysv_reads_the_lsb_status_codes() {
+        let unit = UnitName::parse("nginx.service").unwrap();
+        for (code, want) in [(0, "active"), (3, "inactive"), (4, "unknown")] {
+            let fake = Arc::new(exec::Fake::default().answer("service", Exit::Code(code), ""));
+            let scope = Arc::new(exec::Scope::with_runner(fake.clone()));
+            let sysv = SysV::default();
+            let mut cancel = Cancel::never().with_scope(scope);
+            // SysV::state runs with a token of its own; the scope goes through run().
+            let spec = sysv.command(&unit, "status");
+            let finished = exec::run(&spec, &mut cancel).await.unwrap();
+            assert_eq!(finished.exit, Exit::Code(code));
+            assert_eq!(sysv_state(&finished.exit).active_state, want);
+            let calls = fake.calls();
+            assert_eq!(calls[0].0.display(), "service nginx status");
+        }
+    }
 
     #[test]
     fn unit_names_are_escaped_as_systemd_escape_path_does() {

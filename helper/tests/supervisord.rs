@@ -5,7 +5,6 @@
 //! a test started is stopped when its harness is dropped.
 //!
 //! Needs supervisor (Debian package `supervisor`; `.ci/run` installs it).
-
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test support code outside #[test] fns; a blocking wait in Drop
 
 use std::path::{Path, PathBuf};

@@ -6,7 +6,9 @@
 //! tool as another user (`nobody`) or check ownership need root and say SKIPPED
 //! without it. Every server runs in its own process group, killed when the test drops
 //! it.
-
+// Test harness code starts real tools itself; the helper's states run programs
+// through exec only (helper/clippy.toml).
+#![allow(clippy::disallowed_methods)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support code outside #[test] fns
 
 mod common;

@@ -17,10 +17,10 @@
 # group, without password), cron entries (Salt's syntax, random, empty command) and the
 # timezone, each re-applied with no change; a uid outside the allowlist refused; a
 # policy file that forbids linux.cmd honoured; journal fields of outcomes; the storage
-# states through the real, sandboxed opsagent-helper.service (socket activation): a
-# tmpfs mounted by systemd without the storage drop-in, block devices refused without
-# it with a message naming it, then with units/opsagent-helper-storage.conf linux.mkfs
-# and linux.mount (transient unit; /etc/fstab) on loop devices made on the host.
+# states through the real, sandboxed opsagent-helper.service (socket activation) with
+# no drop-in (there is none any more): a tmpfs mounted by systemd, linux.mkfs (in a
+# transient unit of its own) and linux.mount (transient unit; /etc/fstab) on loop
+# devices made on the host, the helper itself without CAP_SYS_ADMIN.
 #
 # Ends with "N passed, M failed"; exits non-zero on any failure. The container is
 # stopped and removed on exit (by pid, see lib.sh). OPSAGENT_SYSTEST_KEEP=1 keeps logs.
@@ -375,7 +375,7 @@ check "journal: the kept capability set is logged" \
 in_c 'systemctl stop opsh-helper' || true
 
 # ---------------------------------------------------------------- storage through the helper unit
-say "== storage states through the real opsagent-helper.service (sandboxed; storage drop-in)"
+say "== storage states through the real opsagent-helper.service (sandboxed, no drop-in)"
 # The shipped units, with the binary where ExecStart expects it. Root may always connect.
 HSOCK=/run/opsagent-helper/helper.sock
 install -d -m 0755 "$ROOT/opt/visualops/current/bin" "$ROOT/etc/sysusers.d"
@@ -431,32 +431,17 @@ check "storage: ... in the container's mountinfo" host_mounted /srv/opsh-tmp tmp
 check "storage: ... unit active" unit_active "$UNIT_TMP"
 check "storage: tmpfs again: no change" apply_unit st2 "$TMPFS"
 check "storage: ... no change" no_change st2
-if apply_unit st3 "$MKFS"; then check "storage: mkfs refused without the drop-in" false; else check "storage: mkfs refused without the drop-in" true; fi
-check "storage: ... the refusal names the drop-in" \
-    out_has st3 "device $LOOP1 is not visible: block devices are hidden from the helper (PrivateDevices=yes); install the storage drop-in units/opsagent-helper-storage.conf (STORAGE=yes in the userdata)"
-if apply_unit st4 "$MNT_T"; then check "storage: mount of a device refused without the drop-in" false; else check "storage: mount of a device refused without the drop-in" true; fi
-check "storage: ... names the drop-in" out_has st4 "install the storage drop-in units/opsagent-helper-storage.conf"
-check "storage: ... nothing was formatted" sh -c "! blkid -p '$LOOP1' >/dev/null"
-
-# With the drop-in (the next connection activates the helper with it).
-install -d -m 0755 "$ROOT/etc/systemd/system/opsagent-helper.service.d"
-install -m 0644 "$REPO/units/opsagent-helper-storage.conf" "$ROOT/etc/systemd/system/opsagent-helper.service.d/60-storage.conf"
-setup 'systemctl daemon-reload && systemctl stop opsagent-helper.service'
-check "storage: systemd-analyze verify of the unit with the drop-in is clean" \
-    in_c 'out=$(systemd-analyze verify opsagent-helper.service 2>&1); echo "$out"; [ -z "$out" ]'
-unit_prop() { in_c "systemctl show -p $1 --value opsagent-helper.service"; }
-check "storage: the drop-in is in effect" \
-    sh -c "[ '$(unit_prop PrivateDevices)' = no ] && [ '$(unit_prop DevicePolicy)' = closed ] && echo '$(unit_prop DropInPaths)' | grep -q 60-storage.conf"
+check "storage: the helper unit has no drop-in" in_c '[ -z "$(systemctl show -p DropInPaths --value opsagent-helper.service)" ]'
 in_c 'systemd-analyze security --no-pager opsagent-helper.service' >"$WORK/security.txt" 2>&1 || true
 say "  $(grep 'Overall exposure level' "$WORK/security.txt" || echo 'systemd-analyze security gave no score')"
-check "storage: mkfs with the drop-in" apply_unit st5 "$MKFS"
+check "storage: mkfs without any drop-in (its own transient unit)" apply_unit st5 "$MKFS"
 check "storage: ... reported" out_has st5 "ext4 filesystem created (label opshdata)"
 check "storage: ... ext4 on the device (seen from the host)" test "$(blkid -p -o value -s TYPE "$LOOP1")" = ext4
 check "storage: mkfs again: no change" apply_unit st6 "$MKFS"
 check "storage: ... no change" no_change st6
 # CAP_SYS_ADMIN is capability 21.
-check "storage: the helper keeps CAP_SYS_ADMIN with the drop-in (lvm2, mdadm)" \
-    in_c 'm=$(awk "/^CapBnd:/ {print \$2}" /proc/$(systemctl show -p MainPID --value opsagent-helper.service)/status) && [ $(((0x$m >> 21) & 1)) = 1 ]'
+check "storage: the helper itself holds no CAP_SYS_ADMIN" \
+    in_c 'm=$(awk "/^CapBnd:/ {print \$2}" /proc/$(systemctl show -p MainPID --value opsagent-helper.service)/status) && [ $(((0x$m >> 21) & 1)) = 0 ]'
 check "storage: mount without fstab (transient unit)" apply_unit st7 "$MNT_T"
 check "storage: ... by the transient unit" out_has st7 "$LOOP1 mounted (ext4) by transient systemd unit $UNIT_T"
 check "storage: ... in the container's mountinfo" host_mounted /mnt/opsh-data ext4

@@ -18,7 +18,8 @@
 #      with another key, each for its own reason
 #   i  the .deb: installs, does not start without a config, starts with one, removes
 #   j  the helper's sandbox: chown/chmod, a command as another user, a service restart
-#      over D-Bus work; no network unless HELPER_NETWORK=yes (drop-in)
+#      over D-Bus work; the helper has no network unless HELPER_NETWORK=yes (drop-in),
+#      its commands (transient units) have the host's either way
 #   k  self-upgrade ordered by the backend: tampered, wrongly signed and path-traversal
 #      releases refused (reason reported once as UpgradeReport, never as a StateLog,
 #      version unchanged); A -> B after the round, ordered with the backend's URI as url;
@@ -33,6 +34,13 @@
 #      its placeholders filled, run as it is) installs the agent from the published
 #      BASE_REMOTE/VERSION/ud_init.sh without any UPDATE_KEY; the original's ssh-keygen
 #      token in /etc/opsagent.token is kept and sent
+#   n  commands as transient units: hostname, a tmpfs mount, the namespaced sysctl
+#      kernel.domainname (by setdomainname: nspawn mounts /proc/sys read-only), mkfs +
+#      mount of a loop device from a recipe with no drop-in, while the helper holds no
+#      CAP_SYS_ADMIN; a timed-out and a preempted command that double-forked a sleep
+#      leave no process; journalctl -u shows a command's output; no opsagent-state-*
+#      unit is left loaded after the round; CPU time in the outcome; an apt install
+#      whose request is cancelled while its postinst runs finishes, dpkg --audit clean
 #   (g also upgrades the cron-supervised agent)
 #
 # Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
@@ -46,7 +54,7 @@ source "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "tests/system/run.sh must run as root" >&2; exit 2; }
 
-ALL_TESTS="a b c d e f g h i j k l m"
+ALL_TESTS="a b c d e f g h i j k l m n"
 SELECTED=${*:-$ALL_TESTS}
 SUITE_START=$(date +%s)
 WORK=$(mktemp -d /tmp/opsagent-systest.XXXXXX)
@@ -60,6 +68,10 @@ on_exit() {
     set +e
     for p in "${BG_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
     cleanup_all
+    # Loop devices tests attached on the host (test m), once their containers are gone.
+    if [ -f "$WORK/loops" ]; then
+        while read -r p; do losetup -d "$p" 2>/dev/null; done <"$WORK/loops"
+    fi
     for p in "${HOST_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
     for p in "${HOST_PIDS[@]}"; do wait "$p" 2>/dev/null; done
     if [ "$rc" -eq 0 ] && [ "${OPSAGENT_SYSTEST_KEEP:-0}" != 1 ]; then
@@ -132,8 +144,7 @@ make_release() { # VERSION [KIND]
         printf '#!/bin/sh\necho "this release is broken" >&2\nexit 1\n' >"$d/opsagent-$v/bin/opsagent"
     fi
     u=$d/opsagent-$v/units
-    for f in opsagent.service opsagent-helper.socket opsagent-upgrade.service opsagent-helper-network.conf \
-        opsagent-helper-storage.conf; do
+    for f in opsagent.service opsagent-helper.socket opsagent-upgrade.service opsagent-helper-network.conf; do
         printf '# opsagent release %s\n' "$v" >>"$u/$f"
     done
     printf '// opsagent release %s\n' "$v" >>"$d/opsagent-$v/polkit/50-opsagent.rules"
@@ -498,11 +509,12 @@ test_f() {
     [ -n "$score" ] && [ -n "$hscore" ] && [ -n "$uscore" ] || fail "cannot read the exposure scores"
     awk -v s="$score" 'BEGIN { exit !(s <= 1.2) }' || fail "opsagent.service exposure $score > 1.2"
     # No shipped unit may get more exposed than it was when the trust-boundary work began
-    # (daemon 1.2, helper 2.9, installer 1.4), measured on the unit files as shipped:
+    # (daemon 1.2, helper 2.9 then, 2.6 since its commands run in units of their own,
+    # installer 1.4), measured on the unit files as shipped:
     # installed, the helper carries the network drop-in the userdata script adds by
     # default (HELPER_NETWORK=yes), which is the operator's choice (3.7 with it).
     local unit limit shipped
-    for unit in opsagent:1.2 opsagent-helper:2.9 opsagent-upgrade:1.4; do
+    for unit in opsagent:1.2 opsagent-helper:2.6 opsagent-upgrade:1.4; do
         limit=${unit#*:}
         unit=${unit%%:*}
         shipped=$(systemd-analyze security --offline=true --no-pager "$REPO/units/$unit.service" 2>/dev/null |
@@ -519,6 +531,8 @@ test_g() {
     # No systemd: nspawn's stub init is PID 1 and cron runs in the foreground as PID 2.
     start_plain $c /usr/sbin/cron -f
     csh $c '[ ! -d /run/systemd/system ]' || fail "the container looks booted with systemd"
+    # An old helper.env (STORAGE=yes of earlier releases) is removed; STORAGE= is ignored.
+    csh $c 'mkdir -p /etc/opsagent && echo OPSAGENT_HELPER_STORAGE=yes >/etc/opsagent/helper.env'
     userdata $c $iid APP_ID=app-cron STORAGE=yes >"$WORK/g-userdata.log" 2>&1 || { cat "$WORK/g-userdata.log" >&2; fail "userdata.sh failed without systemd"; }
     cat "$WORK/g-userdata.log" >&2
     csh $c 'grep -q "opsagent-supervise" /etc/cron.d/opsagent' || fail "/etc/cron.d/opsagent is missing"
@@ -526,8 +540,9 @@ test_g() {
         csh $c "p=\$(cat /run/opsagent-supervise/$1.pid 2>/dev/null) && [ -n \"\$p\" ] && [ \"\$(basename \"\$(readlink /proc/\$p/exe)\")\" = $1 ]"
     }
     both_running() { running opsagent-helper && running opsagent; }
-    # STORAGE=yes: the supervisor starts the helper with --storage, which keeps
-    # CAP_SYS_ADMIN (bit 21) in its bounding set; every start must, a self-upgrade's too.
+    # Without systemd commands are the helper's children: it keeps CAP_SYS_ADMIN (bit 21)
+    # in its bounding set for the storage states, with no switch; every start must, a
+    # self-upgrade's too.
     helper_keeps_storage() {
         csh $c 'm=$(awk "/^CapBnd:/ {print \$2}" /proc/$(cat /run/opsagent-supervise/opsagent-helper.pid)/status) &&
             [ $(((0x$m >> 21) & 1)) = 1 ]'
@@ -546,8 +561,9 @@ test_g() {
     dpid=$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')
     [ "$(csh $c "stat -c %U /proc/$dpid")" = opsagent ] || fail "the daemon does not run as opsagent"
     [ "$(csh $c "stat -c %U /proc/$hpid")" = root ] || fail "the helper does not run as root"
-    csh $c 'grep -qx OPSAGENT_HELPER_STORAGE=yes /etc/opsagent/helper.env' || fail "STORAGE=yes did not write /etc/opsagent/helper.env"
-    helper_keeps_storage || fail "the helper was not started with --storage"
+    csh $c '[ ! -e /etc/opsagent/helper.env ]' || fail "the old /etc/opsagent/helper.env was not removed"
+    grep -q 'STORAGE=yes is ignored' "$WORK/g-userdata.log" || fail "userdata.sh did not say that STORAGE= is ignored"
+    helper_keeps_storage || fail "the helper does not keep the storage capabilities"
     [ "$(csh $c 'stat -c "%U:%G %a" /run/opsagent-helper/helper.sock')" = "root:opsagent 660" ] ||
         fail "the helper socket is not root:opsagent 0660"
     wait_until 60 "StateLog of sys-cmd from $iid" has_statelog $iid sys-cmd || fail "no StateLog from the cron-supervised agent"
@@ -559,7 +575,7 @@ test_g() {
     hpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent-helper.pid')
     dpid2=$(csh $c 'cat /run/opsagent-supervise/opsagent.pid')
     say "  helper $hpid -> $hpid2, daemon $dpid -> $dpid2"
-    helper_keeps_storage || fail "the restarted helper lost --storage"
+    helper_keeps_storage || fail "the restarted helper lost the storage capabilities"
     csh $c 'cat /var/log/opsagent-root/supervise.log' >&2
     wait_until 30 "the restarted daemon reconnects (second Handshake from $iid)" two_handshakes ||
         fail "the restarted daemon did not reconnect"
@@ -584,7 +600,7 @@ test_g() {
     csh $c "[ -d /opt/visualops/releases/$VERSION ]" || fail "the previous release was not kept"
     csh $c 'tail -n 3 /var/log/opsagent-root/upgrade.log; grep -i upgrade /var/log/opsagent-root/supervise.log' >&2
     wait_until 30 "helper and daemon running after the upgrade" both_running || fail "the agent is not running after the upgrade"
-    helper_keeps_storage || fail "the helper restarted by the upgrade lost --storage"
+    helper_keeps_storage || fail "the helper restarted by the upgrade lost the storage capabilities"
 }
 
 # ---------------------------------------------------------------- h. refused releases
@@ -671,10 +687,11 @@ EOF
     [ "$cron2" = active ] || fail "cron.service was not started over D-Bus ($cron1 -> $cron2)"
     say "  cron.service started by the helper over D-Bus: $cron1 -> $cron2"
 
-    rc=0
-    out=$(csh $c "$apply /root/net.json 2>&1") || rc=$?
+    # The helper itself has no network (HELPER_NETWORK=no: no drop-in); the commands it
+    # runs are transient units of their own, with the host's network.
+    [ "$(unit_prop $c opsagent-helper.service PrivateNetwork)" = yes ] || fail "the helper has the network without the drop-in"
+    out=$(csh $c "$apply /root/net.json 2>&1") || { say "$out"; fail "a command in its transient unit has no network"; }
     say "$out"
-    [ "$rc" != 0 ] || fail "a command run by the default helper reached the network"
 
     apid1=$(unit_prop $c opsagent.service MainPID)
     hpid1=$(unit_prop $c opsagent-helper.service MainPID)
@@ -824,6 +841,119 @@ PY
         fail "9.11.0 was tried again after the manual upgrade"
 }
 
+# ---------------------------------------------------------------- n. transient units
+test_n() {
+    local c=n-units out hpid caps loop major minor apply left
+    install_agent $c i-units HELPER_NETWORK=no
+    apply="/opt/visualops/current/bin/opsagent apply --helper-socket /run/opsagent-helper/helper.sock"
+    # A loop device made on the host over a sparse file, its node made in the container
+    # (nspawn gives it none); detached by the suite's cleanup.
+    truncate -s 64M "$WORK/m-disk.img"
+    loop=$(losetup --find --show "$WORK/m-disk.img") || fail "no loop device on the host"
+    echo "$loop" >>"$WORK/loops"
+    major=$((16#$(stat -c %t "$loop")))
+    minor=$((16#$(stat -c %T "$loop")))
+    csh $c "mknod -m 0660 $loop b $major $minor" || fail "cannot make $loop in the container"
+    cat >"$(croot $c)/root/admin.json" <<EOF
+{"recipe_version": 1, "state": [
+  {"id": "m-hostname", "module": "linux.cmd", "parameter": {"cmd": "hostname m-renamed && hostname"}},
+  {"id": "m-tmpfs", "module": "linux.cmd", "parameter": {"cmd": "mkdir -p /mnt/m-tmp && mount -t tmpfs tmpfs /mnt/m-tmp && echo tmpfs-mounted"}},
+  {"id": "m-domain", "module": "linux.cmd", "parameter": {"cmd": "domainname m-domain && sysctl kernel.domainname"}},
+  {"id": "m-mkfs", "module": "linux.mkfs", "parameter": {"device": "$loop", "fstype": "ext4", "label": "mdata"}},
+  {"id": "m-mount", "module": "linux.mount", "parameter": {"device": "$loop", "filesystem": "ext4", "path": "/mnt/m-data"}},
+  {"id": "m-echo", "module": "linux.cmd", "parameter": {"cmd": "x=m42; echo output-for-the-journal-\${x}"}}
+]}
+EOF
+    csh $c '[ ! -e /etc/systemd/system/opsagent-helper.service.d/60-storage.conf ]' || fail "a storage drop-in is installed"
+    out=$(csh $c "$apply /root/admin.json 2>&1") || { say "$out"; fail "the admin commands failed under the helper unit"; }
+    say "$out"
+    [ "$(csh $c hostname)" = m-renamed ] || fail "hostname was not changed"
+    grep -q " /mnt/m-tmp [^ ]* .* - tmpfs " "/proc/$(cpid $c)/mountinfo" || fail "the tmpfs is not mounted in the container"
+    [ "$(csh $c 'cat /proc/sys/kernel/domainname')" = m-domain ] || fail "the kernel.domainname sysctl was not set"
+    grep -q " /mnt/m-data [^ ]* .* - ext4 " "/proc/$(cpid $c)/mountinfo" || fail "the loop device is not mounted"
+    # Resource accounting needs the unified cgroup hierarchy (a v1 host, as some CI
+    # machines, gives a container no CPU figures for a unit).
+    if csh $c '[ -e /sys/fs/cgroup/cgroup.controllers ]'; then
+        printf '%s\n' "$out" | grep -q 'cpu [0-9.]* s' || fail "no CPU time in the outcome"
+        say "  CPU time in the outcome: $(printf '%s\n' "$out" | grep -o 'commands used [^)]*' | head -n 1)"
+    else
+        say "  cgroup v1 in the container: no CPU figures to check (accounting needs cgroup v2)"
+    fi
+    say "  hostname, tmpfs, kernel.domainname, mkfs + mount: done by a recipe without any drop-in"
+    hpid=$(unit_prop $c opsagent-helper.service MainPID)
+    [ "$hpid" != 0 ] || fail "the helper is not running"
+    caps=$(csh $c "sed -n 's/^CapBnd:[[:space:]]*//p' /proc/$hpid/status")
+    # CAP_SYS_ADMIN is bit 21.
+    [ $(((16#$caps >> 21) & 1)) = 0 ] || fail "the helper holds CAP_SYS_ADMIN (CapBnd $caps)"
+    say "  SCORE helper CapBnd $caps (no CAP_SYS_ADMIN)"
+    csh $c "journalctl --no-pager -u 'opsagent-state-1-m-echo-*' | grep -q output-for-the-journal-m42" ||
+        fail "journalctl -u opsagent-state-1-m-echo-* does not show the output"
+    left=$(csh $c "systemctl list-units --all --no-legend 'opsagent-state-*'")
+    [ -z "$left" ] || { say "$left"; fail "opsagent-state units left after the round"; }
+
+    # Timeout: a command that double-forks a sleep, over its 2 s timeout.
+    cat >"$(croot $c)/root/timeout.json" <<'EOF'
+{"recipe_version": 2, "state": [
+  {"id": "m-timeout", "module": "linux.cmd", "parameter": {"cmd": "( setsid sh -c 'sleep 3111 &' & ); sleep 3222", "timeout": 2}}
+]}
+EOF
+    if out=$(csh $c "$apply /root/timeout.json 2>&1"); then
+        say "$out"
+        fail "the timed-out command succeeded"
+    fi
+    say "$out"
+    # (slee[p]: the pattern must not match the shell that runs pgrep.)
+    ! csh $c 'pgrep -f "slee[p] 3[12][12][12]"' || fail "processes of the timed-out command are left"
+    say "  timeout: no process left (the double-forked sleep included)"
+
+    # Preemption: the apply that runs it is killed (its connection closes, as when the
+    # daemon gives the state up); the unit's whole control group goes.
+    cat >"$(croot $c)/root/preempt.json" <<'EOF'
+{"recipe_version": 3, "state": [
+  {"id": "m-preempt", "module": "linux.cmd", "parameter": {"cmd": "( setsid sh -c 'sleep 3333 &' & ); sleep 3444"}}
+]}
+EOF
+    csh $c "$apply /root/preempt.json >/root/preempt.out 2>&1 & echo \$! >/root/preempt.pid"
+    wait_until 30 "the preempted command runs" csh $c 'pgrep -f "slee[p] 3333" && pgrep -f "slee[p] 3444"'
+    csh $c "systemctl list-units --no-legend 'opsagent-state-3-m-preempt-*' | grep -q running" ||
+        fail "the command does not run as an opsagent-state unit"
+    csh $c 'kill -9 $(cat /root/preempt.pid)'
+    wait_until 30 "the preempted command's processes are gone" csh $c '! pgrep -f "slee[p] 3[34][34][34]"'
+    wait_until 30 "no opsagent-state unit left" csh $c '[ -z "$(systemctl list-units --all --no-legend "opsagent-state-*")" ]'
+    say "  preemption: no process left (the double-forked sleep included), no unit left"
+
+    # A package manager is not cut in half: an apt install whose postinst runs for 6 s,
+    # its request cancelled (the apply killed: the connection closes, as when the
+    # daemon gives a state up for a new recipe) while the postinst runs, finishes; dpkg
+    # is left consistent.
+    local d=$WORK/m-slow
+    mkdir -p "$d/DEBIAN"
+    printf 'Package: m-slow\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.invalid>\nDescription: slow postinst\n' \
+        >"$d/DEBIAN/control"
+    printf '#!/bin/sh\nset -e\ntouch /run/m-slow-started\nsleep 6\ntouch /run/m-slow-done\n' >"$d/DEBIAN/postinst"
+    chmod 0755 "$d/DEBIAN/postinst"
+    dpkg-deb --root-owner-group -b "$d" "$WORK/m-slow_1.0_all.deb" >/dev/null
+    mkdir -p "$(croot $c)/srv/debs"
+    cp "$WORK/m-slow_1.0_all.deb" "$(croot $c)/srv/debs/"
+    # Offline: apt sees no remote source.
+    csh $c 'mv /etc/apt/sources.list /etc/apt/sources.list.off 2>/dev/null; rm -f /etc/apt/sources.list.d/*.list; rm -rf /var/lib/apt/lists/*_*'
+    cat >"$(croot $c)/root/apt.json" <<'EOF'
+{"recipe_version": 4, "state": [
+  {"id": "m-apt", "module": "linux.apt.package", "parameter": {"name": [{"key": "m-slow", "value": "file:///srv/debs/m-slow_1.0_all.deb"}]}}
+]}
+EOF
+    csh $c "$apply /root/apt.json >/root/apt.out 2>&1 & echo \$! >/root/apt.pid"
+    wait_until 120 "the postinst runs" csh $c '[ -e /run/m-slow-started ]'
+    csh $c 'kill -9 $(cat /root/apt.pid)'
+    [ ! -e "$(croot $c)/run/m-slow-done" ] || fail "the postinst had ended before the cancellation"
+    wait_until 60 "the postinst finished although its request was cancelled" csh $c '[ -e /run/m-slow-done ]'
+    wait_until 30 "apt's unit is gone" csh $c '[ -z "$(systemctl list-units --all --no-legend "opsagent-state-*")" ]'
+    out=$(csh $c 'dpkg --audit 2>&1')
+    [ -z "$out" ] || { say "$out"; fail "dpkg --audit is not clean after a cancelled install"; }
+    [ "$(csh $c "dpkg-query -W -f='\${Status}' m-slow")" = "install ok installed" ] || fail "m-slow is not installed"
+    say "  cancelled apt install: finished, dpkg --audit clean"
+}
+
 # ---------------------------------------------------------------- l. links planted by the agent user
 # What a compromised daemon (user opsagent) can do on a cron host: plant links, in the
 # directories it owns, at every name root used to open there, pointing at a root-owned
@@ -916,7 +1046,7 @@ test_m() {
 }
 
 declare -A NAMES=([a]=a-install [b]=b-watchdog [c]=c-socket [d]=d-journal [e]=e-polkit [f]=f-analyze
-    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links [m]=m-original)
+    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links [m]=m-original [n]=n-units)
 
 # run_one LETTER: runs test_LETTER in a subshell (set -e: the first failed step ends
 # it), its output in $WORK/NAME.log; writes NAME.rc and NAME.reason.

@@ -276,18 +276,26 @@ fn set_id_and_sticky_bits_are_dropped() {
 
 /// The archive is measured against the free space of the target file system (a 1 MiB
 /// tmpfs here), not only against the cap; nothing is left of the refused entry.
-#[test]
-fn archives_larger_than_the_free_space_are_refused() {
+#[tokio::test]
+async fn archives_larger_than_the_free_space_are_refused() {
     assert!(nix::unistd::geteuid().is_root(), "this test mounts a tmpfs: run it as root");
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("small");
     fs::create_dir(&dest).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&dest)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "cannot mount a tmpfs");
+    // Through exec, the helper's one way to run a program (clippy.toml).
+    let mount = crate::exec::CommandSpec::tool(
+        "mount",
+        [
+            std::ffi::OsString::from("-t"),
+            "tmpfs".into(),
+            "-o".into(),
+            "size=1m".into(),
+            "tmpfs".into(),
+            dest.clone().into(),
+        ],
+    );
+    let mounted = crate::exec::run(&mount, &mut crate::cancel::Cancel::never()).await.unwrap();
+    assert_eq!(mounted.exit, crate::exec::Exit::Code(0), "cannot mount a tmpfs: {}", mounted.output);
     let archive = tmp.path().join("big.tar");
     fs::write(
         &archive,
@@ -299,7 +307,8 @@ fn archives_larger_than_the_free_space_are_refused() {
     .unwrap();
     let result = unpack(&archive, ArchiveFormat::Tar, &dest, &Limits::default(), None);
     let b_exists = dest.join("b").exists();
-    let _ = std::process::Command::new("umount").arg(&dest).status();
+    let umount = crate::exec::CommandSpec::tool("umount", [dest.clone().into_os_string()]);
+    let _ = crate::exec::run(&umount, &mut crate::cancel::Cancel::never()).await;
     let msg = result.unwrap_err().to_string();
     assert!(
         msg.starts_with("entry \"b\": the archive unpacks to more than the ") && msg.contains("bytes free"),

@@ -37,7 +37,6 @@ const UNIT_FILES: &[(&str, &str)] = &[
     ("units/opsagent-helper.socket", SOCKET_UNIT),
     ("units/opsagent-upgrade.service", "opsagent-upgrade.service"),
     ("units/opsagent-helper-network.conf", "opsagent-helper.service.d/50-network.conf"),
-    ("units/opsagent-helper-storage.conf", "opsagent-helper.service.d/60-storage.conf"),
 ];
 const POLKIT_RULE: (&str, &str) = ("polkit/50-opsagent.rules", "50-opsagent.rules");
 

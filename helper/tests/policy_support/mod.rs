@@ -1,7 +1,9 @@
 //! A real helper started with a restrictive policy, and a client that sends raw
 //! request frames (as a compromised daemon can: nothing forces it through the
 //! catalogue). Shared by `policy_holes.rs` and `compromised_daemon.rs`.
-
+// Test harness code starts real tools itself; the helper's states run programs
+// through exec only (helper/clippy.toml).
+#![allow(clippy::disallowed_methods)]
 #![allow(clippy::unwrap_used, dead_code)] // test support code outside #[test] fns
 
 use std::fs;

@@ -11,9 +11,11 @@
 //! Tools are looked up on the helper's fixed search path first, so that a missing one
 //! fails with the package to install rather than with "No such file or directory".
 //!
-//! Under the shipped unit (`PrivateDevices=yes`) the helper sees no block device at
-//! all; a device that is missing then fails with [`HIDDEN_HINT`], which names the
-//! storage drop-in, rather than with "does not exist".
+//! The tools (mkfs, lvm, mdadm, blkid) run as transient units of their own with the
+//! full capability of root (see crate::transient); the helper itself only looks at
+//! device nodes, which the shipped unit shows it (`PrivateDevices=no`,
+//! `DevicePolicy=closed`). Where a unit change hides them anyway, a missing device
+//! fails with [`HIDDEN_HINT`] rather than with "does not exist".
 
 pub mod lvm;
 pub mod mkfs;
@@ -69,8 +71,9 @@ pub fn tool(program: &Path, args: Vec<String>) -> CommandSpec {
 }
 
 /// Why a device the state names is not there, when the helper cannot see any.
-pub const HIDDEN_HINT: &str = "block devices are hidden from the helper (PrivateDevices=yes); install the storage \
-                               drop-in units/opsagent-helper-storage.conf (STORAGE=yes in the userdata)";
+pub const HIDDEN_HINT: &str = "block devices are hidden from the helper (PrivateDevices=yes); the shipped \
+                               opsagent-helper.service sees the host's /dev (DevicePolicy=closed): remove the \
+                               drop-in or unit change that hides it";
 
 /// Whether `dev` holds no block device node at all: on any real host `/dev` has a disk
 /// or a loop device, so none means a private `/dev` (the unit's `PrivateDevices=yes`).
@@ -320,7 +323,7 @@ mod tests {
             eprintln!("cannot mknod here (not root?): the positive case is not checked");
         }
         let err = DeviceError::Hidden("/dev/xvdf".into()).to_string();
-        assert!(err.starts_with("device /dev/xvdf is not visible: block devices are hidden from the helper (PrivateDevices=yes); install the storage drop-in units/opsagent-helper-storage.conf"), "{err}");
+        assert!(err.starts_with("device /dev/xvdf is not visible: block devices are hidden from the helper (PrivateDevices=yes); the shipped opsagent-helper.service sees the host's /dev"), "{err}");
     }
 
     #[test]
