@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use opsagent::helper_client::{Cancel, HelperClient, HelperClientError};
+use opsagent::helper_client::{Cancel, HelperClient, HelperClientError, SignedState};
 use opsagent::protocol::StateLog;
 use opsagent::recipe::Recipe;
 use opsagent::round::{Effects, Engine, EngineConfig, Event, Snapshot, UpdateOrder};
@@ -23,6 +23,14 @@ struct InstantHelper;
 impl HelperClient for InstantHelper {
     async fn apply(&self, req: ApplyRequest, _cancel: Cancel) -> Result<Outcome, HelperClientError> {
         Ok(Outcome { changes: vec![Change::new(req.state_id.as_str(), "checked")], ..Outcome::ok("already as wanted") })
+    }
+    async fn apply_signed(
+        &self,
+        req: ApplyRequest,
+        _: SignedState,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        self.apply(req, cancel).await
     }
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
         Ok(HelperStatus {

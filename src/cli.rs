@@ -22,6 +22,29 @@ a directory /tmp/opsagent-demo/conf, a file app.conf in it, a link /tmp/opsagent
 and a command that counts the file's settings. Nothing outside /tmp/opsagent-demo changes. Give a \
 recipe FILE to apply your own (`opsagent apply --help`).";
 
+/// The parts of opsagent(8) that the command line does not say.
+pub const MANUAL: crate::manual::Extra<'static> = crate::manual::Extra {
+    description: &[
+        "The unprivileged daemon (user opsagent) keeps one WebSocket to the backend, receives the recipe \
+         (an ordered list of idempotent states), applies it in rounds through the root helper \
+         opsagent-helper(8), and reports every state's result as a StateLog. `opsagent run` is what \
+         opsagent.service starts; the other commands are for operators.",
+        "Logs go to the journal: journalctl -u opsagent -u opsagent-helper; journalctl -x explains the \
+         events that carry a catalog entry (a failed state, a ceased round, an unreachable backend, a \
+         failed upgrade, unverified recipes).",
+    ],
+    files: &[
+        (
+            "/etc/opsagent.conf",
+            "The configuration (`opsagent config-example` prints every key), also read in the original agent's format.",
+        ),
+        ("/var/lib/opsagent", "The state directory: persisted recipe, StateLog spool, status file, token."),
+        ("/etc/opsagent/helper.policy", "What the root helper may do for the daemon; see opsagent-helper(8)."),
+    ],
+    environment: &[("RUST_LOG", "Log filter, e.g. opsagent=debug.")],
+    see_also: &["opsagent-helper(8)", "opsagent-backend(8)", "systemctl(1)", "journalctl(1)"],
+};
+
 #[derive(Debug, Parser)]
 #[command(name = "opsagent", version, about = "VisualOps configuration agent (systemd-native)")]
 pub struct Cli {
@@ -100,6 +123,15 @@ pub enum Command {
         #[arg(long)]
         after_round: bool,
     },
+    /// Print a shell completion script: `opsagent completion bash >
+    /// /usr/share/bash-completion/completions/opsagent`.
+    Completion {
+        #[arg(value_parser = ["bash"])]
+        shell: String,
+    },
+    /// Write the manual page opsagent.8 into DIR (used by packaging/build-deb).
+    #[command(hide = true)]
+    Manual { dir: PathBuf },
 }
 
 pub fn main() -> ExitCode {
@@ -119,6 +151,12 @@ pub fn main() -> ExitCode {
             print!("{}", crate::config::EXAMPLE);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Completion { shell: _ } => {
+            print!("{}", crate::manual::bash_completion(&<Cli as clap::CommandFactory>::command()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manual { dir } => crate::manual::write_page(&dir, &<Cli as clap::CommandFactory>::command(), &MANUAL)
+            .map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

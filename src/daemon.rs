@@ -170,7 +170,7 @@ impl<F> DaemonEffects<F> {
     /// `upgrade-report` at its next session. Never as a StateLog: a failing StateLog for
     /// a recipe state would be a state failure the backend never caused.
     fn report_upgrade_failure(&self, version: &str, reason: &str, record: Option<&Record>) {
-        tracing::error!(version, reason, running = %self.upgrade.running, "agent upgrade failed");
+        tracing::error!(message_id = opsagent_logline::catalog::UPGRADE_FAILED, version, reason, running = %self.upgrade.running, "agent upgrade failed");
         self.reports.push(UpgradeFailure {
             version: version.to_string(),
             running: self.upgrade.running.clone(),
@@ -358,6 +358,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::info!("the helper verifies recipes: only recipes signed by its recipe_key run");
     } else {
         tracing::warn!(
+            message_id = opsagent_logline::catalog::RECIPES_NOT_VERIFIED,
             "recipes are not verified: the helper has no recipe_key, so whoever controls this daemon or its backend link controls root (see \"Signed recipes\" in the README)"
         );
     }

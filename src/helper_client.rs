@@ -115,17 +115,15 @@ pub trait HelperClient: Send + Sync {
     ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send;
     /// A state of a signed recipe. A helper with a `recipe_key` gets the signed recipe
     /// (once per connection and version) and is asked for the state by index; a helper
-    /// without one gets `req` as [`HelperClient::apply`] would send it. Clients that do
-    /// not speak signed recipes send `req`.
+    /// without one gets `req` as [`HelperClient::apply`] would send it. No default: a
+    /// client that wraps another must pass the signed state on, or every state of a
+    /// signed recipe would reach the helper unsigned and be refused.
     fn apply_signed(
         &self,
         req: ApplyRequest,
         signed: SignedState,
         cancel: Cancel,
-    ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send {
-        let _ = signed;
-        self.apply(req, cancel)
-    }
+    ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send;
     fn status(&self) -> impl Future<Output = Result<HelperStatus, HelperClientError>> + Send;
 }
 

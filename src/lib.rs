@@ -15,6 +15,7 @@ pub mod helper_client;
 pub mod identity;
 pub mod link;
 pub mod logging;
+pub mod manual;
 pub mod metrics;
 pub mod prereq;
 pub mod protocol;

@@ -21,7 +21,7 @@ use opsagent_proto::catalogue::{parse_state, ModuleParams};
 use opsagent_proto::request::{ApplyRequest, Change, Outcome};
 use serde_json::json;
 
-use crate::helper_client::{Cancel, HelperClient, HelperClientError};
+use crate::helper_client::{Cancel, HelperClient, HelperClientError, SignedState};
 use opsagent_proto::request::HelperStatus;
 
 /// Where tools are looked for (the helper's search path).
@@ -157,8 +157,14 @@ impl<C: HelperClient> Prerequisites<C> {
     }
 }
 
-impl<C: HelperClient> HelperClient for Prerequisites<C> {
-    async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
+impl<C: HelperClient> Prerequisites<C> {
+    /// Installs the missing tools of `req`'s module. `Err(outcome)`: the state fails
+    /// with it; `Ok((notes, changes))`: what was installed, to prefix the state's own.
+    async fn install_missing(
+        &self,
+        req: &ApplyRequest,
+        cancel: &Cancel,
+    ) -> Result<Result<(Vec<String>, Vec<Change>), Outcome>, HelperClientError> {
         let missing: Vec<Prerequisite> = if self.enabled {
             prerequisites(&req.params).into_iter().filter(|p| !tool_present(&self.root, p.tool)).collect()
         } else {
@@ -185,7 +191,7 @@ impl<C: HelperClient> HelperClient for Prerequisites<C> {
                 Err(e) => return Err(e),
             };
             if !out.result || out.cancelled {
-                return Ok(Outcome {
+                return Ok(Err(Outcome {
                     cancelled: out.cancelled,
                     changes: out.changes,
                     stdout: out.stdout,
@@ -195,18 +201,48 @@ impl<C: HelperClient> HelperClient for Prerequisites<C> {
                         manager.name(),
                         out.comment
                     ))
-                });
+                }));
             }
             notes.push(format!("prerequisite {} installed with {} (package {list})", p.tool, manager.name()));
             changes.extend(out.changes);
         }
-        let mut out = self.inner.apply(req, cancel).await?;
-        if !notes.is_empty() {
-            out.comment = format!("{}; {}", notes.join("; "), out.comment);
-            changes.append(&mut out.changes);
-            out.changes = changes;
-        }
-        Ok(out)
+        Ok(Ok((notes, changes)))
+    }
+}
+
+/// The installs' notes and changes put before the state's own.
+fn with_notes(mut out: Outcome, notes: Vec<String>, mut changes: Vec<Change>) -> Outcome {
+    if !notes.is_empty() {
+        out.comment = format!("{}; {}", notes.join("; "), out.comment);
+        changes.append(&mut out.changes);
+        out.changes = changes;
+    }
+    out
+}
+
+impl<C: HelperClient> HelperClient for Prerequisites<C> {
+    async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
+        let (notes, changes) = match self.install_missing(&req, &cancel).await? {
+            Ok(done) => done,
+            Err(failed) => return Ok(failed),
+        };
+        Ok(with_notes(self.inner.apply(req, cancel).await?, notes, changes))
+    }
+
+    // A helper that verifies recipes refuses the unsigned install of a prerequisite
+    // (the daemon may not invent states); the state then fails naming the package, and
+    // the recipe's signer adds a package state for it.
+    async fn apply_signed(
+        &self,
+        req: ApplyRequest,
+        signed: SignedState,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        let (notes, changes) = match self.install_missing(&req, &cancel).await? {
+            Ok(done) => done,
+            Err(failed) => return Ok(failed),
+        };
+        Ok(with_notes(self.inner.apply_signed(req, signed, cancel).await?, notes, changes))
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {

@@ -552,7 +552,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 tracing::warn!(state_id = %state.id, round, "state failed; the round restarts from the first state");
                 i = 0;
             } else {
-                tracing::warn!(state_id = %state.id, round, "state failed again; the round ceases");
+                tracing::warn!(message_id = opsagent_logline::catalog::ROUND_CEASED, state_id = %state.id, round, "state failed again; the round ceases");
                 return RoundEnd::Ceased;
             }
         }
@@ -570,6 +570,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             );
         } else {
             tracing::warn!(
+                message_id = opsagent_logline::catalog::STATE_FAILED,
                 recipe_version = self.st.version, round, state_id = %state.id, module = %state.module,
                 result = outcome.result, comment = %outcome.comment, "state failed"
             );

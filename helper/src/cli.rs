@@ -278,6 +278,29 @@ impl Cli {
 
 #[cfg(test)]
 mod tests {
+    /// The hand-written manual page (packaging/man/opsagent-helper.8) documents every
+    /// option `--help` lists, and no option the helper does not take.
+    #[test]
+    fn the_manual_page_names_every_option_and_no_other() {
+        let page = include_str!("../../packaging/man/opsagent-helper.8");
+        let in_help: Vec<String> = help()
+            .lines()
+            .filter_map(|l| l.trim_start().split([' ', ',']).find(|w| w.starts_with("--")).map(str::to_string))
+            .collect();
+        assert!(in_help.len() >= 14, "{in_help:?}");
+        let in_page: Vec<String> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix(".B "))
+            .filter_map(|l| l.split([' ', ',']).find(|w| w.starts_with("\\-\\-")).map(|w| w.replace("\\-", "-")))
+            .collect();
+        for opt in &in_help {
+            assert!(in_page.contains(opt), "{opt} is missing from opsagent-helper.8");
+        }
+        for opt in &in_page {
+            assert!(in_help.contains(opt), "opsagent-helper.8 documents {opt}, which the helper does not take");
+        }
+    }
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Invocation, CliError> {

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use opsagent_logline::catalog;
 use opsagent_proto::codec::{CodecError, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{
     self, ApplyRequest, ApplySignedRequest, Change, DecodeError, ErrorCode, HelperError, HelperStatus, Reply,
@@ -226,12 +227,25 @@ fn admit(stream: UnixStream, shared: &Arc<Shared>) {
     let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
     if !shared.config.allow.allows(uid) {
         // Closed without a word: an unknown peer learns nothing about the protocol.
-        warn!(uid, pid, reason = "uid is not in the allowlist", "refused connection");
+        warn!(
+            message_id = catalog::CONNECTION_REFUSED,
+            uid,
+            pid,
+            reason = "uid is not in the allowlist",
+            "refused connection"
+        );
         return;
     }
     let Some(slot) = Slot::take(shared, uid) else {
         let limit = shared.config.max_connections_per_uid;
-        warn!(uid, pid, limit, reason = "too many connections from this uid", "refused connection");
+        warn!(
+            message_id = catalog::CONNECTION_REFUSED,
+            uid,
+            pid,
+            limit,
+            reason = "too many connections from this uid",
+            "refused connection"
+        );
         return;
     };
     let (rd, wr) = match stream::split_tokio(stream) {
@@ -370,7 +384,7 @@ impl Connection {
                         req.state_id.as_str()
                     );
                     let (state_id, module) = (req.state_id.as_str(), req.params.name());
-                    warn!(id, state_id, module, result = "refused", code = ?ErrorCode::Unverified, error = %message, "request refused");
+                    warn!(message_id = catalog::REQUEST_REFUSED, id, state_id, module, result = "refused", code = ?ErrorCode::Unverified, error = %message, "request refused");
                     self.reply(id, Reply::Error(HelperError::new(ErrorCode::Unverified, message))).await;
                     return;
                 }
@@ -416,7 +430,7 @@ impl Connection {
                         });
                     }
                     Err(e) => {
-                        warn!(id, result = "refused", code = ?e.code, error = %e.message, "signed recipe refused");
+                        warn!(message_id = catalog::SIGNED_RECIPE_REFUSED, id, result = "refused", code = ?e.code, error = %e.message, "signed recipe refused");
                         self.refused_recipe = Some(e.message.clone());
                         self.reply(id, Reply::Error(e)).await;
                     }
@@ -443,7 +457,7 @@ impl Connection {
             Ok(signed) => self.apply(id, signed.apply.clone(), Some(&signed)).await,
             Err(e) => {
                 let (version, index) = (req.recipe_version, req.index);
-                warn!(id, recipe_version = version, index, result = "refused", code = ?e.code, error = %e.message, "request refused");
+                warn!(message_id = catalog::REQUEST_REFUSED, id, recipe_version = version, index, result = "refused", code = ?e.code, error = %e.message, "request refused");
                 self.reply(id, Reply::Error(e)).await;
             }
         }
@@ -520,7 +534,7 @@ impl Connection {
             }
             Err(e) => {
                 let result = if e.code == ErrorCode::Denied { "denied" } else { "refused" };
-                warn!(id, state_id, module, result, code = ?e.code, error = %e.message, duration_ms, "request refused");
+                warn!(message_id = catalog::REQUEST_REFUSED, id, state_id, module, result, code = ?e.code, error = %e.message, duration_ms, "request refused");
                 self.reply(id, Reply::Error(e)).await;
             }
         }
@@ -576,7 +590,7 @@ impl Connection {
             Ok(frame) => Some(frame),
             Err(DecodeError::Invalid { id, state_id, module, error }) => {
                 let state_id = state_id.as_ref().map_or("", |s| s.as_str());
-                warn!(id, state_id, module = ?module, result = "refused", code = ?ErrorCode::InvalidParameter, error = %error, "request refused");
+                warn!(message_id = catalog::REQUEST_REFUSED, id, state_id, module = ?module, result = "refused", code = ?ErrorCode::InvalidParameter, error = %error, "request refused");
                 let e = HelperError::new(ErrorCode::InvalidParameter, error.to_string());
                 self.reply(id, Reply::Error(e)).await;
                 None

@@ -10,6 +10,9 @@
 //! As in `compromised_daemon.rs`, the attacker runs in a child process under the agent's
 //! uid (this test binary again, `attacker_child`). These tests need root.
 
+// Tests start helpers and attacker processes themselves; the helper's code spawns
+// through exec only (helper/clippy.toml).
+#![allow(clippy::disallowed_methods)]
 #![allow(clippy::unwrap_used)]
 
 mod policy_support;

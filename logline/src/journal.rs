@@ -11,6 +11,7 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::Layer;
 
+use crate::catalog;
 use crate::escape;
 
 /// Where journald listens for native-protocol datagrams.
@@ -86,6 +87,12 @@ impl JournalVisitor<'_> {
         }
         if name == "message" {
             put(self.buf, "MESSAGE", value);
+            return;
+        }
+        // The catalog's id goes in as MESSAGE_ID itself; anything else under that name
+        // stays an ordinary, prefixed field.
+        if name == catalog::FIELD && catalog::is_id(value) {
+            put(self.buf, "MESSAGE_ID", value);
             return;
         }
         // Journal field names: upper-case letters, digits and '_', not starting with '_'.
@@ -172,6 +179,27 @@ mod tests {
         assert!(lines.contains(&"PRIORITY=4"), "{lines:?}");
         assert!(lines.contains(&"SYSLOG_IDENTIFIER=opsagent-upgrade"), "{lines:?}");
         assert_eq!(lines.iter().filter(|l| l.starts_with("MESSAGE=")).count(), 1);
+    }
+
+    #[test]
+    fn a_catalog_id_becomes_the_message_id_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.socket");
+        let journald = UnixDatagram::bind(&path).unwrap();
+        let layer = JournalLayer::at(&path, "opsagent", "OPSAGENT").unwrap();
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(message_id = catalog::STATE_FAILED, state_id = "s-1", "state failed");
+            tracing::warn!(message_id = "not-an-id\nPRIORITY=0", "forged");
+        });
+        let mut datagram = vec![0; 64 << 10];
+        let n = journald.recv(&mut datagram).unwrap();
+        let first = String::from_utf8(datagram[..n].to_vec()).unwrap();
+        assert!(first.lines().any(|l| l == format!("MESSAGE_ID={}", catalog::STATE_FAILED)), "{first}");
+        let n = journald.recv(&mut datagram).unwrap();
+        let second = String::from_utf8(datagram[..n].to_vec()).unwrap();
+        assert!(!second.contains("\nMESSAGE_ID="), "{second}");
+        assert!(second.lines().any(|l| l == "OPSAGENT_MESSAGE_ID=not-an-id\\nPRIORITY=0"), "{second}");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!   writes the native journal protocol itself, each field `NAME=value` on one line —
 //!   a framing that is only correct because escaped values hold no newline.
 
+pub mod catalog;
 mod escape;
 mod journal;
 mod text;

@@ -34,7 +34,8 @@ impl TextVisitor<'_, '_> {
     fn put(&mut self, field: &Field, value: &str) {
         let name = field.name();
         // `log` crate records bridged by tracing-log carry these; they are metadata.
-        if self.result.is_err() || name.starts_with("log.") {
+        // The journal catalog's id means nothing on a terminal.
+        if self.result.is_err() || name.starts_with("log.") || name == crate::catalog::FIELD {
             return;
         }
         let sep = if std::mem::take(&mut self.first) { "" } else { " " };

@@ -11,6 +11,16 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use opsagent::backend::pins::{token_hash, PinStore};
 use opsagent::backend::{Backend, BackendOptions, Limits, Rotation, TlsFiles, DEFAULT_MAX_FRAME_BYTES};
 
+/// The parts of opsagent-backend(8) that the command line does not say.
+const MANUAL: opsagent::manual::Extra<'static> = opsagent::manual::Extra {
+    description: &["Serves recipes from a directory to opsagent agents over WebSocket (TLS unless on loopback), pins \
+         each instance's token at first use, records every StateLog in --statelog, and signs recipes with \
+         --signing-key. `opsagent-backend instances list|forget|pin` manages the pins."],
+    files: &[("STATELOG.pins/", "The instance pins beside the StateLog file (or --pins-dir).")],
+    environment: &[("OPSAGENT_SIGNING_KEY_PASSWORD", "The password of an encrypted --signing-key.")],
+    see_also: &["opsagent(8)", "opsagent-helper(8)"],
+};
+
 /// The VisualOps reference backend: serves recipes from a directory to opsagent agents
 /// and records their StateLogs.
 #[derive(Debug, Parser)]
@@ -98,6 +108,9 @@ enum Command {
     /// The instance pins: list, forget (reset) or pin (pre-register).
     #[command(subcommand)]
     Instances(Instances),
+    /// Write the manual page opsagent-backend.8 into DIR (used by packaging/build-deb).
+    #[command(hide = true)]
+    Manual { dir: PathBuf },
 }
 
 /// Which pins directory: the backend's --statelog (its FILE.pins/) or --pins-dir.
@@ -158,6 +171,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Some(Command::Instances(cmd)) => instances(cmd),
+        Some(Command::Manual { dir }) => {
+            opsagent::manual::write_page(&dir, &<Args as clap::CommandFactory>::command(), &MANUAL).map(|_| ())
+        }
         None => match tokio::runtime::Runtime::new() {
             Ok(runtime) => runtime.block_on(run(args.serve)),
             Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),

@@ -417,13 +417,13 @@ impl<O: Outbox + 'static> Link<O> {
                         }
                         EndKind::TestDone => tracing::info!(url = %self.url(), "test answered; connecting again"),
                         EndKind::Error(e) => {
-                            tracing::warn!(error = %e, "backend connection lost");
+                            tracing::warn!(message_id = opsagent_logline::catalog::BACKEND_UNREACHABLE, error = %e, "backend connection lost");
                             self.record_error(&e);
                         }
                     }
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, attempt, "cannot reach the backend");
+                    tracing::warn!(message_id = opsagent_logline::catalog::BACKEND_UNREACHABLE, error = %e, attempt, "cannot reach the backend");
                     hint = e.retry_after();
                     self.record_error(&e);
                 }

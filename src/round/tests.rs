@@ -8,7 +8,7 @@ use opsagent_proto::request::{Change, HelperStatus};
 use serde_json::json;
 
 use super::*;
-use crate::helper_client::HelperClientError;
+use crate::helper_client::{HelperClientError, SignedState};
 
 #[derive(Clone, Debug)]
 enum Act {
@@ -76,6 +76,16 @@ impl HelperClient for FakeHelper {
         }
     }
 
+    // The engine's choice of signed or not is checked by the daemon's tests; here a
+    // signed state is one more state.
+    async fn apply_signed(
+        &self,
+        req: ApplyRequest,
+        _: SignedState,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        self.apply(req, cancel).await
+    }
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
         Ok(HelperStatus {
             helper_version: "fake".into(),

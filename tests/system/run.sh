@@ -649,6 +649,17 @@ test_i() {
         fail "cannot write the configuration"
     csh $c 'systemctl enable --now opsagent-helper.socket opsagent.service' >&2 || fail "cannot start the packaged agent"
     wait_until 60 "StateLog of sys-cmd from i-deb" has_statelog i-deb sys-cmd || fail "no StateLog from the packaged agent"
+    # Manual pages, completion and the journal catalog came with the package, and
+    # journalctl -x explains the agent's "recipes are not verified" entry with its text.
+    csh $c 'zcat /usr/share/man/man8/opsagent.8.gz | grep -q "^\.SS .*opsagent apply"' || fail "no opsagent.8 with its commands"
+    csh $c 'zcat /usr/share/man/man8/opsagent-helper.8.gz | grep -q "^\.B .*recipe"' || fail "no opsagent-helper.8"
+    csh $c 'bash -c ". /usr/share/bash-completion/completions/opsagent && complete -p opsagent" | grep -q _opsagent' ||
+        fail "the bash completion does not load"
+    csh $c 'journalctl --list-catalog 777f651060c14c789dfd9d1d9aa0c00a | grep -q "recipes are not verified"' ||
+        fail "the catalog was not installed into the journal's database"
+    wait_until 20 "the catalog text under the agent's entry" csh $c \
+        'journalctl -x -u opsagent.service --no-pager | grep -q "Configure RECIPE_KEY in the userdata"' ||
+        fail "journalctl -x does not explain the agent's entry"
     csh $c 'dpkg -r opsagent' >&2 || fail "dpkg -r failed"
     [ "$(unit_prop $c opsagent.service ActiveState)" = inactive ] || fail "the agent still runs after dpkg -r"
     csh $c '[ ! -e /lib/systemd/system/opsagent.service ] && [ ! -e /opt/visualops/current ]' || fail "dpkg -r left files"
