@@ -484,7 +484,7 @@ pub enum ToolError {
     Spawn(#[from] SpawnError),
     #[error("`{command}` {how}{}", tail_suffix(.output))]
     Failed { command: String, how: String, output: String },
-    #[error("cancelled while `{0}` ran; its process group was killed")]
+    #[error("cancelled while `{0}` ran; it and every process it started were killed")]
     Cancelled(String),
 }
 

@@ -549,21 +549,27 @@ async fn git_runs_as_the_given_user() {
 }
 
 #[tokio::test]
-async fn git_cancel_kills_the_clone() {
+async fn a_preempted_git_clone_is_not_cut_in_half() {
+    // A VCS update runs to its end when the round is preempted (issue 18 item 4: a
+    // half-done checkout is worse than a late one); only its timeout bounds it. Here the
+    // "server" accepts and answers nothing until the test lets it hang up.
     need("git", "git");
-    // A "server" that accepts and never answers: git waits for ever.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+    let (hang_up_tx, mut hang_up_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let (mut conn, _) = listener.accept().await.unwrap();
         let _ = accepted_tx.send(());
         let mut buf = [0u8; 1024];
-        // Returns at end of stream: the client process is gone.
         loop {
-            match tokio::io::AsyncReadExt::read(&mut conn, &mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            tokio::select! {
+                // Told to hang up: git sees the end of the stream and fails.
+                _ = &mut hang_up_rx => return "hung up",
+                r = tokio::io::AsyncReadExt::read(&mut conn, &mut buf) => match r {
+                    Ok(0) | Err(_) => return "client gone",
+                    Ok(_) => {}
+                },
             }
         }
     });
@@ -574,13 +580,16 @@ async fn git_cancel_kills_the_clone() {
     ))
     .unwrap();
     let (canceller, cancel) = cancel::pair();
-    let state = tokio::spawn(async move { git::apply(&p, cancel).await });
+    let mut state = tokio::spawn(async move { git::apply(&p, cancel).await });
     tokio::time::timeout(Duration::from_secs(20), accepted_rx).await.unwrap().unwrap();
     canceller.cancel();
-    let out = tokio::time::timeout(Duration::from_secs(20), state).await.unwrap().unwrap();
-    assert!(!out.result && out.cancelled, "{out:?}");
-    assert!(out.comment.contains("cancelled while"), "{out:?}");
-    tokio::time::timeout(Duration::from_secs(10), server).await.expect("git still connected after cancel").unwrap();
+    // Preempted, git is still connected and the state still runs.
+    assert!(tokio::time::timeout(Duration::from_secs(2), &mut state).await.is_err(), "git was cut by the preemption");
+    assert!(!server.is_finished(), "git hung up after the preemption");
+    hang_up_tx.send(()).unwrap();
+    assert_eq!(server.await.unwrap(), "hung up");
+    let out = tokio::time::timeout(Duration::from_secs(20), state).await.expect("git ends with its server").unwrap();
+    assert!(!out.result, "{out:?}");
 }
 
 // ----------------------------------------------------------------------------- hg

@@ -149,8 +149,10 @@ async fn run(program: &Path, args: Vec<String>, label: &str, mut cancel: Cancel)
             }
         },
         Exit::Cancelled => {
-            let mut o =
-                Outcome::failed(format!("cancelled while `{}` ran; its process group was killed", spec.display()));
+            let mut o = Outcome::failed(format!(
+                "cancelled while `{}` ran; it and every process it started were killed",
+                spec.display()
+            ));
             o.cancelled = true;
             o
         }

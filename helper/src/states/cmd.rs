@@ -67,11 +67,12 @@ pub async fn apply(p: &LinuxCmd, ctx: &Ctx, mut cancel: Cancel) -> Outcome {
         Exit::Code(0) => Outcome::ok("command exited with status 0"),
         Exit::Code(n) => Outcome::failed(format!("command exited with status {n}")),
         Exit::Signal(s) => Outcome::failed(format!("command was killed by signal {}", signal_name(s))),
-        Exit::TimedOut(d) => {
-            Outcome::failed(format!("timed out after {} s; the command's process group was killed", d.as_secs()))
-        }
+        Exit::TimedOut(d) => Outcome::failed(format!(
+            "timed out after {} s; the command and every process it started were killed",
+            d.as_secs()
+        )),
         Exit::Cancelled => {
-            let mut o = Outcome::failed("cancelled; the command's process group was killed");
+            let mut o = Outcome::failed("cancelled; the command and every process it started were killed");
             o.cancelled = true;
             o
         }

@@ -152,7 +152,7 @@ async fn run_one(
         RunResult::Cancelled => {
             acc.result = false;
             acc.cancelled = true;
-            acc.comment = format!("cancelled while `{shown}` ran; its process group was killed");
+            acc.comment = format!("cancelled while `{shown}` ran; it and every process it started were killed");
             false
         }
     }
