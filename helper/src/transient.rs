@@ -467,20 +467,14 @@ fn journal_output(unit: &str, spec: &CommandSpec, output: &str) {
     }
     let ident = spec.program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     for line in output.lines() {
-        let mut buf = Vec::with_capacity(line.len() + 128);
-        for (k, v) in [
-            ("MESSAGE", opsagent_logline::escape(line).as_ref()),
+        let entry = opsagent_logline::journal_entry(&[
+            ("MESSAGE", line),
             ("PRIORITY", "6"),
-            ("SYSLOG_IDENTIFIER", opsagent_logline::escape(&ident).as_ref()),
+            ("SYSLOG_IDENTIFIER", &ident),
             ("OBJECT_SYSTEMD_UNIT", unit),
-        ] {
-            buf.extend_from_slice(k.as_bytes());
-            buf.push(b'=');
-            buf.extend_from_slice(v.as_bytes());
-            buf.push(b'\n');
-        }
+        ]);
         // Nowhere to report a lost line to; the output is in the StateLog anyway.
-        let _ = socket.send(&buf);
+        let _ = socket.send(&entry);
     }
 }
 

@@ -123,6 +123,17 @@ impl Visit for JournalVisitor<'_> {
     }
 }
 
+/// One journal entry in the native protocol from fields given by the caller (a helper
+/// writing a command's output under the command's unit): each value escaped and cut to
+/// fit one datagram, exactly as for the entries of [`JournalLayer`].
+pub fn entry(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
+    for (name, value) in fields {
+        put(&mut buf, name, value);
+    }
+    buf
+}
+
 /// One `NAME=value\n` line: correct framing only because the escaped value holds no
 /// newline.
 fn put(buf: &mut Vec<u8>, name: &str, value: &str) {
@@ -200,6 +211,16 @@ mod tests {
         let second = String::from_utf8(datagram[..n].to_vec()).unwrap();
         assert!(!second.contains("\nMESSAGE_ID="), "{second}");
         assert!(second.lines().any(|l| l == "OPSAGENT_MESSAGE_ID=not-an-id\\nPRIORITY=0"), "{second}");
+    }
+
+    #[test]
+    fn an_entry_from_given_fields_is_escaped_and_cut_like_the_layers() {
+        let long = "x".repeat(MAX_VALUE_BYTES + 10);
+        let text = String::from_utf8(entry(&[("MESSAGE", "a\nPRIORITY=0"), ("OBJECT_SYSTEMD_UNIT", &long)])).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0], "MESSAGE=a\\nPRIORITY=0");
+        assert!(lines[1].ends_with(" [10 more bytes cut]"), "{}", &lines[1][lines[1].len() - 40..]);
     }
 
     #[test]

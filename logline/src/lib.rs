@@ -23,7 +23,7 @@ mod journal;
 mod text;
 
 pub use escape::escape;
-pub use journal::JournalLayer;
+pub use journal::{entry as journal_entry, JournalLayer};
 pub use text::EscapedFields;
 
 use tracing::Subscriber;
