@@ -9,35 +9,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::scripted::*;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
-
-type Ws = WebSocketStream<TcpStream>;
-
-async fn accept(listener: &TcpListener) -> Ws {
-    let (tcp, _) =
-        tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.expect("agent connects").unwrap();
-    tokio_tungstenite::accept_async(tcp).await.unwrap()
-}
-
-/// The next JSON text frame, or `None` when the agent closed the connection.
-async fn next_json_or_close(ws: &mut Ws, within: Duration) -> Option<Value> {
-    loop {
-        match tokio::time::timeout(within, ws.next()).await.expect("a frame in time") {
-            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
-            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
-            Some(Ok(_)) => {}
-        }
-    }
-}
-
-async fn next_json(ws: &mut Ws) -> Value {
-    next_json_or_close(ws, Duration::from_secs(45)).await.expect("connection open")
-}
 
 /// Every text frame within `d`.
 async fn frames_for(ws: &mut Ws, d: Duration) -> Vec<Value> {
@@ -49,10 +26,6 @@ async fn frames_for(ws: &mut Ws, d: Duration) -> Vec<Value> {
         }
     }
     out
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
 }
 
 /// The table of accepted values of the original test server (`valid = {...}` in

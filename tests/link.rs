@@ -8,31 +8,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::scripted::*;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
-
-type Ws = WebSocketStream<TcpStream>;
-
-async fn accept(listener: &TcpListener) -> Ws {
-    let (tcp, _) =
-        tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.expect("agent connects").unwrap();
-    tokio_tungstenite::accept_async(tcp).await.unwrap()
-}
-
-/// The next JSON text frame.
-async fn next_json(ws: &mut Ws) -> Value {
-    loop {
-        let m =
-            tokio::time::timeout(Duration::from_secs(45), ws.next()).await.expect("a frame").expect("open").unwrap();
-        if let Message::Text(t) = m {
-            return serde_json::from_str(&t).unwrap();
-        }
-    }
-}
 
 async fn statelogs(ws: &mut Ws, n: usize) -> Vec<Value> {
     let mut out = Vec::new();
@@ -43,10 +24,6 @@ async fn statelogs(ws: &mut Ws, n: usize) -> Vec<Value> {
         }
     }
     out
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

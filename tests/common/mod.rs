@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod scripted;
+
 pub struct Proc {
     pub child: Child,
     pub name: String,
