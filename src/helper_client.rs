@@ -410,8 +410,12 @@ impl UnixHelperClient {
                     })?;
                     Some((id, upload))
                 };
-                let apply =
-                    Request::ApplySigned(ApplySignedRequest { recipe_version: s.version, index: s.index, fetched });
+                let apply = Request::ApplySigned(ApplySignedRequest {
+                    recipe_version: s.version,
+                    index: s.index,
+                    fetched,
+                    plan: false,
+                });
                 return self.apply_after_recipe(conn, recipe, apply, cancel).await;
             }
             _ => {

@@ -367,6 +367,13 @@ impl Connection {
                 let e = HelperError::new(ErrorCode::Busy, "the first request on a connection must be hello");
                 self.reply(id, Reply::Error(e)).await;
             }
+            // Until every module can plan without writing, a plan is refused rather than
+            // carried out as an apply.
+            Request::Apply(ApplyRequest { plan: true, .. })
+            | Request::ApplySigned(ApplySignedRequest { plan: true, .. }) => {
+                let e = HelperError::new(ErrorCode::Unsupported, "this helper cannot plan yet");
+                self.reply(id, Reply::Error(e)).await;
+            }
             Request::Status => {
                 // Debug only: status doubles as a liveness probe and may be frequent.
                 debug!(id, "status");

@@ -414,6 +414,7 @@ impl SignedStore {
             recipe_version: recipe.version,
             params,
             fetched: req.fetched.clone(),
+            plan: req.plan,
         };
         Ok(SignedApply { apply, pins: state.pins.clone() })
     }

@@ -59,6 +59,10 @@ pub struct ApplyRequest {
     /// [`Reply::NeedFetch`]. The helper trusts none of it blindly: see [`FetchedFile`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fetched: Vec<FetchedFile>,
+    /// Plan, don't act: inspect the host as applying would and answer with what would
+    /// change (`Outcome::planned`); the helper writes nothing. Same policy as applying.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plan: bool,
 }
 
 /// A signed recipe as the daemon passes it on (see [`crate::signed`]).
@@ -78,11 +82,14 @@ pub struct ApplySignedRequest {
     /// sha256 the signed state pins for its URL.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fetched: Vec<FetchedFile>,
+    /// As in [`ApplyRequest::plan`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plan: bool,
 }
 
 impl ApplyRequest {
     pub fn new(state_id: StateId, recipe_version: u64, params: ModuleParams) -> Self {
-        Self { state_id, recipe_version, params, fetched: Vec::new() }
+        Self { state_id, recipe_version, params, fetched: Vec::new(), plan: false }
     }
 }
 
@@ -157,6 +164,14 @@ pub struct Outcome {
     pub cancelled: bool,
     #[serde(default)]
     pub duration_ms: u64,
+    /// This outcome is a plan (the request had `plan`): `changes` are what would change,
+    /// in the same words as a real change, and nothing on the host was touched.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub planned: bool,
+    /// For a planned content change: a unified diff, capped; binary or sensitive content
+    /// is named by its checksums only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
 }
 
 impl Outcome {
