@@ -25,6 +25,8 @@
 //! An `openat` chain rather than `openat2(RESOLVE_NO_SYMLINKS)`: links must be inspected
 //! (to follow the safe ones), which `openat2` cannot do, and one code path is easier to
 //! audit than two.
+// Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};

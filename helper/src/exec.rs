@@ -21,6 +21,8 @@
 //! Preemption (a new recipe while a state runs) cancels the running command, except a
 //! program that must not be cut in half ([`must_finish`]: package managers, mkfs, LVM
 //! and RAID tools, version control): it runs to its end, bounded by its own timeout.
+// Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -510,7 +512,7 @@ fn tail_suffix(output: &str) -> String {
 /// The last `n` non-blank lines of `output`, joined with " | ".
 pub fn last_lines(output: &str, n: usize) -> String {
     let lines: Vec<&str> = output.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
+    lines.get(lines.len().saturating_sub(n)..).unwrap_or_default().join(" | ")
 }
 
 pub fn describe_exit(exit: &Exit) -> String {
@@ -545,7 +547,7 @@ pub(crate) async fn collect(mut pipe: tokio::net::unix::pipe::Receiver, out: Arc
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 if let Ok(mut o) = out.lock() {
-                    o.push(&buf[..n]);
+                    o.push(buf.get(..n).unwrap_or_default());
                 }
             }
         }
@@ -647,7 +649,7 @@ impl CappedOutput {
             let skip = data.len() - self.half;
             self.cut += (self.tail.len() + skip) as u64;
             self.tail.clear();
-            data = &data[skip..];
+            data = data.get(skip..).unwrap_or_default();
         }
         self.tail.extend(data);
         if self.tail.len() > self.half {

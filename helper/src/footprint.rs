@@ -7,6 +7,8 @@
 //! ([`crate::policy`]) decides from footprints alone; it never looks at a module's
 //! parameters itself. A footprint errs on the side of naming too much: what it leaves
 //! out, no policy can refuse.
+// Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::newtypes::{AbsPath, UnitName};
@@ -596,12 +598,9 @@ pub fn mount_kind(device: &str, filesystem: &str, opts: &str) -> MountKind {
         // tmpfs, proc, `host:/export`: no local backing file.
         return virtual_or_loop(device);
     }
-    let under_dev = AbsPath::parse(device).is_ok_and(|d| {
-        d.starts_with(&AbsPath::parse("/dev").expect("/dev is absolute"))
-            && !["/dev/shm", "/dev/mqueue", "/dev/pts"]
-                .iter()
-                .any(|w| d.starts_with(&AbsPath::parse(w).expect("an absolute path")))
-    });
+    let under = |d: &AbsPath, dir: &str| AbsPath::parse(dir).is_ok_and(|dir| d.starts_with(&dir));
+    let under_dev = AbsPath::parse(device)
+        .is_ok_and(|d| under(&d, "/dev") && !["/dev/shm", "/dev/mqueue", "/dev/pts"].iter().any(|w| under(&d, w)));
     // A device that is there must be a block device; one that is missing will fail
     // the mount, whatever the policy says.
     let block = std::fs::metadata(device).map_or(true, |m| {

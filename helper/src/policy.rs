@@ -77,6 +77,8 @@
 //! outside it). They assume that the allowed trees are not writable by untrusted users:
 //! such a user could swap a directory for a link between the check and the write. A
 //! path of a footprint that does not parse as an absolute path is refused.
+// Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -6,6 +6,8 @@
 //! `Apply` runs, a separate task keeps reading frames, so that a `Cancel` (or the
 //! connection closing) reaches the running state at once; a state is never dropped
 //! half-way: it is told to stop and answers for itself.
+// Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

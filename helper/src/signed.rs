@@ -16,6 +16,8 @@
 //! verified recipe, refuse to download, cancel. What it cannot: run a state (or a
 //! parameter) the backend did not sign, or run a download the signed state does not pin
 //! by sha256.
+// Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -257,7 +259,8 @@ impl SignedStore {
     /// One file per app (named by a hash of the app id): the highest version verified
     /// for an app survives a change of `app_id` and back.
     fn file_name(&self) -> String {
-        format!("app-{}.json", hex::encode(&Sha256::digest(self.trust.app_id.as_bytes())[..16]))
+        let digest = Sha256::digest(self.trust.app_id.as_bytes());
+        format!("app-{}.json", hex::encode(digest.get(..16).unwrap_or(&digest)))
     }
 
     fn read_kept(&self) -> Result<Option<(RecipeUpload, u64)>, String> {

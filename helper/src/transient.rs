@@ -32,6 +32,8 @@
 //! When the helper stops (upgrade, SIGTERM) while a unit runs, the unit is not stopped:
 //! it finishes on its own, bounded by `RuntimeMaxSec`, which is what a package manager
 //! half-way through needs.
+// Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};

@@ -2,6 +2,8 @@
 //! `opsagent-upgrade`: installs the release the daemon staged (see the `upgrade` module
 //! of the helper library). Run as root by `opsagent-upgrade.service`, by the cron
 //! supervisor, or through `opsagent upgrade`.
+// Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

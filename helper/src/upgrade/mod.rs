@@ -20,6 +20,8 @@
 //! 6. on success keep the previous release (for a manual roll-back) and prune the rest.
 //!
 //! Every run leaves a [`Record`] for the daemon in `<state_dir>/upgrade/result.json`.
+// Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 pub mod conf;
 pub mod control;
