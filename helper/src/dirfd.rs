@@ -63,6 +63,10 @@ pub enum WalkError {
     Symlink(PathBuf),
     #[error("{0} changed while it was being opened; refusing to act on it")]
     Changed(PathBuf),
+    #[error(
+        "{path} can be changed by {writer}, who could swap it (or a directory in it) for a link while root works there"
+    )]
+    NotRootControlled { path: PathBuf, writer: String },
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(Errno) -> WalkError {
@@ -401,6 +405,21 @@ impl Dir {
         set_attrs(self.fd.as_fd(), &self.path, uid, gid, mode)
     }
 
+    /// `Ok` when nobody but root can change this directory, its entries or any
+    /// directory on the way to it: a tool root runs here *by name* (a working directory
+    /// or an argument of `git`, `python -m venv`) then meets what the helper checked.
+    /// Otherwise the error names the first directory someone else controls, and who.
+    pub fn root_controlled(&self) -> Result<(), WalkError> {
+        if let Err((path, writer)) = &self.trusted {
+            return Err(WalkError::NotRootControlled { path: path.clone(), writer: writer.clone() });
+        }
+        // Not an entry root owns: the sticky bit does not stop others adding entries.
+        match self.meta()?.writer_besides_root(u32::MAX) {
+            Some(writer) => Err(WalkError::NotRootControlled { path: self.path.clone(), writer }),
+            None => Ok(()),
+        }
+    }
+
     /// Whether a child directory owned by `uid` keeps the chain trusted: this chain is,
     /// nobody but root can replace the entry, and root owns the child.
     fn child_trust(&self, path: &Path, uid: u32) -> Result<Result<(), (PathBuf, String)>, WalkError> {
@@ -544,6 +563,22 @@ pub fn resolve(
                 },
             },
         }
+    }
+}
+
+/// [`Dir::root_controlled`] for the directory `path`, which need not exist yet: then the
+/// deepest directory on the way that exists must be root-controlled, since a tool
+/// creating the rest as root creates it where only root could have put anything. Links
+/// on the way are followed under the module's rule (an unsafe one is an error naming it).
+pub fn root_controlled(path: &Path) -> Result<(), WalkError> {
+    match resolve(path, Last::Follow, None, &mut |_, _| {}) {
+        Ok(Resolved { parent, name: None }) => parent.root_controlled(),
+        Ok(Resolved { parent, name: Some(name) }) => match parent.subdir(&name)? {
+            Some(dir) => dir.root_controlled(),
+            None => parent.root_controlled(),
+        },
+        Err(WalkError::Missing(missing)) => root_controlled(missing.parent().unwrap_or(Path::new("/"))),
+        Err(e) => Err(e),
     }
 }
 

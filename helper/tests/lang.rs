@@ -357,3 +357,62 @@ async fn virtualenv_is_created_and_follows_its_requirements_file() {
         assert!(out.comment.starts_with("virtualenv is not installed"), "{}", out.comment);
     }
 }
+
+/// The owner of a directory where root keeps a virtualenv (`www-data` in `/var/www`)
+/// plants what root then runs or writes through: an environment of their own whose
+/// `bin/python` root's pip would run, and a link to root's directory.
+#[tokio::test]
+async fn virtualenv_as_root_refuses_a_place_another_user_controls() {
+    if !nix::unistd::geteuid().is_root() {
+        common::skip("virtualenv_as_root_refuses_a_place_another_user_controls: SKIPPED, needs root");
+        return;
+    }
+    use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
+    const NOBODY: u32 = 65534;
+    // Under /, root's: the requirements file passes root's own check, so only `path` is
+    // in question.
+    let base = tempfile::Builder::new().prefix(".opsagent-test-venv-planted").tempdir_in("/").unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let req = base.path().join("requirements.txt");
+    std::fs::write(&req, "six==1.16.0\n").unwrap();
+    let victim = base.path().join("etc");
+    std::fs::create_dir(&victim).unwrap();
+    let www = base.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    chown(&www, Some(NOBODY), Some(NOBODY)).unwrap();
+    let marker = base.path().join("ran-as-root");
+
+    // An environment the other user made, complete on the surface.
+    let venv = www.join("venv");
+    std::fs::create_dir_all(venv.join("bin")).unwrap();
+    std::fs::write(venv.join("pyvenv.cfg"), "home = /usr/bin\n").unwrap();
+    let script = format!("#!/bin/sh\nid -u > {}\n", marker.display());
+    for tool in ["python", "pip"] {
+        std::fs::write(venv.join("bin").join(tool), &script).unwrap();
+        std::fs::set_permissions(venv.join("bin").join(tool), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for p in [&venv, &venv.join("bin"), &venv.join("pyvenv.cfg"), &venv.join("bin/python"), &venv.join("bin/pip")] {
+        chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    // And a link to root's directory, where python -m venv would build as root.
+    let sub = www.join("sub");
+    symlink(&victim, &sub).unwrap();
+    lchown(&sub, Some(NOBODY), Some(NOBODY)).unwrap();
+
+    let state_dir = base.path().join("state");
+    let id = StateId::parse("state-venv-planted").unwrap();
+    for (path, why) in [
+        (venv.clone(), format!("{} can be changed by uid {NOBODY}", www.display())),
+        (sub.join("venv"), format!("{}: a symbolic link in a directory writable by uid {NOBODY}", sub.display())),
+    ] {
+        let p: opsagent_proto::catalogue::CommonVirtualenv = typed(
+            "common.virtualenv",
+            json!({"path": path.to_str().unwrap(), "requirements-file": req.to_str().unwrap()}),
+        );
+        let out = virtualenv::apply(&p, &id, &state_dir, Cancel::never()).await;
+        assert!(!out.result && out.changes.is_empty(), "{out:?}");
+        assert!(out.comment.starts_with("parameter path: ") && out.comment.contains(&why), "{out:?}");
+    }
+    assert!(!marker.exists(), "root ran the other user's bin/python");
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0, "root built a virtualenv through the link");
+}

@@ -459,6 +459,115 @@ async fn git_existing_paths_that_are_not_clones() {
     assert_eq!(read(&file), "data\n");
 }
 
+/// A directory another user owns, where a checkout as root would sit (`/var/www` of
+/// `www-data`), and a root-owned "victim" with content (standing in for `/etc`).
+struct Planted {
+    _base: tempfile::TempDir,
+    www: PathBuf,
+    victim: PathBuf,
+}
+
+impl Planted {
+    fn new() -> Self {
+        let base = open_tempdir();
+        let www = base.path().join("www");
+        std::fs::create_dir(&www).unwrap();
+        std::os::unix::fs::chown(&www, Some(NOBODY_UID), Some(NOBODY_UID)).unwrap();
+        let victim = base.path().join("etc");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("shadow"), "root's\n").unwrap();
+        Self { _base: base, www, victim }
+    }
+
+    /// `www/NAME` -> the victim, planted (and owned) by the other user.
+    fn link(&self, name: &str) -> PathBuf {
+        let link = self.www.join(name);
+        std::os::unix::fs::symlink(&self.victim, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(NOBODY_UID), Some(NOBODY_UID)).unwrap();
+        link
+    }
+
+    fn victim_untouched(&self) {
+        let names: Vec<_> = std::fs::read_dir(&self.victim).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["shadow"], "root's directory was changed through the planted link");
+        assert_eq!(read(&self.victim.join("shadow")), "root's\n");
+    }
+}
+
+#[tokio::test]
+async fn vcs_as_root_never_follows_a_link_planted_by_another_user() {
+    if !is_root() {
+        common::skip("vcs_as_root_never_follows_a_link_planted_by_another_user: SKIPPED, needs root");
+        return;
+    }
+    need("git", "git");
+    let up = GitUpstream::new("main");
+    let scene = Planted::new();
+    // The owner of www replaces the checkout with a link to root's directory: with
+    // force, root's git would empty that directory and clone into it.
+    let app = scene.link("app");
+    let out = git_state(json!({"path": app, "repo": up.path_url(), "revision": "main", "force": true})).await;
+    assert!(!out.result && out.changes.is_empty(), "{out:?}");
+    assert!(
+        out.comment
+            .contains(&format!("{}: a symbolic link in a directory writable by uid {NOBODY_UID}", app.display())),
+        "{out:?}"
+    );
+    scene.victim_untouched();
+    // A link further up the way (`www/sub/app`) is refused the same way, for every tool.
+    let sub = scene.link("sub");
+    let deeper = sub.join("app");
+    let out = git_state(json!({"path": deeper, "repo": up.path_url(), "revision": "main"})).await;
+    assert!(!out.result && out.comment.contains("refusing to follow it"), "{out:?}");
+    let out = hg_state(json!({"path": deeper, "repo": "/nonexistent/hg", "force": true})).await;
+    assert!(!out.result && out.comment.contains("refusing to follow it"), "{out:?}");
+    let out = svn_state(json!({"path": deeper, "repo": "file:///nonexistent/svn", "force": true})).await;
+    assert!(!out.result && out.comment.contains("refusing to follow it"), "{out:?}");
+    scene.victim_untouched();
+}
+
+#[tokio::test]
+async fn vcs_as_root_refuses_a_checkout_another_user_could_swap() {
+    if !is_root() {
+        common::skip("vcs_as_root_refuses_a_checkout_another_user_could_swap: SKIPPED, needs root");
+        return;
+    }
+    need("git", "git");
+    let up = GitUpstream::new("main");
+    let scene = Planted::new();
+    // A real root-owned directory, but in www: its owner can rename it away and put a
+    // link in its place between the helper's check and git's run (root clones by name).
+    let app = scene.www.join("app");
+    std::fs::create_dir(&app).unwrap();
+    std::fs::write(app.join("index.html"), "old\n").unwrap();
+    let out = git_state(json!({"path": app, "repo": up.path_url(), "revision": "main", "force": true})).await;
+    assert!(!out.result && out.changes.is_empty(), "{out:?}");
+    assert_eq!(
+        out.comment,
+        format!(
+            "git would run as root in {}, but {} can be changed by uid {NOBODY_UID}, who could swap it (or a directory \
+             in it) for a link while root works there; set `user` to the owner of that directory, or keep the \
+             checkout where only root writes",
+            app.display(),
+            scene.www.display()
+        )
+    );
+    assert_eq!(read(&app.join("index.html")), "old\n", "force emptied a checkout it then refused");
+    // Missing: created (by descriptor) and refused before git runs.
+    let fresh = scene.www.join("fresh");
+    let out = git_state(json!({"path": fresh, "repo": up.path_url(), "revision": "main"})).await;
+    assert!(!out.result && out.comment.starts_with("git would run as root in"), "{out:?}");
+    assert!(!fresh.join(".git").exists());
+    // As the directory's owner instead, git runs with only that user's rights: no refusal
+    // of the kind (git_runs_as_the_given_user shows such a clone through).
+    let own = scene.www.join("own");
+    std::fs::create_dir(&own).unwrap();
+    std::os::unix::fs::chown(&own, Some(NOBODY_UID), Some(NOBODY_UID)).unwrap();
+    let out = git_state(json!({"path": own, "repo": up.path_url(), "revision": "main", "user": "nobody"})).await;
+    assert!(!out.comment.contains("would run as root"), "{out:?}");
+    scene.victim_untouched();
+}
+
 #[tokio::test]
 async fn git_bad_parameters_fail_clearly() {
     let up = GitUpstream::new("main");

@@ -22,6 +22,9 @@
 //!   the watch mechanism's naming). Packages removed from the environment by hand are
 //!   therefore not reinstalled until the file changes. The changes list the packages
 //!   that pip installed, upgraded or removed, with versions.
+//! - `path`, and every directory on the way to it, must be root's and writable by nobody
+//!   else ([`crate::dirfd::root_controlled`]): the tools run as root and take the path by
+//!   name.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -145,6 +148,13 @@ async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, ru
     if path.is_root() {
         return Err(LangError::Param { param: "path", problem: "/ cannot be a virtualenv".into() });
     }
+    // Python and later pip run as root on `path` by name: whoever could change it, or a
+    // directory on the way, could swap in a link to where root's files should land, or
+    // plant the `bin/python` that root's pip then runs. Only a place root alone controls.
+    crate::dirfd::root_controlled(path.as_path()).map_err(|e| LangError::Param {
+        param: "path",
+        problem: format!("{e}; the virtualenv is built and used as root, so only where nobody else can write"),
+    })?;
     let requirements = optional(p.requirements_file.as_ref())
         .map(|r| AbsPath::parse(r).map_err(|source| LangError::Path { param: "requirements-file", source }))
         .transpose()?;

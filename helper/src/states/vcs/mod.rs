@@ -23,6 +23,14 @@
 //!   module sets its tool's non-interactive switches. Cancelling kills the tool's
 //!   process group ([`crate::exec`]).
 //!
+//! Root and links: the helper itself reaches `path` only by descriptor (links on the way
+//! followed under [`crate::dirfd`]'s rule), but the tools take it by name. When the tool
+//! runs as root, `path` and every directory on the way to it must therefore be root's and
+//! writable by nobody else ([`dirfd::root_controlled`]): otherwise whoever can write there
+//! could swap the checkout for a link between the helper's check and the tool's run, and
+//! root's clone (or `force`'s emptying) would land where they chose. A tool running as
+//! another user only ever has that user's rights.
+//!
 //! A credential written into a repository URL (`https://user:token@host/…`) has to
 //! reach the tool on its command line; it is masked in the state's messages, but
 //! `ssh-key-file`, svn's `username`/`password`, or a credential helper in the user's
@@ -33,9 +41,6 @@ pub mod hg;
 pub mod svn;
 
 use std::ffi::OsString;
-use std::fs;
-use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,6 +49,7 @@ use opsagent_proto::newtypes::{AbsPath, InvalidValue};
 use opsagent_proto::request::{Change, Outcome};
 
 use crate::cancel::Cancel;
+use crate::dirfd::{self, Dir, Last, WalkError};
 use crate::exec::{self, CommandSpec, Finished, ToolError, BASE_PATH, TOOL_TIMEOUT};
 use crate::fsutil::{self, kind_of, FsError};
 use crate::identity::{self, IdentityError};
@@ -70,6 +76,11 @@ pub enum VcsError {
     MissingTool(#[from] MissingTool),
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(
+        "{tool} would run as root in {path}, but {source}; set `user` to the owner of that directory, or keep the \
+         checkout where only root writes"
+    )]
+    NotRootControlled { tool: &'static str, path: AbsPath, source: WalkError },
     #[error("{path} exists and is {found}, not a directory; a checkout cannot go there (force does not replace it)")]
     NotADirectory { path: AbsPath, found: &'static str },
     #[error(
@@ -278,42 +289,67 @@ pub enum Existing {
     },
 }
 
-/// Looks at `path`: a link to a directory counts as that directory (checkouts often
-/// live behind one); anything else than a directory is refused, and so is a directory
-/// that `uid` does not own.
+/// Looks at `path`, by descriptor: a link to a directory counts as that directory
+/// (checkouts often live behind one) when [`crate::dirfd`]'s rule lets it be followed;
+/// anything else than a directory is refused, and so is a directory that `uid` does not
+/// own, or one another user could swap under a tool that runs as root.
 pub fn inspect(path: &AbsPath, marker: &str, runner: &Runner) -> Result<Existing, VcsError> {
-    let meta = match fs::metadata(path.as_path()) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            // A dangling link is "missing" to metadata(), but is not ours to replace.
-            return match fsutil::lstat(path.as_path())? {
-                Some(m) => Err(VcsError::NotADirectory { path: path.clone(), found: kind_of(m.file_type()) }),
-                None => Ok(Existing::Missing),
-            };
-        }
-        Err(e) => return Err(fsutil::io_err(path.as_path(), "inspect")(e).into()),
+    let Some(dir) = open_checkout(path)? else {
+        return Ok(Existing::Missing);
     };
-    if !meta.is_dir() {
-        return Err(VcsError::NotADirectory { path: path.clone(), found: kind_of(meta.file_type()) });
-    }
-    if meta.uid() != runner.uid.as_raw() {
+    let meta = dir.meta().map_err(FsError::from)?;
+    if meta.uid != runner.uid.as_raw() {
         return Err(VcsError::Owner {
             path: path.clone(),
-            owner: meta.uid(),
+            owner: meta.uid,
             tool: runner.tool,
             user: runner.user.clone(),
             uid: runner.uid.as_raw(),
         });
     }
+    guard(&dir, path, runner)?;
     let mut entries = 0;
-    for entry in fs::read_dir(path.as_path()).map_err(fsutil::io_err(path.as_path(), "list"))? {
-        let entry = entry.map_err(fsutil::io_err(path.as_path(), "list"))?;
-        if entry.file_name() == marker {
+    for (name, _) in dir.entries().map_err(FsError::from)? {
+        if name == marker {
             return Ok(Existing::Checkout);
         }
         entries += 1;
     }
     Ok(if entries == 0 { Existing::Empty } else { Existing::Other { entries } })
+}
+
+/// The directory at `path`, opened under the link rule; `None` if nothing is there.
+fn open_checkout(path: &AbsPath) -> Result<Option<Dir>, VcsError> {
+    let resolved = match dirfd::resolve(path.as_path(), Last::Follow, None, &mut |_, _| {}) {
+        Ok(r) => r,
+        Err(WalkError::Missing(_)) => return Ok(None),
+        Err(e) => return Err(FsError::from(e).into()),
+    };
+    let Some(name) = &resolved.name else {
+        return Err(VcsError::Param { param: "path", problem: "/ cannot be a checkout directory".into() });
+    };
+    match resolved.parent.subdir(name) {
+        Ok(Some(dir)) => Ok(Some(dir)),
+        Ok(None) => match fsutil::lstat(path.as_path())? {
+            // A dangling link is "missing" once followed, but is not ours to replace.
+            Some(m) => Err(VcsError::NotADirectory { path: path.clone(), found: kind_of(m.file_type()) }),
+            None => Ok(None),
+        },
+        Err(WalkError::NotADirectory { found, .. }) => Err(VcsError::NotADirectory { path: path.clone(), found }),
+        Err(e) => Err(FsError::from(e).into()),
+    }
+}
+
+/// A tool running as root takes `path` by name: only where nobody else can change it.
+fn guard(dir: &Dir, path: &AbsPath, runner: &Runner) -> Result<(), VcsError> {
+    if !runner.uid.is_root() {
+        return Ok(());
+    }
+    dir.root_controlled().map_err(|source| VcsError::NotRootControlled {
+        tool: runner.tool,
+        path: path.clone(),
+        source,
+    })
 }
 
 /// Makes `path` an empty directory owned by the runner's user, ready for a clone:
@@ -331,7 +367,9 @@ pub fn prepare(
         Existing::Empty => Ok(true),
         Existing::Missing => {
             fsutil::ensure_parent(&path.parent(), changes)?;
-            fsutil::create_dirs(path, fsutil::PARENT_DIR_MODE, (runner.uid, runner.gid), changes)?;
+            let dir =
+                fsutil::create_dir_all(path.as_path(), fsutil::PARENT_DIR_MODE, (runner.uid, runner.gid), changes)?;
+            guard(&dir, path, runner)?;
             Ok(true)
         }
         Existing::Other { entries } if !force => {
@@ -341,7 +379,9 @@ pub fn prepare(
             if path.as_path().components().count() - 1 < MIN_COMPONENTS_TO_EMPTY {
                 return Err(VcsError::TooShallow(path.clone()));
             }
-            empty_dir(path.as_path())?;
+            let dir = open_checkout(path)?.ok_or_else(|| FsError::from(WalkError::Missing(path.as_path().into())))?;
+            guard(&dir, path, runner)?;
+            empty_dir(&dir)?;
             changes.push(Change::new(
                 path.to_string(),
                 format!("content removed ({entries} entries; not a {} checkout, force is set)", runner.tool),
@@ -351,18 +391,11 @@ pub fn prepare(
     }
 }
 
-/// Removes everything inside `dir`. Links inside are removed, never followed
-/// (`remove_dir_all` does not follow them either).
-fn empty_dir(dir: &Path) -> Result<(), FsError> {
-    for entry in fs::read_dir(dir).map_err(fsutil::io_err(dir, "list"))? {
-        let entry = entry.map_err(fsutil::io_err(dir, "list"))?;
-        let p = entry.path();
-        let is_dir = entry.file_type().map_err(fsutil::io_err(&p, "inspect"))?.is_dir();
-        if is_dir {
-            fs::remove_dir_all(&p).map_err(fsutil::io_err(&p, "remove"))?;
-        } else {
-            fs::remove_file(&p).map_err(fsutil::io_err(&p, "remove"))?;
-        }
+/// Removes everything inside the opened `dir`, by descriptor: links inside are removed,
+/// never followed, and a directory renamed meanwhile is still the one emptied.
+fn empty_dir(dir: &Dir) -> Result<(), FsError> {
+    for (entry, _) in dir.entries()? {
+        dir.remove_tree(&entry)?;
     }
     Ok(())
 }
@@ -402,6 +435,7 @@ pub fn short(id: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn url_credentials_are_found_and_masked() {
