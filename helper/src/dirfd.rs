@@ -210,6 +210,30 @@ impl Dir {
         &self.path
     }
 
+    /// Opens the directory `path` as the kernel resolves it, the last component never
+    /// followed, for a caller that answers for the path itself: a path made of a held
+    /// descriptor (`/proc/self/fd/N/name`, see [`Dir::fd_path`]) or one only root could
+    /// have made. Nothing found in it is ever trusted to be followed.
+    pub fn open_given(path: &Path) -> Result<Self, WalkError> {
+        match rustix::fs::open(path, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => Ok(Self {
+                fd,
+                path: path.to_path_buf(),
+                trusted: Err((path.to_path_buf(), "whoever made the path given".to_string())),
+            }),
+            Err(Errno::LOOP) => Err(WalkError::Symlink(path.to_path_buf())),
+            Err(Errno::NOENT) => Err(WalkError::Missing(path.to_path_buf())),
+            Err(e) => Err(io_err(path, "open")(e)),
+        }
+    }
+
+    /// A second descriptor of the same directory.
+    pub fn try_clone(&self) -> Result<Self, WalkError> {
+        let fd =
+            self.fd.try_clone().map_err(|source| WalkError::Io { path: self.path.clone(), op: "duplicate", source })?;
+        Ok(Self { fd, path: self.path.clone(), trusted: self.trusted.clone() })
+    }
+
     pub fn join(&self, name: &OsStr) -> PathBuf {
         self.path.join(name)
     }
@@ -337,6 +361,13 @@ impl Dir {
     /// Moves `from` (an entry of `src`) to `to` in this directory.
     pub fn rename_from(&self, src: &Dir, from: &OsStr, to: &OsStr) -> Result<(), WalkError> {
         rustix::fs::renameat(&src.fd, from, &self.fd, to).map_err(io_err(&self.join(to), "move into place"))
+    }
+
+    /// The hard link `to` in this directory of the entry `from` of `src` (never through
+    /// a link: `linkat` without `AT_SYMLINK_FOLLOW` links a link itself).
+    pub fn hard_link_from(&self, src: &Dir, from: &OsStr, to: &OsStr) -> Result<(), WalkError> {
+        rustix::fs::linkat(&src.fd, from, &self.fd, to, AtFlags::empty())
+            .map_err(io_err(&self.join(to), "create the hard link"))
     }
 
     /// Removes the non-directory `name` (a link itself, never its target).

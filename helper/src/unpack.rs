@@ -8,8 +8,12 @@
 //!
 //! Threat model: the *archive* is untrusted, the destination is not shared. Callers
 //! unpack into a fresh private temporary directory (root-owned, 0700) and move the
-//! result into place; paths inside `dest` are then only ever changed by this code, so
-//! walking them component by component with `lstat` (never following a link) is enough.
+//! result into place. `dest` is opened once and everything happens relative to that
+//! descriptor, one component at a time (`openat(O_NOFOLLOW)`, `mkdirat`, `symlinkat`,
+//! `linkat`, `unlinkat`, `fchown`/`fchmod` on what was opened; [`crate::dirfd`]): a
+//! directory on the way to `dest`, or `dest` itself, renamed or swapped for a link
+//! while the unpack runs, changes nothing of where entries land, and no path below
+//! `dest` is ever resolved by name from the top again.
 //! A failed unpack may leave a partial `dest` behind: callers remove the temporary
 //! directory on error and never rename a partial tree into place.
 //!
@@ -22,12 +26,14 @@
 // Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use nix::fcntl::OFlag;
+use crate::dirfd::{self, Dir, NewDirs, WalkError};
+use rustix::fs::FileType;
 
 /// Mode of a file whose archive entry carries none (zip written on Windows).
 const DEFAULT_FILE_MODE: u32 = 0o644;
@@ -169,6 +175,8 @@ pub enum UnpackError {
     TooManyEntries { limit: u64 },
     #[error("entry {entry:?}: the archive unpacks to more than the {free} bytes free for unprivileged use on the target file system")]
     NoRoom { entry: String, free: u64 },
+    #[error(transparent)]
+    Walk(#[from] WalkError),
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> UnpackError {
@@ -186,22 +194,23 @@ pub fn unpack(
     limits: &Limits,
     owner: Option<(u32, u32)>,
 ) -> Result<Unpacked, UnpackError> {
-    let meta = fs::symlink_metadata(dest).map_err(io_err(dest, "inspect"))?;
-    if !meta.is_dir() {
-        return Err(UnpackError::NotADirectory {
-            entry: String::new(),
-            path: dest.display().to_string(),
-            found: kind_of(meta.file_type()),
-        });
-    }
+    let dest_dir = match Dir::open_given(dest) {
+        Ok(d) => d,
+        Err(WalkError::Symlink(_) | WalkError::Io { .. }) if fs::symlink_metadata(dest).is_ok_and(|m| !m.is_dir()) => {
+            let found = fs::symlink_metadata(dest).map_or("gone", |m| crate::fsutil::kind_of(m.file_type()));
+            return Err(UnpackError::NotADirectory { entry: String::new(), path: dest.display().to_string(), found });
+        }
+        Err(e) => return Err(e.into()),
+    };
     // What unprivileged users may still write there: root's reserve stays untouched, so
     // an archive cannot fill the file system the host needs to keep running.
-    let vfs = nix::sys::statvfs::statvfs(dest).map_err(|e| io_err(dest, "measure the free space of")(e.into()))?;
+    let vfs =
+        nix::sys::statvfs::fstatvfs(&dest_dir).map_err(|e| io_err(dest, "measure the free space of")(e.into()))?;
     #[allow(clippy::useless_conversion)] // fsblkcnt_t and c_ulong are narrower on 32-bit targets
     let room = u64::from(vfs.blocks_available()).saturating_mul(u64::from(vfs.fragment_size()));
     let file = File::open(archive).map_err(io_err(archive, "open"))?;
     let mut x = Extractor {
-        dest: dest.to_path_buf(),
+        dest: dest_dir,
         limits: *limits,
         room,
         owner: owner.unwrap_or((0, 0)),
@@ -228,15 +237,16 @@ enum Kind {
 }
 
 struct Extractor {
-    dest: PathBuf,
+    /// The destination, held: every entry is reached from this descriptor.
+    dest: Dir,
     limits: Limits,
     /// Bytes free for unprivileged use on `dest`'s file system when the unpack began.
     room: u64,
     owner: (u32, u32),
     done: Unpacked,
-    /// Directories get their archive mode at the end: a read-only directory created
-    /// early would refuse its own children.
-    dir_modes: Vec<(PathBuf, u32)>,
+    /// Directories (as components below `dest`) get their archive mode at the end: a
+    /// read-only directory created early would refuse its own children.
+    dir_modes: Vec<(Vec<PathBuf>, u32)>,
 }
 
 impl Extractor {
@@ -334,27 +344,25 @@ impl Extractor {
             return Ok(());
         };
         let parent = self.ensure_parents(parents, shown)?;
-        let path = parent.join(last);
+        let last = last.as_os_str();
         match kind {
-            Kind::Dir { mode } => self.dir(&path, shown, mode)?,
+            Kind::Dir { mode } => self.dir(&parent, &parts, shown, mode)?,
             Kind::File { mode, declared } => {
                 self.check_size(shown, declared)?;
-                self.clear(&path, shown)?;
-                self.file(&path, shown, mode, data)?;
+                clear(&parent, last, &parts, shown)?;
+                self.file(&parent, last, shown, mode, data)?;
             }
             Kind::Symlink { target } => {
                 let target_shown = String::from_utf8_lossy(&target).into_owned();
                 check_symlink_target(&target, parents.len(), shown, &target_shown)?;
-                self.clear(&path, shown)?;
-                std::os::unix::fs::symlink(Path::new(&bytes_to_os(&target)), &path)
-                    .map_err(io_err(&path, "create the symbolic link"))?;
-                std::os::unix::fs::lchown(&path, Some(self.owner.0), Some(self.owner.1))
-                    .map_err(io_err(&path, "change the owner of"))?;
+                clear(&parent, last, &parts, shown)?;
+                parent.symlink(Path::new(&bytes_to_os(&target)), last)?;
+                parent.chown_entry(last, self.owner.0, self.owner.1)?;
             }
             Kind::HardLink { target } => {
-                let source = self.hard_link_source(&target, shown)?;
-                self.clear(&path, shown)?;
-                fs::hard_link(&source, &path).map_err(io_err(&path, "create the hard link"))?;
+                let (src, src_name) = self.hard_link_source(&target, shown)?;
+                clear(&parent, last, &parts, shown)?;
+                parent.hard_link_from(&src, &src_name, last)?;
             }
         }
         self.done.entries += 1;
@@ -384,77 +392,69 @@ impl Extractor {
         Ok(())
     }
 
-    /// Walks (and creates) the directories leading to an entry, one component at a
-    /// time, refusing any link or non-directory on the way.
-    fn ensure_parents(&mut self, parents: &[PathBuf], entry: &str) -> Result<PathBuf, UnpackError> {
-        let mut cur = self.dest.clone();
-        for part in parents {
-            cur.push(part);
-            match lstat(&cur)? {
-                Some(m) if m.file_type().is_symlink() => {
-                    return Err(UnpackError::ThroughSymlink { entry: entry.into(), link: self.shown(&cur) });
+    /// Opens (and creates) the directories leading to an entry, one component at a
+    /// time from `dest`'s descriptor, refusing any link or non-directory on the way.
+    fn ensure_parents(&mut self, parents: &[PathBuf], entry: &str) -> Result<Dir, UnpackError> {
+        let mut cur = self.dest.try_clone()?;
+        for (i, part) in parents.iter().enumerate() {
+            let upto = parents.get(..=i).unwrap_or(parents);
+            let name = part.as_os_str();
+            cur = match cur.stat(name)? {
+                Some(m) if m.kind == FileType::Symlink => {
+                    return Err(UnpackError::ThroughSymlink { entry: entry.into(), link: shown_of(upto) });
                 }
-                Some(m) if m.is_dir() => {}
+                Some(m) if m.is_dir() => open_sub(&cur, name, upto, entry)?,
                 Some(m) => {
                     return Err(UnpackError::NotADirectory {
                         entry: entry.into(),
-                        path: self.shown(&cur),
-                        found: kind_of(m.file_type()),
+                        path: shown_of(upto),
+                        found: dirfd::kind_of(m.kind),
                     })
                 }
-                None => self.make_dir(&cur, DEFAULT_DIR_MODE)?,
-            }
+                None => self.make_dir(&cur, name, upto, DEFAULT_DIR_MODE)?,
+            };
         }
         Ok(cur)
     }
 
-    fn make_dir(&mut self, path: &Path, mode: u32) -> Result<(), UnpackError> {
-        fs::DirBuilder::new().mode(0o700).create(path).map_err(io_err(path, "create the directory"))?;
-        let f = open_nofollow(path, true)?;
-        std::os::unix::fs::fchown(&f, Some(self.owner.0), Some(self.owner.1))
-            .map_err(io_err(path, "change the owner of"))?;
-        self.dir_modes.push((path.to_path_buf(), mode));
-        Ok(())
+    /// A new directory, private (0700) and owned by `owner` from the start; its mode is
+    /// set at the end.
+    fn make_dir(&mut self, parent: &Dir, name: &OsStr, parts: &[PathBuf], mode: u32) -> Result<Dir, UnpackError> {
+        let made = parent.mkdir(name, NewDirs { mode: 0o700, uid: self.owner.0, gid: self.owner.1 })?;
+        self.dir_modes.push((parts.to_vec(), mode));
+        Ok(made)
     }
 
-    fn dir(&mut self, path: &Path, entry: &str, mode: u32) -> Result<(), UnpackError> {
-        match lstat(path)? {
+    fn dir(&mut self, parent: &Dir, parts: &[PathBuf], entry: &str, mode: u32) -> Result<(), UnpackError> {
+        let name = parts.last().map_or(OsStr::new(""), |p| p.as_os_str());
+        match parent.stat(name)? {
             Some(m) if m.is_dir() => {
-                self.dir_modes.push((path.to_path_buf(), mode));
+                self.dir_modes.push((parts.to_vec(), mode));
                 Ok(())
             }
-            Some(m) if m.file_type().is_symlink() => {
-                Err(UnpackError::ThroughSymlink { entry: entry.into(), link: self.shown(path) })
+            Some(m) if m.kind == FileType::Symlink => {
+                Err(UnpackError::ThroughSymlink { entry: entry.into(), link: shown_of(parts) })
             }
             Some(m) => Err(UnpackError::NotADirectory {
                 entry: entry.into(),
-                path: self.shown(path),
-                found: kind_of(m.file_type()),
+                path: shown_of(parts),
+                found: dirfd::kind_of(m.kind),
             }),
-            None => self.make_dir(path, mode),
+            None => self.make_dir(parent, name, parts, mode).map(drop),
         }
     }
 
-    /// Makes room for a non-directory at `path`: a later entry replaces an earlier one
-    /// (as tar does), and a link there is removed, never followed.
-    fn clear(&self, path: &Path, entry: &str) -> Result<(), UnpackError> {
-        match lstat(path)? {
-            None => Ok(()),
-            Some(m) if m.is_dir() => {
-                Err(UnpackError::ReplacesDirectory { entry: entry.into(), path: self.shown(path) })
-            }
-            Some(_) => fs::remove_file(path).map_err(io_err(path, "replace")),
-        }
-    }
-
-    fn file(&mut self, path: &Path, entry: &str, mode: u32, data: &mut dyn Read) -> Result<(), UnpackError> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-            .open(path)
-            .map_err(io_err(path, "create"))?;
+    fn file(
+        &mut self,
+        parent: &Dir,
+        name: &OsStr,
+        entry: &str,
+        mode: u32,
+        data: &mut dyn Read,
+    ) -> Result<(), UnpackError> {
+        let path = parent.join(name);
+        // O_CREAT | O_EXCL | O_NOFOLLOW, 0600: a fresh file, never one planted meanwhile.
+        let mut f = parent.create_named(name)?;
         // The declared size was checked; the bytes that really come out are checked as
         // they are written (a header may lie, a compressed stream may not end).
         let left_total = self.total_limit().saturating_sub(self.done.bytes);
@@ -466,12 +466,12 @@ impl Extractor {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err(path, "read")(e)),
+                Err(e) => return Err(io_err(&path, "read")(e)),
             };
             written += n as u64;
             if written > cap {
                 drop(f);
-                let _ = fs::remove_file(path);
+                let _ = parent.unlink(name);
                 return Err(if written > self.limits.max_entry_bytes {
                     UnpackError::EntryTooLarge {
                         entry: entry.into(),
@@ -482,59 +482,89 @@ impl Extractor {
                     self.total_error(entry)
                 });
             }
-            f.write_all(buf.get(..n).unwrap_or_default()).map_err(io_err(path, "write"))?;
+            f.write_all(buf.get(..n).unwrap_or_default()).map_err(io_err(&path, "write"))?;
         }
         std::os::unix::fs::fchown(&f, Some(self.owner.0), Some(self.owner.1))
-            .map_err(io_err(path, "change the owner of"))?;
+            .map_err(io_err(&path, "change the owner of"))?;
         // Only the rwx bits: set-id and sticky bits from a downloaded archive are refused
         // silently (root would otherwise install set-uid programs on a stranger's say).
-        f.set_permissions(fs::Permissions::from_mode(mode & 0o777)).map_err(io_err(path, "change the mode of"))?;
+        f.set_permissions(fs::Permissions::from_mode(mode & 0o777)).map_err(io_err(&path, "change the mode of"))?;
         self.done.bytes += written;
         Ok(())
     }
 
-    /// The existing regular file inside `dest` that a hard link entry names.
-    fn hard_link_source(&mut self, target: &[u8], entry: &str) -> Result<PathBuf, UnpackError> {
+    /// The existing regular file inside `dest` that a hard link entry names: the
+    /// directory holding it (opened by descriptor) and its name there.
+    fn hard_link_source(&mut self, target: &[u8], entry: &str) -> Result<(Dir, OsString), UnpackError> {
         let target_shown = String::from_utf8_lossy(target).into_owned();
         let refuse =
             |reason: String| UnpackError::HardLink { entry: entry.to_string(), target: target_shown.clone(), reason };
         let parts = entry_components(target, &target_shown).map_err(|e| refuse(e.to_string()))?;
-        if parts.is_empty() {
+        let Some((last, parents)) = parts.split_last() else {
             return Err(refuse("it names the destination directory".into()));
-        }
-        let mut cur = self.dest.clone();
+        };
+        let mut cur = self.dest.try_clone()?;
         for (i, part) in parts.iter().enumerate() {
-            cur.push(part);
-            let last = i + 1 == parts.len();
-            match lstat(&cur)? {
+            let upto = parts.get(..=i).unwrap_or(&parts);
+            let is_last = i == parents.len();
+            match cur.stat(part.as_os_str())? {
                 None => return Err(refuse("the target is not in the archive (links must follow their target)".into())),
-                Some(m) if m.file_type().is_symlink() => {
-                    return Err(refuse(format!("{} is a symbolic link", self.shown(&cur))))
+                Some(m) if m.kind == FileType::Symlink => {
+                    return Err(refuse(format!("{} is a symbolic link", shown_of(upto))))
                 }
-                Some(m) if last && !m.is_file() => {
-                    return Err(refuse(format!("the target is {}, not a regular file", kind_of(m.file_type()))))
+                Some(m) if is_last && m.kind != FileType::RegularFile => {
+                    return Err(refuse(format!("the target is {}, not a regular file", dirfd::kind_of(m.kind))))
                 }
-                Some(m) if !last && !m.is_dir() => {
-                    return Err(refuse(format!("{} is {}", self.shown(&cur), kind_of(m.file_type()))))
+                Some(m) if !is_last && !m.is_dir() => {
+                    return Err(refuse(format!("{} is {}", shown_of(upto), dirfd::kind_of(m.kind))))
                 }
-                Some(_) => {}
+                Some(_) if is_last => {}
+                Some(_) => cur = open_sub(&cur, part.as_os_str(), upto, entry)?,
             }
         }
-        Ok(cur)
+        Ok((cur, last.as_os_str().to_os_string()))
     }
 
+    /// Gives each directory its archive mode, deepest last-created first, reaching each
+    /// again from `dest`'s descriptor without following anything.
     fn finish_dirs(&mut self) -> Result<(), UnpackError> {
-        for (path, mode) in self.dir_modes.drain(..).rev() {
-            let f = open_nofollow(&path, true)?;
-            f.set_permissions(fs::Permissions::from_mode(mode & 0o777)).map_err(io_err(&path, "change the mode of"))?;
+        for (parts, mode) in std::mem::take(&mut self.dir_modes).into_iter().rev() {
+            let mut cur = self.dest.try_clone()?;
+            for (i, part) in parts.iter().enumerate() {
+                cur = open_sub(&cur, part.as_os_str(), parts.get(..=i).unwrap_or(&parts), "")?;
+            }
+            cur.set_attrs(self.owner.0, self.owner.1, Some(mode & 0o777))?;
         }
         Ok(())
     }
+}
 
-    /// A path inside `dest`, as the archive names it (for messages).
-    fn shown(&self, path: &Path) -> String {
-        path.strip_prefix(&self.dest).unwrap_or(path).display().to_string()
+/// The sub-directory `name` of `parent`, never through a link.
+fn open_sub(parent: &Dir, name: &OsStr, parts: &[PathBuf], entry: &str) -> Result<Dir, UnpackError> {
+    match parent.subdir(name) {
+        Ok(Some(d)) => Ok(d),
+        Ok(None) => Err(WalkError::Changed(parent.join(name)).into()),
+        Err(WalkError::Symlink(_)) => Err(UnpackError::ThroughSymlink { entry: entry.into(), link: shown_of(parts) }),
+        Err(e) => Err(e.into()),
     }
+}
+
+/// Makes room for a non-directory at `name`: a later entry replaces an earlier one (as
+/// tar does), and a link there is removed, never followed.
+fn clear(parent: &Dir, name: &OsStr, parts: &[PathBuf], entry: &str) -> Result<(), UnpackError> {
+    match parent.stat(name)? {
+        None => Ok(()),
+        Some(m) if m.is_dir() => Err(UnpackError::ReplacesDirectory { entry: entry.into(), path: shown_of(parts) }),
+        Some(_) => parent.unlink(name).map_err(|e| match e {
+            WalkError::Io { path, source, .. } => UnpackError::Io { path, op: "replace", source },
+            e => e.into(),
+        }),
+    }
+}
+
+/// A path inside `dest`, as the archive names it (for messages).
+fn shown_of(parts: &[PathBuf]) -> String {
+    parts.iter().collect::<PathBuf>().display().to_string()
 }
 
 fn special(entry: &str, kind: &str) -> UnpackError {
@@ -617,26 +647,6 @@ fn check_symlink_target(target: &[u8], depth: usize, entry: &str, shown: &str) -
         return Err(refuse("it resolves outside the destination"));
     }
     Ok(())
-}
-
-fn lstat(path: &Path) -> Result<Option<fs::Metadata>, UnpackError> {
-    match fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some(m)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err(path, "inspect")(e)),
-    }
-}
-
-fn open_nofollow(path: &Path, directory: bool) -> Result<File, UnpackError> {
-    let mut flags = OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    if directory {
-        flags |= OFlag::O_DIRECTORY;
-    }
-    OpenOptions::new().read(true).custom_flags(flags.bits()).open(path).map_err(io_err(path, "open"))
-}
-
-fn kind_of(ft: fs::FileType) -> &'static str {
-    crate::fsutil::kind_of(ft)
 }
 
 #[cfg(test)]

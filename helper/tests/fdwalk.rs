@@ -158,3 +158,46 @@ fn file_and_parents_never_follow_a_link_swapped_in_on_the_way() {
         assert_eq!(scene.victim_state(), before, "round {round}: the victim changed; outcome {out:?}");
     }
 }
+
+/// A tar of `d0/conf`…`d7/conf` (mode 0640, unlike the victim's 0644) and a file at the
+/// top: wherever one of them lands in the victim, its state shows it.
+fn hostile_free_tar(dir: &Path) -> PathBuf {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(6);
+        h.set_mode(0o640);
+        b.append_data(&mut h, name, &b"pwned\n"[..]).unwrap();
+    };
+    for i in 0..8 {
+        add(&format!("d{i}/conf"));
+    }
+    add("planted");
+    let path = dir.join("release.tar");
+    fs::write(&path, b.into_inner().unwrap()).unwrap();
+    path
+}
+
+/// The unpacker is handed `dest` by path and re-resolved nothing but names below the
+/// held descriptor: a `dest` (here `www/sub`, in a directory the attacker owns) swapped
+/// for a link to the victim between entries changes where nothing lands.
+#[test]
+fn unpack_never_follows_its_destination_swapped_for_a_link() {
+    use opsagent_helper::unpack::{self, ArchiveFormat, Limits};
+    let scene = Scene::new();
+    let before = scene.victim_state();
+    let work = tempfile::tempdir().unwrap();
+    let archive = hostile_free_tar(work.path());
+    let dest = scene.tree.join("sub");
+    let _attacker = scene.attacker();
+    let mut unpacked = 0;
+    for round in 0..ROUNDS {
+        let out = unpack::unpack(&archive, ArchiveFormat::Tar, &dest, &Limits::default(), None);
+        unpacked += usize::from(out.is_ok());
+        assert_eq!(scene.victim_state(), before, "round {round}: the victim changed; unpack {out:?}");
+    }
+    // Rounds that opened `dest` while it was the link fail at once (never followed);
+    // the others unpack whole into the directory they opened.
+    assert!(unpacked > 0, "no unpack of {ROUNDS} succeeded");
+}

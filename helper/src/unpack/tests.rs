@@ -366,7 +366,7 @@ fn bytes_written_are_checked_not_only_the_declared_size() {
     let tmp = tempfile::tempdir().unwrap();
     let limits = Limits { max_entry_bytes: 100, max_total_bytes: 150, max_entries: 10 };
     let mut x = Extractor {
-        dest: tmp.path().to_path_buf(),
+        dest: Dir::open_given(tmp.path()).unwrap(),
         limits,
         room: u64::MAX,
         owner: (0, 0),
