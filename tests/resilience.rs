@@ -24,6 +24,38 @@ fn slow_recipe(work: &Path, tag: &str) -> Value {
     json!({ "state": states })
 }
 
+/// The backend's event log (`--events`), appended to by every backend started on it.
+fn events_of(s: &Setup) -> std::path::PathBuf {
+    s.dir.join("events.jsonl")
+}
+
+/// The backend's arguments: its event log, where it counts the StateLogs it had already
+/// recorded (the statelog holds each record once, whatever the agent sent).
+fn backend_args(s: &Setup) -> Vec<String> {
+    vec!["--events".to_string(), events_of(s).display().to_string()]
+}
+
+/// What the agent really sent, not only what the backend kept: the records the backend
+/// had already recorded once (`statelog_repeated`). An interruption (a backend or a
+/// daemon killed) may leave a record recorded but not yet acknowledged, which the agent
+/// rightly sends again; more than `per_interruption` such repeats per interruption is an
+/// agent that resends what was acknowledged (its spool, on every reconnect).
+fn assert_sent_once(s: &Setup, interruptions: usize, per_interruption: usize) {
+    let logs = read_jsonl(&s.statelog);
+    let repeated: Vec<u64> = read_jsonl(&events_of(s))
+        .iter()
+        .filter(|e| e["event"] == "statelog_repeated")
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    eprintln!("{} StateLogs recorded, {} sent again: {repeated:?}", logs.len(), repeated.len());
+    assert!(
+        repeated.len() <= interruptions * per_interruption,
+        "the agent sent {} StateLogs the backend had already recorded ({repeated:?}) over {interruptions} \
+         interruption(s): more than the ones in flight at each",
+        repeated.len()
+    );
+}
+
 /// Every sequence number 1..=max exactly once: nothing lost, nothing doubled.
 fn assert_exactly_once(statelog: &Path) -> usize {
     let logs = read_jsonl(statelog);
@@ -42,7 +74,9 @@ fn assert_exactly_once(statelog: &Path) -> usize {
 #[test]
 fn a_backend_killed_mid_round_loses_and_doubles_nothing() {
     let s = setup("app-r1", |w| slow_recipe(w, "r1"));
-    let (mut backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &[]);
+    let args = backend_args(&s);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &args);
     let _helper = start_helper(&s.dir, &s.socket);
     let agent = start_agent(&s.dir, port, "app-r1", "i-r1", &s.socket, &["--round-delay", "1"]);
     assert!(wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len() >= 2), "{}", agent.log_text());
@@ -50,7 +84,7 @@ fn a_backend_killed_mid_round_loses_and_doubles_nothing() {
         backend.kill9();
         std::thread::sleep(Duration::from_millis(900));
         let before = read_jsonl(&s.statelog).len();
-        let (b, _) = start_backend_on(&s.dir, &s.recipes, &s.statelog, &format!("127.0.0.1:{port}"), &[]);
+        let (b, _) = start_backend_on(&s.dir, &s.recipes, &s.statelog, &format!("127.0.0.1:{port}"), &args);
         backend = b;
         assert!(
             wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len() >= before + 6),
@@ -60,12 +94,17 @@ fn a_backend_killed_mid_round_loses_and_doubles_nothing() {
     }
     let n = assert_exactly_once(&s.statelog);
     assert!(n >= 12);
+    // Acknowledged records are never sent again: two kills, at most one record each in
+    // flight (written by the dying backend, its acknowledgement lost).
+    assert_sent_once(&s, 2, 1);
 }
 
 #[test]
 fn a_daemon_killed_with_sigkill_mid_round_resumes_with_its_spool_intact() {
     let s = setup("app-r2", |w| slow_recipe(w, "r2"));
-    let (_backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &[]);
+    let backend_args = backend_args(&s);
+    let backend_args: Vec<&str> = backend_args.iter().map(String::as_str).collect();
+    let (_backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &backend_args);
     let _helper = start_helper(&s.dir, &s.socket);
     let args = ["--round-delay", "1"];
     let mut agent = start_agent(&s.dir, port, "app-r2", "i-r2", &s.socket, &args);
@@ -87,6 +126,9 @@ fn a_daemon_killed_with_sigkill_mid_round_resumes_with_its_spool_intact() {
         agent.log_text()
     );
     assert_exactly_once(&s.statelog);
+    // Three SIGKILLs: each may cut between the acknowledgement and its removal from
+    // the spool, and between a send and its acknowledgement.
+    assert_sent_once(&s, 3, 2);
     // The restarted daemon resumed the persisted recipe rather than waiting for nothing.
     assert!(agent.log_text().contains("resuming the persisted recipe"), "{}", agent.log_text());
 }
@@ -144,7 +186,9 @@ fn a_daemon_restarted_while_the_backend_is_down_applies_offline_and_reports_late
             "parameter": {"cmd": "echo run >> runs", "cwd": w.display().to_string()}}]})
     });
     let runs = || std::fs::read_to_string(s.work.join("runs")).unwrap_or_default().lines().count();
-    let (mut backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &[]);
+    let b_args = backend_args(&s);
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let (mut backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &b_args);
     let _helper = start_helper(&s.dir, &s.socket);
     let args = ["--round-delay", "1"];
     let mut agent = start_agent(&s.dir, port, "app-r4", "i-r4", &s.socket, &args);
@@ -163,7 +207,7 @@ fn a_daemon_restarted_while_the_backend_is_down_applies_offline_and_reports_late
     assert!(agent.log_text().contains("resuming the persisted recipe"), "{}", agent.log_text());
     let offline_runs = runs() - online_runs;
 
-    let (_backend, _) = start_backend_on(&s.dir, &s.recipes, &s.statelog, &format!("127.0.0.1:{port}"), &[]);
+    let (_backend, _) = start_backend_on(&s.dir, &s.recipes, &s.statelog, &format!("127.0.0.1:{port}"), &b_args);
     assert!(
         wait_until(Duration::from_secs(60), || {
             read_jsonl(&s.statelog).iter().filter(|l| l["offline"] == true).count() >= offline_runs
@@ -173,4 +217,6 @@ fn a_daemon_restarted_while_the_backend_is_down_applies_offline_and_reports_late
         agent.log_text()
     );
     assert_exactly_once(&s.statelog);
+    // Backend and daemon both killed once.
+    assert_sent_once(&s, 2, 2);
 }
