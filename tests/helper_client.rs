@@ -60,10 +60,17 @@ async fn cancelling_a_running_command_returns_a_cancelled_outcome_promptly() {
     let _helper = start_helper(tmp.path(), &socket);
     let client = UnixHelperClient::new(&socket, "test");
     let (handle, cancel) = cancel_pair();
-    let r = req("long", "linux.cmd", json!({"cmd": "sleep 300", "cwd": tmp.path().display().to_string()}));
+    // The command says it runs: the cancel then certainly meets a running command (a
+    // fixed pause could cancel before the helper even started it).
+    let running = tmp.path().join("running");
+    let cmd = format!("touch {}; sleep 300", running.display());
+    let r = req("long", "linux.cmd", json!({"cmd": cmd, "cwd": tmp.path().display().to_string()}));
     let started = std::time::Instant::now();
     let run = tokio::spawn(async move { client.apply(r, cancel).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    while !running.exists() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the command never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     handle.cancel();
     let o = tokio::time::timeout(Duration::from_secs(15), run).await.expect("prompt").unwrap().unwrap();
     assert!(o.cancelled && !o.result, "{o:?}");

@@ -62,21 +62,34 @@ async fn bad_frames_and_invalid_recipes_are_logged_and_survived() {
 
     // A valid recipe, with a state of an unknown module and one with a bad parameter.
     let file = dir.join("f");
+    // The slow state says it started and then waits for `go`: the invalid recipe below
+    // certainly arrives while it runs, however loaded the machine.
+    let (started, go) = (dir.join("slow-started"), dir.join("go"));
+    let slow = format!(
+        "touch {s}; i=0; while [ ! -e {g} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; [ -e {g} ]",
+        s = started.display(),
+        g = go.display()
+    );
     send(
         &mut ws,
         json!({"code": "RecipeMetadata", "recipe_version": 1, "state": [
-            {"id": "slow", "module": "linux.cmd", "parameter": {"cmd": "sleep 1", "cwd": dir.display().to_string()}},
+            {"id": "slow", "module": "linux.cmd", "parameter": {"cmd": slow, "cwd": dir.display().to_string()}},
             {"id": "f", "module": "linux.file", "parameter": {"path": file.display().to_string(), "content": "x"}},
         ]}),
     )
     .await;
     // While it runs, an invalid recipe must not disturb the round.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "the slow state never started:\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     send(
         &mut ws,
         json!({"code": "RecipeMetadata", "recipe_version": 2, "state": [{"id": "x", "module": "linux.file"}]}),
     )
     .await;
+    std::fs::write(&go, "").unwrap();
     let logs = statelogs(&mut ws, 2).await;
     assert_eq!(logs[0]["id"], "slow");
     assert_eq!(logs[0]["state_result"], true, "{}", logs[0]);

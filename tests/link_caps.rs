@@ -119,7 +119,7 @@ async fn a_backend_with_the_extensions_gets_acks_and_heartbeats() {
     }
     assert_eq!(hb["host"]["disk"]["path"], "/");
     send(&mut ws, json!({"code": "StateLogAck", "seq": 5})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(10, "the acknowledgement", || !link.outbox.delivered().is_empty()).await;
     assert_eq!(link.outbox.delivered(), vec![(5, true)]);
     link.stop().await;
 }
@@ -134,7 +134,7 @@ async fn the_reference_backend_announces_and_records_heartbeats() {
     let st = link.connected(10).await;
     assert!(st.backend_capabilities.iter().any(|c| c == "heartbeat"), "{st:?}");
     link.wait_for(10, "two heartbeats", |s| s.heartbeats >= 2).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(10, "two heartbeats recorded", || backend.messages("Heartbeat").len() >= 2).await;
     let recorded = backend.messages("Heartbeat");
     assert!(recorded.len() >= 2, "{:?}", backend.events());
     let m = &recorded[0]["message"];

@@ -112,7 +112,8 @@ async fn tls_insecure_connects_and_warns_at_every_connect() {
             panic!("no reconnect {n}:\n{}", logs.text());
         }
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let warning = "TLS without certificate verification (tls_insecure = true) to wss://wrong-name.test";
+    eventually(10, "the fourth connect's warning", || logs.count(warning) >= 4).await;
     let warnings = logs.count("TLS without certificate verification (tls_insecure = true) to wss://wrong-name.test");
     assert_eq!(warnings, 4, "one warning per connect:\n{}", logs.text());
     link.stop().await;

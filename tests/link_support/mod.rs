@@ -226,6 +226,17 @@ impl Drop for Running {
     }
 }
 
+/// Waits until `cond` holds, looking every 10 ms, instead of sleeping a fixed time and
+/// hoping: a passing run waits only as long as the event takes, and `secs` is a deadline
+/// for a broken build only (it panics naming `what`).
+pub async fn eventually(secs: u64, what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub fn is_connected(s: &LinkStatus) -> bool {
     matches!(s.state, opsagent::link::LinkState::Connected { .. })
 }
