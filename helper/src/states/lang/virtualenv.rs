@@ -151,9 +151,15 @@ async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, ru
     // Python and later pip run as root on `path` by name: whoever could change it, or a
     // directory on the way, could swap in a link to where root's files should land, or
     // plant the `bin/python` that root's pip then runs. Only a place root alone controls.
-    crate::dirfd::root_controlled(path.as_path()).map_err(|e| LangError::Param {
-        param: "path",
-        problem: format!("{e}; the virtualenv is built and used as root, so only where nobody else can write"),
+    crate::dirfd::root_controlled(path.as_path()).map_err(|e| {
+        use crate::dirfd::WalkError as W;
+        let why = matches!(
+            e,
+            W::NotRootControlled { .. } | W::UnsafeLink { .. } | W::LinkOwner { .. } | W::LinkBelowUnsafe { .. }
+        )
+        .then_some("; the virtualenv is built and used as root, so only where nobody else can write")
+        .unwrap_or_default();
+        LangError::Param { param: "path", problem: format!("{e}{why}") }
     })?;
     let requirements = optional(p.requirements_file.as_ref())
         .map(|r| AbsPath::parse(r).map_err(|source| LangError::Path { param: "requirements-file", source }))
