@@ -68,6 +68,10 @@ pub struct CommandSpec {
     /// How secrets reach a tool (a password hash for `chpasswd -e`) without showing up
     /// in its argument list, which every local user can read in /proc.
     pub stdin: Option<Vec<u8>>,
+    /// The command only looks at the host (`dpkg-query`, `id`, `systemctl is-enabled`):
+    /// the one kind a plan may run. Everything else is refused while planning
+    /// ([`crate::plan`]); a module declares its inspections with [`Self::inspection`].
+    pub reads_only: bool,
 }
 
 /// The environment of the tools the helper runs for its own states (package managers,
@@ -91,6 +95,7 @@ impl CommandSpec {
             gid: Gid::from_raw(0),
             timeout: Some(TOOL_TIMEOUT),
             stdin: None,
+            reads_only: false,
         }
     }
 
@@ -107,6 +112,13 @@ impl CommandSpec {
 
     pub fn with_stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(data.into());
+        self
+    }
+
+    /// Declares that this command changes nothing on the host, so that a plan runs it.
+    /// Only for tools whose arguments make them read-only by construction.
+    pub fn inspection(mut self) -> Self {
+        self.reads_only = true;
         self
     }
 
@@ -317,6 +329,11 @@ pub struct SpawnError {
 /// Runs `spec` to its end, its deadline or `cancel`, whichever comes first; a program
 /// that [`must_finish`] ignores `cancel` and is bounded by its deadline only.
 pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, SpawnError> {
+    // The one door every command goes through: a plan runs inspections only.
+    if !spec.reads_only {
+        crate::plan::check("run", spec.display())
+            .map_err(|r| SpawnError { program: spec.program.display().to_string(), source: r.into() })?;
+    }
     let runner = runner_for(cancel);
     let label = cancel.scope().and_then(|s| s.label.clone());
     let mut uncancellable = Cancel::never();

@@ -16,6 +16,7 @@ pub mod fsutil;
 pub mod harden;
 pub mod identity;
 pub mod logging;
+pub mod plan;
 pub mod policy;
 pub mod server;
 pub mod signed;

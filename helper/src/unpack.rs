@@ -184,6 +184,7 @@ pub fn unpack(
     limits: &Limits,
     owner: Option<(u32, u32)>,
 ) -> Result<Unpacked, UnpackError> {
+    crate::plan::check("unpack into", dest.display()).map_err(|r| io_err(dest, "unpack into")(r.into()))?;
     let meta = fs::symlink_metadata(dest).map_err(io_err(dest, "inspect"))?;
     if !meta.is_dir() {
         return Err(UnpackError::NotADirectory {

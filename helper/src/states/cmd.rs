@@ -141,6 +141,7 @@ fn plan(p: &LinuxCmd, ctx: &Ctx, changes: &mut Vec<Change>) -> Result<Plan, CmdE
         // 0 means no limit.
         timeout: (p.timeout > 0).then(|| Duration::from_secs(p.timeout)),
         stdin: None,
+        reads_only: false,
     }))
 }
 

@@ -141,6 +141,8 @@ impl PrivateDir {
             source: io::Error::other(e.to_string()),
         })?;
         let path = parent.join(hex::encode(random));
+        crate::plan::check("create the directory", path.display())
+            .map_err(|r| io_err(&path, "create directory")(r.into()))?;
         DirBuilder::new().mode(0o700).create(&path).map_err(io_err(&path, "create directory"))?;
         Ok(Self { path })
     }
@@ -148,6 +150,7 @@ impl PrivateDir {
     /// Writes `name` (0600, new) in the directory.
     pub fn write(&self, name: &str, content: &[u8]) -> Result<PathBuf, DockerError> {
         let file = self.path.join(name);
+        crate::plan::check("create", file.display()).map_err(|r| io_err(&file, "create")(r.into()))?;
         let mut f =
             OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).map_err(io_err(&file, "create"))?;
         f.write_all(content).map_err(io_err(&file, "write"))?;

@@ -251,6 +251,7 @@ impl Runner {
             gid: self.gid,
             timeout: Some(timeout),
             stdin: None,
+            reads_only: false,
         }
     }
 
