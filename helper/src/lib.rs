@@ -8,6 +8,7 @@
 
 pub mod cancel;
 pub mod cli;
+pub mod diff;
 pub mod dirfd;
 pub mod exec;
 pub mod fetched;

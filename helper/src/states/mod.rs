@@ -134,7 +134,7 @@ pub fn planned(mut outcome: Outcome, refused: Option<Refused>, module: &str) -> 
             "would: {}; {module} cannot tell what follows this step without taking it",
             Joined(&outcome.changes)
         );
-    } else if outcome.result && outcome.changed() {
+    } else if outcome.result && outcome.changed() && !outcome.comment.starts_with("would") {
         outcome.comment = format!("would: {}", Joined(&outcome.changes));
     }
     outcome
@@ -398,3 +398,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod plan_tests;
