@@ -782,6 +782,33 @@ mod tests {
         assert_eq!(scope.usage().unwrap().to_string(), "cpu 0.060 s, peak memory 0.0 MiB");
     }
 
+    /// In a plan, a command not declared an inspection never reaches the runner, the
+    /// real one included; an inspection runs.
+    #[tokio::test]
+    async fn a_plan_runs_inspections_only() {
+        let fake = Arc::new(Fake::default());
+        let mut cancel = Cancel::never().with_scope(Arc::new(Scope::with_runner(fake.clone())));
+        let plan = crate::plan::Plan::new();
+        let (refused, inspected) = crate::plan::scope(Some(Arc::clone(&plan)), async {
+            let refused = run(&spec("useradd"), &mut cancel).await;
+            let inspected = run(&spec("dpkg-query").inspection(), &mut cancel).await;
+            (refused, inspected)
+        })
+        .await;
+        let err = refused.unwrap_err();
+        assert_eq!(err.source.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(err.source.to_string(), "a plan writes nothing: refused to run useradd x");
+        assert_eq!(inspected.unwrap().exit, Exit::Code(0));
+        let calls: Vec<PathBuf> = fake.calls().into_iter().map(|(s, _)| s.program).collect();
+        assert_eq!(calls, [PathBuf::from("dpkg-query")]);
+        // The real runner too: the marker is never created.
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let touch = CommandSpec::tool("/usr/bin/touch", [marker.as_os_str()]);
+        let r = crate::plan::scope(Some(plan), run(&touch, &mut Cancel::never())).await;
+        assert!(r.is_err() && !marker.exists(), "{r:?}");
+    }
+
     #[tokio::test]
     async fn a_cancelled_request_stops_a_command_but_not_a_package_manager() {
         let fake = Arc::new(Fake::default());
