@@ -167,6 +167,10 @@ pub async fn apply(p: &CommonTimezone, mut cancel: Cancel) -> Outcome {
         if t == Todo::default() {
             return Ok(());
         }
+        if crate::plan::active() {
+            changes = describe(&t);
+            return Ok(());
+        }
         if crate::systemd::booted() {
             if let Some(zone) = &t.zone {
                 exec::checked(&CommandSpec::tool("timedatectl", ["set-timezone", zone.as_str()]), &[0], &mut cancel)
