@@ -373,18 +373,18 @@ impl Docker {
 
     /// Whether the client is Podman's (`docker --version` names it).
     pub async fn is_podman(&self, cancel: &mut Cancel) -> bool {
-        exec::run(&self.spec(["--version"]), cancel)
+        exec::run(&self.spec(["--version"]).inspection(), cancel)
             .await
             .is_ok_and(|f| f.output.to_ascii_lowercase().contains("podman"))
     }
 
     pub async fn image_id(&self, reference: &str, cancel: &mut Cancel) -> Result<Option<String>, DockerError> {
-        let spec = self.spec(["image", "inspect", "--format", "{{.Id}}", reference]);
+        let spec = self.spec(["image", "inspect", "--format", "{{.Id}}", reference]).inspection();
         Ok(self.query(spec, cancel).await?.map(|o| o.trim().to_string()).filter(|id| !id.is_empty()))
     }
 
     pub async fn container(&self, name: &str, cancel: &mut Cancel) -> Result<Option<ContainerInfo>, DockerError> {
-        let spec = self.spec(["container", "inspect", name]);
+        let spec = self.spec(["container", "inspect", name]).inspection();
         let command = spec.display();
         match self.query(spec, cancel).await? {
             None => Ok(None),
@@ -395,7 +395,7 @@ impl Docker {
     }
 
     pub async fn container_names(&self, cancel: &mut Cancel) -> Result<Vec<String>, DockerError> {
-        let spec = self.spec(["ps", "--all", "--format", "{{.Names}}"]);
+        let spec = self.spec(["ps", "--all", "--format", "{{.Names}}"]).inspection();
         let done = exec::checked(&spec, &[0], cancel).await?;
         Ok(done.output.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
     }
