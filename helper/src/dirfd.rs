@@ -67,6 +67,9 @@ pub enum WalkError {
         "{path} can be changed by {writer}, who could swap it (or a directory in it) for a link while root works there"
     )]
     NotRootControlled { path: PathBuf, writer: String },
+    /// A write attempted while the request is a plan ([`crate::plan`]).
+    #[error(transparent)]
+    Plan(#[from] crate::plan::Refused),
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(Errno) -> WalkError {
@@ -309,6 +312,7 @@ impl Dir {
 
     /// Creates the new private (0600) file `name`; fails if anything is there.
     pub fn create_named(&self, name: &OsStr) -> Result<File, WalkError> {
+        crate::plan::check("create", self.join(name).display())?;
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         rustix::fs::openat(&self.fd, name, flags, Mode::from_raw_mode(0o600))
             .map(File::from)
@@ -328,6 +332,7 @@ impl Dir {
     /// Creates a new private (0600) file with a fresh unique name beginning with
     /// `.{prefix}`; its name and the open file.
     pub fn create_temp(&self, prefix: &OsStr) -> Result<(OsString, File), WalkError> {
+        crate::plan::check("create a temporary file in", self.path.display())?;
         loop {
             let name = self.temp_name(prefix);
             let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -342,6 +347,7 @@ impl Dir {
     /// Creates the private (0700, root) directory `name`, then gives it `mode` and owner
     /// through its descriptor: it is never visible with looser rights.
     pub fn mkdir(&self, name: &OsStr, new: NewDirs) -> Result<Dir, WalkError> {
+        crate::plan::check("create the directory", self.join(name).display())?;
         let path = self.join(name);
         rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o700)).map_err(io_err(&path, "create directory"))?;
         let mut dir = self.subdir(name)?.ok_or_else(|| WalkError::Changed(path.clone()))?;
@@ -355,29 +361,34 @@ impl Dir {
 
     /// `renameat` within this directory (atomic replacement of `to`).
     pub fn rename(&self, from: &OsStr, to: &OsStr) -> Result<(), WalkError> {
+        crate::plan::check("rename onto", self.join(to).display())?;
         rustix::fs::renameat(&self.fd, from, &self.fd, to).map_err(io_err(&self.join(to), "rename onto"))
     }
 
     /// Moves `from` (an entry of `src`) to `to` in this directory.
     pub fn rename_from(&self, src: &Dir, from: &OsStr, to: &OsStr) -> Result<(), WalkError> {
+        crate::plan::check("move into place", self.join(to).display())?;
         rustix::fs::renameat(&src.fd, from, &self.fd, to).map_err(io_err(&self.join(to), "move into place"))
     }
 
     /// The hard link `to` in this directory of the entry `from` of `src` (never through
     /// a link: `linkat` without `AT_SYMLINK_FOLLOW` links a link itself).
     pub fn hard_link_from(&self, src: &Dir, from: &OsStr, to: &OsStr) -> Result<(), WalkError> {
+        crate::plan::check("create the hard link", self.join(to).display())?;
         rustix::fs::linkat(&src.fd, from, &self.fd, to, AtFlags::empty())
             .map_err(io_err(&self.join(to), "create the hard link"))
     }
 
     /// Removes the non-directory `name` (a link itself, never its target).
     pub fn unlink(&self, name: &OsStr) -> Result<(), WalkError> {
+        crate::plan::check("remove", self.join(name).display())?;
         rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()).map_err(io_err(&self.join(name), "remove"))
     }
 
     /// Removes `name` and, for a directory, everything below it, by descriptor: a link
     /// inside is removed, never followed.
     pub fn remove_tree(&self, name: &OsStr) -> Result<(), WalkError> {
+        crate::plan::check("remove", self.join(name).display())?;
         let Some(meta) = self.stat(name)? else {
             return Ok(());
         };
@@ -397,6 +408,7 @@ impl Dir {
 
     /// Creates the link `name` -> `target`.
     pub fn symlink(&self, target: &Path, name: &OsStr) -> Result<(), WalkError> {
+        crate::plan::check("create the link", self.join(name).display())?;
         rustix::fs::symlinkat(target, &self.fd, name).map_err(io_err(&self.join(name), "create the link"))
     }
 
@@ -408,6 +420,7 @@ impl Dir {
 
     /// `fchownat(AT_SYMLINK_NOFOLLOW)`: the owner of `name` itself, link or not.
     pub fn chown_entry(&self, name: &OsStr, uid: u32, gid: u32) -> Result<(), WalkError> {
+        crate::plan::check("change the owner of", self.join(name).display())?;
         let (u, g) = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
         rustix::fs::chownat(&self.fd, name, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(io_err(&self.join(name), "change the owner of"))
@@ -489,6 +502,7 @@ impl Dir {
 pub fn set_attrs(fd: BorrowedFd<'_>, path: &Path, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), WalkError> {
     let st = Meta::of(&rustix::fs::fstat(fd).map_err(io_err(path, "inspect"))?);
     if (st.uid, st.gid) != (uid, gid) {
+        crate::plan::check("change the owner of", path.display())?;
         let (u, g) = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
         rustix::fs::fchown(fd, Some(u), Some(g)).map_err(io_err(path, "change the owner of"))?;
     }
@@ -496,6 +510,7 @@ pub fn set_attrs(fd: BorrowedFd<'_>, path: &Path, uid: u32, gid: u32, mode: Opti
         // Read again: chown may have cleared set-id bits.
         let now = Meta::of(&rustix::fs::fstat(fd).map_err(io_err(path, "inspect"))?);
         if now.mode != mode {
+            crate::plan::check("change the mode of", path.display())?;
             rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(io_err(path, "change the mode of"))?;
         }
     }

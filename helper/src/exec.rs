@@ -70,6 +70,10 @@ pub struct CommandSpec {
     /// How secrets reach a tool (a password hash for `chpasswd -e`) without showing up
     /// in its argument list, which every local user can read in /proc.
     pub stdin: Option<Vec<u8>>,
+    /// The command only looks at the host (`dpkg-query`, `id`, `systemctl is-enabled`):
+    /// the one kind a plan may run. Everything else is refused while planning
+    /// ([`crate::plan`]); a module declares its inspections with [`Self::inspection`].
+    pub reads_only: bool,
 }
 
 /// The environment of the tools the helper runs for its own states (package managers,
@@ -93,6 +97,7 @@ impl CommandSpec {
             gid: Gid::from_raw(0),
             timeout: Some(TOOL_TIMEOUT),
             stdin: None,
+            reads_only: false,
         }
     }
 
@@ -109,6 +114,13 @@ impl CommandSpec {
 
     pub fn with_stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(data.into());
+        self
+    }
+
+    /// Declares that this command changes nothing on the host, so that a plan runs it.
+    /// Only for tools whose arguments make them read-only by construction.
+    pub fn inspection(mut self) -> Self {
+        self.reads_only = true;
         self
     }
 
@@ -319,6 +331,11 @@ pub struct SpawnError {
 /// Runs `spec` to its end, its deadline or `cancel`, whichever comes first; a program
 /// that [`must_finish`] ignores `cancel` and is bounded by its deadline only.
 pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, SpawnError> {
+    // The one door every command goes through: a plan runs inspections only.
+    if !spec.reads_only {
+        crate::plan::check("run", spec.display())
+            .map_err(|r| SpawnError { program: spec.program.display().to_string(), source: r.into() })?;
+    }
     let runner = runner_for(cancel);
     let label = cancel.scope().and_then(|s| s.label.clone());
     let mut uncancellable = Cancel::never();
@@ -765,6 +782,33 @@ mod tests {
         assert_eq!(calls[1].1.as_ref(), Some(&label));
         assert_eq!(scope.usage(), Some(Usage { cpu: Duration::from_millis(60), peak_memory: Some(10) }));
         assert_eq!(scope.usage().unwrap().to_string(), "cpu 0.060 s, peak memory 0.0 MiB");
+    }
+
+    /// In a plan, a command not declared an inspection never reaches the runner, the
+    /// real one included; an inspection runs.
+    #[tokio::test]
+    async fn a_plan_runs_inspections_only() {
+        let fake = Arc::new(Fake::default());
+        let mut cancel = Cancel::never().with_scope(Arc::new(Scope::with_runner(fake.clone())));
+        let plan = crate::plan::Plan::new();
+        let (refused, inspected) = crate::plan::scope(Some(Arc::clone(&plan)), async {
+            let refused = run(&spec("useradd"), &mut cancel).await;
+            let inspected = run(&spec("dpkg-query").inspection(), &mut cancel).await;
+            (refused, inspected)
+        })
+        .await;
+        let err = refused.unwrap_err();
+        assert_eq!(err.source.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(err.source.to_string(), "a plan writes nothing: refused to run useradd x");
+        assert_eq!(inspected.unwrap().exit, Exit::Code(0));
+        let calls: Vec<PathBuf> = fake.calls().into_iter().map(|(s, _)| s.program).collect();
+        assert_eq!(calls, [PathBuf::from("dpkg-query")]);
+        // The real runner too: the marker is never created.
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let touch = CommandSpec::tool("/usr/bin/touch", [marker.as_os_str()]);
+        let r = crate::plan::scope(Some(plan), run(&touch, &mut Cancel::never())).await;
+        assert!(r.is_err() && !marker.exists(), "{r:?}");
     }
 
     #[tokio::test]

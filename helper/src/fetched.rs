@@ -83,6 +83,11 @@ impl<'a> Fetched<'a> {
         let Some(file) = self.get(url) else {
             return Ok(None);
         };
+        crate::plan::check("copy the download into", dest.display()).map_err(|r| FetchError::Io {
+            path: dest.to_path_buf(),
+            op: "create",
+            source: r.into(),
+        })?;
         let mut src = self.open(file)?;
         let mut out = OpenOptions::new()
             .write(true)

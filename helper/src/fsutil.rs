@@ -114,7 +114,10 @@ pub fn enforce_attrs(
     let (uid, gid) = (before.st_uid, before.st_gid);
     let before_mode = before.st_mode & 0o7777;
     let (want_uid, want_gid) = owner.applied_to(uid, gid);
-    dirfd::set_attrs(fd, path, want_uid, want_gid, mode)?;
+    // A plan records the same changes without making them.
+    if !crate::plan::active() {
+        dirfd::set_attrs(fd, path, want_uid, want_gid, mode)?;
+    }
     if (want_uid, want_gid) != (uid, gid) {
         changes.push(Change::new(path.display().to_string(), format!("owner {uid}:{gid} -> {want_uid}:{want_gid}")));
     }
@@ -133,7 +136,50 @@ pub fn enforce_attrs(
 /// included, each with `mode` and `owner`, through directory descriptors. Links on the
 /// way are followed only under the rule of [`crate::dirfd`].
 pub fn create_dirs(path: &AbsPath, mode: u32, owner: (Uid, Gid), changes: &mut Vec<Change>) -> Result<(), FsError> {
+    if crate::plan::active() {
+        return planned_dirs(path.as_path(), mode, owner, changes).map(drop);
+    }
     create_dir_all(path.as_path(), mode, owner, changes).map(drop)
+}
+
+/// [`create_dir_all`] in a plan: the directory `path` opened when it exists; otherwise
+/// `None`, and the directories that would be created are recorded as created.
+pub fn planned_dirs(
+    path: &Path,
+    mode: u32,
+    owner: (Uid, Gid),
+    changes: &mut Vec<Change>,
+) -> Result<Option<Dir>, FsError> {
+    let mut record = |dir: &Path| {
+        changes.push(Change::new(
+            dir.display().to_string(),
+            format!("directory created ({} {}:{})", describe_mode(mode), owner.0, owner.1),
+        ))
+    };
+    let first_missing = match dirfd::resolve(path, Last::Follow, None, &mut |_, _| {}) {
+        Ok(r) => match r.name {
+            None => return Ok(Some(r.parent)),
+            Some(name) => match r.parent.stat(&name)? {
+                Some(m) if m.is_dir() => return Ok(r.parent.subdir(&name)?),
+                Some(m) => {
+                    return Err(FsError::NotADirectory { path: r.parent.join(&name), found: dirfd::kind_of(m.kind) })
+                }
+                None => r.parent.join(&name),
+            },
+        },
+        Err(WalkError::Missing(first)) => first,
+        Err(e) => return Err(e.into()),
+    };
+    // From the first missing directory down to `path` (a link on the way may have
+    // taken the walk elsewhere: then the first missing one is all that is known).
+    let mut missing: Vec<&Path> = path.ancestors().take_while(|a| a.starts_with(&first_missing)).collect();
+    if missing.is_empty() {
+        missing.push(&first_missing);
+    }
+    for dir in missing.into_iter().rev() {
+        record(dir);
+    }
+    Ok(None)
 }
 
 /// [`create_dirs`], returning the opened directory `path`.

@@ -8,6 +8,7 @@
 
 pub mod cancel;
 pub mod cli;
+pub mod diff;
 pub mod dirfd;
 pub mod exec;
 pub mod fetched;
@@ -16,6 +17,7 @@ pub mod fsutil;
 pub mod harden;
 pub mod identity;
 pub mod logging;
+pub mod plan;
 pub mod policy;
 pub mod server;
 pub mod signed;

@@ -47,6 +47,11 @@
 //! # Privileged groups (see footprint::PRIVILEGED_GROUPS) accounts may be put in.
 //! privileged_groups = adm
 //!
+//! # Plans (dry runs) show file content changes as a diff, except below these paths,
+//! # whose content is named by its checksums only (as is binary content, and any
+//! # file that others may not read).
+//! secret_paths = /etc/ssl/private /etc/app/credentials.yml
+//!
 //! # Sandbox of the commands a module runs (systemd hosts; see crate::transient).
 //! # By default a command has the full capability of root; these properties of its
 //! # transient unit take some away. `sandbox.MODULE = Property=value ...`:
@@ -128,6 +133,9 @@ pub struct Policy {
     pub privileged_groups: BTreeSet<String>,
     /// Transient unit properties of the commands each module runs.
     pub sandbox: BTreeMap<String, Vec<(String, SandboxValue)>>,
+    /// Trees whose file content a plan never shows (checksums only): a diff goes to
+    /// the daemon, the backend and the journal.
+    pub secret_paths: Vec<AbsPath>,
 }
 
 /// A sandbox property's value, typed as systemd's D-Bus API wants it.
@@ -230,6 +238,9 @@ impl fmt::Display for Policy {
         for (module, props) in &self.sandbox {
             write!(f, "; sandbox of {module}: {}", props.len())?;
         }
+        if !self.secret_paths.is_empty() {
+            write!(f, "; secret paths {}", list(paths(&self.secret_paths)))?;
+        }
         Ok(())
     }
 }
@@ -302,6 +313,11 @@ impl Policy {
                             Some(_) => set.insert(m.to_string()),
                             None => return Err(syntax(format!("unknown module {m:?}"))),
                         };
+                    }
+                }
+                "secret_paths" => {
+                    for p in values {
+                        policy.secret_paths.push(abs(p)?);
                     }
                 }
                 "write_prefixes" => {
@@ -498,6 +514,13 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// Whether `path` is at or below one of the `secret_paths` (compared as written and
+    /// with links of its existing directories resolved).
+    pub fn is_secret(&self, path: &AbsPath) -> bool {
+        !self.secret_paths.is_empty()
+            && (self.secret_paths.iter().any(|p| path.starts_with(p)) || under_prefixes(path, &self.secret_paths))
     }
 
     pub fn module_allowed(&self, module: &str) -> bool {

@@ -369,13 +369,6 @@ impl Connection {
                 let e = HelperError::new(ErrorCode::Busy, "the first request on a connection must be hello");
                 self.reply(id, Reply::Error(e)).await;
             }
-            // Until every module can plan without writing, a plan is refused rather than
-            // carried out as an apply.
-            Request::Apply(ApplyRequest { plan: true, .. })
-            | Request::ApplySigned(ApplySignedRequest { plan: true, .. }) => {
-                let e = HelperError::new(ErrorCode::Unsupported, "this helper cannot plan yet");
-                self.reply(id, Reply::Error(e)).await;
-            }
             Request::Status => {
                 // Debug only: status doubles as a liveness probe and may be frequent.
                 debug!(id, "status");
@@ -387,7 +380,10 @@ impl Connection {
                 self.reply(id, Reply::Cancelled { target, found: false }).await;
             }
             Request::Apply(req) => {
-                if self.shared.config.signed.is_some() {
+                // A plan of an unsigned state writes nothing, but it still has root read
+                // the host on the daemon's say: with signed recipes, only root itself
+                // (`opsagent apply --test`) may ask for one.
+                if self.shared.config.signed.is_some() && !(req.plan && self.peer_uid == 0) {
                     let message = format!(
                         "a recipe_key is configured: only states of a signed recipe run, and state {} came with its parameters from the daemon",
                         req.state_id.as_str()
@@ -478,7 +474,7 @@ impl Connection {
         let shared = Arc::clone(&self.shared);
         let module = req.params.name();
         let state_id = req.state_id.as_str();
-        info!(id, state_id, module, recipe_version = req.recipe_version, "apply");
+        info!(id, state_id, module, recipe_version = req.recipe_version, plan = req.plan, "apply");
         let _running = Running::register(&shared, state_id, module);
         let (canceller, cancel) = cancel::pair();
         // The request's commands are named after it (their transient units) and their
@@ -532,6 +528,7 @@ impl Connection {
                 info!(
                     id, state_id, module,
                     result = outcome.result,
+                    planned = outcome.planned,
                     cancelled = outcome.cancelled,
                     changes = outcome.changes.len(),
                     changed = %Joined(&outcome.changes),

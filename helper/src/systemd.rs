@@ -118,6 +118,9 @@ impl Job {
 pub enum ServiceError {
     #[error("cannot connect to systemd over D-Bus: {0}")]
     Connect(zbus::Error),
+    /// A job or reload asked for while the request is a plan ([`crate::plan`]).
+    #[error(transparent)]
+    Plan(#[from] crate::plan::Refused),
     #[error("{unit}: cannot {op}: {source}")]
     Bus { unit: UnitName, op: &'static str, source: zbus::Error },
     #[error("{0}: no such unit (not found by systemd)")]
@@ -216,6 +219,7 @@ impl Systemd {
     /// Clears a unit's failed state and start-rate counter (the upgrade installer, before
     /// restarting a release after a broken one used up restarts).
     pub async fn reset_failed(&self, unit: &UnitName) -> Result<(), ServiceError> {
+        crate::plan::check("reset-failed", unit.as_str())?;
         let manager = self.manager(unit).await?;
         manager.reset_failed_unit(unit.as_str()).await.map_err(|source| ServiceError::Bus {
             unit: unit.clone(),
@@ -273,6 +277,7 @@ impl Systemd {
     /// daemon-reload: the manager reads unit files again and re-runs the generators
     /// (`/etc/fstab` becomes mount units that way). The reply comes once it is done.
     pub async fn daemon_reload(&self) -> Result<(), ServiceError> {
+        crate::plan::check("reload", "the systemd manager")?;
         let manager = ManagerProxy::new(&self.conn).await.map_err(ServiceError::Reload)?;
         manager.reload().await.map_err(ServiceError::Reload)
     }
@@ -280,7 +285,12 @@ impl Systemd {
     async fn job(&self, unit: &UnitName, call: Call<'_>, cancel: &mut Cancel) -> Result<(), ServiceError> {
         let bus = |op: &'static str| move |source| ServiceError::Bus { unit: unit.clone(), op, source };
         let job = match call {
-            Call::Unit(job) => job,
+            Call::Unit(job) => {
+                // Jobs change the host. A transient unit is a command, which exec
+                // checked already (inspections run as transient units too).
+                crate::plan::check(job.verb(), unit.as_str())?;
+                job
+            }
             Call::Transient(_) => Job::Start,
         };
         let manager = self.manager(unit).await?;

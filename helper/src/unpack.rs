@@ -194,6 +194,7 @@ pub fn unpack(
     limits: &Limits,
     owner: Option<(u32, u32)>,
 ) -> Result<Unpacked, UnpackError> {
+    crate::plan::check("unpack into", dest.display()).map_err(|r| io_err(dest, "unpack into")(r.into()))?;
     let dest_dir = match Dir::open_given(dest) {
         Ok(d) => d,
         Err(WalkError::Symlink(_) | WalkError::Io { .. }) if fs::symlink_metadata(dest).is_ok_and(|m| !m.is_dir()) => {

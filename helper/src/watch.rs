@@ -122,6 +122,8 @@ impl WatchStore {
         if check.pending.is_empty() {
             return Ok(());
         }
+        crate::plan::check("record watched checksums in", self.dir.display())
+            .map_err(|r| WatchError::StoreIo { path: self.dir.clone(), source: r.into() })?;
         match fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir) {
             Ok(()) => {}
             Err(source) => return Err(WatchError::StoreIo { path: self.dir.clone(), source }),

@@ -1,7 +1,7 @@
 use super::*;
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
 /// A root-owned 0755 directory under the test's temporary directory (itself root-owned
 /// in the sticky `/tmp`, so the chain to it is one only root can change).
@@ -115,4 +115,49 @@ fn missing_components_and_files_on_the_way_are_named() {
     );
     let err = Dir::open(&t.path().join("none/x")).unwrap_err();
     assert_eq!(err.to_string(), format!("{} does not exist", t.path().join("none").display()));
+}
+
+/// Every write of a directory descriptor refuses in a plan, whatever module calls it:
+/// the tree is exactly as before, and each refusal names its path.
+#[test]
+fn every_write_refuses_while_planning() {
+    let t = base();
+    let top = root_dir(t.path(), "top");
+    fs::write(top.join("f"), "x").unwrap();
+    fs::create_dir(top.join("sub")).unwrap();
+    symlink("/etc", top.join("l")).unwrap();
+    let list = |p: &Path| {
+        let mut v: Vec<_> = fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name()).collect();
+        v.sort();
+        v
+    };
+    let before = list(&top);
+    let plan = crate::plan::Plan::new();
+    let dir = Dir::open(&top).unwrap();
+    let new = NewDirs { mode: 0o755, uid: 0, gid: 0 };
+    let refusals: Vec<Result<(), WalkError>> = crate::plan::in_thread(Some(plan), || {
+        let file = dir.open_file(OsStr::new("f")).unwrap().unwrap();
+        vec![
+            dir.create_named(OsStr::new("new")).map(drop),
+            dir.create_temp(OsStr::new("f")).map(drop),
+            dir.mkdir(OsStr::new("d"), new).map(drop),
+            dir.rename(OsStr::new("f"), OsStr::new("g")),
+            dir.rename_from(&dir, OsStr::new("f"), OsStr::new("g")),
+            dir.unlink(OsStr::new("f")),
+            dir.remove_tree(OsStr::new("sub")),
+            dir.symlink(Path::new("/etc"), OsStr::new("l2")),
+            dir.chown_entry(OsStr::new("l"), 65534, 65534),
+            set_attrs(file.as_fd(), &top.join("f"), 65534, 65534, None),
+            set_attrs(file.as_fd(), &top.join("f"), 0, 0, Some(0o600)),
+            resolve(&top.join("x/y"), Last::Follow, Some(new), &mut |_, _| {}).map(drop),
+        ]
+    });
+    for (i, r) in refusals.iter().enumerate() {
+        assert!(matches!(r, Err(WalkError::Plan(_))), "write {i} was not refused: {r:?}");
+    }
+    assert_eq!(list(&top), before);
+    let m = fs::metadata(top.join("f")).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o644));
+    // Outside the plan the same calls work again.
+    dir.unlink(OsStr::new("f")).unwrap();
 }

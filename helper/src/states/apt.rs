@@ -359,6 +359,42 @@ pub fn describe_changes(items: &[Item], before: &BTreeMap<String, Pkg>, after: &
     changes
 }
 
+/// The dpkg view an apply of `items` would leave, from the one before and the
+/// candidates apt offers: what a plan compares with [`describe_changes`].
+pub fn expected_after(
+    items: &[Item],
+    before: &BTreeMap<String, Pkg>,
+    policy: &BTreeMap<String, Candidates>,
+) -> BTreeMap<String, Pkg> {
+    let mut after = before.clone();
+    let installed = |version: String| Pkg { status: "installed".into(), version };
+    for i in items {
+        let now = before.get(&i.name).filter(|p| p.installed());
+        let candidate = || policy.get(&i.name).and_then(|c| c.candidate.clone());
+        let version = match &i.want {
+            Want::Present if now.is_none() => candidate(),
+            Want::Latest => candidate(),
+            Want::Version(v) => Some(v.clone()),
+            Want::File(_) => i.file_version.clone(),
+            Want::Removed => {
+                if let Some(p) = after.get_mut(&i.name).filter(|p| p.removable()) {
+                    p.status = "config-files".into();
+                }
+                None
+            }
+            Want::Purged => {
+                after.remove(&i.name);
+                None
+            }
+            _ => None,
+        };
+        if let Some(v) = version {
+            after.insert(i.name.clone(), installed(v));
+        }
+    }
+    after
+}
+
 /// Checks the final dpkg view against what each item wants.
 pub fn verify(items: &[Item], after: &BTreeMap<String, Pkg>) -> Result<(), PkgError> {
     for i in items {
@@ -432,7 +468,7 @@ impl Run {
         let mut args = vec!["-W".to_string(), "-f".to_string(), DPKG_QUERY_FORMAT.to_string()];
         args.extend(names.iter().cloned());
         // 1: some names are unknown to dpkg, which is an answer too.
-        Ok(parse_dpkg_query(&self.tool(&CommandSpec::tool("dpkg-query", args), &[0, 1]).await?))
+        Ok(parse_dpkg_query(&self.tool(&CommandSpec::tool("dpkg-query", args).inspection(), &[0, 1]).await?))
     }
 
     async fn policy(&mut self, names: &[String]) -> Result<BTreeMap<String, Candidates>, ToolError> {
@@ -440,7 +476,7 @@ impl Run {
             return Ok(BTreeMap::new());
         }
         let args = std::iter::once("policy".to_string()).chain(names.iter().cloned());
-        Ok(parse_apt_cache_policy(&self.tool(&CommandSpec::tool("apt-cache", args), &[0]).await?))
+        Ok(parse_apt_cache_policy(&self.tool(&CommandSpec::tool("apt-cache", args).inspection(), &[0]).await?))
     }
 
     async fn update(&mut self) -> Result<(), ToolError> {
@@ -480,7 +516,7 @@ async fn run_state(
         let (name, file_version) = match &want {
             Want::File(path) => {
                 let file = path.display().to_string();
-                let spec = CommandSpec::tool("dpkg-deb", ["-f", file.as_str(), "Package", "Version"]);
+                let spec = CommandSpec::tool("dpkg-deb", ["-f", file.as_str(), "Package", "Version"]).inspection();
                 let out = run.tool(&spec, &[0]).await?;
                 let (n, v) = parse_control_fields(&out).ok_or_else(|| PkgError::Unreadable(path.clone()))?;
                 (n, Some(v))
@@ -499,7 +535,14 @@ async fn run_state(
     let mut policy = BTreeMap::new();
     if !indexed.is_empty() {
         let mut refreshed = false;
-        if index_stale(newest_index(Path::new(LISTS_DIR), &run.stamp), SystemTime::now()) {
+        if crate::plan::active() {
+            // A plan does not refresh the indexes (that writes apt's lists): it plans
+            // against the ones there are.
+            if index_stale(newest_index(Path::new(LISTS_DIR), &run.stamp), SystemTime::now()) {
+                notes.push("planned against package indexes older than 1 h (an apply refreshes them first)".into());
+            }
+            refreshed = true;
+        } else if index_stale(newest_index(Path::new(LISTS_DIR), &run.stamp), SystemTime::now()) {
             run.update().await?;
             notes.push("package indexes refreshed (older than 1 h)".into());
             refreshed = true;
@@ -514,6 +557,10 @@ async fn run_state(
     }
     let todo = plan(&items, &before, &policy)?;
     if todo.is_empty() {
+        return Ok(());
+    }
+    if crate::plan::active() {
+        changes.extend(describe_changes(&items, &before, &expected_after(&items, &before, &policy)));
         return Ok(());
     }
     let opts = Opts { repo: p.repo.as_deref().map(str::to_string), verify_gpg: p.verify_gpg };
@@ -607,6 +654,35 @@ ghost:
         );
         assert_eq!(m["ghost"], Candidates::default());
         assert!(!m.contains_key("N"));
+    }
+
+    /// A plan's changes are the words an apply reports: the dpkg view it expects is
+    /// described like the one read after an apply.
+    #[test]
+    fn a_plan_describes_the_expected_view_as_an_apply_would() {
+        let before = BTreeMap::from([
+            ("nginx".to_string(), pkg("installed", "1.22")),
+            ("old".to_string(), pkg("installed", "1.0")),
+            ("gone".to_string(), pkg("config-files", "1.0")),
+            ("kept".to_string(), pkg("installed", "2.0")),
+        ]);
+        let cand = |c: &str| Candidates { installed: None, candidate: Some(c.into()), versions: vec![c.into()] };
+        let policy = BTreeMap::from([
+            ("nginx".to_string(), cand("1.24")),
+            ("curl".to_string(), cand("8.0")),
+            ("kept".to_string(), cand("2.0")),
+        ]);
+        let items = [
+            item("nginx", Want::Latest),
+            item("curl", Want::Present),
+            item("old", Want::Removed),
+            item("gone", Want::Purged),
+            item("kept", Want::Latest),
+        ];
+        let after = expected_after(&items, &before, &policy);
+        let described: Vec<String> =
+            describe_changes(&items, &before, &after).iter().map(ToString::to_string).collect();
+        assert_eq!(described, ["nginx: 1.22 -> 1.24", "curl: installed 8.0", "old: removed", "gone: purged"]);
     }
 
     #[test]

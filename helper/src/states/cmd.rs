@@ -57,6 +57,17 @@ pub async fn apply(p: &LinuxCmd, ctx: &Ctx, mut cancel: Cancel) -> Outcome {
         Ok(Plan::Skip(why)) => return Outcome::ok(format!("not run: {why}")),
         Err(e) => return super::finish("linux.cmd", Err(e), changes, &[]),
     };
+    if crate::plan::active() {
+        // The guards let it through: it would run. What it would change is known
+        // only by running it.
+        changes.push(Change::new("cmd", "ran"));
+        let mut outcome = super::finish("linux.cmd", Ok::<(), CmdError>(()), changes, &[]);
+        outcome.comment = format!(
+            "would run {}: a command's effect cannot be known without running it (no if-path-present/if-path-absent guard stops it)",
+            spec.display()
+        );
+        return outcome;
+    }
     tracing::debug!(program = %spec.program.display(), uid = %spec.uid, cwd = %spec.cwd.display(), "running command");
     let finished = match exec::run(&spec, &mut cancel).await {
         Ok(f) => f,
@@ -141,6 +152,7 @@ fn plan(p: &LinuxCmd, ctx: &Ctx, changes: &mut Vec<Change>) -> Result<Plan, CmdE
         // 0 means no limit.
         timeout: (p.timeout > 0).then(|| Duration::from_secs(p.timeout)),
         stdin: None,
+        reads_only: false,
     }))
 }
 

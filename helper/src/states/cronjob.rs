@@ -131,7 +131,7 @@ async fn run(
     if nix::unistd::User::from_name(user).map_err(|e| UserError::Lookup(format!("user {user}"), e))?.is_none() {
         return Err(UserError::Name { param: "user", value: format!("{user} (no such user)") });
     }
-    let list = exec::checked(&CommandSpec::tool("crontab", ["-u", user, "-l"]), &[0, 1], cancel).await?;
+    let list = exec::checked(&CommandSpec::tool("crontab", ["-u", user, "-l"]).inspection(), &[0, 1], cancel).await?;
     // 1 with "no crontab for USER" is an empty crontab; anything else is an error.
     let current = match list.exit {
         exec::Exit::Code(1) if list.output.contains("no crontab for") => String::new(),
@@ -150,8 +150,10 @@ async fn run(
     if merged == current {
         return Ok(());
     }
-    let spec = CommandSpec::tool("crontab", ["-u", user, "-"]).with_stdin(merged);
-    exec::checked(&spec, &[0], cancel).await?;
+    if !crate::plan::active() {
+        let spec = CommandSpec::tool("crontab", ["-u", user, "-"]).with_stdin(merged);
+        exec::checked(&spec, &[0], cancel).await?;
+    }
     changes.push(Change::new(format!("crontab of {user}"), format!("entries of state {state} written")));
     Ok(())
 }

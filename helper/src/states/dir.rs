@@ -28,6 +28,7 @@ use rustix::fs::FileType;
 use crate::dirfd::{self, Dir, Last, WalkError};
 use crate::fsutil::{self, FsError};
 use crate::identity::{IdentityError, Owner};
+use crate::plan;
 
 /// Removing a directory this close to the root is never what a recipe means.
 const MIN_COMPONENTS_TO_REMOVE: usize = 2;
@@ -73,6 +74,21 @@ fn run(p: &LinuxDir, changes: &mut Vec<Change>) -> Result<(), DirError> {
     let mode = p.mode.map(|m| m.bits());
     for path in &paths {
         let (uid, gid) = owner.for_new();
+        if plan::active() {
+            // The same walk over what exists; what is missing would be created.
+            let planned = fsutil::planned_dirs(path.as_path(), mode.unwrap_or(NEW_DIR_MODE), (uid, gid), changes)
+                .map_err(|e| match e {
+                    FsError::NotADirectory { path, found } => DirError::NotADirectory { path, found },
+                    e => e.into(),
+                })?;
+            if let Some(dir) = planned {
+                fsutil::enforce_attrs(&dir, dir.path(), mode, &owner, changes)?;
+                if p.recursive {
+                    enforce_below(dir, mode, &owner, changes)?;
+                }
+            }
+            continue;
+        }
         let dir =
             fsutil::create_dir_all(path.as_path(), mode.unwrap_or(NEW_DIR_MODE), (uid, gid), changes).map_err(|e| {
                 match e {
@@ -157,7 +173,9 @@ fn remove(dir: &AbsPath, changes: &mut Vec<Change>) -> Result<(), DirError> {
     match r.parent.stat(&name)? {
         None => Ok(()),
         Some(m) if m.is_dir() => {
-            r.parent.remove_tree(&name)?;
+            if !plan::active() {
+                r.parent.remove_tree(&name)?;
+            }
             changes.push(Change::new(dir.to_string(), "removed"));
             Ok(())
         }

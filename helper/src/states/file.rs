@@ -13,6 +13,11 @@
 //! With `remote_uri` (which overrides `content`) the helper first answers `NeedFetch`:
 //! the daemon downloads the URL every round, and the file is then compared with the
 //! download like `content` would be — rewritten only when it differs.
+//!
+//! A plan ([`crate::plan`]) makes the same inspection through the same descriptors,
+//! reads the download instead of staging it, and reports the same changes plus a diff
+//! of the content ([`crate::diff`]; checksums only under the policy's `secret_paths`,
+//! for a file others may not read, and for binary content).
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -24,10 +29,16 @@ use opsagent_proto::request::{Change, Outcome};
 use rustix::fs::FileType;
 
 use super::{Ctx, Step};
+use crate::diff::{self, Hidden};
 use crate::dirfd::{self, Dir, Last, Meta, NewDirs, WalkError};
 use crate::fetched::{FetchError, Fetched};
 use crate::fsutil::{self, FsError};
 use crate::identity::{IdentityError, Owner};
+use crate::plan;
+use crate::policy::Policy;
+
+/// Largest download a plan reads to compare (a plan compares in memory).
+const PLAN_READ_CAP: u64 = 256 * 1024 * 1024;
 
 /// Mode of a file created without `mode`.
 const NEW_FILE_MODE: u32 = 0o644;
@@ -62,19 +73,26 @@ pub fn apply(p: &LinuxFile, _ctx: &Ctx, fetched: &Fetched<'_>) -> Step {
             return Step::NeedFetch(vec![uri.to_string()]);
         }
     }
-    Step::Done(outcome(p, fetched))
+    Step::Done(outcome(p, &_ctx.policy, fetched))
 }
 
 /// For states that write a file through this one with inline content (repository
 /// files): no download is ever asked for.
 pub fn apply_inline(p: &LinuxFile) -> Outcome {
-    outcome(p, &Fetched::none())
+    outcome(p, &Policy::default(), &Fetched::none())
 }
 
-fn outcome(p: &LinuxFile, fetched: &Fetched<'_>) -> Outcome {
+fn outcome(p: &LinuxFile, policy: &Policy, fetched: &Fetched<'_>) -> Outcome {
     let mut changes = Vec::new();
-    let result = run(p, fetched, &mut changes);
-    super::finish(&p.path, result, changes, &[])
+    let mut diff = None;
+    let result = if plan::active() {
+        planned(p, policy, fetched, &mut changes, &mut diff)
+    } else {
+        run(p, fetched, &mut changes)
+    };
+    let mut outcome = super::finish(&p.path, result, changes, &[]);
+    outcome.diff = diff;
+    outcome
 }
 
 /// The owner the file-like states enforce: `user` and `group` default to root, as the
@@ -194,6 +212,113 @@ fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Resul
     Ok(())
 }
 
+/// [`run`]'s inspection without its writes: the changes it would make, and the diff of
+/// the content.
+fn planned(
+    p: &LinuxFile,
+    policy: &Policy,
+    fetched: &Fetched<'_>,
+    changes: &mut Vec<Change>,
+    diff: &mut Option<String>,
+) -> Result<(), FileError> {
+    let path = AbsPath::parse(&p.path)?;
+    if path.is_root() {
+        return Err(FileError::Root);
+    }
+    if p.absent {
+        return remove(&path, changes);
+    }
+    let owner = owner_or_root(p.user.as_deref(), p.group.as_deref())?;
+    let mode = p.mode.map(|m| m.bits());
+    if let Some(uri) = p.remote_uri.as_deref().filter(|u| !remote_scheme_ok(u)) {
+        return Err(FileError::RemoteScheme(uri.to_string()));
+    }
+    let want: Option<Vec<u8>> = match p.remote_uri.as_deref() {
+        Some(uri) => {
+            Some(fetched.read_small(uri, PLAN_READ_CAP)?.ok_or_else(|| FileError::NotFetched(uri.to_string()))?)
+        }
+        None => p.content.as_ref().map(|c| c.as_bytes().to_vec()),
+    };
+    let secret = policy.is_secret(&path);
+    let hidden = |file_mode: u32| (secret || file_mode & 0o004 == 0).then_some(Hidden::Sensitive);
+    let create = |shown: &Path, changes: &mut Vec<Change>, diff: &mut Option<String>| {
+        let (uid, gid) = owner.for_new();
+        let mode = mode.unwrap_or(NEW_FILE_MODE);
+        changes.push(Change::new(
+            shown.display().to_string(),
+            format!("file created ({} {uid}:{gid})", fsutil::describe_mode(mode)),
+        ));
+        let new = want.as_deref().unwrap_or_default();
+        *diff = Some(diff::content(&shown.display().to_string(), None, new, hidden(mode)));
+    };
+    let r = match dirfd::resolve(path.as_path(), Last::Follow, None, &mut |_, _| {}) {
+        Ok(r) => r,
+        Err(WalkError::Missing(first)) => {
+            // The directories from the first missing one down to the file's parent.
+            let parent = path.as_path().parent().unwrap_or(Path::new("/"));
+            let mut missing: Vec<&Path> = parent.ancestors().take_while(|a| a.starts_with(&first)).collect();
+            if missing.is_empty() {
+                missing.push(&first);
+            }
+            for dir in missing.into_iter().rev() {
+                changes.push(Change::new(
+                    dir.display().to_string(),
+                    format!("directory created ({} 0:0)", fsutil::describe_mode(fsutil::PARENT_DIR_MODE)),
+                ));
+            }
+            create(path.as_path(), changes, diff);
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let shown = r.path();
+    let (dir, name) = (&r.parent, r.name.as_deref().ok_or(FileError::Root)?);
+    let Some(found) = dir.stat(name)? else {
+        create(&shown, changes, diff);
+        return Ok(());
+    };
+    check_is_file(&shown, found.kind)?;
+    let mut f = dir.open_file(name)?.ok_or_else(|| WalkError::Changed(shown.clone()))?;
+    let meta = Meta::of_file(&f, &shown)?;
+    check_is_file(&shown, meta.kind)?;
+    let differs = match &want {
+        Some(w) => fsutil::content_differs(&mut f, &shown, meta.size, w)?,
+        None => false,
+    };
+    if !differs {
+        return Ok(fsutil::enforce_attrs(&f, &shown, mode, &owner, changes)?);
+    }
+    let (uid, gid) = owner.applied_to(meta.uid, meta.gid);
+    let new_mode = mode.unwrap_or(meta.mode & !0o6000);
+    let subject = shown.display().to_string();
+    changes.push(Change::new(subject.clone(), "content updated"));
+    if (uid, gid) != (meta.uid, meta.gid) {
+        changes.push(Change::new(subject.clone(), format!("owner {}:{} -> {uid}:{gid}", meta.uid, meta.gid)));
+    }
+    if meta.mode != new_mode {
+        changes.push(Change::new(
+            subject.clone(),
+            format!("mode {} -> {}", fsutil::describe_mode(meta.mode), fsutil::describe_mode(new_mode)),
+        ));
+    }
+    // The old content, read only as far as a diff is shown (more is named by checksum).
+    let old = read_capped(&mut f, &shown)?;
+    let new = want.as_deref().unwrap_or_default();
+    *diff = Some(diff::content(&subject, Some(&old), new, hidden(meta.mode & new_mode)));
+    Ok(())
+}
+
+/// The file's content from its start, at most one byte past [`diff::DIFF_INPUT_CAP`]
+/// (enough to know it is too large to diff).
+fn read_capped(f: &mut File, path: &Path) -> Result<Vec<u8>, FsError> {
+    use std::io::{Read, Seek, SeekFrom};
+    f.seek(SeekFrom::Start(0)).map_err(fsutil::io_err(path, "read"))?;
+    let mut old = Vec::new();
+    let cap = u64::try_from(diff::DIFF_INPUT_CAP).unwrap_or(u64::MAX) + 1;
+    f.take(cap).read_to_end(&mut old).map_err(fsutil::io_err(path, "read"))?;
+    Ok(old)
+}
+
 /// Copies the download for `uri` into a new private file in `dir`, beside `name`.
 fn stage<'a>(dir: &'a Dir, name: &OsStr, uri: &str, fetched: &Fetched<'_>) -> Result<Staged<'a>, FileError> {
     let tmp = dir.temp_name(name);
@@ -228,7 +353,9 @@ fn remove(path: &AbsPath, changes: &mut Vec<Change>) -> Result<(), FileError> {
     if meta.is_dir() {
         return Err(FileError::NotAFile { path: path.as_path().to_path_buf(), found: "a directory" });
     }
-    r.parent.unlink(name)?;
+    if !plan::active() {
+        r.parent.unlink(name)?;
+    }
     changes.push(Change::new(path.to_string(), "removed"));
     Ok(())
 }

@@ -38,6 +38,11 @@ async fn run(p: &LinuxGroup, changes: &mut Vec<Change>, cancel: &mut Cancel) -> 
     }
     let lookup = |n: &str| Group::from_name(n).map_err(|e| UserError::Lookup(format!("group {n}"), e));
     match lookup(name)? {
+        None if crate::plan::active() => {
+            // groupadd chooses the gid when the recipe does not.
+            let gid = p.gid.map_or_else(|| "?".to_string(), |g| g.to_string());
+            changes.push(Change::new(name, format!("group created (gid {gid})")));
+        }
         None => {
             let spec = CommandSpec::tool("groupadd", groupadd_args(name, p.gid, p.system_group));
             exec::checked(&spec, &[0], cancel).await?;
@@ -46,8 +51,10 @@ async fn run(p: &LinuxGroup, changes: &mut Vec<Change>, cancel: &mut Cancel) -> 
         }
         Some(g) => {
             if let Some(gid) = p.gid.filter(|gid| *gid != u64::from(g.gid.as_raw())) {
-                let spec = CommandSpec::tool("groupmod", ["-g".to_string(), gid.to_string(), name.to_string()]);
-                exec::checked(&spec, &[0], cancel).await?;
+                if !crate::plan::active() {
+                    let spec = CommandSpec::tool("groupmod", ["-g".to_string(), gid.to_string(), name.to_string()]);
+                    exec::checked(&spec, &[0], cancel).await?;
+                }
                 changes.push(Change::new(name, format!("gid {} -> {gid}", g.gid)));
             }
         }

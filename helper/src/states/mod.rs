@@ -3,6 +3,13 @@
 //!
 //! Every state is idempotent: it looks at the host first and changes only what differs,
 //! and its outcome's `changes` lists exactly what it changed (empty: nothing did).
+//!
+//! A plan request ([`ApplyRequest::plan`]) runs the same code in a plan context
+//! ([`crate::plan`]): a module looks at the host as it would before acting and, where it
+//! would write, records the same change without making it, so that a plan's `changes`
+//! are the very list the apply would report. Whatever a module does not plan for is
+//! stopped by the write guard; [`planned`] turns that refusal into the honest answer
+//! (this step would be taken; what follows cannot be known without taking it).
 
 pub mod apt;
 pub mod archive;
@@ -42,6 +49,7 @@ use opsagent_proto::request::{ApplyRequest, Change, ErrorCode, HelperError, Outc
 
 use crate::cancel::Cancel;
 use crate::fetched::Fetched;
+use crate::plan::{self, Plan, Refused};
 use crate::policy::Policy;
 use crate::watch::WatchStore;
 
@@ -97,9 +105,57 @@ fn boxed<'a, T>(work: impl Future<Output = T> + Send + 'a) -> Pin<Box<dyn Future
     Box::pin(work)
 }
 
-/// Applies one state. `Err` is for requests this helper will not carry out at all; a
-/// state that was tried and failed is an `Ok` outcome with `result: false`.
+/// Applies (or, with `req.plan`, plans) one state. `Err` is for requests this helper
+/// will not carry out at all; a state that was tried and failed is an `Ok` outcome with
+/// `result: false`.
 pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step, HelperError> {
+    if !req.plan {
+        return dispatch(req, ctx, cancel).await;
+    }
+    let plan = Plan::new();
+    let step = plan::scope(Some(Arc::clone(&plan)), dispatch(req, ctx, cancel)).await?;
+    Ok(match step {
+        // Downloads are the daemon's, in a plan as in an apply: content is compared
+        // with what the URL serves now.
+        Step::NeedFetch(urls) => Step::NeedFetch(urls),
+        Step::Done(outcome) => Step::Done(planned(outcome, plan.refused(), req.params.name())),
+    })
+}
+
+/// The outcome of a plan: `changes` are what would change. A write the module did
+/// not plan for was refused by the guard; that step is what would be done, and the
+/// module cannot know what comes after it without doing it.
+pub fn planned(mut outcome: Outcome, refused: Option<Refused>, module: &str) -> Outcome {
+    outcome.planned = true;
+    if let Some(r) = refused {
+        outcome.result = true;
+        outcome.changes.push(Change::new(r.subject, format!("would {}", r.action)));
+        outcome.comment = format!(
+            "would: {}; {module} cannot tell what follows this step without taking it",
+            Joined(&outcome.changes)
+        );
+    } else if outcome.result && outcome.changed() && !outcome.comment.starts_with("would") {
+        outcome.comment = format!("would: {}", Joined(&outcome.changes));
+    }
+    outcome
+}
+
+/// Changes `; `-separated.
+struct Joined<'a>(&'a [Change]);
+
+impl Display for Joined<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, c) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{c}")?;
+        }
+        Ok(())
+    }
+}
+
+async fn dispatch(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step, HelperError> {
     if !req.params.is_builtin() {
         ctx.policy.check(&req.params)?;
     }
@@ -117,6 +173,15 @@ pub async fn apply(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step
         let missing = fetched.missing(&wanted);
         if !missing.is_empty() {
             return Ok(Step::NeedFetch(missing));
+        }
+        if plan::active() {
+            // A package file or key is installed by its tool, which has no dry run of
+            // its own here: what it would change is not known before it runs.
+            let changes = urls
+                .iter()
+                .map(|u| Change::new(u.clone(), "would be installed from the download (its tool cannot tell what it would change without installing)"))
+                .collect();
+            return Ok(Step::Done(Outcome { result: true, changes, ..Outcome::default() }));
         }
         match boxed(blocking((urls, req.fetched.clone(), ctx.clone()), |(urls, files, ctx)| {
             remote::stage(urls, &Fetched::new(files, ctx.peer_uid), &ctx.state_dir)
@@ -218,13 +283,16 @@ async fn blocking_step<P: Clone + Send + 'static>(
     f: fn(&P, &Ctx, &Fetched<'_>) -> Step,
 ) -> Result<Step, HelperError> {
     let (params, files, ctx) = (params.clone(), req.fetched.clone(), ctx.clone());
-    tokio::task::spawn_blocking(move || f(&params, &ctx, &Fetched::new(&files, ctx.peer_uid)))
+    // The plan context does not follow a task to the blocking pool by itself.
+    let plan = plan::current();
+    tokio::task::spawn_blocking(move || plan::in_thread(plan, || f(&params, &ctx, &Fetched::new(&files, ctx.peer_uid))))
         .await
         .map_err(|e| HelperError::new(ErrorCode::Internal, format!("the state's task failed: {e}")))
 }
 
 async fn blocking<P: Send + 'static, T: Send + 'static>(params: P, f: fn(&P) -> T) -> Result<T, HelperError> {
-    tokio::task::spawn_blocking(move || f(&params))
+    let plan = plan::current();
+    tokio::task::spawn_blocking(move || plan::in_thread(plan, || f(&params)))
         .await
         .map_err(|e| HelperError::new(ErrorCode::Internal, format!("the state's task failed: {e}")))
 }
@@ -330,3 +398,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod plan_tests;

@@ -231,18 +231,21 @@ fn root_checked(param: &'static str, path: &Path) -> Result<(), RepoError> {
 /// `rpm -U --force` of a local repo-release package, unless that version is installed.
 async fn install_rpm(path: &Path, changes: &mut Vec<Change>, cancel: &mut Cancel) -> Result<(), RepoError> {
     let file = path.display().to_string();
-    let query = CommandSpec::tool("rpm", ["-qp", "--qf", "%{NAME}\\t%{VERSION}-%{RELEASE}\\n", file.as_str()]);
+    let query =
+        CommandSpec::tool("rpm", ["-qp", "--qf", "%{NAME}\\t%{VERSION}-%{RELEASE}\\n", file.as_str()]).inspection();
     let out = exec::checked(&query, &[0], cancel).await?.output;
     let (name, evr) =
         out.lines().find_map(|l| l.split_once('\t')).map(|(n, v)| (n.trim(), v.trim())).unwrap_or_default();
     if !name.is_empty() {
-        let installed = CommandSpec::tool("rpm", ["-q", "--qf", "%{VERSION}-%{RELEASE}\\n", name]);
+        let installed = CommandSpec::tool("rpm", ["-q", "--qf", "%{VERSION}-%{RELEASE}\\n", name]).inspection();
         let have = exec::checked(&installed, &[0, 1], cancel).await?.output;
         if have.lines().any(|l| l.trim() == evr) {
             return Ok(());
         }
     }
-    exec::checked(&CommandSpec::tool("rpm", ["-U", "--force", file.as_str()]), &[0], cancel).await?;
+    if !crate::plan::active() {
+        exec::checked(&CommandSpec::tool("rpm", ["-U", "--force", file.as_str()]), &[0], cancel).await?;
+    }
     changes.push(Change::new(file, format!("installed {name} {evr}")));
     Ok(())
 }
@@ -253,13 +256,15 @@ async fn import_key(path: &Path, changes: &mut Vec<Change>, cancel: &mut Cancel)
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| RepoError::File(format!("{file}: cannot read: {e}")))?;
     if let Some(ours) = armor_body(&text) {
-        let list = CommandSpec::tool("rpm", ["-q", "gpg-pubkey", "--qf", "%{DESCRIPTION}\\n"]);
+        let list = CommandSpec::tool("rpm", ["-q", "gpg-pubkey", "--qf", "%{DESCRIPTION}\\n"]).inspection();
         let imported = exec::checked(&list, &[0, 1], cancel).await?.output;
         if armor_bodies(&imported).contains(&ours) {
             return Ok(());
         }
     }
-    exec::checked(&CommandSpec::tool("rpm", ["--import", file.as_str()]), &[0], cancel).await?;
+    if !crate::plan::active() {
+        exec::checked(&CommandSpec::tool("rpm", ["--import", file.as_str()]), &[0], cancel).await?;
+    }
     changes.push(Change::new(file, "key imported"));
     Ok(())
 }

@@ -113,8 +113,12 @@ async fn run(
 ) -> Result<(), SelinuxError> {
     if let Some(want) = p.mode.as_deref().map(mode_word).filter(|m| !m.is_empty()) {
         let getenforce = require_tool("getenforce", TOOLS_PACKAGE)?;
-        let out =
-            exec::checked(&CommandSpec::tool(&getenforce.to_string_lossy(), [] as [&str; 0]), &[0], cancel).await?;
+        let out = exec::checked(
+            &CommandSpec::tool(&getenforce.to_string_lossy(), [] as [&str; 0]).inspection(),
+            &[0],
+            cancel,
+        )
+        .await?;
         let running = mode_word(&out.output);
         if !["enforcing", "permissive", "disabled"].contains(&running.as_str()) {
             return Err(SelinuxError::Unreadable { command: "getenforce".into(), output: out.output });
@@ -132,7 +136,9 @@ async fn run(
                     source: std::io::Error::other(e.to_string()),
                 })?;
                 fsutil::ensure_parent(&abs.parent(), changes)?;
-                fsutil::write_atomic(&abs, with_config_mode(&text, &want).as_bytes(), 0o644, 0, 0)?;
+                if !crate::plan::active() {
+                    fsutil::write_atomic(&abs, with_config_mode(&text, &want).as_bytes(), 0o644, 0, 0)?;
+                }
                 changes.push(Change::new(
                     config.display().to_string(),
                     format!("SELINUX={} -> {want}", before.unwrap_or_else(|| "(unset)".into())),
@@ -150,7 +156,9 @@ async fn run(
             (_, w) => {
                 let setenforce = require_tool("setenforce", TOOLS_PACKAGE)?;
                 let arg = if w == "enforcing" { "1" } else { "0" };
-                exec::checked(&CommandSpec::tool(&setenforce.to_string_lossy(), [arg]), &[0], cancel).await?;
+                if !crate::plan::active() {
+                    exec::checked(&CommandSpec::tool(&setenforce.to_string_lossy(), [arg]), &[0], cancel).await?;
+                }
                 changes.push(Change::new("SELinux", format!("running mode {running} -> {w}")));
             }
         }
@@ -159,7 +167,8 @@ async fn run(
         let name = e.key.trim();
         let want = bool_word(e.value_or_empty());
         let getsebool = require_tool("getsebool", TOOLS_PACKAGE)?;
-        let out = exec::checked(&CommandSpec::tool(&getsebool.to_string_lossy(), ["--", name]), &[0], cancel).await?;
+        let spec = CommandSpec::tool(&getsebool.to_string_lossy(), ["--", name]).inspection();
+        let out = exec::checked(&spec, &[0], cancel).await?;
         let have = parse_getsebool(&out.output).ok_or_else(|| SelinuxError::Unreadable {
             command: format!("getsebool {name}"),
             output: out.output.clone(),
@@ -173,7 +182,9 @@ async fn run(
             args.push("-P");
         }
         args.extend(["--", name, want]);
-        exec::checked(&CommandSpec::tool(&setsebool.to_string_lossy(), args), &[0], cancel).await?;
+        if !crate::plan::active() {
+            exec::checked(&CommandSpec::tool(&setsebool.to_string_lossy(), args), &[0], cancel).await?;
+        }
         changes.push(Change::new(format!("SELinux boolean {name}"), format!("{have} -> {want}")));
     }
     Ok(())

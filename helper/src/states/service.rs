@@ -23,6 +23,7 @@ use opsagent_proto::wire::Watch;
 
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, ToolError};
+use crate::plan;
 use crate::systemd::{self, Job, ServiceError, ServiceManager, SysV, Systemd};
 use crate::watch::{WatchCheck, WatchError, WatchStore};
 
@@ -136,7 +137,10 @@ pub async fn run<M: ServiceManager>(
             one(manager, unit, action, triggered, &mut changes, &mut output, &mut cancel).await?;
         }
         // Only now: a failure above leaves the old checksums, so the action is retried.
-        store.commit(&check)?;
+        // A plan leaves them too: the apply after it must still see the change.
+        if !plan::active() {
+            store.commit(&check)?;
+        }
         Ok::<(), Error>(())
     }
     .await;
@@ -159,6 +163,22 @@ async fn one<M: ServiceManager>(
 ) -> Result<(), Error> {
     let mut state = manager.state(unit).await?;
     let mut what = None;
+    if plan::active() {
+        // The same decisions on the state read above, without the jobs. A command
+        // action's effect (and whether the service runs after it) cannot be known
+        // without running it.
+        let would = match action {
+            Action::Command(_) if triggered => Some("action command ran"),
+            _ if triggered && state.running() => Some(match action {
+                Action::Restart => Job::Restart.done(),
+                _ => Job::Reload.done(),
+            }),
+            _ if !state.running() => Some(Job::Start.done()),
+            _ => None,
+        };
+        changes.extend(would.map(|w| Change::new(unit.as_str(), w)));
+        return Ok(());
+    }
     if triggered {
         if let Action::Command(cmd) = action {
             let spec = CommandSpec::tool("/bin/sh", ["-c", cmd.as_str()]).with_timeout(ACTION_TIMEOUT);

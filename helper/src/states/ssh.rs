@@ -340,10 +340,20 @@ pub fn target(username: Option<&str>, filename: &str) -> Result<Target, SshError
 /// An existing file's mode, uid and gid.
 type Attrs = (u32, u32, u32);
 
-/// The opened directory that holds the file (created when missing), and the file's
-/// current text, mode and owner (`None`: no file yet).
-fn open(t: &Target, changes: &mut Vec<Change>) -> Result<(Dir, String, Option<Attrs>), SshError> {
+/// The opened directory that holds the file (created when missing; in a plan, `None`
+/// when it would be), and the file's current text, mode and owner (`None`: no file yet).
+fn open(t: &Target, changes: &mut Vec<Change>) -> Result<(Option<Dir>, String, Option<Attrs>), SshError> {
     let parent = t.path.parent();
+    if crate::plan::active() {
+        let owner = if t.in_home { (t.uid, t.gid) } else { (0, 0) };
+        let mode = if t.in_home { 0o700 } else { fsutil::PARENT_DIR_MODE };
+        let planned =
+            fsutil::planned_dirs(parent.as_path(), mode, (Uid::from_raw(owner.0), Gid::from_raw(owner.1)), changes)?;
+        return match planned {
+            Some(dir) => read_existing(t, dir),
+            None => Ok((None, String::new(), None)),
+        };
+    }
     let dir = if t.in_home {
         fsutil::create_dir_all(parent.as_path(), 0o700, (Uid::from_raw(t.uid), Gid::from_raw(t.gid)), changes)?
     } else {
@@ -354,16 +364,20 @@ fn open(t: &Target, changes: &mut Vec<Change>) -> Result<(Dir, String, Option<At
             changes,
         )?
     };
+    read_existing(t, dir)
+}
+
+fn read_existing(t: &Target, dir: Dir) -> Result<(Option<Dir>, String, Option<Attrs>), SshError> {
     let name = file_name(&t.path);
     let shown = t.path.as_path().to_path_buf();
     let Some(meta) = dir.stat(name)? else {
-        return Ok((dir, String::new(), None));
+        return Ok((Some(dir), String::new(), None));
     };
     if meta.kind != rustix::fs::FileType::RegularFile {
         return Err(SshError::NotAFile { path: shown, found: dirfd::kind_of(meta.kind) });
     }
     let Some(mut f) = dir.open_file(name)? else {
-        return Ok((dir, String::new(), None));
+        return Ok((Some(dir), String::new(), None));
     };
     // Judged on the descriptor: the name may have been swapped since the stat.
     let now = dirfd::Meta::of_file(&f, &shown)?;
@@ -381,7 +395,7 @@ fn open(t: &Target, changes: &mut Vec<Change>) -> Result<(Dir, String, Option<At
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(SshError::TooLarge(shown));
     }
-    Ok((dir, String::from_utf8_lossy(&bytes).into_owned(), Some((now.mode, now.uid, now.gid))))
+    Ok((Some(dir), String::from_utf8_lossy(&bytes).into_owned(), Some((now.mode, now.uid, now.gid))))
 }
 
 fn file_name(path: &AbsPath) -> &OsStr {
@@ -392,7 +406,7 @@ fn file_name(path: &AbsPath) -> &OsStr {
 /// owner (a new one: 0600, the target's owner).
 fn write_if_changed(
     t: &Target,
-    dir: &Dir,
+    dir: Option<&Dir>,
     current: &str,
     existing: Option<Attrs>,
     text: &str,
@@ -406,7 +420,10 @@ fn write_if_changed(
         return Ok(());
     }
     let (mode, uid, gid) = existing.unwrap_or((0o600, t.uid, t.gid));
-    fsutil::write_in(dir, file_name(&t.path), text.as_bytes(), mode, uid, gid)?;
+    // A plan records the change; `dir` is missing only in a plan (it would be created).
+    if let Some(dir) = dir.filter(|_| !crate::plan::active()) {
+        fsutil::write_in(dir, file_name(&t.path), text.as_bytes(), mode, uid, gid)?;
+    }
     changes.push(Change::new(t.path.to_string(), what));
     Ok(())
 }
@@ -433,7 +450,7 @@ fn run_auth(p: &CommonSshAuth, changes: &mut Vec<Change>) -> Result<(), SshError
     let text = merge_auth(&current, &wanted, p.absent);
     let n = wanted.len();
     let what = if p.absent { format!("{n} key(s) removed") } else { format!("{n} key(s) written") };
-    write_if_changed(&t, &dir, &current, existing, &text, what, changes)
+    write_if_changed(&t, dir.as_ref(), &current, existing, &text, what, changes)
 }
 
 pub async fn known_host(p: &CommonSshKnownHost, mut cancel: Cancel) -> Outcome {
@@ -469,8 +486,9 @@ async fn run_known(
             args.extend(["-t".into(), family.to_string()]);
         }
         args.extend(["--".to_string(), host.to_string()]);
-        let spec =
-            CommandSpec::tool("ssh-keyscan", args).with_timeout(std::time::Duration::from_secs(KEYSCAN_TIMEOUT_SECS));
+        let spec = CommandSpec::tool("ssh-keyscan", args)
+            .inspection()
+            .with_timeout(std::time::Duration::from_secs(KEYSCAN_TIMEOUT_SECS));
         let scanned = exec::checked(&spec, &[0, 1], cancel).await?;
         let fingerprint = p.fingerprint.as_deref();
         let keys = scanned_keys(&scanned.output, &field, fingerprint)?;
@@ -482,7 +500,7 @@ async fn run_known(
     let (dir, current, existing) = open(&t, changes)?;
     let text = merge_known(&current, &field, &keys);
     let what = if p.absent { format!("{field} removed") } else { format!("{field}: {} key(s) written", keys.len()) };
-    write_if_changed(&t, &dir, &current, existing, &text, what, changes)
+    write_if_changed(&t, dir.as_ref(), &current, existing, &text, what, changes)
 }
 
 #[cfg(test)]

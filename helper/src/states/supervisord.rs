@@ -324,6 +324,10 @@ async fn steps(
     };
     let config_check = store.check(state, std::slice::from_ref(&config), false)?;
 
+    if crate::plan::active() {
+        return planned(sup, &config, &names, triggered, config_check.triggered(), run).await;
+    }
+
     // 1 and 2: supervisord itself.
     let mut fresh = false;
     if pid(sup, &config, run).await?.is_none() {
@@ -422,9 +426,53 @@ async fn steps(
     Ok(())
 }
 
+/// [`steps`] 1 to 5 as a plan: the same decisions from `pid` and `status`, without
+/// acting. A supervisord that does not run would be started, and what it then runs is
+/// known only once it has read its configuration.
+async fn planned(
+    sup: &Supervisor,
+    config: &AbsPath,
+    names: &[&str],
+    triggered: bool,
+    config_changed: bool,
+    run: &mut Run,
+) -> Result<(), SupervisorError> {
+    if pid(sup, config, run).await?.is_none() {
+        run.changes.push(Change::new(config.to_string(), "supervisord started"));
+        run.notes.push("what it runs is known once it has read its configuration".into());
+        return Ok(());
+    }
+    if config_changed {
+        run.changes.push(Change::new(config.to_string(), "supervisord restarted (reload): the configuration changed"));
+    }
+    let procs = status(sup, config, run).await?;
+    let mut targets: Vec<String> = Vec::new();
+    for name in names {
+        let found = matching(&procs, name);
+        if found.is_empty() {
+            run.changes.push(Change::new(group_of(name), "added to supervisord"));
+        }
+        for p in found {
+            if !targets.contains(&p.name) {
+                targets.push(p.name.clone());
+            }
+        }
+    }
+    for t in &targets {
+        let running = procs.iter().any(|p| &p.name == t && p.running());
+        if !running {
+            run.changes.push(Change::new(t.as_str(), "started"));
+        } else if triggered && !config_changed {
+            run.changes.push(Change::new(t.as_str(), "restarted"));
+        }
+    }
+    Ok(())
+}
+
 /// supervisord's pid, or `None` when it does not answer.
 async fn pid(sup: &Supervisor, config: &AbsPath, run: &mut Run) -> Result<Option<u32>, SupervisorError> {
-    let finished = exec::run(&sup.ctl(config, &["pid"]), &mut run.cancel).await.map_err(ToolError::from)?;
+    let finished =
+        exec::run(&sup.ctl(config, &["pid"]).inspection(), &mut run.cancel).await.map_err(ToolError::from)?;
     Ok(match finished.exit {
         Exit::Code(0) => finished.output.lines().rev().find_map(|l| l.trim().parse::<u32>().ok()),
         Exit::Cancelled => return Err(SupervisorError::Cancelled("supervisorctl pid")),
@@ -434,7 +482,7 @@ async fn pid(sup: &Supervisor, config: &AbsPath, run: &mut Run) -> Result<Option
 
 async fn status(sup: &Supervisor, config: &AbsPath, run: &mut Run) -> Result<Vec<Process>, SupervisorError> {
     // 3: some processes do not run; 4: a name is unknown (both still list the rest).
-    let out = run.query(&sup.ctl(config, &["status"]), &[0, 3, 4]).await?;
+    let out = run.query(&sup.ctl(config, &["status"]).inspection(), &[0, 3, 4]).await?;
     Ok(parse_status(&out))
 }
 

@@ -19,6 +19,7 @@ use rustix::fs::FileType;
 use crate::dirfd::{self, Dir, Last, Resolved, WalkError};
 use crate::fsutil::FsError;
 use crate::identity::IdentityError;
+use crate::plan;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SymlinkError {
@@ -83,7 +84,9 @@ fn run(p: &LinuxSymlink, changes: &mut Vec<Change>) -> Result<(), SymlinkError> 
             if points_to(&current, &source) {
                 let want = owner.applied_to(m.uid, m.gid);
                 if want != (m.uid, m.gid) {
-                    dir.chown_entry(name, want.0, want.1)?;
+                    if !plan::active() {
+                        dir.chown_entry(name, want.0, want.1)?;
+                    }
                     changes.push(Change::new(
                         link.to_string(),
                         format!("owner {}:{} -> {}:{}", m.uid, m.gid, want.0, want.1),
@@ -108,7 +111,11 @@ fn points_to(current: &Path, want: &AbsPath) -> bool {
 }
 
 /// A new link beside `name`, owned with `fchownat(AT_SYMLINK_NOFOLLOW)`, renamed over it.
+/// A plan records the change without making it.
 fn replace(dir: &Dir, name: &OsStr, source: &AbsPath, (uid, gid): (u32, u32)) -> Result<(), SymlinkError> {
+    if plan::active() {
+        return Ok(());
+    }
     let tmp = dir.temp_name(name);
     let made = (|| {
         dir.symlink(source.as_path(), &tmp)?;
@@ -132,7 +139,9 @@ fn remove(link: &AbsPath, changes: &mut Vec<Change>) -> Result<(), SymlinkError>
     match dir.stat(name)? {
         None => Ok(()),
         Some(m) if m.kind == FileType::Symlink => {
-            dir.unlink(name)?;
+            if !plan::active() {
+                dir.unlink(name)?;
+            }
             changes.push(Change::new(link.to_string(), "link removed"));
             Ok(())
         }

@@ -118,6 +118,11 @@ pub fn todo(paths: &Paths, name: &str, utc: bool) -> Result<Todo, TzError> {
 
 /// Writes the files directly (no systemd), `/etc/localtime` replaced atomically.
 pub fn write_files(paths: &Paths, name: &str, t: &Todo) -> Result<(), TzError> {
+    crate::plan::check("write", paths.localtime.display()).map_err(|r| TzError::Io {
+        path: paths.localtime.clone(),
+        op: "write",
+        source: r.into(),
+    })?;
     if t.zone.is_some() {
         let tmp = paths.localtime.with_file_name(".localtime.opsagent-tmp");
         let _ = fs::remove_file(&tmp);
@@ -160,6 +165,10 @@ pub async fn apply(p: &CommonTimezone, mut cancel: Cancel) -> Outcome {
     let result = async {
         let t = todo(&paths, name, p.use_utc)?;
         if t == Todo::default() {
+            return Ok(());
+        }
+        if crate::plan::active() {
+            changes = describe(&t);
             return Ok(());
         }
         if crate::systemd::booted() {

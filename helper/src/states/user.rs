@@ -416,6 +416,15 @@ async fn run(p: &LinuxUser, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
                     w.gid = Some(u64::from(g.gid.as_raw()));
                 }
             }
+            if crate::plan::active() {
+                // useradd chooses the uid when the recipe does not.
+                let uid = w.uid.map_or_else(|| "?".to_string(), |u| u.to_string());
+                changes.push(Change::new(name, format!("user created (uid {uid})")));
+                if managed_password(p).is_some() {
+                    changes.push(Change::new(name, "password set"));
+                }
+                return Ok(());
+            }
             exec::checked(&CommandSpec::tool("useradd", useradd_args(name, &w)), &[0], cancel).await?;
             let uid = account(name)?.map_or_else(|| "?".to_string(), |a| a.uid.to_string());
             changes.push(Change::new(name, format!("user created (uid {uid})")));
@@ -423,7 +432,9 @@ async fn run(p: &LinuxUser, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
         Some(have) => {
             let (args, made) = usermod_args(name, &have, &w);
             if !args.is_empty() {
-                exec::checked(&CommandSpec::tool("usermod", args), &[0], cancel).await?;
+                if !crate::plan::active() {
+                    exec::checked(&CommandSpec::tool("usermod", args), &[0], cancel).await?;
+                }
                 changes.extend(made);
             }
         }
@@ -440,8 +451,10 @@ async fn run(p: &LinuxUser, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let method = host_method(&read("/etc/login.defs"), &read("/etc/pam.d/common-password"));
     if let PasswordPlan::Set(hash) = password_plan(password, shadow_hash(&shadow, name), method)? {
-        let spec = CommandSpec::tool("chpasswd", ["-e"]).with_stdin(format!("{name}:{hash}\n"));
-        exec::checked(&spec, &[0], cancel).await?;
+        if !crate::plan::active() {
+            let spec = CommandSpec::tool("chpasswd", ["-e"]).with_stdin(format!("{name}:{hash}\n"));
+            exec::checked(&spec, &[0], cancel).await?;
+        }
         changes.push(Change::new(name, "password set"));
     }
     Ok(())

@@ -71,6 +71,39 @@ pub struct Opts {
 }
 
 /// Arguments for `dnf`/`yum` `op` (install, upgrade, remove, check-update).
+/// What a plan says an apply of `todo` would change, in an apply's words where the
+/// version is known before yum resolves it.
+pub fn expected_changes(items: &[Item], before: &BTreeMap<String, Vec<String>>, todo: &Plan) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for i in items {
+        let have = before.get(&i.name).and_then(|v| v.last());
+        // As `plan` wrote each install.
+        let planned = match &i.want {
+            Want::Version(v) => format!("{}-{v}", i.name),
+            Want::File(p) => p.display().to_string(),
+            _ => i.name.clone(),
+        };
+        let installs = todo.install.contains(&planned);
+        let what = if installs {
+            let to = match &i.want {
+                Want::Version(v) => v.clone(),
+                Want::File(_) => i.file_version.clone().unwrap_or_default(),
+                _ => "the version yum resolves".to_string(),
+            };
+            match have {
+                None => format!("installed {to}"),
+                Some(b) => format!("{b} -> {to}"),
+            }
+        } else if todo.remove.contains(&i.name) {
+            "removed".to_string()
+        } else {
+            continue;
+        };
+        changes.push(Change::new(i.name.clone(), what));
+    }
+    changes
+}
+
 pub fn args(op: &str, opts: &Opts, items: &[String]) -> Vec<String> {
     let mut args = vec!["-y".to_string(), "-q".to_string()];
     if let Some(repo) = &opts.repo {
@@ -108,7 +141,7 @@ pub async fn apply(p: &LinuxYumPackage, mut cancel: Cancel) -> Outcome {
 async fn rpm_q(names: &[String], cancel: &mut Cancel) -> Result<BTreeMap<String, Vec<String>>, ToolError> {
     let mut args = vec!["-q".to_string(), "--qf".to_string(), RPM_QUERY_FORMAT.to_string()];
     args.extend(names.iter().cloned());
-    let spec = CommandSpec::tool("rpm", args);
+    let spec = CommandSpec::tool("rpm", args).inspection();
     // The exit status is the number of names not installed: an answer, not a failure.
     let f = exec::run(&spec, cancel).await?;
     if f.exit == Exit::Cancelled {
@@ -130,7 +163,7 @@ async fn run_state(
         let (name, file_version) = match &want {
             Want::File(path) => {
                 let file = path.display().to_string();
-                let spec = CommandSpec::tool("rpm", ["-qp", "--qf", RPM_QUERY_FORMAT, file.as_str()]);
+                let spec = CommandSpec::tool("rpm", ["-qp", "--qf", RPM_QUERY_FORMAT, file.as_str()]).inspection();
                 let out = exec::checked(&spec, &[0], cancel).await?.output;
                 let (n, v) =
                     out.lines().find_map(|l| l.split_once('\t')).ok_or_else(|| PkgError::Unreadable(path.clone()))?;
@@ -155,7 +188,12 @@ async fn run_state(
     let mut upgradable = BTreeSet::new();
     if !latest.is_empty() {
         // check-update exits 100 when it lists upgrades, 0 when there are none.
-        let spec = CommandSpec::tool(pm, args("check-update", &opts, &latest));
+        let mut check = args("check-update", &opts, &latest);
+        if crate::plan::active() {
+            // From the metadata cache only: a plan does not refresh it (a write).
+            check.insert(0, "-C".into());
+        }
+        let spec = CommandSpec::tool(pm, check).inspection();
         let out = exec::checked(&spec, &[0, 100], cancel).await?.output;
         for l in out.lines() {
             if let Some(name) = l.split_whitespace().next().and_then(|n| n.rsplit_once('.').map(|(n, _)| n)) {
@@ -166,6 +204,10 @@ async fn run_state(
         }
     }
     let todo = plan(&items, &before, &upgradable);
+    if crate::plan::active() {
+        changes.extend(expected_changes(&items, &before, &todo));
+        return Ok(());
+    }
     let mut result = Ok(());
     for (op, list) in [("install", &todo.install), ("remove", &todo.remove)] {
         if list.is_empty() || result.is_err() {

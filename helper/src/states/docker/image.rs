@@ -74,6 +74,14 @@ pub async fn pull(
     cancel: &mut Cancel,
 ) -> Result<(), DockerError> {
     let before = docker.image_id(reference, cancel).await?;
+    if crate::plan::active() {
+        // Whether the registry holds a newer image is known only by pulling, which a
+        // plan does not do: a missing image would be pulled; a present one is kept.
+        if before.is_none() {
+            report.change(format!("image {reference}"), "pulled (image chosen by the registry)");
+        }
+        return Ok(());
+    }
     docker.must(docker.spec(["pull", reference]).with_timeout(TRANSFER_TIMEOUT), report, cancel).await?;
     let after =
         docker.image_id(reference, cancel).await?.ok_or_else(|| DockerError::NoImage(reference.into(), "pull"))?;

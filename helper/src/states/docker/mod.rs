@@ -141,6 +141,8 @@ impl PrivateDir {
             source: io::Error::other(e.to_string()),
         })?;
         let path = parent.join(hex::encode(random));
+        crate::plan::check("create the directory", path.display())
+            .map_err(|r| io_err(&path, "create directory")(r.into()))?;
         DirBuilder::new().mode(0o700).create(&path).map_err(io_err(&path, "create directory"))?;
         Ok(Self { path })
     }
@@ -148,6 +150,7 @@ impl PrivateDir {
     /// Writes `name` (0600, new) in the directory.
     pub fn write(&self, name: &str, content: &[u8]) -> Result<PathBuf, DockerError> {
         let file = self.path.join(name);
+        crate::plan::check("create", file.display()).map_err(|r| io_err(&file, "create")(r.into()))?;
         let mut f =
             OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).map_err(io_err(&file, "create"))?;
         f.write_all(content).map_err(io_err(&file, "write"))?;
@@ -370,18 +373,18 @@ impl Docker {
 
     /// Whether the client is Podman's (`docker --version` names it).
     pub async fn is_podman(&self, cancel: &mut Cancel) -> bool {
-        exec::run(&self.spec(["--version"]), cancel)
+        exec::run(&self.spec(["--version"]).inspection(), cancel)
             .await
             .is_ok_and(|f| f.output.to_ascii_lowercase().contains("podman"))
     }
 
     pub async fn image_id(&self, reference: &str, cancel: &mut Cancel) -> Result<Option<String>, DockerError> {
-        let spec = self.spec(["image", "inspect", "--format", "{{.Id}}", reference]);
+        let spec = self.spec(["image", "inspect", "--format", "{{.Id}}", reference]).inspection();
         Ok(self.query(spec, cancel).await?.map(|o| o.trim().to_string()).filter(|id| !id.is_empty()))
     }
 
     pub async fn container(&self, name: &str, cancel: &mut Cancel) -> Result<Option<ContainerInfo>, DockerError> {
-        let spec = self.spec(["container", "inspect", name]);
+        let spec = self.spec(["container", "inspect", name]).inspection();
         let command = spec.display();
         match self.query(spec, cancel).await? {
             None => Ok(None),
@@ -392,7 +395,7 @@ impl Docker {
     }
 
     pub async fn container_names(&self, cancel: &mut Cancel) -> Result<Vec<String>, DockerError> {
-        let spec = self.spec(["ps", "--all", "--format", "{{.Names}}"]);
+        let spec = self.spec(["ps", "--all", "--format", "{{.Names}}"]).inspection();
         let done = exec::checked(&spec, &[0], cancel).await?;
         Ok(done.output.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
     }

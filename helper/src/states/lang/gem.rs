@@ -110,7 +110,7 @@ pub async fn apply_using(gem: Option<Tool>, p: &CommonGemPackage, cancel: Cancel
 }
 
 async fn list(gem: &Tool, run: &mut Run) -> Result<Listing, LangError> {
-    let out = run.query(&gem.command(["list", "--local"], super::QUERY_TIMEOUT), &[0]).await?;
+    let out = run.query(&gem.command(["list", "--local"], super::QUERY_TIMEOUT).inspection(), &[0]).await?;
     Ok(parse_list(&out))
 }
 
@@ -121,7 +121,7 @@ async fn run_state(gem: &Tool, p: &CommonGemPackage, run: &mut Run) -> Result<()
     let ask: Vec<String> = super::needs_latest(&items, &before).iter().map(|i| i.name.clone()).collect();
     if !ask.is_empty() {
         let args = ["list", "--remote", "--exact"].into_iter().map(String::from).chain(ask.iter().cloned());
-        let remote = parse_list(&run.query(&gem.command(args, super::QUERY_TIMEOUT), &[0]).await?);
+        let remote = parse_list(&run.query(&gem.command(args, super::QUERY_TIMEOUT).inspection(), &[0]).await?);
         for name in ask {
             // Without --all, the remote listing holds the newest version only.
             let newest = remote.get(&name).and_then(|i| i.versions.first().cloned());
@@ -172,8 +172,9 @@ pub async fn source_using(gem: Option<Tool>, p: &CommonGemSource, cancel: Cancel
     let result = match gem {
         Some(gem) => {
             async {
-                let listed =
-                    parse_sources(&run.query(&gem.command(["sources", "--list"], super::QUERY_TIMEOUT), &[0]).await?);
+                let listed = parse_sources(
+                    &run.query(&gem.command(["sources", "--list"], super::QUERY_TIMEOUT).inspection(), &[0]).await?,
+                );
                 if listed.iter().any(|s| s == url.trim_end_matches('/')) {
                     return Ok(());
                 }

@@ -163,7 +163,7 @@ async fn list(npm: &Tool, target: &Target, run: &mut Run) -> Result<Listing, Lan
     let mut args = vec!["ls".to_string()];
     args.extend(target.args());
     args.extend(["--json".to_string(), "--depth=0".into()]);
-    let spec = npm.command(args, super::QUERY_TIMEOUT);
+    let spec = npm.command(args, super::QUERY_TIMEOUT).inspection();
     let out = run.query(&spec, &[0, 1]).await?;
     parse_ls(&out).ok_or_else(|| LangError::unreadable(&spec, "no JSON package tree"))
 }
@@ -208,7 +208,7 @@ async fn run_state(npm: &Tool, p: &CommonNpmPackage, run: &mut Run) -> Result<()
 }
 
 async fn newest(npm: &Tool, item: &Item, run: &mut Run) -> Result<String, LangError> {
-    let spec = npm.command(["view", item.name.as_str(), "version", "--json"], super::QUERY_TIMEOUT);
+    let spec = npm.command(["view", item.name.as_str(), "version", "--json"], super::QUERY_TIMEOUT).inspection();
     let out = run.query(&spec, &[0]).await?;
     find_json(&out, Value::is_string)
         .and_then(|v| v.as_str().map(str::to_string))

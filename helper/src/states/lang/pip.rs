@@ -170,7 +170,7 @@ pub async fn apply_using(pip: Option<Tool>, p: &CommonPipPackage, cancel: Cancel
 
 /// Lists what a pip sees as installed.
 pub async fn list(pip: &Tool, run: &mut Run) -> Result<Listing, LangError> {
-    let spec = pip.command(["list", "--format=json"], super::QUERY_TIMEOUT);
+    let spec = pip.command(["list", "--format=json"], super::QUERY_TIMEOUT).inspection();
     let out = run.query(&spec, &[0]).await?;
     parse_list(&out).ok_or_else(|| LangError::unreadable(&spec, "no JSON list of name/version objects"))
 }
@@ -206,7 +206,7 @@ async fn run_state(pip: &Tool, p: &CommonPipPackage, run: &mut Run) -> Result<()
 }
 
 async fn newest(pip: &Tool, item: &Item, run: &mut Run) -> Result<String, LangError> {
-    let spec = pip.command(["index", "versions", item.name.as_str()], super::QUERY_TIMEOUT);
+    let spec = pip.command(["index", "versions", item.name.as_str()], super::QUERY_TIMEOUT).inspection();
     let out = run.query(&spec, &[0]).await?;
     parse_index_versions(&out, &item.name).ok_or_else(|| LangError::NotInIndex { name: item.name.clone() })
 }

@@ -295,7 +295,7 @@ mod tests {
             args.join(" "),
             "--python /usr/bin/python3.11 --extra-search-dir /opt/wheels --extra-search-dir /srv/w /srv/venv"
         );
-        let pip = venv_pip(&path).command(["list"], super::super::QUERY_TIMEOUT);
+        let pip = venv_pip(&path).command(["list"], super::super::QUERY_TIMEOUT).inspection().inspection();
         assert_eq!(pip.display(), "/srv/venv/bin/python -m pip list");
     }
 

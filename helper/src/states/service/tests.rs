@@ -178,6 +178,45 @@ fn changes(o: &Outcome) -> Vec<String> {
     o.changes.iter().map(ToString::to_string).collect()
 }
 
+impl Fake {
+    async fn plan(&self, raw: Value) -> Outcome {
+        let plan = crate::plan::Plan::new();
+        crate::plan::scope(Some(plan), self.apply(raw)).await
+    }
+}
+
+#[tokio::test]
+async fn a_plan_says_what_would_be_started_or_reloaded_and_sends_no_job() {
+    let f = Fake::new(&[("web.service", FakeUnit::new("inactive")), ("db.service", FakeUnit::new("active"))]).await;
+    let conf = f.file("db.conf", "a=1\n");
+    let state = json!({"name": ["web", {"key": "db", "value": "restart"}], "watch": [conf]});
+    let planned = f.plan(state.clone()).await;
+    assert!(planned.result, "{planned:?}");
+    assert_eq!(changes(&planned), ["web.service: started", "db.service: restarted"]);
+    assert!(f.jobs().is_empty(), "a plan sent jobs");
+    // The plan kept no checksum: the apply still sees the watched file as new.
+    let applied = f.apply(state.clone()).await;
+    assert_eq!(changes(&applied), changes(&planned));
+    assert_eq!(f.jobs(), ["StartUnit web.service", "RestartUnit db.service"]);
+    let after = f.plan(state).await;
+    assert!(after.result && after.changes.is_empty(), "{after:?}");
+    assert!(f.jobs().is_empty());
+}
+
+#[tokio::test]
+async fn a_job_asked_for_in_a_plan_is_refused_before_it_reaches_systemd() {
+    let f = Fake::new(&[("web.service", FakeUnit::new("inactive"))]).await;
+    let unit = UnitName::service("web").unwrap();
+    let planned = crate::plan::scope(Some(crate::plan::Plan::new()), async {
+        f.systemd.run(&unit, Job::Start, &mut Cancel::never()).await
+    })
+    .await;
+    assert!(matches!(planned, Err(ServiceError::Plan(_))), "{planned:?}");
+    assert!(f.jobs().is_empty(), "the job reached systemd");
+    let reload = crate::plan::scope(Some(crate::plan::Plan::new()), f.systemd.daemon_reload()).await;
+    assert!(matches!(reload, Err(ServiceError::Plan(_))), "{reload:?}");
+}
+
 #[tokio::test]
 async fn a_stopped_service_is_started_then_left_alone() {
     let f = Fake::new(&[("web.service", FakeUnit::new("inactive")), ("db.service", FakeUnit::new("active"))]).await;

@@ -256,7 +256,7 @@ pub fn parse_rows(text: &str) -> Vec<Vec<String>> {
 async fn report(command: &str, fields: &str, cancel: &mut Cancel) -> Result<Vec<Vec<String>>, LvmError> {
     let program = require_tool(command, "lvm2").map_err(StorageToolError::from)?;
     let args = vec!["--noheadings".into(), "--separator".into(), "|".into(), "-o".into(), fields.into()];
-    let done = exec::checked(&tool(&program, args), &[0], cancel).await?;
+    let done = exec::checked(&tool(&program, args).inspection(), &[0], cancel).await?;
     Ok(parse_rows(&done.output))
 }
 
@@ -276,7 +276,10 @@ async fn groups(cancel: &mut Cancel) -> Result<Vec<String>, LvmError> {
 
 async fn lvm_run(command: &str, args: Vec<String>, cancel: &mut Cancel) -> Result<(), LvmError> {
     let program = require_tool(command, "lvm2").map_err(StorageToolError::from)?;
-    exec::checked(&tool(&program, args), &[0], cancel).await?;
+    // A plan records the change its caller describes, without the call.
+    if !crate::plan::active() {
+        exec::checked(&tool(&program, args), &[0], cancel).await?;
+    }
     Ok(())
 }
 

@@ -137,9 +137,12 @@ async fn run(
         return Err(MkfsError::Occupied { device: device.as_str(), fstype, found: found.describe() });
     }
     let program_path = require_tool(&program, &package).map_err(StorageToolError::from)?;
-    exec::checked(&tool(&program_path, args), &[0], cancel).await?;
-    let after = probe(device.path.as_path(), cancel).await?;
-    if after.fstype.as_deref() != Some(probed) {
+    let planning = crate::plan::active();
+    if !planning {
+        exec::checked(&tool(&program_path, args), &[0], cancel).await?;
+    }
+    let after = if planning { None } else { Some(probe(device.path.as_path(), cancel).await?) };
+    if let Some(after) = after.filter(|a| a.fstype.as_deref() != Some(probed)) {
         return Err(MkfsError::NotCreated { tool: program, device: device.as_str(), found: after.describe() });
     }
     let what = match label {

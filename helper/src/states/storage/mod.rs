@@ -223,7 +223,7 @@ fn unescape_blkid(v: &str) -> String {
 /// Probes `device` (a block device or an image file) with `blkid -p`.
 pub async fn probe(device: &Path, cancel: &mut Cancel) -> Result<Probe, StorageToolError> {
     let blkid = require_tool("blkid", "util-linux (blkid)")?;
-    let spec = tool(&blkid, vec!["-p".into(), "-o".into(), "export".into(), device.display().to_string()]);
+    let spec = tool(&blkid, vec!["-p".into(), "-o".into(), "export".into(), device.display().to_string()]).inspection();
     // 2: nothing found; 8: ambivalent result (several signatures).
     let done = exec::checked(&spec, &[0, 2, 8], cancel).await?;
     Ok(match done.exit {

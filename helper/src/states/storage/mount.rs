@@ -379,11 +379,13 @@ async fn run<M: Mounter>(
     });
     let from_fstab = line.is_some() && mounter.mounts_from_fstab();
     if let Some(line) = line.as_ref().filter(|_| from_fstab) {
-        if write_fstab_line(host, line, changes)? || !mounted {
+        if (write_fstab_line(host, line, changes)? || !mounted) && !crate::plan::active() {
             mounter.reload_fstab().await?;
         }
     }
-    if !mounted {
+    if !mounted && crate::plan::active() {
+        changes.push(Change::new(path.to_string(), format!("{device} mounted ({fstype})")));
+    } else if !mounted {
         let req = MountRequest {
             device: device.to_string(),
             path: real.clone(),
@@ -425,7 +427,8 @@ async fn resolve(device: &str, cancel: &mut Cancel) -> Result<Source, MountError
     let token = ["UUID=", "LABEL=", "PARTUUID=", "PARTLABEL="].iter().any(|t| device.starts_with(t));
     let path = if token {
         let blkid = require_tool("blkid", "util-linux (blkid)").map_err(StorageToolError::from)?;
-        let spec = tool(&blkid, vec!["-l".into(), "-o".into(), "device".into(), "-t".into(), device.into()]);
+        let spec =
+            tool(&blkid, vec!["-l".into(), "-o".into(), "device".into(), "-t".into(), device.into()]).inspection();
         let done = exec::checked(&spec, &[0, 2], cancel).await?;
         match done.output.lines().map(str::trim).find(|l| l.starts_with('/')) {
             Some(p) if done.exit == exec::Exit::Code(0) => PathBuf::from(p),
@@ -651,7 +654,9 @@ pub fn update_fstab(fstab: &AbsPath, line: &FstabLine) -> Result<bool, MountErro
     let Some(merged) = merge_fstab(&text, line) else {
         return Ok(false);
     };
-    fsutil::write_atomic(fstab, merged.as_bytes(), mode, uid, gid)?;
+    if !crate::plan::active() {
+        fsutil::write_atomic(fstab, merged.as_bytes(), mode, uid, gid)?;
+    }
     Ok(true)
 }
 

@@ -89,7 +89,7 @@ async fn run(p: &LinuxRaid, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
         return Err(RaidError::NoMembers);
     }
     let mdadm = require_tool("mdadm", "mdadm").map_err(StorageToolError::from)?;
-    let detail = tool(&mdadm, vec!["--detail".into(), array.to_string()]);
+    let detail = tool(&mdadm, vec!["--detail".into(), array.to_string()]).inspection();
     if exec::run(&detail, cancel).await.map_err(ToolError::from)?.exit == Exit::Code(0) {
         return Ok(());
     }
@@ -107,11 +107,15 @@ async fn run(p: &LinuxRaid, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
     if superblocks == members.len() && !force {
         let mut args = vec!["--assemble".to_string(), array.to_string()];
         args.extend(names.iter().cloned());
-        exec::checked(&tool(&mdadm, args), &[0], cancel).await?;
+        if !crate::plan::active() {
+            exec::checked(&tool(&mdadm, args), &[0], cancel).await?;
+        }
         changes.push(Change::new(array.to_string(), format!("array assembled from {}", names.join(", "))));
         return Ok(());
     }
-    exec::checked(&tool(&mdadm, create_args(p, &array.to_string(), &names)), &[0], cancel).await?;
+    if !crate::plan::active() {
+        exec::checked(&tool(&mdadm, create_args(p, &array.to_string(), &names)), &[0], cancel).await?;
+    }
     changes.push(Change::new(array.to_string(), format!("{} array created on {}", p.level.trim(), names.join(", "))));
     Ok(())
 }

@@ -156,7 +156,7 @@ impl Git<'_> {
     async fn rev_parse(&mut self, name: &str) -> Result<Option<String>, VcsError> {
         // No `--end-of-options` (git 2.24+): names never start with '-' here.
         let args = ["rev-parse", "--verify", "--quiet", name];
-        let spec = self.runner.local(args, self.path.as_path());
+        let spec = self.runner.local(args, self.path.as_path()).inspection();
         // 1: no such object; 128: not a valid name at all (`a..b`). Both are "not this".
         let finished = run(&spec, &[0, 1, 128], self.cancel).await?;
         if finished.exit != Exit::Code(0) {
@@ -171,7 +171,8 @@ impl Git<'_> {
 
     /// `ancestor` is `descendant` or one of its ancestors.
     async fn is_ancestor(&mut self, ancestor: &str, descendant: &str) -> Result<bool, VcsError> {
-        let spec = self.runner.local(["merge-base", "--is-ancestor", ancestor, descendant], self.path.as_path());
+        let spec =
+            self.runner.local(["merge-base", "--is-ancestor", ancestor, descendant], self.path.as_path()).inspection();
         Ok(run(&spec, &[0, 1], self.cancel).await?.exit == Exit::Code(0))
     }
 
@@ -208,7 +209,7 @@ impl Git<'_> {
     ) -> Result<(), VcsError> {
         let path = self.path.to_string();
         let repo = self.repo.clone();
-        let spec = self.runner.local(["config", "--get", "remote.origin.url"], self.path.as_path());
+        let spec = self.runner.local(["config", "--get", "remote.origin.url"], self.path.as_path()).inspection();
         let origin = run(&spec, &[0, 1], self.cancel).await?;
         match origin.exit {
             Exit::Code(0) if origin.output.trim() == repo => {}
@@ -238,7 +239,7 @@ impl Git<'_> {
             return Ok(());
         }
         let head = self.rev_parse("HEAD^{commit}").await?;
-        let spec = self.runner.local(["symbolic-ref", "--quiet", "--short", "HEAD"], self.path.as_path());
+        let spec = self.runner.local(["symbolic-ref", "--quiet", "--short", "HEAD"], self.path.as_path()).inspection();
         let symbolic = run(&spec, &[0, 1], self.cancel).await?;
         let on_branch = (symbolic.exit == Exit::Code(0)).then(|| symbolic.output.trim().to_string());
         let status = self.local_raw(&["status", "--porcelain", "--untracked-files=no"]).await?;

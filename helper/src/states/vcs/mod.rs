@@ -262,6 +262,7 @@ impl Runner {
             gid: self.gid,
             timeout: Some(timeout),
             stdin: None,
+            reads_only: false,
         }
     }
 
