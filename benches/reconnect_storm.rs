@@ -295,6 +295,48 @@ async fn all_connected(fleet: &Fleet, connects: u64, limit: Duration) -> Vec<Opt
     out
 }
 
+/// Why connections churned: the backend's events by kind (and the reasons of its
+/// refusals and timeouts), the sessions the agents opened, and the agents' last errors
+/// (the reason of the connect attempt that failed last), most frequent first.
+fn churn(dir: &Path, fleet: &Fleet) {
+    let text: String = (1..=9)
+        .rev()
+        .map(|n| dir.join(format!("events.jsonl.{n}")))
+        .chain([dir.join("events.jsonl")])
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect();
+    let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
+        let mut kind = e["event"].as_str().unwrap_or("?").to_string();
+        if kind == "message" {
+            kind = format!("message {}", e["code"].as_str().unwrap_or("?"));
+        }
+        if let Some(r) = e["reason"].as_str() {
+            kind = format!("{kind}: {r}");
+        }
+        *kinds.entry(kind).or_default() += 1;
+    }
+    println!("backend events so far:");
+    for (k, n) in &kinds {
+        println!("  {n:>7}  {k}");
+    }
+    let statuses: Vec<LinkStatus> = fleet.statuses.iter().map(|s| s.borrow().clone()).collect();
+    let sessions: u64 = statuses.iter().map(|s| s.connects).sum();
+    let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
+    for s in &statuses {
+        // Numbers (ports, seconds) differ per agent: one line per kind of error.
+        let e = s.last_error.as_deref().unwrap_or("(none)");
+        let kind: String = e.chars().map(|c| if c.is_ascii_digit() { '#' } else { c }).collect();
+        *errors.entry(kind).or_default() += 1;
+    }
+    let mut errors: Vec<(String, usize)> = errors.into_iter().collect();
+    errors.sort_by_key(|e| std::cmp::Reverse(e.1));
+    println!("agents: {sessions} WebSocket sessions opened by {} agents; last errors:", statuses.len());
+    for (e, n) in errors.iter().take(8) {
+        println!("  {n:>7}  {e}");
+    }
+}
+
 fn start_fleet(n: usize, url: &str, app: &str, attempts: Arc<Mutex<Vec<Instant>>>) -> Fleet {
     let (stop, stop_rx) = watch::channel(false);
     let mut statuses = Vec::new();
@@ -346,6 +388,10 @@ async fn scenario(args: &Args, hint: Option<u64>) {
         backend.child.id()
     );
     println!("initial connect: {up}/{} connected in {:.2} s", args.agents, t_start.elapsed().as_secs_f64());
+    churn(dir, &fleet);
+    let first_hs = handshake_times(dir);
+    let origin = first_hs.iter().copied().fold(f64::MAX, f64::min);
+    histogram("initial connect: Handshakes per second at the backend (t=0 at the first):", &first_hs, origin, 1.0);
     // Each agent's first Handshake pinned its instance (one file each, synced before the
     // Handshake was answered).
     let pins = std::fs::read_dir(dir.join("statelog.jsonl.pins"))

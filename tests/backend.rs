@@ -1255,3 +1255,67 @@ async fn an_agent_that_does_not_read_is_cut_off_and_one_that_reads_is_not() {
     assert!(!env.events_lines().iter().any(|e| e["event"] == "slow_reader" && e["conn"] == fast_conn));
     backend.shutdown().await;
 }
+
+/// A StateLogAck tells the agent it may forget the record: the line must be on disk
+/// first. Seen from the system calls: the statelog line is written, then the file is
+/// synced (finished), and only then does the ack leave the backend — for a first record
+/// and for a resend of one already recorded.
+#[tokio::test]
+async fn a_statelog_line_is_on_disk_before_it_is_acknowledged() {
+    if !have_tool("strace") {
+        return;
+    }
+    let env = Env::new();
+    env.write_json("app-1.json", &recipe(json!([comment("s1")])));
+    let trace = env.dir.path().join("strace.txt");
+    let mut cmd = tokio::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-s", "4000", "-e", "trace=fsync,fdatasync,write,writev,sendto,sendmsg"])
+        .arg("-o")
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_opsagent-backend"))
+        .args(["--listen", "127.0.0.1:0", "--poll-ms", "50"])
+        .arg("--recipe-dir")
+        .arg(env.recipes())
+        .arg("--statelog")
+        .arg(env.statelog())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = Child(cmd.spawn().unwrap());
+    let mut lines = tokio::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().expect("no listening line");
+    let addr = line.strip_prefix("opsagent-backend listening on ").unwrap_or_else(|| panic!("{line:?}"));
+    let mut agent = Agent::connect(&format!("ws://{addr}"), who("app-1", "i-1", "1.2.0")).await;
+    agent.handshake_for_recipe(ALL_CAPS).await;
+    agent.state_log(1, "s1", true, Some(7)).await;
+    assert_eq!(agent.expect("StateLogAck").await["seq"], 7);
+    // The same record again: acknowledged, not appended, and still only once durable.
+    agent.state_log(1, "s1", true, Some(7)).await;
+    assert_eq!(agent.expect("StateLogAck").await["seq"], 7);
+    let strace = child.0.id().unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap();
+    let pid: i32 = children.split_whitespace().next().expect("strace runs the backend").parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    tokio::time::timeout(WAIT, child.0.wait()).await.unwrap().unwrap();
+    assert_eq!(env.statelog_lines().len(), 1, "the acknowledged line is there after a kill");
+
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let find =
+        |from: usize, what: &dyn Fn(&str) -> bool| lines.iter().skip(from).position(|l| what(l)).map(|i| i + from);
+    let synced = |l: &str| {
+        ((l.contains("fdatasync(") || l.contains("fsync(")) && !l.contains("unfinished"))
+            || l.contains("<... fdatasync resumed>")
+            || l.contains("<... fsync resumed>")
+    };
+    let written = find(0, &|l| l.starts_with(|c: char| c.is_ascii_digit()) && l.contains("received_at"))
+        .unwrap_or_else(|| panic!("no statelog line written:\n{text}"));
+    let mut from = written;
+    for n in 1..=2 {
+        let ack = find(from, &|l| l.contains("StateLogAck"))
+            .unwrap_or_else(|| panic!("StateLogAck {n} not written after the line:\n{text}"));
+        let sync = find(from, &synced).unwrap_or_else(|| panic!("no sync after the line:\n{text}"));
+        assert!(sync < ack, "StateLogAck {n} leaves before the line is synced:\n{text}");
+        from = ack + 1;
+    }
+}

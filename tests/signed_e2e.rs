@@ -79,23 +79,7 @@ fn only_what_the_backend_signed_runs_and_the_rest_is_reported() {
     let s = setup(APP, |w| recipe(w, 1, "signed-ok"));
     let (dir, work, recipes, statelog, socket) = (s.dir.as_path(), &s.work, &s.recipes, &s.statelog, &s.socket);
 
-    // The key an operator makes: `minisign -G -W` (no password).
-    let key_file = dir.join("recipes.key");
-    let pub_file = dir.join("recipes.pub");
-    let made = std::process::Command::new("minisign")
-        .args(["-G", "-W", "-f", "-p"])
-        .arg(&pub_file)
-        .arg("-s")
-        .arg(&key_file)
-        .output();
-    if !made.as_ref().is_ok_and(|o| o.status.success()) {
-        skip(&format!("minisign cannot make a key here ({made:?}); signed recipes end to end not run"));
-        return;
-    }
-    let public = std::fs::read_to_string(&pub_file).unwrap().lines().nth(1).unwrap().to_string();
-    let conf = dir.join("opsagent.conf");
-    std::fs::write(&conf, format!("[userdata]\napp_id = {APP}\nrecipe_key = {public}\n")).unwrap();
-    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let Some((key_file, conf)) = make_key(dir) else { return };
     let helper_state = dir.join("helper-state");
     let helper_args = ["--config", conf.to_str().unwrap(), "--state-dir", helper_state.to_str().unwrap()];
 
@@ -205,6 +189,65 @@ fn only_what_the_backend_signed_runs_and_the_rest_is_reported() {
     );
     assert_eq!(std::fs::read_to_string(work.join("f.conf")).unwrap(), "signed-v2");
     assert!(agent.log_text().contains("the helper verifies recipes"), "{}", agent.log_text());
+}
+
+/// The key an operator makes (`minisign -G -W`, no password) and a helper
+/// configuration trusting it: (secret key file, configuration file). `None`: minisign
+/// cannot make a key here (said on stderr).
+fn make_key(dir: &Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let key_file = dir.join("recipes.key");
+    let pub_file = dir.join("recipes.pub");
+    let made = std::process::Command::new("minisign")
+        .args(["-G", "-W", "-f", "-p"])
+        .arg(&pub_file)
+        .arg("-s")
+        .arg(&key_file)
+        .output();
+    if !made.as_ref().is_ok_and(|o| o.status.success()) {
+        skip(&format!("minisign cannot make a key here ({made:?}); signed recipes end to end not run"));
+        return None;
+    }
+    let public = std::fs::read_to_string(&pub_file).unwrap().lines().nth(1).unwrap().to_string();
+    let conf = dir.join("opsagent.conf");
+    std::fs::write(&conf, format!("[userdata]\napp_id = {APP}\nrecipe_key = {public}\n")).unwrap();
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o640)).unwrap();
+    Some((key_file, conf))
+}
+
+/// #18 item 3 in signed mode: a signed recipe with a state whose id is unusable is still
+/// verified by the helper, so the states before it run and that state fails with its own
+/// StateLog naming the problem — not the whole recipe refused.
+#[test]
+fn a_bad_state_of_a_signed_recipe_fails_alone() {
+    let s = setup(APP, |w| {
+        json!({"recipe_version": 1, "state": [
+            {"id": "s-file", "module": "linux.file", "parameter": {"path": format!("{}/f.conf", w.display()), "content": "before"}},
+            {"id": "", "module": "linux.file", "parameter": {"path": format!("{}/bad.conf", w.display()), "content": "bad"}}
+        ]})
+    });
+    let (dir, work, recipes, statelog, socket) = (s.dir.as_path(), &s.work, &s.recipes, &s.statelog, &s.socket);
+    let Some((key_file, conf)) = make_key(dir) else { return };
+    let helper_state = dir.join("helper-state");
+    let helper_args = ["--config", conf.to_str().unwrap(), "--state-dir", helper_state.to_str().unwrap()];
+    let sign = ["--poll-ms", "100", "--signing-key", key_file.to_str().unwrap()];
+    let (_backend, port) = start_backend(dir, recipes, statelog, &sign);
+    let helper = start_helper_with(dir, socket, &helper_args);
+    let mut agent = start_agent(dir, port, APP, "i-bad", socket, &["--round-delay", "1"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || logs_of(statelog, "i-bad", 1).len() >= 2),
+        "two StateLogs expected; agent: {}\nhelper: {}",
+        agent.log_text(),
+        helper.log_text()
+    );
+    let logs = logs_of(statelog, "i-bad", 1);
+    assert_eq!((&logs[0]["stateid"], &logs[0]["state_result"]), (&json!("s-file"), &json!(true)), "{}", logs[0]);
+    assert_eq!((&logs[1]["stateid"], &logs[1]["state_result"]), (&json!(""), &json!(false)), "{}", logs[1]);
+    let comment = logs[1]["state_comment"].as_str().unwrap();
+    assert!(comment.contains("state id \"\" is empty"), "{comment}");
+    assert_eq!(std::fs::read_to_string(work.join("f.conf")).unwrap(), "before");
+    assert!(!work.join("bad.conf").exists());
+    agent.signal(libc_sigterm());
+    agent.wait_exit(Duration::from_secs(15));
 }
 
 fn libc_sigterm() -> i32 {

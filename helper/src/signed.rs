@@ -6,10 +6,10 @@
 //! is never used for it. The daemon hands over the signed bytes once per recipe
 //! version ([`SignedStore::accept`]); the helper verifies the minisign signature and its
 //! trusted comment (this instance's app id, the recipe version), refuses a version
-//! older than the highest it verified for the app, types every state with the
-//! catalogue and keeps the copy under `<state_dir>/recipes/` so that a restarted helper
+//! older than the highest it verified for the app, and keeps the copy under `<state_dir>/recipes/` so that a restarted helper
 //! applies it without the backend. States are then named by (version, index)
-//! ([`SignedStore::request`]).
+//! ([`SignedStore::request`]) and typed with the catalogue at their turn: a state that
+//! cannot run is refused alone, named, as the daemon fails it alone.
 //!
 //! What a daemon that is not trustworthy can still do: not send a recipe, send an old
 //! one that was already superseded (refused), skip, reorder or repeat states of the
@@ -394,14 +394,18 @@ impl SignedStore {
                 req.index
             )));
         };
-        let params = match &state.parsed {
-            Ok(p) => p.params.clone(),
-            Err(e) => {
-                return Err(HelperError::new(ErrorCode::InvalidParameter, format!("state {}: {e}", state.id.as_str())))
-            }
-        };
+        // Typed now, at its turn: the signature covered the whole recipe, and a state
+        // that cannot run fails alone, named, while the others run.
+        let typed = state.typed().map_err(|e| {
+            let shown: String = state.id.chars().take(64).collect();
+            HelperError::new(
+                ErrorCode::InvalidParameter,
+                format!("state #{} ({shown:?}) of recipe version {}: {e}", index + 1, recipe.version),
+            )
+        })?;
+        let params = typed.parsed.params;
         for f in &req.fetched {
-            match pin_for(&state.pins, &params, &f.url) {
+            match pin_for(&typed.pins, &params, &f.url) {
                 Some(pin) if pin.eq_ignore_ascii_case(&f.sha256) => {}
                 Some(pin) => {
                     return Err(unverified(format!(
@@ -413,13 +417,13 @@ impl SignedStore {
             }
         }
         let apply = ApplyRequest {
-            state_id: state.id.clone(),
+            state_id: typed.id,
             recipe_version: recipe.version,
             params,
             fetched: req.fetched.clone(),
             plan: req.plan,
         };
-        Ok(SignedApply { apply, pins: state.pins.clone() })
+        Ok(SignedApply { apply, pins: typed.pins })
     }
 }
 

@@ -285,3 +285,57 @@ async fn attacker_child() {
     }
     fs::write(dir.join("results/results.json"), serde_json::to_vec(&got).unwrap()).unwrap();
 }
+
+/// Issue 16 with #18 item 3: the signature covers the whole recipe, and the states are
+/// typed one by one. A signed recipe holding a state with an unusable id, parameters the
+/// catalogue refuses or malformed pins is verified and kept; asking for that state is
+/// refused naming it (by index and id), and the states around it run.
+#[tokio::test]
+async fn a_bad_state_of_a_signed_recipe_is_refused_alone() {
+    let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let key = kp.pk.to_base64();
+    let h = Helper::start_signed(|_| format!("[userdata]\napp_id = {APP}\nrecipe_key = {key}\n")).await;
+    let dir = h.dir.path().to_path_buf();
+    let file = |name: &str| json!({"path": dir.join(name), "content": format!("{name}\n")});
+    let recipe = sign(
+        &kp,
+        APP,
+        7,
+        &[
+            ("s-before".into(), "linux.file", file("before"), None),
+            (String::new(), "linux.file", file("empty-id"), None),
+            ("s-mode".into(), "linux.file", json!({"path": dir.join("mode"), "mode": "rwx"}), None),
+            ("s-pins".into(), "linux.file", file("pins"), Some(json!({"http://h/x": "not hex"}))),
+            ("s-module".into(), "", json!({}), None),
+            ("s-after".into(), "linux.file", file("after"), None),
+        ],
+    );
+    let mut root = Client::connect(&h.sock).await;
+    let reply = root.call_raw(json!({"type": "recipe", "bytes": recipe.bytes, "signature": recipe.signature})).await;
+    assert!(matches!(&reply, Some(Reply::RecipeVerified { recipe_version: 7, .. })), "{reply:?}");
+    let mut refused = Vec::new();
+    for index in 0..6u32 {
+        let reply = root.call_raw(json!({"type": "apply-signed", "recipe_version": 7, "index": index})).await;
+        match reply {
+            Some(Reply::Outcome(o)) => assert!(o.result, "state {index}: {o:?}"),
+            Some(Reply::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::InvalidParameter, "state {index}: {e:?}");
+                refused.push((index, e.message));
+            }
+            other => panic!("state {index}: {other:?}"),
+        }
+    }
+    let indexes: Vec<u32> = refused.iter().map(|(i, _)| *i).collect();
+    assert_eq!(indexes, vec![1, 2, 3, 4], "{refused:#?}");
+    let says = |i: usize, what: &[&str]| {
+        let m = &refused[i].1;
+        assert!(what.iter().all(|w| m.contains(w)), "{m}");
+    };
+    says(0, &["state #2", "state id \"\" is empty"]);
+    says(1, &["state #3", "\"s-mode\"", "\"mode\""]);
+    says(2, &["state #4", "\"s-pins\"", "not a sha256"]);
+    says(3, &["state #5", "\"s-module\"", "unknown module"]);
+    assert_eq!(fs::read_to_string(dir.join("before")).unwrap(), "before\n");
+    assert_eq!(fs::read_to_string(dir.join("after")).unwrap(), "after\n");
+    assert!(!dir.join("empty-id").exists() && !dir.join("pins").exists());
+}

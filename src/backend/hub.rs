@@ -21,7 +21,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-use super::journal::{Events, JsonLines};
+use super::journal::{DurableAcks, Events, JsonLines, PendingAck};
 use super::pins::{valid_instance_id, PinReply, PinRequest, PinStore, PinWriter, Verdict};
 use super::recipes::{
     self, parse_recipe, parse_reconnect, parse_update, read_one, valid_app_id, AppRecord, DirFile, FileKind, Scan,
@@ -158,6 +158,8 @@ pub(crate) struct Hub {
     /// The backend's own files, never read as recipes.
     skip: Vec<PathBuf>,
     statelog: JsonLines,
+    /// Sends StateLogAcks once their lines are synced, off this lock.
+    acks: DurableAcks,
     events: Events,
     versions: VersionStore,
     pins: PinStore,
@@ -235,6 +237,7 @@ impl Hub {
             recipe_dir: opts.recipe_dir.clone(),
             skip,
             statelog: JsonLines::open(&opts.statelog, opts.rotation)?,
+            acks: DurableAcks::start(&opts.statelog)?,
             events: Events::open(opts.events.as_deref(), opts.rotation)?,
             versions,
             pins: pins.clone(),
@@ -670,7 +673,8 @@ impl Hub {
         }
         if let (false, true, Some(seq)) = (fresh, ack, s.seq) {
             debug!(conn, "StateLog seq {seq} already recorded: acknowledged again, not appended");
-            self.send(conn, &out::statelog_ack(seq));
+            // Recorded, but perhaps not synced yet (the first copy's ack may be waiting).
+            self.ack_when_durable(conn, seq);
             return;
         }
         let mut line = obj;
@@ -682,7 +686,13 @@ impl Hub {
         if !counts {
             line.insert(NO_WAIT_PROGRESS.into(), Value::Bool(false));
         }
-        self.statelog.append(&Value::Object(line));
+        if !self.statelog.append(&Value::Object(line)) {
+            // Not recorded: not acknowledged either, and a resend must be appended.
+            if let (Some(i), Some(seq)) = (&s.instance_id, s.seq) {
+                self.seen.remove(&(i.clone(), seq));
+            }
+            return;
+        }
         info!(
             conn,
             "StateLog {} {} v{} {}",
@@ -704,9 +714,18 @@ impl Hub {
             );
         }
         if let (true, Some(seq)) = (ack, s.seq) {
-            self.send(conn, &out::statelog_ack(seq));
+            self.ack_when_durable(conn, seq);
         }
         self.evaluate_waits();
+    }
+
+    /// Queues the StateLogAck of `seq` to be sent once the statelog is synced: the agent
+    /// forgets an acknowledged record, so a crash after the ack must not lose it.
+    fn ack_when_durable(&mut self, conn: u64, seq: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let frame: Arc<str> = out::statelog_ack(seq).to_string().into();
+        debug!(conn, "→ {} (once synced)", short(&frame));
+        self.acks.submit(PendingAck { file: self.statelog.file(), queue: c.queue.clone(), frame });
     }
 
     fn record_result(&mut self, s: &StateLogMsg) {

@@ -5,10 +5,13 @@ use crate::timefmt::rfc3339;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
 use std::time::SystemTime;
 
 use serde_json::{Map, Value};
 
+use super::hub::{Out, Queue};
 use super::BackendError;
 
 /// When a journal is rotated: once appending a line would take it past `max_bytes`, `FILE`
@@ -37,7 +40,8 @@ pub(crate) fn rotated(path: &Path, n: u32) -> PathBuf {
 #[derive(Debug)]
 pub(crate) struct JsonLines {
     path: PathBuf,
-    file: File,
+    /// Shared with [`DurableAcks`], which syncs it off the hub's lock.
+    file: Arc<File>,
     len: u64,
     rotation: Rotation,
 }
@@ -58,10 +62,16 @@ impl JsonLines {
                 len += 1;
             }
         }
-        Ok(Self { path: path.to_path_buf(), file, len, rotation })
+        Ok(Self { path: path.to_path_buf(), file: Arc::new(file), len, rotation })
     }
 
-    pub fn append(&mut self, v: &Value) {
+    /// The file lines are appended to now (another one after a rotation), to sync.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    /// Appends `v` as one line; false (logged) when it could not be written.
+    pub fn append(&mut self, v: &Value) -> bool {
         let mut line = v.to_string();
         line.push('\n');
         if self.len > 0 && self.len + line.len() as u64 > self.rotation.max_bytes {
@@ -72,13 +82,23 @@ impl JsonLines {
         }
         // One write call per line, so a concurrent reader never sees half a line joined
         // to the next one.
-        match self.file.write_all(line.as_bytes()).and_then(|()| self.file.flush()) {
-            Ok(()) => self.len += line.len() as u64,
-            Err(e) => tracing::error!("{}: cannot append: {e}", self.path.display()),
+        let mut file = &*self.file;
+        match file.write_all(line.as_bytes()).and_then(|()| file.flush()) {
+            Ok(()) => {
+                self.len += line.len() as u64;
+                true
+            }
+            Err(e) => {
+                tracing::error!("{}: cannot append: {e}", self.path.display());
+                false
+            }
         }
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
+        // Lines written and not yet acknowledged may wait on the old file's sync: make it
+        // durable before its name changes, so the rotation itself loses nothing.
+        self.file.sync_data()?;
         let keep = self.rotation.keep;
         if keep == 0 {
             self.file.set_len(0)?;
@@ -90,7 +110,7 @@ impl JsonLines {
                 }
             }
             std::fs::rename(&self.path, rotated(&self.path, 1))?;
-            self.file = OpenOptions::new().create(true).read(true).append(true).open(&self.path)?;
+            self.file = Arc::new(OpenOptions::new().create(true).read(true).append(true).open(&self.path)?);
         }
         self.len = 0;
         Ok(())
@@ -126,6 +146,81 @@ impl JsonLines {
             }
         }
         Ok(out)
+    }
+}
+
+/// An acknowledgement to send once the lines written before it are durable.
+#[derive(Debug)]
+pub(crate) struct PendingAck {
+    /// The file the acknowledged line was written to.
+    pub file: Arc<File>,
+    pub queue: Queue,
+    pub frame: Arc<str>,
+}
+
+/// Sends acknowledgements only once what they acknowledge is on disk: one thread syncs
+/// the statelog for every acknowledgement queued meanwhile (group commit), off the hub's
+/// lock, then queues them. A sync that fails sends none: the agent keeps its records and
+/// resends them, and a resent record is acknowledged through here again.
+///
+/// An acknowledgement bypasses the queue's byte bound: it answers one frame the agent
+/// sent, and those are read at a bounded rate.
+#[derive(Debug, Clone)]
+pub(crate) struct DurableAcks {
+    tx: mpsc::Sender<PendingAck>,
+}
+
+/// Most acknowledgements one sync answers: bounds the wait of the first of a batch.
+const MAX_ACK_BATCH: usize = 4096;
+
+impl DurableAcks {
+    pub fn start(path: &Path) -> Result<Self, BackendError> {
+        let (tx, rx) = mpsc::channel::<PendingAck>();
+        let shown = path.display().to_string();
+        std::thread::Builder::new()
+            .name("statelog-sync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_ACK_BATCH {
+                        match rx.try_recv() {
+                            Ok(ack) => batch.push(ack),
+                            Err(_) => break,
+                        }
+                    }
+                    // Each file once (two after a rotation), in the order they were used.
+                    let mut synced: Vec<(Arc<File>, bool)> = Vec::new();
+                    for ack in batch {
+                        let ok = match synced.iter().find(|(f, _)| Arc::ptr_eq(f, &ack.file)) {
+                            Some((_, ok)) => *ok,
+                            None => {
+                                let ok = match ack.file.sync_data() {
+                                    Ok(()) => true,
+                                    Err(e) => {
+                                        tracing::error!("{shown}: cannot sync: {e}; nothing acknowledged");
+                                        false
+                                    }
+                                };
+                                synced.push((ack.file.clone(), ok));
+                                ok
+                            }
+                        };
+                        if ok {
+                            ack.queue.bytes.fetch_add(ack.frame.len(), Ordering::AcqRel);
+                            // A closed queue: the connection is gone, the agent resends.
+                            let _ = ack.queue.tx.send(Out::Text(ack.frame));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| BackendError::io("cannot start the statelog sync thread", path, e))?;
+        Ok(Self { tx })
+    }
+
+    /// Queues `ack`; it is sent once its file is synced.
+    pub fn submit(&self, ack: PendingAck) {
+        // The thread ends only with the last handle.
+        let _ = self.tx.send(ack);
     }
 }
 

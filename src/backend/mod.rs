@@ -73,7 +73,9 @@
 //!
 //! Each StateLog is appended to the statelog. When it carries `seq` and its agent announced
 //! `statelog-ack`, the backend records each `(instance_id, seq)` once — a resend is
-//! acknowledged but not appended again — and answers `StateLogAck {seq}`. The set of seen
+//! acknowledged but not appended again — and answers `StateLogAck {seq}` once the line is
+//! synced to disk (one sync thread, group commit, off the hub's lock): the agent forgets
+//! what is acknowledged, so an ack never precedes durability. The set of seen
 //! `(instance_id, seq)` is rebuilt from the statelog (and the rotated files kept) at
 //! start-up, so de-duplication survives a restart.
 //!

@@ -168,15 +168,51 @@ pub fn parse_trusted_comment(comment: &str) -> Result<(String, u64), SignedError
     Ok((app.to_string(), version))
 }
 
-/// One state of a verified recipe, typed by the catalogue (the decoder `opsagent check`
-/// uses), or why it cannot run.
+/// One state of a verified recipe as signed. It is typed when it is asked for
+/// ([`SignedState::typed`]): a recipe is refused whole only for its structure, as the
+/// daemon does (#18 item 3), and a state that cannot run fails by itself, named.
 #[derive(Debug, Clone)]
 pub struct SignedState {
-    pub id: StateId,
+    /// The id exactly as signed: perhaps not a usable [`StateId`].
+    pub id: String,
     pub module: String,
-    pub parsed: Result<Parsed, String>,
+    pub parameter: Value,
+    /// The signer's `fetch_sha256`, as signed.
+    pub pins: Option<Value>,
+}
+
+/// A state of a verified recipe typed by the catalogue (the decoder `opsagent check`
+/// uses): what the helper applies.
+#[derive(Debug, Clone)]
+pub struct TypedState {
+    pub id: StateId,
+    pub parsed: Parsed,
     /// URL → lowercase sha256 hex, from the signer's `fetch_sha256`.
     pub pins: BTreeMap<String, String>,
+}
+
+impl SignedState {
+    /// Its id, parameters and pins typed, or why it cannot run (the same words as the
+    /// daemon's for an id or parameters it cannot use).
+    pub fn typed(&self) -> Result<TypedState, String> {
+        let id = StateId::parse(&self.id).map_err(|_| {
+            let shown: String = self.id.chars().take(64).collect();
+            format!("state id {shown:?} is empty, longer than {} bytes or has control characters", StateId::MAX_LEN)
+        })?;
+        let mut pins = BTreeMap::new();
+        if let Some(p) = &self.pins {
+            let obj = p.as_object().ok_or_else(|| format!("\"{FETCH_PINS}\" is not an object"))?;
+            for (url, hex) in obj {
+                let hex = hex
+                    .as_str()
+                    .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .ok_or_else(|| format!("the pin of {url:?} is not a sha256 in hex"))?;
+                pins.insert(url.clone(), hex.to_ascii_lowercase());
+            }
+        }
+        let parsed = parse_state(&self.module, &self.parameter).map_err(|e| e.to_string())?;
+        Ok(TypedState { id, parsed, pins })
+    }
 }
 
 /// A recipe read back from its canonical bytes.
@@ -186,48 +222,45 @@ pub struct SignedRecipe {
     pub states: Vec<SignedState>,
 }
 
-/// Reads canonical bytes (after their signature was verified). Structural problems
-/// refuse the recipe; a state whose module or parameters the catalogue refuses is kept
-/// with its error, and fails when asked for, as in an unsigned recipe.
+/// Reads canonical bytes (after their signature was verified). Only the structure the
+/// daemon also refuses a recipe for refuses it here (not JSON, no positive
+/// `recipe_version`, no `state` list, too many states, a state that is not an object with
+/// a string `id` and `module` and a `parameter`: canonical bytes always have them). The
+/// states are not typed here: that waits for each one's turn ([`SignedState::typed`]), so
+/// one bad state fails alone and the verification of a long recipe does not type states
+/// the round may never reach before the first one starts.
 pub fn decode(bytes: &str) -> Result<SignedRecipe, SignedError> {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        recipe_version: Value,
+        state: Value,
+    }
     let shape = |s: String| SignedError::Shape(s);
-    let v: Value = serde_json::from_str(bytes).map_err(|e| SignedError::NotJson(e.to_string()))?;
+    let v: Wire = serde_json::from_str(bytes).map_err(|e| SignedError::NotJson(e.to_string()))?;
     let version = v
-        .get("recipe_version")
-        .and_then(Value::as_u64)
+        .recipe_version
+        .as_u64()
         .filter(|n| *n > 0)
         .ok_or_else(|| shape("\"recipe_version\" is not a positive integer".into()))?;
-    let list = v.get("state").and_then(Value::as_array).ok_or_else(|| shape("\"state\" is not a list".into()))?;
+    let Value::Array(list) = v.state else {
+        return Err(shape("\"state\" is not a list".into()));
+    };
     if list.len() > MAX_SIGNED_STATES {
         return Err(shape(format!("{} states are more than the {MAX_SIGNED_STATES} a recipe may hold", list.len())));
     }
     let mut states = Vec::with_capacity(list.len());
-    for (i, s) in list.iter().enumerate() {
+    for (i, s) in list.into_iter().enumerate() {
         let n = i + 1;
-        let id = s
-            .get("id")
-            .and_then(Value::as_str)
-            .and_then(|id| StateId::parse(id).ok())
-            .ok_or_else(|| shape(format!("state #{n} has no valid \"id\"")))?;
-        let module = s
-            .get("module")
-            .and_then(Value::as_str)
-            .filter(|m| !m.is_empty())
-            .ok_or_else(|| shape(format!("state #{n} has no \"module\"")))?;
-        let parameter = s.get("parameter").ok_or_else(|| shape(format!("state #{n} has no \"parameter\"")))?;
-        let mut pins = BTreeMap::new();
-        if let Some(p) = s.get(FETCH_PINS) {
-            let obj = p.as_object().ok_or_else(|| shape(format!("state #{n}: \"{FETCH_PINS}\" is not an object")))?;
-            for (url, hex) in obj {
-                let hex = hex
-                    .as_str()
-                    .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                    .ok_or_else(|| shape(format!("state #{n}: the pin of {url:?} is not a sha256 in hex")))?;
-                pins.insert(url.clone(), hex.to_ascii_lowercase());
-            }
-        }
-        let parsed = parse_state(module, parameter).map_err(|e| e.to_string());
-        states.push(SignedState { id, module: module.to_string(), parsed, pins });
+        let Value::Object(mut s) = s else {
+            return Err(shape(format!("state #{n} is not an object")));
+        };
+        let mut text = |key: &str| match s.remove(key) {
+            Some(Value::String(t)) => Ok(t),
+            _ => Err(shape(format!("state #{n} has no string \"{key}\""))),
+        };
+        let (id, module) = (text("id")?, text("module")?);
+        let parameter = s.remove("parameter").ok_or_else(|| shape(format!("state #{n} has no \"parameter\"")))?;
+        states.push(SignedState { id, module, parameter, pins: s.remove(FETCH_PINS) });
     }
     Ok(SignedRecipe { version, states })
 }
@@ -267,12 +300,30 @@ mod tests {
         assert_eq!(again, bytes);
         let r = decode(&bytes).unwrap();
         assert_eq!(r.version, 7);
-        assert_eq!(r.states[1].pins["http://h/x"], "ab".repeat(32));
-        assert!(r.states[0].parsed.is_ok());
-        let bad = canonical_bytes(1, [SignState { id: "s", module: "linux.nope", parameter: &p1, pins: None }]);
-        assert!(decode(&bad.unwrap()).unwrap().states[0].parsed.as_ref().unwrap_err().contains("unknown module"));
+        assert_eq!(r.states[1].typed().unwrap().pins["http://h/x"], "ab".repeat(32));
+        assert_eq!(r.states[0].typed().unwrap().id.as_str(), "s1");
+        // One bad state is its own failure, not the recipe's.
+        let bad_pins = json!({"http://h/x": "nope"});
+        let bad = canonical_bytes(
+            1,
+            [
+                SignState { id: "s", module: "linux.nope", parameter: &p1, pins: None },
+                SignState { id: "", module: "linux.file", parameter: &p1, pins: None },
+                SignState { id: "p", module: "linux.file", parameter: &p1, pins: Some(&bad_pins) },
+                SignState { id: "ok", module: "linux.file", parameter: &p1, pins: None },
+            ],
+        );
+        let r = decode(&bad.unwrap()).unwrap();
+        let why = |i: usize| r.states[i].typed().unwrap_err();
+        assert!(why(0).contains("unknown module"), "{}", why(0));
+        assert!(why(1).contains("state id \"\" is empty"), "{}", why(1));
+        assert!(why(2).contains("not a sha256"), "{}", why(2));
+        assert!(r.states[3].typed().is_ok());
+        // The structure still refuses the whole recipe.
         assert!(decode("{\"recipe_version\":0,\"state\":[]}").is_err());
         assert!(decode("{\"recipe_version\":1,\"state\":[{\"module\":\"m\",\"parameter\":{}}]}").is_err());
+        assert!(decode("{\"recipe_version\":1,\"state\":[{\"id\":7,\"module\":\"m\",\"parameter\":{}}]}").is_err());
+        assert!(decode("{\"recipe_version\":1,\"state\":[\"s\"]}").is_err());
     }
 
     #[test]
