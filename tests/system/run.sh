@@ -41,6 +41,10 @@
 #      leave no process; journalctl -u shows a command's output; no opsagent-state-*
 #      unit is left loaded after the round; CPU time in the outcome; an apt install
 #      whose request is cancelled while its postinst runs finishes, dpkg --audit clean
+#   o  preemption through the daemon: while an apt install of the backend's recipe runs
+#      its postinst, the backend pushes a new recipe; the install finishes (dpkg --audit
+#      clean, the package installed), the old round's next state never runs, and the new
+#      recipe's state runs after the postinst ended
 #   (g also upgrades the cron-supervised agent)
 #
 # Environment: OPSAGENT_SYSTEST_CACHE (cached root, default /var/cache/opsagent-systest),
@@ -54,7 +58,7 @@ source "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || { echo "tests/system/run.sh must run as root" >&2; exit 2; }
 
-ALL_TESTS="a b c d e f g h i j k l m n"
+ALL_TESTS="a b c d e f g h i j k l m n o"
 SELECTED=${*:-$ALL_TESTS}
 SUITE_START=$(date +%s)
 WORK=$(mktemp -d /tmp/opsagent-systest.XXXXXX)
@@ -956,13 +960,65 @@ EOF
     csh $c "$apply /root/apt.json >/root/apt.out 2>&1 & echo \$! >/root/apt.pid"
     wait_until 120 "the postinst runs" csh $c '[ -e /run/m-slow-started ]'
     csh $c 'kill -9 $(cat /root/apt.pid)'
-    [ ! -e "$(croot $c)/run/m-slow-done" ] || fail "the postinst had ended before the cancellation"
+    # (The container's /run is its own tmpfs: looked at from inside, never through croot.)
+    ! csh $c '[ -e /run/m-slow-done ]' || fail "the postinst had ended before the cancellation"
     wait_until 60 "the postinst finished although its request was cancelled" csh $c '[ -e /run/m-slow-done ]'
     wait_until 30 "apt's unit is gone" csh $c '[ -z "$(systemctl list-units --all --no-legend "opsagent-state-*")" ]'
     out=$(csh $c 'dpkg --audit 2>&1')
     [ -z "$out" ] || { say "$out"; fail "dpkg --audit is not clean after a cancelled install"; }
     [ "$(csh $c "dpkg-query -W -f='\${Status}' m-slow")" = "install ok installed" ] || fail "m-slow is not installed"
     say "  cancelled apt install: finished, dpkg --audit clean"
+}
+
+# ---------------------------------------------------------------- o. preemption through the daemon
+# Test n cancels an apt install through the helper connection; here the backend does
+# what a backend does: it pushes a new recipe while the daemon's round runs the install.
+test_o() {
+    local c=o-preempt iid=i-preempt app=app-pre d=$WORK/o-slow out
+    # An app of its own; its first recipe is harmless (the install comes once apt is
+    # offline in the container).
+    printf '%s\n' '{"recipe_version": 1, "state": [{"id": "o-hello", "module": "linux.cmd", "parameter": {"cmd": "true"}}]}' \
+        >"$WORK/recipes/$app.json"
+    install_agent $c $iid APP_ID=$app
+    wait_until 60 "StateLog of o-hello from $iid" has_statelog $iid o-hello || fail "no successful StateLog of o-hello"
+    mkdir -p "$d/DEBIAN"
+    printf 'Package: o-slow\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.invalid>\nDescription: slow postinst\n' \
+        >"$d/DEBIAN/control"
+    printf '#!/bin/sh\nset -e\ntouch /run/o-slow-started\nsleep 8\ntouch /run/o-slow-done\n' >"$d/DEBIAN/postinst"
+    chmod 0755 "$d/DEBIAN/postinst"
+    dpkg-deb --root-owner-group -b "$d" "$WORK/o-slow_1.0_all.deb" >/dev/null
+    mkdir -p "$(croot $c)/srv/debs"
+    cp "$WORK/o-slow_1.0_all.deb" "$(croot $c)/srv/debs/"
+    csh $c 'mv /etc/apt/sources.list /etc/apt/sources.list.off 2>/dev/null; rm -f /etc/apt/sources.list.d/*.list; rm -rf /var/lib/apt/lists/*_*'
+    # Recipe 2: the install, then a state that must not run once recipe 3 has come.
+    cat >"$WORK/recipes/$app.json.tmp" <<'EOF'
+{"recipe_version": 2, "state": [
+  {"id": "o-apt", "module": "linux.apt.package", "parameter": {"name": [{"key": "o-slow", "value": "file:///srv/debs/o-slow_1.0_all.deb"}]}},
+  {"id": "o-old-next", "module": "linux.cmd", "parameter": {"cmd": "touch /run/o-old-next-ran"}}
+]}
+EOF
+    mv "$WORK/recipes/$app.json.tmp" "$WORK/recipes/$app.json"
+    wait_until 120 "the postinst of recipe 2's install runs" csh $c '[ -e /run/o-slow-started ]' ||
+        fail "the daemon did not start the install"
+    # Recipe 3, pushed by the backend (its directory poll) while dpkg runs the postinst.
+    cat >"$WORK/recipes/$app.json.tmp" <<'EOF'
+{"recipe_version": 3, "state": [
+  {"id": "o-new", "module": "linux.cmd", "parameter": {"cmd": "if [ -e /run/o-slow-done ]; then echo after >/run/o-new-ran; else echo during >/run/o-new-ran; fi"}}
+]}
+EOF
+    mv "$WORK/recipes/$app.json.tmp" "$WORK/recipes/$app.json"
+    # (The container's /run is its own tmpfs: looked at from inside, never through croot.)
+    ! csh $c '[ -e /run/o-slow-done ]' || fail "the postinst had ended before the new recipe was written"
+    wait_until 60 "recipe 3's state ran" csh $c '[ -e /run/o-new-ran ]' || fail "the new recipe's state never ran"
+    csh $c '[ -e /run/o-slow-done ]' || fail "the postinst was cut: it never finished"
+    [ "$(csh $c 'cat /run/o-new-ran')" = after ] || fail "the new recipe's state ran while dpkg was still at work"
+    out=$(csh $c 'dpkg --audit 2>&1')
+    [ -z "$out" ] || { say "$out"; fail "dpkg --audit is not clean after the preempted install"; }
+    [ "$(csh $c "dpkg-query -W -f='\${Status}' o-slow")" = "install ok installed" ] || fail "o-slow is not installed"
+    ! csh $c '[ -e /run/o-old-next-ran ]' || fail "recipe 2's next state ran although recipe 3 had come"
+    wait_until 30 "StateLog of o-new from $iid" has_statelog $iid o-new || fail "no successful StateLog of o-new"
+    say "  recipe 3 pushed during recipe 2's postinst: the install finished (dpkg --audit clean), then recipe 3 ran"
+    csh $c "journalctl --no-pager -u opsagent.service | grep -E 'o-apt|o-new|recipe' | tail -n 12" >&2 || true
 }
 
 # ---------------------------------------------------------------- l. links planted by the agent user
@@ -1057,7 +1113,7 @@ test_m() {
 }
 
 declare -A NAMES=([a]=a-install [b]=b-watchdog [c]=c-socket [d]=d-journal [e]=e-polkit [f]=f-analyze
-    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links [m]=m-original [n]=n-units)
+    [g]=g-cron [h]=h-verify [i]=i-deb [j]=j-sandbox [k]=k-upgrade [l]=l-links [m]=m-original [n]=n-units [o]=o-preempt)
 
 # run_one LETTER: runs test_LETTER in a subshell (set -e: the first failed step ends
 # it), its output in $WORK/NAME.log; writes NAME.rc and NAME.reason.

@@ -287,6 +287,10 @@ pub fn scanned_keys(out: &str, field: &str, fingerprint: Option<&str>) -> Result
     if all.is_empty() {
         return Err(SshError::NoKey(field.to_string()));
     }
+    // ssh-keyscan's order is the order its connections answered: sorted, the lines
+    // written are the same every round, and an unchanged host is no change.
+    all.sort();
+    all.dedup();
     let Some(wanted) = fingerprint.map(str::trim).filter(|f| !f.is_empty()) else {
         return Ok(all.into_iter().map(|(l, _)| l).collect());
     };
@@ -561,6 +565,11 @@ mod tests {
         let err = scanned_keys(&scanned, "h", Some("aa:bb")).unwrap_err().to_string();
         assert!(err.starts_with("no key of h has the fingerprint aa:bb (found: MD5:"), "{err}");
         assert!(matches!(scanned_keys("# nothing\n", "h", None), Err(SshError::NoKey(_))));
+        // ssh-keyscan prints a host's keys in the order its connections answer, which
+        // changes from run to run: the lines are the same whatever the order, so that a
+        // second round finds the file as it wants it (seen against a real sshd).
+        let reordered = format!("h ssh-rsa {RSA_BODY_PREFIX}xyz\n# h:22 SSH-2.0-OpenSSH_9.2\nh ssh-ed25519 {ED}\n");
+        assert_eq!(scanned_keys(&reordered, "h", None).unwrap(), all);
 
         let current = "other ssh-rsa AAAA\nh,10.0.0.1 ssh-rsa OLD\n|1|hashed= ssh-rsa KEEP\n";
         let keys = vec![format!("h ssh-ed25519 {ED}")];

@@ -64,6 +64,17 @@ pub fn plan(items: &[Item], installed: &BTreeMap<String, Vec<String>>, upgradabl
     plan
 }
 
+/// Splits a plan's installs into `(install, upgrade)`: dnf and yum `install` leave an
+/// installed package alone even when a newer one is available, so a `latest` package that
+/// is installed and upgradable must go through `upgrade`.
+pub fn split_upgrades(
+    install: &[String],
+    installed: &BTreeMap<String, Vec<String>>,
+    upgradable: &BTreeSet<String>,
+) -> (Vec<String>, Vec<String>) {
+    install.iter().cloned().partition(|n| !(upgradable.contains(n) && installed.contains_key(n)))
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Opts {
     pub repo: Option<String>,
@@ -208,8 +219,9 @@ async fn run_state(
         changes.extend(expected_changes(&items, &before, &todo));
         return Ok(());
     }
+    let (install, upgrade) = split_upgrades(&todo.install, &before, &upgradable);
     let mut result = Ok(());
-    for (op, list) in [("install", &todo.install), ("remove", &todo.remove)] {
+    for (op, list) in [("install", &install), ("upgrade", &upgrade), ("remove", &todo.remove)] {
         if list.is_empty() || result.is_err() {
             continue;
         }
@@ -279,6 +291,12 @@ mod tests {
         assert_eq!(p.install, ["ghost"]);
         let pinned = plan(&[item("nginx", Want::Version("1.22".into()))], &m, &BTreeSet::new());
         assert_eq!(pinned.install, ["nginx-1.22"]);
+        // `latest` of an installed, upgradable package is an upgrade; new ones are installs.
+        let upgradable = BTreeSet::from(["kernel".to_string()]);
+        let p = plan(&items, &m, &upgradable);
+        let (install, upgrade) = split_upgrades(&p.install, &m, &upgradable);
+        assert_eq!(install, ["ghost", "/tmp/rel.rpm"]);
+        assert_eq!(upgrade, ["kernel"]);
     }
 
     #[test]
