@@ -8,6 +8,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod disk_full;
 mod helper_killed;
 
 /// One row of the README's table: fault, what the agent did, what was lost, time to recover.
