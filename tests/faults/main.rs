@@ -8,6 +8,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod backend_misbehaving;
 mod disk_full;
 mod helper_killed;
 
