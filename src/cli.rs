@@ -580,6 +580,9 @@ fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool) -> 
     }
     println!("  rounds     {} completed", r.engine.get("rounds_completed").and_then(|v| v.as_u64()).unwrap_or(0));
     println!("  spool      {} StateLog(s) waiting, {} dropped", r.spool_depth, r.spool_dropped);
+    if r.spool_held > 0 {
+        println!("             {} held in memory: the spool cannot grow (filesystem full?)", r.spool_held);
+    }
     if let Some(f) = &r.upgrade_failure {
         println!(
             "  upgrade    to {} FAILED (at {}): {}; {} keeps running",

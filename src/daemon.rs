@@ -53,44 +53,150 @@ pub enum DaemonError {
     Lock(#[from] crate::state_lock::LockError),
 }
 
+/// How often StateLogs held in memory (the spool could not take them) are offered to the
+/// spool again when no new StateLog comes to retry it.
+pub const HELD_RETRY: Duration = Duration::from_secs(2);
+
 /// The spool as the engine writes it and the link drains it.
+///
+/// When the spool cannot grow (its filesystem is full, an I/O error), a StateLog is not
+/// thrown away: it is held in memory, in order, and spooled (so only then sent: nothing is
+/// sent before it is durable) as soon as a write succeeds again — on the next StateLog or
+/// on [`SharedSpool::retry_held`]. The hold is bounded by the spool's record bound; past it
+/// the oldest held StateLog is dropped and counted, as the spool's own bounds do.
 pub struct SharedSpool {
-    spool: Mutex<Spool>,
+    inner: Mutex<Inner>,
     added: Arc<Notify>,
+}
+
+struct Inner {
+    spool: Spool,
+    held: std::collections::VecDeque<StateLog>,
+    /// Held StateLogs dropped by the bound since the spool last took one.
+    held_dropped: u64,
+    /// The error that started the current spell of failed writes (logged once).
+    failing: Option<String>,
+}
+
+impl Inner {
+    /// Spools held StateLogs in order until one fails; true when none is left.
+    fn drain_held(&mut self) -> bool {
+        while let Some(log) = self.held.pop_front() {
+            if let Err(e) = self.spool.append(log.clone()) {
+                self.held.push_front(log);
+                self.note_failure(&e);
+                return false;
+            }
+        }
+        if let Some(error) = self.failing.take() {
+            tracing::info!(
+                earlier_error = %error, dropped = self.held_dropped,
+                "the spool takes StateLogs again; the ones held in memory are spooled"
+            );
+            self.held_dropped = 0;
+        }
+        true
+    }
+
+    /// Logs the first failure of a spell, not every retry.
+    fn note_failure(&mut self, e: &crate::spool::SpoolError) {
+        if self.failing.is_none() {
+            tracing::error!(
+                error = %e,
+                "cannot spool StateLogs: holding them in memory (not sent until spooled) and retrying"
+            );
+            self.failing = Some(e.to_string());
+        }
+    }
+
+    fn hold(&mut self, log: StateLog) {
+        let bound = self.spool.limits().max_records.max(1);
+        while self.held.len() >= bound {
+            self.held.pop_front();
+            self.held_dropped += 1;
+        }
+        self.held.push_back(log);
+    }
 }
 
 impl SharedSpool {
     pub fn new(spool: Spool) -> Self {
-        Self { spool: Mutex::new(spool), added: Arc::new(Notify::new()) }
+        let inner = Inner { spool, held: Default::default(), held_dropped: 0, failing: None };
+        Self { inner: Mutex::new(inner), added: Arc::new(Notify::new()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Spool> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the spool's files inconsistent
         // (every write is framed and fsynced), so a poisoned lock is still usable.
-        self.spool.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn append(&self, log: StateLog) {
-        let r = self.lock().append(log);
-        match r {
-            Ok(_) => self.added.notify_one(),
-            Err(e) => tracing::error!(error = %e, "cannot spool a StateLog; it is lost"),
+        let mut inner = self.lock();
+        let had_held = !inner.held.is_empty();
+        // Held StateLogs go first: sequence numbers follow the order the states ran in.
+        if !inner.drain_held() {
+            inner.hold(log);
+            return;
         }
+        match inner.spool.append(log.clone()) {
+            Ok(_) => self.added.notify_one(),
+            Err(e) => {
+                inner.note_failure(&e);
+                inner.hold(log);
+                if had_held {
+                    self.added.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Offers the held StateLogs to the spool again; true when none is left held.
+    pub fn retry_held(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.held.is_empty() {
+            return true;
+        }
+        let before = inner.held.len();
+        let done = inner.drain_held();
+        if inner.held.len() < before {
+            self.added.notify_one();
+        }
+        done
+    }
+
+    /// StateLogs held in memory because the spool could not take them.
+    pub fn held(&self) -> usize {
+        self.lock().held.len()
     }
 
     pub fn depth(&self) -> (usize, u64) {
         let s = self.lock();
-        (s.depth(), s.dropped())
+        (s.spool.depth(), s.spool.dropped() + s.held_dropped)
+    }
+}
+
+/// Retries the held StateLogs every [`HELD_RETRY`] until the daemon stops.
+async fn retry_held(spool: Arc<SharedSpool>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(HELD_RETRY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => { spool.retry_held(); }
+            _ = stop.changed() => {
+                spool.retry_held();
+                return;
+            }
+        }
     }
 }
 
 impl Outbox for SharedSpool {
     fn pending_after(&self, seq: u64) -> Vec<StateLog> {
-        self.lock().pending_from(seq.saturating_add(1)).cloned().collect()
+        self.lock().spool.pending_from(seq.saturating_add(1)).cloned().collect()
     }
 
     fn delivered(&self, seq: u64, cumulative: bool) {
-        let mut s = self.lock();
+        let s = &mut self.lock().spool;
         let r = if cumulative { s.ack_through(seq).map(|_| ()) } else { s.ack(seq).map(|_| ()) };
         if let Err(e) = r {
             tracing::error!(error = %e, seq, "cannot record a delivery; the StateLog may be sent again");
@@ -273,6 +379,10 @@ pub struct StatusReport {
     pub engine: Value,
     pub spool_depth: usize,
     pub spool_dropped: u64,
+    /// StateLogs held in memory because the spool cannot grow (its filesystem is full):
+    /// spooled, then sent, once it can.
+    #[serde(default)]
+    pub spool_held: usize,
     /// The round's figures, as in the metrics file.
     #[serde(default)]
     pub metrics: crate::metrics::Figures,
@@ -442,6 +552,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         stop_rx.clone(),
     ));
     let health_task = tokio::spawn(confirm_health(state_dir.clone(), link_status.clone()));
+    let held_task = tokio::spawn(retry_held(spool.clone(), stop_rx.clone()));
     let status_task = tokio::spawn(write_status(
         status_file(&state_dir),
         config.agent.metrics_file.clone(),
@@ -486,6 +597,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), link_task).await;
     supervisor.abort();
+    held_task.abort();
     status_task.abort();
     health_task.abort();
     // A status file left behind would describe a daemon that is gone.
@@ -664,6 +776,7 @@ async fn write_status(
             engine: serde_json::to_value(&*engine.borrow()).unwrap_or(Value::Null),
             spool_depth: depth,
             spool_dropped: dropped,
+            spool_held: spool.held(),
             metrics,
             upgrade_failure: reports.last(),
             recipes_verified,

@@ -240,6 +240,8 @@ struct State {
     update: Option<UpdateOrder>,
     stop: Option<StopMode>,
     online: bool,
+    /// The offline warning was given for the current spell offline (once, not per round).
+    offline_warned: bool,
     ceased: u32,
     status: watch::Sender<EngineStatus>,
 }
@@ -293,8 +295,11 @@ impl State {
                     );
                     return (Interrupt::None, false);
                 }
+                // Only ids a wait of this recipe can be released by are kept: a backend
+                // pushing other ids (a flood) must not grow the marks, which are persisted.
                 let before = self.done.len();
-                self.done.extend(state_ids);
+                let waited: Vec<String> = state_ids.into_iter().filter(|id| self.is_waited(id)).collect();
+                self.done.extend(waited);
                 (Interrupt::None, self.done.len() != before)
             }
             Event::AgentUpdate(order) => {
@@ -309,10 +314,21 @@ impl State {
             }
             Event::Online(up) => {
                 self.online = up;
+                self.offline_warned &= !up;
                 self.status.send_modify(|s| s.online = up);
                 (Interrupt::None, false)
             }
         }
+    }
+
+    /// `id` releases a wait of the current recipe: the wait's own id or one it names.
+    fn is_waited(&self, id: &str) -> bool {
+        let Some(recipe) = &self.recipe else { return false };
+        recipe.states.iter().filter(|s| s.module == "meta.wait").any(|s| {
+            s.id == id
+                || matches!(&s.parsed, Ok(p) if matches!(&p.params, ModuleParams::MetaWait(w)
+                    if w.state.as_ref().is_some_and(|refs| refs.0.iter().any(|r| r.state == id || r.raw == id))))
+        })
     }
 
     fn wait_satisfied(&self, state: &RecipeState) -> bool {
@@ -364,6 +380,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             update: None,
             stop: None,
             online: false,
+            offline_warned: false,
             ceased: 0,
             status: status_tx,
         };
@@ -514,7 +531,8 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
         tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
-        if !self.st.online {
+        if !self.st.online && !self.st.offline_warned {
+            self.st.offline_warned = true;
             tracing::warn!(
                 recipe_version = self.st.version,
                 round,

@@ -77,6 +77,34 @@ pub use status::{now_unix, LinkState, LinkStatus};
 use crate::protocol::{capability, parse_inbound, Identity, Inbound, Outbound, StateLog};
 use crate::round::{EngineStatus, Event, Liveness, UpdateOrder};
 
+/// Distinct unknown message codes logged per connection; the rest are only counted.
+const MAX_UNKNOWN_LOGGED: usize = 8;
+
+/// Bad frames of a run logged one by one; the rest are counted and summed up once.
+const MAX_BAD_LOGGED: u32 = 8;
+
+/// Consecutive bad frames: their count and how many were not logged one by one (said once
+/// when the run ends).
+#[derive(Default)]
+struct BadRun {
+    count: u32,
+    unlogged: u32,
+}
+
+impl BadRun {
+    /// A good frame ends the run.
+    fn end(&mut self) {
+        if self.unlogged > 0 {
+            tracing::warn!(
+                consecutive = self.count,
+                not_logged = self.unlogged,
+                "a run of bad frames from the backend ended"
+            );
+        }
+        *self = BadRun::default();
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
     pub ws_uri: String,
@@ -483,12 +511,18 @@ impl<O: Outbox + 'static> Link<O> {
     }
 
     /// Counts a bad frame; `Some` when too many came in a row.
-    fn bad_frame(&self, bad_run: &mut u32, what: &str, reason: &str) -> Option<LinkError> {
-        *bad_run += 1;
+    /// The first [`MAX_BAD_LOGGED`] of a run are logged one by one, the rest only counted:
+    /// a flood would otherwise write up to `max_bad_frames` lines per connection.
+    fn bad_frame(&self, bad_run: &mut BadRun, what: &str, reason: &str) -> Option<LinkError> {
+        bad_run.count += 1;
         self.status.send_modify(|s| s.bad_frames += 1);
-        tracing::warn!(consecutive = *bad_run, reason = %reason, "{what}");
-        (*bad_run >= self.cfg.max_bad_frames)
-            .then(|| LinkError::TooManyBadFrames { url: self.url().to_string(), count: *bad_run })
+        if bad_run.count > MAX_BAD_LOGGED {
+            bad_run.unlogged += 1;
+        } else {
+            tracing::warn!(consecutive = bad_run.count, reason = %reason, "{what}");
+        }
+        (bad_run.count >= self.cfg.max_bad_frames)
+            .then(|| LinkError::TooManyBadFrames { url: self.url().to_string(), count: bad_run.count })
     }
 
     async fn session(&mut self, mut ws: Ws) -> SessionEnd {
@@ -508,7 +542,9 @@ impl<O: Outbox + 'static> Link<O> {
         let mut caps = Caps::default();
         let mut established: Option<Instant> = None;
         let mut last_sent: u64 = 0;
-        let mut bad_run: u32 = 0;
+        let mut bad_run = BadRun::default();
+        // Unknown codes logged in this session (a few distinct ones, each once).
+        let mut unknown_logged: Vec<String> = Vec::new();
         let mut last_heard = Instant::now();
         let mut ping = tokio::time::interval_at(Instant::now() + self.cfg.ping_interval, self.cfg.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -570,10 +606,13 @@ impl<O: Outbox + 'static> Link<O> {
                     };
                     if let Inbound::Unknown(code) = &inbound {
                         self.status.send_modify(|s| s.unknown_frames += 1);
-                        tracing::info!(code = %code, "unknown message code ignored");
+                        if unknown_logged.len() < MAX_UNKNOWN_LOGGED && !unknown_logged.contains(code) {
+                            unknown_logged.push(code.clone());
+                            tracing::info!(code = %code, "unknown message code ignored (logged once per code and connection; all are counted)");
+                        }
                         continue;
                     }
-                    bad_run = 0;
+                    bad_run.end();
                     answered = true;
                     answer_deadline = None;
                     match inbound {

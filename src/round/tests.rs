@@ -314,6 +314,20 @@ async fn meta_wait_also_accepts_the_referenced_state_ids() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn releases_of_ids_no_wait_names_are_not_kept_as_marks() {
+    let rig = start(None);
+    let r = recipe(3, json!([{"id": "w", "module": "meta.wait", "parameter": {"state": "@{db.s1}"}}, file("b")]));
+    rig.send(Event::Recipe(r)).await;
+    let flood: Vec<String> = (0..1000).map(|i| format!("flood-{i}")).collect();
+    rig.send(Event::WaitDone { recipe_version: 3, state_ids: flood }).await;
+    rig.send(Event::WaitDone { recipe_version: 3, state_ids: vec!["s1".into()] }).await;
+    assert_eq!(rig.helper.calls(), vec!["b"]);
+    let snaps = rig.effects.snapshots.lock().unwrap();
+    let done = &snaps.last().unwrap().done;
+    assert_eq!(done.iter().collect::<Vec<_>>(), vec!["s1"], "only the waited id is kept and persisted");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_recipe_cancels_the_running_state_and_starts_at_once() {
     let rig = start(None);
     rig.helper.script("long", &[Act::Hang]);

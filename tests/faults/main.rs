@@ -3,11 +3,13 @@
 
 //! Faults an unattended agent meets, survived with real processes: nothing lost, nothing
 //! doubled, the host not left half-configured. Each test prints one row of the table in
-//! the README ("Faults survived"): `cargo test --test faults -- --nocapture 2>&1 | grep '^| '`.
+//! the README ("Faults survived"), which `bash tests/faults/table.sh` prints.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod backend_misbehaving;
+mod disk_full;
 mod helper_killed;
 
 /// One row of the README's table: fault, what the agent did, what was lost, time to recover.

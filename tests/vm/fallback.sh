@@ -65,11 +65,12 @@ fi
 exit 0
 QEMU
 chmod 755 "$T/qemu"
-export STANDIN_LOG=$T/invocations OPSAGENT_VMTEST_QEMU=$T/qemu
+# The storage boot is the one that decides on the fallback; the systemd boot reuses it.
+export STANDIN_LOG=$T/invocations OPSAGENT_VMTEST_QEMU=$T/qemu OPSAGENT_VMTEST_PARTS=storage
 
 # A fake cached image (run.sh only checks that it is complete and hands the files to qemu).
 fake_cache() {
-    local dir=$1/bookworm-v1
+    local dir=$1/bookworm-v2
     mkdir -p "$dir"
     : >"$dir/vmlinuz"
     : >"$dir/initrd.img"

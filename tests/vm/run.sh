@@ -22,14 +22,20 @@
 #                            within OPSAGENT_VMTEST_KVM_BOOT seconds, default 45)
 #   OPSAGENT_VMTEST_QEMU     the qemu-system-x86_64 to run (tests/vm/fallback.sh uses a
 #                            stand-in to force the fallback)
+#   OPSAGENT_VMTEST_PARTS    which boots, default "storage units": the storage tests, then a
+#                            second boot under systemd as PID 1 (tests/vm/guest-units.sh: the
+#                            helper's installed units, a transient unit's CPU time and peak
+#                            memory in the StateLog, a real `sysctl -w`)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 CACHE_DIR=${OPSAGENT_VMTEST_CACHE:-/var/cache/opsagent-vmtest}
 # Bump when the package list or the image's init changes: a new image is built.
-IMAGE_VERSION=bookworm-v1
+IMAGE_VERSION=bookworm-v2
 IMAGE_DIR=$CACHE_DIR/$IMAGE_VERSION
-INCLUDE=linux-image-amd64,initramfs-tools,lvm2,mdadm,e2fsprogs,xfsprogs,util-linux,udev,kmod
+# systemd and dbus: the second boot (tests/vm/guest-units.sh) runs systemd as PID 1 on the
+# unified cgroup hierarchy; procps: sysctl.
+INCLUDE=linux-image-amd64,initramfs-tools,lvm2,mdadm,e2fsprogs,xfsprogs,util-linux,udev,kmod,systemd,dbus,procps
 MIRROR=${OPSAGENT_VMTEST_MIRROR:-http://deb.debian.org/debian}
 TIMEOUT=${OPSAGENT_VMTEST_TIMEOUT:-300}
 KVM_BOOT=${OPSAGENT_VMTEST_KVM_BOOT:-45}
@@ -85,6 +91,16 @@ echo o >/proc/sysrq-trigger
 sleep 30
 INIT
     chmod 755 "$1"
+    # The second boot's entry, started by systemd (systemd.run= on the kernel command line).
+    cat >"$(dirname "$1")/units-entry" <<'ENTRY'
+#!/bin/sh
+mkdir -p /payload
+if mount -o ro /dev/vdb /payload && [ -x /payload/guest-units.sh ]; then
+    exec /payload/guest-units.sh
+fi
+echo "OPSAGENT-VMTEST-UNITS: FAIL (no payload disk with guest-units.sh on /dev/vdb)" >/dev/ttyS0
+ENTRY
+    chmod 755 "$(dirname "$1")/units-entry"
 }
 
 ensure_image() {
@@ -149,25 +165,44 @@ print(exe)
 PY
 }
 
+PARTS=${OPSAGENT_VMTEST_PARTS:-storage units}
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 ensure_image
-exe=$(build_tests) || die "cannot find the storage test binary"
 mkdir -p "$WORK/payload"
-cp "$exe" "$WORK/payload/storage"
-cp tests/vm/guest.sh "$WORK/payload/guest.sh"
-chmod 755 "$WORK/payload/guest.sh" "$WORK/payload/storage"
+if part storage; then
+    exe=$(build_tests) || die "cannot find the storage test binary"
+    cp "$exe" "$WORK/payload/storage"
+    cp tests/vm/guest.sh "$WORK/payload/guest.sh"
+    chmod 755 "$WORK/payload/guest.sh" "$WORK/payload/storage"
+fi
+if part units; then
+    say "building the daemon, the helper and the reference backend"
+    cargo build --locked -p opsagent -p opsagent-helper --bins >&2 || die "cargo build failed"
+    mkdir -p "$WORK/payload/bin" "$WORK/payload/units"
+    for b in opsagent opsagent-helper opsagent-backend; do
+        # Without debug information: the payload disk stays small.
+        strip --strip-debug -o "$WORK/payload/bin/$b" "target/debug/$b" || die "cannot copy $b"
+    done
+    cp units/opsagent-helper.service units/opsagent-helper.socket units/opsagent.sysusers "$WORK/payload/units/"
+    cp tests/vm/guest-units.sh "$WORK/payload/guest-units.sh"
+    chmod 755 "$WORK/payload/guest-units.sh"
+fi
 mkfs.ext4 -q -F -L opspayload -d "$WORK/payload" "$WORK/payload.img" "$(($(du -sm "$WORK/payload" | cut -f1) + 16))M" ||
     die "cannot make the payload disk"
 
 console=$WORK/console.log
-# boot ACCEL CMDLINE-EXTRA: starts qemu in the background (QEMU_PID), console in $console.
+# boot ACCEL [INIT-ARGS]: starts qemu in the background (QEMU_PID), console in $console;
+# INIT-ARGS default to the image's storage-test init.
 boot() {
+    local init=${2:-init=/opsagent-vmtest/init}
     local how=(-enable-kvm -cpu host)
     if [ "$1" = tcg ]; then how=(-accel "tcg,thread=multi" -cpu max); fi
     : >"$console"
     "$QEMU" "${how[@]}" -smp 2 -m 1024 -display none -monitor none -no-reboot \
         -serial "file:$console" -snapshot \
         -kernel "$IMAGE_DIR/vmlinuz" -initrd "$IMAGE_DIR/initrd.img" \
-        -append "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/opsagent-vmtest/init panic=-1 quiet loglevel=3" \
+        -append "console=ttyS0 root=/dev/vda rw rootfstype=ext4 $init panic=-1 quiet loglevel=3" \
         -drive "file=$IMAGE_DIR/root.img,format=raw,if=virtio" \
         -drive "file=$WORK/payload.img,format=raw,if=virtio,readonly=on" \
         </dev/null >"$WORK/qemu.log" 2>&1 &
@@ -213,6 +248,7 @@ if [ "$accel" = auto ] && [ -f "$verdict" ]; then
     say "######## KVM is known to fail for this guest on this host ($verdict: $(head -c 200 "$verdict")): emulating the guest (TCG)"
     accel=tcg
 fi
+if part storage; then
 start=$(date +%s)
 timed_out=no
 if [ "$accel" = auto ] || [ "$accel" = kvm ]; then
@@ -267,3 +303,29 @@ if grep -q 'SKIPPED' "$WORK/console.txt"; then
     die "a storage test was skipped in the guest"
 fi
 say "vm test: PASS (logical volume and RAID1 array created for real in the guest)"
+fi
+
+# ---------------------------------------------------------------- second boot: systemd
+if part units; then
+    # The accelerator the storage boot settled on (auto without it: KVM when present).
+    if [ "$accel" = auto ]; then
+        if [ -e /dev/kvm ]; then accel=kvm; else accel=tcg; fi
+    fi
+    say "booting the VM under systemd ($accel, timeout ${TIMEOUT}s)"
+    start=$(date +%s)
+    boot "$accel" "init=/lib/systemd/systemd systemd.unified_cgroup_hierarchy=1 systemd.run=/opsagent-vmtest/units-entry systemd.run_success_action=poweroff systemd.run_failure_action=poweroff"
+    timed_out=no
+    wait_vm "$TIMEOUT" || timed_out=yes
+    say "VM ran $(($(date +%s) - start))s"
+    tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$WORK/console-units.txt" || true
+    grep -a '^OPSAGENT-VMTEST-UNITS: ' "$WORK/console-units.txt" >&2 || true
+    [ "$timed_out" = no ] || {
+        tail -n 40 "$WORK/console-units.txt" >&2
+        die "the systemd boot timed out after ${TIMEOUT}s; qemu killed"
+    }
+    grep -aq '^OPSAGENT-VMTEST-UNITS: PASS$' "$WORK/console-units.txt" || {
+        tail -n 60 "$WORK/console-units.txt" >&2
+        die "the systemd boot did not report PASS"
+    }
+    say "vm test: PASS (under systemd: a transient unit's CPU time in the StateLog, sysctl -w applied, no CAP_SYS_ADMIN in the helper)"
+fi
