@@ -2,7 +2,7 @@
 //! holds a [`Cancel`] and decides itself what cancelling means (for a command: kill its
 //! process group), so nothing is ever torn down half-way by dropping a future.
 //!
-//! The token also carries the request's [`Scope`](crate::exec::Scope): it already
+//! The token also carries the request's [`Scope`]: it already
 //! travels, cloned, to every command a state starts, so the commands are named after
 //! the state that runs them and their resource use is added up for it, without a
 //! parameter more in every state.

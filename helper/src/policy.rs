@@ -13,7 +13,7 @@
 //! Format: one `key = value…` per line, values separated by blanks; `#` starts a
 //! comment; a key given twice adds to its list.
 //!
-//! The policy decides from each state's [footprint](crate::footprint) alone. Two kinds
+//! The policy decides from each state's footprint ([`crate::footprint`]) alone. Two kinds
 //! of keys:
 //! - *narrowing* keys, from the first version of the format: absent, they allow
 //!   everything of their kind; present, only what they list (`modules =` with nothing

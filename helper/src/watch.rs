@@ -137,7 +137,7 @@ impl WatchStore {
     }
 }
 
-/// MD5 (hex) of a file's content, or [`ABSENT`]. Links are followed (reading through a
+/// MD5 (hex) of a file's content, or the word `absent`. Links are followed (reading through a
 /// link writes nothing); anything but a regular file is refused, and the open does not
 /// block on a FIFO.
 pub fn checksum(path: &Path) -> Result<String, WatchError> {

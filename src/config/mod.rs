@@ -567,7 +567,7 @@ impl Config {
 }
 
 /// Sections only the original agent's configuration has: one of them makes a file the
-/// original's (see [`Config::apply_original`]).
+/// original's (see `Config::apply_original`).
 pub const ORIGINAL_ONLY_SECTIONS: &[&str] = &["global", "module", "network", "salt"];
 
 /// Keys that lower a defence: `true` is honoured only from a root-owned file that

@@ -732,7 +732,7 @@ catalogue! {
         password: Line = "password" => optional;
         username: Line = "username" => optional;
     }
-    /// Writes /etc/apt/sources.list.d/<name>.list.
+    /// Writes `/etc/apt/sources.list.d/<name>.list`.
     LinuxAptRepo = "linux.apt.repo", builtin = false {
         content: Text = "content" ["contents"] => required;
         name: Line = "name" => required;
@@ -1045,7 +1045,7 @@ catalogue! {
         repo: Line = "repo" ["fromrepo"] => optional;
         verify_gpg: bool = "verify-gpg" => default(true);
     }
-    /// Writes /etc/yum.repos.d/<name>.repo or installs a repo-release RPM.
+    /// Writes `/etc/yum.repos.d/<name>.repo` or installs a repo-release RPM.
     LinuxYumRepo = "linux.yum.repo", builtin = false {
         name: Line = "name" => required;
         content: Text = "content" ["contents"] => optional;
