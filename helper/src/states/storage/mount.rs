@@ -360,8 +360,12 @@ async fn run<M: Mounter>(
     }
 
     fsutil::create_dirs(&path, fsutil::PARENT_DIR_MODE, (Uid::from_raw(0), Gid::from_raw(0)), changes)?;
-    let real =
-        fs::canonicalize(path.as_path()).map_err(|source| MountError::Read { path: path.to_string(), source })?;
+    let real = match fs::canonicalize(path.as_path()) {
+        Ok(real) => real,
+        // A plan did not create the mount point it reported: nothing is mounted there yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && crate::plan::active() => path.as_path().to_path_buf(),
+        Err(source) => return Err(MountError::Read { path: path.to_string(), source }),
+    };
     let mounted = match mounted_at(&host.mountinfo, &real)? {
         Some(top) if matches_source(&top, &source) => true,
         Some(top) => {

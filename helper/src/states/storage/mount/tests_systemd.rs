@@ -368,3 +368,19 @@ async fn mount_8_mounts_first_then_writes_fstab() {
     assert!(again.result && again.changes.is_empty(), "{again:?}");
     assert_eq!(fs::read_to_string(&args).unwrap().lines().count(), 1, "mounted twice");
 }
+
+#[tokio::test]
+async fn a_plan_for_a_mount_point_not_yet_made_says_it_would_be_made_and_mounted_and_touches_nothing() {
+    let f = Fake::new().await;
+    let mnt = f.dir.path().join("not-yet/data");
+    let raw = json!({"device": "tmpfs", "filesystem": "tmpfs", "path": mnt, "fstab": true, "opts": "size=1m"});
+
+    let plan = crate::plan::scope(Some(crate::plan::Plan::new()), f.apply(raw)).await;
+    assert!(plan.result, "{plan:?}");
+    let whats = whats(&plan);
+    assert!(whats.iter().any(|w| w.starts_with(&format!("{}: directory created", mnt.display()))), "{whats:?}");
+    assert!(whats.contains(&format!("{}: tmpfs mounted (tmpfs)", mnt.display())), "{whats:?}");
+    assert!(!mnt.parent().unwrap().exists(), "a plan made the mount point");
+    assert_eq!(f.fstab(), "# static file system information\n", "a plan wrote fstab");
+    assert!(f.calls().is_empty(), "a plan asked systemd for something");
+}
