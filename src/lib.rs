@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod daemon;
 pub mod download;
@@ -18,6 +19,7 @@ pub mod logging;
 pub mod manual;
 pub mod metrics;
 pub mod prereq;
+pub mod private_helper;
 pub mod protocol;
 pub mod recipe;
 pub mod round;

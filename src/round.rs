@@ -18,6 +18,9 @@
 //! - An upgrade order waits for the end of the round, then runs exactly once.
 //! - Stop: the running state may finish (bounded by the stop timeout, then cancelled);
 //!   "stop after the round" lets the whole round finish first.
+//! - `opsagent apply` runs exactly one such round ([`Engine::run_local_round`]), with a
+//!   local sink for the StateLogs: what an operator sees locally is what the daemon does.
+//!   Without a backend nothing can release a `meta.wait`, so it fails saying so.
 //!
 //! The engine does no I/O of its own: the helper is behind [`HelperClient`], everything
 //! else (reporting, persisting, upgrading) behind [`Effects`], and time is tokio's clock,
@@ -107,8 +110,35 @@ pub struct Snapshot {
     pub done: BTreeSet<String>,
 }
 
+/// A state's result as the helper gave it, with its place in the round: more than its
+/// StateLog says (the list of changes, the module), for a local sink that prints a line
+/// per state.
+#[derive(Debug, Clone, Copy)]
+pub struct Reported<'a> {
+    pub state: &'a RecipeState,
+    /// 0-based position in the recipe.
+    pub index: usize,
+    pub total: usize,
+    pub outcome: &'a Outcome,
+}
+
+/// How one round run by [`Engine::run_local_round`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundResult {
+    /// Every state succeeded.
+    Completed,
+    /// A state failed twice (the round restarted once from the first state): the
+    /// states after it did not run.
+    Ceased,
+    /// Stopped from outside before the end.
+    Stopped,
+}
+
 /// Every side effect of the engine except the helper.
 pub trait Effects: Send {
+    /// A state's full outcome, just before its StateLog is reported. The daemon needs only
+    /// the StateLog; a local sink says more.
+    fn outcome(&mut self, _reported: Reported<'_>) {}
     /// Record a result durably (the spool) and hand it to the link.
     fn report(&mut self, log: StateLog) -> impl Future<Output = ()> + Send;
     /// Persist the recipe and the wait marks.
@@ -341,6 +371,9 @@ pub struct Engine<H, E> {
     cfg: EngineConfig,
     liveness: Liveness,
     st: State,
+    /// A round run by `opsagent apply`: no backend (nothing releases a wait, nothing is
+    /// "offline").
+    local: bool,
 }
 
 /// Everything a caller keeps to drive and watch an engine.
@@ -373,7 +406,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             st.recipe = Some(s.recipe);
             st.status.send_modify(|x| x.recipe_version = Some(s.version));
         }
-        let engine = Self { helper, effects, inbox, cfg, liveness: liveness.clone(), st };
+        let engine = Self { helper, effects, inbox, cfg, liveness: liveness.clone(), st, local: false };
         (engine, EngineHandle { events: tx, status, liveness })
     }
 
@@ -467,6 +500,26 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         tracing::info!("round engine stopped");
     }
 
+    /// Runs one round of `recipe` and returns how it ended: `opsagent apply`. The same
+    /// round as [`Engine::run`] runs (a failure restarts it once from the first state),
+    /// but without a backend: a `meta.wait` fails, saying that it needs one, and the
+    /// StateLogs are not marked offline. Events still count (a stop ends the round as it
+    /// would the daemon's); the caller keeps the handle's sender while it runs.
+    pub async fn run_local_round(mut self, recipe: Arc<Recipe>) -> RoundResult {
+        self.local = true;
+        self.st.version = recipe.version;
+        self.st.recipe = Some(recipe);
+        self.st.status.send_modify(|s| s.recipe_version = Some(self.st.version));
+        self.liveness.touch();
+        let result = match self.run_round().await {
+            RoundEnd::Completed => RoundResult::Completed,
+            RoundEnd::Ceased => RoundResult::Ceased,
+            RoundEnd::Preempted | RoundEnd::Stopped => RoundResult::Stopped,
+        };
+        self.set_phase(Phase::Stopped);
+        result
+    }
+
     async fn run_pending_upgrade(&mut self) {
         if let Some(order) = self.st.update.take() {
             self.set_phase(Phase::Upgrading { version: order.version.clone() });
@@ -514,7 +567,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
         tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
-        if !self.st.online {
+        if !self.st.online && !self.local {
             tracing::warn!(
                 recipe_version = self.st.version,
                 round,
@@ -530,19 +583,19 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 StateEnd::Done(o) => o,
                 StateEnd::Preempted(o) => {
                     if let Some(o) = o {
-                        self.report(state, o).await;
+                        self.report(state, i, total, o).await;
                     }
                     return RoundEnd::Preempted;
                 }
                 StateEnd::Stopped(o) => {
                     if let Some(o) = o {
-                        self.report(state, o).await;
+                        self.report(state, i, total, o).await;
                     }
                     return RoundEnd::Stopped;
                 }
             };
             let ok = outcome.result;
-            self.report(state, outcome).await;
+            self.report(state, i, total, outcome).await;
             if self.st.stop == Some(StopMode::AfterState) {
                 return RoundEnd::Stopped;
             }
@@ -560,8 +613,8 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         RoundEnd::Completed
     }
 
-    async fn report(&mut self, state: &RecipeState, outcome: Outcome) {
-        let log = statelog(self.st.version, state, &outcome, !self.st.online);
+    async fn report(&mut self, state: &RecipeState, index: usize, total: usize, outcome: Outcome) {
+        let log = statelog(self.st.version, state, &outcome, !self.st.online && !self.local);
         let round = self.st.status.borrow().round;
         if outcome.result {
             tracing::info!(
@@ -585,6 +638,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             }
             s.current.changed += u64::from(changed);
         });
+        self.effects.outcome(Reported { state, index, total, outcome: &outcome });
         self.effects.report(log).await;
     }
 
@@ -695,6 +749,11 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
     }
 
     async fn run_wait(&mut self, state: &RecipeState, index: usize, total: usize) -> StateEnd {
+        if self.local && !self.st.wait_satisfied(state) {
+            return StateEnd::Done(Outcome::failed(
+                "meta.wait needs a backend to report the waited states (use opsagent run)",
+            ));
+        }
         self.set_phase(Phase::Waiting { index: index + 1, total, state_id: state.id.to_string() });
         loop {
             if self.st.wait_satisfied(state) {
