@@ -65,9 +65,19 @@ pub enum Command {
         #[arg(long)]
         no_prerequisites: bool,
         /// Print each state's StateLog as one line of JSON, exactly as the daemon would
-        /// report it, instead of a line for a person.
+        /// report it, instead of a line for a person (with --test: each state's plan).
         #[arg(long)]
         json: bool,
+        /// Change nothing: ask the helper what each state would change and print it, one
+        /// line per state. States after a meta.wait are planned as if it were satisfied,
+        /// and say so. Exit status: 0 nothing would change, 3 something would, 1 a state
+        /// could not be planned.
+        #[arg(long)]
+        test: bool,
+        /// With --test: show each content change as a unified diff (capped; binary and
+        /// secret content by checksums only).
+        #[arg(long, requires = "test")]
+        diff: bool,
     },
     /// Check recipe files against the state catalogue; one line per state.
     Check {
@@ -130,13 +140,15 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config, overrides } => cmd::run::cmd_run(config.as_deref(), &overrides),
-        Command::Apply { file, helper_socket, helper_bin, no_prerequisites, json } => {
+        Command::Apply { file, helper_socket, helper_bin, no_prerequisites, json, test, diff } => {
             cmd::apply::cmd_apply(cmd::apply::ApplyArgs {
                 file,
                 helper_socket,
                 helper_bin,
                 prerequisites: !no_prerequisites,
-                format: if json { cmd::apply::Format::StateLogs } else { cmd::apply::Format::Lines },
+                format: if json { cmd::apply::Format::Json } else { cmd::apply::Format::Lines },
+                test,
+                diff,
             })
         }
         Command::Check { files } => cmd::check::cmd_check(&files),
