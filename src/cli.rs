@@ -97,6 +97,23 @@ pub enum Command {
     },
     /// Print a fully commented /etc/opsagent.conf with every key and its default.
     ConfigExample,
+    /// Write the agent's, the helper's, the upgrades' and the states' log entries since a
+    /// time into a gzipped bundle, bounded in size (the newest entries are kept and the
+    /// bundle says what was cut): for attaching to a ticket.
+    Logs {
+        /// The bundle to write (gzipped text, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// From when: 45s, 30m, 2h, 1d before now, or @SECONDS since the epoch.
+        #[arg(long, value_name = "WHEN", default_value = "1d")]
+        since: String,
+        /// Which logs (agent, helper, upgrade, states) [default: all]
+        #[arg(long, value_name = "PART", value_delimiter = ',')]
+        what: Vec<String>,
+        /// Log text the bundle holds at most, before compression, shared by the parts.
+        #[arg(long, value_name = "BYTES", default_value_t = cmd::logs::DEFAULT_MAX_BYTES)]
+        max_bytes: u64,
+    },
     /// Upgrade this host's agent by hand (root): download the release and its
     /// signature, then run the same installer as a backend-ordered upgrade (signature
     /// check, switch, restart, health gate, automatic revert).
@@ -159,6 +176,7 @@ pub fn main() -> ExitCode {
         Command::Upgrade { url, version, config, stage_only } => {
             crate::upgrade::cli::cmd_upgrade(&url, version, config.as_deref(), stage_only)
         }
+        Command::Logs { bundle, since, what, max_bytes } => cmd::logs::cmd_logs(&bundle, &since, &what, max_bytes),
         Command::ConfigExample => {
             print!("{}", crate::config::EXAMPLE);
             Ok(ExitCode::SUCCESS)

@@ -15,6 +15,7 @@ pub mod download;
 pub mod helper_client;
 pub mod identity;
 pub mod link;
+pub mod logbundle;
 pub mod logging;
 pub mod manual;
 pub mod metrics;

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod check;
+pub mod logs;
 pub mod run;
 pub mod status;
 pub mod stop;
