@@ -34,4 +34,7 @@ fn a_plan_against_a_helper_that_cannot_plan_writes_nothing_and_names_why() {
     assert!(lines[0].starts_with("FAILED [1/2] s1  linux.file  ") && lines[0].contains("cannot plan"), "{stdout}");
     assert!(lines[1].starts_with("FAILED [2/2] s2  linux.cmd  ") && lines[1].contains("cannot plan"), "{stdout}");
     assert!(!target.exists(), "a plan wrote {}", target.display());
+    // Each state is said once, on stdout: the engine's journal lines stay out of it.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("state failed"), "{stderr}");
 }

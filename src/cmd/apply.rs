@@ -52,7 +52,9 @@ pub struct ApplyArgs {
 }
 
 pub fn cmd_apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
-    crate::logging::init("warn", "opsagent");
+    // The engine's per-state log lines are the daemon's journal; here the sink prints
+    // each state, so they would only say it twice.
+    crate::logging::init("warn,opsagent::round=error", "opsagent");
     // The private helper starts first: it gets ready while the recipe is parsed.
     let (mut private, socket) = match args.helper_socket {
         Some(s) => (None, s),
