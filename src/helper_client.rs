@@ -140,7 +140,9 @@ struct Conn {
 /// Downloads for the helper: into a private directory of the daemon, one uniquely named
 /// file per URL, removed once the `Apply` they were for has returned.
 pub struct Fetcher {
-    downloader: Arc<Downloader>,
+    /// Given, or built on first use from `settings` ([`Fetcher::lazy`]).
+    downloader: std::sync::OnceLock<Result<Arc<Downloader>, String>>,
+    settings: Option<crate::download::DownloadSettings>,
     dir: PathBuf,
     max_bytes: u64,
     next: AtomicU64,
@@ -167,13 +169,29 @@ impl Fetcher {
     /// Uses `dir` (created 0700 if missing) and removes whatever an earlier run left in
     /// it. `dir` must be absolute: the helper takes the paths as they are.
     pub fn new(downloader: Downloader, dir: PathBuf, max_bytes: u64) -> std::io::Result<Self> {
+        Self::with(std::sync::OnceLock::from(Ok(Arc::new(downloader))), None, dir, max_bytes)
+    }
+
+    /// As [`Fetcher::new`], but the HTTP client is built at the first download: setting
+    /// one up costs milliseconds (the system's root certificates are read), which a
+    /// one-round `opsagent apply` of a recipe that downloads nothing need not pay.
+    pub fn lazy(settings: crate::download::DownloadSettings, dir: PathBuf, max_bytes: u64) -> std::io::Result<Self> {
+        Self::with(std::sync::OnceLock::new(), Some(settings), dir, max_bytes)
+    }
+
+    fn with(
+        downloader: std::sync::OnceLock<Result<Arc<Downloader>, String>>,
+        settings: Option<crate::download::DownloadSettings>,
+        dir: PathBuf,
+        max_bytes: u64,
+    ) -> std::io::Result<Self> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         if !dir.is_absolute() {
             return Err(std::io::Error::other(format!("{}: the fetch directory must be absolute", dir.display())));
         }
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        let fetcher = Self { downloader: Arc::new(downloader), dir, max_bytes, next: AtomicU64::new(0) };
+        let fetcher = Self { downloader, settings, dir, max_bytes, next: AtomicU64::new(0) };
         fetcher.sweep();
         Ok(fetcher)
     }
@@ -196,11 +214,21 @@ impl Fetcher {
         }
     }
 
+    fn downloader(&self) -> Result<&Arc<Downloader>, FetchEnd> {
+        self.downloader
+            .get_or_init(|| {
+                Downloader::new(self.settings.clone().unwrap_or_default()).map(Arc::new).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| FetchEnd::Failed(e.clone()))
+    }
+
     async fn fetch_all(
         &self,
         urls: &[String],
         mut cancel: Cancel,
     ) -> Result<(FetchedFiles, Vec<FetchedFile>), FetchEnd> {
+        let downloader = self.downloader()?;
         let mut guard = FetchedFiles(Vec::new());
         let mut files = Vec::new();
         for url in urls {
@@ -209,7 +237,7 @@ impl Fetcher {
             guard.0.push(dest.clone());
             tracing::info!(url = %url, dest = %dest.display(), "downloading for the helper");
             let fetched = tokio::select! {
-                r = self.downloader.fetch(url, &dest, self.max_bytes) => r,
+                r = downloader.fetch(url, &dest, self.max_bytes) => r,
                 _ = cancel.cancelled() => return Err(FetchEnd::Cancelled(url.clone())),
             };
             let f = fetched.map_err(|e| FetchEnd::Failed(e.to_string()))?;
@@ -414,7 +442,7 @@ impl UnixHelperClient {
                     recipe_version: s.version,
                     index: s.index,
                     fetched,
-                    plan: false,
+                    plan: req.plan,
                 });
                 return self.apply_after_recipe(conn, recipe, apply, cancel).await;
             }

@@ -8,16 +8,19 @@
 
 pub mod backend;
 pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod daemon;
 pub mod download;
 pub mod helper_client;
 pub mod identity;
 pub mod link;
+pub mod logbundle;
 pub mod logging;
 pub mod manual;
 pub mod metrics;
 pub mod prereq;
+pub mod private_helper;
 pub mod protocol;
 pub mod recipe;
 pub mod round;

@@ -289,7 +289,9 @@ mod tests {
         assert!(script.contains("complete -F _opsagent opsagent"));
         assert!(script.contains("\"\") words=\""));
         assert!(
-            script.contains("\"apply\") words=\"--helper-socket --helper-bin --no-prerequisites --help\""),
+            script.contains(
+                "\"apply\") words=\"--helper-socket --helper-bin --no-prerequisites --json --test --diff --help\""
+            ),
             "{script}"
         );
     }

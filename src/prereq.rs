@@ -182,7 +182,10 @@ impl<C: HelperClient> Prerequisites<C> {
                 Manager::Apt => p.apt,
                 Manager::Yum => p.yum,
             };
-            let install = ApplyRequest::new(req.state_id.clone(), req.recipe_version, install_state(manager, packages));
+            let mut install =
+                ApplyRequest::new(req.state_id.clone(), req.recipe_version, install_state(manager, packages));
+            // A plan installs nothing: the install is planned with the state.
+            install.plan = req.plan;
             let list = packages.join(" ");
             // A refusal (the helper's policy) fails this state, naming the package.
             let out = match self.inner.apply(install, cancel.clone()).await {
@@ -203,7 +206,8 @@ impl<C: HelperClient> Prerequisites<C> {
                     ))
                 }));
             }
-            notes.push(format!("prerequisite {} installed with {} (package {list})", p.tool, manager.name()));
+            let done = if req.plan { "would be installed" } else { "installed" };
+            notes.push(format!("prerequisite {} {done} with {} (package {list})", p.tool, manager.name()));
             changes.extend(out.changes);
         }
         Ok(Ok((notes, changes)))
@@ -294,5 +298,47 @@ mod tests {
         assert!(of("linux.file", json!({"path": "/x"})).is_empty());
         let install = install_state(Manager::Yum, &["lvm2"]);
         assert_eq!(install.name(), "linux.yum.package");
+    }
+
+    /// Records every request; answers each as applied (or planned).
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<ApplyRequest>>);
+
+    impl HelperClient for Recorder {
+        async fn apply(&self, req: ApplyRequest, _: Cancel) -> Result<Outcome, HelperClientError> {
+            let planned = req.plan;
+            self.0.lock().unwrap().push(req);
+            Ok(Outcome { planned, changes: vec![Change::new("git", "installed")], ..Outcome::ok("") })
+        }
+        async fn apply_signed(
+            &self,
+            req: ApplyRequest,
+            _: SignedState,
+            c: Cancel,
+        ) -> Result<Outcome, HelperClientError> {
+            self.apply(req, c).await
+        }
+        async fn status(&self) -> Result<HelperStatus, HelperClientError> {
+            Err(HelperClientError::Protocol { path: "test".into(), what: "no status".into() })
+        }
+    }
+
+    /// `opsagent apply --test` and drift plans go through this wrapper too: the missing
+    /// tool's install must be a plan as well, or a plan would install packages.
+    #[tokio::test]
+    async fn a_plan_installs_no_prerequisite_it_plans_the_install() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
+        std::fs::write(root.path().join("usr/bin/apt-get"), "").unwrap();
+        let client = Prerequisites::new(Recorder::default(), true).with_root(root.path());
+        let params = parse_state("common.git", &json!({"path": "/srv/g", "repo": "https://h/r"})).unwrap().params;
+        let mut req = ApplyRequest::new(opsagent_proto::newtypes::StateId::parse("g").unwrap(), 1, params);
+        req.plan = true;
+        let out = client.apply(req, Cancel::never()).await.unwrap();
+        let sent = client.inner().0.lock().unwrap();
+        assert_eq!(sent.len(), 2, "the install, then the state");
+        assert_eq!(sent[0].params.name(), "linux.apt.package");
+        assert!(sent.iter().all(|r| r.plan), "every request of a plan is a plan: {sent:?}");
+        assert!(out.comment.contains("prerequisite git would be installed with apt"), "{}", out.comment);
     }
 }

@@ -18,6 +18,14 @@
 //! - An upgrade order waits for the end of the round, then runs exactly once.
 //! - Stop: the running state may finish (bounded by the stop timeout, then cancelled);
 //!   "stop after the round" lets the whole round finish first.
+//! - `opsagent apply` runs exactly one such round ([`Engine::run_local_round`]), with a
+//!   local sink for the StateLogs: what an operator sees locally is what the daemon does.
+//!   Without a backend nothing can release a `meta.wait`, so it fails saying so.
+//! - `opsagent apply --test` runs that round as a plan: every request asks the helper
+//!   what would change (it writes nothing), a `meta.wait` counts as satisfied and the
+//!   states after it say so, and a state that cannot be planned does not restart the
+//!   round (a plan changes nothing, so a restart would plan the same again): every
+//!   state gets its line.
 //!
 //! The engine does no I/O of its own: the helper is behind [`HelperClient`], everything
 //! else (reporting, persisting, upgrading) behind [`Effects`], and time is tokio's clock,
@@ -107,8 +115,35 @@ pub struct Snapshot {
     pub done: BTreeSet<String>,
 }
 
+/// A state's result as the helper gave it, with its place in the round: more than its
+/// StateLog says (the list of changes, the module), for a local sink that prints a line
+/// per state.
+#[derive(Debug, Clone, Copy)]
+pub struct Reported<'a> {
+    pub state: &'a RecipeState,
+    /// 0-based position in the recipe.
+    pub index: usize,
+    pub total: usize,
+    pub outcome: &'a Outcome,
+}
+
+/// How one round run by [`Engine::run_local_round`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundResult {
+    /// Every state succeeded.
+    Completed,
+    /// A state failed twice (the round restarted once from the first state): the
+    /// states after it did not run.
+    Ceased,
+    /// Stopped from outside before the end.
+    Stopped,
+}
+
 /// Every side effect of the engine except the helper.
 pub trait Effects: Send {
+    /// A state's full outcome, just before its StateLog is reported. The daemon needs only
+    /// the StateLog; a local sink says more.
+    fn outcome(&mut self, _reported: Reported<'_>) {}
     /// Record a result durably (the spool) and hand it to the link.
     fn report(&mut self, log: StateLog) -> impl Future<Output = ()> + Send;
     /// Persist the recipe and the wait marks.
@@ -357,6 +392,14 @@ pub struct Engine<H, E> {
     cfg: EngineConfig,
     liveness: Liveness,
     st: State,
+    /// A round run by `opsagent apply`: no backend (nothing releases a wait, nothing is
+    /// "offline").
+    local: bool,
+    /// Plan, don't act (`opsagent apply --test`).
+    plan: bool,
+    /// In a plan: the `meta.wait` planned as if satisfied, which the later states' plans
+    /// rest on.
+    assumed_wait: Option<String>,
 }
 
 /// Everything a caller keeps to drive and watch an engine.
@@ -390,7 +433,17 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             st.recipe = Some(s.recipe);
             st.status.send_modify(|x| x.recipe_version = Some(s.version));
         }
-        let engine = Self { helper, effects, inbox, cfg, liveness: liveness.clone(), st };
+        let engine = Self {
+            helper,
+            effects,
+            inbox,
+            cfg,
+            liveness: liveness.clone(),
+            st,
+            local: false,
+            plan: false,
+            assumed_wait: None,
+        };
         (engine, EngineHandle { events: tx, status, liveness })
     }
 
@@ -484,6 +537,30 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         tracing::info!("round engine stopped");
     }
 
+    /// Runs one round of `recipe` and returns how it ended: `opsagent apply`. The same
+    /// round as [`Engine::run`] runs (a failure restarts it once from the first state),
+    /// but without a backend: a `meta.wait` fails, saying that it needs one, and the
+    /// StateLogs are not marked offline. Events still count (a stop ends the round as it
+    /// would the daemon's); the caller keeps the handle's sender while it runs.
+    ///
+    /// With `plan`, the round asks what would change instead (see the module's notes);
+    /// it ends `Ceased` when a state could not be planned.
+    pub async fn run_local_round(mut self, recipe: Arc<Recipe>, plan: bool) -> RoundResult {
+        self.local = true;
+        self.plan = plan;
+        self.st.version = recipe.version;
+        self.st.recipe = Some(recipe);
+        self.st.status.send_modify(|s| s.recipe_version = Some(self.st.version));
+        self.liveness.touch();
+        let result = match self.run_round().await {
+            RoundEnd::Completed => RoundResult::Completed,
+            RoundEnd::Ceased => RoundResult::Ceased,
+            RoundEnd::Preempted | RoundEnd::Stopped => RoundResult::Stopped,
+        };
+        self.set_phase(Phase::Stopped);
+        result
+    }
+
     async fn run_pending_upgrade(&mut self) {
         if let Some(order) = self.st.update.take() {
             self.set_phase(Phase::Upgrading { version: order.version.clone() });
@@ -531,7 +608,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
         tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
-        if !self.st.online && !self.st.offline_warned {
+        if !self.st.online && !self.local && !self.st.offline_warned {
             self.st.offline_warned = true;
             tracing::warn!(
                 recipe_version = self.st.version,
@@ -540,6 +617,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             );
         }
         let mut failed_once = BTreeSet::new();
+        let mut plan_failed = false;
         let mut i = 0;
         while i < total {
             let state = &recipe.states[i];
@@ -548,23 +626,28 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 StateEnd::Done(o) => o,
                 StateEnd::Preempted(o) => {
                     if let Some(o) = o {
-                        self.report(state, o).await;
+                        self.report(state, i, total, o).await;
                     }
                     return RoundEnd::Preempted;
                 }
                 StateEnd::Stopped(o) => {
                     if let Some(o) = o {
-                        self.report(state, o).await;
+                        self.report(state, i, total, o).await;
                     }
                     return RoundEnd::Stopped;
                 }
             };
             let ok = outcome.result;
-            self.report(state, outcome).await;
+            self.report(state, i, total, outcome).await;
             if self.st.stop == Some(StopMode::AfterState) {
                 return RoundEnd::Stopped;
             }
             if ok {
+                i += 1;
+            } else if self.plan {
+                // Nothing changed, so planning again from the first state would say the
+                // same; the remaining states are planned and the round counts as ceased.
+                plan_failed = true;
                 i += 1;
             } else if failed_once.insert(i) {
                 tracing::warn!(state_id = %state.id, round, "state failed; the round restarts from the first state");
@@ -574,12 +657,15 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 return RoundEnd::Ceased;
             }
         }
+        if plan_failed {
+            return RoundEnd::Ceased;
+        }
         tracing::info!(recipe_version = self.st.version, round, "round complete");
         RoundEnd::Completed
     }
 
-    async fn report(&mut self, state: &RecipeState, outcome: Outcome) {
-        let log = statelog(self.st.version, state, &outcome, !self.st.online);
+    async fn report(&mut self, state: &RecipeState, index: usize, total: usize, outcome: Outcome) {
+        let log = statelog(self.st.version, state, &outcome, !self.st.online && !self.local);
         let round = self.st.status.borrow().round;
         if outcome.result {
             tracing::info!(
@@ -603,6 +689,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             }
             s.current.changed += u64::from(changed);
         });
+        self.effects.outcome(Reported { state, index, total, outcome: &outcome });
         self.effects.report(log).await;
     }
 
@@ -622,7 +709,8 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                     state_id: state.id.to_string(),
                     module: state.module.clone(),
                 });
-                let req = ApplyRequest::new(id, self.st.version, params.clone());
+                let mut req = ApplyRequest::new(id, self.st.version, params.clone());
+                req.plan = self.plan;
                 // A signed recipe: the helper may run its own verified copy of this state.
                 let signed = self.st.recipe.as_ref().and_then(|r| {
                     let upload = r.signed.clone()?;
@@ -633,6 +721,10 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                     StateEnd::Done(mut o) => {
                         for w in &parsed.warnings {
                             o.comment = join_comment(&o.comment, &format!("warning: {w}"));
+                        }
+                        if let Some(wait) = &self.assumed_wait {
+                            o.comment =
+                                join_comment(&o.comment, &format!("planned as if the meta.wait {wait} were satisfied"));
                         }
                         StateEnd::Done(o)
                     }
@@ -713,6 +805,20 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
     }
 
     async fn run_wait(&mut self, state: &RecipeState, index: usize, total: usize) -> StateEnd {
+        if self.plan && !self.st.wait_satisfied(state) {
+            // A plan runs without the backend that would release the wait; what comes
+            // after it is planned as if it were released, and says so.
+            self.assumed_wait = Some(state.id.clone());
+            return StateEnd::Done(Outcome {
+                planned: true,
+                ..Outcome::ok("not waited: the states after it are planned as if the waited states were done")
+            });
+        }
+        if self.local && !self.st.wait_satisfied(state) {
+            return StateEnd::Done(Outcome::failed(
+                "meta.wait needs a backend to report the waited states (use opsagent run)",
+            ));
+        }
         self.set_phase(Phase::Waiting { index: index + 1, total, state_id: state.id.to_string() });
         loop {
             if self.st.wait_satisfied(state) {
@@ -753,9 +859,11 @@ fn join_comment(a: &str, b: &str) -> String {
 }
 
 /// What a state did, for a person: the helper's comment, then `changed: …` listing each
-/// change once. Modules often say a change in their comment too; a comment part that only
-/// repeats a change is dropped, so that each change is said once.
+/// change once (`would change: …` for a plan). Modules often say a change in their
+/// comment too; a comment part that only repeats a change is dropped, so that each change
+/// is said once.
 pub fn describe(o: &Outcome) -> String {
+    let heading = if o.planned { "would change" } else { "changed" };
     let list: Vec<String> = o.changes.iter().map(ToString::to_string).collect();
     let repeats = |part: &str| o.changes.iter().zip(&list).any(|(c, full)| part == c.what || part == full);
     let said: Vec<&str> = o.comment.split("; ").filter(|part| !part.is_empty() && !repeats(part)).collect();
@@ -763,7 +871,7 @@ pub fn describe(o: &Outcome) -> String {
     if list.is_empty() {
         comment
     } else {
-        join_comment(&comment, &format!("changed: {}", list.join(", ")))
+        join_comment(&comment, &format!("{heading}: {}", list.join(", ")))
     }
 }
 

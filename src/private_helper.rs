@@ -1,0 +1,124 @@
+//! The private root helper `opsagent apply` starts when run as root: its own socket in a
+//! 0700 directory, handed over the way systemd socket activation does, both processes on
+//! one CPU, killed and cleaned up when dropped.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+
+/// A helper started by `opsagent apply` on a private socket, killed when dropped.
+pub struct PrivateHelper {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl PrivateHelper {
+    /// Binds the socket here and hands the listening descriptor to the helper the way
+    /// systemd socket activation does (`LISTEN_FDS`), so the socket accepts connections
+    /// before the helper has even started: no waiting for a file to appear, and the
+    /// caller can do its own start-up (parsing the recipe) while the helper does its.
+    pub fn start(bin: &Path) -> anyhow::Result<(Self, PathBuf)> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixListener;
+
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+
+        let dir = std::env::temp_dir().join(format!("opsagent-apply-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // 0700 and root's: nobody else can reach the socket inside, whatever its mode.
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let socket = dir.join("helper.sock");
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| anyhow::anyhow!("cannot bind the helper's socket {}: {e}", socket.display()))?;
+        // A duplicate without close-on-exec is what the helper inherits; ours (and the
+        // duplicate) are closed once it runs, so that the helper holds the only listening
+        // descriptor and a helper that dies at start resets our connection instead of
+        // leaving it waiting in the backlog.
+        let inherited = listener.try_clone()?;
+        fcntl(inherited.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+        let mut cmd = std::process::Command::new(bin);
+        // Root asked for this apply and is the only one who can reach this helper (its
+        // socket is in a 0700 root directory), so it keeps root's storage capabilities:
+        // without systemd as PID 1, mount(8), lvm2 and mdadm need CAP_SYS_ADMIN and
+        // CAP_MKNOD, which the system helper keeps only with its opt-in drop-in.
+        cmd.arg("--storage");
+        // Local use by root needs no signature (root is already root): the private
+        // helper ignores a recipe_key in /etc/opsagent.conf. `--helper-socket` against
+        // the system helper follows that helper's rule instead.
+        cmd.arg("--no-recipe-key");
+        cmd.stdin(std::process::Stdio::null())
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDS_FIRST_FD", inherited.as_raw_fd().to_string())
+            // Unset LISTEN_PID is accepted as "for this process" (we cannot know the
+            // child's pid before it exists); an inherited one would name another process.
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES");
+        // The per-request log lines of a private helper would drown the result lines.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "error");
+        }
+        let spawned = cmd.spawn();
+        drop(inherited);
+        drop(listener);
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                anyhow::bail!("cannot start the helper {}: {e}", bin.display());
+            }
+        };
+        Ok((Self { child, dir }, socket))
+    }
+
+    /// Puts this process and the helper on the CPU this process runs on. The two hand
+    /// every request back and forth and never run at the same time; across CPUs each
+    /// hand-over is a wake-up of an idle CPU, which on a busy VM costs more than the
+    /// state itself (measured: 8 µs per round trip on one CPU, 40-90 µs across two;
+    /// see benches/RESULTS.md). Only once the helper has answered: it notes the CPUs
+    /// it started with first, and gives them back to every command it runs. Best
+    /// effort: a failure leaves both where the scheduler puts them.
+    pub fn share_cpu(&self) {
+        use nix::sched::{sched_getcpu, sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
+
+        let (Ok(cpu), Ok(helper)) = (sched_getcpu(), i32::try_from(self.child.id())) else {
+            return;
+        };
+        let mut one = CpuSet::new();
+        if one.set(cpu).is_err() || sched_setaffinity(Pid::from_raw(0), &one).is_err() {
+            return;
+        }
+        if let Err(e) = sched_setaffinity(Pid::from_raw(helper), &one) {
+            tracing::debug!(error = %e, "cannot keep the helper on this process's CPU");
+        }
+    }
+
+    /// How the helper ended, if it has (it only ends early when it cannot start).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for PrivateHelper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The helper binary: given, or `opsagent-helper` next to this binary.
+pub fn helper_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let me = std::env::current_exe()?;
+    let bin = me.with_file_name("opsagent-helper");
+    if !bin.exists() {
+        anyhow::bail!(
+            "{} not found; build it (cargo build --workspace) or pass --helper-bin / OPSAGENT_HELPER_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}

@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# Plan mode on a real host (issue #19): a Debian bookworm container booted with
+# systemd-nspawn, the freshly built `opsagent` and `opsagent-helper` copied in, recipes
+# planned with `opsagent apply --test FILE` (a private helper as root). Run as root:
+#
+#   bash tests/system/plan_states.sh
+#
+# 1. The no-write proof: one recipe with a fixture state of every module of the
+#    catalogue (the list is read from helper/proto/src/catalogue.rs, so a new module
+#    without a fixture fails here) is planned on a fresh container; a walk of /etc /var
+#    /opt /home /srv /usr/local (content checksum, mode, owner, link target of every
+#    entry) before and after must be identical. Excluded, because the OS changes them
+#    whatever the helper does (seen by walking an idle container before and after a plan
+#    with no exclusion at all: only these two differed):
+#      /var/log/journal      journald's files grow on their own (every unit's log,
+#                            the helper's own journal lines);
+#      /var/cache/apt/*.bin  apt rebuilds its binary caches (pkgcache.bin, srcpkgcache.bin)
+#                            whenever they are older than its lists or sources, on any
+#                            read-only query too (apt-cache policy): the plan of an apt
+#                            state asks apt, and this container's sources were changed.
+#    Nothing else is excluded: the rest of /var/log (apt's and dpkg's logs), the helper's
+#    state dir, apt's lists, /etc, crontabs (/var/spool/cron) are all compared.
+# 2. For the system modules the host tests of the helper cannot cover (linux.user,
+#    linux.group, linux.cronjob, common.timezone, linux.mount of a tmpfs): drifted host
+#    -> the plan reports the exact change (exit 3), in the words the apply then uses, and
+#    the walk is unchanged -> apply -> the plan reports nothing (exit 0).
+#    linux.supervisord is in the no-write plan only: the cached root has no python3, so
+#    supervisor cannot run in it.
+#
+# Ends with "N passed, M failed"; exits non-zero on any failure. The container is
+# stopped and removed on exit (by pid, see lib.sh). OPSAGENT_SYSTEST_KEEP=1 keeps logs.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=tests/system/lib.sh
+source "$HERE/lib.sh"
+
+[ "$(id -u)" = 0 ] || { echo "tests/system/plan_states.sh must run as root" >&2; exit 2; }
+
+WORK=$(mktemp -d /tmp/opsagent-plan-systest.XXXXXX)
+export WORK
+: >"$WORK/containers"
+PASSED=0
+FAILED=0
+FAILURES=()
+
+SUMMARY_PRINTED=0
+on_exit() {
+    local rc=$?
+    set +e
+    if [ "$SUMMARY_PRINTED" = 0 ]; then
+        echo "aborted after: $PASSED passed, $FAILED failed" >&2
+        echo "$PASSED passed, $((FAILED + 1)) failed"
+        [ "$rc" -ne 0 ] || rc=1
+    fi
+    cleanup_all
+    if [ "$rc" -eq 0 ] && [ "$FAILED" -eq 0 ] && [ "${OPSAGENT_SYSTEST_KEEP:-0}" != 1 ]; then
+        rm -rf "$WORK"
+    else
+        echo "logs kept in $WORK" >&2
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+install_host_tools systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux \
+    dpkg-deb:dpkg ps:procps
+
+ensure_rootfs
+
+say "building opsagent and opsagent-helper"
+(cd "$REPO" && cargo build --locked -q -p opsagent --bin opsagent -p opsagent-helper --bin opsagent-helper) \
+    >"$WORK/build.log" 2>&1 || { tail -n 30 "$WORK/build.log" >&2; exit 1; }
+BIN_DIR=${CARGO_TARGET_DIR:-$REPO/target}/debug
+
+C=ps
+boot $C
+ROOT=$(croot $C)
+install -m 0755 "$BIN_DIR/opsagent" "$BIN_DIR/opsagent-helper" "$ROOT/usr/local/bin/"
+csh $C 'mv /etc/apt/sources.list /etc/apt/sources.list.off 2>/dev/null; rm -f /etc/apt/sources.list.d/*.list; rm -rf /var/lib/apt/lists/*_*'
+
+check() {
+    local name=$1
+    shift
+    if "$@" >>"$WORK/checks.log" 2>&1; then
+        PASSED=$((PASSED + 1))
+        say "  pass: $name"
+    else
+        FAILED=$((FAILED + 1))
+        FAILURES+=("$name")
+        say "  FAIL: $name"
+    fi
+}
+in_c() { csh $C "$1"; }
+setup() {
+    if ! csh $C "$1" >>"$WORK/checks.log" 2>&1; then
+        FAILED=$((FAILED + 1))
+        FAILURES+=("setup: $1")
+        say "  FAIL: setup: $1"
+    fi
+}
+# run NAME ARGS JSON-STATES: `opsagent ARGS /root/NAME.json`; output in $WORK/NAME.out,
+# exit status in $WORK/NAME.rc.
+run() {
+    local name=$1 args=$2 states=$3 rc=0
+    printf '{"recipe_version": 1, "state": [%s]}\n' "$states" >"$ROOT/root/$name.json"
+    # shellcheck disable=SC2086
+    cexec $C opsagent $args "/root/$name.json" >"$WORK/$name.out" 2>&1 || rc=$?
+    echo "$rc" >"$WORK/$name.rc"
+    { echo "== $name: opsagent $args (exit $rc)"; cat "$WORK/$name.out"; } | tee -a "$WORK/apply.log" >&2
+}
+rc_is() { [ "$(cat "$WORK/$1.rc")" = "$2" ]; }
+out_has() { grep -qF -- "$2" "$WORK/$1.out"; }
+nothing_would_change() { # NAME: exit 0 and every line says (no change)
+    rc_is "$1" 0 && grep -q '^ok ' "$WORK/$1.out" && ! grep -E '^(ok|change|FAILED) ' "$WORK/$1.out" | grep -qv '(no change)'
+}
+
+# The walk, run inside the container: one line per entry (type, mode, owner, path, link
+# target), then the sha256 of every regular file's content; -xdev keeps it on the root.
+PRUNE='\( -path /var/log/journal -o -path "/var/cache/apt/*.bin" \) -prune'
+DIRS='/etc /var /opt /home /srv /usr/local'
+walk() { # FILE
+    in_c "find $DIRS -xdev $PRUNE -o -printf '%y %m %u:%g %p -> %l\n' | sort; find $DIRS -xdev $PRUNE -o -type f -print0 | sort -z | xargs -0 sha256sum" \
+        >"$WORK/$1" 2>>"$WORK/checks.log"
+}
+unchanged() { # BEFORE AFTER: the walks are equal (the difference is logged)
+    diff -u "$WORK/$1" "$WORK/$2" >"$WORK/$2.diff" && return 0
+    cat "$WORK/$2.diff" >&2
+    return 1
+}
+
+# ---------------------------------------------------------------- fixtures
+say "== fixtures on the host the recipe needs to be inspected"
+cat >"$ROOT/etc/systemd/system/opsh-demo.service" <<'EOF'
+[Unit]
+Description=opsagent plan system test service
+[Service]
+ExecStart=/bin/sh -c 'while :; do sleep 1 & wait $!; done'
+EOF
+setup 'systemctl daemon-reload && echo v=1 > /etc/opsh-demo.conf'
+setup 'useradd -m opshplan && mkdir -p /srv/fixtures/docker && printf "FROM scratch\n" > /srv/fixtures/docker/Dockerfile'
+setup 'mkdir -p /srv/fixtures/tree && echo a > /srv/fixtures/tree/a && tar -C /srv/fixtures/tree -czf /srv/fixtures/a.tar.gz .'
+setup 'printf "notify { \"opsh\": }\n" > /srv/fixtures/site.pp && printf "not a key\n" > /srv/fixtures/key.asc'
+setup 'mkdir -p /etc/supervisor && printf "[program:app]\ncommand=/bin/sleep 1000\n" > /etc/supervisor/opsh.conf'
+
+KEY='ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOsJ5cJ5Cj0m0Z0m2Kd5d0b3dE8v1t3m6Z6wq1n7X2aB opsh'
+declare -A FIX
+FIX[common.archive]='{"path": "/srv/plan-archive", "source": "file:///srv/fixtures/a.tar.gz"}'
+FIX[common.gem.source]='{"url": "https://rubygems.example.invalid/"}'
+FIX[common.gem.package]='{"name": ["opsh-gem"]}'
+FIX[common.git]='{"path": "/srv/plan-git", "repo": "file:///srv/fixtures/no-repo.git"}'
+FIX[common.hg]='{"path": "/srv/plan-hg", "repo": "file:///srv/fixtures/no-repo-hg"}'
+FIX[common.svn]='{"path": "/srv/plan-svn", "repo": "file:///srv/fixtures/no-repo-svn"}'
+FIX[common.npm.package]='{"name": ["opsh-npm"]}'
+FIX[common.pip.package]='{"name": ["opsh-pip"]}'
+FIX[common.ssh.auth]="{\"username\": \"opshplan\", \"content\": \"$KEY\"}"
+FIX[common.ssh.known_host]="{\"hostname\": \"git.example.invalid\", \"username\": \"opshplan\", \"key\": \"${KEY#ssh-ed25519 }\", \"enc\": \"ssh-ed25519\"}"
+FIX[common.timezone]='{"name": "Europe/Paris"}'
+FIX[common.virtualenv]='{"path": "/srv/plan-venv"}'
+FIX[linux.apt.package]='{"name": [{"key": "opsh-hello", "value": "latest"}]}'
+FIX[linux.apt.ppa]='{"name": "ppa:opsh/plan"}'
+FIX[linux.apt.repo]='{"name": "opsh-local", "content": "deb [trusted=yes] file:/srv/repo ./"}'
+FIX[linux.chef.client]='{"server": "https://chef.example.invalid"}'
+FIX[linux.chef.solo]='{}'
+FIX[linux.cmd]='{"cmd": "touch /srv/plan-cmd-ran", "cwd": "/"}'
+FIX[linux.cronjob]='{"user": "opshplan", "cmd": ["/usr/bin/true opsh-plan"], "minute": "*/5"}'
+FIX[linux.dir]='{"path": ["/srv/plan-dir"], "mode": "0750"}'
+FIX[linux.docker.built]='{"path": "/srv/fixtures/docker", "tag": "opsh/plan:1"}'
+FIX[linux.docker.deploy]='{"container": "opsh-plan-d", "image": "busybox"}'
+FIX[linux.docker.pulled]='{"repo": "busybox"}'
+FIX[linux.docker.pushed]='{"repository": "127.0.0.1:5999/opsh"}'
+FIX[linux.docker.running]='{"container": "opsh-plan-r", "image": "busybox"}'
+FIX[linux.file]='{"path": "/etc/opsh-plan.conf", "content": "a = 1\n", "mode": "0640"}'
+FIX[linux.group]='{"groupname": "opshplangrp", "gid": "2456"}'
+FIX[linux.lvm.lv]='{"name": "lv0", "vg-name": "opshvg", "size": "8M"}'
+FIX[linux.lvm.pv]='{"path": ["/dev/opsh-nodev"]}'
+FIX[linux.lvm.vg]='{"name": "opshvg", "path": ["/dev/opsh-nodev"]}'
+FIX[linux.mesos.master]='{"cluster_name": "opsh", "master_ip": "127.0.0.1", "masters_addresses": ["127.0.0.1"], "server_id": "1"}'
+FIX[linux.mesos.slave]='{"attributes": [{"key": "rack", "value": "a"}], "masters_addresses": ["127.0.0.1"], "slave_ip": "127.0.0.1"}'
+FIX[linux.mkfs]='{"device": "/dev/opsh-nodev", "fstype": "ext4"}'
+FIX[linux.mount]='{"device": "tmpfs", "filesystem": "tmpfs", "path": "/srv/plan-tmp", "fstab": true, "opts": "size=8m"}'
+FIX[linux.puppet.agent]='{"server": "puppet.example.invalid"}'
+FIX[linux.puppet.apply]='{"manifests": ["/srv/fixtures/site.pp"]}'
+FIX[linux.puppet.run]='{}'
+FIX[linux.selinux]='{"mode": "permissive"}'
+FIX[linux.raid]='{"device-name": "/dev/md9", "devices": ["/dev/opsh-nodev"], "level": "1"}'
+FIX[linux.rpm.key]='{"path": "/srv/fixtures/key.asc"}'
+FIX[linux.service]='{"name": ["opsh-demo"], "watch": ["/etc/opsh-demo.conf"]}'
+FIX[linux.supervisord]='{"config": "/etc/supervisor/opsh.conf", "name": ["app"]}'
+FIX[linux.symlink]='{"source": "/etc/hostname", "target": "/srv/plan-link"}'
+FIX[linux.user]='{"username": "opshplanu", "password": "s3cret pass", "shell": "/bin/bash"}'
+FIX[linux.yum.package]='{"name": ["opsh-yum"]}'
+FIX[linux.yum.repo]='{"name": "opsh", "content": "[opsh]\nbaseurl=file:///srv/yum\n"}'
+
+# ---------------------------------------------------------------- 1. no write
+say "== the no-write proof: a plan of every module of the catalogue"
+mapfile -t MODULES < <(grep -oE '= "(linux|common)\.[a-z_.]+", builtin' "$REPO/helper/proto/src/catalogue.rs" | cut -d'"' -f2 | sort -u)
+STATES=""
+MISSING=()
+i=0
+for m in "${MODULES[@]}"; do
+    if [ -z "${FIX[$m]:-}" ]; then
+        MISSING+=("$m")
+        continue
+    fi
+    i=$((i + 1))
+    STATES+="${STATES:+, }{\"id\": \"s$i\", \"module\": \"$m\", \"parameter\": ${FIX[$m]}}"
+done
+say "  ${#MODULES[@]} modules in the catalogue, $i with a fixture"
+check "every module of the catalogue has a fixture (missing: ${MISSING[*]:-none})" test "${#MISSING[@]}" = 0
+walk all.before
+run all "apply --test" "$STATES"
+walk all.after
+check "plan of every module: the walk of /etc /var /opt /home /srv /usr/local is unchanged" unchanged all.before all.after
+check "plan of every module: one line per state" test "$(grep -cE '^(ok|change|FAILED) ' "$WORK/all.out")" = "$i"
+check "plan of every module: something would change (exit 3) or a state cannot be planned here (exit 1)" \
+    sh -c "rc=\$(cat '$WORK/all.rc'); [ \"\$rc\" = 3 ] || [ \"\$rc\" = 1 ]"
+check "plan of every module: linux.cmd would run, and did not" \
+    sh -c "grep -q 'would run' '$WORK/all.out' && ! test -e '$ROOT/srv/plan-cmd-ran'"
+
+# ---------------------------------------------------------------- 2. drift -> plan -> apply -> plan
+# cycle NAME STATE EXPECTED...: the plan names each EXPECTED change and exits 3 with the
+# walk unchanged; the apply succeeds and reports the same changes in the same words; the
+# plan after it exits 0 with nothing to change.
+cycle() {
+    local name=$1 state=$2 e
+    shift 2
+    walk "$name.before"
+    run "$name-plan" "apply --test" "$state"
+    walk "$name.after"
+    check "$name: the plan exits 3" rc_is "$name-plan" 3
+    for e in "$@"; do
+        check "$name: the plan reports \"$e\"" out_has "$name-plan" "$e"
+    done
+    check "$name: the plan wrote nothing" unchanged "$name.before" "$name.after"
+    run "$name-apply" apply "$state"
+    check "$name: the apply succeeds" rc_is "$name-apply" 0
+    for e in "$@"; do
+        check "$name: the apply reports \"$e\" too" out_has "$name-apply" "$e"
+    done
+    run "$name-again" "apply --test" "$state"
+    check "$name: after the apply, nothing would change" nothing_would_change "$name-again"
+}
+st() { printf '{"id": "%s", "module": "%s", "parameter": %s}' "$1" "$2" "$3"; }
+
+say "== linux.group: absent"
+cycle group "$(st grp linux.group "${FIX[linux.group]}")" "opshplangrp: group created (gid 2456)"
+say "== linux.user: absent"
+cycle user "$(st usr linux.user "${FIX[linux.user]}")" "opshplanu: user created" "opshplanu: password set"
+say "== linux.cronjob: no entry in the user's crontab"
+cycle cronjob "$(st cron linux.cronjob "${FIX[linux.cronjob]}")" "crontab of opshplan: entries of state cron written"
+say "== common.timezone: UTC -> Europe/Paris"
+cycle timezone "$(st tz common.timezone "${FIX[common.timezone]}")" "timezone: set to Europe/Paris"
+say "== linux.mount: a tmpfs, not mounted, no fstab line (the mount point exists)"
+setup 'mkdir -p /srv/plan-tmp'
+cycle mount "$(st tmpfs linux.mount "${FIX[linux.mount]}")" \
+    "/etc/fstab: line for /srv/plan-tmp written: tmpfs /srv/plan-tmp tmpfs size=8m 0 0" "/srv/plan-tmp: tmpfs mounted (tmpfs)"
+in_c "systemctl stop 'srv-plan\\x2dtmp.mount'" || true
+
+say ""
+if [ "$FAILED" -gt 0 ]; then
+    say "failed checks: ${FAILURES[*]}"
+fi
+echo "$PASSED passed, $FAILED failed"
+SUMMARY_PRINTED=1
+[ "$FAILED" -eq 0 ]
