@@ -22,7 +22,7 @@ use crate::identity;
 use crate::link::{Link, LinkConfig, LinkStatus, Outbox, ProxySettings};
 use crate::protocol::{Identity, StateLog};
 use crate::recipe::Recipe;
-use crate::round::{Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
+use crate::round::{DriftReport, Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
 use crate::spool::{Spool, SpoolLimits};
 use crate::upgrade::{self, Fetch, SystemdStarter, Trigger, UpgradeFailure, UpgradeReports, UpgradeSettings, Verdict};
 use opsagent_proto::upgrade::{Health, Record};
@@ -163,6 +163,7 @@ struct DaemonEffects<F> {
     reports: Arc<UpgradeReports>,
     upgrade: UpgradeSettings,
     fetch: F,
+    drift: Arc<crate::drift::DriftBoard>,
 }
 
 impl<F> DaemonEffects<F> {
@@ -230,6 +231,10 @@ impl<F: Fetch + Send + Sync> Effects for DaemonEffects<F> {
 
     async fn persist(&mut self, snapshot: &Snapshot) {
         self.persist.send_replace(Some(snapshot.clone()));
+    }
+
+    async fn drift(&mut self, report: DriftReport) {
+        self.drift.post(report);
     }
 
     async fn upgrade(&mut self, order: &UpdateOrder) {
@@ -370,8 +375,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         round_delay: config.agent.round_delay,
         retry_delay: config.agent.retry_delay,
         retry_delay_max: config.agent.retry_delay_max,
+        drift_interval: config.agent.drift_interval,
         ..EngineConfig::default()
     };
+    let drift = Arc::new(crate::drift::DriftBoard::default());
     let (persist_tx, persist_rx) = watch::channel(None);
     let reports = Arc::new(UpgradeReports::default());
     let persister = tokio::spawn(persist_snapshots(state_dir.clone(), persist_rx));
@@ -395,6 +402,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             extra_roots: config.link.ca_file.iter().cloned().collect(),
             ..DownloadSettings::default()
         })?,
+        drift: drift.clone(),
     };
     effects.report_last_upgrade();
     let (engine, handle) = Engine::new(helper, effects, engine_cfg, resume);
@@ -424,7 +432,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         handle.status.clone(),
         stop_rx.clone(),
     )?;
-    let mut link = link.with_upgrade_reports(reports.clone());
+    let mut link = link.with_upgrade_reports(reports.clone()).with_drift(drift);
     if !config.app_id_pinned {
         link = link.with_identity_refresh(userdata_refresh(&config)?);
     }

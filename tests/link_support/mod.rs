@@ -175,6 +175,7 @@ impl Spawn {
                     Event::AgentUpdate(u) => format!("update {}", u.version),
                     Event::Stop(_) => "stop".into(),
                     Event::Online(b) => format!("online {b}"),
+                    Event::PlanRequest => "plan-request".into(),
                 };
                 ev.lock().unwrap().push(name);
             }
