@@ -284,6 +284,9 @@ pub struct StatusReport {
     /// The last failed self-upgrade of this daemon's life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_failure: Option<UpgradeFailure>,
+    /// The latest drift plan's report (`[agent] drift_interval`, `PlanRequest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftReport>,
     /// The helper has a `recipe_key` and runs only recipes the backend signed (as it
     /// said when the daemon started).
     #[serde(default)]
@@ -432,7 +435,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         handle.status.clone(),
         stop_rx.clone(),
     )?;
-    let mut link = link.with_upgrade_reports(reports.clone()).with_drift(drift);
+    let mut link = link.with_upgrade_reports(reports.clone()).with_drift(drift.clone());
     if !config.app_id_pinned {
         link = link.with_identity_refresh(userdata_refresh(&config)?);
     }
@@ -456,6 +459,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Fixed { who, recipes_verified },
         spool.clone(),
         reports,
+        drift,
         link_status,
         handle.status.clone(),
         stop_rx,
@@ -610,6 +614,7 @@ async fn write_status(
     Fixed { who, recipes_verified }: Fixed,
     spool: Arc<SharedSpool>,
     reports: Arc<UpgradeReports>,
+    drift: Arc<crate::drift::DriftBoard>,
     link: watch::Receiver<LinkStatus>,
     mut engine: watch::Receiver<EngineStatus>,
     mut stop: watch::Receiver<bool>,
@@ -674,6 +679,7 @@ async fn write_status(
             spool_dropped: dropped,
             metrics,
             upgrade_failure: reports.last(),
+            drift: drift.last(),
             recipes_verified,
         };
         let bytes = serde_json::to_vec_pretty(&report).unwrap_or_default();

@@ -16,6 +16,8 @@ pub struct DriftBoard {
     /// The latest report not yet sent; a newer one replaces it (it says the same host
     /// later).
     pending: Mutex<Option<DriftReport>>,
+    /// The latest report, wherever it went, for `opsagent status`.
+    last: Mutex<Option<DriftReport>>,
 }
 
 impl DriftBoard {
@@ -26,11 +28,17 @@ impl DriftBoard {
 
     /// Hands `report` to the backend if one listens, else writes it to the journal.
     pub fn post(&self, report: DriftReport) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
         if self.listening.load(Ordering::SeqCst) {
             *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
         } else {
             journal(&report);
         }
+    }
+
+    /// The latest report made (for the status file).
+    pub fn last(&self) -> Option<DriftReport> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The report for the link to send now, if any.
@@ -76,5 +84,6 @@ mod tests {
         b.post(report());
         assert_eq!(b.take_pending(), Some(report()));
         assert_eq!(b.take_pending(), None);
+        assert_eq!(b.last(), Some(report()), "the status says the latest report");
     }
 }
