@@ -204,3 +204,31 @@ async fn a_backend_without_drift_gets_no_drift_and_its_plan_request_is_ignored()
     assert_eq!(board.take_pending(), None, "the report went to the journal");
     link.stop().await;
 }
+
+#[tokio::test]
+async fn the_reference_backend_records_drift_reports_like_statelogs() {
+    use opsagent::round::{DriftReport, DriftedState};
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = RefBackend::start(tmp.path(), "app-test", None).await;
+    let spawn = Spawn::new(quick(&format!("ws://{}/", backend.addr)));
+    let board = spawn.drift.clone();
+    let mut link = spawn.start();
+    let st = link.connected(10).await;
+    assert!(st.backend_capabilities.iter().any(|c| c == "drift"), "{st:?}");
+    board.post(DriftReport {
+        recipe_version: 1,
+        states: vec![DriftedState { id: "conf".into(), changes: vec!["mode 0600 -> 0644".into()] }],
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let drift = loop {
+        if let Some(e) = backend.events().into_iter().find(|e| e["event"] == "drift") {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no drift event: {:?}", backend.events());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(drift["instance_id"], "i-test");
+    assert_eq!(drift["recipe_version"], 1);
+    assert_eq!(drift["states"], json!([{"id": "conf", "changes": ["mode 0600 -> 0644"]}]));
+    link.stop().await;
+}
