@@ -59,6 +59,7 @@ impl Effects for Counting {
     }
     async fn persist(&mut self, _snapshot: &Snapshot) {}
     async fn upgrade(&mut self, _order: &UpdateOrder) {}
+    async fn drift(&mut self, _report: opsagent::round::DriftReport) {}
 }
 
 fn recipe(n: usize) -> Arc<Recipe> {

@@ -22,7 +22,7 @@ use crate::identity;
 use crate::link::{Link, LinkConfig, LinkStatus, Outbox, ProxySettings};
 use crate::protocol::{Identity, StateLog};
 use crate::recipe::Recipe;
-use crate::round::{Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
+use crate::round::{DriftReport, Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
 use crate::spool::{Spool, SpoolLimits};
 use crate::upgrade::{self, Fetch, SystemdStarter, Trigger, UpgradeFailure, UpgradeReports, UpgradeSettings, Verdict};
 use opsagent_proto::upgrade::{Health, Record};
@@ -269,6 +269,7 @@ struct DaemonEffects<F> {
     reports: Arc<UpgradeReports>,
     upgrade: UpgradeSettings,
     fetch: F,
+    drift: Arc<crate::drift::DriftBoard>,
 }
 
 impl<F> DaemonEffects<F> {
@@ -338,6 +339,10 @@ impl<F: Fetch + Send + Sync> Effects for DaemonEffects<F> {
         self.persist.send_replace(Some(snapshot.clone()));
     }
 
+    async fn drift(&mut self, report: DriftReport) {
+        self.drift.post(report);
+    }
+
     async fn upgrade(&mut self, order: &UpdateOrder) {
         // The engine runs this once, between rounds; the privileged part is the
         // installer's (see crate::upgrade).
@@ -389,6 +394,9 @@ pub struct StatusReport {
     /// The last failed self-upgrade of this daemon's life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_failure: Option<UpgradeFailure>,
+    /// The latest drift plan's report (`[agent] drift_interval`, `PlanRequest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftReport>,
     /// The helper has a `recipe_key` and runs only recipes the backend signed (as it
     /// said when the daemon started).
     #[serde(default)]
@@ -480,8 +488,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         round_delay: config.agent.round_delay,
         retry_delay: config.agent.retry_delay,
         retry_delay_max: config.agent.retry_delay_max,
+        drift_interval: config.agent.drift_interval,
         ..EngineConfig::default()
     };
+    let drift = Arc::new(crate::drift::DriftBoard::default());
     let (persist_tx, persist_rx) = watch::channel(None);
     let reports = Arc::new(UpgradeReports::default());
     let persister = tokio::spawn(persist_snapshots(state_dir.clone(), persist_rx));
@@ -505,6 +515,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             extra_roots: config.link.ca_file.iter().cloned().collect(),
             ..DownloadSettings::default()
         })?,
+        drift: drift.clone(),
     };
     effects.report_last_upgrade();
     let (engine, handle) = Engine::new(helper, effects, engine_cfg, resume);
@@ -534,7 +545,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         handle.status.clone(),
         stop_rx.clone(),
     )?;
-    let mut link = link.with_upgrade_reports(reports.clone());
+    let mut link = link.with_upgrade_reports(reports.clone()).with_drift(drift.clone());
     if !config.app_id_pinned {
         link = link.with_identity_refresh(userdata_refresh(&config)?);
     }
@@ -559,6 +570,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Fixed { who, recipes_verified },
         spool.clone(),
         reports,
+        drift,
         link_status,
         handle.status.clone(),
         stop_rx,
@@ -714,6 +726,7 @@ async fn write_status(
     Fixed { who, recipes_verified }: Fixed,
     spool: Arc<SharedSpool>,
     reports: Arc<UpgradeReports>,
+    drift: Arc<crate::drift::DriftBoard>,
     link: watch::Receiver<LinkStatus>,
     mut engine: watch::Receiver<EngineStatus>,
     mut stop: watch::Receiver<bool>,
@@ -779,6 +792,7 @@ async fn write_status(
             spool_held: spool.held(),
             metrics,
             upgrade_failure: reports.last(),
+            drift: drift.last(),
             recipes_verified,
         };
         let bytes = serde_json::to_vec_pretty(&report).unwrap_or_default();

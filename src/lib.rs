@@ -12,6 +12,7 @@ pub mod cmd;
 pub mod config;
 pub mod daemon;
 pub mod download;
+pub mod drift;
 pub mod helper_client;
 pub mod identity;
 pub mod link;

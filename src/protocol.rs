@@ -25,7 +25,10 @@ pub mod capability {
     /// `RecipeMetadata` may carry a `signature` (and states a `fetch_sha256`) that the
     /// root helper verifies (`docs/spec/protocol.md`, "Signed recipes").
     pub const SIGNED_RECIPES: &str = "signed-recipes";
-    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT, SIGNED_RECIPES];
+    /// The agent sends `Drift` reports (what a plan of the current recipe would change)
+    /// and answers `PlanRequest` with one.
+    pub const DRIFT: &str = "drift";
+    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT, SIGNED_RECIPES, DRIFT];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +111,8 @@ pub enum Inbound {
     StateLogAck {
         seq: u64,
     },
+    /// Extension (`drift`): the backend asks what a plan of the current recipe would change.
+    PlanRequest,
     /// Extension: the backend asks the agent to come back after this many seconds.
     Reconnect {
         after_s: u64,
@@ -258,6 +263,7 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
                 .and_then(Value::as_u64)
                 .ok_or_else(|| malformed(code, "\"after_s\" is not a non-negative integer"))?,
         },
+        "PlanRequest" => Inbound::PlanRequest,
         other => Inbound::Unknown(other.to_string()),
     })
 }
@@ -315,6 +321,8 @@ pub enum Outbound {
     },
     /// Extension (`heartbeat`).
     Heartbeat(Value),
+    /// Extension (`drift`): the states of the current recipe that a plan says would change.
+    Drift(crate::round::DriftReport),
 }
 
 impl Outbound {
@@ -338,6 +346,13 @@ impl Outbound {
         match self {
             Outbound::Handshake { init_errors, capabilities } => hello("Handshake", init_errors, capabilities),
             Outbound::Test { init_errors } => hello("Test", init_errors, &[]),
+            Outbound::Drift(r) => json!({
+                "code": "Drift",
+                "instance_id": who.instance_id,
+                "app_id": who.app_id,
+                "recipe_version": r.recipe_version,
+                "states": r.states,
+            }),
             Outbound::UpgradeReport { version, running, reason } => json!({
                 "code": "UpgradeReport",
                 "instance_id": who.instance_id,
@@ -540,6 +555,7 @@ mod tests {
             Inbound::TestAns { result: true, error: None }
         );
         assert_eq!(parse_inbound(r#"{"code": "StateLogAck", "seq": 5}"#).unwrap(), Inbound::StateLogAck { seq: 5 });
+        assert_eq!(parse_inbound(r#"{"code": "PlanRequest"}"#).unwrap(), Inbound::PlanRequest);
         assert_eq!(
             parse_inbound(r#"{"code": "Reconnect", "after_s": 30}"#).unwrap(),
             Inbound::Reconnect { after_s: 30 }

@@ -55,6 +55,9 @@ pub struct EngineConfig {
     pub retry_delay_max: Duration,
     /// How long a stop waits for the running state before cancelling it.
     pub stop_timeout: Duration,
+    /// Between rounds, plan the recipe this long after the last round (and again each
+    /// interval) and report what would change: drift. `None`: only on a `PlanRequest`.
+    pub drift_interval: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +67,7 @@ impl Default for EngineConfig {
             retry_delay: Duration::from_secs(5),
             retry_delay_max: Duration::from_secs(300),
             stop_timeout: Duration::from_secs(30),
+            drift_interval: None,
         }
     }
 }
@@ -105,6 +109,23 @@ pub enum Event {
     Stop(StopMode),
     /// The backend link came up or went down.
     Online(bool),
+    /// The backend asks what would change now (`PlanRequest`): a drift plan runs as soon
+    /// as no round is running, and its report is made even when nothing drifted.
+    PlanRequest,
+}
+
+/// What a drift plan found: the states of the current recipe that would change, with
+/// the changes in the words a real change uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftReport {
+    pub recipe_version: u64,
+    pub states: Vec<DriftedState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftedState {
+    pub id: String,
+    pub changes: Vec<String>,
 }
 
 /// What the engine persists so that a restarted daemon resumes offline.
@@ -150,6 +171,8 @@ pub trait Effects: Send {
     fn persist(&mut self, snapshot: &Snapshot) -> impl Future<Output = ()> + Send;
     /// Carry out an upgrade order (may not return if it replaces the process).
     fn upgrade(&mut self, order: &UpdateOrder) -> impl Future<Output = ()> + Send;
+    /// A drift plan's report (only when something would change, or the backend asked).
+    fn drift(&mut self, report: DriftReport) -> impl Future<Output = ()> + Send;
 }
 
 /// Last tick of the engine's loops, for the watchdog: a wedged engine stops ticking.
@@ -278,6 +301,8 @@ struct State {
     /// The offline warning was given for the current spell offline (once, not per round).
     offline_warned: bool,
     ceased: u32,
+    /// A `PlanRequest` not yet answered.
+    plan_requested: bool,
     status: watch::Sender<EngineStatus>,
 }
 
@@ -336,6 +361,10 @@ impl State {
                 let waited: Vec<String> = state_ids.into_iter().filter(|id| self.is_waited(id)).collect();
                 self.done.extend(waited);
                 (Interrupt::None, self.done.len() != before)
+            }
+            Event::PlanRequest => {
+                self.plan_requested = true;
+                (Interrupt::None, false)
             }
             Event::AgentUpdate(order) => {
                 tracing::info!(version = %order.version, "upgrade ordered; it runs when the round ends");
@@ -425,6 +454,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             online: false,
             offline_warned: false,
             ceased: 0,
+            plan_requested: false,
             status: status_tx,
         };
         if let Some(s) = resume {
@@ -572,16 +602,35 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
     /// wait at once, an upgrade order runs at once (no round is running).
     async fn idle(&mut self, pause: Duration) {
         let deadline = Instant::now() + pause;
-        let secs = pause.as_secs();
-        self.set_phase(if self.st.ceased > 0 {
-            Phase::RetryWait { next_round_in_s: secs, ceased: self.st.ceased }
-        } else {
-            Phase::Idle { next_round_in_s: secs }
-        });
+        let idle_phase = |this: &Self| {
+            let secs = deadline.saturating_duration_since(Instant::now()).as_secs();
+            this.set_phase(if this.st.ceased > 0 {
+                Phase::RetryWait { next_round_in_s: secs, ceased: this.st.ceased }
+            } else {
+                Phase::Idle { next_round_in_s: secs }
+            });
+        };
+        idle_phase(self);
+        let mut next_drift = self.cfg.drift_interval.map(|d| Instant::now() + d);
         let mut tick = tokio::time::interval(TICK);
         loop {
+            if self.st.plan_requested || next_drift.is_some_and(|t| t <= Instant::now()) {
+                let asked = std::mem::take(&mut self.st.plan_requested);
+                if !self.plan_drift(asked).await {
+                    // A new recipe or a stop came during the plan.
+                    return;
+                }
+                if self.st.stop.is_some() {
+                    return;
+                }
+                self.run_pending_upgrade().await;
+                next_drift = self.cfg.drift_interval.map(|d| Instant::now() + d);
+                idle_phase(self);
+                continue;
+            }
             tokio::select! {
                 _ = sleep_until(deadline) => return,
+                _ = sleep_until_opt(next_drift) => {}
                 ev = self.inbox.recv() => {
                     match self.absorb(ev).await {
                         Interrupt::None => {}
@@ -595,6 +644,44 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 _ = tick.tick() => self.liveness.touch(),
             }
         }
+    }
+
+    /// Plans every state of the current recipe (changing nothing) and reports those that
+    /// would change; `asked`: report even when nothing would. Returns `false` when an
+    /// event (a new recipe, a stop) cut the plan short; nothing is reported then.
+    async fn plan_drift(&mut self, asked: bool) -> bool {
+        let Some(recipe) = self.st.recipe.clone() else {
+            return true;
+        };
+        self.plan = true;
+        self.assumed_wait = None;
+        let total = recipe.states.len();
+        let mut states = Vec::new();
+        let mut finished = true;
+        for (i, state) in recipe.states.iter().enumerate() {
+            match self.run_state(state, i, total).await {
+                StateEnd::Done(o) => {
+                    // A state that could not be planned has not drifted: it is said by
+                    // the next round, which applies it.
+                    if o.result && o.planned && !o.changes.is_empty() {
+                        let changes = o.changes.iter().map(ToString::to_string).collect();
+                        states.push(DriftedState { id: state.id.clone(), changes });
+                    } else if !o.result {
+                        tracing::debug!(state_id = %state.id, comment = %o.comment, "state not planned for drift");
+                    }
+                }
+                StateEnd::Preempted(_) | StateEnd::Stopped(_) => {
+                    finished = false;
+                    break;
+                }
+            }
+        }
+        self.plan = false;
+        self.assumed_wait = None;
+        if finished && (asked || !states.is_empty()) {
+            self.effects.drift(DriftReport { recipe_version: self.st.version, states }).await;
+        }
+        finished
     }
 
     async fn run_round(&mut self) -> RoundEnd {

@@ -143,3 +143,92 @@ async fn the_reference_backend_announces_and_records_heartbeats() {
     assert!(m["agent"]["rss_bytes"].as_u64().unwrap() > 0, "{m}");
     link.stop().await;
 }
+
+#[tokio::test]
+async fn a_backend_announcing_drift_gets_drift_reports_and_may_ask_for_a_plan() {
+    use opsagent::round::{DriftReport, DriftedState};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let spawn = Spawn::new(quick(&format!("ws://127.0.0.1:{port}/")));
+    let board = spawn.drift.clone();
+    let mut link = spawn.start();
+    let mut ws = accept(&listener, 10).await;
+    assert_eq!(
+        next_json(&mut ws, 10).await.unwrap()["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| *c == "drift")
+            .count(),
+        1
+    );
+    send(&mut ws, json!({"code": "Capabilities", "capabilities": ["drift"]})).await;
+    send(&mut ws, recipe(1)).await;
+    link.connected(10).await;
+    send(&mut ws, json!({"code": "PlanRequest"})).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !link.engine_events.lock().unwrap().iter().any(|e| e == "plan-request") {
+        assert!(tokio::time::Instant::now() < deadline, "PlanRequest not handed to the engine");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = DriftReport {
+        recipe_version: 1,
+        states: vec![DriftedState { id: "conf".into(), changes: vec!["mode 0600 -> 0644".into()] }],
+    };
+    board.post(report);
+    let got = texts_for(&mut ws, Duration::from_secs(3)).await;
+    let drift: Vec<&Value> = got.iter().filter(|v| v["code"] == "Drift").collect();
+    assert_eq!(drift.len(), 1, "{got:?}");
+    assert_eq!(drift[0]["recipe_version"], 1);
+    assert_eq!(drift[0]["states"], json!([{"id": "conf", "changes": ["mode 0600 -> 0644"]}]));
+    link.stop().await;
+}
+
+#[tokio::test]
+async fn a_backend_without_drift_gets_no_drift_and_its_plan_request_is_ignored() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let spawn = Spawn::new(quick(&format!("ws://127.0.0.1:{port}/")));
+    let board = spawn.drift.clone();
+    let mut link = spawn.start();
+    let mut ws = accept(&listener, 10).await;
+    next_json(&mut ws, 10).await.unwrap();
+    send(&mut ws, json!({"code": "Capabilities", "capabilities": ["heartbeat"]})).await;
+    send(&mut ws, recipe(1)).await;
+    link.connected(10).await;
+    send(&mut ws, json!({"code": "PlanRequest"})).await;
+    board.post(opsagent::round::DriftReport { recipe_version: 1, states: vec![] });
+    let got = texts_for(&mut ws, Duration::from_millis(2500)).await;
+    assert!(got.iter().all(|v| v["code"] != "Drift"), "{got:?}");
+    assert!(!link.engine_events.lock().unwrap().iter().any(|e| e == "plan-request"));
+    assert_eq!(board.take_pending(), None, "the report went to the journal");
+    link.stop().await;
+}
+
+#[tokio::test]
+async fn the_reference_backend_records_drift_reports_like_statelogs() {
+    use opsagent::round::{DriftReport, DriftedState};
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = RefBackend::start(tmp.path(), "app-test", None).await;
+    let spawn = Spawn::new(quick(&format!("ws://{}/", backend.addr)));
+    let board = spawn.drift.clone();
+    let mut link = spawn.start();
+    let st = link.connected(10).await;
+    assert!(st.backend_capabilities.iter().any(|c| c == "drift"), "{st:?}");
+    board.post(DriftReport {
+        recipe_version: 1,
+        states: vec![DriftedState { id: "conf".into(), changes: vec!["mode 0600 -> 0644".into()] }],
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let drift = loop {
+        if let Some(e) = backend.events().into_iter().find(|e| e["event"] == "drift") {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no drift event: {:?}", backend.events());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(drift["instance_id"], "i-test");
+    assert_eq!(drift["recipe_version"], 1);
+    assert_eq!(drift["states"], json!([{"id": "conf", "changes": ["mode 0600 -> 0644"]}]));
+    link.stop().await;
+}

@@ -460,7 +460,7 @@ impl Hub {
             }
         };
         debug!(conn, "← {}", short(text));
-        if !matches!(msg, AgentMsg::StateLog(_)) {
+        if !matches!(msg, AgentMsg::StateLog(_) | AgentMsg::Drift { .. }) {
             self.events.record("message", json!({"conn": conn, "code": msg.code(), "message": redacted(obj.clone())}));
         }
         match msg {
@@ -482,6 +482,19 @@ impl Hub {
                 version.as_deref().unwrap_or("?"),
                 reason.as_deref().unwrap_or("")
             ),
+            AgentMsg::Drift { instance_id, recipe_version, states } => {
+                info!(
+                    conn,
+                    "agent {} drifted from recipe {}: {} state(s) would change",
+                    instance_id.as_deref().unwrap_or("?"),
+                    recipe_version.map_or("?".to_string(), |v| v.to_string()),
+                    states.len()
+                );
+                self.events.record(
+                    "drift",
+                    json!({"conn": conn, "instance_id": instance_id, "recipe_version": recipe_version, "states": states}),
+                );
+            }
             AgentMsg::Unknown(code) => warn!(conn, "message with unknown code {code:?} ignored"),
         }
         None

@@ -47,6 +47,13 @@ pub(crate) enum AgentMsg {
         version: Option<String>,
         reason: Option<String>,
     },
+    /// Extension `drift`: what a plan of the agent's current recipe would change
+    /// (recorded in the event log as a `drift` event, like StateLogs are recorded).
+    Drift {
+        instance_id: Option<String>,
+        recipe_version: Option<u64>,
+        states: Vec<Value>,
+    },
     Unknown(String),
 }
 
@@ -59,6 +66,7 @@ impl AgentMsg {
             AgentMsg::WaitQuery { .. } => "WaitQuery",
             AgentMsg::Heartbeat { .. } => "Heartbeat",
             AgentMsg::UpgradeReport { .. } => "UpgradeReport",
+            AgentMsg::Drift { .. } => "Drift",
             AgentMsg::Unknown(code) => code,
         }
     }
@@ -150,6 +158,11 @@ pub(crate) fn parse_agent(frame: &str) -> Result<(AgentMsg, Map<String, Value>),
             version: text(&o, &["version"]),
             reason: text(&o, &["reason"]),
         },
+        "Drift" => AgentMsg::Drift {
+            instance_id: text(&o, &["instance_id"]),
+            recipe_version: number(&o, "recipe_version"),
+            states: o.get("states").and_then(Value::as_array).cloned().unwrap_or_default(),
+        },
         other => AgentMsg::Unknown(other.to_string()),
     };
     Ok((msg, o))
@@ -160,8 +173,13 @@ pub(crate) mod out {
     use super::*;
 
     /// The extensions this backend speaks.
-    pub const CAPABILITIES: &[&str] =
-        &[capability::STATELOG_ACK, capability::RECONNECT_HINT, capability::HEARTBEAT, capability::UPGRADE_REPORT];
+    pub const CAPABILITIES: &[&str] = &[
+        capability::STATELOG_ACK,
+        capability::RECONNECT_HINT,
+        capability::HEARTBEAT,
+        capability::UPGRADE_REPORT,
+        capability::DRIFT,
+    ];
 
     /// `signing`: the backend signs its recipes (`signed-recipes`).
     pub fn capabilities(signing: bool) -> Value {
@@ -257,6 +275,24 @@ mod tests {
         assert_eq!(
             (s.recipe_version, s.state_id.as_deref(), s.result, s.seq),
             (Some(3), Some("s-1"), Some(true), Some(9))
+        );
+    }
+
+    #[test]
+    fn the_agents_drift_report_is_read_whole() {
+        use crate::round::{DriftReport, DriftedState};
+        let report = DriftReport {
+            recipe_version: 9,
+            states: vec![DriftedState { id: "conf".into(), changes: vec!["mode 0600 -> 0644".into()] }],
+        };
+        let (msg, _) = parse_agent(&Outbound::Drift(report).to_json(&who()).to_string()).unwrap();
+        assert_eq!(
+            msg,
+            AgentMsg::Drift {
+                instance_id: Some("i-1".into()),
+                recipe_version: Some(9),
+                states: vec![json!({"id": "conf", "changes": ["mode 0600 -> 0644"]})],
+            }
         );
     }
 

@@ -227,6 +227,9 @@ impl<W: Write> LocalSink<W> {
 }
 
 impl<W: Write + Send> Effects for LocalSink<W> {
+    // `run_local_round` never idles, so it never plans for drift.
+    async fn drift(&mut self, _: crate::round::DriftReport) {}
+
     fn outcome(&mut self, r: Reported<'_>) {
         let o = r.outcome;
         {

@@ -61,6 +61,19 @@ pub fn cmd_status(config: Option<&Path>, state_dir: Option<PathBuf>, json: bool)
     if r.spool_held > 0 {
         println!("             {} held in memory: the spool cannot grow (filesystem full?)", r.spool_held);
     }
+    if let Some(d) = &r.drift {
+        if d.states.is_empty() {
+            println!("  drift      none at the last plan of recipe {}", d.recipe_version);
+        } else {
+            let ids: Vec<&str> = d.states.iter().map(|s| s.id.as_str()).collect();
+            println!(
+                "  drift      {} state(s) of recipe {} would change: {}",
+                d.states.len(),
+                d.recipe_version,
+                ids.join(", ")
+            );
+        }
+    }
     if let Some(f) = &r.upgrade_failure {
         println!(
             "  upgrade    to {} FAILED (at {}): {}; {} keeps running",

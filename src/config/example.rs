@@ -79,6 +79,11 @@ pub const EXAMPLE: &str = concat!(
 ; says so, and the helper's policy judges that install like any package state. Off: the
 ; state fails naming the package to install.
 ;install_prerequisites = true
+; Seconds after each round at which the daemon plans the recipe (changing nothing) and
+; reports the states that would change: drift, e.g. a managed file edited by hand. To a
+; backend that announced `drift` as a Drift message, otherwise in the journal
+; (OPSAGENT_DRIFT=1) and `opsagent status`. 0: off (the default).
+;drift_interval = 0
 
 [link]
 ; Extra PEM bundle of trusted CAs for wss:// and https:// downloads (the system roots are

@@ -53,6 +53,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "metrics_file",
             "allow_insecure_transport",
             "install_prerequisites",
+            "drift_interval",
         ],
     ),
     (
@@ -164,6 +165,9 @@ pub struct AgentConfig {
     /// Install a state's missing tool (git, lvm2, supervisor…) with the host's package
     /// manager before it runs, as the original agent did ([`crate::prereq`]).
     pub install_prerequisites: bool,
+    /// Plan the current recipe this long after each round and report what would change
+    /// (drift); `None` (the default, or `0`): never.
+    pub drift_interval: Option<Duration>,
 }
 
 impl Default for AgentConfig {
@@ -181,6 +185,7 @@ impl Default for AgentConfig {
             metrics_file: None,
             allow_insecure_transport: false,
             install_prerequisites: true,
+            drift_interval: None,
         }
     }
 }
@@ -521,6 +526,9 @@ impl Config {
             ("agent", "download_timeout") => a.download_timeout = values::seconds(value)?,
             ("agent", "allow_insecure_transport") => a.allow_insecure_transport = values::boolean(value)?,
             ("agent", "install_prerequisites") => a.install_prerequisites = values::boolean(value)?,
+            // 0 says "off" (the default), as the example shows.
+            ("agent", "drift_interval") if value.trim() == "0" => a.drift_interval = None,
+            ("agent", "drift_interval") => a.drift_interval = Some(values::seconds(value)?),
             ("link", "ca_file") => l.ca_file = Some(values::absolute_path(value)?),
             ("link", "tls_insecure") => l.tls_insecure = values::boolean(value)?,
             ("link", "proxy") => l.proxy = Some(values::proxy_url(value)?),

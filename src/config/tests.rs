@@ -105,6 +105,14 @@ fn empty_value_means_default() {
 }
 
 #[test]
+fn drift_interval_is_off_by_default_and_when_zero() {
+    assert_eq!(parse("").unwrap().agent.drift_interval, None);
+    assert_eq!(parse("[agent]\ndrift_interval = 0\n").unwrap().agent.drift_interval, None);
+    assert_eq!(parse("[agent]\ndrift_interval = 300\n").unwrap().agent.drift_interval, Some(Duration::from_secs(300)));
+    assert!(parse("[agent]\ndrift_interval = soon\n").is_err());
+}
+
+#[test]
 fn overrides_win() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("opsagent.conf");
@@ -215,7 +223,7 @@ fn unknown_names_and_structure_errors() {
         err("[agent]\nround_dealy = 5\n"),
         "/etc/opsagent.conf:2: [agent] round_dealy: unknown key (keys of [agent]: token_file, state_dir, \
          helper_socket, round_delay, retry_delay, retry_delay_max, log_level, download_max_bytes, download_timeout, metrics_file, \
-         allow_insecure_transport, install_prerequisites)"
+         allow_insecure_transport, install_prerequisites, drift_interval)"
     );
     assert_eq!(
         err("[agnet]\n"),

@@ -237,6 +237,7 @@ struct Caps {
     heartbeat: bool,
     hints: bool,
     upgrade_report: bool,
+    drift: bool,
 }
 
 impl Caps {
@@ -248,6 +249,7 @@ impl Caps {
             heartbeat: has(capability::HEARTBEAT),
             hints: has(capability::RECONNECT_HINT),
             upgrade_report: has(capability::UPGRADE_REPORT),
+            drift: has(capability::DRIFT),
         }
     }
 }
@@ -282,6 +284,7 @@ pub struct Link<O: Outbox> {
     connector: connect::Connector,
     started: Instant,
     upgrades: Option<Arc<crate::upgrade::UpgradeReports>>,
+    drift: Option<Arc<crate::drift::DriftBoard>>,
     refresh: Option<IdentityRefresh>,
 }
 
@@ -316,6 +319,7 @@ impl<O: Outbox + 'static> Link<O> {
             connector,
             started: Instant::now(),
             upgrades: None,
+            drift: None,
             refresh: None,
         };
         Ok((link, status_rx, liveness))
@@ -337,6 +341,21 @@ impl<O: Outbox + 'static> Link<O> {
     pub fn with_upgrade_reports(mut self, reports: Arc<crate::upgrade::UpgradeReports>) -> Self {
         self.upgrades = Some(reports);
         self
+    }
+
+    /// Drift reports to send to a backend that announced `drift`.
+    pub fn with_drift(mut self, board: Arc<crate::drift::DriftBoard>) -> Self {
+        self.drift = Some(board);
+        self
+    }
+
+    async fn deliver_drift(&self, ws: &mut Ws) -> Result<(), LinkError> {
+        let Some(report) = self.drift.as_ref().and_then(|d| d.take_pending()) else { return Ok(()) };
+        let states = report.states.len();
+        let version = report.recipe_version;
+        self.send(ws, self.frame(&Outbound::Drift(report))).await?;
+        tracing::info!(recipe_version = version, states, "drift report sent to the backend");
+        Ok(())
     }
 
     /// Once the session is established: the pending upgrade failure goes to a backend
@@ -433,6 +452,10 @@ impl<O: Outbox + 'static> Link<O> {
                     });
                     tracing::info!(url = %self.url(), peer = %peer, proxy = via.as_deref().unwrap_or("none"), attempt, "connected");
                     let end = self.session(ws).await;
+                    if let Some(d) = &self.drift {
+                        // Reports made while no backend listens go to the journal.
+                        d.set_listening(false);
+                    }
                     let _ = self.engine.send(Event::Online(false)).await;
                     if end.healthy {
                         attempt = 0;
@@ -695,6 +718,9 @@ impl<O: Outbox + 'static> Link<O> {
                                 next_heartbeat = Some(Instant::now());
                             }
                             self.status.send_modify(|s| s.backend_capabilities = list);
+                            if let Some(d) = &self.drift {
+                                d.set_listening(caps.drift);
+                            }
                         }
                         Inbound::StateLogAck { seq } => {
                             if caps.acks {
@@ -709,6 +735,13 @@ impl<O: Outbox + 'static> Link<O> {
                                 return end(EndKind::Hint(Duration::from_secs(after_s)), answered, healthy_after);
                             }
                             tracing::warn!(after_s, "Reconnect from a backend that did not announce reconnect-hint: ignored");
+                        }
+                        Inbound::PlanRequest => {
+                            if caps.drift {
+                                let _ = self.engine.send(Event::PlanRequest).await;
+                            } else {
+                                tracing::warn!("PlanRequest from a backend that did not announce drift: ignored");
+                            }
                         }
                         Inbound::Unknown(_) => {}
                     }
@@ -742,6 +775,7 @@ impl<O: Outbox + 'static> Link<O> {
                     // A failure of an upgrade run while connected goes out within a second.
                     if established.is_some() {
                         if let Err(e) = self.deliver_upgrade_report(&mut ws, caps).await { return end(EndKind::Error(e), answered, healthy_after); }
+                        if let Err(e) = self.deliver_drift(&mut ws).await { return end(EndKind::Error(e), answered, healthy_after); }
                     }
                 }
                 r = self.shutdown.changed() => {

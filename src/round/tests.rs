@@ -26,6 +26,11 @@ struct FakeHelper {
     script: Arc<Mutex<HashMap<String, Vec<Act>>>>,
     calls: Arc<Mutex<Vec<(String, u64, Instant)>>>,
     cancels: Arc<Mutex<Vec<String>>>,
+    /// Plans asked (state ids), and the states a plan says would change.
+    plans: Arc<Mutex<Vec<String>>>,
+    drifted: Arc<Mutex<Vec<String>>>,
+    /// A plan of this state runs until cancelled.
+    plan_hangs: Arc<Mutex<Option<String>>>,
 }
 
 impl FakeHelper {
@@ -47,6 +52,19 @@ impl FakeHelper {
 impl HelperClient for FakeHelper {
     async fn apply(&self, req: ApplyRequest, mut cancel: Cancel) -> Result<Outcome, HelperClientError> {
         let id = req.state_id.to_string();
+        if req.plan {
+            self.plans.lock().unwrap().push(id.clone());
+            if self.plan_hangs.lock().unwrap().as_deref() == Some(id.as_str()) {
+                cancel.cancelled().await;
+                return Ok(Outcome { cancelled: true, ..Outcome::failed("killed") });
+            }
+            let changes = if self.drifted.lock().unwrap().contains(&id) {
+                vec![Change::new(&id, "mode 0600 -> 0644")]
+            } else {
+                vec![]
+            };
+            return Ok(Outcome { planned: true, changes, ..Outcome::ok("planned") });
+        }
         self.calls.lock().unwrap().push((id.clone(), req.recipe_version, Instant::now()));
         let act = {
             let mut script = self.script.lock().unwrap();
@@ -103,6 +121,7 @@ struct FakeEffects {
     logs: Arc<Mutex<Vec<StateLog>>>,
     snapshots: Arc<Mutex<Vec<Snapshot>>>,
     upgrades: Arc<Mutex<Vec<(String, usize)>>>,
+    drift: Arc<Mutex<Vec<DriftReport>>>,
 }
 
 impl FakeEffects {
@@ -122,6 +141,9 @@ impl Effects for FakeEffects {
         let n = self.logs.lock().unwrap().len();
         self.upgrades.lock().unwrap().push((order.version.clone(), n));
     }
+    async fn drift(&mut self, report: DriftReport) {
+        self.drift.lock().unwrap().push(report);
+    }
 }
 
 fn recipe(version: u64, states: serde_json::Value) -> Arc<Recipe> {
@@ -140,6 +162,7 @@ fn cfg() -> EngineConfig {
         retry_delay: Duration::from_secs(5),
         retry_delay_max: Duration::from_secs(40),
         stop_timeout: Duration::from_secs(30),
+        drift_interval: None,
     }
 }
 
@@ -531,4 +554,69 @@ async fn each_ended_round_leaves_its_figures_for_status_and_metrics() {
     assert_eq!((st.rounds_completed, st.rounds_ceased), (1, 1), "{st:?}");
     let last = st.last_round.unwrap();
     assert_eq!((last.round, last.completed, last.states.ok, last.states.failed, last.duration_ms), (2, true, 2, 0, 0));
+}
+
+fn start_with(cfg: EngineConfig) -> Rig {
+    let helper = FakeHelper::default();
+    let effects = FakeEffects::default();
+    let (engine, handle) = Engine::new(helper.clone(), effects.clone(), cfg, None);
+    let task = tokio::spawn(engine.run());
+    Rig { helper, effects, handle, task }
+}
+
+fn drift_state(id: &str) -> DriftedState {
+    DriftedState { id: id.into(), changes: vec![format!("{id}: mode 0600 -> 0644")] }
+}
+
+#[tokio::test(start_paused = true)]
+async fn drift_is_planned_every_interval_between_rounds_and_only_drifted_states_are_reported() {
+    let rig = start_with(EngineConfig { drift_interval: Some(Duration::from_secs(100)), ..cfg() });
+    rig.send(Event::Recipe(recipe(4, json!([file("a"), file("b")])))).await;
+    assert_eq!(rig.helper.calls().len(), 2);
+    advance(Duration::from_secs(99)).await;
+    assert!(rig.helper.plans.lock().unwrap().is_empty(), "no plan before the interval");
+    advance(Duration::from_secs(2)).await;
+    assert_eq!(*rig.helper.plans.lock().unwrap(), vec!["a", "b"]);
+    assert!(rig.effects.drift.lock().unwrap().is_empty(), "nothing drifted: nothing reported");
+    rig.helper.drifted.lock().unwrap().push("b".into());
+    advance(Duration::from_secs(100)).await;
+    assert_eq!(
+        *rig.effects.drift.lock().unwrap(),
+        vec![DriftReport { recipe_version: 4, states: vec![drift_state("b")] }]
+    );
+    assert_eq!(rig.helper.calls().len(), 2, "a plan applies nothing");
+    assert_eq!(rig.effects.logs().len(), 2, "a plan sends no StateLog");
+    // The round delay is not pushed back by the plans.
+    advance(Duration::from_secs(600 - 201)).await;
+    assert_eq!(rig.helper.calls().len(), 4);
+    assert_eq!(rig.handle.status.borrow().rounds_completed, 2);
+    rig.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn drift_is_off_by_default_and_a_plan_request_is_answered_at_once_even_without_drift() {
+    let rig = start(None);
+    rig.send(Event::Recipe(recipe(2, json!([file("a")])))).await;
+    advance(Duration::from_secs(500)).await;
+    assert!(rig.helper.plans.lock().unwrap().is_empty(), "off by default");
+    rig.send(Event::PlanRequest).await;
+    assert_eq!(*rig.effects.drift.lock().unwrap(), vec![DriftReport { recipe_version: 2, states: vec![] }]);
+    rig.helper.drifted.lock().unwrap().push("a".into());
+    rig.send(Event::PlanRequest).await;
+    assert_eq!(rig.effects.drift.lock().unwrap()[1].states, vec![drift_state("a")]);
+    rig.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_recipe_during_a_drift_plan_cuts_it_short_and_its_round_runs() {
+    let rig = start_with(EngineConfig { drift_interval: Some(Duration::from_secs(10)), ..cfg() });
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
+    *rig.helper.plan_hangs.lock().unwrap() = Some("a".into());
+    rig.helper.drifted.lock().unwrap().push("b".into());
+    advance(Duration::from_secs(11)).await;
+    assert_eq!(*rig.helper.plans.lock().unwrap(), vec!["a"]);
+    rig.send(Event::Recipe(recipe(2, json!([file("c")])))).await;
+    assert!(rig.effects.drift.lock().unwrap().is_empty(), "a plan cut short reports nothing");
+    assert_eq!(rig.effects.logs().last().map(|l| (l.0.clone(), l.2)), Some(("c".to_string(), 2)));
+    rig.task.abort();
 }

@@ -114,6 +114,7 @@ pub struct Spawn {
     pub resolver: Option<Arc<dyn Resolver>>,
     pub seed: Option<u64>,
     pub outbox: Arc<FakeOutbox>,
+    pub drift: Arc<opsagent::drift::DriftBoard>,
 }
 
 impl Spawn {
@@ -125,6 +126,7 @@ impl Spawn {
             resolver: None,
             seed: Some(1),
             outbox: Arc::new(FakeOutbox::default()),
+            drift: Arc::new(opsagent::drift::DriftBoard::default()),
         }
     }
 
@@ -161,6 +163,7 @@ impl Spawn {
         if let Some(r) = self.resolver {
             link = link.with_resolver(r);
         }
+        link = link.with_drift(self.drift.clone());
         if let Some(s) = self.seed {
             link = link.with_seed(s);
         }
@@ -175,6 +178,7 @@ impl Spawn {
                     Event::AgentUpdate(u) => format!("update {}", u.version),
                     Event::Stop(_) => "stop".into(),
                     Event::Online(b) => format!("online {b}"),
+                    Event::PlanRequest => "plan-request".into(),
                 };
                 ev.lock().unwrap().push(name);
             }
