@@ -130,29 +130,11 @@ pub fn planned(mut outcome: Outcome, refused: Option<Refused>, module: &str) -> 
     if let Some(r) = refused {
         outcome.result = true;
         outcome.changes.push(Change::new(r.subject, format!("would {}", r.action)));
-        outcome.comment = format!(
-            "would: {}; {module} cannot tell what follows this step without taking it",
-            Joined(&outcome.changes)
-        );
-    } else if outcome.result && outcome.changed() && !outcome.comment.starts_with("would") {
-        outcome.comment = format!("would: {}", Joined(&outcome.changes));
+        // The step itself is in `changes`; the comment says only why the plan stops
+        // there (the daemon heads the list "would change", as a StateLog heads "changed").
+        outcome.comment = format!("{module} cannot tell what follows this step without taking it");
     }
     outcome
-}
-
-/// Changes `; `-separated.
-struct Joined<'a>(&'a [Change]);
-
-impl Display for Joined<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, c) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{c}")?;
-        }
-        Ok(())
-    }
 }
 
 async fn dispatch(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step, HelperError> {

@@ -87,7 +87,9 @@ async fn file_content_and_mode_drift_is_planned_with_a_diff() {
         planned.diff.as_deref(),
         Some(format!("--- {shown}\n+++ {shown}\n@@ -1,2 +1,2 @@\n a=1\n-b=2\n+b=3\n").as_str())
     );
-    assert!(planned.comment.starts_with("would: "), "{}", planned.comment);
+    assert!(planned.planned, "{planned:?}");
+    // The apply's own words: the daemon heads them "would change" for a planned outcome.
+    assert_eq!(planned.comment, format!("{shown}: content updated; {shown}: mode 0664 -> 0644"));
 }
 
 #[tokio::test]
