@@ -277,6 +277,29 @@ else
     install -d -m 0750 -o "$AGENT_USER" -g "$AGENT_USER" "$LOG_DIR"
 fi
 
+# ---------------------------------------------------------------- manual pages, completion, catalog
+# Under /usr/local: the package managers' files stay theirs (the .deb and .rpm install the
+# same pages under /usr). Releases older than these files have none to install.
+DOCS_CHANGED=0
+if [ -d "$CUR/man" ]; then
+    mkdir -p /usr/local/share/man/man8 /usr/local/share/bash-completion/completions
+    for page in "$CUR"/man/*.8.gz; do
+        if install_file "$page" "/usr/local/share/man/man8/${page##*/}" 0644; then DOCS_CHANGED=1; fi
+    done
+    if install_file "$CUR/completion/opsagent.bash" /usr/local/share/bash-completion/completions/opsagent 0644; then
+        DOCS_CHANGED=1
+    fi
+fi
+if [ "$HAVE_SYSTEMD" = 1 ] && [ -f "$CUR/units/opsagent.catalog" ]; then
+    # `journalctl -x` explains the agent's events (MESSAGE_ID) from this catalog.
+    mkdir -p /etc/systemd/catalog
+    if install_file "$CUR/units/opsagent.catalog" /etc/systemd/catalog/opsagent.catalog 0644; then
+        DOCS_CHANGED=1
+        journalctl --update-catalog >/dev/null 2>&1 || log "journalctl --update-catalog failed; catalog texts missing"
+    fi
+fi
+[ "$DOCS_CHANGED" = 0 ] || log "installed the manual pages, the bash completion and the journal catalog"
+
 # ---------------------------------------------------------------- configuration
 NEWCONF=$(mktemp /etc/.opsagent.conf.XXXXXX)
 {

@@ -116,3 +116,33 @@ async fn run(cli: Cli) -> Result<opsagent_proto::upgrade::Record, UpgradeError> 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The hand-written manual page (packaging/man/opsagent-upgrade.8) documents every
+    /// option `--help` lists, and no option the installer does not take.
+    #[test]
+    fn the_manual_page_names_every_option_and_no_other() {
+        let page = include_str!("../../packaging/man/opsagent-upgrade.8");
+        let help = super::Cli::command().render_help().to_string();
+        let in_help: Vec<String> = help
+            .lines()
+            .filter_map(|l| l.trim_start().split([' ', ',']).find(|w| w.starts_with("--")).map(str::to_string))
+            .collect();
+        assert!(in_help.len() >= 7, "{in_help:?}");
+        let in_page: Vec<String> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix(".B "))
+            .flat_map(|l| l.split([' ', ',']).filter(|w| w.starts_with("\\-\\-")).map(|w| w.replace("\\-", "-")))
+            .filter(|w| w.len() > 2)
+            .collect();
+        for opt in &in_help {
+            assert!(in_page.contains(opt), "{opt} is missing from opsagent-upgrade.8");
+        }
+        for opt in &in_page {
+            assert!(in_help.contains(opt), "opsagent-upgrade.8 documents {opt}, which opsagent-upgrade does not take");
+        }
+    }
+}

@@ -331,7 +331,7 @@ for f in /opt/visualops/releases/$VERSION/bin/opsagent /opt/visualops/releases/$
     /usr/lib/systemd/system/opsagent.service /usr/lib/systemd/system/opsagent-helper.socket \
     /usr/lib/systemd/system/opsagent-helper.service /usr/lib/systemd/system/opsagent-upgrade.service \
     /usr/lib/sysusers.d/opsagent.conf /usr/lib/tmpfiles.d/opsagent.conf /usr/share/polkit-1/rules.d/50-opsagent.rules \
-    /usr/share/man/man8/opsagent.8.gz /usr/share/man/man8/opsagent-helper.8.gz \
+    /usr/share/man/man8/opsagent.8.gz /usr/share/man/man8/opsagent-helper.8.gz /usr/share/man/man8/opsagent-upgrade.8.gz \
     /usr/share/bash-completion/completions/opsagent /usr/lib/systemd/catalog/opsagent.catalog; do
     check "agent rpm: rpm -qpl lists $f" list_has "$f"
 done
