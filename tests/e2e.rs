@@ -90,6 +90,56 @@ fn backend_daemon_and_helper_apply_a_recipe_in_rounds() {
     assert!(repeated.is_empty(), "the agent sent StateLogs again: {repeated:?}");
 }
 
+/// Drift (issue 19): a managed file edited by hand between rounds is planned by the
+/// daemon within its drift interval and reported to the reference backend, which records
+/// it; the plan leaves the edit in place (the next round, not the plan, repairs it).
+#[test]
+fn a_file_edited_by_hand_is_reported_as_drift_and_left_alone_until_the_next_round() {
+    let s = setup("app-drift", |w| recipe(w, "v1\n"));
+    let (dir, work, recipes, statelog, socket) = (s.dir.as_path(), &s.work, &s.recipes, &s.statelog, &s.socket);
+    let events = dir.join("events.jsonl");
+    let (_backend, port) =
+        start_backend(dir, recipes, statelog, &["--poll-ms", "100", "--events", events.to_str().unwrap()]);
+    let _helper = start_helper(dir, socket);
+    // No second round during the test: only a plan can notice the edit.
+    let agent = start_agent_with_conf(
+        dir,
+        port,
+        "app-drift",
+        "i-drift",
+        socket,
+        "[agent]\ndrift_interval = 1\n",
+        &["--round-delay", "3600"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || logs_of(statelog, 1).len() >= 4),
+        "the first round; agent: {}",
+        agent.log_text()
+    );
+    let drifts = || -> Vec<Value> { read_jsonl(&events).into_iter().filter(|e| e["event"] == "drift").collect() };
+
+    let managed = work.join("d/f.conf");
+    std::fs::write(&managed, "edited by hand\n").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || drifts().iter().any(|d| d["states"].to_string().contains("s-file"))),
+        "no drift report of s-file; events: {:?}\nagent: {}",
+        read_jsonl(&events),
+        agent.log_text()
+    );
+    let report = drifts().into_iter().find(|d| d["states"].to_string().contains("s-file")).unwrap();
+    assert_eq!(report["instance_id"], "i-drift", "{report}");
+    assert_eq!(report["recipe_version"], 1, "{report}");
+    // Only the edited state drifted: the directory, the link and the guarded command
+    // still match.
+    let states = report["states"].as_array().unwrap();
+    assert_eq!(states.len(), 1, "{report}");
+    assert_eq!(states[0]["id"], "s-file");
+    assert_eq!(states[0]["changes"], json!([format!("{}: content updated", managed.display())]), "{report}");
+    // The plan changed nothing and sent no StateLog.
+    assert_eq!(std::fs::read_to_string(&managed).unwrap(), "edited by hand\n");
+    assert_eq!(logs_of(statelog, 1).len(), 4, "a plan must not report StateLogs");
+}
+
 #[test]
 fn a_second_daemon_on_the_same_state_directory_refuses_to_start_naming_the_first() {
     let s = setup("app-lock", |w| recipe(w, "v1\n"));

@@ -144,8 +144,22 @@ pub fn start_helper_with(dir: &Path, socket: &Path, extra: &[&str]) -> Proc {
 /// `opsagent run` with everything given on the command line.
 pub fn start_agent(dir: &Path, port: u16, app: &str, instance: &str, socket: &Path, extra: &[&str]) -> Proc {
     // An empty file: defaults plus the flags, never the host's /etc/opsagent.conf.
-    let conf = dir.join("empty.conf");
-    std::fs::write(&conf, "").unwrap();
+    start_agent_with_conf(dir, port, app, instance, socket, "", extra)
+}
+
+/// [`start_agent`] with a configuration file of this text (keys without a flag).
+pub fn start_agent_with_conf(
+    dir: &Path,
+    port: u16,
+    app: &str,
+    instance: &str,
+    socket: &Path,
+    conf_text: &str,
+    extra: &[&str],
+) -> Proc {
+    // Other tests start further commands (status, stop) with the same empty.conf.
+    let conf = if conf_text.is_empty() { dir.join("empty.conf") } else { dir.join(format!("{instance}.conf")) };
+    std::fs::write(&conf, conf_text).unwrap();
     let mut cmd = Command::new(bin("opsagent"));
     cmd.arg("run")
         .arg("--config")
