@@ -56,6 +56,11 @@ use crate::systemd::{ManagerProxy, UnitProxy, METHOD_TIMEOUT};
 
 /// How often a running unit's state is read again when no change signal came.
 const POLL: Duration = Duration::from_secs(1);
+/// How often the control group's `memory.peak` (a high-water mark) is read while the
+/// command runs: systemd before 255 has no `MemoryPeak` and removes the group as soon as
+/// the command exits, so the last reading is the peak, missing at most a rise in the last
+/// interval before the exit.
+const PEAK_SAMPLE: Duration = Duration::from_millis(100);
 /// Prefix of every unit name made here.
 pub const UNIT_PREFIX: &str = "opsagent-state-";
 /// How long output is still collected after the unit ended (see exec's OUTPUT_GRACE).
@@ -327,13 +332,15 @@ impl Transient {
 
         let deadline = spec.timeout.map(|t| Instant::now() + t);
         let mut signals = true;
+        let mut peak_seen = None;
         let stop = loop {
+            peak_seen = peak_seen.max(memory_peak(&control_group));
             if ended(&unit).await {
                 break Stop::Ended;
             }
             tokio::select! {
                 change = crate::systemd::next(&mut changes), if signals => signals = change.is_some(),
-                () = tokio::time::sleep(POLL) => {}
+                () = tokio::time::sleep(if peak_seen.is_some() { PEAK_SAMPLE } else { POLL }) => {}
                 () = opsagent_proto::timer::sleep_until_opt(deadline) => break Stop::TimedOut,
                 () = cancel.requested() => break Stop::Cancelled,
             }
@@ -357,7 +364,7 @@ impl Transient {
         };
         // The unit stays "active (exited)" (RemainAfterExit, every exit a success) with
         // systemd's figures of its (removed) control group.
-        let usage = usage(&service, &control_group).await;
+        let usage = usage(&service, &control_group, peak_seen).await;
         // Now it goes: stopped (KillMode=process: daemons a successful command left
         // stay in the group), let go, and collected by systemd once inactive.
         match manager.stop_unit(&name, "replace").await {
@@ -444,19 +451,26 @@ fn group_empty(control_group: &str) -> bool {
 /// The unit's CPU time (systemd's `CPUUsageNSec`, which systemd caches when it removes
 /// the group; `u64::MAX`: not known, as on cgroup v1 hosts where the container or host
 /// has no cpuacct accounting) and peak memory (`MemoryPeak` from systemd 255; before,
-/// the group's `memory.peak` where it still exists).
-async fn usage(service: &ServiceProxy<'_>, control_group: &str) -> Option<Usage> {
+/// the group's `memory.peak` where it still exists, else the last reading taken while the
+/// command ran, `peak_seen`).
+async fn usage(service: &ServiceProxy<'_>, control_group: &str, peak_seen: Option<u64>) -> Option<Usage> {
     let cpu = service.cpu_usage_nsec().await.ok().filter(|n| *n != u64::MAX)?;
     let peak_memory = match service.memory_peak().await.ok().filter(|n| *n != u64::MAX) {
         Some(peak) => Some(peak),
-        None if !control_group.is_empty() => {
-            std::fs::read_to_string(format!("/sys/fs/cgroup{control_group}/memory.peak"))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-        }
-        None => None,
+        None => memory_peak(control_group).max(peak_seen),
     };
     Some(Usage { cpu: Duration::from_nanos(cpu), peak_memory })
+}
+
+/// The high-water mark of the group's memory (cgroup v2, Linux 5.19 and later), while the
+/// group exists.
+fn memory_peak(control_group: &str) -> Option<u64> {
+    if control_group.is_empty() {
+        return None;
+    }
+    std::fs::read_to_string(format!("/sys/fs/cgroup{control_group}/memory.peak"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
 }
 
 /// The command's output in the journal, attributed to its unit (`OBJECT_SYSTEMD_UNIT`,

@@ -35,7 +35,7 @@ want=$((before == 13 ? 14 : 13))
 cat >/tmp/vm/recipes/app-vm.json <<JSON
 {"recipe_version": 1, "state": [
   {"id": "vm-sysctl", "module": "linux.cmd",
-   "parameter": {"cmd": "sysctl -w vm.swappiness=$want && i=0 && while [ \$i -lt 30000 ]; do i=\$((i+1)); done && echo burnt"}}
+   "parameter": {"cmd": "sysctl -w vm.swappiness=$want && x=\$(head -c 33554432 /dev/zero | tr '\\\\0' a) && echo held \${#x} bytes && i=0 && while [ \$i -lt 30000 ]; do i=\$((i+1)); done && echo burnt"}}
 ]}
 JSON
 "$B/opsagent-backend" --listen 127.0.0.1:0 --recipe-dir /tmp/vm/recipes --statelog /tmp/vm/statelog.jsonl \
@@ -56,11 +56,13 @@ say "StateLog: $line"
 echo "$line" | grep -q '"state_result":true' || fail "the state failed"
 echo "$line" | grep -Eq 'commands used cpu [0-9.]+ s' || fail "no CPU time in the comment"
 say "figures: $(echo "$line" | grep -Eo 'commands used cpu [0-9.]+ s(, peak memory [0-9.]+ MiB)?')"
-# Peak memory comes from the unit's MemoryPeak, which systemd has from 255 on (this
-# image's is Debian 12's 252, whose units' groups are gone when the helper asks).
-if ! echo "$line" | grep -Eq 'peak memory [0-9.]+ MiB'; then
-    say "no peak memory figure: systemd $(systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1/p') has no MemoryPeak (255 and later)"
-fi
+# Peak memory: the unit's MemoryPeak from systemd 255 on; this image's systemd (Debian 12's
+# 252) has none and removes the group when the command exits, so the helper reads the
+# group's memory.peak while the command runs. The command held 32 MiB in a shell variable.
+peak=$(echo "$line" | grep -Eo 'peak memory [0-9.]+ MiB' | grep -Eo '[0-9.]+')
+[ -n "$peak" ] || fail "no peak memory in the comment"
+awk -v p="$peak" 'BEGIN { exit !(p >= 32) }' || fail "peak memory $peak MiB, but the command held 32 MiB"
+say "peak memory $peak MiB for a command that held 32 MiB"
 [ "$(sysctl -n vm.swappiness)" = "$want" ] || fail "vm.swappiness is $(sysctl -n vm.swappiness), not $want"
 say "sysctl -w vm.swappiness=$want took effect (was $before)"
 hpid=$(systemctl show -p MainPID --value opsagent-helper.service)
