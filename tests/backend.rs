@@ -987,6 +987,19 @@ async fn refused_upgrade(url: &str) -> (u16, String) {
     }
 }
 
+/// The handshake timeout covers the TLS and WebSocket upgrade too, not a fixed 15 s beside
+/// it: a client that opens TCP and never upgrades is closed within the operator's bound.
+#[tokio::test]
+async fn a_connection_that_never_upgrades_is_closed_within_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let env = Env::new();
+    let (_backend, url) = spawn_binary(&env, &["--handshake-timeout-s", "1"]).await;
+    let mut tcp = tokio::net::TcpStream::connect(url.strip_prefix("ws://").unwrap()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "still open 10 s after a 1 s handshake timeout: {read:?}");
+}
+
 #[tokio::test]
 async fn caps_are_each_refused_with_a_reason() {
     let env = Env::new();

@@ -39,8 +39,6 @@ pub(crate) fn lock(hub: &Shared) -> MutexGuard<'_, Hub> {
     hub.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Time allowed for the TLS and WebSocket handshakes of a new connection.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Time a closing connection is given for the peer's close reply.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// WebSocket close code 1001, "going away".
@@ -205,7 +203,10 @@ async fn connection(
     _slot: Slot,
 ) {
     // A refused connection gets its answer quickly or not at all.
-    let limit = if refusal.is_some() { REFUSAL_GRACE } else { HANDSHAKE_TIMEOUT };
+    // The TLS and WebSocket handshakes count against the operator's handshake timeout
+    // (accept to first Handshake): under a reconnect storm a fixed, shorter bound cut
+    // agents whose upgrade was merely slow, and they came back, adding to the storm.
+    let limit = if refusal.is_some() { REFUSAL_GRACE } else { ctx.limits.handshake_timeout };
     match ctx.tls.clone() {
         None => upgrade(tcp, peer, id, ctx, refusal, limit).await,
         Some(acceptor) => match timeout(limit, acceptor.accept(tcp)).await {
