@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 
+use crate::atomic_file::write_atomic;
 use crate::config::Config;
 use crate::download::{DownloadSettings, Downloader};
 use crate::helper_client::{Fetcher, HelperClient, UnixHelperClient};
@@ -245,20 +246,6 @@ pub fn load_snapshot(state_dir: &Path) -> Option<Snapshot> {
             None
         }
     }
-}
-
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 struct DaemonEffects<F> {

@@ -6,6 +6,7 @@
 //! [`opsagent_proto::catalogue::ModuleParams`], the [`round`] engine runs them through a
 //! [`helper_client::HelperClient`], and each result goes back as a StateLog.
 
+pub mod atomic_file;
 pub mod backend;
 pub mod cli;
 pub mod cmd;
