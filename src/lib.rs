@@ -21,6 +21,7 @@ pub mod logbundle;
 pub mod logging;
 pub mod manual;
 pub mod metrics;
+pub mod net;
 pub mod prereq;
 pub mod private_helper;
 pub mod protocol;

@@ -89,7 +89,7 @@ pub enum Verdict {
 }
 
 pub fn now_unix() -> u64 {
-    crate::link::now_unix()
+    crate::timefmt::now_unix()
 }
 
 /// The installer's last record, if readable.
