@@ -45,7 +45,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
 use crate::helper_client::{cancel_pair, Cancel, HelperClient, SignedState};
+// The drift report is a message body (protocol); the engine makes it and callers knew it here.
 use crate::protocol::StateLog;
+pub use crate::protocol::{DriftReport, DriftedState};
 use crate::recipe::{Recipe, RecipeState};
 
 #[derive(Debug, Clone)]
@@ -112,20 +114,6 @@ pub enum Event {
     /// The backend asks what would change now (`PlanRequest`): a drift plan runs as soon
     /// as no round is running, and its report is made even when nothing drifted.
     PlanRequest,
-}
-
-/// What a drift plan found: the states of the current recipe that would change, with
-/// the changes in the words a real change uses.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DriftReport {
-    pub recipe_version: u64,
-    pub states: Vec<DriftedState>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DriftedState {
-    pub id: String,
-    pub changes: Vec<String>,
 }
 
 /// What the engine persists so that a restarted daemon resumes offline.
