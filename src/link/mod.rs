@@ -73,7 +73,7 @@ pub use crate::net::{http_client_builder, Backoff, NoProxy, ProxySettings, Proxy
 pub use status::{now_unix, LinkState, LinkStatus};
 
 use crate::protocol::{capability, parse_inbound, Identity, Inbound, Outbound, StateLog};
-use crate::round::{EngineStatus, Event, Liveness, UpdateOrder};
+use crate::round::api::{EngineStatus, Event, Liveness, UpdateOrder};
 
 /// Distinct unknown message codes logged per connection; the rest are only counted.
 const MAX_UNKNOWN_LOGGED: usize = 8;
