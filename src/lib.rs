@@ -8,6 +8,7 @@
 
 pub mod atomic_file;
 pub mod backend;
+pub mod cancel;
 pub mod cli;
 pub mod cmd;
 pub mod config;

@@ -42,7 +42,8 @@ use opsagent_proto::timer::sleep_until_opt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
-use crate::helper_client::{cancel_pair, Cancel, HelperClient, SignedState};
+use crate::cancel::{cancel_pair, Cancel};
+use crate::helper_client::{HelperClient, SignedState};
 // The drift report is a message body (protocol); the engine makes it and callers knew it here.
 use crate::protocol::StateLog;
 pub use crate::protocol::{DriftReport, DriftedState};
