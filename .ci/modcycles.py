@@ -200,9 +200,9 @@ class Crate:
                 for head, at in group_heads(code, rest + 1):
                     first = re.match(r"\s*(" + IDENT + r")", head)
                     if first and first.group(1) not in ("self", "super", "crate"):
-                        targets.append((base + [first.group(1)], at))
+                        targets.append((base + [first.group(1)], at + first.start(1)))
                     elif first and first.group(1) == "self":
-                        targets.append((base, at))
+                        targets.append((base, at + first.start(1)))
             else:
                 first = re.compile(IDENT).match(code, rest)
                 if not first:

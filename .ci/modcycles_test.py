@@ -33,7 +33,7 @@ def run(root):
 # inline test module: the circle a -> b -> a. c is only named in a string and a comment.
 CYCLE = {
     "lib.rs": "pub mod a;\npub mod b;\npub mod c;\n",
-    "a.rs": "use crate::b::Thing;\npub struct Other;\n",
+    "a.rs": "use crate::{\n    b::Thing,\n};\npub struct Other;\npub fn f() -> crate::b::Thing {\n    Thing\n}\n",
     "b/mod.rs": "pub mod inner;\npub use inner::Thing;\n",
     "b/inner.rs": (
         "pub struct Thing;\n"
@@ -64,7 +64,7 @@ class ModCycles(unittest.TestCase):
             res = run(root)
             self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
             self.assertIn("import circle: a -> b -> a", res.stdout)
-            self.assertIn("a -> b: src/a.rs:1", res.stdout)
+            self.assertIn("a -> b: src/a.rs:2, src/a.rs:5", res.stdout)
             self.assertIn("b -> a: src/b/inner.rs:5", res.stdout)
             self.assertNotIn("-> c", res.stdout)
 
