@@ -204,3 +204,68 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// The manual and the completion script, generated from this command line, say all of it.
+#[cfg(test)]
+mod tests {
+    use crate::manual::{bash_completion, man_page, roff, visible_args, visible_subcommands, Extra};
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_page_names_every_subcommand_and_option_of_the_program() {
+        let cmd = crate::cli::Cli::command();
+        let page = man_page(&cmd, 8, &Extra::default());
+        for sub in visible_subcommands(&cmd) {
+            assert!(page.contains(&format!(".SS \\fBopsagent {}\\fR", roff(sub.get_name()))), "{}", sub.get_name());
+            for a in visible_args(sub).filter(|a| !a.is_positional()) {
+                let long = a.get_long().expect("every option has a long name");
+                assert!(page.contains(&format!("\\-\\-{}", roff(long))), "{} --{long}", sub.get_name());
+            }
+        }
+        // No line of the page starts a roff request it did not mean to.
+        for line in page.lines() {
+            if let Some(req) = line.strip_prefix('.') {
+                let name = req.split_whitespace().next().unwrap_or("");
+                assert!(["TH", "SH", "SS", "TP", "B", "I", "BR", "PP", "RS", "RE"].contains(&name), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn bash_completion_offers_subcommands_and_their_options() {
+        let script = bash_completion(&crate::cli::Cli::command());
+        assert!(script.contains("complete -F _opsagent opsagent"));
+        assert!(script.contains("\"\") words=\""));
+        assert!(
+            script.contains(
+                "\"apply\") words=\"--helper-socket --helper-bin --no-prerequisites --json --test --diff --help\""
+            ),
+            "{script}"
+        );
+    }
+
+    /// What bash completes for the words typed so far (the last one being completed).
+    fn complete(script: &str, words: &[&str]) -> Vec<String> {
+        let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+        let program = format!(
+            "{script}\nCOMP_WORDS=({})\nCOMP_CWORD={}\n_opsagent\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+            quoted.join(" "),
+            words.len() - 1
+        );
+        let out = std::process::Command::new("bash").arg("-c").arg(program).output().expect("bash runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn bash_completes_subcommands_and_options_for_real() {
+        let script = bash_completion(&crate::cli::Cli::command());
+        assert_eq!(complete(&script, &["opsagent", "ap"]), ["apply"]);
+        let mut opts = complete(&script, &["opsagent", "apply", "--he"]);
+        opts.sort();
+        assert_eq!(opts, ["--help", "--helper-bin", "--helper-socket"]);
+        assert_eq!(complete(&script, &["opsagent", "status", "--js"]), ["--json"]);
+        // The hidden `manual` command is not offered.
+        assert!(complete(&script, &["opsagent", "manu"]).is_empty());
+    }
+}

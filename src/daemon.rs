@@ -15,11 +15,13 @@ use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 
+use crate::atomic_file::write_atomic;
 use crate::config::Config;
 use crate::download::{DownloadSettings, Downloader};
 use crate::helper_client::{Fetcher, HelperClient, UnixHelperClient};
-use crate::identity;
-use crate::link::{Link, LinkConfig, LinkStatus, Outbox, ProxySettings};
+use crate::instance_identity as identity;
+use crate::link::{Link, LinkConfig, LinkStatus, Outbox};
+use crate::net::ProxySettings;
 use crate::protocol::{Identity, StateLog};
 use crate::recipe::Recipe;
 use crate::round::{DriftReport, Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
@@ -40,7 +42,7 @@ pub enum DaemonError {
     #[error("spool: {0}")]
     Spool(#[from] crate::spool::SpoolError),
     #[error("identity: {0}")]
-    Identity(#[from] crate::identity::IdentityError),
+    Identity(#[from] crate::instance_identity::IdentityError),
     #[error("the helper did not answer within {secs} s: {last}")]
     Helper { secs: u64, last: String },
     #[error("link: {0}")]
@@ -245,20 +247,6 @@ pub fn load_snapshot(state_dir: &Path) -> Option<Snapshot> {
             None
         }
     }
-}
-
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 struct DaemonEffects<F> {
@@ -556,7 +544,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let engine_task = tokio::spawn(engine.run());
     let link_task = tokio::spawn(link.run());
-    let supervisor = tokio::spawn(crate::systemd::supervise(
+    let supervisor = tokio::spawn(crate::service_notify::supervise(
         vec![("round engine", handle.liveness.clone()), ("link", link_live)],
         link_status.clone(),
         handle.status.clone(),
@@ -575,7 +563,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         handle.status.clone(),
         stop_rx,
     ));
-    crate::systemd::ready();
+    crate::service_notify::ready();
     tracing::info!(instance_id = %instance_id, app_id = %app_id, backend = %ws_uri, "opsagent ready");
 
     let events = handle.events.clone();
@@ -589,7 +577,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if let Some((signal_name, mode)) = asked {
         tracing::info!(signal = signal_name, ?mode, "stop requested");
         if mode == StopMode::AfterState {
-            crate::systemd::stopping();
+            crate::service_notify::stopping();
         }
         let _ = events.send(crate::round::Event::Stop(mode)).await;
         // A SIGTERM while waiting for the round to end turns it into a prompt stop.
@@ -597,7 +585,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             tokio::select! {
                 _ = &mut engine_task => break,
                 _ = sigterm.recv() => {
-                    crate::systemd::stopping();
+                    crate::service_notify::stopping();
                     let _ = events.send(crate::round::Event::Stop(StopMode::AfterState)).await;
                 }
             }
@@ -784,7 +772,7 @@ async fn write_status(
             instance_id: who.instance_id.clone(),
             app_id: who.app_id.clone(),
             agent_version: who.agent_version.clone(),
-            summary: crate::systemd::status_line(&link.borrow(), &engine.borrow()),
+            summary: crate::service_notify::status_line(&link.borrow(), &engine.borrow()),
             link: serde_json::to_value(&*link.borrow()).unwrap_or(Value::Null),
             engine: serde_json::to_value(&*engine.borrow()).unwrap_or(Value::Null),
             spool_depth: depth,

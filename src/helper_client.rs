@@ -26,7 +26,7 @@ use opsagent_proto::stream::{self, FrameWriter};
 use opsagent_proto::timer::sleep_until_opt;
 use opsagent_proto::PROTOCOL_VERSION;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{mpsc, Mutex};
 
 use crate::download::Downloader;
 
@@ -60,41 +60,8 @@ pub enum HelperClientError {
     Protocol { path: String, what: String },
 }
 
-/// Asks a running request to stop. Cheap to clone; `never()` for requests that are not
-/// cancellable.
-#[derive(Clone, Debug)]
-pub struct Cancel(watch::Receiver<bool>);
-
-#[derive(Debug)]
-pub struct CancelHandle(watch::Sender<bool>);
-
-pub fn cancel_pair() -> (CancelHandle, Cancel) {
-    let (tx, rx) = watch::channel(false);
-    (CancelHandle(tx), Cancel(rx))
-}
-
-impl CancelHandle {
-    pub fn cancel(&self) {
-        let _ = self.0.send(true);
-    }
-}
-
-impl Cancel {
-    pub fn never() -> Self {
-        cancel_pair().1
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    /// Resolves once cancelled; pends forever if the handle is gone uncancelled.
-    pub async fn cancelled(&mut self) {
-        if self.0.wait_for(|c| *c).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
+// Re-exported: a request's cancellation is part of this client's API.
+pub use crate::cancel::{cancel_pair, Cancel, CancelHandle};
 
 /// A state of a recipe the backend signed: the signed bytes (or why they could not be
 /// formed), and where the state sits in them.

@@ -25,7 +25,7 @@ pub struct Extra<'a> {
 
 /// Text made safe for roff: backslashes escaped, hyphens as minus signs (so options
 /// can be searched and copied), and a line that would start a request neutralised.
-fn roff(text: &str) -> String {
+pub(crate) fn roff(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 8);
     for line in text.lines() {
         if !out.is_empty() {
@@ -75,11 +75,11 @@ fn arg_synopsis(arg: &Arg) -> String {
     s
 }
 
-fn visible_args(cmd: &Command) -> impl Iterator<Item = &Arg> {
+pub(crate) fn visible_args(cmd: &Command) -> impl Iterator<Item = &Arg> {
     cmd.get_arguments().filter(|a| !a.is_hide_set() && !matches!(a.get_id().as_str(), "help" | "version"))
 }
 
-fn visible_subcommands(cmd: &Command) -> impl Iterator<Item = &Command> {
+pub(crate) fn visible_subcommands(cmd: &Command) -> impl Iterator<Item = &Command> {
     cmd.get_subcommands().filter(|c| !c.is_hide_set() && c.get_name() != "help")
 }
 
@@ -254,70 +254,11 @@ fn collect_cases(cmd: &Command, path: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn roff_neutralises_requests_and_escapes() {
         assert_eq!(roff(".rm x\n'so /etc/passwd"), "\\&.rm x\n\\&'so /etc/passwd");
         assert_eq!(roff("a\\b --c"), "a\\eb \\-\\-c");
         assert_eq!(roff("bell\u{7}"), "bell");
-    }
-
-    #[test]
-    fn the_page_names_every_subcommand_and_option_of_the_program() {
-        let cmd = crate::cli::Cli::command();
-        let page = man_page(&cmd, 8, &Extra::default());
-        for sub in visible_subcommands(&cmd) {
-            assert!(page.contains(&format!(".SS \\fBopsagent {}\\fR", roff(sub.get_name()))), "{}", sub.get_name());
-            for a in visible_args(sub).filter(|a| !a.is_positional()) {
-                let long = a.get_long().expect("every option has a long name");
-                assert!(page.contains(&format!("\\-\\-{}", roff(long))), "{} --{long}", sub.get_name());
-            }
-        }
-        // No line of the page starts a roff request it did not mean to.
-        for line in page.lines() {
-            if let Some(req) = line.strip_prefix('.') {
-                let name = req.split_whitespace().next().unwrap_or("");
-                assert!(["TH", "SH", "SS", "TP", "B", "I", "BR", "PP", "RS", "RE"].contains(&name), "{line}");
-            }
-        }
-    }
-
-    #[test]
-    fn bash_completion_offers_subcommands_and_their_options() {
-        let script = bash_completion(&crate::cli::Cli::command());
-        assert!(script.contains("complete -F _opsagent opsagent"));
-        assert!(script.contains("\"\") words=\""));
-        assert!(
-            script.contains(
-                "\"apply\") words=\"--helper-socket --helper-bin --no-prerequisites --json --test --diff --help\""
-            ),
-            "{script}"
-        );
-    }
-
-    /// What bash completes for the words typed so far (the last one being completed).
-    fn complete(script: &str, words: &[&str]) -> Vec<String> {
-        let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
-        let program = format!(
-            "{script}\nCOMP_WORDS=({})\nCOMP_CWORD={}\n_opsagent\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
-            quoted.join(" "),
-            words.len() - 1
-        );
-        let out = std::process::Command::new("bash").arg("-c").arg(program).output().expect("bash runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
-    }
-
-    #[test]
-    fn bash_completes_subcommands_and_options_for_real() {
-        let script = bash_completion(&crate::cli::Cli::command());
-        assert_eq!(complete(&script, &["opsagent", "ap"]), ["apply"]);
-        let mut opts = complete(&script, &["opsagent", "apply", "--he"]);
-        opts.sort();
-        assert_eq!(opts, ["--help", "--helper-bin", "--helper-socket"]);
-        assert_eq!(complete(&script, &["opsagent", "status", "--js"]), ["--json"]);
-        // The hidden `manual` command is not offered.
-        assert!(complete(&script, &["opsagent", "manu"]).is_empty());
     }
 }

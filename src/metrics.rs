@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::link::{LinkState, LinkStatus};
-use crate::round::EngineStatus;
+use crate::round::api::EngineStatus;
 
 /// Wall-clock times of round starts and ends, as observed from the engine's status.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -21,7 +21,8 @@ use opsagent_proto::catalogue::{parse_state, ModuleParams};
 use opsagent_proto::request::{ApplyRequest, Change, Outcome};
 use serde_json::json;
 
-use crate::helper_client::{Cancel, HelperClient, HelperClientError, SignedState};
+use crate::cancel::Cancel;
+use crate::helper_client::{HelperClient, HelperClientError, SignedState};
 use opsagent_proto::request::HelperStatus;
 
 /// Where tools are looked for (the helper's search path).

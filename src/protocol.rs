@@ -322,7 +322,21 @@ pub enum Outbound {
     /// Extension (`heartbeat`).
     Heartbeat(Value),
     /// Extension (`drift`): the states of the current recipe that a plan says would change.
-    Drift(crate::round::DriftReport),
+    Drift(DriftReport),
+}
+
+/// What a drift plan found: the states of the current recipe that would change, with
+/// the changes in the words a real change uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftReport {
+    pub recipe_version: u64,
+    pub states: Vec<DriftedState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftedState {
+    pub id: String,
+    pub changes: Vec<String>,
 }
 
 impl Outbound {

@@ -21,6 +21,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
+use super::frames::{self, out, AgentMsg, Hello, StateLogMsg};
 use super::journal::{DurableAcks, Events, JsonLines, PendingAck};
 use super::pins::{valid_instance_id, PinReply, PinRequest, PinStore, PinWriter, Verdict};
 use super::recipes::{
@@ -28,7 +29,6 @@ use super::recipes::{
     Served, UpdateOrder, VersionStore,
 };
 use super::signing::RecipeSigner;
-use super::wire::{self, out, AgentMsg, Hello, StateLogMsg};
 use super::{BackendError, BackendOptions};
 use crate::protocol::capability;
 use crate::timefmt::rfc3339;
@@ -255,7 +255,7 @@ impl Hub {
             info!("signing every recipe; agents verify them with recipe_key = {}", signer.public_key());
         }
         for line in &history {
-            let s = wire::statelog_fields(line);
+            let s = frames::statelog_fields(line);
             if let (Some(i), Some(seq)) = (&s.instance_id, s.seq) {
                 hub.seen.insert((i.clone(), seq));
             }
@@ -451,7 +451,7 @@ impl Hub {
         if self.conns.get(&conn).is_none_or(|c| c.closing) {
             return None;
         }
-        let (msg, obj) = match wire::parse_agent(text) {
+        let (msg, obj) = match frames::parse_agent(text) {
             Ok(m) => m,
             Err(e) => {
                 warn!(conn, "frame ignored: {e}: {}", short(text));

@@ -102,12 +102,12 @@
 //! Incoming frames are limited to `max_frame_bytes` (16 MiB by default).
 
 mod conn;
+mod frames;
 mod hub;
 mod journal;
 pub mod pins;
 mod recipes;
 mod signing;
-mod wire;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -120,9 +120,9 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use conn::tls_server_config;
+pub use frames::out::CAPABILITIES;
 pub use journal::Rotation;
 pub use signing::PASSWORD_ENV as SIGNING_KEY_PASSWORD_ENV;
-pub use wire::out::CAPABILITIES;
 
 pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 << 20;

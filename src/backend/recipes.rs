@@ -284,10 +284,7 @@ impl VersionStore {
     fn save(&self) -> std::io::Result<()> {
         let file = VersionFile { format: 1, apps: self.apps.clone() };
         let text = serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?;
-        let mut tmp = self.path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &self.path)
+        crate::atomic_file::write_atomic(&self.path, text.as_bytes())
     }
 }
 

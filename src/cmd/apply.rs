@@ -83,7 +83,7 @@ pub fn cmd_apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     // (its NeedFetch answer decides, not a list of modules here).
     let fetch_dir = std::env::temp_dir().join(format!("opsagent-apply-fetch-{}", std::process::id()));
     let settings = crate::download::DownloadSettings {
-        proxy: crate::link::ProxySettings::from_env(None, None),
+        proxy: crate::net::ProxySettings::from_env(None, None),
         ..crate::download::DownloadSettings::default()
     };
     let client = UnixHelperClient::new(&socket, env!("CARGO_PKG_VERSION")).with_fetcher(Fetcher::lazy(

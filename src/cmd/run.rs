@@ -20,9 +20,9 @@ pub fn cmd_run(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Exi
 
 /// Instances installed from userdata may have no config file: read the userdata.
 async fn fill_from_metadata(config: &mut Config) {
-    let client = match crate::identity::MetadataClient::new(
+    let client = match crate::instance_identity::MetadataClient::new(
         &config.userdata.metadata_url,
-        crate::identity::RetryPolicy::default(),
+        crate::instance_identity::RetryPolicy::default(),
     ) {
         Ok(c) => c,
         Err(e) => return tracing::warn!(error = %e, "no metadata client"),
@@ -30,7 +30,7 @@ async fn fill_from_metadata(config: &mut Config) {
     match client.userdata().await {
         Ok(Some(ud)) => {
             let url = client.userdata_url();
-            match crate::identity::fill_from_userdata(config, &ud, &url) {
+            match crate::instance_identity::fill_from_userdata(config, &ud, &url) {
                 Ok(filled) => {
                     tracing::info!(keys = ?filled, "configuration completed from the instance userdata")
                 }

@@ -2,7 +2,7 @@
 //! [`Overrides`], checked once into a typed [`Config`].
 //!
 //! Precedence, highest first: command-line flag, configuration file, instance userdata
-//! (only for the `[userdata]` keys, filled later by [`crate::identity`]), built-in default.
+//! (only for the `[userdata]` keys, filled later by [`crate::instance_identity`]), built-in default.
 //! `ws_uri` and `app_id` may stay unset at load time because some commands (`check`,
 //! `status`) never talk to the backend; [`Config::require_backend`] asks for them.
 
@@ -139,7 +139,7 @@ impl UserdataConfig {
 /// `[agent]`: local paths and round timing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
-    /// The instance token file (see [`crate::identity::load_or_create_token`]).
+    /// The instance token file (see [`crate::instance_identity::load_or_create_token`]).
     pub token_file: PathBuf,
     pub state_dir: PathBuf,
     /// Unix socket of the root helper.

@@ -67,7 +67,7 @@ pub(super) fn count(text: &str, min: u32, max: u32) -> Result<u32, String> {
 
 /// An HTTP proxy URL, `http://[user:password@]host[:port]`; the link parses it the same way.
 pub(super) fn proxy_url(text: &str) -> Result<String, String> {
-    crate::link::ProxyUrl::parse(text)?;
+    crate::net::ProxyUrl::parse(text)?;
     Ok(text.trim().to_string())
 }
 

@@ -13,8 +13,8 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::proxy::{self, ProxyUrl};
 use super::{tls, LinkConfig, LinkError};
+use crate::net::proxy::{self, ProxyUrl};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 

@@ -17,7 +17,7 @@
 
 use serde_json::{json, Value};
 
-use crate::round::EngineStatus;
+use crate::round::api::EngineStatus;
 
 /// What the link adds about itself.
 #[derive(Debug, Clone, Default)]

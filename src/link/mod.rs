@@ -2,7 +2,7 @@
 //!
 //! # Connecting
 //! Every attempt resolves the host name again (a backend that moved is found), connects
-//! (through an HTTP CONNECT proxy when [`proxy`] says so), runs TLS for `wss://` (rustls,
+//! (through an HTTP CONNECT proxy when [`crate::net::proxy`] says so), runs TLS for `wss://` (rustls,
 //! system roots plus `ca_file`, verification on unless `tls_insecure`, which is warned
 //! about at every connect) and upgrades to WebSocket. Each stage has its own timeout and
 //! its own error text, kept in [`LinkStatus::last_error`].
@@ -49,10 +49,8 @@
 //! The standard HTTP `Retry-After: N` on a refused WebSocket upgrade (e.g. a 503 from a
 //! load balancer during a deploy) is honoured the same way, without negotiation.
 
-mod backoff;
 mod connect;
 pub mod heartbeat;
-pub mod proxy;
 mod status;
 mod tls;
 pub mod transport;
@@ -69,13 +67,13 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-pub use backoff::Backoff;
 pub use connect::{Resolver, SystemResolver, Target, Ws};
-pub use proxy::{http_client_builder, NoProxy, ProxySettings, ProxyUrl};
+// Re-exported: the link's configuration names them, and callers knew them here.
+pub use crate::net::{http_client_builder, Backoff, NoProxy, ProxySettings, ProxyUrl};
 pub use status::{now_unix, LinkState, LinkStatus};
 
 use crate::protocol::{capability, parse_inbound, Identity, Inbound, Outbound, StateLog};
-use crate::round::{EngineStatus, Event, Liveness, UpdateOrder};
+use crate::round::api::{EngineStatus, Event, Liveness, UpdateOrder};
 
 /// Distinct unknown message codes logged per connection; the rest are only counted.
 const MAX_UNKNOWN_LOGGED: usize = 8;

@@ -1,9 +1,8 @@
 //! What the link tells the rest of the daemon (`STATUS=` lines, `opsagent status`).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::{Deserialize, Serialize};
 
+pub use crate::timefmt::now_unix;
 use crate::timefmt::utc;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -63,10 +62,6 @@ pub struct LinkStatus {
     /// root-owned `[agent] allow_insecure_transport` permits: said at every status.
     #[serde(default)]
     pub insecure_transport: Option<String>,
-}
-
-pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 impl LinkStatus {

@@ -64,7 +64,7 @@ pub fn cmd_upgrade(
         verdict_wait: Duration::ZERO,
         trigger: Trigger::Supervisor,
     };
-    let proxy = crate::link::ProxySettings::from_env(config.link.proxy.as_deref(), config.link.no_proxy.as_deref());
+    let proxy = crate::net::ProxySettings::from_env(config.link.proxy.as_deref(), config.link.no_proxy.as_deref());
     let downloader = crate::download::Downloader::new(crate::download::DownloadSettings {
         proxy,
         extra_roots: config.link.ca_file.iter().cloned().collect(),

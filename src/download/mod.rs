@@ -4,7 +4,7 @@
 //! The root helper links no network code, so the unprivileged daemon fetches and hands
 //! the helper a file, which the helper then checks itself (owner, size, digest). Only
 //! `http://` and `https://` are fetched, through the same proxy rules as the backend
-//! link ([`crate::link::http_client_builder`]).
+//! link ([`crate::net::http_client_builder`]).
 //!
 //! A body streams into `<dest>.part` (0644, fsynced) and is renamed onto `dest` only
 //! once complete, so `dest` is never a partial file. The size cap is checked against
@@ -21,7 +21,7 @@ use reqwest::{StatusCode, Url};
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
-use crate::link::{http_client_builder, Backoff, ProxySettings};
+use crate::net::{http_client_builder, Backoff, ProxySettings};
 
 /// First retry pause and the most any pause (including a `Retry-After`) lasts.
 const RETRY_BASE: Duration = Duration::from_secs(1);

@@ -33,20 +33,24 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::request::{ApplyRequest, Outcome};
 use opsagent_proto::timer::sleep_until_opt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
-use crate::helper_client::{cancel_pair, Cancel, HelperClient, SignedState};
+use crate::cancel::{cancel_pair, Cancel};
+use crate::helper_client::{HelperClient, SignedState};
+// The drift report is a message body (protocol); the engine makes it and callers knew it here.
 use crate::protocol::StateLog;
+pub use crate::protocol::{DriftReport, DriftedState};
 use crate::recipe::{Recipe, RecipeState};
+
+pub mod api;
+pub use api::{EngineStatus, Event, LastRound, Liveness, Phase, RoundCounts, StopMode, UpdateOrder};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -78,54 +82,6 @@ impl EngineConfig {
         let factor = 1u32.checked_shl(n.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
         self.retry_delay.saturating_mul(factor).min(self.retry_delay_max)
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UpdateOrder {
-    pub version: String,
-    pub url: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopMode {
-    /// SIGTERM: let the running state finish (bounded), then stop.
-    AfterState,
-    /// Let the current round finish, then stop.
-    AfterRound,
-}
-
-/// What the engine is told from outside.
-#[derive(Debug, Clone)]
-pub enum Event {
-    Recipe(Arc<Recipe>),
-    /// A header-only RecipeMetadata: same states, new version number.
-    VersionOnly(u64),
-    /// The backend reports waited states done (a `State` push or a `WaitList`).
-    WaitDone {
-        recipe_version: u64,
-        state_ids: Vec<String>,
-    },
-    AgentUpdate(UpdateOrder),
-    Stop(StopMode),
-    /// The backend link came up or went down.
-    Online(bool),
-    /// The backend asks what would change now (`PlanRequest`): a drift plan runs as soon
-    /// as no round is running, and its report is made even when nothing drifted.
-    PlanRequest,
-}
-
-/// What a drift plan found: the states of the current recipe that would change, with
-/// the changes in the words a real change uses.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DriftReport {
-    pub recipe_version: u64,
-    pub states: Vec<DriftedState>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DriftedState {
-    pub id: String,
-    pub changes: Vec<String>,
 }
 
 /// What the engine persists so that a restarted daemon resumes offline.
@@ -175,96 +131,7 @@ pub trait Effects: Send {
     fn drift(&mut self, report: DriftReport) -> impl Future<Output = ()> + Send;
 }
 
-/// Last tick of the engine's loops, for the watchdog: a wedged engine stops ticking.
-#[derive(Debug, Clone)]
-pub struct Liveness {
-    origin: Instant,
-    last_ms: Arc<AtomicU64>,
-}
-
-impl Default for Liveness {
-    fn default() -> Self {
-        Self { origin: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
-    }
-}
-
-impl Liveness {
-    pub fn touch(&self) {
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Time since the last tick.
-    pub fn age(&self) -> Duration {
-        self.origin.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
 const TICK: Duration = Duration::from_secs(1);
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-#[serde(tag = "phase", rename_all = "kebab-case")]
-pub enum Phase {
-    #[default]
-    NoRecipe,
-    Applying {
-        index: usize,
-        total: usize,
-        state_id: String,
-        module: String,
-    },
-    Waiting {
-        index: usize,
-        total: usize,
-        state_id: String,
-    },
-    Idle {
-        next_round_in_s: u64,
-    },
-    RetryWait {
-        next_round_in_s: u64,
-        ceased: u32,
-    },
-    Upgrading {
-        version: String,
-    },
-    Stopped,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-pub struct EngineStatus {
-    pub recipe_version: Option<u64>,
-    pub round: u64,
-    pub phase: Phase,
-    pub online: bool,
-    /// (state id, result) of the last state reported.
-    pub last: Option<(String, bool)>,
-    pub rounds_completed: u64,
-    /// Rounds that ceased on a failing state.
-    pub rounds_ceased: u64,
-    /// The states reported so far in the running (or last) round.
-    pub current: RoundCounts,
-    /// The last round that ended (completed or ceased; a preempted or stopped round is
-    /// not a result).
-    pub last_round: Option<LastRound>,
-}
-
-/// States reported in one round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-pub struct RoundCounts {
-    pub ok: u64,
-    pub failed: u64,
-    /// States that changed something (ok or not).
-    pub changed: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LastRound {
-    pub round: u64,
-    pub completed: bool,
-    pub states: RoundCounts,
-    pub duration_ms: u64,
-}
 
 enum RoundEnd {
     Completed,

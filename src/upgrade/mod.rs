@@ -89,7 +89,7 @@ pub enum Verdict {
 }
 
 pub fn now_unix() -> u64 {
-    crate::link::now_unix()
+    crate::timefmt::now_unix()
 }
 
 /// The installer's last record, if readable.
@@ -110,10 +110,10 @@ pub fn mark_reported(state_dir: &Path, record: &Record) -> std::io::Result<()> {
         failures.retain(|_, f| f.at.saturating_add(FAILURE_MEMORY.as_secs()) > now_unix());
         failures.insert(r.version.clone(), r.clone());
         let bytes = serde_json::to_vec_pretty(&failures).map_err(std::io::Error::other)?;
-        crate::daemon::write_atomic(&failures_file(state_dir), &bytes)?;
+        crate::atomic_file::write_atomic(&failures_file(state_dir), &bytes)?;
     }
     let bytes = serde_json::to_vec_pretty(&r).map_err(std::io::Error::other)?;
-    crate::daemon::write_atomic(&hand::result_file(state_dir), &bytes)
+    crate::atomic_file::write_atomic(&hand::result_file(state_dir), &bytes)
 }
 
 /// How long a failed version is remembered (longer than any sensible hold-off).
@@ -204,7 +204,7 @@ fn write_override(path: &Path, o: &BackendOverride) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let bytes = serde_json::to_vec_pretty(o).map_err(std::io::Error::other)?;
-    crate::daemon::write_atomic(path, &bytes)
+    crate::atomic_file::write_atomic(path, &bytes)
 }
 
 /// At start-up: the backend URI an AgentUpdate named, which replaces the configured one
@@ -333,7 +333,7 @@ pub async fn carry_out<F: Fetch, S: StartInstaller>(
     }
     let written = serde_json::to_vec_pretty(&staged_order)
         .map_err(std::io::Error::other)
-        .and_then(|b| crate::daemon::write_atomic(&staged.join(hand::ORDER), &b));
+        .and_then(|b| crate::atomic_file::write_atomic(&staged.join(hand::ORDER), &b));
     if let Err(e) = written {
         return failed(format!("cannot write the staged order: {e}"));
     }

@@ -8,7 +8,7 @@ use sd_notify::NotifyState;
 use tokio::sync::watch;
 
 use crate::link::LinkStatus;
-use crate::round::{EngineStatus, Liveness, Phase};
+use crate::round::api::{EngineStatus, Liveness, Phase};
 
 pub fn ready() {
     notify(&[NotifyState::Ready]);
