@@ -17,6 +17,7 @@ pub mod helper_client;
 pub mod identity;
 pub mod link;
 pub mod logbundle;
+pub mod logframes;
 pub mod logging;
 pub mod manual;
 pub mod metrics;
