@@ -568,6 +568,7 @@ impl<O: Outbox + 'static> Link<O> {
         let mut bad_run = BadRun::default();
         // Unknown codes logged in this session (a few distinct ones, each once).
         let mut unknown_logged: Vec<String> = Vec::new();
+        let mut fetch_logs_warned = false;
         let mut last_heard = Instant::now();
         let mut ping = tokio::time::interval_at(Instant::now() + self.cfg.ping_interval, self.cfg.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -741,6 +742,13 @@ impl<O: Outbox + 'static> Link<O> {
                                 let _ = self.engine.send(Event::PlanRequest).await;
                             } else {
                                 tracing::warn!("PlanRequest from a backend that did not announce drift: ignored");
+                            }
+                        }
+                        Inbound::FetchLogs(req) => {
+                            // Once per connection: a backend retrying must not fill the journal.
+                            if !fetch_logs_warned {
+                                fetch_logs_warned = true;
+                                tracing::warn!(request = %req.request, "FetchLogs ignored: this agent does not announce fetch-logs");
                             }
                         }
                         Inbound::Unknown(_) => {}
