@@ -31,10 +31,16 @@ pub enum LogFramesError {
 
 /// The frames that carry `bundle` for `request`, each serialised under `max_frame` bytes.
 pub fn split(bundle: &[u8], request: &str, max_frame: usize) -> Result<Vec<Value>, LogFramesError> {
+    split_with(bundle, request, max_frame, &json!({}))
+}
+
+/// As [`split`], the fields of `extra` (an object) added to the first frame.
+fn split_with(bundle: &[u8], request: &str, max_frame: usize, extra: &Value) -> Result<Vec<Value>, LogFramesError> {
     let sha256 = hex::encode(Sha256::digest(bundle));
-    // The envelope with the widest numbers any part can carry: what is left is data.
+    // The envelope with the widest numbers any part can carry, and the extra fields: what
+    // is left is data.
     let envelope = json!({"code": "Logs", "request": request, "part": u64::MAX, "parts": u64::MAX,
-        "sha256": sha256, "data": ""})
+        "sha256": sha256, "data": "", "extra": extra})
     .to_string()
     .len();
     // Base64 turns every 3 bytes into 4 characters (no escaping needed in JSON).
@@ -49,10 +55,38 @@ pub fn split(bundle: &[u8], request: &str, max_frame: usize) -> Result<Vec<Value
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
-            json!({"code": "Logs", "request": request, "part": i, "parts": parts, "sha256": sha256,
-                "data": B64.encode(c)})
+            let mut f = json!({"code": "Logs", "request": request, "part": i, "parts": parts, "sha256": sha256,
+                "data": B64.encode(c)});
+            if let (0, Some(extra)) = (i, extra.as_object()) {
+                for (k, v) in extra {
+                    f[k] = v.clone();
+                }
+            }
+            f
         })
         .collect())
+}
+
+/// The agent's whole answer to `req`, built from `source` (blocking: run it off the
+/// link's task): the bundle bounded by the smaller of the request's `max_bytes` and the
+/// agent's own `cap`, in frames under `max_frame`. The first frame says the bound and,
+/// per part, the bytes of older entries it left out; a bundle that cannot be built is a
+/// refusal naming why.
+pub fn answer(
+    source: &dyn crate::logbundle::LogSource,
+    req: &crate::protocol::FetchLogs,
+    cap: u64,
+    max_frame: usize,
+) -> Vec<Value> {
+    let bound = req.max_bytes.map_or(cap, |m| m.min(cap));
+    let mut bundle = Vec::new();
+    let summary = match crate::logbundle::write_bundle(source, &req.what, req.since, bound, &mut bundle) {
+        Ok(s) => s,
+        Err(e) => return vec![refusal(&req.request, &e.to_string())],
+    };
+    let cut: Vec<Value> = summary.cut.iter().map(|(p, bytes)| json!({"part": p.name(), "bytes": bytes})).collect();
+    let extra = json!({"bound": bound, "cut": cut});
+    split_with(&bundle, &req.request, max_frame, &extra).unwrap_or_else(|e| vec![refusal(&req.request, &e.to_string())])
 }
 
 /// The answer to a request the agent will not or cannot serve (one is already running,
@@ -255,6 +289,65 @@ mod tests {
         let frames = split(&bundle(5000), "r", 400).unwrap();
         assert!(matches!(reassemble(&frames, 4999), Err(LogFramesError::TooLarge { limit: 4999, .. })));
         assert!(matches!(reassemble(&frames, 5000), Ok(Received::Complete { .. })));
+    }
+
+    fn cron_host(agent_lines: usize) -> (tempfile::TempDir, crate::logbundle::LogFiles) {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent_dir, root_dir) = (dir.path().join("agent"), dir.path().join("root"));
+        std::fs::create_dir_all(&agent_dir).unwrap();
+        std::fs::create_dir_all(&root_dir).unwrap();
+        let agent: String = (0..agent_lines).map(|i| format!("agent entry {i}\n")).collect();
+        std::fs::write(agent_dir.join("opsagent.log"), agent).unwrap();
+        std::fs::write(root_dir.join("opsagent-helper.log"), "helper entry 0\n").unwrap();
+        (dir, crate::logbundle::LogFiles { agent_dir, root_dir })
+    }
+
+    fn request(max_bytes: Option<u64>) -> crate::protocol::FetchLogs {
+        use crate::logbundle::{Part, Since};
+        crate::protocol::FetchLogs {
+            request: "q".into(),
+            since: Since(0),
+            what: vec![Part::Agent, Part::Helper],
+            max_bytes,
+            upload_url: None,
+        }
+    }
+
+    fn gunzip(b: &[u8]) -> String {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(b), &mut s).unwrap();
+        s
+    }
+
+    #[test]
+    fn the_answer_carries_the_entries_of_each_part() {
+        let (_dir, files) = cron_host(10);
+        let frames = answer(&files, &request(None), 1 << 20, 1024);
+        assert_eq!(frames[0]["bound"], json!(1 << 20));
+        assert_eq!(frames[0]["cut"], json!([]));
+        let Received::Complete { bundle, .. } = reassemble(&frames, usize::MAX).unwrap() else { panic!() };
+        let text = gunzip(&bundle);
+        assert!(text.contains("agent entry 0\n") && text.contains("agent entry 9\n"), "{text}");
+        assert!(text.contains("helper entry 0\n"), "{text}");
+    }
+
+    #[test]
+    fn an_oversized_request_is_cut_to_the_agents_cap_and_says_so() {
+        let (_dir, files) = cron_host(20_000);
+        // The backend asks for far more than the agent gives: the agent's cap wins.
+        let frames = answer(&files, &request(Some(1 << 30)), 4096, 1024);
+        assert_eq!(frames[0]["bound"], json!(4096));
+        assert!(frames.iter().all(|f| f.to_string().len() <= 1024), "{frames:?}");
+        let cut = frames[0]["cut"].as_array().unwrap();
+        assert_eq!(cut.len(), 1, "{cut:?}");
+        assert_eq!(cut[0]["part"], json!("agent"));
+        let Received::Complete { bundle, .. } = reassemble(&frames, usize::MAX).unwrap() else { panic!() };
+        let text = gunzip(&bundle);
+        assert!(text.contains("==== cut:"), "{text}");
+        assert!(text.contains("agent entry 19999\n") && !text.contains("agent entry 0\n"));
+        assert!(text.len() < 4096 + 512, "{} bytes of text", text.len());
+        // A smaller max_bytes from the backend wins over the cap.
+        assert_eq!(answer(&files, &request(Some(1000)), 4096, 1024)[0]["bound"], json!(1000));
     }
 
     #[test]
