@@ -19,6 +19,7 @@ pub mod link;
 pub mod logbundle;
 pub mod logframes;
 pub mod logging;
+pub mod logupload;
 pub mod manual;
 pub mod metrics;
 pub mod prereq;

@@ -67,26 +67,88 @@ fn split_with(bundle: &[u8], request: &str, max_frame: usize, extra: &Value) -> 
         .collect())
 }
 
+/// A bundle built for a request: the gzipped bytes and what part 0 says about them.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub bundle: Vec<u8>,
+    /// Bytes of log text allowed: the smaller of the request's `max_bytes` and the cap.
+    pub bound: u64,
+    /// Per part cut by the bound: the bytes of older entries left out.
+    pub cut: Vec<(crate::logbundle::Part, u64)>,
+}
+
+/// The bundle `req` asks for, from `source` (blocking: run it off the async runtime),
+/// bounded by the smaller of the request's `max_bytes` and the agent's own `cap`.
+pub fn build(
+    source: &dyn crate::logbundle::LogSource,
+    req: &crate::protocol::FetchLogs,
+    cap: u64,
+) -> Result<Built, crate::logbundle::LogBundleError> {
+    let bound = req.max_bytes.map_or(cap, |m| m.min(cap));
+    let mut bundle = Vec::new();
+    let summary = crate::logbundle::write_bundle(source, &req.what, req.since, bound, &mut bundle)?;
+    Ok(Built { bundle, bound, cut: summary.cut })
+}
+
+/// `built` as `Logs` frames under `max_frame`; the first frame says the bound and, per
+/// part, the bytes of older entries it left out.
+pub fn frames(built: &Built, request: &str, max_frame: usize) -> Vec<Value> {
+    let cut: Vec<Value> = built.cut.iter().map(|(p, bytes)| json!({"part": p.name(), "bytes": bytes})).collect();
+    let extra = json!({"bound": built.bound, "cut": cut});
+    split_with(&built.bundle, request, max_frame, &extra).unwrap_or_else(|e| vec![refusal(request, &e.to_string())])
+}
+
 /// The agent's whole answer to `req`, built from `source` (blocking: run it off the
-/// link's task): the bundle bounded by the smaller of the request's `max_bytes` and the
-/// agent's own `cap`, in frames under `max_frame`. The first frame says the bound and,
-/// per part, the bytes of older entries it left out; a bundle that cannot be built is a
-/// refusal naming why.
+/// link's task): [`build`] then [`frames`]; a bundle that cannot be built is a refusal
+/// naming why.
 pub fn answer(
     source: &dyn crate::logbundle::LogSource,
     req: &crate::protocol::FetchLogs,
     cap: u64,
     max_frame: usize,
 ) -> Vec<Value> {
-    let bound = req.max_bytes.map_or(cap, |m| m.min(cap));
-    let mut bundle = Vec::new();
-    let summary = match crate::logbundle::write_bundle(source, &req.what, req.since, bound, &mut bundle) {
-        Ok(s) => s,
-        Err(e) => return vec![refusal(&req.request, &e.to_string())],
-    };
-    let cut: Vec<Value> = summary.cut.iter().map(|(p, bytes)| json!({"part": p.name(), "bytes": bytes})).collect();
-    let extra = json!({"bound": bound, "cut": cut});
-    split_with(&bundle, &req.request, max_frame, &extra).unwrap_or_else(|e| vec![refusal(&req.request, &e.to_string())])
+    match build(source, req, cap) {
+        Ok(built) => frames(&built, &req.request, max_frame),
+        Err(e) => vec![refusal(&req.request, &e.to_string())],
+    }
+}
+
+/// Serves `FetchLogs` for the daemon: builds the bundle off the async runtime and sends
+/// it back in frames, or PUTs it to the request's `upload_url`.
+pub struct LogService {
+    source: std::sync::Arc<dyn crate::logbundle::LogSource + Send + Sync>,
+    /// The most log text the agent gives, whatever a backend asks.
+    cap: u64,
+    uploader: crate::logupload::Uploader,
+}
+
+impl LogService {
+    pub fn new(
+        source: std::sync::Arc<dyn crate::logbundle::LogSource + Send + Sync>,
+        cap: u64,
+        uploader: crate::logupload::Uploader,
+    ) -> Self {
+        Self { source, cap, uploader }
+    }
+
+    /// The frames answering `req` (bundle parts, an upload receipt, or one refusal).
+    pub async fn serve(&self, req: crate::protocol::FetchLogs, max_frame: usize) -> Vec<Value> {
+        let (source, cap, r) = (self.source.clone(), self.cap, req.clone());
+        // Reading the journal and gzipping take a while: never on the link's task.
+        let built = match tokio::task::spawn_blocking(move || build(source.as_ref(), &r, cap)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return vec![refusal(&req.request, &e.to_string())],
+            Err(e) => return vec![refusal(&req.request, &format!("building the bundle failed: {e}"))],
+        };
+        let Some(url) = &req.upload_url else { return frames(&built, &req.request, max_frame) };
+        match self.uploader.put(url, built.bundle.clone()).await {
+            Ok(()) => {
+                let sha256 = hex::encode(Sha256::digest(&built.bundle));
+                vec![uploaded(&req.request, &sha256, built.bundle.len() as u64)]
+            }
+            Err(e) => vec![refusal(&req.request, &e.to_string())],
+        }
+    }
 }
 
 /// The answer to a request the agent will not or cannot serve (one is already running,

@@ -29,10 +29,11 @@ pub mod capability {
     /// and answers `PlanRequest` with one.
     pub const DRIFT: &str = "drift";
     /// A backend may ask for a log bundle (`FetchLogs`), answered with `Logs` frames
-    /// ([`crate::logframes`]). Not in [`ALL`]: the daemon does not serve it yet, so it
-    /// neither announces it nor takes it from a backend.
+    /// ([`crate::logframes`]) or an upload to the request's `upload_url`. Announced only
+    /// by a link that has a log service to answer with.
     pub const FETCH_LOGS: &str = "fetch-logs";
-    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT, SIGNED_RECIPES, DRIFT];
+    pub const ALL: &[&str] =
+        &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT, SIGNED_RECIPES, DRIFT, FETCH_LOGS];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -387,6 +388,9 @@ pub enum Outbound {
     Heartbeat(Value),
     /// Extension (`drift`): the states of the current recipe that a plan says would change.
     Drift(crate::round::DriftReport),
+    /// Extension (`fetch-logs`): one frame of the answer to a `FetchLogs`
+    /// ([`crate::logframes`]), to which the instance's ids are added.
+    Logs(Value),
 }
 
 impl Outbound {
@@ -452,8 +456,9 @@ impl Outbound {
                 "app_id": who.app_id,
                 "recipe_version": recipe_version,
             }),
-            Outbound::Heartbeat(body) => {
-                let mut v = json!({"code": "Heartbeat", "instance_id": who.instance_id, "app_id": who.app_id});
+            Outbound::Heartbeat(body) | Outbound::Logs(body) => {
+                let code = if matches!(self, Outbound::Logs(_)) { "Logs" } else { "Heartbeat" };
+                let mut v = json!({"code": code, "instance_id": who.instance_id, "app_id": who.app_id});
                 if let (Some(dst), Value::Object(src)) = (v.as_object_mut(), body) {
                     for (k, val) in src {
                         dst.entry(k.clone()).or_insert_with(|| val.clone());
