@@ -104,6 +104,7 @@
 mod conn;
 mod hub;
 mod journal;
+mod logstore;
 pub mod pins;
 mod recipes;
 mod signing;
@@ -200,6 +201,8 @@ pub struct BackendOptions {
     pub max_frame_bytes: usize,
     /// The instance pins (`None`: `STATELOG.pins/`).
     pub pins_dir: Option<PathBuf>,
+    /// Log bundles received from agents (`None`: `STATELOG.logs/`).
+    pub logs_dir: Option<PathBuf>,
     /// Apps whose instances must be pinned by the operator before their first Handshake
     /// (no trust on first use); `*` names every app.
     pub require_pin: Vec<String>,
@@ -223,6 +226,7 @@ impl BackendOptions {
             tls: None,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             pins_dir: None,
+            logs_dir: None,
             require_pin: Vec::new(),
             insecure_plaintext: false,
             limits: Limits::default(),
@@ -233,6 +237,14 @@ impl BackendOptions {
 
     pub fn pins_dir(&self) -> PathBuf {
         self.pins_dir.clone().unwrap_or_else(|| pins::PinStore::default_dir(&self.statelog))
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.logs_dir.clone().unwrap_or_else(|| {
+            let mut p = self.statelog.as_os_str().to_owned();
+            p.push(".logs");
+            PathBuf::from(p)
+        })
     }
 }
 
