@@ -50,7 +50,7 @@ impl LogStore {
         let (reassembly, head) =
             self.receiving.entry(conn).or_insert_with(|| (Reassembly::new(MAX_BUNDLE), Value::Null));
         if frame.get("part").and_then(Value::as_u64) == Some(0) {
-            *head = json!({"bound": frame.get("bound"), "cut": frame.get("cut")});
+            *head = json!({"bound": frame.get("bound"), "cut": frame.get("cut"), "parts": frame.get("parts")});
         }
         let head = head.clone();
         match reassembly.accept(frame) {
@@ -59,7 +59,7 @@ impl LogStore {
                 let path = self.dir.join(format!("{instance}.{}.log.gz", file_part(&request)));
                 match write_private(&path, &bundle) {
                     Ok(()) => Outcome::Stored(json!({"conn": conn, "instance_id": instance, "request": request,
-                        "sha256": sha256, "bytes": bundle.len(), "file": path, "bound": head["bound"], "cut": head["cut"]})),
+                        "sha256": sha256, "bytes": bundle.len(), "file": path, "parts": head["parts"], "bound": head["bound"], "cut": head["cut"]})),
                     Err(e) => Outcome::Failed(format!("{}: cannot write: {e}", path.display())),
                 }
             }
