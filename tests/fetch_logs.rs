@@ -57,17 +57,20 @@ fn ask(recipes: &Path, events: &Path, request: Value, ends: &[&str]) -> Value {
     found.unwrap()
 }
 
+/// Each PUT received: its path (with the query) and its body.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A loopback HTTP server that takes PUT bodies (what an upload_url points at).
 struct PutSink {
     base: String,
-    bodies: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    bodies: Received,
 }
 
 impl PutSink {
     fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let bodies: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let bodies: Received = Arc::default();
         let b = bodies.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {

@@ -45,6 +45,10 @@
 //! - `reconnect-hint`: the backend may send `{"code": "Reconnect", "after_s": N}` or close
 //!   with a reason `reconnect after N s`; the next attempt then waits a uniform draw in
 //!   `[h, min(cap, h + max(h/2, base))]` with `h = min(N, backoff_max)`.
+//! - `fetch-logs` (announced only with a log service, [`Link::with_logs`]): a `FetchLogs`
+//!   is handed to the service on a task of the session (the bundle is built off the
+//!   runtime); its answer comes back to the session loop, which sends the `Logs` frames
+//!   in order. One request at a time; a session that ends drops its request.
 //!
 //! The standard HTTP `Retry-After: N` on a refused WebSocket upgrade (e.g. a 503 from a
 //! load balancer during a deploy) is honoured the same way, without negotiation.
