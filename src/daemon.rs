@@ -29,12 +29,21 @@ use crate::spool::{Spool, SpoolLimits};
 use crate::upgrade::{self, Fetch, SystemdStarter, Trigger, UpgradeFailure, UpgradeReports, UpgradeSettings, Verdict};
 use opsagent_proto::upgrade::{Health, Record};
 
+/// The most log text a `FetchLogs` answer holds, whatever the backend asks (as
+/// `opsagent logs --bundle` by default).
+const LOGS_CAP: u64 = crate::cmd::logs::DEFAULT_MAX_BYTES;
+
+/// The whole upload of a log bundle to a backend's `upload_url`.
+const LOGS_UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// How long start-up waits for the helper to answer before giving up (systemd restarts
 /// the unit, and the journal says why).
 const HELPER_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    #[error("log uploads: {0}")]
+    Upload(#[from] crate::logupload::UploadError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("state directory {path}: {source}")]
@@ -514,7 +523,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ca_file: config.link.ca_file.clone(),
         tls_insecure: config.link.tls_insecure,
         allow_insecure_transport: config.agent.allow_insecure_transport,
-        proxy,
+        proxy: proxy.clone(),
         ping_interval: config.link.ping_interval,
         heartbeat_interval: config.link.heartbeat_interval,
         max_frame: config.link.max_frame,
@@ -523,6 +532,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         backoff_max: config.link.backoff_max,
         ..LinkConfig::default()
     };
+    let proxy_for_logs = proxy;
     let init = (!init_errors.is_empty()).then(|| init_errors.join("; "));
     let (link, link_status, link_live) = Link::new(
         link_cfg,
@@ -533,7 +543,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         handle.status.clone(),
         stop_rx.clone(),
     )?;
-    let mut link = link.with_upgrade_reports(reports.clone()).with_drift(drift.clone());
+    let logs = log_service(&config, proxy_for_logs)?;
+    let mut link = link.with_upgrade_reports(reports.clone()).with_drift(drift.clone()).with_logs(Arc::new(logs));
     if !config.app_id_pinned {
         link = link.with_identity_refresh(userdata_refresh(&config)?);
     }
@@ -609,6 +620,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 /// The original re-read the instance userdata at every connection (manager.py
 /// `__update_ud`) and reset the token when `APP_ID` changed (`token_reset`): so do we.
 /// One quick attempt (the metadata service is local); no answer keeps the identity.
+/// What answers a backend's `FetchLogs`: the journal on hosts booted with systemd, the
+/// cron supervisor's log files elsewhere (as `opsagent logs --bundle` chooses).
+fn log_service(config: &Config, proxy: ProxySettings) -> Result<crate::logframes::LogService, DaemonError> {
+    use crate::logbundle::{Journal, LogFiles, LogSource};
+    let source: Arc<dyn LogSource + Send + Sync> = if Path::new("/run/systemd/system").is_dir() {
+        Arc::new(Journal::default())
+    } else {
+        Arc::new(LogFiles { agent_dir: config.agent.log_dir.clone(), root_dir: config.agent.helper_log_dir.clone() })
+    };
+    let uploader = crate::logupload::Uploader::new(crate::logupload::UploadSettings {
+        proxy,
+        timeout: LOGS_UPLOAD_TIMEOUT,
+        extra_roots: config.link.ca_file.iter().cloned().collect(),
+        allow_insecure: config.agent.allow_insecure_transport,
+    })?;
+    Ok(crate::logframes::LogService::new(source, LOGS_CAP, uploader))
+}
+
 fn userdata_refresh(config: &Config) -> Result<crate::link::IdentityRefresh, DaemonError> {
     let policy = identity::RetryPolicy { attempts: 1, request_timeout: Duration::from_secs(2), ..Default::default() };
     let client = Arc::new(identity::MetadataClient::new(&config.userdata.metadata_url, policy)?);

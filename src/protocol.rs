@@ -28,7 +28,12 @@ pub mod capability {
     /// The agent sends `Drift` reports (what a plan of the current recipe would change)
     /// and answers `PlanRequest` with one.
     pub const DRIFT: &str = "drift";
-    pub const ALL: &[&str] = &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT, SIGNED_RECIPES, DRIFT];
+    /// A backend may ask for a log bundle (`FetchLogs`), answered with `Logs` frames
+    /// ([`crate::logframes`]) or an upload to the request's `upload_url`. Announced only
+    /// by a link that has a log service to answer with.
+    pub const FETCH_LOGS: &str = "fetch-logs";
+    pub const ALL: &[&str] =
+        &[STATELOG_ACK, RECONNECT_HINT, HEARTBEAT, UPGRADE_REPORT, SIGNED_RECIPES, DRIFT, FETCH_LOGS];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +118,8 @@ pub enum Inbound {
     },
     /// Extension (`drift`): the backend asks what a plan of the current recipe would change.
     PlanRequest,
+    /// Extension (`fetch-logs`): the backend asks for a log bundle.
+    FetchLogs(FetchLogs),
     /// Extension: the backend asks the agent to come back after this many seconds.
     Reconnect {
         after_s: u64,
@@ -264,7 +271,65 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
                 .ok_or_else(|| malformed(code, "\"after_s\" is not a non-negative integer"))?,
         },
         "PlanRequest" => Inbound::PlanRequest,
+        "FetchLogs" => Inbound::FetchLogs(parse_fetch_logs(o, code)?),
         other => Inbound::Unknown(other.to_string()),
+    })
+}
+
+/// A backend's request for logs (`fetch-logs`), its fields parsed once here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchLogs {
+    /// The backend's name for the request, echoed in every `Logs` frame (empty if none).
+    pub request: String,
+    /// From when on: seconds since the epoch.
+    pub since: crate::logbundle::Since,
+    /// The parts asked for, each once, in the bundle's order.
+    pub what: Vec<crate::logbundle::Part>,
+    /// The most the backend will take; the agent's own cap applies too.
+    pub max_bytes: Option<u64>,
+    /// Where to PUT the bundle instead of sending it in frames.
+    pub upload_url: Option<String>,
+}
+
+fn parse_fetch_logs(o: &Map<String, Value>, code: &str) -> Result<FetchLogs, ProtocolError> {
+    use crate::logbundle::{Part, Since};
+    // Seconds since the epoch: a request is read on the agent's clock, not the backend's.
+    let since = o
+        .get("since")
+        .and_then(Value::as_u64)
+        .map(Since)
+        .ok_or_else(|| malformed(code, "\"since\" is not seconds since the epoch"))?;
+    let mut what = match o.get("what") {
+        None | Some(Value::Null) => Part::ALL.to_vec(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|p| {
+                p.as_str()
+                    .ok_or_else(|| malformed(code, "\"what\" holds a non-string"))
+                    .and_then(|s| Part::parse(s).map_err(|e| malformed(code, e.to_string())))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err(malformed(code, "\"what\" is not a list")),
+    };
+    what.sort();
+    what.dedup();
+    if what.is_empty() {
+        return Err(malformed(code, "\"what\" is empty"));
+    }
+    let max_bytes = match o.get("max_bytes") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| malformed(code, "\"max_bytes\" is not a non-negative integer"))?),
+    };
+    let upload_url = match o.get("upload_url") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_str().ok_or_else(|| malformed(code, "\"upload_url\" is not a string"))?.to_string()),
+    };
+    Ok(FetchLogs {
+        request: o.get("request").and_then(Value::as_str).unwrap_or_default().to_string(),
+        since,
+        what,
+        max_bytes,
+        upload_url,
     })
 }
 
@@ -323,6 +388,9 @@ pub enum Outbound {
     Heartbeat(Value),
     /// Extension (`drift`): the states of the current recipe that a plan says would change.
     Drift(DriftReport),
+    /// Extension (`fetch-logs`): one frame of the answer to a `FetchLogs`
+    /// ([`crate::logframes`]), to which the instance's ids are added.
+    Logs(Value),
 }
 
 /// What a drift plan found: the states of the current recipe that would change, with
@@ -402,8 +470,9 @@ impl Outbound {
                 "app_id": who.app_id,
                 "recipe_version": recipe_version,
             }),
-            Outbound::Heartbeat(body) => {
-                let mut v = json!({"code": "Heartbeat", "instance_id": who.instance_id, "app_id": who.app_id});
+            Outbound::Heartbeat(body) | Outbound::Logs(body) => {
+                let code = if matches!(self, Outbound::Logs(_)) { "Logs" } else { "Heartbeat" };
+                let mut v = json!({"code": code, "instance_id": who.instance_id, "app_id": who.app_id});
                 if let (Some(dst), Value::Object(src)) = (v.as_object_mut(), body) {
                     for (k, val) in src {
                         dst.entry(k.clone()).or_insert_with(|| val.clone());
@@ -579,6 +648,36 @@ mod tests {
             Inbound::Capabilities(vec!["statelog-ack".into()])
         );
         assert_eq!(parse_inbound(r#"{"code": "Brand-New", "x": 1}"#).unwrap(), Inbound::Unknown("Brand-New".into()));
+    }
+
+    #[test]
+    fn fetch_logs_is_parsed_once_and_bad_fields_are_named() {
+        use crate::logbundle::{Part, Since};
+        let full = r#"{"code": "FetchLogs", "request": "r1", "since": 1700000000, "what": ["helper", "agent", "agent"],
+            "max_bytes": 4096, "upload_url": "https://b.example/up"}"#;
+        assert_eq!(
+            parse_inbound(full).unwrap(),
+            Inbound::FetchLogs(FetchLogs {
+                request: "r1".into(),
+                since: Since(1_700_000_000),
+                what: vec![Part::Agent, Part::Helper],
+                max_bytes: Some(4096),
+                upload_url: Some("https://b.example/up".into()),
+            })
+        );
+        let Inbound::FetchLogs(f) = parse_inbound(r#"{"code": "FetchLogs", "since": 5}"#).unwrap() else { panic!() };
+        assert_eq!((f.what, f.max_bytes, f.upload_url, f.request), (Part::ALL.to_vec(), None, None, String::new()));
+        for (bad, says) in [
+            (r#"{"code": "FetchLogs"}"#, "since"),
+            (r#"{"code": "FetchLogs", "since": "1h"}"#, "since"),
+            (r#"{"code": "FetchLogs", "since": 1, "what": ["kernel"]}"#, "kernel"),
+            (r#"{"code": "FetchLogs", "since": 1, "what": []}"#, "empty"),
+            (r#"{"code": "FetchLogs", "since": 1, "max_bytes": -1}"#, "max_bytes"),
+            (r#"{"code": "FetchLogs", "since": 1, "upload_url": 3}"#, "upload_url"),
+        ] {
+            let e = parse_inbound(bad).unwrap_err().to_string();
+            assert!(e.contains("FetchLogs") && e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -128,7 +128,7 @@ fn who(app: &str, instance: &str, version: &str) -> Identity {
     }
 }
 
-const ALL_CAPS: &[&str] = &["statelog-ack", "reconnect-hint", "heartbeat", "upgrade-report", "drift"];
+const ALL_CAPS: &[&str] = &["statelog-ack", "reconnect-hint", "heartbeat", "upgrade-report", "drift", "fetch-logs"];
 
 /// A client speaking as an agent, with the agent's own message builders.
 struct Agent {

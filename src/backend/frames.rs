@@ -54,6 +54,12 @@ pub(crate) enum AgentMsg {
         recipe_version: Option<u64>,
         states: Vec<Value>,
     },
+    /// Extension `fetch-logs`: one frame of the answer to a `FetchLogs` (read whole by
+    /// the log store).
+    Logs {
+        instance_id: Option<String>,
+        app_id: Option<String>,
+    },
     Unknown(String),
 }
 
@@ -67,6 +73,7 @@ impl AgentMsg {
             AgentMsg::Heartbeat { .. } => "Heartbeat",
             AgentMsg::UpgradeReport { .. } => "UpgradeReport",
             AgentMsg::Drift { .. } => "Drift",
+            AgentMsg::Logs { .. } => "Logs",
             AgentMsg::Unknown(code) => code,
         }
     }
@@ -163,6 +170,7 @@ pub(crate) fn parse_agent(frame: &str) -> Result<(AgentMsg, Map<String, Value>),
             recipe_version: number(&o, "recipe_version"),
             states: o.get("states").and_then(Value::as_array).cloned().unwrap_or_default(),
         },
+        "Logs" => AgentMsg::Logs { instance_id: text(&o, &["instance_id"]), app_id: text(&o, &["app_id"]) },
         other => AgentMsg::Unknown(other.to_string()),
     };
     Ok((msg, o))
@@ -179,6 +187,7 @@ pub(crate) mod out {
         capability::HEARTBEAT,
         capability::UPGRADE_REPORT,
         capability::DRIFT,
+        capability::FETCH_LOGS,
     ];
 
     /// `signing`: the backend signs its recipes (`signed-recipes`).

@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 
 use super::frames::{self, out, AgentMsg, Hello, StateLogMsg};
 use super::journal::{DurableAcks, Events, JsonLines, PendingAck};
+use super::logstore::{LogStore, Outcome};
 use super::pins::{valid_instance_id, PinReply, PinRequest, PinStore, PinWriter, Verdict};
 use super::recipes::{
     self, parse_recipe, parse_reconnect, parse_update, read_one, valid_app_id, AppRecord, DirFile, FileKind, Scan,
@@ -134,6 +135,7 @@ struct AppState {
     recipe_raw: Option<String>,
     update_raw: Option<String>,
     reconnect_raw: Option<String>,
+    fetch_logs_raw: Option<String>,
     update: Option<UpdateOrder>,
 }
 
@@ -178,6 +180,10 @@ pub(crate) struct Hub {
     released: BTreeMap<(String, u64), Vec<Release>>,
     /// `--signing-key`: every pushed recipe is signed.
     signer: Option<RecipeSigner>,
+    /// Log bundles being received and stored.
+    logs: LogStore,
+    /// Log requests sent, for their default names.
+    fetch_seq: u64,
 }
 
 /// The `RecipeMetadata` of `s`, signed when the backend has a signing key.
@@ -250,6 +256,8 @@ impl Hub {
             seen: HashSet::new(),
             released: BTreeMap::new(),
             signer: opts.signing_key.as_deref().map(RecipeSigner::load).transpose()?,
+            logs: LogStore::new(opts.logs_dir()),
+            fetch_seq: 0,
         };
         if let Some(signer) = &hub.signer {
             info!("signing every recipe; agents verify them with recipe_key = {}", signer.public_key());
@@ -399,6 +407,7 @@ impl Hub {
     }
 
     pub fn disconnect(&mut self, conn: u64) {
+        self.logs.forget(conn);
         if let Some(c) = self.conns.remove(&conn) {
             let instance = c.reg.as_ref().map(|r| r.instance_id.clone());
             info!(conn, "connection from {} closed ({})", c.peer, instance.as_deref().unwrap_or("no handshake"));
@@ -460,7 +469,8 @@ impl Hub {
             }
         };
         debug!(conn, "← {}", short(text));
-        if !matches!(msg, AgentMsg::StateLog(_) | AgentMsg::Drift { .. }) {
+        // Logs frames carry the bundle: recorded once it is whole, not frame by frame.
+        if !matches!(msg, AgentMsg::StateLog(_) | AgentMsg::Drift { .. } | AgentMsg::Logs { .. }) {
             self.events.record("message", json!({"conn": conn, "code": msg.code(), "message": redacted(obj.clone())}));
         }
         match msg {
@@ -495,9 +505,65 @@ impl Hub {
                     json!({"conn": conn, "instance_id": instance_id, "recipe_version": recipe_version, "states": states}),
                 );
             }
+            AgentMsg::Logs { instance_id, app_id } => {
+                if let Some(reg) = self.speaker(conn, "Logs", instance_id.as_deref(), app_id.as_deref()) {
+                    self.on_logs(conn, &reg.instance_id, &Value::Object(obj));
+                }
+            }
             AgentMsg::Unknown(code) => warn!(conn, "message with unknown code {code:?} ignored"),
         }
         None
+    }
+
+    fn on_logs(&mut self, conn: u64, instance: &str, frame: &Value) {
+        match self.logs.accept(conn, instance, frame) {
+            Outcome::Partial => {}
+            Outcome::Stored(event) => {
+                info!(conn, "log bundle of {instance} stored: {}", event["file"]);
+                self.events.record("logs_stored", event);
+            }
+            Outcome::Other(name, event) => {
+                info!(conn, "{name} from {instance}: {event}");
+                self.events.record(name, event);
+            }
+            Outcome::Failed(reason) => {
+                warn!(conn, "log bundle of {instance} dropped: {reason}");
+                self.events.record("logs_invalid", json!({"conn": conn, "instance_id": instance, "reason": reason}));
+            }
+        }
+    }
+
+    fn apply_fetch_logs_file(&mut self, app: &str, f: DirFile) {
+        let state = self.apps.entry(app.to_string()).or_default();
+        if state.fetch_logs_raw.as_deref() == Some(f.raw_hash.as_str()) {
+            return;
+        }
+        state.fetch_logs_raw = Some(f.raw_hash.clone());
+        self.fetch_seq += 1;
+        let default_request = format!("r-{}-{}", crate::link::now_unix(), self.fetch_seq);
+        match recipes::parse_fetch_logs(&f.bytes, &default_request) {
+            Err(reason) => {
+                error!("{}: log request ignored: {reason}", f.path.display());
+                self.events.record("fetch_logs_rejected", json!({"app_id": app, "file": f.path, "reason": reason}));
+            }
+            Ok(frame) => {
+                let targets = self.conns_where(|r| r.app_id == app && r.authenticated && r.has(capability::FETCH_LOGS));
+                let instances: Vec<String> = targets.iter().filter_map(|c| self.instance_of(*c)).collect();
+                info!(
+                    "{}: logs {} asked of the agents of app {app}: {instances:?}",
+                    f.path.display(),
+                    frame["request"]
+                );
+                self.events
+                    .record("fetch_logs", json!({"app_id": app, "request": frame["request"], "sent_to": instances}));
+                self.send_all(&targets, &frame);
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&f.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                error!("{}: cannot remove after acting on it: {e}", f.path.display());
+            }
+        }
     }
 
     fn on_handshake(&mut self, conn: u64, h: Hello) -> Option<PendingHandshake> {
@@ -835,6 +901,7 @@ impl Hub {
             .chain(scan.recipes.keys())
             .chain(scan.updates.keys())
             .chain(scan.reconnects.keys())
+            .chain(scan.fetch_logs.keys())
             .cloned()
             .collect();
         for app in &apps {
@@ -851,6 +918,14 @@ impl Hub {
                 None => {
                     if let Some(a) = self.apps.get_mut(app) {
                         a.reconnect_raw = None;
+                    }
+                }
+            }
+            match scan.fetch_logs.remove(app) {
+                Some(f) => self.apply_fetch_logs_file(app, f),
+                None => {
+                    if let Some(a) = self.apps.get_mut(app) {
+                        a.fetch_logs_raw = None;
                     }
                 }
             }

@@ -19,9 +19,15 @@
 //!   announced `reconnect-hint` get `Reconnect {after_s: N}` and their connections are
 //!   closed with code 1012 ("service restart") and reason `reconnect after N s`. Other
 //!   agents are left alone. The file is deleted once acted on.
+//! - `APP_ID.fetch-logs.json`, the fields of a `FetchLogs` (`request`, `since`, `what`,
+//!   `max_bytes`, `upload_url`, all optional): when it appears, the authenticated agents
+//!   of the app that announced `fetch-logs` are asked for their logs; the file is deleted
+//!   once acted on. Their `Logs` parts are reassembled per connection, the sha256
+//!   checked, and the bundle stored as `LOGS_DIR/INSTANCE.REQUEST.log.gz` (see
+//!   [`BackendOptions::logs_dir`]).
 //!
 //! App ids are made of ASCII letters, digits, `.`, `_` and `-` (they name files); an app
-//! id cannot end in `.update` or `.reconnect`.
+//! id cannot end in `.update`, `.reconnect` or `.fetch-logs`.
 //!
 //! The backend writes, next to each other:
 //! - `--statelog FILE`: every StateLog received, one JSON object per line as the agent
@@ -31,7 +37,8 @@
 //!   (`open`/`close`), per agent message other than StateLog (`message`, with the frame,
 //!   its `instance_token` redacted), per unreadable frame (`invalid`, `binary`), and per
 //!   backend decision (`recipe_loaded`, `recipe_rejected`, `recipe_removed`,
-//!   `wait_released`, `agent_update`, `reconnect`, `statelog_repeated` — a StateLog whose
+//!   `wait_released`, `agent_update`, `reconnect`, `fetch_logs`, `logs_stored`,
+//!   `logs_uploaded`, `logs_refused`, `logs_invalid`, `statelog_repeated` — a StateLog whose
 //!   `(instance_id, seq)` was recorded before, which the statelog does not show, …). Each
 //!   has `at` and `event`.
 //!
@@ -105,6 +112,7 @@ mod conn;
 mod frames;
 mod hub;
 mod journal;
+mod logstore;
 pub mod pins;
 mod recipes;
 mod signing;
@@ -200,6 +208,8 @@ pub struct BackendOptions {
     pub max_frame_bytes: usize,
     /// The instance pins (`None`: `STATELOG.pins/`).
     pub pins_dir: Option<PathBuf>,
+    /// Log bundles received from agents (`None`: `STATELOG.logs/`).
+    pub logs_dir: Option<PathBuf>,
     /// Apps whose instances must be pinned by the operator before their first Handshake
     /// (no trust on first use); `*` names every app.
     pub require_pin: Vec<String>,
@@ -223,6 +233,7 @@ impl BackendOptions {
             tls: None,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             pins_dir: None,
+            logs_dir: None,
             require_pin: Vec::new(),
             insecure_plaintext: false,
             limits: Limits::default(),
@@ -233,6 +244,14 @@ impl BackendOptions {
 
     pub fn pins_dir(&self) -> PathBuf {
         self.pins_dir.clone().unwrap_or_else(|| pins::PinStore::default_dir(&self.statelog))
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.logs_dir.clone().unwrap_or_else(|| {
+            let mut p = self.statelog.as_os_str().to_owned();
+            p.push(".logs");
+            PathBuf::from(p)
+        })
     }
 }
 

@@ -23,10 +23,13 @@ pub(crate) enum FileKind {
     Update,
     /// `APP_ID.reconnect.json`: `{"after_s"}`, a one-shot reconnect order.
     Reconnect,
+    /// `APP_ID.fetch-logs.json`: a one-shot request for logs (`FetchLogs` fields).
+    FetchLogs,
 }
 
 pub(crate) const UPDATE_SUFFIX: &str = ".update.json";
 pub(crate) const RECONNECT_SUFFIX: &str = ".reconnect.json";
+pub(crate) const FETCH_LOGS_SUFFIX: &str = ".fetch-logs.json";
 const VERSIONS_SUFFIX: &str = ".versions.json";
 
 /// App ids name files, so they are restricted to a safe alphabet: ASCII letters, digits,
@@ -47,6 +50,8 @@ pub(crate) fn classify(name: &str) -> Option<(String, FileKind)> {
         (app, FileKind::Update)
     } else if let Some(app) = name.strip_suffix(RECONNECT_SUFFIX) {
         (app, FileKind::Reconnect)
+    } else if let Some(app) = name.strip_suffix(FETCH_LOGS_SUFFIX) {
+        (app, FileKind::FetchLogs)
     } else {
         (name.strip_suffix(".json")?, FileKind::Recipe)
     };
@@ -58,6 +63,7 @@ pub(crate) fn file_name(app: &str, kind: FileKind) -> String {
         FileKind::Recipe => format!("{app}.json"),
         FileKind::Update => format!("{app}{UPDATE_SUFFIX}"),
         FileKind::Reconnect => format!("{app}{RECONNECT_SUFFIX}"),
+        FileKind::FetchLogs => format!("{app}{FETCH_LOGS_SUFFIX}"),
     }
 }
 
@@ -94,6 +100,7 @@ pub(crate) struct Scan {
     pub recipes: BTreeMap<String, DirFile>,
     pub updates: BTreeMap<String, DirFile>,
     pub reconnects: BTreeMap<String, DirFile>,
+    pub fetch_logs: BTreeMap<String, DirFile>,
 }
 
 /// Reads every meaningful file of `dir`, skipping `skip` (the backend's own journals,
@@ -126,6 +133,7 @@ pub(crate) fn scan_dir(dir: &Path, skip: &[PathBuf]) -> Result<Scan, BackendErro
             FileKind::Recipe => &mut scan.recipes,
             FileKind::Update => &mut scan.updates,
             FileKind::Reconnect => &mut scan.reconnects,
+            FileKind::FetchLogs => &mut scan.fetch_logs,
         };
         map.insert(app, file);
     }
@@ -314,6 +322,30 @@ pub(crate) fn parse_reconnect(bytes: &[u8]) -> Result<u64, String> {
         .ok_or_else(|| "expected {\"after_s\": N} with N a non-negative integer".to_string())
 }
 
+/// A request for logs (`APP_ID.fetch-logs.json`): the `FetchLogs` frame to send, checked
+/// as the agent will read it. `request` defaults to `default_request`, `since` to 0 (all
+/// the agent keeps); `what`, `max_bytes` and `upload_url` are passed on as given.
+pub(crate) fn parse_fetch_logs(bytes: &[u8], default_request: &str) -> Result<Value, String> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let Value::Object(mut o) = v else { return Err("expected a JSON object".to_string()) };
+    o.insert("code".into(), Value::String("FetchLogs".into()));
+    o.entry("request").or_insert_with(|| Value::String(default_request.to_string()));
+    o.entry("since").or_insert(Value::from(0u64));
+    let frame = Value::Object(o);
+    crate::protocol::parse_inbound(&frame.to_string()).map_err(|e| e.to_string())?;
+    if !frame["request"].as_str().is_some_and(|r| !r.is_empty() && r.len() <= 100 && safe_name(r)) {
+        return Err(
+            "\"request\" must be 1 to 100 ASCII letters, digits, '.', '_' or '-' (it names the stored bundle)".into()
+        );
+    }
+    Ok(frame)
+}
+
+/// Text that can be part of a file name as is.
+pub(crate) fn safe_name(s: &str) -> bool {
+    !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +356,7 @@ mod tests {
         assert_eq!(classify("app.v2.json"), Some(("app.v2".into(), FileKind::Recipe)));
         assert_eq!(classify("app-1.update.json"), Some(("app-1".into(), FileKind::Update)));
         assert_eq!(classify("app-1.reconnect.json"), Some(("app-1".into(), FileKind::Reconnect)));
+        assert_eq!(classify("app-1.fetch-logs.json"), Some(("app-1".into(), FileKind::FetchLogs)));
         assert_eq!(classify("statelog.versions.json"), None);
         assert_eq!(classify(".hidden.json"), None);
         assert_eq!(classify("app 1.json"), None);

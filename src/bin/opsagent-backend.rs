@@ -16,7 +16,14 @@ const MANUAL: opsagent::manual::Extra<'static> = opsagent::manual::Extra {
     description: &["Serves recipes from a directory to opsagent agents over WebSocket (TLS unless on loopback), pins \
          each instance's token at first use, records every StateLog in --statelog, and signs recipes with \
          --signing-key. `opsagent-backend instances list|forget|pin` manages the pins."],
-    files: &[("STATELOG.pins/", "The instance pins beside the StateLog file (or --pins-dir).")],
+    files: &[
+        ("STATELOG.pins/", "The instance pins beside the StateLog file (or --pins-dir)."),
+        (
+            "STATELOG.logs/",
+            "Log bundles agents sent when asked with RECIPE_DIR/APP_ID.fetch-logs.json, as INSTANCE.REQUEST.log.gz \
+             (or --logs-dir).",
+        ),
+    ],
     environment: &[("OPSAGENT_SIGNING_KEY_PASSWORD", "The password of an encrypted --signing-key.")],
     see_also: &["opsagent(8)", "opsagent-helper(8)"],
 };
@@ -64,6 +71,9 @@ struct Serve {
     /// Where instance pins live (default: STATELOG.pins).
     #[arg(long)]
     pins_dir: Option<PathBuf>,
+    /// Where log bundles received from agents are stored (default: STATELOG.logs).
+    #[arg(long)]
+    logs_dir: Option<PathBuf>,
     /// An app whose instances must be registered with `instances pin` before they are
     /// served (no trust on first use); repeatable; `*` for every app.
     #[arg(long = "require-pin", value_name = "APP_ID")]
@@ -263,6 +273,7 @@ async fn run(args: Serve) -> anyhow::Result<()> {
         tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
         max_frame_bytes: args.max_frame_bytes,
         pins_dir: args.pins_dir,
+        logs_dir: args.logs_dir,
         require_pin: args.require_pin,
         insecure_plaintext: args.insecure_plaintext,
         limits: Limits {

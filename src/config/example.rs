@@ -84,6 +84,11 @@ pub const EXAMPLE: &str = concat!(
 ; backend that announced `drift` as a Drift message, otherwise in the journal
 ; (OPSAGENT_DRIFT=1) and `opsagent status`. 0: off (the default).
 ;drift_interval = 0
+; Hosts without systemd only: the directories of the daemon's log (opsagent.log) and of
+; the helper's and the upgrades' logs, read when a backend asks for logs (fetch-logs).
+; With systemd the journal is read instead.
+;log_dir = /var/log/visualops
+;helper_log_dir = /var/log/opsagent-root
 
 [link]
 ; Extra PEM bundle of trusted CAs for wss:// and https:// downloads (the system roots are

@@ -54,6 +54,8 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "allow_insecure_transport",
             "install_prerequisites",
             "drift_interval",
+            "log_dir",
+            "helper_log_dir",
         ],
     ),
     (
@@ -168,6 +170,12 @@ pub struct AgentConfig {
     /// Plan the current recipe this long after each round and report what would change
     /// (drift); `None` (the default, or `0`): never.
     pub drift_interval: Option<Duration>,
+    /// Hosts without systemd: where the cron supervisor writes the daemon's log
+    /// (`opsagent.log`), read for a backend's `FetchLogs`.
+    pub log_dir: PathBuf,
+    /// Hosts without systemd: where the helper's (`opsagent-helper.log`) and the
+    /// upgrades' logs are.
+    pub helper_log_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -186,6 +194,8 @@ impl Default for AgentConfig {
             allow_insecure_transport: false,
             install_prerequisites: true,
             drift_interval: None,
+            log_dir: PathBuf::from("/var/log/visualops"),
+            helper_log_dir: PathBuf::from("/var/log/opsagent-root"),
         }
     }
 }
@@ -529,6 +539,8 @@ impl Config {
             // 0 says "off" (the default), as the example shows.
             ("agent", "drift_interval") if value.trim() == "0" => a.drift_interval = None,
             ("agent", "drift_interval") => a.drift_interval = Some(values::seconds(value)?),
+            ("agent", "log_dir") => a.log_dir = values::absolute_path(value)?,
+            ("agent", "helper_log_dir") => a.helper_log_dir = values::absolute_path(value)?,
             ("link", "ca_file") => l.ca_file = Some(values::absolute_path(value)?),
             ("link", "tls_insecure") => l.tls_insecure = values::boolean(value)?,
             ("link", "proxy") => l.proxy = Some(values::proxy_url(value)?),

@@ -223,7 +223,7 @@ fn unknown_names_and_structure_errors() {
         err("[agent]\nround_dealy = 5\n"),
         "/etc/opsagent.conf:2: [agent] round_dealy: unknown key (keys of [agent]: token_file, state_dir, \
          helper_socket, round_delay, retry_delay, retry_delay_max, log_level, download_max_bytes, download_timeout, metrics_file, \
-         allow_insecure_transport, install_prerequisites, drift_interval)"
+         allow_insecure_transport, install_prerequisites, drift_interval, log_dir, helper_log_dir)"
     );
     assert_eq!(
         err("[agnet]\n"),

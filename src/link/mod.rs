@@ -45,6 +45,10 @@
 //! - `reconnect-hint`: the backend may send `{"code": "Reconnect", "after_s": N}` or close
 //!   with a reason `reconnect after N s`; the next attempt then waits a uniform draw in
 //!   `[h, min(cap, h + max(h/2, base))]` with `h = min(N, backoff_max)`.
+//! - `fetch-logs` (announced only with a log service, [`Link::with_logs`]): a `FetchLogs`
+//!   is handed to the service on a task of the session (the bundle is built off the
+//!   runtime); its answer comes back to the session loop, which sends the `Logs` frames
+//!   in order. One request at a time; a session that ends drops its request.
 //!
 //! The standard HTTP `Retry-After: N` on a refused WebSocket upgrade (e.g. a 503 from a
 //! load balancer during a deploy) is honoured the same way, without negotiation.
@@ -236,6 +240,7 @@ struct Caps {
     hints: bool,
     upgrade_report: bool,
     drift: bool,
+    fetch_logs: bool,
 }
 
 impl Caps {
@@ -248,6 +253,7 @@ impl Caps {
             hints: has(capability::RECONNECT_HINT),
             upgrade_report: has(capability::UPGRADE_REPORT),
             drift: has(capability::DRIFT),
+            fetch_logs: has(capability::FETCH_LOGS),
         }
     }
 }
@@ -283,6 +289,7 @@ pub struct Link<O: Outbox> {
     started: Instant,
     upgrades: Option<Arc<crate::upgrade::UpgradeReports>>,
     drift: Option<Arc<crate::drift::DriftBoard>>,
+    logs: Option<Arc<crate::logframes::LogService>>,
     refresh: Option<IdentityRefresh>,
 }
 
@@ -318,6 +325,7 @@ impl<O: Outbox + 'static> Link<O> {
             started: Instant::now(),
             upgrades: None,
             drift: None,
+            logs: None,
             refresh: None,
         };
         Ok((link, status_rx, liveness))
@@ -344,6 +352,12 @@ impl<O: Outbox + 'static> Link<O> {
     /// Drift reports to send to a backend that announced `drift`.
     pub fn with_drift(mut self, board: Arc<crate::drift::DriftBoard>) -> Self {
         self.drift = Some(board);
+        self
+    }
+
+    /// Answers `FetchLogs` (and announces `fetch-logs`) with `service`.
+    pub fn with_logs(mut self, service: Arc<crate::logframes::LogService>) -> Self {
+        self.logs = Some(service);
         self
     }
 
@@ -513,8 +527,19 @@ impl<O: Outbox + 'static> Link<O> {
     }
 
     fn handshake(&self) -> Message {
-        let caps = capability::ALL.iter().map(|c| c.to_string()).collect();
+        // `fetch-logs` only when there is something to answer with.
+        let caps = capability::ALL
+            .iter()
+            .filter(|c| **c != capability::FETCH_LOGS || self.logs.is_some())
+            .map(|c| c.to_string())
+            .collect();
         self.frame(&Outbound::Handshake { init_errors: self.init_errors.clone(), capabilities: caps })
+    }
+
+    /// Bytes the link adds to a `Logs` frame built without them (the instance's ids).
+    fn frame_overhead(&self) -> usize {
+        let ids = serde_json::json!({"instance_id": self.who.instance_id, "app_id": self.who.app_id});
+        ids.to_string().len()
     }
 
     fn frame(&self, msg: &Outbound) -> Message {
@@ -566,6 +591,12 @@ impl<O: Outbox + 'static> Link<O> {
         let mut bad_run = BadRun::default();
         // Unknown codes logged in this session (a few distinct ones, each once).
         let mut unknown_logged: Vec<String> = Vec::new();
+        let mut fetch_logs_warned = false;
+        // The answer to a FetchLogs is built on its own task (reading and gzipping logs
+        // must not stall this loop) and comes back here to be sent in order; one at a
+        // time, and dropped with the session.
+        let (logs_tx, mut logs_rx) = mpsc::channel::<Vec<serde_json::Value>>(1);
+        let mut logs_task: Option<AbortOnDrop> = None;
         let mut last_heard = Instant::now();
         let mut ping = tokio::time::interval_at(Instant::now() + self.cfg.ping_interval, self.cfg.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -741,8 +772,39 @@ impl<O: Outbox + 'static> Link<O> {
                                 tracing::warn!("PlanRequest from a backend that did not announce drift: ignored");
                             }
                         }
+                        Inbound::FetchLogs(req) => match (&self.logs, caps.fetch_logs) {
+                            (Some(service), true) => {
+                                if logs_task.as_ref().is_some_and(|t| !t.0.is_finished()) {
+                                    tracing::warn!(request = %req.request, "FetchLogs refused: another one is being answered");
+                                    let no = crate::logframes::refusal(&req.request, "another log request is being answered");
+                                    if let Err(e) = self.send(&mut ws, self.frame(&Outbound::Logs(no))).await { return end(EndKind::Error(e), answered, healthy_after); }
+                                    continue;
+                                }
+                                tracing::info!(request = %req.request, since = req.since.0, upload = req.upload_url.is_some(), "the backend asked for logs");
+                                let (service, tx) = (service.clone(), logs_tx.clone());
+                                // Room for the ids the link adds to every frame.
+                                let max_frame = self.cfg.max_frame.saturating_sub(self.frame_overhead());
+                                logs_task = Some(AbortOnDrop(tokio::spawn(async move {
+                                    let _ = tx.send(service.serve(req, max_frame).await).await;
+                                })));
+                            }
+                            _ => {
+                                // Once per connection: a backend retrying must not fill the journal.
+                                if !fetch_logs_warned {
+                                    fetch_logs_warned = true;
+                                    tracing::warn!(request = %req.request, "FetchLogs from a backend that did not announce fetch-logs: ignored");
+                                }
+                            }
+                        },
                         Inbound::Unknown(_) => {}
                     }
+                }
+                Some(frames) = logs_rx.recv() => {
+                    let parts = frames.len();
+                    for f in frames {
+                        if let Err(e) = self.send(&mut ws, self.frame(&Outbound::Logs(f))).await { return end(EndKind::Error(e), answered, healthy_after); }
+                    }
+                    tracing::info!(frames = parts, "logs sent to the backend");
                 }
                 _ = notified => dirty = true,
                 _ = ping.tick() => {
@@ -844,6 +906,15 @@ impl<O: Outbox + 'static> Link<O> {
             }
         }
         Ok(())
+    }
+}
+
+/// A task that ends with the session that started it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
