@@ -248,8 +248,9 @@ pub async fn eventually(secs: u64, what: &str, cond: impl Fn() -> bool) {
 /// fire the link's timeouts early and at random. This task keeps a timer 1 ms ahead, so a
 /// jump is 1 ms at most, and blocks 1 ms of real time per 1 ms of clock, so the clock never
 /// runs ahead of real time and falls behind it under load. Timer-driven intervals (backoff,
-/// ping deadlines, hints) are then exact on the clock however loaded the machine, an I/O
-/// hop costs a millisecond, and a deadline is at least as long in real time as it says.
+/// ping deadlines, hints) are then exact on the clock however loaded the machine; a wait
+/// on a socket costs 1 ms when the kernel has the data at once and at most its real time
+/// when it does not; a deadline is at least as long in real time as it says.
 pub struct PacedClock(JoinHandle<()>);
 
 pub fn paced_clock() -> PacedClock {
