@@ -27,8 +27,9 @@ async fn texts_for(ws: &mut Ws, d: Duration) -> Vec<Value> {
     out
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_v1_backend_sees_only_v1_traffic() {
+    let _clock = paced_clock();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut cfg = quick(&format!("ws://127.0.0.1:{port}/"));
@@ -73,8 +74,9 @@ async fn a_v1_backend_sees_only_v1_traffic() {
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_backend_with_the_extensions_gets_acks_and_heartbeats() {
+    let _clock = paced_clock();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut cfg = quick(&format!("ws://127.0.0.1:{port}/"));
@@ -124,8 +126,9 @@ async fn a_backend_with_the_extensions_gets_acks_and_heartbeats() {
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_reference_backend_announces_and_records_heartbeats() {
+    let _clock = paced_clock();
     let tmp = tempfile::tempdir().unwrap();
     let backend = RefBackend::start(tmp.path(), "app-test", None).await;
     let mut cfg = quick(&format!("ws://{}/", backend.addr));
@@ -144,8 +147,9 @@ async fn the_reference_backend_announces_and_records_heartbeats() {
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_backend_announcing_drift_gets_drift_reports_and_may_ask_for_a_plan() {
+    let _clock = paced_clock();
     use opsagent::round::{DriftReport, DriftedState};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -184,8 +188,9 @@ async fn a_backend_announcing_drift_gets_drift_reports_and_may_ask_for_a_plan() 
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_backend_without_drift_gets_no_drift_and_its_plan_request_is_ignored() {
+    let _clock = paced_clock();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let spawn = Spawn::new(quick(&format!("ws://127.0.0.1:{port}/")));
@@ -205,8 +210,9 @@ async fn a_backend_without_drift_gets_no_drift_and_its_plan_request_is_ignored()
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_reference_backend_records_drift_reports_like_statelogs() {
+    let _clock = paced_clock();
     use opsagent::round::{DriftReport, DriftedState};
     let tmp = tempfile::tempdir().unwrap();
     let backend = RefBackend::start(tmp.path(), "app-test", None).await;

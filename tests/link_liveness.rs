@@ -21,8 +21,9 @@ fn fast_pings(url: &str) -> opsagent::link::LinkConfig {
     cfg
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_half_open_connection_is_declared_dead_within_two_ping_intervals() {
+    let _clock = paced_clock();
     let tmp = tempfile::tempdir().unwrap();
     let backend = RefBackend::start(tmp.path(), "app-test", None).await;
     let relay = Relay::start(backend.addr).await;
@@ -47,8 +48,9 @@ async fn a_half_open_connection_is_declared_dead_within_two_ping_intervals() {
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_backend_that_stops_answering_pings_is_replaced() {
+    let _clock = paced_clock();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut link = Spawn::new(fast_pings(&format!("ws://127.0.0.1:{port}/"))).start();
@@ -66,8 +68,9 @@ async fn a_backend_that_stops_answering_pings_is_replaced() {
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_oversized_frame_is_refused_from_its_header_and_closed_with_1009() {
+    let _clock = paced_clock();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut cfg = quick(&format!("ws://127.0.0.1:{port}/"));
@@ -99,8 +102,9 @@ async fn an_oversized_frame_is_refused_from_its_header_and_closed_with_1009() {
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn binary_and_garbage_frames_are_counted_and_the_connection_survives() {
+    let _clock = paced_clock();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut cfg = quick(&format!("ws://127.0.0.1:{port}/"));
@@ -129,8 +133,9 @@ async fn binary_and_garbage_frames_are_counted_and_the_connection_survives() {
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn too_many_consecutive_bad_frames_replace_the_connection() {
+    let _clock = paced_clock();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut cfg = quick(&format!("ws://127.0.0.1:{port}/"));

@@ -17,8 +17,9 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_backend_that_moved_is_found_because_names_are_resolved_on_every_attempt() {
+    let _clock = paced_clock();
     let tmp = tempfile::tempdir().unwrap();
     let mut a = RefBackend::start(&tmp.path().join("a"), "app-test", None).await;
     let resolver = MapResolver::new();
@@ -42,8 +43,9 @@ async fn a_backend_that_moved_is_found_because_names_are_resolved_on_every_attem
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_restarted_backend_gets_a_new_handshake() {
+    let _clock = paced_clock();
     let tmp = tempfile::tempdir().unwrap();
     let mut backend = RefBackend::start(tmp.path(), "app-test", None).await;
     let mut link = Spawn::new(quick(&format!("ws://{}/", backend.addr))).start();
@@ -74,8 +76,9 @@ async fn hinted_return(after_s: u64, backoff_max: Duration) -> (Duration, opsage
     (took, pause)
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_reconnect_message_is_honoured() {
+    let _clock = paced_clock();
     let (took, pause) = hinted_return(3, Duration::from_secs(60)).await;
     // Never before the hint; spread over at most half the hint more.
     assert!(took >= Duration::from_millis(2900) && took <= Duration::from_millis(5000), "{took:?}");
@@ -83,8 +86,9 @@ async fn a_reconnect_message_is_honoured() {
     assert!(matches!(pause.state, LinkState::Reconnecting { in_s: 3..=4, attempt: 2, .. }), "{pause:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_reconnect_hint_beyond_the_cap_is_cut_to_the_cap() {
+    let _clock = paced_clock();
     let (took, pause) = hinted_return(3600, Duration::from_secs(2)).await;
     assert!(took <= Duration::from_millis(3000), "{took:?}");
     assert!(matches!(pause.state, LinkState::Reconnecting { in_s: 2, .. }), "{pause:?}");
@@ -112,8 +116,9 @@ async fn away_after_close(announce: bool, reason: &str) -> Duration {
     away
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_close_reason_hint_is_honoured_only_when_announced() {
+    let _clock = paced_clock();
     let away = away_after_close(true, "reconnect after 2 s").await;
     assert!(away >= Duration::from_millis(1950) && away <= Duration::from_millis(3500), "{away:?}");
     // A backend that did not announce reconnect-hint gets plain v1 behaviour.
@@ -121,8 +126,9 @@ async fn a_close_reason_hint_is_honoured_only_when_announced() {
     assert!(away <= Duration::from_millis(900), "{away:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn http_retry_after_on_a_refused_upgrade_is_honoured() {
+    let _clock = paced_clock();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut link = Spawn::new(quick(&format!("ws://127.0.0.1:{port}/"))).start();
@@ -167,8 +173,9 @@ async fn the_backoff_schedule_is_exact_under_a_paused_clock() {
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_backoff_resets_after_a_healthy_connection() {
+    let _clock = paced_clock();
     let base = Duration::from_millis(400);
     let cap = Duration::from_secs(10);
     // A seed for which the delay after the reset (window 0.4 s) is short while the delay
@@ -205,7 +212,9 @@ async fn the_backoff_resets_after_a_healthy_connection() {
     let expected = [b.delay(1), b.delay(2), b.delay(1)];
     for (gap, want) in gaps.iter().zip(expected) {
         assert!(
-            *gap + Duration::from_millis(20) >= want && *gap <= want + Duration::from_millis(250),
+            // On the paced clock a gap is the delay plus the socket hops (1 ms each, up to
+            // ~35 ms seen with both cores busy); a sleep twice the delay is caught.
+            *gap + Duration::from_millis(20) >= want && *gap <= want + Duration::from_millis(100),
             "{gaps:?} vs {expected:?}"
         );
     }
@@ -214,8 +223,9 @@ async fn the_backoff_resets_after_a_healthy_connection() {
     link.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn app_not_ready_is_retried_on_the_same_connection_with_the_backoff() {
+    let _clock = paced_clock();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut cfg = quick(&format!("ws://127.0.0.1:{port}/"));

@@ -36,8 +36,9 @@ fn url(host: &str, s: &Setup) -> String {
     format!("wss://{host}:{}/agent", s.backend.addr.port())
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_private_ca_from_ca_file_is_trusted() {
+    let _clock = paced_clock();
     let s = setup().await;
     let mut cfg = quick(&url("backend.test", &s));
     cfg.ca_file = Some(s.ca.clone());
@@ -65,8 +66,9 @@ async fn refused_with(cfg: opsagent::link::LinkConfig, s: &Setup, needle: &str) 
     err
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_certificate_from_another_ca_is_refused() {
+    let _clock = paced_clock();
     let s = setup().await;
     let mut cfg = quick(&url("backend.test", &s));
     cfg.ca_file = Some(s.other_ca.clone());
@@ -74,24 +76,27 @@ async fn a_certificate_from_another_ca_is_refused() {
     assert!(err.contains("other.pem"), "names the trusted bundle: {err}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn system_roots_alone_do_not_trust_a_private_ca() {
+    let _clock = paced_clock();
     let s = setup().await;
     let cfg = quick(&url("backend.test", &s));
     let err = refused_with(cfg, &s, "not signed by a trusted CA").await;
     assert!(err.contains("set [link] ca_file for a private CA"), "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_certificate_for_another_host_name_is_refused() {
+    let _clock = paced_clock();
     let s = setup().await;
     let mut cfg = quick(&url("wrong-name.test", &s));
     cfg.ca_file = Some(s.ca.clone());
     refused_with(cfg, &s, "the server certificate is not valid for the host name \"wrong-name.test\"").await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn tls_insecure_connects_and_warns_at_every_connect() {
+    let _clock = paced_clock();
     // Current-thread runtime: every task logs on this thread, into the capture.
     let (logs, _guard) = Logs::capture();
     let s = setup().await;

@@ -81,8 +81,16 @@ fn a_backend_killed_mid_round_loses_and_doubles_nothing() {
     let agent = start_agent(&s.dir, port, "app-r1", "i-r1", &s.socket, &["--round-delay", "1"]);
     assert!(wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len() >= 2), "{}", agent.log_text());
     for _ in 0..2 {
+        // The backend stays down until the agent has noticed and been refused once: it
+        // then applies rounds offline, which a fixed pause did not make certain.
+        let refused = agent.log_text().matches("cannot reach the backend").count();
         backend.kill9();
-        std::thread::sleep(Duration::from_millis(900));
+        assert!(
+            wait_until(Duration::from_secs(30), || agent.log_text().matches("cannot reach the backend").count()
+                > refused),
+            "the agent never tried the dead backend: {}",
+            agent.log_text()
+        );
         let before = read_jsonl(&s.statelog).len();
         let (b, _) = start_backend_on(&s.dir, &s.recipes, &s.statelog, &format!("127.0.0.1:{port}"), &args);
         backend = b;

@@ -241,6 +241,33 @@ pub async fn eventually(secs: u64, what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// Paces tokio's paused clock (`#[tokio::test(start_paused = true)]`) for tests over real
+/// sockets. Paused, tokio moves the clock to the next timer whenever the runtime has
+/// nothing to run, including while a frame is on its way through a socket (an I/O wake-up
+/// does not stop the jump) or a thread such as the backend's fsync works: alone, it would
+/// fire the link's timeouts early and at random. This task keeps a timer 1 ms ahead, so a
+/// jump is 1 ms at most, and blocks 1 ms of real time per 1 ms of clock, so the clock never
+/// runs ahead of real time and falls behind it under load. Timer-driven intervals (backoff,
+/// ping deadlines, hints) are then exact on the clock however loaded the machine; a wait
+/// on a socket costs 1 ms when the kernel has the data at once and at most its real time
+/// when it does not; a deadline is at least as long in real time as it says.
+pub struct PacedClock(JoinHandle<()>);
+
+pub fn paced_clock() -> PacedClock {
+    PacedClock(tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }))
+}
+
+impl Drop for PacedClock {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub fn is_connected(s: &LinkStatus) -> bool {
     matches!(s.state, opsagent::link::LinkState::Connected { .. })
 }
@@ -326,28 +353,36 @@ pub struct RefBackend {
     pub dir: PathBuf,
     pub addr: SocketAddr,
     tls: Option<TlsFiles>,
+    /// The listening socket, bound once and kept for the fixture's life: a restart serves
+    /// the same socket again instead of binding its port anew, which another process may
+    /// have taken meanwhile. While no backend serves it, connections wait in its backlog.
+    socket: std::net::TcpListener,
 }
 
 impl RefBackend {
-    /// The reference backend in-process, serving `app` a one-state recipe.
+    /// The reference backend in-process on a fresh loopback port, serving `app` a
+    /// one-state recipe.
     pub async fn start(dir: &Path, app: &str, tls: Option<TlsFiles>) -> Self {
-        Self::start_on(dir, app, tls, "127.0.0.1:0").await
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut b = Self { backend: None, dir: dir.to_path_buf(), addr, tls, socket };
+        b.serve(app).await;
+        b
     }
 
-    pub async fn start_on(dir: &Path, app: &str, tls: Option<TlsFiles>, listen: &str) -> Self {
-        let recipes = dir.join("recipes");
+    async fn serve(&mut self, app: &str) {
+        let recipes = self.dir.join("recipes");
         std::fs::create_dir_all(&recipes).unwrap();
         let recipe = json!({"recipe_version": 1, "state": [
             {"id": "c", "module": "meta.comment", "parameter": {"comment": "hello"}}]});
         std::fs::write(recipes.join(format!("{app}.json")), recipe.to_string()).unwrap();
-        let listener = bind_retry(listen).await;
-        let addr = listener.local_addr().unwrap();
-        let mut opts = BackendOptions::new(&recipes, dir.join("statelog.jsonl"));
-        opts.events = Some(dir.join("events.jsonl"));
+        let listener = TcpListener::from_std(self.socket.try_clone().unwrap()).unwrap();
+        let mut opts = BackendOptions::new(&recipes, self.dir.join("statelog.jsonl"));
+        opts.events = Some(self.dir.join("events.jsonl"));
         opts.poll = Duration::from_millis(50);
-        opts.tls = tls.clone();
-        let backend = Backend::start(listener, opts).await.expect("backend starts");
-        Self { backend: Some(backend), dir: dir.to_path_buf(), addr, tls }
+        opts.tls = self.tls.clone();
+        self.backend = Some(Backend::start(listener, opts).await.expect("backend starts"));
     }
 
     pub async fn shutdown(&mut self) {
@@ -356,11 +391,10 @@ impl RefBackend {
         }
     }
 
-    /// Stops and starts again on the same address.
+    /// Stops and starts again on the same socket.
     pub async fn restart(&mut self, app: &str) {
         self.shutdown().await;
-        let again = Self::start_on(&self.dir, app, self.tls.clone(), &self.addr.to_string()).await;
-        self.backend = again.backend;
+        self.serve(app).await;
     }
 
     pub fn events(&self) -> Vec<Value> {
@@ -371,16 +405,6 @@ impl RefBackend {
     pub fn messages(&self, code: &str) -> Vec<Value> {
         self.events().into_iter().filter(|e| e["event"] == "message" && e["code"] == code).collect()
     }
-}
-
-async fn bind_retry(addr: &str) -> TcpListener {
-    for _ in 0..100 {
-        match TcpListener::bind(addr).await {
-            Ok(l) => return l,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-    TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"))
 }
 
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
