@@ -1314,6 +1314,78 @@ mod tests {
         assert_eq!(c.cmd.0, "echo $cwd");
     }
 
+    /// Paths, path lists, accounts, cron fields and ports are typed parameters: the one
+    /// decode (daemon and helper) refuses a bad value naming the parameter, and hands
+    /// the module the validated value.
+    #[test]
+    fn typed_parameters_are_validated_at_decode() {
+        let bad = [
+            // Paths: relative, climbing, a newline, a tab.
+            ("common.git", json!({"path": "srv/app", "repo": "r"}), "path"),
+            ("common.archive", json!({"path": "/srv/../etc", "source": "https://x/a.tgz"}), "path"),
+            ("linux.symlink", json!({"source": "/a\nb", "target": "/l"}), "source"),
+            ("linux.mkfs", json!({"device": "/dev/x\ty", "fstype": "ext4"}), "device"),
+            ("common.git", json!({"path": "/srv", "repo": "r", "ssh-key-file": "id_rsa"}), "ssh-key-file"),
+            ("linux.chef.client", json!({"server": "s", "client_key": "k.pem"}), "client_key"),
+            // Path lists: one bad item refuses the list.
+            ("linux.cmd", json!({"cmd": "x", "if-path-present": ["/ok", "rel"]}), "if-path-present"),
+            ("linux.lvm.pv", json!({"path": ["/dev/xvdb", "xvdc"]}), "path"),
+            ("linux.puppet.apply", json!({"manifests": ["/etc/site.pp", "../x.pp"]}), "manifests"),
+            ("common.virtualenv", json!({"path": "/v", "extra-search-dir": ["w"]}), "extra-search-dir"),
+            // Accounts: a colon, a leading dash, a newline (before trimming), a blank.
+            ("linux.dir", json!({"path": ["/d"], "user": "root:0"}), "user"),
+            ("linux.symlink", json!({"source": "/a", "target": "/l", "group": "-g0"}), "group"),
+            ("linux.cmd", json!({"cmd": "x", "user": "root\n"}), "user"),
+            ("common.ssh.auth", json!({"username": "a b", "content": "k"}), "username"),
+            // Cron fields: a second crontab line, blanks inside, out of range.
+            ("linux.cronjob", json!({"cmd": ["x"], "minute": "* * * * * echo injected\n0"}), "minute"),
+            ("linux.cronjob", json!({"cmd": ["x"], "hour": "1 2"}), "hour"),
+            ("linux.cronjob", json!({"cmd": ["x"], "dayweek": "8"}), "day-of-week"),
+            // Ports.
+            ("common.ssh.known_host", json!({"hostname": "h", "username": "u", "port": 70000}), "port"),
+            ("common.ssh.known_host", json!({"hostname": "h", "username": "u", "port": "0"}), "port"),
+        ];
+        for (module, params, param) in bad {
+            let err = parse_state(module, &params).expect_err(&format!("{module} {params}"));
+            assert!(
+                matches!(&err, CatalogueError::Invalid { param: p, .. } | CatalogueError::WrongType { param: p, .. } if p == param),
+                "{module} {params}: {err}"
+            );
+            let wire = serde_json::from_value::<ModuleParams>(json!({"module": module, "params": params}));
+            assert!(wire.unwrap_err().to_string().contains(&format!("parameter \"{param}\"")), "{module}");
+        }
+
+        let p = parse_state(
+            "linux.cmd",
+            &json!({"cmd": "x", "cwd": " /srv//app/ ", "user": " www-data ", "if-path-absent": ["/a/./b", " ", "/c"]}),
+        )
+        .unwrap();
+        let ModuleParams::LinuxCmd(c) = &p.params else { panic!() };
+        assert_eq!((c.cwd.0.as_str(), c.cwd.to_string()), ("/srv//app/", "/srv/app".to_string()));
+        assert_eq!(c.user.as_deref(), Some("www-data"));
+        let absent: Vec<String> = c.if_path_absent.iter().flat_map(|a| a.iter()).map(ToString::to_string).collect();
+        assert_eq!(absent, ["/a/b", "/c"]);
+        // What the daemon sends is what it checked: the helper reads it back the same.
+        let back: ModuleParams = serde_json::from_value(serde_json::to_value(&p.params).unwrap()).unwrap();
+        assert_eq!(back, p.params);
+
+        let p =
+            parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "0,30", "dayweek": "mon-fri", "hour": ""}))
+                .unwrap();
+        let ModuleParams::LinuxCronjob(j) = &p.params else { panic!() };
+        assert_eq!(j.fields().map(|(_, v)| v), [Some("0,30"), None, None, None, Some("1-5")]);
+        assert_eq!(j.user.as_str(), "root");
+
+        let p =
+            parse_state("common.ssh.known_host", &json!({"hostname": "h", "username": "u", "port": "2222"})).unwrap();
+        let ModuleParams::CommonSshKnownHost(k) = &p.params else { panic!() };
+        assert_eq!(k.port, Some(Port(2222)));
+        // Blank optional typed values are "not given", as for the other non-text types.
+        let p = parse_state("linux.file", &json!({"path": "/f", "user": "", "group": " "})).unwrap();
+        let ModuleParams::LinuxFile(f) = &p.params else { panic!() };
+        assert_eq!((f.user.as_ref(), f.group.as_ref()), (None, None));
+    }
+
     #[test]
     fn values_have_size_caps() {
         let big = "x".repeat(crate::wire::MAX_LINE_BYTES + 1);

@@ -607,6 +607,8 @@ impl Param for Account {
     const KIND: Kind = Kind::Account;
     fn from_wire(v: &Value) -> Result<Self, Option<String>> {
         let raw = scalar_text(v).ok_or(None)?;
+        // Checked before trimming: "root\n" is no account, whatever trimming leaves.
+        control_char(&raw, |_| false)?;
         match account_problem(&raw) {
             Some(problem) => Err(Some(problem)),
             None => Ok(Self(raw.trim().to_string())),
