@@ -138,21 +138,21 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
     let mut f = Footprint::default();
     match params {
         ModuleParams::LinuxFile(p) => {
-            f.writes.push(trim(&p.path));
+            f.writes.push(p.path.to_string());
             // Without `mode` set-id bits are dropped from new content (file.rs).
             if p.mode.is_some_and(|m| m.bits() & 0o6000 != 0) && !p.absent {
-                f.set_id.push(trim(&p.path));
+                f.set_id.push(p.path.to_string());
             }
         }
         ModuleParams::LinuxDir(p) => {
-            f.writes.extend(p.path.iter().map(|s| trim(s)));
+            f.writes.extend(p.path.iter().map(ToString::to_string));
             // A set-group-id directory only passes its group on to new files; the
             // set-user-id bit means nothing on a Linux directory. Neither runs anything.
         }
-        ModuleParams::LinuxSymlink(p) => f.writes.push(trim(&p.target)),
-        ModuleParams::CommonArchive(p) => f.writes.push(trim(&p.path)),
+        ModuleParams::LinuxSymlink(p) => f.writes.push(p.target.to_string()),
+        ModuleParams::CommonArchive(p) => f.writes.push(p.path.to_string()),
         ModuleParams::LinuxCmd(p) => {
-            f.writes.push(trim(&p.cwd));
+            f.writes.push(p.cwd.to_string());
             f.runs.push(Run { what: "the command".into(), as_user: as_user(p.user.as_deref()) });
         }
         ModuleParams::LinuxService(p) => {
@@ -165,10 +165,10 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         }
         ModuleParams::LinuxCronjob(p) => {
             f.system_files.push("the user's crontab");
-            f.runs.push(Run { what: "a cron job".into(), as_user: as_user(Some(&p.user)) });
+            f.runs.push(Run { what: "a cron job".into(), as_user: as_user(Some(p.user.as_str())) });
         }
         ModuleParams::LinuxSupervisord(p) => {
-            f.reads.push(trim(&p.config));
+            f.reads.push(p.config.to_string());
             f.runs.push(Run { what: "the programs of a supervisord configuration".into(), as_user: root() });
         }
         ModuleParams::LinuxAptPackage(p) => {
@@ -262,7 +262,10 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             f.system_files.push("the user's authorized_keys");
             ssh_file(&mut f, &p.filename);
             if !p.absent {
-                f.runs.push(Run { what: "a login with an authorized key".into(), as_user: as_user(Some(&p.username)) });
+                f.runs.push(Run {
+                    what: "a login with an authorized key".into(),
+                    as_user: as_user(Some(p.username.as_str())),
+                });
             }
         }
         ModuleParams::CommonSshKnownHost(p) => {
@@ -274,9 +277,9 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         ModuleParams::CommonTimezone(_) => {
             f.system_files.extend(["/etc/localtime", "/etc/timezone", "/etc/adjtime"]);
         }
-        ModuleParams::LinuxMkfs(p) => f.devices.push(trim(&p.device)),
+        ModuleParams::LinuxMkfs(p) => f.devices.push(p.device.to_string()),
         ModuleParams::LinuxMount(p) => {
-            let path = trim(&p.path);
+            let path = p.path.to_string();
             f.writes.push(path.clone());
             f.follows.push(path.clone());
             if p.fstab {
@@ -289,17 +292,17 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             }
             f.mounts.push(Mount { path, device, kind });
         }
-        ModuleParams::LinuxLvmPv(p) => f.devices.extend(p.path.iter().map(|s| trim(s))),
-        ModuleParams::LinuxLvmVg(p) => f.devices.extend(p.path.iter().map(|s| trim(s))),
-        ModuleParams::LinuxLvmLv(p) => f.devices.extend(p.path.iter().flat_map(|a| a.iter()).map(|s| trim(s))),
+        ModuleParams::LinuxLvmPv(p) => f.devices.extend(p.path.iter().map(ToString::to_string)),
+        ModuleParams::LinuxLvmVg(p) => f.devices.extend(p.path.iter().map(ToString::to_string)),
+        ModuleParams::LinuxLvmLv(p) => f.devices.extend(p.path.iter().flat_map(|a| a.iter()).map(ToString::to_string)),
         ModuleParams::LinuxRaid(p) => {
-            f.devices.push(trim(&p.device_name));
-            f.devices.extend(p.devices.iter().map(|s| trim(s)));
+            f.devices.push(p.device_name.to_string());
+            f.devices.extend(p.devices.iter().map(ToString::to_string));
         }
         ModuleParams::LinuxDockerPulled(_) => f.system_files.push("the docker image store"),
         ModuleParams::LinuxDockerPushed(_) => f.system_files.push("the docker image store"),
         ModuleParams::LinuxDockerBuilt(p) => {
-            f.reads.push(trim(&p.path));
+            f.reads.push(p.path.to_string());
             f.runs.push(Run { what: "the build steps of a Dockerfile".into(), as_user: "root in a container".into() });
         }
         ModuleParams::LinuxDockerRunning(p) => {
@@ -311,47 +314,47 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         }
         ModuleParams::LinuxPuppetAgent(_) => f.runs.push(Run { what: "a puppet catalogue".into(), as_user: root() }),
         ModuleParams::LinuxPuppetApply(p) => {
-            f.reads.extend(p.manifests.iter().map(|s| trim(s)));
+            f.reads.extend(p.manifests.iter().map(ToString::to_string));
             f.runs.push(Run { what: "puppet manifests".into(), as_user: root() });
         }
         ModuleParams::LinuxPuppetRun(_) => f.runs.push(Run { what: "a puppet run".into(), as_user: root() }),
         ModuleParams::LinuxChefClient(p) => {
-            f.reads.extend(p.config.iter().chain(&p.client_key).map(|s| local(s)));
+            f.reads.extend(p.config.iter().chain(&p.client_key).map(ToString::to_string));
             f.runs.push(Run { what: "a chef run list".into(), as_user: root() });
         }
         ModuleParams::LinuxChefSolo(p) => {
-            f.reads.extend(p.config.iter().map(|s| local(s)));
+            f.reads.extend(p.config.iter().map(ToString::to_string));
             f.runs.push(Run { what: "chef recipes".into(), as_user: root() });
         }
         ModuleParams::CommonPipPackage(_) => f.runs.push(install_scripts("pip")),
         ModuleParams::CommonGemPackage(_) => f.runs.push(install_scripts("gem")),
         ModuleParams::CommonNpmPackage(p) => {
-            f.writes.extend(p.path.iter().map(|s| trim(s)));
+            f.writes.extend(p.path.iter().map(ToString::to_string));
             f.runs.push(install_scripts("npm"));
         }
         ModuleParams::CommonVirtualenv(p) => {
-            f.writes.push(trim(&p.path));
+            f.writes.push(p.path.to_string());
             if let Some(bin) = p.python_bin.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
                 f.interpreters.push(bin.to_string());
             }
             if let Some(req) = &p.requirements_file {
-                f.reads.push(trim(req));
+                f.reads.push(req.to_string());
                 f.runs.push(install_scripts("the requirements file's"));
             }
             if let Some(dirs) = &p.extra_search_dir {
-                f.reads.extend(dirs.iter().map(|s| trim(s)));
+                f.reads.extend(dirs.iter().map(ToString::to_string));
                 f.runs.push(Run { what: "seed packages from extra-search-dir".into(), as_user: root() });
             }
         }
         ModuleParams::CommonGit(p) => {
             vcs(&mut f, &p.path, p.user.as_deref(), "git");
-            f.reads.extend(p.ssh_key_file.iter().map(|s| trim(s)));
+            f.reads.extend(p.ssh_key_file.iter().map(ToString::to_string));
         }
         ModuleParams::CommonHg(p) => vcs(&mut f, &p.path, p.user.as_deref(), "hg"),
         ModuleParams::CommonSvn(p) => {
             // svn has no client-side hooks and reads its configuration from the
             // running user's home, not from the working copy.
-            let path = trim(&p.path);
+            let path = p.path.to_string();
             f.writes.push(path.clone());
             f.follows.push(path);
             // A local repository is read by root and its files end up in the
@@ -551,8 +554,8 @@ fn packages(f: &mut Footprint, manager: &'static str, names: &Dict, ext: &str, v
 
 /// A working copy: written, followed, and its hooks and configuration (which other
 /// grants may write) run as the checkout's user.
-fn vcs(f: &mut Footprint, path: &str, user: Option<&str>, tool: &str) {
-    let path = trim(path);
+fn vcs(f: &mut Footprint, path: &AbsPath, user: Option<&str>, tool: &str) {
+    let path = path.to_string();
     f.writes.push(path.clone());
     f.follows.push(path);
     f.runs.push(Run { what: format!("{tool} hooks and configuration of the working copy"), as_user: as_user(user) });

@@ -258,6 +258,40 @@ fn attacks(dir: &Path) -> Vec<Attack> {
             "requirements-file",
             None,
         ),
+        // Typed parameters (paths, path lists, accounts, cron fields, ports): each is
+        // refused by the decode itself, naming the parameter, not by the module.
+        at("linux.cronjob", cron(), "minute", json!("1 2"), "minute", None),
+        at("linux.cronjob", cron(), "month", json!("1-3\t* id"), "month", None),
+        at("linux.cmd", cmd("cmd-e"), "if_path_present", json!(["/", "rel"]), "if-path-present", Some(p("cmd-e"))),
+        at("linux.cmd", cmd("cmd-f"), "group", json!("root:x"), "group", Some(p("cmd-f"))),
+        at("linux.dir", json!({"path": [s("dir-u")]}), "user", json!("nobody\n"), "user", Some(p("dir-u"))),
+        at("common.ssh.known_host", json!({"hostname": "h", "username": "nobody"}), "port", json!(70000), "port", None),
+        at("linux.lvm.pv", json!({"path": ["/dev/xvdz"]}), "path", json!(["xvdz"]), "path", None),
+        at(
+            "linux.puppet.apply",
+            json!({"manifests": ["/etc/site.pp"]}),
+            "manifests",
+            json!(["../x.pp"]),
+            "manifests",
+            None,
+        ),
+        at(
+            "common.git",
+            json!({"path": s("repo"), "repo": "https://example.invalid/r.git"}),
+            "ssh_key_file",
+            json!("id_rsa"),
+            "ssh-key-file",
+            None,
+        ),
+        at("linux.mkfs", json!({"device": "/dev/xvdz", "fstype": "ext4"}), "device", json!("xvdz"), "device", None),
+        at(
+            "linux.symlink",
+            json!({"source": s("src"), "target": s("lnk")}),
+            "source",
+            json!("src"),
+            "source",
+            Some(p("lnk")),
+        ),
     ]
 }
 

@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::wire::{describe, normalise_name, Array, Dict, Kind, Line, Mode, Param, StateRefs, Text, Watch};
+use crate::wire::{
+    describe, normalise_name, Account, Array, Dict, Kind, Line, Mode, Param, PathParam, Paths, Port, StateRefs, Text,
+    Watch,
+};
 
 /// Why a state's module or parameters were refused. The message names the parameter,
 /// what was expected and what was received.
@@ -99,7 +102,20 @@ impl<'a> ParamBag<'a> {
             return Ok(None);
         };
         let blank = matches!(v, Value::String(s) if s.trim().is_empty());
-        if blank && matches!(T::KIND, Kind::Bool | Kind::Integer | Kind::Mode | Kind::Watch | Kind::State) {
+        if blank
+            && matches!(
+                T::KIND,
+                Kind::Bool
+                    | Kind::Integer
+                    | Kind::Mode
+                    | Kind::Watch
+                    | Kind::State
+                    | Kind::Path
+                    | Kind::Account
+                    | Kind::Port
+                    | Kind::Cron
+            )
+        {
             return Ok(None);
         }
         self.convert(name, v).map(Some)
@@ -434,13 +450,6 @@ impl ModuleParams {
         };
         match self {
             ModuleParams::LinuxCronjob(c) => {
-                for (field, v) in c.fields() {
-                    if let Some(v) = v {
-                        if let Err(problem) = field.normalise(v) {
-                            return invalid(field.param(), problem);
-                        }
-                    }
-                }
                 if c.cmd.is_empty() || c.cmd.iter().any(|l| l.trim().is_empty()) {
                     // The original suite expects `cmd: [""]` to fail: an entry that runs
                     // nothing is a mistake in the recipe.
@@ -621,8 +630,44 @@ impl CronField {
     }
 }
 
+/// One time field of `linux.cronjob`, as [`CronField::normalise`] wrote it: only what
+/// cron reads as one field (no blank, no newline: the field cannot carry a second
+/// crontab line), or `random`. `F` is the field's position in [`CronField::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct CronTime<const F: usize>(String);
+
+impl<const F: usize> CronTime<F> {
+    pub const FIELD: CronField = CronField::ALL[F];
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<const F: usize> std::ops::Deref for CronTime<F> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<const F: usize> Param for CronTime<F> {
+    const KIND: Kind = Kind::Cron;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let Line(raw) = Line::from_wire(v)?;
+        Self::FIELD.normalise(&raw).map(Self).map_err(Some)
+    }
+}
+
+pub type CronMinute = CronTime<0>;
+pub type CronHour = CronTime<1>;
+pub type CronDayOfMonth = CronTime<2>;
+pub type CronMonth = CronTime<3>;
+pub type CronDayOfWeek = CronTime<4>;
+
 impl LinuxCronjob {
-    /// Each time field and its value in the recipe.
+    /// Each time field and its value (normalised; absent means `*`).
     pub fn fields(&self) -> [(CronField, Option<&str>); 5] {
         [
             (CronField::Minute, self.minute.as_deref()),
@@ -637,10 +682,10 @@ impl LinuxCronjob {
 catalogue! {
     /// Downloads an http(s) archive and extracts it into a directory.
     CommonArchive = "common.archive", builtin = false {
-        path: Line = "path" => required;
+        path: PathParam = "path" => required;
         source: Line = "source" => required;
         checksum: Line = "checksum" => optional;
-        if_path_absent: Array = "if-path-absent" => optional;
+        if_path_absent: Paths = "if-path-absent" => optional;
     }
     /// Adds a RubyGems source (`gem sources --add URL`), once.
     CommonGemSource = "common.gem.source", builtin = false {
@@ -652,25 +697,25 @@ catalogue! {
     }
     /// Clones a git repository and keeps it at a revision.
     CommonGit = "common.git", builtin = false {
-        path: Line = "path" ["target"] => required;
+        path: PathParam = "path" ["target"] => required;
         repo: Line = "repo" => required;
         force: bool = "force" ["force-checkout"] => default(false);
         revision: Line = "revision" ["rev"] => default("master");
-        ssh_key_file: Line = "ssh-key-file" ["identity"] => optional;
-        user: Line = "user" => optional;
+        ssh_key_file: PathParam = "ssh-key-file" ["identity"] => optional;
+        user: Account = "user" => optional;
     }
     /// Clones or updates a Mercurial repository.
     CommonHg = "common.hg", builtin = false {
-        path: Line = "path" ["target"] => required;
+        path: PathParam = "path" ["target"] => required;
         repo: Line = "repo" => required;
         force: bool = "force" => default(false);
         revision: Line = "revision" ["rev", "branch"] => default("default");
-        user: Line = "user" => optional;
+        user: Account = "user" => optional;
     }
     /// Installs or removes Node.js packages, globally or under `path`.
     CommonNpmPackage = "common.npm.package", builtin = false {
         name: Dict = "name" => required;
-        path: Line = "path" ["dir"] => optional;
+        path: PathParam = "path" ["dir"] => optional;
     }
     /// Installs or removes Python packages with pip.
     CommonPipPackage = "common.pip.package", builtin = false {
@@ -679,17 +724,17 @@ catalogue! {
     }
     /// Checks out or updates an SVN working copy.
     CommonSvn = "common.svn", builtin = false {
-        path: Line = "path" ["target"] => required;
+        path: PathParam = "path" ["target"] => required;
         repo: Line = "repo" => required;
         force: bool = "force" => default(false);
         password: Line = "password" => optional;
         revision: Line = "revision" ["rev"] => default("HEAD");
-        user: Line = "user" => optional;
+        user: Account = "user" => optional;
         username: Line = "username" => optional;
     }
     /// Keeps public keys in (or out of) a user's authorized_keys.
     CommonSshAuth = "common.ssh.auth", builtin = false {
-        username: Line = "username" ["user"] => required;
+        username: Account = "username" ["user"] => required;
         absent: bool = "absent" => default(false);
         authname: Line = "authname" ["name"] => optional;
         content: Text = "content" => optional;
@@ -703,8 +748,8 @@ catalogue! {
         encrypt_algorithm: Line = "encrypt_algorithm" ["enc"] => optional;
         filename: Line = "filename" ["config"] => default(".ssh/known_hosts");
         fingerprint: Line = "fingerprint" => optional;
-        port: u64 = "port" => optional;
-        username: Line = "username" ["user"] => optional;
+        port: Port = "port" => optional;
+        username: Account = "username" ["user"] => optional;
     }
     /// Sets the system timezone and the hardware-clock UTC flag.
     CommonTimezone = "common.timezone", builtin = false {
@@ -713,10 +758,10 @@ catalogue! {
     }
     /// Creates a Python virtualenv, optionally from a requirements file.
     CommonVirtualenv = "common.virtualenv", builtin = false {
-        path: Line = "path" => required;
-        extra_search_dir: Array = "extra-search-dir" => optional;
+        path: PathParam = "path" => required;
+        extra_search_dir: Paths = "extra-search-dir" => optional;
         python_bin: Line = "python-bin" ["python"] => optional;
-        requirements_file: Line = "requirements-file" ["requirements"] => optional;
+        requirements_file: PathParam = "requirements-file" ["requirements"] => optional;
         system_site_packages: bool = "system-site-packages" => optional;
     }
     /// Manages apt packages.
@@ -741,14 +786,14 @@ catalogue! {
     LinuxChefClient = "linux.chef.client", builtin = false {
         server: Line = "server" => required;
         arguments: Dict = "arguments" => optional;
-        client_key: Line = "client_key" => optional;
-        config: Line = "config" => optional;
+        client_key: PathParam = "client_key" => optional;
+        config: PathParam = "config" => optional;
         version: Line = "version" => optional;
     }
     /// Runs chef-solo using a local config or a remote recipe tarball.
     LinuxChefSolo = "linux.chef.solo", builtin = false {
         arguments: Dict = "arguments" => optional;
-        config: Line = "config" => optional;
+        config: PathParam = "config" => optional;
         override_runlist: Line = "override-runlist" => optional;
         recipe_url: Line = "recipe_url" => optional;
         version: Line = "version" => optional;
@@ -756,37 +801,37 @@ catalogue! {
     /// Runs a shell command, with path-existence guards and a timeout.
     LinuxCmd = "linux.cmd", builtin = false {
         cmd: Text = "cmd" ["name"] => required;
-        cwd: Line = "cwd" => default("/opt/visualops/tmp/");
+        cwd: PathParam = "cwd" => default("/opt/visualops/tmp/");
         env: Dict = "env" => optional;
-        group: Line = "group" => optional;
-        if_path_absent: Array = "if-path-absent" ["unless"] => optional;
-        if_path_present: Array = "if-path-present" ["onlyif"] => optional;
-        shell: Line = "shell" => default("/bin/sh");
+        group: Account = "group" => optional;
+        if_path_absent: Paths = "if-path-absent" ["unless"] => optional;
+        if_path_present: Paths = "if-path-present" ["onlyif"] => optional;
+        shell: PathParam = "shell" => default("/bin/sh");
         timeout: u64 = "timeout" => default(600);
-        user: Line = "user" => optional;
+        user: Account = "user" => optional;
     }
     /// Manages a user's cron entries.
     LinuxCronjob = "linux.cronjob", builtin = false {
         cmd: Array = "cmd" ["names"] => required;
-        user: Line = "user" => default("root");
-        day_of_month: Line = "day-of-month" ["daymonth"] => optional;
-        day_of_week: Line = "day-of-week" ["dayweek"] => optional;
-        hour: Line = "hour" => optional;
-        minute: Line = "minute" => optional;
-        month: Line = "month" => optional;
+        user: Account = "user" => default("root");
+        day_of_month: CronDayOfMonth = "day-of-month" ["daymonth"] => optional;
+        day_of_week: CronDayOfWeek = "day-of-week" ["dayweek"] => optional;
+        hour: CronHour = "hour" => optional;
+        minute: CronMinute = "minute" => optional;
+        month: CronMonth = "month" => optional;
     }
     /// Ensures directories exist (or are absent) with the given owner and mode.
     LinuxDir = "linux.dir", builtin = false {
-        path: Array = "path" ["names"] => required;
+        path: Paths = "path" ["names"] => required;
         absent: bool = "absent" => default(false);
-        group: Line = "group" => optional;
+        group: Account = "group" => optional;
         mode: Mode = "mode" => optional;
         recursive: bool = "recursive" ["recurse"] => default(false);
-        user: Line = "user" => optional;
+        user: Account = "user" => optional;
     }
     /// Builds a docker image from a directory that holds a Dockerfile.
     LinuxDockerBuilt = "linux.docker.built", builtin = false {
-        path: Line = "path" => required;
+        path: PathParam = "path" => required;
         tag: Line = "tag" => required;
         containers: Array = "containers" => optional;
         force: bool = "force" => default(false);
@@ -864,13 +909,13 @@ catalogue! {
     }
     /// Manages a file's content, owner and mode, or its absence.
     LinuxFile = "linux.file", builtin = false {
-        path: Line = "path" ["name"] => required;
+        path: PathParam = "path" ["name"] => required;
         absent: bool = "absent" => default(false);
         content: Text = "content" ["contents"] => optional;
-        group: Line = "group" => optional;
+        group: Account = "group" => optional;
         mode: Mode = "mode" => optional;
         remote_uri: Line = "remote_uri" => optional;
-        user: Line = "user" => optional;
+        user: Account = "user" => optional;
     }
     /// Manages a local group.
     LinuxGroup = "linux.group", builtin = false {
@@ -895,7 +940,7 @@ catalogue! {
         mirror_number: Line = "mirror-number" => optional;
         monitor: bool = "monitor" => optional;
         no_udev_sync: bool = "no-udev-sync" => default(false);
-        path: Array = "path" ["pv"] => optional;
+        path: Paths = "path" ["pv"] => optional;
         permission: Line = "permission" => optional;
         persistent: bool = "persistent" => optional;
         pool_metadata_size: Line = "pool metadata size" => optional;
@@ -912,7 +957,7 @@ catalogue! {
     }
     /// Initialises LVM physical volumes.
     LinuxLvmPv = "linux.lvm.pv", builtin = false {
-        path: Array = "path" ["names"] => required;
+        path: Paths = "path" ["names"] => required;
         data_alignment: Line = "data-alignment" => optional;
         data_alignment_offset: Line = "data-alignment-offset" => optional;
         force: bool = "force" => default(false);
@@ -930,7 +975,7 @@ catalogue! {
     /// Creates an LVM volume group.
     LinuxLvmVg = "linux.lvm.vg", builtin = false {
         name: Line = "name" => required;
-        path: Array = "path" ["devices"] => required;
+        path: Paths = "path" ["devices"] => required;
         allocation_policy: Line = "allocation-policy" ["alloc"] => optional;
         autobackup: bool = "autobackup" => default(true);
         clustered: bool = "clustered" => default(false);
@@ -958,7 +1003,7 @@ catalogue! {
     }
     /// Creates a filesystem on a device.
     LinuxMkfs = "linux.mkfs", builtin = false {
-        device: Line = "device" => required;
+        device: PathParam = "device" => required;
         fstype: Line = "fstype" => required;
         label: Line = "label" => optional;
     }
@@ -966,7 +1011,7 @@ catalogue! {
     LinuxMount = "linux.mount", builtin = false {
         device: Line = "device" ["dev"] => required;
         filesystem: Line = "filesystem" ["fstype"] => required;
-        path: Line = "path" ["name"] => required;
+        path: PathParam = "path" ["name"] => required;
         dump: u64 = "dump" => default(0);
         fstab: bool = "fstab" ["persist"] => default(false);
         opts: Line = "opts" => optional;
@@ -980,7 +1025,7 @@ catalogue! {
     }
     /// Applies local Puppet manifests.
     LinuxPuppetApply = "linux.puppet.apply", builtin = false {
-        manifests: Array = "manifests" => required;
+        manifests: Paths = "manifests" => required;
         arguments: Dict = "arguments" => optional;
         version: Line = "version" => optional;
     }
@@ -997,8 +1042,8 @@ catalogue! {
     }
     /// Creates an mdadm software RAID array.
     LinuxRaid = "linux.raid", builtin = false {
-        device_name: Line = "device-name" ["name"] => required;
-        devices: Array = "devices" => required;
+        device_name: PathParam = "device-name" ["name"] => required;
+        devices: Paths = "devices" => required;
         level: Line = "level" => required;
         arguments: Dict = "arguments" => optional;
     }
@@ -1013,17 +1058,17 @@ catalogue! {
     }
     /// Keeps supervisord and the named programs running; restarts them when watched files change.
     LinuxSupervisord = "linux.supervisord", builtin = false {
-        config: Line = "config" ["conf-file"] => required;
+        config: PathParam = "config" ["conf-file"] => required;
         name: Array = "name" ["names"] => required;
         watch: Watch = "watch" => optional;
     }
     /// Manages a symbolic link.
     LinuxSymlink = "linux.symlink", builtin = false {
-        source: Line = "source" => required;
-        target: Line = "target" => required;
+        source: PathParam = "source" => required;
+        target: PathParam = "target" => required;
         absent: bool = "absent" => default(false);
-        group: Line = "group" => optional;
-        user: Line = "user" => optional;
+        group: Account = "group" => optional;
+        user: Account = "user" => optional;
         mode: Mode = "mode" => optional;
     }
     /// Manages a local user.
@@ -1267,6 +1312,78 @@ mod tests {
         assert_eq!(back, parsed);
         let ModuleParams::LinuxCmd(c) = back else { panic!() };
         assert_eq!(c.cmd.0, "echo $cwd");
+    }
+
+    /// Paths, path lists, accounts, cron fields and ports are typed parameters: the one
+    /// decode (daemon and helper) refuses a bad value naming the parameter, and hands
+    /// the module the validated value.
+    #[test]
+    fn typed_parameters_are_validated_at_decode() {
+        let bad = [
+            // Paths: relative, climbing, a newline, a tab.
+            ("common.git", json!({"path": "srv/app", "repo": "r"}), "path"),
+            ("common.archive", json!({"path": "/srv/../etc", "source": "https://x/a.tgz"}), "path"),
+            ("linux.symlink", json!({"source": "/a\nb", "target": "/l"}), "source"),
+            ("linux.mkfs", json!({"device": "/dev/x\ty", "fstype": "ext4"}), "device"),
+            ("common.git", json!({"path": "/srv", "repo": "r", "ssh-key-file": "id_rsa"}), "ssh-key-file"),
+            ("linux.chef.client", json!({"server": "s", "client_key": "k.pem"}), "client_key"),
+            // Path lists: one bad item refuses the list.
+            ("linux.cmd", json!({"cmd": "x", "if-path-present": ["/ok", "rel"]}), "if-path-present"),
+            ("linux.lvm.pv", json!({"path": ["/dev/xvdb", "xvdc"]}), "path"),
+            ("linux.puppet.apply", json!({"manifests": ["/etc/site.pp", "../x.pp"]}), "manifests"),
+            ("common.virtualenv", json!({"path": "/v", "extra-search-dir": ["w"]}), "extra-search-dir"),
+            // Accounts: a colon, a leading dash, a newline (before trimming), a blank.
+            ("linux.dir", json!({"path": ["/d"], "user": "root:0"}), "user"),
+            ("linux.symlink", json!({"source": "/a", "target": "/l", "group": "-g0"}), "group"),
+            ("linux.cmd", json!({"cmd": "x", "user": "root\n"}), "user"),
+            ("common.ssh.auth", json!({"username": "a b", "content": "k"}), "username"),
+            // Cron fields: a second crontab line, blanks inside, out of range.
+            ("linux.cronjob", json!({"cmd": ["x"], "minute": "* * * * * echo injected\n0"}), "minute"),
+            ("linux.cronjob", json!({"cmd": ["x"], "hour": "1 2"}), "hour"),
+            ("linux.cronjob", json!({"cmd": ["x"], "dayweek": "8"}), "day-of-week"),
+            // Ports.
+            ("common.ssh.known_host", json!({"hostname": "h", "username": "u", "port": 70000}), "port"),
+            ("common.ssh.known_host", json!({"hostname": "h", "username": "u", "port": "0"}), "port"),
+        ];
+        for (module, params, param) in bad {
+            let err = parse_state(module, &params).expect_err(&format!("{module} {params}"));
+            assert!(
+                matches!(&err, CatalogueError::Invalid { param: p, .. } | CatalogueError::WrongType { param: p, .. } if p == param),
+                "{module} {params}: {err}"
+            );
+            let wire = serde_json::from_value::<ModuleParams>(json!({"module": module, "params": params}));
+            assert!(wire.unwrap_err().to_string().contains(&format!("parameter \"{param}\"")), "{module}");
+        }
+
+        let p = parse_state(
+            "linux.cmd",
+            &json!({"cmd": "x", "cwd": " /srv//app/ ", "user": " www-data ", "if-path-absent": ["/a/./b", " ", "/c"]}),
+        )
+        .unwrap();
+        let ModuleParams::LinuxCmd(c) = &p.params else { panic!() };
+        assert_eq!((c.cwd.0.as_str(), c.cwd.to_string()), ("/srv//app/", "/srv/app".to_string()));
+        assert_eq!(c.user.as_deref(), Some("www-data"));
+        let absent: Vec<String> = c.if_path_absent.iter().flat_map(|a| a.iter()).map(ToString::to_string).collect();
+        assert_eq!(absent, ["/a/b", "/c"]);
+        // What the daemon sends is what it checked: the helper reads it back the same.
+        let back: ModuleParams = serde_json::from_value(serde_json::to_value(&p.params).unwrap()).unwrap();
+        assert_eq!(back, p.params);
+
+        let p =
+            parse_state("linux.cronjob", &json!({"cmd": ["x"], "minute": "0,30", "dayweek": "mon-fri", "hour": ""}))
+                .unwrap();
+        let ModuleParams::LinuxCronjob(j) = &p.params else { panic!() };
+        assert_eq!(j.fields().map(|(_, v)| v), [Some("0,30"), None, None, None, Some("1-5")]);
+        assert_eq!(j.user.as_str(), "root");
+
+        let p =
+            parse_state("common.ssh.known_host", &json!({"hostname": "h", "username": "u", "port": "2222"})).unwrap();
+        let ModuleParams::CommonSshKnownHost(k) = &p.params else { panic!() };
+        assert_eq!(k.port, Some(Port(2222)));
+        // Blank optional typed values are "not given", as for the other non-text types.
+        let p = parse_state("linux.file", &json!({"path": "/f", "user": "", "group": " "})).unwrap();
+        let ModuleParams::LinuxFile(f) = &p.params else { panic!() };
+        assert_eq!((f.user.as_ref(), f.group.as_ref()), (None, None));
     }
 
     #[test]

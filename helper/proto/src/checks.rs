@@ -10,7 +10,7 @@
 
 use crate::catalogue::{CatalogueError, ModuleParams};
 use crate::newtypes::{AbsPath, UnitName};
-use crate::wire::{shorten, Array, Dict, Line, Watch};
+use crate::wire::{account_problem, shorten, Dict, Line, Watch};
 
 /// An `http://` or `https://` URL: content the daemon downloads for the helper.
 pub fn is_remote(value: &str) -> bool {
@@ -22,68 +22,44 @@ pub fn is_remote(value: &str) -> bool {
 pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> {
     let c = Checker { module: params.name() };
     match params {
-        ModuleParams::CommonArchive(p) => {
-            c.path("path", &p.path)?;
-            c.paths("if-path-absent", p.if_path_absent.as_ref())?;
-            c.url("source", &p.source)
-        }
+        ModuleParams::CommonArchive(p) => c.url("source", &p.source),
         ModuleParams::CommonGemPackage(p) => c.names("name", &p.name),
         ModuleParams::CommonGemSource(p) => c.url("url", &p.url),
         ModuleParams::CommonSshAuth(p) => {
-            c.account("username", &p.username)?;
             c.home_file("filename", &p.filename)?;
             c.url("encrypt_algorithm", &p.encrypt_algorithm)
         }
         ModuleParams::CommonSshKnownHost(p) => {
             c.url("hostname", &p.hostname)?;
-            c.opt_account("username", p.username.as_ref())?;
             c.home_file("filename", &p.filename)?;
             if p.username.as_deref().is_none_or(|u| u.trim().is_empty()) && !p.filename.trim().starts_with('/') {
                 return c.invalid("filename", "without username the file must be an absolute path".into());
-            }
-            if p.port.is_some_and(|port| port == 0 || port > 65535) {
-                return c.invalid("port", "a port is 1-65535".into());
             }
             c.opt_url("encrypt_algorithm", p.encrypt_algorithm.as_ref())?;
             c.opt_url("fingerprint", p.fingerprint.as_ref())
         }
         ModuleParams::LinuxSelinux(_) => Ok(()),
         ModuleParams::CommonGit(p) => {
-            c.path("path", &p.path)?;
             c.url("repo", &p.repo)?;
-            c.argument("revision", &p.revision)?;
-            c.opt_path("ssh-key-file", p.ssh_key_file.as_ref())?;
-            c.opt_account("user", p.user.as_ref())
+            c.argument("revision", &p.revision)
         }
         ModuleParams::CommonHg(p) => {
-            c.path("path", &p.path)?;
             c.url("repo", &p.repo)?;
-            c.argument("revision", &p.revision)?;
-            c.opt_account("user", p.user.as_ref())
+            c.argument("revision", &p.revision)
         }
-        ModuleParams::CommonNpmPackage(p) => {
-            c.names("name", &p.name)?;
-            c.opt_path("path", p.path.as_ref())
-        }
+        ModuleParams::CommonNpmPackage(p) => c.names("name", &p.name),
         ModuleParams::CommonPipPackage(p) => c.names("name", &p.name),
         ModuleParams::CommonSvn(p) => {
-            c.path("path", &p.path)?;
             c.url("repo", &p.repo)?;
             c.argument("revision", &p.revision)?;
-            c.opt_account("user", p.user.as_ref())?;
             c.opt_argument("username", p.username.as_ref())
         }
         ModuleParams::CommonTimezone(p) => c.timezone("name", &p.name),
-        ModuleParams::CommonVirtualenv(p) => {
-            c.path("path", &p.path)?;
-            c.opt_path("requirements-file", p.requirements_file.as_ref())?;
-            c.paths("extra-search-dir", p.extra_search_dir.as_ref())?;
-            match p.python_bin.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
-                Some(bin) if bin.contains('/') => c.path("python-bin", bin),
-                Some(bin) => c.file_name("python-bin", bin),
-                None => Ok(()),
-            }
-        }
+        ModuleParams::CommonVirtualenv(p) => match p.python_bin.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
+            Some(bin) if bin.contains('/') => c.path("python-bin", bin),
+            Some(bin) => c.file_name("python-bin", bin),
+            None => Ok(()),
+        },
         ModuleParams::LinuxAptPackage(p) => {
             c.names("name", &p.name)?;
             c.opt_local("deb-conf-file", p.deb_conf_file.as_ref())?;
@@ -94,22 +70,9 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             c.opt_argument("username", p.username.as_ref())
         }
         ModuleParams::LinuxAptRepo(p) => c.file_name("name", &p.name),
-        ModuleParams::LinuxChefClient(p) => {
-            c.url("server", &p.server)?;
-            c.opt_path("client_key", p.client_key.as_ref())?;
-            c.opt_path("config", p.config.as_ref())
-        }
-        ModuleParams::LinuxChefSolo(p) => {
-            c.opt_path("config", p.config.as_ref())?;
-            c.opt_url("recipe_url", p.recipe_url.as_ref())
-        }
+        ModuleParams::LinuxChefClient(p) => c.url("server", &p.server),
+        ModuleParams::LinuxChefSolo(p) => c.opt_url("recipe_url", p.recipe_url.as_ref()),
         ModuleParams::LinuxCmd(p) => {
-            c.path("cwd", &p.cwd)?;
-            c.path("shell", &p.shell)?;
-            c.opt_account("user", p.user.as_ref())?;
-            c.opt_account("group", p.group.as_ref())?;
-            c.paths("if-path-absent", p.if_path_absent.as_ref())?;
-            c.paths("if-path-present", p.if_path_present.as_ref())?;
             for e in p.env.iter().flat_map(|d| d.iter()) {
                 let ok = e.key.starts_with(|ch: char| ch.is_ascii_alphabetic() || ch == '_')
                     && e.key.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
@@ -120,19 +83,13 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             Ok(())
         }
         ModuleParams::LinuxCronjob(p) => {
-            c.account("user", &p.user)?;
             if p.cmd.iter().all(|l| l.trim().is_empty()) {
                 return c.invalid("cmd", "no command given".into());
             }
             Ok(())
         }
-        ModuleParams::LinuxDir(p) => {
-            c.paths("path", Some(&p.path))?;
-            c.opt_account("user", p.user.as_ref())?;
-            c.opt_account("group", p.group.as_ref())
-        }
+        ModuleParams::LinuxDir(_) => Ok(()),
         ModuleParams::LinuxDockerBuilt(p) => {
-            c.path("path", &p.path)?;
             c.argument("tag", &p.tag)?;
             c.watch("watch", p.watch.as_ref())
         }
@@ -161,39 +118,22 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             c.dict_paths("files", p.files.as_ref())?;
             c.watch("watch", p.watch.as_ref())
         }
-        ModuleParams::LinuxFile(p) => {
-            c.path("path", &p.path)?;
-            c.opt_account("user", p.user.as_ref())?;
-            c.opt_account("group", p.group.as_ref())?;
-            c.opt_url("remote_uri", p.remote_uri.as_ref())
-        }
+        ModuleParams::LinuxFile(p) => c.opt_url("remote_uri", p.remote_uri.as_ref()),
         ModuleParams::LinuxGroup(p) => c.account("groupname", &p.groupname),
         ModuleParams::LinuxLvmLv(p) => {
             c.argument("name", &p.name)?;
-            c.argument("vg-name", &p.vg_name)?;
-            c.paths("path", p.path.as_ref())
+            c.argument("vg-name", &p.vg_name)
         }
-        ModuleParams::LinuxLvmPv(p) => c.paths("path", Some(&p.path)),
-        ModuleParams::LinuxLvmVg(p) => {
-            c.argument("name", &p.name)?;
-            c.paths("path", Some(&p.path))
-        }
-        ModuleParams::LinuxMkfs(p) => {
-            c.path("device", &p.device)?;
-            c.opt_argument("label", p.label.as_ref())
-        }
+        ModuleParams::LinuxLvmPv(_) => Ok(()),
+        ModuleParams::LinuxLvmVg(p) => c.argument("name", &p.name),
+        ModuleParams::LinuxMkfs(p) => c.opt_argument("label", p.label.as_ref()),
         ModuleParams::LinuxMount(p) => {
-            c.path("path", &p.path)?;
             c.argument("device", &p.device)?;
             c.argument("filesystem", &p.filesystem)?;
             c.opt_argument("opts", p.opts.as_ref())
         }
         ModuleParams::LinuxPuppetAgent(p) => c.argument("server", &p.server),
-        ModuleParams::LinuxPuppetApply(p) => c.paths("manifests", Some(&p.manifests)),
-        ModuleParams::LinuxRaid(p) => {
-            c.path("device-name", &p.device_name)?;
-            c.paths("devices", Some(&p.devices))
-        }
+        ModuleParams::LinuxPuppetApply(_) | ModuleParams::LinuxRaid(_) => Ok(()),
         // A URL (downloaded by the daemon, as the adaptor's `rpm --import URL` did) or a
         // local file.
         ModuleParams::LinuxRpmKey(p) if crate::checks::is_remote(&p.path) => c.url("path", &p.path),
@@ -207,18 +147,12 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             c.watch("watch", p.watch.as_ref())
         }
         ModuleParams::LinuxSupervisord(p) => {
-            c.path("config", &p.config)?;
             for n in p.name.iter().filter(|n| !n.trim().is_empty()) {
                 c.file_name("name", n)?;
             }
             c.watch("watch", p.watch.as_ref())
         }
-        ModuleParams::LinuxSymlink(p) => {
-            c.path("source", &p.source)?;
-            c.path("target", &p.target)?;
-            c.opt_account("user", p.user.as_ref())?;
-            c.opt_account("group", p.group.as_ref())
-        }
+        ModuleParams::LinuxSymlink(_) => Ok(()),
         ModuleParams::LinuxUser(p) => {
             c.account("username", &p.username)?;
             for g in p.groups.iter().flat_map(|a| a.iter()).filter(|g| !g.trim().is_empty()) {
@@ -302,14 +236,6 @@ impl Checker {
         }
     }
 
-    /// Every non-blank item is a path.
-    fn paths(&self, param: &str, items: Option<&Array>) -> Result<(), CatalogueError> {
-        for item in items.iter().flat_map(|a| a.iter()).filter(|i| !i.trim().is_empty()) {
-            self.path(param, item)?;
-        }
-        Ok(())
-    }
-
     /// Every key of a dict is a path (docker `files`).
     fn dict_paths(&self, param: &str, d: Option<&Dict>) -> Result<(), CatalogueError> {
         for e in d.iter().flat_map(|d| d.iter()) {
@@ -327,25 +253,11 @@ impl Checker {
         Ok(())
     }
 
-    /// A user or group: a name as `useradd` accepts it (letters, digits, `_`, `.`,
-    /// `-`, not first, an optional trailing `$`, at most 32 bytes) or a numeric id.
+    /// A user or group of `linux.user`/`linux.group`, whose parameters stay free text
+    /// (their states check them again themselves): as [`crate::wire::Account`] reads one.
     fn account(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
-        let name = raw.trim();
-        let body = name.strip_suffix('$').unwrap_or(name);
-        let ok = !body.is_empty()
-            && name.len() <= 32
-            && !body.starts_with('-')
-            && body.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-        if ok {
-            Ok(())
-        } else {
-            self.invalid(param, format!("{:?} is not a user or group name", shorten(raw)))
-        }
-    }
-
-    fn opt_account(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
-        match raw.map(|r| r.trim()).filter(|r| !r.is_empty()) {
-            Some(r) => self.account(param, r),
+        match account_problem(raw) {
+            Some(problem) => self.invalid(param, problem),
             None => Ok(()),
         }
     }

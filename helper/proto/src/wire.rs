@@ -28,6 +28,10 @@ pub enum Kind {
     Mode,
     Watch,
     Path,
+    Paths,
+    Account,
+    Port,
+    Cron,
 }
 
 impl Kind {
@@ -44,6 +48,10 @@ impl Kind {
             Kind::Mode => "an octal mode such as \"0644\"",
             Kind::Watch => "a list of file paths, or true",
             Kind::Path => "an absolute path",
+            Kind::Paths => "a list of absolute paths",
+            Kind::Account => "a user or group name",
+            Kind::Port => "a port number (1-65535)",
+            Kind::Cron => "a cron time field (numbers, names, *, ranges, lists, steps)",
         }
     }
 }
@@ -479,6 +487,148 @@ impl Param for AbsPath {
         let raw = scalar_text(v).ok_or(None)?;
         control_char(&raw, |_| false)?;
         AbsPath::parse(raw.trim()).map_err(|e| Some(e.to_string()))
+    }
+}
+
+/// An absolute path parameter: the path as the recipe wrote it (trimmed; what goes
+/// back on the wire, so that the helper reads exactly what the daemon checked) and its
+/// validated, normalised form, which is what a module acts on. Built only by decoding
+/// (or from an [`AbsPath`]), so a module cannot hold one that did not pass.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "String")]
+pub struct PathParam(pub String, AbsPath);
+
+impl PathParam {
+    /// The validated path.
+    pub fn abs(&self) -> &AbsPath {
+        &self.1
+    }
+}
+
+impl Deref for PathParam {
+    type Target = AbsPath;
+    fn deref(&self) -> &AbsPath {
+        &self.1
+    }
+}
+
+impl fmt::Display for PathParam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.1, f)
+    }
+}
+
+impl From<AbsPath> for PathParam {
+    fn from(p: AbsPath) -> Self {
+        Self(p.to_string(), p)
+    }
+}
+
+impl From<PathParam> for String {
+    fn from(p: PathParam) -> String {
+        p.0
+    }
+}
+
+impl Param for PathParam {
+    const KIND: Kind = Kind::Path;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let abs = AbsPath::from_wire(v)?;
+        let text = scalar_text(v).ok_or(None)?.trim().to_string();
+        Ok(Self(text, abs))
+    }
+}
+
+/// A list of absolute paths (`linux.dir` `path`, guards, devices): each item as
+/// [`AbsPath`] reads it; blank items are skipped, as they always were.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[serde(transparent)]
+pub struct Paths(pub Vec<AbsPath>);
+
+impl Deref for Paths {
+    type Target = [AbsPath];
+    fn deref(&self) -> &[AbsPath] {
+        &self.0
+    }
+}
+
+impl Param for Paths {
+    const KIND: Kind = Kind::Paths;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let Array(items) = Array::from_wire(v)?;
+        items
+            .iter()
+            .filter(|i| !i.trim().is_empty())
+            .map(|i| AbsPath::from_wire(&Value::String(i.clone())))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+}
+
+/// Why `raw` (trimmed) is not a user or group name as `useradd` accepts one (letters,
+/// digits, `_`, `.`, `-` but not first, an optional trailing `$`, at most 32 bytes) nor
+/// a numeric id; `None` when it is one.
+pub fn account_problem(raw: &str) -> Option<String> {
+    let name = raw.trim();
+    let body = name.strip_suffix('$').unwrap_or(name);
+    let ok = !body.is_empty()
+        && name.len() <= 32
+        && !body.starts_with('-')
+        && body.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    (!ok).then(|| format!("{:?} is not a user or group name", shorten(raw)))
+}
+
+/// A user or group, by name or numeric id, trimmed: nothing that could end a
+/// passwd/group/crontab line, separate fields (`:`), or read as an option.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Account(String);
+
+impl Account {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for Account {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Param for Account {
+    const KIND: Kind = Kind::Account;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let raw = scalar_text(v).ok_or(None)?;
+        // Checked before trimming: "root\n" is no account, whatever trimming leaves.
+        control_char(&raw, |_| false)?;
+        match account_problem(&raw) {
+            Some(problem) => Err(Some(problem)),
+            None => Ok(Self(raw.trim().to_string())),
+        }
+    }
+}
+
+/// A TCP/UDP port, 1-65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Port(pub u16);
+
+impl Param for Port {
+    const KIND: Kind = Kind::Port;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let n = u64::from_wire(v)?;
+        match u16::try_from(n) {
+            Ok(p) if p > 0 => Ok(Port(p)),
+            _ => Err(Some(format!("{n} is not a port (1-65535)"))),
+        }
     }
 }
 

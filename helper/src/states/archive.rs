@@ -35,7 +35,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::CommonArchive;
-use opsagent_proto::newtypes::{AbsPath, InvalidValue};
+use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::Change;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -52,8 +52,6 @@ const SUPPORTED: &str = "tar, tgz, tar.gz, bz, bz2, tbz, tbz2, tar.bz2 or zip";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    #[error("parameter path: {0}")]
-    Path(InvalidValue),
     #[error("parameter path: \"/\" cannot be replaced by an archive")]
     Root,
     #[error("parameter source {0:?}: only http:// and https:// URLs can be downloaded")]
@@ -62,8 +60,6 @@ pub enum ArchiveError {
     SourceFormat(String),
     #[error("parameter checksum {0:?}: expected md5:<hex>, sha256:<hex> or the http(s) URL of a checksum file")]
     Checksum(String),
-    #[error("parameter if-path-absent {0:?}: {1}")]
-    IfPathAbsent(String, InvalidValue),
     #[error("checksum file {url}: {reason}")]
     ChecksumFile { url: String, reason: String },
     #[error("checksum mismatch for {url}: its {algo} is {got}, expected {want}; nothing was extracted")]
@@ -138,7 +134,7 @@ struct Checked {
 }
 
 fn check(p: &CommonArchive) -> Result<Checked, ArchiveError> {
-    let path = AbsPath::parse(&p.path).map_err(ArchiveError::Path)?;
+    let path = p.path.abs().clone();
     if path.is_root() {
         return Err(ArchiveError::Root);
     }
@@ -148,18 +144,12 @@ fn check(p: &CommonArchive) -> Result<Checked, ArchiveError> {
     }
     let format = ArchiveFormat::from_name(&source).ok_or_else(|| ArchiveError::SourceFormat(source.clone()))?;
     let checksum = p.checksum.as_deref().filter(|c| !c.trim().is_empty()).map(Checksum::parse).transpose()?;
-    let if_absent = p
-        .if_path_absent
-        .iter()
-        .flat_map(|a| a.iter())
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| AbsPath::parse(s.trim()).map_err(|e| ArchiveError::IfPathAbsent(s.clone(), e)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let if_absent = p.if_path_absent.iter().flat_map(|a| a.iter()).cloned().collect();
     Ok(Checked { path, source, format, checksum, if_absent })
 }
 
 pub fn apply(p: &CommonArchive, ctx: &Ctx, fetched: &Fetched<'_>) -> Step {
-    let subject = p.path.to_string();
+    let subject = p.path.0.clone();
     let mut changes = Vec::new();
     let mut notes = Vec::new();
     let result = (|| -> Result<Option<Vec<String>>, ArchiveError> {

@@ -50,10 +50,10 @@ fn given(v: &Option<opsagent_proto::wire::Line>) -> Option<&str> {
 
 pub fn client_args(p: &LinuxChefClient) -> Vec<String> {
     let mut a = vec!["-S".to_string(), p.server.trim().to_string()];
-    if let Some(k) = given(&p.client_key) {
+    if let Some(k) = &p.client_key {
         a.extend(["-k".to_string(), k.to_string()]);
     }
-    if let Some(c) = given(&p.config) {
+    if let Some(c) = &p.config {
         a.extend(["-c".to_string(), c.to_string()]);
     }
     a.extend(render_arguments(p.arguments.as_ref()));
@@ -62,7 +62,7 @@ pub fn client_args(p: &LinuxChefClient) -> Vec<String> {
 
 pub fn solo_args(p: &LinuxChefSolo) -> Vec<String> {
     let mut a = Vec::new();
-    if let Some(c) = given(&p.config) {
+    if let Some(c) = &p.config {
         a.extend(["-c".to_string(), c.to_string()]);
     }
     if let Some(r) = given(&p.recipe_url) {
@@ -121,9 +121,9 @@ pub async fn solo_using(program: Option<PathBuf>, p: &LinuxChefSolo, cancel: Can
 
 /// Chef runs as root and reads its configuration and client key by path: only files
 /// root controls ([`crate::states::root_read`]).
-fn root_controlled(param: &'static str, v: &Option<opsagent_proto::wire::Line>) -> Result<(), String> {
-    match given(v) {
-        Some(raw) => crate::states::root_read::check_value(param, raw).map(drop).map_err(|e| e.to_string()),
+fn root_controlled(param: &'static str, v: &Option<opsagent_proto::wire::PathParam>) -> Result<(), String> {
+    match v {
+        Some(path) => crate::states::root_read::check(param, path).map_err(|e| e.to_string()),
         None => Ok(()),
     }
 }

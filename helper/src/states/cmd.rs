@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::LinuxCmd;
-use opsagent_proto::newtypes::{AbsPath, InvalidValue};
+use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 
 use crate::cancel::Cancel;
@@ -22,8 +22,6 @@ pub use crate::exec::BASE_PATH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
-    #[error("parameter {param}: {source}")]
-    Path { param: &'static str, source: InvalidValue },
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
@@ -38,10 +36,6 @@ pub enum CmdError {
     EnvValue(String),
     #[error(transparent)]
     Spawn(#[from] SpawnError),
-}
-
-fn parse(param: &'static str, raw: &str) -> Result<AbsPath, CmdError> {
-    AbsPath::parse(raw).map_err(|source| CmdError::Path { param, source })
 }
 
 /// What to do, once the parameters are checked.
@@ -94,12 +88,11 @@ pub async fn apply(p: &LinuxCmd, ctx: &Ctx, mut cancel: Cancel) -> Outcome {
 }
 
 fn plan(p: &LinuxCmd, ctx: &Ctx, changes: &mut Vec<Change>) -> Result<Plan, CmdError> {
-    let present = p.if_path_present.iter().flat_map(|a| a.iter()).map(|s| parse("if-path-present", s));
-    let present = present.collect::<Result<Vec<_>, _>>()?;
-    let absent = p.if_path_absent.iter().flat_map(|a| a.iter()).map(|s| parse("if-path-absent", s));
-    let absent = absent.collect::<Result<Vec<_>, _>>()?;
-    let shell = parse("shell", &p.shell)?;
-    let cwd = parse("cwd", &p.cwd)?;
+    // Paths arrive validated by the catalogue's decode (absolute, normalised).
+    let present: Vec<&AbsPath> = p.if_path_present.iter().flat_map(|a| a.iter()).collect();
+    let absent: Vec<&AbsPath> = p.if_path_absent.iter().flat_map(|a| a.iter()).collect();
+    let shell = p.shell.abs();
+    let cwd = p.cwd.abs().clone();
 
     let user = identity::user(p.user.as_deref().unwrap_or("root"))?;
     let gid = match p.group.as_deref() {

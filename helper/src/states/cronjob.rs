@@ -40,12 +40,15 @@ pub fn random_value(field: CronField, seed: &str, state: &StateId) -> u32 {
     lo + u32::try_from(h % u64::from(hi - lo + 1)).unwrap_or(0)
 }
 
-/// The crontab text of one time field (the catalogue checked it already; should a
-/// value still be refused, the state fails rather than writing `*`).
-pub fn time_field(field: CronField, raw: Option<&str>, seed: &str, state: &StateId) -> Result<String, UserError> {
-    let text =
-        field.normalise(raw.unwrap_or("")).map_err(|problem| UserError::Field { param: field.param(), problem })?;
-    Ok(if text == "random" { random_value(field, seed, state).to_string() } else { text })
+/// The crontab text of one time field. The catalogue's decode wrote the value in
+/// cron's own syntax (it cannot hold a blank or a newline); absent is `*`, and `random`
+/// is picked here.
+pub fn time_field(field: CronField, value: Option<&str>, seed: &str, state: &StateId) -> String {
+    match value {
+        None => "*".to_string(),
+        Some("random") => random_value(field, seed, state).to_string(),
+        Some(v) => v.to_string(),
+    }
 }
 
 /// The block's lines for the state's parameters; `seed` makes `random` stable.
@@ -53,8 +56,8 @@ pub fn block(state: &StateId, p: &LinuxCronjob, seed: &str) -> Result<Vec<String
     let time = p
         .fields()
         .into_iter()
-        .map(|(field, raw)| time_field(field, raw, seed, state))
-        .collect::<Result<Vec<_>, _>>()?
+        .map(|(field, value)| time_field(field, value, seed, state))
+        .collect::<Vec<_>>()
         .join(" ");
     let mut lines = vec![begin_marker(state)];
     lines.extend(p.cmd.iter().map(|c| format!("{time} {}", c.trim())));
@@ -113,7 +116,7 @@ pub async fn apply(p: &LinuxCronjob, state: &StateId, mut cancel: Cancel) -> Out
     let mut changes = Vec::new();
     let result = run(p, state, &mut changes, &mut cancel).await;
     let cancelled = matches!(&result, Err(UserError::Tool(e)) if e.is_cancelled());
-    let mut outcome = super::finish(&format!("crontab of {}", p.user.trim()), result, changes, &[]);
+    let mut outcome = super::finish(&format!("crontab of {}", p.user), result, changes, &[]);
     outcome.cancelled = cancelled;
     outcome
 }
@@ -124,7 +127,8 @@ async fn run(
     changes: &mut Vec<Change>,
     cancel: &mut Cancel,
 ) -> Result<(), UserError> {
-    let user = p.user.trim();
+    // An account name (decoded as one); crontab -u takes a name, not a numeric id.
+    let user = p.user.as_str();
     if !valid_account_name(user) {
         return Err(UserError::Name { param: "user", value: user.to_string() });
     }

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use opsagent_proto::catalogue::LinuxDir;
-use opsagent_proto::newtypes::{AbsPath, InvalidValue};
+use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 use rustix::fs::FileType;
 
@@ -37,8 +37,6 @@ const NEW_DIR_MODE: u32 = 0o755;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
-    #[error("parameter path: {0}")]
-    Path(#[from] InvalidValue),
     #[error("refusing to remove {0}: a directory to remove needs at least {MIN_COMPONENTS_TO_REMOVE} path components")]
     TooShallow(AbsPath),
     #[error(transparent)]
@@ -58,12 +56,13 @@ pub enum DirError {
 pub fn apply(p: &LinuxDir) -> Outcome {
     let mut changes = Vec::new();
     let result = run(p, &mut changes);
-    super::finish(&p.path.join(", "), result, changes, &[])
+    let target: Vec<String> = p.path.iter().map(ToString::to_string).collect();
+    super::finish(&target.join(", "), result, changes, &[])
 }
 
 fn run(p: &LinuxDir, changes: &mut Vec<Change>) -> Result<(), DirError> {
-    // All paths are checked before anything is touched.
-    let paths = p.path.iter().map(|s| AbsPath::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    // The paths were checked (all of them) by the catalogue's decode.
+    let paths: &[AbsPath] = &p.path;
     if p.absent {
         if let Some(shallow) = paths.iter().find(|d| depth(d) < MIN_COMPONENTS_TO_REMOVE) {
             return Err(DirError::TooShallow(shallow.clone()));
@@ -72,7 +71,7 @@ fn run(p: &LinuxDir, changes: &mut Vec<Change>) -> Result<(), DirError> {
     }
     let owner = super::file::owner_or_root(p.user.as_deref(), p.group.as_deref())?;
     let mode = p.mode.map(|m| m.bits());
-    for path in &paths {
+    for path in paths {
         let (uid, gid) = owner.for_new();
         if plan::active() {
             // The same walk over what exists; what is missing would be created.

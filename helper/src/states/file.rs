@@ -24,7 +24,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::LinuxFile;
-use opsagent_proto::newtypes::{AbsPath, InvalidValue};
+use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 use rustix::fs::FileType;
 
@@ -45,8 +45,6 @@ const NEW_FILE_MODE: u32 = 0o644;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("parameter path: {0}")]
-    Path(#[from] InvalidValue),
     #[error("parameter path: \"/\" is not a file")]
     Root,
     #[error("remote_uri {0:?}: only http:// and https:// URLs can be downloaded")]
@@ -90,7 +88,7 @@ fn outcome(p: &LinuxFile, policy: &Policy, fetched: &Fetched<'_>) -> Outcome {
     } else {
         run(p, fetched, &mut changes)
     };
-    let mut outcome = super::finish(&p.path, result, changes, &[]);
+    let mut outcome = super::finish(&p.path.0, result, changes, &[]);
     outcome.diff = diff;
     outcome
 }
@@ -105,7 +103,7 @@ pub(crate) fn owner_or_root(user: Option<&str>, group: Option<&str>) -> Result<O
 /// once, without a download).
 fn wanted_download(p: &LinuxFile) -> Option<&str> {
     let uri = p.remote_uri.as_deref()?;
-    let path_ok = AbsPath::parse(&p.path).is_ok_and(|a| !a.is_root());
+    let path_ok = !p.path.is_root();
     (!p.absent && path_ok && remote_scheme_ok(uri)).then_some(uri)
 }
 
@@ -129,7 +127,7 @@ impl Drop for Staged<'_> {
 }
 
 fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Result<(), FileError> {
-    let path = AbsPath::parse(&p.path)?;
+    let path = p.path.abs().clone();
     if path.is_root() {
         return Err(FileError::Root);
     }
@@ -221,7 +219,7 @@ fn planned(
     changes: &mut Vec<Change>,
     diff: &mut Option<String>,
 ) -> Result<(), FileError> {
-    let path = AbsPath::parse(&p.path)?;
+    let path = p.path.abs().clone();
     if path.is_root() {
         return Err(FileError::Root);
     }

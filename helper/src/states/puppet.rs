@@ -204,21 +204,19 @@ pub async fn apply_using(program: Option<PathBuf>, p: &LinuxPuppetApply, mut can
     let Some(program) = program else {
         return Outcome::failed(not_installed("puppet"));
     };
-    let manifests: Vec<&str> = p.manifests.iter().map(|m| m.trim()).filter(|m| !m.is_empty()).collect();
-    if manifests.is_empty() {
+    // Absolute paths, checked by the catalogue's decode (none reads as an option).
+    if p.manifests.is_empty() {
         return Outcome::failed("parameter manifests: no manifest given");
     }
-    if let Some(bad) = manifests.iter().find(|m| m.starts_with('-')) {
-        return Outcome::failed(format!("parameter manifests: {bad:?} is not a file name"));
-    }
     // puppet reads them as root: only manifests root controls (root_read).
-    for m in &manifests {
-        if let Err(e) = crate::states::root_read::check_value("manifests", m) {
+    for m in p.manifests.iter() {
+        if let Err(e) = crate::states::root_read::check("manifests", m) {
             return Outcome::failed(e.to_string());
         }
     }
+    let manifests: Vec<String> = p.manifests.iter().map(ToString::to_string).collect();
     let mut acc = Outcome::ok("");
-    for m in manifests {
+    for m in &manifests {
         if !run_one(&program, apply_args(p, m), true, &format!("puppet apply {m}"), &mut acc, &mut cancel).await {
             break;
         }

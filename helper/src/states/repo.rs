@@ -11,8 +11,11 @@
 use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::{LinuxAptPpa, LinuxAptRepo, LinuxFile, LinuxRpmKey, LinuxYumRepo};
+use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
-use opsagent_proto::wire::{Line, Mode, Text};
+#[cfg(test)]
+use opsagent_proto::wire::Line;
+use opsagent_proto::wire::{Mode, PathParam, Text};
 
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, ToolError};
@@ -125,8 +128,10 @@ fn managed_file(path: &str, content: &str, mode: u32, changes: &mut Vec<Change>)
     if !text.ends_with('\n') {
         text.push('\n');
     }
+    // The helper's own file names (a fixed directory and a checked name).
+    let path = AbsPath::parse(path).map_err(|e| RepoError::File(e.to_string()))?;
     let p = LinuxFile {
-        path: Line(path.to_string()),
+        path: PathParam::from(path),
         absent: false,
         content: Some(Text(text)),
         group: None,

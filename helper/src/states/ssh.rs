@@ -474,14 +474,14 @@ async fn run_known(
     cancel: &mut Cancel,
 ) -> Result<(), SshError> {
     let host = p.hostname.trim();
-    let field = host_field(host, p.port);
+    let field = host_field(host, p.port.map(|port| u64::from(port.0)));
     let t = target(p.username.as_deref(), &p.filename)?;
     let keys = if p.absent {
         Vec::new()
     } else {
         let mut args = vec!["-T".to_string(), "10".into()];
         if let Some(port) = p.port {
-            args.extend(["-p".into(), port.to_string()]);
+            args.extend(["-p".into(), port.0.to_string()]);
         }
         if let Some(enc) = p.encrypt_algorithm.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
             // ssh-keyscan names types by family (rsa, ecdsa, ed25519, dsa).

@@ -274,7 +274,7 @@ pub async fn run(
     let mut run = Run::new(cancel);
     let result = steps(p, state, store, sup, &mut run).await;
     let cancelled = result.as_ref().is_err_and(SupervisorError::is_cancelled);
-    let subject = format!("{} (supervisord -c {})", p.name.join(", "), p.config.trim());
+    let subject = format!("{} (supervisord -c {})", p.name.join(", "), p.config.0);
     run.finish_with(&subject, result, cancelled)
 }
 
@@ -285,7 +285,7 @@ async fn steps(
     sup: &Supervisor,
     run: &mut Run,
 ) -> Result<(), SupervisorError> {
-    let config = AbsPath::parse(p.config.trim()).map_err(|source| SupervisorError::Path { param: "config", source })?;
+    let config = p.config.abs().clone();
     if !config.as_path().is_file() {
         return Err(SupervisorError::NoConfig(config));
     }

@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::LinuxSymlink;
-use opsagent_proto::newtypes::{AbsPath, InvalidValue};
+use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 use rustix::fs::FileType;
 
@@ -23,8 +23,6 @@ use crate::plan;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SymlinkError {
-    #[error("parameter {param}: {source}")]
-    Path { param: &'static str, source: InvalidValue },
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
@@ -44,11 +42,7 @@ pub fn apply(p: &LinuxSymlink) -> Outcome {
         Some(m) => vec![format!("mode {m} ignored: a symbolic link's mode means nothing on Linux")],
         None => Vec::new(),
     };
-    super::finish(&p.target, result, changes, &notes)
-}
-
-fn parse(param: &'static str, raw: &str) -> Result<AbsPath, SymlinkError> {
-    AbsPath::parse(raw).map_err(|source| SymlinkError::Path { param, source })
+    super::finish(&p.target.0, result, changes, &notes)
 }
 
 /// The directory that holds the link (opened through descriptors, links on the way
@@ -63,11 +57,11 @@ fn open_parent(link: &AbsPath) -> Result<Option<Resolved>, SymlinkError> {
 }
 
 fn run(p: &LinuxSymlink, changes: &mut Vec<Change>) -> Result<(), SymlinkError> {
-    let link = parse("target", &p.target)?;
+    let link = p.target.abs().clone();
     if p.absent {
         return remove(&link, changes);
     }
-    let source = parse("source", &p.source)?;
+    let source = p.source.abs().clone();
     let owner = super::file::owner_or_root(p.user.as_deref(), p.group.as_deref())?;
     let Some(r) = open_parent(&link)? else {
         return Err(SymlinkError::NoParent(link.parent()));

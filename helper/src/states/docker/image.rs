@@ -118,7 +118,7 @@ async fn build(
 ) -> Result<(), DockerError> {
     check_reference("tag", tag)?;
     let containers = names(p.containers.as_ref(), "containers")?;
-    let dir = AbsPath::parse(p.path.trim()).map_err(|source| DockerError::Path { param: "path", source })?;
+    let dir = p.path.abs();
     let dockerfile = AbsPath::parse(&dir.as_path().join("Dockerfile").to_string_lossy())
         .map_err(|source| DockerError::Path { param: "path", source })?;
     if !fs::metadata(dockerfile.as_path()).is_ok_and(|m| m.is_file()) {

@@ -148,8 +148,8 @@ pub async fn apply_using(npm: Option<Tool>, p: &CommonNpmPackage, cancel: Cancel
         .into()),
     };
     let mut subject = super::subject(&p.name);
-    if let Some(path) = p.path.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        subject.push_str(&format!(" (in {path})"));
+    if let Some(path) = &p.path {
+        subject.push_str(&format!(" (in {})", path.0));
     }
     run.finish(&subject, result)
 }
@@ -170,9 +170,9 @@ async fn list(npm: &Tool, target: &Target, run: &mut Run) -> Result<Listing, Lan
 
 async fn run_state(npm: &Tool, p: &CommonNpmPackage, run: &mut Run) -> Result<(), LangError> {
     let items = super::parse_items(&p.name, &RULES)?;
-    let target = match p.path.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+    let target = match &p.path {
         None => Target::Global,
-        Some(raw) => Target::Prefix(AbsPath::parse(raw).map_err(|source| LangError::Path { param: "path", source })?),
+        Some(path) => Target::Prefix(path.abs().clone()),
     };
     let before = list(npm, &target, run).await?;
     let mut latest = BTreeMap::new();

@@ -136,7 +136,7 @@ pub async fn apply(p: &CommonVirtualenv, state: &StateId, state_dir: &Path, canc
     let store = WatchStore::in_dir(state_dir.join(REQUIREMENTS_DIR));
     let mut run = Run::new(cancel);
     let result = run_state(p, state, &store, &mut run).await;
-    run.finish(p.path.trim(), result)
+    run.finish(&p.path.0, result)
 }
 
 fn optional(v: Option<&opsagent_proto::wire::Line>) -> Option<&str> {
@@ -144,7 +144,7 @@ fn optional(v: Option<&opsagent_proto::wire::Line>) -> Option<&str> {
 }
 
 async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, run: &mut Run) -> Result<(), LangError> {
-    let path = AbsPath::parse(p.path.trim()).map_err(|source| LangError::Path { param: "path", source })?;
+    let path = p.path.abs().clone();
     if path.is_root() {
         return Err(LangError::Param { param: "path", problem: "/ cannot be a virtualenv".into() });
     }
@@ -161,9 +161,7 @@ async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, ru
         .unwrap_or_default();
         LangError::Param { param: "path", problem: format!("{e}{why}") }
     })?;
-    let requirements = optional(p.requirements_file.as_ref())
-        .map(|r| AbsPath::parse(r).map_err(|source| LangError::Path { param: "requirements-file", source }))
-        .transpose()?;
+    let requirements = p.requirements_file.as_ref().map(|r| r.abs().clone());
     if let Some(req) = &requirements {
         if !req.as_path().is_file() {
             return Err(LangError::Param {
@@ -175,14 +173,7 @@ async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, ru
         crate::states::root_read::check("requirements-file", req)
             .map_err(|e| LangError::Param { param: "requirements-file", problem: e.to_string() })?;
     }
-    let extra = p
-        .extra_search_dir
-        .iter()
-        .flat_map(|a| a.iter())
-        .map(|d| d.trim())
-        .filter(|d| !d.is_empty())
-        .map(|d| AbsPath::parse(d).map_err(|source| LangError::Path { param: "extra-search-dir", source }))
-        .collect::<Result<Vec<_>, _>>()?;
+    let extra: Vec<AbsPath> = p.extra_search_dir.iter().flat_map(|a| a.iter()).cloned().collect();
 
     let created = if complete(path.as_path()) {
         if let Some(want) = p.system_site_packages {

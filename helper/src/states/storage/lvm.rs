@@ -24,6 +24,7 @@
 use std::path::Path;
 
 use opsagent_proto::catalogue::{LinuxLvmLv, LinuxLvmPv, LinuxLvmVg};
+use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::{probe, require_tool, tool, BlockDevice, DeviceError, StorageToolError};
@@ -240,7 +241,7 @@ pub fn lvcreate_args(p: &LinuxLvmLv, lv: &str, vg: &str) -> Vec<String> {
         Some(origin) => a.push(format!("--snapshot={vg}/{origin}")),
         None => a.push(vg.to_string()),
     }
-    a.extend(p.path.iter().flat_map(|d| d.iter()).map(|d| d.trim().to_string()).filter(|d| !d.is_empty()));
+    a.extend(p.path.iter().flat_map(|d| d.iter()).map(ToString::to_string));
     a
 }
 
@@ -301,12 +302,8 @@ async fn ensure_blank(
     }
 }
 
-fn devices(paths: &[String]) -> Result<Vec<BlockDevice>, LvmError> {
-    let list: Vec<BlockDevice> = paths
-        .iter()
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| BlockDevice::open("path", p))
-        .collect::<Result<_, _>>()?;
+fn devices(paths: &[AbsPath]) -> Result<Vec<BlockDevice>, LvmError> {
+    let list: Vec<BlockDevice> = paths.iter().map(BlockDevice::at).collect::<Result<_, _>>()?;
     if list.is_empty() {
         return Err(LvmError::NoDevices);
     }
@@ -316,7 +313,8 @@ fn devices(paths: &[String]) -> Result<Vec<BlockDevice>, LvmError> {
 pub async fn apply_pv(p: &LinuxLvmPv, mut cancel: Cancel) -> Outcome {
     let (mut changes, mut notes) = (Vec::new(), Vec::new());
     let result = run_pv(p, &mut changes, &mut notes, &mut cancel).await;
-    outcome(&p.path.join(", "), result, changes, &notes)
+    let target: Vec<String> = p.path.iter().map(ToString::to_string).collect();
+    outcome(&target.join(", "), result, changes, &notes)
 }
 
 async fn run_pv(
@@ -401,8 +399,8 @@ async fn run_lv(p: &LinuxLvmLv, changes: &mut Vec<Change>, cancel: &mut Cancel) 
     let lv = name("name", &p.name)?;
     let vg = name("vg-name", &p.vg_name)?;
     if let Some(paths) = &p.path {
-        for d in paths.iter().filter(|d| !d.trim().is_empty()) {
-            BlockDevice::open("path", d)?;
+        for d in paths.iter() {
+            BlockDevice::at(d)?;
         }
     }
     if !groups(cancel).await?.contains(&vg) {

@@ -105,7 +105,7 @@ pub async fn apply(p: &LinuxMkfs, mut cancel: Cancel) -> Outcome {
     let mut notes = Vec::new();
     let result = run(p, &mut changes, &mut notes, &mut cancel).await;
     let cancelled = matches!(&result, Err(e) if e.is_cancelled());
-    let mut outcome = crate::states::finish(p.device.trim(), result, changes, &notes);
+    let mut outcome = crate::states::finish(&p.device.0, result, changes, &notes);
     outcome.cancelled = cancelled;
     outcome
 }
@@ -118,7 +118,7 @@ async fn run(
 ) -> Result<(), MkfsError> {
     let fstype = p.fstype.trim().to_ascii_lowercase();
     let label = p.label.as_deref().map(str::trim).filter(|l| !l.is_empty());
-    let device = BlockDevice::open("device", &p.device)?;
+    let device = BlockDevice::at(&p.device)?;
     let (program, package, args) = command(&fstype, &device.as_str(), label)?;
     let probed = probed_type(&fstype);
     let found = probe(device.path.as_path(), cancel).await?;

@@ -111,8 +111,16 @@ pub struct BlockDevice {
 }
 
 impl BlockDevice {
+    /// A device named by text (the unit tests').
+    #[cfg(test)]
     pub fn open(param: &'static str, raw: &str) -> Result<Self, DeviceError> {
         let path = AbsPath::parse(raw.trim()).map_err(|source| DeviceError::Path { param, source })?;
+        Self::at(&path)
+    }
+
+    /// The device at `path` (a parameter the catalogue's decode validated).
+    pub fn at(path: &AbsPath) -> Result<Self, DeviceError> {
+        let path = path.clone();
         let meta = match fs::metadata(path.as_path()) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound && block_devices_hidden() => {

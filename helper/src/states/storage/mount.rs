@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::LinuxMount;
-use opsagent_proto::newtypes::{AbsPath, InvalidValue, UnitName};
+use opsagent_proto::newtypes::{AbsPath, UnitName};
 use opsagent_proto::request::{Change, Outcome};
 use tokio::sync::OnceCell;
 use zbus::zvariant::Value;
@@ -79,8 +79,6 @@ impl Host {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("parameter path: {0}")]
-    Path(InvalidValue),
     #[error("parameter path: refusing to mount over /")]
     Root,
     #[error("parameter path: {0} is too long to be named by a systemd mount unit")]
@@ -300,7 +298,7 @@ pub async fn apply_with<M: Mounter>(p: &LinuxMount, host: &Host, mounter: &M, mu
     let mut changes = Vec::new();
     let result = run(p, host, mounter, &mut changes, &mut cancel).await;
     let cancelled = matches!(&result, Err(e) if e.is_cancelled());
-    let mut outcome = crate::states::finish(p.path.trim(), result, changes, &[]);
+    let mut outcome = crate::states::finish(&p.path.0, result, changes, &[]);
     outcome.cancelled = cancelled;
     outcome
 }
@@ -323,7 +321,7 @@ async fn run<M: Mounter>(
     changes: &mut Vec<Change>,
     cancel: &mut Cancel,
 ) -> Result<(), MountError> {
-    let path = AbsPath::parse(p.path.trim()).map_err(MountError::Path)?;
+    let path = p.path.abs().clone();
     if path.is_root() {
         return Err(MountError::Root);
     }

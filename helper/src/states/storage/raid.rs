@@ -18,7 +18,6 @@
 //! incremental assembly finds the array at boot on current distributions.
 
 use opsagent_proto::catalogue::LinuxRaid;
-use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::{long_options, probe, require_tool, tool, BlockDevice, DeviceError, StorageToolError};
@@ -52,7 +51,7 @@ pub async fn apply(p: &LinuxRaid, mut cancel: Cancel) -> Outcome {
     let mut changes = Vec::new();
     let result = run(p, &mut changes, &mut cancel).await;
     let cancelled = matches!(&result, Err(RaidError::Tool(e)) if e.is_cancelled());
-    let mut outcome = crate::states::finish(p.device_name.trim(), result, changes, &[]);
+    let mut outcome = crate::states::finish(&p.device_name.0, result, changes, &[]);
     outcome.cancelled = cancelled;
     outcome
 }
@@ -75,16 +74,11 @@ pub fn create_args(p: &LinuxRaid, array: &str, members: &[String]) -> Vec<String
 }
 
 async fn run(p: &LinuxRaid, changes: &mut Vec<Change>, cancel: &mut Cancel) -> Result<(), RaidError> {
-    let array = AbsPath::parse(p.device_name.trim()).map_err(|e| RaidError::Name(e.to_string()))?;
+    let array = p.device_name.abs();
     if !array.as_path().starts_with("/dev") || array.as_path().parent() == Some(std::path::Path::new("/")) {
         return Err(RaidError::Name(format!("{array} is not a device path such as /dev/md0 or /dev/md/name")));
     }
-    let members: Vec<BlockDevice> = p
-        .devices
-        .iter()
-        .filter(|d| !d.trim().is_empty())
-        .map(|d| BlockDevice::open("devices", d))
-        .collect::<Result<_, _>>()?;
+    let members: Vec<BlockDevice> = p.devices.iter().map(BlockDevice::at).collect::<Result<_, _>>()?;
     if members.is_empty() {
         return Err(RaidError::NoMembers);
     }

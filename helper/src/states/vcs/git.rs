@@ -41,7 +41,7 @@ use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::{
-    checkout_path, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, short, ssh_command,
+    checkout_dir, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, short, ssh_command,
     url_secret, Runner, VcsError, TRANSFER_TIMEOUT,
 };
 use crate::cancel::Cancel;
@@ -81,15 +81,15 @@ pub async fn apply(p: &CommonGit, mut cancel: Cancel) -> Outcome {
     let mut notes = Vec::new();
     let result = sync(p, &mut changes, &mut notes, &mut cancel).await;
     let secrets: Vec<&str> = url_secret(p.repo.trim()).into_iter().collect();
-    super::outcome(&p.path, result, changes, &notes, &secrets)
+    super::outcome(&p.path.0, result, changes, &notes, &secrets)
 }
 
-/// The `ssh-key-file` parameter: an absolute path to an existing regular file.
-fn key_file(raw: Option<&str>) -> Result<Option<AbsPath>, VcsError> {
-    let Some(raw) = raw.map(str::trim).filter(|k| !k.is_empty()) else {
+/// The `ssh-key-file` parameter (an absolute path, validated by the catalogue's
+/// decode): it must be an existing regular file.
+fn key_file(key: Option<&AbsPath>) -> Result<Option<AbsPath>, VcsError> {
+    let Some(key) = key.cloned() else {
         return Ok(None);
     };
-    let key = AbsPath::parse(raw).map_err(|source| VcsError::Path { param: "ssh-key-file", source })?;
     match fs::metadata(key.as_path()) {
         Ok(m) if m.is_file() => Ok(Some(key)),
         Ok(_) => Err(VcsError::Param { param: "ssh-key-file", problem: format!("{key} is not a regular file") }),
@@ -103,10 +103,10 @@ async fn sync(
     notes: &mut Vec<String>,
     cancel: &mut Cancel,
 ) -> Result<(), VcsError> {
-    let path = checkout_path(&p.path)?;
+    let path = checkout_dir(&p.path)?;
     let repo = repo_param(&p.repo)?;
     let wanted = revision_param(&p.revision, DEFAULT_REVISION)?;
-    let key = key_file(p.ssh_key_file.as_deref())?;
+    let key = key_file(p.ssh_key_file.as_ref().map(|k| k.abs()))?;
     // Run as root, ssh reads the key as root: only a key root controls is used (an
     // agent-owned or planted one would choose root's identity, or leak a root-only
     // file into ssh's messages). Run as `user`, ssh reads it with that user's rights.

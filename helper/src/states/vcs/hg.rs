@@ -25,7 +25,7 @@ use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::{
-    checkout_path, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, short, ssh_command,
+    checkout_dir, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, short, ssh_command,
     url_secret, Runner, VcsError, TRANSFER_TIMEOUT,
 };
 use crate::cancel::Cancel;
@@ -40,7 +40,7 @@ pub async fn apply(p: &CommonHg, mut cancel: Cancel) -> Outcome {
     let mut changes = Vec::new();
     let result = sync(p, &mut changes, &mut cancel).await;
     let secrets: Vec<&str> = url_secret(p.repo.trim()).into_iter().collect();
-    super::outcome(&p.path, result, changes, &[], &secrets)
+    super::outcome(&p.path.0, result, changes, &[], &secrets)
 }
 
 /// A revset string literal: whatever the revision contains, Mercurial looks it up as
@@ -55,7 +55,7 @@ pub fn changed_files(status: &str) -> Vec<String> {
 }
 
 async fn sync(p: &CommonHg, changes: &mut Vec<Change>, cancel: &mut Cancel) -> Result<(), VcsError> {
-    let path = checkout_path(&p.path)?;
+    let path = checkout_dir(&p.path)?;
     let repo = repo_param(&p.repo)?;
     let wanted = revision_param(&p.revision, DEFAULT_REVISION)?;
     let runner =

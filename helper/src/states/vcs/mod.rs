@@ -110,9 +110,17 @@ impl VcsError {
     }
 }
 
-/// The checkout directory, from the `path` parameter. `/` itself can never hold one.
+/// [`checkout_dir`] of a path given as text (the unit tests').
+#[cfg(test)]
 pub fn checkout_path(raw: &str) -> Result<AbsPath, VcsError> {
     let path = AbsPath::parse(raw.trim()).map_err(|source| VcsError::Path { param: "path", source })?;
+    checkout_dir(&path)
+}
+
+/// The checkout directory, from the `path` parameter (validated by the catalogue's
+/// decode). `/` itself can never hold one.
+pub fn checkout_dir(path: &AbsPath) -> Result<AbsPath, VcsError> {
+    let path = path.clone();
     if path.is_root() {
         return Err(VcsError::Param { param: "path", problem: "/ cannot be a checkout directory".into() });
     }

@@ -28,8 +28,8 @@ use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::{
-    checkout_path, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, ssh_command,
-    url_secret, Runner, VcsError, TRANSFER_TIMEOUT,
+    checkout_dir, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, ssh_command, url_secret,
+    Runner, VcsError, TRANSFER_TIMEOUT,
 };
 use crate::cancel::Cancel;
 use crate::exec::CommandSpec;
@@ -108,11 +108,11 @@ pub async fn apply(p: &CommonSvn, mut cancel: Cancel) -> Outcome {
     let result = sync(p, &mut changes, &mut cancel).await;
     let password = p.password.as_deref().filter(|pw| !pw.is_empty());
     let secrets: Vec<&str> = password.into_iter().chain(url_secret(p.repo.trim())).collect();
-    super::outcome(&p.path, result, changes, &[], &secrets)
+    super::outcome(&p.path.0, result, changes, &[], &secrets)
 }
 
 async fn sync(p: &CommonSvn, changes: &mut Vec<Change>, cancel: &mut Cancel) -> Result<(), VcsError> {
-    let path = checkout_path(&p.path)?;
+    let path = checkout_dir(&p.path)?;
     let repo = repo_param(&p.repo)?;
     let rev = parse_revision(&p.revision)?;
     let username = p.username.as_deref().map(str::trim).filter(|u| !u.is_empty());
