@@ -15,6 +15,8 @@
 #              of a 10,000-state recipe
 # 5. activation benches/activation.sh: the first request after the helper exited when
 #              idle (socket activation) vs one served by a running helper
+# 6. converged benches/converged.sh: a realistic converged round (67 states) by opsagent,
+#              Salt, Ansible and Puppet, interleaved; wall and whole-tree CPU time
 # Raw output goes to $OUT (default target/bench-results/DATE), the table to stdout and
 # $OUT/summary.txt. `bash benches/run-all.sh --summary DIR` prints the table of an earlier
 # run again.
@@ -39,6 +41,7 @@ fi
 if [ -n "${QUICK:-}" ]; then
 	export SIZES=${SIZES:-"100 1000"} RUNS=${RUNS:-3} PUSHES=${PUSHES:-100}
 	FP_SIZES=${FP_SIZES:-"1000"}
+	CONVERGED_RUNS=${CONVERGED_RUNS:-3}
 else
 	export RUNS=${RUNS:-5} RUNS_BIG=${RUNS_BIG:-3} PUSHES=${PUSHES:-200}
 	FP_SIZES=${FP_SIZES:-"1000 10000"}
@@ -66,6 +69,10 @@ cargo bench --bench engine 2>"$OUT/engine.log" | tee "$OUT/engine.txt" >&2
 
 step "5. helper started on demand: benches/activation.sh"
 bash benches/activation.sh 2>"$OUT/activation.log" | tee "$OUT/activation.txt" >&2
+
+step "6. converged round vs Salt, Ansible, Puppet: benches/converged.sh (RUNS=${CONVERGED_RUNS:-7})"
+RUNS=${CONVERGED_RUNS:-7} BENCH_TSV="$OUT/converged.tsv" bash benches/converged.sh 2>"$OUT/converged.log" |
+	tee "$OUT/converged.txt" >&2
 fi
 
 # --- the short table -----------------------------------------------------------------------
@@ -93,6 +100,9 @@ fi
 	echo
 	echo "helper started on demand (exit when idle, socket activation):"
 	sed -n '/^== helper started on demand/,$p' "$OUT/activation.txt" 2>/dev/null | grep -v '^==' | sed '/^$/d'
+	echo
+	echo "converged round, 67 states (benches/converged.sh; median wall s, whole-tree CPU s):"
+	sed -n '/^== converged round/,$p' "$OUT/converged.txt" 2>/dev/null | grep -v '^==' | sed '/^$/d'
 	echo
 	echo "engine (criterion, instant fake helper):"
 	grep -E -A1 '^engine_round/|^parse_and_validate' "$OUT/engine.txt" | grep -E 'time:|thrpt:|^engine|^parse' |

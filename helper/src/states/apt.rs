@@ -6,7 +6,8 @@
 //! version; `removed`; `purged`; a `.deb` path or `file://` URI = that file's version
 //! installed (`http(s)://` is refused: the helper has no network, the daemon downloads).
 //!
-//! What is installed comes from `dpkg-query`; what apt could install from
+//! What is installed comes from dpkg's database file ([`dpkg_db`], cached while it is
+//! unchanged) or `dpkg-query` where the file alone cannot tell; what apt could install from
 //! `apt-cache policy`. `apt-get update` runs only when needed: before an install or an
 //! upgrade check when the package indexes are older than [`INDEX_MAX_AGE`], or when a
 //! package or a pinned version is unknown to the indexes. Installs, removals and purges
@@ -22,6 +23,7 @@ use opsagent_proto::request::{Change, Outcome};
 
 use opsagent_proto::newtypes::AbsPath;
 
+use super::dpkg_db;
 use super::repo::{local_file, RepoError};
 use super::root_read::{self, RootReadError};
 use crate::cancel::Cancel;
@@ -463,6 +465,12 @@ impl Run {
     async fn dpkg(&mut self, names: &[String]) -> Result<BTreeMap<String, Pkg>, ToolError> {
         if names.is_empty() {
             return Ok(BTreeMap::new());
+        }
+        // The database file answers without a process, parsed once per version of it
+        // (a converged round asks once per package state); dpkg-query answers what the
+        // file alone cannot, and whenever the file cannot be read.
+        if let Ok(Some(found)) = dpkg_db::host().lookup(names) {
+            return Ok(found);
         }
         // dpkg-query expands the \t and \n escapes of the format itself.
         let mut args = vec!["-W".to_string(), "-f".to_string(), DPKG_QUERY_FORMAT.to_string()];

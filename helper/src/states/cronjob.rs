@@ -1,8 +1,9 @@
 //! `linux.cronjob`: one block of a user's crontab, owned by the state.
 //!
 //! The block is delimited by marker comments naming the state id; it holds one line
-//! per `cmd`, with the time fields (default `*`). The crontab is read with
-//! `crontab -u USER -l` and written back with `crontab -u USER -` only when the block
+//! per `cmd`, with the time fields (default `*`). The crontab is read from cron's spool
+//! directory where there is one (no process in a converged round), else with
+//! `crontab -u USER -l`, and written back with `crontab -u USER -` only when the block
 //! differs; every line outside the block is kept as it was.
 //!
 //! Time fields take Salt's `cron.present` syntax (names such as `mon-fri` or `jan`,
@@ -10,6 +11,10 @@
 //! field's range, as Salt did, but a stable one: derived from the machine id, the
 //! state id and the field, so every run writes the same entry (Salt kept the value
 //! it found in the crontab) and hosts of one recipe spread over the range.
+
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 use opsagent_proto::catalogue::{CronField, LinuxCronjob};
 use opsagent_proto::newtypes::StateId;
@@ -80,6 +85,30 @@ pub fn strip_header(listing: &str) -> String {
     out
 }
 
+/// Where cron keeps users' crontabs, one file per user: Debian's cron and systemd-cron
+/// first, then cronie (RHEL, Fedora), whose spool has no `crontabs` directory.
+pub const SPOOLS: [&str; 2] = ["/var/spool/cron/crontabs", "/var/spool/cron"];
+
+/// `user`'s crontab as `crontab -l` lists it, header stripped, read from the first of
+/// `spools` that is a directory; an absent file is an empty crontab. `None` when no
+/// spool is there or the file cannot be read: `crontab -l` answers then.
+pub fn read_spool(spools: &[&Path], user: &str) -> Option<String> {
+    let dir = spools.iter().find(|d| d.is_dir())?;
+    // Not through a link: the file is named after the user, and the reader is root.
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(dir.join(user));
+    let mut file = match file {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(String::new()),
+        f => f.ok()?,
+    };
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    Some(strip_header(&text))
+}
+
 /// `current` with this state's block replaced by `block` (in place, or appended).
 pub fn merge(current: &str, state: &StateId, block: &[String]) -> String {
     let (begin, end) = (begin_marker(state), end_marker(state));
@@ -135,18 +164,10 @@ async fn run(
     if nix::unistd::User::from_name(user).map_err(|e| UserError::Lookup(format!("user {user}"), e))?.is_none() {
         return Err(UserError::Name { param: "user", value: format!("{user} (no such user)") });
     }
-    let list = exec::checked(&CommandSpec::tool("crontab", ["-u", user, "-l"]).inspection(), &[0, 1], cancel).await?;
-    // 1 with "no crontab for USER" is an empty crontab; anything else is an error.
-    let current = match list.exit {
-        exec::Exit::Code(1) if list.output.contains("no crontab for") => String::new(),
-        exec::Exit::Code(1) => {
-            return Err(UserError::Tool(exec::ToolError::Failed {
-                command: format!("crontab -u {user} -l"),
-                how: "exited with status 1".into(),
-                output: list.output,
-            }))
-        }
-        _ => strip_header(&list.output),
+    let spools = SPOOLS.map(Path::new);
+    let current = match read_spool(&spools, user) {
+        Some(text) => text,
+        None => listed(user, cancel).await?,
     };
     // The machine id: stable across runs, different between hosts.
     let seed = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
@@ -160,6 +181,23 @@ async fn run(
     }
     changes.push(Change::new(format!("crontab of {user}"), format!("entries of state {state} written")));
     Ok(())
+}
+
+/// `user`'s crontab from `crontab -u USER -l`, header stripped.
+async fn listed(user: &str, cancel: &mut Cancel) -> Result<String, UserError> {
+    let list = exec::checked(&CommandSpec::tool("crontab", ["-u", user, "-l"]).inspection(), &[0, 1], cancel).await?;
+    // 1 with "no crontab for USER" is an empty crontab; anything else is an error.
+    Ok(match list.exit {
+        exec::Exit::Code(1) if list.output.contains("no crontab for") => String::new(),
+        exec::Exit::Code(1) => {
+            return Err(UserError::Tool(exec::ToolError::Failed {
+                command: format!("crontab -u {user} -l"),
+                how: "exited with status 1".into(),
+                output: list.output,
+            }))
+        }
+        _ => strip_header(&list.output),
+    })
 }
 
 #[cfg(test)]
@@ -243,6 +281,28 @@ mod tests {
         let replaced = merge(&both, &id, &changed);
         assert_eq!(replaced, format!("{start}{}\n{}\n", changed.join("\n"), theirs.join("\n")));
         assert_eq!(merge("", &id, &mine), format!("{}\n", mine.join("\n")));
+    }
+
+    /// The spool answers as `crontab -l` would: header stripped, no file = empty; no
+    /// spool directory, a link or a directory in place of the file: `crontab -l` answers.
+    #[test]
+    fn crontabs_are_read_from_the_first_spool_there_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (debian, cronie) = (dir.path().join("cron/crontabs"), dir.path().join("cron"));
+        let spools = [debian.as_path(), cronie.as_path()];
+        assert_eq!(read_spool(&spools, "alice"), None, "no spool directory");
+        std::fs::create_dir_all(&debian).unwrap();
+        assert_eq!(read_spool(&spools, "alice").as_deref(), Some(""), "no crontab is an empty one");
+        let header =
+            "# DO NOT EDIT THIS FILE - edit the master and reinstall.\n# (- installed on x)\n# (Cron version -- x)\n";
+        std::fs::write(debian.join("alice"), format!("{header}0 * * * * a\n")).unwrap();
+        std::fs::write(cronie.join("alice"), "1 * * * * cronie's\n").unwrap();
+        assert_eq!(read_spool(&spools, "alice").as_deref(), Some("0 * * * * a\n"));
+        assert_eq!(read_spool(&[cronie.as_path()], "alice").as_deref(), Some("1 * * * * cronie's\n"));
+        std::os::unix::fs::symlink(debian.join("alice"), debian.join("bob")).unwrap();
+        assert_eq!(read_spool(&spools, "bob"), None, "a link is not followed");
+        std::fs::create_dir(debian.join("carol")).unwrap();
+        assert_eq!(read_spool(&spools, "carol"), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod cmd;
 pub mod cronjob;
 pub mod dir;
 pub mod docker;
+pub mod dpkg_db;
 pub mod file;
 pub mod group;
 pub mod lang;
