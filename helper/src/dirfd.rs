@@ -333,6 +333,7 @@ impl Dir {
     /// `.{prefix}`; its name and the open file.
     pub fn create_temp(&self, prefix: &OsStr) -> Result<(OsString, File), WalkError> {
         crate::plan::check("create a temporary file in", self.path.display())?;
+        self.remove_dead_temps(prefix)?;
         loop {
             let name = self.temp_name(prefix);
             let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -342,6 +343,28 @@ impl Dir {
                 Err(e) => return Err(io_err(&self.join(&name), "create temporary file")(e)),
             }
         }
+    }
+
+    /// Removes the temporary files of `.{prefix}` (named by [`Self::temp_name`]) that a
+    /// helper killed while writing left behind: those whose writer, the process of the
+    /// pid in the name, no longer exists. A live writer's (this process's, or another
+    /// helper's) is left alone; a reused pid only postpones the cleanup.
+    fn remove_dead_temps(&self, prefix: &OsStr) -> Result<(), WalkError> {
+        let mut start = b".".to_vec();
+        start.extend_from_slice(prefix.as_bytes());
+        start.extend_from_slice(b".opsagent-tmp.");
+        for (name, kind) in self.entries()? {
+            let Some(rest) = name.as_bytes().strip_prefix(start.as_slice()) else { continue };
+            let pid = rest.split(|&b| b == b'.').next().and_then(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok());
+            let Some(pid) = pid.filter(|&p| p != std::process::id()) else { continue };
+            let Ok(raw) = i32::try_from(pid) else { continue };
+            // Signal 0 only asks whether the process exists.
+            let dead = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) == Err(nix::errno::Errno::ESRCH);
+            if kind == FileType::RegularFile && dead {
+                self.unlink(&name)?;
+            }
+        }
+        Ok(())
     }
 
     /// Creates the private (0700, root) directory `name`, then gives it `mode` and owner

@@ -14,21 +14,35 @@ use crate::common::*;
 
 /// What systemd does for `opsagent-helper.socket`: holds the listening socket and starts
 /// a helper with it (`LISTEN_FDS`) whenever asked.
-struct Activator {
+pub struct Activator {
     _listener: UnixListener,
     inherited: OwnedFd,
 }
 
 impl Activator {
-    fn bind(socket: &Path) -> Self {
+    pub fn bind(socket: &Path) -> Self {
         let listener = UnixListener::bind(socket).unwrap();
         let inherited: OwnedFd = listener.try_clone().unwrap().into();
         fcntl(inherited.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
         Self { _listener: listener, inherited }
     }
 
-    fn start(&self, dir: &Path, n: u32) -> Proc {
-        let mut cmd = std::process::Command::new(bin("opsagent-helper"));
+    pub fn start(&self, dir: &Path, n: u32) -> Proc {
+        self.start_under(dir, n, &[])
+    }
+
+    /// [`Self::start`] with the helper run by `wrapper` (a command and its arguments,
+    /// e.g. `strace ...`), which passes the inherited socket on.
+    pub fn start_under(&self, dir: &Path, n: u32, wrapper: &[&str]) -> Proc {
+        let helper = bin("opsagent-helper");
+        let mut cmd = match wrapper.split_first() {
+            None => std::process::Command::new(&helper),
+            Some((program, args)) => {
+                let mut cmd = std::process::Command::new(program);
+                cmd.args(args).arg(&helper);
+                cmd
+            }
+        };
         cmd.env("LISTEN_FDS", "1")
             .env("LISTEN_FDS_FIRST_FD", self.inherited.as_raw_fd().to_string())
             .env_remove("LISTEN_PID")

@@ -11,6 +11,7 @@ mod common;
 mod backend_misbehaving;
 mod disk_full;
 mod helper_killed;
+mod helper_killed_write;
 
 /// One row of the README's table: fault, what the agent did, what was lost, time to recover.
 pub fn row(fault: &str, did: &str, lost: &str, recovered: std::time::Duration) {

@@ -30,41 +30,16 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=tests/system/lib.sh
 source "$HERE/lib.sh"
+# shellcheck source=tests/system/checks.sh
+source "$HERE/checks.sh" helper
 
-[ "$(id -u)" = 0 ] || { echo "tests/system/helper_states.sh must run as root" >&2; exit 2; }
-
-WORK=$(mktemp -d /tmp/opsagent-helper-systest.XXXXXX)
-export WORK
-: >"$WORK/containers"
-PASSED=0
-FAILED=0
-FAILURES=()
-
-SUMMARY_PRINTED=0
-on_exit() {
-    local rc=$?
-    set +e
-    if [ "$SUMMARY_PRINTED" = 0 ]; then
-        # Stopped before the end (a setup step failed): that is a failure too.
-        echo "aborted after: $PASSED passed, $FAILED failed" >&2
-        echo "$PASSED passed, $((FAILED + 1)) failed"
-        [ "$rc" -ne 0 ] || rc=1
-    fi
-    cleanup_all
-    # Loop devices made on the host for the storage checks (after the container, whose
-    # mounts held them, is gone).
+# Loop devices made on the host for the storage checks (after the container, whose
+# mounts held them, is gone).
+after_cleanup() {
     if [ -f "$WORK/loops" ]; then
         while read -r dev; do losetup -d "$dev" 2>/dev/null || true; done <"$WORK/loops"
     fi
-    if [ "$rc" -eq 0 ] && [ "$FAILED" -eq 0 ] && [ "${OPSAGENT_SYSTEST_KEEP:-0}" != 1 ]; then
-        rm -rf "$WORK"
-    else
-        echo "logs kept in $WORK" >&2
-    fi
-    exit "$rc"
 }
-trap on_exit EXIT
-trap 'exit 130' INT TERM
 
 install_host_tools systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux \
     dpkg-deb:dpkg ps:procps losetup:mount blkid:util-linux
@@ -84,19 +59,7 @@ install -m 0755 "$BIN_DIR/opsagent" "$BIN_DIR/opsagent-helper" "$ROOT/usr/local/
 csh $C 'mv /etc/apt/sources.list /etc/apt/sources.list.off 2>/dev/null; rm -f /etc/apt/sources.list.d/*.list; rm -rf /var/lib/apt/lists/*_*'
 
 # ---------------------------------------------------------------- helpers
-# check NAME CMD...: one named check; counts, never stops the script.
-check() {
-    local name=$1
-    shift
-    if "$@" >>"$WORK/checks.log" 2>&1; then
-        PASSED=$((PASSED + 1))
-        say "  pass: $name"
-    else
-        FAILED=$((FAILED + 1))
-        FAILURES+=("$name")
-        say "  FAIL: $name"
-    fi
-}
+# (check NAME CMD...: one named check, in checks.sh; counts, never stops the script.)
 
 # apply NAME JSON-STATES: applies a recipe of those states; its output goes to
 # $WORK/NAME.out (and the log); returns opsagent's exit status.
@@ -461,10 +424,4 @@ check "storage: mount with fstab again: no change" apply_unit st10 "$MKFS2, $MNT
 check "storage: ... no change" no_change st10
 in_c "systemctl stop '$UNIT_T' '$UNIT_F' '$UNIT_TMP'" || true
 
-say ""
-if [ "$FAILED" -gt 0 ]; then
-    say "failed checks: ${FAILURES[*]}"
-fi
-echo "$PASSED passed, $FAILED failed"
-SUMMARY_PRINTED=1
-[ "$FAILED" -eq 0 ]
+summary

@@ -35,35 +35,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=tests/system/lib.sh
 source "$HERE/lib.sh"
-
-[ "$(id -u)" = 0 ] || { echo "tests/system/plan_states.sh must run as root" >&2; exit 2; }
-
-WORK=$(mktemp -d /tmp/opsagent-plan-systest.XXXXXX)
-export WORK
-: >"$WORK/containers"
-PASSED=0
-FAILED=0
-FAILURES=()
-
-SUMMARY_PRINTED=0
-on_exit() {
-    local rc=$?
-    set +e
-    if [ "$SUMMARY_PRINTED" = 0 ]; then
-        echo "aborted after: $PASSED passed, $FAILED failed" >&2
-        echo "$PASSED passed, $((FAILED + 1)) failed"
-        [ "$rc" -ne 0 ] || rc=1
-    fi
-    cleanup_all
-    if [ "$rc" -eq 0 ] && [ "$FAILED" -eq 0 ] && [ "${OPSAGENT_SYSTEST_KEEP:-0}" != 1 ]; then
-        rm -rf "$WORK"
-    else
-        echo "logs kept in $WORK" >&2
-    fi
-    exit "$rc"
-}
-trap on_exit EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=tests/system/checks.sh
+source "$HERE/checks.sh" plan
 
 install_host_tools systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux \
     dpkg-deb:dpkg ps:procps
@@ -81,18 +54,6 @@ ROOT=$(croot $C)
 install -m 0755 "$BIN_DIR/opsagent" "$BIN_DIR/opsagent-helper" "$ROOT/usr/local/bin/"
 csh $C 'mv /etc/apt/sources.list /etc/apt/sources.list.off 2>/dev/null; rm -f /etc/apt/sources.list.d/*.list; rm -rf /var/lib/apt/lists/*_*'
 
-check() {
-    local name=$1
-    shift
-    if "$@" >>"$WORK/checks.log" 2>&1; then
-        PASSED=$((PASSED + 1))
-        say "  pass: $name"
-    else
-        FAILED=$((FAILED + 1))
-        FAILURES+=("$name")
-        say "  FAIL: $name"
-    fi
-}
 in_c() { csh $C "$1"; }
 setup() {
     if ! csh $C "$1" >>"$WORK/checks.log" 2>&1; then
@@ -259,10 +220,4 @@ cycle mount "$(st tmpfs linux.mount "${FIX[linux.mount]}")" \
     "/etc/fstab: line for /srv/plan-tmp written: tmpfs /srv/plan-tmp tmpfs size=8m 0 0" "/srv/plan-tmp: tmpfs mounted (tmpfs)"
 in_c "systemctl stop 'srv-plan\\x2dtmp.mount'" || true
 
-say ""
-if [ "$FAILED" -gt 0 ]; then
-    say "failed checks: ${FAILURES[*]}"
-fi
-echo "$PASSED passed, $FAILED failed"
-SUMMARY_PRINTED=1
-[ "$FAILED" -eq 0 ]
+summary

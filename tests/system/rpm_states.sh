@@ -38,37 +38,14 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=tests/system/lib.sh
 source "$HERE/lib.sh"
-
-[ "$(id -u)" = 0 ] || { echo "tests/system/rpm_states.sh must run as root" >&2; exit 2; }
-
-WORK=$(mktemp -d /tmp/opsagent-rpm-systest.XXXXXX)
-export WORK
-: >"$WORK/containers"
-PASSED=0
-FAILED=0
-FAILURES=()
+# shellcheck source=tests/system/checks.sh
+source "$HERE/checks.sh" rpm
 HTTP_PID=""
 
-SUMMARY_PRINTED=0
-on_exit() {
-    local rc=$?
-    set +e
-    if [ "$SUMMARY_PRINTED" = 0 ]; then
-        echo "aborted after: $PASSED passed, $FAILED failed" >&2
-        echo "$PASSED passed, $((FAILED + 1)) failed"
-        [ "$rc" -ne 0 ] || rc=1
-    fi
+# The package repository's HTTP server, before the containers go.
+before_cleanup() {
     [ -z "$HTTP_PID" ] || { kill -TERM "$HTTP_PID"; wait "$HTTP_PID"; } 2>/dev/null
-    cleanup_all
-    if [ "$rc" -eq 0 ] && [ "$FAILED" -eq 0 ] && [ "${OPSAGENT_SYSTEST_KEEP:-0}" != 1 ]; then
-        rm -rf "$WORK"
-    else
-        echo "logs kept in $WORK" >&2
-    fi
-    exit "$rc"
 }
-trap on_exit EXIT
-trap 'exit 130' INT TERM
 
 install_host_tools systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux \
     rpmbuild:rpm rpmsign:rpm createrepo_c:createrepo-c gpg:gnupg python3:python3
@@ -206,18 +183,6 @@ install -m 0644 "$R/m-test.asc" "$ROOT/srv/keys/m-test.asc"
 chown -R 0:0 "$ROOT/srv"
 
 # ---------------------------------------------------------------- helpers (as helper_states.sh)
-check() {
-    local name=$1
-    shift
-    if "$@" >>"$WORK/checks.log" 2>&1; then
-        PASSED=$((PASSED + 1))
-        say "  pass: $name"
-    else
-        FAILED=$((FAILED + 1))
-        FAILURES+=("$name")
-        say "  FAIL: $name"
-    fi
-}
 apply() { # NAME JSON-STATES: applies a recipe of those states; output in $WORK/NAME.out
     local name=$1 states=$2 rc=0
     printf '{"recipe_version": 1, "state": [%s]}\n' "$states" >"$ROOT/root/$name.json"

@@ -161,3 +161,32 @@ fn every_write_refuses_while_planning() {
     // Outside the plan the same calls work again.
     dir.unlink(OsStr::new("f")).unwrap();
 }
+
+#[test]
+fn a_temporary_file_of_a_dead_writer_is_removed_and_a_live_writers_kept() {
+    let t = base();
+    let top = root_dir(t.path(), "top");
+    // Pids are below pid_max: no process has this one.
+    let dead: u32 = fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let names = [
+        format!(".f.opsagent-tmp.{dead}.0"),
+        // Alive: pid 1 (another writer) and this process (a write in progress).
+        ".f.opsagent-tmp.1.0".to_string(),
+        format!(".f.opsagent-tmp.{}.999", std::process::id()),
+        // Another target's, and a name that only looks like one.
+        format!(".g.opsagent-tmp.{dead}.0"),
+        ".f.opsagent-tmp.x.0".to_string(),
+    ];
+    for n in &names {
+        fs::write(top.join(n), "partial").unwrap();
+    }
+    let dir = Dir::open(&top).unwrap();
+    let (tmp, _f) = dir.create_temp(OsStr::new("f")).unwrap();
+    let mut left: Vec<String> =
+        fs::read_dir(&top).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    left.sort();
+    let mut want: Vec<String> = names[1..].to_vec();
+    want.push(tmp.into_string().unwrap());
+    want.sort();
+    assert_eq!(left, want);
+}
