@@ -31,7 +31,7 @@ use opsagent_proto::upgrade::{Health, Record};
 
 /// The most log text a `FetchLogs` answer holds, whatever the backend asks (as
 /// `opsagent logs --bundle` by default).
-const LOGS_CAP: u64 = crate::cmd::logs::DEFAULT_MAX_BYTES;
+const LOGS_CAP: u64 = crate::logbundle::DEFAULT_MAX_BYTES;
 
 /// The whole upload of a log bundle to a backend's `upload_url`.
 const LOGS_UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);

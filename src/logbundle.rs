@@ -7,6 +7,10 @@
 //! without systemd ([`LogFiles`]). The bound keeps the newest entries of each part (the
 //! ones a ticket is about) and the bundle says what it left out.
 
+/// Log text a bundle holds at most, before compression: `opsagent logs --bundle`
+/// unless `--max-bytes` says, and every `FetchLogs` answer whatever the backend asks.
+pub const DEFAULT_MAX_BYTES: u64 = 16 << 20;
+
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::path::PathBuf;

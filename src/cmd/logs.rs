@@ -8,8 +8,7 @@ use std::process::ExitCode;
 
 use crate::logbundle::{write_bundle, Journal, LogFiles, LogSource, Part, Since};
 
-/// Log text a bundle holds at most, before compression, unless `--max-bytes` says.
-pub const DEFAULT_MAX_BYTES: u64 = 16 << 20;
+pub use crate::logbundle::DEFAULT_MAX_BYTES;
 
 pub fn cmd_logs(bundle: &Path, since: &str, what: &[String], max_bytes: u64) -> anyhow::Result<ExitCode> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
