@@ -291,9 +291,10 @@ if [ -d "$CUR/man" ]; then
     fi
 fi
 if [ "$HAVE_SYSTEMD" = 1 ] && [ -f "$CUR/units/opsagent.catalog" ]; then
-    # `journalctl -x` explains the agent's events (MESSAGE_ID) from this catalog.
-    mkdir -p /etc/systemd/catalog
-    if install_file "$CUR/units/opsagent.catalog" /etc/systemd/catalog/opsagent.catalog 0644; then
+    # `journalctl -x` explains the agent's events (MESSAGE_ID) from this catalog. journald
+    # reads catalogs only from /usr/lib and /usr/local/lib (never /etc/systemd/catalog).
+    mkdir -p /usr/local/lib/systemd/catalog
+    if install_file "$CUR/units/opsagent.catalog" /usr/local/lib/systemd/catalog/opsagent.catalog 0644; then
         DOCS_CHANGED=1
         journalctl --update-catalog >/dev/null 2>&1 || log "journalctl --update-catalog failed; catalog texts missing"
     fi

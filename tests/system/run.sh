@@ -273,7 +273,7 @@ test_a() {
     csh $c 'head -n 1 /var/lib/visualops/opsagent/token | grep -Eq "^[0-9a-f]{64}$"' || fail "the token is not 64 hex digits"
     csh $c 'getent passwd opsagent | grep -q nologin' || fail "the opsagent user has a login shell"
     wait_until 30 "Handshake from $iid" has_handshake $iid || fail "the backend saw no Handshake from $iid"
-    # Manual pages, completion and catalog from the release, under /usr/local and /etc.
+    # Manual pages, completion and catalog from the release, all under /usr/local.
     for page in opsagent opsagent-helper opsagent-upgrade; do
         csh $c "zcat /usr/local/share/man/man8/$page.8.gz | grep -q '^\.TH'" || fail "userdata.sh did not install $page.8"
     done
@@ -665,7 +665,7 @@ test_i() {
     # journalctl -x explains the agent's "recipes are not verified" entry with its text.
     csh $c 'zcat /usr/share/man/man8/opsagent.8.gz | grep -q "^\.SS .*opsagent apply"' || fail "no opsagent.8 with its commands"
     csh $c 'zcat /usr/share/man/man8/opsagent-helper.8.gz | grep -q "^\.B .*recipe"' || fail "no opsagent-helper.8"
-    csh $c 'zcat /usr/share/man/man8/opsagent-upgrade.8.gz | grep -q "^\.B .*health.timeout"' || fail "no opsagent-upgrade.8"
+    csh $c 'zcat /usr/share/man/man8/opsagent-upgrade.8.gz | grep -q "^\.B .*health.*timeout"' || fail "no opsagent-upgrade.8 with --health-timeout"
     csh $c 'bash -c ". /usr/share/bash-completion/completions/opsagent && complete -p opsagent" | grep -q _opsagent' ||
         fail "the bash completion does not load"
     csh $c 'journalctl --list-catalog 777f651060c14c789dfd9d1d9aa0c00a | grep -q "recipes are not verified"' ||
