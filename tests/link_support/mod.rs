@@ -73,6 +73,7 @@ pub fn statelog(seq: u64) -> StateLog {
         stdout: None,
         seq: Some(seq),
         offline: true,
+        ran_at: None,
     }
 }
 
