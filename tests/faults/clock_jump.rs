@@ -152,15 +152,23 @@ fn wall_clock_steps_of_six_hours_leave_rounds_backoff_and_watchdog_alone_and_sta
     };
     let real_minus_uptime = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64() - uptime();
 
-    // Real time, then 6 h ahead with the backend killed and restarted in the middle, then
-    // 6 h behind (a 12 h step back), then real time again.
+    // Real time, then 6 h ahead; the backend killed, and while the daemon waits to
+    // reconnect the clock steps 12 h back (6 h behind); the backend restarted; then real
+    // time again.
     std::thread::sleep(Duration::from_secs(6));
     clock.set(SIX_HOURS);
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(6));
     status("connected to");
     let delivered_before = read_jsonl(statelog).len();
     backend.kill9();
-    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        wait_until(Duration::from_secs(30), || agent.log_text().contains("reconnecting")),
+        "the daemon notices the backend is gone: {}",
+        agent.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    clock.set(-SIX_HOURS);
+    std::thread::sleep(Duration::from_millis(1500));
     let listen = format!("127.0.0.1:{port}");
     let (_backend2, _) = start_backend_on(dir, &s.recipes, statelog, &listen, &["--poll-ms", "100"]);
     let restarted = Instant::now();
@@ -170,11 +178,9 @@ fn wall_clock_steps_of_six_hours_leave_rounds_backoff_and_watchdog_alone_and_sta
         agent.log_text()
     );
     let reconnected = restarted.elapsed();
-    std::thread::sleep(Duration::from_secs(3));
-    clock.set(-SIX_HOURS);
     std::thread::sleep(Duration::from_secs(4));
     status("connected to");
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(3));
     clock.set(0);
     std::thread::sleep(Duration::from_secs(6));
     let end = uptime();
@@ -229,7 +235,7 @@ fn wall_clock_steps_of_six_hours_leave_rounds_backoff_and_watchdog_alone_and_sta
     }
     assert!(stepped.iter().all(|n| *n >= 2), "StateLogs under each clock (-6 h, real, +6 h): {stepped:?}");
     crate::row(
-        "wall clock stepped +6 h, then −6 h, then back (libfaketime on the daemon), backend killed and restarted while +6 h",
+        "wall clock stepped +6 h, then −6 h while reconnecting to a killed backend, then back (libfaketime on the daemon)",
         &format!(
             "{} rounds in {:.0} s, gaps {min:.1}–{max:.1} s for a 2 s delay (no stall, no catch-up burst); watchdog pinged every ≤{:.1} s; StateLogs stamped with the stepped clock of their run, in sequence order",
             t.len(),
