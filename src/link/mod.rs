@@ -496,8 +496,11 @@ impl<O: Outbox + 'static> Link<O> {
                 None => self.backoff.delay(attempt.max(1)),
             };
             let next = attempt.saturating_add(1);
-            let until_unix = now_unix() + delay.as_secs_f64().round() as u64;
-            self.set_state(LinkState::Reconnecting { in_s: delay.as_secs(), until_unix, attempt: next });
+            // Whole seconds, rounded as the end is: the pause shown is never cut by the
+            // clamp against a wall clock stepped back (see LinkStatus::describe_at).
+            let in_s = delay.as_secs_f64().round() as u64;
+            let until_unix = now_unix() + in_s;
+            self.set_state(LinkState::Reconnecting { in_s, until_unix, attempt: next });
             tracing::info!(delay_ms = delay.as_millis() as u64, attempt = next, "reconnecting");
             if self.pause(delay).await {
                 break;
@@ -723,7 +726,12 @@ impl<O: Outbox + 'static> Link<O> {
                                 let delay = self.backoff.delay_capped(not_ready, self.cfg.app_not_ready_retry);
                                 rehandshake = Some(Instant::now() + delay);
                                 let until_unix = now_unix() + delay.as_secs_f64().round() as u64;
-                                self.set_state(LinkState::AppNotReady { url: url.clone(), attempt: not_ready, until_unix });
+                                self.set_state(LinkState::AppNotReady {
+                                    url: url.clone(),
+                                    attempt: not_ready,
+                                    in_s: delay.as_secs_f64().round() as u64,
+                                    until_unix,
+                                });
                                 tracing::info!(url = %url, retry_ms = delay.as_millis() as u64, attempt = not_ready, "backend: app not ready; the Handshake will be repeated");
                             }
                         }
