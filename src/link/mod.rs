@@ -40,7 +40,8 @@
 //! # Extensions (used only when both sides announced them in `capabilities`)
 //! - `statelog-ack`: StateLogs carry `seq`; one leaves the spool once acknowledged
 //!   (`StateLogAck {seq}`, cumulative). Without it a StateLog is delivered once written,
-//!   and neither `seq` nor `offline` is sent: a v1 backend sees v1 StateLogs.
+//!   and neither `seq` nor `offline` is sent: a v1 backend sees v1 StateLogs (nor
+//!   `ran_at`, sent to a backend that announced its capabilities).
 //! - `heartbeat`: a [`heartbeat`] message every `heartbeat_interval`.
 //! - `reconnect-hint`: the backend may send `{"code": "Reconnect", "after_s": N}` or close
 //!   with a reason `reconnect after N s`; the next attempt then waits a uniform draw in
@@ -905,6 +906,7 @@ impl<O: Outbox + 'static> Link<O> {
             }
             if !caps.announced {
                 log.offline = false;
+                log.ran_at = None;
             }
             self.send(ws, self.frame(&Outbound::StateLog(log))).await?;
             *last_sent = seq;
