@@ -135,8 +135,16 @@ fn wall_clock_steps_of_six_hours_leave_rounds_backoff_and_watchdog_alone_and_sta
     env.push(("NOTIFY_SOCKET", notify.display().to_string()));
     env.push(("WATCHDOG_USEC", "2000000".to_string()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let agent =
-        start_agent_with_env(dir, port, "app-cj", "i-cj", &s.socket, "", &env, &["--round-delay", "2", "--retry-delay", "1"]);
+    let agent = start_agent_with_env(
+        dir,
+        port,
+        "app-cj",
+        "i-cj",
+        &s.socket,
+        "",
+        &env,
+        &["--round-delay", "2", "--retry-delay", "1"],
+    );
     assert!(wait_until(Duration::from_secs(60), || !ticks(&s.work).is_empty()), "first round: {}", agent.log_text());
     let status = |want: &str| {
         let out = std::process::Command::new(bin("opsagent"))
@@ -148,7 +156,11 @@ fn wall_clock_steps_of_six_hours_leave_rounds_backoff_and_watchdog_alone_and_sta
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success() && text.contains(want), "opsagent status wants {want:?}: {text}{}", agent.log_text());
+        assert!(
+            out.status.success() && text.contains(want),
+            "opsagent status wants {want:?}: {text}{}",
+            agent.log_text()
+        );
     };
     let real_minus_uptime = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64() - uptime();
 
@@ -190,7 +202,11 @@ fn wall_clock_steps_of_six_hours_leave_rounds_backoff_and_watchdog_alone_and_sta
     let gaps: Vec<f64> = t.windows(2).map(|w| w[1] - w[0]).collect();
     let (min, max) = gaps.iter().fold((f64::MAX, 0f64), |(lo, hi), g| (lo.min(*g), hi.max(*g)));
     assert!(gaps.len() >= 8, "rounds ran: {t:?}\n{}", agent.log_text());
-    assert!(min >= DELAY - 0.1 && max <= DELAY + 3.0, "round gaps {min:.2}..{max:.2} s: {gaps:?}\n{}", agent.log_text());
+    assert!(
+        min >= DELAY - 0.1 && max <= DELAY + 3.0,
+        "round gaps {min:.2}..{max:.2} s: {gaps:?}\n{}",
+        agent.log_text()
+    );
     for &(at, offset) in &clock.changes[1..] {
         let after = t.iter().filter(|u| **u > at && **u <= at + 6.0).count();
         assert!((2..=3).contains(&after), "{after} rounds in the 6 s after the step to {offset:+} s: {t:?}");
