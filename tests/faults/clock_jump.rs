@@ -167,7 +167,19 @@ fn wall_clock_steps_of_six_hours_leave_rounds_backoff_and_watchdog_alone_and_sta
     // Real time, then 6 h ahead; the backend killed, and while the daemon waits to
     // reconnect the clock steps 12 h back (6 h behind); the backend restarted; then real
     // time again.
-    std::thread::sleep(Duration::from_secs(6));
+    // A step lands in the middle of the pause between two rounds, where a deadline on
+    // the wall clock would end the pause at once (forward) or stretch it by hours (back).
+    let mid_pause = || {
+        let n = ticks(&s.work).len();
+        assert!(
+            wait_until(Duration::from_secs(30), || ticks(&s.work).len() > n),
+            "no round in 30 s (a pause stretched by a clock step?): {}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    mid_pause();
     clock.set(SIX_HOURS);
     std::thread::sleep(Duration::from_secs(6));
     status("connected to");
@@ -184,15 +196,24 @@ fn wall_clock_steps_of_six_hours_leave_rounds_backoff_and_watchdog_alone_and_sta
     let listen = format!("127.0.0.1:{port}");
     let (_backend2, _) = start_backend_on(dir, &s.recipes, statelog, &listen, &["--poll-ms", "100"]);
     let restarted = Instant::now();
+    // Connected again, by the daemon's status file (rewritten every second), or a new
+    // StateLog recorded: whichever shows first.
+    let status_file = dir.join("i-cj.state").join("status.json");
+    let connected = || {
+        let v: serde_json::Value =
+            std::fs::read(&status_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        v["link"]["state"]["state"] == "connected"
+    };
     assert!(
-        wait_until(Duration::from_secs(60), || read_jsonl(statelog).len() > delivered_before),
+        wait_until(Duration::from_secs(60), || connected() || read_jsonl(statelog).len() > delivered_before),
         "reconnects to the restarted backend: {}",
         agent.log_text()
     );
     let reconnected = restarted.elapsed();
     std::thread::sleep(Duration::from_secs(4));
     status("connected to");
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(2));
+    mid_pause();
     clock.set(0);
     std::thread::sleep(Duration::from_secs(6));
     let end = uptime();
