@@ -360,6 +360,12 @@ pub struct StateLog {
     pub seq: Option<u64>,
     /// Extension: applied while the backend was unreachable (from the persisted recipe).
     pub offline: bool,
+    /// Extension: the agent's wall clock when the state finished (RFC 3339, UTC), read
+    /// then and there: a StateLog delivered hours later from the spool, or after the clock
+    /// was stepped, still says when the state ran by the host's clock of that moment
+    /// (never a start time plus monotonic elapsed). Absent in spools of older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran_at: Option<String>,
 }
 
 /// Agent → backend.
@@ -462,6 +468,9 @@ impl Outbound {
                 if s.offline {
                     v["offline"] = json!(true);
                 }
+                if let Some(at) = &s.ran_at {
+                    v["ran_at"] = json!(at);
+                }
                 v
             }
             Outbound::WaitQuery { recipe_version } => json!({
@@ -522,6 +531,7 @@ mod tests {
             stdout: Some("out".into()),
             seq: None,
             offline: false,
+            ran_at: None,
         };
         let v = Outbound::StateLog(log.clone()).to_json(&who());
         assert_eq!(
@@ -530,8 +540,10 @@ mod tests {
                    "id": "state-7E59", "stateid": "state-7E59", "state_result": true,
                    "state_comment": null, "state_stdout": "out"})
         );
-        let v = Outbound::StateLog(StateLog { seq: Some(42), offline: true, ..log }).to_json(&who());
+        let at = Some("2026-12-04T05:00:00.000Z".to_string());
+        let v = Outbound::StateLog(StateLog { seq: Some(42), offline: true, ran_at: at, ..log }).to_json(&who());
         assert_eq!((v["seq"].as_u64(), v["offline"].as_bool()), (Some(42), Some(true)));
+        assert_eq!(v["ran_at"], "2026-12-04T05:00:00.000Z");
     }
 
     #[test]

@@ -789,6 +789,7 @@ mod tests {
             stdout: Some(format!("stdout of {id}")),
             seq: None,
             offline: false,
+            ran_at: None,
         }
     }
 

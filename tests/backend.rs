@@ -205,6 +205,7 @@ impl Agent {
             stdout: None,
             seq,
             offline: false,
+            ran_at: None,
         };
         self.send_out(Outbound::StateLog(log)).await;
     }

@@ -58,7 +58,7 @@ async fn a_v1_backend_sees_only_v1_traffic() {
             "state_stdout",
             "stateid"
         ],
-        "a v1 StateLog, no seq/offline: {log}"
+        "a v1 StateLog, no seq/offline/ran_at: {log}"
     );
     // No acks to wait for: delivered once written.
     assert_eq!(link.outbox.delivered(), vec![(5, false)]);
@@ -97,6 +97,7 @@ async fn a_backend_with_the_extensions_gets_acks_and_heartbeats() {
     let frames = texts_for(&mut ws, Duration::from_millis(2600)).await;
     let log = frames.iter().find(|f| f["code"] == "StateLog").expect("the StateLog");
     assert_eq!((log["seq"].as_u64(), log["offline"].as_bool()), (Some(5), Some(true)), "{log}");
+    assert_eq!(log["ran_at"], "2026-12-04T05:00:00.000Z", "{log}");
     // Not delivered until acknowledged.
     assert!(link.outbox.delivered().is_empty());
     let beats: Vec<&Value> = frames.iter().filter(|f| f["code"] == "Heartbeat").collect();

@@ -23,6 +23,7 @@ fn log(id: String) -> StateLog {
         stdout: Some(format!("stdout {id} {}", "o".repeat(200))),
         seq: None,
         offline: false,
+        ran_at: None,
     }
 }
 

@@ -278,6 +278,7 @@ mod tests {
             stdout: None,
             seq: Some(9),
             offline: false,
+            ran_at: None,
         };
         let (msg, _) = parse_agent(&Outbound::StateLog(log).to_json(&who()).to_string()).unwrap();
         let AgentMsg::StateLog(s) = msg else { panic!() };

@@ -40,7 +40,8 @@
 //! # Extensions (used only when both sides announced them in `capabilities`)
 //! - `statelog-ack`: StateLogs carry `seq`; one leaves the spool once acknowledged
 //!   (`StateLogAck {seq}`, cumulative). Without it a StateLog is delivered once written,
-//!   and neither `seq` nor `offline` is sent: a v1 backend sees v1 StateLogs.
+//!   and neither `seq` nor `offline` is sent: a v1 backend sees v1 StateLogs (nor
+//!   `ran_at`, sent to a backend that announced its capabilities).
 //! - `heartbeat`: a [`heartbeat`] message every `heartbeat_interval`.
 //! - `reconnect-hint`: the backend may send `{"code": "Reconnect", "after_s": N}` or close
 //!   with a reason `reconnect after N s`; the next attempt then waits a uniform draw in
@@ -496,8 +497,11 @@ impl<O: Outbox + 'static> Link<O> {
                 None => self.backoff.delay(attempt.max(1)),
             };
             let next = attempt.saturating_add(1);
-            let until_unix = now_unix() + delay.as_secs_f64().round() as u64;
-            self.set_state(LinkState::Reconnecting { in_s: delay.as_secs(), until_unix, attempt: next });
+            // Whole seconds, rounded as the end is: the pause shown is never cut by the
+            // clamp against a wall clock stepped back (see LinkStatus::describe_at).
+            let in_s = delay.as_secs_f64().round() as u64;
+            let until_unix = now_unix() + in_s;
+            self.set_state(LinkState::Reconnecting { in_s, until_unix, attempt: next });
             tracing::info!(delay_ms = delay.as_millis() as u64, attempt = next, "reconnecting");
             if self.pause(delay).await {
                 break;
@@ -723,7 +727,12 @@ impl<O: Outbox + 'static> Link<O> {
                                 let delay = self.backoff.delay_capped(not_ready, self.cfg.app_not_ready_retry);
                                 rehandshake = Some(Instant::now() + delay);
                                 let until_unix = now_unix() + delay.as_secs_f64().round() as u64;
-                                self.set_state(LinkState::AppNotReady { url: url.clone(), attempt: not_ready, until_unix });
+                                self.set_state(LinkState::AppNotReady {
+                                    url: url.clone(),
+                                    attempt: not_ready,
+                                    in_s: delay.as_secs_f64().round() as u64,
+                                    until_unix,
+                                });
                                 tracing::info!(url = %url, retry_ms = delay.as_millis() as u64, attempt = not_ready, "backend: app not ready; the Handshake will be repeated");
                             }
                         }
@@ -897,6 +906,7 @@ impl<O: Outbox + 'static> Link<O> {
             }
             if !caps.announced {
                 log.offline = false;
+                log.ran_at = None;
             }
             self.send(ws, self.frame(&Outbound::StateLog(log))).await?;
             *last_sent = seq;

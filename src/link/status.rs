@@ -23,6 +23,9 @@ pub enum LinkState {
     AppNotReady {
         url: String,
         attempt: u32,
+        /// The whole pause, as decided (bounds what is shown after a clock step).
+        #[serde(default)]
+        in_s: u64,
         until_unix: u64,
     },
     Reconnecting {
@@ -79,16 +82,23 @@ impl LinkStatus {
             }
             LinkState::Connecting { url, attempt } => format!("connecting to {url} (attempt {attempt})"),
             LinkState::Connected { url, since_unix } => format!("connected to {url} since {}", utc(*since_unix)),
-            LinkState::AppNotReady { url, attempt, until_unix } => format!(
+            LinkState::AppNotReady { url, attempt, in_s, until_unix } => format!(
                 "{url}: app not ready, Handshake again in {} s (attempt {attempt})",
-                until_unix.saturating_sub(now)
+                remaining(*until_unix, now, *in_s)
             ),
-            LinkState::Reconnecting { until_unix, attempt, .. } => {
-                format!("reconnecting in {} s (attempt {attempt}{})", until_unix.saturating_sub(now), err())
+            LinkState::Reconnecting { in_s, until_unix, attempt } => {
+                format!("reconnecting in {} s (attempt {attempt}{})", remaining(*until_unix, now, *in_s), err())
             }
             LinkState::Stopped => "link stopped".to_string(),
         }
     }
+}
+
+/// Seconds left of a pause of `in_s` that ends at `until` by the wall clock. The pause
+/// itself runs on the monotonic clock; the wall clock only words it, and may have been
+/// stepped back since `until` was taken: never more than the pause itself.
+fn remaining(until: u64, now: u64, in_s: u64) -> u64 {
+    until.saturating_sub(now).min(in_s)
 }
 
 #[cfg(test)]
@@ -110,11 +120,24 @@ mod tests {
         );
         s.state = LinkState::Connecting { url: "wss://b/".into(), attempt: 1 };
         assert_eq!(s.describe_at(0), "connecting to wss://b/ (attempt 1)");
-        s.state = LinkState::AppNotReady { url: "wss://b/".into(), attempt: 2, until_unix: 30 };
+        s.state = LinkState::AppNotReady { url: "wss://b/".into(), attempt: 2, in_s: 25, until_unix: 30 };
         assert_eq!(s.describe_at(10), "wss://b/: app not ready, Handshake again in 20 s (attempt 2)");
         // The JSON form `opsagent status` reads back.
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["state"]["state"], "app-not-ready");
         assert_eq!(serde_json::from_value::<LinkStatus>(v).unwrap(), s);
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_during_a_pause_does_not_stretch_it_in_words() {
+        // Decided at wall time 50 000 (+6 h), described 3 s later after a 12 h step back.
+        let now = 50_003 - 12 * 3600;
+        let mut s = LinkStatus {
+            state: LinkState::Reconnecting { in_s: 8, until_unix: 50_008, attempt: 3 },
+            ..Default::default()
+        };
+        assert_eq!(s.describe_at(now), "reconnecting in 8 s (attempt 3)");
+        s.state = LinkState::AppNotReady { url: "wss://b/".into(), attempt: 2, in_s: 30, until_unix: 50_030 };
+        assert_eq!(s.describe_at(now), "wss://b/: app not ready, Handshake again in 30 s (attempt 2)");
     }
 }

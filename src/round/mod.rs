@@ -840,6 +840,9 @@ pub fn statelog(version: u64, state: &RecipeState, o: &Outcome, offline: bool) -
         stdout: (!o.stdout.is_empty()).then(|| o.stdout.clone()),
         seq: None,
         offline,
+        // The wall clock now, as it is (stepped or not): what the host believed when the
+        // state ran; the engine's own timing stays on the monotonic clock.
+        ran_at: Some(crate::timefmt::rfc3339(std::time::SystemTime::now())),
     }
 }
 

@@ -157,6 +157,22 @@ pub fn start_agent_with_conf(
     conf_text: &str,
     extra: &[&str],
 ) -> Proc {
+    start_agent_with_env(dir, port, app, instance, socket, conf_text, &[], extra)
+}
+
+/// [`start_agent_with_conf`] with extra environment variables for the daemon alone
+/// (`LD_PRELOAD` of a fault injector, `NOTIFY_SOCKET`, ...).
+#[allow(clippy::too_many_arguments)]
+pub fn start_agent_with_env(
+    dir: &Path,
+    port: u16,
+    app: &str,
+    instance: &str,
+    socket: &Path,
+    conf_text: &str,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> Proc {
     // Other tests start further commands (status, stop) with the same empty.conf.
     let conf = if conf_text.is_empty() { dir.join("empty.conf") } else { dir.join(format!("{instance}.conf")) };
     std::fs::write(&conf, conf_text).unwrap();
@@ -177,7 +193,8 @@ pub fn start_agent_with_conf(
         .arg("--helper-socket")
         .arg(socket)
         .args(extra)
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied());
     cmd.stdout(Stdio::null());
     spawn_logged(&format!("agent-{instance}"), cmd, dir)
 }

@@ -9,6 +9,7 @@
 mod common;
 
 mod backend_misbehaving;
+mod clock_jump;
 mod disk_full;
 mod helper_killed;
 mod helper_killed_write;

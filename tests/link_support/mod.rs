@@ -73,6 +73,7 @@ pub fn statelog(seq: u64) -> StateLog {
         stdout: None,
         seq: Some(seq),
         offline: true,
+        ran_at: Some("2026-12-04T05:00:00.000Z".into()),
     }
 }
 

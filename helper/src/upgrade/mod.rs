@@ -15,7 +15,9 @@
 //!    aborts here, before anything was restarted: `current` and the units go back;
 //!    restart the agent;
 //! 5. health gate: the new daemon must reach READY and complete a Handshake (it writes
-//!    `health.json`) within `[upgrade] health_timeout`; otherwise switch back, put the
+//!    `health.json`, removed before the switch so that only the new daemon's counts)
+//!    within `[upgrade] health_timeout`, timed on the monotonic clock (a wall clock
+//!    stepped meanwhile changes nothing); otherwise switch back, put the
 //!    previous release's units back, restart the previous release and record `reverted`;
 //! 6. on success keep the previous release (for a manual roll-back) and prune the rest.
 //!
@@ -150,8 +152,12 @@ impl<C: AgentControl> Installer<C> {
         release::verify_signature(&self.config.update_key, &taken.archive, &taken.signature, &version).map_err(fail)?;
         let tree = release::unpack_and_check(&taken.archive, work, &version).map_err(fail)?;
         self.releases.install(&tree, &version).map_err(fail)?;
+        // The gate passes on a health file naming the new version; one left by an earlier
+        // attempt at this version must not pass it, so it goes before the switch. (Not a
+        // wall-clock "written after the switch" test: a clock stepped back between the
+        // switch and the new daemon's Handshake would fail a healthy release.)
+        forget_health(state).map_err(fail)?;
         self.releases.switch(&version).map_err(fail)?;
-        let switched_at = now_unix();
         let switched =
             record_of(version.clone(), from, Outcome::Switched, "switched; waiting for the health gate".into());
         write_record(state, owner, &switched).map_err(fail)?;
@@ -163,7 +169,7 @@ impl<C: AgentControl> Installer<C> {
 
         let verdict = match self.start(socket).await {
             Err(e) => Err(format!("the new daemon did not start: {e}")),
-            Ok(()) => self.wait_healthy(state, &version, switched_at).await,
+            Ok(()) => self.wait_healthy(state, &version).await,
         };
         let record = match verdict {
             Ok(()) => {
@@ -292,14 +298,15 @@ impl<C: AgentControl> Installer<C> {
         Ok(r)
     }
 
-    /// Waits for `health.json` naming `version`, written at or after the switch.
-    async fn wait_healthy(&self, state: &PinnedDir, version: &str, since: u64) -> Result<(), String> {
+    /// Waits for `health.json` naming `version` (written since the switch: the previous
+    /// one was removed before it), on the monotonic clock.
+    async fn wait_healthy(&self, state: &PinnedDir, version: &str) -> Result<(), String> {
         let timeout = self.config.health_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Ok(bytes) = state.read("health.json", 1 << 16) {
                 if let Ok(h) = serde_json::from_slice::<Health>(&bytes) {
-                    if h.version == version && h.handshake_at + 1 >= since {
+                    if h.version == version {
                         tracing::info!(version, pid = h.pid, "the new daemon completed a Handshake");
                         return Ok(());
                     }
@@ -310,6 +317,16 @@ impl<C: AgentControl> Installer<C> {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+}
+
+/// Removes the daemon's last `health.json` (none is fine).
+fn forget_health(state: &PinnedDir) -> Result<(), UpgradeError> {
+    match fs::remove_file(state.entry("health.json")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(UpgradeError::Io { path: state.shown("health.json"), source: e })
+        }
+        _ => Ok(()),
     }
 }
 

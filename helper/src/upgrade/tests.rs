@@ -218,6 +218,9 @@ struct FakeAgent {
     unit_dir: PathBuf,
     /// Every call in order: `reload (TEXT OF opsagent.service)`, `socket`, `restart VERSION`.
     calls: RefCell<Vec<String>>,
+    /// Seconds the started daemon's wall clock is off the installer's (a clock stepped
+    /// between the switch and the Handshake).
+    clock_step: i64,
 }
 
 impl FakeAgent {
@@ -227,6 +230,11 @@ impl FakeAgent {
 
     fn crashing(mut self, versions: &[&str]) -> Self {
         self.crashing = versions.iter().map(|v| v.to_string()).collect();
+        self
+    }
+
+    fn clock_stepped(mut self, secs: i64) -> Self {
+        self.clock_step = secs;
         self
     }
 
@@ -246,7 +254,7 @@ impl AgentControl for FakeAgent {
             return Err(format!("opsagent.service: the restart job ended with result \"failed\" ({version})"));
         }
         if self.healthy.contains(&version) {
-            let h = Health { version, pid: 42, handshake_at: now_unix() };
+            let h = Health { version, pid: 42, handshake_at: now_unix().saturating_add_signed(self.clock_step) };
             std::fs::write(hand::health_file(&self.state), serde_json::to_vec(&h).unwrap()).unwrap();
         }
         Ok(())
@@ -305,6 +313,30 @@ async fn a_release_that_never_confirms_is_reverted_after_the_gate() {
     assert_eq!(*installer.control.started.borrow(), ["1.1", "1.0"], "the previous release is restarted");
     assert!(!Releases::new(&host.prefix).path("1.1").exists(), "the failed release is removed");
     assert_eq!(host.result(), r);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_stepped_back_during_the_gate_does_not_revert_a_healthy_release() {
+    let host = Host::with_release_a().await;
+    host.stage_signed("1.1", &release_tgz("1.1", false, &[]));
+    // The new daemon's Handshake is stamped 12 h before the switch by the clock of then.
+    let r = host.install(FakeAgent::healthy(&["1.0", "1.1"]).clock_stepped(-12 * 3600)).await;
+    assert_eq!(r.outcome, Outcome::Confirmed, "{r:?}");
+    assert_eq!(host.current().as_deref(), Some("1.1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_health_file_left_from_before_the_switch_does_not_pass_the_gate() {
+    let host = Host::with_release_a().await;
+    host.stage_signed("1.1", &release_tgz("1.1", false, &[]));
+    // Left by an earlier run of 1.1 while the clock was 12 h ahead: "after the switch" by
+    // any wall-clock comparison.
+    let stale = Health { version: "1.1".into(), pid: 7, handshake_at: now_unix() + 12 * 3600 };
+    std::fs::write(hand::health_file(&host.state), serde_json::to_vec(&stale).unwrap()).unwrap();
+    let r = host.install(FakeAgent::healthy(&["1.0"])).await;
+    assert_eq!(r.outcome, Outcome::Reverted, "1.1 never confirmed: {r:?}");
+    assert!(r.reason.contains("did not complete a Handshake within 60 s"), "{}", r.reason);
+    assert_eq!(host.current().as_deref(), Some("1.0"));
 }
 
 #[tokio::test(start_paused = true)]
