@@ -93,7 +93,7 @@ fn a_socket_for_another_process_or_not_a_listening_tcp_socket_is_refused_by_name
     assert!(text.contains("LISTEN_PID=\"1\" names another process"), "{text}");
 
     // A regular file.
-    let file = std::fs::File::open(&s.statelog.with_file_name("recipes").join("app-sb.json")).unwrap();
+    let file = std::fs::File::open(s.recipes.join("app-sb.json")).unwrap();
     let text = refused(&s.dir, &file, None, "file");
     assert!(text.contains("is not a TCP socket") && text.contains("not a socket"), "{text}");
 

@@ -24,7 +24,15 @@ const MANUAL: opsagent::manual::Extra<'static> = opsagent::manual::Extra {
              (or --logs-dir).",
         ),
     ],
-    environment: &[("OPSAGENT_SIGNING_KEY_PASSWORD", "The password of an encrypted --signing-key.")],
+    environment: &[
+        ("OPSAGENT_SIGNING_KEY_PASSWORD", "The password of an encrypted --signing-key."),
+        (
+            "LISTEN_FDS, LISTEN_PID",
+            "Socket activation (sd_listen_fds(3)): one listening TCP socket at fd 3, for this process, served \
+             instead of binding --listen. Anything else (another LISTEN_PID, several sockets, a descriptor that is \
+             not a listening TCP socket) is refused at start.",
+        ),
+    ],
     see_also: &["opsagent(8)", "opsagent-helper(8)"],
 };
 
