@@ -76,24 +76,25 @@ fn a_backend_killed_mid_round_loses_and_doubles_nothing() {
     let s = setup("app-r1", |w| slow_recipe(w, "r1"));
     let args = backend_args(&s);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (mut backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &args);
+    // Every backend serves this one socket: a restart never races for the port.
+    let listen = BackendSocket::bind();
+    let mut backend = listen.start(&s.dir, &s.recipes, &s.statelog, &args);
     let _helper = start_helper(&s.dir, &s.socket);
-    let agent = start_agent(&s.dir, port, "app-r1", "i-r1", &s.socket, &["--round-delay", "1"]);
+    let agent = start_agent(&s.dir, listen.port, "app-r1", "i-r1", &s.socket, &["--round-delay", "1"]);
     assert!(wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len() >= 2), "{}", agent.log_text());
     for _ in 0..2 {
-        // The backend stays down until the agent has noticed and been refused once: it
-        // then applies rounds offline, which a fixed pause did not make certain.
-        let refused = agent.log_text().matches("cannot reach the backend").count();
+        // The backend stays down until the agent has seen its connection die: it then
+        // applies rounds offline, which a fixed pause did not make certain. (Its next
+        // connection waits in the socket's backlog for the next backend.)
+        let lost = agent.log_text().matches("backend connection lost").count();
         backend.kill9();
         assert!(
-            wait_until(Duration::from_secs(30), || agent.log_text().matches("cannot reach the backend").count()
-                > refused),
-            "the agent never tried the dead backend: {}",
+            wait_until(Duration::from_secs(30), || agent.log_text().matches("backend connection lost").count() > lost),
+            "the agent never noticed the dead backend: {}",
             agent.log_text()
         );
         let before = read_jsonl(&s.statelog).len();
-        let (b, _) = start_backend_on(&s.dir, &s.recipes, &s.statelog, &format!("127.0.0.1:{port}"), &args);
-        backend = b;
+        backend = listen.start(&s.dir, &s.recipes, &s.statelog, &args);
         assert!(
             wait_until(Duration::from_secs(30), || read_jsonl(&s.statelog).len() >= before + 6),
             "the agent reconnected and delivered what it applied meanwhile: {}",
@@ -196,7 +197,9 @@ fn a_daemon_restarted_while_the_backend_is_down_applies_offline_and_reports_late
     let runs = || std::fs::read_to_string(s.work.join("runs")).unwrap_or_default().lines().count();
     let b_args = backend_args(&s);
     let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
-    let (mut backend, port) = start_backend(&s.dir, &s.recipes, &s.statelog, &b_args);
+    let listen = BackendSocket::bind();
+    let port = listen.port;
+    let mut backend = listen.start(&s.dir, &s.recipes, &s.statelog, &b_args);
     let _helper = start_helper(&s.dir, &s.socket);
     let args = ["--round-delay", "1"];
     let mut agent = start_agent(&s.dir, port, "app-r4", "i-r4", &s.socket, &args);
@@ -215,7 +218,7 @@ fn a_daemon_restarted_while_the_backend_is_down_applies_offline_and_reports_late
     assert!(agent.log_text().contains("resuming the persisted recipe"), "{}", agent.log_text());
     let offline_runs = runs() - online_runs;
 
-    let (_backend, _) = start_backend_on(&s.dir, &s.recipes, &s.statelog, &format!("127.0.0.1:{port}"), &b_args);
+    let _backend = listen.start(&s.dir, &s.recipes, &s.statelog, &b_args);
     assert!(
         wait_until(Duration::from_secs(60), || {
             read_jsonl(&s.statelog).iter().filter(|l| l["offline"] == true).count() >= offline_runs

@@ -108,6 +108,7 @@
 //! recorded; invalid JSON, unknown codes and binary frames are logged and ignored.
 //! Incoming frames are limited to `max_frame_bytes` (16 MiB by default).
 
+pub mod activation;
 mod conn;
 mod frames;
 mod hub;

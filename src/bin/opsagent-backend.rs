@@ -24,7 +24,15 @@ const MANUAL: opsagent::manual::Extra<'static> = opsagent::manual::Extra {
              (or --logs-dir).",
         ),
     ],
-    environment: &[("OPSAGENT_SIGNING_KEY_PASSWORD", "The password of an encrypted --signing-key.")],
+    environment: &[
+        ("OPSAGENT_SIGNING_KEY_PASSWORD", "The password of an encrypted --signing-key."),
+        (
+            "LISTEN_FDS, LISTEN_PID",
+            "Socket activation (sd_listen_fds(3)): one listening TCP socket at fd 3, for this process, served \
+             instead of binding --listen. Anything else (another LISTEN_PID, several sockets, a descriptor that is \
+             not a listening TCP socket) is refused at start.",
+        ),
+    ],
     see_also: &["opsagent(8)", "opsagent-helper(8)"],
 };
 
@@ -42,8 +50,9 @@ struct Args {
 #[derive(Debug, ClapArgs)]
 struct Serve {
     /// Address to listen on, e.g. 127.0.0.1:8443 (port 0: any free port). Anything but
-    /// loopback needs --tls-cert/--tls-key, or --insecure-plaintext.
-    #[arg(long, required = true)]
+    /// loopback needs --tls-cert/--tls-key, or --insecure-plaintext. Not needed, and
+    /// ignored, when systemd hands over the listening socket (LISTEN_FDS, fd 3).
+    #[arg(long)]
     listen: Option<String>,
     /// One APP_ID.json recipe per app, plus APP_ID.update.json / APP_ID.reconnect.json orders.
     #[arg(long, required = true)]
@@ -184,9 +193,14 @@ fn main() -> ExitCode {
         Some(Command::Manual { dir }) => {
             opsagent::manual::write_page(&dir, &<Args as clap::CommandFactory>::command(), &MANUAL).map(|_| ())
         }
-        None => match tokio::runtime::Runtime::new() {
-            Ok(runtime) => runtime.block_on(run(args.serve)),
-            Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+        // Before the runtime starts any thread: taking the socket over edits the
+        // environment (LISTEN_FDS and LISTEN_PID are removed).
+        None => match opsagent::backend::activation::inherited_listener() {
+            Err(e) => Err(anyhow::anyhow!("cannot use the socket systemd passed: {e}")),
+            Ok(inherited) => match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime.block_on(run(args.serve, inherited)),
+                Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+            },
         },
     };
     match result {
@@ -255,7 +269,8 @@ fn instances(cmd: Instances) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: Serve) -> anyhow::Result<()> {
+/// Serves `inherited` (socket activation) when given, else binds `--listen`.
+async fn run(args: Serve, inherited: Option<std::net::TcpListener>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -264,8 +279,21 @@ async fn run(args: Serve) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let (Some(listen), Some(recipe_dir), Some(statelog)) = (args.listen, args.recipe_dir, args.statelog) else {
-        anyhow::bail!("--listen, --recipe-dir and --statelog are required");
+    let (Some(recipe_dir), Some(statelog)) = (args.recipe_dir, args.statelog) else {
+        anyhow::bail!("--recipe-dir and --statelog are required");
+    };
+    let listener = match (inherited, args.listen) {
+        (Some(socket), listen) => {
+            if let Some(listen) = listen {
+                tracing::info!("serving the socket systemd passed; --listen {listen} is not bound");
+            }
+            socket.set_nonblocking(true).context("cannot make the inherited socket non-blocking")?;
+            tokio::net::TcpListener::from_std(socket).context("cannot serve the inherited socket")?
+        }
+        (None, Some(listen)) => {
+            tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?
+        }
+        (None, None) => anyhow::bail!("--listen is required (or a socket passed by systemd: LISTEN_FDS)"),
     };
     let opts = BackendOptions {
         events: args.events,
@@ -288,8 +316,6 @@ async fn run(args: Serve) -> anyhow::Result<()> {
         signing_key: args.signing_key,
         ..BackendOptions::new(recipe_dir, statelog)
     };
-    let listener =
-        tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let backend = Backend::start(listener, opts).await?;
     let mut stdout = std::io::stdout();
     writeln!(stdout, "opsagent-backend listening on {}", backend.local_addr())?;

@@ -116,16 +116,69 @@ pub fn start_backend_on(dir: &Path, recipes: &Path, statelog: &Path, listen: &st
     cmd.args(extra);
     cmd.stdout(Stdio::piped());
     let mut p = spawn_logged("backend", cmd, dir);
+    let port = first_line_port(&mut p);
+    (p, port)
+}
+
+/// A loopback listening socket bound once by the test and handed to every backend it
+/// starts, the way systemd socket activation does (`LISTEN_FDS`): a backend killed and
+/// started again serves the same socket, so it never races anything for the port (the
+/// old one may not be free yet, another process may have taken it), and connections made
+/// while no backend runs wait in the backlog.
+pub struct BackendSocket {
+    listener: TcpListener,
+    pub port: u16,
+}
+
+impl BackendSocket {
+    pub fn bind() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        BackendSocket { listener, port }
+    }
+
+    /// A backend serving this socket (no `--listen`), once it says it listens.
+    pub fn start(&self, dir: &Path, recipes: &Path, statelog: &Path, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(bin("opsagent-backend"));
+        cmd.arg("--recipe-dir").arg(recipes).arg("--statelog").arg(statelog).args(extra);
+        cmd.stdout(Stdio::piped());
+        let inherited = hand_over(&mut cmd, &self.listener);
+        let mut p = spawn_logged("backend", cmd, dir);
+        drop(inherited);
+        let port = first_line_port(&mut p);
+        assert_eq!(port, self.port, "the backend serves the inherited socket; log: {}", p.log_text());
+        p
+    }
+}
+
+/// Sets `cmd` up to inherit `fd` the way systemd hands over one socket (`LISTEN_FDS=1`).
+/// The child inherits the returned duplicate, made without close-on-exec (std makes every
+/// descriptor close-on-exec); drop it once the child runs. It is passed at its own number
+/// with `LISTEN_FDS_FIRST_FD` (the `listenfd` convention), so the child needs no dup2 to
+/// fd 3. `LISTEN_PID` is left unset (the child's pid is not known before it exists),
+/// which the backend takes as "for this process".
+pub fn hand_over(cmd: &mut Command, fd: &impl std::os::fd::AsFd) -> std::os::fd::OwnedFd {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use std::os::fd::AsRawFd;
+    let dup = fd.as_fd().try_clone_to_owned().unwrap();
+    fcntl(dup.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+    cmd.env("LISTEN_FDS", "1")
+        .env("LISTEN_FDS_FIRST_FD", dup.as_raw_fd().to_string())
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES");
+    dup
+}
+
+/// The port of "opsagent-backend listening on ADDR", the backend's first stdout line.
+fn first_line_port(p: &mut Proc) -> u16 {
     let stdout = p.child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    let port = line
-        .trim()
+    line.trim()
         .rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("backend said {line:?}; log: {}", p.log_text()));
-    (p, port)
+        .unwrap_or_else(|| panic!("backend said {line:?}; log: {}", p.log_text()))
 }
 
 pub fn start_helper(dir: &Path, socket: &Path) -> Proc {

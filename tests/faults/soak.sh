@@ -13,6 +13,19 @@
 # agent, the helper protocol and the spool, not process spawning. Needs the debug
 # binaries (built if absent) and root (the helper).
 set -euo pipefail
+# The backend's listening socket is bound once, here, and handed to every backend started
+# below the way systemd socket activation does (LISTEN_FDS): a restarted backend serves
+# the same socket and never races anything for its port. python3 binds it and runs this
+# script again holding it (its descriptor in SOAK_LISTEN_FD).
+if [ -z "${SOAK_LISTEN_FD:-}" ]; then
+    exec python3 -c 'import os, socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(128)
+s.set_inheritable(True)
+os.environ["SOAK_LISTEN_FD"] = str(s.fileno())
+os.execvp("bash", ["bash"] + sys.argv[1:])' "$0" "$@"
+fi
 cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-10000}
 STATES=${STATES:-100}
@@ -43,7 +56,7 @@ PY
 helper_starts=0
 start_helper() {
     rm -f "$W/helper.sock"
-    "$BIN/opsagent-helper" --socket "$W/helper.sock" 2>>"$W/helper.log" &
+    "$BIN/opsagent-helper" --socket "$W/helper.sock" {SOAK_LISTEN_FD}>&- 2>>"$W/helper.log" &
     helper_pid=$!
     pids+=("$helper_pid")
     helper_starts=$((helper_starts + 1))
@@ -53,8 +66,9 @@ start_helper() {
 }
 backend_starts=0
 start_backend() {
-    local listen=$1
-    "$BIN/opsagent-backend" --listen "$listen" --recipe-dir "$W/recipes" --statelog "$W/statelog.jsonl" \
+    # LISTEN_PID unset: the backend takes the socket as its own (its pid is not known yet).
+    env -u LISTEN_PID LISTEN_FDS=1 LISTEN_FDS_FIRST_FD="$SOAK_LISTEN_FD" \
+        "$BIN/opsagent-backend" --recipe-dir "$W/recipes" --statelog "$W/statelog.jsonl" \
         --poll-ms 1000 >"$W/backend.out" 2>>"$W/backend.log" &
     backend_pid=$!
     pids+=("$backend_pid")
@@ -63,13 +77,13 @@ start_backend() {
     port=$(sed -n '1s/.*:\([0-9]*\)$/\1/p' "$W/backend.out")
 }
 start_helper
-start_backend 127.0.0.1:0
+start_backend
 RUNTIME_DIRECTORY=$W/run
 mkdir -p "$RUNTIME_DIRECTORY"
 RUNTIME_DIRECTORY=$RUNTIME_DIRECTORY RUST_LOG=warn "$BIN/opsagent" run --config "$W/empty.conf" \
     --ws-uri "ws://127.0.0.1:$port/" --app-id app-soak --instance-id i-soak \
     --token-file "$W/token" --state-dir "$W/state" --helper-socket "$W/helper.sock" \
-    --round-delay 1 --retry-delay 1 >/dev/null 2>"$W/agent.log" &
+    --round-delay 1 --retry-delay 1 {SOAK_LISTEN_FD}>&- >/dev/null 2>"$W/agent.log" &
 agent=$!
 pids+=("$agent")
 
@@ -91,7 +105,7 @@ while :; do
     r=$(round)
     if [ "$r" -ge "$next_restart" ] && [ "$r" -lt "$ROUNDS" ]; then
         kill "$backend_pid"; wait "$backend_pid" 2>/dev/null || true
-        start_backend "127.0.0.1:$port"
+        start_backend
         next_restart=$((next_restart + RESTART_EVERY))
     fi
     [ "$r" -ge "$ROUNDS" ] && break
