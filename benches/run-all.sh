@@ -17,6 +17,9 @@
 #              idle (socket activation) vs one served by a running helper
 # 6. converged benches/converged.sh: a realistic converged round (67 states) by opsagent,
 #              Salt, Ansible and Puppet, interleaved; wall and whole-tree CPU time
+# 7. plan      benches/plan_vs_salt.sh: opsagent apply --test vs salt-call state.apply
+#              test=True on the 1,000-file recipe of vs_salt.sh, converged and with 10 % of
+#              the files drifted; wall and CPU time (issue 19)
 # Raw output goes to $OUT (default target/bench-results/DATE), the table to stdout and
 # $OUT/summary.txt. `bash benches/run-all.sh --summary DIR` prints the table of an earlier
 # run again.
@@ -42,6 +45,7 @@ if [ -n "${QUICK:-}" ]; then
 	export SIZES=${SIZES:-"100 1000"} RUNS=${RUNS:-3} PUSHES=${PUSHES:-100}
 	FP_SIZES=${FP_SIZES:-"1000"}
 	CONVERGED_RUNS=${CONVERGED_RUNS:-3}
+	PLAN_RUNS=${PLAN_RUNS:-3}
 else
 	export RUNS=${RUNS:-5} RUNS_BIG=${RUNS_BIG:-3} PUSHES=${PUSHES:-200}
 	FP_SIZES=${FP_SIZES:-"1000 10000"}
@@ -73,6 +77,10 @@ bash benches/activation.sh 2>"$OUT/activation.log" | tee "$OUT/activation.txt" >
 step "6. converged round vs Salt, Ansible, Puppet: benches/converged.sh (RUNS=${CONVERGED_RUNS:-7})"
 RUNS=${CONVERGED_RUNS:-7} BENCH_TSV="$OUT/converged.tsv" bash benches/converged.sh 2>"$OUT/converged.log" |
 	tee "$OUT/converged.txt" >&2
+
+step "7. plan vs Salt test=True: benches/plan_vs_salt.sh (N=1000, 10 % drift, RUNS=${PLAN_RUNS:-7})"
+N=1000 RUNS=${PLAN_RUNS:-7} BENCH_TSV="$OUT/plan_vs_salt.tsv" bash benches/plan_vs_salt.sh 2>"$OUT/plan_vs_salt.log" |
+	tee "$OUT/plan_vs_salt.txt" >&2
 fi
 
 # --- the short table -----------------------------------------------------------------------
@@ -103,6 +111,9 @@ fi
 	echo
 	echo "converged round, 67 states (benches/converged.sh; median wall s, whole-tree CPU s):"
 	sed -n '/^== converged round/,$p' "$OUT/converged.txt" 2>/dev/null | grep -v '^==' | sed '/^$/d'
+	echo
+	echo "plan: opsagent apply --test vs salt-call state.apply test=True (benches/plan_vs_salt.sh; median):"
+	sed -n '/^== plan:/,$p' "$OUT/plan_vs_salt.txt" 2>/dev/null | grep -v '^==' | sed '/^$/d'
 	echo
 	echo "engine (criterion, instant fake helper):"
 	grep -E -A1 '^engine_round/|^parse_and_validate' "$OUT/engine.txt" | grep -E 'time:|thrpt:|^engine|^parse' |

@@ -213,3 +213,115 @@ fn the_backend_asks_for_logs_and_stores_the_agents_and_the_helpers_entries_of_th
     let reason = e["reason"].as_str().unwrap();
     assert!(reason.contains("https://") && reason.contains("logs.example") && !reason.contains("secret"), "{reason}");
 }
+
+/// A loopback HTTP server that takes one PUT and holds its answer until told: an upload
+/// in progress for as long as the test needs.
+struct StalledSink {
+    url: String,
+    /// The PUT arrived (headers and body read).
+    arrived: Arc<Mutex<bool>>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+impl StalledSink {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/bundles/slow", listener.local_addr().unwrap());
+        let arrived = Arc::new(Mutex::new(false));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let a = arrived.clone();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            *a.lock().unwrap() = true;
+            // The test drops the sender (or sends) when the upload may end.
+            let _ = released.recv();
+            let _ = stream.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        });
+        StalledSink { url, arrived, release }
+    }
+}
+
+/// One log request at a time per agent: a `FetchLogs` that arrives while another is being
+/// answered (here: its upload held by the receiver) is refused at once, naming why, and
+/// the first one still completes.
+#[test]
+fn a_second_log_request_while_one_is_being_answered_is_refused_and_the_first_completes() {
+    let s = setup(APP, recipe);
+    let (dir, recipes, statelog, socket) = (s.dir.as_path(), &s.recipes, &s.statelog, &s.socket);
+    let agent_logs = dir.join("var-log-visualops");
+    std::fs::create_dir(&agent_logs).unwrap();
+    std::os::unix::fs::symlink(dir.join("agent-i-busy.log"), agent_logs.join("opsagent.log")).unwrap();
+    let events = dir.join("events.jsonl");
+    let (_backend, port) = start_backend(
+        dir,
+        recipes,
+        statelog,
+        &[
+            "--poll-ms",
+            "100",
+            "--events",
+            events.to_str().unwrap(),
+            "--logs-dir",
+            dir.join("bundles").to_str().unwrap(),
+        ],
+    );
+    let _helper = start_helper(dir, socket);
+    let conf = format!("[agent]\nlog_dir = {}\nhelper_log_dir = {}\n", agent_logs.display(), agent_logs.display());
+    let agent = start_agent_with_conf(dir, port, APP, "i-busy", socket, &conf, &["--round-delay", "600"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || read_jsonl(statelog).iter().any(|l| l["id"] == "s-logged-file")),
+        "no round; agent: {}",
+        agent.log_text()
+    );
+
+    // 1. A request whose upload the receiver holds: it is being answered until released.
+    let sink = StalledSink::start();
+    let tmp = recipes.join(".fetch.tmp");
+    std::fs::write(&tmp, json!({"request": "q-slow", "what": ["agent"], "upload_url": sink.url}).to_string()).unwrap();
+    std::fs::rename(&tmp, recipes.join(format!("{APP}.fetch-logs.json"))).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || *sink.arrived.lock().unwrap()),
+        "the upload of q-slow never arrived; events: {:?}\nagent: {}",
+        read_jsonl(&events),
+        agent.log_text()
+    );
+
+    // 2. The second request meanwhile: refused with the documented reason.
+    let e = ask(
+        recipes,
+        &events,
+        json!({"request": "q-second", "what": ["agent"]}),
+        &["logs_stored", "logs_refused", "logs_invalid"],
+    );
+    assert_eq!(e["event"], "logs_refused", "{e}");
+    assert_eq!(e["instance_id"], "i-busy", "{e}");
+    assert_eq!(e["reason"], "another log request is being answered", "{e}");
+    assert!(!dir.join("bundles/i-busy.q-second.log.gz").exists());
+
+    // 3. Released, the first request completes as if nothing had happened.
+    sink.release.send(()).unwrap();
+    let mut done = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            done = read_jsonl(&events).into_iter().find(|e| e["request"] == "q-slow" && e["event"] != "fetch_logs");
+            done.is_some()
+        }),
+        "q-slow never ended; events: {:?}",
+        read_jsonl(&events)
+    );
+    let done = done.unwrap();
+    assert_eq!(done["event"], "logs_uploaded", "{done}");
+}

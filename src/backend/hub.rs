@@ -136,6 +136,7 @@ struct AppState {
     update_raw: Option<String>,
     reconnect_raw: Option<String>,
     fetch_logs_raw: Option<String>,
+    plan_request_raw: Option<String>,
     update: Option<UpdateOrder>,
 }
 
@@ -566,6 +567,35 @@ impl Hub {
         }
     }
 
+    /// `APP_ID.plan-request.json`: the app's authenticated agents that announced `drift`
+    /// are asked for a plan now; each answers with a `Drift` frame, recorded as a `drift`
+    /// event like any other report. The file is deleted once acted on.
+    fn apply_plan_request_file(&mut self, app: &str, f: DirFile) {
+        let state = self.apps.entry(app.to_string()).or_default();
+        if state.plan_request_raw.as_deref() == Some(f.raw_hash.as_str()) {
+            return;
+        }
+        state.plan_request_raw = Some(f.raw_hash.clone());
+        match recipes::parse_plan_request(&f.bytes) {
+            Err(reason) => {
+                error!("{}: plan request ignored: {reason}", f.path.display());
+                self.events.record("plan_request_rejected", json!({"app_id": app, "file": f.path, "reason": reason}));
+            }
+            Ok(frame) => {
+                let targets = self.conns_where(|r| r.app_id == app && r.authenticated && r.has(capability::DRIFT));
+                let instances: Vec<String> = targets.iter().filter_map(|c| self.instance_of(*c)).collect();
+                info!("{}: a plan asked of the agents of app {app}: {instances:?}", f.path.display());
+                self.events.record("plan_request", json!({"app_id": app, "sent_to": instances}));
+                self.send_all(&targets, &frame);
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&f.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                error!("{}: cannot remove after acting on it: {e}", f.path.display());
+            }
+        }
+    }
+
     fn on_handshake(&mut self, conn: u64, h: Hello) -> Option<PendingHandshake> {
         let (Some(app_id), Some(instance_id)) = (h.app_id, h.instance_id) else {
             warn!(conn, "Handshake without app_id or instance_id: AppNotReady");
@@ -902,6 +932,7 @@ impl Hub {
             .chain(scan.updates.keys())
             .chain(scan.reconnects.keys())
             .chain(scan.fetch_logs.keys())
+            .chain(scan.plan_requests.keys())
             .cloned()
             .collect();
         for app in &apps {
@@ -926,6 +957,14 @@ impl Hub {
                 None => {
                     if let Some(a) = self.apps.get_mut(app) {
                         a.fetch_logs_raw = None;
+                    }
+                }
+            }
+            match scan.plan_requests.remove(app) {
+                Some(f) => self.apply_plan_request_file(app, f),
+                None => {
+                    if let Some(a) = self.apps.get_mut(app) {
+                        a.plan_request_raw = None;
                     }
                 }
             }

@@ -25,9 +25,14 @@
 //!   once acted on. Their `Logs` parts are reassembled per connection, the sha256
 //!   checked, and the bundle stored as `LOGS_DIR/INSTANCE.REQUEST.log.gz` (see
 //!   [`BackendOptions::logs_dir`]).
+//! - `APP_ID.plan-request.json`, empty or `{}`: when it appears, the authenticated agents
+//!   of the app that announced `drift` get `{"code": "PlanRequest"}`; each answers with a
+//!   `Drift` report (even `"states": []`), recorded as a `drift` event. The event log
+//!   records `plan_request` (`sent_to`: the instances asked) or `plan_request_rejected`.
+//!   The file is deleted once acted on.
 //!
 //! App ids are made of ASCII letters, digits, `.`, `_` and `-` (they name files); an app
-//! id cannot end in `.update`, `.reconnect` or `.fetch-logs`.
+//! id cannot end in `.update`, `.reconnect`, `.fetch-logs` or `.plan-request`.
 //!
 //! The backend writes, next to each other:
 //! - `--statelog FILE`: every StateLog received, one JSON object per line as the agent
@@ -37,7 +42,7 @@
 //!   (`open`/`close`), per agent message other than StateLog (`message`, with the frame,
 //!   its `instance_token` redacted), per unreadable frame (`invalid`, `binary`), and per
 //!   backend decision (`recipe_loaded`, `recipe_rejected`, `recipe_removed`,
-//!   `wait_released`, `agent_update`, `reconnect`, `fetch_logs`, `logs_stored`,
+//!   `wait_released`, `agent_update`, `reconnect`, `fetch_logs`, `plan_request`, `logs_stored`,
 //!   `logs_uploaded`, `logs_refused`, `logs_invalid`, `statelog_repeated` — a StateLog whose
 //!   `(instance_id, seq)` was recorded before, which the statelog does not show, …). Each
 //!   has `at` and `event`.

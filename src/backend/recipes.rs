@@ -25,11 +25,14 @@ pub(crate) enum FileKind {
     Reconnect,
     /// `APP_ID.fetch-logs.json`: a one-shot request for logs (`FetchLogs` fields).
     FetchLogs,
+    /// `APP_ID.plan-request.json`: a one-shot request for a plan (`PlanRequest`).
+    PlanRequest,
 }
 
 pub(crate) const UPDATE_SUFFIX: &str = ".update.json";
 pub(crate) const RECONNECT_SUFFIX: &str = ".reconnect.json";
 pub(crate) const FETCH_LOGS_SUFFIX: &str = ".fetch-logs.json";
+pub(crate) const PLAN_REQUEST_SUFFIX: &str = ".plan-request.json";
 const VERSIONS_SUFFIX: &str = ".versions.json";
 
 /// App ids name files, so they are restricted to a safe alphabet: ASCII letters, digits,
@@ -52,6 +55,8 @@ pub(crate) fn classify(name: &str) -> Option<(String, FileKind)> {
         (app, FileKind::Reconnect)
     } else if let Some(app) = name.strip_suffix(FETCH_LOGS_SUFFIX) {
         (app, FileKind::FetchLogs)
+    } else if let Some(app) = name.strip_suffix(PLAN_REQUEST_SUFFIX) {
+        (app, FileKind::PlanRequest)
     } else {
         (name.strip_suffix(".json")?, FileKind::Recipe)
     };
@@ -64,6 +69,7 @@ pub(crate) fn file_name(app: &str, kind: FileKind) -> String {
         FileKind::Update => format!("{app}{UPDATE_SUFFIX}"),
         FileKind::Reconnect => format!("{app}{RECONNECT_SUFFIX}"),
         FileKind::FetchLogs => format!("{app}{FETCH_LOGS_SUFFIX}"),
+        FileKind::PlanRequest => format!("{app}{PLAN_REQUEST_SUFFIX}"),
     }
 }
 
@@ -101,6 +107,7 @@ pub(crate) struct Scan {
     pub updates: BTreeMap<String, DirFile>,
     pub reconnects: BTreeMap<String, DirFile>,
     pub fetch_logs: BTreeMap<String, DirFile>,
+    pub plan_requests: BTreeMap<String, DirFile>,
 }
 
 /// Reads every meaningful file of `dir`, skipping `skip` (the backend's own journals,
@@ -134,6 +141,7 @@ pub(crate) fn scan_dir(dir: &Path, skip: &[PathBuf]) -> Result<Scan, BackendErro
             FileKind::Update => &mut scan.updates,
             FileKind::Reconnect => &mut scan.reconnects,
             FileKind::FetchLogs => &mut scan.fetch_logs,
+            FileKind::PlanRequest => &mut scan.plan_requests,
         };
         map.insert(app, file);
     }
@@ -341,6 +349,21 @@ pub(crate) fn parse_fetch_logs(bytes: &[u8], default_request: &str) -> Result<Va
     Ok(frame)
 }
 
+/// A request for a plan (`APP_ID.plan-request.json`): the `PlanRequest` frame to send. The
+/// frame has no fields, so the file holds none: empty, or an empty JSON object. Anything
+/// else is refused rather than silently dropped (an operator who wrote fields expected
+/// them to mean something).
+pub(crate) fn parse_plan_request(bytes: &[u8]) -> Result<Value, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    if !text.trim().is_empty() {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        if !v.as_object().is_some_and(|o| o.is_empty()) {
+            return Err("expected an empty file or {} (a PlanRequest has no fields)".to_string());
+        }
+    }
+    Ok(json!({"code": "PlanRequest"}))
+}
+
 /// Text that can be part of a file name as is.
 pub(crate) fn safe_name(s: &str) -> bool {
     !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -357,6 +380,8 @@ mod tests {
         assert_eq!(classify("app-1.update.json"), Some(("app-1".into(), FileKind::Update)));
         assert_eq!(classify("app-1.reconnect.json"), Some(("app-1".into(), FileKind::Reconnect)));
         assert_eq!(classify("app-1.fetch-logs.json"), Some(("app-1".into(), FileKind::FetchLogs)));
+        assert_eq!(classify("app-1.plan-request.json"), Some(("app-1".into(), FileKind::PlanRequest)));
+        assert_eq!(file_name("app-1", FileKind::PlanRequest), "app-1.plan-request.json");
         assert_eq!(classify("statelog.versions.json"), None);
         assert_eq!(classify(".hidden.json"), None);
         assert_eq!(classify("app 1.json"), None);
@@ -418,5 +443,10 @@ mod tests {
         assert!(parse_update(br#"{"version":"1.3.0"}"#).is_err());
         assert_eq!(parse_reconnect(br#"{"after_s": 30}"#), Ok(30));
         assert!(parse_reconnect(br#"{"after_s": -1}"#).is_err());
+        let plan = json!({"code": "PlanRequest"});
+        assert_eq!(parse_plan_request(b""), Ok(plan.clone()));
+        assert_eq!(parse_plan_request(b" {}\n"), Ok(plan));
+        assert!(parse_plan_request(br#"{"instance_id": "i-1"}"#).is_err());
+        assert!(parse_plan_request(b"[]").is_err());
     }
 }
