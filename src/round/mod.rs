@@ -50,6 +50,7 @@ pub use crate::protocol::{DriftReport, DriftedState};
 use crate::recipe::{Recipe, RecipeState};
 
 pub mod api;
+pub mod intake;
 pub use api::{EngineStatus, Event, LastRound, Liveness, Phase, RoundCounts, StopMode, UpdateOrder};
 
 #[derive(Debug, Clone)]
