@@ -56,6 +56,7 @@
 
 mod connect;
 pub mod heartbeat;
+mod session;
 mod status;
 mod tls;
 pub mod transport;
@@ -64,49 +65,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
-use opsagent_proto::timer::sleep_until_opt;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 pub use connect::{Resolver, SystemResolver, Target, Ws};
 // Re-exported: the link's configuration names them, and callers knew them here.
 pub use crate::net::{http_client_builder, Backoff, NoProxy, ProxySettings, ProxyUrl};
 pub use status::{now_unix, LinkState, LinkStatus};
 
-use crate::protocol::{capability, parse_inbound, Identity, Inbound, Outbound, StateLog};
-use crate::round::api::{EngineStatus, Event, Liveness, UpdateOrder};
-
-/// Distinct unknown message codes logged per connection; the rest are only counted.
-const MAX_UNKNOWN_LOGGED: usize = 8;
-
-/// Bad frames of a run logged one by one; the rest are counted and summed up once.
-const MAX_BAD_LOGGED: u32 = 8;
-
-/// Consecutive bad frames: their count and how many were not logged one by one (said once
-/// when the run ends).
-#[derive(Default)]
-struct BadRun {
-    count: u32,
-    unlogged: u32,
-}
-
-impl BadRun {
-    /// A good frame ends the run.
-    fn end(&mut self) {
-        if self.unlogged > 0 {
-            tracing::warn!(
-                consecutive = self.count,
-                not_logged = self.unlogged,
-                "a run of bad frames from the backend ended"
-            );
-        }
-        *self = BadRun::default();
-    }
-}
+use crate::protocol::{parse_inbound, Identity, Outbound, StateLog};
+use crate::round::api::{EngineStatus, Event, Liveness};
+use crate::round::intake::{EngineDoor, ForEngine};
+use session::{Action, Collect, Counter, EndKind, Frame, Session, SessionEnd, SessionEvent, StatusChange};
 
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
@@ -231,56 +205,12 @@ pub fn parse_close_hint(reason: &str) -> Option<Duration> {
     digits.parse().ok().map(Duration::from_secs)
 }
 
-/// What each side announced.
-#[derive(Debug, Clone, Copy, Default)]
-struct Caps {
-    /// The backend sent a Capabilities frame at all (it is not an original v1 backend).
-    announced: bool,
-    acks: bool,
-    heartbeat: bool,
-    hints: bool,
-    upgrade_report: bool,
-    drift: bool,
-    fetch_logs: bool,
-}
-
-impl Caps {
-    fn from_backend(list: &[String]) -> Self {
-        let has = |c: &str| list.iter().any(|x| x == c) && capability::ALL.contains(&c);
-        Self {
-            announced: true,
-            acks: has(capability::STATELOG_ACK),
-            heartbeat: has(capability::HEARTBEAT),
-            hints: has(capability::RECONNECT_HINT),
-            upgrade_report: has(capability::UPGRADE_REPORT),
-            drift: has(capability::DRIFT),
-            fetch_logs: has(capability::FETCH_LOGS),
-        }
-    }
-}
-
-enum EndKind {
-    Error(LinkError),
-    /// The backend asked to be left alone for a while.
-    Hint(Duration),
-    /// The backend answered our Test (`TestAns`): the session is over, as in the
-    /// original (manager.py `__act_test_ans` stopped the manager and it reconnected).
-    TestDone,
-    Shutdown,
-}
-
-struct SessionEnd {
-    kind: EndKind,
-    /// Answered by the backend and up at least `healthy_after`.
-    healthy: bool,
-}
-
 pub struct Link<O: Outbox> {
     cfg: LinkConfig,
     who: Identity,
     init_errors: Option<String>,
     outbox: Arc<O>,
-    engine: mpsc::Sender<Event>,
+    engine: EngineDoor,
     engine_status: watch::Receiver<EngineStatus>,
     status: watch::Sender<LinkStatus>,
     liveness: Liveness,
@@ -316,7 +246,7 @@ impl<O: Outbox + 'static> Link<O> {
             who,
             init_errors,
             outbox,
-            engine,
+            engine: EngineDoor::new(engine),
             engine_status,
             status,
             liveness: liveness.clone(),
@@ -360,30 +290,6 @@ impl<O: Outbox + 'static> Link<O> {
     pub fn with_logs(mut self, service: Arc<crate::logframes::LogService>) -> Self {
         self.logs = Some(service);
         self
-    }
-
-    async fn deliver_drift(&self, ws: &mut Ws) -> Result<(), LinkError> {
-        let Some(report) = self.drift.as_ref().and_then(|d| d.take_pending()) else { return Ok(()) };
-        let states = report.states.len();
-        let version = report.recipe_version;
-        self.send(ws, self.frame(&Outbound::Drift(report))).await?;
-        tracing::info!(recipe_version = version, states, "drift report sent to the backend");
-        Ok(())
-    }
-
-    /// Once the session is established: the pending upgrade failure goes to a backend
-    /// that announced `upgrade-report`; a backend that did not never hears of it (it was
-    /// logged and is in `opsagent status`).
-    async fn deliver_upgrade_report(&self, ws: &mut Ws, caps: Caps) -> Result<(), LinkError> {
-        let Some(f) = self.upgrades.as_ref().and_then(|u| u.take_pending()) else { return Ok(()) };
-        if !caps.upgrade_report {
-            tracing::info!(version = %f.version, "the backend did not announce upgrade-report: the failed upgrade stays in the log and `opsagent status`");
-            return Ok(());
-        }
-        let msg = Outbound::UpgradeReport { version: f.version.clone(), running: f.running, reason: f.reason };
-        self.send(ws, self.frame(&msg)).await?;
-        tracing::info!(version = %f.version, "failed upgrade reported to the backend");
-        Ok(())
     }
 
     /// A fixed backoff seed (deterministic tests and benches).
@@ -469,7 +375,7 @@ impl<O: Outbox + 'static> Link<O> {
                         // Reports made while no backend listens go to the journal.
                         d.set_listening(false);
                     }
-                    let _ = self.engine.send(Event::Online(false)).await;
+                    self.engine.deliver(ForEngine::Online(false)).await;
                     if end.healthy {
                         attempt = 0;
                     }
@@ -530,16 +436,6 @@ impl<O: Outbox + 'static> Link<O> {
         }
     }
 
-    fn handshake(&self) -> Message {
-        // `fetch-logs` only when there is something to answer with.
-        let caps = capability::ALL
-            .iter()
-            .filter(|c| **c != capability::FETCH_LOGS || self.logs.is_some())
-            .map(|c| c.to_string())
-            .collect();
-        self.frame(&Outbound::Handshake { init_errors: self.init_errors.clone(), capabilities: caps })
-    }
-
     /// Bytes the link adds to a `Logs` frame built without them (the instance's ids).
     fn frame_overhead(&self) -> usize {
         let ids = serde_json::json!({"instance_id": self.who.instance_id, "app_id": self.who.app_id});
@@ -560,323 +456,173 @@ impl<O: Outbox + 'static> Link<O> {
         }
     }
 
-    /// Counts a bad frame; `Some` when too many came in a row.
-    /// The first [`MAX_BAD_LOGGED`] of a run are logged one by one, the rest only counted:
-    /// a flood would otherwise write up to `max_bad_frames` lines per connection.
-    fn bad_frame(&self, bad_run: &mut BadRun, what: &str, reason: &str) -> Option<LinkError> {
-        bad_run.count += 1;
-        self.status.send_modify(|s| s.bad_frames += 1);
-        if bad_run.count > MAX_BAD_LOGGED {
-            bad_run.unlogged += 1;
-        } else {
-            tracing::warn!(consecutive = bad_run.count, reason = %reason, "{what}");
-        }
-        (bad_run.count >= self.cfg.max_bad_frames)
-            .then(|| LinkError::TooManyBadFrames { url: self.url().to_string(), count: bad_run.count })
+    /// One session on `ws`: [`Session`] decides, this waits on the socket, the timers and
+    /// the channels, feeds what happened in and performs the actions.
+    async fn session(&mut self, mut ws: Ws) -> SessionEnd {
+        let who = session::Params {
+            url: self.url().to_string(),
+            instance_id: self.who.instance_id.clone(),
+            app_id: self.who.app_id.clone(),
+            init_errors: self.init_errors.clone(),
+            logs: self.logs.is_some(),
+        };
+        // Lent to the session (AppNotReady pauses draw from it) and taken back, so the
+        // reconnection pauses continue the same sequence.
+        let mut machine = Session::new(Instant::now(), &self.cfg, who, self.backoff.clone());
+        let end = self.drive(&mut machine, &mut ws).await;
+        self.backoff = machine.into_backoff();
+        end
     }
 
-    async fn session(&mut self, mut ws: Ws) -> SessionEnd {
-        let opened_at = Instant::now();
-        let mut answered = false;
-        let end = |kind: EndKind, answered: bool, healthy_after: Duration| SessionEnd {
-            kind,
-            healthy: answered && opened_at.elapsed() >= healthy_after,
-        };
-        let healthy_after = self.cfg.healthy_after;
-        let url = self.url().to_string();
-        if let Err(e) = self.send(&mut ws, self.handshake()).await {
-            return end(EndKind::Error(e), false, healthy_after);
-        }
-        tracing::info!(url = %url, instance_id = %self.who.instance_id, app_id = %self.who.app_id, "handshake sent");
+    async fn drive(&mut self, machine: &mut Session, ws: &mut Ws) -> SessionEnd {
         let added = self.outbox.added();
-        let mut caps = Caps::default();
-        let mut established: Option<Instant> = None;
-        let mut last_sent: u64 = 0;
-        let mut bad_run = BadRun::default();
-        // Unknown codes logged in this session (a few distinct ones, each once).
-        let mut unknown_logged: Vec<String> = Vec::new();
-        let mut fetch_logs_warned = false;
         // The answer to a FetchLogs is built on its own task (reading and gzipping logs
-        // must not stall this loop) and comes back here to be sent in order; one at a
-        // time, and dropped with the session.
-        let (logs_tx, mut logs_rx) = mpsc::channel::<Vec<serde_json::Value>>(1);
-        let mut logs_task: Option<AbortOnDrop> = None;
-        let mut last_heard = Instant::now();
-        let mut ping = tokio::time::interval_at(Instant::now() + self.cfg.ping_interval, self.cfg.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut answer_deadline = Some(Instant::now() + self.cfg.answer_timeout);
-        let mut rehandshake: Option<Instant> = None;
-        let mut not_ready: u32 = 0;
-        let mut next_heartbeat: Option<Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        // Set when new StateLogs may be waiting, so the spool is read only then.
-        let mut dirty = false;
+        // must not stall this loop) and comes back here to be sent in order; dropped with
+        // the session.
+        let mut logs: Option<LogsTask> = None;
+        let mut actions = machine.start();
         loop {
-            if established.is_some() && dirty {
-                dirty = false;
-                if let Err(e) = self.flush(&mut ws, caps, &mut last_sent).await {
-                    return end(EndKind::Error(e), answered, healthy_after);
-                }
+            if let Some(kind) = self.perform(machine, ws, &mut logs, actions).await {
+                return machine.end(Instant::now(), kind);
             }
-            let notified = added.notified();
-            let dead_at = last_heard + self.cfg.ping_interval * 2;
-            tokio::select! {
-                frame = ws.next() => {
-                    last_heard = Instant::now();
-                    let msg = match frame {
-                        None => return end(EndKind::Error(LinkError::Closed { url, reason: String::new() }), answered, healthy_after),
-                        Some(Err(e)) => {
-                            let e = self.read_error(&mut ws, e).await;
-                            return end(EndKind::Error(e), answered, healthy_after);
-                        }
-                        Some(Ok(m)) => m,
-                    };
-                    let text = match msg {
-                        Message::Text(t) => t,
-                        Message::Binary(b) => {
-                            self.status.send_modify(|s| s.binary_frames += 1);
-                            let reason = format!("{} bytes; the protocol uses text frames", b.len());
-                            if let Some(e) = self.bad_frame(&mut bad_run, "binary frame from the backend refused", &reason) {
-                                return end(EndKind::Error(e), answered, healthy_after);
-                            }
-                            continue;
-                        }
-                        Message::Close(frame) => {
-                            let hinted = frame.as_ref().filter(|_| caps.hints).and_then(|f| parse_close_hint(f.reason.as_str()));
-                            if let Some(h) = hinted {
-                                return end(EndKind::Hint(h), answered, healthy_after);
-                            }
-                            let reason = frame.map(|f| format!(" ({} {})", u16::from(f.code), f.reason)).unwrap_or_default();
-                            return end(EndKind::Error(LinkError::Closed { url, reason }), answered, healthy_after);
-                        }
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-                    };
-                    let inbound = match parse_inbound(&text) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            if let Some(e) = self.bad_frame(&mut bad_run, "bad frame from the backend ignored", &e.to_string()) {
-                                return end(EndKind::Error(e), answered, healthy_after);
-                            }
-                            continue;
-                        }
-                    };
-                    if let Inbound::Unknown(code) = &inbound {
-                        self.status.send_modify(|s| s.unknown_frames += 1);
-                        if unknown_logged.len() < MAX_UNKNOWN_LOGGED && !unknown_logged.contains(code) {
-                            unknown_logged.push(code.clone());
-                            tracing::info!(code = %code, "unknown message code ignored (logged once per code and connection; all are counted)");
-                        }
-                        continue;
-                    }
-                    bad_run.end();
-                    answered = true;
-                    answer_deadline = None;
-                    match inbound {
-                        Inbound::RecipeMetadata(r) => {
-                            if established.is_none() {
-                                established = Some(Instant::now());
-                                dirty = true;
-                                last_sent = 0;
-                                not_ready = 0;
-                                rehandshake = None;
-                                self.set_state(LinkState::Connected { url: url.clone(), since_unix: now_unix() });
-                                if caps.heartbeat {
-                                    next_heartbeat = Some(Instant::now());
-                                }
-                                let _ = self.engine.send(Event::Online(true)).await;
-                                if let Err(e) = self.deliver_upgrade_report(&mut ws, caps).await { return end(EndKind::Error(e), answered, healthy_after); }
-                            }
-                            let version = r.recipe_version;
-                            match r.states {
-                                // worker.py `load`: no states, or an empty list, is "no change in states".
-                                None => { let _ = self.engine.send(Event::VersionOnly(version)).await; }
-                                Some(states) if states.is_empty() => { let _ = self.engine.send(Event::VersionOnly(version)).await; }
-                                Some(states) => match crate::recipe::Recipe::from_wire(version, r.module, states) {
-                                    Ok(mut recipe) => {
-                                        if let Some(sig) = r.signature {
-                                            recipe.attach_signature(sig);
-                                        }
-                                        let waits = recipe.has_waits();
-                                        let _ = self.engine.send(Event::Recipe(Arc::new(recipe))).await;
-                                        if waits {
-                                            let q = self.frame(&Outbound::WaitQuery { recipe_version: version });
-                                            if let Err(e) = self.send(&mut ws, q).await { return end(EndKind::Error(e), answered, healthy_after); }
-                                        }
-                                    }
-                                    Err(e) => tracing::error!(error = %e, version, "invalid recipe rejected; the current round goes on"),
-                                },
-                            }
-                        }
-                        Inbound::State { recipe_version, state_id } => {
-                            let _ = self.engine.send(Event::WaitDone { recipe_version, state_ids: vec![state_id] }).await;
-                        }
-                        Inbound::WaitList { recipe_version, waited } => {
-                            let ids = waited.into_iter().map(|w| w.state_id).collect();
-                            let _ = self.engine.send(Event::WaitDone { recipe_version, state_ids: ids }).await;
-                        }
-                        Inbound::AgentUpdate { version, url: u } => {
-                            let _ = self.engine.send(Event::AgentUpdate(UpdateOrder { version, url: u })).await;
-                        }
-                        Inbound::AppNotReady => {
-                            if established.take().is_some() {
-                                next_heartbeat = None;
-                                let _ = self.engine.send(Event::Online(false)).await;
-                            }
-                            if rehandshake.is_none() {
-                                not_ready += 1;
-                                let delay = self.backoff.delay_capped(not_ready, self.cfg.app_not_ready_retry);
-                                rehandshake = Some(Instant::now() + delay);
-                                let until_unix = now_unix() + delay.as_secs_f64().round() as u64;
-                                self.set_state(LinkState::AppNotReady {
-                                    url: url.clone(),
-                                    attempt: not_ready,
-                                    in_s: delay.as_secs_f64().round() as u64,
-                                    until_unix,
-                                });
-                                tracing::info!(url = %url, retry_ms = delay.as_millis() as u64, attempt = not_ready, "backend: app not ready; the Handshake will be repeated");
-                            }
-                        }
-                        Inbound::Test => {
-                            let test = Outbound::Test { init_errors: self.init_errors.clone() };
-                            if let Err(e) = self.send(&mut ws, self.frame(&test)).await { return end(EndKind::Error(e), answered, healthy_after); }
-                        }
-                        Inbound::TestAns { result, error } => {
-                            if result {
-                                tracing::info!("backend test answer: success");
-                            } else {
-                                tracing::warn!(error = error.as_deref().unwrap_or(""), "backend test answer: failure");
-                            }
-                            let _ = timeout(Duration::from_secs(1), ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "test answered".into() }))).await;
-                            return end(EndKind::TestDone, answered, healthy_after);
-                        }
-                        Inbound::Capabilities(list) => {
-                            caps = Caps::from_backend(&list);
-                            tracing::info!(capabilities = ?list, "backend capabilities");
-                            if caps.heartbeat && established.is_some() && next_heartbeat.is_none() {
-                                next_heartbeat = Some(Instant::now());
-                            }
-                            self.status.send_modify(|s| s.backend_capabilities = list);
-                            if let Some(d) = &self.drift {
-                                d.set_listening(caps.drift);
-                            }
-                        }
-                        Inbound::StateLogAck { seq } => {
-                            if caps.acks {
-                                self.outbox.delivered(seq, true);
-                            } else {
-                                tracing::warn!(seq, "StateLogAck from a backend that did not announce statelog-ack: ignored");
-                            }
-                        }
-                        Inbound::Reconnect { after_s } => {
-                            if caps.hints {
-                                let _ = timeout(Duration::from_secs(1), ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "reconnect hint".into() }))).await;
-                                return end(EndKind::Hint(Duration::from_secs(after_s)), answered, healthy_after);
-                            }
-                            tracing::warn!(after_s, "Reconnect from a backend that did not announce reconnect-hint: ignored");
-                        }
-                        Inbound::PlanRequest => {
-                            if caps.drift {
-                                let _ = self.engine.send(Event::PlanRequest).await;
-                            } else {
-                                tracing::warn!("PlanRequest from a backend that did not announce drift: ignored");
-                            }
-                        }
-                        Inbound::FetchLogs(req) => match (&self.logs, caps.fetch_logs) {
-                            (Some(service), true) => {
-                                if logs_task.as_ref().is_some_and(|t| !t.0.is_finished()) {
-                                    tracing::warn!(request = %req.request, "FetchLogs refused: another one is being answered");
-                                    let no = crate::logframes::refusal(&req.request, "another log request is being answered");
-                                    if let Err(e) = self.send(&mut ws, self.frame(&Outbound::Logs(no))).await { return end(EndKind::Error(e), answered, healthy_after); }
-                                    continue;
-                                }
-                                tracing::info!(request = %req.request, since = req.since.0, upload = req.upload_url.is_some(), "the backend asked for logs");
-                                let (service, tx) = (service.clone(), logs_tx.clone());
-                                // Room for the ids the link adds to every frame.
-                                let max_frame = self.cfg.max_frame.saturating_sub(self.frame_overhead());
-                                logs_task = Some(AbortOnDrop(tokio::spawn(async move {
-                                    let _ = tx.send(service.serve(req, max_frame).await).await;
-                                })));
-                            }
-                            _ => {
-                                // Once per connection: a backend retrying must not fill the journal.
-                                if !fetch_logs_warned {
-                                    fetch_logs_warned = true;
-                                    tracing::warn!(request = %req.request, "FetchLogs from a backend that did not announce fetch-logs: ignored");
-                                }
-                            }
-                        },
-                        Inbound::Unknown(_) => {}
-                    }
+            let event = tokio::select! {
+                frame = ws.next() => SessionEvent::Frame(decode(frame)),
+                _ = added.notified() => SessionEvent::Spooled,
+                answer = logs_answer(&mut logs) => {
+                    logs = None;
+                    SessionEvent::LogsReady(answer)
                 }
-                Some(frames) = logs_rx.recv() => {
-                    let parts = frames.len();
-                    for f in frames {
-                        if let Err(e) = self.send(&mut ws, self.frame(&Outbound::Logs(f))).await { return end(EndKind::Error(e), answered, healthy_after); }
-                    }
-                    tracing::info!(frames = parts, "logs sent to the backend");
-                }
-                _ = notified => dirty = true,
-                _ = ping.tick() => {
-                    if let Err(e) = self.send(&mut ws, Message::Ping(Vec::new().into())).await { return end(EndKind::Error(e), answered, healthy_after); }
-                }
-                _ = sleep_until(dead_at) => {
-                    let silent_s = last_heard.elapsed().as_secs();
-                    return end(EndKind::Error(LinkError::Dead { url, silent_s }), answered, healthy_after);
-                }
-                _ = sleep_until_opt(answer_deadline) => {
-                    let secs = self.cfg.answer_timeout.as_secs();
-                    return end(EndKind::Error(LinkError::NoAnswer { url, secs }), answered, healthy_after);
-                }
-                _ = sleep_until_opt(rehandshake) => {
-                    rehandshake = None;
-                    if let Err(e) = self.send(&mut ws, self.handshake()).await { return end(EndKind::Error(e), answered, healthy_after); }
-                    answer_deadline = Some(Instant::now() + self.cfg.answer_timeout);
-                }
-                _ = sleep_until_opt(next_heartbeat) => {
-                    next_heartbeat = Some(Instant::now() + self.cfg.heartbeat_interval);
-                    let connected_s = established.map_or(0, |t| t.elapsed().as_secs());
-                    let msg = self.heartbeat(connected_s);
-                    if let Err(e) = self.send(&mut ws, msg).await { return end(EndKind::Error(e), answered, healthy_after); }
-                    self.status.send_modify(|s| s.heartbeats += 1);
-                }
-                _ = tick.tick() => {
-                    self.liveness.touch();
-                    // A failure of an upgrade run while connected goes out within a second.
-                    if established.is_some() {
-                        if let Err(e) = self.deliver_upgrade_report(&mut ws, caps).await { return end(EndKind::Error(e), answered, healthy_after); }
-                        if let Err(e) = self.deliver_drift(&mut ws).await { return end(EndKind::Error(e), answered, healthy_after); }
-                    }
-                }
+                _ = sleep_until(machine.next_deadline()) => SessionEvent::Timer,
                 r = self.shutdown.changed() => {
                     if r.is_err() || *self.shutdown.borrow() {
-                        if established.is_some() {
-                            let _ = timeout(Duration::from_secs(2), self.flush(&mut ws, caps, &mut last_sent)).await;
-                        }
-                        let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
-                        return end(EndKind::Shutdown, answered, healthy_after);
+                        SessionEvent::Shutdown
+                    } else {
+                        actions = Vec::new();
+                        continue;
                     }
                 }
-            }
+            };
+            actions = machine.on_event(Instant::now(), event);
         }
     }
 
-    /// Turns a read error into the session's end; an oversized frame is counted and the
-    /// connection closed with 1009 first.
-    async fn read_error(&self, ws: &mut Ws, e: tokio_tungstenite::tungstenite::Error) -> LinkError {
-        use tokio_tungstenite::tungstenite::Error as E;
-        let url = self.url().to_string();
-        match e {
-            E::Capacity(c) => {
-                self.status.send_modify(|s| {
+    /// Performs `actions` in order; `Some` when the session ends (asked, or a send failed:
+    /// what follows a failed send is not done).
+    fn perform<'a>(
+        &'a self,
+        machine: &'a mut Session,
+        ws: &'a mut Ws,
+        logs: &'a mut Option<LogsTask>,
+        actions: Vec<Action>,
+    ) -> BoxFuture<'a, Option<EndKind>> {
+        Box::pin(async move {
+            for action in actions {
+                let sent = match action {
+                    Action::Send(msg) => self.send(ws, self.frame(&msg)).await,
+                    Action::Ping => self.send(ws, Message::Ping(Vec::new().into())).await,
+                    Action::Heartbeat { connected_s } => self.send(ws, self.heartbeat(connected_s)).await,
+                    Action::Engine(msg) => match self.engine.deliver(msg).await {
+                        Some(reply) => self.send(ws, self.frame(&reply)).await,
+                        None => Ok(()),
+                    },
+                    Action::Collect(what) => {
+                        let event = match what {
+                            Collect::StateLogs { after } => {
+                                Some(SessionEvent::Pending(self.outbox.pending_after(after)))
+                            }
+                            Collect::UpgradeReport => {
+                                self.upgrades.as_ref().and_then(|u| u.take_pending()).map(SessionEvent::UpgradeFailed)
+                            }
+                            Collect::Drift => {
+                                self.drift.as_ref().and_then(|d| d.take_pending()).map(SessionEvent::Drift)
+                            }
+                        };
+                        if let Some(event) = event {
+                            let more = machine.on_event(Instant::now(), event);
+                            if let Some(end) = self.perform(machine, ws, logs, more).await {
+                                return Some(end);
+                            }
+                        }
+                        Ok(())
+                    }
+                    Action::FinalFlush { after, within } => {
+                        let pending = SessionEvent::Pending(self.outbox.pending_after(after));
+                        let more = machine.on_event(Instant::now(), pending);
+                        // Best effort: the session ends either way.
+                        let _ = timeout(within, self.perform(machine, ws, logs, more)).await;
+                        Ok(())
+                    }
+                    Action::Delivered { seq, cumulative } => {
+                        self.outbox.delivered(seq, cumulative);
+                        Ok(())
+                    }
+                    Action::Status(change) => {
+                        self.apply(change);
+                        Ok(())
+                    }
+                    Action::DriftListening(on) => {
+                        if let Some(d) = &self.drift {
+                            d.set_listening(on);
+                        }
+                        Ok(())
+                    }
+                    Action::StartLogs(req) => {
+                        if let Some(service) = self.logs.clone() {
+                            // Room for the ids the link adds to every frame.
+                            let max_frame = self.cfg.max_frame.saturating_sub(self.frame_overhead());
+                            let (tx, answer) = oneshot::channel();
+                            let task = tokio::spawn(async move {
+                                let _ = tx.send(service.serve(req, max_frame).await);
+                            });
+                            *logs = Some(LogsTask { _task: AbortOnDrop(task), answer });
+                        }
+                        Ok(())
+                    }
+                    Action::Notice(n) => {
+                        n.log();
+                        Ok(())
+                    }
+                    Action::Alive => {
+                        self.liveness.touch();
+                        Ok(())
+                    }
+                    Action::Close(frame) => {
+                        let frame = frame.map(|(code, reason)| CloseFrame { code, reason: reason.into() });
+                        let _ = timeout(Duration::from_secs(1), ws.close(frame)).await;
+                        Ok(())
+                    }
+                    Action::End(kind) => return Some(kind),
+                };
+                if let Err(e) = sent {
+                    return Some(EndKind::Error(e));
+                }
+            }
+            None
+        })
+    }
+
+    fn apply(&self, change: StatusChange) {
+        match change {
+            StatusChange::Count(c) => self.status.send_modify(|s| match c {
+                Counter::BadFrames => s.bad_frames += 1,
+                Counter::BinaryFrames => s.binary_frames += 1,
+                Counter::UnknownFrames => s.unknown_frames += 1,
+                Counter::Oversized => {
                     s.bad_frames += 1;
                     s.oversized_frames += 1;
-                });
-                tracing::warn!(limit = self.cfg.max_frame, detail = %c, "frame over the size limit refused before reading it; closing with 1009");
-                let close = CloseFrame { code: CloseCode::Size, reason: "frame too large".into() };
-                let _ = timeout(Duration::from_secs(1), ws.close(Some(close))).await;
-                LinkError::Oversized { url, limit: self.cfg.max_frame, detail: c.to_string() }
+                }
+                Counter::Sent => s.sent += 1,
+                Counter::Heartbeats => s.heartbeats += 1,
+            }),
+            StatusChange::Connected => {
+                self.set_state(LinkState::Connected { url: self.url().to_string(), since_unix: now_unix() })
             }
-            other => LinkError::Transport { url, reason: other.to_string() },
+            StatusChange::AppNotReady { attempt, delay } => {
+                let in_s = delay.as_secs_f64().round() as u64;
+                let until_unix = now_unix() + in_s;
+                self.set_state(LinkState::AppNotReady { url: self.url().to_string(), attempt, in_s, until_unix });
+            }
+            StatusChange::Capabilities(list) => self.status.send_modify(|s| s.backend_capabilities = list),
         }
     }
 
@@ -895,32 +641,41 @@ impl<O: Outbox + 'static> Link<O> {
         let body = heartbeat::body(&self.engine_status.borrow(), &facts);
         self.frame(&Outbound::Heartbeat(body))
     }
-
-    /// Sends every pending StateLog not yet sent on this connection.
-    async fn flush(&self, ws: &mut Ws, caps: Caps, last_sent: &mut u64) -> Result<(), LinkError> {
-        for mut log in self.outbox.pending_after(*last_sent) {
-            let seq = log.seq.unwrap_or(0);
-            // A v1 backend gets v1 StateLogs: no extension fields.
-            if !caps.acks {
-                log.seq = None;
-            }
-            if !caps.announced {
-                log.offline = false;
-                log.ran_at = None;
-            }
-            self.send(ws, self.frame(&Outbound::StateLog(log))).await?;
-            *last_sent = seq;
-            self.status.send_modify(|s| s.sent += 1);
-            if !caps.acks {
-                self.outbox.delivered(seq, false);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A task that ends with the session that started it.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+/// The running answer to a FetchLogs: its task and where its frames come back.
+struct LogsTask {
+    _task: AbortOnDrop,
+    answer: oneshot::Receiver<Vec<serde_json::Value>>,
+}
+
+/// The running FetchLogs' frames once built (`None`: its task ended without any);
+/// pending for ever while none runs.
+async fn logs_answer(logs: &mut Option<LogsTask>) -> Option<Vec<serde_json::Value>> {
+    match logs {
+        Some(t) => (&mut t.answer).await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// A read from the WebSocket as the session sees it: a protocol message, or why not.
+fn decode(frame: Option<Result<Message, WsError>>) -> Frame {
+    match frame {
+        None => Frame::Gone,
+        Some(Err(WsError::Capacity(c))) => Frame::Oversized(c.to_string()),
+        Some(Err(e)) => Frame::Broken(e.to_string()),
+        Some(Ok(Message::Text(t))) => match parse_inbound(&t) {
+            Ok(m) => Frame::Message(m),
+            Err(e) => Frame::Bad(e),
+        },
+        Some(Ok(Message::Binary(b))) => Frame::Binary(b.len()),
+        Some(Ok(Message::Close(f))) => Frame::Close(f.map(|f| (u16::from(f.code), f.reason.to_string()))),
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Frame::Control,
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -943,13 +698,5 @@ mod tests {
         assert_eq!(parse_close_hint("Retry after 5"), Some(Duration::from_secs(5)));
         assert_eq!(parse_close_hint("backend shutting down"), None);
         assert_eq!(parse_close_hint("reconnect after soon"), None);
-    }
-
-    #[test]
-    fn only_known_capabilities_count() {
-        let c = Caps::from_backend(&["heartbeat".into(), "teleport".into()]);
-        assert!(c.announced && c.heartbeat && !c.acks && !c.hints);
-        let c = Caps::default();
-        assert!(!c.announced && !c.heartbeat);
     }
 }
