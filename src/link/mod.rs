@@ -1,5 +1,13 @@
 //! The backend link: one WebSocket session at a time, re-established forever.
 //!
+//! # Layout
+//! The link only turns frames into protocol messages and back. What a session does with
+//! them is decided by a state machine without I/O (`session.rs`: events and instants in,
+//! actions out); the async shell here waits on the socket, the timers and the channels,
+//! feeds the machine and performs its actions. Messages for the engine go through its
+//! door ([`crate::round::intake`]), which types the recipe and says when the backend is
+//! owed a `WaitQuery`.
+//!
 //! # Connecting
 //! Every attempt resolves the host name again (a backend that moved is found), connects
 //! (through an HTTP CONNECT proxy when [`crate::net::proxy`] says so), runs TLS for `wss://` (rustls,
