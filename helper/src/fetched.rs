@@ -11,6 +11,7 @@
 // Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -21,6 +22,8 @@ use nix::fcntl::OFlag;
 use opsagent_proto::request::FetchedFile;
 use sha2::{Digest, Sha256};
 
+use crate::dirfd::{Dir, WalkError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("the download of {url} ({path}) {reason}")]
@@ -29,6 +32,8 @@ pub enum FetchError {
     Io { path: PathBuf, op: &'static str, source: io::Error },
     #[error("{url}: the download is larger than {limit} bytes")]
     TooLarge { url: String, limit: u64 },
+    #[error(transparent)]
+    Walk(#[from] WalkError),
 }
 
 /// What the copy's content turned out to be.
@@ -78,30 +83,26 @@ impl<'a> Fetched<'a> {
 
     /// Copies the file fetched for `url` to `dest` (created new: 0600, root, never
     /// through a link), checking it on the way. `None` if `url` was not fetched. On
-    /// error nothing is left at `dest`.
-    pub fn copy_to(&self, url: &str, dest: &Path) -> Result<Option<Verified>, FetchError> {
+    /// error nothing is left at `name`. The copy is made in the directory held open, by
+    /// name ([`Dir::create_named`]): never through a path someone could swap.
+    pub fn copy_to(&self, url: &str, dir: &Dir, name: &OsStr) -> Result<Option<Verified>, FetchError> {
         let Some(file) = self.get(url) else {
             return Ok(None);
         };
+        let dest = dir.join(name);
         crate::plan::check("copy the download into", dest.display()).map_err(|r| FetchError::Io {
-            path: dest.to_path_buf(),
+            path: dest.clone(),
             op: "create",
             source: r.into(),
         })?;
         let mut src = self.open(file)?;
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
-            .open(dest)
-            .map_err(|source| FetchError::Io { path: dest.to_path_buf(), op: "create", source })?;
-        let copied = self.check_copy(file, &mut src, &mut out, dest).and_then(|v| {
-            out.sync_all().map_err(|source| FetchError::Io { path: dest.to_path_buf(), op: "fsync", source })?;
+        let mut out = dir.create_named(name)?;
+        let copied = self.check_copy(file, &mut src, &mut out, &dest).and_then(|v| {
+            out.sync_all().map_err(|source| FetchError::Io { path: dest.clone(), op: "fsync", source })?;
             Ok(v)
         });
         if copied.is_err() {
-            let _ = std::fs::remove_file(dest);
+            let _ = dir.unlink(name);
         }
         copied.map(Some)
     }
@@ -127,6 +128,9 @@ impl<'a> Fetched<'a> {
 
     fn open(&self, file: &FetchedFile) -> Result<File, FetchError> {
         let path = file.path.as_path();
+        // Read-only (`OpenOptions` only for O_NOFOLLOW/O_NONBLOCK, no write flag): the file
+        // is checked on its descriptor once opened; nothing is written.
+        #[allow(clippy::disallowed_methods)]
         let f = OpenOptions::new()
             .read(true)
             .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).bits())
@@ -207,6 +211,7 @@ impl<'a> Fetched<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
     use opsagent_proto::newtypes::AbsPath;
@@ -230,14 +235,15 @@ mod tests {
         let f = Fetched::new(&files, 65534);
         assert_eq!(f.missing(&["http://h/f", "http://h/g", "http://h/g"]), ["http://h/g"]);
         let dest = dir.path().join("copy");
-        let v = f.copy_to("http://h/f", &dest).unwrap().unwrap();
+        let held = Dir::open(dir.path()).unwrap();
+        let v = f.copy_to("http://h/f", &held, OsStr::new("copy")).unwrap().unwrap();
         assert_eq!(v.size, 7);
         assert_eq!(v.md5, hex::encode(Md5::digest(b"payload")));
         assert_eq!(std::fs::read(&dest).unwrap(), b"payload");
         let m = std::fs::metadata(&dest).unwrap();
         assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o600));
         assert_eq!(f.read_small("http://h/f", 100).unwrap().unwrap(), b"payload");
-        assert!(f.copy_to("http://h/other", &dir.path().join("x")).unwrap().is_none());
+        assert!(f.copy_to("http://h/other", &held, OsStr::new("x")).unwrap().is_none());
         let err = f.read_small("http://h/f", 3).unwrap_err();
         assert_eq!(err.to_string(), "http://h/f: the download is larger than 3 bytes");
     }
@@ -248,31 +254,32 @@ mod tests {
         let src = dir.path().join("src");
         std::fs::write(&src, b"payload").unwrap();
         let dest = dir.path().join("copy");
+        let (held, copy) = (Dir::open(dir.path()).unwrap(), OsStr::new("copy"));
 
         // Owned by root, but the peer is uid 65534.
         let files = [fetched(&src, b"payload")];
-        let err = Fetched::new(&files, 65534).copy_to("http://h/f", &dest).unwrap_err().to_string();
+        let err = Fetched::new(&files, 65534).copy_to("http://h/f", &held, copy).unwrap_err().to_string();
         assert!(err.contains("is owned by uid 0, not by the requesting agent (uid 65534)"), "{err}");
         assert!(!dest.exists());
 
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&src, &link).unwrap();
         let files = [fetched(&link, b"payload")];
-        let err = Fetched::new(&files, 0).copy_to("http://h/f", &dest).unwrap_err().to_string();
+        let err = Fetched::new(&files, 0).copy_to("http://h/f", &held, copy).unwrap_err().to_string();
         assert!(err.ends_with("is a symbolic link"), "{err}");
 
         let files = [fetched(dir.path(), b"")];
-        let err = Fetched::new(&files, 0).copy_to("http://h/f", &dest).unwrap_err().to_string();
+        let err = Fetched::new(&files, 0).copy_to("http://h/f", &held, copy).unwrap_err().to_string();
         assert!(err.contains("is a directory, not a regular file"), "{err}");
 
         let mut wrong_size = fetched(&src, b"payload");
         wrong_size.size = 3;
         let files = [wrong_size];
-        let err = Fetched::new(&files, 0).copy_to("http://h/f", &dest).unwrap_err().to_string();
+        let err = Fetched::new(&files, 0).copy_to("http://h/f", &held, copy).unwrap_err().to_string();
         assert!(err.ends_with("has 7 bytes, not the announced 3"), "{err}");
 
         let files = [fetched(&src, b"PAYLOAD")];
-        let err = Fetched::new(&files, 0).copy_to("http://h/f", &dest).unwrap_err().to_string();
+        let err = Fetched::new(&files, 0).copy_to("http://h/f", &held, copy).unwrap_err().to_string();
         assert!(err.contains("has sha256 ") && err.contains("not the announced"), "{err}");
         assert!(!dest.exists(), "a refused copy leaves nothing behind");
     }

@@ -311,6 +311,7 @@ pub fn content_differs(f: &mut File, path: &Path, len: u64, want: &[u8]) -> Resu
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;

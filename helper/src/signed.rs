@@ -465,6 +465,7 @@ fn pin_for(pins: &BTreeMap<String, String>, params: &ModuleParams, url: &str) ->
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 

@@ -91,6 +91,8 @@ async fn run(cli: Cli) -> Result<opsagent_proto::upgrade::Record, UpgradeError> 
         config.health_timeout = Duration::from_secs(s.clamp(5, 3600));
     }
     let lock_path = PathBuf::from("/run/opsagent-upgrade.lock");
+    // /run is root's (no one else can create or replace an entry there).
+    #[allow(clippy::disallowed_methods)]
     let lock =
         std::fs::File::create(&lock_path).map_err(|e| UpgradeError::Io { path: lock_path.clone(), source: e })?;
     if lock.try_lock().is_err() {

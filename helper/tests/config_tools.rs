@@ -5,6 +5,7 @@
 //! `puppet apply` runs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support code outside #[test] fns
+#![allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 
 mod common;
 

@@ -7,6 +7,7 @@
 //! These tests need root, as the helper does.
 
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 
 mod policy_support;
 

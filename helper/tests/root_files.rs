@@ -6,6 +6,7 @@
 //! is refused before the tool runs. Needs root (files owned by another uid).
 
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 
 mod common;
 

@@ -28,6 +28,7 @@ use super::repo::{local_file, RepoError};
 use super::root_read::{self, RootReadError};
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, ToolError};
+use crate::fsutil;
 
 pub const LISTS_DIR: &str = "/var/lib/apt/lists";
 /// Package indexes older than this are refreshed before installing or upgrading.
@@ -490,10 +491,14 @@ impl Run {
     async fn update(&mut self) -> Result<(), ToolError> {
         self.logged(&apt_get(vec!["-q".into(), "update".into()], exec::TOOL_TIMEOUT)).await?;
         // Best effort: without the stamp the next state refreshes once more.
+        // In the helper's state directory, by directory descriptor like every write.
         if let Some(dir) = self.stamp.parent() {
-            let _ = std::fs::create_dir_all(dir);
+            let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
+            let _ = fsutil::create_dir_all(dir, fsutil::PARENT_DIR_MODE, root, &mut Vec::new());
         }
-        let _ = std::fs::write(&self.stamp, b"");
+        if let Ok(stamp) = AbsPath::parse(&self.stamp.to_string_lossy()) {
+            let _ = fsutil::write_atomic(&stamp, b"", 0o644, 0, 0);
+        }
         Ok(())
     }
 }

@@ -34,6 +34,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::CommonArchive;
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::Change;
@@ -214,7 +215,9 @@ fn extract(
     let (parent, name) = (&r.parent, r.name.clone().ok_or(ArchiveError::Root)?);
     let work = WorkDir::create(parent, &name)?;
     let copy = work.dir.fd_path(OsStr::new("archive"));
-    let got = fetched.copy_to(&c.source, &copy)?.ok_or_else(|| ArchiveError::NotFetched(c.source.clone()))?;
+    let got = fetched
+        .copy_to(&c.source, &work.dir, OsStr::new("archive"))?
+        .ok_or_else(|| ArchiveError::NotFetched(c.source.clone()))?;
     verify_checksum(c, fetched, &got.md5, &got.sha256)?;
 
     if let (Some(r), Some(target)) = (record, target_dir(parent, &name)?) {
@@ -410,10 +413,8 @@ fn write_record(path: &Path, c: &Checked, sha256: &str, entries: Vec<String>) ->
     };
     let err = |reason: String| ArchiveError::Record { path: path.to_path_buf(), reason };
     let dir = path.parent().unwrap_or(Path::new("/"));
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| err(e.to_string()))?;
-    }
+    fsutil::create_dir_all(dir, 0o700, (Uid::from_raw(0), Gid::from_raw(0)), &mut Vec::new())
+        .map_err(|e| err(e.to_string()))?;
     let bytes = serde_json::to_vec_pretty(&record).map_err(|e| err(e.to_string()))?;
     let abs = AbsPath::parse(&path.display().to_string()).map_err(|e| err(e.to_string()))?;
     fsutil::write_atomic(&abs, &bytes, 0o600, 0, 0).map_err(|e| err(e.to_string()))

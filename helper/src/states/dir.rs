@@ -183,6 +183,7 @@ fn remove(dir: &AbsPath, changes: &mut Vec<Change>) -> Result<(), DirError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
 

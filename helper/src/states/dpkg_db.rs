@@ -149,6 +149,7 @@ pub fn host() -> &'static StatusDb {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
     use std::path::Path;

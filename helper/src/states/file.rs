@@ -320,9 +320,9 @@ fn read_capped(f: &mut File, path: &Path) -> Result<Vec<u8>, FsError> {
 /// Copies the download for `uri` into a new private file in `dir`, beside `name`.
 fn stage<'a>(dir: &'a Dir, name: &OsStr, uri: &str, fetched: &Fetched<'_>) -> Result<Staged<'a>, FileError> {
     let tmp = dir.temp_name(name);
-    // Through the descriptor's /proc path: the copy lands in the directory opened,
-    // whatever happens to its name (the copy itself refuses a link at `tmp`).
-    let copied = fetched.copy_to(uri, &dir.fd_path(&tmp))?;
+    // By the directory's descriptor: the copy lands in the directory opened, whatever
+    // happens to its name (the copy itself refuses a link at `tmp`).
+    let copied = fetched.copy_to(uri, dir, &tmp)?;
     copied.ok_or_else(|| FileError::NotFetched(uri.to_string()))?;
     let file = dir.open_file(&tmp)?.ok_or_else(|| WalkError::Changed(dir.join(&tmp)))?;
     Ok(Staged { dir, name: tmp, file })
@@ -359,6 +359,7 @@ fn remove(path: &AbsPath, changes: &mut Vec<Change>) -> Result<(), FileError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
 

@@ -7,14 +7,15 @@
 //! URL in the parameters is replaced by that copy's path, and the module runs as for a
 //! local file. The copies are removed when the state ends.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::checks::is_remote;
-use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::wire::Line;
 
+use crate::dirfd::Dir;
 use crate::fetched::{FetchError, Fetched};
 use crate::fsutil::{self, FsError};
 
@@ -56,23 +57,25 @@ pub fn remote_urls(params: &ModuleParams) -> Vec<String> {
     urls
 }
 
-/// Copies of the downloads, removed on drop.
-#[derive(Debug, Default)]
+/// Copies of the downloads (URL, name in the staging directory, path given to the
+/// tool), removed on drop through the staging directory's descriptor.
+#[derive(Debug)]
 pub struct Staged {
-    files: Vec<(String, PathBuf)>,
+    dir: Dir,
+    files: Vec<(String, OsString, PathBuf)>,
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        for (_, path) in &self.files {
-            let _ = std::fs::remove_file(path);
+        for (_, name, _) in &self.files {
+            let _ = self.dir.unlink(name);
         }
     }
 }
 
 impl Staged {
     fn path_of(&self, url: &str) -> Option<String> {
-        self.files.iter().find(|(u, _)| u == url.trim()).map(|(_, p)| p.display().to_string())
+        self.files.iter().find(|(u, _, _)| u == url.trim()).map(|(_, _, p)| p.display().to_string())
     }
 
     /// `params` with every staged URL replaced by its copy's path.
@@ -102,13 +105,9 @@ impl Staged {
 /// URL's last path segment (apt and rpm read the type from the `.deb`/`.rpm` name).
 pub fn stage(urls: &[String], fetched: &Fetched<'_>, state_dir: &Path) -> Result<Staged, StageError> {
     let dir = state_dir.join(STAGING_DIR);
-    let abs = AbsPath::parse(&dir.to_string_lossy()).map_err(|e| FsError::Io {
-        path: dir.clone(),
-        op: "use",
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    fsutil::create_dirs(&abs, 0o700, (Uid::from_raw(0), Gid::from_raw(0)), &mut Vec::new())?;
-    let mut staged = Staged::default();
+    // Never in a plan (the caller answers before staging): created, and held open.
+    let held = fsutil::create_dir_all(&dir, 0o700, (Uid::from_raw(0), Gid::from_raw(0)), &mut Vec::new())?;
+    let mut staged = Staged { dir: held, files: Vec::new() };
     for (i, url) in urls.iter().enumerate() {
         let base = url.rsplit('/').next().unwrap_or_default();
         let safe: String =
@@ -119,21 +118,23 @@ pub fn stage(urls: &[String], fetched: &Fetched<'_>, state_dir: &Path) -> Result
             op: "choose a name in",
             source: std::io::Error::other(e.to_string()),
         })?;
-        let dest = dir.join(format!("{}-{i}-{safe}", hex::encode(nonce)));
-        if fetched.copy_to(url, &dest)?.is_none() {
+        let name = OsString::from(format!("{}-{i}-{safe}", hex::encode(nonce)));
+        if fetched.copy_to(url, &staged.dir, &name)?.is_none() {
             return Err(StageError::NotFetched(url.clone()));
         }
-        staged.files.push((url.clone(), dest));
+        staged.files.push((url.clone(), name.clone(), dir.join(name)));
     }
     Ok(staged)
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
     use crate::cancel::Cancel;
     use crate::states::testutil::params;
     use crate::states::{apply, Ctx, Step};
+    use opsagent_proto::newtypes::AbsPath;
     use opsagent_proto::newtypes::StateId;
     use opsagent_proto::request::{ApplyRequest, FetchedFile};
     use serde_json::json;

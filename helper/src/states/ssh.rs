@@ -508,6 +508,7 @@ async fn run_known(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
     use crate::states::testutil::{refused, typed};

@@ -556,6 +556,7 @@ async fn pause(run: &mut Run, what: &'static str) -> Result<(), SupervisorError>
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
     use crate::states::testutil::typed;

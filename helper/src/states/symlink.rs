@@ -144,6 +144,7 @@ fn remove(link: &AbsPath, changes: &mut Vec<Change>) -> Result<(), SymlinkError>
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
 

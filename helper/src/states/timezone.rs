@@ -7,6 +7,7 @@
 //! (systemd then knows at once); elsewhere the helper writes those files itself, the
 //! link atomically.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 
 use crate::cancel::Cancel;
+use crate::dirfd::Dir;
 use crate::exec::{self, CommandSpec, ToolError};
 use crate::fsutil::{self, FsError};
 
@@ -124,15 +126,16 @@ pub fn write_files(paths: &Paths, name: &str, t: &Todo) -> Result<(), TzError> {
         source: r.into(),
     })?;
     if t.zone.is_some() {
-        let tmp = paths.localtime.with_file_name(".localtime.opsagent-tmp");
-        let _ = fs::remove_file(&tmp);
-        let target = Path::new("../usr/share/zoneinfo").join(name);
-        let io = |op: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TzError::Io { path, op, source }
+        // In the directory held open (`/etc`): a new link beside it, renamed over it.
+        let (Some(etc), Some(localtime)) = (paths.localtime.parent(), paths.localtime.file_name()) else {
+            return Err(TzError::Name(paths.localtime.display().to_string()));
         };
-        std::os::unix::fs::symlink(&target, &tmp).map_err(io("create", &tmp))?;
-        fs::rename(&tmp, &paths.localtime).map_err(io("replace", &paths.localtime))?;
+        let dir = Dir::open(etc).map_err(FsError::from)?;
+        let tmp = OsStr::new(".localtime.opsagent-tmp");
+        let _ = dir.unlink(tmp);
+        let target = Path::new("../usr/share/zoneinfo").join(name);
+        dir.symlink(&target, tmp).map_err(FsError::from)?;
+        dir.rename(tmp, localtime).map_err(FsError::from)?;
     }
     let abs = |p: &Path| AbsPath::parse(&p.to_string_lossy()).map_err(|e| TzError::Name(e.to_string()));
     if (t.zone.is_some() || t.timezone_file) && paths.timezone.exists() {
@@ -197,6 +200,7 @@ pub async fn apply(p: &CommonTimezone, mut cancel: Cancel) -> Outcome {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
 

@@ -1,3 +1,5 @@
+// Tests build their fixtures by path (helper/clippy.toml).
+#![allow(clippy::disallowed_methods)]
 use super::testutil::*;
 use super::*;
 

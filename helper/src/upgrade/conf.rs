@@ -102,6 +102,7 @@ impl InstallerConfig {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 

@@ -32,9 +32,10 @@ pub mod release;
 pub mod releases;
 pub mod units;
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +46,7 @@ use self::control::AgentControl;
 use self::release::PinnedDir;
 use self::releases::Releases;
 use self::units::InstalledUnits;
+use crate::dirfd::{NewDirs, WalkError};
 
 /// How often the health file is read during the gate.
 const POLL: Duration = Duration::from_millis(250);
@@ -101,6 +103,8 @@ impl<C: AgentControl> Installer<C> {
         let from = self.releases.current().unwrap_or_else(|| "none".into());
         let work = self.releases.work_dir()?;
         let record = self.carry_out(&staged, &state, &work, &from, owner).await;
+        // Root's scratch directory under the installer's releases tree (root-owned, 0700).
+        #[allow(clippy::disallowed_methods)]
         let _ = fs::remove_dir_all(&work);
         let record = match record {
             Ok(r) => r,
@@ -322,11 +326,9 @@ impl<C: AgentControl> Installer<C> {
 
 /// Removes the daemon's last `health.json` (none is fine).
 fn forget_health(state: &PinnedDir) -> Result<(), UpgradeError> {
-    match fs::remove_file(state.entry("health.json")) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(UpgradeError::Io { path: state.shown("health.json"), source: e })
-        }
-        _ => Ok(()),
+    match state.dir()?.unlink(OsStr::new("health.json")) {
+        Err(WalkError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r.map_err(state.walk_err("health.json")),
     }
 }
 
@@ -335,31 +337,38 @@ fn record_of(version: String, from: &str, outcome: Outcome, reason: String) -> R
 }
 
 /// Writes `result.json` under the daemon's `upgrade/` directory without following any
-/// symlink the daemon may have planted, owned by the daemon (it marks it reported).
+/// symlink the daemon may have planted, owned by the daemon (it marks it reported). All
+/// by directory descriptor ([`crate::dirfd`]): a new `upgrade/` is created root-only
+/// and handed to the daemon through its own descriptor, so a link swapped in for it
+/// meanwhile is never chowned.
 pub fn write_record(state: &PinnedDir, owner: (u32, u32), record: &Record) -> Result<(), UpgradeError> {
-    let up_path = state.entry("upgrade");
-    match fs::create_dir(&up_path) {
-        Ok(()) => {
-            let _ = std::os::unix::fs::chown(&up_path, Some(owner.0), Some(owner.1));
+    let state_dir = state.dir()?;
+    let upgrade = OsStr::new("upgrade");
+    let up = loop {
+        if let Some(up) = state_dir.subdir(upgrade).map_err(state.walk_err("upgrade"))? {
+            break up;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(UpgradeError::Io { path: state.shown("upgrade"), source: e }),
-    }
-    let up = PinnedDir::open_shown(&up_path, state.shown("upgrade"))?;
-    let tmp = up.entry(".result.json.tmp");
-    let _ = fs::remove_file(&tmp);
-    let io = |source| UpgradeError::Io { path: up.shown("result.json"), source };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
+        match state_dir.mkdir(upgrade, NewDirs { mode: 0o755, uid: owner.0, gid: owner.1 }) {
+            Ok(up) => break up,
+            // The daemon made it meanwhile: use that one.
+            Err(WalkError::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(state.walk_err("upgrade")(e)),
+        }
+    };
+    let shown = state.shown("upgrade").join("result.json");
+    let walk_err = |e: WalkError| match e {
+        WalkError::Io { source, .. } => UpgradeError::Io { path: shown.clone(), source },
+        e => UpgradeError::Staged(format!("{}: {e}", shown.display())),
+    };
+    let tmp = OsStr::new(".result.json.tmp");
+    let _ = up.unlink(tmp);
+    let mut f = up.create_named(tmp).map_err(&walk_err)?;
     let bytes = serde_json::to_vec_pretty(record).map_err(|e| UpgradeError::Other(e.to_string()))?;
-    f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io)?;
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|source| UpgradeError::Io { path: shown.clone(), source })?;
     let _ = std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1));
-    fs::rename(&tmp, up.entry("result.json")).map_err(io)
+    up.rename(tmp, OsStr::new("result.json")).map_err(walk_err)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! file between the check and the use).
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -17,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::order::StagedOrder;
 use super::UpgradeError;
+use crate::dirfd::{Dir, WalkError};
 use crate::fsutil;
 use crate::unpack::{self, ArchiveFormat, Limits};
 
@@ -86,8 +88,25 @@ impl PinnedDir {
         Ok(bytes)
     }
 
+    /// The pinned directory as a [`Dir`], for every change made in it (by descriptor:
+    /// the daemon owns this directory and may swap anything in it for a link).
+    pub fn dir(&self) -> Result<Dir, UpgradeError> {
+        Dir::open_given(&self.entry(".")).map_err(self.walk_err("."))
+    }
+
+    /// A [`WalkError`] about `name` as an error naming it by its shown path.
+    pub fn walk_err(&self, name: &str) -> impl FnOnce(WalkError) -> UpgradeError {
+        let path = self.shown(name);
+        move |e| match e {
+            WalkError::Io { source, .. } => UpgradeError::Io { path, source },
+            e => UpgradeError::Staged(format!("{}: {e}", path.display())),
+        }
+    }
+
     pub fn remove(&self, name: &str) {
-        let _ = fs::remove_file(self.entry(name));
+        if let Ok(dir) = self.dir() {
+            let _ = dir.unlink(OsStr::new(name));
+        }
     }
 }
 
@@ -99,6 +118,8 @@ pub fn take(staged: &PinnedDir, work: &Path) -> Result<Staged, UpgradeError> {
     let copy = |name: &str, max: u64| -> Result<PathBuf, UpgradeError> {
         let bytes = staged.read(name, max)?;
         let to = work.join(name);
+        // Root's scratch directory under the installer's releases tree (root-owned, 0700).
+        #[allow(clippy::disallowed_methods)]
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -140,6 +161,8 @@ pub fn verify_signature(update_key: &str, archive: &Path, signature: &Path, vers
 /// (`opsagent-VERSION`), whose MANIFEST is then checked.
 pub fn unpack_and_check(archive: &Path, work: &Path, version: &str) -> Result<PathBuf, UpgradeError> {
     let tree = work.join("tree");
+    // Root's scratch directory under the installer's releases tree (root-owned, 0700).
+    #[allow(clippy::disallowed_methods)]
     fs::create_dir(&tree).map_err(|e| UpgradeError::Io { path: tree.clone(), source: e })?;
     let limits =
         Limits { max_entries: 10_000, max_entry_bytes: MAX_ARCHIVE_BYTES, max_total_bytes: 4 * MAX_ARCHIVE_BYTES };

@@ -1,5 +1,7 @@
 //! The installer's decisions with real files, real signatures and a fake agent that
 //! plays a healthy, a silent or a crashing release.
+// Tests build their fixtures by path (helper/clippy.toml).
+#![allow(clippy::disallowed_methods)]
 
 use std::cell::RefCell;
 use std::io::Cursor;

@@ -1,3 +1,5 @@
+// Tests build their fixtures by path (helper/clippy.toml).
+#![allow(clippy::disallowed_methods)]
 use super::*;
 
 use opsagent_proto::request::{FetchedFile, Outcome};

@@ -232,12 +232,8 @@ async fn push(
     report.change(format!("image {reference}"), format!("pushed (image {})", short_id(&id)));
     docker.remove_related(&dependents, "a new image was pushed", report, cancel).await?;
     if let Some(parent) = memo.parent() {
-        use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(|source| DockerError::Io {
-            path: parent.to_path_buf(),
-            op: "create directory",
-            source,
-        })?;
+        let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
+        fsutil::create_dir_all(parent, 0o700, root, &mut Vec::new())?;
     }
     let memo =
         AbsPath::parse(&memo.to_string_lossy()).map_err(|source| DockerError::Path { param: "state", source })?;

@@ -21,9 +21,8 @@ pub mod image;
 pub mod run;
 
 use std::collections::BTreeMap;
-use std::fs::{self, DirBuilder, OpenOptions};
+use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,8 +31,9 @@ use opsagent_proto::request::{Change, Outcome};
 use sha2::{Digest, Sha256};
 
 use crate::cancel::Cancel;
+use crate::dirfd::{Dir, NewDirs};
 use crate::exec::{self, CommandSpec, Exit, Finished, ToolError};
-use crate::fsutil::FsError;
+use crate::fsutil::{self, FsError};
 use crate::states::storage::find_tool;
 use crate::watch::WatchError;
 
@@ -124,35 +124,40 @@ impl Report {
     }
 }
 
-/// A private directory under the state directory, removed when dropped.
+/// A private directory under the state directory, removed when dropped. Made, written
+/// and removed through directory descriptors ([`Dir`]).
 #[derive(Debug)]
 pub struct PrivateDir {
     pub path: PathBuf,
+    parent: Dir,
+    name: OsString,
+    dir: Dir,
 }
 
 impl PrivateDir {
     pub fn create(state_dir: &Path, kind: &str) -> Result<Self, DockerError> {
-        let parent = state_dir.join(kind);
-        DirBuilder::new().recursive(true).mode(0o700).create(&parent).map_err(io_err(&parent, "create directory"))?;
+        let parent_path = state_dir.join(kind);
         let mut random = [0u8; 12];
         getrandom::fill(&mut random).map_err(|e| DockerError::Io {
-            path: parent.clone(),
+            path: parent_path.clone(),
             op: "get random bytes for a name in",
             source: io::Error::other(e.to_string()),
         })?;
-        let path = parent.join(hex::encode(random));
+        let name = OsString::from(hex::encode(random));
+        let path = parent_path.join(&name);
         crate::plan::check("create the directory", path.display())
             .map_err(|r| io_err(&path, "create directory")(r.into()))?;
-        DirBuilder::new().mode(0o700).create(&path).map_err(io_err(&path, "create directory"))?;
-        Ok(Self { path })
+        let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
+        let parent = fsutil::create_dir_all(&parent_path, 0o700, root, &mut Vec::new())?;
+        let dir = parent.mkdir(&name, NewDirs { mode: 0o700, uid: 0, gid: 0 }).map_err(FsError::from)?;
+        Ok(Self { path, parent, name, dir })
     }
 
     /// Writes `name` (0600, new) in the directory.
     pub fn write(&self, name: &str, content: &[u8]) -> Result<PathBuf, DockerError> {
         let file = self.path.join(name);
         crate::plan::check("create", file.display()).map_err(|r| io_err(&file, "create")(r.into()))?;
-        let mut f =
-            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).map_err(io_err(&file, "create"))?;
+        let mut f = self.dir.create_named(OsStr::new(name)).map_err(FsError::from)?;
         f.write_all(content).map_err(io_err(&file, "write"))?;
         Ok(file)
     }
@@ -160,7 +165,7 @@ impl PrivateDir {
 
 impl Drop for PrivateDir {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
+        let _ = self.parent.remove_tree(&self.name);
     }
 }
 
@@ -455,6 +460,7 @@ pub fn state_file(state_dir: &Path, kind: &str, state: &StateId) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn base64_matches_the_standard() {

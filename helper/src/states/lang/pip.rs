@@ -212,6 +212,7 @@ async fn newest(pip: &Tool, item: &Item, run: &mut Run) -> Result<String, LangEr
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
     use crate::states::testutil::typed;

@@ -259,6 +259,7 @@ fn sync_site_packages(path: &AbsPath, want: bool, changes: &mut Vec<Change>) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
     use crate::states::testutil::typed;

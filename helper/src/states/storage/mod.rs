@@ -272,6 +272,7 @@ pub fn long_options(args: &opsagent_proto::wire::Dict) -> Vec<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
 

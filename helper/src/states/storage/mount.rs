@@ -666,6 +666,7 @@ pub fn update_fstab(fstab: &AbsPath, line: &FstabLine) -> Result<bool, MountErro
 mod tests_systemd;
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
 

@@ -442,6 +442,7 @@ pub fn short(id: &str) -> &str {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {
     use super::*;
     use std::fs;
