@@ -468,28 +468,35 @@ fn change_lines(o: &Outcome) -> Vec<String> {
 }
 
 /// What a storage state could change on these devices: the signature blkid finds on
-/// each, and LVM's view of them.
-fn storage_view(devs: &[&str]) -> String {
+/// each, and LVM's view of them and of the test's volume group only (the other tests of
+/// this binary change theirs meanwhile).
+fn storage_view(devs: &[&str], vg: &str) -> String {
+    let lvm = |cmd: &str, args: &[&str]| {
+        let out = Command::new(cmd).args(args).env("LVM_SUPPRESS_FD_WARNINGS", "1").output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
     let mut view: Vec<String> = devs.iter().map(|d| format!("{d}: {:?}", fstype(d))).collect();
-    view.push(sh("pvs", &["--noheadings", "-o", "pv_name,vg_name"]).1);
-    view.push(sh("vgs", &["--noheadings", "-o", "vg_name,pv_count"]).1);
-    view.push(sh("lvs", &["--noheadings", "-o", "lv_path,lv_active"]).1);
+    let mut pvs = vec!["--noheadings", "-o", "pv_name,vg_name"];
+    pvs.extend(devs);
+    view.push(lvm("pvs", &pvs));
+    view.push(lvm("vgs", &["--noheadings", "-o", "vg_name,pv_count", vg]));
+    view.push(lvm("lvs", &["--noheadings", "-o", "lv_path,lv_active", vg]));
     view.join("\n")
 }
 
 /// Issue 19's drift cycle, as `tests/system/plan_states.sh` makes it for the system
 /// modules: plan (exactly `want`, the devices untouched) -> apply (the same changes) ->
 /// plan (nothing).
-async fn storage_cycle<F, Fut>(module: &str, devs: &[&str], run: F, want: &[String])
+async fn storage_cycle<F, Fut>(module: &str, (devs, vg): (&[&str], &str), run: F, want: &[String])
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Outcome>,
 {
-    let before = storage_view(devs);
+    let before = storage_view(devs, vg);
     let planned = plan_of(module, run()).await;
     assert!(planned.result && planned.planned, "{module}: {planned:?}");
     assert_eq!(change_lines(&planned), want, "{module}: the plan");
-    assert_eq!(storage_view(devs), before, "{module}: the plan changed the devices");
+    assert_eq!(storage_view(devs, vg), before, "{module}: the plan changed the devices");
     let applied = run().await;
     assert_ok(&applied);
     assert_eq!(change_lines(&applied), want, "{module}: the apply did not make the planned change");
@@ -507,6 +514,7 @@ async fn plan_apply_plan_cycles_of_mkfs_and_lvm_on_loop_devices() {
     let vg = format!("opsagent_plan_{}", std::process::id());
     let _cleanup = LvmCleanup { vg: vg.clone(), devs: vec![a.dev.clone(), b.dev.clone()] };
     let devs = [a.dev.as_str(), b.dev.as_str()];
+    let view = (&devs[..], vg.as_str());
 
     // linux.mkfs: a blank device.
     let ModuleParams::LinuxMkfs(fs) = params("linux.mkfs", json!({"device": a.dev, "fstype": "ext4", "label": "plan"}))
@@ -514,16 +522,16 @@ async fn plan_apply_plan_cycles_of_mkfs_and_lvm_on_loop_devices() {
         panic!()
     };
     let want = [format!("{}: ext4 filesystem created (label plan)", a.dev)];
-    storage_cycle("linux.mkfs", &devs, || mkfs::apply(&fs, Cancel::never()), &want).await;
+    storage_cycle("linux.mkfs", view, || mkfs::apply(&fs, Cancel::never()), &want).await;
     assert_eq!(fstype(&a.dev), "ext4");
 
     // linux.lvm.pv, then linux.lvm.vg on it: each absent.
     let ModuleParams::LinuxLvmPv(pv) = params("linux.lvm.pv", json!({"path": [b.dev]})) else { panic!() };
     let want = [format!("{}: physical volume created", b.dev)];
-    storage_cycle("linux.lvm.pv", &devs, || lvm::apply_pv(&pv, Cancel::never()), &want).await;
+    storage_cycle("linux.lvm.pv", view, || lvm::apply_pv(&pv, Cancel::never()), &want).await;
     let ModuleParams::LinuxLvmVg(vgp) = params("linux.lvm.vg", json!({"name": vg, "path": [b.dev]})) else { panic!() };
     let want = [format!("{vg}: volume group created on {}", b.dev)];
-    storage_cycle("linux.lvm.vg", &devs, || lvm::apply_vg(&vgp, Cancel::never()), &want).await;
+    storage_cycle("linux.lvm.vg", view, || lvm::apply_vg(&vgp, Cancel::never()), &want).await;
 
     // linux.lvm.lv: only where the kernel has device-mapper.
     if !std::fs::read_to_string("/proc/misc").unwrap_or_default().contains("device-mapper") {
@@ -535,5 +543,5 @@ async fn plan_apply_plan_cycles_of_mkfs_and_lvm_on_loop_devices() {
         panic!()
     };
     let want = [format!("/dev/{vg}/data: logical volume created")];
-    storage_cycle("linux.lvm.lv", &devs, || lvm::apply_lv(&lv, Cancel::never()), &want).await;
+    storage_cycle("linux.lvm.lv", view, || lvm::apply_lv(&lv, Cancel::never()), &want).await;
 }
