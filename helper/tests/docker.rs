@@ -519,3 +519,72 @@ async fn deploy_writes_files_pulls_runs_and_restarts_on_config_change() {
     assert_eq!(http_get(port, "/etc/site/site.conf").await, "v=2\n");
     unchanged(&run::deploy(&h.engine, &v2, &state, &ctx, Cancel::never()).await);
 }
+
+/// A plan of `work` (a state's run) as the helper's dispatch makes it: in a plan context,
+/// the outcome marked planned, a refused write turned into its step.
+async fn plan_of(module: &str, work: impl std::future::Future<Output = Outcome>) -> Outcome {
+    let plan = opsagent_helper::plan::Plan::new();
+    let out = opsagent_helper::plan::scope(Some(std::sync::Arc::clone(&plan)), work).await;
+    opsagent_helper::states::planned(out, plan.refused(), module)
+}
+
+/// Issue 19's drift cycle for linux.docker.pulled, with registry credentials: the image
+/// is not here -> the plan says it would be pulled (the image id is the registry's to
+/// choose, so the plan names no id) and pulls nothing, writes no credentials -> the
+/// apply pulls it -> the plan finds nothing to do.
+#[tokio::test]
+async fn pulled_plan_apply_plan_cycle_with_credentials() {
+    let _lock = ENGINE_LOCK.lock().await;
+    let Some(h) = Harness::start().await else { return };
+    let ctx = h.ctx();
+    let repo = format!("{}/test/plan", h.registry);
+    let tagged = format!("{repo}:v1");
+    let dir = h.context("plan", "1");
+    h.must(&["build", "--tag", &tagged, &dir.to_string_lossy()]);
+    let ModuleParams::LinuxDockerPushed(push) =
+        params("linux.docker.pushed", json!({"repository": repo, "tag": "v1", "username": USER, "password": PASSWORD}))
+    else {
+        panic!()
+    };
+    ok(&image::pushed(&h.engine, &push, &id("p-1"), &ctx, Cancel::never()).await);
+    h.must(&["image", "rm", "--force", &tagged]);
+
+    let ModuleParams::LinuxDockerPulled(pull) =
+        params("linux.docker.pulled", json!({"repo": repo, "tag": "v1", "username": USER, "password": PASSWORD}))
+    else {
+        panic!()
+    };
+    // The engine's images and the helper's state directory (where credentials go).
+    let host = || {
+        let mut state: Vec<String> = walkdir(&ctx.state_dir);
+        state.sort();
+        (h.must(&["images", "--quiet", "--no-trunc"]), state)
+    };
+    let before = host();
+    let planned = plan_of("linux.docker.pulled", image::pulled(&h.engine, &pull, &ctx, Cancel::never())).await;
+    assert!(planned.result && planned.planned, "{planned:?}");
+    let planned: Vec<String> = planned.changes.iter().map(ToString::to_string).collect();
+    assert_eq!(planned, [format!("image {tagged}: pulled (image chosen by the registry)")]);
+    assert_eq!(host(), before, "the plan pulled or wrote something");
+
+    let applied = ok(&image::pulled(&h.engine, &pull, &ctx, Cancel::never()).await);
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert!(applied[0].starts_with(&format!("image {tagged}: pulled (image ")), "{applied:?}");
+    let again = plan_of("linux.docker.pulled", image::pulled(&h.engine, &pull, &ctx, Cancel::never())).await;
+    assert!(again.result && again.planned && again.changes.is_empty(), "plan after the apply: {again:?}");
+}
+
+/// Every path below `dir` (none when it does not exist).
+fn walkdir(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            out.push(e.path().display().to_string());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(e.path());
+            }
+        }
+    }
+    out
+}

@@ -454,3 +454,94 @@ async fn raid_refuses_members_with_data_and_creates_arrays_once() {
         );
     }
 }
+
+/// A plan of `work` (a state's run) as the helper's dispatch makes it: in a plan context,
+/// the outcome marked planned, a refused write turned into its step.
+async fn plan_of(module: &str, work: impl std::future::Future<Output = Outcome>) -> Outcome {
+    let plan = opsagent_helper::plan::Plan::new();
+    let out = opsagent_helper::plan::scope(Some(std::sync::Arc::clone(&plan)), work).await;
+    opsagent_helper::states::planned(out, plan.refused(), module)
+}
+
+fn change_lines(o: &Outcome) -> Vec<String> {
+    o.changes.iter().map(ToString::to_string).collect()
+}
+
+/// What a storage state could change on these devices: the signature blkid finds on
+/// each, and LVM's view of them and of the test's volume group only (the other tests of
+/// this binary change theirs meanwhile).
+fn storage_view(devs: &[&str], vg: &str) -> String {
+    let lvm = |cmd: &str, args: &[&str]| {
+        let out = Command::new(cmd).args(args).env("LVM_SUPPRESS_FD_WARNINGS", "1").output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let mut view: Vec<String> = devs.iter().map(|d| format!("{d}: {:?}", fstype(d))).collect();
+    let mut pvs = vec!["--noheadings", "-o", "pv_name,vg_name"];
+    pvs.extend(devs);
+    view.push(lvm("pvs", &pvs));
+    view.push(lvm("vgs", &["--noheadings", "-o", "vg_name,pv_count", vg]));
+    view.push(lvm("lvs", &["--noheadings", "-o", "lv_path,lv_active", vg]));
+    view.join("\n")
+}
+
+/// Issue 19's drift cycle, as `tests/system/plan_states.sh` makes it for the system
+/// modules: plan (exactly `want`, the devices untouched) -> apply (the same changes) ->
+/// plan (nothing).
+async fn storage_cycle<F, Fut>(module: &str, (devs, vg): (&[&str], &str), run: F, want: &[String])
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let before = storage_view(devs, vg);
+    let planned = plan_of(module, run()).await;
+    assert!(planned.result && planned.planned, "{module}: {planned:?}");
+    assert_eq!(change_lines(&planned), want, "{module}: the plan");
+    assert_eq!(storage_view(devs, vg), before, "{module}: the plan changed the devices");
+    let applied = run().await;
+    assert_ok(&applied);
+    assert_eq!(change_lines(&applied), want, "{module}: the apply did not make the planned change");
+    let again = plan_of(module, run()).await;
+    assert!(again.result && again.planned && again.changes.is_empty(), "{module}: plan after the apply: {again:?}");
+}
+
+#[tokio::test]
+async fn plan_apply_plan_cycles_of_mkfs_and_lvm_on_loop_devices() {
+    if !usable("storage plan cycles") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Loop::new(dir.path(), "a.img", 32), Loop::new(dir.path(), "b.img", 32));
+    let vg = format!("opsagent_plan_{}", std::process::id());
+    let _cleanup = LvmCleanup { vg: vg.clone(), devs: vec![a.dev.clone(), b.dev.clone()] };
+    let devs = [a.dev.as_str(), b.dev.as_str()];
+    let view = (&devs[..], vg.as_str());
+
+    // linux.mkfs: a blank device.
+    let ModuleParams::LinuxMkfs(fs) = params("linux.mkfs", json!({"device": a.dev, "fstype": "ext4", "label": "plan"}))
+    else {
+        panic!()
+    };
+    let want = [format!("{}: ext4 filesystem created (label plan)", a.dev)];
+    storage_cycle("linux.mkfs", view, || mkfs::apply(&fs, Cancel::never()), &want).await;
+    assert_eq!(fstype(&a.dev), "ext4");
+
+    // linux.lvm.pv, then linux.lvm.vg on it: each absent.
+    let ModuleParams::LinuxLvmPv(pv) = params("linux.lvm.pv", json!({"path": [b.dev]})) else { panic!() };
+    let want = [format!("{}: physical volume created", b.dev)];
+    storage_cycle("linux.lvm.pv", view, || lvm::apply_pv(&pv, Cancel::never()), &want).await;
+    let ModuleParams::LinuxLvmVg(vgp) = params("linux.lvm.vg", json!({"name": vg, "path": [b.dev]})) else { panic!() };
+    let want = [format!("{vg}: volume group created on {}", b.dev)];
+    storage_cycle("linux.lvm.vg", view, || lvm::apply_vg(&vgp, Cancel::never()), &want).await;
+
+    // linux.lvm.lv: only where the kernel has device-mapper.
+    if !std::fs::read_to_string("/proc/misc").unwrap_or_default().contains("device-mapper") {
+        skip("storage plan cycles: no device-mapper in this kernel; linux.lvm.lv not cycled");
+        return;
+    }
+    let ModuleParams::LinuxLvmLv(lv) = params("linux.lvm.lv", json!({"name": "data", "vg-name": vg, "le-size": "8m"}))
+    else {
+        panic!()
+    };
+    let want = [format!("/dev/{vg}/data: logical volume created")];
+    storage_cycle("linux.lvm.lv", view, || lvm::apply_lv(&lv, Cancel::never()), &want).await;
+}

@@ -208,3 +208,70 @@ async fn failures_name_the_program_and_bad_configurations_are_refused() {
     assert_eq!(err.to_string(), "linux.supervisord: parameter \"config\": path \"relative.conf\" is not absolute");
     assert!(Path::new(c).is_file());
 }
+
+/// A plan of the state as the helper's dispatch makes it: in a plan context, the
+/// outcome marked planned, a refused write turned into its step.
+async fn plan(h: &Harness, raw: Value) -> Outcome {
+    let ctx = opsagent_helper::plan::Plan::new();
+    let out = opsagent_helper::plan::scope(Some(std::sync::Arc::clone(&ctx)), h.apply(raw)).await;
+    opsagent_helper::states::planned(out, ctx.refused(), "linux.supervisord")
+}
+
+/// Issue 19's drift cycle: plan (exactly `want`; supervisord's view of its programs, pids
+/// included, and the watch records unchanged) -> apply (the same changes) -> plan
+/// (nothing).
+async fn cycle(h: &Harness, raw: Value, want: &[&str]) {
+    let view = || {
+        (
+            h.ctl(&["status"]).lines().map(|l| l.split(" uptime").next().unwrap_or(l).to_string()).collect::<Vec<_>>(),
+            tree(&h.path("state")),
+        )
+    };
+    let before = view();
+    let planned = plan(h, raw.clone()).await;
+    assert!(planned.planned, "{planned:?}");
+    assert_eq!(changes(&planned), want, "the plan");
+    assert_eq!(view(), before, "the plan changed supervisord's programs or the watch records");
+    assert_eq!(changes(&h.apply(raw.clone()).await), want, "the apply did not make the planned change");
+    let again = plan(h, raw).await;
+    assert!(again.planned && changes(&again).is_empty(), "plan after the apply: {again:?}");
+}
+
+#[tokio::test]
+async fn plan_apply_plan_cycles_of_stopped_changed_and_new_programs() {
+    let h = Harness::new(PROGRAMS);
+    let app_conf = h.path("app.conf");
+    std::fs::write(&app_conf, "v=1\n").unwrap();
+    let config = h.config();
+    let state = |names: &[&str]| json!({"config": config.to_str().unwrap(), "name": names, "watch": [app_conf.to_str().unwrap()]});
+    // Converged first: supervisord running, the watched file recorded.
+    changes(&h.apply(state(&["sleeper", "g"])).await);
+    assert!(changes(&plan(&h, state(&["sleeper", "g"])).await).is_empty());
+
+    // A program stopped behind the state's back.
+    h.ctl(&["stop", "sleeper"]);
+    cycle(&h, state(&["sleeper", "g"]), &["sleeper: started"]).await;
+    // The watched file changed: the programs would be restarted (the plan keeps their pids).
+    std::fs::write(&app_conf, "v=2\n").unwrap();
+    cycle(&h, state(&["sleeper", "g"]), &["sleeper: restarted", "g:a: restarted", "g:b: restarted"]).await;
+    // A program supervisord does not know yet.
+    std::fs::write(h.path("conf.d/extra.conf"), "[program:extra]\ncommand=/bin/sleep 1003\nstartsecs=1\n").unwrap();
+    cycle(&h, state(&["sleeper", "g", "extra"]), &["extra: added to supervisord"]).await;
+}
+
+/// Every file below `dir` with its content, sorted (none when it does not exist).
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(e.path());
+            } else {
+                out.push((e.path(), std::fs::read(e.path()).unwrap_or_default()));
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -18,12 +18,20 @@
 #                            whenever they are older than its lists or sources, on any
 #                            read-only query too (apt-cache policy): the plan of an apt
 #                            state asks apt, and this container's sources were changed.
+#      /var/tmp/systemd-private-*  the PrivateTmp= directories of units that come and
+#                            go on their own: systemd-timedated (started by the timezone
+#                            cycle's apply) exits when idle, during a later cycle's plan,
+#                            and systemd removes its directory (seen in the symlink cycle).
 #    Nothing else is excluded: the rest of /var/log (apt's and dpkg's logs), the helper's
 #    state dir, apt's lists, /etc, crontabs (/var/spool/cron) are all compared.
-# 2. For the system modules the host tests of the helper cannot cover (linux.user,
-#    linux.group, linux.cronjob, common.timezone, linux.mount of a tmpfs): drifted host
-#    -> the plan reports the exact change (exit 3), in the words the apply then uses, and
-#    the walk is unchanged -> apply -> the plan reports nothing (exit 0).
+# 2. Drift cycles, one per module the container can run without the network (linux.user,
+#    linux.group, linux.cronjob, common.timezone, linux.mount of a tmpfs, linux.service
+#    stopped -> started and a watched file changed -> restarted, linux.file, linux.dir,
+#    linux.symlink, linux.cmd behind an if-path-absent guard, linux.apt.repo,
+#    linux.apt.package from a .deb built here in a local file: repository, linux.apt.ppa
+#    with credentials, common.ssh.auth): drifted host -> the plan reports the exact
+#    change (exit 3), in the words the apply then uses, and the walk (for a unit, its
+#    state or main pid too) is unchanged -> apply -> the plan reports nothing (exit 0).
 #    linux.supervisord is in the no-write plan only: the cached root has no python3, so
 #    supervisor cannot run in it.
 #
@@ -80,7 +88,7 @@ nothing_would_change() { # NAME: exit 0 and every line says (no change)
 
 # The walk, run inside the container: one line per entry (type, mode, owner, path, link
 # target), then the sha256 of every regular file's content; -xdev keeps it on the root.
-PRUNE='\( -path /var/log/journal -o -path "/var/cache/apt/*.bin" \) -prune'
+PRUNE='\( -path /var/log/journal -o -path "/var/cache/apt/*.bin" -o -path "/var/tmp/systemd-private-*" \) -prune'
 DIRS='/etc /var /opt /home /srv /usr/local'
 walk() { # FILE
     in_c "find $DIRS -xdev $PRUNE -o -printf '%y %m %u:%g %p -> %l\n' | sort; find $DIRS -xdev $PRUNE -o -type f -print0 | sort -z | xargs -0 sha256sum" \
@@ -184,18 +192,25 @@ check "plan of every module: linux.cmd would run, and did not" \
 # ---------------------------------------------------------------- 2. drift -> plan -> apply -> plan
 # cycle NAME STATE EXPECTED...: the plan names each EXPECTED change and exits 3 with the
 # walk unchanged; the apply succeeds and reports the same changes in the same words; the
-# plan after it exits 0 with nothing to change.
+# plan after it exits 0 with nothing to change. With PROBE set (a command run in the
+# container), its output must be the same before and after the plan too: what the walk
+# of files cannot see (a unit's state, a process id).
 cycle() {
     local name=$1 state=$2 e
     shift 2
     walk "$name.before"
+    [ -z "${PROBE:-}" ] || in_c "$PROBE" >"$WORK/$name.probe.before" 2>&1 || true
     run "$name-plan" "apply --test" "$state"
     walk "$name.after"
+    [ -z "${PROBE:-}" ] || in_c "$PROBE" >"$WORK/$name.probe.after" 2>&1 || true
     check "$name: the plan exits 3" rc_is "$name-plan" 3
     for e in "$@"; do
         check "$name: the plan reports \"$e\"" out_has "$name-plan" "$e"
     done
     check "$name: the plan wrote nothing" unchanged "$name.before" "$name.after"
+    if [ -n "${PROBE:-}" ]; then
+        check "$name: the plan left \`$PROBE\` as it was" unchanged "$name.probe.before" "$name.probe.after"
+    fi
     run "$name-apply" apply "$state"
     check "$name: the apply succeeds" rc_is "$name-apply" 0
     for e in "$@"; do
@@ -219,5 +234,76 @@ setup 'mkdir -p /srv/plan-tmp'
 cycle mount "$(st tmpfs linux.mount "${FIX[linux.mount]}")" \
     "/etc/fstab: line for /srv/plan-tmp written: tmpfs /srv/plan-tmp tmpfs size=8m 0 0" "/srv/plan-tmp: tmpfs mounted (tmpfs)"
 in_c "systemctl stop 'srv-plan\\x2dtmp.mount'" || true
+
+say "== linux.service: opsh-demo stopped -> started"
+SVC_START='{"name": ["opsh-demo"], "watch": ["/etc/opsh-demo.conf"]}'
+PROBE='systemctl is-active opsh-demo.service' cycle service-start "$(st svc linux.service "$SVC_START")" \
+    "opsh-demo.service: started"
+say "== linux.service: the watched file changed -> restarted"
+setup 'echo v=2 > /etc/opsh-demo.conf'
+SVC_RESTART='{"name": [{"key": "opsh-demo", "value": "restart"}], "watch": ["/etc/opsh-demo.conf"]}'
+PROBE='systemctl show -p MainPID --value opsh-demo.service' cycle service-restart \
+    "$(st svc linux.service "$SVC_RESTART")" "opsh-demo.service: restarted"
+check "service-restart: the plan said why" out_has service-restart-plan "watched /etc/opsh-demo.conf changed"
+in_c 'systemctl stop opsh-demo.service' || true
+
+say "== linux.file: content and mode drifted"
+setup 'printf "a = 0\n" > /etc/opsh-plan.conf && chmod 0644 /etc/opsh-plan.conf'
+cycle file "$(st f linux.file "${FIX[linux.file]}")" \
+    "/etc/opsh-plan.conf: content updated" "/etc/opsh-plan.conf: mode 0644 -> 0640"
+say "== linux.dir: absent"
+cycle dir "$(st d linux.dir "${FIX[linux.dir]}")" "/srv/plan-dir: directory created (0750 0:0)"
+say "== linux.symlink: pointing elsewhere"
+setup 'ln -s /etc/os-release /srv/plan-link'
+cycle symlink "$(st l linux.symlink "${FIX[linux.symlink]}")" \
+    "/srv/plan-link: link retargeted /etc/os-release -> /etc/hostname"
+
+say "== linux.cmd: guarded by if-path-absent (would run -> ran -> the guard holds)"
+CMD='{"cmd": "touch /srv/plan-cmd-ran", "cwd": "/", "if-path-absent": ["/srv/plan-cmd-ran"]}'
+cycle cmd "$(st c linux.cmd "$CMD")" "cmd: ran"
+check "cmd: the plan said it would run the command" out_has cmd-plan 'would run /bin/sh -c "touch /srv/plan-cmd-ran"'
+
+say "== linux.apt.repo: sources file absent"
+cycle apt-repo "$(st repo linux.apt.repo "${FIX[linux.apt.repo]}")" \
+    "/etc/apt/sources.list.d/opsh-local.list: file created (0644 0:0)"
+
+say "== linux.apt.package: not installed, in a local file: repository (a .deb built here)"
+# As helper_states.sh does: a .deb made with dpkg-deb on the host, a flat repository
+# (Packages by hand) in the container, which the sources file written above names.
+DEB=$WORK/deb
+mkdir -p "$DEB/DEBIAN" "$DEB/usr/share/opsh-hello"
+printf 'Package: opsh-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: opsagent tests <t@example.invalid>\nDescription: opsagent plan system test package\n' \
+    >"$DEB/DEBIAN/control"
+echo 1.0 >"$DEB/usr/share/opsh-hello/version"
+dpkg-deb --root-owner-group -b "$DEB" "$WORK/opsh-hello_1.0_all.deb" >/dev/null
+mkdir -p "$ROOT/srv/repo"
+cp "$WORK/opsh-hello_1.0_all.deb" "$ROOT/srv/repo/"
+{
+    dpkg-deb -f "$WORK/opsh-hello_1.0_all.deb"
+    printf 'Filename: ./opsh-hello_1.0_all.deb\nSize: %s\nSHA256: %s\n\n' \
+        "$(stat -c %s "$WORK/opsh-hello_1.0_all.deb")" "$(sha256sum "$WORK/opsh-hello_1.0_all.deb" | cut -d' ' -f1)"
+} >"$ROOT/srv/repo/Packages"
+# A plan plans against the indexes there are (it never refreshes them): fresh ones.
+setup 'apt-get update -qq'
+cycle apt-package "$(st pkg linux.apt.package "${FIX[linux.apt.package]}")" "opsh-hello: installed 1.0"
+check "apt-package: installed for real" in_c 'dpkg-query -W -f "\${Version}" opsh-hello | grep -qx 1.0'
+
+say "== linux.apt.ppa: a private PPA (source list and credentials) absent"
+PPA='{"name": "ppa:opsh/plan", "username": "opsh", "password": "s3cret"}'
+cycle apt-ppa "$(st ppa linux.apt.ppa "$PPA")" \
+    "/etc/apt/sources.list.d/opsh-ubuntu-plan.list: file created (0644 0:0)" \
+    "/etc/apt/auth.conf.d/opsh-ubuntu-plan.conf: file created (0600 0:0)"
+# Launchpad is not reachable from here: no later apt call may read it.
+in_c 'rm -f /etc/apt/sources.list.d/opsh-ubuntu-plan.list /etc/apt/auth.conf.d/opsh-ubuntu-plan.conf'
+
+say "== common.ssh.auth: authorized_keys with another key only"
+OTHER='ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHy3OCDRQ8bOnoMZN4u6X7T6tq5zSBCpCyN6tFGmyO2h other'
+setup "install -d -m 0700 -o opshplan -g opshplan /home/opshplan/.ssh && echo '$OTHER' > /home/opshplan/.ssh/authorized_keys &&
+    chown opshplan:opshplan /home/opshplan/.ssh/authorized_keys && chmod 0600 /home/opshplan/.ssh/authorized_keys"
+cycle ssh-auth "$(st auth common.ssh.auth "${FIX[common.ssh.auth]}")" \
+    "/home/opshplan/.ssh/authorized_keys: 1 key(s) written"
+check "ssh-auth: both keys there, the other one kept" \
+    in_c 'grep -qF "IHy3OCDRQ8bOnoMZN4u6X7T6tq5zSBCpCyN6tFGmyO2h other" /home/opshplan/.ssh/authorized_keys &&
+          grep -qF "IOsJ5cJ5Cj0m0Z0m2Kd5d0b3dE8v1t3m6Z6wq1n7X2aB" /home/opshplan/.ssh/authorized_keys'
 
 summary

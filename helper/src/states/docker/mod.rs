@@ -206,6 +206,12 @@ impl Auth {
         let Some(pass) = password.filter(|p| !p.is_empty()) else {
             return Err(DockerError::param("password", "username is given, so the password is required"));
         };
+        // A plan asks no registry (it inspects the engine's own images and containers),
+        // so it needs no credentials file, and writing one would stop the plan there: a
+        // state with credentials could never be planned, nor found converged.
+        if crate::plan::active() {
+            return Ok(None);
+        }
         let registry = registry_of(reference);
         let token = base64(format!("{user}:{pass}").as_bytes());
         let config = serde_json::json!({"auths": {registry: {"auth": token}}});
@@ -530,5 +536,21 @@ mod tests {
         assert_eq!(err.to_string(), "parameter password: username is given, so the password is required");
         assert!(Auth::for_image(tmp.path(), "x", None, None, &mut report, Some("a@b")).unwrap().is_none());
         assert_eq!(report.notes, ["email is no longer used by registries; ignored"]);
+    }
+
+    #[test]
+    fn a_plan_writes_no_credentials_and_no_private_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let mut report = Report::default();
+        crate::plan::in_thread(Some(crate::plan::Plan::new()), || {
+            let auth = Auth::for_image(&state, "127.0.0.1:5000/app", Some("alice"), Some("s3cret"), &mut report, None);
+            assert!(auth.unwrap().is_none(), "a plan made a credentials file");
+            // A missing password is still the recipe's error, in a plan too.
+            assert!(Auth::for_image(&state, "x", Some("alice"), None, &mut report, None).is_err());
+            let err = PrivateDir::create(&state, "docker-env").unwrap_err().to_string();
+            assert!(err.contains("a plan writes nothing: refused to create the directory"), "{err}");
+        });
+        assert!(!state.exists(), "a plan created {}", state.display());
     }
 }
