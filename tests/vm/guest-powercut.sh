@@ -103,7 +103,11 @@ if [ "$phase" = 1 ]; then
     last=0
     while :; do
         n=$(statelogs)
-        if [ "$n" -ge "$cut_after" ] && grep -q '"phase": *"applying"' "$STATUS" 2>/dev/null; then
+        # One read of the status: the phase and the state it names belong together.
+        st=$(cat "$STATUS" 2>/dev/null)
+        applying=$(printf '%s\n' "$st" | grep -q '"phase": *"applying"' &&
+            printf '%s\n' "$st" | sed -n 's/.*"state_id": *"\([^"]*\)".*/\1/p' | head -n 1)
+        if [ "$n" -ge "$cut_after" ] && [ -n "$applying" ]; then
             break
         fi
         if [ $((n / 50)) != $((last / 50)) ]; then say "statelogs $n"; fi
@@ -112,10 +116,10 @@ if [ "$phase" = 1 ]; then
         sleep 0.2
     done
     grep -q '"done":\[[^]]*"pc-wait"' "$S/recipe.json" || fail "no wait mark in the persisted recipe: $(tail -c 200 "$S/recipe.json")"
-    round=$(field round)
+    round=$(printf '%s\n' "$st" | sed -n 's/.*"round": *\([0-9]*\).*/\1/p' | head -n 1)
     # Not synced: on the disk only if the page cache reached it, which it must not.
     echo "written just before the cut" >"$V/canary"
-    say "CUT statelogs $n round $round ($(grep -o '"state_id": *"[^"]*"' "$STATUS" | head -n 1)) after $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.0f", b - a }') s"
+    say "CUT statelogs $n round $round applying $applying after $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.0f", b - a }') s"
     # The host kills the VM now.
     sleep 600
     fail "not killed"

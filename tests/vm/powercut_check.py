@@ -124,7 +124,7 @@ def main(d, accel):
     if not t1 or not t2 or t1.group(1) != t2.group(1):
         problems.append(f"the token changed across the cut ({t1 and t1.group(1)} -> {t2 and t2.group(1)})")
     canary = console(f"{d}/console2.txt", r"^canary: (\w+)")
-    cut = console(f"{d}/console1.txt", r"^CUT statelogs (\d+) round (\d+) \((.*)\) after (\d+) s")
+    cut = console(f"{d}/console1.txt", r"^CUT statelogs (\d+) round (\d+) applying (\S+) after (\d+) s")
     rnd = console(f"{d}/console2.txt", r"^first round completed ([\d.]+) s after the daemon started, ([\d.]+) s after boot")
     marks = console(f"{d}/console2.txt", r"^persisted recipe version (\d+), wait marks (.*)")
     if not (canary and cut and rnd and marks):
@@ -154,7 +154,7 @@ def main(d, accel):
     for p in problems:
         print(f"powercut: FAIL: {p}")
     if cut and rnd:
-        print(f"| power cut: VM killed (qemu SIGKILL) mid-round (state {cut.group(3).split('"')[-2]} of round {cut.group(2)}) after {issued} StateLogs, unsynced page cache lost "
+        print(f"| power cut: VM killed (qemu SIGKILL) mid-round ({cut.group(3)} of round {cut.group(2)}) after {issued} StateLogs, unsynced page cache lost "
               f"(a canary file written just before: {canary and canary.group(1)}) "
               f"| restarted: spool.log {spool}, token, persisted recipe and wait marks intact; re-sent the "
               f"{len(pending)} unacknowledged StateLog(s) ({len(pending & set(held))} already held, not doubled); "
