@@ -946,7 +946,9 @@ mod tests {
         let reserved = fs::read(d.path().join(RESERVE_FILE)).unwrap();
         let last = ends[1];
         // (bytes kept, zeros after them): past the end, and over the last record.
-        for (keep, zeros) in [(full.len(), 1), (full.len(), 8), (full.len(), 4096), (last, full.len() - last), (last, 4096)] {
+        for (keep, zeros) in
+            [(full.len(), 1), (full.len(), 8), (full.len(), 4096), (last, full.len() - last), (last, 4096)]
+        {
             let d = tempfile::tempdir().unwrap();
             let mut bytes = full[..keep].to_vec();
             bytes.resize(keep + zeros, 0);

@@ -153,12 +153,17 @@ def main(d, accel):
         print(f"powercut: first round completed {rnd.group(1)} s after the daemon started ({rnd.group(2)} s after boot)")
     for p in problems:
         print(f"powercut: FAIL: {p}")
+    resent = (
+        f"re-sent the {len(pending)} StateLog(s) unacknowledged at the cut ({len(pending & set(held))} of them "
+        f"already held by the backend: acknowledged again, not appended)"
+        if pending
+        else "nothing to re-send (every StateLog was acknowledged at the cut)"
+    )
     if cut and rnd:
         print(f"| power cut: VM killed (qemu SIGKILL) mid-round ({cut.group(3)} of round {cut.group(2)}) after {issued} StateLogs, unsynced page cache lost "
               f"(a canary file written just before: {canary and canary.group(1)}) "
-              f"| restarted: spool.log {spool}, token, persisted recipe and wait marks intact; re-sent the "
-              f"{len(pending)} unacknowledged StateLog(s) ({len(pending & set(held))} already held, not doubled); "
-              f"the next round completed "
+              f"| restarted: spool.log {spool} (the daemon's log agrees), token, persisted recipe and wait marks "
+              f"intact; {resent}; the next round completed "
               f"| {'nothing' if not lost and not doubled and not not_held else f'{len(lost) + len(not_held)} lost, {len(doubled)} doubled'} "
               f"({len(acked)} acknowledged StateLogs all held at the cut; {sum(final.values())} StateLogs, each once by seq) "
               f"| {float(rnd.group(1)):.0f} s from the daemon's start to its first round ({float(rnd.group(2)):.0f} s after boot, {accel}) |")
