@@ -935,6 +935,47 @@ mod tests {
         }
     }
 
+    /// What a power cut can leave where a file system committed a file's new size but not
+    /// its data: the tail reads as zeros (tests/vm/run.sh, part powercut, cuts a real VM).
+    /// The zeros are cut off like a torn tail, every whole record before them is kept, a
+    /// record appended afterwards survives a reopen, and no sequence number is reused.
+    #[test]
+    fn zeroed_tail_is_cut_off() {
+        let d = tempfile::tempdir().unwrap();
+        let (full, logs, ends) = three_record_log(d.path());
+        let reserved = fs::read(d.path().join(RESERVE_FILE)).unwrap();
+        let last = ends[1];
+        // (bytes kept, zeros after them): past the end, and over the last record.
+        for (keep, zeros) in
+            [(full.len(), 1), (full.len(), 8), (full.len(), 4096), (last, full.len() - last), (last, 4096)]
+        {
+            let d = tempfile::tempdir().unwrap();
+            let mut bytes = full[..keep].to_vec();
+            bytes.resize(keep + zeros, 0);
+            fs::write(d.path().join(LOG_FILE), &bytes).unwrap();
+            fs::write(d.path().join(RESERVE_FILE), &reserved).unwrap();
+            let mut s = Spool::open(d.path(), SpoolLimits::default()).unwrap();
+            let whole = ends.iter().filter(|e| **e <= keep).count();
+            assert_eq!(s.pending()[..], logs[..whole], "{zeros} zeros after {keep} bytes");
+            assert_eq!(s.recovery().discarded_bytes, zeros as u64);
+            let seq = s.append(sl(2, "after")).unwrap().seq.unwrap();
+            assert!(seq > 3, "seq {seq} reused");
+            drop(s);
+            let s = Spool::open(d.path(), SpoolLimits::default()).unwrap();
+            assert_eq!(s.depth(), whole + 1, "{zeros} zeros after {keep} bytes");
+            assert_eq!(s.recovery().discarded_bytes, 0);
+        }
+        // Nothing but zeros (created and sized, no data written): moved aside, and the
+        // reservation keeps the numbers already issued from coming back.
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(LOG_FILE), vec![0u8; full.len()]).unwrap();
+        fs::write(d.path().join(RESERVE_FILE), &reserved).unwrap();
+        let mut s = Spool::open(d.path(), SpoolLimits::default()).unwrap();
+        assert_eq!(s.depth(), 0);
+        assert!(s.recovery().moved_aside.is_some());
+        assert!(s.append(sl(2, "after")).unwrap().seq.unwrap() > 3);
+    }
+
     #[test]
     fn corruption_anywhere_never_panics() {
         let d = tempfile::tempdir().unwrap();

@@ -8,6 +8,8 @@
 # CAP_SYS_ADMIN, no opsagent-state-* unit is left. Ends with a PASS/FAIL marker.
 exec >/dev/ttyS0 2>&1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# The power cut's boots (tests/vm/run.sh, part powercut) come through the same entry.
+case " $(cat /proc/cmdline) " in *" opsagent.powercut="*) exec /payload/guest-powercut.sh ;; esac
 say() { echo "OPSAGENT-VMTEST-UNITS: $*"; }
 fail() {
     say "FAIL ($*)"

@@ -25,7 +25,16 @@
 #   OPSAGENT_VMTEST_PARTS    which boots, default "storage units": the storage tests, then a
 #                            second boot under systemd as PID 1 (tests/vm/guest-units.sh: the
 #                            helper's installed units, a transient unit's CPU time and peak
-#                            memory in the StateLog, a real `sysctl -w`)
+#                            memory in the StateLog, a real `sysctl -w`); add "powercut" for
+#                            the power cut (tests/vm/guest-powercut.sh: the daemon as its unit
+#                            on a persistent state disk, qemu killed mid-round, a second boot
+#                            on the same disk; the host's check is tests/vm/powercut_check.py,
+#                            which prints the README's Faults table row)
+#   OPSAGENT_VMTEST_CUT_AFTER  StateLogs the backend must have before the cut (default 250)
+#
+# Exit 3 (and "vm test: cannot run: ...") when no VM can run here at all (not root, qemu or
+# debootstrap not installable, the image cannot be built): tests/faults/table.sh then shows
+# the power cut's row as not run instead of failing the suite.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -45,8 +54,12 @@ die() {
     say "vm test: $*"
     exit 1
 }
+cannot() {
+    say "vm test: cannot run: $*"
+    exit 3
+}
 
-[ "$(id -u)" = 0 ] || die "needs root (debootstrap, mkfs.ext4 -d of a root-owned tree)"
+[ "$(id -u)" = 0 ] || cannot "needs root (debootstrap, mkfs.ext4 -d of a root-owned tree)"
 need=()
 QEMU=${OPSAGENT_VMTEST_QEMU:-qemu-system-x86_64}
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -55,7 +68,7 @@ command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 if [ "${#need[@]}" -gt 0 ]; then
     say "installing ${need[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
-        die "cannot install ${need[*]}"
+        cannot "cannot install ${need[*]}"
 fi
 
 WORK=$(mktemp -d /tmp/opsagent-vmtest.XXXXXX)
@@ -119,7 +132,7 @@ ensure_image() {
     say "building the VM image in $IMAGE_DIR (debootstrap with Debian's kernel, a few minutes)"
     debootstrap --variant=minbase --include="$INCLUDE" bookworm "$root" "$MIRROR" >"$tmp/debootstrap.log" 2>&1 || {
         tail -n 20 "$tmp/debootstrap.log" >&2
-        die "debootstrap failed; see $tmp/debootstrap.log"
+        cannot "debootstrap failed; see $tmp/debootstrap.log"
     }
     local kernel initrd
     kernel=$(find "$root/boot" -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -n 1)
@@ -176,7 +189,7 @@ if part storage; then
     cp tests/vm/guest.sh "$WORK/payload/guest.sh"
     chmod 755 "$WORK/payload/guest.sh" "$WORK/payload/storage"
 fi
-if part units; then
+if part units || part powercut; then
     say "building the daemon, the helper and the reference backend"
     cargo build --locked -p opsagent -p opsagent-helper --bins >&2 || die "cargo build failed"
     mkdir -p "$WORK/payload/bin" "$WORK/payload/units"
@@ -184,16 +197,20 @@ if part units; then
         # Without debug information: the payload disk stays small.
         strip --strip-debug -o "$WORK/payload/bin/$b" "target/debug/$b" || die "cannot copy $b"
     done
-    cp units/opsagent-helper.service units/opsagent-helper.socket units/opsagent.sysusers "$WORK/payload/units/"
-    cp tests/vm/guest-units.sh "$WORK/payload/guest-units.sh"
-    chmod 755 "$WORK/payload/guest-units.sh"
+    cp units/opsagent-helper.service units/opsagent-helper.socket units/opsagent.service units/opsagent.sysusers \
+        "$WORK/payload/units/"
+    # guest-units.sh hands a power-cut boot over to guest-powercut.sh.
+    cp tests/vm/guest-units.sh tests/vm/guest-powercut.sh "$WORK/payload/"
+    chmod 755 "$WORK/payload/guest-units.sh" "$WORK/payload/guest-powercut.sh"
 fi
 mkfs.ext4 -q -F -L opspayload -d "$WORK/payload" "$WORK/payload.img" "$(($(du -sm "$WORK/payload" | cut -f1) + 16))M" ||
     die "cannot make the payload disk"
 
 console=$WORK/console.log
 # boot ACCEL [INIT-ARGS]: starts qemu in the background (QEMU_PID), console in $console;
-# INIT-ARGS default to the image's storage-test init.
+# INIT-ARGS default to the image's storage-test init. EXTRA_DRIVES: more -drive options
+# (the power cut's state disk, written for real: snapshot=off).
+EXTRA_DRIVES=()
 boot() {
     local init=${2:-init=/opsagent-vmtest/init}
     local how=(-enable-kvm -cpu host)
@@ -205,7 +222,7 @@ boot() {
         -append "console=ttyS0 root=/dev/vda rw rootfstype=ext4 $init panic=-1 quiet loglevel=3" \
         -drive "file=$IMAGE_DIR/root.img,format=raw,if=virtio" \
         -drive "file=$WORK/payload.img,format=raw,if=virtio,readonly=on" \
-        </dev/null >"$WORK/qemu.log" 2>&1 &
+        "${EXTRA_DRIVES[@]}" </dev/null >"$WORK/qemu.log" 2>&1 &
     QEMU_PID=$!
 }
 # wait_vm SECONDS [MARKER]: waits until MARKER shows on the console (0), qemu exits
@@ -306,6 +323,7 @@ say "vm test: PASS (logical volume and RAID1 array created for real in the guest
 fi
 
 # ---------------------------------------------------------------- second boot: systemd
+SYSTEMD_INIT="init=/lib/systemd/systemd systemd.unified_cgroup_hierarchy=1 systemd.run=/opsagent-vmtest/units-entry systemd.run_success_action=poweroff systemd.run_failure_action=poweroff"
 if part units; then
     # The accelerator the storage boot settled on (auto without it: KVM when present).
     if [ "$accel" = auto ]; then
@@ -313,7 +331,7 @@ if part units; then
     fi
     say "booting the VM under systemd ($accel, timeout ${TIMEOUT}s)"
     start=$(date +%s)
-    boot "$accel" "init=/lib/systemd/systemd systemd.unified_cgroup_hierarchy=1 systemd.run=/opsagent-vmtest/units-entry systemd.run_success_action=poweroff systemd.run_failure_action=poweroff"
+    boot "$accel" "$SYSTEMD_INIT"
     timed_out=no
     wait_vm "$TIMEOUT" || timed_out=yes
     say "VM ran $(($(date +%s) - start))s"
@@ -328,4 +346,87 @@ if part units; then
         die "the systemd boot did not report PASS"
     }
     say "vm test: PASS (under systemd: a transient unit's CPU time in the StateLog, sysctl -w applied, no CAP_SYS_ADMIN in the helper)"
+fi
+
+# ---------------------------------------------------------------- power cut
+if part powercut; then
+    CUT_AFTER=${OPSAGENT_VMTEST_CUT_AFTER:-250}
+    PC=$WORK/powercut
+    mkdir -p "$PC"
+    # The state disk: a raw ext4 image written for real (no -snapshot), so that what the
+    # second boot finds is exactly what the first one got onto the virtual disk.
+    EXTRA_DRIVES=(-drive "file=$PC/state.img,format=raw,if=virtio,snapshot=off")
+    new_state_disk() { mkfs.ext4 -q -F -L opsstate "$PC/state.img" 128M || die "cannot make the state disk"; }
+    if [ "$accel" = auto ]; then
+        if [ -e /dev/kvm ]; then accel=kvm_try; else accel=tcg; fi
+    fi
+    pc_start=$(date +%s)
+    while :; do
+        how=$accel
+        [ "$how" = kvm_try ] && how=kvm
+        new_state_disk
+        say "power cut, boot 1 ($how, cut after $CUT_AFTER StateLogs)"
+        boot "$how" "$SYSTEMD_INIT opsagent.powercut=1 opsagent.cut_after=$CUT_AFTER"
+        if [ "$accel" = kvm_try ]; then
+            rc=0
+            wait_vm "$KVM_BOOT" '^OPSAGENT-VMTEST-POWERCUT: boot 1 start' || rc=$?
+            if [ "$rc" != 0 ]; then
+                why="the power cut's first boot did not start within ${KVM_BOOT}s under KVM (rc $rc): $(tail -n 3 "$WORK/qemu.log" | tr '\n' ' ')"
+                say "######## $why; emulating the guest instead (TCG), and remembering that in $verdict"
+                printf '%s\n' "$why" >"$verdict"
+                accel=tcg
+                continue
+            fi
+            accel=kvm
+        fi
+        break
+    done
+    # The cut: SIGKILL as soon as the guest says so (it polls for the CUT marker itself).
+    t0=$(date +%s)
+    cut=no
+    while kill -0 "$QEMU_PID" 2>/dev/null; do
+        if grep -aq '^OPSAGENT-VMTEST-POWERCUT: CUT ' "$console"; then
+            kill -KILL "$QEMU_PID"
+            cut=yes
+            break
+        fi
+        grep -aq '^OPSAGENT-VMTEST-POWERCUT: FAIL' "$console" && break
+        [ $(($(date +%s) - t0)) -lt $((2 * TIMEOUT)) ] || break
+        sleep 0.1
+    done
+    kill -KILL "$QEMU_PID" 2>/dev/null || true
+    wait "$QEMU_PID" 2>/dev/null || true
+    QEMU_PID=
+    tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$PC/console1.txt" || true
+    grep -a '^OPSAGENT-VMTEST-POWERCUT: ' "$PC/console1.txt" >&2 || true
+    [ "$cut" = yes ] || {
+        tail -n 60 "$PC/console1.txt" >&2
+        die "the power cut's first boot never reached the cut (limit $((2 * TIMEOUT))s)"
+    }
+    say "power cut: qemu killed $(($(date +%s) - pc_start))s after the first boot started"
+
+    say "power cut, boot 2 (same state disk, $accel)"
+    boot "$accel" "$SYSTEMD_INIT opsagent.powercut=2"
+    timed_out=no
+    # Each boot may take twice the others' limit: a round and more under emulation.
+    wait_vm $((2 * TIMEOUT)) || timed_out=yes
+    tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$PC/console2.txt" || true
+    grep -a '^OPSAGENT-VMTEST-POWERCUT: ' "$PC/console2.txt" >&2 || true
+    [ "$timed_out" = no ] || {
+        tail -n 40 "$PC/console2.txt" >&2
+        die "the power cut's second boot timed out after $((2 * TIMEOUT))s; qemu killed"
+    }
+    grep -aq '^OPSAGENT-VMTEST-POWERCUT: BOOT2 DONE$' "$PC/console2.txt" || {
+        tail -n 60 "$PC/console2.txt" >&2
+        die "the power cut's second boot did not finish"
+    }
+    say "power cut: both boots took $(($(date +%s) - pc_start))s"
+    # The files, read off the (cleanly unmounted) image without mounting it.
+    mkdir -p "$PC/at-cut"
+    for f in at-cut/spool.log at-cut/seq.reserved at-cut/statelog.jsonl backend/statelog.jsonl backend/events-boot2.jsonl; do
+        debugfs -R "dump -p /$f $PC/${f#backend/}" "$PC/state.img" 2>/dev/null
+        [ -s "$PC/${f#backend/}" ] || die "cannot read /$f off the state disk"
+    done
+    python3 tests/vm/powercut_check.py "$PC" "$accel" || die "the power cut lost or doubled something (see above)"
+    say "vm test: PASS (power cut: nothing acknowledged lost, nothing doubled, the next round completed)"
 fi
