@@ -31,7 +31,8 @@ pub mod timer;
 pub mod upgrade;
 pub mod wire;
 
-/// Version of the daemon <-> helper protocol. Bumped on any incompatible change of
+/// Version of the daemon <-> helper protocol (the agent <-> backend protocol has its own,
+/// `opsagent::protocol::BACKEND_PROTOCOL_VERSION`). Bumped on any incompatible change of
 /// [`request::Request`] or [`request::Reply`]; the helper refuses other versions in
 /// `Hello` with a message that names both.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const HELPER_PROTOCOL_VERSION: u32 = 1;
