@@ -39,10 +39,10 @@ use opsagent_proto::wire::Dict;
 use serde_json::Value;
 
 use crate::cancel::Cancel;
+use crate::checksums::ChecksumError;
 use crate::exec::{self, CommandSpec, ToolError};
 use crate::fsutil::FsError;
 use crate::states::storage::MissingTool;
-use crate::watch::WatchError;
 
 /// Deadline of one install or removal (a package with native extensions compiles).
 pub const INSTALL_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -122,7 +122,7 @@ pub enum LangError {
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(transparent)]
-    Watch(#[from] WatchError),
+    Watch(#[from] ChecksumError),
     #[error("{path}: cannot {op}: {source}")]
     Io { path: PathBuf, op: &'static str, source: std::io::Error },
 }
