@@ -19,7 +19,7 @@ count() { # FILE: code lines
 level() { # FILE: trust level
     case $1 in
         helper/proto/src/catalogue.rs | helper/proto/src/newtypes.rs | helper/proto/src/request.rs | \
-            helper/proto/src/codec.rs | helper/proto/src/stream.rs | helper/proto/src/wire.rs | helper/proto/src/lib.rs | \
+            helper/proto/src/codec.rs | helper/proto/src/stream.rs | helper/proto/src/param_types.rs | helper/proto/src/lib.rs | \
             helper/proto/src/checks.rs | helper/proto/src/signed.rs)
             echo "core: the contract, validated by the helper" ;;
         helper/proto/src/*) echo "shared, not a boundary" ;;

@@ -5,6 +5,9 @@
 //!   [`catalogue::parse_state`] is well typed).
 //! - [`request`]: the closed set of requests the helper accepts and what it answers.
 //! - [`newtypes`]: validated values (absolute paths, modes, state ids, unit names).
+//! - [`param_types`]: the types of parameter values, each accepting every wire shape real
+//!   recipes send for it (one-line, text, dict, mode, watch, ...).
+//! - [`checks`]: the narrower checks of what a parameter means (accounts, cron fields, ...).
 //! - [`codec`]: u32 big-endian length-prefixed JSON frames with a size cap.
 //! - [`stream`]: the socket both ends use, split into a frame reader and writer.
 //! - [`timer`]: optional deadlines for `select!` loops.
@@ -24,12 +27,12 @@ pub mod checks;
 pub mod codec;
 pub mod ini;
 pub mod newtypes;
+pub mod param_types;
 pub mod request;
 pub mod signed;
 pub mod stream;
 pub mod timer;
 pub mod upgrade;
-pub mod wire;
 
 /// Version of the daemon <-> helper protocol (the agent <-> backend protocol has its own,
 /// `opsagent::protocol::BACKEND_PROTOCOL_VERSION`). Bumped on any incompatible change of

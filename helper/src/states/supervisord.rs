@@ -39,8 +39,8 @@ use std::time::Duration;
 
 use opsagent_proto::catalogue::LinuxSupervisord;
 use opsagent_proto::newtypes::{AbsPath, InvalidValue, StateId, UnitName};
+use opsagent_proto::param_types::Watch;
 use opsagent_proto::request::{Change, Outcome};
-use opsagent_proto::wire::Watch;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 

@@ -23,8 +23,8 @@ use std::io;
 
 use opsagent_proto::catalogue::{LinuxDockerBuilt, LinuxDockerPulled, LinuxDockerPushed};
 use opsagent_proto::newtypes::{AbsPath, StateId};
+use opsagent_proto::param_types::Watch;
 use opsagent_proto::request::Outcome;
-use opsagent_proto::wire::Watch;
 
 use super::{
     check_container_name, check_reference, image_ref, short_id, state_file, Auth, Docker, DockerError, Engine, Report,
@@ -35,7 +35,7 @@ use crate::checksums::ChecksumStore;
 use crate::fsutil;
 use crate::states::Ctx;
 
-fn names(list: Option<&opsagent_proto::wire::Array>, param: &'static str) -> Result<Vec<String>, DockerError> {
+fn names(list: Option<&opsagent_proto::param_types::Array>, param: &'static str) -> Result<Vec<String>, DockerError> {
     let names: Vec<String> =
         list.into_iter().flat_map(|a| a.iter()).map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
     for n in &names {

@@ -51,8 +51,8 @@ use std::path::PathBuf;
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::{LinuxDockerDeploy, LinuxDockerRunning};
 use opsagent_proto::newtypes::{AbsPath, StateId};
+use opsagent_proto::param_types::{Dict, Watch};
 use opsagent_proto::request::Outcome;
-use opsagent_proto::wire::{Dict, Watch};
 use sha2::{Digest, Sha256};
 
 use super::image::pull;

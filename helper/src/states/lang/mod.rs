@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use opsagent_proto::newtypes::InvalidValue;
+use opsagent_proto::param_types::Dict;
 use opsagent_proto::request::{Change, Outcome};
-use opsagent_proto::wire::Dict;
 use serde_json::Value;
 
 use crate::cancel::Cancel;
@@ -425,7 +425,7 @@ mod tests {
     }
 
     fn dict(raw: serde_json::Value) -> Dict {
-        opsagent_proto::wire::Param::from_wire(&raw).unwrap()
+        opsagent_proto::param_types::Param::from_wire(&raw).unwrap()
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub async fn apply(p: &CommonVirtualenv, state: &StateId, state_dir: &Path, canc
     run.finish(&p.path.0, result)
 }
 
-fn optional(v: Option<&opsagent_proto::wire::Line>) -> Option<&str> {
+fn optional(v: Option<&opsagent_proto::param_types::Line>) -> Option<&str> {
     v.map(|l| l.trim()).filter(|s| !s.is_empty())
 }
 

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use opsagent_proto::catalogue::LinuxService;
 use opsagent_proto::newtypes::{AbsPath, InvalidValue, StateId, UnitName};
+use opsagent_proto::param_types::Watch;
 use opsagent_proto::request::{Change, Outcome};
-use opsagent_proto::wire::Watch;
 
 use crate::cancel::Cancel;
 use crate::checksums::{ChecksumError, ChecksumStore, FileChanges};
