@@ -23,8 +23,8 @@ use opsagent_proto::request::{
     Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameWriter};
-use opsagent_proto::timer::sleep_until_opt;
 use opsagent_proto::HELPER_PROTOCOL_VERSION;
+use opsagent_shared::timer::sleep_until_opt;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Mutex};
 

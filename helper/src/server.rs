@@ -21,8 +21,8 @@ use opsagent_proto::request::{
     ReplyFrame, Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameReader, FrameWriter};
-use opsagent_proto::timer::sleep_until_opt;
 use opsagent_proto::HELPER_PROTOCOL_VERSION;
+use opsagent_shared::timer::sleep_until_opt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;

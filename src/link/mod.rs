@@ -65,7 +65,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use opsagent_proto::timer::sleep_until_opt;
+use opsagent_shared::timer::sleep_until_opt;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
