@@ -34,7 +34,7 @@ use opsagent_proto::codec::{self, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{
     ErrorCode, HelperError, HelperStatus, Outcome, Reply, ReplyFrame, Request, RequestFrame,
 };
-use opsagent_proto::PROTOCOL_VERSION;
+use opsagent_proto::HELPER_PROTOCOL_VERSION;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
@@ -76,13 +76,13 @@ async fn stand_in_helper(listener: UnixListener, arrivals: mpsc::UnboundedSender
                         Reply::Outcome(Outcome::ok("bench stand-in: nothing done"))
                     }
                     Request::Hello { .. } => Reply::Hello {
-                        protocol_version: PROTOCOL_VERSION,
+                        protocol_version: HELPER_PROTOCOL_VERSION,
                         helper_version: "bench-stand-in".into(),
                         signed_recipes: false,
                     },
                     Request::Status => Reply::Status(HelperStatus {
                         helper_version: "bench-stand-in".into(),
-                        protocol_version: PROTOCOL_VERSION,
+                        protocol_version: HELPER_PROTOCOL_VERSION,
                         uptime_s: started.elapsed().as_secs(),
                         running: vec![],
                         recipes_verified: false,

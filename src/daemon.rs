@@ -27,7 +27,7 @@ use crate::recipe::Recipe;
 use crate::round::{DriftReport, Effects, Engine, EngineConfig, EngineStatus, Snapshot, StopMode, UpdateOrder};
 use crate::spool::{Spool, SpoolLimits};
 use crate::upgrade::{self, Fetch, SystemdStarter, Trigger, UpgradeFailure, UpgradeReports, UpgradeSettings, Verdict};
-use opsagent_proto::upgrade::{Health, Record};
+use opsagent_shared::upgrade::{Health, Record};
 
 /// The most log text a `FetchLogs` answer holds, whatever the backend asks (as
 /// `opsagent logs --bundle` by default).
@@ -688,7 +688,7 @@ async fn confirm_health(state_dir: PathBuf, mut link: watch::Receiver<LinkStatus
                 pid: std::process::id(),
                 handshake_at: upgrade::now_unix(),
             };
-            let path = opsagent_proto::upgrade::health_file(&state_dir);
+            let path = opsagent_shared::upgrade::health_file(&state_dir);
             let r = serde_json::to_vec(&health).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
             match r {
                 Ok(()) => tracing::info!(version = %health.version, "handshake completed; health confirmed"),

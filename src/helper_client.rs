@@ -23,8 +23,8 @@ use opsagent_proto::request::{
     Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameWriter};
-use opsagent_proto::timer::sleep_until_opt;
-use opsagent_proto::PROTOCOL_VERSION;
+use opsagent_proto::HELPER_PROTOCOL_VERSION;
+use opsagent_shared::timer::sleep_until_opt;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Mutex};
 
@@ -288,12 +288,12 @@ impl UnixHelperClient {
         let id = self
             .send(
                 &mut conn,
-                Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: self.agent_version.clone() },
+                Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: self.agent_version.clone() },
             )
             .await?;
         match self.recv(&mut conn).await? {
             ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, signed_recipes, .. } }
-                if rid == id && protocol_version == PROTOCOL_VERSION =>
+                if rid == id && protocol_version == HELPER_PROTOCOL_VERSION =>
             {
                 conn.signed_mode = signed_recipes;
                 Ok(conn)

@@ -9,7 +9,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-pub const PROTOCOL_VERSION: u64 = 1;
+/// Version of the agent <-> backend protocol this daemon speaks (sent in the Handshake);
+/// the daemon <-> helper protocol has its own, `opsagent_proto::HELPER_PROTOCOL_VERSION`.
+pub const BACKEND_PROTOCOL_VERSION: u64 = 1;
 
 /// Extensions this agent speaks (announced in the Handshake).
 pub mod capability {
@@ -421,7 +423,7 @@ impl Outbound {
                 "code": code,
                 "instance_id": who.instance_id,
                 "app_id": who.app_id,
-                "protocol_version": PROTOCOL_VERSION,
+                "protocol_version": BACKEND_PROTOCOL_VERSION,
                 "agent_version": who.agent_version,
                 "instance_token": who.instance_token,
                 "init_errors": init_errors,

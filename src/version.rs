@@ -29,7 +29,7 @@ pub fn from_manifest(path: &Path) -> Option<String> {
     // A MANIFEST is a few hundred bytes; one that is not is not ours.
     let text = std::fs::read_to_string(path).ok().filter(|t| t.len() < 1 << 20)?;
     let v = text.lines().next()?.strip_prefix("version ")?;
-    opsagent_proto::upgrade::valid_version(v).then(|| v.to_string())
+    opsagent_shared::upgrade::valid_version(v).then(|| v.to_string())
 }
 
 #[cfg(test)]

@@ -63,5 +63,5 @@ fn stage_only_downloads_the_release_for_the_daemons_user_and_installs_nothing() 
     assert_eq!(std::fs::metadata(state.join("upgrade")).unwrap().uid(), 65534);
     // Nothing was installed: no installer ran, so no result exists.
     assert!(!stdout.contains("running"), "{stdout}");
-    assert!(!opsagent_proto::upgrade::result_file(&state).exists());
+    assert!(!opsagent_shared::upgrade::result_file(&state).exists());
 }

@@ -40,7 +40,7 @@ use nix::fcntl::OFlag;
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{Gid, Pid, Uid};
-use opsagent_proto::timer::sleep_until_opt;
+use opsagent_shared::timer::sleep_until_opt;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 

@@ -12,7 +12,7 @@
 
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::newtypes::{AbsPath, UnitName};
-use opsagent_proto::wire::{Dict, Entry};
+use opsagent_proto::param_types::{Dict, Entry};
 
 use nix::unistd::{Group, User};
 

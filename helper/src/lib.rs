@@ -7,6 +7,7 @@
 //! (paths, users) and carries out one state ([`states`]). It links no network code.
 
 pub mod cancel;
+pub mod checksums;
 pub mod cli;
 pub mod diff;
 pub mod dirfd;
@@ -27,7 +28,6 @@ pub mod systemd;
 pub mod transient;
 pub mod unpack;
 pub mod upgrade;
-pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -21,8 +21,8 @@ use opsagent_proto::request::{
     ReplyFrame, Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameReader, FrameWriter};
-use opsagent_proto::timer::sleep_until_opt;
-use opsagent_proto::PROTOCOL_VERSION;
+use opsagent_proto::HELPER_PROTOCOL_VERSION;
+use opsagent_shared::timer::sleep_until_opt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -121,7 +121,7 @@ impl Shared {
     fn status(&self) -> HelperStatus {
         HelperStatus {
             helper_version: HELPER_VERSION.to_string(),
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: HELPER_PROTOCOL_VERSION,
             uptime_s: self.started.elapsed().as_secs(),
             running: self.running.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect(),
             recipes_verified: self.config.signed.is_some(),
@@ -184,7 +184,7 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Resul
     });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    info!(version = HELPER_VERSION, protocol_version = PROTOCOL_VERSION, "helper ready");
+    info!(version = HELPER_VERSION, protocol_version = HELPER_PROTOCOL_VERSION, "helper ready");
     loop {
         // While a request runs there is no deadline yet: look again a little later (a
         // request's end moves the deadline but does not wake this loop).
@@ -347,9 +347,9 @@ impl Connection {
     async fn handle(&mut self, id: u64, request: Request) {
         match request {
             Request::Hello { protocol_version, agent_version } => {
-                if protocol_version != PROTOCOL_VERSION {
+                if protocol_version != HELPER_PROTOCOL_VERSION {
                     let message = format!(
-                        "protocol version {protocol_version} is not supported: this helper ({HELPER_VERSION}) speaks version {PROTOCOL_VERSION}"
+                        "protocol version {protocol_version} is not supported: this helper ({HELPER_VERSION}) speaks version {HELPER_PROTOCOL_VERSION}"
                     );
                     warn!(id, protocol_version, agent_version, "{message}");
                     self.reply(id, Reply::Error(HelperError::new(ErrorCode::VersionMismatch, message))).await;
@@ -359,7 +359,7 @@ impl Connection {
                 info!(id, agent_version, "hello");
                 self.greeted = true;
                 let hello = Reply::Hello {
-                    protocol_version: PROTOCOL_VERSION,
+                    protocol_version: HELPER_PROTOCOL_VERSION,
                     helper_version: HELPER_VERSION.into(),
                     signed_recipes: self.shared.config.signed.is_some(),
                 };

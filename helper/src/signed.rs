@@ -29,9 +29,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use minisign_verify::{PublicKey, Signature};
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::ModuleParams;
-use opsagent_proto::ini;
 use opsagent_proto::request::{ApplyRequest, ApplySignedRequest, ErrorCode, HelperError, RecipeUpload};
 use opsagent_proto::signed::{self, SignedRecipe};
+use opsagent_shared::ini;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

@@ -341,7 +341,7 @@ impl Transient {
             tokio::select! {
                 change = crate::systemd::next(&mut changes), if signals => signals = change.is_some(),
                 () = tokio::time::sleep(if peak_seen.is_some() { PEAK_SAMPLE } else { POLL }) => {}
-                () = opsagent_proto::timer::sleep_until_opt(deadline) => break Stop::TimedOut,
+                () = opsagent_shared::timer::sleep_until_opt(deadline) => break Stop::TimedOut,
                 () = cancel.requested() => break Stop::Cancelled,
             }
         };

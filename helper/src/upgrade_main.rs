@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<opsagent_proto::upgrade::Record, UpgradeError> {
+async fn run(cli: Cli) -> Result<opsagent_shared::upgrade::Record, UpgradeError> {
     let mut config = InstallerConfig::load(&cli.config, 0)?;
     for dir in std::iter::once(&cli.unit_dir).chain(&cli.polkit_dir) {
         if !dir.is_absolute() {

@@ -12,8 +12,8 @@ mod common;
 use opsagent_helper::cancel::Cancel;
 use opsagent_helper::states::{group, user};
 use opsagent_proto::catalogue::{parse_state, LinuxGroup, LinuxUser};
+use opsagent_proto::param_types::{Array, Line};
 use opsagent_proto::request::Outcome;
-use opsagent_proto::wire::{Array, Line};
 use serde_json::{json, Value};
 
 const ACCOUNT_FILES: [&str; 4] = ["/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"];

@@ -124,7 +124,7 @@ async fn chef_supervisord_and_puppet_files_must_be_roots() {
             supervisorctl: fake.clone(),
             launch: supervisord::Launch::Direct,
         };
-        let store = opsagent_helper::watch::WatchStore::new(&t.path().join("state"));
+        let store = opsagent_helper::checksums::ChecksumStore::new(&t.path().join("state"));
         let out = supervisord::run(&p, &StateId::parse("rf-2").unwrap(), &store, &sup, Cancel::never()).await;
         refused(&out, "config", why);
     }

@@ -22,7 +22,7 @@ use opsagent_proto::catalogue::parse_state;
 use opsagent_proto::codec::{self, DEFAULT_MAX_FRAME};
 use opsagent_proto::newtypes::StateId;
 use opsagent_proto::request::{ApplyRequest, Change, ErrorCode, Outcome, Reply, ReplyFrame, Request, RequestFrame};
-use opsagent_proto::PROTOCOL_VERSION;
+use opsagent_proto::HELPER_PROTOCOL_VERSION;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -200,8 +200,8 @@ impl Client {
 
     async fn hello(&mut self) {
         let reply =
-            self.call(Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "test".into() }).await;
-        assert!(matches!(reply, Reply::Hello { protocol_version: PROTOCOL_VERSION, .. }), "{reply:?}");
+            self.call(Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "test".into() }).await;
+        assert!(matches!(reply, Reply::Hello { protocol_version: HELPER_PROTOCOL_VERSION, .. }), "{reply:?}");
     }
 
     async fn apply(&mut self, module: &str, params: Value) -> Outcome {
@@ -251,7 +251,7 @@ async fn socket_mode_hello_and_status() {
     let mut c = h.client().await;
     match c.call(Request::Status).await {
         Reply::Status(s) => {
-            assert_eq!(s.protocol_version, PROTOCOL_VERSION);
+            assert_eq!(s.protocol_version, HELPER_PROTOCOL_VERSION);
             assert!(s.running.is_empty());
         }
         other => panic!("{other:?}"),
@@ -385,7 +385,10 @@ async fn wrong_protocol_version_is_refused() {
     match reply {
         Reply::Error(e) => {
             assert_eq!(e.code, ErrorCode::VersionMismatch);
-            assert!(e.message.contains("99") && e.message.contains(&format!("version {PROTOCOL_VERSION}")), "{e}");
+            assert!(
+                e.message.contains("99") && e.message.contains(&format!("version {HELPER_PROTOCOL_VERSION}")),
+                "{e}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -447,7 +450,7 @@ fn probe_child() {
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let hello = RequestFrame {
             id: 1,
-            request: Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "probe".into() },
+            request: Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "probe".into() },
         };
         // The helper may close before or after our write: both are fine.
         let _ = s.write_all(&codec::encode(&hello, DEFAULT_MAX_FRAME).unwrap());
@@ -611,7 +614,7 @@ async fn try_client(h: &Helper) -> Option<Client> {
     // A refused connection may already be closed when the Hello is written.
     let hello = RequestFrame {
         id: 1,
-        request: Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "t".into() },
+        request: Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "t".into() },
     };
     codec::write_frame(&mut c.stream, &hello, DEFAULT_MAX_FRAME).await.ok()?;
     let id = 1;
@@ -664,7 +667,8 @@ async fn under_socket_activation_an_idle_helper_exits_and_the_next_one_takes_ove
     // With no helper running, a client still connects (the socket is systemd's, here
     // the test's) and its request waits in the socket for the next helper.
     let mut queued = Client { stream: UnixStream::connect(&first.sock).await.unwrap(), next_id: 1 };
-    let hello = queued.send(Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "test".into() }).await;
+    let hello =
+        queued.send(Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "test".into() }).await;
     let second = Helper::start_activated(&dir, &listener, &["--exit-idle", "1"]);
     let frame = queued.recv().await;
     assert_eq!(frame.id, hello);

@@ -14,9 +14,9 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use opsagent_helper::cancel::Cancel;
+use opsagent_helper::checksums::ChecksumStore;
 use opsagent_helper::states::storage::find_tool;
 use opsagent_helper::states::supervisord::{self, Launch, Supervisor};
-use opsagent_helper::watch::WatchStore;
 use opsagent_proto::catalogue::{parse_state, LinuxSupervisord};
 use opsagent_proto::newtypes::StateId;
 use opsagent_proto::request::Outcome;
@@ -32,7 +32,7 @@ fn params(raw: Value) -> LinuxSupervisord {
 struct Harness {
     dir: tempfile::TempDir,
     sup: Supervisor,
-    store: WatchStore,
+    store: ChecksumStore,
 }
 
 impl Harness {
@@ -55,7 +55,7 @@ impl Harness {
             ),
         )
         .unwrap();
-        let store = WatchStore::new(&dir.path().join("state"));
+        let store = ChecksumStore::new(&dir.path().join("state"));
         Self { dir, sup: Supervisor { supervisord, supervisorctl, launch: Launch::Direct }, store }
     }
 

@@ -316,8 +316,10 @@ fn attacker_child() {
         std::io::Read::read_exact(&mut s, &mut body).unwrap();
         serde_json::from_slice(&body).unwrap()
     };
-    let hello =
-        call(0, json!({"type": "hello", "protocol_version": opsagent_proto::PROTOCOL_VERSION, "agent_version": "x"}));
+    let hello = call(
+        0,
+        json!({"type": "hello", "protocol_version": opsagent_proto::HELPER_PROTOCOL_VERSION, "agent_version": "x"}),
+    );
     assert!(matches!(hello.reply, Reply::Hello { .. }), "{hello:?}");
     for (i, attack) in attacks(&dir).into_iter().enumerate() {
         let id = i as u64 + 1;
@@ -418,7 +420,7 @@ fn a_peer_that_never_reads_is_dropped_after_the_reply_timeout() {
     let sock = dir.path().join("h.sock");
     let frame = |id: u64, request: Request| codec::encode(&RequestFrame { id, request }, DEFAULT_MAX_FRAME).unwrap();
     let mut silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    let hello = Request::Hello { protocol_version: opsagent_proto::PROTOCOL_VERSION, agent_version: "t".into() };
+    let hello = Request::Hello { protocol_version: opsagent_proto::HELPER_PROTOCOL_VERSION, agent_version: "t".into() };
     silent.write_all(&frame(1, hello.clone())).unwrap();
     // Each outcome carries 64 KiB of output; a few of them fill the socket's buffers.
     // One request at a time (the helper answers "busy" to a request sent while one

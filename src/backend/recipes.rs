@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::ModuleParams;
-use opsagent_proto::wire::StateRef;
+use opsagent_proto::param_types::StateRef;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};

@@ -8,7 +8,7 @@
 
 mod error;
 mod example;
-use opsagent_proto::ini;
+use opsagent_shared::ini;
 mod values;
 
 #[cfg(test)]

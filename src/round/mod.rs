@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::request::{ApplyRequest, Outcome};
-use opsagent_proto::timer::sleep_until_opt;
+use opsagent_shared::timer::sleep_until_opt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 

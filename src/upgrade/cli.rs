@@ -8,7 +8,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use opsagent_proto::upgrade as hand;
+use opsagent_shared::upgrade as hand;
 
 use super::{carry_out, last_record, StartInstaller, Trigger, UpgradeSettings, Verdict};
 use crate::config::{Config, Overrides};

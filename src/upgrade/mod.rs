@@ -21,7 +21,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use opsagent_proto::upgrade::{self as hand, Order, Record};
+use opsagent_shared::upgrade::{self as hand, Order, Record};
 
 use crate::round::UpdateOrder;
 

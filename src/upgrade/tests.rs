@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use opsagent_proto::upgrade::Outcome;
+use opsagent_shared::upgrade::Outcome;
 
 use super::*;
 

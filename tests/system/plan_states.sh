@@ -6,7 +6,7 @@
 #   bash tests/system/plan_states.sh
 #
 # 1. The no-write proof: one recipe with a fixture state of every module of the
-#    catalogue (the list is read from helper/proto/src/catalogue.rs, so a new module
+#    catalogue (the list is read from proto/src/catalogue.rs, so a new module
 #    without a fixture fails here) is planned on a fresh container; a walk of /etc /var
 #    /opt /home /srv /usr/local (content checksum, mode, owner, link target of every
 #    entry) before and after must be identical. Excluded, because the OS changes them
@@ -165,7 +165,7 @@ FIX[linux.yum.repo]='{"name": "opsh", "content": "[opsh]\nbaseurl=file:///srv/yu
 
 # ---------------------------------------------------------------- 1. no write
 say "== the no-write proof: a plan of every module of the catalogue"
-mapfile -t MODULES < <(grep -oE '= "(linux|common)\.[a-z_.]+", builtin' "$REPO/helper/proto/src/catalogue.rs" | cut -d'"' -f2 | sort -u)
+mapfile -t MODULES < <(grep -oE '= "(linux|common)\.[a-z_.]+", builtin' "$REPO/proto/src/catalogue.rs" | cut -d'"' -f2 | sort -u)
 STATES=""
 MISSING=()
 i=0

@@ -21,8 +21,8 @@
 use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::{LinuxChefClient, LinuxChefSolo};
+use opsagent_proto::param_types::Dict;
 use opsagent_proto::request::{Change, Outcome};
-use opsagent_proto::wire::Dict;
 
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, Exit};
@@ -44,7 +44,7 @@ pub fn render_arguments(args: Option<&Dict>) -> Vec<String> {
     out
 }
 
-fn given(v: &Option<opsagent_proto::wire::Line>) -> Option<&str> {
+fn given(v: &Option<opsagent_proto::param_types::Line>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
@@ -121,7 +121,7 @@ pub async fn solo_using(program: Option<PathBuf>, p: &LinuxChefSolo, cancel: Can
 
 /// Chef runs as root and reads its configuration and client key by path: only files
 /// root controls ([`crate::states::root_read`]).
-fn root_controlled(param: &'static str, v: &Option<opsagent_proto::wire::PathParam>) -> Result<(), String> {
+fn root_controlled(param: &'static str, v: &Option<opsagent_proto::param_types::PathParam>) -> Result<(), String> {
     match v {
         Some(path) => crate::states::root_read::check(param, path).map_err(|e| e.to_string()),
         None => Ok(()),

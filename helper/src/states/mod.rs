@@ -49,10 +49,10 @@ use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{ApplyRequest, Change, ErrorCode, HelperError, Outcome};
 
 use crate::cancel::Cancel;
+use crate::checksums::ChecksumStore;
 use crate::fetched::Fetched;
 use crate::plan::{self, Plan, Refused};
 use crate::policy::Policy;
-use crate::watch::WatchStore;
 
 /// The working directory of `linux.cmd` when a recipe names none (the catalogue's
 /// default), created on demand.
@@ -195,7 +195,9 @@ async fn dispatch(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step,
         ModuleParams::LinuxSymlink(p) => symlink::apply(p),
         ModuleParams::LinuxAptRepo(p) => boxed(blocking(p.clone(), repo::apt_repo)).await?,
         ModuleParams::LinuxAptPpa(p) => boxed(blocking(p.clone(), repo::apt_ppa)).await?,
-        ModuleParams::LinuxService(p) => boxed(service::apply(p, id, &WatchStore::new(&ctx.state_dir), cancel)).await,
+        ModuleParams::LinuxService(p) => {
+            boxed(service::apply(p, id, &ChecksumStore::new(&ctx.state_dir), cancel)).await
+        }
         ModuleParams::LinuxAptPackage(p) => boxed(apt::apply(p, &ctx.state_dir, cancel)).await,
         ModuleParams::LinuxYumPackage(p) => boxed(yum::apply(p, cancel)).await,
         ModuleParams::LinuxYumRepo(p) => boxed(repo::yum_repo(p, cancel)).await,
@@ -240,7 +242,7 @@ async fn dispatch(req: &ApplyRequest, ctx: &Ctx, cancel: Cancel) -> Result<Step,
         ModuleParams::LinuxSelinux(p) => boxed(selinux::apply(p, cancel)).await,
         ModuleParams::CommonVirtualenv(p) => boxed(lang::virtualenv::apply(p, id, &ctx.state_dir, cancel)).await,
         ModuleParams::LinuxSupervisord(p) => {
-            boxed(supervisord::apply(p, id, &WatchStore::new(&ctx.state_dir), cancel)).await
+            boxed(supervisord::apply(p, id, &ChecksumStore::new(&ctx.state_dir), cancel)).await
         }
         ModuleParams::LinuxMesosMaster(p) => mesos::master(p),
         ModuleParams::LinuxMesosSlave(p) => mesos::slave(p),

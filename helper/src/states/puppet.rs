@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use opsagent_proto::catalogue::{LinuxPuppetAgent, LinuxPuppetApply, LinuxPuppetRun};
+use opsagent_proto::param_types::Dict;
 use opsagent_proto::request::{Change, Outcome};
-use opsagent_proto::wire::Dict;
 
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, Exit};

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::checks::is_remote;
-use opsagent_proto::wire::Line;
+use opsagent_proto::param_types::Line;
 
 use crate::dirfd::Dir;
 use crate::fetched::{FetchError, Fetched};

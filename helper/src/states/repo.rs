@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::{LinuxAptPpa, LinuxAptRepo, LinuxFile, LinuxRpmKey, LinuxYumRepo};
 use opsagent_proto::newtypes::AbsPath;
-use opsagent_proto::request::{Change, Outcome};
 #[cfg(test)]
-use opsagent_proto::wire::Line;
-use opsagent_proto::wire::{Mode, PathParam, Text};
+use opsagent_proto::param_types::Line;
+use opsagent_proto::param_types::{Mode, PathParam, Text};
+use opsagent_proto::request::{Change, Outcome};
 
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, ToolError};

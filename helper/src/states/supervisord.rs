@@ -39,17 +39,17 @@ use std::time::Duration;
 
 use opsagent_proto::catalogue::LinuxSupervisord;
 use opsagent_proto::newtypes::{AbsPath, InvalidValue, StateId, UnitName};
+use opsagent_proto::param_types::Watch;
 use opsagent_proto::request::{Change, Outcome};
-use opsagent_proto::wire::Watch;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::cancel::Cancel;
+use crate::checksums::{ChecksumError, ChecksumStore, FileChanges};
 use crate::exec::{self, CommandSpec, Exit, ToolError};
 use crate::states::lang::Run;
 use crate::states::storage::{find_tool, MissingTool};
 use crate::systemd::{self, Job, ServiceError, ServiceManager, Systemd};
-use crate::watch::{WatchCheck, WatchError, WatchStore};
 
 /// How long a freshly started (or reloaded) supervisord has to answer.
 pub const START_WAIT: Duration = Duration::from_secs(30);
@@ -128,7 +128,7 @@ pub enum SupervisorError {
     #[error(transparent)]
     Service(Box<ServiceError>),
     #[error(transparent)]
-    Watch(#[from] WatchError),
+    Watch(#[from] ChecksumError),
     #[error("supervisord (-c {config}) does not answer {} s after it was started; supervisorctl says: {last}", .waited.as_secs())]
     NotReady { config: AbsPath, waited: Duration, last: String },
     #[error("{name} is not a program or group of the supervisord of {config}, even after a reread")]
@@ -256,7 +256,7 @@ fn packaged_unit(config: &AbsPath) -> Option<UnitName> {
     UNIT_DIRS.iter().any(|d| Path::new(d).join(unit).exists()).then(|| UnitName::service(unit).ok()).flatten()
 }
 
-pub async fn apply(p: &LinuxSupervisord, state: &StateId, store: &WatchStore, cancel: Cancel) -> Outcome {
+pub async fn apply(p: &LinuxSupervisord, state: &StateId, store: &ChecksumStore, cancel: Cancel) -> Outcome {
     match Supervisor::system() {
         Ok(sup) => run(p, state, store, &sup, cancel).await,
         Err(e) => Outcome::failed(e.to_string()),
@@ -267,7 +267,7 @@ pub async fn apply(p: &LinuxSupervisord, state: &StateId, store: &WatchStore, ca
 pub async fn run(
     p: &LinuxSupervisord,
     state: &StateId,
-    store: &WatchStore,
+    store: &ChecksumStore,
     sup: &Supervisor,
     cancel: Cancel,
 ) -> Outcome {
@@ -281,7 +281,7 @@ pub async fn run(
 async fn steps(
     p: &LinuxSupervisord,
     state: &StateId,
-    store: &WatchStore,
+    store: &ChecksumStore,
     sup: &Supervisor,
     run: &mut Run,
 ) -> Result<(), SupervisorError> {
@@ -300,10 +300,10 @@ async fn steps(
         return Err(SupervisorError::Name(bad.to_string()));
     }
     let (triggered, check) = match &p.watch {
-        None => (false, WatchCheck::default()),
+        None => (false, FileChanges::default()),
         Some(Watch::EveryRound) => {
             run.notes.push("watch: true, restarting every round".into());
-            (true, WatchCheck::default())
+            (true, FileChanges::default())
         }
         Some(Watch::Files(files)) => {
             let files = files
@@ -624,7 +624,7 @@ mod tests {
     #[tokio::test]
     async fn bad_parameters() {
         let dir = tempfile::tempdir().unwrap();
-        let store = WatchStore::new(dir.path());
+        let store = ChecksumStore::new(dir.path());
         let id = StateId::parse("s-1").unwrap();
         let sup = Supervisor {
             supervisord: "/nonexistent/supervisord".into(),

@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use opsagent_proto::ini;
+use opsagent_shared::ini;
 
 use super::UpgradeError;
 use crate::fsutil;

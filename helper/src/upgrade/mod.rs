@@ -39,7 +39,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opsagent_proto::upgrade::{self as hand, Health, Outcome, Record};
+use opsagent_shared::upgrade::{self as hand, Health, Outcome, Record};
 
 use self::conf::InstallerConfig;
 use self::control::AgentControl;

@@ -4,7 +4,7 @@
 
 use std::cmp::Ordering;
 
-use opsagent_proto::upgrade::{self as hand, Order};
+use opsagent_shared::upgrade::{self as hand, Order};
 
 use super::UpgradeError;
 

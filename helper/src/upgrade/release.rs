@@ -13,7 +13,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use minisign_verify::{PublicKey, Signature};
-use opsagent_proto::upgrade as hand;
+use opsagent_shared::upgrade as hand;
 use sha2::{Digest, Sha256};
 
 use super::order::StagedOrder;

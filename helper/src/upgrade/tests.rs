@@ -8,7 +8,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use flate2::write::GzEncoder;
-use opsagent_proto::upgrade::{self as hand, Health, Order, Outcome, Record};
+use opsagent_shared::upgrade::{self as hand, Health, Order, Outcome, Record};
 use sha2::{Digest, Sha256};
 
 use super::conf::InstallerConfig;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use opsagent_proto::catalogue::parse_state;
 use opsagent_proto::codec::{self, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{Reply, ReplyFrame, Request};
-use opsagent_proto::PROTOCOL_VERSION;
+use opsagent_proto::HELPER_PROTOCOL_VERSION;
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
 use tokio::time::{sleep, timeout, Instant};
@@ -158,7 +158,7 @@ pub struct Client {
 impl Client {
     pub async fn connect(sock: &Path) -> Self {
         let mut c = Self { stream: UnixStream::connect(sock).await.unwrap(), next_id: 1 };
-        let hello = Request::Hello { protocol_version: PROTOCOL_VERSION, agent_version: "attacker".into() };
+        let hello = Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "attacker".into() };
         let reply = c.call_raw(serde_json::to_value(hello).unwrap()).await;
         assert!(matches!(reply, Some(Reply::Hello { .. })), "{reply:?}");
         c

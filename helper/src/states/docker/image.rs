@@ -7,7 +7,7 @@
 //!   replaced image is removed when nothing else uses it. The same id: no change.
 //! - built: `docker build -t TAG PATH` when the image is missing, `force` is set, or
 //!   `PATH/Dockerfile` changed since the last successful run of the state (its MD5,
-//!   kept by the shared watch store; first sight counts, as the original's `tfirst`),
+//!   kept by the shared checksum store; first sight counts, as the original's `tfirst`),
 //!   or a file of `watch` did; `watch: true` rebuilds every round, as the adaptor made
 //!   it `force`.
 //!   A new image id removes `containers` as above.
@@ -23,19 +23,19 @@ use std::io;
 
 use opsagent_proto::catalogue::{LinuxDockerBuilt, LinuxDockerPulled, LinuxDockerPushed};
 use opsagent_proto::newtypes::{AbsPath, StateId};
+use opsagent_proto::param_types::Watch;
 use opsagent_proto::request::Outcome;
-use opsagent_proto::wire::Watch;
 
 use super::{
     check_container_name, check_reference, image_ref, short_id, state_file, Auth, Docker, DockerError, Engine, Report,
     TRANSFER_TIMEOUT,
 };
 use crate::cancel::Cancel;
+use crate::checksums::ChecksumStore;
 use crate::fsutil;
 use crate::states::Ctx;
-use crate::watch::WatchStore;
 
-fn names(list: Option<&opsagent_proto::wire::Array>, param: &'static str) -> Result<Vec<String>, DockerError> {
+fn names(list: Option<&opsagent_proto::param_types::Array>, param: &'static str) -> Result<Vec<String>, DockerError> {
     let names: Vec<String> =
         list.into_iter().flat_map(|a| a.iter()).map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
     for n in &names {
@@ -134,7 +134,7 @@ async fn build(
     }
     let force = p.force || matches!(p.watch, Some(Watch::EveryRound));
     let docker = Docker::new(engine)?;
-    let store = WatchStore::new(&ctx.state_dir);
+    let store = ChecksumStore::new(&ctx.state_dir);
     let check = store.check(state, &watched, true)?;
     let before = docker.image_id(tag, cancel).await?;
     let reason = if force {

@@ -31,11 +31,11 @@ use opsagent_proto::request::{Change, Outcome};
 use sha2::{Digest, Sha256};
 
 use crate::cancel::Cancel;
+use crate::checksums::ChecksumError;
 use crate::dirfd::{Dir, NewDirs};
 use crate::exec::{self, CommandSpec, Exit, Finished, ToolError};
 use crate::fsutil::{self, FsError};
 use crate::states::storage::find_tool;
-use crate::watch::WatchError;
 
 /// Deadline of pulls, builds and pushes: images can be large.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -76,7 +76,7 @@ pub enum DockerError {
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(transparent)]
-    Watch(#[from] WatchError),
+    Watch(#[from] ChecksumError),
     #[error("{path}: cannot {op}: {source}")]
     Io { path: PathBuf, op: &'static str, source: io::Error },
     #[error("`{command}` printed something that is not what docker prints: {problem}")]

@@ -51,8 +51,8 @@ use std::path::PathBuf;
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::{LinuxDockerDeploy, LinuxDockerRunning};
 use opsagent_proto::newtypes::{AbsPath, StateId};
+use opsagent_proto::param_types::{Dict, Watch};
 use opsagent_proto::request::Outcome;
-use opsagent_proto::wire::{Dict, Watch};
 use sha2::{Digest, Sha256};
 
 use super::image::pull;
@@ -61,10 +61,10 @@ use super::{
     Report, LABEL_PARAMS, LABEL_STATE,
 };
 use crate::cancel::Cancel;
+use crate::checksums::{ChecksumStore, FileChanges};
 use crate::exec;
 use crate::fsutil;
 use crate::states::Ctx;
-use crate::watch::{WatchCheck, WatchStore};
 
 /// One published port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -486,7 +486,7 @@ pub async fn ensure(
     Ok(())
 }
 
-fn describe_watch(check: &WatchCheck) -> String {
+fn describe_watch(check: &FileChanges) -> String {
     let files: Vec<String> = check.changed.iter().map(ToString::to_string).collect();
     format!("watched file changed: {}", files.join(", "))
 }
@@ -502,7 +502,7 @@ pub async fn running(
     let result = async {
         let spec = RunSpec::from_running(p)?;
         let docker = Docker::new(engine)?;
-        let store = WatchStore::new(&ctx.state_dir);
+        let store = ChecksumStore::new(&ctx.state_dir);
         let (check, restart) = match &p.watch {
             Some(Watch::EveryRound) => (None, Some("watch: true".to_string())),
             Some(Watch::Files(files)) if !files.is_empty() => {
@@ -595,7 +595,7 @@ pub async fn deploy(engine: &Engine, p: &LinuxDockerDeploy, state: &StateId, ctx
                 watched.push(AbsPath::parse(f).map_err(|source| DockerError::Path { param: "watch", source })?);
             }
         }
-        let store = WatchStore::new(&ctx.state_dir);
+        let store = ChecksumStore::new(&ctx.state_dir);
         let check = store.check(state, &watched, false)?;
         pull(&docker, &reference, &[container.to_string()], &mut report, &mut cancel).await?;
         let restart = if every_round {

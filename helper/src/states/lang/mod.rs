@@ -34,15 +34,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use opsagent_proto::newtypes::InvalidValue;
+use opsagent_proto::param_types::Dict;
 use opsagent_proto::request::{Change, Outcome};
-use opsagent_proto::wire::Dict;
 use serde_json::Value;
 
 use crate::cancel::Cancel;
+use crate::checksums::ChecksumError;
 use crate::exec::{self, CommandSpec, ToolError};
 use crate::fsutil::FsError;
 use crate::states::storage::MissingTool;
-use crate::watch::WatchError;
 
 /// Deadline of one install or removal (a package with native extensions compiles).
 pub const INSTALL_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -122,7 +122,7 @@ pub enum LangError {
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(transparent)]
-    Watch(#[from] WatchError),
+    Watch(#[from] ChecksumError),
     #[error("{path}: cannot {op}: {source}")]
     Io { path: PathBuf, op: &'static str, source: std::io::Error },
 }
@@ -425,7 +425,7 @@ mod tests {
     }
 
     fn dict(raw: serde_json::Value) -> Dict {
-        opsagent_proto::wire::Param::from_wire(&raw).unwrap()
+        opsagent_proto::param_types::Param::from_wire(&raw).unwrap()
     }
 
     #[test]

@@ -36,9 +36,9 @@ use opsagent_proto::request::{Change, Outcome};
 
 use super::{pip, LangError, Run, Tool};
 use crate::cancel::Cancel;
+use crate::checksums::ChecksumStore;
 use crate::fsutil;
 use crate::states::storage::{find_tool, MissingTool};
-use crate::watch::WatchStore;
 
 /// Under the helper's state directory: the requirements files' checksums.
 pub const REQUIREMENTS_DIR: &str = "requirements";
@@ -133,17 +133,22 @@ pub fn venv_pip(path: &AbsPath) -> Tool {
 }
 
 pub async fn apply(p: &CommonVirtualenv, state: &StateId, state_dir: &Path, cancel: Cancel) -> Outcome {
-    let store = WatchStore::in_dir(state_dir.join(REQUIREMENTS_DIR));
+    let store = ChecksumStore::in_dir(state_dir.join(REQUIREMENTS_DIR));
     let mut run = Run::new(cancel);
     let result = run_state(p, state, &store, &mut run).await;
     run.finish(&p.path.0, result)
 }
 
-fn optional(v: Option<&opsagent_proto::wire::Line>) -> Option<&str> {
+fn optional(v: Option<&opsagent_proto::param_types::Line>) -> Option<&str> {
     v.map(|l| l.trim()).filter(|s| !s.is_empty())
 }
 
-async fn run_state(p: &CommonVirtualenv, state: &StateId, store: &WatchStore, run: &mut Run) -> Result<(), LangError> {
+async fn run_state(
+    p: &CommonVirtualenv,
+    state: &StateId,
+    store: &ChecksumStore,
+    run: &mut Run,
+) -> Result<(), LangError> {
     let path = p.path.abs().clone();
     if path.is_root() {
         return Err(LangError::Param { param: "path", problem: "/ cannot be a virtualenv".into() });

@@ -155,7 +155,7 @@ impl Fake {
 
     async fn apply(&self, raw: Value) -> Outcome {
         let ModuleParams::LinuxService(p) = params("linux.service", raw) else { panic!() };
-        let store = WatchStore::new(self.tmp.path());
+        let store = ChecksumStore::new(self.tmp.path());
         run(&p, &StateId::parse("svc-1").unwrap(), &store, &self.systemd, Cancel::never()).await
     }
 
@@ -351,7 +351,7 @@ async fn without_systemd_the_service_command_is_used() {
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let sysv = SysV { program: script };
     let ModuleParams::LinuxService(p) = params("linux.service", json!({"name": ["cron"]})) else { panic!() };
-    let store = WatchStore::new(tmp.path());
+    let store = ChecksumStore::new(tmp.path());
     let id = StateId::parse("s").unwrap();
     let out = run(&p, &id, &store, &sysv, Cancel::never()).await;
     assert!(out.result && changes(&out) == ["cron.service: started"], "{out:?}");

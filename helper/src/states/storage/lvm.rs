@@ -100,7 +100,7 @@ fn yn(b: bool) -> &'static str {
     }
 }
 
-fn given(v: &Option<opsagent_proto::wire::Line>) -> Option<&str> {
+fn given(v: &Option<opsagent_proto::param_types::Line>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
@@ -193,7 +193,7 @@ pub fn vgcreate_options(p: &LinuxLvmVg, notes: &mut Vec<String>) -> Result<Vec<S
 /// The whole `lvcreate` argument list for `p`.
 pub fn lvcreate_args(p: &LinuxLvmLv, lv: &str, vg: &str) -> Vec<String> {
     let mut a = vec![format!("--name={lv}"), "--yes".to_string()];
-    let opt = |a: &mut Vec<String>, flag: &str, v: &Option<opsagent_proto::wire::Line>| {
+    let opt = |a: &mut Vec<String>, flag: &str, v: &Option<opsagent_proto::param_types::Line>| {
         if let Some(v) = given(v) {
             a.push(format!("--{flag}={v}"));
         }

@@ -258,7 +258,7 @@ impl StorageToolError {
 
 /// Renders recipe `arguments` as long options: `key` → `--key`, `key=value` →
 /// `--key=value`; a key that already starts with `-` is kept as it is.
-pub fn long_options(args: &opsagent_proto::wire::Dict) -> Vec<String> {
+pub fn long_options(args: &opsagent_proto::param_types::Dict) -> Vec<String> {
     args.iter()
         .map(|e| {
             let key = e.key.trim();
@@ -337,10 +337,10 @@ mod tests {
 
     #[test]
     fn arguments_render_as_long_options() {
-        let d = opsagent_proto::wire::Dict(vec![
-            opsagent_proto::wire::Entry { key: "chunk".into(), value: Some("256".into()) },
-            opsagent_proto::wire::Entry { key: "force".into(), value: None },
-            opsagent_proto::wire::Entry { key: "--metadata".into(), value: Some("1.2".into()) },
+        let d = opsagent_proto::param_types::Dict(vec![
+            opsagent_proto::param_types::Entry { key: "chunk".into(), value: Some("256".into()) },
+            opsagent_proto::param_types::Entry { key: "force".into(), value: None },
+            opsagent_proto::param_types::Entry { key: "--metadata".into(), value: Some("1.2".into()) },
         ]);
         assert_eq!(long_options(&d), ["--chunk=256", "--force", "--metadata=1.2"]);
     }

@@ -2,15 +2,15 @@
 //! absolute and normalised, accounts are account names, units are unit names, ports
 //! are ports, and nothing a tool reads as an argument starts with `-`.
 //!
-//! The wire types already refuse control characters in one-line values, list items and
-//! dict keys ([`crate::wire`]); these checks narrow values to what the parameter means.
+//! The parameter types already refuse control characters in one-line values, list items and
+//! dict keys ([`crate::param_types`]); these checks narrow values to what the parameter means.
 //! They run in [`crate::catalogue::parse_state`] (the daemon, `opsagent check`) and in
 //! [`crate::catalogue::parse_params`] (the helper's decoding of every `Apply`), so a
 //! module in the helper only ever sees values that passed them.
 
 use crate::catalogue::{CatalogueError, ModuleParams};
 use crate::newtypes::{AbsPath, UnitName};
-use crate::wire::{account_problem, shorten, Dict, Line, Watch};
+use crate::param_types::{account_problem, shorten, Dict, Line, Watch};
 
 /// An `http://` or `https://` URL: content the daemon downloads for the helper.
 pub fn is_remote(value: &str) -> bool {
@@ -254,7 +254,7 @@ impl Checker {
     }
 
     /// A user or group of `linux.user`/`linux.group`, whose parameters stay free text
-    /// (their states check them again themselves): as [`crate::wire::Account`] reads one.
+    /// (their states check them again themselves): as [`crate::param_types::Account`] reads one.
     fn account(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
         match account_problem(raw) {
             Some(problem) => self.invalid(param, problem),

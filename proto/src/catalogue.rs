@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::wire::{
+use crate::param_types::{
     describe, normalise_name, Account, Array, Dict, Kind, Line, Mode, Param, PathParam, Paths, Port, StateRefs, Text,
     Watch,
 };
@@ -1388,13 +1388,13 @@ mod tests {
 
     #[test]
     fn values_have_size_caps() {
-        let big = "x".repeat(crate::wire::MAX_LINE_BYTES + 1);
+        let big = "x".repeat(crate::param_types::MAX_LINE_BYTES + 1);
         let err = parse_state("linux.cronjob", &json!({"cmd": ["true"], "hour": big})).unwrap_err();
         assert!(err.to_string().contains("\"hour\"") && err.to_string().contains("longer than"), "{err}");
-        let content = "x".repeat(crate::wire::MAX_TEXT_BYTES + 1);
+        let content = "x".repeat(crate::param_types::MAX_TEXT_BYTES + 1);
         let err = parse_state("linux.file", &json!({"path": "/x", "content": content})).unwrap_err();
         assert!(err.to_string().contains("\"content\"") && err.to_string().contains("longer than"), "{err}");
-        let many: Vec<String> = (0..=crate::wire::MAX_ITEMS).map(|i| format!("/d{i}")).collect();
+        let many: Vec<String> = (0..=crate::param_types::MAX_ITEMS).map(|i| format!("/d{i}")).collect();
         let err = parse_state("linux.dir", &json!({"path": many})).unwrap_err();
         assert!(err.to_string().contains("\"path\""), "{err}");
     }

@@ -1,13 +1,14 @@
-//! The `watch` mechanism, shared by the modules that react to changed files
-//! (`linux.service`, `linux.supervisord`, `linux.docker.*`; `common.virtualenv` keeps
-//! the checksum of its requirements file the same way, in a directory of its own).
+//! The checksum store behind the `watch` parameter, shared by the modules that react to
+//! changed files (`linux.service`, `linux.supervisord`, `linux.docker.*`;
+//! `common.virtualenv` keeps the checksum of its requirements file the same way, in a
+//! directory of its own).
 //!
 //! As in the original agent (`states.md` 2d): a watched file counts as changed when the
 //! MD5 of its content differs from the checksum stored at the last *successful* run of
 //! the same state; with nothing stored yet it counts as changed only when the module
 //! says first sight counts (`tfirst`). Checksums live in
 //! `<state dir>/watch/<state id>-<path>.cksum`, every `/` of that name replaced by `-`,
-//! and are written only by [`WatchStore::commit`], which the module calls after the
+//! and are written only by [`ChecksumStore::commit`], which the module calls after the
 //! state succeeded, so a failed reload is tried again next round.
 //!
 //! A missing file is a content of its own ("absent"): a file that appears or
@@ -31,7 +32,7 @@ const ABSENT: &str = "absent";
 const NAME_MAX: usize = 255;
 
 #[derive(Debug, thiserror::Error)]
-pub enum WatchError {
+pub enum ChecksumError {
     #[error("watched file {path}: cannot {op}: {source}")]
     Read { path: PathBuf, op: &'static str, source: io::Error },
     #[error("watched file {0} is not a regular file")]
@@ -44,27 +45,27 @@ pub enum WatchError {
 
 /// Checksums of watched files, kept between rounds in the helper's state directory.
 #[derive(Debug, Clone)]
-pub struct WatchStore {
+pub struct ChecksumStore {
     dir: PathBuf,
 }
 
 /// The outcome of a check: which files changed, and what to store once the state has
 /// succeeded.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct WatchCheck {
+pub struct FileChanges {
     pub changed: Vec<AbsPath>,
     /// Files that do not exist (they still count, see the module docs).
     pub missing: Vec<AbsPath>,
     pending: Vec<(PathBuf, String)>,
 }
 
-impl WatchCheck {
+impl FileChanges {
     pub fn triggered(&self) -> bool {
         !self.changed.is_empty()
     }
 }
 
-impl WatchStore {
+impl ChecksumStore {
     pub fn new(state_dir: &Path) -> Self {
         Self { dir: state_dir.join("watch") }
     }
@@ -90,8 +91,8 @@ impl WatchStore {
         state: &StateId,
         files: &[AbsPath],
         first_sight_counts: bool,
-    ) -> Result<WatchCheck, WatchError> {
-        let mut out = WatchCheck::default();
+    ) -> Result<FileChanges, ChecksumError> {
+        let mut out = FileChanges::default();
         for file in files {
             let current = checksum(file.as_path())?;
             if current == ABSENT {
@@ -101,7 +102,7 @@ impl WatchStore {
             let stored = match fs::read_to_string(&store) {
                 Ok(s) => Some(s.trim().to_string()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                Err(source) => return Err(WatchError::StoreIo { path: store, source }),
+                Err(source) => return Err(ChecksumError::StoreIo { path: store, source }),
             };
             let changed = match &stored {
                 Some(s) => *s != current,
@@ -118,17 +119,17 @@ impl WatchStore {
     }
 
     /// Stores the checksums seen by `check`: call only after the state succeeded.
-    pub fn commit(&self, check: &WatchCheck) -> Result<(), WatchError> {
+    pub fn commit(&self, check: &FileChanges) -> Result<(), ChecksumError> {
         if check.pending.is_empty() {
             return Ok(());
         }
         crate::plan::check("record watched checksums in", self.dir.display())
-            .map_err(|r| WatchError::StoreIo { path: self.dir.clone(), source: r.into() })?;
+            .map_err(|r| ChecksumError::StoreIo { path: self.dir.clone(), source: r.into() })?;
         let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
         fsutil::create_dir_all(&self.dir, 0o700, root, &mut Vec::new())?;
         for (path, sum) in &check.pending {
             let abs = AbsPath::parse(&path.to_string_lossy())
-                .map_err(|e| WatchError::StoreIo { path: path.clone(), source: io::Error::other(e) })?;
+                .map_err(|e| ChecksumError::StoreIo { path: path.clone(), source: io::Error::other(e) })?;
             fsutil::write_atomic(&abs, format!("{sum}\n").as_bytes(), 0o600, 0, 0)?;
         }
         Ok(())
@@ -141,10 +142,10 @@ impl WatchStore {
 // Read-only (`OpenOptions` for O_NONBLOCK, no write flag): reading through a link
 // writes nothing, and the type is checked on the opened descriptor.
 #[allow(clippy::disallowed_methods)]
-pub fn checksum(path: &Path) -> Result<String, WatchError> {
+pub fn checksum(path: &Path) -> Result<String, ChecksumError> {
     let err = |op: &'static str| {
         let path = path.to_path_buf();
-        move |source| WatchError::Read { path, op, source }
+        move |source| ChecksumError::Read { path, op, source }
     };
     // Read-only (`OpenOptions` only for O_NONBLOCK, no write flag): the file
     // is checked on its descriptor once opened; nothing is written.
@@ -156,7 +157,7 @@ pub fn checksum(path: &Path) -> Result<String, WatchError> {
             Err(e) => return Err(err("open")(e)),
         };
     if !f.metadata().map_err(err("stat"))?.is_file() {
-        return Err(WatchError::NotAFile(path.to_path_buf()));
+        return Err(ChecksumError::NotAFile(path.to_path_buf()));
     }
     let mut hasher = Md5::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -181,7 +182,7 @@ mod tests {
 
     #[test]
     fn checksum_file_names_follow_the_original_scheme() {
-        let store = WatchStore::new(Path::new("/var/lib/opsagent-helper"));
+        let store = ChecksumStore::new(Path::new("/var/lib/opsagent-helper"));
         let id = StateId::parse("state-7").unwrap();
         let path = store.checksum_path(&id, &AbsPath::parse("/etc/nginx/nginx.conf").unwrap());
         assert_eq!(path, Path::new("/var/lib/opsagent-helper/watch/state-7--etc-nginx-nginx.conf.cksum"));
@@ -197,7 +198,7 @@ mod tests {
     #[test]
     fn first_sight_change_and_commit_only_after_success() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = WatchStore::new(tmp.path());
+        let store = ChecksumStore::new(tmp.path());
         let id = StateId::parse("s-1").unwrap();
         let conf = tmp.path().join("app.conf");
         fs::write(&conf, "a=1\n").unwrap();
@@ -233,9 +234,9 @@ mod tests {
     #[test]
     fn directories_and_fifos_are_refused_without_blocking() {
         let tmp = tempfile::tempdir().unwrap();
-        assert!(matches!(checksum(tmp.path()), Err(WatchError::NotAFile(_))));
+        assert!(matches!(checksum(tmp.path()), Err(ChecksumError::NotAFile(_))));
         let fifo = tmp.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        assert!(matches!(checksum(&fifo), Err(WatchError::NotAFile(_))));
+        assert!(matches!(checksum(&fifo), Err(ChecksumError::NotAFile(_))));
     }
 }

@@ -18,14 +18,14 @@ use std::time::Duration;
 
 use opsagent_proto::catalogue::LinuxService;
 use opsagent_proto::newtypes::{AbsPath, InvalidValue, StateId, UnitName};
+use opsagent_proto::param_types::Watch;
 use opsagent_proto::request::{Change, Outcome};
-use opsagent_proto::wire::Watch;
 
 use crate::cancel::Cancel;
+use crate::checksums::{ChecksumError, ChecksumStore, FileChanges};
 use crate::exec::{self, CommandSpec, ToolError};
 use crate::plan;
 use crate::systemd::{self, Job, ServiceError, ServiceManager, SysV, Systemd};
-use crate::watch::{WatchCheck, WatchError, WatchStore};
 
 /// Deadline of a command action.
 pub const ACTION_TIMEOUT: Duration = Duration::from_secs(600);
@@ -57,7 +57,7 @@ enum Error {
     #[error("parameter watch: {0}")]
     WatchPath(InvalidValue),
     #[error(transparent)]
-    Watch(#[from] WatchError),
+    Watch(#[from] ChecksumError),
     #[error(transparent)]
     Service(Box<ServiceError>),
     #[error("{unit}: the action command {source}")]
@@ -82,7 +82,7 @@ impl Error {
     }
 }
 
-pub async fn apply(p: &LinuxService, state: &StateId, store: &WatchStore, cancel: Cancel) -> Outcome {
+pub async fn apply(p: &LinuxService, state: &StateId, store: &ChecksumStore, cancel: Cancel) -> Outcome {
     if systemd::booted() {
         match Systemd::system().await {
             Ok(manager) => run(p, state, store, &manager, cancel).await,
@@ -97,7 +97,7 @@ pub async fn apply(p: &LinuxService, state: &StateId, store: &WatchStore, cancel
 pub async fn run<M: ServiceManager>(
     p: &LinuxService,
     state: &StateId,
-    store: &WatchStore,
+    store: &ChecksumStore,
     manager: &M,
     mut cancel: Cancel,
 ) -> Outcome {
@@ -111,8 +111,8 @@ pub async fn run<M: ServiceManager>(
             .map(|e| Ok((UnitName::service(e.key.trim()).map_err(Error::Name)?, Action::parse(e.value_or_empty()))))
             .collect::<Result<Vec<_>, Error>>()?;
         let (triggered, check) = match &p.watch {
-            None => (false, WatchCheck::default()),
-            Some(Watch::EveryRound) => (true, WatchCheck::default()),
+            None => (false, FileChanges::default()),
+            Some(Watch::EveryRound) => (true, FileChanges::default()),
             Some(Watch::Files(files)) => {
                 let files = files.iter().map(|f| AbsPath::parse(f)).collect::<Result<Vec<_>, _>>();
                 let check = store.check(state, &files.map_err(Error::WatchPath)?, true)?;
