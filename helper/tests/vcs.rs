@@ -501,6 +501,23 @@ async fn git_plan_apply_plan_cycle_writes_nothing_and_says_what_the_apply_says()
     assert!(!planned.result && !applied.result && planned.changes.is_empty(), "{planned:?}");
     assert_eq!(planned.comment, applied.comment);
     assert_eq!(planned.comment, format!("{} has local changes (README); set force to discard them", path.display()));
+
+    // A local commit on the followed branch, the remote's new head not fetched yet:
+    // the plan judges it against the last fetched head and refuses as the apply does.
+    git_in(&path, &["commit", "--quiet", "-am", "local"]);
+    up.commit("README", "five\n");
+    let before = tree_sum(&path);
+    let planned = git_plan(state.clone()).await;
+    assert_eq!(tree_sum(&path), before);
+    let applied = git_state(state.clone()).await;
+    assert!(!planned.result && !applied.result && planned.changes.is_empty(), "{planned:?}");
+    assert_eq!(planned.comment, applied.comment);
+    assert!(
+        planned
+            .comment
+            .ends_with("local branch main has commits that are not on the remote's main; set force to reset it"),
+        "{planned:?}"
+    );
 }
 
 #[tokio::test]
