@@ -411,6 +411,138 @@ async fn git_force_decides_over_local_changes_and_commits() {
     assert_unchanged(&git_state(state(true)).await);
 }
 
+/// A plan of a git state as the helper's dispatch makes it: in a plan context, the
+/// outcome marked planned, a refused write turned into its step.
+async fn git_plan(raw: Value) -> Outcome {
+    let plan = opsagent_helper::plan::Plan::new();
+    let out = opsagent_helper::plan::scope(Some(std::sync::Arc::clone(&plan)), git_state(raw)).await;
+    assert_eq!(plan.refused(), None, "the plan of common.git stopped at a write: {out:?}");
+    opsagent_helper::states::planned(out, None, "common.git")
+}
+
+/// Everything under `dir`, `.git` included: each entry's path, kind, size, mtime and
+/// content. A plan must leave all of it as it was (a fetch would add refs and objects,
+/// a status refresh would rewrite the index).
+fn tree_sum(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries {
+            let path = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(base).unwrap().display().to_string();
+            let content = if m.is_file() { std::fs::read(&path).unwrap() } else { Vec::new() };
+            out.push(format!("{rel} {:?} {} {}.{} {content:?}", m.file_type(), m.len(), m.mtime(), m.mtime_nsec()));
+            if m.is_dir() {
+                walk(base, &path, out);
+            }
+        }
+    }
+    let mut out = vec![format!("exists: {}", dir.exists())];
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn git_plan_apply_plan_cycle_writes_nothing_and_says_what_the_apply_says() {
+    let up = GitUpstream::new("main");
+    let c1 = head_of(&up.bare());
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("app");
+    let repo = up.path_url();
+    let state = json!({"path": path, "repo": repo, "revision": "main"});
+    assert_ok(&git_state(state.clone()).await);
+
+    // Converged: the plan finds nothing (no "would run git fetch").
+    let before = tree_sum(&path);
+    let out = git_plan(state.clone()).await;
+    assert!(out.planned && out.result && out.changes.is_empty(), "{out:?}");
+    assert!(out.comment.contains("already as wanted"), "{out:?}");
+    assert_eq!(tree_sum(&path), before, "a plan of a converged checkout wrote into it");
+
+    // The remote moves on: the plan names the apply's change and fetches nothing.
+    let c2 = up.commit("README", "two\n");
+    let want = format!("revision {} -> {} (branch main)", short(&c1), short(&c2));
+    let out = git_plan(state.clone()).await;
+    assert_eq!(only_change(&out, &path), want);
+    assert_eq!(tree_sum(&path), before, "the plan wrote into the checkout");
+    assert_eq!(only_change(&git_state(state.clone()).await, &path), want);
+    let out = git_plan(state.clone()).await;
+    assert!(out.result && out.changes.is_empty(), "{out:?}");
+
+    // A new URL for the same repository.
+    let file_url = format!("file://{repo}");
+    let moved = json!({"path": path, "repo": file_url, "revision": "main"});
+    let before = tree_sum(&path);
+    let out = git_plan(moved.clone()).await;
+    assert_eq!(only_change(&out, &path), format!("remote origin {repo} -> {file_url}"));
+    assert_eq!(tree_sum(&path), before);
+
+    // A commit the remote no longer advertises (not a ref's head) and the checkout has
+    // not fetched: only a fetch can find it, and the plan says so.
+    let c3 = up.commit("README", "three\n");
+    up.commit("README", "four\n");
+    let out = git_plan(json!({"path": path, "repo": repo, "revision": c3})).await;
+    assert_eq!(
+        only_change(&out, &path),
+        format!(
+            "would fetch {repo}: commit {c3} is not advertised by the remote nor in the checkout; only a fetch can find it"
+        )
+    );
+    assert_eq!(tree_sum(&path), before);
+
+    // A local change without force: the plan gives the apply's refusal, and the
+    // refused apply and the plan leave it alone.
+    std::fs::write(path.join("README"), "edited\n").unwrap();
+    let before = tree_sum(&path);
+    let planned = git_plan(state.clone()).await;
+    assert_eq!(tree_sum(&path), before);
+    let applied = git_state(state.clone()).await;
+    assert!(!planned.result && !applied.result && planned.changes.is_empty(), "{planned:?}");
+    assert_eq!(planned.comment, applied.comment);
+    assert_eq!(planned.comment, format!("{} has local changes (README); set force to discard them", path.display()));
+
+    // A local commit on the followed branch, the remote's new head not fetched yet:
+    // the plan judges it against the last fetched head and refuses as the apply does.
+    git_in(&path, &["commit", "--quiet", "-am", "local"]);
+    up.commit("README", "five\n");
+    let before = tree_sum(&path);
+    let planned = git_plan(state.clone()).await;
+    assert_eq!(tree_sum(&path), before);
+    let applied = git_state(state.clone()).await;
+    assert!(!planned.result && !applied.result && planned.changes.is_empty(), "{planned:?}");
+    assert_eq!(planned.comment, applied.comment);
+    assert!(
+        planned
+            .comment
+            .ends_with("local branch main has commits that are not on the remote's main; set force to reset it"),
+        "{planned:?}"
+    );
+}
+
+#[tokio::test]
+async fn git_plan_of_a_missing_checkout_names_the_clone_and_creates_nothing() {
+    let up = GitUpstream::new("main");
+    let head = head_of(&up.bare());
+    up.tag("v1");
+    let dest = tempfile::tempdir().unwrap();
+    let parent = dest.path().join("new");
+    let path = parent.join("app");
+    let repo = up.path_url();
+    for (revision, describe) in [("main", "branch main"), ("v1", "tag v1"), ("HEAD", "branch main")] {
+        let state = json!({"path": path, "repo": repo, "revision": revision});
+        let out = git_plan(state).await;
+        assert_eq!(clone_change(&out, &path), format!("cloned at {} ({describe})", short(&head)));
+        assert!(out.changes.iter().any(|c| c.subject == parent.display().to_string()), "{out:?}");
+        assert!(!parent.exists(), "the plan created {}", parent.display());
+    }
+    let state = json!({"path": path, "repo": repo, "revision": "main"});
+    let out = git_state(state.clone()).await;
+    assert_eq!(clone_change(&out, &path), format!("cloned at {} (branch main)", short(&head)));
+    let out = git_plan(state).await;
+    assert!(out.result && out.changes.is_empty(), "{out:?}");
+}
+
 #[tokio::test]
 async fn git_existing_paths_that_are_not_clones() {
     let up = GitUpstream::new("main");

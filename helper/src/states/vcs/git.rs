@@ -27,6 +27,16 @@
 //! not have (the branch is reset to the remote's), and a non-empty directory that is
 //! not a clone (emptied, then cloned into).
 //!
+//! A plan (dry run) fetches nothing: a fetch writes refs and objects into `.git`. It
+//! reads the remote's refs with `git ls-remote --symref` (run like the fetch: same user,
+//! key and environment), resolves `revision` against them in the order above, compares
+//! with the checkout (origin URL, HEAD, branch, local changes, local commits) and
+//! reports the apply's own words, or its refusal; a converged checkout plans no change.
+//! A commit id the remote does not advertise and the checkout does not have is
+//! reported as "would fetch": only a fetch can find it. Local commits are judged
+//! against the last fetched head of the branch when the new head's objects are not
+//! there yet (a remote that rewrote its history is only noticed by the apply).
+//!
 //! git never prompts: `GIT_TERMINAL_PROMPT=0`, and `GIT_SSH_COMMAND` is ssh in batch
 //! mode (see [`super::ssh_command`]) with, given `ssh-key-file`, `-i KEY -o
 //! IdentitiesOnly=yes`. A local repository path must be readable by `user`, and git
@@ -42,10 +52,11 @@ use opsagent_proto::request::{Change, Outcome};
 
 use super::{
     checkout_dir, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, short, ssh_command,
-    url_secret, Runner, VcsError, TRANSFER_TIMEOUT,
+    url_secret, Existing, Runner, VcsError, TRANSFER_TIMEOUT,
 };
 use crate::cancel::Cancel;
 use crate::exec::Exit;
+use crate::fsutil;
 
 /// states.md's default `revision`.
 pub const DEFAULT_REVISION: &str = "master";
@@ -118,6 +129,13 @@ async fn sync(
         .with_env("GIT_TERMINAL_PROMPT", "0")
         .with_env("GIT_SSH_COMMAND", ssh_command(key.as_ref()));
     let existing = inspect(&path, ".git", &runner)?;
+    // A plan writes nothing, not even into `.git` (a fetch moves refs and adds
+    // objects): it reads the remote's refs instead. A directory holding something else
+    // goes on to `prepare`, which refuses it or, with force, stops at the plan guard.
+    if crate::plan::active() && matches!(existing, Existing::Missing | Existing::Empty | Existing::Checkout) {
+        let mut git = Git { runner, path, repo, cancel };
+        return git.plan(&existing, &wanted, p.force, changes, notes).await;
+    }
     let fresh = prepare(&path, &existing, p.force, &runner, changes)?;
     let git = Git { runner, path, repo, cancel };
     if fresh {
@@ -359,10 +377,235 @@ impl Git<'_> {
         })
     }
 
+    /// The plan of [`sync`]: what the apply would report, found without writing.
+    async fn plan(
+        &mut self,
+        existing: &Existing,
+        wanted: &str,
+        force: bool,
+        changes: &mut Vec<Change>,
+        notes: &mut Vec<String>,
+    ) -> Result<(), VcsError> {
+        let path = self.path.to_string();
+        let local = *existing == Existing::Checkout;
+        if !local {
+            if *existing == Existing::Missing {
+                fsutil::ensure_parent(&self.path.parent(), changes)?;
+                let owner = (self.runner.uid, self.runner.gid);
+                fsutil::planned_dirs(self.path.as_path(), fsutil::PARENT_DIR_MODE, owner, changes)?;
+            }
+            let refs = self.ls_remote(Path::new("/")).await?;
+            return match self.resolve_advertised(wanted, &refs, false, notes).await? {
+                Some(target) => {
+                    changes
+                        .push(Change::new(&path, format!("cloned at {} ({})", short(target.id()), target.describe())));
+                    Ok(())
+                }
+                None => {
+                    changes.push(Change::new(
+                        &path,
+                        format!("would clone {}: {}", mask_url(&self.repo), unadvertised(wanted)),
+                    ));
+                    Ok(())
+                }
+            };
+        }
+        let repo = self.repo.clone();
+        let spec = self.runner.local(["config", "--get", "remote.origin.url"], self.path.as_path()).inspection();
+        let origin = run(&spec, &[0, 1], self.cancel).await?;
+        match origin.exit {
+            Exit::Code(0) if origin.output.trim() == repo => {}
+            Exit::Code(0) => {
+                let was = mask_url(origin.output.trim());
+                changes.push(Change::new(&path, format!("remote origin {was} -> {}", mask_url(&repo))));
+            }
+            _ => changes.push(Change::new(&path, format!("remote origin {} added", mask_url(&repo)))),
+        }
+        let refs = self.ls_remote(self.path.clone().as_path()).await?;
+        let Some(target) = self.resolve_advertised(wanted, &refs, true, notes).await? else {
+            changes.push(Change::new(&path, format!("would fetch {}: {}", mask_url(&repo), unadvertised(wanted))));
+            return Ok(());
+        };
+        let git_dir = self.path.as_path().join(".git");
+        if git_dir.is_dir() && !git_dir.join("index").exists() {
+            changes.push(Change::new(&path, format!("checked out at {} ({})", short(target.id()), target.describe())));
+            return Ok(());
+        }
+        let head = self.rev_parse("HEAD^{commit}").await?;
+        let spec = self.runner.local(["symbolic-ref", "--quiet", "--short", "HEAD"], self.path.as_path()).inspection();
+        let symbolic = run(&spec, &[0, 1], self.cancel).await?;
+        let on_branch = (symbolic.exit == Exit::Code(0)).then(|| symbolic.output.trim().to_string());
+        // `--no-optional-locks`: a status refreshes the index otherwise (a write).
+        let args = ["--no-optional-locks", "status", "--porcelain", "--untracked-files=no"];
+        let spec = self.runner.local(args, self.path.as_path()).inspection();
+        let dirty = changed_files(&run(&spec, &[0], self.cancel).await?.output);
+        if !dirty.is_empty() && !force {
+            return Err(VcsError::LocalChanges { path: self.path.clone(), files: describe_files(&dirty) });
+        }
+        let mut dropped_commits = false;
+        if let Target::Branch { name, id } = &target {
+            if let Some(local) = self.rev_parse(&format!("refs/heads/{name}^{{commit}}")).await? {
+                // The apply asks whether the local branch is an ancestor of the remote's
+                // new head. Without that head's objects (not fetched yet), the last
+                // fetched head stands in: a local branch behind it has no commits of its
+                // own (a remote that rewrote its history is only seen by the apply).
+                let against = match self.rev_parse(&format!("{id}^{{commit}}")).await? {
+                    Some(known) => Some(known),
+                    None => self.rev_parse(&format!("refs/remotes/origin/{name}^{{commit}}")).await?,
+                };
+                let diverged = match against {
+                    Some(a) => local != *id && local != a && !self.is_ancestor(&local, &a).await?,
+                    None => local != *id,
+                };
+                if diverged {
+                    if !force {
+                        return Err(VcsError::Diverged { path: self.path.clone(), branch: name.clone() });
+                    }
+                    dropped_commits = true;
+                }
+            }
+        }
+        if !dirty.is_empty() {
+            changes.push(Change::new(
+                &path,
+                format!("local changes discarded ({}; force is set)", describe_files(&dirty)),
+            ));
+        }
+        let at_target = head.as_deref() == Some(target.id())
+            && match &target {
+                Target::Branch { name, .. } => on_branch.as_deref() == Some(name.as_str()) && !dropped_commits,
+                _ => true,
+            };
+        if at_target {
+            return Ok(());
+        }
+        let mut what = match head.as_deref() {
+            Some(h) if h == target.id() => format!("{} checked out at {}", target.describe(), short(h)),
+            Some(h) => format!("revision {} -> {} ({})", short(h), short(target.id()), target.describe()),
+            None => format!("checked out at {} ({})", short(target.id()), target.describe()),
+        };
+        if dropped_commits {
+            what.push_str("; local commits on the branch dropped, force is set");
+        }
+        changes.push(Change::new(&path, what));
+        Ok(())
+    }
+
+    /// The remote's refs (`git ls-remote --symref`): read-only, run as the fetch
+    /// would be (same user, key and environment), from `cwd`.
+    async fn ls_remote(&mut self, cwd: &Path) -> Result<Advertised, VcsError> {
+        let repo = self.repo.clone();
+        let spec = self.runner.spec(["ls-remote", "--symref", "--", repo.as_str()], cwd, TRANSFER_TIMEOUT).inspection();
+        Ok(Advertised::parse(&run(&spec, &[0], self.cancel).await?.output))
+    }
+
+    /// `wanted` against the advertised refs, in [`Self::resolve`]'s order. A commit id
+    /// the remote does not advertise may still be in the checkout (`in_checkout`);
+    /// `None`: only a fetch could tell.
+    async fn resolve_advertised(
+        &mut self,
+        wanted: &str,
+        refs: &Advertised,
+        in_checkout: bool,
+        notes: &mut Vec<String>,
+    ) -> Result<Option<Target>, VcsError> {
+        if wanted == "HEAD" {
+            if let Some(branch) = refs.head.clone() {
+                if let Some(id) = refs.branch(&branch) {
+                    return Ok(Some(Target::Branch { name: branch, id }));
+                }
+            }
+        } else if let Some(id) = refs.branch(wanted) {
+            return Ok(Some(Target::Branch { name: wanted.to_string(), id }));
+        }
+        if let Some(id) = refs.tag(wanted) {
+            return Ok(Some(Target::Tag { name: wanted.to_string(), id }));
+        }
+        if looks_like_commit(wanted) {
+            let lower = wanted.to_ascii_lowercase();
+            let mut ids: Vec<&str> =
+                refs.refs.iter().map(|(id, _)| id.as_str()).filter(|id| id.starts_with(&lower)).collect();
+            ids.dedup();
+            if ids.len() == 1 {
+                return Ok(Some(Target::Commit { id: ids[0].to_string() }));
+            }
+            if in_checkout {
+                if let Some(id) = self.rev_parse(&format!("{wanted}^{{commit}}")).await? {
+                    return Ok(Some(Target::Commit { id }));
+                }
+            }
+            return Ok(None);
+        }
+        if wanted == DEFAULT_REVISION {
+            if let Some(branch) = refs.head.clone() {
+                if let Some(id) = refs.branch(&branch) {
+                    notes.push(format!(
+                        "the remote has no branch {DEFAULT_REVISION} (the default revision); following its default branch {branch}"
+                    ));
+                    return Ok(Some(Target::Branch { name: branch, id }));
+                }
+            }
+        }
+        let branches: Vec<&str> = refs.refs.iter().filter_map(|(_, r)| r.strip_prefix("refs/heads/")).collect();
+        let known = if branches.is_empty() {
+            " (it has no branches)".to_string()
+        } else {
+            let mut list = branches.iter().take(BRANCHES_SHOWN).copied().collect::<Vec<_>>().join(", ");
+            if branches.len() > BRANCHES_SHOWN {
+                list.push_str(", …");
+            }
+            format!(" (branches: {list})")
+        };
+        Err(VcsError::NoRevision {
+            revision: wanted.to_string(),
+            expected: "a branch, tag or commit",
+            repo: mask_url(&self.repo),
+            known,
+        })
+    }
+
     /// The branch the remote's HEAD names, if it names one.
     async fn default_branch(&mut self) -> Result<Option<String>, VcsError> {
         let out = self.remote(&["ls-remote", "--symref", "origin", "HEAD"], self.path.clone().as_path()).await?;
         Ok(parse_symref(&out))
+    }
+}
+
+/// Why a plan cannot name the commit `wanted` without fetching.
+fn unadvertised(wanted: &str) -> String {
+    format!("commit {wanted} is not advertised by the remote nor in the checkout; only a fetch can find it")
+}
+
+/// What `git ls-remote --symref` printed: the branch HEAD names, and `(id, ref)` pairs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Advertised {
+    pub head: Option<String>,
+    pub refs: Vec<(String, String)>,
+}
+
+impl Advertised {
+    pub fn parse(out: &str) -> Self {
+        let refs = out
+            .lines()
+            .filter(|l| !l.starts_with("ref: "))
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(id, name)| (id.trim().to_ascii_lowercase(), name.trim().to_string()))
+            .filter(|(id, _)| is_object_id(id))
+            .collect();
+        Self { head: parse_symref(out), refs }
+    }
+
+    fn id_of(&self, name: &str) -> Option<String> {
+        self.refs.iter().find(|(_, r)| r == name).map(|(id, _)| id.clone())
+    }
+
+    pub fn branch(&self, name: &str) -> Option<String> {
+        self.id_of(&format!("refs/heads/{name}"))
+    }
+
+    /// The commit a tag names: the peeled line of an annotated tag first.
+    pub fn tag(&self, name: &str) -> Option<String> {
+        self.id_of(&format!("refs/tags/{name}^{{}}")).or_else(|| self.id_of(&format!("refs/tags/{name}")))
     }
 }
 
@@ -407,6 +650,21 @@ mod tests {
         assert!(changed_files("").is_empty());
         assert!(looks_like_commit("deadbeef") && !looks_like_commit("abc") && !looks_like_commit("v1.0"));
         assert!(is_object_id(&"a".repeat(40)) && !is_object_id("abcd"));
+    }
+
+    #[test]
+    fn advertised_refs_are_parsed() {
+        let (a, b, c) = ("a".repeat(40), "b".repeat(40), "c".repeat(40));
+        let out = format!(
+            "ref: refs/heads/main\tHEAD\n{a}\tHEAD\n{a}\trefs/heads/main\n{b}\trefs/tags/v1\n{c}\trefs/tags/v1^{{}}\n{b}\trefs/tags/light\n"
+        );
+        let refs = Advertised::parse(&out);
+        assert_eq!(refs.head.as_deref(), Some("main"));
+        assert_eq!(refs.branch("main"), Some(a.clone()));
+        assert_eq!(refs.branch("v1"), None);
+        assert_eq!(refs.tag("v1"), Some(c), "an annotated tag names the commit of its peeled line");
+        assert_eq!(refs.tag("light"), Some(b));
+        assert_eq!(Advertised::parse("garbage\n"), Advertised::default());
     }
 
     #[test]
