@@ -289,6 +289,13 @@ if [ -d "$CUR/man" ]; then
     if install_file "$CUR/completion/opsagent.bash" /usr/local/share/bash-completion/completions/opsagent 0644; then
         DOCS_CHANGED=1
     fi
+    if [ -f "$CUR/completion/opsagent-root-tools.bash" ]; then
+        for b in opsagent-helper opsagent-upgrade; do
+            if install_file "$CUR/completion/opsagent-root-tools.bash" "/usr/local/share/bash-completion/completions/$b" 0644; then
+                DOCS_CHANGED=1
+            fi
+        done
+    fi
 fi
 if [ "$HAVE_SYSTEMD" = 1 ] && [ -f "$CUR/units/opsagent.catalog" ]; then
     # `journalctl -x` explains the agent's events (MESSAGE_ID) from this catalog. journald

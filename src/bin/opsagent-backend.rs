@@ -127,6 +127,12 @@ enum Command {
     /// The instance pins: list, forget (reset) or pin (pre-register).
     #[command(subcommand)]
     Instances(Instances),
+    /// Print a shell completion script: `opsagent-backend completion bash >
+    /// /usr/share/bash-completion/completions/opsagent-backend`.
+    Completion {
+        #[arg(value_parser = ["bash"])]
+        shell: String,
+    },
     /// Write the manual page opsagent-backend.8 into DIR (used by packaging/build-deb).
     #[command(hide = true)]
     Manual { dir: PathBuf },
@@ -190,6 +196,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Some(Command::Instances(cmd)) => instances(cmd),
+        Some(Command::Completion { shell: _ }) => {
+            print!("{}", opsagent::manual::bash_completion(&<Args as clap::CommandFactory>::command()));
+            Ok(())
+        }
         Some(Command::Manual { dir }) => {
             opsagent::manual::write_page(&dir, &<Args as clap::CommandFactory>::command(), &MANUAL).map(|_| ())
         }

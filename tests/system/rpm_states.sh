@@ -297,7 +297,8 @@ for f in /opt/visualops/releases/$VERSION/bin/opsagent /opt/visualops/releases/$
     /usr/lib/systemd/system/opsagent-helper.service /usr/lib/systemd/system/opsagent-upgrade.service \
     /usr/lib/sysusers.d/opsagent.conf /usr/lib/tmpfiles.d/opsagent.conf /usr/share/polkit-1/rules.d/50-opsagent.rules \
     /usr/share/man/man8/opsagent.8.gz /usr/share/man/man8/opsagent-helper.8.gz /usr/share/man/man8/opsagent-upgrade.8.gz \
-    /usr/share/bash-completion/completions/opsagent /usr/lib/systemd/catalog/opsagent.catalog; do
+    /usr/share/bash-completion/completions/opsagent /usr/share/bash-completion/completions/opsagent-helper \
+    /usr/share/bash-completion/completions/opsagent-upgrade /usr/lib/systemd/catalog/opsagent.catalog; do
     check "agent rpm: rpm -qpl lists $f" list_has "$f"
 done
 check "agent rpm: /opt/visualops/current is not a file of the package" bash -c "! grep -q '^/opt/visualops/current' '$WORK/agent-rpm.list'"

@@ -279,6 +279,10 @@ test_a() {
     done
     csh $c 'bash -c ". /usr/local/share/bash-completion/completions/opsagent && complete -p opsagent" | grep -q _opsagent' ||
         fail "userdata.sh did not install the bash completion"
+    for b in opsagent-helper opsagent-upgrade; do
+        csh $c "bash -c '. /usr/local/share/bash-completion/completions/$b && complete -p $b'" | grep -q _opsagent_root_tool ||
+            fail "userdata.sh did not install the bash completion of $b"
+    done
     csh $c 'journalctl --list-catalog 777f651060c14c789dfd9d1d9aa0c00a | grep -q "recipes are not verified"' ||
         fail "userdata.sh did not install the journal catalog"
     wait_until 60 "StateLogs of sys-file and sys-cmd from $iid" \
@@ -668,6 +672,10 @@ test_i() {
     csh $c 'zcat /usr/share/man/man8/opsagent-upgrade.8.gz | grep -q "^\.B .*health.*timeout"' || fail "no opsagent-upgrade.8 with --health-timeout"
     csh $c 'bash -c ". /usr/share/bash-completion/completions/opsagent && complete -p opsagent" | grep -q _opsagent' ||
         fail "the bash completion does not load"
+    for b in opsagent-helper opsagent-upgrade; do
+        csh $c "bash -c '. /usr/share/bash-completion/completions/$b && complete -p $b'" | grep -q _opsagent_root_tool ||
+            fail "the bash completion of $b does not load"
+    done
     csh $c 'journalctl --list-catalog 777f651060c14c789dfd9d1d9aa0c00a | grep -q "recipes are not verified"' ||
         fail "the catalog was not installed into the journal's database"
     wait_until 20 "the catalog text under the agent's entry" csh $c \
