@@ -402,6 +402,11 @@ impl Runner for Fake {
     }
 }
 
+/// Spawns retried while the program's file is busy (ETXTBSY), and the pause between them:
+/// a forked child holds the file's descriptors only until its exec, milliseconds at most.
+const TEXT_BUSY_RETRIES: u32 = 20;
+const TEXT_BUSY_PAUSE: Duration = Duration::from_millis(10);
+
 /// Runs commands as children of the helper, each in its own process group.
 pub struct Direct;
 
@@ -433,10 +438,25 @@ async fn run_direct(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished,
         .uid(spec.uid.as_raw())
         .gid(spec.gid.as_raw())
         .process_group(0);
-    let spawned = {
+    // A file written just before (a recipe's script, a test's stand-in tool) can still be
+    // open for writing in a child that another thread forked and that has not reached its
+    // exec yet (it holds a copy of every descriptor until then): for that instant the
+    // kernel refuses to run the file (ETXTBSY). A few short retries ride it out; every
+    // other error, and a file that stays busy, is final.
+    let mut spawned = {
         let _cpus = StartCpus::for_spawn();
         command.spawn()
     };
+    for _ in 0..TEXT_BUSY_RETRIES {
+        if !matches!(&spawned, Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)) {
+            break;
+        }
+        tokio::time::sleep(TEXT_BUSY_PAUSE).await;
+        spawned = {
+            let _cpus = StartCpus::for_spawn();
+            command.spawn()
+        };
+    }
     // The command holds our copies of the pipe's write end: without dropping it the
     // reader would never see the end of the output.
     drop(command);
@@ -736,6 +756,28 @@ mod tests {
 
     fn spec(program: &str) -> CommandSpec {
         CommandSpec::tool(program, ["x"])
+    }
+
+    #[tokio::test]
+    async fn a_program_busy_for_an_instant_is_started_once_it_is_free() {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("tool");
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o755).open(&tool).unwrap();
+        file.write_all(b"#!/bin/sh\necho started\n").unwrap();
+        // Still open for writing, as in a child another thread forked before its exec:
+        // the kernel refuses to run it (ETXTBSY) until the descriptor is gone.
+        let refused = fs::metadata(&tool).map(|_| std::process::Command::new(&tool).status());
+        assert_eq!(refused.unwrap().unwrap_err().raw_os_error(), Some(nix::errno::Errno::ETXTBSY as i32));
+        let released = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            drop(file);
+        });
+        let spec = CommandSpec::tool(tool.to_str().unwrap(), Vec::<String>::new());
+        let finished = Direct.run(&spec, None, &mut crate::cancel::pair().1).await.unwrap();
+        assert_eq!((finished.exit, finished.output.trim()), (Exit::Code(0), "started"));
+        released.await.unwrap();
     }
 
     #[test]
