@@ -49,7 +49,8 @@ pub const EXAMPLE: &str = concat!(
 ;state_dir = /var/lib/visualops/opsagent
 ; Unix socket of the root helper. Flag --helper-socket.
 ;helper_socket = /run/opsagent-helper/helper.sock
-; Seconds between two rounds of the recipe. Flag --round-delay.
+; Seconds between two completed rounds of the recipe; 0 runs them back to back (a
+; failed round still waits retry_delay). Flag --round-delay.
 ;round_delay = 600
 ; Seconds to wait after a round that ceased on a failure; doubles up to retry_delay_max.
 ; Flag --retry-delay.

@@ -528,7 +528,7 @@ impl Config {
             ("agent", "state_dir") => a.state_dir = values::absolute_path(value)?,
             ("agent", "helper_socket") => a.helper_socket = values::absolute_path(value)?,
             ("agent", "metrics_file") => a.metrics_file = Some(values::absolute_path(value)?),
-            ("agent", "round_delay") => a.round_delay = values::seconds(value)?,
+            ("agent", "round_delay") => a.round_delay = values::round_delay(value)?,
             ("agent", "retry_delay") => a.retry_delay = values::seconds(value)?,
             ("agent", "retry_delay_max") => a.retry_delay_max = values::seconds(value)?,
             ("agent", "log_level") => a.log_level = values::log_level(value)?,

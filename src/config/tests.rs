@@ -160,8 +160,15 @@ fn invalid_flags_name_the_flag() {
     let bad = |o: Overrides| Config::load_or_default_from(Path::new("/nonexistent"), None, &o).unwrap_err().to_string();
     let e = bad(Overrides { ws_uri: Some("http://x/".into()), ..Default::default() });
     assert_eq!(e, r#"command line: --ws-uri: "http://x/" must start with ws:// or wss://"#);
-    let e = bad(Overrides { round_delay: Some(0), ..Default::default() });
-    assert_eq!(e, "command line: --round-delay: 0 is too small: at least 1 second");
+    let zero = Config::load_or_default_from(
+        Path::new("/nonexistent"),
+        None,
+        &Overrides { round_delay: Some(0), ..Default::default() },
+    )
+    .unwrap();
+    assert_eq!(zero.agent.round_delay, Duration::ZERO, "--round-delay 0: rounds back to back");
+    let e = bad(Overrides { retry_delay: Some(0), ..Default::default() });
+    assert_eq!(e, "command line: --retry-delay: 0 is too small: at least 1 second");
     let e = bad(Overrides { retry_delay: Some(301), ..Default::default() });
     assert!(
         e.starts_with("command line and defaults: [agent] retry_delay (301 s) is greater than retry_delay_max (300 s)"),
@@ -444,6 +451,10 @@ fn the_original_init_sh_shape_maps_known_keys_and_warns_once_about_the_rest() {
     assert_eq!(c.userdata.app_id.as_deref(), Some("app-1a2b3c"));
     assert_eq!(c.warnings.iter().filter(|w| w.contains("[salt] timeout")).count(), 1);
     assert!(c.warnings.iter().all(|w| !w.contains("mod_repo")), "empty values are not set: {:?}", c.warnings);
+    // worker.py slept `delay * 60` seconds, so 0 ran rounds back to back: it still does.
+    let c = parse("[salt]\ndelay=0\n").unwrap();
+    assert_eq!(c.agent.round_delay, Duration::ZERO);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let c = parse("[salt]\ndelay=soon\n[mystery]\nx=1\n").unwrap();
     assert!(c.warnings.iter().any(|w| w.contains("[salt] delay ignored") && w.contains("soon")), "{:?}", c.warnings);
     assert!(c.warnings.iter().any(|w| w.contains("[mystery] x")), "{:?}", c.warnings);

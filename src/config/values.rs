@@ -19,6 +19,17 @@ pub(super) fn seconds(text: &str) -> Result<Duration, String> {
     seconds_in_range(n)
 }
 
+/// The pause between two completed rounds. Unlike every other delay, 0 is accepted: the
+/// original agent's `[salt] delay = 0` ran rounds back to back, and a soak wants exactly
+/// that. A failed round still waits `retry_delay` (at least 1 s), so 0 never spins on an
+/// error.
+pub(super) fn round_delay(text: &str) -> Result<Duration, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Ok(Duration::ZERO),
+        _ => seconds(text),
+    }
+}
+
 pub(super) fn seconds_in_range(n: u64) -> Result<Duration, String> {
     match n {
         0 => Err("0 is too small: at least 1 second".to_string()),

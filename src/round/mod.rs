@@ -469,6 +469,12 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
     /// Waits `pause` between rounds, taking events: a new recipe or a stop ends the
     /// wait at once, an upgrade order runs at once (no round is running).
     async fn idle(&mut self, pause: Duration) {
+        if pause.is_zero() {
+            // Rounds back to back (`round_delay = 0`): a round whose states all answer at
+            // once never waits on anything, so give the rest of the runtime (the link,
+            // the watchdog) its turn between two rounds.
+            tokio::task::yield_now().await;
+        }
         let deadline = Instant::now() + pause;
         let idle_phase = |this: &Self| {
             let secs = deadline.saturating_duration_since(Instant::now()).as_secs();

@@ -215,6 +215,30 @@ async fn states_run_in_order_and_rounds_repeat_after_the_round_delay() {
     assert_eq!(rig.handle.status.borrow().rounds_completed, 2);
 }
 
+/// `round_delay = 0` (the original's `delay = 0`, and the soak of #22): rounds follow each
+/// other at once, and the engine still hears the link between them: a new recipe is taken
+/// and a stop ends it.
+#[tokio::test(start_paused = true)]
+async fn a_round_delay_of_zero_runs_rounds_back_to_back_and_still_takes_events() {
+    let rig = start_with(EngineConfig { round_delay: Duration::ZERO, ..cfg() });
+    rig.helper.script("a", &[Act::Slow(Duration::from_millis(10))]);
+    rig.helper.script("b", &[Act::Slow(Duration::from_millis(10))]);
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
+    advance(Duration::from_millis(1000)).await;
+    let rounds = rig.handle.status.borrow().rounds_completed;
+    assert!((49..=51).contains(&rounds), "20 ms rounds back to back for 1 s: {rounds}");
+    let times = rig.helper.call_times();
+    assert!(times.windows(2).all(|w| w[1].1 - w[0].1 == Duration::from_millis(10)), "no pause anywhere: {times:?}");
+    rig.helper.script("c", &[Act::Slow(Duration::from_millis(10))]);
+    rig.send(Event::Recipe(recipe(2, json!([file("c")])))).await;
+    advance(Duration::from_millis(100)).await;
+    let logs = rig.effects.logs();
+    assert!(logs.iter().filter(|l| l.0 == "c" && l.2 == 2).count() >= 9, "the new recipe ran, back to back");
+    rig.send(Event::Stop(StopMode::AfterRound)).await;
+    advance(Duration::from_millis(20)).await;
+    assert!(rig.task.is_finished(), "a stop ends the back-to-back rounds");
+}
+
 #[tokio::test(start_paused = true)]
 async fn comment_is_skipped_without_the_helper_and_bad_states_fail_with_the_reason() {
     let rig = start(None);

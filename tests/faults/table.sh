@@ -14,7 +14,7 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 rc=0
 cargo test --locked -p opsagent --test faults -- --nocapture --test-threads=1 >"$out" 2>&1 || rc=$?
-ROUNDS=${ROUNDS:-100} RESTART_EVERY=${RESTART_EVERY:-25} bash tests/faults/soak.sh >>"$out" 2>&1 || rc=$?
+ROUNDS=${ROUNDS:-300} RESTART_EVERY=${RESTART_EVERY:-50} bash tests/faults/soak.sh >>"$out" 2>&1 || rc=$?
 vm=$(mktemp)
 trap 'rm -f "$out" "$vm"' EXIT
 vrc=0
