@@ -29,6 +29,23 @@ struct FakeClock {
     changes: Vec<(f64, i64)>,
 }
 
+/// libfaketime 0.9.10 gives every process it starts in a shared-memory segment and a
+/// semaphore (`/dev/shm/faketime_shm_PID`, `sem.faketime_sem_PID`) and leaves them behind
+/// when the process is killed: remove those of processes that are gone (no other test
+/// uses libfaketime), so runs of this test do not pile them up.
+impl Drop for FakeClock {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/dev/shm") else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("faketime_shm_").or_else(|| name.strip_prefix("sem.faketime_sem_"));
+            if pid.is_some_and(|p| p.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 impl FakeClock {
     fn new(dir: &Path) -> Self {
         let mut c = FakeClock { file: dir.join("faketime"), changes: Vec::new() };
