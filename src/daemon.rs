@@ -181,6 +181,11 @@ impl SharedSpool {
         self.lock().held.len()
     }
 
+    /// The most StateLogs the spool holds undelivered before it drops the oldest.
+    pub fn capacity(&self) -> usize {
+        self.lock().spool.limits().max_records
+    }
+
     pub fn depth(&self) -> (usize, u64) {
         let s = self.lock();
         (s.spool.depth(), s.spool.dropped() + s.held_dropped)
@@ -338,6 +343,11 @@ impl<F: Fetch + Send + Sync> Effects for DaemonEffects<F> {
 
     async fn drift(&mut self, report: DriftReport) {
         self.drift.post(report);
+    }
+
+    fn undelivered(&self) -> Option<(usize, usize)> {
+        let (depth, _) = self.spool.depth();
+        Some((depth + self.spool.held(), self.spool.capacity()))
     }
 
     async fn upgrade(&mut self, order: &UpdateOrder) {

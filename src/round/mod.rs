@@ -130,9 +130,16 @@ pub trait Effects: Send {
     fn upgrade(&mut self, order: &UpdateOrder) -> impl Future<Output = ()> + Send;
     /// A drift plan's report (only when something would change, or the backend asked).
     fn drift(&mut self, report: DriftReport) -> impl Future<Output = ()> + Send;
+    /// Results reported but not yet taken by the backend, and the most the spool holds
+    /// before it drops the oldest (`None`: no spool, as in `opsagent apply`).
+    fn undelivered(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 const TICK: Duration = Duration::from_secs(1);
+/// How often a round held back by undelivered results looks at the spool again.
+const BACKLOG_POLL: Duration = Duration::from_millis(100);
 
 enum RoundEnd {
     Completed,
@@ -171,6 +178,8 @@ struct State {
     ceased: u32,
     /// A `PlanRequest` not yet answered.
     plan_requested: bool,
+    /// The next round waits for the backend to take the results of the last ones.
+    held_back: bool,
     status: watch::Sender<EngineStatus>,
 }
 
@@ -321,6 +330,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             stop: None,
             online: false,
             offline_warned: false,
+            held_back: false,
             ceased: 0,
             plan_requested: false,
             status: status_tx,
@@ -475,8 +485,8 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             // the watchdog) its turn between two rounds.
             tokio::task::yield_now().await;
         }
-        let deadline = Instant::now() + pause;
-        let idle_phase = |this: &Self| {
+        let mut deadline = Instant::now() + pause;
+        let idle_phase = |this: &Self, deadline: Instant| {
             let secs = deadline.saturating_duration_since(Instant::now()).as_secs();
             this.set_phase(if this.st.ceased > 0 {
                 Phase::RetryWait { next_round_in_s: secs, ceased: this.st.ceased }
@@ -484,7 +494,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 Phase::Idle { next_round_in_s: secs }
             });
         };
-        idle_phase(self);
+        idle_phase(self, deadline);
         let mut next_drift = self.cfg.drift_interval.map(|d| Instant::now() + d);
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -499,11 +509,16 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 }
                 self.run_pending_upgrade().await;
                 next_drift = self.cfg.drift_interval.map(|d| Instant::now() + d);
-                idle_phase(self);
+                idle_phase(self, deadline);
                 continue;
             }
             tokio::select! {
-                _ = sleep_until(deadline) => return,
+                _ = sleep_until(deadline) => {
+                    if !self.held_back() {
+                        return;
+                    }
+                    deadline = Instant::now() + BACKLOG_POLL;
+                }
                 _ = sleep_until_opt(next_drift) => {}
                 ev = self.inbox.recv() => {
                     match self.absorb(ev).await {
@@ -518,6 +533,32 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 _ = tick.tick() => self.liveness.touch(),
             }
         }
+    }
+
+    /// Whether the next round waits for the backend to take the results already made.
+    /// Rounds can make StateLogs faster than a connected backend takes them (rounds back
+    /// to back, a loaded backend); unchecked, the spool fills and drops the oldest
+    /// undelivered ones. So, while connected, a round does not start with the spool over
+    /// half full, and waits until the backend has taken it down to a quarter (events are
+    /// still taken meanwhile). Offline, rounds go on: applying the recipe matters more
+    /// than old results, and the spool's bound says what it drops.
+    fn held_back(&mut self) -> bool {
+        let Some((undelivered, capacity)) = self.effects.undelivered() else { return false };
+        if !self.st.online || self.local {
+            self.st.held_back = false;
+            return false;
+        }
+        let was = self.st.held_back;
+        self.st.held_back = if was { undelivered > capacity / 4 } else { undelivered > capacity / 2 };
+        if self.st.held_back && !was {
+            tracing::info!(
+                undelivered,
+                "the backend takes results slower than rounds make them: the next round waits until it has taken most of them"
+            );
+        } else if was && !self.st.held_back {
+            tracing::info!(undelivered, "the backend has caught up: rounds go on");
+        }
+        self.st.held_back
     }
 
     /// Plans every state of the current recipe (changing nothing) and reports those that

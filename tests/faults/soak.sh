@@ -74,7 +74,8 @@ start_helper() {
 backend_starts=0
 start_backend() {
     # LISTEN_PID unset: the backend takes the socket as its own (its pid is not known yet).
-    env -u LISTEN_PID LISTEN_FDS=1 LISTEN_FDS_FIRST_FD="$SOAK_LISTEN_FD" \
+    # RUST_LOG=warn: a line per StateLog would make the backend, not the agent, the soak's limit.
+    env -u LISTEN_PID LISTEN_FDS=1 LISTEN_FDS_FIRST_FD="$SOAK_LISTEN_FD" RUST_LOG=warn \
         "$BIN/opsagent-backend" --recipe-dir "$W/recipes" --statelog "$W/statelog.jsonl" \
         --poll-ms 1000 --rotate-bytes "$ROTATE_BYTES" --rotate-keep 1000 >"$W/backend.out" 2>>"$W/backend.log" &
     backend_pid=$!
