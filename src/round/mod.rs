@@ -140,6 +140,9 @@ pub trait Effects: Send {
 const TICK: Duration = Duration::from_secs(1);
 /// How often a round held back by undelivered results looks at the spool again.
 const BACKLOG_POLL: Duration = Duration::from_millis(100);
+/// Offline, the longest a round is held back by undelivered results (counted from the
+/// end of the last round): enforcement goes on, at a slower pace.
+const OFFLINE_HOLD: Duration = Duration::from_secs(300);
 
 enum RoundEnd {
     Completed,
@@ -485,7 +488,8 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             // the watchdog) its turn between two rounds.
             tokio::task::yield_now().await;
         }
-        let mut deadline = Instant::now() + pause;
+        let idle_since = Instant::now();
+        let mut deadline = idle_since + pause;
         let idle_phase = |this: &Self, deadline: Instant| {
             let secs = deadline.saturating_duration_since(Instant::now()).as_secs();
             this.set_phase(if this.st.ceased > 0 {
@@ -514,7 +518,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             }
             tokio::select! {
                 _ = sleep_until(deadline) => {
-                    if !self.held_back() {
+                    if !self.held_back(idle_since) {
                         return;
                     }
                     deadline = Instant::now() + BACKLOG_POLL;
@@ -536,20 +540,20 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
     }
 
     /// Whether the next round waits for the backend to take the results already made.
-    /// Rounds can make StateLogs faster than a connected backend takes them (rounds back
-    /// to back, a loaded backend); unchecked, the spool fills and drops the oldest
-    /// undelivered ones. So, while connected, a round does not start with the spool over
-    /// half full, and waits until the backend has taken it down to a quarter (events are
-    /// still taken meanwhile). Offline, rounds go on: applying the recipe matters more
-    /// than old results, and the spool's bound says what it drops.
-    fn held_back(&mut self) -> bool {
+    /// Rounds can make StateLogs faster than the backend takes them (rounds back to back,
+    /// a loaded backend, a backend restarting); unchecked, the spool fills and drops the
+    /// oldest undelivered ones. So a round does not start with the spool over half full,
+    /// and waits until the backend has taken it down to a quarter (events are still taken
+    /// meanwhile). Offline, a round is held back [`OFFLINE_HOLD`] at most: applying the
+    /// recipe matters more than old results, and the spool's bound says what it drops.
+    fn held_back(&mut self, idle_since: Instant) -> bool {
         let Some((undelivered, capacity)) = self.effects.undelivered() else { return false };
-        if !self.st.online || self.local {
-            self.st.held_back = false;
+        if self.local {
             return false;
         }
         let was = self.st.held_back;
-        self.st.held_back = if was { undelivered > capacity / 4 } else { undelivered > capacity / 2 };
+        let over = if was { undelivered > capacity / 4 } else { undelivered > capacity / 2 };
+        self.st.held_back = over && (self.st.online || idle_since.elapsed() < OFFLINE_HOLD);
         if self.st.held_back && !was {
             tracing::info!(
                 undelivered,

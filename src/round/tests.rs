@@ -247,7 +247,7 @@ async fn a_round_delay_of_zero_runs_rounds_back_to_back_and_still_takes_events()
 /// A connected backend slower than the rounds (seen in the 10,000-round soak: rounds back
 /// to back made 250 StateLogs/s, the loaded backend took 200/s, and the full spool dropped
 /// 27,000): the next round waits, with the spool over half full, until the backend has
-/// taken it down to a quarter; offline, rounds go on whatever the spool holds.
+/// taken it down to a quarter; offline, for 5 min at most.
 #[tokio::test(start_paused = true)]
 async fn a_round_waits_while_a_connected_backend_has_not_taken_the_results() {
     let rig = start_with(EngineConfig { round_delay: Duration::from_secs(10), ..cfg() });
@@ -269,17 +269,22 @@ async fn a_round_waits_while_a_connected_backend_has_not_taken_the_results() {
     // Under half full after a round: the delay alone decides.
     advance(Duration::from_secs(10)).await;
     assert_eq!(rig.helper.calls().len(), 3);
-    // Offline: rounds go on whatever the spool holds.
+    // Offline (a backend restarting, or gone): held back 5 min at most, then rounds go on
+    // at that pace whatever the spool holds.
     *rig.effects.undelivered.lock().unwrap() = Some((9_000, 10_000));
     rig.send(Event::Online(false)).await;
+    advance(Duration::from_secs(290)).await;
+    assert_eq!(rig.helper.calls().len(), 3, "offline, held back too");
     advance(Duration::from_secs(10)).await;
-    assert_eq!(rig.helper.calls().len(), 4, "offline, the round is not held back");
+    assert_eq!(rig.helper.calls().len(), 4, "offline, not past 5 min");
+    advance(Duration::from_secs(300)).await;
+    assert_eq!(rig.helper.calls().len(), 5, "offline, a round every 5 min");
     // Connected again and still full: held back, but a new recipe starts at once.
     rig.send(Event::Online(true)).await;
-    advance(Duration::from_secs(20)).await;
-    assert_eq!(rig.helper.calls().len(), 4);
+    advance(Duration::from_secs(600)).await;
+    assert_eq!(rig.helper.calls().len(), 5, "connected: held back for as long as it takes");
     rig.send(Event::Recipe(recipe(2, json!([file("b")])))).await;
-    assert_eq!(rig.helper.calls(), vec!["a", "a", "a", "a", "b"], "a new recipe is not held back");
+    assert_eq!(rig.helper.calls(), vec!["a", "a", "a", "a", "a", "b"], "a new recipe is not held back");
 }
 
 #[tokio::test(start_paused = true)]
