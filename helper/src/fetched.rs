@@ -13,7 +13,7 @@
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -105,6 +105,23 @@ impl<'a> Fetched<'a> {
             let _ = dir.unlink(name);
         }
         copied.map(Some)
+    }
+
+    /// The file fetched for `url`, checked as [`Self::copy_to`] checks a copy, open for
+    /// reading from its start, without a copy (a plan's look at a download). `None` if
+    /// `url` was not fetched.
+    pub fn open_checked(&self, url: &str) -> Result<Option<(File, Verified)>, FetchError> {
+        let Some(file) = self.get(url) else {
+            return Ok(None);
+        };
+        let mut src = self.open(file)?;
+        let verified = self.check_copy(file, &mut src, &mut io::sink(), Path::new("nowhere"))?;
+        src.seek(io::SeekFrom::Start(0)).map_err(|source| FetchError::Io {
+            path: file.path.as_path().to_path_buf(),
+            op: "rewind",
+            source,
+        })?;
+        Ok(Some((src, verified)))
     }
 
     /// The content fetched for `url`, when it is small (checksum files). `None` if

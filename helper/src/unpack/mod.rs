@@ -74,8 +74,13 @@ impl ArchiveFormat {
     /// The format of the file at `path`, by its first bytes.
     pub fn sniff(path: &Path) -> Result<Self, UnpackError> {
         let mut f = File::open(path).map_err(io_err(path, "open"))?;
+        Self::sniff_reader(&mut f, path)
+    }
+
+    /// [`Self::sniff`] of what `r` reads from where it stands (`path`: for messages).
+    pub fn sniff_reader(r: &mut dyn Read, path: &Path) -> Result<Self, UnpackError> {
         let mut head = Vec::with_capacity(512);
-        (&mut f).take(512).read_to_end(&mut head).map_err(io_err(path, "read"))?;
+        r.take(512).read_to_end(&mut head).map_err(io_err(path, "read"))?;
         if head.starts_with(&[0x1f, 0x8b]) {
             Ok(Self::TarGz)
         } else if head.starts_with(b"BZh") {
@@ -218,15 +223,88 @@ pub fn unpack(
         done: Unpacked::default(),
         dir_modes: Vec::new(),
     };
-    let corrupt = |e: io::Error| UnpackError::Corrupt { archive: archive.to_path_buf(), format, reason: e.to_string() };
-    match format {
-        ArchiveFormat::Tar => x.tar(io::BufReader::new(file), &corrupt)?,
-        ArchiveFormat::TarGz => x.tar(flate2::read::MultiGzDecoder::new(io::BufReader::new(file)), &corrupt)?,
-        ArchiveFormat::TarBz2 => x.tar(bzip2::read::MultiBzDecoder::new(io::BufReader::new(file)), &corrupt)?,
-        ArchiveFormat::Zip => x.zip(file, archive)?,
-    }
+    read_entries(&mut x, file, archive, format)?;
     x.finish_dirs()?;
     Ok(x.done)
+}
+
+/// What [`unpack`] of `file` would report, found by reading the archive only (a plan's
+/// look, issue 19): its entries and file bytes, with the refusals that need no
+/// destination (names, link targets, entry kinds, the size and count caps). What only
+/// the destination can tell (free space, links or non-directories already in the way,
+/// a hard link's target) is left to the unpack. `archive`: for messages.
+pub fn survey(file: File, archive: &Path, format: ArchiveFormat, limits: &Limits) -> Result<Unpacked, UnpackError> {
+    let mut s = Survey { limits: *limits, done: Unpacked::default() };
+    read_entries(&mut s, file, archive, format)?;
+    Ok(s.done)
+}
+
+/// Reads every entry of the archive and hands it to `to`: the one reading of archives
+/// that [`unpack`] and [`survey`] share, so that both see the same entries.
+fn read_entries(to: &mut dyn Entries, file: File, archive: &Path, format: ArchiveFormat) -> Result<(), UnpackError> {
+    let corrupt = |e: io::Error| UnpackError::Corrupt { archive: archive.to_path_buf(), format, reason: e.to_string() };
+    match format {
+        ArchiveFormat::Tar => read_tar(to, io::BufReader::new(file), &corrupt),
+        ArchiveFormat::TarGz => read_tar(to, flate2::read::MultiGzDecoder::new(io::BufReader::new(file)), &corrupt),
+        ArchiveFormat::TarBz2 => read_tar(to, bzip2::read::MultiBzDecoder::new(io::BufReader::new(file)), &corrupt),
+        ArchiveFormat::Zip => read_zip(to, file, archive),
+    }
+}
+
+/// Where the entries of an archive go.
+trait Entries {
+    fn max_entries(&self) -> u64;
+    fn entry(&mut self, name: &[u8], shown: &str, kind: Kind, data: &mut dyn Read) -> Result<(), UnpackError>;
+}
+
+/// Counts what an unpack would create ([`survey`]).
+struct Survey {
+    limits: Limits,
+    done: Unpacked,
+}
+
+impl Entries for Survey {
+    fn max_entries(&self) -> u64 {
+        self.limits.max_entries
+    }
+
+    fn entry(&mut self, name: &[u8], shown: &str, kind: Kind, data: &mut dyn Read) -> Result<(), UnpackError> {
+        if self.done.entries >= self.limits.max_entries {
+            return Err(UnpackError::TooManyEntries { limit: self.limits.max_entries });
+        }
+        let parts = entry_components(name, shown)?;
+        let Some((_, parents)) = parts.split_last() else {
+            return Ok(());
+        };
+        let total_error =
+            |entry: &str| UnpackError::TotalTooLarge { entry: entry.into(), limit: self.limits.max_total_bytes };
+        match kind {
+            Kind::File { declared, .. } => {
+                if declared > self.limits.max_entry_bytes {
+                    let limit = self.limits.max_entry_bytes;
+                    return Err(UnpackError::EntryTooLarge { entry: shown.into(), size: declared, limit });
+                }
+                if self.done.bytes.saturating_add(declared) > self.limits.max_total_bytes {
+                    return Err(total_error(shown));
+                }
+                let read = io::copy(data, &mut io::sink()).map_err(io_err(Path::new(shown), "read"))?;
+                if read > self.limits.max_entry_bytes {
+                    let limit = self.limits.max_entry_bytes;
+                    return Err(UnpackError::EntryTooLarge { entry: shown.into(), size: read, limit });
+                }
+                self.done.bytes = self.done.bytes.saturating_add(read);
+                if self.done.bytes > self.limits.max_total_bytes {
+                    return Err(total_error(shown));
+                }
+            }
+            Kind::Symlink { target } => {
+                check_symlink_target(&target, parents.len(), shown, &String::from_utf8_lossy(&target))?;
+            }
+            Kind::Dir { .. } | Kind::HardLink { .. } => {}
+        }
+        self.done.entries += 1;
+        Ok(())
+    }
 }
 
 /// What one entry asks to create.
@@ -250,91 +328,102 @@ struct Extractor {
     dir_modes: Vec<(Vec<PathBuf>, u32)>,
 }
 
-impl Extractor {
-    fn tar<R: Read>(&mut self, reader: R, corrupt: &dyn Fn(io::Error) -> UnpackError) -> Result<(), UnpackError> {
-        use tar::EntryType as T;
-        let mut archive = tar::Archive::new(reader);
-        for entry in archive.entries().map_err(corrupt)? {
-            let mut entry = entry.map_err(corrupt)?;
-            let name = entry.path_bytes().into_owned();
-            let shown = String::from_utf8_lossy(&name).into_owned();
-            let header = entry.header();
-            let mode = header.mode().unwrap_or(DEFAULT_FILE_MODE);
-            let kind = match header.entry_type() {
-                T::Regular | T::Continuous | T::GNUSparse => Kind::File { mode, declared: entry.size() },
-                T::Directory => Kind::Dir { mode },
-                T::Symlink => Kind::Symlink { target: link_name(&entry, &shown, corrupt)? },
-                T::Link => Kind::HardLink { target: link_name(&entry, &shown, corrupt)? },
-                T::Char => return Err(special(&shown, "character device")),
-                T::Block => return Err(special(&shown, "block device")),
-                T::Fifo => return Err(special(&shown, "FIFO")),
-                // Metadata the tar crate did not fold into the next entry: nothing to create.
-                T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => continue,
-                other => return Err(special(&shown, &format!("tar type {:?}", other.as_byte() as char))),
-            };
-            self.entry(&name, &shown, kind, &mut entry).map_err(|e| match e {
-                // A read error in the middle of a file is the archive's fault.
-                UnpackError::Io { op: "read", source, .. } => corrupt(source),
-                e => e,
-            })?;
-        }
-        Ok(())
+impl Entries for Extractor {
+    fn max_entries(&self) -> u64 {
+        self.limits.max_entries
     }
 
-    fn zip(&mut self, file: File, archive: &Path) -> Result<(), UnpackError> {
-        let corrupt = |reason: String| UnpackError::Corrupt {
-            archive: archive.to_path_buf(),
-            format: ArchiveFormat::Zip,
-            reason,
+    fn entry(&mut self, name: &[u8], shown: &str, kind: Kind, data: &mut dyn Read) -> Result<(), UnpackError> {
+        Extractor::entry(self, name, shown, kind, data)
+    }
+}
+
+fn read_tar<R: Read>(
+    to: &mut dyn Entries,
+    reader: R,
+    corrupt: &dyn Fn(io::Error) -> UnpackError,
+) -> Result<(), UnpackError> {
+    use tar::EntryType as T;
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries().map_err(corrupt)? {
+        let mut entry = entry.map_err(corrupt)?;
+        let name = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&name).into_owned();
+        let header = entry.header();
+        let mode = header.mode().unwrap_or(DEFAULT_FILE_MODE);
+        let kind = match header.entry_type() {
+            T::Regular | T::Continuous | T::GNUSparse => Kind::File { mode, declared: entry.size() },
+            T::Directory => Kind::Dir { mode },
+            T::Symlink => Kind::Symlink { target: link_name(&entry, &shown, corrupt)? },
+            T::Link => Kind::HardLink { target: link_name(&entry, &shown, corrupt)? },
+            T::Char => return Err(special(&shown, "character device")),
+            T::Block => return Err(special(&shown, "block device")),
+            T::Fifo => return Err(special(&shown, "FIFO")),
+            // Metadata the tar crate did not fold into the next entry: nothing to create.
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => continue,
+            other => return Err(special(&shown, &format!("tar type {:?}", other.as_byte() as char))),
         };
-        let mut zip = zip::ZipArchive::new(io::BufReader::new(file)).map_err(|e| corrupt(e.to_string()))?;
-        if zip.len() as u64 > self.limits.max_entries {
-            return Err(UnpackError::TooManyEntries { limit: self.limits.max_entries });
-        }
-        for i in 0..zip.len() {
-            let mut entry = zip.by_index(i).map_err(|e| corrupt(e.to_string()))?;
-            let name = entry.name().as_bytes().to_vec();
-            let shown = entry.name().to_string();
-            if entry.encrypted() {
-                return Err(special(&shown, "encrypted"));
-            }
-            let unix = entry.unix_mode();
-            const S_IFMT: u32 = 0o170000;
-            let kind = match unix.map(|m| m & S_IFMT) {
-                _ if entry.is_dir() => Kind::Dir { mode: unix.map_or(DEFAULT_DIR_MODE, |m| m & 0o7777) },
-                None | Some(0o100000) | Some(0) => {
-                    Kind::File { mode: unix.map_or(DEFAULT_FILE_MODE, |m| m & 0o7777), declared: entry.size() }
-                }
-                Some(0o040000) => Kind::Dir { mode: unix.map_or(DEFAULT_DIR_MODE, |m| m & 0o7777) },
-                Some(0o120000) => {
-                    let mut target = Vec::new();
-                    (&mut entry)
-                        .take(MAX_LINK_TARGET + 1)
-                        .read_to_end(&mut target)
-                        .map_err(|e| corrupt(format!("entry {shown:?}: {e}")))?;
-                    if target.len() as u64 > MAX_LINK_TARGET {
-                        return Err(UnpackError::SymlinkEscapes {
-                            entry: shown,
-                            target: String::from_utf8_lossy(target.get(..64).unwrap_or_default()).into_owned() + "...",
-                            reason: "the target is too long",
-                        });
-                    }
-                    Kind::Symlink { target }
-                }
-                Some(0o020000) => return Err(special(&shown, "character device")),
-                Some(0o060000) => return Err(special(&shown, "block device")),
-                Some(0o010000) => return Err(special(&shown, "FIFO")),
-                Some(0o140000) => return Err(special(&shown, "socket")),
-                Some(other) => return Err(special(&shown, &format!("file type {other:o}"))),
-            };
-            self.entry(&name, &shown, kind, &mut entry).map_err(|e| match e {
-                UnpackError::Io { op: "read", source, .. } => corrupt(format!("entry {shown:?}: {source}")),
-                e => e,
-            })?;
-        }
-        Ok(())
+        to.entry(&name, &shown, kind, &mut entry).map_err(|e| match e {
+            // A read error in the middle of a file is the archive's fault.
+            UnpackError::Io { op: "read", source, .. } => corrupt(source),
+            e => e,
+        })?;
     }
+    Ok(())
+}
 
+fn read_zip(to: &mut dyn Entries, file: File, archive: &Path) -> Result<(), UnpackError> {
+    let corrupt =
+        |reason: String| UnpackError::Corrupt { archive: archive.to_path_buf(), format: ArchiveFormat::Zip, reason };
+    let mut zip = zip::ZipArchive::new(io::BufReader::new(file)).map_err(|e| corrupt(e.to_string()))?;
+    if zip.len() as u64 > to.max_entries() {
+        return Err(UnpackError::TooManyEntries { limit: to.max_entries() });
+    }
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| corrupt(e.to_string()))?;
+        let name = entry.name().as_bytes().to_vec();
+        let shown = entry.name().to_string();
+        if entry.encrypted() {
+            return Err(special(&shown, "encrypted"));
+        }
+        let unix = entry.unix_mode();
+        const S_IFMT: u32 = 0o170000;
+        let kind = match unix.map(|m| m & S_IFMT) {
+            _ if entry.is_dir() => Kind::Dir { mode: unix.map_or(DEFAULT_DIR_MODE, |m| m & 0o7777) },
+            None | Some(0o100000) | Some(0) => {
+                Kind::File { mode: unix.map_or(DEFAULT_FILE_MODE, |m| m & 0o7777), declared: entry.size() }
+            }
+            Some(0o040000) => Kind::Dir { mode: unix.map_or(DEFAULT_DIR_MODE, |m| m & 0o7777) },
+            Some(0o120000) => {
+                let mut target = Vec::new();
+                (&mut entry)
+                    .take(MAX_LINK_TARGET + 1)
+                    .read_to_end(&mut target)
+                    .map_err(|e| corrupt(format!("entry {shown:?}: {e}")))?;
+                if target.len() as u64 > MAX_LINK_TARGET {
+                    return Err(UnpackError::SymlinkEscapes {
+                        entry: shown,
+                        target: String::from_utf8_lossy(target.get(..64).unwrap_or_default()).into_owned() + "...",
+                        reason: "the target is too long",
+                    });
+                }
+                Kind::Symlink { target }
+            }
+            Some(0o020000) => return Err(special(&shown, "character device")),
+            Some(0o060000) => return Err(special(&shown, "block device")),
+            Some(0o010000) => return Err(special(&shown, "FIFO")),
+            Some(0o140000) => return Err(special(&shown, "socket")),
+            Some(other) => return Err(special(&shown, &format!("file type {other:o}"))),
+        };
+        to.entry(&name, &shown, kind, &mut entry).map_err(|e| match e {
+            UnpackError::Io { op: "read", source, .. } => corrupt(format!("entry {shown:?}: {source}")),
+            e => e,
+        })?;
+    }
+    Ok(())
+}
+
+impl Extractor {
     fn entry(&mut self, name: &[u8], shown: &str, kind: Kind, data: &mut dyn Read) -> Result<(), UnpackError> {
         if self.done.entries >= self.limits.max_entries {
             return Err(UnpackError::TooManyEntries { limit: self.limits.max_entries });

@@ -94,6 +94,28 @@ fn every_format_round_trips_files_dirs_links_and_modes() {
     }
 }
 
+/// A plan's count (issue 19): reading an archive through gives what unpacking it
+/// reports, in every format, and refuses what the unpack refuses by name.
+#[test]
+fn a_survey_counts_what_an_unpack_creates() {
+    let tarball = good_tar();
+    for (bytes, name, format) in [
+        (tarball.clone(), "a.tar", ArchiveFormat::Tar),
+        (gz(&tarball), "a.tgz", ArchiveFormat::TarGz),
+        (good_zip(), "a.zip", ArchiveFormat::Zip),
+    ] {
+        let c = case(&bytes, name);
+        let surveyed = survey(File::open(&c.archive).unwrap(), &c.archive, format, &Limits::default()).unwrap();
+        let unpacked = run(&c, format).unwrap();
+        assert_eq!(surveyed, unpacked, "{name}");
+        assert!(surveyed.entries > 0 && surveyed.bytes > 0, "{name}: {surveyed:?}");
+    }
+    let escaping = tar_bytes(|b| add_link(b, EntryType::Symlink, "up", "../../etc"));
+    let c = case(&escaping, "bad.tar");
+    let err = survey(File::open(&c.archive).unwrap(), &c.archive, ArchiveFormat::Tar, &Limits::default()).unwrap_err();
+    assert_eq!(err.to_string(), run(&c, ArchiveFormat::Tar).unwrap_err().to_string());
+}
+
 #[test]
 fn names_and_magic_bytes_select_the_format() {
     use ArchiveFormat as F;

@@ -27,6 +27,12 @@
 //! its descriptor (`/proc/self/fd/N`), so renaming it or planting links beside it
 //! redirects nothing; the moves are `renameat` between opened directories. Everything
 //! extracted is owned by root (the module has no user/group parameters).
+//!
+//! A plan (issue 19) asks for the same downloads (the daemon's, as for an apply), then
+//! reads instead of writing: the directories it would create, the download checked
+//! against `checksum` and compared with the record, and, when it would extract, the
+//! archive read through ([`unpack::survey`]) for the apply's own words (`PATH: extracted
+//! URL (tar.gz, 3 entries, 12 bytes)`). Nothing is staged, unpacked or recorded.
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -169,7 +175,11 @@ pub fn apply(p: &CommonArchive, ctx: &Ctx, fetched: &Fetched<'_>) -> Step {
         if !missing.is_empty() {
             return Ok(Some(missing));
         }
-        extract(&c, record.as_ref(), &record_path, fetched, &mut changes, &mut notes)?;
+        if crate::plan::active() {
+            planned(&c, record.as_ref(), fetched, &mut changes, &mut notes)?;
+        } else {
+            extract(&c, record.as_ref(), &record_path, fetched, &mut changes, &mut notes)?;
+        }
         Ok(None)
     })();
     match result {
@@ -254,6 +264,46 @@ fn extract(
         format!("extracted {} ({format}, {} entries, {} bytes)", c.source, done.entries, done.bytes),
     ));
     write_record(record_path, c, &got.sha256, entries.into_iter().collect())
+}
+
+/// [`extract`]'s look without its writes (a plan, issue 19): the directories it would
+/// create, and the extraction in its words, counted by reading the download
+/// ([`unpack::survey`]); nothing when the download is the archive last extracted and
+/// its entries are in place. The record is not written.
+fn planned(
+    c: &Checked,
+    record: Option<&Record>,
+    fetched: &Fetched<'_>,
+    changes: &mut Vec<Change>,
+    notes: &mut Vec<String>,
+) -> Result<(), ArchiveError> {
+    let (file, got) = fetched.open_checked(&c.source)?.ok_or_else(|| ArchiveError::NotFetched(c.source.clone()))?;
+    verify_checksum(c, fetched, &got.md5, &got.sha256)?;
+    let root = (Uid::from_raw(0), Gid::from_raw(0));
+    // `path` opened when it is a directory; else the directories the apply would create,
+    // from the first missing one down to `path` (root, 0755, as the apply makes them).
+    let target = fsutil::planned_dirs(c.path.as_path(), fsutil::PARENT_DIR_MODE, root, changes)?;
+    if let (Some(r), Some(target)) = (record, &target) {
+        let entries_there = r.entries.iter().map(|e| target.stat(OsStr::new(e))).collect::<Result<Vec<_>, _>>()?;
+        if r.sha256 == got.sha256 && entries_there.iter().all(Option::is_some) {
+            notes.push("the archive is unchanged since the last extraction".to_string());
+            return Ok(());
+        }
+    }
+    let shown = PathBuf::from(format!("the download of {}", c.source));
+    let mut file = file;
+    let format = ArchiveFormat::sniff_reader(&mut file, &shown).unwrap_or(c.format);
+    io::Seek::rewind(&mut file).map_err(|source| ArchiveError::Unpack {
+        url: c.source.clone(),
+        error: UnpackError::Io { path: shown.clone(), op: "rewind", source },
+    })?;
+    let done = unpack::survey(file, &shown, format, &Limits::default())
+        .map_err(|error| ArchiveError::Unpack { url: c.source.clone(), error })?;
+    changes.push(Change::new(
+        c.path.to_string(),
+        format!("extracted {} ({format}, {} entries, {} bytes)", c.source, done.entries, done.bytes),
+    ));
+    Ok(())
 }
 
 fn verify_checksum(c: &Checked, fetched: &Fetched<'_>, md5: &str, sha256: &str) -> Result<(), ArchiveError> {

@@ -272,3 +272,96 @@ fn checksum_files_pick_the_line_naming_the_archive() {
     let other = format!("{md5}  b.tgz\n{md5}  c.tgz\n");
     assert_eq!(checksum_from_file(&other, URL), Err("2 digests and none names \"app.tgz\"".to_string()));
 }
+
+/// Everything below `root`: kind, content, mode, owner (a plan must leave it as it was).
+fn walk(root: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(p) = pending.pop() {
+        let m = fs::symlink_metadata(&p).unwrap();
+        let what = if m.is_dir() {
+            pending.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            "dir".to_string()
+        } else if m.file_type().is_symlink() {
+            format!("link {}", fs::read_link(&p).unwrap().display())
+        } else {
+            format!("file {}", hex::encode(Sha256::digest(fs::read(&p).unwrap())))
+        };
+        out.insert(p, format!("{what} {:o} {}:{}", m.mode() & 0o7777, m.uid(), m.gid()));
+    }
+    out
+}
+
+impl Env {
+    /// A plan of the state, as the dispatch makes it (plan context, outcome marked
+    /// planned): it must stop at no write, and it must leave the whole temp dir (target,
+    /// record, downloads) as it was.
+    fn plan(&self, p: &CommonArchive, files: &[FetchedFile]) -> Outcome {
+        let before = walk(self.tmp.path());
+        let plan = crate::plan::Plan::new();
+        let step = crate::plan::in_thread(Some(std::sync::Arc::clone(&plan)), || self.step(p, files));
+        assert_eq!(walk(self.tmp.path()), before, "the plan wrote something");
+        assert_eq!(plan.refused(), None, "the plan of common.archive stopped at a write");
+        match step {
+            Step::Done(o) => crate::states::planned(o, None, "common.archive"),
+            other => panic!("expected an outcome, got {other:?}"),
+        }
+    }
+}
+
+fn words(o: &Outcome) -> Vec<String> {
+    o.changes.iter().map(ToString::to_string).collect()
+}
+
+/// Drift cycles (issue 19): the plan names the apply's very changes and writes nothing;
+/// after the apply a plan finds nothing.
+#[test]
+fn a_plan_says_what_the_extraction_would_change_and_writes_nothing() {
+    let e = env();
+    let data = tgz("1\n");
+    let p = params(e.raw(json!({})));
+    // Downloads first, in a plan as in an apply (the daemon's).
+    let plan = crate::plan::Plan::new();
+    let step = crate::plan::in_thread(Some(plan), || e.step(&p, &[]));
+    assert_eq!(step, Step::NeedFetch(vec![URL.to_string()]));
+
+    let srv = e.target.parent().unwrap();
+    let want = [
+        format!("{}: directory created (0755 0:0)", srv.display()),
+        format!("{}: directory created (0755 0:0)", e.target.display()),
+        format!("{}: extracted {URL} (tar.gz, 2 entries, 12 bytes)", e.target.display()),
+    ];
+    let planned = e.plan(&p, &[e.download(URL, &data)]);
+    assert!(planned.result && planned.planned, "{planned:?}");
+    assert_eq!(words(&planned), want);
+    assert!(!srv.exists());
+    let applied = e.done(&p, &[e.download(URL, &data)]);
+    assert_eq!(words(&applied), want, "{applied:?}");
+    let again = e.plan(&p, &[e.download(URL, &data)]);
+    assert!(again.result && again.changes.is_empty(), "{again:?}");
+
+    // Drift: what was extracted is removed by hand; a new archive is published.
+    fs::remove_dir_all(e.target.join("app")).unwrap();
+    let v2 = gz(&tar_bytes(|b| {
+        add_file(b, "app/VERSION", b"22\n", 0o644);
+        add_file(b, "app/bin/run", b"#!/bin/sh\n", 0o755);
+        add_file(b, "app/README", b"x", 0o644);
+    }));
+    let want = [format!("{}: extracted {URL} (tar.gz, 3 entries, 14 bytes)", e.target.display())];
+    let planned = e.plan(&p, &[e.download(URL, &v2)]);
+    assert_eq!(words(&planned), want);
+    assert!(!e.target.join("app").exists());
+    assert_eq!(words(&e.done(&p, &[e.download(URL, &v2)])), want);
+    assert!(e.plan(&p, &[e.download(URL, &v2)]).changes.is_empty());
+
+    // With a checksum: the same record decides, without a download; a wrong checksum
+    // fails the plan as it fails the apply.
+    let sum = params(e.raw(json!({"checksum": format!("md5:{}", md5_of(&v2))})));
+    let first = e.plan(&sum, &[e.download(URL, &v2)]);
+    assert!(first.result && first.changes.is_empty(), "{first:?}");
+    let bad = params(e.raw(json!({"checksum": format!("md5:{}", "0".repeat(32))})));
+    let refused = e.plan(&bad, &[e.download(URL, &v2)]);
+    let failed = e.done(&bad, &[e.download(URL, &v2)]);
+    assert!(!refused.result && !failed.result && refused.comment == failed.comment, "{refused:?} {failed:?}");
+}

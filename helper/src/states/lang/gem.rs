@@ -13,6 +13,12 @@
 //! installed next to the versions already there, which are left alone, as the
 //! original did; `removed` removes every version. A gem counts as "at version V" when V
 //! is one of its installed versions.
+//!
+//! A plan (issue 19) runs the same `gem list --local` and, for the gems an install would
+//! choose the version of (unpinned or `latest`), the same remote listing with a home
+//! RubyGems cannot cache in ([`plan_query_tool`]); it reports the listing the apply
+//! would leave in its words (`hello: installed 1.1.0`, `removed 1.1.0, 1.0.0`).
+//! `common.gem.source` plans from `gem sources --list` (`URL: gem source added`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -117,19 +123,20 @@ async fn list(gem: &Tool, run: &mut Run) -> Result<Listing, LangError> {
 async fn run_state(gem: &Tool, p: &CommonGemPackage, run: &mut Run) -> Result<(), LangError> {
     let items = super::parse_items(&p.name, &RULES)?;
     let before = list(gem, run).await?;
-    let mut latest = BTreeMap::new();
-    let ask: Vec<String> = super::needs_latest(&items, &before).iter().map(|i| i.name.clone()).collect();
-    if !ask.is_empty() {
-        let args = ["list", "--remote", "--exact"].into_iter().map(String::from).chain(ask.iter().cloned());
-        let remote = parse_list(&run.query(&gem.command(args, super::QUERY_TIMEOUT).inspection(), &[0]).await?);
-        for name in ask {
-            // Without --all, the remote listing holds the newest version only.
-            let newest = remote.get(&name).and_then(|i| i.versions.first().cloned());
-            let newest = newest.ok_or_else(|| LangError::NotInIndex { name: name.clone() })?;
-            latest.insert(name, newest);
-        }
-    }
+    let planning = crate::plan::active();
+    let mut ask: Vec<String> = super::needs_latest(&items, &before).iter().map(|i| i.name.clone()).collect();
+    let latest = newest(gem, &ask, run).await?;
     let todo = plan(&items, &before, &latest, &RULES);
+    if planning {
+        // The version an unpinned install would get: the source's newest.
+        ask = todo.install.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| n.clone()).collect();
+        let chosen = newest(gem, &ask, run).await?;
+        run.changes.extend(super::planned_changes(&before, &todo, &RULES, true, &chosen, "no version known"));
+        if !todo.install.is_empty() {
+            run.notes.push(super::PLAN_DEPENDENCIES_NOTE.to_string());
+        }
+        return Ok(());
+    }
     if todo.is_empty() {
         return Ok(());
     }
@@ -147,6 +154,48 @@ async fn run_state(gem: &Tool, p: &CommonGemPackage, run: &mut Run) -> Result<()
     run.changes.extend(super::describe_changes(&before, &after));
     acted?;
     verify(&items, &after, &latest, &RULES)
+}
+
+/// The newest version of each gem of `names` in the configured sources, by name
+/// (`gem list --remote --exact`; in a plan through [`plan_query_tool`]).
+async fn newest(gem: &Tool, names: &[String], run: &mut Run) -> Result<BTreeMap<String, String>, LangError> {
+    let mut found = BTreeMap::new();
+    if names.is_empty() {
+        return Ok(found);
+    }
+    let tool = if crate::plan::active() { plan_query_tool(gem) } else { gem.clone() };
+    let args = ["list", "--remote", "--exact"].into_iter().map(String::from).chain(names.iter().cloned());
+    let remote = parse_list(&run.query(&tool.command(args, super::QUERY_TIMEOUT).inspection(), &[0]).await?);
+    for name in names {
+        // Without --all, the remote listing holds the newest version only.
+        let newest = remote.get(name).and_then(|i| i.versions.first().cloned());
+        let newest = newest.ok_or_else(|| LangError::NotInIndex { name: name.clone() })?;
+        found.insert(name.clone(), newest);
+    }
+    Ok(found)
+}
+
+/// Where a plan's remote query looks for a home: nobody can create it.
+pub const PLAN_HOME: &str = "/proc/nonexistent";
+
+/// `gem` for a plan's remote query. RubyGems keeps each source's index in a cache
+/// under the home directory when that directory is the user's own
+/// (`Gem::Source#update_cache?`): a home that cannot exist keeps it from writing. The
+/// user's gemrc, which RubyGems would have found in the real home (`~/.gemrc`, else
+/// the XDG `gem/gemrc`), is named in `GEMRC` ahead of what `GEMRC` already named.
+pub fn plan_query_tool(gem: &Tool) -> Tool {
+    let home = PathBuf::from(gem.env_value("HOME").unwrap_or("/root"));
+    let dotfile = home.join(".gemrc");
+    let user = if dotfile.exists() {
+        dotfile
+    } else {
+        gem.env_value("XDG_CONFIG_HOME").map_or_else(|| home.join(".config"), PathBuf::from).join("gem/gemrc")
+    };
+    let mut rc = vec![user.display().to_string()];
+    rc.extend(
+        gem.env_value("GEMRC").into_iter().flat_map(|v| v.split(':')).filter(|s| !s.is_empty()).map(String::from),
+    );
+    gem.clone().with_env("HOME", PLAN_HOME).with_env("GEMRC", &rc.join(":"))
 }
 
 /// The sources `gem sources --list` prints (after its `*** CURRENT SOURCES ***`
@@ -176,6 +225,13 @@ pub async fn source_using(gem: Option<Tool>, p: &CommonGemSource, cancel: Cancel
                     &run.query(&gem.command(["sources", "--list"], super::QUERY_TIMEOUT).inspection(), &[0]).await?,
                 );
                 if listed.iter().any(|s| s == url.trim_end_matches('/')) {
+                    return Ok(());
+                }
+                if crate::plan::active() {
+                    // `gem sources --add` also fetches the source's index to check it: a
+                    // source that does not answer fails the apply, which a plan cannot tell.
+                    run.changes.push(Change::new(url.as_str(), "gem source added"));
+                    run.notes.push("planned: the apply checks that the source answers when it adds it".into());
                     return Ok(());
                 }
                 run.act(&gem.command(["sources", "--add", url.as_str()], super::INSTALL_TIMEOUT)).await?;

@@ -288,6 +288,48 @@ pub fn describe_changes(before: &Listing, after: &Listing) -> Vec<Change> {
     changes
 }
 
+/// What a plan reports for `todo` (issue 19): the apply's own words ([`describe_changes`]
+/// between the listing now and the one the apply would leave). A pinned install, or an
+/// unpinned one whose version the index named in `chosen` (by key), replaces the
+/// installed version, or, with `side_by_side` (gems), joins it; a removal removes every
+/// version. An unpinned install whose version is not known says it would be installed
+/// and `why` the version is not named. Dependencies the tool would pull in or drop on
+/// the way are not listed: only the install itself knows them.
+pub fn planned_changes(
+    before: &Listing,
+    todo: &Plan,
+    rules: &Rules,
+    side_by_side: bool,
+    chosen: &BTreeMap<String, String>,
+    why: &str,
+) -> Vec<Change> {
+    let mut after = before.clone();
+    let mut unknown = Vec::new();
+    for (name, version) in &todo.install {
+        let key = (rules.key)(name);
+        let Some(v) = version.clone().or_else(|| chosen.get(&key).cloned()) else {
+            unknown.push(Change::new(name.clone(), format!("would be installed ({why})")));
+            continue;
+        };
+        let entry = after.entry(key).or_insert_with(|| Installed { name: name.clone(), versions: Vec::new() });
+        if !side_by_side {
+            entry.versions = vec![v];
+        } else if !entry.versions.iter().any(|x| (rules.same_version)(x, &v)) {
+            entry.versions.insert(0, v);
+        }
+    }
+    for name in &todo.remove {
+        after.remove(&(rules.key)(name));
+    }
+    let mut changes = describe_changes(before, &after);
+    changes.extend(unknown);
+    changes
+}
+
+/// The note of a plan that installs something.
+pub const PLAN_DEPENDENCIES_NOTE: &str =
+    "planned: packages the install would pull in as dependencies are known only when it runs";
+
 /// Checks the listing after the tool ran against what each package wants.
 pub fn verify(
     items: &[Item],
@@ -518,6 +560,40 @@ mod tests {
         let c: Vec<String> = describe_changes(&before, &after).iter().map(ToString::to_string).collect();
         assert_eq!(c, ["a: 1.0 -> 2.0", "b: removed 1.0", "c: installed 3.0", "g: installed 1.1"]);
         assert!(describe_changes(&after, &after).is_empty());
+    }
+
+    /// A plan's words are the apply's: the listing the tool would leave, compared as the
+    /// apply compares its two listings.
+    #[test]
+    fn a_plan_says_what_the_apply_would_report() {
+        let before = listing(&[("up", &["1.0"]), ("gone", &["1.0", "0.9"]), ("gem", &["1.0"])]);
+        let todo = Plan {
+            install: vec![
+                ("up".into(), Some("2.0".into())),
+                ("new".into(), Some("3.0".into())),
+                ("chosen".into(), None),
+                ("unknown".into(), None),
+            ],
+            remove: vec!["gone".into()],
+        };
+        let chosen = BTreeMap::from([("chosen".to_string(), "4.0".to_string())]);
+        let c: Vec<String> =
+            planned_changes(&before, &todo, &rules(), false, &chosen, "why").iter().map(ToString::to_string).collect();
+        assert_eq!(
+            c,
+            [
+                "chosen: installed 4.0",
+                "gone: removed 1.0, 0.9",
+                "new: installed 3.0",
+                "up: 1.0 -> 2.0",
+                "unknown: would be installed (why)"
+            ]
+        );
+        // Side by side (gems): a new version joins the installed ones.
+        let todo = Plan { install: vec![("gem".into(), Some("1.1".into()))], remove: vec![] };
+        let c = planned_changes(&before, &todo, &rules(), true, &BTreeMap::new(), "");
+        assert_eq!(c.iter().map(ToString::to_string).collect::<Vec<_>>(), ["gem: installed 1.1"]);
+        assert!(planned_changes(&before, &Plan::default(), &rules(), true, &BTreeMap::new(), "").is_empty());
     }
 
     #[test]

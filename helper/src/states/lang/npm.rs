@@ -17,6 +17,13 @@
 //! Certificates: Node.js trusts its own CA list, not the system's. The helper points
 //! `NODE_EXTRA_CA_CERTS` at the system bundle (when there is one), so npm trusts what
 //! apt, pip and gem trust on the same host (a company proxy's CA, an internal registry).
+//!
+//! A plan (issue 19) runs the same `npm ls` (writing or pruning no debug log) and reports what the
+//! apply would, in its words, for pinned versions and removals (`is-number: installed
+//! 7.0.0`, `7.0.0 -> 6.0.0`, `removed 7.0.0`), with the directories of `path` it would
+//! create. The registry's `latest` is not asked (`npm view` writes npm's cache): an
+//! unpinned install "would be installed" and a `latest` package "would fetch" it, each
+//! saying why.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,7 +31,7 @@ use std::path::PathBuf;
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::CommonNpmPackage;
 use opsagent_proto::newtypes::AbsPath;
-use opsagent_proto::request::Outcome;
+use opsagent_proto::request::{Change, Outcome};
 use serde_json::Value;
 
 use super::{find_json, plan, verify, Installed, Item, LangError, Listing, Rules, Run, Tool};
@@ -139,6 +146,16 @@ pub async fn apply(p: &CommonNpmPackage, cancel: Cancel) -> Outcome {
 /// The state with a given npm (`None`: none is installed).
 pub async fn apply_using(npm: Option<Tool>, p: &CommonNpmPackage, cancel: Cancel) -> Outcome {
     let mut run = Run::new(cancel);
+    // In a plan npm writes no debug log: it writes one under its cache for every
+    // command, `npm ls` included, unless told to keep none, and then it removes the
+    // ones there are, in the logs directory, which is therefore one nobody can create.
+    let npm = npm.map(|t| {
+        if crate::plan::active() {
+            t.with_env("npm_config_logs_max", "0").with_env("npm_config_logs_dir", "/proc/nonexistent")
+        } else {
+            t
+        }
+    });
     let result = match npm {
         Some(npm) => run_state(&npm, p, &mut run).await,
         None => Err(MissingTool {
@@ -176,10 +193,34 @@ async fn run_state(npm: &Tool, p: &CommonNpmPackage, run: &mut Run) -> Result<()
     };
     let before = list(npm, &target, run).await?;
     let mut latest = BTreeMap::new();
+    let planning = crate::plan::active();
+    let mut to_fetch = Vec::new();
     for item in super::needs_latest(&items, &before) {
-        latest.insert(item.key.clone(), newest(npm, item, run).await?);
+        if planning {
+            // `npm view` stores what it fetches in npm's cache: a plan does not ask.
+            let now = before.get(&item.key).map(|i| i.versions.join(", ")).unwrap_or_default();
+            to_fetch.push(Change::new(
+                item.name.clone(),
+                format!("would fetch the registry's latest version to compare with {now} ({NOT_ASKED})"),
+            ));
+        } else {
+            latest.insert(item.key.clone(), newest(npm, item, run).await?);
+        }
     }
     let todo = plan(&items, &before, &latest, &RULES);
+    if planning {
+        if !todo.install.is_empty() {
+            if let Target::Prefix(dir) = &target {
+                let root = (Uid::from_raw(0), Gid::from_raw(0));
+                fsutil::create_dirs(dir, fsutil::PARENT_DIR_MODE, root, &mut run.changes)?;
+            }
+            run.notes.push(super::PLAN_DEPENDENCIES_NOTE.to_string());
+        }
+        let why = format!("at the registry's latest version, not asked: {NOT_ASKED}");
+        run.changes.extend(super::planned_changes(&before, &todo, &RULES, false, &BTreeMap::new(), &why));
+        run.changes.extend(to_fetch);
+        return Ok(());
+    }
     if todo.is_empty() {
         return Ok(());
     }
@@ -206,6 +247,9 @@ async fn run_state(npm: &Tool, p: &CommonNpmPackage, run: &mut Run) -> Result<()
     acted?;
     verify(&items, &after, &latest, &RULES)
 }
+
+/// Why a plan does not ask the registry.
+const NOT_ASKED: &str = "npm view stores what it fetches in npm's cache, and a plan writes nothing";
 
 async fn newest(npm: &Tool, item: &Item, run: &mut Run) -> Result<String, LangError> {
     let spec = npm.command(["view", item.name.as_str(), "version", "--json"], super::QUERY_TIMEOUT).inspection();

@@ -23,6 +23,12 @@
 //! `install-options` (not in module.json; the original used it internally, for the
 //! supervisor requirement): comma-separated, each passed as `--install-option=OPT` as
 //! the original did. pip 23.1 and later no longer have that option and fail with it.
+//!
+//! A plan (issue 19) runs the same listing and, for every package an install would
+//! choose the version of (unpinned or `latest`), `pip index versions`, without pip's
+//! cache; it reports the listing the install would leave in the apply's words
+//! (`six: installed 1.16.0`, `six: 1.15.0 -> 1.16.0`, `six: removed 1.16.0`). What an
+//! install pulls in as dependencies is known only when it runs: the plan says so.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -158,7 +164,7 @@ pub async fn apply(p: &CommonPipPackage, cancel: Cancel) -> Outcome {
 /// The state with a given pip (`None`: none is installed).
 pub async fn apply_using(pip: Option<Tool>, p: &CommonPipPackage, cancel: Cancel) -> Outcome {
     let mut run = Run::new(cancel);
-    let result = match pip {
+    let result = match pip.map(plan_tool) {
         Some(pip) => run_state(&pip, p, &mut run).await,
         None => {
             Err(MissingTool { tool: "pip".into(), hint: "Debian/Ubuntu package python3-pip, RHEL python3-pip".into() }
@@ -166,6 +172,16 @@ pub async fn apply_using(pip: Option<Tool>, p: &CommonPipPackage, cancel: Cancel
         }
     };
     run.finish(&super::subject(&p.name), result)
+}
+
+/// In a plan, pip's inspections keep nothing: no HTTP cache written by an index query,
+/// no bytecode of a module Python had not compiled yet.
+pub fn plan_tool(pip: Tool) -> Tool {
+    if crate::plan::active() {
+        pip.with_env("PIP_NO_CACHE_DIR", "1").with_env("PYTHONDONTWRITEBYTECODE", "1")
+    } else {
+        pip
+    }
 }
 
 /// Lists what a pip sees as installed.
@@ -184,6 +200,19 @@ async fn run_state(pip: &Tool, p: &CommonPipPackage, run: &mut Run) -> Result<()
     }
     let todo = plan(&items, &before, &latest, &RULES);
     if todo.is_empty() {
+        return Ok(());
+    }
+    if crate::plan::active() {
+        // The version an unpinned install would get: the index's newest, as pip's own
+        // choice (`pip index versions` reads the index, installs nothing).
+        let mut chosen = BTreeMap::new();
+        for item in items.iter().filter(|i| todo.install.iter().any(|(n, v)| v.is_none() && *n == i.name)) {
+            chosen.insert(item.key.clone(), newest(pip, item, run).await?);
+        }
+        run.changes.extend(super::planned_changes(&before, &todo, &RULES, false, &chosen, "no version known"));
+        if !todo.install.is_empty() {
+            run.notes.push(super::PLAN_DEPENDENCIES_NOTE.to_string());
+        }
         return Ok(());
     }
     let acted = async {

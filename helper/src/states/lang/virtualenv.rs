@@ -25,6 +25,12 @@
 //! - `path`, and every directory on the way to it, must be root's and writable by nobody
 //!   else ([`crate::dirfd::root_controlled`]): the tools run as root and take the path by
 //!   name.
+//!
+//! A plan (issue 19) makes the same checks and reads (`pyvenv.cfg`, `bin/python`,
+//! `bin/pip`, the requirements file's checksum against the stored one) and reports the
+//! apply's words (`PATH: virtualenv created (…)`, `system-site-packages false -> true`);
+//! a `pip install -r` it would run is named as such ("would run …"), since only pip
+//! knows what the file comes to, and nothing is stored.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -211,7 +217,9 @@ async fn run_state(
         let repaired = path.as_path().join("pyvenv.cfg").exists();
         let site = p.system_site_packages.unwrap_or(false);
         let (program, args) = creator.args(&path, site);
-        run.act(&Tool::new(program).command(args, super::INSTALL_TIMEOUT)).await?;
+        if !crate::plan::active() {
+            run.act(&Tool::new(program).command(args, super::INSTALL_TIMEOUT)).await?;
+        }
         let what =
             if repaired { "virtualenv rebuilt (bin/python or bin/pip was missing)" } else { "virtualenv created" };
         run.changes
@@ -221,6 +229,19 @@ async fn run_state(
 
     let Some(req) = requirements else { return Ok(()) };
     let check = store.check(state, std::slice::from_ref(&req), true)?;
+    if crate::plan::active() {
+        // What `pip install -r` changes is pip's to find out (the file's versions,
+        // ranges and dependencies against the index): the plan names the step.
+        if created || check.triggered() {
+            let why = if created { "the environment is new" } else { "the file changed since its last install" };
+            let pip = venv_pip(&path).command(["install", "-r", &req.to_string()], super::INSTALL_TIMEOUT);
+            run.changes.push(Change::new(
+                path.to_string(),
+                format!("would run {} ({why}; what it installs is known only when it runs)", pip.display()),
+            ));
+        }
+        return Ok(());
+    }
     if created || check.triggered() {
         let pip = venv_pip(&path).with_cwd(req.parent().as_path());
         let before = pip::list(&pip, run).await?;
@@ -247,6 +268,10 @@ fn sync_site_packages(path: &AbsPath, want: bool, changes: &mut Vec<Change>) -> 
     let text = fs::read_to_string(&cfg_path).map_err(io("read"))?;
     let current = site_packages_setting(&text).unwrap_or(false);
     if current == want {
+        return Ok(());
+    }
+    if crate::plan::active() {
+        changes.push(Change::new(path.to_string(), format!("system-site-packages {current} -> {want}")));
         return Ok(());
     }
     let meta = fs::metadata(&cfg_path).map_err(io("inspect"))?;
