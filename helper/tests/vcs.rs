@@ -1031,6 +1031,7 @@ async fn hg_plan_apply_plan_cycle_writes_nothing_and_says_what_the_apply_says() 
     // deleted file. Without force the plan gives the apply's refusal; with force, the
     // apply's changes.
     std::fs::write(path.join("README"), "on3\n").unwrap();
+    sh(Command::new("touch").args(["-d", "2001-01-01 00:00:00"]).arg(path.join("README")));
     std::fs::remove_file(path.join("other")).unwrap();
     let before = tree_sum(&path);
     let planned = plan(state("default", false)).await;
@@ -1055,6 +1056,52 @@ async fn hg_plan_apply_plan_cycle_writes_nothing_and_says_what_the_apply_says() 
     assert_eq!(hg_state(state("default", true)).await.changes, want);
     assert_nothing_planned(&plan(state("default", true)).await);
     assert_eq!(read(&path.join("README")), "two\n");
+}
+
+/// What the plan cannot read itself it names as a step it would take, and why: a file
+/// changed at its recorded size but too large to compare, a dirstate in format v2.
+#[tokio::test]
+async fn hg_plan_says_would_run_where_it_cannot_read_the_clone() {
+    const TEST: &str = "hg_plan_says_would_run_where_it_cannot_read_the_clone";
+    if !have(TEST, "hg", "mercurial") {
+        return;
+    }
+    let up = HgUpstream::new();
+    let big = "x".repeat(20_000);
+    let tip = up.commit("big", &big);
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("app");
+    let state = json!({"path": path, "repo": up.repo()});
+    assert_ok(&hg_state(state.clone()).await);
+    assert_unchanged(&hg_state(state.clone()).await);
+    // Same size, another time: only a comparison of the content could tell.
+    std::fs::write(path.join("big"), "y".repeat(20_000)).unwrap();
+    // (Another second than any hg recorded, whenever the test runs.)
+    sh(Command::new("touch").args(["-d", "2001-01-01 00:00:00"]).arg(path.join("big")));
+    let before = tree_sum(&path);
+    let out = plan_of("common.hg", hg_state(state.clone())).await;
+    assert_eq!(
+        only_change(&out, &path),
+        format!(
+            "would run hg status, then update to {} (default): big changed on disk at its recorded size, and only hg \
+             status compares a file that large (it records what it found in .hg/dirstate)",
+            short(&tip)
+        )
+    );
+    assert_eq!(tree_sum(&path), before);
+    let requires = path.join(".hg/requires");
+    std::fs::write(&requires, format!("{}dirstate-v2\n", read(&requires))).unwrap();
+    let before = tree_sum(&path);
+    let out = plan_of("common.hg", hg_state(state)).await;
+    assert_eq!(
+        only_change(&out, &path),
+        format!(
+            "would run hg status, then update to {} (default): this clone's .hg/dirstate is not in the format the \
+             plan reads",
+            short(&tip)
+        )
+    );
+    assert_eq!(tree_sum(&path), before);
 }
 
 #[tokio::test]
