@@ -118,6 +118,18 @@ impl ChecksumStore {
         Ok(out)
     }
 
+    /// Whether `file`, once it holds `content`, would count as changed for `state` by
+    /// [`Self::check`] without first sight counting (what a plan asks of a file it
+    /// would write). Reads the store only.
+    pub fn would_change(&self, state: &StateId, file: &AbsPath, content: &[u8]) -> Result<bool, ChecksumError> {
+        let store = self.checksum_path(state, file);
+        match fs::read_to_string(&store) {
+            Ok(s) => Ok(s.trim() != hex::encode(Md5::digest(content))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(ChecksumError::StoreIo { path: store, source }),
+        }
+    }
+
     /// Stores the checksums seen by `check`: call only after the state succeeded.
     pub fn commit(&self, check: &FileChanges) -> Result<(), ChecksumError> {
         if check.pending.is_empty() {

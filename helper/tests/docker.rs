@@ -588,3 +588,231 @@ fn walkdir(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// What a docker plan must leave alone: the containers (name, state, start time), the
+/// images, and every file under the helper's state directory with its content (env
+/// files, credentials, watch checksums, pushed memos, deploy files).
+fn engine_and_state(h: &Harness, ctx: &Ctx) -> (String, String, Vec<String>) {
+    let containers = h.must(&["ps", "--all", "--format", "{{.Names}} {{.State}} {{.CreatedAt}}"]);
+    let mut started = Vec::new();
+    for name in containers.lines().filter_map(|l| l.split_whitespace().next()) {
+        started.push(format!("{name} {}", h.started_at(name)));
+    }
+    let mut state: Vec<String> = walkdir(&ctx.state_dir)
+        .into_iter()
+        .map(|p| format!("{p} {:?}", std::fs::read(&p).unwrap_or_default()))
+        .chain(started)
+        .collect();
+    state.sort();
+    (containers, h.must(&["images", "--quiet", "--no-trunc"]), state)
+}
+
+/// Plans `work`, which must not stop at a write and must leave the engine and the
+/// state directory as they were; its changes as text.
+async fn planned_changes(
+    h: &Harness,
+    ctx: &Ctx,
+    module: &str,
+    work: impl std::future::Future<Output = Outcome>,
+) -> Vec<String> {
+    let before = engine_and_state(h, ctx);
+    let plan = opsagent_helper::plan::Plan::new();
+    let out = opsagent_helper::plan::scope(Some(std::sync::Arc::clone(&plan)), work).await;
+    assert_eq!(plan.refused(), None, "the plan of {module} stopped at a write: {out:?}");
+    assert_eq!(engine_and_state(h, ctx), before, "the plan of {module} changed the engine or the state directory");
+    ok(&out)
+}
+
+/// Issue 19's drift cycles for linux.docker.built and linux.docker.running: each drift
+/// (image missing, container missing, stopped, parameters changed, watched file
+/// changed, one container too many) is planned in the apply's words with nothing run or
+/// written, then applied with the same changes, then planned again as nothing.
+#[tokio::test]
+async fn built_and_running_plan_apply_plan_cycles() {
+    let _lock = ENGINE_LOCK.lock().await;
+    let Some(h) = Harness::start().await else { return };
+    let ctx = h.ctx();
+    let build_dir = h.context("planweb", "1");
+    let ModuleParams::LinuxDockerBuilt(built) =
+        params("linux.docker.built", json!({"path": build_dir, "tag": "opsagent/planweb:1", "containers": ["pw"]}))
+    else {
+        panic!()
+    };
+    let state = id("pb-1");
+    let planned =
+        planned_changes(&h, &ctx, "built", image::built(&h.engine, &built, &state, &ctx, Cancel::never())).await;
+    assert_eq!(
+        planned,
+        ["image opsagent/planweb:1: built (image missing); its image id is known only after the build"]
+    );
+    let applied = ok(&image::built(&h.engine, &built, &state, &ctx, Cancel::never()).await);
+    assert!(applied[0].starts_with("image opsagent/planweb:1: built (image missing), image "), "{applied:?}");
+    let planned =
+        planned_changes(&h, &ctx, "built", image::built(&h.engine, &built, &state, &ctx, Cancel::never())).await;
+    assert!(planned.is_empty(), "{planned:?}");
+
+    let port = free_port_pair();
+    let conf = h.dir.path().join("planweb.conf");
+    std::fs::write(&conf, "version=1\n").unwrap();
+    let raw = |mode: &str, count: u64| {
+        json!({"container": "pw", "image": "opsagent/planweb", "tag": "1", "count": count.to_string(),
+               "port_bindings": [{"key": "80", "value": format!("127.0.0.1:{port}")}],
+               "environment": [{"key": "MODE", "value": mode}], "watch": [conf]})
+    };
+    let state = id("pr-1");
+    // Plan, apply (the same changes), plan again (nothing).
+    let cycle = |mode: &'static str, count: u64, want: Vec<String>| {
+        let (h, ctx, state) = (&h, &ctx, &state);
+        async move {
+            let ModuleParams::LinuxDockerRunning(p) = params("linux.docker.running", raw(mode, count)) else {
+                panic!()
+            };
+            let run = || run::running(&h.engine, &p, state, ctx, Cancel::never());
+            assert_eq!(planned_changes(h, ctx, "running", run()).await, want, "plan");
+            assert_eq!(ok(&run().await), want, "apply");
+            let again = planned_changes(h, ctx, "running", run()).await;
+            assert!(again.is_empty(), "plan after the apply: {again:?}");
+        }
+    };
+    cycle(
+        "prod",
+        2,
+        vec![
+            "container pw_1: created from opsagent/planweb:1 and started".into(),
+            "container pw_2: created from opsagent/planweb:1 and started".into(),
+        ],
+    )
+    .await;
+    h.must(&["stop", "--time", "2", "pw_2"]);
+    cycle("prod", 2, vec!["container pw_2: started".into()]).await;
+    cycle(
+        "dev",
+        2,
+        vec![
+            "container pw_1: recreated (parameters changed)".into(),
+            "container pw_2: recreated (parameters changed)".into(),
+        ],
+    )
+    .await;
+    std::fs::write(&conf, "version=2\n").unwrap();
+    let why = format!("restarted (watched file changed: {})", conf.display());
+    cycle("dev", 2, vec![format!("container pw_1: {why}"), format!("container pw_2: {why}")]).await;
+    cycle("dev", 1, vec!["container pw_2: removed (no longer wanted)".into()]).await;
+
+    // The Dockerfile changes: the plan names the rebuild; whether the image id changes
+    // (and so whether the containers go) only the build can tell, and the plan says so.
+    let _ = h.context("planweb", "2");
+    let state = id("pb-1");
+    let before = engine_and_state(&h, &ctx);
+    let plan = opsagent_helper::plan::Plan::new();
+    let out = opsagent_helper::plan::scope(
+        Some(std::sync::Arc::clone(&plan)),
+        image::built(&h.engine, &built, &state, &ctx, Cancel::never()),
+    )
+    .await;
+    assert_eq!((plan.refused(), engine_and_state(&h, &ctx)), (None, before));
+    assert_eq!(
+        ok(&out),
+        ["image opsagent/planweb:1: built (Dockerfile changed); its image id is known only after the build"]
+    );
+    assert!(out.comment.ends_with("; container pw removed if the build makes a new image"), "{out:?}");
+    let applied = ok(&image::built(&h.engine, &built, &state, &ctx, Cancel::never()).await);
+    assert!(applied[0].starts_with("image opsagent/planweb:1: built (Dockerfile changed), image "), "{applied:?}");
+    assert!(applied.contains(&"container pw_1: removed (its image was rebuilt)".to_string()), "{applied:?}");
+    assert!(planned_changes(&h, &ctx, "built", image::built(&h.engine, &built, &state, &ctx, Cancel::never()))
+        .await
+        .is_empty());
+}
+
+/// Issue 19's drift cycles for linux.docker.pushed (a new image under the tag: pushed,
+/// the dependent container removed) and linux.docker.deploy (new files and container;
+/// a changed file: written and the container restarted), with registry credentials.
+#[tokio::test]
+async fn pushed_and_deploy_plan_apply_plan_cycles() {
+    let _lock = ENGINE_LOCK.lock().await;
+    let Some(h) = Harness::start().await else { return };
+    let ctx = h.ctx();
+    let repo = format!("{}/test/plansite", h.registry);
+    let tagged = format!("{repo}:v1");
+    let dir = h.context("plansite", "1");
+    h.must(&["build", "--tag", &tagged, &dir.to_string_lossy()]);
+    let ModuleParams::LinuxDockerPushed(push) = params(
+        "linux.docker.pushed",
+        json!({"repository": repo, "tag": "v1", "username": USER, "password": PASSWORD, "dep_containers": ["dep"]}),
+    ) else {
+        panic!()
+    };
+    let short = |reference: &str| {
+        let id = h.must(&["image", "inspect", "--format", "{{.Id}}", reference]);
+        id.trim().trim_start_matches("sha256:").chars().take(12).collect::<String>()
+    };
+    let state = id("pp-1");
+    let pushed = || image::pushed(&h.engine, &push, &state, &ctx, Cancel::never());
+    let want = vec![format!("image {tagged}: pushed (image {})", short(&tagged))];
+    assert_eq!(planned_changes(&h, &ctx, "pushed", pushed()).await, want);
+    assert_eq!(ok(&pushed().await), want);
+    assert!(planned_changes(&h, &ctx, "pushed", pushed()).await.is_empty());
+    // A new image under the tag, and a container depending on it.
+    h.must(&["run", "--detach", "--name", "dep", &tagged]);
+    let dir = h.context("plansite", "2");
+    h.must(&["build", "--tag", &tagged, &dir.to_string_lossy()]);
+    let want = vec![
+        format!("image {tagged}: pushed (image {})", short(&tagged)),
+        "container dep: removed (a new image was pushed)".to_string(),
+    ];
+    assert_eq!(planned_changes(&h, &ctx, "pushed", pushed()).await, want);
+    assert_eq!(ok(&pushed().await), want);
+    assert!(planned_changes(&h, &ctx, "pushed", pushed()).await.is_empty());
+
+    let port = free_port_pair();
+    let raw = |content: &str| {
+        json!({"container": "site", "image": repo, "tag": "v1", "username": USER, "password": PASSWORD,
+               "files": [{"key": "/etc/site/site.conf", "value": content}],
+               "port_bindings": [{"key": "80", "value": format!("127.0.0.1:{port}")}]})
+    };
+    let state = id("pd-1");
+    let host_file = ctx.state_dir.join("docker-config/site/-etc-site-site.conf");
+    let cycle = |content: &'static str, want: Vec<String>| {
+        let (h, ctx, state) = (&h, &ctx, &state);
+        async move {
+            let ModuleParams::LinuxDockerDeploy(p) = params("linux.docker.deploy", raw(content)) else { panic!() };
+            let deploy = || run::deploy(&h.engine, &p, state, ctx, Cancel::never());
+            let planned = planned_changes(h, ctx, "deploy", deploy()).await;
+            assert!(planned.ends_with(&want), "plan: {planned:?}");
+            assert_eq!(ok(&deploy().await), planned, "apply");
+            let again = planned_changes(h, ctx, "deploy", deploy()).await;
+            assert!(again.is_empty(), "plan after the apply: {again:?}");
+        }
+    };
+    let written = format!("{}: written (mounted at /etc/site/site.conf)", host_file.display());
+    cycle("v=1\n", vec![written.clone(), format!("container site: created from {tagged} and started")]).await;
+    assert_eq!(http_get(port, "/etc/site/site.conf").await, "v=1\n");
+    let why = format!("restarted (watched file changed: {})", host_file.display());
+    cycle("v=2\n", vec![written, format!("container site: {why}")]).await;
+    assert_eq!(http_get(port, "/etc/site/site.conf").await, "v=2\n");
+
+    // Commit then push (Podman's own client, as in the test above): a commit makes a
+    // new image every time, so the plan names both steps, and the push's id is the
+    // commit's to make.
+    h.must(&["run", "--detach", "--name", "snap", &tagged]);
+    let snap = format!("{}/test/plansnap:latest", h.registry);
+    let ModuleParams::LinuxDockerPushed(commit) = params(
+        "linux.docker.pushed",
+        json!({"repository": format!("{}/test/plansnap", h.registry), "container": "snap", "author": "ops",
+               "username": USER, "password": PASSWORD}),
+    ) else {
+        panic!()
+    };
+    let state = id("pc-1");
+    let commit_push = || image::pushed(&h.podman, &commit, &state, &ctx, Cancel::never());
+    assert_eq!(
+        planned_changes(&h, &ctx, "pushed", commit_push()).await,
+        [
+            format!("container snap: committed to {snap}"),
+            format!("image {snap}: pushed (the image committed from snap)")
+        ]
+    );
+    let applied = ok(&commit_push().await);
+    assert_eq!(applied[0], format!("container snap: committed to {snap}"));
+    assert!(applied[1].starts_with(&format!("image {snap}: pushed (image ")), "{applied:?}");
+}

@@ -950,6 +950,160 @@ async fn hg_clones_follows_pins_and_forces() {
     );
 }
 
+/// Whether `tool` is here; if not, the test says so and is skipped (a failure where
+/// `OPSAGENT_TEST_NO_SKIP` is set).
+fn have(test: &str, tool: &str, package: &str) -> bool {
+    if find_tool(tool, &[]).is_some() {
+        return true;
+    }
+    common::skip(&format!("{test}: SKIPPED, {tool} is missing (apt-get install -y {package})"));
+    false
+}
+
+/// A plan of a state as the helper's dispatch makes it (in a plan context, the outcome
+/// marked planned); the module must not have stopped at a write.
+async fn plan_of(module: &str, work: impl std::future::Future<Output = Outcome>) -> Outcome {
+    let plan = opsagent_helper::plan::Plan::new();
+    let out = opsagent_helper::plan::scope(Some(std::sync::Arc::clone(&plan)), work).await;
+    assert_eq!(plan.refused(), None, "the plan of {module} stopped at a write: {out:?}");
+    opsagent_helper::states::planned(out, None, module)
+}
+
+#[track_caller]
+fn assert_nothing_planned(out: &Outcome) {
+    assert!(out.planned && out.result && out.changes.is_empty(), "expected no change: {out:?}");
+    assert!(out.comment.contains("already as wanted"), "{out:?}");
+}
+
+#[tokio::test]
+async fn hg_plan_apply_plan_cycle_writes_nothing_and_says_what_the_apply_says() {
+    const TEST: &str = "hg_plan_apply_plan_cycle_writes_nothing_and_says_what_the_apply_says";
+    if !have(TEST, "hg", "mercurial") {
+        return;
+    }
+    let up = HgUpstream::new();
+    up.commit("other", "x\n");
+    let n1 = up.tip();
+    let dest = tempfile::tempdir().unwrap();
+    let parent = dest.path().join("new");
+    let path = parent.join("app");
+    let repo = format!("file://{}", up.repo().display());
+    let state = |rev: &str, force: bool| json!({"path": path, "repo": repo, "revision": rev, "force": force});
+    let plan = |raw: Value| plan_of("common.hg", hg_state(raw));
+
+    // Missing: the plan names the clone and creates nothing; the apply says the same.
+    let planned = plan(state("default", false)).await;
+    assert_eq!(clone_change(&planned, &path), format!("cloned at {} (default)", short(&n1)));
+    assert!(!parent.exists(), "the plan created {}", parent.display());
+    assert_eq!(hg_state(state("default", false)).await.changes, planned.changes);
+
+    // Converged, right after the update (file times not yet recorded in .hg/dirstate,
+    // where `hg status` would record them): nothing, and nothing written.
+    let before = tree_sum(&path);
+    assert_nothing_planned(&plan(state("default", false)).await);
+    assert_eq!(tree_sum(&path), before, "a plan of a converged clone wrote into it");
+
+    // The remote moves on: the plan names the apply's change and pulls nothing.
+    let n2 = up.commit("README", "two\n");
+    let want = format!("revision {} -> {} (default)", short(&n1), short(&n2));
+    assert_eq!(only_change(&plan(state("default", false)).await, &path), want);
+    assert_eq!(tree_sum(&path), before, "the plan wrote into the clone");
+    assert_eq!(only_change(&hg_state(state("default", false)).await, &path), want);
+    assert_nothing_planned(&plan(state("default", false)).await);
+
+    // A tag, with the repository given as a plain path (resolved as a revset literal).
+    up.hg(&["tag", "-r", &n1, "v-1.0"]);
+    let by_path = json!({"path": path, "repo": up.repo(), "revision": "v-1.0"});
+    let before = tree_sum(&path);
+    let want = format!("revision {} -> {} (v-1.0)", short(&n2), short(&n1));
+    assert_eq!(only_change(&plan(by_path.clone()).await, &path), want);
+    assert_eq!(tree_sum(&path), before);
+    assert_eq!(only_change(&hg_state(by_path.clone()).await, &path), want);
+    assert_nothing_planned(&plan(by_path).await);
+    let out = plan(state("no-such-branch", false)).await;
+    assert!(!out.result && out.changes.is_empty(), "{out:?}");
+    assert!(
+        out.comment.starts_with("revision \"no-such-branch\" is not a branch, bookmark, tag or changeset"),
+        "{out:?}"
+    );
+
+    // Local changes: a same-size edit whose time moved (only the content tells) and a
+    // deleted file. Without force the plan gives the apply's refusal; with force, the
+    // apply's changes.
+    std::fs::write(path.join("README"), "on3\n").unwrap();
+    sh(Command::new("touch").args(["-d", "2001-01-01 00:00:00"]).arg(path.join("README")));
+    std::fs::remove_file(path.join("other")).unwrap();
+    let before = tree_sum(&path);
+    let planned = plan(state("default", false)).await;
+    assert_eq!(tree_sum(&path), before);
+    let applied = hg_state(state("default", false)).await;
+    assert!(!planned.result && !applied.result && planned.changes.is_empty(), "{planned:?}");
+    assert_eq!(planned.comment, applied.comment);
+    assert_eq!(
+        planned.comment,
+        format!("{} has local changes (README, other); set force to discard them", path.display())
+    );
+    // (The refused apply pulled first; the plan after it writes nothing either.)
+    let before = tree_sum(&path);
+    let tip = up.tip();
+    let p = path.display().to_string();
+    let want = [
+        Change::new(&p, "local changes discarded (README, other; force is set)"),
+        Change::new(&p, format!("revision {} -> {} (default)", short(&n1), short(&tip))),
+    ];
+    assert_eq!(plan(state("default", true)).await.changes, want);
+    assert_eq!(tree_sum(&path), before);
+    assert_eq!(hg_state(state("default", true)).await.changes, want);
+    assert_nothing_planned(&plan(state("default", true)).await);
+    assert_eq!(read(&path.join("README")), "two\n");
+}
+
+/// What the plan cannot read itself it names as a step it would take, and why: a file
+/// changed at its recorded size but too large to compare, a dirstate in format v2.
+#[tokio::test]
+async fn hg_plan_says_would_run_where_it_cannot_read_the_clone() {
+    const TEST: &str = "hg_plan_says_would_run_where_it_cannot_read_the_clone";
+    if !have(TEST, "hg", "mercurial") {
+        return;
+    }
+    let up = HgUpstream::new();
+    let big = "x".repeat(20_000);
+    let tip = up.commit("big", &big);
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("app");
+    let state = json!({"path": path, "repo": up.repo()});
+    assert_ok(&hg_state(state.clone()).await);
+    assert_unchanged(&hg_state(state.clone()).await);
+    // Same size, another time: only a comparison of the content could tell.
+    std::fs::write(path.join("big"), "y".repeat(20_000)).unwrap();
+    // (Another second than any hg recorded, whenever the test runs.)
+    sh(Command::new("touch").args(["-d", "2001-01-01 00:00:00"]).arg(path.join("big")));
+    let before = tree_sum(&path);
+    let out = plan_of("common.hg", hg_state(state.clone())).await;
+    assert_eq!(
+        only_change(&out, &path),
+        format!(
+            "would run hg status, then update to {} (default): big changed on disk at its recorded size, and only hg \
+             status compares a file that large (it records what it found in .hg/dirstate)",
+            short(&tip)
+        )
+    );
+    assert_eq!(tree_sum(&path), before);
+    let requires = path.join(".hg/requires");
+    std::fs::write(&requires, format!("{}dirstate-v2\n", read(&requires))).unwrap();
+    let before = tree_sum(&path);
+    let out = plan_of("common.hg", hg_state(state)).await;
+    assert_eq!(
+        only_change(&out, &path),
+        format!(
+            "would run hg status, then update to {} (default): this clone's .hg/dirstate is not in the format the \
+             plan reads",
+            short(&tip)
+        )
+    );
+    assert_eq!(tree_sum(&path), before);
+}
+
 #[tokio::test]
 async fn hg_runs_as_the_given_user() {
     if !is_root() {
@@ -1170,4 +1324,118 @@ async fn svn_runs_as_the_given_user() {
         assert_eq!(std::fs::metadata(&p).unwrap().uid(), NOBODY_UID, "{}", p.display());
     }
     assert_unchanged(&svn_state(state).await);
+}
+
+/// A repository on a local path (`svnadmin create`, reached as `file://`): `trunk/README`
+/// (r1) and `other/file` (r2).
+struct SvnLocal {
+    dir: tempfile::TempDir,
+}
+
+impl SvnLocal {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        sh(Command::new("svnadmin").args(["create", "repo"]).current_dir(&d));
+        let up = Self { dir };
+        up.svn(&["checkout", "-q", &up.url(""), "work"]);
+        std::fs::create_dir_all(d.join("work/trunk")).unwrap();
+        std::fs::write(d.join("work/trunk/README"), "one\n").unwrap();
+        up.svn(&["add", "-q", "work/trunk"]);
+        up.svn(&["commit", "-q", "-m", "r1", "work"]);
+        std::fs::create_dir_all(d.join("work/other")).unwrap();
+        std::fs::write(d.join("work/other/file"), "x\n").unwrap();
+        up.svn(&["add", "-q", "work/other"]);
+        up.svn(&["commit", "-q", "-m", "r2", "work"]);
+        up
+    }
+
+    fn url(&self, dir: &str) -> String {
+        format!("file://{}/repo/{dir}", self.dir.path().display())
+    }
+
+    fn svn(&self, args: &[&str]) -> String {
+        sh(Command::new("svn").args(["--non-interactive"]).args(args).current_dir(self.dir.path()))
+    }
+
+    /// Commits `content` to `file` under the repository root; the new revision.
+    fn commit(&self, file: &str, content: &str) -> u64 {
+        std::fs::write(self.dir.path().join("work").join(file), content).unwrap();
+        self.svn(&["commit", "-q", "-m", file, "work"]);
+        self.svn(&["update", "-q", "work"]);
+        self.svn(&["info", "--show-item", "revision", "work"]).parse().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn svn_plan_apply_plan_cycle_writes_nothing_and_says_what_the_apply_says() {
+    const TEST: &str = "svn_plan_apply_plan_cycle_writes_nothing_and_says_what_the_apply_says";
+    if !have(TEST, "svn", "subversion") || !have(TEST, "svnadmin", "subversion") {
+        return;
+    }
+    let up = SvnLocal::new();
+    let dest = tempfile::tempdir().unwrap();
+    let parent = dest.path().join("new");
+    let path = parent.join("wc");
+    let trunk = up.url("trunk");
+    let state =
+        |repo: &str, rev: &str, force: bool| json!({"path": path, "repo": repo, "revision": rev, "force": force});
+    let plan = |raw: Value| plan_of("common.svn", svn_state(raw));
+
+    // Missing: the plan names the checkout and creates nothing; the apply says the same.
+    let planned = plan(state(&trunk, "HEAD", false)).await;
+    assert_eq!(clone_change(&planned, &path), "checked out at r1");
+    assert!(!parent.exists(), "the plan created {}", parent.display());
+    assert_eq!(svn_state(state(&trunk, "HEAD", false)).await.changes, planned.changes);
+
+    // Converged: nothing, and nothing written (`.svn` included).
+    let before = tree_sum(&path);
+    assert_nothing_planned(&plan(state(&trunk, "HEAD", false)).await);
+    assert_eq!(tree_sum(&path), before, "a plan of a converged working copy wrote into it");
+
+    // The repository moves on: the plan names the update and runs none.
+    let r3 = up.commit("trunk/README", "two\n");
+    let want = format!("revision r1 -> r{r3}");
+    assert_eq!(only_change(&plan(state(&trunk, "HEAD", false)).await, &path), want);
+    assert_eq!(tree_sum(&path), before, "the plan wrote into the working copy");
+    assert_eq!(only_change(&svn_state(state(&trunk, "HEAD", false)).await, &path), want);
+    assert_nothing_planned(&plan(state(&trunk, "HEAD", false)).await);
+
+    // A fixed revision (read with `svn info URL@REV`).
+    let before = tree_sum(&path);
+    let want = format!("revision r{r3} -> r1");
+    assert_eq!(only_change(&plan(state(&trunk, "r1", false)).await, &path), want);
+    assert_eq!(tree_sum(&path), before);
+    assert_eq!(only_change(&svn_state(state(&trunk, "r1", false)).await, &path), want);
+    assert_nothing_planned(&plan(state(&trunk, "1", false)).await);
+
+    // Local changes: the apply's refusal without force, its changes with it.
+    std::fs::write(path.join("README"), "edited\n").unwrap();
+    let before = tree_sum(&path);
+    let planned = plan(state(&trunk, "HEAD", false)).await;
+    assert_eq!(tree_sum(&path), before);
+    let applied = svn_state(state(&trunk, "HEAD", false)).await;
+    assert!(!planned.result && !applied.result && planned.changes.is_empty(), "{planned:?}");
+    assert_eq!(planned.comment, applied.comment);
+    assert_eq!(planned.comment, format!("{} has local changes (README); set force to discard them", path.display()));
+    let p = path.display().to_string();
+    let want = [
+        Change::new(&p, "local changes discarded (README; force is set)"),
+        Change::new(&p, format!("revision r1 -> r{r3}")),
+    ];
+    assert_eq!(plan(state(&trunk, "HEAD", true)).await.changes, want);
+    assert_eq!(tree_sum(&path), before);
+    assert_eq!(svn_state(state(&trunk, "HEAD", true)).await.changes, want);
+    assert_nothing_planned(&plan(state(&trunk, "HEAD", true)).await);
+    assert_eq!(read(&path.join("README")), "two\n");
+
+    // Another directory of the repository: the switch, then nothing.
+    let other = up.url("other");
+    let before = tree_sum(&path);
+    let want = [Change::new(&p, format!("url {trunk} -> {other}")), Change::new(&p, format!("revision r{r3} -> r2"))];
+    assert_eq!(plan(state(&other, "HEAD", false)).await.changes, want);
+    assert_eq!(tree_sum(&path), before);
+    assert_eq!(svn_state(state(&other, "HEAD", false)).await.changes, want);
+    assert_nothing_planned(&plan(state(&other, "HEAD", false)).await);
+    assert!(path.join("file").exists() && !path.join("README").exists());
 }

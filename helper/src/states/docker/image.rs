@@ -17,6 +17,16 @@
 //!   a message, which Podman keeps only in that format). Then `docker push` every round. The push is a change
 //!   when the image id differs from the one this state last pushed successfully (kept in
 //!   `<state dir>/docker/pushed-<state id>`); only then are `dep_containers` removed.
+//!
+//! A plan (dry run) inspects the engine's images and containers (`docker image
+//! inspect`, `docker container inspect`, `docker ps`) and asks no registry. pulled: a
+//! missing image "pulled (image chosen by the registry)", a present one kept (only a
+//! pull can tell whether the registry has a newer one). built: the apply's reason
+//! (image missing, force, Dockerfile or watched file changed) as "built (REASON)",
+//! the image id being known only after the build; a converged state plans nothing.
+//! pushed: without `container`, the image id against the one last pushed, so exactly
+//! the apply's "pushed (image ID)" and its removals, or nothing; with `container`, the
+//! commit and the push of the image it makes (a new one every time).
 
 use std::fs;
 use std::io;
@@ -146,9 +156,26 @@ async fn build(
     } else if check.triggered() {
         "the Dockerfile or a watched file changed"
     } else {
-        store.commit(&check)?;
+        if !crate::plan::active() {
+            store.commit(&check)?;
+        }
         return Ok(());
     };
+    if crate::plan::active() {
+        // The new image's id exists only once built; whether it differs from the
+        // present one (and so whether `containers` go) is known only then.
+        report.change(format!("image {tag}"), format!("built ({reason}); its image id is known only after the build"));
+        if before.is_none() {
+            // No image yet: the built one is new whatever it is.
+            docker.remove_related(&containers, "its image was rebuilt", report, cancel).await?;
+        } else if !containers.is_empty() {
+            report.notes.push(format!(
+                "{} removed if the build makes a new image",
+                containers.iter().map(|c| format!("container {c}")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        return Ok(());
+    }
     let args = ["build", "--tag", tag, &dir.to_string()];
     docker.must(docker.spec(args).with_timeout(TRANSFER_TIMEOUT), report, cancel).await?;
     let after = docker.image_id(tag, cancel).await?.ok_or_else(|| DockerError::NoImage(tag.into(), "build"))?;
@@ -210,6 +237,13 @@ async fn push(
             args.push(format!("--message={m}"));
         }
         args.extend([container.to_string(), reference.to_string()]);
+        if crate::plan::active() {
+            // A commit makes a new image every time: its push is a change, and the
+            // dependent containers go.
+            report.change(format!("container {container}"), format!("committed to {reference}"));
+            report.change(format!("image {reference}"), format!("pushed (the image committed from {container})"));
+            return docker.remove_related(&dependents, "a new image was pushed", report, cancel).await;
+        }
         docker.must(docker.spec(args), report, cancel).await?;
         report.change(format!("container {container}"), format!("committed to {reference}"));
     }
@@ -219,7 +253,11 @@ async fn push(
             format!("image {reference} does not exist here; build, pull or commit it first"),
         )
     })?;
-    docker.must(docker.spec(["push", reference]).with_timeout(TRANSFER_TIMEOUT), report, cancel).await?;
+    // A plan pushes nothing: whether the push is a change is decided by the image this
+    // state last pushed, which it reads.
+    if !crate::plan::active() {
+        docker.must(docker.spec(["push", reference]).with_timeout(TRANSFER_TIMEOUT), report, cancel).await?;
+    }
     let memo = state_file(&ctx.state_dir, "pushed", state);
     let last = match fs::read_to_string(&memo) {
         Ok(s) => Some(s.trim().to_string()),
@@ -231,6 +269,9 @@ async fn push(
     }
     report.change(format!("image {reference}"), format!("pushed (image {})", short_id(&id)));
     docker.remove_related(&dependents, "a new image was pushed", report, cancel).await?;
+    if crate::plan::active() {
+        return Ok(());
+    }
     if let Some(parent) = memo.parent() {
         let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
         fsutil::create_dir_all(parent, 0o700, root, &mut Vec::new())?;

@@ -417,6 +417,10 @@ impl Docker {
         report: &mut Report,
         cancel: &mut Cancel,
     ) -> Result<(), DockerError> {
+        // A plan reports the removal as the apply does (its callers say why).
+        if crate::plan::active() {
+            return Ok(());
+        }
         self.must(self.spec(["rm", "--force", name]), report, cancel).await.map(|_| ())
     }
 
@@ -444,6 +448,11 @@ impl Docker {
     /// Removes a replaced image if nothing else uses it; a refusal (still tagged
     /// elsewhere, used by a container) is fine and not reported.
     pub async fn remove_old_image(&self, old: &str, report: &mut Report, cancel: &mut Cancel) {
+        // Whether the engine would refuse is known only by asking it to remove the
+        // image; a refusal is not reported, so a plan reports nothing either.
+        if crate::plan::active() {
+            return;
+        }
         let spec = self.spec(["image", "rm", old.trim()]);
         if let Ok(done) = exec::run(&spec, cancel).await {
             if done.exit == Exit::Code(0) {

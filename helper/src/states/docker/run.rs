@@ -42,6 +42,16 @@
 //! with those files bind-mounted. The written files, and those of `watch`, are watched
 //! (after writing them, so a change made by this round counts; a file never seen before
 //! does not): a change restarts the containers.
+//!
+//! # plan
+//! A plan (dry run) takes the same decisions from the same inspections (`docker ps`,
+//! `docker container inspect`, `docker image inspect`, the watch store, the deploy's
+//! files) and reports what the apply would do in its words (`container web_1: created
+//! from IMAGE and started`, `started`, `recreated (parameters changed)`, `restarted
+//! (watched file changed: …)`, `removed (no longer wanted)`, `written (mounted at …)`),
+//! running, writing and storing nothing. A deploy file it would write counts for the
+//! watch as the apply's check after writing would count it. The deploy's pull is
+//! planned as `linux.docker.pulled`'s: named only when the image is missing.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -402,6 +412,11 @@ async fn create(
     cancel: &mut Cancel,
 ) -> Result<(), DockerError> {
     let (docker, state, ctx) = (site.docker, site.state, site.ctx);
+    // A plan writes no environment file and runs nothing: the caller reports the
+    // creation in the apply's words.
+    if crate::plan::active() {
+        return Ok(());
+    }
     let env_dir = if spec.env.is_empty() {
         None
     } else {
@@ -461,10 +476,16 @@ pub async fn ensure(
                     create(site, spec, index, name, report, cancel).await?;
                     report.change(subject, format!("recreated ({why})"));
                 } else if !info.running {
-                    docker.must(docker.spec(["start", name]), report, cancel).await?;
-                    ensure_up(docker, name, report, cancel).await?;
+                    if !crate::plan::active() {
+                        docker.must(docker.spec(["start", name]), report, cancel).await?;
+                        ensure_up(docker, name, report, cancel).await?;
+                    }
                     report.change(subject, "started");
                 } else if let Some(why) = restart {
+                    if crate::plan::active() {
+                        report.change(subject, format!("restarted ({why})"));
+                        continue;
+                    }
                     let restarted = docker.must(docker.spec(["restart", name]), report, cancel).await;
                     match restarted {
                         Ok(_) => {
@@ -517,7 +538,7 @@ pub async fn running(
             _ => (None, None),
         };
         ensure(&Site { docker: &docker, state, ctx }, &spec, restart.as_deref(), &mut report, &mut cancel).await?;
-        if let Some(check) = check {
+        if let Some(check) = check.filter(|_| !crate::plan::active()) {
             store.commit(&check)?;
         }
         Ok(())
@@ -531,7 +552,8 @@ pub fn config_path(ctx: &Ctx, container: &str, cpath: &str) -> PathBuf {
     ctx.state_dir.join("docker-config").join(container).join(cpath.replace('/', "-"))
 }
 
-/// Writes `content` to `path` (0644 root) when it differs; whether it did.
+/// Writes `content` to `path` (0644 root) when it differs; whether it did (in a plan,
+/// whether it would, writing nothing).
 fn write_if_different(path: &AbsPath, content: &[u8]) -> Result<bool, DockerError> {
     match fs::read(path.as_path()) {
         Ok(have) if have == content => return Ok(false),
@@ -539,7 +561,9 @@ fn write_if_different(path: &AbsPath, content: &[u8]) -> Result<bool, DockerErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => return Err(DockerError::Io { path: path.as_path().to_path_buf(), op: "read", source }),
     }
-    fsutil::write_atomic(path, content, 0o644, 0, 0)?;
+    if !crate::plan::active() {
+        fsutil::write_atomic(path, content, 0o644, 0, 0)?;
+    }
     Ok(true)
 }
 
@@ -573,6 +597,8 @@ pub async fn deploy(engine: &Engine, p: &LinuxDockerDeploy, state: &StateId, ctx
         let docker = Docker::new(engine)?.with_auth(auth);
 
         let mut watched = Vec::new();
+        // Files a plan would write: their new content is what the apply's watch sees.
+        let mut would_write: Vec<(AbsPath, &str)> = Vec::new();
         if !files.is_empty() {
             let dir = AbsPath::parse(&ctx.state_dir.join("docker-config").join(container).to_string_lossy())
                 .map_err(|source| DockerError::Path { param: "container", source })?;
@@ -584,6 +610,7 @@ pub async fn deploy(engine: &Engine, p: &LinuxDockerDeploy, state: &StateId, ctx
             let content = contents.get(host.as_path()).copied().unwrap_or_default();
             if write_if_different(&host, content.as_bytes())? {
                 report.change(host.to_string(), format!("written (mounted at {cpath})"));
+                would_write.push((host.clone(), content));
             }
             watched.push(host);
         }
@@ -596,7 +623,16 @@ pub async fn deploy(engine: &Engine, p: &LinuxDockerDeploy, state: &StateId, ctx
             }
         }
         let store = ChecksumStore::new(&ctx.state_dir);
-        let check = store.check(state, &watched, false)?;
+        let mut check = store.check(state, &watched, false)?;
+        if crate::plan::active() {
+            // The apply checks after writing: a file it writes counts as changed when
+            // its new content differs from what was seen last (never on first sight).
+            for (file, content) in &would_write {
+                if store.would_change(state, file, content.as_bytes())? && !check.changed.contains(file) {
+                    check.changed.push(file.clone());
+                }
+            }
+        }
         pull(&docker, &reference, &[container.to_string()], &mut report, &mut cancel).await?;
         let restart = if every_round {
             Some("watch: true".to_string())
@@ -604,7 +640,9 @@ pub async fn deploy(engine: &Engine, p: &LinuxDockerDeploy, state: &StateId, ctx
             check.triggered().then(|| describe_watch(&check))
         };
         ensure(&Site { docker: &docker, state, ctx }, &spec, restart.as_deref(), &mut report, &mut cancel).await?;
-        store.commit(&check)?;
+        if !crate::plan::active() {
+            store.commit(&check)?;
+        }
         Ok(())
     }
     .await;

@@ -400,6 +400,15 @@ pub fn prepare(
     }
 }
 
+/// What [`prepare`] reports for a missing checkout directory, found by a plan: the
+/// missing parents (root's), then the directory itself (the user's), created by nobody.
+pub fn planned_prepare(path: &AbsPath, runner: &Runner, changes: &mut Vec<Change>) -> Result<(), VcsError> {
+    fsutil::ensure_parent(&path.parent(), changes)?;
+    let mode = fsutil::describe_mode(fsutil::PARENT_DIR_MODE);
+    changes.push(Change::new(path.to_string(), format!("directory created ({mode} {}:{})", runner.uid, runner.gid)));
+    Ok(())
+}
+
 /// Removes everything inside the opened `dir`, by descriptor: links inside are removed,
 /// never followed, and a directory renamed meanwhile is still the one emptied.
 fn empty_dir(dir: &Dir) -> Result<(), FsError> {

@@ -22,14 +22,21 @@
 //! command line, and `--no-auth-cache` keeps it out of the user's
 //! `~/.subversion/auth`. It is masked in the state's messages. svn runs with
 //! `--non-interactive`; `svn+ssh://` uses ssh in batch mode (`SVN_SSH`).
+//!
+//! A plan (dry run) takes the same steps with the read-only ones only: `svn info` and
+//! `svn status` of the working copy, `svn info URL[@REV]` of the repository (none
+//! writes into the working copy, `.svn` included); it reports what checkout, revert,
+//! switch and update would change in their own words, or the apply's refusal, without
+//! running them. Like any svn command, it creates the user's `~/.subversion` if that
+//! is missing (svn's own configuration area).
 
 use opsagent_proto::catalogue::CommonSvn;
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::{
-    checkout_dir, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, ssh_command, url_secret,
-    Runner, VcsError, TRANSFER_TIMEOUT,
+    checkout_dir, describe_files, inspect, mask_url, planned_prepare, prepare, repo_param, revision_param, run,
+    ssh_command, url_secret, Existing, Runner, VcsError, TRANSFER_TIMEOUT,
 };
 use crate::cancel::Cancel;
 use crate::exec::CommandSpec;
@@ -121,7 +128,20 @@ async fn sync(p: &CommonSvn, changes: &mut Vec<Change>, cancel: &mut Cancel) -> 
     }
     let runner = Runner::new("svn", "subversion", p.user.as_deref())?.with_env("SVN_SSH", ssh_command(None));
     let existing = inspect(&path, ".svn", &runner)?;
-    let fresh = prepare(&path, &existing, p.force, &runner, changes)?;
+    // A plan runs the same steps with its inspections only (`svn info`, `svn info URL`,
+    // `svn status`: none writes into the working copy) and records what checkout,
+    // revert, switch and update would change instead of running them. A directory
+    // holding something else goes on to `prepare`, which refuses it or, with force,
+    // stops at the plan guard.
+    let planning = crate::plan::active() && !matches!(existing, Existing::Other { .. });
+    let fresh = if planning {
+        if existing == Existing::Missing {
+            planned_prepare(&path, &runner, changes)?;
+        }
+        existing != Existing::Checkout
+    } else {
+        prepare(&path, &existing, p.force, &runner, changes)?
+    };
     let mut svn = Svn {
         runner,
         username: username.map(str::to_string),
@@ -138,14 +158,16 @@ async fn sync(p: &CommonSvn, changes: &mut Vec<Change>, cancel: &mut Cancel) -> 
             Rev::Fixed(r) => svn.remote_info(&repo, Some(r)).await?.revision,
         };
         let t = target.to_string();
-        let args = svn.remote_args(&["checkout", "--quiet", "-r", &t, "--", &repo, &shown]);
-        svn.remote(args).await?;
+        if !planning {
+            let args = svn.remote_args(&["checkout", "--quiet", "-r", &t, "--", &repo, &shown]);
+            svn.remote(args).await?;
+        }
         changes.push(Change::new(&shown, format!("checked out at r{target}")));
         return Ok(());
     }
 
     let wc = svn.local_info(&path).await?;
-    let status = svn.local(&["status", "--quiet", "--ignore-externals", "--", &wc_target(&path)]).await?;
+    let status = svn.inspect(&["status", "--quiet", "--ignore-externals", "--", &wc_target(&path)]).await?;
     let dirty = changed_files(&status, &shown);
     if !dirty.is_empty() && !p.force {
         return Err(VcsError::LocalChanges { path: path.clone(), files: describe_files(&dirty) });
@@ -169,7 +191,9 @@ async fn sync(p: &CommonSvn, changes: &mut Vec<Change>, cancel: &mut Cancel) -> 
         }
     };
     if !dirty.is_empty() {
-        svn.local(&["revert", "--quiet", "--recursive", "--", &wc_target(&path)]).await?;
+        if !planning {
+            svn.local(&["revert", "--quiet", "--recursive", "--", &wc_target(&path)]).await?;
+        }
         changes
             .push(Change::new(&shown, format!("local changes discarded ({}; force is set)", describe_files(&dirty))));
     }
@@ -183,14 +207,18 @@ async fn sync(p: &CommonSvn, changes: &mut Vec<Change>, cancel: &mut Cancel) -> 
         let mut args = vec!["switch", "--quiet", "--ignore-ancestry", "-r", &t];
         args.extend(force_flag);
         args.extend(["--", &repo, &shown]);
-        svn.remote(svn.remote_args(&args)).await?;
+        if !planning {
+            svn.remote(svn.remote_args(&args)).await?;
+        }
         changes.push(Change::new(&shown, format!("url {} -> {}", mask_url(&wc.url), mask_url(&remote.url))));
     } else if wc.revision != target {
         let mut args = vec!["update", "--quiet", "-r", &t];
         args.extend(force_flag);
         let target_arg = wc_target(&path);
         args.extend(["--", &target_arg]);
-        svn.remote(svn.remote_args(&args)).await?;
+        if !planning {
+            svn.remote(svn.remote_args(&args)).await?;
+        }
     }
     if wc.revision != target {
         changes.push(Change::new(&shown, format!("revision r{} -> r{target}", wc.revision)));
@@ -250,6 +278,15 @@ impl Svn<'_> {
         Ok(run(&spec, &[0], self.cancel).await?.output)
     }
 
+    /// [`Self::local`] for `svn info` and `svn status` of the working copy, which only
+    /// read it: inspections, run by a plan too.
+    async fn inspect(&mut self, args: &[&str]) -> Result<String, VcsError> {
+        let mut all = vec!["--non-interactive"];
+        all.extend(args);
+        let spec = self.runner.local(all, std::path::Path::new("/")).inspection();
+        Ok(run(&spec, &[0], self.cancel).await?.output)
+    }
+
     /// `svn info` of the repository URL, at HEAD or at `rev`.
     async fn remote_info(&mut self, repo: &str, rev: Option<&str>) -> Result<Info, VcsError> {
         let mut args = vec!["info"];
@@ -257,14 +294,15 @@ impl Svn<'_> {
             args.extend(["-r", r]);
         }
         args.extend(["--", repo]);
-        let spec = self.remote_spec(self.remote_args(&args));
+        // Reads the repository only: an inspection.
+        let spec = self.remote_spec(self.remote_args(&args)).inspection();
         let out = run(&spec, &[0], self.cancel).await?.output;
         parse_info(&out).ok_or_else(|| VcsError::Unexpected { command: spec.display(), output: out })
     }
 
     async fn local_info(&mut self, path: &AbsPath) -> Result<Info, VcsError> {
         let target = wc_target(path);
-        let out = self.local(&["info", "--", &target]).await?;
+        let out = self.inspect(&["info", "--", &target]).await?;
         parse_info(&out)
             .ok_or_else(|| VcsError::Unexpected { command: format!("svn info -- {target}"), output: out.clone() })
     }
