@@ -11,6 +11,12 @@
 //!
 //! `HEAD` stands for the remote's default branch (what its HEAD names now).
 //!
+//! The one exception to "every round fetches": git run as root with a remote on this
+//! host, when the checkout's and the remote's files already show that the round has
+//! nothing to do (`files`: read by descriptor, never through a link); then only `git
+//! status` runs. The outcome is the same; only branches and tags not named stay
+//! unfetched until a round that names them.
+//!
 //! A tag or commit therefore stays where it is while the remote moves on; a branch
 //! follows it. The remote is `origin`; if its URL differs from `repo`, it is changed
 //! (and reported).
