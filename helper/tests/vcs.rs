@@ -700,6 +700,132 @@ async fn vcs_as_root_refuses_a_checkout_another_user_could_swap() {
     scene.victim_untouched();
 }
 
+/// Whether the last apply fetched: `git fetch` (re)writes `.git/FETCH_HEAD`, which is
+/// removed after looking.
+fn fetched(checkout: &Path) -> bool {
+    let fetch_head = checkout.join(".git/FETCH_HEAD");
+    let was = fetch_head.exists();
+    let _ = std::fs::remove_file(&fetch_head);
+    was
+}
+
+#[tokio::test]
+async fn git_converged_checkout_of_a_local_remote_is_told_from_its_files() {
+    if !is_root() {
+        common::skip("git_converged_checkout_of_a_local_remote_is_told_from_its_files: SKIPPED, needs root");
+        return;
+    }
+    let up = GitUpstream::new("main");
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("app");
+    let repo = up.path_url();
+    let state = json!({"path": path, "repo": repo, "revision": "main"});
+    let c1 = head_of(&up.bare());
+    assert_eq!(clone_change(&git_state(state.clone()).await, &path), format!("cloned at {} (branch main)", short(&c1)));
+    fetched(&path);
+
+    // Converged: the same outcome, without a fetch.
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(!fetched(&path), "a converged checkout of a local remote was fetched");
+    // The remote moves on: seen in its refs, then fetched and followed.
+    let c2 = up.commit("README", "two\n");
+    let out = git_state(state.clone()).await;
+    assert_eq!(only_change(&out, &path), format!("revision {} -> {} (branch main)", short(&c1), short(&c2)));
+    assert!(fetched(&path));
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(!fetched(&path));
+    // The default revision on a remote without master: the same note as the full apply.
+    let out = git_state(json!({"path": path, "repo": repo})).await;
+    assert!(out.result && out.changes.is_empty(), "{out:?}");
+    assert!(out.comment.contains("following its default branch main"), "{out:?}");
+    assert!(!fetched(&path));
+    // A lightweight tag and a full commit id of the commit the checkout is at: nothing
+    // to do for the apply either (HEAD stays on the branch), told from the files.
+    git_in(&up.work(), &["tag", "light"]);
+    git_in(&up.work(), &["push", "--quiet", "origin", "light"]);
+    assert_unchanged(&git_state(json!({"path": path, "repo": repo, "revision": "light"})).await);
+    assert!(!fetched(&path));
+    assert_unchanged(&git_state(json!({"path": path, "repo": repo, "revision": c2})).await);
+    assert!(!fetched(&path));
+    // An abbreviated id is left to git (only its object database can expand it).
+    assert_unchanged(&git_state(json!({"path": path, "repo": repo, "revision": &c2[..10]})).await);
+    assert!(fetched(&path));
+
+    // A changed tracked file: the apply's refusal, word for word.
+    std::fs::write(path.join("README"), "edited\n").unwrap();
+    let out = git_state(state.clone()).await;
+    assert!(!out.result && out.changes.is_empty(), "{out:?}");
+    assert_eq!(out.comment, format!("{} has local changes (README); set force to discard them", path.display()));
+    assert!(fetched(&path), "the refusal comes from the full apply");
+    std::fs::write(path.join("README"), "two\n").unwrap();
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(!fetched(&path));
+    // Another URL for origin: the full apply, which changes it.
+    let file_url = format!("file://{repo}");
+    let out = git_state(json!({"path": path, "repo": file_url, "revision": "main"})).await;
+    assert_eq!(only_change(&out, &path), format!("remote origin {repo} -> {file_url}"));
+    assert!(fetched(&path));
+    assert_unchanged(&git_state(json!({"path": path, "repo": file_url, "revision": "main"})).await);
+    assert!(!fetched(&path));
+}
+
+#[tokio::test]
+async fn git_converged_check_never_reads_through_a_link_or_a_directory_another_user_controls() {
+    if !is_root() {
+        common::skip("git_converged_check_never_reads_through_a_link...: SKIPPED, needs root");
+        return;
+    }
+    let up = GitUpstream::new("main");
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("app");
+    let state = json!({"path": path, "repo": up.path_url(), "revision": "main"});
+    assert_ok(&git_state(state.clone()).await);
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(!fetched(&path));
+    let git = path.join(".git");
+    let elsewhere = dest.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+
+    // Links planted in `.git`, which git follows: the helper does not; the full apply
+    // runs, with the same outcome. HEAD as a link to the branch's ref (git reads it as
+    // `ref: refs/heads/main`), and the branch's ref as a link to a file with its id.
+    std::fs::remove_file(git.join("HEAD")).unwrap();
+    std::os::unix::fs::symlink("refs/heads/main", git.join("HEAD")).unwrap();
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(fetched(&path), "the check read .git/HEAD through a link");
+    std::fs::remove_file(git.join("HEAD")).unwrap();
+    std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+    let branch = git.join("refs/heads/main");
+    assert!(branch.is_file(), "the clone left a loose ref");
+    std::fs::rename(&branch, elsewhere.join("local-main")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("local-main"), &branch).unwrap();
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(fetched(&path), "the check read .git/refs/heads/main through a link");
+    std::fs::remove_file(&branch).unwrap();
+    std::fs::rename(elsewhere.join("local-main"), &branch).unwrap();
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(!fetched(&path));
+
+    // The same in the remote: its branch ref a link to a file with the same id.
+    let main = up.bare().join("refs/heads/main");
+    assert!(main.is_file(), "the push left a loose ref");
+    std::fs::rename(&main, elsewhere.join("main")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("main"), &main).unwrap();
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(fetched(&path), "the check read the remote's ref through a link");
+    std::fs::remove_file(&main).unwrap();
+    std::fs::rename(elsewhere.join("main"), &main).unwrap();
+
+    // A directory of refs another user owns (they could swap what is in it).
+    let heads = git.join("refs/heads");
+    std::os::unix::fs::chown(&heads, Some(NOBODY_UID), Some(NOBODY_UID)).unwrap();
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(fetched(&path), "the check read refs from a directory uid {NOBODY_UID} owns");
+    std::os::unix::fs::chown(&heads, Some(0), Some(0)).unwrap();
+    assert_unchanged(&git_state(state.clone()).await);
+    assert!(!fetched(&path));
+}
+
 #[tokio::test]
 async fn git_bad_parameters_fail_clearly() {
     let up = GitUpstream::new("main");

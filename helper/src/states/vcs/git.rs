@@ -11,6 +11,12 @@
 //!
 //! `HEAD` stands for the remote's default branch (what its HEAD names now).
 //!
+//! The one exception to "every round fetches": git run as root with a remote on this
+//! host, when the checkout's and the remote's files already show that the round has
+//! nothing to do (`files`: read by descriptor, never through a link); then only `git
+//! status` runs. The outcome is the same; only branches and tags not named stay
+//! unfetched until a round that names them.
+//!
 //! A tag or commit therefore stays where it is while the remote moves on; a branch
 //! follows it. The remote is `origin`; if its URL differs from `repo`, it is changed
 //! (and reported).
@@ -57,6 +63,8 @@ use super::{
 use crate::cancel::Cancel;
 use crate::exec::Exit;
 use crate::fsutil;
+
+mod files;
 
 /// states.md's default `revision`.
 pub const DEFAULT_REVISION: &str = "master";
@@ -129,6 +137,17 @@ async fn sync(
         .with_env("GIT_TERMINAL_PROMPT", "0")
         .with_env("GIT_SSH_COMMAND", ssh_command(key.as_ref()));
     let existing = inspect(&path, ".git", &runner)?;
+    // A converged checkout of a repository on this host, told from the files (see
+    // `files`): one `git status` instead of the fetch and the rest.
+    if existing == Existing::Checkout && runner.uid.is_root() {
+        if let Some((_, note)) = files_converged(&path, &repo, &wanted, &runner) {
+            let mut git = Git { runner: runner.clone(), path: path.clone(), repo: repo.clone(), cancel: &mut *cancel };
+            if git.clean(crate::plan::active()).await? {
+                notes.extend(note);
+                return Ok(());
+            }
+        }
+    }
     // A plan writes nothing, not even into `.git` (a fetch moves refs and adds
     // objects): it reads the remote's refs instead. A directory holding something else
     // goes on to `prepare`, which refuses it or, with force, stops at the plan guard.
@@ -143,6 +162,14 @@ async fn sync(
     } else {
         git.update(&wanted, p.force, changes, notes).await
     }
+}
+
+/// [`files::converged`] for the checkout at `path`, which [`inspect`] found to be a
+/// root-controlled directory holding `.git`.
+fn files_converged(path: &AbsPath, repo: &str, wanted: &str, runner: &Runner) -> Option<(Target, Option<String>)> {
+    let dir = crate::dirfd::Dir::open(path.as_path()).ok()?;
+    dir.root_controlled().ok()?;
+    files::converged(&dir, repo, wanted, runner.home()?)
 }
 
 struct Git<'a> {
@@ -168,6 +195,26 @@ impl Git<'_> {
     async fn remote(&mut self, args: &[&str], cwd: &Path) -> Result<String, VcsError> {
         let spec = self.runner.spec(args, cwd, TRANSFER_TIMEOUT);
         Ok(run(&spec, &[0], self.cancel).await?.output.trim().to_string())
+    }
+
+    /// No tracked file differs from the index or HEAD (`git status`, as the apply runs
+    /// it; a plan's does not refresh the index). A failure other than a cancel is
+    /// `false`: the full apply then meets it where it always did.
+    async fn clean(&mut self, plan: bool) -> Result<bool, VcsError> {
+        let args: &[&str] = if plan {
+            &["--no-optional-locks", "status", "--porcelain", "--untracked-files=no"]
+        } else {
+            &["status", "--porcelain", "--untracked-files=no"]
+        };
+        let mut spec = self.runner.local(args, self.path.as_path());
+        if plan {
+            spec = spec.inspection();
+        }
+        match run(&spec, &[0], self.cancel).await {
+            Ok(done) => Ok(changed_files(&done.output).is_empty()),
+            Err(e) if e.is_cancelled() => Err(e),
+            Err(_) => Ok(false),
+        }
     }
 
     /// The object id `name` stands for, if it names a commit.

@@ -248,6 +248,11 @@ impl Runner {
         Ok(Self { program, tool, user: u.name, uid: u.uid, gid: u.gid, env })
     }
 
+    /// The user's home directory, as the tool sees it (`HOME`).
+    pub fn home(&self) -> Option<&str> {
+        self.env.iter().find(|(k, _)| k == "HOME").map(|(_, v)| v.as_str())
+    }
+
     pub fn with_env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.to_string(), value.into()));
