@@ -212,9 +212,10 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             if p.gid.is_some_and(is_id_zero) {
                 privileged.push(Privilege::Root("gid 0".into()));
             }
-            // Group names only (`AccountNames`: no numeric id, no comma lists).
+            // `AccountNames` holds names only (no numeric id, no comma list); gid 0 is
+            // still judged here, should a group named "0" ever reach the footprint.
             for g in p.groups.iter().flat_map(|a| a.iter()).map(|g| g.as_str()) {
-                if PRIVILEGED_GROUPS.contains(&g) {
+                if g == "0" || PRIVILEGED_GROUPS.contains(&g) {
                     privileged.push(Privilege::Group(g.to_string()));
                 }
             }
