@@ -212,9 +212,11 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             if p.gid.is_some_and(is_id_zero) {
                 privileged.push(Privilege::Root("gid 0".into()));
             }
-            // `AccountNames` holds names only (no numeric id, no comma list); gid 0 is
-            // still judged here, should a group named "0" ever reach the footprint.
-            for g in p.groups.iter().flat_map(|a| a.iter()).map(|g| g.as_str()) {
+            // `AccountNames` holds names only (no numeric id, no comma list); a comma
+            // list and gid 0 are still judged here, should one ever reach the footprint
+            // (defence in depth: with the type's check removed, the compromised-daemon
+            // suite's "users,wheel" and "0" were granted).
+            for g in p.groups.iter().flat_map(|a| a.iter()).flat_map(|g| g.split(',')).map(str::trim) {
                 if g == "0" || PRIVILEGED_GROUPS.contains(&g) {
                     privileged.push(Privilege::Group(g.to_string()));
                 }

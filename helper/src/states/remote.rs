@@ -186,6 +186,28 @@ mod tests {
         crate::states::testutil::refused("linux.rpm.key", json!({"path": "https://h/a key"}), "parameter \"path\"");
     }
 
+    /// A key given as a URL reaches `linux.rpm.key` as a local file: the staged copy.
+    #[test]
+    fn a_staged_key_url_becomes_a_local_key_source() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state_dir = tmp.path().join("state");
+        let url = "https://h/RPM-GPG-KEY";
+        let files = vec![download(tmp.path(), url, b"-----BEGIN PGP PUBLIC KEY BLOCK-----")];
+        let staged = stage(&[url.to_string()], &Fetched::new(&files, 0), &state_dir).unwrap();
+        let p = params("linux.rpm.key", json!({"path": url}));
+        let ModuleParams::LinuxRpmKey(key) = staged.localise(&p) else { panic!() };
+        let KeySource::Local(file) = &key.path else { panic!("{key:?}") };
+        assert!(file.path().starts_with(&AbsPath::parse(&state_dir.join(STAGING_DIR).to_string_lossy()).unwrap()));
+        assert!(file.to_string().ends_with("-0-RPM-GPG-KEY"), "{file}");
+        // A key the daemon did not download stays a URL (the state then refuses it).
+        let ModuleParams::LinuxRpmKey(other) =
+            staged.localise(&params("linux.rpm.key", json!({"path": "https://h/other"})))
+        else {
+            panic!()
+        };
+        assert_eq!(other.path, KeySource::Remote("https://h/other".into()));
+    }
+
     #[tokio::test]
     async fn a_url_is_asked_for_then_installed_from_a_root_only_copy_removed_afterwards() {
         let tmp = tempfile::tempdir().unwrap();

@@ -155,10 +155,9 @@ pub fn parse_volumes(param: &'static str, d: Option<&Dict>) -> Result<Vec<String
         .collect()
 }
 
-/// `linux.docker.running` `files`: container path → host file, mounted read-only.
-/// `files` of `linux.docker.running`: the key (the path in the container) is an
-/// absolute file path by its type (`PathDict`); the value, the host file, is free text
-/// checked here.
+/// `linux.docker.running` `files`: container path → host file, mounted read-only. The
+/// key (the path in the container) is an absolute file path by its type (`PathDict`);
+/// the value, the host file, is free text checked here.
 pub fn parse_file_mounts(d: Option<&PathDict>) -> Result<Vec<String>, DockerError> {
     d.into_iter()
         .flat_map(|d| d.iter())
