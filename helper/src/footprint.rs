@@ -12,7 +12,7 @@
 
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::newtypes::{AbsPath, UnitName};
-use opsagent_proto::param_types::{Dict, Entry};
+use opsagent_proto::param_types::{Dict, Entry, HomeFile, KeySource, PathDict};
 
 use nix::unistd::{Group, User};
 
@@ -174,7 +174,7 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         ModuleParams::LinuxAptPackage(p) => {
             packages(&mut f, "apt", &p.name, ".deb", p.verify_gpg);
             if let Some(conf) = &p.deb_conf_file {
-                f.reads.push(local(conf));
+                f.reads.push(conf.to_string());
             }
         }
         ModuleParams::LinuxYumPackage(p) => packages(&mut f, "yum", &p.name, ".rpm", p.verify_gpg),
@@ -194,15 +194,16 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             f.runs.push(source_run("a yum repository"));
         }
         ModuleParams::LinuxRpmKey(p) => {
-            if !opsagent_proto::checks::is_remote(&p.path) {
-                f.reads.push(local(&p.path));
+            if let KeySource::Local(file) = &p.path {
+                f.reads.push(file.to_string());
             }
             f.runs.push(source_run("a package signing key"));
         }
         ModuleParams::LinuxUser(p) => {
             f.system_files.push("the account databases");
             let mut privileged = Vec::new();
-            if p.username.trim() == "root" {
+            let name = p.username.as_str();
+            if name == "root" {
                 privileged.push(Privilege::Root("the root account".into()));
             }
             if p.uid.is_some_and(is_id_zero) {
@@ -211,14 +212,11 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             if p.gid.is_some_and(is_id_zero) {
                 privileged.push(Privilege::Root("gid 0".into()));
             }
-            for g in p
-                .groups
-                .iter()
-                .flat_map(|a| a.iter())
-                .flat_map(|g| g.split(','))
-                .map(str::trim)
-                .filter(|g| !g.is_empty())
-            {
+            // `AccountNames` holds names only (no numeric id, no comma list); a comma
+            // list and gid 0 are still judged here, should one ever reach the footprint
+            // (defence in depth: with the type's check removed, the compromised-daemon
+            // suite's "users,wheel" and "0" were granted).
+            for g in p.groups.iter().flat_map(|a| a.iter()).flat_map(|g| g.split(',')).map(str::trim) {
                 if g == "0" || PRIVILEGED_GROUPS.contains(&g) {
                     privileged.push(Privilege::Group(g.to_string()));
                 }
@@ -229,22 +227,21 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
             // Without gid, a new account whose name is that of an existing group gets
             // that group as its primary one (the adaptor's `app`/`app` pattern): a user
             // named like a privileged group joins it.
-            let name = p.username.trim();
             if p.gid.is_none() && PRIVILEGED_GROUPS.contains(&name) && name != "root" {
                 privileged.push(Privilege::Group(name.to_string()));
             }
             // The password, shell or home of an account that already is privileged
             // (a distribution's default sudoer, an existing uid-0 account) is as much
             // root as making one.
-            privileged.extend(existing_privilege(p.username.trim()));
-            f.accounts.push(Account { name: format!("user {}", p.username.trim()), privileged });
+            privileged.extend(existing_privilege(name));
+            f.accounts.push(Account { name: format!("user {name}"), privileged });
             if let Some(home) = &p.home {
-                f.writes.push(trim(home));
+                f.writes.push(home.to_string());
             }
         }
         ModuleParams::LinuxGroup(p) => {
             f.system_files.push("the account databases");
-            let name = p.groupname.trim();
+            let name = p.groupname.as_str();
             let mut privileged = Vec::new();
             if p.gid.is_some_and(is_id_zero) {
                 privileged.push(Privilege::Root("gid 0".into()));
@@ -334,7 +331,7 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         }
         ModuleParams::CommonVirtualenv(p) => {
             f.writes.push(p.path.to_string());
-            if let Some(bin) = p.python_bin.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
+            if let Some(bin) = &p.python_bin {
                 f.interpreters.push(bin.to_string());
             }
             if let Some(req) = &p.requirements_file {
@@ -515,10 +512,9 @@ fn local(uri: &str) -> String {
 
 /// A key file named by absolute path is a write the policy's prefixes judge; one in
 /// the user's home is the module's own system file.
-fn ssh_file(f: &mut Footprint, filename: &str) {
-    let t = filename.trim();
-    if t.starts_with('/') {
-        f.writes.push(t.to_string());
+fn ssh_file(f: &mut Footprint, filename: &HomeFile) {
+    if let HomeFile::Absolute(path) = filename {
+        f.writes.push(path.to_string());
     }
 }
 
@@ -565,7 +561,7 @@ fn docker_container(
     f: &mut Footprint,
     volumes: Option<&Dict>,
     binds: Option<&Dict>,
-    files: Option<&Dict>,
+    files: Option<&PathDict>,
     devices: Option<&Dict>,
 ) {
     for e in volumes.iter().chain(binds.iter()).flat_map(|d| d.iter()) {

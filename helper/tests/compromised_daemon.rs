@@ -58,6 +58,9 @@ fn policy(dir: &Path) -> String {
 enum Expect {
     /// Outside the grant: denied by the policy, or refused at decode.
     Refused,
+    /// A value no state may receive: refused when the request is decoded
+    /// (`invalid-parameter`), whatever the policy would say of it.
+    Invalid,
     /// Inside the grant: the policy lets it through (the module may still fail).
     Granted,
 }
@@ -335,6 +338,80 @@ fn attempts(dir: &Path) -> Vec<Attempt> {
         vec![("uid", json!(1u64 << 32))],
     );
 
+    // Typed names, files and programs (issue 15 item 5): each is refused by the decode
+    // itself (`invalid-parameter`), before the policy or a module sees it. The other
+    // parameters are chosen so that, were the type's check gone, the policy would deny
+    // the request (uid 0, a root login, a command-equivalent module, an interpreter not
+    // granted) or the state would fail: then the outcome is no longer `invalid-parameter`
+    // and the attempt fails, without anything run on the test host.
+    let mut invalid = |m: &'static str, what: &'static str, base: Value, patch: Vec<(&'static str, Value)>| {
+        list.push((m, what, base, patch, Expect::Invalid))
+    };
+    let root_user = || json!({"username": "oa15typed", "uid": "0"});
+    invalid("linux.user", "a newline in the username", root_user(), vec![("username", json!("oa15\nroot"))]);
+    invalid("linux.user", "a username read as an option", root_user(), vec![("username", json!("-o"))]);
+    invalid("linux.user", "a group with a tab", root_user(), vec![("groups", json!(["adm\tsudo"]))]);
+    invalid("linux.user", "a group read as an option", root_user(), vec![("groups", json!(["-g0"]))]);
+    invalid("linux.user", "a relative shell", root_user(), vec![("shell", json!("bin/sh"))]);
+    invalid("linux.user", "a shell with a newline", root_user(), vec![("shell", json!("/bin/sh\nx"))]);
+    invalid("linux.user", "a home that climbs out", root_user(), vec![("home", json!(format!("{a}/../../root")))]);
+    invalid("linux.user", "a relative home", root_user(), vec![("home", json!("home/x"))]);
+    let root_group = || json!({"groupname": "oa15typed", "gid": "0"});
+    invalid("linux.group", "a newline in the group name", root_group(), vec![("groupname", json!("oa15\nx"))]);
+    invalid("linux.group", "a group name read as an option", root_group(), vec![("groupname", json!("-g0"))]);
+    let service = || json!({"name": ["oa15-none"], "watch": [format!("{a}/app.conf")]});
+    invalid("linux.service", "a relative watched file", service(), vec![("watch", json!(["app.conf"]))]);
+    let sv = || json!({"config": format!("{a}/sv.conf"), "name": ["app"]});
+    invalid("linux.supervisord", "a watched file with a tab", sv(), vec![("watch", json!([format!("{a}/x\ty")]))]);
+    invalid("linux.supervisord", "a watched file read as an option", sv(), vec![("watch", json!(["-x"]))]);
+    let built = || json!({"path": format!("{a}/ctx"), "tag": "t"});
+    invalid("linux.docker.built", "a watched file that climbs out", built(), vec![("watch", json!(["/srv/../etc/x"]))]);
+    let running = || json!({"container": "c", "image": "i"});
+    invalid(
+        "linux.docker.running",
+        "a files key that is relative",
+        running(),
+        vec![("files", json!([{"key": "app.yml", "value": format!("{a}/app.yml")}]))],
+    );
+    invalid(
+        "linux.docker.running",
+        "a files key read as an option",
+        running(),
+        vec![("files", json!([{"key": "-v", "value": "/etc:/host"}]))],
+    );
+    invalid(
+        "linux.docker.deploy",
+        "a files key that is /",
+        json!({"container": "c", "image": "i"}),
+        vec![("files", json!([{"key": "/", "value": "x"}]))],
+    );
+    let apt = || json!({"name": ["oa15-none"]});
+    invalid("linux.apt.package", "deb-conf-file over ftp://", apt(), vec![("deb_conf_file", json!("ftp://h/sel"))]);
+    invalid("linux.apt.package", "deb-conf-file over http://", apt(), vec![("deb_conf_file", json!("http://h/sel"))]);
+    invalid("linux.apt.package", "deb-conf-file relative", apt(), vec![("deb_conf_file", json!("file://etc/shadow"))]);
+    invalid("linux.apt.package", "deb-conf-file read as an option", apt(), vec![("deb_conf_file", json!("-x"))]);
+    let key = || json!({"path": "/etc/pki/rpm-gpg/KEY"});
+    invalid("linux.rpm.key", "a key over ftp://", key(), vec![("path", json!("ftp://h/KEY"))]);
+    invalid("linux.rpm.key", "a key read as an option", key(), vec![("path", json!("--import"))]);
+    invalid("linux.rpm.key", "a key with a newline", key(), vec![("path", json!("/etc/KEY\n-x"))]);
+    let venv = || json!({"path": format!("{a}/venv")});
+    invalid("common.virtualenv", "python-bin read as an option", venv(), vec![("python_bin", json!("-c"))]);
+    invalid("common.virtualenv", "python-bin a relative path", venv(), vec![("python_bin", json!("bin/python"))]);
+    invalid("common.virtualenv", "python-bin with a newline", venv(), vec![("python_bin", json!("python3\nx"))]);
+    invalid("common.virtualenv", "python-bin a file:// URL", venv(), vec![("python_bin", json!("file:///bin/sh"))]);
+    let auth = || json!({"username": "root", "content": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHy3OCDRQ8bOnoMZN4u6X7T6tq5zSBCpCyN6tFGmyO2h"});
+    invalid("common.ssh.auth", "filename climbs out of the home", auth(), vec![("filename", json!("../../etc/x"))]);
+    invalid("common.ssh.auth", "filename climbs out inside", auth(), vec![("filename", json!(".ssh/../../x"))]);
+    invalid("common.ssh.auth", "filename read as an option", auth(), vec![("filename", json!("-f"))]);
+    invalid("common.ssh.auth", "filename with a newline", auth(), vec![("filename", json!(".ssh/a\nb"))]);
+    invalid("common.ssh.auth", "filename is /", auth(), vec![("filename", json!("/"))]);
+    invalid(
+        "common.ssh.known_host",
+        "filename climbs out of the home",
+        json!({"hostname": "h", "username": "root", "absent": true}),
+        vec![("filename", json!("../../etc/ssh/ssh_known_hosts"))],
+    );
+
     // Inside the grant: the policy lets these through.
     let mut grant =
         |m: &'static str, what: &'static str, raw: Value| list.push((m, what, raw, vec![], Expect::Granted));
@@ -447,6 +524,10 @@ async fn a_compromised_daemon_gets_nothing_outside_the_grant() {
             Expect::Refused if !refused => {
                 failures.push(format!("#{i} {} {}: not refused: {got:?}", attempt.module, attempt.what))
             }
+            Expect::Invalid if got.code != Some(ErrorCode::InvalidParameter) => failures.push(format!(
+                "#{i} {} {}: not refused at decode (invalid-parameter): {got:?}",
+                attempt.module, attempt.what
+            )),
             Expect::Granted if got.code.is_some() => {
                 failures.push(format!("#{i} {} {}: refused inside the grant: {got:?}", attempt.module, attempt.what))
             }

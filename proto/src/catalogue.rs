@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::param_types::{
-    describe, normalise_name, Account, Array, Dict, Kind, Line, Mode, Param, PathParam, Paths, Port, StateRefs, Text,
-    Watch,
+    describe, normalise_name, Account, AccountName, AccountNames, Array, Dict, HomeFile, KeySource, Kind, Line,
+    LocalFile, Mode, Param, PathDict, PathParam, Paths, Port, Program, StateRefs, Text, Watch,
 };
 
 /// Why a state's module or parameters were refused. The message names the parameter,
@@ -114,6 +114,11 @@ impl<'a> ParamBag<'a> {
                     | Kind::Account
                     | Kind::Port
                     | Kind::Cron
+                    | Kind::AccountName
+                    | Kind::LocalFile
+                    | Kind::KeySource
+                    | Kind::Program
+                    | Kind::HomeFile
             )
         {
             return Ok(None);
@@ -739,14 +744,14 @@ catalogue! {
         authname: Line = "authname" ["name"] => optional;
         content: Text = "content" => optional;
         encrypt_algorithm: Line = "encrypt_algorithm" ["enc"] => default("ssh-rsa");
-        filename: Line = "filename" ["config"] => default(".ssh/authorized_keys");
+        filename: HomeFile = "filename" ["config"] => default(".ssh/authorized_keys");
     }
     /// Keeps a host's key in (or out of) a known_hosts file, checked against a fingerprint.
     CommonSshKnownHost = "common.ssh.known_host", builtin = false {
         hostname: Line = "hostname" ["name"] => required;
         absent: bool = "absent" => default(false);
         encrypt_algorithm: Line = "encrypt_algorithm" ["enc"] => optional;
-        filename: Line = "filename" ["config"] => default(".ssh/known_hosts");
+        filename: HomeFile = "filename" ["config"] => default(".ssh/known_hosts");
         fingerprint: Line = "fingerprint" => optional;
         port: Port = "port" => optional;
         username: Account = "username" ["user"] => optional;
@@ -760,14 +765,14 @@ catalogue! {
     CommonVirtualenv = "common.virtualenv", builtin = false {
         path: PathParam = "path" => required;
         extra_search_dir: Paths = "extra-search-dir" => optional;
-        python_bin: Line = "python-bin" ["python"] => optional;
+        python_bin: Program = "python-bin" ["python"] => optional;
         requirements_file: PathParam = "requirements-file" ["requirements"] => optional;
         system_site_packages: bool = "system-site-packages" => optional;
     }
     /// Manages apt packages.
     LinuxAptPackage = "linux.apt.package", builtin = false {
         name: Dict = "name" ["pkgs"] => required;
-        deb_conf_file: Line = "deb-conf-file" ["debconf"] => optional;
+        deb_conf_file: LocalFile = "deb-conf-file" ["debconf"] => optional;
         repo: Line = "repo" ["fromrepo"] => optional;
         verify_gpg: bool = "verify-gpg" => default(true);
     }
@@ -847,7 +852,7 @@ catalogue! {
         devices: Dict = "devices" => optional;
         email: Line = "email" => optional;
         environment: Dict = "environment" => optional;
-        files: Dict = "files" => optional;
+        files: PathDict = "files" => optional;
         force: bool = "force" => default(false);
         mem_limit: Line = "mem_limit" => optional;
         password: Line = "password" => optional;
@@ -892,7 +897,7 @@ catalogue! {
         devices: Dict = "devices" => optional;
         email: Line = "email" => optional;
         environment: Dict = "environment" => optional;
-        files: Dict = "files" => optional;
+        files: PathDict = "files" => optional;
         force: bool = "force" => default(false);
         mem_limit: Line = "mem_limit" => optional;
         password: Line = "password" => optional;
@@ -919,7 +924,7 @@ catalogue! {
     }
     /// Manages a local group.
     LinuxGroup = "linux.group", builtin = false {
-        groupname: Line = "groupname" ["name"] => required;
+        groupname: AccountName = "groupname" ["name"] => required;
         gid: u64 = "gid" => optional;
         system_group: bool = "system-group" ["system"] => default(false);
     }
@@ -1049,7 +1054,7 @@ catalogue! {
     }
     /// Imports an RPM GPG key.
     LinuxRpmKey = "linux.rpm.key", builtin = false {
-        path: Line = "path" => required;
+        path: KeySource = "path" => required;
     }
     /// Keeps services running; when a watched file changes, reloads, restarts or runs a command.
     LinuxService = "linux.service", builtin = false {
@@ -1073,16 +1078,16 @@ catalogue! {
     }
     /// Manages a local user.
     LinuxUser = "linux.user", builtin = false {
-        username: Line = "username" ["name"] => required;
+        username: AccountName = "username" ["name"] => required;
         password: Line = "password" => optional;
         fullname: Line = "fullname" => optional;
         gid: u64 = "gid" => optional;
-        groups: Array = "groups" => optional;
-        home: Line = "home" => optional;
+        groups: AccountNames = "groups" => optional;
+        home: PathParam = "home" => optional;
         no_login: bool = "no-login" ["nologin"] => default(false);
         system_account: bool = "system-account" ["system"] => default(false);
         uid: u64 = "uid" => optional;
-        shell: Line = "shell" => optional;
+        shell: PathParam = "shell" => optional;
     }
     /// Manages yum packages.
     LinuxYumPackage = "linux.yum.package", builtin = false {
@@ -1214,7 +1219,7 @@ mod tests {
         let ModuleParams::LinuxAptPackage(a) = p.params else { panic!() };
         assert_eq!(a.repo.as_deref(), Some("main"));
         assert!(!a.verify_gpg);
-        assert_eq!(a.deb_conf_file.as_deref(), Some("/x"));
+        assert_eq!(a.deb_conf_file.map(|f| f.to_string()).as_deref(), Some("/x"));
         assert!(p.warnings.is_empty());
 
         let p = parse_state("common.timezone", &json!({"name": "UTC", "use_utc": false})).unwrap();
@@ -1344,6 +1349,28 @@ mod tests {
             // Ports.
             ("common.ssh.known_host", json!({"hostname": "h", "username": "u", "port": 70000}), "port"),
             ("common.ssh.known_host", json!({"hostname": "h", "username": "u", "port": "0"}), "port"),
+            // Account names, group lists, home and shell of linux.user/linux.group.
+            ("linux.user", json!({"username": "-obad"}), "username"),
+            ("linux.user", json!({"username": "u", "groups": ["adm", "sudo\nroot"]}), "groups"),
+            ("linux.user", json!({"username": "u", "shell": "bin/sh"}), "shell"),
+            ("linux.user", json!({"username": "u", "home": "/home/../root"}), "home"),
+            ("linux.group", json!({"groupname": "g\n"}), "groupname"),
+            // Watch lists and docker `files` keys.
+            ("linux.service", json!({"name": ["x"], "watch": ["/ok", "rel"]}), "watch"),
+            ("linux.supervisord", json!({"config": "/c", "name": ["a"], "watch": ["/a\nb"]}), "watch"),
+            ("linux.docker.built", json!({"path": "/b", "tag": "t", "watch": ["/a/../b"]}), "watch"),
+            ("linux.docker.running", json!({"container": "c", "image": "i", "files": {"app.yml": "/h"}}), "files"),
+            ("linux.docker.deploy", json!({"container": "c", "image": "i", "files": {"/": "x"}}), "files"),
+            // Local files and key sources: other URL schemes, relative paths.
+            ("linux.apt.package", json!({"name": ["x"], "deb-conf-file": "ftp://h/sel"}), "deb-conf-file"),
+            ("linux.apt.package", json!({"name": ["x"], "deb-conf-file": "file://etc/sel"}), "deb-conf-file"),
+            ("linux.rpm.key", json!({"path": "gopher://h/KEY"}), "path"),
+            ("linux.rpm.key", json!({"path": "-KEY"}), "path"),
+            // Programs and files in a home.
+            ("common.virtualenv", json!({"path": "/v", "python-bin": "-c"}), "python-bin"),
+            ("common.virtualenv", json!({"path": "/v", "python-bin": "bin/python"}), "python-bin"),
+            ("common.ssh.auth", json!({"username": "u", "content": "k", "filename": "../../etc/x"}), "filename"),
+            ("common.ssh.known_host", json!({"hostname": "h", "username": "u", "filename": "-f"}), "filename"),
         ];
         for (module, params, param) in bad {
             let err = parse_state(module, &params).expect_err(&format!("{module} {params}"));

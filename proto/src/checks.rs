@@ -9,8 +9,8 @@
 //! module in the helper only ever sees values that passed them.
 
 use crate::catalogue::{CatalogueError, ModuleParams};
-use crate::newtypes::{AbsPath, UnitName};
-use crate::param_types::{account_problem, shorten, Dict, Line, Watch};
+use crate::newtypes::UnitName;
+use crate::param_types::{shorten, Dict, HomeFile, Line};
 
 /// An `http://` or `https://` URL: content the daemon downloads for the helper.
 pub fn is_remote(value: &str) -> bool {
@@ -25,14 +25,12 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
         ModuleParams::CommonArchive(p) => c.url("source", &p.source),
         ModuleParams::CommonGemPackage(p) => c.names("name", &p.name),
         ModuleParams::CommonGemSource(p) => c.url("url", &p.url),
-        ModuleParams::CommonSshAuth(p) => {
-            c.home_file("filename", &p.filename)?;
-            c.url("encrypt_algorithm", &p.encrypt_algorithm)
-        }
+        ModuleParams::CommonSshAuth(p) => c.url("encrypt_algorithm", &p.encrypt_algorithm),
         ModuleParams::CommonSshKnownHost(p) => {
             c.url("hostname", &p.hostname)?;
-            c.home_file("filename", &p.filename)?;
-            if p.username.as_deref().is_none_or(|u| u.trim().is_empty()) && !p.filename.trim().starts_with('/') {
+            // Across two parameters: the type of `filename` cannot know whether a home
+            // is named.
+            if p.username.is_none() && matches!(p.filename, HomeFile::InHome(_)) {
                 return c.invalid("filename", "without username the file must be an absolute path".into());
             }
             c.opt_url("encrypt_algorithm", p.encrypt_algorithm.as_ref())?;
@@ -55,14 +53,8 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             c.opt_argument("username", p.username.as_ref())
         }
         ModuleParams::CommonTimezone(p) => c.timezone("name", &p.name),
-        ModuleParams::CommonVirtualenv(p) => match p.python_bin.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
-            Some(bin) if bin.contains('/') => c.path("python-bin", bin),
-            Some(bin) => c.file_name("python-bin", bin),
-            None => Ok(()),
-        },
         ModuleParams::LinuxAptPackage(p) => {
             c.names("name", &p.name)?;
-            c.opt_local("deb-conf-file", p.deb_conf_file.as_ref())?;
             c.opt_argument("repo", p.repo.as_ref())
         }
         ModuleParams::LinuxAptPpa(p) => {
@@ -89,17 +81,12 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             Ok(())
         }
         ModuleParams::LinuxDir(_) => Ok(()),
-        ModuleParams::LinuxDockerBuilt(p) => {
-            c.argument("tag", &p.tag)?;
-            c.watch("watch", p.watch.as_ref())
-        }
+        ModuleParams::LinuxDockerBuilt(p) => c.argument("tag", &p.tag),
         ModuleParams::LinuxDockerDeploy(p) => {
             c.argument("container", &p.container)?;
             c.argument("image", &p.image)?;
             c.argument("tag", &p.tag)?;
-            c.ports("port_bindings", p.port_bindings.as_ref())?;
-            c.dict_paths("files", p.files.as_ref())?;
-            c.watch("watch", p.watch.as_ref())
+            c.ports("port_bindings", p.port_bindings.as_ref())
         }
         ModuleParams::LinuxDockerPulled(p) => {
             c.argument("repo", &p.repo)?;
@@ -114,12 +101,9 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
             c.argument("container", &p.container)?;
             c.argument("image", &p.image)?;
             c.argument("tag", &p.tag)?;
-            c.ports("port_bindings", p.port_bindings.as_ref())?;
-            c.dict_paths("files", p.files.as_ref())?;
-            c.watch("watch", p.watch.as_ref())
+            c.ports("port_bindings", p.port_bindings.as_ref())
         }
         ModuleParams::LinuxFile(p) => c.opt_url("remote_uri", p.remote_uri.as_ref()),
-        ModuleParams::LinuxGroup(p) => c.account("groupname", &p.groupname),
         ModuleParams::LinuxLvmLv(p) => {
             c.argument("name", &p.name)?;
             c.argument("vg-name", &p.vg_name)
@@ -134,34 +118,27 @@ pub(crate) fn check_fields(params: &ModuleParams) -> Result<(), CatalogueError> 
         }
         ModuleParams::LinuxPuppetAgent(p) => c.argument("server", &p.server),
         ModuleParams::LinuxPuppetApply(_) | ModuleParams::LinuxRaid(_) => Ok(()),
-        // A URL (downloaded by the daemon, as the adaptor's `rpm --import URL` did) or a
-        // local file.
-        ModuleParams::LinuxRpmKey(p) if crate::checks::is_remote(&p.path) => c.url("path", &p.path),
-        ModuleParams::LinuxRpmKey(p) => c.local("path", &p.path),
         ModuleParams::LinuxService(p) => {
             for e in p.name.iter() {
                 if let Err(e) = UnitName::service(e.key.trim()) {
                     return c.invalid("name", e.to_string());
                 }
             }
-            c.watch("watch", p.watch.as_ref())
+            Ok(())
         }
         ModuleParams::LinuxSupervisord(p) => {
             for n in p.name.iter().filter(|n| !n.trim().is_empty()) {
                 c.file_name("name", n)?;
             }
-            c.watch("watch", p.watch.as_ref())
+            Ok(())
         }
-        ModuleParams::LinuxSymlink(_) => Ok(()),
-        ModuleParams::LinuxUser(p) => {
-            c.account("username", &p.username)?;
-            for g in p.groups.iter().flat_map(|a| a.iter()).filter(|g| !g.trim().is_empty()) {
-                c.account("groups", g)?;
-            }
-            c.opt_path("home", p.home.as_ref())?;
-            c.opt_path("shell", p.shell.as_ref())?;
-            c.opt_argument("fullname", p.fullname.as_ref())
-        }
+        // Typed throughout ([`crate::param_types`]): `python-bin` (`Program`), the
+        // group's and user's names, groups, home and shell, the key's source.
+        ModuleParams::LinuxSymlink(_)
+        | ModuleParams::CommonVirtualenv(_)
+        | ModuleParams::LinuxGroup(_)
+        | ModuleParams::LinuxRpmKey(_) => Ok(()),
+        ModuleParams::LinuxUser(p) => c.opt_argument("fullname", p.fullname.as_ref()),
         ModuleParams::LinuxYumPackage(p) => {
             c.names("name", &p.name)?;
             c.opt_argument("repo", p.repo.as_ref())
@@ -186,80 +163,6 @@ struct Checker {
 impl Checker {
     fn invalid(&self, param: &str, problem: String) -> Result<(), CatalogueError> {
         Err(CatalogueError::Invalid { module: self.module.to_string(), param: param.to_string(), problem })
-    }
-
-    /// An absolute, normalised path without control characters (not even a tab).
-    fn path(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
-        if raw.contains('\t') {
-            return self.invalid(param, format!("{:?} contains a tab", shorten(raw)));
-        }
-        match AbsPath::parse(raw.trim()) {
-            Ok(_) => Ok(()),
-            Err(e) => self.invalid(param, e.to_string()),
-        }
-    }
-
-    /// A file of a user's: absolute, or relative to the home directory without `..`.
-    fn home_file(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
-        let t = raw.trim();
-        if t.starts_with('/') {
-            return self.path(param, t);
-        }
-        let ok = !t.is_empty()
-            && !t.contains('\t')
-            && t.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
-        if ok {
-            Ok(())
-        } else {
-            self.invalid(param, format!("{:?} is not a path in the home directory (no \"..\")", shorten(raw)))
-        }
-    }
-
-    /// An optional path; blank is "not given".
-    fn opt_path(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
-        match raw.map(|r| r.trim()).filter(|r| !r.is_empty()) {
-            Some(r) => self.path(param, r),
-            None => Ok(()),
-        }
-    }
-
-    /// A local file, as a path or a `file://` URI.
-    fn local(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
-        let t = raw.trim();
-        self.path(param, t.strip_prefix("file://").unwrap_or(t))
-    }
-
-    fn opt_local(&self, param: &str, raw: Option<&Line>) -> Result<(), CatalogueError> {
-        match raw.map(|r| r.trim()).filter(|r| !r.is_empty()) {
-            Some(r) => self.local(param, r),
-            None => Ok(()),
-        }
-    }
-
-    /// Every key of a dict is a path (docker `files`).
-    fn dict_paths(&self, param: &str, d: Option<&Dict>) -> Result<(), CatalogueError> {
-        for e in d.iter().flat_map(|d| d.iter()) {
-            self.path(param, &e.key)?;
-        }
-        Ok(())
-    }
-
-    fn watch(&self, param: &str, w: Option<&Watch>) -> Result<(), CatalogueError> {
-        if let Some(Watch::Files(files)) = w {
-            for f in files.iter().filter(|f| !f.trim().is_empty()) {
-                self.path(param, f)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// A user or group of `linux.user`/`linux.group`, whose parameters stay free text
-    /// (their states check them again themselves): as [`crate::param_types::Account`] reads one.
-    fn account(&self, param: &str, raw: &str) -> Result<(), CatalogueError> {
-        match account_problem(raw) {
-            Some(problem) => self.invalid(param, problem),
-            None => Ok(()),
-        }
     }
 
     /// A value passed to a tool as one argument: it must not read as an option.

@@ -32,6 +32,13 @@ pub enum Kind {
     Account,
     Port,
     Cron,
+    AccountName,
+    AccountNames,
+    PathDict,
+    LocalFile,
+    KeySource,
+    Program,
+    HomeFile,
 }
 
 impl Kind {
@@ -46,12 +53,19 @@ impl Kind {
             Kind::State => "one or more state references such as \"@{host.state-1}\"",
             Kind::Integer => "a non-negative integer",
             Kind::Mode => "an octal mode such as \"0644\"",
-            Kind::Watch => "a list of file paths, or true",
+            Kind::Watch => "a list of absolute file paths, or true",
             Kind::Path => "an absolute path",
             Kind::Paths => "a list of absolute paths",
             Kind::Account => "a user or group name",
             Kind::Port => "a port number (1-65535)",
             Kind::Cron => "a cron time field (numbers, names, *, ranges, lists, steps)",
+            Kind::AccountName => "a user or group name",
+            Kind::AccountNames => "a list of group names",
+            Kind::PathDict => "a list of {key, value} objects whose keys are absolute file paths",
+            Kind::LocalFile => "an absolute path or a file:// URL",
+            Kind::KeySource => "an http(s) URL, an absolute path or a file:// URL",
+            Kind::Program => "a program name or an absolute path",
+            Kind::HomeFile => "an absolute path or a path in the user's home",
         }
     }
 }
@@ -632,19 +646,20 @@ impl Param for Port {
     }
 }
 
-/// What `watch` asks for: these files, or (older recipes' `true`) every round. On
-/// the wire as recipes write it (a list, or `true`).
+/// What `watch` asks for: these files (absolute, normalised; blank items skipped, as
+/// they always were), or (older recipes' `true`) every round. On the wire as recipes
+/// write it (a list, or `true`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Value", try_from = "Value")]
 pub enum Watch {
-    Files(Vec<String>),
+    Files(Vec<AbsPath>),
     EveryRound,
 }
 
 impl From<Watch> for Value {
     fn from(w: Watch) -> Value {
         match w {
-            Watch::Files(files) => Value::from(files),
+            Watch::Files(files) => Value::from(files.iter().map(ToString::to_string).collect::<Vec<_>>()),
             Watch::EveryRound => Value::Bool(true),
         }
     }
@@ -663,7 +678,336 @@ impl Param for Watch {
         match v {
             Value::Bool(true) => Ok(Watch::EveryRound),
             Value::Bool(false) => Ok(Watch::Files(Vec::new())),
-            other => Array::from_wire(other).map(|a| Watch::Files(a.0)),
+            other => Paths::from_wire(other).map(|p| Watch::Files(p.0)),
+        }
+    }
+}
+
+/// Why `name` is not a name `useradd`/`groupadd` would create: letters, digits, `_`,
+/// `.`, `-`, starting with a letter or `_` (so never with `-`, never numeric), an
+/// optional trailing `$`, at most 32 bytes; `None` when it is one.
+pub fn account_name_problem(name: &str) -> Option<String> {
+    let body = name.strip_suffix('$').unwrap_or(name);
+    let ok = !body.is_empty()
+        && name.len() <= 32
+        && body.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && body.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    (!ok).then(|| format!("{:?} is not a valid user or group name", shorten(name)))
+}
+
+/// The name of a local account `linux.user`/`linux.group` manage, trimmed: what the
+/// shadow utilities accept as a new name ([`account_name_problem`]), so nothing that
+/// could end a passwd/group line, separate its fields, or read as an option.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct AccountName(String);
+
+impl AccountName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for AccountName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AccountName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Param for AccountName {
+    const KIND: Kind = Kind::AccountName;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let raw = scalar_text(v).ok_or(None)?;
+        // Checked before trimming: "bob\n" is no name, whatever trimming leaves.
+        control_char(&raw, |_| false)?;
+        let name = raw.trim();
+        match account_name_problem(name) {
+            Some(problem) => Err(Some(problem)),
+            None => Ok(Self(name.to_string())),
+        }
+    }
+}
+
+/// Group names (`linux.user` `groups`): one name per item, blank items skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[serde(transparent)]
+pub struct AccountNames(Vec<AccountName>);
+
+impl Deref for AccountNames {
+    type Target = [AccountName];
+    fn deref(&self) -> &[AccountName] {
+        &self.0
+    }
+}
+
+impl Param for AccountNames {
+    const KIND: Kind = Kind::AccountNames;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let Array(items) = Array::from_wire(v)?;
+        items
+            .iter()
+            .filter(|i| !i.trim().is_empty())
+            .map(|i| AccountName::from_wire(&Value::String(i.clone())))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+}
+
+/// One entry of a [`PathDict`]: an absolute file path and its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PathEntry {
+    pub key: AbsPath,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+impl PathEntry {
+    /// The value, with an absent one read as empty (how the original treated it).
+    pub fn value_or_empty(&self) -> &str {
+        self.value.as_deref().unwrap_or("")
+    }
+}
+
+/// A dict whose keys are files (docker `files`: the path in the container): every
+/// key absolute, normalised and not `/`, as [`Dict`] reads the shapes. On the wire as
+/// a list of `{key, value}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[serde(transparent)]
+pub struct PathDict(pub Vec<PathEntry>);
+
+impl Deref for PathDict {
+    type Target = [PathEntry];
+    fn deref(&self) -> &[PathEntry] {
+        &self.0
+    }
+}
+
+impl Param for PathDict {
+    const KIND: Kind = Kind::PathDict;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let Dict(entries) = Dict::from_wire(v)?;
+        entries
+            .into_iter()
+            .map(|e| {
+                let key = AbsPath::from_wire(&Value::String(e.key))?;
+                if key.is_root() {
+                    return Err(Some("\"/\" is not a file".to_string()));
+                }
+                Ok(PathEntry { key, value: e.value })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+}
+
+/// The text of a one-word value, without any control character (checked before
+/// trimming), trimmed.
+fn word(v: &Value) -> Result<String, Option<String>> {
+    let raw = scalar_text(v).ok_or(None)?;
+    if raw.len() > MAX_LINE_BYTES {
+        return Err(too_long("a value", raw.len(), MAX_LINE_BYTES));
+    }
+    control_char(&raw, |_| false)?;
+    Ok(raw.trim().to_string())
+}
+
+/// A local file root reads (`deb-conf-file`, a local `linux.rpm.key`): an absolute
+/// path, or a `file://` URL of one (`file:///etc/x`); any other URL is refused, as is
+/// anything relative. On the wire as the path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "String")]
+pub struct LocalFile(AbsPath);
+
+impl LocalFile {
+    pub fn path(&self) -> &AbsPath {
+        &self.0
+    }
+
+    fn parse(text: &str) -> Result<Self, Option<String>> {
+        let path = match text.strip_prefix("file://") {
+            Some(rest) => rest,
+            None if text.contains("://") => {
+                return Err(Some(format!("{:?} is a URL other than file://: only a local file is read", shorten(text))))
+            }
+            None => text,
+        };
+        AbsPath::parse(path).map(Self).map_err(|e| Some(e.to_string()))
+    }
+}
+
+impl From<AbsPath> for LocalFile {
+    fn from(p: AbsPath) -> Self {
+        Self(p)
+    }
+}
+
+impl From<LocalFile> for String {
+    fn from(f: LocalFile) -> String {
+        f.0.into()
+    }
+}
+
+impl Deref for LocalFile {
+    type Target = AbsPath;
+    fn deref(&self) -> &AbsPath {
+        &self.0
+    }
+}
+
+impl fmt::Display for LocalFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl Param for LocalFile {
+    const KIND: Kind = Kind::LocalFile;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        Self::parse(&word(v)?)
+    }
+}
+
+/// Where a package signing key comes from (`linux.rpm.key` `path`): an `http(s)://`
+/// URL the daemon downloads for the helper (one word), or a [`LocalFile`]. On the wire
+/// as the URL or the path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "String")]
+pub enum KeySource {
+    Remote(String),
+    Local(LocalFile),
+}
+
+impl From<KeySource> for String {
+    fn from(k: KeySource) -> String {
+        match k {
+            KeySource::Remote(url) => url,
+            KeySource::Local(f) => f.into(),
+        }
+    }
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Remote(url) => f.write_str(url),
+            KeySource::Local(file) => fmt::Display::fmt(file, f),
+        }
+    }
+}
+
+impl Param for KeySource {
+    const KIND: Kind = Kind::KeySource;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let text = word(v)?;
+        if crate::checks::is_remote(&text) {
+            if text.contains(char::is_whitespace) {
+                return Err(Some(format!("{:?} is not a URL (it has blanks)", shorten(&text))));
+            }
+            return Ok(KeySource::Remote(text));
+        }
+        LocalFile::parse(&text).map(KeySource::Local)
+    }
+}
+
+/// A program root runs (`common.virtualenv` `python-bin`): a name looked up in the
+/// helper's `PATH` (no `/`, not `.` or `..`, no blank, not starting with `-`), or an
+/// absolute normalised path. On the wire as written (trimmed).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "String")]
+pub enum Program {
+    Name(String),
+    Path(AbsPath),
+}
+
+impl From<Program> for String {
+    fn from(p: Program) -> String {
+        p.to_string()
+    }
+}
+
+impl fmt::Display for Program {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Program::Name(n) => f.write_str(n),
+            Program::Path(p) => fmt::Display::fmt(p, f),
+        }
+    }
+}
+
+impl Param for Program {
+    const KIND: Kind = Kind::Program;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let text = word(v)?;
+        if text.contains('/') {
+            return AbsPath::parse(&text).map(Program::Path).map_err(|e| Some(e.to_string()));
+        }
+        if text.is_empty() || text == "." || text == ".." || text.starts_with('-') || text.contains(char::is_whitespace)
+        {
+            return Err(Some(format!(
+                "{:?} is neither an absolute path nor a program name (no blank, not \".\" or \"..\", \
+                 not starting with \"-\")",
+                shorten(&text)
+            )));
+        }
+        Ok(Program::Name(text))
+    }
+}
+
+/// A file of a user's (`common.ssh.*` `filename`): an absolute normalised path (not
+/// `/`), or a path relative to the user's home whose every component is a name (no
+/// empty, `.` or `..` component: it cannot climb out of the home) and that does not
+/// start with `-`. On the wire as written (trimmed; an absolute path normalised).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "String")]
+pub enum HomeFile {
+    Absolute(AbsPath),
+    InHome(String),
+}
+
+impl From<HomeFile> for String {
+    fn from(h: HomeFile) -> String {
+        h.to_string()
+    }
+}
+
+impl fmt::Display for HomeFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HomeFile::Absolute(p) => fmt::Display::fmt(p, f),
+            HomeFile::InHome(rel) => f.write_str(rel),
+        }
+    }
+}
+
+impl Param for HomeFile {
+    const KIND: Kind = Kind::HomeFile;
+    fn from_wire(v: &Value) -> Result<Self, Option<String>> {
+        let text = word(v)?;
+        if text.starts_with('/') {
+            let path = AbsPath::parse(&text).map_err(|e| Some(e.to_string()))?;
+            if path.is_root() {
+                return Err(Some("/ is not a file".into()));
+            }
+            return Ok(HomeFile::Absolute(path));
+        }
+        let ok = !text.is_empty()
+            && !text.starts_with('-')
+            && text.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+        if ok {
+            Ok(HomeFile::InHome(text))
+        } else {
+            Err(Some(format!(
+                "{:?} is not a path in the home directory (no \"..\", \".\" or empty component, \
+                 not starting with \"-\")",
+                shorten(&text)
+            )))
         }
     }
 }
@@ -751,7 +1095,67 @@ mod tests {
     #[test]
     fn watch_shapes() {
         assert_eq!(Watch::from_wire(&json!(true)).unwrap(), Watch::EveryRound);
-        assert_eq!(Watch::from_wire(&json!(["/etc/x"])).unwrap(), Watch::Files(vec!["/etc/x".into()]));
+        let files = Watch::from_wire(&json!(["/etc//x", " "])).unwrap();
+        assert_eq!(files, Watch::Files(vec![AbsPath::parse("/etc/x").unwrap()]));
+        assert_eq!(Value::from(files), json!(["/etc/x"]));
+        for bad in [json!(["rel"]), json!(["/a/../b"]), json!(["/a\nb"]), json!(["-x"])] {
+            assert!(Watch::from_wire(&bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The named-thing types: each refuses control characters, option-like values and
+    /// what escapes where it is used, and reads back what it writes.
+    #[test]
+    fn named_values() {
+        fn round_trip<T: Param + Serialize + PartialEq + fmt::Debug>(v: &T) {
+            assert_eq!(&T::from_wire(&serde_json::to_value(v).unwrap()).unwrap(), v);
+        }
+        let name = AccountName::from_wire(&json!(" www-data ")).unwrap();
+        assert_eq!(name.as_str(), "www-data");
+        round_trip(&name);
+        for bad in ["-o", "a:b", "a b", "bob\n", "\tbob", "1abc", "", "x\u{7f}", "a,b"] {
+            assert!(AccountName::from_wire(&json!(bad)).is_err(), "{bad:?}");
+        }
+        let groups = AccountNames::from_wire(&json!(["adm", " ", "users"])).unwrap();
+        assert_eq!(groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(), ["adm", "users"]);
+        round_trip(&groups);
+        assert!(AccountNames::from_wire(&json!(["adm", "-g0"])).is_err());
+
+        let files = PathDict::from_wire(&json!([{"key": "/etc//app.yml", "value": "x: 1"}])).unwrap();
+        assert_eq!((files[0].key.to_string(), files[0].value_or_empty()), ("/etc/app.yml".to_string(), "x: 1"));
+        round_trip(&files);
+        for bad in [json!([{"key": "app.yml"}]), json!([{"key": "/a/../b"}]), json!([{"key": "/"}]), json!({"-v": "x"})]
+        {
+            assert!(PathDict::from_wire(&bad).is_err(), "{bad}");
+        }
+
+        let local = LocalFile::from_wire(&json!("file:///etc/debconf.sel")).unwrap();
+        assert_eq!(local.to_string(), "/etc/debconf.sel");
+        round_trip(&local);
+        for bad in ["http://h/x", "ftp://h/x", "file://etc/x", "etc/x", "-x", "/a\nb", "/a/../b"] {
+            assert!(LocalFile::from_wire(&json!(bad)).is_err(), "{bad:?}");
+        }
+        let remote = KeySource::from_wire(&json!("https://h/KEY")).unwrap();
+        assert_eq!(remote, KeySource::Remote("https://h/KEY".into()));
+        round_trip(&remote);
+        round_trip(&KeySource::from_wire(&json!("/etc/pki/k")).unwrap());
+        for bad in ["ftp://h/k", "gopher://h/k", "file://k", "k", "-k", "https://h/a\nb"] {
+            assert!(KeySource::from_wire(&json!(bad)).is_err(), "{bad:?}");
+        }
+
+        assert_eq!(Program::from_wire(&json!("python3")).unwrap(), Program::Name("python3".into()));
+        let path = Program::from_wire(&json!("/usr/bin//python3")).unwrap();
+        assert_eq!(path.to_string(), "/usr/bin/python3");
+        round_trip(&path);
+        for bad in ["bin/python", "-c", "..", "py thon", "py\nthon", "file:///usr/bin/python3"] {
+            assert!(Program::from_wire(&json!(bad)).is_err(), "{bad:?}");
+        }
+
+        assert_eq!(HomeFile::from_wire(&json!(".ssh/keys")).unwrap(), HomeFile::InHome(".ssh/keys".into()));
+        round_trip(&HomeFile::from_wire(&json!("/srv/keys")).unwrap());
+        for bad in ["../../etc/shadow", ".ssh/../../x", "./x", ".ssh//x", "-x", "/", "a\nb", "/a/../b"] {
+            assert!(HomeFile::from_wire(&json!(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use opsagent_proto::catalogue::LinuxAptPackage;
+use opsagent_proto::param_types::LocalFile;
 use opsagent_proto::request::{Change, Outcome};
 
 use opsagent_proto::newtypes::AbsPath;
@@ -65,8 +66,6 @@ pub enum PkgError {
     NoSuchVersion { name: String, version: String, known: String },
     #[error("package {name} is {found} after the package manager ran, not {wanted}")]
     NotAsWanted { name: String, found: String, wanted: String },
-    #[error("parameter deb-conf-file: {0}")]
-    Debconf(RepoError),
     #[error(transparent)]
     RootRead(#[from] RootReadError),
     /// What debconf-set-selections printed is withheld: it may quote the file, which
@@ -441,11 +440,11 @@ impl Run {
 
     /// Preseeds debconf from `deb-conf-file`: read as [`root_read`] allows, given on
     /// stdin, and nothing of what the tool prints returned.
-    async fn selections(&mut self, conf: &str) -> Result<(), PkgError> {
-        let path = local_file("deb-conf-file", conf).map_err(PkgError::Debconf)?;
-        let path = AbsPath::parse(&path.to_string_lossy())
-            .map_err(|e| PkgError::Debconf(RepoError::NotLocal(format!("{conf}: {e}"), "deb-conf-file")))?;
-        let content = root_read::read("deb-conf-file", &path)?;
+    /// `conf` is a validated local path ([`LocalFile`]); who controls the file is
+    /// checked here, on the host, as the type cannot ([`root_read`]).
+    async fn selections(&mut self, conf: &LocalFile) -> Result<(), PkgError> {
+        let path = conf.path();
+        let content = root_read::read("deb-conf-file", path)?;
         let spec = CommandSpec::tool("debconf-set-selections", std::iter::empty::<&str>()).with_stdin(content);
         match exec::checked(&spec, &[0], &mut self.cancel).await {
             Ok(_) => {
@@ -579,7 +578,7 @@ async fn run_state(
     let opts = Opts { repo: p.repo.as_deref().map(str::to_string), verify_gpg: p.verify_gpg };
     let result = async {
         if !todo.install.is_empty() {
-            if let Some(conf) = p.deb_conf_file.as_deref() {
+            if let Some(conf) = &p.deb_conf_file {
                 run.selections(conf).await?;
             }
             run.logged(&apt_get(apt_get_args("install", &opts, &todo.install), APT_TIMEOUT)).await?;

@@ -5,7 +5,7 @@ use nix::unistd::Group;
 use opsagent_proto::catalogue::LinuxGroup;
 use opsagent_proto::request::{Change, Outcome};
 
-use super::user::{valid_account_name, UserError};
+use super::user::UserError;
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec};
 
@@ -32,10 +32,8 @@ pub async fn apply(p: &LinuxGroup, mut cancel: Cancel) -> Outcome {
 }
 
 async fn run(p: &LinuxGroup, changes: &mut Vec<Change>, cancel: &mut Cancel) -> Result<(), UserError> {
-    let name = p.groupname.trim();
-    if !valid_account_name(name) {
-        return Err(UserError::Name { param: "groupname", value: name.to_string() });
-    }
+    // A valid group name by its type (`AccountName`, checked at decode).
+    let name = p.groupname.as_str();
     let lookup = |n: &str| Group::from_name(n).map_err(|e| UserError::Lookup(format!("group {n}"), e));
     match lookup(name)? {
         None if crate::plan::active() => {
@@ -72,13 +70,20 @@ mod tests {
         assert_eq!(groupadd_args("web", None, false), ["web"]);
     }
 
-    /// An existing group with no gid asked for: nothing to run, nothing changed.
+    /// An existing group with no gid asked for: nothing to run, nothing changed. (A bad
+    /// name cannot reach the state: `groupname` is an `AccountName`.)
     #[tokio::test]
     async fn an_existing_group_is_left_alone() {
-        let p = LinuxGroup { groupname: "root".into(), gid: Some(0), system_group: true };
+        let p: LinuxGroup = crate::states::testutil::typed(
+            "linux.group",
+            serde_json::json!({"groupname": "root", "gid": 0, "system": true}),
+        );
         let out = apply(&p, Cancel::never()).await;
         assert!(out.result && out.changes.is_empty(), "{out:?}");
-        let bad = LinuxGroup { groupname: "-o".into(), gid: None, system_group: false };
-        assert!(!apply(&bad, Cancel::never()).await.result);
+        crate::states::testutil::refused(
+            "linux.group",
+            serde_json::json!({"groupname": "-o"}),
+            "parameter \"groupname\"",
+        );
     }
 }

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::ModuleParams;
 use opsagent_proto::checks::is_remote;
-use opsagent_proto::param_types::Line;
+use opsagent_proto::newtypes::AbsPath;
+use opsagent_proto::param_types::{KeySource, Line};
 
 use crate::dirfd::Dir;
 use crate::fetched::{FetchError, Fetched};
@@ -44,7 +45,11 @@ pub fn remote_urls(params: &ModuleParams) -> Vec<String> {
     match params {
         ModuleParams::LinuxAptPackage(p) => p.name.iter().for_each(|e| add(e.value_or_empty(), Some(".deb"))),
         ModuleParams::LinuxYumPackage(p) => p.name.iter().for_each(|e| add(e.value_or_empty(), Some(".rpm"))),
-        ModuleParams::LinuxRpmKey(p) => add(&p.path, None),
+        ModuleParams::LinuxRpmKey(p) => {
+            if let KeySource::Remote(url) = &p.path {
+                add(url, None);
+            }
+        }
         // The adaptor ran `rpm -U --force URL` when there was no content.
         ModuleParams::LinuxYumRepo(p) => {
             if p.content.is_none() {
@@ -78,6 +83,11 @@ impl Staged {
         self.files.iter().find(|(u, _, _)| u == url.trim()).map(|(_, _, p)| p.display().to_string())
     }
 
+    /// A staged copy's path, validated as the key's type holds it.
+    fn staged_path(&self, url: &str) -> Option<AbsPath> {
+        self.path_of(url).and_then(|p| AbsPath::parse(&p).ok())
+    }
+
     /// `params` with every staged URL replaced by its copy's path.
     pub fn localise(&self, params: &ModuleParams) -> ModuleParams {
         let mut out = params.clone();
@@ -90,7 +100,13 @@ impl Staged {
         match &mut out {
             ModuleParams::LinuxAptPackage(p) => p.name.0.iter_mut().filter_map(|e| e.value.as_mut()).for_each(swap),
             ModuleParams::LinuxYumPackage(p) => p.name.0.iter_mut().filter_map(|e| e.value.as_mut()).for_each(swap),
-            ModuleParams::LinuxRpmKey(p) => swap_line(&mut p.path),
+            ModuleParams::LinuxRpmKey(p) => {
+                if let KeySource::Remote(url) = &p.path {
+                    if let Some(copy) = self.staged_path(url) {
+                        p.path = KeySource::Local(copy.into());
+                    }
+                }
+            }
             ModuleParams::LinuxYumRepo(p) => {
                 p.rpm_url.iter_mut().for_each(swap_line);
                 p.rpm_key.iter_mut().for_each(swap_line);
@@ -134,7 +150,6 @@ mod tests {
     use crate::cancel::Cancel;
     use crate::states::testutil::params;
     use crate::states::{apply, Ctx, Step};
-    use opsagent_proto::newtypes::AbsPath;
     use opsagent_proto::newtypes::StateId;
     use opsagent_proto::request::{ApplyRequest, FetchedFile};
     use serde_json::json;
@@ -169,6 +184,28 @@ mod tests {
             params("linux.yum.repo", json!({"name": "x", "content": "[x]", "rpm-url": "http://h/r.rpm"}));
         assert!(remote_urls(&with_content).is_empty());
         crate::states::testutil::refused("linux.rpm.key", json!({"path": "https://h/a key"}), "parameter \"path\"");
+    }
+
+    /// A key given as a URL reaches `linux.rpm.key` as a local file: the staged copy.
+    #[test]
+    fn a_staged_key_url_becomes_a_local_key_source() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state_dir = tmp.path().join("state");
+        let url = "https://h/RPM-GPG-KEY";
+        let files = vec![download(tmp.path(), url, b"-----BEGIN PGP PUBLIC KEY BLOCK-----")];
+        let staged = stage(&[url.to_string()], &Fetched::new(&files, 0), &state_dir).unwrap();
+        let p = params("linux.rpm.key", json!({"path": url}));
+        let ModuleParams::LinuxRpmKey(key) = staged.localise(&p) else { panic!() };
+        let KeySource::Local(file) = &key.path else { panic!("{key:?}") };
+        assert!(file.path().starts_with(&AbsPath::parse(&state_dir.join(STAGING_DIR).to_string_lossy()).unwrap()));
+        assert!(file.to_string().ends_with("-0-RPM-GPG-KEY"), "{file}");
+        // A key the daemon did not download stays a URL (the state then refuses it).
+        let ModuleParams::LinuxRpmKey(other) =
+            staged.localise(&params("linux.rpm.key", json!({"path": "https://h/other"})))
+        else {
+            panic!()
+        };
+        assert_eq!(other.path, KeySource::Remote("https://h/other".into()));
     }
 
     #[tokio::test]

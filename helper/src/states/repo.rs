@@ -14,7 +14,7 @@ use opsagent_proto::catalogue::{LinuxAptPpa, LinuxAptRepo, LinuxFile, LinuxRpmKe
 use opsagent_proto::newtypes::AbsPath;
 #[cfg(test)]
 use opsagent_proto::param_types::Line;
-use opsagent_proto::param_types::{Mode, PathParam, Text};
+use opsagent_proto::param_types::{KeySource, Mode, PathParam, Text};
 use opsagent_proto::request::{Change, Outcome};
 
 use crate::cancel::Cancel;
@@ -218,9 +218,16 @@ pub async fn yum_repo(p: &LinuxYumRepo, mut cancel: Cancel) -> Outcome {
 pub async fn rpm_key(p: &LinuxRpmKey, mut cancel: Cancel) -> Outcome {
     let mut changes = Vec::new();
     let result = async {
-        let path = local_file("path", &p.path)?;
-        root_checked("path", &path)?;
-        import_key(&path, &mut changes, &mut cancel).await
+        // The source is validated at decode (`KeySource`); a URL is replaced by the
+        // copy of the daemon's download before the state runs (`remote::Staged`), so
+        // one left here was not downloaded: the helper has no network.
+        let path = match &p.path {
+            KeySource::Local(file) => file.path(),
+            KeySource::Remote(url) => return Err(RepoError::Remote { param: "path", uri: url.clone() }),
+        };
+        // Who controls the file is a fact of the host, not of the value.
+        super::root_read::check("path", path)?;
+        import_key(path.as_path(), &mut changes, &mut cancel).await
     }
     .await;
     super::finish("linux.rpm.key", result, changes, &[])

@@ -34,6 +34,7 @@ use md5::{Digest, Md5};
 use nix::unistd::{Gid, Uid, User};
 use opsagent_proto::catalogue::{CommonSshAuth, CommonSshKnownHost};
 use opsagent_proto::newtypes::{AbsPath, InvalidValue};
+use opsagent_proto::param_types::HomeFile;
 use opsagent_proto::request::{Change, Outcome};
 use sha2::Sha256;
 
@@ -314,8 +315,7 @@ pub struct Target {
     pub in_home: bool,
 }
 
-pub fn target(username: Option<&str>, filename: &str) -> Result<Target, SshError> {
-    let filename = filename.trim();
+pub fn target(username: Option<&str>, filename: &HomeFile) -> Result<Target, SshError> {
     let user = match username.map(str::trim).filter(|u| !u.is_empty()) {
         Some(name) => Some(
             User::from_name(name)
@@ -325,19 +325,20 @@ pub fn target(username: Option<&str>, filename: &str) -> Result<Target, SshError
         None => None,
     };
     let (uid, gid) = user.as_ref().map_or((0, 0), |u| (u.uid.as_raw(), u.gid.as_raw()));
-    let (raw, in_home) = if filename.starts_with('/') {
-        (filename.to_string(), false)
-    } else {
-        let home = user.as_ref().map(|u| u.dir.clone()).ok_or_else(|| SshError::Param {
-            param: "filename",
-            problem: "a relative file needs a username (whose home it is in)".into(),
-        })?;
-        (format!("{}/{filename}", home.display()), true)
+    // `filename` is validated at decode (`HomeFile`: absolute and not `/`, or a path in
+    // the home that cannot climb out of it). The home itself comes from the account
+    // database, not from the request: it is checked here.
+    let (path, in_home) = match filename {
+        HomeFile::Absolute(path) => (path.clone(), false),
+        HomeFile::InHome(rel) => {
+            let home = user.as_ref().map(|u| u.dir.clone()).ok_or_else(|| SshError::Param {
+                param: "filename",
+                problem: "a relative file needs a username (whose home it is in)".into(),
+            })?;
+            let raw = format!("{}/{rel}", home.display());
+            (AbsPath::parse(&raw).map_err(|source| SshError::Path { param: "filename", source })?, true)
+        }
     };
-    let path = AbsPath::parse(&raw).map_err(|source| SshError::Path { param: "filename", source })?;
-    if path.is_root() {
-        return Err(SshError::Param { param: "filename", problem: "/ is not a file".into() });
-    }
     Ok(Target { path, uid, gid, in_home })
 }
 

@@ -305,13 +305,9 @@ async fn steps(
             run.notes.push("watch: true, restarting every round".into());
             (true, FileChanges::default())
         }
+        // Absolute, normalised paths by their type (`Watch`, checked at decode).
         Some(Watch::Files(files)) => {
-            let files = files
-                .iter()
-                .map(|f| AbsPath::parse(f.trim()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|source| SupervisorError::Path { param: "watch", source })?;
-            let check = store.check(state, &files, true)?;
+            let check = store.check(state, files, true)?;
             if check.triggered() {
                 let changed: Vec<String> = check.changed.iter().map(ToString::to_string).collect();
                 run.notes.push(format!("watched {} changed", changed.join(", ")));

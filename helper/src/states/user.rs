@@ -22,7 +22,6 @@ use std::path::Path;
 use md5::{Digest, Md5};
 use nix::unistd::{Gid, Group, Uid, User};
 use opsagent_proto::catalogue::LinuxUser;
-use opsagent_proto::newtypes::{AbsPath, InvalidValue};
 use opsagent_proto::request::{Change, Outcome};
 use sha_crypt::{PasswordHashRef, PasswordHasher, PasswordVerifier, ShaCrypt};
 
@@ -39,10 +38,6 @@ pub enum UserError {
     Name { param: &'static str, value: String },
     #[error("parameter {param}: {problem}")]
     Field { param: &'static str, problem: String },
-    #[error("parameter home: {0}")]
-    Home(InvalidValue),
-    #[error("parameter shell: {0}")]
-    Shell(InvalidValue),
     #[error("cannot look up {0}: {1}")]
     Lookup(String, nix::Error),
     #[error("cannot read /etc/shadow: {0}")]
@@ -55,13 +50,11 @@ pub enum UserError {
     Fs(#[from] FsError),
 }
 
-/// A user or group name the shadow utilities accept, never starting with `-`.
+/// A user or group name the shadow utilities accept, never starting with `-`: what
+/// `AccountName` accepts. For `linux.cronjob` `user`, an `Account` (which also takes
+/// numeric ids, as the other modules' owners do) that crontab needs as a name.
 pub fn valid_account_name(name: &str) -> bool {
-    let body = name.strip_suffix('$').unwrap_or(name);
-    !body.is_empty()
-        && name.len() <= 32
-        && body.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && body.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    opsagent_proto::param_types::account_name_problem(name).is_none()
 }
 
 // ---- passwords -------------------------------------------------------------------
@@ -279,26 +272,13 @@ fn nologin() -> &'static str {
     }
 }
 
-pub fn wanted(p: &LinuxUser, nologin: &str) -> Result<Wanted, UserError> {
-    let mut groups = None;
-    if let Some(list) = &p.groups {
-        let mut set = BTreeSet::new();
-        for g in list.iter().flat_map(|g| g.split(',')).map(str::trim).filter(|g| !g.is_empty()) {
-            if !valid_account_name(g) {
-                return Err(UserError::Name { param: "groups", value: g.to_string() });
-            }
-            set.insert(g.to_string());
-        }
-        groups = Some(set);
-    }
-    let home =
-        p.home.as_deref().map(|h| AbsPath::parse(h).map(|h| h.to_string()).map_err(UserError::Home)).transpose()?;
-    let shell = if p.no_login {
-        Some(nologin.to_string())
-    } else {
-        p.shell.as_deref().map(|s| AbsPath::parse(s).map(|s| s.to_string()).map_err(UserError::Shell)).transpose()?
-    };
-    Ok(Wanted {
+pub fn wanted(p: &LinuxUser, nologin: &str) -> Wanted {
+    // Names, home and shell are validated by their types at decode (`AccountName`,
+    // `AccountNames`, `PathParam`): only what they mean on this host is checked here.
+    let groups = p.groups.as_ref().map(|list| list.iter().map(|g| g.to_string()).collect::<BTreeSet<_>>());
+    let home = p.home.as_ref().map(|h| h.to_string());
+    let shell = if p.no_login { Some(nologin.to_string()) } else { p.shell.as_ref().map(|s| s.to_string()) };
+    Wanted {
         uid: p.uid,
         gid: p.gid,
         groups,
@@ -306,7 +286,7 @@ pub fn wanted(p: &LinuxUser, nologin: &str) -> Result<Wanted, UserError> {
         home,
         shell,
         system: p.system_account,
-    })
+    }
 }
 
 /// GECOS with its first field (the full name) replaced, the others kept.
@@ -401,11 +381,8 @@ pub async fn apply(p: &LinuxUser, mut cancel: Cancel) -> Outcome {
 }
 
 async fn run(p: &LinuxUser, changes: &mut Vec<Change>, cancel: &mut Cancel) -> Result<(), UserError> {
-    let name = p.username.trim();
-    if !valid_account_name(name) {
-        return Err(UserError::Name { param: "username", value: name.to_string() });
-    }
-    let mut w = wanted(p, nologin())?;
+    let name = p.username.as_str();
+    let mut w = wanted(p, nologin());
     match account(name)? {
         None => {
             // A group already named like the user (the common `app`/`app` pattern, often
@@ -440,9 +417,8 @@ async fn run(p: &LinuxUser, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
         }
     }
     // The home directory a recipe names exists (useradd -m made a new one already).
-    if let (Some(home), Some(acc)) = (&w.home, account(name)?) {
-        let home = AbsPath::parse(home).map_err(UserError::Home)?;
-        fsutil::create_dirs(&home, 0o700, (Uid::from_raw(acc.uid), Gid::from_raw(acc.gid)), changes)?;
+    if let (Some(home), Some(acc)) = (&p.home, account(name)?) {
+        fsutil::create_dirs(home.abs(), 0o700, (Uid::from_raw(acc.uid), Gid::from_raw(acc.gid)), changes)?;
     }
     let Some(password) = managed_password(p) else {
         return Ok(());
@@ -551,7 +527,7 @@ mod tests {
             opsagent_proto::catalogue::ModuleParams::LinuxUser(u) => u,
             other => panic!("{other:?}"),
         };
-        let w = wanted(&p, "/usr/sbin/nologin").unwrap();
+        let w = wanted(&p, "/usr/sbin/nologin");
         assert_eq!(
             useradd_args("app", &w).join(" "),
             "-r -u 1500 -G adm,www-data -c App User -s /usr/sbin/nologin -d /home/app -m app"

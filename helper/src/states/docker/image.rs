@@ -138,9 +138,7 @@ async fn build(
     // Dockerfile's; `true` was its force.
     let mut watched = vec![dockerfile];
     if let Some(Watch::Files(files)) = &p.watch {
-        for f in files.iter().map(|f| f.trim()).filter(|f| !f.is_empty()) {
-            watched.push(AbsPath::parse(f).map_err(|source| DockerError::Path { param: "watch", source })?);
-        }
+        watched.extend(files.iter().cloned());
     }
     let force = p.force || matches!(p.watch, Some(Watch::EveryRound));
     let docker = Docker::new(engine)?;

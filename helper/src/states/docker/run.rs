@@ -61,7 +61,7 @@ use std::path::PathBuf;
 use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::{LinuxDockerDeploy, LinuxDockerRunning};
 use opsagent_proto::newtypes::{AbsPath, StateId};
-use opsagent_proto::param_types::{Dict, Watch};
+use opsagent_proto::param_types::{Dict, PathDict, Watch};
 use opsagent_proto::request::Outcome;
 use sha2::{Digest, Sha256};
 
@@ -165,11 +165,14 @@ pub fn parse_volumes(param: &'static str, d: Option<&Dict>) -> Result<Vec<String
         .collect()
 }
 
-/// `linux.docker.running` `files`: container path → host file, mounted read-only.
-pub fn parse_file_mounts(d: Option<&Dict>) -> Result<Vec<String>, DockerError> {
-    entries(d)
+/// `linux.docker.running` `files`: container path → host file, mounted read-only. The
+/// key (the path in the container) is an absolute file path by its type (`PathDict`);
+/// the value, the host file, is free text checked here.
+pub fn parse_file_mounts(d: Option<&PathDict>) -> Result<Vec<String>, DockerError> {
+    d.into_iter()
+        .flat_map(|d| d.iter())
+        .map(|e| (e.key.to_string(), e.value_or_empty().trim()))
         .map(|(k, v)| {
-            no_option("files", k)?;
             if v.is_empty() {
                 return Err(DockerError::param("files", format!("{k:?} names no host file")));
             }
@@ -527,11 +530,7 @@ pub async fn running(
         let (check, restart) = match &p.watch {
             Some(Watch::EveryRound) => (None, Some("watch: true".to_string())),
             Some(Watch::Files(files)) if !files.is_empty() => {
-                let files: Vec<AbsPath> = files
-                    .iter()
-                    .map(|f| AbsPath::parse(f.trim()).map_err(|source| DockerError::Path { param: "watch", source }))
-                    .collect::<Result<_, _>>()?;
-                let check = store.check(state, &files, false)?;
+                let check = store.check(state, files, false)?;
                 let restart = check.triggered().then(|| describe_watch(&check));
                 (Some(check), restart)
             }
@@ -576,11 +575,9 @@ pub async fn deploy(engine: &Engine, p: &LinuxDockerDeploy, state: &StateId, ctx
         check_reference("image", &reference)?;
         let mut files: Vec<(PathBuf, String)> = Vec::new();
         let mut contents: BTreeMap<PathBuf, &str> = BTreeMap::new();
+        // Keys are absolute file paths, not `/`, by their type (`PathDict`).
         for e in p.files.iter().flat_map(|d| d.iter()) {
-            let cpath = AbsPath::parse(e.key.trim()).map_err(|source| DockerError::Path { param: "files", source })?;
-            if cpath.is_root() {
-                return Err(DockerError::param("files", "\"/\" is not a file"));
-            }
+            let cpath = &e.key;
             let host = config_path(ctx, container, &cpath.to_string());
             contents.insert(host.clone(), e.value_or_empty());
             files.push((host, cpath.to_string()));
@@ -618,9 +615,7 @@ pub async fn deploy(engine: &Engine, p: &LinuxDockerDeploy, state: &StateId, ctx
         // containers, or `true` for a restart every round.
         let every_round = matches!(p.watch, Some(Watch::EveryRound));
         if let Some(Watch::Files(extra)) = &p.watch {
-            for f in extra.iter().map(|f| f.trim()).filter(|f| !f.is_empty()) {
-                watched.push(AbsPath::parse(f).map_err(|source| DockerError::Path { param: "watch", source })?);
-            }
+            watched.extend(extra.iter().cloned());
         }
         let store = ChecksumStore::new(&ctx.state_dir);
         let mut check = store.check(state, &watched, false)?;

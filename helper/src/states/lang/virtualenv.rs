@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 use opsagent_proto::catalogue::CommonVirtualenv;
 use opsagent_proto::newtypes::{AbsPath, StateId};
+use opsagent_proto::param_types::Program;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::{pip, LangError, Run, Tool};
@@ -82,16 +83,20 @@ impl Creator {
     }
 }
 
-/// The interpreter `python-bin` names (default `python3`).
-pub fn interpreter(python_bin: Option<&str>) -> Result<PathBuf, LangError> {
-    let name = python_bin.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("python3");
-    if name.contains('/') {
-        let abs = AbsPath::parse(name).map_err(|source| LangError::Path { param: "python-bin", source })?;
-        return find_tool(&abs.to_string(), &[]).ok_or_else(|| LangError::Param {
-            param: "python-bin",
-            problem: format!("{abs} is not an executable file"),
-        });
-    }
+/// The interpreter `python-bin` names (default `python3`), validated at decode
+/// ([`Program`]: an absolute path, or a plain name); whether it is an executable file
+/// is a fact of the host, checked here.
+pub fn interpreter(python_bin: Option<&Program>) -> Result<PathBuf, LangError> {
+    let name = match python_bin {
+        Some(Program::Path(abs)) => {
+            return find_tool(&abs.to_string(), &[]).ok_or_else(|| LangError::Param {
+                param: "python-bin",
+                problem: format!("{abs} is not an executable file"),
+            })
+        }
+        Some(Program::Name(name)) => name.as_str(),
+        None => "python3",
+    };
     find_tool(name, &[]).ok_or_else(|| {
         LangError::Missing(MissingTool {
             tool: name.to_string(),
@@ -145,10 +150,6 @@ pub async fn apply(p: &CommonVirtualenv, state: &StateId, state_dir: &Path, canc
     run.finish(&p.path.0, result)
 }
 
-fn optional(v: Option<&opsagent_proto::param_types::Line>) -> Option<&str> {
-    v.map(|l| l.trim()).filter(|s| !s.is_empty())
-}
-
 async fn run_state(
     p: &CommonVirtualenv,
     state: &StateId,
@@ -200,7 +201,7 @@ async fn run_state(
                 });
             }
         }
-        let python = interpreter(optional(p.python_bin.as_ref()))?;
+        let python = interpreter(p.python_bin.as_ref())?;
         let creator = if extra.is_empty() {
             Creator::Venv { python: python.clone() }
         } else {
@@ -337,12 +338,16 @@ mod tests {
 
     #[test]
     fn interpreters() {
-        assert!(interpreter(Some("/bin/sh")).is_ok());
-        let err = interpreter(Some("python0.1")).unwrap_err().to_string();
+        let bin = |raw: &str| -> Program { opsagent_proto::param_types::Param::from_wire(&json!(raw)).unwrap() };
+        assert!(interpreter(Some(&bin("/bin/sh"))).is_ok());
+        let err = interpreter(Some(&bin("python0.1"))).unwrap_err().to_string();
         assert!(err.starts_with("python0.1 is not installed"), "{err}");
-        let err = interpreter(Some("bin/python")).unwrap_err().to_string();
-        assert_eq!(err, "parameter python-bin: path \"bin/python\" is not absolute");
-        let err = interpreter(Some("/nonexistent/python3")).unwrap_err().to_string();
+        crate::states::testutil::refused(
+            "common.virtualenv",
+            json!({"path": "/v", "python-bin": "bin/python"}),
+            "path \"bin/python\" is not absolute",
+        );
+        let err = interpreter(Some(&bin("/nonexistent/python3"))).unwrap_err().to_string();
         assert_eq!(err, "parameter python-bin: /nonexistent/python3 is not an executable file");
     }
 

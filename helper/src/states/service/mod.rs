@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use opsagent_proto::catalogue::LinuxService;
-use opsagent_proto::newtypes::{AbsPath, InvalidValue, StateId, UnitName};
+use opsagent_proto::newtypes::{InvalidValue, StateId, UnitName};
 use opsagent_proto::param_types::Watch;
 use opsagent_proto::request::{Change, Outcome};
 
@@ -54,8 +54,6 @@ impl Action {
 enum Error {
     #[error("parameter name: {0}")]
     Name(InvalidValue),
-    #[error("parameter watch: {0}")]
-    WatchPath(InvalidValue),
     #[error(transparent)]
     Watch(#[from] ChecksumError),
     #[error(transparent)]
@@ -113,9 +111,9 @@ pub async fn run<M: ServiceManager>(
         let (triggered, check) = match &p.watch {
             None => (false, FileChanges::default()),
             Some(Watch::EveryRound) => (true, FileChanges::default()),
+            // Absolute, normalised paths by their type (`Watch`, checked at decode).
             Some(Watch::Files(files)) => {
-                let files = files.iter().map(|f| AbsPath::parse(f)).collect::<Result<Vec<_>, _>>();
-                let check = store.check(state, &files.map_err(Error::WatchPath)?, true)?;
+                let check = store.check(state, files, true)?;
                 (check.triggered(), check)
             }
         };
