@@ -534,11 +534,15 @@ async fn git_plan_of_a_missing_checkout_names_the_clone_and_creates_nothing() {
         let out = git_plan(state).await;
         assert_eq!(clone_change(&out, &path), format!("cloned at {} ({describe})", short(&head)));
         assert!(out.changes.iter().any(|c| c.subject == parent.display().to_string()), "{out:?}");
+        let subjects: std::collections::BTreeSet<_> = out.changes.iter().map(|c| (&c.subject, &c.what)).collect();
+        assert_eq!(subjects.len(), out.changes.len(), "each change once: {out:?}");
         assert!(!parent.exists(), "the plan created {}", parent.display());
     }
     let state = json!({"path": path, "repo": repo, "revision": "main"});
+    let planned = git_plan(state.clone()).await;
     let out = git_state(state.clone()).await;
     assert_eq!(clone_change(&out, &path), format!("cloned at {} (branch main)", short(&head)));
+    assert_eq!(out.changes, planned.changes, "the plan says what the apply does");
     let out = git_plan(state).await;
     assert!(out.result && out.changes.is_empty(), "{out:?}");
 }

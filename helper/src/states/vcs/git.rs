@@ -57,8 +57,8 @@ use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::{
-    checkout_dir, describe_files, inspect, mask_url, prepare, repo_param, revision_param, run, short, ssh_command,
-    url_secret, Existing, Runner, VcsError, TRANSFER_TIMEOUT,
+    checkout_dir, describe_files, inspect, mask_url, planned_prepare, prepare, repo_param, revision_param, run, short,
+    ssh_command, url_secret, Existing, Runner, VcsError, TRANSFER_TIMEOUT,
 };
 use crate::cancel::Cancel;
 use crate::exec::Exit;
@@ -437,9 +437,8 @@ impl Git<'_> {
         let local = *existing == Existing::Checkout;
         if !local {
             if *existing == Existing::Missing {
-                fsutil::ensure_parent(&self.path.parent(), changes)?;
-                let owner = (self.runner.uid, self.runner.gid);
-                fsutil::planned_dirs(self.path.as_path(), fsutil::PARENT_DIR_MODE, owner, changes)?;
+                // The missing parents once (root's), then the checkout directory (the user's).
+                planned_prepare(&self.path, &self.runner, changes)?;
             }
             let refs = self.ls_remote(Path::new("/")).await?;
             return match self.resolve_advertised(wanted, &refs, false, notes).await? {
