@@ -62,7 +62,6 @@ use super::{
 };
 use crate::cancel::Cancel;
 use crate::exec::Exit;
-use crate::fsutil;
 
 mod files;
 
