@@ -138,8 +138,10 @@ fn a_daemon_killed_with_sigkill_mid_round_resumes_with_its_spool_intact() {
     // Three SIGKILLs: each may cut between the acknowledgement and its removal from
     // the spool, and between a send and its acknowledgement.
     assert_sent_once(&s, 3, 2);
-    // The restarted daemon resumed the persisted recipe rather than waiting for nothing.
+    // The restarted daemon resumed the persisted recipe rather than waiting for nothing,
+    // and did not call the backend unreachable while its link was still connecting.
     assert!(agent.log_text().contains("resuming the persisted recipe"), "{}", agent.log_text());
+    assert!(!agent.log_text().contains("backend unreachable"), "{}", agent.log_text());
 }
 
 fn stray(marker: &str) -> bool {
@@ -216,6 +218,13 @@ fn a_daemon_restarted_while_the_backend_is_down_applies_offline_and_reports_late
         agent.log_text()
     );
     assert!(agent.log_text().contains("resuming the persisted recipe"), "{}", agent.log_text());
+    assert!(
+        wait_until(Duration::from_secs(30), || agent
+            .log_text()
+            .contains("backend unreachable: applying the last known recipe offline")),
+        "a backend that does not answer is said once it is known: {}",
+        agent.log_text()
+    );
     let offline_runs = runs() - online_runs;
 
     let _backend = listen.start(&s.dir, &s.recipes, &s.statelog, &b_args);

@@ -402,6 +402,9 @@ impl<O: Outbox + 'static> Link<O> {
                 }
                 Some(Err(e)) => {
                     tracing::warn!(message_id = opsagent_logline::catalog::BACKEND_UNREACHABLE, error = %e, attempt, "cannot reach the backend");
+                    // The engine learns the link is down from a failed attempt too, not only
+                    // from a session that ended (a daemon started while the backend is down).
+                    self.engine.deliver(ForEngine::Online(false)).await;
                     hint = e.retry_after();
                     self.record_error(&e);
                 }

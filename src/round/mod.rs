@@ -178,6 +178,9 @@ struct State {
     online: bool,
     /// The offline warning was given for the current spell offline (once, not per round).
     offline_warned: bool,
+    /// The link has said whether it is up: until then (a daemon just started, resuming
+    /// its persisted recipe while the link connects) "offline" is not known, only likely.
+    link_heard: bool,
     ceased: u32,
     /// A `PlanRequest` not yet answered.
     plan_requested: bool,
@@ -258,6 +261,7 @@ impl State {
             }
             Event::Online(up) => {
                 self.online = up;
+                self.link_heard = true;
                 self.offline_warned &= !up;
                 self.status.send_modify(|s| s.online = up);
                 (Interrupt::None, false)
@@ -333,6 +337,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             stop: None,
             online: false,
             offline_warned: false,
+            link_heard: false,
             held_back: false,
             ceased: 0,
             plan_requested: false,
@@ -614,7 +619,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
         tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
-        if !self.st.online && !self.local && !self.st.offline_warned {
+        if !self.st.online && self.st.link_heard && !self.local && !self.st.offline_warned {
             self.st.offline_warned = true;
             tracing::warn!(
                 recipe_version = self.st.version,
