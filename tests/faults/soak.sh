@@ -88,16 +88,31 @@ start_helper
 start_backend
 RUNTIME_DIRECTORY=$W/run
 mkdir -p "$RUNTIME_DIRECTORY"
-RUNTIME_DIRECTORY=$RUNTIME_DIRECTORY RUST_LOG=warn "$BIN/opsagent" run --config "$W/empty.conf" \
-    --ws-uri "ws://127.0.0.1:$port/" --app-id app-soak --instance-id i-soak \
-    --token-file "$W/token" --state-dir "$W/state" --helper-socket "$W/helper.sock" \
-    --round-delay "$ROUND_DELAY" --retry-delay 1 {SOAK_LISTEN_FD}>&- >/dev/null 2>"$W/agent.log" &
-agent=$!
-pids+=("$agent")
+start_agent() { # ROUND_DELAY
+    rm -f "$RUNTIME_DIRECTORY/status.json"
+    RUNTIME_DIRECTORY=$RUNTIME_DIRECTORY RUST_LOG=warn "$BIN/opsagent" run --config "$W/empty.conf" \
+        --ws-uri "ws://127.0.0.1:$port/" --app-id app-soak --instance-id i-soak \
+        --token-file "$W/token" --state-dir "$W/state" --helper-socket "$W/helper.sock" \
+        --round-delay "$1" --retry-delay 1 {SOAK_LISTEN_FD}>&- >/dev/null 2>>"$W/agent.log" &
+    agent=$!
+    pids+=("$agent")
+}
+stop_agent() {
+    kill -USR1 "$agent"
+    for _ in $(seq 600); do kill -0 "$agent" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$agent" 2>/dev/null && { echo "soak: the daemon did not stop after its round" >&2; exit 1; }
+    wait "$agent" 2>/dev/null || true
+}
+start_agent "$ROUND_DELAY"
 
 round() { python3 -c 'import json,sys
 try: print(json.load(open(sys.argv[1]))["engine"]["round"])
 except Exception: print(0)' "$RUNTIME_DIRECTORY/status.json"; }
+# "SPOOL_DEPTH PHASE" of the running daemon, from its status file.
+spool_phase() { python3 -c 'import json,sys
+try:
+    d = json.load(open(sys.argv[1])); print(d["spool_depth"], d["engine"]["phase"]["phase"])
+except Exception: print("-1 unknown")' "$RUNTIME_DIRECTORY/status.json"; }
 sample() {
     local rss fds
     rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$agent/status")
@@ -121,11 +136,25 @@ while :; do
     sleep "$SAMPLE_S"
 done
 sample "$(round)"
-# Stop after the round in progress; the daemon delivers what is spooled, then exits.
-kill -USR1 "$agent"
-for _ in $(seq 600); do kill -0 "$agent" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$agent" 2>/dev/null && { echo "soak: the daemon did not stop after its round" >&2; exit 1; }
-wait "$agent" 2>/dev/null || true
+# Stop after the round in progress. With rounds back to back, StateLogs the backend has not
+# acknowledged yet stay in the stopped daemon's spool (on disk, up to half of it: rounds
+# wait beyond that), to be sent by the next daemon. So start the next one as a restart
+# would, with a long round delay: it resumes the recipe (one more round), sends its spool,
+# and is stopped once the spool is empty. Every StateLog must then be at the backend once.
+# Lines of the statelog and its rotated files (FILE.N), each one StateLog.
+statelogs() { { cat "$W/statelog.jsonl" "$W"/statelog.jsonl.[0-9]* 2>/dev/null || true; } | wc -l; }
+stop_agent
+at_stop=$(statelogs)
+start_agent 3600
+drained=
+for _ in $(seq 3000); do
+    kill -0 "$agent" 2>/dev/null || { tail -n 20 "$W/agent.log" >&2; echo "soak: the restarted daemon died" >&2; exit 1; }
+    if [ "$(spool_phase)" = "0 idle" ]; then drained=yes; break; fi
+    sleep 0.1
+done
+[ -n "$drained" ] || { echo "soak: the restarted daemon did not empty its spool in 300 s: $(spool_phase)" >&2; exit 1; }
+stop_agent
+echo "soak: the first daemon stopped with $(($(statelogs) - at_stop - STATES)) StateLog(s) in its spool; the restarted one sent them and its own round"
 elapsed=$(($(date +%s) - t0))
 python3 - "$W" "$STATES" "$elapsed" "$helper_starts" "$backend_starts" "$RESTART_EVERY" "$ROUND_DELAY" <<'PY'
 import collections, json, sys
