@@ -257,7 +257,7 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         ModuleParams::CommonSshAuth(p) => {
             // An authorized key is a login: code run as that user by whoever holds it.
             f.system_files.push("the user's authorized_keys");
-            ssh_file(&mut f, &p.filename);
+            ssh_file(&mut f, Some(p.username.as_str()), &p.filename);
             if !p.absent {
                 f.runs.push(Run {
                     what: "a login with an authorized key".into(),
@@ -267,7 +267,7 @@ pub fn footprint(params: &ModuleParams) -> Footprint {
         }
         ModuleParams::CommonSshKnownHost(p) => {
             f.system_files.push("the user's known_hosts");
-            ssh_file(&mut f, &p.filename);
+            ssh_file(&mut f, p.username.as_deref(), &p.filename);
         }
         ModuleParams::LinuxSelinux(_) => f.system_files.push(crate::states::selinux::CONFIG),
         ModuleParams::CommonGemSource(_) => f.runs.push(source_run("a gem source")),
@@ -510,11 +510,15 @@ fn local(uri: &str) -> String {
     uri.strip_prefix("file://").unwrap_or(uri).to_string()
 }
 
-/// A key file named by absolute path is a write the policy's prefixes judge; one in
-/// the user's home is the module's own system file.
-fn ssh_file(f: &mut Footprint, filename: &HomeFile) {
-    if let HomeFile::Absolute(path) = filename {
-        f.writes.push(path.to_string());
+/// The key file is a write the policy's prefixes judge, wherever it is: a file named in
+/// the user's home is resolved as the module resolves it (the account database's home,
+/// which may be `/` or `/root`), so `filename=.bashrc` with `username=root`, or
+/// `etc/ld.so.preload` in an account whose home is `/`, is the write it really is. An
+/// account that does not exist gives a path no prefix grants (the state fails anyway).
+fn ssh_file(f: &mut Footprint, username: Option<&str>, filename: &HomeFile) {
+    match crate::states::ssh::target(username, filename) {
+        Ok(t) => f.writes.push(t.path.to_string()),
+        Err(_) => f.writes.push(format!("~{}/{filename}", username.unwrap_or_default())),
     }
 }
 

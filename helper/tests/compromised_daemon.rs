@@ -412,6 +412,25 @@ fn attempts(dir: &Path) -> Vec<Attempt> {
         vec![("filename", json!("../../etc/ssh/ssh_known_hosts"))],
     );
 
+    // A key file named relative to a home is the write it resolves to: the home of root,
+    // or of an account whose home is `/` (systemd-network on Debian; an account that does
+    // not exist is refused all the same).
+    let known = |user: &str, file: &str| json!({"hostname": "git.example.org", "username": user, "filename": file});
+    list.push((
+        "common.ssh.known_host",
+        "root's .bashrc, named in its home",
+        known("root", ".bashrc"),
+        vec![],
+        Expect::Refused,
+    ));
+    list.push((
+        "common.ssh.known_host",
+        "/etc/ld.so.preload, in a home that is /",
+        known("systemd-network", "etc/ld.so.preload"),
+        vec![],
+        Expect::Refused,
+    ));
+
     // Inside the grant: the policy lets these through.
     let mut grant =
         |m: &'static str, what: &'static str, raw: Value| list.push((m, what, raw, vec![], Expect::Granted));
