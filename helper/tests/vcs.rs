@@ -965,6 +965,25 @@ async fn a_preempted_git_clone_is_not_cut_in_half() {
 
 // ----------------------------------------------------------------------------- hg
 
+/// Mercurial writes caches into a local repository it reads; as root, a repository
+/// another user controls could have `.hg/cache` pointed anywhere. Refused, in a plan and
+/// in an apply, naming the repository; nothing cloned.
+#[tokio::test]
+async fn hg_as_root_refuses_a_local_repository_another_user_controls() {
+    let up = HgUpstream::new();
+    sh(Command::new("chown").args(["-R", "65534:65534"]).arg(up.repo()));
+    let dest = open_tempdir();
+    let path = dest.path().join("app");
+    for repo in [up.repo().display().to_string(), format!("file://{}", up.repo().display())] {
+        let state = json!({"path": path, "repo": repo, "revision": "default"});
+        for out in [hg_state(state.clone()).await, plan_of("common.hg", hg_state(state)).await] {
+            assert!(!out.result, "{out:?}");
+            assert!(out.comment.contains("hg would run as root in") && out.comment.contains("/up"), "{out:?}");
+            assert!(!path.exists(), "cloned from a repository nobody owns");
+        }
+    }
+}
+
 struct HgUpstream {
     dir: tempfile::TempDir,
 }

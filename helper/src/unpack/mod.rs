@@ -287,7 +287,10 @@ impl Entries for Survey {
                 if self.done.bytes.saturating_add(declared) > self.limits.max_total_bytes {
                     return Err(total_error(shown));
                 }
-                let read = io::copy(data, &mut io::sink()).map_err(io_err(Path::new(shown), "read"))?;
+                // Inflated no further than the bound (a zip's declared size may lie): one
+                // byte past it is enough to refuse it, as the extractor does.
+                let mut capped = data.take(self.limits.max_entry_bytes.saturating_add(1));
+                let read = io::copy(&mut capped, &mut io::sink()).map_err(io_err(Path::new(shown), "read"))?;
                 if read > self.limits.max_entry_bytes {
                     let limit = self.limits.max_entry_bytes;
                     return Err(UnpackError::EntryTooLarge { entry: shown.into(), size: read, limit });

@@ -443,3 +443,16 @@ fn a_later_entry_replaces_an_earlier_file_but_never_a_directory() {
     assert!(msg.contains("entry \"d\": cannot replace the directory d"), "{msg}");
     assert!(c.dest.join("d/in").exists());
 }
+
+/// An entry whose declared size lies (a zip's header may): the survey inflates it no
+/// further than one byte past the bound, as the extractor does, then refuses it. Without
+/// the cap this reads the whole 64 GiB stream.
+#[test]
+fn a_survey_reads_no_further_than_the_bound_whatever_the_header_says() {
+    let limits = Limits { max_entry_bytes: 1 << 20, ..Limits::default() };
+    let mut s = Survey { limits, done: Unpacked::default() };
+    let mut endless = io::repeat(0).take(64 << 30);
+    let err = s.entry(b"bomb", "bomb", Kind::File { mode: 0o644, declared: 0 }, &mut endless).unwrap_err();
+    assert!(matches!(err, UnpackError::EntryTooLarge { size, .. } if size == (1 << 20) + 1), "{err:?}");
+    assert_eq!(endless.limit(), (64 << 30) - (1 << 20) - 1, "read past the bound");
+}

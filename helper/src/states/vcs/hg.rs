@@ -61,6 +61,23 @@ pub async fn apply(p: &CommonHg, mut cancel: Cancel) -> Outcome {
     super::outcome(&p.path.0, result, changes, &[], &secrets)
 }
 
+/// Mercurial writes caches into a local repository it reads from (`.hg/cache/…`, through
+/// its cache directory, which it does not check): as root, only from a repository root
+/// alone controls, or its owner could point `.hg/cache` anywhere root then writes. A
+/// relative local path (read from a working directory) is refused as root too.
+fn local_repo_guard(repo: &str, runner: &Runner) -> Result<(), VcsError> {
+    if !runner.uid.is_root() || !is_local(repo) {
+        return Ok(());
+    }
+    let local = repo.strip_prefix("file://").or_else(|| repo.strip_prefix("file:")).unwrap_or(repo);
+    let path = AbsPath::parse(local).map_err(|source| VcsError::Path { param: "repo", source })?;
+    crate::dirfd::root_controlled(path.as_path()).map_err(|source| VcsError::NotRootControlled {
+        tool: runner.tool,
+        path,
+        source,
+    })
+}
+
 /// A revset string literal: whatever the revision contains, Mercurial looks it up as
 /// one symbol (name or node prefix).
 pub fn revset_literal(rev: &str) -> String {
@@ -78,6 +95,7 @@ async fn sync(p: &CommonHg, changes: &mut Vec<Change>, cancel: &mut Cancel) -> R
     let wanted = revision_param(&p.revision, DEFAULT_REVISION)?;
     let runner =
         Runner::new("hg", "mercurial", p.user.as_deref())?.with_env("HGPLAIN", "1").with_env("HGENCODING", "utf-8");
+    local_repo_guard(&repo, &runner)?;
     let existing = inspect(&path, ".hg", &runner)?;
     // A directory holding something else goes on to `prepare`, which refuses it or,
     // with force, stops at the plan guard.
@@ -163,6 +181,8 @@ fn is_local(repo: &str) -> bool {
 /// The largest file whose content a plan compares itself (its hex form must fit in a
 /// command's captured output).
 const COMPARE_MAX: u64 = 16 * 1024;
+/// The largest `.hg/dirstate` (and `.hg/requires`) a plan reads itself.
+const DIRSTATE_MAX: u64 = 16 * 1024 * 1024;
 /// `S_IFMT` and `S_IFLNK` of a dirstate entry's mode.
 const S_IFMT: u32 = 0o170000;
 const S_IFLNK: u32 = 0o120000;
@@ -196,6 +216,11 @@ pub fn parse_dirstate(data: &[u8]) -> Option<(String, Vec<Entry>)> {
             Some(at) => (raw[..at].to_vec(), true),
             None => (raw.to_vec(), false),
         };
+        // Names are relative to the working directory and stay in it; anything else (a
+        // clone's owner can write the dirstate) is not a dirstate the plan reads.
+        if !tracked_name(&name) {
+            return None;
+        }
         entries.push(Entry {
             state: head[0],
             mode: u32::from_be_bytes(head[1..5].try_into().ok()?),
@@ -207,6 +232,15 @@ pub fn parse_dirstate(data: &[u8]) -> Option<(String, Vec<Entry>)> {
         rest = &rest[17 + len..];
     }
     Some((parent, entries))
+}
+
+/// A tracked file's name as hg writes it: relative, no empty, `.` or `..` component,
+/// nothing inside `.hg`.
+fn tracked_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && !name.starts_with(b"/")
+        && name.split(|&b| b == b'/').all(|c| !c.is_empty() && c != b"." && c != b"..")
+        && !name.starts_with(b".hg/")
 }
 
 /// What a plan finds of a tracked file on disk.
@@ -257,7 +291,7 @@ fn look_at(root: &Dir, entry: &Entry) -> Result<Seen, VcsError> {
             Ok(Seen::Compare(target.into_os_string().into_vec()))
         }
         FileType::RegularFile if !was_link => {
-            let Some(mut file) = dir.open_file(name).map_err(FsError::from)? else { return Ok(Seen::Deleted) };
+            let Some(file) = dir.open_file(name).map_err(FsError::from)? else { return Ok(Seen::Deleted) };
             let shown = dir.join(name);
             let st = rustix::fs::fstat(&file).map_err(|e| fsutil::io_err(&shown, "inspect")(e.into()))?;
             let exec_changed = (entry.mode ^ st.st_mode) & 0o100 != 0;
@@ -273,8 +307,12 @@ fn look_at(root: &Dir, entry: &Entry) -> Result<Seen, VcsError> {
             if u64::try_from(st.st_size).unwrap_or(u64::MAX) > COMPARE_MAX {
                 return Ok(Seen::TooLarge);
             }
+            // Capped while reading too: the file may grow after the fstat.
             let mut content = Vec::new();
-            file.read_to_end(&mut content).map_err(fsutil::io_err(&shown, "read"))?;
+            file.take(COMPARE_MAX + 1).read_to_end(&mut content).map_err(fsutil::io_err(&shown, "read"))?;
+            if u64::try_from(content.len()).unwrap_or(u64::MAX) > COMPARE_MAX {
+                return Ok(Seen::TooLarge);
+            }
             Ok(Seen::Compare(content))
         }
         // A file became a link or the other way round.
@@ -334,17 +372,23 @@ impl Hg<'_> {
         };
         let hgdir = root.subdir(OsStr::new(".hg")).map_err(FsError::from)?;
         let hgdir = hgdir.ok_or_else(|| FsError::from(WalkError::Missing(self.path.as_path().join(".hg"))))?;
+        // Read at most DIRSTATE_MAX (the clone's owner can make these files any size):
+        // a longer one is not read, and the plan falls back to naming hg status.
         let read = |name: &str| -> Result<Option<Vec<u8>>, VcsError> {
-            let Some(mut f) = hgdir.open_file(OsStr::new(name)).map_err(FsError::from)? else { return Ok(None) };
+            let Some(f) = hgdir.open_file(OsStr::new(name)).map_err(FsError::from)? else { return Ok(None) };
             let mut data = Vec::new();
-            f.read_to_end(&mut data).map_err(fsutil::io_err(&hgdir.join(OsStr::new(name)), "read"))?;
+            f.take(DIRSTATE_MAX + 1)
+                .read_to_end(&mut data)
+                .map_err(fsutil::io_err(&hgdir.join(OsStr::new(name)), "read"))?;
             Ok(Some(data))
         };
+        let too_long = |d: &Vec<u8>| u64::try_from(d.len()).unwrap_or(u64::MAX) > DIRSTATE_MAX;
         let requires = String::from_utf8_lossy(&read("requires")?.unwrap_or_default()).into_owned();
         let parsed = match read("dirstate")? {
             // A clone whose first update failed has no working directory state yet.
             None => Some((NULL_NODE.to_string(), Vec::new())),
             Some(_) if requires.lines().any(|l| l.trim() == "dirstate-v2") => None,
+            Some(data) if too_long(&data) => None,
             Some(data) => parse_dirstate(&data),
         };
         let Some((parent, entries)) = parsed else {
@@ -504,6 +548,17 @@ mod tests {
         // Cut short, or not format v1 at all: not read.
         assert_eq!(parse_dirstate(&data[..data.len() - 1]), None);
         assert_eq!(parse_dirstate(b"dirstate-v2\n"), None);
+        // A name that leaves the working directory (the clone's owner writes the
+        // dirstate): not a dirstate the plan reads, so no file outside it is looked at.
+        for bad in
+            [&b"../../../root/.ssh/id_rsa"[..], b"/etc/shadow", b"a/../../x", b"a//b", b"./a", b"", b".hg/store/x"]
+        {
+            let mut hostile = vec![0xab; 20];
+            hostile.extend([0; 20]);
+            hostile.extend(entry(b'n', 0o100644, 4, -1, b"README"));
+            hostile.extend(entry(b'n', 0o100644, 4, -1, bad));
+            assert_eq!(parse_dirstate(&hostile), None, "{:?}", String::from_utf8_lossy(bad));
+        }
         assert!(is_local("/srv/repo") && is_local("file:///srv/repo") && !is_local("https://h/r"));
     }
 
