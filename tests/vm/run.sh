@@ -185,7 +185,8 @@ ensure_image
 mkdir -p "$WORK/payload"
 if part storage; then
     exe=$(build_tests) || die "cannot find the storage test binary"
-    cp "$exe" "$WORK/payload/storage"
+    # Without debug information, like the binaries below: the payload disk stays small.
+    strip --strip-debug -o "$WORK/payload/storage" "$exe" || die "cannot copy the storage test binary"
     cp tests/vm/guest.sh "$WORK/payload/guest.sh"
     chmod 755 "$WORK/payload/guest.sh" "$WORK/payload/storage"
 fi
@@ -203,7 +204,11 @@ if part units || part powercut; then
     cp tests/vm/guest-units.sh tests/vm/guest-powercut.sh "$WORK/payload/"
     chmod 755 "$WORK/payload/guest-units.sh" "$WORK/payload/guest-powercut.sh"
 fi
-mkfs.ext4 -q -F -L opspayload -d "$WORK/payload" "$WORK/payload.img" "$(($(du -sm "$WORK/payload" | cut -f1) + 16))M" ||
+# Its files plus a quarter and 32 MiB for ext4's own blocks (journal, inode tables), no
+# blocks reserved for root: a fixed 16 MiB stopped being enough once the binaries grew
+# ("Could not allocate block … while populating file system").
+payload_mb=$(du -sm "$WORK/payload" | cut -f1)
+mkfs.ext4 -q -F -m 0 -L opspayload -d "$WORK/payload" "$WORK/payload.img" "$((payload_mb + payload_mb / 4 + 32))M" ||
     die "cannot make the payload disk"
 
 console=$WORK/console.log
