@@ -406,21 +406,7 @@ impl Git<'_> {
         }
         let branches = self.local(&["for-each-ref", "--format=%(refname:lstrip=3)", "refs/remotes/origin"]).await?;
         let branches: Vec<&str> = branches.lines().map(str::trim).filter(|b| !b.is_empty() && *b != "HEAD").collect();
-        let known = if branches.is_empty() {
-            " (it has no branches)".to_string()
-        } else {
-            let mut list = branches.iter().take(BRANCHES_SHOWN).copied().collect::<Vec<_>>().join(", ");
-            if branches.len() > BRANCHES_SHOWN {
-                list.push_str(", …");
-            }
-            format!(" (branches: {list})")
-        };
-        Err(VcsError::NoRevision {
-            revision: wanted.to_string(),
-            expected: "a branch, tag or commit",
-            repo: mask_url(&self.repo),
-            known,
-        })
+        Err(self.no_revision(wanted, &branches))
     }
 
     /// The plan of [`sync`]: what the apply would report, found without writing.
@@ -592,6 +578,12 @@ impl Git<'_> {
             }
         }
         let branches: Vec<&str> = refs.refs.iter().filter_map(|(_, r)| r.strip_prefix("refs/heads/")).collect();
+        Err(self.no_revision(wanted, &branches))
+    }
+
+    /// `wanted` names nothing in the remote: the error lists (some of) its branches, the
+    /// same way whether they came from the fetched refs or from `ls-remote`.
+    fn no_revision(&self, wanted: &str, branches: &[&str]) -> VcsError {
         let known = if branches.is_empty() {
             " (it has no branches)".to_string()
         } else {
@@ -601,12 +593,12 @@ impl Git<'_> {
             }
             format!(" (branches: {list})")
         };
-        Err(VcsError::NoRevision {
+        VcsError::NoRevision {
             revision: wanted.to_string(),
             expected: "a branch, tag or commit",
             repo: mask_url(&self.repo),
             known,
-        })
+        }
     }
 
     /// The branch the remote's HEAD names, if it names one.
