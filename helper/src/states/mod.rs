@@ -27,6 +27,7 @@ pub mod puppet;
 pub mod remote;
 pub mod repo;
 pub mod root_read;
+pub mod rpm_db;
 pub mod selinux;
 pub mod service;
 pub mod ssh;

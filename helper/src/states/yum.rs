@@ -7,13 +7,15 @@
 //! `latest` asks `check-update` whether an upgrade exists.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use opsagent_proto::catalogue::LinuxYumPackage;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::apt::{parse_want, Item, PkgError, Plan, Want};
+use super::rpm_db;
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, Exit, ToolError};
 
@@ -149,6 +151,34 @@ pub async fn apply(p: &LinuxYumPackage, mut cancel: Cancel) -> Outcome {
     outcome
 }
 
+/// What is installed of `names`: from rpm's listing kept while its database does not change
+/// ([`rpm_db`]), or from `rpm -q` where rpm does not say where its database is.
+async fn installed(names: &[String], cancel: &mut Cancel) -> Result<BTreeMap<String, Vec<String>>, ToolError> {
+    let Some(dbpath) = dbpath(cancel).await? else {
+        return rpm_q(names, cancel).await;
+    };
+    rpm_db::host(dbpath)
+        .lookup(names, || async move {
+            let spec = CommandSpec::tool("rpm", ["-qa", "--qf", RPM_QUERY_FORMAT]).inspection();
+            Ok(exec::checked(&spec, &[0], cancel).await?.output)
+        })
+        .await
+}
+
+/// rpm's `%{_dbpath}`, asked once per helper (an absolute path, or `None`).
+async fn dbpath(cancel: &mut Cancel) -> Result<Option<PathBuf>, ToolError> {
+    static DBPATH: Mutex<Option<Option<PathBuf>>> = Mutex::new(None);
+    if let Some(known) = DBPATH.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return Ok(known);
+    }
+    let spec = CommandSpec::tool("rpm", ["--eval", "%{_dbpath}"]).inspection();
+    let out = exec::checked(&spec, &[0], cancel).await?.output;
+    let path = PathBuf::from(out.trim());
+    let known = path.is_absolute().then_some(path);
+    *DBPATH.lock().unwrap_or_else(|p| p.into_inner()) = Some(known.clone());
+    Ok(known)
+}
+
 async fn rpm_q(names: &[String], cancel: &mut Cancel) -> Result<BTreeMap<String, Vec<String>>, ToolError> {
     let mut args = vec!["-q".to_string(), "--qf".to_string(), RPM_QUERY_FORMAT.to_string()];
     args.extend(names.iter().cloned());
@@ -188,7 +218,7 @@ async fn run_state(
         items.push(Item { name, want, file_version });
     }
     let names: Vec<String> = items.iter().map(|i| i.name.clone()).collect();
-    let before = rpm_q(&names, cancel).await?;
+    let before = installed(&names, cancel).await?;
     let pm = manager();
     let opts = Opts { repo: p.repo.as_deref().map(str::to_string), verify_gpg: p.verify_gpg };
     let latest: Vec<String> = items
@@ -231,7 +261,12 @@ async fn run_state(
             Err(e) => result = Err(PkgError::from(e)),
         }
     }
-    let after = rpm_q(&names, cancel).await?;
+    // Nothing ran: the database is as `before` found it (a second listing would say so).
+    let after = if install.is_empty() && upgrade.is_empty() && todo.remove.is_empty() {
+        before.clone()
+    } else {
+        installed(&names, cancel).await?
+    };
     for i in &items {
         let (b, a) = (before.get(&i.name), after.get(&i.name));
         let what = match (b.and_then(|v| v.last()), a.and_then(|v| v.last())) {
