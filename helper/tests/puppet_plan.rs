@@ -4,7 +4,8 @@
 //! tree nor Puppet's own directories (`/var/lib/puppet`, `/var/cache/puppet`,
 //! `/etc/puppet`, and `/var/log/puppet`, `/run/puppet` where they exist: paths, kinds,
 //! sizes, mtimes, modes, owners, content) → the apply creates it → a plan finds nothing
-//! → a local edit is planned as a content change; and a manifest whose noop run would
+//! → a local edit is planned as a content change (the drifted plan is made through
+//! `linux.puppet.run` `apply MANIFEST` too, with the same change); and a manifest whose noop run would
 //! write (a resource marked `noop => false`, which Puppet applies even under `--noop`):
 //! the write fails inside the sandbox, the plan fails naming it, the file never appears.
 //!
@@ -40,7 +41,7 @@ use opsagent_helper::cancel::Cancel;
 use opsagent_helper::exec::{CommandSpec, Direct, Label, RunFuture, Runner, Sandbox, Scope};
 use opsagent_helper::plan::Plan;
 use opsagent_helper::states::puppet;
-use opsagent_proto::catalogue::LinuxPuppetApply;
+use opsagent_proto::catalogue::{LinuxPuppetApply, LinuxPuppetRun};
 use opsagent_proto::request::Outcome;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -155,14 +156,15 @@ fn words(o: &Outcome) -> Vec<String> {
 /// A plan of `p` as the helper's dispatch makes it, commands run by `runner`: no write
 /// refused by the guard, and the host exactly as before.
 async fn plan(p: &LinuxPuppetApply, program: &Path, tree: &Path, runner: Arc<dyn Runner>) -> Outcome {
+    let cancel = Cancel::never().with_scope(Arc::new(Scope::with_runner(runner)));
+    planned_state(tree, puppet::apply_using(Some(program.to_path_buf()), p, cancel)).await
+}
+
+/// [`plan`] of any state's future (`linux.puppet.run`).
+async fn planned_state(tree: &Path, state: impl std::future::Future<Output = Outcome>) -> Outcome {
     let before = host(tree);
     let plan = Plan::new();
-    let cancel = Cancel::never().with_scope(Arc::new(Scope::with_runner(runner)));
-    let out = opsagent_helper::plan::scope(
-        Some(Arc::clone(&plan)),
-        puppet::apply_using(Some(program.to_path_buf()), p, cancel),
-    )
-    .await;
+    let out = opsagent_helper::plan::scope(Some(Arc::clone(&plan)), state).await;
     assert_eq!(plan.refused(), None, "the plan stopped at a write: {out:?}");
     let after = host(tree);
     let differ: Vec<_> = after.iter().filter(|(p, v)| before.get(*p) != Some(v)).collect();
@@ -195,6 +197,12 @@ async fn puppet_apply_drift_cycle_in_the_sandbox() {
     assert_eq!(words(&planned), [format!("{resource}: ensure absent -> file")], "{}", planned.stdout);
     assert_eq!(planned.comment, format!("{resource}: ensure absent -> file"));
     assert!(!target.exists());
+    // The same run through linux.puppet.run: planned by the same noop.
+    let r: LinuxPuppetRun = typed("linux.puppet.run", json!({"arguments": [{"key": "apply"}, {"key": manifest}]}));
+    let cancel = Cancel::never().with_scope(Arc::new(Scope::with_runner(sandboxing_runner())));
+    let run = planned_state(dir.path(), puppet::run_using(Some(program.clone()), &r, cancel)).await;
+    assert!(run.result, "{run:?}");
+    assert_eq!(words(&run), words(&planned), "{run:?}");
 
     // The apply (for real, no sandbox) makes it.
     let applied = puppet::apply_using(Some(program.clone()), &p, Cancel::never()).await;

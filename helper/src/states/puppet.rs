@@ -114,11 +114,13 @@ pub const MAX_PLANNED_RESOURCES: usize = 100;
 
 /// What turns a run into a plan, appended after everything else (Puppet takes the last
 /// value of a setting given twice, so the recipe's arguments cannot undo these): noop,
-/// no report, and the directories Puppet writes (state, caches, last-run files, pid and
+/// no report, detailed exit codes, no colour, and the directories Puppet writes (state, caches, last-run files, pid and
 /// lock, logs) in the private `/tmp`. With `own_ssl`, its certificates too (`apply`
 /// needs none); an agent keeps reading the host's, which the sandbox keeps read-only.
 pub fn noop_settings(own_ssl: bool) -> Vec<String> {
-    let mut a: Vec<String> = vec!["--noop".into(), "--no-report".into(), "--detailed-exitcodes".into()];
+    // Plain output: the notices are parsed (a `puppet run` gets colour by default).
+    let mut a: Vec<String> =
+        vec!["--noop".into(), "--no-report".into(), "--detailed-exitcodes".into(), "--color=false".into()];
     for (setting, dir) in [("vardir", "var"), ("publicdir", "public"), ("rundir", "run"), ("logdir", "log")] {
         a.push(format!("--{setting}={PLAN_DIR}/{dir}"));
     }
@@ -604,7 +606,9 @@ Notice: Applied catalog in 0.02 seconds";
         let args = apply_plan_args(&p, "/srv/site.pp");
         let mine = noop_settings(true);
         assert_eq!(args[args.len() - mine.len()..], mine[..]);
-        assert!(mine.contains(&"--noop".to_string()) && mine.contains(&"--no-report".to_string()), "{mine:?}");
+        for setting in ["--noop", "--no-report", "--detailed-exitcodes", "--color=false"] {
+            assert!(mine.contains(&setting.to_string()), "{setting}: {mine:?}");
+        }
         for dir in ["vardir", "publicdir", "rundir", "logdir", "ssldir"] {
             assert!(mine.iter().any(|a| a.starts_with(&format!("--{dir}={PLAN_DIR}/"))), "{dir}: {mine:?}");
         }
