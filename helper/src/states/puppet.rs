@@ -493,6 +493,7 @@ mod tests {
     use crate::states::testutil::params;
     use opsagent_proto::catalogue::ModuleParams;
     use serde_json::json;
+    use std::sync::Arc;
 
     #[test]
     fn arguments_render_as_documented() {
@@ -638,8 +639,6 @@ Notice: Applied catalog in 0.02 seconds";
         let scope = exec::Scope::with_runner(fake.clone() as Arc<dyn exec::Runner>);
         (crate::plan::Plan::new(), Cancel::never().with_scope(Arc::new(scope)))
     }
-
-    use std::sync::Arc;
 
     /// Planned through a runner that enforces sandboxes: the noop run is sandboxed and
     /// its notices are the changes; a failed resource fails the plan; no write is
