@@ -74,6 +74,29 @@ pub struct CommandSpec {
     /// the one kind a plan may run. Everything else is refused while planning
     /// ([`crate::plan`]); a module declares its inspections with [`Self::inspection`].
     pub reads_only: bool,
+    /// The command must run inside this kernel-enforced sandbox, or not at all: only a
+    /// runner that [`Runner::enforces_sandbox`] starts it. A plan runs such a command
+    /// although it is not an inspection ([`Self::sandboxed_inspection`]).
+    pub sandbox: Option<Sandbox>,
+}
+
+/// A sandbox the kernel enforces around a command, so that the command cannot change
+/// the host whatever it tries: what lets a plan run a tool whose own dry run writes
+/// (Puppet's `--noop` writes its state and reports, and honours `noop => false`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sandbox {
+    /// The whole file system read-only (root's home included), a private empty `/tmp`
+    /// and `/var/tmp` the only places it can write, gone when it ends; private `/dev`;
+    /// kernel tunables, modules, logs, clock, hostname and control groups out of reach;
+    /// no capability that could undo this (`CAP_SYS_ADMIN`: remounting) or reach other
+    /// processes (`CAP_SYS_PTRACE`, `CAP_KILL`, …), no set-uid gain; no local (`AF_UNIX`)
+    /// socket, so no systemd, D-Bus or docker to ask for a change. Reading stays possible
+    /// everywhere, as root.
+    ReadOnlyHost {
+        /// Whether it keeps the host's network (a Puppet agent asks its server for the
+        /// catalogue); without, it has a private network namespace of its own.
+        network: bool,
+    },
 }
 
 /// The environment of the tools the helper runs for its own states (package managers,
@@ -98,6 +121,7 @@ impl CommandSpec {
             timeout: Some(TOOL_TIMEOUT),
             stdin: None,
             reads_only: false,
+            sandbox: None,
         }
     }
 
@@ -121,6 +145,14 @@ impl CommandSpec {
     /// Only for tools whose arguments make them read-only by construction.
     pub fn inspection(mut self) -> Self {
         self.reads_only = true;
+        self
+    }
+
+    /// Declares a command a plan may run because `sandbox` keeps it from changing the
+    /// host: it is then started only by a runner that enforces the sandbox (a transient
+    /// unit of systemd), in a plan as in an apply, and refused everywhere else.
+    pub fn sandboxed_inspection(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = Some(sandbox);
         self
     }
 
@@ -271,6 +303,11 @@ pub type RunFuture<'a> = Pin<Box<dyn Future<Output = Result<Finished, SpawnError
 pub trait Runner: Send + Sync {
     /// For logs: `transient-unit`, `direct`.
     fn name(&self) -> &'static str;
+    /// Whether this runner starts a [`CommandSpec::sandbox`] command inside that
+    /// sandbox, enforced by the kernel. A runner that cannot refuses such a command.
+    fn enforces_sandbox(&self) -> bool {
+        false
+    }
     fn run<'a>(&'a self, spec: &'a CommandSpec, label: Option<&'a Label>, cancel: &'a mut Cancel) -> RunFuture<'a>;
 }
 
@@ -321,6 +358,21 @@ pub fn must_finish(spec: &CommandSpec) -> bool {
     MUST_FINISH.contains(&base)
 }
 
+/// A command asked for a sandbox that this host's runner cannot give.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no sandbox: commands run as {runner} here, and only a transient unit of systemd (systemd as PID 1) confines one to a read-only host"
+)]
+pub struct NoSandbox {
+    pub runner: &'static str,
+}
+
+/// Whether commands of this request can be sandboxed ([`CommandSpec::sandbox`]): a
+/// module asks before it plans with a sandboxed inspection, to say why it cannot.
+pub fn sandbox_available(cancel: &Cancel) -> bool {
+    runner_for(cancel).enforces_sandbox()
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start {program}: {source}")]
 pub struct SpawnError {
@@ -331,12 +383,20 @@ pub struct SpawnError {
 /// Runs `spec` to its end, its deadline or `cancel`, whichever comes first; a program
 /// that [`must_finish`] ignores `cancel` and is bounded by its deadline only.
 pub async fn run(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished, SpawnError> {
-    // The one door every command goes through: a plan runs inspections only.
-    if !spec.reads_only {
+    let runner = runner_for(cancel);
+    // A command that asks for a sandbox never runs without it, plan or not.
+    if spec.sandbox.is_some() && !runner.enforces_sandbox() {
+        return Err(SpawnError {
+            program: spec.program.display().to_string(),
+            source: io::Error::new(io::ErrorKind::Unsupported, NoSandbox { runner: runner.name() }),
+        });
+    }
+    // The one door every command goes through: a plan runs inspections only, and
+    // commands the runner just confirmed it confines to a read-only sandbox.
+    if !spec.reads_only && spec.sandbox.is_none() {
         crate::plan::check("run", spec.display())
             .map_err(|r| SpawnError { program: spec.program.display().to_string(), source: r.into() })?;
     }
-    let runner = runner_for(cancel);
     let label = cancel.scope().and_then(|s| s.label.clone());
     let mut uncancellable = Cancel::never();
     let token = if must_finish(spec) {
@@ -361,6 +421,8 @@ pub struct Fake {
     pub calls: Mutex<Vec<(CommandSpec, Option<Label>)>>,
     pub answers: Mutex<Vec<(String, Exit, String)>>,
     pub usage: Option<Usage>,
+    /// Whether it stands for a runner that enforces sandboxes (a transient unit).
+    pub sandboxes: bool,
 }
 
 impl Fake {
@@ -383,6 +445,10 @@ impl Fake {
 impl Runner for Fake {
     fn name(&self) -> &'static str {
         "fake"
+    }
+
+    fn enforces_sandbox(&self) -> bool {
+        self.sandboxes
     }
 
     fn run<'a>(&'a self, spec: &'a CommandSpec, label: Option<&'a Label>, cancel: &'a mut Cancel) -> RunFuture<'a> {
@@ -852,6 +918,45 @@ mod tests {
         let touch = CommandSpec::tool("/usr/bin/touch", [marker.as_os_str()]);
         let r = crate::plan::scope(Some(plan), run(&touch, &mut Cancel::never())).await;
         assert!(r.is_err() && !marker.exists(), "{r:?}");
+    }
+
+    /// A sandboxed inspection runs in a plan only through a runner that enforces the
+    /// sandbox; any other runner, the real direct one included, refuses it, plan or not,
+    /// and the plan guard still refuses the same command without the sandbox.
+    #[tokio::test]
+    async fn a_sandboxed_inspection_runs_only_where_the_sandbox_is_enforced() {
+        let sandbox = Sandbox::ReadOnlyHost { network: false };
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let touch = CommandSpec::tool("/usr/bin/touch", [marker.as_os_str()]);
+        let enforcing = Arc::new(Fake { sandboxes: true, ..Fake::default() });
+        let mut cancel = Cancel::never().with_scope(Arc::new(Scope::with_runner(enforcing.clone())));
+        let plan = crate::plan::Plan::new();
+        let (sandboxed, plain) = crate::plan::scope(Some(Arc::clone(&plan)), async {
+            let sandboxed = run(&touch.clone().sandboxed_inspection(sandbox), &mut cancel).await;
+            let plain = run(&touch, &mut cancel).await;
+            (sandboxed, plain)
+        })
+        .await;
+        assert_eq!(sandboxed.unwrap().exit, Exit::Code(0));
+        assert_eq!(plain.unwrap_err().source.kind(), io::ErrorKind::PermissionDenied);
+        let calls = enforcing.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].0.sandbox, Some(sandbox));
+        assert!(sandbox_available(&cancel));
+
+        // The real direct runner: refused in a plan and in an apply, nothing runs.
+        for planning in [true, false] {
+            let mut direct = Cancel::never().with_scope(Arc::new(Scope::with_runner(Arc::new(Direct))));
+            assert!(!sandbox_available(&direct));
+            let spec = touch.clone().sandboxed_inspection(sandbox);
+            let r = crate::plan::scope(planning.then(crate::plan::Plan::new), run(&spec, &mut direct)).await;
+            let err = r.unwrap_err();
+            assert_eq!(err.source.kind(), io::ErrorKind::Unsupported, "{err}");
+            assert!(err.to_string().contains("no sandbox: commands run as direct here"), "{err}");
+            assert!(!marker.exists());
+        }
+        assert_eq!(plan.refused().map(|r| r.subject), Some(touch.display()));
     }
 
     #[tokio::test]

@@ -67,7 +67,9 @@
 //! (`yes`/`full`/`strict`/`no`), ProtectHome (`yes`/`read-only`/`tmpfs`/`no`);
 //! ReadWritePaths, ReadOnlyPaths, InaccessiblePaths (absolute paths: a value names one,
 //! and the blank-separated words after it without `=` add to it). They never replace
-//! what the unit runs, as whom, or how it is stopped. Where commands run directly (no
+//! what the unit runs, as whom, or how it is stopped, nor loosen the read-only sandbox
+//! of a plan's sandboxed inspection (set first; its `ReadWritePaths` are dropped: see
+//! crate::transient). Where commands run directly (no
 //! systemd as PID 1) the key is accepted and has no effect.
 //!
 //! Command-equivalent states (a footprint that runs code no operator reviewed:

@@ -27,7 +27,11 @@
 //! - `IgnoreSIGPIPE=no`, as in a shell; CPU and memory accounting on (the state's
 //!   resource use is read from the unit when the command ended);
 //! - the policy's `sandbox` properties for the state's module, if any
-//!   ([`crate::policy`]).
+//!   ([`crate::policy`]);
+//! - for a command that asks for a sandbox ([`CommandSpec::sandbox`], a plan's
+//!   sandboxed inspection), that sandbox ([`sandbox_properties`]), set before the
+//!   policy's, which therefore cannot loosen it; the policy's `ReadWritePaths`, the
+//!   one property that would open a write, is dropped for such a command.
 //!
 //! When the helper stops (upgrade, SIGTERM) while a unit runs, the unit is not stopped:
 //! it finishes on its own, bounded by `RuntimeMaxSec`, which is what a package manager
@@ -48,8 +52,8 @@ use zbus::zvariant::{Fd, OwnedObjectPath, Value};
 
 use crate::cancel::Cancel;
 use crate::exec::{
-    collect, CappedOutput, CommandSpec, Exit, Finished, Label, RunFuture, Runner, SpawnError, Usage, KILL_GRACE,
-    OUTPUT_CAP,
+    collect, CappedOutput, CommandSpec, Exit, Finished, Label, RunFuture, Runner, Sandbox, SpawnError, Usage,
+    KILL_GRACE, OUTPUT_CAP,
 };
 use crate::policy::SandboxValue;
 use crate::systemd::{ManagerProxy, UnitProxy, METHOD_TIMEOUT};
@@ -119,6 +123,10 @@ impl Transient {
 impl Runner for Transient {
     fn name(&self) -> &'static str {
         "transient-unit"
+    }
+
+    fn enforces_sandbox(&self) -> bool {
+        true
     }
 
     fn run<'a>(&'a self, spec: &'a CommandSpec, label: Option<&'a Label>, cancel: &'a mut Cancel) -> RunFuture<'a> {
@@ -214,9 +222,13 @@ pub fn properties<'a>(
         let max = t.saturating_add(KILL_GRACE * 2);
         p.push(("RuntimeMaxUSec".into(), Value::from(u64::try_from(max.as_micros()).unwrap_or(u64::MAX))));
     }
+    if let Some(s) = spec.sandbox {
+        p.extend(sandbox_properties(s));
+    }
     for (key, value) in sandbox {
-        // The policy's sandbox comes last, but never replaces what runs or how.
-        if p.iter().any(|(k, _)| *k == key) {
+        // The policy's sandbox comes last, but never replaces what runs or how, nor
+        // a sandbox the command asked for; it cannot make such a command's host writable.
+        if p.iter().any(|(k, _)| *k == key) || (spec.sandbox.is_some() && key == "ReadWritePaths") {
             continue;
         }
         let v = match value {
@@ -227,6 +239,48 @@ pub fn properties<'a>(
         p.push((key, v));
     }
     Ok(p)
+}
+
+/// Capabilities a sandboxed command keeps (`CapabilityBoundingSet`): reading every
+/// file as root (`CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`) and what a tool does to its
+/// own files in the private `/tmp` (`CAP_CHOWN`, `CAP_FOWNER`, `CAP_SETUID`,
+/// `CAP_SETGID`: Puppet hands its directories to user `puppet`). Not kept:
+/// `CAP_SYS_ADMIN` (a remount would undo the read-only view), `CAP_SYS_PTRACE` and
+/// `CAP_KILL` (other users' processes), `CAP_NET_ADMIN`, `CAP_SYS_MODULE`, `CAP_MKNOD`…
+const SANDBOX_CAPABILITIES: u64 = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6) | (1 << 7);
+
+/// The unit properties of a [`Sandbox`]: systemd makes the mount namespace, the
+/// capability bounding set and the seccomp filter before the program runs.
+pub fn sandbox_properties<'a>(sandbox: Sandbox) -> Vec<(String, Value<'a>)> {
+    let Sandbox::ReadOnlyHost { network } = sandbox;
+    let mut p: Vec<(String, Value<'a>)> = vec![
+        // Everything read-only but /dev, /proc, /sys, which the next lines close.
+        ("ProtectSystem".into(), Value::from("strict")),
+        ("ProtectHome".into(), Value::from("read-only")),
+        ("PrivateTmp".into(), Value::from(true)),
+        ("PrivateDevices".into(), Value::from(true)),
+        ("ProtectKernelTunables".into(), Value::from(true)),
+        ("ProtectKernelModules".into(), Value::from(true)),
+        ("ProtectKernelLogs".into(), Value::from(true)),
+        ("ProtectControlGroups".into(), Value::from(true)),
+        ("ProtectClock".into(), Value::from(true)),
+        ("ProtectHostname".into(), Value::from(true)),
+        ("NoNewPrivileges".into(), Value::from(true)),
+        ("RestrictSUIDSGID".into(), Value::from(true)),
+        ("CapabilityBoundingSet".into(), Value::from(SANDBOX_CAPABILITIES)),
+        // An allow-list without AF_UNIX: a root process that may connect to
+        // systemd's, D-Bus's or docker's socket can have them change the host for it.
+        // Netlink stays for reading addresses (Facter); changing them needs
+        // CAP_NET_ADMIN, which is gone.
+        (
+            "RestrictAddressFamilies".into(),
+            Value::from((true, vec!["AF_INET".to_string(), "AF_INET6".into(), "AF_NETLINK".into()])),
+        ),
+    ];
+    if !network {
+        p.push(("PrivateNetwork".into(), Value::from(true)));
+    }
+    p
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -567,6 +621,45 @@ mod tests {
         let props = properties(&root, None, None, &w, Vec::new()).unwrap();
         assert!(find(&props, "User").is_none() && find(&props, "Group").is_none());
         assert!(find(&props, "RuntimeMaxUSec").is_none());
+    }
+
+    /// A sandboxed inspection gets the read-only sandbox, which the policy's sandbox
+    /// for the module can tighten (PrivateNetwork) but neither loosen (ProtectSystem=no)
+    /// nor open (ReadWritePaths); an ordinary command gets none of it.
+    #[test]
+    fn a_sandboxed_command_gets_a_read_only_host_the_policy_cannot_open() {
+        let (_r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        let policy = vec![
+            ("ProtectSystem".to_string(), SandboxValue::Str("no".into())),
+            ("ReadWritePaths".to_string(), SandboxValue::Strs(vec!["/etc".into()])),
+            ("PrivateNetwork".to_string(), SandboxValue::Bool(true)),
+        ];
+        let spec = CommandSpec::tool("/usr/bin/puppet", ["apply", "--noop"])
+            .sandboxed_inspection(Sandbox::ReadOnlyHost { network: true });
+        let props = properties(&spec, Some(&label()), None, &w, policy.clone()).unwrap();
+        assert_eq!(find(&props, "ProtectSystem"), Some(&Value::from("strict")));
+        assert_eq!(props.iter().filter(|(k, _)| k == "ProtectSystem").count(), 1);
+        assert_eq!(find(&props, "ProtectHome"), Some(&Value::from("read-only")));
+        for key in ["PrivateTmp", "PrivateDevices", "ProtectKernelTunables", "ProtectControlGroups", "NoNewPrivileges"]
+        {
+            assert_eq!(find(&props, key), Some(&Value::from(true)), "{key}");
+        }
+        assert_eq!(find(&props, "CapabilityBoundingSet"), Some(&Value::from(0xcfu64)));
+        assert!(find(&props, "ReadWritePaths").is_none(), "the policy opened a write");
+        // The policy's own tightening stays.
+        assert_eq!(find(&props, "PrivateNetwork"), Some(&Value::from(true)));
+        let family = find(&props, "RestrictAddressFamilies").unwrap().to_string();
+        assert!(family.contains("AF_INET") && !family.contains("AF_UNIX"), "{family}");
+        // Without the network (puppet apply): a network namespace of its own.
+        let offline = spec.clone().sandboxed_inspection(Sandbox::ReadOnlyHost { network: false });
+        let props = properties(&offline, None, None, &w, Vec::new()).unwrap();
+        assert_eq!(find(&props, "PrivateNetwork"), Some(&Value::from(true)));
+        // An ordinary command: none of it, and the policy's ReadWritePaths applies.
+        let plain = CommandSpec::tool("/usr/bin/puppet", ["apply"]);
+        let props = properties(&plain, None, None, &w, policy).unwrap();
+        assert_eq!(find(&props, "ProtectSystem"), Some(&Value::from("no")));
+        assert!(find(&props, "ReadWritePaths").is_some() && find(&props, "CapabilityBoundingSet").is_none());
+        assert!(Transient::system().enforces_sandbox());
     }
 
     #[test]

@@ -146,6 +146,7 @@ fn plan(p: &LinuxCmd, ctx: &Ctx, changes: &mut Vec<Change>) -> Result<Plan, CmdE
         timeout: (p.timeout > 0).then(|| Duration::from_secs(p.timeout)),
         stdin: None,
         reads_only: false,
+        sandbox: None,
     }))
 }
 

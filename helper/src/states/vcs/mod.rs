@@ -276,6 +276,7 @@ impl Runner {
             timeout: Some(timeout),
             stdin: None,
             reads_only: false,
+            sandbox: None,
         }
     }
 
