@@ -121,7 +121,17 @@ pub fn noop_settings(own_ssl: bool) -> Vec<String> {
     // Plain output: the notices are parsed (a `puppet run` gets colour by default).
     let mut a: Vec<String> =
         vec!["--noop".into(), "--no-report".into(), "--detailed-exitcodes".into(), "--color=false".into()];
-    for (setting, dir) in [("vardir", "var"), ("publicdir", "public"), ("rundir", "run"), ("logdir", "log")] {
+    // `deviceconfdir` (`/etc/puppet/devices`): Puppet makes it before any run, so a plan on
+    // a host where Puppet never ran failed on the read-only /etc (seen under real systemd,
+    // tests/system/puppet_plan.sh).
+    let dirs = [
+        ("vardir", "var"),
+        ("publicdir", "public"),
+        ("rundir", "run"),
+        ("logdir", "log"),
+        ("deviceconfdir", "devices"),
+    ];
+    for (setting, dir) in dirs {
         a.push(format!("--{setting}={PLAN_DIR}/{dir}"));
     }
     if own_ssl {
@@ -610,7 +620,7 @@ Notice: Applied catalog in 0.02 seconds";
         for setting in ["--noop", "--no-report", "--detailed-exitcodes", "--color=false"] {
             assert!(mine.contains(&setting.to_string()), "{setting}: {mine:?}");
         }
-        for dir in ["vardir", "publicdir", "rundir", "logdir", "ssldir"] {
+        for dir in ["vardir", "publicdir", "rundir", "logdir", "deviceconfdir", "ssldir"] {
             assert!(mine.iter().any(|a| a.starts_with(&format!("--{dir}={PLAN_DIR}/"))), "{dir}: {mine:?}");
         }
         // An agent keeps reading the host's certificates.
