@@ -271,6 +271,25 @@ pub fn interpret(exit: &Exit, detailed: bool) -> RunResult {
     }
 }
 
+/// Runs `spec` with its output appended to `acc`; `None`, with `acc` failed saying why,
+/// when it could not be started.
+async fn run_into(spec: &CommandSpec, acc: &mut Outcome, cancel: &mut Cancel) -> Option<exec::Finished> {
+    match exec::run(spec, cancel).await {
+        Ok(finished) => {
+            if !acc.stdout.is_empty() {
+                acc.stdout.push('\n');
+            }
+            acc.stdout.push_str(&finished.output);
+            Some(finished)
+        }
+        Err(e) => {
+            acc.result = false;
+            acc.comment = e.to_string();
+            None
+        }
+    }
+}
+
 /// Runs `program args` and folds the result into `acc` (output appended).
 async fn run_one(
     program: &Path,
@@ -282,18 +301,7 @@ async fn run_one(
 ) -> bool {
     let spec = CommandSpec::tool(&program.to_string_lossy(), args).with_timeout(RUN_TIMEOUT);
     let shown = spec.display();
-    let finished = match exec::run(&spec, cancel).await {
-        Ok(f) => f,
-        Err(e) => {
-            acc.result = false;
-            acc.comment = e.to_string();
-            return false;
-        }
-    };
-    if !acc.stdout.is_empty() {
-        acc.stdout.push('\n');
-    }
-    acc.stdout.push_str(&finished.output);
+    let Some(finished) = run_into(&spec, acc, cancel).await else { return false };
     match interpret(&finished.exit, detailed) {
         RunResult::Unchanged => true,
         RunResult::Changed => {
@@ -329,18 +337,7 @@ async fn plan_one(
         .with_timeout(RUN_TIMEOUT)
         .sandboxed_inspection(Sandbox::ReadOnlyHost { network });
     let shown = spec.display();
-    let finished = match exec::run(&spec, cancel).await {
-        Ok(f) => f,
-        Err(e) => {
-            acc.result = false;
-            acc.comment = e.to_string();
-            return false;
-        }
-    };
-    if !acc.stdout.is_empty() {
-        acc.stdout.push('\n');
-    }
-    acc.stdout.push_str(&finished.output);
+    let Some(finished) = run_into(&spec, acc, cancel).await else { return false };
     match interpret(&finished.exit, true) {
         // A noop run changes nothing, so Puppet 7 exits 0 whatever it would change;
         // its notices say what.
