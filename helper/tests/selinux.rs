@@ -48,6 +48,14 @@ fn selinux_view() -> String {
     format!("{}\n{booleans}\n{store}", must("getenforce", &[]))
 }
 
+/// The lines of `after` not in `before` and the other way round (the view is long: every
+/// boolean and every file of the policy store).
+fn differences(before: &str, after: &str) -> String {
+    let gone = before.lines().filter(|l| !after.lines().any(|a| a == *l)).map(|l| format!("- {l}"));
+    let new = after.lines().filter(|l| !before.lines().any(|b| b == *l)).map(|l| format!("+ {l}"));
+    gone.chain(new).collect::<Vec<_>>().join("\n")
+}
+
 /// drift -> plan (exactly `want`, the view unchanged) -> apply (the same) -> plan (nothing).
 async fn cycle(p: &ModuleParams, want: &[String]) {
     let ModuleParams::LinuxSelinux(p) = p else { panic!("not linux.selinux") };
@@ -55,7 +63,8 @@ async fn cycle(p: &ModuleParams, want: &[String]) {
     let planned = plan_of(selinux::apply(p, Cancel::never())).await;
     assert!(planned.result && planned.planned, "{planned:?}");
     assert_eq!(change_lines(&planned), want, "the plan");
-    assert_eq!(selinux_view(), before, "the plan changed SELinux");
+    let after = selinux_view();
+    assert!(after == before, "the plan changed SELinux:\n{}", differences(&before, &after));
     let applied = selinux::apply(p, Cancel::never()).await;
     assert!(applied.result, "apply failed: {applied:?}");
     assert_eq!(change_lines(&applied), want, "the apply did not make the planned change");
