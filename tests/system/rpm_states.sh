@@ -36,8 +36,8 @@
 # `removed`, a local .rpm erased; the host missing from and present in known_hosts) -> the
 # plan (`opsagent apply --test`) names the change in the apply's words and exits 3, a walk
 # of /etc/yum.repos.d, /etc/pki, rpm's database (%_dbpath; SQLite's -shm index aside, see
-# walk) and /var/lib/dnf (for known_host: the
-# users' ~/.ssh) unchanged -> the apply makes it -> a plan exits 0 with nothing to change.
+# walk) and /var/lib/dnf (for known_host: the users' ~/.ssh) unchanged -> the apply makes
+# it -> a plan exits 0 with nothing to change. About 20 s of the run.
 #
 # Ends with "N passed, M failed"; exits non-zero on any failure. The container is
 # stopped and removed on exit (by pid, see lib.sh). OPSAGENT_SYSTEST_KEEP=1 keeps logs.
