@@ -484,24 +484,38 @@ fn storage_view(devs: &[&str], vg: &str) -> String {
     view.join("\n")
 }
 
+/// What a RAID state could change on these members and this array: the signature blkid
+/// finds on each member, its md superblock (`mdadm --examine`: array UUID, state, event
+/// count, update time) and the array's line of /proc/mdstat, if any.
+fn raid_view(devs: &[&str], array: &str) -> String {
+    let md = array.trim_start_matches("/dev/");
+    let mut view: Vec<String> =
+        devs.iter().map(|d| format!("{d}: {:?}\n{}", fstype(d), sh("mdadm", &["--examine", d]).1)).collect();
+    let mdstat = std::fs::read_to_string("/proc/mdstat").unwrap_or_default();
+    view.extend(mdstat.lines().filter(|l| l.starts_with(&format!("{md} :"))).map(str::to_string));
+    view.join("\n")
+}
+
 /// Issue 19's drift cycle, as `tests/system/plan_states.sh` makes it for the system
-/// modules: plan (exactly `want`, the devices untouched) -> apply (the same changes) ->
-/// plan (nothing).
-async fn storage_cycle<F, Fut>(module: &str, (devs, vg): (&[&str], &str), run: F, want: &[String])
+/// modules: plan (exactly `want`, `view` of the devices unchanged) -> apply (the same
+/// changes) -> plan (nothing). Ends with a `storage-vmtest: plan cycle MODULE ...` line,
+/// which the VM harness (tests/vm/run.sh) requires for linux.lvm.lv and linux.raid.
+async fn storage_cycle<F, Fut>(module: &str, view: impl Fn() -> String, run: F, want: &[String])
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Outcome>,
 {
-    let before = storage_view(devs, vg);
+    let before = view();
     let planned = plan_of(module, run()).await;
     assert!(planned.result && planned.planned, "{module}: {planned:?}");
     assert_eq!(change_lines(&planned), want, "{module}: the plan");
-    assert_eq!(storage_view(devs, vg), before, "{module}: the plan changed the devices");
+    assert_eq!(view(), before, "{module}: the plan changed the devices");
     let applied = run().await;
     assert_ok(&applied);
     assert_eq!(change_lines(&applied), want, "{module}: the apply did not make the planned change");
     let again = plan_of(module, run()).await;
     assert!(again.result && again.planned && again.changes.is_empty(), "{module}: plan after the apply: {again:?}");
+    eprintln!("storage-vmtest: plan cycle {module}: {want:?} planned, applied, then nothing to plan");
 }
 
 #[tokio::test]
@@ -514,7 +528,7 @@ async fn plan_apply_plan_cycles_of_mkfs_and_lvm_on_loop_devices() {
     let vg = format!("opsagent_plan_{}", std::process::id());
     let _cleanup = LvmCleanup { vg: vg.clone(), devs: vec![a.dev.clone(), b.dev.clone()] };
     let devs = [a.dev.as_str(), b.dev.as_str()];
-    let view = (&devs[..], vg.as_str());
+    let view = || storage_view(&devs, &vg);
 
     // linux.mkfs: a blank device.
     let ModuleParams::LinuxMkfs(fs) = params("linux.mkfs", json!({"device": a.dev, "fstype": "ext4", "label": "plan"}))
@@ -544,4 +558,52 @@ async fn plan_apply_plan_cycles_of_mkfs_and_lvm_on_loop_devices() {
     };
     let want = [format!("/dev/{vg}/data: logical volume created")];
     storage_cycle("linux.lvm.lv", view, || lvm::apply_lv(&lv, Cancel::never()), &want).await;
+}
+
+#[tokio::test]
+async fn plan_apply_plan_cycles_of_raid_on_loop_devices() {
+    if !usable("raid plan cycles") {
+        return;
+    }
+    // Only where the kernel has the md driver (the VM of tests/vm/run.sh).
+    if !Path::new("/proc/mdstat").exists() {
+        skip("raid plan cycles: no md driver in this kernel; linux.raid not cycled");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Loop::new(dir.path(), "a.img", 32), Loop::new(dir.path(), "b.img", 32));
+    // Not the array of the other raid test of this binary (md100..md199).
+    let array = format!("/dev/md{}", 200 + std::process::id() % 100);
+    struct Stop(String, Vec<String>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = sh("mdadm", &["--stop", &self.0]);
+            for d in &self.1 {
+                let _ = sh("mdadm", &["--zero-superblock", d]);
+            }
+        }
+    }
+    let _stop = Stop(array.clone(), vec![a.dev.clone(), b.dev.clone()]);
+    let devs = [a.dev.as_str(), b.dev.as_str()];
+    let view = || raid_view(&devs, &array);
+    let ModuleParams::LinuxRaid(p) = params(
+        "linux.raid",
+        json!({"device-name": array, "devices": [a.dev, b.dev], "level": "raid1", "arguments": [{"key": "metadata", "value": "1.2"}]}),
+    ) else {
+        panic!()
+    };
+
+    // Blank members, no array: created.
+    let want = [format!("{array}: raid1 array created on {}, {}", a.dev, b.dev)];
+    storage_cycle("linux.raid", view, || raid::apply(&p, Cancel::never()), &want).await;
+    assert_eq!((fstype(&a.dev), fstype(&b.dev)), ("linux_raid_member".into(), "linux_raid_member".into()));
+
+    // The array stopped (a reboot without mdadm.conf): its members' superblocks are there,
+    // so it is assembled, not created anew.
+    must("mdadm", &["--stop", &array]);
+    let want = [format!("{array}: array assembled from {}, {}", a.dev, b.dev)];
+    storage_cycle("linux.raid", view, || raid::apply(&p, Cancel::never()), &want).await;
+    let md = array.trim_start_matches("/dev/");
+    let mdstat = std::fs::read_to_string("/proc/mdstat").unwrap();
+    assert!(mdstat.lines().any(|l| l.starts_with(&format!("{md} : active")) && l.contains("raid1")), "{mdstat}");
 }

@@ -45,6 +45,8 @@ REPO=$(cd "$HERE/../.." && pwd)
 source "$HERE/lib.sh"
 # shellcheck source=tests/system/checks.sh
 source "$HERE/checks.sh" plan
+# shellcheck source=tests/system/cycle.sh
+source "$HERE/cycle.sh"
 
 install_host_tools systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux \
     dpkg-deb:dpkg ps:procps
@@ -56,7 +58,7 @@ say "building opsagent and opsagent-helper"
     >"$WORK/build.log" 2>&1 || { tail -n 30 "$WORK/build.log" >&2; exit 1; }
 BIN_DIR=${CARGO_TARGET_DIR:-$REPO/target}/debug
 
-C=ps
+C="ps"
 boot $C
 ROOT=$(croot $C)
 install -m 0755 "$BIN_DIR/opsagent" "$BIN_DIR/opsagent-helper" "$ROOT/usr/local/bin/"
@@ -70,22 +72,6 @@ setup() {
         say "  FAIL: setup: $1"
     fi
 }
-# run NAME ARGS JSON-STATES: `opsagent ARGS /root/NAME.json`; output in $WORK/NAME.out,
-# exit status in $WORK/NAME.rc.
-run() {
-    local name=$1 args=$2 states=$3 rc=0
-    printf '{"recipe_version": 1, "state": [%s]}\n' "$states" >"$ROOT/root/$name.json"
-    # shellcheck disable=SC2086
-    cexec $C opsagent $args "/root/$name.json" >"$WORK/$name.out" 2>&1 || rc=$?
-    echo "$rc" >"$WORK/$name.rc"
-    { echo "== $name: opsagent $args (exit $rc)"; cat "$WORK/$name.out"; } | tee -a "$WORK/apply.log" >&2
-}
-rc_is() { [ "$(cat "$WORK/$1.rc")" = "$2" ]; }
-out_has() { grep -qF -- "$2" "$WORK/$1.out"; }
-nothing_would_change() { # NAME: exit 0 and every line says (no change)
-    rc_is "$1" 0 && grep -q '^ok ' "$WORK/$1.out" && ! grep -E '^(ok|change|FAILED) ' "$WORK/$1.out" | grep -qv '(no change)'
-}
-
 # The walk, run inside the container: one line per entry (type, mode, owner, path, link
 # target), then the sha256 of every regular file's content; -xdev keeps it on the root.
 PRUNE='\( -path /var/log/journal -o -path "/var/cache/apt/*.bin" -o -path "/var/tmp/systemd-private-*" \) -prune'
@@ -94,12 +80,6 @@ walk() { # FILE
     in_c "find $DIRS -xdev $PRUNE -o -printf '%y %m %u:%g %p -> %l\n' | sort; find $DIRS -xdev $PRUNE -o -type f -print0 | sort -z | xargs -0 sha256sum" \
         >"$WORK/$1" 2>>"$WORK/checks.log"
 }
-unchanged() { # BEFORE AFTER: the walks are equal (the difference is logged)
-    diff -u "$WORK/$1" "$WORK/$2" >"$WORK/$2.diff" && return 0
-    cat "$WORK/$2.diff" >&2
-    return 1
-}
-
 # ---------------------------------------------------------------- fixtures
 say "== fixtures on the host the recipe needs to be inspected"
 cat >"$ROOT/etc/systemd/system/opsh-demo.service" <<'EOF'
@@ -190,36 +170,7 @@ check "plan of every module: linux.cmd would run, and did not" \
     sh -c "grep -q 'would run' '$WORK/all.out' && ! test -e '$ROOT/srv/plan-cmd-ran'"
 
 # ---------------------------------------------------------------- 2. drift -> plan -> apply -> plan
-# cycle NAME STATE EXPECTED...: the plan names each EXPECTED change and exits 3 with the
-# walk unchanged; the apply succeeds and reports the same changes in the same words; the
-# plan after it exits 0 with nothing to change. With PROBE set (a command run in the
-# container), its output must be the same before and after the plan too: what the walk
-# of files cannot see (a unit's state, a process id).
-cycle() {
-    local name=$1 state=$2 e
-    shift 2
-    walk "$name.before"
-    [ -z "${PROBE:-}" ] || in_c "$PROBE" >"$WORK/$name.probe.before" 2>&1 || true
-    run "$name-plan" "apply --test" "$state"
-    walk "$name.after"
-    [ -z "${PROBE:-}" ] || in_c "$PROBE" >"$WORK/$name.probe.after" 2>&1 || true
-    check "$name: the plan exits 3" rc_is "$name-plan" 3
-    for e in "$@"; do
-        check "$name: the plan reports \"$e\"" out_has "$name-plan" "$e"
-    done
-    check "$name: the plan wrote nothing" unchanged "$name.before" "$name.after"
-    if [ -n "${PROBE:-}" ]; then
-        check "$name: the plan left \`$PROBE\` as it was" unchanged "$name.probe.before" "$name.probe.after"
-    fi
-    run "$name-apply" apply "$state"
-    check "$name: the apply succeeds" rc_is "$name-apply" 0
-    for e in "$@"; do
-        check "$name: the apply reports \"$e\" too" out_has "$name-apply" "$e"
-    done
-    run "$name-again" "apply --test" "$state"
-    check "$name: after the apply, nothing would change" nothing_would_change "$name-again"
-}
-st() { printf '{"id": "%s", "module": "%s", "parameter": %s}' "$1" "$2" "$3"; }
+# `cycle` (tests/system/cycle.sh): drift set up by hand -> plan -> apply -> plan.
 
 say "== linux.group: absent"
 cycle group "$(st grp linux.group "${FIX[linux.group]}")" "opshplangrp: group created (gid 2456)"

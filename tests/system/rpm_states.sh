@@ -30,6 +30,15 @@
 # (SHA256, MD5) selects the key; a wrong one fails naming the found ones and writes
 # nothing; `absent` removes.
 #
+# Drift cycles of plan mode (issue 19; `cycle` in cycle.sh, as plan_states.sh): the host
+# drifted by hand (the key deleted from rpm's database, a .repo file edited and removed,
+# the repo-release package erased, a package absent, older than its pin, present when
+# `removed`, a local .rpm erased; the host missing from and present in known_hosts) -> the
+# plan (`opsagent apply --test`) names the change in the apply's words and exits 3, a walk
+# of /etc/yum.repos.d, /etc/pki, rpm's database (%_dbpath; SQLite's -shm index aside, see
+# walk) and /var/lib/dnf (for known_host: the users' ~/.ssh) unchanged -> the apply makes
+# it -> a plan exits 0 with nothing to change. About 20 s of the run.
+#
 # Ends with "N passed, M failed"; exits non-zero on any failure. The container is
 # stopped and removed on exit (by pid, see lib.sh). OPSAGENT_SYSTEST_KEEP=1 keeps logs.
 set -euo pipefail
@@ -40,6 +49,8 @@ REPO=$(cd "$HERE/../.." && pwd)
 source "$HERE/lib.sh"
 # shellcheck source=tests/system/checks.sh
 source "$HERE/checks.sh" rpm
+# shellcheck source=tests/system/cycle.sh
+source "$HERE/cycle.sh"
 HTTP_PID=""
 
 # The package repository's HTTP server, before the containers go.
@@ -191,7 +202,6 @@ apply() { # NAME JSON-STATES: applies a recipe of those states; output in $WORK/
     return "$rc"
 }
 fails() { ! apply "$@"; }
-out_has() { grep -qF -- "$2" "$WORK/$1.out"; }
 no_change() { grep -q '^ok ' "$WORK/$1.out" && ! grep -E '^(ok|FAILED)' "$WORK/$1.out" | grep -qv '(no change)'; }
 changed() { grep -q '^ok ' "$WORK/$1.out" && ! no_change "$1"; }
 in_c() { csh $C "$1"; }
@@ -206,6 +216,21 @@ rpm_has() { in_c "rpm -q --qf '%{VERSION}-%{RELEASE}\n' $1 | grep -qx '$2'"; }
 rpm_lacks() { ! in_c "rpm -q $1"; }
 pkg() { # NAME VALUE [EXTRA-PARAMS]
     printf '{"id": "p", "module": "linux.yum.package", "parameter": {"name": [{"key": "%s", "value": "%s"}]%s}}' "$1" "$2" "${3:-}"
+}
+
+# The drift cycles' walk (tests/system/cycle.sh), run inside the container: of WALK_DIRS
+# (each section sets them: what its modules write), one line per entry (type, mode, owner,
+# path, link target) and the sha256 of every regular file's content; a missing one is
+# named as such, so that a plan creating it shows too. Not checksummed (listed still):
+# SQLite's shared-memory WAL index, *.sqlite-shm beside rpm's and dnf's databases, which
+# every reader of the database writes its read mark into: seen changed by the plans that
+# read a package file with `rpm -qp` (rpm opens its database for the keys), with the
+# database and its -wal file unchanged. It is a cache SQLite rebuilds, not data.
+walk() { # FILE
+    in_c "for d in $WALK_DIRS; do [ -e \"\$d\" ] || echo \"absent \$d\"; done
+        find $WALK_DIRS -printf '%y %m %u:%g %p -> %l\n' 2>/dev/null | sort
+        find $WALK_DIRS -type f ! -name '*.sqlite-shm' -print0 2>/dev/null | sort -z | xargs -0 -r sha256sum" \
+        >"$WORK/$1" 2>>"$WORK/checks.log"
 }
 
 # ---------------------------------------------------------------- linux.rpm.key
@@ -275,6 +300,45 @@ check "yum: a package installed through the yum command" apply yum1 "$(pkg m-yum
 check "yum: m-yum installed" rpm_has m-yum 1.0-1
 check "yum: dnf's history names yum's transaction" in_c 'yum history list m-yum | grep -qi install'
 setup 'mv /usr/bin/yum /usr/bin/dnf'
+
+# ---------------------------------------------------------------- drift cycles (issue 19)
+# Each module above, planned with `opsagent apply --test` on a host drifted by hand: the plan
+# names the change in the apply's words (exit 3) and the walk of what these modules write
+# (the .repo files, /etc/pki, rpm's and dnf's databases) is unchanged; the apply makes it;
+# a plan then finds nothing (exit 0). `cycle`: tests/system/cycle.sh.
+say "== drift cycles: linux.rpm.key, linux.yum.repo, linux.yum.package"
+WALK_DIRS="/etc/yum.repos.d /etc/pki $(in_c 'rpm --eval %_dbpath') /var/lib/dnf"
+setup 'rpm -e --allmatches gpg-pubkey'
+check "cycle setup: rpm holds no key" rpm_lacks gpg-pubkey
+cycle rpm-key "$KEY_FILE" "/srv/keys/m-test.asc: key imported"
+check "rpm-key: rpm holds the key again" in_c 'rpm -q gpg-pubkey'
+
+setup 'sed -i "s/^gpgcheck=1$/gpgcheck=0/" /etc/yum.repos.d/m-signed.repo'
+cycle yum-repo-content "$REPO_SIGNED" "/etc/yum.repos.d/m-signed.repo: content updated"
+check "yum-repo-content: gpgcheck=1 again" in_c 'grep -qx "gpgcheck=1" /etc/yum.repos.d/m-signed.repo'
+setup 'rm /etc/yum.repos.d/m-signed.repo'
+cycle yum-repo-absent "$REPO_SIGNED" "/etc/yum.repos.d/m-signed.repo: file created (0644 0:0)"
+
+# The repo-release package removed (its .repo file goes with it).
+setup 'rpm -e m-rel'
+REL_FILE='{"id": "r", "module": "linux.yum.repo", "parameter": {"name": "m-rel", "rpm-url": "file:///srv/rpms/m-rel-1.0-1.noarch.rpm"}}'
+cycle yum-repo-rpm "$REL_FILE" "/srv/rpms/m-rel-1.0-1.noarch.rpm: installed m-rel 1.0-1"
+check "yum-repo-rpm: its .repo file is back" in_c '[ -f /etc/yum.repos.d/m-rel.repo ]'
+
+# m-hello was removed above: pinned (the version as rpm names it), upgraded by a new pin,
+# removed. (`latest` is not cycled: its plan says "the version yum resolves", which only an
+# install finds out.)
+check "cycle setup: m-hello is not installed" rpm_lacks m-hello
+cycle yum-pkg-install "$(pkg m-hello 1.0-1 ', "repo": "m-signed"')" "m-hello: installed 1.0-1"
+check "yum-pkg-install: m-hello 1.0-1 installed" rpm_has m-hello 1.0-1
+cycle yum-pkg-pin-up "$(pkg m-hello 1.1-1 ', "repo": "m-signed"')" "m-hello: 1.0-1 -> 1.1-1"
+check "yum-pkg-pin-up: m-hello 1.1-1 installed" rpm_has m-hello 1.1-1
+cycle yum-pkg-removed "$(pkg m-hello removed)" "m-hello: removed"
+check "yum-pkg-removed: m-hello gone" rpm_lacks m-hello
+# A local .rpm (its version read from the file by the plan).
+setup 'rpm -e m-url'
+cycle yum-pkg-file "$(pkg m-url /srv/rpms/files/m-url-1.1-1.noarch.rpm)" "m-url: installed 1.1-1"
+check "yum-pkg-file: m-url 1.1-1 installed" rpm_has m-url 1.1-1
 
 # ---------------------------------------------------------------- the agent's .rpm
 say "== the agent's .rpm (packaging/build-rpm)"
@@ -359,6 +423,16 @@ check "known_host: the failure names the fingerprints found" out_has kh5 "found:
 check "known_host: the wrong fingerprint wrote nothing" in_c 'cmp -s /root/kh-before /home/kh/.ssh/known_hosts'
 check "known_host: absent removes the host" apply kh6 "$(known ', "username": "root", "absent": true')"
 check "known_host: root's known_hosts no longer names $FIELD" in_c "! ssh-keygen -F '$FIELD' -f /root/.ssh/known_hosts"
+
+# Drift cycles: root's known_hosts without the host (the absent state above removed it),
+# then with it, for an absent state. The walk: both users' ~/.ssh.
+say "== drift cycles: common.ssh.known_host"
+WALK_DIRS="/root/.ssh /home/kh/.ssh"
+NKEYS=$(in_c 'ls /etc/ssh/ssh_host_*_key.pub | wc -l')
+cycle known-host "$(known ', "username": "root"')" "/root/.ssh/known_hosts: $FIELD: $NKEYS key(s) written"
+check "known-host: ssh-keygen -F finds $FIELD again" in_c "ssh-keygen -F '$FIELD' -f /root/.ssh/known_hosts | grep -q ssh-"
+cycle known-host-absent "$(known ', "username": "root", "absent": true')" "/root/.ssh/known_hosts: $FIELD removed"
+check "known-host-absent: $FIELD gone" in_c "! ssh-keygen -F '$FIELD' -f /root/.ssh/known_hosts"
 setup 'systemctl stop m-sshd'
 
 # ---------------------------------------------------------------- summary

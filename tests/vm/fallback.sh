@@ -57,6 +57,9 @@ fi
     if [ "$STANDIN_TCG" = pass ]; then
         echo "storage-vmtest: created linux.lvm.lv /dev/vg/lv"
         echo "storage-vmtest: created linux.raid /dev/md0"
+        echo 'storage-vmtest: plan cycle linux.lvm.lv: ["/dev/vg/data: logical volume created"] planned, applied, then nothing to plan'
+        echo 'storage-vmtest: plan cycle linux.raid: ["/dev/md1: raid1 array created on /dev/a, /dev/b"] planned, applied, then nothing to plan'
+        echo 'storage-vmtest: plan cycle linux.raid: ["/dev/md1: array assembled from /dev/a, /dev/b"] planned, applied, then nothing to plan'
         echo "OPSAGENT-VMTEST: PASS"
     else
         echo "OPSAGENT-VMTEST: FAIL (stand-in)"
@@ -68,9 +71,12 @@ chmod 755 "$T/qemu"
 # The storage boot is the one that decides on the fallback; the systemd boot reuses it.
 export STANDIN_LOG=$T/invocations OPSAGENT_VMTEST_QEMU=$T/qemu OPSAGENT_VMTEST_PARTS=storage
 
-# A fake cached image (run.sh only checks that it is complete and hands the files to qemu).
+# A fake cached image (run.sh only checks that it is complete and hands the files to qemu),
+# under run.sh's image version.
+IMAGE_VERSION=$(sed -n 's/^IMAGE_VERSION=//p' tests/vm/run.sh)
+[ -n "$IMAGE_VERSION" ] || { echo "vm fallback test: no IMAGE_VERSION= in tests/vm/run.sh" >&2; exit 1; }
 fake_cache() {
-    local dir=$1/bookworm-v2
+    local dir=$1/$IMAGE_VERSION
     mkdir -p "$dir"
     : >"$dir/vmlinuz"
     : >"$dir/initrd.img"

@@ -2,6 +2,10 @@
 # Runs in the VM (from the payload disk, as PID 1's child, root): the storage test binary
 # with the kernel's storage drivers loaded, then a PASS/FAIL marker for tests/vm/run.sh.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# The selinux boot of tests/vm/run.sh (same image init, its own kernel command line).
+case " $(cat /proc/cmdline) " in
+*" opsagent.part=selinux "*) exec /payload/guest-selinux.sh ;;
+esac
 echo "OPSAGENT-VMTEST: start on $(uname -r)"
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp

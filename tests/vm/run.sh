@@ -12,7 +12,8 @@
 # the cached image is never written. The guest prints a PASS/FAIL marker on its serial
 # console and powers off; this script reads the console log.
 #
-# Exit 0 only when the guest reported PASS and the LV and RAID creations ran (not skipped).
+# Exit 0 only when the guest reported PASS and the LV and RAID creations ran (not skipped),
+# and so did the plan's drift cycles of linux.lvm.lv and linux.raid (created; assembled).
 #   OPSAGENT_VMTEST_CACHE    cache directory (default /var/cache/opsagent-vmtest)
 #   OPSAGENT_VMTEST_TIMEOUT  seconds the VM may run (default 300)
 #   OPSAGENT_VMTEST_MIRROR   Debian mirror (default http://deb.debian.org/debian)
@@ -22,8 +23,10 @@
 #                            within OPSAGENT_VMTEST_KVM_BOOT seconds, default 45)
 #   OPSAGENT_VMTEST_QEMU     the qemu-system-x86_64 to run (tests/vm/fallback.sh uses a
 #                            stand-in to force the fallback)
-#   OPSAGENT_VMTEST_PARTS    which boots, default "storage units": the storage tests, then a
-#                            second boot under systemd as PID 1 (tests/vm/guest-units.sh: the
+#   OPSAGENT_VMTEST_PARTS    which boots, default "storage selinux units": the storage tests,
+#                            a boot with SELinux on, permissive (tests/vm/guest-selinux.sh:
+#                            linux.selinux's plan cycles, helper/tests/selinux.rs), then a
+#                            boot under systemd as PID 1 (tests/vm/guest-units.sh: the
 #                            helper's installed units, a transient unit's CPU time and peak
 #                            memory in the StateLog, a real `sysctl -w`); add "powercut" for
 #                            the power cut (tests/vm/guest-powercut.sh: the daemon as its unit
@@ -40,11 +43,13 @@ cd "$(dirname "$0")/../.."
 
 CACHE_DIR=${OPSAGENT_VMTEST_CACHE:-/var/cache/opsagent-vmtest}
 # Bump when the package list or the image's init changes: a new image is built.
-IMAGE_VERSION=bookworm-v2
+IMAGE_VERSION=bookworm-v3
 IMAGE_DIR=$CACHE_DIR/$IMAGE_VERSION
 # systemd and dbus: the second boot (tests/vm/guest-units.sh) runs systemd as PID 1 on the
-# unified cgroup hierarchy; procps: sysctl.
-INCLUDE=linux-image-amd64,initramfs-tools,lvm2,mdadm,e2fsprogs,xfsprogs,util-linux,udev,kmod,systemd,dbus,procps
+# unified cgroup hierarchy; procps: sysctl. selinux-basics and selinux-policy-default
+# (Debian's reference policy, its userland: getenforce, getsebool, setsebool, load_policy):
+# the selinux boot (tests/vm/guest-selinux.sh); the other boots do not turn SELinux on.
+INCLUDE=linux-image-amd64,initramfs-tools,lvm2,mdadm,e2fsprogs,xfsprogs,util-linux,udev,kmod,systemd,dbus,procps,selinux-basics,selinux-policy-default
 MIRROR=${OPSAGENT_VMTEST_MIRROR:-http://deb.debian.org/debian}
 TIMEOUT=${OPSAGENT_VMTEST_TIMEOUT:-300}
 KVM_BOOT=${OPSAGENT_VMTEST_KVM_BOOT:-45}
@@ -158,11 +163,11 @@ ensure_image() {
 }
 
 # ---------------------------------------------------------------- this run
-build_tests() {
-    say "building the storage test binary"
-    cargo test -p opsagent-helper --test storage --no-run --locked --message-format=json >"$WORK/cargo.json" ||
+build_tests() { # NAME: builds the helper's test binary NAME (helper/tests/NAME.rs), prints its path
+    say "building the $1 test binary"
+    cargo test -p opsagent-helper --test "$1" --no-run --locked --message-format=json >"$WORK/cargo.json" ||
         die "cargo test --no-run failed"
-    python3 - "$WORK/cargo.json" <<'PY'
+    python3 - "$WORK/cargo.json" "$1" <<'PY'
 import json, sys
 exe = None
 for line in open(sys.argv[1]):
@@ -170,25 +175,32 @@ for line in open(sys.argv[1]):
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "storage" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == sys.argv[2] and m.get("executable"):
         exe = m["executable"]
 if not exe:
-    sys.exit("no storage test executable in cargo's output")
+    sys.exit(f"no {sys.argv[2]} test executable in cargo's output")
 print(exe)
 PY
 }
 
-PARTS=${OPSAGENT_VMTEST_PARTS:-storage units}
+PARTS=${OPSAGENT_VMTEST_PARTS:-storage selinux units}
 part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 ensure_image
 mkdir -p "$WORK/payload"
 if part storage; then
-    exe=$(build_tests) || die "cannot find the storage test binary"
+    exe=$(build_tests storage) || die "cannot find the storage test binary"
     # Without debug information, like the binaries below: the payload disk stays small.
     strip --strip-debug -o "$WORK/payload/storage" "$exe" || die "cannot copy the storage test binary"
     cp tests/vm/guest.sh "$WORK/payload/guest.sh"
     chmod 755 "$WORK/payload/guest.sh" "$WORK/payload/storage"
+fi
+if part selinux; then
+    exe=$(build_tests selinux) || die "cannot find the selinux test binary"
+    strip --strip-debug -o "$WORK/payload/selinux" "$exe" || die "cannot copy the selinux test binary"
+    # guest.sh hands the selinux boot over to guest-selinux.sh.
+    cp tests/vm/guest.sh tests/vm/guest-selinux.sh "$WORK/payload/"
+    chmod 755 "$WORK/payload/guest.sh" "$WORK/payload/guest-selinux.sh" "$WORK/payload/selinux"
 fi
 if part units || part powercut; then
     say "building the daemon, the helper and the reference backend"
@@ -321,10 +333,45 @@ grep -q '^OPSAGENT-VMTEST: PASS$' "$WORK/console.txt" || die "the guest did not 
 for what in linux.lvm.lv linux.raid; do
     grep -q "storage-vmtest: created $what /dev/" "$WORK/console.txt" || die "$what was not created in the guest (skipped?)"
 done
+# The plan's drift cycles (issue #19) of the modules only this kernel can create: the LV,
+# and the array both created and assembled (two cycles).
+grep -q 'storage-vmtest: plan cycle linux.lvm.lv: \["/dev/' "$WORK/console.txt" ||
+    die "the linux.lvm.lv plan cycle did not run in the guest (skipped?)"
+[ "$(grep -c 'storage-vmtest: plan cycle linux.raid: \["/dev/md' "$WORK/console.txt")" = 2 ] ||
+    die "the two linux.raid plan cycles (created, assembled) did not both run in the guest (skipped?)"
 if grep -q 'SKIPPED' "$WORK/console.txt"; then
     die "a storage test was skipped in the guest"
 fi
-say "vm test: PASS (logical volume and RAID1 array created for real in the guest)"
+say "vm test: PASS (logical volume and RAID1 array created for real in the guest; plan -> apply -> plan cycles of linux.lvm.lv and linux.raid)"
+fi
+
+# ---------------------------------------------------------------- selinux boot
+# linux.selinux's plan cycles (helper/tests/selinux.rs) under Debian's kernel with SELinux
+# on, permissive: security=selinux selects it over AppArmor, Debian's default.
+if part selinux; then
+    if [ "$accel" = auto ]; then
+        if [ -e /dev/kvm ]; then accel=kvm; else accel=tcg; fi
+    fi
+    say "booting the VM with SELinux permissive ($accel, timeout ${TIMEOUT}s)"
+    start=$(date +%s)
+    boot "$accel" "init=/opsagent-vmtest/init security=selinux selinux=1 enforcing=0 opsagent.part=selinux"
+    timed_out=no
+    wait_vm "$TIMEOUT" || timed_out=yes
+    say "VM ran $(($(date +%s) - start))s"
+    tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$WORK/console-selinux.txt" || true
+    sed -n '/^OPSAGENT-VMTEST-SELINUX: start/,$p' "$WORK/console-selinux.txt" >&2
+    [ "$timed_out" = no ] || {
+        tail -n 40 "$WORK/console-selinux.txt" >&2
+        die "the selinux boot timed out after ${TIMEOUT}s; qemu killed"
+    }
+    grep -aq '^OPSAGENT-VMTEST-SELINUX: PASS$' "$WORK/console-selinux.txt" || {
+        tail -n 60 "$WORK/console-selinux.txt" >&2
+        die "the selinux boot did not report PASS"
+    }
+    # Both cycles ran (a filter matching no test would pass with nothing run).
+    [ "$(grep -ac 'selinux-vmtest: plan cycle linux.selinux: ' "$WORK/console-selinux.txt")" = 2 ] ||
+        die "the two linux.selinux plan cycles (a boolean, the persisted mode) did not both run"
+    say "vm test: PASS (SELinux permissive: plan -> apply -> plan cycles of a boolean and of SELINUX= in /etc/selinux/config)"
 fi
 
 # ---------------------------------------------------------------- second boot: systemd
@@ -367,11 +414,11 @@ if part powercut; then
     fi
     pc_start=$(date +%s)
     while :; do
-        how=$accel
-        [ "$how" = kvm_try ] && how=kvm
+        pc_accel=$accel
+        [ "$pc_accel" = kvm_try ] && pc_accel=kvm
         new_state_disk
-        say "power cut, boot 1 ($how, cut after $CUT_AFTER StateLogs)"
-        boot "$how" "$SYSTEMD_INIT opsagent.powercut=1 opsagent.cut_after=$CUT_AFTER"
+        say "power cut, boot 1 ($pc_accel, cut after $CUT_AFTER StateLogs)"
+        boot "$pc_accel" "$SYSTEMD_INIT opsagent.powercut=1 opsagent.cut_after=$CUT_AFTER"
         if [ "$accel" = kvm_try ]; then
             rc=0
             wait_vm "$KVM_BOOT" '^OPSAGENT-VMTEST-POWERCUT: boot 1 start' || rc=$?

@@ -167,7 +167,12 @@ async fn run(
         let name = e.key.trim();
         let want = bool_word(e.value_or_empty());
         let getsebool = require_tool("getsebool", TOOLS_PACKAGE)?;
-        let spec = CommandSpec::tool(&getsebool.to_string_lossy(), ["--", name]).inspection();
+        // No `--`: getsebool takes every argument after its own name as a boolean name
+        // (argv[1..], not getopt's optind), so it asked for a boolean named "--" and failed
+        // ("Error getting active value for --", seen on Debian 12's policy in the VM of
+        // tests/vm/run.sh). The catalogue lets through only [A-Za-z0-9_] names: none is an
+        // option.
+        let spec = CommandSpec::tool(&getsebool.to_string_lossy(), [name]).inspection();
         let out = exec::checked(&spec, &[0], cancel).await?;
         let have = parse_getsebool(&out.output).ok_or_else(|| SelinuxError::Unreadable {
             command: format!("getsebool {name}"),
