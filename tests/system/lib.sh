@@ -79,6 +79,42 @@ ensure_rootfs() {
     say "cached root ready: $ROOTFS"
 }
 
+# ensure_derived_rootfs NAME "PACKAGES" FILE... : sets ROOTFS to $CACHE_DIR/NAME, the
+# cached root plus PACKAGES (apt, no recommends), built once under its own lock and
+# checked to hold each FILE (relative to the root). A script masks units or adds files
+# with a `derived_rootfs_finish DIR` function, run before the root is marked complete.
+ensure_derived_rootfs() {
+    local name=$1 packages=$2 dir=$CACHE_DIR/$1 f
+    shift 2
+    exec 9>"$CACHE_DIR/.lock-$name"
+    flock -w 1200 9 || { say "cannot lock $CACHE_DIR/.lock-$name"; return 1; }
+    if [ ! -f "$dir/.opsagent-systest-complete" ]; then
+        local tmp=$dir.tmp
+        rm -rf "$tmp"
+        say "building $dir (the cached root + $packages; apt from Debian's archive)"
+        cp -a --reflink=auto "$ROOTFS" "$tmp"
+        rm -f "$tmp/.opsagent-systest-complete"
+        systemd-nspawn --quiet --pipe --register=no --keep-unit -D "$tmp" \
+            env -i PATH="$CPATH" DEBIAN_FRONTEND=noninteractive sh -c \
+            "apt-get update -qq && apt-get install -y -qq --no-install-recommends $packages &&
+             apt-get clean && rm -rf /var/lib/apt/lists/*_*" \
+            >"$CACHE_DIR/apt-$name.log" 2>&1 </dev/null || true
+        for f in "$@"; do
+            [ -e "$tmp/$f" ] || {
+                say "$f missing from $dir; see $CACHE_DIR/apt-$name.log"
+                tail -n 20 "$CACHE_DIR/apt-$name.log" >&2
+                return 1
+            }
+        done
+        if declare -F derived_rootfs_finish >/dev/null; then derived_rootfs_finish "$tmp"; fi
+        touch "$tmp/.opsagent-systest-complete"
+        mv "$tmp" "$dir"
+    fi
+    flock -u 9
+    say "cached root: $dir"
+    ROOTFS=$dir
+}
+
 # ---------------------------------------------------------------- containers
 # Per container NAME: $WORK/c/NAME/{upper,work,root,console.log,nspawn.pid,init.pid}
 

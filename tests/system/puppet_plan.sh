@@ -37,36 +37,9 @@ install_host_tools systemd-nspawn:systemd-container debootstrap:debootstrap nsen
 ensure_rootfs
 
 # ---------------------------------------------------------------- the Puppet root
-PUPPET_ROOTFS=$CACHE_DIR/bookworm-puppet-r1
-ensure_puppet_rootfs() {
-    exec 9>"$CACHE_DIR/.lock-puppet"
-    flock -w 1200 9 || { say "cannot lock $CACHE_DIR/.lock-puppet"; return 1; }
-    if [ ! -f "$PUPPET_ROOTFS/.opsagent-systest-complete" ]; then
-        local tmp=$PUPPET_ROOTFS.tmp
-        rm -rf "$tmp"
-        say "building $PUPPET_ROOTFS (the cached root + Debian's puppet)"
-        cp -a --reflink=auto "$ROOTFS" "$tmp"
-        rm -f "$tmp/.opsagent-systest-complete"
-        systemd-nspawn --quiet --pipe --register=no --keep-unit -D "$tmp" \
-            env -i PATH="$CPATH" DEBIAN_FRONTEND=noninteractive sh -c \
-            "apt-get update -qq && apt-get install -y -qq --no-install-recommends puppet &&
-             apt-get clean && rm -rf /var/lib/apt/lists/*_*" \
-            >"$CACHE_DIR/apt-puppet.log" 2>&1 </dev/null || true
-        [ -x "$tmp/usr/bin/puppet" ] || {
-            say "puppet missing from the Puppet root; see $CACHE_DIR/apt-puppet.log"
-            tail -n 20 "$CACHE_DIR/apt-puppet.log" >&2
-            return 1
-        }
-        # The agent's service is not under test; it would only add noise to the journal.
-        ln -sf /dev/null "$tmp/etc/systemd/system/puppet.service"
-        touch "$tmp/.opsagent-systest-complete"
-        mv "$tmp" "$PUPPET_ROOTFS"
-    fi
-    flock -u 9
-    say "cached Puppet root: $PUPPET_ROOTFS"
-}
-ensure_puppet_rootfs
-ROOTFS=$PUPPET_ROOTFS
+# The agent's service is not under test; it would only add noise to the journal.
+derived_rootfs_finish() { ln -sf /dev/null "$1/etc/systemd/system/puppet.service"; }
+ensure_derived_rootfs bookworm-puppet-r1 puppet usr/bin/puppet
 
 say "building opsagent and opsagent-helper"
 (cd "$REPO" && cargo build --locked -q -p opsagent --bin opsagent -p opsagent-helper --bin opsagent-helper) \

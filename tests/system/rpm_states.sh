@@ -67,39 +67,12 @@ ensure_rootfs
 # The cached root plus rpm, dnf and OpenSSH (server and client), built once. ssh.service
 # is masked: the containers share the host's network, and the test starts its own sshd
 # on a free loopback port.
-RPM_ROOTFS=$CACHE_DIR/bookworm-rpm-r1
-ensure_rpm_rootfs() {
-    exec 9>"$CACHE_DIR/.lock-rpm"
-    flock -w 1200 9 || { say "cannot lock $CACHE_DIR/.lock-rpm"; return 1; }
-    if [ ! -f "$RPM_ROOTFS/.opsagent-systest-complete" ]; then
-        local tmp=$RPM_ROOTFS.tmp
-        rm -rf "$tmp"
-        say "building $RPM_ROOTFS (the cached root + rpm, dnf, openssh; apt from Debian's archive)"
-        cp -a --reflink=auto "$ROOTFS" "$tmp"
-        rm -f "$tmp/.opsagent-systest-complete"
-        systemd-nspawn --quiet --pipe --register=no --keep-unit -D "$tmp" \
-            env -i PATH="$CPATH" DEBIAN_FRONTEND=noninteractive sh -c \
-            "apt-get update -qq && apt-get install -y -qq --no-install-recommends rpm dnf openssh-server openssh-client &&
-             apt-get clean && rm -rf /var/lib/apt/lists/*_*" \
-            >"$CACHE_DIR/apt-rpm.log" 2>&1 </dev/null || true
-        local f
-        for f in usr/bin/rpm usr/bin/dnf usr/sbin/sshd usr/bin/ssh-keyscan; do
-            [ -e "$tmp/$f" ] || {
-                say "$f missing from the RPM root; see $CACHE_DIR/apt-rpm.log"
-                tail -n 20 "$CACHE_DIR/apt-rpm.log" >&2
-                return 1
-            }
-        done
-        ln -sf /dev/null "$tmp/etc/systemd/system/ssh.service"
-        ln -sf /dev/null "$tmp/etc/systemd/system/ssh.socket"
-        touch "$tmp/.opsagent-systest-complete"
-        mv "$tmp" "$RPM_ROOTFS"
-    fi
-    flock -u 9
-    say "cached RPM root: $RPM_ROOTFS"
+derived_rootfs_finish() {
+    ln -sf /dev/null "$1/etc/systemd/system/ssh.service"
+    ln -sf /dev/null "$1/etc/systemd/system/ssh.socket"
 }
-ensure_rpm_rootfs
-ROOTFS=$RPM_ROOTFS
+ensure_derived_rootfs bookworm-rpm-r1 "rpm dnf openssh-server openssh-client" \
+    usr/bin/rpm usr/bin/dnf usr/sbin/sshd usr/bin/ssh-keyscan
 
 say "building opsagent, opsagent-helper, opsagent-upgrade (debug)"
 (cd "$REPO" && cargo build --locked -q -p opsagent --bin opsagent -p opsagent-helper --bin opsagent-helper --bin opsagent-upgrade) \
