@@ -299,8 +299,8 @@ cycle yum-repo-rpm "$REL_FILE" "/srv/rpms/m-rel-1.0-1.noarch.rpm: installed m-re
 check "yum-repo-rpm: its .repo file is back" in_c '[ -f /etc/yum.repos.d/m-rel.repo ]'
 
 # m-hello was removed above: pinned (the version as rpm names it), upgraded by a new pin,
-# removed. (`latest` is not cycled: its plan says "the version yum resolves", which only an
-# install finds out.)
+# removed; then 1.0 again by hand and `latest` (the plan names the version check-update
+# offers, from dnf's metadata cache).
 check "cycle setup: m-hello is not installed" rpm_lacks m-hello
 cycle yum-pkg-install "$(pkg m-hello 1.0-1 ', "repo": "m-signed"')" "m-hello: installed 1.0-1"
 check "yum-pkg-install: m-hello 1.0-1 installed" rpm_has m-hello 1.0-1
@@ -308,6 +308,10 @@ cycle yum-pkg-pin-up "$(pkg m-hello 1.1-1 ', "repo": "m-signed"')" "m-hello: 1.0
 check "yum-pkg-pin-up: m-hello 1.1-1 installed" rpm_has m-hello 1.1-1
 cycle yum-pkg-removed "$(pkg m-hello removed)" "m-hello: removed"
 check "yum-pkg-removed: m-hello gone" rpm_lacks m-hello
+setup 'rpm -i /srv/rpms/signed/m-hello-1.0-1.noarch.rpm'
+cycle yum-pkg-latest "$(pkg m-hello latest ', "repo": "m-signed"')" "m-hello: 1.0-1 -> 1.1-1"
+check "yum-pkg-latest: m-hello 1.1-1 installed" rpm_has m-hello 1.1-1
+setup 'rpm -e m-hello'
 # A local .rpm (its version read from the file by the plan).
 setup 'rpm -e m-url'
 cycle yum-pkg-file "$(pkg m-url /srv/rpms/files/m-url-1.1-1.noarch.rpm)" "m-url: installed 1.1-1"

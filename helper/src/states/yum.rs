@@ -83,10 +83,30 @@ pub struct Opts {
     pub verify_gpg: bool,
 }
 
-/// Arguments for `dnf`/`yum` `op` (install, upgrade, remove, check-update).
+/// The upgrades `check-update` lists (`NAME.ARCH  [EPOCH:]VERSION-RELEASE  REPO`, headers
+/// and obsoletes sections aside): name → `VERSION-RELEASE`, as rpm prints what is
+/// installed (no epoch), so that a plan names the version an apply then reports.
+pub fn parse_check_update(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (name, evr, _repo) = (w.next()?, w.next()?, w.next()?);
+            let (name, _arch) = name.rsplit_once('.')?;
+            let evr = evr.split_once(':').map_or(evr, |(_, vr)| vr);
+            evr.contains('-').then(|| (name.to_string(), evr.to_string()))
+        })
+        .collect()
+}
+
 /// What a plan says an apply of `todo` would change, in an apply's words where the
 /// version is known before yum resolves it.
-pub fn expected_changes(items: &[Item], before: &BTreeMap<String, Vec<String>>, todo: &Plan) -> Vec<Change> {
+/// `upgrades`: the `VERSION-RELEASE` check-update offers for an installed `latest` package.
+pub fn expected_changes(
+    items: &[Item],
+    before: &BTreeMap<String, Vec<String>>,
+    todo: &Plan,
+    upgrades: &BTreeMap<String, String>,
+) -> Vec<Change> {
     let mut changes = Vec::new();
     for i in items {
         let have = before.get(&i.name).and_then(|v| v.last());
@@ -101,7 +121,7 @@ pub fn expected_changes(items: &[Item], before: &BTreeMap<String, Vec<String>>, 
             let to = match &i.want {
                 Want::Version(v) => v.clone(),
                 Want::File(_) => i.file_version.clone().unwrap_or_default(),
-                _ => "the version yum resolves".to_string(),
+                _ => upgrades.get(&i.name).cloned().unwrap_or_else(|| "the version yum resolves".to_string()),
             };
             match have {
                 None => format!("installed {to}"),
@@ -117,6 +137,7 @@ pub fn expected_changes(items: &[Item], before: &BTreeMap<String, Vec<String>>, 
     changes
 }
 
+/// Arguments for `dnf`/`yum` `op` (install, upgrade, remove, check-update).
 pub fn args(op: &str, opts: &Opts, items: &[String]) -> Vec<String> {
     let mut args = vec!["-y".to_string(), "-q".to_string()];
     if let Some(repo) = &opts.repo {
@@ -227,6 +248,7 @@ async fn run_state(
         .map(|i| i.name.clone())
         .collect();
     let mut upgradable = BTreeSet::new();
+    let mut upgrades = BTreeMap::new();
     if !latest.is_empty() {
         // check-update exits 100 when it lists upgrades, 0 when there are none.
         let mut check = args("check-update", &opts, &latest);
@@ -236,17 +258,16 @@ async fn run_state(
         }
         let spec = CommandSpec::tool(pm, check).inspection();
         let out = exec::checked(&spec, &[0, 100], cancel).await?.output;
-        for l in out.lines() {
-            if let Some(name) = l.split_whitespace().next().and_then(|n| n.rsplit_once('.').map(|(n, _)| n)) {
-                if latest.iter().any(|x| x == name) {
-                    upgradable.insert(name.to_string());
-                }
+        for (name, evr) in parse_check_update(&out) {
+            if latest.iter().any(|x| *x == name) {
+                upgradable.insert(name.clone());
+                upgrades.insert(name, evr);
             }
         }
     }
     let todo = plan(&items, &before, &upgradable);
     if crate::plan::active() {
-        changes.extend(expected_changes(&items, &before, &todo));
+        changes.extend(expected_changes(&items, &before, &todo, &upgrades));
         return Ok(());
     }
     let (install, upgrade) = split_upgrades(&todo.install, &before, &upgradable);
@@ -341,5 +362,29 @@ mod tests {
         let a = args("remove", &Opts { repo: None, verify_gpg: true }, &["x".into()]);
         assert_eq!(a.join(" "), "-y -q remove x");
         assert!(valid_name("python3-libs") && !valid_name("-x") && !valid_name("a b"));
+    }
+
+    #[test]
+    fn check_update_lines_give_the_version_rpm_will_report() {
+        let out = "\
+Last metadata expiration check: 0:01:02 ago on Fri 04 Dec 2026.
+
+m-hello.noarch                       1.1-1                         m-signed
+kernel.x86_64                        1:5.14.0-2.el9                baseos
+Obsoleting Packages
+";
+        let got = parse_check_update(out);
+        assert_eq!(
+            got,
+            [("m-hello".to_string(), "1.1-1".to_string()), ("kernel".to_string(), "5.14.0-2.el9".to_string())]
+        );
+        let items = vec![Item { name: "m-hello".into(), want: Want::Latest, file_version: None }];
+        let before = BTreeMap::from([("m-hello".to_string(), vec!["1.0-1".to_string()])]);
+        let upgradable = BTreeSet::from(["m-hello".to_string()]);
+        let todo = plan(&items, &before, &upgradable);
+        let upgrades: BTreeMap<String, String> = got.into_iter().collect();
+        let words: Vec<String> =
+            expected_changes(&items, &before, &todo, &upgrades).iter().map(|c| c.to_string()).collect();
+        assert_eq!(words, ["m-hello: 1.0-1 -> 1.1-1"], "the apply's words for the same upgrade");
     }
 }
