@@ -183,47 +183,58 @@ pub fn parse_states(code: &str, list: &Value) -> Result<Vec<WireState>, Protocol
     if items.len() > MAX_STATES {
         return Err(too_many_states(code, items.len()));
     }
+    items.iter().enumerate().map(|(i, item)| wire_state(code, i, item.clone())).collect()
+}
+
+/// [`parse_states`] of a list the caller gives up (a received frame's): each state's
+/// parameters are moved out of it, not copied, so a large recipe is never held twice.
+fn take_states(code: &str, list: Value) -> Result<Vec<WireState>, ProtocolError> {
+    let Value::Array(items) = list else { return Err(malformed(code, "\"state\" is not a list")) };
+    if items.len() > MAX_STATES {
+        return Err(too_many_states(code, items.len()));
+    }
+    items.into_iter().enumerate().map(|(i, item)| wire_state(code, i, item)).collect()
+}
+
+/// State #`i` (0-based) of a list; see [`parse_states`].
+fn wire_state(code: &str, i: usize, item: Value) -> Result<WireState, ProtocolError> {
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         other => other.to_string(),
     };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let o = item.as_object().ok_or_else(|| malformed(code, format!("state #{} is not an object", i + 1)))?;
-            let id = match o.get("id").or_else(|| o.get("stateid")) {
-                Some(v) => text(v),
-                None => return Err(malformed(code, format!("state #{} has no \"id\"", i + 1))),
-            };
-            let module = match o.get("module") {
-                Some(v) => text(v),
-                None => return Err(malformed(code, format!("state {id:?} has no \"module\""))),
-            };
-            let parameter = match o.get("parameter") {
-                Some(Value::Null) => Value::Object(Map::new()),
-                Some(Value::Array(a)) if a.is_empty() => Value::Object(Map::new()),
-                Some(Value::String(s)) if s.is_empty() => Value::Object(Map::new()),
-                Some(p) => p.clone(),
-                None => return Err(malformed(code, format!("state {id:?} has no \"parameter\""))),
-            };
-            let fetch_sha256 = o.get(opsagent_proto::signed::FETCH_PINS).cloned();
-            Ok(WireState { id, module, parameter, fetch_sha256 })
-        })
-        .collect()
+    let Value::Object(mut o) = item else { return Err(malformed(code, format!("state #{} is not an object", i + 1))) };
+    let id = match o.get("id").or_else(|| o.get("stateid")) {
+        Some(v) => text(v),
+        None => return Err(malformed(code, format!("state #{} has no \"id\"", i + 1))),
+    };
+    let module = match o.get("module") {
+        Some(v) => text(v),
+        None => return Err(malformed(code, format!("state {id:?} has no \"module\""))),
+    };
+    let parameter = match o.remove("parameter") {
+        Some(Value::Null) => Value::Object(Map::new()),
+        Some(Value::Array(a)) if a.is_empty() => Value::Object(Map::new()),
+        Some(Value::String(s)) if s.is_empty() => Value::Object(Map::new()),
+        Some(p) => p,
+        None => return Err(malformed(code, format!("state {id:?} has no \"parameter\""))),
+    };
+    let fetch_sha256 = o.remove(opsagent_proto::signed::FETCH_PINS);
+    Ok(WireState { id, module, parameter, fetch_sha256 })
 }
 
 pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
-    let v: Value = serde_json::from_str(text).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
-    let o = v.as_object().ok_or(ProtocolError::NoCode)?;
-    let code = o.get("code").and_then(Value::as_str).ok_or(ProtocolError::NoCode)?;
+    let mut v: Value = serde_json::from_str(text).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
+    let o = v.as_object_mut().ok_or(ProtocolError::NoCode)?;
+    let code = o.get("code").and_then(Value::as_str).ok_or(ProtocolError::NoCode)?.to_string();
+    let code = code.as_str();
     Ok(match code {
         "RecipeMetadata" => {
             let recipe_version = get_version(o, code)?;
-            let states = match o.get("state") {
+            // The states are taken out of the frame, not copied (`take_states`).
+            let states = match o.remove("state") {
                 None | Some(Value::Null) => None,
-                Some(list) => Some(parse_states(code, list)?),
+                Some(list) => Some(take_states(code, list)?),
             };
             let signature = o.get("signature").and_then(Value::as_str).map(str::to_string);
             Inbound::RecipeMetadata(RecipeMetadata {
