@@ -7,6 +7,7 @@
 //! both spellings of a field (`id`/`stateid`) are accepted.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 /// Version of the agent <-> backend protocol this daemon speaks (sent in the Handshake);
@@ -183,47 +184,110 @@ pub fn parse_states(code: &str, list: &Value) -> Result<Vec<WireState>, Protocol
     if items.len() > MAX_STATES {
         return Err(too_many_states(code, items.len()));
     }
+    items.iter().enumerate().map(|(i, item)| wire_state(code, i, item.clone())).collect()
+}
+
+/// State #`i` (0-based) of a list; see [`parse_states`].
+fn wire_state(code: &str, i: usize, item: Value) -> Result<WireState, ProtocolError> {
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         other => other.to_string(),
     };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let o = item.as_object().ok_or_else(|| malformed(code, format!("state #{} is not an object", i + 1)))?;
-            let id = match o.get("id").or_else(|| o.get("stateid")) {
-                Some(v) => text(v),
-                None => return Err(malformed(code, format!("state #{} has no \"id\"", i + 1))),
-            };
-            let module = match o.get("module") {
-                Some(v) => text(v),
-                None => return Err(malformed(code, format!("state {id:?} has no \"module\""))),
-            };
-            let parameter = match o.get("parameter") {
-                Some(Value::Null) => Value::Object(Map::new()),
-                Some(Value::Array(a)) if a.is_empty() => Value::Object(Map::new()),
-                Some(Value::String(s)) if s.is_empty() => Value::Object(Map::new()),
-                Some(p) => p.clone(),
-                None => return Err(malformed(code, format!("state {id:?} has no \"parameter\""))),
-            };
-            let fetch_sha256 = o.get(opsagent_proto::signed::FETCH_PINS).cloned();
-            Ok(WireState { id, module, parameter, fetch_sha256 })
-        })
-        .collect()
+    let Value::Object(mut o) = item else { return Err(malformed(code, format!("state #{} is not an object", i + 1))) };
+    let id = match o.get("id").or_else(|| o.get("stateid")) {
+        Some(v) => text(v),
+        None => return Err(malformed(code, format!("state #{} has no \"id\"", i + 1))),
+    };
+    let module = match o.get("module") {
+        Some(v) => text(v),
+        None => return Err(malformed(code, format!("state {id:?} has no \"module\""))),
+    };
+    let parameter = match o.remove("parameter") {
+        Some(Value::Null) => Value::Object(Map::new()),
+        Some(Value::Array(a)) if a.is_empty() => Value::Object(Map::new()),
+        Some(Value::String(s)) if s.is_empty() => Value::Object(Map::new()),
+        Some(p) => p,
+        None => return Err(malformed(code, format!("state {id:?} has no \"parameter\""))),
+    };
+    let fetch_sha256 = o.remove(opsagent_proto::signed::FETCH_PINS);
+    Ok(WireState { id, module, parameter, fetch_sha256 })
+}
+
+/// A received frame's top-level object, read in one pass: every member as a value,
+/// except `state` (a recipe's states), kept as its text in the frame and read state by
+/// state ([`frame_states`]). A 10,000-state recipe as one `Value` tree was ~1.6 KB a
+/// state, the largest part of the daemon's peak at a push.
+struct Frame<'a> {
+    members: Map<String, Value>,
+    states: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for Frame<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Frame<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Frame<'de>, A::Error> {
+                let mut frame = Frame { members: Map::new(), states: None };
+                // A repeated key: the last one counts, as in a `Value` object.
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "state" {
+                        frame.states = Some(map.next_value()?);
+                    } else {
+                        let v = map.next_value()?;
+                        frame.members.insert(key, v);
+                    }
+                }
+                Ok(frame)
+            }
+        }
+        d.deserialize_map(Members)
+    }
+}
+
+/// The states of a frame's `state` text, each read into a value and taken apart on its
+/// own (`wire_state`): the list is never a value tree as a whole.
+fn frame_states(code: &str, list: &RawValue) -> Result<Option<Vec<WireState>>, ProtocolError> {
+    if list.get() == "null" {
+        return Ok(None);
+    }
+    let items: Vec<&RawValue> =
+        serde_json::from_str(list.get()).map_err(|_| malformed(code, "\"state\" is not a list"))?;
+    if items.len() > MAX_STATES {
+        return Err(too_many_states(code, items.len()));
+    }
+    let states = items.into_iter().enumerate().map(|(i, item)| {
+        let v: Value = serde_json::from_str(item.get()).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
+        wire_state(code, i, v)
+    });
+    states.collect::<Result<_, _>>().map(Some)
 }
 
 pub fn parse_inbound(text: &str) -> Result<Inbound, ProtocolError> {
-    let v: Value = serde_json::from_str(text).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
-    let o = v.as_object().ok_or(ProtocolError::NoCode)?;
+    let not_json = |e: serde_json::Error| ProtocolError::NotJson(e.to_string());
+    // An object is read as a `Frame`; anything else as before, to tell "not JSON" from
+    // "no code".
+    let (members, states) = if text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
+        let f: Frame<'_> = serde_json::from_str(text).map_err(not_json)?;
+        (f.members, f.states)
+    } else {
+        match serde_json::from_str::<Value>(text).map_err(not_json)? {
+            Value::Object(members) => (members, None),
+            _ => return Err(ProtocolError::NoCode),
+        }
+    };
+    let o = &members;
     let code = o.get("code").and_then(Value::as_str).ok_or(ProtocolError::NoCode)?;
     Ok(match code {
         "RecipeMetadata" => {
             let recipe_version = get_version(o, code)?;
-            let states = match o.get("state") {
-                None | Some(Value::Null) => None,
-                Some(list) => Some(parse_states(code, list)?),
+            let states = match states {
+                None => None,
+                Some(list) => frame_states(code, list)?,
             };
             let signature = o.get("signature").and_then(Value::as_str).map(str::to_string);
             Inbound::RecipeMetadata(RecipeMetadata {
@@ -600,6 +664,33 @@ mod tests {
         ] {
             let err = parse_inbound(text).unwrap_err();
             assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+    }
+
+    /// Issue #20: a recipe's states are read from the frame's text state by state, the
+    /// frame never one value tree; what comes out is what the value tree gave (the last
+    /// of repeated keys, `null` for no states, the same refusals).
+    #[test]
+    fn recipe_states_read_from_the_frame_text_are_those_of_the_value_tree() {
+        let frame = concat!(
+            " \n",
+            r#"{"state": [{"id": "x", "module": "m", "parameter": {}}], "code": "RecipeMetadata",
+            "recipe_version": 2, "state": [
+            {"stateid": 3, "module": "linux.file", "parameter": {"path": "/a", "b": [1, 2.5, "\u00e9"]},
+             "fetch_sha256": {"u": "h"}},
+            {"id": "n", "module": "meta.comment", "parameter": null, "_": {"deep": [[[]]]}}]}"#
+        );
+        let Inbound::RecipeMetadata(m) = parse_inbound(frame).unwrap() else { panic!("not a RecipeMetadata") };
+        let tree: Value = serde_json::from_str(frame).unwrap();
+        let states = m.states.unwrap();
+        assert_eq!(states, parse_states("RecipeMetadata", &tree["state"]).unwrap());
+        assert_eq!((states.len(), states[0].id.as_str(), &states[1].parameter), (2, "3", &json!({})));
+        let none = r#"{"code":"RecipeMetadata","recipe_version":3,"state":null}"#;
+        assert!(matches!(parse_inbound(none), Ok(Inbound::RecipeMetadata(RecipeMetadata { states: None, .. }))));
+        assert_eq!(parse_inbound(" [1]"), Err(ProtocolError::NoCode));
+        assert_eq!(parse_inbound(r#"{"recipe_version":3,"state":[]}"#), Err(ProtocolError::NoCode));
+        for broken in [r#"{"code":"RecipeMetadata","recipe_version":1,"state":[1,]}"#, "{\"code\":", "{} x"] {
+            assert!(matches!(parse_inbound(broken), Err(ProtocolError::NotJson(_))), "{broken}");
         }
     }
 

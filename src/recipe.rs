@@ -14,6 +14,8 @@ use opsagent_proto::catalogue::{parse_state, Parsed};
 use opsagent_proto::newtypes::StateId;
 use opsagent_proto::request::RecipeUpload;
 use opsagent_proto::signed::{self, SignState};
+use serde::ser::{Serialize, SerializeStruct, Serializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::protocol::{parse_states, too_many_states, ProtocolError, WireState, MAX_STATES};
@@ -28,30 +30,77 @@ pub enum RecipeError {
     Shape { path: String, reason: String },
     #[error("invalid recipe: {0}")]
     Protocol(#[from] ProtocolError),
+    #[error("state {id:?}: cannot keep its parameters as JSON text: {source}")]
+    Keep { id: String, source: serde_json::Error },
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// One state, held once: as the backend sent it, its parameters as compact JSON text.
+///
+/// The typed parameters are not kept beside them: a 10,000-state recipe held as
+/// `serde_json::Value` maps plus a typed copy (the params enum is as large as its largest
+/// module) cost ~1.6 KB a state for the daemon's whole life; the text costs what the
+/// backend sent. A state is typed when it is used ([`RecipeState::typed`], ~2 µs), which
+/// is once a round, when its turn comes; typing is a pure function of the id, the module
+/// and the parameters, so every use gets the same verdict.
+#[derive(Debug, Clone)]
 pub struct RecipeState {
     /// The id exactly as the backend sent it: StateLogs carry it back unchanged, even
-    /// when it is not a valid [`StateId`] (then `parsed` says so and the state fails).
+    /// when it is not a valid [`StateId`] (then the state fails).
     pub id: String,
     pub module: String,
-    pub parameter: Value,
-    /// The typed parameters, or why this state cannot run.
-    pub parsed: Result<Parsed, String>,
+    /// Compact JSON text of the parameters (key order as received, `{}` for the shapes
+    /// that mean none); persisted as it is.
+    pub parameter: Box<RawValue>,
     /// Extension (signed recipes): the signer's sha256 pins of downloads, kept so that
-    /// the canonical bytes can be rebuilt (and the reference backend passes them on).
-    pub fetch_sha256: Option<Value>,
+    /// the recipe can be persisted with them (and the reference backend passes them on).
+    pub fetch_sha256: Option<Box<RawValue>>,
+}
+
+impl PartialEq for RecipeState {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.module == other.module
+            && self.parameter.get() == other.parameter.get()
+            && self.fetch_sha256.as_deref().map(RawValue::get) == other.fetch_sha256.as_deref().map(RawValue::get)
+    }
 }
 
 impl RecipeState {
+    fn from_wire(w: WireState) -> Result<Self, RecipeError> {
+        let keep = |v: &Value| {
+            serde_json::value::to_raw_value(v).map_err(|source| RecipeError::Keep { id: w.id.clone(), source })
+        };
+        let parameter = keep(&w.parameter)?;
+        let fetch_sha256 = w.fetch_sha256.as_ref().map(keep).transpose()?;
+        Ok(Self { id: w.id, module: w.module, parameter, fetch_sha256 })
+    }
+
+    /// The parameters as a JSON value: a copy, for the one state being used.
+    pub fn parameter_value(&self) -> Value {
+        // The text was written by serde_json from a `Value`, so it reads back to that
+        // value; `Null` cannot happen and would fail the state's typing, not panic.
+        serde_json::from_str(self.parameter.get()).unwrap_or(Value::Null)
+    }
+
+    /// The signer's pins as a JSON value, if the state has any.
+    pub fn pins_value(&self) -> Option<Value> {
+        self.fetch_sha256.as_deref().map(|p| serde_json::from_str(p.get()).unwrap_or(Value::Null))
+    }
+
+    /// The typed parameters, or why this state cannot run: its id is unusable, its module
+    /// unknown or its parameters wrong.
+    pub fn typed(&self) -> Result<Parsed, String> {
+        StateId::parse(&self.id).map_err(|_| bad_id(&self.id))?;
+        parse_state(&self.module, &self.parameter_value()).map_err(|e| e.to_string())
+    }
+
     pub fn is_builtin(&self) -> bool {
-        matches!(&self.parsed, Ok(p) if p.params.is_builtin())
+        self.typed().is_ok_and(|p| p.params.is_builtin())
     }
 
     /// The id and typed parameters of a state that can run, or why it cannot.
-    pub fn runnable(&self) -> Result<(StateId, &Parsed), String> {
-        let parsed = self.parsed.as_ref().map_err(Clone::clone)?;
+    pub fn runnable(&self) -> Result<(StateId, Parsed), String> {
+        let parsed = self.typed()?;
         let id = StateId::parse(&self.id).map_err(|_| bad_id(&self.id))?;
         Ok((id, parsed))
     }
@@ -74,39 +123,34 @@ pub struct Recipe {
 }
 
 impl Recipe {
-    /// Attaches the backend's `signature`: the canonical bytes are rebuilt from this
-    /// recipe's states (`docs/spec/protocol.md`, "Signed recipes"); only the helper
-    /// verifies them.
-    pub fn attach_signature(&mut self, signature: String) {
-        let states = self.states.iter().map(|s| SignState {
-            id: s.id.as_str(),
-            module: &s.module,
-            parameter: &s.parameter,
-            pins: s.fetch_sha256.as_ref(),
-        });
-        self.signed = Some(
-            signed::canonical_bytes(self.version, states)
-                .map(|bytes| Arc::new(RecipeUpload { bytes, signature }))
-                .map_err(|e| e.to_string()),
-        );
-    }
-
-    pub fn from_wire(version: u64, module_info: Option<Value>, states: Vec<WireState>) -> Result<Self, RecipeError> {
+    /// The recipe of `version` from its states as received. With the backend's
+    /// `signature`, the canonical bytes are rebuilt from those states
+    /// (`docs/spec/protocol.md`, "Signed recipes") while their parameters are still
+    /// values; only the helper verifies them. Then each state's parameters become text,
+    /// their value dropped state by state.
+    pub fn from_wire(
+        version: u64,
+        module_info: Option<Value>,
+        states: Vec<WireState>,
+        signature: Option<String>,
+    ) -> Result<Self, RecipeError> {
         // Each list was capped by `parse_states`; components add up.
         if states.len() > MAX_STATES {
             return Err(too_many_states("RecipeMetadata", states.len()).into());
         }
-        let states = states
-            .into_iter()
-            .map(|w| {
-                let parsed = match StateId::parse(&w.id) {
-                    Err(_) => Err(bad_id(&w.id)),
-                    Ok(_) => parse_state(&w.module, &w.parameter).map_err(|e| e.to_string()),
-                };
-                RecipeState { id: w.id, module: w.module, parameter: w.parameter, parsed, fetch_sha256: w.fetch_sha256 }
-            })
-            .collect();
-        Ok(Self { version, module_info, states, signed: None })
+        let signed = signature.map(|signature| {
+            let states = states.iter().map(|s| SignState {
+                id: s.id.as_str(),
+                module: &s.module,
+                parameter: &s.parameter,
+                pins: s.fetch_sha256.as_ref(),
+            });
+            signed::canonical_bytes(version, states)
+                .map(|bytes| Arc::new(RecipeUpload { bytes, signature }))
+                .map_err(|e| e.to_string())
+        });
+        let states = states.into_iter().map(RecipeState::from_wire).collect::<Result<_, _>>()?;
+        Ok(Self { version, module_info, states, signed })
     }
 
     /// Loads a recipe file in any of the shapes in use: a `RecipeMetadata` message or
@@ -165,31 +209,15 @@ impl Recipe {
         } else {
             return Err(shape("expected a \"state\" list, a \"component\" object or a list of states"));
         };
-        let mut recipe = Self::from_wire(version, v.get("module").cloned(), states)?;
-        if let Some(sig) = v.get("signature").and_then(Value::as_str) {
-            recipe.attach_signature(sig.to_string());
-        }
-        Ok(recipe)
+        let signature = v.get("signature").and_then(Value::as_str).map(str::to_string);
+        Self::from_wire(version, v.get("module").cloned(), states, signature)
     }
 
-    /// The recipe as a document [`Recipe::from_document`] reads back (for persisting).
-    pub fn to_document(&self) -> Value {
-        let states: Vec<Value> = self
-            .states
-            .iter()
-            .map(|s| {
-                let mut v = serde_json::json!({"id": s.id, "module": s.module, "parameter": s.parameter});
-                if let Some(pins) = &s.fetch_sha256 {
-                    v[signed::FETCH_PINS] = pins.clone();
-                }
-                v
-            })
-            .collect();
-        let mut doc = serde_json::json!({"recipe_version": self.version, "module": self.module_info, "state": states});
-        if let Some(Ok(upload)) = &self.signed {
-            doc["signature"] = Value::String(upload.signature.clone());
-        }
-        doc
+    /// The recipe as the document [`Recipe::from_document`] reads back (for persisting),
+    /// serialised from the recipe itself: no copy of it is built. Keys and their order
+    /// are those the daemon has always written.
+    pub fn document(&self) -> Document<'_> {
+        Document(self)
     }
 
     pub fn has_waits(&self) -> bool {
@@ -197,10 +225,62 @@ impl Recipe {
     }
 }
 
+/// A recipe as its persisted document: `{"recipe_version", "module", "state": [{"id",
+/// "module", "parameter", "fetch_sha256"?}], "signature"?}`, written straight from the
+/// recipe's states (their parameters are already JSON text).
+pub struct Document<'a>(&'a Recipe);
+
+impl Serialize for Document<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let r = self.0;
+        let signature = match &r.signed {
+            Some(Ok(upload)) => Some(upload.signature.as_str()),
+            _ => None,
+        };
+        let mut doc = serializer.serialize_struct("Recipe", 3 + usize::from(signature.is_some()))?;
+        doc.serialize_field("recipe_version", &r.version)?;
+        doc.serialize_field("module", &r.module_info)?;
+        doc.serialize_field("state", &StatesDoc(&r.states))?;
+        if let Some(signature) = signature {
+            doc.serialize_field("signature", signature)?;
+        }
+        doc.end()
+    }
+}
+
+struct StatesDoc<'a>(&'a [RecipeState]);
+
+impl Serialize for StatesDoc<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(StateDoc))
+    }
+}
+
+struct StateDoc<'a>(&'a RecipeState);
+
+impl Serialize for StateDoc<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let s = self.0;
+        let mut doc = serializer.serialize_struct("State", 3 + usize::from(s.fetch_sha256.is_some()))?;
+        doc.serialize_field("id", &s.id)?;
+        doc.serialize_field("module", &s.module)?;
+        doc.serialize_field("parameter", &s.parameter)?;
+        if let Some(pins) = &s.fetch_sha256 {
+            doc.serialize_field(signed::FETCH_PINS, pins)?;
+        }
+        doc.end()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The document as the daemon persists it, read back as a value.
+    fn persisted(r: &Recipe) -> Value {
+        serde_json::to_value(r.document()).unwrap()
+    }
 
     #[test]
     fn component_format_and_per_state_errors() {
@@ -211,9 +291,9 @@ mod tests {
         ]}}});
         let r = Recipe::from_document(&doc).unwrap();
         assert_eq!(r.version, 1);
-        assert!(r.states[0].parsed.is_ok());
-        assert!(r.states[1].parsed.as_ref().unwrap_err().contains("unknown module"));
-        assert!(r.states[2].parsed.as_ref().unwrap_err().contains("\"path\""));
+        assert!(r.states[0].typed().is_ok());
+        assert!(r.states[1].typed().unwrap_err().contains("unknown module"));
+        assert!(r.states[2].typed().unwrap_err().contains("\"path\""));
     }
 
     #[test]
@@ -272,7 +352,7 @@ mod tests {
         assert!(why("wrong").unwrap().contains("\"mode\""));
         assert!(why("module-number").unwrap().contains("unknown module \"5\""));
         // Persisted and read back: the same states, the same verdicts.
-        let again = Recipe::from_document(&r.to_document()).unwrap();
+        let again = Recipe::from_document(&persisted(&r)).unwrap();
         assert_eq!((again.version, &again.states), (r.version, &r.states));
     }
 
@@ -307,20 +387,78 @@ mod tests {
             panic!("not a RecipeMetadata")
         };
         assert_eq!(m.signature.as_deref(), Some("SIG"));
-        let mut r = Recipe::from_wire(4, None, m.states.unwrap()).unwrap();
-        assert!(r.signed.is_none(), "no signature until one is attached");
-        r.attach_signature(m.signature.unwrap());
+        let unsigned = Recipe::from_wire(4, None, m.states.clone().unwrap(), None).unwrap();
+        assert!(unsigned.signed.is_none(), "no signature, no signed bytes");
+        let r = Recipe::from_wire(4, None, m.states.unwrap(), m.signature).unwrap();
         let upload = r.signed.clone().unwrap().unwrap();
         assert_eq!(
             upload.bytes,
             r#"{"recipe_version":4,"state":[{"fetch_sha256":{"http://h/x":"ab"},"id":"7","module":"linux.file","parameter":{"content":"hi","path":"/etc/motd"}}]}"#
         );
-        let back = Recipe::from_document(&r.to_document()).unwrap();
+        let back = Recipe::from_document(&persisted(&r)).unwrap();
         assert_eq!(back.signed.unwrap().unwrap(), upload);
-        let mut float = Recipe::from_document(&json!({"recipe_version": 2, "state": [
+        let float = Recipe::from_document(&json!({"recipe_version": 2, "signature": "SIG", "state": [
             {"id": "s", "module": "linux.file", "parameter": {"path": "/x", "mode": 1.5}}]}))
         .unwrap();
-        float.attach_signature("SIG".into());
         assert!(float.signed.unwrap().unwrap_err().contains("non-integer"));
+    }
+    /// The daemon persists the recipe from its states as it holds them, without building a
+    /// document value first: the bytes are exactly those the value-built document of before
+    /// gave (key order, `module` null when absent, pins and signature), and they load back
+    /// to the same recipe.
+    #[test]
+    fn the_persisted_document_is_the_one_written_before_and_loads_back_the_same() {
+        let text = json!({"code": "RecipeMetadata", "recipe_version": 12, "signature": "SIG",
+            "module": {"repo": "r", "tag": "t"}, "state": [
+            {"stateid": 7, "module": "linux.file", "_": "ignored",
+             "parameter": {"path": "/etc/motd", "content": "h\u{e9} \"x\"\n", "mode": "0644", "z": [1, -3, null, true]},
+             "fetch_sha256": {"http://h/x": "ab"}},
+            {"id": "c", "module": "meta.comment", "parameter": null},
+            {"id": "bad", "module": "linux.nope", "parameter": {"b": {"a": 18446744073709551615_u64}}}
+        ]})
+        .to_string();
+        let crate::protocol::Inbound::RecipeMetadata(m) = crate::protocol::parse_inbound(&text).unwrap() else {
+            panic!("not a RecipeMetadata")
+        };
+        let r = Recipe::from_wire(m.recipe_version, m.module, m.states.unwrap(), m.signature).unwrap();
+        // The document as it was built before: a value, parameters and pins copied in.
+        let states: Vec<Value> = r
+            .states
+            .iter()
+            .map(|s| {
+                let mut v = json!({"id": s.id, "module": s.module, "parameter": s.parameter_value()});
+                if let Some(pins) = s.pins_value() {
+                    v["fetch_sha256"] = pins;
+                }
+                v
+            })
+            .collect();
+        let mut before = json!({"recipe_version": r.version, "module": r.module_info, "state": states});
+        assert!(matches!(&r.signed, Some(Ok(_))), "{:?}", r.signed);
+        before["signature"] = json!("SIG");
+        let written = serde_json::to_string(&r.document()).unwrap();
+        assert_eq!(written, before.to_string());
+        let back = Recipe::from_document(&serde_json::from_str(&written).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.states[0].typed(), r.states[0].typed());
+        assert!(back.states[2].typed().unwrap_err().contains("unknown module"));
+        let unsigned = Recipe { signed: None, module_info: None, ..r };
+        let written = serde_json::to_string(&unsigned.document()).unwrap();
+        assert!(written.starts_with(r#"{"recipe_version":12,"module":null,"state":[{"id":"7","#), "{written}");
+        assert!(!written.contains("signature"), "{written}");
+    }
+
+    /// Issue #20: a state is held once, as the backend's parameters in compact text (key
+    /// order as received), not also as a `Value` map and a typed copy (the params enum
+    /// alone took ~700 bytes a state).
+    #[test]
+    fn a_state_is_held_once_as_compact_text() {
+        assert!(std::mem::size_of::<RecipeState>() <= 80, "{} bytes", std::mem::size_of::<RecipeState>());
+        let r = Recipe::from_document(&json!({"state": [
+            {"id": "f", "module": "linux.file", "parameter": {"path": "/tmp/x", "content": "a", "mode": "0600"}}]}))
+        .unwrap();
+        assert_eq!(r.states[0].parameter.get(), r#"{"path":"/tmp/x","content":"a","mode":"0600"}"#);
+        let (id, parsed) = r.states[0].runnable().unwrap();
+        assert_eq!((id.as_str(), parsed.params.name()), ("f", "linux.file"));
     }
 }

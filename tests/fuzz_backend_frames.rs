@@ -22,7 +22,11 @@ fn backend_frames_never_panic_the_decoder() {
         let Ok(text) = std::str::from_utf8(input) else { return };
         if let Ok(Inbound::RecipeMetadata(r)) = parse_inbound(text) {
             if let Some(states) = r.states {
-                let _ = Recipe::from_wire(r.recipe_version, r.module, states);
+                if let Ok(recipe) = Recipe::from_wire(r.recipe_version, r.module, states, r.signature) {
+                    for s in &recipe.states {
+                        let _ = s.typed();
+                    }
+                }
             }
         }
     });

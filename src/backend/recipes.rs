@@ -203,7 +203,7 @@ pub(crate) fn parse_recipe(bytes: &[u8]) -> Result<Candidate, String> {
         .into_iter()
         .map(|s| {
             if s.module == "meta.wait" {
-                let refs = match &s.parsed {
+                let refs = match s.typed() {
                     Ok(p) => match &p.params {
                         ModuleParams::MetaWait(w) => w.state.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
                         _ => Vec::new(),
@@ -212,12 +212,7 @@ pub(crate) fn parse_recipe(bytes: &[u8]) -> Result<Candidate, String> {
                 };
                 waits.push(WaitSpec { state_id: s.id.as_str().to_string(), refs });
             }
-            WireState {
-                id: s.id.as_str().to_string(),
-                module: s.module,
-                parameter: s.parameter,
-                fetch_sha256: s.fetch_sha256,
-            }
+            WireState { parameter: s.parameter_value(), fetch_sha256: s.pins_value(), id: s.id, module: s.module }
         })
         .collect();
     let hash = content_hash(explicit_version, recipe.module_info.as_ref(), &states);

@@ -17,7 +17,7 @@ pub fn cmd_check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
             }
             Ok(recipe) => {
                 for s in &recipe.states {
-                    match &s.parsed {
+                    match s.typed() {
                         Ok(p) if p.warnings.is_empty() => {
                             writeln!(out, "ok      {}  {}  {}", file.display(), s.id, s.module)?
                         }

@@ -49,11 +49,8 @@ pub fn intake(msg: ForEngine) -> Intake {
                 // worker.py `load`: no states, or an empty list, is "no change in states".
                 None => event(Event::VersionOnly(version)),
                 Some(states) if states.is_empty() => event(Event::VersionOnly(version)),
-                Some(states) => match Recipe::from_wire(version, r.module, states) {
-                    Ok(mut recipe) => {
-                        if let Some(sig) = r.signature {
-                            recipe.attach_signature(sig);
-                        }
+                Some(states) => match Recipe::from_wire(version, r.module, states, r.signature) {
+                    Ok(recipe) => {
                         let reply = recipe.has_waits().then_some(Outbound::WaitQuery { recipe_version: version });
                         Intake { event: Some(Event::Recipe(Arc::new(recipe))), reply }
                     }

@@ -36,7 +36,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use opsagent_proto::catalogue::ModuleParams;
+use opsagent_proto::catalogue::{ModuleParams, Parsed};
 use opsagent_proto::request::{ApplyRequest, Outcome};
 use opsagent_shared::timer::sleep_until_opt;
 use tokio::sync::{mpsc, watch};
@@ -274,7 +274,7 @@ impl State {
         let Some(recipe) = &self.recipe else { return false };
         recipe.states.iter().filter(|s| s.module == "meta.wait").any(|s| {
             s.id == id
-                || matches!(&s.parsed, Ok(p) if matches!(&p.params, ModuleParams::MetaWait(w)
+                || matches!(s.typed(), Ok(p) if matches!(&p.params, ModuleParams::MetaWait(w)
                     if w.state.as_ref().is_some_and(|refs| refs.0.iter().any(|r| r.state == id || r.raw == id))))
         })
     }
@@ -285,7 +285,7 @@ impl State {
         }
         // Without `state`, only a push of the wait's own id (checked above) releases it,
         // as in the original (worker.py `__exec_wait`).
-        match &state.parsed {
+        match state.typed() {
             Ok(p) => match &p.params {
                 ModuleParams::MetaWait(w) => w.state.as_ref().is_some_and(|refs| {
                     !refs.0.is_empty()
@@ -710,7 +710,9 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             Ok(ok) => ok,
             Err(reason) => return StateEnd::Done(Outcome::failed(reason)),
         };
-        match &parsed.params {
+        // Typed now, for this turn only (the recipe holds each state once, as text).
+        let Parsed { params, warnings } = parsed;
+        match params {
             ModuleParams::MetaComment(_) => StateEnd::Done(Outcome::ok("comment")),
             ModuleParams::MetaWait(_) => self.run_wait(state, index, total).await,
             params => {
@@ -720,7 +722,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                     state_id: state.id.to_string(),
                     module: state.module.clone(),
                 });
-                let mut req = ApplyRequest::new(id, self.st.version, params.clone());
+                let mut req = ApplyRequest::new(id, self.st.version, params);
                 req.plan = self.plan;
                 // A signed recipe: the helper may run its own verified copy of this state.
                 let signed = self.st.recipe.as_ref().and_then(|r| {
@@ -730,7 +732,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                 let end = self.run_helper(req, signed).await;
                 match end {
                     StateEnd::Done(mut o) => {
-                        for w in &parsed.warnings {
+                        for w in &warnings {
                             o.comment = join_comment(&o.comment, &format!("warning: {w}"));
                         }
                         if let Some(wait) = &self.assumed_wait {
