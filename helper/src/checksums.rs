@@ -137,6 +137,10 @@ impl ChecksumStore {
         }
         crate::plan::check("record watched checksums in", self.dir.display())
             .map_err(|r| ChecksumError::StoreIo { path: self.dir.clone(), source: r.into() })?;
+        // A checksum on disk says the watched file had that content: the content goes to
+        // disk first, so that after a power cut a checksum never describes a file the
+        // disk does not hold (then a rewritten file would not trigger its reload).
+        crate::durable::Pending::host().flush();
         let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
         fsutil::create_dir_all(&self.dir, 0o700, root, &mut Vec::new())?;
         for (path, sum) in &check.pending {
