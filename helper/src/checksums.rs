@@ -248,6 +248,23 @@ mod tests {
     }
 
     #[test]
+    fn a_checksum_is_written_only_after_the_batched_file_writes_are_flushed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ChecksumStore::new(tmp.path());
+        let id = StateId::parse("s-1").unwrap();
+        let conf = tmp.path().join("app.conf");
+        // As linux.file writes it: renamed into place, its flush left to the batch.
+        let dir = crate::dirfd::Dir::open(tmp.path()).unwrap();
+        fsutil::write_in(&dir, std::ffi::OsStr::new("app.conf"), b"a=1\n", (0o644, 0, 0), fsutil::Durable::Batched)
+            .unwrap();
+        let pending = crate::durable::Pending::host();
+        let before = pending.syncs();
+        let check = store.check(&id, &[abs(&conf)], true).unwrap();
+        store.commit(&check).unwrap();
+        assert!(pending.syncs() > before, "flushed before the checksum was written");
+    }
+
+    #[test]
     fn directories_and_fifos_are_refused_without_blocking() {
         let tmp = tempfile::tempdir().unwrap();
         assert!(matches!(checksum(tmp.path()), Err(ChecksumError::NotAFile(_))));
