@@ -1,12 +1,12 @@
 //! The private root helper `opsagent apply` starts when run as root: its own socket in a
 //! 0700 directory, handed over the way systemd socket activation does, both processes on
-//! one CPU, killed and cleaned up when dropped.
+//! one CPU, stopped (SIGTERM, then SIGKILL if it lingers) and cleaned up when dropped.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
-/// A helper started by `opsagent apply` on a private socket, killed when dropped.
+/// A helper started by `opsagent apply` on a private socket, stopped when dropped.
 pub struct PrivateHelper {
     child: Child,
     dir: PathBuf,
@@ -99,8 +99,26 @@ impl PrivateHelper {
     }
 }
 
+/// How long a private helper gets to exit after SIGTERM (it flushes the files its states
+/// wrote to disk first: one `syncfs` per file system) before it is killed.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Drop for PrivateHelper {
+    // Drop cannot await: a bounded wait with the wall clock, once the apply is over.
+    #[allow(clippy::disallowed_methods)]
     fn drop(&mut self) {
+        // SIGTERM, not SIGKILL: the helper's exit flushes what its file states wrote
+        // (opsagent-helper's durable.rs), so the apply ends with its changes on disk.
+        let asked = i32::try_from(self.child.id()).ok().is_some_and(|pid| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).is_ok()
+        });
+        let start = std::time::Instant::now();
+        while asked && start.elapsed() < EXIT_GRACE {
+            match self.child.try_wait() {
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(2)),
+                _ => break,
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);

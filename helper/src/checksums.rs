@@ -137,6 +137,10 @@ impl ChecksumStore {
         }
         crate::plan::check("record watched checksums in", self.dir.display())
             .map_err(|r| ChecksumError::StoreIo { path: self.dir.clone(), source: r.into() })?;
+        // A checksum on disk says the watched file had that content: the content goes to
+        // disk first, so that after a power cut a checksum never describes a file the
+        // disk does not hold (then a rewritten file would not trigger its reload).
+        crate::durable::Pending::host().flush();
         let root = (nix::unistd::Uid::from_raw(0), nix::unistd::Gid::from_raw(0));
         fsutil::create_dir_all(&self.dir, 0o700, root, &mut Vec::new())?;
         for (path, sum) in &check.pending {
@@ -241,6 +245,23 @@ mod tests {
         // Another state watching the same file has its own memory.
         let other = StateId::parse("s-2").unwrap();
         assert!(store.check(&other, &files, true).unwrap().triggered());
+    }
+
+    #[test]
+    fn a_checksum_is_written_only_after_the_batched_file_writes_are_flushed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ChecksumStore::new(tmp.path());
+        let id = StateId::parse("s-1").unwrap();
+        let conf = tmp.path().join("app.conf");
+        // As linux.file writes it: renamed into place, its flush left to the batch.
+        let dir = crate::dirfd::Dir::open(tmp.path()).unwrap();
+        fsutil::write_in(&dir, std::ffi::OsStr::new("app.conf"), b"a=1\n", (0o644, 0, 0), fsutil::Durable::Batched)
+            .unwrap();
+        let pending = crate::durable::Pending::host();
+        let before = pending.syncs();
+        let check = store.check(&id, &[abs(&conf)], true).unwrap();
+        store.commit(&check).unwrap();
+        assert!(pending.syncs() > before, "flushed before the checksum was written");
     }
 
     #[test]

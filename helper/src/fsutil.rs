@@ -15,7 +15,7 @@ use nix::unistd::{Gid, Uid};
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::Change;
 
-use crate::dirfd::{self, Dir, Last, NewDirs, WalkError};
+use crate::dirfd::{self, Dir, Last, Meta, NewDirs, WalkError};
 use crate::identity::Owner;
 
 /// Mode and owner of directories created on the way to what a state manages.
@@ -109,14 +109,27 @@ pub fn enforce_attrs(
     owner: &Owner,
     changes: &mut Vec<Change>,
 ) -> Result<(), FsError> {
+    let before = Meta::of_fd(f.as_fd(), path)?;
+    enforce_attrs_from(f, path, before, mode, owner, changes)
+}
+
+/// [`enforce_attrs`] of an object whose owner and mode `before` its caller has just read
+/// by `fstat` of the same descriptor.
+pub fn enforce_attrs_from(
+    f: impl AsFd,
+    path: &Path,
+    before: Meta,
+    mode: Option<u32>,
+    owner: &Owner,
+    changes: &mut Vec<Change>,
+) -> Result<(), FsError> {
     let fd = f.as_fd();
-    let before = rustix::fs::fstat(fd).map_err(|e| io_err(path, "stat")(e.into()))?;
-    let (uid, gid) = (before.st_uid, before.st_gid);
-    let before_mode = before.st_mode & 0o7777;
+    let (uid, gid) = (before.uid, before.gid);
+    let before_mode = before.mode;
     let (want_uid, want_gid) = owner.applied_to(uid, gid);
     // A plan records the same changes without making them.
     if !crate::plan::active() {
-        dirfd::set_attrs(fd, path, want_uid, want_gid, mode)?;
+        dirfd::set_attrs_from(fd, path, before, want_uid, want_gid, mode)?;
     }
     if (want_uid, want_gid) != (uid, gid) {
         changes.push(Change::new(path.display().to_string(), format!("owner {uid}:{gid} -> {want_uid}:{want_gid}")));
@@ -203,23 +216,40 @@ pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
     Ok(Dir::open(dir)?.fsync()?)
 }
 
+/// When a replaced file is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durable {
+    /// Before the call returns: the file and its directory are `fsync`ed.
+    Now,
+    /// By the next flush of [`crate::durable::Pending::host`] (`linux.file`: see
+    /// durable.rs for what a power cut can take).
+    Batched,
+}
+
 /// Replaces (or creates) `path` with `content`, owner and mode, atomically: a reader
 /// sees the old file or the new one, and after a crash one of them is on disk whole.
 /// A link at `path` is replaced, never written through.
 pub fn write_atomic(path: &AbsPath, content: &[u8], mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
     let r = dirfd::resolve(path.as_path(), Last::NoFollow, None, &mut |_, _| {})?;
     let name = r.name.ok_or_else(|| FsError::NotADirectory { path: "/".into(), found: "the root" })?;
-    write_in(&r.parent, &name, content, mode, uid, gid)
+    write_in(&r.parent, &name, content, (mode, uid, gid), Durable::Now)
 }
 
 /// [`write_atomic`] of the entry `name` of the opened directory `dir`: a temporary file
-/// created in `dir`, written, owned, fsynced and renamed onto `name`.
-pub fn write_in(dir: &Dir, name: &OsStr, content: &[u8], mode: u32, uid: u32, gid: u32) -> Result<(), FsError> {
+/// created in `dir`, written, owned and renamed onto `name`, made durable as `durable`
+/// says.
+pub fn write_in(
+    dir: &Dir,
+    name: &OsStr,
+    content: &[u8],
+    (mode, uid, gid): (u32, u32, u32),
+    durable: Durable,
+) -> Result<(), FsError> {
     let (tmp, mut f) = dir.create_temp(name)?;
     let shown = dir.join(&tmp);
     let written = (|| {
         f.write_all(content).map_err(io_err(&shown, "write"))?;
-        install_in(dir, &tmp, &f, name, mode, uid, gid)
+        install_in(dir, &tmp, &f, name, (mode, uid, gid), durable)
     })();
     if written.is_err() {
         let _ = dir.unlink(&tmp);
@@ -228,22 +258,29 @@ pub fn write_in(dir: &Dir, name: &OsStr, content: &[u8], mode: u32, uid: u32, gi
 }
 
 /// Puts the finished temporary file `tmp` (an entry of `dir`, open as `f`) in place of
-/// `name` with owner and mode, atomically, and makes it durable.
+/// `name` with owner and mode, atomically, and makes it durable as `durable` says.
 pub fn install_in(
     dir: &Dir,
     tmp: &OsStr,
     f: &File,
     name: &OsStr,
-    mode: u32,
-    uid: u32,
-    gid: u32,
+    (mode, uid, gid): (u32, u32, u32),
+    durable: Durable,
 ) -> Result<(), FsError> {
     let shown = dir.join(tmp);
     // Set on the descriptor: the umask must not decide the mode.
     dirfd::set_attrs(f.as_fd(), &shown, uid, gid, Some(mode))?;
-    f.sync_all().map_err(io_err(&shown, "fsync"))?;
-    dir.rename(tmp, name)?;
-    Ok(dir.fsync()?)
+    match durable {
+        Durable::Now => {
+            f.sync_all().map_err(io_err(&shown, "fsync"))?;
+            dir.rename(tmp, name)?;
+            Ok(dir.fsync()?)
+        }
+        Durable::Batched => {
+            dir.rename(tmp, name)?;
+            Ok(crate::durable::Pending::host().note(dir)?)
+        }
+    }
 }
 
 /// [`write_atomic`] through the temporary file `tmp`, which must not exist and must be
@@ -255,7 +292,7 @@ pub fn write_atomic_via(tmp: &Path, path: &Path, content: &[u8], mode: u32, uid:
     let mut f = r.parent.create_named(tmp_name)?;
     let written = (|| {
         f.write_all(content).map_err(io_err(tmp, "write"))?;
-        install_in(&r.parent, tmp_name, &f, &name, mode, uid, gid)
+        install_in(&r.parent, tmp_name, &f, &name, (mode, uid, gid), Durable::Now)
     })();
     if written.is_err() {
         let _ = r.parent.unlink(tmp_name);

@@ -11,6 +11,7 @@ pub mod checksums;
 pub mod cli;
 pub mod diff;
 pub mod dirfd;
+pub mod durable;
 pub mod exec;
 pub mod fetched;
 pub mod footprint;
@@ -147,6 +148,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // Dropping the tasks of running states kills their process groups (see exec); a
     // blocking file operation gets a moment to finish rather than being torn mid-way.
     runtime.shutdown_timeout(Duration::from_secs(5));
+    // What the file states wrote since the last flush goes to disk before the helper
+    // is gone (see durable.rs).
+    durable::Pending::host().flush();
     if let Some(path) = bound_path {
         socket::remove_if_socket(&path);
     }

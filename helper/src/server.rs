@@ -182,6 +182,8 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Resul
         connections: Mutex::new(BTreeMap::new()),
         last_active: Mutex::new(Instant::now()),
     });
+    // Flushes what the file states write, once their writes pause (durable.rs).
+    let flusher = tokio::spawn(crate::durable::run(Arc::clone(crate::durable::Pending::host())));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     info!(version = HELPER_VERSION, protocol_version = HELPER_PROTOCOL_VERSION, "helper ready");
@@ -199,6 +201,7 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Resul
                         // The listening socket stays with systemd: a connection queued
                         // from now on starts a new helper, which accepts it.
                         info!(idle_s = idle.as_secs(), "no request for a while; exiting until the next connection");
+                        flusher.abort();
                         return Ok(());
                     }
                 }
@@ -214,6 +217,7 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Resul
         }
     }
     info!("stopping");
+    flusher.abort();
     Ok(())
 }
 

@@ -1,10 +1,11 @@
 //! The root helper killed (`kill -9`) in the middle of a file write: after it wrote the
-//! new content into its temporary file and before that file was made durable and renamed
-//! onto the target (the window where a writer in place would leave a torn file).
+//! new content into its temporary file and before that file was renamed onto the target
+//! (the window where a writer in place would leave a torn file).
 //!
 //! The kill lands at that exact point, every run: the first helper runs under `strace`,
-//! which delivers SIGKILL on entry to its first `fsync` (in this recipe, the temporary
-//! file's: nothing else fsyncs before it). Polling for the temporary file and killing
+//! which delivers SIGKILL on entry to its first rename (in this recipe, the temporary
+//! file's onto the target: nothing else is renamed before it; `linux.file` no longer
+//! `fsync`s per file, see the helper's durable.rs). Polling for the temporary file and killing
 //! would race the write; the test checks the kill hit the window by finding the
 //! temporary file there, with the old content still at the target.
 
@@ -57,7 +58,17 @@ fn a_helper_killed_during_a_file_write_leaves_the_old_file_whole_and_the_next_ro
     let mut first = activator.start_under(
         dir,
         1,
-        &["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync", "-e", "inject=fsync:signal=KILL"],
+        &[
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=rename,renameat,renameat2",
+            "-e",
+            "inject=rename,renameat,renameat2:signal=KILL",
+        ],
     );
     // Killing strace would leave its helper running: if the test fails first, the
     // helper is killed by its own pid.
@@ -71,7 +82,7 @@ fn a_helper_killed_during_a_file_write_leaves_the_old_file_whole_and_the_next_ro
     // strace ends when its helper is killed.
     assert!(
         first.wait_exit(Duration::from_secs(60)).is_some(),
-        "the helper was not killed at its fsync\n{}",
+        "the helper was not killed at its rename\n{}",
         agent.log_text()
     );
     let killed_at = Instant::now();
@@ -99,7 +110,7 @@ fn a_helper_killed_during_a_file_write_leaves_the_old_file_whole_and_the_next_ro
     assert!(std::fs::read_to_string(&target).unwrap() == new, "the target holds the new content whole");
     assert_eq!(temps(work), Vec::<String>::new(), "the dead helper's temporary file is gone after the next write");
     crate::row(
-        "helper killed (`kill -9`) in the middle of a file write (2 MiB, before fsync and rename)",
+        "helper killed (`kill -9`) in the middle of a file write (2 MiB, before its rename)",
         "the target kept its old content whole; the state reported failed (\"closed the connection before answering\"); the next helper rewrote it and removed the dead helper's temporary file",
         "nothing (each StateLog once, no temporary file left)",
         recovered,

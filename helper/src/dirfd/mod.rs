@@ -31,7 +31,7 @@
 // on held descriptors): helper/clippy.toml refuses those calls everywhere else.
 #![allow(clippy::disallowed_methods)]
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -45,6 +45,18 @@ use rustix::io::Errno;
 
 /// Links followed on one resolution before giving up (the kernel's own limit).
 const MAX_LINKS: u32 = 40;
+
+/// What every temporary name made by [`Dir::temp_name`] holds.
+const TEMP_MARK: &[u8] = b".opsagent-tmp.";
+
+/// Directories (device, inode, birth time) this process has listed for dead writers'
+/// temporary files, with the temporary-looking regular files found there and not yet
+/// removed ([`Dir::remove_dead_temps`]).
+type ListedKey = (u64, u64, (i64, u32));
+type Listed = HashMap<ListedKey, Vec<OsString>>;
+static LISTED: std::sync::Mutex<Option<Listed>> = std::sync::Mutex::new(None);
+/// Directories remembered at most (then forgotten, and listed again when met).
+const LISTED_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalkError {
@@ -103,6 +115,9 @@ pub struct Meta {
     pub mode: u32,
     pub size: u64,
     pub several_links: bool,
+    /// The file system's device number.
+    pub dev: u64,
+    pub ino: u64,
 }
 
 impl Meta {
@@ -114,12 +129,19 @@ impl Meta {
             mode: st.st_mode & 0o7777,
             size: u64::try_from(st.st_size).unwrap_or(0),
             several_links: st.st_nlink > 1,
+            dev: st.st_dev,
+            ino: st.st_ino,
         }
     }
 
     /// `fstat` of an open file.
     pub fn of_file(f: &File, path: &Path) -> Result<Self, WalkError> {
-        Ok(Self::of(&rustix::fs::fstat(f).map_err(io_err(path, "inspect"))?))
+        Self::of_fd(f.as_fd(), path)
+    }
+
+    /// `fstat` of an open descriptor.
+    pub fn of_fd(fd: BorrowedFd<'_>, path: &Path) -> Result<Self, WalkError> {
+        Ok(Self::of(&rustix::fs::fstat(fd).map_err(io_err(path, "inspect"))?))
     }
 
     pub fn is_dir(&self) -> bool {
@@ -141,6 +163,26 @@ impl Meta {
         }
         None
     }
+}
+
+/// `statx` of an opened directory: its [`Meta`] and, where the file system records it,
+/// its birth time (which tells a directory from a later one that got its inode number).
+fn stat_dir(fd: BorrowedFd<'_>, path: &Path) -> Result<(Meta, Option<(i64, u32)>), WalkError> {
+    use rustix::fs::StatxFlags;
+    let st = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS | StatxFlags::BTIME)
+        .map_err(io_err(path, "inspect"))?;
+    let meta = Meta {
+        kind: FileType::from_raw_mode(u32::from(st.stx_mode)),
+        uid: st.stx_uid,
+        gid: st.stx_gid,
+        mode: u32::from(st.stx_mode) & 0o7777,
+        size: st.stx_size,
+        several_links: st.stx_nlink > 1,
+        dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+        ino: st.stx_ino,
+    };
+    let born = (st.stx_mask & StatxFlags::BTIME.bits() != 0).then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec));
+    Ok((meta, born))
 }
 
 /// How to treat the last component of a path being resolved.
@@ -171,6 +213,14 @@ pub struct Dir {
     /// writable by others either (checked when one is met). The error names where trust
     /// was lost and who could have changed things there.
     trusted: Result<(), (PathBuf, String)>,
+    /// Owner, mode and type by `fstat` of the descriptor when it was opened (or made): the
+    /// trust checks of entries found in it ([`Dir::child_trust`], [`Dir::link_refusal`])
+    /// read these instead of a second `fstat`. Sound because only the owner (or root)
+    /// can change a directory's owner or mode: a directory some other user owns is not
+    /// trusted whatever its mode, and one root owns changes only at root's hand.
+    opened: Meta,
+    /// Its birth time, where the file system records one.
+    born: Option<(i64, u32)>,
 }
 
 impl AsFd for Dir {
@@ -185,9 +235,24 @@ impl AsFd for Dir {
 pub struct Resolved {
     pub parent: Dir,
     pub name: Option<OsString>,
+    /// What `fstatat(AT_SYMLINK_NOFOLLOW)` found at the last component, when the walk
+    /// looked there (it does under [`Last::Follow`], to follow a link): `Some(None)` for
+    /// nothing there. `None`: not looked at.
+    last_stat: Option<Option<Meta>>,
 }
 
 impl Resolved {
+    /// `fstatat(AT_SYMLINK_NOFOLLOW)` of the last component (`None`: missing), as the walk
+    /// found it when it looked there, else asked now. Like any stat of a name, for
+    /// deciding whether to open it: what is opened is checked again on its descriptor.
+    pub fn stat_last(&self) -> Result<Option<Meta>, WalkError> {
+        match (&self.last_stat, &self.name) {
+            (Some(found), _) => Ok(*found),
+            (None, Some(name)) => self.parent.stat(name),
+            (None, None) => Ok(Some(self.parent.opened)),
+        }
+    }
+
     /// The path of the object, as reached (for messages).
     pub fn path(&self) -> PathBuf {
         match &self.name {
@@ -204,16 +269,21 @@ impl Dir {
     /// `/`, the start of every walk.
     pub fn root() -> Result<Self, WalkError> {
         let fd = rustix::fs::open("/", DIR_FLAGS, Mode::empty()).map_err(io_err(Path::new("/"), "open"))?;
-        let meta = Meta::of(&rustix::fs::fstat(&fd).map_err(io_err(Path::new("/"), "inspect"))?);
+        let (meta, born) = stat_dir(fd.as_fd(), Path::new("/"))?;
         let trusted = match meta.writer_besides_root(0) {
             None => Ok(()),
             Some(w) => Err((PathBuf::from("/"), w)),
         };
-        Ok(Self { fd, path: PathBuf::from("/"), trusted })
+        Ok(Self { fd, path: PathBuf::from("/"), trusted, opened: meta, born })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The device number of the directory's file system.
+    pub fn dev(&self) -> u64 {
+        self.opened.dev
     }
 
     /// Opens the directory `path` as the kernel resolves it, the last component never
@@ -222,11 +292,16 @@ impl Dir {
     /// have made. Nothing found in it is ever trusted to be followed.
     pub fn open_given(path: &Path) -> Result<Self, WalkError> {
         match rustix::fs::open(path, DIR_FLAGS, Mode::empty()) {
-            Ok(fd) => Ok(Self {
-                fd,
-                path: path.to_path_buf(),
-                trusted: Err((path.to_path_buf(), "whoever made the path given".to_string())),
-            }),
+            Ok(fd) => {
+                let (opened, born) = stat_dir(fd.as_fd(), path)?;
+                Ok(Self {
+                    opened,
+                    born,
+                    fd,
+                    path: path.to_path_buf(),
+                    trusted: Err((path.to_path_buf(), "whoever made the path given".to_string())),
+                })
+            }
             Err(Errno::LOOP) => Err(WalkError::Symlink(path.to_path_buf())),
             Err(Errno::NOENT) => Err(WalkError::Missing(path.to_path_buf())),
             Err(e) => Err(io_err(path, "open")(e)),
@@ -237,7 +312,7 @@ impl Dir {
     pub fn try_clone(&self) -> Result<Self, WalkError> {
         let fd =
             self.fd.try_clone().map_err(|source| WalkError::Io { path: self.path.clone(), op: "duplicate", source })?;
-        Ok(Self { fd, path: self.path.clone(), trusted: self.trusted.clone() })
+        Ok(Self { fd, path: self.path.clone(), trusted: self.trusted.clone(), opened: self.opened, born: self.born })
     }
 
     pub fn join(&self, name: &OsStr) -> PathBuf {
@@ -270,12 +345,8 @@ impl Dir {
     /// non-directory there is an error naming it.
     pub fn subdir(&self, name: &OsStr) -> Result<Option<Dir>, WalkError> {
         let path = self.join(name);
-        match rustix::fs::openat(&self.fd, name, DIR_FLAGS, Mode::empty()) {
-            Ok(fd) => {
-                let meta = Meta::of(&rustix::fs::fstat(&fd).map_err(io_err(&path, "inspect"))?);
-                let trusted = self.child_trust(&path, meta.uid)?;
-                Ok(Some(Dir { fd, path, trusted }))
-            }
+        match self.open_subdir(name)? {
+            Ok(dir) => Ok(Some(dir)),
             Err(Errno::NOENT) => Ok(None),
             Err(Errno::LOOP) => Err(WalkError::Symlink(path)),
             // O_DIRECTORY meets a link before O_NOFOLLOW does: ENOTDIR for both.
@@ -284,6 +355,22 @@ impl Dir {
                 found => Err(WalkError::NotADirectory { path, found: found.map_or("gone", kind_of) }),
             },
             Err(e) => Err(io_err(&path, "open")(e)),
+        }
+    }
+
+    /// `openat(O_DIRECTORY | O_NOFOLLOW)` of the sub-directory `name`, then its `fstat`
+    /// for the trust rule; the error number when the entry is missing (`NOENT`), a link
+    /// or not a directory (`NOTDIR`, `LOOP`).
+    fn open_subdir(&self, name: &OsStr) -> Result<Result<Dir, Errno>, WalkError> {
+        match rustix::fs::openat(&self.fd, name, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => {
+                let path = self.join(name);
+                let (meta, born) = stat_dir(fd.as_fd(), &path)?;
+                let trusted = self.child_trust(&path, meta.uid);
+                Ok(Ok(Dir { fd, path, trusted, opened: meta, born }))
+            }
+            Err(e @ (Errno::NOENT | Errno::NOTDIR | Errno::LOOP)) => Ok(Err(e)),
+            Err(e) => Err(io_err(&self.join(name), "open")(e)),
         }
     }
 
@@ -352,21 +439,61 @@ impl Dir {
     /// helper killed while writing left behind: those whose writer, the process of the
     /// pid in the name, no longer exists. A live writer's (this process's, or another
     /// helper's) is left alone; a reused pid only postpones the cleanup.
+    ///
+    /// The directory is listed once per helper process (kept by device, inode and birth
+    /// time in [`LISTED`], with the temporary-looking names found): a first run writing
+    /// 1,000 files in one directory listed it 1,000 times, a cost that grew with the
+    /// square of the count. Temporary files are only left by a helper that died, and a
+    /// helper that dies is followed by a new process, which lists again. A directory
+    /// removed and made again is another directory (its birth time); on a file system
+    /// that records none, the directory is listed every time, as before.
     fn remove_dead_temps(&self, prefix: &OsStr) -> Result<(), WalkError> {
         let mut start = b".".to_vec();
         start.extend_from_slice(prefix.as_bytes());
         start.extend_from_slice(b".opsagent-tmp.");
-        for (name, kind) in self.entries()? {
-            let Some(rest) = name.as_bytes().strip_prefix(start.as_slice()) else { continue };
+        let Some(born) = self.born else {
+            // No birth time: a directory could not be told from a later one with its
+            // inode number; listed every time.
+            let mut once = HashMap::new();
+            return self.remove_dead_temps_in(&mut once, (0, 0, (0, 0)), &start);
+        };
+        let key = (self.opened.dev, self.opened.ino, born);
+        let mut listed = LISTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let listed = listed.get_or_insert_with(HashMap::new);
+        self.remove_dead_temps_in(listed, key, &start)
+    }
+
+    fn remove_dead_temps_in(&self, listed: &mut Listed, key: ListedKey, start: &[u8]) -> Result<(), WalkError> {
+        if !listed.contains_key(&key) {
+            if listed.len() >= LISTED_MAX {
+                listed.clear();
+            }
+            let found = self
+                .entries()?
+                .into_iter()
+                .filter(|(name, kind)| {
+                    *kind == FileType::RegularFile && name.as_bytes().windows(TEMP_MARK.len()).any(|w| w == TEMP_MARK)
+                })
+                .map(|(name, _)| name)
+                .collect();
+            listed.insert(key, found);
+        }
+        let Some(found) = listed.get_mut(&key) else { return Ok(()) };
+        let mut removed = Vec::new();
+        for name in found.iter() {
+            let Some(rest) = name.as_bytes().strip_prefix(start) else { continue };
             let pid = rest.split(|&b| b == b'.').next().and_then(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok());
             let Some(pid) = pid.filter(|&p| p != std::process::id()) else { continue };
             let Ok(raw) = i32::try_from(pid) else { continue };
             // Signal 0 only asks whether the process exists.
             let dead = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) == Err(nix::errno::Errno::ESRCH);
-            if kind == FileType::RegularFile && dead {
-                self.unlink(&name)?;
+            // Still a regular file (not a link swapped in since the listing).
+            if dead && self.stat(name)?.is_some_and(|m| m.kind == FileType::RegularFile) {
+                self.unlink(name)?;
+                removed.push(name.clone());
             }
         }
+        found.retain(|n| !removed.contains(n));
         Ok(())
     }
 
@@ -380,8 +507,9 @@ impl Dir {
         let (uid, gid) = (rustix::fs::Uid::from_raw(new.uid), rustix::fs::Gid::from_raw(new.gid));
         rustix::fs::fchown(&dir.fd, Some(uid), Some(gid)).map_err(io_err(&path, "change the owner of"))?;
         rustix::fs::fchmod(&dir.fd, Mode::from_raw_mode(new.mode)).map_err(io_err(&path, "change the mode of"))?;
+        (dir.opened, dir.born) = stat_dir(dir.fd.as_fd(), &path)?;
         // Trusted as a directory of that owner and mode is.
-        dir.trusted = self.child_trust(&path, new.uid)?;
+        dir.trusted = self.child_trust(&path, dir.opened.uid);
         Ok(dir)
     }
 
@@ -492,49 +620,65 @@ impl Dir {
 
     /// Whether a child directory owned by `uid` keeps the chain trusted: this chain is,
     /// nobody but root can replace the entry, and root owns the child.
-    fn child_trust(&self, path: &Path, uid: u32) -> Result<Result<(), (PathBuf, String)>, WalkError> {
+    fn child_trust(&self, path: &Path, uid: u32) -> Result<(), (PathBuf, String)> {
         if self.trusted.is_err() {
-            return Ok(self.trusted.clone());
+            return self.trusted.clone();
         }
-        Ok(match self.meta()?.writer_besides_root(uid) {
+        match self.opened.writer_besides_root(uid) {
             Some(w) => Err((self.path.clone(), w)),
             None if uid != 0 => Err((path.to_path_buf(), format!("uid {uid}"))),
             None => Ok(()),
-        })
+        }
     }
 
     /// Why a link found in this directory may not be followed; `None`: it may.
-    fn link_refusal(&self, link: &Path, link_uid: u32) -> Result<Option<WalkError>, WalkError> {
+    fn link_refusal(&self, link: &Path, link_uid: u32) -> Option<WalkError> {
         if let Err((below, writer)) = &self.trusted {
             if below != &self.path {
-                return Ok(Some(WalkError::LinkBelowUnsafe {
+                return Some(WalkError::LinkBelowUnsafe {
                     path: link.to_path_buf(),
                     below: below.clone(),
                     writer: writer.clone(),
-                }));
+                });
             }
         }
-        if let Some(writer) = self.meta()?.writer_besides_root(link_uid) {
-            return Ok(Some(WalkError::UnsafeLink { path: link.to_path_buf(), writer }));
+        if let Some(writer) = self.opened.writer_besides_root(link_uid) {
+            return Some(WalkError::UnsafeLink { path: link.to_path_buf(), writer });
         }
         if link_uid != 0 {
-            return Ok(Some(WalkError::LinkOwner { path: link.to_path_buf(), uid: link_uid }));
+            return Some(WalkError::LinkOwner { path: link.to_path_buf(), uid: link_uid });
         }
-        Ok(None)
+        None
     }
 }
 
 /// `fchown` then `fchmod` on an open descriptor, each only when it changes something.
 pub fn set_attrs(fd: BorrowedFd<'_>, path: &Path, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), WalkError> {
     let st = Meta::of(&rustix::fs::fstat(fd).map_err(io_err(path, "inspect"))?);
+    set_attrs_from(fd, path, st, uid, gid, mode)
+}
+
+/// [`set_attrs`] of a descriptor whose owner and mode `st` its caller has just read by
+/// `fstat` (no second `fstat` unless a `fchown` may have changed the mode).
+pub fn set_attrs_from(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    st: Meta,
+    uid: u32,
+    gid: u32,
+    mode: Option<u32>,
+) -> Result<(), WalkError> {
+    let mut now = st;
     if (st.uid, st.gid) != (uid, gid) {
         crate::plan::check("change the owner of", path.display())?;
         let (u, g) = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
         rustix::fs::fchown(fd, Some(u), Some(g)).map_err(io_err(path, "change the owner of"))?;
+        // Read again: chown may have cleared set-id bits.
+        if mode.is_some() {
+            now = Meta::of(&rustix::fs::fstat(fd).map_err(io_err(path, "inspect"))?);
+        }
     }
     if let Some(mode) = mode {
-        // Read again: chown may have cleared set-id bits.
-        let now = Meta::of(&rustix::fs::fstat(fd).map_err(io_err(path, "inspect"))?);
         if now.mode != mode {
             crate::plan::check("change the mode of", path.display())?;
             rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(io_err(path, "change the mode of"))?;
@@ -571,7 +715,7 @@ pub fn resolve(
     loop {
         let Some(name) = pending.pop_front() else {
             let parent = stack.pop().ok_or_else(|| WalkError::Changed(path.to_path_buf()))?;
-            return Ok(Resolved { parent, name: None });
+            return Ok(Resolved { parent, name: None, last_stat: None });
         };
         if name == ".." {
             // Only reached through a link's target, which was found where only root
@@ -587,12 +731,23 @@ pub fn resolve(
             return Ok(Resolved {
                 parent: stack.pop().ok_or(WalkError::Changed(path.to_path_buf()))?,
                 name: Some(name),
+                last_stat: None,
             });
         }
+        // A directory on the way is opened at once (one `openat`, its `fstat` for the
+        // trust rule); only what does not open as one is looked at: a link, a missing
+        // entry, something else.
+        if !at_last {
+            if let Ok(d) = top.open_subdir(&name)? {
+                stack.push(d);
+                continue;
+            }
+        }
         let here = top.join(&name);
-        match top.stat(&name)? {
+        let found = top.stat(&name)?;
+        match found {
             Some(m) if m.kind == FileType::Symlink => {
-                if let Some(refusal) = top.link_refusal(&here, m.uid)? {
+                if let Some(refusal) = top.link_refusal(&here, m.uid) {
                     return Err(refusal);
                 }
                 links += 1;
@@ -611,6 +766,7 @@ pub fn resolve(
                 return Ok(Resolved {
                     parent: stack.pop().ok_or(WalkError::Changed(path.to_path_buf()))?,
                     name: Some(name),
+                    last_stat: Some(found),
                 })
             }
             Some(m) if m.is_dir() => match top.subdir(&name) {
@@ -644,8 +800,8 @@ pub fn resolve(
 /// on the way are followed under the module's rule (an unsafe one is an error naming it).
 pub fn root_controlled(path: &Path) -> Result<(), WalkError> {
     match resolve(path, Last::Follow, None, &mut |_, _| {}) {
-        Ok(Resolved { parent, name: None }) => parent.root_controlled(),
-        Ok(Resolved { parent, name: Some(name) }) => match parent.subdir(&name)? {
+        Ok(Resolved { parent, name: None, .. }) => parent.root_controlled(),
+        Ok(Resolved { parent, name: Some(name), .. }) => match parent.subdir(&name)? {
             Some(dir) => dir.root_controlled(),
             None => parent.root_controlled(),
         },

@@ -1,8 +1,9 @@
 //! `linux.file`: a regular file's content, owner and mode, or its absence.
 //!
 //! Content is rewritten only when it differs, atomically (temporary file in the same
-//! directory, fsync, rename, fsync of the directory), all through the opened directory
-//! ([`crate::dirfd`]). Defaults are the original adaptor's (Salt `file.managed`): without
+//! directory, renamed over the file), all through the opened directory
+//! ([`crate::dirfd`]); the file system is flushed once per burst of writes, not per file
+//! ([`crate::durable`], which says what a power cut can take). Defaults are the original adaptor's (Salt `file.managed`): without
 //! `mode` an existing file keeps its mode (a managed executable script stays
 //! executable) and a new one gets 0644; `user`/`group` default to root and are enforced
 //! on an existing file too. A link on the way or at the path (`/etc/resolv.conf`) is
@@ -32,7 +33,7 @@ use super::{Ctx, Step};
 use crate::diff::{self, Hidden};
 use crate::dirfd::{self, Dir, Last, Meta, NewDirs, WalkError};
 use crate::fetched::{FetchError, Fetched};
-use crate::fsutil::{self, FsError};
+use crate::fsutil::{self, Durable, FsError};
 use crate::identity::{IdentityError, Owner};
 use crate::plan;
 use crate::policy::Policy;
@@ -159,12 +160,12 @@ fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Resul
     };
     let write = |staged: &Option<Staged<'_>>, uid: u32, gid: u32, mode: u32| -> Result<(), FsError> {
         match staged {
-            Some(s) => fsutil::install_in(dir, &s.name, &s.file, name, mode, uid, gid),
-            None => fsutil::write_in(dir, name, content.unwrap_or_default(), mode, uid, gid),
+            Some(s) => fsutil::install_in(dir, &s.name, &s.file, name, (mode, uid, gid), Durable::Batched),
+            None => fsutil::write_in(dir, name, content.unwrap_or_default(), (mode, uid, gid), Durable::Batched),
         }
     };
 
-    let Some(found) = dir.stat(name)? else {
+    let Some(found) = r.stat_last()? else {
         let (uid, gid) = owner.for_new();
         let mode = mode.unwrap_or(NEW_FILE_MODE);
         write(&staged, uid.as_raw(), gid.as_raw(), mode)?;
@@ -205,7 +206,7 @@ fn run(p: &LinuxFile, fetched: &Fetched<'_>, changes: &mut Vec<Change>) -> Resul
             ));
         }
     } else {
-        fsutil::enforce_attrs(&f, &shown, mode, &owner, changes)?;
+        fsutil::enforce_attrs_from(&f, &shown, meta, mode, &owner, changes)?;
     }
     Ok(())
 }
@@ -271,7 +272,7 @@ fn planned(
     };
     let shown = r.path();
     let (dir, name) = (&r.parent, r.name.as_deref().ok_or(FileError::Root)?);
-    let Some(found) = dir.stat(name)? else {
+    let Some(found) = r.stat_last()? else {
         create(&shown, changes, diff);
         return Ok(());
     };
@@ -284,7 +285,7 @@ fn planned(
         None => false,
     };
     if !differs {
-        return Ok(fsutil::enforce_attrs(&f, &shown, mode, &owner, changes)?);
+        return Ok(fsutil::enforce_attrs_from(&f, &shown, meta, mode, &owner, changes)?);
     }
     let (uid, gid) = owner.applied_to(meta.uid, meta.gid);
     let new_mode = mode.unwrap_or(meta.mode & !0o6000);

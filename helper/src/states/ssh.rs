@@ -427,7 +427,7 @@ fn write_if_changed(
     let (mode, uid, gid) = existing.unwrap_or((0o600, t.uid, t.gid));
     // A plan records the change; `dir` is missing only in a plan (it would be created).
     if let Some(dir) = dir.filter(|_| !crate::plan::active()) {
-        fsutil::write_in(dir, file_name(&t.path), text.as_bytes(), mode, uid, gid)?;
+        fsutil::write_in(dir, file_name(&t.path), text.as_bytes(), (mode, uid, gid), fsutil::Durable::Now)?;
     }
     changes.push(Change::new(t.path.to_string(), what));
     Ok(())
