@@ -259,7 +259,7 @@ async fn run_state(
         let spec = CommandSpec::tool(pm, check).inspection();
         let out = exec::checked(&spec, &[0, 100], cancel).await?.output;
         for (name, evr) in parse_check_update(&out) {
-            if latest.iter().any(|x| *x == name) {
+            if latest.contains(&name) {
                 upgradable.insert(name.clone());
                 upgrades.insert(name, evr);
             }
