@@ -14,12 +14,13 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::stamp::Stamp;
 
 /// The user the packaging creates for the daemon; allowed to connect by default.
 pub const DEFAULT_AGENT_USER: &str = "opsagent";
@@ -50,39 +51,6 @@ fn lookup_user(name: &str) -> Result<Option<User>, IdentityError> {
 /// glibc's `getgrnam`.
 fn lookup_group(name: &str) -> Result<Option<Group>, IdentityError> {
     Group::from_name(name).map_err(|source| IdentityError::Lookup { kind: "group", name: name.to_string(), source })
-}
-
-/// The identity of one version of a file: device, inode, size, and the nanosecond
-/// modification and change times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    fn of(m: &std::fs::Metadata) -> Self {
-        Stamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            len: m.len(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        }
-    }
-
-    fn ctime(&self) -> SystemTime {
-        let (s, ns) = self.ctime;
-        let whole = Duration::from_secs(s.unsigned_abs()) + Duration::from_nanos(ns.unsigned_abs());
-        if s >= 0 {
-            SystemTime::UNIX_EPOCH + whole
-        } else {
-            SystemTime::UNIX_EPOCH.checked_sub(whole).unwrap_or(SystemTime::UNIX_EPOCH)
-        }
-    }
 }
 
 /// What one version of a file said, and when it was read.
@@ -122,7 +90,7 @@ const RACY: Duration = Duration::from_secs(2);
 /// inode); a write in place moves the change time, which no program can set back (unlike
 /// the modification time). The one write that leaves the stamp unchanged is one in the
 /// same tick of the kernel's clock as an earlier one, with the same size: so a version
-/// whose change time is within [`RACY`] of the moment it was read (or later) is never
+/// whose change time is within `RACY` (2 s) of the moment it was read (or later) is never
 /// reused, only read again, until it has been left alone for that long. (A wall clock
 /// stepped back by more than that could let a later write carry an old change time; it
 /// would still have to hit the cached version's change time to the nanosecond.)

@@ -24,6 +24,7 @@ pub mod policy;
 pub mod server;
 pub mod signed;
 pub mod socket;
+pub mod stamp;
 pub mod states;
 pub mod systemd;
 pub mod transient;

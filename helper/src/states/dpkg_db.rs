@@ -17,30 +17,14 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::apt::Pkg;
+use crate::stamp::Stamp;
 
 pub const STATUS: &str = "/var/lib/dpkg/status";
 pub const UPDATES: &str = "/var/lib/dpkg/updates";
-
-/// The identity of one version of the database file: dpkg replaces the file (new inode)
-/// on every change; size and nanosecond mtime also catch a rewrite in place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-}
-
-impl Stamp {
-    fn of(m: &std::fs::Metadata) -> Stamp {
-        Stamp { dev: m.dev(), ino: m.ino(), len: m.len(), mtime: (m.mtime(), m.mtime_nsec()) }
-    }
-}
 
 /// One parsed version of the database: every stanza's package, per name (one entry per
 /// architecture it is known for).

@@ -290,6 +290,18 @@ async fn run_into(spec: &CommandSpec, acc: &mut Outcome, cancel: &mut Cancel) ->
     }
 }
 
+/// Fails `acc` with how the run `what` ended: `how` it failed, or `None` when it was
+/// cancelled; `false`.
+fn failed(acc: &mut Outcome, how: Option<String>, what: &str, output: &str) -> bool {
+    acc.result = false;
+    acc.cancelled = how.is_none();
+    acc.comment = match how {
+        Some(how) => format!("{what} {how}{}", tail(output)),
+        None => format!("cancelled while {what} ran; it and every process it started were killed"),
+    };
+    false
+}
+
 /// Runs `program args` and folds the result into `acc` (output appended).
 async fn run_one(
     program: &Path,
@@ -309,17 +321,8 @@ async fn run_one(
             acc.changes.push(Change::new(label, what));
             true
         }
-        RunResult::Failed(how) => {
-            acc.result = false;
-            acc.comment = format!("`{shown}` {how}{}", tail(&finished.output));
-            false
-        }
-        RunResult::Cancelled => {
-            acc.result = false;
-            acc.cancelled = true;
-            acc.comment = format!("cancelled while `{shown}` ran; it and every process it started were killed");
-            false
-        }
+        RunResult::Failed(how) => failed(acc, Some(how), &format!("`{shown}`"), &finished.output),
+        RunResult::Cancelled => failed(acc, None, &format!("`{shown}`"), &finished.output),
     }
 }
 
@@ -349,17 +352,8 @@ async fn plan_one(
             acc.changes.extend(changes);
             true
         }
-        RunResult::Failed(how) => {
-            acc.result = false;
-            acc.comment = format!("the noop run `{shown}` {how}{}", tail(&finished.output));
-            false
-        }
-        RunResult::Cancelled => {
-            acc.result = false;
-            acc.cancelled = true;
-            acc.comment = format!("cancelled while `{shown}` ran; it and every process it started were killed");
-            false
-        }
+        RunResult::Failed(how) => failed(acc, Some(how), &format!("the noop run `{shown}`"), &finished.output),
+        RunResult::Cancelled => failed(acc, None, &format!("`{shown}`"), &finished.output),
     }
 }
 

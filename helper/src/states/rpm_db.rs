@@ -3,8 +3,8 @@
 //!
 //! rpm's database cannot be read without rpm (SQLite, Berkeley DB or ndb, by release), so
 //! unlike dpkg's status file it is asked once, for everything, and the answer is kept
-//! with the identity of the database's data files: device, inode, size and nanosecond
-//! modification time of each of `rpmdb.sqlite` and its write-ahead log, `Packages`
+//! with the identity ([`crate::stamp`]: device, inode, size, modification and change
+//! times) of each of the database's data files, `rpmdb.sqlite` and its write-ahead log, `Packages`
 //! (Berkeley DB) and `Packages.db` (ndb) found in rpm's `%{_dbpath}`. Every install or
 //! erase writes a package header into one of them; reading them (`rpm -q`) does not,
 //! which is why the lock, `-shm` and `__db.*` environment files, which readers touch,
@@ -22,19 +22,17 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use crate::stamp::Stamp as FileStamp;
 
 /// The files of rpm's database that every transaction writes.
 const DATA_FILES: &[&str] = &["rpmdb.sqlite", "rpmdb.sqlite-wal", "Packages", "Packages.db"];
 
-/// One data file as found: name, device, inode, size, modification time (s, ns).
-type FileStamp = (OsString, u64, u64, u64, (i64, i64));
-
 /// The identity of one version of the database: each data file present, by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stamp(Vec<FileStamp>);
+pub struct Stamp(Vec<(OsString, FileStamp)>);
 
 impl Stamp {
     /// The identity of the data files in `dir`, or `None` when it holds none of them or
@@ -43,9 +41,7 @@ impl Stamp {
         let mut files = Vec::new();
         for name in DATA_FILES {
             match std::fs::symlink_metadata(dir.join(name)) {
-                Ok(m) if m.is_file() => {
-                    files.push((OsString::from(name), m.dev(), m.ino(), m.len(), (m.mtime(), m.mtime_nsec())));
-                }
+                Ok(m) if m.is_file() => files.push((OsString::from(name), FileStamp::of(&m))),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(_) => return None,
