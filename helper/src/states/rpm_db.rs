@@ -105,12 +105,6 @@ fn restrict(pkgs: &BTreeMap<String, Vec<String>>, names: &[String]) -> BTreeMap<
     names.iter().filter_map(|n| pkgs.get(n).map(|v| (n.clone(), v.clone()))).collect()
 }
 
-/// The host's database, in the directory `dbpath` names (asked of rpm once per helper).
-pub fn host(dbpath: PathBuf) -> &'static RpmDb {
-    static HOST: std::sync::OnceLock<RpmDb> = std::sync::OnceLock::new();
-    HOST.get_or_init(|| RpmDb::new(dbpath))
-}
-
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // fixtures are built by path (helper/clippy.toml)
 mod tests {

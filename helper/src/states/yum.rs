@@ -8,14 +8,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opsagent_proto::catalogue::LinuxYumPackage;
 use opsagent_proto::request::{Change, Outcome};
 
 use super::apt::{parse_want, Item, PkgError, Plan, Want};
-use super::rpm_db;
+use super::rpm_db::RpmDb;
 use crate::cancel::Cancel;
 use crate::exec::{self, CommandSpec, Exit, ToolError};
 
@@ -175,29 +175,29 @@ pub async fn apply(p: &LinuxYumPackage, mut cancel: Cancel) -> Outcome {
 /// What is installed of `names`: from rpm's listing kept while its database does not change
 /// ([`rpm_db`]), or from `rpm -q` where rpm does not say where its database is.
 async fn installed(names: &[String], cancel: &mut Cancel) -> Result<BTreeMap<String, Vec<String>>, ToolError> {
-    let Some(dbpath) = dbpath(cancel).await? else {
+    let Some(db) = host_db(cancel).await? else {
         return rpm_q(names, cancel).await;
     };
-    rpm_db::host(dbpath)
-        .lookup(names, || async move {
-            let spec = CommandSpec::tool("rpm", ["-qa", "--qf", RPM_QUERY_FORMAT]).inspection();
-            Ok(exec::checked(&spec, &[0], cancel).await?.output)
-        })
-        .await
+    db.lookup(names, || async move {
+        let spec = CommandSpec::tool("rpm", ["-qa", "--qf", RPM_QUERY_FORMAT]).inspection();
+        Ok(exec::checked(&spec, &[0], cancel).await?.output)
+    })
+    .await
 }
 
-/// rpm's `%{_dbpath}`, asked once per helper (an absolute path, or `None`).
-async fn dbpath(cancel: &mut Cancel) -> Result<Option<PathBuf>, ToolError> {
-    static DBPATH: Mutex<Option<Option<PathBuf>>> = Mutex::new(None);
-    if let Some(known) = DBPATH.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+/// The host's rpm database, in the directory rpm's `%{_dbpath}` names (asked once per
+/// helper); `None` when rpm names no absolute path.
+async fn host_db(cancel: &mut Cancel) -> Result<Option<Arc<RpmDb>>, ToolError> {
+    static HOST: Mutex<Option<Option<Arc<RpmDb>>>> = Mutex::new(None);
+    if let Some(known) = HOST.lock().unwrap_or_else(|p| p.into_inner()).clone() {
         return Ok(known);
     }
     let spec = CommandSpec::tool("rpm", ["--eval", "%{_dbpath}"]).inspection();
     let out = exec::checked(&spec, &[0], cancel).await?.output;
     let path = PathBuf::from(out.trim());
-    let known = path.is_absolute().then_some(path);
-    *DBPATH.lock().unwrap_or_else(|p| p.into_inner()) = Some(known.clone());
-    Ok(known)
+    let db = path.is_absolute().then(|| Arc::new(RpmDb::new(path)));
+    // Two first look-ups racing both ask rpm; the first answer kept is the one used.
+    Ok(HOST.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(db).clone())
 }
 
 async fn rpm_q(names: &[String], cancel: &mut Cancel) -> Result<BTreeMap<String, Vec<String>>, ToolError> {
