@@ -79,6 +79,7 @@ async fn stand_in_helper(listener: UnixListener, arrivals: mpsc::UnboundedSender
                         protocol_version: HELPER_PROTOCOL_VERSION,
                         helper_version: "bench-stand-in".into(),
                         signed_recipes: false,
+                        pipelining: false,
                     },
                     Request::Status => Reply::Status(HelperStatus {
                         helper_version: "bench-stand-in".into(),

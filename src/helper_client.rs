@@ -19,8 +19,8 @@ use std::time::Duration;
 use opsagent_proto::codec::{self, CodecError};
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{
-    ApplyRequest, ApplySignedRequest, FetchedFile, HelperError, HelperStatus, Outcome, RecipeUpload, Reply, ReplyFrame,
-    Request, RequestFrame,
+    ApplyRequest, ApplySignedRequest, ErrorCode, FetchedFile, HelperError, HelperStatus, Outcome, RecipeUpload, Reply,
+    ReplyFrame, Request, RequestFrame,
 };
 use opsagent_proto::stream::{self, FrameWriter};
 use opsagent_proto::HELPER_PROTOCOL_VERSION;
@@ -73,6 +73,16 @@ pub struct SignedState {
     pub index: u32,
 }
 
+/// The state a round will run next if the one being applied succeeds.
+#[derive(Clone, Debug)]
+pub struct Next {
+    pub req: ApplyRequest,
+    pub signed: Option<SignedState>,
+    /// Fired when the round will not go on to this state after all (a new recipe, a
+    /// stop): sent ahead and still waiting in the helper, it is withdrawn unrun.
+    pub withdraw: Cancel,
+}
+
 /// What the round engine needs from the helper.
 pub trait HelperClient: Send + Sync {
     fn apply(
@@ -92,6 +102,27 @@ pub trait HelperClient: Send + Sync {
         cancel: Cancel,
     ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send;
     fn status(&self) -> impl Future<Output = Result<HelperStatus, HelperClientError>> + Send;
+    /// A state (signed or not), and the one the round runs after it if it succeeds. A
+    /// client may send `next` to the helper at once, to start there the moment this one
+    /// succeeds, without a round trip through the daemon (a pipelined round); the
+    /// round's next call for that state then only collects its outcome. The default
+    /// ignores `next`: a client that adds work before a state (prerequisites) must decide
+    /// whether `next` may go ahead.
+    fn apply_then(
+        &self,
+        req: ApplyRequest,
+        signed: Option<SignedState>,
+        next: Option<Next>,
+        cancel: Cancel,
+    ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send {
+        let _ = next;
+        async move {
+            match signed {
+                Some(signed) => self.apply_signed(req, signed, cancel).await,
+                None => self.apply(req, cancel).await,
+            }
+        }
+    }
 }
 
 struct Conn {
@@ -102,6 +133,23 @@ struct Conn {
     signed_mode: bool,
     /// The signed recipe this connection's helper has verified.
     sent: Option<Arc<RecipeUpload>>,
+    /// The helper said (in `Hello`) that it takes requests sent ahead.
+    pipelining: bool,
+    /// The state sent ahead and not yet answered.
+    ahead: Option<Ahead>,
+}
+
+/// A state sent to run behind another ([`RequestFrame::after`]).
+struct Ahead {
+    id: u64,
+    request: Request,
+    withdraw: Cancel,
+}
+
+/// A state's request as it goes to the helper, and the signed recipe it needs there.
+struct Formed {
+    request: Request,
+    upload: Option<Arc<RecipeUpload>>,
 }
 
 /// Downloads for the helper: into a private directory of the daemon, one uniquely named
@@ -222,6 +270,13 @@ enum Applied {
     NeedFetch(Vec<String>),
 }
 
+/// What waiting for a state's answer came to.
+enum Waited {
+    Applied(Applied),
+    /// Sent ahead, and not run: the state before it did not succeed.
+    NotRun,
+}
+
 /// The real client: one connection, opened on first use and re-opened after errors.
 pub struct UnixHelperClient {
     path: PathBuf,
@@ -229,6 +284,8 @@ pub struct UnixHelperClient {
     max_frame: usize,
     conn: Mutex<Option<Conn>>,
     fetcher: Option<Fetcher>,
+    /// Send the next state ahead when the helper takes it (on unless turned off).
+    pipelining: bool,
 }
 
 impl UnixHelperClient {
@@ -239,6 +296,7 @@ impl UnixHelperClient {
             max_frame: codec::DEFAULT_MAX_FRAME,
             conn: Mutex::new(None),
             fetcher: None,
+            pipelining: true,
         }
     }
 
@@ -246,6 +304,13 @@ impl UnixHelperClient {
     /// needs remote content fails.
     pub fn with_fetcher(mut self, fetcher: Fetcher) -> Self {
         self.fetcher = Some(fetcher);
+        self
+    }
+
+    /// One request at a time even with a helper that takes requests sent ahead (the
+    /// behaviour before pipelining: for comparisons and for tests).
+    pub fn without_pipelining(mut self) -> Self {
+        self.pipelining = false;
         self
     }
 
@@ -284,7 +349,8 @@ impl UnixHelperClient {
                 }
             }
         });
-        let mut conn = Conn { writer, replies, next_id: 1, signed_mode: false, sent: None };
+        let mut conn =
+            Conn { writer, replies, next_id: 1, signed_mode: false, sent: None, pipelining: false, ahead: None };
         let id = self
             .send(
                 &mut conn,
@@ -292,10 +358,11 @@ impl UnixHelperClient {
             )
             .await?;
         match self.recv(&mut conn).await? {
-            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, signed_recipes, .. } }
+            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, signed_recipes, pipelining, .. } }
                 if rid == id && protocol_version == HELPER_PROTOCOL_VERSION =>
             {
                 conn.signed_mode = signed_recipes;
+                conn.pipelining = pipelining && self.pipelining;
                 Ok(conn)
             }
             ReplyFrame { reply: Reply::Error(error), .. } => {
@@ -309,9 +376,19 @@ impl UnixHelperClient {
     }
 
     async fn send(&self, conn: &mut Conn, request: Request) -> Result<u64, HelperClientError> {
+        self.send_after(conn, request, None).await
+    }
+
+    async fn send_after(
+        &self,
+        conn: &mut Conn,
+        request: Request,
+        after: Option<u64>,
+    ) -> Result<u64, HelperClientError> {
         let id = conn.next_id;
         conn.next_id += 1;
-        let frame = codec::encode(&RequestFrame { id, request }, self.max_frame).map_err(|e| self.codec_err(e))?;
+        let frame =
+            codec::encode(&RequestFrame { id, after, request }, self.max_frame).map_err(|e| self.codec_err(e))?;
         conn.writer.write_all(&frame).await.map_err(|e| self.codec_err(CodecError::Io(e)))?;
         Ok(id)
     }
@@ -370,100 +447,208 @@ impl UnixHelperClient {
         }
     }
 
-    /// One round trip for a state: by index when the helper verifies recipes and the
-    /// recipe is signed, with its parameters otherwise.
-    async fn step_on(
-        &self,
-        conn: &mut Conn,
-        mut req: ApplyRequest,
-        signed: Option<SignedState>,
+    /// The request `req` goes as: by index when the helper verifies recipes and the
+    /// recipe is signed (with the signed recipe it needs), with its parameters otherwise;
+    /// or, when it cannot be formed, the state's failed outcome.
+    fn form(
+        conn: &Conn,
+        req: &ApplyRequest,
+        signed: Option<&SignedState>,
         fetched: Vec<FetchedFile>,
-        cancel: Cancel,
-    ) -> Result<Applied, HelperClientError> {
-        let request = match signed {
+    ) -> Result<Formed, Outcome> {
+        match signed {
             Some(s) if conn.signed_mode => {
-                let upload = match s.upload {
-                    Ok(u) => u,
-                    Err(e) => {
-                        let why = format!(
-                            "the helper verifies recipes, and this recipe's signed bytes cannot be formed: {e}"
-                        );
-                        return Ok(Applied::Outcome(Outcome::failed(why)));
-                    }
-                };
-                // The recipe and the state go back to back, without waiting for the
-                // verification: the helper takes a connection's requests in order, and
-                // refuses the state if it refused the recipe.
-                let recipe = if conn.sent.as_ref().is_some_and(|sent| Arc::ptr_eq(sent, &upload)) {
-                    None
-                } else {
-                    let id = self.send(conn, Request::Recipe((*upload).clone())).await.map_err(|e| match e {
-                        HelperClientError::Codec { path, source: source @ CodecError::Io(_) } => {
-                            HelperClientError::Unsent { path, source }
-                        }
-                        other => other,
-                    })?;
-                    Some((id, upload))
-                };
-                let apply = Request::ApplySigned(ApplySignedRequest {
+                let upload = s.upload.clone().map_err(|e| {
+                    Outcome::failed(format!(
+                        "the helper verifies recipes, and this recipe's signed bytes cannot be formed: {e}"
+                    ))
+                })?;
+                let request = Request::ApplySigned(ApplySignedRequest {
                     recipe_version: s.version,
                     index: s.index,
                     fetched,
                     plan: req.plan,
                 });
-                return self.apply_after_recipe(conn, recipe, apply, cancel).await;
+                Ok(Formed { request, upload: Some(upload) })
             }
             _ => {
+                let mut req = req.clone();
                 req.fetched = fetched;
-                Request::Apply(req)
+                Ok(Formed { request: Request::Apply(req), upload: None })
             }
-        };
-        self.apply_on(conn, request, cancel, None).await.map(|(applied, _)| applied)
-    }
-
-    /// `apply` after the signed recipe `recipe` (its request id), if one was just sent:
-    /// the recipe's refusal is the state's outcome.
-    async fn apply_after_recipe(
-        &self,
-        conn: &mut Conn,
-        recipe: Option<(u64, Arc<RecipeUpload>)>,
-        apply: Request,
-        cancel: Cancel,
-    ) -> Result<Applied, HelperClientError> {
-        let (applied, verdict) = self.apply_on(conn, apply, cancel, recipe.as_ref().map(|(id, _)| *id)).await?;
-        match (recipe, verdict) {
-            (Some(_), Some(Err(refusal))) => {
-                Ok(Applied::Outcome(Outcome::failed(format!("the helper refused the signed recipe: {refusal}"))))
-            }
-            (Some((_, upload)), Some(Ok(()))) => {
-                conn.sent = Some(upload);
-                Ok(applied)
-            }
-            (Some(_), None) => Err(HelperClientError::Protocol {
-                path: self.shown(),
-                what: "no answer to the signed recipe before the state's".into(),
-            }),
-            (None, _) => Ok(applied),
         }
     }
 
-    /// Sends `request` and waits for its answer. `recipe`: the id of a `Recipe` request
-    /// sent just before, whose answer comes first: `Ok` verified, `Err` the refusal.
-    async fn apply_on(
+    /// One exchange for a state: `next`, when given and the helper pipelines, is sent
+    /// behind it to start as soon as this one succeeds; a state that was sent ahead like
+    /// that is awaited instead of sent again.
+    async fn step_on(
+        &self,
+        conn: &mut Conn,
+        req: ApplyRequest,
+        signed: Option<SignedState>,
+        fetched: Vec<FetchedFile>,
+        next: Option<Next>,
+        cancel: Cancel,
+    ) -> Result<Applied, HelperClientError> {
+        let Formed { request, upload } = match Self::form(conn, &req, signed.as_ref(), fetched) {
+            Ok(f) => f,
+            Err(outcome) => return Ok(Applied::Outcome(outcome)),
+        };
+        let uploaded = |conn: &Conn| match (&upload, &conn.sent) {
+            (None, _) => true,
+            (Some(u), Some(sent)) => Arc::ptr_eq(u, sent),
+            (Some(_), None) => false,
+        };
+        let mut resent = false;
+        loop {
+            // Sent ahead already: await it. Any other request sent ahead is withdrawn
+            // (and, if it started, cancelled) before this one goes.
+            let ahead = conn.ahead.take();
+            let (id, recipe) = match ahead {
+                Some(a) if a.request == request && !a.withdraw.is_cancelled() && uploaded(conn) => (a.id, None),
+                other => {
+                    if let Some(a) = other {
+                        self.settle(conn, a).await?;
+                    }
+                    // The recipe and the state go back to back, without waiting for the
+                    // verification: the helper takes a connection's requests in order,
+                    // and refuses the state if it refused the recipe.
+                    let recipe = match &upload {
+                        Some(u) if !uploaded(conn) => {
+                            Some((self.send_unsent(conn, Request::Recipe((**u).clone()), None).await?, Arc::clone(u)))
+                        }
+                        _ => None,
+                    };
+                    (self.send_unsent(conn, request.clone(), None).await?, recipe)
+                }
+            };
+            if let Some(next) = next.clone().filter(|_| conn.pipelining) {
+                self.send_ahead(conn, id, next, upload.as_ref()).await?;
+            }
+            let (waited, verdict) = self.wait(conn, id, cancel.clone(), recipe.as_ref().map(|(rid, _)| *rid)).await?;
+            let applied = match waited {
+                Waited::Applied(applied) => applied,
+                // Sent ahead behind a state that then failed (a plan goes on after one):
+                // nothing ran; send it again on its own, once.
+                Waited::NotRun if !resent => {
+                    resent = true;
+                    continue;
+                }
+                Waited::NotRun => {
+                    return Err(HelperClientError::Protocol {
+                        path: self.shown(),
+                        what: "a state sent on its own was answered not-run".into(),
+                    })
+                }
+            };
+            let applied = match (recipe, verdict) {
+                (Some(_), Some(Err(refusal))) => {
+                    Applied::Outcome(Outcome::failed(format!("the helper refused the signed recipe: {refusal}")))
+                }
+                (Some((_, upload)), Some(Ok(()))) => {
+                    conn.sent = Some(upload);
+                    applied
+                }
+                (Some(_), None) => {
+                    return Err(HelperClientError::Protocol {
+                        path: self.shown(),
+                        what: "no answer to the signed recipe before the state's".into(),
+                    })
+                }
+                (None, _) => applied,
+            };
+            return Ok(applied);
+        }
+    }
+
+    /// Sends a request whose failure to go out means the helper never saw it.
+    async fn send_unsent(
         &self,
         conn: &mut Conn,
         request: Request,
+        after: Option<u64>,
+    ) -> Result<u64, HelperClientError> {
+        self.send_after(conn, request, after).await.map_err(|e| match e {
+            HelperClientError::Codec { path, source: source @ CodecError::Io(_) } => {
+                HelperClientError::Unsent { path, source }
+            }
+            other => other,
+        })
+    }
+
+    /// Sends `next` to run behind request `id` (see [`RequestFrame::after`]), when it can
+    /// go as it is: a state of the same signed recipe, or one sent with its parameters.
+    async fn send_ahead(
+        &self,
+        conn: &mut Conn,
+        id: u64,
+        next: Next,
+        upload: Option<&Arc<RecipeUpload>>,
+    ) -> Result<(), HelperClientError> {
+        let Ok(Formed { request, upload: next_upload }) = Self::form(conn, &next.req, next.signed.as_ref(), Vec::new())
+        else {
+            return Ok(());
+        };
+        let same_recipe = match (&next_upload, upload) {
+            (None, _) => true,
+            (Some(n), Some(u)) => Arc::ptr_eq(n, u),
+            (Some(_), None) => false,
+        };
+        if !same_recipe || next.withdraw.is_cancelled() {
+            return Ok(());
+        }
+        let ahead = self.send_after(conn, request.clone(), Some(id)).await?;
+        conn.ahead = Some(Ahead { id: ahead, request, withdraw: next.withdraw });
+        Ok(())
+    }
+
+    /// Withdraws the request sent ahead: a `Cancel` for it, then its answer (`not-run`
+    /// if it had not started, its outcome if it had). Bounded like any cancellation.
+    async fn settle(&self, conn: &mut Conn, ahead: Ahead) -> Result<(), HelperClientError> {
+        self.send(conn, Request::Cancel { target: ahead.id }).await?;
+        let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
+        loop {
+            let frame = tokio::select! {
+                reply = conn.replies.recv() => match reply {
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) => return Err(self.codec_err(e)),
+                    None => return Err(HelperClientError::Closed { path: self.shown() }),
+                },
+                _ = tokio::time::sleep_until(deadline) => return Err(HelperClientError::Abandoned { path: self.shown() }),
+            };
+            match frame.reply {
+                Reply::Cancelled { .. } => {}
+                reply if frame.id == ahead.id => {
+                    ran_ahead(&reply);
+                    return Ok(());
+                }
+                other => {
+                    return Err(HelperClientError::Protocol {
+                        path: self.shown(),
+                        what: format!("unexpected reply {other:?} while withdrawing request {}", ahead.id),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Waits for the answer to request `id`, cancelling it when `cancel` fires and
+    /// withdrawing the request sent ahead when the round will not go on to it. `recipe`:
+    /// the id of a `Recipe` request sent just before, whose answer comes first: `Ok`
+    /// verified, `Err` the refusal.
+    async fn wait(
+        &self,
+        conn: &mut Conn,
+        id: u64,
         mut cancel: Cancel,
         recipe: Option<u64>,
-    ) -> Result<(Applied, Option<Result<(), String>>), HelperClientError> {
+    ) -> Result<(Waited, Option<Result<(), String>>), HelperClientError> {
         let mut verdict = None;
-        let id = match self.send(conn, request).await {
-            Err(HelperClientError::Codec { path, source: source @ CodecError::Io(_) }) => {
-                return Err(HelperClientError::Unsent { path, source })
-            }
-            sent => sent?,
-        };
         let mut deadline: Option<tokio::time::Instant> = None;
+        let ahead = conn.ahead.as_ref().map(|a| a.id);
+        let mut withdraw = conn.ahead.as_ref().map_or_else(Cancel::never, |a| a.withdraw.clone());
+        let mut withdrawn = ahead.is_none();
         loop {
             tokio::select! {
                 reply = conn.replies.recv() => {
@@ -475,11 +660,21 @@ impl UnixHelperClient {
                     match frame.reply {
                         Reply::RecipeVerified { .. } if Some(frame.id) == recipe => verdict = Some(Ok(())),
                         Reply::Error(error) if Some(frame.id) == recipe => verdict = Some(Err(error.message)),
-                        Reply::Outcome(o) if frame.id == id => return Ok((Applied::Outcome(o), verdict)),
-                        Reply::NeedFetch { urls } if frame.id == id => return Ok((Applied::NeedFetch(urls), verdict)),
+                        // The request sent ahead, withdrawn while this one ran.
+                        reply if conn.ahead.as_ref().is_some_and(|a| a.id == frame.id) => {
+                            ran_ahead(&reply);
+                            conn.ahead = None;
+                        }
+                        Reply::Outcome(o) if frame.id == id => return Ok((Waited::Applied(Applied::Outcome(o)), verdict)),
+                        Reply::NeedFetch { urls } if frame.id == id => {
+                            return Ok((Waited::Applied(Applied::NeedFetch(urls)), verdict))
+                        }
+                        Reply::Error(error) if frame.id == id && error.code == ErrorCode::NotRun => {
+                            return Ok((Waited::NotRun, verdict))
+                        }
                         // The state refused after its recipe was: the recipe's reason says it.
                         Reply::Error(_) if frame.id == id && matches!(verdict, Some(Err(_))) => {
-                            return Ok((Applied::Outcome(Outcome::failed(String::new())), verdict))
+                            return Ok((Waited::Applied(Applied::Outcome(Outcome::failed(String::new()))), verdict))
                         }
                         Reply::Error(error) if frame.id == id || frame.id == 0 => {
                             return Err(HelperClientError::Refused { path: self.shown(), error })
@@ -494,6 +689,12 @@ impl UnixHelperClient {
                     self.send(conn, Request::Cancel { target: id }).await?;
                     deadline = Some(tokio::time::Instant::now() + CANCEL_GRACE);
                 }
+                _ = withdraw.cancelled(), if !withdrawn => {
+                    withdrawn = true;
+                    if let Some(target) = ahead {
+                        self.send(conn, Request::Cancel { target }).await?;
+                    }
+                }
                 _ = sleep_until_opt(deadline) => {
                     // The helper kills what the request started when its connection closes.
                     return Err(HelperClientError::Abandoned { path: self.shown() });
@@ -503,16 +704,31 @@ impl UnixHelperClient {
     }
 }
 
+/// Says what became of a state sent ahead that the round did not wait for.
+fn ran_ahead(reply: &Reply) {
+    match reply {
+        Reply::Outcome(o) => tracing::info!(
+            result = o.result,
+            cancelled = o.cancelled,
+            changes = o.changes.len(),
+            comment = %o.comment,
+            "a state sent ahead had started when the round stopped; it was cancelled"
+        ),
+        other => tracing::debug!(reply = ?other, "a state sent ahead was withdrawn before it started"),
+    }
+}
+
 impl UnixHelperClient {
     async fn step(
         &self,
         req: &ApplyRequest,
         signed: Option<&SignedState>,
         fetched: &[FetchedFile],
+        next: Option<&Next>,
         cancel: &Cancel,
     ) -> Result<Applied, HelperClientError> {
         self.with_conn(false, move |me, conn| {
-            Box::pin(me.step_on(conn, req.clone(), signed.cloned(), fetched.to_vec(), cancel.clone()))
+            Box::pin(me.step_on(conn, req.clone(), signed.cloned(), fetched.to_vec(), next.cloned(), cancel.clone()))
         })
         .await
     }
@@ -522,11 +738,12 @@ impl UnixHelperClient {
         &self,
         req: ApplyRequest,
         signed: Option<SignedState>,
+        next: Option<Next>,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
         // Files the caller already has (a retried request) go with the first attempt.
         let given = req.fetched.clone();
-        let urls = match self.step(&req, signed.as_ref(), &given, &cancel).await? {
+        let urls = match self.step(&req, signed.as_ref(), &given, next.as_ref(), &cancel).await? {
             Applied::Outcome(o) => return Ok(o),
             Applied::NeedFetch(urls) => urls,
         };
@@ -547,7 +764,7 @@ impl UnixHelperClient {
                 })
             }
         };
-        match self.step(&req, signed.as_ref(), &fetched, &cancel).await? {
+        match self.step(&req, signed.as_ref(), &fetched, next.as_ref(), &cancel).await? {
             Applied::Outcome(o) => Ok(o),
             Applied::NeedFetch(again) => Ok(Outcome::failed(format!(
                 "the helper asked again for {} after it was downloaded; giving up",
@@ -559,7 +776,7 @@ impl UnixHelperClient {
 
 impl HelperClient for UnixHelperClient {
     async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
-        self.apply_state(req, None, cancel).await
+        self.apply_state(req, None, None, cancel).await
     }
 
     async fn apply_signed(
@@ -568,14 +785,34 @@ impl HelperClient for UnixHelperClient {
         signed: SignedState,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
-        self.apply_state(req, Some(signed), cancel).await
+        self.apply_state(req, Some(signed), None, cancel).await
+    }
+
+    async fn apply_then(
+        &self,
+        req: ApplyRequest,
+        signed: Option<SignedState>,
+        next: Option<Next>,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        self.apply_state(req, signed, next, cancel).await
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
         self.with_conn(true, |me, conn| {
             Box::pin(async move {
+                // A state sent ahead is withdrawn first: the helper answers nothing else
+                // while it runs.
+                if let Some(ahead) = conn.ahead.take() {
+                    me.settle(conn, ahead).await?;
+                }
                 let id = me.send(conn, Request::Status).await?;
-                match me.recv(conn).await? {
+                let mut reply = me.recv(conn).await?;
+                // Confirmations of earlier withdrawals may still be on their way.
+                while matches!(reply.reply, Reply::Cancelled { .. }) {
+                    reply = me.recv(conn).await?;
+                }
+                match reply {
                     ReplyFrame { id: rid, reply: Reply::Status(s) } if rid == id => Ok(s),
                     ReplyFrame { reply: Reply::Error(error), .. } => {
                         Err(HelperClientError::Refused { path: me.shown(), error })

@@ -22,7 +22,7 @@ use opsagent_proto::request::{ApplyRequest, Change, Outcome};
 use serde_json::json;
 
 use crate::cancel::Cancel;
-use crate::helper_client::{HelperClient, HelperClientError, SignedState};
+use crate::helper_client::{HelperClient, HelperClientError, Next, SignedState};
 use opsagent_proto::request::HelperStatus;
 
 /// Where tools are looked for (the helper's search path).
@@ -161,12 +161,17 @@ impl<C: HelperClient> Prerequisites<C> {
 impl<C: HelperClient> Prerequisites<C> {
     /// Installs the missing tools of `req`'s module. `Err(outcome)`: the state fails
     /// with it; `Ok((notes, changes))`: what was installed, to prefix the state's own.
+    /// `req` has a prerequisite that would be installed before it.
+    fn needs_install(&self, req: &ApplyRequest) -> bool {
+        self.enabled && prerequisites(&req.params).iter().any(|p| !tool_present(&self.root, p.tool))
+    }
+
     async fn install_missing(
         &self,
         req: &ApplyRequest,
         cancel: &Cancel,
     ) -> Result<Result<(Vec<String>, Vec<Change>), Outcome>, HelperClientError> {
-        let missing: Vec<Prerequisite> = if self.enabled {
+        let missing: Vec<Prerequisite> = if self.needs_install(req) {
             prerequisites(&req.params).into_iter().filter(|p| !tool_present(&self.root, p.tool)).collect()
         } else {
             Vec::new()
@@ -253,6 +258,23 @@ impl<C: HelperClient> HelperClient for Prerequisites<C> {
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
         self.inner.status().await
     }
+
+    // The next state goes ahead only when it needs nothing installed first: ahead, it
+    // would start before its install.
+    async fn apply_then(
+        &self,
+        req: ApplyRequest,
+        signed: Option<SignedState>,
+        next: Option<Next>,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        let (notes, changes) = match self.install_missing(&req, &cancel).await? {
+            Ok(done) => done,
+            Err(failed) => return Ok(failed),
+        };
+        let next = next.filter(|n| !self.needs_install(&n.req));
+        Ok(with_notes(self.inner.apply_then(req, signed, next, cancel).await?, notes, changes))
+    }
 }
 
 #[cfg(test)]
@@ -303,7 +325,7 @@ mod tests {
 
     /// Records every request; answers each as applied (or planned).
     #[derive(Default)]
-    struct Recorder(std::sync::Mutex<Vec<ApplyRequest>>);
+    struct Recorder(std::sync::Mutex<Vec<ApplyRequest>>, std::sync::Mutex<Vec<Option<String>>>);
 
     impl HelperClient for Recorder {
         async fn apply(&self, req: ApplyRequest, _: Cancel) -> Result<Outcome, HelperClientError> {
@@ -322,6 +344,40 @@ mod tests {
         async fn status(&self) -> Result<HelperStatus, HelperClientError> {
             Err(HelperClientError::Protocol { path: "test".into(), what: "no status".into() })
         }
+        async fn apply_then(
+            &self,
+            req: ApplyRequest,
+            _: Option<SignedState>,
+            next: Option<Next>,
+            c: Cancel,
+        ) -> Result<Outcome, HelperClientError> {
+            self.1.lock().unwrap().push(next.map(|n| n.req.state_id.to_string()));
+            self.apply(req, c).await
+        }
+    }
+
+    /// A state that needs a tool installed first may not go ahead of the round: ahead,
+    /// it would start before its install. Others may.
+    #[tokio::test]
+    async fn a_next_state_goes_ahead_only_when_it_needs_no_install() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
+        std::fs::write(root.path().join("usr/bin/apt-get"), "").unwrap();
+        let client = Prerequisites::new(Recorder::default(), true).with_root(root.path());
+        let state = |id: &str, module: &str, raw: serde_json::Value| {
+            let params = parse_state(module, &raw).unwrap().params;
+            ApplyRequest::new(opsagent_proto::newtypes::StateId::parse(id).unwrap(), 1, params)
+        };
+        let git = || state("g", "common.git", json!({"path": "/srv/g", "repo": "https://h/r"}));
+        let file = |id: &str| state(id, "linux.file", json!({"path": "/x"}));
+        let next = |req: ApplyRequest| Some(Next { req, signed: None, withdraw: Cancel::never() });
+        client.apply_then(file("a"), None, next(git()), Cancel::never()).await.unwrap();
+        client.apply_then(git(), None, next(file("b")), Cancel::never()).await.unwrap();
+        let offered = client.inner().1.lock().unwrap().clone();
+        // The install of git goes through `apply`, then git itself with b offered.
+        assert_eq!(offered, vec![None, Some("b".to_string())]);
+        let sent: Vec<_> = client.inner().0.lock().unwrap().iter().map(|r| r.params.name()).collect();
+        assert_eq!(sent, ["linux.file", "linux.apt.package", "common.git"]);
     }
 
     /// `opsagent apply --test` and drift plans go through this wrapper too: the missing

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use opsagent::download::{DownloadSettings, Downloader};
-use opsagent::helper_client::{cancel_pair, Cancel, Fetcher, HelperClient, UnixHelperClient};
+use opsagent::helper_client::{cancel_pair, Cancel, Fetcher, HelperClient, Next, UnixHelperClient};
 use opsagent_proto::catalogue::parse_state;
 use opsagent_proto::newtypes::{AbsPath, StateId};
 use opsagent_proto::request::{ApplyRequest, FetchedFile};
@@ -215,4 +215,94 @@ async fn missing_prerequisites_are_installed_through_the_helpers_policy_or_named
     let out = off.apply(state(), Cancel::never()).await.unwrap();
     assert!(!out.result && !out.comment.contains("prerequisite"), "{}", out.comment);
     assert!(out.comment.contains("is not installed") && out.comment.contains("selinux-utils"), "{}", out.comment);
+}
+
+fn next(req: ApplyRequest) -> (Next, opsagent::helper_client::CancelHandle) {
+    let (handle, withdraw) = cancel_pair();
+    (Next { req, signed: None, withdraw }, handle)
+}
+
+/// A pipelined round through the real helper: the state after the one applied runs as
+/// soon as that one succeeds, before the round asks for it, and asking for it then
+/// collects its outcome (it is not applied a second time); behind a failed state it
+/// does not run, and asking for it then runs it.
+#[tokio::test]
+async fn the_next_state_runs_ahead_only_behind_a_success_and_is_collected_not_rerun() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("h.sock");
+    let _helper = start_helper(tmp.path(), &socket);
+    let client = UnixHelperClient::new(&socket, "test");
+    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let file =
+        |id: &str, p: &std::path::Path| req(id, "linux.file", json!({"path": p.display().to_string(), "content": id}));
+
+    let (n, _keep) = next(file("b", &b));
+    let o = client.apply_then(file("a", &a), None, Some(n), Cancel::never()).await.unwrap();
+    assert!(o.result && o.changed(), "{o:?}");
+    // Nobody asked for b yet, and it is there.
+    assert!(wait_until(Duration::from_secs(20), || b.exists()), "the state sent ahead did not run");
+    let o = client.apply_then(file("b", &b), None, None, Cancel::never()).await.unwrap();
+    assert!(o.result && o.changed(), "the outcome of the state that ran ahead, not of a second run: {o:?}");
+
+    let fails = req("f", "linux.cmd", json!({"cmd": "exit 2", "cwd": "/"}));
+    let (n, _keep) = next(file("c", &c));
+    let o = client.apply_then(fails, None, Some(n), Cancel::never()).await.unwrap();
+    assert!(!o.result, "{o:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!c.exists(), "a state sent behind a failed one ran");
+    // The round restarts; later it asks for c, which runs then (its not-run answer is
+    // not taken for its outcome).
+    let o = client.apply_then(file("c", &c), None, None, Cancel::never()).await.unwrap();
+    assert!(o.result && o.changed() && c.exists(), "{o:?}");
+    assert!(client.status().await.is_ok());
+}
+
+/// The round will not go on (a new recipe, a stop): the state sent ahead is withdrawn
+/// while the one before still runs, and never runs; one that had already started when
+/// the round asked for something else is cancelled, and the connection stays usable.
+#[tokio::test]
+async fn a_state_sent_ahead_is_withdrawn_or_cancelled_when_the_round_moves_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("h.sock");
+    let _helper = start_helper(tmp.path(), &socket);
+    let client = std::sync::Arc::new(UnixHelperClient::new(&socket, "test"));
+    let (gate, started, never) = (tmp.path().join("gate"), tmp.path().join("started"), tmp.path().join("never"));
+    let waits = req(
+        "w",
+        "linux.cmd",
+        json!({"cmd": format!("touch {}; while [ ! -e {} ]; do sleep 0.05; done", started.display(), gate.display()), "cwd": "/"}),
+    );
+    let (n, withdraw) = next(req("n", "linux.file", json!({"path": never.display().to_string(), "content": "x"})));
+    let c = std::sync::Arc::clone(&client);
+    let run = tokio::spawn(async move { c.apply_then(waits, None, Some(n), Cancel::never()).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "the command never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    withdraw.cancel();
+    std::fs::write(&gate, "").unwrap();
+    let o = run.await.unwrap().unwrap();
+    assert!(o.result, "the running state finishes: {o:?}");
+    assert!(client.status().await.is_ok());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!never.exists(), "a withdrawn state ran");
+
+    // Started ahead, then not the state the round asks for: cancelled, promptly.
+    let marker = format!("sleep 3{}", std::process::id() % 100_000 + 200_000);
+    let ahead_started = tmp.path().join("ahead-started");
+    let long =
+        req("long", "linux.cmd", json!({"cmd": format!("touch {}; {marker}", ahead_started.display()), "cwd": "/"}));
+    let (n, _keep) = next(long);
+    let quick = req("q", "linux.file", json!({"path": tmp.path().join("q").display().to_string(), "content": "q"}));
+    assert!(client.apply_then(quick, None, Some(n), Cancel::never()).await.unwrap().result);
+    assert!(wait_until(Duration::from_secs(60), || ahead_started.exists()), "the state sent ahead did not start");
+    let other = req("o", "linux.file", json!({"path": tmp.path().join("o").display().to_string(), "content": "o"}));
+    let o = tokio::time::timeout(Duration::from_secs(120), client.apply_then(other, None, None, Cancel::never()))
+        .await
+        .expect("prompt")
+        .unwrap();
+    assert!(o.result && o.changed(), "{o:?}");
+    let sleeping = || Command::new("pgrep").arg("-f").arg(&marker).status().is_ok_and(|s| s.success());
+    assert!(wait_until(Duration::from_secs(30), || !sleeping()), "the cancelled state's command was killed");
 }

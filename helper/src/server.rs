@@ -6,6 +6,11 @@
 //! `Apply` runs, a separate task keeps reading frames, so that a `Cancel` (or the
 //! connection closing) reaches the running state at once; a state is never dropped
 //! half-way: it is told to stop and answers for itself.
+//!
+//! A pipelined round: one apply request may wait behind the running one
+//! ([`RequestFrame::after`]), and starts when it ends, if it succeeded; otherwise it is
+//! answered `not-run`. It is one more request, not a way around any check: it goes
+//! through `Connection::handle` like any other, when it starts.
 // Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -305,13 +310,29 @@ struct Connection {
     refused_recipe: Option<String>,
     /// The peer is gone or the stream is unusable: write nothing more.
     dead: bool,
+    /// The last request that ran a state (or was refused): its id, and whether its
+    /// outcome succeeded and was not cancelled. A request sent `after` it runs only then.
+    last: Option<(u64, bool)>,
+    /// The apply request sent to follow the running one (at most one).
+    queued: Option<RequestFrame>,
 }
 
 impl Connection {
     fn new(rd: FrameReader, wr: FrameWriter, shared: Arc<Shared>, peer_uid: u32) -> Self {
         let (tx, rx) = mpsc::channel(4);
         let reader = tokio::spawn(read_frames(rd, tx, shared.config.max_frame));
-        Self { shared, rx, wr, reader, peer_uid, greeted: false, refused_recipe: None, dead: false }
+        Self {
+            shared,
+            rx,
+            wr,
+            reader,
+            peer_uid,
+            greeted: false,
+            refused_recipe: None,
+            dead: false,
+            last: None,
+            queued: None,
+        }
     }
 
     async fn run(mut self) {
@@ -340,15 +361,38 @@ impl Connection {
                     break;
                 }
             };
-            if let Some(RequestFrame { id, request }) = self.decode(&body).await {
-                self.handle(id, request).await;
+            if let Some(RequestFrame { id, after, request }) = self.decode(&body).await {
+                self.handle(id, after, request).await;
+                // What was sent to follow it starts now, without a round trip.
+                while let Some(RequestFrame { id, after, request }) = self.queued.take() {
+                    if self.dead {
+                        // Nobody would read its outcome: it must not run.
+                        break;
+                    }
+                    self.handle(id, after, request).await;
+                }
                 self.shared.touch();
             }
         }
         self.reader.abort();
     }
 
-    async fn handle(&mut self, id: u64, request: Request) {
+    /// `after`: the request this one was sent to follow (pipelining); it runs only if that
+    /// one was the last to run and succeeded.
+    async fn handle(&mut self, id: u64, after: Option<u64>, request: Request) {
+        if let Some(after) = after {
+            if !matches!(request, Request::Apply(_) | Request::ApplySigned(_)) {
+                let message = "only apply requests may be sent to follow another";
+                self.reply(id, Reply::Error(HelperError::new(ErrorCode::BadRequest, message))).await;
+                return;
+            }
+            if self.last != Some((after, true)) {
+                let message = format!("not run: request {after} did not succeed on this connection");
+                debug!(id, after, "{message}");
+                self.reply(id, Reply::Error(HelperError::new(ErrorCode::NotRun, message))).await;
+                return;
+            }
+        }
         match request {
             Request::Hello { protocol_version, agent_version } => {
                 if protocol_version != HELPER_PROTOCOL_VERSION {
@@ -366,6 +410,7 @@ impl Connection {
                     protocol_version: HELPER_PROTOCOL_VERSION,
                     helper_version: HELPER_VERSION.into(),
                     signed_recipes: self.shared.config.signed.is_some(),
+                    pipelining: true,
                 };
                 self.reply(id, hello).await;
             }
@@ -552,13 +597,28 @@ impl Connection {
     async fn while_busy(&mut self, running: u64, incoming: Option<Incoming>, canceller: &Canceller) {
         match incoming {
             Some(Incoming::Frame(body)) => match self.decode(&body).await {
-                Some(RequestFrame { id, request: Request::Cancel { target } }) => {
-                    let found = target == running;
-                    if found {
+                Some(RequestFrame { id, request: Request::Cancel { target }, .. }) => {
+                    let queued = self.queued.as_ref().is_some_and(|q| q.id == target);
+                    let found = target == running || queued;
+                    if target == running {
                         info!(id, target, "cancel requested");
                         canceller.cancel();
                     }
                     self.reply(id, Reply::Cancelled { target, found }).await;
+                    if queued {
+                        self.queued = None;
+                        debug!(id, target, "a request waiting to follow the running one was withdrawn");
+                        let message = format!("not run: request {target} was cancelled before it started");
+                        self.reply(target, Reply::Error(HelperError::new(ErrorCode::NotRun, message))).await;
+                    }
+                }
+                Some(
+                    frame @ RequestFrame {
+                        after: Some(_), request: Request::Apply(_) | Request::ApplySigned(_), ..
+                    },
+                ) if frame.after == Some(running) && self.queued.is_none() => {
+                    debug!(id = frame.id, after = running, "queued to follow the running request");
+                    self.queued = Some(frame);
                 }
                 Some(RequestFrame { id, .. }) => {
                     let message = format!("request {running} is still running; only cancel is accepted until it ends");
@@ -613,6 +673,13 @@ impl Connection {
     }
 
     async fn reply(&mut self, id: u64, reply: Reply) {
+        // What a request sent to follow this one will be judged by: only an outcome
+        // that succeeded lets it run.
+        match &reply {
+            Reply::Outcome(o) => self.last = Some((id, o.result && !o.cancelled)),
+            Reply::NeedFetch { .. } | Reply::Error(_) => self.last = Some((id, false)),
+            Reply::Hello { .. } | Reply::RecipeVerified { .. } | Reply::Cancelled { .. } | Reply::Status(_) => {}
+        }
         if self.dead {
             return;
         }

@@ -39,12 +39,9 @@ fn write_seed_corpus() {
     let write = |name: &str, frame: &RequestFrame| {
         std::fs::write(out.join(format!("{name}.json")), serde_json::to_vec(frame).unwrap()).unwrap();
     };
-    write(
-        "hello",
-        &RequestFrame { id: 1, request: Request::Hello { protocol_version: 1, agent_version: "0.1.0".into() } },
-    );
-    write("status", &RequestFrame { id: 2, request: Request::Status });
-    write("cancel", &RequestFrame { id: 3, request: Request::Cancel { target: 2 } });
+    write("hello", &RequestFrame::new(1, Request::Hello { protocol_version: 1, agent_version: "0.1.0".into() }));
+    write("status", &RequestFrame::new(2, Request::Status));
+    write("cancel", &RequestFrame::new(3, Request::Cancel { target: 2 }));
     let mut files: Vec<PathBuf> =
         std::fs::read_dir(repo().join("tests/fixtures/visualops-basic")).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
@@ -61,7 +58,7 @@ fn write_seed_corpus() {
             n += 1;
             let apply = ApplyRequest::new(StateId::parse(&format!("state-{n}")).unwrap(), 3, parsed.params);
             let stem = file.file_stem().unwrap().to_string_lossy().to_string();
-            write(&format!("apply-{stem}-{i}"), &RequestFrame { id: 10 + n, request: Request::Apply(apply) });
+            write(&format!("apply-{stem}-{i}"), &RequestFrame::new(10 + n, Request::Apply(apply)));
         }
     }
     assert!(n >= 30, "seeds from the fixtures: {n}");

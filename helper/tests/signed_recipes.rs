@@ -283,6 +283,22 @@ async fn attacker_child() {
         }
         got.push(g);
     }
+    // Pipelined: an unsigned command sent to follow a signed state that runs.
+    let arbitrary = apply_json("x4", "linux.cmd", json!({"cmd": format!("touch {MARKER}")}), &[]);
+    let (first, ahead) =
+        client.call_pipelined(signed(2, 0), arbitrary).await.expect("the helper closed the connection");
+    let mut g = Got {
+        what: "arbitrary linux.cmd sent ahead behind a signed state".into(),
+        expect: Expect::Refused,
+        code: None,
+        result: None,
+        reason: String::new(),
+    };
+    match (first, ahead) {
+        (Reply::Outcome(o), Reply::Error(e)) if o.result => (g.code, g.reason) = (Some(e.code), e.message),
+        other => g.reason = format!("{other:?}"),
+    }
+    got.push(g);
     fs::write(dir.join("results/results.json"), serde_json::to_vec(&got).unwrap()).unwrap();
 }
 

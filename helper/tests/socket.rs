@@ -171,9 +171,15 @@ struct Client {
 
 impl Client {
     async fn send(&mut self, request: Request) -> u64 {
+        self.send_after(request, None).await
+    }
+
+    /// A request to run once request `after` has succeeded (pipelining).
+    async fn send_after(&mut self, request: Request, after: Option<u64>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        codec::write_frame(&mut self.stream, &RequestFrame { id, request }, DEFAULT_MAX_FRAME).await.unwrap();
+        let frame = RequestFrame { id, after, request };
+        codec::write_frame(&mut self.stream, &frame, DEFAULT_MAX_FRAME).await.unwrap();
         id
     }
 
@@ -330,6 +336,129 @@ async fn cancel_stops_a_running_command_and_its_group() {
     assert!(matches!(c.call(Request::Status).await, Reply::Status(_)));
 }
 
+fn not_run(frame: &ReplyFrame, id: u64) -> String {
+    match &frame.reply {
+        Reply::Error(e) if frame.id == id && e.code == ErrorCode::NotRun => e.message.clone(),
+        _ => panic!("expected not-run for {id}: {frame:?}"),
+    }
+}
+
+fn outcome_of(frame: ReplyFrame, id: u64) -> Outcome {
+    match frame.reply {
+        Reply::Outcome(o) if frame.id == id => o,
+        reply => panic!("expected the outcome of {id}: {} {reply:?}", frame.id),
+    }
+}
+
+/// Pipelining: a state sent to follow a running one starts when it succeeds, without
+/// another request; it does not start when it fails; one waits at most; only apply
+/// requests may wait, and only behind the running one.
+#[tokio::test]
+async fn a_request_sent_ahead_runs_only_after_the_one_before_succeeded() {
+    let h = Helper::start().await;
+    let mut c = h.client().await;
+    let hello = c.call(Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "t".into() }).await;
+    assert!(matches!(hello, Reply::Hello { pipelining: true, .. }), "{hello:?}");
+    let (gate, second, third) = (h.path("gate"), h.path("second"), h.path("third"));
+    // The first state waits for the gate, so that everything after it is sent while
+    // it runs.
+    let wait_gate = |extra: &str| json!({"cmd": format!("while [ ! -e {} ]; do sleep 0.05; done{extra}", gate.display()), "cwd": "/"});
+    let first = c.send(apply_request("linux.cmd", wait_gate(""))).await;
+    let ahead = c.send_after(apply_request("linux.file", json!({"path": second, "content": "2"})), Some(first)).await;
+    // A second one may not wait too; a status may not wait; none may wait behind
+    // another request than the running one.
+    let extra = c.send_after(apply_request("linux.file", json!({"path": third, "content": "3"})), Some(ahead)).await;
+    let busy = c.recv().await;
+    assert!(matches!(&busy.reply, Reply::Error(e) if e.code == ErrorCode::Busy) && busy.id == extra, "{busy:?}");
+    let status = c.send_after(Request::Status, Some(first)).await;
+    let busy = c.recv().await;
+    assert!(matches!(&busy.reply, Reply::Error(e) if e.code == ErrorCode::Busy) && busy.id == status, "{busy:?}");
+    assert!(!second.exists(), "the state sent ahead ran before the one it follows ended");
+    fs::write(&gate, "").unwrap();
+    assert!(outcome_of(c.recv().await, first).result);
+    let o = outcome_of(c.recv().await, ahead);
+    assert!(o.result && o.changed(), "{o:?}");
+    assert_eq!(fs::read_to_string(&second).unwrap(), "2");
+    assert!(!third.exists());
+
+    // Behind a state that fails, nothing runs, and nothing is changed.
+    let failing = c.send(apply_request("linux.cmd", json!({"cmd": "exit 3", "cwd": "/"}))).await;
+    let ahead = c.send_after(apply_request("linux.file", json!({"path": third, "content": "3"})), Some(failing)).await;
+    assert!(!outcome_of(c.recv().await, failing).result);
+    let msg = not_run(&c.recv().await, ahead);
+    assert!(msg.contains(&format!("request {failing} did not succeed")), "{msg}");
+    assert!(!third.exists(), "a state sent behind a failed one ran");
+    // Sent late (the one before has ended) it still runs, if that one succeeded.
+    let ok = c.send(apply_request("linux.file", json!({"path": second, "content": "2"}))).await;
+    assert!(outcome_of(c.recv().await, ok).result);
+    let late = c.send_after(apply_request("linux.file", json!({"path": third, "content": "3"})), Some(ok)).await;
+    assert!(outcome_of(c.recv().await, late).changed());
+    // But not behind a request that is not the last one.
+    let stale =
+        c.send_after(apply_request("linux.file", json!({"path": h.path("fourth"), "content": "4"})), Some(ok)).await;
+    not_run(&c.recv().await, stale);
+    assert!(!h.path("fourth").exists());
+    // Only apply requests are sent ahead.
+    let odd = c.send_after(Request::Status, Some(late)).await;
+    let frame = c.recv().await;
+    assert!(matches!(&frame.reply, Reply::Error(e) if e.code == ErrorCode::BadRequest) && frame.id == odd, "{frame:?}");
+}
+
+/// Withdrawn before it starts (a `Cancel` naming it), or left behind by a cancelled or
+/// a dropped connection's running state, a request sent ahead never runs.
+#[tokio::test]
+async fn a_request_sent_ahead_is_withdrawn_or_dropped_unrun() {
+    let h = Helper::start().await;
+    let mut c = h.client().await;
+    let (pidfile, never) = (h.path("pid"), h.path("never"));
+    let ahead_file = || apply_request("linux.file", json!({"path": never, "content": "x"}));
+
+    // Withdrawn while the state before it runs: that one goes on.
+    let gate = h.path("gate");
+    let first = c
+        .send(apply_request(
+            "linux.cmd",
+            json!({"cmd": format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display()), "cwd": "/"}),
+        ))
+        .await;
+    let ahead = c.send_after(ahead_file(), Some(first)).await;
+    assert_eq!(c.call(Request::Cancel { target: ahead }).await, Reply::Cancelled { target: ahead, found: true });
+    let msg = not_run(&c.recv().await, ahead);
+    assert!(msg.contains("cancelled before it started"), "{msg}");
+    fs::write(&gate, "").unwrap();
+    assert!(outcome_of(c.recv().await, first).result);
+
+    // Behind a cancelled state.
+    let first = c.send(apply_request("linux.cmd", blocking_command(&pidfile))).await;
+    let ahead = c.send_after(ahead_file(), Some(first)).await;
+    let pgid = read_pid(&pidfile).await;
+    assert_eq!(c.call(Request::Cancel { target: first }).await, Reply::Cancelled { target: first, found: true });
+    assert!(outcome_of(c.recv().await, first).cancelled);
+    not_run(&c.recv().await, ahead);
+    wait_group_gone(pgid).await;
+
+    // Behind a state whose connection closed (the state is cancelled with it).
+    let _ = fs::remove_file(&gate);
+    let first = c
+        .send(apply_request(
+            "linux.cmd",
+            json!({"cmd": format!("touch {}; while [ ! -e {} ]; do sleep 0.05; done", pidfile.display(), gate.display()), "cwd": "/"}),
+        ))
+        .await;
+    c.send_after(ahead_file(), Some(first)).await;
+    let _ = fs::remove_file(&pidfile);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pidfile.exists() {
+        assert!(Instant::now() < deadline, "the command never started");
+        sleep(Duration::from_millis(20)).await;
+    }
+    drop(c);
+    h.wait_for_log(&["connection closed while a request runs"]).await;
+    h.wait_for_log(&["outcome", "cancelled=true"]).await;
+    sleep(Duration::from_millis(300)).await;
+    assert!(!never.exists(), "a state sent ahead ran");
+}
+
 #[tokio::test]
 async fn closing_the_connection_kills_the_running_command() {
     let h = Helper::start().await;
@@ -448,10 +577,10 @@ fn probe_child() {
     let verdict = (|| -> std::io::Result<&'static str> {
         let mut s = std::os::unix::net::UnixStream::connect(&sock)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let hello = RequestFrame {
-            id: 1,
-            request: Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "probe".into() },
-        };
+        let hello = RequestFrame::new(
+            1,
+            Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "probe".into() },
+        );
         // The helper may close before or after our write: both are fine.
         let _ = s.write_all(&codec::encode(&hello, DEFAULT_MAX_FRAME).unwrap());
         let mut buf = [0u8; 1];
@@ -574,6 +703,14 @@ async fn the_policy_file_restricts_modules_paths_and_units() {
     assert!(msg.contains("unit sshd.service is not in the policy's `units`"), "{msg}");
     let ok = c.apply("linux.file", json!({"path": allowed.join("x.conf"), "content": "x"})).await;
     assert!(ok.result && ok.changed(), "{ok:?}");
+    // Sent ahead behind a state that succeeds, a request meets the same policy.
+    let first = c.send(apply_request("linux.file", json!({"path": allowed.join("y.conf"), "content": "y"}))).await;
+    let ahead = c
+        .send_after(apply_request("linux.file", json!({"path": h.path("elsewhere"), "content": "x"})), Some(first))
+        .await;
+    assert!(outcome_of(c.recv().await, first).result);
+    let frame = c.recv().await;
+    assert!(matches!(&frame.reply, Reply::Error(e) if e.code == ErrorCode::Denied) && frame.id == ahead, "{frame:?}");
     assert!(!h.path("elsewhere").exists());
     h.wait_for_log(&["request refused", "result=\"denied\"", "module=\"linux.cmd\""]).await;
 }
@@ -612,10 +749,8 @@ async fn an_invalid_or_unsafe_policy_stops_the_start() {
 async fn try_client(h: &Helper) -> Option<Client> {
     let mut c = Client { stream: UnixStream::connect(&h.sock).await.unwrap(), next_id: 2 };
     // A refused connection may already be closed when the Hello is written.
-    let hello = RequestFrame {
-        id: 1,
-        request: Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "t".into() },
-    };
+    let hello =
+        RequestFrame::new(1, Request::Hello { protocol_version: HELPER_PROTOCOL_VERSION, agent_version: "t".into() });
     codec::write_frame(&mut c.stream, &hello, DEFAULT_MAX_FRAME).await.ok()?;
     let id = 1;
     let frame = c.recv_or_eof().await?;

@@ -418,7 +418,7 @@ fn a_peer_that_never_reads_is_dropped_after_the_reply_timeout() {
     let dir = temp_dir();
     let helper = Helper::start(dir.path(), &["--reply-timeout", "1"]);
     let sock = dir.path().join("h.sock");
-    let frame = |id: u64, request: Request| codec::encode(&RequestFrame { id, request }, DEFAULT_MAX_FRAME).unwrap();
+    let frame = |id: u64, request: Request| codec::encode(&RequestFrame::new(id, request), DEFAULT_MAX_FRAME).unwrap();
     let mut silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     let hello = Request::Hello { protocol_version: opsagent_proto::HELPER_PROTOCOL_VERSION, agent_version: "t".into() };
     silent.write_all(&frame(1, hello.clone())).unwrap();

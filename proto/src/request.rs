@@ -1,8 +1,9 @@
 //! The closed set of requests the helper accepts, and its replies.
 //!
 //! One request at a time per connection, each with an id chosen by the client. While an
-//! `Apply` runs, the only request the helper reads on that connection is `Cancel` for
-//! it; anything else is answered with [`ErrorCode::Busy`].
+//! `Apply` runs, the helper reads on that connection a `Cancel`, and at most one apply
+//! request sent to follow it ([`RequestFrame::after`]: a pipelined round); anything else
+//! is answered with [`ErrorCode::Busy`].
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +15,23 @@ use crate::newtypes::{AbsPath, StateId};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestFrame {
     pub id: u64,
+    /// Pipelining, for a helper that announced it ([`Reply::Hello`]'s `pipelining`):
+    /// run this `Apply` or `ApplySigned` only once request `after` of this connection has
+    /// answered an outcome that succeeded and was not cancelled. Sent while `after` runs,
+    /// it waits behind it (one such request at most) and starts as soon as `after` ends,
+    /// without a round trip to the daemon; when `after` failed, was cancelled, asked for
+    /// downloads or was refused, it is answered [`ErrorCode::NotRun`] and nothing runs.
+    /// It goes through every check an ordinary request does, when it starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
     pub request: Request,
+}
+
+impl RequestFrame {
+    /// A request to run on its own (not pipelined).
+    pub fn new(id: u64, request: Request) -> Self {
+        Self { id, after: None, request }
+    }
 }
 
 // Requests are built once and serialised at once; boxing `Apply` would buy nothing.
@@ -123,6 +140,10 @@ pub enum Reply {
         /// ([`Request::Recipe`], [`Request::ApplySigned`]). Absent from older helpers.
         #[serde(default)]
         signed_recipes: bool,
+        /// The helper takes apply requests sent ahead ([`RequestFrame::after`]). Absent
+        /// from older helpers, which get one request at a time.
+        #[serde(default)]
+        pipelining: bool,
     },
     /// Answer to [`Request::Recipe`]: the recipe is verified and kept.
     RecipeVerified {
@@ -254,6 +275,10 @@ pub enum ErrorCode {
     /// Signed mode: the recipe's signature, app or version is not acceptable, or the
     /// request names no state of a verified recipe.
     Unverified,
+    /// A request sent ahead ([`RequestFrame::after`]) did not run: the request it
+    /// followed did not succeed, or it was cancelled before it started. Nothing ran;
+    /// the client may send it again on its own.
+    NotRun,
     Internal,
 }
 
@@ -297,10 +322,8 @@ mod tests {
     #[test]
     fn apply_request_wire_shape_round_trips() {
         let params = parse_state("linux.file", &json!({"path": "/etc/motd", "content": "hi"})).unwrap().params;
-        let frame = RequestFrame {
-            id: 7,
-            request: Request::Apply(ApplyRequest::new(StateId::parse("state-1").unwrap(), 3, params)),
-        };
+        let frame =
+            RequestFrame::new(7, Request::Apply(ApplyRequest::new(StateId::parse("state-1").unwrap(), 3, params)));
         let text = serde_json::to_value(&frame).unwrap();
         assert_eq!(text["request"]["type"], "apply");
         assert_eq!(text["request"]["module"], "linux.file");

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
 use crate::cancel::{cancel_pair, Cancel};
-use crate::helper_client::{HelperClient, SignedState};
+use crate::helper_client::{HelperClient, Next, SignedState};
 // The drift report is a message body (protocol); the engine makes it and callers knew it here.
 use crate::protocol::StateLog;
 pub use crate::protocol::{DriftReport, DriftedState};
@@ -313,6 +313,28 @@ pub struct Engine<H, E> {
     /// In a plan: the `meta.wait` planned as if satisfied, which the later states' plans
     /// rest on.
     assumed_wait: Option<String>,
+    /// The helper state after the running one, typed while it ran and offered to the
+    /// helper to go ahead; used when the round gets to it.
+    prepared: Option<Prepared>,
+}
+
+/// What a state is to the engine.
+// Built once per state and taken apart at once: boxing would add an allocation per state.
+#[allow(clippy::large_enum_variant)]
+enum Turn {
+    Helper(Prepared),
+    Comment,
+    Wait,
+}
+
+/// A helper state's request, typed once.
+struct Prepared {
+    /// Where it sits: the recipe (by identity), its version, its index, plan or apply.
+    recipe: Arc<Recipe>,
+    index: usize,
+    req: ApplyRequest,
+    signed: Option<SignedState>,
+    warnings: Vec<String>,
 }
 
 /// Everything a caller keeps to drive and watch an engine.
@@ -359,6 +381,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             local: false,
             plan: false,
             assumed_wait: None,
+            prepared: None,
         };
         (engine, EngineHandle { events: tx, status, liveness })
     }
@@ -618,6 +641,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         });
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
+        self.prepared = None;
         tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
         if !self.st.online && self.st.link_heard && !self.local && !self.st.offline_warned {
             self.st.offline_warned = true;
@@ -706,56 +730,87 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
 
     async fn run_state(&mut self, state: &RecipeState, index: usize, total: usize) -> StateEnd {
         self.liveness.touch();
-        let (id, parsed) = match state.runnable() {
-            Ok(ok) => ok,
-            Err(reason) => return StateEnd::Done(Outcome::failed(reason)),
+        let prepared = match self.prepared.take().filter(|p| p.index == index && self.is_current(p)) {
+            Some(p) => p,
+            None => match self.prepare(state, index) {
+                Ok(Turn::Helper(p)) => p,
+                Ok(Turn::Comment) => return StateEnd::Done(Outcome::ok("comment")),
+                Ok(Turn::Wait) => return self.run_wait(state, index, total).await,
+                Err(reason) => return StateEnd::Done(Outcome::failed(reason)),
+            },
         };
-        // Typed now, for this turn only (the recipe holds each state once, as text).
-        let Parsed { params, warnings } = parsed;
-        match params {
-            ModuleParams::MetaComment(_) => StateEnd::Done(Outcome::ok("comment")),
-            ModuleParams::MetaWait(_) => self.run_wait(state, index, total).await,
-            params => {
-                self.set_phase(Phase::Applying {
-                    index: index + 1,
-                    total,
-                    state_id: state.id.to_string(),
-                    module: state.module.clone(),
-                });
-                let mut req = ApplyRequest::new(id, self.st.version, params);
-                req.plan = self.plan;
-                // A signed recipe: the helper may run its own verified copy of this state.
-                let signed = self.st.recipe.as_ref().and_then(|r| {
-                    let upload = r.signed.clone()?;
-                    Some(SignedState { upload, version: r.version, index: u32::try_from(index).ok()? })
-                });
-                let end = self.run_helper(req, signed).await;
-                match end {
-                    StateEnd::Done(mut o) => {
-                        for w in &warnings {
-                            o.comment = join_comment(&o.comment, &format!("warning: {w}"));
-                        }
-                        if let Some(wait) = &self.assumed_wait {
-                            o.comment =
-                                join_comment(&o.comment, &format!("planned as if the meta.wait {wait} were satisfied"));
-                        }
-                        StateEnd::Done(o)
-                    }
-                    other => other,
+        self.set_phase(Phase::Applying {
+            index: index + 1,
+            total,
+            state_id: state.id.to_string(),
+            module: state.module.clone(),
+        });
+        // The next state, if it goes to the helper, is offered to go ahead of the round.
+        let next = self.st.recipe.clone().and_then(|r| match self.prepare(r.states.get(index + 1)?, index + 1) {
+            Ok(Turn::Helper(p)) => Some(p),
+            _ => None,
+        });
+        let ahead = next.as_ref().map(|n| (n.req.clone(), n.signed.clone()));
+        let Prepared { req, signed, warnings, .. } = prepared;
+        let end = self.run_helper(req, signed, ahead).await;
+        self.prepared = next;
+        match end {
+            StateEnd::Done(mut o) => {
+                for w in &warnings {
+                    o.comment = join_comment(&o.comment, &format!("warning: {w}"));
                 }
+                if let Some(wait) = &self.assumed_wait {
+                    o.comment = join_comment(&o.comment, &format!("planned as if the meta.wait {wait} were satisfied"));
+                }
+                StateEnd::Done(o)
             }
+            other => other,
         }
     }
 
-    async fn run_helper(&mut self, req: ApplyRequest, signed: Option<SignedState>) -> StateEnd {
-        let (handle, cancel): (_, Cancel) = cancel_pair();
-        let helper = &self.helper;
-        let fut = async move {
-            match signed {
-                Some(signed) => helper.apply_signed(req, signed, cancel).await,
-                None => helper.apply(req, cancel).await,
-            }
+    /// What state `index` (`state`) of the current recipe is to the engine; `Err` for
+    /// one that cannot run. Typed now, for this turn only (the recipe holds each state
+    /// once, as text).
+    fn prepare(&self, state: &RecipeState, index: usize) -> Result<Turn, String> {
+        let (id, Parsed { params, warnings }) = state.runnable()?;
+        let recipe = match params {
+            ModuleParams::MetaComment(_) => return Ok(Turn::Comment),
+            ModuleParams::MetaWait(_) => return Ok(Turn::Wait),
+            _ => match self.st.recipe.clone() {
+                Some(r) => r,
+                None => return Err("no recipe".into()),
+            },
         };
+        let mut req = ApplyRequest::new(id, self.st.version, params);
+        req.plan = self.plan;
+        // A signed recipe: the helper may run its own verified copy of this state.
+        let signed = recipe.signed.clone().and_then(|upload| {
+            Some(SignedState { upload, version: recipe.version, index: u32::try_from(index).ok()? })
+        });
+        Ok(Turn::Helper(Prepared { recipe, index, req, signed, warnings }))
+    }
+
+    /// `p` was prepared for the recipe, version and mode the round runs now.
+    fn is_current(&self, p: &Prepared) -> bool {
+        self.st.recipe.as_ref().is_some_and(|r| Arc::ptr_eq(r, &p.recipe))
+            && p.req.recipe_version == self.st.version
+            && p.req.plan == self.plan
+    }
+
+    /// Runs a state in the helper. `ahead`: the state after it, which the helper may
+    /// start as soon as this one succeeds; withdrawn if a new recipe or a stop arrives
+    /// meanwhile.
+    async fn run_helper(
+        &mut self,
+        req: ApplyRequest,
+        signed: Option<SignedState>,
+        ahead: Option<(ApplyRequest, Option<SignedState>)>,
+    ) -> StateEnd {
+        let (handle, cancel): (_, Cancel) = cancel_pair();
+        let (withdraw_handle, withdraw): (_, Cancel) = cancel_pair();
+        let next = ahead.map(|(req, signed)| Next { req, signed, withdraw });
+        let helper = &self.helper;
+        let fut = helper.apply_then(req, signed, next, cancel);
         tokio::pin!(fut);
         let mut tick = tokio::time::interval(TICK);
         let mut stop_deadline: Option<Instant> = None;
@@ -795,6 +850,10 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
                             interrupt
                         }
                     };
+                    // The round will not go on to the next state: not ahead either.
+                    if !matches!(interrupt, Interrupt::None) {
+                        withdraw_handle.cancel();
+                    }
                     match interrupt {
                         Interrupt::None => {}
                         Interrupt::Preempt => {

@@ -8,7 +8,7 @@ use opsagent_proto::request::{Change, HelperStatus};
 use serde_json::json;
 
 use super::*;
-use crate::helper_client::{HelperClientError, SignedState};
+use crate::helper_client::{HelperClientError, Next, SignedState};
 
 #[derive(Clone, Debug)]
 enum Act {
@@ -31,11 +31,22 @@ struct FakeHelper {
     drifted: Arc<Mutex<Vec<String>>>,
     /// A plan of this state runs until cancelled.
     plan_hangs: Arc<Mutex<Option<String>>>,
+    /// Per state applied: the state offered to go ahead of it, and its withdrawal.
+    offered: Arc<Mutex<Vec<Offer>>>,
 }
+
+/// A state applied, and the state offered ahead of it with its withdrawal token.
+type Offer = (String, Option<(String, Cancel)>);
 
 impl FakeHelper {
     fn script(&self, id: &str, acts: &[Act]) {
         self.script.lock().unwrap().insert(id.to_string(), acts.to_vec());
+    }
+
+    /// (state, the state offered ahead of the round, whether that offer was withdrawn).
+    fn offered(&self) -> Vec<(String, Option<(String, bool)>)> {
+        let offered = self.offered.lock().unwrap();
+        offered.iter().map(|(id, n)| (id.clone(), n.as_ref().map(|(n, w)| (n.clone(), w.is_cancelled())))).collect()
     }
 
     fn calls(&self) -> Vec<String> {
@@ -102,6 +113,17 @@ impl HelperClient for FakeHelper {
         _: SignedState,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
+        self.apply(req, cancel).await
+    }
+    async fn apply_then(
+        &self,
+        req: ApplyRequest,
+        _: Option<SignedState>,
+        next: Option<Next>,
+        cancel: Cancel,
+    ) -> Result<Outcome, HelperClientError> {
+        let offer = next.map(|n| (n.req.state_id.to_string(), n.withdraw));
+        self.offered.lock().unwrap().push((req.state_id.to_string(), offer));
         self.apply(req, cancel).await
     }
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
@@ -691,4 +713,40 @@ async fn a_new_recipe_during_a_drift_plan_cuts_it_short_and_its_round_runs() {
     assert!(rig.effects.drift.lock().unwrap().is_empty(), "a plan cut short reports nothing");
     assert_eq!(rig.effects.logs().last().map(|l| (l.0.clone(), l.2)), Some(("c".to_string(), 2)));
     rig.task.abort();
+}
+
+/// Pipelining: each helper state is applied with the next state offered to go ahead,
+/// when that one is a helper state too (not a comment or a wait, not past the end); the
+/// offer stands in an undisturbed round.
+#[tokio::test(start_paused = true)]
+async fn the_next_helper_state_is_offered_ahead_of_the_round() {
+    let rig = start(None);
+    let comment = json!({"id": "c", "module": "meta.comment", "parameter": {}});
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), comment, file("b"), file("d")])))).await;
+    assert_eq!(
+        rig.helper.offered(),
+        vec![("a".into(), None), ("b".into(), Some(("d".into(), false))), ("d".into(), None),]
+    );
+    assert_eq!(rig.effects.logs().len(), 4);
+}
+
+/// A stop or a new recipe while a state runs: the round will not go on to the next
+/// state, so the offer to run it ahead is withdrawn (the helper then never starts it).
+#[tokio::test(start_paused = true)]
+async fn a_stop_or_a_new_recipe_withdraws_the_state_offered_ahead() {
+    let rig = start(None);
+    rig.helper.script("a", &[Act::Slow(Duration::from_secs(10))]);
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
+    assert_eq!(rig.helper.offered(), vec![("a".into(), Some(("b".into(), false)))]);
+    rig.send(Event::Recipe(recipe(2, json!([file("x"), file("y")])))).await;
+    assert_eq!(rig.helper.offered()[0], ("a".into(), Some(("b".into(), true))));
+    assert_eq!(rig.helper.offered()[1..], [("x".into(), Some(("y".into(), false))), ("y".into(), None)]);
+
+    let rig = start(None);
+    rig.helper.script("a", &[Act::Slow(Duration::from_secs(10))]);
+    rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
+    rig.send(Event::Stop(StopMode::AfterState)).await;
+    advance(Duration::from_secs(11)).await;
+    assert!(rig.task.is_finished());
+    assert_eq!(rig.helper.offered(), vec![("a".into(), Some(("b".into(), true)))]);
 }

@@ -167,10 +167,30 @@ impl Client {
     /// Sends `request` (the JSON of a request, not checked here) and reads the reply;
     /// `None` when the helper closed the connection.
     pub async fn call_raw(&mut self, request: Value) -> Option<Reply> {
+        let id = self.send_raw(request, None).await?;
+        self.read_reply(id).await
+    }
+
+    /// `first`, then `second` sent to follow it (pipelining) before either is answered:
+    /// the two replies.
+    pub async fn call_pipelined(&mut self, first: Value, second: Value) -> Option<(Reply, Reply)> {
+        let id = self.send_raw(first, None).await?;
+        let ahead = self.send_raw(second, Some(id)).await?;
+        Some((self.read_reply(id).await?, self.read_reply(ahead).await?))
+    }
+
+    async fn send_raw(&mut self, request: Value, after: Option<u64>) -> Option<u64> {
         let id = self.next_id;
         self.next_id += 1;
-        let frame = json!({"id": id, "request": request});
+        let mut frame = json!({"id": id, "request": request});
+        if let Some(after) = after {
+            frame["after"] = json!(after);
+        }
         codec::write_frame(&mut self.stream, &frame, DEFAULT_MAX_FRAME).await.ok()?;
+        Some(id)
+    }
+
+    async fn read_reply(&mut self, id: u64) -> Option<Reply> {
         let reply: ReplyFrame =
             match timeout(Duration::from_secs(60), codec::read_frame(&mut self.stream, DEFAULT_MAX_FRAME)).await {
                 Ok(Ok(Some(frame))) => frame,
