@@ -39,6 +39,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
@@ -202,11 +203,47 @@ pub struct NewDirs {
     pub gid: u32,
 }
 
+/// The descriptor of a [`Dir`]: its own, or the one of `/` that the process holds.
+#[derive(Debug)]
+enum DirFd {
+    Owned(OwnedFd),
+    /// `/`, opened once per process ([`Dir::root`]).
+    Root(&'static OwnedFd),
+}
+
+impl AsFd for DirFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            DirFd::Owned(fd) => fd.as_fd(),
+            DirFd::Root(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl DirFd {
+    /// A descriptor of the same directory that this one's holder may keep: `/`'s is
+    /// shared, not duplicated.
+    fn try_clone(&self) -> io::Result<Self> {
+        match self {
+            DirFd::Owned(fd) => fd.try_clone().map(DirFd::Owned),
+            DirFd::Root(fd) => Ok(DirFd::Root(fd)),
+        }
+    }
+
+    /// A descriptor of its own (a duplicate of `/`'s).
+    fn into_owned(self) -> io::Result<OwnedFd> {
+        match self {
+            DirFd::Owned(fd) => Ok(fd),
+            DirFd::Root(fd) => fd.try_clone(),
+        }
+    }
+}
+
 /// An opened directory, and the path it was reached by (for messages only: nothing is
 /// ever resolved through it again).
 #[derive(Debug)]
 pub struct Dir {
-    fd: OwnedFd,
+    fd: DirFd,
     path: PathBuf,
     /// No one but root could have replaced any directory on the way to this one, and
     /// root owns each: links found here may be followed if this directory is not
@@ -267,8 +304,25 @@ const DIR_FLAGS: OFlags =
 
 impl Dir {
     /// `/`, the start of every walk.
+    ///
+    /// Its descriptor is opened once per process and kept (every walk opened and closed
+    /// it before: 2 of a converged `linux.file` state's system calls). It is the same
+    /// directory every `open("/")` would give: `/` resolves to the process's root, which
+    /// only `chroot`/`pivot_root` by the process itself changes, and the helper does
+    /// neither. Its owner and mode are read again on every walk, so a `/` made writable
+    /// by others is seen by the next walk, as before.
     pub fn root() -> Result<Self, WalkError> {
-        let fd = rustix::fs::open("/", DIR_FLAGS, Mode::empty()).map_err(io_err(Path::new("/"), "open"))?;
+        static ROOT: OnceLock<OwnedFd> = OnceLock::new();
+        let fd = match ROOT.get() {
+            Some(fd) => fd,
+            None => {
+                let fd = rustix::fs::open("/", DIR_FLAGS, Mode::empty()).map_err(io_err(Path::new("/"), "open"))?;
+                // A thread that got here first keeps its descriptor; this one is closed.
+                let _ = ROOT.set(fd);
+                ROOT.get().ok_or_else(|| WalkError::Changed(PathBuf::from("/")))?
+            }
+        };
+        let fd = DirFd::Root(fd);
         let (meta, born) = stat_dir(fd.as_fd(), Path::new("/"))?;
         let trusted = match meta.writer_besides_root(0) {
             None => Ok(()),
@@ -297,7 +351,7 @@ impl Dir {
                 Ok(Self {
                     opened,
                     born,
-                    fd,
+                    fd: DirFd::Owned(fd),
                     path: path.to_path_buf(),
                     trusted: Err((path.to_path_buf(), "whoever made the path given".to_string())),
                 })
@@ -367,7 +421,7 @@ impl Dir {
                 let path = self.join(name);
                 let (meta, born) = stat_dir(fd.as_fd(), &path)?;
                 let trusted = self.child_trust(&path, meta.uid);
-                Ok(Ok(Dir { fd, path, trusted, opened: meta, born }))
+                Ok(Ok(Dir { fd: DirFd::Owned(fd), path, trusted, opened: meta, born }))
             }
             Err(e @ (Errno::NOENT | Errno::NOTDIR | Errno::LOOP)) => Ok(Err(e)),
             Err(e) => Err(io_err(&self.join(name), "open")(e)),
@@ -387,8 +441,9 @@ impl Dir {
     }
 
     /// The descriptor as a `File` (for `fsync`, `fchown` and the like by callers).
-    pub fn into_file(self) -> File {
-        File::from(self.fd)
+    pub fn into_file(self) -> Result<File, WalkError> {
+        let path = self.path;
+        self.fd.into_owned().map(File::from).map_err(|source| WalkError::Io { path, op: "duplicate", source })
     }
 
     /// A path that reaches the entry `name` of this opened directory through
@@ -397,7 +452,7 @@ impl Dir {
     /// directory nobody else can write.
     pub fn fd_path(&self, name: &OsStr) -> PathBuf {
         use std::os::fd::AsRawFd;
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).join(name)
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_fd().as_raw_fd())).join(name)
     }
 
     /// Creates the new private (0600) file `name`; fails if anything is there.

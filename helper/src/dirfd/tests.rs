@@ -190,3 +190,26 @@ fn a_temporary_file_of_a_dead_writer_is_removed_and_a_live_writers_kept() {
     want.sort();
     assert_eq!(left, want);
 }
+
+#[test]
+fn every_walk_starts_from_one_descriptor_of_root_and_a_caller_gets_its_own() {
+    use std::os::fd::AsRawFd;
+    let raw = |d: &Dir| d.as_fd().as_raw_fd();
+    let (a, b) = (Dir::root().unwrap(), Dir::root().unwrap());
+    assert_eq!(raw(&a), raw(&b), "`/` is opened once per process");
+    assert_eq!(a.try_clone().map(|c| raw(&c)).unwrap(), raw(&a));
+    // Trust is still worked out on each walk from `/`'s owner and mode.
+    assert_eq!(a.opened, Dir::root().unwrap().opened);
+    let r = resolve(Path::new("/"), Last::Follow, None, &mut |_, _| {}).unwrap();
+    assert!(r.name.is_none() && r.parent.path() == Path::new("/"));
+    // A descriptor handed out as a file is a duplicate: closing it leaves `/`'s open.
+    let f = r.parent.into_file().unwrap();
+    assert_ne!(f.as_raw_fd(), raw(&a));
+    drop(f);
+    drop((a, b));
+    let t = base();
+    let d = root_dir(t.path(), "d");
+    fs::write(d.join("f"), "x").unwrap();
+    let r = resolve(&d.join("f"), Last::Follow, None, &mut |_, _| {}).unwrap();
+    assert_eq!(r.stat_last().unwrap().map(|m| m.kind), Some(FileType::RegularFile));
+}
