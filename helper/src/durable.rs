@@ -95,7 +95,7 @@ impl Pending {
     pub fn note(&self, dir: &Dir) -> Result<(), WalkError> {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let dev = dir.dev();
+        let dev = dir.dev()?;
         if let std::collections::btree_map::Entry::Vacant(slot) = inner.dirs.entry(dev) {
             match dir.try_clone() {
                 Ok(kept) => drop(slot.insert(kept)),

@@ -86,10 +86,10 @@ pub fn open_nofollow(path: &Path, directory: bool) -> Result<File, FsError> {
     let r = dirfd::resolve(path, Last::NoFollow, None, &mut |_, _| {})?;
     let missing = || io_err(path, "open")(io::ErrorKind::NotFound.into());
     let Some(name) = r.name else {
-        return Ok(r.parent.into_file());
+        return Ok(r.parent.into_file()?);
     };
     if directory {
-        Ok(r.parent.subdir(&name)?.ok_or_else(missing)?.into_file())
+        Ok(r.parent.subdir(&name)?.ok_or_else(missing)?.into_file()?)
     } else {
         r.parent.open_file(&name)?.ok_or_else(missing)
     }

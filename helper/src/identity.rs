@@ -4,10 +4,10 @@
 //! resolved at the moment it is used, so an unknown name fails the one state (or the
 //! start-up) that names it, never silently maps to root.
 //!
-//! The owner of every file-like state (root:root by default) is resolved on every
-//! request, and glibc's `getpwnam`/`getgrnam` cost a dozen system calls each time (the
-//! NSS configuration checked, `/etc/passwd` and `/etc/group` opened and read, `nscd`
-//! tried). [`Accounts`] answers those look-ups from the two files, parsed once per
+//! The owner a file-like state names is resolved on every request that names it (the
+//! default, root:root, is uid 0 and gid 0 without a look-up), and glibc's
+//! `getpwnam`/`getgrnam` cost a dozen system calls each time (the NSS configuration
+//! checked, `/etc/passwd` and `/etc/group` opened and read, `nscd` tried). [`Accounts`] answers those look-ups from the two files, parsed once per
 //! version of them, wherever that is exactly glibc's answer (see [`Accounts`]); anywhere
 //! else it asks glibc, every time.
 
@@ -229,6 +229,11 @@ impl Accounts {
     /// The uid of `user` and the gid of `group` (each when asked for; `None` when the
     /// name is unknown).
     fn ids(&self, user: Option<&str>, group: Option<&str>) -> Result<(Option<u32>, Option<u32>), IdentityError> {
+        if user.is_none() && group.is_none() {
+            // No name to look up: nothing to check the files' stamps for (each stamp is
+            // checked by the look-up that relies on it, below).
+            return Ok((None, None));
+        }
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         let racy = self.racy;
         let rules = cache.rules(&self.nsswitch, racy);
@@ -474,6 +479,10 @@ mod tests {
         std::fs::write(d.join("passwd"), "alice:x:1234:1234::/home/alice:/bin/sh\n").unwrap();
         std::fs::write(d.join("group"), "staff:x:50:alice\n").unwrap();
         let a = accounts(d, Duration::ZERO);
+        // No name given: nothing is read or checked (a file state's default owner, root,
+        // is taken as uid 0 and gid 0 without a look-up).
+        assert_eq!(Owner::resolve_in(&a, None, None).unwrap(), Owner::default());
+        assert_eq!(reads(&a), 0);
         let owner = |u: &str, g: &str| Owner::resolve_in(&a, Some(u), Some(g)).map(|o| o.applied_to(1, 1));
         assert_eq!(owner("alice", "staff").unwrap(), (1234, 50));
         assert_eq!(reads(&a), 3);

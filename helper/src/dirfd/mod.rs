@@ -39,6 +39,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
@@ -202,25 +203,85 @@ pub struct NewDirs {
     pub gid: u32,
 }
 
+/// The descriptor of a [`Dir`]: its own, or the one of `/` that the process holds.
+#[derive(Debug)]
+enum DirFd {
+    Owned(OwnedFd),
+    /// `/`, opened once per process ([`Dir::root`]).
+    Root(&'static OwnedFd),
+}
+
+impl AsFd for DirFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            DirFd::Owned(fd) => fd.as_fd(),
+            DirFd::Root(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl DirFd {
+    /// A descriptor of the same directory that this one's holder may keep: `/`'s is
+    /// shared, not duplicated.
+    fn try_clone(&self) -> io::Result<Self> {
+        match self {
+            DirFd::Owned(fd) => fd.try_clone().map(DirFd::Owned),
+            DirFd::Root(fd) => Ok(DirFd::Root(fd)),
+        }
+    }
+
+    /// A descriptor of its own (a duplicate of `/`'s).
+    fn into_owned(self) -> io::Result<OwnedFd> {
+        match self {
+            DirFd::Owned(fd) => Ok(fd),
+            DirFd::Root(fd) => fd.try_clone(),
+        }
+    }
+}
+
+/// `Ok` when no one but root could have replaced any directory on the way to a
+/// directory, and root owns each; else where trust was lost and who could have changed
+/// things there.
+type Trust = Result<(), (PathBuf, String)>;
+
+/// How a directory was reached, from which its [`Trust`] is worked out.
+#[derive(Debug, Clone)]
+enum Reached {
+    /// `/`: trusted when no one but root can write it.
+    Root,
+    /// Opened by a walk ([`resolve`]) in the directory held here: trusted as that one's
+    /// [`Dir::child_trust`] says. Holding it keeps its descriptor open, so its owner and
+    /// mode can be read from that descriptor when the trust is first asked for.
+    In(Arc<Dir>),
+    /// Decided when the directory was opened.
+    Known(Trust),
+}
+
 /// An opened directory, and the path it was reached by (for messages only: nothing is
 /// ever resolved through it again).
+///
+/// Its owner and mode, and the trust that follows from them and from the directories
+/// on the way, are read when first needed: by a link met in it, a directory made or
+/// opened in it outside a walk, [`Dir::root_controlled`], the sweep for temporary files.
+/// A walk to a file that is already as wanted needs none of them, and read them (one
+/// `statx` per directory on the way) for nothing before. Reading later is as sound as
+/// reading at the open: the `statx` is of the descriptor, so of the directory opened
+/// whatever happened to its name; only the owner (or root) can change a directory's
+/// mode, and only root its owner (no one gives a directory away on Linux), so a
+/// directory some other user owned when it was opened is still not root's, hence not
+/// trusted, and one root owned changes only at root's own hand.
 #[derive(Debug)]
 pub struct Dir {
-    fd: OwnedFd,
+    fd: DirFd,
     path: PathBuf,
-    /// No one but root could have replaced any directory on the way to this one, and
-    /// root owns each: links found here may be followed if this directory is not
-    /// writable by others either (checked when one is met). The error names where trust
-    /// was lost and who could have changed things there.
-    trusted: Result<(), (PathBuf, String)>,
-    /// Owner, mode and type by `fstat` of the descriptor when it was opened (or made): the
-    /// trust checks of entries found in it ([`Dir::child_trust`], [`Dir::link_refusal`])
-    /// read these instead of a second `fstat`. Sound because only the owner (or root)
-    /// can change a directory's owner or mode: a directory some other user owns is not
-    /// trusted whatever its mode, and one root owns changes only at root's hand.
-    opened: Meta,
-    /// Its birth time, where the file system records one.
-    born: Option<(i64, u32)>,
+    reached: Reached,
+    /// From `reached` at first need ([`Dir::trusted`]): links found here may be followed
+    /// if this directory is not writable by others either (checked when one is met).
+    trusted: OnceLock<Trust>,
+    /// Owner, mode and type by `statx` of the descriptor, and its birth time where the
+    /// file system records one ([`Dir::opened`]): the trust checks of entries found in it
+    /// ([`Dir::child_trust`], [`Dir::link_refusal`]) read these.
+    opened: OnceLock<(Meta, Option<(i64, u32)>)>,
 }
 
 impl AsFd for Dir {
@@ -249,7 +310,7 @@ impl Resolved {
         match (&self.last_stat, &self.name) {
             (Some(found), _) => Ok(*found),
             (None, Some(name)) => self.parent.stat(name),
-            (None, None) => Ok(Some(self.parent.opened)),
+            (None, None) => Ok(Some(self.parent.opened()?.0)),
         }
     }
 
@@ -267,14 +328,78 @@ const DIR_FLAGS: OFlags =
 
 impl Dir {
     /// `/`, the start of every walk.
+    ///
+    /// Its descriptor is opened once per process and kept (every walk opened and closed
+    /// it before: 2 of a converged `linux.file` state's system calls). It is the same
+    /// directory every `open("/")` would give: `/` resolves to the process's root, which
+    /// only `chroot`/`pivot_root` by the process itself changes, and the helper does
+    /// neither. Its owner and mode are read again by every walk that needs them (a `Dir`
+    /// reads them at most once), so a `/` made writable by others is seen by the next
+    /// walk that follows a link, as before.
     pub fn root() -> Result<Self, WalkError> {
-        let fd = rustix::fs::open("/", DIR_FLAGS, Mode::empty()).map_err(io_err(Path::new("/"), "open"))?;
-        let (meta, born) = stat_dir(fd.as_fd(), Path::new("/"))?;
-        let trusted = match meta.writer_besides_root(0) {
-            None => Ok(()),
-            Some(w) => Err((PathBuf::from("/"), w)),
+        static ROOT: OnceLock<OwnedFd> = OnceLock::new();
+        let fd = match ROOT.get() {
+            Some(fd) => fd,
+            None => {
+                let fd = rustix::fs::open("/", DIR_FLAGS, Mode::empty()).map_err(io_err(Path::new("/"), "open"))?;
+                // A thread that got here first keeps its descriptor; this one is closed.
+                let _ = ROOT.set(fd);
+                ROOT.get().ok_or_else(|| WalkError::Changed(PathBuf::from("/")))?
+            }
         };
-        Ok(Self { fd, path: PathBuf::from("/"), trusted, opened: meta, born })
+        Ok(Self::lazy(DirFd::Root(fd), PathBuf::from("/"), Reached::Root))
+    }
+
+    /// A directory whose owner, mode and trust are read when first needed.
+    fn lazy(fd: DirFd, path: PathBuf, reached: Reached) -> Self {
+        Self { fd, path, reached, trusted: OnceLock::new(), opened: OnceLock::new() }
+    }
+
+    /// A directory whose owner, mode and trust were read as it was opened.
+    fn known(fd: DirFd, path: PathBuf, opened: (Meta, Option<(i64, u32)>), trusted: Trust) -> Self {
+        let reached = Reached::Known(trusted.clone());
+        Self { fd, path, reached, trusted: OnceLock::from(trusted), opened: OnceLock::from(opened) }
+    }
+
+    /// Owner, mode and type by `statx` of the descriptor (the first call's: see [`Dir`]),
+    /// and the birth time.
+    fn opened(&self) -> Result<(Meta, Option<(i64, u32)>), WalkError> {
+        if let Some(opened) = self.opened.get() {
+            return Ok(*opened);
+        }
+        let opened = stat_dir(self.fd.as_fd(), &self.path)?;
+        Ok(*self.opened.get_or_init(|| opened))
+    }
+
+    /// This directory's [`Trust`], worked out at first need.
+    fn trusted(&self) -> Result<&Trust, WalkError> {
+        if let Some(trust) = self.trusted.get() {
+            return Ok(trust);
+        }
+        // The directories on the way whose trust is not known yet, this one first: worked
+        // out from the farthest one down, in a loop (a path may be thousands deep).
+        let mut chain = vec![self];
+        let mut at = self;
+        while let Reached::In(parent) = &at.reached {
+            if parent.trusted.get().is_some() {
+                break;
+            }
+            at = &**parent;
+            chain.push(at);
+        }
+        for dir in chain.into_iter().rev() {
+            let trust = match &dir.reached {
+                Reached::Root => match dir.opened()?.0.writer_besides_root(0) {
+                    None => Ok(()),
+                    Some(w) => Err((dir.path.clone(), w)),
+                },
+                Reached::In(parent) => parent.child_trust(&dir.path, dir.opened()?.0.uid)?,
+                Reached::Known(trust) => trust.clone(),
+            };
+            // Another thread may have worked it out meanwhile: the same answer.
+            let _ = dir.trusted.set(trust);
+        }
+        self.trusted.get().ok_or_else(|| WalkError::Changed(self.path.clone()))
     }
 
     pub fn path(&self) -> &Path {
@@ -282,8 +407,8 @@ impl Dir {
     }
 
     /// The device number of the directory's file system.
-    pub fn dev(&self) -> u64 {
-        self.opened.dev
+    pub fn dev(&self) -> Result<u64, WalkError> {
+        Ok(self.opened()?.0.dev)
     }
 
     /// Opens the directory `path` as the kernel resolves it, the last component never
@@ -293,14 +418,8 @@ impl Dir {
     pub fn open_given(path: &Path) -> Result<Self, WalkError> {
         match rustix::fs::open(path, DIR_FLAGS, Mode::empty()) {
             Ok(fd) => {
-                let (opened, born) = stat_dir(fd.as_fd(), path)?;
-                Ok(Self {
-                    opened,
-                    born,
-                    fd,
-                    path: path.to_path_buf(),
-                    trusted: Err((path.to_path_buf(), "whoever made the path given".to_string())),
-                })
+                let untrusted = Err((path.to_path_buf(), "whoever made the path given".to_string()));
+                Ok(Self::lazy(DirFd::Owned(fd), path.to_path_buf(), Reached::Known(untrusted)))
             }
             Err(Errno::LOOP) => Err(WalkError::Symlink(path.to_path_buf())),
             Err(Errno::NOENT) => Err(WalkError::Missing(path.to_path_buf())),
@@ -312,7 +431,13 @@ impl Dir {
     pub fn try_clone(&self) -> Result<Self, WalkError> {
         let fd =
             self.fd.try_clone().map_err(|source| WalkError::Io { path: self.path.clone(), op: "duplicate", source })?;
-        Ok(Self { fd, path: self.path.clone(), trusted: self.trusted.clone(), opened: self.opened, born: self.born })
+        Ok(Self {
+            fd,
+            path: self.path.clone(),
+            reached: self.reached.clone(),
+            trusted: self.trusted.clone(),
+            opened: self.opened.clone(),
+        })
     }
 
     pub fn join(&self, name: &OsStr) -> PathBuf {
@@ -362,13 +487,29 @@ impl Dir {
     /// for the trust rule; the error number when the entry is missing (`NOENT`), a link
     /// or not a directory (`NOTDIR`, `LOOP`).
     fn open_subdir(&self, name: &OsStr) -> Result<Result<Dir, Errno>, WalkError> {
-        match rustix::fs::openat(&self.fd, name, DIR_FLAGS, Mode::empty()) {
+        Ok(match self.openat_dir(name)? {
             Ok(fd) => {
                 let path = self.join(name);
-                let (meta, born) = stat_dir(fd.as_fd(), &path)?;
-                let trusted = self.child_trust(&path, meta.uid);
-                Ok(Ok(Dir { fd, path, trusted, opened: meta, born }))
+                let opened = stat_dir(fd.as_fd(), &path)?;
+                let trusted = self.child_trust(&path, opened.0.uid)?;
+                Ok(Dir::known(DirFd::Owned(fd), path, opened, trusted))
             }
+            Err(e) => Err(e),
+        })
+    }
+
+    /// `openat(O_DIRECTORY | O_NOFOLLOW)` of the sub-directory `name`, which keeps `dir`
+    /// (this one) open until its trust is worked out; the error number as
+    /// [`Dir::open_subdir`]'s. For a walk, which holds the directories it passes.
+    fn open_subdir_in(dir: &Arc<Dir>, name: &OsStr) -> Result<Result<Dir, Errno>, WalkError> {
+        Ok(dir.openat_dir(name)?.map(|fd| Dir::lazy(DirFd::Owned(fd), dir.join(name), Reached::In(Arc::clone(dir)))))
+    }
+
+    /// `openat(O_DIRECTORY | O_NOFOLLOW)` of `name`; the error number when the entry is
+    /// missing (`NOENT`), a link or not a directory (`NOTDIR`, `LOOP`).
+    fn openat_dir(&self, name: &OsStr) -> Result<Result<OwnedFd, Errno>, WalkError> {
+        match rustix::fs::openat(&self.fd, name, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => Ok(Ok(fd)),
             Err(e @ (Errno::NOENT | Errno::NOTDIR | Errno::LOOP)) => Ok(Err(e)),
             Err(e) => Err(io_err(&self.join(name), "open")(e)),
         }
@@ -387,8 +528,9 @@ impl Dir {
     }
 
     /// The descriptor as a `File` (for `fsync`, `fchown` and the like by callers).
-    pub fn into_file(self) -> File {
-        File::from(self.fd)
+    pub fn into_file(self) -> Result<File, WalkError> {
+        let path = self.path;
+        self.fd.into_owned().map(File::from).map_err(|source| WalkError::Io { path, op: "duplicate", source })
     }
 
     /// A path that reaches the entry `name` of this opened directory through
@@ -397,7 +539,7 @@ impl Dir {
     /// directory nobody else can write.
     pub fn fd_path(&self, name: &OsStr) -> PathBuf {
         use std::os::fd::AsRawFd;
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).join(name)
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_fd().as_raw_fd())).join(name)
     }
 
     /// Creates the new private (0600) file `name`; fails if anything is there.
@@ -451,13 +593,14 @@ impl Dir {
         let mut start = b".".to_vec();
         start.extend_from_slice(prefix.as_bytes());
         start.extend_from_slice(b".opsagent-tmp.");
-        let Some(born) = self.born else {
+        let (opened, born) = self.opened()?;
+        let Some(born) = born else {
             // No birth time: a directory could not be told from a later one with its
             // inode number; listed every time.
             let mut once = HashMap::new();
             return self.remove_dead_temps_in(&mut once, (0, 0, (0, 0)), &start);
         };
-        let key = (self.opened.dev, self.opened.ino, born);
+        let key = (opened.dev, opened.ino, born);
         let mut listed = LISTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let listed = listed.get_or_insert_with(HashMap::new);
         self.remove_dead_temps_in(listed, key, &start)
@@ -503,14 +646,15 @@ impl Dir {
         crate::plan::check("create the directory", self.join(name).display())?;
         let path = self.join(name);
         rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o700)).map_err(io_err(&path, "create directory"))?;
-        let mut dir = self.subdir(name)?.ok_or_else(|| WalkError::Changed(path.clone()))?;
+        let dir = self.subdir(name)?.ok_or_else(|| WalkError::Changed(path.clone()))?;
         let (uid, gid) = (rustix::fs::Uid::from_raw(new.uid), rustix::fs::Gid::from_raw(new.gid));
         rustix::fs::fchown(&dir.fd, Some(uid), Some(gid)).map_err(io_err(&path, "change the owner of"))?;
         rustix::fs::fchmod(&dir.fd, Mode::from_raw_mode(new.mode)).map_err(io_err(&path, "change the mode of"))?;
-        (dir.opened, dir.born) = stat_dir(dir.fd.as_fd(), &path)?;
+        // Read again: the owner and mode just given.
+        let opened = stat_dir(dir.fd.as_fd(), &path)?;
         // Trusted as a directory of that owner and mode is.
-        dir.trusted = self.child_trust(&path, dir.opened.uid);
-        Ok(dir)
+        let trusted = self.child_trust(&path, opened.0.uid)?;
+        Ok(Dir::known(dir.fd, path, opened, trusted))
     }
 
     /// `renameat` within this directory (atomic replacement of `to`).
@@ -608,7 +752,7 @@ impl Dir {
     /// or an argument of `git`, `python -m venv`) then meets what the helper checked.
     /// Otherwise the error names the first directory someone else controls, and who.
     pub fn root_controlled(&self) -> Result<(), WalkError> {
-        if let Err((path, writer)) = &self.trusted {
+        if let Err((path, writer)) = self.trusted()? {
             return Err(WalkError::NotRootControlled { path: path.clone(), writer: writer.clone() });
         }
         // Not an entry root owns: the sticky bit does not stop others adding entries.
@@ -620,35 +764,36 @@ impl Dir {
 
     /// Whether a child directory owned by `uid` keeps the chain trusted: this chain is,
     /// nobody but root can replace the entry, and root owns the child.
-    fn child_trust(&self, path: &Path, uid: u32) -> Result<(), (PathBuf, String)> {
-        if self.trusted.is_err() {
-            return self.trusted.clone();
+    fn child_trust(&self, path: &Path, uid: u32) -> Result<Trust, WalkError> {
+        let trusted = self.trusted()?;
+        if trusted.is_err() {
+            return Ok(trusted.clone());
         }
-        match self.opened.writer_besides_root(uid) {
+        Ok(match self.opened()?.0.writer_besides_root(uid) {
             Some(w) => Err((self.path.clone(), w)),
             None if uid != 0 => Err((path.to_path_buf(), format!("uid {uid}"))),
             None => Ok(()),
-        }
+        })
     }
 
     /// Why a link found in this directory may not be followed; `None`: it may.
-    fn link_refusal(&self, link: &Path, link_uid: u32) -> Option<WalkError> {
-        if let Err((below, writer)) = &self.trusted {
+    fn link_refusal(&self, link: &Path, link_uid: u32) -> Result<Option<WalkError>, WalkError> {
+        if let Err((below, writer)) = self.trusted()? {
             if below != &self.path {
-                return Some(WalkError::LinkBelowUnsafe {
+                return Ok(Some(WalkError::LinkBelowUnsafe {
                     path: link.to_path_buf(),
                     below: below.clone(),
                     writer: writer.clone(),
-                });
+                }));
             }
         }
-        if let Some(writer) = self.opened.writer_besides_root(link_uid) {
-            return Some(WalkError::UnsafeLink { path: link.to_path_buf(), writer });
+        if let Some(writer) = self.opened()?.0.writer_besides_root(link_uid) {
+            return Ok(Some(WalkError::UnsafeLink { path: link.to_path_buf(), writer }));
         }
         if link_uid != 0 {
-            return Some(WalkError::LinkOwner { path: link.to_path_buf(), uid: link_uid });
+            return Ok(Some(WalkError::LinkOwner { path: link.to_path_buf(), uid: link_uid }));
         }
-        None
+        Ok(None)
     }
 }
 
@@ -709,12 +854,14 @@ pub fn resolve(
     create: Option<NewDirs>,
     on_create: &mut dyn FnMut(&Path, NewDirs),
 ) -> Result<Resolved, WalkError> {
-    let mut stack = vec![Dir::root()?];
+    // Each directory held by the next one opened in it until the walk's result (and
+    // whatever it opens in turn) is dropped: their trust is worked out only if asked.
+    let mut stack = vec![Arc::new(Dir::root()?)];
     let mut pending = components(path);
     let mut links = 0;
     loop {
         let Some(name) = pending.pop_front() else {
-            let parent = stack.pop().ok_or_else(|| WalkError::Changed(path.to_path_buf()))?;
+            let parent = take(stack.pop().ok_or_else(|| WalkError::Changed(path.to_path_buf()))?)?;
             return Ok(Resolved { parent, name: None, last_stat: None });
         };
         if name == ".." {
@@ -729,17 +876,17 @@ pub fn resolve(
         let top = stack.last().ok_or_else(|| WalkError::Changed(path.to_path_buf()))?;
         if at_last && last == Last::NoFollow {
             return Ok(Resolved {
-                parent: stack.pop().ok_or(WalkError::Changed(path.to_path_buf()))?,
+                parent: take(stack.pop().ok_or(WalkError::Changed(path.to_path_buf()))?)?,
                 name: Some(name),
                 last_stat: None,
             });
         }
-        // A directory on the way is opened at once (one `openat`, its `fstat` for the
-        // trust rule); only what does not open as one is looked at: a link, a missing
-        // entry, something else.
+        // A directory on the way is opened at once (one `openat`; its `statx` for the
+        // trust rule only if that is asked for); only what does not open as one is looked
+        // at: a link, a missing entry, something else.
         if !at_last {
-            if let Ok(d) = top.open_subdir(&name)? {
-                stack.push(d);
+            if let Ok(d) = Dir::open_subdir_in(top, &name)? {
+                stack.push(Arc::new(d));
                 continue;
             }
         }
@@ -747,7 +894,7 @@ pub fn resolve(
         let found = top.stat(&name)?;
         match found {
             Some(m) if m.kind == FileType::Symlink => {
-                if let Some(refusal) = top.link_refusal(&here, m.uid) {
+                if let Some(refusal) = top.link_refusal(&here, m.uid)? {
                     return Err(refusal);
                 }
                 links += 1;
@@ -764,13 +911,13 @@ pub fn resolve(
             }
             None | Some(_) if at_last => {
                 return Ok(Resolved {
-                    parent: stack.pop().ok_or(WalkError::Changed(path.to_path_buf()))?,
+                    parent: take(stack.pop().ok_or(WalkError::Changed(path.to_path_buf()))?)?,
                     name: Some(name),
                     last_stat: Some(found),
                 })
             }
             Some(m) if m.is_dir() => match top.subdir(&name) {
-                Ok(Some(d)) => stack.push(d),
+                Ok(Some(d)) => stack.push(Arc::new(d)),
                 // Replaced between the stat and the open: only someone who may write
                 // here can do that, and it fails their own state.
                 Ok(None) | Err(WalkError::Symlink(_)) => return Err(WalkError::Changed(here)),
@@ -782,7 +929,7 @@ pub fn resolve(
                 Some(new) => match top.mkdir(&name, new) {
                     Ok(d) => {
                         on_create(&here, new);
-                        stack.push(d);
+                        stack.push(Arc::new(d));
                     }
                     Err(WalkError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
                         pending.push_front(name)
@@ -792,6 +939,12 @@ pub fn resolve(
             },
         }
     }
+}
+
+/// The directory a walk held, for its caller: the walk's own (no directory opened in it
+/// is left), else a second descriptor.
+fn take(dir: Arc<Dir>) -> Result<Dir, WalkError> {
+    Arc::try_unwrap(dir).or_else(|dir| dir.try_clone())
 }
 
 /// [`Dir::root_controlled`] for the directory `path`, which need not exist yet: then the

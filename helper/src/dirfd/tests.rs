@@ -190,3 +190,53 @@ fn a_temporary_file_of_a_dead_writer_is_removed_and_a_live_writers_kept() {
     want.sort();
     assert_eq!(left, want);
 }
+
+#[test]
+fn every_walk_starts_from_one_descriptor_of_root_and_a_caller_gets_its_own() {
+    use std::os::fd::AsRawFd;
+    let raw = |d: &Dir| d.as_fd().as_raw_fd();
+    let (a, b) = (Dir::root().unwrap(), Dir::root().unwrap());
+    assert_eq!(raw(&a), raw(&b), "`/` is opened once per process");
+    assert_eq!(a.try_clone().map(|c| raw(&c)).unwrap(), raw(&a));
+    // Trust is still worked out on each walk from `/`'s owner and mode.
+    assert_eq!(a.opened().unwrap(), Dir::root().unwrap().opened().unwrap());
+    let r = resolve(Path::new("/"), Last::Follow, None, &mut |_, _| {}).unwrap();
+    assert!(r.name.is_none() && r.parent.path() == Path::new("/"));
+    // A descriptor handed out as a file is a duplicate: closing it leaves `/`'s open.
+    let f = r.parent.into_file().unwrap();
+    assert_ne!(f.as_raw_fd(), raw(&a));
+    drop(f);
+    drop((a, b));
+    let t = base();
+    let d = root_dir(t.path(), "d");
+    fs::write(d.join("f"), "x").unwrap();
+    let r = resolve(&d.join("f"), Last::Follow, None, &mut |_, _| {}).unwrap();
+    assert_eq!(r.stat_last().unwrap().map(|m| m.kind), Some(FileType::RegularFile));
+}
+
+#[test]
+fn trust_is_read_only_when_asked_and_still_from_every_directory_on_the_way() {
+    let t = base();
+    let www = root_dir(t.path(), "www");
+    std::os::unix::fs::chown(&www, Some(33), Some(33)).unwrap();
+    let inner = root_dir(&www, "inner");
+    fs::write(inner.join("f"), "x").unwrap();
+    let r = resolve(&inner.join("f"), Last::Follow, None, &mut |_, _| {}).unwrap();
+    assert_eq!(r.stat_last().unwrap().map(|m| m.kind), Some(FileType::RegularFile));
+    assert!(r.parent.opened.get().is_none() && r.parent.trusted.get().is_none(), "nothing read for a file found");
+    // Asked afterwards: read from the directories the walk held, www (uid 33) breaking
+    // the chain although inner is root's.
+    let err = r.parent.root_controlled().unwrap_err();
+    assert!(
+        matches!(&err, WalkError::NotRootControlled { path, writer } if path == &www && writer == "uid 33"),
+        "{err}"
+    );
+    // The same walk through directories only root controls.
+    let etc = root_dir(t.path(), "etc");
+    let r = resolve(&etc.join("f"), Last::Follow, None, &mut |_, _| {}).unwrap();
+    r.parent.root_controlled().unwrap();
+    // A link found by a walk after such directories is still refused, naming where.
+    symlink(t.path(), inner.join("l")).unwrap();
+    let err = resolve(&inner.join("l/f"), Last::Follow, None, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(&err, WalkError::LinkBelowUnsafe { below, .. } if below == &www), "{err}");
+}

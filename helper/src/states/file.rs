@@ -24,6 +24,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use nix::unistd::{Gid, Uid};
 use opsagent_proto::catalogue::LinuxFile;
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{Change, Outcome};
@@ -96,9 +97,19 @@ fn outcome(p: &LinuxFile, policy: &Policy, fetched: &Fetched<'_>) -> Outcome {
 
 /// The owner the file-like states enforce: `user` and `group` default to root, as the
 /// original adaptor set them (so an existing file's owner is brought back to root).
+///
+/// The default is the kernel's root, uid 0 and gid 0, taken as numbers: only a name the
+/// recipe gives is looked up. A state that names neither (most do) asks the account
+/// files nothing, so it stats neither them nor `nsswitch.conf` (3 `statx` per converged
+/// file state before); a name given is still looked up, and checked against the files'
+/// current version, at every state that gives it.
 pub(crate) fn owner_or_root(user: Option<&str>, group: Option<&str>) -> Result<Owner, IdentityError> {
-    Owner::resolve(Some(user.unwrap_or("root")), Some(group.unwrap_or("root")))
+    let named = Owner::resolve(user, group)?;
+    Ok(Owner { uid: Some(named.uid.unwrap_or(ROOT_UID)), gid: Some(named.gid.unwrap_or(ROOT_GID)) })
 }
+
+const ROOT_UID: Uid = Uid::from_raw(0);
+const ROOT_GID: Gid = Gid::from_raw(0);
 
 /// The URL to download first, when the state is otherwise valid (a bad path fails at
 /// once, without a download).
@@ -489,6 +500,21 @@ mod tests {
         assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o640, 65534, 65534));
         assert_eq!(fs::read_to_string(&path).unwrap(), "keep");
         assert!(apply(&p).changes.is_empty());
+    }
+
+    #[test]
+    fn a_user_named_without_a_group_gets_group_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("conf");
+        fs::write(&path, "keep").unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let out = apply(&file(json!({"path": path, "user": "nobody"})));
+        assert!(out.result, "{}", out.comment);
+        let what: Vec<_> = out.changes.iter().map(|c| c.what.as_str()).collect();
+        assert_eq!(what, ["owner 65534:65534 -> 65534:0"]);
+        let out = apply(&file(json!({"path": path, "group": "nogroup"})));
+        let what: Vec<_> = out.changes.iter().map(|c| c.what.as_str()).collect();
+        assert_eq!(what, ["owner 65534:0 -> 0:65534"]);
     }
 
     #[test]
