@@ -521,7 +521,11 @@ impl Connection {
         let shared = Arc::clone(&self.shared);
         let module = req.params.name();
         let state_id = req.state_id.as_str();
-        info!(id, state_id, module, recipe_version = req.recipe_version, plan = req.plan, "apply");
+        // One journal line per state at info, its outcome (which carries these fields
+        // too): a converged round of a thousand states is a thousand lines for journald,
+        // not two thousand. A state that hangs shows in `status` (`running`).
+        let recipe_version = req.recipe_version;
+        debug!(id, state_id, module, recipe_version, plan = req.plan, "apply");
         let _running = Running::register(&shared, state_id, module);
         let (canceller, cancel) = cancel::pair();
         // The request's commands are named after it (their transient units) and their
@@ -555,11 +559,11 @@ impl Connection {
                 let url = signed.and_then(|s| s.unpinned(&urls)).unwrap_or_default();
                 let mut outcome = request::Outcome::failed(signed_mode::unpinned(url));
                 outcome.duration_ms = duration_ms;
-                warn!(id, state_id, module, result = false, url, duration_ms, comment = %outcome.comment, "outcome");
+                warn!(id, state_id, module, recipe_version, result = false, url, duration_ms, comment = %outcome.comment, "outcome");
                 self.reply(id, Reply::Outcome(outcome)).await;
             }
             Ok(Step::NeedFetch(urls)) => {
-                info!(id, state_id, module, urls = %urls.join(" "), duration_ms, "needs downloads");
+                info!(id, state_id, module, recipe_version, urls = %urls.join(" "), duration_ms, "needs downloads");
                 self.reply(id, Reply::NeedFetch { urls }).await;
             }
             Ok(Step::Done(mut outcome)) => {
@@ -573,7 +577,7 @@ impl Connection {
                     };
                 }
                 info!(
-                    id, state_id, module,
+                    id, state_id, module, recipe_version,
                     result = outcome.result,
                     planned = outcome.planned,
                     cancelled = outcome.cancelled,
@@ -587,7 +591,7 @@ impl Connection {
             }
             Err(e) => {
                 let result = if e.code == ErrorCode::Denied { "denied" } else { "refused" };
-                warn!(message_id = catalog::REQUEST_REFUSED, id, state_id, module, result, code = ?e.code, error = %e.message, duration_ms, "request refused");
+                warn!(message_id = catalog::REQUEST_REFUSED, id, state_id, module, recipe_version, result, code = ?e.code, error = %e.message, duration_ms, "request refused");
                 self.reply(id, Reply::Error(e)).await;
             }
         }
