@@ -190,3 +190,30 @@ fn a_temporary_file_of_a_dead_writer_is_removed_and_a_live_writers_kept() {
     want.sort();
     assert_eq!(left, want);
 }
+
+/// A directory with a birth time is listed once per process: a dead writer's file that
+/// appears after the first listing is left to the next helper. Without a birth time the
+/// directory is listed on every temporary file, and such a file goes at the next one.
+#[test]
+fn a_directory_is_listed_for_dead_temporaries_once_only_where_it_has_a_birth_time() {
+    let t = base();
+    let dead: u32 = fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let late = format!(".f.opsagent-tmp.{dead}.1");
+    for (name, born) in [("born", true), ("unborn", false)] {
+        let top = root_dir(t.path(), name);
+        fs::write(top.join(format!(".f.opsagent-tmp.{dead}.0")), "partial").unwrap();
+        let mut dir = Dir::open(&top).unwrap();
+        if born {
+            // A fixed birth time, so that this holds on a file system that records none too.
+            dir.born = Some((1, 2));
+        } else {
+            dir.born = None;
+        }
+        let (first, _f) = dir.create_temp(OsStr::new("f")).unwrap();
+        assert!(!top.join(format!(".f.opsagent-tmp.{dead}.0")).exists(), "{name}: the first dead file stays");
+        fs::write(top.join(&late), "partial").unwrap();
+        let (second, _g) = dir.create_temp(OsStr::new("f")).unwrap();
+        assert_eq!(top.join(&late).exists(), born, "{name}: the file of a dead writer made after the first listing");
+        assert!(top.join(first).exists() && top.join(second).exists(), "{name}: this process's own files");
+    }
+}
