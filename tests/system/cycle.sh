@@ -1,8 +1,44 @@
 # shellcheck shell=bash
-# Issue 19's drift cycle for the state scripts that plan (plan_states.sh, rpm_states.sh):
-# `run`, `cycle` and their checks. Sourced after lib.sh and checks.sh; the script sets
-# C (its container), ROOT (the container's root on the host) and defines `in_c COMMAND`
-# and `walk FILE` (its checksum walk of what the plans must not write, into $WORK/FILE).
+# Issue 19's drift cycle for the state scripts that plan (plan_states.sh, rpm_states.sh,
+# puppet_plan.sh): `run`, `cycle`, their checks and `walk`, the checksum walk of what the
+# plans must not write. Sourced after lib.sh and checks.sh; the script sets C (its
+# container) and ROOT (the container's root on the host), defines `in_c COMMAND`, and sets
+# the walk's WALK_* variables where it wants other than their defaults (see `walk`).
+
+# walk FILE: into $WORK/FILE, run inside the container (in_c), of the directories of
+# WALK_DIRS (default /etc /var /opt /home /srv /usr/local), each on its own file system
+# (-xdev):
+#  - "absent DIR" for each of them that is missing, so that a plan creating one shows;
+#  - one line per entry: type, mode, owner, path, link target;
+#  - with WALK_SIZES=yes, every regular file's path, size and modification time (a
+#    rewrite with the same content counts too);
+#  - the sha256 of every regular file's content; with WALK_SQLITE_SHM=skip, not of
+#    SQLite's shared-memory WAL indexes (*.sqlite-shm: listed still; why in rpm_states.sh).
+# Left out entirely (pruned): what the OS changes whatever the helper does, found by
+# walking an idle container before and after a plan (plan_states.sh's header has each
+# one's reason): journald's files, apt's binary caches, units' PrivateTmp= directories.
+WALK_PRUNE='\( -path /var/log/journal -o -path "/var/cache/apt/*.bin" -o -path "/var/tmp/systemd-private-*" \) -prune -o'
+walk() {
+    local dirs=${WALK_DIRS:-/etc /var /opt /home /srv /usr/local} sizes="" shm=""
+    case ${WALK_SIZES:-no} in
+        yes) sizes="find \"\$@\" -xdev $WALK_PRUNE -type f -printf '%p %s %T@\n' | sort" ;;
+        no) ;;
+        *) echo "walk: WALK_SIZES is yes or no, not '$WALK_SIZES'" >&2; return 1 ;;
+    esac
+    case ${WALK_SQLITE_SHM:-sum} in
+        skip) shm="! -name '*.sqlite-shm'" ;;
+        sum) ;;
+        *) echo "walk: WALK_SQLITE_SHM is sum or skip, not '$WALK_SQLITE_SHM'" >&2; return 1 ;;
+    esac
+    # Only the directories that exist are handed to find: it would complain of the others
+    # (they are named above), and with none at all it would walk its working directory.
+    in_c "set --; for d in $dirs; do if [ -e \"\$d\" ]; then set -- \"\$@\" \"\$d\"; else echo \"absent \$d\"; fi; done
+        [ \$# -gt 0 ] || exit 0
+        find \"\$@\" -xdev $WALK_PRUNE -printf '%y %m %u:%g %p -> %l\n' | sort
+        $sizes
+        find \"\$@\" -xdev $WALK_PRUNE -type f $shm -print0 | sort -z | xargs -0 -r sha256sum" \
+        >"$WORK/$1" 2>>"$WORK/checks.log"
+}
 
 # run NAME ARGS JSON-STATES: `opsagent ARGS /root/NAME.json`; output in $WORK/NAME.out,
 # exit status in $WORK/NAME.rc.

@@ -72,14 +72,8 @@ setup() {
         say "  FAIL: setup: $1"
     fi
 }
-# The walk, run inside the container: one line per entry (type, mode, owner, path, link
-# target), then the sha256 of every regular file's content; -xdev keeps it on the root.
-PRUNE='\( -path /var/log/journal -o -path "/var/cache/apt/*.bin" -o -path "/var/tmp/systemd-private-*" \) -prune'
-DIRS='/etc /var /opt /home /srv /usr/local'
-walk() { # FILE
-    in_c "find $DIRS -xdev $PRUNE -o -printf '%y %m %u:%g %p -> %l\n' | sort; find $DIRS -xdev $PRUNE -o -type f -print0 | sort -z | xargs -0 sha256sum" \
-        >"$WORK/$1" 2>>"$WORK/checks.log"
-}
+# The walk: tests/system/cycle.sh's `walk` with its defaults (the directories and the
+# exclusions of this file's header).
 # ---------------------------------------------------------------- fixtures
 say "== fixtures on the host the recipe needs to be inspected"
 cat >"$ROOT/etc/systemd/system/opsh-demo.service" <<'EOF'

@@ -52,18 +52,13 @@ ROOT=$(croot $C)
 install -m 0755 "$BIN_DIR/opsagent" "$BIN_DIR/opsagent-helper" "$ROOT/usr/local/bin/"
 
 in_c() { csh $C "$1"; }
-# The walk of cycle.sh, as plan_states.sh's (see there for the exclusions); Puppet's
-# own directories (/etc/puppet, /var/lib/puppet, /var/cache/puppet, /var/log/puppet)
-# are inside it.
-PRUNE='\( -path /var/log/journal -o -path "/var/cache/apt/*.bin" -o -path "/var/tmp/systemd-private-*" \) -prune'
-DIRS='/etc /var /opt /home /srv /usr/local'
-# Files also by size and modification time (a rewrite with the same content counts);
-# not directories: the transient unit's PrivateTmp= directory under /var/tmp (pruned,
-# systemd's, gone with the unit) changes /var/tmp's own time.
-walk() { # FILE
-    in_c "find $DIRS -xdev $PRUNE -o -printf '%y %m %u:%g %p -> %l\n' | sort; find $DIRS -xdev $PRUNE -o -type f -printf '%p %s %T@\n' | sort; find $DIRS -xdev $PRUNE -o -type f -print0 | sort -z | xargs -0 sha256sum" \
-        >"$WORK/$1" 2>>"$WORK/checks.log"
-}
+# `walk` (tests/system/cycle.sh) of /etc /var /opt /home /srv /usr/local, as plan_states.sh's
+# (see there for the exclusions); Puppet's own directories (/etc/puppet, /var/lib/puppet,
+# /var/cache/puppet, /var/log/puppet) are inside it. Files also by size and modification
+# time (a rewrite with the same content counts); not directories: the transient unit's
+# PrivateTmp= directory under /var/tmp (pruned, systemd's, gone with the unit) changes
+# /var/tmp's own time.
+WALK_SIZES=yes
 
 check "systemd is PID 1 in the container (the helper's runner is the transient unit)" \
     in_c 'test "$(cat /proc/1/comm)" = systemd'

@@ -282,88 +282,91 @@ if [ "$accel" = auto ] && [ -f "$verdict" ]; then
     say "######## KVM is known to fail for this guest on this host ($verdict: $(head -c 200 "$verdict")): emulating the guest (TCG)"
     accel=tcg
 fi
-if part storage; then
-start=$(date +%s)
-timed_out=no
-if [ "$accel" = auto ] || [ "$accel" = kvm ]; then
-    say "booting the VM with KVM ($(cat "$IMAGE_DIR/complete"), timeout ${TIMEOUT}s)"
-    boot kvm
-    rc=0
-    wait_vm "$KVM_BOOT" '^OPSAGENT-VMTEST: start' || rc=$?
-    if [ "$rc" != 0 ]; then
-        if [ "$rc" = 1 ]; then
-            why="the guest did not start its tests within ${KVM_BOOT}s under KVM"
-        else
-            why="qemu ended before the guest started its tests under KVM: $(tail -n 3 "$WORK/qemu.log" | tr '\n' ' ')"
-        fi
-        if [ "$accel" = kvm ]; then
-            tail -n 20 "$console" >&2
-            cat "$WORK/qemu.log" >&2
-            die "$why (OPSAGENT_VMTEST_ACCEL=kvm: no fallback)"
-        fi
-        say "######## $why"
-        say "######## emulating the guest instead (TCG), and remembering that in $verdict"
-        printf '%s\n' "$why" >"$verdict"
-        accel=tcg
-    elif ! wait_vm $((TIMEOUT - ($(date +%s) - start))); then
-        timed_out=yes
-    fi
-fi
-if [ "$accel" = tcg ]; then
-    say "booting the VM emulated (TCG) ($(cat "$IMAGE_DIR/complete"), timeout ${TIMEOUT}s)"
+# vm_boot WHAT MARKER SHOW TXT [INIT-ARGS]: one boot of the guest (WHAT names it in the
+# messages; INIT-ARGS as boot's). Its console goes to $WORK/TXT without the firmware's and
+# kernel's escape sequences, and the lines the sed script SHOW selects from it to stderr;
+# a boot that ran out of time fails the run.
+# The accelerator: TCG when $accel says so. Else KVM, and the first boot of the run under
+# KVM must show MARKER (the guest's start line) within KVM_BOOT seconds. Where it does not
+# (qemu ended before it, or the guest hangs), OPSAGENT_VMTEST_ACCEL=kvm fails the run, and
+# auto emulates this boot and the later ones (TCG) and remembers that in $verdict. Once a
+# boot has started under KVM, the later ones use KVM without the check, whatever part
+# came first.
+KVM_CHECKED=no
+vm_boot() {
+    local what=$1 marker=$2 show=$3 txt=$WORK/$4 init=${5:-} start rc why timed_out=no
     start=$(date +%s)
-    boot tcg
-    wait_vm "$TIMEOUT" || timed_out=yes
-fi
-say "VM ran $(($(date +%s) - start))s"
-
-# The guest's console, without the firmware's and kernel's escape sequences.
-tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$WORK/console.txt" || true
-sed -n '/^OPSAGENT-VMTEST: start/,$p' "$WORK/console.txt" >&2
-[ "$timed_out" = no ] || {
-    tail -n 40 "$WORK/console.txt" >&2
-    die "timed out after ${TIMEOUT}s; qemu killed"
+    if [ "$accel" = auto ] || [ "$accel" = kvm ]; then
+        say "booting the VM: $what (KVM, $(cat "$IMAGE_DIR/complete"), timeout ${TIMEOUT}s)"
+        boot kvm "$init"
+        rc=0
+        if [ "$KVM_CHECKED" = no ]; then
+            wait_vm "$KVM_BOOT" "$marker" || rc=$?
+        fi
+        if [ "$rc" != 0 ]; then
+            if [ "$rc" = 1 ]; then
+                why="the guest did not start its tests within ${KVM_BOOT}s under KVM"
+            else
+                why="qemu ended before the guest started its tests under KVM: $(tail -n 3 "$WORK/qemu.log" | tr '\n' ' ')"
+            fi
+            if [ "$accel" = kvm ]; then
+                tail -n 20 "$console" >&2
+                cat "$WORK/qemu.log" >&2
+                die "$why (OPSAGENT_VMTEST_ACCEL=kvm: no fallback)"
+            fi
+            say "######## $why"
+            say "######## emulating the guest instead (TCG), and remembering that in $verdict"
+            printf '%s\n' "$why" >"$verdict"
+            accel=tcg
+        else
+            KVM_CHECKED=yes
+            wait_vm $((TIMEOUT - ($(date +%s) - start))) || timed_out=yes
+        fi
+    fi
+    if [ "$accel" = tcg ]; then
+        say "booting the VM: $what (emulated: TCG, $(cat "$IMAGE_DIR/complete"), timeout ${TIMEOUT}s)"
+        start=$(date +%s)
+        boot tcg "$init"
+        wait_vm "$TIMEOUT" || timed_out=yes
+    fi
+    say "VM ran $(($(date +%s) - start))s"
+    tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$txt" || true
+    sed -n "$show" "$txt" >&2
+    [ "$timed_out" = no ] || {
+        tail -n 40 "$txt" >&2
+        die "the $what boot timed out after ${TIMEOUT}s; qemu killed"
+    }
 }
-[ -s "$WORK/qemu.log" ] && cat "$WORK/qemu.log" >&2
-if ! grep -q '^OPSAGENT-VMTEST: start' "$WORK/console.txt"; then
-    tail -n 40 "$WORK/console.txt" >&2
-    die "the guest never started the tests"
-fi
-grep -q '^OPSAGENT-VMTEST: PASS$' "$WORK/console.txt" || die "the guest did not report PASS"
-for what in linux.lvm.lv linux.raid; do
-    grep -q "storage-vmtest: created $what /dev/" "$WORK/console.txt" || die "$what was not created in the guest (skipped?)"
-done
-# The plan's drift cycles (issue #19) of the modules only this kernel can create: the LV,
-# and the array both created and assembled (two cycles).
-grep -q 'storage-vmtest: plan cycle linux.lvm.lv: \["/dev/' "$WORK/console.txt" ||
-    die "the linux.lvm.lv plan cycle did not run in the guest (skipped?)"
-[ "$(grep -c 'storage-vmtest: plan cycle linux.raid: \["/dev/md' "$WORK/console.txt")" = 2 ] ||
-    die "the two linux.raid plan cycles (created, assembled) did not both run in the guest (skipped?)"
-if grep -q 'SKIPPED' "$WORK/console.txt"; then
-    die "a storage test was skipped in the guest"
-fi
-say "vm test: PASS (logical volume and RAID1 array created for real in the guest; plan -> apply -> plan cycles of linux.lvm.lv and linux.raid)"
+
+if part storage; then
+    vm_boot storage '^OPSAGENT-VMTEST: start' "/^OPSAGENT-VMTEST: start/,\$p" console.txt
+    [ -s "$WORK/qemu.log" ] && cat "$WORK/qemu.log" >&2
+    if ! grep -q '^OPSAGENT-VMTEST: start' "$WORK/console.txt"; then
+        tail -n 40 "$WORK/console.txt" >&2
+        die "the guest never started the tests"
+    fi
+    grep -q '^OPSAGENT-VMTEST: PASS$' "$WORK/console.txt" || die "the guest did not report PASS"
+    for what in linux.lvm.lv linux.raid; do
+        grep -q "storage-vmtest: created $what /dev/" "$WORK/console.txt" || die "$what was not created in the guest (skipped?)"
+    done
+    # The plan's drift cycles (issue #19) of the modules only this kernel can create: the LV,
+    # and the array both created and assembled (two cycles).
+    grep -q 'storage-vmtest: plan cycle linux.lvm.lv: \["/dev/' "$WORK/console.txt" ||
+        die "the linux.lvm.lv plan cycle did not run in the guest (skipped?)"
+    [ "$(grep -c 'storage-vmtest: plan cycle linux.raid: \["/dev/md' "$WORK/console.txt")" = 2 ] ||
+        die "the two linux.raid plan cycles (created, assembled) did not both run in the guest (skipped?)"
+    if grep -q 'SKIPPED' "$WORK/console.txt"; then
+        die "a storage test was skipped in the guest"
+    fi
+    say "vm test: PASS (logical volume and RAID1 array created for real in the guest; plan -> apply -> plan cycles of linux.lvm.lv and linux.raid)"
 fi
 
 # ---------------------------------------------------------------- selinux boot
 # linux.selinux's plan cycles (helper/tests/selinux.rs) under Debian's kernel with SELinux
 # on, permissive: security=selinux selects it over AppArmor, Debian's default.
 if part selinux; then
-    if [ "$accel" = auto ]; then
-        if [ -e /dev/kvm ]; then accel=kvm; else accel=tcg; fi
-    fi
-    say "booting the VM with SELinux permissive ($accel, timeout ${TIMEOUT}s)"
-    start=$(date +%s)
-    boot "$accel" "init=/opsagent-vmtest/init security=selinux selinux=1 enforcing=0 opsagent.part=selinux"
-    timed_out=no
-    wait_vm "$TIMEOUT" || timed_out=yes
-    say "VM ran $(($(date +%s) - start))s"
-    tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$WORK/console-selinux.txt" || true
-    sed -n '/^OPSAGENT-VMTEST-SELINUX: start/,$p' "$WORK/console-selinux.txt" >&2
-    [ "$timed_out" = no ] || {
-        tail -n 40 "$WORK/console-selinux.txt" >&2
-        die "the selinux boot timed out after ${TIMEOUT}s; qemu killed"
-    }
+    vm_boot selinux '^OPSAGENT-VMTEST-SELINUX: start' "/^OPSAGENT-VMTEST-SELINUX: start/,\$p" console-selinux.txt \
+        "init=/opsagent-vmtest/init security=selinux selinux=1 enforcing=0 opsagent.part=selinux"
     grep -aq '^OPSAGENT-VMTEST-SELINUX: PASS$' "$WORK/console-selinux.txt" || {
         tail -n 60 "$WORK/console-selinux.txt" >&2
         die "the selinux boot did not report PASS"
@@ -377,22 +380,7 @@ fi
 # ---------------------------------------------------------------- second boot: systemd
 SYSTEMD_INIT="init=/lib/systemd/systemd systemd.unified_cgroup_hierarchy=1 systemd.run=/opsagent-vmtest/units-entry systemd.run_success_action=poweroff systemd.run_failure_action=poweroff"
 if part units; then
-    # The accelerator the storage boot settled on (auto without it: KVM when present).
-    if [ "$accel" = auto ]; then
-        if [ -e /dev/kvm ]; then accel=kvm; else accel=tcg; fi
-    fi
-    say "booting the VM under systemd ($accel, timeout ${TIMEOUT}s)"
-    start=$(date +%s)
-    boot "$accel" "$SYSTEMD_INIT"
-    timed_out=no
-    wait_vm "$TIMEOUT" || timed_out=yes
-    say "VM ran $(($(date +%s) - start))s"
-    tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$WORK/console-units.txt" || true
-    grep -a '^OPSAGENT-VMTEST-UNITS: ' "$WORK/console-units.txt" >&2 || true
-    [ "$timed_out" = no ] || {
-        tail -n 40 "$WORK/console-units.txt" >&2
-        die "the systemd boot timed out after ${TIMEOUT}s; qemu killed"
-    }
+    vm_boot systemd '^OPSAGENT-VMTEST-UNITS: start' '/^OPSAGENT-VMTEST-UNITS: /p' console-units.txt "$SYSTEMD_INIT"
     grep -aq '^OPSAGENT-VMTEST-UNITS: PASS$' "$WORK/console-units.txt" || {
         tail -n 60 "$WORK/console-units.txt" >&2
         die "the systemd boot did not report PASS"

@@ -31,7 +31,7 @@
 // on held descriptors): helper/clippy.toml refuses those calls everywhere else.
 #![allow(clippy::disallowed_methods)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{hash_map::Entry, HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -50,11 +50,19 @@ const MAX_LINKS: u32 = 40;
 /// What every temporary name made by [`Dir::temp_name`] holds.
 const TEMP_MARK: &[u8] = b".opsagent-tmp.";
 
-/// Directories (device, inode, birth time) this process has listed for dead writers'
-/// temporary files, with the temporary-looking regular files found there and not yet
-/// removed ([`Dir::remove_dead_temps`]).
-type ListedKey = (u64, u64, (i64, u32));
+/// A directory of [`LISTED`]: device and inode, and the birth time that tells it from a
+/// later directory given the same inode number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ListedKey {
+    dev: u64,
+    ino: u64,
+    born: (i64, u32),
+}
 type Listed = HashMap<ListedKey, Vec<OsString>>;
+/// Directories this process has listed for dead writers' temporary files, with the
+/// temporary-looking regular files found there and not yet removed
+/// ([`Dir::remove_dead_temps`]). Only directories with a birth time are kept: one without
+/// could not be told from a later directory given its inode number.
 static LISTED: std::sync::Mutex<Option<Listed>> = std::sync::Mutex::new(None);
 /// Directories remembered at most (then forgotten, and listed again when met).
 const LISTED_MAX: usize = 4096;
@@ -596,32 +604,37 @@ impl Dir {
         let (opened, born) = self.opened()?;
         let Some(born) = born else {
             // No birth time: a directory could not be told from a later one with its
-            // inode number; listed every time.
-            let mut once = HashMap::new();
-            return self.remove_dead_temps_in(&mut once, (0, 0, (0, 0)), &start);
+            // inode number, so nothing is remembered; listed every time.
+            return self.remove_dead(&mut self.temp_files()?, &start);
         };
-        let key = (opened.dev, opened.ino, born);
+        let key = ListedKey { dev: opened.dev, ino: opened.ino, born };
         let mut listed = LISTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let listed = listed.get_or_insert_with(HashMap::new);
-        self.remove_dead_temps_in(listed, key, &start)
+        if listed.len() >= LISTED_MAX && !listed.contains_key(&key) {
+            listed.clear();
+        }
+        let found = match listed.entry(key) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(new) => new.insert(self.temp_files()?),
+        };
+        self.remove_dead(found, &start)
     }
 
-    fn remove_dead_temps_in(&self, listed: &mut Listed, key: ListedKey, start: &[u8]) -> Result<(), WalkError> {
-        if !listed.contains_key(&key) {
-            if listed.len() >= LISTED_MAX {
-                listed.clear();
-            }
-            let found = self
-                .entries()?
-                .into_iter()
-                .filter(|(name, kind)| {
-                    *kind == FileType::RegularFile && name.as_bytes().windows(TEMP_MARK.len()).any(|w| w == TEMP_MARK)
-                })
-                .map(|(name, _)| name)
-                .collect();
-            listed.insert(key, found);
-        }
-        let Some(found) = listed.get_mut(&key) else { return Ok(()) };
+    /// The regular files of this directory whose names hold [`TEMP_MARK`].
+    fn temp_files(&self) -> Result<Vec<OsString>, WalkError> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|(name, kind)| {
+                *kind == FileType::RegularFile && name.as_bytes().windows(TEMP_MARK.len()).any(|w| w == TEMP_MARK)
+            })
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Removes those of `found` that begin with `start` and whose writer is dead, and
+    /// drops them from `found`.
+    fn remove_dead(&self, found: &mut Vec<OsString>, start: &[u8]) -> Result<(), WalkError> {
         let mut removed = Vec::new();
         for name in found.iter() {
             let Some(rest) = name.as_bytes().strip_prefix(start) else { continue };

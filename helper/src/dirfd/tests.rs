@@ -240,3 +240,27 @@ fn trust_is_read_only_when_asked_and_still_from_every_directory_on_the_way() {
     let err = resolve(&inner.join("l/f"), Last::Follow, None, &mut |_, _| {}).unwrap_err();
     assert!(matches!(&err, WalkError::LinkBelowUnsafe { below, .. } if below == &www), "{err}");
 }
+
+/// A directory with a birth time is listed once per process: a dead writer's file that
+/// appears after the first listing is left to the next helper. Without a birth time the
+/// directory is listed on every temporary file, and such a file goes at the next one.
+#[test]
+fn a_directory_is_listed_for_dead_temporaries_once_only_where_it_has_a_birth_time() {
+    let t = base();
+    let dead: u32 = fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let late = format!(".f.opsagent-tmp.{dead}.1");
+    for (name, born) in [("born", true), ("unborn", false)] {
+        let top = root_dir(t.path(), name);
+        fs::write(top.join(format!(".f.opsagent-tmp.{dead}.0")), "partial").unwrap();
+        let mut dir = Dir::open(&top).unwrap();
+        // A fixed birth time, so that this holds on a file system that records none too.
+        let (meta, _) = dir.opened().unwrap();
+        dir.opened = OnceLock::from((meta, born.then_some((1, 2))));
+        let (first, _f) = dir.create_temp(OsStr::new("f")).unwrap();
+        assert!(!top.join(format!(".f.opsagent-tmp.{dead}.0")).exists(), "{name}: the first dead file stays");
+        fs::write(top.join(&late), "partial").unwrap();
+        let (second, _g) = dir.create_temp(OsStr::new("f")).unwrap();
+        assert_eq!(top.join(&late).exists(), born, "{name}: the file of a dead writer made after the first listing");
+        assert!(top.join(first).exists() && top.join(second).exists(), "{name}: this process's own files");
+    }
+}
