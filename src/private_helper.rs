@@ -70,29 +70,6 @@ impl PrivateHelper {
         Ok((Self { child, dir }, socket))
     }
 
-    /// Puts this process and the helper on the CPU this process runs on. The two hand
-    /// every request back and forth and never run at the same time; across CPUs each
-    /// hand-over is a wake-up of an idle CPU, which on a busy VM costs more than the
-    /// state itself (measured: 8 µs per round trip on one CPU, 40-90 µs across two;
-    /// see benches/RESULTS.md). Only once the helper has answered: it notes the CPUs
-    /// it started with first, and gives them back to every command it runs. Best
-    /// effort: a failure leaves both where the scheduler puts them.
-    pub fn share_cpu(&self) {
-        use nix::sched::{sched_getcpu, sched_setaffinity, CpuSet};
-        use nix::unistd::Pid;
-
-        let (Ok(cpu), Ok(helper)) = (sched_getcpu(), i32::try_from(self.child.id())) else {
-            return;
-        };
-        let mut one = CpuSet::new();
-        if one.set(cpu).is_err() || sched_setaffinity(Pid::from_raw(0), &one).is_err() {
-            return;
-        }
-        if let Err(e) = sched_setaffinity(Pid::from_raw(helper), &one) {
-            tracing::debug!(error = %e, "cannot keep the helper on this process's CPU");
-        }
-    }
-
     /// How the helper ended, if it has (it only ends early when it cannot start).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()

@@ -37,7 +37,6 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use nix::fcntl::OFlag;
-use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{Gid, Pid, Uid};
 use opsagent_shared::timer::sleep_until_opt;
@@ -170,43 +169,6 @@ impl CommandSpec {
             })
             .collect::<Vec<_>>()
             .join(" ")
-    }
-}
-
-/// The CPUs the helper was started with, the ones its commands get.
-static START_CPUS: OnceLock<CpuSet> = OnceLock::new();
-
-/// Records the CPUs the helper may use, before anyone narrows them: `opsagent apply`
-/// keeps itself and its private helper on one CPU once the helper answered (the two
-/// hand each request back and forth, and a wake-up across CPUs cost more than the
-/// work on this kind of machine), but the commands states run must not inherit that.
-pub fn remember_start_cpus() {
-    if let Ok(set) = sched_getaffinity(Pid::from_raw(0)) {
-        let _ = START_CPUS.set(set);
-    }
-}
-
-/// Gives the calling thread the start CPUs while a command is spawned (a child
-/// inherits the mask at fork), and puts its own mask back when dropped.
-struct StartCpus(Option<CpuSet>);
-
-impl StartCpus {
-    fn for_spawn() -> Self {
-        let (Some(start), Ok(now)) = (START_CPUS.get(), sched_getaffinity(Pid::from_raw(0))) else {
-            return Self(None);
-        };
-        if now == *start || sched_setaffinity(Pid::from_raw(0), start).is_err() {
-            return Self(None);
-        }
-        Self(Some(now))
-    }
-}
-
-impl Drop for StartCpus {
-    fn drop(&mut self) {
-        if let Some(mask) = self.0.take() {
-            let _ = sched_setaffinity(Pid::from_raw(0), &mask);
-        }
     }
 }
 
@@ -509,19 +471,13 @@ async fn run_direct(spec: &CommandSpec, cancel: &mut Cancel) -> Result<Finished,
     // exec yet (it holds a copy of every descriptor until then): for that instant the
     // kernel refuses to run the file (ETXTBSY). A few short retries ride it out; every
     // other error, and a file that stays busy, is final.
-    let mut spawned = {
-        let _cpus = StartCpus::for_spawn();
-        command.spawn()
-    };
+    let mut spawned = command.spawn();
     for _ in 0..TEXT_BUSY_RETRIES {
         if !matches!(&spawned, Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)) {
             break;
         }
         tokio::time::sleep(TEXT_BUSY_PAUSE).await;
-        spawned = {
-            let _cpus = StartCpus::for_spawn();
-            command.spawn()
-        };
+        spawned = command.spawn();
     }
     // The command holds our copies of the pipe's write end: without dropping it the
     // reader would never see the end of the output.
@@ -788,36 +744,6 @@ mod tests {
         assert_eq!(o.render(), "abcd\n[… 2 bytes cut …]\nghij");
         o.push(&[b'x'; 100]);
         assert_eq!(o.render(), "abcd\n[… 102 bytes cut …]\nxxxx");
-    }
-
-    #[tokio::test]
-    async fn commands_get_the_start_cpus_when_the_helper_is_kept_on_one() {
-        remember_start_cpus();
-        let start = *START_CPUS.get().unwrap();
-        let first = (0..CpuSet::count()).find(|&c| start.is_set(c).unwrap_or(false)).unwrap();
-        let mut one = CpuSet::new();
-        one.set(first).unwrap();
-        // This test's thread only (a current-thread runtime): as `opsagent apply` does.
-        sched_setaffinity(Pid::from_raw(0), &one).unwrap();
-        let spec = CommandSpec::tool("/bin/sh", ["-c", "grep Cpus_allowed_list /proc/self/status"]);
-        let finished = run(&spec, &mut crate::cancel::pair().1).await.unwrap();
-        let inherited = sched_getaffinity(Pid::from_raw(0)).unwrap();
-        sched_setaffinity(Pid::from_raw(0), &start).unwrap();
-        let want: Vec<String> =
-            (0..CpuSet::count()).filter(|&c| start.is_set(c).unwrap_or(false)).map(|c| c.to_string()).collect();
-        let listed = finished.output.trim().rsplit('\t').next().unwrap_or_default().to_string();
-        let expanded: Vec<String> = listed
-            .split(',')
-            .flat_map(|r| match r.split_once('-') {
-                Some((a, b)) => {
-                    (a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()).map(|c| c.to_string()).collect()
-                }
-                None => vec![r.to_string()],
-            })
-            .collect();
-        assert_eq!(expanded, want, "{}", finished.output);
-        // The spawning thread itself stays where it was put.
-        assert_eq!(inherited, one);
     }
 
     fn spec(program: &str) -> CommandSpec {

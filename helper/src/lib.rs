@@ -42,7 +42,6 @@ use crate::policy::Policy;
 
 /// Starts the helper and serves until SIGTERM/SIGINT.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    exec::remember_start_cpus();
     logging::init();
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(

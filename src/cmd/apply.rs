@@ -95,12 +95,6 @@ pub fn cmd_apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let client = crate::prereq::Prerequisites::new(client, args.prerequisites);
     let rt = super::runtime()?;
     let result = rt.block_on(async {
-        if let Some(helper) = &private {
-            // A failure here shows again, with its reason, at the first state.
-            if client.status().await.is_ok() {
-                helper.share_cpu();
-            }
-        }
         let mode = Mode { format: args.format, test: args.test, diff: args.diff };
         run_round(client, Arc::new(recipe), mode, std::io::stdout()).await
     });
