@@ -380,6 +380,69 @@ mod tests {
         assert_eq!(sent, ["linux.file", "linux.apt.package", "common.git"]);
     }
 
+    /// A helper that pipelines, as `HelperClient::apply_then` allows: the state offered
+    /// ahead starts the moment the one before it succeeds. Records, for each state started
+    /// ahead, whether git was on the host when it started; a state `rm-git` removes git.
+    struct Pipelining {
+        root: std::path::PathBuf,
+        started_ahead: std::sync::Mutex<Vec<(String, bool)>>,
+    }
+
+    impl HelperClient for Pipelining {
+        async fn apply(&self, req: ApplyRequest, _: Cancel) -> Result<Outcome, HelperClientError> {
+            if req.state_id.as_str() == "rm-git" {
+                std::fs::remove_file(self.root.join("usr/bin/git")).unwrap();
+            }
+            Ok(Outcome::ok(""))
+        }
+        async fn apply_signed(&self, req: ApplyRequest, _: SignedState, c: Cancel) -> Result<Outcome, HelperClientError> {
+            self.apply(req, c).await
+        }
+        async fn status(&self) -> Result<HelperStatus, HelperClientError> {
+            Err(HelperClientError::Protocol { path: "test".into(), what: "no status".into() })
+        }
+        async fn apply_then(
+            &self,
+            req: ApplyRequest,
+            _: Option<SignedState>,
+            next: Option<Next>,
+            c: Cancel,
+        ) -> Result<Outcome, HelperClientError> {
+            let o = self.apply(req, c).await?;
+            if let Some(n) = next.filter(|_| o.result) {
+                let present = tool_present(&self.root, "git");
+                self.started_ahead.lock().unwrap().push((n.req.state_id.to_string(), present));
+            }
+            Ok(o)
+        }
+    }
+
+    /// Whether the next state needs an install is only known once the state before it has
+    /// run (it may remove the tool): a state with prerequisites must not start ahead of
+    /// the check that installs them.
+    #[tokio::test]
+    async fn a_state_started_ahead_never_lacks_its_prerequisite() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("apt-get"), "").unwrap();
+        std::fs::write(bin.join("git"), "").unwrap();
+        std::fs::set_permissions(bin.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let inner = Pipelining { root: root.path().to_path_buf(), started_ahead: Default::default() };
+        let client = Prerequisites::new(inner, true).with_root(root.path());
+        let state = |id: &str, module: &str, raw: serde_json::Value| {
+            let params = parse_state(module, &raw).unwrap().params;
+            ApplyRequest::new(opsagent_proto::newtypes::StateId::parse(id).unwrap(), 1, params)
+        };
+        let rm = state("rm-git", "linux.cmd", json!({"cmd": "apt-get -y remove git", "cwd": "/"}));
+        let git = state("g", "common.git", json!({"path": "/srv/g", "repo": "https://h/r"}));
+        let next = Some(Next { req: git, signed: None, withdraw: Cancel::never() });
+        client.apply_then(rm, None, next, Cancel::never()).await.unwrap();
+        let started = client.inner().started_ahead.lock().unwrap().clone();
+        assert!(started.iter().all(|(_, present)| *present), "started ahead without its tool: {started:?}");
+    }
+
     /// `opsagent apply --test` and drift plans go through this wrapper too: the missing
     /// tool's install must be a plan as well, or a plan would install packages.
     #[tokio::test]
