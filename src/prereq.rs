@@ -272,7 +272,10 @@ impl<C: HelperClient> HelperClient for Prerequisites<C> {
             Ok(done) => done,
             Err(failed) => return Ok(failed),
         };
-        let next = next.filter(|n| !self.needs_install(&n.req));
+        // Whether `next` needs an install is only known once `req` has run (it may remove
+        // the tool); ahead, `next` would start before that check. So only a state without
+        // prerequisites goes ahead.
+        let next = next.filter(|n| !self.enabled || prerequisites(&n.req.params).is_empty());
         Ok(with_notes(self.inner.apply_then(req, signed, next, cancel).await?, notes, changes))
     }
 }
