@@ -306,3 +306,49 @@ async fn a_state_sent_ahead_is_withdrawn_or_cancelled_when_the_round_moves_on() 
     let sleeping = || Command::new("pgrep").arg("-f").arg(&marker).status().is_ok_and(|s| s.success());
     assert!(wait_until(Duration::from_secs(30), || !sleeping()), "the cancelled state's command was killed");
 }
+
+/// A stop (or a re-run) seen by the round while the state before it was answered: the
+/// helper had already started the state sent ahead (the one before succeeded), so it is
+/// now the running state, and "a stop lets the running state finish". It must not be
+/// cut short by the withdrawal, nor its outcome dropped.
+#[tokio::test]
+async fn a_state_already_started_ahead_when_the_round_stops_is_let_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("h.sock");
+    let _helper = start_helper(tmp.path(), &socket);
+    let client = std::sync::Arc::new(UnixHelperClient::new(&socket, "test"));
+    let (gate, started) = (tmp.path().join("gate"), tmp.path().join("started"));
+    let (b_started, b_done) = (tmp.path().join("b-started"), tmp.path().join("b-done"));
+    let a = req(
+        "a",
+        "linux.cmd",
+        json!({"cmd": format!("touch {}; while [ ! -e {} ]; do sleep 0.05; done", started.display(), gate.display()), "cwd": "/"}),
+    );
+    let b = req(
+        "b",
+        "linux.cmd",
+        json!({"cmd": format!("touch {}; sleep 1; touch {}", b_started.display(), b_done.display()), "cwd": "/"}),
+    );
+    let (n, withdraw) = next(b);
+    let c = std::sync::Arc::clone(&client);
+    let run = tokio::spawn(async move { c.apply_then(a, None, Some(n), Cancel::never()).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "the command never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The runtime's one thread is held from here: a finishes, the helper answers it and
+    // starts b at once, before the daemon has read that answer.
+    std::fs::write(&gate, "").unwrap();
+    assert!(wait_until(Duration::from_secs(20), || b_started.exists()), "b did not start ahead");
+    // Now the round sees a stop: the engine fires the withdrawal (run_helper).
+    withdraw.cancel();
+    let o = run.await.unwrap().unwrap();
+    assert!(o.result, "{o:?}");
+    // The next use of the connection (a status, or the next round's first state).
+    assert!(client.status().await.is_ok());
+    assert!(
+        wait_until(Duration::from_secs(10), || b_done.exists()),
+        "b, which the helper had started before the stop was seen, was killed half-way (and its outcome dropped)"
+    );
+}
