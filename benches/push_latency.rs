@@ -89,7 +89,9 @@ async fn stand_in_helper(listener: UnixListener, arrivals: mpsc::UnboundedSender
                         recipes_verified: false,
                         verified_version: None,
                     }),
-                    Request::Cancel { target } => Reply::Cancelled { target, found: false },
+                    Request::Cancel { target } | Request::Withdraw { target } => {
+                        Reply::Cancelled { target, found: false }
+                    }
                     // Signed recipes are measured through the real helper (push_e2e.py
                     // SIGNED=1); this stand-in says it has no recipe_key.
                     Request::Recipe(_) | Request::ApplySigned(_) => Reply::Error(HelperError::new(

@@ -38,6 +38,10 @@ use crate::download::Downloader;
 /// is half-way; giving up earlier would start the next round beside it.
 const CANCEL_GRACE: Duration = Duration::from_secs(3700);
 
+/// The largest request sent ahead of the round; larger states (a file's content given
+/// inline) are sent when their turn comes.
+const AHEAD_MAX_FRAME: usize = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HelperClientError {
     #[error("cannot connect to the helper at {path}: {source} (is opsagent-helper.socket active?)")]
@@ -102,6 +106,13 @@ pub trait HelperClient: Send + Sync {
         cancel: Cancel,
     ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send;
     fn status(&self) -> impl Future<Output = Result<HelperStatus, HelperClientError>> + Send;
+    /// Waits for a state sent ahead that the round did not take (it stopped, or moved
+    /// on, just as the state before succeeded): it is withdrawn if it has not started,
+    /// and let finish if it has. The engine calls it before it stops, so that the
+    /// helper never has a state cut short by the daemon's exit.
+    fn drain(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// A state (signed or not), and the one the round runs after it if it succeeds. A
     /// client may send `next` to the helper at once, to start there the moment this one
     /// succeeds, without a round trip through the daemon (a pipelined round); the
@@ -386,10 +397,32 @@ impl UnixHelperClient {
         after: Option<u64>,
     ) -> Result<u64, HelperClientError> {
         let id = conn.next_id;
-        conn.next_id += 1;
         let frame =
             codec::encode(&RequestFrame { id, after, request }, self.max_frame).map_err(|e| self.codec_err(e))?;
-        conn.writer.write_all(&frame).await.map_err(|e| self.codec_err(CodecError::Io(e)))?;
+        self.write(conn, &frame).await
+    }
+
+    /// Sends the request if its frame is at most `max` bytes; `None` (nothing sent)
+    /// otherwise.
+    async fn send_within(
+        &self,
+        conn: &mut Conn,
+        request: Request,
+        after: Option<u64>,
+        max: usize,
+    ) -> Result<Option<u64>, HelperClientError> {
+        match codec::encode(&RequestFrame { id: conn.next_id, after, request }, max) {
+            Ok(frame) => self.write(conn, &frame).await.map(Some),
+            Err(CodecError::TooLarge { .. }) => Ok(None),
+            Err(e) => Err(self.codec_err(e)),
+        }
+    }
+
+    /// Writes a frame encoded with the connection's next id, and takes that id.
+    async fn write(&self, conn: &mut Conn, frame: &[u8]) -> Result<u64, HelperClientError> {
+        let id = conn.next_id;
+        conn.next_id += 1;
+        conn.writer.write_all(frame).await.map_err(|e| self.codec_err(CodecError::Io(e)))?;
         Ok(id)
     }
 
@@ -598,15 +631,21 @@ impl UnixHelperClient {
         if !same_recipe || next.withdraw.is_cancelled() {
             return Ok(());
         }
-        let ahead = self.send_after(conn, request.clone(), Some(id)).await?;
-        conn.ahead = Some(Ahead { id: ahead, request, withdraw: next.withdraw });
+        // A large state goes on its own when its turn comes: a helper started with a
+        // smaller frame limit than ours closes the connection on a frame over it, and
+        // while another state runs that would take the running state down with it.
+        if let Some(ahead) = self.send_within(conn, request.clone(), Some(id), AHEAD_MAX_FRAME).await? {
+            conn.ahead = Some(Ahead { id: ahead, request, withdraw: next.withdraw });
+        }
         Ok(())
     }
 
-    /// Withdraws the request sent ahead: a `Cancel` for it, then its answer (`not-run`
-    /// if it had not started, its outcome if it had). Bounded like any cancellation.
+    /// Withdraws the request sent ahead and waits for its answer: `not-run` if it had
+    /// not started; if it had (the state before it succeeded and the helper went on
+    /// before the round could say otherwise), it is the running state, and it is let
+    /// finish as a round lets its running state finish (bounded like a cancellation).
     async fn settle(&self, conn: &mut Conn, ahead: Ahead) -> Result<(), HelperClientError> {
-        self.send(conn, Request::Cancel { target: ahead.id }).await?;
+        self.send(conn, Request::Withdraw { target: ahead.id }).await?;
         let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
         loop {
             let frame = tokio::select! {
@@ -692,7 +731,7 @@ impl UnixHelperClient {
                 _ = withdraw.cancelled(), if !withdrawn => {
                     withdrawn = true;
                     if let Some(target) = ahead {
-                        self.send(conn, Request::Cancel { target }).await?;
+                        self.send(conn, Request::Withdraw { target }).await?;
                     }
                 }
                 _ = sleep_until_opt(deadline) => {
@@ -704,7 +743,7 @@ impl UnixHelperClient {
     }
 }
 
-/// Says what became of a state sent ahead that the round did not wait for.
+/// Says what became of a state sent ahead that the round did not take.
 fn ran_ahead(reply: &Reply) {
     match reply {
         Reply::Outcome(o) => tracing::info!(
@@ -712,7 +751,7 @@ fn ran_ahead(reply: &Reply) {
             cancelled = o.cancelled,
             changes = o.changes.len(),
             comment = %o.comment,
-            "a state sent ahead had started when the round stopped; it was cancelled"
+            "a state sent ahead had started before the round moved on; it ran to its end"
         ),
         other => tracing::debug!(reply = ?other, "a state sent ahead was withdrawn before it started"),
     }
@@ -796,6 +835,16 @@ impl HelperClient for UnixHelperClient {
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
         self.apply_state(req, signed, next, cancel).await
+    }
+
+    async fn drain(&self) {
+        let mut guard = self.conn.lock().await;
+        let Some(conn) = guard.as_mut() else { return };
+        let Some(ahead) = conn.ahead.take() else { return };
+        if let Err(e) = self.settle(conn, ahead).await {
+            tracing::warn!(error = %e, "could not wait for the state sent ahead");
+            *guard = None;
+        }
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {

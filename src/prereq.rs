@@ -259,6 +259,10 @@ impl<C: HelperClient> HelperClient for Prerequisites<C> {
         self.inner.status().await
     }
 
+    async fn drain(&self) {
+        self.inner.drain().await;
+    }
+
     // The next state goes ahead only when it needs nothing installed first: ahead, it
     // would start before its install.
     async fn apply_then(
@@ -398,7 +402,12 @@ mod tests {
             }
             Ok(Outcome::ok(""))
         }
-        async fn apply_signed(&self, req: ApplyRequest, _: SignedState, c: Cancel) -> Result<Outcome, HelperClientError> {
+        async fn apply_signed(
+            &self,
+            req: ApplyRequest,
+            _: SignedState,
+            c: Cancel,
+        ) -> Result<Outcome, HelperClientError> {
             self.apply(req, c).await
         }
         async fn status(&self) -> Result<HelperStatus, HelperClientError> {

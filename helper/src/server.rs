@@ -424,8 +424,8 @@ impl Connection {
                 let status = self.shared.status();
                 self.reply(id, Reply::Status(status)).await;
             }
-            Request::Cancel { target } => {
-                info!(id, target, "cancel requested, but nothing runs");
+            Request::Cancel { target } | Request::Withdraw { target } => {
+                debug!(id, target, "cancel or withdrawal requested, but nothing runs or waits");
                 self.reply(id, Reply::Cancelled { target, found: false }).await;
             }
             Request::Apply(req) => {
@@ -601,10 +601,19 @@ impl Connection {
     async fn while_busy(&mut self, running: u64, incoming: Option<Incoming>, canceller: &Canceller) {
         match incoming {
             Some(Incoming::Frame(body)) => match self.decode(&body).await {
-                Some(RequestFrame { id, request: Request::Cancel { target }, .. }) => {
+                Some(RequestFrame {
+                    id,
+                    request: request @ (Request::Cancel { .. } | Request::Withdraw { .. }),
+                    ..
+                }) => {
+                    let (target, cancel) = match request {
+                        Request::Cancel { target } => (target, true),
+                        Request::Withdraw { target } => (target, false),
+                        _ => return,
+                    };
                     let queued = self.queued.as_ref().is_some_and(|q| q.id == target);
-                    let found = target == running || queued;
-                    if target == running {
+                    let found = (cancel && target == running) || queued;
+                    if cancel && target == running {
                         info!(id, target, "cancel requested");
                         canceller.cancel();
                     }

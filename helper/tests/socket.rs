@@ -459,6 +459,32 @@ async fn a_request_sent_ahead_is_withdrawn_or_dropped_unrun() {
     assert!(!never.exists(), "a state sent ahead ran");
 }
 
+/// `withdraw` takes back a request sent ahead that has not started (`not-run`), and
+/// leaves a running one alone: unlike `cancel`, it never cuts a state short.
+#[tokio::test]
+async fn withdraw_removes_a_waiting_request_and_never_stops_a_running_one() {
+    let h = Helper::start().await;
+    let mut c = h.client().await;
+    let (gate, never, done) = (h.path("gate"), h.path("never"), h.path("done"));
+    let first = c
+        .send(apply_request(
+            "linux.cmd",
+            json!({"cmd": format!("while [ ! -e {} ]; do sleep 0.05; done; touch {}", gate.display(), done.display()), "cwd": "/"}),
+        ))
+        .await;
+    let ahead = c.send_after(apply_request("linux.file", json!({"path": never, "content": "x"})), Some(first)).await;
+    assert_eq!(c.call(Request::Withdraw { target: ahead }).await, Reply::Cancelled { target: ahead, found: true });
+    not_run(&c.recv().await, ahead);
+    // The running one: not found, and it goes on.
+    assert_eq!(c.call(Request::Withdraw { target: first }).await, Reply::Cancelled { target: first, found: false });
+    fs::write(&gate, "").unwrap();
+    let o = outcome_of(c.recv().await, first);
+    assert!(o.result && !o.cancelled && done.exists(), "{o:?}");
+    assert!(!never.exists());
+    // Idle: nothing to withdraw.
+    assert_eq!(c.call(Request::Withdraw { target: 77 }).await, Reply::Cancelled { target: 77, found: false });
+}
+
 #[tokio::test]
 async fn closing_the_connection_kills_the_running_command() {
     let h = Helper::start().await;

@@ -61,6 +61,11 @@ pub enum Request {
     /// Cancel the running `Apply` whose request id is `target`: its commands' process
     /// groups are killed and it answers with an outcome marked cancelled.
     Cancel { target: u64 },
+    /// Withdraw the request `target` sent ahead ([`RequestFrame::after`]) if it has not
+    /// started: it is answered `not-run`. One that has started is left to finish (it is
+    /// then the running state, and a round that moves on lets a running state end).
+    /// Answered [`Reply::Cancelled`] with `found` saying whether it was withdrawn.
+    Withdraw { target: u64 },
     /// What the helper is doing (for `opsagent status` and liveness checks).
     Status,
 }

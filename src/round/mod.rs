@@ -472,6 +472,8 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             self.run_pending_upgrade().await;
             self.idle(pause).await;
         }
+        // A state the helper started ahead, just as the round stopped, ends first.
+        self.helper.drain().await;
         self.set_phase(Phase::Stopped);
         tracing::info!("round engine stopped");
     }
@@ -496,12 +498,15 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             RoundEnd::Ceased => RoundResult::Ceased,
             RoundEnd::Preempted | RoundEnd::Stopped => RoundResult::Stopped,
         };
+        self.helper.drain().await;
         self.set_phase(Phase::Stopped);
         result
     }
 
     async fn run_pending_upgrade(&mut self) {
         if let Some(order) = self.st.update.take() {
+            // The upgrade restarts the daemon: nothing of the round may be left running.
+            self.helper.drain().await;
             self.set_phase(Phase::Upgrading { version: order.version.clone() });
             self.effects.upgrade(&order).await;
         }

@@ -33,6 +33,8 @@ struct FakeHelper {
     plan_hangs: Arc<Mutex<Option<String>>>,
     /// Per state applied: the state offered to go ahead of it, and its withdrawal.
     offered: Arc<Mutex<Vec<Offer>>>,
+    /// Calls of `drain` (the engine waits for a state sent ahead before it stops).
+    drains: Arc<Mutex<u32>>,
 }
 
 /// A state applied, and the state offered ahead of it with its withdrawal token.
@@ -125,6 +127,9 @@ impl HelperClient for FakeHelper {
         let offer = next.map(|n| (n.req.state_id.to_string(), n.withdraw));
         self.offered.lock().unwrap().push((req.state_id.to_string(), offer));
         self.apply(req, cancel).await
+    }
+    async fn drain(&self) {
+        *self.drains.lock().unwrap() += 1;
     }
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
         Ok(HelperStatus {
@@ -749,4 +754,6 @@ async fn a_stop_or_a_new_recipe_withdraws_the_state_offered_ahead() {
     advance(Duration::from_secs(11)).await;
     assert!(rig.task.is_finished());
     assert_eq!(rig.helper.offered(), vec![("a".into(), Some(("b".into(), true)))]);
+    // Before it stopped, the engine waited for whatever the helper had started ahead.
+    assert_eq!(*rig.helper.drains.lock().unwrap(), 1);
 }
