@@ -497,6 +497,9 @@ async fn header_only_update_reruns_the_recipe_at_once_after_the_running_state() 
     assert!(rig.helper.cancels.lock().unwrap().is_empty(), "the running state was not cut");
     assert_eq!(rig.handle.status.borrow().recipe_version, Some(6));
     assert_eq!(rig.handle.status.borrow().round, 2);
+    // b had been offered ahead of the first round; the re-run withdrew that offer.
+    assert_eq!(rig.helper.offered()[0], ("a".into(), Some(("b".into(), true))));
+    assert_eq!(rig.helper.offered()[1], ("a".into(), Some(("b".into(), false))));
 }
 
 #[tokio::test(start_paused = true)]
