@@ -232,11 +232,7 @@ fn with_notes(mut out: Outcome, notes: Vec<String>, mut changes: Vec<Change>) ->
 
 impl<C: HelperClient> HelperClient for Prerequisites<C> {
     async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
-        let (notes, changes) = match self.install_missing(&req, &cancel).await? {
-            Ok(done) => done,
-            Err(failed) => return Ok(failed),
-        };
-        Ok(with_notes(self.inner.apply(req, cancel).await?, notes, changes))
+        self.apply_then(req, None, None, cancel).await
     }
 
     // A helper that verifies recipes refuses the unsigned install of a prerequisite
@@ -248,11 +244,7 @@ impl<C: HelperClient> HelperClient for Prerequisites<C> {
         signed: SignedState,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
-        let (notes, changes) = match self.install_missing(&req, &cancel).await? {
-            Ok(done) => done,
-            Err(failed) => return Ok(failed),
-        };
-        Ok(with_notes(self.inner.apply_signed(req, signed, cancel).await?, notes, changes))
+        self.apply_then(req, Some(signed), None, cancel).await
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
