@@ -374,3 +374,33 @@ async fn a_large_state_is_not_sent_ahead() {
     let o = client.apply_then(big_req, None, None, Cancel::never()).await.unwrap();
     assert!(o.result && o.changed() && big.exists(), "{o:?}");
 }
+
+/// Pipelined with downloads: the state sent ahead behind one that asks for downloads is
+/// not run (`need-fetch` is not a success); after the download the first state is sent
+/// again with its file and the next one ahead of it once more, and both end applied,
+/// each once.
+#[tokio::test]
+async fn a_state_sent_ahead_behind_a_download_runs_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("h.sock");
+    let _helper =
+        start_helper_with(tmp.path(), &socket, &["--state-dir", &tmp.path().join("hs").display().to_string()]);
+    let files = Files::start();
+    let url = files.put("motd", b"hello from afar\n".to_vec());
+    let fetch_dir = tmp.path().join("fetch");
+    let downloader = Downloader::new(DownloadSettings { attempts: 1, ..DownloadSettings::default() }).unwrap();
+    let fetcher = Fetcher::new(downloader, fetch_dir, 1 << 20).unwrap();
+    let client = UnixHelperClient::new(&socket, "test").with_fetcher(fetcher);
+    let (target, after) = (tmp.path().join("motd"), tmp.path().join("after"));
+    let remote = req("m", "linux.file", json!({"path": target.display().to_string(), "remote_uri": url}));
+    let local = req("l", "linux.file", json!({"path": after.display().to_string(), "content": "l"}));
+    let (n, _keep) = next(local.clone());
+    let o = client.apply_then(remote, None, Some(n), Cancel::never()).await.unwrap();
+    assert!(o.result && o.changed(), "{o:?}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "hello from afar\n");
+    assert!(wait_until(Duration::from_secs(20), || after.exists()), "the state sent again ahead did not run");
+    let o = client.apply_then(local, None, None, Cancel::never()).await.unwrap();
+    assert!(o.result && o.changed(), "collected from its run ahead, not run a second time: {o:?}");
+    assert_eq!(files.hits("motd"), 1);
+    assert!(client.status().await.is_ok());
+}
