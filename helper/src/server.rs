@@ -601,29 +601,17 @@ impl Connection {
     async fn while_busy(&mut self, running: u64, incoming: Option<Incoming>, canceller: &Canceller) {
         match incoming {
             Some(Incoming::Frame(body)) => match self.decode(&body).await {
-                Some(RequestFrame {
-                    id,
-                    request: request @ (Request::Cancel { .. } | Request::Withdraw { .. }),
-                    ..
-                }) => {
-                    let (target, cancel) = match request {
-                        Request::Cancel { target } => (target, true),
-                        Request::Withdraw { target } => (target, false),
-                        _ => return,
-                    };
-                    let queued = self.queued.as_ref().is_some_and(|q| q.id == target);
-                    let found = (cancel && target == running) || queued;
-                    if cancel && target == running {
+                Some(RequestFrame { id, request: Request::Cancel { target }, .. }) => {
+                    let running_found = target == running;
+                    if running_found {
                         info!(id, target, "cancel requested");
                         canceller.cancel();
                     }
-                    self.reply(id, Reply::Cancelled { target, found }).await;
-                    if queued {
-                        self.queued = None;
-                        debug!(id, target, "a request waiting to follow the running one was withdrawn");
-                        let message = format!("not run: request {target} was cancelled before it started");
-                        self.reply(target, Reply::Error(HelperError::new(ErrorCode::NotRun, message))).await;
-                    }
+                    self.take_back(id, target, running_found).await;
+                }
+                // Never the running request: a withdrawal only takes back one waiting.
+                Some(RequestFrame { id, request: Request::Withdraw { target }, .. }) => {
+                    self.take_back(id, target, false).await;
                 }
                 Some(
                     frame @ RequestFrame {
@@ -647,6 +635,20 @@ impl Connection {
                 self.broken(&e).await;
                 self.dead = true;
             }
+        }
+    }
+
+    /// Answers a `cancel` or `withdraw` of `target` (`found` already when it cancelled the
+    /// running request), and takes back the request waiting behind it if that is the one
+    /// named: answered `not-run`, it never starts.
+    async fn take_back(&mut self, id: u64, target: u64, running_found: bool) {
+        let queued = self.queued.as_ref().is_some_and(|q| q.id == target);
+        self.reply(id, Reply::Cancelled { target, found: running_found || queued }).await;
+        if queued {
+            self.queued = None;
+            debug!(id, target, "a request waiting to follow the running one was withdrawn");
+            let message = format!("not run: request {target} was cancelled before it started");
+            self.reply(target, Reply::Error(HelperError::new(ErrorCode::NotRun, message))).await;
         }
     }
 
