@@ -387,18 +387,8 @@ impl UnixHelperClient {
     }
 
     async fn send(&self, conn: &mut Conn, request: Request) -> Result<u64, HelperClientError> {
-        self.send_after(conn, request, None).await
-    }
-
-    async fn send_after(
-        &self,
-        conn: &mut Conn,
-        request: Request,
-        after: Option<u64>,
-    ) -> Result<u64, HelperClientError> {
-        let id = conn.next_id;
         let frame =
-            codec::encode(&RequestFrame { id, after, request }, self.max_frame).map_err(|e| self.codec_err(e))?;
+            codec::encode(&RequestFrame::new(conn.next_id, request), self.max_frame).map_err(|e| self.codec_err(e))?;
         self.write(conn, &frame).await
     }
 
@@ -528,15 +518,11 @@ impl UnixHelperClient {
             Ok(f) => f,
             Err(outcome) => return Ok(Applied::Outcome(outcome)),
         };
-        let uploaded = |conn: &Conn| match (&upload, &conn.sent) {
-            (None, _) => true,
-            (Some(u), Some(sent)) => Arc::ptr_eq(u, sent),
-            (Some(_), None) => false,
-        };
+        let uploaded = |conn: &Conn| covers(conn.sent.as_ref(), upload.as_ref());
         let mut resent = false;
         loop {
             // Sent ahead already: await it. Any other request sent ahead is withdrawn
-            // (and, if it started, cancelled) before this one goes.
+            // (or, if it started, waited for: see `settle`) before this one goes.
             let ahead = conn.ahead.take();
             let (id, recipe) = match ahead {
                 Some(a) if a.request == request && !a.withdraw.is_cancelled() && uploaded(conn) => (a.id, None),
@@ -549,11 +535,11 @@ impl UnixHelperClient {
                     // and refuses the state if it refused the recipe.
                     let recipe = match &upload {
                         Some(u) if !uploaded(conn) => {
-                            Some((self.send_unsent(conn, Request::Recipe((**u).clone()), None).await?, Arc::clone(u)))
+                            Some((self.send_unsent(conn, Request::Recipe((**u).clone())).await?, Arc::clone(u)))
                         }
                         _ => None,
                     };
-                    (self.send_unsent(conn, request.clone(), None).await?, recipe)
+                    (self.send_unsent(conn, request.clone()).await?, recipe)
                 }
             };
             if let Some(next) = next.clone().filter(|_| conn.pipelining) {
@@ -596,13 +582,8 @@ impl UnixHelperClient {
     }
 
     /// Sends a request whose failure to go out means the helper never saw it.
-    async fn send_unsent(
-        &self,
-        conn: &mut Conn,
-        request: Request,
-        after: Option<u64>,
-    ) -> Result<u64, HelperClientError> {
-        self.send_after(conn, request, after).await.map_err(|e| match e {
+    async fn send_unsent(&self, conn: &mut Conn, request: Request) -> Result<u64, HelperClientError> {
+        self.send(conn, request).await.map_err(|e| match e {
             HelperClientError::Codec { path, source: source @ CodecError::Io(_) } => {
                 HelperClientError::Unsent { path, source }
             }
@@ -623,12 +604,7 @@ impl UnixHelperClient {
         else {
             return Ok(());
         };
-        let same_recipe = match (&next_upload, upload) {
-            (None, _) => true,
-            (Some(n), Some(u)) => Arc::ptr_eq(n, u),
-            (Some(_), None) => false,
-        };
-        if !same_recipe || next.withdraw.is_cancelled() {
+        if !covers(upload, next_upload.as_ref()) || next.withdraw.is_cancelled() {
             return Ok(());
         }
         // A large state goes on its own when its turn comes: a helper started with a
@@ -648,14 +624,9 @@ impl UnixHelperClient {
         self.send(conn, Request::Withdraw { target: ahead.id }).await?;
         let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
         loop {
-            let frame = tokio::select! {
-                reply = conn.replies.recv() => match reply {
-                    Some(Ok(f)) => f,
-                    Some(Err(e)) => return Err(self.codec_err(e)),
-                    None => return Err(HelperClientError::Closed { path: self.shown() }),
-                },
-                _ = tokio::time::sleep_until(deadline) => return Err(HelperClientError::Abandoned { path: self.shown() }),
-            };
+            let frame = tokio::time::timeout_at(deadline, self.recv(conn))
+                .await
+                .map_err(|_| HelperClientError::Abandoned { path: self.shown() })??;
             match frame.reply {
                 Reply::Cancelled { .. } => {}
                 reply if frame.id == ahead.id => {
@@ -740,6 +711,16 @@ impl UnixHelperClient {
                 }
             }
         }
+    }
+}
+
+/// Whether a connection that has verified the signed recipe `have` can take a state that
+/// needs `need` (`None`: a state sent with its parameters, which needs none).
+fn covers(have: Option<&Arc<RecipeUpload>>, need: Option<&Arc<RecipeUpload>>) -> bool {
+    match (need, have) {
+        (None, _) => true,
+        (Some(need), Some(have)) => Arc::ptr_eq(need, have),
+        (Some(_), None) => false,
     }
 }
 

@@ -161,17 +161,12 @@ impl<C: HelperClient> Prerequisites<C> {
 impl<C: HelperClient> Prerequisites<C> {
     /// Installs the missing tools of `req`'s module. `Err(outcome)`: the state fails
     /// with it; `Ok((notes, changes))`: what was installed, to prefix the state's own.
-    /// `req` has a prerequisite that would be installed before it.
-    fn needs_install(&self, req: &ApplyRequest) -> bool {
-        self.enabled && prerequisites(&req.params).iter().any(|p| !tool_present(&self.root, p.tool))
-    }
-
     async fn install_missing(
         &self,
         req: &ApplyRequest,
         cancel: &Cancel,
     ) -> Result<Result<(Vec<String>, Vec<Change>), Outcome>, HelperClientError> {
-        let missing: Vec<Prerequisite> = if self.needs_install(req) {
+        let missing: Vec<Prerequisite> = if self.enabled {
             prerequisites(&req.params).into_iter().filter(|p| !tool_present(&self.root, p.tool)).collect()
         } else {
             Vec::new()
