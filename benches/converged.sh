@@ -105,6 +105,7 @@ cleanup() {
 	rm -rf "$WORK"
 }
 trap cleanup EXIT
+RUNNER=$(build_runner "$WORK")
 
 # --- the round, once per tool ------------------------------------------------------------
 # A bare repository with one commit: the checkout's remote.
@@ -269,24 +270,13 @@ converged() {
 }
 
 # measure TOOL LOG: one run; prints "wall_s cpu_s rss_kib"; exits on failure or change.
-# A small runner forks, execs and reaps the tool with wait4: wall time around it, and the
-# rusage of the whole reaped tree at microsecond resolution (GNU time prints 10 ms).
+# benches/runner.c forks and execs the tool and reaps it with wait4: wall time
+# around it, and the rusage of the whole reaped tree at microsecond resolution (GNU time
+# prints 10 ms).
 measure() {
 	local tool=$1 log=$2 out rc=0
 	# shellcheck disable=SC2046 # the command line is words without spaces
-	out=$(python3 -c '
-import os, sys, time
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1); os.dup2(fd, 2)
-    os.execvp(sys.argv[2], sys.argv[2:])
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-print(f"{wall:.4f} {ru.ru_utime + ru.ru_stime:.4f} {ru.ru_maxrss}")
-sys.exit(os.waitstatus_to_exitcode(status))
-' "$log" $(cmdline "$tool")) || rc=$?
+	out=$("$RUNNER" "$log" $(cmdline "$tool")) || rc=$?
 	if [ "$rc" != 0 ]; then
 		say "converged: $tool failed (exit $rc):"
 		tail -30 "$log" >&2

@@ -19,3 +19,10 @@ need_socket_activate() {
 	command -v systemd-socket-activate >/dev/null || apt-get install -y -qq systemd >/dev/null ||
 		die "systemd-socket-activate not found (package systemd)"
 }
+# build_runner DIR: compiles benches/runner.c (one timed run: wall, CPU of the process
+# tree, peak RSS) into DIR/runner and prints its path.
+build_runner() {
+	command -v cc >/dev/null || die "cc not found (the Rust toolchain's linker; apt-get install gcc)"
+	cc -O2 -o "$1/runner" "$(dirname "${BASH_SOURCE[0]}")/runner.c" || die "cannot build benches/runner.c"
+	echo "$1/runner"
+}

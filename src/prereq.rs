@@ -171,7 +171,9 @@ impl<C: HelperClient> Prerequisites<C> {
         } else {
             Vec::new()
         };
-        let manager = Manager::detect(&self.root);
+        // Looked for only when something is missing: most states need nothing, and the
+        // look-up is four `stat`s.
+        let manager = if missing.is_empty() { None } else { Manager::detect(&self.root) };
         let mut notes = Vec::new();
         let mut changes: Vec<Change> = Vec::new();
         for p in &missing {

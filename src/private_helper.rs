@@ -1,6 +1,6 @@
 //! The private root helper `opsagent apply` starts when run as root: its own socket in a
-//! 0700 directory, handed over the way systemd socket activation does, both processes on
-//! one CPU, stopped (SIGTERM, then SIGKILL if it lingers) and cleaned up when dropped.
+//! 0700 directory, handed over the way systemd socket activation does, stopped (SIGTERM,
+//! then SIGKILL if it lingers) and cleaned up when dropped.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -89,16 +89,44 @@ impl Drop for PrivateHelper {
         let asked = i32::try_from(self.child.id()).ok().is_some_and(|pid| {
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).is_ok()
         });
-        let start = std::time::Instant::now();
-        while asked && start.elapsed() < EXIT_GRACE {
-            match self.child.try_wait() {
-                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(2)),
-                _ => break,
-            }
+        if asked {
+            wait_exit(&mut self.child, EXIT_GRACE);
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until `child` has exited or `grace` has passed, whichever comes first, without
+/// reaping it. Woken by the child's exit through a pidfd: a sleep-and-retry loop here
+/// added up to its whole period (2 ms) to every `opsagent apply`. Kernels without
+/// `pidfd_open` (before 5.3) get that loop.
+#[allow(clippy::disallowed_methods)] // a bounded wait in Drop, with the wall clock
+fn wait_exit(child: &mut Child, grace: std::time::Duration) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
+
+    if let Ok(pidfd) = pidfd_open(Pid::from_child(child), PidfdFlags::empty()) {
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let timeout = Timespec::try_from(left).unwrap_or(Timespec { tv_sec: 30, tv_nsec: 0 });
+            let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+            match poll(&mut fds, Some(&timeout)) {
+                // Readable: the child has exited. Zero: the grace is over.
+                Ok(_) => return,
+                Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < grace {
+        match child.try_wait() {
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(2)),
+            _ => return,
+        }
     }
 }
 

@@ -64,6 +64,7 @@ use crate::cancel::Cancel;
 use crate::exec::Exit;
 
 mod files;
+mod index;
 
 /// states.md's default `revision`.
 pub const DEFAULT_REVISION: &str = "master";
@@ -139,9 +140,9 @@ async fn sync(
     // A converged checkout of a repository on this host, told from the files (see
     // `files`): one `git status` instead of the fetch and the rest.
     if existing == Existing::Checkout && runner.uid.is_root() {
-        if let Some((_, note)) = files_converged(&path, &repo, &wanted, &runner) {
+        if let Some((_, note, unchanged)) = files_converged(&path, &repo, &wanted, &runner) {
             let mut git = Git { runner: runner.clone(), path: path.clone(), repo: repo.clone(), cancel: &mut *cancel };
-            if git.clean(crate::plan::active()).await? {
+            if unchanged || git.clean(crate::plan::active()).await? {
                 notes.extend(note);
                 return Ok(());
             }
@@ -164,11 +165,24 @@ async fn sync(
 }
 
 /// [`files::converged`] for the checkout at `path`, which [`inspect`] found to be a
-/// root-controlled directory holding `.git`.
-fn files_converged(path: &AbsPath, repo: &str, wanted: &str, runner: &Runner) -> Option<(Target, Option<String>)> {
+/// root-controlled directory holding `.git`, and whether its tracked files are known
+/// to be as its commit has them ([`index::unchanged`]; `false`: `git status` decides).
+fn files_converged(
+    path: &AbsPath,
+    repo: &str,
+    wanted: &str,
+    runner: &Runner,
+) -> Option<(Target, Option<String>, bool)> {
     let dir = crate::dirfd::Dir::open(path.as_path()).ok()?;
     dir.root_controlled().ok()?;
-    files::converged(&dir, repo, wanted, runner.home()?)
+    let (target, note) = files::converged(&dir, repo, wanted, runner.home()?)?;
+    let unchanged = || -> Option<bool> {
+        let git_dir = dir.subdir(std::ffi::OsStr::new(".git")).ok()??;
+        git_dir.root_controlled().ok()?;
+        index::unchanged(&dir, &git_dir, target.id())
+    };
+    let unchanged = unchanged() == Some(true);
+    Some((target, note, unchanged))
 }
 
 struct Git<'a> {

@@ -40,7 +40,7 @@ use super::{is_object_id, looks_like_commit, Target, DEFAULT_REVISION};
 const MAX_FILE: u64 = 16 << 20;
 
 /// `Some(x)`: known to be `x`; `None`: not known for certain, git decides.
-type Known<T> = Option<T>;
+pub(super) type Known<T> = Option<T>;
 
 /// What a file holds: `Some(None)` when nothing (or a directory) is there.
 fn read_file(dir: &Dir, name: &OsStr) -> Known<Option<String>> {

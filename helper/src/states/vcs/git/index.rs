@@ -1,0 +1,469 @@
+//! Whether a checkout's tracked files are as its commit has them, told from git's index
+//! and the files' `lstat`, without running `git status`.
+//!
+//! `git status --untracked-files=no` answers two questions. Does the index differ from
+//! HEAD's tree? The index's cache-tree extension (`TREE`) records the tree its entries
+//! make when git knows it; when its root is valid, covers every entry and names the tree
+//! of HEAD's commit (read from the object database: a loose object, or a pack entry that
+//! is not a delta), the answer is no. Do the files differ from the index? git trusts an
+//! entry whose recorded `lstat` data (times to the nanosecond, inode, owner, size, type
+//! and executable bit) match the file's and that is older than the index itself (not
+//! "racily clean"); so does this module, comparing more fields than git does, never
+//! fewer.
+//!
+//! Anything else means "ask git" (`None`): an index version other than 2 or 3, an entry
+//! marked assume-unchanged, skip-worktree or intent-to-add, a conflict stage, a
+//! submodule, a split or sparse index, an invalid or partial cache-tree, an object in a
+//! form not read here, a file whose data differ in any field, a racy entry, a directory
+//! on the way that is a link or that someone other than root controls. git then decides
+//! (and, as `git status` does, refreshes the index, so the next round can trust it).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+
+use rustix::fs::{AtFlags, FileType};
+
+use super::files::Known;
+use crate::dirfd::Dir;
+
+/// An index larger than this is left to git.
+const MAX_INDEX: u64 = 64 << 20;
+const OID: usize = 20;
+
+/// One index entry's `lstat` data as git recorded it (each field as git stores it: 32
+/// bits, times split in seconds and nanoseconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    path: Vec<u8>,
+    ctime: (u32, u32),
+    mtime: (u32, u32),
+    ino: u32,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u32,
+}
+
+/// The parsed index: its entries (in git's order: by path) and the root of its
+/// cache-tree when that is valid and covers them all.
+#[derive(Debug)]
+struct Index {
+    entries: Vec<Entry>,
+    tree: [u8; OID],
+}
+
+fn be32(b: &[u8], at: usize) -> Known<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Parses index versions 2 and 3; `None` for anything this module does not trust.
+fn parse(b: &[u8]) -> Known<Index> {
+    if b.get(..4)? != b"DIRC" || b.len() < 12 + OID {
+        return None;
+    }
+    let version = be32(b, 4)?;
+    if version != 2 && version != 3 {
+        return None;
+    }
+    let count = usize::try_from(be32(b, 8)?).ok()?;
+    let end = b.len() - OID; // the trailing checksum
+    let mut at = 12;
+    let mut entries = Vec::with_capacity(count.min(1 << 16));
+    for _ in 0..count {
+        let start = at;
+        let f = |i: usize| be32(b, start + 4 * i);
+        let flags = u16::from_be_bytes(b.get(start + 60..start + 62)?.try_into().ok()?);
+        // assume-valid, or a stage other than 0 (a conflict).
+        if flags & 0x8000 != 0 || (flags >> 12) & 3 != 0 {
+            return None;
+        }
+        at = start + 62;
+        if flags & 0x4000 != 0 {
+            // Extended flags (version 3): skip-worktree and intent-to-add, or unknown.
+            if version < 3 || u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?) != 0 {
+                return None;
+            }
+            at += 2;
+        }
+        let nul = at + b.get(at..end)?.iter().position(|&c| c == 0)?;
+        let path = b[at..nul].to_vec();
+        // NUL-padded to a multiple of 8 bytes, at least one NUL.
+        at = start + (nul - start + 8) / 8 * 8;
+        if path.is_empty() || at > end {
+            return None;
+        }
+        let mode = f(6)?;
+        if !matches!(mode, 0o100644 | 0o100755 | 0o120000) {
+            return None; // a submodule (0o160000), or a mode git would not write
+        }
+        entries.push(Entry {
+            path,
+            ctime: (f(0)?, f(1)?),
+            mtime: (f(2)?, f(3)?),
+            ino: f(5)?,
+            mode,
+            uid: f(7)?,
+            gid: f(8)?,
+            size: f(9)?,
+        });
+    }
+    let mut tree = None;
+    while at < end {
+        let sig = b.get(at..at + 4)?;
+        let len = usize::try_from(be32(b, at + 4)?).ok()?;
+        let data = b.get(at + 8..(at + 8).checked_add(len)?)?;
+        match sig {
+            b"TREE" => tree = Some(root_tree(data, count)?),
+            // Optional extensions (an upper-case first letter) do not change what the
+            // entries say; a required one (split index `link`, sparse `sdir`) does.
+            [b'A'..=b'Z', ..] => {}
+            _ => return None,
+        }
+        at += 8 + len;
+    }
+    Some(Index { entries, tree: tree? })
+}
+
+/// The root of a `TREE` extension: its object id, if it is valid and covers all
+/// `count` entries.
+fn root_tree(data: &[u8], count: usize) -> Known<[u8; OID]> {
+    // "" NUL, entry count (-1: invalid), space, subtree count, LF, object id.
+    let (&0, rest) = data.split_first()? else { return None };
+    let lf = rest.iter().position(|&c| c == b'\n')?;
+    let head = std::str::from_utf8(&rest[..lf]).ok()?;
+    let (entries, _subtrees) = head.split_once(' ')?;
+    if entries.parse::<usize>().ok()? != count {
+        return None;
+    }
+    rest.get(lf + 1..lf + 1 + OID)?.try_into().ok()
+}
+
+fn hex_oid(hex: &str) -> Known<[u8; OID]> {
+    if hex.len() != 2 * OID || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut oid = [0; OID];
+    for (i, o) in oid.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(oid)
+}
+
+/// The tree named by a commit object's first line (`tree <hex>`), from the object's
+/// inflated start.
+fn tree_line(body: &[u8]) -> Known<[u8; OID]> {
+    let hex = body.strip_prefix(b"tree ")?.get(..2 * OID)?;
+    hex_oid(std::str::from_utf8(hex).ok()?)
+}
+
+/// The first bytes of a zlib stream (enough for a commit's `tree` line).
+fn inflate_start(compressed: impl Read, want: usize) -> Known<Vec<u8>> {
+    let mut out = Vec::with_capacity(want);
+    flate2::read::ZlibDecoder::new(compressed).take(want as u64).read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
+/// The tree of the commit `commit`, read from the object database under `objects`.
+fn commit_tree(objects: &Dir, commit: &[u8; OID]) -> Known<[u8; OID]> {
+    let hex: String = commit.iter().map(|b| format!("{b:02x}")).collect();
+    // Loose: objects/xx/<38 hex>, "commit <size>" NUL, then the commit.
+    if let Some(dir) = objects.subdir(OsStr::new(&hex[..2])).ok()? {
+        dir.root_controlled().ok()?;
+        if let Some(file) = dir.open_file(OsStr::new(&hex[2..])).ok()? {
+            let body = inflate_start(file, 128)?;
+            let nul = body.iter().position(|&c| c == 0)?;
+            body[..nul].starts_with(b"commit ").then_some(())?;
+            return tree_line(&body[nul + 1..]);
+        }
+    }
+    let pack = objects.subdir(OsStr::new("pack")).ok()??;
+    pack.root_controlled().ok()?;
+    for (name, kind) in pack.entries().ok()? {
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".idx")) else { continue };
+        if kind != FileType::RegularFile {
+            continue;
+        }
+        let idx = pack.open_file(&name).ok()??;
+        if let Some(offset) = pack_offset(&idx, commit)? {
+            let data = pack.open_file(OsStr::new(&format!("{stem}.pack"))).ok()??;
+            return packed_commit_tree(&data, offset);
+        }
+    }
+    None
+}
+
+/// Where `oid` is in the pack a version 2 `.idx` describes: `Some(None)` if not there.
+fn pack_offset(idx: &File, oid: &[u8; OID]) -> Known<Option<u64>> {
+    let mut head = [0u8; 8 + 256 * 4];
+    idx.read_exact_at(&mut head, 0).ok()?;
+    if head[..8] != [0xff, b't', b'O', b'c', 0, 0, 0, 2] {
+        return None;
+    }
+    let fan = |i: usize| be32(&head, 8 + 4 * i).and_then(|n| usize::try_from(n).ok());
+    let first = usize::from(oid[0]);
+    let lo = if first == 0 { 0 } else { fan(first - 1)? };
+    let (hi, n) = (fan(first)?, fan(255)?);
+    if lo > hi || hi > n {
+        return None;
+    }
+    let mut ids = vec![0u8; (hi - lo) * OID];
+    let ids_at = head.len() + lo * OID;
+    idx.read_exact_at(&mut ids, u64::try_from(ids_at).ok()?).ok()?;
+    let Some(i) = ids.chunks_exact(OID).position(|id| id == oid) else { return Some(None) };
+    let at = head.len() + n * (OID + 4) + (lo + i) * 4;
+    let mut word = [0u8; 4];
+    idx.read_exact_at(&mut word, u64::try_from(at).ok()?).ok()?;
+    let small = u32::from_be_bytes(word);
+    if small & 0x8000_0000 == 0 {
+        return Some(Some(u64::from(small)));
+    }
+    let mut big = [0u8; 8];
+    let big_at = head.len() + n * (OID + 8) + 8 * usize::try_from(small & 0x7fff_ffff).ok()?;
+    idx.read_exact_at(&mut big, u64::try_from(big_at).ok()?).ok()?;
+    Some(Some(u64::from_be_bytes(big)))
+}
+
+/// The tree of the commit stored whole (not as a delta) at `offset` in a pack.
+fn packed_commit_tree(pack: &File, offset: u64) -> Known<[u8; OID]> {
+    let mut buf = [0u8; 512];
+    let got = pack.read_at(&mut buf, offset).ok()?;
+    let buf = &buf[..got];
+    // Type in bits 4-6 of the first byte (1: commit); the size's varint follows.
+    if (buf.first()? >> 4) & 7 != 1 {
+        return None;
+    }
+    let header = 1 + buf.iter().take_while(|&&c| c & 0x80 != 0).count();
+    tree_line(&inflate_start(buf.get(header..)?, 2 * OID + 6)?)
+}
+
+/// The `lstat` of `path` (an index path) under `checkout`, walking by descriptor with
+/// directories opened as in [`super::files`]: never through a link, each root-controlled.
+/// `dirs` keeps the directories of the previous entry (entries come sorted by path).
+fn lstat(checkout: &Dir, dirs: &mut Vec<(Vec<u8>, Dir)>, path: &[u8]) -> Known<rustix::fs::Stat> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut parts: Vec<&[u8]> = path.split(|&c| c == b'/').collect();
+    let name = parts.pop()?;
+    if parts.iter().chain([&name]).any(|p| p.is_empty() || *p == b"." || *p == b"..") {
+        return None;
+    }
+    let keep = dirs.iter().zip(&parts).take_while(|((held, _), want)| held.as_slice() == **want).count();
+    dirs.truncate(keep);
+    for part in &parts[keep..] {
+        let parent = dirs.last().map_or(checkout, |(_, d)| d);
+        let dir = parent.subdir(OsStr::from_bytes(part)).ok()??;
+        dir.root_controlled().ok()?;
+        dirs.push((part.to_vec(), dir));
+    }
+    let parent = dirs.last().map_or(checkout, |(_, d)| d);
+    rustix::fs::statat(parent, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW).ok()
+}
+
+/// Whether the file's `lstat` is what the index recorded, as git compares them (and the
+/// device, which git leaves out, left out too).
+fn same(e: &Entry, st: &rustix::fs::Stat) -> bool {
+    // git keeps the low 32 bits of each field.
+    let low = |v: i64| v as u32;
+    let kind_ok = match FileType::from_raw_mode(st.st_mode) {
+        FileType::Symlink => e.mode == 0o120000,
+        FileType::RegularFile => (e.mode == 0o100755) == (st.st_mode & 0o100 != 0) && e.mode != 0o120000,
+        _ => false,
+    };
+    kind_ok
+        && (low(st.st_mtime), st.st_mtime_nsec as u32) == e.mtime
+        && (low(st.st_ctime), st.st_ctime_nsec as u32) == e.ctime
+        && st.st_ino as u32 == e.ino
+        && st.st_uid == e.uid
+        && st.st_gid == e.gid
+        && st.st_size as u32 == e.size
+}
+
+/// `Some(true)`: the checkout's tracked files and index are exactly HEAD's (`commit`),
+/// what `git status --porcelain --untracked-files=no` would print nothing for; `None`:
+/// ask git. `checkout` and `git_dir` are already known to be root-controlled.
+pub fn unchanged(checkout: &Dir, git_dir: &Dir, commit: &str) -> Known<bool> {
+    let mut file = git_dir.open_file(OsStr::new("index")).ok()??;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_INDEX {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).ok()?);
+    file.read_to_end(&mut bytes).ok()?;
+    let index = parse(&bytes)?;
+    let objects = git_dir.subdir(OsStr::new("objects")).ok()??;
+    objects.root_controlled().ok()?;
+    if commit_tree(&objects, &hex_oid(commit)?)? != index.tree {
+        return None;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let written = (meta.mtime(), meta.mtime_nsec());
+    let mut dirs = Vec::new();
+    for e in &index.entries {
+        // Racily clean: changed in the same instant the index was written, which its
+        // recorded data cannot show. git looks at the content; this module asks git.
+        if (i64::from(e.mtime.0), i64::from(e.mtime.1)) >= written {
+            return None;
+        }
+        if !same(e, &lstat(checkout, &mut dirs, &e.path)?) {
+            return None;
+        }
+    }
+    Some(true)
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // fixtures are built with git, by path (helper/clippy.toml)
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::process::Command;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@localhost", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("git is installed (.ci/run installs it)");
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// What this module says, next to what `git status` says; it may only say "clean"
+    /// when git does. `git status` runs after (it may refresh the index).
+    fn check(dir: &Path) -> (Known<bool>, bool) {
+        let checkout = Dir::open(dir).unwrap();
+        let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
+        let head = git(dir, &["rev-parse", "HEAD"]);
+        let ours = unchanged(&checkout, &git_dir, head.trim());
+        let clean = git(dir, &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+        if ours == Some(true) {
+            assert!(clean, "said clean where git status does not");
+        }
+        (ours, clean)
+    }
+
+    /// A checkout settled the way a converged round finds it: the index written after
+    /// its files (a second later: not racy whatever the clock's resolution).
+    fn settled(dir: &Path) {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        git(dir, &["update-index", "--refresh", "--really-refresh"]);
+        // `git status` writes a refreshed index with the cache-tree git keeps.
+        git(dir, &["status", "--porcelain"]);
+    }
+
+    /// Root's check walks root-controlled directories only.
+    fn as_root(test: &str) -> bool {
+        let root = rustix::process::geteuid().is_root();
+        if !root {
+            eprintln!("{test}: SKIPPED, needs root");
+        }
+        root
+    }
+
+    #[test]
+    fn a_settled_checkout_is_clean_and_every_change_is_left_to_git() {
+        if !as_root("a_settled_checkout_is_clean_and_every_change_is_left_to_git") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        git(d, &["init", "--quiet"]);
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::fs::write(d.join("README"), "one\n").unwrap();
+        std::fs::write(d.join("a/b/run.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(d.join("a/b/run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("README", d.join("a/link")).unwrap();
+        git(d, &["add", "-A"]);
+        git(d, &["commit", "--quiet", "-m", "one"]);
+        git(d, &["read-tree", "HEAD"]); // a full cache-tree, as a checkout has
+        settled(d);
+        assert_eq!(check(d), (Some(true), true), "a settled checkout (loose objects)");
+
+        // Packed: the commit read from the pack.
+        git(d, &["gc", "--quiet"]);
+        assert!(std::fs::read_dir(d.join(".git/objects/pack")).unwrap().count() >= 2);
+        assert_eq!(check(d), (Some(true), true), "a settled checkout (packed objects)");
+
+        // A file rewritten with the same content: stat data differ, git decides (and
+        // refreshes the index, after which it is trusted again).
+        std::fs::write(d.join("README"), "one\n").unwrap();
+        assert_eq!(check(d).0, None);
+        settled(d);
+        assert_eq!(check(d).0, Some(true));
+
+        // A changed file, a mode change, a deleted file: git decides, and says dirty.
+        std::fs::write(d.join("a/b/run.sh"), "#!/bin/sh\nexit 1\n").unwrap();
+        assert_eq!(check(d), (None, false));
+        git(d, &["checkout", "--", "a/b/run.sh"]);
+        std::fs::set_permissions(d.join("a/b/run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        assert_eq!(check(d), (None, false));
+        git(d, &["checkout", "--", "a/b/run.sh"]);
+        std::fs::remove_file(d.join("a/link")).unwrap();
+        assert_eq!(check(d), (None, false));
+        git(d, &["checkout", "--", "a/link"]);
+        settled(d);
+        assert_eq!(check(d), (Some(true), true));
+
+        // The index no longer HEAD's tree: a staged change (cache-tree invalidated), a
+        // HEAD moved under an unchanged index.
+        std::fs::write(d.join("README"), "two\n").unwrap();
+        git(d, &["add", "README"]);
+        settled(d);
+        assert_eq!(check(d), (None, false));
+        git(d, &["commit", "--quiet", "-m", "two"]);
+        settled(d);
+        assert_eq!(check(d).0, Some(true));
+        git(d, &["reset", "--quiet", "--soft", "HEAD~1"]);
+        settled(d);
+        assert_eq!(check(d), (None, false));
+        git(d, &["reset", "--quiet", "--hard", "HEAD@{1}"]);
+        settled(d);
+        assert_eq!(check(d).0, Some(true));
+
+        // Flags git's status would weigh differently: left to git.
+        git(d, &["update-index", "--assume-unchanged", "README"]);
+        assert_eq!(check(d).0, None);
+        git(d, &["update-index", "--no-assume-unchanged", "README"]);
+        // `update-index` drops the cache-tree (left to git); a hard reset writes it again.
+        settled(d);
+        assert_eq!(check(d).0, None);
+        git(d, &["reset", "--quiet", "--hard"]);
+        settled(d);
+        assert_eq!(check(d).0, Some(true));
+
+        // Racily clean: an entry no older than the index that recorded it (here the
+        // index's time set back an hour; every recorded field still matches): the data
+        // cannot show a change made in that instant, so git decides.
+        let index = std::fs::File::options().write(true).open(d.join(".git/index")).unwrap();
+        index.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).unwrap();
+        assert_eq!(check(d), (None, true));
+    }
+
+    #[test]
+    fn malformed_indexes_are_left_to_git() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        git(d, &["init", "--quiet"]);
+        std::fs::write(d.join("f"), "x\n").unwrap();
+        git(d, &["add", "f"]);
+        git(d, &["commit", "--quiet", "-m", "x"]);
+        git(d, &["read-tree", "HEAD"]);
+        let good = std::fs::read(d.join(".git/index")).unwrap();
+        assert!(parse(&good).is_some());
+        // Every truncation, and every single-byte change of the header and first entry,
+        // is refused or parsed without a panic.
+        for n in 0..good.len() {
+            let _ = parse(&good[..n]);
+        }
+        for at in 0..good.len().min(120) {
+            let mut bad = good.clone();
+            bad[at] ^= 0xff;
+            let _ = parse(&bad);
+        }
+        let mut v4 = good.clone();
+        v4[7] = 4;
+        assert!(parse(&v4).is_none(), "version 4 is left to git");
+    }
+}
