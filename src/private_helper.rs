@@ -46,6 +46,11 @@ impl PrivateHelper {
         // helper ignores a recipe_key in /etc/opsagent.conf. `--helper-socket` against
         // the system helper follows that helper's rule instead.
         cmd.arg("--no-recipe-key");
+        // Only root can reach it (above), so root is all it allows. Left to its default
+        // it would look the agent user up, and on a host without one (where
+        // `opsagent apply` is often used) glibc then asks every NSS source: systemd's
+        // user database loaded and searched, ~120 system calls per apply.
+        cmd.args(["--allow-user", "root"]);
         cmd.stdin(std::process::Stdio::null())
             .env("LISTEN_FDS", "1")
             .env("LISTEN_FDS_FIRST_FD", inherited.as_raw_fd().to_string())
