@@ -205,7 +205,9 @@ fn pack_offset(idx: &File, oid: &[u8; OID]) -> Known<Option<u64>> {
     let first = usize::from(oid[0]);
     let lo = if first == 0 { 0 } else { fan(first - 1)? };
     let (hi, n) = (fan(first)?, fan(255)?);
-    if lo > hi || hi > n {
+    // A damaged fan-out must not size the read below: the object ids, checksums and
+    // offsets of `n` objects must fit in the file.
+    if lo > hi || hi > n || u64::try_from(head.len() + n * (OID + 8)).ok()? > idx.metadata().ok()?.len() {
         return None;
     }
     let mut ids = vec![0u8; (hi - lo) * OID];
@@ -465,5 +467,18 @@ mod tests {
         let mut v4 = good.clone();
         v4[7] = 4;
         assert!(parse(&v4).is_none(), "version 4 is left to git");
+    }
+
+    /// A damaged `.idx` claiming four billion objects: refused, not allocated for.
+    #[test]
+    fn a_pack_index_claiming_more_than_its_size_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("x.idx");
+        let mut idx = vec![0xff, b't', b'O', b'c', 0, 0, 0, 2];
+        idx.extend(std::iter::repeat_n(0xffu8, 256 * 4));
+        idx.extend([0u8; 64]);
+        std::fs::write(&path, &idx).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(pack_offset(&file, &[0; OID]), None);
     }
 }
