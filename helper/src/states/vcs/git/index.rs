@@ -25,7 +25,7 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{AtFlags, FileType};
 
-use super::files::Known;
+use super::files::{read_file, Known};
 use crate::dirfd::Dir;
 
 /// An index larger than this is left to git.
@@ -281,6 +281,25 @@ fn same(e: &Entry, st: &rustix::fs::Stat) -> bool {
         && st.st_size as u32 == e.size
 }
 
+/// Nothing that has git status read other objects than the ones named (a replace ref,
+/// loose or packed) or other files than the checkout's (`core.worktree`; `core.bare`,
+/// with which it fails): any mention of one is left to git.
+fn plain_setup(git_dir: &Dir) -> Known<()> {
+    if git_dir.subdir(OsStr::new("refs")).ok()??.stat(OsStr::new("replace")).ok()?.is_some() {
+        return None;
+    }
+    if read_file(git_dir, OsStr::new("packed-refs"))?.is_some_and(|t| t.contains("refs/replace/")) {
+        return None;
+    }
+    let config = read_file(git_dir, OsStr::new("config"))?.unwrap_or_default().to_ascii_lowercase();
+    for line in config.lines().map(|l| l.replace([' ', '\t'], "")) {
+        if line.starts_with("worktree") || (line.starts_with("bare") && line != "bare=false") {
+            return None;
+        }
+    }
+    Some(())
+}
+
 /// `Some(true)`: the checkout's tracked files and index are exactly HEAD's (`commit`),
 /// what `git status --porcelain --untracked-files=no` would print nothing for; `None`:
 /// ask git. `checkout` and `git_dir` are already known to be root-controlled.
@@ -293,6 +312,7 @@ pub fn unchanged(checkout: &Dir, git_dir: &Dir, commit: &str) -> Known<bool> {
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).ok()?);
     file.read_to_end(&mut bytes).ok()?;
     let index = parse(&bytes)?;
+    plain_setup(git_dir)?;
     let objects = git_dir.subdir(OsStr::new("objects")).ok()??;
     objects.root_controlled().ok()?;
     if commit_tree(&objects, &hex_oid(commit)?)? != index.tree {
@@ -467,6 +487,60 @@ mod tests {
         let mut v4 = good.clone();
         v4[7] = 4;
         assert!(parse(&v4).is_none(), "version 4 is left to git");
+    }
+
+    /// A settled checkout of two commits (`a` changed by the second), for the cases below.
+    fn two_commits(d: &Path) {
+        git(d, &["init", "--quiet"]);
+        std::fs::write(d.join("a"), "one\n").unwrap();
+        std::fs::write(d.join("b"), "two\n").unwrap();
+        git(d, &["add", "-A"]);
+        git(d, &["commit", "--quiet", "-m", "one"]);
+        std::fs::write(d.join("a"), "three\n").unwrap();
+        git(d, &["commit", "--quiet", "-am", "two"]);
+        git(d, &["read-tree", "HEAD"]);
+        settled(d);
+    }
+
+    /// `git replace` makes git read another object for HEAD's commit, and so another
+    /// tree: git status compares the index with that one.
+    #[test]
+    fn replaced_objects_are_left_to_git() {
+        if !as_root("replaced_objects_are_left_to_git") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        two_commits(d);
+        assert_eq!(check(d), (Some(true), true));
+        git(d, &["replace", "HEAD", "HEAD~1"]);
+        assert_eq!(check(d), (None, false), "loose replace ref");
+        git(d, &["pack-refs", "--all"]);
+        assert!(!d.join(".git/refs/replace").join(git(d, &["rev-parse", "HEAD"]).trim()).exists());
+        assert_eq!(check(d), (None, false), "packed replace ref");
+    }
+
+    /// `core.worktree` sends git status to other files; `core.bare` makes it fail.
+    #[test]
+    fn a_configured_work_tree_or_bare_repository_is_left_to_git() {
+        if !as_root("a_configured_work_tree_or_bare_repository_is_left_to_git") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = &tmp.path().join("co");
+        std::fs::create_dir(d).unwrap();
+        two_commits(d);
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("a"), "changed\n").unwrap();
+        git(d, &["config", "core.worktree", other.to_str().unwrap()]);
+        assert_eq!(check(d), (None, false), "another work tree");
+        git(d, &["config", "--unset", "core.worktree"]);
+        git(d, &["config", "core.bare", "true"]);
+        let checkout = Dir::open(d).unwrap();
+        let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
+        let head = git(d, &["rev-parse", "HEAD"]);
+        assert_eq!(unchanged(&checkout, &git_dir, head.trim()), None, "git status fails in a bare repository");
     }
 
     /// A damaged `.idx` claiming four billion objects: refused, not allocated for.
