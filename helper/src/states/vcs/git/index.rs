@@ -2,10 +2,12 @@
 //! and the files' `lstat`, without running `git status`.
 //!
 //! `git status --untracked-files=no` answers two questions. Does the index differ from
-//! HEAD's tree? The index's cache-tree extension (`TREE`) records the tree its entries
-//! make when git knows it; when its root is valid, covers every entry and names the tree
-//! of HEAD's commit (read from the object database: a loose object, or a pack entry that
-//! is not a delta), the answer is no. Do the files differ from the index? git trusts an
+//! HEAD's tree? When the tree its entries make (their object ids and modes, hashed as
+//! git writes trees) is the tree of HEAD's commit (read from the object database: a
+//! loose object, or a pack entry that is not a delta), the answer is no. The index's
+//! cache-tree extension (`TREE`) records that tree too, but git status does not trust
+//! it, and neither does this module: an index written by another tool, or damaged, can
+//! hold one its entries do not make. Do the files differ from the index? git trusts an
 //! entry whose recorded `lstat` data (times to the nanosecond, inode, owner, size, type
 //! and executable bit) match the file's and that is older than the index itself (not
 //! "racily clean"); so does this module, comparing more fields than git does, never
@@ -13,8 +15,8 @@
 //!
 //! Anything else means "ask git" (`None`): an index version other than 2 or 3, an entry
 //! marked assume-unchanged, skip-worktree or intent-to-add, a conflict stage, a
-//! submodule, a split or sparse index, an invalid or partial cache-tree, an object in a
-//! form not read here, a file whose data differ in any field, a racy entry, a directory
+//! submodule, a split or sparse index, entries out of order, an object in a form not
+//! read here, a file whose data differ in any field, a racy entry, a directory
 //! on the way that is a link or that someone other than root controls. git then decides
 //! (and, as `git status` does, refreshes the index, so the next round can trust it).
 
@@ -37,6 +39,7 @@ const OID: usize = 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     path: Vec<u8>,
+    oid: [u8; OID],
     ctime: (u32, u32),
     mtime: (u32, u32),
     ino: u32,
@@ -46,20 +49,13 @@ struct Entry {
     size: u32,
 }
 
-/// The parsed index: its entries (in git's order: by path) and the root of its
-/// cache-tree when that is valid and covers them all.
-#[derive(Debug)]
-struct Index {
-    entries: Vec<Entry>,
-    tree: [u8; OID],
-}
-
 fn be32(b: &[u8], at: usize) -> Known<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
 /// Parses index versions 2 and 3; `None` for anything this module does not trust.
-fn parse(b: &[u8]) -> Known<Index> {
+/// Its entries come in git's order (by path, each once: what the trees are made from).
+fn parse(b: &[u8]) -> Known<Vec<Entry>> {
     if b.get(..4)? != b"DIRC" || b.len() < 12 + OID {
         return None;
     }
@@ -91,7 +87,11 @@ fn parse(b: &[u8]) -> Known<Index> {
         let path = b[at..nul].to_vec();
         // NUL-padded to a multiple of 8 bytes, at least one NUL.
         at = start + (nul - start + 8) / 8 * 8;
-        if path.is_empty() || at > end {
+        // A longer path is none a file could have (and would nest the trees too deep).
+        if path.is_empty() || path.len() > 4096 || at > end {
+            return None;
+        }
+        if entries.last().is_some_and(|last: &Entry| last.path >= path) {
             return None;
         }
         let mode = f(6)?;
@@ -100,6 +100,7 @@ fn parse(b: &[u8]) -> Known<Index> {
         }
         entries.push(Entry {
             path,
+            oid: b[start + 40..start + 40 + OID].try_into().ok()?,
             ctime: (f(0)?, f(1)?),
             mtime: (f(2)?, f(3)?),
             ino: f(5)?,
@@ -109,35 +110,51 @@ fn parse(b: &[u8]) -> Known<Index> {
             size: f(9)?,
         });
     }
-    let mut tree = None;
     while at < end {
         let sig = b.get(at..at + 4)?;
         let len = usize::try_from(be32(b, at + 4)?).ok()?;
-        let data = b.get(at + 8..(at + 8).checked_add(len)?)?;
-        match sig {
-            b"TREE" => tree = Some(root_tree(data, count)?),
-            // Optional extensions (an upper-case first letter) do not change what the
-            // entries say; a required one (split index `link`, sparse `sdir`) does.
-            [b'A'..=b'Z', ..] => {}
-            _ => return None,
+        // Optional extensions (an upper-case first letter, the cache-tree `TREE` among
+        // them) do not change what the entries say; a required one (split index `link`,
+        // sparse `sdir`) does.
+        if !sig[0].is_ascii_uppercase() {
+            return None;
         }
-        at += 8 + len;
+        at = (at + 8).checked_add(len).filter(|&next| next <= end)?;
     }
-    Some(Index { entries, tree: tree? })
+    Some(entries)
 }
 
-/// The root of a `TREE` extension: its object id, if it is valid and covers all
-/// `count` entries.
-fn root_tree(data: &[u8], count: usize) -> Known<[u8; OID]> {
-    // "" NUL, entry count (-1: invalid), space, subtree count, LF, object id.
-    let (&0, rest) = data.split_first()? else { return None };
-    let lf = rest.iter().position(|&c| c == b'\n')?;
-    let head = std::str::from_utf8(&rest[..lf]).ok()?;
-    let (entries, _subtrees) = head.split_once(' ')?;
-    if entries.parse::<usize>().ok()? != count {
-        return None;
+/// The id of the tree `entries` make, all in one directory and named from byte `from`
+/// of their paths on: per name (in index order, which is a tree's), "<octal mode>
+/// <name>" NUL and the object id, a sub-directory's entries making its tree.
+fn tree_of(entries: &[Entry], from: usize) -> [u8; OID] {
+    use sha1::{Digest, Sha1};
+    let mut body = Vec::new();
+    let mut i = 0;
+    while let Some(e) = entries.get(i) {
+        let rest = &e.path[from..];
+        let (mode, name, oid) = match rest.iter().position(|&c| c == b'/') {
+            None => {
+                i += 1;
+                (e.mode, rest, e.oid)
+            }
+            Some(n) => {
+                let dir = &rest[..=n];
+                let all = entries[i..].iter().take_while(|d| d.path[from..].starts_with(dir)).count();
+                let sub = tree_of(&entries[i..i + all], from + n + 1);
+                i += all;
+                (0o40000, &rest[..n], sub)
+            }
+        };
+        body.extend_from_slice(format!("{mode:o} ").as_bytes());
+        body.extend_from_slice(name);
+        body.push(0);
+        body.extend_from_slice(&oid);
     }
-    rest.get(lf + 1..lf + 1 + OID)?.try_into().ok()
+    let mut sha = Sha1::new();
+    sha.update(format!("tree {}\0", body.len()));
+    sha.update(&body);
+    sha.finalize().into()
 }
 
 fn hex_oid(hex: &str) -> Known<[u8; OID]> {
@@ -311,17 +328,17 @@ pub fn unchanged(checkout: &Dir, git_dir: &Dir, commit: &str) -> Known<bool> {
     }
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).ok()?);
     file.read_to_end(&mut bytes).ok()?;
-    let index = parse(&bytes)?;
+    let entries = parse(&bytes)?;
     plain_setup(git_dir)?;
     let objects = git_dir.subdir(OsStr::new("objects")).ok()??;
     objects.root_controlled().ok()?;
-    if commit_tree(&objects, &hex_oid(commit)?)? != index.tree {
+    if commit_tree(&objects, &hex_oid(commit)?)? != tree_of(&entries, 0) {
         return None;
     }
     use std::os::unix::fs::MetadataExt;
     let written = (meta.mtime(), meta.mtime_nsec());
     let mut dirs = Vec::new();
-    for e in &index.entries {
+    for e in &entries {
         // Racily clean: changed in the same instant the index was written, which its
         // recorded data cannot show. git looks at the content; this module asks git.
         if (i64::from(e.mtime.0), i64::from(e.mtime.1)) >= written {
@@ -448,9 +465,9 @@ mod tests {
         git(d, &["update-index", "--assume-unchanged", "README"]);
         assert_eq!(check(d).0, None);
         git(d, &["update-index", "--no-assume-unchanged", "README"]);
-        // `update-index` drops the cache-tree (left to git); a hard reset writes it again.
+        // `update-index` drops the cache-tree, which is not needed.
         settled(d);
-        assert_eq!(check(d).0, None);
+        assert_eq!(check(d), (Some(true), true));
         git(d, &["reset", "--quiet", "--hard"]);
         settled(d);
         assert_eq!(check(d).0, Some(true));
@@ -541,6 +558,55 @@ mod tests {
         let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
         let head = git(d, &["rev-parse", "HEAD"]);
         assert_eq!(unchanged(&checkout, &git_dir, head.trim()), None, "git status fails in a bare repository");
+    }
+
+    /// git status compares the entries' object ids with HEAD's tree; a cache-tree that
+    /// disagrees with them (an index written by another tool, or damaged) must not
+    /// stand in for that comparison. git does not check the index's checksum.
+    #[test]
+    fn entries_that_differ_from_their_cache_tree_are_seen() {
+        if !as_root("entries_that_differ_from_their_cache_tree_are_seen") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        two_commits(d);
+        assert_eq!(check(d), (Some(true), true));
+        let mut index = std::fs::read(d.join(".git/index")).unwrap();
+        index[12 + 40] ^= 1; // the first entry's object id
+        std::fs::write(d.join(".git/index"), &index).unwrap();
+        settled_index_time(d);
+        assert_eq!(check(d), (None, false));
+    }
+
+    /// Names sorting around '/' (a tree's order is the index's), nested directories,
+    /// modes, a name that is not UTF-8: the tree made is `git write-tree`'s.
+    #[test]
+    fn trees_are_hashed_as_git_writes_them() {
+        use std::os::unix::ffi::OsStrExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        git(d, &["init", "--quiet"]);
+        for dir in ["a", "b/c", "a.d"] {
+            std::fs::create_dir_all(d.join(dir)).unwrap();
+        }
+        for f in ["a.b", "a/x", "a-c", "a0", "b/c/d", "b/e", "a.d/f", "sp ace"] {
+            std::fs::write(d.join(f), f).unwrap();
+        }
+        std::fs::write(d.join(OsStr::from_bytes(b"n\xff")), "x").unwrap();
+        std::os::unix::fs::symlink("a0", d.join("b/l")).unwrap();
+        std::fs::set_permissions(d.join("a/x"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        git(d, &["add", "-A"]);
+        let tree = hex_oid(git(d, &["write-tree"]).trim()).unwrap();
+        assert_eq!(tree_of(&parse(&std::fs::read(d.join(".git/index")).unwrap()).unwrap(), 0), tree);
+    }
+
+    /// The index's time set a second ahead of its entries, without a refresh (which
+    /// would rewrite it).
+    fn settled_index_time(d: &Path) {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let index = std::fs::File::options().write(true).open(d.join(".git/index")).unwrap();
+        index.set_modified(std::time::SystemTime::now()).unwrap();
     }
 
     /// A damaged `.idx` claiming four billion objects: refused, not allocated for.
