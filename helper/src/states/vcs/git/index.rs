@@ -33,6 +33,11 @@ use crate::dirfd::Dir;
 /// An index larger than this is left to git.
 const MAX_INDEX: u64 = 64 << 20;
 const OID: usize = 20;
+/// The id of the empty blob (e69de29b…).
+const EMPTY_BLOB: [u8; OID] = [
+    0xe6, 0x9d, 0xe2, 0x9b, 0xb2, 0xd1, 0xd6, 0x43, 0x4b, 0x8b, 0x29, 0xae, 0x77, 0x5a, 0xd8, 0xc2, 0xe4, 0x8c, 0x53,
+    0x91,
+];
 
 /// One index entry's `lstat` data as git recorded it (each field as git stores it: 32
 /// bits, times split in seconds and nanoseconds).
@@ -296,6 +301,9 @@ fn same(e: &Entry, st: &rustix::fs::Stat) -> bool {
         && st.st_uid == e.uid
         && st.st_gid == e.gid
         && st.st_size as u32 == e.size
+        // Size 0 for a blob that is not empty: "racily smudged" (git found the file
+        // changed when it wrote the index, and keeps the rest of the data), changed.
+        && (e.size != 0 || e.oid == EMPTY_BLOB)
 }
 
 /// Nothing that has git status read other objects than the ones named (a replace ref,
@@ -574,6 +582,37 @@ mod tests {
         assert_eq!(check(d), (Some(true), true));
         let mut index = std::fs::read(d.join(".git/index")).unwrap();
         index[12 + 40] ^= 1; // the first entry's object id
+        std::fs::write(d.join(".git/index"), &index).unwrap();
+        settled_index_time(d);
+        assert_eq!(check(d), (None, false));
+    }
+
+    /// A racily clean entry whose file changed is written "smudged" by git: size 0, the
+    /// rest of its data kept. Here the file then is empty, with the data recorded (as a
+    /// change within one timestamp tick leaves them): every field matches, but git
+    /// takes a size of 0 for a blob that is not empty as changed.
+    #[test]
+    fn a_smudged_entry_is_changed_even_when_its_file_matches() {
+        if !as_root("a_smudged_entry_is_changed_even_when_its_file_matches") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        two_commits(d);
+        std::fs::write(d.join("a"), "").unwrap();
+        let st = rustix::fs::lstat(d.join("a")).unwrap();
+        let mut index = std::fs::read(d.join(".git/index")).unwrap();
+        assert_eq!(&index[12 + 62..12 + 64], b"a\0", "the first entry is a");
+        for (field, value) in [
+            (0, st.st_ctime as u32),
+            (1, st.st_ctime_nsec as u32),
+            (2, st.st_mtime as u32),
+            (3, st.st_mtime_nsec as u32),
+            (5, st.st_ino as u32),
+            (9, 0),
+        ] {
+            index[12 + 4 * field..12 + 4 * field + 4].copy_from_slice(&value.to_be_bytes());
+        }
         std::fs::write(d.join(".git/index"), &index).unwrap();
         settled_index_time(d);
         assert_eq!(check(d), (None, false));
