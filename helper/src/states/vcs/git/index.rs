@@ -92,8 +92,11 @@ fn parse(b: &[u8]) -> Known<Vec<Entry>> {
         let path = b[at..nul].to_vec();
         // NUL-padded to a multiple of 8 bytes, at least one NUL.
         at = start + (nul - start + 8) / 8 * 8;
-        // A longer path is none a file could have (and would nest the trees too deep).
-        if path.is_empty() || path.len() > 4096 || at > end {
+        // git reads the path's length from the flags (0xfff: longer), and the next
+        // entry from there: another length is another index for git. A longer path is
+        // none a file could have (and would nest the trees too deep).
+        let recorded = usize::from(flags & 0xfff);
+        if recorded != path.len().min(0xfff) || path.is_empty() || path.len() > 4096 || at > end {
             return None;
         }
         if entries.last().is_some_and(|last: &Entry| last.path >= path) {
@@ -655,6 +658,32 @@ mod tests {
         let file = std::fs::File::options().write(true).open(d.join(".git/index")).unwrap();
         file.set_modified(at(700_000_000)).unwrap();
         assert_eq!(check(d), (None, false));
+    }
+
+    /// The length recorded in an entry's flags is what git reads its path (and finds
+    /// the next entry) by: one that is not the path's makes another index for git.
+    #[test]
+    fn a_path_length_other_than_the_path_is_refused() {
+        if !as_root("a_path_length_other_than_the_path_is_refused") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        two_commits(d);
+        assert_eq!(check(d), (Some(true), true));
+        let mut index = std::fs::read(d.join(".git/index")).unwrap();
+        assert_eq!(&index[12 + 60..12 + 64], b"\0\x01a\0", "the first entry is a");
+        index[12 + 61] = 47;
+        std::fs::write(d.join(".git/index"), &index).unwrap();
+        settled_index_time(d);
+        let checkout = Dir::open(d).unwrap();
+        let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
+        let head = git(d, &["rev-parse", "HEAD"]);
+        assert_eq!(unchanged(&checkout, &git_dir, head.trim()), None);
+        let status =
+            Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]).current_dir(d).output();
+        let status = status.unwrap();
+        assert!(!status.status.success() || !status.stdout.is_empty(), "git status takes it for another index");
     }
 
     /// Names sorting around '/' (a tree's order is the index's), nested directories,
