@@ -5,9 +5,10 @@
 //! HEAD's tree? When the tree its entries make (their object ids and modes, hashed as
 //! git writes trees) is the tree of HEAD's commit (read from the object database: a
 //! loose object, or a pack entry that is not a delta), the answer is no. The index's
-//! cache-tree extension (`TREE`) records that tree too, but git status does not trust
-//! it, and neither does this module: an index written by another tool, or damaged, can
-//! hold one its entries do not make. Do the files differ from the index? git trusts an
+//! cache-tree extension (`TREE`) records those trees too, and git's status takes a
+//! valid node whose tree is HEAD's for its entries unread: so each valid node must name
+//! the tree and count the entries the entries make (an index written by another tool,
+//! or damaged, can say otherwise). Do the files differ from the index? git trusts an
 //! entry whose recorded `lstat` data (times to the nanosecond, inode, owner, size, type
 //! and executable bit) match the file's and that is older than the index itself (not
 //! "racily clean"); so does this module, comparing more fields than git does, never
@@ -15,11 +16,13 @@
 //!
 //! Anything else means "ask git" (`None`): an index version other than 2 or 3, an entry
 //! marked assume-unchanged, skip-worktree or intent-to-add, a conflict stage, a
-//! submodule, a split or sparse index, entries out of order, an object in a form not
-//! read here, a file whose data differ in any field, a racy entry, a directory
-//! on the way that is a link or that someone other than root controls. git then decides
-//! (and, as `git status` does, refreshes the index, so the next round can trust it).
+//! submodule, a split or sparse index, entries out of order, a cache-tree other than
+//! the entries make, an object in a form not read here, a file whose data differ in any
+//! field, a racy entry, a directory on the way that is a link or that someone other
+//! than root controls. git then decides (and, as `git status` does, refreshes the
+//! index, so the next round can trust it).
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
@@ -59,8 +62,14 @@ fn be32(b: &[u8], at: usize) -> Known<u32> {
 }
 
 /// Parses index versions 2 and 3; `None` for anything this module does not trust.
-/// Its entries come in git's order (by path, each once: what the trees are made from).
-fn parse(b: &[u8]) -> Known<Vec<Entry>> {
+/// The parsed index: its entries, in git's order (by path, each once: what the trees
+/// are made from), and its cache-tree extension's data if it has one.
+struct Index<'a> {
+    entries: Vec<Entry>,
+    cache_tree: Option<&'a [u8]>,
+}
+
+fn parse(b: &[u8]) -> Known<Index<'_>> {
     if b.get(..4)? != b"DIRC" || b.len() < 12 + OID {
         return None;
     }
@@ -118,24 +127,71 @@ fn parse(b: &[u8]) -> Known<Vec<Entry>> {
             size: f(9)?,
         });
     }
+    let mut cache_tree = None;
     while at < end {
         let sig = b.get(at..at + 4)?;
         let len = usize::try_from(be32(b, at + 4)?).ok()?;
-        // Optional extensions (an upper-case first letter, the cache-tree `TREE` among
-        // them) do not change what the entries say; a required one (split index `link`,
-        // sparse `sdir`) does.
-        if !sig[0].is_ascii_uppercase() {
-            return None;
+        let next = (at + 8).checked_add(len).filter(|&next| next <= end)?;
+        // Optional extensions (an upper-case first letter) do not change what the
+        // entries say, but for the cache-tree, which git's status uses (checked against
+        // the entries); a required one (split index `link`, sparse `sdir`) does.
+        match sig {
+            b"TREE" => cache_tree = Some(&b[at + 8..next]),
+            [b'A'..=b'Z', ..] => {}
+            _ => return None,
         }
-        at = (at + 8).checked_add(len).filter(|&next| next <= end)?;
+        at = next;
     }
-    Some(entries)
+    Some(Index { entries, cache_tree })
+}
+
+/// Each directory's trees as [`tree_of`] makes them: by path prefix ("" for the root,
+/// "a/b/" below), its number of entries and its tree.
+type Made = BTreeMap<Vec<u8>, (usize, [u8; OID])>;
+
+/// Whether a cache-tree (`TREE` data) says what the entries make (`made`). git's
+/// status takes a valid node's entries as unchanged when its tree is HEAD's, without
+/// looking at them: every valid node must have the count and tree the entries make.
+/// Nodes in pre-order: name NUL, "<entries> <subtrees>" LF, the tree unless invalid
+/// (entries -1).
+fn cache_tree_agrees(mut data: &[u8], made: &Made) -> Known<()> {
+    let mut open: Vec<(Vec<u8>, usize)> = Vec::new(); // prefix, subtrees still to come
+    let mut first = true;
+    while !data.is_empty() {
+        let nul = data.iter().position(|&c| c == 0)?;
+        let lf = nul + data[nul..].iter().position(|&c| c == b'\n')?;
+        let (count, subtrees) = std::str::from_utf8(&data[nul + 1..lf]).ok()?.split_once(' ')?;
+        let (count, subtrees) = (count.parse::<i64>().ok()?, subtrees.parse::<usize>().ok()?);
+        let prefix = match open.last_mut() {
+            None if first && nul == 0 => Vec::new(),
+            None => return None, // a second root
+            Some((parent, left)) => {
+                *left = left.checked_sub(1)?;
+                [parent.as_slice(), &data[..nul], b"/"].concat()
+            }
+        };
+        first = false;
+        data = &data[lf + 1..];
+        if count != -1 {
+            let oid: [u8; OID] = data.get(..OID)?.try_into().ok()?;
+            data = &data[OID..];
+            if made.get(&prefix) != Some(&(usize::try_from(count).ok()?, oid)) {
+                return None;
+            }
+        }
+        open.push((prefix, subtrees));
+        while open.last().is_some_and(|(_, left)| *left == 0) {
+            open.pop();
+        }
+    }
+    open.is_empty().then_some(())
 }
 
 /// The id of the tree `entries` make, all in one directory and named from byte `from`
 /// of their paths on: per name (in index order, which is a tree's), "<octal mode>
 /// <name>" NUL and the object id, a sub-directory's entries making its tree.
-fn tree_of(entries: &[Entry], from: usize) -> [u8; OID] {
+/// Each tree made is kept in `made`.
+fn tree_of(entries: &[Entry], from: usize, made: &mut Made) -> [u8; OID] {
     use sha1::{Digest, Sha1};
     let mut body = Vec::new();
     let mut i = 0;
@@ -149,7 +205,7 @@ fn tree_of(entries: &[Entry], from: usize) -> [u8; OID] {
             Some(n) => {
                 let dir = &rest[..=n];
                 let all = entries[i..].iter().take_while(|d| d.path[from..].starts_with(dir)).count();
-                let sub = tree_of(&entries[i..i + all], from + n + 1);
+                let sub = tree_of(&entries[i..i + all], from + n + 1, made);
                 i += all;
                 (0o40000, &rest[..n], sub)
             }
@@ -162,7 +218,10 @@ fn tree_of(entries: &[Entry], from: usize) -> [u8; OID] {
     let mut sha = Sha1::new();
     sha.update(format!("tree {}\0", body.len()));
     sha.update(&body);
-    sha.finalize().into()
+    let tree = sha.finalize().into();
+    let prefix = entries.first().map_or(&[][..], |e| &e.path[..from]);
+    made.insert(prefix.to_vec(), (entries.len(), tree));
+    tree
 }
 
 fn hex_oid(hex: &str) -> Known<[u8; OID]> {
@@ -339,17 +398,21 @@ pub fn unchanged(checkout: &Dir, git_dir: &Dir, commit: &str) -> Known<bool> {
     }
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).ok()?);
     file.read_to_end(&mut bytes).ok()?;
-    let entries = parse(&bytes)?;
+    let index = parse(&bytes)?;
     plain_setup(git_dir)?;
     let objects = git_dir.subdir(OsStr::new("objects")).ok()??;
     objects.root_controlled().ok()?;
-    if commit_tree(&objects, &hex_oid(commit)?)? != tree_of(&entries, 0) {
+    let mut made = Made::new();
+    if commit_tree(&objects, &hex_oid(commit)?)? != tree_of(&index.entries, 0, &mut made) {
         return None;
+    }
+    if let Some(data) = index.cache_tree {
+        cache_tree_agrees(data, &made)?;
     }
     use std::os::unix::fs::MetadataExt;
     let written = meta.mtime();
     let mut dirs = Vec::new();
-    for e in &entries {
+    for e in &index.entries {
         // Racily clean: changed in the same instant the index was written, which its
         // recorded data cannot show. git looks at the content; this module asks git.
         // The instant is the second: git built without `USE_NSEC` (Debian's) compares
@@ -686,6 +749,44 @@ mod tests {
         assert!(!status.status.success() || !status.stdout.is_empty(), "git status takes it for another index");
     }
 
+    /// git's status uses the cache-tree: a valid node whose tree is HEAD's stands for
+    /// its count of entries, unread. A count or tree other than the entries make (a
+    /// damaged index, another tool's) makes git print changes; it is refused.
+    #[test]
+    fn a_cache_tree_other_than_the_entries_make_is_refused() {
+        if !as_root("a_cache_tree_other_than_the_entries_make_is_refused") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        git(d, &["init", "--quiet"]);
+        std::fs::create_dir(d.join("d")).unwrap();
+        for f in ["a", "d/x", "d/y", "e"] {
+            std::fs::write(d.join(f), f).unwrap();
+        }
+        git(d, &["add", "-A"]);
+        git(d, &["commit", "--quiet", "-m", "one"]);
+        git(d, &["read-tree", "HEAD"]);
+        settled(d);
+        assert_eq!(check(d), (Some(true), true));
+        let good = std::fs::read(d.join(".git/index")).unwrap();
+        let node = good.windows(6).position(|w| w == b"d\x002 0\n").expect("d's node, valid");
+        let checkout = Dir::open(d).unwrap();
+        let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
+        let head = git(d, &["rev-parse", "HEAD"]);
+        for (at, value) in [(node + 2, b'1'), (node + 2, b'3')] {
+            let mut index = good.clone();
+            index[at] = value;
+            std::fs::write(d.join(".git/index"), &index).unwrap();
+            settled_index_time(d);
+            assert_eq!(unchanged(&checkout, &git_dir, head.trim()), None, "{at} {value}");
+            let mut status = Command::new("git");
+            let status =
+                status.args(["status", "--porcelain", "--untracked-files=no"]).current_dir(d).output().unwrap();
+            assert!(!status.stdout.is_empty(), "git status prints changes ({value})");
+        }
+    }
+
     /// Names sorting around '/' (a tree's order is the index's), nested directories,
     /// modes, a name that is not UTF-8: the tree made is `git write-tree`'s.
     #[test]
@@ -705,7 +806,8 @@ mod tests {
         std::fs::set_permissions(d.join("a/x"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         git(d, &["add", "-A"]);
         let tree = hex_oid(git(d, &["write-tree"]).trim()).unwrap();
-        assert_eq!(tree_of(&parse(&std::fs::read(d.join(".git/index")).unwrap()).unwrap(), 0), tree);
+        let index = std::fs::read(d.join(".git/index")).unwrap();
+        assert_eq!(tree_of(&parse(&index).unwrap().entries, 0, &mut Made::new()), tree);
     }
 
     /// The index's time set a second ahead of its entries, without a refresh (which
