@@ -41,13 +41,9 @@ pub struct Snapshot {
 /// Bytes, not text: most of the file is descriptions, and a converged round pays for
 /// every byte looked at (a 1 MB database took ~2 ms to read as UTF-8 and split into
 /// lines, a tenth of a converged round). Once a stanza has given its three fields the
-/// rest of it is skipped with one search for the blank line that ends it (dpkg writes
-/// each field once and ends lines with `\n`); only the values kept are decoded.
+/// rest of it is skipped, from line start to line start up to the blank line that ends
+/// it (dpkg writes each field once); only the values kept are decoded.
 pub fn parse_status(text: &[u8]) -> BTreeMap<String, Vec<Pkg>> {
-    let stanza_end = memchr::memmem::Finder::new(b"\n\n");
-    // Cleared when no "\n\n" is left ahead (a file ending in its last stanza, or one
-    // written with "\r\n"): from there on, line by line.
-    let mut can_skip = true;
     let mut all: BTreeMap<String, Vec<Pkg>> = BTreeMap::new();
     let mut at = 0;
     while at < text.len() {
@@ -68,15 +64,14 @@ pub fn parse_status(text: &[u8]) -> BTreeMap<String, Vec<Pkg>> {
             } else if let Some(v) = line.strip_prefix(b"Version:") {
                 version = Some(v);
             }
-            if can_skip && name.is_some() && status.is_some() && version.is_some() {
-                // From the newline that ended this line: the blank line may be next.
-                match stanza_end.find(&text[end.min(text.len())..]) {
-                    Some(n) => at = end + n + 2,
-                    None => {
-                        can_skip = false;
-                        continue;
-                    }
-                }
+            if name.is_some() && status.is_some() && version.is_some() {
+                // The blank line is "\n" or "\r\n" at a line start (the next line's, or
+                // one after a later newline), whatever the lines before it end with; the
+                // stanza runs to the end of the file if there is none.
+                let rest = text.get(at..).unwrap_or_default();
+                let mut starts = std::iter::once(0).chain(memchr::memchr_iter(b'\n', rest).map(|n| n + 1));
+                let blank = starts.find(|&s| rest[s..].starts_with(b"\n") || rest[s..].starts_with(b"\r\n"));
+                at = blank.map_or(text.len(), |s| at + s);
                 break;
             }
         }
@@ -280,6 +275,21 @@ Status: purge ok not-installed
             got,
             [("a", "installed", "1"), ("b", "half-installed", ""), ("c", "installed", "3"), ("d", "installed", "4")]
         );
+    }
+
+    /// Stanzas ended by "\r\n" next to stanzas ended by "\n": the skip stops at the
+    /// blank line whichever way it and the lines before it end, as the line-by-line
+    /// reading did (a search for "\n\n" went on into the next stanza and lost it).
+    #[test]
+    fn the_skip_stops_at_a_blank_line_of_either_ending() {
+        let text = "Package: a\r\nStatus: install ok installed\r\nVersion: 1\r\n\r\n\
+                    Package: b\nStatus: install ok installed\nVersion: 2\n\n\
+                    Package: c\nStatus: install ok installed\nVersion: 3\n\r\n\
+                    Package: d\nStatus: install ok installed\nVersion: 4\n\n\
+                    Package: e\nStatus: install ok installed\nVersion: 5\nDescription: x";
+        let all = parse_status(text.as_bytes());
+        let got: Vec<_> = all.iter().map(|(n, p)| (n.as_str(), p[0].version.as_str())).collect();
+        assert_eq!(got, [("a", "1"), ("b", "2"), ("c", "3"), ("d", "4"), ("e", "5")]);
     }
 
     #[test]

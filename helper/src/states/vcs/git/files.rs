@@ -43,7 +43,7 @@ const MAX_FILE: u64 = 16 << 20;
 pub(super) type Known<T> = Option<T>;
 
 /// What a file holds: `Some(None)` when nothing (or a directory) is there.
-fn read_file(dir: &Dir, name: &OsStr) -> Known<Option<String>> {
+pub(super) fn read_file(dir: &Dir, name: &OsStr) -> Known<Option<String>> {
     let mut file = match dir.open_file(name) {
         Ok(Some(f)) => f,
         Ok(None) => return Some(None),

@@ -2,10 +2,13 @@
 //! and the files' `lstat`, without running `git status`.
 //!
 //! `git status --untracked-files=no` answers two questions. Does the index differ from
-//! HEAD's tree? The index's cache-tree extension (`TREE`) records the tree its entries
-//! make when git knows it; when its root is valid, covers every entry and names the tree
-//! of HEAD's commit (read from the object database: a loose object, or a pack entry that
-//! is not a delta), the answer is no. Do the files differ from the index? git trusts an
+//! HEAD's tree? When the tree its entries make (their object ids and modes, hashed as
+//! git writes trees) is the tree of HEAD's commit (read from the object database: a
+//! loose object, or a pack entry that is not a delta), the answer is no. The index's
+//! cache-tree extension (`TREE`) records those trees too, and git's status takes a
+//! valid node whose tree is HEAD's for its entries unread: so each valid node must name
+//! the tree and count the entries the entries make (an index written by another tool,
+//! or damaged, can say otherwise). Do the files differ from the index? git trusts an
 //! entry whose recorded `lstat` data (times to the nanosecond, inode, owner, size, type
 //! and executable bit) match the file's and that is older than the index itself (not
 //! "racily clean"); so does this module, comparing more fields than git does, never
@@ -13,11 +16,13 @@
 //!
 //! Anything else means "ask git" (`None`): an index version other than 2 or 3, an entry
 //! marked assume-unchanged, skip-worktree or intent-to-add, a conflict stage, a
-//! submodule, a split or sparse index, an invalid or partial cache-tree, an object in a
-//! form not read here, a file whose data differ in any field, a racy entry, a directory
-//! on the way that is a link or that someone other than root controls. git then decides
-//! (and, as `git status` does, refreshes the index, so the next round can trust it).
+//! submodule, a split or sparse index, entries out of order, a cache-tree other than
+//! the entries make, an object in a form not read here, a file whose data differ in any
+//! field, a racy entry, a directory on the way that is a link or that someone other
+//! than root controls. git then decides (and, as `git status` does, refreshes the
+//! index, so the next round can trust it).
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
@@ -25,18 +30,24 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{AtFlags, FileType};
 
-use super::files::Known;
+use super::files::{read_file, Known};
 use crate::dirfd::Dir;
 
 /// An index larger than this is left to git.
 const MAX_INDEX: u64 = 64 << 20;
 const OID: usize = 20;
+/// The id of the empty blob (e69de29b…).
+const EMPTY_BLOB: [u8; OID] = [
+    0xe6, 0x9d, 0xe2, 0x9b, 0xb2, 0xd1, 0xd6, 0x43, 0x4b, 0x8b, 0x29, 0xae, 0x77, 0x5a, 0xd8, 0xc2, 0xe4, 0x8c, 0x53,
+    0x91,
+];
 
 /// One index entry's `lstat` data as git recorded it (each field as git stores it: 32
 /// bits, times split in seconds and nanoseconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     path: Vec<u8>,
+    oid: [u8; OID],
     ctime: (u32, u32),
     mtime: (u32, u32),
     ino: u32,
@@ -46,20 +57,19 @@ struct Entry {
     size: u32,
 }
 
-/// The parsed index: its entries (in git's order: by path) and the root of its
-/// cache-tree when that is valid and covers them all.
-#[derive(Debug)]
-struct Index {
-    entries: Vec<Entry>,
-    tree: [u8; OID],
-}
-
 fn be32(b: &[u8], at: usize) -> Known<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
 /// Parses index versions 2 and 3; `None` for anything this module does not trust.
-fn parse(b: &[u8]) -> Known<Index> {
+/// The parsed index: its entries, in git's order (by path, each once: what the trees
+/// are made from), and its cache-tree extension's data if it has one.
+struct Index<'a> {
+    entries: Vec<Entry>,
+    cache_tree: Option<&'a [u8]>,
+}
+
+fn parse(b: &[u8]) -> Known<Index<'_>> {
     if b.get(..4)? != b"DIRC" || b.len() < 12 + OID {
         return None;
     }
@@ -91,7 +101,14 @@ fn parse(b: &[u8]) -> Known<Index> {
         let path = b[at..nul].to_vec();
         // NUL-padded to a multiple of 8 bytes, at least one NUL.
         at = start + (nul - start + 8) / 8 * 8;
-        if path.is_empty() || at > end {
+        // git reads the path's length from the flags (0xfff: longer), and the next
+        // entry from there: another length is another index for git. A longer path is
+        // none a file could have (and would nest the trees too deep).
+        let recorded = usize::from(flags & 0xfff);
+        if recorded != path.len().min(0xfff) || path.is_empty() || path.len() > 4096 || at > end {
+            return None;
+        }
+        if entries.last().is_some_and(|last: &Entry| last.path >= path) {
             return None;
         }
         let mode = f(6)?;
@@ -100,6 +117,7 @@ fn parse(b: &[u8]) -> Known<Index> {
         }
         entries.push(Entry {
             path,
+            oid: b[start + 40..start + 40 + OID].try_into().ok()?,
             ctime: (f(0)?, f(1)?),
             mtime: (f(2)?, f(3)?),
             ino: f(5)?,
@@ -109,35 +127,101 @@ fn parse(b: &[u8]) -> Known<Index> {
             size: f(9)?,
         });
     }
-    let mut tree = None;
+    let mut cache_tree = None;
     while at < end {
         let sig = b.get(at..at + 4)?;
         let len = usize::try_from(be32(b, at + 4)?).ok()?;
-        let data = b.get(at + 8..(at + 8).checked_add(len)?)?;
+        let next = (at + 8).checked_add(len).filter(|&next| next <= end)?;
+        // Optional extensions (an upper-case first letter) do not change what the
+        // entries say, but for the cache-tree, which git's status uses (checked against
+        // the entries); a required one (split index `link`, sparse `sdir`) does.
         match sig {
-            b"TREE" => tree = Some(root_tree(data, count)?),
-            // Optional extensions (an upper-case first letter) do not change what the
-            // entries say; a required one (split index `link`, sparse `sdir`) does.
+            b"TREE" => cache_tree = Some(&b[at + 8..next]),
             [b'A'..=b'Z', ..] => {}
             _ => return None,
         }
-        at += 8 + len;
+        at = next;
     }
-    Some(Index { entries, tree: tree? })
+    Some(Index { entries, cache_tree })
 }
 
-/// The root of a `TREE` extension: its object id, if it is valid and covers all
-/// `count` entries.
-fn root_tree(data: &[u8], count: usize) -> Known<[u8; OID]> {
-    // "" NUL, entry count (-1: invalid), space, subtree count, LF, object id.
-    let (&0, rest) = data.split_first()? else { return None };
-    let lf = rest.iter().position(|&c| c == b'\n')?;
-    let head = std::str::from_utf8(&rest[..lf]).ok()?;
-    let (entries, _subtrees) = head.split_once(' ')?;
-    if entries.parse::<usize>().ok()? != count {
-        return None;
+/// Each directory's trees as [`tree_of`] makes them: by path prefix ("" for the root,
+/// "a/b/" below), its number of entries and its tree.
+type Made = BTreeMap<Vec<u8>, (usize, [u8; OID])>;
+
+/// Whether a cache-tree (`TREE` data) says what the entries make (`made`). git's
+/// status takes a valid node's entries as unchanged when its tree is HEAD's, without
+/// looking at them: every valid node must have the count and tree the entries make.
+/// Nodes in pre-order: name NUL, "<entries> <subtrees>" LF, the tree unless invalid
+/// (entries -1).
+fn cache_tree_agrees(mut data: &[u8], made: &Made) -> Known<()> {
+    let mut open: Vec<(Vec<u8>, usize)> = Vec::new(); // prefix, subtrees still to come
+    let mut first = true;
+    while !data.is_empty() {
+        let nul = data.iter().position(|&c| c == 0)?;
+        let lf = nul + data[nul..].iter().position(|&c| c == b'\n')?;
+        let (count, subtrees) = std::str::from_utf8(&data[nul + 1..lf]).ok()?.split_once(' ')?;
+        let (count, subtrees) = (count.parse::<i64>().ok()?, subtrees.parse::<usize>().ok()?);
+        let prefix = match open.last_mut() {
+            None if first && nul == 0 => Vec::new(),
+            None => return None, // a second root
+            Some((parent, left)) => {
+                *left = left.checked_sub(1)?;
+                [parent.as_slice(), &data[..nul], b"/"].concat()
+            }
+        };
+        first = false;
+        data = &data[lf + 1..];
+        if count != -1 {
+            let oid: [u8; OID] = data.get(..OID)?.try_into().ok()?;
+            data = &data[OID..];
+            if made.get(&prefix) != Some(&(usize::try_from(count).ok()?, oid)) {
+                return None;
+            }
+        }
+        open.push((prefix, subtrees));
+        while open.last().is_some_and(|(_, left)| *left == 0) {
+            open.pop();
+        }
     }
-    rest.get(lf + 1..lf + 1 + OID)?.try_into().ok()
+    open.is_empty().then_some(())
+}
+
+/// The id of the tree `entries` make, all in one directory and named from byte `from`
+/// of their paths on: per name (in index order, which is a tree's), "<octal mode>
+/// <name>" NUL and the object id, a sub-directory's entries making its tree.
+/// Each tree made is kept in `made`.
+fn tree_of(entries: &[Entry], from: usize, made: &mut Made) -> [u8; OID] {
+    use sha1::{Digest, Sha1};
+    let mut body = Vec::new();
+    let mut i = 0;
+    while let Some(e) = entries.get(i) {
+        let rest = &e.path[from..];
+        let (mode, name, oid) = match rest.iter().position(|&c| c == b'/') {
+            None => {
+                i += 1;
+                (e.mode, rest, e.oid)
+            }
+            Some(n) => {
+                let dir = &rest[..=n];
+                let all = entries[i..].iter().take_while(|d| d.path[from..].starts_with(dir)).count();
+                let sub = tree_of(&entries[i..i + all], from + n + 1, made);
+                i += all;
+                (0o40000, &rest[..n], sub)
+            }
+        };
+        body.extend_from_slice(format!("{mode:o} ").as_bytes());
+        body.extend_from_slice(name);
+        body.push(0);
+        body.extend_from_slice(&oid);
+    }
+    let mut sha = Sha1::new();
+    sha.update(format!("tree {}\0", body.len()));
+    sha.update(&body);
+    let tree = sha.finalize().into();
+    let prefix = entries.first().map_or(&[][..], |e| &e.path[..from]);
+    made.insert(prefix.to_vec(), (entries.len(), tree));
+    tree
 }
 
 fn hex_oid(hex: &str) -> Known<[u8; OID]> {
@@ -205,7 +289,9 @@ fn pack_offset(idx: &File, oid: &[u8; OID]) -> Known<Option<u64>> {
     let first = usize::from(oid[0]);
     let lo = if first == 0 { 0 } else { fan(first - 1)? };
     let (hi, n) = (fan(first)?, fan(255)?);
-    if lo > hi || hi > n {
+    // A damaged fan-out must not size the read below: the object ids, checksums and
+    // offsets of `n` objects must fit in the file.
+    if lo > hi || hi > n || u64::try_from(head.len() + n * (OID + 8)).ok()? > idx.metadata().ok()?.len() {
         return None;
     }
     let mut ids = vec![0u8; (hi - lo) * OID];
@@ -277,6 +363,28 @@ fn same(e: &Entry, st: &rustix::fs::Stat) -> bool {
         && st.st_uid == e.uid
         && st.st_gid == e.gid
         && st.st_size as u32 == e.size
+        // Size 0 for a blob that is not empty: "racily smudged" (git found the file
+        // changed when it wrote the index, and keeps the rest of the data), changed.
+        && (e.size != 0 || e.oid == EMPTY_BLOB)
+}
+
+/// Nothing that has git status read other objects than the ones named (a replace ref,
+/// loose or packed) or other files than the checkout's (`core.worktree`; `core.bare`,
+/// with which it fails): any mention of one is left to git.
+fn plain_setup(git_dir: &Dir) -> Known<()> {
+    if git_dir.subdir(OsStr::new("refs")).ok()??.stat(OsStr::new("replace")).ok()?.is_some() {
+        return None;
+    }
+    if read_file(git_dir, OsStr::new("packed-refs"))?.is_some_and(|t| t.contains("refs/replace/")) {
+        return None;
+    }
+    let config = read_file(git_dir, OsStr::new("config"))?.unwrap_or_default().to_ascii_lowercase();
+    for line in config.lines().map(|l| l.replace([' ', '\t'], "")) {
+        if line.starts_with("worktree") || (line.starts_with("bare") && line != "bare=false") {
+            return None;
+        }
+    }
+    Some(())
 }
 
 /// `Some(true)`: the checkout's tracked files and index are exactly HEAD's (`commit`),
@@ -291,18 +399,25 @@ pub fn unchanged(checkout: &Dir, git_dir: &Dir, commit: &str) -> Known<bool> {
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).ok()?);
     file.read_to_end(&mut bytes).ok()?;
     let index = parse(&bytes)?;
+    plain_setup(git_dir)?;
     let objects = git_dir.subdir(OsStr::new("objects")).ok()??;
     objects.root_controlled().ok()?;
-    if commit_tree(&objects, &hex_oid(commit)?)? != index.tree {
+    let mut made = Made::new();
+    if commit_tree(&objects, &hex_oid(commit)?)? != tree_of(&index.entries, 0, &mut made) {
         return None;
     }
+    if let Some(data) = index.cache_tree {
+        cache_tree_agrees(data, &made)?;
+    }
     use std::os::unix::fs::MetadataExt;
-    let written = (meta.mtime(), meta.mtime_nsec());
+    let written = meta.mtime();
     let mut dirs = Vec::new();
     for e in &index.entries {
         // Racily clean: changed in the same instant the index was written, which its
         // recorded data cannot show. git looks at the content; this module asks git.
-        if (i64::from(e.mtime.0), i64::from(e.mtime.1)) >= written {
+        // The instant is the second: git built without `USE_NSEC` (Debian's) compares
+        // seconds only, so an entry a fraction older than its index is racy there too.
+        if i64::from(e.mtime.0) >= written {
             return None;
         }
         if !same(e, &lstat(checkout, &mut dirs, &e.path)?) {
@@ -426,9 +541,9 @@ mod tests {
         git(d, &["update-index", "--assume-unchanged", "README"]);
         assert_eq!(check(d).0, None);
         git(d, &["update-index", "--no-assume-unchanged", "README"]);
-        // `update-index` drops the cache-tree (left to git); a hard reset writes it again.
+        // `update-index` drops the cache-tree, which is not needed.
         settled(d);
-        assert_eq!(check(d).0, None);
+        assert_eq!(check(d), (Some(true), true));
         git(d, &["reset", "--quiet", "--hard"]);
         settled(d);
         assert_eq!(check(d).0, Some(true));
@@ -465,5 +580,254 @@ mod tests {
         let mut v4 = good.clone();
         v4[7] = 4;
         assert!(parse(&v4).is_none(), "version 4 is left to git");
+    }
+
+    /// A settled checkout of two commits (`a` changed by the second), for the cases below.
+    fn two_commits(d: &Path) {
+        git(d, &["init", "--quiet"]);
+        std::fs::write(d.join("a"), "one\n").unwrap();
+        std::fs::write(d.join("b"), "two\n").unwrap();
+        git(d, &["add", "-A"]);
+        git(d, &["commit", "--quiet", "-m", "one"]);
+        std::fs::write(d.join("a"), "three\n").unwrap();
+        git(d, &["commit", "--quiet", "-am", "two"]);
+        git(d, &["read-tree", "HEAD"]);
+        settled(d);
+    }
+
+    /// `git replace` makes git read another object for HEAD's commit, and so another
+    /// tree: git status compares the index with that one.
+    #[test]
+    fn replaced_objects_are_left_to_git() {
+        if !as_root("replaced_objects_are_left_to_git") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        two_commits(d);
+        assert_eq!(check(d), (Some(true), true));
+        git(d, &["replace", "HEAD", "HEAD~1"]);
+        assert_eq!(check(d), (None, false), "loose replace ref");
+        git(d, &["pack-refs", "--all"]);
+        assert!(!d.join(".git/refs/replace").join(git(d, &["rev-parse", "HEAD"]).trim()).exists());
+        assert_eq!(check(d), (None, false), "packed replace ref");
+    }
+
+    /// `core.worktree` sends git status to other files; `core.bare` makes it fail.
+    #[test]
+    fn a_configured_work_tree_or_bare_repository_is_left_to_git() {
+        if !as_root("a_configured_work_tree_or_bare_repository_is_left_to_git") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = &tmp.path().join("co");
+        std::fs::create_dir(d).unwrap();
+        two_commits(d);
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("a"), "changed\n").unwrap();
+        git(d, &["config", "core.worktree", other.to_str().unwrap()]);
+        assert_eq!(check(d), (None, false), "another work tree");
+        git(d, &["config", "--unset", "core.worktree"]);
+        git(d, &["config", "core.bare", "true"]);
+        let checkout = Dir::open(d).unwrap();
+        let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
+        let head = git(d, &["rev-parse", "HEAD"]);
+        assert_eq!(unchanged(&checkout, &git_dir, head.trim()), None, "git status fails in a bare repository");
+    }
+
+    /// git status compares the entries' object ids with HEAD's tree; a cache-tree that
+    /// disagrees with them (an index written by another tool, or damaged) must not
+    /// stand in for that comparison. git does not check the index's checksum.
+    #[test]
+    fn entries_that_differ_from_their_cache_tree_are_seen() {
+        if !as_root("entries_that_differ_from_their_cache_tree_are_seen") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        two_commits(d);
+        assert_eq!(check(d), (Some(true), true));
+        let mut index = std::fs::read(d.join(".git/index")).unwrap();
+        index[12 + 40] ^= 1; // the first entry's object id
+        std::fs::write(d.join(".git/index"), &index).unwrap();
+        settled_index_time(d);
+        assert_eq!(check(d), (None, false));
+    }
+
+    /// A racily clean entry whose file changed is written "smudged" by git: size 0, the
+    /// rest of its data kept. Here the file then is empty, with the data recorded (as a
+    /// change within one timestamp tick leaves them): every field matches, but git
+    /// takes a size of 0 for a blob that is not empty as changed.
+    #[test]
+    fn a_smudged_entry_is_changed_even_when_its_file_matches() {
+        if !as_root("a_smudged_entry_is_changed_even_when_its_file_matches") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        two_commits(d);
+        std::fs::write(d.join("a"), "").unwrap();
+        let st = rustix::fs::lstat(d.join("a")).unwrap();
+        let mut index = std::fs::read(d.join(".git/index")).unwrap();
+        assert_eq!(&index[12 + 62..12 + 64], b"a\0", "the first entry is a");
+        for (field, value) in [
+            (0, st.st_ctime as u32),
+            (1, st.st_ctime_nsec as u32),
+            (2, st.st_mtime as u32),
+            (3, st.st_mtime_nsec as u32),
+            (5, st.st_ino as u32),
+            (9, 0),
+        ] {
+            index[12 + 4 * field..12 + 4 * field + 4].copy_from_slice(&value.to_be_bytes());
+        }
+        std::fs::write(d.join(".git/index"), &index).unwrap();
+        settled_index_time(d);
+        assert_eq!(check(d), (None, false));
+    }
+
+    /// An entry whose time is in the index's second, before it by a fraction: git
+    /// built without `USE_NSEC` (as Debian's is) takes it as racily clean and looks at
+    /// the content. Here the file's content changed with every recorded field kept.
+    #[test]
+    fn an_entry_in_the_index_second_is_racy() {
+        if !as_root("an_entry_in_the_index_second_is_racy") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        git(d, &["init", "--quiet"]);
+        std::fs::write(d.join("a"), "one\n").unwrap();
+        git(d, &["add", "a"]);
+        git(d, &["commit", "--quiet", "-m", "one"]);
+        git(d, &["read-tree", "HEAD"]);
+        let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 10;
+        let at = |nanos| std::time::UNIX_EPOCH + std::time::Duration::new(second, nanos);
+        std::fs::write(d.join("a"), "two\n").unwrap();
+        std::fs::File::options().write(true).open(d.join("a")).unwrap().set_modified(at(500_000_000)).unwrap();
+        let st = rustix::fs::lstat(d.join("a")).unwrap();
+        let mut index = std::fs::read(d.join(".git/index")).unwrap();
+        for (field, value) in [
+            (0, st.st_ctime as u32),
+            (1, st.st_ctime_nsec as u32),
+            (2, st.st_mtime as u32),
+            (3, st.st_mtime_nsec as u32),
+            (5, st.st_ino as u32),
+            (9, st.st_size as u32),
+        ] {
+            index[12 + 4 * field..12 + 4 * field + 4].copy_from_slice(&value.to_be_bytes());
+        }
+        std::fs::write(d.join(".git/index"), &index).unwrap();
+        let file = std::fs::File::options().write(true).open(d.join(".git/index")).unwrap();
+        file.set_modified(at(700_000_000)).unwrap();
+        assert_eq!(check(d), (None, false));
+    }
+
+    /// The length recorded in an entry's flags is what git reads its path (and finds
+    /// the next entry) by: one that is not the path's makes another index for git.
+    #[test]
+    fn a_path_length_other_than_the_path_is_refused() {
+        if !as_root("a_path_length_other_than_the_path_is_refused") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        two_commits(d);
+        assert_eq!(check(d), (Some(true), true));
+        let mut index = std::fs::read(d.join(".git/index")).unwrap();
+        assert_eq!(&index[12 + 60..12 + 64], b"\0\x01a\0", "the first entry is a");
+        index[12 + 61] = 47;
+        std::fs::write(d.join(".git/index"), &index).unwrap();
+        settled_index_time(d);
+        let checkout = Dir::open(d).unwrap();
+        let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
+        let head = git(d, &["rev-parse", "HEAD"]);
+        assert_eq!(unchanged(&checkout, &git_dir, head.trim()), None);
+        let status =
+            Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]).current_dir(d).output();
+        let status = status.unwrap();
+        assert!(!status.status.success() || !status.stdout.is_empty(), "git status takes it for another index");
+    }
+
+    /// git's status uses the cache-tree: a valid node whose tree is HEAD's stands for
+    /// its count of entries, unread. A count or tree other than the entries make (a
+    /// damaged index, another tool's) makes git print changes; it is refused.
+    #[test]
+    fn a_cache_tree_other_than_the_entries_make_is_refused() {
+        if !as_root("a_cache_tree_other_than_the_entries_make_is_refused") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        git(d, &["init", "--quiet"]);
+        std::fs::create_dir(d.join("d")).unwrap();
+        for f in ["a", "d/x", "d/y", "e"] {
+            std::fs::write(d.join(f), f).unwrap();
+        }
+        git(d, &["add", "-A"]);
+        git(d, &["commit", "--quiet", "-m", "one"]);
+        git(d, &["read-tree", "HEAD"]);
+        settled(d);
+        assert_eq!(check(d), (Some(true), true));
+        let good = std::fs::read(d.join(".git/index")).unwrap();
+        let node = good.windows(6).position(|w| w == b"d\x002 0\n").expect("d's node, valid");
+        let checkout = Dir::open(d).unwrap();
+        let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
+        let head = git(d, &["rev-parse", "HEAD"]);
+        for (at, value) in [(node + 2, b'1'), (node + 2, b'3')] {
+            let mut index = good.clone();
+            index[at] = value;
+            std::fs::write(d.join(".git/index"), &index).unwrap();
+            settled_index_time(d);
+            assert_eq!(unchanged(&checkout, &git_dir, head.trim()), None, "{at} {value}");
+            let mut status = Command::new("git");
+            let status =
+                status.args(["status", "--porcelain", "--untracked-files=no"]).current_dir(d).output().unwrap();
+            assert!(!status.stdout.is_empty(), "git status prints changes ({value})");
+        }
+    }
+
+    /// Names sorting around '/' (a tree's order is the index's), nested directories,
+    /// modes, a name that is not UTF-8: the tree made is `git write-tree`'s.
+    #[test]
+    fn trees_are_hashed_as_git_writes_them() {
+        use std::os::unix::ffi::OsStrExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        git(d, &["init", "--quiet"]);
+        for dir in ["a", "b/c", "a.d"] {
+            std::fs::create_dir_all(d.join(dir)).unwrap();
+        }
+        for f in ["a.b", "a/x", "a-c", "a0", "b/c/d", "b/e", "a.d/f", "sp ace"] {
+            std::fs::write(d.join(f), f).unwrap();
+        }
+        std::fs::write(d.join(OsStr::from_bytes(b"n\xff")), "x").unwrap();
+        std::os::unix::fs::symlink("a0", d.join("b/l")).unwrap();
+        std::fs::set_permissions(d.join("a/x"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        git(d, &["add", "-A"]);
+        let tree = hex_oid(git(d, &["write-tree"]).trim()).unwrap();
+        let index = std::fs::read(d.join(".git/index")).unwrap();
+        assert_eq!(tree_of(&parse(&index).unwrap().entries, 0, &mut Made::new()), tree);
+    }
+
+    /// The index's time set a second ahead of its entries, without a refresh (which
+    /// would rewrite it).
+    fn settled_index_time(d: &Path) {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let index = std::fs::File::options().write(true).open(d.join(".git/index")).unwrap();
+        index.set_modified(std::time::SystemTime::now()).unwrap();
+    }
+
+    /// A damaged `.idx` claiming four billion objects: refused, not allocated for.
+    #[test]
+    fn a_pack_index_claiming_more_than_its_size_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("x.idx");
+        let mut idx = vec![0xff, b't', b'O', b'c', 0, 0, 0, 2];
+        idx.extend(std::iter::repeat_n(0xffu8, 256 * 4));
+        idx.extend([0u8; 64]);
+        std::fs::write(&path, &idx).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(pack_offset(&file, &[0; OID]), None);
     }
 }
