@@ -479,12 +479,8 @@ mod tests {
 
     #[test]
     fn a_settled_checkout_is_clean_and_every_change_is_left_to_git() {
-        if !as_root("a_settled_checkout_is_clean_and_every_change_is_left_to_git") {
-            return;
-        }
-        let tmp = tempfile::tempdir().unwrap();
+        let Some(tmp) = repo_scene("a_settled_checkout_is_clean_and_every_change_is_left_to_git") else { return };
         let d = tmp.path();
-        git(d, &["init", "--quiet"]);
         std::fs::create_dir_all(d.join("a/b")).unwrap();
         std::fs::write(d.join("README"), "one\n").unwrap();
         std::fs::write(d.join("a/b/run.sh"), "#!/bin/sh\n").unwrap();
@@ -584,7 +580,6 @@ mod tests {
 
     /// A settled checkout of two commits (`a` changed by the second), for the cases below.
     fn two_commits(d: &Path) {
-        git(d, &["init", "--quiet"]);
         std::fs::write(d.join("a"), "one\n").unwrap();
         std::fs::write(d.join("b"), "two\n").unwrap();
         git(d, &["add", "-A"]);
@@ -595,16 +590,52 @@ mod tests {
         settled(d);
     }
 
+    /// A settled checkout of two commits in a temporary directory; `None` (noted) when
+    /// not run as root.
+    fn two_commit_scene(test: &str) -> Option<tempfile::TempDir> {
+        let tmp = repo_scene(test)?;
+        two_commits(tmp.path());
+        Some(tmp)
+    }
+
+    /// An empty repository in a temporary directory; `None` (noted) when not run as root.
+    fn repo_scene(test: &str) -> Option<tempfile::TempDir> {
+        if !as_root(test) {
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        git(tmp.path(), &["init", "--quiet"]);
+        Some(tmp)
+    }
+
+    /// The first entry of `index` given the times and inode of `st` and `size`, as if
+    /// git had recorded that file.
+    fn record_first(index: &mut [u8], st: &rustix::fs::Stat, size: u32) {
+        let fields = [
+            (0, st.st_ctime as u32),
+            (1, st.st_ctime_nsec as u32),
+            (2, st.st_mtime as u32),
+            (3, st.st_mtime_nsec as u32),
+            (5, st.st_ino as u32),
+            (9, size),
+        ];
+        for (field, value) in fields {
+            index[12 + 4 * field..12 + 4 * field + 4].copy_from_slice(&value.to_be_bytes());
+        }
+    }
+
+    /// The index replaced by `index` (as a tool would write it), older than its files.
+    fn rewrite_index(d: &Path, index: &[u8]) {
+        std::fs::write(d.join(".git/index"), index).unwrap();
+        settled_index_time(d);
+    }
+
     /// `git replace` makes git read another object for HEAD's commit, and so another
     /// tree: git status compares the index with that one.
     #[test]
     fn replaced_objects_are_left_to_git() {
-        if !as_root("replaced_objects_are_left_to_git") {
-            return;
-        }
-        let tmp = tempfile::tempdir().unwrap();
+        let Some(tmp) = two_commit_scene("replaced_objects_are_left_to_git") else { return };
         let d = tmp.path();
-        two_commits(d);
         assert_eq!(check(d), (Some(true), true));
         git(d, &["replace", "HEAD", "HEAD~1"]);
         assert_eq!(check(d), (None, false), "loose replace ref");
@@ -622,6 +653,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let d = &tmp.path().join("co");
         std::fs::create_dir(d).unwrap();
+        git(d, &["init", "--quiet"]);
         two_commits(d);
         let other = tmp.path().join("other");
         std::fs::create_dir(&other).unwrap();
@@ -641,17 +673,12 @@ mod tests {
     /// stand in for that comparison. git does not check the index's checksum.
     #[test]
     fn entries_that_differ_from_their_cache_tree_are_seen() {
-        if !as_root("entries_that_differ_from_their_cache_tree_are_seen") {
-            return;
-        }
-        let tmp = tempfile::tempdir().unwrap();
+        let Some(tmp) = two_commit_scene("entries_that_differ_from_their_cache_tree_are_seen") else { return };
         let d = tmp.path();
-        two_commits(d);
         assert_eq!(check(d), (Some(true), true));
         let mut index = std::fs::read(d.join(".git/index")).unwrap();
         index[12 + 40] ^= 1; // the first entry's object id
-        std::fs::write(d.join(".git/index"), &index).unwrap();
-        settled_index_time(d);
+        rewrite_index(d, &index);
         assert_eq!(check(d), (None, false));
     }
 
@@ -661,28 +688,14 @@ mod tests {
     /// takes a size of 0 for a blob that is not empty as changed.
     #[test]
     fn a_smudged_entry_is_changed_even_when_its_file_matches() {
-        if !as_root("a_smudged_entry_is_changed_even_when_its_file_matches") {
-            return;
-        }
-        let tmp = tempfile::tempdir().unwrap();
+        let Some(tmp) = two_commit_scene("a_smudged_entry_is_changed_even_when_its_file_matches") else { return };
         let d = tmp.path();
-        two_commits(d);
         std::fs::write(d.join("a"), "").unwrap();
         let st = rustix::fs::lstat(d.join("a")).unwrap();
         let mut index = std::fs::read(d.join(".git/index")).unwrap();
         assert_eq!(&index[12 + 62..12 + 64], b"a\0", "the first entry is a");
-        for (field, value) in [
-            (0, st.st_ctime as u32),
-            (1, st.st_ctime_nsec as u32),
-            (2, st.st_mtime as u32),
-            (3, st.st_mtime_nsec as u32),
-            (5, st.st_ino as u32),
-            (9, 0),
-        ] {
-            index[12 + 4 * field..12 + 4 * field + 4].copy_from_slice(&value.to_be_bytes());
-        }
-        std::fs::write(d.join(".git/index"), &index).unwrap();
-        settled_index_time(d);
+        record_first(&mut index, &st, 0);
+        rewrite_index(d, &index);
         assert_eq!(check(d), (None, false));
     }
 
@@ -691,12 +704,8 @@ mod tests {
     /// the content. Here the file's content changed with every recorded field kept.
     #[test]
     fn an_entry_in_the_index_second_is_racy() {
-        if !as_root("an_entry_in_the_index_second_is_racy") {
-            return;
-        }
-        let tmp = tempfile::tempdir().unwrap();
+        let Some(tmp) = repo_scene("an_entry_in_the_index_second_is_racy") else { return };
         let d = tmp.path();
-        git(d, &["init", "--quiet"]);
         std::fs::write(d.join("a"), "one\n").unwrap();
         git(d, &["add", "a"]);
         git(d, &["commit", "--quiet", "-m", "one"]);
@@ -707,16 +716,7 @@ mod tests {
         std::fs::File::options().write(true).open(d.join("a")).unwrap().set_modified(at(500_000_000)).unwrap();
         let st = rustix::fs::lstat(d.join("a")).unwrap();
         let mut index = std::fs::read(d.join(".git/index")).unwrap();
-        for (field, value) in [
-            (0, st.st_ctime as u32),
-            (1, st.st_ctime_nsec as u32),
-            (2, st.st_mtime as u32),
-            (3, st.st_mtime_nsec as u32),
-            (5, st.st_ino as u32),
-            (9, st.st_size as u32),
-        ] {
-            index[12 + 4 * field..12 + 4 * field + 4].copy_from_slice(&value.to_be_bytes());
-        }
+        record_first(&mut index, &st, st.st_size as u32);
         std::fs::write(d.join(".git/index"), &index).unwrap();
         let file = std::fs::File::options().write(true).open(d.join(".git/index")).unwrap();
         file.set_modified(at(700_000_000)).unwrap();
@@ -727,18 +727,13 @@ mod tests {
     /// the next entry) by: one that is not the path's makes another index for git.
     #[test]
     fn a_path_length_other_than_the_path_is_refused() {
-        if !as_root("a_path_length_other_than_the_path_is_refused") {
-            return;
-        }
-        let tmp = tempfile::tempdir().unwrap();
+        let Some(tmp) = two_commit_scene("a_path_length_other_than_the_path_is_refused") else { return };
         let d = tmp.path();
-        two_commits(d);
         assert_eq!(check(d), (Some(true), true));
         let mut index = std::fs::read(d.join(".git/index")).unwrap();
         assert_eq!(&index[12 + 60..12 + 64], b"\0\x01a\0", "the first entry is a");
         index[12 + 61] = 47;
-        std::fs::write(d.join(".git/index"), &index).unwrap();
-        settled_index_time(d);
+        rewrite_index(d, &index);
         let checkout = Dir::open(d).unwrap();
         let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
         let head = git(d, &["rev-parse", "HEAD"]);
@@ -754,12 +749,8 @@ mod tests {
     /// damaged index, another tool's) makes git print changes; it is refused.
     #[test]
     fn a_cache_tree_other_than_the_entries_make_is_refused() {
-        if !as_root("a_cache_tree_other_than_the_entries_make_is_refused") {
-            return;
-        }
-        let tmp = tempfile::tempdir().unwrap();
+        let Some(tmp) = repo_scene("a_cache_tree_other_than_the_entries_make_is_refused") else { return };
         let d = tmp.path();
-        git(d, &["init", "--quiet"]);
         std::fs::create_dir(d.join("d")).unwrap();
         for f in ["a", "d/x", "d/y", "e"] {
             std::fs::write(d.join(f), f).unwrap();
@@ -777,8 +768,7 @@ mod tests {
         for (at, value) in [(node + 2, b'1'), (node + 2, b'3')] {
             let mut index = good.clone();
             index[at] = value;
-            std::fs::write(d.join(".git/index"), &index).unwrap();
-            settled_index_time(d);
+            rewrite_index(d, &index);
             assert_eq!(unchanged(&checkout, &git_dir, head.trim()), None, "{at} {value}");
             let mut status = Command::new("git");
             let status =
