@@ -112,22 +112,20 @@ fn wait_exit(child: &mut Child, grace: std::time::Duration) {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     use rustix::process::{pidfd_open, Pid, PidfdFlags};
 
+    let deadline = std::time::Instant::now() + grace;
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
     if let Ok(pidfd) = pidfd_open(Pid::from_child(child), PidfdFlags::empty()) {
-        let deadline = std::time::Instant::now() + grace;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let timeout = Timespec::try_from(left).unwrap_or(Timespec { tv_sec: 30, tv_nsec: 0 });
+        while let Ok(timeout) = Timespec::try_from(left()) {
             let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
             match poll(&mut fds, Some(&timeout)) {
                 // Readable: the child has exited. Zero: the grace is over.
                 Ok(_) => return,
-                Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
+                Err(rustix::io::Errno::INTR) => continue,
                 Err(_) => break,
             }
         }
     }
-    let start = std::time::Instant::now();
-    while start.elapsed() < grace {
+    while !left().is_zero() {
         match child.try_wait() {
             Ok(None) => std::thread::sleep(std::time::Duration::from_millis(2)),
             _ => return,

@@ -101,9 +101,7 @@ fn fetched_file(url: &str, path: &std::path::Path, content: &[u8]) -> FetchedFil
 #[tokio::test]
 async fn fetched_files_not_owned_by_the_peer_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let socket = tmp.path().join("h.sock");
-    let _helper =
-        start_helper_with(tmp.path(), &socket, &["--state-dir", &tmp.path().join("hs").display().to_string()]);
+    let (_helper, socket) = helper_in(tmp.path());
     let client = UnixHelperClient::new(&socket, "test");
     let target = tmp.path().join("out.conf");
     let url = "http://127.0.0.1:9/remote.conf";
@@ -138,23 +136,34 @@ async fn fetched_files_not_owned_by_the_peer_are_refused() {
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "secret of uid 65534");
 }
 
+/// A helper serving `dir/h.sock`, keeping its state in `dir/hs`.
+fn helper_in(dir: &std::path::Path) -> (Proc, std::path::PathBuf) {
+    let socket = dir.join("h.sock");
+    let helper = start_helper_with(dir, &socket, &["--state-dir", &dir.join("hs").display().to_string()]);
+    (helper, socket)
+}
+
+/// A client of the helper at `socket` that downloads what it is asked for into
+/// `fetch_dir` (one attempt, 1 MiB at most), sweeping what it finds there first.
+fn fetching_client(socket: &std::path::Path, fetch_dir: &std::path::Path) -> UnixHelperClient {
+    let downloader = Downloader::new(DownloadSettings { attempts: 1, ..DownloadSettings::default() }).unwrap();
+    let fetcher = Fetcher::new(downloader, fetch_dir.to_path_buf(), 1 << 20).unwrap();
+    UnixHelperClient::new(socket, "test").with_fetcher(fetcher)
+}
+
 /// The client answers NeedFetch by downloading into its fetch directory, sends the
 /// request again, and removes the download afterwards.
 #[tokio::test]
 async fn the_client_downloads_what_the_helper_asks_for() {
     let tmp = tempfile::tempdir().unwrap();
-    let socket = tmp.path().join("h.sock");
-    let _helper =
-        start_helper_with(tmp.path(), &socket, &["--state-dir", &tmp.path().join("hs").display().to_string()]);
+    let (_helper, socket) = helper_in(tmp.path());
     let files = Files::start();
     let url = files.put("motd", b"hello from afar\n".to_vec());
     let fetch_dir = tmp.path().join("fetch");
     std::fs::create_dir(&fetch_dir).unwrap();
     std::fs::write(fetch_dir.join("fetch-1-0"), "left by a crash").unwrap();
-    let downloader = Downloader::new(DownloadSettings { attempts: 1, ..DownloadSettings::default() }).unwrap();
-    let fetcher = Fetcher::new(downloader, fetch_dir.clone(), 1 << 20).unwrap();
+    let client = fetching_client(&socket, &fetch_dir);
     assert_eq!(std::fs::read_dir(&fetch_dir).unwrap().count(), 0, "leftovers are swept at start");
-    let client = UnixHelperClient::new(&socket, "test").with_fetcher(fetcher);
     let target = tmp.path().join("motd");
     let r = req("m", "linux.file", json!({"path": target.display().to_string(), "remote_uri": url}));
     let o = client.apply(r.clone(), Cancel::never()).await.unwrap();
@@ -382,15 +391,11 @@ async fn a_large_state_is_not_sent_ahead() {
 #[tokio::test]
 async fn a_state_sent_ahead_behind_a_download_runs_after_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let socket = tmp.path().join("h.sock");
-    let _helper =
-        start_helper_with(tmp.path(), &socket, &["--state-dir", &tmp.path().join("hs").display().to_string()]);
+    let (_helper, socket) = helper_in(tmp.path());
     let files = Files::start();
     let url = files.put("motd", b"hello from afar\n".to_vec());
     let fetch_dir = tmp.path().join("fetch");
-    let downloader = Downloader::new(DownloadSettings { attempts: 1, ..DownloadSettings::default() }).unwrap();
-    let fetcher = Fetcher::new(downloader, fetch_dir, 1 << 20).unwrap();
-    let client = UnixHelperClient::new(&socket, "test").with_fetcher(fetcher);
+    let client = fetching_client(&socket, &fetch_dir);
     let (target, after) = (tmp.path().join("motd"), tmp.path().join("after"));
     let remote = req("m", "linux.file", json!({"path": target.display().to_string(), "remote_uri": url}));
     let local = req("l", "linux.file", json!({"path": after.display().to_string(), "content": "l"}));

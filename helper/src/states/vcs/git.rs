@@ -176,12 +176,9 @@ fn files_converged(
     let dir = crate::dirfd::Dir::open(path.as_path()).ok()?;
     dir.root_controlled().ok()?;
     let (target, note) = files::converged(&dir, repo, wanted, runner.home()?)?;
-    let unchanged = || -> Option<bool> {
-        let git_dir = dir.subdir(std::ffi::OsStr::new(".git")).ok()??;
-        git_dir.root_controlled().ok()?;
-        index::unchanged(&dir, &git_dir, target.id())
-    };
-    let unchanged = unchanged() == Some(true);
+    let unchanged =
+        files::walk(&dir, &[".git"]).flatten().and_then(|git_dir| index::unchanged(&dir, &git_dir, target.id()));
+    let unchanged = unchanged == Some(true);
     Some((target, note, unchanged))
 }
 

@@ -63,7 +63,7 @@ pub(super) fn read_file(dir: &Dir, name: &OsStr) -> Known<Option<String>> {
 
 /// The directory `rel` (`/`-separated, relative) under `base`, every step opened without
 /// following a link and root-controlled; `Some(None)` if a step is missing.
-fn walk(base: &Dir, rel: &[&str]) -> Known<Option<Dir>> {
+pub(super) fn walk(base: &Dir, rel: &[&str]) -> Known<Option<Dir>> {
     let mut here = base.try_clone().ok()?;
     for part in rel {
         here = match here.subdir(OsStr::new(part)) {

@@ -30,7 +30,7 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{AtFlags, FileType};
 
-use super::files::{read_file, Known};
+use super::files::{read_file, walk, Known};
 use crate::dirfd::Dir;
 
 /// An index larger than this is left to git.
@@ -61,7 +61,6 @@ fn be32(b: &[u8], at: usize) -> Known<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// Parses index versions 2 and 3; `None` for anything this module does not trust.
 /// The parsed index: its entries, in git's order (by path, each once: what the trees
 /// are made from), and its cache-tree extension's data if it has one.
 struct Index<'a> {
@@ -69,6 +68,7 @@ struct Index<'a> {
     cache_tree: Option<&'a [u8]>,
 }
 
+/// Parses index versions 2 and 3; `None` for anything this module does not trust.
 fn parse(b: &[u8]) -> Known<Index<'_>> {
     if b.get(..4)? != b"DIRC" || b.len() < 12 + OID {
         return None;
@@ -253,8 +253,7 @@ fn inflate_start(compressed: impl Read, want: usize) -> Known<Vec<u8>> {
 fn commit_tree(objects: &Dir, commit: &[u8; OID]) -> Known<[u8; OID]> {
     let hex: String = commit.iter().map(|b| format!("{b:02x}")).collect();
     // Loose: objects/xx/<38 hex>, "commit <size>" NUL, then the commit.
-    if let Some(dir) = objects.subdir(OsStr::new(&hex[..2])).ok()? {
-        dir.root_controlled().ok()?;
+    if let Some(dir) = walk(objects, &[&hex[..2]])? {
         if let Some(file) = dir.open_file(OsStr::new(&hex[2..])).ok()? {
             let body = inflate_start(file, 128)?;
             let nul = body.iter().position(|&c| c == 0)?;
@@ -262,8 +261,7 @@ fn commit_tree(objects: &Dir, commit: &[u8; OID]) -> Known<[u8; OID]> {
             return tree_line(&body[nul + 1..]);
         }
     }
-    let pack = objects.subdir(OsStr::new("pack")).ok()??;
-    pack.root_controlled().ok()?;
+    let pack = walk(objects, &["pack"])??;
     for (name, kind) in pack.entries().ok()? {
         let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".idx")) else { continue };
         if kind != FileType::RegularFile {
@@ -400,8 +398,7 @@ pub fn unchanged(checkout: &Dir, git_dir: &Dir, commit: &str) -> Known<bool> {
     file.read_to_end(&mut bytes).ok()?;
     let index = parse(&bytes)?;
     plain_setup(git_dir)?;
-    let objects = git_dir.subdir(OsStr::new("objects")).ok()??;
-    objects.root_controlled().ok()?;
+    let objects = walk(git_dir, &["objects"])??;
     let mut made = Made::new();
     if commit_tree(&objects, &hex_oid(commit)?)? != tree_of(&index.entries, 0, &mut made) {
         return None;
