@@ -627,6 +627,40 @@ mod tests {
         settled_index_time(d);
     }
 
+    /// Root reads the files' data only through directories root alone controls, never
+    /// through a link: a directory of the checkout another user owns (who could swap
+    /// what is in it between the look and git's own), or one swapped for a link to a
+    /// copy whose files keep every recorded field (a rename changes no file's ctime),
+    /// leaves the decision to git, which here sees the tracked files gone.
+    #[test]
+    fn files_are_looked_at_only_through_root_controlled_directories_never_a_link() {
+        let Some(tmp) = repo_scene("files_are_looked_at_only_through_root_controlled_directories_never_a_link") else {
+            return;
+        };
+        let d = tmp.path();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/f"), "x\n").unwrap();
+        git(d, &["add", "-A"]);
+        git(d, &["commit", "--quiet", "-m", "one"]);
+        git(d, &["read-tree", "HEAD"]);
+        settled(d);
+        assert_eq!(check(d), (Some(true), true));
+
+        std::os::unix::fs::chown(d.join("sub"), Some(65534), None).unwrap();
+        assert_eq!(check(d), (None, true), "read through a directory uid 65534 owns");
+        std::os::unix::fs::chown(d.join("sub"), Some(0), None).unwrap();
+        assert_eq!(check(d), (Some(true), true));
+
+        std::fs::rename(d.join("sub"), d.join("sub.real")).unwrap();
+        std::os::unix::fs::symlink("sub.real", d.join("sub")).unwrap();
+        let checkout = Dir::open(d).unwrap();
+        let git_dir = checkout.subdir(OsStr::new(".git")).unwrap().unwrap();
+        let head = git(d, &["rev-parse", "HEAD"]);
+        assert_eq!(unchanged(&checkout, &git_dir, head.trim()), None, "read through a link");
+        let status = git(d, &["status", "--porcelain", "--untracked-files=no"]);
+        assert!(!status.is_empty(), "git takes sub/f as gone: {status:?}");
+    }
+
     /// `git replace` makes git read another object for HEAD's commit, and so another
     /// tree: git status compares the index with that one.
     #[test]
