@@ -80,6 +80,7 @@ async fn stand_in_helper(listener: UnixListener, arrivals: mpsc::UnboundedSender
                         helper_version: "bench-stand-in".into(),
                         signed_recipes: false,
                         pipelining: false,
+                        ahead: 0,
                     },
                     Request::Status => Reply::Status(HelperStatus {
                         helper_version: "bench-stand-in".into(),

@@ -10,6 +10,7 @@
 //! [`Fetcher`] and sends the same `Apply` again with the files — once; a second
 //! `NeedFetch` is a failed state. A failed download is a failed state naming the URL.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +21,7 @@ use opsagent_proto::codec::{self, CodecError};
 use opsagent_proto::newtypes::AbsPath;
 use opsagent_proto::request::{
     ApplyRequest, ApplySignedRequest, ErrorCode, FetchedFile, HelperError, HelperStatus, Outcome, RecipeUpload, Reply,
-    ReplyFrame, Request, RequestFrame,
+    ReplyFrame, Request, RequestFrame, AHEAD_MAX_FRAME, AHEAD_MAX_REQUESTS,
 };
 use opsagent_proto::stream::{self, FrameWriter};
 use opsagent_proto::HELPER_PROTOCOL_VERSION;
@@ -37,10 +38,6 @@ use crate::download::Downloader;
 /// (an hour at most: apt, yum, transfers), so that a new round never starts while dpkg
 /// is half-way; giving up earlier would start the next round beside it.
 const CANCEL_GRACE: Duration = Duration::from_secs(3700);
-
-/// The largest request sent ahead of the round; larger states (a file's content given
-/// inline) are sent when their turn comes.
-const AHEAD_MAX_FRAME: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperClientError {
@@ -77,10 +74,11 @@ pub struct SignedState {
     pub index: u32,
 }
 
-/// The state a round will run next if the one being applied succeeds.
+/// A state a round will run after the one being applied, if that and the states between
+/// them succeed.
 #[derive(Clone, Debug)]
 pub struct Next {
-    pub req: ApplyRequest,
+    pub req: Arc<ApplyRequest>,
     pub signed: Option<SignedState>,
     /// Fired when the round will not go on to this state after all (a new recipe, a
     /// stop): sent ahead and still waiting in the helper, it is withdrawn unrun.
@@ -113,20 +111,20 @@ pub trait HelperClient: Send + Sync {
     fn drain(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
-    /// A state (signed or not), and the one the round runs after it if it succeeds. A
-    /// client may send `next` to the helper at once, to start there the moment this one
-    /// succeeds, without a round trip through the daemon (a pipelined round); the
-    /// round's next call for that state then only collects its outcome. The default
-    /// ignores `next`: a client that adds work before a state (prerequisites) must decide
-    /// whether `next` may go ahead.
+    /// A state (signed or not), and the states the round runs after it, in order, as long
+    /// as each succeeds. A client may send some of `ahead` to the helper at once, each to
+    /// start there the moment the one before succeeds, without a round trip through the
+    /// daemon (a pipelined round); the round's later call for such a state then only
+    /// collects its outcome. The default ignores `ahead`: a client that adds work before a
+    /// state (prerequisites) must decide which of `ahead` may go ahead.
     fn apply_then(
         &self,
         req: ApplyRequest,
         signed: Option<SignedState>,
-        next: Option<Next>,
+        ahead: Vec<Next>,
         cancel: Cancel,
     ) -> impl Future<Output = Result<Outcome, HelperClientError>> + Send {
-        let _ = next;
+        let _ = ahead;
         async move {
             match signed {
                 Some(signed) => self.apply_signed(req, signed, cancel).await,
@@ -144,10 +142,12 @@ struct Conn {
     signed_mode: bool,
     /// The signed recipe this connection's helper has verified.
     sent: Option<Arc<RecipeUpload>>,
-    /// The helper said (in `Hello`) that it takes requests sent ahead.
-    pipelining: bool,
-    /// The state sent ahead and not yet answered.
-    ahead: Option<Ahead>,
+    /// How many requests the helper said (in `Hello`) may wait behind the running one;
+    /// 0: one at a time.
+    ahead_max: usize,
+    /// The states sent ahead and not yet answered, in order, each sent to follow the one
+    /// before it (the first, the request running or about to run).
+    ahead: VecDeque<Ahead>,
 }
 
 /// A state sent to run behind another ([`RequestFrame::after`]).
@@ -296,7 +296,8 @@ pub struct UnixHelperClient {
     conn: Mutex<Option<Conn>>,
     fetcher: Option<Fetcher>,
     /// Send the next state ahead when the helper takes it (on unless turned off).
-    pipelining: bool,
+    /// The most states sent ahead at once (the helper may say fewer).
+    ahead_limit: usize,
 }
 
 impl UnixHelperClient {
@@ -307,7 +308,7 @@ impl UnixHelperClient {
             max_frame: codec::DEFAULT_MAX_FRAME,
             conn: Mutex::new(None),
             fetcher: None,
-            pipelining: true,
+            ahead_limit: AHEAD_MAX_REQUESTS,
         }
     }
 
@@ -320,8 +321,14 @@ impl UnixHelperClient {
 
     /// One request at a time even with a helper that takes requests sent ahead (the
     /// behaviour before pipelining: for comparisons and for tests).
-    pub fn without_pipelining(mut self) -> Self {
-        self.pipelining = false;
+    pub fn without_pipelining(self) -> Self {
+        self.with_ahead_at_most(0)
+    }
+
+    /// At most `n` states sent ahead at once (at most [`AHEAD_MAX_REQUESTS`]): for
+    /// comparisons of pipeline depths.
+    pub fn with_ahead_at_most(mut self, n: usize) -> Self {
+        self.ahead_limit = n.min(AHEAD_MAX_REQUESTS);
         self
     }
 
@@ -361,7 +368,7 @@ impl UnixHelperClient {
             }
         });
         let mut conn =
-            Conn { writer, replies, next_id: 1, signed_mode: false, sent: None, pipelining: false, ahead: None };
+            Conn { writer, replies, next_id: 1, signed_mode: false, sent: None, ahead_max: 0, ahead: VecDeque::new() };
         let id = self
             .send(
                 &mut conn,
@@ -369,11 +376,13 @@ impl UnixHelperClient {
             )
             .await?;
         match self.recv(&mut conn).await? {
-            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, signed_recipes, pipelining, .. } }
+            ReplyFrame { id: rid, reply: Reply::Hello { protocol_version, signed_recipes, pipelining, ahead, .. } }
                 if rid == id && protocol_version == HELPER_PROTOCOL_VERSION =>
             {
                 conn.signed_mode = signed_recipes;
-                conn.pipelining = pipelining && self.pipelining;
+                // A helper that pipelines without saying how deep takes one.
+                let helper_max = if pipelining { usize::try_from(ahead).unwrap_or(1).max(1) } else { 0 };
+                conn.ahead_max = helper_max.min(self.ahead_limit);
                 Ok(conn)
             }
             ReplyFrame { reply: Reply::Error(error), .. } => {
@@ -502,16 +511,16 @@ impl UnixHelperClient {
         }
     }
 
-    /// One exchange for a state: `next`, when given and the helper pipelines, is sent
-    /// behind it to start as soon as this one succeeds; a state that was sent ahead like
-    /// that is awaited instead of sent again.
+    /// One exchange for a state: the states of `ahead`, when the helper pipelines, are
+    /// sent behind it, each to start as soon as the one before succeeds; a state that was
+    /// sent ahead like that is awaited instead of sent again.
     async fn step_on(
         &self,
         conn: &mut Conn,
         req: ApplyRequest,
         signed: Option<SignedState>,
         fetched: Vec<FetchedFile>,
-        next: Option<Next>,
+        ahead: Vec<Next>,
         cancel: Cancel,
     ) -> Result<Applied, HelperClientError> {
         let Formed { request, upload } = match Self::form(conn, &req, signed.as_ref(), fetched) {
@@ -519,16 +528,19 @@ impl UnixHelperClient {
             Err(outcome) => return Ok(Applied::Outcome(outcome)),
         };
         let uploaded = |conn: &Conn| covers(conn.sent.as_ref(), upload.as_ref());
+        // Fired when the round will not go on to the states of `ahead`.
+        let withdraw = ahead.first().map_or_else(Cancel::never, |n| n.withdraw.clone());
         let mut resent = false;
         loop {
             // Sent ahead already: await it. Any other request sent ahead is withdrawn
             // (or, if it started, waited for: see `settle`) before this one goes.
-            let ahead = conn.ahead.take();
-            let (id, recipe) = match ahead {
+            let first = conn.ahead.pop_front();
+            let (id, recipe) = match first {
                 Some(a) if a.request == request && !a.withdraw.is_cancelled() && uploaded(conn) => (a.id, None),
                 other => {
                     if let Some(a) = other {
-                        self.settle(conn, a).await?;
+                        conn.ahead.push_front(a);
+                        self.settle(conn).await?;
                     }
                     // The recipe and the state go back to back, without waiting for the
                     // verification: the helper takes a connection's requests in order,
@@ -542,10 +554,9 @@ impl UnixHelperClient {
                     (self.send_unsent(conn, request.clone()).await?, recipe)
                 }
             };
-            if let Some(next) = next.clone().filter(|_| conn.pipelining) {
-                self.send_ahead(conn, id, next, upload.as_ref()).await?;
-            }
-            let (waited, verdict) = self.wait(conn, id, cancel.clone(), recipe.as_ref().map(|(rid, _)| *rid)).await?;
+            self.send_ahead(conn, id, &ahead, upload.as_ref()).await?;
+            let (waited, verdict) =
+                self.wait(conn, id, cancel.clone(), withdraw.clone(), recipe.as_ref().map(|(rid, _)| *rid)).await?;
             let applied = match waited {
                 Waited::Applied(applied) => applied,
                 // Sent ahead behind a state that then failed (a plan goes on after one):
@@ -591,74 +602,100 @@ impl UnixHelperClient {
         })
     }
 
-    /// Sends `next` to run behind request `id` (see [`RequestFrame::after`]), when it can
-    /// go as it is: a state of the same signed recipe, or one sent with its parameters.
+    /// Tops up the line of states sent ahead behind request `id`: `ahead` are the states
+    /// the round runs after it, in order; those already sent (the first of them, as many
+    /// as wait in `conn.ahead`) are not sent again. A state goes ahead when it can go as
+    /// it is (a state of the same signed recipe, or one sent with its parameters, in a
+    /// frame within `AHEAD_MAX_FRAME`); the line stops at the first that cannot, since
+    /// each follows the one before.
     async fn send_ahead(
         &self,
         conn: &mut Conn,
         id: u64,
-        next: Next,
+        ahead: &[Next],
         upload: Option<&Arc<RecipeUpload>>,
     ) -> Result<(), HelperClientError> {
-        let Ok(Formed { request, upload: next_upload }) = Self::form(conn, &next.req, next.signed.as_ref(), Vec::new())
-        else {
-            return Ok(());
-        };
-        if !covers(upload, next_upload.as_ref()) || next.withdraw.is_cancelled() {
+        // The line sent before must be the round's, state for state: it is, unless the
+        // round changed its mind without withdrawing them (then they are settled when
+        // their turn does not come), and then nothing more goes behind them.
+        let sent = conn.ahead.len();
+        if sent > ahead.len() || !conn.ahead.iter().zip(ahead).all(|(a, n)| same_state(&a.request, n)) {
             return Ok(());
         }
-        // A large state goes on its own when its turn comes: a helper started with a
-        // smaller frame limit than ours closes the connection on a frame over it, and
-        // while another state runs that would take the running state down with it.
-        if let Some(ahead) = self.send_within(conn, request.clone(), Some(id), AHEAD_MAX_FRAME).await? {
-            conn.ahead = Some(Ahead { id: ahead, request, withdraw: next.withdraw });
+        for next in ahead.iter().skip(sent) {
+            if conn.ahead.len() >= conn.ahead_max || next.withdraw.is_cancelled() {
+                break;
+            }
+            let Ok(Formed { request, upload: next_upload }) =
+                Self::form(conn, &next.req, next.signed.as_ref(), Vec::new())
+            else {
+                break;
+            };
+            if !covers(upload, next_upload.as_ref()) {
+                break;
+            }
+            let after = conn.ahead.back().map_or(id, |a| a.id);
+            // A large state goes on its own when its turn comes: a helper started with a
+            // smaller frame limit than ours closes the connection on a frame over it, and
+            // while another state runs that would take the running state down with it.
+            match self.send_within(conn, request.clone(), Some(after), AHEAD_MAX_FRAME).await? {
+                Some(sent) => conn.ahead.push_back(Ahead { id: sent, request, withdraw: next.withdraw.clone() }),
+                None => break,
+            }
         }
         Ok(())
     }
 
-    /// Withdraws the request sent ahead and waits for its answer: `not-run` if it had
-    /// not started; if it had (the state before it succeeded and the helper went on
-    /// before the round could say otherwise), it is the running state, and it is let
-    /// finish as a round lets its running state finish (bounded like a cancellation).
-    async fn settle(&self, conn: &mut Conn, ahead: Ahead) -> Result<(), HelperClientError> {
-        self.send(conn, Request::Withdraw { target: ahead.id }).await?;
+    /// Withdraws the requests sent ahead and waits for their answers: `not-run` for
+    /// those that had not started; one that had (the state before it succeeded and the
+    /// helper went on before the round could say otherwise) is the running state, and it
+    /// is let finish as a round lets its running state finish (bounded like a
+    /// cancellation). The last of the line is withdrawn first, so that none of them
+    /// starts behind the one running while the withdrawals arrive.
+    async fn settle(&self, conn: &mut Conn) -> Result<(), HelperClientError> {
+        let targets: Vec<u64> = conn.ahead.iter().map(|a| a.id).collect();
+        conn.ahead.clear();
+        for &target in targets.iter().rev() {
+            self.send(conn, Request::Withdraw { target }).await?;
+        }
+        let mut unanswered = targets.len();
         let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
-        loop {
+        while unanswered > 0 {
             let frame = tokio::time::timeout_at(deadline, self.recv(conn))
                 .await
                 .map_err(|_| HelperClientError::Abandoned { path: self.shown() })??;
             match frame.reply {
                 Reply::Cancelled { .. } => {}
-                reply if frame.id == ahead.id => {
+                reply if targets.contains(&frame.id) => {
                     ran_ahead(&reply);
-                    return Ok(());
+                    unanswered -= 1;
                 }
                 other => {
                     return Err(HelperClientError::Protocol {
                         path: self.shown(),
-                        what: format!("unexpected reply {other:?} while withdrawing request {}", ahead.id),
+                        what: format!("unexpected reply {other:?} while withdrawing the requests sent ahead"),
                     })
                 }
             }
         }
+        Ok(())
     }
 
     /// Waits for the answer to request `id`, cancelling it when `cancel` fires and
-    /// withdrawing the request sent ahead when the round will not go on to it. `recipe`:
-    /// the id of a `Recipe` request sent just before, whose answer comes first: `Ok`
-    /// verified, `Err` the refusal.
+    /// withdrawing the requests sent ahead when `withdraw` fires (the round will not go
+    /// on to them). `recipe`: the id of a `Recipe` request sent just before, whose answer
+    /// comes first: `Ok` verified, `Err` the refusal.
     async fn wait(
         &self,
         conn: &mut Conn,
         id: u64,
         mut cancel: Cancel,
+        mut withdraw: Cancel,
         recipe: Option<u64>,
     ) -> Result<(Waited, Option<Result<(), String>>), HelperClientError> {
         let mut verdict = None;
         let mut deadline: Option<tokio::time::Instant> = None;
-        let ahead = conn.ahead.as_ref().map(|a| a.id);
-        let mut withdraw = conn.ahead.as_ref().map_or_else(Cancel::never, |a| a.withdraw.clone());
-        let mut withdrawn = ahead.is_none();
+        let mut withdrawn = conn.ahead.is_empty();
         loop {
             tokio::select! {
                 reply = conn.replies.recv() => {
@@ -670,10 +707,11 @@ impl UnixHelperClient {
                     match frame.reply {
                         Reply::RecipeVerified { .. } if Some(frame.id) == recipe => verdict = Some(Ok(())),
                         Reply::Error(error) if Some(frame.id) == recipe => verdict = Some(Err(error.message)),
-                        // The request sent ahead, withdrawn while this one ran.
-                        reply if conn.ahead.as_ref().is_some_and(|a| a.id == frame.id) => {
+                        // A request sent ahead, withdrawn while this one ran (it cannot have
+                        // run before this one ends).
+                        reply if conn.ahead.iter().any(|a| a.id == frame.id) => {
                             ran_ahead(&reply);
-                            conn.ahead = None;
+                            conn.ahead.retain(|a| a.id != frame.id);
                         }
                         Reply::Outcome(o) if frame.id == id => return Ok((Waited::Applied(Applied::Outcome(o)), verdict)),
                         Reply::NeedFetch { urls } if frame.id == id => {
@@ -701,7 +739,9 @@ impl UnixHelperClient {
                 }
                 _ = withdraw.cancelled(), if !withdrawn => {
                     withdrawn = true;
-                    if let Some(target) = ahead {
+                    // The last first: none of them starts behind another meanwhile.
+                    let targets: Vec<u64> = conn.ahead.iter().rev().map(|a| a.id).collect();
+                    for target in targets {
                         self.send(conn, Request::Withdraw { target }).await?;
                     }
                 }
@@ -721,6 +761,22 @@ fn covers(have: Option<&Arc<RecipeUpload>>, need: Option<&Arc<RecipeUpload>>) ->
         (None, _) => true,
         (Some(need), Some(have)) => Arc::ptr_eq(need, have),
         (Some(_), None) => false,
+    }
+}
+
+/// Whether a request sent ahead is the one `next` forms, told cheaply by which state of
+/// which recipe version, planned or applied (the whole request is compared when its turn
+/// comes).
+fn same_state(sent: &Request, next: &Next) -> bool {
+    match sent {
+        Request::ApplySigned(r) => {
+            r.plan == next.req.plan
+                && next.signed.as_ref().is_some_and(|s| s.version == r.recipe_version && s.index == r.index)
+        }
+        Request::Apply(r) => {
+            r.plan == next.req.plan && r.recipe_version == next.req.recipe_version && r.state_id == next.req.state_id
+        }
+        _ => false,
     }
 }
 
@@ -744,11 +800,11 @@ impl UnixHelperClient {
         req: &ApplyRequest,
         signed: Option<&SignedState>,
         fetched: &[FetchedFile],
-        next: Option<&Next>,
+        ahead: &[Next],
         cancel: &Cancel,
     ) -> Result<Applied, HelperClientError> {
         self.with_conn(false, move |me, conn| {
-            Box::pin(me.step_on(conn, req.clone(), signed.cloned(), fetched.to_vec(), next.cloned(), cancel.clone()))
+            Box::pin(me.step_on(conn, req.clone(), signed.cloned(), fetched.to_vec(), ahead.to_vec(), cancel.clone()))
         })
         .await
     }
@@ -758,12 +814,12 @@ impl UnixHelperClient {
         &self,
         req: ApplyRequest,
         signed: Option<SignedState>,
-        next: Option<Next>,
+        ahead: Vec<Next>,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
         // Files the caller already has (a retried request) go with the first attempt.
         let given = req.fetched.clone();
-        let urls = match self.step(&req, signed.as_ref(), &given, next.as_ref(), &cancel).await? {
+        let urls = match self.step(&req, signed.as_ref(), &given, &ahead, &cancel).await? {
             Applied::Outcome(o) => return Ok(o),
             Applied::NeedFetch(urls) => urls,
         };
@@ -784,7 +840,7 @@ impl UnixHelperClient {
                 })
             }
         };
-        match self.step(&req, signed.as_ref(), &fetched, next.as_ref(), &cancel).await? {
+        match self.step(&req, signed.as_ref(), &fetched, &ahead, &cancel).await? {
             Applied::Outcome(o) => Ok(o),
             Applied::NeedFetch(again) => Ok(Outcome::failed(format!(
                 "the helper asked again for {} after it was downloaded; giving up",
@@ -796,7 +852,7 @@ impl UnixHelperClient {
 
 impl HelperClient for UnixHelperClient {
     async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
-        self.apply_state(req, None, None, cancel).await
+        self.apply_state(req, None, Vec::new(), cancel).await
     }
 
     async fn apply_signed(
@@ -805,25 +861,27 @@ impl HelperClient for UnixHelperClient {
         signed: SignedState,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
-        self.apply_state(req, Some(signed), None, cancel).await
+        self.apply_state(req, Some(signed), Vec::new(), cancel).await
     }
 
     async fn apply_then(
         &self,
         req: ApplyRequest,
         signed: Option<SignedState>,
-        next: Option<Next>,
+        ahead: Vec<Next>,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
-        self.apply_state(req, signed, next, cancel).await
+        self.apply_state(req, signed, ahead, cancel).await
     }
 
     async fn drain(&self) {
         let mut guard = self.conn.lock().await;
         let Some(conn) = guard.as_mut() else { return };
-        let Some(ahead) = conn.ahead.take() else { return };
-        if let Err(e) = self.settle(conn, ahead).await {
-            tracing::warn!(error = %e, "could not wait for the state sent ahead");
+        if conn.ahead.is_empty() {
+            return;
+        }
+        if let Err(e) = self.settle(conn).await {
+            tracing::warn!(error = %e, "could not wait for the states sent ahead");
             *guard = None;
         }
     }
@@ -831,10 +889,10 @@ impl HelperClient for UnixHelperClient {
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
         self.with_conn(true, |me, conn| {
             Box::pin(async move {
-                // A state sent ahead is withdrawn first: the helper answers nothing else
-                // while it runs.
-                if let Some(ahead) = conn.ahead.take() {
-                    me.settle(conn, ahead).await?;
+                // States sent ahead are withdrawn first: the helper answers nothing else
+                // while they run or wait.
+                if !conn.ahead.is_empty() {
+                    me.settle(conn).await?;
                 }
                 let id = me.send(conn, Request::Status).await?;
                 let mut reply = me.recv(conn).await?;

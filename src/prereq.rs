@@ -229,7 +229,7 @@ fn with_notes(mut out: Outcome, notes: Vec<String>, mut changes: Vec<Change>) ->
 
 impl<C: HelperClient> HelperClient for Prerequisites<C> {
     async fn apply(&self, req: ApplyRequest, cancel: Cancel) -> Result<Outcome, HelperClientError> {
-        self.apply_then(req, None, None, cancel).await
+        self.apply_then(req, None, Vec::new(), cancel).await
     }
 
     // A helper that verifies recipes refuses the unsigned install of a prerequisite
@@ -241,7 +241,7 @@ impl<C: HelperClient> HelperClient for Prerequisites<C> {
         signed: SignedState,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
-        self.apply_then(req, Some(signed), None, cancel).await
+        self.apply_then(req, Some(signed), Vec::new(), cancel).await
     }
 
     async fn status(&self) -> Result<HelperStatus, HelperClientError> {
@@ -252,30 +252,34 @@ impl<C: HelperClient> HelperClient for Prerequisites<C> {
         self.inner.drain().await;
     }
 
-    // The next state goes ahead only when it needs nothing installed first: ahead, it
-    // would start before its install.
+    // A state goes ahead only when it needs nothing installed first: ahead, it would start
+    // before its install.
     async fn apply_then(
         &self,
         req: ApplyRequest,
         signed: Option<SignedState>,
-        next: Option<Next>,
+        mut ahead: Vec<Next>,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
         let (notes, changes) = match self.install_missing(&req, &cancel).await? {
             Ok(done) => done,
             Err(failed) => return Ok(failed),
         };
-        // Whether `next` needs an install is only known once `req` has run (it may remove
-        // the tool); ahead, `next` would start before that check. So only a state without
-        // prerequisites goes ahead.
-        let next = next.filter(|n| !self.enabled || prerequisites(&n.req.params).is_empty());
-        Ok(with_notes(self.inner.apply_then(req, signed, next, cancel).await?, notes, changes))
+        // Whether a later state needs an install is only known once the states before it
+        // have run (one may remove the tool); ahead, it would start before that check. So
+        // the states ahead stop at the first with prerequisites.
+        if self.enabled {
+            let with_prerequisites = ahead.iter().position(|n| !prerequisites(&n.req.params).is_empty());
+            ahead.truncate(with_prerequisites.unwrap_or(ahead.len()));
+        }
+        Ok(with_notes(self.inner.apply_then(req, signed, ahead, cancel).await?, notes, changes))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn managers_and_tools_are_found_under_a_root() {
@@ -321,7 +325,7 @@ mod tests {
 
     /// Records every request; answers each as applied (or planned).
     #[derive(Default)]
-    struct Recorder(std::sync::Mutex<Vec<ApplyRequest>>, std::sync::Mutex<Vec<Option<String>>>);
+    struct Recorder(std::sync::Mutex<Vec<ApplyRequest>>, std::sync::Mutex<Vec<Vec<String>>>);
 
     impl HelperClient for Recorder {
         async fn apply(&self, req: ApplyRequest, _: Cancel) -> Result<Outcome, HelperClientError> {
@@ -344,18 +348,19 @@ mod tests {
             &self,
             req: ApplyRequest,
             _: Option<SignedState>,
-            next: Option<Next>,
+            ahead: Vec<Next>,
             c: Cancel,
         ) -> Result<Outcome, HelperClientError> {
-            self.1.lock().unwrap().push(next.map(|n| n.req.state_id.to_string()));
+            self.1.lock().unwrap().push(ahead.iter().map(|n| n.req.state_id.to_string()).collect());
             self.apply(req, c).await
         }
     }
 
     /// A state that needs a tool installed first may not go ahead of the round: ahead,
-    /// it would start before its install. Others may.
+    /// it would start before its install; nor may those after it, which follow it. Others
+    /// may.
     #[tokio::test]
-    async fn a_next_state_goes_ahead_only_when_it_needs_no_install() {
+    async fn states_go_ahead_only_up_to_one_that_needs_an_install() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
         std::fs::write(root.path().join("usr/bin/apt-get"), "").unwrap();
@@ -366,12 +371,15 @@ mod tests {
         };
         let git = || state("g", "common.git", json!({"path": "/srv/g", "repo": "https://h/r"}));
         let file = |id: &str| state(id, "linux.file", json!({"path": "/x"}));
-        let next = |req: ApplyRequest| Some(Next { req, signed: None, withdraw: Cancel::never() });
-        client.apply_then(file("a"), None, next(git()), Cancel::never()).await.unwrap();
-        client.apply_then(git(), None, next(file("b")), Cancel::never()).await.unwrap();
+        let ahead = |reqs: Vec<ApplyRequest>| -> Vec<Next> {
+            reqs.into_iter().map(|req| Next { req: Arc::new(req), signed: None, withdraw: Cancel::never() }).collect()
+        };
+        client.apply_then(file("a"), None, ahead(vec![file("b"), git(), file("c")]), Cancel::never()).await.unwrap();
+        client.apply_then(git(), None, ahead(vec![file("c"), file("d")]), Cancel::never()).await.unwrap();
         let offered = client.inner().1.lock().unwrap().clone();
-        // The install of git goes through `apply`, then git itself with b offered.
-        assert_eq!(offered, vec![None, Some("b".to_string())]);
+        // b goes ahead of a, and git (and c behind it) do not; the install of git goes
+        // through `apply`, then git itself with c and d offered.
+        assert_eq!(offered, vec![vec!["b".to_string()], vec!["c".to_string(), "d".to_string()]]);
         let sent: Vec<_> = client.inner().0.lock().unwrap().iter().map(|r| r.params.name()).collect();
         assert_eq!(sent, ["linux.file", "linux.apt.package", "common.git"]);
     }
@@ -406,11 +414,11 @@ mod tests {
             &self,
             req: ApplyRequest,
             _: Option<SignedState>,
-            next: Option<Next>,
+            ahead: Vec<Next>,
             c: Cancel,
         ) -> Result<Outcome, HelperClientError> {
             let o = self.apply(req, c).await?;
-            if let Some(n) = next.filter(|_| o.result) {
+            for n in ahead.iter().filter(|_| o.result) {
                 let present = tool_present(&self.root, "git");
                 self.started_ahead.lock().unwrap().push((n.req.state_id.to_string(), present));
             }
@@ -438,8 +446,8 @@ mod tests {
         };
         let rm = state("rm-git", "linux.cmd", json!({"cmd": "apt-get -y remove git", "cwd": "/"}));
         let git = state("g", "common.git", json!({"path": "/srv/g", "repo": "https://h/r"}));
-        let next = Some(Next { req: git, signed: None, withdraw: Cancel::never() });
-        client.apply_then(rm, None, next, Cancel::never()).await.unwrap();
+        let ahead = vec![Next { req: Arc::new(git), signed: None, withdraw: Cancel::never() }];
+        client.apply_then(rm, None, ahead, Cancel::never()).await.unwrap();
         let started = client.inner().started_ahead.lock().unwrap().clone();
         assert!(started.iter().all(|(_, present)| *present), "started ahead without its tool: {started:?}");
     }

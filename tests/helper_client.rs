@@ -228,7 +228,7 @@ async fn missing_prerequisites_are_installed_through_the_helpers_policy_or_named
 
 fn next(req: ApplyRequest) -> (Next, opsagent::helper_client::CancelHandle) {
     let (handle, withdraw) = cancel_pair();
-    (Next { req, signed: None, withdraw }, handle)
+    (Next { req: std::sync::Arc::new(req), signed: None, withdraw }, handle)
 }
 
 /// A pipelined round through the real helper: the state after the one applied runs as
@@ -246,23 +246,83 @@ async fn the_next_state_runs_ahead_only_behind_a_success_and_is_collected_not_re
         |id: &str, p: &std::path::Path| req(id, "linux.file", json!({"path": p.display().to_string(), "content": id}));
 
     let (n, _keep) = next(file("b", &b));
-    let o = client.apply_then(file("a", &a), None, Some(n), Cancel::never()).await.unwrap();
+    let o = client.apply_then(file("a", &a), None, vec![n], Cancel::never()).await.unwrap();
     assert!(o.result && o.changed(), "{o:?}");
     // Nobody asked for b yet, and it is there.
     assert!(wait_until(Duration::from_secs(20), || b.exists()), "the state sent ahead did not run");
-    let o = client.apply_then(file("b", &b), None, None, Cancel::never()).await.unwrap();
+    let o = client.apply_then(file("b", &b), None, vec![], Cancel::never()).await.unwrap();
     assert!(o.result && o.changed(), "the outcome of the state that ran ahead, not of a second run: {o:?}");
 
     let fails = req("f", "linux.cmd", json!({"cmd": "exit 2", "cwd": "/"}));
     let (n, _keep) = next(file("c", &c));
-    let o = client.apply_then(fails, None, Some(n), Cancel::never()).await.unwrap();
+    let o = client.apply_then(fails, None, vec![n], Cancel::never()).await.unwrap();
     assert!(!o.result, "{o:?}");
     std::thread::sleep(Duration::from_millis(300));
     assert!(!c.exists(), "a state sent behind a failed one ran");
     // The round restarts; later it asks for c, which runs then (its not-run answer is
     // not taken for its outcome).
-    let o = client.apply_then(file("c", &c), None, None, Cancel::never()).await.unwrap();
+    let o = client.apply_then(file("c", &c), None, vec![], Cancel::never()).await.unwrap();
     assert!(o.result && o.changed() && c.exists(), "{o:?}");
+    assert!(client.status().await.is_ok());
+}
+
+/// A line of states sent ahead through the real helper: each runs as soon as the one
+/// before it succeeds, all before the round asks for them, and asking then collects each
+/// (none runs twice); behind one that fails, the rest of the line does not run, and
+/// asking for them then runs each.
+#[tokio::test]
+async fn a_line_of_states_runs_ahead_behind_successes_and_stops_at_a_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("h.sock");
+    let _helper = start_helper(tmp.path(), &socket);
+    let client = std::sync::Arc::new(UnixHelperClient::new(&socket, "test"));
+    let path = |name: &str| tmp.path().join(name);
+    let file = |id: &str| req(id, "linux.file", json!({"path": path(id).display().to_string(), "content": id}));
+    let line = |reqs: Vec<ApplyRequest>| -> (Vec<Next>, opsagent::helper_client::CancelHandle) {
+        let (handle, withdraw) = cancel_pair();
+        let line = reqs
+            .into_iter()
+            .map(|req| Next { req: std::sync::Arc::new(req), signed: None, withdraw: withdraw.clone() })
+            .collect();
+        (line, handle)
+    };
+
+    // The first waits for a gate, so that the whole line is sent while it runs.
+    let gate = path("gate");
+    let waits = req(
+        "a",
+        "linux.cmd",
+        json!({"cmd": format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display()), "cwd": "/"}),
+    );
+    let (ahead, _keep) = line(vec![file("b"), file("c"), file("d")]);
+    let c = std::sync::Arc::clone(&client);
+    let run = tokio::spawn(async move { c.apply_then(waits, None, ahead, Cancel::never()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!path("b").exists(), "a state sent ahead ran before the one it follows ended");
+    std::fs::write(&gate, "").unwrap();
+    assert!(run.await.unwrap().unwrap().result);
+    // Nobody asked for b, c or d yet, and they are there.
+    assert!(wait_until(Duration::from_secs(20), || path("d").exists()), "the line sent ahead did not run");
+    for (id, rest) in [("b", vec![file("c"), file("d")]), ("c", vec![file("d")]), ("d", vec![])] {
+        let (ahead, _keep) = line(rest);
+        let o = client.apply_then(file(id), None, ahead, Cancel::never()).await.unwrap();
+        assert!(o.result && o.changed(), "the outcome of {id} that ran ahead, not of a second run: {o:?}");
+    }
+
+    // Behind a failure: e runs, f fails, g and h do not run.
+    let fails = || req("f", "linux.cmd", json!({"cmd": "exit 2", "cwd": "/"}));
+    let (ahead, _keep) = line(vec![fails(), file("g"), file("h")]);
+    assert!(client.apply_then(file("e"), None, ahead, Cancel::never()).await.unwrap().result);
+    let (ahead, _keep) = line(vec![file("g"), file("h")]);
+    assert!(!client.apply_then(fails(), None, ahead, Cancel::never()).await.unwrap().result);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!path("g").exists() && !path("h").exists(), "a state sent behind a failed one ran");
+    // The round restarts from g (a plan goes on): each runs when asked for.
+    let (ahead, _keep) = line(vec![file("h")]);
+    let o = client.apply_then(file("g"), None, ahead, Cancel::never()).await.unwrap();
+    assert!(o.result && o.changed() && path("g").exists(), "{o:?}");
+    let o = client.apply_then(file("h"), None, vec![], Cancel::never()).await.unwrap();
+    assert!(o.result && o.changed() && path("h").exists(), "{o:?}");
     assert!(client.status().await.is_ok());
 }
 
@@ -284,7 +344,7 @@ async fn a_state_sent_ahead_is_withdrawn_or_let_finish_when_the_round_moves_on()
     );
     let (n, withdraw) = next(req("n", "linux.file", json!({"path": never.display().to_string(), "content": "x"})));
     let c = std::sync::Arc::clone(&client);
-    let run = tokio::spawn(async move { c.apply_then(waits, None, Some(n), Cancel::never()).await });
+    let run = tokio::spawn(async move { c.apply_then(waits, None, vec![n], Cancel::never()).await });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !started.exists() {
         assert!(tokio::time::Instant::now() < deadline, "the command never started");
@@ -309,10 +369,10 @@ async fn a_state_sent_ahead_is_withdrawn_or_let_finish_when_the_round_moves_on()
     );
     let (n, _keep) = next(long);
     let quick = req("q", "linux.file", json!({"path": tmp.path().join("q").display().to_string(), "content": "q"}));
-    assert!(client.apply_then(quick, None, Some(n), Cancel::never()).await.unwrap().result);
+    assert!(client.apply_then(quick, None, vec![n], Cancel::never()).await.unwrap().result);
     assert!(wait_until(Duration::from_secs(60), || ahead_started.exists()), "the state sent ahead did not start");
     let other = req("o", "linux.file", json!({"path": tmp.path().join("o").display().to_string(), "content": "o"}));
-    let o = client.apply_then(other, None, None, Cancel::never()).await.unwrap();
+    let o = client.apply_then(other, None, vec![], Cancel::never()).await.unwrap();
     assert!(o.result && o.changed(), "{o:?}");
     assert!(ahead_done.exists(), "the state that had started ahead was cut short");
 }
@@ -341,7 +401,7 @@ async fn a_state_already_started_ahead_when_the_round_stops_is_let_finish() {
     );
     let (n, withdraw) = next(b);
     let c = std::sync::Arc::clone(&client);
-    let run = tokio::spawn(async move { c.apply_then(a, None, Some(n), Cancel::never()).await });
+    let run = tokio::spawn(async move { c.apply_then(a, None, vec![n], Cancel::never()).await });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !started.exists() {
         assert!(tokio::time::Instant::now() < deadline, "the command never started");
@@ -377,10 +437,10 @@ async fn a_large_state_is_not_sent_ahead() {
     let big_req = req("big", "linux.file", json!({"path": big.display().to_string(), "content": content}));
     let (n, _keep) = next(big_req.clone());
     let first = req("a", "linux.file", json!({"path": a.display().to_string(), "content": "a"}));
-    assert!(client.apply_then(first, None, Some(n), Cancel::never()).await.unwrap().result);
+    assert!(client.apply_then(first, None, vec![n], Cancel::never()).await.unwrap().result);
     std::thread::sleep(Duration::from_millis(300));
     assert!(!big.exists(), "a large state was sent ahead");
-    let o = client.apply_then(big_req, None, None, Cancel::never()).await.unwrap();
+    let o = client.apply_then(big_req, None, vec![], Cancel::never()).await.unwrap();
     assert!(o.result && o.changed() && big.exists(), "{o:?}");
 }
 
@@ -400,11 +460,11 @@ async fn a_state_sent_ahead_behind_a_download_runs_after_it() {
     let remote = req("m", "linux.file", json!({"path": target.display().to_string(), "remote_uri": url}));
     let local = req("l", "linux.file", json!({"path": after.display().to_string(), "content": "l"}));
     let (n, _keep) = next(local.clone());
-    let o = client.apply_then(remote, None, Some(n), Cancel::never()).await.unwrap();
+    let o = client.apply_then(remote, None, vec![n], Cancel::never()).await.unwrap();
     assert!(o.result && o.changed(), "{o:?}");
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "hello from afar\n");
     assert!(wait_until(Duration::from_secs(20), || after.exists()), "the state sent again ahead did not run");
-    let o = client.apply_then(local, None, None, Cancel::never()).await.unwrap();
+    let o = client.apply_then(local, None, vec![], Cancel::never()).await.unwrap();
     assert!(o.result && o.changed(), "collected from its run ahead, not run a second time: {o:?}");
     assert_eq!(files.hits("motd"), 1);
     assert!(client.status().await.is_ok());

@@ -7,14 +7,15 @@
 //! connection closing) reaches the running state at once; a state is never dropped
 //! half-way: it is told to stop and answers for itself.
 //!
-//! A pipelined round: one apply request may wait behind the running one
-//! ([`RequestFrame::after`]), and starts when it ends, if it succeeded; otherwise it is
-//! answered `not-run`. It is one more request, not a way around any check: it goes
-//! through `Connection::handle` like any other, when it starts.
+//! A pipelined round: apply requests may wait behind the running one, each sent to
+//! follow the one before ([`RequestFrame::after`]; at most [`AHEAD_MAX_REQUESTS`]); each
+//! starts when the one before ends, if it succeeded; otherwise it is answered `not-run`.
+//! Each is one more request, not a way around any check: it goes through
+//! `Connection::handle` like any other, when it starts.
 // Root runs this code on the agent's input: no panics, no unchecked indexing (issue 15).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use opsagent_logline::catalog;
 use opsagent_proto::codec::{CodecError, DEFAULT_MAX_FRAME};
 use opsagent_proto::request::{
     self, ApplyRequest, ApplySignedRequest, Change, DecodeError, ErrorCode, HelperError, HelperStatus, Reply,
-    ReplyFrame, Request, RequestFrame,
+    ReplyFrame, Request, RequestFrame, AHEAD_MAX_FRAME, AHEAD_MAX_REQUESTS,
 };
 use opsagent_proto::stream::{self, FrameReader, FrameWriter};
 use opsagent_proto::HELPER_PROTOCOL_VERSION;
@@ -313,8 +314,9 @@ struct Connection {
     /// The last request that ran a state (or was refused): its id, and whether its
     /// outcome succeeded and was not cancelled. A request sent `after` it runs only then.
     last: Option<(u64, bool)>,
-    /// The apply request sent to follow the running one (at most one).
-    queued: Option<RequestFrame>,
+    /// The apply requests sent to follow the running one, in order, each `after` the
+    /// one before it (at most `AHEAD_MAX_REQUESTS`).
+    queued: VecDeque<RequestFrame>,
 }
 
 impl Connection {
@@ -331,7 +333,7 @@ impl Connection {
             refused_recipe: None,
             dead: false,
             last: None,
-            queued: None,
+            queued: VecDeque::new(),
         }
     }
 
@@ -363,12 +365,18 @@ impl Connection {
             };
             if let Some(RequestFrame { id, after, request }) = self.decode(&body).await {
                 self.handle(id, after, request).await;
-                // What was sent to follow it starts now, without a round trip.
-                while let Some(RequestFrame { id, after, request }) = self.queued.take() {
+                // What was sent to follow it starts now, without a round trip; a
+                // withdrawal that arrived meanwhile is read first, so that it finds the
+                // request it names still waiting.
+                loop {
+                    self.read_arrived().await;
                     if self.dead {
-                        // Nobody would read its outcome: it must not run.
+                        // Nobody would read their outcomes: they must not run.
                         break;
                     }
+                    let Some(RequestFrame { id, after, request }) = self.queued.pop_front() else {
+                        break;
+                    };
                     self.handle(id, after, request).await;
                 }
                 self.shared.touch();
@@ -411,6 +419,7 @@ impl Connection {
                     helper_version: HELPER_VERSION.into(),
                     signed_recipes: self.shared.config.signed.is_some(),
                     pipelining: true,
+                    ahead: u32::try_from(AHEAD_MAX_REQUESTS).unwrap_or(1),
                 };
                 self.reply(id, hello).await;
             }
@@ -545,7 +554,7 @@ impl Connection {
             tokio::select! {
                 result = &mut work => break result,
                 incoming = self.rx.recv(), if !self.dead => {
-                    self.while_busy(id, incoming, &canceller).await;
+                    self.while_busy(Some(id), incoming, &canceller).await;
                     if self.dead {
                         // Nobody is left to read the outcome: stop the work now.
                         canceller.cancel();
@@ -597,12 +606,26 @@ impl Connection {
         }
     }
 
-    /// A frame (or the end of the stream) that arrived while request `running` runs.
-    async fn while_busy(&mut self, running: u64, incoming: Option<Incoming>, canceller: &Canceller) {
+    /// The frames that arrived while the last request ran, read without waiting, while
+    /// requests wait behind it: the connection is busy until the last of them ends.
+    async fn read_arrived(&mut self) {
+        let (idle, _) = cancel::pair();
+        while !self.dead && !self.queued.is_empty() {
+            match self.rx.try_recv() {
+                Ok(incoming) => self.while_busy(None, Some(incoming), &idle).await,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.while_busy(None, None, &idle).await,
+            }
+        }
+    }
+
+    /// A frame (or the end of the stream) that arrived while request `running` runs, or
+    /// (`None`) between two requests of the line waiting to run.
+    async fn while_busy(&mut self, running: Option<u64>, incoming: Option<Incoming>, canceller: &Canceller) {
         match incoming {
             Some(Incoming::Frame(body)) => match self.decode(&body).await {
                 Some(RequestFrame { id, request: Request::Cancel { target }, .. }) => {
-                    let running_found = target == running;
+                    let running_found = Some(target) == running;
                     if running_found {
                         info!(id, target, "cancel requested");
                         canceller.cancel();
@@ -613,16 +636,27 @@ impl Connection {
                 Some(RequestFrame { id, request: Request::Withdraw { target }, .. }) => {
                     self.take_back(id, target, false).await;
                 }
+                // The next in the line of requests sent to follow the running one.
                 Some(
                     frame @ RequestFrame {
                         after: Some(_), request: Request::Apply(_) | Request::ApplySigned(_), ..
                     },
-                ) if frame.after == Some(running) && self.queued.is_none() => {
-                    debug!(id = frame.id, after = running, "queued to follow the running request");
-                    self.queued = Some(frame);
+                ) if frame.after.is_some()
+                    && frame.after == self.queued.back().map(|q| q.id).or(running)
+                    && self.queued.len() < AHEAD_MAX_REQUESTS
+                    && body.len() <= AHEAD_MAX_FRAME =>
+                {
+                    debug!(
+                        id = frame.id,
+                        after = frame.after,
+                        waiting = self.queued.len(),
+                        "queued to follow the running request"
+                    );
+                    self.queued.push_back(frame);
                 }
                 Some(RequestFrame { id, .. }) => {
-                    let message = format!("request {running} is still running; only cancel is accepted until it ends");
+                    let busy = running.or_else(|| self.queued.front().map(|q| q.id)).unwrap_or_default();
+                    let message = format!("request {busy} is still running; only cancel is accepted until it ends");
                     self.reply(id, Reply::Error(HelperError::new(ErrorCode::Busy, message))).await;
                 }
                 None => {}
@@ -639,13 +673,13 @@ impl Connection {
     }
 
     /// Answers a `cancel` or `withdraw` of `target` (`found` already when it cancelled the
-    /// running request), and takes back the request waiting behind it if that is the one
-    /// named: answered `not-run`, it never starts.
+    /// running request), and takes back the waiting request it names: answered `not-run`,
+    /// it never starts, nor do those sent to follow it (answered `not-run` in their turn).
     async fn take_back(&mut self, id: u64, target: u64, running_found: bool) {
-        let queued = self.queued.as_ref().is_some_and(|q| q.id == target);
-        self.reply(id, Reply::Cancelled { target, found: running_found || queued }).await;
-        if queued {
-            self.queued = None;
+        let waiting = self.queued.iter().position(|q| q.id == target);
+        self.reply(id, Reply::Cancelled { target, found: running_found || waiting.is_some() }).await;
+        if let Some(at) = waiting {
+            self.queued.remove(at);
             debug!(id, target, "a request waiting to follow the running one was withdrawn");
             let message = format!("not run: request {target} was cancelled before it started");
             self.reply(target, Reply::Error(HelperError::new(ErrorCode::NotRun, message))).await;

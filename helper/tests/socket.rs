@@ -21,7 +21,10 @@ use opsagent_helper::exec::group_members;
 use opsagent_proto::catalogue::parse_state;
 use opsagent_proto::codec::{self, DEFAULT_MAX_FRAME};
 use opsagent_proto::newtypes::StateId;
-use opsagent_proto::request::{ApplyRequest, Change, ErrorCode, Outcome, Reply, ReplyFrame, Request, RequestFrame};
+use opsagent_proto::request::{
+    ApplyRequest, Change, ErrorCode, Outcome, Reply, ReplyFrame, Request, RequestFrame, AHEAD_MAX_FRAME,
+    AHEAD_MAX_REQUESTS,
+};
 use opsagent_proto::HELPER_PROTOCOL_VERSION;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
@@ -364,21 +367,41 @@ async fn a_request_sent_ahead_runs_only_after_the_one_before_succeeded() {
     // it runs.
     let wait_gate = |extra: &str| json!({"cmd": format!("while [ ! -e {} ]; do sleep 0.05; done{extra}", gate.display()), "cwd": "/"});
     let first = c.send(apply_request("linux.cmd", wait_gate(""))).await;
-    let ahead = c.send_after(apply_request("linux.file", json!({"path": second, "content": "2"})), Some(first)).await;
-    // A second one may not wait too; a status may not wait; none may wait behind
-    // another request than the running one.
-    let extra = c.send_after(apply_request("linux.file", json!({"path": third, "content": "3"})), Some(ahead)).await;
+    let is_busy = |frame: &ReplyFrame, id: u64| {
+        matches!(&frame.reply, Reply::Error(e) if e.code == ErrorCode::Busy) && frame.id == id
+    };
+    // A frame too large to wait may not.
+    let large = "x".repeat(AHEAD_MAX_FRAME);
+    let big = c.send_after(apply_request("linux.file", json!({"path": third, "content": large})), Some(first)).await;
     let busy = c.recv().await;
-    assert!(matches!(&busy.reply, Reply::Error(e) if e.code == ErrorCode::Busy) && busy.id == extra, "{busy:?}");
-    let status = c.send_after(Request::Status, Some(first)).await;
+    assert!(is_busy(&busy, big), "{busy:?}");
+    // A line of requests, each sent to follow the one before, as many as may wait.
+    let mut line = Vec::new();
+    let mut last = first;
+    for i in 0..AHEAD_MAX_REQUESTS {
+        let path = if i == 0 { second.clone() } else { h.path(&format!("line-{i}")) };
+        last = c.send_after(apply_request("linux.file", json!({"path": path, "content": "2"})), Some(last)).await;
+        line.push((last, path));
+    }
+    // One more may not wait; nor one behind another than the last of the line; nor a
+    // status.
+    let extra = c.send_after(apply_request("linux.file", json!({"path": third, "content": "3"})), Some(last)).await;
     let busy = c.recv().await;
-    assert!(matches!(&busy.reply, Reply::Error(e) if e.code == ErrorCode::Busy) && busy.id == status, "{busy:?}");
-    assert!(!second.exists(), "the state sent ahead ran before the one it follows ended");
+    assert!(is_busy(&busy, extra), "{busy:?}");
+    let skipping = c.send_after(apply_request("linux.file", json!({"path": third, "content": "3"})), Some(first)).await;
+    let busy = c.recv().await;
+    assert!(is_busy(&busy, skipping), "{busy:?}");
+    let status = c.send_after(Request::Status, Some(last)).await;
+    let busy = c.recv().await;
+    assert!(is_busy(&busy, status), "{busy:?}");
+    assert!(line.iter().all(|(_, p)| !p.exists()), "a state sent ahead ran before the one it follows ended");
     fs::write(&gate, "").unwrap();
     assert!(outcome_of(c.recv().await, first).result);
-    let o = outcome_of(c.recv().await, ahead);
-    assert!(o.result && o.changed(), "{o:?}");
-    assert_eq!(fs::read_to_string(&second).unwrap(), "2");
+    for (id, path) in &line {
+        let o = outcome_of(c.recv().await, *id);
+        assert!(o.result && o.changed(), "{o:?}");
+        assert_eq!(fs::read_to_string(path).unwrap(), "2");
+    }
     assert!(!third.exists());
 
     // Behind a state that fails, nothing runs, and nothing is changed.
@@ -427,6 +450,28 @@ async fn a_request_sent_ahead_is_withdrawn_or_dropped_unrun() {
     assert!(msg.contains("cancelled before it started"), "{msg}");
     fs::write(&gate, "").unwrap();
     assert!(outcome_of(c.recv().await, first).result);
+
+    // Withdrawn from the middle of a line: the one before it runs, those after it do not.
+    fs::remove_file(&gate).unwrap();
+    let ran = h.path("ran");
+    let first = c
+        .send(apply_request(
+            "linux.cmd",
+            json!({"cmd": format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display()), "cwd": "/"}),
+        ))
+        .await;
+    let before = c.send_after(apply_request("linux.file", json!({"path": ran, "content": "x"})), Some(first)).await;
+    let middle = c.send_after(ahead_file(), Some(before)).await;
+    let after = c.send_after(ahead_file(), Some(middle)).await;
+    let withdraw = c.send(Request::Withdraw { target: middle }).await;
+    assert_eq!(c.recv().await, ReplyFrame { id: withdraw, reply: Reply::Cancelled { target: middle, found: true } });
+    not_run(&c.recv().await, middle);
+    fs::write(&gate, "").unwrap();
+    assert!(outcome_of(c.recv().await, first).result);
+    assert!(outcome_of(c.recv().await, before).changed());
+    let msg = not_run(&c.recv().await, after);
+    assert!(msg.contains(&format!("request {middle} did not succeed")), "{msg}");
+    assert!(!never.exists(), "a state behind a withdrawn one ran");
 
     // Behind a cancelled state.
     let first = c.send(apply_request("linux.cmd", blocking_command(&pidfile))).await;

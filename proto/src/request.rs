@@ -1,9 +1,10 @@
 //! The closed set of requests the helper accepts, and its replies.
 //!
 //! One request at a time per connection, each with an id chosen by the client. While an
-//! `Apply` runs, the helper reads on that connection a `Cancel`, and at most one apply
-//! request sent to follow it ([`RequestFrame::after`]: a pipelined round); anything else
-//! is answered with [`ErrorCode::Busy`].
+//! `Apply` runs, the helper reads on that connection a `Cancel` or `Withdraw`, and apply
+//! requests sent to follow it, each behind the one before ([`RequestFrame::after`]: a
+//! pipelined round, at most [`AHEAD_MAX_REQUESTS`] waiting); anything else is answered
+//! with [`ErrorCode::Busy`].
 
 use serde::{Deserialize, Serialize};
 
@@ -12,13 +13,25 @@ use serde_json::Value;
 use crate::catalogue::{parse_params, CatalogueError, ModuleParams};
 use crate::newtypes::{AbsPath, StateId};
 
+/// How many apply requests may wait behind the running one on a connection (see
+/// [`RequestFrame::after`]). Enough for the helper to find the next state waiting
+/// whenever one ends, so that a converged round is not paced by the round trips between
+/// the two processes; few enough that a new recipe withdraws them at once.
+pub const AHEAD_MAX_REQUESTS: usize = 8;
+
+/// The largest frame sent to wait behind another: the requests waiting on a connection
+/// hold at most `AHEAD_MAX_REQUESTS * AHEAD_MAX_FRAME` bytes of the helper's memory. A
+/// larger state is sent on its own when its turn comes.
+pub const AHEAD_MAX_FRAME: usize = 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestFrame {
     pub id: u64,
     /// Pipelining, for a helper that announced it ([`Reply::Hello`]'s `pipelining`):
     /// run this `Apply` or `ApplySigned` only once request `after` of this connection has
-    /// answered an outcome that succeeded and was not cancelled. Sent while `after` runs,
-    /// it waits behind it (one such request at most) and starts as soon as `after` ends,
+    /// answered an outcome that succeeded and was not cancelled. Sent while `after` runs
+    /// (or waits), it waits behind it ([`AHEAD_MAX_REQUESTS`] such requests at most, each
+    /// of a frame within [`AHEAD_MAX_FRAME`]) and starts as soon as `after` ends,
     /// without a round trip to the daemon; when `after` failed, was cancelled, asked for
     /// downloads or was refused, it is answered [`ErrorCode::NotRun`] and nothing runs.
     /// It goes through every check an ordinary request does, when it starts.
@@ -149,6 +162,10 @@ pub enum Reply {
         /// from older helpers, which get one request at a time.
         #[serde(default)]
         pipelining: bool,
+        /// How many may wait behind the running one at once. Absent (0) from helpers
+        /// that take one.
+        #[serde(default)]
+        ahead: u32,
     },
     /// Answer to [`Request::Recipe`]: the recipe is verified and kept.
     RecipeVerified {

@@ -31,13 +31,13 @@
 //! else (reporting, persisting, upgrading) behind [`Effects`], and time is tokio's clock,
 //! so tests run it on a paused clock with fakes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use opsagent_proto::catalogue::{ModuleParams, Parsed};
-use opsagent_proto::request::{ApplyRequest, Outcome};
+use opsagent_proto::request::{ApplyRequest, Outcome, AHEAD_MAX_REQUESTS};
 use opsagent_shared::timer::sleep_until_opt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
@@ -313,9 +313,9 @@ pub struct Engine<H, E> {
     /// In a plan: the `meta.wait` planned as if satisfied, which the later states' plans
     /// rest on.
     assumed_wait: Option<String>,
-    /// The helper state after the running one, typed while it ran and offered to the
-    /// helper to go ahead; used when the round gets to it.
-    prepared: Option<Prepared>,
+    /// The helper states after the running one, in order, typed while it ran and offered
+    /// to the helper to go ahead; each used when the round gets to it.
+    prepared: VecDeque<Prepared>,
 }
 
 /// What a state is to the engine.
@@ -332,7 +332,7 @@ struct Prepared {
     /// Where it sits: the recipe (by identity), its version, its index, plan or apply.
     recipe: Arc<Recipe>,
     index: usize,
-    req: ApplyRequest,
+    req: Arc<ApplyRequest>,
     signed: Option<SignedState>,
     warnings: Vec<String>,
 }
@@ -381,7 +381,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             local: false,
             plan: false,
             assumed_wait: None,
-            prepared: None,
+            prepared: VecDeque::new(),
         };
         (engine, EngineHandle { events: tx, status, liveness })
     }
@@ -646,7 +646,7 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         });
         let round = self.st.status.borrow().round;
         let total = recipe.states.len();
-        self.prepared = None;
+        self.prepared.clear();
         tracing::info!(recipe_version = self.st.version, round, states = total, "round starts");
         if !self.st.online && self.st.link_heard && !self.local && !self.st.offline_warned {
             self.st.offline_warned = true;
@@ -735,14 +735,19 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
 
     async fn run_state(&mut self, state: &RecipeState, index: usize, total: usize) -> StateEnd {
         self.liveness.touch();
-        let prepared = match self.prepared.take().filter(|p| p.index == index && self.is_current(p)) {
+        let prepared = match self.prepared.pop_front().filter(|p| p.index == index && self.is_current(p)) {
             Some(p) => p,
-            None => match self.prepare(state, index) {
-                Ok(Turn::Helper(p)) => p,
-                Ok(Turn::Comment) => return StateEnd::Done(Outcome::ok("comment")),
-                Ok(Turn::Wait) => return self.run_wait(state, index, total).await,
-                Err(reason) => return StateEnd::Done(Outcome::failed(reason)),
-            },
+            None => {
+                // Typed for another turn (a restarted round, a new recipe): none of them
+                // follows this state.
+                self.prepared.clear();
+                match self.prepare(state, index) {
+                    Ok(Turn::Helper(p)) => p,
+                    Ok(Turn::Comment) => return StateEnd::Done(Outcome::ok("comment")),
+                    Ok(Turn::Wait) => return self.run_wait(state, index, total).await,
+                    Err(reason) => return StateEnd::Done(Outcome::failed(reason)),
+                }
+            }
         };
         self.set_phase(Phase::Applying {
             index: index + 1,
@@ -750,15 +755,13 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             state_id: state.id.to_string(),
             module: state.module.clone(),
         });
-        // The next state, if it goes to the helper, is offered to go ahead of the round.
-        let next = self.st.recipe.clone().and_then(|r| match self.prepare(r.states.get(index + 1)?, index + 1) {
-            Ok(Turn::Helper(p)) => Some(p),
-            _ => None,
-        });
-        let ahead = next.as_ref().map(|n| (n.req.clone(), n.signed.clone()));
+        // The states after it, as far as they go to the helper, are offered to go ahead of
+        // the round.
+        self.prepare_ahead(index);
+        let ahead = self.prepared.iter().map(|p| (Arc::clone(&p.req), p.signed.clone())).collect();
         let Prepared { req, signed, warnings, .. } = prepared;
-        let end = self.run_helper(req, signed, ahead).await;
-        self.prepared = next;
+        // Its own copy by now: the copies offered ahead were dropped with their turns.
+        let end = self.run_helper(Arc::unwrap_or_clone(req), signed, ahead).await;
         match end {
             StateEnd::Done(mut o) => {
                 for w in &warnings {
@@ -792,7 +795,20 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
         let signed = recipe.signed.clone().and_then(|upload| {
             Some(SignedState { upload, version: recipe.version, index: u32::try_from(index).ok()? })
         });
-        Ok(Turn::Helper(Prepared { recipe, index, req, signed, warnings }))
+        Ok(Turn::Helper(Prepared { recipe, index, req: Arc::new(req), signed, warnings }))
+    }
+
+    /// Types the helper states after state `index`, up to `AHEAD_MAX_REQUESTS` of them,
+    /// stopping at the first that is not one (a comment, a wait, a state that cannot run).
+    fn prepare_ahead(&mut self, index: usize) {
+        let Some(recipe) = self.st.recipe.clone() else { return };
+        while self.prepared.len() < AHEAD_MAX_REQUESTS {
+            let at = index + 1 + self.prepared.len();
+            match recipe.states.get(at).map(|s| self.prepare(s, at)) {
+                Some(Ok(Turn::Helper(p))) => self.prepared.push_back(p),
+                _ => break,
+            }
+        }
     }
 
     /// `p` was prepared for the recipe, version and mode the round runs now.
@@ -802,20 +818,20 @@ impl<H: HelperClient, E: Effects> Engine<H, E> {
             && p.req.plan == self.plan
     }
 
-    /// Runs a state in the helper. `ahead`: the state after it, which the helper may
-    /// start as soon as this one succeeds; withdrawn if a new recipe or a stop arrives
-    /// meanwhile.
+    /// Runs a state in the helper. `ahead`: the states after it, which the helper may
+    /// start each as soon as the one before succeeds; withdrawn if a new recipe or a stop
+    /// arrives meanwhile.
     async fn run_helper(
         &mut self,
         req: ApplyRequest,
         signed: Option<SignedState>,
-        ahead: Option<(ApplyRequest, Option<SignedState>)>,
+        ahead: Vec<(Arc<ApplyRequest>, Option<SignedState>)>,
     ) -> StateEnd {
         let (handle, cancel): (_, Cancel) = cancel_pair();
         let (withdraw_handle, withdraw): (_, Cancel) = cancel_pair();
-        let next = ahead.map(|(req, signed)| Next { req, signed, withdraw });
+        let ahead = ahead.into_iter().map(|(req, signed)| Next { req, signed, withdraw: withdraw.clone() }).collect();
         let helper = &self.helper;
-        let fut = helper.apply_then(req, signed, next, cancel);
+        let fut = helper.apply_then(req, signed, ahead, cancel);
         tokio::pin!(fut);
         let mut tick = tokio::time::interval(TICK);
         let mut stop_deadline: Option<Instant> = None;

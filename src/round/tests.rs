@@ -31,24 +31,24 @@ struct FakeHelper {
     drifted: Arc<Mutex<Vec<String>>>,
     /// A plan of this state runs until cancelled.
     plan_hangs: Arc<Mutex<Option<String>>>,
-    /// Per state applied: the state offered to go ahead of it, and its withdrawal.
+    /// Per state applied: the states offered to go ahead of it, and their withdrawal.
     offered: Arc<Mutex<Vec<Offer>>>,
     /// Calls of `drain` (the engine waits for a state sent ahead before it stops).
     drains: Arc<Mutex<u32>>,
 }
 
-/// A state applied, and the state offered ahead of it with its withdrawal token.
-type Offer = (String, Option<(String, Cancel)>);
+/// A state applied, the states offered ahead of it, and their withdrawal token.
+type Offer = (String, Vec<String>, Option<Cancel>);
 
 impl FakeHelper {
     fn script(&self, id: &str, acts: &[Act]) {
         self.script.lock().unwrap().insert(id.to_string(), acts.to_vec());
     }
 
-    /// (state, the state offered ahead of the round, whether that offer was withdrawn).
-    fn offered(&self) -> Vec<(String, Option<(String, bool)>)> {
+    /// (state, the states offered ahead of the round, whether that offer was withdrawn).
+    fn offered(&self) -> Vec<(String, Vec<String>, bool)> {
         let offered = self.offered.lock().unwrap();
-        offered.iter().map(|(id, n)| (id.clone(), n.as_ref().map(|(n, w)| (n.clone(), w.is_cancelled())))).collect()
+        offered.iter().map(|(id, n, w)| (id.clone(), n.clone(), w.as_ref().is_some_and(Cancel::is_cancelled))).collect()
     }
 
     fn calls(&self) -> Vec<String> {
@@ -121,11 +121,12 @@ impl HelperClient for FakeHelper {
         &self,
         req: ApplyRequest,
         _: Option<SignedState>,
-        next: Option<Next>,
+        ahead: Vec<Next>,
         cancel: Cancel,
     ) -> Result<Outcome, HelperClientError> {
-        let offer = next.map(|n| (n.req.state_id.to_string(), n.withdraw));
-        self.offered.lock().unwrap().push((req.state_id.to_string(), offer));
+        let ids = ahead.iter().map(|n| n.req.state_id.to_string()).collect();
+        let withdraw = ahead.first().map(|n| n.withdraw.clone());
+        self.offered.lock().unwrap().push((req.state_id.to_string(), ids, withdraw));
         self.apply(req, cancel).await
     }
     async fn drain(&self) {
@@ -498,8 +499,8 @@ async fn header_only_update_reruns_the_recipe_at_once_after_the_running_state() 
     assert_eq!(rig.handle.status.borrow().recipe_version, Some(6));
     assert_eq!(rig.handle.status.borrow().round, 2);
     // b had been offered ahead of the first round; the re-run withdrew that offer.
-    assert_eq!(rig.helper.offered()[0], ("a".into(), Some(("b".into(), true))));
-    assert_eq!(rig.helper.offered()[1], ("a".into(), Some(("b".into(), false))));
+    assert_eq!(rig.helper.offered()[0], ("a".into(), vec!["b".into()], true));
+    assert_eq!(rig.helper.offered()[1], ("a".into(), vec!["b".into()], false));
 }
 
 #[tokio::test(start_paused = true)]
@@ -723,19 +724,32 @@ async fn a_new_recipe_during_a_drift_plan_cuts_it_short_and_its_round_runs() {
     rig.task.abort();
 }
 
-/// Pipelining: each helper state is applied with the next state offered to go ahead,
-/// when that one is a helper state too (not a comment or a wait, not past the end); the
-/// offer stands in an undisturbed round.
+/// Pipelining: each helper state is applied with the states after it offered to go
+/// ahead, as far as they are helper states (up to a comment or a wait, or the end) and
+/// at most `AHEAD_MAX_REQUESTS` of them; the offer stands in an undisturbed round.
 #[tokio::test(start_paused = true)]
-async fn the_next_helper_state_is_offered_ahead_of_the_round() {
+async fn the_next_helper_states_are_offered_ahead_of_the_round() {
     let rig = start(None);
     let comment = json!({"id": "c", "module": "meta.comment", "parameter": {}});
     rig.send(Event::Recipe(recipe(1, json!([file("a"), comment, file("b"), file("d")])))).await;
+    let ids = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     assert_eq!(
         rig.helper.offered(),
-        vec![("a".into(), None), ("b".into(), Some(("d".into(), false))), ("d".into(), None),]
+        vec![("a".into(), vec![], false), ("b".into(), ids(&["d"]), false), ("d".into(), vec![], false)]
     );
     assert_eq!(rig.effects.logs().len(), 4);
+
+    // A longer line: each state offers the next ones, as many as may wait.
+    let rig = start(None);
+    let names: Vec<String> = (0..AHEAD_MAX_REQUESTS + 4).map(|i| format!("s{i}")).collect();
+    let states: Vec<_> = names.iter().map(|n| file(n)).collect();
+    rig.send(Event::Recipe(recipe(1, serde_json::Value::Array(states)))).await;
+    let offered = rig.helper.offered();
+    assert_eq!(offered.len(), names.len());
+    for (i, (id, ahead, withdrawn)) in offered.iter().enumerate() {
+        let end = (i + 1 + AHEAD_MAX_REQUESTS).min(names.len());
+        assert_eq!((id, ahead.as_slice(), *withdrawn), (&names[i], &names[i + 1..end], false));
+    }
 }
 
 /// A stop or a new recipe while a state runs: the round will not go on to the next
@@ -745,10 +759,10 @@ async fn a_stop_or_a_new_recipe_withdraws_the_state_offered_ahead() {
     let rig = start(None);
     rig.helper.script("a", &[Act::Slow(Duration::from_secs(10))]);
     rig.send(Event::Recipe(recipe(1, json!([file("a"), file("b")])))).await;
-    assert_eq!(rig.helper.offered(), vec![("a".into(), Some(("b".into(), false)))]);
+    assert_eq!(rig.helper.offered(), vec![("a".into(), vec!["b".into()], false)]);
     rig.send(Event::Recipe(recipe(2, json!([file("x"), file("y")])))).await;
-    assert_eq!(rig.helper.offered()[0], ("a".into(), Some(("b".into(), true))));
-    assert_eq!(rig.helper.offered()[1..], [("x".into(), Some(("y".into(), false))), ("y".into(), None)]);
+    assert_eq!(rig.helper.offered()[0], ("a".into(), vec!["b".into()], true));
+    assert_eq!(rig.helper.offered()[1..], [("x".into(), vec!["y".into()], false), ("y".into(), vec![], false)]);
 
     let rig = start(None);
     rig.helper.script("a", &[Act::Slow(Duration::from_secs(10))]);
@@ -756,7 +770,7 @@ async fn a_stop_or_a_new_recipe_withdraws_the_state_offered_ahead() {
     rig.send(Event::Stop(StopMode::AfterState)).await;
     advance(Duration::from_secs(11)).await;
     assert!(rig.task.is_finished());
-    assert_eq!(rig.helper.offered(), vec![("a".into(), Some(("b".into(), true)))]);
+    assert_eq!(rig.helper.offered(), vec![("a".into(), vec!["b".into()], true)]);
     // Before it stopped, the engine waited for whatever the helper had started ahead.
     assert_eq!(*rig.helper.drains.lock().unwrap(), 1);
 }
