@@ -94,9 +94,15 @@ pub fn cmd_apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     // Missing tools installed first, as the daemon does ([agent] install_prerequisites).
     let client = crate::prereq::Prerequisites::new(client, args.prerequisites);
     let rt = super::runtime()?;
+    let mode = Mode { format: args.format, test: args.test, diff: args.diff };
+    // A task, not the future `block_on` polls: a wake-up of that future (each reply from
+    // the helper) goes through the runtime's eventfd and one more `epoll_wait`, a task's
+    // through its run queue.
     let result = rt.block_on(async {
-        let mode = Mode { format: args.format, test: args.test, diff: args.diff };
-        run_round(client, Arc::new(recipe), mode, std::io::stdout()).await
+        match tokio::spawn(run_round(client, Arc::new(recipe), mode, std::io::stdout())).await {
+            Ok(ended) => ended,
+            Err(e) => Err(anyhow::anyhow!("the round's task failed: {e}")),
+        }
     });
     let _ = std::fs::remove_dir_all(&fetch_dir);
     let ended = result?;
