@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::param_types::{
-    describe, normalise_name, Account, AccountName, AccountNames, Array, Dict, HomeFile, KeySource, Kind, Line,
+    describe, normalise_name, same_name, Account, AccountName, AccountNames, Array, Dict, HomeFile, KeySource, Kind, Line,
     LocalFile, Mode, Param, PathDict, PathParam, Paths, Port, Program, StateRefs, Text, Watch,
 };
 
@@ -59,26 +59,34 @@ pub struct ModuleSpec {
     pub params: &'static [ParamSpec],
 }
 
-/// A state's raw parameters, keyed by normalised name, consumed as the module's parser
-/// takes them; what is left over is reported as unknown.
+/// A state's raw parameters, consumed as the module's parser takes them by name (see
+/// [`same_name`]); what is left over is reported as unknown. A name given in two
+/// spellings counts once, with the value given last.
+///
+/// A list, not a map keyed by normalised names: a state has a dozen parameters at most,
+/// and typing one (every state, every round, in the daemon and again in the helper) then
+/// allocates no key.
 pub struct ParamBag<'a> {
     module: &'static str,
-    entries: BTreeMap<String, (&'a str, &'a Value)>,
+    /// As received, but for null values (the original adaptor dropped `None` values:
+    /// null means "not given").
+    entries: Vec<(&'a str, &'a Value)>,
 }
 
 impl<'a> ParamBag<'a> {
     fn new(module: &'static str, raw: &'a Map<String, Value>) -> Self {
-        let entries = raw
-            .iter()
-            // The original adaptor dropped `None` values: null means "not given".
-            .filter(|(_, v)| !v.is_null())
-            .map(|(k, v)| (normalise_name(k), (k.as_str(), v)))
-            .collect();
+        let entries = raw.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.as_str(), v)).collect();
         Self { module, entries }
     }
 
+    /// The value of the first of `name` and `aliases` given (the last value given under
+    /// that name), taken out with every other spelling of that name.
     fn take_raw(&mut self, name: &str, aliases: &[&str]) -> Option<(&'a str, &'a Value)> {
-        std::iter::once(name).chain(aliases.iter().copied()).find_map(|n| self.entries.remove(&normalise_name(n)))
+        std::iter::once(name).chain(aliases.iter().copied()).find_map(|n| {
+            let last = self.entries.iter().rev().find(|(k, _)| same_name(k, n)).copied()?;
+            self.entries.retain(|(k, _)| !same_name(k, n));
+            Some(last)
+        })
     }
 
     fn convert<T: Param>(&self, name: &str, v: &Value) -> Result<T, CatalogueError> {
@@ -147,8 +155,11 @@ impl<'a> ParamBag<'a> {
         }
     }
 
+    /// The names not taken, as given, in the order of their normalised names (each name
+    /// once, in the spelling given last).
     fn leftovers(self) -> Vec<String> {
-        self.entries.into_values().map(|(orig, _)| orig.to_string()).collect()
+        let named: BTreeMap<String, &str> = self.entries.into_iter().map(|(k, _)| (normalise_name(k), k)).collect();
+        named.into_values().map(str::to_string).collect()
     }
 }
 
@@ -1203,6 +1214,26 @@ mod tests {
         );
         let p = parse_state("linux.file", &json!({"path": "/x", "colour": "blue"})).unwrap();
         assert_eq!(p.warnings, vec!["unknown parameter \"colour\" ignored by linux.file".to_string()]);
+    }
+
+    /// A name given in two spellings counts once, with the value given last, whether the
+    /// module takes it or not; names left over are reported as given, each once, in the
+    /// order of their normalised names.
+    #[test]
+    fn a_name_given_in_two_spellings_counts_once_with_its_last_value() {
+        let raw = json!({"Path": "/a", "zz_top": 1, " path ": "/b", "Colour": "red", "colour": "blue", "ZZ-top": 2, "a b": 3});
+        let p = parse_state("linux.file", &raw).unwrap();
+        let ModuleParams::LinuxFile(f) = &p.params else { panic!("{:?}", p.params) };
+        assert_eq!(f.path.0, "/b");
+        let warned: Vec<&str> = p.warnings.iter().map(|w| w.split('"').nth(1).unwrap()).collect();
+        assert_eq!(warned, ["a b", "colour", "ZZ-top"]);
+        // A null value is a name not given: the other spelling's value stands.
+        let p = parse_state("linux.file", &json!({"path": "/a", "PATH": null})).unwrap();
+        let ModuleParams::LinuxFile(f) = &p.params else { panic!("{:?}", p.params) };
+        assert_eq!((f.path.0.as_str(), p.warnings.len()), ("/a", 0));
+        // The helper's reading names the first left over the same way.
+        let err = parse_params("linux.file", &json!({"path": "/a", "b_b": 1, "A-a": 2})).unwrap_err();
+        assert!(err.to_string().contains("A-a"), "{err}");
     }
 
     #[test]

@@ -72,13 +72,19 @@ impl Kind {
 
 /// Compare parameter names ignoring case and treating `-`, `_` and space as the same.
 pub fn normalise_name(name: &str) -> String {
-    name.trim()
-        .chars()
-        .map(|c| match c {
-            '_' | ' ' => '-',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect()
+    normalised(name).collect()
+}
+
+/// `normalise_name(a) == normalise_name(b)`, without allocating.
+pub fn same_name(a: &str, b: &str) -> bool {
+    normalised(a).eq(normalised(b))
+}
+
+fn normalised(name: &str) -> impl Iterator<Item = char> + '_ {
+    name.trim().chars().map(|c| match c {
+        '_' | ' ' => '-',
+        c => c.to_ascii_lowercase(),
+    })
 }
 
 /// Describes a received JSON value for an error message, shortened so that a huge value
