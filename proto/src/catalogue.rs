@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::param_types::{
-    describe, normalise_name, same_name, Account, AccountName, AccountNames, Array, Dict, HomeFile, KeySource, Kind, Line,
-    LocalFile, Mode, Param, PathDict, PathParam, Paths, Port, Program, StateRefs, Text, Watch,
+    describe, normalise_name, same_name, Account, AccountName, AccountNames, Array, Dict, HomeFile, KeySource, Kind,
+    Line, LocalFile, Mode, Param, PathDict, PathParam, Paths, Port, Program, StateRefs, Text, Watch,
 };
 
 /// Why a state's module or parameters were refused. The message names the parameter,
