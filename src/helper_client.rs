@@ -650,12 +650,14 @@ impl UnixHelperClient {
     /// those that had not started; one that had (the state before it succeeded and the
     /// helper went on before the round could say otherwise) is the running state, and it
     /// is let finish as a round lets its running state finish (bounded like a
-    /// cancellation). The last of the line is withdrawn first, so that none of them
-    /// starts behind the one running while the withdrawals arrive.
+    /// cancellation). The head of the line is withdrawn first: the helper reads the
+    /// withdrawals one at a time and may end its running state between two of them; the
+    /// head, taken back, never starts, nor do those behind it (each follows the one
+    /// before), whereas a head withdrawn last would let the line go on meanwhile.
     async fn settle(&self, conn: &mut Conn) -> Result<(), HelperClientError> {
         let targets: Vec<u64> = conn.ahead.iter().map(|a| a.id).collect();
         conn.ahead.clear();
-        for &target in targets.iter().rev() {
+        for &target in &targets {
             self.send(conn, Request::Withdraw { target }).await?;
         }
         let mut unanswered = targets.len();
@@ -739,8 +741,9 @@ impl UnixHelperClient {
                 }
                 _ = withdraw.cancelled(), if !withdrawn => {
                     withdrawn = true;
-                    // The last first: none of them starts behind another meanwhile.
-                    let targets: Vec<u64> = conn.ahead.iter().rev().map(|a| a.id).collect();
+                    // The head first (see `settle`): once it is taken back, nothing of the
+                    // line starts, whenever the helper reads the rest.
+                    let targets: Vec<u64> = conn.ahead.iter().map(|a| a.id).collect();
                     for target in targets {
                         self.send(conn, Request::Withdraw { target }).await?;
                     }

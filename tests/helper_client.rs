@@ -469,3 +469,97 @@ async fn a_state_sent_ahead_behind_a_download_runs_after_it() {
     assert_eq!(files.hits("motd"), 1);
     assert!(client.status().await.is_ok());
 }
+
+/// The next request a fake helper reads.
+async fn fake_read(s: &mut tokio::net::UnixStream) -> opsagent_proto::request::RequestFrame {
+    let read = opsagent_proto::codec::read_frame(s, opsagent_proto::codec::DEFAULT_MAX_FRAME);
+    tokio::time::timeout(Duration::from_secs(30), read).await.expect("a request in time").unwrap().expect("open")
+}
+
+async fn fake_reply(s: &mut tokio::net::UnixStream, id: u64, reply: opsagent_proto::request::Reply) {
+    let frame = opsagent_proto::request::ReplyFrame { id, reply };
+    opsagent_proto::codec::write_frame(s, &frame, opsagent_proto::codec::DEFAULT_MAX_FRAME).await.unwrap();
+}
+
+/// A round that moves on withdraws its whole line, and the helper reads those
+/// withdrawals one at a time: between two of them the running state may end, and the
+/// helper then starts the next waiting one unless it was already taken back. So the
+/// first withdrawal must name the head of the line (the one that starts next; those
+/// behind it can then never run, each following the one before). Here a helper faithful
+/// to the protocol ends its running state (a success) just after reading each
+/// withdrawal: nothing of the line may start, since every start would come after the
+/// round said it would not go on.
+#[tokio::test]
+async fn a_withdrawn_line_is_taken_back_from_its_head() {
+    use opsagent_proto::request::{ErrorCode, HelperError, Outcome, Reply, Request, RequestFrame};
+    use std::collections::VecDeque;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let client = std::sync::Arc::new(UnixHelperClient::new(&socket, "test"));
+    let file =
+        |id: &str| req(id, "linux.file", json!({"path": tmp.path().join(id).display().to_string(), "content": id}));
+    let (withdraw_handle, withdraw) = cancel_pair();
+    let ahead: Vec<Next> = (1..=8)
+        .map(|i| Next { req: std::sync::Arc::new(file(&format!("s{i}"))), signed: None, withdraw: withdraw.clone() })
+        .collect();
+    let (c, first) = (std::sync::Arc::clone(&client), file("s0"));
+    let run = tokio::spawn(async move { c.apply_then(first, None, ahead, Cancel::never()).await });
+
+    let (mut s, _) = listener.accept().await.unwrap();
+    let hello = fake_read(&mut s).await;
+    assert!(matches!(hello.request, Request::Hello { .. }), "{hello:?}");
+    let reply = Reply::Hello {
+        protocol_version: opsagent_proto::HELPER_PROTOCOL_VERSION,
+        helper_version: "fake".into(),
+        signed_recipes: false,
+        pipelining: true,
+        ahead: 8,
+    };
+    fake_reply(&mut s, hello.id, reply).await;
+    let first = fake_read(&mut s).await;
+    assert!(first.after.is_none(), "{first:?}");
+    let mut waiting: VecDeque<RequestFrame> = VecDeque::new();
+    let mut after = first.id;
+    for _ in 0..8 {
+        let frame = fake_read(&mut s).await;
+        assert_eq!(frame.after, Some(after), "{frame:?}");
+        after = frame.id;
+        waiting.push_back(frame);
+    }
+    // The round moves on (a new recipe, a stop).
+    withdraw_handle.cancel();
+    let not_run = || Reply::Error(HelperError::new(ErrorCode::NotRun, "not run"));
+    let mut running = Some(first.id);
+    let mut started = Vec::new();
+    for _ in 0..8 {
+        let frame = fake_read(&mut s).await;
+        let Request::Withdraw { target } = frame.request else { panic!("a withdrawal: {frame:?}") };
+        let found = waiting.iter().position(|w| w.id == target);
+        fake_reply(&mut s, frame.id, Reply::Cancelled { target, found: found.is_some() }).await;
+        if let Some(at) = found {
+            waiting.remove(at);
+            fake_reply(&mut s, target, not_run()).await;
+        }
+        // The running state ends, a success; the next waiting one starts if it follows it.
+        let Some(ended) = running.take() else { continue };
+        fake_reply(&mut s, ended, Reply::Outcome(Outcome::ok("ok"))).await;
+        let mut last_ok = Some(ended);
+        while let Some(next) = waiting.pop_front() {
+            if next.after.is_some() && next.after == last_ok {
+                started.push(next.id);
+                running = Some(next.id);
+                break;
+            }
+            last_ok = None;
+            fake_reply(&mut s, next.id, not_run()).await;
+        }
+    }
+    if let Some(ended) = running {
+        fake_reply(&mut s, ended, Reply::Outcome(Outcome::ok("ok"))).await;
+    }
+    let o = run.await.unwrap().unwrap();
+    assert!(o.result, "{o:?}");
+    assert!(started.is_empty(), "requests of the withdrawn line started after its withdrawal began: {started:?}");
+}
