@@ -610,6 +610,10 @@ impl Connection {
     /// requests wait behind it: the connection is busy until the last of them ends.
     async fn read_arrived(&mut self) {
         let (idle, _) = cancel::pair();
+        // Nothing read here runs a state, so nothing answered here (busy, not-run for a
+        // withdrawn request, a malformed frame) stands for the request that just ended:
+        // the next of the line is still judged by its outcome.
+        let last = self.last;
         while !self.dead && !self.queued.is_empty() {
             match self.rx.try_recv() {
                 Ok(incoming) => self.while_busy(None, Some(incoming), &idle).await,
@@ -617,6 +621,7 @@ impl Connection {
                 Err(mpsc::error::TryRecvError::Disconnected) => self.while_busy(None, None, &idle).await,
             }
         }
+        self.last = last;
     }
 
     /// A frame (or the end of the stream) that arrived while request `running` runs, or
@@ -751,5 +756,80 @@ impl Connection {
                 self.dead = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use opsagent_proto::catalogue::parse_state;
+    use opsagent_proto::newtypes::StateId;
+
+    /// Between two requests of a line the helper reads the frames that arrived (a
+    /// status, a withdrawal of a later request, a malformed frame) and answers them; none
+    /// of them ran a state, so none may stand for the request the next one follows: it
+    /// still runs when that one succeeded.
+    #[tokio::test]
+    async fn frames_answered_between_two_requests_of_a_line_do_not_stop_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Arc::new(Config {
+            allow: Allowlist::from_users([]),
+            max_frame: DEFAULT_MAX_FRAME,
+            max_connections_per_uid: 4,
+            idle_timeout: None,
+            exit_idle: None,
+            reply_timeout: Duration::from_secs(10),
+            ctx: Ctx::new(tmp.path().join("state")),
+            signed: None,
+        });
+        let shared = Arc::new(Shared {
+            config,
+            started: Instant::now(),
+            next_key: AtomicU64::new(0),
+            running: Mutex::new(BTreeMap::new()),
+            connections: Mutex::new(BTreeMap::new()),
+            last_active: Mutex::new(Instant::now()),
+        });
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (rd, wr) = stream::split_tokio(ours).unwrap();
+        let (mut peer_rd, mut peer_wr) = stream::split_tokio(theirs).unwrap();
+        let mut conn = Connection::new(rd, wr, shared, 0);
+        conn.greeted = true;
+        let target = tmp.path().join("next");
+        let apply = |id: &str, path: &std::path::Path| {
+            let raw = serde_json::json!({"path": path, "content": "x"});
+            Request::Apply(ApplyRequest::new(
+                StateId::parse(id).unwrap(),
+                1,
+                parse_state("linux.file", &raw).unwrap().params,
+            ))
+        };
+        // Request 1 has just succeeded; 2 waits behind it, 3 behind 2.
+        conn.last = Some((1, true));
+        conn.queued.push_back(RequestFrame { id: 2, after: Some(1), request: apply("next", &target) });
+        conn.queued.push_back(RequestFrame { id: 3, after: Some(2), request: apply("third", &tmp.path().join("t")) });
+        // Meanwhile a status, a withdrawal of 3 and a malformed frame arrived.
+        peer_wr.write(&RequestFrame::new(5, Request::Status), DEFAULT_MAX_FRAME).await.unwrap();
+        peer_wr.write(&RequestFrame::new(6, Request::Withdraw { target: 3 }), DEFAULT_MAX_FRAME).await.unwrap();
+        peer_wr.write(&serde_json::json!({"id": 7, "request": {"type": "nonsense"}}), DEFAULT_MAX_FRAME).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while conn.rx.len() < 3 {
+            assert!(Instant::now() < deadline, "the frames never arrived");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // What the request loop does between two requests of the line.
+        conn.read_arrived().await;
+        let RequestFrame { id, after, request } = conn.queued.pop_front().unwrap();
+        conn.handle(id, after, request).await;
+        assert!(conn.queued.is_empty());
+        let mut replies = Vec::new();
+        while replies.last().is_none_or(|r: &ReplyFrame| r.id != 2) {
+            replies.push(peer_rd.read::<ReplyFrame>(DEFAULT_MAX_FRAME).await.unwrap().unwrap());
+        }
+        let Some(ReplyFrame { reply: Reply::Outcome(o), .. }) = replies.last() else {
+            panic!("request 2 did not run though request 1 succeeded: {replies:?}")
+        };
+        assert!(o.result && target.exists(), "{o:?}");
     }
 }
