@@ -559,6 +559,14 @@ impl UnixHelperClient {
                 self.wait(conn, id, cancel.clone(), withdraw.clone(), recipe.as_ref().map(|(rid, _)| *rid)).await?;
             let applied = match waited {
                 Waited::Applied(applied) => applied,
+                // Not run, and the round cancelled it meanwhile (a new recipe, a stop):
+                // it is not sent again, to start after the round said it would not go on.
+                Waited::NotRun if cancel.is_cancelled() => {
+                    return Ok(Applied::Outcome(Outcome {
+                        cancelled: true,
+                        ..Outcome::failed("cancelled before it started")
+                    }))
+                }
                 // Sent ahead behind a state that then failed (a plan goes on after one):
                 // nothing ran; send it again on its own, once.
                 Waited::NotRun if !resent => {

@@ -563,3 +563,73 @@ async fn a_withdrawn_line_is_taken_back_from_its_head() {
     assert!(o.result, "{o:?}");
     assert!(started.is_empty(), "requests of the withdrawn line started after its withdrawal began: {started:?}");
 }
+
+/// A plan goes on after a state that could not be planned, to the state sent ahead
+/// behind it, which the helper answered not-run; such a state is sent again on its own.
+/// But not once the round has cancelled it (a new recipe, a stop): it would start in the
+/// helper after the round said it would not go on.
+#[tokio::test]
+async fn a_state_answered_not_run_is_not_sent_again_once_cancelled() {
+    use opsagent_proto::request::{ErrorCode, HelperError, Outcome, Reply, Request};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let client = std::sync::Arc::new(UnixHelperClient::new(&socket, "test"));
+    let plan = |id: &str| {
+        let mut r = req(id, "linux.file", json!({"path": tmp.path().join(id).display().to_string(), "content": id}));
+        r.plan = true;
+        r
+    };
+    let (first, second) = (plan("a"), plan("b"));
+    let (n, _keep) = next(second.clone());
+    let (c, a) = (std::sync::Arc::clone(&client), first);
+    let run = tokio::spawn(async move { c.apply_then(a, None, vec![n], Cancel::never()).await });
+
+    let (mut s, _) = listener.accept().await.unwrap();
+    let hello = fake_read(&mut s).await;
+    let reply = Reply::Hello {
+        protocol_version: opsagent_proto::HELPER_PROTOCOL_VERSION,
+        helper_version: "fake".into(),
+        signed_recipes: false,
+        pipelining: true,
+        ahead: 8,
+    };
+    fake_reply(&mut s, hello.id, reply).await;
+    let a = fake_read(&mut s).await;
+    let b = fake_read(&mut s).await;
+    assert_eq!(b.after, Some(a.id), "{b:?}");
+    // a could not be planned; b, behind it, is not run.
+    fake_reply(&mut s, a.id, Reply::Outcome(Outcome { planned: true, ..Outcome::failed("cannot plan") })).await;
+    fake_reply(&mut s, b.id, Reply::Error(HelperError::new(ErrorCode::NotRun, "not run"))).await;
+    assert!(!run.await.unwrap().unwrap().result);
+
+    // The plan goes on to b, and the round is cancelled (a new recipe arrived).
+    let (handle, cancel) = cancel_pair();
+    handle.cancel();
+    let c = std::sync::Arc::clone(&client);
+    let run = tokio::spawn(async move { c.apply_then(second, None, vec![], cancel).await });
+    let mut sent_again = Vec::new();
+    loop {
+        let read = opsagent_proto::codec::read_frame::<_, opsagent_proto::request::RequestFrame>(
+            &mut s,
+            opsagent_proto::codec::DEFAULT_MAX_FRAME,
+        );
+        let Ok(frame) = tokio::time::timeout(Duration::from_millis(500), read).await else { break };
+        let Some(frame) = frame.unwrap() else { break };
+        match frame.request {
+            Request::Cancel { target } => {
+                fake_reply(&mut s, frame.id, Reply::Cancelled { target, found: false }).await;
+            }
+            Request::Apply(_) => {
+                sent_again.push(frame.id);
+                let o = Outcome { cancelled: true, ..Outcome::failed("cancelled") };
+                fake_reply(&mut s, frame.id, Reply::Outcome(o)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let o = run.await.unwrap().unwrap();
+    assert!(!o.result && o.cancelled, "{o:?}");
+    assert!(sent_again.is_empty(), "a state the round had cancelled was sent again: {sent_again:?}");
+}
