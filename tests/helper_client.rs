@@ -470,6 +470,31 @@ async fn a_state_sent_ahead_behind_a_download_runs_after_it() {
     assert!(client.status().await.is_ok());
 }
 
+/// A fake helper's socket, and a client of it.
+fn fake_helper(dir: &std::path::Path) -> (tokio::net::UnixListener, std::sync::Arc<UnixHelperClient>) {
+    let socket = dir.join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    (listener, std::sync::Arc::new(UnixHelperClient::new(&socket, "test")))
+}
+
+/// The fake helper's side of the client's connection, once it answered the client's
+/// `hello` as a helper taking a line of 8.
+async fn fake_greet(listener: &tokio::net::UnixListener) -> tokio::net::UnixStream {
+    use opsagent_proto::request::{Reply, Request};
+    let (mut s, _) = listener.accept().await.unwrap();
+    let hello = fake_read(&mut s).await;
+    assert!(matches!(hello.request, Request::Hello { .. }), "{hello:?}");
+    let reply = Reply::Hello {
+        protocol_version: opsagent_proto::HELPER_PROTOCOL_VERSION,
+        helper_version: "fake".into(),
+        signed_recipes: false,
+        pipelining: true,
+        ahead: 8,
+    };
+    fake_reply(&mut s, hello.id, reply).await;
+    s
+}
+
 /// The next request a fake helper reads.
 async fn fake_read(s: &mut tokio::net::UnixStream) -> opsagent_proto::request::RequestFrame {
     let read = opsagent_proto::codec::read_frame(s, opsagent_proto::codec::DEFAULT_MAX_FRAME);
@@ -495,9 +520,7 @@ async fn a_withdrawn_line_is_taken_back_from_its_head() {
     use std::collections::VecDeque;
 
     let tmp = tempfile::tempdir().unwrap();
-    let socket = tmp.path().join("fake.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let client = std::sync::Arc::new(UnixHelperClient::new(&socket, "test"));
+    let (listener, client) = fake_helper(tmp.path());
     let file =
         |id: &str| req(id, "linux.file", json!({"path": tmp.path().join(id).display().to_string(), "content": id}));
     let (withdraw_handle, withdraw) = cancel_pair();
@@ -507,17 +530,7 @@ async fn a_withdrawn_line_is_taken_back_from_its_head() {
     let (c, first) = (std::sync::Arc::clone(&client), file("s0"));
     let run = tokio::spawn(async move { c.apply_then(first, None, ahead, Cancel::never()).await });
 
-    let (mut s, _) = listener.accept().await.unwrap();
-    let hello = fake_read(&mut s).await;
-    assert!(matches!(hello.request, Request::Hello { .. }), "{hello:?}");
-    let reply = Reply::Hello {
-        protocol_version: opsagent_proto::HELPER_PROTOCOL_VERSION,
-        helper_version: "fake".into(),
-        signed_recipes: false,
-        pipelining: true,
-        ahead: 8,
-    };
-    fake_reply(&mut s, hello.id, reply).await;
+    let mut s = fake_greet(&listener).await;
     let first = fake_read(&mut s).await;
     assert!(first.after.is_none(), "{first:?}");
     let mut waiting: VecDeque<RequestFrame> = VecDeque::new();
@@ -573,9 +586,7 @@ async fn a_state_answered_not_run_is_not_sent_again_once_cancelled() {
     use opsagent_proto::request::{ErrorCode, HelperError, Outcome, Reply, Request};
 
     let tmp = tempfile::tempdir().unwrap();
-    let socket = tmp.path().join("fake.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let client = std::sync::Arc::new(UnixHelperClient::new(&socket, "test"));
+    let (listener, client) = fake_helper(tmp.path());
     let plan = |id: &str| {
         let mut r = req(id, "linux.file", json!({"path": tmp.path().join(id).display().to_string(), "content": id}));
         r.plan = true;
@@ -586,16 +597,7 @@ async fn a_state_answered_not_run_is_not_sent_again_once_cancelled() {
     let (c, a) = (std::sync::Arc::clone(&client), first);
     let run = tokio::spawn(async move { c.apply_then(a, None, vec![n], Cancel::never()).await });
 
-    let (mut s, _) = listener.accept().await.unwrap();
-    let hello = fake_read(&mut s).await;
-    let reply = Reply::Hello {
-        protocol_version: opsagent_proto::HELPER_PROTOCOL_VERSION,
-        helper_version: "fake".into(),
-        signed_recipes: false,
-        pipelining: true,
-        ahead: 8,
-    };
-    fake_reply(&mut s, hello.id, reply).await;
+    let mut s = fake_greet(&listener).await;
     let a = fake_read(&mut s).await;
     let b = fake_read(&mut s).await;
     assert_eq!(b.after, Some(a.id), "{b:?}");

@@ -112,6 +112,17 @@ impl Drop for Slot {
 }
 
 impl Shared {
+    fn new(config: Arc<Config>) -> Self {
+        Self {
+            config,
+            started: Instant::now(),
+            next_key: AtomicU64::new(0),
+            running: Mutex::new(BTreeMap::new()),
+            connections: Mutex::new(BTreeMap::new()),
+            last_active: Mutex::new(Instant::now()),
+        }
+    }
+
     fn touch(&self) {
         *self.last_active.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
     }
@@ -180,14 +191,7 @@ impl std::fmt::Display for Joined<'_> {
 /// Accepts connections until SIGTERM or SIGINT, or until idle for `exit_idle`.
 pub async fn serve(listener: UnixListener, config: Arc<Config>) -> anyhow::Result<()> {
     let exit_idle = config.exit_idle;
-    let shared = Arc::new(Shared {
-        config,
-        started: Instant::now(),
-        next_key: AtomicU64::new(0),
-        running: Mutex::new(BTreeMap::new()),
-        connections: Mutex::new(BTreeMap::new()),
-        last_active: Mutex::new(Instant::now()),
-    });
+    let shared = Arc::new(Shared::new(config));
     // Flushes what the file states write, once their writes pause (durable.rs).
     let flusher = tokio::spawn(crate::durable::run(Arc::clone(crate::durable::Pending::host())));
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -783,14 +787,7 @@ mod tests {
             ctx: Ctx::new(tmp.path().join("state")),
             signed: None,
         });
-        let shared = Arc::new(Shared {
-            config,
-            started: Instant::now(),
-            next_key: AtomicU64::new(0),
-            running: Mutex::new(BTreeMap::new()),
-            connections: Mutex::new(BTreeMap::new()),
-            last_active: Mutex::new(Instant::now()),
-        });
+        let shared = Arc::new(Shared::new(config));
         let (ours, theirs) = UnixStream::pair().unwrap();
         let (rd, wr) = stream::split_tokio(ours).unwrap();
         let (mut peer_rd, mut peer_wr) = stream::split_tokio(theirs).unwrap();
