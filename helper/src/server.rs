@@ -614,10 +614,6 @@ impl Connection {
     /// requests wait behind it: the connection is busy until the last of them ends.
     async fn read_arrived(&mut self) {
         let (idle, _) = cancel::pair();
-        // Nothing read here runs a state, so nothing answered here (busy, not-run for a
-        // withdrawn request, a malformed frame) stands for the request that just ended:
-        // the next of the line is still judged by its outcome.
-        let last = self.last;
         while !self.dead && !self.queued.is_empty() {
             match self.rx.try_recv() {
                 Ok(incoming) => self.while_busy(None, Some(incoming), &idle).await,
@@ -625,12 +621,15 @@ impl Connection {
                 Err(mpsc::error::TryRecvError::Disconnected) => self.while_busy(None, None, &idle).await,
             }
         }
-        self.last = last;
     }
 
     /// A frame (or the end of the stream) that arrived while request `running` runs, or
     /// (`None`) between two requests of the line waiting to run.
     async fn while_busy(&mut self, running: Option<u64>, incoming: Option<Incoming>, canceller: &Canceller) {
+        // Nothing answered here ran a state (busy, not-run for a withdrawn request, a
+        // malformed frame), so none of these answers stands for the last request that did:
+        // the next of the line is judged by that one's outcome.
+        let last = self.last;
         match incoming {
             Some(Incoming::Frame(body)) => match self.decode(&body).await {
                 Some(RequestFrame { id, request: Request::Cancel { target }, .. }) => {
@@ -650,8 +649,7 @@ impl Connection {
                     frame @ RequestFrame {
                         after: Some(_), request: Request::Apply(_) | Request::ApplySigned(_), ..
                     },
-                ) if frame.after.is_some()
-                    && frame.after == self.queued.back().map(|q| q.id).or(running)
+                ) if frame.after == self.queued.back().map(|q| q.id).or(running)
                     && self.queued.len() < AHEAD_MAX_REQUESTS
                     && body.len() <= AHEAD_MAX_FRAME =>
                 {
@@ -679,6 +677,7 @@ impl Connection {
                 self.dead = true;
             }
         }
+        self.last = last;
     }
 
     /// Answers a `cancel` or `withdraw` of `target` (`found` already when it cancelled the
