@@ -295,7 +295,6 @@ pub struct UnixHelperClient {
     max_frame: usize,
     conn: Mutex<Option<Conn>>,
     fetcher: Option<Fetcher>,
-    /// Send the next state ahead when the helper takes it (on unless turned off).
     /// The most states sent ahead at once (the helper may say fewer).
     ahead_limit: usize,
 }
@@ -534,14 +533,17 @@ impl UnixHelperClient {
         loop {
             // Sent ahead already: await it. Any other request sent ahead is withdrawn
             // (or, if it started, waited for: see `settle`) before this one goes.
-            let first = conn.ahead.pop_front();
-            let (id, recipe) = match first {
-                Some(a) if a.request == request && !a.withdraw.is_cancelled() && uploaded(conn) => (a.id, None),
-                other => {
-                    if let Some(a) = other {
-                        conn.ahead.push_front(a);
-                        self.settle(conn).await?;
-                    }
+            let sent_ahead = match conn.ahead.front() {
+                Some(a) if a.request == request && !a.withdraw.is_cancelled() && uploaded(conn) => Some(a.id),
+                _ => None,
+            };
+            let (id, recipe) = match sent_ahead {
+                Some(id) => {
+                    conn.ahead.pop_front();
+                    (id, None)
+                }
+                None => {
+                    self.settle(conn).await?;
                     // The recipe and the state go back to back, without waiting for the
                     // verification: the helper takes a connection's requests in order,
                     // and refuses the state if it refused the recipe.
@@ -658,16 +660,10 @@ impl UnixHelperClient {
     /// those that had not started; one that had (the state before it succeeded and the
     /// helper went on before the round could say otherwise) is the running state, and it
     /// is let finish as a round lets its running state finish (bounded like a
-    /// cancellation). The head of the line is withdrawn first: the helper reads the
-    /// withdrawals one at a time and may end its running state between two of them; the
-    /// head, taken back, never starts, nor do those behind it (each follows the one
-    /// before), whereas a head withdrawn last would let the line go on meanwhile.
+    /// cancellation).
     async fn settle(&self, conn: &mut Conn) -> Result<(), HelperClientError> {
-        let targets: Vec<u64> = conn.ahead.iter().map(|a| a.id).collect();
+        let targets = self.withdraw_line(conn).await?;
         conn.ahead.clear();
-        for &target in &targets {
-            self.send(conn, Request::Withdraw { target }).await?;
-        }
         let mut unanswered = targets.len();
         let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
         while unanswered > 0 {
@@ -689,6 +685,19 @@ impl UnixHelperClient {
             }
         }
         Ok(())
+    }
+
+    /// Sends a withdrawal of every state of the line sent ahead, and says which (their
+    /// answers are still to come). The head first: the helper reads the withdrawals one
+    /// at a time and may end its running state between two of them; the head, taken
+    /// back, never starts, nor do those behind it (each follows the one before), whereas
+    /// a head withdrawn last would let the line go on meanwhile.
+    async fn withdraw_line(&self, conn: &mut Conn) -> Result<Vec<u64>, HelperClientError> {
+        let targets: Vec<u64> = conn.ahead.iter().map(|a| a.id).collect();
+        for &target in &targets {
+            self.send(conn, Request::Withdraw { target }).await?;
+        }
+        Ok(targets)
     }
 
     /// Waits for the answer to request `id`, cancelling it when `cancel` fires and
@@ -749,12 +758,7 @@ impl UnixHelperClient {
                 }
                 _ = withdraw.cancelled(), if !withdrawn => {
                     withdrawn = true;
-                    // The head first (see `settle`): once it is taken back, nothing of the
-                    // line starts, whenever the helper reads the rest.
-                    let targets: Vec<u64> = conn.ahead.iter().map(|a| a.id).collect();
-                    for target in targets {
-                        self.send(conn, Request::Withdraw { target }).await?;
-                    }
+                    self.withdraw_line(conn).await?;
                 }
                 _ = sleep_until_opt(deadline) => {
                     // The helper kills what the request started when its connection closes.
@@ -888,9 +892,6 @@ impl HelperClient for UnixHelperClient {
     async fn drain(&self) {
         let mut guard = self.conn.lock().await;
         let Some(conn) = guard.as_mut() else { return };
-        if conn.ahead.is_empty() {
-            return;
-        }
         if let Err(e) = self.settle(conn).await {
             tracing::warn!(error = %e, "could not wait for the states sent ahead");
             *guard = None;
@@ -902,9 +903,7 @@ impl HelperClient for UnixHelperClient {
             Box::pin(async move {
                 // States sent ahead are withdrawn first: the helper answers nothing else
                 // while they run or wait.
-                if !conn.ahead.is_empty() {
-                    me.settle(conn).await?;
-                }
+                me.settle(conn).await?;
                 let id = me.send(conn, Request::Status).await?;
                 let mut reply = me.recv(conn).await?;
                 // Confirmations of earlier withdrawals may still be on their way.
